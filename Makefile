@@ -1,0 +1,32 @@
+# The two commands the README opens with: `make demo` and `make test`.
+# Each one prepares what it needs (system packages, CRIU, the virtual
+# environment) through scripts/setup.sh, which is idempotent and quick when
+# nothing changed.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test setup lint typecheck unit integration bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@$(VENV)/bin/migsgx demo
+
+test: setup
+	@bash scripts/run-tests.sh
+
+unit: setup
+	@$(PY) -m pytest tests/unit tests/test_vectors.py -q
+
+integration: setup
+	@$(PY) -m pytest tests/integration -q
+
+lint: setup
+	@$(VENV)/bin/ruff check src tests examples
+	@$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .local build src/*.egg-info

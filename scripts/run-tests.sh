@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole suite: lint, types, then every test. pytest exits 5 when it
+# collected nothing; that is a failure here, never a pass.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv
+"$VENV/bin/ruff" check src tests examples
+"$VENV/bin/mypy"
+set +e
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "run-tests: pytest collected no tests" >&2
+    exit 1
+fi
+exit "$rc"

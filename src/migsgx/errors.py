@@ -1,0 +1,266 @@
+"""One error root for everything migsgx raises.
+
+Every error carries a stable ``code`` (a short lowercase string that scripts and
+peers can match on) and keyword context.  Errors that cross a process boundary
+are sent as ``{"code", "message"}`` and rebuilt with :func:`error_from_wire`, so
+an enclave's failure arrives in the application as the same typed exception.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class MigSGXError(Exception):
+    """Root of all migsgx errors."""
+
+    code: ClassVar[str] = "error"
+
+    def __init__(self, message: str = "", **context: Any) -> None:
+        super().__init__(message or self.__class__.__doc__ or self.code)
+        self.message = message or (self.__class__.__doc__ or self.code).strip()
+        self.context = context
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self.__class__, self.message, self.context))
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+def _rebuild(cls: type[MigSGXError], message: str, context: dict[str, Any]) -> MigSGXError:
+    return cls(message, **context)
+
+
+# --- local misuse and configuration ------------------------------------------
+class ConfigError(MigSGXError):
+    """Bad configuration or arguments."""
+
+    code = "config"
+
+
+class StateDirError(ConfigError):
+    """A platform or CA state directory is missing, incomplete or unsafe."""
+
+    code = "state-dir"
+
+
+# --- enclave images ------------------------------------------------------------
+class ImageError(MigSGXError):
+    """The enclave image is malformed."""
+
+    code = "image"
+
+
+class ImageSignatureError(ImageError):
+    """The enclave image's signature does not verify."""
+
+    code = "image-signature"
+
+
+class ImageUnsignedError(ImageError):
+    """The enclave image carries no signature."""
+
+    code = "image-unsigned"
+
+
+class ImageMeasurementError(ImageError):
+    """The enclave image does not match the measurement its author signed."""
+
+    code = "image-measurement"
+
+
+# --- platform, keys, attestation ----------------------------------------------
+class PlatformError(MigSGXError):
+    """The platform refused or failed an operation."""
+
+    code = "platform"
+
+
+class LaunchError(PlatformError):
+    """The enclave could not be launched."""
+
+    code = "launch"
+
+
+class KeyRequestError(PlatformError):
+    """EGETKEY refused the key request."""
+
+    code = "key-request"
+
+
+class AttestationError(MigSGXError):
+    """Attestation evidence did not verify."""
+
+    code = "attestation"
+
+
+class ReportMacError(AttestationError):
+    """The REPORT's MAC does not verify for this target enclave."""
+
+    code = "report-mac"
+
+
+class QuoteFormatError(AttestationError):
+    """The quote is malformed."""
+
+    code = "quote-format"
+
+
+class UnknownCAError(AttestationError):
+    """The quote's certificate chain does not lead to a trusted provisioning CA."""
+
+    code = "unknown-ca"
+
+
+class QuoteSignatureError(AttestationError):
+    """A signature in the quote does not verify."""
+
+    code = "quote-signature"
+
+
+class IdentityMismatchError(AttestationError):
+    """The attested enclave is not the one the policy expects."""
+
+    code = "identity-mismatch"
+
+
+class DebugEnclaveError(AttestationError):
+    """A debug enclave where a production enclave is required."""
+
+    code = "debug-enclave"
+
+
+class SealError(MigSGXError):
+    """Sealed data could not be opened (wrong host, enclave, policy, or tampered)."""
+
+    code = "unseal"
+
+
+class CounterError(PlatformError):
+    """A monotonic counter operation failed."""
+
+    code = "counter"
+
+
+# --- enclave calls -------------------------------------------------------------
+class EnclaveError(MigSGXError):
+    """An ECALL failed inside the enclave."""
+
+    code = "enclave"
+
+
+class OutOfThreadSlotsError(EnclaveError):
+    """Every thread slot of the enclave is busy (SGX_ERROR_OUT_OF_TCS)."""
+
+    code = "out-of-tcs"
+
+
+class UnknownEcallError(EnclaveError):
+    """The enclave declares no such ECALL."""
+
+    code = "unknown-ecall"
+
+
+class EnclaveLostError(EnclaveError):
+    """The enclave process is gone or its channel broke."""
+
+    code = "enclave-lost"
+
+
+class EnclaveBusyError(EnclaveError):
+    """The enclave does not admit ECALLs now (quiesced or migrating)."""
+
+    code = "enclave-busy"
+
+
+class EnclaveMemoryError(EnclaveError):
+    """An access outside the enclave's declared memory."""
+
+    code = "enclave-memory"
+
+
+# --- wire ------------------------------------------------------------------------
+class ProtocolError(MigSGXError):
+    """The peer sent something the protocol does not allow."""
+
+    code = "protocol"
+
+
+class FrameError(ProtocolError):
+    """A frame is malformed, truncated or oversize."""
+
+    code = "frame"
+
+
+class ConnectionClosedError(ProtocolError):
+    """The peer closed the connection."""
+
+    code = "closed"
+
+
+# --- migration -------------------------------------------------------------------
+class MigrationError(MigSGXError):
+    """The migration failed; the source goes on."""
+
+    code = "migration"
+
+
+class PolicyError(MigrationError):
+    """The peer enclave does not satisfy the migration policy."""
+
+    code = "policy"
+
+
+class StreamError(MigrationError):
+    """The state stream failed authentication or is incomplete."""
+
+    code = "stream"
+
+
+class ReplayError(MigrationError):
+    """This migration id was seen before."""
+
+    code = "replay"
+
+
+class CommittedError(MigrationError):
+    """This enclave's state has moved to another host; it cannot run here again."""
+
+    code = "committed"
+
+
+class CriuError(MigSGXError):
+    """CRIU failed or is not usable here."""
+
+    code = "criu"
+
+
+_ALL: dict[str, type[MigSGXError]] = {}
+
+
+def _collect(cls: type[MigSGXError]) -> None:
+    _ALL[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _collect(sub)
+
+
+_collect(MigSGXError)
+
+
+def error_from_wire(code: str, message: str) -> MigSGXError:
+    """Rebuild a typed error sent by a peer; unknown codes become the root type."""
+
+    cls = _ALL.get(code, MigSGXError)
+    err = cls(message)
+    return err
+
+
+def register_error(cls: type[MigSGXError]) -> type[MigSGXError]:
+    """Make an error class defined elsewhere known to :func:`error_from_wire`."""
+
+    _ALL[cls.code] = cls
+    return cls
