@@ -256,10 +256,12 @@ class KeyRequest:
     def unpack(cls, data: bytes) -> KeyRequest:
         if len(data) != KEYREQUEST_SIZE:
             raise ValueError(f"key request must be {KEYREQUEST_SIZE} bytes, got {len(data)}")
-        name, policy, svn, _r1, cpu_svn, mask, key_id, misc_mask, config_svn, _r2 = (
-            cls._S.unpack(data)
+        name, policy, svn, _r1, cpu_svn, mask, key_id, misc_mask, config_svn, _r2 = cls._S.unpack(
+            data
         )
-        return cls(name, policy, svn, cpu_svn, Attributes.unpack(mask), key_id, misc_mask, config_svn)
+        return cls(
+            name, policy, svn, cpu_svn, Attributes.unpack(mask), key_id, misc_mask, config_svn
+        )
 
 
 assert KeyRequest._S.size == KEYREQUEST_SIZE

@@ -1,0 +1,42 @@
+"""Small file-system helpers: private files written atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_private(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` atomically with ``mode``; the file is never visible half-written
+    and never readable by others, not even for a moment."""
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_private(path: Path) -> bytes:
+    """Read a file that must not be readable by group or others."""
+
+    st = path.stat()
+    if st.st_mode & 0o077:
+        from .errors import StateDirError
+
+        raise StateDirError(
+            f"{path} is accessible by group or others (mode {st.st_mode & 0o777:o}); expected 0600",
+            path=str(path),
+        )
+    return path.read_bytes()

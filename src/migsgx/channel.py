@@ -1,0 +1,73 @@
+"""Schemas of the local channels (see ``docs/spec/channels.md``).
+
+* LAUNCH: application -> platform service, on the service's Unix socket.
+* ECALL: application <-> enclave process, on the same connection once the
+  service has handed it to the enclave it launched.
+* PLATFORM: enclave process <-> platform service, a private socketpair made
+  at launch; the service knows which measured enclave is at its other end.
+"""
+
+from __future__ import annotations
+
+from .wire import Schema
+
+ANY = object
+NONE = type(None)
+
+IMAGE_FRAME_MAX = 32 << 20  # a launch carries the whole image
+ECALL_FRAME_MAX = 16 << 20
+
+LAUNCH = Schema(
+    "launch",
+    {
+        # application -> service
+        "launch": {"files": dict},
+        # service -> application, when the launch failed before an enclave existed
+        "err": {"id": int, "code": str, "message": str},
+    },
+)
+
+ECALL = Schema(
+    "ecall",
+    {
+        # enclave -> application
+        "ready": {
+            "pid": int,
+            "mr_enclave": bytes,
+            "mr_signer": bytes,
+            "isv_prod_id": int,
+            "isv_svn": int,
+            "debug": bool,
+            "memory_size": int,
+            "thread_slots": int,
+            "ecalls": list,
+        },
+        "ret": {"id": int, "value": ANY},
+        "err": {"id": int, "code": str, "message": str},
+        "ocall": {"id": int, "fn": str, "args": list},
+        # application -> enclave
+        "ecall": {"id": int, "fn": str, "args": list},
+        "oret": {"id": int, "ok": bool, "value": ANY, "code": (str, NONE), "message": (str, NONE)},
+        "destroy": {},
+    },
+)
+
+PLATFORM = Schema(
+    "platform",
+    {
+        # service -> enclave, once, at start
+        "init": {"files": dict, "identity": bytes},
+        # enclave -> service
+        "getkey": {"request": bytes},
+        "report": {"target": bytes, "data": bytes},
+        "quote": {"data": bytes},
+        "roots": {},
+        "ctr_create": {"initial": int},
+        "ctr_read": {"id": str},
+        "ctr_inc": {"id": str, "by": int},
+        "ctr_destroy": {"id": str},
+        # service -> enclave
+        "ok": {"value": ANY},
+        "err": {"code": str, "message": str},
+    },
+)

@@ -1,0 +1,197 @@
+"""The ``migsgx`` command line: a thin shell over the library.
+
+Only this module calls ``sys.exit``; every command maps migsgx errors to a
+named exit code and a one-line message on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import ConfigError, ImageError, MigSGXError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_IMAGE = 4
+EXIT_ATTESTATION = 5
+EXIT_MIGRATION = 6
+
+
+def _exit_code(exc: MigSGXError) -> int:
+    from .errors import AttestationError, MigrationError
+
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG
+    if isinstance(exc, ImageError):
+        return EXIT_IMAGE
+    if isinstance(exc, AttestationError):
+        return EXIT_ATTESTATION
+    if isinstance(exc, MigrationError):
+        return EXIT_MIGRATION
+    return EXIT_ERROR
+
+
+def _emit(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+@click.group()
+@click.version_option(package_name="migsgx")
+def cli() -> None:
+    """Secure migration of SGX enclave applications with their process or container."""
+
+
+# --- ca ----------------------------------------------------------------------------
+@cli.group()
+def ca() -> None:
+    """The provisioning CA all hosts of a deployment trust."""
+
+
+@ca.command("init")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+def ca_init(directory: Path) -> None:
+    """Create a new provisioning CA in DIR."""
+
+    from cryptography.hazmat.primitives import hashes
+
+    from .sgx.ca import ProvisioningCA
+
+    authority = ProvisioningCA.init(directory)
+    fp = authority.certificate.fingerprint(hashes.SHA256())
+    _emit({"ca": str(directory), "fingerprint_sha256": fp.hex()})
+
+
+# --- platform ------------------------------------------------------------------------
+@cli.group()
+def platform() -> None:
+    """One emulated SGX host: its root secret, attestation key and counters."""
+
+
+@platform.command("init")
+@click.option("--state", type=click.Path(path_type=Path), required=True)
+@click.option("--ca", "ca_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--host-id", default=None, help="a name for this host (default: random)")
+def platform_init(state: Path, ca_dir: Path, host_id: str | None) -> None:
+    """Create the state of one emulated host in STATE, certified by the CA in CA_DIR."""
+
+    from .sgx.ca import ProvisioningCA
+    from .sgx.platform import EmulatedPlatform
+
+    p = EmulatedPlatform.init(state, ProvisioningCA.load(ca_dir), host_id=host_id)
+    _emit({"state": str(state), "host_id": p.info.host_id})
+
+
+@platform.command("serve")
+@click.option("--state", type=click.Path(path_type=Path), required=True)
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None)
+@click.option("--allow-signer", "signers", multiple=True, help="MRSIGNER (hex) allowed to launch")
+@click.option("--no-debug", is_flag=True, help="refuse to launch debug enclaves")
+def platform_serve(
+    state: Path, socket_path: Path | None, signers: tuple[str, ...], no_debug: bool
+) -> None:
+    """Run the platform service: launches enclaves and answers their requests."""
+
+    from .sgx.platform import EmulatedPlatform
+    from .sgx.service import PlatformService
+
+    svc = PlatformService(
+        EmulatedPlatform(state),
+        socket_path,
+        allowed_signers={bytes.fromhex(s) for s in signers} if signers else None,
+        allow_debug=not no_debug,
+    )
+    svc.bind()
+    signal.signal(signal.SIGTERM, lambda *_: svc.shutdown())
+    click.echo(f"platform {svc.platform.info.host_id} serving on {svc.socket_path}", err=True)
+    try:
+        svc.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        svc.shutdown()
+
+
+# --- enclave -------------------------------------------------------------------------
+@cli.group()
+def enclave() -> None:
+    """Enclave images: author keys, signing, measurement."""
+
+
+@enclave.command("keygen")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def enclave_keygen(out: Path) -> None:
+    """Create an author signing key (RSA-3072, exponent 3)."""
+
+    from .sgx.image import generate_author_key, mr_signer_of
+
+    if out.exists():
+        raise ConfigError(f"{out} exists; refusing to overwrite a signing key")
+    key = generate_author_key(out)
+    _emit({"key": str(out), "mrsigner": mr_signer_of(key).hex()})
+
+
+@enclave.command("sign")
+@click.argument("image", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--key", type=click.Path(path_type=Path, exists=True), required=True)
+def enclave_sign(image: Path, key: Path) -> None:
+    """Sign IMAGE with the author KEY (writes IMAGE/enclave.sig)."""
+
+    from .sgx.image import load_author_key, sign_image_dir
+
+    sig = sign_image_dir(image, load_author_key(key))
+    _emit({"mrenclave": sig.mr_enclave.hex(), "mrsigner": sig.mr_signer.hex()})
+
+
+@enclave.command("measure")
+@click.argument("image", type=click.Path(path_type=Path, exists=True, file_okay=False))
+def enclave_measure(image: Path) -> None:
+    """Print the image's MRENCLAVE (and MRSIGNER, when signed) as JSON."""
+
+    from .errors import ImageUnsignedError
+    from .sgx.image import EnclaveImage
+
+    img = EnclaveImage.load(image)
+    out: dict[str, Any] = {"mrenclave": img.measure().hex(), "mrsigner": None}
+    try:
+        out["mrsigner"] = img.sigstruct.mr_signer.hex()
+    except ImageUnsignedError:
+        pass
+    _emit(out)
+
+
+# --- demo ------------------------------------------------------------------------------
+@cli.command()
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="where the demo keeps its hosts (default: a temporary directory)",
+)
+def demo(workdir: Path | None) -> None:
+    """Two emulated hosts, the key-value enclave app on one: use it, attest it."""
+
+    from .demo import run_demo
+
+    run_demo(workdir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="migsgx", standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(EXIT_ERROR)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except MigSGXError as exc:
+        click.echo(f"migsgx: error [{exc.code}]: {exc}", err=True)
+        sys.exit(_exit_code(exc))
+    sys.exit(EXIT_OK)

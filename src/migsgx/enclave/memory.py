@@ -1,0 +1,176 @@
+"""Enclave memory: the page-granular region an enclave declares in its manifest.
+
+Bulk state lives here, not in Python objects, so that a migration can dump and
+load it chunk by chunk, and later track it page by page.  Enclave code takes
+named, page-aligned allocations (:meth:`EnclaveMemory.array` gives a numpy view);
+the allocation table is small structured state that travels with the memory,
+so after a migration the same names find the same bytes.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import EnclaveMemoryError
+
+PAGE_SIZE = 4096
+
+
+def _round_up(n: int, to: int = PAGE_SIZE) -> int:
+    return (n + to - 1) // to * to
+
+
+@dataclass(frozen=True)
+class Allocation:
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_wire(self) -> list[Any]:
+        return [self.offset, self.nbytes, self.dtype, list(self.shape)]
+
+    @classmethod
+    def from_wire(cls, item: Any) -> Allocation:
+        if not (isinstance(item, list) and len(item) == 4):
+            raise EnclaveMemoryError("malformed allocation record")
+        offset, nbytes, dtype, shape = item
+        if not (
+            isinstance(offset, int)
+            and isinstance(nbytes, int)
+            and isinstance(dtype, str)
+            and isinstance(shape, list)
+            and all(isinstance(d, int) and d >= 0 for d in shape)
+        ):
+            raise EnclaveMemoryError("malformed allocation record")
+        return cls(offset, nbytes, dtype, tuple(shape))
+
+
+class EnclaveMemory:
+    """A private anonymous mapping of the declared size, handed out in pages."""
+
+    def __init__(self, size: int) -> None:
+        if size <= 0 or size % PAGE_SIZE:
+            raise EnclaveMemoryError(f"enclave memory size must be a multiple of {PAGE_SIZE}")
+        self.size = size
+        self._mm: mmap.mmap | None = mmap.mmap(
+            -1,
+            size,
+            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0),
+        )
+        self._allocs: dict[str, Allocation] = {}
+        self._brk = 0
+
+    @property
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            raise EnclaveMemoryError("enclave memory has been wiped")
+        return self._mm
+
+    @property
+    def used(self) -> int:
+        """Bytes from the start of memory to the end of the last allocation."""
+
+        return self._brk
+
+    @property
+    def pages(self) -> int:
+        return self._brk // PAGE_SIZE
+
+    def view(self, offset: int = 0, nbytes: int | None = None) -> memoryview:
+        end = self.size if nbytes is None else offset + nbytes
+        if offset < 0 or end > self.size or end < offset:
+            raise EnclaveMemoryError(f"range {offset}..{end} is outside enclave memory")
+        return memoryview(self._map)[offset:end]
+
+    def allocate(self, name: str, nbytes: int) -> Allocation:
+        if name in self._allocs:
+            raise EnclaveMemoryError(f"{name!r} is already allocated")
+        size = _round_up(max(nbytes, 1))
+        if self._brk + size > self.size:
+            raise EnclaveMemoryError(
+                f"enclave memory exhausted: {name!r} needs {size} bytes, "
+                f"{self.size - self._brk} of {self.size} left"
+            )
+        alloc = Allocation(self._brk, nbytes, "u1", (nbytes,))
+        self._allocs[name] = alloc
+        self._brk += size
+        return alloc
+
+    def array(self, name: str, shape: tuple[int, ...] | int, dtype: Any = np.float64) -> Any:
+        """A numpy array living in enclave memory, allocated once per name."""
+
+        shape_t = (shape,) if isinstance(shape, int) else tuple(shape)
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape_t)) if shape_t else 1
+        nbytes = count * dt.itemsize
+        alloc = self._allocs.get(name)
+        if alloc is None:
+            alloc = self.allocate(name, nbytes)
+            alloc = Allocation(alloc.offset, nbytes, dt.str, shape_t)
+            self._allocs[name] = alloc
+        elif alloc.dtype != dt.str or alloc.shape != shape_t:
+            raise EnclaveMemoryError(f"{name!r} exists with another shape or dtype")
+        return np.frombuffer(self._map, dtype=dt, count=count, offset=alloc.offset).reshape(shape_t)
+
+    def get(self, name: str) -> Any:
+        alloc = self._allocs.get(name)
+        if alloc is None:
+            raise EnclaveMemoryError(f"no allocation named {name!r}")
+        dt = np.dtype(alloc.dtype)
+        count = alloc.nbytes // dt.itemsize
+        return np.frombuffer(self._map, dtype=dt, count=count, offset=alloc.offset).reshape(
+            alloc.shape
+        )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._allocs
+
+    def layout(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "brk": self._brk,
+            "allocs": {n: a.to_wire() for n, a in self._allocs.items()},
+        }
+
+    def restore_layout(self, layout: Any) -> None:
+        """Take over the allocation table of a migrated enclave (before its pages arrive)."""
+
+        if not isinstance(layout, dict):
+            raise EnclaveMemoryError("malformed memory layout")
+        size, brk, allocs = layout.get("size"), layout.get("brk"), layout.get("allocs")
+        if size != self.size:
+            raise EnclaveMemoryError(f"memory size {size} differs from this enclave's {self.size}")
+        if not isinstance(brk, int) or not 0 <= brk <= self.size or brk % PAGE_SIZE:
+            raise EnclaveMemoryError("malformed memory layout")
+        if not isinstance(allocs, dict):
+            raise EnclaveMemoryError("malformed memory layout")
+        table = {}
+        for name, item in allocs.items():
+            a = Allocation.from_wire(item)
+            if not isinstance(name, str) or a.offset < 0 or a.offset + a.nbytes > brk:
+                raise EnclaveMemoryError("allocation outside the migrated memory")
+            table[name] = a
+        self._allocs = table
+        self._brk = brk
+
+    def wipe(self) -> None:
+        """Zero every page and unmap: what a committed source does before it exits."""
+
+        if self._mm is None:
+            return
+        # Discarding the pages of a private anonymous mapping drops their
+        # contents; reading them again yields zeros.
+        self._mm.madvise(mmap.MADV_DONTNEED)
+        try:
+            self._mm.close()
+        except BufferError:
+            # numpy views still reference the mapping; it is zeroed, and goes with the process.
+            pass
+        self._mm = None
+        self._allocs = {}
+        self._brk = 0

@@ -1,0 +1,240 @@
+"""The enclave process: ``python -m migsgx.enclave.runtime --channel FD --app FD``.
+
+Started only by the platform service, never by the application, so the
+application's process tree (what CRIU dumps) never contains enclave memory.
+``--channel`` is the private link to the platform (keys, reports, quotes,
+counters); ``--app`` is the application's connection, on which ECALLs arrive
+and OCALLs leave.  Nothing secret is ever written to stderr (the log): only
+event names and exception types.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import socket
+import sys
+import threading
+from typing import Any
+
+from cryptography import x509
+
+from ..channel import ECALL, ECALL_FRAME_MAX, IMAGE_FRAME_MAX, PLATFORM
+from ..errors import (
+    ConnectionClosedError,
+    EnclaveLostError,
+    MigSGXError,
+    ProtocolError,
+    error_from_wire,
+)
+from ..sgx.image import EnclaveImage
+from ..sgx.structs import KeyRequest, Report, ReportBody, TargetInfo
+from ..wire import recv_frame, send_frame
+from .instance import EnclaveInstance
+
+
+def log(event: str) -> None:
+    sys.stderr.write(f"enclave[{os.getpid()}]: {event}\n")
+    sys.stderr.flush()
+
+
+class ChannelServices:
+    """:class:`~migsgx.sgx.platform.TrustedServices` over the private platform channel."""
+
+    def __init__(self, sock: socket.socket, identity: ReportBody) -> None:
+        self._sock = sock
+        self._identity = identity
+        self._lock = threading.Lock()
+
+    @property
+    def identity(self) -> ReportBody:
+        return self._identity
+
+    def _ask(self, msg: dict[str, Any]) -> Any:
+        with self._lock:
+            try:
+                send_frame(self._sock, msg)
+                reply = recv_frame(self._sock, PLATFORM)
+            except (OSError, ConnectionClosedError) as exc:
+                raise EnclaveLostError("the platform service is gone") from exc
+        if reply["t"] == "err":
+            raise error_from_wire(reply["code"], reply["message"])
+        if reply["t"] != "ok":
+            raise ProtocolError(f"unexpected platform reply {reply['t']!r}")
+        return reply["value"]
+
+    def get_key(self, request: KeyRequest) -> bytes:
+        return bytes(self._ask({"t": "getkey", "request": request.pack()}))
+
+    def report(self, target: TargetInfo, report_data: bytes) -> Report:
+        raw = self._ask({"t": "report", "target": target.pack(), "data": bytes(report_data)})
+        return Report.unpack(raw)
+
+    def quote(self, report_data: bytes) -> bytes:
+        return bytes(self._ask({"t": "quote", "data": bytes(report_data)}))
+
+    def trusted_roots(self) -> list[x509.Certificate]:
+        return x509.load_pem_x509_certificates(self._ask({"t": "roots"}))
+
+    def counter_create(self, initial: int = 0) -> tuple[str, int]:
+        cid, value = self._ask({"t": "ctr_create", "initial": initial})
+        return str(cid), int(value)
+
+    def counter_read(self, counter_id: str) -> int:
+        return int(self._ask({"t": "ctr_read", "id": counter_id}))
+
+    def counter_increment(self, counter_id: str, by: int = 1) -> int:
+        return int(self._ask({"t": "ctr_inc", "id": counter_id, "by": by}))
+
+    def counter_destroy(self, counter_id: str) -> None:
+        self._ask({"t": "ctr_destroy", "id": counter_id})
+
+
+class AppChannel:
+    """Serves ECALLs arriving on the application's connection."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._send_lock = threading.Lock()
+        self._ocall_waiters: dict[int, queue.Queue[dict[str, Any]]] = {}
+        self._waiters_lock = threading.Lock()
+        self._local = threading.local()
+        self.instance: EnclaveInstance | None = None
+
+    def send(self, msg: dict[str, Any]) -> None:
+        with self._send_lock:
+            send_frame(self.sock, msg, max_size=ECALL_FRAME_MAX)
+
+    def ocall(self, name: str, args: tuple[Any, ...]) -> Any:
+        call_id = getattr(self._local, "call_id", None)
+        if call_id is None:
+            raise ProtocolError("OCALL outside an ECALL")
+        waiter: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1)
+        with self._waiters_lock:
+            self._ocall_waiters[call_id] = waiter
+        try:
+            self.send({"t": "ocall", "id": call_id, "fn": name, "args": list(args)})
+            reply = waiter.get()
+        finally:
+            with self._waiters_lock:
+                self._ocall_waiters.pop(call_id, None)
+        if reply.get("lost"):
+            raise EnclaveLostError("the application went away during an OCALL")
+        if not reply["ok"]:
+            raise error_from_wire(reply.get("code") or "error", reply.get("message") or "")
+        return reply.get("value")
+
+    def _run(self, call_id: int, name: str, args: list[Any]) -> None:
+        assert self.instance is not None
+        self._local.call_id = call_id
+        try:
+            value = self.instance.run(name, args)
+            reply: dict[str, Any] = {"t": "ret", "id": call_id, "value": value}
+        except MigSGXError as exc:
+            reply = {"t": "err", "id": call_id, "code": exc.code, "message": exc.message}
+        finally:
+            self._local.call_id = None
+            self.instance.leave()
+        try:
+            self.send(reply)
+        except (OSError, MigSGXError):
+            log("could not deliver an ECALL result: application gone")
+
+    def serve(self) -> str:
+        """Read frames until the application leaves; return why we stopped."""
+
+        assert self.instance is not None
+        while True:
+            try:
+                msg = recv_frame(self.sock, ECALL, max_size=ECALL_FRAME_MAX)
+            except ConnectionClosedError:
+                return "application closed the connection"
+            except MigSGXError as exc:
+                # A garbled frame cannot be resynchronised: report and hang up.
+                log(f"bad frame from the application: {exc.code}")
+                try:
+                    self.send({"t": "err", "id": 0, "code": exc.code, "message": exc.message})
+                except (OSError, MigSGXError):
+                    pass
+                return "protocol error"
+            except OSError:
+                return "application connection broke"
+            kind = msg["t"]
+            if kind == "ecall":
+                call_id, name = msg["id"], msg["fn"]
+                try:
+                    self.instance.enter(name)
+                except MigSGXError as exc:
+                    self.send({"t": "err", "id": call_id, "code": exc.code, "message": exc.message})
+                    continue
+                threading.Thread(
+                    target=self._run, args=(call_id, name, msg["args"]), daemon=True
+                ).start()
+            elif kind == "oret":
+                with self._waiters_lock:
+                    waiter = self._ocall_waiters.get(msg["id"])
+                if waiter is not None:
+                    waiter.put(msg)
+            elif kind == "destroy":
+                return "destroyed by the application"
+            else:
+                log(f"unexpected frame {kind!r}")
+                return "protocol error"
+
+    def fail_waiters(self) -> None:
+        with self._waiters_lock:
+            for waiter in self._ocall_waiters.values():
+                waiter.put({"lost": True})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="migsgx-enclave")
+    parser.add_argument("--channel", type=int, required=True)
+    parser.add_argument("--app", type=int, required=True)
+    args = parser.parse_args(argv)
+    chan = socket.socket(fileno=args.channel)
+    app = socket.socket(fileno=args.app)
+    init = recv_frame(chan, PLATFORM, max_size=IMAGE_FRAME_MAX)
+    if init["t"] != "init":
+        log("platform sent no init")
+        return 2
+    identity = ReportBody.unpack(init["identity"])
+    channel = AppChannel(app)
+    try:
+        image = EnclaveImage.from_files(init["files"])
+        instance = EnclaveInstance(image, ChannelServices(chan, identity), channel.ocall)
+    except MigSGXError as exc:
+        log(f"enclave failed to start: {exc.code}")
+        send_frame(app, {"t": "err", "id": 0, "code": exc.code, "message": exc.message})
+        return 1
+    channel.instance = instance
+    m = image.manifest
+    channel.send(
+        {
+            "t": "ready",
+            "pid": os.getpid(),
+            "mr_enclave": identity.mr_enclave,
+            "mr_signer": identity.mr_signer,
+            "isv_prod_id": identity.isv_prod_id,
+            "isv_svn": identity.isv_svn,
+            "debug": identity.attributes.debug,
+            "memory_size": m.memory_size,
+            "thread_slots": m.thread_slots,
+            "ecalls": instance.ecall_names,
+        }
+    )
+    log(f"started {m.name} mrenclave={identity.mr_enclave.hex()[:16]}")
+    reason = channel.serve()
+    channel.fail_waiters()
+    try:
+        instance.quiesce(timeout=5.0)
+    except MigSGXError:
+        log("ECALLs still running at exit")
+    instance.retire(reason)
+    log(f"exiting: {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

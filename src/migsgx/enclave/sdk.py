@@ -1,0 +1,119 @@
+"""What enclave authors write against.
+
+An enclave is a class deriving from :class:`Enclave`; its ECALLs are methods
+marked with :func:`ecall`.  Arguments and results are plain data (CBOR: None,
+bool, int, float, str, bytes, lists and maps).  Bulk state goes into
+``self.ctx.memory`` (page-granular, numpy views); small structured state is
+what :meth:`Enclave.export_state` returns (plain data, never pickled), so that
+a migration can move it.  ``self.ctx`` also offers sealing, attestation,
+monotonic counters and OCALLs into the untrusted application.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..errors import EnclaveError
+from ..sgx.platform import TrustedServices, target_info_of, verify_report_locally
+from ..sgx.quote import VerifiedQuote, verify_quote
+from ..sgx.structs import Report, ReportBody, TargetInfo
+from . import sealing
+from .memory import EnclaveMemory
+
+F = TypeVar("F", bound=Callable[..., Any])
+_ECALL_ATTR = "__migsgx_ecall__"
+
+
+def ecall(fn: F) -> F:
+    """Mark a method as callable from the untrusted application."""
+
+    setattr(fn, _ECALL_ATTR, True)
+    return fn
+
+
+OcallFn = Callable[[str, tuple[Any, ...]], Any]
+
+
+class EnclaveContext:
+    """The enclave's view of its platform, its memory and its host application."""
+
+    def __init__(
+        self,
+        services: TrustedServices,
+        memory: EnclaveMemory,
+        ocall: OcallFn | None = None,
+    ) -> None:
+        self.services = services
+        self.memory = memory
+        self._ocall = ocall
+
+    @property
+    def identity(self) -> ReportBody:
+        return self.services.identity
+
+    def ocall(self, name: str, *args: Any) -> Any:
+        """Call out into the untrusted application (an OCALL); returns its result."""
+
+        if self._ocall is None:
+            raise EnclaveError("this enclave has no OCALL channel")
+        return self._ocall(name, args)
+
+    # sealing
+    def seal(
+        self, data: bytes, *, aad: bytes = b"", policy: int = sealing.POLICY_MRSIGNER
+    ) -> bytes:
+        return sealing.seal(self.services, data, aad=aad, policy=policy)
+
+    def unseal(self, blob: bytes, *, aad: bytes | None = None) -> bytes:
+        return sealing.unseal(self.services, blob, aad=aad)
+
+    # attestation
+    def self_target(self) -> TargetInfo:
+        return target_info_of(self.identity)
+
+    def report(self, target: TargetInfo, report_data: bytes) -> Report:
+        return self.services.report(target, report_data)
+
+    def verify_report(self, report: Report) -> ReportBody:
+        return verify_report_locally(self.services, report)
+
+    def quote(self, report_data: bytes) -> bytes:
+        return self.services.quote(report_data)
+
+    def verify_quote(self, quote: bytes, **policy: Any) -> VerifiedQuote:
+        return verify_quote(quote, self.services.trusted_roots(), **policy)
+
+    # counters
+    def counter_create(self, initial: int = 0) -> tuple[str, int]:
+        return self.services.counter_create(initial)
+
+    def counter_read(self, counter_id: str) -> int:
+        return self.services.counter_read(counter_id)
+
+    def counter_increment(self, counter_id: str, by: int = 1) -> int:
+        return self.services.counter_increment(counter_id, by)
+
+
+class Enclave:
+    """Base class of every enclave."""
+
+    def __init__(self, ctx: EnclaveContext) -> None:
+        self.ctx = ctx
+
+    def export_state(self) -> Any:
+        """Small structured state (plain data) that a migration must carry."""
+
+        return None
+
+    def import_state(self, state: Any) -> None:
+        """Take over the state :meth:`export_state` returned on the source."""
+
+    @classmethod
+    def ecalls(cls) -> dict[str, Callable[..., Any]]:
+        table: dict[str, Callable[..., Any]] = {}
+        for klass in reversed(cls.__mro__):
+            for name, value in vars(klass).items():
+                if callable(value) and getattr(value, _ECALL_ATTR, False):
+                    table[name] = value
+        return table

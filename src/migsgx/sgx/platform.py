@@ -1,0 +1,284 @@
+"""The ``Platform`` seam and the emulated SGX platform behind it.
+
+Two views of a platform exist, as on real SGX:
+
+* :class:`TrustedServices` is what code *inside* an enclave may ask of the CPU
+  and its architectural enclaves: its own keys (EGETKEY), REPORTs (EREPORT),
+  quotes (through the quoting enclave), monotonic counters, and the trusted
+  attestation roots.  A Gramine back end would implement it over
+  ``/dev/attestation`` (``user_report_data``, ``quote``, ``keys/``).
+* :class:`EmulatedPlatform` is the emulated CPU of one host: it owns the host's
+  root secret, provisioning and attestation keys and counters, verifies images
+  before launch (EINIT), and hands out a :class:`TrustedServices` bound to the
+  identity it measured, so an enclave can never ask in another's name.
+
+The state directory of a host::
+
+    platform.toml        host id, CPUSVN (public)
+    root.key             the fused root secret, 32 bytes, mode 0600
+    pck-key.pem          provisioning certification key, 0600
+    attestation-key.pem  the quoting enclave's attestation key, 0600
+    pck-chain.pem        PCK certificate issued by the provisioning CA, + the CA
+    ca.pem               the deployment's trusted root
+    counters.cbor        monotonic counters, 0600
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import tomllib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import tomli_w
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.cmac import CMAC
+
+from .._fs import read_private, write_private
+from ..errors import ReportMacError, StateDirError
+from .ca import ProvisioningCA
+from .counters import CounterStore
+from .image import EnclaveImage, SigStruct
+from .keys import KeyDeriver
+from .quote import QuotingEnclave, VerifiedQuote, verify_quote
+from .structs import KEYNAME_REPORT, KeyRequest, Report, ReportBody, TargetInfo
+
+ROOT_KEY = "root.key"
+PLATFORM_TOML = "platform.toml"
+PCK_KEY = "pck-key.pem"
+ATT_KEY = "attestation-key.pem"
+PCK_CHAIN = "pck-chain.pem"
+CA_PEM = "ca.pem"
+COUNTERS = "counters.cbor"
+DEFAULT_CPU_SVN = bytes([2] * 16)
+
+
+@runtime_checkable
+class TrustedServices(Protocol):
+    """What enclave code can ask of its platform; always about itself."""
+
+    @property
+    def identity(self) -> ReportBody: ...
+
+    def get_key(self, request: KeyRequest) -> bytes: ...
+
+    def report(self, target: TargetInfo, report_data: bytes) -> Report: ...
+
+    def quote(self, report_data: bytes) -> bytes: ...
+
+    def trusted_roots(self) -> list[x509.Certificate]: ...
+
+    def counter_create(self, initial: int = 0) -> tuple[str, int]: ...
+
+    def counter_read(self, counter_id: str) -> int: ...
+
+    def counter_increment(self, counter_id: str, by: int = 1) -> int: ...
+
+    def counter_destroy(self, counter_id: str) -> None: ...
+
+
+def target_info_of(body: ReportBody) -> TargetInfo:
+    """TARGETINFO naming the enclave ``body`` describes (sgx_self_target)."""
+
+    return TargetInfo(
+        mr_enclave=body.mr_enclave,
+        attributes=body.attributes,
+        config_svn=body.config_svn,
+        misc_select=body.misc_select,
+        config_id=body.config_id,
+    )
+
+
+def counter_owner(body: ReportBody) -> bytes:
+    """Counters belong to MRSIGNER + product id, so an enclave update keeps them."""
+
+    return b"S" + body.mr_signer + body.isv_prod_id.to_bytes(2, "little")
+
+
+def verify_report_locally(services: TrustedServices, report: Report) -> ReportBody:
+    """sgx_verify_report: check a REPORT targeted at the calling enclave."""
+
+    key = services.get_key(KeyRequest(KEYNAME_REPORT, key_id=report.key_id))
+    mac = CMAC(algorithms.AES(key))
+    mac.update(report.body.pack())
+    if not hmac.compare_digest(mac.finalize(), report.mac):
+        raise ReportMacError("REPORT MAC does not verify for this enclave")
+    return report.body
+
+
+@dataclass(frozen=True)
+class PlatformInfo:
+    host_id: str
+    cpu_svn: bytes
+    state_dir: Path
+
+
+class EmulatedPlatform:
+    """The emulated CPU, quoting enclave and counter service of one host."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        try:
+            meta = tomllib.loads((self.state_dir / PLATFORM_TOML).read_text())
+            root = read_private(self.state_dir / ROOT_KEY)
+            pck = _load_ec(read_private(self.state_dir / PCK_KEY))
+            att = _load_ec(read_private(self.state_dir / ATT_KEY))
+            chain = (self.state_dir / PCK_CHAIN).read_bytes()
+            self._roots = x509.load_pem_x509_certificates((self.state_dir / CA_PEM).read_bytes())
+        except FileNotFoundError as exc:
+            raise StateDirError(
+                f"{self.state_dir} is not an initialised platform "
+                f"(run `migsgx platform init --state {self.state_dir} --ca CA_DIR`)",
+                missing=exc.filename,
+            ) from exc
+        except (tomllib.TOMLDecodeError, ValueError) as exc:
+            raise StateDirError(f"platform state in {self.state_dir} is corrupt: {exc}") from exc
+        self.info = PlatformInfo(
+            host_id=str(meta["host_id"]),
+            cpu_svn=bytes.fromhex(meta["cpu_svn"]),
+            state_dir=self.state_dir,
+        )
+        self._deriver = KeyDeriver(root, self.info.cpu_svn)
+        self._qe = QuotingEnclave(self._deriver, att, pck, chain, self.info.host_id.encode())
+        self.counters = CounterStore(self.state_dir / COUNTERS)
+
+    @classmethod
+    def init(
+        cls,
+        state_dir: Path,
+        ca: ProvisioningCA,
+        *,
+        host_id: str | None = None,
+        cpu_svn: bytes = DEFAULT_CPU_SVN,
+    ) -> EmulatedPlatform:
+        state_dir = Path(state_dir)
+        if (state_dir / ROOT_KEY).exists():
+            raise StateDirError(f"{state_dir} already holds a platform; refusing to overwrite it")
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(state_dir, 0o700)
+        host_id = host_id or uuid.uuid4().hex[:12]
+        pck = ec.generate_private_key(ec.SECP256R1())
+        att = ec.generate_private_key(ec.SECP256R1())
+        cert = ca.issue_pck(pck.public_key(), host_id)
+        pem = serialization.Encoding.PEM
+        write_private(state_dir / PCK_KEY, _pem_private(pck))
+        write_private(state_dir / ATT_KEY, _pem_private(att))
+        write_private(
+            state_dir / PCK_CHAIN,
+            cert.public_bytes(pem) + ca.certificate.public_bytes(pem),
+            mode=0o644,
+        )
+        write_private(state_dir / CA_PEM, ca.certificate.public_bytes(pem), mode=0o644)
+        write_private(
+            state_dir / PLATFORM_TOML,
+            tomli_w.dumps({"host_id": host_id, "cpu_svn": cpu_svn.hex()}).encode(),
+            mode=0o644,
+        )
+        # The root secret last: its presence marks a complete platform.
+        write_private(state_dir / ROOT_KEY, secrets.token_bytes(32))
+        return cls(state_dir)
+
+    # --- what the untrusted host sees ------------------------------------------
+    @property
+    def trusted_roots(self) -> list[x509.Certificate]:
+        return list(self._roots)
+
+    def einit(self, image: EnclaveImage) -> tuple[ReportBody, SigStruct]:
+        """Verify an image as EINIT does; return the identity it will run as."""
+
+        sig = image.verify()
+        m = image.manifest
+        identity = ReportBody(
+            mr_enclave=sig.mr_enclave,
+            mr_signer=sig.mr_signer,
+            attributes=m.attributes,
+            isv_prod_id=m.product_id,
+            isv_svn=m.svn,
+            cpu_svn=self.info.cpu_svn,
+        )
+        return identity, sig
+
+    def services_for(self, identity: ReportBody) -> LocalServices:
+        return LocalServices(self, identity)
+
+    def verify_quote(self, quote: bytes, **policy: object) -> VerifiedQuote:
+        return verify_quote(quote, self._roots, **policy)  # type: ignore[arg-type]
+
+    # --- the CPU, on behalf of a measured enclave -----------------------------
+    def egetkey(self, caller: ReportBody, request: KeyRequest) -> bytes:
+        return self._deriver.egetkey(caller, request)
+
+    def ereport(self, caller: ReportBody, target: TargetInfo, report_data: bytes) -> Report:
+        return self._deriver.ereport(caller, target, report_data)
+
+    def quote(self, caller: ReportBody, report_data: bytes) -> bytes:
+        report = self._deriver.ereport(caller, target_info_of(self._qe.identity), report_data)
+        return self._qe.quote(report)
+
+    def quote_report(self, report: Report) -> bytes:
+        """The QE's entry point: a REPORT from any enclave, targeted at the QE."""
+
+        return self._qe.quote(report)
+
+    @property
+    def qe_target_info(self) -> TargetInfo:
+        return target_info_of(self._qe.identity)
+
+
+class LocalServices:
+    """:class:`TrustedServices` bound to one measured enclave, in this process."""
+
+    def __init__(self, platform: EmulatedPlatform, identity: ReportBody) -> None:
+        self._platform = platform
+        self._identity = identity
+        self._owner = counter_owner(identity)
+
+    @property
+    def identity(self) -> ReportBody:
+        return self._identity
+
+    def get_key(self, request: KeyRequest) -> bytes:
+        return self._platform.egetkey(self._identity, request)
+
+    def report(self, target: TargetInfo, report_data: bytes) -> Report:
+        return self._platform.ereport(self._identity, target, report_data)
+
+    def quote(self, report_data: bytes) -> bytes:
+        return self._platform.quote(self._identity, report_data)
+
+    def trusted_roots(self) -> list[x509.Certificate]:
+        return self._platform.trusted_roots
+
+    def counter_create(self, initial: int = 0) -> tuple[str, int]:
+        return self._platform.counters.create(self._owner, initial)
+
+    def counter_read(self, counter_id: str) -> int:
+        return self._platform.counters.read(self._owner, counter_id)
+
+    def counter_increment(self, counter_id: str, by: int = 1) -> int:
+        return self._platform.counters.increment(self._owner, counter_id, by)
+
+    def counter_destroy(self, counter_id: str) -> None:
+        self._platform.counters.destroy(self._owner, counter_id)
+
+
+def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _load_ec(pem: bytes) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise StateDirError("platform key is not an EC key")
+    return key

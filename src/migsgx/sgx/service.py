@@ -1,0 +1,239 @@
+"""The platform service of one host: ``migsgx platform serve``.
+
+It plays the parts that, on real SGX, the CPU, the driver (``/dev/sgx_enclave``)
+and the architectural enclaves (AESM: quoting, counters) play.  Applications
+connect to its Unix socket (bind-mountable into containers, like the AESM
+socket), send an enclave image, and after EINIT succeeds get their connection
+handed to a new enclave process that the service started.  Enclave processes
+are children of the service, never of the application, so CRIU never dumps
+enclave memory with the application.  Each enclave gets a private channel
+back to the service, bound to the identity the service measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from ..channel import IMAGE_FRAME_MAX, LAUNCH, PLATFORM
+from ..errors import ConnectionClosedError, LaunchError, MigSGXError, ProtocolError
+from ..wire import recv_frame, send_frame
+from .image import EnclaveImage
+from .platform import EmulatedPlatform, LocalServices
+from .structs import KeyRequest, ReportBody, TargetInfo
+
+SOCKET_NAME = "enclave.sock"
+
+
+def default_socket(state_dir: Path) -> Path:
+    return Path(state_dir) / SOCKET_NAME
+
+
+@dataclass
+class EnclaveRecord:
+    pid: int
+    name: str
+    identity: ReportBody
+    process: subprocess.Popen[bytes]
+    started: float = field(default_factory=time.time)
+
+
+class PlatformService:
+    def __init__(
+        self,
+        platform: EmulatedPlatform,
+        socket_path: Path | None = None,
+        *,
+        allowed_signers: set[bytes] | None = None,
+        allow_debug: bool = True,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.platform = platform
+        self.socket_path = Path(socket_path or default_socket(platform.state_dir))
+        self.allowed_signers = allowed_signers
+        self.allow_debug = allow_debug
+        self.log_dir = Path(log_dir or platform.state_dir / "logs")
+        self.enclaves: dict[int, EnclaveRecord] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._listener: socket.socket | None = None
+
+    # --- lifecycle -------------------------------------------------------------
+    def bind(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(self.socket_path))
+        # Any local application may ask for an enclave, as with /dev/sgx_enclave.
+        os.chmod(self.socket_path, 0o666)  # noqa: S103
+        sock.listen(64)
+        self._listener = sock
+
+    def serve_forever(self) -> None:
+        if self._listener is None:
+            self.bind()
+        assert self._listener is not None
+        self._listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                self._reap()
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    break
+                raise
+            conn.settimeout(None)
+            threading.Thread(target=self._handle_launch, args=(conn,), daemon=True).start()
+
+    def shutdown(self, *, kill_enclaves: bool = True) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        if kill_enclaves:
+            with self._lock:
+                records = list(self.enclaves.values())
+            for rec in records:
+                with contextlib.suppress(ProcessLookupError):
+                    rec.process.send_signal(signal.SIGTERM)
+            for rec in records:
+                try:
+                    rec.process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    rec.process.kill()
+                    rec.process.wait()
+
+    def _reap(self) -> None:
+        with self._lock:
+            for pid, rec in list(self.enclaves.items()):
+                if rec.process.poll() is not None:
+                    del self.enclaves[pid]
+
+    # --- launch ----------------------------------------------------------------
+    def _handle_launch(self, conn: socket.socket) -> None:
+        try:
+            msg = recv_frame(conn, LAUNCH, max_size=IMAGE_FRAME_MAX)
+            if msg["t"] != "launch":
+                raise ProtocolError("expected a launch request")
+            self.launch(conn, msg["files"])
+        except ConnectionClosedError:
+            pass
+        except MigSGXError as exc:
+            with contextlib.suppress(OSError):
+                send_frame(conn, {"t": "err", "id": 0, "code": exc.code, "message": exc.message})
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def launch(self, conn: socket.socket, files: dict[Any, Any]) -> EnclaveRecord:
+        if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in files.items()):
+            raise LaunchError("image files must map names to bytes")
+        image = EnclaveImage.from_files(files)
+        identity, _sig = self.platform.einit(image)
+        if self.allowed_signers is not None and identity.mr_signer not in self.allowed_signers:
+            raise LaunchError(
+                f"launch control: MRSIGNER {identity.mr_signer.hex()} is not allowed on this host"
+            )
+        if identity.attributes.debug and not self.allow_debug:
+            raise LaunchError("launch control: debug enclaves are not allowed on this host")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        log = open(self.log_dir / f"enclave-{image.manifest.name}.log", "ab")  # noqa: SIM115
+        try:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "migsgx.enclave.runtime",
+                    "--channel",
+                    str(theirs.fileno()),
+                    "--app",
+                    str(conn.fileno()),
+                ],
+                pass_fds=(theirs.fileno(), conn.fileno()),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            ours.close()
+            raise LaunchError(f"cannot start the enclave process: {exc}") from exc
+        finally:
+            theirs.close()
+            log.close()
+        send_frame(
+            ours,
+            {"t": "init", "files": dict(image.files), "identity": identity.pack()},
+            max_size=IMAGE_FRAME_MAX,
+        )
+        rec = EnclaveRecord(proc.pid, image.manifest.name, identity, proc)
+        with self._lock:
+            self.enclaves[proc.pid] = rec
+        threading.Thread(
+            target=self._serve_enclave,
+            args=(ours, self.platform.services_for(identity), rec),
+            daemon=True,
+        ).start()
+        return rec
+
+    # --- the private channel of one enclave ------------------------------------
+    def _serve_enclave(self, sock: socket.socket, svc: LocalServices, rec: EnclaveRecord) -> None:
+        with sock:
+            while True:
+                try:
+                    msg = recv_frame(sock, PLATFORM)
+                except (ConnectionClosedError, OSError):
+                    break
+                except MigSGXError:
+                    break
+                try:
+                    value = self._answer(svc, msg)
+                    reply: dict[str, Any] = {"t": "ok", "value": value}
+                except MigSGXError as exc:
+                    reply = {"t": "err", "code": exc.code, "message": exc.message}
+                except ValueError as exc:
+                    reply = {"t": "err", "code": "platform", "message": str(exc)}
+                try:
+                    send_frame(sock, reply)
+                except OSError:
+                    break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            rec.process.wait(timeout=5)
+
+    def _answer(self, svc: LocalServices, msg: dict[str, Any]) -> Any:
+        kind = msg["t"]
+        if kind == "getkey":
+            return svc.get_key(KeyRequest.unpack(msg["request"]))
+        if kind == "report":
+            return svc.report(TargetInfo.unpack(msg["target"]), msg["data"]).pack()
+        if kind == "quote":
+            return svc.quote(msg["data"])
+        if kind == "roots":
+            return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svc.trusted_roots())
+        if kind == "ctr_create":
+            return list(svc.counter_create(msg["initial"]))
+        if kind == "ctr_read":
+            return svc.counter_read(msg["id"])
+        if kind == "ctr_inc":
+            return svc.counter_increment(msg["id"], msg["by"])
+        if kind == "ctr_destroy":
+            svc.counter_destroy(msg["id"])
+            return None
+        raise ProtocolError(f"unexpected request {kind!r} from an enclave")
