@@ -12,18 +12,31 @@ mkdir -p "$STAMP_DIR"
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 # --- system packages ---------------------------------------------------------
-SYSTEM_PACKAGES=(iproute2)
+# CRIU's build dependencies (it is built from source by install-criu.sh), the
+# tools CRIU runs (iproute2, iptables) and protoc for the RPC module.
+SYSTEM_PACKAGES=(
+    gcc make pkg-config libc6-dev libbsd-dev libcap-dev libgnutls28-dev libnet1-dev
+    libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler
+    protobuf-compiler uuid-dev xz-utils iproute2 iptables debian-archive-keyring
+)
+installed=$(dpkg-query -W -f='${binary:Package} ${db:Status-Abbrev}\n' "${SYSTEM_PACKAGES[@]}" 2>/dev/null \
+    | awk '$2 == "ii" { sub(/:.*/, "", $1); print $1 }' || true)
 missing=()
 for pkg in "${SYSTEM_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    grep -qxF "$pkg" <<<"$installed" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         log "need root to install: ${missing[*]}"; exit 1
     fi
     log "installing system packages: ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    apt_log="$ROOT/.local/apt-install.log"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$apt_log" 2>&1; then
+        tail -n 20 "$apt_log" >&2
+        log "ERROR: installing system packages failed (log: .local/apt-install.log)"
+        exit 1
+    fi
 fi
 
 # --- python virtual environment ---------------------------------------------
@@ -38,4 +51,14 @@ if [ "$(cat "$STAMP_DIR/venv" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e ".[dev]"
     echo "$want" > "$STAMP_DIR/venv"
+fi
+
+# --- CRIU (built from source, see install-criu.sh) --------------------------
+bash "$ROOT/scripts/install-criu.sh"
+
+# Lazy pages want a pipe bigger than the default limit (root here lacks
+# CAP_SYS_RESOURCE to exceed it). Not persistent across reboots: every run.
+PIPE_MAX=4194304
+if [ "$(id -u)" -eq 0 ] && [ "$(cat /proc/sys/fs/pipe-max-size)" -lt "$PIPE_MAX" ]; then
+    echo "$PIPE_MAX" > /proc/sys/fs/pipe-max-size
 fi

@@ -66,6 +66,8 @@ PLATFORM = Schema(
         "ctr_read": {"id": str},
         "ctr_inc": {"id": str, "by": int},
         "ctr_destroy": {"id": str},
+        "claim": {"mid": bytes},
+        "claimed": {"mid": bytes},
         # service -> enclave
         "ok": {"value": ANY},
         "err": {"code": str, "message": str},

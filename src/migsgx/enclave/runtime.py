@@ -90,6 +90,12 @@ class ChannelServices:
     def counter_destroy(self, counter_id: str) -> None:
         self._ask({"t": "ctr_destroy", "id": counter_id})
 
+    def claim_migration(self, migration_id: bytes) -> bool:
+        return bool(self._ask({"t": "claim", "mid": bytes(migration_id)}))
+
+    def migration_claimed(self, migration_id: bytes) -> bool:
+        return bool(self._ask({"t": "claimed", "mid": bytes(migration_id)}))
+
 
 class AppChannel:
     """Serves ECALLs arriving on the application's connection."""

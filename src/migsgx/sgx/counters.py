@@ -117,3 +117,45 @@ class _FileLock:
             os.close(self._fd)
         finally:
             self._lock.release()
+
+
+class ClaimStore:
+    """Migration ids this host has accepted, each at most once, durably.
+
+    This is the destination's seen-ids store: a migration's COMMIT token can
+    activate a copy only by claiming its id here first.  On hardware it would
+    be a rollback-protected log (a monotonic counter over a sealed list).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+        self._lock = threading.Lock()
+        self._lock_path = self._path.with_name(self._path.name + ".lock")
+        if not self._path.exists():
+            write_private(self._path, cbor2.dumps({"v": 1, "claims": []}))
+
+    def _load(self) -> list[bytes]:
+        try:
+            data = cbor2.loads(read_private(self._path))
+        except (OSError, ValueError, cbor2.CBORDecodeError) as exc:
+            raise CounterError(f"claim store {self._path} is unreadable") from exc
+        claims = data.get("claims") if isinstance(data, dict) else None
+        if not isinstance(claims, list):
+            raise CounterError(f"claim store {self._path} is corrupt")
+        return claims
+
+    def claim(self, owner: bytes, mid: bytes) -> bool:
+        """Record ``mid`` for ``owner``; False if it was recorded before."""
+
+        key = owner + b"/" + bytes(mid)
+        with _FileLock(self._lock, self._lock_path):
+            claims = self._load()
+            if key in claims:
+                return False
+            claims.append(key)
+            write_private(self._path, cbor2.dumps({"v": 1, "claims": claims}))
+            return True
+
+    def claimed(self, owner: bytes, mid: bytes) -> bool:
+        with _FileLock(self._lock, self._lock_path):
+            return owner + b"/" + bytes(mid) in self._load()

@@ -21,6 +21,7 @@ The state directory of a host::
     pck-chain.pem        PCK certificate issued by the provisioning CA, + the CA
     ca.pem               the deployment's trusted root
     counters.cbor        monotonic counters, 0600
+    migrations.cbor      migration ids this host accepted (each once), 0600
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from cryptography.hazmat.primitives.cmac import CMAC
 from .._fs import read_private, write_private
 from ..errors import ReportMacError, StateDirError
 from .ca import ProvisioningCA
-from .counters import CounterStore
+from .counters import ClaimStore, CounterStore
 from .image import EnclaveImage, SigStruct
 from .keys import KeyDeriver
 from .quote import QuotingEnclave, VerifiedQuote, verify_quote
@@ -57,6 +58,7 @@ ATT_KEY = "attestation-key.pem"
 PCK_CHAIN = "pck-chain.pem"
 CA_PEM = "ca.pem"
 COUNTERS = "counters.cbor"
+CLAIMS = "migrations.cbor"
 DEFAULT_CPU_SVN = bytes([2] * 16)
 
 
@@ -82,6 +84,10 @@ class TrustedServices(Protocol):
     def counter_increment(self, counter_id: str, by: int = 1) -> int: ...
 
     def counter_destroy(self, counter_id: str) -> None: ...
+
+    def claim_migration(self, migration_id: bytes) -> bool: ...
+
+    def migration_claimed(self, migration_id: bytes) -> bool: ...
 
 
 def target_info_of(body: ReportBody) -> TargetInfo:
@@ -140,14 +146,18 @@ class EmulatedPlatform:
             ) from exc
         except (tomllib.TOMLDecodeError, ValueError) as exc:
             raise StateDirError(f"platform state in {self.state_dir} is corrupt: {exc}") from exc
-        self.info = PlatformInfo(
-            host_id=str(meta["host_id"]),
-            cpu_svn=bytes.fromhex(meta["cpu_svn"]),
-            state_dir=self.state_dir,
-        )
-        self._deriver = KeyDeriver(root, self.info.cpu_svn)
+        try:
+            self.info = PlatformInfo(
+                host_id=str(meta["host_id"]),
+                cpu_svn=bytes.fromhex(meta["cpu_svn"]),
+                state_dir=self.state_dir,
+            )
+            self._deriver = KeyDeriver(root, self.info.cpu_svn)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateDirError(f"platform state in {self.state_dir} is corrupt: {exc!r}") from exc
         self._qe = QuotingEnclave(self._deriver, att, pck, chain, self.info.host_id.encode())
         self.counters = CounterStore(self.state_dir / COUNTERS)
+        self.claims = ClaimStore(self.state_dir / CLAIMS)
 
     @classmethod
     def init(
@@ -267,6 +277,12 @@ class LocalServices:
 
     def counter_destroy(self, counter_id: str) -> None:
         self._platform.counters.destroy(self._owner, counter_id)
+
+    def claim_migration(self, migration_id: bytes) -> bool:
+        return self._platform.claims.claim(self._owner, migration_id)
+
+    def migration_claimed(self, migration_id: bytes) -> bool:
+        return self._platform.claims.claimed(self._owner, migration_id)
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:

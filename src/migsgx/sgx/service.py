@@ -138,6 +138,13 @@ class PlatformService:
                 send_frame(conn, {"t": "err", "id": 0, "code": exc.code, "message": exc.message})
         except OSError:
             pass
+        except Exception as exc:
+            # A bug here must not pass silently: the application gets a typed error.
+            with contextlib.suppress(OSError):
+                err = LaunchError(
+                    f"the platform failed to launch the enclave: {type(exc).__name__}"
+                )
+                send_frame(conn, {"t": "err", "id": 0, "code": err.code, "message": err.message})
         finally:
             conn.close()
 
@@ -152,8 +159,8 @@ class PlatformService:
             )
         if identity.attributes.debug and not self.allow_debug:
             raise LaunchError("launch control: debug enclaves are not allowed on this host")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log = open(self.log_dir / f"enclave-{image.manifest.name}.log", "ab")  # noqa: SIM115
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = subprocess.Popen(
                 [
@@ -236,4 +243,8 @@ class PlatformService:
         if kind == "ctr_destroy":
             svc.counter_destroy(msg["id"])
             return None
+        if kind == "claim":
+            return svc.claim_migration(msg["mid"])
+        if kind == "claimed":
+            return svc.migration_claimed(msg["mid"])
         raise ProtocolError(f"unexpected request {kind!r} from an enclave")

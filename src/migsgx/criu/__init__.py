@@ -1,0 +1,24 @@
+"""CRIU, driven through its RPC (``criu swrk``), and where to find a working one."""
+
+from migsgx.criu.locate import MIN_VERSION, CriuVersion, binary_version, find_criu
+from migsgx.criu.rpc import (
+    Criu,
+    Enter,
+    InNetns,
+    InTaskNamespaces,
+    NotifyCallback,
+    log_excerpt,
+)
+
+__all__ = [
+    "MIN_VERSION",
+    "Criu",
+    "CriuVersion",
+    "Enter",
+    "InNetns",
+    "InTaskNamespaces",
+    "NotifyCallback",
+    "binary_version",
+    "find_criu",
+    "log_excerpt",
+]

@@ -1,0 +1,570 @@
+"""Drive CRIU through its RPC: ``criu swrk FD`` over a SOCK_SEQPACKET pair.
+
+One ``criu_req`` per message goes to CRIU, one ``criu_resp`` comes back. While a
+request runs, CRIU may send NOTIFY messages (``pre-dump``, ``post-dump``,
+``network-lock``, ``setup-namespaces``, ``post-restore``, ...); each goes to the
+caller's callback and is answered with ``notify_success``. A callback that
+raises is answered with ``notify_success=False``, which makes CRIU abort the
+step: a vetoed ``post-dump`` makes CRIU resume the dumped tasks instead of
+killing them, so the source stays alive until the migration commits. The
+callback's exception then reaches the caller as the cause of a
+:class:`~migsgx.errors.CriuError`.
+
+Every request runs a fresh ``criu swrk`` process (so calls are independent and
+thread-safe), optionally inside other namespaces (:class:`InNetns`,
+:class:`InTaskNamespaces`). Messages are decoded only as the declared protobuf
+schema; nothing received is evaluated.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Final
+
+from migsgx.criu.locate import CriuVersion, find_criu
+from migsgx.errors import ConfigError, CriuError
+
+__all__ = [
+    "Criu",
+    "Enter",
+    "InNetns",
+    "InTaskNamespaces",
+    "NotifyCallback",
+    "log_excerpt",
+]
+
+#: ``notify(script, pid)``: CRIU's action name and, where CRIU sends one
+#: (``setup-namespaces``, ``post-restore``), the pid of the root task, else 0.
+NotifyCallback = Callable[[str, int], None]
+
+OptionValue = bool | int | str | Sequence[str]
+
+_MAX_MESSAGE: Final = 1 << 20
+_MAX_FDS: Final = 16
+_EXIT_GRACE: Final = 10.0
+_NETNS_DIR: Final = "/run/netns"
+
+
+@dataclass(frozen=True)
+class InNetns:
+    """Run CRIU in a named network namespace (``/run/netns/NAME``).
+
+    Only the network namespace changes (``nsenter --net``); CRIU and the
+    tasks it restores keep the caller's mount namespace, so files look the
+    same as on the source. (``ip netns exec`` would add a private mount
+    namespace, whose mounts a later dump cannot resolve for descriptors
+    opened outside it.)
+    """
+
+    name: str
+
+    def argv_prefix(self) -> list[str]:
+        return ["nsenter", f"--net={_NETNS_DIR}/{self.name}", "--"]
+
+
+@dataclass(frozen=True)
+class InTaskNamespaces:
+    """Run CRIU in the network and mount namespaces of a live task (``nsenter``).
+
+    This is how a task living in another network namespace is dumped: CRIU
+    then sees the task's namespaces as its own and does not try to dump them.
+    """
+
+    pid: int
+    net: bool = True
+    mount: bool = True
+
+    def argv_prefix(self) -> list[str]:
+        argv = ["nsenter", f"--target={self.pid}"]
+        if self.net:
+            argv.append("--net")
+        if self.mount:
+            argv.append("--mount")
+        return argv
+
+
+Enter = InNetns | InTaskNamespaces
+
+_pb_module: ModuleType | None = None
+
+
+def _pb() -> Any:
+    """The generated protobuf module (made by ``scripts/setup.sh``), imported on first use."""
+
+    global _pb_module
+    if _pb_module is None:
+        try:
+            from migsgx.criu._generated import rpc_pb2
+        except ImportError as exc:
+            raise CriuError(
+                "the CRIU RPC module is missing: run scripts/setup.sh "
+                "(it generates src/migsgx/criu/_generated/rpc_pb2.py)"
+            ) from exc
+        _pb_module = rpc_pb2
+    return _pb_module
+
+
+#: Errors CRIU logs on every run here that say nothing about the failure: root
+#: lacks CAP_SYS_RESOURCE, so CRIU cannot raise its own RLIMIT_NOFILE.
+_HARMLESS = ("Can't setup RLIMIT_NOFILE",)
+
+
+def _harmless(line: str) -> bool:
+    return any(marker in line for marker in _HARMLESS)
+
+
+def log_excerpt(path: Path, lines: int = 12, *, max_bytes: int = 1 << 20) -> str:
+    """The useful end of a CRIU log: its last error lines, else its last lines."""
+
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - max_bytes))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    all_lines = [line for line in text.splitlines() if line.strip() and not _harmless(line)]
+    errors = [line for line in all_lines if "Error" in line]
+    return "\n".join((errors or all_lines)[-lines:])
+
+
+class Criu:
+    """A CRIU binary, driven request by request over ``criu swrk``."""
+
+    def __init__(
+        self,
+        binary: Path | str | None = None,
+        *,
+        timeout: float | None = 300.0,
+        log_level: int = 4,
+    ) -> None:
+        """``timeout``: seconds to wait for each message from CRIU (None: no limit).
+
+        ``log_level`` 4 is CRIU's debug level: logs of a few hundred KiB per
+        dump, and the lines that explain a failure.
+        """
+
+        self.binary = Path(binary).absolute() if binary is not None else find_criu()
+        self.timeout = timeout
+        self.log_level = log_level
+        self._mem_track: bool | None = None
+
+    def __repr__(self) -> str:
+        return f"Criu({str(self.binary)!r})"
+
+    # --- requests ---------------------------------------------------------------
+    def check(self, *, enter: Enter | None = None) -> None:
+        """``criu check``: raises :class:`CriuError` when CRIU cannot work here."""
+
+        with tempfile.TemporaryDirectory(prefix="migsgx-criu-check-") as tmp:
+            self._request("CHECK", Path(tmp), log_file="check.log", enter=enter)
+
+    def version(self, *, enter: Enter | None = None) -> CriuVersion:
+        resp = self._request("VERSION", None, enter=enter)
+        v = resp.version
+        return CriuVersion(
+            int(v.major_number),
+            int(v.minor_number),
+            int(v.sublevel) if v.HasField("sublevel") else 0,
+            str(v.gitid) if v.HasField("gitid") else "",
+        )
+
+    def features(self, *, enter: Enter | None = None) -> dict[str, bool]:
+        """Which optional features work here (``mem_track``, ``lazy_pages``, ``pidfd_store``)."""
+
+        names = ("mem_track", "lazy_pages", "pidfd_store")
+        with tempfile.TemporaryDirectory(prefix="migsgx-criu-features-") as tmp:
+            resp = self._request(
+                "FEATURE_CHECK",
+                Path(tmp),
+                log_file="features.log",
+                enter=enter,
+                features=dict.fromkeys(names, True),
+            )
+        return {name: bool(getattr(resp.features, name)) for name in names}
+
+    def dump(
+        self,
+        pid: int,
+        images_dir: Path | str,
+        *,
+        leave_running: bool = False,
+        shell_job: bool = False,
+        tcp_established: bool = False,
+        ext_unix_sk: bool = False,
+        file_locks: bool = False,
+        track_mem: bool = False,
+        parent_img: str | None = None,
+        lazy_pages: bool = False,
+        page_server: tuple[str, int] | None = None,
+        log_file: str = "dump.log",
+        notify: NotifyCallback | None = None,
+        enter: Enter | None = None,
+        extra: Mapping[str, OptionValue] | None = None,
+    ) -> None:
+        """Checkpoint the process tree rooted at ``pid`` into ``images_dir``.
+
+        Unless ``leave_running``, CRIU kills the tree once the images are
+        complete and ``post-dump`` was answered with success.
+        """
+
+        if track_mem:
+            self._require_mem_track("dump --track-mem", enter)
+
+        self._request(
+            "DUMP",
+            Path(images_dir),
+            log_file=log_file,
+            notify=notify,
+            enter=enter,
+            opts=dict(
+                pid=pid,
+                leave_running=leave_running,
+                shell_job=shell_job,
+                tcp_established=tcp_established,
+                ext_unix_sk=ext_unix_sk,
+                file_locks=file_locks,
+                track_mem=track_mem,
+                lazy_pages=lazy_pages,
+                **({"parent_img": parent_img} if parent_img is not None else {}),
+            ),
+            page_server=page_server,
+            extra=extra,
+        )
+
+    def pre_dump(
+        self,
+        pid: int,
+        images_dir: Path | str,
+        *,
+        shell_job: bool = False,
+        tcp_established: bool = False,
+        ext_unix_sk: bool = False,
+        parent_img: str | None = None,
+        page_server: tuple[str, int] | None = None,
+        log_file: str = "pre-dump.log",
+        notify: NotifyCallback | None = None,
+        enter: Enter | None = None,
+        extra: Mapping[str, OptionValue] | None = None,
+    ) -> None:
+        """Copy the memory of a running tree ahead of the final dump.
+
+        CRIU always tracks memory in a pre-dump, which needs the kernel's
+        soft-dirty bits; where they are missing (see :meth:`features`) CRIU
+        would stop on an internal BUG, so this raises :class:`CriuError` first.
+        """
+
+        self._require_mem_track("pre-dump", enter)
+
+        self._request(
+            "PRE_DUMP",
+            Path(images_dir),
+            log_file=log_file,
+            notify=notify,
+            enter=enter,
+            opts=dict(
+                pid=pid,
+                shell_job=shell_job,
+                tcp_established=tcp_established,
+                ext_unix_sk=ext_unix_sk,
+                track_mem=True,
+                **({"parent_img": parent_img} if parent_img is not None else {}),
+            ),
+            page_server=page_server,
+            extra=extra,
+        )
+
+    def restore(
+        self,
+        images_dir: Path | str,
+        *,
+        shell_job: bool = False,
+        tcp_established: bool = False,
+        ext_unix_sk: bool = False,
+        file_locks: bool = False,
+        lazy_pages: bool = False,
+        restore_detached: bool = True,
+        log_file: str = "restore.log",
+        notify: NotifyCallback | None = None,
+        enter: Enter | None = None,
+        extra: Mapping[str, OptionValue] | None = None,
+    ) -> int:
+        """Restore the tree in ``images_dir``; returns the pid of its root.
+
+        Detached (the default), the root is reparented to the nearest child
+        subreaper (or init) when CRIU exits. With ``restore_detached=False``
+        it becomes a child of the calling process, which must reap it.
+        """
+
+        resp = self._request(
+            "RESTORE",
+            Path(images_dir),
+            log_file=log_file,
+            notify=notify,
+            enter=enter,
+            opts=dict(
+                shell_job=shell_job,
+                tcp_established=tcp_established,
+                ext_unix_sk=ext_unix_sk,
+                file_locks=file_locks,
+                lazy_pages=lazy_pages,
+                rst_sibling=not restore_detached,
+            ),
+            extra=extra,
+        )
+        return int(resp.restore.pid)
+
+    def _require_mem_track(self, what: str, enter: Enter | None) -> None:
+        if self._mem_track is None:
+            self._mem_track = self.features(enter=enter)["mem_track"]
+        if not self._mem_track:
+            raise CriuError(
+                f"criu {what} needs memory tracking (soft-dirty bits), which this kernel "
+                "lacks; use a plain dump, or lazy pages for post-copy",
+                action=what,
+            )
+
+    # --- one request, one criu process ----------------------------------------
+    def _request(
+        self,
+        kind: str,
+        images_dir: Path | None,
+        *,
+        log_file: str | None = None,
+        notify: NotifyCallback | None = None,
+        enter: Enter | None = None,
+        opts: Mapping[str, bool | int | str] | None = None,
+        page_server: tuple[str, int] | None = None,
+        extra: Mapping[str, OptionValue] | None = None,
+        features: Mapping[str, bool] | None = None,
+    ) -> Any:
+        pb = _pb()
+        action = kind.lower().replace("_", "-")
+        if log_file is not None and (not log_file or "/" in log_file):
+            raise ConfigError(f"CRIU log_file must be a plain file name, not {log_file!r}")
+        req = pb.criu_req(type=getattr(pb, kind))
+        if features:
+            for name, wanted in features.items():
+                setattr(req.features, name, wanted)
+        dir_fd = -1
+        if images_dir is not None:
+            try:
+                dir_fd = os.open(images_dir, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError as exc:
+                raise CriuError(
+                    f"criu {action}: cannot open images directory {images_dir}: {exc}",
+                    action=action,
+                ) from exc
+        try:
+            if images_dir is not None:
+                o = req.opts
+                o.images_dir_fd = dir_fd
+                o.log_level = self.log_level
+                if log_file:
+                    o.log_file = log_file
+                if notify is not None:
+                    o.notify_scripts = True
+                for name, value in (opts or {}).items():
+                    setattr(o, name, value)
+                if page_server is not None:
+                    o.ps.address, o.ps.port = page_server
+                _apply_extra(o, extra or {})
+            log_path = images_dir / log_file if images_dir is not None and log_file else None
+            # CRIU opens the images directory as /proc/<our pid>/fd/<dir_fd>:
+            # the descriptor stays open here until CRIU has answered.
+            session = _Session(self.binary, enter, self.timeout, action, log_path)
+            return session.run(pb, req, notify)
+        finally:
+            if dir_fd >= 0:
+                os.close(dir_fd)
+
+
+def _apply_extra(opts: Any, extra: Mapping[str, OptionValue]) -> None:
+    """Set further ``criu_opts`` fields by name; anything the schema lacks is refused."""
+
+    for name, value in extra.items():
+        try:
+            if isinstance(value, (str, bool, int)):
+                setattr(opts, name, value)
+            else:
+                getattr(opts, name).extend(value)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ConfigError(f"bad CRIU option {name}={value!r}: {exc}", option=name) from exc
+
+
+class _Session:
+    """One ``criu swrk`` process and its socket, for exactly one request."""
+
+    def __init__(
+        self,
+        binary: Path,
+        enter: Enter | None,
+        timeout: float | None,
+        action: str,
+        log_path: Path | None,
+    ) -> None:
+        self.action = action
+        self.log_path = log_path
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock = ours
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by run())
+        argv = [*(enter.argv_prefix() if enter else []), str(binary), "swrk", str(theirs.fileno())]
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=self.stderr,
+                stderr=self.stderr,
+            )
+        except OSError as exc:
+            ours.close()
+            self.stderr.close()
+            raise CriuError(f"cannot start {argv[0]}: {exc}", action=action) from exc
+        finally:
+            theirs.close()
+        ours.settimeout(timeout)
+
+    def run(self, pb: Any, req: Any, notify: NotifyCallback | None) -> Any:
+        failed: tuple[str, Exception] | None = None
+        try:
+            self._send(req)
+            while True:
+                resp = self._receive(pb)
+                if resp.type != pb.NOTIFY:
+                    break
+                script = str(resp.notify.script)
+                ok = True
+                if notify is not None:
+                    try:
+                        notify(script, int(resp.notify.pid))
+                    except Exception as exc:
+                        ok = False
+                        if failed is None:
+                            failed = (script, exc)
+                self._send(pb.criu_req(type=pb.NOTIFY, notify_success=ok))
+            if resp.type != req.type:
+                raise self._error(f"answered a {req.type} request with type {resp.type}")
+            self._reap()
+            if failed is not None:
+                failed_script, cause = failed
+                raise self._error(
+                    f"{failed_script} callback failed ({type(cause).__name__}: {cause}); "
+                    f"CRIU {'still succeeded' if resp.success else 'aborted'}",
+                    resp,
+                    notify_script=failed_script,
+                ) from cause
+            if not resp.success:
+                raise self._error("failed", resp)
+            return resp
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            self.sock.close()
+            self.stderr.close()
+
+    def _send(self, msg: Any) -> None:
+        try:
+            self.sock.send(msg.SerializeToString())
+        except OSError as exc:
+            raise self._error(f"cannot send request: {exc}") from exc
+
+    def _receive(self, pb: Any) -> Any:
+        try:
+            data, ancdata, flags, _ = self.sock.recvmsg(
+                _MAX_MESSAGE, socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
+            )
+        except TimeoutError as exc:
+            raise self._error("timed out waiting for CRIU") from exc
+        except OSError as exc:
+            raise self._error(f"cannot receive: {exc}") from exc
+        # CRIU may pass a descriptor with a notification (orphan-pts-master);
+        # nothing here uses it, so it is closed at once.
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                for fd in fds:
+                    os.close(fd)
+        if not data:
+            self._wait_exit()
+            raise self._error("exited without an answer")
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise self._error("sent an oversize message")
+        try:
+            return pb.criu_resp.FromString(data)
+        except Exception as exc:  # the protobuf runtime's DecodeError
+            raise self._error(f"sent an undecodable message: {exc}") from exc
+
+    def _reap(self) -> None:
+        """CRIU exits after its answer; reap it (and kill it if it lingers)."""
+
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=_EXIT_GRACE)
+        except subprocess.TimeoutExpired:
+            self._abort()
+
+    def _abort(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=_EXIT_GRACE)
+
+    def _wait_exit(self) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=_EXIT_GRACE)
+
+    def _stderr_text(self) -> str:
+        if self.stderr.closed:
+            return ""
+        try:
+            self.stderr.seek(0)
+            return self.stderr.read(16384).decode("utf-8", errors="replace").strip()
+        except OSError:
+            return ""
+
+    def _error(self, what: str, resp: Any = None, **context: Any) -> CriuError:
+        parts = [f"criu {self.action} {what}"]
+        errno_ = errmsg = None
+        if resp is not None:
+            if resp.HasField("cr_errno") and resp.cr_errno:
+                errno_ = int(resp.cr_errno)
+                parts.append(f"errno {errno_} ({os.strerror(errno_)})")
+            if resp.HasField("cr_errmsg") and resp.cr_errmsg:
+                # CRIU reports the first error it logged, which may be noise.
+                errmsg = str(resp.cr_errmsg).strip()
+                if not _harmless(errmsg):
+                    parts.append(f"CRIU says: {errmsg}")
+        status = self.proc.poll()
+        if status not in (None, 0):
+            parts.append(f"exit status {status}")
+        stderr = self._stderr_text()
+        if stderr:
+            parts.append(f"stderr: {stderr}")
+        if resp is not None and resp.success and resp.HasField("restore"):
+            # A callback failed but CRIU went on (it ignores failed answers to
+            # pre-resume and post-resume): the tree runs, and the caller needs
+            # its pid to decide what to do with it.
+            context["restored_pid"] = int(resp.restore.pid)
+        excerpt = log_excerpt(self.log_path) if self.log_path is not None else ""
+        if excerpt:
+            parts.append(f"log {self.log_path}:\n{excerpt}")
+        return CriuError(
+            "; ".join(parts),
+            action=self.action,
+            cr_errno=errno_,
+            cr_errmsg=errmsg,
+            log_path=str(self.log_path) if self.log_path is not None else None,
+            **context,
+        )

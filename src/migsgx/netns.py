@@ -1,0 +1,412 @@
+"""Several "hosts" on one machine: network namespaces joined by veth links.
+
+Tests and the demo migrate processes between hosts; here a host is a named
+network namespace with ``lo`` up and one interface ``eth0`` holding an address
+``10.250.S.N/24`` that exists only inside these namespaces. Two hosts are joined
+by a veth pair; one or more than two hang off a bridge that lives in a switch
+namespace of its own, so nothing is ever added to the machine's own network
+namespace and no route leads outside. Connections made through :class:`Host`
+may only target loopback or the network's own subnet.
+
+Namespace names are ``migsgx-<pid>-<token>-<host>``: parallel runs never
+collide, and :func:`cleanup_stale` can tell which ones were left behind by a
+process that is gone. :class:`HostNetwork` always removes what it created, also
+when creating it failed halfway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Final, TypeVar
+
+from migsgx.errors import MigSGXError, register_error
+
+__all__ = [
+    "PREFIX",
+    "Host",
+    "HostNetwork",
+    "NetnsError",
+    "cleanup_stale",
+    "list_namespaces",
+    "terminate",
+]
+
+PREFIX: Final = "migsgx-"
+NETNS_DIR: Final = Path("/run/netns")
+_CLONE_NEWNET: Final = 0x40000000
+_HOST_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+_OWNED_NAME = re.compile(r"^(?P<pid>\d+)-(?P<token>[0-9a-f]+)-")
+
+T = TypeVar("T")
+
+
+class NetnsError(MigSGXError):
+    """A network namespace could not be created, used or removed."""
+
+    code = "netns"
+
+
+register_error(NetnsError)
+
+
+def _ip(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["ip", *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+    except subprocess.CalledProcessError as exc:
+        raise NetnsError(
+            f"ip {' '.join(args)} failed: {exc.stderr.strip() or exc.returncode}"
+        ) from exc
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NetnsError(f"cannot run ip {' '.join(args)}: {exc}") from exc
+
+
+def list_namespaces(prefix: str = PREFIX) -> list[str]:
+    """Named network namespaces whose name starts with ``prefix``."""
+
+    try:
+        names = os.listdir(NETNS_DIR)
+    except FileNotFoundError:
+        return []
+    return sorted(name for name in names if name.startswith(prefix))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat[stat.rindex(")") + 2 :].startswith(("Z", "X"))
+
+
+def terminate(pid: int, *, sig: int = signal.SIGKILL, timeout: float = 5.0) -> None:
+    """Signal ``pid`` and wait until it is gone; reap it when it is our child.
+
+    A restored process is usually not our child; it is reaped here when this
+    process is its subreaper, and otherwise waited for until it is a zombie.
+    """
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            if _zombie_or_gone(pid):
+                return
+        else:
+            if done == pid:
+                return
+        if time.monotonic() > deadline:
+            raise NetnsError(f"process {pid} did not end within {timeout} s")
+        time.sleep(0.01)
+
+
+def _in_netns(netns: str, work: Callable[[], T]) -> T:
+    """Run ``work`` on a fresh thread that has joined ``netns``.
+
+    Only that thread changes namespace (``setns`` is per thread for network
+    namespaces); sockets it creates stay in ``netns`` after it ends.
+    """
+
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(NETNS_DIR / netns, "rb") as ns:
+                if libc.setns(ns.fileno(), _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+            outcome.append(work())
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=body, name=f"netns-{netns}", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+@dataclass
+class Host:
+    """One network namespace playing a machine."""
+
+    name: str
+    netns: str
+    address: str
+    network: ipaddress.IPv4Network
+    _children: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` prefixed to run inside this host.
+
+        Only the network namespace changes (``nsenter --net``): hosts share
+        the machine's filesystem and mount namespace, so a descriptor opened
+        out here (stdio files, /dev/null) stays resolvable for a CRIU dump.
+        """
+
+        return ["nsenter", f"--net={NETNS_DIR / self.netns}", "--", *argv]
+
+    def run(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a short command here and return its captured output."""
+
+        try:
+            return subprocess.run(
+                self.command(argv),
+                capture_output=True,
+                text=True,
+                check=check,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.CalledProcessError as exc:
+            raise NetnsError(
+                f"{' '.join(argv)} failed in {self.name}: "
+                f"{(exc.stderr or '').strip() or exc.returncode}"
+            ) from exc
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        stdout: IO[Any] | int = subprocess.DEVNULL,
+        stderr: IO[Any] | int = subprocess.DEVNULL,
+        cwd: Path | str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start a detached process here: own session, stdin on /dev/null.
+
+        ``nsenter`` replaces itself with the command, so the returned pid is
+        the command's. The process is killed when the network closes.
+        """
+
+        proc = subprocess.Popen(
+            self.command(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+        self._children.append(proc)
+        return proc
+
+    def pids(self) -> list[int]:
+        """Every process whose network namespace is this host's."""
+
+        return [int(p) for p in _ip("netns", "pids", self.netns).split()]
+
+    def new_socket(
+        self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
+    ) -> socket.socket:
+        """A socket that lives in this host's network namespace."""
+
+        return _in_netns(self.netns, lambda: socket.socket(family, kind))
+
+    def connect(
+        self, address: str, port: int, *, timeout: float = 5.0, wait: float = 0.0
+    ) -> socket.socket:
+        """Connect from this host to ``address:port``, retrying refusals for ``wait`` s.
+
+        Only loopback and this network's own addresses are allowed.
+        """
+
+        target = ipaddress.ip_address(address)
+        if not (target.is_loopback or target in self.network):
+            raise NetnsError(f"{address} is neither loopback nor in {self.network}")
+        deadline = time.monotonic() + wait
+        while True:
+            sock = self.new_socket(
+                socket.AF_INET6 if target.version == 6 else socket.AF_INET, socket.SOCK_STREAM
+            )
+            sock.settimeout(timeout)
+            try:
+                sock.connect((address, port))
+            except (ConnectionRefusedError, ConnectionResetError):
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+
+    def _stop_processes(self) -> None:
+        for proc in self._children:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        self._children.clear()
+        _kill_inside(self.netns)
+
+
+def _kill_inside(netns: str) -> None:
+    """Kill whatever still runs in ``netns`` (restored processes, grandchildren)."""
+
+    with contextlib.suppress(NetnsError):
+        for pid in (int(p) for p in _ip("netns", "pids", netns).split()):
+            with contextlib.suppress(NetnsError):
+                terminate(pid)
+
+
+def _delete(netns: str) -> None:
+    _kill_inside(netns)
+    if (NETNS_DIR / netns).exists():
+        _ip("netns", "delete", netns)
+
+
+class HostNetwork:
+    """Hosts ``names`` on subnet ``10.250.<subnet>.0/24``, as a context manager.
+
+    Host ``i`` (in the order given) gets address ``10.250.<subnet>.<i+1>``.
+    """
+
+    def __init__(self, names: Sequence[str], *, subnet: int = 0, prefix: str = PREFIX) -> None:
+        if not names or len(set(names)) != len(names):
+            raise NetnsError(f"need distinct host names, got {list(names)!r}")
+        for name in names:
+            if not _HOST_NAME.match(name):
+                raise NetnsError(f"bad host name {name!r}: [a-z][a-z0-9]{{0,11}}")
+        if not 0 <= subnet <= 255 or len(names) > 250:
+            raise NetnsError("subnet must be 0..255 and at most 250 hosts")
+        self.network = ipaddress.IPv4Network(f"10.250.{subnet}.0/24")
+        self.run_id = f"{os.getpid()}-{secrets.token_hex(3)}"
+        self.name_prefix = f"{prefix}{self.run_id}-"
+        self.hosts: dict[str, Host] = {
+            name: Host(name, self.name_prefix + name, str(self.network[i + 1]), self.network)
+            for i, name in enumerate(names)
+        }
+        self._switch = self.name_prefix + "switch" if len(names) != 2 else None
+        self._created: list[str] = []
+        self._open = False
+
+    def __getitem__(self, name: str) -> Host:
+        return self.hosts[name]
+
+    def __iter__(self) -> Iterator[Host]:
+        return iter(self.hosts.values())
+
+    def __enter__(self) -> HostNetwork:
+        self.create()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(raise_errors=exc is None)
+
+    def create(self) -> None:
+        if os.geteuid() != 0:
+            raise NetnsError("creating network namespaces needs root")
+        self._open = True
+        try:
+            self._build()
+        except BaseException:
+            self.close(raise_errors=False)
+            raise
+
+    def _add_namespace(self, netns: str) -> None:
+        _ip("netns", "add", netns)
+        self._created.append(netns)
+        _ip("-n", netns, "link", "set", "lo", "up")
+
+    def _build(self) -> None:
+        hosts = list(self.hosts.values())
+        for host in hosts:
+            self._add_namespace(host.netns)
+        if self._switch is None:
+            a, b = hosts
+            _ip("-n", a.netns, "link", "add", "eth0", "type", "veth",
+                "peer", "name", "eth0", "netns", b.netns)  # fmt: skip
+        else:
+            self._add_namespace(self._switch)
+            _ip("-n", self._switch, "link", "add", "br0", "type", "bridge")
+            _ip("-n", self._switch, "link", "set", "br0", "up")
+            for i, host in enumerate(hosts):
+                port = f"p{i}"
+                _ip("-n", self._switch, "link", "add", port, "type", "veth",
+                    "peer", "name", "eth0", "netns", host.netns)  # fmt: skip
+                _ip("-n", self._switch, "link", "set", port, "master", "br0")
+                _ip("-n", self._switch, "link", "set", port, "up")
+        for host in hosts:
+            _ip("-n", host.netns, "addr", "add",
+                f"{host.address}/{self.network.prefixlen}", "dev", "eth0")  # fmt: skip
+            _ip("-n", host.netns, "link", "set", "eth0", "up")
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Kill every process in the hosts and delete the namespaces. Idempotent."""
+
+        if not self._open:
+            return
+        self._open = False
+        errors: list[NetnsError] = []
+        for host in self.hosts.values():
+            host._stop_processes()
+        for netns in reversed(self._created):
+            try:
+                _delete(netns)
+            except NetnsError as exc:
+                errors.append(exc)
+        self._created.clear()
+        if errors and raise_errors:
+            raise NetnsError(
+                "cleanup left namespaces behind: " + "; ".join(map(str, errors))
+            ) from errors[0]
+
+
+def cleanup_stale(prefix: str = PREFIX, *, everything: bool = False) -> list[str]:
+    """Delete namespaces left by processes that are gone; returns their names.
+
+    A name records the pid of the process that made it; with ``everything``
+    all namespaces with ``prefix`` go, in use or not.
+    """
+
+    removed = []
+    for netns in list_namespaces(prefix):
+        owner = _OWNED_NAME.match(netns[len(prefix) :])
+        if not everything and (owner is None or _alive(int(owner.group("pid")))):
+            continue
+        _delete(netns)
+        removed.append(netns)
+    return removed

@@ -1,0 +1,60 @@
+"""Suite-wide hooks.
+
+In CI (``CI=true``) an integration test that is skipped is reported as a
+failure: a machine without root or without a working CRIU must not pass the
+suite silently. Elsewhere such tests skip with their reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+from pathlib import Path
+
+import pytest
+
+INTEGRATION_DIR = Path(__file__).parent / "integration"
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+def _is_integration(path: Path) -> bool:
+    return Path(path).resolve().is_relative_to(INTEGRATION_DIR.resolve())
+
+
+def _skip_reason(longrepr: object) -> str:
+    return str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
+
+
+_CI_SKIP = "integration test skipped under CI=true, which counts as a failure: "
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if (
+        report.skipped
+        and not hasattr(report, "wasxfail")
+        and in_ci()
+        and _is_integration(item.path)
+    ):
+        report.outcome = "failed"
+        report.longrepr = _CI_SKIP + _skip_reason(report.longrepr)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    """The same for a whole module skipped while it is collected."""
+
+    report = yield
+    if report.skipped and in_ci() and _is_integration(collector.path):
+        report.outcome = "failed"
+        report.longrepr = _CI_SKIP + _skip_reason(report.longrepr)
+    return report

@@ -1,0 +1,147 @@
+"""Fixtures for tests with real processes, namespaces and CRIU.
+
+Everything a test starts is stopped at teardown, also when the test fails:
+processes through :func:`migsgx.netns.terminate`, namespaces through
+:class:`migsgx.netns.HostNetwork`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from migsgx.criu import Criu
+from migsgx.errors import CriuError, MigSGXError
+from migsgx.netns import Host, HostNetwork, cleanup_stale, terminate
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@pytest.fixture(scope="session")
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CRIU, network namespaces)")
+
+
+@pytest.fixture(scope="session")
+def criu(require_root: None) -> Criu:
+    """A working CRIU, driven over RPC; skips (fails in CI) when there is none."""
+
+    try:
+        found = Criu()
+        found.check()
+    except CriuError as exc:
+        pytest.skip(f"no working CRIU: {exc}")
+    return found
+
+
+@pytest.fixture(scope="session")
+def subreaper() -> Iterator[None]:
+    """Make this process the subreaper of orphans (detached restored processes).
+
+    The machine's init does not reap zombies, so a restored process that is
+    killed would linger as a zombie; as subreaper the test process reaps it.
+    """
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        pytest.skip(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
+    yield
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+@pytest.fixture(scope="session")
+def _stale_namespaces_removed(require_root: None) -> None:
+    cleanup_stale()
+
+
+HostsFactory = Callable[..., HostNetwork]
+
+
+@pytest.fixture
+def hosts(_stale_namespaces_removed: None) -> Iterator[HostsFactory]:
+    """``hosts("src", "dst", subnet=0)`` -> an open :class:`HostNetwork`, closed at teardown."""
+
+    made: list[HostNetwork] = []
+
+    def make(*names: str, subnet: int = 0) -> HostNetwork:
+        net = HostNetwork(names, subnet=subnet)
+        net.create()
+        made.append(net)
+        return net
+
+    yield make
+    errors: list[MigSGXError] = []
+    for net in reversed(made):
+        try:
+            net.close()
+        except MigSGXError as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+SpawnFactory = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[SpawnFactory]:
+    """Start a detached process (own session, stdin /dev/null, output to files).
+
+    ``spawn(argv, host=None, name="proc")`` writes ``<name>.out``/``<name>.err``
+    under the test's ``tmp_path``. Every process is killed at teardown.
+    """
+
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        argv: Sequence[str], host: Host | None = None, name: str = "proc"
+    ) -> subprocess.Popen[bytes]:
+        with (
+            open(tmp_path / f"{name}.out", "wb") as out,
+            open(tmp_path / f"{name}.err", "wb") as err,
+        ):
+            if host is not None:
+                proc = host.spawn(argv, stdout=out, stderr=err)
+            else:
+                proc = subprocess.Popen(
+                    list(argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,
+                )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session and group
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def kill_later() -> Iterator[Callable[[int], int]]:
+    """Register a pid (e.g. of a restored process) to be killed and reaped at teardown."""
+
+    pids: list[int] = []
+
+    def register(pid: int) -> int:
+        pids.append(pid)
+        return pid
+
+    yield register
+    for pid in pids:
+        with contextlib.suppress(MigSGXError):
+            terminate(pid)

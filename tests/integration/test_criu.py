@@ -1,0 +1,257 @@
+"""Real CRIU, driven over RPC: checkpoint and restore of a live Python process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from migsgx.criu import MIN_VERSION, Criu, InNetns, InTaskNamespaces
+from migsgx.errors import CriuError
+from migsgx.netns import NETNS_DIR, Host, HostNetwork, terminate
+
+# The fixtures of tests/integration/conftest.py, as the tests see them.
+HostsFactory = Callable[..., HostNetwork]
+SpawnFactory = Callable[..., subprocess.Popen[bytes]]
+KillLater = Callable[[int], int]
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+# A process with state worth keeping: a counter and an 8 MiB random blob in
+# memory, and a listening TCP socket. It writes its port to a file once it
+# listens; "inc" bumps and returns the counter, "sum" hashes the blob.
+COUNTER_SERVER = """
+import hashlib, os, socket, sys
+bind_address, port_file = sys.argv[1], sys.argv[2]
+blob = os.urandom(8 << 20)
+counter = 0
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((bind_address, 0))
+srv.listen(16)
+with open(port_file + ".tmp", "w") as f:
+    f.write(str(srv.getsockname()[1]))
+os.replace(port_file + ".tmp", port_file)
+while True:
+    conn, _ = srv.accept()
+    with conn:
+        cmd = conn.recv(64).strip()
+        if cmd == b"inc":
+            counter += 1
+            reply = str(counter)
+        elif cmd == b"sum":
+            reply = hashlib.sha256(blob).hexdigest()
+        else:
+            reply = "?"
+        conn.sendall(reply.encode() + b"\\n")
+"""
+
+
+def start_server(
+    spawn: SpawnFactory, tmp_path: Path, bind: str = "127.0.0.1", host: Host | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the counter server; returns its process and port once it listens."""
+
+    port_file = tmp_path / "port"
+    proc = spawn([sys.executable, "-c", COUNTER_SERVER, bind, str(port_file)], host=host)
+    deadline = time.monotonic() + 10
+    while not port_file.exists():
+        if proc.poll() is not None:
+            err = (tmp_path / "proc.err").read_text()
+            raise AssertionError(f"server exited with {proc.returncode}: {err}")
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    return proc, int(port_file.read_text())
+
+
+def ask(command: str, port: int, *, via: Host | None = None, address: str = "127.0.0.1") -> str:
+    if via is None:
+        conn = socket.create_connection((address, port), timeout=5)
+    else:
+        conn = via.connect(address, port, timeout=5)
+    with conn:
+        conn.sendall(command.encode())
+        return conn.makefile().readline().strip()
+
+
+def wait_gone(proc: subprocess.Popen[bytes]) -> None:
+    """Reap the dumped process: CRIU restores it under its old pid, which must be free."""
+
+    assert proc.wait(timeout=5) == -9  # CRIU killed it once post-dump succeeded
+    assert not os.path.exists(f"/proc/{proc.pid}")
+
+
+def images(tmp_path: Path, name: str = "images") -> Path:
+    path = tmp_path / name
+    path.mkdir()
+    return path
+
+
+def test_check_version_and_features(criu: Criu) -> None:
+    criu.check()
+    version = criu.version()
+    assert (version.major, version.minor) >= MIN_VERSION
+    features = criu.features()
+    assert set(features) == {"mem_track", "lazy_pages", "pidfd_store"}
+
+
+@pytest.mark.parametrize("detached", [True, False], ids=["detached", "sibling"])
+def test_dump_and_restore_keeps_memory_and_listener(
+    criu: Criu,
+    spawn: SpawnFactory,
+    kill_later: KillLater,
+    subreaper: None,
+    tmp_path: Path,
+    detached: bool,
+) -> None:
+    proc, port = start_server(spawn, tmp_path)
+    assert [ask("inc", port) for _ in range(3)] == ["1", "2", "3"]
+    digest = ask("sum", port)
+
+    seen: list[str] = []
+    dump_dir = images(tmp_path)
+    criu.dump(proc.pid, dump_dir, notify=lambda script, _pid: seen.append(script))
+    assert seen.index("pre-dump") < seen.index("post-dump")
+    assert (dump_dir / "inventory.img").exists()
+    wait_gone(proc)
+
+    restored: list[tuple[str, int]] = []
+    new_pid = criu.restore(
+        dump_dir,
+        restore_detached=detached,
+        notify=lambda script, p: restored.append((script, p)),
+    )
+    kill_later(new_pid)
+    assert new_pid == proc.pid
+    assert ("post-restore", proc.pid) in restored
+    assert ask("inc", port) == "4"
+    assert ask("sum", port) == digest
+
+
+def test_post_dump_veto_keeps_source_running(
+    criu: Criu, spawn: SpawnFactory, tmp_path: Path
+) -> None:
+    proc, port = start_server(spawn, tmp_path)
+    assert ask("inc", port) == "1"
+    digest = ask("sum", port)
+
+    class NotCommitted(Exception):
+        pass
+
+    def veto(script: str, _pid: int) -> None:
+        if script == "post-dump":
+            raise NotCommitted("destination did not confirm")
+
+    with pytest.raises(CriuError) as caught:
+        criu.dump(proc.pid, images(tmp_path), leave_running=False, notify=veto)
+    assert isinstance(caught.value.__cause__, NotCommitted)
+    assert "post-dump" in str(caught.value)
+    assert caught.value.context["notify_script"] == "post-dump"
+    # CRIU resumed the tasks instead of killing them: same process, same state.
+    assert proc.poll() is None
+    assert ask("inc", port) == "2"
+    assert ask("sum", port) == digest
+
+
+def test_migrate_between_network_namespaces(
+    criu: Criu,
+    hosts: HostsFactory,
+    spawn: SpawnFactory,
+    kill_later: KillLater,
+    subreaper: None,
+    tmp_path: Path,
+) -> None:
+    net = hosts("src", "dst")
+    src, dst = net["src"], net["dst"]
+    proc, port = start_server(spawn, tmp_path, bind="0.0.0.0", host=src)
+    assert ask("inc", port, via=dst, address=src.address) == "1"
+    assert ask("inc", port, via=dst, address=src.address) == "2"
+
+    dump_dir = images(tmp_path)
+    criu.dump(proc.pid, dump_dir, enter=InTaskNamespaces(proc.pid))
+    wait_gone(proc)
+    new_pid = criu.restore(dump_dir, enter=InNetns(dst.netns))
+    kill_later(new_pid)
+
+    assert new_pid == proc.pid
+    netns_inode = os.stat(NETNS_DIR / dst.netns).st_ino
+    assert os.stat(f"/proc/{new_pid}/ns/net").st_ino == netns_inode
+    assert ask("inc", port, via=src, address=dst.address) == "3"
+    with pytest.raises(ConnectionRefusedError):
+        ask("inc", port, via=dst, address=src.address)
+
+
+def test_restore_of_garbled_images_reports_criu_error(criu: Criu, tmp_path: Path) -> None:
+    bad = images(tmp_path)
+    (bad / "inventory.img").write_bytes(b"not a criu image" * 4)
+    with pytest.raises(CriuError) as caught:
+        criu.restore(bad)
+    err = caught.value
+    assert err.context["action"] == "restore"
+    assert err.context["log_path"] == str(bad / "restore.log")
+    assert "inventory.img" in str(err)  # CRIU's own complaint, from its log
+
+
+def test_dump_of_missing_process_reports_errno(criu: Criu, tmp_path: Path) -> None:
+    with pytest.raises(CriuError) as caught:
+        criu.dump(2**22 + 1, images(tmp_path))  # above the largest pid_max (2**22)
+    assert caught.value.context["action"] == "dump"
+    assert caught.value.context["log_path"].endswith("dump.log")
+
+
+def test_pre_dump_refused_cleanly_without_memory_tracking(
+    criu: Criu, spawn: SpawnFactory, tmp_path: Path
+) -> None:
+    proc, port = start_server(spawn, tmp_path)
+    if criu.features()["mem_track"]:
+        criu.pre_dump(proc.pid, images(tmp_path, "pre"))
+        assert ask("inc", port) == "1"
+        return
+    with pytest.raises(CriuError, match="memory tracking"):
+        criu.pre_dump(proc.pid, images(tmp_path, "pre"))
+    assert ask("inc", port) == "1"
+
+
+@pytest.mark.parametrize(
+    ("failing", "tree_survives"), [("post-restore", False), ("post-resume", True)]
+)
+def test_failed_restore_callback(
+    criu: Criu,
+    spawn: SpawnFactory,
+    kill_later: KillLater,
+    subreaper: None,
+    tmp_path: Path,
+    failing: str,
+    tree_survives: bool,
+) -> None:
+    """A failed post-restore answer makes CRIU kill the tree; after resume it is too late."""
+
+    proc, port = start_server(spawn, tmp_path)
+    assert ask("inc", port) == "1"
+    dump_dir = images(tmp_path)
+    criu.dump(proc.pid, dump_dir)
+    wait_gone(proc)
+    kill_later(proc.pid)
+
+    def refuse(script: str, _pid: int) -> None:
+        if script == failing:
+            raise RuntimeError(f"refusing {script}")
+
+    with pytest.raises(CriuError) as caught:
+        criu.restore(dump_dir, notify=refuse)
+    assert caught.value.context["notify_script"] == failing
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    if tree_survives:
+        assert caught.value.context["restored_pid"] == proc.pid
+        assert ask("inc", port) == "2"
+    else:
+        assert "restored_pid" not in caught.value.context
+        terminate(proc.pid, sig=0)  # CRIU's SIGKILL lands shortly after its answer
+        with pytest.raises(ConnectionRefusedError):
+            ask("inc", port)
