@@ -49,6 +49,9 @@ ECALL = Schema(
         "ecall": {"id": int, "fn": str, "args": list},
         "oret": {"id": int, "ok": bool, "value": ANY, "code": (str, NONE), "message": (str, NONE)},
         "destroy": {},
+        "detach": {},
+        # enclave -> application: the connection is quiet and may change hands
+        "detached": {},
     },
 )
 

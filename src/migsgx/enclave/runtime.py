@@ -182,6 +182,8 @@ class AppChannel:
                     waiter = self._ocall_waiters.get(msg["id"])
                 if waiter is not None:
                     waiter.put(msg)
+            elif kind == "detach":
+                self.send({"t": "detached"})
             elif kind == "destroy":
                 return "destroyed by the application"
             else:

@@ -24,6 +24,7 @@ from ..channel import ECALL, ECALL_FRAME_MAX, IMAGE_FRAME_MAX
 from ..errors import (
     ConfigError,
     ConnectionClosedError,
+    EnclaveBusyError,
     EnclaveLostError,
     MigSGXError,
     error_from_wire,
@@ -74,25 +75,43 @@ class _Ecalls:
 
 
 class EnclaveClient:
+    """The application's handle on one enclave.
+
+    For migration, :meth:`detach` quiesces the handle (new ECALLs wait, ECALLs
+    in flight finish) and gives up the enclave's connection so that a
+    migration driver can take it and the application holds nothing that CRIU
+    would have to dump; :meth:`reattach` gives the handle a connection again
+    (the same one after an abort, the destination enclave's after a
+    migration) and the waiting callers carry on.
+    """
+
     def __init__(
         self,
         sock: socket.socket,
         info: EnclaveInfo,
         ocalls: Mapping[str, Callable[..., Any]] | None = None,
+        *,
+        image_files: Mapping[str, bytes] | None = None,
     ) -> None:
-        self._sock = sock
+        self._sock: socket.socket | None = sock
         self.info = info
+        self.image_files = dict(image_files or {})
         self._ocalls = dict(ocalls or {})
         self._ids = itertools.count(1)
         self._pending: dict[int, queue.Queue[dict[str, Any]]] = {}
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._closed: MigSGXError | None = None
+        self._admitting = True
         self.ecall = _Ecalls(self)
-        self._reader = threading.Thread(
-            target=self._read_loop, name="migsgx-ecall-reader", daemon=True
+        self._reader = self._start_reader(sock)
+
+    def _start_reader(self, sock: socket.socket) -> threading.Thread:
+        reader = threading.Thread(
+            target=self._read_loop, args=(sock,), name="migsgx-ecall-reader", daemon=True
         )
-        self._reader.start()
+        reader.start()
+        return reader
 
     # --- creation ----------------------------------------------------------------
     @classmethod
@@ -105,48 +124,17 @@ class EnclaveClient:
         timeout: float = 30.0,
     ) -> EnclaveClient:
         img = image if isinstance(image, EnclaveImage) else EnclaveImage.load(Path(image))
-        path = platform_socket(socket_path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(str(path))
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(f"cannot reach the platform service at {path}: {exc}") from exc
-        try:
-            sock.settimeout(timeout)
-            send_frame(sock, {"t": "launch", "files": dict(img.files)}, max_size=IMAGE_FRAME_MAX)
-            first = recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX)
-            sock.settimeout(None)
-        except ConnectionClosedError as exc:
-            sock.close()
-            raise EnclaveLostError("the platform closed the connection during launch") from exc
-        except BaseException:
-            sock.close()
-            raise
-        if first["t"] == "err":
-            sock.close()
-            raise error_from_wire(first["code"], first["message"])
-        if first["t"] != "ready":
-            sock.close()
-            raise EnclaveLostError(f"unexpected first message {first['t']!r} from the enclave")
-        info = EnclaveInfo(
-            pid=first["pid"],
-            mr_enclave=first["mr_enclave"],
-            mr_signer=first["mr_signer"],
-            isv_prod_id=first["isv_prod_id"],
-            isv_svn=first["isv_svn"],
-            debug=first["debug"],
-            memory_size=first["memory_size"],
-            thread_slots=first["thread_slots"],
-            ecalls=tuple(first["ecalls"]),
-        )
-        return cls(sock, info, ocalls)
+        sock, info = launch_enclave(img, socket_path=socket_path, timeout=timeout)
+        return cls(sock, info, ocalls, image_files=img.files)
 
     # --- calls -------------------------------------------------------------------
     def call(self, name: str, *args: Any, timeout: float | None = None) -> Any:
         call_id = next(self._ids)
         box: queue.Queue[dict[str, Any]] = queue.Queue()
-        with self._lock:
+        with self._cond:
+            # While the enclave migrates, callers wait here and carry on afterwards.
+            while not self._admitting and self._closed is None:
+                self._cond.wait()
             if self._closed is not None:
                 raise self._closed
             self._pending[call_id] = box
@@ -165,8 +153,9 @@ class EnclaveClient:
                 if kind == "ocall":
                     self._answer_ocall(msg)
         finally:
-            with self._lock:
+            with self._cond:
                 self._pending.pop(call_id, None)
+                self._cond.notify_all()
 
     def _answer_ocall(self, msg: dict[str, Any]) -> None:
         handler = self._ocalls.get(msg["fn"])
@@ -183,17 +172,20 @@ class EnclaveClient:
         self._send(reply)
 
     def _send(self, msg: dict[str, Any]) -> None:
+        sock = self._sock
+        if sock is None:
+            raise EnclaveLostError("the enclave connection is detached")
         try:
             with self._send_lock:
-                send_frame(self._sock, msg, max_size=ECALL_FRAME_MAX)
+                send_frame(sock, msg, max_size=ECALL_FRAME_MAX)
         except OSError as exc:
             raise EnclaveLostError("the enclave is gone") from exc
 
-    def _read_loop(self) -> None:
+    def _read_loop(self, sock: socket.socket) -> None:
         reason: MigSGXError
         while True:
             try:
-                msg = recv_frame(self._sock, ECALL, max_size=ECALL_FRAME_MAX)
+                msg = recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX)
             except ConnectionClosedError:
                 reason = EnclaveLostError("the enclave closed its channel")
                 break
@@ -203,35 +195,86 @@ class EnclaveClient:
             except OSError as exc:
                 reason = EnclaveLostError(f"the enclave channel broke: {exc}")
                 break
-            with self._lock:
+            if msg["t"] == "detached":
+                return  # the connection is quiet and about to change hands
+            with self._cond:
                 box = self._pending.get(msg.get("id", -1))
             if box is not None:
                 box.put(msg)
             elif msg["t"] == "err" and msg["id"] == 0:
                 reason = error_from_wire(msg["code"], msg["message"])
                 break
-        with self._lock:
+        with self._cond:
+            if self._sock is not sock:
+                return
             self._closed = reason
             boxes = list(self._pending.values())
+            self._cond.notify_all()
         for box in boxes:
             box.put({"t": "err", "id": 0, "code": reason.code, "message": reason.message})
+
+    # --- migration -------------------------------------------------------------------
+    def detach(self, timeout: float | None = 30.0) -> socket.socket:
+        """Quiesce and give up the enclave connection (see the class docstring)."""
+
+        with self._cond:
+            if self._closed is not None:
+                raise self._closed
+            if self._sock is None:
+                raise EnclaveBusyError("the enclave is already detached")
+            self._admitting = False
+            if not self._cond.wait_for(lambda: not self._pending, timeout):
+                self._admitting = True
+                self._cond.notify_all()
+                raise EnclaveBusyError(f"ECALLs still running after {timeout} s; not detached")
+        self._send({"t": "detach"})
+        self._reader.join(timeout)
+        if self._reader.is_alive():
+            raise EnclaveLostError("the enclave did not acknowledge the detach")
+        with self._cond:
+            sock, self._sock = self._sock, None
+        assert sock is not None
+        return sock
+
+    def reattach(self, sock: socket.socket) -> None:
+        """Carry on over ``sock``: the old connection, or the migrated enclave's."""
+
+        with self._cond:
+            if self._sock is not None:
+                raise EnclaveBusyError("the enclave is attached already")
+            self._sock = sock
+            self._closed = None
+            self._reader = self._start_reader(sock)
+            self._admitting = True
+            self._cond.notify_all()
+
+    @property
+    def detached(self) -> bool:
+        with self._cond:
+            return self._sock is None
 
     # --- teardown ------------------------------------------------------------------
     def destroy(self) -> None:
         """Destroy the enclave (its memory is wiped) and close the channel."""
 
-        with self._lock:
+        with self._cond:
+            sock = self._sock
             already = self._closed is not None
+            self._closed = self._closed or EnclaveLostError("the enclave was destroyed")
+            self._cond.notify_all()
+        if sock is None:
+            return
         if not already:
             try:
-                self._send({"t": "destroy"})
-            except EnclaveLostError:
+                with self._send_lock:
+                    send_frame(sock, {"t": "destroy"})
+            except OSError:
                 pass
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self._sock.close()
+        sock.close()
         self._reader.join(timeout=5)
 
     def __enter__(self) -> EnclaveClient:
@@ -239,3 +282,46 @@ class EnclaveClient:
 
     def __exit__(self, *exc: object) -> None:
         self.destroy()
+
+
+def launch_enclave(
+    image: EnclaveImage, *, socket_path: str | Path | None = None, timeout: float = 30.0
+) -> tuple[socket.socket, EnclaveInfo]:
+    """Ask the platform service to launch ``image``; return its connection and identity."""
+
+    path = platform_socket(socket_path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot reach the platform service at {path}: {exc}") from exc
+    try:
+        sock.settimeout(timeout)
+        send_frame(sock, {"t": "launch", "files": dict(image.files)}, max_size=IMAGE_FRAME_MAX)
+        first = recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX)
+        sock.settimeout(None)
+    except ConnectionClosedError as exc:
+        sock.close()
+        raise EnclaveLostError("the platform closed the connection during launch") from exc
+    except BaseException:
+        sock.close()
+        raise
+    if first["t"] == "err":
+        sock.close()
+        raise error_from_wire(first["code"], first["message"])
+    if first["t"] != "ready":
+        sock.close()
+        raise EnclaveLostError(f"unexpected first message {first['t']!r} from the enclave")
+    info = EnclaveInfo(
+        pid=first["pid"],
+        mr_enclave=first["mr_enclave"],
+        mr_signer=first["mr_signer"],
+        isv_prod_id=first["isv_prod_id"],
+        isv_svn=first["isv_svn"],
+        debug=first["debug"],
+        memory_size=first["memory_size"],
+        thread_slots=first["thread_slots"],
+        ecalls=tuple(first["ecalls"]),
+    )
+    return sock, info
