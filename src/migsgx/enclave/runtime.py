@@ -11,6 +11,7 @@ event names and exception types.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
 import socket
@@ -32,6 +33,7 @@ from ..sgx.image import EnclaveImage
 from ..sgx.structs import KeyRequest, Report, ReportBody, TargetInfo
 from ..wire import recv_frame, send_frame
 from .instance import EnclaveInstance
+from .migrator import RUNTIME_CALLS, Migrator
 
 
 def log(event: str) -> None:
@@ -107,6 +109,7 @@ class AppChannel:
         self._waiters_lock = threading.Lock()
         self._local = threading.local()
         self.instance: EnclaveInstance | None = None
+        self.migrator: Migrator | None = None
 
     def send(self, msg: dict[str, Any]) -> None:
         with self._send_lock:
@@ -147,6 +150,29 @@ class AppChannel:
         except (OSError, MigSGXError):
             log("could not deliver an ECALL result: application gone")
 
+    def _run_runtime_call(self, call_id: int, name: str, args: list[Any]) -> None:
+        assert self.migrator is not None
+        try:
+            value = self.migrator.call(name, args)
+            reply: dict[str, Any] = {"t": "ret", "id": call_id, "value": value}
+        except MigSGXError as exc:
+            reply = {"t": "err", "id": call_id, "code": exc.code, "message": exc.message}
+        except (TypeError, ValueError) as exc:
+            reply = {
+                "t": "err",
+                "id": call_id,
+                "code": "protocol",
+                "message": f"bad runtime call {name}: {type(exc).__name__}",
+            }
+        try:
+            self.send(reply)
+        except (OSError, MigSGXError):
+            log("could not deliver a runtime call result")
+        if self.migrator.exit_after_reply:
+            # The state has moved: hang up, the serve loop ends and the process exits.
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
     def serve(self) -> str:
         """Read frames until the application leaves; return why we stopped."""
 
@@ -167,7 +193,23 @@ class AppChannel:
             except OSError:
                 return "application connection broke"
             kind = msg["t"]
-            if kind == "ecall":
+            if kind == "ecall" and msg["fn"] in RUNTIME_CALLS:
+                assert self.migrator is not None
+                call_id, name = msg["id"], msg["fn"]
+                if name == "__mig_ring":
+                    # The descriptors follow the frame on the socket: take them now.
+                    try:
+                        self.migrator.attach_ring(self.sock)
+                        self.send({"t": "ret", "id": call_id, "value": None})
+                    except MigSGXError as exc:
+                        self.send(
+                            {"t": "err", "id": call_id, "code": exc.code, "message": exc.message}
+                        )
+                    continue
+                threading.Thread(
+                    target=self._run_runtime_call, args=(call_id, name, msg["args"]), daemon=True
+                ).start()
+            elif kind == "ecall":
                 call_id, name = msg["id"], msg["fn"]
                 try:
                     self.instance.enter(name)
@@ -217,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         send_frame(app, {"t": "err", "id": 0, "code": exc.code, "message": exc.message})
         return 1
     channel.instance = instance
+    channel.migrator = Migrator(instance)
     m = image.manifest
     channel.send(
         {
@@ -239,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         instance.quiesce(timeout=5.0)
     except MigSGXError:
         log("ECALLs still running at exit")
+    if channel.migrator.role is not None and not channel.migrator.committed:
+        channel.migrator.abort("the driver went away")
+        reason += " during a migration (aborted)"
     instance.retire(reason)
     log(f"exiting: {reason}")
     return 0

@@ -53,6 +53,8 @@ SIGSTRUCT_SIZE = _SIG_HEADER.size + _RSA_BYTES + 4 + _RSA_BYTES
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
 _UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 _ENTRY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# The name becomes part of file names on the host (the enclave's log).
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
 def parse_size(value: int | str) -> int:
@@ -62,6 +64,8 @@ def parse_size(value: int | str) -> int:
         raise ValueError("size must be a number of bytes")
     if isinstance(value, int):
         return value
+    if not isinstance(value, str):
+        raise ValueError("size must be a number of bytes or a string such as '64MiB'")
     m = _SIZE_RE.match(value)
     if not m:
         raise ValueError(f"not a size: {value!r} (use bytes or KiB/MiB/GiB)")
@@ -77,8 +81,20 @@ class Manifest:
     product_id: int = 0
     svn: int = 0
     debug: bool = False
+    # Who may receive this enclave's state: "same-enclave" or "same-signer".
+    # Measured like every field, so the untrusted side cannot weaken it.
+    migration_policy: str = "same-enclave"
 
-    _FIELDS = ("name", "entry", "memory_size", "thread_slots", "product_id", "svn", "debug")
+    _FIELDS = (
+        "name",
+        "entry",
+        "memory_size",
+        "thread_slots",
+        "product_id",
+        "svn",
+        "debug",
+        "migration_policy",
+    )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Manifest:
@@ -99,6 +115,7 @@ class Manifest:
                 product_id=_typed(section, "product_id", int, 0),
                 svn=_typed(section, "svn", int, 0),
                 debug=_typed(section, "debug", bool, False),
+                migration_policy=_typed(section, "migration_policy", str, "same-enclave"),
             )
         except KeyError as exc:
             raise ImageError(f"manifest lacks required field {exc.args[0]!r}") from exc
@@ -108,14 +125,19 @@ class Manifest:
         return m
 
     def check(self) -> None:
-        if not self.name or len(self.name) > 64:
-            raise ImageError("manifest name must be 1-64 characters")
+        if not _NAME_RE.fullmatch(self.name):
+            raise ImageError(
+                "manifest name must be 1-64 characters of A-Z a-z 0-9 _ . - "
+                "and must not start with . or -"
+            )
         if not _ENTRY_RE.match(self.entry):
             raise ImageError(f"manifest entry {self.entry!r} is not 'module:Class'")
         if self.memory_size <= 0 or self.memory_size % PAGE_SIZE:
             raise ImageError(f"memory_size must be a positive multiple of {PAGE_SIZE}")
         if not 1 <= self.thread_slots <= 256:
             raise ImageError("thread_slots must be 1-256")
+        if self.migration_policy not in ("same-enclave", "same-signer"):
+            raise ImageError("migration_policy must be 'same-enclave' or 'same-signer'")
         for field in ("product_id", "svn"):
             if not 0 <= getattr(self, field) <= 0xFFFF:
                 raise ImageError(f"{field} must be 0-65535")
@@ -250,6 +272,10 @@ class EnclaveImage:
             pp = PurePosixPath(name)
             if pp.is_absolute() or ".." in pp.parts or not name or name != pp.as_posix():
                 raise ImageError(f"bad file name in image: {name!r}")
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ImageError(f"file name in image is not UTF-8: {name!r}") from None
             if not isinstance(data, bytes):
                 raise ImageError(f"{name}: file content must be bytes")
         if sum(len(d) for d in files.values()) > MAX_IMAGE_BYTES or len(files) > MAX_FILES:
@@ -344,6 +370,8 @@ def load_author_key(path: Path) -> rsa.RSAPrivateKey:
 
 def sign_image(image: EnclaveImage, key: rsa.RSAPrivateKey, *, vendor: int = 0) -> SigStruct:
     pub = key.public_key().public_numbers()
+    if key.key_size != 3072 or pub.e != 3:
+        raise ImageError("SGX signs enclaves with RSA-3072, public exponent 3")
     m = image.manifest
     today = _dt.date.today()
     unsigned = SigStruct(

@@ -1,0 +1,366 @@
+"""The trusted half of a migration, inside the enclave process.
+
+The untrusted side drives it with runtime calls on the enclave's ECALL
+channel (``__mig_*``, see ``docs/spec/channels.md``); everything that touches
+keys or plaintext happens here:
+
+* the handshake (quotes binding ephemeral keys, the migration policy from the
+  enclave's own measured manifest, key agreement);
+* the dump: quiesce, then seal the small state and every used page of
+  enclave memory chunk by chunk *into the shared-memory ring* the untrusted
+  side provides, as SGX enclaves write straight into untrusted memory;
+* the load: open each chunk from the ring straight into enclave memory (after
+  copying it into private memory, so the untrusted side cannot change bytes
+  between authentication and use), apply the small state only when every
+  stream verified;
+* the commit: the source gives up its state only on the destination's
+  authenticated LOADED, the destination runs only on the source's COMMIT
+  token and after claiming the migration id on its platform (once).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import cbor2
+
+from ..errors import (
+    CommittedError,
+    MigrationError,
+    MigSGXError,
+    ProtocolError,
+    ReplayError,
+    StreamError,
+)
+from ..migration.commit import Committed, DestinationCommit, LoadConfirmed, SourceCommit
+from ..migration.handshake import Handshake, HandshakeComplete, PeerAborted, Role, SessionKeys
+from ..migration.policy import MigrationPolicy, PolicyMode
+from ..migration.ring import RingRole, ShmRing, recv_ring_fds
+from ..migration.stream import TAG_SIZE, Manifest, Section
+from ..sgx.quote import verify_quote
+from ..sgx.structs import ReportBody
+from .instance import EnclaveInstance
+
+RING_TIMEOUT = 120.0
+MAX_STATE_BYTES = 64 << 20
+
+
+class _Attester:
+    def __init__(self, instance: EnclaveInstance) -> None:
+        self._services = instance.services
+
+    def quote(self, report_data: bytes) -> bytes:
+        return self._services.quote(report_data)
+
+
+class _Verifier:
+    """Quote verification against the deployment's roots; debug is the policy's call."""
+
+    def __init__(self, instance: EnclaveInstance) -> None:
+        self._services = instance.services
+
+    def verify(self, quote: bytes) -> ReportBody:
+        return verify_quote(quote, self._services.trusted_roots(), allow_debug=True).body
+
+
+def policy_of(instance: EnclaveInstance) -> MigrationPolicy:
+    m = instance.manifest
+    return MigrationPolicy(mode=PolicyMode(m.migration_policy), allow_debug=m.debug)
+
+
+class Migrator:
+    """One enclave's migration state; at most one migration at a time."""
+
+    def __init__(self, instance: EnclaveInstance) -> None:
+        self.instance = instance
+        self.role: Role | None = None
+        self.handshake: Handshake | None = None
+        self.keys: SessionKeys | None = None
+        self.ring: ShmRing | None = None
+        self.source_commit: SourceCommit | None = None
+        self.dest_commit: DestinationCommit | None = None
+        self.committed = False
+        self.exit_after_reply = False
+        self._pending_state: Any = None
+
+    # --- dispatch -----------------------------------------------------------------
+    def call(self, name: str, args: list[Any]) -> Any:
+        fn = _CALLS.get(name)
+        if fn is None:
+            raise ProtocolError(f"no runtime call {name!r}")
+        if self.committed and name != "__mig_status":
+            raise CommittedError("this enclave's state has moved to another host")
+        return fn(self, *args)
+
+    def attach_ring(self, sock: socket.socket) -> None:
+        """Receive the ring's descriptors that follow the ``__mig_ring`` frame."""
+
+        if self.role is None:
+            raise ProtocolError("no migration in progress")
+        if self.ring is not None:
+            self.ring.close()
+        role = RingRole.PRODUCER if self.role is Role.SOURCE else RingRole.CONSUMER
+        self.ring = recv_ring_fds(sock, role, timeout=10.0)
+
+    # --- handshake ----------------------------------------------------------------
+    def _new_handshake(self, role: Role) -> Handshake:
+        if self.role is not None:
+            raise ProtocolError("a migration is already in progress")
+        policy = policy_of(self.instance)
+        self.role = role
+        return Handshake(
+            role,
+            attester=_Attester(self.instance),
+            verifier=_Verifier(self.instance),
+            policy=policy,
+            seen=self.instance.services if role is Role.DESTINATION else None,
+        )
+
+    def out_start(self) -> bytes:
+        """Source: begin a migration; returns the source hello for the destination."""
+
+        self.handshake = self._new_handshake(Role.SOURCE)
+        self.handshake.start()
+        return self.handshake.data_to_send()
+
+    def in_start(self) -> None:
+        """Destination: expect a migration; no ECALL runs until it completes."""
+
+        self.handshake = self._new_handshake(Role.DESTINATION)
+        self.instance.quiesce(timeout=0)
+
+    def hs(self, data: bytes) -> dict[str, Any]:
+        hs = self.handshake
+        if hs is None or self.keys is not None:
+            raise ProtocolError("no handshake in progress")
+        hs.receive_data(data)
+        event = hs.next_event()
+        out = hs.data_to_send()
+        if isinstance(event, PeerAborted):
+            self._reset()
+            raise MigrationError(f"the peer aborted the handshake: {event.code}")
+        if isinstance(event, HandshakeComplete):
+            self.keys = event.keys
+            if self.role is Role.SOURCE:
+                self.source_commit = SourceCommit(self.keys)
+            else:
+                self.dest_commit = DestinationCommit(self.keys, seen=self.instance.services)
+        peer = hs.peer
+        return {
+            "send": out,
+            "done": self.keys is not None,
+            "peer_mr_enclave": peer.mr_enclave if peer else None,
+            "migration_id": hs.migration_id,
+        }
+
+    # --- source: dump ---------------------------------------------------------------
+    def dump(self, chunk_size: int, quiesce_timeout: float = 30.0) -> dict[str, Any]:
+        keys, ring = self._ready(Role.SOURCE)
+        if chunk_size + TAG_SIZE > ring.slot_size:
+            raise ProtocolError("ring slots are smaller than a sealed chunk")
+        t0 = time.perf_counter()
+        self.instance.quiesce(timeout=quiesce_timeout)
+        t_quiesced = time.perf_counter()
+        memory = self.instance.memory
+        state = cbor2.dumps(self.instance.export_small_state())
+        sections = [Section.dense("state", len(state)), Section.dense("memory", memory.used)]
+        manifest = Manifest(tuple(sections)).encode()
+        streams = keys.streams
+        sent = 0
+        plan: list[tuple[str | Section, memoryview]] = [
+            ("manifest", memoryview(manifest)),
+            (sections[0], memoryview(state)),
+            (sections[1], memory.view(0, memory.used)),
+        ]
+        for n, (expect, data) in enumerate(plan):
+            sealer = streams.sealer(expect, chunk_size)
+            head = sealer.header_bytes
+            index, slot = ring.acquire(RING_TIMEOUT)
+            slot[: len(head)] = head
+            ring.publish(index, len(head))
+            sent += len(head)
+            total = len(data)
+            count = max(1, -(-total // chunk_size))
+            for i in range(count):
+                part = data[i * chunk_size : min(total, (i + 1) * chunk_size)]
+                index, slot = ring.acquire(RING_TIMEOUT)
+                last = i == count - 1
+                size = sealer.seal_into(part, slot[: len(part) + TAG_SIZE], final=last)
+                ring.publish(index, size, final=last and n == len(plan) - 1)
+                sent += size
+        ring.wait_drained(RING_TIMEOUT)
+        return {
+            "streams": len(streams.summaries),
+            "bytes": sent,
+            "memory_bytes": memory.used,
+            "quiesce_seconds": t_quiesced - t0,
+            "dump_seconds": time.perf_counter() - t_quiesced,
+        }
+
+    def loaded(self, frame: bytes) -> dict[str, Any]:
+        """Source: the destination's LOADED; verified here, nothing is given up yet."""
+
+        sc = self._source_commit()
+        event = sc.receive(frame)
+        if isinstance(event, PeerAborted):
+            raise MigrationError(f"the destination aborted: {event.code}")
+        assert isinstance(event, LoadConfirmed)
+        return {"streams": event.streams, "digest": event.digest}
+
+    def commit(self) -> bytes:
+        """Source: give up the state for good; the enclave wipes itself and exits."""
+
+        sc = self._source_commit()
+        token = sc.commit()
+        self.committed = True
+        self.instance.retire("this enclave's state has moved to another host")
+        self.exit_after_reply = True
+        return token
+
+    # --- destination: load ---------------------------------------------------------
+    def load(self) -> dict[str, Any]:
+        keys, ring = self._ready(Role.DESTINATION)
+        dc = self.dest_commit
+        assert dc is not None
+        t0 = time.perf_counter()
+        private = bytearray(ring.slot_size)
+        pview = memoryview(private)
+        finals: list[bool] = []
+
+        def take() -> memoryview:
+            index, view, final = ring.next(RING_TIMEOUT)
+            n = len(view)
+            pview[:n] = view  # one fetch: the untrusted side cannot change it after this
+            ring.release(index)
+            finals.append(final)
+            return pview[:n]
+
+        streams = keys.streams
+        received = 0
+
+        def open_stream(expect: str | Section, sink: memoryview) -> int:
+            nonlocal received
+            head = take()
+            received += len(head)
+            opener = streams.opener(bytes(head), expect=expect)
+            pos = 0
+            while not opener.done:
+                chunk = take()
+                received += len(chunk)
+                room = sink[pos : pos + max(0, len(chunk) - TAG_SIZE)]
+                pos += opener.open_into(chunk, room)
+            return pos
+
+        manifest_buf = bytearray(64 << 10)
+        n = open_stream("manifest", memoryview(manifest_buf))
+        manifest = Manifest.decode(bytes(manifest_buf[:n]))
+        labels = [s.label for s in manifest.sections]
+        if labels != ["state", "memory"] or any(s.page_size for s in manifest.sections):
+            raise StreamError("unexpected sections in the migrated state")
+        state_section, memory_section = manifest.sections
+        memory = self.instance.memory
+        if state_section.length > MAX_STATE_BYTES or memory_section.length > memory.size:
+            raise StreamError("the migrated state does not fit this enclave")
+        state_buf = bytearray(state_section.length)
+        open_stream(state_section, memoryview(state_buf))
+        open_stream(memory_section, memory.view(0, memory_section.length))
+        if not finals or not finals[-1] or any(finals[:-1]):
+            raise StreamError("the transfer's end is not where the stream ends")
+        try:
+            self._pending_state = cbor2.loads(bytes(state_buf))
+        except Exception as exc:
+            raise StreamError("the migrated small state does not decode") from exc
+        loaded = dc.loaded()
+        return {
+            "loaded": loaded,
+            "bytes": received,
+            "memory_bytes": memory_section.length,
+            "load_seconds": time.perf_counter() - t0,
+        }
+
+    def commit_in(self, token: bytes) -> dict[str, Any]:
+        """Destination: the source's COMMIT token; claim the id, then run."""
+
+        dc = self.dest_commit
+        if dc is None:
+            raise ProtocolError("no migration to commit")
+        event = dc.receive(token)
+        if isinstance(event, PeerAborted):
+            raise MigrationError(f"the source aborted: {event.code}")
+        if not isinstance(event, Committed):
+            raise ReplayError("the commit token was not accepted")
+        self.instance.import_small_state(self._pending_state)
+        self._pending_state = None
+        self.instance.resume()
+        self._close_ring()
+        self.role = None
+        return {"active": True}
+
+    # --- both -------------------------------------------------------------------------
+    def abort(self, reason: str = "aborted") -> bytes:
+        """Give up this migration; a source runs on with its state intact."""
+
+        frame = b""
+        try:
+            if self.source_commit is not None:
+                frame = self.source_commit.abort("aborted", reason[:200])
+            elif self.dest_commit is not None:
+                frame = self.dest_commit.abort("aborted", reason[:200])
+        except MigSGXError:
+            frame = b""
+        was_source = self.role is Role.SOURCE
+        self._reset()
+        if was_source:
+            self.instance.resume()
+        return frame
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "role": self.role.value if self.role else None,
+            "committed": self.committed,
+            "handshake_done": self.keys is not None,
+        }
+
+    # --- helpers ------------------------------------------------------------------------
+    def _ready(self, role: Role) -> tuple[SessionKeys, ShmRing]:
+        if self.role is not role or self.keys is None:
+            raise ProtocolError("the handshake has not completed")
+        if self.ring is None:
+            raise ProtocolError("no ring was attached")
+        return self.keys, self.ring
+
+    def _source_commit(self) -> SourceCommit:
+        if self.source_commit is None:
+            raise ProtocolError("no migration to commit")
+        return self.source_commit
+
+    def _close_ring(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+
+    def _reset(self) -> None:
+        self._close_ring()
+        self.role = None
+        self.handshake = None
+        self.keys = None
+        self.source_commit = None
+        self.dest_commit = None
+        self._pending_state = None
+
+
+_CALLS: dict[str, Any] = {
+    "__mig_out_start": Migrator.out_start,
+    "__mig_in_start": Migrator.in_start,
+    "__mig_hs": Migrator.hs,
+    "__mig_dump": Migrator.dump,
+    "__mig_loaded": Migrator.loaded,
+    "__mig_commit": Migrator.commit,
+    "__mig_load": Migrator.load,
+    "__mig_commit_in": Migrator.commit_in,
+    "__mig_abort": Migrator.abort,
+    "__mig_status": Migrator.status,
+}
+RUNTIME_CALLS = frozenset(_CALLS) | {"__mig_ring"}

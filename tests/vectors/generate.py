@@ -1,0 +1,562 @@
+"""Generate the test vectors of ``docs/spec/stream.md`` and ``docs/spec/handshake.md``.
+
+    python tests/vectors/generate.py           # rewrite the *.json files
+    python tests/vectors/generate.py --check   # exit 1 if they differ from what is generated
+
+Everything is deterministic: keys, salts, ids and ephemeral keys come from fixed
+seeds, and the handshake uses a *vector platform* whose quote is just
+``"VQ01" || REPORT body`` (no signature: the vectors pin the protocol's bytes and
+key schedule, not a platform's signatures).  ``tests/test_vectors.py`` imports the
+helpers below and runs every vector.
+
+Vector files: ``{"format": "migsgx-vectors/1", "kind": ..., "spec": ..., "cases": [...]}``;
+each case declares its inputs, the produced bytes and ``"expect"``: either
+``{"ok": {...}}`` or ``{"error": "<error code>"}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cbor2
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from migsgx.errors import MigSGXError, QuoteFormatError
+from migsgx.migration.commit import (
+    DESTINATION_TO_SOURCE,
+    SOURCE_TO_DESTINATION,
+    open_control,
+    seal_control,
+)
+from migsgx.migration.handshake import Handshake, HandshakeComplete, Role, transcript_item
+from migsgx.migration.policy import EnclaveIdentity, MigrationPolicy, PolicyMode
+from migsgx.migration.stream import Manifest, Section, StreamHeader, StreamSealer
+from migsgx.sgx.structs import FLAG_DEBUG, FLAG_INIT, FLAG_MODE64BIT, Attributes, ReportBody
+from migsgx.wire import HEADER, decode_body, encode
+
+HERE = Path(__file__).resolve().parent
+FORMAT = "migsgx-vectors/1"
+VQ_MAGIC = b"VQ01"
+
+
+# --- deterministic inputs ----------------------------------------------------------------------
+def det_bytes(seed: str, length: int) -> bytes:
+    """``SHA-256(seed || u64 counter)`` blocks, counter from 0, cut to ``length``."""
+
+    out = bytearray()
+    counter = 0
+    while len(out) < length:
+        out += hashlib.sha256(seed.encode() + counter.to_bytes(8, "big")).digest()
+        counter += 1
+    return bytes(out[:length])
+
+
+def plaintext_of(spec: dict[str, Any]) -> bytes:
+    if "hex" in spec:
+        return bytes.fromhex(spec["hex"])
+    assert spec["generator"] == "sha256-counter"
+    return det_bytes(spec["seed"], spec["length"])
+
+
+def queue_rng(items: list[str]) -> Callable[[int], bytes]:
+    """Randomness that hands out exactly the given hex strings, in order."""
+
+    pending: Iterator[str] = iter(items)
+
+    def rng(n: int) -> bytes:
+        value = bytes.fromhex(next(pending))
+        assert len(value) == n, f"vector randomness: wanted {n} bytes, have {len(value)}"
+        return value
+
+    return rng
+
+
+def identity(name: str, *, svn: int = 1, signer: str = "author", debug: bool = False) -> ReportBody:
+    flags = FLAG_INIT | FLAG_MODE64BIT | (FLAG_DEBUG if debug else 0)
+    return ReportBody(
+        hashlib.sha256(b"mrenclave:" + name.encode()).digest(),
+        hashlib.sha256(b"mrsigner:" + signer.encode()).digest(),
+        Attributes(flags),
+        isv_prod_id=42,
+        isv_svn=svn,
+    )
+
+
+class VectorAttester:
+    def __init__(self, body: ReportBody) -> None:
+        self.body = body
+
+    def quote(self, report_data: bytes) -> bytes:
+        return VQ_MAGIC + self.body.with_report_data(report_data).pack()
+
+
+class VectorVerifier:
+    def verify(self, quote: bytes) -> ReportBody:
+        if len(quote) != 4 + 384 or quote[:4] != VQ_MAGIC:
+            raise QuoteFormatError("not a vector quote")
+        return ReportBody.unpack(quote[4:])
+
+
+SRC_ID = EnclaveIdentity.from_report(identity("kv-store"))
+DST_ID = EnclaveIdentity.from_report(identity("kv-store", svn=2))
+MID = det_bytes("migration id", 16)
+SECRET = det_bytes("stream secret", 32)
+
+
+def _chunk_key(secret: bytes, header: bytes) -> AESGCM:
+    parsed, _ = StreamHeader.unpack(header)
+    key = HKDF(hashes.SHA256(), 32, parsed.salt, b"migsgx/v1 stream key" + header).derive(secret)
+    return AESGCM(key)
+
+
+def _nonce(counter: int, final: bool) -> bytes:
+    return counter.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
+
+
+# --- stream vectors -----------------------------------------------------------------------------
+def stream_cases() -> list[dict[str, Any]]:
+    cases: list[dict[str, Any]] = []
+
+    def header(label: str = "memory", chunk: int = 64, seq: int = 0, mid: bytes = MID) -> bytes:
+        salt = det_bytes(f"salt {label} {chunk} {seq}", 16)
+        return StreamHeader(mid, SRC_ID, DST_ID, chunk, seq, salt, label).pack()
+
+    def seal(hdr: bytes, payload: bytes) -> bytes:
+        return hdr + StreamSealer(SECRET, hdr, length=None, on_final=None).seal(payload)
+
+    def ok(name: str, hdr: bytes, pt: dict[str, Any], comment: str) -> dict[str, Any]:
+        data = plaintext_of(pt)
+        sealed = seal(hdr, data)
+        chunk = StreamHeader.unpack(hdr)[0].chunk_size
+        case = {
+            "name": name,
+            "comment": comment,
+            "secret": SECRET.hex(),
+            "plaintext": pt,
+            "sealed": sealed.hex(),
+            "expect": {
+                "ok": {
+                    "length": len(data),
+                    "chunks": max(1, -(-len(data) // chunk)),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            },
+        }
+        cases.append(case)
+        return case
+
+    def bad(name: str, sealed: bytes, comment: str) -> None:
+        cases.append(
+            {
+                "name": name,
+                "comment": comment,
+                "secret": SECRET.hex(),
+                "sealed": sealed.hex(),
+                "expect": {"error": "stream"},
+            }
+        )
+
+    gen = {"generator": "sha256-counter", "seed": "state"}
+    ok("empty", header(), {"hex": ""}, "an empty stream is one empty chunk flagged final")
+    ok("one-byte", header(), {"hex": "2a"}, "")
+    ok("one-full-chunk", header(), {**gen, "length": 64}, "a full chunk flagged final")
+    ok("exact-multiple", header(), {**gen, "length": 192}, "three full chunks, the last final")
+    ok("short-tail", header(), {**gen, "length": 200}, "three full chunks and 8 bytes")
+    big = ok(
+        "chunk-1024",
+        header("round-2/memory", 1024, 7),
+        {**gen, "length": 3000},
+        "a larger chunk size and a later stream number",
+    )
+    manifest = Manifest((Section.dense("state", 100), Section.sparse("pages", [1, 2, 9], 4096)))
+    ok("manifest", header("manifest"), {"hex": manifest.encode().hex()}, "a transfer's manifest")
+
+    base_hdr = header()
+    base_pt = det_bytes("state", 200)
+    base = seal(base_hdr, base_pt)
+    h = len(base_hdr)
+    full = 64 + 16
+    chunks = [base[h + i : h + i + full] for i in range(0, len(base) - h, full)]
+
+    def flip(data: bytes, index: int, mask: int = 0x01) -> bytes:
+        b = bytearray(data)
+        b[index] ^= mask
+        return bytes(b)
+
+    bad("tampered-ciphertext", flip(base, h + 70), "one bit of chunk 0's ciphertext")
+    bad("tampered-tag", flip(base, h + full - 1), "one bit of chunk 0's tag")
+    bad("tampered-header-salt", flip(base, 40), "the salt: another key")
+    bad("tampered-header-label", flip(base, h - 1, 0x02), "the label: another key and AAD")
+    bad("tampered-header-identity", flip(base, 120), "the destination identity")
+    bad("truncated", base_hdr + b"".join(chunks[:-1]), "the final chunk is missing")
+    exact = bytes.fromhex(cases[3]["sealed"])
+    bad("truncated-at-boundary", exact[: len(exact) - full], "last full chunk dropped")
+    bad("appended-chunk", base + chunks[-1], "the final chunk twice")
+    bad("appended-bytes", base + b"\x00" * 5, "bytes after the final chunk")
+    bad("reordered", base_hdr + chunks[1] + chunks[0] + b"".join(chunks[2:]), "")
+    bad("duplicated", base_hdr + chunks[0] + b"".join(chunks), "chunk 0 twice")
+    bad("dropped-middle", base_hdr + chunks[0] + b"".join(chunks[2:]), "chunk 1 missing")
+    bad("header-only", base_hdr, "no chunk at all")
+    bad("bad-magic", b"X" + base[1:], "")
+    bad("version-2", base[:4] + b"\x02" + base[5:], "")
+    aead = _chunk_key(SECRET, base_hdr)
+    no_final = base_hdr + b"".join(
+        aead.encrypt(_nonce(i, False), base_pt[i * 64 : (i + 1) * 64], base_hdr) for i in range(3)
+    )
+    bad("no-final-flag", no_final, "authentic chunks, none flagged final")
+    empty_final = (
+        base_hdr
+        + aead.encrypt(_nonce(0, False), base_pt[:64], base_hdr)
+        + aead.encrypt(_nonce(1, True), b"", base_hdr)
+    )
+    bad("empty-final-after-data", empty_final, "an authentic empty final chunk at counter 1")
+    other_hdr = header(mid=det_bytes("another migration", 16))
+    spliced = other_hdr + base[h:]
+    bad("spliced-header", spliced, "chunks under the header of another migration")
+    big_sealed = bytes.fromhex(big["sealed"])
+    bad(
+        "tampered-final-tag",
+        big_sealed[:-1] + bytes([big_sealed[-1] ^ 0x80]),
+        "the final chunk's tag changed",
+    )
+    return cases
+
+
+# --- manifest vectors -------------------------------------------------------------------------
+def manifest_cases() -> list[dict[str, Any]]:
+    cases: list[dict[str, Any]] = []
+
+    def ok(name: str, manifest: Manifest, chunk_size: int) -> None:
+        placements = []
+        for sec in manifest.sections:
+            count = sec.chunk_count(chunk_size)
+            chunks: list[Any]
+            if sec.page_size:
+                chunks = [[list(r) for r in sec.chunk_pages(i, chunk_size)] for i in range(count)]
+            else:
+                chunks = [list(sec.chunk_extent(i, chunk_size)) for i in range(count)]
+            placements.append({"label": sec.label, "chunks": chunks})
+        cases.append(
+            {
+                "name": name,
+                "cbor": manifest.encode().hex(),
+                "chunk_size": chunk_size,
+                "expect": {
+                    "ok": {
+                        "sections": [s.to_cbor() for s in manifest.sections],
+                        "placements": placements,
+                    }
+                },
+            }
+        )
+
+    def bad(name: str, doc: Any) -> None:
+        cases.append({"name": name, "cbor": cbor2.dumps(doc).hex(), "expect": {"error": "stream"}})
+
+    ok("dense", Manifest((Section.dense("state", 100), Section.dense("memory", 1000))), 256)
+    ok("empty-section", Manifest((Section.dense("state", 0),)), 256)
+    ok(
+        "sparse",
+        Manifest((Section.sparse("round-1/memory", [3, 4, 5, 9, 20, 21, 100], 64),)),
+        128,
+    )
+    sec = {"t": "dense", "label": "a", "length": 1}
+    bad("wrong-version", {"t": "manifest", "v": 2, "sections": []})
+    bad("reserved-label", {"t": "manifest", "v": 1, "sections": [{**sec, "label": "manifest"}]})
+    bad("repeated-label", {"t": "manifest", "v": 1, "sections": [sec, sec]})
+    bad("extra-field", {"t": "manifest", "v": 1, "sections": [], "x": 0})
+    sparse = {"t": "sparse", "label": "p", "page_size": 64}
+    bad(
+        "overlapping-runs",
+        {"t": "manifest", "v": 1, "sections": [{**sparse, "runs": [[1, 2], [2, 1]]}]},
+    )
+    bad("empty-run", {"t": "manifest", "v": 1, "sections": [{**sparse, "runs": [[1, 0]]}]})
+    bad(
+        "page-size",
+        {"t": "manifest", "v": 1, "sections": [{**sparse, "page_size": 96, "runs": []}]},
+    )
+    return cases
+
+
+# --- handshake vectors --------------------------------------------------------------------------
+def _policy(doc: dict[str, Any]) -> MigrationPolicy:
+    return MigrationPolicy(PolicyMode(doc["mode"]), doc["allow_debug"])
+
+
+def _tamper(frame: bytes, change: dict[str, Any] | None, schema_name: str) -> bytes:
+    if change is None or change["message"] != schema_name:
+        return frame
+    msg = decode_body(frame[HEADER.size :], None)
+    msg[change["field"]] = bytes.fromhex(change["hex"]) if "hex" in change else change["value"]
+    if change.get("requote"):
+        t1 = (
+            transcript_item("protocol", b"migsgx/v1 handshake")
+            + transcript_item("migration-id", msg["mid"])
+            + transcript_item("source-share", msg["share"])
+        )
+        body = ReportBody.unpack(msg["quote"][4:])
+        msg["quote"] = VectorAttester(body).quote(hashlib.sha512(t1).digest())
+    return encode(msg)
+
+
+def run_handshake(case: dict[str, Any]) -> dict[str, Any]:
+    """Drive both ends over the vector platform; return messages, keys or the error."""
+
+    ends = {}
+    for role, name in ((Role.SOURCE, "source"), (Role.DESTINATION, "destination")):
+        doc = case[name]
+        ends[name] = Handshake(
+            role,
+            attester=VectorAttester(ReportBody.unpack(bytes.fromhex(doc["report"]))),
+            verifier=VectorVerifier(),
+            policy=_policy(doc["policy"]),
+            rng=queue_rng(doc["random"]),
+        )
+    src, dst = ends["source"], ends["destination"]
+    change = case.get("tamper")
+    messages: dict[str, str] = {}
+    side = "source"
+    try:
+        src.start()
+        m1 = _tamper(src.data_to_send(), change, "source-hello")
+        messages["source-hello"] = m1.hex()
+        side = "destination"
+        dst.receive_data(m1)
+        dst.next_event()
+        m2 = _tamper(dst.data_to_send(), change, "destination-hello")
+        messages["destination-hello"] = m2.hex()
+        side = "source"
+        src.receive_data(m2)
+        ev_s = src.next_event()
+        m3 = _tamper(src.data_to_send(), change, "source-finished")
+        messages["source-finished"] = m3.hex()
+        side = "destination"
+        dst.receive_data(m3)
+        ev_d = dst.next_event()
+    except MigSGXError as exc:
+        return {"messages": messages, "error": exc.code, "at": side}
+    assert isinstance(ev_s, HandshakeComplete) and isinstance(ev_d, HandshakeComplete)
+    ks, kd = ev_s.keys, ev_d.keys
+    assert (ks.stream_secret, ks.transcript_hash) == (kd.stream_secret, kd.transcript_hash)
+    return {
+        "messages": messages,
+        "ok": {
+            "migration_id": ks.migration_id.hex(),
+            "transcript_hash": ks.transcript_hash.hex(),
+            "stream_secret": ks.stream_secret.hex(),
+            "control_source_key": ks.control_source_key.hex(),
+            "control_destination_key": ks.control_destination_key.hex(),
+        },
+    }
+
+
+def handshake_cases() -> list[dict[str, Any]]:
+    same = {"mode": "same-enclave", "allow_debug": False}
+    signer = {"mode": "same-signer", "allow_debug": False}
+
+    def end(body: ReportBody, policy: dict[str, Any], *seeds: tuple[str, int]) -> dict[str, Any]:
+        return {
+            "report": body.pack().hex(),
+            "policy": policy,
+            "random": [det_bytes(seed, n).hex() for seed, n in seeds],
+        }
+
+    def case(name: str, src: ReportBody, dst: ReportBody, **kw: Any) -> dict[str, Any]:
+        c: dict[str, Any] = {
+            "name": name,
+            "comment": kw.pop("comment", ""),
+            "source": end(src, kw.pop("src_policy", same), ("mid", 16), ("source x25519", 32)),
+            "destination": end(dst, kw.pop("dst_policy", same), ("destination x25519", 32)),
+        }
+        if "tamper" in kw:
+            c["tamper"] = kw.pop("tamper")
+        assert not kw
+        result = run_handshake(c)
+        c["messages"] = result["messages"]
+        c["expect"] = (
+            {"ok": result["ok"]}
+            if "ok" in result
+            else {"error": result["error"], "at": result["at"]}
+        )
+        return c
+
+    app = identity("kv-store")
+    return [
+        case("same-enclave", app, app, comment="the default policy; random: mid, ephemeral keys"),
+        case(
+            "same-signer-upgrade",
+            identity("kv-store", svn=3),
+            identity("kv-store-v2", svn=4),
+            src_policy=signer,
+            dst_policy=signer,
+        ),
+        case("other-mrenclave", app, identity("other"), comment="the destination refuses"),
+        case(
+            "lower-svn",
+            identity("kv-store", svn=3),
+            identity("kv-store-v0", svn=2),
+            src_policy=signer,
+            dst_policy=signer,
+        ),
+        case("debug-source", identity("kv-store", debug=True), identity("kv-store", debug=True)),
+        case(
+            "substituted-source-share",
+            app,
+            app,
+            tamper={
+                "message": "source-hello",
+                "field": "share",
+                "hex": det_bytes("mitm", 32).hex(),
+            },
+        ),
+        case(
+            "substituted-destination-share",
+            app,
+            app,
+            tamper={
+                "message": "destination-hello",
+                "field": "share",
+                "hex": det_bytes("mitm", 32).hex(),
+            },
+        ),
+        case(
+            "wrong-destination-confirm",
+            app,
+            app,
+            tamper={"message": "destination-hello", "field": "confirm", "hex": "00" * 32},
+        ),
+        case(
+            "wrong-source-confirm",
+            app,
+            app,
+            tamper={"message": "source-finished", "field": "confirm", "hex": "00" * 32},
+        ),
+        case(
+            "unsupported-version",
+            app,
+            app,
+            tamper={"message": "source-hello", "field": "v", "value": 2},
+        ),
+        case(
+            "low-order-share",
+            app,
+            app,
+            tamper={"message": "source-hello", "field": "share", "hex": "00" * 32, "requote": True},
+            comment="the quote binds the all-zero share; X25519 gives zero: refused",
+        ),
+    ]
+
+
+# --- control message vectors ---------------------------------------------------------------------
+def _jsonable(msg: dict[str, Any]) -> dict[str, Any]:
+    return {k: ({"hex": v.hex()} if isinstance(v, bytes) else v) for k, v in msg.items()}
+
+
+def from_jsonable(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: (bytes.fromhex(v["hex"]) if isinstance(v, dict) else v) for k, v in doc.items()}
+
+
+def control_cases() -> list[dict[str, Any]]:
+    keys = {"s2d": det_bytes("control s2d", 32), "d2s": det_bytes("control d2s", 32)}
+    th = det_bytes("transcript hash", 64)
+    digest = det_bytes("streams digest", 32)
+    cases: list[dict[str, Any]] = []
+
+    def add(name: str, direction: str, msg: dict[str, Any], **open_with: Any) -> None:
+        nonce = det_bytes(f"nonce {name}", 12)
+        frame = seal_control(keys[direction], direction, MID, th, msg, nonce)
+        if "tamper" in open_with:
+            b = bytearray(frame)
+            b[open_with.pop("tamper")] ^= 0x01
+            frame = bytes(b)
+        params = {
+            "key": keys[open_with.get("key_of", direction)].hex(),
+            "direction": open_with.get("as_direction", direction),
+            "migration_id": open_with.get("mid", MID).hex(),
+            "transcript_hash": open_with.get("th", th).hex(),
+        }
+        try:
+            opened = open_control(
+                bytes.fromhex(params["key"]),
+                params["direction"],
+                bytes.fromhex(params["migration_id"]),
+                bytes.fromhex(params["transcript_hash"]),
+                frame,
+            )
+            expect: dict[str, Any] = {"ok": _jsonable(opened)}
+        except MigSGXError as exc:
+            expect = {"error": exc.code}
+        cases.append(
+            {
+                "name": name,
+                "sealed_with": {
+                    "key": keys[direction].hex(),
+                    "direction": direction,
+                    "migration_id": MID.hex(),
+                    "transcript_hash": th.hex(),
+                    "nonce": nonce.hex(),
+                    "message": _jsonable(msg),
+                },
+                "frame": frame.hex(),
+                "open_with": params,
+                "expect": expect,
+            }
+        )
+
+    loaded = {"t": "loaded", "mid": MID, "streams": 3, "digest": digest}
+    commit = {"t": "commit", "mid": MID, "streams": 3, "digest": digest}
+    abort = {"t": "abort", "mid": MID, "code": "timeout", "message": "no LOADED within 30 s"}
+    add("loaded", DESTINATION_TO_SOURCE, loaded)
+    add("commit-token", SOURCE_TO_DESTINATION, commit)
+    add("abort", SOURCE_TO_DESTINATION, abort)
+    add("reflected-loaded", DESTINATION_TO_SOURCE, loaded, key_of="s2d", as_direction="s2d")
+    add("other-direction-label", DESTINATION_TO_SOURCE, loaded, as_direction="s2d")
+    add("other-migration", SOURCE_TO_DESTINATION, commit, mid=det_bytes("other mid", 16))
+    add("other-transcript", SOURCE_TO_DESTINATION, commit, th=det_bytes("other th", 64))
+    add("tampered", SOURCE_TO_DESTINATION, commit, tamper=-3)
+    return cases
+
+
+# --- files ------------------------------------------------------------------------------
+def build() -> dict[str, dict[str, Any]]:
+    def doc(kind: str, spec: str, cases: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"format": FORMAT, "kind": kind, "spec": spec, "cases": cases}
+
+    return {
+        "stream.json": doc("stream", "docs/spec/stream.md", stream_cases()),
+        "manifest.json": doc("manifest", "docs/spec/stream.md#6", manifest_cases()),
+        "handshake.json": doc("handshake", "docs/spec/handshake.md", handshake_cases()),
+        "control.json": doc("control", "docs/spec/handshake.md#9", control_cases()),
+    }
+
+
+def render(document: dict[str, Any]) -> str:
+    return json.dumps(document, indent=1) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    stale = []
+    for name, document in build().items():
+        path = HERE / name
+        text = render(document)
+        if check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(name)
+        else:
+            path.write_text(text)
+    if stale:
+        print("out of date: " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
