@@ -167,6 +167,40 @@ def enclave_measure(image: Path) -> None:
     _emit(out)
 
 
+# --- bench ------------------------------------------------------------------------------
+@cli.group()
+def bench() -> None:
+    """Benchmarks; each prints one JSON object and compares within one run."""
+
+
+@bench.command("state")
+@click.option("--size", default="256MiB", show_default=True, help="enclave memory to migrate")
+@click.option("--chunk", default=None, help="chunk size (default: the engine's)")
+@click.option("--slots", type=int, default=None, help="ring slots per side")
+@click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
+def bench_state(size: str, chunk: str | None, slots: int | None, as_json: bool) -> None:
+    """Pipelined vs sequential enclave-state migration between two emulated hosts."""
+
+    from .bench.state import run
+    from .migration.engine import DEFAULT_CHUNK, DEFAULT_SLOTS
+    from .sgx.image import parse_size
+
+    try:
+        nbytes = parse_size(size)
+        chunk_bytes = parse_size(chunk) if chunk else DEFAULT_CHUNK
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    result = run(nbytes, chunk_bytes, slots or DEFAULT_SLOTS)
+    if not as_json:
+        click.echo(
+            f"pipelined {result['pipelined']['seconds']:.2f} s, "
+            f"sequential {result['sequential']['seconds']:.2f} s, "
+            f"extra memory {result['pipelined']['peak_extra_bytes'] / 1024:.0f} KiB",
+            err=True,
+        )
+    _emit(result)
+
+
 # --- demo ------------------------------------------------------------------------------
 @cli.command()
 @click.option(
