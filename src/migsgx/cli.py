@@ -102,10 +102,19 @@ def platform_serve(
     from .sgx.platform import EmulatedPlatform
     from .sgx.service import PlatformService
 
+    allowed: set[bytes] = set()
+    for s in signers:
+        try:
+            raw = bytes.fromhex(s)
+        except ValueError as exc:
+            raise ConfigError(f"--allow-signer {s!r} is not hex") from exc
+        if len(raw) != 32:
+            raise ConfigError(f"--allow-signer {s!r} is not a 32-byte MRSIGNER")
+        allowed.add(raw)
     svc = PlatformService(
         EmulatedPlatform(state),
         socket_path,
-        allowed_signers={bytes.fromhex(s) for s in signers} if signers else None,
+        allowed_signers=allowed or None,
         allow_debug=not no_debug,
     )
     svc.bind()

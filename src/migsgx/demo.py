@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .errors import SealError
+from .errors import ConfigError, SealError
 from .host.client import EnclaveClient
 from .hosts import Deployment, running_services
 from .sgx.ca import load_root
@@ -31,7 +31,7 @@ def run_demo(workdir: Path | None = None, console: Console | None = None) -> dic
     own_dir = workdir is None
     root = Path(workdir or tempfile.mkdtemp(prefix="migsgx-demo-"))
     if not own_dir and root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} is not empty")
+        raise ConfigError(f"demo work directory {root} is not empty")
     summary: dict[str, object] = {}
     try:
         with console.status("creating a CA and two emulated hosts"):

@@ -38,9 +38,16 @@ class EnclaveInstance:
         self.context = EnclaveContext(services, self.memory, ocall)
         cls = load_enclave_class(image)
         self._ecalls = cls.ecalls()
-        self.enclave = cls(self.context)
+        try:
+            self.enclave = cls(self.context)
+        except MigSGXError:
+            raise
+        except Exception as exc:
+            # As for ECALLs: only the type crosses the boundary.
+            raise EnclaveError(f"the enclave's constructor failed: {type(exc).__name__}") from None
         self._lock = threading.Condition()
         self._busy = 0
+        self.calls_served = 0
         self._admitting = True
         self._gone: str | None = None
 
@@ -67,6 +74,7 @@ class EnclaveInstance:
                     f"all {self.manifest.thread_slots} thread slots of the enclave are busy"
                 )
             self._busy += 1
+            self.calls_served += 1
 
     def leave(self) -> None:
         with self._lock:

@@ -44,6 +44,7 @@ from ..sgx.structs import ReportBody
 from .instance import EnclaveInstance
 
 RING_TIMEOUT = 120.0
+MIN_CHUNK = 4096  # a ring slot must also hold a stream header
 MAX_STATE_BYTES = 64 << 20
 
 
@@ -128,6 +129,8 @@ class Migrator:
     def in_start(self) -> None:
         """Destination: expect a migration; no ECALL runs until it completes."""
 
+        if self.instance.calls_served:
+            raise ProtocolError("only a freshly launched enclave can receive a migration")
         self.handshake = self._new_handshake(Role.DESTINATION)
         self.instance.quiesce(timeout=0)
 
@@ -158,8 +161,8 @@ class Migrator:
     # --- source: dump ---------------------------------------------------------------
     def dump(self, chunk_size: int, quiesce_timeout: float = 30.0) -> dict[str, Any]:
         keys, ring = self._ready(Role.SOURCE)
-        if chunk_size + TAG_SIZE > ring.slot_size:
-            raise ProtocolError("ring slots are smaller than a sealed chunk")
+        if not MIN_CHUNK <= chunk_size <= ring.slot_size - TAG_SIZE:
+            raise ProtocolError(f"chunk size must be at least {MIN_CHUNK} and fit a ring slot")
         t0 = time.perf_counter()
         self.instance.quiesce(timeout=quiesce_timeout)
         t_quiesced = time.perf_counter()

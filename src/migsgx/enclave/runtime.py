@@ -25,6 +25,7 @@ from ..channel import ECALL, ECALL_FRAME_MAX, IMAGE_FRAME_MAX, PLATFORM
 from ..errors import (
     ConnectionClosedError,
     EnclaveLostError,
+    FrameError,
     MigSGXError,
     ProtocolError,
     error_from_wire,
@@ -145,10 +146,26 @@ class AppChannel:
         finally:
             self._local.call_id = None
             self.instance.leave()
+        self._reply(reply, name)
+
+    def _reply(self, reply: dict[str, Any], name: str) -> None:
+        """Send a result; one that cannot be encoded becomes an error for the caller."""
+
         try:
             self.send(reply)
+        except FrameError:
+            log(f"result of {name} cannot be sent (not plain data, or too large)")
+            with contextlib.suppress(OSError, MigSGXError):
+                self.send(
+                    {
+                        "t": "err",
+                        "id": reply["id"],
+                        "code": "enclave",
+                        "message": f"the result of {name} is not plain data or too large",
+                    }
+                )
         except (OSError, MigSGXError):
-            log("could not deliver an ECALL result: application gone")
+            log("could not deliver a result: application gone")
 
     def _run_runtime_call(self, call_id: int, name: str, args: list[Any]) -> None:
         assert self.migrator is not None
@@ -157,17 +174,16 @@ class AppChannel:
             reply: dict[str, Any] = {"t": "ret", "id": call_id, "value": value}
         except MigSGXError as exc:
             reply = {"t": "err", "id": call_id, "code": exc.code, "message": exc.message}
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:
+            # Only the type: a message could carry state.
+            log(f"runtime call {name} failed: {type(exc).__name__}")
             reply = {
                 "t": "err",
                 "id": call_id,
-                "code": "protocol",
-                "message": f"bad runtime call {name}: {type(exc).__name__}",
+                "code": "migration",
+                "message": f"{name} failed inside the enclave: {type(exc).__name__}",
             }
-        try:
-            self.send(reply)
-        except (OSError, MigSGXError):
-            log("could not deliver a runtime call result")
+        self._reply(reply, name)
         if self.migrator.exit_after_reply:
             # The state has moved: hang up, the serve loop ends and the process exits.
             with contextlib.suppress(OSError):

@@ -94,6 +94,9 @@ class EnclaveContext:
     def counter_increment(self, counter_id: str, by: int = 1) -> int:
         return self.services.counter_increment(counter_id, by)
 
+    def counter_destroy(self, counter_id: str) -> None:
+        self.services.counter_destroy(counter_id)
+
 
 class Enclave:
     """Base class of every enclave."""

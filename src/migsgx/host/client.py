@@ -26,6 +26,7 @@ from ..errors import (
     ConnectionClosedError,
     EnclaveBusyError,
     EnclaveLostError,
+    FrameError,
     MigSGXError,
     error_from_wire,
 )
@@ -161,7 +162,9 @@ class EnclaveClient:
         handler = self._ocalls.get(msg["fn"])
         reply: dict[str, Any] = {"t": "oret", "id": msg["id"], "ok": True, "value": None}
         if handler is None:
-            reply.update(ok=False, code="unknown-ecall", message=f"no OCALL {msg['fn']!r}")
+            reply.update(
+                ok=False, code="error", message=f"the application has no OCALL {msg['fn']!r}"
+            )
         else:
             try:
                 reply["value"] = handler(*msg["args"])
@@ -169,7 +172,19 @@ class EnclaveClient:
                 reply.update(ok=False, code=exc.code, message=exc.message)
             except Exception as exc:
                 reply.update(ok=False, code="error", message=f"OCALL failed: {exc!r}")
-        self._send(reply)
+        try:
+            self._send(reply)
+        except FrameError:
+            self._send(
+                {
+                    "t": "oret",
+                    "id": msg["id"],
+                    "ok": False,
+                    "value": None,
+                    "code": "error",
+                    "message": f"OCALL {msg['fn']} returned no plain data",
+                }
+            )
 
     def _send(self, msg: dict[str, Any]) -> None:
         sock = self._sock
@@ -304,6 +319,9 @@ def launch_enclave(
     except ConnectionClosedError as exc:
         sock.close()
         raise EnclaveLostError("the platform closed the connection during launch") from exc
+    except TimeoutError as exc:
+        sock.close()
+        raise EnclaveLostError(f"the enclave did not start within {timeout} s") from exc
     except BaseException:
         sock.close()
         raise

@@ -78,7 +78,6 @@ PEER = Schema(
         "commit": {"token": bytes},
         "active": {},
         "abort": {"code": str, "message": str, "frame": bytes},
-        "aborted": {},
     },
 )
 
@@ -408,7 +407,7 @@ class IncomingEnclave:
         """Read the source's offer from ``peer`` and prepare to receive it."""
 
         offer = _recv(peer, "offer")
-        if offer["mode"] not in MODES or not 64 <= offer["chunk_size"] <= 16 << 20:
+        if offer["mode"] not in MODES or not 4096 <= offer["chunk_size"] <= 16 << 20:
             raise ProtocolError("the offer names an unknown mode or a bad chunk size")
         if not 1 <= offer["slots"] <= 64:
             raise ProtocolError("the offer asks for a bad number of ring slots")

@@ -103,9 +103,14 @@ def target_info_of(body: ReportBody) -> TargetInfo:
 
 
 def counter_owner(body: ReportBody) -> bytes:
-    """Counters belong to MRSIGNER + product id, so an enclave update keeps them."""
+    """Counters belong to MRSIGNER + product id, so an enclave update keeps them.
 
-    return b"S" + body.mr_signer + body.isv_prod_id.to_bytes(2, "little")
+    A debug build of the same product is another owner: it must never read or
+    move a production enclave's counters or migration claims.
+    """
+
+    kind = b"D" if body.attributes.debug else b"S"
+    return kind + body.mr_signer + body.isv_prod_id.to_bytes(2, "little")
 
 
 def verify_report_locally(services: TrustedServices, report: Report) -> ReportBody:

@@ -34,6 +34,7 @@ from .platform import EmulatedPlatform, LocalServices
 from .structs import KeyRequest, ReportBody, TargetInfo
 
 SOCKET_NAME = "enclave.sock"
+LAUNCH_TIMEOUT = 30.0
 
 
 def default_socket(state_dir: Path) -> Path:
@@ -96,7 +97,7 @@ class PlatformService:
                 if self._stop.is_set():
                     break
                 raise
-            conn.settimeout(None)
+            conn.settimeout(LAUNCH_TIMEOUT)  # a client that never sends must not hold a thread
             threading.Thread(target=self._handle_launch, args=(conn,), daemon=True).start()
 
     def shutdown(self, *, kill_enclaves: bool = True) -> None:
@@ -160,6 +161,7 @@ class PlatformService:
         if identity.attributes.debug and not self.allow_debug:
             raise LaunchError("launch control: debug enclaves are not allowed on this host")
         log = open(self.log_dir / f"enclave-{image.manifest.name}.log", "ab")  # noqa: SIM115
+        conn.settimeout(None)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = subprocess.Popen(
@@ -215,8 +217,12 @@ class PlatformService:
                     reply: dict[str, Any] = {"t": "ok", "value": value}
                 except MigSGXError as exc:
                     reply = {"t": "err", "code": exc.code, "message": exc.message}
-                except ValueError as exc:
-                    reply = {"t": "err", "code": "platform", "message": str(exc)}
+                except Exception as exc:
+                    reply = {
+                        "t": "err",
+                        "code": "platform",
+                        "message": f"platform request failed: {type(exc).__name__}",
+                    }
                 try:
                     send_frame(sock, reply)
                 except OSError:
