@@ -33,6 +33,7 @@ from ..errors import (
 from ..sgx.image import EnclaveImage
 from ..sgx.structs import KeyRequest, Report, ReportBody, TargetInfo
 from ..wire import recv_frame, send_frame
+from . import selftest
 from .instance import EnclaveInstance
 from .migrator import RUNTIME_CALLS, Migrator
 
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     identity = ReportBody.unpack(init["identity"])
     channel = AppChannel(app)
     try:
+        selftest.run()
         image = EnclaveImage.from_files(init["files"])
         instance = EnclaveInstance(image, ChannelServices(chan, identity), channel.ocall)
     except MigSGXError as exc:
