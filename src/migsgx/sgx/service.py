@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -166,7 +167,11 @@ class PlatformService:
         try:
             proc = subprocess.Popen(
                 [
+                    *self._isolation_prefix(),
                     sys.executable,
+                    # -P: the working directory is not put on sys.path, so no file
+                    # beside the service can be imported into the enclave unmeasured.
+                    "-P",
                     "-m",
                     "migsgx.enclave.runtime",
                     "--channel",
@@ -201,6 +206,30 @@ class PlatformService:
             daemon=True,
         ).start()
         return rec
+
+    def _isolation_prefix(self) -> list[str]:
+        """Hide the platform's state (root secret, keys) from enclave code.
+
+        On SGX the fused key never leaves the CPU; here it is a file, so each
+        enclave process gets a private mount namespace with an empty, inaccessible
+        tmpfs over the state directory.  Needs root (CAP_SYS_ADMIN); without it
+        the enclave runs as the service's user and the directory's 0700 mode is
+        the only barrier.
+        """
+
+        if os.geteuid() != 0 or shutil.which("unshare") is None:
+            return []
+        return [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "/bin/sh",
+            "-c",
+            'mount -t tmpfs -o size=4k,mode=000 migsgx-hidden "$0" && exec "$@"',
+            str(self.platform.state_dir.resolve()),
+        ]
 
     # --- the private channel of one enclave ------------------------------------
     def _serve_enclave(self, sock: socket.socket, svc: LocalServices, rec: EnclaveRecord) -> None:
