@@ -62,6 +62,7 @@ def start_service(
             [
                 *prefix,
                 sys.executable,
+                "-P",
                 "-m",
                 "migsgx",
                 "platform",

@@ -6,9 +6,9 @@ Every message that crosses a process boundary in migsgx is one frame::
 
 The map's ``"t"`` entry names the message type; a :class:`Schema` declares, for
 each type, which fields it has and their Python types.  Decoding checks the
-length cap before reading the body, decodes CBOR with no tag hooks (so only
-plain data comes out: never objects, never code), and validates against the
-schema.  Anything else raises :class:`~migsgx.errors.FrameError`.
+length cap before reading the body, decodes CBOR and refuses anything but plain
+data (no tagged values, no shared or cyclic containers: never objects, never
+code), and validates against the schema.  Anything else raises :class:`~migsgx.errors.FrameError`.
 
 The codec is sans-I/O (:class:`FrameDecoder`); :func:`send_frame` and
 :func:`recv_frame` are thin blocking helpers over a socket.
@@ -57,8 +57,9 @@ class Schema:
                     continue
                 raise FrameError(f"{self.name}: {mtype}: missing field {key!r}")
             value = msg[key]
-            # bool is an int in Python; do not let True pass as a length.
-            if isinstance(value, bool) and bool not in types:
+            # bool is an int in Python; do not let True pass as a length.  A field
+            # declared as any value (``object``) takes booleans too.
+            if isinstance(value, bool) and bool not in types and object not in types:
                 raise FrameError(f"{self.name}: {mtype}: field {key!r} has wrong type")
             if not isinstance(value, types):
                 raise FrameError(f"{self.name}: {mtype}: field {key!r} has wrong type")
@@ -66,10 +67,61 @@ class Schema:
 
 
 def encode(msg: Mapping[str, Any], *, max_size: int = DEFAULT_MAX_FRAME) -> bytes:
-    body = cbor2.dumps(dict(msg))
+    msg = dict(msg)
+    _check_plain(msg, sending=True)
+    try:
+        body = cbor2.dumps(msg)
+    except (cbor2.CBOREncodeError, RecursionError) as exc:
+        raise FrameError(f"frame cannot be encoded: {exc}") from exc
     if len(body) > max_size:
         raise FrameError(f"frame of {len(body)} bytes exceeds the cap of {max_size}")
     return HEADER.pack(len(body)) + body
+
+
+# What a frame may hold: CBOR's plain data model and nothing else.
+_PLAIN_SCALARS = (str, bytes, int, float, bool, type(None))
+_SEND_SCALARS = (str, bytes, bytearray, int, float)
+_PLAIN_KEYS = (str, int, bytes)
+
+
+def _check_plain(msg: Any, *, sending: bool = False) -> None:
+    """Refuse anything but plain data.
+
+    cbor2 turns semantic tags into objects (datetime, Decimal, compiled regexes,
+    sets, IP addresses, ...) and shared-value tags into shared or cyclic
+    containers; none of those may come out of a frame.  A sender is held to the
+    same rule (tuples and bytearrays pass: they encode as arrays and byte
+    strings), so that it fails locally rather than having its peer drop the
+    connection.
+    """
+
+    seen: set[int] = set()
+    stack = [msg]
+    while stack:
+        item = stack.pop()
+        if sending:
+            # Subclasses (str enums, OrderedDict, ...) encode as their base type.
+            scalar = item is None or isinstance(item, _SEND_SCALARS)
+            container = isinstance(item, list | tuple | dict)
+        else:
+            scalar = type(item) in _PLAIN_SCALARS
+            container = type(item) in (list, dict)
+        if scalar:
+            continue
+        if not container:
+            raise FrameError(f"frame holds a {type(item).__name__}, not plain data")
+        if id(item) in seen:
+            if sending:
+                continue  # the encoder writes a shared value twice; it refuses cycles
+            raise FrameError("frame holds a shared or cyclic value")
+        seen.add(id(item))
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if not isinstance(key, _PLAIN_KEYS) or isinstance(key, bool):
+                    raise FrameError("frame holds a map key that is not plain data")
+                stack.append(value)
+        else:
+            stack.extend(item)
 
 
 def decode_body(body: bytes, schema: Schema | None) -> dict[str, Any]:
@@ -77,6 +129,7 @@ def decode_body(body: bytes, schema: Schema | None) -> dict[str, Any]:
         msg = cbor2.loads(body)
     except Exception as exc:  # cbor2 raises several types on garbage
         raise FrameError(f"frame body is not valid CBOR: {exc}") from exc
+    _check_plain(msg)
     if schema is None:
         if not isinstance(msg, dict):
             raise FrameError("frame is not a map")

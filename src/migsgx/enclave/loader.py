@@ -20,8 +20,15 @@ from .sdk import Enclave
 
 
 def _module_table(files: Mapping[str, bytes]) -> dict[str, tuple[str, bytes, bool]]:
+    """Module name -> (path, code, is package).
+
+    Independent of the order of ``files`` (which the untrusted side chooses), so the
+    measurement alone decides what runs: when ``x.py`` and ``x/__init__.py`` both
+    exist, the package wins, as on Python's own path.
+    """
+
     table: dict[str, tuple[str, bytes, bool]] = {}
-    for path, data in files.items():
+    for path, data in sorted(files.items()):
         if not path.endswith(".py"):
             continue
         parts = path[:-3].split("/")
@@ -30,7 +37,10 @@ def _module_table(files: Mapping[str, bytes]) -> dict[str, tuple[str, bytes, boo
             parts = parts[:-1]
         if not parts or not all(p.isidentifier() for p in parts):
             continue
-        table[".".join(parts)] = (path, data, is_pkg)
+        name = ".".join(parts)
+        if name in table and table[name][2] and not is_pkg:
+            continue
+        table[name] = (path, data, is_pkg)
     return table
 
 
@@ -81,6 +91,12 @@ def load_enclave_class(image: EnclaveImage) -> type[Enclave]:
         raise ImageError(
             f"cannot import the enclave entry {image.manifest.entry!r}: {exc}"
         ) from exc
+    except Exception as exc:
+        # The enclave's own code failed while it was imported; its message may
+        # hold a secret, so only the type leaves the enclave.
+        raise ImageError(
+            f"importing the enclave entry {image.manifest.entry!r} failed: {type(exc).__name__}"
+        ) from None
     finally:
         sys.meta_path.remove(finder)
         for n in finder.names:

@@ -57,11 +57,14 @@ class EnclaveMemory:
         if size <= 0 or size % PAGE_SIZE:
             raise EnclaveMemoryError(f"enclave memory size must be a multiple of {PAGE_SIZE}")
         self.size = size
-        self._mm: mmap.mmap | None = mmap.mmap(
-            -1,
-            size,
-            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0),
-        )
+        try:
+            self._mm: mmap.mmap | None = mmap.mmap(
+                -1,
+                size,
+                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0),
+            )
+        except (OSError, OverflowError) as exc:
+            raise EnclaveMemoryError(f"cannot map {size} bytes of enclave memory: {exc}") from exc
         self._allocs: dict[str, Allocation] = {}
         self._brk = 0
 
@@ -88,6 +91,8 @@ class EnclaveMemory:
         return memoryview(self._map)[offset:end]
 
     def allocate(self, name: str, nbytes: int) -> Allocation:
+        if nbytes < 0:
+            raise EnclaveMemoryError(f"{name!r}: a size cannot be negative")
         if name in self._allocs:
             raise EnclaveMemoryError(f"{name!r} is already allocated")
         size = _round_up(max(nbytes, 1))
@@ -105,6 +110,9 @@ class EnclaveMemory:
         """A numpy array living in enclave memory, allocated once per name."""
 
         shape_t = (shape,) if isinstance(shape, int) else tuple(shape)
+        if any(d < 0 for d in shape_t):
+            # numpy reads a count of -1 as "the whole buffer": all enclave memory.
+            raise EnclaveMemoryError(f"{name!r}: shape {shape_t} has a negative dimension")
         dt = np.dtype(dtype)
         count = int(np.prod(shape_t)) if shape_t else 1
         nbytes = count * dt.itemsize
@@ -152,8 +160,19 @@ class EnclaveMemory:
         table = {}
         for name, item in allocs.items():
             a = Allocation.from_wire(item)
-            if not isinstance(name, str) or a.offset < 0 or a.offset + a.nbytes > brk:
+            if (
+                not isinstance(name, str)
+                or a.offset < 0
+                or a.nbytes < 0
+                or a.offset + a.nbytes > brk
+            ):
                 raise EnclaveMemoryError("allocation outside the migrated memory")
+            try:
+                dt = np.dtype(a.dtype)
+            except (TypeError, ValueError, SyntaxError):
+                raise EnclaveMemoryError("malformed allocation record") from None
+            if dt.hasobject or int(np.prod(a.shape)) * dt.itemsize != a.nbytes:
+                raise EnclaveMemoryError("malformed allocation record")
             table[name] = a
         self._allocs = table
         self._brk = brk

@@ -255,7 +255,20 @@ class AppChannel:
                 waiter.put({"lost": True})
 
 
+def _not_dumpable() -> None:
+    """Keep other processes of this user (other enclaves, the application) out of
+    this process's memory: no ptrace attach, no /proc/PID/mem, no core dump."""
+
+    import ctypes
+
+    pr_set_dumpable = 4
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
+        log(f"cannot make the enclave process non-dumpable (errno {ctypes.get_errno()})")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _not_dumpable()
     parser = argparse.ArgumentParser(prog="migsgx-enclave")
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--app", type=int, required=True)

@@ -22,6 +22,8 @@ from .._fs import read_private, write_private
 from ..errors import StateDirError
 
 CA_KEY = "ca-key.pem"
+# Intel's SGX extensions OID, which marks PCK certificates (see issue_pck).
+SGX_EXTENSIONS_OID = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
 CA_CERT = "ca.pem"
 _VALIDITY = _dt.timedelta(days=3650)
 
@@ -117,6 +119,7 @@ class ProvisioningCA:
         *,
         usage: x509.ExtendedKeyUsage | None,
         san: x509.SubjectAlternativeName | None = None,
+        sgx_extensions: bool = False,
     ) -> x509.Certificate:
         now = _now()
         builder = (
@@ -137,12 +140,21 @@ class ProvisioningCA:
             builder = builder.add_extension(usage, critical=False)
         if san is not None:
             builder = builder.add_extension(san, critical=False)
+        if sgx_extensions:
+            builder = builder.add_extension(
+                x509.UnrecognizedExtension(SGX_EXTENSIONS_OID, b"\x30\x00"), critical=False
+            )
         return builder.sign(self.key, hashes.SHA256())
 
     def issue_pck(self, public_key: ec.EllipticCurvePublicKey, host_id: str) -> x509.Certificate:
-        """Certificate for a host's provisioning (PCK) key."""
+        """Certificate for a host's provisioning (PCK) key.
 
-        return self._leaf(public_key, f"migsgx PCK {host_id}", usage=None)
+        Like Intel's PCK certificates it carries the SGX extensions (OID
+        1.2.840.113741.1.13.1, here an empty SEQUENCE); quote verification accepts
+        only a leaf that does, so no other certificate of this CA can sign quotes.
+        """
+
+        return self._leaf(public_key, f"migsgx PCK {host_id}", usage=None, sgx_extensions=True)
 
     def issue_tls(
         self, public_key: ec.EllipticCurvePublicKey, host_id: str, names: list[str]

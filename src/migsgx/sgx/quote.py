@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import (
@@ -47,6 +47,7 @@ from ..errors import (
     QuoteSignatureError,
     UnknownCAError,
 )
+from .ca import SGX_EXTENSIONS_OID
 from .keys import KeyDeriver
 from .structs import REPORT_BODY_SIZE, Attributes, Report, ReportBody
 
@@ -113,12 +114,14 @@ class Quote:
     qe_report_sig: bytes
     qe_auth_data: bytes
     cert_chain_pem: bytes
+    # The header's reserved u32, kept as it came: the signature covers it.
+    reserved: int = 0
 
     def header(self) -> bytes:
         return HEADER.pack(
             QUOTE_VERSION,
             ATT_KEY_TYPE_ECDSA_P256,
-            0,
+            self.reserved,
             self.qe_svn,
             self.pce_svn,
             self.qe_vendor_id,
@@ -148,7 +151,7 @@ class Quote:
         fixed = HEADER.size + REPORT_BODY_SIZE + 4
         if len(data) < fixed:
             raise QuoteFormatError("quote is truncated")
-        version, key_type, _reserved, qe_svn, pce_svn, vendor, user_data = HEADER.unpack_from(data)
+        version, key_type, reserved, qe_svn, pce_svn, vendor, user_data = HEADER.unpack_from(data)
         if version != QUOTE_VERSION:
             raise QuoteFormatError(f"unsupported quote version {version}")
         if key_type != ATT_KEY_TYPE_ECDSA_P256:
@@ -192,6 +195,7 @@ class Quote:
             qe_sig,
             auth,
             chain,
+            reserved,
         )
 
 
@@ -264,43 +268,111 @@ class VerifiedQuote:
 def _load_chain(pem: bytes) -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(pem)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise QuoteFormatError("certification data is not a PEM certificate chain") from exc
     if not certs:
         raise QuoteFormatError("empty certificate chain")
+    # Certificates are parsed lazily: a malformed field would surface later as a bare
+    # ValueError.  Touch every field the verifier reads, here, once.
+    for cert in certs:
+        try:
+            cert.subject.rfc4514_string()
+            cert.issuer.rfc4514_string()
+            cert.not_valid_before_utc, cert.not_valid_after_utc  # noqa: B018
+            list(cert.extensions)
+            cert.public_key()
+        except (
+            ValueError,
+            TypeError,
+            UnsupportedAlgorithm,
+            x509.DuplicateExtension,
+            x509.InvalidVersion,
+        ) as exc:
+            raise QuoteFormatError("a certificate in the chain is malformed") from exc
     return certs
+
+
+def _check_validity(cert: x509.Certificate, now: _dt.datetime) -> None:
+    if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
+        raise UnknownCAError(f"certificate {cert.subject.rfc4514_string()} is not valid now")
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _check_issuer(issuer: x509.Certificate, cas_below: int) -> None:
+    """``issuer`` signed a certificate in the path: it must be a CA allowed to, with
+    ``cas_below`` CA certificates between it and the leaf."""
+
+    try:
+        bc = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    name = issuer.subject.rfc4514_string()
+    if bc is None or not bc.ca:
+        raise UnknownCAError(f"certificate {name} is not a CA and may not issue certificates")
+    if bc.path_length is not None and cas_below > bc.path_length:
+        raise UnknownCAError(f"certificate {name} exceeds its path length constraint")
+    try:
+        usage = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if not usage.key_cert_sign:
+        raise UnknownCAError(f"certificate {name} may not sign certificates")
+
+
+def _check_pck(leaf: x509.Certificate) -> None:
+    """The leaf must be a PCK certificate, not any other certificate of the CA (such
+    as an agent's TLS certificate, whose key is in untrusted hands)."""
+
+    try:
+        leaf.extensions.get_extension_for_oid(SGX_EXTENSIONS_OID)
+    except x509.ExtensionNotFound:
+        raise UnknownCAError(
+            f"certificate {leaf.subject.rfc4514_string()} is not a PCK certificate"
+        ) from None
+    try:
+        bc = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return
+    if bc.ca:
+        raise UnknownCAError("the PCK certificate is a CA certificate")
 
 
 def _verify_chain(
     chain: list[x509.Certificate], roots: Sequence[x509.Certificate], now: _dt.datetime
 ) -> x509.Certificate:
-    """Walk leaf -> ... -> a trusted root; return the leaf (PCK) certificate."""
+    """Walk leaf -> ... -> a trusted root; return the leaf (PCK) certificate.
 
-    root_ders = {r.public_bytes(serialization.Encoding.DER): r for r in roots}
+    Every certificate that signs another on the path must be a CA (basic
+    constraints, path length, key usage), every certificate on it must be valid
+    now, trusted root included, and the leaf must be a PCK certificate.
+    """
+
     for cert in chain:
-        if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
-            raise UnknownCAError(f"certificate {cert.subject.rfc4514_string()} is not valid now")
-    # Follow issuers through the chain; the last link must be a trusted root.
-    current = chain[0]
+        _check_validity(cert, now)
+    leaf = chain[0]
+    _check_pck(leaf)
+    current = leaf
     rest = chain[1:]
-    for _ in range(len(chain) + 1):
-        trusted = [r for r in roots if r.subject == current.issuer]
-        for root in trusted:
-            try:
-                current.verify_directly_issued_by(root)
-            except (ValueError, TypeError, InvalidSignature):
-                continue
-            return chain[0]
-        if current.public_bytes(serialization.Encoding.DER) in root_ders:
-            return chain[0]
+    for cas_below in range(len(chain)):
+        for root in roots:
+            if root.subject == current.issuer and _issued_by(current, root):
+                _check_issuer(root, cas_below)
+                _check_validity(root, now)
+                return leaf
         issuers = [c for c in rest if c.subject == current.issuer]
         if not issuers:
             break
-        issuer = issuers[0]
-        try:
-            current.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature) as exc:
-            raise QuoteSignatureError("a certificate in the chain has a bad signature") from exc
+        issuer = next((c for c in issuers if _issued_by(current, c)), None)
+        if issuer is None:
+            raise QuoteSignatureError("a certificate in the chain has a bad signature")
+        _check_issuer(issuer, cas_below)
         rest = [c for c in rest if c is not issuer]
         current = issuer
     raise UnknownCAError("the quote's certificate chain does not lead to a trusted CA")

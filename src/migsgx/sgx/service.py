@@ -214,11 +214,20 @@ class PlatformService:
         enclave process gets a private mount namespace with an empty, inaccessible
         tmpfs over the state directory.  Needs root (CAP_SYS_ADMIN); without it
         the enclave runs as the service's user and the directory's 0700 mode is
-        the only barrier.
+        the only barrier.  Once the tmpfs is in place the enclave drops every
+        capability (``setpriv``): otherwise, still root, it could unmount the
+        tmpfs, or read the state through ``/proc/<service>/root`` or the
+        service's memory.
         """
 
         if os.geteuid() != 0 or shutil.which("unshare") is None:
             return []
+        drop = ""
+        if shutil.which("setpriv") is not None:
+            drop = (
+                "setpriv --bounding-set=-all --inh-caps=-all --ambient-caps=-all "
+                "--no-new-privs -- "
+            )
         return [
             "unshare",
             "--mount",
@@ -227,7 +236,7 @@ class PlatformService:
             "--",
             "/bin/sh",
             "-c",
-            'mount -t tmpfs -o size=4k,mode=000 migsgx-hidden "$0" && exec "$@"',
+            f'mount -t tmpfs -o size=4k,mode=000 migsgx-hidden "$0" && exec {drop}"$@"',
             str(self.platform.state_dir.resolve()),
         ]
 

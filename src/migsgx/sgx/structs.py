@@ -81,6 +81,12 @@ class ReportBody:
     config_id: bytes = bytes(64)
     config_svn: int = 0
     isv_family_id: bytes = bytes(16)
+    # Reserved ranges are kept as they came, so that unpack -> pack gives the same
+    # bytes: MACs and signatures over a body then cover every byte of it.
+    reserved1: bytes = field(default=bytes(12), repr=False)
+    reserved2: bytes = field(default=bytes(32), repr=False)
+    reserved3: bytes = field(default=bytes(32), repr=False)
+    reserved4: bytes = field(default=bytes(42), repr=False)
 
     # cpu_svn, misc_select, reserved1, isv_ext_prod_id, attributes, mr_enclave,
     # reserved2, mr_signer, reserved3, config_id, isv_prod_id, isv_svn,
@@ -88,10 +94,22 @@ class ReportBody:
     _S = struct.Struct("<16sI12s16s16s32s32s32s32s64sHHH42s16s64s")
 
     def __post_init__(self) -> None:
-        _fixed("mr_enclave", self.mr_enclave, 32)
-        _fixed("mr_signer", self.mr_signer, 32)
-        _fixed("report_data", self.report_data, REPORT_DATA_SIZE)
-        _fixed("cpu_svn", self.cpu_svn, 16)
+        for fname, size in (
+            ("mr_enclave", 32),
+            ("mr_signer", 32),
+            ("report_data", REPORT_DATA_SIZE),
+            ("cpu_svn", 16),
+            ("isv_ext_prod_id", 16),
+            ("config_id", 64),
+            ("isv_family_id", 16),
+            ("reserved1", 12),
+            ("reserved2", 32),
+            ("reserved3", 32),
+            ("reserved4", 42),
+        ):
+            _fixed(fname, getattr(self, fname), size)
+        if not 0 <= self.misc_select <= 0xFFFFFFFF:
+            raise ValueError("misc_select out of range")
         for name, value in (
             ("isv_prod_id", self.isv_prod_id),
             ("isv_svn", self.isv_svn),
@@ -104,18 +122,18 @@ class ReportBody:
         return self._S.pack(
             self.cpu_svn,
             self.misc_select,
-            bytes(12),
+            self.reserved1,
             self.isv_ext_prod_id,
             self.attributes.pack(),
             self.mr_enclave,
-            bytes(32),
+            self.reserved2,
             self.mr_signer,
-            bytes(32),
+            self.reserved3,
             self.config_id,
             self.isv_prod_id,
             self.isv_svn,
             self.config_svn,
-            bytes(42),
+            self.reserved4,
             self.isv_family_id,
             self.report_data,
         )
@@ -127,18 +145,18 @@ class ReportBody:
         (
             cpu_svn,
             misc_select,
-            _r1,
+            r1,
             ext_prod,
             attrs,
             mr_enclave,
-            _r2,
+            r2,
             mr_signer,
-            _r3,
+            r3,
             config_id,
             prod_id,
             svn,
             config_svn,
-            _r4,
+            r4,
             family,
             report_data,
         ) = cls._S.unpack(data)
@@ -155,6 +173,10 @@ class ReportBody:
             config_id=config_id,
             config_svn=config_svn,
             isv_family_id=family,
+            reserved1=r1,
+            reserved2=r2,
+            reserved3=r3,
+            reserved4=r4,
         )
 
     def with_report_data(self, report_data: bytes) -> ReportBody:
