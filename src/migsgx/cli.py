@@ -226,6 +226,11 @@ def demo(workdir: Path | None) -> None:
     run_demo(workdir)
 
 
+from .cli_migrate import register as register_migration  # noqa: E402
+
+register_migration(cli)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="migsgx", standalone_mode=False)

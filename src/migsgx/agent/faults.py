@@ -1,0 +1,67 @@
+"""Named fault points, for tests of the failure paths with real processes.
+
+``MIGSGX_FAULT=POINT:ACTION[,POINT:ACTION...]`` in the environment of an agent
+or a migration tool makes it fail at ``POINT``: ``exit`` ends the process at
+once (as a crash would), ``kill`` sends it SIGKILL, ``kill-after=SECONDS``
+sends it SIGKILL that much later while the work goes on, ``fail`` raises
+:class:`InjectedFault`; any other action is returned to the caller, which
+knows what it means there (``corrupt`` before a restore, ``kill-after-bytes=N``
+while an enclave stream comes in, for example).
+Unset, every point is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Final
+
+from ..errors import MigrationError, register_error
+
+ENV: Final = "MIGSGX_FAULT"
+
+#: Every point the code defines, so that a typo in a test is caught.
+POINTS: Final = frozenset(
+    {
+        "agent.enclave-receive",  # while the incoming enclaves receive
+        "agent.before-restore",
+        "agent.after-restore",
+        "tool.after-prepare",
+        "tool.before-commit",
+        "tool.after-commit",
+    }
+)
+
+
+@register_error
+class InjectedFault(MigrationError):
+    """A fault injected through $MIGSGX_FAULT."""
+
+    code = "injected-fault"
+
+
+def fault(point: str) -> str | None:
+    if point not in POINTS:
+        raise ValueError(f"unknown fault point {point!r}")
+    spec = os.environ.get(ENV, "")
+    if not spec:
+        return None
+    for item in spec.split(","):
+        name, _, action = item.strip().partition(":")
+        if name != point:
+            continue
+        if action == "exit":
+            os._exit(70)
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action.startswith("kill-after="):
+            delay = float(action.partition("=")[2])
+            timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL))
+            timer.daemon = True
+            timer.start()
+            return None
+        if action == "fail":
+            raise InjectedFault(f"fault injected at {point}")
+        return action
+    return None

@@ -1,0 +1,169 @@
+"""A guardian for the enclave connections while the migration tool holds them.
+
+Between ``prepare`` and the end of a migration the tool is the only holder of
+the application's enclave connections, and an enclave process exits when its
+connection closes.  So the tool starts a guardian (its own session, so that it
+outlives the tool) holding duplicates of those connections, and tells it
+through a pipe what happened: ``fence PID...`` once the source tree got its
+SIGSTOP, ``resume-sent`` once a tree without enclaves passed its commit point,
+``done`` when the migration ended either way.
+
+If the pipe closes without ``done``, the tool died.  The guardian then asks
+every source enclave to abort its migration.  An enclave that already
+committed refuses (or is gone): the destination has the state and rolls
+forward, and the guardian leaves the source alone (stopped by the fence).  If
+every enclave aborted, nothing was given up: the guardian resumes the fenced
+source and hands the connections back to the application (``resume``), which
+then carries on as if nothing had happened.
+
+Run as ``python -m migsgx.agent.guardian --pipe FD --app-pid PID --app-name NAME
+--fds FD,FD...`` by :class:`Guardian` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Final
+
+from ..channel import ECALL, ECALL_FRAME_MAX
+from ..errors import MigSGXError
+from ..host.appctl import AppLink
+from ..wire import recv_frame, send_frame
+
+__all__ = ["Guardian"]
+
+#: Call ids far from the tool's (its link counts from 2**40), so that a late
+#: answer to a call of the dead tool is never taken for the guardian's.
+_CALL_ID: Final = (1 << 52) + 7
+ABORT_TIMEOUT: Final = 30.0
+RESUME_WAIT: Final = 60.0
+
+
+class Guardian:
+    """The tool's handle on its guardian process."""
+
+    def __init__(self, app_pid: int, app_name: str, socks: Sequence[socket.socket]) -> None:
+        read_end, self._write_end = os.pipe()
+        fds = [s.fileno() for s in socks]
+        argv = [
+            sys.executable, "-m", "migsgx.agent.guardian",
+            "--pipe", str(read_end), "--app-pid", str(app_pid),
+            "--app-name", app_name, "--fds", ",".join(map(str, fds)),
+        ]  # fmt: skip
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                pass_fds=(read_end, *fds),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            os.close(read_end)
+
+    def note(self, line: str) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._write_end, line.encode() + b"\n")
+
+    def abandon(self) -> None:
+        """Let the guardian act as if the tool had died (it retries the hand-back)."""
+
+        with contextlib.suppress(OSError):
+            os.close(self._write_end)
+
+    def release(self) -> None:
+        """The migration ended (either way): the guardian lets go and exits."""
+
+        self.note("done")
+        with contextlib.suppress(OSError):
+            os.close(self._write_end)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def _abort(sock: socket.socket) -> bool:
+    """Ask the enclave to abort its migration; False if it committed (or is gone)."""
+
+    sock.settimeout(ABORT_TIMEOUT)
+    try:
+        send_frame(
+            sock,
+            {"t": "ecall", "id": _CALL_ID, "fn": "__mig_abort", "args": ["the tool died"]},
+            max_size=ECALL_FRAME_MAX,
+        )
+        while True:
+            msg = recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX)
+            if msg.get("id") == _CALL_ID:
+                break
+    except (MigSGXError, OSError):
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(None)
+    if msg["t"] == "ret":
+        return True
+    # Not in a migration (the tool died before the transfer began): nothing to undo.
+    return msg["t"] == "err" and msg.get("code") != "committed"
+
+
+def _log(text: str) -> None:
+    sys.stderr.write(f"migsgx guardian[{os.getpid()}]: {text}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="migsgx-guardian")
+    parser.add_argument("--pipe", type=int, required=True)
+    parser.add_argument("--app-pid", type=int, required=True)
+    parser.add_argument("--app-name", required=True)
+    parser.add_argument("--fds", default="")
+    args = parser.parse_args(argv)
+    socks = [socket.socket(fileno=int(fd)) for fd in args.fds.split(",") if fd]
+    notes: list[str] = []
+    with os.fdopen(args.pipe, "r") as pipe:
+        for line in pipe:
+            notes.append(line.strip())
+    if "done" in notes:
+        return 0
+    fenced = [int(p) for n in notes if n.startswith("fence ") for p in n.split()[1:]]
+    if "resume-sent" in notes:
+        _log("the tool died after the commit point: the source stays stopped")
+        return 0
+    if not all([_abort(s) for s in socks]):
+        _log("the tool died after the enclaves committed: the destination rolls forward")
+        return 0
+    _log("the tool died before the commit point: resuming the source")
+    for pid in fenced:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    link = AppLink(args.app_pid, args.app_name, timeout=10)
+    deadline = time.monotonic() + RESUME_WAIT
+    while True:
+        try:
+            if socks:
+                link.resume(socks)
+            return 0
+        except MigSGXError as exc:
+            # CRIU may still hold the tree frozen for a moment; the app answers once it runs.
+            if time.monotonic() > deadline:
+                _log(f"could not hand the enclaves back: {exc}")
+                return 1
+            time.sleep(0.1)
+            for pid in fenced:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

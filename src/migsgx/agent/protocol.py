@@ -1,0 +1,191 @@
+"""The control protocol between the migration tool and a destination agent (sans I/O).
+
+Version 1, one mutual-TLS connection per migration, request and answer in
+lock step; every message is one frame of :mod:`migsgx.wire` (length-prefixed,
+size-capped CBOR, checked against :data:`CONTROL`).  See ``docs/migration.md``.
+
+Tool -> agent, in this order::
+
+    hello          -> welcome
+    begin          -> ready            (session: data and page-server ports, token)
+    enclaves_done  -> enclaves_ready   (every incoming enclave verified and LOADED)
+    image*, images_done -> images_ok   (the CRIU images without the pages)
+    restore        -> restored         (the tree exists, SIGSTOPped: held)
+    resume         -> resumed          (enclaves committed, tree running, attached)
+
+``abort`` (-> ``aborted``) is allowed in every state before ``resumed``; any
+failure is answered with ``err`` and ends the session.  :class:`SessionMachine`
+is the table of which request may come in which state; anything else is a
+:class:`~migsgx.errors.ProtocolError`.
+
+Data connections (plain TCP to the session's data port) start with one
+``data`` frame naming the session token and the enclave index; the enclave
+migration stream follows, end-to-end protected by the enclaves themselves.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from ..errors import MigrationError, ProtocolError, register_error
+from ..wire import Schema
+
+__all__ = [
+    "CONTROL",
+    "CONTROL_FRAME_MAX",
+    "DATA",
+    "IMAGE_CHUNK",
+    "MAX_IMAGE_BYTES",
+    "MAX_IMAGE_FILES",
+    "PHASES",
+    "VERSION",
+    "AgentError",
+    "RefusedError",
+    "SessionMachine",
+    "SessionState",
+    "check_image_name",
+]
+
+VERSION: Final = 1
+#: A control frame holds at most one image chunk plus a little framing.
+CONTROL_FRAME_MAX: Final = 2 << 20
+IMAGE_CHUNK: Final = 1 << 20
+#: The images CRIU writes besides the pages are small (hundreds of KiB for a
+#: Python process); these caps bound what a peer can make an agent store.
+MAX_IMAGE_FILES: Final = 4096
+MAX_IMAGE_BYTES: Final = 512 << 20
+MAX_ENCLAVES: Final = 64
+
+#: The per-phase figures ``migsgx migrate --json`` prints (seconds, and bytes).
+PHASES: Final = (
+    "freeze",
+    "enclave_dump",
+    "criu_dump",
+    "transfer",
+    "restore",
+    "enclave_load",
+    "total",
+    "downtime",
+)
+
+NONE = type(None)
+NUMBER = (int, float)
+
+
+@register_error
+class AgentError(MigrationError):
+    """The destination agent refused or failed a migration step."""
+
+    code = "agent"
+
+
+@register_error
+class RefusedError(AgentError):
+    """The destination agent answered a request with an error (and aborted its side)."""
+
+    code = "agent-refused"
+
+
+CONTROL = Schema(
+    "agent-control",
+    {
+        # tool -> agent
+        "hello": {"version": int, "host_id": str},
+        "begin": {
+            "mid": bytes,
+            "enclaves": list,  # [{"image_files": {name: bytes}, "mr_enclave": bytes}]
+            "pids": list,  # every pid of the dumped tree, as the source sees them
+            "pidns": bool,  # the root is the init of its own pid namespace
+            "tcp_close": bool,
+            "page_tls": bool,  # the page server speaks TLS with the agent identities
+        },
+        "enclaves_done": {},
+        "image": {"name": str, "data": bytes},
+        "images_done": {"files": int, "bytes": int},
+        "restore": {},
+        "resume": {},
+        "abort": {"reason": str},
+        # agent -> tool
+        "welcome": {"version": int, "host_id": str},
+        "ready": {"data_port": int, "page_port": int, "token": bytes},
+        "enclaves_ready": {"stats": list},
+        "images_ok": {"page_bytes": int, "seconds": NUMBER},
+        "restored": {"pid": int, "seconds": NUMBER},
+        "resumed": {"seconds": NUMBER, "attach_seconds": NUMBER, "pid": int},
+        "aborted": {},
+        "err": {"code": str, "message": str},
+    },
+)
+
+#: The first frame on a data connection.
+DATA = Schema("agent-data", {"data": {"token": bytes, "index": int}})
+
+
+class SessionState(enum.Enum):
+    NEW = "new"
+    GREETED = "greeted"
+    RECEIVING = "receiving"
+    LOADED = "loaded"
+    IMAGES = "images"
+    IMAGES_COMPLETE = "images-complete"
+    HELD = "held"
+    RESUMED = "resumed"
+    ABORTED = "aborted"
+
+
+S = SessionState
+_TABLE: Final[Mapping[SessionState, Mapping[str, SessionState]]] = {
+    S.NEW: {"hello": S.GREETED},
+    S.GREETED: {"begin": S.RECEIVING, "abort": S.ABORTED},
+    S.RECEIVING: {"enclaves_done": S.LOADED, "abort": S.ABORTED},
+    S.LOADED: {"image": S.IMAGES, "images_done": S.IMAGES_COMPLETE, "abort": S.ABORTED},
+    S.IMAGES: {"image": S.IMAGES, "images_done": S.IMAGES_COMPLETE, "abort": S.ABORTED},
+    S.IMAGES_COMPLETE: {"restore": S.HELD, "abort": S.ABORTED},
+    S.HELD: {"resume": S.RESUMED, "abort": S.ABORTED},
+    S.RESUMED: {},
+    S.ABORTED: {},
+}
+
+
+@dataclass
+class SessionMachine:
+    """Which request may come next; a request out of turn raises :class:`ProtocolError`."""
+
+    state: SessionState = SessionState.NEW
+    history: list[str] = field(default_factory=list)
+
+    def advance(self, request: str) -> SessionState:
+        allowed = _TABLE[self.state]
+        if request not in allowed:
+            raise ProtocolError(
+                f"request {request!r} is not allowed in state {self.state.value}",
+                state=self.state.value,
+            )
+        self.state = allowed[request]
+        self.history.append(request)
+        return self.state
+
+    def fail(self) -> None:
+        """An error ends the session: nothing is accepted afterwards."""
+
+        self.state = SessionState.ABORTED
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (SessionState.RESUMED, SessionState.ABORTED)
+
+
+# CRIU names its images like ``core-1.img``, ``pagemap-1.img``, ``stats-dump``.
+_IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_image_name(name: str) -> str:
+    """A plain file name (no path, no dot-files); anything else is a protocol error."""
+
+    if not _IMAGE_NAME.match(name) or name in (".", ".."):
+        raise ProtocolError(f"bad image file name {name!r}")
+    return name

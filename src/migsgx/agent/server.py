@@ -1,0 +1,176 @@
+"""The per-host agent: ``migsgx agent serve``, the destination of migrations.
+
+It listens on TCP; every connection must complete a mutual-TLS handshake with
+a certificate of the deployment CA (:mod:`.tls`) before a byte of the control
+protocol (:mod:`.protocol`) is read.  One connection carries one migration
+(:class:`IncomingMigration`); requests are dispatched through an explicit
+table after :class:`~.protocol.SessionMachine` allowed them.
+
+The agent is a child subreaper: restored trees become its children once CRIU
+exits, and it reaps them when they end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from ..criu import Criu
+from ..errors import ConfigError
+from .incoming import IncomingMigration
+from .tls import AgentIdentity, PeerCertificateError, server_context, wrap_server
+
+__all__ = ["Agent", "AgentConfig", "platform_socket_alive"]
+
+log = logging.getLogger("migsgx.agent")
+
+HANDSHAKE_TIMEOUT: Final = 10.0
+_PR_SET_CHILD_SUBREAPER: Final = 36
+
+
+@dataclass
+class AgentConfig:
+    state: Path
+    listen: tuple[str, int]
+    platform_socket: Path
+    identity: AgentIdentity
+    work_dir: Path
+    criu: Criu = field(default_factory=Criu)
+    keep_images: bool = False
+    io_timeout: float = 300.0
+    commit_grace: float = 5.0
+    subreaper: bool = True  # adopt restored trees (see the module docstring)
+
+
+def platform_socket_alive(path: Path) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(2.0)
+        sock.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.context: ssl.SSLContext = server_context(config.identity)
+        self.host_id = config.identity.host_id()
+        self._listener: socket.socket | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._sessions: set[IncomingMigration] = set()
+        self._adopted: set[int] = set()
+
+    # --- lifetime -----------------------------------------------------------------------
+    def bind(self) -> tuple[str, int]:
+        self.config.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        host, port = self.config.listen
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"the agent cannot listen on {host}:{port}: {exc}") from exc
+        sock.listen(16)
+        self._listener = sock
+        bound = sock.getsockname()
+        return str(bound[0]), int(bound[1])
+
+    def serve_forever(self) -> None:
+        if self._listener is None:
+            self.bind()
+        assert self._listener is not None
+        if self.config.subreaper:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+                log.warning("cannot become a child subreaper; restored trees go to init")
+        self._listener.settimeout(0.2)
+        while not self._stop.is_set():
+            self._reap()
+            try:
+                conn, addr = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    break
+                raise
+            threading.Thread(
+                target=self._connection, args=(conn, addr), name="migsgx-agent-conn", daemon=True
+            ).start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.close()
+        with self._lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.give_up("the agent is shutting down")
+
+    # --- connections --------------------------------------------------------------------
+    def _connection(self, conn: socket.socket, addr: Any) -> None:
+        peer = str(addr[0])
+        try:
+            tls = wrap_server(self.context, conn, HANDSHAKE_TIMEOUT)
+        except PeerCertificateError as exc:
+            log.warning("refused a connection from %s: %s", peer, exc)
+            return
+        session = IncomingMigration(self, tls, peer)
+        with self._lock:
+            self._sessions.add(session)
+        try:
+            session.run()
+        except Exception:
+            log.exception("session from %s failed unexpectedly", peer)
+            session.abort("internal error")
+        finally:
+            with contextlib.suppress(OSError):
+                tls.close()
+            with self._lock:
+                self._sessions.discard(session)
+
+    # --- restored trees -------------------------------------------------------------------
+    def adopt(self, pid: int) -> None:
+        with self._lock:
+            self._adopted.add(pid)
+
+    def _reap(self) -> None:
+        with self._lock:
+            pids = list(self._adopted)
+        for pid in pids:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid if not os.path.exists(f"/proc/{pid}") else 0
+            if done == pid:
+                with self._lock:
+                    self._adopted.discard(pid)
+
+    # --- helpers for sessions -----------------------------------------------------------------
+    def session_dir(self, mid: bytes) -> Path:
+        path = self.config.work_dir / mid.hex()
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError as exc:
+            raise ConfigError(f"migration {mid.hex()} was seen before on this agent") from exc
+        return path
+
+    def discard(self, path: Path | None) -> None:
+        if path is not None and not self.config.keep_images:
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,464 @@
+"""The source side of ``migsgx migrate``: enclaves first, then CRIU, commit last.
+
+1. *prepare*: the application hands over its enclave connections (ECALLs
+   wait; the rest of the application keeps running).
+2. every enclave migrates (``OutgoingEnclave.transfer``) on a data connection
+   of its own; the destination enclaves load and confirm, nothing commits.
+3. CRIU dumps the tree; its pages go straight to the destination's page
+   server.  In the ``post-dump`` callback, with the source frozen:
+   the other images are streamed, the destination restores the tree and holds
+   it stopped, the source tree is fenced (SIGSTOP queued while CRIU still
+   freezes it), the enclaves commit (**the commit point**), the destination
+   resumes the tree and attaches its enclaves.  Returning lets CRIU kill the
+   source.
+4. any failure before the commit point raises inside ``post-dump``: CRIU
+   resumes the source, the enclaves abort, their connections go back to the
+   application, the destination kills what it held.
+
+For a tree without enclaves the commit point is the ``resume`` request: once
+it is sent, the source is never resumed by this tool (it stays stopped if the
+answer is lost, to be resumed by hand only if the destination did not run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from ..criu import Criu, InTaskNamespaces
+from ..errors import CriuError, MigrationError, MigSGXError, ProtocolError
+from ..host.appctl import AppLink, HandedEnclave, info_to_wire
+from ..wire import recv_frame, send_frame
+from .faults import fault
+from .guardian import Guardian
+from .incoming import load_engine
+from .process import is_pidns_init, stop_tree, tree_pids
+from .protocol import (
+    CONTROL,
+    CONTROL_FRAME_MAX,
+    IMAGE_CHUNK,
+    VERSION,
+    AgentError,
+    RefusedError,
+)
+from .tls import AgentIdentity, client_context, wrap_client
+
+__all__ = ["AgentConnection", "MigrateOptions", "MigrationOutcome", "migrate"]
+
+log = logging.getLogger("migsgx.migrate")
+
+CONNECT_TIMEOUT: Final = 10.0
+#: Files of the dump directory that stay on the source.
+_LOCAL_ONLY: Final = frozenset({"dump.log"})
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class MigrateOptions:
+    pid: int
+    to: tuple[str, int]
+    identity: AgentIdentity
+    criu: Criu = field(default_factory=Criu)
+    work_dir: Path | None = None  # default: a fresh directory in /dev/shm
+    keep_images: bool = False
+    prepare_timeout: float = 30.0
+    io_timeout: float = 300.0
+    chunk_size: int | None = None
+    mode: str = "pipelined"
+    tcp_close: bool = True
+    page_tls: bool = True  # CRIU's page stream in mutual TLS (the agent identities)
+    shell_job: bool = False
+    progress: Progress | None = None
+
+
+@dataclass
+class MigrationOutcome:
+    stats: dict[str, Any]
+    restored_pid: int
+    images_dir: Path | None
+
+
+class AgentConnection:
+    """The mutual-TLS control connection to the destination agent."""
+
+    def __init__(self, to: tuple[str, int], identity: AgentIdentity, timeout: float) -> None:
+        host, port = to
+        try:
+            raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        except OSError as exc:
+            raise AgentError(f"cannot reach the agent at {host}:{port}: {exc}") from exc
+        self.sock: ssl.SSLSocket = wrap_client(client_context(identity), raw, host, timeout)
+        self.sock.settimeout(timeout)
+
+    def send(self, msg: Mapping[str, Any]) -> None:
+        try:
+            send_frame(self.sock, msg, max_size=CONTROL_FRAME_MAX)
+        except OSError as exc:
+            raise AgentError(f"the destination agent went away: {exc}") from exc
+
+    def call(self, msg: Mapping[str, Any], expect: str) -> dict[str, Any]:
+        self.send(msg)
+        try:
+            reply = recv_frame(self.sock, CONTROL, max_size=CONTROL_FRAME_MAX)
+        except (MigSGXError, OSError) as exc:
+            raise AgentError(f"no answer to {msg['t']} from the destination: {exc}") from exc
+        if reply["t"] == "err":
+            raise RefusedError(
+                f"destination: {msg['t']} failed: [{reply['code']}] {reply['message']}"
+            )
+        if reply["t"] != expect:
+            raise ProtocolError(f"expected {expect}, the destination sent {reply['t']}")
+        return reply
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+@dataclass
+class _Transfer:
+    handed: HandedEnclave
+    outgoing: Any = None
+    peer: socket.socket | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: BaseException | None = None
+
+
+class _Migration:
+    def __init__(self, opts: MigrateOptions) -> None:
+        self.opts = opts
+        self.t: dict[str, float] = {"start": time.monotonic()}
+        self.stats: dict[str, Any] = {}
+        self.transfers: list[_Transfer] = []
+        self.link: AppLink | None = None
+        self.guardian: Guardian | None = None
+        self.control: AgentConnection | None = None
+        self.fenced: list[int] = []
+        self.committed = False
+        self.resume_sent = False
+        self.hand_back_failed = False
+        self.restored_pid = 0
+        self.image_bytes = 0
+        self.page_bytes = 0
+
+    def note(self, phase: str) -> None:
+        self.t[phase] = time.monotonic()
+        if self.opts.progress is not None:
+            self.opts.progress(phase)
+
+    # --- the whole migration -----------------------------------------------------------------
+    def run(self, dump_dir: Path) -> MigrationOutcome:
+        opts = self.opts
+        pid = opts.pid
+        pids = tree_pids(pid)
+        if not pids:
+            raise MigrationError(f"no process {pid}")
+        pidns = is_pidns_init(pid)
+        self.control = control = AgentConnection(opts.to, opts.identity, opts.io_timeout)
+        try:
+            control.call({"t": "hello", "version": VERSION, "host_id": _host_id(opts)}, "welcome")
+            self.link = AppLink.find(pid)
+            self.note("prepare")
+            handed = self.link.prepare(opts.prepare_timeout) if self.link is not None else []
+            self.transfers = [_Transfer(h) for h in handed]
+            self.note("prepared")
+            link = self.link
+            try:
+                self.guardian = Guardian(
+                    link.pid if link else pid, link.name if link else "-", [h.sock for h in handed]
+                )
+                fault("tool.after-prepare")
+                ready = control.call(self._begin(pids, pidns), "ready")
+                self._migrate_enclaves(ready)
+                self._dump(dump_dir, ready)
+            except BaseException as exc:
+                if not self.committed and not self.resume_sent:
+                    self._roll_back(exc)
+                raise
+            return MigrationOutcome(self._figures(), self.restored_pid, dump_dir)
+        finally:
+            control.close()
+            if self.guardian is not None:
+                if self.hand_back_failed:
+                    self.guardian.abandon()  # it keeps trying to give the enclaves back
+                else:
+                    self.guardian.release()
+            for transfer in self.transfers:
+                if transfer.peer is not None:
+                    transfer.peer.close()
+                transfer.handed.sock.close()
+
+    def _begin(self, pids: list[int], pidns: bool) -> dict[str, Any]:
+        return {
+            "t": "begin",
+            "mid": secrets.token_bytes(16),
+            "enclaves": [{"info": info_to_wire(t.handed.info)} for t in self.transfers],
+            "pids": pids,
+            "pidns": pidns,
+            "tcp_close": self.opts.tcp_close,
+            "page_tls": self.opts.page_tls,
+        }
+
+    # --- enclaves ----------------------------------------------------------------------------
+    def _migrate_enclaves(self, ready: dict[str, Any]) -> None:
+        if not self.transfers:
+            self.control_call({"t": "enclaves_done"}, "enclaves_ready")
+            return
+        engine = load_engine()
+        kwargs: dict[str, Any] = {"mode": self.opts.mode}
+        if self.opts.chunk_size is not None:
+            kwargs["chunk_size"] = self.opts.chunk_size
+        for transfer in self.transfers:
+            h = transfer.handed
+            transfer.outgoing = engine.OutgoingEnclave(h.sock, h.info, h.image_files, **kwargs)
+        self.note("enclaves")
+        threads = [
+            threading.Thread(
+                target=self._transfer, args=(t, ready), name=f"migsgx-enclave-{i}", daemon=True
+            )
+            for i, t in enumerate(self.transfers)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for transfer in self.transfers:
+            if transfer.error is not None:
+                err = transfer.error
+                raise MigrationError(
+                    f"enclave {transfer.handed.index} did not migrate: {type(err).__name__}: {err}"
+                ) from err
+        self.note("enclaves_sent")
+        reply = self.control_call({"t": "enclaves_done"}, "enclaves_ready")
+        self.stats["enclaves_destination"] = reply["stats"]
+
+    def _transfer(self, transfer: _Transfer, ready: dict[str, Any]) -> None:
+        try:
+            peer = socket.create_connection(
+                (self.opts.to[0], int(ready["data_port"])), timeout=CONNECT_TIMEOUT
+            )
+            transfer.peer = peer
+            peer.settimeout(None)
+            send_frame(peer, {"t": "data", "token": ready["token"], "index": transfer.handed.index})
+            t0 = time.monotonic()
+            stats = transfer.outgoing.transfer(peer)
+            transfer.stats = {k: v for k, v in dict(stats).items() if _plain(v)}
+            transfer.stats["tool_seconds"] = time.monotonic() - t0
+        except BaseException as exc:
+            transfer.error = exc
+
+    def control_call(self, msg: Mapping[str, Any], expect: str) -> dict[str, Any]:
+        assert self.control is not None
+        return self.control.call(msg, expect)
+
+    # --- CRIU --------------------------------------------------------------------------------
+    def _dump(self, dump_dir: Path, ready: dict[str, Any]) -> None:
+        opts = self.opts
+        extra: dict[str, bool | str] = {"tcp_close": True} if opts.tcp_close else {}
+        if opts.page_tls:
+            ident = opts.identity
+            extra.update(
+                tls=True, tls_cacert=str(ident.ca), tls_cert=str(ident.cert), tls_key=str(ident.key)
+            )
+        self.note("dump")
+        opts.criu.dump(
+            opts.pid,
+            dump_dir,
+            leave_running=False,
+            shell_job=opts.shell_job,
+            page_server=(opts.to[0], int(ready["page_port"])),
+            notify=lambda script, _pid: self._notify(script, dump_dir),
+            enter=InTaskNamespaces(opts.pid),
+            extra=extra,
+        )
+        self.note("end")
+
+    def _notify(self, script: str, dump_dir: Path) -> None:
+        if script != "post-dump":
+            return
+        self.note("dumped")
+        self._stream_images(dump_dir)
+        self.note("images_sent")
+        restored = self.control_call({"t": "restore"}, "restored")
+        self.restored_pid = int(restored["pid"])
+        self.stats["restore"] = float(restored["seconds"])
+        self.note("restored")
+        # The fence: from here on the source never runs again unless rolled back.
+        self.fenced = tree_pids(self.opts.pid)
+        stop_tree(self.fenced)
+        if self.guardian is not None:
+            self.guardian.note("fence " + " ".join(map(str, self.fenced)))
+        fault("tool.before-commit")
+        self._commit()
+        self.note("resumed")
+
+    def _stream_images(self, dump_dir: Path) -> None:
+        files = sorted(p for p in dump_dir.iterdir() if p.is_file() and p.name not in _LOCAL_ONLY)
+        assert self.control is not None
+        for path in files:
+            with path.open("rb") as src:
+                first = True
+                while True:
+                    chunk = src.read(IMAGE_CHUNK)
+                    if not chunk and not first:
+                        break
+                    self.control.send({"t": "image", "name": path.name, "data": chunk})
+                    self.image_bytes += len(chunk)
+                    first = False
+                    if len(chunk) < IMAGE_CHUNK:
+                        break
+        reply = self.control_call(
+            {"t": "images_done", "files": len(files), "bytes": self.image_bytes}, "images_ok"
+        )
+        self.page_bytes = int(reply["page_bytes"])
+
+    def _commit(self) -> None:
+        if self.transfers:
+            for transfer in self.transfers:
+                try:
+                    transfer.outgoing.commit()
+                except MigSGXError as exc:
+                    # ``token`` is set once the source enclave gave its state up.
+                    if not self.committed and getattr(transfer.outgoing, "token", None) is None:
+                        raise  # nothing was given up: roll back
+                    log.error("enclave %d: commit incomplete: %s", transfer.handed.index, exc)
+                    self.stats["resume_warning"] = f"commit incomplete: {exc}"
+                self.committed = True
+            self.note("committed")
+            fault("tool.after-commit")
+            try:
+                reply = self.control_call({"t": "resume"}, "resumed")
+            except MigSGXError as exc:
+                # Committed: the destination rolls forward on its own.
+                log.warning("after the commit the destination did not confirm: %s", exc)
+                self.stats["resume_warning"] = str(exc)
+                return
+        else:
+            self.resume_sent = True
+            if self.guardian is not None:
+                self.guardian.note("resume-sent")
+            self.note("committed")
+            fault("tool.after-commit")
+            try:
+                reply = self.control_call({"t": "resume"}, "resumed")
+            except RefusedError:
+                self.resume_sent = False  # the destination refused, and killed what it held
+                raise
+        self.stats["attach"] = float(reply["attach_seconds"])
+
+    # --- roll back -----------------------------------------------------------------------------
+    def _roll_back(self, cause: BaseException) -> None:
+        reason = f"{type(cause).__name__}: {cause}"[:500]
+        log.warning("migration aborted: %s", reason)
+        if self.control is not None:
+            with contextlib.suppress(MigSGXError):
+                self.control.call({"t": "abort", "reason": reason}, "aborted")
+        socks: list[socket.socket] = []
+        for transfer in self.transfers:
+            sock = transfer.handed.sock
+            if transfer.outgoing is not None:
+                try:
+                    sock = transfer.outgoing.abort(reason)
+                except Exception as exc:
+                    log.warning("enclave %d: abort failed: %s", transfer.handed.index, exc)
+            socks.append(sock)
+        for pid in self.fenced:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        if self.link is not None and socks:
+            try:
+                self.link.resume(socks)
+            except MigSGXError as exc:
+                log.error("the enclaves could not be handed back (the guardian retries): %s", exc)
+                self.hand_back_failed = True
+
+    # --- figures -----------------------------------------------------------------------------
+    def _figures(self) -> dict[str, Any]:
+        t = self.t
+
+        def span(a: str, b: str) -> float:
+            return max(0.0, t[b] - t[a]) if a in t and b in t else 0.0
+
+        dest = self.stats.get("enclaves_destination", [])
+        enclave_bytes = sum(int(s.get("bytes", 0)) for s in (x.stats for x in self.transfers))
+        load = max((float(s.get("agent_seconds", 0.0)) for s in dest), default=0.0)
+        figures: dict[str, Any] = {
+            "freeze": span("prepare", "prepared"),
+            "enclave_dump": span("enclaves", "enclaves_sent"),
+            "criu_dump": span("dump", "dumped"),
+            "transfer": span("dumped", "images_sent"),
+            "restore": self.stats.get("restore", span("images_sent", "restored")),
+            "enclave_load": load,
+            "total": span("start", "end"),
+            "downtime": span("prepare" if self.transfers else "dump", "resumed"),
+            "bytes": enclave_bytes + self.page_bytes + self.image_bytes,
+        }
+        figures["details"] = {
+            "commit": span("restored", "committed"),
+            "resume": span("committed", "resumed"),
+            "attach": self.stats.get("attach", 0.0),
+            "process_downtime": span("dump", "resumed"),
+            "enclaves": len(self.transfers),
+            "enclave_bytes": enclave_bytes,
+            "page_bytes": self.page_bytes,
+            "image_bytes": self.image_bytes,
+            "restored_pid": self.restored_pid,
+            "enclave_stats": [x.stats for x in self.transfers],
+        }
+        if "resume_warning" in self.stats:
+            figures["details"]["warning"] = self.stats["resume_warning"]
+        return figures
+
+
+def _host_id(opts: MigrateOptions) -> str:
+    try:
+        return opts.identity.host_id()
+    except (OSError, ValueError):
+        return "unknown"
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, int | float | str | bool) or value is None
+
+
+def migrate(opts: MigrateOptions) -> MigrationOutcome:
+    """Migrate the tree rooted at ``opts.pid`` to the agent at ``opts.to``.
+
+    Raises :class:`~migsgx.errors.MigrationError` (or a subclass, or
+    :class:`~migsgx.errors.CriuError`) when the migration did not happen;
+    the source then runs on as before.
+    """
+
+    opts.identity.check()
+    own_dir = opts.work_dir is None
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    dump_dir = Path(tempfile.mkdtemp(prefix="migsgx-dump-", dir=base)) if own_dir else opts.work_dir
+    assert dump_dir is not None
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        outcome = _Migration(opts).run(dump_dir)
+    except CriuError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, MigSGXError):
+            raise MigrationError(f"migration aborted, the source runs on: {cause}") from exc
+        raise
+    finally:
+        if own_dir and not opts.keep_images:
+            shutil.rmtree(dump_dir, ignore_errors=True)
+    if own_dir and not opts.keep_images:
+        outcome.images_dir = None
+    return outcome

@@ -1,0 +1,311 @@
+"""Command-line commands of process migration: agents, ``migrate``, checkpoints.
+
+:func:`register` adds them to the ``migsgx`` group (``agent``, ``migrate``,
+``checkpoint``, ``restore`` and ``bench process``).  Until they are
+registered, ``python -m migsgx.cli_migrate ...`` runs the same commands.
+Errors propagate as :class:`~migsgx.errors.MigSGXError`; ``migsgx.cli.main``
+turns them into exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import ConfigError
+
+__all__ = [
+    "agent",
+    "bench_process",
+    "checkpoint_command",
+    "migrate_command",
+    "register",
+    "restore_command",
+]
+
+
+def _emit(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"expected ADDRESS:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def parse_size(value: str) -> int:
+    """``256MiB``, ``1GiB``, ``4096`` -> bytes (the image manifest's size syntax)."""
+
+    from .sgx.image import parse_size as parse
+
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+# --- agent ------------------------------------------------------------------------------------
+@click.group()
+def agent() -> None:
+    """The per-host migration agent (the destination of migrations)."""
+
+
+@agent.command("cert")
+@click.option("--ca", "ca_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--state", type=click.Path(path_type=Path), required=True)
+@click.option("--name", "names", multiple=True, required=True, help="address peers dial")
+@click.option("--host-id", default=None, help="default: the platform's host id")
+def agent_cert(ca_dir: Path, state: Path, names: tuple[str, ...], host_id: str | None) -> None:
+    """Issue this host's agent certificate (STATE/agent/) from the CA in CA_DIR."""
+
+    from .agent.tls import issue_agent_identity
+
+    if host_id is None:
+        host_id = _platform_host_id(state)
+    identity = issue_agent_identity(ca_dir, state, host_id, list(names))
+    _emit({"identity": str(identity.directory), "host_id": host_id, "names": list(names)})
+
+
+def _platform_host_id(state: Path) -> str:
+    import tomllib
+
+    from .sgx.platform import PLATFORM_TOML
+
+    try:
+        meta = tomllib.loads((state / PLATFORM_TOML).read_text())
+        return str(meta["host_id"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{state} holds no platform; give --host-id") from exc
+
+
+@agent.command("serve")
+@click.option("--state", type=click.Path(path_type=Path), required=True)
+@click.option("--listen", required=True, help="ADDRESS:PORT (port 0: any)")
+@click.option("--ca", "ca_dir", type=click.Path(path_type=Path), default=None,
+              help="trust this CA instead of the one stored with the identity")  # fmt: skip
+@click.option("--platform-socket", type=click.Path(path_type=Path), default=None)
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--keep-images", is_flag=True, help="keep each migration's images (debugging)")
+@click.option("--ready-file", type=click.Path(path_type=Path), default=None,
+              help="write ADDRESS:PORT here once listening")  # fmt: skip
+def agent_serve(
+    state: Path,
+    listen: str,
+    ca_dir: Path | None,
+    platform_socket: Path | None,
+    work_dir: Path | None,
+    keep_images: bool,
+    ready_file: Path | None,
+) -> None:
+    """Serve migrations into this host.
+
+    Enclaves are launched by the host's platform service: the one listening on
+    --platform-socket (default STATE/enclave.sock) when it runs, else one the
+    agent starts and stops with itself.
+    """
+
+    from .agent.server import Agent, AgentConfig, platform_socket_alive
+    from .agent.tls import AgentIdentity
+    from .hosts import ServiceProcess, start_service
+    from .sgx.service import default_socket
+
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+    identity = AgentIdentity.of_state(state, ca=ca_dir).check()
+    sock = platform_socket or default_socket(state)
+    service: ServiceProcess | None = None
+    if not platform_socket_alive(sock):
+        if platform_socket is not None:
+            raise ConfigError(f"no platform service answers at {platform_socket}")
+        service = start_service(state, socket_path=sock)
+    server = Agent(
+        AgentConfig(
+            state=state,
+            listen=_address(listen),
+            platform_socket=sock,
+            identity=identity,
+            work_dir=work_dir or state / "agent" / "work",
+            keep_images=keep_images,
+        )
+    )
+    try:
+        host, port = server.bind()
+        signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+        click.echo(f"agent {server.host_id} listening on {host}:{port}", err=True)
+        if ready_file is not None:
+            tmp = ready_file.with_name(ready_file.name + ".tmp")
+            tmp.write_text(f"{host}:{port}\n")
+            tmp.replace(ready_file)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+    finally:
+        server.shutdown()
+        if service is not None:
+            service.stop()
+
+
+# --- migrate ------------------------------------------------------------------------------------
+@click.command("migrate")
+@click.argument("pid", type=int)
+@click.option("--to", "to", required=True, help="the destination agent, ADDRESS:PORT")
+@click.option("--state", type=click.Path(path_type=Path), required=True,
+              help="this host's state directory (its agent identity)")  # fmt: skip
+@click.option("--ca", "ca_dir", type=click.Path(path_type=Path), default=None)
+@click.option("--json", "as_json", is_flag=True, help="print per-phase figures as JSON")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--keep-images", is_flag=True)
+@click.option("--chunk-size", default=None, help="enclave stream chunk size (e.g. 1MiB)")
+@click.option("--mode", type=click.Choice(["pipelined", "sequential"]), default="pipelined")
+@click.option("--keep-tcp", is_flag=True, help="fail on established TCP connections")
+@click.option("--page-tls/--no-page-tls", default=True, show_default=True,
+              help="CRIU's page stream in mutual TLS")  # fmt: skip
+@click.option("--shell-job", is_flag=True, help="the tree has a controlling terminal")
+def migrate_command(
+    pid: int,
+    to: str,
+    state: Path,
+    ca_dir: Path | None,
+    as_json: bool,
+    work_dir: Path | None,
+    keep_images: bool,
+    chunk_size: str | None,
+    mode: str,
+    keep_tcp: bool,
+    page_tls: bool,
+    shell_job: bool,
+) -> None:
+    """Migrate process PID (with its enclaves) to the agent at --to.
+
+    Established TCP connections are closed on the destination (clients
+    reconnect); listeners move.  Run as root on the source host.
+    """
+
+    from rich.console import Console
+
+    from .agent.source import MigrateOptions, migrate
+    from .agent.tls import AgentIdentity
+
+    console = Console(stderr=True)
+    status = console.status("migrating") if console.is_terminal else None
+
+    def progress(phase: str) -> None:
+        if status is not None:
+            status.update(f"migrating {pid}: {phase}")
+
+    opts = MigrateOptions(
+        pid=pid,
+        to=_address(to),
+        identity=AgentIdentity.of_state(state, ca=ca_dir),
+        work_dir=work_dir,
+        keep_images=keep_images,
+        chunk_size=parse_size(chunk_size) if chunk_size else None,
+        mode=mode,
+        tcp_close=not keep_tcp,
+        page_tls=page_tls,
+        shell_job=shell_job,
+        progress=progress,
+    )
+    if status is not None:
+        with status:
+            outcome = migrate(opts)
+    else:
+        outcome = migrate(opts)
+    stats = outcome.stats
+    if as_json:
+        _emit(stats)
+        return
+    console.print(
+        f"migrated {pid} to {to}: pid {outcome.restored_pid} there; "
+        f"total {stats['total']:.3f} s, downtime {stats['downtime']:.3f} s, "
+        f"{stats['bytes'] / (1 << 20):.1f} MiB"
+    )
+
+
+# --- checkpoint / restore ------------------------------------------------------------------------
+@click.command("checkpoint")
+@click.argument("pid", type=int)
+@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+def checkpoint_command(pid: int, directory: Path) -> None:
+    """Checkpoint process PID (and its enclaves) into DIR; the process ends."""
+
+    from .agent.checkpoint import checkpoint
+
+    result = checkpoint(pid, directory)
+    _emit({"dir": str(result.directory), "pid": result.pid, "enclaves": result.enclaves})
+
+
+@click.command("restore")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+@click.option("--netns", default=None, help="restore into this named network namespace")
+def restore_command(directory: Path, netns: str | None) -> None:
+    """Restore the checkpoint in DIR (its enclave state can be restored once)."""
+
+    from .agent.checkpoint import restore
+
+    _emit({"pid": restore(directory, netns=netns)})
+
+
+# --- bench process --------------------------------------------------------------------------------
+@click.command("process")
+@click.option("--enclave-size", default="256MiB", show_default=True,
+              help="enclave memory (and as much ordinary memory)")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
+@click.option("--keep", type=click.Path(path_type=Path), default=None,
+              help="keep the testbed (logs, images) in this directory")  # fmt: skip
+@click.option("--page-tls/--no-page-tls", default=False, show_default=True,
+              help="migsgx's page stream in TLS; off by default so that both sides move "
+                   "ordinary pages the same way (CRIU alone: always plain)")  # fmt: skip
+def bench_process(enclave_size: str, as_json: bool, keep: Path | None, page_tls: bool) -> None:
+    """Process migration with enclaves against CRIU alone (needs root)."""
+
+    from .bench.process import run
+
+    result = run(parse_size(enclave_size), keep=keep, page_tls=page_tls)
+    if as_json:
+        _emit(result)
+        return
+    for name in ("migsgx", "criu_only"):
+        r = result[name]
+        click.echo(
+            f"{name:9}: total {r['total_seconds']:.3f} s, downtime {r['downtime_seconds']:.3f} s, "
+            f"{r['bytes'] / (1 << 20):.0f} MiB"
+        )
+
+
+# --- registration -------------------------------------------------------------------------------
+def register(cli: click.Group) -> None:
+    """Add the commands of this module to the ``migsgx`` group."""
+
+    cli.add_command(agent)
+    cli.add_command(migrate_command)
+    cli.add_command(checkpoint_command)
+    cli.add_command(restore_command)
+    bench = cli.commands.get("bench")
+    if not isinstance(bench, click.Group):
+        bench = click.Group("bench", help="Benchmarks that print numbers.")
+        cli.add_command(bench)
+    bench.add_command(bench_process)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .cli import cli
+    from .cli import main as cli_main
+
+    if "migrate" not in cli.commands:
+        register(cli)
+    cli_main(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,485 @@
+"""The application's side of a migration: hand its enclave connections over and back.
+
+An application opts in with :func:`enable_migration`; its untrusted runtime
+then listens on an *abstract* Unix socket, ``\\0migsgx-app-<pid>-<token>``.
+Abstract sockets live in the network namespace and need no file, so CRIU
+dumps the listener with the process and restores it into the destination's
+namespace, where the agent finds it again (:func:`find_control`).  Only
+root or the application's own user may connect (``SO_PEERCRED``).
+
+One request per connection; the application answers and closes its end
+first, so that once the caller has seen end-of-file the application holds no
+connection to anything outside itself (what CRIU requires).  Requests:
+
+``prepare``
+    Detach every registered :class:`~migsgx.host.client.EnclaveClient` (new
+    ECALLs wait, ECALLs in flight finish) and pass each enclave connection to
+    the caller with ``SCM_RIGHTS``, with the enclave's identity and image.
+``resume``
+    The migration was aborted: the same connections come back, ECALLs go on.
+``attach``
+    After the restore on the destination: the destination enclaves'
+    connections come in, in the same order, and ECALLs go on there.
+``status``
+    How many enclaves, and whether they are handed over.
+
+Messages are :mod:`migsgx.wire` frames checked against :data:`APPCTL`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ..errors import (
+    ConnectionClosedError,
+    FrameError,
+    MigSGXError,
+    ProtocolError,
+    register_error,
+)
+from ..wire import HEADER, Schema, decode_body, encode, recv_exactly
+from .client import EnclaveClient, EnclaveInfo
+
+__all__ = [
+    "APPCTL",
+    "CONTROL_PREFIX",
+    "AppControlError",
+    "AppLink",
+    "HandedEnclave",
+    "MigrationControl",
+    "check_image_files",
+    "enable_migration",
+    "find_control",
+    "info_from_wire",
+    "info_to_wire",
+]
+
+CONTROL_PREFIX: Final = "migsgx-app-"
+APPCTL_FRAME_MAX: Final = 64 << 20  # a prepare answer carries the enclave images
+MAX_ENCLAVES: Final = 64
+REQUEST_TIMEOUT: Final = 60.0
+
+NUMBER = (int, float)
+
+APPCTL = Schema(
+    "appctl",
+    {
+        # migration tool or agent -> application
+        "prepare": {"timeout": NUMBER},
+        "resume": {},
+        "attach": {"enclaves": list},  # the destination enclaves' infos, one per descriptor
+        "status": {},
+        # application -> caller
+        "prepared": {"enclaves": list},  # [{"info": {...}, "image_files": {...}}]
+        "ok": {"enclaves": int},
+        "state": {"pid": int, "enclaves": int, "handed_over": bool},
+        "err": {"code": str, "message": str},
+    },
+)
+
+
+@register_error
+class AppControlError(MigSGXError):
+    """The application's migration control refused or failed a request."""
+
+    code = "appctl"
+
+
+# --- frames with descriptors ------------------------------------------------------------
+def send_frame_fds(
+    sock: socket.socket, msg: Mapping[str, Any], fds: Sequence[int] = (), *, max_size: int
+) -> None:
+    data = encode(msg, max_size=max_size)
+    if fds:
+        # The descriptors ride on the 4-byte header, in a message of its own.
+        socket.send_fds(sock, [data[: HEADER.size]], list(fds))
+        sock.sendall(data[HEADER.size :])
+    else:
+        sock.sendall(data)
+
+
+def recv_frame_fds(
+    sock: socket.socket, schema: Schema, *, max_size: int, max_fds: int = MAX_ENCLAVES
+) -> tuple[dict[str, Any], list[int]]:
+    """One frame and the descriptors that came with it (the caller owns them)."""
+
+    header = b""
+    fds: list[int] = []
+    try:
+        while len(header) < HEADER.size:
+            data, got, flags, _ = socket.recv_fds(sock, HEADER.size - len(header), max_fds)
+            fds.extend(got)
+            if flags & socket.MSG_CTRUNC:
+                raise FrameError("too many descriptors with one frame")
+            if not data:
+                if not header:
+                    raise ConnectionClosedError("peer closed the connection")
+                raise FrameError("connection closed inside a frame header")
+            header += data
+        (length,) = HEADER.unpack(header)
+        if length > max_size:
+            raise FrameError(f"frame of {length} bytes exceeds the cap of {max_size}")
+        return decode_body(recv_exactly(sock, length), schema), fds
+    except BaseException:
+        _close_fds(fds)
+        raise
+
+
+def _close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _peer_allowed(conn: socket.socket) -> bool:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid in (0, os.getuid())
+
+
+_INFO_FIELDS: Final = (
+    ("pid", int),
+    ("mr_enclave", bytes),
+    ("mr_signer", bytes),
+    ("isv_prod_id", int),
+    ("isv_svn", int),
+    ("debug", bool),
+    ("memory_size", int),
+    ("thread_slots", int),
+)
+
+
+def info_to_wire(info: EnclaveInfo) -> dict[str, Any]:
+    """An :class:`~migsgx.host.client.EnclaveInfo` as plain data."""
+
+    out = {name: getattr(info, name) for name, _ in _INFO_FIELDS}
+    out["ecalls"] = list(info.ecalls)
+    return out
+
+
+def info_from_wire(data: Any) -> dict[str, Any]:
+    """Check the plain-data form of an enclave info; returns the keyword arguments."""
+
+    if not isinstance(data, dict):
+        raise ProtocolError("enclave info is not a map")
+    out: dict[str, Any] = {}
+    for name, kind in _INFO_FIELDS:
+        value = data.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ProtocolError(f"enclave info field {name!r} is missing or has a wrong type")
+        out[name] = value
+    ecalls = data.get("ecalls")
+    if not isinstance(ecalls, list) or not all(isinstance(e, str) for e in ecalls):
+        raise ProtocolError("enclave info field 'ecalls' must be a list of names")
+    out["ecalls"] = tuple(ecalls)
+    if set(data) - {name for name, _ in _INFO_FIELDS} - {"ecalls"}:
+        raise ProtocolError("enclave info has unexpected fields")
+    return out
+
+
+def check_image_files(files: Any) -> dict[str, bytes]:
+    """An enclave image as ``{file name: bytes}``; refuses anything else."""
+
+    if not isinstance(files, dict) or not files:
+        raise ProtocolError("image files must be a non-empty map")
+    for name, data in files.items():
+        if not isinstance(name, str) or not isinstance(data, bytes):
+            raise ProtocolError("image files must map names to bytes")
+    return dict(files)
+
+
+# --- the application's side ---------------------------------------------------------------
+class MigrationControl:
+    """The listener in the application; one request at a time."""
+
+    def __init__(self, clients: Iterable[EnclaveClient] = (), *, name: str | None = None) -> None:
+        self._clients: list[EnclaveClient] = list(clients)
+        self._handed: list[EnclaveClient] | None = None
+        self._lock = threading.Lock()
+        self.name = name or f"{CONTROL_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._handlers: dict[
+            str, Callable[[dict[str, Any], list[int]], tuple[dict[str, Any], list[socket.socket]]]
+        ] = {
+            "prepare": self._prepare,
+            "resume": self._resume,
+            "attach": self._attach,
+            "status": self._status,
+        }
+
+    # --- registration ---------------------------------------------------------------------
+    def add(self, client: EnclaveClient) -> EnclaveClient:
+        with self._lock:
+            if self._handed is not None:
+                raise AppControlError("cannot add an enclave while a migration is under way")
+            self._clients.append(client)
+        return client
+
+    def remove(self, client: EnclaveClient) -> None:
+        with self._lock:
+            if self._handed is not None:
+                raise AppControlError("cannot remove an enclave while a migration is under way")
+            self._clients.remove(client)
+
+    @property
+    def clients(self) -> list[EnclaveClient]:
+        with self._lock:
+            return list(self._clients)
+
+    # --- lifetime -------------------------------------------------------------------------
+    def start(self) -> MigrationControl:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind("\0" + self.name)
+            sock.listen(4)
+        except OSError as exc:
+            sock.close()
+            raise AppControlError(f"cannot listen on @{self.name}: {exc}") from exc
+        self._listener = sock
+        self._thread = threading.Thread(target=self._serve, name="migsgx-appctl", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _serve(self) -> None:
+        while True:
+            listener = self._listener
+            if listener is None:
+                return
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                if self._listener is None:
+                    return
+                continue
+            with conn:
+                if _peer_allowed(conn):
+                    self._handle(conn)
+
+    def _handle(self, conn: socket.socket) -> None:
+        conn.settimeout(REQUEST_TIMEOUT)
+        try:
+            msg, fds = recv_frame_fds(conn, APPCTL, max_size=APPCTL_FRAME_MAX)
+        except (MigSGXError, OSError):
+            return
+        handler = self._handlers.get(msg["t"])
+        out: list[socket.socket] = []
+        try:
+            if handler is None:
+                raise AppControlError(f"{msg['t']!r} is not a request")
+            with self._lock:
+                reply, out = handler(msg, fds)
+        except MigSGXError as exc:
+            reply = {"t": "err", "code": exc.code, "message": exc.message}
+        finally:
+            _close_fds(fds)  # handlers dup what they keep
+        try:
+            send_frame_fds(conn, reply, [s.fileno() for s in out], max_size=APPCTL_FRAME_MAX)
+        except (MigSGXError, OSError):
+            if out:
+                # The caller never got the connections: keep running with them here.
+                with self._lock:
+                    self._take_back(out)
+            return
+        for sock in out:
+            sock.close()
+
+    # --- requests -------------------------------------------------------------------------
+    def _prepare(
+        self, msg: dict[str, Any], fds: list[int]
+    ) -> tuple[dict[str, Any], list[socket.socket]]:
+        if self._handed is not None:
+            raise AppControlError("the enclaves are handed over already")
+        timeout = float(msg["timeout"])
+        detached: list[tuple[EnclaveClient, socket.socket]] = []
+        try:
+            for client in self._clients:
+                detached.append((client, client.detach(timeout)))
+        except BaseException:
+            for client, sock in detached:
+                client.reattach(sock)
+            raise
+        self._handed = [client for client, _ in detached]
+        enclaves = [
+            {"info": info_to_wire(c.info), "image_files": dict(c.image_files)} for c, _ in detached
+        ]
+        return {"t": "prepared", "enclaves": enclaves}, [sock for _, sock in detached]
+
+    def _take_back(self, socks: list[socket.socket]) -> None:
+        handed, self._handed = self._handed or [], None
+        for client, sock in zip(handed, socks, strict=True):
+            client.reattach(sock)
+
+    def _adopt(self, fds: list[int]) -> list[socket.socket]:
+        if self._handed is None:
+            raise AppControlError("no enclaves are handed over")
+        if len(fds) != len(self._handed):
+            raise AppControlError(
+                f"expected {len(self._handed)} enclave connections, got {len(fds)}"
+            )
+        return [socket.socket(fileno=os.dup(fd)) for fd in fds]
+
+    def _resume(
+        self, msg: dict[str, Any], fds: list[int]
+    ) -> tuple[dict[str, Any], list[socket.socket]]:
+        socks = self._adopt(fds)
+        count = len(socks)
+        self._take_back(socks)
+        return {"t": "ok", "enclaves": count}, []
+
+    def _attach(
+        self, msg: dict[str, Any], fds: list[int]
+    ) -> tuple[dict[str, Any], list[socket.socket]]:
+        if self._handed is not None and len(msg["enclaves"]) != len(self._handed):
+            raise AppControlError("one enclave info per connection is needed")
+        infos = [EnclaveInfo(**info_from_wire(item)) for item in msg["enclaves"]]
+        socks = self._adopt(fds)
+        handed = self._handed or []
+        self._take_back(socks)
+        for client, info in zip(handed, infos, strict=True):
+            client.info = info
+        return {"t": "ok", "enclaves": len(socks)}, []
+
+    def _status(
+        self, msg: dict[str, Any], fds: list[int]
+    ) -> tuple[dict[str, Any], list[socket.socket]]:
+        return {
+            "t": "state",
+            "pid": os.getpid(),
+            "enclaves": len(self._clients),
+            "handed_over": self._handed is not None,
+        }, []
+
+
+_active: MigrationControl | None = None
+_active_lock = threading.Lock()
+
+
+def enable_migration(clients: Iterable[EnclaveClient] = ()) -> MigrationControl:
+    """Start (once per process) the migration control with these enclave clients.
+
+    A second call adds the clients to the running control.
+    """
+
+    global _active
+    with _active_lock:
+        if _active is None:
+            _active = MigrationControl(clients).start()
+        else:
+            for client in clients:
+                _active.add(client)
+        return _active
+
+
+# --- the caller's side ------------------------------------------------------------------
+@dataclass
+class HandedEnclave:
+    """One enclave connection handed over by ``prepare``."""
+
+    index: int
+    info: EnclaveInfo
+    image_files: dict[str, bytes]
+    sock: socket.socket
+
+
+def find_control(root: int) -> tuple[int, str] | None:
+    """The process of tree ``root`` that listens for migration control, and its name."""
+
+    from ..agent.process import abstract_listeners, tree_pids
+
+    for pid in tree_pids(root):
+        for name in abstract_listeners(pid, CONTROL_PREFIX):
+            return pid, name
+    return None
+
+
+class AppLink:
+    """The migration tool's (or agent's) link to one cooperating application."""
+
+    def __init__(self, pid: int, name: str, *, timeout: float = REQUEST_TIMEOUT) -> None:
+        self.pid = pid
+        self.name = name
+        self.timeout = timeout
+
+    @classmethod
+    def find(cls, root: int, *, timeout: float = REQUEST_TIMEOUT) -> AppLink | None:
+        found = find_control(root)
+        return None if found is None else cls(found[0], found[1], timeout=timeout)
+
+    def _request(
+        self, msg: Mapping[str, Any], fds: Sequence[int] = ()
+    ) -> tuple[dict[str, Any], list[int]]:
+        from ..agent.process import socket_in_netns
+
+        sock = socket_in_netns(self.pid, socket.AF_UNIX, socket.SOCK_STREAM)
+        with sock:
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect("\0" + self.name)
+                send_frame_fds(sock, msg, fds, max_size=APPCTL_FRAME_MAX)
+                reply, got = recv_frame_fds(sock, APPCTL, max_size=APPCTL_FRAME_MAX)
+            except OSError as exc:
+                raise AppControlError(f"application {self.pid}: {msg['t']} failed: {exc}") from exc
+            try:
+                # The application closes first: after this it holds no link to us.
+                if sock.recv(1):
+                    raise AppControlError("the application sent more than one answer")
+            except BaseException:
+                _close_fds(got)
+                raise
+        if reply["t"] == "err":
+            _close_fds(got)
+            raise AppControlError(
+                f"application {self.pid} refused {msg['t']}: [{reply['code']}] {reply['message']}"
+            )
+        return reply, got
+
+    def prepare(self, timeout: float = 30.0) -> list[HandedEnclave]:
+        reply, fds = self._request({"t": "prepare", "timeout": timeout})
+        try:
+            items = reply.get("enclaves")
+            if reply["t"] != "prepared" or not isinstance(items, list) or len(items) != len(fds):
+                raise AppControlError("malformed prepare answer")
+            out = [
+                HandedEnclave(
+                    i,
+                    EnclaveInfo(**info_from_wire(item["info"])),
+                    check_image_files(item["image_files"]),
+                    socket.socket(fileno=fd),
+                )
+                for i, (item, fd) in enumerate(zip(items, fds, strict=True))
+            ]
+        except BaseException:
+            _close_fds(fds)
+            raise
+        return out
+
+    def resume(self, socks: Sequence[socket.socket]) -> int:
+        reply, _ = self._request({"t": "resume"}, [s.fileno() for s in socks])
+        return int(reply.get("enclaves", 0))
+
+    def attach(self, socks: Sequence[socket.socket], infos: Sequence[EnclaveInfo]) -> int:
+        msg = {"t": "attach", "enclaves": [info_to_wire(i) for i in infos]}
+        reply, _ = self._request(msg, [s.fileno() for s in socks])
+        return int(reply.get("enclaves", 0))
+
+    def status(self) -> dict[str, Any]:
+        reply, _ = self._request({"t": "status"})
+        return reply

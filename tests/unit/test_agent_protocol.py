@@ -1,0 +1,127 @@
+"""The agent's control protocol core: schema, state table, names, fault points."""
+
+from __future__ import annotations
+
+import pytest
+
+from migsgx.agent.faults import InjectedFault, fault
+from migsgx.agent.protocol import (
+    CONTROL,
+    DATA,
+    SessionMachine,
+    SessionState,
+    check_image_name,
+)
+from migsgx.errors import FrameError, ProtocolError
+from migsgx.wire import decode_body, encode
+
+HAPPY = ["hello", "begin", "enclaves_done", "image", "image", "images_done", "restore", "resume"]
+
+
+def test_the_happy_path_ends_resumed() -> None:
+    machine = SessionMachine()
+    for request in HAPPY:
+        machine.advance(request)
+    assert machine.state is SessionState.RESUMED and machine.finished
+    assert machine.history == HAPPY
+
+
+@pytest.mark.parametrize("stop", range(1, len(HAPPY)))
+def test_abort_is_allowed_until_the_resume(stop: int) -> None:
+    machine = SessionMachine()
+    for request in HAPPY[:stop]:
+        machine.advance(request)
+    machine.advance("abort")
+    assert machine.state is SessionState.ABORTED and machine.finished
+    with pytest.raises(ProtocolError):
+        machine.advance("resume")
+
+
+def test_nothing_before_hello_and_nothing_after_the_end() -> None:
+    with pytest.raises(ProtocolError, match="not allowed in state new"):
+        SessionMachine().advance("abort")
+    machine = SessionMachine()
+    for request in HAPPY:
+        machine.advance(request)
+    for request in ("abort", "resume", "hello"):
+        with pytest.raises(ProtocolError):
+            machine.advance(request)
+
+
+@pytest.mark.parametrize(
+    ("done", "wrong"),
+    [
+        (["hello"], "restore"),
+        (["hello", "begin"], "image"),
+        (["hello", "begin"], "resume"),
+        (["hello", "begin", "enclaves_done"], "restore"),
+        (["hello", "begin", "enclaves_done", "images_done"], "resume"),
+        (["hello", "begin", "enclaves_done", "images_done"], "image"),
+    ],
+)
+def test_requests_out_of_turn(done: list[str], wrong: str) -> None:
+    machine = SessionMachine()
+    for request in done:
+        machine.advance(request)
+    with pytest.raises(ProtocolError):
+        machine.advance(wrong)
+
+
+def test_a_failure_is_a_dead_end() -> None:
+    machine = SessionMachine()
+    machine.advance("hello")
+    machine.fail()
+    assert machine.finished
+    with pytest.raises(ProtocolError):
+        machine.advance("begin")
+
+
+@pytest.mark.parametrize("name", ["core-1.img", "pagemap-12.img", "stats-dump", "inventory.img"])
+def test_image_names_criu_writes(name: str) -> None:
+    assert check_image_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", ".hidden", "../core-1.img", "a/b.img", "x" * 200, "sp ace", "nul\0"]
+)
+def test_image_names_that_could_escape(name: str) -> None:
+    with pytest.raises(ProtocolError):
+        check_image_name(name)
+
+
+def test_the_schema_refuses_extra_and_mistyped_fields() -> None:
+    good = {"t": "image", "name": "core-1.img", "data": b"x"}
+    assert CONTROL.validate(dict(good)) == good
+    with pytest.raises(FrameError, match="unexpected field"):
+        CONTROL.validate(good | {"mode": 0o777})
+    with pytest.raises(FrameError, match="wrong type"):
+        CONTROL.validate({"t": "images_done", "files": True, "bytes": 1})
+    with pytest.raises(FrameError, match="unknown message type"):
+        CONTROL.validate({"t": "exec", "argv": ["sh"]})
+    frame = encode({"t": "data", "token": b"t" * 32, "index": 0})
+    assert decode_body(frame[4:], DATA)["index"] == 0
+
+
+def test_fault_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert fault("agent.before-restore") is None
+    monkeypatch.setenv("MIGSGX_FAULT", "agent.before-restore:corrupt,tool.after-prepare:fail")
+    assert fault("agent.before-restore") == "corrupt"
+    assert fault("agent.after-restore") is None
+    with pytest.raises(InjectedFault):
+        fault("tool.after-prepare")
+    with pytest.raises(ValueError, match="unknown fault point"):
+        fault("agent.nowhere")
+
+
+def test_the_commands_register_into_a_group() -> None:
+    import click
+
+    from migsgx.cli_migrate import register
+
+    group = click.Group("migsgx")
+    register(group)
+    assert {"agent", "migrate", "checkpoint", "restore", "bench"} <= set(group.commands)
+    bench = group.commands["bench"]
+    assert isinstance(bench, click.Group) and "process" in bench.commands
+    agent = group.commands["agent"]
+    assert isinstance(agent, click.Group) and {"cert", "serve"} <= set(agent.commands)
