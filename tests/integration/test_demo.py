@@ -1,0 +1,23 @@
+"""The README's first command: the demo migrates a live application and keeps its state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from migsgx.demo import run_demo
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_migrates_the_kvstore_app(tmp_path: Path, require_root: None) -> None:
+    console = Console(file=(tmp_path / "out.txt").open("w"), width=120)
+    result = run_demo(tmp_path / "work", console=console)
+    assert result["state_kept"] is True
+    assert result["canary_found"] == 0
+    assert result["copies"] == {"src": 0, "dst": 1}
+    stats = result["stats"]
+    assert stats["downtime"] > 0 and stats["bytes"] > 0
+    assert "canary found" in (tmp_path / "out.txt").read_text()
