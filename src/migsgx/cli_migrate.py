@@ -248,12 +248,15 @@ def checkpoint_command(pid: int, directory: Path) -> None:
 @click.command("restore")
 @click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
 @click.option("--netns", default=None, help="restore into this named network namespace")
-def restore_command(directory: Path, netns: str | None) -> None:
+@click.option("--platform-socket", type=click.Path(path_type=Path), default=None,
+              envvar="MIGSGX_PLATFORM_SOCKET",
+              help="this host's platform service, for a checkpoint that holds enclaves")  # fmt: skip
+def restore_command(directory: Path, netns: str | None, platform_socket: Path | None) -> None:
     """Restore the checkpoint in DIR (its enclave state can be restored once)."""
 
     from .agent.checkpoint import restore
 
-    _emit({"pid": restore(directory, netns=netns)})
+    _emit({"pid": restore(directory, netns=netns, platform_socket=platform_socket)})
 
 
 # --- bench process --------------------------------------------------------------------------------

@@ -28,8 +28,10 @@ from migsgx.agent.process import in_netns, kill_tree, process_state
 from migsgx.agent.testbed import AgentProcess, AppProcess, Testbed
 from migsgx.agent.tls import issue_agent_identity
 from migsgx.criu import Criu
+from migsgx.errors import ReplayError, SealError
 from migsgx.host.client import EnclaveClient
 from migsgx.hosts import start_service
+from migsgx.migration.checkpoint import CheckpointIn
 from migsgx.netns import Host
 from migsgx.sgx.ca import ProvisioningCA
 from migsgx.sgx.platform import EmulatedPlatform
@@ -458,12 +460,41 @@ def test_checkpoint_to_a_directory_and_restore_elsewhere(bed: Testbed, tmp_path:
     finish(bed, app, expect="dst")
 
 
-def test_checkpoint_of_enclaves_needs_the_engine_file_sink(bed: Testbed, tmp_path: Path) -> None:
+def test_checkpoint_with_enclaves_restores_exactly_once(bed: Testbed, tmp_path: Path) -> None:
     app = kvstore(bed)
+    assert ask_src(bed, app, f"PUT kept {secrets.token_hex(32)}").startswith("OK")
     digest = ask_src(bed, app, "DIGEST")
-    done = run_cli("checkpoint", str(app.pid), "--dir", str(tmp_path / "ck"))
-    if done.returncode == 0:
-        pytest.skip("the engine writes enclave state to directories now: test it here")
-    assert done.returncode == 3 and "not yet" in done.stderr  # EXIT_CONFIG
-    check_source_runs_on(bed, app, digest)
+    ck = tmp_path / "ck"
+    done = run_cli("checkpoint", str(app.pid), "--dir", str(ck))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["enclaves"] == 1
+    wait_until(lambda: not os.path.exists(f"/proc/{app.pid}"), 10, "the source to end")
+    assert sorted(p.name for p in ck.glob("enclave-0.*")) == [
+        "enclave-0.image", "enclave-0.json", "enclave-0.key", "enclave-0.state",
+    ]  # fmt: skip
+
+    socket_path = str(bed.services["src"].socket)
+    netns = bed.host("src").netns
+    back = run_cli("restore", "--dir", str(ck), "--netns", netns, "--platform-socket", socket_path)
+    assert back.returncode == 0, back.stderr
+    assert ask_src(bed, app, "DIGEST") == digest
+    assert ask_src(bed, app, "PUT after 01").startswith("OK")
+
+    # The enclave state in the directory was claimed by that restore: never again.
+    again = CheckpointIn(ck, 0, socket_path)
+    with pytest.raises(ReplayError, match="restores only once"):
+        again.load()  # refused before a byte of state is loaded
     finish(bed, app, expect="src")
+
+
+def test_checkpoint_of_enclaves_does_not_open_on_another_host(
+    bed: Testbed, tmp_path: Path
+) -> None:
+    app = kvstore(bed)
+    ck = tmp_path / "ck"
+    done = run_cli("checkpoint", str(app.pid), "--dir", str(ck))
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: not os.path.exists(f"/proc/{app.pid}"), 10, "the source to end")
+    elsewhere = CheckpointIn(ck, 0, bed.services["dst"].socket)
+    with pytest.raises(SealError, match="another host"):
+        elsewhere.load()

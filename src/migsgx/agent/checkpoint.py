@@ -1,24 +1,30 @@
 """Checkpoint a tree into a directory, and restore it from there (one host, no agent).
 
-The directory holds CRIU's images and ``migsgx.json`` (what the restore needs
-to know).  A tree with enclaves needs the migration engine's file sink: the
-enclave state goes into the directory encrypted for a future destination
-enclave and restorable exactly once.  Until the engine offers it, a
-checkpoint of a tree with enclaves is refused and the tree runs on.
+The directory holds CRIU's images, ``migsgx.json`` (what the restore needs
+to know) and, per enclave, its state sealed by the enclave itself
+(:mod:`migsgx.migration.checkpoint`): restorable on this host, exactly once.
+
+Order on the way out: the app hands its enclaves over; each enclave writes its
+state (the source enclaves still hold theirs); CRIU dumps the tree; in CRIU's
+``post-dump`` step the enclaves give their state up.  A failure before that
+step resumes the enclaves and the app (CRIU's post-dump veto), so the tree runs
+on as before.  On the way back: CRIU restores the tree stopped; every enclave
+is loaded into a fresh enclave; then all are activated (each claims its
+checkpoint id), handed to the app, and the tree continues.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from ..criu import Criu, InNetns, InTaskNamespaces
 from ..errors import ConfigError, CriuError, MigSGXError
 from ..host.appctl import AppLink
+from ..migration.checkpoint import CheckpointIn, CheckpointOut
 from .process import continue_tree, is_pidns_init, kill_tree, tree_pids, wait_stopped
 
 __all__ = ["CHECKPOINT_META", "checkpoint", "restore"]
@@ -32,15 +38,6 @@ class CheckpointResult:
     directory: Path
     pid: int
     enclaves: int
-
-
-def _file_sink() -> Any:
-    from .incoming import load_engine
-
-    engine = load_engine()
-    if not hasattr(engine.OutgoingEnclave, "checkpoint"):
-        raise ConfigError("not yet: the enclave engine cannot write enclave state to a directory")
-    return engine
 
 
 def checkpoint(
@@ -62,24 +59,53 @@ def checkpoint(
     pids = tree_pids(pid)
     if not pids:
         raise ConfigError(f"no process {pid}")
+    pidns = is_pidns_init(pid)  # asked now: after the dump the process is gone
     link = AppLink.find(pid)
     handed = link.prepare(prepare_timeout) if link is not None else []
+    outs = [CheckpointOut(h.sock, h.info, h.image_files) for h in handed]
+    committed: list[int] = []
+
+    def post_dump(script: str, _pid: int) -> None:
+        if script != "post-dump":
+            return
+        for i, out in enumerate(outs):
+            try:
+                out.commit()
+            except MigSGXError:
+                if not committed:
+                    raise  # nothing given up yet: CRIU resumes the tree
+                # Some enclaves gave their state up already: going back is impossible.
+                continue
+            committed.append(i)
+
     try:
-        if handed:
-            _file_sink()
+        for i, out in enumerate(outs):
+            out.write(directory, i)
         extra = {"tcp_close": True} if tcp_close else {}
-        criu.dump(pid, directory, enter=InTaskNamespaces(pid), extra=extra)
+        criu.dump(pid, directory, enter=InTaskNamespaces(pid), extra=extra, notify=post_dump)
     except BaseException:
-        if link is not None and handed:
-            with contextlib.suppress(MigSGXError):
-                link.resume([h.sock for h in handed])
+        if not committed:
+            socks = [out.abort() for out in outs]
+            if link is not None and socks:
+                with contextlib.suppress(MigSGXError):
+                    link.resume(socks)
+            for path in directory.iterdir():
+                with contextlib.suppress(OSError):
+                    path.unlink()
         for h in handed:
             h.sock.close()
         raise
+    if len(committed) != len(outs):
+        raise MigSGXError(
+            f"only {len(committed)} of {len(outs)} enclaves gave their state up; the "
+            f"checkpoint in {directory} holds them all"
+        )
+    for h in handed:
+        h.sock.close()
     meta = {
         "format": FORMAT,
         "pid": pid,
-        "pidns": is_pidns_init(pid) if os.path.exists(f"/proc/{pid}") else None,
+        "pidns": pidns,
         "tcp_close": tcp_close,
         "enclaves": len(handed),
     }
@@ -87,7 +113,13 @@ def checkpoint(
     return CheckpointResult(directory, pid, len(handed))
 
 
-def restore(directory: Path, *, criu: Criu | None = None, netns: str | None = None) -> int:
+def restore(
+    directory: Path,
+    *,
+    criu: Criu | None = None,
+    netns: str | None = None,
+    platform_socket: Path | None = None,
+) -> int:
     """Restore the tree in ``directory`` (in the named network namespace); returns its pid."""
 
     criu = criu or Criu()
@@ -98,8 +130,9 @@ def restore(directory: Path, *, criu: Criu | None = None, netns: str | None = No
         raise ConfigError(f"{directory} holds no migsgx checkpoint: {exc}") from exc
     if meta.get("format") != FORMAT:
         raise ConfigError(f"unknown checkpoint format {meta.get('format')!r}")
-    if meta.get("enclaves"):
-        _file_sink()
+    count = int(meta.get("enclaves") or 0)
+    if count and platform_socket is None:
+        raise ConfigError("the checkpoint holds enclaves: name the host's --platform-socket")
     extra: dict[str, bool] = {"leave_stopped": True}
     if meta.get("tcp_close"):
         extra["tcp_close"] = True
@@ -110,11 +143,31 @@ def restore(directory: Path, *, criu: Criu | None = None, netns: str | None = No
         log_file="restore.log",
         extra=extra,
     )
+    incoming: list[CheckpointIn] = []
     try:
-        wait_stopped(pid)
-    except MigSGXError as exc:
+        try:
+            wait_stopped(pid)
+        except MigSGXError as exc:
+            raise CriuError(f"the restored tree did not hold: {exc}") from exc
+        if count:
+            assert platform_socket is not None
+            for i in range(count):
+                enclave = CheckpointIn(directory, i, platform_socket)
+                incoming.append(enclave)
+                enclave.load()
+    except BaseException:
+        for enclave in incoming:
+            enclave.discard()
         with contextlib.suppress(MigSGXError):
             kill_tree(pid)
-        raise CriuError(f"the restored tree did not hold: {exc}") from exc
+        raise
+    # Every enclave verified its state: from here on they run (each claims its id once).
+    socks = [enclave.activate() for enclave in incoming]
+    # The app answers only once it runs; its ECALL callers wait for the attach.
     continue_tree(pid)
+    if socks:
+        link = AppLink.find(pid)
+        if link is None:
+            raise MigSGXError(f"the restored process {pid} has no migration control to attach to")
+        link.attach(socks, [e.info for e in incoming if e.info is not None])
     return pid

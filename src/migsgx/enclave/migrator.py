@@ -38,9 +38,10 @@ from ..migration.commit import Committed, DestinationCommit, LoadConfirmed, Sour
 from ..migration.handshake import Handshake, HandshakeComplete, PeerAborted, Role, SessionKeys
 from ..migration.policy import MigrationPolicy, PolicyMode
 from ..migration.ring import RingRole, ShmRing, recv_ring_fds
-from ..migration.stream import TAG_SIZE, Manifest, Section
+from ..migration.stream import TAG_SIZE, Manifest, Section, StreamChannel
 from ..sgx.quote import verify_quote
 from ..sgx.structs import ReportBody
+from . import checkpoints
 from .instance import EnclaveInstance
 
 RING_TIMEOUT = 120.0
@@ -83,7 +84,10 @@ class Migrator:
         self.source_commit: SourceCommit | None = None
         self.dest_commit: DestinationCommit | None = None
         self.committed = False
+        self.discarded = False
         self.exit_after_reply = False
+        self.checkpoint: checkpoints.Checkpoint | None = None
+        self.dumped = False
         self._pending_state: Any = None
 
     # --- dispatch -----------------------------------------------------------------
@@ -93,6 +97,8 @@ class Migrator:
             raise ProtocolError(f"no runtime call {name!r}")
         if self.committed and name != "__mig_status":
             raise CommittedError("this enclave's state has moved to another host")
+        if self.discarded and name != "__mig_status":
+            raise MigrationError("a migration into this enclave was aborted; it cannot run")
         return fn(self, *args)
 
     def attach_ring(self, sock: socket.socket) -> None:
@@ -160,7 +166,7 @@ class Migrator:
 
     # --- source: dump ---------------------------------------------------------------
     def dump(self, chunk_size: int, quiesce_timeout: float = 30.0) -> dict[str, Any]:
-        keys, ring = self._ready(Role.SOURCE)
+        streams, ring = self._ready(Role.SOURCE)
         if not MIN_CHUNK <= chunk_size <= ring.slot_size - TAG_SIZE:
             raise ProtocolError(f"chunk size must be at least {MIN_CHUNK} and fit a ring slot")
         t0 = time.perf_counter()
@@ -170,7 +176,6 @@ class Migrator:
         state = cbor2.dumps(self.instance.export_small_state())
         sections = [Section.dense("state", len(state)), Section.dense("memory", memory.used)]
         manifest = Manifest(tuple(sections)).encode()
-        streams = keys.streams
         sent = 0
         plan: list[tuple[str | Section, memoryview]] = [
             ("manifest", memoryview(manifest)),
@@ -194,6 +199,7 @@ class Migrator:
                 ring.publish(index, size, final=last and n == len(plan) - 1)
                 sent += size
         ring.wait_drained(RING_TIMEOUT)
+        self.dumped = True
         return {
             "streams": len(streams.summaries),
             "bytes": sent,
@@ -224,15 +230,17 @@ class Migrator:
 
     # --- destination: load ---------------------------------------------------------
     def load(self) -> dict[str, Any]:
-        keys, ring = self._ready(Role.DESTINATION)
+        streams, ring = self._ready(Role.DESTINATION)
         dc = self.dest_commit
-        assert dc is not None
         t0 = time.perf_counter()
         private = bytearray(ring.slot_size)
         pview = memoryview(private)
         finals: list[bool] = []
 
         def take() -> memoryview:
+            if finals and finals[-1]:
+                # The untrusted side flagged an earlier slot as the last one.
+                raise StreamError("the transfer ended before the state's last chunk")
             index, view, final = ring.next(RING_TIMEOUT)
             n = len(view)
             pview[:n] = view  # one fetch: the untrusted side cannot change it after this
@@ -240,7 +248,6 @@ class Migrator:
             finals.append(final)
             return pview[:n]
 
-        streams = keys.streams
         received = 0
 
         def open_stream(expect: str | Section, sink: memoryview) -> int:
@@ -275,7 +282,8 @@ class Migrator:
             self._pending_state = cbor2.loads(bytes(state_buf))
         except Exception as exc:
             raise StreamError("the migrated small state does not decode") from exc
-        loaded = dc.loaded()
+        # A live migration confirms to the source; a checkpoint restore has no peer.
+        loaded = dc.loaded() if dc is not None else b""
         return {
             "loaded": loaded,
             "bytes": received,
@@ -314,9 +322,15 @@ class Migrator:
         except MigSGXError:
             frame = b""
         was_source = self.role is Role.SOURCE
+        was_destination = self.role is Role.DESTINATION
         self._reset()
         if was_source:
             self.instance.resume()
+        elif was_destination:
+            # Its memory may hold (part of) the source's state: wipe it, and never
+            # let this enclave run or migrate again (it would be a second copy).
+            self.discarded = True
+            self.instance.retire("a migration into this enclave was aborted")
         return frame
 
     def status(self) -> dict[str, Any]:
@@ -327,12 +341,18 @@ class Migrator:
         }
 
     # --- helpers ------------------------------------------------------------------------
-    def _ready(self, role: Role) -> tuple[SessionKeys, ShmRing]:
-        if self.role is not role or self.keys is None:
+    def _ready(self, role: Role) -> tuple[StreamChannel, ShmRing]:
+        if self.role is not role:
+            raise ProtocolError("the handshake has not completed")
+        if self.keys is not None:
+            streams = self.keys.streams
+        elif self.checkpoint is not None:
+            streams = self.checkpoint.streams
+        else:
             raise ProtocolError("the handshake has not completed")
         if self.ring is None:
             raise ProtocolError("no ring was attached")
-        return self.keys, self.ring
+        return streams, self.ring
 
     def _source_commit(self) -> SourceCommit:
         if self.source_commit is None:
@@ -351,7 +371,56 @@ class Migrator:
         self.keys = None
         self.source_commit = None
         self.dest_commit = None
+        self.checkpoint = None
+        self.dumped = False
         self._pending_state = None
+
+    # --- checkpoints: a migration whose destination is a file ------------------------
+    def ckpt_out(self) -> dict[str, Any]:
+        """Source: a sealed stream secret and a fresh checkpoint id; the dump follows."""
+
+        if self.role is not None:
+            raise ProtocolError("a migration is already in progress")
+        self.checkpoint = checkpoints.start(self.instance)
+        self.role = Role.SOURCE
+        return {"id": self.checkpoint.checkpoint_id, "key": self.checkpoint.sealed_key}
+
+    def ckpt_commit(self) -> None:
+        """Source: the checkpoint is on disk; give the state up for good."""
+
+        if self.checkpoint is None or self.role is not Role.SOURCE or not self.dumped:
+            raise ProtocolError("no completed checkpoint to commit")
+        self.committed = True
+        self.instance.retire("this enclave's state was checkpointed")
+        self.exit_after_reply = True
+
+    def ckpt_in(self, sealed_key: bytes) -> None:
+        """Destination: open a checkpoint's key (this host, an enclave it allows)."""
+
+        if self.role is not None:
+            raise ProtocolError("a migration is already in progress")
+        if self.instance.calls_served:
+            raise ProtocolError("only a freshly launched enclave can restore a checkpoint")
+        self.checkpoint = checkpoints.open_key(self.instance, sealed_key)
+        self.role = Role.DESTINATION
+        self.instance.quiesce(timeout=0)
+
+    def ckpt_activate(self) -> dict[str, Any]:
+        """Destination: every stream verified; claim the checkpoint id once, then run."""
+
+        if self.checkpoint is None or self.role is not Role.DESTINATION:
+            raise ProtocolError("no checkpoint is being restored")
+        if self._pending_state is None:
+            raise ProtocolError("the checkpoint's state has not been loaded")
+        if not self.instance.services.claim_migration(self.checkpoint.checkpoint_id):
+            raise ReplayError("this checkpoint was restored before; it restores only once")
+        self.instance.import_small_state(self._pending_state)
+        self._pending_state = None
+        self.instance.resume()
+        self._close_ring()
+        self.role = None
+        self.checkpoint = None
+        return {"active": True}
 
 
 _CALLS: dict[str, Any] = {
@@ -365,5 +434,9 @@ _CALLS: dict[str, Any] = {
     "__mig_commit_in": Migrator.commit_in,
     "__mig_abort": Migrator.abort,
     "__mig_status": Migrator.status,
+    "__ckpt_out": Migrator.ckpt_out,
+    "__ckpt_commit": Migrator.ckpt_commit,
+    "__ckpt_in": Migrator.ckpt_in,
+    "__ckpt_activate": Migrator.ckpt_activate,
 }
 RUNTIME_CALLS = frozenset(_CALLS) | {"__mig_ring"}
