@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import select
 import socket
 import threading
 import time
@@ -42,14 +43,18 @@ from typing import Any
 from ..errors import (
     ConnectionClosedError,
     EnclaveLostError,
+    FrameError,
     MigrationError,
     MigSGXError,
     ProtocolError,
+    ReplayError,
+    StreamError,
     error_from_wire,
 )
 from ..host.client import EnclaveInfo, launch_enclave
 from ..sgx.image import EnclaveImage
 from ..wire import Schema, recv_frame, send_frame
+from .commit import CommitError
 from .ring import RingRole, ShmRing, send_ring_fds
 from .stream import TAG_SIZE
 from .transport import (
@@ -255,6 +260,37 @@ class _Worker:
             raise self.error
 
 
+def _call_beside(link: EnclaveLink, worker: _Worker, name: str, *args: Any) -> Any:
+    """A runtime call while ``worker`` moves the ring's slots.
+
+    A failing worker closes the ring, so the enclave then fails too, with "the
+    ring's peer is gone": then the worker's own error is the cause to report.
+    (If the enclave itself is gone, that is the cause.)
+    """
+
+    try:
+        return link.call(name, *args)
+    except EnclaveLostError:
+        raise
+    except MigSGXError as exc:
+        if isinstance(worker.error, MigSGXError):
+            raise worker.error from exc
+        raise
+
+
+def _bytes_waiting(sock: socket.socket) -> bool:
+    """Whether bytes wait on ``sock`` now (end of file is not bytes); never blocks."""
+
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    try:
+        if not poller.poll(0):
+            return False
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
+
+
 def _slot_size(chunk_size: int) -> int:
     return chunk_size + TAG_SIZE
 
@@ -317,7 +353,7 @@ class OutgoingEnclave:
                 if self.mode == "pipelined":
                     mover = _Worker(lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT),
                                     "migsgx-send", ring)  # fmt: skip
-                    dump = self.link.call("__mig_dump", self.chunk_size)
+                    dump = _call_beside(self.link, mover, "__mig_dump", self.chunk_size)
                     mover.join()
                     t_dumped = t_sent = time.perf_counter()
                 else:
@@ -326,7 +362,7 @@ class OutgoingEnclave:
                         drainer = _Worker(
                             lambda: staging.drain(ring, RING_TIMEOUT), "migsgx-drain", ring
                         )
-                        dump = self.link.call("__mig_dump", self.chunk_size)
+                        dump = _call_beside(self.link, drainer, "__mig_dump", self.chunk_size)
                         drainer.join()
                         t_dumped = time.perf_counter()
                         staging.send(peer)
@@ -368,7 +404,8 @@ class OutgoingEnclave:
         # From here on the destination is the only copy; the token may be re-sent.
         self.token = token
         _send(self.peer, {"t": "commit", "token": token})
-        _recv(self.peer, "active")
+        while _recv(self.peer, "active", "loaded")["t"] != "active":
+            pass  # a LOADED delivered twice changes nothing now: the decision is made
 
     def abort(self, reason: str) -> socket.socket:
         """The source enclave resumes with its state; returns its connection."""
@@ -399,6 +436,7 @@ class IncomingEnclave:
         self.info: EnclaveInfo | None = None
         self.peer: socket.socket | None = None
         self.stats: dict[str, Any] = {}
+        self.rejected: list[MigSGXError] = []
 
     @classmethod
     def accept_offer(
@@ -445,7 +483,7 @@ class IncomingEnclave:
                         "migsgx-recv",
                         ring,
                     )
-                    result = self.link.call("__mig_load")
+                    result = _call_beside(self.link, mover, "__mig_load")
                     mover.join()
                     t_recv = t_hs
                 else:
@@ -456,12 +494,15 @@ class IncomingEnclave:
                         filler = _Worker(
                             lambda: staging.fill(ring, RING_TIMEOUT), "migsgx-fill", ring
                         )
-                        result = self.link.call("__mig_load")
+                        result = _call_beside(self.link, filler, "__mig_load")
                         filler.join()
                     finally:
                         staging.close()
             finally:
                 ring.close()
+            if _bytes_waiting(peer):
+                # The source sends nothing after its final chunk until it has LOADED.
+                raise StreamError("the peer sent more after the final chunk of the state")
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}"
             self._abort_quietly(reason)
@@ -481,24 +522,50 @@ class IncomingEnclave:
         return self.stats
 
     def wait_commit(self, timeout: float | None = None) -> socket.socket:
-        """Wait for the source's decision; on COMMIT the enclave runs: return its connection."""
+        """Wait for the source's decision; on COMMIT the enclave runs: return its connection.
+
+        Only the destination enclave judges the decision.  A COMMIT token or an
+        ABORT frame that it does not find authentic changes nothing and the wait
+        goes on (``docs/spec/handshake.md``, 9.2): the untrusted side cannot talk
+        the destination out of its copy while the source may have committed.
+        Rejected frames are kept in :attr:`rejected`.  On a timeout the copy is
+        kept, in doubt; :meth:`abort` discards it.
+        """
 
         if self.peer is None or self.link is None:
             raise MigrationError("nothing was received")
-        self.peer.settimeout(timeout)
-        try:
-            msg = recv_frame(self.peer, PEER, max_size=PEER_FRAME_MAX)
-        finally:
-            with contextlib.suppress(OSError):
-                self.peer.settimeout(None)
-        if msg["t"] == "abort":
-            self._abort_quietly(msg["message"], peer_frame=msg["frame"])
-            raise MigrationError(f"the source aborted: {msg['message']}")
-        if msg["t"] != "commit":
-            raise ProtocolError(f"expected commit or abort, got {msg['t']!r}")
-        self.link.call("__mig_commit_in", msg["token"])
-        _send(self.peer, {"t": "active"})
-        return self.link.sock
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise MigrationError("no authentic decision from the source in time")
+            self.peer.settimeout(remaining)
+            try:
+                msg = recv_frame(self.peer, PEER, max_size=PEER_FRAME_MAX)
+            except TimeoutError as exc:
+                raise MigrationError("no authentic decision from the source in time") from exc
+            finally:
+                with contextlib.suppress(OSError):
+                    self.peer.settimeout(None)
+            if msg["t"] not in ("commit", "abort"):
+                raise ProtocolError(f"expected commit or abort, got {msg['t']!r}")
+            frame = msg["token"] if msg["t"] == "commit" else msg["frame"]
+            try:
+                self.link.call("__mig_commit_in", frame)
+            except (CommitError, FrameError) as exc:
+                self.rejected.append(exc)  # not from the source: nothing changed
+                continue
+            except ReplayError:
+                self._abort_quietly("this migration id was committed before")
+                raise
+            except MigrationError as exc:
+                if type(exc) is not MigrationError:
+                    raise
+                # The enclave found an authentic ABORT: the source runs on.
+                self._abort_quietly("the source aborted")
+                raise MigrationError(f"the source aborted: {msg.get('message', '')}") from exc
+            _send(self.peer, {"t": "active"})
+            return self.link.sock
 
     def abort(self) -> None:
         self._abort_quietly("aborted by the destination")
