@@ -71,6 +71,16 @@ PLATFORM = Schema(
         "ctr_destroy": {"id": str},
         "claim": {"mid": bytes},
         "claimed": {"mid": bytes},
+        "ps_read": {"name": str},
+        "ps_update": {
+            "name": str,
+            "record": (bytes, NONE),
+            "create": dict,
+            "advance": dict,
+            "destroy": list,
+            "check": dict,
+            "absent": bool,
+        },
         # service -> enclave
         "ok": {"value": ANY},
         "err": {"code": str, "message": str},

@@ -183,6 +183,24 @@ class EnclaveMemoryError(EnclaveError):
     code = "enclave-memory"
 
 
+class PersistentStateError(EnclaveError):
+    """The enclave's persistent state is not open, not usable here, or was moved."""
+
+    code = "persistent"
+
+
+class FrozenError(EnclaveBusyError):
+    """Seal and counter operations wait for a migration or checkpoint to end."""
+
+    code = "frozen"
+
+
+class RollbackError(SealError):
+    """Sealed data or a persistent record is older than the newest one (or newer)."""
+
+    code = "rollback"
+
+
 # --- wire ------------------------------------------------------------------------
 class ProtocolError(MigSGXError):
     """The peer sent something the protocol does not allow."""

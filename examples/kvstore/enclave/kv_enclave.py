@@ -2,6 +2,12 @@
 
 Values live in a heap in enclave memory (bulk state); the index of keys to
 heap offsets is small structured state.  Both move with a migration.
+
+Values can be sealed two ways: ``seal_value`` binds the blob to this host
+(platform sealing), ``seal_value_migratable`` to the store's persistent state,
+which moves with the enclave (open it first with ``open_persistent``).  A
+versioned migratable blob is bound to a counter per key, so a replayed older
+blob of the key is refused, also after a migration.
 """
 
 from __future__ import annotations
@@ -86,6 +92,43 @@ class KeyValueStore(Enclave):
     def unseal_value(self, key: str, blob: bytes) -> int:
         return self.put(key, self.ctx.unseal(blob, aad=key.encode()))
 
+    # --- persistent state: it moves with the enclave ---------------------------
+    @ecall
+    def open_persistent(self, name: str) -> bool:
+        """Open this store's persistent state on this host (True: created now)."""
+
+        return bool(self.ctx.open_persistent(name))
+
+    @ecall
+    def seal_value_migratable(self, key: str, versioned: bool = False) -> bytes:
+        value = self.get(key)
+        if value is None:
+            raise EnclaveError("no such key")
+        counter = None
+        if versioned:
+            counter = _version_counter(key)
+            if counter not in self.ctx.mcounter_names():
+                self.ctx.mcounter_create(counter)
+        return bytes(self.ctx.seal_migratable(value, aad=key.encode(), counter=counter))
+
+    @ecall
+    def unseal_value_migratable(self, key: str, blob: bytes) -> int:
+        """Put a migratable blob's value back; a stale versioned blob is refused."""
+
+        return self.put(key, self.ctx.unseal_migratable(blob, aad=key.encode()))
+
+    @ecall
+    def mcounter_create(self, name: str, initial: int = 0) -> int:
+        return int(self.ctx.mcounter_create(name, initial))
+
+    @ecall
+    def mcounter_read(self, name: str) -> int:
+        return int(self.ctx.mcounter_read(name))
+
+    @ecall
+    def mcounter_increment(self, name: str, by: int = 1) -> int:
+        return int(self.ctx.mcounter_increment(name, by))
+
     @ecall
     def log_event(self, text: str) -> None:
         self.ctx.ocall("log", f"enclave says: {text}")
@@ -98,3 +141,9 @@ class KeyValueStore(Enclave):
         self.index = {str(k): [int(v[0]), int(v[1])] for k, v in state["index"].items()}
         self.top = int(state["top"])
         self.puts = int(state["puts"])
+
+
+def _version_counter(key: str) -> str:
+    """A counter name for any key (counter names are short and plain)."""
+
+    return "v-" + hashlib.sha256(key.encode()).hexdigest()[:32]

@@ -15,12 +15,17 @@ keys or plaintext happens here:
   stream verified;
 * the commit: the source gives up its state only on the destination's
   authenticated LOADED, the destination runs only on the source's COMMIT
-  token and after claiming the migration id on its platform (once).
+  token and after claiming the migration id on its platform (once);
+* the persistent state (``docs/spec/persistent.md``): frozen when the dump
+  begins, carried as the ``persistent`` section, retired on the source right
+  before its COMMIT token exists, installed on the destination right after it
+  claimed the migration id; an abort thaws the source.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from typing import Any
 
@@ -34,7 +39,13 @@ from ..errors import (
     ReplayError,
     StreamError,
 )
-from ..migration.commit import Committed, DestinationCommit, LoadConfirmed, SourceCommit
+from ..migration.commit import (
+    CommitState,
+    Committed,
+    DestinationCommit,
+    LoadConfirmed,
+    SourceCommit,
+)
 from ..migration.handshake import Handshake, HandshakeComplete, PeerAborted, Role, SessionKeys
 from ..migration.policy import MigrationPolicy, PolicyMode
 from ..migration.ring import RingRole, ShmRing, recv_ring_fds
@@ -43,10 +54,12 @@ from ..sgx.quote import verify_quote
 from ..sgx.structs import ReportBody
 from . import checkpoints
 from .instance import EnclaveInstance
+from .persistent import MAX_TRANSFER_BYTES, PendingImport, PersistentState
 
 RING_TIMEOUT = 120.0
 MIN_CHUNK = 4096  # a ring slot must also hold a stream header
 MAX_STATE_BYTES = 64 << 20
+SECTIONS = ("state", "memory", "persistent")
 
 
 class _Attester:
@@ -85,10 +98,30 @@ class Migrator:
         self.dest_commit: DestinationCommit | None = None
         self.committed = False
         self.discarded = False
-        self.exit_after_reply = False
+        self._exit_thread: int | None = None
         self.checkpoint: checkpoints.Checkpoint | None = None
         self.dumped = False
         self._pending_state: Any = None
+        self._pending_persistent: PendingImport | None = None
+        # The commit end of the migration this enclave came in by, kept after it
+        # ran so that its COMMIT token, replayed, is still recognised as a replay.
+        self._arrived: DestinationCommit | None = None
+
+    @property
+    def persistent(self) -> PersistentState:
+        return self.instance.context.persistent
+
+    @property
+    def exit_after_reply(self) -> bool:
+        """True in the thread of the call that gave the state up: its reply is the last.
+
+        Runtime calls run in threads of their own, and each checks this after its
+        reply.  A flag for all threads would let another call that just replied
+        (``__mig_loaded``, right before ``__mig_commit``) hang up first, and the
+        COMMIT token would never leave the enclave.
+        """
+
+        return self._exit_thread == threading.get_ident()
 
     # --- dispatch -----------------------------------------------------------------
     def call(self, name: str, args: list[Any]) -> Any:
@@ -137,8 +170,10 @@ class Migrator:
 
         if self.instance.calls_served:
             raise ProtocolError("only a freshly launched enclave can receive a migration")
+        self._without_persistent()
         self.handshake = self._new_handshake(Role.DESTINATION)
         self.instance.quiesce(timeout=0)
+        self.persistent.freeze(timeout=5.0)
 
     def hs(self, data: bytes) -> dict[str, Any]:
         hs = self.handshake
@@ -171,16 +206,25 @@ class Migrator:
             raise ProtocolError(f"chunk size must be at least {MIN_CHUNK} and fit a ring slot")
         t0 = time.perf_counter()
         self.instance.quiesce(timeout=quiesce_timeout)
+        # From here until an abort, no seal or counter operation may change what
+        # the dump says (enclave threads outside ECALLs get FrozenError).
+        self.persistent.freeze(timeout=quiesce_timeout)
         t_quiesced = time.perf_counter()
         memory = self.instance.memory
+        persistent = self.persistent.export()
         state = cbor2.dumps(self.instance.export_small_state())
-        sections = [Section.dense("state", len(state)), Section.dense("memory", memory.used)]
+        sections = [
+            Section.dense("state", len(state)),
+            Section.dense("memory", memory.used),
+            Section.dense("persistent", len(persistent)),
+        ]
         manifest = Manifest(tuple(sections)).encode()
         sent = 0
         plan: list[tuple[str | Section, memoryview]] = [
             ("manifest", memoryview(manifest)),
             (sections[0], memoryview(state)),
             (sections[1], memory.view(0, memory.used)),
+            (sections[2], memoryview(persistent)),
         ]
         for n, (expect, data) in enumerate(plan):
             sealer = streams.sealer(expect, chunk_size)
@@ -222,10 +266,16 @@ class Migrator:
         """Source: give up the state for good; the enclave wipes itself and exits."""
 
         sc = self._source_commit()
+        if sc.state is not CommitState.LOAD_CONFIRMED:
+            raise ProtocolError("the destination has not confirmed the load")
+        # The source's record and counters go before the token exists: from now
+        # on only the destination can ever hold them (or, if the token is lost,
+        # nobody; never two).
+        self.persistent.retire("this enclave's persistent state has moved to another host")
         token = sc.commit()
         self.committed = True
         self.instance.retire("this enclave's state has moved to another host")
-        self.exit_after_reply = True
+        self._exit_thread = threading.get_ident()
         return token
 
     # --- destination: load ---------------------------------------------------------
@@ -266,22 +316,31 @@ class Migrator:
         manifest_buf = bytearray(64 << 10)
         n = open_stream("manifest", memoryview(manifest_buf))
         manifest = Manifest.decode(bytes(manifest_buf[:n]))
-        labels = [s.label for s in manifest.sections]
-        if labels != ["state", "memory"] or any(s.page_size for s in manifest.sections):
+        labels = tuple(s.label for s in manifest.sections)
+        if labels != SECTIONS or any(s.page_size for s in manifest.sections):
             raise StreamError("unexpected sections in the migrated state")
-        state_section, memory_section = manifest.sections
+        state_section, memory_section, persistent_section = manifest.sections
         memory = self.instance.memory
-        if state_section.length > MAX_STATE_BYTES or memory_section.length > memory.size:
+        if (
+            state_section.length > MAX_STATE_BYTES
+            or memory_section.length > memory.size
+            or persistent_section.length > MAX_TRANSFER_BYTES
+        ):
             raise StreamError("the migrated state does not fit this enclave")
         state_buf = bytearray(state_section.length)
         open_stream(state_section, memoryview(state_buf))
         open_stream(memory_section, memory.view(0, memory_section.length))
+        persistent_buf = bytearray(persistent_section.length)
+        open_stream(persistent_section, memoryview(persistent_buf))
         if not finals or not finals[-1] or any(finals[:-1]):
             raise StreamError("the transfer's end is not where the stream ends")
         try:
             self._pending_state = cbor2.loads(bytes(state_buf))
         except Exception as exc:
             raise StreamError("the migrated small state does not decode") from exc
+        # Checked before LOADED: a state that cannot be installed here is refused
+        # while the source can still go on.
+        self._pending_persistent = self.persistent.prepare_import(bytes(persistent_buf))
         # A live migration confirms to the source; a checkpoint restore has no peer.
         loaded = dc.loaded() if dc is not None else b""
         return {
@@ -294,7 +353,7 @@ class Migrator:
     def commit_in(self, token: bytes) -> dict[str, Any]:
         """Destination: the source's COMMIT token; claim the id, then run."""
 
-        dc = self.dest_commit
+        dc = self.dest_commit or self._arrived
         if dc is None:
             raise ProtocolError("no migration to commit")
         event = dc.receive(token)
@@ -302,12 +361,20 @@ class Migrator:
             raise MigrationError(f"the source aborted: {event.code}")
         if not isinstance(event, Committed):
             raise ReplayError("the commit token was not accepted")
-        self.instance.import_small_state(self._pending_state)
-        self._pending_state = None
-        self.instance.resume()
-        self._close_ring()
-        self.role = None
+        self._activate()
         return {"active": True}
+
+    def _activate(self) -> None:
+        """Destination, the id claimed: install the persistent state, import, run."""
+
+        self.persistent.install(self._pending_persistent)
+        self._pending_persistent = None
+        self.persistent.thaw()
+        self.instance.import_small_state(self._pending_state)
+        self.instance.resume()
+        # Done: the enclave may migrate again, as a source, with fresh keys.
+        self._arrived = self.dest_commit
+        self._reset()
 
     # --- both -------------------------------------------------------------------------
     def abort(self, reason: str = "aborted") -> bytes:
@@ -325,6 +392,7 @@ class Migrator:
         was_destination = self.role is Role.DESTINATION
         self._reset()
         if was_source:
+            self.persistent.thaw()
             self.instance.resume()
         elif was_destination:
             # Its memory may hold (part of) the source's state: wipe it, and never
@@ -339,6 +407,19 @@ class Migrator:
             "committed": self.committed,
             "handshake_done": self.keys is not None,
         }
+
+    def persistent_status(self) -> dict[str, Any]:
+        """Public facts of the persistent state: name, open, frozen, counter names."""
+
+        return self.persistent.status()
+
+    def _without_persistent(self) -> None:
+        """A destination must not have a persistent state: it receives one."""
+
+        if self.persistent.name is not None:
+            raise ProtocolError(
+                "an enclave that opened a persistent state cannot receive a migration"
+            )
 
     # --- helpers ------------------------------------------------------------------------
     def _ready(self, role: Role) -> tuple[StreamChannel, ShmRing]:
@@ -374,6 +455,7 @@ class Migrator:
         self.checkpoint = None
         self.dumped = False
         self._pending_state = None
+        self._pending_persistent = None
 
     # --- checkpoints: a migration whose destination is a file ------------------------
     def ckpt_out(self) -> dict[str, Any]:
@@ -390,9 +472,10 @@ class Migrator:
 
         if self.checkpoint is None or self.role is not Role.SOURCE or not self.dumped:
             raise ProtocolError("no completed checkpoint to commit")
+        self.persistent.retire("this enclave's persistent state was checkpointed")
         self.committed = True
         self.instance.retire("this enclave's state was checkpointed")
-        self.exit_after_reply = True
+        self._exit_thread = threading.get_ident()
 
     def ckpt_in(self, sealed_key: bytes) -> None:
         """Destination: open a checkpoint's key (this host, an enclave it allows)."""
@@ -401,9 +484,11 @@ class Migrator:
             raise ProtocolError("a migration is already in progress")
         if self.instance.calls_served:
             raise ProtocolError("only a freshly launched enclave can restore a checkpoint")
+        self._without_persistent()
         self.checkpoint = checkpoints.open_key(self.instance, sealed_key)
         self.role = Role.DESTINATION
         self.instance.quiesce(timeout=0)
+        self.persistent.freeze(timeout=5.0)
 
     def ckpt_activate(self) -> dict[str, Any]:
         """Destination: every stream verified; claim the checkpoint id once, then run."""
@@ -414,11 +499,7 @@ class Migrator:
             raise ProtocolError("the checkpoint's state has not been loaded")
         if not self.instance.services.claim_migration(self.checkpoint.checkpoint_id):
             raise ReplayError("this checkpoint was restored before; it restores only once")
-        self.instance.import_small_state(self._pending_state)
-        self._pending_state = None
-        self.instance.resume()
-        self._close_ring()
-        self.role = None
+        self._activate()
         self.checkpoint = None
         return {"active": True}
 
@@ -438,5 +519,6 @@ _CALLS: dict[str, Any] = {
     "__ckpt_commit": Migrator.ckpt_commit,
     "__ckpt_in": Migrator.ckpt_in,
     "__ckpt_activate": Migrator.ckpt_activate,
+    "__ps_status": Migrator.persistent_status,
 }
 RUNTIME_CALLS = frozenset(_CALLS) | {"__mig_ring"}

@@ -30,6 +30,7 @@ from ..errors import (
     ProtocolError,
     error_from_wire,
 )
+from ..sgx.counters import RecordUpdate
 from ..sgx.image import EnclaveImage
 from ..sgx.structs import KeyRequest, Report, ReportBody, TargetInfo
 from ..wire import recv_frame, send_frame
@@ -99,6 +100,13 @@ class ChannelServices:
 
     def migration_claimed(self, migration_id: bytes) -> bool:
         return bool(self._ask({"t": "claimed", "mid": bytes(migration_id)}))
+
+    def persist_read(self, name: str) -> bytes | None:
+        value = self._ask({"t": "ps_read", "name": name})
+        return None if value is None else bytes(value)
+
+    def persist_update(self, name: str, update: RecordUpdate) -> None:
+        self._ask({"t": "ps_update", "name": name, **update.to_wire()})
 
 
 class AppChannel:

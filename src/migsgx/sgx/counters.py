@@ -5,14 +5,24 @@ derived from MRENCLAVE or MRSIGNER + product id, by the owner policy) and only
 that identity may read, increment or destroy it.  Values only grow.  Every
 change is written to disk (atomically, fsynced) before it is acknowledged, so
 a counter survives a restart of the platform at its last acknowledged value.
+
+Beside the counters the same file keeps each enclave's *persistent record*
+(``docs/spec/persistent.md``): an opaque sealed blob under an owner and a
+name.  A :class:`RecordUpdate` changes a record and the counters it names in
+one atomic write, with compare conditions, so that an enclave's record and its
+epoch counter never disagree after a crash.  The platform cannot read a
+record; it only keeps it, as AESM kept the data of SGX's platform services.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import re
 import threading
 import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +32,76 @@ from .._fs import read_private, write_private
 from ..errors import CounterError
 
 MAX_COUNTERS_PER_OWNER = 256
+MAX_RECORDS_PER_OWNER = 256
+MAX_RECORD_BYTES = 256 << 10
 COUNTER_MAX = (1 << 64) - 1
+RECORD_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_COUNTER_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(frozen=True)
+class RecordUpdate:
+    """One atomic change of a persistent record and of the counters it names.
+
+    Applied all or nothing, in this order of checks: every counter in
+    ``check`` has exactly the given value; every counter in ``advance`` and
+    ``destroy`` exists and belongs to the caller, and each ``advance`` value is
+    above the counter's current one; no counter in ``create`` exists (the
+    enclave chooses the ids: 32 lowercase hex digits, so that the record it
+    seals can name them before they exist); with ``expect_absent``, no record
+    of that name exists.  Then the counters change and the record is replaced
+    by ``record``, or deleted when ``record`` is None.
+    """
+
+    record: bytes | None
+    create: Mapping[str, int] = field(default_factory=dict)
+    advance: Mapping[str, int] = field(default_factory=dict)
+    destroy: Sequence[str] = ()
+    check: Mapping[str, int] = field(default_factory=dict)
+    expect_absent: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "record": self.record,
+            "create": dict(self.create),
+            "advance": dict(self.advance),
+            "destroy": list(self.destroy),
+            "check": dict(self.check),
+            "absent": self.expect_absent,
+        }
+
+    @classmethod
+    def from_wire(cls, msg: Mapping[str, Any]) -> RecordUpdate:
+        """Rebuild an update from the platform channel; malformed parts raise CounterError."""
+
+        def counter_map(value: Any) -> dict[str, int]:
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                for k, v in value.items()
+            ):
+                raise CounterError("a record update names counters malformed")
+            return dict(value)
+
+        destroy = msg.get("destroy")
+        if not isinstance(destroy, list) or not all(isinstance(c, str) for c in destroy):
+            raise CounterError("a record update names counters malformed")
+        record = msg.get("record")
+        if record is not None and not isinstance(record, bytes):
+            raise CounterError("a record must be bytes")
+        return cls(
+            record=record,
+            create=counter_map(msg.get("create")),
+            advance=counter_map(msg.get("advance")),
+            destroy=tuple(destroy),
+            check=counter_map(msg.get("check")),
+            expect_absent=bool(msg.get("absent")),
+        )
+
+
+def _record_key(owner: bytes, name: str) -> str:
+    if not isinstance(name, str) or not RECORD_NAME.fullmatch(name):
+        raise CounterError("a record name is 1 to 64 characters of A-Z a-z 0-9 . _ -")
+    return owner.hex() + "/" + name
 
 
 class CounterStore:
@@ -31,20 +110,27 @@ class CounterStore:
         self._lock = threading.Lock()
         self._lock_path = self._path.with_name(self._path.name + ".lock")
         if not self._path.exists():
-            write_private(self._path, cbor2.dumps({"v": 1, "counters": {}}))
+            write_private(self._path, cbor2.dumps({"v": 1, "counters": {}, "records": {}}))
 
-    def _load(self) -> dict[str, dict[str, Any]]:
+    def _load_all(self) -> dict[str, Any]:
         try:
             data = cbor2.loads(read_private(self._path))
         except (OSError, ValueError, cbor2.CBORDecodeError) as exc:
             raise CounterError(f"counter store {self._path} is unreadable") from exc
         counters = data.get("counters") if isinstance(data, dict) else None
-        if not isinstance(counters, dict):
+        records = data.get("records", {}) if isinstance(data, dict) else None
+        if not isinstance(counters, dict) or not isinstance(records, dict):
             raise CounterError(f"counter store {self._path} is corrupt")
+        return {"v": 1, "counters": counters, "records": records}
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        counters: dict[str, dict[str, Any]] = self._load_all()["counters"]
         return counters
 
     def _save(self, counters: dict[str, dict[str, Any]]) -> None:
-        write_private(self._path, cbor2.dumps({"v": 1, "counters": counters}))
+        data = self._load_all()
+        data["counters"] = counters
+        write_private(self._path, cbor2.dumps(data))
 
     def _locked(self) -> _FileLock:
         return _FileLock(self._lock, self._lock_path)
@@ -92,6 +178,65 @@ class CounterStore:
             self._get(counters, owner, cid)
             del counters[cid]
             self._save(counters)
+
+    # --- persistent records ------------------------------------------------------
+    def record_read(self, owner: bytes, name: str) -> bytes | None:
+        key = _record_key(owner, name)
+        with self._locked():
+            entry = self._load_all()["records"].get(key)
+        if entry is None:
+            return None
+        if not isinstance(entry, dict) or not isinstance(entry.get("blob"), bytes):
+            raise CounterError(f"counter store {self._path} is corrupt")
+        return bytes(entry["blob"])
+
+    def record_update(self, owner: bytes, name: str, update: RecordUpdate) -> None:
+        """Apply ``update`` atomically (see :class:`RecordUpdate`), or change nothing."""
+
+        key = _record_key(owner, name)
+        if update.record is not None and len(update.record) > MAX_RECORD_BYTES:
+            raise CounterError("a persistent record is limited to 256 KiB")
+        changed = [*update.create, *update.advance, *update.destroy]
+        if len(set(changed)) != len(changed):
+            raise CounterError("a record update changes one counter twice")
+        with self._locked():
+            data = self._load_all()
+            counters: dict[str, dict[str, Any]] = data["counters"]
+            records: dict[str, Any] = data["records"]
+            for cid, value in update.check.items():
+                if int(self._get(counters, owner, cid)["value"]) != value:
+                    raise CounterError(f"counter {cid} does not hold the expected value")
+            for cid, value in update.advance.items():
+                entry = self._get(counters, owner, cid)
+                if not int(entry["value"]) < value <= COUNTER_MAX:
+                    raise CounterError("a monotonic counter only grows")
+            for cid in update.destroy:
+                self._get(counters, owner, cid)
+            for cid, value in update.create.items():
+                if not _COUNTER_ID.fullmatch(cid) or cid in counters:
+                    raise CounterError("a new counter needs a fresh id of 32 hex digits")
+                if not 0 <= value <= COUNTER_MAX:
+                    raise CounterError("initial value out of range")
+            owned = sum(1 for c in counters.values() if c["owner"] == owner)
+            if owned - len(update.destroy) + len(update.create) > MAX_COUNTERS_PER_OWNER:
+                raise CounterError("too many counters for this enclave")
+            if update.expect_absent and key in records:
+                raise CounterError(f"a persistent record {name!r} exists already")
+            if update.record is not None and key not in records:
+                mine = sum(1 for r in records.values() if r.get("owner") == owner)
+                if mine >= MAX_RECORDS_PER_OWNER:
+                    raise CounterError("too many persistent records for this enclave")
+            for cid, value in update.advance.items():
+                counters[cid]["value"] = value
+            for cid in update.destroy:
+                del counters[cid]
+            for cid, value in update.create.items():
+                counters[cid] = {"owner": owner, "value": value}
+            if update.record is None:
+                records.pop(key, None)
+            else:
+                records[key] = {"owner": owner, "name": name, "blob": bytes(update.record)}
+            write_private(self._path, cbor2.dumps(data))
 
 
 class _FileLock:

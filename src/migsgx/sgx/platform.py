@@ -20,7 +20,7 @@ The state directory of a host::
     attestation-key.pem  the quoting enclave's attestation key, 0600
     pck-chain.pem        PCK certificate issued by the provisioning CA, + the CA
     ca.pem               the deployment's trusted root
-    counters.cbor        monotonic counters, 0600
+    counters.cbor        monotonic counters and enclaves' sealed persistent records, 0600
     migrations.cbor      migration ids this host accepted (each once), 0600
 """
 
@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.cmac import CMAC
 from .._fs import read_private, write_private
 from ..errors import ReportMacError, StateDirError
 from .ca import ProvisioningCA
-from .counters import ClaimStore, CounterStore
+from .counters import ClaimStore, CounterStore, RecordUpdate
 from .image import EnclaveImage, SigStruct
 from .keys import KeyDeriver
 from .quote import QuotingEnclave, VerifiedQuote, verify_quote
@@ -88,6 +88,10 @@ class TrustedServices(Protocol):
     def claim_migration(self, migration_id: bytes) -> bool: ...
 
     def migration_claimed(self, migration_id: bytes) -> bool: ...
+
+    def persist_read(self, name: str) -> bytes | None: ...
+
+    def persist_update(self, name: str, update: RecordUpdate) -> None: ...
 
 
 def target_info_of(body: ReportBody) -> TargetInfo:
@@ -288,6 +292,16 @@ class LocalServices:
 
     def migration_claimed(self, migration_id: bytes) -> bool:
         return self._platform.claims.claimed(self._owner, migration_id)
+
+    def persist_read(self, name: str) -> bytes | None:
+        """The sealed persistent record ``name`` of this enclave's owner, if any."""
+
+        return self._platform.counters.record_read(self._owner, name)
+
+    def persist_update(self, name: str, update: RecordUpdate) -> None:
+        """Change a persistent record and its counters atomically (``RecordUpdate``)."""
+
+        self._platform.counters.record_update(self._owner, name, update)
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:

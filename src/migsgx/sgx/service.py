@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from ..channel import IMAGE_FRAME_MAX, LAUNCH, PLATFORM
 from ..errors import ConnectionClosedError, LaunchError, MigSGXError, ProtocolError
 from ..wire import recv_frame, send_frame
+from .counters import RecordUpdate
 from .image import EnclaveImage
 from .platform import EmulatedPlatform, LocalServices
 from .structs import KeyRequest, ReportBody, TargetInfo
@@ -291,4 +292,9 @@ class PlatformService:
             return svc.claim_migration(msg["mid"])
         if kind == "claimed":
             return svc.migration_claimed(msg["mid"])
+        if kind == "ps_read":
+            return svc.persist_read(msg["name"])
+        if kind == "ps_update":
+            svc.persist_update(msg["name"], RecordUpdate.from_wire(msg))
+            return None
         raise ProtocolError(f"unexpected request {kind!r} from an enclave")
