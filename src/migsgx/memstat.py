@@ -9,9 +9,16 @@ before.  The kernel keeps the peak as ``VmHWM``; writing ``5`` to
     ...migrate...
     extra = rest.overhead()           # {pid: VmHWM - rest}, read while they live
 
-Shared pages count in every process that maps them: a ring mapped by two
-processes counts twice in the sum, although it occupies its memory once.
-Kernel memory (socket and pipe buffers, page tables) does not count at all.
+What the figures mean, measured on this kernel (6.18):
+
+* Shared pages count in every process that maps them: a ring mapped by two
+  processes counts twice in the sum, although it occupies its memory once.
+* Kernel memory (socket and pipe buffers, page tables) does not count at all.
+* ``VmRSS`` and ``VmHWM`` read while the memory is still mapped are exact, but
+  the peak the kernel records when memory is unmapped comes from per-CPU
+  counters that may lag by a few dozen pages: a transient peak that is gone
+  before it is read can be under-reported by up to about 32 pages per CPU.
+  Read the peaks before the processes unmap their buffers.
 """
 
 from __future__ import annotations

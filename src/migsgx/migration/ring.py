@@ -172,6 +172,11 @@ class ShmRing:
 
         self.role = role
         self.spec = spec
+        # Hot-path copies: the role this end may act as (None once closed or
+        # failed), the geometry.
+        self._usable: RingRole | None = role
+        self._slots = spec.slots
+        self._slot_size = spec.slot_size
         self._mm = mapping
         self._doorbell = doorbell
         self._memfd = memfd
@@ -271,25 +276,28 @@ class ShmRing:
     def acquire(self, timeout: float | None = None) -> tuple[int, memoryview]:
         """Wait for a free slot; return its index and a writable view of the whole slot."""
 
-        self._check_usable(RingRole.PRODUCER)
+        if self._usable is not RingRole.PRODUCER:
+            self._refuse(RingRole.PRODUCER)
         if self._final:
             raise RuntimeError("the final slot was already published")
         while not self._free:
             self._take_free(self._receive(timeout))
         index = self._free.popleft()
         self._state[index] = _Slot.ACQUIRED
-        view = self._rw[index * self.spec.slot_size : (index + 1) * self.spec.slot_size]
+        start = index * self._slot_size
+        view = self._rw[start : start + self._slot_size]
         self._lent[index] = view
         return index, view
 
     def publish(self, index: int, nbytes: int, final: bool = False) -> None:
         """Hand slot ``index``, holding ``nbytes`` bytes, to the consumer."""
 
-        self._check_usable(RingRole.PRODUCER)
-        if not 0 <= index < self.spec.slots or self._state[index] is not _Slot.ACQUIRED:
+        if self._usable is not RingRole.PRODUCER:
+            self._refuse(RingRole.PRODUCER)
+        if not 0 <= index < self._slots or self._state[index] is not _Slot.ACQUIRED:
             raise ValueError(f"slot {index} is not acquired")
-        if not 0 <= nbytes <= self.spec.slot_size:
-            raise ValueError(f"{nbytes} bytes do not fit a slot of {self.spec.slot_size}")
+        if not 0 <= nbytes <= self._slot_size:
+            raise ValueError(f"{nbytes} bytes do not fit a slot of {self._slot_size}")
         self._unlend(index)
         self._state[index] = _Slot.PUBLISHED
         self._send(_KIND_FILLED, _FLAG_FINAL if final else 0, index, nbytes)
@@ -298,7 +306,8 @@ class ShmRing:
     def wait_drained(self, timeout: float | None = None) -> None:
         """Wait until the consumer has released every published slot."""
 
-        self._check_usable(RingRole.PRODUCER)
+        if self._usable is not RingRole.PRODUCER:
+            self._refuse(RingRole.PRODUCER)
         while any(s is _Slot.PUBLISHED for s in self._state):
             self._take_free(self._receive(timeout))
 
@@ -306,7 +315,8 @@ class ShmRing:
     def next(self, timeout: float | None = None) -> tuple[int, memoryview, bool]:
         """Wait for the next filled slot: ``(index, read-only view of its bytes, final)``."""
 
-        self._check_usable(RingRole.CONSUMER)
+        if self._usable is not RingRole.CONSUMER:
+            self._refuse(RingRole.CONSUMER)
         if self._final:
             raise RuntimeError("the final slot was already delivered")
         kind, flags, index, nbytes = self._receive(timeout)
@@ -314,14 +324,14 @@ class ShmRing:
             self._fail(ProtocolError("the ring's producer sent a message only a consumer sends"))
         if flags & ~_FLAG_FINAL:
             self._fail(ProtocolError("unknown doorbell flags", flags=flags))
-        if index >= self.spec.slots:
+        if index >= self._slots:
             self._fail(ProtocolError("doorbell names a slot out of range", index=index))
-        if nbytes > self.spec.slot_size:
+        if nbytes > self._slot_size:
             self._fail(ProtocolError("doorbell length exceeds the slot size", nbytes=nbytes))
         if self._state[index] is not _Slot.AWAY:
             self._fail(ProtocolError("producer filled a slot the consumer holds", index=index))
         self._state[index] = _Slot.HELD
-        start = index * self.spec.slot_size
+        start = index * self._slot_size
         view = self._ro[start : start + nbytes]
         self._lent[index] = view
         self._final = bool(flags & _FLAG_FINAL)
@@ -330,8 +340,9 @@ class ShmRing:
     def release(self, index: int) -> None:
         """Give slot ``index`` back to the producer; its view becomes unusable."""
 
-        self._check_usable(RingRole.CONSUMER)
-        if not 0 <= index < self.spec.slots or self._state[index] is not _Slot.HELD:
+        if self._usable is not RingRole.CONSUMER:
+            self._refuse(RingRole.CONSUMER)
+        if not 0 <= index < self._slots or self._state[index] is not _Slot.HELD:
             raise ValueError(f"slot {index} is not held")
         self._unlend(index)
         self._state[index] = _Slot.AWAY
@@ -361,6 +372,7 @@ class ShmRing:
         if self._closed:
             return
         self._closed = True
+        self._usable = None
         self._doorbell.close()
         self.peer_handed_over()
         for index in list(self._lent):
@@ -384,17 +396,18 @@ class ShmRing:
         self.close()
 
     # --- internals ----------------------------------------------------------------
-    def _check_usable(self, role: RingRole) -> None:
+    def _refuse(self, role: RingRole) -> NoReturn:
         if self._closed:
             raise RuntimeError("the ring is closed")
         if self.role is not role:
             raise RuntimeError(f"this is the ring's {self.role.name.lower()} end")
-        if self._failure is not None:
-            failure = self._failure
-            raise type(failure)(f"ring unusable after an earlier error: {failure}") from failure
+        failure = self._failure
+        assert failure is not None
+        raise type(failure)(f"ring unusable after an earlier error: {failure}") from failure
 
     def _fail(self, error: MigSGXError) -> NoReturn:
         self._failure = error
+        self._usable = None
         raise error
 
     def _unlend(self, index: int) -> None:
@@ -406,7 +419,7 @@ class ShmRing:
         kind, flags, index, nbytes = msg
         if kind != _KIND_FREE or flags or nbytes:
             self._fail(ProtocolError("the ring's consumer sent a message it may not send"))
-        if index >= self.spec.slots:
+        if index >= self._slots:
             self._fail(ProtocolError("doorbell names a slot out of range", index=index))
         if self._state[index] is not _Slot.PUBLISHED:
             self._fail(ProtocolError("consumer freed a slot it does not hold", index=index))
@@ -473,6 +486,7 @@ class ShmRing:
 
     def _fail_from(self, error: MigSGXError, cause: BaseException) -> NoReturn:
         self._failure = error
+        self._usable = None
         raise error from cause
 
 
@@ -526,6 +540,11 @@ def send_ring_fds(sock: socket.socket, ring: ShmRing) -> None:
 
     One message: ``magic "MSRG" | u8 version | u8 role | u16 zero | u32 slots |
     u32 slot_size`` (big-endian), with the memfd and the doorbell attached.
+
+    Until the peer has received the message, its descriptors live in the unix
+    socket's queue, and the peer's death cannot show as end of file on the
+    doorbell if this process still holds the receiving end of that socket: keep
+    only the sending end (or use timeouts).
     """
 
     memfd, doorbell_fd = ring.peer_fds()

@@ -1,6 +1,6 @@
 """Moving ring slots over a TCP connection with as few copies as the socket API allows.
 
-Chunk framing (version 1), used in both directions of a bulk transfer::
+Chunk framing (version 1) of a bulk transfer, one frame per slot::
 
     u32 big-endian length N | u8 flags | N bytes of payload
 
