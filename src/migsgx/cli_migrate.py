@@ -250,7 +250,7 @@ def checkpoint_command(pid: int, directory: Path) -> None:
 @click.option("--netns", default=None, help="restore into this named network namespace")
 @click.option("--platform-socket", type=click.Path(path_type=Path), default=None,
               envvar="MIGSGX_PLATFORM_SOCKET",
-              help="this host's platform service, for a checkpoint that holds enclaves")  # fmt: skip
+              help="this host's platform service (for a checkpoint with enclaves)")  # fmt: skip
 def restore_command(directory: Path, netns: str | None, platform_socket: Path | None) -> None:
     """Restore the checkpoint in DIR (its enclave state can be restored once)."""
 
