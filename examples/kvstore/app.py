@@ -116,6 +116,10 @@ class App:
         if cmd == "STOP":
             for w in self.workers:
                 w.stop.set()
+            # Answer once every worker has finished its last put/get pair, so that
+            # its reported count and the value in its enclave agree.
+            for w in self.workers:
+                w.thread.join(timeout=30)
             return "OK"
         return "ERR unknown request"
 
