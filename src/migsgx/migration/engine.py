@@ -67,7 +67,7 @@ from .transport import (
     tune_socket,
 )
 
-DEFAULT_CHUNK = 256 << 10
+DEFAULT_CHUNK = 128 << 10
 DEFAULT_SLOTS = 3
 MODES = ("pipelined", "sequential")
 PEER_FRAME_MAX = 32 << 20
