@@ -7,13 +7,20 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test setup lint typecheck unit integration bench clean
+.PHONY: demo demo-container demo-podman test setup lint unit integration clean
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	@$(VENV)/bin/migsgx demo
+
+# The same with the app inside a runc (or podman) container: the container moves.
+demo-container: setup
+	@$(VENV)/bin/migsgx demo --container runc
+
+demo-podman: setup
+	@$(VENV)/bin/migsgx demo --container podman
 
 test: setup
 	@bash scripts/run-tests.sh

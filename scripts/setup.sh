@@ -13,11 +13,14 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 
 # --- system packages ---------------------------------------------------------
 # CRIU's build dependencies (it is built from source by install-criu.sh), the
-# tools CRIU runs (iproute2, iptables) and protoc for the RPC module.
+# tools CRIU runs (iproute2, iptables) and protoc for the RPC module; the
+# container engines that container migration drives (runc checkpoints with
+# our CRIU; podman runs with --runtime runc and brings conmon along).
 SYSTEM_PACKAGES=(
     gcc make pkg-config libc6-dev libbsd-dev libcap-dev libgnutls28-dev libnet1-dev
     libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler
     protobuf-compiler uuid-dev xz-utils iproute2 iptables debian-archive-keyring
+    runc podman conmon tar
 )
 installed=$(dpkg-query -W -f='${binary:Package} ${db:Status-Abbrev}\n' "${SYSTEM_PACKAGES[@]}" 2>/dev/null \
     | awk '$2 == "ii" { sub(/:.*/, "", $1); print $1 }' || true)

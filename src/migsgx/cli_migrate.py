@@ -1,7 +1,8 @@
-"""Command-line commands of process migration: agents, ``migrate``, checkpoints.
+"""Command-line commands of migration: agents, ``migrate``, checkpoints, demos.
 
 :func:`register` adds them to the ``migsgx`` group (``agent``, ``migrate``,
-``checkpoint``, ``restore`` and ``bench process``).  Until they are
+``checkpoint``, ``restore``, ``demo`` with its ``--container`` variant,
+``bench process`` and ``bench container``).  Until they are
 registered, ``python -m migsgx.cli_migrate ...`` runs the same commands.
 Errors propagate as :class:`~migsgx.errors.MigSGXError`; ``migsgx.cli.main``
 turns them into exit codes.
@@ -114,6 +115,7 @@ def agent_serve(
 
     from .agent.server import Agent, AgentConfig, platform_socket_alive
     from .agent.tls import AgentIdentity
+    from .containers import ContainerSettings
     from .hosts import ServiceProcess, start_service
     from .sgx.service import default_socket
 
@@ -135,6 +137,7 @@ def agent_serve(
             identity=identity,
             work_dir=work_dir or state / "agent" / "work",
             keep_images=keep_images,
+            containers=ContainerSettings.load(state),
         )
     )
     try:
@@ -157,7 +160,11 @@ def agent_serve(
 
 # --- migrate ------------------------------------------------------------------------------------
 @click.command("migrate")
-@click.argument("pid", type=int)
+@click.argument("pid", type=int, required=False)
+@click.option("--runc", "runc_id", default=None, metavar="CONTAINER_ID",
+              help="migrate this runc container instead of a process")  # fmt: skip
+@click.option("--podman", "podman_name", default=None, metavar="NAME",
+              help="migrate this podman container instead of a process")  # fmt: skip
 @click.option("--to", "to", required=True, help="the destination agent, ADDRESS:PORT")
 @click.option("--state", type=click.Path(path_type=Path), required=True,
               help="this host's state directory (its agent identity)")  # fmt: skip
@@ -172,7 +179,9 @@ def agent_serve(
               help="CRIU's page stream in mutual TLS")  # fmt: skip
 @click.option("--shell-job", is_flag=True, help="the tree has a controlling terminal")
 def migrate_command(
-    pid: int,
+    pid: int | None,
+    runc_id: str | None,
+    podman_name: str | None,
     to: str,
     state: Path,
     ca_dir: Path | None,
@@ -185,28 +194,41 @@ def migrate_command(
     page_tls: bool,
     shell_job: bool,
 ) -> None:
-    """Migrate process PID (with its enclaves) to the agent at --to.
+    """Migrate process PID, or a container, with its enclaves to the agent at --to.
 
     Established TCP connections are closed on the destination (clients
-    reconnect); listeners move.  Run as root on the source host.
+    reconnect); listeners move.  Containers are found with the engine settings
+    of STATE/containers.toml (docs/containers.md).  Run as root on the source
+    host.
     """
 
     from rich.console import Console
 
     from .agent.source import MigrateOptions, migrate
     from .agent.tls import AgentIdentity
+    from .containers import ContainerSettings
+
+    chosen = [(n, v) for n, v in (("pid", pid), ("runc", runc_id), ("podman", podman_name))
+              if v is not None]  # fmt: skip
+    if len(chosen) != 1:
+        raise ConfigError("name exactly one of PID, --runc CONTAINER_ID, --podman NAME")
+    driver, target = chosen[0]
+    what = f"{driver} {target}" if driver != "pid" else str(pid)
 
     console = Console(stderr=True)
     status = console.status("migrating") if console.is_terminal else None
 
     def progress(phase: str) -> None:
         if status is not None:
-            status.update(f"migrating {pid}: {phase}")
+            status.update(f"migrating {what}: {phase}")
 
     opts = MigrateOptions(
-        pid=pid,
+        pid=pid or 0,
         to=_address(to),
         identity=AgentIdentity.of_state(state, ca=ca_dir),
+        driver=driver,
+        target=str(target),
+        containers=ContainerSettings.load(state),
         work_dir=work_dir,
         keep_images=keep_images,
         chunk_size=parse_size(chunk_size) if chunk_size else None,
@@ -226,7 +248,7 @@ def migrate_command(
         _emit(stats)
         return
     console.print(
-        f"migrated {pid} to {to}: pid {outcome.restored_pid} there; "
+        f"migrated {what} to {to}: pid {outcome.restored_pid} there; "
         f"total {stats['total']:.3f} s, downtime {stats['downtime']:.3f} s, "
         f"{stats['bytes'] / (1 << 20):.1f} MiB"
     )
@@ -286,6 +308,44 @@ def bench_process(enclave_size: str, as_json: bool, keep: Path | None, page_tls:
         )
 
 
+# --- bench container ---------------------------------------------------------------------------
+@click.command("container")
+@click.option("--engine", type=click.Choice(["runc", "podman"]), default="runc", show_default=True)
+@click.option("--enclave-size", default="256MiB", show_default=True, help="enclave memory")
+@click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
+@click.option("--keep", type=click.Path(path_type=Path), default=None,
+              help="keep the testbed (logs, images) in this directory")  # fmt: skip
+def bench_container(engine: str, enclave_size: str, as_json: bool, keep: Path | None) -> None:
+    """Container migration with enclaves against the engine's own checkpoint/restore."""
+
+    from .bench.container import run
+
+    result = run(engine, parse_size(enclave_size), keep=keep)
+    if as_json:
+        _emit(result)
+        return
+    for name in ("migsgx", "engine_only"):
+        r = result[name]
+        click.echo(
+            f"{name:11}: total {r['total_seconds']:.3f} s, "
+            f"downtime {r['downtime_seconds']:.3f} s, {r['bytes'] / (1 << 20):.0f} MiB"
+        )
+
+
+# --- demo with a container -----------------------------------------------------------------------
+@click.command("demo")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="where the demo keeps its hosts (default: a temporary directory)")  # fmt: skip
+@click.option("--container", type=click.Choice(["runc", "podman"]), default=None,
+              help="run the app in a container of this engine and migrate that")  # fmt: skip
+def demo_command(workdir: Path | None, container: str | None) -> None:
+    """Two emulated hosts; the key-value enclave app moves between them while in use."""
+
+    from .demo import run_demo
+
+    run_demo(workdir, container=container)
+
+
 # --- registration -------------------------------------------------------------------------------
 def register(cli: click.Group) -> None:
     """Add the commands of this module to the ``migsgx`` group."""
@@ -294,11 +354,13 @@ def register(cli: click.Group) -> None:
     cli.add_command(migrate_command)
     cli.add_command(checkpoint_command)
     cli.add_command(restore_command)
+    cli.add_command(demo_command)  # the demo, with its container variant
     bench = cli.commands.get("bench")
     if not isinstance(bench, click.Group):
         bench = click.Group("bench", help="Benchmarks that print numbers.")
         cli.add_command(bench)
     bench.add_command(bench_process)
+    bench.add_command(bench_container)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,10 @@ a secret in its enclave on the source, a client that keeps using it, then one
 ``migsgx migrate``; finally the state is compared and every file the migration
 left (CRIU images, logs, state directories, temp files) is scanned for the
 secret.
+
+``migsgx demo --container runc`` (or ``podman``) runs the application inside
+a container instead, with the host's platform socket bind-mounted into it,
+and migrates the container (``migsgx migrate --runc NAME``).
 """
 
 from __future__ import annotations
@@ -81,8 +85,14 @@ def _scan(roots: list[Path], needles: list[bytes]) -> int:
     return found
 
 
-def run_demo(workdir: Path | None = None, console: Console | None = None) -> dict[str, Any]:
+def run_demo(
+    workdir: Path | None = None,
+    console: Console | None = None,
+    *,
+    container: str | None = None,
+) -> dict[str, Any]:
     from .agent.testbed import Testbed
+    from .containers.lab import ContainerLab
 
     console = console or Console()
     if os.geteuid() != 0:
@@ -94,10 +104,14 @@ def run_demo(workdir: Path | None = None, console: Console | None = None) -> dic
     secret = b"CANARY-" + secrets.token_hex(16).encode()
     needles = [secret, secret.hex().encode(), base64.b64encode(secret)]
     try:
+        lab: ContainerLab | None = None
         with console.status("two hosts in network namespaces, a CA, platform services, an agent"):
             bed = Testbed(root, subnet=199)
             bed.open()
         try:
+            if container is not None:
+                lab = ContainerLab(bed)
+                lab.open()
             agent = bed.start_agent(args=["--keep-images"])
             image = bed.image("kvstore")
             console.print(
@@ -108,7 +122,13 @@ def run_demo(workdir: Path | None = None, console: Console | None = None) -> dic
             with EnclaveClient.launch(image, socket_path=bed.services["src"].socket) as sealer:
                 sealer.ecall.put("secret", secret)
                 blob = sealer.ecall.seal_value("secret")
-            app = bed.start_app("kvstore", ["--image", str(image), "--enclaves", "1"])
+            if lab is None:
+                app: Any = bed.start_app("kvstore", ["--image", str(image), "--enclaves", "1"])
+                what, target = f"kvstore app pid {app.pid}", [str(app.pid)]
+            else:
+                assert container is not None
+                app = lab.start_app(container, "kvstore", ["--enclaves", "1"])
+                what, target = f"{container} container {app.name}", [f"--{container}", app.name]
 
             def ask_src(line: str) -> str:
                 return bed.ask(line, app.port, at="src", via="dst")
@@ -121,12 +141,12 @@ def run_demo(workdir: Path | None = None, console: Console | None = None) -> dic
             values = {f"user{i}": os.urandom(16).hex() for i in range(5)}
             for key, value in values.items():
                 ask_src(f"PUT {key} {value}")
-            console.print(f"kvstore app pid {app.pid} on src with its enclave; secret stored")
+            console.print(f"{what} on src with its enclave; secret stored")
             client = _Client(bed, app.port)
             client.start()
             time.sleep(0.5)
             with console.status("migrating the running application to dst"):
-                run = bed.migrate(app.pid, agent)
+                run = bed.migrate(None, agent, args=target)
             time.sleep(0.5)
             client.stop.set()
             client.join(10)
@@ -136,9 +156,12 @@ def run_demo(workdir: Path | None = None, console: Console | None = None) -> dic
             kept = kept and ask_dst("GET secret") == "VALUE " + secret.hex()
             # The last write the client saw acknowledged is there: nothing was lost.
             kept = kept and ask_dst("GET client") == f"VALUE {client.last_acked}"
-            copies = bed.runnable_copies(app)
-            found = _scan([root, Path("/dev/shm"), Path(tempfile.gettempdir())], needles)
+            copies = bed.runnable_copies(app) if lab is None else lab.runnable_copies(app)
+            roots = [root, Path("/dev/shm"), Path(tempfile.gettempdir())]
+            found = _scan(roots + ([lab.base] if lab is not None else []), needles)
         finally:
+            if lab is not None:
+                lab.close()
             bed.close()
         stats = run.stats
         outage = (
@@ -146,7 +169,10 @@ def run_demo(workdir: Path | None = None, console: Console | None = None) -> dic
             if client.first_ok_dst and client.last_ok_src
             else float("nan")
         )
-        table = Table(title="live migration of the kvstore app, src -> dst", show_header=False)
+        title = "live migration of the kvstore app, src -> dst"
+        if container:
+            title = f"the kvstore app in a {container} container, src -> dst"
+        table = Table(title=title, show_header=False)
         table.add_row("downtime (ECALLs blocked to resumed)", f"{stats['downtime']:.3f} s")
         table.add_row("client-observed gap", f"{outage:.3f} s")
         table.add_row("total", f"{stats['total']:.3f} s")

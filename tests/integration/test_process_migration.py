@@ -487,9 +487,7 @@ def test_checkpoint_with_enclaves_restores_exactly_once(bed: Testbed, tmp_path: 
     finish(bed, app, expect="src")
 
 
-def test_checkpoint_of_enclaves_does_not_open_on_another_host(
-    bed: Testbed, tmp_path: Path
-) -> None:
+def test_checkpoint_of_enclaves_does_not_open_on_another_host(bed: Testbed, tmp_path: Path) -> None:
     app = kvstore(bed)
     ck = tmp_path / "ck"
     done = run_cli("checkpoint", str(app.pid), "--dir", str(ck))

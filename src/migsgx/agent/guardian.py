@@ -4,16 +4,18 @@ Between ``prepare`` and the end of a migration the tool is the only holder of
 the application's enclave connections, and an enclave process exits when its
 connection closes.  So the tool starts a guardian (its own session, so that it
 outlives the tool) holding duplicates of those connections, and tells it
-through a pipe what happened: ``fence PID...`` once the source tree got its
-SIGSTOP, ``resume-sent`` once a tree without enclaves passed its commit point,
-``done`` when the migration ended either way.
+through a pipe what happened: ``thaw FILE`` before a container's cgroup is
+frozen for its checkpoint (FILE is the cgroup's freezer control), ``fence
+PID...`` once the source tree got its SIGSTOP, ``resume-sent`` once a tree
+without enclaves passed its commit point, ``done`` when the migration ended
+either way.
 
 If the pipe closes without ``done``, the tool died.  The guardian then asks
 every source enclave to abort its migration.  An enclave that already
 committed refuses (or is gone): the destination has the state and rolls
 forward, and the guardian leaves the source alone (stopped by the fence).  If
 every enclave aborted, nothing was given up: the guardian resumes the fenced
-source and hands the connections back to the application (``resume``), which
+(and thaws the frozen) source and hands the connections back to the application (``resume``), which
 then carries on as if nothing had happened.
 
 Run as ``python -m migsgx.agent.guardian --pipe FD --app-pid PID --app-name NAME
@@ -34,6 +36,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from ..channel import ECALL, ECALL_FRAME_MAX
+from ..containers.cgroups import thaw_file
 from ..errors import MigSGXError
 from ..host.appctl import AppLink
 from ..wire import recv_frame, send_frame
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if "done" in notes:
         return 0
     fenced = [int(p) for n in notes if n.startswith("fence ") for p in n.split()[1:]]
+    frozen = [n.partition(" ")[2] for n in notes if n.startswith("thaw ")]
     if "resume-sent" in notes:
         _log("the tool died after the commit point: the source stays stopped")
         return 0
@@ -147,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     for pid in fenced:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+    for control in frozen:
+        try:
+            thaw_file(control)
+        except MigSGXError as exc:
+            _log(f"could not thaw the source: {exc}")
     link = AppLink(args.app_pid, args.app_name, timeout=10)
     deadline = time.monotonic() + RESUME_WAIT
     while True:

@@ -1,5 +1,9 @@
 """One incoming migration on the destination agent (see :mod:`.protocol`).
 
+What is restored, and how, is the business of the driver that ``begin`` names
+(:mod:`migsgx.containers`: ``pid``, ``runc``, ``podman``); holding, committing
+and resuming are the same for all of them.
+
 Decision rule when the tool goes away: before the tree is held, abort; once it
 is held, the enclaves decide.  If the source's COMMIT token reached them, the
 source has given up its enclaves for good, so the agent rolls forward (resumes
@@ -24,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final
 
+from ..containers import Driver, HostConfig, Restored, RestoreRequest, make_driver
 from ..errors import ConfigError, ConnectionClosedError, FrameError, MigSGXError, ProtocolError
 from ..host.appctl import AppLink, info_from_wire
 from ..host.client import EnclaveInfo
 from ..wire import recv_frame, send_frame
 from .faults import fault
-from .process import PageServer, continue_tree, kill_tree, page_bytes, wait_stopped
+from .process import PageServer, continue_tree, page_bytes, wait_stopped
 from .protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,
@@ -104,6 +109,10 @@ class IncomingMigration:
         self.enclaves: list[_Enclave] = []
         self.tcp_close = False
         self.page_tls = False
+        self.page_server = True
+        self.driver: Driver | None = None
+        self.target: dict[str, Any] = {}
+        self.restored: Restored | None = None
         self.root: int | None = None
         self._page_server: PageServer | None = None
         self._page_error: BaseException | None = None
@@ -211,19 +220,33 @@ class IncomingMigration:
             self.enclaves.append(_Enclave(index, EnclaveInfo(**info_from_wire(item["info"]))))
         if self.enclaves:
             load_engine()
+        driver = msg.get("driver") or "pid"
+        if not isinstance(driver, str) or len(driver) > 32:
+            raise ProtocolError("bad driver name")
+        config = self.config
+        self.driver = make_driver(
+            driver,
+            HostConfig(config.criu, config.containers, config.platform_socket, config.state),
+        )
+        self.target = self.driver.check_target(msg.get("target") or {})
         if not msg["pidns"]:
             self._check_pids_free(msg["pids"])
         self.tcp_close = bool(msg["tcp_close"])
         self.page_tls = bool(msg["page_tls"])
+        self.page_server = msg.get("page_server") is not False
         self.mid = mid
         self.images_dir = self.agent.session_dir(mid)
         local = str(self.tls.getsockname()[0])
         page = self._listen(local)
-        self._page_thread = self._start(self._accept_page_server, page, "migsgx-agent-pages")
+        if self.page_server:
+            self._page_thread = self._start(self._accept_page_server, page, "migsgx-agent-pages")
         data = self._listen(local)
         if self.enclaves:
             self._start(self._accept_data, data, "migsgx-agent-data")
-        log.info("migration %s from %s: %d enclave(s)", self.tag, self.peer, len(self.enclaves))
+        log.info(
+            "migration %s from %s: %s, %d enclave(s)",
+            self.tag, self.peer, driver, len(self.enclaves),
+        )  # fmt: skip
         return {
             "t": "ready",
             "data_port": data.getsockname()[1],
@@ -270,13 +293,14 @@ class IncomingMigration:
                 f"image stream incomplete: {files} files / {self._image_bytes} bytes received, "
                 f"{msg['files']} / {msg['bytes']} announced"
             )
-        assert self._page_thread is not None
-        self._page_thread.join(self.config.io_timeout)
-        if self._page_error is not None:
-            raise AgentError(f"page server: {self._page_error}") from self._page_error
-        if self._page_server is None:
-            raise AgentError("the source never connected to the page server")
-        self._page_server.wait(self.config.io_timeout)
+        if self.page_server:
+            assert self._page_thread is not None
+            self._page_thread.join(self.config.io_timeout)
+            if self._page_error is not None:
+                raise AgentError(f"page server: {self._page_error}") from self._page_error
+            if self._page_server is None:
+                raise AgentError("the source never connected to the page server")
+            self._page_server.wait(self.config.io_timeout)
         return {
             "t": "images_ok",
             "page_bytes": page_bytes(self.images_dir),
@@ -284,22 +308,28 @@ class IncomingMigration:
         }
 
     def _restore(self, msg: dict[str, Any]) -> Reply:
-        assert self.images_dir is not None
-        if fault("agent.before-restore") == "corrupt":
-            (self.images_dir / "inventory.img").write_bytes(b"\0" * 16)
+        assert self.images_dir is not None and self.driver is not None
+        corrupt = fault("agent.before-restore") == "corrupt"
         t0 = time.monotonic()
-        extra: dict[str, bool] = {"leave_stopped": True}
-        if self.tcp_close:
-            extra["tcp_close"] = True
-        pid = self.config.criu.restore(
-            self.images_dir, restore_detached=True, log_file="restore.log", extra=extra
+        restored = self.driver.restore(
+            RestoreRequest(
+                images=self.images_dir,
+                target=self.target,
+                tcp_close=self.tcp_close,
+                before=_corrupt_images if corrupt else None,
+            )
         )
-        self.root = pid
-        self.agent.adopt(pid)
+        self.restored = restored
+        pid = self.root = restored.pid
+        for adopted in (pid, *restored.adopt):
+            self.agent.adopt(adopted)
         wait_stopped(pid)
         fault("agent.after-restore")
         seconds = time.monotonic() - t0
-        log.info("migration %s: restored pid %d, held, in %.3f s", self.tag, pid, seconds)
+        log.info(
+            "migration %s: restored %s (pid %d), held, in %.3f s",
+            self.tag, restored.label, pid, seconds,
+        )  # fmt: skip
         return {"t": "restored", "pid": pid, "seconds": seconds}
 
     def _resume(self, msg: dict[str, Any]) -> Reply:
@@ -368,9 +398,11 @@ class IncomingMigration:
             self._teardown()
             return
         log.info("migration %s: aborting: %s", self.tag, reason)
-        if self.root is not None:
-            with contextlib.suppress(MigSGXError):
-                kill_tree(self.root)
+        if self.restored is not None and self.driver is not None:
+            try:
+                self.driver.discard(self.restored)
+            except MigSGXError as exc:
+                log.error("migration %s: %s not removed: %s", self.tag, self.restored.label, exc)
         for enclave in self.enclaves:
             _shutdown(enclave.conn)
             if enclave.engine is not None:
@@ -501,6 +533,12 @@ class IncomingMigration:
             with contextlib.suppress(OSError):
                 out.close()
         return count
+
+
+def _corrupt_images(images: Path) -> None:
+    """Fault injection (``agent.before-restore:corrupt``): CRIU cannot read these images."""
+
+    (images / "inventory.img").write_bytes(b"\0" * 16)
 
 
 def _die_after_bytes(conn: socket.socket, limit: int) -> None:

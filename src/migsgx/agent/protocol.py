@@ -7,7 +7,8 @@ size-capped CBOR, checked against :data:`CONTROL`).  See ``docs/migration.md``.
 Tool -> agent, in this order::
 
     hello          -> welcome
-    begin          -> ready            (session: data and page-server ports, token)
+    begin          -> ready            (session: data and page-server ports, token;
+                                        the driver that restores: pid, runc, podman)
     enclaves_done  -> enclaves_ready   (every incoming enclave verified and LOADED)
     image*, images_done -> images_ok   (the CRIU images without the pages)
     restore        -> restored         (the tree exists, SIGSTOPped: held)
@@ -102,6 +103,10 @@ CONTROL = Schema(
             "pidns": bool,  # the root is the init of its own pid namespace
             "tcp_close": bool,
             "page_tls": bool,  # the page server speaks TLS with the agent identities
+            # Optional (absent: a process tree with CRIU's pages on the page server):
+            "driver": (str, NONE),  # what migrates: "pid", "runc", "podman" (migsgx.containers)
+            "target": (dict, NONE),  # the driver's description of it (e.g. {"id": ...})
+            "page_server": (bool, NONE),  # whether the tool's CRIU connects to the page server
         },
         "enclaves_done": {},
         "image": {"name": str, "data": bytes},

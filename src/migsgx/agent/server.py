@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from ..containers import ContainerSettings
 from ..criu import Criu
 from ..errors import ConfigError
 from .incoming import IncomingMigration
@@ -49,6 +50,7 @@ class AgentConfig:
     io_timeout: float = 300.0
     commit_grace: float = 5.0
     subreaper: bool = True  # adopt restored trees (see the module docstring)
+    containers: ContainerSettings = field(default_factory=ContainerSettings)
 
 
 def platform_socket_alive(path: Path) -> bool:

@@ -18,6 +18,11 @@
 For a tree without enclaves the commit point is the ``resume`` request: once
 it is sent, the source is never resumed by this tool (it stays stopped if the
 answer is lost, to be resumed by hand only if the destination did not run).
+
+What is checkpointed and how is a driver's business (:mod:`migsgx.containers`:
+a process tree with CRIU, a runc or a podman container); this module drives
+any of them through the same :class:`~migsgx.containers.Driver` seam, whose
+``dump`` calls back (:meth:`_Migration._on_dumped`) with the source frozen.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ..criu import Criu, InTaskNamespaces
+from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
+from ..criu import Criu
 from ..errors import CriuError, MigrationError, MigSGXError, ProtocolError
 from ..host.appctl import AppLink, HandedEnclave, info_to_wire
 from ..wire import recv_frame, send_frame
@@ -69,10 +75,13 @@ Progress = Callable[[str], None]
 
 @dataclass
 class MigrateOptions:
-    pid: int
+    pid: int  # the root of the tree (driver "pid"); 0 with a container ``target``
     to: tuple[str, int]
     identity: AgentIdentity
     criu: Criu = field(default_factory=Criu)
+    driver: str = "pid"  # what migrates: a name of migsgx.containers.DRIVERS
+    target: str | None = None  # the driver's name for it (a container id); default: pid
+    containers: ContainerSettings = field(default_factory=ContainerSettings)
     work_dir: Path | None = None  # default: a fresh directory in /dev/shm
     keep_images: bool = False
     prepare_timeout: float = 30.0
@@ -154,6 +163,9 @@ class _Migration:
         self.restored_pid = 0
         self.image_bytes = 0
         self.page_bytes = 0
+        self.driver: Driver = make_driver(opts.driver, HostConfig(opts.criu, opts.containers))
+        self.source: Source | None = None
+        self.page_server = False
 
     def note(self, phase: str) -> None:
         self.t[phase] = time.monotonic()
@@ -163,11 +175,15 @@ class _Migration:
     # --- the whole migration -----------------------------------------------------------------
     def run(self, dump_dir: Path) -> MigrationOutcome:
         opts = self.opts
-        pid = opts.pid
+        self.source = source = self.driver.locate(
+            opts.target if opts.target is not None else str(opts.pid)
+        )
+        pid = source.root
         pids = tree_pids(pid)
         if not pids:
-            raise MigrationError(f"no process {pid}")
+            raise MigrationError(f"no process {pid} ({source.label})")
         pidns = is_pidns_init(pid)
+        self.page_server = self.driver.uses_page_server(opts.page_tls)
         self.control = control = AgentConnection(opts.to, opts.identity, opts.io_timeout)
         try:
             control.call({"t": "hello", "version": VERSION, "host_id": _host_id(opts)}, "welcome")
@@ -203,15 +219,21 @@ class _Migration:
                 transfer.handed.sock.close()
 
     def _begin(self, pids: list[int], pidns: bool) -> dict[str, Any]:
-        return {
+        assert self.source is not None
+        begin: dict[str, Any] = {
             "t": "begin",
             "mid": secrets.token_bytes(16),
             "enclaves": [{"info": info_to_wire(t.handed.info)} for t in self.transfers],
             "pids": pids,
             "pidns": pidns,
             "tcp_close": self.opts.tcp_close,
-            "page_tls": self.opts.page_tls,
+            "page_tls": self.opts.page_tls and self.page_server,
         }
+        if self.driver.name != "pid":
+            begin.update(driver=self.driver.name, target=self.source.target)
+        if not self.page_server:
+            begin["page_server"] = False
+        return begin
 
     # --- enclaves ----------------------------------------------------------------------------
     def _migrate_enclaves(self, ready: dict[str, Any]) -> None:
@@ -265,31 +287,31 @@ class _Migration:
         assert self.control is not None
         return self.control.call(msg, expect)
 
-    # --- CRIU --------------------------------------------------------------------------------
+    # --- the checkpoint ------------------------------------------------------------------------
     def _dump(self, dump_dir: Path, ready: dict[str, Any]) -> None:
         opts = self.opts
-        extra: dict[str, bool | str] = {"tcp_close": True} if opts.tcp_close else {}
-        if opts.page_tls:
-            ident = opts.identity
-            extra.update(
-                tls=True, tls_cacert=str(ident.ca), tls_cert=str(ident.cert), tls_key=str(ident.key)
-            )
-        self.note("dump")
-        opts.criu.dump(
-            opts.pid,
-            dump_dir,
-            leave_running=False,
+        ident = opts.identity
+        assert self.source is not None
+        plan = DumpPlan(
+            images=dump_dir,
+            page_server=(opts.to[0], int(ready["page_port"])) if self.page_server else None,
+            page_tls=(ident.ca, ident.cert, ident.key) if opts.page_tls else None,
+            tcp_close=opts.tcp_close,
             shell_job=opts.shell_job,
-            page_server=(opts.to[0], int(ready["page_port"])),
-            notify=lambda script, _pid: self._notify(script, dump_dir),
-            enter=InTaskNamespaces(opts.pid),
-            extra=extra,
+            note=self._guardian_note,
+            may_resume=lambda: not self.committed and not self.resume_sent,
         )
+        self.note("dump")
+        self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
         self.note("end")
 
-    def _notify(self, script: str, dump_dir: Path) -> None:
-        if script != "post-dump":
-            return
+    def _guardian_note(self, line: str) -> None:
+        if self.guardian is not None:
+            self.guardian.note(line)
+
+    def _on_dumped(self, dump_dir: Path) -> None:
+        """The source is frozen and its images complete: move, restore, fence, commit."""
+
         self.note("dumped")
         self._stream_images(dump_dir)
         self.note("images_sent")
@@ -298,7 +320,8 @@ class _Migration:
         self.stats["restore"] = float(restored["seconds"])
         self.note("restored")
         # The fence: from here on the source never runs again unless rolled back.
-        self.fenced = tree_pids(self.opts.pid)
+        assert self.source is not None
+        self.fenced = tree_pids(self.source.root)
         stop_tree(self.fenced)
         if self.guardian is not None:
             self.guardian.note("fence " + " ".join(map(str, self.fenced)))
@@ -324,7 +347,8 @@ class _Migration:
         reply = self.control_call(
             {"t": "images_done", "files": len(files), "bytes": self.image_bytes}, "images_ok"
         )
-        self.page_bytes = int(reply["page_bytes"])
+        # Without the page server, the pages came as images (counted there already).
+        self.page_bytes = int(reply["page_bytes"]) if self.page_server else 0
 
     def _commit(self) -> None:
         if self.transfers:
@@ -418,6 +442,8 @@ class _Migration:
             "image_bytes": self.image_bytes,
             "restored_pid": self.restored_pid,
             "enclave_stats": [x.stats for x in self.transfers],
+            "driver": self.driver.name,
+            "workload": self.source.label if self.source is not None else "",
         }
         if "resume_warning" in self.stats:
             figures["details"]["warning"] = self.stats["resume_warning"]

@@ -226,7 +226,7 @@ class Testbed:
     # --- migration -------------------------------------------------------------------------------
     def migrate(
         self,
-        pid: int,
+        pid: int | None,
         agent: AgentProcess,
         *,
         name: str = "src",
@@ -234,8 +234,11 @@ class Testbed:
         args: Sequence[str] = (),
         timeout: float = 600.0,
     ) -> MigrateRun:
+        """``migsgx migrate PID`` (or, with ``pid=None``, what ``args`` name: ``--runc ID``)."""
+
         argv = [
-            sys.executable, "-m", "migsgx.cli_migrate", "migrate", str(pid),
+            sys.executable, "-m", "migsgx.cli_migrate", "migrate",
+            *([str(pid)] if pid is not None else []),
             "--to", agent.target, "--state", str(self.state(name)), "--json", *args,
         ]  # fmt: skip
         t0 = time.monotonic()

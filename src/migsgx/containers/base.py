@@ -1,0 +1,154 @@
+"""The seam between the migration engine and what it migrates.
+
+The engine (``migsgx.agent.source`` on the source host, ``migsgx.agent.incoming``
+on the destination) moves enclaves, streams files and decides when to commit; a
+:class:`Driver` knows one kind of workload: a process tree (``pid``), a runc
+container (``runc``), a podman container (``podman``).  Drivers are chosen by
+name from one table (:data:`migsgx.containers.DRIVERS`) and bound to one host's
+settings (:class:`HostConfig`).
+
+The contract, source side:
+
+* :meth:`Driver.locate` finds the workload: the root pid of its process tree
+  (where the application's migration control is found, and what the fence
+  stops) and a small description for the destination (``begin``'s ``target``).
+* :meth:`Driver.dump` checkpoints it into ``plan.images`` (and, when the
+  driver uses one, CRIU's pages to the destination's page server).  With the
+  source frozen and every file complete, it calls ``on_dumped()`` exactly once.
+  If that raises, the driver makes the source run again exactly as before
+  (unless ``plan.may_resume()`` says the commit point was passed: then it
+  leaves the source as it is, frozen and fenced) and re-raises; if it returns,
+  the migration committed and the driver removes the source.  Every file left
+  in ``plan.images`` travels to the destination.
+
+Destination side:
+
+* :meth:`Driver.restore` makes the workload from the received files and
+  leaves every task of it stopped ("held"): nothing of it has run when it
+  returns.  A failure cleans up what it made.
+* :meth:`Driver.discard` removes a held workload that must not run (abort).
+
+Everything else (holding, fencing, committing, resuming, attaching enclaves)
+is the engine's and the same for every driver.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Final, Protocol
+
+from ..criu import Criu
+from ..errors import MigrationError, ProtocolError, register_error
+from .settings import ContainerSettings
+
+__all__ = [
+    "NAME_PATTERN",
+    "ContainerError",
+    "Driver",
+    "DumpPlan",
+    "HostConfig",
+    "RestoreRequest",
+    "Restored",
+    "Source",
+    "check_name",
+]
+
+#: Container ids and names as runc and podman accept them (and safe as file names).
+NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@register_error
+class ContainerError(MigrationError):
+    """A container engine (runc, podman) refused or failed a step."""
+
+    code = "container"
+
+
+def check_name(value: Any, what: str = "container name") -> str:
+    """A container id or name; anything else is a :class:`ProtocolError`."""
+
+    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+        raise ProtocolError(f"bad {what} {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """What a driver needs to know about the host it runs on."""
+
+    criu: Criu
+    settings: ContainerSettings = field(default_factory=ContainerSettings)
+    #: The host's platform service (destination: what restored containers must reach).
+    platform_socket: Path | None = None
+    #: Where drivers keep what restored workloads need while they run (runc bundles).
+    state_dir: Path | None = None
+
+
+@dataclass
+class Source:
+    """A workload found on the source host."""
+
+    root: int  # the host pid of the root of its process tree
+    target: dict[str, Any]  # what the destination's driver needs (``begin``'s ``target``)
+    label: str  # for messages
+    private: dict[str, Any] = field(default_factory=dict)  # the driver's own notes
+
+
+@dataclass
+class DumpPlan:
+    """How :meth:`Driver.dump` must checkpoint, decided by the engine."""
+
+    images: Path  # every file left here is streamed to the destination
+    page_server: tuple[str, int] | None  # CRIU's pages go there (drivers that use one)
+    page_tls: tuple[Path, Path, Path] | None  # (CA, certificate, key) for the page stream
+    tcp_close: bool  # established connections are closed on the destination
+    shell_job: bool = False
+    #: Tells the guardian how to undo a step if the tool dies (``thaw PATH``).
+    note: Callable[[str], None] = field(default=lambda _line: None)
+    #: Whether the source may still run again (False once past the commit point).
+    may_resume: Callable[[], bool] = field(default=lambda: True)
+
+
+@dataclass
+class RestoreRequest:
+    images: Path  # every file the source streamed, and CRIU's pages
+    target: Mapping[str, Any]
+    tcp_close: bool
+    #: Called with the directory of CRIU's images just before the restore (fault injection).
+    before: Callable[[Path], None] | None = None
+
+
+@dataclass
+class Restored:
+    """A held workload on the destination."""
+
+    pid: int  # root of its process tree, every task stopped
+    label: str
+    handle: dict[str, Any] = field(default_factory=dict)
+    #: Further processes the agent should reap when they end (a container's monitor).
+    adopt: list[int] = field(default_factory=list)
+
+
+class Driver(Protocol):
+    """One kind of workload; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+
+    def uses_page_server(self, page_tls: bool) -> bool:
+        """Whether :meth:`dump` sends CRIU's pages to the destination's page server."""
+        ...
+
+    def locate(self, target: str) -> Source: ...
+
+    def dump(self, source: Source, plan: DumpPlan, on_dumped: Callable[[], None]) -> None: ...
+
+    def check_target(self, target: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate ``begin``'s ``target`` on the destination (a :class:`ProtocolError`)."""
+        ...
+
+    def restore(self, request: RestoreRequest) -> Restored: ...
+
+    def discard(self, restored: Restored) -> None: ...

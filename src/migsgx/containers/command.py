@@ -1,0 +1,72 @@
+"""Running a container engine's command line.
+
+Output goes to temporary files, never to pipes: a container that an engine
+creates or restores may inherit the engine's descriptors, and a pipe held by
+a long-lived container would keep a reader waiting for its end.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .base import ContainerError
+
+__all__ = ["run_engine"]
+
+
+def run_engine(
+    argv: Sequence[str],
+    *,
+    what: str,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 120.0,
+    check: bool = True,
+    detached_stdio: bool = False,
+) -> tuple[int, str, str]:
+    """Run ``argv``; returns (status, stdout, stderr).  With ``check`` a failure raises.
+
+    ``detached_stdio``: the command hands its own stdio to a container it
+    starts (``runc run --detach``, ``runc restore --detach``), so it gets
+    /dev/null (a file would be an open descriptor CRIU cannot dump later);
+    such a command reports through a log file of its own.
+    """
+
+    null = subprocess.DEVNULL
+    with (
+        tempfile.TemporaryFile(prefix="migsgx-engine-") as out,
+        tempfile.TemporaryFile(prefix="migsgx-engine-") as err,
+    ):
+        try:
+            proc = subprocess.run(
+                list(argv),
+                stdin=null,
+                stdout=null if detached_stdio else out,
+                stderr=null if detached_stdio else err,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                timeout=timeout,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ContainerError(f"{what}: cannot run {argv[0]}: {exc}") from exc
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode("utf-8", "replace")
+        stderr = err.read().decode("utf-8", "replace")
+    if check and proc.returncode != 0:
+        detail = stderr.strip().splitlines()[-6:] or [f"status {proc.returncode}"]
+        raise ContainerError(f"{what} failed: " + " | ".join(detail))
+    return proc.returncode, stdout, stderr
+
+
+def with_path(directory: Path, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment with ``directory`` first on PATH (engines find CRIU there)."""
+
+    out = dict(os.environ if env is None else env)
+    out["PATH"] = f"{directory}{os.pathsep}{out.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+    return out

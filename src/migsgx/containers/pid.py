@@ -1,0 +1,83 @@
+"""The ``pid`` driver: a process tree, checkpointed and restored with CRIU directly.
+
+The source is dumped with CRIU inside the tree's network and mount
+namespaces, its pages straight to the destination's page server (in CRIU's
+mutual TLS when asked).  ``on_dumped`` runs in CRIU's ``post-dump``
+notification, with the tree frozen: if it raises, CRIU resumes the tree
+(the veto); if it returns, CRIU kills it.  The destination restores the tree
+with ``leave_stopped``: CRIU queues a SIGSTOP to every task while it still
+traces them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from ..agent.process import kill_tree, tree_pids
+from ..criu import InTaskNamespaces
+from ..errors import MigrationError, ProtocolError
+from .base import DumpPlan, HostConfig, Restored, RestoreRequest, Source
+
+__all__ = ["PidDriver"]
+
+
+class PidDriver:
+    name: ClassVar[str] = "pid"
+
+    def __init__(self, host: HostConfig) -> None:
+        self.host = host
+
+    def uses_page_server(self, page_tls: bool) -> bool:
+        return True
+
+    # --- source -------------------------------------------------------------------------
+    def locate(self, target: str) -> Source:
+        try:
+            pid = int(target)
+        except ValueError as exc:
+            raise MigrationError(f"not a pid: {target!r}") from exc
+        if pid <= 0 or not tree_pids(pid):
+            raise MigrationError(f"no process {pid}")
+        return Source(root=pid, target={}, label=f"process {pid}")
+
+    def dump(self, source: Source, plan: DumpPlan, on_dumped: Callable[[], None]) -> None:
+        extra: dict[str, bool | str] = {"tcp_close": True} if plan.tcp_close else {}
+        if plan.page_tls is not None:
+            ca, cert, key = plan.page_tls
+            extra.update(tls=True, tls_cacert=str(ca), tls_cert=str(cert), tls_key=str(key))
+
+        def notify(script: str, _pid: int) -> None:
+            if script == "post-dump":
+                on_dumped()
+
+        self.host.criu.dump(
+            source.root,
+            plan.images,
+            leave_running=False,
+            shell_job=plan.shell_job,
+            page_server=plan.page_server,
+            notify=notify,
+            enter=InTaskNamespaces(source.root),
+            extra=extra,
+        )
+
+    # --- destination ----------------------------------------------------------------------
+    def check_target(self, target: Mapping[str, Any]) -> dict[str, Any]:
+        if target:
+            raise ProtocolError("the pid driver takes no target description")
+        return {}
+
+    def restore(self, request: RestoreRequest) -> Restored:
+        if request.before is not None:
+            request.before(request.images)
+        extra: dict[str, bool] = {"leave_stopped": True}
+        if request.tcp_close:
+            extra["tcp_close"] = True
+        pid = self.host.criu.restore(
+            request.images, restore_detached=True, log_file="restore.log", extra=extra
+        )
+        return Restored(pid=pid, label=f"process {pid}")
+
+    def discard(self, restored: Restored) -> None:
+        kill_tree(restored.pid)

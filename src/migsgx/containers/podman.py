@@ -1,0 +1,294 @@
+"""The ``podman`` driver: ``podman container checkpoint --export`` / ``restore --import``.
+
+Source: as with runc, the container's cgroup is frozen first and the
+checkpoint leaves it running (``--leave-running``), so it stays frozen until
+the commit, and rolling back is thawing it.  The exported archive (CRIU's
+images, the container's configuration and root file system changes) is all
+the destination gets, over the agent's TLS channel; podman has no page
+server.  The enclaves are not in it: they moved enclave to enclave before
+(the engine's live migration to an ``IncomingEnclave`` on the destination
+agent), their state encrypted for the attested destination enclave only.
+
+Destination: the archive is unpacked, its two configurations (``config.dump``,
+the container's, and ``spec.dump``, the OCI runtime's) are localized (this
+host's platform socket, network namespace, cgroup parent, and CRIU's
+configuration file with ``leave-stopped`` and ``tcp-close`` for a held
+restore), packed again and imported: the container exists with every task
+stopped.  The container's image must be on this host already (as it would be
+pulled from a registry; here ``podman save | podman load``).
+
+podman runs with ``--runtime runc`` (the only runtime with checkpoints here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Final
+
+from ..agent.protocol import MAX_IMAGE_BYTES
+from ..errors import MigSGXError, ProtocolError
+from .base import (
+    ContainerError,
+    DumpPlan,
+    HostConfig,
+    Restored,
+    RestoreRequest,
+    Source,
+    check_name,
+)
+from .cgroups import Freezer
+from .command import run_engine, with_path
+from .oci import (
+    Localization,
+    extract_tree,
+    joined_host_netns,
+    load_json,
+    localize,
+    same_netns,
+    tar_tree,
+)
+from .runc import kill_frozen, own_netns_path, resume_frozen, write_criu_config
+from .settings import ContainerSettings
+
+__all__ = ["PODMAN_ARCHIVE", "Podman", "PodmanDriver"]
+
+log = logging.getLogger("migsgx.containers")
+
+PODMAN_ARCHIVE: Final = "migsgx-podman-export.tar"
+
+
+def _systemd() -> bool:
+    return Path("/run/systemd/system").is_dir()
+
+
+class Podman:
+    """podman's command line for one host (its storage and state roots)."""
+
+    def __init__(
+        self, settings: ContainerSettings, criu: Path, *, prefix: Sequence[str] = ()
+    ) -> None:
+        """``prefix``: run podman under it (``nsenter --net=...``)."""
+
+        self.settings = settings
+        self.prefix = list(prefix)
+        self.env = with_path(criu.parent)
+        args = ["--runtime", "runc"]
+        root = settings.podman_root
+        if root is not None:
+            args += ["--root", str(root / "storage"), "--runroot", str(root / "run")]
+            args += ["--tmpdir", str(root / "tmp"), "--runtime-flag", f"root={root / 'runc'}"]
+        if settings.podman_storage_driver:
+            args += ["--storage-driver", settings.podman_storage_driver]
+        if not _systemd():
+            args += ["--cgroup-manager", "cgroupfs", "--events-backend", "file"]
+        self.global_args = args
+
+    def argv(self, *args: str) -> list[str]:
+        return [*self.prefix, "podman", *self.global_args, *args]
+
+    def __call__(self, *args: str, what: str, timeout: float = 300.0, check: bool = True) -> str:
+        code, out, _ = run_engine(self.argv(*args), what=what, env=self.env, timeout=timeout,
+                                  check=check)  # fmt: skip
+        return out if code == 0 else ""
+
+    def inspect(self, name: str) -> dict[str, Any] | None:
+        out = self("container", "inspect", name, what="podman inspect", check=False)
+        try:
+            items = json.loads(out) if out else []
+        except ValueError as exc:
+            raise ContainerError(f"podman inspect {name}: not JSON") from exc
+        return items[0] if items and isinstance(items[0], dict) else None
+
+    def remove(self, name: str) -> None:
+        info = self.inspect(name)
+        self("rm", "--force", "--time", "0", name, what=f"podman rm {name}")
+        cid = str((info or {}).get("Id") or "")
+        runtime_root = self.runtime_root
+        if runtime_root is not None and cid and (runtime_root / cid).exists():
+            # podman's own clean-up runs runc without the runtime root it was given
+            # (--runtime-flag): the runc state would stay and block this id here.
+            run_engine(["runc", "--root", str(runtime_root), "delete", "--force", cid],
+                       what=f"runc delete {cid[:12]}", check=False)  # fmt: skip
+
+    @property
+    def runtime_root(self) -> Path | None:
+        root = self.settings.podman_root
+        return root / "runc" if root is not None else None
+
+
+class PodmanDriver:
+    name: ClassVar[str] = "podman"
+
+    def __init__(self, host: HostConfig) -> None:
+        self.host = host
+        self.podman = Podman(host.settings, host.criu.binary)
+
+    def uses_page_server(self, page_tls: bool) -> bool:
+        return False
+
+    # --- source -------------------------------------------------------------------------
+    def locate(self, target: str) -> Source:
+        name = check_name(target)
+        info = self.podman.inspect(name)
+        if info is None:
+            raise ContainerError(f"no podman container {name}")
+        state = info.get("State") or {}
+        if state.get("Status") != "running":
+            raise ContainerError(f"podman container {name} is {state.get('Status')}, not running")
+        return Source(
+            root=int(state["Pid"]),
+            target={"name": str(info.get("Name") or name)},
+            label=f"podman container {name}",
+        )
+
+    def dump(self, source: Source, plan: DumpPlan, on_dumped: Callable[[], None]) -> None:
+        name = source.target["name"]
+        freezer = Freezer.of_pid(source.root)
+        plan.note(f"thaw {freezer.control}")
+        freezer.freeze()
+        args = ["container", "checkpoint", "--leave-running", "--compress", "none"]
+        args += ["--export", str(plan.images / PODMAN_ARCHIVE)]
+        if plan.tcp_close:
+            args.append("--tcp-established")  # dumped, then restored closed
+        finished = False
+        try:
+            self.podman(*args, name, what=f"podman checkpoint {name}", timeout=600)
+            if freezer.state() != "FROZEN":
+                raise ContainerError(f"podman container {name} was thawed during its checkpoint")
+            on_dumped()
+            finished = True
+        finally:
+            if not finished and plan.may_resume():
+                with contextlib.suppress(MigSGXError):
+                    resume_frozen(source.root, freezer)
+        try:
+            kill_frozen(source.root, freezer)
+            self.podman.remove(name)
+        except MigSGXError as exc:
+            log.warning("the migrated source container %s stays (frozen): %s", name, exc)
+
+    # --- destination ----------------------------------------------------------------------
+    def check_target(self, target: Mapping[str, Any]) -> dict[str, Any]:
+        if set(target) != {"name"}:
+            raise ProtocolError("a podman target is {'name': CONTAINER_NAME}")
+        checked = {"name": check_name(target["name"])}
+        if shutil.which("podman") is None:
+            raise ContainerError("podman is not installed on this host")
+        return checked
+
+    def _conf_dir(self) -> Path:
+        if self.host.state_dir is None:
+            raise ContainerError("this agent has no state directory")
+        path = self.host.state_dir / "agent" / "podman"
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
+
+    def restore(self, request: RestoreRequest) -> Restored:
+        name = self.check_target(request.target)["name"]
+        if self.podman.inspect(name) is not None:
+            raise ContainerError(f"a podman container {name} exists on this host")
+        work = request.images / "podman-import"
+        work.mkdir(mode=0o700)
+        extract_tree(request.images / PODMAN_ARCHIVE, work, limit=MAX_IMAGE_BYTES)
+        criu_config = self._conf_dir() / f"{name}.criu.conf"
+        write_criu_config(criu_config, tcp_close=request.tcp_close)
+        made = False
+        try:
+            self.localize_archive(work, criu_config, engine_in_netns=True)
+            if request.before is not None:
+                request.before(work / "checkpoint")
+            archive = request.images / "podman-import.tar"
+            tar_tree(work, archive, limit=MAX_IMAGE_BYTES)
+            made = True
+            podman = self.podman
+            netns = self.host.settings.netns
+            if netns is not None and not same_netns(netns):
+                # As for runc: CRIU restores into its own namespace what it dumped from there.
+                podman = Podman(self.host.settings, self.host.criu.binary,
+                                prefix=["nsenter", f"--net={netns}"])  # fmt: skip
+            podman("container", "restore", "--import", str(archive),
+                   what=f"podman restore {name}", timeout=600)  # fmt: skip
+            info = self.podman.inspect(name)
+            state = (info or {}).get("State") or {}
+            if not state.get("Pid"):
+                raise ContainerError(f"podman restored {name} but it has no process")
+        except BaseException:
+            if made:
+                with contextlib.suppress(MigSGXError):
+                    self.podman.remove(name)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                criu_config.unlink()  # a later checkpoint of this container must not see it
+        conmon = int(state.get("ConmonPid") or 0)
+        return Restored(
+            pid=int(state["Pid"]),
+            label=f"podman container {name}",
+            handle={"name": name},
+            adopt=[conmon] if conmon > 0 else [],
+        )
+
+    def localize_archive(
+        self, work: Path, criu_config: Path | None, *, engine_in_netns: bool | None = None
+    ) -> None:
+        """Fit the unpacked export in ``work`` to this host (see the module docstring).
+
+        ``engine_in_netns``: whether podman will run in the container's network
+        namespace (default: whether this process does).
+        """
+
+        container = load_json(work / "config.dump", "podman container configuration")
+        runtime = load_json(work / "spec.dump", "podman runtime configuration")
+        spec = container.get("spec")
+        if not isinstance(spec, dict):
+            raise ProtocolError("the container configuration has no runtime specification")
+        settings = self.host.settings
+        parent = settings.cgroup_parent
+        cgroupfs = container.get("cgroupManager") == "cgroupfs"
+        cid = check_name(container.get("id"), "container id")
+        image = container.get("rootfsImageID") or container.get("rootfsImageName")
+        if not isinstance(image, str) or not image:
+            raise ProtocolError("the container configuration names no image")
+        # podman would pull a missing image; a destination agent never fetches anything.
+        self.podman("image", "exists", image, what=f"the container's image {image[:24]} here")
+        netns = (settings.netns or own_netns_path()) if joined_host_netns(runtime) else None
+        here = Localization(
+            platform_socket=self.host.platform_socket,
+            netns=netns,
+            cgroups_path=f"{parent}/libpod-{cid}" if parent and cgroupfs else None,
+            criu_config=criu_config,
+            engine_in_netns=netns is not None
+            and (same_netns(netns) if engine_in_netns is None else engine_in_netns),
+        )
+        container["spec"] = localize(spec, here)
+        if parent and cgroupfs:
+            container["cgroupParent"] = parent
+        (work / "config.dump").write_text(json.dumps(container))
+        (work / "spec.dump").write_text(json.dumps(localize(runtime, here)))
+
+    def discard(self, restored: Restored) -> None:
+        self.podman.remove(str(restored.handle["name"]))
+
+
+def remove_all(podman: Podman) -> None:
+    """Every container and image of this podman's store (test and benchmark hosts)."""
+
+    podman("rm", "--all", "--force", "--time", "0", what="podman rm --all", check=False)
+    podman("rmi", "--all", "--force", what="podman rmi --all", check=False)
+
+
+def share_image(source: Podman, destination: Podman, image: str, scratch: Path) -> None:
+    """Copy ``image`` from one host's store to another's, keeping its id (as a registry does)."""
+
+    archive = scratch / "image.tar"
+    try:
+        source("save", "--output", str(archive), image, what=f"podman save {image}")
+        destination("load", "--input", str(archive), what=f"podman load {image}")
+    finally:
+        with contextlib.suppress(OSError):
+            archive.unlink()

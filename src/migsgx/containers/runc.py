@@ -1,0 +1,366 @@
+"""The ``runc`` driver: an OCI container run by runc, checkpointed with ``runc checkpoint``.
+
+Source: the container's cgroup is frozen, then ``runc checkpoint
+--leave-running`` dumps it (CRIU sees the cgroup frozen and leaves it so), so
+the source cannot run between the checkpoint and the commit, and rolling back
+is thawing it.  Established TCP connections are dumped (``--tcp-established``)
+and restored closed.  Besides CRIU's images the destination gets the bundle's
+``config.json`` and the root file system's contents as a tar.  Pages go to the
+destination's page server only with ``--no-page-tls`` (runc has no TLS for
+it); by default they travel with the other images over the agent's TLS
+channel.
+
+Destination: a bundle under ``STATE/agent/runc/<id>``: the root file system
+unpacked, the configuration localized (:func:`~.oci.localize`: this host's
+platform socket, network namespace and cgroup parent; CRIU's configuration
+file with ``leave-stopped`` and ``tcp-close``), then ``runc restore
+--detach``: the container exists with every task stopped (held).
+
+Network: a container that joined its host's network namespace (a ``path``
+in its configuration, as a pod's netns made by CNI) restores into the
+destination host's namespace, which is up and addressed.  A container with a
+network namespace of its own gets a fresh one from CRIU, with ``lo`` down:
+the driver brings ``lo`` up before the engine resumes the container.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Final
+
+from ..agent.process import tree_pids
+from ..criu import log_excerpt
+from ..errors import MigSGXError, ProtocolError
+from .base import (
+    ContainerError,
+    DumpPlan,
+    HostConfig,
+    Restored,
+    RestoreRequest,
+    Source,
+    check_name,
+)
+from .cgroups import Freezer
+from .command import run_engine
+from .oci import (
+    Localization,
+    extract_tree,
+    joined_host_netns,
+    load_json,
+    localize,
+    same_netns,
+    tar_tree,
+)
+
+__all__ = ["RUNC_CONFIG", "RUNC_ROOTFS", "Runc", "RuncDriver", "own_netns_path"]
+
+log = logging.getLogger("migsgx.containers")
+
+RUNC_CONFIG: Final = "migsgx-runc-config.json"
+RUNC_ROOTFS: Final = "migsgx-runc-rootfs.tar"
+
+
+class Runc:
+    """runc's command line, with one state root and one CRIU."""
+
+    def __init__(self, root: Path | None, criu: Path, *, prefix: Sequence[str] = ()) -> None:
+        """``prefix``: run runc under it (``nsenter --net=...``: CRIU connects from there)."""
+
+        self.root = root
+        self.criu = criu
+        self.prefix = list(prefix)
+
+    def argv(self, *args: str) -> list[str]:
+        base = [*self.prefix, "runc"]
+        if self.root is not None:
+            base += ["--root", str(self.root)]
+        return [*base, "--criu", str(self.criu), *args]
+
+    def state(self, cid: str) -> dict[str, Any] | None:
+        code, out, _ = run_engine(self.argv("state", cid), what="runc state", check=False)
+        if code != 0:
+            return None
+        try:
+            value = json.loads(out)
+        except ValueError as exc:
+            raise ContainerError(f"runc state {cid}: not JSON") from exc
+        return value if isinstance(value, dict) else None
+
+    def run(self, cid: str, bundle: Path) -> None:
+        """Create and start a container, detached, with its stdio on /dev/null."""
+
+        self._detached(["run", "--detach", "--bundle", str(bundle), cid], bundle, "runc run")
+
+    def _detached(self, args: list[str], cwd: Path, what: str) -> None:
+        """A runc command whose stdio the container inherits: errors come through ``--log``."""
+
+        log_path = cwd / "runc.log"
+        base = self.argv()
+        at = len(self.prefix) + 1  # global options go right after "runc"
+        argv = [*base[:at], "--log", str(log_path), "--log-format", "json", *base[at:], *args]
+        try:
+            code, _, _ = run_engine(argv, what=what, cwd=cwd, timeout=600, check=False,
+                                    detached_stdio=True)  # fmt: skip
+            if code != 0:
+                raise ContainerError(f"{what} failed (status {code}): {_runc_errors(log_path)}")
+        finally:
+            with contextlib.suppress(OSError):
+                log_path.unlink()
+
+    def checkpoint(
+        self,
+        cid: str,
+        images: Path,
+        *,
+        page_server: tuple[str, int] | None,
+        tcp_established: bool,
+        leave_running: bool = True,
+    ) -> None:
+        args = ["checkpoint", "--image-path", str(images), "--work-path", str(images)]
+        if leave_running:
+            args.append("--leave-running")
+        if tcp_established:
+            args.append("--tcp-established")
+        if page_server is not None:
+            args += ["--page-server", f"{page_server[0]}:{page_server[1]}"]
+        try:
+            run_engine(self.argv(*args, cid), what=f"runc checkpoint {cid}", timeout=600)
+        except ContainerError as exc:
+            raise ContainerError(f"{exc}\n{log_excerpt(images / 'dump.log')}") from exc
+
+    def restore(self, cid: str, bundle: Path, images: Path, work: Path) -> None:
+        args = ["restore", "--detach", "--bundle", str(bundle)]
+        args += ["--image-path", str(images), "--work-path", str(work), cid]
+        try:
+            self._detached(args, bundle, f"runc restore {cid}")
+        except ContainerError as exc:
+            raise ContainerError(f"{exc}\n{log_excerpt(work / 'restore.log')}") from exc
+
+    def delete(self, cid: str) -> None:
+        run_engine(self.argv("delete", "--force", cid), what=f"runc delete {cid}")
+
+    def list(self) -> list[str]:
+        code, out, _ = run_engine(self.argv("list", "--quiet"), what="runc list", check=False)
+        return out.split() if code == 0 else []
+
+
+def _runc_errors(log_path: Path) -> str:
+    """The messages of runc's JSON log (``{"level": ..., "msg": ...}`` per line)."""
+
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    msgs = []
+    for line in lines[-20:]:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            msgs.append(line)
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal", "warning"):
+            msgs.append(str(entry.get("msg", "")))
+    return " | ".join(msgs[-6:]) or "no error logged"
+
+
+def own_netns_path() -> Path:
+    """A path naming this process's network namespace (a named one when there is one)."""
+
+    mine = os.stat("/proc/self/ns/net")
+    with contextlib.suppress(OSError):
+        for entry in sorted(Path("/run/netns").iterdir()):
+            with contextlib.suppress(OSError):
+                st = entry.stat()
+                if (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev):
+                    return entry
+    return Path(f"/proc/{os.getpid()}/ns/net")
+
+
+def resume_frozen(root: int, freezer: Freezer) -> None:
+    """Undo a freeze (and any stop) of a source container: it runs as before."""
+
+    for pid in tree_pids(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    freezer.thaw()
+
+
+def kill_frozen(root: int, freezer: Freezer) -> None:
+    """End a frozen source after the commit: SIGKILL queued first, then thawed.
+
+    A thawed task with a pending SIGKILL dies before it runs an instruction of its own,
+    and the engine then removes a container without processes (a frozen one it may not).
+    """
+
+    from ..agent.process import kill_tree
+
+    pids = tree_pids(root)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    freezer.thaw()
+    kill_tree(root)
+
+
+def write_criu_config(path: Path, *, tcp_close: bool) -> None:
+    """CRIU's options for a held restore (runc passes this file to CRIU)."""
+
+    lines = ["leave-stopped"] + (["tcp-close"] if tcp_close else [])
+    path.write_text("\n".join(lines) + "\n")
+
+
+def bring_lo_up(pid: int) -> None:
+    try:
+        subprocess.run(
+            ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "link", "set", "lo", "up"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ContainerError(f"cannot bring lo up in the restored container: {exc}") from exc
+
+
+class RuncDriver:
+    name: ClassVar[str] = "runc"
+
+    def __init__(self, host: HostConfig) -> None:
+        self.host = host
+        self.runc = Runc(host.settings.runc_root, host.criu.binary)
+
+    def uses_page_server(self, page_tls: bool) -> bool:
+        return not page_tls  # runc's page server has no TLS: pages go over the agent channel
+
+    # --- source -------------------------------------------------------------------------
+    def locate(self, target: str) -> Source:
+        cid = check_name(target, "container id")
+        state = self.runc.state(cid)
+        if state is None:
+            raise ContainerError(f"no runc container {cid}")
+        if state.get("status") != "running":
+            raise ContainerError(f"runc container {cid} is {state.get('status')}, not running")
+        bundle = Path(str(state["bundle"]))
+        return Source(
+            root=int(state["pid"]),
+            target={"id": cid},
+            label=f"runc container {cid}",
+            private={"bundle": bundle, "rootfs": Path(str(state["rootfs"]))},
+        )
+
+    def dump(self, source: Source, plan: DumpPlan, on_dumped: Callable[[], None]) -> None:
+        cid = source.target["id"]
+        freezer = Freezer.of_pid(source.root)
+        plan.note(f"thaw {freezer.control}")
+        freezer.freeze()
+        finished = False
+        try:
+            self.runc.checkpoint(
+                cid, plan.images, page_server=plan.page_server, tcp_established=plan.tcp_close
+            )
+            if freezer.state() != "FROZEN":
+                raise ContainerError(f"runc container {cid} was thawed during its checkpoint")
+            shutil.copyfile(source.private["bundle"] / "config.json", plan.images / RUNC_CONFIG)
+            tar_tree(source.private["rootfs"], plan.images / RUNC_ROOTFS)
+            on_dumped()
+            finished = True
+        finally:
+            if not finished and plan.may_resume():
+                with contextlib.suppress(MigSGXError):
+                    resume_frozen(source.root, freezer)
+        try:
+            kill_frozen(source.root, freezer)
+            self.runc.delete(cid)
+        except MigSGXError as exc:
+            # Frozen and stopped, it cannot run: an operator removes it.
+            log.warning("the migrated source container %s stays (frozen): %s", cid, exc)
+
+    # --- destination ----------------------------------------------------------------------
+    def check_target(self, target: Mapping[str, Any]) -> dict[str, Any]:
+        if set(target) != {"id"}:
+            raise ProtocolError("a runc target is {'id': CONTAINER_ID}")
+        checked = {"id": check_name(target["id"], "container id")}
+        if shutil.which("runc") is None:
+            raise ContainerError("runc is not installed on this host")
+        return checked
+
+    def bundles(self) -> Path:
+        if self.host.state_dir is None:
+            raise ContainerError("this agent has no state directory for runc bundles")
+        return self.host.state_dir / "agent" / "runc"
+
+    def restore(self, request: RestoreRequest) -> Restored:
+        cid = self.check_target(request.target)["id"]
+        if self.runc.state(cid) is not None:
+            raise ContainerError(f"a runc container {cid} exists on this host")
+        config = load_json(request.images / RUNC_CONFIG, "runc configuration")
+        bundle = self.bundles() / cid
+        self.bundles().mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            bundle.mkdir(mode=0o700)
+        except FileExistsError as exc:
+            raise ContainerError(f"a bundle for {cid} exists on this host: {bundle}") from exc
+        criu_config = bundle / "criu-restore.conf"
+        made = False
+        try:
+            (bundle / "rootfs").mkdir(mode=0o755)
+            extract_tree(request.images / RUNC_ROOTFS, bundle / "rootfs")
+            write_criu_config(criu_config, tcp_close=request.tcp_close)
+            settings = self.host.settings
+            joined = joined_host_netns(config)
+            netns = (settings.netns or own_netns_path()) if joined else None
+            here = Localization(
+                platform_socket=self.host.platform_socket,
+                netns=netns,
+                cgroups_path=f"{settings.cgroup_parent}/{cid}" if settings.cgroup_parent else None,
+                criu_config=criu_config,
+                engine_in_netns=netns is not None,  # runc runs there (see below)
+            )
+            spec = localize(config, here)
+            root = spec.get("root") or {}
+            spec["root"] = {"path": "rootfs", "readonly": bool(root.get("readonly", False))}
+            (bundle / "config.json").write_text(json.dumps(spec, indent=1))
+            if request.before is not None:
+                request.before(request.images)
+            made = True
+            # CRIU puts a container whose namespace it saw as its own at the dump into its
+            # own namespace at the restore: run it in the one the container must join.
+            runc = self.runc
+            if netns is not None and not same_netns(netns):
+                runc = Runc(runc.root, runc.criu, prefix=["nsenter", f"--net={netns}"])
+            runc.restore(cid, bundle, request.images, request.images)
+            state = self.runc.state(cid)
+            if state is None:
+                raise ContainerError(f"runc restored {cid} but does not know it")
+            pid = int(state["pid"])
+            if not joined:
+                bring_lo_up(pid)
+        except BaseException:
+            if made:
+                with contextlib.suppress(MigSGXError):
+                    self.runc.delete(cid)
+            shutil.rmtree(bundle, ignore_errors=True)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                criu_config.unlink()  # a later checkpoint of this container must not see it
+        return Restored(
+            pid=pid,
+            label=f"runc container {cid}",
+            handle={"id": cid, "bundle": str(bundle)},
+        )
+
+    def discard(self, restored: Restored) -> None:
+        cid = str(restored.handle["id"])
+        try:
+            self.runc.delete(cid)
+        finally:
+            shutil.rmtree(restored.handle["bundle"], ignore_errors=True)

@@ -1,0 +1,79 @@
+"""How one host runs its containers: ``STATE/containers.toml``.
+
+Both the migration tool and the agent of a host read it from the host's state
+directory; every key is optional and defaults to what the engines do on their
+own, which is right for a host that is a machine of its own::
+
+    runc_root = "/run/runc"              # runc --root
+    podman_root = "/var/lib/migsgx-podman" # podman's storage, run, runc state and tmp under it
+    podman_storage_driver = "vfs"        # podman --storage-driver
+    cgroup_parent = "/migsgx"            # cgroup parent of containers restored here
+    netns = "/run/netns/blue"            # the network namespace of containers that joined
+                                         # their host's (default: the agent's own)
+
+Several emulated hosts on one machine (tests, the demo, the benchmark) share
+the machine's filesystem, cgroups and engine state, so each gets its own
+roots and cgroup parent here.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import tomli_w
+
+from ..errors import ConfigError
+
+__all__ = ["SETTINGS_FILE", "ContainerSettings"]
+
+SETTINGS_FILE: Final = "containers.toml"
+_PATH_KEYS: Final = ("runc_root", "podman_root", "netns")
+_TEXT_KEYS: Final = ("podman_storage_driver", "cgroup_parent")
+
+
+@dataclass(frozen=True)
+class ContainerSettings:
+    runc_root: Path | None = None
+    podman_root: Path | None = None
+    podman_storage_driver: str | None = None
+    cgroup_parent: str | None = None
+    netns: Path | None = None
+
+    @classmethod
+    def load(cls, state: Path | None) -> ContainerSettings:
+        """The settings in ``STATE/containers.toml``; defaults when there is none."""
+
+        if state is None:
+            return cls()
+        path = Path(state) / SETTINGS_FILE
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc
+        return cls.from_mapping(data, where=str(path))
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], *, where: str = "settings") -> ContainerSettings:
+        unknown = set(data) - set(_PATH_KEYS) - set(_TEXT_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{where}: {key} must be a non-empty string")
+            values[key] = Path(value) if key in _PATH_KEYS else value
+        parent = values.get("cgroup_parent")
+        if parent is not None and (not parent.startswith("/") or ".." in parent.split("/")):
+            raise ConfigError(f"{where}: cgroup_parent must be an absolute cgroup path")
+        return cls(**values)
+
+    def save(self, state: Path) -> Path:
+        path = Path(state) / SETTINGS_FILE
+        data = {k: str(v) for k, v in asdict(self).items() if v is not None}
+        path.write_text(tomli_w.dumps(data))
+        return path

@@ -1,0 +1,360 @@
+"""Container migration with real runc, real podman and real CRIU between two namespaced hosts.
+
+The example kvstore app runs inside a container; its enclaves run on the
+host, started by the host's platform service through the socket bind-mounted
+into the container.  One testbed, container lab and agent serve the module;
+every test ends by checking that exactly one runnable copy of the app exists
+and removes its containers.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from migsgx.agent.testbed import AgentProcess, MigrateRun, Testbed
+from migsgx.agent.tls import issue_agent_identity
+from migsgx.containers.lab import ContainerApp, ContainerLab
+from migsgx.containers.podman import PODMAN_ARCHIVE
+from migsgx.criu import Criu
+from migsgx.host.client import EnclaveClient
+from migsgx.hosts import start_service
+from migsgx.sgx.ca import ProvisioningCA
+from migsgx.sgx.platform import EmulatedPlatform
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+ENGINES = ["runc", "podman"]
+
+
+@pytest.fixture(scope="module")
+def bed(
+    criu: Criu,
+    subreaper: None,
+    _stale_namespaces_removed: None,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Testbed]:
+    with Testbed(tmp_path_factory.mktemp("contmig"), subnet=62) as testbed:
+        yield testbed
+
+
+@pytest.fixture(scope="module")
+def lab(bed: Testbed, criu: Criu) -> Iterator[ContainerLab]:
+    with ContainerLab(bed, criu=criu) as containers:
+        yield containers
+
+
+@pytest.fixture(scope="module")
+def agent(bed: Testbed, lab: ContainerLab) -> AgentProcess:
+    return bed.start_agent()  # after the lab: it reads the host's containers.toml
+
+
+def migrate(
+    bed: Testbed,
+    app: ContainerApp,
+    agent: AgentProcess,
+    *,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    name: str = "src",
+) -> MigrateRun:
+    return bed.migrate(None, agent, args=[f"--{app.engine}", app.name, *args], env=env, name=name)
+
+
+def finish(lab: ContainerLab, app: ContainerApp, *, expect: str) -> None:
+    """Exactly one runnable copy, on ``expect``, and the engines agree; then remove it."""
+
+    assert lab.runnable_copies(app) == {"src": int(expect == "src"), "dst": int(expect == "dst")}
+    other = "dst" if expect == "src" else "src"
+    assert app.name in lab.containers(expect, app.engine)
+    assert app.name not in lab.containers(other, app.engine)
+    lab.remove(app)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class Client(threading.Thread):
+    """Keeps writing through the app while it moves; follows it to the other host."""
+
+    def __init__(self, lab: ContainerLab, app: ContainerApp) -> None:
+        super().__init__(daemon=True)
+        self.lab, self.app = lab, app
+        self.at = "src"
+        self.acked = ""
+        self.ok = {"src": 0, "dst": 0}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 60
+        n = 0
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            n += 1
+            try:
+                reply = self.lab.ask(self.app, f"PUT client {n:08x}", at=self.at)
+                if reply.startswith("OK"):
+                    self.acked = f"{n:08x}"
+                    self.ok[self.at] += 1
+                    continue
+            except OSError:
+                pass
+            self.at = "dst" if self.at == "src" else "src"
+            time.sleep(0.02)
+
+
+# --- moves ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("engine", ENGINES)
+def test_container_moves_with_its_enclave(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
+) -> None:
+    app = lab.start_app(engine, "kvstore")
+    for i in range(3):
+        assert lab.ask(app, f"PUT key{i} {f'value-{i}'.encode().hex()}", at="src") == f"OK {i + 1}"
+    assert lab.ask(app, "NOTE colour blue", at="src") == "OK"
+    digest = lab.ask(app, "DIGEST", at="src")
+    client = Client(lab, app)
+    client.start()
+    wait_until(lambda: client.ok["src"] > 5, 10, "the client to write")
+
+    run = migrate(bed, app, agent)
+    wait_until(lambda: client.ok["dst"] > 5, 15, "the client to write on the destination")
+    client.stop.set()
+    client.join(10)
+    assert run.returncode == 0, run.stderr
+    assert run.stats is not None
+    assert run.stats["details"]["driver"] == engine
+    assert run.stats["details"]["enclaves"] == 1
+    assert run.stats["details"]["enclave_bytes"] > 0
+    assert run.stats["downtime"] <= run.stats["total"]
+
+    # Networking in the restored container: the other host reaches it at dst's address.
+    before = digest.split(" ", 1)[1].split(",")
+    after = lab.ask(app, "DIGEST", at="dst").split(" ", 1)[1].split(",")
+    assert len(after) == len(before) == 1
+    assert lab.ask(app, "GET key1", at="dst") == "VALUE " + b"value-1".hex()
+    assert lab.ask(app, "GET client", at="dst") == f"VALUE {client.acked}"  # nothing lost
+    assert lab.ask(app, "PUT after " + b"x".hex(), at="dst").startswith("OK")  # an ECALL
+    state = json.loads(lab.ask(app, "STATE", at="dst").removeprefix("STATE "))
+    assert state["notes"] == {"colour": "blue"}
+    pid = lab.root_pid(app, "dst")
+    assert pid == run.stats["details"]["restored_pid"]
+    finish(lab, app, expect="dst")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_container_moves_there_and_back(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
+) -> None:
+    """A migrated-in container migrates again (its restore left nothing that holds it)."""
+
+    back = bed.start_agent("src")
+    app = lab.start_app(engine, "kvstore")
+    assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
+    there = migrate(bed, app, agent)
+    assert there.returncode == 0, there.stderr
+    assert "stays" not in there.stderr, there.stderr  # the source was removed
+    assert app.name not in lab.containers("src", engine)
+    assert lab.ask(app, "PUT k2 " + b"w".hex(), at="dst") == "OK 2"
+    run = migrate(bed, app, back, name="dst")
+    assert run.returncode == 0, run.stderr
+    assert lab.ask(app, "GET k2", at="src") == "VALUE " + b"w".hex()
+    back.stop()
+    finish(lab, app, expect="src")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_container_without_enclaves(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
+) -> None:
+    app = lab.start_app(engine, "kvstore", ["--enclaves", "0"], enclaves=False)
+    assert lab.ask(app, "NOTE plain yes", at="src") == "OK"
+    # runc without TLS for the pages: they go to the agent's page server (runc's own option).
+    run = migrate(bed, app, agent, args=["--no-page-tls"] if engine == "runc" else [])
+    assert run.returncode == 0, run.stderr
+    assert run.stats is not None and run.stats["details"]["enclaves"] == 0
+    assert (run.stats["details"]["page_bytes"] > 0) is (engine == "runc")
+    state = json.loads(lab.ask(app, "STATE", at="dst").removeprefix("STATE "))
+    assert state["notes"] == {"plain": "yes"}
+    finish(lab, app, expect="dst")
+
+
+def test_runc_container_with_a_network_namespace_of_its_own(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    """CRIU restores such a namespace with ``lo`` down; the driver brings it up."""
+
+    app = lab.start_app("runc", "kvstore", ["--enclaves", "0"], enclaves=False, private_net=True)
+    assert lab.ask(app, "NOTE inside yes", at="src") == "OK"
+    run = migrate(bed, app, agent)
+    assert run.returncode == 0, run.stderr
+    assert lab.ask(app, "PING", at="dst") == "PONG"  # over lo inside the restored container
+    finish(lab, app, expect="dst")
+
+
+# --- failures ------------------------------------------------------------------------------------
+def check_source_runs_on(lab: ContainerLab, app: ContainerApp, digest: str) -> None:
+    assert lab.ask(app, "DIGEST", at="src") == digest
+    assert lab.ask(app, "PUT later " + b"y".hex(), at="src").startswith("OK")  # ECALLs work
+    assert lab.copies(app)["dst"] == []
+    assert app.name not in lab.containers("dst", app.engine)
+    assert not (bed_state_dst(lab) / "agent" / "runc" / app.name).exists()
+
+
+def bed_state_dst(lab: ContainerLab) -> Path:
+    return lab.bed.state("dst")
+
+
+def started(lab: ContainerLab, engine: str) -> tuple[ContainerApp, str]:
+    app = lab.start_app(engine, "kvstore")
+    assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
+    return app, lab.ask(app, "DIGEST", at="src")
+
+
+def test_destination_agent_killed_during_transfer(bed: Testbed, lab: ContainerLab) -> None:
+    fault = f"agent.enclave-receive:kill-after-bytes={16 << 20}"
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": fault})
+    app, digest = started(lab, "runc")
+    run = migrate(bed, app, doomed)
+    assert run.returncode == 6, run.stderr
+    assert "enclave 0 did not migrate" in run.stderr
+    assert doomed.proc.wait(timeout=10) != 0
+    check_source_runs_on(lab, app, digest)
+    finish(lab, app, expect="src")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_restore_failing_keeps_the_frozen_source(
+    bed: Testbed, lab: ContainerLab, engine: str
+) -> None:
+    failing = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-restore:corrupt"})
+    app, digest = started(lab, engine)
+    assert lab.ask(app, "NOTE n 1", at="src") == "OK"
+    run = migrate(bed, app, failing)
+    assert run.returncode == 6, run.stderr
+    assert "restore" in run.stderr
+    check_source_runs_on(lab, app, digest)  # thawed: it answers
+    state = json.loads(lab.ask(app, "STATE", at="src").removeprefix("STATE "))
+    assert state["notes"] == {"n": "1"}
+    failing.stop()
+    finish(lab, app, expect="src")
+
+
+def test_destination_enclave_load_failing(bed: Testbed, lab: ContainerLab, tmp_path: Path) -> None:
+    """The destination platform refuses to launch the enclave (launch control)."""
+
+    state = tmp_path / "strict"
+    EmulatedPlatform.init(state, ProvisioningCA.load(bed.deployment.ca_dir), host_id="strict")
+    dst = bed.host("dst")
+    issue_agent_identity(bed.deployment.ca_dir, state, "strict", [dst.address])
+    lab.settings["dst"].save(state)
+    service = start_service(state, prefix=dst.command([]), extra_args=["--allow-signer", "00" * 32])
+    try:
+        strict = bed.start_agent(state=state, platform_socket=service.socket)
+        app, digest = started(lab, "runc")
+        run = migrate(bed, app, strict)
+        assert run.returncode == 6, run.stderr
+        assert "launch" in run.stderr
+        check_source_runs_on(lab, app, digest)
+        strict.stop()
+        finish(lab, app, expect="src")
+    finally:
+        service.stop()
+
+
+def test_tool_dying_before_the_commit_point_thaws_the_container(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    """The guardian aborts the enclaves, thaws the frozen source and gives the enclaves back."""
+
+    app, digest = started(lab, "runc")
+    run = migrate(
+        bed, app, agent,
+        env={"MIGSGX_FAULT": "tool.before-commit:exit"},
+        args=["--work-dir", str(bed.root / f"dump-{app.marker}")],
+    )  # fmt: skip
+    assert run.returncode == 70
+    assert "resuming the source" in run.stderr  # the guardian's report
+    wait_until(lambda: app.name not in lab.containers("dst", "runc"), 15, "dst to let go")
+    wait_until(lambda: lab.runnable_copies(app)["src"] == 1, 15, "the source to thaw")
+    check_source_runs_on(lab, app, digest)
+    finish(lab, app, expect="src")
+
+
+def test_failure_after_the_commit_point_leaves_the_source_frozen(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    """Past the commit point the tool never thaws the source: the destination rolls forward."""
+
+    app, digest = started(lab, "runc")
+    run = migrate(bed, app, agent, env={"MIGSGX_FAULT": "tool.after-commit:fail"})
+    assert run.returncode == 6, run.stderr
+    wait_until(lambda: lab.runnable_copies(app)["dst"] == 1, 15, "the destination to run")
+    assert lab.ask(app, "DIGEST", at="dst") == digest
+    assert lab.runnable_copies(app)["src"] == 0  # frozen and fenced, for an operator
+    lab.remove_on("runc", app.name, "src")
+    finish(lab, app, expect="dst")
+
+
+# --- the canary -------------------------------------------------------------------------------
+def scan(roots: list[Path], needles: dict[str, bytes]) -> dict[str, list[str]]:
+    hits: dict[str, list[str]] = {name: [] for name in needles}
+    keep = max(len(n) for n in needles.values())
+    for root in roots:
+        for path in [root] if root.is_file() else sorted(root.rglob("*")):
+            try:
+                if not path.is_file() or path.is_symlink():
+                    continue
+                with path.open("rb") as f:
+                    tail = b""
+                    while chunk := f.read(8 << 20):
+                        data = tail + chunk
+                        for name, needle in needles.items():
+                            if needle in data and str(path) not in hits[name]:
+                                hits[name].append(str(path))
+                        tail = data[-keep:]
+            except OSError:
+                continue
+    return hits
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_canary_is_in_no_container_image_or_archive(
+    bed: Testbed, lab: ContainerLab, tmp_path: Path, engine: str
+) -> None:
+    kept = bed.start_agent(args=["--keep-images"])
+    secret = b"CANARY-" + secrets.token_hex(16).encode()
+    ordinary = b"ORDINARY-" + secrets.token_hex(16).encode()
+    # The secret enters enclave memory sealed: the app in the container sees ciphertext only.
+    with EnclaveClient.launch(bed.image("kvstore"), socket_path=bed.services["src"].socket) as s:
+        s.ecall.put("canary", secret)
+        blob = s.ecall.seal_value("canary")
+    app = lab.start_app(engine, "kvstore")
+    assert lab.ask(app, f"UNSEAL canary {blob.hex()}", at="src") == "OK 1"
+    assert lab.ask(app, f"NOTE plain {ordinary.decode()}", at="src") == "OK"
+    dump_dir = tmp_path / "tool-dump"
+    run = migrate(bed, app, kept, args=["--keep-images", "--work-dir", str(dump_dir)])
+    assert run.returncode == 0, run.stderr
+    (tmp_path / "tool.out").write_text(run.stdout + run.stderr)
+
+    needles = {"secret": secret, "ordinary": ordinary}
+    if engine == "podman":
+        archive = dump_dir / PODMAN_ARCHIVE
+        assert archive.stat().st_size > 1 << 20  # the exported checkpoint, kept
+        assert scan([archive], needles) == {"secret": [], "ordinary": [str(archive)]}
+    hits = scan([bed.root, tmp_path, lab.base, Path("/dev/shm")], needles)
+    assert hits["secret"] == []
+    # The scan sees what it should: the note moved in the container's CRIU pages.
+    assert any("pages-" in p or PODMAN_ARCHIVE in p for p in hits["ordinary"]), hits["ordinary"]
+    assert lab.ask(app, "GET canary", at="dst") == "VALUE " + secret.hex()
+    kept.stop()
+    finish(lab, app, expect="dst")

@@ -1,0 +1,295 @@
+"""The driver seam without engines: the table, targets, settings, configurations, archives."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from migsgx import cli
+from migsgx.containers import (
+    DRIVERS,
+    ContainerError,
+    ContainerSettings,
+    Driver,
+    HostConfig,
+    make_driver,
+)
+from migsgx.containers.cgroups import thaw_file
+from migsgx.containers.oci import (
+    CRIU_CONFIG_ANNOTATION,
+    Localization,
+    extract_tree,
+    joined_host_netns,
+    localize,
+    platform_mount,
+    tar_tree,
+)
+from migsgx.containers.runc import write_criu_config
+from migsgx.criu import Criu
+from migsgx.errors import ConfigError, MigSGXError, ProtocolError
+
+HERE = Localization(
+    platform_socket=Path("/var/lib/dst/enclave.sock"),
+    netns=Path("/run/netns/dst"),
+    cgroups_path="/migsgx-dst/kv1",
+    criu_config=Path("/var/lib/dst/agent/runc/kv1/criu-restore.conf"),
+)
+
+
+def host() -> HostConfig:
+    return HostConfig(Criu("/bin/true"), ContainerSettings(), Path("/x/enclave.sock"), Path("/x"))
+
+
+def spec(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "process": {
+            "terminal": False,
+            "args": ["python", "app.py"],
+            "env": ["PATH=/usr/bin", "MIGSGX_PLATFORM_SOCKET=/run/migsgx/enclave.sock"],
+        },
+        "root": {"path": "rootfs", "readonly": True},
+        "mounts": [
+            {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]},
+            {
+                "destination": "/run/migsgx/enclave.sock",
+                "type": "bind",
+                "source": "/var/lib/src/enclave.sock",
+                "options": ["rbind"],
+            },
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "network", "path": "/run/netns/src"}],
+            "cgroupsPath": "/migsgx-src/kv1",
+            "sysctl": {"net.ipv4.ping_group_range": "0 0", "kernel.msgmax": "8192"},
+        },
+        "annotations": {"keep": "me"},
+    }
+    base.update(overrides)
+    return base
+
+
+# --- the table -------------------------------------------------------------------------------
+def test_one_table_names_every_driver() -> None:
+    assert sorted(DRIVERS) == ["pid", "podman", "runc"]
+    for name in DRIVERS:
+        driver: Driver = make_driver(name, host())
+        assert driver.name == name
+        for method in ("uses_page_server", "locate", "dump", "check_target", "restore", "discard"):
+            assert callable(getattr(driver, method))
+
+
+def test_an_unknown_driver_is_refused() -> None:
+    with pytest.raises(ContainerError, match="no driver 'lxc'"):
+        make_driver("lxc", host())
+
+
+def test_page_servers_by_driver() -> None:
+    pid, runc, podman = (make_driver(n, host()) for n in ("pid", "runc", "podman"))
+    assert pid.uses_page_server(True) and pid.uses_page_server(False)
+    assert not runc.uses_page_server(True)  # runc's page server has no TLS
+    assert runc.uses_page_server(False)
+    assert not podman.uses_page_server(False)  # the export archive carries the pages
+
+
+@pytest.mark.parametrize(
+    ("name", "good", "bad"),
+    [
+        ("pid", {}, {"id": "x"}),
+        ("runc", {"id": "kv-1.a"}, {"id": "../etc"}),
+        ("runc", {"id": "kv"}, {"id": "kv", "extra": 1}),
+        ("podman", {"name": "kv_1"}, {"name": ""}),
+        ("podman", {"name": "kv"}, {"id": "kv"}),
+    ],
+)
+def test_targets_from_the_wire_are_checked(name: str, good: dict[str, Any], bad: Any) -> None:
+    driver = make_driver(name, host())
+    assert driver.check_target(good) == good
+    with pytest.raises(ProtocolError):
+        driver.check_target(bad)
+
+
+def test_pid_driver_locates_a_process() -> None:
+    source = make_driver("pid", host()).locate(str(os.getpid()))
+    assert source.root == os.getpid() and source.target == {}
+    with pytest.raises(MigSGXError):
+        make_driver("pid", host()).locate("not-a-pid")
+
+
+# --- settings --------------------------------------------------------------------------------
+def test_settings_round_trip(tmp_path: Path) -> None:
+    assert ContainerSettings.load(tmp_path) == ContainerSettings()
+    settings = ContainerSettings(
+        runc_root=Path("/run/a/runc"), podman_root=Path("/run/a/podman"),
+        podman_storage_driver="vfs", cgroup_parent="/migsgx-a", netns=Path("/run/netns/a"),
+    )  # fmt: skip
+    settings.save(tmp_path)
+    assert ContainerSettings.load(tmp_path) == settings
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['runc_root = 3\n', 'colour = "blue"\n', 'cgroup_parent = "relative"\n',
+     'cgroup_parent = "/a/../b"\n', "not toml ["],
+)  # fmt: skip
+def test_bad_settings_are_refused(tmp_path: Path, text: str) -> None:
+    (tmp_path / "containers.toml").write_text(text)
+    with pytest.raises(ConfigError):
+        ContainerSettings.load(tmp_path)
+
+
+# --- localizing a configuration --------------------------------------------------------------
+def test_localize_points_the_container_at_this_host() -> None:
+    original = spec()
+    out = localize(original, HERE)
+    mounts = {m["destination"]: m for m in out["mounts"]}
+    assert mounts["/run/migsgx/enclave.sock"]["source"] == "/var/lib/dst/enclave.sock"
+    assert mounts["/usr"]["source"] == "/usr"  # everything else as it was
+    assert out["linux"]["namespaces"][1]["path"] == "/run/netns/dst"
+    assert out["linux"]["cgroupsPath"] == "/migsgx-dst/kv1"
+    assert out["annotations"] == {"keep": "me", CRIU_CONFIG_ANNOTATION: str(HERE.criu_config)}
+    assert out["linux"]["sysctl"] == original["linux"]["sysctl"]
+    assert original == spec()  # the input is not changed
+
+
+def test_localize_a_bind_mounted_directory() -> None:
+    mounts = [{"destination": "/run/migsgx", "type": "bind", "source": "/var/lib/src",
+               "options": ["rbind"]}]  # fmt: skip
+    out = localize(spec(mounts=mounts), HERE)
+    assert out["mounts"][0]["source"] == "/var/lib/dst"
+    renamed = [{**mounts[0]}]
+    env = ["MIGSGX_PLATFORM_SOCKET=/run/migsgx/aesm.sock"]
+    with pytest.raises(ContainerError, match=r"aesm\.sock"):
+        localize(spec(mounts=renamed, process={"env": env}), HERE)
+
+
+def test_localize_refuses_what_a_destination_must_not_run() -> None:
+    with pytest.raises(ContainerError, match="hooks"):
+        localize(spec(hooks={"prestart": [{"path": "/bin/sh"}]}), HERE)
+    with pytest.raises(ContainerError, match="terminal"):
+        localize(spec(process={"terminal": True}), HERE)
+    with pytest.raises(ContainerError, match="not on a bind mount"):
+        localize(spec(mounts=[]), HERE)
+    no_platform = Localization(None, HERE.netns, None, None)
+    with pytest.raises(ContainerError, match="no platform service"):
+        localize(spec(), no_platform)
+
+
+def test_localize_without_enclaves_or_shared_netns() -> None:
+    plain = spec(process={"env": ["PATH=/usr/bin"]})
+    assert platform_mount(plain) is None
+    out = localize(plain, Localization(None, Path("/run/netns/dst"), None, None))
+    assert out["mounts"] == plain["mounts"]
+    own = spec(linux={"namespaces": [{"type": "network"}]})
+    assert not joined_host_netns(own)
+    assert joined_host_netns(spec())
+    assert localize(own, HERE)["linux"]["namespaces"] == [{"type": "network"}]
+
+
+def test_net_sysctls_go_when_the_engine_shares_the_namespace() -> None:
+    here = Localization(**{**HERE.__dict__, "engine_in_netns": True})
+    assert localize(spec(), here)["linux"]["sysctl"] == {"kernel.msgmax": "8192"}
+
+
+def test_criu_configuration_holds_the_restore(tmp_path: Path) -> None:
+    write_criu_config(tmp_path / "a.conf", tcp_close=True)
+    assert (tmp_path / "a.conf").read_text().split() == ["leave-stopped", "tcp-close"]
+    write_criu_config(tmp_path / "b.conf", tcp_close=False)
+    assert (tmp_path / "b.conf").read_text().split() == ["leave-stopped"]
+
+
+# --- root file systems -----------------------------------------------------------------------
+def test_tree_round_trip(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "usr" / "bin").mkdir(parents=True)
+    (src / "etc").mkdir()
+    (src / "etc" / "motd").write_text("hello")
+    (src / "bin").symlink_to("usr/bin")
+    tool = src / "usr" / "bin" / "tool"
+    tool.write_bytes(b"#!/bin/sh\n")
+    tool.chmod(0o4755)
+    tar_tree(src, tmp_path / "root.tar")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    extract_tree(tmp_path / "root.tar", dst)
+    assert (dst / "etc" / "motd").read_text() == "hello"
+    assert os.readlink(dst / "bin") == "usr/bin"
+    assert (dst / "usr" / "bin" / "tool").stat().st_mode & 0o7777 == 0o755  # no set-id
+
+
+def _archive(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return path
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    info.mode = 0o644
+    return info
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        [(_member("/etc/passwd"), b"x")],
+        [(_member("../outside"), b"x")],
+        [(_member("a/../../outside"), b"x")],
+        [(_member("esc", tarfile.SYMTYPE, "/tmp"), b""), (_member("esc/file"), b"x")],
+        [(_member("dev", tarfile.CHRTYPE), b"")],
+        [(_member("hard", tarfile.LNKTYPE, "etc/passwd"), b"")],
+    ],
+    ids=["absolute", "dotdot", "inner-dotdot", "through-symlink", "device", "hardlink"],
+)
+def test_extraction_refuses_escapes(
+    tmp_path: Path, members: list[tuple[tarfile.TarInfo, bytes]]
+) -> None:
+    archive = _archive(tmp_path / "evil.tar", members)
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(ProtocolError):
+        extract_tree(archive, root)
+    assert not (tmp_path / "outside").exists()
+
+
+def test_thaw_only_touches_freezer_files(tmp_path: Path) -> None:
+    target = tmp_path / "freezer.state"
+    target.write_text("FROZEN")
+    with pytest.raises(MigSGXError):
+        thaw_file(str(target))  # not under /sys/fs/cgroup
+    with pytest.raises(MigSGXError):
+        thaw_file("/etc/passwd")
+    assert target.read_text() == "FROZEN"
+
+
+# --- the command line -------------------------------------------------------------------------
+def test_migrate_takes_exactly_one_workload(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    for argv in ([], ["12", "--runc", "kv"], ["--runc", "kv", "--podman", "kv"]):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["migrate", *argv, "--to", "10.250.0.2:7070", "--state", str(tmp_path)])
+        assert exited.value.code == 3
+        assert "exactly one" in capsys.readouterr().err
+
+
+def test_begin_carries_the_driver() -> None:
+    from migsgx.agent.protocol import CONTROL
+    from migsgx.wire import decode_body, encode
+
+    msg = {"t": "begin", "mid": b"m" * 16, "enclaves": [], "pids": [1], "pidns": True,
+           "tcp_close": True, "page_tls": False, "driver": "runc", "target": {"id": "kv"},
+           "page_server": False}  # fmt: skip
+    assert decode_body(encode(msg)[4:], CONTROL) == msg
+    old = {k: v for k, v in msg.items() if k not in ("driver", "target", "page_server")}
+    assert decode_body(encode(old)[4:], CONTROL) == old  # the fields are optional
+    with pytest.raises(ProtocolError):
+        decode_body(encode({**msg, "driver": 3})[4:], CONTROL)
