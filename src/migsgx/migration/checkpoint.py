@@ -36,7 +36,14 @@ import cbor2
 from ..errors import ConfigError, FrameError, MigSGXError
 from ..host.client import EnclaveInfo, launch_enclave
 from ..sgx.image import EnclaveImage
-from .engine import DEFAULT_CHUNK, DEFAULT_SLOTS, RING_TIMEOUT, EnclaveLink, _Worker
+from .engine import (
+    DEFAULT_CHUNK,
+    DEFAULT_SLOTS,
+    RING_TIMEOUT,
+    EnclaveLink,
+    _call_beside,
+    _Worker,
+)
 from .ring import RingRole, ShmRing
 from .stream import TAG_SIZE
 from .transport import CHUNK_HEADER, FLAG_FINAL
@@ -129,12 +136,7 @@ class CheckpointOut:
                 try:
                     self.link.give_ring(ring)
                     writer = _Worker(lambda: _slots_to_file(ring, out), "migsgx-ckpt-write", ring)
-                    try:
-                        dump = self.link.call("__mig_dump", self.chunk_size)
-                    except MigSGXError as exc:
-                        if isinstance(writer.error, MigSGXError):
-                            raise writer.error from exc
-                        raise
+                    dump = _call_beside(self.link, writer, "__mig_dump", self.chunk_size)
                     writer.join()
                 finally:
                     ring.close()
@@ -220,12 +222,7 @@ class CheckpointIn:
                 link.give_ring(ring)
                 with open(state_path, "rb") as src:
                     reader = _Worker(lambda: _file_to_slots(src, ring), "migsgx-ckpt-read", ring)
-                    try:
-                        link.call("__mig_load")
-                    except MigSGXError as exc:
-                        if isinstance(reader.error, MigSGXError):
-                            raise reader.error from exc
-                        raise
+                    _call_beside(link, reader, "__mig_load")
                     reader.join()
             finally:
                 ring.close()
