@@ -199,9 +199,13 @@ class _Migration:
                 )
                 fault("tool.after-prepare")
                 ready = control.call(self._begin(pids, pidns), "ready")
-                self._migrate_enclaves(ready)
+                # The enclaves stream while CRIU dumps the rest of the tree: the
+                # application holds no enclave connection (prepare), so neither
+                # waits for the other.  The post-dump step joins them.
+                self._start_enclaves(ready)
                 self._dump(dump_dir, ready)
             except BaseException as exc:
+                self._join_enclaves()
                 if not self.committed and not self.resume_sent:
                     self._roll_back(exc)
                 raise
@@ -236,9 +240,9 @@ class _Migration:
         return begin
 
     # --- enclaves ----------------------------------------------------------------------------
-    def _migrate_enclaves(self, ready: dict[str, Any]) -> None:
+    def _start_enclaves(self, ready: dict[str, Any]) -> None:
+        self._threads: list[threading.Thread] = []
         if not self.transfers:
-            self.control_call({"t": "enclaves_done"}, "enclaves_ready")
             return
         engine = load_engine()
         kwargs: dict[str, Any] = {"mode": self.opts.mode}
@@ -248,16 +252,26 @@ class _Migration:
             h = transfer.handed
             transfer.outgoing = engine.OutgoingEnclave(h.sock, h.info, h.image_files, **kwargs)
         self.note("enclaves")
-        threads = [
+        self._threads = [
             threading.Thread(
                 target=self._transfer, args=(t, ready), name=f"migsgx-enclave-{i}", daemon=True
             )
             for i, t in enumerate(self.transfers)
         ]
-        for thread in threads:
+        for thread in self._threads:
             thread.start()
-        for thread in threads:
+
+    def _join_enclaves(self) -> None:
+        for thread in getattr(self, "_threads", []):
             thread.join()
+
+    def _finish_enclaves(self) -> None:
+        """Every enclave LOADED at the destination (or the migration fails here)."""
+
+        if not self.transfers:
+            self.control_call({"t": "enclaves_done"}, "enclaves_ready")
+            return
+        self._join_enclaves()
         for transfer in self.transfers:
             if transfer.error is not None:
                 err = transfer.error
@@ -313,6 +327,7 @@ class _Migration:
         """The source is frozen and its images complete: move, restore, fence, commit."""
 
         self.note("dumped")
+        self._finish_enclaves()
         self._stream_images(dump_dir)
         self.note("images_sent")
         restored = self.control_call({"t": "restore"}, "restored")
