@@ -94,8 +94,17 @@ def platform_init(state: Path, ca_dir: Path, host_id: str | None) -> None:
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None)
 @click.option("--allow-signer", "signers", multiple=True, help="MRSIGNER (hex) allowed to launch")
 @click.option("--no-debug", is_flag=True, help="refuse to launch debug enclaves")
+@click.option(
+    "--warm-spare",
+    is_flag=True,
+    help="keep one enclave runtime process started and self-tested for the next launch",
+)
 def platform_serve(
-    state: Path, socket_path: Path | None, signers: tuple[str, ...], no_debug: bool
+    state: Path,
+    socket_path: Path | None,
+    signers: tuple[str, ...],
+    no_debug: bool,
+    warm_spare: bool,
 ) -> None:
     """Run the platform service: launches enclaves and answers their requests."""
 
@@ -115,6 +124,7 @@ def platform_serve(
         EmulatedPlatform(state),
         socket_path,
         allowed_signers=allowed or None,
+        warm_spare=warm_spare,
         allow_debug=not no_debug,
     )
     svc.bind()

@@ -279,18 +279,27 @@ def main(argv: list[str] | None = None) -> int:
     _not_dumpable()
     parser = argparse.ArgumentParser(prog="migsgx-enclave")
     parser.add_argument("--channel", type=int, required=True)
-    parser.add_argument("--app", type=int, required=True)
+    parser.add_argument("--app", type=int, default=None)
     args = parser.parse_args(argv)
     chan = socket.socket(fileno=args.channel)
-    app = socket.socket(fileno=args.app)
+    # The runtime is ready before it knows which enclave it will be: a platform
+    # service keeps one such process warm, so a launch costs no process start.
+    selftest.run()
     init = recv_frame(chan, PLATFORM, max_size=IMAGE_FRAME_MAX)
     if init["t"] != "init":
         log("platform sent no init")
         return 2
+    if args.app is not None:
+        app = socket.socket(fileno=args.app)
+    else:
+        _, fds, _, _ = socket.recv_fds(chan, 1, 1)
+        if len(fds) != 1:
+            log("platform sent no application connection")
+            return 2
+        app = socket.socket(fileno=fds[0])
     identity = ReportBody.unpack(init["identity"])
     channel = AppChannel(app)
     try:
-        selftest.run()
         image = EnclaveImage.from_files(init["files"])
         instance = EnclaveInstance(image, ChannelServices(chan, identity), channel.ocall)
     except MigSGXError as exc:

@@ -61,6 +61,7 @@ class PlatformService:
         allowed_signers: set[bytes] | None = None,
         allow_debug: bool = True,
         log_dir: Path | None = None,
+        warm_spare: bool = False,
     ) -> None:
         self.platform = platform
         self.socket_path = Path(socket_path or default_socket(platform.state_dir))
@@ -71,6 +72,9 @@ class PlatformService:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
+        self.warm_spare = warm_spare
+        self._spare: tuple[subprocess.Popen[bytes], socket.socket] | None = None
+        self._spare_lock = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------
     def bind(self) -> None:
@@ -83,6 +87,7 @@ class PlatformService:
         os.chmod(self.socket_path, 0o666)  # noqa: S103
         sock.listen(64)
         self._listener = sock
+        self._refill_spare()
 
     def serve_forever(self) -> None:
         if self._listener is None:
@@ -108,6 +113,11 @@ class PlatformService:
             self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
+        spare = self._take_spare()
+        if spare is not None:
+            spare[1].close()
+            spare[0].kill()
+            spare[0].wait()
         if kill_enclaves:
             with self._lock:
                 records = list(self.enclaves.values())
@@ -162,9 +172,37 @@ class PlatformService:
             )
         if identity.attributes.debug and not self.allow_debug:
             raise LaunchError("launch control: debug enclaves are not allowed on this host")
-        log = open(self.log_dir / f"enclave-{image.manifest.name}.log", "ab")  # noqa: SIM115
         conn.settimeout(None)
+        init = {"t": "init", "files": dict(image.files), "identity": identity.pack()}
+        spare = self._take_spare()
+        if spare is not None:
+            proc, ours = spare
+            send_frame(ours, init, max_size=IMAGE_FRAME_MAX)
+            socket.send_fds(ours, [b"A"], [conn.fileno()])
+        else:
+            proc, ours = self._start_runtime(f"enclave-{image.manifest.name}.log", conn)
+            send_frame(ours, init, max_size=IMAGE_FRAME_MAX)
+        self._refill_spare()
+        rec = EnclaveRecord(proc.pid, image.manifest.name, identity, proc)
+        with self._lock:
+            self.enclaves[proc.pid] = rec
+        threading.Thread(
+            target=self._serve_enclave,
+            args=(ours, self.platform.services_for(identity), rec),
+            daemon=True,
+        ).start()
+        return rec
+
+    # --- enclave processes ----------------------------------------------------------
+    def _start_runtime(
+        self, log_name: str, conn: socket.socket | None
+    ) -> tuple[subprocess.Popen[bytes], socket.socket]:
+        """Start an enclave runtime process; ``conn`` None makes a spare."""
+
+        log = open(self.log_dir / log_name, "ab")  # noqa: SIM115
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = [theirs.fileno()] + ([conn.fileno()] if conn is not None else [])
+        app_args = ["--app", str(conn.fileno())] if conn is not None else []
         try:
             proc = subprocess.Popen(
                 [
@@ -177,10 +215,9 @@ class PlatformService:
                     "migsgx.enclave.runtime",
                     "--channel",
                     str(theirs.fileno()),
-                    "--app",
-                    str(conn.fileno()),
+                    *app_args,
                 ],
-                pass_fds=(theirs.fileno(), conn.fileno()),
+                pass_fds=tuple(fds),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -193,20 +230,36 @@ class PlatformService:
         finally:
             theirs.close()
             log.close()
-        send_frame(
-            ours,
-            {"t": "init", "files": dict(image.files), "identity": identity.pack()},
-            max_size=IMAGE_FRAME_MAX,
-        )
-        rec = EnclaveRecord(proc.pid, image.manifest.name, identity, proc)
-        with self._lock:
-            self.enclaves[proc.pid] = rec
-        threading.Thread(
-            target=self._serve_enclave,
-            args=(ours, self.platform.services_for(identity), rec),
-            daemon=True,
-        ).start()
-        return rec
+        return proc, ours
+
+    def _take_spare(self) -> tuple[subprocess.Popen[bytes], socket.socket] | None:
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None and spare[0].poll() is not None:
+            spare[1].close()
+            return None
+        return spare
+
+    def _refill_spare(self) -> None:
+        """Keep one runtime process warm (started, imported, self-tested) for the next launch."""
+
+        if not self.warm_spare or self._stop.is_set():
+            return
+
+        def start() -> None:
+            try:
+                spare = self._start_runtime("enclaves.log", None)
+            except LaunchError:
+                return
+            with self._spare_lock:
+                if self._spare is None and not self._stop.is_set():
+                    self._spare = spare
+                    return
+            spare[1].close()
+            spare[0].kill()
+            spare[0].wait()
+
+        threading.Thread(target=start, name="migsgx-spare", daemon=True).start()
 
     def _isolation_prefix(self) -> list[str]:
         """Hide the platform's state (root secret, keys) from enclave code.
@@ -226,8 +279,7 @@ class PlatformService:
         drop = ""
         if shutil.which("setpriv") is not None:
             drop = (
-                "setpriv --bounding-set=-all --inh-caps=-all --ambient-caps=-all "
-                "--no-new-privs -- "
+                "setpriv --bounding-set=-all --inh-caps=-all --ambient-caps=-all --no-new-privs -- "
             )
         return [
             "unshare",
