@@ -22,11 +22,20 @@ the consumer's last.  Memory overhead is the sum over the four processes of
 reset through ``/proc/PID/clear_refs`` once every process is idle and ready.
 Enclave memory (source and destination) is resident before the rest is taken.
 
+The machine may be shared: before each run the probe waits (``--quiet``) for
+other load to stop, measures the CPU time other processes took during the run,
+and leaves runs they disturbed out of the medians (``clean_runs`` counts the
+rest).  Configurations are run round robin, so that what disturbance remains
+spreads over all of them.  Besides throughput, the CPU seconds the four
+processes spent per GiB are reported: a figure that contention moves less.
+
 Examples::
 
-    transport_probe.py --size 1G --chunks 64K,128K,256K,1M --slots 2,3,4
-    transport_probe.py --size 1G --chunks 256K --slots 3 --modes sealed,raw,sequential
-    transport_probe.py --size 1G --chunks 128K --slots 2 --affinity none,P0S0R1C1 --netns
+    transport_probe.py --chunks 64K,128K,256K,1M --slots 2,3,4 --modes sealed,raw \
+        --sched other,batch --repeat 4 --progress
+    transport_probe.py --chunks 128K --slots 2 --modes sealed,raw,sequential --sched batch
+    transport_probe.py --chunks 128K --slots 2 --affinity none,P0S0R1C1 --threads 1,2
+    transport_probe.py --chunks 128K,1M --slots 2 --modes sealed,raw --netns
 """
 
 from __future__ import annotations
@@ -73,6 +82,7 @@ class Config:
     sockbuf: int  # 0 = kernel autotuning
     netns: bool
     sched: str  # "other" or "batch" (SCHED_BATCH: no wake-up preemption)
+    copy_in: bool = False  # consumer copies each slot to private memory before opening
 
     @property
     def slot_size(self) -> int:
@@ -155,14 +165,31 @@ def produce(cfg: Config, ring: ShmRing, mem: memoryview, aead: AESGCM | None) ->
         pool.shutdown()
 
 
-def consume(cfg: Config, ring: ShmRing, mem: memoryview, aead: AESGCM | None) -> None:
+def consume(
+    cfg: Config,
+    ring: ShmRing,
+    mem: memoryview,
+    aead: AESGCM | None,
+    private: memoryview | None = None,
+) -> None:
+    """Open (or copy) every chunk into ``mem``; with ``private``, copy each slot there first.
+
+    Copying in first keeps a hostile untrusted side from changing the bytes between
+    authentication and decryption (a double fetch).
+    """
+
     pool = ThreadPoolExecutor(cfg.threads) if cfg.threads > 1 and aead else None
-    inflight: deque[tuple[int, Future[None] | None]] = deque()
+    inflight: deque[tuple[int, Future[None]]] = deque()
+    if pool is not None:
+        private = None  # one buffer cannot serve several threads
 
     def open_chunk(k: int, final: bool, view: memoryview) -> None:
         start, end = chunk_bounds(cfg, k)
         if len(view) != end - start + (TAG if aead else 0):
             raise RuntimeError(f"chunk {k} has {len(view)} bytes")
+        if private is not None:
+            private[: len(view)] = view
+            view = private[: len(view)]
         if aead is None:
             mem[start:end] = view
         else:
@@ -214,6 +241,7 @@ class Worker:
         self.sock: socket.socket | None = None
         self.fds = fds
         self.ring: ShmRing | None = None
+        self.private: memoryview | None = None
 
     def run(self) -> None:
         try:
@@ -275,8 +303,11 @@ class Worker:
             send_msg(self.ctl, done=True, t0=t0)
         elif self.role == "consumer":
             ring = recv_ring_fds(self.handover, RingRole.CONSUMER, timeout=30)
+            if cfg.copy_in:
+                # Kept until exit: the peak must be read while it is mapped.
+                self.private = memoryview(bytearray(cfg.slot_size))
             send_msg(self.ctl, set=True)
-            consume(cfg, ring, self.mem, self.aead)
+            consume(cfg, ring, self.mem, self.aead, self.private)
             send_msg(self.ctl, done=True, t1=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
         elif self.role == "sender":
             assert self.sock is not None
@@ -604,6 +635,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sockbuf", default="0", help="fixed socket buffer sizes (0 = auto)")
     parser.add_argument("--sched", default="other", help="other, batch (comma list)")
     parser.add_argument("--netns", action="store_true", help="sender and receiver over veth")
+    parser.add_argument(
+        "--copy-in",
+        default="no",
+        help="consumer copies each slot before opening it: no, yes (comma list)",
+    )
     parser.add_argument("--progress", action="store_true", help="a line per run on stderr")
     parser.add_argument(
         "--max-foreign",
@@ -639,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         map(int, args.threads.split(",")),
         map(parse_size, args.sockbuf.split(",")),
         args.sched.split(","),
+        [{"no": False, "yes": True}[v] for v in args.copy_in.split(",")],
     )
     configs = list(
         dict.fromkeys(
@@ -652,8 +689,9 @@ def main(argv: list[str] | None = None) -> int:
                 buf,
                 args.netns,
                 sched,
+                copy_in and mode != "raw",
             )
-            for mode, chunk, slots, aff, thr, buf, sched in grid
+            for mode, chunk, slots, aff, thr, buf, sched, copy_in in grid
         )
     )
     key = AESGCM.generate_key(256)
@@ -689,15 +727,27 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": args.repeat,
         "results": results,
     }
-    raw = {
-        (r["chunk"], r["slots"], r["affinity"]): r["bytes_per_s"]
+
+    # Compare each sealed run with the raw and the sequential run of the same setup.
+    def setup(r: dict[str, Any], *ignore: str) -> tuple[Any, ...]:
+        return tuple(r[k] for k in Config.__dataclass_fields__ if k not in ("mode", *ignore))
+
+    raw = {setup(r): r["bytes_per_s"] for r in results if r["mode"] == "raw"}
+    sequential = {
+        setup(r, "slots", "sched", "affinity"): r["bytes_per_s"]
         for r in results
-        if r["mode"] == "raw"
+        if r["mode"] == "sequential"
     }
     for r in results:
-        if r["mode"] == "sealed" and (r["chunk"], r["slots"], r["affinity"]) in raw:
-            r["raw_transport_bytes_per_s"] = raw[(r["chunk"], r["slots"], r["affinity"])]
-            r["fraction_of_raw"] = r["bytes_per_s"] / r["raw_transport_bytes_per_s"]
+        if r["mode"] != "sealed":
+            continue
+        if setup(r) in raw:
+            r["raw_transport_bytes_per_s"] = raw[setup(r)]
+            r["fraction_of_raw"] = r["bytes_per_s"] / raw[setup(r)]
+        if setup(r, "slots", "sched", "affinity") in sequential:
+            r["speedup_over_sequential"] = (
+                r["bytes_per_s"] / sequential[setup(r, "slots", "sched", "affinity")]
+            )
     json.dump(report, sys.stdout, indent=1)
     print()
     return 0
@@ -707,6 +757,7 @@ def summary_line(r: dict[str, Any]) -> str:
     return (
         f"{r['mode']:<10} chunk={r['chunk'] >> 10:>5}K slots={r['slots']} aff={r['affinity']:<9}"
         f" thr={r['threads']} sockbuf={r['sockbuf'] >> 10}K sched={r['sched']}"
+        f"{' copy-in' if r['copy_in'] else ''}"
         f"  {r['bytes_per_s'] / (1 << 30):5.2f} GiB/s"
         f" [{r['bytes_per_s_min'] / (1 << 30):.2f}-{r['bytes_per_s_max'] / (1 << 30):.2f}]"
         f"  overhead {r['overhead_bytes'] / 1024:8.0f} KiB"

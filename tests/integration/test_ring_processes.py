@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -18,7 +19,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from migsgx.errors import ConnectionClosedError, ProtocolError
+from migsgx import memstat
+from migsgx.errors import ConnectionClosedError, FrameError, ProtocolError
 from migsgx.migration import transport
 from migsgx.migration.ring import RingRole, ShmRing, recv_ring_fds, send_ring_fds
 
@@ -26,26 +28,41 @@ SLOT = 8192
 COUNT = 300
 
 
-def payloads(seed: int) -> Iterator[tuple[bytes, bool]]:
+def payloads(seed: int, count: int = COUNT) -> Iterator[tuple[bytes, bool]]:
     rng = random.Random(seed)
-    for k in range(COUNT):
+    for k in range(count):
         n = rng.choice([0, 1, SLOT, rng.randrange(SLOT + 1)])
-        yield rng.randbytes(n), k == COUNT - 1
+        yield rng.randbytes(n), k == count - 1
 
 
 # --- child roles ------------------------------------------------------------------------
-def child_producer(handover_fd: int, seed: int, stall: bool) -> None:
-    """Take a ring end from the parent and fill it; ``stall`` stops before the end."""
+def child_producer(handover_fd: int, seed: int, mode: str, count: int = COUNT) -> None:
+    """Take a ring end and fill it.
 
-    with socket.socket(fileno=handover_fd) as handover:
-        ring = recv_ring_fds(handover, RingRole.PRODUCER, timeout=5)
-    for k, (data, final) in enumerate(payloads(seed)):
-        if stall and k == COUNT // 2:
+    ``mode`` "stall" stops half way; "announce" says "ready" on the hand-over
+    socket once everything is imported, and at the end waits there until the
+    parent hangs up, so that the parent can read our peak while we still map
+    the ring.
+    """
+
+    handover = socket.socket(fileno=handover_fd)
+    if mode == "announce":
+        handover.send(b"ready")
+    ring = recv_ring_fds(handover, RingRole.PRODUCER, timeout=5)
+    if mode != "announce":
+        handover.close()
+    for k, (data, final) in enumerate(payloads(seed, count)):
+        if mode == "stall" and k == COUNT // 2:
             time.sleep(60)  # the parent kills us here
         index, view = ring.acquire(timeout=5)
         view[: len(data)] = data
         ring.publish(index, len(data), final)
     ring.wait_drained(timeout=5)
+    if mode == "announce":
+        handover.settimeout(5)
+        handover.recv(16)
+        handover.close()
+    ring.close()
 
 
 def child_sender(handover_fd: int, port: int) -> None:
@@ -85,6 +102,14 @@ def child_hostile(handover_fd: int) -> None:
         doorbell.recv(64)  # wait for the parent to hang up
 
 
+def child_cutter(port: int) -> None:
+    """A sender that dies inside a chunk: header and half of the body, then nothing."""
+
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(struct.pack(">IB", 1000, 0) + b"x" * 500)
+    time.sleep(60)  # the parent kills us here
+
+
 def child_idle_consumer(handover_fd: int) -> None:
     """A consumer that attaches and then never reads (the parent kills it)."""
 
@@ -98,11 +123,13 @@ def child_idle_consumer(handover_fd: int) -> None:
 def main(argv: list[str]) -> None:
     role, *args = argv
     if role == "producer":
-        child_producer(int(args[0]), int(args[1]), args[2] == "stall")
+        child_producer(int(args[0]), int(args[1]), args[2], *map(int, args[3:]))
     elif role == "sender":
         child_sender(int(args[0]), int(args[1]))
     elif role == "receiver":
         child_receiver(int(args[0]), int(args[1]))
+    elif role == "cutter":
+        child_cutter(int(args[0]))
     elif role == "idle-consumer":
         child_idle_consumer(int(args[0]))
     elif role == "hostile":
@@ -221,6 +248,52 @@ def test_hostile_producer_process_gets_a_clean_error(children: Children) -> None
         send_ring_fds(a, ring)
         with pytest.raises(ProtocolError):
             ring.next(timeout=4)
+
+
+def test_sender_killed_inside_a_chunk_is_a_clean_error(children: Children) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        proc = children.spawn("cutter", listener.getsockname()[1])
+        listener.settimeout(4)
+        sock, _ = listener.accept()
+    producer, consumer = ShmRing.pair(2, SLOT)
+    with sock, producer, consumer:
+        sock.settimeout(4)
+        time.sleep(0.1)
+        proc.kill()
+        with pytest.raises(FrameError, match="inside a chunk"):
+            transport.socket_to_ring(sock, producer, timeout=4)
+
+
+def test_peak_of_a_ring_transfer_is_about_the_ring(children: Children) -> None:
+    """The producer process's peak grows by the slots it wrote, not by the stream."""
+
+    ring = ShmRing.create(2, SLOT, RingRole.CONSUMER)
+    a, b = handover_pair()
+    with a, ring:
+        proc = children.spawn("producer", b.fileno(), 21, "announce", 3000, fds=(b.fileno(),))
+        b.close()
+        a.settimeout(4)
+        assert a.recv(16) == b"ready"
+        window = memstat.PeakWindow.start([proc.pid])
+        send_ring_fds(a, ring)
+        total = sum(len(data) for data, _ in drain(ring))
+        ring.close()  # the child's wait for its slots ends ...
+        overhead = window.overhead()[proc.pid]  # ... and it waits for us: read now
+        assert window.total() == overhead
+    assert proc.wait(timeout=4) == 0
+    assert total > 4 << 20  # megabytes went through ...
+    assert overhead < 512 << 10  # ... the peak grew by far less
+
+
+def test_memstat_names_a_missing_process() -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for probe in (memstat.rss, memstat.peak_rss, memstat.reset_peak):
+        with pytest.raises(memstat.MemStatError, match=str(gone.pid)):
+            probe(gone.pid)
+    with pytest.raises(memstat.MemStatError):
+        memstat.rss(0)
+    assert memstat.peak_rss(os.getpid()) >= memstat.rss(os.getpid()) > 0
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ from .transport import (
 )
 
 DEFAULT_CHUNK = 128 << 10
-DEFAULT_SLOTS = 3
+DEFAULT_SLOTS = 2
 MODES = ("pipelined", "sequential")
 PEER_FRAME_MAX = 32 << 20
 _STAGING_SLACK = 16 << 20

@@ -29,13 +29,14 @@ Doorbell
     End of file on the doorbell means the peer is gone (its process died or it
     closed the ring): the waiting side raises
     :class:`~migsgx.errors.ConnectionClosedError` and never hangs.  Any other
-    message the protocol does not allow (wrong size, unknown kind, an index out of
-    range, a slot this end does not expect, a length above the slot size, a second
-    FREE for one slot, anything after the final slot) raises
-    :class:`~migsgx.errors.ProtocolError`.  After a peer error the ring end is
-    dead: every later call raises again.  Misuse by the local caller (publishing a
-    slot it did not acquire, releasing one it does not hold) raises ``ValueError``
-    or ``RuntimeError``.
+    message the protocol does not allow (wrong size, unknown kind or flags,
+    nonzero padding, an index out of range, a length above the slot size, FILLED
+    for a slot the consumer still holds, FREE for a slot the producer has not
+    published) raises :class:`~migsgx.errors.ProtocolError`.  After a peer error
+    the ring end is dead: every later call raises again.  After the final slot a
+    consumer reads no more messages.  Misuse by the local caller (publishing a
+    slot it did not acquire, releasing one it does not hold, reading past the
+    final slot) raises ``ValueError`` or ``RuntimeError``.
 
 The untrusted side may be hostile.  It can stop the transfer with a clean error,
 but it cannot make this end index outside its mapping or hand the caller a view
@@ -563,7 +564,12 @@ def recv_ring_fds(sock: socket.socket, role: RingRole, *, timeout: float | None 
         if not ready:
             raise RingTimeoutError(f"no ring arrived within {timeout} s")
     try:
-        data, fds, _flags, _addr = socket.recv_fds(sock, _HANDOVER.size + 1, 2)
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, _HANDOVER.size + 1, 2)
+        except ConnectionResetError:
+            # Reported once when the sender closed with messages of ours unread;
+            # what it sent before closing is still queued.
+            data, fds, _flags, _addr = socket.recv_fds(sock, _HANDOVER.size + 1, 2)
     except OSError as exc:
         raise ConnectionClosedError("could not receive the ring") from exc
     if len(fds) != 2 or len(data) != _HANDOVER.size:
