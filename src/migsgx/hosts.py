@@ -7,7 +7,6 @@ Used by the demo, the benchmarks and the integration tests; an operator runs
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import subprocess
@@ -145,9 +144,3 @@ def running_services(states: Sequence[Path]) -> Iterator[list[ServiceProcess]]:
     finally:
         for svc in started:
             svc.stop()
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from ..agent.process import PageServer, in_netns
-from ..agent.protocol import PHASES
 from ..agent.testbed import Testbed
 from ..containers import HostConfig
 from ..containers.lab import ContainerApp, ContainerLab
@@ -43,10 +42,10 @@ from ..containers.podman import Podman, PodmanDriver
 from ..containers.runc import Runc
 from ..criu import Criu
 from ..errors import ConfigError, MigSGXError
+from .process import MODEL_COLS, migration_figures
 
 __all__ = ["run"]
 
-MODEL_COLS = 1024
 PORT = 7001
 
 # SIZE MiB of ordinary memory (not zero pages), served as a digest on a port.
@@ -89,19 +88,7 @@ def _migsgx(bed: Testbed, lab: ContainerLab, engine: str, size: int) -> dict[str
         raise MigSGXError(f"state differs after the migration: {before!r} != {after!r}")
     lab.remove(app)
     agent.stop()
-    stats = run.stats
-    return {
-        "total_seconds": stats["total"],
-        "downtime_seconds": stats["downtime"],
-        "bytes": stats["bytes"],
-        "phases": {k: stats[k] for k in PHASES if k not in ("total", "downtime")},
-        "details": {
-            k: stats["details"][k]
-            for k in ("process_downtime", "enclave_bytes", "page_bytes", "image_bytes", "commit")
-        },
-        "enclave_bytes_declared": rows * MODEL_COLS * 4,
-        "tool_wall_seconds": run.seconds,
-    }
+    return migration_figures(run.stats, rows, run.seconds)
 
 
 def _plain(lab: ContainerLab, engine: str, size: int) -> tuple[ContainerApp, str]:

@@ -18,6 +18,8 @@ import numpy as np
 from ..errors import EnclaveMemoryError
 
 PAGE_SIZE = 4096
+# Declared memory is reserved lazily: only touched pages cost (Linux value).
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
 def _round_up(n: int, to: int = PAGE_SIZE) -> int:
@@ -61,7 +63,7 @@ class EnclaveMemory:
             self._mm: mmap.mmap | None = mmap.mmap(
                 -1,
                 size,
-                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0),
+                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
             )
         except (OSError, OverflowError) as exc:
             raise EnclaveMemoryError(f"cannot map {size} bytes of enclave memory: {exc}") from exc
