@@ -51,8 +51,16 @@ fi
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$STAMP_DIR/venv" 2>/dev/null)" != "$want" ]; then
     log "installing migsgx and its dependencies into .venv"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e ".[dev]"
+    # Wheels the project carries itself (vendor/wheels, each checked against
+    # vendor/wheels/SHA256SUMS) are found first, so set-up does not depend on
+    # reaching a public index for them.
+    find_links=()
+    if [ -d "$ROOT/vendor/wheels" ] && compgen -G "$ROOT/vendor/wheels/*.whl" >/dev/null; then
+        (cd "$ROOT/vendor/wheels" && sha256sum --quiet -c SHA256SUMS) \
+            || { log "ERROR: a vendored wheel does not match vendor/wheels/SHA256SUMS"; exit 1; }
+        find_links=(--find-links "$ROOT/vendor/wheels")
+    fi
+    "$VENV/bin/python" -m pip install -q "${find_links[@]}" -e ".[dev]"
     echo "$want" > "$STAMP_DIR/venv"
 fi
 
