@@ -81,6 +81,14 @@ PLATFORM = Schema(
             "check": dict,
             "absent": bool,
         },
+        # A migration decision; with "name", that record's update in the same write.
+        "decide": {
+            "mid": bytes,
+            "kind": str,
+            "frame": bytes,
+            "name": (str, NONE),
+            "update": (dict, NONE),
+        },
         # service -> enclave
         "ok": {"value": ANY},
         "err": {"code": str, "message": str},

@@ -24,6 +24,7 @@ keys or plaintext happens here:
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -32,6 +33,7 @@ from typing import Any
 import cbor2
 
 from ..errors import (
+    AwaitingDecisionError,
     CommittedError,
     MigrationError,
     MigSGXError,
@@ -50,6 +52,7 @@ from ..migration.handshake import Handshake, HandshakeComplete, PeerAborted, Rol
 from ..migration.policy import MigrationPolicy, PolicyMode
 from ..migration.ring import RingRole, ShmRing, recv_ring_fds
 from ..migration.stream import TAG_SIZE, Manifest, Section, StreamChannel
+from ..sgx.counters import Decision
 from ..sgx.quote import verify_quote
 from ..sgx.structs import ReportBody
 from . import checkpoints
@@ -106,6 +109,7 @@ class Migrator:
         # The commit end of the migration this enclave came in by, kept after it
         # ran so that its COMMIT token, replayed, is still recognised as a replay.
         self._arrived: DestinationCommit | None = None
+        self._token: bytes | None = None
 
     @property
     def persistent(self) -> PersistentState:
@@ -128,7 +132,7 @@ class Migrator:
         fn = _CALLS.get(name)
         if fn is None:
             raise ProtocolError(f"no runtime call {name!r}")
-        if self.committed and name != "__mig_status":
+        if self.committed and name not in _AFTER_COMMIT:
             raise CommittedError("this enclave's state has moved to another host")
         if self.discarded and name != "__mig_status":
             raise MigrationError("a migration into this enclave was aborted; it cannot run")
@@ -263,20 +267,48 @@ class Migrator:
         return {"streams": event.streams, "digest": event.digest}
 
     def commit(self) -> bytes:
-        """Source: give up the state for good; the enclave wipes itself and exits."""
+        """Source: decide COMMIT, durably; the state stays here, frozen, until released.
+
+        The decision (with the token) is written to this host's platform store in
+        the same atomic update that retires the persistent record
+        (``docs/spec/commit.md``).  From then on this enclave never runs again,
+        but it keeps its memory until :meth:`release`: while the destination has
+        not confirmed that it runs, this frozen copy is what a re-delivery reads.
+        """
 
         sc = self._source_commit()
         if sc.state is not CommitState.LOAD_CONFIRMED:
             raise ProtocolError("the destination has not confirmed the load")
-        # The source's record and counters go before the token exists: from now
-        # on only the destination can ever hold them (or, if the token is lost,
-        # nobody; never two).
-        self.persistent.retire("this enclave's persistent state has moved to another host")
-        token = sc.commit()
+        services = self.instance.services
+
+        def record(token: bytes) -> None:
+            decision = Decision(sc.migration_id, "commit", token)
+            held = self.persistent.retire_with(
+                "this enclave's persistent state has moved to another host",
+                lambda retire: services.decide(decision, retire),
+            )
+            if held.kind != "commit":
+                raise MigrationError("this migration was decided aborted before")
+
+        token = sc.commit(record)
         self.committed = True
+        self._token = token
+        return token
+
+    def token(self) -> bytes:
+        """Source, committed: the COMMIT token again, for a re-delivery."""
+
+        if self._token is None:
+            raise ProtocolError("no commit was decided")
+        return self._token
+
+    def release(self) -> None:
+        """Source, committed: the destination runs; wipe the state and exit."""
+
+        if not self.committed or self._token is None:
+            raise ProtocolError("only a committed source is released")
         self.instance.retire("this enclave's state has moved to another host")
         self._exit_thread = threading.get_ident()
-        return token
 
     # --- destination: load ---------------------------------------------------------
     def load(self) -> dict[str, Any]:
@@ -358,6 +390,7 @@ class Migrator:
             raise ProtocolError("no migration to commit")
         event = dc.receive(token)
         if isinstance(event, PeerAborted):
+            self.abort("the source aborted")  # authentic: this copy is discarded
             raise MigrationError(f"the source aborted: {event.code}")
         if not isinstance(event, Committed):
             raise ReplayError("the commit token was not accepted")
@@ -381,11 +414,19 @@ class Migrator:
         """Give up this migration; a source runs on with its state intact."""
 
         frame = b""
+        dc = self.dest_commit
+        if dc is not None and dc.state is CommitState.AWAIT_COMMIT:
+            # LOADED went out: the source may have committed, so this may be the
+            # only copy.  Only the source's authenticated ABORT ends it.
+            raise AwaitingDecisionError(
+                "this enclave confirmed its load; only the source's decision ends it"
+            )
         try:
             if self.source_commit is not None:
                 frame = self.source_commit.abort("aborted", reason[:200])
-            elif self.dest_commit is not None:
-                frame = self.dest_commit.abort("aborted", reason[:200])
+                self._record_abort(self.source_commit.migration_id, frame)
+            elif dc is not None:
+                frame = dc.abort("aborted", reason[:200])
         except MigSGXError:
             frame = b""
         was_source = self.role is Role.SOURCE
@@ -400,6 +441,13 @@ class Migrator:
             self.discarded = True
             self.instance.retire("a migration into this enclave was aborted")
         return frame
+
+    def _record_abort(self, migration_id: bytes, frame: bytes) -> None:
+        """Best effort: the in-memory ABORT already forbids a commit; the record lets
+        anyone carry the ABORT to the destination later (``migsgx recover``)."""
+
+        with contextlib.suppress(MigSGXError, OSError):
+            self.instance.services.decide(Decision(migration_id, "abort", frame))
 
     def status(self) -> dict[str, Any]:
         return {
@@ -515,6 +563,8 @@ _CALLS: dict[str, Any] = {
     "__mig_commit_in": Migrator.commit_in,
     "__mig_abort": Migrator.abort,
     "__mig_status": Migrator.status,
+    "__mig_token": Migrator.token,
+    "__mig_release": Migrator.release,
     "__ckpt_out": Migrator.ckpt_out,
     "__ckpt_commit": Migrator.ckpt_commit,
     "__ckpt_in": Migrator.ckpt_in,
@@ -522,3 +572,5 @@ _CALLS: dict[str, Any] = {
     "__ps_status": Migrator.persistent_status,
 }
 RUNTIME_CALLS = frozenset(_CALLS) | {"__mig_ring"}
+#: What a committed source still answers: its token again, and its release.
+_AFTER_COMMIT = frozenset({"__mig_status", "__mig_token", "__mig_release"})

@@ -35,7 +35,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import cbor2
 
@@ -50,6 +50,8 @@ from ..errors import (
 from ..sgx.counters import COUNTER_MAX, RECORD_NAME, RecordUpdate
 from ..sgx.platform import TrustedServices
 from . import sealing
+
+_T = TypeVar("_T")
 
 RECORD_AAD = b"migsgx persistent record v1 "
 MAX_MCOUNTERS = 64
@@ -474,6 +476,36 @@ class PersistentState:
                 ) from exc
             self._gone = reason
             self._keys = []
+
+    def retire_with(
+        self, reason: str, write: Callable[[tuple[str, RecordUpdate] | None], _T]
+    ) -> _T:
+        """Retire as :meth:`retire` does, inside ``write``: one atomic platform update.
+
+        ``write`` gets the record's name and the retiring update (None when no
+        record is open) and must apply both in one write (a migration's decision
+        does, ``TrustedServices.decide``).  Its result is returned.  If it
+        raises, nothing was retired.
+        """
+
+        with self._lock:
+            if self._name is None or self._gone is not None:
+                result = write(None)
+                self._gone = self._gone or reason
+                return result
+            cids = tuple(c.cid for c in self._counters.values())
+            update = RecordUpdate(
+                None, destroy=(self._epoch_id, *cids), check={self._epoch_id: self._epoch}
+            )
+            try:
+                result = write((self._name, update))
+            except CounterError as exc:
+                raise PersistentStateError(
+                    "the persistent state was taken over by another instance; not retired"
+                ) from exc
+            self._gone = reason
+            self._keys = []
+            return result
 
     def prepare_import(self, section: bytes) -> PendingImport | None:
         """Validate a migrated ``persistent`` section before LOADED; None if it is empty."""

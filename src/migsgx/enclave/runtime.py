@@ -30,7 +30,7 @@ from ..errors import (
     ProtocolError,
     error_from_wire,
 )
-from ..sgx.counters import RecordUpdate
+from ..sgx.counters import Decision, RecordUpdate
 from ..sgx.image import EnclaveImage
 from ..sgx.structs import KeyRequest, Report, ReportBody, TargetInfo
 from ..wire import recv_frame, send_frame
@@ -107,6 +107,21 @@ class ChannelServices:
 
     def persist_update(self, name: str, update: RecordUpdate) -> None:
         self._ask({"t": "ps_update", "name": name, **update.to_wire()})
+
+    def decide(
+        self, decision: Decision, retire: tuple[str, RecordUpdate] | None = None
+    ) -> Decision:
+        held = self._ask(
+            {
+                "t": "decide",
+                "mid": decision.migration_id,
+                "kind": decision.kind,
+                "frame": decision.frame,
+                "name": None if retire is None else retire[0],
+                "update": None if retire is None else retire[1].to_wire(),
+            }
+        )
+        return Decision(decision.migration_id, str(held["kind"]), bytes(held["frame"]))
 
 
 class AppChannel:

@@ -20,6 +20,7 @@ import fcntl
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ MAX_COUNTERS_PER_OWNER = 256
 MAX_RECORDS_PER_OWNER = 256
 MAX_RECORD_BYTES = 256 << 10
 COUNTER_MAX = (1 << 64) - 1
+MAX_DECISIONS = 4096
+MAX_DECISION_FRAME = 4096
+DECISION_KINDS = ("commit", "abort")
 RECORD_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _COUNTER_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -98,6 +102,46 @@ class RecordUpdate:
         )
 
 
+@dataclass(frozen=True)
+class Decision:
+    """A migration source's final word on one migration id (``docs/spec/commit.md``).
+
+    ``kind`` is ``commit`` (``frame`` is the COMMIT token) or ``abort``
+    (``frame`` is the sealed ABORT, empty if the handshake never finished).
+    Neither frame is secret: anyone may carry it to the destination again.
+    """
+
+    migration_id: bytes
+    kind: str
+    frame: bytes
+    at: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in DECISION_KINDS:
+            raise CounterError(f"a decision is one of {DECISION_KINDS}")
+        if len(self.migration_id) != 16:
+            raise CounterError("a migration id has 16 bytes")
+        if len(self.frame) > MAX_DECISION_FRAME:
+            raise CounterError("a decision frame is limited to 4 KiB")
+
+    def to_entry(self) -> dict[str, Any]:
+        return {"kind": self.kind, "frame": bytes(self.frame), "at": self.at or time.time()}
+
+    @classmethod
+    def from_entry(cls, migration_id: bytes, entry: Any) -> Decision:
+        if not isinstance(entry, dict) or not isinstance(entry.get("frame"), bytes):
+            raise CounterError("a recorded decision is corrupt")
+        return cls(bytes(migration_id), str(entry.get("kind")), entry["frame"],
+                   float(entry.get("at", 0.0)))  # fmt: skip
+
+
+def _forget_oldest(decisions: dict[str, Any], count: int) -> None:
+    """Keep the store bounded: the oldest decisions were long delivered."""
+
+    for key in sorted(decisions, key=lambda k: float(decisions[k].get("at", 0.0)))[:count]:
+        del decisions[key]
+
+
 def _record_key(owner: bytes, name: str) -> str:
     if not isinstance(name, str) or not RECORD_NAME.fullmatch(name):
         raise CounterError("a record name is 1 to 64 characters of A-Z a-z 0-9 . _ -")
@@ -110,7 +154,9 @@ class CounterStore:
         self._lock = threading.Lock()
         self._lock_path = self._path.with_name(self._path.name + ".lock")
         if not self._path.exists():
-            write_private(self._path, cbor2.dumps({"v": 1, "counters": {}, "records": {}}))
+            write_private(
+                self._path, cbor2.dumps({"v": 1, "counters": {}, "records": {}, "decisions": {}})
+            )
 
     def _load_all(self) -> dict[str, Any]:
         try:
@@ -119,9 +165,10 @@ class CounterStore:
             raise CounterError(f"counter store {self._path} is unreadable") from exc
         counters = data.get("counters") if isinstance(data, dict) else None
         records = data.get("records", {}) if isinstance(data, dict) else None
-        if not isinstance(counters, dict) or not isinstance(records, dict):
+        decisions = data.get("decisions", {}) if isinstance(data, dict) else None
+        if not all(isinstance(x, dict) for x in (counters, records, decisions)):
             raise CounterError(f"counter store {self._path} is corrupt")
-        return {"v": 1, "counters": counters, "records": records}
+        return {"v": 1, "counters": counters, "records": records, "decisions": decisions}
 
     def _load(self) -> dict[str, dict[str, Any]]:
         counters: dict[str, dict[str, Any]] = self._load_all()["counters"]
@@ -193,50 +240,103 @@ class CounterStore:
     def record_update(self, owner: bytes, name: str, update: RecordUpdate) -> None:
         """Apply ``update`` atomically (see :class:`RecordUpdate`), or change nothing."""
 
+        with self._locked():
+            data = self._load_all()
+            self._apply(data, owner, name, update)
+            write_private(self._path, cbor2.dumps(data))
+
+    def _apply(self, data: dict[str, Any], owner: bytes, name: str, update: RecordUpdate) -> None:
+        """Check every condition of ``update``, then change ``data`` (not yet written)."""
+
         key = _record_key(owner, name)
         if update.record is not None and len(update.record) > MAX_RECORD_BYTES:
             raise CounterError("a persistent record is limited to 256 KiB")
         changed = [*update.create, *update.advance, *update.destroy]
         if len(set(changed)) != len(changed):
             raise CounterError("a record update changes one counter twice")
+        counters: dict[str, dict[str, Any]] = data["counters"]
+        records: dict[str, Any] = data["records"]
+        for cid, value in update.check.items():
+            if int(self._get(counters, owner, cid)["value"]) != value:
+                raise CounterError(f"counter {cid} does not hold the expected value")
+        for cid, value in update.advance.items():
+            entry = self._get(counters, owner, cid)
+            if not int(entry["value"]) < value <= COUNTER_MAX:
+                raise CounterError("a monotonic counter only grows")
+        for cid in update.destroy:
+            self._get(counters, owner, cid)
+        for cid, value in update.create.items():
+            if not _COUNTER_ID.fullmatch(cid) or cid in counters:
+                raise CounterError("a new counter needs a fresh id of 32 hex digits")
+            if not 0 <= value <= COUNTER_MAX:
+                raise CounterError("initial value out of range")
+        owned = sum(1 for c in counters.values() if c["owner"] == owner)
+        if owned - len(update.destroy) + len(update.create) > MAX_COUNTERS_PER_OWNER:
+            raise CounterError("too many counters for this enclave")
+        if update.expect_absent and key in records:
+            raise CounterError(f"a persistent record {name!r} exists already")
+        if update.record is not None and key not in records:
+            mine = sum(1 for r in records.values() if r.get("owner") == owner)
+            if mine >= MAX_RECORDS_PER_OWNER:
+                raise CounterError("too many persistent records for this enclave")
+        for cid, value in update.advance.items():
+            counters[cid]["value"] = value
+        for cid in update.destroy:
+            del counters[cid]
+        for cid, value in update.create.items():
+            counters[cid] = {"owner": owner, "value": value}
+        if update.record is None:
+            records.pop(key, None)
+        else:
+            records[key] = {"owner": owner, "name": name, "blob": bytes(update.record)}
+
+    # --- migration decisions -------------------------------------------------------
+    def decide(
+        self,
+        owner: bytes,
+        decision: Decision,
+        retire: tuple[str, RecordUpdate] | None = None,
+    ) -> Decision:
+        """Record ``decision`` for its migration id, first one wins; returns the one that holds.
+
+        With ``retire`` (a record name and its update), the update is applied in
+        the same atomic write, and only if this decision is the first: a
+        migration's source gives its persistent record up exactly when its
+        COMMIT is recorded, never one without the other.  A decision of another
+        owner under the same id is refused.
+        """
+
+        key = decision.migration_id.hex()
         with self._locked():
             data = self._load_all()
-            counters: dict[str, dict[str, Any]] = data["counters"]
-            records: dict[str, Any] = data["records"]
-            for cid, value in update.check.items():
-                if int(self._get(counters, owner, cid)["value"]) != value:
-                    raise CounterError(f"counter {cid} does not hold the expected value")
-            for cid, value in update.advance.items():
-                entry = self._get(counters, owner, cid)
-                if not int(entry["value"]) < value <= COUNTER_MAX:
-                    raise CounterError("a monotonic counter only grows")
-            for cid in update.destroy:
-                self._get(counters, owner, cid)
-            for cid, value in update.create.items():
-                if not _COUNTER_ID.fullmatch(cid) or cid in counters:
-                    raise CounterError("a new counter needs a fresh id of 32 hex digits")
-                if not 0 <= value <= COUNTER_MAX:
-                    raise CounterError("initial value out of range")
-            owned = sum(1 for c in counters.values() if c["owner"] == owner)
-            if owned - len(update.destroy) + len(update.create) > MAX_COUNTERS_PER_OWNER:
-                raise CounterError("too many counters for this enclave")
-            if update.expect_absent and key in records:
-                raise CounterError(f"a persistent record {name!r} exists already")
-            if update.record is not None and key not in records:
-                mine = sum(1 for r in records.values() if r.get("owner") == owner)
-                if mine >= MAX_RECORDS_PER_OWNER:
-                    raise CounterError("too many persistent records for this enclave")
-            for cid, value in update.advance.items():
-                counters[cid]["value"] = value
-            for cid in update.destroy:
-                del counters[cid]
-            for cid, value in update.create.items():
-                counters[cid] = {"owner": owner, "value": value}
-            if update.record is None:
-                records.pop(key, None)
-            else:
-                records[key] = {"owner": owner, "name": name, "blob": bytes(update.record)}
+            decisions: dict[str, Any] = data["decisions"]
+            held = decisions.get(key)
+            if held is not None:
+                if held.get("owner") != owner:
+                    raise CounterError("this migration id was decided by another enclave")
+                return Decision.from_entry(decision.migration_id, held)
+            if len(decisions) >= MAX_DECISIONS:
+                _forget_oldest(decisions, MAX_DECISIONS // 8)
+            if retire is not None:
+                self._apply(data, owner, retire[0], retire[1])
+            decisions[key] = {"owner": owner, **decision.to_entry()}
             write_private(self._path, cbor2.dumps(data))
+            return decision
+
+    def decision(self, migration_id: bytes) -> Decision | None:
+        """The recorded decision of ``migration_id``, if any (it is not secret)."""
+
+        with self._locked():
+            held = self._load_all()["decisions"].get(bytes(migration_id).hex())
+        return None if held is None else Decision.from_entry(migration_id, held)
+
+    def decisions(self) -> list[Decision]:
+        """Every recorded decision, oldest first."""
+
+        with self._locked():
+            held = self._load_all()["decisions"]
+        items = [Decision.from_entry(bytes.fromhex(k), v) for k, v in held.items()]
+        return sorted(items, key=lambda d: d.at)
 
 
 class _FileLock:

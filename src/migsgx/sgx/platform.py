@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.cmac import CMAC
 from .._fs import read_private, write_private
 from ..errors import ReportMacError, StateDirError
 from .ca import ProvisioningCA
-from .counters import ClaimStore, CounterStore, RecordUpdate
+from .counters import ClaimStore, CounterStore, Decision, RecordUpdate
 from .image import EnclaveImage, SigStruct
 from .keys import KeyDeriver
 from .quote import QuotingEnclave, VerifiedQuote, verify_quote
@@ -92,6 +92,10 @@ class TrustedServices(Protocol):
     def persist_read(self, name: str) -> bytes | None: ...
 
     def persist_update(self, name: str, update: RecordUpdate) -> None: ...
+
+    def decide(
+        self, decision: Decision, retire: tuple[str, RecordUpdate] | None = None
+    ) -> Decision: ...
 
 
 def target_info_of(body: ReportBody) -> TargetInfo:
@@ -302,6 +306,13 @@ class LocalServices:
         """Change a persistent record and its counters atomically (``RecordUpdate``)."""
 
         self._platform.counters.record_update(self._owner, name, update)
+
+    def decide(
+        self, decision: Decision, retire: tuple[str, RecordUpdate] | None = None
+    ) -> Decision:
+        """Record a migration decision (first wins), atomically with ``retire``."""
+
+        return self._platform.counters.decide(self._owner, decision, retire)
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from ..channel import IMAGE_FRAME_MAX, LAUNCH, PLATFORM
 from ..errors import ConnectionClosedError, LaunchError, MigSGXError, ProtocolError
 from ..wire import recv_frame, send_frame
-from .counters import RecordUpdate
+from .counters import Decision, RecordUpdate
 from .image import EnclaveImage
 from .platform import EmulatedPlatform, LocalServices
 from .structs import KeyRequest, ReportBody, TargetInfo
@@ -349,4 +349,10 @@ class PlatformService:
         if kind == "ps_update":
             svc.persist_update(msg["name"], RecordUpdate.from_wire(msg))
             return None
+        if kind == "decide":
+            retire = None
+            if msg["name"] is not None:
+                retire = (msg["name"], RecordUpdate.from_wire(msg["update"] or {}))
+            held = svc.decide(Decision(msg["mid"], msg["kind"], msg["frame"]), retire)
+            return {"kind": held.kind, "frame": held.frame}
         raise ProtocolError(f"unexpected request {kind!r} from an enclave")
