@@ -22,12 +22,15 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_IMAGE = 4
 EXIT_ATTESTATION = 5
-EXIT_MIGRATION = 6
+EXIT_MIGRATION = 6  # did not move: the source runs as before
+EXIT_IN_DOUBT = 7  # the outcome is not known here: run ``migsgx recover``
 
 
 def _exit_code(exc: MigSGXError) -> int:
-    from .errors import AttestationError, MigrationError
+    from .errors import AttestationError, InDoubtError, MigrationError
 
+    if isinstance(exc, InDoubtError):
+        return EXIT_IN_DOUBT
     if isinstance(exc, ConfigError):
         return EXIT_CONFIG
     if isinstance(exc, ImageError):
@@ -252,4 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     except MigSGXError as exc:
         click.echo(f"migsgx: error [{exc.code}]: {exc}", err=True)
         sys.exit(_exit_code(exc))
+    except Exception as exc:  # a fault must never end in a traceback
+        click.echo(f"migsgx: error [internal]: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
     sys.exit(EXIT_OK)

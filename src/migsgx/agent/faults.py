@@ -30,6 +30,7 @@ POINTS: Final = frozenset(
         "tool.after-prepare",
         "tool.before-commit",
         "tool.after-commit",
+        "tool.before-token",  # each COMMIT token, before it goes on the data connection
     }
 )
 

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
 from ..channel import ECALL, ECALL_FRAME_MAX
@@ -120,6 +121,21 @@ def _abort(sock: socket.socket) -> bool:
     return msg["t"] == "err" and msg.get("code") != "committed"
 
 
+def _recover(path: Path) -> None:
+    from .journal import Journal  # lazy: the guardian starts fast and imports little
+    from .recover import resolve
+    from .tls import AgentIdentity
+
+    try:
+        journal = Journal.load(path)
+        agent_dir = path.parent.parent
+        result = resolve(journal, agent_dir.parent, AgentIdentity(agent_dir), tool_gone=True)
+    except (MigSGXError, OSError, ValueError) as exc:
+        _log(f"recovery of {path.name} failed: {exc}; run migsgx recover")
+        return
+    _log(f"migration {result.mid}: {result.decision} -> {result.outcome} {result.detail}")
+
+
 def _log(text: str) -> None:
     sys.stderr.write(f"migsgx guardian[{os.getpid()}]: {text}\n")
     sys.stderr.flush()
@@ -141,13 +157,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     fenced = [int(p) for n in notes if n.startswith("fence ") for p in n.split()[1:]]
     frozen = [n.partition(" ")[2] for n in notes if n.startswith("thaw ")]
+    journals = [n.partition(" ")[2] for n in notes if n.startswith("journal ")]
     if "resume-sent" in notes:
         _log("the tool died after the commit point: the source stays stopped")
         return 0
+    # Either way the decisions are recorded now: they are carried to the
+    # destination (``migsgx recover``'s logic), so that its loaded copy runs or
+    # goes; after an abort, once the source runs again.
     if not all([_abort(s) for s in socks]):
         _log("the tool died after the enclaves committed: the destination rolls forward")
+        for path in journals:
+            _recover(Path(path))
         return 0
     _log("the tool died before the commit point: resuming the source")
+    try:
+        return _resume_source(args.app_pid, args.app_name, socks, fenced, frozen)
+    finally:
+        for path in journals:
+            _recover(Path(path))
+
+
+def _resume_source(
+    app_pid: int,
+    app_name: str,
+    socks: list[socket.socket],
+    fenced: list[int],
+    frozen: list[str],
+) -> int:
     for pid in fenced:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
@@ -156,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             thaw_file(control)
         except MigSGXError as exc:
             _log(f"could not thaw the source: {exc}")
-    link = AppLink(args.app_pid, args.app_name, timeout=10)
+    link = AppLink(app_pid, app_name, timeout=10)
     deadline = time.monotonic() + RESUME_WAIT
     while True:
         try:

@@ -32,6 +32,8 @@ from ..containers import Driver, HostConfig, Restored, RestoreRequest, make_driv
 from ..errors import ConfigError, ConnectionClosedError, FrameError, MigSGXError, ProtocolError
 from ..host.appctl import AppLink, info_from_wire
 from ..host.client import EnclaveInfo
+from ..sgx.counters import ClaimStore
+from ..sgx.platform import CLAIMS
 from ..wire import recv_frame, send_frame
 from .faults import fault
 from .process import PageServer, continue_tree, page_bytes, wait_stopped
@@ -57,6 +59,9 @@ __all__ = ["IncomingMigration", "load_engine"]
 log = logging.getLogger("migsgx.agent")
 
 DATA_HELLO_TIMEOUT: Final = 10.0
+#: How long a delivered decision may take to be judged and carried out before
+#: the deliverer hears "waiting" (and may deliver again).
+DELIVER_WAIT: Final = 20.0
 Reply = dict[str, Any] | None
 
 
@@ -135,7 +140,11 @@ class IncomingMigration:
             "restore": self._restore,
             "resume": self._resume,
             "abort": self._abort_request,
+            "deliver": self._deliver_request,
         }
+        #: Once held in doubt: set when every enclave got its decision and it was carried out.
+        self.settled = threading.Event()
+        self.outcome = ""
 
     @property
     def tag(self) -> str:
@@ -334,6 +343,7 @@ class IncomingMigration:
 
     def _resume(self, msg: dict[str, Any]) -> Reply:
         t0 = time.monotonic()
+        self._pass_on(msg.get("tokens"))
         attach_seconds = self._resume_tree(self.config.io_timeout)
         self._cleanup()
         assert self.root is not None
@@ -347,8 +357,102 @@ class IncomingMigration:
 
     def _abort_request(self, msg: dict[str, Any]) -> Reply:
         log.info("migration %s: aborted by the tool (%s)", self.tag, msg["reason"][:200])
+        self._pass_on(msg.get("frames"))
+        self._wait_decided(DELIVER_WAIT)
         self.abort("aborted by the tool")
         return {"t": "aborted"}
+
+    def _deliver_request(self, msg: dict[str, Any]) -> Reply:
+        """A decision delivered again, on a connection of its own (``migsgx recover``)."""
+
+        target = self.agent.find_session(msg["mid"], besides=self)
+        if target is not None:
+            return {"t": "delivered", **target.deliver(msg["frames"])}
+        # No such session (it ended): this host's claim store says whether it ran.
+        mids = msg.get("enclave_mids") or []
+        claims = ClaimStore(self.config.state / CLAIMS)
+        if mids and all(isinstance(m, bytes) and claims.claimed_by_any(m) for m in mids):
+            return {"t": "delivered", "outcome": "resumed", "pid": 0}
+        return {"t": "delivered", "outcome": "unknown", "pid": 0}
+
+    # --- decisions delivered again ---------------------------------------------------------
+    def _pass_on(self, frames: Any) -> None:
+        """Hand decision frames (one per enclave, b"" for none) to the waiting enclaves."""
+
+        if frames is None:
+            return
+        if len(frames) != len(self.enclaves) or not all(isinstance(f, bytes) for f in frames):
+            raise ProtocolError("one decision frame (bytes) per enclave")
+        for enclave, frame in zip(self.enclaves, frames, strict=True):
+            if frame and enclave.engine is not None and not enclave.decided.is_set():
+                enclave.engine.deliver(frame)
+
+    def _wait_decided(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        return all(e.decided.wait(max(0.0, deadline - time.monotonic())) for e in self.enclaves)
+
+    def deliver(self, frames: Any) -> dict[str, Any]:
+        """Judge delivered frames; the outcome once carried out (or ``waiting``)."""
+
+        self._pass_on(frames)
+        deadline = time.monotonic() + DELIVER_WAIT
+        if self._wait_decided(DELIVER_WAIT):
+            self.settled.wait(max(0.0, deadline - time.monotonic()))
+        return {"outcome": self.outcome or "waiting", "pid": self.root or 0}
+
+    def _awaiting(self) -> list[_Enclave]:
+        """Enclaves past LOADED without a decision: each may hold the only copy."""
+
+        return [
+            e
+            for e in self.enclaves
+            if e.engine is not None and e.engine.awaiting and not e.decided.is_set()
+        ]
+
+    def _hold(self, reason: str) -> None:
+        """Keep everything (held tree, enclaves) until the source's decision arrives."""
+
+        log.warning(
+            "migration %s: %s, but %d enclave(s) confirmed their load: kept in doubt until the "
+            "source's decision is delivered (migsgx recover)",
+            self.tag, reason, len(self._awaiting()),
+        )  # fmt: skip
+        self.agent.hold(self)
+        for sock in self._listeners:
+            with contextlib.suppress(OSError):
+                sock.close()
+        if self._page_server is not None:
+            self._page_server.kill()
+        threading.Thread(target=self._settle, name="migsgx-agent-settle", daemon=True).start()
+
+    def _settle(self) -> None:
+        for enclave in self.enclaves:
+            enclave.decided.wait()
+        with self._decide_lock:
+            committed = [e for e in self.enclaves if e.ecall_sock is not None]
+            if committed:
+                self.no_return = True
+                if len(committed) == len(self.enclaves) and self.root is not None:
+                    try:
+                        self._resume_tree(self.config.io_timeout)
+                        self.outcome = "resumed"
+                        log.info("migration %s: decision delivered: resumed", self.tag)
+                    except MigSGXError as exc:
+                        self.outcome = "failed"
+                        log.error("migration %s: rolling forward failed: %s", self.tag, exc)
+                else:
+                    self.outcome = "partial"
+                    log.error("migration %s: only some enclaves committed: left held", self.tag)
+            else:
+                log.info("migration %s: decision delivered: aborted", self.tag)
+                self._discard_all()
+                self.outcome = "aborted"
+            self._teardown()
+            self.machine.state = (
+                SessionState.RESUMED if self.outcome == "resumed" else SessionState.ABORTED
+            )
+        self.settled.set()
+        self.agent.unhold(self)
 
     # --- the hand-over -----------------------------------------------------------------------
     def _any_committed(self) -> bool:
@@ -397,7 +501,14 @@ class IncomingMigration:
             log.error("migration %s: not aborting (%s): past the commit point", self.tag, reason)
             self._teardown()
             return
+        if self._awaiting():
+            self._hold(reason)
+            return
         log.info("migration %s: aborting: %s", self.tag, reason)
+        self._discard_all()
+        self._teardown()
+
+    def _discard_all(self) -> None:
         if self.restored is not None and self.driver is not None:
             try:
                 self.driver.discard(self.restored)
@@ -408,7 +519,6 @@ class IncomingMigration:
             if enclave.engine is not None:
                 with contextlib.suppress(Exception):
                     enclave.engine.abort()
-        self._teardown()
 
     def _cleanup(self) -> None:
         with self._lock:
@@ -517,7 +627,9 @@ class IncomingMigration:
             except BaseException as exc:
                 enclave.error = exc
                 enclave.commit_error = exc
-                return
+                if enclave.engine is None or not enclave.engine.awaiting:
+                    return
+                # LOADED may have left: wait for the decision all the same.
             finally:
                 enclave.loaded.set()
             try:

@@ -74,6 +74,7 @@ class Agent:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._sessions: set[IncomingMigration] = set()
+        self._in_doubt: dict[bytes, IncomingMigration] = {}
         self._adopted: set[int] = set()
 
     # --- lifetime -----------------------------------------------------------------------
@@ -146,6 +147,35 @@ class Agent:
                 tls.close()
             with self._lock:
                 self._sessions.discard(session)
+
+    # --- migrations in doubt ---------------------------------------------------------------
+    def hold(self, session: IncomingMigration) -> None:
+        """Keep ``session`` reachable for a decision delivered after its tool went away."""
+
+        with self._lock:
+            self._in_doubt[session.mid] = session
+
+    def unhold(self, session: IncomingMigration) -> None:
+        with self._lock:
+            if self._in_doubt.get(session.mid) is session:
+                del self._in_doubt[session.mid]
+
+    def find_session(
+        self, mid: bytes, besides: IncomingMigration | None = None
+    ) -> IncomingMigration | None:
+        """The session of migration ``mid`` (in doubt, or still with its tool), if any."""
+
+        with self._lock:
+            found = self._in_doubt.get(mid)
+            if found is None:
+                found = next(
+                    (s for s in self._sessions if s.mid == mid and s is not besides), None
+                )
+        return found
+
+    def in_doubt(self) -> list[bytes]:
+        with self._lock:
+            return list(self._in_doubt)
 
     # --- restored trees -------------------------------------------------------------------
     def adopt(self, pid: int) -> None:

@@ -45,12 +45,13 @@ from typing import Any, Final
 
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
 from ..criu import Criu
-from ..errors import CriuError, MigrationError, MigSGXError, ProtocolError
+from ..errors import CriuError, InDoubtError, MigrationError, MigSGXError, ProtocolError
 from ..host.appctl import AppLink, HandedEnclave, info_to_wire
 from ..wire import recv_frame, send_frame
 from .faults import fault
 from .guardian import Guardian
 from .incoming import load_engine
+from .journal import Journal
 from .process import is_pidns_init, stop_tree, tree_pids
 from .protocol import (
     CONTROL,
@@ -166,6 +167,8 @@ class _Migration:
         self.driver: Driver = make_driver(opts.driver, HostConfig(opts.criu, opts.containers))
         self.source: Source | None = None
         self.page_server = False
+        self.journal: Journal | None = None
+        self._journal_lock = threading.Lock()
 
     def note(self, phase: str) -> None:
         self.t[phase] = time.monotonic()
@@ -198,7 +201,13 @@ class _Migration:
                     link.pid if link else pid, link.name if link else "-", [h.sock for h in handed]
                 )
                 fault("tool.after-prepare")
-                ready = control.call(self._begin(pids, pidns), "ready")
+                begin = self._begin(pids, pidns)
+                self.journal = Journal.start(
+                    opts.identity.directory, begin["mid"], opts.to,
+                    link.pid if link else pid, link.name if link else "-",
+                )  # fmt: skip
+                self._guardian_note(f"journal {self.journal.path}")
+                ready = control.call(begin, "ready")
                 # The enclaves stream while CRIU dumps the rest of the tree: the
                 # application holds no enclave connection (prepare), so neither
                 # waits for the other.  The post-dump step joins them.
@@ -248,9 +257,11 @@ class _Migration:
         kwargs: dict[str, Any] = {"mode": self.opts.mode}
         if self.opts.chunk_size is not None:
             kwargs["chunk_size"] = self.opts.chunk_size
-        for transfer in self.transfers:
+        for position, transfer in enumerate(self.transfers):
             h = transfer.handed
             transfer.outgoing = engine.OutgoingEnclave(h.sock, h.info, h.image_files, **kwargs)
+            transfer.outgoing.on_handshake = self._journal_enclave
+            transfer.outgoing.index = position
         self.note("enclaves")
         self._threads = [
             threading.Thread(
@@ -260,6 +271,16 @@ class _Migration:
         ]
         for thread in self._threads:
             thread.start()
+
+    def _journal_enclave(self, index: int, migration_id: bytes) -> None:
+        """Before its dump starts, an enclave's own migration id goes to the journal."""
+
+        if self.journal is None:
+            return
+        with self._journal_lock:
+            mids = list(self.journal.data["enclave_mids"]) or [""] * len(self.transfers)
+            mids[index] = migration_id.hex()
+            self.journal.update(enclave_mids=mids)
 
     def _join_enclaves(self) -> None:
         for thread in getattr(self, "_threads", []):
@@ -340,6 +361,8 @@ class _Migration:
         stop_tree(self.fenced)
         if self.guardian is not None:
             self.guardian.note("fence " + " ".join(map(str, self.fenced)))
+        if self.journal is not None:
+            self.journal.update(fenced=self.fenced, phase="fenced")
         fault("tool.before-commit")
         self._commit()
         self.note("resumed")
@@ -367,25 +390,34 @@ class _Migration:
 
     def _commit(self) -> None:
         if self.transfers:
-            for transfer in self.transfers:
-                try:
-                    transfer.outgoing.commit()
-                except MigSGXError as exc:
-                    # ``token`` is set once the source enclave gave its state up.
-                    if not self.committed and getattr(transfer.outgoing, "token", None) is None:
-                        raise  # nothing was given up: roll back
-                    log.error("enclave %d: commit incomplete: %s", transfer.handed.index, exc)
-                    self.stats["resume_warning"] = f"commit incomplete: {exc}"
-                self.committed = True
+            self._commit_enclaves()
             self.note("committed")
             fault("tool.after-commit")
+            # The tokens go on the data connections, and again with ``resume`` over
+            # the agents' TLS channel: a dropped data connection loses nothing.
+            for transfer in self.transfers:
+                try:
+                    if fault("tool.before-token") == "drop" and transfer.peer is not None:
+                        transfer.peer.shutdown(socket.SHUT_RDWR)  # a network fault, no crash
+                    transfer.outgoing.deliver()
+                except MigSGXError as exc:
+                    log.warning("enclave %d: %s", transfer.handed.index, exc)
+            tokens = [t.outgoing.token or b"" for t in self.transfers]
             try:
-                reply = self.control_call({"t": "resume"}, "resumed")
+                reply = self.control_call({"t": "resume", "tokens": tokens}, "resumed")
             except MigSGXError as exc:
-                # Committed: the destination rolls forward on its own.
-                log.warning("after the commit the destination did not confirm: %s", exc)
-                self.stats["resume_warning"] = str(exc)
-                return
+                raise InDoubtError(
+                    "the source enclaves committed, but the destination did not confirm that "
+                    f"it runs ({exc}); the source stays stopped: run migsgx recover"
+                ) from exc
+            # The destination runs: the committed source enclaves may go.
+            if self.journal is not None:
+                self.journal.update(phase="done")
+            for transfer in self.transfers:
+                try:
+                    transfer.outgoing.release()
+                except MigSGXError as exc:
+                    log.warning("enclave %d: release: %s", transfer.handed.index, exc)
         else:
             self.resume_sent = True
             if self.guardian is not None:
@@ -399,14 +431,33 @@ class _Migration:
                 raise
         self.stats["attach"] = float(reply["attach_seconds"])
 
+    def _commit_enclaves(self) -> None:
+        """Every source enclave decides COMMIT; the first one that does is the commit point."""
+
+        for transfer in self.transfers:
+            try:
+                transfer.outgoing.commit()
+            except MigSGXError as exc:
+                if not self.committed:
+                    raise  # nothing was decided: roll back
+                # Some enclaves committed, this one did not: neither way is whole.
+                raise InDoubtError(
+                    f"enclave {transfer.handed.index} did not commit after others did ({exc}): "
+                    "the tree is left held on the destination and stopped here"
+                ) from exc
+            self.committed = True
+            if self.journal is not None:
+                self.journal.update(phase="committed")
+
     # --- roll back -----------------------------------------------------------------------------
     def _roll_back(self, cause: BaseException) -> None:
         reason = f"{type(cause).__name__}: {cause}"[:500]
         log.warning("migration aborted: %s", reason)
-        if self.control is not None:
-            with contextlib.suppress(MigSGXError):
-                self.control.call({"t": "abort", "reason": reason}, "aborted")
+        # The source enclaves decide ABORT first; their frames go on the data
+        # connections and again with the agent's ``abort``, since a destination
+        # enclave that sent LOADED ends only on one of them.
         socks: list[socket.socket] = []
+        frames: list[bytes] = []
         for transfer in self.transfers:
             sock = transfer.handed.sock
             if transfer.outgoing is not None:
@@ -415,6 +466,15 @@ class _Migration:
                 except Exception as exc:
                     log.warning("enclave %d: abort failed: %s", transfer.handed.index, exc)
             socks.append(sock)
+            frames.append(getattr(transfer.outgoing, "abort_frame", b"") or b"")
+        if self.journal is not None:
+            self.journal.update(phase="aborted")
+        if self.control is not None:
+            with contextlib.suppress(MigSGXError):
+                abort: dict[str, Any] = {"t": "abort", "reason": reason}
+                if self.transfers:
+                    abort["frames"] = frames
+                self.control.call(abort, "aborted")
         for pid in self.fenced:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
@@ -494,6 +554,8 @@ def migrate(opts: MigrateOptions) -> MigrationOutcome:
         outcome = _Migration(opts).run(dump_dir)
     except CriuError as exc:
         cause = exc.__cause__
+        if isinstance(cause, InDoubtError):
+            raise InDoubtError(str(cause)) from exc
         if isinstance(cause, MigSGXError):
             raise MigrationError(f"migration aborted, the source runs on: {cause}") from exc
         raise

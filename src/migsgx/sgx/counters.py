@@ -404,3 +404,10 @@ class ClaimStore:
     def claimed(self, owner: bytes, mid: bytes) -> bool:
         with _FileLock(self._lock, self._lock_path):
             return owner + b"/" + bytes(mid) in self._load()
+
+    def claimed_by_any(self, mid: bytes) -> bool:
+        """Whether any enclave claimed ``mid`` here (an agent answering ``migsgx recover``)."""
+
+        tail = b"/" + bytes(mid)
+        with _FileLock(self._lock, self._lock_path):
+            return any(key.endswith(tail) for key in self._load())
