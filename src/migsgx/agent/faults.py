@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+import time
 from typing import Final
 
 from ..errors import MigrationError, register_error
@@ -52,6 +54,9 @@ def fault(point: str) -> str | None:
         name, _, action = item.strip().partition(":")
         if name != point:
             continue
+        # When, on the system-wide monotonic clock: tests measure from here.
+        sys.stderr.write(f"migsgx fault: {point}:{action} at {time.monotonic():.6f}\n")
+        sys.stderr.flush()
         if action == "exit":
             os._exit(70)
         if action == "kill":

@@ -49,6 +49,9 @@ __all__ = ["Guardian"]
 _CALL_ID: Final = (1 << 52) + 7
 ABORT_TIMEOUT: Final = 30.0
 RESUME_WAIT: Final = 60.0
+#: How long the guardian keeps delivering a decision that the destination has
+#: not confirmed (it holds the committed source enclaves meanwhile).
+RECOVER_PATIENCE: Final = 600.0
 
 
 class Guardian:
@@ -122,18 +125,30 @@ def _abort(sock: socket.socket) -> bool:
 
 
 def _recover(path: Path) -> None:
+    """``migsgx recover`` for this migration, again with a growing pause while in doubt."""
+
     from .journal import Journal  # lazy: the guardian starts fast and imports little
     from .recover import resolve
     from .tls import AgentIdentity
 
-    try:
-        journal = Journal.load(path)
-        agent_dir = path.parent.parent
-        result = resolve(journal, agent_dir.parent, AgentIdentity(agent_dir), tool_gone=True)
-    except (MigSGXError, OSError, ValueError) as exc:
-        _log(f"recovery of {path.name} failed: {exc}; run migsgx recover")
-        return
-    _log(f"migration {result.mid}: {result.decision} -> {result.outcome} {result.detail}")
+    pause = 0.5
+    deadline = time.monotonic() + RECOVER_PATIENCE
+    while True:
+        try:
+            journal = Journal.load(path)
+            agent_dir = path.parent.parent
+            result = resolve(journal, agent_dir.parent, AgentIdentity(agent_dir), tool_gone=True)
+        except (MigSGXError, OSError, ValueError) as exc:
+            _log(f"recovery of {path.name} failed: {exc}; run migsgx recover")
+            return
+        _log(f"migration {result.mid}: {result.decision} -> {result.outcome} {result.detail}")
+        if not result.in_doubt:
+            return
+        if time.monotonic() > deadline:
+            _log(f"migration {result.mid} is still in doubt: run migsgx recover")
+            return
+        time.sleep(pause)
+        pause = min(pause * 2, 30.0)
 
 
 def _log(text: str) -> None:
@@ -154,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         for line in pipe:
             notes.append(line.strip())
     if "done" in notes:
+        return 0
+    if "in-doubt" in notes:
+        # The tool ended in doubt: keep the source enclaves and carry the decision.
+        for path in [n.partition(" ")[2] for n in notes if n.startswith("journal ")]:
+            _recover(Path(path))
         return 0
     fenced = [int(p) for n in notes if n.startswith("fence ") for p in n.split()[1:]]
     frozen = [n.partition(" ")[2] for n in notes if n.startswith("thaw ")]

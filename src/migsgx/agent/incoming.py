@@ -36,7 +36,7 @@ from ..sgx.counters import ClaimStore
 from ..sgx.platform import CLAIMS
 from ..wire import recv_frame, send_frame
 from .faults import fault
-from .process import PageServer, continue_tree, page_bytes, wait_stopped
+from .process import PageServer, continue_tree, page_bytes, process_state, wait_stopped
 from .protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,
@@ -333,7 +333,9 @@ class IncomingMigration:
         for adopted in (pid, *restored.adopt):
             self.agent.adopt(adopted)
         wait_stopped(pid)
-        fault("agent.after-restore")
+        _inject(fault("agent.after-restore"), self)
+        # Right before the source may commit: every loaded copy must still be there.
+        self._check_enclaves_alive()
         seconds = time.monotonic() - t0
         log.info(
             "migration %s: restored %s (pid %d), held, in %.3f s",
@@ -358,9 +360,10 @@ class IncomingMigration:
     def _abort_request(self, msg: dict[str, Any]) -> Reply:
         log.info("migration %s: aborted by the tool (%s)", self.tag, msg["reason"][:200])
         self._pass_on(msg.get("frames"))
-        self._wait_decided(DELIVER_WAIT)
+        if msg.get("frames") is not None:
+            self._wait_decided(DELIVER_WAIT)
         self.abort("aborted by the tool")
-        return {"t": "aborted"}
+        return {"t": "aborted", "held": self.agent.find_session(self.mid) is self}
 
     def _deliver_request(self, msg: dict[str, Any]) -> Reply:
         """A decision delivered again, on a connection of its own (``migsgx recover``)."""
@@ -454,6 +457,29 @@ class IncomingMigration:
         self.settled.set()
         self.agent.unhold(self)
 
+    def _check_enclaves_alive(self) -> None:
+        """Each incoming enclave answers, and so does the platform that must claim its id.
+
+        The source commits only after ``restored``: a copy that died before is
+        found here, and the migration aborts with the source running on.
+        """
+
+        if not self.enclaves:
+            return
+        if not _platform_alive(self.config.platform_socket):
+            raise AgentError("the platform service of this host is gone")
+        for enclave in self.enclaves:
+            link = getattr(enclave.engine, "link", None)
+            try:
+                if link is None or enclave.decided.is_set():
+                    raise AgentError("no longer waiting for the decision")
+                link.call("__mig_status")
+            except MigSGXError as exc:
+                raise AgentError(f"enclave {enclave.index} is gone: {exc}") from exc
+
+    def enclave_pids(self) -> list[int]:
+        return [int(getattr(getattr(e.engine, "info", None), "pid", 0)) for e in self.enclaves]
+
     # --- the hand-over -----------------------------------------------------------------------
     def _any_committed(self) -> bool:
         deadline = time.monotonic() + self.config.commit_grace
@@ -507,6 +533,8 @@ class IncomingMigration:
         log.info("migration %s: aborting: %s", self.tag, reason)
         self._discard_all()
         self._teardown()
+        self.outcome = "aborted"
+        self.settled.set()
 
     def _discard_all(self) -> None:
         if self.restored is not None and self.driver is not None:
@@ -524,6 +552,9 @@ class IncomingMigration:
         with self._lock:
             self._finished = True
         self._teardown()
+        if self.machine.state is SessionState.RESUMED:
+            self.outcome = "resumed"
+        self.settled.set()
 
     def _teardown(self) -> None:
         for sock in self._listeners:
@@ -645,6 +676,49 @@ class IncomingMigration:
             with contextlib.suppress(OSError):
                 out.close()
         return count
+
+
+def _platform_alive(path: Path) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(2.0)
+        sock.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
+def _platform_pid(path: Path) -> int:
+    """The platform service's pid, from the credentials of its socket (fault injection)."""
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    finally:
+        sock.close()
+    return int.from_bytes(creds[:4], "little")
+
+
+def _inject(action: str | None, session: IncomingMigration) -> None:
+    """Fault injection that kills another party of this host at a step (the fault matrix)."""
+
+    if action == "kill-platform":
+        victims = [_platform_pid(session.config.platform_socket)]
+    elif action == "kill-enclave":
+        victims = [pid for pid in session.enclave_pids() if pid > 0]
+    else:
+        return
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    # Dead (a zombie holds no socket), not merely signalled: what follows must see it.
+    deadline = time.monotonic() + 10.0
+    while any(process_state(p) not in ("", "Z", "X") for p in victims):
+        if time.monotonic() > deadline:
+            raise AgentError("fault injection: the victim did not die")
+        time.sleep(0.01)
 
 
 def _corrupt_images(images: Path) -> None:

@@ -129,7 +129,7 @@ CONTROL = Schema(
         "images_ok": {"page_bytes": int, "seconds": NUMBER},
         "restored": {"pid": int, "seconds": NUMBER},
         "resumed": {"seconds": NUMBER, "attach_seconds": NUMBER, "pid": int},
-        "aborted": {},
+        "aborted": {"held": (bool, NONE)},  # held: kept in doubt (a copy past LOADED)
         # outcome: "resumed", "aborted", "waiting" (not all enclaves decided), "unknown".
         "delivered": {"outcome": str, "pid": int},
         "err": {"code": str, "message": str},

@@ -152,14 +152,16 @@ def resolve(
         )  # fmt: skip
     # At least one ABORT and no COMMIT: the source is the copy; end the destination's.
     frames = [d.frame if d is not None else b"" for d in decisions]
+    _signal_all(journal.fenced, signal.SIGCONT)
     outcome, detail = _deliver(journal, identity, frames)
     if outcome in ("aborted", "unknown"):
-        _signal_all(journal.fenced, signal.SIGCONT)
         journal.update(phase="done")
         return Resolution(mid, journal.phase, "abort", "stayed", outcome)
+    # Which copy runs is not in doubt: the source (no commit can ever exist).  The
+    # destination's loaded copy goes once an ABORT reaches it; a later recover retries.
     return Resolution(
-        mid, journal.phase, "abort", "in-doubt",
-        f"aborted; the destination answered {outcome!r} {detail}".strip(),
+        mid, journal.phase, "abort", "stayed",
+        f"the destination was not told yet ({outcome} {detail})".strip(),
     )  # fmt: skip
 
 

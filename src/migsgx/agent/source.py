@@ -168,6 +168,7 @@ class _Migration:
         self.source: Source | None = None
         self.page_server = False
         self.journal: Journal | None = None
+        self.in_doubt = False
         self._journal_lock = threading.Lock()
 
     def note(self, phase: str) -> None:
@@ -217,12 +218,17 @@ class _Migration:
                 self._join_enclaves()
                 if not self.committed and not self.resume_sent:
                     self._roll_back(exc)
+                elif self.committed:
+                    self.in_doubt = True
                 raise
             return MigrationOutcome(self._figures(), self.restored_pid, dump_dir)
         finally:
             control.close()
             if self.guardian is not None:
-                if self.hand_back_failed:
+                if self.in_doubt:
+                    self.guardian.note("in-doubt")  # it keeps delivering the decision
+                    self.guardian.abandon()
+                elif self.hand_back_failed:
                     self.guardian.abandon()  # it keeps trying to give the enclaves back
                 else:
                     self.guardian.release()
@@ -474,7 +480,9 @@ class _Migration:
                 abort: dict[str, Any] = {"t": "abort", "reason": reason}
                 if self.transfers:
                     abort["frames"] = frames
-                self.control.call(abort, "aborted")
+                reply = self.control.call(abort, "aborted")
+                if not reply.get("held") and self.journal is not None:
+                    self.journal.update(phase="done")  # the destination kept nothing
         for pid in self.fenced:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)

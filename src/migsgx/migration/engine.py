@@ -298,6 +298,10 @@ def _slot_size(chunk_size: int) -> int:
 
 
 RING_TIMEOUT = 120.0
+#: The bound on ``active`` after a token went on the data connection; the
+#: destination judges a token in milliseconds, and the token goes again by the
+#: agents' TLS channel anyway.
+DELIVER_TIMEOUT = 10.0
 
 
 class OutgoingEnclave:
@@ -430,10 +434,11 @@ class OutgoingEnclave:
         if self.token is None or self.peer is None:
             raise MigrationError("nothing was committed")
         try:
+            self.peer.settimeout(DELIVER_TIMEOUT)
             _send(self.peer, {"t": "commit", "token": self.token})
             while _recv(self.peer, "active", "loaded")["t"] != "active":
                 pass  # a LOADED delivered twice changes nothing now: the decision is made
-        except MigSGXError as exc:
+        except (MigSGXError, OSError) as exc:
             raise InDoubtError(f"the COMMIT token did not reach the destination: {exc}") from exc
 
     def release(self) -> None:
@@ -594,6 +599,11 @@ class IncomingEnclave:
                 raise MigrationError("the destination enclave is gone")
             try:
                 self.link.call("__mig_commit_in", frame)
+            except EnclaveLostError:
+                # This copy is gone: tell the source side at once (no "active" will come).
+                with contextlib.suppress(OSError):
+                    self.peer.shutdown(socket.SHUT_RDWR)
+                raise
             except (CommitError, FrameError) as exc:
                 self.rejected.append(exc)  # not from the source: nothing changed
                 continue
