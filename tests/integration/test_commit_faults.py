@@ -11,6 +11,7 @@ they are figures, not asserts.  The table in ``docs/migration.md`` comes from th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -51,12 +52,11 @@ def agent(bed: Testbed) -> AgentProcess:
 def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, dict[str, object]]]:
     table: dict[str, dict[str, object]] = {}
     yield table
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     line = "fault-matrix " + json.dumps(table, sort_keys=True)
-    if reporter is not None:
-        reporter.write_line(line)
-    else:
-        sys.stdout.write(line + "\n")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        sys.stdout.write("\n" + line + "\n")
+        sys.stdout.flush()
 
 
 def kvstore(bed: Testbed) -> AppProcess:

@@ -68,6 +68,7 @@ __all__ = ["AgentConnection", "MigrateOptions", "MigrationOutcome", "migrate"]
 log = logging.getLogger("migsgx.migrate")
 
 CONNECT_TIMEOUT: Final = 10.0
+HANDSHAKE_TIMEOUT: Final = 10.0
 #: Files of the dump directory that stay on the source.
 _LOCAL_ONLY: Final = frozenset({"dump.log"})
 
@@ -111,7 +112,11 @@ class AgentConnection:
             raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
         except OSError as exc:
             raise AgentError(f"cannot reach the agent at {host}:{port}: {exc}") from exc
-        self.sock: ssl.SSLSocket = wrap_client(client_context(identity), raw, host, timeout)
+        # A peer that accepts and never answers must not hold the tool for the
+        # I/O timeout: the handshake has a short bound of its own.
+        self.sock: ssl.SSLSocket = wrap_client(
+            client_context(identity), raw, host, min(timeout, HANDSHAKE_TIMEOUT)
+        )
         self.sock.settimeout(timeout)
 
     def send(self, msg: Mapping[str, Any]) -> None:
