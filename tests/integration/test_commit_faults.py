@@ -167,6 +167,35 @@ def test_destination_lost_with_the_tree_held(
             )
 
 
+def test_control_connection_stalls_with_the_tree_held(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """A network stall (packets dropped, no process dies): keepalive ends the wait."""
+
+    stalling = bed.start_agent(env={"MIGSGX_FAULT": "agent.after-restore:stall"})
+    app, digest = loaded_app(bed)
+    try:
+        run = bed.migrate(app.pid, stalling)
+        assert run.returncode == EXIT_MOVED_NOT, run.stderr
+        assert "Traceback" not in run.stderr
+        t_fault = fault_time(stalling.log.read_text(errors="replace"))
+        t_back = source_answers(bed, app, digest)
+        figures["restore held x control connection stall"] = {
+            "outcome": "stayed", "exit": run.returncode,
+            "source_back_seconds": round(t_back - t_fault, 3),
+        }  # fmt: skip
+        only_copy(bed, app, "src", digest)
+    finally:
+        stalling.stop()
+        for chain, side in (("INPUT", "--dport"), ("OUTPUT", "--sport")):
+            subprocess.run(
+                bed.host("dst").command(
+                    ["iptables", "-D", chain, "-p", "tcp", side, str(stalling.port), "-j", "DROP"]
+                ),
+                capture_output=True, timeout=10,
+            )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "cell, fault",
     [

@@ -21,6 +21,7 @@ import secrets
 import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -705,6 +706,16 @@ def _platform_pid(path: Path) -> int:
 def _inject(action: str | None, session: IncomingMigration) -> None:
     """Fault injection that kills another party of this host at a step (the fault matrix)."""
 
+    if action == "stall":
+        # A network stall of the control connection (no process dies): this
+        # host's firewall drops its packets both ways from now on.
+        port = str(session.tls.getsockname()[1])
+        for chain, side in (("INPUT", "--dport"), ("OUTPUT", "--sport")):
+            subprocess.run(
+                ["iptables", "-I", chain, "-p", "tcp", side, port, "-j", "DROP"],
+                check=True, capture_output=True, timeout=10,
+            )  # fmt: skip
+        return
     if action == "kill-platform":
         victims = [_platform_pid(session.config.platform_socket)]
     elif action == "kill-enclave":

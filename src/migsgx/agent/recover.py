@@ -31,6 +31,7 @@ from typing import Final
 from ..errors import MigSGXError
 from ..sgx.counters import CounterStore, Decision
 from ..sgx.platform import COUNTERS
+from .control import AgentConnection
 from .journal import Journal
 from .protocol import VERSION
 from .tls import AgentIdentity
@@ -79,8 +80,6 @@ def _deliver(
     journal: Journal, identity: AgentIdentity, frames: list[bytes]
 ) -> tuple[str, str]:
     """Carry ``frames`` to the destination agent; its outcome and a detail."""
-
-    from .source import AgentConnection  # the tool's connection (lazy: no cycle)
 
     try:
         control = AgentConnection(journal.to, identity, DELIVER_TIMEOUT)

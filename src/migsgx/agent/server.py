@@ -27,6 +27,7 @@ from typing import Any, Final
 from ..containers import ContainerSettings
 from ..criu import Criu
 from ..errors import ConfigError
+from ..migration.transport import keep_alive
 from .incoming import IncomingMigration
 from .tls import AgentIdentity, PeerCertificateError, server_context, wrap_server
 
@@ -129,6 +130,7 @@ class Agent:
     # --- connections --------------------------------------------------------------------
     def _connection(self, conn: socket.socket, addr: Any) -> None:
         peer = str(addr[0])
+        keep_alive(conn)
         try:
             tls = wrap_server(self.context, conn, HANDSHAKE_TIMEOUT)
         except PeerCertificateError as exc:

@@ -34,7 +34,6 @@ import secrets
 import shutil
 import signal
 import socket
-import ssl
 import tempfile
 import threading
 import time
@@ -45,30 +44,26 @@ from typing import Any, Final
 
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
 from ..criu import Criu
-from ..errors import CriuError, InDoubtError, MigrationError, MigSGXError, ProtocolError
+from ..errors import CriuError, InDoubtError, MigrationError, MigSGXError
 from ..host.appctl import AppLink, HandedEnclave, info_to_wire
-from ..wire import recv_frame, send_frame
+from ..wire import send_frame
+from .control import CONNECT_TIMEOUT, AgentConnection
 from .faults import fault
 from .guardian import Guardian
 from .incoming import load_engine
 from .journal import Journal
 from .process import is_pidns_init, stop_tree, tree_pids
 from .protocol import (
-    CONTROL,
-    CONTROL_FRAME_MAX,
     IMAGE_CHUNK,
     VERSION,
-    AgentError,
     RefusedError,
 )
-from .tls import AgentIdentity, client_context, wrap_client
+from .tls import AgentIdentity
 
 __all__ = ["AgentConnection", "MigrateOptions", "MigrationOutcome", "migrate"]
 
 log = logging.getLogger("migsgx.migrate")
 
-CONNECT_TIMEOUT: Final = 10.0
-HANDSHAKE_TIMEOUT: Final = 10.0
 #: Files of the dump directory that stay on the source.
 _LOCAL_ONLY: Final = frozenset({"dump.log"})
 
@@ -101,47 +96,6 @@ class MigrationOutcome:
     stats: dict[str, Any]
     restored_pid: int
     images_dir: Path | None
-
-
-class AgentConnection:
-    """The mutual-TLS control connection to the destination agent."""
-
-    def __init__(self, to: tuple[str, int], identity: AgentIdentity, timeout: float) -> None:
-        host, port = to
-        try:
-            raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
-        except OSError as exc:
-            raise AgentError(f"cannot reach the agent at {host}:{port}: {exc}") from exc
-        # A peer that accepts and never answers must not hold the tool for the
-        # I/O timeout: the handshake has a short bound of its own.
-        self.sock: ssl.SSLSocket = wrap_client(
-            client_context(identity), raw, host, min(timeout, HANDSHAKE_TIMEOUT)
-        )
-        self.sock.settimeout(timeout)
-
-    def send(self, msg: Mapping[str, Any]) -> None:
-        try:
-            send_frame(self.sock, msg, max_size=CONTROL_FRAME_MAX)
-        except OSError as exc:
-            raise AgentError(f"the destination agent went away: {exc}") from exc
-
-    def call(self, msg: Mapping[str, Any], expect: str) -> dict[str, Any]:
-        self.send(msg)
-        try:
-            reply = recv_frame(self.sock, CONTROL, max_size=CONTROL_FRAME_MAX)
-        except (MigSGXError, OSError) as exc:
-            raise AgentError(f"no answer to {msg['t']} from the destination: {exc}") from exc
-        if reply["t"] == "err":
-            raise RefusedError(
-                f"destination: {msg['t']} failed: [{reply['code']}] {reply['message']}"
-            )
-        if reply["t"] != expect:
-            raise ProtocolError(f"expected {expect}, the destination sent {reply['t']}")
-        return reply
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
 
 
 @dataclass
@@ -447,7 +401,7 @@ class _Migration:
 
         for transfer in self.transfers:
             try:
-                transfer.outgoing.commit()
+                transfer.outgoing.decide()
             except MigSGXError as exc:
                 if not self.committed:
                     raise  # nothing was decided: roll back

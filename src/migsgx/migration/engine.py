@@ -61,6 +61,7 @@ from .ring import RingRole, ShmRing, send_ring_fds
 from .stream import TAG_SIZE
 from .transport import (
     CHUNK_HEADER,
+    keep_alive,
     read_chunk_header,
     recv_exactly_into,
     ring_to_socket,
@@ -343,6 +344,7 @@ class OutgoingEnclave:
 
         self.peer = peer
         tune_socket(peer)
+        keep_alive(peer)
         peer.settimeout(self.peer_timeout)
         t0 = time.perf_counter()
         try:
@@ -409,7 +411,19 @@ class OutgoingEnclave:
         }
         return self.stats
 
-    def commit(self) -> bytes:
+    def commit(self) -> None:
+        """Decide COMMIT, deliver the token, and release the source once the destination runs.
+
+        Raises :class:`InDoubtError` when the destination did not confirm (the
+        decision stands; the source enclave keeps its frozen state), and any
+        other error only if nothing was decided.
+        """
+
+        self.decide()
+        self.deliver()
+        self.release()
+
+    def decide(self) -> bytes:
         """Decide COMMIT (durably, in the source enclave) and return the token.
 
         The source enclave keeps its frozen state until :meth:`release`.  Raises
@@ -500,6 +514,7 @@ class IncomingEnclave:
 
         self.peer = peer
         tune_socket(peer)
+        keep_alive(peer)
         if offer is None:
             fresh, offer = IncomingEnclave.accept_offer(peer, self.platform_socket)
             self.image = fresh.image
