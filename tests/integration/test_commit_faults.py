@@ -263,6 +263,69 @@ def test_tool_killed_after_the_decision(
     only_copy(bed, app, "dst", digest)
 
 
+@pytest.mark.parametrize(
+    "cell, fault, expect",
+    [
+        ("restore held x kill -9 guardian", "tool.before-commit:kill-guardian", "dst"),
+        ("restore held x kill -9 source platform service",
+         "tool.before-commit:kill-source-platform", "src"),
+        ("restore held x kill -9 source enclave", "tool.before-commit:kill-source-enclave",
+         "lost"),
+        ("decision written x kill -9 guardian", "tool.after-commit:kill-guardian", "dst"),
+        ("decision written x kill -9 source platform service",
+         "tool.after-commit:kill-source-platform", "dst"),
+        ("decision written x kill -9 source enclave", "tool.after-commit:kill-source-enclave",
+         "dst"),
+    ],
+)  # fmt: skip
+def test_source_side_party_killed(
+    bed: Testbed,
+    agent: AgentProcess,
+    figures: dict[str, dict[str, object]],
+    cell: str,
+    fault: str,
+    expect: str,
+) -> None:
+    """The tool lives on; another party of the source host dies at the step."""
+
+    app, digest = loaded_app(bed)
+    try:
+        run = migrate_with(bed, app, agent, fault)
+        assert "Traceback" not in run.stderr
+        if expect == "dst":
+            # The decision, not the source enclave or its platform, is what counts.
+            assert run.returncode == EXIT_OK, run.stderr
+            figures[cell] = {"outcome": "moved", "exit": run.returncode}
+            wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+            only_copy(bed, app, "dst", digest)
+        elif expect == "src":
+            assert run.returncode == EXIT_MOVED_NOT, run.stderr
+            back = source_answers(bed, app, digest) - fault_time(run.stderr)
+            figures[cell] = {"outcome": "stayed", "exit": run.returncode,
+                             "source_back_seconds": round(back, 3)}  # fmt: skip
+            only_copy(bed, app, "src", digest)
+        else:
+            # The source enclave held the only copy that could run (the destination's
+            # loaded copy needs a token only it could make): lost, as in a crash.  Nothing
+            # else is lost and nothing runs twice: no destination copy, the source
+            # process itself runs on without its enclave.
+            assert run.returncode == EXIT_MOVED_NOT, run.stderr
+            wait_for(lambda: bed.runnable_copies(app)["dst"] == 0, 20, "no destination copy")
+            wait_for(lambda: process_state(app.pid) in ("S", "R"), 20, "the source to run")
+            assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
+            figures[cell] = {"outcome": "lost (the enclave with the only copy died)",
+                             "exit": run.returncode}  # fmt: skip
+            for procs in bed.copies(app).values():
+                for pid, _ in procs:
+                    kill_tree(pid)
+    finally:
+        if "platform" in fault:
+            bed.services["src"].stop()  # killed: a fresh one for the next cells
+            bed.services["src"] = start_service(
+                bed.state("src"), prefix=bed.host("src").command([])
+            )
+
+
 def test_recover_is_idempotent_with_nothing_in_doubt(bed: Testbed) -> None:
     first, second = recover(bed), recover(bed)
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr

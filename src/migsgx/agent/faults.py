@@ -12,11 +12,14 @@ Unset, every point is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Final
 
 from ..errors import MigrationError, register_error
@@ -71,3 +74,36 @@ def fault(point: str) -> str | None:
             raise InjectedFault(f"fault injected at {point}")
         return action
     return None
+
+
+def socket_owner(path: Path) -> int:
+    """The pid that listens on the Unix socket ``path`` (``SO_PEERCRED``)."""
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    finally:
+        sock.close()
+    return int.from_bytes(creds[:4], "little")
+
+
+def kill_dead(pids: list[int]) -> None:
+    """SIGKILL ``pids`` and return once each is dead (a zombie holds no socket)."""
+
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10.0
+    while any(_state(p) not in ("", "Z", "X") for p in pids):
+        if time.monotonic() > deadline:
+            raise InjectedFault("fault injection: a victim did not die")
+        time.sleep(0.01)
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2 :][:1]

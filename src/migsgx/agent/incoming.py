@@ -36,8 +36,8 @@ from ..host.client import EnclaveInfo
 from ..sgx.counters import ClaimStore
 from ..sgx.platform import CLAIMS
 from ..wire import recv_frame, send_frame
-from .faults import fault
-from .process import PageServer, continue_tree, page_bytes, process_state, wait_stopped
+from .faults import fault, kill_dead, socket_owner
+from .process import PageServer, continue_tree, page_bytes, wait_stopped
 from .protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,
@@ -691,18 +691,6 @@ def _platform_alive(path: Path) -> bool:
     return True
 
 
-def _platform_pid(path: Path) -> int:
-    """The platform service's pid, from the credentials of its socket (fault injection)."""
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(path))
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    finally:
-        sock.close()
-    return int.from_bytes(creds[:4], "little")
-
-
 def _inject(action: str | None, session: IncomingMigration) -> None:
     """Fault injection that kills another party of this host at a step (the fault matrix)."""
 
@@ -717,19 +705,9 @@ def _inject(action: str | None, session: IncomingMigration) -> None:
             )  # fmt: skip
         return
     if action == "kill-platform":
-        victims = [_platform_pid(session.config.platform_socket)]
+        kill_dead([socket_owner(session.config.platform_socket)])
     elif action == "kill-enclave":
-        victims = [pid for pid in session.enclave_pids() if pid > 0]
-    else:
-        return
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
-    # Dead (a zombie holds no socket), not merely signalled: what follows must see it.
-    deadline = time.monotonic() + 10.0
-    while any(process_state(p) not in ("", "Z", "X") for p in victims):
-        if time.monotonic() > deadline:
-            raise AgentError("fault injection: the victim did not die")
-        time.sleep(0.01)
+        kill_dead([pid for pid in session.enclave_pids() if pid > 0])
 
 
 def _corrupt_images(images: Path) -> None:

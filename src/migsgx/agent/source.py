@@ -48,7 +48,7 @@ from ..errors import CriuError, InDoubtError, MigrationError, MigSGXError
 from ..host.appctl import AppLink, HandedEnclave, info_to_wire
 from ..wire import send_frame
 from .control import CONNECT_TIMEOUT, AgentConnection
-from .faults import fault
+from .faults import fault, kill_dead, socket_owner
 from .guardian import Guardian
 from .incoming import load_engine
 from .journal import Journal
@@ -328,7 +328,7 @@ class _Migration:
             self.guardian.note("fence " + " ".join(map(str, self.fenced)))
         if self.journal is not None:
             self.journal.update(fenced=self.fenced, phase="fenced")
-        fault("tool.before-commit")
+        self._inject(fault("tool.before-commit"))
         self._commit()
         self.note("resumed")
 
@@ -357,7 +357,7 @@ class _Migration:
         if self.transfers:
             self._commit_enclaves()
             self.note("committed")
-            fault("tool.after-commit")
+            self._inject(fault("tool.after-commit"))
             # The tokens go on the data connections, and again with ``resume`` over
             # the agents' TLS channel: a dropped data connection loses nothing.
             for transfer in self.transfers:
@@ -395,6 +395,16 @@ class _Migration:
                 self.resume_sent = False  # the destination refused, and killed what it held
                 raise
         self.stats["attach"] = float(reply["attach_seconds"])
+
+    def _inject(self, action: str | None) -> None:
+        """Fault injection that kills another party of this host (the fault matrix)."""
+
+        if action == "kill-guardian" and self.guardian is not None:
+            kill_dead([self.guardian.proc.pid])
+        elif action == "kill-source-enclave":
+            kill_dead([t.handed.info.pid for t in self.transfers])
+        elif action == "kill-source-platform":
+            kill_dead([socket_owner(self.opts.identity.directory.parent / "enclave.sock")])
 
     def _commit_enclaves(self) -> None:
         """Every source enclave decides COMMIT; the first one that does is the commit point."""
