@@ -200,8 +200,8 @@ def bench() -> None:
 def bench_state(size: str, chunk: str | None, slots: int | None, as_json: bool) -> None:
     """Pipelined vs sequential enclave-state migration between two emulated hosts."""
 
-    from .bench.state import run
-    from .migration.engine import DEFAULT_CHUNK, DEFAULT_SLOTS
+    from .datapath.engine import DEFAULT_CHUNK, DEFAULT_SLOTS
+    from .lab.bench.state import run
     from .sgx.image import parse_size
 
     try:
@@ -231,7 +231,7 @@ def bench_state(size: str, chunk: str | None, slots: int | None, as_json: bool) 
 def demo(workdir: Path | None) -> None:
     """Two emulated hosts, the key-value enclave app on one: use it, attest it."""
 
-    from .demo import run_demo
+    from .lab.demo import run_demo
 
     run_demo(workdir)
 

@@ -116,8 +116,8 @@ def agent_serve(
     from .agent.server import Agent, AgentConfig, platform_socket_alive
     from .agent.tls import AgentIdentity
     from .containers import ContainerSettings
-    from .hosts import ServiceProcess, start_service
     from .sgx.service import default_socket
+    from .sgx.spawn import ServiceProcess, start_service
 
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
@@ -294,7 +294,7 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
 def bench_process(enclave_size: str, as_json: bool, keep: Path | None, page_tls: bool) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
-    from .bench.process import run
+    from .lab.bench.process import run
 
     result = run(parse_size(enclave_size), keep=keep, page_tls=page_tls)
     if as_json:
@@ -318,7 +318,7 @@ def bench_process(enclave_size: str, as_json: bool, keep: Path | None, page_tls:
 def bench_container(engine: str, enclave_size: str, as_json: bool, keep: Path | None) -> None:
     """Container migration with enclaves against the engine's own checkpoint/restore."""
 
-    from .bench.container import run
+    from .lab.bench.container import run
 
     result = run(engine, parse_size(enclave_size), keep=keep)
     if as_json:
@@ -341,7 +341,7 @@ def bench_container(engine: str, enclave_size: str, as_json: bool, keep: Path | 
 def demo_command(workdir: Path | None, container: str | None) -> None:
     """Two emulated hosts; the key-value enclave app moves between them while in use."""
 
-    from .demo import run_demo
+    from .lab.demo import run_demo
 
     run_demo(workdir, container=container)
 

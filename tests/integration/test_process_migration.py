@@ -24,17 +24,17 @@ from typing import Any
 
 import pytest
 
-from migsgx.agent.process import in_netns, kill_tree, process_state
-from migsgx.agent.testbed import AgentProcess, AppProcess, Testbed
 from migsgx.agent.tls import issue_agent_identity
 from migsgx.criu import Criu
+from migsgx.datapath.checkpoint import CheckpointIn
 from migsgx.errors import ReplayError, SealError
 from migsgx.host.client import EnclaveClient
-from migsgx.hosts import start_service
-from migsgx.migration.checkpoint import CheckpointIn
-from migsgx.netns import Host
+from migsgx.lab.hosts import start_service
+from migsgx.lab.netns import Host
+from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed
 from migsgx.sgx.ca import ProvisioningCA
 from migsgx.sgx.platform import EmulatedPlatform
+from migsgx.system.process import in_netns, kill_tree, process_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -295,7 +295,7 @@ def test_plain_process_without_migration_control(bed: Testbed, agent: AgentProce
 
 
 def _tree(pid: int) -> list[int]:
-    from migsgx.agent.process import tree_pids
+    from migsgx.system.process import tree_pids
 
     return tree_pids(pid)
 

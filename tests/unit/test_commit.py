@@ -9,8 +9,7 @@ from types import ModuleType
 
 import pytest
 
-from migsgx.errors import FrameError, ProtocolError, ReplayError, StreamError
-from migsgx.migration import (
+from migsgx.core import (
     MANIFEST_LABEL,
     CommitError,
     CommitState,
@@ -25,7 +24,8 @@ from migsgx.migration import (
     SessionKeys,
     SourceCommit,
 )
-from migsgx.migration.commit import DESTINATION_TO_SOURCE, open_control, seal_control
+from migsgx.core.commit import DESTINATION_TO_SOURCE, open_control, seal_control
+from migsgx.errors import FrameError, ProtocolError, ReplayError, StreamError
 from migsgx.wire import encode
 
 

@@ -32,9 +32,9 @@ from ..containers import Driver, HostConfig, Restored, RestoreRequest, make_driv
 from ..errors import ConfigError, ConnectionClosedError, FrameError, MigSGXError, ProtocolError
 from ..host.appctl import AppLink, info_from_wire
 from ..host.client import EnclaveInfo
+from ..system.process import PageServer, continue_tree, page_bytes, wait_stopped
 from ..wire import recv_frame, send_frame
 from .faults import fault
-from .process import PageServer, continue_tree, page_bytes, wait_stopped
 from .protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,
@@ -64,10 +64,10 @@ def load_engine() -> Any:
     """The enclave migration engine, imported on first use."""
 
     try:
-        from ..migration import engine
+        from ..datapath import engine
     except ImportError as exc:
         raise ConfigError(
-            "this installation has no enclave migration engine (migsgx.migration.engine)"
+            "this installation has no enclave migration engine (migsgx.datapath.engine)"
         ) from exc
     return engine
 

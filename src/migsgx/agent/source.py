@@ -47,11 +47,11 @@ from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source
 from ..criu import Criu
 from ..errors import CriuError, MigrationError, MigSGXError, ProtocolError
 from ..host.appctl import AppLink, HandedEnclave, info_to_wire
+from ..system.process import is_pidns_init, stop_tree, tree_pids
 from ..wire import recv_frame, send_frame
 from .faults import fault
 from .guardian import Guardian
 from .incoming import load_engine
-from .process import is_pidns_init, stop_tree, tree_pids
 from .protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,

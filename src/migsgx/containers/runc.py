@@ -36,9 +36,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
-from ..agent.process import tree_pids
 from ..criu import log_excerpt
 from ..errors import MigSGXError, ProtocolError
+from ..system.process import tree_pids
 from .base import (
     ContainerError,
     DumpPlan,
@@ -200,7 +200,7 @@ def kill_frozen(root: int, freezer: Freezer) -> None:
     and the engine then removes a container without processes (a frozen one it may not).
     """
 
-    from ..agent.process import kill_tree
+    from ..system.process import kill_tree
 
     pids = tree_pids(root)
     for pid in pids:

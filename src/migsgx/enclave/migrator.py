@@ -31,6 +31,17 @@ from typing import Any
 
 import cbor2
 
+from ..core.commit import (
+    CommitState,
+    Committed,
+    DestinationCommit,
+    LoadConfirmed,
+    SourceCommit,
+)
+from ..core.handshake import Handshake, HandshakeComplete, PeerAborted, Role, SessionKeys
+from ..core.policy import MigrationPolicy, PolicyMode
+from ..core.stream import TAG_SIZE, Manifest, Section, StreamChannel
+from ..datapath.ring import RingRole, ShmRing, recv_ring_fds
 from ..errors import (
     CommittedError,
     MigrationError,
@@ -39,17 +50,6 @@ from ..errors import (
     ReplayError,
     StreamError,
 )
-from ..migration.commit import (
-    CommitState,
-    Committed,
-    DestinationCommit,
-    LoadConfirmed,
-    SourceCommit,
-)
-from ..migration.handshake import Handshake, HandshakeComplete, PeerAborted, Role, SessionKeys
-from ..migration.policy import MigrationPolicy, PolicyMode
-from ..migration.ring import RingRole, ShmRing, recv_ring_fds
-from ..migration.stream import TAG_SIZE, Manifest, Section, StreamChannel
 from ..sgx.quote import verify_quote
 from ..sgx.structs import ReportBody
 from . import checkpoints

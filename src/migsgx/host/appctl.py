@@ -402,7 +402,7 @@ class HandedEnclave:
 def find_control(root: int) -> tuple[int, str] | None:
     """The process of tree ``root`` that listens for migration control, and its name."""
 
-    from ..agent.process import abstract_listeners, tree_pids
+    from ..system.process import abstract_listeners, tree_pids
 
     for pid in tree_pids(root):
         for name in abstract_listeners(pid, CONTROL_PREFIX):
@@ -426,7 +426,7 @@ class AppLink:
     def _request(
         self, msg: Mapping[str, Any], fds: Sequence[int] = ()
     ) -> tuple[dict[str, Any], list[int]]:
-        from ..agent.process import socket_in_netns
+        from ..system.process import socket_in_netns
 
         sock = socket_in_netns(self.pid, socket.AF_UNIX, socket.SOCK_STREAM)
         with sock:

@@ -36,11 +36,11 @@ from typing import IO, Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ...core.stream import TAG_SIZE
+from ...datapath.engine import DEFAULT_CHUNK, DEFAULT_SLOTS
+from ...errors import ConfigError, MigSGXError
 from .. import memstat
-from ..errors import ConfigError, MigSGXError
 from ..hosts import Deployment, running_services
-from ..migration.engine import DEFAULT_CHUNK, DEFAULT_SLOTS
-from ..migration.stream import TAG_SIZE
 
 PAGE = 4096
 
@@ -48,7 +48,7 @@ PAGE = 4096
 class Worker:
     def __init__(self, role: str, args: dict[str, Any]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "migsgx.bench.state_worker", role, json.dumps(args)],
+            [sys.executable, "-m", "migsgx.lab.bench.state_worker", role, json.dumps(args)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

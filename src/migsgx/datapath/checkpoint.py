@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 
 import cbor2
 
+from ..core.stream import TAG_SIZE
 from ..errors import ConfigError, FrameError, MigSGXError
 from ..host.client import EnclaveInfo, launch_enclave
 from ..sgx.image import EnclaveImage
@@ -45,7 +46,6 @@ from .engine import (
     _Worker,
 )
 from .ring import RingRole, ShmRing
-from .stream import TAG_SIZE
 from .transport import CHUNK_HEADER, FLAG_FINAL
 
 MAX_IMAGE_FILE = 64 << 20

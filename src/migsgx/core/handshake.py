@@ -4,7 +4,7 @@ Sans-I/O (``docs/spec/handshake.md``): feed bytes with :meth:`Handshake.receive_
 take events from :meth:`Handshake.next_event`, send what :meth:`Handshake.data_to_send`
 returns.  Attestation is delegated to an :class:`Attester` and a :class:`Verifier`;
 the core checks that each verified quote binds this transcript, checks the
-:class:`~migsgx.migration.policy.MigrationPolicy`, and derives :class:`SessionKeys`.
+:class:`~migsgx.core.policy.MigrationPolicy`, and derives :class:`SessionKeys`.
 """
 
 from __future__ import annotations

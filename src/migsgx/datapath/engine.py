@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.commit import CommitError
+from ..core.stream import TAG_SIZE
 from ..errors import (
     ConnectionClosedError,
     EnclaveLostError,
@@ -54,9 +56,7 @@ from ..errors import (
 from ..host.client import EnclaveInfo, launch_enclave
 from ..sgx.image import EnclaveImage
 from ..wire import Schema, recv_frame, send_frame
-from .commit import CommitError
 from .ring import RingRole, ShmRing, send_ring_fds
-from .stream import TAG_SIZE
 from .transport import (
     CHUNK_HEADER,
     read_chunk_header,
