@@ -2,23 +2,21 @@
 
 :func:`register` adds them to the ``migsgx`` group (``agent``, ``migrate``,
 ``checkpoint``, ``restore``, ``demo`` with its ``--container`` variant,
-``bench process`` and ``bench container``).  Until they are
-registered, ``python -m migsgx.cli_migrate ...`` runs the same commands.
+``bench process`` and ``bench container``).
 Errors propagate as :class:`~migsgx.errors.MigSGXError`; ``migsgx.cli.main``
 turns them into exit codes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
+from .cli_output import emit as _emit
 from .errors import ConfigError
 
 __all__ = [
@@ -31,8 +29,6 @@ __all__ = [
 ]
 
 
-def _emit(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _address(value: str) -> tuple[str, int]:
@@ -361,16 +357,3 @@ def register(cli: click.Group) -> None:
         cli.add_command(bench)
     bench.add_command(bench_process)
     bench.add_command(bench_container)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .cli import cli
-    from .cli import main as cli_main
-
-    if "migrate" not in cli.commands:
-        register(cli)
-    cli_main(argv)
-
-
-if __name__ == "__main__":
-    main()

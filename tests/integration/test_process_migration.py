@@ -438,7 +438,7 @@ def test_canary_is_in_no_image_stream_log_or_temp_file(
 # --- checkpoint to a directory and back -------------------------------------------------------
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "migsgx.cli_migrate", *args],
+        [sys.executable, "-m", "migsgx", *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -20,6 +20,7 @@ from migsgx.containers import (
     make_driver,
 )
 from migsgx.containers.cgroups import thaw_file
+from migsgx.containers.frozen import write_criu_config
 from migsgx.containers.oci import (
     CRIU_CONFIG_ANNOTATION,
     Localization,
@@ -29,7 +30,6 @@ from migsgx.containers.oci import (
     platform_mount,
     tar_tree,
 )
-from migsgx.containers.runc import write_criu_config
 from migsgx.criu import Criu
 from migsgx.errors import ConfigError, MigSGXError, ProtocolError
 

@@ -24,8 +24,8 @@ from typing import Final
 from ..criu import Criu, InNetns, InTaskNamespaces
 from ..datapath.checkpoint import CheckpointIn, CheckpointOut
 from ..errors import ConfigError, CriuError, MigSGXError
-from ..host.appctl import AppLink
 from ..system.process import continue_tree, is_pidns_init, kill_tree, tree_pids, wait_stopped
+from .applink import AppLink
 
 __all__ = ["CHECKPOINT_META", "checkpoint", "restore"]
 

@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final
 
 from ..containers import Driver, HostConfig, Restored, RestoreRequest, make_driver
+from ..criu.pageserver import PageServer, page_bytes
 from ..errors import ConfigError, ConnectionClosedError, FrameError, MigSGXError, ProtocolError
-from ..host.appctl import AppLink, info_from_wire
+from ..host.appctl import info_from_wire
 from ..host.client import EnclaveInfo
-from ..system.process import PageServer, continue_tree, page_bytes, wait_stopped
+from ..system.process import continue_tree, wait_stopped
 from ..wire import recv_frame, send_frame
+from .applink import AppLink
 from .faults import fault
 from .protocol import (
     CONTROL,

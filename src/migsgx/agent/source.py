@@ -46,9 +46,10 @@ from typing import Any, Final
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
 from ..criu import Criu
 from ..errors import CriuError, MigrationError, MigSGXError, ProtocolError
-from ..host.appctl import AppLink, HandedEnclave, info_to_wire
+from ..host.appctl import info_to_wire
 from ..system.process import is_pidns_init, stop_tree, tree_pids
 from ..wire import recv_frame, send_frame
+from .applink import AppLink, HandedEnclave
 from .faults import fault
 from .guardian import Guardian
 from .incoming import load_engine

@@ -57,7 +57,7 @@ class CommitError(MigrationError):
 class SeenMigrationIds(Protocol):
     """The destination host's durable, rollback-resistant record of accepted migration ids.
 
-    The platform's trusted services (``migsgx.sgx.platform.TrustedServices``) have
+    The platform's trusted services (``migsgx.sgx.trusted.TrustedServices``) have
     this shape.
     """
 

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import StreamError
+from ..limits import STREAM_MAX_CHUNK_SIZE, STREAM_MIN_CHUNK_SIZE
 from ..wire import Schema
 from .policy import EnclaveIdentity
 
@@ -52,8 +53,8 @@ __all__ = [
 MAGIC: Final = b"MGXS"
 VERSION: Final = 1
 TAG_SIZE: Final = 16
-MIN_CHUNK_SIZE: Final = 64
-MAX_CHUNK_SIZE: Final = 1 << 24
+MIN_CHUNK_SIZE: Final = STREAM_MIN_CHUNK_SIZE
+MAX_CHUNK_SIZE: Final = STREAM_MAX_CHUNK_SIZE
 MAX_LABEL: Final = 64
 COUNTER_LIMIT: Final = 1 << 88
 MANIFEST_LABEL: Final = "manifest"

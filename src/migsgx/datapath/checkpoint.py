@@ -36,10 +36,10 @@ import cbor2
 from ..core.stream import TAG_SIZE
 from ..errors import ConfigError, FrameError, MigSGXError
 from ..host.client import EnclaveInfo, launch_enclave
+from ..limits import DEFAULT_SLOTS
 from ..sgx.image import EnclaveImage
 from .engine import (
     DEFAULT_CHUNK,
-    DEFAULT_SLOTS,
     RING_TIMEOUT,
     EnclaveLink,
     _call_beside,

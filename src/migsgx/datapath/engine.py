@@ -54,6 +54,7 @@ from ..errors import (
     error_from_wire,
 )
 from ..host.client import EnclaveInfo, launch_enclave
+from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS, check_chunk_size
 from ..sgx.image import EnclaveImage
 from ..wire import Schema, recv_frame, send_frame
 from .ring import RingRole, ShmRing, send_ring_fds
@@ -67,8 +68,7 @@ from .transport import (
     tune_socket,
 )
 
-DEFAULT_CHUNK = 128 << 10
-DEFAULT_SLOTS = 2
+DEFAULT_CHUNK = DEFAULT_CHUNK_SIZE
 MODES = ("pipelined", "sequential")
 PEER_FRAME_MAX = 32 << 20
 _STAGING_SLACK = 16 << 20
@@ -445,7 +445,7 @@ class IncomingEnclave:
         """Read the source's offer from ``peer`` and prepare to receive it."""
 
         offer = _recv(peer, "offer")
-        if offer["mode"] not in MODES or not 4096 <= offer["chunk_size"] <= 16 << 20:
+        if offer["mode"] not in MODES or not check_chunk_size(offer["chunk_size"]):
             raise ProtocolError("the offer names an unknown mode or a bad chunk size")
         if not 1 <= offer["slots"] <= 64:
             raise ProtocolError("the offer asks for a bad number of ring slots")

@@ -152,7 +152,7 @@ class Testbed:
         ready = self.root / f"agent-{tag}.ready"
         log = self.root / f"agent-{tag}.log"
         argv = [
-            sys.executable, "-m", "migsgx.cli_migrate", "agent", "serve",
+            sys.executable, "-m", "migsgx", "agent", "serve",
             "--state", str(state or self.state(name)),
             "--listen", f"{host.address}:0",
             "--ready-file", str(ready),
@@ -237,7 +237,7 @@ class Testbed:
         """``migsgx migrate PID`` (or, with ``pid=None``, what ``args`` name: ``--runc ID``)."""
 
         argv = [
-            sys.executable, "-m", "migsgx.cli_migrate", "migrate",
+            sys.executable, "-m", "migsgx", "migrate",
             *([str(pid)] if pid is not None else []),
             "--to", agent.target, "--state", str(self.state(name)), "--json", *args,
         ]  # fmt: skip

@@ -38,8 +38,9 @@ from ...containers.oci import Localization, extract_tree, load_json, localize, t
 from ...containers.podman import Podman, PodmanDriver
 from ...containers.runc import Runc
 from ...criu import Criu
+from ...criu.pageserver import PageServer
 from ...errors import ConfigError, MigSGXError
-from ...system.process import PageServer, in_netns
+from ...system.process import in_netns
 from ..containers import ContainerApp, ContainerLab
 from ..testbed import Testbed
 from .process import MODEL_COLS, migration_figures

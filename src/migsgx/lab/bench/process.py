@@ -29,8 +29,9 @@ from typing import Any
 
 from ...agent.protocol import PHASES
 from ...criu import Criu, InNetns, InTaskNamespaces
+from ...criu.pageserver import PageServer
 from ...errors import ConfigError, MigSGXError
-from ...system.process import PageServer, in_netns, kill_tree, tree_pids
+from ...system.process import in_netns, kill_tree, tree_pids
 from ..testbed import Testbed
 
 __all__ = ["criu_only", "run"]

@@ -37,8 +37,9 @@ from typing import IO, Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ...core.stream import TAG_SIZE
-from ...datapath.engine import DEFAULT_CHUNK, DEFAULT_SLOTS
 from ...errors import ConfigError, MigSGXError
+from ...limits import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK
+from ...limits import DEFAULT_SLOTS
 from .. import memstat
 from ..hosts import Deployment, running_services
 
