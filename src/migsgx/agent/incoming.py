@@ -26,16 +26,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, Any, Final
 
 from ..containers import Driver, HostConfig, Restored, RestoreRequest, make_driver
 from ..criu.pageserver import PageServer, page_bytes
-from ..errors import ConfigError, ConnectionClosedError, FrameError, MigSGXError, ProtocolError
+from ..datapath.engine import IncomingEnclave
+from ..errors import ConnectionClosedError, FrameError, MigSGXError, ProtocolError
 from ..host.appctl import info_from_wire
 from ..host.client import EnclaveInfo
 from ..system.process import continue_tree, wait_stopped
 from ..wire import recv_frame, send_frame
 from .applink import AppLink
+from .config import AgentHost
 from .faults import fault
 from .protocol import (
     CONTROL,
@@ -51,27 +53,12 @@ from .protocol import (
     check_image_name,
 )
 
-if TYPE_CHECKING:
-    from .server import Agent
-
-__all__ = ["IncomingMigration", "load_engine"]
+__all__ = ["IncomingMigration"]
 
 log = logging.getLogger("migsgx.agent")
 
 DATA_HELLO_TIMEOUT: Final = 10.0
 Reply = dict[str, Any] | None
-
-
-def load_engine() -> Any:
-    """The enclave migration engine, imported on first use."""
-
-    try:
-        from ..datapath import engine
-    except ImportError as exc:
-        raise ConfigError(
-            "this installation has no enclave migration engine (migsgx.datapath.engine)"
-        ) from exc
-    return engine
 
 
 @dataclass
@@ -81,7 +68,7 @@ class _Enclave:
     index: int
     source_info: EnclaveInfo
     conn: socket.socket | None = None
-    engine: Any = None
+    engine: IncomingEnclave | None = None
     thread: threading.Thread | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     error: BaseException | None = None
@@ -99,7 +86,7 @@ def _shutdown(sock: socket.socket | None) -> None:
 
 
 class IncomingMigration:
-    def __init__(self, agent: Agent, tls: ssl.SSLSocket, peer: str) -> None:
+    def __init__(self, agent: AgentHost, tls: ssl.SSLSocket, peer: str) -> None:
         self.agent = agent
         self.config = agent.config
         self.tls = tls
@@ -220,8 +207,6 @@ class IncomingMigration:
             if not isinstance(item, dict) or set(item) != {"info"}:
                 raise ProtocolError("an enclave entry is {'info': ...}")
             self.enclaves.append(_Enclave(index, EnclaveInfo(**info_from_wire(item["info"]))))
-        if self.enclaves:
-            load_engine()
         driver = msg.get("driver") or "pid"
         if not isinstance(driver, str) or len(driver) > 32:
             raise ProtocolError("bad driver name")
@@ -509,8 +494,7 @@ class IncomingMigration:
                 action = fault("agent.enclave-receive")
                 if action is not None and action.startswith("kill-after-bytes="):
                     _die_after_bytes(conn, int(action.partition("=")[2]))
-                engine = load_engine()
-                enclave.engine, offer = engine.IncomingEnclave.accept_offer(
+                enclave.engine, offer = IncomingEnclave.accept_offer(
                     conn, self.config.platform_socket
                 )
                 stats = enclave.engine.receive(conn, offer)
