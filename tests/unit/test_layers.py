@@ -100,10 +100,9 @@ def imports_of(path: Path) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            found.add(target)
-            for alias in node.names:  # ``from . import x`` names a module
-                if _is_module(f"{target}.{alias.name}"):
-                    found.add(f"{target}.{alias.name}")
+            for alias in node.names:  # ``from . import x`` may name a module
+                submodule = f"{target}.{alias.name}"
+                found.add(submodule if _is_module(submodule) else target)
     return found
 
 
@@ -210,3 +209,51 @@ def test_the_checker_sees_an_upward_arrow() -> None:
 
     assert room_of("migsgx.agent.source") > room_of("migsgx.core.handshake")
     assert "migsgx.core.stream" in imports_of(PACKAGE / "core" / "handshake.py")
+
+
+def _cycles() -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan), imports in any scope."""
+
+    graph = {
+        _module_name(path)[0]: {
+            t for t in imports_of(path) if t.startswith("migsgx") and t != _module_name(path)[0]
+        }
+        for path in modules()
+    }
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in graph:
+                continue
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def test_no_import_cycles() -> None:
+    assert _cycles() == []
