@@ -93,7 +93,7 @@ class IncomingMigration:
         self.peer = peer
         self.machine = SessionMachine()
         self.token = secrets.token_bytes(32)
-        self.mid = b""
+        self.session_id = b""
         self.images_dir: Path | None = None
         self.enclaves: list[_Enclave] = []
         self.tcp_close = False
@@ -128,7 +128,7 @@ class IncomingMigration:
 
     @property
     def tag(self) -> str:
-        return self.mid[:4].hex() or "-"
+        return self.session_id[:4].hex() or "-"
 
     # --- the request loop ------------------------------------------------------------------
     def run(self) -> None:
@@ -197,9 +197,9 @@ class IncomingMigration:
         return {"t": "welcome", "version": VERSION, "host_id": self.agent.host_id}
 
     def _begin(self, msg: dict[str, Any]) -> Reply:
-        mid = msg["mid"]
-        if not 16 <= len(mid) <= 64:
-            raise ProtocolError("a migration id has 16 to 64 bytes")
+        session_id = msg["session_id"]
+        if not 16 <= len(session_id) <= 64:
+            raise ProtocolError("a session id has 16 to 64 bytes")
         items = msg["enclaves"]
         if len(items) > MAX_ENCLAVES:
             raise ProtocolError(f"at most {MAX_ENCLAVES} enclaves per migration")
@@ -221,8 +221,8 @@ class IncomingMigration:
         self.tcp_close = bool(msg["tcp_close"])
         self.page_tls = bool(msg["page_tls"])
         self.page_server = msg.get("page_server") is not False
-        self.mid = mid
-        self.images_dir = self.agent.session_dir(mid)
+        self.session_id = session_id
+        self.images_dir = self.agent.session_dir(session_id)
         local = str(self.tls.getsockname()[0])
         page = self._listen(local)
         if self.page_server:

@@ -97,7 +97,7 @@ CONTROL = Schema(
         # tool -> agent
         "hello": {"version": int, "host_id": str},
         "begin": {
-            "mid": bytes,
+            "session_id": bytes,  # this agent session (not an enclave's migration_id)
             "enclaves": list,  # [{"image_files": {name: bytes}, "mr_enclave": bytes}]
             "pids": list,  # every pid of the dumped tree, as the source sees them
             "pidns": bool,  # the root is the init of its own pid namespace

@@ -148,12 +148,12 @@ class Agent:
                     self._adopted.discard(pid)
 
     # --- helpers for sessions -----------------------------------------------------------------
-    def session_dir(self, mid: bytes) -> Path:
-        path = self.config.work_dir / mid.hex()
+    def session_dir(self, session_id: bytes) -> Path:
+        path = self.config.work_dir / session_id.hex()
         try:
             path.mkdir(mode=0o700)
         except FileExistsError as exc:
-            raise ConfigError(f"migration {mid.hex()} was seen before on this agent") from exc
+            raise ConfigError(f"session {session_id.hex()} was seen before on this agent") from exc
         return path
 
     def discard(self, path: Path | None) -> None:

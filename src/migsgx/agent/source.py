@@ -227,7 +227,7 @@ class _Migration:
         assert self.source is not None
         begin: dict[str, Any] = {
             "t": "begin",
-            "mid": secrets.token_bytes(16),
+            "session_id": secrets.token_bytes(16),
             "enclaves": [{"info": info_to_wire(t.handed.info)} for t in self.transfers],
             "pids": pids,
             "pidns": pidns,

@@ -1,11 +1,11 @@
-"""The untrusted side of one enclave's migration: drivers and their wire.
+"""The untrusted side of one enclave's migration: its two ends and their wire.
 
 :class:`OutgoingEnclave` runs on the source host beside the enclave (in the
 application, or in the migration tool that took over the enclave's
 connection); :class:`IncomingEnclave` runs on the destination host (in the
 agent).  They talk over one plain TCP connection per enclave: the enclave
 stream is end to end encrypted and authenticated by the enclaves, so the
-drivers only move opaque bytes, and nothing they could do (drop, reorder,
+ends only move opaque bytes, and nothing they could do (drop, reorder,
 replay, tamper) gets past the enclaves unnoticed.
 
 Wire (``docs/spec/channels.md``, "peer connection"): CBOR frames (``PEER``
@@ -111,7 +111,7 @@ def _recv(sock: socket.socket, *expect: str) -> dict[str, Any]:
 class EnclaveLink:
     """Runtime calls (``__mig_*``) on an enclave's ECALL connection, one at a time.
 
-    The driver owns the connection outright while it migrates the enclave, so
+    The end (outgoing or incoming) owns the connection outright while it migrates the enclave, so
     requests and replies simply alternate.
     """
 

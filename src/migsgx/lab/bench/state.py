@@ -15,7 +15,7 @@ transfer, load, LOADED, COMMIT); ``total_seconds`` adds the destination
 enclave's launch and the attested handshake, which happen before the freeze.
 
 Memory overhead (``peak_extra_bytes``) is summed over every process that takes
-part (source enclave, source driver, destination driver, destination enclave):
+part (source enclave, source end, destination end, destination enclave):
 its peak resident set during the migration above its resident set at rest (just
 before, on the source side; just after, for the destination enclave, whose own
 memory is not overhead).  Peaks are reset through ``/proc/PID/clear_refs``.
