@@ -275,6 +275,8 @@ def test_source_killed_after_the_commit_point(bed: Testbed, agent: AgentProcess)
     wait_until(lambda: process_state(app.pid) in ("T", "t", ""), 15, "the source to stop")
     assert bed.runnable_copies(app)["src"] == 0
     os.kill(app.pid, signal.SIGKILL)
+    # A stopped task woken by SIGKILL runs briefly to die: wait until it is gone.
+    wait_until(lambda: process_state(app.pid) in ("Z", "X", ""), 15, "the source to die")
     finish(bed, app, expect="dst")
 
 
