@@ -21,10 +21,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from migsgx.agent.process import kill_tree, process_state
-from migsgx.agent.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
 from migsgx.criu import Criu
-from migsgx.hosts import start_service
+from migsgx.lab.hosts import start_service
+from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
+from migsgx.system.process import kill_tree, process_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

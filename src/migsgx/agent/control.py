@@ -12,8 +12,8 @@ import ssl
 from collections.abc import Mapping
 from typing import Any, Final
 
+from ..datapath.transport import keep_alive
 from ..errors import MigSGXError, ProtocolError
-from ..migration.transport import keep_alive
 from ..wire import recv_frame, send_frame
 from .protocol import CONTROL, CONTROL_FRAME_MAX, AgentError, RefusedError
 from .tls import AgentIdentity, client_context, wrap_client

@@ -90,7 +90,7 @@ def _deliver(
         reply = control.call(
             {
                 "t": "deliver",
-                "mid": journal.mid,
+                "session_id": journal.mid,
                 "frames": frames,
                 "enclave_mids": journal.enclave_mids,
             },

@@ -20,16 +20,14 @@ import shutil
 import socket
 import ssl
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ..containers import ContainerSettings
-from ..criu import Criu
+from ..datapath.transport import keep_alive
 from ..errors import ConfigError
-from ..migration.transport import keep_alive
+from .config import AgentConfig
 from .incoming import IncomingMigration
-from .tls import AgentIdentity, PeerCertificateError, server_context, wrap_server
+from .tls import PeerCertificateError, server_context, wrap_server
 
 __all__ = ["Agent", "AgentConfig", "platform_socket_alive"]
 
@@ -37,21 +35,6 @@ log = logging.getLogger("migsgx.agent")
 
 HANDSHAKE_TIMEOUT: Final = 10.0
 _PR_SET_CHILD_SUBREAPER: Final = 36
-
-
-@dataclass
-class AgentConfig:
-    state: Path
-    listen: tuple[str, int]
-    platform_socket: Path
-    identity: AgentIdentity
-    work_dir: Path
-    criu: Criu = field(default_factory=Criu)
-    keep_images: bool = False
-    io_timeout: float = 300.0
-    commit_grace: float = 5.0
-    subreaper: bool = True  # adopt restored trees (see the module docstring)
-    containers: ContainerSettings = field(default_factory=ContainerSettings)
 
 
 def platform_socket_alive(path: Path) -> bool:
@@ -155,12 +138,12 @@ class Agent:
         """Keep ``session`` reachable for a decision delivered after its tool went away."""
 
         with self._lock:
-            self._in_doubt[session.mid] = session
+            self._in_doubt[session.session_id] = session
 
     def unhold(self, session: IncomingMigration) -> None:
         with self._lock:
-            if self._in_doubt.get(session.mid) is session:
-                del self._in_doubt[session.mid]
+            if self._in_doubt.get(session.session_id) is session:
+                del self._in_doubt[session.session_id]
 
     def find_session(
         self, mid: bytes, besides: IncomingMigration | None = None
@@ -171,7 +154,7 @@ class Agent:
             found = self._in_doubt.get(mid)
             if found is None:
                 found = next(
-                    (s for s in self._sessions if s.mid == mid and s is not besides), None
+                    (s for s in self._sessions if s.session_id == mid and s is not besides), None
                 )
         return found
 
@@ -197,12 +180,12 @@ class Agent:
                     self._adopted.discard(pid)
 
     # --- helpers for sessions -----------------------------------------------------------------
-    def session_dir(self, mid: bytes) -> Path:
-        path = self.config.work_dir / mid.hex()
+    def session_dir(self, session_id: bytes) -> Path:
+        path = self.config.work_dir / session_id.hex()
         try:
             path.mkdir(mode=0o700)
         except FileExistsError as exc:
-            raise ConfigError(f"migration {mid.hex()} was seen before on this agent") from exc
+            raise ConfigError(f"session {session_id.hex()} was seen before on this agent") from exc
         return path
 
     def discard(self, path: Path | None) -> None:

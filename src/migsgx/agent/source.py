@@ -44,15 +44,16 @@ from typing import Any, Final
 
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
 from ..criu import Criu
+from ..datapath.engine import OutgoingEnclave
 from ..errors import CriuError, InDoubtError, MigrationError, MigSGXError
-from ..host.appctl import AppLink, HandedEnclave, info_to_wire
+from ..host.appctl import info_to_wire
+from ..system.process import is_pidns_init, stop_tree, tree_pids
 from ..wire import send_frame
+from .applink import AppLink, HandedEnclave
 from .control import CONNECT_TIMEOUT, AgentConnection
 from .faults import fault, kill_dead, socket_owner
 from .guardian import Guardian
-from .incoming import load_engine
 from .journal import Journal
-from .process import is_pidns_init, stop_tree, tree_pids
 from .protocol import (
     IMAGE_CHUNK,
     VERSION,
@@ -101,7 +102,7 @@ class MigrationOutcome:
 @dataclass
 class _Transfer:
     handed: HandedEnclave
-    outgoing: Any = None
+    outgoing: OutgoingEnclave | None = None
     peer: socket.socket | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     error: BaseException | None = None
@@ -163,7 +164,7 @@ class _Migration:
                 fault("tool.after-prepare")
                 begin = self._begin(pids, pidns)
                 self.journal = Journal.start(
-                    opts.identity.directory, begin["mid"], opts.to,
+                    opts.identity.directory, begin["session_id"], opts.to,
                     link.pid if link else pid, link.name if link else "-",
                 )  # fmt: skip
                 self._guardian_note(f"journal {self.journal.path}")
@@ -200,7 +201,7 @@ class _Migration:
         assert self.source is not None
         begin: dict[str, Any] = {
             "t": "begin",
-            "mid": secrets.token_bytes(16),
+            "session_id": secrets.token_bytes(16),
             "enclaves": [{"info": info_to_wire(t.handed.info)} for t in self.transfers],
             "pids": pids,
             "pidns": pidns,
@@ -218,13 +219,12 @@ class _Migration:
         self._threads: list[threading.Thread] = []
         if not self.transfers:
             return
-        engine = load_engine()
         kwargs: dict[str, Any] = {"mode": self.opts.mode}
         if self.opts.chunk_size is not None:
             kwargs["chunk_size"] = self.opts.chunk_size
         for position, transfer in enumerate(self.transfers):
             h = transfer.handed
-            transfer.outgoing = engine.OutgoingEnclave(h.sock, h.info, h.image_files, **kwargs)
+            transfer.outgoing = OutgoingEnclave(h.sock, h.info, h.image_files, **kwargs)
             transfer.outgoing.on_handshake = self._journal_enclave
             transfer.outgoing.index = position
         self.note("enclaves")
@@ -277,6 +277,7 @@ class _Migration:
             peer.settimeout(None)
             send_frame(peer, {"t": "data", "token": ready["token"], "index": transfer.handed.index})
             t0 = time.monotonic()
+            assert transfer.outgoing is not None
             stats = transfer.outgoing.transfer(peer)
             transfer.stats = {k: v for k, v in dict(stats).items() if _plain(v)}
             transfer.stats["tool_seconds"] = time.monotonic() - t0
@@ -362,12 +363,13 @@ class _Migration:
             # the agents' TLS channel: a dropped data connection loses nothing.
             for transfer in self.transfers:
                 try:
+                    assert transfer.outgoing is not None
                     if fault("tool.before-token") == "drop" and transfer.peer is not None:
                         transfer.peer.shutdown(socket.SHUT_RDWR)  # a network fault, no crash
                     transfer.outgoing.deliver()
                 except MigSGXError as exc:
                     log.warning("enclave %d: %s", transfer.handed.index, exc)
-            tokens = [t.outgoing.token or b"" for t in self.transfers]
+            tokens = [(t.outgoing.token if t.outgoing else None) or b"" for t in self.transfers]
             try:
                 reply = self.control_call({"t": "resume", "tokens": tokens}, "resumed")
             except MigSGXError as exc:
@@ -380,6 +382,7 @@ class _Migration:
                 self.journal.update(phase="done")
             for transfer in self.transfers:
                 try:
+                    assert transfer.outgoing is not None
                     transfer.outgoing.release()
                 except MigSGXError as exc:
                     log.warning("enclave %d: release: %s", transfer.handed.index, exc)
@@ -411,6 +414,7 @@ class _Migration:
 
         for transfer in self.transfers:
             try:
+                assert transfer.outgoing is not None
                 transfer.outgoing.decide()
             except MigSGXError as exc:
                 if not self.committed:
