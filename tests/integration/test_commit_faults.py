@@ -119,7 +119,7 @@ def only_copy(bed: Testbed, app: AppProcess, at: str, digest: str) -> None:
 
 
 def recover(bed: Testbed) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "migsgx.cli_migrate", "recover",
+    argv = [sys.executable, "-m", "migsgx", "recover",
             "--state", str(bed.state("src")), "--json"]  # fmt: skip
     return subprocess.run(
         bed.host("src").command(argv), capture_output=True, text=True, timeout=60,
