@@ -196,6 +196,22 @@ def test_control_connection_stalls_with_the_tree_held(
             )  # fmt: skip
 
 
+def test_corrupted_byte_in_the_enclave_stream(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """One flipped bit 1 MiB into the enclave stream: the destination enclave refuses it."""
+
+    app, digest = loaded_app(bed)
+    run = migrate_with(bed, app, agent, f"tool.enclave-stream:flip-byte={1 << 20}")
+    assert run.returncode == EXIT_MOVED_NOT, run.stderr
+    assert "Traceback" not in run.stderr
+    back = source_answers(bed, app, digest) - fault_time(run.stderr)
+    figures["transfer x corrupted byte"] = {"outcome": "stayed", "exit": run.returncode,
+                                            "source_back_seconds": round(back, 3)}  # fmt: skip
+    wait_for(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
+    only_copy(bed, app, "src", digest)
+
+
 @pytest.mark.parametrize(
     "cell, fault",
     [

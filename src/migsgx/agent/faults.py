@@ -36,6 +36,7 @@ POINTS: Final = frozenset(
         "tool.before-commit",
         "tool.after-commit",
         "tool.before-token",  # each COMMIT token, before it goes on the data connection
+        "tool.enclave-stream",  # each enclave's data connection, once it is open
     }
 )
 
@@ -107,3 +108,41 @@ def _state(pid: int) -> str:
     except OSError:
         return ""
     return stat[stat.rindex(")") + 2 :][:1]
+
+
+def flipping_relay(peer: socket.socket, offset: int) -> socket.socket:
+    """A loopback relay to ``peer`` that flips one bit of byte ``offset`` sent through it.
+
+    The untrusted side (or the network) corrupting one byte of an enclave stream:
+    what the enclaves must catch.  Returns the relay's near end; bytes from the
+    peer pass unchanged.
+    """
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        near = socket.create_connection(listener.getsockname()[:2])
+        far, _ = listener.accept()
+    finally:
+        listener.close()
+
+    def pump(src: socket.socket, dst: socket.socket, flip_at: int | None) -> None:
+        seen = 0
+        try:
+            while True:
+                data = bytearray(src.recv(1 << 16))
+                if not data:
+                    break
+                if flip_at is not None and seen <= flip_at < seen + len(data):
+                    data[flip_at - seen] ^= 0x01
+                seen += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    for args in ((far, peer, offset), (peer, far, None)):
+        threading.Thread(target=pump, args=args, name="migsgx-fault-relay", daemon=True).start()
+    return near

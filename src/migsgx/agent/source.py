@@ -51,7 +51,7 @@ from ..system.process import is_pidns_init, stop_tree, tree_pids
 from ..wire import send_frame
 from .applink import AppLink, HandedEnclave
 from .control import CONNECT_TIMEOUT, AgentConnection
-from .faults import fault, kill_dead, socket_owner
+from .faults import fault, flipping_relay, kill_dead, socket_owner
 from .guardian import Guardian
 from .journal import Journal
 from .protocol import (
@@ -276,6 +276,9 @@ class _Migration:
             transfer.peer = peer
             peer.settimeout(None)
             send_frame(peer, {"t": "data", "token": ready["token"], "index": transfer.handed.index})
+            action = fault("tool.enclave-stream")
+            if action is not None and action.startswith("flip-byte="):
+                peer = flipping_relay(peer, int(action.partition("=")[2]))
             t0 = time.monotonic()
             assert transfer.outgoing is not None
             stats = transfer.outgoing.transfer(peer)
