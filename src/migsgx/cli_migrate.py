@@ -237,7 +237,7 @@ def migrate_command(
     chosen = [(n, v) for n, v in (("pid", pid), ("runc", runc_id), ("podman", podman_name))
               if v is not None]  # fmt: skip
     if len(chosen) != 1:
-        raise ConfigError("name exactly one of PID, --runc CONTAINER_ID, --podman NAME")
+        raise click.UsageError("name exactly one of PID, --runc CONTAINER_ID, --podman NAME")
     driver, target = chosen[0]
     what = f"{driver} {target}" if driver != "pid" else str(pid)
 

@@ -136,18 +136,21 @@ def migrate_with(bed: Testbed, app: AppProcess, agent: AgentProcess, fault: str)
 
 # --- before the commit point: the source runs again -----------------------------------------------
 @pytest.mark.parametrize(
-    "cell, action",
+    "cell, point, action",
     [
         # Seen case 1: the destination's platform service or enclave dies with the tree held.
-        ("restore held x kill -9 destination platform service", "kill-platform"),
-        ("restore held x kill -9 destination enclave", "kill-enclave"),
-        ("restore held x kill -9 destination agent", "kill"),
+        ("restore held x kill -9 destination platform service", "after-restore", "kill-platform"),
+        ("restore held x kill -9 destination enclave", "after-restore", "kill-enclave"),
+        ("restore held x kill -9 destination agent", "after-restore", "kill"),
+        ("LOADED x kill -9 destination platform service", "before-restore", "kill-platform"),
+        ("LOADED x kill -9 destination enclave", "before-restore", "kill-enclave"),
+        ("LOADED x kill -9 destination agent", "before-restore", "kill"),
     ],
 )
-def test_destination_lost_with_the_tree_held(
-    bed: Testbed, figures: dict[str, dict[str, object]], cell: str, action: str
+def test_destination_lost_after_loaded(
+    bed: Testbed, figures: dict[str, dict[str, object]], cell: str, point: str, action: str
 ) -> None:
-    doomed = bed.start_agent(env={"MIGSGX_FAULT": f"agent.after-restore:{action}"})
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": f"agent.{point}:{action}"})
     app, digest = loaded_app(bed)
     try:
         run = bed.migrate(app.pid, doomed)

@@ -167,3 +167,10 @@ def test_recover_cli_exit_status_tells_doubt(
 
 def test_in_doubt_is_not_a_failed_migration() -> None:
     assert cli._exit_code(InDoubtError("x")) == cli.EXIT_IN_DOUBT != cli.EXIT_MIGRATION
+
+
+def test_migrate_without_a_target_is_bad_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["migrate", "--to", "10.0.0.2:7070", "--state", "/nonexistent"])
+    assert exited.value.code == cli.EXIT_USAGE
+    assert "Traceback" not in capsys.readouterr().err

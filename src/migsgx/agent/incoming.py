@@ -306,7 +306,9 @@ class IncomingMigration:
 
     def _restore(self, msg: dict[str, Any]) -> Reply:
         assert self.images_dir is not None and self.driver is not None
-        corrupt = fault("agent.before-restore") == "corrupt"
+        action = fault("agent.before-restore")
+        _inject(action, self)
+        corrupt = action == "corrupt"
         t0 = time.monotonic()
         restored = self.driver.restore(
             RestoreRequest(
