@@ -82,6 +82,9 @@ class ChannelServices:
     def trusted_roots(self) -> list[x509.Certificate]:
         return x509.load_pem_x509_certificates(self._ask({"t": "roots"}))
 
+    def collateral(self) -> bytes:
+        return bytes(self._ask({"t": "collateral"}))
+
     def counter_create(self, initial: int = 0) -> tuple[str, int]:
         cid, value = self._ask({"t": "ctr_create", "initial": initial})
         return str(cid), int(value)
