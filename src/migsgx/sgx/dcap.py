@@ -51,6 +51,8 @@ _DCAP_ERRORS: tuple[tuple[str, type[AttestationError]], ...] = (
     ("expired", StaleCollateralError),
     ("Expired", StaleCollateralError),
     ("issue date is in the future", StaleCollateralError),
+    ("UnknownRevocationStatus", CollateralError),
+    ("Crl", CollateralError),
     ("UnknownIssuer", UnknownCAError),
     ("root ca", UnknownCAError),
     ("Debug mode", DebugEnclaveError),
