@@ -77,10 +77,11 @@ class TcbPolicy:
         if bad:
             raise ValueError(f"TCB statuses that cannot be accepted: {sorted(bad)}")
 
-    def check(self, status: str, advisories: Sequence[str] = ()) -> None:
+    def check(self, status: str, advisories: Sequence[str] = (), *, who: str = "") -> None:
         if status == UP_TO_DATE or status in self.also:
             return
         detail = f" (advisories: {', '.join(advisories)})" if advisories else ""
+        detail += f" [{who}]" if who else ""
         if status == REVOKED:
             raise RevokedError(f"the platform's TCB level is revoked{detail}", status=status)
         if status.startswith("OutOfDate"):
@@ -182,5 +183,5 @@ def verify_dcap(
         raise _dcap_error(exc) from exc
     status = str(report.status)
     advisories = tuple(str(a) for a in report.advisory_ids)
-    (policy or TcbPolicy()).check(status, advisories)
+    (policy or TcbPolicy()).check(status, advisories, who=verified.pck_subject)
     return DcapVerdict(verified.body, status, advisories, verified.pck_subject)
