@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .._fs import read_private, write_private
 from ..errors import StateDirError
-from .sgxext import PckExtension
+from .sgxext import SGX_EXTENSIONS_OID, PckExtension
 
 CA_KEY = "ca-key.pem"
 CA_CERT = "ca.pem"
@@ -34,8 +34,6 @@ PCK_CA_KEY = "pck-ca-key.pem"
 PCK_CA_CERT = "pck-ca.pem"
 TCB_KEY = "tcb-signing-key.pem"
 TCB_CERT = "tcb-signing.pem"
-# Intel's SGX extensions OID, which marks PCK certificates (see issue_pck).
-SGX_EXTENSIONS_OID = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
 _VALIDITY = _dt.timedelta(days=3650)
 
 

@@ -26,7 +26,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -39,9 +39,6 @@ from .collateral import COLLATERAL_FILE, TCB_STATUSES, Collateral, iso
 from .quote import PCE_SVN, QE_SVN, qe_identity
 from .sgxext import COMPONENTS, PckExtension
 
-if TYPE_CHECKING:
-    from .ca import ProvisioningCA
-
 PCS_STATE = "pcs.json"
 _LOCK = ".pcs.lock"
 DEFAULT_VALIDITY = _dt.timedelta(days=30)
@@ -50,6 +47,30 @@ PCE_ID = bytes(2)
 _DEFAULT_LEVELS = ((3, "UpToDate"), (2, "SWHardeningNeeded"), (1, "OutOfDate"))
 # Intel's QE identity masks: DEBUG (bit 1 of byte 0) and the upper half are ignored.
 _QE_ATTRIBUTES_MASK = "FBFFFFFFFFFFFFFF0000000000000000"
+
+
+class SignerLike(Protocol):
+    @property
+    def key(self) -> ec.EllipticCurvePrivateKey: ...
+
+    @property
+    def certificate(self) -> x509.Certificate: ...
+
+
+class Authority(SignerLike, Protocol):
+    """What publishing needs of the CA (``ca.ProvisioningCA``), named here so that this
+    module does not import the CA's, which calls it."""
+
+    @property
+    def pck_ca(self) -> SignerLike: ...
+
+    @property
+    def tcb_signer(self) -> SignerLike: ...
+
+    @property
+    def directory(self) -> Path: ...
+
+    def pck_chain_pem(self) -> bytes: ...
 
 
 def _now() -> _dt.datetime:
@@ -158,7 +179,7 @@ def register_host(
         return cert
 
 
-def revoke_host(authority: ProvisioningCA, host_id: str) -> Collateral:
+def revoke_host(authority: Authority, host_id: str) -> Collateral:
     """Put the host's current PCK certificate on the PCK CRL; republish."""
 
     with _locked(authority.directory) as state:
@@ -170,7 +191,7 @@ def revoke_host(authority: ProvisioningCA, host_id: str) -> Collateral:
     return publish(authority)
 
 
-def set_level(authority: ProvisioningCA, level: int, status: str) -> Collateral:
+def set_level(authority: Authority, level: int, status: str) -> Collateral:
     """Add a TCB level or change its status (a TCB recovery); republish."""
 
     if status not in TCB_STATUSES:
@@ -220,7 +241,7 @@ def _json(doc: dict[str, Any]) -> str:
 
 
 def build_collateral(
-    authority: ProvisioningCA,
+    authority: Authority,
     state: PcsState,
     *,
     now: _dt.datetime,
@@ -296,7 +317,7 @@ def build_collateral(
 
 
 def publish(
-    authority: ProvisioningCA,
+    authority: Authority,
     *,
     valid_for: _dt.timedelta = DEFAULT_VALIDITY,
     now: _dt.datetime | None = None,

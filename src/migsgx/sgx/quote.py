@@ -47,8 +47,8 @@ from ..errors import (
     QuoteSignatureError,
     UnknownCAError,
 )
-from .ca import SGX_EXTENSIONS_OID
 from .keys import KeyDeriver
+from .sgxext import SGX_EXTENSIONS_OID
 from .structs import REPORT_BODY_SIZE, Attributes, Report, ReportBody
 
 QUOTE_VERSION = 3

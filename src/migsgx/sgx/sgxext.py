@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from asn1crypto import core
+from cryptography import x509
 
 from ..errors import QuoteFormatError
 
@@ -33,6 +34,8 @@ _SGX_TYPE = SGX_EXTENSIONS + ".5"
 _PCESVN = _TCB + ".17"
 _CPUSVN = _TCB + ".18"
 COMPONENTS = 16
+# The extension's OID as cryptography names it: it marks PCK certificates.
+SGX_EXTENSIONS_OID = x509.ObjectIdentifier(SGX_EXTENSIONS)
 
 
 class _Entry(core.Sequence):  # type: ignore[misc]
