@@ -251,7 +251,20 @@ def make_images(dep: Deployment) -> dict[str, Path]:
         "kv-debug": _variant(
             dep, "kvstore", "kv-debug", manifest=lambda t: _same_signer(t, debug=True)
         ),
+        # Builds whose measured policy also accepts peers on an out-of-date TCB.
+        "kv-accept-ood": _variant(
+            dep, "kvstore", "kv-accept-ood", manifest=lambda t: t + _ACCEPT_OOD
+        ),
+        "kv-signer-accept-ood": _variant(
+            dep,
+            "kvstore",
+            "kv-signer-accept-ood",
+            manifest=lambda t: _same_signer(t, svn=1) + _ACCEPT_OOD,
+        ),
     }
+
+
+_ACCEPT_OOD = 'accept_tcb = ["OutOfDate"]\n'
 
 
 def add_foreign_host(world: World, name: str, *, also_trust_deployment: bool) -> Path:

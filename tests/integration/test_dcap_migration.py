@@ -15,23 +15,32 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytest.register_assert_rewrite("state_helpers")
 
 from state_helpers import (  # noqa: E402
+    S2D,
+    TamperingProxy,
     World,
     assert_kvstore_intact,
     close_hard,
     fill_kvstore,
     migration_pair,
+    peer_frame,
     pid_running,
     start_transfer,
     wait_gone,
 )
 
-from migsgx.errors import AttestationError, RevokedError, TcbOutOfDateError  # noqa: E402
+from migsgx.errors import (  # noqa: E402
+    AttestationError,
+    MigrationError,
+    RevokedError,
+    TcbOutOfDateError,
+)
 from migsgx.hosts import start_service  # noqa: E402
 
 pytest_plugins = ["state_helpers"]
@@ -62,8 +71,14 @@ def host(world: World) -> Iterator[tuple[str, Path]]:
         world.services.pop(name).stop()
 
 
-def _refused(world: World, launch: object, name: str, error: type[AttestationError]) -> None:
-    client = launch("kvstore")  # type: ignore[operator]
+def _refused(
+    world: World,
+    launch: object,
+    name: str,
+    error: type[AttestationError],
+    image: str = "kvstore",
+) -> None:
+    client = launch(image)  # type: ignore[operator]
     values = fill_kvstore(client)
     digest = client.ecall.digest()
     with migration_pair(world, name, proxy={}) as (dest, mitm, addr):
@@ -81,7 +96,6 @@ def _refused(world: World, launch: object, name: str, error: type[AttestationErr
         assert run.error is not None
         # Refused in the handshake: not one chunk of enclave state crossed.
         assert mitm.chunk_count == 0
-        assert not mitm.frames_of("s2d", "chunk")
         assert not dest.active and dest.enclave_sock is None
         if dest.pid is not None:
             assert wait_gone(dest.pid), "the refused destination enclave still runs"
@@ -90,8 +104,8 @@ def _refused(world: World, launch: object, name: str, error: type[AttestationErr
     assert_kvstore_intact(client, digest, values)
 
 
-def _migrates(world: World, launch: object, name: str) -> None:
-    client = launch("kvstore")  # type: ignore[operator]
+def _migrates(world: World, launch: object, name: str, image: str = "kvstore") -> None:
+    client = launch(image)  # type: ignore[operator]
     values = fill_kvstore(client, seed=2)
     digest = client.ecall.digest()
     with migration_pair(world, name) as (dest, _, addr):
@@ -128,3 +142,49 @@ def test_revoked_host_refused(world: World, launch: object, host: tuple[str, Pat
     out = migsgx("ca", "revoke", name, "--dir", ca)
     assert name in out
     _refused(world, launch, name, RevokedError)
+
+
+def test_measured_policy_may_accept_an_out_of_date_host(
+    world: World, launch: object, host: tuple[str, Path]
+) -> None:
+    """A build whose manifest says ``accept_tcb = ["OutOfDate"]`` moves to the out-of-date
+    host; the same host stays closed to the build that does not."""
+
+    name, _ = host
+    _migrates(world, launch, name, image="kv-accept-ood")
+    _refused(world, launch, name, TcbOutOfDateError)
+
+
+def test_source_alone_refuses_an_out_of_date_destination(
+    world: World, launch: object, host: tuple[str, Path]
+) -> None:
+    """The network swaps the image in the offer for a build of the same author and product
+    that accepts out-of-date platforms: the destination enclave on the out-of-date host
+    passes its own checks and the source's quote, and it is the source enclave, by its
+    own measured policy, that refuses the destination before any state leaves it."""
+
+    name, _ = host
+    files = world.image("kv-signer-accept-ood").files
+
+    def swap_offer(proxy: TamperingProxy, direction: str, msg: dict[str, Any], raw: bytes) -> Any:
+        if direction == S2D and msg["t"] == "offer":
+            msg["files"] = files
+            return peer_frame(msg)
+        return None
+
+    client = launch("kv-signer-svn1")  # type: ignore[operator]
+    values = fill_kvstore(client)
+    digest = client.ecall.digest()
+    with migration_pair(world, name, proxy={"on_frame": swap_offer}) as (dest, mitm, addr):
+        assert mitm is not None
+        run = start_transfer(client, addr)
+        close_hard(run.peer)
+        dest.join()
+        launch.track(dest.pid)  # type: ignore[attr-defined]
+        assert isinstance(run.error, TcbOutOfDateError), (repr(run.error), repr(dest.error))
+        assert f"PCK {name}" in str(run.error)
+        assert isinstance(dest.error, MigrationError), repr(dest.error)
+        assert mitm.chunk_count == 0
+        assert not dest.active and dest.enclave_sock is None
+    run.resume()
+    assert_kvstore_intact(client, digest, values)
