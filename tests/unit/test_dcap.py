@@ -182,6 +182,9 @@ def test_a_revoked_host_is_refused_by_both_verifiers(
     assert dep.verify(dep.old.quote(_body(), bytes(64)), policy=TcbPolicy(frozenset({"OutOfDate"})))
     with pytest.raises(ConfigError):
         pcs.revoke_host(dep.ca, "nobody")
+    # A revoked host cannot get itself a fresh certificate by moving its TCB.
+    with pytest.raises(ConfigError, match="revoked"):
+        dep.a.set_tcb_level(dep.ca, 3)
 
 
 def test_a_raised_tcb_after_recovery_verifies(dep: Deployment) -> None:

@@ -161,6 +161,9 @@ def register_host(
         level = state.current_level if level is None else level
         _check_level(state, level)
         known = state.hosts.get(host_id)
+        if known and known["revoked"]:
+            # As Intel's PCS: a revoked platform gets no new PCK certificate.
+            raise ConfigError(f"host {host_id!r} is revoked; it gets no new PCK certificate")
         ppid = bytes.fromhex(known["ppid"]) if known else secrets.token_bytes(16)
         ext = PckExtension(
             ppid=ppid,
