@@ -37,12 +37,14 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
 from migsgx.errors import MigSGXError
 from migsgx.host.client import EnclaveClient
@@ -281,6 +283,11 @@ def add_foreign_host(world: World, name: str, *, also_trust_deployment: bool) ->
         ours = (world.deployment.ca_dir / "ca.pem").read_bytes()
         pem = state / "ca.pem"
         pem.write_bytes(pem.read_bytes() + ours)
+        # ... and reads the deployment's collateral beside its own CA's.
+        toml = state / "platform.toml"
+        meta = tomllib.loads(toml.read_text())
+        meta["collateral"].append(str(world.deployment.ca_dir / "collateral.json"))
+        toml.write_text(tomli_w.dumps(meta))
     return state
 
 

@@ -234,6 +234,21 @@ def test_a_quote_from_another_deployment_is_refused(shared: Deployment, tmp_path
         verify_dcap(shared.a.quote(_body(), bytes(64)), shared.collateral, [other.ca.certificate])
 
 
+def test_a_verifier_trusting_two_roots_uses_each_roots_collateral(
+    shared: Deployment, tmp_path: Path
+) -> None:
+    other = Deployment(tmp_path)
+    both = [shared.collateral, other.collateral]
+    roots = [shared.ca.certificate, other.ca.certificate]
+    assert verify_dcap(shared.a.quote(_body(), bytes(64)), both, roots).status == "UpToDate"
+    assert verify_dcap(other.a.quote(_body(), bytes(64)), both[::-1], roots).status == "UpToDate"
+    # With only the other root's collateral, a quote of ours does not pass.
+    with pytest.raises(CollateralError):
+        verify_dcap(shared.a.quote(_body(), bytes(64)), [other.collateral], roots)
+    with pytest.raises(CollateralError):
+        verify_dcap(shared.a.quote(_body(), bytes(64)), [], roots)
+
+
 def test_debug_enclaves_are_refused_unless_allowed(shared: Deployment) -> None:
     quote = shared.a.quote(_body(debug=True), bytes(64))
     with pytest.raises(DebugEnclaveError):

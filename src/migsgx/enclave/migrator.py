@@ -81,7 +81,7 @@ class _Verifier:
         self._tcb = TcbPolicy(frozenset(instance.manifest.accept_tcb))
 
     def verify(self, quote: bytes) -> ReportBody:
-        collateral = Collateral.from_json(self._services.collateral())
+        collateral = [Collateral.from_json(c) for c in self._services.collateral()]
         verdict = verify_dcap(
             quote, collateral, self._services.trusted_roots(), policy=self._tcb, allow_debug=True
         )

@@ -22,13 +22,16 @@ from dataclasses import dataclass
 
 import dcap_qvl
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import (
     AttestationError,
     CollateralError,
     DebugEnclaveError,
     IdentityMismatchError,
+    QuoteFormatError,
     QuoteSignatureError,
     RevokedError,
     StaleCollateralError,
@@ -147,9 +150,49 @@ def _check_not_revoked(quote: bytes, collateral: Collateral) -> None:
         )
 
 
+def _root_of(quote: bytes, roots: Sequence[x509.Certificate]) -> x509.Certificate | None:
+    """The trusted root that signed the top of the quote's chain (by key: two roots may
+    share a name)."""
+
+    try:
+        chain = x509.load_pem_x509_certificates(Quote.parse(quote).cert_chain_pem)
+    except ValueError as exc:
+        raise QuoteFormatError("certification data is not a PEM certificate chain") from exc
+    for cert in reversed(chain):
+        for root in roots:
+            if cert == root:
+                return root
+            try:
+                cert.verify_directly_issued_by(root)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return root
+    return None
+
+
+def select_collateral(
+    root: x509.Certificate | None, collateral: Sequence[Collateral]
+) -> Collateral:
+    """The collateral published under ``root`` (a verifier that trusts several roots has
+    one collateral per root): the one whose root CRL that root signed."""
+
+    if not collateral:
+        raise CollateralError("no verification collateral")
+    if root is not None:
+        key = root.public_key()
+        for c in collateral:
+            try:
+                crl = x509.load_der_x509_crl(c.root_ca_crl)
+                if isinstance(key, ec.EllipticCurvePublicKey) and crl.is_signature_valid(key):
+                    return c
+            except ValueError:
+                continue
+    return collateral[0]
+
+
 def verify_dcap(
     quote: bytes,
-    collateral: Collateral,
+    collateral: Collateral | Sequence[Collateral],
     trusted_roots: Sequence[x509.Certificate],
     *,
     policy: TcbPolicy | None = None,
@@ -159,8 +202,13 @@ def verify_dcap(
     """Verify ``quote`` end to end; raise a typed :class:`AttestationError` if it fails."""
 
     now = now or _dt.datetime.now(_dt.UTC)
+    root = _root_of(quote, trusted_roots)
+    if not isinstance(collateral, Collateral):
+        collateral = select_collateral(root, collateral)
     collateral.check_fresh(now)
     verified = verify_quote(quote, trusted_roots, allow_debug=allow_debug, now=now)
+    if root is None:  # verify_quote walked to a trusted root; this cannot be, but say so
+        raise UnknownCAError("the quote's certificate chain does not lead to a trusted CA")
     _check_not_revoked(quote, collateral)
     if verified.body.attributes.debug:
         # dcap-qvl refuses every debug enclave.  One gets here only where the caller
@@ -168,10 +216,6 @@ def verify_dcap(
         # verifier and the CRL check above are all it gets, and no TCB status.
         return DcapVerdict(verified.body, DEBUG_UNRATED, (), verified.pck_subject)
     # The root the chain led to is the one dcap-qvl is given.
-    chain = x509.load_pem_x509_certificates(Quote.parse(quote).cert_chain_pem)
-    root = next(
-        (r for r in trusted_roots if any(r.subject == c.issuer for c in chain)), trusted_roots[0]
-    )
     try:
         report = dcap_qvl.verify_with_root_ca(
             quote,

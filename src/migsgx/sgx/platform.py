@@ -78,8 +78,9 @@ class TrustedServices(Protocol):
 
     def trusted_roots(self) -> list[x509.Certificate]: ...
 
-    def collateral(self) -> bytes:
-        """The verification collateral (``docs/spec/collateral.md``) as last published."""
+    def collateral(self) -> list[bytes]:
+        """The verification collateral (``docs/spec/collateral.md``) as last published,
+        one file per trusted root."""
         ...
 
     def counter_create(self, initial: int = 0) -> tuple[str, int]: ...
@@ -138,8 +139,8 @@ class PlatformInfo:
     host_id: str
     cpu_svn: bytes
     state_dir: Path
-    # Where this host reads the deployment's published collateral (a PCCS's part).
-    collateral: Path | None = None
+    # Where this host reads the published collateral (a PCCS's part), one per root.
+    collateral: tuple[Path, ...] = ()
 
 
 class EmulatedPlatform:
@@ -167,7 +168,7 @@ class EmulatedPlatform:
                 host_id=str(meta["host_id"]),
                 cpu_svn=bytes.fromhex(meta["cpu_svn"]),
                 state_dir=self.state_dir,
-                collateral=Path(meta["collateral"]) if "collateral" in meta else None,
+                collateral=_paths(meta.get("collateral", [])),
             )
             self._deriver = KeyDeriver(root, self.info.cpu_svn)
         except (KeyError, TypeError, ValueError) as exc:
@@ -212,7 +213,7 @@ class EmulatedPlatform:
                 {
                     "host_id": host_id,
                     "cpu_svn": cpu_svn.hex(),
-                    "collateral": str((ca.directory / COLLATERAL_FILE).resolve()),
+                    "collateral": [str((ca.directory / COLLATERAL_FILE).resolve())],
                 }
             ).encode(),
             mode=0o644,
@@ -226,21 +227,22 @@ class EmulatedPlatform:
     def trusted_roots(self) -> list[x509.Certificate]:
         return list(self._roots)
 
-    def collateral(self) -> bytes:
-        """The collateral as the CA last published it, read fresh on every call so
+    def collateral(self) -> list[bytes]:
+        """The collateral as the CAs last published it, read fresh on every call so
         that a revocation or a TCB recovery reaches verifiers at once."""
 
-        if self.info.collateral is None:
+        if not self.info.collateral:
             raise CollateralError(f"platform {self.info.host_id} has no collateral source")
-        try:
-            data = self.info.collateral.read_bytes()
-        except OSError as exc:
-            raise CollateralError(
-                f"cannot read collateral at {self.info.collateral}: {exc.strerror}"
-            ) from exc
-        if len(data) > MAX_COLLATERAL_SIZE:
-            raise CollateralError(f"collateral at {self.info.collateral} is too large")
-        return data
+        out = []
+        for path in self.info.collateral:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise CollateralError(f"cannot read collateral at {path}: {exc.strerror}") from exc
+            if len(data) > MAX_COLLATERAL_SIZE:
+                raise CollateralError(f"collateral at {path} is too large")
+            out.append(data)
+        return out
 
     def set_tcb_level(self, ca: ProvisioningCA, level: int) -> None:
         """Move this host to another TCB level, as a microcode update or TCB recovery
@@ -337,7 +339,7 @@ class LocalServices:
     def trusted_roots(self) -> list[x509.Certificate]:
         return self._platform.trusted_roots
 
-    def collateral(self) -> bytes:
+    def collateral(self) -> list[bytes]:
         return self._platform.collateral()
 
     def counter_create(self, initial: int = 0) -> tuple[str, int]:
@@ -367,6 +369,16 @@ class LocalServices:
         """Change a persistent record and its counters atomically (``RecordUpdate``)."""
 
         self._platform.counters.record_update(self._owner, name, update)
+
+
+def _paths(value: object) -> tuple[Path, ...]:
+    """``collateral`` in platform.toml: one path or a list of them."""
+
+    if isinstance(value, str):
+        return (Path(value),)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(Path(v) for v in value)
+    raise ValueError("collateral must be a path or a list of paths")
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
