@@ -41,7 +41,7 @@ from migsgx.errors import (  # noqa: E402
     RevokedError,
     TcbOutOfDateError,
 )
-from migsgx.hosts import start_service  # noqa: E402
+from migsgx.lab.hosts import start_service  # noqa: E402
 
 pytest_plugins = ["state_helpers"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]

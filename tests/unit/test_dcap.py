@@ -317,29 +317,6 @@ def test_missing_collateral_is_a_typed_error(tmp_path: Path) -> None:
         Collateral.load(tmp_path)
 
 
-VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "sgxext.json"
-
-
-@pytest.mark.parametrize(
-    "vector", json.loads(VECTORS.read_text())["vectors"], ids=lambda v: v["name"]
-)
-def test_sgx_extension_vectors(vector: dict[str, object]) -> None:
-    der = bytes.fromhex(str(vector["der"]))
-    if vector["expect"] != "ok":
-        with pytest.raises(QuoteFormatError):
-            PckExtension.from_der(der)
-        return
-    ext = PckExtension(
-        ppid=bytes.fromhex(str(vector["ppid"])),
-        components=tuple(vector["components"]),  # type: ignore[arg-type]
-        pce_svn=int(vector["pce_svn"]),  # type: ignore[call-overload]
-        pce_id=bytes.fromhex(str(vector["pce_id"])),
-        fmspc=bytes.fromhex(str(vector["fmspc"])),
-    )
-    assert ext.to_der() == der
-    assert PckExtension.from_der(der) == ext
-
-
 def test_pck_extension_round_trip_and_malformed() -> None:
     ext = PckExtension(b"p" * 16, tuple(range(16)), 7, b"\0\1", bytes(6))
     assert PckExtension.from_der(ext.to_der()) == ext
