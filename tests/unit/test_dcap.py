@@ -309,6 +309,17 @@ def test_tampered_collateral_is_refused(
         assert isinstance(err.value, errors), repr(err.value)
 
 
+def test_a_platform_serves_its_collateral_fresh_and_fails_typed(dep: Deployment) -> None:
+    before = dep.a.collateral()
+    assert [Collateral.from_json(b) for b in before] == [dep.collateral]
+    pcs.revoke_host(dep.ca, "old")  # read again on every call: the new CRL is there at once
+    (after,) = dep.a.collateral()
+    assert Collateral.from_json(after).pck_crl != Collateral.from_json(before[0]).pck_crl
+    (dep.dir / COLLATERAL_FILE).unlink()
+    with pytest.raises(CollateralError):
+        dep.a.collateral()
+
+
 def test_missing_collateral_is_a_typed_error(tmp_path: Path) -> None:
     with pytest.raises(CollateralError):
         Collateral.load(tmp_path)
