@@ -25,6 +25,7 @@ from migsgx.core.commit import open_control, seal_control
 from migsgx.core.handshake import transcript_item
 from migsgx.core.stream import Manifest, StreamHeader, StreamOpener, StreamSealer
 from migsgx.errors import MigSGXError
+from migsgx.sgx.sgxext import PckExtension
 from migsgx.sgx.structs import ReportBody
 from migsgx.wire import HEADER, decode_body
 
@@ -180,7 +181,26 @@ def check_control(case: dict[str, Any]) -> None:
         assert again == frame
 
 
+def check_sgxext(case: dict[str, Any]) -> None:
+    der = bytes.fromhex(case["der"])
+    outcome = _outcome(lambda: PckExtension.from_der(der) is not None)
+    assert outcome == case["expect"], outcome
+    if "ok" in case["expect"]:
+        f = case["fields"]
+        ext = PckExtension(
+            ppid=bytes.fromhex(f["ppid"]),
+            components=tuple(f["components"]),
+            pce_svn=f["pce_svn"],
+            pce_id=bytes.fromhex(f["pce_id"]),
+            fmspc=bytes.fromhex(f["fmspc"]),
+            sgx_type=f["sgx_type"],
+        )
+        assert ext.to_der() == der
+        assert PckExtension.from_der(der) == ext
+
+
 CHECKS = {
+    "sgxext": check_sgxext,
     "stream": check_stream,
     "manifest": check_manifest,
     "handshake": check_handshake,

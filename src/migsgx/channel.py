@@ -65,6 +65,7 @@ PLATFORM = Schema(
         "report": {"target": bytes, "data": bytes},
         "quote": {"data": bytes},
         "roots": {},
+        "collateral": {},
         "ctr_create": {"initial": int},
         "ctr_read": {"id": str},
         "ctr_inc": {"id": str, "by": int},

@@ -15,6 +15,7 @@ import click
 
 from .cli_output import emit as _emit
 from .errors import ConfigError, ImageError, MigSGXError
+from .sgx.collateral import TCB_STATUSES, Collateral, iso
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -67,6 +68,65 @@ def ca_init(directory: Path) -> None:
     _emit({"ca": str(directory), "fingerprint_sha256": fp.hex()})
 
 
+def _collateral_summary(collateral: Collateral) -> dict[str, object]:
+    start, end = collateral.validity()
+    doc = collateral.tcb_info_document
+    levels = doc.get("tcbLevels", [])
+    return {
+        "issued": iso(start),
+        "next_update": iso(end),
+        "tcb_levels": {
+            str(lv["tcb"]["sgxtcbcomponents"][0]["svn"]): lv["tcbStatus"]
+            for lv in levels
+            if isinstance(lv, dict)
+        }
+        if isinstance(levels, list)
+        else {},
+    }
+
+
+@ca.command("publish")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+@click.option("--valid-days", type=click.IntRange(min=1), default=30, show_default=True)
+def ca_publish(directory: Path, valid_days: int) -> None:
+    """Sign fresh collateral (TCB info, QE identity, CRLs) into DIR/collateral.json."""
+
+    import datetime as dt
+
+    from .sgx.ca import ProvisioningCA
+    from .sgx.pcs import publish
+
+    collateral = publish(ProvisioningCA.load(directory), valid_for=dt.timedelta(days=valid_days))
+    _emit({"ca": str(directory), **_collateral_summary(collateral)})
+
+
+@ca.command("revoke")
+@click.argument("host_id")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+def ca_revoke(host_id: str, directory: Path) -> None:
+    """Revoke HOST_ID's PCK certificate and republish the collateral."""
+
+    from .sgx.ca import ProvisioningCA
+    from .sgx.pcs import revoke_host
+
+    collateral = revoke_host(ProvisioningCA.load(directory), host_id)
+    _emit({"ca": str(directory), "revoked": host_id, **_collateral_summary(collateral)})
+
+
+@ca.command("tcb")
+@click.argument("level", type=click.IntRange(0, 255))
+@click.argument("status", type=click.Choice(TCB_STATUSES))
+@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+def ca_tcb(level: int, status: str, directory: Path) -> None:
+    """Add TCB LEVEL or give it STATUS (a TCB recovery), and republish the collateral."""
+
+    from .sgx.ca import ProvisioningCA
+    from .sgx.pcs import set_level
+
+    collateral = set_level(ProvisioningCA.load(directory), level, status)
+    _emit({"ca": str(directory), **_collateral_summary(collateral)})
+
+
 # --- platform ------------------------------------------------------------------------
 @cli.group()
 def platform() -> None:
@@ -77,14 +137,37 @@ def platform() -> None:
 @click.option("--state", type=click.Path(path_type=Path), required=True)
 @click.option("--ca", "ca_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--host-id", default=None, help="a name for this host (default: random)")
-def platform_init(state: Path, ca_dir: Path, host_id: str | None) -> None:
+@click.option(
+    "--tcb-level",
+    type=click.IntRange(0, 255),
+    default=None,
+    help="the host's TCB level (default: the CA's highest UpToDate level)",
+)
+def platform_init(state: Path, ca_dir: Path, host_id: str | None, tcb_level: int | None) -> None:
     """Create the state of one emulated host in STATE, certified by the CA in CA_DIR."""
 
     from .sgx.ca import ProvisioningCA
     from .sgx.platform import EmulatedPlatform
 
-    p = EmulatedPlatform.init(state, ProvisioningCA.load(ca_dir), host_id=host_id)
+    p = EmulatedPlatform.init(
+        state, ProvisioningCA.load(ca_dir), host_id=host_id, tcb_level=tcb_level
+    )
     _emit({"state": str(state), "host_id": p.info.host_id})
+
+
+@platform.command("tcb")
+@click.option("--state", type=click.Path(path_type=Path), required=True)
+@click.option("--ca", "ca_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--level", type=click.IntRange(0, 255), required=True)
+def platform_tcb(state: Path, ca_dir: Path, level: int) -> None:
+    """Move the host to TCB LEVEL (a microcode update): a new PCK certificate from the CA."""
+
+    from .sgx.ca import ProvisioningCA
+    from .sgx.platform import EmulatedPlatform
+
+    p = EmulatedPlatform(state)
+    p.set_tcb_level(ProvisioningCA.load(ca_dir), level)
+    _emit({"state": str(state), "host_id": p.info.host_id, "tcb_level": level})
 
 
 @platform.command("serve")

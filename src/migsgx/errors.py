@@ -134,6 +134,36 @@ class DebugEnclaveError(AttestationError):
     code = "debug-enclave"
 
 
+class RevokedError(AttestationError):
+    """The attesting platform's PCK certificate, or its TCB level, is revoked."""
+
+    code = "revoked"
+
+
+class TcbStatusError(AttestationError):
+    """The platform's TCB status is not one the migration policy accepts."""
+
+    code = "tcb-status"
+
+
+class TcbOutOfDateError(TcbStatusError):
+    """The platform's TCB is out of date (a microcode or TCB recovery is due)."""
+
+    code = "tcb-out-of-date"
+
+
+class CollateralError(AttestationError):
+    """Verification collateral (TCB info, QE identity, CRLs) is missing or malformed."""
+
+    code = "collateral"
+
+
+class StaleCollateralError(CollateralError):
+    """Verification collateral is past its nextUpdate (or not yet valid)."""
+
+    code = "collateral-stale"
+
+
 class SealError(MigSGXError):
     """Sealed data could not be opened (wrong host, enclave, policy, or tampered)."""
 

@@ -38,6 +38,38 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:
     return code, parsed, err
 
 
+def test_ca_collateral_commands(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    ca = str(tmp_path / "ca")
+    assert run(capsys, "ca", "init", "--dir", ca)[0] == cli.EXIT_OK
+    code, out, _ = run(
+        capsys,
+        "platform", "init", "--state", str(tmp_path / "h"), "--ca", ca, "--host-id", "h1",
+        "--tcb-level", "2",
+    )  # fmt: skip
+    assert code == cli.EXIT_OK
+    code, out, _ = run(capsys, "ca", "publish", "--dir", ca, "--valid-days", "7")
+    assert code == cli.EXIT_OK
+    assert out["tcb_levels"] == {"3": "UpToDate", "2": "SWHardeningNeeded", "1": "OutOfDate"}
+    assert out["next_update"] > out["issued"]
+    code, out, _ = run(capsys, "ca", "tcb", "4", "UpToDate", "--dir", ca)
+    assert code == cli.EXIT_OK and out["tcb_levels"]["4"] == "UpToDate"
+    code, out, _ = run(
+        capsys, "platform", "tcb", "--state", str(tmp_path / "h"), "--ca", ca, "--level", "4"
+    )
+    assert code == cli.EXIT_OK and out == {
+        "state": str(tmp_path / "h"),
+        "host_id": "h1",
+        "tcb_level": 4,
+    }
+    code, out, _ = run(capsys, "ca", "revoke", "h1", "--dir", ca)
+    assert code == cli.EXIT_OK and out["revoked"] == "h1"
+    code, _, err = run(capsys, "ca", "revoke", "nobody", "--dir", ca)
+    assert code != cli.EXIT_OK
+    _assert_one_line_error(err, "config")
+    code, _, err = run(capsys, "ca", "tcb", "3", "Fine", "--dir", ca)
+    assert code != cli.EXIT_OK
+
+
 def _assert_one_line_error(err: str, code_name: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err

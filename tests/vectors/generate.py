@@ -38,6 +38,7 @@ from migsgx.core.handshake import Handshake, HandshakeComplete, Role, transcript
 from migsgx.core.policy import EnclaveIdentity, MigrationPolicy, PolicyMode
 from migsgx.core.stream import Manifest, Section, StreamHeader, StreamSealer
 from migsgx.errors import MigSGXError, QuoteFormatError
+from migsgx.sgx.sgxext import PckExtension
 from migsgx.sgx.structs import FLAG_DEBUG, FLAG_INIT, FLAG_MODE64BIT, Attributes, ReportBody
 from migsgx.wire import HEADER, decode_body, encode
 
@@ -524,6 +525,41 @@ def control_cases() -> list[dict[str, Any]]:
     return cases
 
 
+# --- the PCK certificate's SGX extension ---------------------------------------------------
+def sgxext_cases() -> list[dict[str, Any]]:
+    """Fields -> DER (and back) for Intel's SGX extension; DER that must be refused."""
+
+    def ok(name: str, ext: PckExtension, comment: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "comment": comment,
+            "fields": {
+                "ppid": ext.ppid.hex(),
+                "components": list(ext.components),
+                "pce_svn": ext.pce_svn,
+                "pce_id": ext.pce_id.hex(),
+                "fmspc": ext.fmspc.hex(),
+                "sgx_type": ext.sgx_type,
+            },
+            "der": ext.to_der().hex(),
+            "expect": {"ok": True},
+        }
+
+    def bad(name: str, der: bytes, comment: str) -> dict[str, Any]:
+        return {"name": name, "comment": comment, "der": der.hex(),
+                "expect": {"error": "quote-format"}}  # fmt: skip
+
+    fmspc = bytes.fromhex("00906ea10000")
+    level3 = PckExtension(det_bytes("ppid", 16), (3,) * 16, 1, bytes(2), fmspc)
+    mixed = PckExtension(bytes(16), tuple(range(16)), 0x1234, b"\x00\x01", fmspc)
+    return [
+        ok("level-3", level3, "a host at TCB level 3 of this deployment's FMSPC"),
+        ok("mixed", mixed, "distinct component SVNs; a two-byte PCESVN and PCE-ID"),
+        bad("truncated", level3.to_der()[:-4], "the last TLV cut short"),
+        bad("empty", bytes.fromhex("3000"), "an empty SEQUENCE names no field"),
+    ]
+
+
 # --- files ------------------------------------------------------------------------------
 def build() -> dict[str, dict[str, Any]]:
     def doc(kind: str, spec: str, cases: list[dict[str, Any]]) -> dict[str, Any]:
@@ -534,6 +570,7 @@ def build() -> dict[str, dict[str, Any]]:
         "manifest.json": doc("manifest", "docs/spec/stream.md#6", manifest_cases()),
         "handshake.json": doc("handshake", "docs/spec/handshake.md", handshake_cases()),
         "control.json": doc("control", "docs/spec/handshake.md#9", control_cases()),
+        "sgxext.json": doc("sgxext", "docs/spec/collateral.md#4", sgxext_cases()),
     }
 
 

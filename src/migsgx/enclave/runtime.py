@@ -82,6 +82,12 @@ class ChannelServices:
     def trusted_roots(self) -> list[x509.Certificate]:
         return x509.load_pem_x509_certificates(self._ask({"t": "roots"}))
 
+    def collateral(self) -> list[bytes]:
+        value = self._ask({"t": "collateral"})
+        if not isinstance(value, list):
+            raise ProtocolError("the platform's collateral is not a list")
+        return [bytes(v) for v in value]
+
     def counter_create(self, initial: int = 0) -> tuple[str, int]:
         cid, value = self._ask({"t": "ctr_create", "initial": initial})
         return str(cid), int(value)

@@ -36,6 +36,7 @@ from ..errors import (
     ImageSignatureError,
     ImageUnsignedError,
 )
+from .collateral import ACCEPTABLE_STATUSES
 from .structs import FLAG_DEBUG, Attributes
 
 MANIFEST = "manifest.toml"
@@ -84,6 +85,9 @@ class Manifest:
     # Who may receive this enclave's state: "same-enclave" or "same-signer".
     # Measured like every field, so the untrusted side cannot weaken it.
     migration_policy: str = "same-enclave"
+    # TCB statuses besides UpToDate that a peer platform may have (never Revoked).
+    # Measured, and only when non-empty, so images without it keep their MRENCLAVE.
+    accept_tcb: tuple[str, ...] = ()
 
     _FIELDS = (
         "name",
@@ -94,6 +98,7 @@ class Manifest:
         "svn",
         "debug",
         "migration_policy",
+        "accept_tcb",
     )
 
     @classmethod
@@ -116,6 +121,7 @@ class Manifest:
                 svn=_typed(section, "svn", int, 0),
                 debug=_typed(section, "debug", bool, False),
                 migration_policy=_typed(section, "migration_policy", str, "same-enclave"),
+                accept_tcb=_statuses(section),
             )
         except KeyError as exc:
             raise ImageError(f"manifest lacks required field {exc.args[0]!r}") from exc
@@ -138,17 +144,34 @@ class Manifest:
             raise ImageError("thread_slots must be 1-256")
         if self.migration_policy not in ("same-enclave", "same-signer"):
             raise ImageError("migration_policy must be 'same-enclave' or 'same-signer'")
+        bad = [s for s in self.accept_tcb if s not in ACCEPTABLE_STATUSES]
+        if bad:
+            raise ImageError(
+                f"accept_tcb may list only {', '.join(ACCEPTABLE_STATUSES)}; not {bad}"
+            )
         for field in ("product_id", "svn"):
             if not 0 <= getattr(self, field) <= 0xFFFF:
                 raise ImageError(f"{field} must be 0-65535")
 
     def canonical(self) -> bytes:
-        return cbor2.dumps({f: getattr(self, f) for f in self._FIELDS}, canonical=True)
+        fields = {f: getattr(self, f) for f in self._FIELDS}
+        if not self.accept_tcb:
+            del fields["accept_tcb"]
+        else:
+            fields["accept_tcb"] = sorted(self.accept_tcb)
+        return cbor2.dumps(fields, canonical=True)
 
     @property
     def attributes(self) -> Attributes:
         base = Attributes()
         return Attributes(base.flags | (FLAG_DEBUG if self.debug else 0), base.xfrm)
+
+
+def _statuses(section: Mapping[str, Any]) -> tuple[str, ...]:
+    value = section.get("accept_tcb", [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("accept_tcb must be a list of TCB status names")
+    return tuple(value)
 
 
 def _typed(section: Mapping[str, Any], key: str, kind: type, default: Any = ...) -> Any:

@@ -331,6 +331,8 @@ class PlatformService:
             return svc.quote(msg["data"])
         if kind == "roots":
             return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svc.trusted_roots())
+        if kind == "collateral":
+            return svc.collateral()
         if kind == "ctr_create":
             return list(svc.counter_create(msg["initial"]))
         if kind == "ctr_read":
