@@ -165,6 +165,8 @@ def agent_serve(
               help="migrate this runc container instead of a process")  # fmt: skip
 @click.option("--podman", "podman_name", default=None, metavar="NAME",
               help="migrate this podman container instead of a process")  # fmt: skip
+@click.option("--containerd", "containerd_id", default=None, metavar="CONTAINER_ID",
+              help="migrate this containerd container instead of a process")  # fmt: skip
 @click.option("--to", "to", required=True, help="the destination agent, ADDRESS:PORT")
 @click.option("--state", type=click.Path(path_type=Path), required=True,
               help="this host's state directory (its agent identity)")  # fmt: skip
@@ -182,6 +184,7 @@ def migrate_command(
     pid: int | None,
     runc_id: str | None,
     podman_name: str | None,
+    containerd_id: str | None,
     to: str,
     state: Path,
     ca_dir: Path | None,
@@ -208,10 +211,17 @@ def migrate_command(
     from .agent.tls import AgentIdentity
     from .containers import ContainerSettings
 
-    chosen = [(n, v) for n, v in (("pid", pid), ("runc", runc_id), ("podman", podman_name))
-              if v is not None]  # fmt: skip
+    named = (
+        ("pid", pid),
+        ("runc", runc_id),
+        ("podman", podman_name),
+        ("containerd", containerd_id),
+    )
+    chosen = [(n, v) for n, v in named if v is not None]
     if len(chosen) != 1:
-        raise ConfigError("name exactly one of PID, --runc CONTAINER_ID, --podman NAME")
+        raise ConfigError(
+            "name exactly one of PID, --runc CONTAINER_ID, --podman NAME, --containerd CONTAINER_ID"
+        )
     driver, target = chosen[0]
     what = f"{driver} {target}" if driver != "pid" else str(pid)
 

@@ -1,4 +1,4 @@
-"""Container migration with real runc, real podman and real CRIU between two namespaced hosts.
+"""Container migration with real runc, podman, containerd and CRIU between two namespaced hosts.
 
 The example kvstore app runs inside a container; its enclaves run on the
 host, started by the host's platform service through the socket bind-mounted
@@ -30,7 +30,7 @@ from migsgx.sgx.platform import EmulatedPlatform
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-ENGINES = ["runc", "podman"]
+ENGINES = ["runc", "podman", "containerd"]
 
 
 @pytest.fixture(scope="module")
