@@ -320,7 +320,8 @@ def bench_process(enclave_size: str, as_json: bool, keep: Path | None, page_tls:
 
 # --- bench container ---------------------------------------------------------------------------
 @click.command("container")
-@click.option("--engine", type=click.Choice(["runc", "podman"]), default="runc", show_default=True)
+@click.option("--engine", type=click.Choice(["runc", "podman", "containerd"]), default="runc",
+              show_default=True)  # fmt: skip
 @click.option("--enclave-size", default="256MiB", show_default=True, help="enclave memory")
 @click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
@@ -346,7 +347,7 @@ def bench_container(engine: str, enclave_size: str, as_json: bool, keep: Path | 
 @click.command("demo")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="where the demo keeps its hosts (default: a temporary directory)")  # fmt: skip
-@click.option("--container", type=click.Choice(["runc", "podman"]), default=None,
+@click.option("--container", type=click.Choice(["runc", "podman", "containerd"]), default=None,
               help="run the app in a container of this engine and migrate that")  # fmt: skip
 def demo_command(workdir: Path | None, container: str | None) -> None:
     """Two emulated hosts; the key-value enclave app moves between them while in use."""
