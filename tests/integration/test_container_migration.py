@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -356,5 +359,26 @@ def test_canary_is_in_no_container_image_or_archive(
     # The scan sees what it should: the note moved in the container's CRIU pages.
     assert any("pages-" in p or PODMAN_ARCHIVE in p for p in hits["ordinary"]), hits["ordinary"]
     assert lab.ask(app, "GET canary", at="dst") == "VALUE " + secret.hex()
+
+    # The same check as a command: ``migsgx inspect`` on what the tool dumped.
+    paths = [dump_dir] + ([dump_dir / PODMAN_ARCHIVE] if engine == "podman" else [])
+    for path in paths:
+        code, report = inspect_json(path, secret, ordinary)
+        assert code == 1, report  # the ordinary note is found: plaintext-found
+        assert report["engine"] == engine
+        assert report["kind"] == ("podman-archive" if path.suffix == ".tar" else "migration-images")
+        assert report["scan"]["canaries"][secret.decode()] == []
+        assert report["scan"]["canaries"][ordinary.decode()] != []
+        assert report["processes"][0]["command"].startswith("python")
+        assert report["criu"]["memory_bytes"] > 0
     kept.stop()
     finish(lab, app, expect="dst")
+
+
+def inspect_json(path: Path, *canaries: bytes) -> tuple[int, dict[str, Any]]:
+    args = [a for c in canaries for a in ("--canary", c.decode())]
+    done = subprocess.run(
+        [sys.executable, "-m", "migsgx", "inspect", "--json", str(path), *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return done.returncode, json.loads(done.stdout) if done.stdout else {"err": done.stderr}

@@ -496,3 +496,63 @@ def test_checkpoint_of_enclaves_does_not_open_on_another_host(bed: Testbed, tmp_
     elsewhere = CheckpointIn(ck, 0, bed.services["dst"].socket)
     with pytest.raises(SealError, match="another host"):
         elsewhere.load()
+
+
+def inspect_json(*args: str) -> tuple[int, dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, "-m", "migsgx", "inspect", "--json", *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return done.returncode, json.loads(done.stdout) if done.stdout else {"stderr": done.stderr}
+
+
+def tree_state(root: Path) -> list[tuple[str, int, int]]:
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))]
+
+
+def test_inspect_shows_a_checkpoint_then_its_spent_enclave(bed: Testbed, tmp_path: Path) -> None:
+    """``migsgx inspect``: identities and sealing of the enclave, the canary scan, read-only."""
+
+    secret = b"CANARY-" + secrets.token_hex(16).encode()
+    socket_path = str(bed.services["src"].socket)
+    with EnclaveClient.launch(bed.image("kvstore"), socket_path=socket_path) as sealer:
+        sealer.ecall.put("canary", secret)
+        blob = sealer.ecall.seal_value("canary")
+    app = kvstore(bed)
+    assert ask_src(bed, app, f"UNSEAL canary {blob.hex()}") == "OK 1"
+    ck = tmp_path / "ck"
+    done = run_cli("checkpoint", str(app.pid), "--dir", str(ck))
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: not os.path.exists(f"/proc/{app.pid}"), 10, "the source to end")
+
+    before = tree_state(ck)
+    state = bed.state("src")
+    code, report = inspect_json(str(ck), "--canary", secret.decode(), "--state", str(state))
+    assert code == 0, report
+    assert tree_state(ck) == before  # nothing written, nothing touched
+    assert report["kind"] == "migsgx-checkpoint" and report["committed"] is True
+    assert report["processes"][0]["command"].startswith("python")
+    assert report["criu"]["memory_bytes"] > 0
+    (enclave,) = report["enclaves"]
+    from migsgx.sgx.image import EnclaveImage
+
+    image = EnclaveImage.load(bed.image("kvstore"))
+    assert enclave["mrenclave"] == image.measure().hex()
+    assert enclave["mrsigner"] == image.sigstruct.mr_signer.hex()
+    assert enclave["isv_svn"] == image.manifest.svn
+    assert enclave["status"] == "restorable"
+    assert enclave["sealed"]["state_bytes"] > 0
+    assert report["scan"] == {
+        "canaries": {secret.decode(): []}, "sealed_frames": report["scan"]["sealed_frames"],
+        "plaintext_suspects": [], "clean": True,
+    }  # fmt: skip
+    assert report["scan"]["sealed_frames"] > 2
+
+    netns = bed.host("src").netns
+    back = run_cli("restore", "--dir", str(ck), "--netns", netns, "--platform-socket", socket_path)
+    assert back.returncode == 0, back.stderr
+    code, report = inspect_json(str(ck), "--state", str(state))
+    assert code == 0, report
+    assert report["enclaves"][0]["status"].startswith("spent")
+    assert ask_src(bed, app, "GET canary") == "VALUE " + secret.hex()
+    finish(bed, app, expect="src")
