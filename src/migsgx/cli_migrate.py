@@ -97,6 +97,8 @@ def _platform_host_id(state: Path) -> str:
 @click.option("--keep-images", is_flag=True, help="keep each migration's images (debugging)")
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
               help="write ADDRESS:PORT here once listening")  # fmt: skip
+@click.option("--metrics", "metrics", default=None, metavar="ADDRESS:PORT",
+              help="serve Prometheus metrics on ADDRESS:PORT (port 0: any)")  # fmt: skip
 def agent_serve(
     state: Path,
     listen: str,
@@ -105,6 +107,7 @@ def agent_serve(
     work_dir: Path | None,
     keep_images: bool,
     ready_file: Path | None,
+    metrics: str | None,
 ) -> None:
     """Serve migrations into this host.
 
@@ -143,6 +146,10 @@ def agent_serve(
     try:
         host, port = server.bind()
         signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+        if metrics is not None:
+            m_host, m_port = server.serve_metrics(*_address(metrics))
+            click.echo(f"agent {server.host_id} metrics on http://{m_host}:{m_port}/metrics",
+                       err=True)  # fmt: skip
         click.echo(f"agent {server.host_id} listening on {host}:{port}", err=True)
         if ready_file is not None:
             tmp = ready_file.with_name(ready_file.name + ".tmp")

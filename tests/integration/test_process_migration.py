@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from migsgx.agent.process import in_netns, kill_tree, process_state
-from migsgx.agent.testbed import AgentProcess, AppProcess, Testbed
+from migsgx.agent.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
 from migsgx.agent.tls import issue_agent_identity
 from migsgx.criu import Criu
 from migsgx.errors import ReplayError, SealError
@@ -556,3 +556,76 @@ def test_inspect_shows_a_checkpoint_then_its_spent_enclave(bed: Testbed, tmp_pat
     assert report["enclaves"][0]["status"].startswith("spent")
     assert ask_src(bed, app, "GET canary") == "VALUE " + secret.hex()
     finish(bed, app, expect="src")
+
+
+# --- metrics -----------------------------------------------------------------------------------
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(bed: Testbed, agent: AgentProcess) -> Samples:
+    """The agent's metrics over HTTP from the other host, parsed by prometheus_client."""
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    line = next(ln for ln in agent.log.read_text().splitlines() if "metrics on http://" in ln)
+    host, _, port = line.rsplit("http://", 1)[1].removesuffix("/metrics").rpartition(":")
+    with bed.net["src"].connect(host, int(port), timeout=10) as sock:
+        sock.sendall(f"GET /metrics HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+
+def test_agent_metrics_during_and_after_a_migration(bed: Testbed, tmp_path: Path) -> None:
+    """Scraped while the restored tree is held (in doubt), then after the commit."""
+
+    gate = tmp_path / "go-on"
+    dst = bed.host("dst")
+    watched = bed.start_agent(
+        args=["--metrics", f"{dst.address}:0"],
+        env={"MIGSGX_FAULT": f"agent.after-restore:wait-file={gate}"},
+    )
+    app = kvstore(bed)
+    assert ask_src(bed, app, "PUT k " + b"v".hex()) == "OK 1"
+    before = scrape(bed, watched)
+    assert before[("migsgx_migrations_in_doubt", ())] == 0
+    assert before[("migsgx_migrations_total", (("driver", "pid"), ("outcome", "committed")))] == 0
+
+    result: dict[str, MigrateRun] = {}
+    mover = threading.Thread(target=lambda: result.update(run=bed.migrate(app.pid, watched)))
+    mover.start()
+    wait_until(lambda: scrape(bed, watched)[("migsgx_migrations_in_doubt", ())] == 1, 60,
+               "the restored tree to be held")  # fmt: skip
+    during = scrape(bed, watched)
+    assert during[("migsgx_migrations_in_progress", ())] == 1
+    assert during[("migsgx_enclaves_incoming", (("host", watched_host(bed)),))] == 1
+    assert during[("migsgx_migration_phase_seconds_count", (("phase", "images"),))] == 1
+    assert during[("migsgx_migration_bytes_total", (("kind", "enclave"),))] > 0
+    gate.touch()
+    mover.join(120)
+    assert result["run"].returncode == 0, result["run"].stderr
+    after = scrape(bed, watched)
+    assert after[("migsgx_migrations_total", (("driver", "pid"), ("outcome", "committed")))] == 1
+    assert after[("migsgx_migrations_in_doubt", ())] == 0
+    assert after[("migsgx_migrations_in_progress", ())] == 0
+    for phase in ("enclave_receive", "images", "restore", "resume"):
+        assert after[("migsgx_migration_phase_seconds_count", (("phase", phase),))] == 1
+    assert after[("migsgx_migration_bytes_total", (("kind", "images"),))] > 0
+    received = [v for (n, labels), v in after.items() if n == "migsgx_enclaves_received_total"]
+    assert received == [1.0]
+    assert ask_dst(bed, app, "GET k") == "VALUE " + b"v".hex()
+    watched.stop()
+    finish(bed, app, expect="dst")
+
+
+def watched_host(bed: Testbed) -> str:
+    from migsgx.agent.tls import AgentIdentity
+
+    return AgentIdentity.of_state(bed.state("dst")).host_id()

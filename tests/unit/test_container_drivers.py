@@ -75,7 +75,7 @@ def spec(**overrides: Any) -> dict[str, Any]:
 
 # --- the table -------------------------------------------------------------------------------
 def test_one_table_names_every_driver() -> None:
-    assert sorted(DRIVERS) == ["pid", "podman", "runc"]
+    assert sorted(DRIVERS) == ["containerd", "pid", "podman", "runc"]
     for name in DRIVERS:
         driver: Driver = make_driver(name, host())
         assert driver.name == name
