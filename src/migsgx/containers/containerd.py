@@ -53,10 +53,10 @@ from .base import (
     check_name,
 )
 from .cgroups import Freezer
-from .command import run_engine, with_path
+from .command import bring_lo_up, run_engine, with_path
+from .frozen import kill_frozen, own_netns_path, resume_frozen, write_criu_config
 from .layout import CheckpointParts, write_checkpoint_image
 from .oci import Localization, joined_host_netns, load_json, localize
-from .runc import Runc, bring_lo_up, kill_frozen, own_netns_path, resume_frozen, write_criu_config
 from .settings import ContainerSettings
 
 __all__ = [
@@ -218,10 +218,9 @@ class ContainerdDriver:
         # configuration names.  Dumped from inside it, CRIU would restore into its own.
         shim = _parent(source.root)
         prefix = [] if shim is None else ["nsenter", f"--net=/proc/{shim}/ns/net"]
-        runc = Runc(self.ctr.runc_root, self.host.criu.binary, prefix=prefix)
         finished = False
         try:
-            runc.checkpoint(cid, plan.images, page_server=None, tcp_established=plan.tcp_close)
+            self._checkpoint(prefix, cid, plan.images, tcp_established=plan.tcp_close)
             if freezer.state() != "FROZEN":
                 raise ContainerError(f"containerd task {cid} was thawed during its checkpoint")
             (plan.images / CONTAINERD_RECORD).write_text(json.dumps(source.private["record"]))
@@ -238,6 +237,21 @@ class ContainerdDriver:
             self.ctr.remove(cid)
         except MigSGXError as exc:
             log.warning("the migrated source container %s stays (frozen): %s", cid, exc)
+
+    def _checkpoint(
+        self, prefix: list[str], cid: str, images: Path, *, tcp_established: bool
+    ) -> None:
+        """``runc checkpoint --leave-running`` on containerd's runc state, as its shim runs it."""
+
+        argv = [*prefix, "runc", "--root", str(self.ctr.runc_root),
+                "--criu", str(self.host.criu.binary), "checkpoint", "--leave-running",
+                "--image-path", str(images), "--work-path", str(images)]  # fmt: skip
+        if tcp_established:
+            argv.append("--tcp-established")
+        try:
+            run_engine([*argv, cid], what=f"runc checkpoint {cid}", timeout=600)
+        except ContainerError as exc:
+            raise ContainerError(f"{exc}\n{log_excerpt(images / 'dump.log')}") from exc
 
     def _rw_diff(self, source: Source, out: Path) -> None:
         """The changes of the container's root file system, as containerd computes them."""

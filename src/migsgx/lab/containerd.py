@@ -1,11 +1,11 @@
 """containerd on emulated hosts: one daemon per host, its image imported, no registry.
 
-For the tests, the demo and the benchmark (:class:`~.lab.ContainerLab` uses
-it).  Each host gets a containerd of its own (socket, root, state, namespace
+For the tests, the demo and the benchmark (:class:`~.containers.ContainerLab`
+uses it).  Each host gets a containerd of its own (socket, root, state, namespace
 under the lab's directory, named in the host's ``containers.toml``), started
 on first use with the project's CRIU first on its ``PATH`` (the shim it
 starts checkpoints and restores with it).  The lab's root file system becomes
-an image (:func:`~.layout.write_image`) imported into each host's store, as a
+an image (:func:`~migsgx.containers.layout.write_image`) imported into each host's store, as a
 registry pull would bring it.  The daemons run in the machine's network
 namespace; containers join their host's by path.
 """
@@ -21,13 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+from ..containers.base import ContainerError
+from ..containers.command import with_path
+from ..containers.containerd import Ctr
+from ..containers.layout import write_image
+from ..containers.settings import ContainerSettings
 from ..criu import Criu
 from ..errors import MigSGXError
-from .base import ContainerError
-from .command import with_path
-from .containerd import Ctr
-from .layout import write_image
-from .settings import ContainerSettings
 
 __all__ = ["CTR_IMAGE", "ContainerdDaemon", "run_container"]
 
