@@ -274,12 +274,13 @@ def test_destination_enclave_load_failing(bed: Testbed, lab: ContainerLab, tmp_p
         service.stop()
 
 
+@pytest.mark.parametrize("engine", ["runc", "containerd"])
 def test_tool_dying_before_the_commit_point_thaws_the_container(
-    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
 ) -> None:
     """The guardian aborts the enclaves, thaws the frozen source and gives the enclaves back."""
 
-    app, digest = started(lab, "runc")
+    app, digest = started(lab, engine)
     run = migrate(
         bed, app, agent,
         env={"MIGSGX_FAULT": "tool.before-commit:exit"},
@@ -287,25 +288,44 @@ def test_tool_dying_before_the_commit_point_thaws_the_container(
     )  # fmt: skip
     assert run.returncode == 70
     assert "resuming the source" in run.stderr  # the guardian's report
-    wait_until(lambda: app.name not in lab.containers("dst", "runc"), 15, "dst to let go")
+    wait_until(lambda: app.name not in lab.containers("dst", engine), 15, "dst to let go")
     wait_until(lambda: lab.runnable_copies(app)["src"] == 1, 15, "the source to thaw")
     check_source_runs_on(lab, app, digest)
     finish(lab, app, expect="src")
 
 
+@pytest.mark.parametrize("engine", ["runc", "containerd"])
 def test_failure_after_the_commit_point_leaves_the_source_frozen(
-    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
 ) -> None:
     """Past the commit point the tool never thaws the source: the destination rolls forward."""
 
-    app, digest = started(lab, "runc")
+    app, digest = started(lab, engine)
     run = migrate(bed, app, agent, env={"MIGSGX_FAULT": "tool.after-commit:fail"})
     assert run.returncode == 6, run.stderr
     wait_until(lambda: lab.runnable_copies(app)["dst"] == 1, 15, "the destination to run")
     assert lab.ask(app, "DIGEST", at="dst") == digest
     assert lab.runnable_copies(app)["src"] == 0  # frozen and fenced, for an operator
-    lab.remove_on("runc", app.name, "src")
+    lab.remove_on(engine, app.name, "src")
     finish(lab, app, expect="dst")
+
+
+def test_containerd_destination_without_the_image_refuses(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    """A destination never pulls: without the container's image it refuses, the source runs on."""
+
+    app, digest = started(lab, "containerd")
+    image = "localhost/migsgx-lab:1"
+    lab.ctr("dst").remove_image(image)
+    try:
+        run = migrate(bed, app, agent)
+        assert run.returncode == 6, run.stderr
+        assert f"the container's image {image} is not on this host" in run.stderr
+        check_source_runs_on(lab, app, digest)
+    finally:
+        lab.import_containerd_image("dst")
+    finish(lab, app, expect="src")
 
 
 # --- the canary -------------------------------------------------------------------------------

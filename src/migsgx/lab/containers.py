@@ -216,6 +216,12 @@ class ContainerLab:
     def podman(self, host: str) -> Podman:
         return Podman(self.settings[host], self.criu.binary)
 
+    def import_containerd_image(self, host: str) -> None:
+        """The lab's image into the host's containerd store (again), as a pull would."""
+
+        self.ctr(host)
+        self._containerd[host].import_image(self.base / "rootfs")
+
     def ctr(self, host: str) -> Ctr:
         """``ctr`` for the host's containerd (started, with the lab's image, on first use)."""
 
