@@ -20,7 +20,7 @@ SYSTEM_PACKAGES=(
     gcc make pkg-config libc6-dev libbsd-dev libcap-dev libgnutls28-dev libnet1-dev
     libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler
     protobuf-compiler uuid-dev xz-utils iproute2 iptables debian-archive-keyring
-    runc podman conmon tar
+    runc podman conmon tar containerd
 )
 installed=$(dpkg-query -W -f='${binary:Package} ${db:Status-Abbrev}\n' "${SYSTEM_PACKAGES[@]}" 2>/dev/null \
     | awk '$2 == "ii" { sub(/:.*/, "", $1); print $1 }' || true)

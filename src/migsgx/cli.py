@@ -306,6 +306,10 @@ from .cli_migrate import register as register_migration  # noqa: E402
 
 register_migration(cli)
 
+from .cli_inspect import inspect_command  # noqa: E402
+
+cli.add_command(inspect_command)
+
 
 def main(argv: list[str] | None = None) -> None:
     try:

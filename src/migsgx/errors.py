@@ -287,6 +287,19 @@ class CriuError(MigSGXError):
     code = "criu"
 
 
+# --- inspecting checkpoints ------------------------------------------------------
+class InspectError(MigSGXError):
+    """A checkpoint to inspect is malformed, truncated or not of a known kind."""
+
+    code = "inspect"
+
+
+class PlaintextFoundError(MigSGXError):
+    """An inspected checkpoint holds bytes it must not (a canary, or an unsealed state)."""
+
+    code = "plaintext-found"
+
+
 _ALL: dict[str, type[MigSGXError]] = {}
 
 

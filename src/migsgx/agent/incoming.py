@@ -115,6 +115,8 @@ class IncomingMigration:
         self._finished = False
         #: Set once an enclave committed or the tree was let run: no abort after that.
         self.no_return = False
+        self.rolled_forward = False
+        self.source_host = ""
         self.handlers: dict[str, Callable[[dict[str, Any]], Reply]] = {
             "hello": self._hello,
             "begin": self._begin,
@@ -179,6 +181,7 @@ class IncomingMigration:
         log.warning("migration %s: the tool went away in state %s (%s)", self.tag, state.value, exc)
         if state == SessionState.HELD and self.enclaves and self._any_committed():
             log.warning("migration %s: the enclaves were committed: rolling forward", self.tag)
+            self.rolled_forward = True
             try:
                 self._resume_tree(self.config.commit_grace)
             except MigSGXError as err:
@@ -189,11 +192,22 @@ class IncomingMigration:
         self.machine.fail()
         self.abort("the control connection was lost")
 
+    def outcome(self) -> str | None:
+        """How the session ended, for the metrics; None for one that never began."""
+
+        state = self.machine.state
+        if state == SessionState.RESUMED:
+            return "rolled_forward" if self.rolled_forward else "committed"
+        if state == SessionState.ABORTED:
+            return "aborted" if self.session_id else None
+        return "failed" if self.session_id else None
+
     # --- requests ---------------------------------------------------------------------------
     def _hello(self, msg: dict[str, Any]) -> Reply:
         if msg["version"] != VERSION:
             raise ProtocolError(f"protocol version {msg['version']} is not {VERSION}")
         log.info("tool of host %s connected from %s", msg["host_id"], self.peer)
+        self.source_host = str(msg["host_id"])[:64]
         return {"t": "welcome", "version": VERSION, "host_id": self.agent.host_id}
 
     def _begin(self, msg: dict[str, Any]) -> Reply:
@@ -251,6 +265,12 @@ class IncomingMigration:
                 raise AgentError(
                     f"enclave {enclave.index}: the load failed: {type(err).__name__}: {err}"
                 ) from err
+        metrics = self.agent.metrics
+        for enclave in self.enclaves:
+            metrics.observe_phase("enclave_receive", float(enclave.stats.get("agent_seconds", 0)))
+            metrics.bytes.labels("enclave").inc(int(enclave.stats.get("bytes", 0)))
+        if self.enclaves:
+            metrics.enclaves_received.labels(self.source_host or "?").inc(len(self.enclaves))
         return {"t": "enclaves_ready", "stats": [e.stats for e in self.enclaves]}
 
     def _image(self, msg: dict[str, Any]) -> Reply:
@@ -288,11 +308,11 @@ class IncomingMigration:
             if self._page_server is None:
                 raise AgentError("the source never connected to the page server")
             self._page_server.wait(self.config.io_timeout)
-        return {
-            "t": "images_ok",
-            "page_bytes": page_bytes(self.images_dir),
-            "seconds": time.monotonic() - (self._images_t0 or time.monotonic()),
-        }
+        pages = page_bytes(self.images_dir)
+        seconds = time.monotonic() - (self._images_t0 or time.monotonic())
+        self.agent.metrics.observe_phase("images", seconds)
+        self.agent.metrics.bytes.labels("images").inc(self._image_bytes + pages)
+        return {"t": "images_ok", "page_bytes": pages, "seconds": seconds}
 
     def _restore(self, msg: dict[str, Any]) -> Reply:
         assert self.images_dir is not None and self.driver is not None
@@ -313,6 +333,7 @@ class IncomingMigration:
         wait_stopped(pid)
         fault("agent.after-restore")
         seconds = time.monotonic() - t0
+        self.agent.metrics.observe_phase("restore", seconds)
         log.info(
             "migration %s: restored %s (pid %d), held, in %.3f s",
             self.tag, restored.label, pid, seconds,
@@ -325,6 +346,7 @@ class IncomingMigration:
         self._cleanup()
         assert self.root is not None
         log.info("migration %s: resumed pid %d", self.tag, self.root)
+        self.agent.metrics.observe_phase("resume", time.monotonic() - t0)
         return {
             "t": "resumed",
             "seconds": time.monotonic() - t0,
