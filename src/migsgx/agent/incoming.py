@@ -14,7 +14,6 @@ aborts the incoming enclaves) and the source carries on.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import os
 import secrets
@@ -33,12 +32,12 @@ from ..errors import ConfigError, ConnectionClosedError, FrameError, MigSGXError
 from ..host.appctl import AppLink, info_from_wire
 from ..host.client import EnclaveInfo
 from ..wire import recv_frame, send_frame
+from .datalink import KEY_SIZE, accept_data, check_pinned
 from .faults import fault
 from .process import PageServer, continue_tree, page_bytes, wait_stopped
 from .protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,
-    DATA,
     MAX_ENCLAVES,
     MAX_IMAGE_BYTES,
     MAX_IMAGE_FILES,
@@ -103,7 +102,7 @@ class IncomingMigration:
         self.tls = tls
         self.peer = peer
         self.machine = SessionMachine()
-        self.token = secrets.token_bytes(32)
+        self.data_key = secrets.token_bytes(KEY_SIZE)
         self.mid = b""
         self.images_dir: Path | None = None
         self.enclaves: list[_Enclave] = []
@@ -251,7 +250,7 @@ class IncomingMigration:
             "t": "ready",
             "data_port": data.getsockname()[1],
             "page_port": page.getsockname()[1],
-            "token": self.token,
+            "data_key": self.data_key,
         }
 
     def _enclaves_done(self, msg: dict[str, Any]) -> Reply:
@@ -476,14 +475,16 @@ class IncomingMigration:
             except OSError:
                 return
             try:
+                # Fixed-size records keyed from the TLS session: nothing the peer
+                # sends is parsed as a frame before it has proved the session key.
                 conn.settimeout(DATA_HELLO_TIMEOUT)
-                hello = recv_frame(conn, DATA, max_size=256)
+                index = accept_data(conn, self.data_key, self.mid)
                 conn.settimeout(None)
             except (MigSGXError, OSError):
+                log.warning("migration %s: a data connection did not authenticate", self.tag)
                 conn.close()
                 continue
-            index = hello["index"]
-            if not hmac.compare_digest(hello["token"], self.token) or index not in pending:
+            if index not in pending:
                 log.warning("migration %s: a data connection was refused", self.tag)
                 conn.close()
                 continue
@@ -511,6 +512,8 @@ class IncomingMigration:
                 enclave.engine, offer = engine.IncomingEnclave.accept_offer(
                     conn, self.config.platform_socket
                 )
+                # Nothing of the peer's runs unless it is the image begin announced.
+                check_pinned(enclave.engine.image, enclave.source_info)
                 stats = enclave.engine.receive(conn, offer)
                 enclave.stats = {k: v for k, v in dict(stats).items() if _plain(v)}
                 enclave.stats["agent_seconds"] = time.monotonic() - t0

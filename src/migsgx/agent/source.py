@@ -48,6 +48,7 @@ from ..criu import Criu
 from ..errors import CriuError, MigrationError, MigSGXError, ProtocolError
 from ..host.appctl import AppLink, HandedEnclave, info_to_wire
 from ..wire import recv_frame, send_frame
+from .datalink import open_data
 from .faults import fault
 from .guardian import Guardian
 from .incoming import load_engine
@@ -166,6 +167,7 @@ class _Migration:
         self.driver: Driver = make_driver(opts.driver, HostConfig(opts.criu, opts.containers))
         self.source: Source | None = None
         self.page_server = False
+        self.mid = b""
 
     def note(self, phase: str) -> None:
         self.t[phase] = time.monotonic()
@@ -224,9 +226,10 @@ class _Migration:
 
     def _begin(self, pids: list[int], pidns: bool) -> dict[str, Any]:
         assert self.source is not None
+        self.mid = secrets.token_bytes(16)
         begin: dict[str, Any] = {
             "t": "begin",
-            "mid": secrets.token_bytes(16),
+            "mid": self.mid,
             "enclaves": [{"info": info_to_wire(t.handed.info)} for t in self.transfers],
             "pids": pids,
             "pidns": pidns,
@@ -289,7 +292,7 @@ class _Migration:
             )
             transfer.peer = peer
             peer.settimeout(None)
-            send_frame(peer, {"t": "data", "token": ready["token"], "index": transfer.handed.index})
+            open_data(peer, ready["data_key"], self.mid, transfer.handed.index)
             t0 = time.monotonic()
             stats = transfer.outgoing.transfer(peer)
             transfer.stats = {k: v for k, v in dict(stats).items() if _plain(v)}
