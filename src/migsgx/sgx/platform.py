@@ -14,7 +14,7 @@ Two views of a platform exist, as on real SGX:
 
 The state directory of a host::
 
-    platform.toml        host id, CPUSVN (public)
+    platform.toml        host id, CPUSVN, the signers allowed to launch (public)
     root.key             the fused root secret, 32 bytes, mode 0600
     pck-key.pem          provisioning certification key, 0600
     attestation-key.pem  the quoting enclave's attestation key, 0600
@@ -31,6 +31,7 @@ import os
 import secrets
 import tomllib
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -162,6 +163,9 @@ class EmulatedPlatform:
                 state_dir=self.state_dir,
             )
             self._deriver = KeyDeriver(root, self.info.cpu_svn)
+            self.allowed_signers = frozenset(
+                _signer(s) for s in meta.get("allowed_signers", [])
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateDirError(f"platform state in {self.state_dir} is corrupt: {exc!r}") from exc
         self._qe = QuotingEnclave(self._deriver, att, pck, chain, self.info.host_id.encode())
@@ -176,7 +180,10 @@ class EmulatedPlatform:
         *,
         host_id: str | None = None,
         cpu_svn: bytes = DEFAULT_CPU_SVN,
+        allowed_signers: Iterable[bytes] = (),
     ) -> EmulatedPlatform:
+        """Make a host's state; ``allowed_signers`` (MRSIGNERs) is its launch allow list."""
+
         state_dir = Path(state_dir)
         if (state_dir / ROOT_KEY).exists():
             raise StateDirError(f"{state_dir} already holds a platform; refusing to overwrite it")
@@ -197,12 +204,28 @@ class EmulatedPlatform:
         write_private(state_dir / CA_PEM, ca.certificate.public_bytes(pem), mode=0o644)
         write_private(
             state_dir / PLATFORM_TOML,
-            tomli_w.dumps({"host_id": host_id, "cpu_svn": cpu_svn.hex()}).encode(),
+            tomli_w.dumps(
+                {
+                    "host_id": host_id,
+                    "cpu_svn": cpu_svn.hex(),
+                    "allowed_signers": sorted(_signer(s).hex() for s in allowed_signers),
+                }
+            ).encode(),
             mode=0o644,
         )
         # The root secret last: its presence marks a complete platform.
         write_private(state_dir / ROOT_KEY, secrets.token_bytes(32))
         return cls(state_dir)
+
+    def allow_signers(self, signers: Iterable[bytes]) -> None:
+        """Add MRSIGNERs to the host's launch allow list (``platform.toml``)."""
+
+        path = self.state_dir / PLATFORM_TOML
+        meta = tomllib.loads(path.read_text())
+        allowed = set(self.allowed_signers) | {_signer(s) for s in signers}
+        meta["allowed_signers"] = sorted(s.hex() for s in allowed)
+        write_private(path, tomli_w.dumps(meta).encode(), mode=0o644)
+        self.allowed_signers = frozenset(allowed)
 
     # --- what the untrusted host sees ------------------------------------------
     @property
@@ -302,6 +325,15 @@ class LocalServices:
         """Change a persistent record and its counters atomically (``RecordUpdate``)."""
 
         self._platform.counters.record_update(self._owner, name, update)
+
+
+def _signer(value: bytes | str) -> bytes:
+    """An MRSIGNER from bytes or hex; anything but 32 bytes is refused."""
+
+    raw = bytes.fromhex(value) if isinstance(value, str) else bytes(value)
+    if len(raw) != 32:
+        raise ValueError("an MRSIGNER is 32 bytes")
+    return raw
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
