@@ -22,6 +22,7 @@ import migsgx
 from migsgx.errors import LaunchError
 from migsgx.host.client import EnclaveClient
 from migsgx.hosts import ServiceProcess, start_service
+from migsgx.sgx.counters import MAX_COUNTERS_PER_OWNER
 from migsgx.sgx.image import EnclaveImage, generate_author_key, mr_signer_of
 from migsgx.sgx.sandbox import SandboxSpec, launcher_command, runtime_binds
 
@@ -119,6 +120,20 @@ class Hostile(Enclave):
         return [list(os.getresuid()), list(os.getresgid())]
 
     @ecall
+    def exhaust_counters(self):
+        made = []
+        while True:
+            try:
+                made.append(self.ctx.counter_create(0)[0])
+            except Exception as exc:
+                return [len(made), getattr(exc, "code", type(exc).__name__), made]
+
+    @ecall
+    def destroy_counters(self, ids):
+        for cid in ids:
+            self.ctx.services.counter_destroy(cid)
+
+    @ecall
     def status(self):
         keep = ("Seccomp:", "NoNewPrivs:", "CapEff:", "CapBnd:")
         return [line.strip() for line in open("/proc/self/status") if line.startswith(keep)]
@@ -148,7 +163,11 @@ def service(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 @pytest.fixture(scope="module")
 def hostile_image(world: World) -> EnclaveImage:
-    return make_image(world.author, HOSTILE_SOURCE, name="hostile", entry="probe_enclave:Hostile")
+    # A product of its own: its quotas are not the probe's (another owner).
+    return make_image(
+        world.author, HOSTILE_SOURCE, name="hostile", entry="probe_enclave:Hostile",
+        product_id=99,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -262,6 +281,20 @@ def test_the_platform_keeps_serving_after_the_attacks(
     hostile.ecall.ptrace(service.process.pid)
     with EnclaveClient.launch(make_image(world.author), socket_path=service.socket) as client:
         assert client.ecall.echo("still here") == "still here"
+
+
+def test_an_enclave_filling_the_stores_leaves_other_owners_unaffected(
+    hostile: EnclaveClient, service: ServiceProcess, world: World
+) -> None:
+    count, code, made = hostile.ecall.exhaust_counters()
+    try:
+        assert code == "store-full" and count <= MAX_COUNTERS_PER_OWNER
+        with EnclaveClient.launch(make_image(world.author), socket_path=service.socket) as other:
+            cid, _ = other.ecall.ctr_create(0)
+            assert other.ecall.ctr_inc(cid) == 1
+            other.ecall.ctr_destroy(cid)
+    finally:
+        hostile.ecall.destroy_counters(made)
 
 
 def test_the_socket_is_not_world_writable(service: ServiceProcess) -> None:
