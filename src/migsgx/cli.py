@@ -137,6 +137,10 @@ def platform_allow_signer(state: Path, signers: tuple[str, ...]) -> None:
     help="let any signer launch (development only; the default refuses unlisted signers)",
 )  # fmt: skip
 @click.option(
+    "--no-sandbox", is_flag=True,
+    help="run enclaves without their sandbox (measurements and debugging only)",
+)  # fmt: skip
+@click.option(
     "--socket-group", default=None,
     help="group (name or id) that may use the socket besides the service's user",
 )  # fmt: skip
@@ -151,6 +155,7 @@ def platform_serve(
     signers: tuple[str, ...],
     no_debug: bool,
     no_launch_control: bool,
+    no_sandbox: bool,
     socket_group: str | None,
     warm_spare: bool,
 ) -> None:
@@ -173,6 +178,7 @@ def platform_serve(
         allow_debug=not no_debug,
         launch_control=not no_launch_control,
         socket_group=gid,
+        sandbox=False if no_sandbox else None,
     )
     svc.bind()
     signal.signal(signal.SIGTERM, lambda *_: svc.shutdown())
