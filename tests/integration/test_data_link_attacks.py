@@ -26,6 +26,7 @@ import pytest
 from platform_fixtures import World, make_image, shared_world
 
 from migsgx.agent.datalink import CHALLENGE_SIZE, HELLO_SIZE, open_data
+from migsgx.agent.incoming import DATA_HELLO_TIMEOUT
 from migsgx.agent.protocol import VERSION, AgentError
 from migsgx.agent.server import Agent, AgentConfig
 from migsgx.agent.source import AgentConnection
@@ -199,3 +200,19 @@ def test_a_forged_offer_with_the_session_key_launches_nothing(
         session.conn.close()
     assert not canary.exists(), "the forged image's constructor ran"
     assert enclave_logs(world) == before, "an enclave was launched for the forged offer"
+
+
+def test_a_silent_connection_does_not_hold_up_the_genuine_one(
+    agent_world: Path, world: World
+) -> None:
+    session = open_session(agent_world, world)
+    try:
+        with socket.create_connection((LOOPBACK, session.data_port)) as silent:
+            silent.recv(CHALLENGE_SIZE, socket.MSG_WAITALL)  # and then nothing
+            with socket.create_connection((LOOPBACK, session.data_port)) as genuine:
+                # Openings run side by side: the genuine one does not wait out the
+                # silent one's DATA_HELLO_TIMEOUT.
+                genuine.settimeout(DATA_HELLO_TIMEOUT / 2)
+                open_data(genuine, session.data_key, session.mid, 0)
+    finally:
+        session.conn.close()

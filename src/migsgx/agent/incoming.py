@@ -56,6 +56,7 @@ __all__ = ["IncomingMigration", "load_engine"]
 log = logging.getLogger("migsgx.agent")
 
 DATA_HELLO_TIMEOUT: Final = 10.0
+MAX_DATA_OPENINGS: Final = 2 * MAX_ENCLAVES
 Reply = dict[str, Any] | None
 
 
@@ -468,12 +469,36 @@ class IncomingMigration:
             self._page_error = exc
 
     def _accept_data(self, listener: socket.socket) -> None:
+        """Accept data connections; each opening runs in a thread of its own, so a
+        peer that connects and stays silent holds up no genuine connection."""
+
         pending = {e.index for e in self.enclaves}
-        while pending:
+        lock = threading.Lock()
+        openings = threading.BoundedSemaphore(MAX_DATA_OPENINGS)
+        while True:
+            with lock:
+                if not pending:
+                    return
             try:
                 conn, _ = listener.accept()
             except OSError:
                 return
+            if not openings.acquire(blocking=False):
+                conn.close()  # more unauthenticated connections at once than enclaves need
+                continue
+            threading.Thread(
+                target=self._open_data, args=(conn, pending, lock, openings),
+                name="migsgx-agent-data-open", daemon=True,
+            ).start()  # fmt: skip
+
+    def _open_data(
+        self,
+        conn: socket.socket,
+        pending: set[int],
+        lock: threading.Lock,
+        openings: threading.BoundedSemaphore,
+    ) -> None:
+        try:
             try:
                 # Fixed-size records keyed from the TLS session: nothing the peer
                 # sends is parsed as a frame before it has proved the session key.
@@ -483,21 +508,25 @@ class IncomingMigration:
             except (MigSGXError, OSError):
                 log.warning("migration %s: a data connection did not authenticate", self.tag)
                 conn.close()
-                continue
-            if index not in pending:
-                log.warning("migration %s: a data connection was refused", self.tag)
-                conn.close()
-                continue
-            pending.discard(index)
-            enclave = self.enclaves[index]
-            enclave.conn = conn
-            enclave.thread = threading.Thread(
-                target=self._receive,
-                args=(enclave, conn),
-                name=f"migsgx-agent-enclave-{index}",
-                daemon=True,
-            )
-            enclave.thread.start()
+                return
+            with lock:
+                fresh = index in pending
+                pending.discard(index)
+        finally:
+            openings.release()
+        if not fresh:
+            log.warning("migration %s: a data connection was refused", self.tag)
+            conn.close()
+            return
+        enclave = self.enclaves[index]
+        enclave.conn = conn
+        enclave.thread = threading.Thread(
+            target=self._receive,
+            args=(enclave, conn),
+            name=f"migsgx-agent-enclave-{index}",
+            daemon=True,
+        )
+        enclave.thread.start()
 
     def _receive(self, enclave: _Enclave, conn: socket.socket) -> None:
         """Load, then wait for the source's decision (COMMIT makes the enclave run)."""
