@@ -39,6 +39,15 @@ from .structs import KeyRequest, ReportBody, TargetInfo
 
 SOCKET_NAME = "enclave.sock"
 LAUNCH_TIMEOUT = 30.0
+#: Enclave logs kept (one per launch, each at most 16 MiB in the sandbox).
+MAX_LOGS = 256
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def default_socket(state_dir: Path) -> Path:
@@ -87,6 +96,7 @@ class PlatformService:
         self._seccomp = self.sandbox and syscalls.available()
         self.log_dir = Path(log_dir or platform.state_dir / "logs")
         self.enclaves: dict[int, EnclaveRecord] = {}
+        self._live_logs: dict[int, Path] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
@@ -176,6 +186,7 @@ class PlatformService:
             for pid, rec in list(self.enclaves.items()):
                 if rec.process.poll() is not None:
                     del self.enclaves[pid]
+                    self._live_logs.pop(pid, None)
 
     # --- launch ----------------------------------------------------------------
     def _handle_launch(self, conn: socket.socket) -> None:
@@ -246,8 +257,10 @@ class PlatformService:
         file again, nor any other enclave's.
         """
 
+        self._prune_logs()
+        log_path = self.log_dir / f"enclave-{secrets.token_hex(8)}.log"
         log_fd = os.open(
-            self.log_dir / f"enclave-{secrets.token_hex(8)}.log",
+            log_path,
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
             0o600,
         )
@@ -284,13 +297,30 @@ class PlatformService:
         finally:
             theirs.close()
             log.close()
+        with self._lock:
+            self._live_logs[proc.pid] = log_path
         return proc, ours
+
+    def _prune_logs(self) -> None:
+        """Keep at most MAX_LOGS enclave logs: the oldest of ended enclaves go first."""
+
+        logs = sorted(self.log_dir.glob("enclave-*.log"), key=_mtime)
+        if len(logs) < MAX_LOGS:
+            return
+        with self._lock:
+            live = set(self._live_logs.values())
+        for path in logs[: len(logs) - MAX_LOGS + 1]:
+            if path not in live:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
     def _take_spare(self) -> tuple[subprocess.Popen[bytes], socket.socket] | None:
         with self._spare_lock:
             spare, self._spare = self._spare, None
         if spare is not None and spare[0].poll() is not None:
             spare[1].close()
+            with self._lock:
+                self._live_logs.pop(spare[0].pid, None)
             return None
         return spare
 
