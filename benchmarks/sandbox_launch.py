@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from migsgx.host.client import EnclaveClient
-from migsgx.hosts import Deployment, start_service
+from migsgx.lab.hosts import Deployment, start_service
 
 
 def summary(values: list[float]) -> dict[str, float | int]:

@@ -21,10 +21,10 @@ from platform_fixtures import World, make_image, shared_world
 import migsgx
 from migsgx.errors import LaunchError
 from migsgx.host.client import EnclaveClient
-from migsgx.hosts import ServiceProcess, start_service
 from migsgx.sgx.counters import MAX_COUNTERS_PER_OWNER
 from migsgx.sgx.image import EnclaveImage, generate_author_key, mr_signer_of
 from migsgx.sgx.sandbox import SandboxSpec, launcher_command, runtime_binds
+from migsgx.sgx.spawn import ServiceProcess, start_service
 
 pytestmark = [
     pytest.mark.integration,
