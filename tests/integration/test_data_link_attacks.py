@@ -114,7 +114,7 @@ def open_session(root: Path, world: World, enclaves: int = 1) -> Session:
     )  # fmt: skip
     mid = secrets.token_bytes(16)
     ready = conn.call(
-        {"t": "begin", "mid": mid, "enclaves": [{"info": info_to_wire(info)}] * enclaves,
+        {"t": "begin", "session_id": mid, "enclaves": [{"info": info_to_wire(info)}] * enclaves,
          "pids": [], "pidns": True, "tcp_close": True, "page_tls": True, "page_server": False},
         "ready",
     )  # fmt: skip
