@@ -129,6 +129,22 @@ class Hostile(Enclave):
                 return [len(made), getattr(exc, "code", type(exc).__name__), made]
 
     @ecall
+    def record_write(self, name, blob, expect=None, absent=False):
+        from migsgx.sgx.counters import RecordUpdate
+
+        try:
+            self.ctx.services.persist_update(
+                name, RecordUpdate(blob, expect=expect, expect_absent=absent)
+            )
+        except Exception as exc:
+            return getattr(exc, "code", type(exc).__name__)
+        return "ok"
+
+    @ecall
+    def record_read(self, name):
+        return self.ctx.services.persist_read(name)
+
+    @ecall
     def destroy_counters(self, ids):
         for cid in ids:
             self.ctx.services.counter_destroy(cid)
@@ -301,6 +317,29 @@ def test_an_enclave_filling_the_stores_leaves_other_owners_unaffected(
             other.ecall.ctr_destroy(cid)
     finally:
         hostile.ecall.destroy_counters(made)
+
+
+def test_an_enclave_cannot_overwrite_or_delete_a_record_it_has_not_read(
+    hostile: EnclaveClient, service: ServiceProcess, hostile_image: EnclaveImage
+) -> None:
+    import hashlib
+    import uuid
+
+    name = f"victim-{uuid.uuid4().hex[:12]}"
+    victim = EnclaveClient.launch(hostile_image, socket_path=service.socket)
+    try:
+        assert victim.ecall.record_write(name, b"the victim's record", None, True) == "ok"
+        # Another enclave of the same owner, blind: overwrite, delete, or claim absence.
+        assert hostile.ecall.record_write(name, b"forged") == "record-conflict"
+        assert hostile.ecall.record_write(name, None) == "record-conflict"
+        assert hostile.ecall.record_write(name, b"forged", bytes(32)) == "record-conflict"
+        assert hostile.ecall.record_write(name, b"forged", None, True) == "counter"
+        assert victim.ecall.record_read(name) == b"the victim's record"
+        # Its writer, who knows what it replaces, goes on.
+        seen = hashlib.sha256(b"the victim's record").digest()
+        assert victim.ecall.record_write(name, None, seen) == "ok"
+    finally:
+        victim.destroy()
 
 
 def test_the_socket_is_not_world_writable(service: ServiceProcess) -> None:
