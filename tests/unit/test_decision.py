@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -32,6 +33,10 @@ def _mid() -> bytes:
     return os.urandom(16)
 
 
+def _sha(blob: bytes) -> bytes:
+    return hashlib.sha256(blob).digest()
+
+
 # --- the store ----------------------------------------------------------------------------
 def test_first_decision_wins_and_is_final(tmp_path: Path) -> None:
     store = CounterStore(tmp_path / "c.cbor")
@@ -48,8 +53,8 @@ def test_first_decision_wins_and_is_final(tmp_path: Path) -> None:
 def test_retire_happens_only_with_the_first_decision(tmp_path: Path) -> None:
     store = CounterStore(tmp_path / "c.cbor")
     epoch = uuid.uuid4().hex
-    store.record_update(OWNER, "rec", RecordUpdate(b"blob", create={epoch: 1}))
-    retire = ("rec", RecordUpdate(None, destroy=(epoch,), check={epoch: 1}))
+    store.record_update(OWNER, "rec", RecordUpdate(b"blob", create={epoch: 1}, expect_absent=True))
+    retire = ("rec", RecordUpdate(None, destroy=(epoch,), check={epoch: 1}, expect=_sha(b"blob")))
     first, second = _mid(), _mid()
     store.decide(OWNER, Decision(first, "abort", b""))
     store.decide(OWNER, Decision(first, "commit", b"t"), retire)  # not the first: no retire
@@ -62,9 +67,9 @@ def test_retire_happens_only_with_the_first_decision(tmp_path: Path) -> None:
 def test_a_refused_retire_records_no_decision(tmp_path: Path) -> None:
     store = CounterStore(tmp_path / "c.cbor")
     epoch = uuid.uuid4().hex
-    store.record_update(OWNER, "rec", RecordUpdate(b"blob", create={epoch: 5}))
+    store.record_update(OWNER, "rec", RecordUpdate(b"blob", create={epoch: 5}, expect_absent=True))
     mid = _mid()
-    stale = ("rec", RecordUpdate(None, destroy=(epoch,), check={epoch: 4}))
+    stale = ("rec", RecordUpdate(None, destroy=(epoch,), check={epoch: 4}, expect=_sha(b"blob")))
     with pytest.raises(CounterError):
         store.decide(OWNER, Decision(mid, "commit", b"t"), stale)
     assert store.decision(mid) is None

@@ -48,9 +48,9 @@ from ..datapath.engine import OutgoingEnclave
 from ..errors import CriuError, InDoubtError, MigrationError, MigSGXError
 from ..host.appctl import info_to_wire
 from ..system.process import is_pidns_init, stop_tree, tree_pids
-from ..wire import send_frame
 from .applink import AppLink, HandedEnclave
 from .control import CONNECT_TIMEOUT, AgentConnection
+from .datalink import open_data
 from .faults import fault, flipping_relay, kill_dead, socket_owner
 from .guardian import Guardian
 from .journal import Journal
@@ -127,6 +127,7 @@ class _Migration:
         self.driver: Driver = make_driver(opts.driver, HostConfig(opts.criu, opts.containers))
         self.source: Source | None = None
         self.page_server = False
+        self.session_id = b""
         self.journal: Journal | None = None
         self.in_doubt = False
         self._journal_lock = threading.Lock()
@@ -199,9 +200,10 @@ class _Migration:
 
     def _begin(self, pids: list[int], pidns: bool) -> dict[str, Any]:
         assert self.source is not None
+        self.session_id = secrets.token_bytes(16)
         begin: dict[str, Any] = {
             "t": "begin",
-            "session_id": secrets.token_bytes(16),
+            "session_id": self.session_id,
             "enclaves": [{"info": info_to_wire(t.handed.info)} for t in self.transfers],
             "pids": pids,
             "pidns": pidns,
@@ -275,7 +277,7 @@ class _Migration:
             )
             transfer.peer = peer
             peer.settimeout(None)
-            send_frame(peer, {"t": "data", "token": ready["token"], "index": transfer.handed.index})
+            open_data(peer, ready["data_key"], self.session_id, transfer.handed.index)
             action = fault("tool.enclave-stream")
             if action is not None and action.startswith("flip-byte="):
                 peer = flipping_relay(peer, int(action.partition("=")[2]))

@@ -17,6 +17,7 @@ record; it only keeps it, as AESM kept the data of SGX's platform services.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import re
 import threading
@@ -30,15 +31,25 @@ from typing import Any
 import cbor2
 
 from .._fs import read_private, write_private
-from ..errors import CounterError
+from ..errors import CounterError, RecordConflictError, StoreFullError
 
+# Quotas.  Every owner (MRSIGNER + product id + DEBUG) has its own; the host-wide
+# caps bound the files however many owners launch control lets in.  A full store
+# refuses with StoreFullError and changes nothing; nothing is ever evicted (an
+# evicted migration claim would let its COMMIT token activate a second copy).
 MAX_COUNTERS_PER_OWNER = 256
-MAX_RECORDS_PER_OWNER = 256
+MAX_RECORDS_PER_OWNER = 64
 MAX_RECORD_BYTES = 256 << 10
-COUNTER_MAX = (1 << 64) - 1
-MAX_DECISIONS = 4096
+MAX_RECORD_BYTES_PER_OWNER = 1 << 20
+MAX_COUNTERS_TOTAL = 16384
+MAX_RECORD_BYTES_TOTAL = 64 << 20
+MAX_CLAIMS_PER_OWNER = 4096
+MAX_CLAIMS_TOTAL = 65536
+MAX_DECISIONS_PER_OWNER = 4096
+MAX_DECISIONS_TOTAL = 65536
 MAX_DECISION_FRAME = 4096
 DECISION_KINDS = ("commit", "abort")
+COUNTER_MAX = (1 << 64) - 1
 RECORD_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _COUNTER_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -53,8 +64,11 @@ class RecordUpdate:
     above the counter's current one; no counter in ``create`` exists (the
     enclave chooses the ids: 32 lowercase hex digits, so that the record it
     seals can name them before they exist); with ``expect_absent``, no record
-    of that name exists.  Then the counters change and the record is replaced
-    by ``record``, or deleted when ``record`` is None.
+    of that name exists; otherwise the record is compared and set: ``expect``
+    is the SHA-256 of the record the caller read and replaces (None: there is
+    none), so no update overwrites or deletes a record its writer has not
+    seen.  Then the counters change and the record is replaced by ``record``,
+    or deleted when ``record`` is None.
     """
 
     record: bytes | None
@@ -63,6 +77,7 @@ class RecordUpdate:
     destroy: Sequence[str] = ()
     check: Mapping[str, int] = field(default_factory=dict)
     expect_absent: bool = False
+    expect: bytes | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -72,6 +87,7 @@ class RecordUpdate:
             "destroy": list(self.destroy),
             "check": dict(self.check),
             "absent": self.expect_absent,
+            "expect": self.expect,
         }
 
     @classmethod
@@ -92,6 +108,9 @@ class RecordUpdate:
         record = msg.get("record")
         if record is not None and not isinstance(record, bytes):
             raise CounterError("a record must be bytes")
+        expect = msg.get("expect")
+        if expect is not None and not (isinstance(expect, bytes) and len(expect) == 32):
+            raise CounterError("a record update expects a SHA-256 digest or nothing")
         return cls(
             record=record,
             create=counter_map(msg.get("create")),
@@ -99,6 +118,7 @@ class RecordUpdate:
             destroy=tuple(destroy),
             check=counter_map(msg.get("check")),
             expect_absent=bool(msg.get("absent")),
+            expect=expect,
         )
 
 
@@ -135,13 +155,6 @@ class Decision:
                    float(entry.get("at", 0.0)))  # fmt: skip
 
 
-def _forget_oldest(decisions: dict[str, Any], count: int) -> None:
-    """Keep the store bounded: the oldest decisions were long delivered."""
-
-    for key in sorted(decisions, key=lambda k: float(decisions[k].get("at", 0.0)))[:count]:
-        del decisions[key]
-
-
 def _record_key(owner: bytes, name: str) -> str:
     if not isinstance(name, str) or not RECORD_NAME.fullmatch(name):
         raise CounterError("a record name is 1 to 64 characters of A-Z a-z 0-9 . _ -")
@@ -166,7 +179,9 @@ class CounterStore:
         counters = data.get("counters") if isinstance(data, dict) else None
         records = data.get("records", {}) if isinstance(data, dict) else None
         decisions = data.get("decisions", {}) if isinstance(data, dict) else None
-        if not all(isinstance(x, dict) for x in (counters, records, decisions)):
+        if not isinstance(counters, dict) or not isinstance(records, dict):
+            raise CounterError(f"counter store {self._path} is corrupt")
+        if not isinstance(decisions, dict):
             raise CounterError(f"counter store {self._path} is corrupt")
         return {"v": 1, "counters": counters, "records": records, "decisions": decisions}
 
@@ -189,7 +204,9 @@ class CounterStore:
             counters = self._load()
             owned = sum(1 for c in counters.values() if c["owner"] == owner)
             if owned >= MAX_COUNTERS_PER_OWNER:
-                raise CounterError("too many counters for this enclave")
+                raise StoreFullError("too many counters for this enclave's owner")
+            if len(counters) >= MAX_COUNTERS_TOTAL:
+                raise StoreFullError("the host's counter store is full")
             cid = uuid.uuid4().hex
             counters[cid] = {"owner": owner, "value": initial}
             self._save(counters)
@@ -272,13 +289,20 @@ class CounterStore:
                 raise CounterError("initial value out of range")
         owned = sum(1 for c in counters.values() if c["owner"] == owner)
         if owned - len(update.destroy) + len(update.create) > MAX_COUNTERS_PER_OWNER:
-            raise CounterError("too many counters for this enclave")
-        if update.expect_absent and key in records:
+            raise StoreFullError("too many counters for this enclave's owner")
+        if len(counters) - len(update.destroy) + len(update.create) > MAX_COUNTERS_TOTAL:
+            raise StoreFullError("the host's counter store is full")
+        current = records.get(key)
+        if update.expect_absent and current is not None:
             raise CounterError(f"a persistent record {name!r} exists already")
-        if update.record is not None and key not in records:
-            mine = sum(1 for r in records.values() if r.get("owner") == owner)
-            if mine >= MAX_RECORDS_PER_OWNER:
-                raise CounterError("too many persistent records for this enclave")
+        if not update.expect_absent:
+            seen = None if current is None else hashlib.sha256(current["blob"]).digest()
+            if update.expect != seen:
+                raise RecordConflictError(
+                    f"the persistent record {name!r} is not the one this update replaces"
+                )
+        if update.record is not None:
+            self._check_record_quota(records, owner, key, len(update.record))
         for cid, value in update.advance.items():
             counters[cid]["value"] = value
         for cid in update.destroy:
@@ -303,7 +327,8 @@ class CounterStore:
         the same atomic write, and only if this decision is the first: a
         migration's source gives its persistent record up exactly when its
         COMMIT is recorded, never one without the other.  A decision of another
-        owner under the same id is refused.
+        owner under the same id is refused.  Nothing is ever evicted (a full
+        store refuses with StoreFullError, and then no commit can happen).
         """
 
         key = decision.migration_id.hex()
@@ -315,8 +340,9 @@ class CounterStore:
                 if held.get("owner") != owner:
                     raise CounterError("this migration id was decided by another enclave")
                 return Decision.from_entry(decision.migration_id, held)
-            if len(decisions) >= MAX_DECISIONS:
-                _forget_oldest(decisions, MAX_DECISIONS // 8)
+            mine = sum(1 for d in decisions.values() if d.get("owner") == owner)
+            if mine >= MAX_DECISIONS_PER_OWNER or len(decisions) >= MAX_DECISIONS_TOTAL:
+                raise StoreFullError("the host's decision store is full")
             if retire is not None:
                 self._apply(data, owner, retire[0], retire[1])
             decisions[key] = {"owner": owner, **decision.to_entry()}
@@ -337,6 +363,17 @@ class CounterStore:
             held = self._load_all()["decisions"]
         items = [Decision.from_entry(bytes.fromhex(k), v) for k, v in held.items()]
         return sorted(items, key=lambda d: d.at)
+
+    @staticmethod
+    def _check_record_quota(records: dict[str, Any], owner: bytes, key: str, size: int) -> None:
+        mine = [r for k, r in records.items() if r.get("owner") == owner and k != key]
+        if key not in records and len(mine) >= MAX_RECORDS_PER_OWNER:
+            raise StoreFullError("too many persistent records for this enclave's owner")
+        if sum(len(r["blob"]) for r in mine) + size > MAX_RECORD_BYTES_PER_OWNER:
+            raise StoreFullError("this enclave's owner has used its persistent record quota")
+        others = sum(len(r["blob"]) for k, r in records.items() if k != key)
+        if others + size > MAX_RECORD_BYTES_TOTAL:
+            raise StoreFullError("the host's persistent record store is full")
 
 
 class _FileLock:
@@ -392,22 +429,33 @@ class ClaimStore:
     def claim(self, owner: bytes, mid: bytes) -> bool:
         """Record ``mid`` for ``owner``; False if it was recorded before."""
 
-        key = owner + b"/" + bytes(mid)
+        key = owner + b"/" + _check_mid(mid)
         with _FileLock(self._lock, self._lock_path):
             claims = self._load()
             if key in claims:
                 return False
+            prefix = owner + b"/"
+            if sum(1 for c in claims if c.startswith(prefix)) >= MAX_CLAIMS_PER_OWNER:
+                raise StoreFullError("this enclave's owner has used its migration claim quota")
+            if len(claims) >= MAX_CLAIMS_TOTAL:
+                raise StoreFullError("the host's migration claim store is full")
             claims.append(key)
             write_private(self._path, cbor2.dumps({"v": 1, "claims": claims}))
             return True
 
     def claimed(self, owner: bytes, mid: bytes) -> bool:
         with _FileLock(self._lock, self._lock_path):
-            return owner + b"/" + bytes(mid) in self._load()
+            return owner + b"/" + _check_mid(mid) in self._load()
 
     def claimed_by_any(self, mid: bytes) -> bool:
         """Whether any enclave claimed ``mid`` here (an agent answering ``migsgx recover``)."""
 
-        tail = b"/" + bytes(mid)
+        tail = b"/" + _check_mid(mid)
         with _FileLock(self._lock, self._lock_path):
             return any(key.endswith(tail) for key in self._load())
+
+
+def _check_mid(mid: bytes) -> bytes:
+    if not isinstance(mid, bytes | bytearray) or not 1 <= len(mid) <= 64:
+        raise CounterError("a migration id is 1 to 64 bytes")
+    return bytes(mid)
