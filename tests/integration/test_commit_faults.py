@@ -190,13 +190,7 @@ def test_control_connection_stalls_with_the_tree_held(
         only_copy(bed, app, "src", digest)
     finally:
         stalling.stop()
-        for chain, side in (("INPUT", "--dport"), ("OUTPUT", "--sport")):
-            subprocess.run(
-                bed.host("dst").command(
-                    ["iptables", "-D", chain, "-p", "tcp", side, str(stalling.port), "-j", "DROP"]
-                ),
-                capture_output=True, timeout=10,
-            )  # fmt: skip
+        _unstall(bed, stalling)
 
 
 def test_corrupted_byte_in_the_enclave_stream(
@@ -213,6 +207,44 @@ def test_corrupted_byte_in_the_enclave_stream(
                                             "source_back_seconds": round(back, 3)}  # fmt: skip
     wait_for(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
     only_copy(bed, app, "src", digest)
+
+
+def test_answer_to_resume_lost_is_in_doubt_until_delivered_again(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """After the decision the control connection stalls: exit 7, and the guardian resolves it."""
+
+    stalling = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-resume:stall"})
+    app, digest = loaded_app(bed)
+    try:
+        run = bed.migrate(app.pid, stalling)
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert "migsgx recover" in run.stderr and "Traceback" not in run.stderr
+        # The destination got its tokens on the data connections and runs; the source
+        # stays stopped: nothing runs twice while the outcome is in doubt here.
+        wait_for(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
+        assert bed.runnable_copies(app)["src"] == 0
+    finally:
+        _unstall(bed, stalling)
+    # The network is back: the guardian's next delivery hears that the destination runs.
+    wait_for(lambda: process_state(app.pid) in ("", "Z"), 90, "the guardian to end the source")
+    again = recover(bed)
+    assert again.returncode == 0, again.stderr
+    figures["resume x control connection stall"] = {
+        "outcome": "moved", "exit": run.returncode, "recover": "the guardian",
+    }  # fmt: skip
+    only_copy(bed, app, "dst", digest)
+    stalling.stop()
+
+
+def _unstall(bed: Testbed, agent: AgentProcess) -> None:
+    for chain, side in (("INPUT", "--dport"), ("OUTPUT", "--sport")):
+        subprocess.run(
+            bed.host("dst").command(
+                ["iptables", "-D", chain, "-p", "tcp", side, str(agent.port), "-j", "DROP"]
+            ),
+            capture_output=True, timeout=10,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize(

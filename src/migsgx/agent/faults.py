@@ -34,6 +34,7 @@ POINTS: Final = frozenset(
         "agent.enclave-receive",  # while the incoming enclaves receive
         "agent.before-restore",
         "agent.after-restore",
+        "agent.before-resume",  # the tool's resume arrived (the tokens went before it)
         "tool.after-prepare",
         "tool.before-commit",
         "tool.after-commit",

@@ -52,6 +52,7 @@ RESUME_WAIT: Final = 60.0
 #: How long the guardian keeps delivering a decision that the destination has
 #: not confirmed (it holds the committed source enclaves meanwhile).
 RECOVER_PATIENCE: Final = 600.0
+_LOGGING_ELSEWHERE = False
 
 
 class Guardian:
@@ -144,11 +145,28 @@ def _recover(path: Path) -> None:
         _log(f"migration {result.mid}: {result.decision} -> {result.outcome} {result.detail}")
         if not result.in_doubt:
             return
+        _log_to(path.with_suffix(".log"))
         if time.monotonic() > deadline:
             _log(f"migration {result.mid} is still in doubt: run migsgx recover")
             return
         time.sleep(pause)
         pause = min(pause * 2, 30.0)
+
+
+def _log_to(path: Path) -> None:
+    """From now on report into ``path``: the tool's caller must not wait on our stderr."""
+
+    global _LOGGING_ELSEWHERE
+    if _LOGGING_ELSEWHERE:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError:
+        fd = os.open(os.devnull, os.O_WRONLY)
+    _log(f"still in doubt: the guardian goes on, reporting to {path}")
+    os.dup2(fd, 2)
+    os.close(fd)
+    _LOGGING_ELSEWHERE = True
 
 
 def _log(text: str) -> None:

@@ -356,6 +356,7 @@ class IncomingMigration:
 
     def _resume(self, msg: dict[str, Any]) -> Reply:
         t0 = time.monotonic()
+        _inject(fault("agent.before-resume"), self)
         self._pass_on(msg.get("tokens"))
         attach_seconds = self._resume_tree(self.config.io_timeout)
         self._cleanup()
