@@ -81,6 +81,7 @@ PLATFORM = Schema(
             "destroy": list,
             "check": dict,
             "absent": bool,
+            "expect": (bytes, NONE),  # SHA-256 of the record replaced (compare-and-set)
         },
         # service -> enclave
         "ok": {"value": ANY},

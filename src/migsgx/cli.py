@@ -6,6 +6,7 @@ named exit code and a one-line message on stderr.
 
 from __future__ import annotations
 
+import grp
 import signal
 import sys
 from pathlib import Path
@@ -133,6 +134,19 @@ def platform() -> None:
     """One emulated SGX host: its root secret, attestation key and counters."""
 
 
+def _signers(values: tuple[str, ...]) -> set[bytes]:
+    allowed: set[bytes] = set()
+    for s in values:
+        try:
+            raw = bytes.fromhex(s)
+        except ValueError as exc:
+            raise ConfigError(f"signer {s!r} is not hex") from exc
+        if len(raw) != 32:
+            raise ConfigError(f"signer {s!r} is not a 32-byte MRSIGNER")
+        allowed.add(raw)
+    return allowed
+
+
 @platform.command("init")
 @click.option("--state", type=click.Path(path_type=Path), required=True)
 @click.option("--ca", "ca_dir", type=click.Path(path_type=Path), required=True)
@@ -143,16 +157,38 @@ def platform() -> None:
     default=None,
     help="the host's TCB level (default: the CA's highest UpToDate level)",
 )
-def platform_init(state: Path, ca_dir: Path, host_id: str | None, tcb_level: int | None) -> None:
+@click.option(
+    "--allow-signer", "signers", multiple=True,
+    help="MRSIGNER (hex) allowed to launch enclaves here; repeat for more (launch control)",
+)  # fmt: skip
+def platform_init(
+    state: Path, ca_dir: Path, host_id: str | None, tcb_level: int | None, signers: tuple[str, ...]
+) -> None:
     """Create the state of one emulated host in STATE, certified by the CA in CA_DIR."""
 
     from .sgx.ca import ProvisioningCA
     from .sgx.platform import EmulatedPlatform
 
+    allowed = _signers(signers)
     p = EmulatedPlatform.init(
-        state, ProvisioningCA.load(ca_dir), host_id=host_id, tcb_level=tcb_level
+        state, ProvisioningCA.load(ca_dir), host_id=host_id, tcb_level=tcb_level,
+        allowed_signers=allowed,
     )
-    _emit({"state": str(state), "host_id": p.info.host_id})
+    _emit({"state": str(state), "host_id": p.info.host_id,
+           "allowed_signers": sorted(s.hex() for s in allowed)})  # fmt: skip
+
+
+@platform.command("allow-signer")
+@click.option("--state", type=click.Path(path_type=Path), required=True)
+@click.argument("signers", nargs=-1, required=True)
+def platform_allow_signer(state: Path, signers: tuple[str, ...]) -> None:
+    """Add MRSIGNERs (hex) to the host's launch allow list (read when the service starts)."""
+
+    from .sgx.platform import EmulatedPlatform
+
+    p = EmulatedPlatform(state)
+    p.allow_signers(_signers(signers))
+    _emit({"state": str(state), "allowed_signers": sorted(s.hex() for s in p.allowed_signers)})
 
 
 @platform.command("tcb")
@@ -173,8 +209,23 @@ def platform_tcb(state: Path, ca_dir: Path, level: int) -> None:
 @platform.command("serve")
 @click.option("--state", type=click.Path(path_type=Path), required=True)
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None)
-@click.option("--allow-signer", "signers", multiple=True, help="MRSIGNER (hex) allowed to launch")
+@click.option(
+    "--allow-signer", "signers", multiple=True,
+    help="MRSIGNER (hex) allowed to launch, beside the host's recorded allow list",
+)  # fmt: skip
 @click.option("--no-debug", is_flag=True, help="refuse to launch debug enclaves")
+@click.option(
+    "--no-launch-control", is_flag=True,
+    help="let any signer launch (development only; the default refuses unlisted signers)",
+)  # fmt: skip
+@click.option(
+    "--no-sandbox", is_flag=True,
+    help="run enclaves without their sandbox (measurements and debugging only)",
+)  # fmt: skip
+@click.option(
+    "--socket-group", default=None,
+    help="group (name or id) that may use the socket besides the service's user",
+)  # fmt: skip
 @click.option(
     "--warm-spare",
     is_flag=True,
@@ -185,6 +236,9 @@ def platform_serve(
     socket_path: Path | None,
     signers: tuple[str, ...],
     no_debug: bool,
+    no_launch_control: bool,
+    no_sandbox: bool,
+    socket_group: str | None,
     warm_spare: bool,
 ) -> None:
     """Run the platform service: launches enclaves and answers their requests."""
@@ -192,21 +246,21 @@ def platform_serve(
     from .sgx.platform import EmulatedPlatform
     from .sgx.service import PlatformService
 
-    allowed: set[bytes] = set()
-    for s in signers:
+    gid: int | None = None
+    if socket_group is not None:
         try:
-            raw = bytes.fromhex(s)
-        except ValueError as exc:
-            raise ConfigError(f"--allow-signer {s!r} is not hex") from exc
-        if len(raw) != 32:
-            raise ConfigError(f"--allow-signer {s!r} is not a 32-byte MRSIGNER")
-        allowed.add(raw)
+            gid = int(socket_group) if socket_group.isdigit() else grp.getgrnam(socket_group).gr_gid
+        except KeyError as exc:
+            raise ConfigError(f"no group {socket_group!r}") from exc
     svc = PlatformService(
         EmulatedPlatform(state),
         socket_path,
-        allowed_signers=allowed or None,
+        allowed_signers=_signers(signers),
         warm_spare=warm_spare,
         allow_debug=not no_debug,
+        launch_control=not no_launch_control,
+        socket_group=gid,
+        sandbox=False if no_sandbox else None,
     )
     svc.bind()
     signal.signal(signal.SIGTERM, lambda *_: svc.shutdown())

@@ -176,6 +176,18 @@ class CounterError(PlatformError):
     code = "counter"
 
 
+class StoreFullError(CounterError):
+    """A platform store refused to grow: the owner's quota or the host's cap is reached."""
+
+    code = "store-full"
+
+
+class RecordConflictError(CounterError):
+    """A persistent record changed since the caller read it (compare-and-set failed)."""
+
+    code = "record-conflict"
+
+
 # --- enclave calls -------------------------------------------------------------
 class EnclaveError(MigSGXError):
     """An ECALL failed inside the enclave."""
@@ -248,6 +260,18 @@ class ConnectionClosedError(ProtocolError):
     """The peer closed the connection."""
 
     code = "closed"
+
+
+class DataLinkError(ProtocolError):
+    """A data connection did not prove that it belongs to the migration session."""
+
+    code = "data-link"
+
+
+class ImagePinError(ProtocolError):
+    """An offered enclave image is not the one the control session announced."""
+
+    code = "image-pin"
 
 
 # --- migration -------------------------------------------------------------------

@@ -58,7 +58,7 @@ from migsgx.errors import MigSGXError
 from migsgx.host.client import EnclaveClient
 from migsgx.lab.hosts import Deployment, ServiceProcess, start_service
 from migsgx.sgx.ca import ProvisioningCA
-from migsgx.sgx.image import EnclaveImage, load_author_key, sign_image_dir
+from migsgx.sgx.image import EnclaveImage, load_author_key, mr_signer_of, sign_image_dir
 from migsgx.sgx.platform import EmulatedPlatform
 from migsgx.wire import decode_body, encode
 
@@ -278,7 +278,8 @@ def add_foreign_host(world: World, name: str, *, also_trust_deployment: bool) ->
 
     other = ProvisioningCA.init(world.root / f"ca-{name}", common_name="other provisioning CA")
     state = world.root / f"host-{name}"
-    EmulatedPlatform.init(state, other, host_id=name)
+    signer = mr_signer_of(load_author_key(world.deployment.author_key))
+    EmulatedPlatform.init(state, other, host_id=name, allowed_signers=[signer])
     if also_trust_deployment:
         ours = (world.deployment.ca_dir / "ca.pem").read_bytes()
         pem = state / "ca.pem"

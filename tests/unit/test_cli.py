@@ -85,10 +85,22 @@ def test_ca_and_platform_init(capsys: pytest.CaptureFixture[str], tmp_path: Path
     code, out, _ = run(
         capsys,
         "platform", "init", "--state", str(tmp_path / "h"), "--ca", str(tmp_path / "ca"),
-        "--host-id", "h1",
+        "--host-id", "h1", "--allow-signer", "ab" * 32,
     )  # fmt: skip
-    assert code == cli.EXIT_OK and out == {"state": str(tmp_path / "h"), "host_id": "h1"}
+    assert code == cli.EXIT_OK and out == {
+        "state": str(tmp_path / "h"), "host_id": "h1", "allowed_signers": ["ab" * 32]
+    }  # fmt: skip
     assert (tmp_path / "h" / "root.key").stat().st_mode & 0o777 == 0o600
+
+    # The allow list grows; the platform reads it back.
+    code, out, _ = run(
+        capsys, "platform", "allow-signer", "--state", str(tmp_path / "h"), "cd" * 32
+    )  # fmt: skip
+    assert code == cli.EXIT_OK and out["allowed_signers"] == ["ab" * 32, "cd" * 32]
+    code, _, err = run(
+        capsys, "platform", "allow-signer", "--state", str(tmp_path / "h"), "abc"
+    )  # fmt: skip
+    assert code == cli.EXIT_CONFIG
 
     # Neither overwrites what exists.
     code, _, err = run(capsys, "ca", "init", "--dir", str(tmp_path / "ca"))

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from migsgx.agent.datalink import DestinationLink, SourceLink
 from migsgx.core.commit import (
     DESTINATION_TO_SOURCE,
     SOURCE_TO_DESTINATION,
@@ -560,6 +561,41 @@ def sgxext_cases() -> list[dict[str, Any]]:
     ]
 
 
+# --- data connection opening (docs/spec/channels.md, section 8) ---------------------------
+def datalink_cases() -> list[dict[str, Any]]:
+    """Openings of a data connection: the three records, and refusals."""
+
+    key, mid = det_bytes("data key", 32), det_bytes("data mid", 16)
+    nonce_d, nonce_s = det_bytes("nonce d", 32), det_bytes("nonce s", 32)
+
+    def records(index: int, *, source_key: bytes = key, source_mid: bytes = mid) -> dict[str, str]:
+        dest = DestinationLink(key, mid, randbytes=lambda n: nonce_d)
+        src = SourceLink(source_key, source_mid, index, randbytes=lambda n: nonce_s)
+        challenge = dest.challenge()
+        hello = src.hello(challenge)
+        return {"challenge": challenge.hex(), "hello": hello.hex()}
+
+    def case(name: str, index: int, hello_from: dict[str, str], expect: dict[str, Any]) -> None:
+        cases.append({
+            "name": name, "key": key.hex(), "mid": mid.hex(), "nonce_d": nonce_d.hex(),
+            "nonce_s": nonce_s.hex(), "index": index, **hello_from, "expect": expect,
+        })  # fmt: skip
+
+    cases: list[dict[str, Any]] = []
+    good = records(3)
+    dest = DestinationLink(key, mid, randbytes=lambda n: nonce_d)
+    dest.receive_hello(bytes.fromhex(good["hello"]))
+    case("opening", 3, good, {"ok": {"index": 3, "proof": dest.proof().hex()}})
+    case("wrong-key", 3, records(3, source_key=det_bytes("other key", 32)),
+         {"error": "data-link"})  # fmt: skip
+    case("other-migration", 3, records(3, source_mid=det_bytes("other mid", 16)),
+         {"error": "data-link"})  # fmt: skip
+    replayed = dict(good)
+    replayed["challenge"] = (b"MIGSGXD1" + det_bytes("fresh nonce d", 32)).hex()
+    case("replayed-hello", 3, replayed, {"error": "data-link"})
+    return cases
+
+
 # --- files ------------------------------------------------------------------------------
 def build() -> dict[str, dict[str, Any]]:
     def doc(kind: str, spec: str, cases: list[dict[str, Any]]) -> dict[str, Any]:
@@ -571,6 +607,7 @@ def build() -> dict[str, dict[str, Any]]:
         "handshake.json": doc("handshake", "docs/spec/handshake.md", handshake_cases()),
         "control.json": doc("control", "docs/spec/handshake.md#9", control_cases()),
         "sgxext.json": doc("sgxext", "docs/spec/collateral.md#4", sgxext_cases()),
+        "datalink.json": doc("datalink", "docs/spec/channels.md#8", datalink_cases()),
     }
 
 

@@ -14,7 +14,6 @@ aborts the incoming enclaves) and the source carries on.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import os
 import secrets
@@ -38,11 +37,11 @@ from ..system.process import continue_tree, wait_stopped
 from ..wire import recv_frame, send_frame
 from .applink import AppLink
 from .config import AgentHost
+from .datalink import KEY_SIZE, accept_data, check_pinned
 from .faults import fault
 from .protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,
-    DATA,
     MAX_ENCLAVES,
     MAX_IMAGE_BYTES,
     MAX_IMAGE_FILES,
@@ -58,6 +57,7 @@ __all__ = ["IncomingMigration"]
 log = logging.getLogger("migsgx.agent")
 
 DATA_HELLO_TIMEOUT: Final = 10.0
+MAX_DATA_OPENINGS: Final = 2 * MAX_ENCLAVES
 Reply = dict[str, Any] | None
 
 
@@ -92,7 +92,7 @@ class IncomingMigration:
         self.tls = tls
         self.peer = peer
         self.machine = SessionMachine()
-        self.token = secrets.token_bytes(32)
+        self.data_key = secrets.token_bytes(KEY_SIZE)
         self.session_id = b""
         self.images_dir: Path | None = None
         self.enclaves: list[_Enclave] = []
@@ -252,7 +252,7 @@ class IncomingMigration:
             "t": "ready",
             "data_port": data.getsockname()[1],
             "page_port": page.getsockname()[1],
-            "token": self.token,
+            "data_key": self.data_key,
         }
 
     def _enclaves_done(self, msg: dict[str, Any]) -> Reply:
@@ -478,34 +478,64 @@ class IncomingMigration:
             self._page_error = exc
 
     def _accept_data(self, listener: socket.socket) -> None:
+        """Accept data connections; each opening runs in a thread of its own, so a
+        peer that connects and stays silent holds up no genuine connection."""
+
         pending = {e.index for e in self.enclaves}
-        while pending:
+        lock = threading.Lock()
+        openings = threading.BoundedSemaphore(MAX_DATA_OPENINGS)
+        while True:
+            with lock:
+                if not pending:
+                    return
             try:
                 conn, _ = listener.accept()
             except OSError:
                 return
+            if not openings.acquire(blocking=False):
+                conn.close()  # more unauthenticated connections at once than enclaves need
+                continue
+            threading.Thread(
+                target=self._open_data, args=(conn, pending, lock, openings),
+                name="migsgx-agent-data-open", daemon=True,
+            ).start()  # fmt: skip
+
+    def _open_data(
+        self,
+        conn: socket.socket,
+        pending: set[int],
+        lock: threading.Lock,
+        openings: threading.BoundedSemaphore,
+    ) -> None:
+        try:
             try:
+                # Fixed-size records keyed from the TLS session: nothing the peer
+                # sends is parsed as a frame before it has proved the session key.
                 conn.settimeout(DATA_HELLO_TIMEOUT)
-                hello = recv_frame(conn, DATA, max_size=256)
+                index = accept_data(conn, self.data_key, self.session_id)
                 conn.settimeout(None)
             except (MigSGXError, OSError):
+                log.warning("migration %s: a data connection did not authenticate", self.tag)
                 conn.close()
-                continue
-            index = hello["index"]
-            if not hmac.compare_digest(hello["token"], self.token) or index not in pending:
-                log.warning("migration %s: a data connection was refused", self.tag)
-                conn.close()
-                continue
-            pending.discard(index)
-            enclave = self.enclaves[index]
-            enclave.conn = conn
-            enclave.thread = threading.Thread(
-                target=self._receive,
-                args=(enclave, conn),
-                name=f"migsgx-agent-enclave-{index}",
-                daemon=True,
-            )
-            enclave.thread.start()
+                return
+            with lock:
+                fresh = index in pending
+                pending.discard(index)
+        finally:
+            openings.release()
+        if not fresh:
+            log.warning("migration %s: a data connection was refused", self.tag)
+            conn.close()
+            return
+        enclave = self.enclaves[index]
+        enclave.conn = conn
+        enclave.thread = threading.Thread(
+            target=self._receive,
+            args=(enclave, conn),
+            name=f"migsgx-agent-enclave-{index}",
+            daemon=True,
+        )
+        enclave.thread.start()
 
     def _receive(self, enclave: _Enclave, conn: socket.socket) -> None:
         """Load, then wait for the source's decision (COMMIT makes the enclave run)."""
@@ -519,6 +549,8 @@ class IncomingMigration:
                 enclave.engine, offer = IncomingEnclave.accept_offer(
                     conn, self.config.platform_socket
                 )
+                # Nothing of the peer's runs unless it is the image begin announced.
+                check_pinned(enclave.engine.image, enclave.source_info)
                 stats = enclave.engine.receive(conn, offer)
                 enclave.stats = {k: v for k, v in dict(stats).items() if _plain(v)}
                 enclave.stats["agent_seconds"] = time.monotonic() - t0

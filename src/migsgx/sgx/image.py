@@ -51,9 +51,9 @@ _SIG_HEADER = struct.Struct("<8sII32s16s16sHH")
 _RSA_BYTES = 384
 SIGSTRUCT_SIZE = _SIG_HEADER.size + _RSA_BYTES + 4 + _RSA_BYTES
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
+_SIZE_RE = re.compile(r"\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*")
 _UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-_ENTRY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_ENTRY_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 # The name becomes part of file names on the host (the enclave's log).
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
@@ -67,7 +67,7 @@ def parse_size(value: int | str) -> int:
         return value
     if not isinstance(value, str):
         raise ValueError("size must be a number of bytes or a string such as '64MiB'")
-    m = _SIZE_RE.match(value)
+    m = _SIZE_RE.fullmatch(value)
     if not m:
         raise ValueError(f"not a size: {value!r} (use bytes or KiB/MiB/GiB)")
     return int(m.group(1)) * _UNITS[m.group(2)]
@@ -136,7 +136,7 @@ class Manifest:
                 "manifest name must be 1-64 characters of A-Z a-z 0-9 _ . - "
                 "and must not start with . or -"
             )
-        if not _ENTRY_RE.match(self.entry):
+        if not _ENTRY_RE.fullmatch(self.entry):
             raise ImageError(f"manifest entry {self.entry!r} is not 'module:Class'")
         if self.memory_size <= 0 or self.memory_size % PAGE_SIZE:
             raise ImageError(f"memory_size must be a positive multiple of {PAGE_SIZE}")

@@ -11,7 +11,7 @@ back end implements that module's protocol and never imports this one.
 
 The state directory of a host::
 
-    platform.toml        host id, CPUSVN, TCB level, where collateral is published (public)
+    platform.toml        host id, CPUSVN, TCB level, collateral location, launch allow list
     root.key             the fused root secret, 32 bytes, mode 0600
     pck-key.pem          provisioning certification key, 0600
     attestation-key.pem  the quoting enclave's attestation key, 0600
@@ -27,6 +27,7 @@ import os
 import secrets
 import tomllib
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,9 @@ class EmulatedPlatform:
                 collateral=_paths(meta.get("collateral", [])),
             )
             self._deriver = KeyDeriver(root, self.info.cpu_svn)
+            self.allowed_signers = frozenset(
+                _signer(s) for s in meta.get("allowed_signers", [])
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateDirError(f"platform state in {self.state_dir} is corrupt: {exc!r}") from exc
         self._att, self._pck = att, pck
@@ -111,7 +115,10 @@ class EmulatedPlatform:
         host_id: str | None = None,
         cpu_svn: bytes = DEFAULT_CPU_SVN,
         tcb_level: int | None = None,
+        allowed_signers: Iterable[bytes] = (),
     ) -> EmulatedPlatform:
+        """Make a host's state; ``allowed_signers`` (MRSIGNERs) is its launch allow list."""
+
         state_dir = Path(state_dir)
         if (state_dir / ROOT_KEY).exists():
             raise StateDirError(f"{state_dir} already holds a platform; refusing to overwrite it")
@@ -137,6 +144,7 @@ class EmulatedPlatform:
                     "host_id": host_id,
                     "cpu_svn": cpu_svn.hex(),
                     "collateral": [str((ca.directory / COLLATERAL_FILE).resolve())],
+                    "allowed_signers": sorted(_signer(s).hex() for s in allowed_signers),
                 }
             ).encode(),
             mode=0o644,
@@ -144,6 +152,16 @@ class EmulatedPlatform:
         # The root secret last: its presence marks a complete platform.
         write_private(state_dir / ROOT_KEY, secrets.token_bytes(32))
         return cls(state_dir)
+
+    def allow_signers(self, signers: Iterable[bytes]) -> None:
+        """Add MRSIGNERs to the host's launch allow list (``platform.toml``)."""
+
+        path = self.state_dir / PLATFORM_TOML
+        meta = tomllib.loads(path.read_text())
+        allowed = set(self.allowed_signers) | {_signer(s) for s in signers}
+        meta["allowed_signers"] = sorted(s.hex() for s in allowed)
+        write_private(path, tomli_w.dumps(meta).encode(), mode=0o644)
+        self.allowed_signers = frozenset(allowed)
 
     # --- what the untrusted host sees ------------------------------------------
     @property
@@ -302,6 +320,15 @@ def _paths(value: object) -> tuple[Path, ...]:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(Path(v) for v in value)
     raise ValueError("collateral must be a path or a list of paths")
+
+
+def _signer(value: bytes | str) -> bytes:
+    """An MRSIGNER from bytes or hex; anything but 32 bytes is refused."""
+
+    raw = bytes.fromhex(value) if isinstance(value, str) else bytes(value)
+    if len(raw) != 32:
+        raise ValueError("an MRSIGNER is 32 bytes")
+    return raw
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
