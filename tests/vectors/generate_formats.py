@@ -516,7 +516,7 @@ def agent_cases() -> list[dict[str, Any]]:
     begin = {
         "t": "begin",
         "session_id": sid,
-        "enclaves": [{"image_files": {"manifest.toml": b"[enclave]\n"}, "mr_enclave": bytes(32)}],
+        "enclaves": [{"info": _info()}],
         "pids": [1, 7],
         "pidns": True,
         "tcp_close": False,

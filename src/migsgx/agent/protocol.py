@@ -98,7 +98,7 @@ CONTROL = Schema(
         "hello": {"version": int, "host_id": str},
         "begin": {
             "session_id": bytes,  # this agent session (not an enclave's migration_id)
-            "enclaves": list,  # [{"image_files": {name: bytes}, "mr_enclave": bytes}]
+            "enclaves": list,  # [{"info": an enclave info (app-control.md, section 5)}]
             "pids": list,  # every pid of the dumped tree, as the source sees them
             "pidns": bool,  # the root is the init of its own pid namespace
             "tcp_close": bool,
