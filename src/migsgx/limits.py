@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_SLOTS",
     "MAX_CHUNK_SIZE",
     "MAX_IMAGE_BYTES",
+    "MAX_OFFER_SLOTS",
     "MAX_SLOTS",
     "MAX_SLOT_SIZE",
     "MIN_CHUNK_SIZE",
@@ -42,6 +43,9 @@ MAX_CHUNK_SIZE: Final = STREAM_MAX_CHUNK_SIZE
 #: 128 KiB x 2 slots: 0.10 % of a 1 GiB enclave in extra memory, measured.
 DEFAULT_CHUNK_SIZE: Final = 128 << 10
 DEFAULT_SLOTS: Final = 2
+
+#: The most ring slots a source may ask a destination to allocate (a peer's offer).
+MAX_OFFER_SLOTS: Final = 64
 
 # --- the shared-memory ring ------------------------------------------------------------
 MAX_SLOTS: Final = 256

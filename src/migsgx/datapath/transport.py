@@ -51,10 +51,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import struct
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
+from ..core.peer import CHUNK_HEADER, FLAG_FINAL
 from ..errors import ConnectionClosedError, FrameError
 from ..limits import (
     AUTO_MAX_CHUNK_SIZE as MAX_CHUNK_SIZE,
@@ -96,8 +96,7 @@ __all__ = [
     "tune_socket",
 ]
 
-CHUNK_HEADER: Final = struct.Struct(">IB")
-FLAG_FINAL: Final = 0x01
+# The chunk frame's layout is the peer protocol's (migsgx.core.peer); this module moves it.
 
 
 def tune_socket(
