@@ -51,6 +51,7 @@ from .protocol import (
     SessionMachine,
     SessionState,
     check_image_name,
+    plain_stats,
 )
 
 __all__ = ["IncomingMigration"]
@@ -498,7 +499,7 @@ class IncomingMigration:
                     conn, self.config.platform_socket
                 )
                 stats = enclave.engine.receive(conn, offer)
-                enclave.stats = {k: v for k, v in dict(stats).items() if _plain(v)}
+                enclave.stats = plain_stats(stats)
                 enclave.stats["agent_seconds"] = time.monotonic() - t0
             except BaseException as exc:
                 enclave.error = exc
@@ -542,7 +543,3 @@ def _die_after_bytes(conn: socket.socket, limit: int) -> None:
             time.sleep(0.001)
 
     threading.Thread(target=watch, name="migsgx-fault", daemon=True).start()
-
-
-def _plain(value: Any) -> bool:
-    return isinstance(value, int | float | str | bool) or value is None

@@ -50,6 +50,7 @@ __all__ = [
     "SessionMachine",
     "SessionState",
     "check_image_name",
+    "plain_stats",
 ]
 
 VERSION: Final = 1
@@ -182,6 +183,18 @@ class SessionMachine:
     @property
     def finished(self) -> bool:
         return self.state in (SessionState.RESUMED, SessionState.ABORTED)
+
+
+def plain_stats(stats: Mapping[str, object]) -> dict[str, int | float | str | bool | None]:
+    """An end's figures as the control protocol carries them: plain scalars only.
+
+    ``enclaves_ready`` and ``migsgx migrate --json`` show an enclave transfer's
+    figures; nested maps (the peer's own figures) stay out.
+    """
+
+    return {
+        k: v for k, v in stats.items() if v is None or isinstance(v, int | float | str | bool)
+    }
 
 
 # CRIU names its images like ``core-1.img``, ``pagemap-1.img``, ``stats-dump``.
