@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
+from migsgx.agent.datalink import DestinationLink
 from migsgx.agent.protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,
-    DATA,
     SessionMachine,
     check_image_name,
 )
@@ -35,6 +35,7 @@ from migsgx.core.stream import Manifest, StreamHeader, StreamOpener, StreamSeale
 from migsgx.enclave import checkpoints, persistent, sealing
 from migsgx.errors import MigSGXError
 from migsgx.host.appctl import APPCTL, check_image_files, info_from_wire
+from migsgx.sgx.sgxext import PckExtension
 from migsgx.sgx.structs import ReportBody
 from migsgx.wire import HEADER, decode_body, encode, recv_frame
 
@@ -284,7 +285,7 @@ def check_checkpoint(case: dict[str, Any]) -> None:
 
 
 # --- frames: channels.md, agent-control.md, app-control.md --------------------------------
-SCHEMAS = {s.name: s for s in (LAUNCH, ECALL, PLATFORM, CONTROL, DATA, APPCTL)}
+SCHEMAS = {s.name: s for s in (LAUNCH, ECALL, PLATFORM, CONTROL, APPCTL)}
 
 
 class _Bytes:
@@ -348,9 +349,52 @@ def check_appctl(case: dict[str, Any]) -> None:
     else:
         files = FMT.unplain(case["files"])
         assert _outcome(lambda: FMT.plain(check_image_files(files))) == case["expect"]
+def check_sgxext(case: dict[str, Any]) -> None:
+    der = bytes.fromhex(case["der"])
+    outcome = _outcome(lambda: PckExtension.from_der(der) is not None)
+    assert outcome == case["expect"], outcome
+    if "ok" in case["expect"]:
+        f = case["fields"]
+        ext = PckExtension(
+            ppid=bytes.fromhex(f["ppid"]),
+            components=tuple(f["components"]),
+            pce_svn=f["pce_svn"],
+            pce_id=bytes.fromhex(f["pce_id"]),
+            fmspc=bytes.fromhex(f["fmspc"]),
+            sgx_type=f["sgx_type"],
+        )
+        assert ext.to_der() == der
+        assert PckExtension.from_der(der) == ext
+
+
+def check_datalink(case: dict[str, Any]) -> None:
+    key, mid = bytes.fromhex(case["key"]), bytes.fromhex(case["mid"])
+    challenge, hello = bytes.fromhex(case["challenge"]), bytes.fromhex(case["hello"])
+    nonce_d = challenge[8:]
+    dest = DestinationLink(key, mid, randbytes=lambda n: nonce_d)
+    assert dest.challenge() == challenge
+
+    def open_() -> dict[str, Any]:
+        index = dest.receive_hello(hello)
+        return {"index": index, "proof": dest.proof().hex()}
+
+    assert _outcome(open_) == case["expect"]
+    if "ok" in case["expect"]:
+        # The formula of the spec, recomputed without the module.
+        index, nonce_s = case["index"], bytes.fromhex(case["nonce_s"])
+
+        def mac(label: bytes) -> bytes:
+            msg = label + bytes([len(mid)]) + mid + nonce_d + nonce_s + index.to_bytes(2, "big")
+            return std_hmac.digest(key, msg, "sha256")
+
+        assert hello == b"MIGSGXS1" + index.to_bytes(2, "big") + nonce_s + mac(
+            b"migsgx data source"
+        )
+        assert case["expect"]["ok"]["proof"] == mac(b"migsgx data dest").hex()
 
 
 CHECKS = {
+    "sgxext": check_sgxext,
     "stream": check_stream,
     "manifest": check_manifest,
     "handshake": check_handshake,
@@ -362,6 +406,7 @@ CHECKS = {
     "frames": check_frames,
     "agent": check_agent,
     "appctl": check_appctl,
+    "datalink": check_datalink,
 }
 
 

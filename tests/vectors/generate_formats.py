@@ -511,7 +511,7 @@ def _agent_session(name: str, msgs: list[dict[str, Any]], expect: dict[str, Any]
 def agent_cases() -> list[dict[str, Any]]:
     cap = 2 << 20
     out: list[dict[str, Any]] = []
-    sid, token = det_bytes("session id", 16), det_bytes("session token", 32)
+    sid, data_key = det_bytes("session id", 16), det_bytes("data key", 32)
     hello = {"t": "hello", "version": 1, "host_id": "host-a"}
     begin = {
         "t": "begin",
@@ -530,7 +530,7 @@ def agent_cases() -> list[dict[str, Any]]:
         *steps,
         begin_runc,
         {"t": "abort", "reason": "operator"},
-        {"t": "ready", "data_port": 4000, "page_port": 4001, "token": token},
+        {"t": "ready", "data_port": 4000, "page_port": 4001, "data_key": data_key},
         {"t": "err", "code": "agent-refused", "message": "pid 7 is in use"},
     ]:
         out.append(
@@ -550,10 +550,14 @@ def agent_cases() -> list[dict[str, Any]]:
             "control-begin-driver-int", "agent-control", frame({**begin, "driver": 1}), BAD, cap
         )
     )
-    data = {"t": "data", "token": token, "index": 0}
-    out.append(frame_case("data", "agent-data", frame(data), ok_frame(data), 1 << 16))
     out.append(
-        frame_case("data-index-text", "agent-data", frame({**data, "index": "0"}), BAD, 1 << 16)
+        frame_case(
+            "control-ready-with-token",
+            "agent-control",
+            frame({"t": "ready", "data_port": 1, "page_port": 2, "token": data_key}),
+            BAD,
+            cap,
+        )
     )
 
     full = ["greeted", "receiving", "loaded", "images", "images-complete", "held", "resumed"]
