@@ -37,6 +37,7 @@ from migsgx.migration.commit import (
 )
 from migsgx.migration.handshake import Handshake, HandshakeComplete, Role, transcript_item
 from migsgx.migration.policy import EnclaveIdentity, MigrationPolicy, PolicyMode
+from migsgx.migration.rounds import DIGEST_BODY, digest_key, memory_digest, round_label
 from migsgx.migration.stream import Manifest, Section, StreamHeader, StreamSealer
 from migsgx.sgx.structs import FLAG_DEBUG, FLAG_INIT, FLAG_MODE64BIT, Attributes, ReportBody
 from migsgx.wire import HEADER, decode_body, encode
@@ -524,6 +525,45 @@ def control_cases() -> list[dict[str, Any]]:
     return cases
 
 
+# --- pre-copy vectors (docs/spec/precopy.md) -----------------------------------------------
+def precopy_cases() -> list[dict[str, Any]]:
+    cases: list[dict[str, Any]] = []
+    secret = det_bytes("precopy secret", 32)
+    mid = det_bytes("precopy mid", 16)
+
+    def digest(name: str, memory: dict[str, Any], *, flip: int | None = None) -> None:
+        data = bytearray(plaintext_of(memory))
+        if flip is not None:
+            data[flip] ^= 1
+        key = digest_key(secret, mid)
+        value = memory_digest(key, bytes(data))
+        cases.append(
+            {
+                "name": name,
+                "stream_secret": secret.hex(),
+                "migration_id": mid.hex(),
+                "memory": memory,
+                "flip": flip,
+                "expect": {
+                    "ok": {
+                        "key": key.hex(),
+                        "digest": value.hex(),
+                        "body": DIGEST_BODY.pack(len(data), value).hex(),
+                        "labels": [round_label(n) for n in (0, 1, 63)],
+                    }
+                },
+            }
+        )
+
+    page = {"generator": "sha256-counter", "seed": "enclave memory", "length": 3 * 4096}
+    digest("three-pages", page)
+    digest("three-pages-one-bit-differs", page, flip=4096 + 17)
+    digest("empty", {"hex": ""})
+    segments = {"generator": "sha256-counter", "seed": "two segments", "length": (16 << 20) + 4096}
+    digest("two-segments", segments)
+    return cases
+
+
 # --- files ------------------------------------------------------------------------------
 def build() -> dict[str, dict[str, Any]]:
     def doc(kind: str, spec: str, cases: list[dict[str, Any]]) -> dict[str, Any]:
@@ -534,6 +574,7 @@ def build() -> dict[str, dict[str, Any]]:
         "manifest.json": doc("manifest", "docs/spec/stream.md#6", manifest_cases()),
         "handshake.json": doc("handshake", "docs/spec/handshake.md", handshake_cases()),
         "control.json": doc("control", "docs/spec/handshake.md#9", control_cases()),
+        "precopy.json": doc("precopy", "docs/spec/precopy.md#3", precopy_cases()),
     }
 
 
