@@ -240,6 +240,10 @@ from .cli_migrate import register as register_migration  # noqa: E402
 
 register_migration(cli)
 
+from .cli_live import register as register_live  # noqa: E402
+
+register_live(cli)
+
 
 def main(argv: list[str] | None = None) -> None:
     try:
