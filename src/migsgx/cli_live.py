@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from .errors import ConfigError
+from .migration.live import FALLBACK
 
 __all__ = ["bench_live", "register"]
 
@@ -76,6 +77,37 @@ def bench_live(
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else str(value)
+
+
+def live_options(opts: Any, console: Any, downtime_target: float, max_rounds: int) -> None:
+    """``migrate --live``: stop rules, and a line on stderr per pre-copy round."""
+
+    from .migration.rounds import StopRules
+
+    try:
+        opts.stop_rules = StopRules(downtime_target=downtime_target, max_rounds=max_rounds)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    opts.live = True
+
+    def report(index: int, r: dict[str, Any]) -> None:
+        if "fallback" in r:
+            console.print(
+                f"enclave {index}: live migration is not possible here ({r['reason']}); "
+                f"falling back to {FALLBACK}",
+                highlight=False,
+            )
+            return
+        estimate = r["pages"] * 4096 / max(r["bandwidth_bytes_per_second"], 1)
+        console.print(
+            f"enclave {index} round {r['round']}: {r['pages']} pages "
+            f"({r['bytes'] / (1 << 20):.1f} MiB in {r['seconds']:.3f} s), "
+            f"dirty {r.get('dirty_rate_bytes_per_second', 0) / (1 << 20):.1f} MiB/s, "
+            f"estimated downtime {estimate:.3f} s",
+            highlight=False,
+        )
+
+    opts.round_report = report
 
 
 def register(cli: click.Group) -> None:

@@ -178,6 +178,11 @@ def agent_serve(
 @click.option("--page-tls/--no-page-tls", default=True, show_default=True,
               help="CRIU's page stream in mutual TLS")  # fmt: skip
 @click.option("--shell-job", is_flag=True, help="the tree has a controlling terminal")
+@click.option("--live", is_flag=True,
+              help="pre-copy enclave memory while the application runs")  # fmt: skip
+@click.option("--downtime-target", type=float, default=0.05, show_default=True,
+              help="--live: seconds the last dirty set may take to send")  # fmt: skip
+@click.option("--max-rounds", type=int, default=30, show_default=True, help="--live: round limit")
 def migrate_command(
     pid: int | None,
     runc_id: str | None,
@@ -193,6 +198,9 @@ def migrate_command(
     keep_tcp: bool,
     page_tls: bool,
     shell_job: bool,
+    live: bool,
+    downtime_target: float,
+    max_rounds: int,
 ) -> None:
     """Migrate process PID, or a container, with its enclaves to the agent at --to.
 
@@ -238,6 +246,10 @@ def migrate_command(
         shell_job=shell_job,
         progress=progress,
     )
+    if live:
+        from .cli_live import live_options
+
+        live_options(opts, console, downtime_target, max_rounds)
     if status is not None:
         with status:
             outcome = migrate(opts)

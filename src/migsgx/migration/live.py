@@ -22,6 +22,7 @@ happened.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -75,6 +76,7 @@ class LiveOutgoingEnclave(OutgoingEnclave):
         self.stop_rule: str | None = None
         self.fallback: str | None = None
         self.precopy_stats: dict[str, Any] = {}
+        self.app_sock: socket.socket | None = None  # set once the application handed it over
 
     def precopy(self, peer: socket.socket, progress: RoundProgress | None = None) -> dict[str, Any]:
         """Handshake and rounds over the side channel while the enclave serves ECALLs."""
@@ -150,12 +152,21 @@ class LiveOutgoingEnclave(OutgoingEnclave):
         figures["bandwidth_bytes_per_second"] = bw
         return figures
 
+    def abort(self, reason: str) -> socket.socket:
+        """As :meth:`OutgoingEnclave.abort`; the connection returned is the application's."""
+
+        self._abort_quietly(reason)
+        with contextlib.suppress(OSError):
+            self.side.close()
+        return self.app_sock if self.app_sock is not None else self.link.sock
+
     def finish(self, app_sock: socket.socket) -> dict[str, Any]:
         """The application handed its connection over: final transfer up to a verified LOADED."""
 
         if self.peer is None:
             raise RuntimeError("finish() before precopy()")
         peer = self.peer
+        self.app_sock = app_sock
         self.link = EnclaveLink(app_sock)
         t0 = time.perf_counter()
         try:
