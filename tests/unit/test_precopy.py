@@ -114,13 +114,16 @@ class Pair:
     def round(self, **kw: Any) -> Any:
         return self.move(lambda s: s.round(CHUNK), lambda d: d.load_round(), **kw)
 
-    def final(self) -> dict[str, Any]:
+    def final(self, used: int = USED) -> dict[str, Any]:
         result: dict[str, Any] = {}
 
         def send(s: SourceRounds) -> None:
             result["source"] = final_dump(s, KEY, b"small state", b"", CHUNK)
 
-        state, persistent, figures = self.move(send, lambda d: final_load(d, KEY, 1 << 20, 1 << 20))
+        def receive(d: DestinationRounds) -> Any:
+            return final_load(d, KEY, 1 << 20, 1 << 20, used_length=lambda _: used)
+
+        state, persistent, figures = self.move(send, receive)
         assert (state, persistent) == (b"small state", b"")
         return {**result, "destination": figures}
 
@@ -176,6 +179,12 @@ def test_hidden_write_is_caught_by_the_digest(pair: Pair, monkeypatch: pytest.Mo
     pair.write([8, 9], 4)  # the tracker reports 8 only
     with pytest.raises(MemoryDigestError):
         pair.final()
+
+
+def test_digest_over_another_length_is_refused(pair: Pair) -> None:
+    pair.round()
+    with pytest.raises(MemoryDigestError):
+        pair.final(used=USED - PAGE_SIZE)  # the state declares less than the source covered
 
 
 def test_replayed_round_is_refused(pair: Pair) -> None:

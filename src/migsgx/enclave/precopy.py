@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -306,26 +306,30 @@ class DestinationRounds:
             scratch.release()
             mem.release()
 
-    def check_digest(self, key: bytes, body: bytes) -> float:
-        """Compare the source's digest of its final memory with ours; the seconds it took."""
+    def own_digest(self, key: bytes, length: int) -> tuple[tuple[int, bytes], float]:
+        """Our digest of memory ``0 .. length - 1``, and the seconds it took."""
 
-        if len(body) != DIGEST_BODY.size:
-            raise StreamError("malformed memory digest")
-        length, theirs = DIGEST_BODY.unpack(body)
-        if length > self.memory.size or length % PAGE_SIZE:
-            raise StreamError("the memory digest covers more than this enclave's memory")
+        if not 0 <= length <= self.memory.size or length % PAGE_SIZE:
+            raise StreamError("the memory layout covers more than this enclave's memory")
         t0 = time.perf_counter()
         mem = self.memory.view(0, length)
         try:
             ours = memory_digest(key, mem)
         finally:
             mem.release()
-        if not hmac.compare_digest(ours, theirs):
+        return (length, ours), time.perf_counter() - t0
+
+    def compare_digest(self, ours: tuple[int, bytes], body: bytes) -> None:
+        """The source's digest of its final memory against ours: any difference refuses."""
+
+        if len(body) != DIGEST_BODY.size:
+            raise StreamError("malformed memory digest")
+        length, theirs = DIGEST_BODY.unpack(body)
+        if length != ours[0] or not hmac.compare_digest(ours[1], theirs):
             raise MemoryDigestError(
                 "the migrated memory differs from the source's final memory "
                 "(a written page was not reported); the load is refused"
             )
-        return time.perf_counter() - t0
 
 
 def digest_body(key: bytes, memory: EnclaveMemory) -> tuple[bytes, float]:
@@ -353,18 +357,20 @@ def final_dump(
     t0 = time.perf_counter()
     pages = rounds.final_pages()
     t_scan = time.perf_counter()
-    body, verify_seconds = digest_body(key, rounds.memory)
     memory = _sparse("memory", pages)
     sections = (
         Section.dense("state", len(state)),
         memory,
         Section.dense("persistent", len(persistent)),
-        Section.dense(DIGEST_LABEL, len(body)),
+        Section.dense(DIGEST_LABEL, DIGEST_BODY.size),
     )
     sent = rounds.send_dense("manifest", memoryview(Manifest(sections).encode()), chunk, last=False)
     sent += rounds.send_dense(sections[0], memoryview(state), chunk, last=False)
     sent += rounds.send_section(memory, chunk, last=False)
     sent += rounds.send_dense(sections[2], memoryview(persistent), chunk, last=False)
+    # The digest last: while it is computed here, the destination applies the
+    # pages and computes its own (spec section 3), on the other core.
+    body, verify_seconds = digest_body(key, rounds.memory)
     sent += rounds.send_dense(sections[3], memoryview(body), chunk, last=True)
     rounds._ring().wait_drained(RING_TIMEOUT)
     return {
@@ -378,9 +384,19 @@ def final_dump(
 
 
 def final_load(
-    rounds: DestinationRounds, key: bytes, max_state: int, max_persistent: int
+    rounds: DestinationRounds,
+    key: bytes,
+    max_state: int,
+    max_persistent: int,
+    *,
+    used_length: Callable[[bytes], int],
 ) -> tuple[bytes, bytes, dict[str, Any]]:
-    """Destination: the final transfer applied and its memory digest checked."""
+    """Destination: the final transfer applied and its memory digest checked.
+
+    ``used_length`` reads, from the small state, the used memory the digest
+    will cover: our digest is computed before the source's arrives (while the
+    source computes it), and the length in the digest section must match.
+    """
 
     before = rounds.slots.received
     manifest = rounds.open_manifest()
@@ -401,10 +417,11 @@ def final_load(
     rounds.open_pages(memory_s)
     persistent = bytearray(persistent_s.length)
     rounds.open_dense(persistent_s, memoryview(persistent))
+    ours, verify_seconds = rounds.own_digest(key, used_length(bytes(state)))
     body = bytearray(digest_s.length)
     rounds.open_dense(digest_s, memoryview(body))
     rounds.slots.end()
-    verify_seconds = rounds.check_digest(key, bytes(body))
+    rounds.compare_digest(ours, bytes(body))
     figures = {
         "bytes": rounds.slots.received - before,
         "memory_bytes": memory_s.length,
