@@ -47,7 +47,7 @@ class Pair:
         self.tx = StreamChannel(SECRET, sending=True, **common)
         self.rx = StreamChannel(SECRET, sending=False, **common)
         self.out = SourceRounds.arm(self.src, self.tx)
-        self.into = DestinationRounds(self.dst, self.rx)
+        self.into = DestinationRounds(self.dst, self.rx, digest_key=KEY)
         self.recorded: list[list[tuple[bytes, bool]]] = []
 
     def write(self, pages: list[int], tag: int) -> None:
@@ -154,6 +154,18 @@ def test_rounds_then_final_make_the_same_memory_and_latest_copy_wins(pair: Pair)
     assert figures["source"]["final_pages"] == 2
     assert figures["destination"]["rounds"] == 2
     assert bytes(pair.dst.view(5 * PAGE_SIZE, 8)) == b"\x03" * 8
+    assert pair.same()
+
+
+def test_destination_digest_without_cached_tags_agrees(pair: Pair) -> None:
+    pair.into.digest_key = None  # nothing hashed between rounds: all at the end
+    pair.write([0, 70, 200], 1)
+    pair.round()
+    pair.write([70, 71], 2)
+    pair.round()
+    pair.write([300], 3)
+    figures = pair.final()
+    assert figures["source"]["final_pages"] == 1
     assert pair.same()
 
 

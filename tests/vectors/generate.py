@@ -559,8 +559,8 @@ def precopy_cases() -> list[dict[str, Any]]:
     digest("three-pages", page)
     digest("three-pages-one-bit-differs", page, flip=4096 + 17)
     digest("empty", {"hex": ""})
-    segments = {"generator": "sha256-counter", "seed": "two segments", "length": (16 << 20) + 4096}
-    digest("two-segments", segments)
+    segments = {"generator": "sha256-counter", "seed": "segments", "length": (768 << 10) + 4096}
+    digest("four-segments-last-partial", segments)
     return cases
 
 

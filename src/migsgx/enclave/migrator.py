@@ -418,6 +418,7 @@ class Migrator:
             raise ProtocolError("pre-copy needs a migration")
         if self.rounds_in is None:
             self.rounds_in = precopy.DestinationRounds(self.instance.memory, streams, ring)
+            self.rounds_in.digest_key = self._digest_key()
         self.rounds_in.ring = ring
         return self.rounds_in.load_round()
 

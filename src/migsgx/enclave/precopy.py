@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from ..errors import LiveMigrationError, MemoryDigestError, ProtocolError, StreamError
 from ..migration.ring import ShmRing
 from ..migration.rounds import (
@@ -33,8 +35,11 @@ from ..migration.rounds import (
     DIGEST_LABEL,
     FINAL_SECTIONS,
     MAX_ROUNDS,
+    SEGMENT,
+    combine_tags,
     memory_digest,
     round_label,
+    segment_tag,
 )
 from ..migration.stream import TAG_SIZE, Manifest, Section, StreamChannel
 from .dirty import DirtyTracker, open_tracker
@@ -43,6 +48,7 @@ from .memory import PAGE_SIZE, EnclaveMemory
 __all__ = ["DestinationRounds", "SourceRounds", "digest_body", "final_dump", "final_load"]
 
 MAX_MANIFEST_BYTES: Final = 16 << 20
+_PAGES_PER_SEGMENT: Final = SEGMENT // PAGE_SIZE
 RING_TIMEOUT: Final = 120.0
 
 
@@ -221,6 +227,11 @@ class DestinationRounds:
     _slots: _Slots | None = None
     _scratch: bytearray | None = None
     _manifest_buf: bytearray | None = None
+    digest_key: bytes | None = None
+    # Digest tags of whole segments as they are now (section 3), kept up to date
+    # between rounds so that the final check reads only what the final transfer changed.
+    _tags: dict[int, bytes] = field(default_factory=dict)
+    _extent: int = 0  # bytes from 0 to the end of the highest page received
 
     @property
     def slots(self) -> _Slots:
@@ -243,6 +254,7 @@ class DestinationRounds:
             raise StreamError(f"round {self.number} expected, got {section.label!r}")
         self.open_pages(section)
         self.slots.end()
+        self._retag()
         self.number += 1
         return {
             "round": self.number - 1,
@@ -301,10 +313,43 @@ class DestinationRounds:
                         pos += step
                     assert pos == size
                 self.pages_received += sum(n for _, n in runs)
+                for first, n in runs:
+                    last = first + n - 1
+                    for seg in range(first // _PAGES_PER_SEGMENT, last // _PAGES_PER_SEGMENT + 1):
+                        self._tags.pop(seg, None)
+                    self._extent = max(self._extent, (last + 1) * PAGE_SIZE)
                 i += 1
         finally:
             scratch.release()
             mem.release()
+
+    def _retag(self, length: int | None = None) -> list[bytes]:
+        """Tags of every segment below ``length`` (default: whole segments received), cached.
+
+        A segment's tag is dropped whenever a page of it arrives, so a cached tag
+        is always the tag of what the memory holds now.  Only whole segments are
+        cached; a last partial one is computed each time.
+        """
+
+        if self.digest_key is None:
+            return []
+        aead = AESGCM(self.digest_key)
+        end = self._extent if length is None else length
+        count = end // SEGMENT if length is None else -(-end // SEGMENT)
+        tags: list[bytes] = []
+        mem = self.memory.view()
+        try:
+            for i in range(count):
+                start, stop = i * SEGMENT, min(end, (i + 1) * SEGMENT)
+                tag = self._tags.get(i) if stop - start == SEGMENT else None
+                if tag is None:
+                    tag = segment_tag(aead, i, mem[start:stop])
+                    if stop - start == SEGMENT:
+                        self._tags[i] = tag
+                tags.append(tag)
+        finally:
+            mem.release()
+        return tags
 
     def own_digest(self, key: bytes, length: int) -> tuple[tuple[int, bytes], float]:
         """Our digest of memory ``0 .. length - 1``, and the seconds it took."""
@@ -312,11 +357,10 @@ class DestinationRounds:
         if not 0 <= length <= self.memory.size or length % PAGE_SIZE:
             raise StreamError("the memory layout covers more than this enclave's memory")
         t0 = time.perf_counter()
-        mem = self.memory.view(0, length)
-        try:
-            ours = memory_digest(key, mem)
-        finally:
-            mem.release()
+        if self.digest_key != key:
+            self.digest_key = key
+            self._tags.clear()
+        ours = combine_tags(length, self._retag(length))
         return (length, ours), time.perf_counter() - t0
 
     def compare_digest(self, ours: tuple[int, bytes], body: bytes) -> None:
@@ -338,7 +382,9 @@ def digest_body(key: bytes, memory: EnclaveMemory) -> tuple[bytes, float]:
     t0 = time.perf_counter()
     view = memory.view(0, memory.used)
     try:
-        body = DIGEST_BODY.pack(memory.used, memory_digest(key, view))
+        # Both cores: the destination, by now, has little left to hash (it kept
+        # its tags up to date between rounds).
+        body = DIGEST_BODY.pack(memory.used, memory_digest(key, view, threads=2))
     finally:
         view.release()
     return body, time.perf_counter() - t0
