@@ -88,3 +88,32 @@ def test_kvstore_with_writing_workers_moves_live(bed: Testbed, agent: AgentProce
     for procs in bed.copies(app).values():
         for pid, _ in procs:
             kill_tree(pid)
+
+
+def test_destination_agent_killed_during_the_rounds_leaves_the_source_running(
+    bed: Testbed,
+) -> None:
+    # SIGKILL once 16 MiB of the enclave stream came in: inside round 0 of about 48 MiB.
+    doomed = bed.start_agent(
+        env={"MIGSGX_FAULT": f"agent.enclave-receive:kill-after-bytes={16 << 20}"}
+    )
+    app = bed.start_app("kvstore", ["--image", str(bed.image("kvstore")), "--workers", "2",
+                                    "--max-calls", "100000"])  # fmt: skip
+    wait_until(lambda: all(w["count"] > 20 for w in workers(bed, app, "src")), 20, "workers")
+    run = bed.migrate(app.pid, doomed, args=["--live"])
+    assert run.returncode != 0
+    assert "pre-copy failed, the source runs on" in run.stderr, run.stderr
+    # The application never stopped: its workers carry on, without an error.
+    counts = [w["count"] for w in workers(bed, app, "src")]
+    wait_until(
+        lambda: all(
+            w["count"] > c + 20 for w, c in zip(workers(bed, app, "src"), counts, strict=True)
+        ),
+        20,
+        "the workers to carry on",
+    )
+    assert all(not w["errors"] for w in workers(bed, app, "src"))
+    assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
+    for procs in bed.copies(app).values():
+        for pid, _ in procs:
+            kill_tree(pid)
