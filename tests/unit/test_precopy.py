@@ -17,7 +17,8 @@ import pytest
 
 from migsgx.enclave.dirty import FAULT_ENV
 from migsgx.enclave.memory import PAGE_SIZE, EnclaveMemory
-from migsgx.enclave.precopy import DestinationRounds, SourceRounds, final_dump, final_load
+from migsgx.enclave.precopy import SourceRounds, final_dump
+from migsgx.enclave.precopy_in import DestinationRounds, final_load
 from migsgx.errors import LiveMigrationError, MemoryDigestError, ProtocolError, StreamError
 from migsgx.migration.policy import EnclaveIdentity
 from migsgx.migration.ring import ShmRing

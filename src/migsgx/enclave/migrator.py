@@ -53,7 +53,7 @@ from ..migration.rounds import digest_key
 from ..migration.stream import TAG_SIZE, Manifest, Section, StreamChannel
 from ..sgx.quote import verify_quote
 from ..sgx.structs import ReportBody
-from . import checkpoints, precopy
+from . import checkpoints, precopy, precopy_in
 from .instance import EnclaveInstance
 from .persistent import MAX_TRANSFER_BYTES, PendingImport, PersistentState
 
@@ -109,7 +109,7 @@ class Migrator:
         self._arrived: DestinationCommit | None = None
         # Live migration (pre-copy rounds before the final dump): precopy.py.
         self.rounds_out: precopy.SourceRounds | None = None
-        self.rounds_in: precopy.DestinationRounds | None = None
+        self.rounds_in: precopy_in.DestinationRounds | None = None
 
     @property
     def persistent(self) -> PersistentState:
@@ -377,7 +377,7 @@ class Migrator:
 
         assert self.rounds_in is not None and self.ring is not None
         self.rounds_in.ring = self.ring
-        state, persistent, figures = precopy.final_load(
+        state, persistent, figures = precopy_in.final_load(
             self.rounds_in, self._digest_key(), MAX_STATE_BYTES, MAX_TRANSFER_BYTES,
             used_length=_used_length,
         )  # fmt: skip
@@ -417,7 +417,7 @@ class Migrator:
         if self.keys is None:
             raise ProtocolError("pre-copy needs a migration")
         if self.rounds_in is None:
-            self.rounds_in = precopy.DestinationRounds(self.instance.memory, streams, ring)
+            self.rounds_in = precopy_in.DestinationRounds(self.instance.memory, streams, ring)
             self.rounds_in.digest_key = self._digest_key()
         self.rounds_in.ring = ring
         return self.rounds_in.load_round()
