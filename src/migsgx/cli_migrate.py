@@ -2,15 +2,13 @@
 
 :func:`register` adds them to the ``migsgx`` group (``agent``, ``migrate``,
 ``checkpoint``, ``restore``, ``demo`` with its ``--container`` variant,
-``bench process`` and ``bench container``).  Until they are
-registered, ``python -m migsgx.cli_migrate ...`` runs the same commands.
+``bench process`` and ``bench container``).
 Errors propagate as :class:`~migsgx.errors.MigSGXError`; ``migsgx.cli.main``
 turns them into exit codes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
@@ -19,6 +17,7 @@ from typing import Any
 
 import click
 
+from .cli_output import emit as _emit
 from .errors import ConfigError
 
 __all__ = [
@@ -29,10 +28,6 @@ __all__ = [
     "register",
     "restore_command",
 ]
-
-
-def _emit(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _address(value: str) -> tuple[str, int]:
@@ -116,8 +111,8 @@ def agent_serve(
     from .agent.server import Agent, AgentConfig, platform_socket_alive
     from .agent.tls import AgentIdentity
     from .containers import ContainerSettings
-    from .hosts import ServiceProcess, start_service
     from .sgx.service import default_socket
+    from .sgx.spawn import ServiceProcess, start_service
 
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
@@ -247,9 +242,7 @@ def migrate_command(
         progress=progress,
     )
     if live:
-        from .cli_live import live_options
-
-        live_options(opts, console, downtime_target, max_rounds)
+        _live_options(opts, console, downtime_target, max_rounds)
     if status is not None:
         with status:
             outcome = migrate(opts)
@@ -306,7 +299,7 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
 def bench_process(enclave_size: str, as_json: bool, keep: Path | None, page_tls: bool) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
-    from .bench.process import run
+    from .lab.bench.process import run
 
     result = run(parse_size(enclave_size), keep=keep, page_tls=page_tls)
     if as_json:
@@ -330,7 +323,7 @@ def bench_process(enclave_size: str, as_json: bool, keep: Path | None, page_tls:
 def bench_container(engine: str, enclave_size: str, as_json: bool, keep: Path | None) -> None:
     """Container migration with enclaves against the engine's own checkpoint/restore."""
 
-    from .bench.container import run
+    from .lab.bench.container import run
 
     result = run(engine, parse_size(enclave_size), keep=keep)
     if as_json:
@@ -353,12 +346,95 @@ def bench_container(engine: str, enclave_size: str, as_json: bool, keep: Path | 
 def demo_command(workdir: Path | None, container: str | None) -> None:
     """Two emulated hosts; the key-value enclave app moves between them while in use."""
 
-    from .demo import run_demo
+    from .lab.demo import run_demo
 
     run_demo(workdir, container=container)
 
 
 # --- registration -------------------------------------------------------------------------------
+# --- live migration: bench live, migrate --live -------------------------------------------------
+@click.command("live")
+@click.option("--enclave-size", default="256MiB", show_default=True, help="enclave memory")
+@click.option(
+    "--dirty-rate", default="50MiB", show_default=True, help="bytes of pages written per second"
+)
+@click.option("--repeat", type=int, default=3, show_default=True, help="runs of each mode")
+@click.option("--downtime-target", type=float, default=0.05, show_default=True,
+              help="stop rule 'converged': seconds the last dirty set may take")  # fmt: skip
+@click.option("--max-rounds", type=int, default=30, show_default=True)
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="draw the round-by-round picture into this PNG file")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
+def bench_live(
+    enclave_size: str,
+    dirty_rate: str,
+    repeat: int,
+    downtime_target: float,
+    max_rounds: int,
+    plot: Path | None,
+    as_json: bool,
+) -> None:
+    """Downtime of live (pre-copy) against stop-and-copy migration, same workload."""
+
+    from .core.rounds import StopRules
+    from .lab.bench.live import run
+
+    try:
+        rules = StopRules(downtime_target=downtime_target, max_rounds=max_rounds)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    progress = None if as_json else (lambda line: click.echo(line, err=True))
+    result = run(
+        parse_size(enclave_size), parse_size(dirty_rate), repeat, rules=rules, progress=progress
+    )
+    if plot is not None:
+        from .lab.bench.live_plot import draw
+
+        draw(result, plot)
+    if not as_json:
+        sc, lv = result["stop_and_copy"], result["live"]
+        click.echo(
+            f"downtime: stop-and-copy {sc['downtime_seconds']:.3f} s, "
+            f"live {lv['downtime_seconds']:.3f} s "
+            f"({result['live_over_stop_and_copy_downtime']:.3f}x), "
+            f"live rounds {lv.get('rounds', 0)}, bytes/size {lv['bytes_over_size']:.2f}",
+            err=True,
+        )
+    _emit(result)
+
+
+def _live_options(opts: Any, console: Any, downtime_target: float, max_rounds: int) -> None:
+    """``migrate --live``: stop rules, and a line on stderr per pre-copy round."""
+
+    from .core.rounds import StopRules
+    from .datapath.live import FALLBACK
+
+    try:
+        opts.stop_rules = StopRules(downtime_target=downtime_target, max_rounds=max_rounds)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    opts.live = True
+
+    def report(index: int, r: dict[str, Any]) -> None:
+        if "fallback" in r:
+            console.print(
+                f"enclave {index}: live migration is not possible here ({r['reason']}); "
+                f"falling back to {FALLBACK}",
+                highlight=False,
+            )
+            return
+        estimate = r["pages"] * 4096 / max(r["bandwidth_bytes_per_second"], 1)
+        console.print(
+            f"enclave {index} round {r['round']}: {r['pages']} pages "
+            f"({r['bytes'] / (1 << 20):.1f} MiB in {r['seconds']:.3f} s), "
+            f"dirty {r.get('dirty_rate_bytes_per_second', 0) / (1 << 20):.1f} MiB/s, "
+            f"estimated downtime {estimate:.3f} s",
+            highlight=False,
+        )
+
+    opts.round_report = report
+
+
 def register(cli: click.Group) -> None:
     """Add the commands of this module to the ``migsgx`` group."""
 
@@ -373,16 +449,4 @@ def register(cli: click.Group) -> None:
         cli.add_command(bench)
     bench.add_command(bench_process)
     bench.add_command(bench_container)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .cli import cli
-    from .cli import main as cli_main
-
-    if "migrate" not in cli.commands:
-        register(cli)
-    cli_main(argv)
-
-
-if __name__ == "__main__":
-    main()
+    bench.add_command(bench_live)

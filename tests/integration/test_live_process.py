@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from migsgx.agent.process import kill_tree
-from migsgx.agent.testbed import AgentProcess, AppProcess, Testbed
 from migsgx.criu import Criu
+from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed
+from migsgx.system.process import kill_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from migsgx import cli
-from migsgx.bench import live as bench_live
-from migsgx.migration.rounds import StopRules
+from migsgx.core.rounds import StopRules
+from migsgx.lab.bench import live as bench_live
 
 
 def _fake_result(size: int, rate: int) -> dict[str, Any]:

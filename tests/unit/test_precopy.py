@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 
+from migsgx.core.policy import EnclaveIdentity
+from migsgx.core.rounds import MAX_ROUNDS, StopRules, digest_key, round_label
+from migsgx.core.stream import StreamChannel
+from migsgx.datapath.ring import ShmRing
 from migsgx.enclave.dirty import FAULT_ENV
 from migsgx.enclave.memory import PAGE_SIZE, EnclaveMemory
 from migsgx.enclave.precopy import SourceRounds, final_dump
 from migsgx.enclave.precopy_in import DestinationRounds, final_load
 from migsgx.errors import LiveMigrationError, MemoryDigestError, ProtocolError, StreamError
-from migsgx.migration.policy import EnclaveIdentity
-from migsgx.migration.ring import ShmRing
-from migsgx.migration.rounds import MAX_ROUNDS, StopRules, digest_key, round_label
-from migsgx.migration.stream import StreamChannel
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -4,7 +4,7 @@ Before the application hands its enclave connections over (``prepare``), the
 tool asks it for a side channel per enclave (appctl ``side``), announces the
 enclaves to the destination agent (``begin``), and runs every enclave's
 pre-copy rounds on its data connection while the application keeps calling
-its enclaves (:class:`~migsgx.migration.live.LiveOutgoingEnclave`).  When every
+its enclaves (:class:`~migsgx.datapath.live.LiveOutgoingEnclave`).  When every
 enclave's stop rule has fired, the migration goes on as a stop-and-copy one
 (``agent/source.py``): prepare, then each enclave's *final* transfer overlaps
 the CRIU dump, commit as today.
@@ -21,12 +21,12 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from ..core.rounds import StopRules
+from ..datapath.engine import DEFAULT_CHUNK
+from ..datapath.live import LiveOutgoingEnclave
 from ..errors import MigrationError, ProtocolError
-from ..host.appctl import HandedEnclave
-from ..migration.engine import DEFAULT_CHUNK
-from ..migration.live import LiveOutgoingEnclave
-from ..migration.rounds import StopRules
 from ..wire import send_frame
+from .applink import HandedEnclave
 
 __all__ = ["RoundReport", "adopt", "finish", "run_precopy"]
 

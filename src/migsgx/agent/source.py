@@ -44,17 +44,18 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
+from ..core.rounds import StopRules
 from ..criu import Criu
+from ..datapath.engine import OutgoingEnclave
 from ..errors import CriuError, MigrationError, MigSGXError, ProtocolError
-from ..host.appctl import AppLink, HandedEnclave, info_to_wire
-from ..migration.rounds import StopRules
+from ..host.appctl import info_to_wire
+from ..system.process import is_pidns_init, stop_tree, tree_pids
 from ..wire import recv_frame, send_frame
 from . import precopy
+from .applink import AppLink, HandedEnclave
 from .faults import fault
 from .guardian import Guardian
-from .incoming import load_engine
 from .precopy import RoundReport
-from .process import is_pidns_init, stop_tree, tree_pids
 from .protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,
@@ -148,7 +149,7 @@ class AgentConnection:
 @dataclass
 class _Transfer:
     handed: HandedEnclave
-    outgoing: Any = None
+    outgoing: OutgoingEnclave | None = None
     peer: socket.socket | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     error: BaseException | None = None
@@ -238,7 +239,7 @@ class _Migration:
         assert self.source is not None
         begin: dict[str, Any] = {
             "t": "begin",
-            "mid": secrets.token_bytes(16),
+            "session_id": secrets.token_bytes(16),
             "enclaves": [{"info": info_to_wire(t.handed.info)} for t in self.transfers],
             "pids": pids,
             "pidns": pidns,
@@ -275,14 +276,13 @@ class _Migration:
         self._threads: list[threading.Thread] = []
         if not self.transfers:
             return
-        engine = load_engine()
         kwargs: dict[str, Any] = {"mode": self.opts.mode}
         if self.opts.chunk_size is not None:
             kwargs["chunk_size"] = self.opts.chunk_size
         for transfer in self.transfers:
             h = transfer.handed
             if transfer.outgoing is None:  # (live: made for the pre-copy)
-                transfer.outgoing = engine.OutgoingEnclave(h.sock, h.info, h.image_files, **kwargs)
+                transfer.outgoing = OutgoingEnclave(h.sock, h.info, h.image_files, **kwargs)
         self.note("enclaves")
         self._threads = [
             threading.Thread(
@@ -329,6 +329,7 @@ class _Migration:
             peer.settimeout(None)
             send_frame(peer, {"t": "data", "token": ready["token"], "index": transfer.handed.index})
             t0 = time.monotonic()
+            assert transfer.outgoing is not None
             stats = transfer.outgoing.transfer(peer)
             transfer.stats = {k: v for k, v in dict(stats).items() if _plain(v)}
             transfer.stats["tool_seconds"] = time.monotonic() - t0
@@ -407,6 +408,7 @@ class _Migration:
         if self.transfers:
             for transfer in self.transfers:
                 try:
+                    assert transfer.outgoing is not None
                     transfer.outgoing.commit()
                 except MigSGXError as exc:
                     # ``token`` is set once the source enclave gave its state up.

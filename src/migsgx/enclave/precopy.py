@@ -25,10 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from ..core.manifest import Manifest, Section
+from ..core.rounds import DIGEST_BODY, DIGEST_LABEL, MAX_ROUNDS, memory_digest, round_label
+from ..core.stream import TAG_SIZE, StreamChannel
+from ..datapath.ring import ShmRing
 from ..errors import LiveMigrationError, ProtocolError
-from ..migration.ring import ShmRing
-from ..migration.rounds import DIGEST_BODY, DIGEST_LABEL, MAX_ROUNDS, memory_digest, round_label
-from ..migration.stream import TAG_SIZE, Manifest, Section, StreamChannel
 from .dirty import DirtyTracker, open_tracker
 from .memory import PAGE_SIZE, EnclaveMemory
 

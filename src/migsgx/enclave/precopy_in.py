@@ -18,9 +18,8 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ..errors import LiveMigrationError, MemoryDigestError, ProtocolError, StreamError
-from ..migration.ring import ShmRing
-from ..migration.rounds import (
+from ..core.manifest import Manifest, Section
+from ..core.rounds import (
     DIGEST_BODY,
     FINAL_SECTIONS,
     MAX_ROUNDS,
@@ -29,7 +28,9 @@ from ..migration.rounds import (
     round_label,
     segment_tag,
 )
-from ..migration.stream import TAG_SIZE, Manifest, Section, StreamChannel
+from ..core.stream import TAG_SIZE, StreamChannel
+from ..datapath.ring import ShmRing
+from ..errors import LiveMigrationError, MemoryDigestError, ProtocolError, StreamError
 from .memory import PAGE_SIZE, EnclaveMemory
 
 __all__ = ["DestinationRounds", "final_load"]

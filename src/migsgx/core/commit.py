@@ -1,0 +1,361 @@
+"""Exactly-once hand-over of the enclave state (``docs/spec/handshake.md``, section 9).
+
+After the streams, the destination sends LOADED, the source answers with a COMMIT
+token once it has given up its state for good, and the destination becomes live on
+that token, once per migration id.  Control messages are AES-256-GCM sealed with the
+session's control key of their direction, bound to the migration id and transcript.
+
+Messages come in whole frames (:meth:`SourceCommit.receive`,
+:meth:`DestinationCommit.receive`), because the COMMIT token is stored and delivered
+as a unit.  A frame that fails authentication or parsing raises and changes nothing:
+forged input from the untrusted side cannot talk a waiting party out of waiting.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import cbor2
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ..errors import FrameError, MigrationError, ProtocolError, ReplayError, StreamError
+from ..errors import register_error as _register
+from ..wire import HEADER, Schema, decode_body, encode
+from .handshake import LocalProtocolError, PeerAborted, Role, SessionKeys, transcript_item
+from .seen import InMemorySeenIds, SeenMigrationIds
+from .stream import StreamChannel
+
+__all__ = [
+    "CommitError",
+    "CommitState",
+    "Committed",
+    "DestinationCommit",
+    "InMemorySeenIds",
+    "LoadConfirmed",
+    "SeenMigrationIds",
+    "SourceCommit",
+    "open_control",
+    "seal_control",
+]
+
+SOURCE_TO_DESTINATION: Final = "s2d"
+DESTINATION_TO_SOURCE: Final = "d2s"
+MAX_CONTROL_FRAME: Final = 4096
+
+
+@_register
+class CommitError(MigrationError):
+    """A commit-protocol message failed authentication or does not match this migration."""
+
+    code = "commit"
+
+
+# --- events and states -------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadConfirmed:
+    """The destination has loaded exactly the streams this source sent."""
+
+    streams: int
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class Committed:
+    """The destination may run: the source has given up the state of this migration."""
+
+    migration_id: bytes
+
+
+class CommitState(enum.Enum):
+    AWAIT_LOADED = "await-loaded"
+    LOAD_CONFIRMED = "load-confirmed"
+    COMMITTED = "committed"
+    LOADING = "loading"
+    AWAIT_COMMIT = "await-commit"
+    ACTIVE = "active"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+_C = CommitState
+# Events: "recv-<type>" for an authentic message received, and the local calls
+# "loaded" (destination), "commit" (source) and "abort" (either).
+TRANSITIONS: Final[Mapping[Role, Mapping[CommitState, Mapping[str, CommitState]]]] = {
+    Role.SOURCE: {
+        _C.AWAIT_LOADED: {
+            "recv-loaded": _C.LOAD_CONFIRMED,
+            "recv-abort": _C.ABORTED,
+            "abort": _C.ABORTED,
+        },
+        _C.LOAD_CONFIRMED: {"commit": _C.COMMITTED, "recv-abort": _C.ABORTED, "abort": _C.ABORTED},
+        # A failed source may still tell the destination, authenticated, to drop its copy.
+        _C.FAILED: {"abort": _C.FAILED},
+    },
+    Role.DESTINATION: {
+        _C.LOADING: {"loaded": _C.AWAIT_COMMIT, "recv-abort": _C.ABORTED, "abort": _C.ABORTED},
+        _C.AWAIT_COMMIT: {"recv-commit": _C.ACTIVE, "recv-abort": _C.ABORTED},
+    },
+}
+
+FRAME_SCHEMA: Final = Schema("migsgx.control-frame", {"control": {"n": bytes, "c": bytes}})
+CONTROL_SCHEMA: Final = Schema(
+    "migsgx.control",
+    {
+        "loaded": {"mid": bytes, "streams": int, "digest": bytes},
+        "commit": {"mid": bytes, "streams": int, "digest": bytes},
+        "abort": {"mid": bytes, "code": str, "message": str},
+    },
+)
+
+# --- sealed control frames -------------------------------------------------------------
+def _aad(direction: str, migration_id: bytes, transcript_hash: bytes) -> bytes:
+    return (
+        transcript_item("protocol", b"migsgx/v1 control")
+        + transcript_item("direction", direction.encode())
+        + transcript_item("migration-id", migration_id)
+        + transcript_item("transcript", transcript_hash)
+    )
+
+
+def seal_control(
+    key: bytes,
+    direction: str,
+    migration_id: bytes,
+    transcript_hash: bytes,
+    message: Mapping[str, Any],
+    nonce: bytes,
+) -> bytes:
+    """One control frame (``u32 length || CBOR``) carrying ``message`` sealed under ``key``."""
+
+    plaintext = bytes(cbor2.dumps(dict(CONTROL_SCHEMA.validate(dict(message)))))
+    sealed = AESGCM(key).encrypt(nonce, plaintext, _aad(direction, migration_id, transcript_hash))
+    return encode({"t": "control", "n": nonce, "c": sealed}, max_size=MAX_CONTROL_FRAME)
+
+
+def open_control(
+    key: bytes, direction: str, migration_id: bytes, transcript_hash: bytes, frame: bytes
+) -> dict[str, Any]:
+    """The message of one control frame; FrameError if malformed, CommitError if not authentic."""
+
+    if len(frame) < HEADER.size or HEADER.unpack_from(frame)[0] != len(frame) - HEADER.size:
+        raise FrameError("a control frame must be exactly one length-prefixed frame")
+    if len(frame) > MAX_CONTROL_FRAME + HEADER.size:
+        raise FrameError("control frame too large")
+    outer = decode_body(bytes(frame[HEADER.size :]), FRAME_SCHEMA)
+    if len(outer["n"]) != 12:
+        raise FrameError("control frame nonce must be 12 bytes")
+    try:
+        plaintext = AESGCM(key).decrypt(
+            outer["n"], outer["c"], _aad(direction, migration_id, transcript_hash)
+        )
+    except InvalidTag:
+        raise CommitError("control message failed authentication") from None
+    try:
+        return CONTROL_SCHEMA.validate(cbor2.loads(plaintext))
+    except Exception as exc:
+        raise ProtocolError("authentic control message is malformed") from exc
+
+
+# --- the two ends -----------------------------------------------------------------------------
+class _CommitEnd:
+    role: Role
+    _state: CommitState
+    _mid: bytes
+    _th: bytes
+
+    @property
+    def state(self) -> CommitState:
+        return self._state
+
+    @property
+    def migration_id(self) -> bytes:
+        return self._mid
+
+    def _target(self, event: str) -> CommitState | None:
+        return TRANSITIONS[self.role].get(self._state, {}).get(event)
+
+    def _local(self, event: str) -> CommitState:
+        target = self._target(event)
+        if target is None:
+            raise LocalProtocolError(f"{event} is not allowed in state {self._state.value}")
+        return target
+
+    def _authentic(self, message: dict[str, Any]) -> str:
+        """Route an authentic message: its event, after the checks that kill the protocol."""
+
+        mtype: str = message["t"]
+        event = "recv-" + mtype
+        if self._target(event) is None:
+            # An authentic message out of place is a replay by the untrusted side (or a
+            # stale copy); it changes nothing.
+            raise ProtocolError(
+                f"{mtype} is not expected in state {self._state.value}", message_type=mtype
+            )
+        if message["mid"] != self._mid:
+            self._state = _C.FAILED
+            raise CommitError("control message names another migration")
+        return event
+
+
+class SourceCommit(_CommitEnd):
+    """The source's side: wait for LOADED, then give up the state and issue the token."""
+
+    role = Role.SOURCE
+
+    def __init__(self, keys: SessionKeys, *, rng: Callable[[int], bytes] = secrets.token_bytes):
+        if keys.role is not Role.SOURCE:
+            raise ValueError("SourceCommit needs the source's session keys")
+        self._mid = keys.migration_id
+        self._th = keys.transcript_hash
+        self._send_key = keys.control_source_key
+        self._recv_key = keys.control_destination_key
+        self._streams: StreamChannel = keys.streams
+        self._rng = rng
+        self._state = _C.AWAIT_LOADED
+        self._confirmed: tuple[int, bytes] | None = None
+        self._token: bytes | None = None
+
+    @property
+    def token(self) -> bytes | None:
+        """The COMMIT token, once :meth:`commit` has been called."""
+
+        return self._token
+
+    def receive(self, frame: bytes) -> LoadConfirmed | PeerAborted:
+        msg = open_control(self._recv_key, DESTINATION_TO_SOURCE, self._mid, self._th, frame)
+        if self._authentic(msg) == "recv-abort":
+            self._state = _C.ABORTED
+            return PeerAborted(msg["code"][:64], msg["message"][:512])
+        if self._streams.busy:
+            self._state = _C.FAILED
+            raise CommitError("LOADED arrived while a stream was still being sealed")
+        want = (len(self._streams.summaries), self._streams.digest())
+        if (msg["streams"], msg["digest"]) != want:
+            self._state = _C.FAILED
+            raise CommitError(
+                "the destination loaded other streams than this source sent",
+                loaded_streams=msg["streams"],
+                sent_streams=want[0],
+            )
+        self._confirmed = want
+        self._state = _C.LOAD_CONFIRMED
+        return LoadConfirmed(*want)
+
+    def commit(self) -> bytes:
+        """Give up the state for good and return the COMMIT token.
+
+        Irrevocable: the caller records the token durably, wipes the enclave's state,
+        never resumes it, and then sends (and may re-send) the token.
+        """
+
+        target = self._local("commit")
+        if self._streams.busy or self._confirmed is None:
+            raise LocalProtocolError("a stream was started after the destination's LOADED")
+        streams, digest = self._confirmed
+        message = {"t": "commit", "mid": self._mid, "streams": streams, "digest": digest}
+        self._token = seal_control(
+            self._send_key, SOURCE_TO_DESTINATION, self._mid, self._th, message, self._rng(12)
+        )
+        self._state = target
+        return self._token
+
+    def abort(self, code: str = "aborted", message: str = "") -> bytes:
+        """Give up the migration (e.g. on a timeout); the source goes on. Returns the ABORT."""
+
+        target = self._local("abort")
+        msg = {"t": "abort", "mid": self._mid, "code": code[:64], "message": message[:512]}
+        frame = seal_control(
+            self._send_key, SOURCE_TO_DESTINATION, self._mid, self._th, msg, self._rng(12)
+        )
+        self._state = target
+        return frame
+
+
+class DestinationCommit(_CommitEnd):
+    """The destination's side: confirm the load, then wait for the source's decision."""
+
+    role = Role.DESTINATION
+
+    def __init__(
+        self,
+        keys: SessionKeys,
+        *,
+        seen: SeenMigrationIds,
+        rng: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        if keys.role is not Role.DESTINATION:
+            raise ValueError("DestinationCommit needs the destination's session keys")
+        self._mid = keys.migration_id
+        self._th = keys.transcript_hash
+        self._recv_key = keys.control_source_key
+        self._send_key: bytes | None = keys.control_destination_key
+        self._streams: StreamChannel | None = keys.streams
+        self._seen = seen
+        self._rng = rng
+        self._state = _C.LOADING
+        self._expect: tuple[int, bytes] | None = None
+        self._loaded: bytes | None = None
+
+    @property
+    def loaded_frame(self) -> bytes | None:
+        """The LOADED frame once sent, to send again after a drop."""
+
+        return self._loaded
+
+    def loaded(self) -> bytes:
+        """Confirm a complete load: return LOADED and wait for the source's decision."""
+
+        target = self._local("loaded")
+        assert self._streams is not None and self._send_key is not None
+        if self._streams.busy:
+            raise StreamError("a stream ended before its final chunk; nothing to confirm")
+        if not self._streams.summaries:
+            raise LocalProtocolError("no stream was loaded")
+        self._expect = (len(self._streams.summaries), self._streams.digest())
+        message = {
+            "t": "loaded",
+            "mid": self._mid,
+            "streams": self._expect[0],
+            "digest": self._expect[1],
+        }
+        self._loaded = seal_control(
+            self._send_key, DESTINATION_TO_SOURCE, self._mid, self._th, message, self._rng(12)
+        )
+        self._state = target
+        return self._loaded
+
+    def receive(self, frame: bytes) -> Committed | PeerAborted:
+        msg = open_control(self._recv_key, SOURCE_TO_DESTINATION, self._mid, self._th, frame)
+        if self._state is _C.ACTIVE and msg["t"] == "commit":
+            raise ReplayError("the commit token was accepted already", migration_id=self._mid.hex())
+        if self._authentic(msg) == "recv-abort":
+            self._state = _C.ABORTED
+            return PeerAborted(msg["code"][:64], msg["message"][:512])
+        if (msg["streams"], msg["digest"]) != self._expect:
+            self._state = _C.FAILED
+            raise CommitError("the commit token is for other streams than this destination loaded")
+        if not self._seen.claim_migration(self._mid):
+            self._state = _C.FAILED
+            raise ReplayError(
+                "this migration id was committed before; this copy must be discarded",
+                migration_id=self._mid.hex(),
+            )
+        self._state = _C.ACTIVE
+        return Committed(self._mid)
+
+    def abort(self, code: str = "aborted", message: str = "") -> bytes:
+        """Give up before LOADED (after it, the source decides). Returns the ABORT."""
+
+        target = self._local("abort")
+        assert self._send_key is not None
+        msg = {"t": "abort", "mid": self._mid, "code": code[:64], "message": message[:512]}
+        frame = seal_control(
+            self._send_key, DESTINATION_TO_SOURCE, self._mid, self._th, msg, self._rng(12)
+        )
+        self._state = target
+        return frame

@@ -1,0 +1,264 @@
+"""Enclave state to a directory and back: the engine's file sink.
+
+A checkpoint is a migration whose destination is a file.  There is no peer to
+attest, so the source enclave makes the stream secret itself and *seals* it
+(EGETKEY seal key: MRENCLAVE policy, or MRSIGNER with the SVN rule when the
+manifest says ``same-signer``) together with a fresh checkpoint id; the state
+then streams through the same ring and the same STREAM format as a live
+migration.  The files in the directory, per enclave ``N``::
+
+    enclave-N.image   the enclave image (CBOR map of file name to bytes; public)
+    enclave-N.key     the sealed stream secret and checkpoint id
+    enclave-N.state   the sealed streams, as chunk frames (u32 length | u8 flags | payload)
+    enclave-N.json    public facts: checkpoint id, chunk size, bytes
+
+The source enclave gives its state up (wipes itself and exits) only after the
+files are on disk.  A restore launches a fresh enclave of the same image on
+the *same host* (the seal key is bound to it), loads the streams, and runs only
+after claiming the checkpoint id on the host's platform: a checkpoint restores
+exactly once.  See ``docs/spec/checkpoint.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import cbor2
+
+from ..core.stream import TAG_SIZE
+from ..errors import ConfigError, FrameError, MigSGXError
+from ..host.client import EnclaveInfo, launch_enclave
+from ..limits import DEFAULT_SLOTS
+from ..sgx.image import EnclaveImage
+from .engine import (
+    DEFAULT_CHUNK,
+    RING_TIMEOUT,
+    EnclaveLink,
+    _call_beside,
+    _Worker,
+)
+from .ring import RingRole, ShmRing
+from .transport import CHUNK_HEADER, FLAG_FINAL
+
+MAX_IMAGE_FILE = 64 << 20
+
+
+def _paths(directory: Path, index: int) -> tuple[Path, Path, Path, Path]:
+    base = Path(directory)
+    return (
+        base / f"enclave-{index}.image",
+        base / f"enclave-{index}.key",
+        base / f"enclave-{index}.state",
+        base / f"enclave-{index}.json",
+    )
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _slots_to_file(ring: ShmRing, out: BinaryIO) -> int:
+    total = 0
+    while True:
+        index, view, final = ring.next(RING_TIMEOUT)
+        out.write(CHUNK_HEADER.pack(len(view), FLAG_FINAL if final else 0))
+        out.write(view)
+        total += len(view)
+        ring.release(index)
+        if final:
+            return total
+
+
+def _file_to_slots(src: io.BufferedReader, ring: ShmRing) -> int:
+    total = 0
+    while True:
+        head = src.read(CHUNK_HEADER.size)
+        if len(head) != CHUNK_HEADER.size:
+            raise FrameError("the checkpoint's state file ends before its final chunk")
+        length, flags = (int(v) for v in CHUNK_HEADER.unpack(head))
+        if flags & ~FLAG_FINAL or length > ring.slot_size:
+            raise FrameError("the checkpoint's state file holds a malformed chunk frame")
+        index, slot = ring.acquire(RING_TIMEOUT)
+        view = slot[:length]
+        if src.readinto(view) != length:
+            raise FrameError("the checkpoint's state file is truncated")
+        final = bool(flags & FLAG_FINAL)
+        ring.publish(index, length, final)
+        total += length
+        if final:
+            if src.read(1):
+                raise FrameError("bytes after the final chunk of the checkpoint")
+            return total
+
+
+class CheckpointOut:
+    """One enclave's state into ``directory``; :meth:`commit` then gives it up."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        info: EnclaveInfo,
+        image_files: Mapping[str, bytes],
+        *,
+        chunk_size: int = DEFAULT_CHUNK,
+        slots: int = DEFAULT_SLOTS,
+    ) -> None:
+        self.link = EnclaveLink(sock)
+        self.info = info
+        self.image_files = dict(image_files)
+        self.chunk_size = chunk_size
+        self.slots = slots
+        self._written = False
+        self._finished = False
+
+    def write(self, directory: Path, index: int) -> dict[str, Any]:
+        image_path, key_path, state_path, meta_path = _paths(directory, index)
+        t0 = time.perf_counter()
+        try:
+            started = self.link.call("__ckpt_out")
+            _write_durably(image_path, cbor2.dumps(self.image_files))
+            _write_durably(key_path, started["key"])
+            ring = ShmRing.create(self.slots, self.chunk_size + TAG_SIZE, RingRole.CONSUMER)
+            fd = os.open(state_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                try:
+                    self.link.give_ring(ring)
+                    writer = _Worker(lambda: _slots_to_file(ring, out), "migsgx-ckpt-write", ring)
+                    dump = _call_beside(self.link, writer, "__mig_dump", self.chunk_size)
+                    writer.join()
+                finally:
+                    ring.close()
+                out.flush()
+                os.fsync(out.fileno())
+            facts = {
+                "checkpoint_id": started["id"].hex(),
+                "chunk_bytes": self.chunk_size,
+                "bytes": dump["bytes"],
+                "memory_bytes": dump["memory_bytes"],
+            }
+            _write_durably(meta_path, json.dumps(facts).encode())
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            self._written = True
+        except BaseException:
+            self.abort()
+            for path in (image_path, key_path, state_path, meta_path):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
+        return {**facts, "seconds": time.perf_counter() - t0}
+
+    def commit(self) -> None:
+        """The files are durable: the source enclave wipes itself and exits."""
+
+        if not self._written:
+            raise MigSGXError("commit before the checkpoint was written")
+        self.link.call("__ckpt_commit")
+        self._finished = True
+
+    def abort(self) -> socket.socket:
+        """The source enclave resumes with its state; returns its connection."""
+
+        if not self._finished:
+            self._finished = True
+            with contextlib.suppress(MigSGXError, OSError):
+                self.link.call("__mig_abort", "checkpoint abandoned")
+        return self.link.sock
+
+
+class CheckpointIn:
+    """One enclave of a checkpoint, loaded into a fresh enclave that does not run yet."""
+
+    def __init__(self, directory: Path, index: int, platform_socket: Path | str) -> None:
+        self.directory = Path(directory)
+        self.index = index
+        self.platform_socket = platform_socket
+        self.link: EnclaveLink | None = None
+        self.info: EnclaveInfo | None = None
+        self.image_files: dict[str, bytes] = {}
+
+    def load(self, *, slots: int = DEFAULT_SLOTS) -> None:
+        image_path, key_path, state_path, meta_path = _paths(self.directory, self.index)
+        try:
+            raw = image_path.read_bytes()
+            key_blob = key_path.read_bytes()
+            facts = json.loads(meta_path.read_text())
+            chunk = int(facts["chunk_bytes"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"checkpoint {self.directory} lacks enclave {self.index}: {exc}"
+            ) from exc
+        if len(raw) > MAX_IMAGE_FILE or not 4096 <= chunk <= 16 << 20:
+            raise ConfigError(f"checkpoint {self.directory}: enclave {self.index} is malformed")
+        try:
+            files = cbor2.loads(raw)
+        except Exception as exc:
+            raise ConfigError(f"{image_path} is not an enclave image") from exc
+        if not isinstance(files, dict):
+            raise ConfigError(f"{image_path} is not an enclave image")
+        image = EnclaveImage.from_files(files)
+        sock, self.info = launch_enclave(image, socket_path=self.platform_socket)
+        self.link = link = EnclaveLink(sock)
+        self.image_files = dict(image.files)
+        try:
+            link.call("__ckpt_in", key_blob)
+            ring = ShmRing.create(slots, chunk + TAG_SIZE, RingRole.PRODUCER)
+            try:
+                link.give_ring(ring)
+                with open(state_path, "rb") as src:
+                    reader = _Worker(lambda: _file_to_slots(src, ring), "migsgx-ckpt-read", ring)
+                    _call_beside(link, reader, "__mig_load")
+                    reader.join()
+            finally:
+                ring.close()
+        except BaseException:
+            self.discard()
+            raise
+
+    def activate(self) -> socket.socket:
+        """Claim the checkpoint on this host (once) and let the enclave run."""
+
+        if self.link is None:
+            raise MigSGXError("nothing was loaded")
+        self.link.call("__ckpt_activate")
+        return self.link.sock
+
+    def discard(self) -> None:
+        """The loaded enclave never runs; the checkpoint stays restorable."""
+
+        if self.link is not None:
+            with contextlib.suppress(MigSGXError, OSError):
+                self.link.call("__mig_abort", "restore abandoned")
+            self.link.sock.close()
+            self.link = None
+
+
+def restore_enclave(
+    directory: Path, index: int, platform_socket: Path | str
+) -> tuple[socket.socket, EnclaveInfo, dict[str, bytes]]:
+    """Launch a fresh enclave, load the checkpoint into it, and let it run (once)."""
+
+    incoming = CheckpointIn(directory, index, platform_socket)
+    incoming.load()
+    try:
+        sock = incoming.activate()
+    except BaseException:
+        incoming.discard()
+        raise
+    assert incoming.info is not None
+    return sock, incoming.info, incoming.image_files

@@ -1,0 +1,594 @@
+"""A single-producer, single-consumer ring of fixed-size slots in shared memory.
+
+Bulk bytes cross between an enclave process and the untrusted process the way an
+SGX enclave writes straight into untrusted memory: through pages both processes
+map, never as a copy through a socket.  Only small control messages travel on a
+socket, the *doorbell*.
+
+Shared memory
+    One ``memfd`` of exactly ``slots * slot_size`` bytes, slot ``i`` at offset
+    ``i * slot_size``.  The creating side seals it with ``F_SEAL_SHRINK``,
+    ``F_SEAL_GROW`` and ``F_SEAL_SEAL`` before handing it over, and the attaching
+    side refuses a descriptor without those seals or with another size: a peer
+    that could shrink the file could make the other process fault (SIGBUS) on a
+    page it had mapped.  Nothing in the shared pages is control state; every index
+    and length comes from the doorbell and is checked against this end's own
+    bookkeeping.
+
+Doorbell
+    One ``AF_UNIX``/``SOCK_SEQPACKET`` socket pair.  Every message is exactly 12
+    bytes, big-endian::
+
+        u8 kind | u8 flags | u16 zero | u32 index | u32 nbytes
+
+    ``kind`` 1 (FILLED), producer to consumer: slot ``index`` holds ``nbytes``
+    bytes; ``flags`` bit 0 marks the final slot of the stream.
+    ``kind`` 2 (FREE), consumer to producer: slot ``index`` may be reused;
+    ``flags`` and ``nbytes`` are zero.
+
+    End of file on the doorbell means the peer is gone (its process died or it
+    closed the ring): the waiting side raises
+    :class:`~migsgx.errors.ConnectionClosedError` and never hangs.  Any other
+    message the protocol does not allow (wrong size, unknown kind or flags,
+    nonzero padding, an index out of range, a length above the slot size, FILLED
+    for a slot the consumer still holds, FREE for a slot the producer has not
+    published) raises :class:`~migsgx.errors.ProtocolError`.  After a peer error
+    the ring end is dead: every later call raises again.  After the final slot a
+    consumer reads no more messages.  Misuse by the local caller (publishing a
+    slot it did not acquire, releasing one it does not hold, reading past the
+    final slot) raises ``ValueError`` or ``RuntimeError``.
+
+The untrusted side may be hostile.  It can stop the transfer with a clean error,
+but it cannot make this end index outside its mapping or hand the caller a view
+longer than a slot.  It *can* change a slot's bytes at any time, including while
+the caller reads them: a consumer that must not be fooled by two reads of the
+same bytes (a double fetch) copies the slot into private memory first, and
+authenticated encryption catches every change made before that copy.
+
+Views handed out by :meth:`ShmRing.acquire` and :meth:`ShmRing.next` are
+released when the slot is published or released, so a stale view cannot be
+used by mistake, and :meth:`ShmRing.close` can unmap safely.
+
+A ring end is not thread-safe: one thread drives it (worker threads may fill or
+read the views it hands out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import fcntl
+import math
+import mmap
+import os
+import select
+import socket
+import stat
+import struct
+from collections import deque
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, NoReturn
+
+from ..errors import (
+    ConnectionClosedError,
+    MigrationError,
+    MigSGXError,
+    ProtocolError,
+    register_error,
+)
+from ..limits import MAX_SLOT_SIZE, MAX_SLOTS
+
+__all__ = [
+    "MAX_SLOTS",
+    "MAX_SLOT_SIZE",
+    "RingRole",
+    "RingSpec",
+    "RingTimeoutError",
+    "ShmRing",
+    "recv_ring_fds",
+    "send_ring_fds",
+]
+
+# MAX_SLOTS (migsgx.limits) also keeps every doorbell queue far below its socket buffer.
+
+_MSG = struct.Struct(">BBHII")
+_KIND_FILLED: Final = 1
+_KIND_FREE: Final = 2
+_FLAG_FINAL: Final = 0x01
+
+_TIMEVAL = struct.Struct("@ll")
+
+_REQUIRED_SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+# Hand-over message sent with the two descriptors (see send_ring_fds).
+_HANDOVER = struct.Struct(">4sBBHII")
+_HANDOVER_MAGIC: Final = b"MSRG"
+_HANDOVER_VERSION: Final = 1
+
+
+@register_error
+class RingTimeoutError(MigrationError):
+    """The peer did not answer within the timeout."""
+
+    code = "timeout"
+
+
+class RingRole(enum.IntEnum):
+    """Which end of the ring a process holds."""
+
+    PRODUCER = 1
+    CONSUMER = 2
+
+    @property
+    def peer(self) -> RingRole:
+        return RingRole.CONSUMER if self is RingRole.PRODUCER else RingRole.PRODUCER
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    """A ring's geometry."""
+
+    slots: int
+    slot_size: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.slots <= MAX_SLOTS:
+            raise ValueError(f"slots must be in 1..{MAX_SLOTS}, not {self.slots}")
+        if not 1 <= self.slot_size <= MAX_SLOT_SIZE:
+            raise ValueError(f"slot_size must be in 1..{MAX_SLOT_SIZE}, not {self.slot_size}")
+
+    @property
+    def size(self) -> int:
+        return self.slots * self.slot_size
+
+
+class _Slot(enum.Enum):
+    # Producer end.
+    FREE = "free"  # ours, idle
+    ACQUIRED = "acquired"  # ours, lent to the caller
+    PUBLISHED = "published"  # the consumer's
+    # Consumer end.
+    AWAY = "away"  # the producer's, or filled and not yet announced
+    HELD = "held"  # announced, lent to the caller
+
+
+class ShmRing:
+    """One end of a shared-memory ring (see the module documentation)."""
+
+    def __init__(
+        self,
+        role: RingRole,
+        spec: RingSpec,
+        mapping: mmap.mmap,
+        doorbell: socket.socket,
+        *,
+        memfd: int | None = None,
+        peer_doorbell: socket.socket | None = None,
+    ) -> None:
+        """Use :meth:`create`, :meth:`attach` or :meth:`pair`."""
+
+        self.role = role
+        self.spec = spec
+        # Hot-path copies: the role this end may act as (None once closed or
+        # failed), the geometry.
+        self._usable: RingRole | None = role
+        self._slots = spec.slots
+        self._slot_size = spec.slot_size
+        self._mm = mapping
+        self._doorbell = doorbell
+        self._memfd = memfd
+        self._peer_doorbell = peer_doorbell
+        self._rw = memoryview(mapping)
+        self._ro = self._rw.toreadonly()
+        self._lent: dict[int, memoryview] = {}
+        self._stuck: list[memoryview] = []
+        self._final = False
+        self._failure: MigSGXError | None = None
+        self._closed = False
+        self._msg_out = bytearray(_MSG.size)
+        self._msg_in = bytearray(_MSG.size + 4)  # room to notice an oversize message
+        self._recv_timeout: float | None = None  # the doorbell's SO_RCVTIMEO
+        initial = _Slot.FREE if role is RingRole.PRODUCER else _Slot.AWAY
+        self._state = [initial] * spec.slots
+        self._free: deque[int] = deque(range(spec.slots)) if role is RingRole.PRODUCER else deque()
+
+    # --- construction -----------------------------------------------------------
+    @classmethod
+    def create(cls, slots: int, slot_size: int, role: RingRole) -> ShmRing:
+        """Make a new ring and return this process's end, holding the peer's descriptors.
+
+        Give the peer :meth:`peer_fds` (and :attr:`spec`), then call
+        :meth:`peer_handed_over` so that the peer's death becomes visible here.
+        """
+
+        spec = RingSpec(slots, slot_size)
+        memfd = os.memfd_create("migsgx-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(memfd, spec.size)
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _REQUIRED_SEALS)
+            mapping = mmap.mmap(memfd, spec.size, mmap.MAP_SHARED)
+        except BaseException:
+            os.close(memfd)
+            raise
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        return cls(role, spec, mapping, mine, memfd=memfd, peer_doorbell=theirs)
+
+    @classmethod
+    def attach(cls, memfd: int, doorbell_fd: int, spec: RingSpec, role: RingRole) -> ShmRing:
+        """Attach to a ring another process created; takes ownership of both descriptors.
+
+        Everything about the descriptors is checked, since they come from the peer.
+        On error both are closed.
+        """
+
+        try:
+            doorbell = _check_doorbell(doorbell_fd)
+        except BaseException:
+            os.close(memfd)
+            raise
+        try:
+            _check_memfd(memfd, spec)
+            mapping = mmap.mmap(memfd, spec.size, mmap.MAP_SHARED)
+        except BaseException:
+            doorbell.close()
+            raise
+        finally:
+            os.close(memfd)
+        return cls(role, spec, mapping, doorbell)
+
+    @classmethod
+    def pair(cls, slots: int, slot_size: int) -> tuple[ShmRing, ShmRing]:
+        """Both ends in this process, for tests and for in-process pipelines."""
+
+        producer = cls.create(slots, slot_size, RingRole.PRODUCER)
+        try:
+            memfd, doorbell_fd = producer.peer_fds()
+            consumer = cls.attach(
+                os.dup(memfd), os.dup(doorbell_fd), producer.spec, RingRole.CONSUMER
+            )
+        except BaseException:
+            producer.close()
+            raise
+        producer.peer_handed_over()
+        return producer, consumer
+
+    def peer_fds(self) -> tuple[int, int]:
+        """The descriptors the peer attaches with: ``(memfd, doorbell)``."""
+
+        if self._memfd is None or self._peer_doorbell is None:
+            raise RuntimeError("the peer's descriptors were already handed over")
+        return self._memfd, self._peer_doorbell.fileno()
+
+    def peer_handed_over(self) -> None:
+        """Close this process's copies of the peer's descriptors."""
+
+        if self._peer_doorbell is not None:
+            self._peer_doorbell.close()
+            self._peer_doorbell = None
+        if self._memfd is not None:
+            os.close(self._memfd)
+            self._memfd = None
+
+    # --- producer end -------------------------------------------------------------
+    def acquire(self, timeout: float | None = None) -> tuple[int, memoryview]:
+        """Wait for a free slot; return its index and a writable view of the whole slot."""
+
+        if self._usable is not RingRole.PRODUCER:
+            self._refuse(RingRole.PRODUCER)
+        if self._final:
+            raise RuntimeError("the final slot was already published")
+        while not self._free:
+            self._take_free(self._receive(timeout))
+        index = self._free.popleft()
+        self._state[index] = _Slot.ACQUIRED
+        start = index * self._slot_size
+        view = self._rw[start : start + self._slot_size]
+        self._lent[index] = view
+        return index, view
+
+    def publish(self, index: int, nbytes: int, final: bool = False) -> None:
+        """Hand slot ``index``, holding ``nbytes`` bytes, to the consumer."""
+
+        if self._usable is not RingRole.PRODUCER:
+            self._refuse(RingRole.PRODUCER)
+        if not 0 <= index < self._slots or self._state[index] is not _Slot.ACQUIRED:
+            raise ValueError(f"slot {index} is not acquired")
+        if not 0 <= nbytes <= self._slot_size:
+            raise ValueError(f"{nbytes} bytes do not fit a slot of {self._slot_size}")
+        self._unlend(index)
+        self._state[index] = _Slot.PUBLISHED
+        self._send(_KIND_FILLED, _FLAG_FINAL if final else 0, index, nbytes)
+        self._final = final
+
+    def wait_drained(self, timeout: float | None = None) -> None:
+        """Wait until the consumer has released every published slot."""
+
+        if self._usable is not RingRole.PRODUCER:
+            self._refuse(RingRole.PRODUCER)
+        while any(s is _Slot.PUBLISHED for s in self._state):
+            self._take_free(self._receive(timeout))
+
+    # --- consumer end -------------------------------------------------------------
+    def next(self, timeout: float | None = None) -> tuple[int, memoryview, bool]:
+        """Wait for the next filled slot: ``(index, read-only view of its bytes, final)``."""
+
+        if self._usable is not RingRole.CONSUMER:
+            self._refuse(RingRole.CONSUMER)
+        if self._final:
+            raise RuntimeError("the final slot was already delivered")
+        kind, flags, index, nbytes = self._receive(timeout)
+        if kind != _KIND_FILLED:
+            self._fail(ProtocolError("the ring's producer sent a message only a consumer sends"))
+        if flags & ~_FLAG_FINAL:
+            self._fail(ProtocolError("unknown doorbell flags", flags=flags))
+        if index >= self._slots:
+            self._fail(ProtocolError("doorbell names a slot out of range", index=index))
+        if nbytes > self._slot_size:
+            self._fail(ProtocolError("doorbell length exceeds the slot size", nbytes=nbytes))
+        if self._state[index] is not _Slot.AWAY:
+            self._fail(ProtocolError("producer filled a slot the consumer holds", index=index))
+        self._state[index] = _Slot.HELD
+        start = index * self._slot_size
+        view = self._ro[start : start + nbytes]
+        self._lent[index] = view
+        self._final = bool(flags & _FLAG_FINAL)
+        return index, view, self._final
+
+    def release(self, index: int) -> None:
+        """Give slot ``index`` back to the producer; its view becomes unusable."""
+
+        if self._usable is not RingRole.CONSUMER:
+            self._refuse(RingRole.CONSUMER)
+        if not 0 <= index < self._slots or self._state[index] is not _Slot.HELD:
+            raise ValueError(f"slot {index} is not held")
+        self._unlend(index)
+        self._state[index] = _Slot.AWAY
+        # A producer may go once it has published its final slot, without taking
+        # slots back.  If it went earlier, the next call to next() finds end of file
+        # after the messages it sent: that is where a consumer learns it.
+        self._send(_KIND_FREE, 0, index, 0, peer_may_be_gone=True)
+
+    # --- both ends ----------------------------------------------------------------
+    @property
+    def slot_size(self) -> int:
+        return self.spec.slot_size
+
+    def fileno(self) -> int:
+        """The doorbell's descriptor, readable when a message from the peer waits."""
+
+        return self._doorbell.fileno()
+
+    def close(self) -> None:
+        """Close the doorbell (the peer sees end of file) and unmap the slots.
+
+        Views still lent out are released first.  If the caller exported one of them
+        further (a numpy array on a slot, say), the mapping stays until that export
+        goes away, instead of failing here.
+        """
+
+        if self._closed:
+            return
+        self._closed = True
+        self._usable = None
+        self._doorbell.close()
+        self.peer_handed_over()
+        for index in list(self._lent):
+            self._unlend(index)
+        self._stuck = [v for v in self._stuck if not _try_release(v)]
+        _try_release(self._ro)
+        _try_release(self._rw)
+        # If an export outlives the ring, the pages go when it does.
+        with contextlib.suppress(BufferError):
+            self._mm.close()
+
+    def __enter__(self) -> ShmRing:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- internals ----------------------------------------------------------------
+    def _refuse(self, role: RingRole) -> NoReturn:
+        if self._closed:
+            raise RuntimeError("the ring is closed")
+        if self.role is not role:
+            raise RuntimeError(f"this is the ring's {self.role.name.lower()} end")
+        failure = self._failure
+        assert failure is not None
+        raise type(failure)(f"ring unusable after an earlier error: {failure}") from failure
+
+    def _fail(self, error: MigSGXError) -> NoReturn:
+        self._failure = error
+        self._usable = None
+        raise error
+
+    def _unlend(self, index: int) -> None:
+        view = self._lent.pop(index, None)
+        if view is not None and not _try_release(view):
+            self._stuck.append(view)
+
+    def _take_free(self, msg: tuple[int, int, int, int]) -> None:
+        kind, flags, index, nbytes = msg
+        if kind != _KIND_FREE or flags or nbytes:
+            self._fail(ProtocolError("the ring's consumer sent a message it may not send"))
+        if index >= self._slots:
+            self._fail(ProtocolError("doorbell names a slot out of range", index=index))
+        if self._state[index] is not _Slot.PUBLISHED:
+            self._fail(ProtocolError("consumer freed a slot it does not hold", index=index))
+        self._state[index] = _Slot.FREE
+        self._free.append(index)
+
+    def _send(
+        self, kind: int, flags: int, index: int, nbytes: int, *, peer_may_be_gone: bool = False
+    ) -> None:
+        _MSG.pack_into(self._msg_out, 0, kind, flags, 0, index, nbytes)
+        try:
+            self._doorbell.send(self._msg_out)
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                if peer_may_be_gone:
+                    return
+                self._fail_from(ConnectionClosedError("the ring's peer is gone"), exc)
+            raise
+
+    def _receive(self, timeout: float | None) -> tuple[int, int, int, int]:
+        if timeout is not None and timeout <= 0:
+            got = self._recv(socket.MSG_DONTWAIT)
+        else:
+            if timeout != self._recv_timeout:
+                # A kernel-side timeout keeps a wait at one system call.
+                self._doorbell.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+                self._recv_timeout = timeout
+            got = self._recv(0)
+        if got < 0:
+            raise RingTimeoutError(
+                f"no doorbell message from the ring's {self.role.peer.name.lower()} "
+                f"within {timeout} s"
+            )
+        if got == 0:
+            self._fail(ConnectionClosedError("the ring's peer is gone"))
+        if got != _MSG.size:
+            self._fail(ProtocolError("doorbell message of the wrong size", size=got))
+        kind, flags, zero, index, nbytes = _MSG.unpack_from(self._msg_in)
+        if zero:
+            self._fail(ProtocolError("doorbell message with nonzero padding"))
+        return kind, flags, index, nbytes
+
+    def _recv(self, flags: int) -> int:
+        """One doorbell read: its size, 0 at end of file, -1 if nothing came in time."""
+
+        try:
+            return self._doorbell.recv_into(self._msg_in, 0, flags)
+        except BlockingIOError:
+            return -1
+        except ConnectionResetError:
+            # A peer that closes with messages of ours unread makes the kernel report
+            # ECONNRESET once, possibly ahead of messages it sent before closing.
+            # Those are still queued: read them (or end of file) now.
+            try:
+                return self._doorbell.recv_into(self._msg_in, 0, flags)
+            except BlockingIOError:
+                return -1
+            except OSError as exc:
+                self._fail_from(ConnectionClosedError("the ring's peer is gone"), exc)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                self._fail_from(ConnectionClosedError("the ring's peer is gone"), exc)
+            raise
+
+    def _fail_from(self, error: MigSGXError, cause: BaseException) -> NoReturn:
+        self._failure = error
+        self._usable = None
+        raise error from cause
+
+
+def _timeval(timeout: float | None) -> bytes:
+    if timeout is None:
+        return _TIMEVAL.pack(0, 0)  # wait for ever
+    micros = max(1, math.ceil(timeout * 1_000_000))
+    return _TIMEVAL.pack(micros // 1_000_000, micros % 1_000_000)
+
+
+def _try_release(view: memoryview) -> bool:
+    try:
+        view.release()
+    except BufferError:
+        return False
+    return True
+
+
+def _check_doorbell(fd: int) -> socket.socket:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        os.close(fd)
+        raise ProtocolError("the ring's doorbell descriptor is not a socket") from exc
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+        sock.close()
+        raise ProtocolError("the ring's doorbell is not a unix seqpacket socket")
+    sock.setblocking(True)
+    return sock
+
+
+def _check_memfd(fd: int, spec: RingSpec) -> None:
+    try:
+        info = os.fstat(fd)
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:
+        raise ProtocolError("the ring's memory descriptor is not a sealed memfd") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise ProtocolError("the ring's memory descriptor is not a regular file")
+    if seals & _REQUIRED_SEALS != _REQUIRED_SEALS:
+        raise ProtocolError("the ring's memory may still change size", seals=seals)
+    if info.st_size != spec.size:
+        raise ProtocolError(
+            "the ring's memory does not match its geometry", size=info.st_size, want=spec.size
+        )
+
+
+# --- handing a ring to another process ----------------------------------------------
+def send_ring_fds(sock: socket.socket, ring: ShmRing) -> None:
+    """Send the peer's end of ``ring`` over a unix socket, then drop our copies.
+
+    One message: ``magic "MSRG" | u8 version | u8 role | u16 zero | u32 slots |
+    u32 slot_size`` (big-endian), with the memfd and the doorbell attached.
+
+    Until the peer has received the message, its descriptors live in the unix
+    socket's queue, and the peer's death cannot show as end of file on the
+    doorbell if this process still holds the receiving end of that socket: keep
+    only the sending end (or use timeouts).
+    """
+
+    memfd, doorbell_fd = ring.peer_fds()
+    header = _HANDOVER.pack(
+        _HANDOVER_MAGIC, _HANDOVER_VERSION, ring.role.peer, 0, ring.spec.slots, ring.spec.slot_size
+    )
+    socket.send_fds(sock, [header], [memfd, doorbell_fd])
+    ring.peer_handed_over()
+
+
+def recv_ring_fds(sock: socket.socket, role: RingRole, *, timeout: float | None = None) -> ShmRing:
+    """Receive a ring end sent by :func:`send_ring_fds` and attach to it as ``role``."""
+
+    if timeout is not None:
+        ready, _, _ = select.select([sock], [], [], timeout)
+        if not ready:
+            raise RingTimeoutError(f"no ring arrived within {timeout} s")
+    try:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, _HANDOVER.size + 1, 2)
+        except ConnectionResetError:
+            # Reported once when the sender closed with messages of ours unread;
+            # what it sent before closing is still queued.
+            data, fds, _flags, _addr = socket.recv_fds(sock, _HANDOVER.size + 1, 2)
+    except OSError as exc:
+        raise ConnectionClosedError("could not receive the ring") from exc
+    if len(fds) != 2 or len(data) != _HANDOVER.size:
+        for fd in fds:
+            os.close(fd)
+        if not data and not fds:
+            raise ConnectionClosedError("the peer closed before sending the ring")
+        raise ProtocolError("malformed ring hand-over", size=len(data), fds=len(fds))
+    memfd, doorbell_fd = fds
+    magic, version, peer_role, zero, slots, slot_size = _HANDOVER.unpack(data)
+    try:
+        if magic != _HANDOVER_MAGIC or version != _HANDOVER_VERSION or zero:
+            raise ProtocolError("not a ring hand-over message")
+        if peer_role != role:
+            raise ProtocolError("the ring was handed over for the other role", role=peer_role)
+        try:
+            spec = RingSpec(slots, slot_size)
+        except ValueError as exc:
+            raise ProtocolError(f"ring geometry out of bounds: {exc}") from exc
+    except BaseException:
+        os.close(memfd)
+        os.close(doorbell_fd)
+        raise
+    return ShmRing.attach(memfd, doorbell_fd, spec, role)

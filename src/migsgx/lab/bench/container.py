@@ -1,0 +1,239 @@
+"""``migsgx bench container``: a container with an enclave moves; the engine alone for comparison.
+
+One invocation builds two namespaced hosts with container engines
+(:class:`~migsgx.lab.containers.ContainerLab`) and, in the same run, with
+runc or podman:
+
+* ``migsgx``: the example ``model`` application, in a container, holding SIZE
+  of enclave memory (secret weights its enclave makes), migrates with
+  ``migsgx migrate --runc/--podman``; the digests of enclave and ordinary
+  memory are checked on the destination;
+* ``engine_only``: the same container image running a plain process that
+  holds SIZE of ordinary memory (no enclaves: the engine alone cannot move
+  enclave state) moves with the engine's own checkpoint and restore: runc
+  ``checkpoint`` with CRIU's page server on the destination, a copy of the
+  other images, ``runc restore``; or podman ``container checkpoint
+  --export``, a copy of the archive, ``container restore --import``.
+
+Both move about SIZE bytes.  ``localize`` (podman) is the rewrite of the
+archive that two hosts sharing one machine need (its network namespace and
+cgroup parent); between machines it is not needed.  Requires root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ...containers import HostConfig
+from ...containers.oci import Localization, extract_tree, load_json, localize, tar_tree
+from ...containers.podman import Podman, PodmanDriver
+from ...containers.runc import Runc
+from ...criu import Criu
+from ...criu.pageserver import PageServer
+from ...errors import ConfigError, MigSGXError
+from ...system.process import in_netns
+from ..containers import ContainerApp, ContainerLab
+from ..testbed import Testbed
+from .process import MODEL_COLS, migration_figures
+
+__all__ = ["run"]
+
+PORT = 7001
+
+# SIZE MiB of ordinary memory (not zero pages), served as a digest on a port.
+PLAIN = """
+import os
+os.environ["OPENBLAS_NUM_THREADS"] = "1"  # one thread: runc's checkpoint kills the tree
+import hashlib, socket, sys
+import numpy as np
+mib, port = int(sys.argv[1]), int(sys.argv[2])
+block = np.random.default_rng(3).integers(0, 256, size=1 << 20, dtype=np.uint8)
+memory = np.empty((mib, 1 << 20), dtype=np.uint8)
+for i in range(mib):
+    memory[i] = block
+    memory[i, :8] = np.frombuffer(i.to_bytes(8, "little"), dtype=np.uint8)
+digest = hashlib.sha256(memory.data).hexdigest()
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", port))
+server.listen(8)
+while True:
+    conn, _ = server.accept()
+    with conn:
+        conn.recv(64)
+        conn.sendall(f"DIGEST {digest}\\n".encode())
+"""
+
+
+def _migsgx(bed: Testbed, lab: ContainerLab, engine: str, size: int) -> dict[str, Any]:
+    rows = max(1, size // (MODEL_COLS * 4))
+    agent = bed.start_agent()
+    app = lab.start_app(
+        engine, "model", ["--rows", str(rows), "--cols", str(MODEL_COLS)], name="model"
+    )
+    before = lab.ask(app, "DIGEST", at="src")
+    run = bed.migrate(None, agent, args=[f"--{engine}", app.name])
+    if run.returncode != 0 or run.stats is None:
+        raise MigSGXError(f"migsgx migrate failed ({run.returncode}): {run.stderr[-2000:]}")
+    after = lab.ask(app, "DIGEST", at="dst")
+    if after != before:
+        raise MigSGXError(f"state differs after the migration: {before!r} != {after!r}")
+    lab.remove(app)
+    agent.stop()
+    return migration_figures(run.stats, rows, run.seconds)
+
+
+def _plain(lab: ContainerLab, engine: str, size: int) -> tuple[ContainerApp, str]:
+    code = [sys.executable, "-c", PLAIN, str(max(1, size >> 20)), str(PORT)]
+    app = lab.start_command(engine, code)
+    app.port = PORT
+    deadline = time.monotonic() + 120
+    while True:
+        with contextlib.suppress(OSError):
+            reply = lab.ask(app, "DIGEST", at="src")
+            if reply.startswith("DIGEST"):
+                return app, reply
+        if time.monotonic() > deadline:
+            raise MigSGXError("the plain container did not start")
+        time.sleep(0.1)
+
+
+def _runc_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict[str, Any]:
+    app, digest = _plain(lab, "runc", size)
+    dst = bed.host("dst")
+    src_runc = Runc(lab.settings["src"].runc_root, criu.binary, prefix=bed.host("src").command([]))
+    dst_runc = Runc(lab.settings["dst"].runc_root, criu.binary, prefix=dst.command([]))
+    dump_dir = Path(tempfile.mkdtemp(prefix="migsgx-bench-runc-", dir="/dev/shm"))
+    images = bed.root / "runc-only-images"
+    images.mkdir()
+    bundle = lab.base / "dst" / "bench-bundle"
+    listener = in_netns(f"/run/netns/{dst.netns}", lambda: socket.socket())
+    try:
+        listener.bind((dst.address, 0))
+        listener.listen(1)
+        holder: dict[str, PageServer] = {}
+
+        def accept() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                holder["ps"] = PageServer(criu.binary, images, conn)
+
+        acceptor = threading.Thread(target=accept, daemon=True)
+        acceptor.start()
+        source_bundle = lab.base / "src" / "bundles" / app.name
+        t0 = time.monotonic()
+        src_runc.checkpoint(
+            app.name, dump_dir, page_server=(dst.address, listener.getsockname()[1]),
+            tcp_established=False, leave_running=False,
+        )  # fmt: skip
+        t_dump = time.monotonic()
+        acceptor.join(30)
+        holder["ps"].wait(120)
+        for path in dump_dir.iterdir():
+            if path.name != "dump.log":
+                shutil.copyfile(path, images / path.name)
+        bundle.mkdir(parents=True)
+        shutil.copytree(source_bundle / "rootfs", bundle / "rootfs", symlinks=True)
+        settings = lab.settings["dst"]
+        spec = localize(
+            load_json(source_bundle / "config.json", "configuration"),
+            Localization(None, settings.netns, f"{settings.cgroup_parent}/{app.name}", None),
+        )
+        (bundle / "config.json").write_text(json.dumps(spec))
+        t_copy = time.monotonic()
+        dst_runc.restore(app.name, bundle, images, images)
+        t_end = time.monotonic()
+    finally:
+        listener.close()
+        shutil.rmtree(dump_dir, ignore_errors=True)
+    try:
+        if lab.ask(app, "DIGEST", at="dst") != digest:
+            raise MigSGXError("the plain container's memory differs after the restore")
+        page_bytes = sum(p.stat().st_size for p in images.glob("pages-*.img"))
+        other = sum(p.stat().st_size for p in images.iterdir() if not p.name.startswith("pages-"))
+    finally:
+        lab.remove(app)
+        shutil.rmtree(images, ignore_errors=True)
+    return {
+        "total_seconds": t_end - t0,
+        "downtime_seconds": t_end - t0,
+        "bytes": page_bytes + other,
+        "phases": {"dump": t_dump - t0, "transfer": t_copy - t_dump, "restore": t_end - t_copy},
+    }
+
+
+def _podman_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict[str, Any]:
+    app, digest = _plain(lab, "podman", size)
+    # Each engine in its host's network namespace, as the agents and the tool run.
+    src = Podman(lab.settings["src"], criu.binary, prefix=bed.host("src").command([]))
+    dst = Podman(lab.settings["dst"], criu.binary, prefix=bed.host("dst").command([]))
+    scratch = Path(tempfile.mkdtemp(prefix="migsgx-bench-podman-", dir="/dev/shm"))
+    moved = bed.root / "podman-only"
+    moved.mkdir()
+    try:
+        t0 = time.monotonic()
+        archive = scratch / "export.tar"
+        src("container", "checkpoint", "--export", str(archive), "--compress", "none", app.name,
+            what="podman checkpoint", timeout=600)  # fmt: skip
+        t_dump = time.monotonic()
+        copy = moved / "export.tar"
+        shutil.copyfile(archive, copy)
+        t_copy = time.monotonic()
+        work = moved / "work"
+        work.mkdir()
+        extract_tree(copy, work, limit=8 << 30)
+        driver = PodmanDriver(HostConfig(criu, lab.settings["dst"], None, bed.state("dst")))
+        driver.localize_archive(work, None, engine_in_netns=True)
+        local = moved / "local.tar"
+        tar_tree(work, local, limit=8 << 30)
+        t_local = time.monotonic()
+        dst("container", "restore", "--import", str(local), what="podman restore", timeout=600)
+        t_end = time.monotonic()
+        nbytes = copy.stat().st_size
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        if lab.ask(app, "DIGEST", at="dst") != digest:
+            raise MigSGXError("the plain container's memory differs after the restore")
+    finally:
+        lab.remove(app)
+        shutil.rmtree(moved, ignore_errors=True)
+    return {
+        "total_seconds": t_end - t0 - (t_local - t_copy),
+        "downtime_seconds": t_end - t0 - (t_local - t_copy),
+        "bytes": nbytes,
+        "phases": {"dump": t_dump - t0, "transfer": t_copy - t_dump, "restore": t_end - t_local},
+        "localize_seconds": t_local - t_copy,
+    }
+
+
+def run(engine: str, size: int, *, subnet: int = 202, keep: Path | None = None) -> dict[str, Any]:
+    if engine not in ("runc", "podman"):
+        raise ConfigError("--engine is runc or podman")
+    if size < (1 << 20):
+        raise ConfigError("--enclave-size must be at least 1 MiB")
+    criu = Criu()
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="migsgx-bench-container-"))
+    try:
+        with Testbed(root, subnet=subnet) as bed, ContainerLab(bed, criu=criu) as lab:
+            migsgx = _migsgx(bed, lab, engine, size)
+            only = _runc_only if engine == "runc" else _podman_only
+            plain = only(bed, lab, size, criu)
+    finally:
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return {
+        "engine": engine,
+        "enclave_size": size,
+        "migsgx": migsgx,
+        "engine_only": plain,
+    }

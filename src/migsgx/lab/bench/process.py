@@ -1,0 +1,183 @@
+"""``migsgx bench process``: a process with an enclave moves; CRIU alone for comparison.
+
+One invocation builds two namespaced hosts (:class:`~migsgx.lab.testbed.Testbed`)
+and, in the same run:
+
+* ``migsgx``: the example ``model`` application holding SIZE of enclave memory
+  (secret weights its enclave generates) and SIZE of ordinary memory migrates
+  with ``migsgx migrate`` (enclave pipeline, then CRIU with the page server);
+  the digests of both memories are checked on the destination;
+* ``criu_only``: a plain process holding 2 x SIZE of ordinary memory migrates
+  with CRIU alone: ``criu page-server`` on the destination, dump, copy of the
+  other images, restore.
+
+Both move about the same number of bytes.  Requires root (namespaces, CRIU).
+The command itself is ``migsgx bench process`` (:mod:`migsgx.cli_migrate`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ...agent.protocol import PHASES
+from ...criu import Criu, InNetns, InTaskNamespaces
+from ...criu.pageserver import PageServer
+from ...errors import ConfigError, MigSGXError
+from ...system.process import in_netns, kill_tree, tree_pids
+from ..testbed import Testbed
+
+__all__ = ["criu_only", "run"]
+
+MODEL_COLS = 1024
+
+# A plain process holding N MiB of ordinary memory (not zero pages), in its own
+# pid namespace; it writes its digest to the ready file and then sleeps.
+PLAIN = """
+import hashlib, os, sys, time
+import numpy as np
+mib, ready = int(sys.argv[1]), sys.argv[2]
+block = np.random.default_rng(3).integers(0, 256, size=1 << 20, dtype=np.uint8)
+memory = np.empty((mib, 1 << 20), dtype=np.uint8)
+for i in range(mib):
+    memory[i] = block
+    memory[i, :8] = np.frombuffer(i.to_bytes(8, "little"), dtype=np.uint8)
+with open(ready + ".tmp", "w") as f:
+    f.write(hashlib.sha256(memory.data).hexdigest())
+os.replace(ready + ".tmp", ready)
+while True:
+    time.sleep(1)
+"""
+
+
+def _migsgx(bed: Testbed, size: int, page_tls: bool) -> dict[str, Any]:
+    rows = max(1, size // (MODEL_COLS * 4))
+    agent = bed.start_agent()
+    app = bed.start_app(
+        "model",
+        ["--image", str(bed.image("model")), "--rows", str(rows), "--cols", str(MODEL_COLS),
+         "--ordinary-mib", str(max(1, size >> 20))],
+    )  # fmt: skip
+    before = bed.ask("DIGEST", app.port, at="src", via="dst")
+    run = bed.migrate(app.pid, agent, args=[] if page_tls else ["--no-page-tls"])
+    if run.returncode != 0 or run.stats is None:
+        raise MigSGXError(f"migsgx migrate failed ({run.returncode}): {run.stderr[-2000:]}")
+    after = bed.ask("DIGEST", app.port, at="dst", via="src")
+    if after != before:
+        raise MigSGXError(f"state differs after the migration: {before!r} != {after!r}")
+    stats = run.stats
+    restored = int(stats["details"]["restored_pid"])
+    kill_tree(restored)
+    return {**migration_figures(stats, rows, run.seconds), "page_tls": page_tls}
+
+
+def migration_figures(stats: dict[str, Any], rows: int, wall_seconds: float) -> dict[str, Any]:
+    """The benchmark's view of ``migsgx migrate --json`` output."""
+
+    return {
+        "total_seconds": stats["total"],
+        "downtime_seconds": stats["downtime"],
+        "bytes": stats["bytes"],
+        "phases": {k: stats[k] for k in PHASES if k not in ("total", "downtime")},
+        "details": {
+            k: stats["details"][k]
+            for k in ("process_downtime", "enclave_bytes", "page_bytes", "image_bytes", "commit")
+        },
+        "enclave_bytes_declared": rows * MODEL_COLS * 4,
+        "tool_wall_seconds": wall_seconds,
+    }
+
+
+def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, Any]:
+    """Stop-and-copy with CRIU alone: page server, dump, copy, restore."""
+
+    criu = criu or Criu()
+    src, dst = bed.host("src"), bed.host("dst")
+    ready = bed.root / "plain.ready"
+    launcher = src.spawn(
+        ["unshare", "--pid", "--fork", "setsid", sys.executable, "-c", PLAIN,
+         str(max(1, size >> 20)), str(ready)],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        if launcher.poll() is not None or time.monotonic() > deadline:
+            raise MigSGXError("the plain process did not start")
+        time.sleep(0.02)
+    digest = ready.read_text()
+    pid = tree_pids(launcher.pid)[1]
+    dump_dir = Path(tempfile.mkdtemp(prefix="migsgx-bench-dump-", dir="/dev/shm"))
+    images = bed.root / "criu-only-images"
+    images.mkdir()
+    listener = in_netns(f"/run/netns/{dst.netns}", lambda: socket.socket())
+    try:
+        listener.bind((dst.address, 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        holder: dict[str, PageServer] = {}
+
+        def accept() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                holder["ps"] = PageServer(criu.binary, images, conn)
+
+        acceptor = threading.Thread(target=accept, daemon=True)
+        acceptor.start()
+        t0 = time.monotonic()
+        criu.dump(pid, dump_dir, page_server=(dst.address, port), enter=InTaskNamespaces(pid))
+        t_dump = time.monotonic()
+        acceptor.join(30)
+        holder["ps"].wait(60)
+        for path in dump_dir.iterdir():
+            if path.name != "dump.log":
+                shutil.copyfile(path, images / path.name)
+        t_copy = time.monotonic()
+        launcher.wait(timeout=30)
+        restored = criu.restore(images, enter=InNetns(dst.netns), log_file="restore.log")
+        t_end = time.monotonic()
+    finally:
+        listener.close()
+        shutil.rmtree(dump_dir, ignore_errors=True)
+    try:
+        page_bytes = sum(p.stat().st_size for p in images.glob("pages-*.img"))
+        other = sum(p.stat().st_size for p in images.iterdir() if not p.name.startswith("pages-"))
+    finally:
+        kill_tree(restored)
+    return {
+        "total_seconds": t_end - t0,
+        "downtime_seconds": t_end - t0,
+        "bytes": page_bytes + other,
+        "phases": {
+            "criu_dump": t_dump - t0,
+            "transfer": t_copy - t_dump,
+            "restore": t_end - t_copy,
+        },
+        "memory_digest": digest[:16],
+    }
+
+
+def run(
+    size: int, *, subnet: int = 201, keep: Path | None = None, page_tls: bool = False
+) -> dict[str, Any]:
+    if size < (1 << 20):
+        raise ConfigError("--enclave-size must be at least 1 MiB")
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="migsgx-bench-process-"))
+    try:
+        with Testbed(root, subnet=subnet) as bed:
+            migsgx = _migsgx(bed, size, page_tls)
+            plain = criu_only(bed, 2 * size)
+    finally:
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return {
+        "enclave_size": size,
+        "migsgx": migsgx,
+        "criu_only": plain,
+    }

@@ -1,0 +1,199 @@
+"""``migsgx bench state``: pipelined against sequential enclave-state migration.
+
+One invocation runs, on two emulated hosts (two platform services, different
+root secrets) connected by TCP on loopback, with real enclave processes:
+
+* a pipelined migration of an enclave holding SIZE of secret weights;
+* a sequential migration (dump all, then transfer all, then load all) of the
+  same state;
+* the raw transport: the same bytes through the same ring -> TCP -> ring path
+  with no enclave and no crypto;
+* the machine's single-core AES-256-GCM speed.
+
+``seconds`` runs from the source's freeze to the destination running (dump,
+transfer, load, LOADED, COMMIT); ``total_seconds`` adds the destination
+enclave's launch and the attested handshake, which happen before the freeze.
+
+Memory overhead (``peak_extra_bytes``) is summed over every process that takes
+part (source enclave, source end, destination end, destination enclave):
+its peak resident set during the migration above its resident set at rest (just
+before, on the source side; just after, for the destination enclave, whose own
+memory is not overhead).  Peaks are reset through ``/proc/PID/clear_refs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ...core.stream import TAG_SIZE
+from ...errors import ConfigError, MigSGXError
+from ...limits import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK
+from ...limits import DEFAULT_SLOTS
+from .. import memstat
+from ..hosts import Deployment, running_services
+
+PAGE = 4096
+
+
+class Worker:
+    def __init__(self, role: str, args: dict[str, Any]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "migsgx.lab.bench.state_worker", role, json.dumps(args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def ask(self, **msg: Any) -> None:
+        stdin: IO[str] | None = self.proc.stdin
+        assert stdin is not None
+        stdin.write(json.dumps(msg) + "\n")
+        stdin.flush()
+
+    def answer(self) -> dict[str, Any]:
+        stdout: IO[str] | None = self.proc.stdout
+        assert stdout is not None
+        line = stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            raise MigSGXError(f"benchmark worker exited with {code}")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.ask(quit=True)
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+@contextmanager
+def workers() -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    try:
+        yield started
+    finally:
+        for w in started:
+            w.stop()
+
+
+def migrate_once(
+    image: Path, sock_a: Path, sock_b: Path, size: int, chunk: int, slots: int, mode: str
+) -> dict[str, Any]:
+    with workers() as live:
+        src = Worker("source", {"image": str(image), "socket": str(sock_a), "size": size})
+        live.append(src)
+        dst = Worker("dest", {"socket": str(sock_b)})
+        live.append(dst)
+        ready = src.answer()
+        port = dst.answer()["port"]
+        window = memstat.PeakWindow.start([src.proc.pid, ready["enclave_pid"], dst.proc.pid])
+        src.ask(migrate=True, port=port, chunk=chunk, slots=slots, mode=mode)
+        loaded = src.answer()
+        dst_loaded = dst.answer()
+        # The source enclave exits at the commit: read its peak while it lives.
+        source_side = window.overhead()
+        dst_enclave = dst_loaded["enclave_pid"]
+        src.ask(commit=True)
+        done = src.answer()
+        active = dst.answer()
+        dest_driver = max(0, memstat.peak_rss(dst.proc.pid) - window.rest[dst.proc.pid])
+        dest_enclave = max(0, memstat.peak_rss(dst_enclave) - memstat.rss(dst_enclave))
+        if active["digest"] != ready["digest"]:
+            raise MigSGXError("the migrated state differs from the source's")
+        per_process = {
+            "source_driver": source_side[src.proc.pid],
+            "source_enclave": source_side[ready["enclave_pid"]],
+            "destination_driver": dest_driver,
+            "destination_enclave": dest_enclave,
+        }
+        return {
+            # From the source's freeze (quiesce, dump) to the destination running
+            # (LOADED verified, COMMIT delivered): the stop-and-copy of the state.
+            "seconds": loaded["stats"]["transfer_seconds"] + done["commit_seconds"],
+            # Everything, including the destination enclave's launch and the
+            # attested handshake, which happen while the source still serves.
+            "total_seconds": done["seconds"],
+            "transfer_seconds": loaded["stats"]["transfer_seconds"],
+            "peak_extra_bytes": sum(per_process.values()),
+            "peak_extra_by_process": per_process,
+            "phases": loaded["stats"],
+        }
+
+
+def raw_transport(size: int, chunk: int, slots: int) -> float:
+    with workers() as live:
+        recv = Worker("raw-recv", {"size": size, "chunk": chunk, "slots": slots})
+        live.append(recv)
+        port = recv.answer()["port"]
+        send = Worker("raw-send", {"size": size, "chunk": chunk, "slots": slots, "port": port})
+        live.append(send)
+        send.answer()
+        send.ask(go=True)
+        seconds = float(recv.answer()["seconds"])
+        send.answer()
+        return size / seconds
+
+
+def aes_gcm_speed(chunk: int, total: int = 256 << 20) -> float:
+    """Single-core AES-256-GCM ``encrypt_into`` over cold buffers, bytes per second."""
+
+    aead = AESGCM(AESGCM.generate_key(bit_length=256))
+    src = bytearray(os.urandom(1 << 20)) * max(1, total >> 20)
+    out = bytearray(chunk + TAG_SIZE)
+    view = memoryview(src)
+    nonce = bytes(12)
+    t0 = time.perf_counter()
+    outv = memoryview(out)
+    for off in range(0, len(src), chunk):
+        piece = view[off : off + chunk]
+        aead.encrypt_into(nonce, piece, None, outv[: len(piece) + TAG_SIZE])
+    return len(src) / (time.perf_counter() - t0)
+
+
+def run(size: int, chunk: int = DEFAULT_CHUNK, slots: int = DEFAULT_SLOTS) -> dict[str, Any]:
+    if os.geteuid() != 0:
+        raise ConfigError("bench state resets peak memory through /proc: run it as root")
+    size = size // (1024 * 4) * (1024 * 4)
+    if not 1 << 20 <= size <= 7 << 30:
+        raise ConfigError("--size must be between 1 MiB and 7 GiB")
+    if not 4096 <= chunk <= 16 << 20:
+        raise ConfigError("--chunk must be between 4 KiB and 16 MiB")
+    with tempfile.TemporaryDirectory(prefix="migsgx-bench-") as tmp:
+        dep = Deployment.create(Path(tmp), names=["a", "b"])
+        image = dep.signed_image("model")
+        with running_services(dep.hosts) as (host_a, host_b):
+            pipelined = migrate_once(image, host_a.socket, host_b.socket, size, chunk, slots,
+                                     "pipelined")  # fmt: skip
+            sequential = migrate_once(image, host_a.socket, host_b.socket, size, chunk, slots,
+                                      "sequential")  # fmt: skip
+    raw = raw_transport(size, chunk, slots)
+    aes = aes_gcm_speed(chunk)
+    return {
+        "enclave_bytes": size,
+        "chunk_bytes": chunk,
+        "ring_slots": slots,
+        "pipelined": pipelined,
+        "sequential": sequential,
+        "raw_transport_bytes_per_s": raw,
+        "aes_gcm_bytes_per_s": aes,
+        "sequential_over_pipelined": sequential["seconds"] / pipelined["seconds"],
+        "pipelined_bytes_per_s": size / pipelined["transfer_seconds"],
+        "pipelined_share_of_raw": size / pipelined["transfer_seconds"] / raw,
+        "peak_extra_share": pipelined["peak_extra_bytes"] / size,
+        "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+    }

@@ -1,0 +1,187 @@
+"""Worker processes of ``migsgx bench state``: one per role, driven over stdin/stdout.
+
+Each worker is a separate process so that its memory can be measured on its
+own.  Commands arrive as JSON lines on stdin, answers leave as JSON lines on
+stdout.  Roles:
+
+``source``  launches the model enclave on host a, fills SIZE of secret weights,
+            then on ``migrate`` detaches and drives :class:`OutgoingEnclave`.
+``dest``    listens on loopback and drives :class:`IncomingEnclave` into host b.
+``raw-send``/``raw-recv``  the same ring -> TCP -> ring path with no enclave
+            and no crypto: the transport's own speed, for comparison.
+``raw-fill``/``raw-drain`` the processes on the far side of those rings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from ...datapath.engine import IncomingEnclave, OutgoingEnclave
+from ...datapath.ring import RingRole, RingSpec, ShmRing
+from ...datapath.transport import (
+    drain_ring_to_buffer,
+    fill_ring_from_buffer,
+    ring_to_socket,
+    socket_to_ring,
+    tune_socket,
+)
+from ...host.client import EnclaveClient
+
+COLS = 1024
+
+
+def say(**msg: Any) -> None:
+    sys.stdout.write(json.dumps(msg) + "\n")
+    sys.stdout.flush()
+
+
+def hear() -> dict[str, Any]:
+    line = sys.stdin.readline()
+    if not line:
+        raise SystemExit(0)
+    msg: dict[str, Any] = json.loads(line)
+    return msg
+
+
+def _touched(size: int) -> bytearray:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    for off in range(0, size, 4096):
+        view[off] = 1
+    return buf
+
+
+def source(args: dict[str, Any]) -> None:
+    client = EnclaveClient.launch(args["image"], socket_path=args["socket"])
+    rows = args["size"] // (COLS * 4)
+    digest = client.ecall.generate(rows, COLS, 7)
+    say(ready=True, pid=os.getpid(), enclave_pid=client.info.pid, digest=digest)
+    cmd = hear()
+    t0 = time.perf_counter()
+    sock = client.detach()
+    out = OutgoingEnclave(
+        sock, client.info, client.image_files,
+        chunk_size=cmd["chunk"], slots=cmd["slots"], mode=cmd["mode"],
+    )  # fmt: skip
+    peer = socket.create_connection(("127.0.0.1", cmd["port"]))
+    stats = out.transfer(peer)
+    t_loaded = time.perf_counter()
+    say(loaded=True, stats=stats)
+    hear()  # commit
+    out.commit()
+    t1 = time.perf_counter()
+    say(done=True, seconds=t1 - t0, loaded_seconds=t_loaded - t0, commit_seconds=t1 - t_loaded)
+    hear()
+
+
+def dest(args: dict[str, Any]) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    say(ready=True, pid=os.getpid(), port=listener.getsockname()[1])
+    conn, _ = listener.accept()
+    incoming, offer = IncomingEnclave.accept_offer(conn, args["socket"])
+    stats = incoming.receive(conn, offer)
+    assert incoming.info is not None
+    say(loaded=True, enclave_pid=incoming.info.pid, stats=stats)
+    sock = incoming.wait_commit(timeout=600)
+    client = EnclaveClient(sock, incoming.info, image_files=incoming.image.files)
+    say(active=True, digest=client.ecall.digest())
+    hear()
+    client.destroy()
+
+
+def _ring_child(role: str, ring: ShmRing, size: int, chunk: int) -> subprocess.Popen[str]:
+    memfd, bell = ring.peer_fds()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migsgx.lab.bench.state_worker", role,
+         json.dumps({"memfd": memfd, "bell": bell, "slots": ring.spec.slots,
+                     "slot_size": ring.spec.slot_size, "size": size, "chunk": chunk})],
+        pass_fds=(memfd, bell), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    ring.peer_handed_over()
+    assert proc.stdout is not None
+    proc.stdout.readline()  # its buffer is touched and ready
+    return proc
+
+
+def _go(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps({"go": True}) + "\n")
+    proc.stdin.flush()
+
+
+def raw_send(args: dict[str, Any]) -> None:
+    ring = ShmRing.create(args["slots"], args["chunk"], RingRole.CONSUMER)
+    child = _ring_child("raw-fill", ring, args["size"], args["chunk"])
+    say(ready=True)
+    hear()
+    sock = socket.create_connection(("127.0.0.1", args["port"]))
+    tune_socket(sock)
+    _go(child)
+    ring_to_socket(ring, sock, timeout=120)
+    child.wait()
+    say(sent=True)
+    hear()
+
+
+def raw_recv(args: dict[str, Any]) -> None:
+    ring = ShmRing.create(args["slots"], args["chunk"], RingRole.PRODUCER)
+    child = _ring_child("raw-drain", ring, args["size"], args["chunk"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    say(ready=True, port=listener.getsockname()[1])
+    conn, _ = listener.accept()
+    tune_socket(conn)
+    t0 = time.perf_counter()
+    _go(child)
+    socket_to_ring(conn, ring, timeout=120)
+    assert child.stdout is not None
+    child.stdout.readline()  # drained
+    say(received=True, seconds=time.perf_counter() - t0)
+    hear()
+
+
+def _attach(args: dict[str, Any], role: RingRole) -> ShmRing:
+    return ShmRing.attach(args["memfd"], args["bell"], RingSpec(args["slots"], args["slot_size"]),
+                          role)  # fmt: skip
+
+
+def raw_fill(args: dict[str, Any]) -> None:
+    ring = _attach(args, RingRole.PRODUCER)
+    buf = _touched(args["size"])
+    say(ready=True)
+    hear()
+    fill_ring_from_buffer(ring, buf, chunk_size=args["chunk"], timeout=120)
+    ring.wait_drained(120)
+
+
+def raw_drain(args: dict[str, Any]) -> None:
+    ring = _attach(args, RingRole.CONSUMER)
+    buf = _touched(args["size"])
+    say(ready=True)
+    hear()
+    drain_ring_to_buffer(ring, buf, timeout=120)
+    say(drained=True)
+
+
+ROLES = {
+    "source": source,
+    "dest": dest,
+    "raw-send": raw_send,
+    "raw-recv": raw_recv,
+    "raw-fill": raw_fill,
+    "raw-drain": raw_drain,
+}
+
+
+def main() -> None:
+    role, raw = sys.argv[1], sys.argv[2]
+    ROLES[role](json.loads(raw))
+
+
+if __name__ == "__main__":
+    main()

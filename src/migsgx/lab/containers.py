@@ -1,0 +1,502 @@
+"""Containers on emulated hosts: engine roots, a root file system, the example apps.
+
+For the tests, the demo and the benchmark.  Every host of a
+:class:`~migsgx.lab.testbed.Testbed` gets its own runc root, podman store,
+cgroup parent and network namespace (``STATE/containers.toml``), because the
+hosts share one machine.  The root file system needs no registry: a skeleton
+of directories whose ``/usr`` and ``/etc`` are read-only bind mounts of the
+machine's, with the Python installation and this project (its virtual
+environment and sources) bind-mounted read-only at the same paths.  podman
+gets it as an image (``tar | podman import``) on the source host and copies
+it to the others with ``podman save | podman load``, as a registry would.
+
+An app with enclaves gets the host's platform socket bind-mounted at
+:data:`PLATFORM_INSIDE` and ``MIGSGX_PLATFORM_SOCKET`` naming it; the enclave
+image is bind-mounted read-only at ``/opt/enclave``.  Its enclaves run on the
+host, outside the container, as the platform service starts them.
+
+:meth:`ContainerLab.close` removes every container, image, store, bundle and
+cgroup it made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from ..containers.base import ContainerError, check_name
+from ..containers.cgroups import Freezer, remove_cgroup
+from ..containers.command import run_engine
+from ..containers.oci import PLATFORM_ENV
+from ..containers.podman import Podman, remove_all, share_image
+from ..containers.runc import Runc
+from ..containers.settings import ContainerSettings
+from ..criu import Criu
+from ..errors import MigSGXError
+from .hosts import EXAMPLES
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+if TYPE_CHECKING:
+    from .testbed import Testbed
+
+__all__ = ["PLATFORM_INSIDE", "ContainerApp", "ContainerLab", "runtime_spec"]
+
+PLATFORM_INSIDE: Final = "/run/migsgx/enclave.sock"
+ENCLAVE_INSIDE: Final = "/opt/enclave"
+MARKER_ENV: Final = "MIGSGX_LAB_MARKER"
+IMAGE: Final = "localhost/migsgx-lab:1"
+READY_TIMEOUT: Final = 60.0
+ENGINES: Final = ("runc", "podman")
+MASKED_PATHS: Final = (
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/sched_debug",
+    "/sys/firmware",
+    "/proc/scsi",
+)
+READONLY_PATHS: Final = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+
+
+@dataclass
+class ContainerApp:
+    engine: str
+    name: str
+    host: str  # where it was started
+    port: int
+    marker: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def runtime_spec(
+    args: Sequence[str],
+    env: Sequence[str],
+    binds: Sequence[tuple[str, str, bool]],
+    *,
+    netns: Path | None,
+    cgroups_path: str,
+    hostname: str,
+) -> dict[str, Any]:
+    """An OCI runtime configuration for a non-interactive process (as ``runc spec`` makes)."""
+
+    caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]},
+    ]  # fmt: skip
+    for source, dest, readonly in binds:
+        mounts.append({"destination": dest, "type": "bind", "source": source,
+                       "options": ["rbind", "ro" if readonly else "rw"]})  # fmt: skip
+    network: dict[str, str] = {"type": "network"}
+    if netns is not None:
+        network["path"] = str(netns)
+    return {
+        "ociVersion": "1.0.2-dev",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": list(args),
+            "env": list(env),
+            "cwd": "/",
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": hostname,
+        "mounts": mounts,
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "cgroupsPath": cgroups_path,
+            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")] + [network],
+            "maskedPaths": list(MASKED_PATHS),
+            "readonlyPaths": list(READONLY_PATHS),
+        },
+    }
+
+
+def _python_binds() -> list[tuple[str, str, bool]]:
+    """The interpreter, and this project with its virtual environment, at their own paths."""
+
+    binds = [("/usr", "/usr", True), ("/etc", "/etc", True)]
+    base = Path(sys.base_prefix).resolve()
+    if not base.is_relative_to("/usr"):
+        binds.append((str(base), str(base), True))
+    # The directory that holds the migsgx package (src/ of a checkout, or
+    # site-packages), the examples, and the virtual environment, each once.
+    for path in (PACKAGE_ROOT, EXAMPLES.resolve(), Path(sys.prefix).resolve()):
+        if path.is_relative_to("/usr") or any(path.is_relative_to(b[0]) for b in binds):
+            continue
+        binds.append((str(path), str(path), True))
+    return binds
+
+
+def make_skeleton(root: Path) -> Path:
+    """A root file system of mount points and the merged-/usr links, nothing else."""
+
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("usr", "etc", "proc", "dev", "sys", "tmp", "run/migsgx", "opt/enclave", "root"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for link in ("bin", "lib", "lib64", "sbin"):
+        if Path("/usr", link).is_dir() and not (root / link).is_symlink():
+            (root / link).symlink_to(f"usr/{link}")
+    for _source, dest, _ro in _python_binds():
+        (root / dest.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    (root / PLATFORM_INSIDE.lstrip("/")).touch()
+    return root
+
+
+class ContainerLab:
+    """Container engines on the hosts of a testbed (see the module docstring)."""
+
+    def __init__(self, bed: Testbed, *, criu: Criu | None = None) -> None:
+        self.bed = bed
+        self.criu = criu or Criu()
+        self.token = secrets.token_hex(3)
+        # Short paths: podman's sockets live under its run directory.
+        self.base = Path(f"/run/migsgx-lab-{os.getpid()}-{self.token}")
+        self.settings: dict[str, ContainerSettings] = {}
+        self.apps: list[ContainerApp] = []
+        self._image_hosts: set[str] = set()
+
+    def __enter__(self) -> ContainerLab:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        self.base.mkdir(mode=0o700)
+        make_skeleton(self.base / "rootfs")
+        for name in self.bed.names:
+            settings = ContainerSettings(
+                runc_root=self.base / name / "runc",
+                podman_root=self.base / name / "podman",
+                podman_storage_driver="vfs",
+                cgroup_parent=f"/migsgx-lab-{self.token}-{name}",
+                netns=Path("/run/netns") / self.bed.host(name).netns,
+            )
+            settings.save(self.bed.state(name))
+            self.settings[name] = settings
+
+    def runc(self, host: str) -> Runc:
+        return Runc(self.settings[host].runc_root, self.criu.binary)
+
+    def podman(self, host: str) -> Podman:
+        return Podman(self.settings[host], self.criu.binary)
+
+    # --- images -------------------------------------------------------------------------------
+    def podman_image(self, host: str) -> str:
+        """The lab's image on ``host`` (made on the first host asked, copied to the others)."""
+
+        if host in self._image_hosts:
+            return IMAGE
+        if not self._image_hosts:
+            tar = subprocess.Popen(
+                ["tar", "-C", str(self.base / "rootfs"), "-c", "."], stdout=subprocess.PIPE
+            )
+            try:
+                proc = subprocess.run(
+                    self.podman(host).argv("import", "-", IMAGE),
+                    stdin=tar.stdout,
+                    capture_output=True,
+                    env=self.podman(host).env,
+                    timeout=120,
+                    check=False,
+                )
+            finally:
+                if tar.stdout is not None:
+                    tar.stdout.close()
+                tar.wait(timeout=60)
+            if proc.returncode != 0:
+                raise ContainerError(f"podman import failed: {proc.stderr.decode()[-500:]}")
+        else:
+            first = next(iter(self._image_hosts))
+            scratch = self.base / f"image-{host}"
+            scratch.mkdir(exist_ok=True)
+            share_image(self.podman(first), self.podman(host), IMAGE, scratch)
+        self._image_hosts.add(host)
+        return IMAGE
+
+    # --- applications -------------------------------------------------------------------------
+    def start_app(
+        self,
+        engine: str,
+        example: str,
+        args: Sequence[str] = (),
+        *,
+        name: str | None = None,
+        at: str = "src",
+        enclaves: bool = True,
+        port: int = 7000,
+        wait: bool = True,
+        private_net: bool = False,
+    ) -> ContainerApp:
+        """``examples/EXAMPLE/app.py`` in a container of ``engine`` on host ``at``.
+
+        The container joins the host's network namespace, unless ``private_net``
+        (runc only): then it has one of its own, reachable only from inside.
+        """
+
+        if engine not in ENGINES:
+            raise ContainerError(f"no engine {engine!r}")
+        marker = secrets.token_hex(4)
+        name = check_name(name or f"{example}-{marker}")
+        argv = [sys.executable, str(EXAMPLES / example / "app.py"), "--port", str(port)]
+        env = [
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME=/root",
+            "PYTHONUNBUFFERED=1",
+            "PYTHONDONTWRITEBYTECODE=1",
+            f"{MARKER_ENV}={marker}",
+        ]
+        binds = _python_binds()
+        if enclaves:
+            argv += ["--image", ENCLAVE_INSIDE, "--platform-socket", PLATFORM_INSIDE]
+            env.append(f"{PLATFORM_ENV}={PLATFORM_INSIDE}")
+            image = self.bed.image(example)
+            binds += [
+                (str(image), ENCLAVE_INSIDE, True),
+                (str(self.bed.services[at].socket), PLATFORM_INSIDE, False),
+            ]
+        argv += list(args)
+        if private_net and engine != "runc":
+            raise ContainerError("a network namespace of its own: runc containers only")
+        if engine == "runc":
+            self._run_runc(name, at, argv, env, binds, private_net=private_net)
+        else:
+            self._run_podman(name, at, argv, env, binds)
+        app = ContainerApp(engine, name, at, port, marker, {"private_net": private_net})
+        self.apps.append(app)
+        if wait:
+            self.wait_ready(app, at)
+        return app
+
+    def ask(self, app: ContainerApp, line: str, *, at: str) -> str:
+        """One request to the app running on host ``at``, from the other host.
+
+        An app in a network namespace of its own is asked from inside it, on loopback.
+        """
+
+        if not app.extra.get("private_net"):
+            via = next(n for n in self.bed.names if n != at)
+            return self.bed.ask(line, app.port, at=at, via=via)
+        from ..system.process import socket_in_netns
+
+        pid = self.root_pid(app, at)
+        if pid is None:
+            raise ConnectionRefusedError(f"no container {app.name} on {at}")
+        sock = socket_in_netns(pid, socket.AF_INET, socket.SOCK_STREAM)
+        with sock:
+            sock.settimeout(30)
+            sock.connect(("127.0.0.1", app.port))
+            with sock.makefile("rw", encoding="utf-8", newline="\n") as stream:
+                stream.write(line + "\n")
+                stream.flush()
+                return stream.readline().strip()
+
+    def start_command(self, engine: str, argv: Sequence[str], *, at: str = "src") -> ContainerApp:
+        """Any command in a container (no enclaves, no port)."""
+
+        marker = secrets.token_hex(4)
+        name = f"cmd-{marker}"
+        env = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONDONTWRITEBYTECODE=1",
+               f"{MARKER_ENV}={marker}"]  # fmt: skip
+        if engine == "runc":
+            self._run_runc(name, at, list(argv), env, _python_binds())
+        else:
+            self._run_podman(name, at, list(argv), env, _python_binds())
+        app = ContainerApp(engine, name, at, 0, marker)
+        self.apps.append(app)
+        return app
+
+    def _run_runc(
+        self,
+        name: str,
+        at: str,
+        argv: list[str],
+        env: list[str],
+        binds: list[tuple[str, str, bool]],
+        *,
+        private_net: bool = False,
+    ) -> None:
+        settings = self.settings[at]
+        bundle = self.base / at / "bundles" / name
+        bundle.mkdir(parents=True)
+        shutil.copytree(self.base / "rootfs", bundle / "rootfs", symlinks=True)
+        spec = runtime_spec(
+            argv, env, binds,
+            netns=None if private_net else settings.netns,
+            cgroups_path=f"{settings.cgroup_parent}/{name}",
+            hostname=name,
+        )  # fmt: skip
+        (bundle / "config.json").write_text(json.dumps(spec, indent=1))
+        self.runc(at).run(name, bundle)
+
+    def _run_podman(
+        self,
+        name: str,
+        at: str,
+        argv: list[str],
+        env: list[str],
+        binds: list[tuple[str, str, bool]],
+    ) -> None:
+        settings = self.settings[at]
+        for host in (at, *self.bed.names):  # every host has it, as if pulled from a registry
+            image = self.podman_image(host)
+        args = ["run", "--detach", "--name", name, "--network", f"ns:{settings.netns}"]
+        args += ["--cgroup-parent", str(settings.cgroup_parent)]
+        args += ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
+        args += ["--tmpfs", "/tmp"]
+        for item in env:
+            args += ["--env", item]
+        for source, dest, readonly in binds:
+            args += ["--volume", f"{source}:{dest}" + (":ro" if readonly else "")]
+        self.podman(at)(*args, image, *argv, what=f"podman run {name}")
+
+    def wait_ready(self, app: ContainerApp, at: str, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.ask(app, "PING", at=at) == "PONG":
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise ContainerError(f"{app.engine} container {app.name} did not answer on {at}")
+            time.sleep(0.1)
+
+    # --- looking at containers ------------------------------------------------------------------
+    def root_pid(self, app: ContainerApp, at: str) -> int | None:
+        if app.engine == "runc":
+            state = self.runc(at).state(app.name)
+            return int(state["pid"]) if state and state.get("pid") else None
+        info = self.podman(at).inspect(app.name)
+        pid = int(((info or {}).get("State") or {}).get("Pid") or 0)
+        return pid or None
+
+    def copies(self, app: ContainerApp) -> dict[str, list[tuple[int, str]]]:
+        """The app's processes on each host (pid, state), found by its marker."""
+
+        from ..system.process import process_state, tree_pids
+
+        needle = f"{MARKER_ENV}={app.marker}".encode()
+        out: dict[str, list[tuple[int, str]]] = {}
+        for name in self.bed.names:
+            found = []
+            # In the host's network namespace, or (a namespace of its own) its engine's.
+            root = self.root_pid(app, name)
+            pids = set(self.bed.net[name].pids()) | set(tree_pids(root) if root else [])
+            for pid in sorted(pids):
+                try:
+                    environ = Path(f"/proc/{pid}/environ").read_bytes()
+                except OSError:
+                    continue
+                if needle in environ.split(b"\0"):
+                    found.append((pid, process_state(pid)))
+            out[name] = found
+        return out
+
+    def runnable_copies(self, app: ContainerApp) -> dict[str, int]:
+        """Processes of the app per host that can run: neither stopped nor frozen."""
+
+        return {
+            name: sum(
+                1 for pid, s in procs if s not in ("T", "t", "Z", "X", "") and not _frozen(pid)
+            )
+            for name, procs in self.copies(app).items()
+        }
+
+    def containers(self, host: str, engine: str) -> list[str]:
+        if engine == "runc":
+            return self.runc(host).list()
+        out = self.podman(host)("ps", "--all", "--format", "{{.Names}}", what="podman ps",
+                                check=False)  # fmt: skip
+        return out.split()
+
+    def remove(self, app: ContainerApp) -> None:
+        """Remove the app's container on every host."""
+
+        for host in self.bed.names:
+            self.remove_on(app.engine, app.name, host)
+
+    def remove_on(self, engine: str, name: str, host: str) -> None:
+        """Remove container ``name`` of ``engine`` on ``host`` if it is there."""
+
+        if engine == "runc":
+            runc = self.runc(host)
+            if runc.state(name) is not None:
+                with contextlib.suppress(MigSGXError):
+                    runc.delete(name)
+        else:
+            podman = self.podman(host)
+            if podman.inspect(name) is not None:
+                with contextlib.suppress(MigSGXError):
+                    podman.remove(name)
+
+    # --- the end ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove every container, image, store, bundle and cgroup of the lab."""
+
+        for host, settings in self.settings.items():
+            runc = self.runc(host)
+            for name in runc.list():
+                with contextlib.suppress(MigSGXError):
+                    runc.delete(name)
+            if settings.podman_root is not None and settings.podman_root.exists():
+                remove_all(self.podman(host))
+                run_engine(self.podman(host).argv("system", "reset", "--force"),
+                           what="podman system reset", env=self.podman(host).env,
+                           check=False)  # fmt: skip
+            if settings.cgroup_parent:
+                remove_cgroup(settings.cgroup_parent)
+            with contextlib.suppress(OSError):
+                (self.bed.state(host) / "containers.toml").unlink()
+        _unmount_below(self.base)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _frozen(pid: int) -> bool:
+    try:
+        return Freezer.of_pid(pid).state() != "THAWED"
+    except MigSGXError:
+        return False
+
+
+def _unmount_below(base: Path) -> None:
+    """Unmount whatever an engine left mounted under ``base`` (deepest first)."""
+
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return
+    points = [line.split()[1] for line in lines if len(line.split()) > 1]
+    prefix = str(base) + "/"
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False, timeout=30)

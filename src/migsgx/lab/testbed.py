@@ -1,0 +1,279 @@
+"""Two emulated hosts on one machine, ready for migrations (tests, benchmark).
+
+Each host is a network namespace (:class:`~migsgx.lab.netns.HostNetwork`) with its
+own platform state and platform service, and an agent identity from the
+deployment's CA; an agent serves on the destination.  Applications start in
+a pid namespace of their own (``unshare --pid --fork``), as a container's
+would: on one machine source and destination share the machine's pid space,
+and a tree restored while its frozen source still exists needs its pids.
+
+Must run as root.  Everything started is stopped by :meth:`Testbed.close`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..agent.tls import issue_agent_identity
+from ..errors import MigSGXError
+from ..system.process import process_state, tree_pids
+from .hosts import EXAMPLES, Deployment, ServiceProcess, start_service
+from .netns import Host, HostNetwork
+
+__all__ = ["AgentProcess", "AppProcess", "MigrateRun", "Testbed"]
+
+START_TIMEOUT = 60.0
+
+
+@dataclass
+class AgentProcess:
+    host: Host
+    proc: subprocess.Popen[bytes]
+    address: str
+    port: int
+    log: Path
+
+    @property
+    def target(self) -> str:
+        return f"{self.address}:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@dataclass
+class AppProcess:
+    """An application started in its own pid namespace; ``pid`` is its root there."""
+
+    host: Host
+    launcher: subprocess.Popen[bytes]
+    pid: int
+    port: int
+    marker: str
+    log: Path
+
+
+@dataclass
+class MigrateRun:
+    returncode: int
+    stats: dict[str, Any] | None
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+@dataclass
+class Testbed:
+    __test__ = False  # not a test class, whatever its name
+
+    root: Path
+    subnet: int = 0
+    names: tuple[str, str] = ("src", "dst")
+    deployment: Deployment = field(init=False)
+    net: HostNetwork = field(init=False)
+    services: dict[str, ServiceProcess] = field(init=False, default_factory=dict)
+    agents: list[AgentProcess] = field(init=False, default_factory=list)
+    apps: list[AppProcess] = field(init=False, default_factory=list)
+    images: dict[str, Path] = field(init=False, default_factory=dict)
+
+    # --- set up and tear down ----------------------------------------------------------------
+    def __enter__(self) -> Testbed:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.deployment = Deployment.create(self.root / "deployment", names=list(self.names))
+        self.net = HostNetwork(list(self.names), subnet=self.subnet)
+        self.net.create()
+        try:
+            for name in self.names:
+                host = self.net[name]
+                issue_agent_identity(self.deployment.ca_dir, self.state(name), name, [host.address])
+                self.services[name] = start_service(self.state(name), prefix=host.command([]))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for app in self.apps:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(app.pid, signal.SIGKILL)
+        for agent in self.agents:
+            agent.stop()
+        for service in self.services.values():
+            service.stop()
+        with contextlib.suppress(AttributeError):
+            self.net.close(raise_errors=False)
+
+    def state(self, name: str) -> Path:
+        return self.deployment.hosts[self.names.index(name)]
+
+    def host(self, name: str) -> Host:
+        return self.net[name]
+
+    def image(self, example: str) -> Path:
+        if example not in self.images:
+            self.images[example] = self.deployment.signed_image(example)
+        return self.images[example]
+
+    # --- agents --------------------------------------------------------------------------------
+    def start_agent(
+        self,
+        name: str = "dst",
+        *,
+        env: Mapping[str, str] | None = None,
+        state: Path | None = None,
+        platform_socket: Path | None = None,
+        args: Sequence[str] = (),
+    ) -> AgentProcess:
+        host = self.net[name]
+        tag = secrets.token_hex(3)
+        ready = self.root / f"agent-{tag}.ready"
+        log = self.root / f"agent-{tag}.log"
+        argv = [
+            sys.executable, "-m", "migsgx", "agent", "serve",
+            "--state", str(state or self.state(name)),
+            "--listen", f"{host.address}:0",
+            "--ready-file", str(ready),
+            *(["--platform-socket", str(platform_socket)] if platform_socket else []),
+            *args,
+        ]  # fmt: skip
+        with open(log, "ab") as out:  # O_APPEND: CRIU does not pin its size
+            proc = host.spawn(argv, stdout=out, stderr=out, env=_env(env))
+        _wait_file(ready, proc, log, "the agent")
+        address, _, port = ready.read_text().strip().rpartition(":")
+        agent = AgentProcess(host, proc, address, int(port), log)
+        self.agents.append(agent)
+        return agent
+
+    # --- applications ----------------------------------------------------------------------------
+    def start_app(self, example: str, args: Sequence[str], *, name: str = "src") -> AppProcess:
+        """``examples/EXAMPLE/app.py ARGS`` in its own pid namespace on host ``name``."""
+
+        host = self.net[name]
+        marker = secrets.token_hex(4)
+        ready = self.root / f"app-{example}-{marker}.ready"
+        log = self.root / f"app-{example}-{marker}.log"
+        argv = [
+            "unshare", "--pid", "--fork", "setsid",
+            sys.executable, str(EXAMPLES / example / "app.py"),
+            "--platform-socket", str(self.services[name].socket),
+            "--ready-file", str(ready),
+            *args,
+        ]  # fmt: skip
+        with open(log, "ab") as out:  # O_APPEND: CRIU does not pin its size
+            launcher = host.spawn(argv, stdout=out, stderr=out, env=_env(None))
+        _wait_file(ready, launcher, log, example)
+        pids = tree_pids(launcher.pid)
+        if len(pids) < 2:
+            raise MigSGXError(f"the application of {example} is not running; see {log}")
+        app = AppProcess(host, launcher, pids[1], int(ready.read_text()), marker, log)
+        self.apps.append(app)
+        return app
+
+    def ask(self, line: str, port: int, *, at: str, via: str) -> str:
+        """Send one request line to the app on host ``at``, from host ``via``."""
+
+        conn = self.net[via].connect(self.net[at].address, port, timeout=30, wait=5)
+        with conn, conn.makefile("rw", encoding="utf-8", newline="\n") as stream:
+            stream.write(line + "\n")
+            stream.flush()
+            return stream.readline().strip()
+
+    def copies(self, app: AppProcess) -> dict[str, list[tuple[int, str]]]:
+        """The app's processes on each host (pid, state), found by the marker in argv."""
+
+        out: dict[str, list[tuple[int, str]]] = {}
+        for name in self.names:
+            found = []
+            for pid in self.net[name].pids():
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if app.marker.encode() in cmd and b"app.py" in cmd and b"unshare" not in cmd:
+                    found.append((pid, process_state(pid)))
+            out[name] = found
+        return out
+
+    def runnable_copies(self, app: AppProcess) -> dict[str, int]:
+        return {
+            name: sum(1 for _, s in procs if s not in ("T", "t", "Z", "X", ""))
+            for name, procs in self.copies(app).items()
+        }
+
+    # --- migration -------------------------------------------------------------------------------
+    def migrate(
+        self,
+        pid: int | None,
+        agent: AgentProcess,
+        *,
+        name: str = "src",
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        timeout: float = 600.0,
+    ) -> MigrateRun:
+        """``migsgx migrate PID`` (or, with ``pid=None``, what ``args`` name: ``--runc ID``)."""
+
+        argv = [
+            sys.executable, "-m", "migsgx", "migrate",
+            *([str(pid)] if pid is not None else []),
+            "--to", agent.target, "--state", str(self.state(name)), "--json", *args,
+        ]  # fmt: skip
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            self.net[name].command(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=_env(env),
+            stdin=subprocess.DEVNULL,
+        )
+        seconds = time.monotonic() - t0
+        stats = None
+        if proc.returncode == 0:
+            with contextlib.suppress(ValueError):
+                stats = json.loads(proc.stdout)
+        return MigrateRun(proc.returncode, stats, proc.stdout, proc.stderr, seconds)
+
+
+def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("MIGSGX_FAULT", None)
+    env.update(extra or {})
+    return env
+
+
+def _wait_file(path: Path, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while not path.exists():
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise MigSGXError(f"{what} exited with {proc.returncode}: {tail}")
+        if time.monotonic() > deadline:
+            raise MigSGXError(f"nothing at {path} after {START_TIMEOUT} s; see {log}")
+        time.sleep(0.02)
