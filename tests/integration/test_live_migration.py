@@ -21,7 +21,6 @@ import pytest
 
 pytest.register_assert_rewrite("state_helpers")
 
-from migsgx.hosts import ServiceProcess, start_service  # noqa: E402
 from state_helpers import (  # noqa: E402
     DestinationDriver,
     Launcher,
@@ -36,6 +35,7 @@ from migsgx.datapath.live import FALLBACK, LiveOutgoingEnclave  # noqa: E402
 from migsgx.enclave.dirty import FAULT_ENV  # noqa: E402
 from migsgx.errors import MemoryDigestError, MigrationError, MigSGXError  # noqa: E402
 from migsgx.host.client import EnclaveClient  # noqa: E402
+from migsgx.lab.hosts import ServiceProcess, start_service  # noqa: E402
 from migsgx.sgx.ca import ProvisioningCA  # noqa: E402
 from migsgx.sgx.platform import EmulatedPlatform  # noqa: E402
 
