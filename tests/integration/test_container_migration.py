@@ -128,6 +128,9 @@ def test_container_moves_with_its_enclave(
     wait_until(lambda: client.ok["src"] > 5, 10, "the client to write")
 
     run = migrate(bed, app, agent, args=["--live"] if live else [])
+    if run.returncode != 0:
+        client.stop.set()
+    assert run.returncode == 0, run.stderr
     wait_until(lambda: client.ok["dst"] > 5, 15, "the client to write on the destination")
     client.stop.set()
     client.join(10)

@@ -238,3 +238,37 @@ def test_without_tracking_live_says_so_and_falls_back(
     finally:
         del world.services["u"]
         service.stop()
+
+
+def test_side_channel_closing_mid_rounds_aborts_in_the_enclave(
+    world: World, launch: Launcher, destination: DestinationDriver
+) -> None:
+    # The tool dies after round 0: its side channel closes with nobody to send
+    # __mig_abort.  The enclave aborts by itself and keeps serving.
+    client = launch("kvstore")
+    values = fill_kvstore(client, count=8)
+    side = client.open_side_channel()
+    out = LiveOutgoingEnclave(side, client.info, client.image_files, peer_timeout=30.0,
+                              rules=StopRules(max_rounds=6, downtime_target=0.0))  # fmt: skip
+    peer = socket.create_connection(destination.address, timeout=10)
+
+    def die(figures: dict[str, object]) -> None:
+        if figures["round"] == 0:
+            side.shutdown(socket.SHUT_RDWR)  # what the kernel does when the tool dies
+
+    try:
+        with pytest.raises(MigSGXError):
+            out.precopy(peer, progress=die)
+    finally:
+        close_hard(peer)
+    status: dict[str, object] = {}
+    for _ in range(100):
+        status = client.call("__mig_status")
+        if status["role"] is None:
+            break
+        threading.Event().wait(0.05)
+    assert status == {"role": None, "committed": False, "handshake_done": False}
+    for key, value in values.items():
+        assert client.ecall.get(key) == value
+    client.ecall.put("after", b"x")
+    assert client.ecall.get("after") == b"x"

@@ -30,7 +30,7 @@ from dataclasses import asdict
 from typing import Any, Final
 
 from ..core.rounds import PAGE, StopRules
-from ..errors import DirtyTrackingUnavailableError, MigrationError
+from ..errors import DirtyTrackingUnavailableError, EnclaveLostError, MigrationError
 from ..host.client import EnclaveInfo
 from ..limits import DEFAULT_SLOTS
 from .engine import (
@@ -117,6 +117,8 @@ class LiveOutgoingEnclave(OutgoingEnclave):
                     break
         except BaseException as exc:
             self._abort_quietly(f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, OSError):  # the side channel or the peer connection broke
+                raise EnclaveLostError(f"pre-copy stopped: {exc}") from exc
             raise
         self.precopy_stats = {
             "handshake_seconds": t_hs - t0,
