@@ -37,6 +37,7 @@ from migsgx.errors import MemoryDigestError, MigrationError, MigSGXError  # noqa
 from migsgx.host.client import EnclaveClient  # noqa: E402
 from migsgx.lab.hosts import ServiceProcess, start_service  # noqa: E402
 from migsgx.sgx.ca import ProvisioningCA  # noqa: E402
+from migsgx.sgx.image import load_author_key, mr_signer_of  # noqa: E402
 from migsgx.sgx.platform import EmulatedPlatform  # noqa: E402
 
 pytest_plugins = ["state_helpers"]
@@ -82,7 +83,9 @@ def _extra_host(world: World, name: str, env: str) -> tuple[Path, ServiceProcess
 
     state = world.root / f"host-{name}"
     if not state.exists():
-        EmulatedPlatform.init(state, ProvisioningCA.load(world.deployment.ca_dir), host_id=name)
+        signer = mr_signer_of(load_author_key(world.deployment.author_key))
+        ca = ProvisioningCA.load(world.deployment.ca_dir)
+        EmulatedPlatform.init(state, ca, host_id=name, allowed_signers=[signer])
     service = start_service(state, prefix=["env", f"{FAULT_ENV}={env}"])
     world.services[name] = service
     return state, service

@@ -25,12 +25,9 @@ from ..core.rounds import StopRules
 from ..datapath.engine import DEFAULT_CHUNK
 from ..datapath.live import LiveOutgoingEnclave
 from ..errors import MigrationError, ProtocolError
-from ..wire import send_frame
 from .applink import HandedEnclave
 
 __all__ = ["RoundReport", "adopt", "finish", "run_precopy"]
-
-CONNECT_TIMEOUT = 10.0
 
 RoundReport = Callable[[int, dict[str, Any]], None]
 """Called after each round with the enclave's index and the round's figures."""
@@ -46,14 +43,17 @@ class _Leg(Protocol):
 
 def run_precopy(
     transfers: Sequence[_Leg],
-    ready: dict[str, Any],
-    to_host: str,
+    connect: Callable[[int], socket.socket],
     *,
     rules: StopRules | None = None,
     chunk_size: int | None = None,
     report: RoundReport | None = None,
 ) -> None:
-    """Every enclave's rounds, in parallel, until each one's stop rule holds."""
+    """Every enclave's rounds, in parallel, until each one's stop rule holds.
+
+    ``connect(index)`` opens enclave ``index``'s data connection to the
+    destination agent, as a stop-and-copy migration does.
+    """
 
     for t in transfers:
         t.outgoing = LiveOutgoingEnclave(
@@ -63,13 +63,8 @@ def run_precopy(
 
     def one(t: _Leg) -> None:
         try:
-            peer = socket.create_connection(
-                (to_host, int(ready["data_port"])), timeout=CONNECT_TIMEOUT
-            )
-            t.peer = peer
-            peer.settimeout(None)
-            send_frame(peer, {"t": "data", "token": ready["token"], "index": t.handed.index})
             index = t.handed.index
+            t.peer = peer = connect(index)
             stats = t.outgoing.precopy(
                 peer, progress=None if report is None else (lambda r: report(index, r))
             )

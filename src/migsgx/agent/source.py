@@ -53,6 +53,7 @@ from ..system.process import is_pidns_init, stop_tree, tree_pids
 from ..wire import recv_frame, send_frame
 from . import precopy
 from .applink import AppLink, HandedEnclave
+from .datalink import open_data
 from .faults import fault
 from .guardian import Guardian
 from .precopy import RoundReport
@@ -174,6 +175,7 @@ class _Migration:
         self.driver: Driver = make_driver(opts.driver, HostConfig(opts.criu, opts.containers))
         self.source: Source | None = None
         self.page_server = False
+        self.session_id = b""
 
     def note(self, phase: str) -> None:
         self.t[phase] = time.monotonic()
@@ -237,9 +239,10 @@ class _Migration:
 
     def _begin(self, pids: list[int], pidns: bool) -> dict[str, Any]:
         assert self.source is not None
+        self.session_id = secrets.token_bytes(16)
         begin: dict[str, Any] = {
             "t": "begin",
-            "session_id": secrets.token_bytes(16),
+            "session_id": self.session_id,
             "enclaves": [{"info": info_to_wire(t.handed.info)} for t in self.transfers],
             "pids": pids,
             "pidns": pidns,
@@ -260,9 +263,18 @@ class _Migration:
         self.note("precopy")
         self.transfers = [_Transfer(h) for h in self.link.side()]
         ready = self.control.call(self._begin(pids, pidns), "ready")
+
+        def connect(index: int) -> socket.socket:
+            peer = socket.create_connection(
+                (self.opts.to[0], int(ready["data_port"])), timeout=CONNECT_TIMEOUT
+            )
+            peer.settimeout(None)
+            open_data(peer, ready["data_key"], self.session_id, index)
+            return peer
+
         try:
             precopy.run_precopy(
-                self.transfers, ready, self.opts.to[0], rules=self.opts.stop_rules,
+                self.transfers, connect, rules=self.opts.stop_rules,
                 chunk_size=self.opts.chunk_size, report=self.opts.round_report,
             )  # fmt: skip
         except BaseException as exc:
@@ -327,7 +339,7 @@ class _Migration:
             )
             transfer.peer = peer
             peer.settimeout(None)
-            send_frame(peer, {"t": "data", "token": ready["token"], "index": transfer.handed.index})
+            open_data(peer, ready["data_key"], self.session_id, transfer.handed.index)
             t0 = time.monotonic()
             assert transfer.outgoing is not None
             stats = transfer.outgoing.transfer(peer)

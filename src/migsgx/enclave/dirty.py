@@ -103,12 +103,47 @@ def _c() -> ctypes.CDLL:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.syscall.restype = ctypes.c_long
         _libc.ioctl.restype = ctypes.c_int
+        _libc.prctl.restype = ctypes.c_int
     return _libc
 
 
 def _errno_text() -> str:
     err = ctypes.get_errno()
     return f"{os.strerror(err)} (errno {err})"
+
+
+_PR_GET_DUMPABLE: Final = 3
+_PR_SET_DUMPABLE: Final = 4
+
+
+def _open_own_pagemap() -> int:
+    """``/proc/self/pagemap``, also from a non-dumpable process.
+
+    A sandboxed enclave process is non-dumpable from its first instruction,
+    which makes its ``/proc/self`` files root's: it cannot open its own
+    pagemap.  It becomes dumpable for the ``open`` alone.  Nobody else can use
+    that moment: the process's uid is its own, its pid namespace hides it, and
+    its seccomp filter forbids ptrace; root could read its memory anyway.  The
+    descriptor keeps this memory map, so nothing is reopened later.
+    """
+
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    try:
+        return os.open("/proc/self/pagemap", flags)
+    except PermissionError:
+        pass
+    libc = _c()
+    was = libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0)
+    if libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0) != 0:
+        raise DirtyTrackingUnavailableError(f"cannot open this process's pagemap: {_errno_text()}")
+    try:
+        return os.open("/proc/self/pagemap", flags)
+    except OSError as exc:
+        raise DirtyTrackingUnavailableError(f"cannot open this process's pagemap: {exc}") from exc
+    finally:
+        if was != 1 and libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            # Never go on dumpable: stop here rather than keep the memory open.
+            os._exit(70)
 
 
 class DirtyTracker:
@@ -139,7 +174,7 @@ class DirtyTracker:
         self._uffd = int(fd)
         try:
             self._setup()
-            self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            self._pagemap = _open_own_pagemap()
             # PAGEMAP_SCAN must exist and accept the async write-protect check.
             self._scan(dry=True)
         except BaseException:
