@@ -19,11 +19,13 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from migsgx.agent.datalink import DestinationLink
 from migsgx.core.commit import open_control, seal_control
 from migsgx.core.handshake import transcript_item
+from migsgx.core.rounds import memory_digest, round_label
 from migsgx.core.stream import Manifest, StreamHeader, StreamOpener, StreamSealer
 from migsgx.errors import MigSGXError
 from migsgx.sgx.sgxext import PckExtension
@@ -182,6 +184,29 @@ def check_control(case: dict[str, Any]) -> None:
         assert again == frame
 
 
+def check_precopy(case: dict[str, Any]) -> None:
+    """The memory digest, recomputed from the spec's formula (``precopy.md``, section 3)."""
+
+    memory = bytearray(GEN.plaintext_of(case["memory"]))
+    if case["flip"] is not None:
+        memory[case["flip"]] ^= 1
+    secret, mid = bytes.fromhex(case["stream_secret"]), bytes.fromhex(case["migration_id"])
+    expect = case["expect"]["ok"]
+    info = b"migsgx/v1 memory digest"
+    key = HKDF(hashes.SHA256(), 32, mid, info).derive(secret)
+    segment = 256 << 10
+    tags = b"".join(
+        AESGCM(key).encrypt(i.to_bytes(12, "big"), b"", bytes(memory[start : start + segment]))
+        for i, start in enumerate(range(0, len(memory), segment))
+    )
+    digest = hashlib.sha256(info + len(memory).to_bytes(8, "big") + tags).digest()
+    assert key.hex() == expect["key"]
+    assert digest.hex() == expect["digest"]
+    assert (len(memory).to_bytes(8, "big") + digest).hex() == expect["body"]
+    assert memory_digest(key, memory).hex() == expect["digest"]
+    assert [round_label(n) for n in (0, 1, 63)] == expect["labels"]
+
+
 def check_sgxext(case: dict[str, Any]) -> None:
     der = bytes.fromhex(case["der"])
     outcome = _outcome(lambda: PckExtension.from_der(der) is not None)
@@ -232,6 +257,7 @@ CHECKS = {
     "manifest": check_manifest,
     "handshake": check_handshake,
     "control": check_control,
+    "precopy": check_precopy,
     "datalink": check_datalink,
 }
 
