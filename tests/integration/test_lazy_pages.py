@@ -24,8 +24,8 @@ from platform_fixtures import shared_world
 
 from migsgx.agent.tls import issue_agent_identity
 from migsgx.criu import Criu, InNetns, InTaskNamespaces
-from migsgx.criu.lazy import PostCopyRestore, check_pipe_max_size, lazy_dump, served_port
-from migsgx.errors import PostCopyUnavailableError, SourceLostError
+from migsgx.criu.lazy import PostCopyRestore, lazy_dump, served_port
+from migsgx.errors import SourceLostError
 from migsgx.lab.netns import Host, HostNetwork
 from migsgx.system.process import process_state, tree_pids
 
@@ -153,17 +153,6 @@ def identities(tmp_path: Path, src: Host, dst: Host) -> tuple[Tls, Tls]:
     a = issue_agent_identity(world.ca_dir, tmp_path / "src-agent", "src", [src.address])
     b = issue_agent_identity(world.ca_dir, tmp_path / "dst-agent", "dst", [dst.address])
     return (a.ca, a.cert, a.key), (b.ca, b.cert, b.key)
-
-
-def test_pipe_max_size_too_low_is_named(tmp_path: Path) -> None:
-    fake = tmp_path / "pipe-max-size"
-    fake.write_text("1048576\n")
-    with pytest.raises(PostCopyUnavailableError) as caught:
-        check_pipe_max_size(fake)
-    assert "fs.pipe-max-size is 1048576" in str(caught.value)
-    assert "sysctl -w fs.pipe-max-size=4194304" in str(caught.value)
-    fake.write_text("4194304\n")
-    assert check_pipe_max_size(fake) == 4194304
 
 
 def test_post_copy_keeps_every_acknowledged_write(
