@@ -525,6 +525,8 @@ class IncomingEnclave:
             "receive_seconds": t_recv - t_hs,
             "load_seconds": t_end - t_recv,
             "bytes": result["bytes"],
+            # live mode: the destination enclave's pass of the memory digest check
+            "verify_seconds": result.get("verify_seconds", 0.0),
         }
         _send(peer, {"t": "loaded", "frame": result["loaded"], "stats": self.stats})
         return self.stats
