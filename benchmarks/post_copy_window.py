@@ -2,7 +2,7 @@
 """Measure post-copy of process pages (CRIU lazy pages in TLS) between two netns hosts.
 
 A process holding SIZE of random memory (in a pid namespace of its own) moves
-from host A to host B with ``migsgx.criu.lazy``; the images are copied at
+from host A to host B with ``migsgx.containers.postcopy``; the images are copied at
 ``post-dump`` as the agents would stream them.  Per run it reports:
 
 ``frozen_seconds``  from the dump's start until the restored tree runs (what
@@ -35,7 +35,7 @@ from typing import Any
 
 from migsgx.agent.tls import issue_agent_identity
 from migsgx.criu import Criu, InNetns, InTaskNamespaces
-from migsgx.criu.lazy import PostCopyRestore, lazy_dump, served_port
+from migsgx.containers.postcopy import PostCopyRestore, lazy_dump, served_port
 from migsgx.lab.netns import HostNetwork
 from migsgx.sgx.ca import ProvisioningCA
 from migsgx.system.process import kill_tree, tree_pids

@@ -23,8 +23,8 @@ import pytest
 from platform_fixtures import shared_world
 
 from migsgx.agent.tls import issue_agent_identity
+from migsgx.containers.postcopy import PostCopyRestore, lazy_dump, served_port
 from migsgx.criu import Criu, InNetns, InTaskNamespaces
-from migsgx.criu.lazy import PostCopyRestore, lazy_dump, served_port
 from migsgx.errors import SourceLostError
 from migsgx.lab.netns import Host, HostNetwork
 from migsgx.system.process import process_state, tree_pids

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from migsgx.cli import EXIT_MIGRATION, EXIT_SOURCE_LOST, _exit_code
-from migsgx.criu.lazy import check_pipe_max_size, served_port
+from migsgx.containers.postcopy import check_pipe_max_size, served_port
 from migsgx.errors import (
     CriuError,
     PostCopyError,

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from ..criu import Criu, Enter, NotifyCallback, log_excerpt
 from ..errors import CriuError, PostCopyUnavailableError, SourceLostError
 from ..system.process import continue_tree, kill_tree, wait_stopped
-from .rpc import Criu, Enter, NotifyCallback, log_excerpt
 
 __all__ = [
     "PIPE_MAX_SIZE_NEEDED",
