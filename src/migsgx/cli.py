@@ -41,8 +41,6 @@ def _exit_code(exc: MigSGXError) -> int:
     return EXIT_ERROR
 
 
-
-
 @click.group()
 @click.version_option(package_name="migsgx")
 def cli() -> None:

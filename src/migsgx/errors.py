@@ -305,6 +305,37 @@ class CommittedError(MigrationError):
     code = "committed"
 
 
+class DirtyTrackingError(MigrationError):
+    """The kernel's tracking of written enclave pages cannot be used."""
+
+    code = "dirty-tracking"
+
+
+class DirtyTrackingUnavailableError(DirtyTrackingError):
+    """This kernel (or its configuration) offers no written-page tracking: live
+    migration is not possible; stop-and-copy is the fallback."""
+
+    code = "dirty-tracking-unavailable"
+
+
+class DirtyTrackingLostError(DirtyTrackingError):
+    """The tracking stopped answering during pre-copy; the rounds end, the source runs on."""
+
+    code = "dirty-tracking-lost"
+
+
+class LiveMigrationError(MigrationError):
+    """Pre-copy failed or its end state did not verify."""
+
+    code = "live"
+
+
+class MemoryDigestError(LiveMigrationError):
+    """The destination's enclave memory differs from the source's final memory."""
+
+    code = "memory-digest"
+
+
 class CriuError(MigSGXError):
     """CRIU failed or is not usable here."""
 

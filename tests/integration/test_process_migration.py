@@ -377,9 +377,13 @@ def scan_files(roots: list[Path], needles: dict[str, bytes]) -> dict[str, list[s
     return hits
 
 
-@pytest.mark.parametrize("page_tls", [True, False], ids=["page-tls", "plain-pages"])
+@pytest.mark.parametrize(
+    ("page_tls", "live"),
+    [(True, False), (False, False), (True, True)],
+    ids=["page-tls", "plain-pages", "page-tls-live"],
+)
 def test_canary_is_in_no_image_stream_log_or_temp_file(
-    bed: Testbed, tmp_path: Path, page_tls: bool
+    bed: Testbed, tmp_path: Path, page_tls: bool, live: bool
 ) -> None:
     kept = bed.start_agent(args=["--keep-images"])
     secret = b"CANARY-" + secrets.token_hex(16).encode()
@@ -398,7 +402,7 @@ def test_canary_is_in_no_image_stream_log_or_temp_file(
     needles = {"secret": secret, "ordinary": ordinary}
     capture = Capture(bed.host("dst"), needles)
     dump_dir = bed.root / f"tool-dump-{app.marker}"
-    args = ["--keep-images", "--work-dir", str(dump_dir)]
+    args = ["--keep-images", "--work-dir", str(dump_dir), *(["--live"] if live else [])]
     run = bed.migrate(app.pid, kept, args=args if page_tls else [*args, "--no-page-tls"])
     capture.drain()
     during = dict(capture.found)

@@ -44,16 +44,19 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
+from ..core.rounds import StopRules
 from ..criu import Criu
 from ..datapath.engine import OutgoingEnclave
 from ..errors import CriuError, MigrationError, MigSGXError, ProtocolError
 from ..host.appctl import info_to_wire
 from ..system.process import is_pidns_init, stop_tree, tree_pids
 from ..wire import recv_frame, send_frame
+from . import precopy
 from .applink import AppLink, HandedEnclave
 from .datalink import open_data
 from .faults import fault
 from .guardian import Guardian
+from .precopy import RoundReport
 from .protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,
@@ -95,6 +98,10 @@ class MigrateOptions:
     page_tls: bool = True  # CRIU's page stream in mutual TLS (the agent identities)
     shell_job: bool = False
     progress: Progress | None = None
+    # Live migration (agent/precopy.py): pre-copy rounds before the freeze.
+    live: bool = False
+    stop_rules: StopRules | None = None
+    round_report: RoundReport | None = None
 
 
 @dataclass
@@ -192,9 +199,13 @@ class _Migration:
         try:
             control.call({"t": "hello", "version": VERSION, "host_id": _host_id(opts)}, "welcome")
             self.link = AppLink.find(pid)
+            ready = self._precopy(pids, pidns) if opts.live and self.link is not None else None
             self.note("prepare")
             handed = self.link.prepare(opts.prepare_timeout) if self.link is not None else []
-            self.transfers = [_Transfer(h) for h in handed]
+            if ready is not None:
+                precopy.adopt(self.transfers, handed)
+            else:
+                self.transfers = [_Transfer(h) for h in handed]
             self.note("prepared")
             link = self.link
             try:
@@ -202,7 +213,8 @@ class _Migration:
                     link.pid if link else pid, link.name if link else "-", [h.sock for h in handed]
                 )
                 fault("tool.after-prepare")
-                ready = control.call(self._begin(pids, pidns), "ready")
+                if ready is None:
+                    ready = control.call(self._begin(pids, pidns), "ready")
                 # The enclaves stream while CRIU dumps the rest of the tree: the
                 # application holds no enclave connection (prepare), so neither
                 # waits for the other.  The post-dump step joins them.
@@ -245,6 +257,34 @@ class _Migration:
         return begin
 
     # --- enclaves ----------------------------------------------------------------------------
+    def _precopy(self, pids: list[int], pidns: bool) -> dict[str, Any]:
+        """Live: side channels, ``begin``, every enclave's rounds; the application runs on."""
+
+        assert self.link is not None and self.control is not None
+        self.note("precopy")
+        self.transfers = [_Transfer(h) for h in self.link.side()]
+        ready = self.control.call(self._begin(pids, pidns), "ready")
+
+        def connect(index: int) -> socket.socket:
+            peer = socket.create_connection(
+                (self.opts.to[0], int(ready["data_port"])), timeout=CONNECT_TIMEOUT
+            )
+            peer.settimeout(None)
+            open_data(peer, ready["data_key"], self.session_id, index)
+            return peer
+
+        try:
+            precopy.run_precopy(
+                self.transfers, connect, rules=self.opts.stop_rules,
+                chunk_size=self.opts.chunk_size, report=self.opts.round_report,
+            )  # fmt: skip
+        except BaseException as exc:
+            with contextlib.suppress(MigSGXError):
+                self.control.call({"t": "abort", "reason": f"pre-copy failed: {exc}"}, "aborted")
+            raise
+        self.note("precopied")
+        return ready
+
     def _start_enclaves(self, ready: dict[str, Any]) -> None:
         self._threads: list[threading.Thread] = []
         if not self.transfers:
@@ -254,7 +294,8 @@ class _Migration:
             kwargs["chunk_size"] = self.opts.chunk_size
         for transfer in self.transfers:
             h = transfer.handed
-            transfer.outgoing = OutgoingEnclave(h.sock, h.info, h.image_files, **kwargs)
+            if transfer.outgoing is None:  # (live: made for the pre-copy)
+                transfer.outgoing = OutgoingEnclave(h.sock, h.info, h.image_files, **kwargs)
         self.note("enclaves")
         self._threads = [
             threading.Thread(
@@ -287,6 +328,12 @@ class _Migration:
         self.stats["enclaves_destination"] = reply["stats"]
 
     def _transfer(self, transfer: _Transfer, ready: dict[str, Any]) -> None:
+        if self.opts.live and transfer.peer is not None:
+            try:
+                transfer.stats = precopy.finish(transfer)
+            except BaseException as exc:
+                transfer.error = exc
+            return
         try:
             peer = socket.create_connection(
                 (self.opts.to[0], int(ready["data_port"])), timeout=CONNECT_TIMEOUT
@@ -452,6 +499,8 @@ class _Migration:
             "downtime": span("prepare" if self.transfers else "dump", "resumed"),
             "bytes": enclave_bytes + self.page_bytes + self.image_bytes,
         }
+        if self.opts.live:
+            figures["precopy"] = span("precopy", "precopied")
         figures["details"] = {
             "commit": span("restored", "committed"),
             "resume": span("committed", "resumed"),

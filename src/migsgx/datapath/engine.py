@@ -38,6 +38,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -486,10 +487,12 @@ class IncomingEnclave:
                     break
             t_hs = time.perf_counter()
             chunk = offer["chunk_size"]
+            if offer["mode"] == "live":
+                self.stats["rounds"] = self._receive_rounds(peer, offer)
             ring = ShmRing.create(offer["slots"], _slot_size(chunk), RingRole.PRODUCER)
             try:
                 self.link.give_ring(ring)
-                if offer["mode"] == "pipelined":
+                if offer["mode"] in ("pipelined", "live"):
                     mover = _Worker(
                         lambda: socket_to_ring(peer, ring, timeout=RING_TIMEOUT),
                         "migsgx-recv",
@@ -524,14 +527,41 @@ class IncomingEnclave:
             raise
         t_end = time.perf_counter()
         self.stats = {
+            **self.stats,
             "launch_seconds": t_launch - t0,
             "handshake_seconds": t_hs - t_launch,
             "receive_seconds": t_recv - t_hs,
             "load_seconds": t_end - t_recv,
             "bytes": result["bytes"],
+            # live mode: the destination enclave's pass of the memory digest check
+            "verify_seconds": result.get("verify_seconds", 0.0),
         }
         _send(peer, {"t": "loaded", "frame": result["loaded"], "stats": self.stats})
         return self.stats
+
+    def _receive_rounds(self, peer: socket.socket, offer: dict[str, Any]) -> list[dict[str, Any]]:
+        """Live mode: apply pre-copy rounds until the source announces the final transfer.
+
+        Each round has a ring of its own (a ring ends with its final slot).
+        """
+
+        assert self.link is not None
+        rounds: list[dict[str, Any]] = []
+        while _recv(peer, "round", "final")["t"] == "round":
+            ring = ShmRing.create(
+                offer["slots"], _slot_size(offer["chunk_size"]), RingRole.PRODUCER
+            )
+            try:
+                self.link.give_ring(ring)
+                mover = _Worker(partial(socket_to_ring, peer, ring, timeout=RING_TIMEOUT),
+                                "migsgx-recv", ring)  # fmt: skip
+                stats = _call_beside(self.link, mover, "__mig_load_round")
+                mover.join()
+            finally:
+                ring.close()
+            rounds.append(stats)
+            _send(peer, {"t": "round_done", "stats": stats})
+        return rounds
 
     def wait_commit(self, timeout: float | None = None) -> socket.socket:
         """Wait for the source's decision; on COMMIT the enclave runs: return its connection.

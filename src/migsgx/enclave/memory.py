@@ -9,6 +9,7 @@ so after a migration the same names find the same bytes.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 from dataclasses import dataclass
 from typing import Any
@@ -85,6 +86,16 @@ class EnclaveMemory:
     @property
     def pages(self) -> int:
         return self._brk // PAGE_SIZE
+
+    @property
+    def address(self) -> int:
+        """Where the region starts in this process (for the OS's dirty tracking)."""
+
+        probe = ctypes.c_char.from_buffer(self._map)
+        try:
+            return ctypes.addressof(probe)
+        finally:
+            del probe  # releases the buffer export, so wipe() can still unmap
 
     def view(self, offset: int = 0, nbytes: int | None = None) -> memoryview:
         end = self.size if nbytes is None else offset + nbytes

@@ -40,6 +40,7 @@ from ..core.commit import (
 )
 from ..core.handshake import Handshake, HandshakeComplete, PeerAborted, Role, SessionKeys
 from ..core.policy import MigrationPolicy, PolicyMode
+from ..core.rounds import digest_key
 from ..core.stream import TAG_SIZE, Manifest, Section, StreamChannel
 from ..datapath.ring import RingRole, ShmRing, recv_ring_fds
 from ..errors import (
@@ -54,7 +55,7 @@ from ..limits import MIN_CHUNK_SIZE, check_chunk_size
 from ..sgx.collateral import Collateral
 from ..sgx.dcap import TcbPolicy, verify_dcap
 from ..sgx.structs import ReportBody
-from . import checkpoints
+from . import checkpoints, precopy, precopy_in
 from .instance import EnclaveInstance
 from .persistent import MAX_TRANSFER_BYTES, PendingImport, PersistentState
 
@@ -115,6 +116,9 @@ class Migrator:
         # The commit end of the migration this enclave came in by, kept after it
         # ran so that its COMMIT token, replayed, is still recognised as a replay.
         self._arrived: DestinationCommit | None = None
+        # Live migration (pre-copy rounds before the final dump): precopy.py.
+        self.rounds_out: precopy.SourceRounds | None = None
+        self.rounds_in: precopy_in.DestinationRounds | None = None
 
     @property
     def persistent(self) -> PersistentState:
@@ -222,6 +226,18 @@ class Migrator:
         memory = self.instance.memory
         persistent = self.persistent.export()
         state = cbor2.dumps(self.instance.export_small_state())
+        if self.rounds_out is not None:
+            self.rounds_out.ring = ring
+            live = precopy.final_dump(
+                self.rounds_out, self._digest_key(), state, persistent, chunk_size
+            )
+            self.dumped = True
+            return {
+                **live,
+                "streams": len(streams.summaries),
+                "quiesce_seconds": t_quiesced - t0,
+                "dump_seconds": time.perf_counter() - t_quiesced,
+            }
         sections = [
             Section.dense("state", len(state)),
             Section.dense("memory", memory.used),
@@ -283,7 +299,11 @@ class Migrator:
         self.persistent.retire("this enclave's persistent state has moved to another host")
         token = sc.commit()
         self.committed = True
-        self.instance.retire("this enclave's state has moved to another host")
+        # No ECALL runs from here on.  The wipe waits until the token has left
+        # (the process retires the instance again, wiping, when it exits right
+        # after this reply): freeing a large memory would delay the token, and
+        # with it the destination, by a tenth of a second per GiB.
+        self.instance.retire("this enclave's state has moved to another host", wipe=False)
         self._exit_thread = threading.get_ident()
         return token
 
@@ -292,6 +312,8 @@ class Migrator:
         streams, ring = self._ready(Role.DESTINATION)
         dc = self.dest_commit
         t0 = time.perf_counter()
+        if self.rounds_in is not None:
+            return self._load_live(t0)
         private = bytearray(ring.slot_size)
         pview = memoryview(private)
         finals: list[bool] = []
@@ -358,6 +380,70 @@ class Migrator:
             "memory_bytes": memory_section.length,
             "load_seconds": time.perf_counter() - t0,
         }
+
+    def _load_live(self, t0: float) -> dict[str, Any]:
+        """Destination of a live migration: the final transfer after the rounds."""
+
+        assert self.rounds_in is not None and self.ring is not None
+        self.rounds_in.ring = self.ring
+        state, persistent, figures = precopy_in.final_load(
+            self.rounds_in, self._digest_key(), MAX_STATE_BYTES, MAX_TRANSFER_BYTES,
+            used_length=_used_length,
+        )  # fmt: skip
+        try:
+            self._pending_state = cbor2.loads(state)
+        except Exception as exc:
+            raise StreamError("the migrated small state does not decode") from exc
+        self._pending_persistent = self.persistent.prepare_import(persistent)
+        loaded = self.dest_commit.loaded() if self.dest_commit is not None else b""
+        return {**figures, "loaded": loaded, "load_seconds": time.perf_counter() - t0}
+
+    # --- live migration: pre-copy rounds while ECALLs run --------------------------------
+    def precopy_round(self, chunk_size: int) -> dict[str, Any]:
+        """Source: the next pre-copy round, while the enclave keeps serving ECALLs."""
+
+        _streams, ring = self._ready(Role.SOURCE)
+        if self.rounds_out is None:
+            raise ProtocolError("pre-copy rounds need the dirty tracker (__mig_track)")
+        if not MIN_CHUNK <= chunk_size <= ring.slot_size - TAG_SIZE or chunk_size % 4096:
+            raise ProtocolError("chunk size must be whole pages and fit a ring slot")
+        self.rounds_out.ring = ring  # each round comes with a ring of its own
+        return self.rounds_out.round(chunk_size)
+
+    def precopy_track(self) -> dict[str, Any]:
+        """Source: arm the OS's dirty tracking before round 0, or say at once that it cannot."""
+
+        if self.role is not Role.SOURCE or self.keys is None or self.dumped:
+            raise ProtocolError("pre-copy needs a migration whose dump has not begun")
+        if self.rounds_out is None:
+            self.rounds_out = precopy.SourceRounds.arm(self.instance.memory, self.keys.streams)
+        return {"pages": self.instance.memory.pages}
+
+    def load_round(self) -> dict[str, Any]:
+        """Destination: apply the next pre-copy round; nothing runs before the commit."""
+
+        streams, ring = self._ready(Role.DESTINATION)
+        if self.keys is None:
+            raise ProtocolError("pre-copy needs a migration")
+        if self.rounds_in is None:
+            self.rounds_in = precopy_in.DestinationRounds(self.instance.memory, streams, ring)
+            self.rounds_in.digest_key = self._digest_key()
+        self.rounds_in.ring = ring
+        return self.rounds_in.load_round()
+
+    def precopy_active(self) -> bool:
+        """True while rounds run and the final dump has not begun (a driver may go away)."""
+
+        return (
+            self.role is Role.SOURCE
+            and not self.dumped
+            and not (self.rounds_out is not None and self.rounds_out.finalizing)
+        )
+
+    def _digest_key(self) -> bytes:
+        if self.keys is None:
+            raise ProtocolError("a live migration needs the handshake's keys")
+        return digest_key(self.keys.stream_secret, self.keys.migration_id)
 
     def commit_in(self, token: bytes) -> dict[str, Any]:
         """Destination: the source's COMMIT token; claim the id, then run."""
@@ -455,6 +541,10 @@ class Migrator:
             self.ring = None
 
     def _reset(self) -> None:
+        if self.rounds_out is not None:
+            self.rounds_out.close()
+        self.rounds_out = None
+        self.rounds_in = None
         self._close_ring()
         self.role = None
         self.handshake = None
@@ -513,11 +603,26 @@ class Migrator:
         return {"active": True}
 
 
+def _used_length(state: bytes) -> int:
+    """The used memory the small state's layout declares (what the digest covers)."""
+
+    try:
+        brk = cbor2.loads(state)["memory"]["brk"]
+    except Exception as exc:
+        raise StreamError("the migrated small state does not decode") from exc
+    if not isinstance(brk, int):
+        raise StreamError("malformed memory layout")
+    return brk
+
+
 _CALLS: dict[str, Any] = {
     "__mig_out_start": Migrator.out_start,
     "__mig_in_start": Migrator.in_start,
     "__mig_hs": Migrator.hs,
     "__mig_dump": Migrator.dump,
+    "__mig_track": Migrator.precopy_track,
+    "__mig_round": Migrator.precopy_round,
+    "__mig_load_round": Migrator.load_round,
     "__mig_loaded": Migrator.loaded,
     "__mig_commit": Migrator.commit,
     "__mig_load": Migrator.load,
@@ -530,4 +635,4 @@ _CALLS: dict[str, Any] = {
     "__ckpt_activate": Migrator.ckpt_activate,
     "__ps_status": Migrator.persistent_status,
 }
-RUNTIME_CALLS = frozenset(_CALLS) | {"__mig_ring"}
+RUNTIME_CALLS = frozenset(_CALLS) | {"__mig_ring", "__mig_side"}

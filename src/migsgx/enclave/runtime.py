@@ -39,6 +39,7 @@ from ..wire import recv_frame, send_frame
 from . import selftest
 from .instance import EnclaveInstance
 from .migrator import RUNTIME_CALLS, Migrator
+from .sidechannel import receive_side_channel
 
 
 def log(event: str) -> None:
@@ -229,6 +230,15 @@ class AppChannel:
             if kind == "ecall" and msg["fn"] in RUNTIME_CALLS:
                 assert self.migrator is not None
                 call_id, name = msg["id"], msg["fn"]
+                if name == "__mig_side":
+                    try:
+                        receive_side_channel(self.sock, self.migrator, log)
+                        self.send({"t": "ret", "id": call_id, "value": None})
+                    except MigSGXError as exc:
+                        self.send(
+                            {"t": "err", "id": call_id, "code": exc.code, "message": exc.message}
+                        )
+                    continue
                 if name == "__mig_ring":
                     # The descriptors follow the frame on the socket: take them now.
                     try:
