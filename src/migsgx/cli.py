@@ -25,11 +25,16 @@ EXIT_CONFIG = 3
 EXIT_IMAGE = 4
 EXIT_ATTESTATION = 5
 EXIT_MIGRATION = 6
+#: The source died while the destination still pulled process pages from it
+#: (post-copy window): the destination tree was killed; the application is lost.
+EXIT_SOURCE_LOST = 7
 
 
 def _exit_code(exc: MigSGXError) -> int:
-    from .errors import AttestationError, MigrationError
+    from .errors import AttestationError, MigrationError, SourceLostError
 
+    if isinstance(exc, SourceLostError):
+        return EXIT_SOURCE_LOST
     if isinstance(exc, ConfigError):
         return EXIT_CONFIG
     if isinstance(exc, ImageError):

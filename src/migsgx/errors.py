@@ -336,6 +336,27 @@ class MemoryDigestError(LiveMigrationError):
     code = "memory-digest"
 
 
+class PostCopyError(MigrationError):
+    """Post-copy of process pages (CRIU lazy pages) failed or cannot run here."""
+
+    code = "post-copy"
+
+
+class PostCopyUnavailableError(PostCopyError):
+    """This host cannot serve or receive lazy pages (``fs.pipe-max-size`` too low, no
+    userfaultfd): nothing was frozen; stop-and-copy is the fallback."""
+
+    code = "post-copy-unavailable"
+
+
+class SourceLostError(PostCopyError):
+    """The source stopped serving process pages while the destination still needed
+    them (the post-copy window): the destination tree was killed, never left running
+    with missing pages."""
+
+    code = "post-copy-source-lost"
+
+
 class CriuError(MigSGXError):
     """CRIU failed or is not usable here."""
 
