@@ -25,13 +25,7 @@ from typing import Any
 from ..host.client import EnclaveClient
 from ..migration.engine import IncomingEnclave, OutgoingEnclave
 from ..migration.ring import RingRole, RingSpec, ShmRing
-from ..migration.transport import (
-    drain_ring_to_buffer,
-    fill_ring_from_buffer,
-    ring_to_socket,
-    socket_to_ring,
-    tune_socket,
-)
+from ..migration.transport import drain_ring, fill_ring, ring_to_socket, socket_to_ring, tune_socket
 
 COLS = 1024
 
@@ -155,7 +149,7 @@ def raw_fill(args: dict[str, Any]) -> None:
     buf = _touched(args["size"])
     say(ready=True)
     hear()
-    fill_ring_from_buffer(ring, buf, chunk_size=args["chunk"], timeout=120)
+    fill_ring(ring, buf, args["chunk"], timeout=120)
     ring.wait_drained(120)
 
 
@@ -164,7 +158,7 @@ def raw_drain(args: dict[str, Any]) -> None:
     buf = _touched(args["size"])
     say(ready=True)
     hear()
-    drain_ring_to_buffer(ring, buf, timeout=120)
+    drain_ring(ring, buf, timeout=120)
     say(drained=True)
 
 

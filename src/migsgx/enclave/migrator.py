@@ -49,7 +49,8 @@ from ..migration.commit import (
 from ..migration.handshake import Handshake, HandshakeComplete, PeerAborted, Role, SessionKeys
 from ..migration.policy import MigrationPolicy, PolicyMode
 from ..migration.ring import RingRole, ShmRing, recv_ring_fds
-from ..migration.stream import TAG_SIZE, Manifest, Section, StreamChannel
+from ..migration.stream import TAG_SIZE, Manifest, Section, StreamChannel, StreamSealer
+from ..migration.transport import ChunkWriter, SlotReader, fill_ring
 from ..sgx.quote import verify_quote
 from ..sgx.structs import ReportBody
 from . import checkpoints
@@ -78,6 +79,15 @@ class _Verifier:
 
     def verify(self, quote: bytes) -> ReportBody:
         return verify_quote(quote, self._services.trusted_roots(), allow_debug=True).body
+
+
+def _sealing(sealer: StreamSealer) -> ChunkWriter:
+    """The dump loop's chunk writer: seal straight into the slot (the transport copies nothing)."""
+
+    def write(part: memoryview, slot: memoryview, last: bool) -> int:
+        return sealer.seal_into(part, slot[: len(part) + TAG_SIZE], final=last)
+
+    return write
 
 
 def policy_of(instance: EnclaveInstance) -> MigrationPolicy:
@@ -228,20 +238,10 @@ class Migrator:
         ]
         for n, (expect, data) in enumerate(plan):
             sealer = streams.sealer(expect, chunk_size)
-            head = sealer.header_bytes
-            index, slot = ring.acquire(RING_TIMEOUT)
-            slot[: len(head)] = head
-            ring.publish(index, len(head))
-            sent += len(head)
-            total = len(data)
-            count = max(1, -(-total // chunk_size))
-            for i in range(count):
-                part = data[i * chunk_size : min(total, (i + 1) * chunk_size)]
-                index, slot = ring.acquire(RING_TIMEOUT)
-                last = i == count - 1
-                size = sealer.seal_into(part, slot[: len(part) + TAG_SIZE], final=last)
-                ring.publish(index, size, final=last and n == len(plan) - 1)
-                sent += size
+            sent += fill_ring(ring, sealer.header_bytes, chunk_size, final=False,
+                              timeout=RING_TIMEOUT)  # fmt: skip
+            sent += fill_ring(ring, data, chunk_size, _sealing(sealer),
+                              final=n == len(plan) - 1, timeout=RING_TIMEOUT)  # fmt: skip
         ring.wait_drained(RING_TIMEOUT)
         self.dumped = True
         return {
@@ -283,32 +283,13 @@ class Migrator:
         streams, ring = self._ready(Role.DESTINATION)
         dc = self.dest_commit
         t0 = time.perf_counter()
-        private = bytearray(ring.slot_size)
-        pview = memoryview(private)
-        finals: list[bool] = []
-
-        def take() -> memoryview:
-            if finals and finals[-1]:
-                # The untrusted side flagged an earlier slot as the last one.
-                raise StreamError("the transfer ended before the state's last chunk")
-            index, view, final = ring.next(RING_TIMEOUT)
-            n = len(view)
-            pview[:n] = view  # one fetch: the untrusted side cannot change it after this
-            ring.release(index)
-            finals.append(final)
-            return pview[:n]
-
-        received = 0
+        reader = SlotReader(ring, timeout=RING_TIMEOUT)
 
         def open_stream(expect: str | Section, sink: memoryview) -> int:
-            nonlocal received
-            head = take()
-            received += len(head)
-            opener = streams.opener(bytes(head), expect=expect)
+            opener = streams.opener(bytes(reader.take()), expect=expect)
             pos = 0
             while not opener.done:
-                chunk = take()
-                received += len(chunk)
+                chunk = reader.take()
                 room = sink[pos : pos + max(0, len(chunk) - TAG_SIZE)]
                 pos += opener.open_into(chunk, room)
             return pos
@@ -332,7 +313,7 @@ class Migrator:
         open_stream(memory_section, memory.view(0, memory_section.length))
         persistent_buf = bytearray(persistent_section.length)
         open_stream(persistent_section, memoryview(persistent_buf))
-        if not finals or not finals[-1] or any(finals[:-1]):
+        if not reader.ended:
             raise StreamError("the transfer's end is not where the stream ends")
         try:
             self._pending_state = cbor2.loads(bytes(state_buf))
@@ -345,7 +326,7 @@ class Migrator:
         loaded = dc.loaded() if dc is not None else b""
         return {
             "loaded": loaded,
-            "bytes": received,
+            "bytes": reader.received,
             "memory_bytes": memory_section.length,
             "load_seconds": time.perf_counter() - t0,
         }

@@ -30,13 +30,11 @@ staging buffer, then sends it, then loads it: same code, same enclave calls.
 from __future__ import annotations
 
 import contextlib
-import mmap
 import select
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,21 +55,12 @@ from ..wire import Schema, recv_frame, send_frame
 from .commit import CommitError
 from .ring import RingRole, ShmRing, send_ring_fds
 from .stream import TAG_SIZE
-from .transport import (
-    CHUNK_HEADER,
-    read_chunk_header,
-    recv_exactly_into,
-    ring_to_socket,
-    send_chunk,
-    socket_to_ring,
-    tune_socket,
-)
+from .transport import Staging, ring_to_socket, socket_to_ring, tune_socket
 
 DEFAULT_CHUNK = 128 << 10
 DEFAULT_SLOTS = 2
 MODES = ("pipelined", "sequential")
 PEER_FRAME_MAX = 32 << 20
-_STAGING_SLACK = 16 << 20
 
 PEER = Schema(
     "migsgx.peer",
@@ -157,79 +146,6 @@ class EnclaveLink:
             msg = recv_frame(self.sock, ECALL, max_size=ECALL_FRAME_MAX)
         if msg["t"] == "err":
             raise error_from_wire(msg["code"], msg["message"])
-
-
-@dataclass
-class _Staging:
-    """Sequential mode's whole-state buffer, with the record boundaries."""
-
-    buffer: mmap.mmap
-    lengths: list[int] = field(default_factory=list)
-    used: int = 0
-
-    @classmethod
-    def for_memory(cls, memory_size: int, chunk_size: int) -> _Staging:
-        size = memory_size + (memory_size // chunk_size + 16) * (TAG_SIZE + 512) + _STAGING_SLACK
-        return cls(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
-
-    def drain(self, ring: ShmRing, timeout: float | None) -> None:
-        view = memoryview(self.buffer)
-        try:
-            while True:
-                index, slot, final = ring.next(timeout)
-                n = len(slot)
-                if self.used + n > len(view):
-                    raise MigrationError("the state is larger than the staging buffer")
-                view[self.used : self.used + n] = slot
-                ring.release(index)
-                self.used += n
-                self.lengths.append(n)
-                if final:
-                    return
-        finally:
-            view.release()
-
-    def send(self, sock: socket.socket) -> None:
-        view = memoryview(self.buffer)
-        try:
-            pos = 0
-            for i, n in enumerate(self.lengths):
-                send_chunk(sock, view[pos : pos + n], final=i == len(self.lengths) - 1)
-                pos += n
-        finally:
-            view.release()
-
-    def receive(self, sock: socket.socket, cap: int) -> None:
-        header = bytearray(CHUNK_HEADER.size)
-        view = memoryview(self.buffer)
-        try:
-            while True:
-                n, final = read_chunk_header(sock, header, cap)
-                if self.used + n > len(view):
-                    raise MigrationError("the state is larger than the staging buffer")
-                recv_exactly_into(sock, view[self.used : self.used + n])
-                self.used += n
-                self.lengths.append(n)
-                if final:
-                    return
-        finally:
-            view.release()
-
-    def fill(self, ring: ShmRing, timeout: float | None) -> None:
-        view = memoryview(self.buffer)
-        try:
-            pos = 0
-            for i, n in enumerate(self.lengths):
-                index, slot = ring.acquire(timeout)
-                slot[:n] = view[pos : pos + n]
-                ring.publish(index, n, final=i == len(self.lengths) - 1)
-                pos += n
-        finally:
-            view.release()
-
-    def close(self) -> None:
-        with contextlib.suppress(BufferError):
-            self.buffer.close()
 
 
 class _Worker:
@@ -357,7 +273,7 @@ class OutgoingEnclave:
                     mover.join()
                     t_dumped = t_sent = time.perf_counter()
                 else:
-                    staging = _Staging.for_memory(self.info.memory_size, self.chunk_size)
+                    staging = Staging.for_state(self.info.memory_size, self.chunk_size, TAG_SIZE)
                     try:
                         drainer = _Worker(
                             lambda: staging.drain(ring, RING_TIMEOUT), "migsgx-drain", ring
@@ -487,7 +403,7 @@ class IncomingEnclave:
                     mover.join()
                     t_recv = t_hs
                 else:
-                    staging = _Staging.for_memory(self.info.memory_size, chunk)
+                    staging = Staging.for_state(self.info.memory_size, chunk, TAG_SIZE)
                     try:
                         staging.receive(peer, _slot_size(chunk))
                         t_recv = time.perf_counter()
