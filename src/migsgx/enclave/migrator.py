@@ -214,12 +214,12 @@ class Migrator:
         streams, ring = self._ready(Role.SOURCE)
         if not MIN_CHUNK <= chunk_size <= ring.slot_size - TAG_SIZE:
             raise ProtocolError(f"chunk size must be at least {MIN_CHUNK} and fit a ring slot")
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         self.instance.quiesce(timeout=quiesce_timeout)
         # From here until an abort, no seal or counter operation may change what
         # the dump says (enclave threads outside ECALLs get FrozenError).
         self.persistent.freeze(timeout=quiesce_timeout)
-        t_quiesced = time.perf_counter()
+        t_quiesced = time.monotonic()
         memory = self.instance.memory
         persistent = self.persistent.export()
         state = cbor2.dumps(self.instance.export_small_state())
@@ -242,14 +242,23 @@ class Migrator:
                               timeout=RING_TIMEOUT)  # fmt: skip
             sent += fill_ring(ring, data, chunk_size, _sealing(sealer),
                               final=n == len(plan) - 1, timeout=RING_TIMEOUT)  # fmt: skip
+        t_sealed = time.monotonic()
         ring.wait_drained(RING_TIMEOUT)
         self.dumped = True
+        t_end = time.monotonic()
         return {
             "streams": len(streams.summaries),
             "bytes": sent,
             "memory_bytes": memory.used,
             "quiesce_seconds": t_quiesced - t0,
-            "dump_seconds": time.perf_counter() - t_quiesced,
+            "dump_seconds": t_end - t_quiesced,
+            # CLOCK_MONOTONIC is one clock for every process of the host: the
+            # untrusted side lays these beside its own phases.
+            "timeline": {
+                "quiesce": [t0, t_quiesced],
+                "seal": [t_quiesced, t_sealed],
+                "drained": [t_sealed, t_end],
+            },
         }
 
     def loaded(self, frame: bytes) -> dict[str, Any]:
@@ -282,7 +291,7 @@ class Migrator:
     def load(self) -> dict[str, Any]:
         streams, ring = self._ready(Role.DESTINATION)
         dc = self.dest_commit
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         reader = SlotReader(ring, timeout=RING_TIMEOUT)
 
         def open_stream(expect: str | Section, sink: memoryview) -> int:
@@ -324,11 +333,13 @@ class Migrator:
         self._pending_persistent = self.persistent.prepare_import(bytes(persistent_buf))
         # A live migration confirms to the source; a checkpoint restore has no peer.
         loaded = dc.loaded() if dc is not None else b""
+        t_end = time.monotonic()
         return {
             "loaded": loaded,
             "bytes": reader.received,
             "memory_bytes": memory_section.length,
-            "load_seconds": time.perf_counter() - t0,
+            "load_seconds": t_end - t0,
+            "timeline": {"open": [t0, t_end]},
         }
 
     def commit_in(self, token: bytes) -> dict[str, Any]:

@@ -248,12 +248,12 @@ class OutgoingEnclave:
         self.peer = peer
         tune_socket(peer)
         peer.settimeout(self.peer_timeout)
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         try:
             _send(peer, {"t": "offer", "files": self.image_files, "chunk_size": self.chunk_size,
                          "slots": self.slots, "mode": self.mode})  # fmt: skip
             _recv(peer, "accept")
-            t_launch = time.perf_counter()
+            t_launch = time.monotonic()
             hello = self.link.call("__mig_out_start")
             _send(peer, {"t": "hs", "data": hello})
             while True:
@@ -262,7 +262,7 @@ class OutgoingEnclave:
                     _send(peer, {"t": "hs", "data": reply["send"]})
                 if reply["done"]:
                     break
-            t_hs = time.perf_counter()
+            t_hs = time.monotonic()
             ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
             try:
                 self.link.give_ring(ring)
@@ -271,7 +271,7 @@ class OutgoingEnclave:
                                     "migsgx-send", ring)  # fmt: skip
                     dump = _call_beside(self.link, mover, "__mig_dump", self.chunk_size)
                     mover.join()
-                    t_dumped = t_sent = time.perf_counter()
+                    t_dumped = t_sent = time.monotonic()
                 else:
                     staging = Staging.for_state(self.info.memory_size, self.chunk_size, TAG_SIZE)
                     try:
@@ -280,9 +280,9 @@ class OutgoingEnclave:
                         )
                         dump = _call_beside(self.link, drainer, "__mig_dump", self.chunk_size)
                         drainer.join()
-                        t_dumped = time.perf_counter()
+                        t_dumped = time.monotonic()
                         staging.send(peer)
-                        t_sent = time.perf_counter()
+                        t_sent = time.monotonic()
                     finally:
                         staging.close()
             finally:
@@ -293,7 +293,7 @@ class OutgoingEnclave:
         except BaseException as exc:
             self._abort_quietly(f"{type(exc).__name__}: {exc}")
             raise
-        t_end = time.perf_counter()
+        t_end = time.monotonic()
         self.stats = {
             "mode": self.mode,
             "chunk_bytes": self.chunk_size,
@@ -307,7 +307,16 @@ class OutgoingEnclave:
             "load_wait_seconds": t_end - t_sent,
             "transfer_seconds": t_end - t_hs,
             "destination": loaded["stats"],
-        }
+            # Absolute CLOCK_MONOTONIC times (one clock per host), per process.
+            "timeline": {
+                "source_driver": {
+                    "launch": [t0, t_launch], "handshake": [t_launch, t_hs],
+                    "dump": [t_hs, t_dumped], "send": [t_dumped, t_sent],
+                    "load_wait": [t_sent, t_end],
+                },
+                "source_enclave": dump.get("timeline", {}),
+            },
+        }  # fmt: skip
         return self.stats
 
     def commit(self) -> None:
@@ -375,20 +384,20 @@ class IncomingEnclave:
         if offer is None:
             fresh, offer = IncomingEnclave.accept_offer(peer, self.platform_socket)
             self.image = fresh.image
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         try:
             sock, self.info = launch_enclave(self.image, socket_path=self.platform_socket)
             self.link = EnclaveLink(sock)
             self.link.call("__mig_in_start")
             _send(peer, {"t": "accept", "pid": self.info.pid})
-            t_launch = time.perf_counter()
+            t_launch = time.monotonic()
             while True:
                 reply = self.link.call("__mig_hs", _recv(peer, "hs")["data"])
                 if reply["send"]:
                     _send(peer, {"t": "hs", "data": reply["send"]})
                 if reply["done"]:
                     break
-            t_hs = time.perf_counter()
+            t_hs = time.monotonic()
             chunk = offer["chunk_size"]
             ring = ShmRing.create(offer["slots"], _slot_size(chunk), RingRole.PRODUCER)
             try:
@@ -406,7 +415,7 @@ class IncomingEnclave:
                     staging = Staging.for_state(self.info.memory_size, chunk, TAG_SIZE)
                     try:
                         staging.receive(peer, _slot_size(chunk))
-                        t_recv = time.perf_counter()
+                        t_recv = time.monotonic()
                         filler = _Worker(
                             lambda: staging.fill(ring, RING_TIMEOUT), "migsgx-fill", ring
                         )
@@ -426,14 +435,21 @@ class IncomingEnclave:
                 _send(peer, {"t": "abort", "code": "destination-failed", "message": reason[:200],
                              "frame": b""})  # fmt: skip
             raise
-        t_end = time.perf_counter()
+        t_end = time.monotonic()
         self.stats = {
             "launch_seconds": t_launch - t0,
             "handshake_seconds": t_hs - t_launch,
             "receive_seconds": t_recv - t_hs,
             "load_seconds": t_end - t_recv,
             "bytes": result["bytes"],
-        }
+            "timeline": {
+                "destination_driver": {
+                    "launch": [t0, t_launch], "handshake": [t_launch, t_hs],
+                    "receive": [t_hs, t_recv], "load": [t_recv, t_end],
+                },
+                "destination_enclave": result.get("timeline", {}),
+            },
+        }  # fmt: skip
         _send(peer, {"t": "loaded", "frame": result["loaded"], "stats": self.stats})
         return self.stats
 
