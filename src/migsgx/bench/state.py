@@ -92,12 +92,20 @@ def workers() -> Iterator[list[Worker]]:
 
 
 def migrate_once(
-    image: Path, sock_a: Path, sock_b: Path, size: int, chunk: int, slots: int, mode: str
+    image: Path,
+    sock_a: Path,
+    sock_b: Path,
+    size: int,
+    chunk: int,
+    slots: int,
+    mode: str,
+    *,
+    prefault: bool = True,
 ) -> dict[str, Any]:
     with workers() as live:
         src = Worker("source", {"image": str(image), "socket": str(sock_a), "size": size})
         live.append(src)
-        dst = Worker("dest", {"socket": str(sock_b)})
+        dst = Worker("dest", {"socket": str(sock_b), "prefault": prefault})
         live.append(dst)
         ready = src.answer()
         port = dst.answer()["port"]
@@ -179,11 +187,24 @@ def aes_gcm_speed(chunk: int, total: int = 256 << 20) -> float:
 
 
 def one_run(
-    image: Path, sock_a: Path, sock_b: Path, size: int, chunk: int, slots: int
+    image: Path, sock_a: Path, sock_b: Path, size: int, chunk: int, slots: int, ab_prefault: bool
 ) -> dict[str, Any]:
-    """Pipelined, sequential and raw transport side by side, with their ratios."""
+    """Pipelined, sequential and raw transport side by side, with their ratios.
 
+    With ``ab_prefault``, also a pipelined run whose destination does not fault
+    its memory in ahead of the load, right before the pipelined one (A/B).
+    """
+
+    extra: dict[str, Any] = {}
+    if ab_prefault:
+        without = migrate_once(image, sock_a, sock_b, size, chunk, slots, "pipelined",
+                               prefault=False)  # fmt: skip
+        extra["pipelined_without_prefault"] = without
     pipelined = migrate_once(image, sock_a, sock_b, size, chunk, slots, "pipelined")
+    if ab_prefault:
+        extra["prefault_speedup"] = (
+            extra["pipelined_without_prefault"]["seconds"] / pipelined["seconds"]
+        )
     sequential = migrate_once(image, sock_a, sock_b, size, chunk, slots, "sequential")
     raw = raw_transport(size, chunk, slots)
     return {
@@ -195,11 +216,17 @@ def one_run(
         "pipelined_share_of_raw": size / pipelined["transfer_seconds"] / raw,
         "peak_extra_share": pipelined["peak_extra_bytes"] / size,
         "loadavg": loadavg(),
+        **extra,
     }
 
 
 def run(
-    size: int, chunk: int = DEFAULT_CHUNK, slots: int = DEFAULT_SLOTS, *, repeat: int = 3
+    size: int,
+    chunk: int = DEFAULT_CHUNK,
+    slots: int = DEFAULT_SLOTS,
+    *,
+    repeat: int = 3,
+    ab_prefault: bool = False,
 ) -> dict[str, Any]:
     """``repeat`` paired runs in one invocation: medians on top, ``runs``, ``spread``."""
 
@@ -219,7 +246,9 @@ def run(
         image = dep.signed_image("model")
         with running_services(dep.hosts) as (host_a, host_b):
             for _ in range(repeat):
-                runs.append(one_run(image, host_a.socket, host_b.socket, size, chunk, slots))
+                runs.append(
+                    one_run(image, host_a.socket, host_b.socket, size, chunk, slots, ab_prefault)
+                )
     result = summarize(runs)
     result.update(
         enclave_bytes=size,

@@ -81,6 +81,7 @@ def dest(args: dict[str, Any]) -> None:
     say(ready=True, pid=os.getpid(), port=listener.getsockname()[1])
     conn, _ = listener.accept()
     incoming, offer = IncomingEnclave.accept_offer(conn, args["socket"])
+    incoming.prefault = bool(args.get("prefault", True))
     stats = incoming.receive(conn, offer)
     assert incoming.info is not None
     say(loaded=True, enclave_pid=incoming.info.pid, stats=stats)

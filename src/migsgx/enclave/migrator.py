@@ -288,7 +288,7 @@ class Migrator:
         return token
 
     # --- destination: load ---------------------------------------------------------
-    def load(self) -> dict[str, Any]:
+    def load(self, prefault: bool = True) -> dict[str, Any]:
         streams, ring = self._ready(Role.DESTINATION)
         dc = self.dest_commit
         t0 = time.monotonic()
@@ -317,9 +317,20 @@ class Migrator:
             or persistent_section.length > MAX_TRANSFER_BYTES
         ):
             raise StreamError("the migrated state does not fit this enclave")
-        state_buf = bytearray(state_section.length)
-        open_stream(state_section, memoryview(state_buf))
-        open_stream(memory_section, memory.view(0, memory_section.length))
+        stop = threading.Event()
+        faulter = threading.Thread(
+            target=memory.prefault, args=(memory_section.length, stop), name="enclave-prefault"
+        )
+        if prefault:
+            faulter.start()
+        try:
+            state_buf = bytearray(state_section.length)
+            open_stream(state_section, memoryview(state_buf))
+            open_stream(memory_section, memory.view(0, memory_section.length))
+        finally:
+            stop.set()
+            if prefault:
+                faulter.join()
         persistent_buf = bytearray(persistent_section.length)
         open_stream(persistent_section, memoryview(persistent_buf))
         if not reader.ended:

@@ -362,6 +362,9 @@ class IncomingEnclave:
         self.peer: socket.socket | None = None
         self.stats: dict[str, Any] = {}
         self.rejected: list[MigSGXError] = []
+        #: The destination enclave faults its memory in beside the load (off only
+        #: to measure what that gains).
+        self.prefault = True
 
     @classmethod
     def accept_offer(
@@ -408,7 +411,7 @@ class IncomingEnclave:
                         "migsgx-recv",
                         ring,
                     )
-                    result = _call_beside(self.link, mover, "__mig_load")
+                    result = _call_beside(self.link, mover, "__mig_load", self.prefault)
                     mover.join()
                     t_recv = t_hs
                 else:
@@ -419,7 +422,7 @@ class IncomingEnclave:
                         filler = _Worker(
                             lambda: staging.fill(ring, RING_TIMEOUT), "migsgx-fill", ring
                         )
-                        result = _call_beside(self.link, filler, "__mig_load")
+                        result = _call_beside(self.link, filler, "__mig_load", self.prefault)
                         filler.join()
                     finally:
                         staging.close()
