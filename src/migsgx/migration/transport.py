@@ -28,12 +28,15 @@ Data path
 kernel keeps referring to the pages after the call returns, and the ring reuses
 a slot as soon as it is released, which would change bytes still in flight.
 
-Also here: the *raw transport* baseline's endpoints (plain bytes copied into and
-out of a ring, no enclave, no crypto) and the *sequential* helpers that move a
-whole staging buffer over the same framing.
+Also here, so that there is one datapath: the enclave's end of a ring
+(:func:`fill_ring` with a chunk writer, :class:`SlotReader`), which the
+enclave's dump and load loops use with a sealer and an opener and the raw
+transport baseline uses with a plain copy (the cipher replaced by a copy, the
+rest the same code); and :class:`Staging`, the sequential mode's whole-state
+buffer moved over the same framing.
 
-Defaults, from ``benchmarks/transport_probe.py`` (1 GiB, four processes on two
-cores, AES-256-GCM in the enclave processes)
+Defaults, from the bulk-path probe that preceded ``migsgx bench state`` (1 GiB,
+four processes on two cores, AES-256-GCM in the enclave processes)
     The memory a migration adds is, summed over the four processes, about
     ``4 * slots * slot_size``: two rings, each mapped by two processes.  Keeping
     that at 0.1 % of the enclave leaves room under a 0.15 % ceiling, and gives
