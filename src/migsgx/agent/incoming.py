@@ -512,7 +512,9 @@ class IncomingMigration:
                     conn, self.config.platform_socket
                 )
                 stats = enclave.engine.receive(conn, offer)
-                enclave.stats = {k: v for k, v in dict(stats).items() if _plain(v)}
+                enclave.stats = {
+                    k: v for k, v in dict(stats).items() if _plain(v) or k == "timeline"
+                }
                 enclave.stats["agent_seconds"] = time.monotonic() - t0
             except BaseException as exc:
                 enclave.error = exc

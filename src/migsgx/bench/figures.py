@@ -20,6 +20,7 @@ used (CRIU runs as a child of the tool and of the agent).
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,6 +29,7 @@ from ..errors import MigSGXError
 
 __all__ = [
     "FRESH_BOOT_SECONDS",
+    "children_cpu",
     "cpu_seconds",
     "loadavg",
     "machine_state",
@@ -54,6 +56,13 @@ def cpu_seconds(pid: int, *, children: bool = False) -> float:
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
     ticks = utime + stime + (cutime + cstime if children else 0)
     return ticks / _TICKS
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's reaped children (and theirs): tools run to completion."""
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def loadavg() -> list[float]:

@@ -63,7 +63,7 @@ def plot_timelines(panels: Sequence[Panel], path: Path | str) -> None:
     for ax in axes[:, 0]:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
-    fig.legend(list(handles.values()), list(handles), loc="upper right", fontsize=7, ncols=4)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.legend(list(handles.values()), list(handles), loc="upper center", fontsize=7, ncols=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=110)
     plt.close(fig)

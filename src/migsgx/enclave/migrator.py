@@ -215,6 +215,7 @@ class Migrator:
         if not MIN_CHUNK <= chunk_size <= ring.slot_size - TAG_SIZE:
             raise ProtocolError(f"chunk size must be at least {MIN_CHUNK} and fit a ring slot")
         t0 = time.monotonic()
+        cpu0 = time.process_time()
         self.instance.quiesce(timeout=quiesce_timeout)
         # From here until an abort, no seal or counter operation may change what
         # the dump says (enclave threads outside ECALLs get FrozenError).
@@ -252,6 +253,7 @@ class Migrator:
             "memory_bytes": memory.used,
             "quiesce_seconds": t_quiesced - t0,
             "dump_seconds": t_end - t_quiesced,
+            "cpu_seconds": time.process_time() - cpu0,  # the enclave process, every thread
             # CLOCK_MONOTONIC is one clock for every process of the host: the
             # untrusted side lays these beside its own phases.
             "timeline": {
@@ -292,6 +294,7 @@ class Migrator:
         streams, ring = self._ready(Role.DESTINATION)
         dc = self.dest_commit
         t0 = time.monotonic()
+        cpu0 = time.process_time()
         reader = SlotReader(ring, timeout=RING_TIMEOUT)
 
         def open_stream(expect: str | Section, sink: memoryview) -> int:
@@ -350,6 +353,7 @@ class Migrator:
             "bytes": reader.received,
             "memory_bytes": memory_section.length,
             "load_seconds": t_end - t0,
+            "cpu_seconds": time.process_time() - cpu0,
             "timeline": {"open": [t0, t_end]},
         }
 

@@ -306,6 +306,7 @@ class OutgoingEnclave:
             "send_seconds": t_sent - t_dumped,
             "load_wait_seconds": t_end - t_sent,
             "transfer_seconds": t_end - t_hs,
+            "enclave_cpu_seconds": dump.get("cpu_seconds", 0.0),
             "destination": loaded["stats"],
             # Absolute CLOCK_MONOTONIC times (one clock per host), per process.
             "timeline": {
@@ -445,6 +446,7 @@ class IncomingEnclave:
             "receive_seconds": t_recv - t_hs,
             "load_seconds": t_end - t_recv,
             "bytes": result["bytes"],
+            "enclave_cpu_seconds": result.get("cpu_seconds", 0.0),
             "timeline": {
                 "destination_driver": {
                     "launch": [t0, t_launch], "handshake": [t_launch, t_hs],
