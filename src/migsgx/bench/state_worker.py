@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Any
 
+from ..enclave.memory import EnclaveMemory
 from ..host.client import EnclaveClient
 from ..migration.engine import IncomingEnclave, OutgoingEnclave
 from ..migration.ring import RingRole, RingSpec, ShmRing
@@ -157,11 +158,17 @@ def raw_fill(args: dict[str, Any]) -> None:
 
 
 def raw_drain(args: dict[str, Any]) -> None:
+    """A destination enclave's load with the cipher replaced by a copy.
+
+    Into fresh memory faulted in beside the load, as an enclave's is.
+    """
+
     ring = _attach(args, RingRole.CONSUMER)
-    buf = _touched(args["size"])
+    memory = EnclaveMemory(args["size"])
     say(ready=True)
     hear()
-    drain_ring(ring, buf, timeout=120)
+    with memory.prefaulting(args["size"]):
+        drain_ring(ring, memory.view(0, args["size"]), timeout=120)
     say(drained=True)
 
 

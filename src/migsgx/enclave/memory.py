@@ -9,9 +9,11 @@ so after a migration the same names find the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,6 +215,24 @@ class EnclaveMemory:
         finally:
             del anchor  # the mapping may be closed again
         return done
+
+    @contextlib.contextmanager
+    def prefaulting(self, nbytes: int, enabled: bool = True) -> Iterator[None]:
+        """:meth:`prefault` in a thread for the duration of the ``with`` block (a load)."""
+
+        if not enabled:
+            yield
+            return
+        stop = threading.Event()
+        faulter = threading.Thread(
+            target=self.prefault, args=(nbytes, stop), name="enclave-prefault", daemon=True
+        )
+        faulter.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            faulter.join()
 
     def wipe(self) -> None:
         """Zero every page and unmap: what a committed source does before it exits."""

@@ -320,20 +320,10 @@ class Migrator:
             or persistent_section.length > MAX_TRANSFER_BYTES
         ):
             raise StreamError("the migrated state does not fit this enclave")
-        stop = threading.Event()
-        faulter = threading.Thread(
-            target=memory.prefault, args=(memory_section.length, stop), name="enclave-prefault"
-        )
-        if prefault:
-            faulter.start()
-        try:
+        with memory.prefaulting(memory_section.length, prefault):
             state_buf = bytearray(state_section.length)
             open_stream(state_section, memoryview(state_buf))
             open_stream(memory_section, memory.view(0, memory_section.length))
-        finally:
-            stop.set()
-            if prefault:
-                faulter.join()
         persistent_buf = bytearray(persistent_section.length)
         open_stream(persistent_section, memoryview(persistent_buf))
         if not reader.ended:
