@@ -200,8 +200,8 @@ def bench() -> None:
               help="paired runs; top-level figures are their medians")  # fmt: skip
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="draw the median runs' per-process timelines into this PNG")  # fmt: skip
-@click.option("--ab", type=click.Choice(["prefault", "batch"]), default=None,
-              help="A/B: each pipelined run also without this speed-up")  # fmt: skip
+@click.option("--ab-prefault", is_flag=True,
+              help="A/B: each pipelined run also without the prefault")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
 def bench_state(
     size: str,
@@ -209,7 +209,7 @@ def bench_state(
     slots: int | None,
     repeat: int,
     plot_path: Path | None,
-    ab: str | None,
+    ab_prefault: bool,
     as_json: bool,
 ) -> None:
     """Pipelined vs sequential enclave-state migration between two emulated hosts."""
@@ -223,7 +223,9 @@ def bench_state(
         chunk_bytes = parse_size(chunk) if chunk else DEFAULT_CHUNK
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    result = run(nbytes, chunk_bytes, slots or DEFAULT_SLOTS, repeat=repeat, ab=ab)
+    result = run(
+        nbytes, chunk_bytes, slots or DEFAULT_SLOTS, repeat=repeat, ab_prefault=ab_prefault
+    )
     if plot_path is not None:
         plot(result, plot_path)
     if not as_json:

@@ -46,10 +46,6 @@ from .figures import cpu_seconds, loadavg, machine_state, shift_timeline, summar
 
 PAGE = 4096
 
-AB = ("prefault", "batch")
-"""Speed-ups a run can leave out for a paired comparison: the destination's
-prefault of enclave memory, ``SCHED_BATCH`` for the bulk loops (both sides)."""
-
 
 class Worker:
     def __init__(self, role: str, args: dict[str, Any]) -> None:
@@ -105,16 +101,12 @@ def migrate_once(
     slots: int,
     mode: str,
     *,
-    without: str | None = None,
+    prefault: bool = True,
 ) -> dict[str, Any]:
-    """One migration; ``without`` names a speed-up to leave out (A/B): see :data:`AB`."""
-
-    flags = {name: name != without for name in AB}
     with workers() as live:
-        src = Worker("source", {"image": str(image), "socket": str(sock_a), "size": size,
-                                "batch": flags["batch"]})  # fmt: skip
+        src = Worker("source", {"image": str(image), "socket": str(sock_a), "size": size})
         live.append(src)
-        dst = Worker("dest", {"socket": str(sock_b), **flags})
+        dst = Worker("dest", {"socket": str(sock_b), "prefault": prefault})
         live.append(dst)
         ready = src.answer()
         port = dst.answer()["port"]
@@ -196,26 +188,24 @@ def aes_gcm_speed(chunk: int, total: int = 256 << 20) -> float:
 
 
 def one_run(
-    image: Path, sock_a: Path, sock_b: Path, size: int, chunk: int, slots: int, ab: str | None
+    image: Path, sock_a: Path, sock_b: Path, size: int, chunk: int, slots: int, ab_prefault: bool
 ) -> dict[str, Any]:
     """Pipelined, sequential and raw transport side by side, with their ratios.
 
-    With ``ab`` (one of :data:`AB`), also a pipelined run without that speed-up,
-    right before the pipelined one: ``pipelined_without_AB``, and the paired
-    ratios ``AB_speedup`` (seconds) and ``AB_cpu_ratio`` (CPU seconds, without
-    over with).
+    With ``ab_prefault``, also a pipelined run whose destination does not fault
+    its memory in ahead of the load, right before the pipelined one (A/B).
     """
 
     extra: dict[str, Any] = {}
-    if ab is not None:
+    if ab_prefault:
         without = migrate_once(image, sock_a, sock_b, size, chunk, slots, "pipelined",
-                               without=ab)  # fmt: skip
-        pipelined = migrate_once(image, sock_a, sock_b, size, chunk, slots, "pipelined")
-        extra[f"pipelined_without_{ab}"] = without
-        extra[f"{ab}_speedup"] = without["seconds"] / pipelined["seconds"]
-        extra[f"{ab}_cpu_ratio"] = without["cpu_seconds"] / max(1e-9, pipelined["cpu_seconds"])
-    else:
-        pipelined = migrate_once(image, sock_a, sock_b, size, chunk, slots, "pipelined")
+                               prefault=False)  # fmt: skip
+        extra["pipelined_without_prefault"] = without
+    pipelined = migrate_once(image, sock_a, sock_b, size, chunk, slots, "pipelined")
+    if ab_prefault:
+        extra["prefault_speedup"] = (
+            extra["pipelined_without_prefault"]["seconds"] / pipelined["seconds"]
+        )
     sequential = migrate_once(image, sock_a, sock_b, size, chunk, slots, "sequential")
     raw = raw_transport(size, chunk, slots)
     return {
@@ -237,7 +227,7 @@ def run(
     slots: int = DEFAULT_SLOTS,
     *,
     repeat: int = 3,
-    ab: str | None = None,
+    ab_prefault: bool = False,
 ) -> dict[str, Any]:
     """``repeat`` paired runs in one invocation: medians on top, ``runs``, ``spread``."""
 
@@ -250,8 +240,6 @@ def run(
         raise ConfigError("--chunk must be between 4 KiB and 16 MiB")
     if repeat < 1:
         raise ConfigError("--repeat must be at least 1")
-    if ab is not None and ab not in AB:
-        raise ConfigError(f"--ab is one of {', '.join(AB)}")
     before = loadavg()
     runs = []
     with tempfile.TemporaryDirectory(prefix="migsgx-bench-") as tmp:
@@ -259,7 +247,9 @@ def run(
         image = dep.signed_image("model")
         with running_services(dep.hosts) as (host_a, host_b):
             for _ in range(repeat):
-                runs.append(one_run(image, host_a.socket, host_b.socket, size, chunk, slots, ab))
+                runs.append(
+                    one_run(image, host_a.socket, host_b.socket, size, chunk, slots, ab_prefault)
+                )
     result = summarize(runs)
     result.update(
         enclave_bytes=size,

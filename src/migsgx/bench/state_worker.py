@@ -26,14 +26,7 @@ from ..enclave.memory import EnclaveMemory
 from ..host.client import EnclaveClient
 from ..migration.engine import IncomingEnclave, OutgoingEnclave
 from ..migration.ring import RingRole, RingSpec, ShmRing
-from ..migration.transport import (
-    batch_scheduling,
-    drain_ring,
-    fill_ring,
-    ring_to_socket,
-    socket_to_ring,
-    tune_socket,
-)
+from ..migration.transport import drain_ring, fill_ring, ring_to_socket, socket_to_ring, tune_socket
 
 COLS = 1024
 
@@ -71,7 +64,6 @@ def source(args: dict[str, Any]) -> None:
         sock, client.info, client.image_files,
         chunk_size=cmd["chunk"], slots=cmd["slots"], mode=cmd["mode"],
     )  # fmt: skip
-    out.batch = bool(args.get("batch", True))
     peer = socket.create_connection(("127.0.0.1", cmd["port"]))
     stats = out.transfer(peer)
     t_loaded = time.monotonic()
@@ -91,7 +83,6 @@ def dest(args: dict[str, Any]) -> None:
     conn, _ = listener.accept()
     incoming, offer = IncomingEnclave.accept_offer(conn, args["socket"])
     incoming.prefault = bool(args.get("prefault", True))
-    incoming.batch = bool(args.get("batch", True))
     stats = incoming.receive(conn, offer)
     assert incoming.info is not None
     say(loaded=True, enclave_pid=incoming.info.pid, stats=stats)
@@ -130,8 +121,7 @@ def raw_send(args: dict[str, Any]) -> None:
     sock = socket.create_connection(("127.0.0.1", args["port"]))
     tune_socket(sock)
     _go(child)
-    with batch_scheduling():
-        ring_to_socket(ring, sock, timeout=120)
+    ring_to_socket(ring, sock, timeout=120)
     child.wait()
     say(sent=True)
     hear()
@@ -146,8 +136,7 @@ def raw_recv(args: dict[str, Any]) -> None:
     tune_socket(conn)
     t0 = time.perf_counter()
     _go(child)
-    with batch_scheduling():
-        socket_to_ring(conn, ring, timeout=120)
+    socket_to_ring(conn, ring, timeout=120)
     assert child.stdout is not None
     child.stdout.readline()  # drained
     say(received=True, seconds=time.perf_counter() - t0)
@@ -164,8 +153,7 @@ def raw_fill(args: dict[str, Any]) -> None:
     buf = _touched(args["size"])
     say(ready=True)
     hear()
-    with batch_scheduling():
-        fill_ring(ring, buf, args["chunk"], timeout=120)
+    fill_ring(ring, buf, args["chunk"], timeout=120)
     ring.wait_drained(120)
 
 
@@ -179,7 +167,7 @@ def raw_drain(args: dict[str, Any]) -> None:
     memory = EnclaveMemory(args["size"])
     say(ready=True)
     hear()
-    with memory.prefaulting(args["size"]), batch_scheduling():
+    with memory.prefaulting(args["size"]):
         drain_ring(ring, memory.view(0, args["size"]), timeout=120)
     say(drained=True)
 

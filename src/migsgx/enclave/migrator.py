@@ -50,7 +50,7 @@ from ..migration.handshake import Handshake, HandshakeComplete, PeerAborted, Rol
 from ..migration.policy import MigrationPolicy, PolicyMode
 from ..migration.ring import RingRole, ShmRing, recv_ring_fds
 from ..migration.stream import TAG_SIZE, Manifest, Section, StreamChannel, StreamSealer
-from ..migration.transport import ChunkWriter, SlotReader, batch_scheduling_if, fill_ring
+from ..migration.transport import ChunkWriter, SlotReader, fill_ring
 from ..sgx.quote import verify_quote
 from ..sgx.structs import ReportBody
 from . import checkpoints
@@ -210,9 +210,7 @@ class Migrator:
         }
 
     # --- source: dump ---------------------------------------------------------------
-    def dump(
-        self, chunk_size: int, quiesce_timeout: float = 30.0, batch: bool = True
-    ) -> dict[str, Any]:
+    def dump(self, chunk_size: int, quiesce_timeout: float = 30.0) -> dict[str, Any]:
         streams, ring = self._ready(Role.SOURCE)
         if not MIN_CHUNK <= chunk_size <= ring.slot_size - TAG_SIZE:
             raise ProtocolError(f"chunk size must be at least {MIN_CHUNK} and fit a ring slot")
@@ -239,13 +237,12 @@ class Migrator:
             (sections[1], memory.view(0, memory.used)),
             (sections[2], memoryview(persistent)),
         ]
-        with batch_scheduling_if(batch):
-            for n, (expect, data) in enumerate(plan):
-                sealer = streams.sealer(expect, chunk_size)
-                sent += fill_ring(ring, sealer.header_bytes, chunk_size, final=False,
-                                  timeout=RING_TIMEOUT)  # fmt: skip
-                sent += fill_ring(ring, data, chunk_size, _sealing(sealer),
-                                  final=n == len(plan) - 1, timeout=RING_TIMEOUT)  # fmt: skip
+        for n, (expect, data) in enumerate(plan):
+            sealer = streams.sealer(expect, chunk_size)
+            sent += fill_ring(ring, sealer.header_bytes, chunk_size, final=False,
+                              timeout=RING_TIMEOUT)  # fmt: skip
+            sent += fill_ring(ring, data, chunk_size, _sealing(sealer),
+                              final=n == len(plan) - 1, timeout=RING_TIMEOUT)  # fmt: skip
         t_sealed = time.monotonic()
         ring.wait_drained(RING_TIMEOUT)
         self.dumped = True
@@ -293,7 +290,7 @@ class Migrator:
         return token
 
     # --- destination: load ---------------------------------------------------------
-    def load(self, prefault: bool = True, batch: bool = True) -> dict[str, Any]:
+    def load(self, prefault: bool = True) -> dict[str, Any]:
         streams, ring = self._ready(Role.DESTINATION)
         dc = self.dest_commit
         t0 = time.monotonic()
@@ -323,7 +320,7 @@ class Migrator:
             or persistent_section.length > MAX_TRANSFER_BYTES
         ):
             raise StreamError("the migrated state does not fit this enclave")
-        with memory.prefaulting(memory_section.length, prefault), batch_scheduling_if(batch):
+        with memory.prefaulting(memory_section.length, prefault):
             state_buf = bytearray(state_section.length)
             open_stream(state_section, memoryview(state_buf))
             open_stream(memory_section, memory.view(0, memory_section.length))

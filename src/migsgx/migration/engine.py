@@ -55,13 +55,7 @@ from ..wire import Schema, recv_frame, send_frame
 from .commit import CommitError
 from .ring import RingRole, ShmRing, send_ring_fds
 from .stream import TAG_SIZE
-from .transport import (
-    Staging,
-    batch_scheduling_if,
-    ring_to_socket,
-    socket_to_ring,
-    tune_socket,
-)
+from .transport import Staging, ring_to_socket, socket_to_ring, tune_socket
 
 DEFAULT_CHUNK = 128 << 10
 DEFAULT_SLOTS = 2
@@ -218,17 +212,6 @@ def _slot_size(chunk_size: int) -> int:
 
 
 RING_TIMEOUT = 120.0
-QUIESCE_TIMEOUT = 30.0
-
-
-def _moving(batch: bool, move: Callable[[], Any]) -> Callable[[], None]:
-    """A mover thread's body: bulk work under ``SCHED_BATCH`` (see :mod:`.transport`)."""
-
-    def run() -> None:
-        with batch_scheduling_if(batch):
-            move()
-
-    return run
 
 
 class OutgoingEnclave:
@@ -256,8 +239,6 @@ class OutgoingEnclave:
         self.peer_timeout = peer_timeout
         self.peer: socket.socket | None = None
         self.stats: dict[str, Any] = {}
-        #: Bulk loops under SCHED_BATCH (off only to measure what it gains).
-        self.batch = True
         self._loaded = False
         self._finished = False
 
@@ -286,12 +267,9 @@ class OutgoingEnclave:
             try:
                 self.link.give_ring(ring)
                 if self.mode == "pipelined":
-                    move = _moving(
-                        self.batch, lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT)
-                    )
-                    mover = _Worker(move, "migsgx-send", ring)
-                    dump = _call_beside(self.link, mover, "__mig_dump", self.chunk_size,
-                                        QUIESCE_TIMEOUT, self.batch)  # fmt: skip
+                    mover = _Worker(lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT),
+                                    "migsgx-send", ring)  # fmt: skip
+                    dump = _call_beside(self.link, mover, "__mig_dump", self.chunk_size)
                     mover.join()
                     t_dumped = t_sent = time.monotonic()
                 else:
@@ -300,8 +278,7 @@ class OutgoingEnclave:
                         drainer = _Worker(
                             lambda: staging.drain(ring, RING_TIMEOUT), "migsgx-drain", ring
                         )
-                        dump = _call_beside(self.link, drainer, "__mig_dump", self.chunk_size,
-                                            QUIESCE_TIMEOUT, self.batch)  # fmt: skip
+                        dump = _call_beside(self.link, drainer, "__mig_dump", self.chunk_size)
                         drainer.join()
                         t_dumped = time.monotonic()
                         staging.send(peer)
@@ -389,7 +366,6 @@ class IncomingEnclave:
         #: The destination enclave faults its memory in beside the load (off only
         #: to measure what that gains).
         self.prefault = True
-        self.batch = True
 
     @classmethod
     def accept_offer(
@@ -431,12 +407,12 @@ class IncomingEnclave:
             try:
                 self.link.give_ring(ring)
                 if offer["mode"] == "pipelined":
-                    move = _moving(
-                        self.batch, lambda: socket_to_ring(peer, ring, timeout=RING_TIMEOUT)
+                    mover = _Worker(
+                        lambda: socket_to_ring(peer, ring, timeout=RING_TIMEOUT),
+                        "migsgx-recv",
+                        ring,
                     )
-                    mover = _Worker(move, "migsgx-recv", ring)
-                    result = _call_beside(self.link, mover, "__mig_load", self.prefault,
-                                          self.batch)  # fmt: skip
+                    result = _call_beside(self.link, mover, "__mig_load", self.prefault)
                     mover.join()
                     t_recv = t_hs
                 else:
@@ -447,8 +423,7 @@ class IncomingEnclave:
                         filler = _Worker(
                             lambda: staging.fill(ring, RING_TIMEOUT), "migsgx-fill", ring
                         )
-                        result = _call_beside(self.link, filler, "__mig_load", self.prefault,
-                                              self.batch)  # fmt: skip
+                        result = _call_beside(self.link, filler, "__mig_load", self.prefault)
                         filler.join()
                     finally:
                         staging.close()

@@ -77,7 +77,6 @@ __all__ = [
     "SlotReader",
     "Staging",
     "batch_scheduling",
-    "batch_scheduling_if",
     "chunk_size_for",
     "copy_chunk",
     "drain_ring",
@@ -168,12 +167,6 @@ def batch_scheduling() -> Iterator[None]:
         yield
     finally:
         os.sched_setscheduler(0, os.SCHED_OTHER, param)
-
-
-def batch_scheduling_if(enabled: bool) -> contextlib.AbstractContextManager[None]:
-    """:func:`batch_scheduling` when ``enabled`` (off only to measure what it gains)."""
-
-    return batch_scheduling() if enabled else contextlib.nullcontext()
 
 
 # --- one chunk ------------------------------------------------------------------------
