@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from migsgx.bench import state
+from migsgx.lab.bench import state
 
 pytestmark = [
     pytest.mark.integration,

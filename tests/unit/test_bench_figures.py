@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from migsgx.bench.figures import cpu_seconds, machine_state, shift_timeline, summarize
+from migsgx.lab.bench.figures import cpu_seconds, machine_state, shift_timeline, summarize
 
 
 def test_top_level_keys_hold_medians_and_spread_holds_min_max() -> None:

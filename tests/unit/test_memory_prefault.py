@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import threading
 
-from migsgx import memstat
 from migsgx.enclave.memory import EnclaveMemory
+from migsgx.lab import memstat
 
 
 def _rss_self() -> int:

@@ -16,9 +16,9 @@ from typing import Any
 
 import cbor2
 
+from ..core.policy import EnclaveIdentity, MigrationPolicy, PolicyMode
+from ..core.stream import StreamChannel
 from ..errors import ReplayError, SealError
-from ..migration.policy import EnclaveIdentity, MigrationPolicy, PolicyMode
-from ..migration.stream import StreamChannel
 from . import sealing
 from .instance import EnclaveInstance
 

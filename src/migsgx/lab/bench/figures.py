@@ -25,7 +25,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import MigSGXError
+from ...errors import MigSGXError
 
 __all__ = [
     "FRESH_BOOT_SECONDS",
