@@ -44,7 +44,7 @@ from ...system.process import in_netns
 from ..containers import ContainerApp, ContainerLab
 from ..testbed import Testbed
 from .figures import children_cpu, cpu_seconds, loadavg, machine_state, summarize
-from .process import MODEL_COLS, migration_figures
+from .process import MODEL_COLS, enclave_cpu, migration_figures
 
 __all__ = ["run"]
 
@@ -94,7 +94,7 @@ def _migsgx(bed: Testbed, lab: ContainerLab, engine: str, size: int) -> dict[str
     agent.stop()
     figures = migration_figures(run.stats, rows, run.seconds)
     # Each with its children: CRIU and the container engine's commands.
-    figures["cpu_by_process"] = {"tool": tool_cpu, "agent": agent_cpu}
+    figures["cpu_by_process"] = {"tool": tool_cpu, "agent": agent_cpu, **enclave_cpu(run.stats)}
     return figures
 
 
