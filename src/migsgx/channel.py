@@ -65,6 +65,7 @@ PLATFORM = Schema(
         "report": {"target": bytes, "data": bytes},
         "quote": {"data": bytes},
         "roots": {},
+        "collateral": {},
         "ctr_create": {"initial": int},
         "ctr_read": {"id": str},
         "ctr_inc": {"id": str, "by": int},
@@ -80,6 +81,7 @@ PLATFORM = Schema(
             "destroy": list,
             "check": dict,
             "absent": bool,
+            "expect": (bytes, NONE),  # SHA-256 of the record replaced (compare-and-set)
         },
         # service -> enclave
         "ok": {"value": ANY},

@@ -394,7 +394,10 @@ def test_sealing_across_enclaves_and_hosts(
 # --- counters and state across a restart of the service ----------------------------------------
 def test_counters_and_sealed_data_survive_a_service_restart(world: World, tmp_path: Path) -> None:
     state = tmp_path / "host"
-    EmulatedPlatform.init(state, world.ca, host_id="restart")
+    EmulatedPlatform.init(
+        state, world.ca, host_id="restart",
+        allowed_signers=[mr_signer_of(world.author), mr_signer_of(world.other_author)],
+    )  # fmt: skip
     image = make_image(world.author)
     sock = tmp_path / "restart.sock"
 
@@ -443,7 +446,9 @@ def test_counters_are_per_host(launch: Launcher, host_b: ServiceProcess) -> None
 
 def test_service_stop_ends_its_enclaves(world: World, tmp_path: Path) -> None:
     state = tmp_path / "host"
-    EmulatedPlatform.init(state, world.ca, host_id="stop")
+    EmulatedPlatform.init(
+        state, world.ca, host_id="stop", allowed_signers=[mr_signer_of(world.author)]
+    )
     sock = tmp_path / "stop.sock"
     service = start_service(state, socket_path=sock)
     try:

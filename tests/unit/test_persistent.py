@@ -8,6 +8,7 @@ test calling the enclave's context directly.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import uuid
 from collections.abc import Callable
@@ -161,6 +162,10 @@ def test_record_update_is_all_or_nothing(store: CounterStore) -> None:
         RecordUpdate(b"two", create={other: 0}, expect_absent=True),
         RecordUpdate(b"two", advance={epoch: 2}, destroy=(epoch,)),  # one counter twice
         RecordUpdate(b"x" * (300 << 10)),
+        # No compare-and-set: a blind overwrite, an outdated one, a blind delete.
+        RecordUpdate(b"two", advance={epoch: 2}, check={epoch: 1}),
+        RecordUpdate(b"two", advance={epoch: 2}, check={epoch: 1}, expect=bytes(32)),
+        RecordUpdate(None, destroy=(epoch,), check={epoch: 1}),
     ]
     for update in failing:
         with pytest.raises(CounterError):
@@ -169,11 +174,15 @@ def test_record_update_is_all_or_nothing(store: CounterStore) -> None:
         assert store.read(OWNER, epoch) == 1
         with pytest.raises(CounterError):
             store.read(OWNER, other)
+    one, two = hashlib.sha256(b"one").digest(), hashlib.sha256(b"two").digest()
     store.record_update(
-        OWNER, "r", RecordUpdate(b"two", create={other: 0}, advance={epoch: 2}, check={epoch: 1})
-    )
+        OWNER, "r",
+        RecordUpdate(b"two", create={other: 0}, advance={epoch: 2}, check={epoch: 1}, expect=one),
+    )  # fmt: skip
     assert store.record_read(OWNER, "r") == b"two" and store.read(OWNER, epoch) == 2
-    store.record_update(OWNER, "r", RecordUpdate(None, destroy=(epoch, other), check={epoch: 2}))
+    store.record_update(
+        OWNER, "r", RecordUpdate(None, destroy=(epoch, other), check={epoch: 2}, expect=two)
+    )
     assert store.record_read(OWNER, "r") is None
     with pytest.raises(CounterError):
         store.read(OWNER, epoch)
@@ -274,7 +283,12 @@ def test_rolled_back_record_is_refused(world: World, name: str) -> None:
     assert old is not None
     ctx.mcounter_create("c")  # a new record, the epoch advances
     # The host's administrator puts the old record back (the counters stay as they are).
-    world.host_a.counters.record_update(counter_owner(ctx.identity), name, RecordUpdate(old))
+    current = svc.persist_read(name)
+    assert current is not None
+    world.host_a.counters.record_update(
+        counter_owner(ctx.identity), name,
+        RecordUpdate(old, expect=hashlib.sha256(current).digest()),
+    )  # fmt: skip
     with pytest.raises(RollbackError):
         open_fresh(world, world.host_a, name)
 

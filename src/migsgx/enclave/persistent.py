@@ -251,6 +251,7 @@ class PersistentState:
         self._keys = list(rec["keys"])
         self._epoch_id = epoch_id
         self._counters = {n: _MCounter(c, o) for n, (c, o) in rec["counters"].items()}
+        self._record = blob  # what the take-over replaces (compare-and-set)
         # Take the record over: the epoch moves on, so any other instance that
         # opened this record before can no longer use it.
         try:
@@ -281,6 +282,7 @@ class PersistentState:
                     advance={self._epoch_id: before + 1},
                     destroy=destroy,
                     check={self._epoch_id: before},
+                    expect=_digest(self._record),
                 ),
             )
         except CounterError as exc:
@@ -465,7 +467,10 @@ class PersistentState:
                 self._services.persist_update(
                     self._name,
                     RecordUpdate(
-                        None, destroy=(self._epoch_id, *cids), check={self._epoch_id: self._epoch}
+                        None,
+                        destroy=(self._epoch_id, *cids),
+                        check={self._epoch_id: self._epoch},
+                        expect=_digest(self._record),
                     ),
                 )
             except CounterError as exc:
@@ -597,3 +602,9 @@ def _are_keys(value: Any) -> bool:
 
 def _is_uint(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNTER_MAX
+
+
+def _digest(record: bytes) -> bytes | None:
+    """What a record update compares and sets against: the record it replaces."""
+
+    return hashlib.sha256(record).digest() if record else None

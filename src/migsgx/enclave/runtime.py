@@ -30,8 +30,10 @@ from ..errors import (
     ProtocolError,
     error_from_wire,
 )
+from ..sgx import syscalls
 from ..sgx.counters import RecordUpdate
 from ..sgx.image import EnclaveImage
+from ..sgx.sandbox import apply_limits, manifest_limits
 from ..sgx.structs import KeyRequest, Report, ReportBody, TargetInfo
 from ..wire import recv_frame, send_frame
 from . import selftest
@@ -81,6 +83,12 @@ class ChannelServices:
 
     def trusted_roots(self) -> list[x509.Certificate]:
         return x509.load_pem_x509_certificates(self._ask({"t": "roots"}))
+
+    def collateral(self) -> list[bytes]:
+        value = self._ask({"t": "collateral"})
+        if not isinstance(value, list):
+            raise ProtocolError("the platform's collateral is not a list")
+        return [bytes(v) for v in value]
 
     def counter_create(self, initial: int = 0) -> tuple[str, int]:
         cid, value = self._ask({"t": "ctr_create", "initial": initial})
@@ -275,12 +283,27 @@ def _not_dumpable() -> None:
         log(f"cannot make the enclave process non-dumpable (errno {ctypes.get_errno()})")
 
 
+def _seal_sandbox() -> None:
+    """Inside the launcher's sandbox: stack the filter that forbids ``execve``.
+
+    The launcher's filter had to allow ``execve`` for its own last step; this
+    runtime never runs a program, so enclave code must not either.  Without the
+    binding (the launcher then loaded no filter either) there is nothing to stack.
+    """
+
+    if syscalls.available():
+        syscalls.install_runtime_filter()
+
+
 def main(argv: list[str] | None = None) -> int:
     _not_dumpable()
     parser = argparse.ArgumentParser(prog="migsgx-enclave")
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--app", type=int, default=None)
+    parser.add_argument("--sandboxed", action="store_true")
     args = parser.parse_args(argv)
+    if args.sandboxed:
+        _seal_sandbox()
     chan = socket.socket(fileno=args.channel)
     # The runtime is ready before it knows which enclave it will be: a platform
     # service keeps one such process warm, so a launch costs no process start.
@@ -301,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     channel = AppChannel(app)
     try:
         image = EnclaveImage.from_files(init["files"])
+        if args.sandboxed:
+            # The manifest's limits, before a line of the enclave's code runs.
+            m = image.manifest
+            apply_limits(manifest_limits(m.memory_size, m.thread_slots))
         instance = EnclaveInstance(image, ChannelServices(chan, identity), channel.ocall)
     except MigSGXError as exc:
         log(f"enclave failed to start: {exc.code}")
