@@ -334,7 +334,7 @@ def bench() -> None:
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="draw the median runs' per-process timelines into this PNG")  # fmt: skip
 @click.option("--ab-prefault", is_flag=True,
-              help="A/B: each pipelined run also without the prefault")  # fmt: skip
+              help="A/B: each pipelined run also with the prefault")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
 def bench_state(
     size: str,

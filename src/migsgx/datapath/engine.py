@@ -363,9 +363,9 @@ class IncomingEnclave:
         self.peer: socket.socket | None = None
         self.stats: dict[str, Any] = {}
         self.rejected: list[MigSGXError] = []
-        #: The destination enclave faults its memory in beside the load (off only
-        #: to measure what that gains).
-        self.prefault = True
+        #: Whether the destination enclave faults its memory in beside the load.
+        #: Off: paired runs at 1 GiB showed no gain on two cores (docs/benchmarks.md).
+        self.prefault = False
 
     @classmethod
     def accept_offer(

@@ -299,7 +299,7 @@ class Migrator:
         return token
 
     # --- destination: load ---------------------------------------------------------
-    def load(self, prefault: bool = True) -> dict[str, Any]:
+    def load(self, prefault: bool = False) -> dict[str, Any]:
         streams, ring = self._ready(Role.DESTINATION)
         dc = self.dest_commit
         t0 = time.monotonic()

@@ -82,7 +82,7 @@ def dest(args: dict[str, Any]) -> None:
     say(ready=True, pid=os.getpid(), port=listener.getsockname()[1])
     conn, _ = listener.accept()
     incoming, offer = IncomingEnclave.accept_offer(conn, args["socket"])
-    incoming.prefault = bool(args.get("prefault", True))
+    incoming.prefault = bool(args.get("prefault", False))
     stats = incoming.receive(conn, offer)
     assert incoming.info is not None
     say(loaded=True, enclave_pid=incoming.info.pid, stats=stats)
@@ -160,15 +160,14 @@ def raw_fill(args: dict[str, Any]) -> None:
 def raw_drain(args: dict[str, Any]) -> None:
     """A destination enclave's load with the cipher replaced by a copy.
 
-    Into fresh memory faulted in beside the load, as an enclave's is.
+    Into fresh memory, as an enclave's is.
     """
 
     ring = _attach(args, RingRole.CONSUMER)
     memory = EnclaveMemory(args["size"])
     say(ready=True)
     hear()
-    with memory.prefaulting(args["size"]):
-        drain_ring(ring, memory.view(0, args["size"]), timeout=120)
+    drain_ring(ring, memory.view(0, args["size"]), timeout=120)
     say(drained=True)
 
 
