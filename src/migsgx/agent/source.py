@@ -61,6 +61,7 @@ from .protocol import (
     VERSION,
     AgentError,
     RefusedError,
+    plain_stats,
 )
 from .tls import AgentIdentity, client_context, wrap_client
 
@@ -296,7 +297,7 @@ class _Migration:
             t0 = time.monotonic()
             assert transfer.outgoing is not None
             stats = transfer.outgoing.transfer(peer)
-            transfer.stats = {k: v for k, v in dict(stats).items() if _plain(v) or k == "timeline"}
+            transfer.stats = {**plain_stats(stats), "timeline": stats.get("timeline", {})}
             transfer.stats["tool_seconds"] = time.monotonic() - t0
         except BaseException as exc:
             transfer.error = exc
@@ -462,7 +463,7 @@ class _Migration:
             "image_bytes": self.image_bytes,
             "restored_pid": self.restored_pid,
             "enclave_stats": [x.stats for x in self.transfers],
-            "enclave_destination_stats": [{k: v for k, v in s.items() if _plain(v)} for s in dest],
+            "enclave_destination_stats": [plain_stats(s) for s in dest],
             "driver": self.driver.name,
             "workload": self.source.label if self.source is not None else "",
         }
@@ -507,10 +508,6 @@ def _host_id(opts: MigrateOptions) -> str:
         return opts.identity.host_id()
     except (OSError, ValueError):
         return "unknown"
-
-
-def _plain(value: Any) -> bool:
-    return isinstance(value, int | float | str | bool) or value is None
 
 
 def migrate(opts: MigrateOptions) -> MigrationOutcome:

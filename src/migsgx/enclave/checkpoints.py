@@ -16,9 +16,10 @@ from typing import Any
 
 import cbor2
 
-from ..core.policy import EnclaveIdentity, MigrationPolicy, PolicyMode
+from ..core.policy import IDENTITY_SIZE, EnclaveIdentity, MigrationPolicy, PolicyMode
 from ..core.stream import StreamChannel
 from ..errors import ReplayError, SealError
+from ..sgx.trusted import TrustedServices
 from . import sealing
 from .instance import EnclaveInstance
 
@@ -60,8 +61,14 @@ def start(instance: EnclaveInstance) -> Checkpoint:
     return Checkpoint(checkpoint_id, blob, streams)
 
 
-def open_key(instance: EnclaveInstance, blob: bytes) -> Checkpoint:
-    services = instance.services
+def open_key_record(services: TrustedServices, blob: bytes) -> tuple[bytes, bytes, EnclaveIdentity]:
+    """Unseal a checkpoint key record: (checkpoint id, stream secret, source identity).
+
+    Checks the format only (``docs/spec/checkpoint.md``, section 2); whether this
+    enclave may take the checkpoint over, and whether it was restored before, is
+    :func:`open_key`'s.
+    """
+
     aad = sealing.sealed_aad(blob)
     if not aad.startswith(AAD_LABEL) or len(aad) != len(AAD_LABEL) + 16:
         raise SealError("not a migsgx checkpoint key")
@@ -72,7 +79,10 @@ def open_key(instance: EnclaveInstance, blob: bytes) -> Checkpoint:
             "cannot open the checkpoint: it was made on another host or by an enclave "
             "this one may not take over"
         ) from exc
-    data: Any = cbor2.loads(payload)
+    try:
+        data: Any = cbor2.loads(payload)
+    except Exception as exc:  # cbor2 raises several types on garbage
+        raise SealError("the checkpoint key is malformed") from exc
     if not (
         isinstance(data, dict)
         and data.get("v") == 1
@@ -81,6 +91,7 @@ def open_key(instance: EnclaveInstance, blob: bytes) -> Checkpoint:
         and isinstance(data.get("secret"), bytes)
         and len(data["secret"]) == 32
         and isinstance(data.get("source"), bytes)
+        and len(data["source"]) == IDENTITY_SIZE
         and isinstance(data.get("debug"), bool)
     ):
         raise SealError("the checkpoint key is malformed")
@@ -91,11 +102,16 @@ def open_key(instance: EnclaveInstance, blob: bytes) -> Checkpoint:
     source = EnclaveIdentity(
         packed.mr_enclave, packed.mr_signer, packed.isv_prod_id, packed.isv_svn, data["debug"]
     )
+    return checkpoint_id, data["secret"], source
+
+
+def open_key(instance: EnclaveInstance, blob: bytes) -> Checkpoint:
+    services = instance.services
+    checkpoint_id, secret, source = open_key_record(services, blob)
     _policy(instance).check(source, EnclaveIdentity.from_report(services.identity))
     if services.migration_claimed(checkpoint_id):
         raise ReplayError("this checkpoint was restored before; it restores only once")
     streams = StreamChannel(
-        data["secret"], migration_id=checkpoint_id, source=source, destination=source,
-        sending=False,
-    )  # fmt: skip
+        secret, migration_id=checkpoint_id, source=source, destination=source, sending=False
+    )
     return Checkpoint(checkpoint_id, blob, streams)
