@@ -307,18 +307,31 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
 @click.command("process")
 @click.option("--enclave-size", default="256MiB", show_default=True,
               help="enclave memory (and as much ordinary memory)")  # fmt: skip
+@click.option("--repeat", type=int, default=3, show_default=True,
+              help="paired runs; top-level figures are their medians")  # fmt: skip
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="draw the median runs' timelines into this PNG")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
               help="keep the testbed (logs, images) in this directory")  # fmt: skip
 @click.option("--page-tls/--no-page-tls", default=False, show_default=True,
               help="migsgx's page stream in TLS; off by default so that both sides move "
                    "ordinary pages the same way (CRIU alone: always plain)")  # fmt: skip
-def bench_process(enclave_size: str, as_json: bool, keep: Path | None, page_tls: bool) -> None:
+def bench_process(
+    enclave_size: str,
+    repeat: int,
+    plot_path: Path | None,
+    as_json: bool,
+    keep: Path | None,
+    page_tls: bool,
+) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
-    from .lab.bench.process import run
+    from .lab.bench.process import plot, run
 
-    result = run(parse_size(enclave_size), keep=keep, page_tls=page_tls)
+    result = run(parse_size(enclave_size), keep=keep, page_tls=page_tls, repeat=repeat)
+    if plot_path is not None:
+        plot(result, plot_path)
     if as_json:
         _emit(result)
         return
@@ -326,7 +339,7 @@ def bench_process(enclave_size: str, as_json: bool, keep: Path | None, page_tls:
         r = result[name]
         click.echo(
             f"{name:9}: total {r['total_seconds']:.3f} s, downtime {r['downtime_seconds']:.3f} s, "
-            f"{r['bytes'] / (1 << 20):.0f} MiB"
+            f"{r['bytes'] / (1 << 20):.0f} MiB (medians of {repeat})"
         )
 
 
@@ -335,15 +348,28 @@ def bench_process(enclave_size: str, as_json: bool, keep: Path | None, page_tls:
 @click.option("--engine", type=click.Choice(["runc", "podman", "containerd"]), default="runc",
               show_default=True)  # fmt: skip
 @click.option("--enclave-size", default="256MiB", show_default=True, help="enclave memory")
+@click.option("--repeat", type=int, default=3, show_default=True,
+              help="paired runs; top-level figures are their medians")  # fmt: skip
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="draw the median runs' timelines into this PNG")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
               help="keep the testbed (logs, images) in this directory")  # fmt: skip
-def bench_container(engine: str, enclave_size: str, as_json: bool, keep: Path | None) -> None:
+def bench_container(
+    engine: str,
+    enclave_size: str,
+    repeat: int,
+    plot_path: Path | None,
+    as_json: bool,
+    keep: Path | None,
+) -> None:
     """Container migration with enclaves against the engine's own checkpoint/restore."""
 
-    from .lab.bench.container import run
+    from .lab.bench.container import plot, run
 
-    result = run(engine, parse_size(enclave_size), keep=keep)
+    result = run(engine, parse_size(enclave_size), keep=keep, repeat=repeat)
+    if plot_path is not None:
+        plot(result, plot_path)
     if as_json:
         _emit(result)
         return
@@ -351,7 +377,8 @@ def bench_container(engine: str, enclave_size: str, as_json: bool, keep: Path | 
         r = result[name]
         click.echo(
             f"{name:11}: total {r['total_seconds']:.3f} s, "
-            f"downtime {r['downtime_seconds']:.3f} s, {r['bytes'] / (1 << 20):.0f} MiB"
+            f"downtime {r['downtime_seconds']:.3f} s, {r['bytes'] / (1 << 20):.0f} MiB "
+            f"(medians of {repeat})"
         )
 
 

@@ -553,7 +553,7 @@ class IncomingMigration:
                 # Nothing of the peer's runs unless it is the image begin announced.
                 check_pinned(enclave.engine.image, enclave.source_info)
                 stats = enclave.engine.receive(conn, offer)
-                enclave.stats = plain_stats(stats)
+                enclave.stats = {**plain_stats(stats), "timeline": stats.get("timeline", {})}
                 enclave.stats["agent_seconds"] = time.monotonic() - t0
             except BaseException as exc:
                 enclave.error = exc

@@ -344,7 +344,7 @@ class _Migration:
             t0 = time.monotonic()
             assert transfer.outgoing is not None
             stats = transfer.outgoing.transfer(peer)
-            transfer.stats = plain_stats(stats)
+            transfer.stats = {**plain_stats(stats), "timeline": stats.get("timeline", {})}
             transfer.stats["tool_seconds"] = time.monotonic() - t0
         except BaseException as exc:
             transfer.error = exc
@@ -512,12 +512,44 @@ class _Migration:
             "image_bytes": self.image_bytes,
             "restored_pid": self.restored_pid,
             "enclave_stats": [x.stats for x in self.transfers],
+            "enclave_destination_stats": [plain_stats(s) for s in dest],
             "driver": self.driver.name,
             "workload": self.source.label if self.source is not None else "",
         }
         if "resume_warning" in self.stats:
             figures["details"]["warning"] = self.stats["resume_warning"]
+        figures["timeline"] = self._timeline(dest)
         return figures
+
+    def _timeline(self, dest: list[dict[str, Any]]) -> dict[str, Any]:
+        """Phases per process as absolute CLOCK_MONOTONIC spans, with their origin.
+
+        One clock serves every process of the machine, so the tool's phases, the
+        enclave streams' (both hosts of a testbed share the kernel) line up.
+        """
+
+        t = self.t
+        tool = {
+            name: [t[a], t[b]]
+            for name, a, b in (
+                ("freeze", "prepare", "prepared"),
+                ("criu_dump", "dump", "dumped"),
+                ("join_enclaves", "dumped", "enclaves_sent"),
+                ("images", "enclaves_sent", "images_sent"),
+                ("restore", "images_sent", "restored"),
+                ("commit", "restored", "committed"),
+                ("resume", "committed", "resumed"),
+            )
+            if a in t and b in t
+        }
+        spans: dict[str, Any] = {"tool": tool}
+        for i, x in enumerate(self.transfers):
+            for proc, phases in x.stats.get("timeline", {}).items():
+                spans[f"enclave{i}.{proc}"] = phases
+        for i, s in enumerate(dest):
+            for proc, phases in s.get("timeline", {}).items():
+                spans[f"enclave{i}.{proc}"] = phases
+        return {"origin": t["start"], "spans": spans}
 
 
 def _host_id(opts: MigrateOptions) -> str:

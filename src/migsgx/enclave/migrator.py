@@ -41,8 +41,9 @@ from ..core.commit import (
 from ..core.handshake import Handshake, HandshakeComplete, PeerAborted, Role, SessionKeys
 from ..core.policy import MigrationPolicy, PolicyMode
 from ..core.rounds import digest_key
-from ..core.stream import TAG_SIZE, Manifest, Section, StreamChannel
+from ..core.stream import TAG_SIZE, Manifest, Section, StreamChannel, StreamSealer
 from ..datapath.ring import RingRole, ShmRing, recv_ring_fds
+from ..datapath.transport import ChunkWriter, SlotReader, fill_ring
 from ..errors import (
     CommittedError,
     MigrationError,
@@ -88,6 +89,15 @@ class _Verifier:
             quote, collateral, self._services.trusted_roots(), policy=self._tcb, allow_debug=True
         )
         return verdict.body
+
+
+def _sealing(sealer: StreamSealer) -> ChunkWriter:
+    """The dump loop's chunk writer: seal straight into the slot (the transport copies nothing)."""
+
+    def write(part: memoryview, slot: memoryview, last: bool) -> int:
+        return sealer.seal_into(part, slot[: len(part) + TAG_SIZE], final=last)
+
+    return write
 
 
 def policy_of(instance: EnclaveInstance) -> MigrationPolicy:
@@ -217,12 +227,13 @@ class Migrator:
         streams, ring = self._ready(Role.SOURCE)
         if not check_chunk_size(chunk_size, fits=ring.slot_size - TAG_SIZE):
             raise ProtocolError(f"chunk size must be at least {MIN_CHUNK} and fit a ring slot")
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
+        cpu0 = time.process_time()
         self.instance.quiesce(timeout=quiesce_timeout)
         # From here until an abort, no seal or counter operation may change what
         # the dump says (enclave threads outside ECALLs get FrozenError).
         self.persistent.freeze(timeout=quiesce_timeout)
-        t_quiesced = time.perf_counter()
+        t_quiesced = time.monotonic()
         memory = self.instance.memory
         persistent = self.persistent.export()
         state = cbor2.dumps(self.instance.export_small_state())
@@ -253,28 +264,28 @@ class Migrator:
         ]
         for n, (expect, data) in enumerate(plan):
             sealer = streams.sealer(expect, chunk_size)
-            head = sealer.header_bytes
-            index, slot = ring.acquire(RING_TIMEOUT)
-            slot[: len(head)] = head
-            ring.publish(index, len(head))
-            sent += len(head)
-            total = len(data)
-            count = max(1, -(-total // chunk_size))
-            for i in range(count):
-                part = data[i * chunk_size : min(total, (i + 1) * chunk_size)]
-                index, slot = ring.acquire(RING_TIMEOUT)
-                last = i == count - 1
-                size = sealer.seal_into(part, slot[: len(part) + TAG_SIZE], final=last)
-                ring.publish(index, size, final=last and n == len(plan) - 1)
-                sent += size
+            sent += fill_ring(ring, sealer.header_bytes, chunk_size, final=False,
+                              timeout=RING_TIMEOUT)  # fmt: skip
+            sent += fill_ring(ring, data, chunk_size, _sealing(sealer),
+                              final=n == len(plan) - 1, timeout=RING_TIMEOUT)  # fmt: skip
+        t_sealed = time.monotonic()
         ring.wait_drained(RING_TIMEOUT)
         self.dumped = True
+        t_end = time.monotonic()
         return {
             "streams": len(streams.summaries),
             "bytes": sent,
             "memory_bytes": memory.used,
             "quiesce_seconds": t_quiesced - t0,
-            "dump_seconds": time.perf_counter() - t_quiesced,
+            "dump_seconds": t_end - t_quiesced,
+            "cpu_seconds": time.process_time() - cpu0,  # the enclave process, every thread
+            # CLOCK_MONOTONIC is one clock for every process of the host: the
+            # untrusted side lays these beside its own phases.
+            "timeline": {
+                "quiesce": [t0, t_quiesced],
+                "seal": [t_quiesced, t_sealed],
+                "drained": [t_sealed, t_end],
+            },
         }
 
     def loaded(self, frame: bytes) -> dict[str, Any]:
@@ -308,38 +319,20 @@ class Migrator:
         return token
 
     # --- destination: load ---------------------------------------------------------
-    def load(self) -> dict[str, Any]:
+    def load(self, prefault: bool = False) -> dict[str, Any]:
         streams, ring = self._ready(Role.DESTINATION)
         dc = self.dest_commit
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         if self.rounds_in is not None:
             return self._load_live(t0)
-        private = bytearray(ring.slot_size)
-        pview = memoryview(private)
-        finals: list[bool] = []
-
-        def take() -> memoryview:
-            if finals and finals[-1]:
-                # The untrusted side flagged an earlier slot as the last one.
-                raise StreamError("the transfer ended before the state's last chunk")
-            index, view, final = ring.next(RING_TIMEOUT)
-            n = len(view)
-            pview[:n] = view  # one fetch: the untrusted side cannot change it after this
-            ring.release(index)
-            finals.append(final)
-            return pview[:n]
-
-        received = 0
+        cpu0 = time.process_time()
+        reader = SlotReader(ring, timeout=RING_TIMEOUT)
 
         def open_stream(expect: str | Section, sink: memoryview) -> int:
-            nonlocal received
-            head = take()
-            received += len(head)
-            opener = streams.opener(bytes(head), expect=expect)
+            opener = streams.opener(bytes(reader.take()), expect=expect)
             pos = 0
             while not opener.done:
-                chunk = take()
-                received += len(chunk)
+                chunk = reader.take()
                 room = sink[pos : pos + max(0, len(chunk) - TAG_SIZE)]
                 pos += opener.open_into(chunk, room)
             return pos
@@ -358,12 +351,13 @@ class Migrator:
             or persistent_section.length > MAX_TRANSFER_BYTES
         ):
             raise StreamError("the migrated state does not fit this enclave")
-        state_buf = bytearray(state_section.length)
-        open_stream(state_section, memoryview(state_buf))
-        open_stream(memory_section, memory.view(0, memory_section.length))
+        with memory.prefaulting(memory_section.length, prefault):
+            state_buf = bytearray(state_section.length)
+            open_stream(state_section, memoryview(state_buf))
+            open_stream(memory_section, memory.view(0, memory_section.length))
         persistent_buf = bytearray(persistent_section.length)
         open_stream(persistent_section, memoryview(persistent_buf))
-        if not finals or not finals[-1] or any(finals[:-1]):
+        if not reader.ended:
             raise StreamError("the transfer's end is not where the stream ends")
         try:
             self._pending_state = cbor2.loads(bytes(state_buf))
@@ -374,11 +368,14 @@ class Migrator:
         self._pending_persistent = self.persistent.prepare_import(bytes(persistent_buf))
         # A live migration confirms to the source; a checkpoint restore has no peer.
         loaded = dc.loaded() if dc is not None else b""
+        t_end = time.monotonic()
         return {
             "loaded": loaded,
-            "bytes": received,
+            "bytes": reader.received,
             "memory_bytes": memory_section.length,
-            "load_seconds": time.perf_counter() - t0,
+            "load_seconds": t_end - t0,
+            "cpu_seconds": time.process_time() - cpu0,
+            "timeline": {"open": [t0, t_end]},
         }
 
     def _load_live(self, t0: float) -> dict[str, Any]:
@@ -396,7 +393,7 @@ class Migrator:
             raise StreamError("the migrated small state does not decode") from exc
         self._pending_persistent = self.persistent.prepare_import(persistent)
         loaded = self.dest_commit.loaded() if self.dest_commit is not None else b""
-        return {**figures, "loaded": loaded, "load_seconds": time.perf_counter() - t0}
+        return {**figures, "loaded": loaded, "load_seconds": time.monotonic() - t0}
 
     # --- live migration: pre-copy rounds while ECALLs run --------------------------------
     def precopy_round(self, chunk_size: int) -> dict[str, Any]:
