@@ -81,6 +81,8 @@ PLATFORM = Schema(
             "check": dict,
             "absent": bool,
         },
+        # several ps_update bodies (each with its "name"), applied as one atomic write
+        "ps_txn": {"changes": list},
         # service -> enclave
         "ok": {"value": ANY},
         "err": {"code": str, "message": str},

@@ -245,6 +245,12 @@ class ReplayError(MigrationError):
     code = "replay"
 
 
+class CheckpointGateError(ReplayError):
+    """The checkpoint has no committed gate on this host: aborted, restored, or pending."""
+
+    code = "checkpoint-gate"
+
+
 class CommittedError(MigrationError):
     """This enclave's state has moved to another host; it cannot run here again."""
 

@@ -634,3 +634,45 @@ def test_rolled_back_source_host_keeps_only_the_past(world: World, name: str) ->
             revived.unseal_migratable(after)
     finally:
         revived.persistent.retire("test cleanup")
+
+
+# --- atomic transactions and commit preconditions (issue 9, items 3-5) --------------------
+def test_a_record_transaction_is_all_or_nothing(store: CounterStore) -> None:
+    epoch, gate = "a" * 32, "b" * 32
+    store.record_update(OWNER, "r", RecordUpdate(b"rec", create={epoch: 1}, expect_absent=True))
+    store.record_update(OWNER, "!ckpt-" + "0" * 32, RecordUpdate(b"g", create={gate: 0}))
+    retire = ("r", RecordUpdate(None, destroy=(epoch,), check={epoch: 1}))
+    stale_gate = ("!ckpt-" + "0" * 32, RecordUpdate(b"g", advance={gate: 1}, check={gate: 7}))
+    with pytest.raises(CounterError):
+        store.record_transaction(OWNER, [retire, stale_gate])
+    assert store.record_read(OWNER, "r") == b"rec" and store.read(OWNER, epoch) == 1
+    assert store.read(OWNER, gate) == 0
+    with pytest.raises(CounterError):  # one record twice
+        store.record_transaction(OWNER, [retire, retire])
+    gate_open = ("!ckpt-" + "0" * 32, RecordUpdate(b"g", advance={gate: 1}, check={gate: 0}))
+    store.record_transaction(OWNER, [retire, gate_open])
+    assert store.record_read(OWNER, "r") is None and store.read(OWNER, gate) == 1
+    with pytest.raises(CounterError):  # the runtime's names are its own pattern only
+        store.record_read(OWNER, "!ckpt-xyz")
+
+
+def test_no_new_dump_after_loaded_and_no_retirement_without_a_token(
+    world: World, name: str
+) -> None:
+    source = _instance(world)
+    ctx = _ctx(source)
+    ctx.open_persistent(name)
+    ctx.mcounter_create("c", 40)
+    move = Move(source, _instance(world, world.host_b))
+    move.transfer()
+    with pytest.raises(ProtocolError):
+        move.out.dump(CHUNK)  # a new dump stream after LOADED
+    # A stream started behind the migrator's back: the commit refuses before it retires.
+    assert move.out.keys is not None
+    move.out.keys.streams.sealer("state", CHUNK)
+    with pytest.raises(ProtocolError):
+        move.out.commit()
+    assert move.out.committed is False
+    assert world.host_a.services_for(ctx.identity).persist_read(name) is not None
+    move.abort()
+    assert ctx.mcounter_increment("c") == 41

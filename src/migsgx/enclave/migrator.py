@@ -32,9 +32,11 @@ from typing import Any
 import cbor2
 
 from ..errors import (
+    CheckpointGateError,
     CommittedError,
     MigrationError,
     MigSGXError,
+    PersistentStateError,
     ProtocolError,
     ReplayError,
     StreamError,
@@ -50,6 +52,7 @@ from ..migration.handshake import Handshake, HandshakeComplete, PeerAborted, Rol
 from ..migration.policy import MigrationPolicy, PolicyMode
 from ..migration.ring import RingRole, ShmRing, recv_ring_fds
 from ..migration.stream import TAG_SIZE, Manifest, Section, StreamChannel
+from ..sgx.counters import RecordUpdate
 from ..sgx.quote import verify_quote
 from ..sgx.structs import ReportBody
 from . import checkpoints
@@ -202,6 +205,12 @@ class Migrator:
     # --- source: dump ---------------------------------------------------------------
     def dump(self, chunk_size: int, quiesce_timeout: float = 30.0) -> dict[str, Any]:
         streams, ring = self._ready(Role.SOURCE)
+        if self.source_commit is not None and self.source_commit.state is not (
+            CommitState.AWAIT_LOADED
+        ):
+            raise ProtocolError("the destination confirmed the load already: no new dump")
+        if self.checkpoint is not None and self.dumped:
+            raise ProtocolError("the checkpoint was dumped already: no new dump")
         if not MIN_CHUNK <= chunk_size <= ring.slot_size - TAG_SIZE:
             raise ProtocolError(f"chunk size must be at least {MIN_CHUNK} and fit a ring slot")
         t0 = time.perf_counter()
@@ -266,8 +275,12 @@ class Migrator:
         """Source: give up the state for good; the enclave wipes itself and exits."""
 
         sc = self._source_commit()
+        # Every precondition of the token before anything is retired: a refusal
+        # after the retirement would leave the state nowhere.
         if sc.state is not CommitState.LOAD_CONFIRMED:
             raise ProtocolError("the destination has not confirmed the load")
+        if self.keys is None or self.keys.streams.busy:
+            raise ProtocolError("a stream was started after the destination's LOADED")
         # The source's record and counters go before the token exists: from now
         # on only the destination can ever hold them (or, if the token is lost,
         # nobody; never two).
@@ -364,10 +377,10 @@ class Migrator:
         self._activate()
         return {"active": True}
 
-    def _activate(self) -> None:
+    def _activate(self, *, also: list[tuple[str, RecordUpdate]] | None = None) -> None:
         """Destination, the id claimed: install the persistent state, import, run."""
 
-        self.persistent.install(self._pending_persistent)
+        self.persistent.install(self._pending_persistent, also=also or ())
         self._pending_persistent = None
         self.persistent.thaw()
         self.instance.import_small_state(self._pending_state)
@@ -390,6 +403,9 @@ class Migrator:
             frame = b""
         was_source = self.role is Role.SOURCE
         was_destination = self.role is Role.DESTINATION
+        if was_source and self.checkpoint is not None:
+            # The source runs on: its checkpoint must never restore (a second copy).
+            checkpoints.destroy(self.instance, self.checkpoint)
         self._reset()
         if was_source:
             self.persistent.thaw()
@@ -472,7 +488,13 @@ class Migrator:
 
         if self.checkpoint is None or self.role is not Role.SOURCE or not self.dumped:
             raise ProtocolError("no completed checkpoint to commit")
-        self.persistent.retire("this enclave's persistent state was checkpointed")
+        if self.checkpoint.streams.busy:
+            raise ProtocolError("a stream of the checkpoint is still being sealed")
+        # One platform update: the record retires and the checkpoint's gate opens.
+        self.persistent.retire(
+            "this enclave's persistent state was checkpointed",
+            also=[checkpoints.commit_change(self.checkpoint)],
+        )
         self.committed = True
         self.instance.retire("this enclave's state was checkpointed")
         self._exit_thread = threading.get_ident()
@@ -497,9 +519,15 @@ class Migrator:
             raise ProtocolError("no checkpoint is being restored")
         if self._pending_state is None:
             raise ProtocolError("the checkpoint's state has not been loaded")
-        if not self.instance.services.claim_migration(self.checkpoint.checkpoint_id):
-            raise ReplayError("this checkpoint was restored before; it restores only once")
-        self._activate()
+        # The gate is consumed in the update that installs the persistent state:
+        # the checkpoint runs at most once, and only after its source committed.
+        try:
+            self._activate(also=[checkpoints.consume_change(self.checkpoint)])
+        except PersistentStateError as exc:
+            raise CheckpointGateError(
+                "the checkpoint could not be claimed: it was restored before, or its state "
+                "cannot be installed here"
+            ) from exc
         self.checkpoint = None
         return {"active": True}
 

@@ -33,7 +33,7 @@ import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -448,30 +448,30 @@ class PersistentState:
                 )
             )
 
-    def retire(self, reason: str) -> None:
+    def retire(self, reason: str, *, also: Sequence[tuple[str, RecordUpdate]] = ()) -> None:
         """The state has moved: record, epoch and counters go, in one atomic update.
 
         Refused (and nothing changes) if the epoch moved since this instance last
         checked it: then another instance owns the record, and the exported
-        values may be out of date.
+        values may be out of date.  ``also`` joins the same platform update (a
+        checkpoint's gate moving to committed): the two happen together or not
+        at all.
         """
 
         with self._lock:
             if self._name is None or self._gone is not None:
+                if also:
+                    self._transaction(list(also), "the decision was not recorded")
                 self._gone = reason
                 return
             cids = tuple(c.cid for c in self._counters.values())
-            try:
-                self._services.persist_update(
-                    self._name,
-                    RecordUpdate(
-                        None, destroy=(self._epoch_id, *cids), check={self._epoch_id: self._epoch}
-                    ),
-                )
-            except CounterError as exc:
-                raise PersistentStateError(
-                    "the persistent state was taken over by another instance; not retired"
-                ) from exc
+            retiring = RecordUpdate(
+                None, destroy=(self._epoch_id, *cids), check={self._epoch_id: self._epoch}
+            )
+            self._transaction(
+                [(self._name, retiring), *also],
+                "the persistent state was taken over by another instance; not retired",
+            )
             self._gone = reason
             self._keys = []
 
@@ -497,10 +497,27 @@ class PersistentState:
             )
         return pending
 
-    def install(self, pending: PendingImport | None) -> None:
-        """Destination, after the commit: a fresh record and counters on this host."""
+    def _transaction(self, changes: list[tuple[str, RecordUpdate]], refused: str) -> None:
+        try:
+            if len(changes) == 1:
+                self._services.persist_update(*changes[0])
+            else:
+                self._services.persist_transaction(changes)
+        except CounterError as exc:
+            raise PersistentStateError(refused) from exc
+
+    def install(
+        self, pending: PendingImport | None, *, also: Sequence[tuple[str, RecordUpdate]] = ()
+    ) -> None:
+        """Destination, after the commit: a fresh record and counters on this host.
+
+        ``also`` joins the same platform update (a checkpoint's gate consumed),
+        so the state is installed exactly when the right to run it is taken.
+        """
 
         if pending is None:
+            if also:
+                self._transaction(list(also), "the restore could not claim its checkpoint")
             return
         with self._lock:
             if self._name is not None:
@@ -518,14 +535,14 @@ class PersistentState:
             create = {self._epoch_id: 1, **{c.cid: 0 for c in self._counters.values()}}
             record = self._seal_record(1, self._counters)
             try:
-                self._services.persist_update(
-                    pending.name, RecordUpdate(record, create=create, expect_absent=True)
+                installing = RecordUpdate(record, create=create, expect_absent=True)
+                self._transaction(
+                    [(pending.name, installing), *also],
+                    f"cannot install the migrated persistent state {pending.name!r} here",
                 )
-            except CounterError as exc:
+            except PersistentStateError:
                 self._forget()
-                raise PersistentStateError(
-                    f"cannot install the migrated persistent state {pending.name!r} here"
-                ) from exc
+                raise
             self._record = record
 
 

@@ -17,6 +17,7 @@ import queue
 import socket
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from cryptography import x509
@@ -107,6 +108,10 @@ class ChannelServices:
 
     def persist_update(self, name: str, update: RecordUpdate) -> None:
         self._ask({"t": "ps_update", "name": name, **update.to_wire()})
+
+    def persist_transaction(self, changes: Sequence[tuple[str, RecordUpdate]]) -> None:
+        wire = [{"name": name, **update.to_wire()} for name, update in changes]
+        self._ask({"t": "ps_txn", "changes": wire})
 
 
 class AppChannel:

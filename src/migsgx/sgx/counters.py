@@ -36,6 +36,10 @@ MAX_RECORDS_PER_OWNER = 256
 MAX_RECORD_BYTES = 256 << 10
 COUNTER_MAX = (1 << 64) - 1
 RECORD_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Records the trusted runtime keeps for itself (a checkpoint's gate, say): a name
+# no enclave's own persistent state can take.
+RUNTIME_RECORD_NAME = re.compile(r"![a-z]{1,16}-[0-9a-f]{32}")
+MAX_TRANSACTION = 4
 _COUNTER_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -99,7 +103,9 @@ class RecordUpdate:
 
 
 def _record_key(owner: bytes, name: str) -> str:
-    if not isinstance(name, str) or not RECORD_NAME.fullmatch(name):
+    if not isinstance(name, str) or not (
+        RECORD_NAME.fullmatch(name) or RUNTIME_RECORD_NAME.fullmatch(name)
+    ):
         raise CounterError("a record name is 1 to 64 characters of A-Z a-z 0-9 . _ -")
     return owner.hex() + "/" + name
 
@@ -193,50 +199,75 @@ class CounterStore:
     def record_update(self, owner: bytes, name: str, update: RecordUpdate) -> None:
         """Apply ``update`` atomically (see :class:`RecordUpdate`), or change nothing."""
 
-        key = _record_key(owner, name)
-        if update.record is not None and len(update.record) > MAX_RECORD_BYTES:
-            raise CounterError("a persistent record is limited to 256 KiB")
-        changed = [*update.create, *update.advance, *update.destroy]
-        if len(set(changed)) != len(changed):
-            raise CounterError("a record update changes one counter twice")
+        self.record_transaction(owner, [(name, update)])
+
+    def record_transaction(
+        self, owner: bytes, changes: Sequence[tuple[str, RecordUpdate]]
+    ) -> None:
+        """Apply several record updates as one atomic write, or change nothing.
+
+        Each update is checked against the state the updates before it left, so
+        a transaction may, say, retire one record and advance the counter that
+        gates another: the two can never be seen apart, even across a crash.
+        """
+
+        if not changes or len(changes) > MAX_TRANSACTION:
+            raise CounterError(f"a transaction holds 1 to {MAX_TRANSACTION} record updates")
+        keys = [_record_key(owner, name) for name, _ in changes]
+        if len(set(keys)) != len(keys):
+            raise CounterError("a transaction changes one record twice")
+        for _, update in changes:
+            if update.record is not None and len(update.record) > MAX_RECORD_BYTES:
+                raise CounterError("a persistent record is limited to 256 KiB")
+            changed = [*update.create, *update.advance, *update.destroy]
+            if len(set(changed)) != len(changed):
+                raise CounterError("a record update changes one counter twice")
         with self._locked():
             data = self._load_all()
-            counters: dict[str, dict[str, Any]] = data["counters"]
-            records: dict[str, Any] = data["records"]
-            for cid, value in update.check.items():
-                if int(self._get(counters, owner, cid)["value"]) != value:
-                    raise CounterError(f"counter {cid} does not hold the expected value")
-            for cid, value in update.advance.items():
-                entry = self._get(counters, owner, cid)
-                if not int(entry["value"]) < value <= COUNTER_MAX:
-                    raise CounterError("a monotonic counter only grows")
-            for cid in update.destroy:
-                self._get(counters, owner, cid)
-            for cid, value in update.create.items():
-                if not _COUNTER_ID.fullmatch(cid) or cid in counters:
-                    raise CounterError("a new counter needs a fresh id of 32 hex digits")
-                if not 0 <= value <= COUNTER_MAX:
-                    raise CounterError("initial value out of range")
-            owned = sum(1 for c in counters.values() if c["owner"] == owner)
-            if owned - len(update.destroy) + len(update.create) > MAX_COUNTERS_PER_OWNER:
-                raise CounterError("too many counters for this enclave")
-            if update.expect_absent and key in records:
-                raise CounterError(f"a persistent record {name!r} exists already")
-            if update.record is not None and key not in records:
-                mine = sum(1 for r in records.values() if r.get("owner") == owner)
-                if mine >= MAX_RECORDS_PER_OWNER:
-                    raise CounterError("too many persistent records for this enclave")
-            for cid, value in update.advance.items():
-                counters[cid]["value"] = value
-            for cid in update.destroy:
-                del counters[cid]
-            for cid, value in update.create.items():
-                counters[cid] = {"owner": owner, "value": value}
-            if update.record is None:
-                records.pop(key, None)
-            else:
-                records[key] = {"owner": owner, "name": name, "blob": bytes(update.record)}
+            for key, (name, update) in zip(keys, changes, strict=True):
+                self._apply(data, owner, key, name, update)
             write_private(self._path, cbor2.dumps(data))
+
+    def _apply(
+        self, data: dict[str, Any], owner: bytes, key: str, name: str, update: RecordUpdate
+    ) -> None:
+        """Check ``update`` against ``data`` and apply it there (in memory only)."""
+
+        counters: dict[str, dict[str, Any]] = data["counters"]
+        records: dict[str, Any] = data["records"]
+        for cid, value in update.check.items():
+            if int(self._get(counters, owner, cid)["value"]) != value:
+                raise CounterError(f"counter {cid} does not hold the expected value")
+        for cid, value in update.advance.items():
+            entry = self._get(counters, owner, cid)
+            if not int(entry["value"]) < value <= COUNTER_MAX:
+                raise CounterError("a monotonic counter only grows")
+        for cid in update.destroy:
+            self._get(counters, owner, cid)
+        for cid, value in update.create.items():
+            if not _COUNTER_ID.fullmatch(cid) or cid in counters:
+                raise CounterError("a new counter needs a fresh id of 32 hex digits")
+            if not 0 <= value <= COUNTER_MAX:
+                raise CounterError("initial value out of range")
+        owned = sum(1 for c in counters.values() if c["owner"] == owner)
+        if owned - len(update.destroy) + len(update.create) > MAX_COUNTERS_PER_OWNER:
+            raise CounterError("too many counters for this enclave")
+        if update.expect_absent and key in records:
+            raise CounterError(f"a persistent record {name!r} exists already")
+        if update.record is not None and key not in records:
+            mine = sum(1 for r in records.values() if r.get("owner") == owner)
+            if mine >= MAX_RECORDS_PER_OWNER:
+                raise CounterError("too many persistent records for this enclave")
+        for cid, value in update.advance.items():
+            counters[cid] = {**counters[cid], "value": value}
+        for cid in update.destroy:
+            del counters[cid]
+        for cid, value in update.create.items():
+            counters[cid] = {"owner": owner, "value": value}
+        if update.record is None:
+            records.pop(key, None)
+        else:
+            records[key] = {"owner": owner, "name": name, "blob": bytes(update.record)}
 
 
 class _FileLock:

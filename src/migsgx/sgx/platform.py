@@ -31,6 +31,7 @@ import os
 import secrets
 import tomllib
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -92,6 +93,8 @@ class TrustedServices(Protocol):
     def persist_read(self, name: str) -> bytes | None: ...
 
     def persist_update(self, name: str, update: RecordUpdate) -> None: ...
+
+    def persist_transaction(self, changes: Sequence[tuple[str, RecordUpdate]]) -> None: ...
 
 
 def target_info_of(body: ReportBody) -> TargetInfo:
@@ -302,6 +305,11 @@ class LocalServices:
         """Change a persistent record and its counters atomically (``RecordUpdate``)."""
 
         self._platform.counters.record_update(self._owner, name, update)
+
+    def persist_transaction(self, changes: Sequence[tuple[str, RecordUpdate]]) -> None:
+        """Several record updates of this owner as one atomic write."""
+
+        self._platform.counters.record_transaction(self._owner, changes)
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:

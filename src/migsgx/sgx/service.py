@@ -349,4 +349,10 @@ class PlatformService:
         if kind == "ps_update":
             svc.persist_update(msg["name"], RecordUpdate.from_wire(msg))
             return None
+        if kind == "ps_txn":
+            changes = msg["changes"]
+            if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in changes):
+                raise ProtocolError("a record transaction is malformed")
+            svc.persist_transaction([(c["name"], RecordUpdate.from_wire(c)) for c in changes])
+            return None
         raise ProtocolError(f"unexpected request {kind!r} from an enclave")
