@@ -178,11 +178,10 @@ def test_container_without_enclaves(
 ) -> None:
     app = lab.start_app(engine, "kvstore", ["--enclaves", "0"], enclaves=False)
     assert lab.ask(app, "NOTE plain yes", at="src") == "OK"
-    # runc without TLS for the pages: they go to the agent's page server (runc's own option).
-    run = migrate(bed, app, agent, args=["--no-page-tls"] if engine == "runc" else [])
+    run = migrate(bed, app, agent)
     assert run.returncode == 0, run.stderr
     assert run.stats is not None and run.stats["details"]["enclaves"] == 0
-    assert (run.stats["details"]["page_bytes"] > 0) is (engine == "runc")
+    assert run.stats["details"]["page_bytes"] == 0  # no page server: pages in the TLS channel
     state = json.loads(lab.ask(app, "STATE", at="dst").removeprefix("STATE "))
     assert state["notes"] == {"plain": "yes"}
     finish(lab, app, expect="dst")

@@ -33,7 +33,7 @@ from ..errors import ConfigError, ConnectionClosedError, FrameError, MigSGXError
 from ..host.appctl import AppLink, info_from_wire
 from ..host.client import EnclaveInfo
 from ..wire import recv_frame, send_frame
-from .faults import fault
+from .faults import corrupting_relay, fault
 from .process import PageServer, continue_tree, page_bytes, wait_stopped
 from .protocol import (
     CONTROL,
@@ -234,6 +234,9 @@ class IncomingMigration:
         self.tcp_close = bool(msg["tcp_close"])
         self.page_tls = bool(msg["page_tls"])
         self.page_server = msg.get("page_server") is not False
+        if self.page_server and not self.page_tls:
+            # An unauthenticated page stream could change the process's memory unseen.
+            raise ProtocolError("pages travel only in TLS: a plain page server is refused")
         self.mid = mid
         self.images_dir = self.agent.session_dir(mid)
         local = str(self.tls.getsockname()[0])
@@ -461,6 +464,8 @@ class IncomingMigration:
                 conn.close()
             ident = self.config.identity
             tls = (ident.ca, ident.cert, ident.key) if self.page_tls else None
+            if fault("agent.page-stream") == "corrupt":
+                conn = corrupting_relay(conn)
             with conn:
                 self._page_server = PageServer(
                     self.config.criu.binary, self.images_dir, conn, tls=tls

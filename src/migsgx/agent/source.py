@@ -89,7 +89,6 @@ class MigrateOptions:
     chunk_size: int | None = None
     mode: str = "pipelined"
     tcp_close: bool = True
-    page_tls: bool = True  # CRIU's page stream in mutual TLS (the agent identities)
     shell_job: bool = False
     progress: Progress | None = None
 
@@ -183,7 +182,8 @@ class _Migration:
         if not pids:
             raise MigrationError(f"no process {pid} ({source.label})")
         pidns = is_pidns_init(pid)
-        self.page_server = self.driver.uses_page_server(opts.page_tls)
+        # Pages travel only integrity-protected: TLS to a page server, or the TLS channel.
+        self.page_server = self.driver.uses_page_server(True)
         self.control = control = AgentConnection(opts.to, opts.identity, opts.io_timeout)
         try:
             control.call({"t": "hello", "version": VERSION, "host_id": _host_id(opts)}, "welcome")
@@ -231,7 +231,7 @@ class _Migration:
             "pids": pids,
             "pidns": pidns,
             "tcp_close": self.opts.tcp_close,
-            "page_tls": self.opts.page_tls and self.page_server,
+            "page_tls": self.page_server,
         }
         if self.driver.name != "pid":
             begin.update(driver=self.driver.name, target=self.source.target)
@@ -309,7 +309,7 @@ class _Migration:
         plan = DumpPlan(
             images=dump_dir,
             page_server=(opts.to[0], int(ready["page_port"])) if self.page_server else None,
-            page_tls=(ident.ca, ident.cert, ident.key) if opts.page_tls else None,
+            page_tls=(ident.ca, ident.cert, ident.key),
             tcp_close=opts.tcp_close,
             shell_job=opts.shell_job,
             note=self._guardian_note,
@@ -493,10 +493,11 @@ def migrate(opts: MigrateOptions) -> MigrationOutcome:
     try:
         outcome = _Migration(opts).run(dump_dir)
     except CriuError as exc:
+        # CRIU failed before the commit point (a dump, a damaged page stream, a
+        # restore): it resumed the source, and nothing runs on the destination.
         cause = exc.__cause__
-        if isinstance(cause, MigSGXError):
-            raise MigrationError(f"migration aborted, the source runs on: {cause}") from exc
-        raise
+        reason = cause if isinstance(cause, MigSGXError) else exc
+        raise MigrationError(f"migration aborted, the source runs on: {reason}") from exc
     finally:
         if own_dir and not opts.keep_images:
             shutil.rmtree(dump_dir, ignore_errors=True)

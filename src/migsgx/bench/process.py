@@ -56,7 +56,7 @@ while True:
 """
 
 
-def _migsgx(bed: Testbed, size: int, page_tls: bool) -> dict[str, Any]:
+def _migsgx(bed: Testbed, size: int) -> dict[str, Any]:
     rows = max(1, size // (MODEL_COLS * 4))
     agent = bed.start_agent()
     app = bed.start_app(
@@ -65,7 +65,7 @@ def _migsgx(bed: Testbed, size: int, page_tls: bool) -> dict[str, Any]:
          "--ordinary-mib", str(max(1, size >> 20))],
     )  # fmt: skip
     before = bed.ask("DIGEST", app.port, at="src", via="dst")
-    run = bed.migrate(app.pid, agent, args=[] if page_tls else ["--no-page-tls"])
+    run = bed.migrate(app.pid, agent)  # pages in TLS, always (CRIU alone: plain)
     if run.returncode != 0 or run.stats is None:
         raise MigSGXError(f"migsgx migrate failed ({run.returncode}): {run.stderr[-2000:]}")
     after = bed.ask("DIGEST", app.port, at="dst", via="src")
@@ -74,7 +74,7 @@ def _migsgx(bed: Testbed, size: int, page_tls: bool) -> dict[str, Any]:
     stats = run.stats
     restored = int(stats["details"]["restored_pid"])
     kill_tree(restored)
-    return {**migration_figures(stats, rows, run.seconds), "page_tls": page_tls}
+    return {**migration_figures(stats, rows, run.seconds), "page_tls": True}
 
 
 def migration_figures(stats: dict[str, Any], rows: int, wall_seconds: float) -> dict[str, Any]:
@@ -162,15 +162,13 @@ def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, An
     }
 
 
-def run(
-    size: int, *, subnet: int = 201, keep: Path | None = None, page_tls: bool = False
-) -> dict[str, Any]:
+def run(size: int, *, subnet: int = 201, keep: Path | None = None) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="migsgx-bench-process-"))
     try:
         with Testbed(root, subnet=subnet) as bed:
-            migsgx = _migsgx(bed, size, page_tls)
+            migsgx = _migsgx(bed, size)
             plain = criu_only(bed, 2 * size)
     finally:
         if keep is None:
