@@ -23,10 +23,11 @@ EXIT_CONFIG = 3
 EXIT_IMAGE = 4
 EXIT_ATTESTATION = 5
 EXIT_MIGRATION = 6
+EXIT_SOURCE_GONE = 8  # the source ended during the migration: nothing moved, nothing runs
 
 
 def _exit_code(exc: MigSGXError) -> int:
-    from .errors import AttestationError, MigrationError
+    from .errors import AttestationError, MigrationError, SourceGoneError
 
     if isinstance(exc, ConfigError):
         return EXIT_CONFIG
@@ -34,6 +35,8 @@ def _exit_code(exc: MigSGXError) -> int:
         return EXIT_IMAGE
     if isinstance(exc, AttestationError):
         return EXIT_ATTESTATION
+    if isinstance(exc, SourceGoneError):
+        return EXIT_SOURCE_GONE
     if isinstance(exc, MigrationError):
         return EXIT_MIGRATION
     return EXIT_ERROR

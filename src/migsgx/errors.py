@@ -245,6 +245,12 @@ class ReplayError(MigrationError):
     code = "replay"
 
 
+class SourceGoneError(MigrationError):
+    """The source application ended during the migration: nothing moved, nothing runs."""
+
+    code = "source-gone"
+
+
 class CheckpointGateError(ReplayError):
     """The checkpoint has no committed gate on this host: aborted, restored, or pending."""
 

@@ -8,6 +8,7 @@ of the application exists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -268,6 +269,39 @@ def test_tool_dying_before_the_commit_point(bed: Testbed, agent: AgentProcess, p
     wait_until(lambda: bed.copies(app)["dst"] == [], 15, "the destination to let go")
     check_source_runs_on(bed, app, digest)
     finish(bed, app, expect="src")
+
+
+def enclave_processes(bed: Testbed, host: str) -> set[int]:
+    """The enclave processes the platform service of ``host`` runs."""
+
+    service = bed.services[host].process.pid
+    found = set()
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == service and fields[0] not in ("Z", "X"):
+                found.add(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("point", ["tool.after-prepare", "tool.before-dump"])
+def test_source_application_killed_during_migrate(
+    bed: Testbed, agent: AgentProcess, point: str
+) -> None:
+    """A clear error and an honest status (8: nothing moved, nothing runs), no traceback."""
+
+    app = kvstore(bed)
+    ask_src(bed, app, "PUT k " + b"v".hex())
+    before = {h: enclave_processes(bed, h) for h in ("src", "dst")}
+    run = bed.migrate(app.pid, agent, env={"MIGSGX_FAULT": f"{point}:kill-source"})
+    assert run.returncode == 8, run.stderr
+    assert "[source-gone]" in run.stderr and "Traceback" not in run.stderr
+    assert bed.copies(app) == {"src": [], "dst": []}
+    for host in ("src", "dst"):  # its enclaves ended with it; the destination kept none
+        wait_until(
+            lambda h=host: enclave_processes(bed, h) <= before[h], 15, f"{host} enclaves to end"
+        )
+    assert process_state(app.pid) == ""
 
 
 def test_source_killed_after_the_commit_point(bed: Testbed, agent: AgentProcess) -> None:

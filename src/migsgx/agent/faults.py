@@ -6,7 +6,8 @@ once (as a crash would), ``kill`` sends it SIGKILL, ``kill-after=SECONDS``
 sends it SIGKILL that much later while the work goes on, ``fail`` raises
 :class:`InjectedFault`; any other action is returned to the caller, which
 knows what it means there (``corrupt`` before a restore or of the page stream,
-``kill-after-bytes=N`` while an enclave stream comes in, for example).
+``kill-after-bytes=N`` while an enclave stream comes in, ``kill-source`` at a
+point of the tool: SIGKILL to the source application, for example).
 Unset, every point is a no-op.
 """
 
@@ -31,6 +32,7 @@ POINTS: Final = frozenset(
         "agent.before-restore",
         "agent.after-restore",
         "tool.after-prepare",
+        "tool.before-dump",  # the enclaves stream, CRIU has not started
         "tool.before-commit",
         "tool.after-commit",
     }

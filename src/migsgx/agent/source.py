@@ -45,13 +45,13 @@ from typing import Any, Final
 
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
 from ..criu import Criu
-from ..errors import CriuError, MigrationError, MigSGXError, ProtocolError
+from ..errors import CriuError, MigrationError, MigSGXError, ProtocolError, SourceGoneError
 from ..host.appctl import AppLink, HandedEnclave, info_to_wire
 from ..wire import recv_frame, send_frame
 from .faults import fault
 from .guardian import Guardian
 from .incoming import load_engine
-from .process import is_pidns_init, stop_tree, tree_pids
+from .process import is_pidns_init, process_state, stop_tree, tree_pids
 from .protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,
@@ -197,17 +197,26 @@ class _Migration:
                 self.guardian = Guardian(
                     link.pid if link else pid, link.name if link else "-", [h.sock for h in handed]
                 )
-                fault("tool.after-prepare")
+                self._fault("tool.after-prepare")
                 ready = control.call(self._begin(pids, pidns), "ready")
                 # The enclaves stream while CRIU dumps the rest of the tree: the
                 # application holds no enclave connection (prepare), so neither
                 # waits for the other.  The post-dump step joins them.
                 self._start_enclaves(ready)
+                self._fault("tool.before-dump")
                 self._dump(dump_dir, ready)
             except BaseException as exc:
                 self._join_enclaves()
-                if not self.committed and not self.resume_sent:
-                    self._roll_back(exc)
+                undecided = not self.committed and not self.resume_sent
+                gone = undecided and not _alive(pid)
+                if undecided:
+                    self._roll_back(exc, source_gone=gone)
+                if gone and isinstance(exc, Exception):
+                    # Whatever failed first, the reason is that the application ended.
+                    raise SourceGoneError(
+                        f"the source {source.label} (pid {pid}) ended during the migration: "
+                        f"nothing moved, and its enclaves ended with it ({type(exc).__name__})"
+                    ) from exc
                 raise
             return MigrationOutcome(self._figures(), self.restored_pid, dump_dir)
         finally:
@@ -319,6 +328,16 @@ class _Migration:
         self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
         self.note("end")
 
+    def _fault(self, point: str) -> None:
+        """A fault point of the tool; ``kill-source`` there SIGKILLs the source application."""
+
+        if fault(point) == "kill-source" and self.source is not None:
+            root = self.source.root
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(root, signal.SIGKILL)
+            while _alive(root):  # gone or a zombie: SIGKILL cannot be ignored
+                time.sleep(0.01)
+
     def _guardian_note(self, line: str) -> None:
         if self.guardian is not None:
             self.guardian.note(line)
@@ -340,7 +359,7 @@ class _Migration:
         stop_tree(self.fenced)
         if self.guardian is not None:
             self.guardian.note("fence " + " ".join(map(str, self.fenced)))
-        fault("tool.before-commit")
+        self._fault("tool.before-commit")
         self._commit()
         self.note("resumed")
 
@@ -400,7 +419,7 @@ class _Migration:
         self.stats["attach"] = float(reply["attach_seconds"])
 
     # --- roll back -----------------------------------------------------------------------------
-    def _roll_back(self, cause: BaseException) -> None:
+    def _roll_back(self, cause: BaseException, *, source_gone: bool = False) -> None:
         reason = f"{type(cause).__name__}: {cause}"[:500]
         log.warning("migration aborted: %s", reason)
         if self.control is not None:
@@ -418,6 +437,10 @@ class _Migration:
         for pid in self.fenced:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+        if source_gone:
+            # Nobody to hand the enclaves back to: closing their connections ends them.
+            log.warning("the source application is gone; its enclaves end with it")
+            return
         if self.link is not None and socks:
             try:
                 self.link.resume(socks)
@@ -463,6 +486,10 @@ class _Migration:
         if "resume_warning" in self.stats:
             figures["details"]["warning"] = self.stats["resume_warning"]
         return figures
+
+
+def _alive(pid: int) -> bool:
+    return process_state(pid) not in ("", "Z", "X")
 
 
 def _host_id(opts: MigrateOptions) -> str:
