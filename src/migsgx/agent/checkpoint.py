@@ -82,7 +82,14 @@ def checkpoint(
         for i, out in enumerate(outs):
             out.write(directory, i)
         extra = {"tcp_close": True} if tcp_close else {}
-        criu.dump(pid, directory, enter=InTaskNamespaces(pid), extra=extra, notify=post_dump)
+        criu.dump(
+            pid,
+            directory,
+            enter=InTaskNamespaces(pid),
+            file_locks=True,
+            extra=extra,
+            notify=post_dump,
+        )
     except BaseException:
         if not committed:
             socks = [out.abort() for out in outs]
@@ -139,6 +146,7 @@ def restore(
     pid = criu.restore(
         directory,
         restore_detached=True,
+        file_locks=True,
         enter=InNetns(netns) if netns else None,
         log_file="restore.log",
         extra=extra,

@@ -124,6 +124,7 @@ class Runc:
         leave_running: bool = True,
     ) -> None:
         args = ["checkpoint", "--image-path", str(images), "--work-path", str(images)]
+        args.append("--file-locks")  # held POSIX and flock locks move with the tree
         if leave_running:
             args.append("--leave-running")
         if tcp_established:
@@ -136,7 +137,7 @@ class Runc:
             raise ContainerError(f"{exc}\n{log_excerpt(images / 'dump.log')}") from exc
 
     def restore(self, cid: str, bundle: Path, images: Path, work: Path) -> None:
-        args = ["restore", "--detach", "--bundle", str(bundle)]
+        args = ["restore", "--detach", "--file-locks", "--bundle", str(bundle)]
         args += ["--image-path", str(images), "--work-path", str(work), cid]
         try:
             self._detached(args, bundle, f"runc restore {cid}")
