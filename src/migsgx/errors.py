@@ -269,6 +269,12 @@ class CriuError(MigSGXError):
     code = "criu"
 
 
+class CheckpointDamagedError(CriuError):
+    """A checkpoint's files are not what was written: truncated, changed, missing."""
+
+    code = "checkpoint-damaged"
+
+
 _ALL: dict[str, type[MigSGXError]] = {}
 
 

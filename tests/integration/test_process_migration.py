@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import struct
@@ -542,3 +543,44 @@ def test_checkpoint_of_enclaves_does_not_open_on_another_host(bed: Testbed, tmp_
     elsewhere = CheckpointIn(ck, 0, bed.services["dst"].socket)
     with pytest.raises(SealError, match="another host"):
         elsewhere.load()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_checkpoint_fails_clearly_and_leaves_nothing(
+    bed: Testbed, tmp_path: Path, damage: str
+) -> None:
+    """Half a page image, or one flipped bit: a clear error, nothing left, the next works."""
+
+    app = kvstore(bed)
+    assert ask_src(bed, app, f"PUT kept {secrets.token_hex(32)}").startswith("OK")
+    digest = ask_src(bed, app, "DIGEST")
+    ck = tmp_path / "ck"
+    done = run_cli("checkpoint", str(app.pid), "--dir", str(ck))
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: not os.path.exists(f"/proc/{app.pid}"), 10, "the source to end")
+    intact = tmp_path / "intact"
+    shutil.copytree(ck, intact)
+    pages = max(ck.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    data = bytearray(pages.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x01
+    pages.write_bytes(bytes(data))
+
+    socket_path = str(bed.services["src"].socket)
+    netns = bed.host("src").netns
+    before = enclave_processes(bed, "src")
+    back = run_cli("restore", "--dir", str(ck), "--netns", netns, "--platform-socket", socket_path)
+    assert back.returncode == 1, back.stderr
+    assert "[checkpoint-damaged]" in back.stderr and "pages-" in back.stderr
+    assert "Traceback" not in back.stderr
+    assert bed.copies(app) == {"src": [], "dst": []}
+    wait_until(lambda: enclave_processes(bed, "src") <= before, 15, "no enclave left")
+    # The intact copy restores (the abstract socket name is free again), exactly once.
+    back = run_cli(
+        "restore", "--dir", str(intact), "--netns", netns, "--platform-socket", socket_path
+    )
+    assert back.returncode == 0, back.stderr
+    assert ask_src(bed, app, "DIGEST") == digest
+    finish(bed, app, expect="src")

@@ -16,13 +16,14 @@ checkpoint id), handed to the app, and the tree continues.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from ..criu import Criu, InNetns, InTaskNamespaces
-from ..errors import ConfigError, CriuError, MigSGXError
+from ..errors import CheckpointDamagedError, ConfigError, CriuError, MigSGXError
 from ..host.appctl import AppLink
 from ..migration.checkpoint import CheckpointIn, CheckpointOut
 from .process import continue_tree, is_pidns_init, kill_tree, tree_pids, wait_stopped
@@ -115,9 +116,49 @@ def checkpoint(
         "pidns": pidns,
         "tcp_close": tcp_close,
         "enclaves": len(handed),
+        "files": _digests(directory),
     }
     (directory / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n")
     return CheckpointResult(directory, pid, len(handed))
+
+
+def _digests(directory: Path) -> dict[str, list[int | str]]:
+    """Size and SHA-256 of every file the restore reads (logs and the metadata aside)."""
+
+    files: dict[str, list[int | str]] = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path.name != CHECKPOINT_META and not path.name.endswith(".log"):
+            digest = hashlib.sha256()
+            with path.open("rb") as src:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+            files[path.name] = [path.stat().st_size, digest.hexdigest()]
+    return files
+
+
+def _verify(directory: Path, recorded: object) -> None:
+    """The checkpoint's files are exactly those written, byte for byte.
+
+    This detects damage (a truncated copy, a flipped bit); it is no defence
+    against someone who rewrites the metadata too.  The enclave state is
+    authenticated by its own sealed streams either way.
+    """
+
+    if not isinstance(recorded, dict):
+        raise CheckpointDamagedError(f"{directory}: the checkpoint records no file digests")
+    found = _digests(directory)
+    missing = sorted(set(recorded) - set(found))
+    extra = sorted(set(found) - set(recorded))
+    changed = sorted(n for n in set(recorded) & set(found) if list(recorded[n]) != found[n])
+    if missing or extra or changed:
+        detail = "; ".join(
+            f"{what}: {', '.join(names[:5])}"
+            for what, names in (("missing", missing), ("unexpected", extra), ("changed", changed))
+            if names
+        )
+        raise CheckpointDamagedError(
+            f"the checkpoint in {directory} is damaged ({detail}); nothing was restored"
+        )
 
 
 def restore(
@@ -140,6 +181,9 @@ def restore(
     count = int(meta.get("enclaves") or 0)
     if count and platform_socket is None:
         raise ConfigError("the checkpoint holds enclaves: name the host's --platform-socket")
+    # Before CRIU sees anything: a truncated page image makes CRIU's restorer spin
+    # for ever, and a changed byte would run unnoticed.
+    _verify(directory, meta.get("files"))
     extra: dict[str, bool] = {"leave_stopped": True}
     if meta.get("tcp_close"):
         extra["tcp_close"] = True
