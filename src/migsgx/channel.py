@@ -82,7 +82,8 @@ PLATFORM = Schema(
             "absent": bool,
         },
         # several ps_update bodies (each with its "name"), applied as one atomic write
-        "ps_txn": {"changes": list},
+        # with "claim", the migration id is claimed in the same write
+        "ps_txn": {"changes": list, "claim": (bytes, NONE)},
         # service -> enclave
         "ok": {"value": ANY},
         "err": {"code": str, "message": str},

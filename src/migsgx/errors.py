@@ -147,6 +147,12 @@ class CounterError(PlatformError):
 
 
 # --- enclave calls -------------------------------------------------------------
+class ClaimedBeforeError(CounterError):
+    """The migration id was claimed on this host before: this copy must never run."""
+
+    code = "claimed"
+
+
 class EnclaveError(MigSGXError):
     """An ECALL failed inside the enclave."""
 

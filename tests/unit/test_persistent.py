@@ -20,10 +20,22 @@ from platform_fixtures import World, make_image, shared_world
 
 from migsgx.enclave.instance import EnclaveInstance
 from migsgx.enclave.migrator import Migrator
-from migsgx.enclave.persistent import FrozenError, PersistentStateError, RollbackError
+from migsgx.enclave.persistent import (
+    RESERVED,
+    FrozenError,
+    PersistentStateError,
+    RollbackError,
+)
 from migsgx.enclave.sdk import EnclaveContext
 from migsgx.enclave.sealing import seal_with_msk
-from migsgx.errors import CounterError, EnclaveBusyError, ProtocolError, SealError, error_from_wire
+from migsgx.errors import (
+    CounterError,
+    EnclaveBusyError,
+    ProtocolError,
+    ReplayError,
+    SealError,
+    error_from_wire,
+)
 from migsgx.migration.ring import ShmRing
 from migsgx.migration.stream import TAG_SIZE
 from migsgx.sgx.counters import COUNTER_MAX, CounterStore, RecordUpdate
@@ -676,3 +688,53 @@ def test_no_new_dump_after_loaded_and_no_retirement_without_a_token(
     assert world.host_a.services_for(ctx.identity).persist_read(name) is not None
     move.abort()
     assert ctx.mcounter_increment("c") == 41
+
+
+def test_the_name_is_reserved_before_loaded_so_the_install_cannot_lose_it(
+    world: World, name: str
+) -> None:
+    """Issue 9, item 4: an enclave on the destination opening the name between LOADED
+    and COMMIT used to take it, and the install after the commit failed: state lost."""
+
+    source = _instance(world)
+    ctx = _ctx(source)
+    ctx.open_persistent(name)
+    ctx.mcounter_create("c", 7)
+    destination = _instance(world, world.host_b)
+    move = Move(source, destination)
+    move.transfer()  # LOADED: the name is reserved on b
+    with pytest.raises(PersistentStateError, match="reserved"):
+        open_fresh(world, world.host_b, name)
+    move.commit()  # claim and install: one platform update
+    assert _ctx(destination).mcounter_increment("c") == 8
+
+
+def test_an_aborted_arrival_releases_its_reservation(world: World, name: str) -> None:
+    source = _instance(world)
+    ctx = _ctx(source)
+    ctx.open_persistent(name)
+    move = Move(source, _instance(world, world.host_b))
+    move.transfer()
+    move.abort()
+    assert world.host_b.services_for(ctx.identity).persist_read(name) is None
+    open_fresh(world, world.host_b, name)  # the name is free again
+
+
+def test_a_claimed_id_installs_nothing(world: World, name: str) -> None:
+    """The claim and the install are one update: a replayed id leaves no state behind."""
+
+    source = _instance(world)
+    ctx = _ctx(source)
+    ctx.open_persistent(name)
+    ctx.mcounter_create("c", 1)
+    destination = _instance(world, world.host_b)
+    move = Move(source, destination)
+    move.transfer()
+    services = world.host_b.services_for(ctx.identity)
+    assert move.out.keys is not None
+    assert services.claim_migration(move.out.keys.migration_id)  # claimed behind its back
+    token = move.out.commit()  # the source gave its state up: the token is all there is
+    with pytest.raises(ReplayError):
+        move.into.commit_in(token)
+    blob = services.persist_read(name)
+    assert blob is not None and blob.startswith(RESERVED)  # no record was installed

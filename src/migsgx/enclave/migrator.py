@@ -33,6 +33,7 @@ import cbor2
 
 from ..errors import (
     CheckpointGateError,
+    ClaimedBeforeError,
     CommittedError,
     MigrationError,
     MigSGXError,
@@ -106,6 +107,8 @@ class Migrator:
         self.dumped = False
         self._pending_state: Any = None
         self._pending_persistent: PendingImport | None = None
+        # The persistent state went in with the claim of the migration id (one update).
+        self._installed = False
         # The commit end of the migration this enclave came in by, kept after it
         # ran so that its COMMIT token, replayed, is still recognised as a replay.
         self._arrived: DestinationCommit | None = None
@@ -193,7 +196,7 @@ class Migrator:
             if self.role is Role.SOURCE:
                 self.source_commit = SourceCommit(self.keys)
             else:
-                self.dest_commit = DestinationCommit(self.keys, seen=self.instance.services)
+                self.dest_commit = DestinationCommit(self.keys, seen=_ClaimAndInstall(self))
         peer = hs.peer
         return {
             "send": out,
@@ -353,7 +356,14 @@ class Migrator:
             raise StreamError("the migrated small state does not decode") from exc
         # Checked before LOADED: a state that cannot be installed here is refused
         # while the source can still go on.
-        self._pending_persistent = self.persistent.prepare_import(bytes(persistent_buf))
+        arrival = (
+            self.keys.migration_id
+            if self.keys is not None
+            else (self.checkpoint.checkpoint_id if self.checkpoint is not None else b"")
+        )
+        self._pending_persistent = self.persistent.prepare_import(
+            bytes(persistent_buf), arrival
+        )
         # A live migration confirms to the source; a checkpoint restore has no peer.
         loaded = dc.loaded() if dc is not None else b""
         return {
@@ -380,7 +390,9 @@ class Migrator:
     def _activate(self, *, also: list[tuple[str, RecordUpdate]] | None = None) -> None:
         """Destination, the id claimed: install the persistent state, import, run."""
 
-        self.persistent.install(self._pending_persistent, also=also or ())
+        if not self._installed:
+            self.persistent.install(self._pending_persistent, also=also or ())
+        self._installed = False
         self._pending_persistent = None
         self.persistent.thaw()
         self.instance.import_small_state(self._pending_state)
@@ -403,6 +415,7 @@ class Migrator:
             frame = b""
         was_source = self.role is Role.SOURCE
         was_destination = self.role is Role.DESTINATION
+        pending = self._pending_persistent
         if was_source and self.checkpoint is not None:
             # The source runs on: its checkpoint must never restore (a second copy).
             checkpoints.destroy(self.instance, self.checkpoint)
@@ -411,6 +424,7 @@ class Migrator:
             self.persistent.thaw()
             self.instance.resume()
         elif was_destination:
+            self.persistent.release(pending)
             # Its memory may hold (part of) the source's state: wipe it, and never
             # let this enclave run or migrate again (it would be a second copy).
             self.discarded = True
@@ -530,6 +544,31 @@ class Migrator:
             ) from exc
         self.checkpoint = None
         return {"active": True}
+
+
+class _ClaimAndInstall:
+    """The destination's seen-ids store, as its commit end uses it.
+
+    Claiming the migration id installs the arriving persistent state in the
+    same platform update (over the name reserved before LOADED): the id is
+    taken exactly when the state is in place, and a crash between the two
+    cannot leave an id claimed with its state nowhere.
+    """
+
+    def __init__(self, migrator: Migrator) -> None:
+        self._migrator = migrator
+
+    def migration_claimed(self, migration_id: bytes) -> bool:
+        return self._migrator.instance.services.migration_claimed(migration_id)
+
+    def claim_migration(self, migration_id: bytes) -> bool:
+        m = self._migrator
+        try:
+            m.persistent.install(m._pending_persistent, claim=migration_id)
+        except ClaimedBeforeError:
+            return False
+        m._installed = True
+        return True
 
 
 _CALLS: dict[str, Any] = {

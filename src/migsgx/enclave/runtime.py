@@ -109,9 +109,11 @@ class ChannelServices:
     def persist_update(self, name: str, update: RecordUpdate) -> None:
         self._ask({"t": "ps_update", "name": name, **update.to_wire()})
 
-    def persist_transaction(self, changes: Sequence[tuple[str, RecordUpdate]]) -> None:
+    def persist_transaction(
+        self, changes: Sequence[tuple[str, RecordUpdate]], *, claim: bytes | None = None
+    ) -> None:
         wire = [{"name": name, **update.to_wire()} for name, update in changes]
-        self._ask({"t": "ps_txn", "changes": wire})
+        self._ask({"t": "ps_txn", "changes": wire, "claim": claim})
 
 
 class AppChannel:

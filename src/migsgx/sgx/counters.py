@@ -29,7 +29,7 @@ from typing import Any
 import cbor2
 
 from .._fs import read_private, write_private
-from ..errors import CounterError
+from ..errors import ClaimedBeforeError, CounterError
 
 MAX_COUNTERS_PER_OWNER = 256
 MAX_RECORDS_PER_OWNER = 256
@@ -40,6 +40,7 @@ RECORD_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # no enclave's own persistent state can take.
 RUNTIME_RECORD_NAME = re.compile(r"![a-z]{1,16}-[0-9a-f]{32}")
 MAX_TRANSACTION = 4
+LEGACY_CLAIMS = "migrations.cbor"
 _COUNTER_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -125,9 +126,14 @@ class CounterStore:
             raise CounterError(f"counter store {self._path} is unreadable") from exc
         counters = data.get("counters") if isinstance(data, dict) else None
         records = data.get("records", {}) if isinstance(data, dict) else None
-        if not isinstance(counters, dict) or not isinstance(records, dict):
+        claims = data.get("claims", []) if isinstance(data, dict) else None
+        if (
+            not isinstance(counters, dict)
+            or not isinstance(records, dict)
+            or not isinstance(claims, list)
+        ):
             raise CounterError(f"counter store {self._path} is corrupt")
-        return {"v": 1, "counters": counters, "records": records}
+        return {"v": 1, "counters": counters, "records": records, "claims": claims}
 
     def _load(self) -> dict[str, dict[str, Any]]:
         counters: dict[str, dict[str, Any]] = self._load_all()["counters"]
@@ -202,16 +208,23 @@ class CounterStore:
         self.record_transaction(owner, [(name, update)])
 
     def record_transaction(
-        self, owner: bytes, changes: Sequence[tuple[str, RecordUpdate]]
+        self,
+        owner: bytes,
+        changes: Sequence[tuple[str, RecordUpdate]],
+        *,
+        claim: bytes | None = None,
     ) -> None:
         """Apply several record updates as one atomic write, or change nothing.
 
         Each update is checked against the state the updates before it left, so
         a transaction may, say, retire one record and advance the counter that
         gates another: the two can never be seen apart, even across a crash.
+        With ``claim``, the migration id is claimed in the same write
+        (:class:`ClaimedBeforeError` if it was claimed before), so that an
+        arriving state is installed exactly when its id is taken.
         """
 
-        if not changes or len(changes) > MAX_TRANSACTION:
+        if (not changes and claim is None) or len(changes) > MAX_TRANSACTION:
             raise CounterError(f"a transaction holds 1 to {MAX_TRANSACTION} record updates")
         keys = [_record_key(owner, name) for name, _ in changes]
         if len(set(keys)) != len(keys):
@@ -224,9 +237,36 @@ class CounterStore:
                 raise CounterError("a record update changes one counter twice")
         with self._locked():
             data = self._load_all()
+            if claim is not None:
+                claim_key = owner + b"/" + bytes(claim)
+                if claim_key in data["claims"] or self._claimed_before(owner, claim):
+                    raise ClaimedBeforeError("this migration id was claimed before on this host")
+                data["claims"].append(claim_key)
             for key, (name, update) in zip(keys, changes, strict=True):
                 self._apply(data, owner, key, name, update)
             write_private(self._path, cbor2.dumps(data))
+
+    def claim(self, owner: bytes, mid: bytes) -> bool:
+        """Record ``mid`` for ``owner``; False if it was recorded before."""
+
+        try:
+            self.record_transaction(owner, [], claim=mid)
+        except ClaimedBeforeError:
+            return False
+        return True
+
+    def claimed(self, owner: bytes, mid: bytes) -> bool:
+        with self._locked():
+            claims = self._load_all()["claims"]
+        return owner + b"/" + bytes(mid) in claims or self._claimed_before(owner, mid)
+
+    def _claimed_before(self, owner: bytes, mid: bytes) -> bool:
+        """Claims of the former, separate claim store (``migrations.cbor``) still count."""
+
+        legacy = self._path.with_name(LEGACY_CLAIMS)
+        if not legacy.exists():
+            return False
+        return ClaimStore(legacy).claimed(owner, mid)
 
     def _apply(
         self, data: dict[str, Any], owner: bytes, key: str, name: str, update: RecordUpdate

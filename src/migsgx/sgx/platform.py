@@ -21,7 +21,8 @@ The state directory of a host::
     pck-chain.pem        PCK certificate issued by the provisioning CA, + the CA
     ca.pem               the deployment's trusted root
     counters.cbor        monotonic counters and enclaves' sealed persistent records, 0600
-    migrations.cbor      migration ids this host accepted (each once), 0600
+    migrations.cbor      migration ids accepted before claims moved into counters.cbor
+                         (still honoured), 0600
 """
 
 from __future__ import annotations
@@ -94,7 +95,9 @@ class TrustedServices(Protocol):
 
     def persist_update(self, name: str, update: RecordUpdate) -> None: ...
 
-    def persist_transaction(self, changes: Sequence[tuple[str, RecordUpdate]]) -> None: ...
+    def persist_transaction(
+        self, changes: Sequence[tuple[str, RecordUpdate]], *, claim: bytes | None = None
+    ) -> None: ...
 
 
 def target_info_of(body: ReportBody) -> TargetInfo:
@@ -291,10 +294,10 @@ class LocalServices:
         self._platform.counters.destroy(self._owner, counter_id)
 
     def claim_migration(self, migration_id: bytes) -> bool:
-        return self._platform.claims.claim(self._owner, migration_id)
+        return self._platform.counters.claim(self._owner, migration_id)
 
     def migration_claimed(self, migration_id: bytes) -> bool:
-        return self._platform.claims.claimed(self._owner, migration_id)
+        return self._platform.counters.claimed(self._owner, migration_id)
 
     def persist_read(self, name: str) -> bytes | None:
         """The sealed persistent record ``name`` of this enclave's owner, if any."""
@@ -306,10 +309,12 @@ class LocalServices:
 
         self._platform.counters.record_update(self._owner, name, update)
 
-    def persist_transaction(self, changes: Sequence[tuple[str, RecordUpdate]]) -> None:
-        """Several record updates of this owner as one atomic write."""
+    def persist_transaction(
+        self, changes: Sequence[tuple[str, RecordUpdate]], *, claim: bytes | None = None
+    ) -> None:
+        """Several record updates of this owner (and a migration id's claim) as one write."""
 
-        self._platform.counters.record_transaction(self._owner, changes)
+        self._platform.counters.record_transaction(self._owner, changes, claim=claim)
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:

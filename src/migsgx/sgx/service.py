@@ -353,6 +353,8 @@ class PlatformService:
             changes = msg["changes"]
             if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in changes):
                 raise ProtocolError("a record transaction is malformed")
-            svc.persist_transaction([(c["name"], RecordUpdate.from_wire(c)) for c in changes])
+            svc.persist_transaction(
+                [(c["name"], RecordUpdate.from_wire(c)) for c in changes], claim=msg["claim"]
+            )
             return None
         raise ProtocolError(f"unexpected request {kind!r} from an enclave")
