@@ -32,6 +32,11 @@ POINTS: Final = frozenset(
         "agent.before-restore",
         "agent.after-restore",
         "tool.after-prepare",
+        "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
+        "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
+        "ckpt.after-commit",  # checkpoint: every enclave gave its state up
+        "restore.held",  # restore: enclaves loaded (not running), CRIU restored the tree held
+        "restore.loaded",  # restore: the same step, right before the activation
         "tool.before-dump",  # the enclaves stream, CRIU has not started
         "tool.before-commit",
         "tool.after-commit",
