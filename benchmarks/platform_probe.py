@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from migsgx.host.client import EnclaveClient
-from migsgx.hosts import Deployment, start_service
+from migsgx.lab.hosts import Deployment, start_service
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

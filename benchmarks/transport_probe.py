@@ -61,9 +61,9 @@ from typing import Any
 import numpy
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from migsgx import memstat
-from migsgx.migration import transport
-from migsgx.migration.ring import RingRole, ShmRing, recv_ring_fds, send_ring_fds
+from migsgx.lab import memstat
+from migsgx.datapath import transport
+from migsgx.datapath.ring import RingRole, ShmRing, recv_ring_fds, send_ring_fds
 
 TAG = 16
 ROLES = ("producer", "sender", "receiver", "consumer")

@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
+from migsgx.core.commit import open_control, seal_control
+from migsgx.core.handshake import transcript_item
+from migsgx.core.stream import Manifest, StreamHeader, StreamOpener, StreamSealer
 from migsgx.errors import MigSGXError
-from migsgx.migration.commit import open_control, seal_control
-from migsgx.migration.handshake import transcript_item
-from migsgx.migration.stream import Manifest, StreamHeader, StreamOpener, StreamSealer
 from migsgx.sgx.structs import ReportBody
 from migsgx.wire import HEADER, decode_body
 

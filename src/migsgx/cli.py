@@ -6,7 +6,6 @@ named exit code and a one-line message on stderr.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import click
 
+from .cli_output import emit as _emit
 from .errors import ConfigError, ImageError, MigSGXError
 
 EXIT_OK = 0
@@ -42,8 +42,6 @@ def _exit_code(exc: MigSGXError) -> int:
     return EXIT_ERROR
 
 
-def _emit(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
 @click.group()
@@ -203,8 +201,9 @@ def bench() -> None:
 def bench_state(size: str, chunk: str | None, slots: int | None, as_json: bool) -> None:
     """Pipelined vs sequential enclave-state migration between two emulated hosts."""
 
-    from .bench.state import run
-    from .migration.engine import DEFAULT_CHUNK, DEFAULT_SLOTS
+    from .lab.bench.state import run
+    from .limits import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK
+    from .limits import DEFAULT_SLOTS
     from .sgx.image import parse_size
 
     try:
@@ -221,22 +220,6 @@ def bench_state(size: str, chunk: str | None, slots: int | None, as_json: bool) 
             err=True,
         )
     _emit(result)
-
-
-# --- demo ------------------------------------------------------------------------------
-@cli.command()
-@click.option(
-    "--workdir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="where the demo keeps its hosts (default: a temporary directory)",
-)
-def demo(workdir: Path | None) -> None:
-    """Two emulated hosts, the key-value enclave app on one: use it, attest it."""
-
-    from .demo import run_demo
-
-    run_demo(workdir)
 
 
 from .cli_migrate import register as register_migration  # noqa: E402

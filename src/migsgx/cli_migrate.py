@@ -2,23 +2,21 @@
 
 :func:`register` adds them to the ``migsgx`` group (``agent``, ``migrate``,
 ``checkpoint``, ``restore``, ``demo`` with its ``--container`` variant,
-``bench process`` and ``bench container``).  Until they are
-registered, ``python -m migsgx.cli_migrate ...`` runs the same commands.
+``bench process`` and ``bench container``).
 Errors propagate as :class:`~migsgx.errors.MigSGXError`; ``migsgx.cli.main``
 turns them into exit codes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
+from .cli_output import emit as _emit
 from .errors import ConfigError
 
 __all__ = [
@@ -31,8 +29,6 @@ __all__ = [
 ]
 
 
-def _emit(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _address(value: str) -> tuple[str, int]:
@@ -116,8 +112,8 @@ def agent_serve(
     from .agent.server import Agent, AgentConfig, platform_socket_alive
     from .agent.tls import AgentIdentity
     from .containers import ContainerSettings
-    from .hosts import ServiceProcess, start_service
     from .sgx.service import default_socket
+    from .sgx.spawn import ServiceProcess, start_service
 
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
@@ -287,7 +283,7 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
 def bench_process(enclave_size: str, as_json: bool, keep: Path | None) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
-    from .bench.process import run
+    from .lab.bench.process import run
 
     result = run(parse_size(enclave_size), keep=keep)
     if as_json:
@@ -311,7 +307,7 @@ def bench_process(enclave_size: str, as_json: bool, keep: Path | None) -> None:
 def bench_container(engine: str, enclave_size: str, as_json: bool, keep: Path | None) -> None:
     """Container migration with enclaves against the engine's own checkpoint/restore."""
 
-    from .bench.container import run
+    from .lab.bench.container import run
 
     result = run(engine, parse_size(enclave_size), keep=keep)
     if as_json:
@@ -334,7 +330,7 @@ def bench_container(engine: str, enclave_size: str, as_json: bool, keep: Path | 
 def demo_command(workdir: Path | None, container: str | None) -> None:
     """Two emulated hosts; the key-value enclave app moves between them while in use."""
 
-    from .demo import run_demo
+    from .lab.demo import run_demo
 
     run_demo(workdir, container=container)
 
@@ -354,16 +350,3 @@ def register(cli: click.Group) -> None:
         cli.add_command(bench)
     bench.add_command(bench_process)
     bench.add_command(bench_container)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .cli import cli
-    from .cli import main as cli_main
-
-    if "migrate" not in cli.commands:
-        register(cli)
-    cli_main(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
 """Fixtures for tests with real processes, namespaces and CRIU.
 
 Everything a test starts is stopped at teardown, also when the test fails:
-processes through :func:`migsgx.netns.terminate`, namespaces through
-:class:`migsgx.netns.HostNetwork`.
+processes through :func:`migsgx.lab.netns.terminate`, namespaces through
+:class:`migsgx.lab.netns.HostNetwork`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 
 from migsgx.criu import Criu
 from migsgx.errors import CriuError, MigSGXError
-from migsgx.netns import Host, HostNetwork, cleanup_stale, terminate
+from migsgx.lab.netns import Host, HostNetwork, cleanup_stale, terminate
 
 _PR_SET_CHILD_SUBREAPER = 36
 

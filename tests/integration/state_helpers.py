@@ -44,17 +44,17 @@ from typing import Any
 
 import pytest
 
-from migsgx.errors import MigSGXError
-from migsgx.host.client import EnclaveClient
-from migsgx.hosts import Deployment, ServiceProcess, start_service
-from migsgx.migration import handshake
-from migsgx.migration.engine import (
+from migsgx.core import handshake
+from migsgx.datapath.engine import (
     DEFAULT_CHUNK,
     PEER,
     PEER_FRAME_MAX,
     IncomingEnclave,
     OutgoingEnclave,
 )
+from migsgx.errors import MigSGXError
+from migsgx.host.client import EnclaveClient
+from migsgx.lab.hosts import Deployment, ServiceProcess, start_service
 from migsgx.sgx.ca import ProvisioningCA
 from migsgx.sgx.image import EnclaveImage, load_author_key, sign_image_dir
 from migsgx.sgx.platform import EmulatedPlatform
@@ -822,7 +822,7 @@ def regular_files(roots: Sequence[Path], *, newer_than: float | None = None) -> 
 # --- a destination driver in its own process (to be killed) ---------------------------------
 DRIVER_SCRIPT = """
 import socket, sys
-from migsgx.migration.engine import IncomingEnclave
+from migsgx.datapath.engine import IncomingEnclave
 
 listener = socket.create_server(("127.0.0.1", 0))
 print(listener.getsockname()[1], flush=True)

@@ -181,7 +181,7 @@ def test_a_begin_with_a_bad_migration_id_aborts(world: World) -> None:
     try:
         hello(conn)
         conn.send(
-            {"t": "begin", "mid": b"short", "enclaves": [], "pids": [], "pidns": True,
+            {"t": "begin", "session_id": b"short", "enclaves": [], "pids": [], "pidns": True,
              "tcp_close": True, "page_tls": True}
         )  # fmt: skip
         reply = recv_frame(conn.sock, None)

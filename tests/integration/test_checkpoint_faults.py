@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from migsgx.agent.process import kill_tree
-from migsgx.agent.testbed import AppProcess, Testbed
 from migsgx.criu import Criu
+from migsgx.lab.testbed import AppProcess, Testbed
+from migsgx.system.process import kill_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

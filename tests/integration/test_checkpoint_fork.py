@@ -25,10 +25,10 @@ from test_persistent_migration import (  # noqa: E402
     record_names,
 )
 
+from migsgx.datapath.checkpoint import CheckpointOut, restore_enclave  # noqa: E402
 from migsgx.enclave.persistent import RollbackError  # noqa: E402
 from migsgx.errors import CheckpointGateError, ReplayError  # noqa: E402
 from migsgx.host.client import EnclaveClient  # noqa: E402
-from migsgx.migration.checkpoint import CheckpointOut, restore_enclave  # noqa: E402
 from migsgx.sgx.image import load_author_key, sign_image_dir  # noqa: E402
 
 pytest_plugins = ["state_helpers"]

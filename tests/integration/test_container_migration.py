@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
-from migsgx.agent.testbed import AgentProcess, MigrateRun, Testbed
 from migsgx.agent.tls import issue_agent_identity
-from migsgx.containers.lab import ContainerApp, ContainerLab
 from migsgx.containers.podman import PODMAN_ARCHIVE
 from migsgx.criu import Criu
 from migsgx.host.client import EnclaveClient
-from migsgx.hosts import start_service
+from migsgx.lab.containers import ContainerApp, ContainerLab
+from migsgx.lab.hosts import start_service
+from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed
 from migsgx.sgx.ca import ProvisioningCA
 from migsgx.sgx.platform import EmulatedPlatform
 

@@ -14,7 +14,7 @@ import pytest
 
 from migsgx.criu import MIN_VERSION, Criu, InNetns, InTaskNamespaces
 from migsgx.errors import CriuError
-from migsgx.netns import NETNS_DIR, Host, HostNetwork, terminate
+from migsgx.lab.netns import NETNS_DIR, Host, HostNetwork, terminate
 
 # The fixtures of tests/integration/conftest.py, as the tests see them.
 HostsFactory = Callable[..., HostNetwork]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from migsgx.demo import run_demo
+from migsgx.lab.demo import run_demo
 
 pytestmark = pytest.mark.integration
 

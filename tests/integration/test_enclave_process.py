@@ -41,7 +41,7 @@ from migsgx.errors import (
     UnknownEcallError,
 )
 from migsgx.host.client import EnclaveClient
-from migsgx.hosts import ServiceProcess, start_service
+from migsgx.lab.hosts import ServiceProcess, start_service
 from migsgx.sgx.image import EnclaveImage
 from migsgx.wire import HEADER, encode, recv_frame, send_frame
 

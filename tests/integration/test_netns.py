@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-import migsgx.netns as netns_mod
-from migsgx.netns import (
+import migsgx.lab.netns as netns_mod
+from migsgx.lab.netns import (
     NETNS_DIR,
     PREFIX,
     HostNetwork,

@@ -29,6 +29,7 @@ from state_helpers import (  # noqa: E402
     wait_gone,
 )
 
+from migsgx.datapath.checkpoint import CheckpointOut, restore_enclave  # noqa: E402
 from migsgx.enclave.persistent import (  # noqa: E402
     RESERVED,
     PersistentStateError,
@@ -36,8 +37,7 @@ from migsgx.enclave.persistent import (  # noqa: E402
 )
 from migsgx.errors import SealError  # noqa: E402
 from migsgx.host.client import EnclaveClient  # noqa: E402
-from migsgx.hosts import start_service  # noqa: E402
-from migsgx.migration.checkpoint import CheckpointOut, restore_enclave  # noqa: E402
+from migsgx.lab.hosts import start_service  # noqa: E402
 from migsgx.sgx.image import load_author_key, sign_image_dir  # noqa: E402
 
 pytest_plugins = ["state_helpers"]

@@ -40,7 +40,7 @@ from migsgx.errors import (
     SealError,
 )
 from migsgx.host.client import EnclaveClient
-from migsgx.hosts import ServiceProcess, start_service
+from migsgx.lab.hosts import ServiceProcess, start_service
 from migsgx.sgx.ca import load_root
 from migsgx.sgx.image import SIGNATURE, EnclaveImage, mr_signer_of
 from migsgx.sgx.platform import EmulatedPlatform

@@ -26,17 +26,17 @@ from typing import Any
 
 import pytest
 
-from migsgx.agent.process import in_netns, kill_tree, process_state
-from migsgx.agent.testbed import AgentProcess, AppProcess, Testbed
 from migsgx.agent.tls import issue_agent_identity
 from migsgx.criu import Criu
+from migsgx.datapath.checkpoint import CheckpointIn
 from migsgx.errors import ReplayError, SealError
 from migsgx.host.client import EnclaveClient
-from migsgx.hosts import start_service
-from migsgx.migration.checkpoint import CheckpointIn
-from migsgx.netns import Host
+from migsgx.lab.hosts import start_service
+from migsgx.lab.netns import Host
+from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed
 from migsgx.sgx.ca import ProvisioningCA
 from migsgx.sgx.platform import EmulatedPlatform
+from migsgx.system.process import in_netns, kill_tree, process_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -326,6 +326,8 @@ def test_source_killed_after_the_commit_point(bed: Testbed, agent: AgentProcess)
     wait_until(lambda: process_state(app.pid) in ("T", "t", ""), 15, "the source to stop")
     assert bed.runnable_copies(app)["src"] == 0
     os.kill(app.pid, signal.SIGKILL)
+    # A stopped task woken by SIGKILL runs briefly to die: wait until it is gone.
+    wait_until(lambda: process_state(app.pid) in ("Z", "X", ""), 15, "the source to die")
     finish(bed, app, expect="dst")
 
 
@@ -346,7 +348,7 @@ def test_plain_process_without_migration_control(bed: Testbed, agent: AgentProce
 
 
 def _tree(pid: int) -> list[int]:
-    from migsgx.agent.process import tree_pids
+    from migsgx.system.process import tree_pids
 
     return tree_pids(pid)
 
@@ -485,7 +487,7 @@ def test_canary_is_in_no_image_stream_log_or_temp_file(bed: Testbed, tmp_path: P
 # --- checkpoint to a directory and back -------------------------------------------------------
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "migsgx.cli_migrate", *args],
+        [sys.executable, "-m", "migsgx", *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -19,10 +19,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from migsgx import memstat
+from migsgx.datapath import transport
+from migsgx.datapath.ring import RingRole, ShmRing, recv_ring_fds, send_ring_fds
 from migsgx.errors import ConnectionClosedError, FrameError, ProtocolError
-from migsgx.migration import transport
-from migsgx.migration.ring import RingRole, ShmRing, recv_ring_fds, send_ring_fds
+from migsgx.lab import memstat
 
 SLOT = 8192
 COUNT = 300

@@ -44,6 +44,13 @@ from state_helpers import (  # noqa: E402
     wait_gone,
 )
 
+from migsgx.core.commit import CommitError  # noqa: E402
+from migsgx.core.handshake import (  # noqa: E402
+    KeyConfirmationError,
+    LocalProtocolError,
+    ReportDataError,
+)
+from migsgx.datapath.engine import IncomingEnclave, OutgoingEnclave  # noqa: E402
 from migsgx.errors import (  # noqa: E402
     AttestationError,
     ConnectionClosedError,
@@ -57,14 +64,7 @@ from migsgx.errors import (  # noqa: E402
     StreamError,
     UnknownCAError,
 )
-from migsgx.hosts import start_service  # noqa: E402
-from migsgx.migration.commit import CommitError  # noqa: E402
-from migsgx.migration.engine import IncomingEnclave, OutgoingEnclave  # noqa: E402
-from migsgx.migration.handshake import (  # noqa: E402
-    KeyConfirmationError,
-    LocalProtocolError,
-    ReportDataError,
-)
+from migsgx.lab.hosts import start_service  # noqa: E402
 
 pytest_plugins = ["state_helpers"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

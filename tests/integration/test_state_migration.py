@@ -40,6 +40,7 @@ from state_helpers import (  # noqa: E402
     wait_gone,
 )
 
+from migsgx.datapath.engine import EnclaveLink, IncomingEnclave  # noqa: E402
 from migsgx.errors import (  # noqa: E402
     CommittedError,
     EnclaveBusyError,
@@ -47,8 +48,7 @@ from migsgx.errors import (  # noqa: E402
     MigSGXError,
     ReplayError,
 )
-from migsgx.hosts import start_service  # noqa: E402
-from migsgx.migration.engine import EnclaveLink, IncomingEnclave  # noqa: E402
+from migsgx.lab.hosts import start_service  # noqa: E402
 
 pytest_plugins = ["state_helpers"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from migsgx.datapath import transport
+from migsgx.datapath.ring import RingTimeoutError, ShmRing
 from migsgx.errors import ConnectionClosedError, FrameError
-from migsgx.migration import transport
-from migsgx.migration.ring import RingTimeoutError, ShmRing
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(5)]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from migsgx.host.client import EnclaveClient
-from migsgx.hosts import Deployment, start_service
+from migsgx.lab.hosts import Deployment, start_service
 
 pytestmark = pytest.mark.integration
 

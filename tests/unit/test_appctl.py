@@ -10,14 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from migsgx.agent.applink import AppLink, find_control
 from migsgx.channel import ECALL
 from migsgx.errors import FrameError, ProtocolError
 from migsgx.host.appctl import (
     APPCTL,
     AppControlError,
-    AppLink,
     MigrationControl,
-    find_control,
     info_from_wire,
     info_to_wire,
     recv_frame_fds,

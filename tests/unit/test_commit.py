@@ -9,8 +9,7 @@ from types import ModuleType
 
 import pytest
 
-from migsgx.errors import FrameError, ProtocolError, ReplayError, StreamError
-from migsgx.migration import (
+from migsgx.core import (
     MANIFEST_LABEL,
     CommitError,
     CommitState,
@@ -25,7 +24,8 @@ from migsgx.migration import (
     SessionKeys,
     SourceCommit,
 )
-from migsgx.migration.commit import DESTINATION_TO_SOURCE, open_control, seal_control
+from migsgx.core.commit import DESTINATION_TO_SOURCE, open_control, seal_control
+from migsgx.errors import FrameError, ProtocolError, ReplayError, StreamError
 from migsgx.wire import encode
 
 
@@ -94,8 +94,7 @@ def migrate_until_loaded(seen: InMemorySeenIds | None = None):  # type: ignore[n
 def test_handshake_stream_commit_end_to_end() -> None:
     _, _, src, dst, seen = migrate_until_loaded()
     loaded = dst.loaded()
-    record = dst.pending_record()  # the caller seals and stores this before sending LOADED
-    assert record and dst.state is CommitState.AWAIT_COMMIT
+    assert dst.state is CommitState.AWAIT_COMMIT
     ev = src.receive(loaded)
     assert ev == LoadConfirmed(3, ev.digest) and src.state is CommitState.LOAD_CONFIRMED
     token = src.commit()
@@ -114,24 +113,6 @@ def test_token_is_delivered_again_after_a_drop() -> None:
     with pytest.raises(ReplayError):
         dst.receive(stored)
     assert dst.state is CommitState.ACTIVE
-
-
-def test_destination_restart_from_pending_record() -> None:
-    _, _, src, dst, seen = migrate_until_loaded()
-    loaded = dst.loaded()
-    record = dst.pending_record()
-    # The destination enclave crashes; a new one unseals the record and waits again.
-    resumed = DestinationCommit.resume(record, seen=seen)
-    assert resumed.state is CommitState.AWAIT_COMMIT and resumed.loaded_frame == loaded
-    src.receive(resumed.loaded_frame)  # it can re-send the same LOADED
-    token = src.commit()
-    assert isinstance(resumed.receive(token), Committed)
-    # The crashed copy, were it to come back, cannot become live as well.
-    with pytest.raises(ReplayError):
-        dst.receive(token)
-    assert dst.state is CommitState.FAILED
-    with pytest.raises(ValueError):
-        DestinationCommit.resume(b"junk", seen=seen)
 
 
 # --- forged, stale and replayed control messages ------------------------------------------------

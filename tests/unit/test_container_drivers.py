@@ -20,6 +20,7 @@ from migsgx.containers import (
     make_driver,
 )
 from migsgx.containers.cgroups import thaw_file
+from migsgx.containers.frozen import write_criu_config
 from migsgx.containers.oci import (
     CRIU_CONFIG_ANNOTATION,
     Localization,
@@ -29,7 +30,6 @@ from migsgx.containers.oci import (
     platform_mount,
     tar_tree,
 )
-from migsgx.containers.runc import write_criu_config
 from migsgx.criu import Criu
 from migsgx.errors import ConfigError, MigSGXError, ProtocolError
 
@@ -285,7 +285,7 @@ def test_begin_carries_the_driver() -> None:
     from migsgx.agent.protocol import CONTROL
     from migsgx.wire import decode_body, encode
 
-    msg = {"t": "begin", "mid": b"m" * 16, "enclaves": [], "pids": [1], "pidns": True,
+    msg = {"t": "begin", "session_id": b"m" * 16, "enclaves": [], "pids": [1], "pidns": True,
            "tcp_close": True, "page_tls": False, "driver": "runc", "target": {"id": "kv"},
            "page_server": False}  # fmt: skip
     assert decode_body(encode(msg)[4:], CONTROL) == msg

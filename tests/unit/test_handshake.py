@@ -17,15 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from migsgx.errors import (
-    FrameError,
-    PolicyError,
-    ProtocolError,
-    QuoteFormatError,
-    QuoteSignatureError,
-    ReplayError,
-)
-from migsgx.migration import (
+from migsgx.core import (
     NEED_DATA,
     Handshake,
     HandshakeComplete,
@@ -40,7 +32,15 @@ from migsgx.migration import (
     Role,
     SessionKeys,
 )
-from migsgx.migration.handshake import SCHEMA, transcript_item
+from migsgx.core.handshake import SCHEMA, transcript_item
+from migsgx.errors import (
+    FrameError,
+    PolicyError,
+    ProtocolError,
+    QuoteFormatError,
+    QuoteSignatureError,
+    ReplayError,
+)
 from migsgx.sgx.structs import FLAG_DEBUG, FLAG_INIT, FLAG_MODE64BIT, Attributes, ReportBody
 from migsgx.wire import HEADER, decode_body, encode
 

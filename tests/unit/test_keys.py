@@ -13,7 +13,6 @@ from platform_fixtures import World, make_image, shared_world
 
 from migsgx.errors import KeyRequestError, ReportMacError
 from migsgx.sgx.keys import KEY_SIZE, KeyDeriver
-from migsgx.sgx.platform import target_info_of, verify_report_locally
 from migsgx.sgx.structs import (
     FLAG_DEBUG,
     KEYNAME_EINITTOKEN,
@@ -29,6 +28,7 @@ from migsgx.sgx.structs import (
     Report,
     ReportBody,
 )
+from migsgx.sgx.trusted import target_info_of, verify_report_locally
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,8 @@ import cbor2
 import pytest
 from platform_fixtures import World, make_image, shared_world
 
+from migsgx.core.stream import TAG_SIZE
+from migsgx.datapath.ring import ShmRing
 from migsgx.enclave.instance import EnclaveInstance
 from migsgx.enclave.migrator import Migrator
 from migsgx.enclave.persistent import (
@@ -36,8 +38,6 @@ from migsgx.errors import (
     SealError,
     error_from_wire,
 )
-from migsgx.migration.ring import ShmRing
-from migsgx.migration.stream import TAG_SIZE
 from migsgx.sgx.counters import COUNTER_MAX, CounterStore, RecordUpdate
 from migsgx.sgx.platform import EmulatedPlatform, counter_owner
 

@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
+from migsgx.core import EnclaveIdentity, MigrationPolicy, PolicyMode
 from migsgx.errors import MigrationError, PolicyError
-from migsgx.migration import EnclaveIdentity, MigrationPolicy, PolicyMode
 from migsgx.sgx.structs import FLAG_DEBUG, FLAG_INIT, Attributes, ReportBody
 
 MR_A = hashlib.sha256(b"a").digest()

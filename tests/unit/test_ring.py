@@ -12,8 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migsgx.errors import ConnectionClosedError, ProtocolError
-from migsgx.migration.ring import (
+from migsgx.datapath.ring import (
     MAX_SLOTS,
     RingRole,
     RingSpec,
@@ -22,6 +21,7 @@ from migsgx.migration.ring import (
     recv_ring_fds,
     send_ring_fds,
 )
+from migsgx.errors import ConnectionClosedError, ProtocolError
 
 pytestmark = pytest.mark.timeout(5)
 

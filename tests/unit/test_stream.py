@@ -12,10 +12,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migsgx.errors import StreamError
-from migsgx.migration import stream as stream_mod
-from migsgx.migration.policy import EnclaveIdentity
-from migsgx.migration.stream import (
+from migsgx.core import stream as stream_mod
+from migsgx.core.policy import EnclaveIdentity
+from migsgx.core.stream import (
     COUNTER_LIMIT,
     MANIFEST_LABEL,
     Manifest,
@@ -26,6 +25,7 @@ from migsgx.migration.stream import (
     StreamSealer,
     streams_digest,
 )
+from migsgx.errors import StreamError
 
 SRC = EnclaveIdentity(hashlib.sha256(b"mr").digest(), hashlib.sha256(b"signer").digest(), 7, 3)
 DST = EnclaveIdentity(SRC.mr_enclave, SRC.mr_signer, 7, 4)

@@ -28,16 +28,16 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from migsgx.errors import MigSGXError, QuoteFormatError
-from migsgx.migration.commit import (
+from migsgx.core.commit import (
     DESTINATION_TO_SOURCE,
     SOURCE_TO_DESTINATION,
     open_control,
     seal_control,
 )
-from migsgx.migration.handshake import Handshake, HandshakeComplete, Role, transcript_item
-from migsgx.migration.policy import EnclaveIdentity, MigrationPolicy, PolicyMode
-from migsgx.migration.stream import Manifest, Section, StreamHeader, StreamSealer
+from migsgx.core.handshake import Handshake, HandshakeComplete, Role, transcript_item
+from migsgx.core.policy import EnclaveIdentity, MigrationPolicy, PolicyMode
+from migsgx.core.stream import Manifest, Section, StreamHeader, StreamSealer
+from migsgx.errors import MigSGXError, QuoteFormatError
 from migsgx.sgx.structs import FLAG_DEBUG, FLAG_INIT, FLAG_MODE64BIT, Attributes, ReportBody
 from migsgx.wire import HEADER, decode_body, encode
 

@@ -2,7 +2,7 @@
 
 The directory holds CRIU's images, ``migsgx.json`` (what the restore needs
 to know) and, per enclave, its state sealed by the enclave itself
-(:mod:`migsgx.migration.checkpoint`): restorable on this host, exactly once.
+(:mod:`migsgx.datapath.checkpoint`): restorable on this host, exactly once.
 
 Order on the way out: the app hands its enclaves over; each enclave writes its
 state (the source enclaves still hold theirs); CRIU dumps the tree; in CRIU's
@@ -26,12 +26,9 @@ from pathlib import Path
 from typing import Final
 
 from ..criu import Criu, InNetns, InTaskNamespaces
+from ..datapath.checkpoint import CheckpointIn, CheckpointOut
 from ..errors import CheckpointDamagedError, ConfigError, CriuError, MigSGXError
-from ..host.appctl import AppLink, HandedEnclave
-from ..migration.checkpoint import CheckpointIn, CheckpointOut
-from .faults import fault
-from .guardian import Guardian
-from .process import (
+from ..system.process import (
     continue_tree,
     is_pidns_init,
     kill_tree,
@@ -40,6 +37,9 @@ from .process import (
     tree_pids,
     wait_stopped,
 )
+from .applink import AppLink, HandedEnclave
+from .faults import fault
+from .guardian import Guardian
 
 __all__ = ["CHECKPOINT_META", "checkpoint", "restore"]
 

@@ -38,8 +38,8 @@ from typing import Final
 from ..channel import ECALL, ECALL_FRAME_MAX
 from ..containers.cgroups import thaw_file
 from ..errors import MigSGXError
-from ..host.appctl import AppLink
 from ..wire import recv_frame, send_frame
+from .applink import AppLink
 
 __all__ = ["Guardian"]
 

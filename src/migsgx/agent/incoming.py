@@ -26,15 +26,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, Any, Final
 
 from ..containers import Driver, HostConfig, Restored, RestoreRequest, make_driver
-from ..errors import ConfigError, ConnectionClosedError, FrameError, MigSGXError, ProtocolError
-from ..host.appctl import AppLink, info_from_wire
+from ..criu.pageserver import PageServer, page_bytes
+from ..datapath.engine import IncomingEnclave
+from ..errors import ConnectionClosedError, FrameError, MigSGXError, ProtocolError
+from ..host.appctl import info_from_wire
 from ..host.client import EnclaveInfo
+from ..system.process import continue_tree, wait_stopped
 from ..wire import recv_frame, send_frame
+from .applink import AppLink
+from .config import AgentHost
 from .faults import corrupting_relay, fault
-from .process import PageServer, continue_tree, page_bytes, wait_stopped
 from .protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,
@@ -49,27 +53,12 @@ from .protocol import (
     check_image_name,
 )
 
-if TYPE_CHECKING:
-    from .server import Agent
-
-__all__ = ["IncomingMigration", "load_engine"]
+__all__ = ["IncomingMigration"]
 
 log = logging.getLogger("migsgx.agent")
 
 DATA_HELLO_TIMEOUT: Final = 10.0
 Reply = dict[str, Any] | None
-
-
-def load_engine() -> Any:
-    """The enclave migration engine, imported on first use."""
-
-    try:
-        from ..migration import engine
-    except ImportError as exc:
-        raise ConfigError(
-            "this installation has no enclave migration engine (migsgx.migration.engine)"
-        ) from exc
-    return engine
 
 
 @dataclass
@@ -79,7 +68,7 @@ class _Enclave:
     index: int
     source_info: EnclaveInfo
     conn: socket.socket | None = None
-    engine: Any = None
+    engine: IncomingEnclave | None = None
     thread: threading.Thread | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     error: BaseException | None = None
@@ -97,14 +86,14 @@ def _shutdown(sock: socket.socket | None) -> None:
 
 
 class IncomingMigration:
-    def __init__(self, agent: Agent, tls: ssl.SSLSocket, peer: str) -> None:
+    def __init__(self, agent: AgentHost, tls: ssl.SSLSocket, peer: str) -> None:
         self.agent = agent
         self.config = agent.config
         self.tls = tls
         self.peer = peer
         self.machine = SessionMachine()
         self.token = secrets.token_bytes(32)
-        self.mid = b""
+        self.session_id = b""
         self.images_dir: Path | None = None
         self.enclaves: list[_Enclave] = []
         self.tcp_close = False
@@ -139,7 +128,7 @@ class IncomingMigration:
 
     @property
     def tag(self) -> str:
-        return self.mid[:4].hex() or "-"
+        return self.session_id[:4].hex() or "-"
 
     # --- the request loop ------------------------------------------------------------------
     def run(self) -> None:
@@ -208,9 +197,9 @@ class IncomingMigration:
         return {"t": "welcome", "version": VERSION, "host_id": self.agent.host_id}
 
     def _begin(self, msg: dict[str, Any]) -> Reply:
-        mid = msg["mid"]
-        if not 16 <= len(mid) <= 64:
-            raise ProtocolError("a migration id has 16 to 64 bytes")
+        session_id = msg["session_id"]
+        if not 16 <= len(session_id) <= 64:
+            raise ProtocolError("a session id has 16 to 64 bytes")
         items = msg["enclaves"]
         if len(items) > MAX_ENCLAVES:
             raise ProtocolError(f"at most {MAX_ENCLAVES} enclaves per migration")
@@ -218,8 +207,6 @@ class IncomingMigration:
             if not isinstance(item, dict) or set(item) != {"info"}:
                 raise ProtocolError("an enclave entry is {'info': ...}")
             self.enclaves.append(_Enclave(index, EnclaveInfo(**info_from_wire(item["info"]))))
-        if self.enclaves:
-            load_engine()
         driver = msg.get("driver") or "pid"
         if not isinstance(driver, str) or len(driver) > 32:
             raise ProtocolError("bad driver name")
@@ -237,8 +224,8 @@ class IncomingMigration:
         if self.page_server and not self.page_tls:
             # An unauthenticated page stream could change the process's memory unseen.
             raise ProtocolError("pages travel only in TLS: a plain page server is refused")
-        self.mid = mid
-        self.images_dir = self.agent.session_dir(mid)
+        self.session_id = session_id
+        self.images_dir = self.agent.session_dir(session_id)
         local = str(self.tls.getsockname()[0])
         page = self._listen(local)
         if self.page_server:
@@ -512,8 +499,7 @@ class IncomingMigration:
                 action = fault("agent.enclave-receive")
                 if action is not None and action.startswith("kill-after-bytes="):
                     _die_after_bytes(conn, int(action.partition("=")[2]))
-                engine = load_engine()
-                enclave.engine, offer = engine.IncomingEnclave.accept_offer(
+                enclave.engine, offer = IncomingEnclave.accept_offer(
                     conn, self.config.platform_socket
                 )
                 stats = enclave.engine.receive(conn, offer)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ..errors import MigrationError, ProtocolError, register_error
+from ..limits import MAX_IMAGE_BYTES
 from ..wire import Schema
 
 __all__ = [
@@ -58,7 +59,6 @@ IMAGE_CHUNK: Final = 1 << 20
 #: The images CRIU writes besides the pages are small (hundreds of KiB for a
 #: Python process); these caps bound what a peer can make an agent store.
 MAX_IMAGE_FILES: Final = 4096
-MAX_IMAGE_BYTES: Final = 512 << 20
 MAX_ENCLAVES: Final = 64
 
 #: The per-phase figures ``migsgx migrate --json`` prints (seconds, and bytes).
@@ -97,7 +97,7 @@ CONTROL = Schema(
         # tool -> agent
         "hello": {"version": int, "host_id": str},
         "begin": {
-            "mid": bytes,
+            "session_id": bytes,  # this agent session (not an enclave's migration_id)
             "enclaves": list,  # [{"image_files": {name: bytes}, "mr_enclave": bytes}]
             "pids": list,  # every pid of the dumped tree, as the source sees them
             "pidns": bool,  # the root is the init of its own pid namespace

@@ -20,15 +20,13 @@ import shutil
 import socket
 import ssl
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ..containers import ContainerSettings
-from ..criu import Criu
 from ..errors import ConfigError
+from .config import AgentConfig
 from .incoming import IncomingMigration
-from .tls import AgentIdentity, PeerCertificateError, server_context, wrap_server
+from .tls import PeerCertificateError, server_context, wrap_server
 
 __all__ = ["Agent", "AgentConfig", "platform_socket_alive"]
 
@@ -36,21 +34,6 @@ log = logging.getLogger("migsgx.agent")
 
 HANDSHAKE_TIMEOUT: Final = 10.0
 _PR_SET_CHILD_SUBREAPER: Final = 36
-
-
-@dataclass
-class AgentConfig:
-    state: Path
-    listen: tuple[str, int]
-    platform_socket: Path
-    identity: AgentIdentity
-    work_dir: Path
-    criu: Criu = field(default_factory=Criu)
-    keep_images: bool = False
-    io_timeout: float = 300.0
-    commit_grace: float = 5.0
-    subreaper: bool = True  # adopt restored trees (see the module docstring)
-    containers: ContainerSettings = field(default_factory=ContainerSettings)
 
 
 def platform_socket_alive(path: Path) -> bool:
@@ -165,12 +148,12 @@ class Agent:
                     self._adopted.discard(pid)
 
     # --- helpers for sessions -----------------------------------------------------------------
-    def session_dir(self, mid: bytes) -> Path:
-        path = self.config.work_dir / mid.hex()
+    def session_dir(self, session_id: bytes) -> Path:
+        path = self.config.work_dir / session_id.hex()
         try:
             path.mkdir(mode=0o700)
         except FileExistsError as exc:
-            raise ConfigError(f"migration {mid.hex()} was seen before on this agent") from exc
+            raise ConfigError(f"session {session_id.hex()} was seen before on this agent") from exc
         return path
 
     def discard(self, path: Path | None) -> None:

@@ -45,13 +45,14 @@ from typing import Any, Final
 
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
 from ..criu import Criu
+from ..datapath.engine import OutgoingEnclave
 from ..errors import CriuError, MigrationError, MigSGXError, ProtocolError, SourceGoneError
-from ..host.appctl import AppLink, HandedEnclave, info_to_wire
+from ..host.appctl import info_to_wire
+from ..system.process import is_pidns_init, process_state, stop_tree, tree_pids
 from ..wire import recv_frame, send_frame
+from .applink import AppLink, HandedEnclave
 from .faults import fault
 from .guardian import Guardian
-from .incoming import load_engine
-from .process import is_pidns_init, process_state, stop_tree, tree_pids
 from .protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,
@@ -140,7 +141,7 @@ class AgentConnection:
 @dataclass
 class _Transfer:
     handed: HandedEnclave
-    outgoing: Any = None
+    outgoing: OutgoingEnclave | None = None
     peer: socket.socket | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     error: BaseException | None = None
@@ -235,7 +236,7 @@ class _Migration:
         assert self.source is not None
         begin: dict[str, Any] = {
             "t": "begin",
-            "mid": secrets.token_bytes(16),
+            "session_id": secrets.token_bytes(16),
             "enclaves": [{"info": info_to_wire(t.handed.info)} for t in self.transfers],
             "pids": pids,
             "pidns": pidns,
@@ -253,13 +254,12 @@ class _Migration:
         self._threads: list[threading.Thread] = []
         if not self.transfers:
             return
-        engine = load_engine()
         kwargs: dict[str, Any] = {"mode": self.opts.mode}
         if self.opts.chunk_size is not None:
             kwargs["chunk_size"] = self.opts.chunk_size
         for transfer in self.transfers:
             h = transfer.handed
-            transfer.outgoing = engine.OutgoingEnclave(h.sock, h.info, h.image_files, **kwargs)
+            transfer.outgoing = OutgoingEnclave(h.sock, h.info, h.image_files, **kwargs)
         self.note("enclaves")
         self._threads = [
             threading.Thread(
@@ -300,6 +300,7 @@ class _Migration:
             peer.settimeout(None)
             send_frame(peer, {"t": "data", "token": ready["token"], "index": transfer.handed.index})
             t0 = time.monotonic()
+            assert transfer.outgoing is not None
             stats = transfer.outgoing.transfer(peer)
             transfer.stats = {k: v for k, v in dict(stats).items() if _plain(v)}
             transfer.stats["tool_seconds"] = time.monotonic() - t0
@@ -388,6 +389,7 @@ class _Migration:
         if self.transfers:
             for transfer in self.transfers:
                 try:
+                    assert transfer.outgoing is not None
                     transfer.outgoing.commit()
                 except MigSGXError as exc:
                     # ``token`` is set once the source enclave gave its state up.

@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from ..agent.process import kill_tree, tree_pids
 from ..criu import InTaskNamespaces
 from ..errors import MigrationError, ProtocolError
+from ..system.process import kill_tree, tree_pids
 from .base import DumpPlan, HostConfig, Restored, RestoreRequest, Source
 
 __all__ = ["PidDriver"]

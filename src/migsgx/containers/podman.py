@@ -30,8 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
-from ..agent.protocol import MAX_IMAGE_BYTES
 from ..errors import MigSGXError, ProtocolError
+from ..limits import MAX_IMAGE_BYTES
 from .base import (
     ContainerError,
     DumpPlan,
@@ -43,6 +43,7 @@ from .base import (
 )
 from .cgroups import Freezer
 from .command import run_engine, with_path
+from .frozen import kill_frozen, own_netns_path, resume_frozen, write_criu_config
 from .oci import (
     Localization,
     extract_tree,
@@ -52,7 +53,6 @@ from .oci import (
     same_netns,
     tar_tree,
 )
-from .runc import kill_frozen, own_netns_path, resume_frozen, write_criu_config
 from .settings import ContainerSettings
 
 __all__ = ["PODMAN_ARCHIVE", "Podman", "PodmanDriver"]

@@ -27,15 +27,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
-import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
-from ..agent.process import tree_pids
 from ..criu import log_excerpt
 from ..errors import MigSGXError, ProtocolError
 from .base import (
@@ -49,6 +46,7 @@ from .base import (
 )
 from .cgroups import Freezer
 from .command import run_engine
+from .frozen import kill_frozen, own_netns_path, resume_frozen, write_criu_config
 from .oci import (
     Localization,
     extract_tree,
@@ -169,52 +167,6 @@ def _runc_errors(log_path: Path) -> str:
         if isinstance(entry, dict) and entry.get("level") in ("error", "fatal", "warning"):
             msgs.append(str(entry.get("msg", "")))
     return " | ".join(msgs[-6:]) or "no error logged"
-
-
-def own_netns_path() -> Path:
-    """A path naming this process's network namespace (a named one when there is one)."""
-
-    mine = os.stat("/proc/self/ns/net")
-    with contextlib.suppress(OSError):
-        for entry in sorted(Path("/run/netns").iterdir()):
-            with contextlib.suppress(OSError):
-                st = entry.stat()
-                if (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev):
-                    return entry
-    return Path(f"/proc/{os.getpid()}/ns/net")
-
-
-def resume_frozen(root: int, freezer: Freezer) -> None:
-    """Undo a freeze (and any stop) of a source container: it runs as before."""
-
-    for pid in tree_pids(root):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
-    freezer.thaw()
-
-
-def kill_frozen(root: int, freezer: Freezer) -> None:
-    """End a frozen source after the commit: SIGKILL queued first, then thawed.
-
-    A thawed task with a pending SIGKILL dies before it runs an instruction of its own,
-    and the engine then removes a container without processes (a frozen one it may not).
-    """
-
-    from ..agent.process import kill_tree
-
-    pids = tree_pids(root)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    freezer.thaw()
-    kill_tree(root)
-
-
-def write_criu_config(path: Path, *, tcp_close: bool) -> None:
-    """CRIU's options for a held restore (runc passes this file to CRIU)."""
-
-    lines = ["leave-stopped"] + (["tcp-close"] if tcp_close else [])
-    path.write_text("\n".join(lines) + "\n")
 
 
 def bring_lo_up(pid: int) -> None:

@@ -32,9 +32,9 @@ import cbor2
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..core.policy import EnclaveIdentity, MigrationPolicy, PolicyMode
+from ..core.stream import StreamChannel
 from ..errors import CheckpointGateError, CounterError, MigSGXError, SealError
-from ..migration.policy import EnclaveIdentity, MigrationPolicy, PolicyMode
-from ..migration.stream import StreamChannel
 from ..sgx.counters import RecordUpdate
 from . import sealing
 from .instance import EnclaveInstance

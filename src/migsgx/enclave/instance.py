@@ -18,7 +18,7 @@ from ..errors import (
     UnknownEcallError,
 )
 from ..sgx.image import EnclaveImage
-from ..sgx.platform import TrustedServices
+from ..sgx.trusted import TrustedServices
 from .loader import load_enclave_class
 from .memory import EnclaveMemory
 from .sdk import EnclaveContext, OcallFn

@@ -31,6 +31,17 @@ from typing import Any
 
 import cbor2
 
+from ..core.commit import (
+    CommitState,
+    Committed,
+    DestinationCommit,
+    LoadConfirmed,
+    SourceCommit,
+)
+from ..core.handshake import Handshake, HandshakeComplete, PeerAborted, Role, SessionKeys
+from ..core.policy import MigrationPolicy, PolicyMode
+from ..core.stream import TAG_SIZE, Manifest, Section, StreamChannel
+from ..datapath.ring import RingRole, ShmRing, recv_ring_fds
 from ..errors import (
     CheckpointGateError,
     ClaimedBeforeError,
@@ -42,17 +53,7 @@ from ..errors import (
     ReplayError,
     StreamError,
 )
-from ..migration.commit import (
-    CommitState,
-    Committed,
-    DestinationCommit,
-    LoadConfirmed,
-    SourceCommit,
-)
-from ..migration.handshake import Handshake, HandshakeComplete, PeerAborted, Role, SessionKeys
-from ..migration.policy import MigrationPolicy, PolicyMode
-from ..migration.ring import RingRole, ShmRing, recv_ring_fds
-from ..migration.stream import TAG_SIZE, Manifest, Section, StreamChannel
+from ..limits import MIN_CHUNK_SIZE, check_chunk_size
 from ..sgx.counters import RecordUpdate
 from ..sgx.quote import verify_quote
 from ..sgx.structs import ReportBody
@@ -61,7 +62,7 @@ from .instance import EnclaveInstance
 from .persistent import MAX_TRANSFER_BYTES, PendingImport, PersistentState
 
 RING_TIMEOUT = 120.0
-MIN_CHUNK = 4096  # a ring slot must also hold a stream header
+MIN_CHUNK = MIN_CHUNK_SIZE
 MAX_STATE_BYTES = 64 << 20
 SECTIONS = ("state", "memory", "persistent")
 
@@ -214,7 +215,7 @@ class Migrator:
             raise ProtocolError("the destination confirmed the load already: no new dump")
         if self.checkpoint is not None and self.dumped:
             raise ProtocolError("the checkpoint was dumped already: no new dump")
-        if not MIN_CHUNK <= chunk_size <= ring.slot_size - TAG_SIZE:
+        if not check_chunk_size(chunk_size, fits=ring.slot_size - TAG_SIZE):
             raise ProtocolError(f"chunk size must be at least {MIN_CHUNK} and fit a ring slot")
         t0 = time.perf_counter()
         self.instance.quiesce(timeout=quiesce_timeout)

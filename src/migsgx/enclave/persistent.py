@@ -49,7 +49,7 @@ from ..errors import (
     SealError,
 )
 from ..sgx.counters import COUNTER_MAX, RECORD_NAME, RecordUpdate
-from ..sgx.platform import TrustedServices
+from ..sgx.trusted import TrustedServices
 from . import sealing
 
 RECORD_AAD = b"migsgx persistent record v1 "

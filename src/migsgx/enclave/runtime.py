@@ -46,7 +46,7 @@ def log(event: str) -> None:
 
 
 class ChannelServices:
-    """:class:`~migsgx.sgx.platform.TrustedServices` over the private platform channel."""
+    """:class:`~migsgx.sgx.trusted.TrustedServices` over the private platform channel."""
 
     def __init__(self, sock: socket.socket, identity: ReportBody) -> None:
         self._sock = sock

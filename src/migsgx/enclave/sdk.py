@@ -25,9 +25,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..errors import EnclaveError
-from ..sgx.platform import TrustedServices, target_info_of, verify_report_locally
 from ..sgx.quote import VerifiedQuote, verify_quote
 from ..sgx.structs import Report, ReportBody, TargetInfo
+from ..sgx.trusted import TrustedServices, target_info_of, verify_report_locally
 from . import sealing
 from .memory import EnclaveMemory
 from .persistent import PersistentState

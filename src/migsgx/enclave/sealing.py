@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import KeyRequestError, SealError
-from ..sgx.platform import TrustedServices
 from ..sgx.structs import KEYNAME_SEAL, KEYPOLICY_MRENCLAVE, KEYPOLICY_MRSIGNER, KeyRequest
+from ..sgx.trusted import TrustedServices
 
 POLICY_MRENCLAVE = KEYPOLICY_MRENCLAVE
 POLICY_MRSIGNER = KEYPOLICY_MRSIGNER

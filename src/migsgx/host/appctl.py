@@ -4,8 +4,10 @@ An application opts in with :func:`enable_migration`; its untrusted runtime
 then listens on an *abstract* Unix socket, ``\\0migsgx-app-<pid>-<token>``.
 Abstract sockets live in the network namespace and need no file, so CRIU
 dumps the listener with the process and restores it into the destination's
-namespace, where the agent finds it again (:func:`find_control`).  Only
-root or the application's own user may connect (``SO_PEERCRED``).
+namespace, where the agent finds it again
+(:func:`migsgx.agent.applink.find_control`).  Only
+root or the application's own user may connect (``SO_PEERCRED``).  The
+caller's side (the agent's) is :mod:`migsgx.agent.applink`.
 
 One request per connection; the application answers and closes its end
 first, so that once the caller has seen end-of-file the application holds no
@@ -35,7 +37,6 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 from ..errors import (
@@ -52,12 +53,10 @@ __all__ = [
     "APPCTL",
     "CONTROL_PREFIX",
     "AppControlError",
-    "AppLink",
-    "HandedEnclave",
     "MigrationControl",
     "check_image_files",
+    "close_fds",
     "enable_migration",
-    "find_control",
     "info_from_wire",
     "info_to_wire",
 ]
@@ -129,11 +128,11 @@ def recv_frame_fds(
             raise FrameError(f"frame of {length} bytes exceeds the cap of {max_size}")
         return decode_body(recv_exactly(sock, length), schema), fds
     except BaseException:
-        _close_fds(fds)
+        close_fds(fds)
         raise
 
 
-def _close_fds(fds: Iterable[int]) -> None:
+def close_fds(fds: Iterable[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -289,7 +288,7 @@ class MigrationControl:
         except MigSGXError as exc:
             reply = {"t": "err", "code": exc.code, "message": exc.message}
         finally:
-            _close_fds(fds)  # handlers dup what they keep
+            close_fds(fds)  # handlers dup what they keep
         try:
             send_frame_fds(conn, reply, [s.fileno() for s in out], max_size=APPCTL_FRAME_MAX)
         except (MigSGXError, OSError):
@@ -386,100 +385,3 @@ def enable_migration(clients: Iterable[EnclaveClient] = ()) -> MigrationControl:
             for client in clients:
                 _active.add(client)
         return _active
-
-
-# --- the caller's side ------------------------------------------------------------------
-@dataclass
-class HandedEnclave:
-    """One enclave connection handed over by ``prepare``."""
-
-    index: int
-    info: EnclaveInfo
-    image_files: dict[str, bytes]
-    sock: socket.socket
-
-
-def find_control(root: int) -> tuple[int, str] | None:
-    """The process of tree ``root`` that listens for migration control, and its name."""
-
-    from ..agent.process import abstract_listeners, tree_pids
-
-    for pid in tree_pids(root):
-        for name in abstract_listeners(pid, CONTROL_PREFIX):
-            return pid, name
-    return None
-
-
-class AppLink:
-    """The migration tool's (or agent's) link to one cooperating application."""
-
-    def __init__(self, pid: int, name: str, *, timeout: float = REQUEST_TIMEOUT) -> None:
-        self.pid = pid
-        self.name = name
-        self.timeout = timeout
-
-    @classmethod
-    def find(cls, root: int, *, timeout: float = REQUEST_TIMEOUT) -> AppLink | None:
-        found = find_control(root)
-        return None if found is None else cls(found[0], found[1], timeout=timeout)
-
-    def _request(
-        self, msg: Mapping[str, Any], fds: Sequence[int] = ()
-    ) -> tuple[dict[str, Any], list[int]]:
-        from ..agent.process import socket_in_netns
-
-        sock = socket_in_netns(self.pid, socket.AF_UNIX, socket.SOCK_STREAM)
-        with sock:
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect("\0" + self.name)
-                send_frame_fds(sock, msg, fds, max_size=APPCTL_FRAME_MAX)
-                reply, got = recv_frame_fds(sock, APPCTL, max_size=APPCTL_FRAME_MAX)
-            except OSError as exc:
-                raise AppControlError(f"application {self.pid}: {msg['t']} failed: {exc}") from exc
-            try:
-                # The application closes first: after this it holds no link to us.
-                if sock.recv(1):
-                    raise AppControlError("the application sent more than one answer")
-            except BaseException:
-                _close_fds(got)
-                raise
-        if reply["t"] == "err":
-            _close_fds(got)
-            raise AppControlError(
-                f"application {self.pid} refused {msg['t']}: [{reply['code']}] {reply['message']}"
-            )
-        return reply, got
-
-    def prepare(self, timeout: float = 30.0) -> list[HandedEnclave]:
-        reply, fds = self._request({"t": "prepare", "timeout": timeout})
-        try:
-            items = reply.get("enclaves")
-            if reply["t"] != "prepared" or not isinstance(items, list) or len(items) != len(fds):
-                raise AppControlError("malformed prepare answer")
-            out = [
-                HandedEnclave(
-                    i,
-                    EnclaveInfo(**info_from_wire(item["info"])),
-                    check_image_files(item["image_files"]),
-                    socket.socket(fileno=fd),
-                )
-                for i, (item, fd) in enumerate(zip(items, fds, strict=True))
-            ]
-        except BaseException:
-            _close_fds(fds)
-            raise
-        return out
-
-    def resume(self, socks: Sequence[socket.socket]) -> int:
-        reply, _ = self._request({"t": "resume"}, [s.fileno() for s in socks])
-        return int(reply.get("enclaves", 0))
-
-    def attach(self, socks: Sequence[socket.socket], infos: Sequence[EnclaveInfo]) -> int:
-        msg = {"t": "attach", "enclaves": [info_to_wire(i) for i in infos]}
-        reply, _ = self._request(msg, [s.fileno() for s in socks])
-        return int(reply.get("enclaves", 0))
-
-    def status(self) -> dict[str, Any]:
-        reply, _ = self._request({"t": "status"})
-        return reply

@@ -1,12 +1,9 @@
-"""The ``Platform`` seam and the emulated SGX platform behind it.
+"""The emulated SGX platform: the software CPU behind the trusted seam.
 
-Two views of a platform exist, as on real SGX:
+The seam itself, :class:`~migsgx.sgx.trusted.TrustedServices` (what code inside
+an enclave may ask of its platform), is in :mod:`migsgx.sgx.trusted`; a hardware
+back end implements that module's protocol and never imports this one.
 
-* :class:`TrustedServices` is what code *inside* an enclave may ask of the CPU
-  and its architectural enclaves: its own keys (EGETKEY), REPORTs (EREPORT),
-  quotes (through the quoting enclave), monotonic counters, and the trusted
-  attestation roots.  A Gramine back end would implement it over
-  ``/dev/attestation`` (``user_report_data``, ``quote``, ``keys/``).
 * :class:`EmulatedPlatform` is the emulated CPU of one host: it owns the host's
   root secret, provisioning and attestation keys and counters, verifies images
   before launch (EINIT), and hands out a :class:`TrustedServices` bound to the
@@ -27,7 +24,6 @@ The state directory of a host::
 
 from __future__ import annotations
 
-import hmac
 import os
 import secrets
 import tomllib
@@ -35,23 +31,21 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers import algorithms
-from cryptography.hazmat.primitives.cmac import CMAC
 
 from .._fs import read_private, write_private
-from ..errors import ReportMacError, StateDirError
+from ..errors import StateDirError
 from .ca import ProvisioningCA
 from .counters import ClaimStore, CounterStore, RecordUpdate
 from .image import EnclaveImage, SigStruct
 from .keys import KeyDeriver
 from .quote import QuotingEnclave, VerifiedQuote, verify_quote
-from .structs import KEYNAME_REPORT, KeyRequest, Report, ReportBody, TargetInfo
+from .structs import KeyRequest, Report, ReportBody, TargetInfo
+from .trusted import counter_owner, target_info_of
 
 ROOT_KEY = "root.key"
 PLATFORM_TOML = "platform.toml"
@@ -62,76 +56,6 @@ CA_PEM = "ca.pem"
 COUNTERS = "counters.cbor"
 CLAIMS = "migrations.cbor"
 DEFAULT_CPU_SVN = bytes([2] * 16)
-
-
-@runtime_checkable
-class TrustedServices(Protocol):
-    """What enclave code can ask of its platform; always about itself."""
-
-    @property
-    def identity(self) -> ReportBody: ...
-
-    def get_key(self, request: KeyRequest) -> bytes: ...
-
-    def report(self, target: TargetInfo, report_data: bytes) -> Report: ...
-
-    def quote(self, report_data: bytes) -> bytes: ...
-
-    def trusted_roots(self) -> list[x509.Certificate]: ...
-
-    def counter_create(self, initial: int = 0) -> tuple[str, int]: ...
-
-    def counter_read(self, counter_id: str) -> int: ...
-
-    def counter_increment(self, counter_id: str, by: int = 1) -> int: ...
-
-    def counter_destroy(self, counter_id: str) -> None: ...
-
-    def claim_migration(self, migration_id: bytes) -> bool: ...
-
-    def migration_claimed(self, migration_id: bytes) -> bool: ...
-
-    def persist_read(self, name: str) -> bytes | None: ...
-
-    def persist_update(self, name: str, update: RecordUpdate) -> None: ...
-
-    def persist_transaction(
-        self, changes: Sequence[tuple[str, RecordUpdate]], *, claim: bytes | None = None
-    ) -> None: ...
-
-
-def target_info_of(body: ReportBody) -> TargetInfo:
-    """TARGETINFO naming the enclave ``body`` describes (sgx_self_target)."""
-
-    return TargetInfo(
-        mr_enclave=body.mr_enclave,
-        attributes=body.attributes,
-        config_svn=body.config_svn,
-        misc_select=body.misc_select,
-        config_id=body.config_id,
-    )
-
-
-def counter_owner(body: ReportBody) -> bytes:
-    """Counters belong to MRSIGNER + product id, so an enclave update keeps them.
-
-    A debug build of the same product is another owner: it must never read or
-    move a production enclave's counters or migration claims.
-    """
-
-    kind = b"D" if body.attributes.debug else b"S"
-    return kind + body.mr_signer + body.isv_prod_id.to_bytes(2, "little")
-
-
-def verify_report_locally(services: TrustedServices, report: Report) -> ReportBody:
-    """sgx_verify_report: check a REPORT targeted at the calling enclave."""
-
-    key = services.get_key(KeyRequest(KEYNAME_REPORT, key_id=report.key_id))
-    mac = CMAC(algorithms.AES(key))
-    mac.update(report.body.pack())
-    if not hmac.compare_digest(mac.finalize(), report.mac):
-        raise ReportMacError("REPORT MAC does not verify for this enclave")
-    return report.body
 
 
 @dataclass(frozen=True)

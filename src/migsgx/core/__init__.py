@@ -2,10 +2,14 @@
 
 - :mod:`.handshake`: mutual attestation and key agreement (``docs/spec/handshake.md``);
 - :mod:`.stream`: the authenticated chunk stream of enclave state (``docs/spec/stream.md``);
+- :mod:`.manifest`: what a transfer carries, section by section (``docs/spec/stream.md``);
 - :mod:`.commit`: the exactly-once hand-over (``docs/spec/handshake.md``, section 9);
+- :mod:`.seen`: the record of accepted migration ids that makes activation happen once;
 - :mod:`.policy`: which enclave may receive the state.
 
-None of these modules does I/O; transports and drivers live elsewhere.
+None of these modules imports os, socket, subprocess or threading
+(``tests/unit/test_layers.py``); the data path that moves the bytes is
+:mod:`migsgx.datapath`.
 """
 
 from .commit import (
@@ -33,11 +37,9 @@ from .handshake import (
     SessionKeys,
     Verifier,
 )
+from .manifest import MANIFEST_LABEL, Manifest, Section
 from .policy import EnclaveIdentity, MigrationPolicy, PolicyMode
 from .stream import (
-    MANIFEST_LABEL,
-    Manifest,
-    Section,
     StreamChannel,
     StreamHeader,
     StreamOpener,

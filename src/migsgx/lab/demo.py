@@ -28,8 +28,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .errors import ConfigError, MigSGXError
-from .host.client import EnclaveClient
+from ..errors import ConfigError, MigSGXError
+from ..host.client import EnclaveClient
 
 
 class _Client(threading.Thread):
@@ -91,8 +91,8 @@ def run_demo(
     *,
     container: str | None = None,
 ) -> dict[str, Any]:
-    from .agent.testbed import Testbed
-    from .containers.lab import ContainerLab
+    from .containers import ContainerLab
+    from .testbed import Testbed
 
     console = console or Console()
     if os.geteuid() != 0:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .errors import MigSGXError, register_error
+from ..errors import MigSGXError, register_error
 
 __all__ = ["MemStatError", "PeakWindow", "peak_rss", "reset_peak", "rss", "sum_overhead"]
 

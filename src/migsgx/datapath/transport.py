@@ -56,6 +56,18 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final
 
 from ..errors import ConnectionClosedError, FrameError
+from ..limits import (
+    AUTO_MAX_CHUNK_SIZE as MAX_CHUNK_SIZE,
+)
+from ..limits import (
+    AUTO_MIN_CHUNK_SIZE as MIN_CHUNK_SIZE,
+)
+from ..limits import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_OVERHEAD_BUDGET,
+    DEFAULT_SLOTS,
+    chunk_size_for,
+)
 from .ring import RingTimeoutError, ShmRing
 
 if TYPE_CHECKING:
@@ -105,40 +117,6 @@ def tune_socket(
     if buffer_size is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
-
-
-# --- defaults ---------------------------------------------------------------------------
-DEFAULT_SLOTS: Final = 2
-DEFAULT_CHUNK_SIZE: Final = 128 << 10
-MIN_CHUNK_SIZE: Final = 16 << 10
-MAX_CHUNK_SIZE: Final = 1 << 20
-DEFAULT_OVERHEAD_BUDGET: Final = 0.001
-
-
-def chunk_size_for(
-    enclave_size: int,
-    *,
-    budget: float = DEFAULT_OVERHEAD_BUDGET,
-    slots: int = DEFAULT_SLOTS,
-    per_chunk_overhead: int = 16,
-) -> int:
-    """The largest power-of-two chunk whose rings stay within ``budget`` of the enclave.
-
-    The extra resident memory of a pipelined transfer, summed over the enclave and
-    untrusted processes of both hosts, is about ``4 * slots * (chunk +
-    per_chunk_overhead)`` (two rings, each mapped twice).  The result is clamped
-    to ``MIN_CHUNK_SIZE..MAX_CHUNK_SIZE``: below the minimum, fixed costs per chunk
-    (doorbell messages, context switches) dominate; above the maximum, memory
-    grows much faster than throughput.
-    """
-
-    if enclave_size <= 0 or slots <= 0 or budget <= 0:
-        raise ValueError("enclave_size, slots and budget must be positive")
-    allowed = int(enclave_size * budget) // (4 * slots) - per_chunk_overhead
-    chunk = MIN_CHUNK_SIZE
-    while chunk * 2 <= min(allowed, MAX_CHUNK_SIZE):
-        chunk *= 2
-    return chunk
 
 
 @contextlib.contextmanager

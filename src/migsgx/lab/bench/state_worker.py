@@ -22,16 +22,16 @@ import sys
 import time
 from typing import Any
 
-from ..host.client import EnclaveClient
-from ..migration.engine import IncomingEnclave, OutgoingEnclave
-from ..migration.ring import RingRole, RingSpec, ShmRing
-from ..migration.transport import (
+from ...datapath.engine import IncomingEnclave, OutgoingEnclave
+from ...datapath.ring import RingRole, RingSpec, ShmRing
+from ...datapath.transport import (
     drain_ring_to_buffer,
     fill_ring_from_buffer,
     ring_to_socket,
     socket_to_ring,
     tune_socket,
 )
+from ...host.client import EnclaveClient
 
 COLS = 1024
 
@@ -98,7 +98,7 @@ def dest(args: dict[str, Any]) -> None:
 def _ring_child(role: str, ring: ShmRing, size: int, chunk: int) -> subprocess.Popen[str]:
     memfd, bell = ring.peer_fds()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "migsgx.bench.state_worker", role,
+        [sys.executable, "-m", "migsgx.lab.bench.state_worker", role,
          json.dumps({"memfd": memfd, "bell": bell, "slots": ring.spec.slots,
                      "slot_size": ring.spec.slot_size, "size": size, "chunk": chunk})],
         pass_fds=(memfd, bell), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

@@ -1,7 +1,7 @@
 """Containers on emulated hosts: engine roots, a root file system, the example apps.
 
 For the tests, the demo and the benchmark.  Every host of a
-:class:`~migsgx.agent.testbed.Testbed` gets its own runc root, podman store,
+:class:`~migsgx.lab.testbed.Testbed` gets its own runc root, podman store,
 cgroup parent and network namespace (``STATE/containers.toml``), because the
 hosts share one machine.  The root file system needs no registry: a skeleton
 of directories whose ``/usr`` and ``/etc`` are read-only bind mounts of the
@@ -35,19 +35,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from ..containers.base import ContainerError, check_name
+from ..containers.cgroups import Freezer, remove_cgroup
+from ..containers.command import run_engine
+from ..containers.oci import PLATFORM_ENV
+from ..containers.podman import Podman, remove_all, share_image
+from ..containers.runc import Runc
+from ..containers.settings import ContainerSettings
 from ..criu import Criu
 from ..errors import MigSGXError
-from ..hosts import EXAMPLES, REPO_ROOT
-from .base import ContainerError, check_name
-from .cgroups import Freezer, remove_cgroup
-from .command import run_engine
-from .oci import PLATFORM_ENV
-from .podman import Podman, remove_all, share_image
-from .runc import Runc
-from .settings import ContainerSettings
+from .hosts import EXAMPLES
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 if TYPE_CHECKING:
-    from ..agent.testbed import Testbed
+    from .testbed import Testbed
 
 __all__ = ["PLATFORM_INSIDE", "ContainerApp", "ContainerLab", "runtime_spec"]
 
@@ -145,11 +147,12 @@ def _python_binds() -> list[tuple[str, str, bool]]:
     base = Path(sys.base_prefix).resolve()
     if not base.is_relative_to("/usr"):
         binds.append((str(base), str(base), True))
-    repo = REPO_ROOT.resolve()
-    binds.append((str(repo), str(repo), True))
-    venv = Path(sys.prefix).resolve()
-    if not venv.is_relative_to(repo) and not venv.is_relative_to("/usr"):
-        binds.append((str(venv), str(venv), True))
+    # The directory that holds the migsgx package (src/ of a checkout, or
+    # site-packages), the examples, and the virtual environment, each once.
+    for path in (PACKAGE_ROOT, EXAMPLES.resolve(), Path(sys.prefix).resolve()):
+        if path.is_relative_to("/usr") or any(path.is_relative_to(b[0]) for b in binds):
+            continue
+        binds.append((str(path), str(path), True))
     return binds
 
 
@@ -304,7 +307,7 @@ class ContainerLab:
         if not app.extra.get("private_net"):
             via = next(n for n in self.bed.names if n != at)
             return self.bed.ask(line, app.port, at=at, via=via)
-        from ..agent.process import socket_in_netns
+        from ..system.process import socket_in_netns
 
         pid = self.root_pid(app, at)
         if pid is None:
@@ -401,7 +404,7 @@ class ContainerLab:
     def copies(self, app: ContainerApp) -> dict[str, list[tuple[int, str]]]:
         """The app's processes on each host (pid, state), found by its marker."""
 
-        from ..agent.process import process_state, tree_pids
+        from ..system.process import process_state, tree_pids
 
         needle = f"{MARKER_ENV}={app.marker}".encode()
         out: dict[str, list[tuple[int, str]]] = {}

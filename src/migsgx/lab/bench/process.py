@@ -1,6 +1,6 @@
 """``migsgx bench process``: a process with an enclave moves; CRIU alone for comparison.
 
-One invocation builds two namespaced hosts (:class:`~migsgx.agent.testbed.Testbed`)
+One invocation builds two namespaced hosts (:class:`~migsgx.lab.testbed.Testbed`)
 and, in the same run:
 
 * ``migsgx``: the example ``model`` application holding SIZE of enclave memory
@@ -27,11 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..agent.process import PageServer, in_netns, kill_tree, tree_pids
-from ..agent.protocol import PHASES
-from ..agent.testbed import Testbed
-from ..criu import Criu, InNetns, InTaskNamespaces
-from ..errors import ConfigError, MigSGXError
+from ...agent.protocol import PHASES
+from ...criu import Criu, InNetns, InTaskNamespaces
+from ...criu.pageserver import PageServer
+from ...errors import ConfigError, MigSGXError
+from ...system.process import in_netns, kill_tree, tree_pids
+from ..testbed import Testbed
 
 __all__ = ["criu_only", "run"]
 

@@ -1,6 +1,6 @@
 """Two emulated hosts on one machine, ready for migrations (tests, benchmark).
 
-Each host is a network namespace (:class:`~migsgx.netns.HostNetwork`) with its
+Each host is a network namespace (:class:`~migsgx.lab.netns.HostNetwork`) with its
 own platform state and platform service, and an agent identity from the
 deployment's CA; an agent serves on the destination.  Applications start in
 a pid namespace of their own (``unshare --pid --fork``), as a container's
@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..agent.tls import issue_agent_identity
 from ..errors import MigSGXError
-from ..hosts import EXAMPLES, Deployment, ServiceProcess, start_service
-from ..netns import Host, HostNetwork
-from .process import process_state, tree_pids
-from .tls import issue_agent_identity
+from ..system.process import process_state, tree_pids
+from .hosts import EXAMPLES, Deployment, ServiceProcess, start_service
+from .netns import Host, HostNetwork
 
 __all__ = ["AgentProcess", "AppProcess", "MigrateRun", "Testbed"]
 
@@ -152,7 +152,7 @@ class Testbed:
         ready = self.root / f"agent-{tag}.ready"
         log = self.root / f"agent-{tag}.log"
         argv = [
-            sys.executable, "-m", "migsgx.cli_migrate", "agent", "serve",
+            sys.executable, "-m", "migsgx", "agent", "serve",
             "--state", str(state or self.state(name)),
             "--listen", f"{host.address}:0",
             "--ready-file", str(ready),
@@ -237,7 +237,7 @@ class Testbed:
         """``migsgx migrate PID`` (or, with ``pid=None``, what ``args`` name: ``--runc ID``)."""
 
         argv = [
-            sys.executable, "-m", "migsgx.cli_migrate", "migrate",
+            sys.executable, "-m", "migsgx", "migrate",
             *([str(pid)] if pid is not None else []),
             "--to", agent.target, "--state", str(self.state(name)), "--json", *args,
         ]  # fmt: skip

@@ -34,19 +34,19 @@ from typing import Any, BinaryIO
 
 import cbor2
 
+from ..core.stream import TAG_SIZE
 from ..errors import ConfigError, FrameError, MigSGXError
 from ..host.client import EnclaveInfo, launch_enclave
+from ..limits import DEFAULT_SLOTS
 from ..sgx.image import EnclaveImage
 from .engine import (
     DEFAULT_CHUNK,
-    DEFAULT_SLOTS,
     RING_TIMEOUT,
     EnclaveLink,
     _call_beside,
     _Worker,
 )
 from .ring import RingRole, ShmRing
-from .stream import TAG_SIZE
 from .transport import CHUNK_HEADER, FLAG_FINAL
 
 MAX_IMAGE_FILE = 64 << 20

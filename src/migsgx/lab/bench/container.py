@@ -1,7 +1,7 @@
 """``migsgx bench container``: a container with an enclave moves; the engine alone for comparison.
 
 One invocation builds two namespaced hosts with container engines
-(:class:`~migsgx.containers.lab.ContainerLab`) and, in the same run, with
+(:class:`~migsgx.lab.containers.ContainerLab`) and, in the same run, with
 runc or podman:
 
 * ``migsgx``: the example ``model`` application, in a container, holding SIZE
@@ -33,15 +33,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..agent.process import PageServer, in_netns
-from ..agent.testbed import Testbed
-from ..containers import HostConfig
-from ..containers.lab import ContainerApp, ContainerLab
-from ..containers.oci import Localization, extract_tree, load_json, localize, tar_tree
-from ..containers.podman import Podman, PodmanDriver
-from ..containers.runc import Runc
-from ..criu import Criu
-from ..errors import ConfigError, MigSGXError
+from ...containers import HostConfig
+from ...containers.oci import Localization, extract_tree, load_json, localize, tar_tree
+from ...containers.podman import Podman, PodmanDriver
+from ...containers.runc import Runc
+from ...criu import Criu
+from ...criu.pageserver import PageServer
+from ...errors import ConfigError, MigSGXError
+from ...system.process import in_netns
+from ..containers import ContainerApp, ContainerLab
+from ..testbed import Testbed
 from .process import MODEL_COLS, migration_figures
 
 __all__ = ["run"]

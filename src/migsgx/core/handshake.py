@@ -4,7 +4,7 @@ Sans-I/O (``docs/spec/handshake.md``): feed bytes with :meth:`Handshake.receive_
 take events from :meth:`Handshake.next_event`, send what :meth:`Handshake.data_to_send`
 returns.  Attestation is delegated to an :class:`Attester` and a :class:`Verifier`;
 the core checks that each verified quote binds this transcript, checks the
-:class:`~migsgx.migration.policy.MigrationPolicy`, and derives :class:`SessionKeys`.
+:class:`~migsgx.core.policy.MigrationPolicy`, and derives :class:`SessionKeys`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import enum
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac
@@ -31,10 +31,8 @@ from ..errors import (
 from ..sgx.structs import ReportBody
 from ..wire import HEADER, Schema, decode_body, encode
 from .policy import EnclaveIdentity, MigrationPolicy
+from .seen import SeenMigrationIds
 from .stream import StreamChannel
-
-if TYPE_CHECKING:
-    from .commit import SeenMigrationIds
 
 __all__ = [
     "NEED_DATA",

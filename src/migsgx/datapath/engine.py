@@ -1,11 +1,11 @@
-"""The untrusted side of one enclave's migration: drivers and their wire.
+"""The untrusted side of one enclave's migration: its two ends and their wire.
 
 :class:`OutgoingEnclave` runs on the source host beside the enclave (in the
 application, or in the migration tool that took over the enclave's
 connection); :class:`IncomingEnclave` runs on the destination host (in the
 agent).  They talk over one plain TCP connection per enclave: the enclave
 stream is end to end encrypted and authenticated by the enclaves, so the
-drivers only move opaque bytes, and nothing they could do (drop, reorder,
+ends only move opaque bytes, and nothing they could do (drop, reorder,
 replay, tamper) gets past the enclaves unnoticed.
 
 Wire (``docs/spec/channels.md``, "peer connection"): CBOR frames (``PEER``
@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.commit import CommitError
+from ..core.stream import TAG_SIZE
 from ..errors import (
     ConnectionClosedError,
     EnclaveLostError,
@@ -52,11 +54,10 @@ from ..errors import (
     error_from_wire,
 )
 from ..host.client import EnclaveInfo, launch_enclave
+from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS, check_chunk_size
 from ..sgx.image import EnclaveImage
 from ..wire import Schema, recv_frame, send_frame
-from .commit import CommitError
 from .ring import RingRole, ShmRing, send_ring_fds
-from .stream import TAG_SIZE
 from .transport import (
     CHUNK_HEADER,
     read_chunk_header,
@@ -67,8 +68,7 @@ from .transport import (
     tune_socket,
 )
 
-DEFAULT_CHUNK = 128 << 10
-DEFAULT_SLOTS = 2
+DEFAULT_CHUNK = DEFAULT_CHUNK_SIZE
 MODES = ("pipelined", "sequential")
 PEER_FRAME_MAX = 32 << 20
 _STAGING_SLACK = 16 << 20
@@ -111,7 +111,7 @@ def _recv(sock: socket.socket, *expect: str) -> dict[str, Any]:
 class EnclaveLink:
     """Runtime calls (``__mig_*``) on an enclave's ECALL connection, one at a time.
 
-    The driver owns the connection outright while it migrates the enclave, so
+    The end (outgoing or incoming) owns the connection outright while it migrates the enclave, so
     requests and replies simply alternate.
     """
 
@@ -445,7 +445,7 @@ class IncomingEnclave:
         """Read the source's offer from ``peer`` and prepare to receive it."""
 
         offer = _recv(peer, "offer")
-        if offer["mode"] not in MODES or not 4096 <= offer["chunk_size"] <= 16 << 20:
+        if offer["mode"] not in MODES or not check_chunk_size(offer["chunk_size"]):
             raise ProtocolError("the offer names an unknown mode or a bad chunk size")
         if not 1 <= offer["slots"] <= 64:
             raise ProtocolError("the offer asks for a bad number of ring slots")

@@ -15,7 +15,7 @@ transfer, load, LOADED, COMMIT); ``total_seconds`` adds the destination
 enclave's launch and the attested handshake, which happen before the freeze.
 
 Memory overhead (``peak_extra_bytes``) is summed over every process that takes
-part (source enclave, source driver, destination driver, destination enclave):
+part (source enclave, source end, destination end, destination enclave):
 its peak resident set during the migration above its resident set at rest (just
 before, on the source side; just after, for the destination enclave, whose own
 memory is not overhead).  Peaks are reset through ``/proc/PID/clear_refs``.
@@ -36,11 +36,12 @@ from typing import IO, Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ...core.stream import TAG_SIZE
+from ...errors import ConfigError, MigSGXError
+from ...limits import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK
+from ...limits import DEFAULT_SLOTS
 from .. import memstat
-from ..errors import ConfigError, MigSGXError
 from ..hosts import Deployment, running_services
-from ..migration.engine import DEFAULT_CHUNK, DEFAULT_SLOTS
-from ..migration.stream import TAG_SIZE
 
 PAGE = 4096
 
@@ -48,7 +49,7 @@ PAGE = 4096
 class Worker:
     def __init__(self, role: str, args: dict[str, Any]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "migsgx.bench.state_worker", role, json.dumps(args)],
+            [sys.executable, "-m", "migsgx.lab.bench.state_worker", role, json.dumps(args)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -78,6 +78,7 @@ from ..errors import (
     ProtocolError,
     register_error,
 )
+from ..limits import MAX_SLOT_SIZE, MAX_SLOTS
 
 __all__ = [
     "MAX_SLOTS",
@@ -90,10 +91,7 @@ __all__ = [
     "send_ring_fds",
 ]
 
-MAX_SLOTS: Final = 256
-"""Upper bound on slots; also keeps every doorbell queue far below its socket buffer."""
-
-MAX_SLOT_SIZE: Final = 64 << 20
+# MAX_SLOTS (migsgx.limits) also keeps every doorbell queue far below its socket buffer.
 
 _MSG = struct.Struct(">BBHII")
 _KIND_FILLED: Final = 1

@@ -17,7 +17,7 @@ import enum
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import cbor2
 from cryptography.exceptions import InvalidTag
@@ -27,6 +27,7 @@ from ..errors import FrameError, MigrationError, ProtocolError, ReplayError, Str
 from ..errors import register_error as _register
 from ..wire import HEADER, Schema, decode_body, encode
 from .handshake import LocalProtocolError, PeerAborted, Role, SessionKeys, transcript_item
+from .seen import InMemorySeenIds, SeenMigrationIds
 from .stream import StreamChannel
 
 __all__ = [
@@ -52,38 +53,6 @@ class CommitError(MigrationError):
     """A commit-protocol message failed authentication or does not match this migration."""
 
     code = "commit"
-
-
-class SeenMigrationIds(Protocol):
-    """The destination host's durable, rollback-resistant record of accepted migration ids.
-
-    The platform's trusted services (``migsgx.sgx.platform.TrustedServices``) have
-    this shape.
-    """
-
-    def claim_migration(self, migration_id: bytes) -> bool:
-        """Atomically and durably record ``migration_id``; False if it was recorded before."""
-        ...
-
-    def migration_claimed(self, migration_id: bytes) -> bool:
-        """Whether ``migration_id`` was recorded."""
-        ...
-
-
-class InMemorySeenIds:
-    """A :class:`SeenMigrationIds` for tests and single-process use: not durable."""
-
-    def __init__(self) -> None:
-        self._ids: set[bytes] = set()
-
-    def claim_migration(self, migration_id: bytes) -> bool:
-        if migration_id in self._ids:
-            return False
-        self._ids.add(bytes(migration_id))
-        return True
-
-    def migration_claimed(self, migration_id: bytes) -> bool:
-        return migration_id in self._ids
 
 
 # --- events and states -------------------------------------------------------------------
@@ -142,21 +111,6 @@ CONTROL_SCHEMA: Final = Schema(
         "abort": {"mid": bytes, "code": str, "message": str},
     },
 )
-PENDING_SCHEMA: Final = Schema(
-    "migsgx.pending-commit",
-    {
-        "pending-commit": {
-            "v": int,
-            "mid": bytes,
-            "th": bytes,
-            "key": bytes,
-            "streams": int,
-            "digest": bytes,
-            "loaded": bytes,
-        }
-    },
-)
-
 
 # --- sealed control frames -------------------------------------------------------------
 def _aad(direction: str, migration_id: bytes, transcript_hash: bytes) -> bytes:
@@ -354,11 +308,7 @@ class DestinationCommit(_CommitEnd):
         return self._loaded
 
     def loaded(self) -> bytes:
-        """Confirm a complete load: return LOADED and wait for the source's decision.
-
-        Before calling, make :meth:`pending_record`'s content durable (it is available
-        right after this call; persist it before sending the returned frame).
-        """
+        """Confirm a complete load: return LOADED and wait for the source's decision."""
 
         target = self._local("loaded")
         assert self._streams is not None and self._send_key is not None
@@ -378,47 +328,6 @@ class DestinationCommit(_CommitEnd):
         )
         self._state = target
         return self._loaded
-
-    def pending_record(self) -> bytes:
-        """What a restarted destination needs to accept the token; seal it before storing."""
-
-        if self._state is not _C.AWAIT_COMMIT or self._expect is None or self._loaded is None:
-            raise LocalProtocolError("there is a pending record only while awaiting the commit")
-        return bytes(
-            cbor2.dumps(
-                {
-                    "t": "pending-commit",
-                    "v": 1,
-                    "mid": self._mid,
-                    "th": self._th,
-                    "key": self._recv_key,
-                    "streams": self._expect[0],
-                    "digest": self._expect[1],
-                    "loaded": self._loaded,
-                }
-            )
-        )
-
-    @classmethod
-    def resume(cls, record: bytes, *, seen: SeenMigrationIds) -> DestinationCommit:
-        """Wait for the commit again after a restart, from an unsealed pending record."""
-
-        try:
-            rec = PENDING_SCHEMA.validate(cbor2.loads(record))
-        except Exception as exc:
-            raise ValueError("not a pending-commit record") from exc
-        if rec["v"] != 1 or len(rec["mid"]) != 16 or len(rec["key"]) != 32:
-            raise ValueError("not a pending-commit record of version 1")
-        self = cls.__new__(cls)
-        self._mid, self._th, self._recv_key = rec["mid"], rec["th"], rec["key"]
-        self._send_key = None
-        self._streams = None
-        self._seen = seen
-        self._rng = secrets.token_bytes
-        self._state = _C.AWAIT_COMMIT
-        self._expect = (rec["streams"], rec["digest"])
-        self._loaded = rec["loaded"]
-        return self
 
     def receive(self, frame: bytes) -> Committed | PeerAborted:
         msg = open_control(self._recv_key, SOURCE_TO_DESTINATION, self._mid, self._th, frame)

@@ -1,0 +1,45 @@
+"""An agent's configuration, and what one incoming migration needs of its agent.
+
+Apart from :mod:`.server` so that :mod:`.incoming` (which the server runs) does
+not import the server back: it names the agent by :class:`AgentHost`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ..containers import ContainerSettings
+from ..criu import Criu
+from .tls import AgentIdentity
+
+__all__ = ["AgentConfig", "AgentHost"]
+
+
+@dataclass
+class AgentConfig:
+    state: Path
+    listen: tuple[str, int]
+    platform_socket: Path
+    identity: AgentIdentity
+    work_dir: Path
+    criu: Criu = field(default_factory=Criu)
+    keep_images: bool = False
+    io_timeout: float = 300.0
+    commit_grace: float = 5.0
+    subreaper: bool = True  # adopt restored trees (see the module docstring)
+    containers: ContainerSettings = field(default_factory=ContainerSettings)
+
+
+class AgentHost(Protocol):
+    """What an incoming migration asks of the agent that runs it."""
+
+    config: AgentConfig
+    host_id: str
+
+    def session_dir(self, session_id: bytes) -> Path: ...
+
+    def adopt(self, pid: int) -> None: ...
+
+    def discard(self, path: Path | None) -> None: ...

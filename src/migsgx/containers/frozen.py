@@ -1,0 +1,60 @@
+"""What the runc and podman drivers share about a frozen source and a held restore.
+
+Kept apart from both drivers so that neither imports the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+from ..system.process import kill_tree, tree_pids
+from .cgroups import Freezer
+
+__all__ = ["kill_frozen", "own_netns_path", "resume_frozen", "write_criu_config"]
+
+
+def own_netns_path() -> Path:
+    """A path naming this process's network namespace (a named one when there is one)."""
+
+    mine = os.stat("/proc/self/ns/net")
+    with contextlib.suppress(OSError):
+        for entry in sorted(Path("/run/netns").iterdir()):
+            with contextlib.suppress(OSError):
+                st = entry.stat()
+                if (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev):
+                    return entry
+    return Path(f"/proc/{os.getpid()}/ns/net")
+
+
+def resume_frozen(root: int, freezer: Freezer) -> None:
+    """Undo a freeze (and any stop) of a source container: it runs as before."""
+
+    for pid in tree_pids(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    freezer.thaw()
+
+
+def kill_frozen(root: int, freezer: Freezer) -> None:
+    """End a frozen source after the commit: SIGKILL queued first, then thawed.
+
+    A thawed task with a pending SIGKILL dies before it runs an instruction of its own,
+    and the engine then removes a container without processes (a frozen one it may not).
+    """
+
+    pids = tree_pids(root)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    freezer.thaw()
+    kill_tree(root)
+
+
+def write_criu_config(path: Path, *, tcp_close: bool) -> None:
+    """CRIU's options for a held restore (runc passes this file to CRIU)."""
+
+    lines = ["leave-stopped"] + (["tcp-close"] if tcp_close else [])
+    path.write_text("\n".join(lines) + "\n")

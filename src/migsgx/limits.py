@@ -1,0 +1,90 @@
+"""Chunk size, ring slots and image sizes: every limit in one place, with its reason.
+
+A chunk size travels from the command line through the agent, the engine's
+offer, the enclave's migrator and the stream header; each of them checks it
+against the ranges below and nothing else, so a value valid at one step is valid
+at every step.  No I/O here: the sans-I/O core imports this module too.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "AUTO_MAX_CHUNK_SIZE",
+    "AUTO_MIN_CHUNK_SIZE",
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_OVERHEAD_BUDGET",
+    "DEFAULT_SLOTS",
+    "MAX_CHUNK_SIZE",
+    "MAX_IMAGE_BYTES",
+    "MAX_SLOTS",
+    "MAX_SLOT_SIZE",
+    "MIN_CHUNK_SIZE",
+    "STREAM_MAX_CHUNK_SIZE",
+    "STREAM_MIN_CHUNK_SIZE",
+    "check_chunk_size",
+    "chunk_size_for",
+]
+
+# --- the stream format (docs/spec/stream.md) -------------------------------------------
+#: What a stream header may declare.  Small chunks are legal in the format (the
+#: test vectors use them); a migration uses the narrower range below.
+STREAM_MIN_CHUNK_SIZE: Final = 64
+STREAM_MAX_CHUNK_SIZE: Final = 1 << 24
+
+# --- a migration -----------------------------------------------------------------------
+#: What an engine offers and accepts, and what the enclave's migrator takes: a
+#: ring slot must also hold a stream header, and a peer may not make the other
+#: side stage more than 16 MiB per chunk.
+MIN_CHUNK_SIZE: Final = 4096
+MAX_CHUNK_SIZE: Final = STREAM_MAX_CHUNK_SIZE
+#: 128 KiB x 2 slots: 0.10 % of a 1 GiB enclave in extra memory, measured.
+DEFAULT_CHUNK_SIZE: Final = 128 << 10
+DEFAULT_SLOTS: Final = 2
+
+# --- the shared-memory ring ------------------------------------------------------------
+MAX_SLOTS: Final = 256
+MAX_SLOT_SIZE: Final = 64 << 20
+
+# --- choosing a chunk size for a memory budget -------------------------------------------
+#: Below 16 KiB fixed costs per chunk (doorbells, context switches) dominate;
+#: above 1 MiB memory grows much faster than throughput.
+AUTO_MIN_CHUNK_SIZE: Final = 16 << 10
+AUTO_MAX_CHUNK_SIZE: Final = 1 << 20
+DEFAULT_OVERHEAD_BUDGET: Final = 0.001
+
+# --- checkpoint and container images ----------------------------------------------------
+#: The most image bytes one migration or container archive may carry.
+MAX_IMAGE_BYTES: Final = 512 << 20
+
+
+def check_chunk_size(chunk_size: int, *, fits: int | None = None) -> bool:
+    """Whether a migration may use ``chunk_size`` (and it fits ``fits`` bytes, if given)."""
+
+    upper = MAX_CHUNK_SIZE if fits is None else min(MAX_CHUNK_SIZE, fits)
+    return isinstance(chunk_size, int) and MIN_CHUNK_SIZE <= chunk_size <= upper
+
+
+def chunk_size_for(
+    enclave_size: int,
+    *,
+    budget: float = DEFAULT_OVERHEAD_BUDGET,
+    slots: int = DEFAULT_SLOTS,
+    per_chunk_overhead: int = 16,
+) -> int:
+    """The largest power-of-two chunk whose rings stay within ``budget`` of the enclave.
+
+    The extra resident memory of a pipelined transfer, summed over the enclave and
+    untrusted processes of both hosts, is about ``4 * slots * (chunk +
+    per_chunk_overhead)`` (two rings, each mapped twice).  The result is clamped
+    to ``AUTO_MIN_CHUNK_SIZE..AUTO_MAX_CHUNK_SIZE``.
+    """
+
+    if enclave_size <= 0 or slots <= 0 or budget <= 0:
+        raise ValueError("enclave_size, slots and budget must be positive")
+    allowed = int(enclave_size * budget) // (4 * slots) - per_chunk_overhead
+    chunk = AUTO_MIN_CHUNK_SIZE
+    while chunk * 2 <= min(allowed, AUTO_MAX_CHUNK_SIZE):
+        chunk *= 2
+    return chunk

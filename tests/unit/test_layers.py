@@ -1,0 +1,259 @@
+"""The package's rooms and their one-way arrows, read from the modules' own imports.
+
+Each module is parsed (``ast``, nothing is imported or run) and every import of
+a ``migsgx`` module is resolved to its absolute name.  An import may go to the
+same room or to a room below it in :data:`LAYERS`, never up; the sans-I/O core
+imports no module that does I/O; the product never imports the lab; and the
+few rules that a layer order cannot say are checked one by one.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+PACKAGE = SRC / "migsgx"
+
+#: Rooms from the bottom up.  A module may import its own room and the rooms below.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("migsgx", "migsgx.errors"),
+    ("migsgx.wire", "migsgx._fs", "migsgx.limits"),
+    ("migsgx.channel",),
+    ("migsgx.sgx",),  # the trusted seam (sgx.trusted) and the emulator behind it
+    ("migsgx.core",),  # sans-I/O: handshake, stream, manifest, commit, policy
+    ("migsgx.criu",),  # CRIU's RPC and its page server
+    ("migsgx.system",),  # process trees, namespaces
+    ("migsgx.host",),  # the application's untrusted runtime
+    ("migsgx.datapath",),  # ring, transport, engine, checkpoint I/O
+    ("migsgx.enclave",),  # the trusted runtime, in the enclave process
+    ("migsgx.containers",),  # the container drivers
+    ("migsgx.agent",),  # the per-host agent and the tool's side of appctl
+    ("migsgx.lab",),  # harness: testbed, container lab, netns, demo, bench
+    ("migsgx.cli_output",),
+    ("migsgx.cli_migrate",),
+    ("migsgx.cli",),
+    ("migsgx.__main__",),
+)
+
+#: Modules that do I/O (or start it); the core imports none of them.
+IO_MODULES = frozenset(
+    {
+        "os",
+        "socket",
+        "subprocess",
+        "threading",
+        "multiprocessing",
+        "asyncio",
+        "select",
+        "selectors",
+        "mmap",
+        "shutil",
+        "signal",
+        "ctypes",
+        "fcntl",
+        "tempfile",
+    }
+)
+
+#: May import the lab: the command line (``migsgx demo``, ``migsgx bench``) and the lab.
+MAY_IMPORT_LAB = ("migsgx.lab", "migsgx.cli", "migsgx.cli_migrate", "migsgx.__main__")
+
+DRIVERS = ("migsgx.containers.pid", "migsgx.containers.runc", "migsgx.containers.podman")
+
+
+def _module_name(path: Path) -> tuple[str, bool]:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    is_package = parts[-1] == "__init__"
+    if is_package:
+        parts.pop()
+    return ".".join(parts), is_package
+
+
+def _is_module(dotted: str) -> bool:
+    base = SRC.joinpath(*dotted.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def modules() -> Iterator[Path]:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "_generated" not in path.parts:
+            yield path
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute names of every module ``path`` imports (top level, functions, TYPE_CHECKING)."""
+
+    name, is_package = _module_name(path)
+    package = name if is_package else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:  # ``from . import x`` may name a module
+                submodule = f"{target}.{alias.name}"
+                found.add(submodule if _is_module(submodule) else target)
+    return found
+
+
+def room_of(module: str) -> int:
+    best, best_len = -1, -1
+    for level, rooms in enumerate(LAYERS):
+        for room in rooms:
+            if (module == room or module.startswith(room + ".")) and len(room) > best_len:
+                best, best_len = level, len(room)
+    if best < 0:
+        raise AssertionError(f"{module} is in no room of LAYERS")
+    return best
+
+
+def _room_name(module: str) -> str:
+    level = room_of(module)
+    return max(
+        (r for r in LAYERS[level] if module == r or module.startswith(r + ".")), key=len
+    )
+
+
+def test_every_module_has_a_room() -> None:
+    for path in modules():
+        room_of(_module_name(path)[0])
+
+
+def test_arrows_point_down() -> None:
+    upward = []
+    for path in modules():
+        name = _module_name(path)[0]
+        for target in imports_of(path):
+            if target.startswith("migsgx") and room_of(target) > room_of(name):
+                upward.append(f"{name} -> {target}")
+    assert upward == []
+
+
+def test_rooms_of_one_layer_do_not_import_each_other() -> None:
+    across = []
+    for path in modules():
+        name = _module_name(path)[0]
+        for target in imports_of(path):
+            if (
+                target.startswith("migsgx")
+                and room_of(target) == room_of(name)
+                and _room_name(target) != _room_name(name)
+                and "migsgx" not in (_room_name(target), _room_name(name))
+            ):
+                across.append(f"{name} -> {target}")
+    assert across == []
+
+
+def test_core_imports_no_io() -> None:
+    offending = []
+    for path in modules():
+        name = _module_name(path)[0]
+        if name == "migsgx.core" or name.startswith("migsgx.core."):
+            for target in imports_of(path):
+                if target.split(".")[0] in IO_MODULES:
+                    offending.append(f"{name} -> {target}")
+    assert offending == []
+
+
+def test_product_never_imports_the_lab() -> None:
+    offending = []
+    for path in modules():
+        name = _module_name(path)[0]
+        if any(name == m or name.startswith(m + ".") for m in MAY_IMPORT_LAB):
+            continue
+        offending += [f"{name} -> {t}" for t in imports_of(path) if t.startswith("migsgx.lab")]
+    assert offending == []
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_drivers_import_neither_each_other_nor_the_agent(driver: str) -> None:
+    path = SRC.joinpath(*driver.split(".")).with_suffix(".py")
+    bad = {
+        t
+        for t in imports_of(path)
+        if t.startswith("migsgx.agent") or (t in DRIVERS and t != driver)
+    }
+    assert bad == set()
+
+
+def test_enclave_code_uses_the_seam_not_the_emulator() -> None:
+    offending = []
+    for path in modules():
+        name = _module_name(path)[0]
+        if name.startswith("migsgx.enclave"):
+            offending += [
+                f"{name} -> {t}"
+                for t in imports_of(path)
+                if t in ("migsgx.sgx.platform", "migsgx.sgx.service", "migsgx.sgx.spawn")
+            ]
+    assert offending == []
+
+
+def test_the_application_side_of_appctl_imports_no_process_tree_code() -> None:
+    path = PACKAGE / "host" / "appctl.py"
+    assert {t for t in imports_of(path) if t.startswith(("migsgx.system", "migsgx.agent"))} == set()
+
+
+def test_the_checker_sees_an_upward_arrow() -> None:
+    """The rule is not vacuous: a module of the core importing the agent is caught."""
+
+    assert room_of("migsgx.agent.source") > room_of("migsgx.core.handshake")
+    assert "migsgx.core.stream" in imports_of(PACKAGE / "core" / "handshake.py")
+
+
+def _cycles() -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan), imports in any scope."""
+
+    graph = {
+        _module_name(path)[0]: {
+            t for t in imports_of(path) if t.startswith("migsgx") and t != _module_name(path)[0]
+        }
+        for path in modules()
+    }
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in graph:
+                continue
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def test_no_import_cycles() -> None:
+    assert _cycles() == []
