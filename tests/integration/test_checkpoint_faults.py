@@ -44,7 +44,7 @@ def bed(
 
 def cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "migsgx.cli_migrate", *args],
+        [sys.executable, "-m", "migsgx", *args],
         capture_output=True,
         text=True,
         timeout=90,
