@@ -60,6 +60,10 @@ PLATFORM = Schema(
     {
         # service -> enclave, once, at start
         "init": {"files": dict, "identity": bytes},
+        # service -> enclave, right after init: where and how to find the platform again
+        "ticket": {"name": str, "ticket": bytes},
+        # enclave -> a restarted service, first on a new connection
+        "reattach": {"identity": bytes, "ticket": bytes},
         # enclave -> service
         "getkey": {"request": bytes},
         "report": {"target": bytes, "data": bytes},

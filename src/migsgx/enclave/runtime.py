@@ -17,6 +17,7 @@ import queue
 import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,9 @@ from . import selftest
 from .instance import EnclaveInstance
 from .migrator import RUNTIME_CALLS, Migrator
 
+#: How long an enclave looks for a restarted platform service before it gives up.
+REATTACH_WAIT = 10.0
+
 
 def log(event: str) -> None:
     sys.stderr.write(f"enclave[{os.getpid()}]: {event}\n")
@@ -48,9 +52,15 @@ def log(event: str) -> None:
 class ChannelServices:
     """:class:`~migsgx.sgx.trusted.TrustedServices` over the private platform channel."""
 
-    def __init__(self, sock: socket.socket, identity: ReportBody) -> None:
-        self._sock = sock
+    def __init__(
+        self,
+        sock: socket.socket,
+        identity: ReportBody,
+        reattach: tuple[str, bytes] | None = None,
+    ) -> None:
+        self._sock: socket.socket | None = sock
         self._identity = identity
+        self._reattach = reattach  # (abstract socket name, ticket) of this host's platform
         self._lock = threading.Lock()
 
     @property
@@ -59,16 +69,59 @@ class ChannelServices:
 
     def _ask(self, msg: dict[str, Any]) -> Any:
         with self._lock:
+            if self._sock is None:
+                self._sock = self._find_platform()
             try:
                 send_frame(self._sock, msg)
+            except (OSError, ConnectionClosedError):
+                # Not delivered: the service restarted since the last request.
+                # Sending it again to the new one cannot apply it twice.
+                self._sock.close()
+                self._sock = self._find_platform()
+                try:
+                    send_frame(self._sock, msg)
+                except (OSError, ConnectionClosedError) as exc:
+                    self._sock.close()
+                    self._sock = None
+                    raise EnclaveLostError("the platform service is gone") from exc
+            try:
                 reply = recv_frame(self._sock, PLATFORM)
             except (OSError, ConnectionClosedError) as exc:
-                raise EnclaveLostError("the platform service is gone") from exc
+                # It may or may not have been applied: never sent again blindly.
+                self._sock.close()
+                self._sock = None
+                raise EnclaveLostError("the platform service went away during a request") from exc
         if reply["t"] == "err":
             raise error_from_wire(reply["code"], reply["message"])
         if reply["t"] != "ok":
             raise ProtocolError(f"unexpected platform reply {reply['t']!r}")
         return reply["value"]
+
+    def _find_platform(self) -> socket.socket:
+        """Connect to the (restarted) platform service and present the launch ticket."""
+
+        if self._reattach is None:
+            raise EnclaveLostError("the platform service is gone")
+        name, ticket = self._reattach
+        deadline = time.monotonic() + REATTACH_WAIT
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(10.0)
+                sock.connect("\0" + name)
+                send_frame(sock, {"t": "reattach", "identity": self._identity.pack(),
+                                  "ticket": ticket})  # fmt: skip
+                reply = recv_frame(sock, PLATFORM)
+                if reply["t"] != "ok":
+                    raise EnclaveLostError("the platform refused this enclave's ticket")
+                sock.settimeout(None)
+                log("reattached to the platform service")
+                return sock
+            except (OSError, ConnectionClosedError, FrameError) as exc:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise EnclaveLostError("the platform service is gone") from exc
+                time.sleep(0.1)
 
     def get_key(self, request: KeyRequest) -> bytes:
         return bytes(self._ask({"t": "getkey", "request": request.pack()}))
@@ -305,10 +358,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         app = socket.socket(fileno=fds[0])
     identity = ReportBody.unpack(init["identity"])
+    ticket = recv_frame(chan, PLATFORM)
+    reattach = (ticket["name"], ticket["ticket"]) if ticket["t"] == "ticket" else None
     channel = AppChannel(app)
     try:
         image = EnclaveImage.from_files(init["files"])
-        instance = EnclaveInstance(image, ChannelServices(chan, identity), channel.ocall)
+        services = ChannelServices(chan, identity, reattach)
+        instance = EnclaveInstance(image, services, channel.ocall)
     except MigSGXError as exc:
         log(f"enclave failed to start: {exc.code}")
         send_frame(app, {"t": "err", "id": 0, "code": exc.code, "message": exc.message})

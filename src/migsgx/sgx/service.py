@@ -13,10 +13,12 @@ back to the service, bound to the identity the service measured.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -48,7 +50,7 @@ class EnclaveRecord:
     pid: int
     name: str
     identity: ReportBody
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None  # None: launched by an earlier service, reattached
     started: float = field(default_factory=time.time)
 
 
@@ -75,6 +77,7 @@ class PlatformService:
         self.warm_spare = warm_spare
         self._spare: tuple[subprocess.Popen[bytes], socket.socket] | None = None
         self._spare_lock = threading.Lock()
+        self._reattach: socket.socket | None = None
 
     # --- lifecycle -------------------------------------------------------------
     def bind(self) -> None:
@@ -87,6 +90,7 @@ class PlatformService:
         os.chmod(self.socket_path, 0o666)  # noqa: S103
         sock.listen(64)
         self._listener = sock
+        self._bind_reattach()
         self._refill_spare()
 
     def serve_forever(self) -> None:
@@ -118,13 +122,17 @@ class PlatformService:
             spare[1].close()
             spare[0].kill()
             spare[0].wait()
+        if self._reattach is not None:
+            self._reattach.close()
         if kill_enclaves:
             with self._lock:
-                records = list(self.enclaves.values())
+                records = [r for r in self.enclaves.values() if r.process is not None]
             for rec in records:
+                assert rec.process is not None
                 with contextlib.suppress(ProcessLookupError):
                     rec.process.send_signal(signal.SIGTERM)
             for rec in records:
+                assert rec.process is not None
                 try:
                     rec.process.wait(timeout=5)
                 except subprocess.TimeoutExpired:
@@ -134,7 +142,7 @@ class PlatformService:
     def _reap(self) -> None:
         with self._lock:
             for pid, rec in list(self.enclaves.items()):
-                if rec.process.poll() is not None:
+                if rec.process is not None and rec.process.poll() is not None:
                     del self.enclaves[pid]
 
     # --- launch ----------------------------------------------------------------
@@ -182,6 +190,9 @@ class PlatformService:
         else:
             proc, ours = self._start_runtime(f"enclave-{image.manifest.name}.log", conn)
             send_frame(ours, init, max_size=IMAGE_FRAME_MAX)
+        # How the enclave finds this platform again if the service restarts.
+        ticket = self.platform.reattach_ticket(identity)
+        send_frame(ours, {"t": "ticket", "name": self.reattach_name, "ticket": ticket})
         self._refill_spare()
         rec = EnclaveRecord(proc.pid, image.manifest.name, identity, proc)
         with self._lock:
@@ -192,6 +203,61 @@ class PlatformService:
             daemon=True,
         ).start()
         return rec
+
+    # --- reattach: enclaves of an earlier service -------------------------------------
+    @property
+    def reattach_name(self) -> str:
+        """The abstract socket where enclaves find this host's platform again.
+
+        Enclave processes cannot see the state directory (it is hidden from
+        them), but they share the service's network namespace.
+        """
+
+        digest = hashlib.sha256(str(self.platform.state_dir.resolve()).encode()).hexdigest()
+        return f"migsgx-platform-{digest[:32]}"
+
+    def _bind_reattach(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind("\0" + self.reattach_name)
+        except OSError:
+            sock.close()  # another service of this state runs: it serves the reattach
+            return
+        sock.listen(16)
+        self._reattach = sock
+        threading.Thread(target=self._accept_reattach, name="migsgx-reattach", daemon=True).start()
+
+    def _accept_reattach(self) -> None:
+        assert self._reattach is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._reattach.accept()
+            except OSError:
+                return
+            conn.settimeout(LAUNCH_TIMEOUT)
+            threading.Thread(target=self._reattach_one, args=(conn,), daemon=True).start()
+
+    def _reattach_one(self, conn: socket.socket) -> None:
+        """An enclave process of an earlier service: bound again to the identity its
+        ticket names (a MAC only this platform makes), never to one it claims."""
+
+        try:
+            msg = recv_frame(conn, PLATFORM)
+            if msg["t"] != "reattach":
+                raise ProtocolError("expected a reattach request")
+            identity = self.platform.reattach_identity(msg["identity"], msg["ticket"])
+            if identity is None:
+                raise LaunchError("the reattach ticket does not verify")
+            pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            send_frame(conn, {"t": "ok", "value": None})
+        except (MigSGXError, OSError, ValueError):
+            conn.close()
+            return
+        conn.settimeout(None)
+        rec = EnclaveRecord(pid, "reattached", identity, None)
+        with self._lock:
+            self.enclaves.setdefault(pid, rec)
+        self._serve_enclave(conn, self.platform.services_for(identity), rec)
 
     # --- enclave processes ----------------------------------------------------------
     def _start_runtime(
@@ -318,8 +384,9 @@ class PlatformService:
                     send_frame(sock, reply)
                 except OSError:
                     break
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            rec.process.wait(timeout=5)
+        if rec.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                rec.process.wait(timeout=5)
 
     def _answer(self, svc: LocalServices, msg: dict[str, Any]) -> Any:
         kind = msg["t"]
