@@ -7,7 +7,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-container demo-podman test setup lint unit integration clean
+.PHONY: demo demo-container demo-podman demo-containerd test setup lint unit integration clean
 
 setup:
 	@bash scripts/setup.sh
@@ -21,6 +21,9 @@ demo-container: setup
 
 demo-podman: setup
 	@$(VENV)/bin/migsgx demo --container podman
+
+demo-containerd: setup
+	@$(VENV)/bin/migsgx demo --container containerd
 
 test: setup
 	@bash scripts/run-tests.sh

@@ -61,9 +61,9 @@ from typing import Any
 import numpy
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from migsgx.lab import memstat
 from migsgx.datapath import transport
 from migsgx.datapath.ring import RingRole, ShmRing, recv_ring_fds, send_ring_fds
+from migsgx.lab import memstat
 
 TAG = 16
 ROLES = ("producer", "sender", "receiver", "consumer")

@@ -15,12 +15,13 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 # CRIU's build dependencies (it is built from source by install-criu.sh), the
 # tools CRIU runs (iproute2, iptables) and protoc for the RPC module; the
 # container engines that container migration drives (runc checkpoints with
-# our CRIU; podman runs with --runtime runc and brings conmon along).
+# our CRIU; podman runs with --runtime runc and brings conmon along); libseccomp's
+# own Python binding for the enclave sandbox's system-call filter.
 SYSTEM_PACKAGES=(
     gcc make pkg-config libc6-dev libbsd-dev libcap-dev libgnutls28-dev libnet1-dev
     libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler
     protobuf-compiler uuid-dev xz-utils iproute2 iptables debian-archive-keyring
-    runc podman conmon tar
+    runc podman conmon tar containerd python3-seccomp
 )
 installed=$(dpkg-query -W -f='${binary:Package} ${db:Status-Abbrev}\n' "${SYSTEM_PACKAGES[@]}" 2>/dev/null \
     | awk '$2 == "ii" { sub(/:.*/, "", $1); print $1 }' || true)
@@ -62,6 +63,17 @@ if [ "$(cat "$STAMP_DIR/venv" 2>/dev/null)" != "$want" ]; then
     fi
     "$VENV/bin/python" -m pip install -q "${find_links[@]}" -e ".[dev]"
     echo "$want" > "$STAMP_DIR/venv"
+fi
+
+# --- libseccomp's binding, visible in the venv ------------------------------
+# Debian's python3-seccomp is built for the system's Python 3.11 (same ABI as
+# the venv's); only its one extension module is linked in, not dist-packages.
+seccomp_so=$(find /usr/lib/python3/dist-packages -maxdepth 1 -name 'seccomp.cpython-311-*.so' 2>/dev/null | head -n 1)
+if [ -n "$seccomp_so" ]; then
+    site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')
+    ln -sfn "$seccomp_so" "$site/$(basename "$seccomp_so")"
+    "$VENV/bin/python" -c 'import seccomp' \
+        || { log "ERROR: libseccomp's Python binding does not import in .venv"; exit 1; }
 fi
 
 # --- CRIU (built from source, see install-criu.sh) --------------------------

@@ -33,6 +33,7 @@ from migsgx.sgx.image import (
     SIGNATURE,
     EnclaveImage,
     generate_author_key,
+    mr_signer_of,
     sign_image,
 )
 from migsgx.sgx.platform import EmulatedPlatform
@@ -300,18 +301,27 @@ def shared_world() -> World:
             atexit.register(shutil.rmtree, root, ignore_errors=True)
             ca = ProvisioningCA.init(root / "ca")
             author_path = root / "author.pem"
+            author = generate_author_key(author_path)
+            other_author = generate_author_key(root / "other-author.pem")
+            # Launch control: both test authors may launch on every test host.
+            signers = [mr_signer_of(author), mr_signer_of(other_author)]
             _WORLD = World(
                 root=root,
                 ca_dir=root / "ca",
                 ca=ca,
-                host_a=EmulatedPlatform.init(root / "host-a", ca, host_id="a"),
-                host_b=EmulatedPlatform.init(root / "host-b", ca, host_id="b"),
-                host_old_cpu=EmulatedPlatform.init(
-                    root / "host-old", ca, host_id="old", cpu_svn=bytes([1] * 16)
+                host_a=EmulatedPlatform.init(
+                    root / "host-a", ca, host_id="a", allowed_signers=signers
                 ),
-                author=generate_author_key(author_path),
+                host_b=EmulatedPlatform.init(
+                    root / "host-b", ca, host_id="b", allowed_signers=signers
+                ),
+                host_old_cpu=EmulatedPlatform.init(
+                    root / "host-old", ca, host_id="old", cpu_svn=bytes([1] * 16),
+                    allowed_signers=signers,
+                ),
+                author=author,
                 author_path=author_path,
-                other_author=generate_author_key(root / "other-author.pem"),
+                other_author=other_author,
             )
         return _WORLD
 

@@ -21,10 +21,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
+from migsgx.agent.datalink import DestinationLink
 from migsgx.core.commit import open_control, seal_control
 from migsgx.core.handshake import transcript_item
 from migsgx.core.stream import Manifest, StreamHeader, StreamOpener, StreamSealer
 from migsgx.errors import MigSGXError
+from migsgx.sgx.sgxext import PckExtension
 from migsgx.sgx.structs import ReportBody
 from migsgx.wire import HEADER, decode_body
 
@@ -180,11 +182,57 @@ def check_control(case: dict[str, Any]) -> None:
         assert again == frame
 
 
+def check_sgxext(case: dict[str, Any]) -> None:
+    der = bytes.fromhex(case["der"])
+    outcome = _outcome(lambda: PckExtension.from_der(der) is not None)
+    assert outcome == case["expect"], outcome
+    if "ok" in case["expect"]:
+        f = case["fields"]
+        ext = PckExtension(
+            ppid=bytes.fromhex(f["ppid"]),
+            components=tuple(f["components"]),
+            pce_svn=f["pce_svn"],
+            pce_id=bytes.fromhex(f["pce_id"]),
+            fmspc=bytes.fromhex(f["fmspc"]),
+            sgx_type=f["sgx_type"],
+        )
+        assert ext.to_der() == der
+        assert PckExtension.from_der(der) == ext
+
+
+def check_datalink(case: dict[str, Any]) -> None:
+    key, mid = bytes.fromhex(case["key"]), bytes.fromhex(case["mid"])
+    challenge, hello = bytes.fromhex(case["challenge"]), bytes.fromhex(case["hello"])
+    nonce_d = challenge[8:]
+    dest = DestinationLink(key, mid, randbytes=lambda n: nonce_d)
+    assert dest.challenge() == challenge
+
+    def open_() -> dict[str, Any]:
+        index = dest.receive_hello(hello)
+        return {"index": index, "proof": dest.proof().hex()}
+
+    assert _outcome(open_) == case["expect"]
+    if "ok" in case["expect"]:
+        # The formula of the spec, recomputed without the module.
+        index, nonce_s = case["index"], bytes.fromhex(case["nonce_s"])
+
+        def mac(label: bytes) -> bytes:
+            msg = label + bytes([len(mid)]) + mid + nonce_d + nonce_s + index.to_bytes(2, "big")
+            return std_hmac.digest(key, msg, "sha256")
+
+        assert hello == b"MIGSGXS1" + index.to_bytes(2, "big") + nonce_s + mac(
+            b"migsgx data source"
+        )
+        assert case["expect"]["ok"]["proof"] == mac(b"migsgx data dest").hex()
+
+
 CHECKS = {
+    "sgxext": check_sgxext,
     "stream": check_stream,
     "manifest": check_manifest,
     "handshake": check_handshake,
     "control": check_control,
+    "datalink": check_datalink,
 }
 
 

@@ -60,15 +60,12 @@ PLATFORM = Schema(
     {
         # service -> enclave, once, at start
         "init": {"files": dict, "identity": bytes},
-        # service -> enclave, right after init: where and how to find the platform again
-        "ticket": {"name": str, "ticket": bytes},
-        # enclave -> a restarted service, first on a new connection
-        "reattach": {"identity": bytes, "ticket": bytes},
         # enclave -> service
         "getkey": {"request": bytes},
         "report": {"target": bytes, "data": bytes},
         "quote": {"data": bytes},
         "roots": {},
+        "collateral": {},
         "ctr_create": {"initial": int},
         "ctr_read": {"id": str},
         "ctr_inc": {"id": str, "by": int},
@@ -84,6 +81,7 @@ PLATFORM = Schema(
             "destroy": list,
             "check": dict,
             "absent": bool,
+            "expect": (bytes, NONE),  # SHA-256 of the record replaced (compare-and-set)
         },
         # several ps_update bodies (each with its "name"), applied as one atomic write
         # with "claim", the migration id is claimed in the same write

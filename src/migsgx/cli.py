@@ -6,6 +6,7 @@ named exit code and a one-line message on stderr.
 
 from __future__ import annotations
 
+import grp
 import signal
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import click
 
 from .cli_output import emit as _emit
 from .errors import ConfigError, ImageError, MigSGXError
+from .sgx.collateral import TCB_STATUSES, Collateral, iso
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -70,31 +72,163 @@ def ca_init(directory: Path) -> None:
     _emit({"ca": str(directory), "fingerprint_sha256": fp.hex()})
 
 
+def _collateral_summary(collateral: Collateral) -> dict[str, object]:
+    start, end = collateral.validity()
+    doc = collateral.tcb_info_document
+    levels = doc.get("tcbLevels", [])
+    return {
+        "issued": iso(start),
+        "next_update": iso(end),
+        "tcb_levels": {
+            str(lv["tcb"]["sgxtcbcomponents"][0]["svn"]): lv["tcbStatus"]
+            for lv in levels
+            if isinstance(lv, dict)
+        }
+        if isinstance(levels, list)
+        else {},
+    }
+
+
+@ca.command("publish")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+@click.option("--valid-days", type=click.IntRange(min=1), default=30, show_default=True)
+def ca_publish(directory: Path, valid_days: int) -> None:
+    """Sign fresh collateral (TCB info, QE identity, CRLs) into DIR/collateral.json."""
+
+    import datetime as dt
+
+    from .sgx.ca import ProvisioningCA
+    from .sgx.pcs import publish
+
+    collateral = publish(ProvisioningCA.load(directory), valid_for=dt.timedelta(days=valid_days))
+    _emit({"ca": str(directory), **_collateral_summary(collateral)})
+
+
+@ca.command("revoke")
+@click.argument("host_id")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+def ca_revoke(host_id: str, directory: Path) -> None:
+    """Revoke HOST_ID's PCK certificate and republish the collateral."""
+
+    from .sgx.ca import ProvisioningCA
+    from .sgx.pcs import revoke_host
+
+    collateral = revoke_host(ProvisioningCA.load(directory), host_id)
+    _emit({"ca": str(directory), "revoked": host_id, **_collateral_summary(collateral)})
+
+
+@ca.command("tcb")
+@click.argument("level", type=click.IntRange(0, 255))
+@click.argument("status", type=click.Choice(TCB_STATUSES))
+@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+def ca_tcb(level: int, status: str, directory: Path) -> None:
+    """Add TCB LEVEL or give it STATUS (a TCB recovery), and republish the collateral."""
+
+    from .sgx.ca import ProvisioningCA
+    from .sgx.pcs import set_level
+
+    collateral = set_level(ProvisioningCA.load(directory), level, status)
+    _emit({"ca": str(directory), **_collateral_summary(collateral)})
+
+
 # --- platform ------------------------------------------------------------------------
 @cli.group()
 def platform() -> None:
     """One emulated SGX host: its root secret, attestation key and counters."""
 
 
+def _signers(values: tuple[str, ...]) -> set[bytes]:
+    allowed: set[bytes] = set()
+    for s in values:
+        try:
+            raw = bytes.fromhex(s)
+        except ValueError as exc:
+            raise ConfigError(f"signer {s!r} is not hex") from exc
+        if len(raw) != 32:
+            raise ConfigError(f"signer {s!r} is not a 32-byte MRSIGNER")
+        allowed.add(raw)
+    return allowed
+
+
 @platform.command("init")
 @click.option("--state", type=click.Path(path_type=Path), required=True)
 @click.option("--ca", "ca_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--host-id", default=None, help="a name for this host (default: random)")
-def platform_init(state: Path, ca_dir: Path, host_id: str | None) -> None:
+@click.option(
+    "--tcb-level",
+    type=click.IntRange(0, 255),
+    default=None,
+    help="the host's TCB level (default: the CA's highest UpToDate level)",
+)
+@click.option(
+    "--allow-signer", "signers", multiple=True,
+    help="MRSIGNER (hex) allowed to launch enclaves here; repeat for more (launch control)",
+)  # fmt: skip
+def platform_init(
+    state: Path, ca_dir: Path, host_id: str | None, tcb_level: int | None, signers: tuple[str, ...]
+) -> None:
     """Create the state of one emulated host in STATE, certified by the CA in CA_DIR."""
 
     from .sgx.ca import ProvisioningCA
     from .sgx.platform import EmulatedPlatform
 
-    p = EmulatedPlatform.init(state, ProvisioningCA.load(ca_dir), host_id=host_id)
-    _emit({"state": str(state), "host_id": p.info.host_id})
+    allowed = _signers(signers)
+    p = EmulatedPlatform.init(
+        state, ProvisioningCA.load(ca_dir), host_id=host_id, tcb_level=tcb_level,
+        allowed_signers=allowed,
+    )
+    _emit({"state": str(state), "host_id": p.info.host_id,
+           "allowed_signers": sorted(s.hex() for s in allowed)})  # fmt: skip
+
+
+@platform.command("allow-signer")
+@click.option("--state", type=click.Path(path_type=Path), required=True)
+@click.argument("signers", nargs=-1, required=True)
+def platform_allow_signer(state: Path, signers: tuple[str, ...]) -> None:
+    """Add MRSIGNERs (hex) to the host's launch allow list (read when the service starts)."""
+
+    from .sgx.platform import EmulatedPlatform
+
+    p = EmulatedPlatform(state)
+    p.allow_signers(_signers(signers))
+    _emit({"state": str(state), "allowed_signers": sorted(s.hex() for s in p.allowed_signers)})
+
+
+@platform.command("tcb")
+@click.option("--state", type=click.Path(path_type=Path), required=True)
+@click.option("--ca", "ca_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--level", type=click.IntRange(0, 255), required=True)
+def platform_tcb(state: Path, ca_dir: Path, level: int) -> None:
+    """Move the host to TCB LEVEL (a microcode update): a new PCK certificate from the CA."""
+
+    from .sgx.ca import ProvisioningCA
+    from .sgx.platform import EmulatedPlatform
+
+    p = EmulatedPlatform(state)
+    p.set_tcb_level(ProvisioningCA.load(ca_dir), level)
+    _emit({"state": str(state), "host_id": p.info.host_id, "tcb_level": level})
 
 
 @platform.command("serve")
 @click.option("--state", type=click.Path(path_type=Path), required=True)
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None)
-@click.option("--allow-signer", "signers", multiple=True, help="MRSIGNER (hex) allowed to launch")
+@click.option(
+    "--allow-signer", "signers", multiple=True,
+    help="MRSIGNER (hex) allowed to launch, beside the host's recorded allow list",
+)  # fmt: skip
 @click.option("--no-debug", is_flag=True, help="refuse to launch debug enclaves")
+@click.option(
+    "--no-launch-control", is_flag=True,
+    help="let any signer launch (development only; the default refuses unlisted signers)",
+)  # fmt: skip
+@click.option(
+    "--no-sandbox", is_flag=True,
+    help="run enclaves without their sandbox (measurements and debugging only)",
+)  # fmt: skip
+@click.option(
+    "--socket-group", default=None,
+    help="group (name or id) that may use the socket besides the service's user",
+)  # fmt: skip
 @click.option(
     "--warm-spare",
     is_flag=True,
@@ -105,6 +239,9 @@ def platform_serve(
     socket_path: Path | None,
     signers: tuple[str, ...],
     no_debug: bool,
+    no_launch_control: bool,
+    no_sandbox: bool,
+    socket_group: str | None,
     warm_spare: bool,
 ) -> None:
     """Run the platform service: launches enclaves and answers their requests."""
@@ -112,21 +249,21 @@ def platform_serve(
     from .sgx.platform import EmulatedPlatform
     from .sgx.service import PlatformService
 
-    allowed: set[bytes] = set()
-    for s in signers:
+    gid: int | None = None
+    if socket_group is not None:
         try:
-            raw = bytes.fromhex(s)
-        except ValueError as exc:
-            raise ConfigError(f"--allow-signer {s!r} is not hex") from exc
-        if len(raw) != 32:
-            raise ConfigError(f"--allow-signer {s!r} is not a 32-byte MRSIGNER")
-        allowed.add(raw)
+            gid = int(socket_group) if socket_group.isdigit() else grp.getgrnam(socket_group).gr_gid
+        except KeyError as exc:
+            raise ConfigError(f"no group {socket_group!r}") from exc
     svc = PlatformService(
         EmulatedPlatform(state),
         socket_path,
-        allowed_signers=allowed or None,
+        allowed_signers=_signers(signers),
         warm_spare=warm_spare,
         allow_debug=not no_debug,
+        launch_control=not no_launch_control,
+        socket_group=gid,
+        sandbox=False if no_sandbox else None,
     )
     svc.bind()
     signal.signal(signal.SIGTERM, lambda *_: svc.shutdown())
@@ -225,6 +362,10 @@ def bench_state(size: str, chunk: str | None, slots: int | None, as_json: bool) 
 from .cli_migrate import register as register_migration  # noqa: E402
 
 register_migration(cli)
+
+from .cli_inspect import inspect_command  # noqa: E402
+
+cli.add_command(inspect_command)
 
 
 def main(argv: list[str] | None = None) -> None:

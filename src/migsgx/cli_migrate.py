@@ -93,6 +93,8 @@ def _platform_host_id(state: Path) -> str:
 @click.option("--keep-images", is_flag=True, help="keep each migration's images (debugging)")
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
               help="write ADDRESS:PORT here once listening")  # fmt: skip
+@click.option("--metrics", "metrics", default=None, metavar="ADDRESS:PORT",
+              help="serve Prometheus metrics on ADDRESS:PORT (port 0: any)")  # fmt: skip
 def agent_serve(
     state: Path,
     listen: str,
@@ -101,6 +103,7 @@ def agent_serve(
     work_dir: Path | None,
     keep_images: bool,
     ready_file: Path | None,
+    metrics: str | None,
 ) -> None:
     """Serve migrations into this host.
 
@@ -139,6 +142,10 @@ def agent_serve(
     try:
         host, port = server.bind()
         signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+        if metrics is not None:
+            m_host, m_port = server.serve_metrics(*_address(metrics))
+            click.echo(f"agent {server.host_id} metrics on http://{m_host}:{m_port}/metrics",
+                       err=True)  # fmt: skip
         click.echo(f"agent {server.host_id} listening on {host}:{port}", err=True)
         if ready_file is not None:
             tmp = ready_file.with_name(ready_file.name + ".tmp")
@@ -161,6 +168,8 @@ def agent_serve(
               help="migrate this runc container instead of a process")  # fmt: skip
 @click.option("--podman", "podman_name", default=None, metavar="NAME",
               help="migrate this podman container instead of a process")  # fmt: skip
+@click.option("--containerd", "containerd_id", default=None, metavar="CONTAINER_ID",
+              help="migrate this containerd container instead of a process")  # fmt: skip
 @click.option("--to", "to", required=True, help="the destination agent, ADDRESS:PORT")
 @click.option("--state", type=click.Path(path_type=Path), required=True,
               help="this host's state directory (its agent identity)")  # fmt: skip
@@ -176,6 +185,7 @@ def migrate_command(
     pid: int | None,
     runc_id: str | None,
     podman_name: str | None,
+    containerd_id: str | None,
     to: str,
     state: Path,
     ca_dir: Path | None,
@@ -201,10 +211,17 @@ def migrate_command(
     from .agent.tls import AgentIdentity
     from .containers import ContainerSettings
 
-    chosen = [(n, v) for n, v in (("pid", pid), ("runc", runc_id), ("podman", podman_name))
-              if v is not None]  # fmt: skip
+    named = (
+        ("pid", pid),
+        ("runc", runc_id),
+        ("podman", podman_name),
+        ("containerd", containerd_id),
+    )
+    chosen = [(n, v) for n, v in named if v is not None]
     if len(chosen) != 1:
-        raise ConfigError("name exactly one of PID, --runc CONTAINER_ID, --podman NAME")
+        raise ConfigError(
+            "name exactly one of PID, --runc CONTAINER_ID, --podman NAME, --containerd CONTAINER_ID"
+        )
     driver, target = chosen[0]
     what = f"{driver} {target}" if driver != "pid" else str(pid)
 
@@ -299,7 +316,8 @@ def bench_process(enclave_size: str, as_json: bool, keep: Path | None) -> None:
 
 # --- bench container ---------------------------------------------------------------------------
 @click.command("container")
-@click.option("--engine", type=click.Choice(["runc", "podman"]), default="runc", show_default=True)
+@click.option("--engine", type=click.Choice(["runc", "podman", "containerd"]), default="runc",
+              show_default=True)  # fmt: skip
 @click.option("--enclave-size", default="256MiB", show_default=True, help="enclave memory")
 @click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
@@ -325,7 +343,7 @@ def bench_container(engine: str, enclave_size: str, as_json: bool, keep: Path | 
 @click.command("demo")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="where the demo keeps its hosts (default: a temporary directory)")  # fmt: skip
-@click.option("--container", type=click.Choice(["runc", "podman"]), default=None,
+@click.option("--container", type=click.Choice(["runc", "podman", "containerd"]), default=None,
               help="run the app in a container of this engine and migrate that")  # fmt: skip
 def demo_command(workdir: Path | None, container: str | None) -> None:
     """Two emulated hosts; the key-value enclave app moves between them while in use."""

@@ -134,6 +134,36 @@ class DebugEnclaveError(AttestationError):
     code = "debug-enclave"
 
 
+class RevokedError(AttestationError):
+    """The attesting platform's PCK certificate, or its TCB level, is revoked."""
+
+    code = "revoked"
+
+
+class TcbStatusError(AttestationError):
+    """The platform's TCB status is not one the migration policy accepts."""
+
+    code = "tcb-status"
+
+
+class TcbOutOfDateError(TcbStatusError):
+    """The platform's TCB is out of date (a microcode or TCB recovery is due)."""
+
+    code = "tcb-out-of-date"
+
+
+class CollateralError(AttestationError):
+    """Verification collateral (TCB info, QE identity, CRLs) is missing or malformed."""
+
+    code = "collateral"
+
+
+class StaleCollateralError(CollateralError):
+    """Verification collateral is past its nextUpdate (or not yet valid)."""
+
+    code = "collateral-stale"
+
+
 class SealError(MigSGXError):
     """Sealed data could not be opened (wrong host, enclave, policy, or tampered)."""
 
@@ -144,6 +174,18 @@ class CounterError(PlatformError):
     """A monotonic counter operation failed."""
 
     code = "counter"
+
+
+class StoreFullError(CounterError):
+    """A platform store refused to grow: the owner's quota or the host's cap is reached."""
+
+    code = "store-full"
+
+
+class RecordConflictError(CounterError):
+    """A persistent record changed since the caller read it (compare-and-set failed)."""
+
+    code = "record-conflict"
 
 
 # --- enclave calls -------------------------------------------------------------
@@ -226,6 +268,18 @@ class ConnectionClosedError(ProtocolError):
     code = "closed"
 
 
+class DataLinkError(ProtocolError):
+    """A data connection did not prove that it belongs to the migration session."""
+
+    code = "data-link"
+
+
+class ImagePinError(ProtocolError):
+    """An offered enclave image is not the one the control session announced."""
+
+    code = "image-pin"
+
+
 # --- migration -------------------------------------------------------------------
 class MigrationError(MigSGXError):
     """The migration failed; the source goes on."""
@@ -279,6 +333,19 @@ class CheckpointDamagedError(CriuError):
     """A checkpoint's files are not what was written: truncated, changed, missing."""
 
     code = "checkpoint-damaged"
+
+
+# --- inspecting checkpoints ------------------------------------------------------
+class InspectError(MigSGXError):
+    """A checkpoint to inspect is malformed, truncated or not of a known kind."""
+
+    code = "inspect"
+
+
+class PlaintextFoundError(MigSGXError):
+    """An inspected checkpoint holds bytes it must not (a canary, or an unsealed state)."""
+
+    code = "plaintext-found"
 
 
 _ALL: dict[str, type[MigSGXError]] = {}

@@ -37,12 +37,14 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
 from migsgx.core import handshake
 from migsgx.datapath.engine import (
@@ -56,7 +58,7 @@ from migsgx.errors import MigSGXError
 from migsgx.host.client import EnclaveClient
 from migsgx.lab.hosts import Deployment, ServiceProcess, start_service
 from migsgx.sgx.ca import ProvisioningCA
-from migsgx.sgx.image import EnclaveImage, load_author_key, sign_image_dir
+from migsgx.sgx.image import EnclaveImage, load_author_key, mr_signer_of, sign_image_dir
 from migsgx.sgx.platform import EmulatedPlatform
 from migsgx.wire import decode_body, encode
 
@@ -251,7 +253,20 @@ def make_images(dep: Deployment) -> dict[str, Path]:
         "kv-debug": _variant(
             dep, "kvstore", "kv-debug", manifest=lambda t: _same_signer(t, debug=True)
         ),
+        # Builds whose measured policy also accepts peers on an out-of-date TCB.
+        "kv-accept-ood": _variant(
+            dep, "kvstore", "kv-accept-ood", manifest=lambda t: t + _ACCEPT_OOD
+        ),
+        "kv-signer-accept-ood": _variant(
+            dep,
+            "kvstore",
+            "kv-signer-accept-ood",
+            manifest=lambda t: _same_signer(t, svn=1) + _ACCEPT_OOD,
+        ),
     }
+
+
+_ACCEPT_OOD = 'accept_tcb = ["OutOfDate"]\n'
 
 
 def add_foreign_host(world: World, name: str, *, also_trust_deployment: bool) -> Path:
@@ -263,11 +278,17 @@ def add_foreign_host(world: World, name: str, *, also_trust_deployment: bool) ->
 
     other = ProvisioningCA.init(world.root / f"ca-{name}", common_name="other provisioning CA")
     state = world.root / f"host-{name}"
-    EmulatedPlatform.init(state, other, host_id=name)
+    signer = mr_signer_of(load_author_key(world.deployment.author_key))
+    EmulatedPlatform.init(state, other, host_id=name, allowed_signers=[signer])
     if also_trust_deployment:
         ours = (world.deployment.ca_dir / "ca.pem").read_bytes()
         pem = state / "ca.pem"
         pem.write_bytes(pem.read_bytes() + ours)
+        # ... and reads the deployment's collateral beside its own CA's.
+        toml = state / "platform.toml"
+        meta = tomllib.loads(toml.read_text())
+        meta["collateral"].append(str(world.deployment.ca_dir / "collateral.json"))
+        toml.write_text(tomli_w.dumps(meta))
     return state
 
 

@@ -1,4 +1,4 @@
-"""Container migration with real runc, real podman and real CRIU between two namespaced hosts.
+"""Container migration with real runc, podman, containerd and CRIU between two namespaced hosts.
 
 The example kvstore app runs inside a container; its enclaves run on the
 host, started by the host's platform service through the socket bind-mounted
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,7 +33,7 @@ from migsgx.sgx.platform import EmulatedPlatform
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-ENGINES = ["runc", "podman"]
+ENGINES = ["runc", "podman", "containerd"]
 
 
 @pytest.fixture(scope="module")
@@ -299,12 +301,13 @@ def test_destination_enclave_load_failing(bed: Testbed, lab: ContainerLab, tmp_p
         service.stop()
 
 
+@pytest.mark.parametrize("engine", ["runc", "containerd"])
 def test_tool_dying_before_the_commit_point_thaws_the_container(
-    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
 ) -> None:
     """The guardian aborts the enclaves, thaws the frozen source and gives the enclaves back."""
 
-    app, digest = started(lab, "runc")
+    app, digest = started(lab, engine)
     run = migrate(
         bed, app, agent,
         env={"MIGSGX_FAULT": "tool.before-commit:exit"},
@@ -312,25 +315,44 @@ def test_tool_dying_before_the_commit_point_thaws_the_container(
     )  # fmt: skip
     assert run.returncode == 70
     assert "resuming the source" in run.stderr  # the guardian's report
-    wait_until(lambda: app.name not in lab.containers("dst", "runc"), 15, "dst to let go")
+    wait_until(lambda: app.name not in lab.containers("dst", engine), 15, "dst to let go")
     wait_until(lambda: lab.runnable_copies(app)["src"] == 1, 15, "the source to thaw")
     check_source_runs_on(lab, app, digest)
     finish(lab, app, expect="src")
 
 
+@pytest.mark.parametrize("engine", ["runc", "containerd"])
 def test_failure_after_the_commit_point_leaves_the_source_frozen(
-    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
 ) -> None:
     """Past the commit point the tool never thaws the source: the destination rolls forward."""
 
-    app, digest = started(lab, "runc")
+    app, digest = started(lab, engine)
     run = migrate(bed, app, agent, env={"MIGSGX_FAULT": "tool.after-commit:fail"})
     assert run.returncode == 6, run.stderr
     wait_until(lambda: lab.runnable_copies(app)["dst"] == 1, 15, "the destination to run")
     assert lab.ask(app, "DIGEST", at="dst") == digest
     assert lab.runnable_copies(app)["src"] == 0  # frozen and fenced, for an operator
-    lab.remove_on("runc", app.name, "src")
+    lab.remove_on(engine, app.name, "src")
     finish(lab, app, expect="dst")
+
+
+def test_containerd_destination_without_the_image_refuses(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    """A destination never pulls: without the container's image it refuses, the source runs on."""
+
+    app, digest = started(lab, "containerd")
+    image = "localhost/migsgx-lab:1"
+    lab.ctr("dst").remove_image(image)
+    try:
+        run = migrate(bed, app, agent)
+        assert run.returncode == 6, run.stderr
+        assert f"the container's image {image} is not on this host" in run.stderr
+        check_source_runs_on(lab, app, digest)
+    finally:
+        lab.import_containerd_image("dst")
+    finish(lab, app, expect="src")
 
 
 # --- the canary -------------------------------------------------------------------------------
@@ -384,5 +406,26 @@ def test_canary_is_in_no_container_image_or_archive(
     # The scan sees what it should: the note moved in the container's CRIU pages.
     assert any("pages-" in p or PODMAN_ARCHIVE in p for p in hits["ordinary"]), hits["ordinary"]
     assert lab.ask(app, "GET canary", at="dst") == "VALUE " + secret.hex()
+
+    # The same check as a command: ``migsgx inspect`` on what the tool dumped.
+    paths = [dump_dir] + ([dump_dir / PODMAN_ARCHIVE] if engine == "podman" else [])
+    for path in paths:
+        code, report = inspect_json(path, secret, ordinary)
+        assert code == 1, report  # the ordinary note is found: plaintext-found
+        assert report["engine"] == engine
+        assert report["kind"] == ("podman-archive" if path.suffix == ".tar" else "migration-images")
+        assert report["scan"]["canaries"][secret.decode()] == []
+        assert report["scan"]["canaries"][ordinary.decode()] != []
+        assert report["processes"][0]["command"].startswith("python")
+        assert report["criu"]["memory_bytes"] > 0
     kept.stop()
     finish(lab, app, expect="dst")
+
+
+def inspect_json(path: Path, *canaries: bytes) -> tuple[int, dict[str, Any]]:
+    args = [a for c in canaries for a in ("--canary", c.decode())]
+    done = subprocess.run(
+        [sys.executable, "-m", "migsgx", "inspect", "--json", str(path), *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return done.returncode, json.loads(done.stdout) if done.stdout else {"err": done.stderr}

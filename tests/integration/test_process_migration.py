@@ -33,7 +33,7 @@ from migsgx.errors import ReplayError, SealError
 from migsgx.host.client import EnclaveClient
 from migsgx.lab.hosts import start_service
 from migsgx.lab.netns import Host
-from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed
+from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
 from migsgx.sgx.ca import ProvisioningCA
 from migsgx.sgx.platform import EmulatedPlatform
 from migsgx.system.process import in_netns, kill_tree, process_state
@@ -545,6 +545,139 @@ def test_checkpoint_of_enclaves_does_not_open_on_another_host(bed: Testbed, tmp_
     elsewhere = CheckpointIn(ck, 0, bed.services["dst"].socket)
     with pytest.raises(SealError, match="another host"):
         elsewhere.load()
+
+
+def inspect_json(*args: str) -> tuple[int, dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, "-m", "migsgx", "inspect", "--json", *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return done.returncode, json.loads(done.stdout) if done.stdout else {"stderr": done.stderr}
+
+
+def tree_state(root: Path) -> list[tuple[str, int, int]]:
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))]
+
+
+def test_inspect_shows_a_checkpoint_then_its_spent_enclave(bed: Testbed, tmp_path: Path) -> None:
+    """``migsgx inspect``: identities and sealing of the enclave, the canary scan, read-only."""
+
+    secret = b"CANARY-" + secrets.token_hex(16).encode()
+    socket_path = str(bed.services["src"].socket)
+    with EnclaveClient.launch(bed.image("kvstore"), socket_path=socket_path) as sealer:
+        sealer.ecall.put("canary", secret)
+        blob = sealer.ecall.seal_value("canary")
+    app = kvstore(bed)
+    assert ask_src(bed, app, f"UNSEAL canary {blob.hex()}") == "OK 1"
+    ck = tmp_path / "ck"
+    done = run_cli("checkpoint", str(app.pid), "--dir", str(ck))
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: not os.path.exists(f"/proc/{app.pid}"), 10, "the source to end")
+
+    before = tree_state(ck)
+    state = bed.state("src")
+    code, report = inspect_json(str(ck), "--canary", secret.decode(), "--state", str(state))
+    assert code == 0, report
+    assert tree_state(ck) == before  # nothing written, nothing touched
+    assert report["kind"] == "migsgx-checkpoint" and report["committed"] is True
+    assert report["processes"][0]["command"].startswith("python")
+    assert report["criu"]["memory_bytes"] > 0
+    (enclave,) = report["enclaves"]
+    from migsgx.sgx.image import EnclaveImage
+
+    image = EnclaveImage.load(bed.image("kvstore"))
+    assert enclave["mrenclave"] == image.measure().hex()
+    assert enclave["mrsigner"] == image.sigstruct.mr_signer.hex()
+    assert enclave["isv_svn"] == image.manifest.svn
+    assert enclave["status"] == "restorable"
+    assert enclave["sealed"]["state_bytes"] > 0
+    assert report["scan"] == {
+        "canaries": {secret.decode(): []}, "sealed_frames": report["scan"]["sealed_frames"],
+        "plaintext_suspects": [], "clean": True,
+    }  # fmt: skip
+    assert report["scan"]["sealed_frames"] > 2
+
+    netns = bed.host("src").netns
+    back = run_cli("restore", "--dir", str(ck), "--netns", netns, "--platform-socket", socket_path)
+    assert back.returncode == 0, back.stderr
+    code, report = inspect_json(str(ck), "--state", str(state))
+    assert code == 0, report
+    assert report["enclaves"][0]["status"].startswith("spent")
+    assert ask_src(bed, app, "GET canary") == "VALUE " + secret.hex()
+    finish(bed, app, expect="src")
+
+
+# --- metrics -----------------------------------------------------------------------------------
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(bed: Testbed, agent: AgentProcess) -> Samples:
+    """The agent's metrics over HTTP from the other host, parsed by prometheus_client."""
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    line = next(ln for ln in agent.log.read_text().splitlines() if "metrics on http://" in ln)
+    host, _, port = line.rsplit("http://", 1)[1].removesuffix("/metrics").rpartition(":")
+    with bed.net["src"].connect(host, int(port), timeout=10) as sock:
+        sock.sendall(f"GET /metrics HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+
+def test_agent_metrics_during_and_after_a_migration(bed: Testbed, tmp_path: Path) -> None:
+    """Scraped while the restored tree is held (in doubt), then after the commit."""
+
+    gate = tmp_path / "go-on"
+    dst = bed.host("dst")
+    watched = bed.start_agent(
+        args=["--metrics", f"{dst.address}:0"],
+        env={"MIGSGX_FAULT": f"agent.after-restore:wait-file={gate}"},
+    )
+    app = kvstore(bed)
+    assert ask_src(bed, app, "PUT k " + b"v".hex()) == "OK 1"
+    before = scrape(bed, watched)
+    assert before[("migsgx_migrations_in_doubt", ())] == 0
+    assert before[("migsgx_migrations_total", (("driver", "pid"), ("outcome", "committed")))] == 0
+
+    result: dict[str, MigrateRun] = {}
+    mover = threading.Thread(target=lambda: result.update(run=bed.migrate(app.pid, watched)))
+    mover.start()
+    wait_until(lambda: scrape(bed, watched)[("migsgx_migrations_in_doubt", ())] == 1, 60,
+               "the restored tree to be held")  # fmt: skip
+    during = scrape(bed, watched)
+    assert during[("migsgx_migrations_in_progress", ())] == 1
+    assert during[("migsgx_enclaves_incoming", (("host", watched_host(bed)),))] == 1
+    assert during[("migsgx_migration_phase_seconds_count", (("phase", "images"),))] == 1
+    assert during[("migsgx_migration_bytes_total", (("kind", "enclave"),))] > 0
+    gate.touch()
+    mover.join(120)
+    assert result["run"].returncode == 0, result["run"].stderr
+    after = scrape(bed, watched)
+    assert after[("migsgx_migrations_total", (("driver", "pid"), ("outcome", "committed")))] == 1
+    assert after[("migsgx_migrations_in_doubt", ())] == 0
+    assert after[("migsgx_migrations_in_progress", ())] == 0
+    for phase in ("enclave_receive", "images", "restore", "resume"):
+        assert after[("migsgx_migration_phase_seconds_count", (("phase", phase),))] == 1
+    assert after[("migsgx_migration_bytes_total", (("kind", "images"),))] > 0
+    received = [v for (n, labels), v in after.items() if n == "migsgx_enclaves_received_total"]
+    assert received == [1.0]
+    assert ask_dst(bed, app, "GET k") == "VALUE " + b"v".hex()
+    watched.stop()
+    finish(bed, app, expect="dst")
+
+
+def watched_host(bed: Testbed) -> str:
+    from migsgx.agent.tls import AgentIdentity
+
+    return AgentIdentity.of_state(bed.state("dst")).host_id()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

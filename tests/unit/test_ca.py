@@ -39,7 +39,8 @@ def test_ca_init_writes_a_private_key(tmp_path: Path) -> None:
     assert _mode(tmp_path / "ca" / CA_KEY) == 0o600
     assert _mode(tmp_path / "ca") == 0o700
     bc = authority.certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
-    assert bc.ca and bc.path_length == 0
+    # Path length 1: the PCK processor CA sits between the root and the PCK leaves.
+    assert bc.ca and bc.path_length == 1
     loaded = ProvisioningCA.load(tmp_path / "ca")
     assert loaded.certificate == authority.certificate
     assert load_root(tmp_path / "ca") == authority.certificate
@@ -75,7 +76,8 @@ def test_pck_certificates_carry_the_sgx_extensions(world: World) -> None:
     pck = world.ca.issue_pck(key.public_key(), "h1")
     assert pck.extensions.get_extension_for_oid(SGX_EXTENSIONS_OID)
     assert not pck.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    pck.verify_directly_issued_by(world.ca.certificate)
+    pck.verify_directly_issued_by(world.ca.pck_ca.certificate)
+    world.ca.pck_ca.certificate.verify_directly_issued_by(world.ca.certificate)
     tls = world.ca.issue_tls(key.public_key(), "h1", ["127.0.0.1", "h1.example"])
     with pytest.raises(x509.ExtensionNotFound):
         tls.extensions.get_extension_for_oid(SGX_EXTENSIONS_OID)
@@ -102,7 +104,8 @@ def test_platform_secrets_differ_between_hosts(world: World) -> None:
 
 def test_pck_chain_is_issued_by_the_ca(world: World) -> None:
     chain = x509.load_pem_x509_certificates((world.host_a.state_dir / PCK_CHAIN).read_bytes())
-    chain[0].verify_directly_issued_by(world.ca.certificate)
+    chain[0].verify_directly_issued_by(chain[1])
+    assert chain[1:] == [world.ca.pck_ca.certificate, world.ca.certificate]
     assert chain[0].subject.rfc4514_string() == "CN=migsgx PCK a,O=migsgx"
     assert world.host_a.trusted_roots == [world.ca.certificate]
 

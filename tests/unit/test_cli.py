@@ -38,6 +38,38 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:
     return code, parsed, err
 
 
+def test_ca_collateral_commands(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    ca = str(tmp_path / "ca")
+    assert run(capsys, "ca", "init", "--dir", ca)[0] == cli.EXIT_OK
+    code, out, _ = run(
+        capsys,
+        "platform", "init", "--state", str(tmp_path / "h"), "--ca", ca, "--host-id", "h1",
+        "--tcb-level", "2",
+    )  # fmt: skip
+    assert code == cli.EXIT_OK
+    code, out, _ = run(capsys, "ca", "publish", "--dir", ca, "--valid-days", "7")
+    assert code == cli.EXIT_OK
+    assert out["tcb_levels"] == {"3": "UpToDate", "2": "SWHardeningNeeded", "1": "OutOfDate"}
+    assert out["next_update"] > out["issued"]
+    code, out, _ = run(capsys, "ca", "tcb", "4", "UpToDate", "--dir", ca)
+    assert code == cli.EXIT_OK and out["tcb_levels"]["4"] == "UpToDate"
+    code, out, _ = run(
+        capsys, "platform", "tcb", "--state", str(tmp_path / "h"), "--ca", ca, "--level", "4"
+    )
+    assert code == cli.EXIT_OK and out == {
+        "state": str(tmp_path / "h"),
+        "host_id": "h1",
+        "tcb_level": 4,
+    }
+    code, out, _ = run(capsys, "ca", "revoke", "h1", "--dir", ca)
+    assert code == cli.EXIT_OK and out["revoked"] == "h1"
+    code, _, err = run(capsys, "ca", "revoke", "nobody", "--dir", ca)
+    assert code != cli.EXIT_OK
+    _assert_one_line_error(err, "config")
+    code, _, err = run(capsys, "ca", "tcb", "3", "Fine", "--dir", ca)
+    assert code != cli.EXIT_OK
+
+
 def _assert_one_line_error(err: str, code_name: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -53,10 +85,22 @@ def test_ca_and_platform_init(capsys: pytest.CaptureFixture[str], tmp_path: Path
     code, out, _ = run(
         capsys,
         "platform", "init", "--state", str(tmp_path / "h"), "--ca", str(tmp_path / "ca"),
-        "--host-id", "h1",
+        "--host-id", "h1", "--allow-signer", "ab" * 32,
     )  # fmt: skip
-    assert code == cli.EXIT_OK and out == {"state": str(tmp_path / "h"), "host_id": "h1"}
+    assert code == cli.EXIT_OK and out == {
+        "state": str(tmp_path / "h"), "host_id": "h1", "allowed_signers": ["ab" * 32]
+    }  # fmt: skip
     assert (tmp_path / "h" / "root.key").stat().st_mode & 0o777 == 0o600
+
+    # The allow list grows; the platform reads it back.
+    code, out, _ = run(
+        capsys, "platform", "allow-signer", "--state", str(tmp_path / "h"), "cd" * 32
+    )  # fmt: skip
+    assert code == cli.EXIT_OK and out["allowed_signers"] == ["ab" * 32, "cd" * 32]
+    code, _, err = run(
+        capsys, "platform", "allow-signer", "--state", str(tmp_path / "h"), "abc"
+    )  # fmt: skip
+    assert code == cli.EXIT_CONFIG
 
     # Neither overwrites what exists.
     code, _, err = run(capsys, "ca", "init", "--dir", str(tmp_path / "ca"))

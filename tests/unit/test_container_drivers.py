@@ -75,7 +75,7 @@ def spec(**overrides: Any) -> dict[str, Any]:
 
 # --- the table -------------------------------------------------------------------------------
 def test_one_table_names_every_driver() -> None:
-    assert sorted(DRIVERS) == ["pid", "podman", "runc"]
+    assert sorted(DRIVERS) == ["containerd", "pid", "podman", "runc"]
     for name in DRIVERS:
         driver: Driver = make_driver(name, host())
         assert driver.name == name
@@ -293,3 +293,45 @@ def test_begin_carries_the_driver() -> None:
     assert decode_body(encode(old)[4:], CONTROL) == old  # the fields are optional
     with pytest.raises(ProtocolError):
         decode_body(encode({**msg, "driver": 3})[4:], CONTROL)
+
+
+# --- containerd ------------------------------------------------------------------------------
+def test_containerd_settings_round_trip(tmp_path: Path) -> None:
+    from migsgx.containers.containerd import Ctr
+
+    settings = ContainerSettings.from_mapping(
+        {"containerd_address": "/run/x/containerd.sock", "containerd_namespace": "migsgx",
+         "containerd_snapshotter": "native"}
+    )  # fmt: skip
+    settings.save(tmp_path)
+    again = ContainerSettings.load(tmp_path)
+    assert again == settings
+    ctr = Ctr(again, Path("/opt/criu/bin/criu"))
+    assert ctr.argv("tasks", "list") == [
+        "ctr", "--address", "/run/x/containerd.sock", "--namespace", "migsgx", "tasks", "list"
+    ]
+    assert ctr.runc_root == Path("/run/containerd/runc/migsgx")
+    assert ctr.env["PATH"].startswith("/opt/criu/bin:")
+
+
+def test_containerd_destination_checks_what_a_peer_sends(tmp_path: Path) -> None:
+    import json
+
+    from migsgx.containers.containerd import CONTAINERD_RECORD, ContainerdDriver
+
+    driver = ContainerdDriver(host())
+    with pytest.raises(ProtocolError, match="a containerd target is"):
+        driver.check_target({"name": "x"})
+    with pytest.raises(ProtocolError, match="bad container id"):
+        driver.check_target({"id": "../etc"})
+    record = {"image": "localhost/app:1", "runtime": "/usr/bin/evil-shim", "spec": {}}
+    (tmp_path / CONTAINERD_RECORD).write_text(json.dumps(record))
+    with pytest.raises(MigSGXError, match="is not accepted here"):
+        driver._record(tmp_path)
+    record.update(runtime="io.containerd.runc.v2", image="")
+    (tmp_path / CONTAINERD_RECORD).write_text(json.dumps(record))
+    with pytest.raises(ProtocolError, match="names no image"):
+        driver._record(tmp_path)
+    record.update(image="localhost/app:1")
+    (tmp_path / CONTAINERD_RECORD).write_text(json.dumps(record))
+    assert driver._record(tmp_path) == ("localhost/app:1", "io.containerd.runc.v2", {})

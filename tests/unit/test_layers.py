@@ -31,10 +31,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("migsgx.datapath",),  # ring, transport, engine, checkpoint I/O
     ("migsgx.enclave",),  # the trusted runtime, in the enclave process
     ("migsgx.containers",),  # the container drivers
+    ("migsgx.inspection",),  # migsgx inspect: reading checkpoints, read-only
     ("migsgx.agent",),  # the per-host agent and the tool's side of appctl
     ("migsgx.lab",),  # harness: testbed, container lab, netns, demo, bench
     ("migsgx.cli_output",),
-    ("migsgx.cli_migrate",),
+    ("migsgx.cli_migrate", "migsgx.cli_inspect"),
     ("migsgx.cli",),
     ("migsgx.__main__",),
 )
@@ -62,7 +63,12 @@ IO_MODULES = frozenset(
 #: May import the lab: the command line (``migsgx demo``, ``migsgx bench``) and the lab.
 MAY_IMPORT_LAB = ("migsgx.lab", "migsgx.cli", "migsgx.cli_migrate", "migsgx.__main__")
 
-DRIVERS = ("migsgx.containers.pid", "migsgx.containers.runc", "migsgx.containers.podman")
+DRIVERS = (
+    "migsgx.containers.pid",
+    "migsgx.containers.runc",
+    "migsgx.containers.podman",
+    "migsgx.containers.containerd",
+)
 
 
 def _module_name(path: Path) -> tuple[str, bool]:

@@ -8,6 +8,7 @@ test calling the enclave's context directly.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import uuid
 from collections.abc import Callable
@@ -173,6 +174,10 @@ def test_record_update_is_all_or_nothing(store: CounterStore) -> None:
         RecordUpdate(b"two", create={other: 0}, expect_absent=True),
         RecordUpdate(b"two", advance={epoch: 2}, destroy=(epoch,)),  # one counter twice
         RecordUpdate(b"x" * (300 << 10)),
+        # No compare-and-set: a blind overwrite, an outdated one, a blind delete.
+        RecordUpdate(b"two", advance={epoch: 2}, check={epoch: 1}),
+        RecordUpdate(b"two", advance={epoch: 2}, check={epoch: 1}, expect=bytes(32)),
+        RecordUpdate(None, destroy=(epoch,), check={epoch: 1}),
     ]
     for update in failing:
         with pytest.raises(CounterError):
@@ -181,11 +186,15 @@ def test_record_update_is_all_or_nothing(store: CounterStore) -> None:
         assert store.read(OWNER, epoch) == 1
         with pytest.raises(CounterError):
             store.read(OWNER, other)
+    one, two = hashlib.sha256(b"one").digest(), hashlib.sha256(b"two").digest()
     store.record_update(
-        OWNER, "r", RecordUpdate(b"two", create={other: 0}, advance={epoch: 2}, check={epoch: 1})
-    )
+        OWNER, "r",
+        RecordUpdate(b"two", create={other: 0}, advance={epoch: 2}, check={epoch: 1}, expect=one),
+    )  # fmt: skip
     assert store.record_read(OWNER, "r") == b"two" and store.read(OWNER, epoch) == 2
-    store.record_update(OWNER, "r", RecordUpdate(None, destroy=(epoch, other), check={epoch: 2}))
+    store.record_update(
+        OWNER, "r", RecordUpdate(None, destroy=(epoch, other), check={epoch: 2}, expect=two)
+    )
     assert store.record_read(OWNER, "r") is None
     with pytest.raises(CounterError):
         store.read(OWNER, epoch)
@@ -286,7 +295,12 @@ def test_rolled_back_record_is_refused(world: World, name: str) -> None:
     assert old is not None
     ctx.mcounter_create("c")  # a new record, the epoch advances
     # The host's administrator puts the old record back (the counters stay as they are).
-    world.host_a.counters.record_update(counter_owner(ctx.identity), name, RecordUpdate(old))
+    current = svc.persist_read(name)
+    assert current is not None
+    world.host_a.counters.record_update(
+        counter_owner(ctx.identity), name,
+        RecordUpdate(old, expect=hashlib.sha256(current).digest()),
+    )  # fmt: skip
     with pytest.raises(RollbackError):
         open_fresh(world, world.host_a, name)
 
@@ -651,17 +665,26 @@ def test_rolled_back_source_host_keeps_only_the_past(world: World, name: str) ->
 # --- atomic transactions and commit preconditions (issue 9, items 3-5) --------------------
 def test_a_record_transaction_is_all_or_nothing(store: CounterStore) -> None:
     epoch, gate = "a" * 32, "b" * 32
+    rec, g = hashlib.sha256(b"rec").digest(), hashlib.sha256(b"g").digest()
     store.record_update(OWNER, "r", RecordUpdate(b"rec", create={epoch: 1}, expect_absent=True))
-    store.record_update(OWNER, "!ckpt-" + "0" * 32, RecordUpdate(b"g", create={gate: 0}))
-    retire = ("r", RecordUpdate(None, destroy=(epoch,), check={epoch: 1}))
-    stale_gate = ("!ckpt-" + "0" * 32, RecordUpdate(b"g", advance={gate: 1}, check={gate: 7}))
+    store.record_update(
+        OWNER, "!ckpt-" + "0" * 32, RecordUpdate(b"g", create={gate: 0}, expect_absent=True)
+    )
+    retire = ("r", RecordUpdate(None, destroy=(epoch,), check={epoch: 1}, expect=rec))
+    stale_gate = (
+        "!ckpt-" + "0" * 32,
+        RecordUpdate(b"g", advance={gate: 1}, check={gate: 7}, expect=g),
+    )
     with pytest.raises(CounterError):
         store.record_transaction(OWNER, [retire, stale_gate])
     assert store.record_read(OWNER, "r") == b"rec" and store.read(OWNER, epoch) == 1
     assert store.read(OWNER, gate) == 0
     with pytest.raises(CounterError):  # one record twice
         store.record_transaction(OWNER, [retire, retire])
-    gate_open = ("!ckpt-" + "0" * 32, RecordUpdate(b"g", advance={gate: 1}, check={gate: 0}))
+    gate_open = (
+        "!ckpt-" + "0" * 32,
+        RecordUpdate(b"g", advance={gate: 1}, check={gate: 0}, expect=g),
+    )
     store.record_transaction(OWNER, [retire, gate_open])
     assert store.record_read(OWNER, "r") is None and store.read(OWNER, gate) == 1
     with pytest.raises(CounterError):  # the runtime's names are its own pattern only

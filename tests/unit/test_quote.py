@@ -50,7 +50,8 @@ ATT_KEY = SIG_START + 64
 QE_REPORT = ATT_KEY + 64
 QE_SIG = QE_REPORT + 384
 AUTH_SIZE = QE_SIG + 64
-CERT_TYPE = AUTH_SIZE + 2
+AUTH_DATA = AUTH_SIZE + 2
+CERT_TYPE = AUTH_DATA + 32  # Intel's QE writes 32 bytes of QE authentication data
 CERT_SIZE = CERT_TYPE + 2
 CHAIN = CERT_SIZE + 4
 
@@ -114,7 +115,9 @@ def test_quote_layout(quote_a: bytes) -> None:
     assert struct.unpack_from("<I", quote_a, BODY_END)[0] == len(quote_a) - SIG_START
     assert quote_a[QE_REPORT + 64 : QE_REPORT + 96] == QE_MR_ENCLAVE
     assert quote_a[QE_REPORT + 128 : QE_REPORT + 160] == QE_MR_SIGNER
-    assert struct.unpack_from("<HHI", quote_a, AUTH_SIZE) == (0, 5, len(quote_a) - CHAIN)
+    assert struct.unpack_from("<H", quote_a, AUTH_SIZE) == (32,)
+    assert quote_a[AUTH_DATA:CERT_TYPE] == bytes(range(32))
+    assert struct.unpack_from("<HI", quote_a, CERT_TYPE) == (5, len(quote_a) - CHAIN)
     assert quote_a[CHAIN:].startswith(b"-----BEGIN CERTIFICATE-----")
     assert Quote.parse(quote_a).pack() == quote_a
 
@@ -137,7 +140,8 @@ _REGIONS: list[tuple[str, int, int | None, tuple[type[AttestationError], ...]]] 
     ("attestation key", ATT_KEY, QE_REPORT, (QuoteSignatureError,)),
     ("qe report", QE_REPORT, QE_SIG, (QuoteSignatureError,)),
     ("qe signature", QE_SIG, AUTH_SIZE, (QuoteSignatureError,)),
-    ("qe auth size", AUTH_SIZE, CERT_TYPE, (QuoteFormatError,)),
+    ("qe auth size", AUTH_SIZE, AUTH_DATA, (QuoteFormatError,)),
+    ("qe auth data", AUTH_DATA, CERT_TYPE, (QuoteSignatureError,)),
     ("cert type and size", CERT_TYPE, CHAIN, (QuoteFormatError,)),
 ]
 
@@ -288,8 +292,9 @@ def test_attacker_ca_with_the_same_subject_name(world: World, tmp_path: object) 
 
 def test_chain_may_omit_the_root(world: World, quote_a: bytes) -> None:
     q = Quote.parse(quote_a)
-    leaf = x509.load_pem_x509_certificates(q.cert_chain_pem)[0].public_bytes(PEM)
-    assert verify_quote(replace(q, cert_chain_pem=leaf).pack(), _roots(world))
+    certs = x509.load_pem_x509_certificates(q.cert_chain_pem)
+    without_root = b"".join(c.public_bytes(PEM) for c in certs[:2])
+    assert verify_quote(replace(q, cert_chain_pem=without_root).pack(), _roots(world))
 
 
 def test_expired_and_not_yet_valid_certificates(world: World, quote_a: bytes) -> None:

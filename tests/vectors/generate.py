@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from migsgx.agent.datalink import DestinationLink, SourceLink
 from migsgx.core.commit import (
     DESTINATION_TO_SOURCE,
     SOURCE_TO_DESTINATION,
@@ -38,6 +39,7 @@ from migsgx.core.handshake import Handshake, HandshakeComplete, Role, transcript
 from migsgx.core.policy import EnclaveIdentity, MigrationPolicy, PolicyMode
 from migsgx.core.stream import Manifest, Section, StreamHeader, StreamSealer
 from migsgx.errors import MigSGXError, QuoteFormatError
+from migsgx.sgx.sgxext import PckExtension
 from migsgx.sgx.structs import FLAG_DEBUG, FLAG_INIT, FLAG_MODE64BIT, Attributes, ReportBody
 from migsgx.wire import HEADER, decode_body, encode
 
@@ -524,6 +526,76 @@ def control_cases() -> list[dict[str, Any]]:
     return cases
 
 
+# --- the PCK certificate's SGX extension ---------------------------------------------------
+def sgxext_cases() -> list[dict[str, Any]]:
+    """Fields -> DER (and back) for Intel's SGX extension; DER that must be refused."""
+
+    def ok(name: str, ext: PckExtension, comment: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "comment": comment,
+            "fields": {
+                "ppid": ext.ppid.hex(),
+                "components": list(ext.components),
+                "pce_svn": ext.pce_svn,
+                "pce_id": ext.pce_id.hex(),
+                "fmspc": ext.fmspc.hex(),
+                "sgx_type": ext.sgx_type,
+            },
+            "der": ext.to_der().hex(),
+            "expect": {"ok": True},
+        }
+
+    def bad(name: str, der: bytes, comment: str) -> dict[str, Any]:
+        return {"name": name, "comment": comment, "der": der.hex(),
+                "expect": {"error": "quote-format"}}  # fmt: skip
+
+    fmspc = bytes.fromhex("00906ea10000")
+    level3 = PckExtension(det_bytes("ppid", 16), (3,) * 16, 1, bytes(2), fmspc)
+    mixed = PckExtension(bytes(16), tuple(range(16)), 0x1234, b"\x00\x01", fmspc)
+    return [
+        ok("level-3", level3, "a host at TCB level 3 of this deployment's FMSPC"),
+        ok("mixed", mixed, "distinct component SVNs; a two-byte PCESVN and PCE-ID"),
+        bad("truncated", level3.to_der()[:-4], "the last TLV cut short"),
+        bad("empty", bytes.fromhex("3000"), "an empty SEQUENCE names no field"),
+    ]
+
+
+# --- data connection opening (docs/spec/channels.md, section 8) ---------------------------
+def datalink_cases() -> list[dict[str, Any]]:
+    """Openings of a data connection: the three records, and refusals."""
+
+    key, mid = det_bytes("data key", 32), det_bytes("data mid", 16)
+    nonce_d, nonce_s = det_bytes("nonce d", 32), det_bytes("nonce s", 32)
+
+    def records(index: int, *, source_key: bytes = key, source_mid: bytes = mid) -> dict[str, str]:
+        dest = DestinationLink(key, mid, randbytes=lambda n: nonce_d)
+        src = SourceLink(source_key, source_mid, index, randbytes=lambda n: nonce_s)
+        challenge = dest.challenge()
+        hello = src.hello(challenge)
+        return {"challenge": challenge.hex(), "hello": hello.hex()}
+
+    def case(name: str, index: int, hello_from: dict[str, str], expect: dict[str, Any]) -> None:
+        cases.append({
+            "name": name, "key": key.hex(), "mid": mid.hex(), "nonce_d": nonce_d.hex(),
+            "nonce_s": nonce_s.hex(), "index": index, **hello_from, "expect": expect,
+        })  # fmt: skip
+
+    cases: list[dict[str, Any]] = []
+    good = records(3)
+    dest = DestinationLink(key, mid, randbytes=lambda n: nonce_d)
+    dest.receive_hello(bytes.fromhex(good["hello"]))
+    case("opening", 3, good, {"ok": {"index": 3, "proof": dest.proof().hex()}})
+    case("wrong-key", 3, records(3, source_key=det_bytes("other key", 32)),
+         {"error": "data-link"})  # fmt: skip
+    case("other-migration", 3, records(3, source_mid=det_bytes("other mid", 16)),
+         {"error": "data-link"})  # fmt: skip
+    replayed = dict(good)
+    replayed["challenge"] = (b"MIGSGXD1" + det_bytes("fresh nonce d", 32)).hex()
+    case("replayed-hello", 3, replayed, {"error": "data-link"})
+    return cases
+
+
 # --- files ------------------------------------------------------------------------------
 def build() -> dict[str, dict[str, Any]]:
     def doc(kind: str, spec: str, cases: list[dict[str, Any]]) -> dict[str, Any]:
@@ -534,6 +606,8 @@ def build() -> dict[str, dict[str, Any]]:
         "manifest.json": doc("manifest", "docs/spec/stream.md#6", manifest_cases()),
         "handshake.json": doc("handshake", "docs/spec/handshake.md", handshake_cases()),
         "control.json": doc("control", "docs/spec/handshake.md#9", control_cases()),
+        "sgxext.json": doc("sgxext", "docs/spec/collateral.md#4", sgxext_cases()),
+        "datalink.json": doc("datalink", "docs/spec/channels.md#8", datalink_cases()),
     }
 
 

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from ..containers import ContainerSettings
 from ..criu import Criu
+from .metrics import AgentMetrics
 from .tls import AgentIdentity
 
 __all__ = ["AgentConfig", "AgentHost"]
@@ -37,6 +38,7 @@ class AgentHost(Protocol):
 
     config: AgentConfig
     host_id: str
+    metrics: AgentMetrics
 
     def session_dir(self, session_id: bytes) -> Path: ...
 

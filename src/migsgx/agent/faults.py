@@ -4,10 +4,12 @@
 or a migration tool makes it fail at ``POINT``: ``exit`` ends the process at
 once (as a crash would), ``kill`` sends it SIGKILL, ``kill-after=SECONDS``
 sends it SIGKILL that much later while the work goes on, ``fail`` raises
-:class:`InjectedFault`; any other action is returned to the caller, which
-knows what it means there (``corrupt`` before a restore or of the page stream,
-``kill-after-bytes=N`` while an enclave stream comes in, ``kill-source`` at a
-point of the tool: SIGKILL to the source application, for example).
+:class:`InjectedFault`, ``wait-file=PATH`` holds the process there until PATH
+exists (a test looks at it in that state, then lets it go); any other action
+is returned to the caller, which knows what it means there (``corrupt``
+before a restore or of the page stream, ``kill-after-bytes=N`` while an
+enclave stream comes in, ``kill-source`` at a point of the tool: SIGKILL to
+the source application, for example).
 Unset, every point is a no-op.
 """
 
@@ -18,6 +20,8 @@ import os
 import signal
 import socket
 import threading
+import time
+from pathlib import Path
 from typing import Final
 
 from ..errors import MigrationError, register_error
@@ -51,6 +55,17 @@ class InjectedFault(MigrationError):
     code = "injected-fault"
 
 
+WAIT_LIMIT: Final = 120.0
+
+
+def _wait_for(path: Path, point: str) -> None:
+    deadline = time.monotonic() + WAIT_LIMIT
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise InjectedFault(f"{point}: {path} did not appear within {WAIT_LIMIT} s")
+        time.sleep(0.02)
+
+
 def fault(point: str) -> str | None:
     if point not in POINTS:
         raise ValueError(f"unknown fault point {point!r}")
@@ -73,6 +88,9 @@ def fault(point: str) -> str | None:
             return None
         if action == "fail":
             raise InjectedFault(f"fault injected at {point}")
+        if action.startswith("wait-file="):
+            _wait_for(Path(action.partition("=")[2]), point)
+            return None
         return action
     return None
 

@@ -14,7 +14,6 @@ aborts the incoming enclaves) and the source carries on.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import os
 import secrets
@@ -38,11 +37,11 @@ from ..system.process import continue_tree, wait_stopped
 from ..wire import recv_frame, send_frame
 from .applink import AppLink
 from .config import AgentHost
+from .datalink import KEY_SIZE, accept_data, check_pinned
 from .faults import corrupting_relay, fault
 from .protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,
-    DATA,
     MAX_ENCLAVES,
     MAX_IMAGE_BYTES,
     MAX_IMAGE_FILES,
@@ -58,6 +57,7 @@ __all__ = ["IncomingMigration"]
 log = logging.getLogger("migsgx.agent")
 
 DATA_HELLO_TIMEOUT: Final = 10.0
+MAX_DATA_OPENINGS: Final = 2 * MAX_ENCLAVES
 Reply = dict[str, Any] | None
 
 
@@ -92,7 +92,7 @@ class IncomingMigration:
         self.tls = tls
         self.peer = peer
         self.machine = SessionMachine()
-        self.token = secrets.token_bytes(32)
+        self.data_key = secrets.token_bytes(KEY_SIZE)
         self.session_id = b""
         self.images_dir: Path | None = None
         self.enclaves: list[_Enclave] = []
@@ -115,6 +115,8 @@ class IncomingMigration:
         self._finished = False
         #: Set once an enclave committed or the tree was let run: no abort after that.
         self.no_return = False
+        self.rolled_forward = False
+        self.source_host = ""
         self.handlers: dict[str, Callable[[dict[str, Any]], Reply]] = {
             "hello": self._hello,
             "begin": self._begin,
@@ -179,6 +181,7 @@ class IncomingMigration:
         log.warning("migration %s: the tool went away in state %s (%s)", self.tag, state.value, exc)
         if state == SessionState.HELD and self.enclaves and self._any_committed():
             log.warning("migration %s: the enclaves were committed: rolling forward", self.tag)
+            self.rolled_forward = True
             try:
                 self._resume_tree(self.config.commit_grace)
             except MigSGXError as err:
@@ -189,11 +192,22 @@ class IncomingMigration:
         self.machine.fail()
         self.abort("the control connection was lost")
 
+    def outcome(self) -> str | None:
+        """How the session ended, for the metrics; None for one that never began."""
+
+        state = self.machine.state
+        if state == SessionState.RESUMED:
+            return "rolled_forward" if self.rolled_forward else "committed"
+        if state == SessionState.ABORTED:
+            return "aborted" if self.session_id else None
+        return "failed" if self.session_id else None
+
     # --- requests ---------------------------------------------------------------------------
     def _hello(self, msg: dict[str, Any]) -> Reply:
         if msg["version"] != VERSION:
             raise ProtocolError(f"protocol version {msg['version']} is not {VERSION}")
         log.info("tool of host %s connected from %s", msg["host_id"], self.peer)
+        self.source_host = str(msg["host_id"])[:64]
         return {"t": "welcome", "version": VERSION, "host_id": self.agent.host_id}
 
     def _begin(self, msg: dict[str, Any]) -> Reply:
@@ -241,7 +255,7 @@ class IncomingMigration:
             "t": "ready",
             "data_port": data.getsockname()[1],
             "page_port": page.getsockname()[1],
-            "token": self.token,
+            "data_key": self.data_key,
         }
 
     def _enclaves_done(self, msg: dict[str, Any]) -> Reply:
@@ -254,6 +268,12 @@ class IncomingMigration:
                 raise AgentError(
                     f"enclave {enclave.index}: the load failed: {type(err).__name__}: {err}"
                 ) from err
+        metrics = self.agent.metrics
+        for enclave in self.enclaves:
+            metrics.observe_phase("enclave_receive", float(enclave.stats.get("agent_seconds", 0)))
+            metrics.bytes.labels("enclave").inc(int(enclave.stats.get("bytes", 0)))
+        if self.enclaves:
+            metrics.enclaves_received.labels(self.source_host or "?").inc(len(self.enclaves))
         return {"t": "enclaves_ready", "stats": [e.stats for e in self.enclaves]}
 
     def _image(self, msg: dict[str, Any]) -> Reply:
@@ -291,11 +311,11 @@ class IncomingMigration:
             if self._page_server is None:
                 raise AgentError("the source never connected to the page server")
             self._page_server.wait(self.config.io_timeout)
-        return {
-            "t": "images_ok",
-            "page_bytes": page_bytes(self.images_dir),
-            "seconds": time.monotonic() - (self._images_t0 or time.monotonic()),
-        }
+        pages = page_bytes(self.images_dir)
+        seconds = time.monotonic() - (self._images_t0 or time.monotonic())
+        self.agent.metrics.observe_phase("images", seconds)
+        self.agent.metrics.bytes.labels("images").inc(self._image_bytes + pages)
+        return {"t": "images_ok", "page_bytes": pages, "seconds": seconds}
 
     def _restore(self, msg: dict[str, Any]) -> Reply:
         assert self.images_dir is not None and self.driver is not None
@@ -316,6 +336,7 @@ class IncomingMigration:
         wait_stopped(pid)
         fault("agent.after-restore")
         seconds = time.monotonic() - t0
+        self.agent.metrics.observe_phase("restore", seconds)
         log.info(
             "migration %s: restored %s (pid %d), held, in %.3f s",
             self.tag, restored.label, pid, seconds,
@@ -328,6 +349,7 @@ class IncomingMigration:
         self._cleanup()
         assert self.root is not None
         log.info("migration %s: resumed pid %d", self.tag, self.root)
+        self.agent.metrics.observe_phase("resume", time.monotonic() - t0)
         return {
             "t": "resumed",
             "seconds": time.monotonic() - t0,
@@ -461,34 +483,64 @@ class IncomingMigration:
             self._page_error = exc
 
     def _accept_data(self, listener: socket.socket) -> None:
+        """Accept data connections; each opening runs in a thread of its own, so a
+        peer that connects and stays silent holds up no genuine connection."""
+
         pending = {e.index for e in self.enclaves}
-        while pending:
+        lock = threading.Lock()
+        openings = threading.BoundedSemaphore(MAX_DATA_OPENINGS)
+        while True:
+            with lock:
+                if not pending:
+                    return
             try:
                 conn, _ = listener.accept()
             except OSError:
                 return
+            if not openings.acquire(blocking=False):
+                conn.close()  # more unauthenticated connections at once than enclaves need
+                continue
+            threading.Thread(
+                target=self._open_data, args=(conn, pending, lock, openings),
+                name="migsgx-agent-data-open", daemon=True,
+            ).start()  # fmt: skip
+
+    def _open_data(
+        self,
+        conn: socket.socket,
+        pending: set[int],
+        lock: threading.Lock,
+        openings: threading.BoundedSemaphore,
+    ) -> None:
+        try:
             try:
+                # Fixed-size records keyed from the TLS session: nothing the peer
+                # sends is parsed as a frame before it has proved the session key.
                 conn.settimeout(DATA_HELLO_TIMEOUT)
-                hello = recv_frame(conn, DATA, max_size=256)
+                index = accept_data(conn, self.data_key, self.session_id)
                 conn.settimeout(None)
             except (MigSGXError, OSError):
+                log.warning("migration %s: a data connection did not authenticate", self.tag)
                 conn.close()
-                continue
-            index = hello["index"]
-            if not hmac.compare_digest(hello["token"], self.token) or index not in pending:
-                log.warning("migration %s: a data connection was refused", self.tag)
-                conn.close()
-                continue
-            pending.discard(index)
-            enclave = self.enclaves[index]
-            enclave.conn = conn
-            enclave.thread = threading.Thread(
-                target=self._receive,
-                args=(enclave, conn),
-                name=f"migsgx-agent-enclave-{index}",
-                daemon=True,
-            )
-            enclave.thread.start()
+                return
+            with lock:
+                fresh = index in pending
+                pending.discard(index)
+        finally:
+            openings.release()
+        if not fresh:
+            log.warning("migration %s: a data connection was refused", self.tag)
+            conn.close()
+            return
+        enclave = self.enclaves[index]
+        enclave.conn = conn
+        enclave.thread = threading.Thread(
+            target=self._receive,
+            args=(enclave, conn),
+            name=f"migsgx-agent-enclave-{index}",
+            daemon=True,
+        )
+        enclave.thread.start()
 
     def _receive(self, enclave: _Enclave, conn: socket.socket) -> None:
         """Load, then wait for the source's decision (COMMIT makes the enclave run)."""
@@ -502,6 +554,8 @@ class IncomingMigration:
                 enclave.engine, offer = IncomingEnclave.accept_offer(
                     conn, self.config.platform_socket
                 )
+                # Nothing of the peer's runs unless it is the image begin announced.
+                check_pinned(enclave.engine.image, enclave.source_info)
                 stats = enclave.engine.receive(conn, offer)
                 enclave.stats = {k: v for k, v in dict(stats).items() if _plain(v)}
                 enclave.stats["agent_seconds"] = time.monotonic() - t0

@@ -39,7 +39,6 @@ from ..wire import Schema
 __all__ = [
     "CONTROL",
     "CONTROL_FRAME_MAX",
-    "DATA",
     "IMAGE_CHUNK",
     "MAX_IMAGE_BYTES",
     "MAX_IMAGE_FILES",
@@ -116,7 +115,7 @@ CONTROL = Schema(
         "abort": {"reason": str},
         # agent -> tool
         "welcome": {"version": int, "host_id": str},
-        "ready": {"data_port": int, "page_port": int, "token": bytes},
+        "ready": {"data_port": int, "page_port": int, "data_key": bytes},
         "enclaves_ready": {"stats": list},
         "images_ok": {"page_bytes": int, "seconds": NUMBER},
         "restored": {"pid": int, "seconds": NUMBER},
@@ -126,8 +125,6 @@ CONTROL = Schema(
     },
 )
 
-#: The first frame on a data connection.
-DATA = Schema("agent-data", {"data": {"token": bytes, "index": int}})
 
 
 class SessionState(enum.Enum):
@@ -185,12 +182,12 @@ class SessionMachine:
 
 
 # CRIU names its images like ``core-1.img``, ``pagemap-1.img``, ``stats-dump``.
-_IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def check_image_name(name: str) -> str:
     """A plain file name (no path, no dot-files); anything else is a protocol error."""
 
-    if not _IMAGE_NAME.match(name) or name in (".", ".."):
+    if not _IMAGE_NAME.fullmatch(name) or name in (".", ".."):
         raise ProtocolError(f"bad image file name {name!r}")
     return name

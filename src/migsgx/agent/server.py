@@ -26,6 +26,8 @@ from typing import Any, Final
 from ..errors import ConfigError
 from .config import AgentConfig
 from .incoming import IncomingMigration
+from .metrics import AgentMetrics
+from .protocol import SessionState
 from .tls import PeerCertificateError, server_context, wrap_server
 
 __all__ = ["Agent", "AgentConfig", "platform_socket_alive"]
@@ -58,6 +60,25 @@ class Agent:
         self._lock = threading.Lock()
         self._sessions: set[IncomingMigration] = set()
         self._adopted: set[int] = set()
+        self.metrics = AgentMetrics(self.host_id)
+        self.metrics.track(self._held_sessions, self._incoming_enclaves)
+        self.metrics.in_progress.set_function(lambda: float(len(self._sessions)))
+
+    def _held_sessions(self) -> int:
+        with self._lock:
+            return sum(1 for s in self._sessions if s.machine.state == SessionState.HELD)
+
+    def _incoming_enclaves(self) -> int:
+        with self._lock:
+            return sum(len(s.enclaves) for s in self._sessions if not s.machine.finished)
+
+    def serve_metrics(self, address: str, port: int) -> tuple[str, int]:
+        """Serve the Prometheus metrics (:mod:`.metrics`) on ``address:port``."""
+
+        try:
+            return self.metrics.serve(address, port)
+        except OSError as exc:
+            raise ConfigError(f"metrics cannot listen on {address}:{port}: {exc}") from exc
 
     # --- lifetime -----------------------------------------------------------------------
     def bind(self) -> tuple[str, int]:
@@ -107,6 +128,7 @@ class Agent:
             sessions = list(self._sessions)
         for session in sessions:
             session.give_up("the agent is shutting down")
+        self.metrics.close()
 
     # --- connections --------------------------------------------------------------------
     def _connection(self, conn: socket.socket, addr: Any) -> None:
@@ -129,6 +151,10 @@ class Agent:
                 tls.close()
             with self._lock:
                 self._sessions.discard(session)
+            outcome = session.outcome()
+            if outcome is not None:
+                driver = session.driver.name if session.driver is not None else "pid"
+                self.metrics.finished(outcome, driver)
 
     # --- restored trees -------------------------------------------------------------------
     def adopt(self, pid: int) -> None:

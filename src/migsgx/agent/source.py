@@ -51,6 +51,7 @@ from ..host.appctl import info_to_wire
 from ..system.process import is_pidns_init, process_state, stop_tree, tree_pids
 from ..wire import recv_frame, send_frame
 from .applink import AppLink, HandedEnclave
+from .datalink import open_data
 from .faults import fault
 from .guardian import Guardian
 from .protocol import (
@@ -166,6 +167,7 @@ class _Migration:
         self.driver: Driver = make_driver(opts.driver, HostConfig(opts.criu, opts.containers))
         self.source: Source | None = None
         self.page_server = False
+        self.session_id = b""
 
     def note(self, phase: str) -> None:
         self.t[phase] = time.monotonic()
@@ -234,9 +236,10 @@ class _Migration:
 
     def _begin(self, pids: list[int], pidns: bool) -> dict[str, Any]:
         assert self.source is not None
+        self.session_id = secrets.token_bytes(16)
         begin: dict[str, Any] = {
             "t": "begin",
-            "session_id": secrets.token_bytes(16),
+            "session_id": self.session_id,
             "enclaves": [{"info": info_to_wire(t.handed.info)} for t in self.transfers],
             "pids": pids,
             "pidns": pidns,
@@ -298,7 +301,7 @@ class _Migration:
             )
             transfer.peer = peer
             peer.settimeout(None)
-            send_frame(peer, {"t": "data", "token": ready["token"], "index": transfer.handed.index})
+            open_data(peer, ready["data_key"], self.session_id, transfer.handed.index)
             t0 = time.monotonic()
             assert transfer.outgoing is not None
             stats = transfer.outgoing.transfer(peer)

@@ -1,4 +1,4 @@
-"""What migsgx migrates, behind one seam: process trees, runc and podman containers.
+"""What migsgx migrates, behind one seam: process trees, runc, podman and containerd containers.
 
 :data:`DRIVERS` is the one table of drivers, by name; :func:`make_driver` binds
 one to a host (:class:`HostConfig`).  The migration engine (``migsgx.agent``)
@@ -20,6 +20,7 @@ from .base import (
     Source,
     check_name,
 )
+from .containerd import ContainerdDriver
 from .pid import PidDriver
 from .podman import PodmanDriver
 from .runc import RuncDriver
@@ -43,6 +44,7 @@ DRIVERS: Final[dict[str, Callable[[HostConfig], Driver]]] = {
     PidDriver.name: PidDriver,
     RuncDriver.name: RuncDriver,
     PodmanDriver.name: PodmanDriver,
+    ContainerdDriver.name: ContainerdDriver,
 }
 
 

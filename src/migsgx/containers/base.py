@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 #: Container ids and names as runc and podman accept them (and safe as file names).
-NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 @register_error
@@ -70,7 +70,7 @@ class ContainerError(MigrationError):
 def check_name(value: Any, what: str = "container name") -> str:
     """A container id or name; anything else is a :class:`ProtocolError`."""
 
-    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
         raise ProtocolError(f"bad {what} {value!r}")
     return value
 

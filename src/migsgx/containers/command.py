@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .base import ContainerError
 
-__all__ = ["run_engine"]
+__all__ = ["bring_lo_up", "run_engine", "with_path"]
 
 
 def run_engine(
@@ -70,3 +70,16 @@ def with_path(directory: Path, env: Mapping[str, str] | None = None) -> dict[str
     out = dict(os.environ if env is None else env)
     out["PATH"] = f"{directory}{os.pathsep}{out.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
     return out
+
+
+def bring_lo_up(pid: int) -> None:
+    try:
+        subprocess.run(
+            ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "link", "set", "lo", "up"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ContainerError(f"cannot bring lo up in the restored container: {exc}") from exc

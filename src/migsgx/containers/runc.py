@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 import shutil
-import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Final
@@ -45,7 +44,7 @@ from .base import (
     check_name,
 )
 from .cgroups import Freezer
-from .command import run_engine
+from .command import bring_lo_up, run_engine
 from .frozen import kill_frozen, own_netns_path, resume_frozen, write_criu_config
 from .oci import (
     Localization,
@@ -167,19 +166,6 @@ def _runc_errors(log_path: Path) -> str:
         if isinstance(entry, dict) and entry.get("level") in ("error", "fatal", "warning"):
             msgs.append(str(entry.get("msg", "")))
     return " | ".join(msgs[-6:]) or "no error logged"
-
-
-def bring_lo_up(pid: int) -> None:
-    try:
-        subprocess.run(
-            ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "link", "set", "lo", "up"],
-            check=True,
-            capture_output=True,
-            timeout=30,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise ContainerError(f"cannot bring lo up in the restored container: {exc}") from exc
 
 
 class RuncDriver:

@@ -10,6 +10,9 @@ own, which is right for a host that is a machine of its own::
     cgroup_parent = "/migsgx"            # cgroup parent of containers restored here
     netns = "/run/netns/blue"            # the network namespace of containers that joined
                                          # their host's (default: the agent's own)
+    containerd_address = "/run/containerd/containerd.sock"  # ctr --address
+    containerd_namespace = "default"     # ctr --namespace
+    containerd_snapshotter = "overlayfs" # for containers restored here
 
 Several emulated hosts on one machine (tests, the demo, the benchmark) share
 the machine's filesystem, cgroups and engine state, so each gets its own
@@ -30,8 +33,13 @@ from ..errors import ConfigError
 __all__ = ["SETTINGS_FILE", "ContainerSettings"]
 
 SETTINGS_FILE: Final = "containers.toml"
-_PATH_KEYS: Final = ("runc_root", "podman_root", "netns")
-_TEXT_KEYS: Final = ("podman_storage_driver", "cgroup_parent")
+_PATH_KEYS: Final = ("runc_root", "podman_root", "netns", "containerd_address")
+_TEXT_KEYS: Final = (
+    "podman_storage_driver",
+    "cgroup_parent",
+    "containerd_namespace",
+    "containerd_snapshotter",
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,9 @@ class ContainerSettings:
     podman_storage_driver: str | None = None
     cgroup_parent: str | None = None
     netns: Path | None = None
+    containerd_address: Path | None = None
+    containerd_namespace: str | None = None
+    containerd_snapshotter: str | None = None
 
     @classmethod
     def load(cls, state: Path | None) -> ContainerSettings:

@@ -24,6 +24,7 @@ hardware the gate is a monotonic counter of the platform).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,7 +116,10 @@ def commit_change(ckpt: Checkpoint) -> tuple[str, RecordUpdate]:
     """The source's commit: the gate goes from pending to committed (and only from there)."""
 
     return ckpt.gate_name, RecordUpdate(
-        ckpt.gate_blob, advance={ckpt.gate_counter: COMMITTED}, check={ckpt.gate_counter: PENDING}
+        ckpt.gate_blob,
+        advance={ckpt.gate_counter: COMMITTED},
+        check={ckpt.gate_counter: PENDING},
+        expect=_sha256(ckpt.gate_blob),
     )
 
 
@@ -123,7 +127,10 @@ def consume_change(ckpt: Checkpoint) -> tuple[str, RecordUpdate]:
     """The restore's activation: a committed gate goes, record and counter."""
 
     return ckpt.gate_name, RecordUpdate(
-        None, destroy=(ckpt.gate_counter,), check={ckpt.gate_counter: COMMITTED}
+        None,
+        destroy=(ckpt.gate_counter,),
+        check={ckpt.gate_counter: COMMITTED},
+        expect=_sha256(ckpt.gate_blob),
     )
 
 
@@ -139,9 +146,16 @@ def destroy(instance: EnclaveInstance, ckpt: Checkpoint) -> None:
         instance.services.persist_update(
             name,
             RecordUpdate(
-                None, destroy=(ckpt.gate_counter,), check={ckpt.gate_counter: PENDING}
+                None,
+                destroy=(ckpt.gate_counter,),
+                check={ckpt.gate_counter: PENDING},
+                expect=_sha256(ckpt.gate_blob),
             ),
         )
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
 
 
 def _unseal_map(instance: EnclaveInstance, blob: bytes, label: bytes, what: str) -> dict[str, Any]:

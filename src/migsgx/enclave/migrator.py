@@ -54,8 +54,9 @@ from ..errors import (
     StreamError,
 )
 from ..limits import MIN_CHUNK_SIZE, check_chunk_size
+from ..sgx.collateral import Collateral
 from ..sgx.counters import RecordUpdate
-from ..sgx.quote import verify_quote
+from ..sgx.dcap import TcbPolicy, verify_dcap
 from ..sgx.structs import ReportBody
 from . import checkpoints
 from .instance import EnclaveInstance
@@ -76,13 +77,20 @@ class _Attester:
 
 
 class _Verifier:
-    """Quote verification against the deployment's roots; debug is the policy's call."""
+    """Quote verification of record (dcap-qvl) against the deployment's root, with the
+    collateral the platform fetched from the CA; the TCB status is decided by the
+    enclave's measured manifest (``accept_tcb``), debug by the migration policy."""
 
     def __init__(self, instance: EnclaveInstance) -> None:
         self._services = instance.services
+        self._tcb = TcbPolicy(frozenset(instance.manifest.accept_tcb))
 
     def verify(self, quote: bytes) -> ReportBody:
-        return verify_quote(quote, self._services.trusted_roots(), allow_debug=True).body
+        collateral = [Collateral.from_json(c) for c in self._services.collateral()]
+        verdict = verify_dcap(
+            quote, collateral, self._services.trusted_roots(), policy=self._tcb, allow_debug=True
+        )
+        return verdict.body
 
 
 def policy_of(instance: EnclaveInstance) -> MigrationPolicy:

@@ -129,6 +129,7 @@ class PendingImport:
     #: The counter that holds the name reserved here until the install (None when
     #: the name is held by the very record the source retires: the same host).
     reservation: str | None = None
+    arrival: bytes = b""  # the migration or checkpoint id the reservation is for
 
 
 class PersistentState:
@@ -262,6 +263,7 @@ class PersistentState:
         self._keys = list(rec["keys"])
         self._epoch_id = epoch_id
         self._counters = {n: _MCounter(c, o) for n, (c, o) in rec["counters"].items()}
+        self._record = blob  # what the take-over replaces (compare-and-set)
         # Take the record over: the epoch moves on, so any other instance that
         # opened this record before can no longer use it.
         try:
@@ -292,6 +294,7 @@ class PersistentState:
                     advance={self._epoch_id: before + 1},
                     destroy=destroy,
                     check={self._epoch_id: before},
+                    expect=_digest(self._record),
                 ),
             )
         except CounterError as exc:
@@ -477,7 +480,10 @@ class PersistentState:
                 return
             cids = tuple(c.cid for c in self._counters.values())
             retiring = RecordUpdate(
-                None, destroy=(self._epoch_id, *cids), check={self._epoch_id: self._epoch}
+                None,
+                destroy=(self._epoch_id, *cids),
+                check={self._epoch_id: self._epoch},
+                expect=_digest(self._record),
             )
             self._transaction(
                 [(self._name, retiring), *also],
@@ -507,7 +513,7 @@ class PersistentState:
         occupant = self._services.persist_read(pending.name)
         held = _reservation_of(occupant)
         if held is not None and held[0] == arrival and arrival:
-            pending.reservation = held[1]
+            pending.reservation, pending.arrival = held[1], arrival
             return pending
         # A record of that name may stand here only if it is the very record the
         # source retires at its commit (a migration to the same host).
@@ -523,7 +529,7 @@ class PersistentState:
                 self._services.persist_update(
                     pending.name,
                     RecordUpdate(
-                        RESERVED + cbor2.dumps([bytes(arrival), reservation]),
+                        _reservation_blob(arrival, reservation),
                         create={reservation: 0},
                         expect_absent=True,
                     ),
@@ -532,7 +538,7 @@ class PersistentState:
                 raise PersistentStateError(
                     f"a persistent state {pending.name!r} exists on this host already"
                 ) from exc
-            pending.reservation = reservation
+            pending.reservation, pending.arrival = reservation, bytes(arrival)
         return pending
 
     def release(self, pending: PendingImport | None) -> None:
@@ -544,7 +550,10 @@ class PersistentState:
             self._services.persist_update(
                 pending.name,
                 RecordUpdate(
-                    None, destroy=(pending.reservation,), check={pending.reservation: 0}
+                    None,
+                    destroy=(pending.reservation,),
+                    check={pending.reservation: 0},
+                    expect=_digest(_reservation_blob(pending.arrival, pending.reservation)),
                 ),
             )
         pending.reservation = None
@@ -605,6 +614,7 @@ class PersistentState:
                     create=create,
                     destroy=(pending.reservation,),
                     check={pending.reservation: 0},
+                    expect=_digest(_reservation_blob(pending.arrival, pending.reservation)),
                 )
             else:
                 installing = RecordUpdate(record, create=create, expect_absent=True)
@@ -619,6 +629,10 @@ class PersistentState:
                 raise
             pending.reservation = None
             self._record = record
+
+
+def _reservation_blob(arrival: bytes, counter: str) -> bytes:
+    return RESERVED + bytes(cbor2.dumps([bytes(arrival), counter]))
 
 
 def _reservation_of(blob: bytes | None) -> tuple[bytes, str] | None:
@@ -703,3 +717,9 @@ def _are_keys(value: Any) -> bool:
 
 def _is_uint(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNTER_MAX
+
+
+def _digest(record: bytes) -> bytes | None:
+    """What a record update compares and sets against: the record it replaces."""
+
+    return hashlib.sha256(record).digest() if record else None

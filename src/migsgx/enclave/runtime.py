@@ -17,7 +17,6 @@ import queue
 import socket
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,16 +31,15 @@ from ..errors import (
     ProtocolError,
     error_from_wire,
 )
+from ..sgx import syscalls
 from ..sgx.counters import RecordUpdate
 from ..sgx.image import EnclaveImage
+from ..sgx.sandbox import apply_limits, manifest_limits
 from ..sgx.structs import KeyRequest, Report, ReportBody, TargetInfo
 from ..wire import recv_frame, send_frame
 from . import selftest
 from .instance import EnclaveInstance
 from .migrator import RUNTIME_CALLS, Migrator
-
-#: How long an enclave looks for a restarted platform service before it gives up.
-REATTACH_WAIT = 10.0
 
 
 def log(event: str) -> None:
@@ -52,15 +50,9 @@ def log(event: str) -> None:
 class ChannelServices:
     """:class:`~migsgx.sgx.trusted.TrustedServices` over the private platform channel."""
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        identity: ReportBody,
-        reattach: tuple[str, bytes] | None = None,
-    ) -> None:
-        self._sock: socket.socket | None = sock
+    def __init__(self, sock: socket.socket, identity: ReportBody) -> None:
+        self._sock = sock
         self._identity = identity
-        self._reattach = reattach  # (abstract socket name, ticket) of this host's platform
         self._lock = threading.Lock()
 
     @property
@@ -69,59 +61,16 @@ class ChannelServices:
 
     def _ask(self, msg: dict[str, Any]) -> Any:
         with self._lock:
-            if self._sock is None:
-                self._sock = self._find_platform()
             try:
                 send_frame(self._sock, msg)
-            except (OSError, ConnectionClosedError):
-                # Not delivered: the service restarted since the last request.
-                # Sending it again to the new one cannot apply it twice.
-                self._sock.close()
-                self._sock = self._find_platform()
-                try:
-                    send_frame(self._sock, msg)
-                except (OSError, ConnectionClosedError) as exc:
-                    self._sock.close()
-                    self._sock = None
-                    raise EnclaveLostError("the platform service is gone") from exc
-            try:
                 reply = recv_frame(self._sock, PLATFORM)
             except (OSError, ConnectionClosedError) as exc:
-                # It may or may not have been applied: never sent again blindly.
-                self._sock.close()
-                self._sock = None
-                raise EnclaveLostError("the platform service went away during a request") from exc
+                raise EnclaveLostError("the platform service is gone") from exc
         if reply["t"] == "err":
             raise error_from_wire(reply["code"], reply["message"])
         if reply["t"] != "ok":
             raise ProtocolError(f"unexpected platform reply {reply['t']!r}")
         return reply["value"]
-
-    def _find_platform(self) -> socket.socket:
-        """Connect to the (restarted) platform service and present the launch ticket."""
-
-        if self._reattach is None:
-            raise EnclaveLostError("the platform service is gone")
-        name, ticket = self._reattach
-        deadline = time.monotonic() + REATTACH_WAIT
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(10.0)
-                sock.connect("\0" + name)
-                send_frame(sock, {"t": "reattach", "identity": self._identity.pack(),
-                                  "ticket": ticket})  # fmt: skip
-                reply = recv_frame(sock, PLATFORM)
-                if reply["t"] != "ok":
-                    raise EnclaveLostError("the platform refused this enclave's ticket")
-                sock.settimeout(None)
-                log("reattached to the platform service")
-                return sock
-            except (OSError, ConnectionClosedError, FrameError) as exc:
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise EnclaveLostError("the platform service is gone") from exc
-                time.sleep(0.1)
 
     def get_key(self, request: KeyRequest) -> bytes:
         return bytes(self._ask({"t": "getkey", "request": request.pack()}))
@@ -135,6 +84,12 @@ class ChannelServices:
 
     def trusted_roots(self) -> list[x509.Certificate]:
         return x509.load_pem_x509_certificates(self._ask({"t": "roots"}))
+
+    def collateral(self) -> list[bytes]:
+        value = self._ask({"t": "collateral"})
+        if not isinstance(value, list):
+            raise ProtocolError("the platform's collateral is not a list")
+        return [bytes(v) for v in value]
 
     def counter_create(self, initial: int = 0) -> tuple[str, int]:
         cid, value = self._ask({"t": "ctr_create", "initial": initial})
@@ -335,12 +290,27 @@ def _not_dumpable() -> None:
         log(f"cannot make the enclave process non-dumpable (errno {ctypes.get_errno()})")
 
 
+def _seal_sandbox() -> None:
+    """Inside the launcher's sandbox: stack the filter that forbids ``execve``.
+
+    The launcher's filter had to allow ``execve`` for its own last step; this
+    runtime never runs a program, so enclave code must not either.  Without the
+    binding (the launcher then loaded no filter either) there is nothing to stack.
+    """
+
+    if syscalls.available():
+        syscalls.install_runtime_filter()
+
+
 def main(argv: list[str] | None = None) -> int:
     _not_dumpable()
     parser = argparse.ArgumentParser(prog="migsgx-enclave")
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--app", type=int, default=None)
+    parser.add_argument("--sandboxed", action="store_true")
     args = parser.parse_args(argv)
+    if args.sandboxed:
+        _seal_sandbox()
     chan = socket.socket(fileno=args.channel)
     # The runtime is ready before it knows which enclave it will be: a platform
     # service keeps one such process warm, so a launch costs no process start.
@@ -358,13 +328,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         app = socket.socket(fileno=fds[0])
     identity = ReportBody.unpack(init["identity"])
-    ticket = recv_frame(chan, PLATFORM)
-    reattach = (ticket["name"], ticket["ticket"]) if ticket["t"] == "ticket" else None
     channel = AppChannel(app)
     try:
         image = EnclaveImage.from_files(init["files"])
-        services = ChannelServices(chan, identity, reattach)
-        instance = EnclaveInstance(image, services, channel.ocall)
+        if args.sandboxed:
+            # The manifest's limits, before a line of the enclave's code runs.
+            m = image.manifest
+            apply_limits(manifest_limits(m.memory_size, m.thread_slots))
+        instance = EnclaveInstance(image, ChannelServices(chan, identity), channel.ocall)
     except MigSGXError as exc:
         log(f"enclave failed to start: {exc.code}")
         send_frame(app, {"t": "err", "id": 0, "code": exc.code, "message": exc.message})

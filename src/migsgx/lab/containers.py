@@ -8,7 +8,8 @@ of directories whose ``/usr`` and ``/etc`` are read-only bind mounts of the
 machine's, with the Python installation and this project (its virtual
 environment and sources) bind-mounted read-only at the same paths.  podman
 gets it as an image (``tar | podman import``) on the source host and copies
-it to the others with ``podman save | podman load``, as a registry would.
+it to the others with ``podman save | podman load``, as a registry would;
+each host's containerd (:mod:`.lab_containerd`) imports it as an OCI archive.
 
 An app with enclaves gets the host's platform socket bind-mounted at
 :data:`PLATFORM_INSIDE` and ``MIGSGX_PLATFORM_SOCKET`` naming it; the enclave
@@ -38,12 +39,14 @@ from typing import TYPE_CHECKING, Any, Final
 from ..containers.base import ContainerError, check_name
 from ..containers.cgroups import Freezer, remove_cgroup
 from ..containers.command import run_engine
+from ..containers.containerd import Ctr
 from ..containers.oci import PLATFORM_ENV
 from ..containers.podman import Podman, remove_all, share_image
 from ..containers.runc import Runc
 from ..containers.settings import ContainerSettings
 from ..criu import Criu
 from ..errors import MigSGXError
+from .containerd import ContainerdDaemon, lab_settings, run_container
 from .hosts import EXAMPLES
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -58,7 +61,7 @@ ENCLAVE_INSIDE: Final = "/opt/enclave"
 MARKER_ENV: Final = "MIGSGX_LAB_MARKER"
 IMAGE: Final = "localhost/migsgx-lab:1"
 READY_TIMEOUT: Final = 60.0
-ENGINES: Final = ("runc", "podman")
+ENGINES: Final = ("runc", "podman", "containerd")
 MASKED_PATHS: Final = (
     "/proc/acpi",
     "/proc/kcore",
@@ -183,6 +186,7 @@ class ContainerLab:
         self.settings: dict[str, ContainerSettings] = {}
         self.apps: list[ContainerApp] = []
         self._image_hosts: set[str] = set()
+        self._containerd: dict[str, ContainerdDaemon] = {}
 
     def __enter__(self) -> ContainerLab:
         self.open()
@@ -201,6 +205,7 @@ class ContainerLab:
                 podman_storage_driver="vfs",
                 cgroup_parent=f"/migsgx-lab-{self.token}-{name}",
                 netns=Path("/run/netns") / self.bed.host(name).netns,
+                **lab_settings(self.base / name / "ctrd", f"migsgx-lab-{self.token}-{name}"),  # type: ignore[arg-type]
             )
             settings.save(self.bed.state(name))
             self.settings[name] = settings
@@ -210,6 +215,23 @@ class ContainerLab:
 
     def podman(self, host: str) -> Podman:
         return Podman(self.settings[host], self.criu.binary)
+
+    def import_containerd_image(self, host: str) -> None:
+        """The lab's image into the host's containerd store (again), as a pull would."""
+
+        self.ctr(host)
+        self._containerd[host].import_image(self.base / "rootfs")
+
+    def ctr(self, host: str) -> Ctr:
+        """``ctr`` for the host's containerd (started, with the lab's image, on first use)."""
+
+        daemon = self._containerd.get(host)
+        if daemon is None:
+            daemon = ContainerdDaemon(self.base / host / "ctrd", self.settings[host], self.criu)
+            self._containerd[host] = daemon
+            daemon.start()
+            daemon.import_image(self.base / "rootfs")
+        return daemon.ctr
 
     # --- images -------------------------------------------------------------------------------
     def podman_image(self, host: str) -> str:
@@ -290,6 +312,8 @@ class ContainerLab:
             raise ContainerError("a network namespace of its own: runc containers only")
         if engine == "runc":
             self._run_runc(name, at, argv, env, binds, private_net=private_net)
+        elif engine == "containerd":
+            self._run_containerd(name, at, argv, env, binds)
         else:
             self._run_podman(name, at, argv, env, binds)
         app = ContainerApp(engine, name, at, port, marker, {"private_net": private_net})
@@ -330,6 +354,8 @@ class ContainerLab:
                f"{MARKER_ENV}={marker}"]  # fmt: skip
         if engine == "runc":
             self._run_runc(name, at, list(argv), env, _python_binds())
+        elif engine == "containerd":
+            self._run_containerd(name, at, list(argv), env, _python_binds())
         else:
             self._run_podman(name, at, list(argv), env, _python_binds())
         app = ContainerApp(engine, name, at, 0, marker)
@@ -380,6 +406,21 @@ class ContainerLab:
             args += ["--volume", f"{source}:{dest}" + (":ro" if readonly else "")]
         self.podman(at)(*args, image, *argv, what=f"podman run {name}")
 
+    def _run_containerd(
+        self,
+        name: str,
+        at: str,
+        argv: list[str],
+        env: list[str],
+        binds: list[tuple[str, str, bool]],
+    ) -> None:
+        settings = self.settings[at]
+        for host in self.bed.names:  # every host has the image, as if pulled from a registry
+            ctr = self.ctr(host)
+        ctr = self.ctr(at)
+        run_container(ctr, name, "localhost/migsgx-lab:1", argv, env, binds,
+                      netns=settings.netns, cgroup=f"{settings.cgroup_parent}/{name}")  # fmt: skip
+
     def wait_ready(self, app: ContainerApp, at: str, timeout: float = READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         while True:
@@ -394,6 +435,9 @@ class ContainerLab:
 
     # --- looking at containers ------------------------------------------------------------------
     def root_pid(self, app: ContainerApp, at: str) -> int | None:
+        if app.engine == "containerd":
+            task = self.ctr(at).task(app.name)
+            return task[0] if task and task[0] > 0 else None
         if app.engine == "runc":
             state = self.runc(at).state(app.name)
             return int(state["pid"]) if state and state.get("pid") else None
@@ -434,6 +478,8 @@ class ContainerLab:
         }
 
     def containers(self, host: str, engine: str) -> list[str]:
+        if engine == "containerd":
+            return self.ctr(host).containers()
         if engine == "runc":
             return self.runc(host).list()
         out = self.podman(host)("ps", "--all", "--format", "{{.Names}}", what="podman ps",
@@ -449,7 +495,10 @@ class ContainerLab:
     def remove_on(self, engine: str, name: str, host: str) -> None:
         """Remove container ``name`` of ``engine`` on ``host`` if it is there."""
 
-        if engine == "runc":
+        if engine == "containerd":
+            with contextlib.suppress(MigSGXError):
+                self.ctr(host).remove(name)
+        elif engine == "runc":
             runc = self.runc(host)
             if runc.state(name) is not None:
                 with contextlib.suppress(MigSGXError):
@@ -464,6 +513,10 @@ class ContainerLab:
     def close(self) -> None:
         """Remove every container, image, store, bundle and cgroup of the lab."""
 
+        for daemon in self._containerd.values():
+            with contextlib.suppress(MigSGXError):
+                daemon.remove_all()
+            daemon.stop()
         for host, settings in self.settings.items():
             runc = self.runc(host)
             for name in runc.list():

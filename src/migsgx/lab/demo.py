@@ -8,8 +8,8 @@ a secret in its enclave on the source, a client that keeps using it, then one
 left (CRIU images, logs, state directories, temp files) is scanned for the
 secret.
 
-``migsgx demo --container runc`` (or ``podman``) runs the application inside
-a container instead, with the host's platform socket bind-mounted into it,
+``migsgx demo --container runc`` (or ``podman``, ``containerd``) runs the application
+inside a container instead, with the host's platform socket bind-mounted into it,
 and migrates the container (``migsgx migrate --runc NAME``).
 """
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..sgx.ca import ProvisioningCA
-from ..sgx.image import generate_author_key, load_author_key, sign_image_dir
+from ..sgx.image import generate_author_key, load_author_key, mr_signer_of, sign_image_dir
 from ..sgx.platform import EmulatedPlatform
 from ..sgx.spawn import ServiceProcess, start_service
 from .examples import examples_dir
@@ -40,13 +40,14 @@ class Deployment:
         ca_dir = root / "ca"
         authority = ProvisioningCA.init(ca_dir)
         names = list(names or [chr(ord("a") + i) for i in range(n_hosts)])
+        key = root / "author.pem"
+        signer = mr_signer_of(generate_author_key(key))
         hosts = []
         for name in names:
             state = root / f"host-{name}"
-            EmulatedPlatform.init(state, authority, host_id=name)
+            # Launch control: the deployment's own author is the one allowed signer.
+            EmulatedPlatform.init(state, authority, host_id=name, allowed_signers=[signer])
             hosts.append(state)
-        key = root / "author.pem"
-        generate_author_key(key)
         return cls(root, ca_dir, hosts, key)
 
     def signed_image(self, example: str, *, dest_name: str | None = None) -> Path:

@@ -48,7 +48,7 @@ __all__ = [
 PREFIX: Final = "migsgx-"
 NETNS_DIR: Final = Path("/run/netns")
 _CLONE_NEWNET: Final = 0x40000000
-_HOST_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+_HOST_NAME = re.compile(r"[a-z][a-z0-9]{0,11}")
 _OWNED_NAME = re.compile(r"^(?P<pid>\d+)-(?P<token>[0-9a-f]+)-")
 
 T = TypeVar("T")
@@ -303,7 +303,7 @@ class HostNetwork:
         if not names or len(set(names)) != len(names):
             raise NetnsError(f"need distinct host names, got {list(names)!r}")
         for name in names:
-            if not _HOST_NAME.match(name):
+            if not _HOST_NAME.fullmatch(name):
                 raise NetnsError(f"bad host name {name!r}: [a-z][a-z0-9]{{0,11}}")
         if not 0 <= subnet <= 255 or len(names) > 250:
             raise NetnsError("subnet must be 0..255 and at most 250 hosts")

@@ -17,6 +17,7 @@ record; it only keeps it, as AESM kept the data of SGX's platform services.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import re
 import threading
@@ -29,11 +30,20 @@ from typing import Any
 import cbor2
 
 from .._fs import read_private, write_private
-from ..errors import ClaimedBeforeError, CounterError
+from ..errors import ClaimedBeforeError, CounterError, RecordConflictError, StoreFullError
 
+# Quotas.  Every owner (MRSIGNER + product id + DEBUG) has its own; the host-wide
+# caps bound the files however many owners launch control lets in.  A full store
+# refuses with StoreFullError and changes nothing; nothing is ever evicted (an
+# evicted migration claim would let its COMMIT token activate a second copy).
 MAX_COUNTERS_PER_OWNER = 256
-MAX_RECORDS_PER_OWNER = 256
+MAX_RECORDS_PER_OWNER = 64
 MAX_RECORD_BYTES = 256 << 10
+MAX_RECORD_BYTES_PER_OWNER = 1 << 20
+MAX_COUNTERS_TOTAL = 16384
+MAX_RECORD_BYTES_TOTAL = 64 << 20
+MAX_CLAIMS_PER_OWNER = 4096
+MAX_CLAIMS_TOTAL = 65536
 COUNTER_MAX = (1 << 64) - 1
 RECORD_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Records the trusted runtime keeps for itself (a checkpoint's gate, say): a name
@@ -54,8 +64,11 @@ class RecordUpdate:
     above the counter's current one; no counter in ``create`` exists (the
     enclave chooses the ids: 32 lowercase hex digits, so that the record it
     seals can name them before they exist); with ``expect_absent``, no record
-    of that name exists.  Then the counters change and the record is replaced
-    by ``record``, or deleted when ``record`` is None.
+    of that name exists; otherwise the record is compared and set: ``expect``
+    is the SHA-256 of the record the caller read and replaces (None: there is
+    none), so no update overwrites or deletes a record its writer has not
+    seen.  Then the counters change and the record is replaced by ``record``,
+    or deleted when ``record`` is None.
     """
 
     record: bytes | None
@@ -64,6 +77,7 @@ class RecordUpdate:
     destroy: Sequence[str] = ()
     check: Mapping[str, int] = field(default_factory=dict)
     expect_absent: bool = False
+    expect: bytes | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -73,6 +87,7 @@ class RecordUpdate:
             "destroy": list(self.destroy),
             "check": dict(self.check),
             "absent": self.expect_absent,
+            "expect": self.expect,
         }
 
     @classmethod
@@ -93,6 +108,9 @@ class RecordUpdate:
         record = msg.get("record")
         if record is not None and not isinstance(record, bytes):
             raise CounterError("a record must be bytes")
+        expect = msg.get("expect")
+        if expect is not None and not (isinstance(expect, bytes) and len(expect) == 32):
+            raise CounterError("a record update expects a SHA-256 digest or nothing")
         return cls(
             record=record,
             create=counter_map(msg.get("create")),
@@ -100,6 +118,7 @@ class RecordUpdate:
             destroy=tuple(destroy),
             check=counter_map(msg.get("check")),
             expect_absent=bool(msg.get("absent")),
+            expect=expect,
         )
 
 
@@ -154,7 +173,9 @@ class CounterStore:
             counters = self._load()
             owned = sum(1 for c in counters.values() if c["owner"] == owner)
             if owned >= MAX_COUNTERS_PER_OWNER:
-                raise CounterError("too many counters for this enclave")
+                raise StoreFullError("too many counters for this enclave's owner")
+            if len(counters) >= MAX_COUNTERS_TOTAL:
+                raise StoreFullError("the host's counter store is full")
             cid = uuid.uuid4().hex
             counters[cid] = {"owner": owner, "value": initial}
             self._save(counters)
@@ -238,13 +259,22 @@ class CounterStore:
         with self._locked():
             data = self._load_all()
             if claim is not None:
-                claim_key = owner + b"/" + bytes(claim)
-                if claim_key in data["claims"] or self._claimed_before(owner, claim):
-                    raise ClaimedBeforeError("this migration id was claimed before on this host")
-                data["claims"].append(claim_key)
+                self._claim_in(data, owner, bytes(claim))
             for key, (name, update) in zip(keys, changes, strict=True):
                 self._apply(data, owner, key, name, update)
             write_private(self._path, cbor2.dumps(data))
+
+    def _claim_in(self, data: dict[str, Any], owner: bytes, mid: bytes) -> None:
+        claims: list[bytes] = data["claims"]
+        claim_key = owner + b"/" + mid
+        if claim_key in claims or self._claimed_before(owner, mid):
+            raise ClaimedBeforeError("this migration id was claimed before on this host")
+        prefix = owner + b"/"
+        if sum(1 for c in claims if c.startswith(prefix)) >= MAX_CLAIMS_PER_OWNER:
+            raise StoreFullError("too many migration claims for this enclave's owner")
+        if len(claims) >= MAX_CLAIMS_TOTAL:
+            raise StoreFullError("the host's claim store is full")
+        claims.append(claim_key)
 
     def claim(self, owner: bytes, mid: bytes) -> bool:
         """Record ``mid`` for ``owner``; False if it was recorded before."""
@@ -291,13 +321,20 @@ class CounterStore:
                 raise CounterError("initial value out of range")
         owned = sum(1 for c in counters.values() if c["owner"] == owner)
         if owned - len(update.destroy) + len(update.create) > MAX_COUNTERS_PER_OWNER:
-            raise CounterError("too many counters for this enclave")
-        if update.expect_absent and key in records:
+            raise StoreFullError("too many counters for this enclave's owner")
+        if len(counters) - len(update.destroy) + len(update.create) > MAX_COUNTERS_TOTAL:
+            raise StoreFullError("the host's counter store is full")
+        current = records.get(key)
+        if update.expect_absent and current is not None:
             raise CounterError(f"a persistent record {name!r} exists already")
-        if update.record is not None and key not in records:
-            mine = sum(1 for r in records.values() if r.get("owner") == owner)
-            if mine >= MAX_RECORDS_PER_OWNER:
-                raise CounterError("too many persistent records for this enclave")
+        if not update.expect_absent:
+            seen = None if current is None else hashlib.sha256(current["blob"]).digest()
+            if update.expect != seen:
+                raise RecordConflictError(
+                    f"the persistent record {name!r} is not the one this update replaces"
+                )
+        if update.record is not None:
+            self._check_record_quota(records, owner, key, len(update.record))
         for cid, value in update.advance.items():
             counters[cid] = {**counters[cid], "value": value}
         for cid in update.destroy:
@@ -308,6 +345,17 @@ class CounterStore:
             records.pop(key, None)
         else:
             records[key] = {"owner": owner, "name": name, "blob": bytes(update.record)}
+
+    @staticmethod
+    def _check_record_quota(records: dict[str, Any], owner: bytes, key: str, size: int) -> None:
+        mine = [r for k, r in records.items() if r.get("owner") == owner and k != key]
+        if key not in records and len(mine) >= MAX_RECORDS_PER_OWNER:
+            raise StoreFullError("too many persistent records for this enclave's owner")
+        if sum(len(r["blob"]) for r in mine) + size > MAX_RECORD_BYTES_PER_OWNER:
+            raise StoreFullError("this enclave's owner has used its persistent record quota")
+        others = sum(len(r["blob"]) for k, r in records.items() if k != key)
+        if others + size > MAX_RECORD_BYTES_TOTAL:
+            raise StoreFullError("the host's persistent record store is full")
 
 
 class _FileLock:
@@ -363,15 +411,26 @@ class ClaimStore:
     def claim(self, owner: bytes, mid: bytes) -> bool:
         """Record ``mid`` for ``owner``; False if it was recorded before."""
 
-        key = owner + b"/" + bytes(mid)
+        key = owner + b"/" + _check_mid(mid)
         with _FileLock(self._lock, self._lock_path):
             claims = self._load()
             if key in claims:
                 return False
+            prefix = owner + b"/"
+            if sum(1 for c in claims if c.startswith(prefix)) >= MAX_CLAIMS_PER_OWNER:
+                raise StoreFullError("this enclave's owner has used its migration claim quota")
+            if len(claims) >= MAX_CLAIMS_TOTAL:
+                raise StoreFullError("the host's migration claim store is full")
             claims.append(key)
             write_private(self._path, cbor2.dumps({"v": 1, "claims": claims}))
             return True
 
     def claimed(self, owner: bytes, mid: bytes) -> bool:
         with _FileLock(self._lock, self._lock_path):
-            return owner + b"/" + bytes(mid) in self._load()
+            return owner + b"/" + _check_mid(mid) in self._load()
+
+
+def _check_mid(mid: bytes) -> bytes:
+    if not isinstance(mid, bytes | bytearray) or not 1 <= len(mid) <= 64:
+        raise CounterError("a migration id is 1 to 64 bytes")
+    return bytes(mid)

@@ -36,6 +36,7 @@ from ..errors import (
     ImageSignatureError,
     ImageUnsignedError,
 )
+from .collateral import ACCEPTABLE_STATUSES
 from .structs import FLAG_DEBUG, Attributes
 
 MANIFEST = "manifest.toml"
@@ -50,9 +51,9 @@ _SIG_HEADER = struct.Struct("<8sII32s16s16sHH")
 _RSA_BYTES = 384
 SIGSTRUCT_SIZE = _SIG_HEADER.size + _RSA_BYTES + 4 + _RSA_BYTES
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
+_SIZE_RE = re.compile(r"\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*")
 _UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-_ENTRY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_ENTRY_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 # The name becomes part of file names on the host (the enclave's log).
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
@@ -66,7 +67,7 @@ def parse_size(value: int | str) -> int:
         return value
     if not isinstance(value, str):
         raise ValueError("size must be a number of bytes or a string such as '64MiB'")
-    m = _SIZE_RE.match(value)
+    m = _SIZE_RE.fullmatch(value)
     if not m:
         raise ValueError(f"not a size: {value!r} (use bytes or KiB/MiB/GiB)")
     return int(m.group(1)) * _UNITS[m.group(2)]
@@ -84,6 +85,9 @@ class Manifest:
     # Who may receive this enclave's state: "same-enclave" or "same-signer".
     # Measured like every field, so the untrusted side cannot weaken it.
     migration_policy: str = "same-enclave"
+    # TCB statuses besides UpToDate that a peer platform may have (never Revoked).
+    # Measured, and only when non-empty, so images without it keep their MRENCLAVE.
+    accept_tcb: tuple[str, ...] = ()
 
     _FIELDS = (
         "name",
@@ -94,6 +98,7 @@ class Manifest:
         "svn",
         "debug",
         "migration_policy",
+        "accept_tcb",
     )
 
     @classmethod
@@ -116,6 +121,7 @@ class Manifest:
                 svn=_typed(section, "svn", int, 0),
                 debug=_typed(section, "debug", bool, False),
                 migration_policy=_typed(section, "migration_policy", str, "same-enclave"),
+                accept_tcb=_statuses(section),
             )
         except KeyError as exc:
             raise ImageError(f"manifest lacks required field {exc.args[0]!r}") from exc
@@ -130,7 +136,7 @@ class Manifest:
                 "manifest name must be 1-64 characters of A-Z a-z 0-9 _ . - "
                 "and must not start with . or -"
             )
-        if not _ENTRY_RE.match(self.entry):
+        if not _ENTRY_RE.fullmatch(self.entry):
             raise ImageError(f"manifest entry {self.entry!r} is not 'module:Class'")
         if self.memory_size <= 0 or self.memory_size % PAGE_SIZE:
             raise ImageError(f"memory_size must be a positive multiple of {PAGE_SIZE}")
@@ -138,17 +144,34 @@ class Manifest:
             raise ImageError("thread_slots must be 1-256")
         if self.migration_policy not in ("same-enclave", "same-signer"):
             raise ImageError("migration_policy must be 'same-enclave' or 'same-signer'")
+        bad = [s for s in self.accept_tcb if s not in ACCEPTABLE_STATUSES]
+        if bad:
+            raise ImageError(
+                f"accept_tcb may list only {', '.join(ACCEPTABLE_STATUSES)}; not {bad}"
+            )
         for field in ("product_id", "svn"):
             if not 0 <= getattr(self, field) <= 0xFFFF:
                 raise ImageError(f"{field} must be 0-65535")
 
     def canonical(self) -> bytes:
-        return cbor2.dumps({f: getattr(self, f) for f in self._FIELDS}, canonical=True)
+        fields = {f: getattr(self, f) for f in self._FIELDS}
+        if not self.accept_tcb:
+            del fields["accept_tcb"]
+        else:
+            fields["accept_tcb"] = sorted(self.accept_tcb)
+        return cbor2.dumps(fields, canonical=True)
 
     @property
     def attributes(self) -> Attributes:
         base = Attributes()
         return Attributes(base.flags | (FLAG_DEBUG if self.debug else 0), base.xfrm)
+
+
+def _statuses(section: Mapping[str, Any]) -> tuple[str, ...]:
+    value = section.get("accept_tcb", [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("accept_tcb must be a list of TCB status names")
+    return tuple(value)
 
 
 def _typed(section: Mapping[str, Any], key: str, kind: type, default: Any = ...) -> Any:

@@ -47,8 +47,8 @@ from ..errors import (
     QuoteSignatureError,
     UnknownCAError,
 )
-from .ca import SGX_EXTENSIONS_OID
 from .keys import KeyDeriver
+from .sgxext import SGX_EXTENSIONS_OID
 from .structs import REPORT_BODY_SIZE, Attributes, Report, ReportBody
 
 QUOTE_VERSION = 3
@@ -67,6 +67,7 @@ QE_MR_ENCLAVE = hashlib.sha256(b"migsgx emulated quoting enclave v1").digest()
 QE_PROD_ID = 1
 QE_SVN = 1
 PCE_SVN = 1
+QE_AUTH_DATA_SIZE = 32
 
 
 def _sig_raw(der: bytes) -> bytes:
@@ -220,7 +221,8 @@ class QuotingEnclave:
         self._chain = cert_chain_pem
         self._identity = qe_identity()
         self._user_data = hashlib.sha256(platform_id).digest()[:16] + bytes(4)
-        auth = b""
+        # 32 bytes of QE authentication data, as Intel's QE writes (bytes 0..31).
+        auth = bytes(range(QE_AUTH_DATA_SIZE))
         qe_data = hashlib.sha256(self._att_pub + auth).digest() + bytes(32)
         self._qe_report = ReportBody(
             mr_enclave=self._identity.mr_enclave,

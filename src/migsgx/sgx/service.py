@@ -13,12 +13,10 @@ back to the service, bound to the identity the service measured.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import shutil
+import secrets
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -32,13 +30,24 @@ from cryptography.hazmat.primitives import serialization
 from ..channel import IMAGE_FRAME_MAX, LAUNCH, PLATFORM
 from ..errors import ConnectionClosedError, LaunchError, MigSGXError, ProtocolError
 from ..wire import recv_frame, send_frame
+from . import syscalls
 from .counters import RecordUpdate
 from .image import EnclaveImage
 from .platform import EmulatedPlatform, LocalServices
+from .sandbox import SandboxSpec, launcher_command, runtime_binds
 from .structs import KeyRequest, ReportBody, TargetInfo
 
 SOCKET_NAME = "enclave.sock"
 LAUNCH_TIMEOUT = 30.0
+#: Enclave logs kept (one per launch, each at most 16 MiB in the sandbox).
+MAX_LOGS = 256
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def default_socket(state_dir: Path) -> Path:
@@ -50,7 +59,7 @@ class EnclaveRecord:
     pid: int
     name: str
     identity: ReportBody
-    process: subprocess.Popen[bytes] | None  # None: launched by an earlier service, reattached
+    process: subprocess.Popen[bytes]
     started: float = field(default_factory=time.time)
 
 
@@ -64,33 +73,70 @@ class PlatformService:
         allow_debug: bool = True,
         log_dir: Path | None = None,
         warm_spare: bool = False,
+        launch_control: bool = True,
+        socket_group: int | None = None,
+        sandbox: bool | None = None,
     ) -> None:
+        """``allowed_signers`` adds to the host's recorded allow list (``platform init``);
+        ``launch_control=False`` lets any signer launch (development only);
+        ``socket_group`` may use the socket besides the service's user; ``sandbox``
+        defaults to on when the service runs as root (:mod:`.sandbox`)."""
+
         self.platform = platform
         self.socket_path = Path(socket_path or default_socket(platform.state_dir))
-        self.allowed_signers = allowed_signers
+        self.allowed_signers = set(platform.allowed_signers) | set(allowed_signers or ())
+        self.launch_control = launch_control
+        self.socket_group = socket_group
         self.allow_debug = allow_debug
+        self.sandbox = os.geteuid() == 0 if sandbox is None else sandbox
+        if self.sandbox and os.geteuid() != 0:
+            raise LaunchError("the enclave sandbox needs the service to run as root")
+        self._sandbox_root = platform.state_dir / "sandbox"
+        self._binds = runtime_binds() if self.sandbox else []
+        self._seccomp = self.sandbox and syscalls.available()
         self.log_dir = Path(log_dir or platform.state_dir / "logs")
         self.enclaves: dict[int, EnclaveRecord] = {}
+        self._live_logs: dict[int, Path] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
         self.warm_spare = warm_spare
         self._spare: tuple[subprocess.Popen[bytes], socket.socket] | None = None
         self._spare_lock = threading.Lock()
-        self._reattach: socket.socket | None = None
 
     # --- lifecycle -------------------------------------------------------------
     def bind(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        if self.sandbox:
+            self._sandbox_root.mkdir(exist_ok=True, mode=0o700)
+            if not self._seccomp:
+                sys.stderr.write(
+                    "platform: WARNING: libseccomp's Python binding is missing (run "
+                    "`make setup`): enclaves run without their system-call filter\n"
+                )
+        else:
+            sys.stderr.write(
+                "platform: WARNING: not root, enclaves are not sandboxed (they run as "
+                "this service's user)\n"
+            )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(self.socket_path))
-        # Any local application may ask for an enclave, as with /dev/sgx_enclave.
-        os.chmod(self.socket_path, 0o666)  # noqa: S103
+        # Like /dev/sgx_enclave: the service's user and a configured group, nobody else.
+        # Bound under a temporary name and renamed once listening, so the socket is
+        # never reachable with looser permissions, nor visible before it accepts.
+        staging = self.socket_path.with_name(f".{self.socket_path.name}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            staging.unlink()
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(staging))
+        finally:
+            os.umask(old)
+        if self.socket_group is not None:
+            os.chown(staging, -1, self.socket_group)
+            os.chmod(staging, 0o660)
         sock.listen(64)
+        os.replace(staging, self.socket_path)
         self._listener = sock
-        self._bind_reattach()
         self._refill_spare()
 
     def serve_forever(self) -> None:
@@ -122,17 +168,13 @@ class PlatformService:
             spare[1].close()
             spare[0].kill()
             spare[0].wait()
-        if self._reattach is not None:
-            self._reattach.close()
         if kill_enclaves:
             with self._lock:
-                records = [r for r in self.enclaves.values() if r.process is not None]
+                records = list(self.enclaves.values())
             for rec in records:
-                assert rec.process is not None
                 with contextlib.suppress(ProcessLookupError):
                     rec.process.send_signal(signal.SIGTERM)
             for rec in records:
-                assert rec.process is not None
                 try:
                     rec.process.wait(timeout=5)
                 except subprocess.TimeoutExpired:
@@ -142,8 +184,9 @@ class PlatformService:
     def _reap(self) -> None:
         with self._lock:
             for pid, rec in list(self.enclaves.items()):
-                if rec.process is not None and rec.process.poll() is not None:
+                if rec.process.poll() is not None:
                     del self.enclaves[pid]
+                    self._live_logs.pop(pid, None)
 
     # --- launch ----------------------------------------------------------------
     def _handle_launch(self, conn: socket.socket) -> None:
@@ -174,9 +217,10 @@ class PlatformService:
             raise LaunchError("image files must map names to bytes")
         image = EnclaveImage.from_files(files)
         identity, _sig = self.platform.einit(image)
-        if self.allowed_signers is not None and identity.mr_signer not in self.allowed_signers:
+        if self.launch_control and identity.mr_signer not in self.allowed_signers:
             raise LaunchError(
-                f"launch control: MRSIGNER {identity.mr_signer.hex()} is not allowed on this host"
+                f"launch control: MRSIGNER {identity.mr_signer.hex()} is not allowed on this "
+                "host (allow it with `migsgx platform allow-signer --state DIR MRSIGNER`)"
             )
         if identity.attributes.debug and not self.allow_debug:
             raise LaunchError("launch control: debug enclaves are not allowed on this host")
@@ -188,11 +232,8 @@ class PlatformService:
             send_frame(ours, init, max_size=IMAGE_FRAME_MAX)
             socket.send_fds(ours, [b"A"], [conn.fileno()])
         else:
-            proc, ours = self._start_runtime(f"enclave-{image.manifest.name}.log", conn)
+            proc, ours = self._start_runtime(conn)
             send_frame(ours, init, max_size=IMAGE_FRAME_MAX)
-        # How the enclave finds this platform again if the service restarts.
-        ticket = self.platform.reattach_ticket(identity)
-        send_frame(ours, {"t": "ticket", "name": self.reattach_name, "ticket": ticket})
         self._refill_spare()
         rec = EnclaveRecord(proc.pid, image.manifest.name, identity, proc)
         with self._lock:
@@ -204,75 +245,34 @@ class PlatformService:
         ).start()
         return rec
 
-    # --- reattach: enclaves of an earlier service -------------------------------------
-    @property
-    def reattach_name(self) -> str:
-        """The abstract socket where enclaves find this host's platform again.
-
-        Enclave processes cannot see the state directory (it is hidden from
-        them), but they share the service's network namespace.
-        """
-
-        digest = hashlib.sha256(str(self.platform.state_dir.resolve()).encode()).hexdigest()
-        return f"migsgx-platform-{digest[:32]}"
-
-    def _bind_reattach(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind("\0" + self.reattach_name)
-        except OSError:
-            sock.close()  # another service of this state runs: it serves the reattach
-            return
-        sock.listen(16)
-        self._reattach = sock
-        threading.Thread(target=self._accept_reattach, name="migsgx-reattach", daemon=True).start()
-
-    def _accept_reattach(self) -> None:
-        assert self._reattach is not None
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._reattach.accept()
-            except OSError:
-                return
-            conn.settimeout(LAUNCH_TIMEOUT)
-            threading.Thread(target=self._reattach_one, args=(conn,), daemon=True).start()
-
-    def _reattach_one(self, conn: socket.socket) -> None:
-        """An enclave process of an earlier service: bound again to the identity its
-        ticket names (a MAC only this platform makes), never to one it claims."""
-
-        try:
-            msg = recv_frame(conn, PLATFORM)
-            if msg["t"] != "reattach":
-                raise ProtocolError("expected a reattach request")
-            identity = self.platform.reattach_identity(msg["identity"], msg["ticket"])
-            if identity is None:
-                raise LaunchError("the reattach ticket does not verify")
-            pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-            send_frame(conn, {"t": "ok", "value": None})
-        except (MigSGXError, OSError, ValueError):
-            conn.close()
-            return
-        conn.settimeout(None)
-        rec = EnclaveRecord(pid, "reattached", identity, None)
-        with self._lock:
-            self.enclaves.setdefault(pid, rec)
-        self._serve_enclave(conn, self.platform.services_for(identity), rec)
-
     # --- enclave processes ----------------------------------------------------------
     def _start_runtime(
-        self, log_name: str, conn: socket.socket | None
+        self, conn: socket.socket | None
     ) -> tuple[subprocess.Popen[bytes], socket.socket]:
-        """Start an enclave runtime process; ``conn`` None makes a spare."""
+        """Start an enclave runtime process; ``conn`` None makes a spare.
 
-        log = open(self.log_dir / log_name, "ab")  # noqa: SIM115
+        Its log is a file of its own, named by a random instance id (never by
+        anything an author chose), readable by the service's user only: the
+        enclave writes through the descriptor it inherits and cannot open the
+        file again, nor any other enclave's.
+        """
+
+        self._prune_logs()
+        log_path = self.log_dir / f"enclave-{secrets.token_hex(8)}.log"
+        log_fd = os.open(
+            log_path,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+        log = os.fdopen(log_fd, "ab")
+        launcher, flags = self._sandbox_prefix()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = [theirs.fileno()] + ([conn.fileno()] if conn is not None else [])
         app_args = ["--app", str(conn.fileno())] if conn is not None else []
         try:
             proc = subprocess.Popen(
                 [
-                    *self._isolation_prefix(),
+                    *launcher,
                     sys.executable,
                     # -P: the working directory is not put on sys.path, so no file
                     # beside the service can be imported into the enclave unmeasured.
@@ -282,6 +282,7 @@ class PlatformService:
                     "--channel",
                     str(theirs.fileno()),
                     *app_args,
+                    *flags,
                 ],
                 pass_fds=tuple(fds),
                 stdin=subprocess.DEVNULL,
@@ -296,13 +297,30 @@ class PlatformService:
         finally:
             theirs.close()
             log.close()
+        with self._lock:
+            self._live_logs[proc.pid] = log_path
         return proc, ours
+
+    def _prune_logs(self) -> None:
+        """Keep at most MAX_LOGS enclave logs: the oldest of ended enclaves go first."""
+
+        logs = sorted(self.log_dir.glob("enclave-*.log"), key=_mtime)
+        if len(logs) < MAX_LOGS:
+            return
+        with self._lock:
+            live = set(self._live_logs.values())
+        for path in logs[: len(logs) - MAX_LOGS + 1]:
+            if path not in live:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
     def _take_spare(self) -> tuple[subprocess.Popen[bytes], socket.socket] | None:
         with self._spare_lock:
             spare, self._spare = self._spare, None
         if spare is not None and spare[0].poll() is not None:
             spare[1].close()
+            with self._lock:
+                self._live_logs.pop(spare[0].pid, None)
             return None
         return spare
 
@@ -314,7 +332,7 @@ class PlatformService:
 
         def start() -> None:
             try:
-                spare = self._start_runtime("enclaves.log", None)
+                spare = self._start_runtime(None)
             except LaunchError:
                 return
             with self._spare_lock:
@@ -327,37 +345,18 @@ class PlatformService:
 
         threading.Thread(target=start, name="migsgx-spare", daemon=True).start()
 
-    def _isolation_prefix(self) -> list[str]:
-        """Hide the platform's state (root secret, keys) from enclave code.
+    def _sandbox_prefix(self) -> tuple[list[str], list[str]]:
+        """The launcher command that puts the runtime in its sandbox, and runtime flags.
 
-        On SGX the fused key never leaves the CPU; here it is a file, so each
-        enclave process gets a private mount namespace with an empty, inaccessible
-        tmpfs over the state directory.  Needs root (CAP_SYS_ADMIN); without it
-        the enclave runs as the service's user and the directory's 0700 mode is
-        the only barrier.  Once the tmpfs is in place the enclave drops every
-        capability (``setpriv``): otherwise, still root, it could unmount the
-        tmpfs, or read the state through ``/proc/<service>/root`` or the
-        service's memory.
+        Root builds the full sandbox (:mod:`.sandbox`).  Without root nothing of
+        it can be built: the enclave runs as the service's user and the state
+        directory's 0700 mode is the only barrier (said once, at bind time).
         """
 
-        if os.geteuid() != 0 or shutil.which("unshare") is None:
-            return []
-        drop = ""
-        if shutil.which("setpriv") is not None:
-            drop = (
-                "setpriv --bounding-set=-all --inh-caps=-all --ambient-caps=-all --no-new-privs -- "
-            )
-        return [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "/bin/sh",
-            "-c",
-            f'mount -t tmpfs -o size=4k,mode=000 migsgx-hidden "$0" && exec {drop}"$@"',
-            str(self.platform.state_dir.resolve()),
-        ]
+        if not self.sandbox:
+            return [], []
+        spec = SandboxSpec.fresh(self._sandbox_root, self._binds, seccomp=self._seccomp)
+        return launcher_command(spec, []), ["--sandboxed"]
 
     # --- the private channel of one enclave ------------------------------------
     def _serve_enclave(self, sock: socket.socket, svc: LocalServices, rec: EnclaveRecord) -> None:
@@ -384,9 +383,8 @@ class PlatformService:
                     send_frame(sock, reply)
                 except OSError:
                     break
-        if rec.process is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                rec.process.wait(timeout=5)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            rec.process.wait(timeout=5)
 
     def _answer(self, svc: LocalServices, msg: dict[str, Any]) -> Any:
         kind = msg["t"]
@@ -398,6 +396,8 @@ class PlatformService:
             return svc.quote(msg["data"])
         if kind == "roots":
             return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svc.trusted_roots())
+        if kind == "collateral":
+            return svc.collateral()
         if kind == "ctr_create":
             return list(svc.counter_create(msg["initial"]))
         if kind == "ctr_read":

@@ -2,18 +2,23 @@
 
 One invocation builds two namespaced hosts with container engines
 (:class:`~migsgx.lab.containers.ContainerLab`) and, in the same run, with
-runc or podman:
+runc, podman or containerd:
 
 * ``migsgx``: the example ``model`` application, in a container, holding SIZE
   of enclave memory (secret weights its enclave makes), migrates with
-  ``migsgx migrate --runc/--podman``; the digests of enclave and ordinary
+  ``migsgx migrate --runc/--podman/--containerd``; the digests of enclave and ordinary
   memory are checked on the destination;
 * ``engine_only``: the same container image running a plain process that
   holds SIZE of ordinary memory (no enclaves: the engine alone cannot move
   enclave state) moves with the engine's own checkpoint and restore: runc
   ``checkpoint`` with CRIU's page server on the destination, a copy of the
   other images, ``runc restore``; or podman ``container checkpoint
-  --export``, a copy of the archive, ``container restore --import``.
+  --export``, a copy of the archive, ``container restore --import``; or
+  containerd's ``ctr tasks checkpoint`` into a directory (the source is
+  removed after it), a copy, and
+  ``ctr containers restore --live`` from the checkpoint image made of it
+  (containerd 1.6 cannot export a checkpoint image: ``ctr images export``
+  fails on it), the image's writing and import counted in the restore.
 
 Both move about SIZE bytes.  ``localize`` (podman) is the rewrite of the
 archive that two hosts sharing one machine need (its network namespace and
@@ -34,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from ...containers import HostConfig
+from ...containers.containerd import Ctr
+from ...containers.layout import CheckpointParts, write_checkpoint_image
 from ...containers.oci import Localization, extract_tree, load_json, localize, tar_tree
 from ...containers.podman import Podman, PodmanDriver
 from ...containers.runc import Runc
@@ -216,9 +223,70 @@ def _podman_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict
     }
 
 
+def _containerd_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict[str, Any]:
+    app, digest = _plain(lab, "containerd", size)
+    src, dst = lab.ctr("src"), lab.ctr("dst")
+    info = src.info(app.name) or {}
+    settings = lab.settings["dst"]
+    dump_dir = Path(tempfile.mkdtemp(prefix="migsgx-bench-containerd-", dir="/dev/shm"))
+    moved = bed.root / "containerd-only"
+    moved.mkdir()
+    images = moved / "images"
+    ref = f"migsgx.local/bench/{app.name}:1"
+    try:
+        t0 = time.monotonic()
+        # Without --exit: CRIU would keep the source host's network locked for a restore there.
+        src("tasks", "checkpoint", "--image-path", str(dump_dir), "--work-path",
+            str(moved / "work"), app.name, what="ctr tasks checkpoint", timeout=600)  # fmt: skip
+        t_dump = time.monotonic()
+        src.remove(app.name)  # not counted: a source host does this after the fact
+        t_removed = time.monotonic()
+        shutil.copytree(dump_dir, images)
+        t_copy = time.monotonic()
+        here = Localization(None, settings.netns, f"{settings.cgroup_parent}/{app.name}", None)
+        parts = CheckpointParts(
+            criu_images=images,
+            spec=localize(info["Spec"], here),
+            image=str(info["Image"]),
+            runtime=str(info["Runtime"]["Name"]),
+            snapshotter=dst.snapshotter,
+        )
+        archive = write_checkpoint_image(parts, ref, moved / "checkpoint.tar", moved)
+        dst.import_image(archive, unpack=False)
+        dst("containers", "restore", "--live", app.name, ref, what="ctr containers restore",
+            timeout=600)  # fmt: skip
+        t_end = time.monotonic()
+        nbytes = sum(p.stat().st_size for p in images.iterdir())
+    finally:
+        shutil.rmtree(dump_dir, ignore_errors=True)
+        _quiet_remove_image(dst, ref)
+    try:
+        if lab.ask(app, "DIGEST", at="dst") != digest:
+            raise MigSGXError("the plain container's memory differs after the restore")
+    finally:
+        lab.remove(app)
+        shutil.rmtree(moved, ignore_errors=True)
+    removal = t_removed - t_dump
+    return {
+        "total_seconds": t_end - t0 - removal,
+        "downtime_seconds": t_end - t0 - removal,
+        "bytes": nbytes,
+        "phases": {"dump": t_dump - t0, "transfer": t_copy - t_removed, "restore": t_end - t_copy},
+        "source_removal_seconds": removal,
+    }
+
+
+def _quiet_remove_image(ctr: Ctr, ref: str) -> None:
+    with contextlib.suppress(MigSGXError):
+        ctr.remove_image(ref)
+
+
+ENGINE_ONLY = {"runc": _runc_only, "podman": _podman_only, "containerd": _containerd_only}
+
+
 def run(engine: str, size: int, *, subnet: int = 202, keep: Path | None = None) -> dict[str, Any]:
-    if engine not in ("runc", "podman"):
-        raise ConfigError("--engine is runc or podman")
+    if engine not in ENGINE_ONLY:
+        raise ConfigError("--engine is runc, podman or containerd")
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
     criu = Criu()
@@ -226,8 +294,7 @@ def run(engine: str, size: int, *, subnet: int = 202, keep: Path | None = None) 
     try:
         with Testbed(root, subnet=subnet) as bed, ContainerLab(bed, criu=criu) as lab:
             migsgx = _migsgx(bed, lab, engine, size)
-            only = _runc_only if engine == "runc" else _podman_only
-            plain = only(bed, lab, size, criu)
+            plain = ENGINE_ONLY[engine](bed, lab, size, criu)
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)

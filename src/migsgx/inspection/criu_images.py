@@ -1,0 +1,118 @@
+"""Reading CRIU's image files, just enough to tell what a checkpoint holds.
+
+A CRIU image is a 32-bit magic (two for most images: the common magic, then
+the image's own), then entries, each a 32-bit little-endian length and a
+protobuf message.  Only two messages are read here, and only the fields
+named below (``images/pstree.proto`` and ``images/core.proto`` of CRIU): the
+process tree (pid, parent, threads) and each task's command name.  The
+messages are declared at run time and parsed by the ``protobuf`` library;
+fields not declared are skipped by it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Any, Final
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from ..errors import InspectError
+
+__all__ = ["PSTREE_MAGIC", "command_of", "entries", "process_tree"]
+
+IMG_COMMON_MAGIC: Final = 0x54564319
+IMG_SERVICE_MAGIC: Final = 0x55105940
+PSTREE_MAGIC: Final = 0x50273030
+CORE_MAGIC: Final = 0x55053847
+MAX_ENTRY: Final = 16 << 20
+_U32: Final = struct.Struct("<I")
+
+
+def _messages() -> dict[str, Any]:
+    """The two message classes, declared as CRIU's .proto files declare those fields."""
+
+    f = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="migsgx_criu_subset.proto", package="criu")
+
+    def message(name: str, fields: list[tuple[str, int, int, int, str]]) -> None:
+        m = proto.message_type.add(name=name)
+        for fname, number, ftype, label, type_name in fields:
+            field = m.field.add(name=fname, number=number, type=ftype, label=label)
+            if type_name:
+                field.type_name = type_name
+
+    opt, rep = f.LABEL_OPTIONAL, f.LABEL_REPEATED
+    message("pstree_entry", [
+        ("pid", 1, f.TYPE_UINT32, opt, ""),
+        ("ppid", 2, f.TYPE_UINT32, opt, ""),
+        ("pgid", 3, f.TYPE_UINT32, opt, ""),
+        ("sid", 4, f.TYPE_UINT32, opt, ""),
+        ("threads", 5, f.TYPE_UINT32, rep, ""),
+    ])  # fmt: skip
+    message("task_core_entry", [("comm", 6, f.TYPE_STRING, opt, "")])
+    message("core_entry", [("tc", 3, f.TYPE_MESSAGE, opt, ".criu.task_core_entry")])
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"criu.{name}"))
+        for name in ("pstree_entry", "core_entry")
+    }
+
+
+_CLASSES: dict[str, Any] = {}
+
+
+def _cls(name: str) -> Any:
+    if not _CLASSES:
+        _CLASSES.update(_messages())
+    return _CLASSES[name]
+
+
+def entries(data: bytes, magic: int, what: str) -> Iterator[bytes]:
+    """The entries of a CRIU image whose own magic is ``magic``."""
+
+    if len(data) < 8:
+        raise InspectError(f"{what}: truncated CRIU image ({len(data)} bytes)")
+    first, second = _U32.unpack_from(data, 0)[0], _U32.unpack_from(data, 4)[0]
+    if first not in (IMG_COMMON_MAGIC, IMG_SERVICE_MAGIC) or second != magic:
+        raise InspectError(f"{what}: not a CRIU image of the expected kind")
+    at = 8
+    while at < len(data):
+        if at + 4 > len(data):
+            raise InspectError(f"{what}: truncated entry header at byte {at}")
+        (size,) = _U32.unpack_from(data, at)
+        at += 4
+        if size > MAX_ENTRY or at + size > len(data):
+            raise InspectError(f"{what}: entry of {size} bytes at byte {at} runs past the end")
+        yield data[at : at + size]
+        at += size
+
+
+def _parse(name: str, raw: bytes, what: str) -> Any:
+    msg = _cls(name)()
+    try:
+        msg.ParseFromString(raw)
+    except Exception as exc:  # the library's DecodeError, and nothing of ours
+        raise InspectError(f"{what}: undecodable entry: {exc}") from exc
+    return msg
+
+
+def process_tree(data: bytes) -> list[dict[str, Any]]:
+    """``pstree.img`` -> [{"pid", "ppid", "threads"}] in CRIU's order (the root first)."""
+
+    out = []
+    for raw in entries(data, PSTREE_MAGIC, "pstree.img"):
+        msg = _parse("pstree_entry", raw, "pstree.img")
+        out.append({"pid": msg.pid, "ppid": msg.ppid, "threads": len(msg.threads) or 1})
+    if not out:
+        raise InspectError("pstree.img holds no process")
+    return out
+
+
+def command_of(data: bytes, what: str) -> str:
+    """The command name (``comm``) in a task's ``core-PID.img``."""
+
+    for raw in entries(data, CORE_MAGIC, what):
+        return str(_parse("core_entry", raw, what).tc.comm)
+    raise InspectError(f"{what}: no entry")
