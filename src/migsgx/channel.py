@@ -60,6 +60,13 @@ PLATFORM = Schema(
     {
         # service -> enclave, once, at start
         "init": {"files": dict, "identity": bytes},
+        # service -> enclave, right after init: proof of the identity measured at launch
+        "ticket": {"ticket": bytes},
+        # a restarted service -> enclave, first on the reserve channel; the answer
+        # "reattach", then "reserve" (with a fresh pair of descriptors) or "err"
+        "hello": {},
+        "reattach": {"identity": bytes, "ticket": bytes},
+        "reserve": {},
         # enclave -> service
         "getkey": {"request": bytes},
         "report": {"target": bytes, "data": bytes},
