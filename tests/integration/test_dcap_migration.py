@@ -42,6 +42,7 @@ from migsgx.errors import (  # noqa: E402
     TcbOutOfDateError,
 )
 from migsgx.lab.hosts import start_service  # noqa: E402
+from migsgx.sgx.image import load_author_key, mr_signer_of  # noqa: E402
 
 pytest_plugins = ["state_helpers"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -62,8 +63,9 @@ def host(world: World) -> Iterator[tuple[str, Path]]:
     name = f"t{uuid.uuid4().hex[:8]}"
     state = world.root / f"host-{name}"
     ca = str(world.deployment.ca_dir)
+    signer = mr_signer_of(load_author_key(world.deployment.author_key)).hex()
     migsgx("platform", "init", "--state", str(state), "--ca", ca, "--host-id", name,
-           "--tcb-level", "1")
+           "--tcb-level", "1", "--allow-signer", signer)
     world.services[name] = start_service(state)
     try:
         yield name, state

@@ -275,9 +275,12 @@ def test_the_daemonset_shares_the_platform_socket_and_serves_metrics() -> None:
 
     from migsgx.cli import cli
 
-    help_text = CliRunner().invoke(cli, ["agent", "serve", "--help"]).output
-    for option in (a for a in agent["args"] if a.startswith("--")):
-        assert option in help_text
+    for container in pod["containers"]:
+        command = container["command"][1:]
+        help_text = CliRunner().invoke(cli, [*command, "--help"]).output
+        assert "Usage:" in help_text, command
+        for option in (a for a in container["args"] if a.startswith("--")):
+            assert f"{option} " in help_text or f"{option}\n" in help_text, (command, option)
 
 
 @pytest.mark.parametrize(
