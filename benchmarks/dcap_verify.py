@@ -47,7 +47,7 @@ def main() -> None:
         "calls_per_run": CALLS,
         "own_verifier_seconds": _measure(lambda: verify_quote(quote, roots)),
         "dcap_of_record_seconds": _measure(
-            lambda: verify_dcap(quote, Collateral.from_json(host.collateral()), roots)
+            lambda: verify_dcap(quote, [Collateral.from_json(c) for c in host.collateral()], roots)
         ),
     }
     print(json.dumps(result, indent=1))

@@ -11,20 +11,17 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
-    "AUTO_MAX_CHUNK_SIZE",
-    "AUTO_MIN_CHUNK_SIZE",
     "DEFAULT_CHUNK_SIZE",
-    "DEFAULT_OVERHEAD_BUDGET",
     "DEFAULT_SLOTS",
     "MAX_CHUNK_SIZE",
     "MAX_IMAGE_BYTES",
+    "MAX_OFFER_SLOTS",
     "MAX_SLOTS",
     "MAX_SLOT_SIZE",
     "MIN_CHUNK_SIZE",
     "STREAM_MAX_CHUNK_SIZE",
     "STREAM_MIN_CHUNK_SIZE",
     "check_chunk_size",
-    "chunk_size_for",
 ]
 
 # --- the stream format (docs/spec/stream.md) -------------------------------------------
@@ -43,16 +40,12 @@ MAX_CHUNK_SIZE: Final = STREAM_MAX_CHUNK_SIZE
 DEFAULT_CHUNK_SIZE: Final = 128 << 10
 DEFAULT_SLOTS: Final = 2
 
+#: The most ring slots a source may ask a destination to allocate (a peer's offer).
+MAX_OFFER_SLOTS: Final = 64
+
 # --- the shared-memory ring ------------------------------------------------------------
 MAX_SLOTS: Final = 256
 MAX_SLOT_SIZE: Final = 64 << 20
-
-# --- choosing a chunk size for a memory budget -------------------------------------------
-#: Below 16 KiB fixed costs per chunk (doorbells, context switches) dominate;
-#: above 1 MiB memory grows much faster than throughput.
-AUTO_MIN_CHUNK_SIZE: Final = 16 << 10
-AUTO_MAX_CHUNK_SIZE: Final = 1 << 20
-DEFAULT_OVERHEAD_BUDGET: Final = 0.001
 
 # --- checkpoint and container images ----------------------------------------------------
 #: The most image bytes one migration or container archive may carry.
@@ -65,26 +58,3 @@ def check_chunk_size(chunk_size: int, *, fits: int | None = None) -> bool:
     upper = MAX_CHUNK_SIZE if fits is None else min(MAX_CHUNK_SIZE, fits)
     return isinstance(chunk_size, int) and MIN_CHUNK_SIZE <= chunk_size <= upper
 
-
-def chunk_size_for(
-    enclave_size: int,
-    *,
-    budget: float = DEFAULT_OVERHEAD_BUDGET,
-    slots: int = DEFAULT_SLOTS,
-    per_chunk_overhead: int = 16,
-) -> int:
-    """The largest power-of-two chunk whose rings stay within ``budget`` of the enclave.
-
-    The extra resident memory of a pipelined transfer, summed over the enclave and
-    untrusted processes of both hosts, is about ``4 * slots * (chunk +
-    per_chunk_overhead)`` (two rings, each mapped twice).  The result is clamped
-    to ``AUTO_MIN_CHUNK_SIZE..AUTO_MAX_CHUNK_SIZE``.
-    """
-
-    if enclave_size <= 0 or slots <= 0 or budget <= 0:
-        raise ValueError("enclave_size, slots and budget must be positive")
-    allowed = int(enclave_size * budget) // (4 * slots) - per_chunk_overhead
-    chunk = AUTO_MIN_CHUNK_SIZE
-    while chunk * 2 <= min(allowed, AUTO_MAX_CHUNK_SIZE):
-        chunk *= 2
-    return chunk

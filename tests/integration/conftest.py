@@ -20,6 +20,7 @@ import pytest
 from migsgx.criu import Criu
 from migsgx.errors import CriuError, MigSGXError
 from migsgx.lab.netns import Host, HostNetwork, cleanup_stale, terminate
+from migsgx.lab.testbed import Testbed
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -62,6 +63,26 @@ def subreaper() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def _stale_namespaces_removed(require_root: None) -> None:
     cleanup_stale()
+
+
+@pytest.fixture(scope="module")
+def bed(
+    request: pytest.FixtureRequest,
+    criu: Criu,
+    subreaper: None,
+    _stale_namespaces_removed: None,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Testbed]:
+    """Two namespaced hosts with platform services, CA and agent identities, per module.
+
+    The module names its own subnet (``BED_SUBNET``): modules whose beds exist at
+    the same time (in one run, or in parallel runs) then never share addresses.
+    """
+
+    module = request.module
+    name = module.__name__.rpartition(".")[2].removeprefix("test_")
+    with Testbed(tmp_path_factory.mktemp(name), subnet=module.BED_SUBNET) as testbed:
+        yield testbed
 
 
 HostsFactory = Callable[..., HostNetwork]

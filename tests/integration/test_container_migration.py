@@ -32,19 +32,10 @@ from migsgx.sgx.ca import ProvisioningCA
 from migsgx.sgx.platform import EmulatedPlatform
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+#: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
+BED_SUBNET = 62
 
 ENGINES = ["runc", "podman", "containerd"]
-
-
-@pytest.fixture(scope="module")
-def bed(
-    criu: Criu,
-    subreaper: None,
-    _stale_namespaces_removed: None,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Testbed]:
-    with Testbed(tmp_path_factory.mktemp("contmig"), subnet=62) as testbed:
-        yield testbed
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from migsgx.agent.tls import issue_agent_identity
-from migsgx.criu import Criu
 from migsgx.datapath.checkpoint import CheckpointIn
 from migsgx.errors import ReplayError, SealError
 from migsgx.host.client import EnclaveClient
@@ -39,22 +37,13 @@ from migsgx.sgx.platform import EmulatedPlatform
 from migsgx.system.process import in_netns, kill_tree, process_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+#: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
+BED_SUBNET = 61
 
 PHASE_KEYS = {
     "freeze", "enclave_dump", "criu_dump", "transfer", "restore", "enclave_load",
     "total", "downtime", "bytes",
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def bed(
-    criu: Criu,
-    subreaper: None,
-    _stale_namespaces_removed: None,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Testbed]:
-    with Testbed(tmp_path_factory.mktemp("procmig"), subnet=61) as testbed:
-        yield testbed
 
 
 @pytest.fixture(scope="module")

@@ -238,19 +238,6 @@ def test_raw_endpoints_copy_a_buffer_through_tcp(
     assert out == data
 
 
-def test_chunk_size_keeps_rings_within_the_budget() -> None:
-    gib = 1 << 30
-    assert transport.chunk_size_for(gib) == 128 << 10
-    assert transport.chunk_size_for(4 * gib) == 512 << 10
-    assert transport.chunk_size_for(1 << 20) == transport.MIN_CHUNK_SIZE
-    assert transport.chunk_size_for(1 << 40) == transport.MAX_CHUNK_SIZE
-    for size in (256 << 20, gib, 3 * gib):
-        chunk = transport.chunk_size_for(size, slots=3, budget=0.0015)
-        assert 4 * 3 * (chunk + 16) <= 0.0015 * size
-    with pytest.raises(ValueError):
-        transport.chunk_size_for(0)
-
-
 def test_batch_scheduling_is_undone() -> None:
     def run() -> tuple[int, int]:
         with transport.batch_scheduling():

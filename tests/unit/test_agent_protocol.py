@@ -10,8 +10,10 @@ from migsgx.agent.protocol import (
     SessionMachine,
     SessionState,
     check_image_name,
+    plain_stats,
 )
 from migsgx.errors import FrameError, ProtocolError
+from migsgx.wire import decode_body, encode
 
 HAPPY = ["hello", "begin", "enclaves_done", "image", "image", "images_done", "restore", "resume"]
 
@@ -121,3 +123,18 @@ def test_the_commands_register_into_a_group() -> None:
     assert isinstance(bench, click.Group) and "process" in bench.commands
     agent = group.commands["agent"]
     assert isinstance(agent, click.Group) and {"cert", "serve"} <= set(agent.commands)
+
+
+def test_stats_carry_plain_scalars_only() -> None:
+    stats = {
+        "bytes": 3,
+        "seconds": 0.5,
+        "mode": "pipelined",
+        "ok": True,
+        "none": None,
+        "destination": {"bytes": 3},
+        "list": [1],
+    }
+    out = plain_stats(stats)
+    assert out == {"bytes": 3, "seconds": 0.5, "mode": "pipelined", "ok": True, "none": None}
+    assert decode_body(encode({"t": "enclaves_ready", "stats": [out]})[4:], CONTROL)

@@ -1,38 +1,32 @@
-"""Enclave logs are one file per launch; the service keeps a bounded number of them."""
+"""Enclave logs are one private file per launch; the service keeps a bounded number of them."""
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
-import pytest
-from platform_fixtures import World, shared_world
-
-from migsgx.sgx import service as service_mod
-from migsgx.sgx.service import PlatformService
+from migsgx.sgx.enclave_logs import open_instance_log, prune_logs
 
 
-@pytest.fixture(scope="session")
-def world() -> World:
-    return shared_world()
-
-
-def test_old_logs_go_and_live_ones_stay(
-    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(service_mod, "MAX_LOGS", 8)
-    svc = PlatformService(
-        world.host_a, tmp_path / "s.sock", log_dir=tmp_path / "logs", sandbox=False
-    )
-    svc.log_dir.mkdir()
+def test_old_logs_go_and_live_ones_stay(tmp_path: Path) -> None:
     paths = []
     for i in range(20):
-        path = svc.log_dir / f"enclave-{i:016x}.log"
+        path = tmp_path / f"enclave-{i:016x}.log"
         path.write_bytes(b"x")
         os.utime(path, (1000 + i, 1000 + i))
         paths.append(path)
-    svc._live_logs[12345] = paths[0]
-    svc._prune_logs()
-    left = sorted(svc.log_dir.glob("enclave-*.log"))
+    prune_logs(tmp_path, live={paths[0]}, max_logs=8)  # the oldest belongs to a live enclave
+    left = sorted(tmp_path.glob("enclave-*.log"))
     assert len(left) <= 8
     assert paths[0] in left and paths[-1] in left
+
+
+def test_each_launch_gets_a_fresh_private_file(tmp_path: Path) -> None:
+    first, f1 = open_instance_log(tmp_path)
+    second, f2 = open_instance_log(tmp_path)
+    with f1, f2:
+        f1.write(b"one")
+    assert first != second and first.read_bytes() == b"one"
+    assert stat.S_IMODE(first.stat().st_mode) == 0o600
+    assert first.name.startswith("enclave-") and first.suffix == ".log"

@@ -17,10 +17,12 @@ each case declares its inputs, the produced bytes and ``"expect"``: either
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import cbor2
@@ -597,15 +599,37 @@ def datalink_cases() -> list[dict[str, Any]]:
 
 
 # --- files ------------------------------------------------------------------------------
+def formats() -> ModuleType:
+    """The sealed-format and frame-protocol generators (``generate_formats.py``)."""
+
+    name = "_migsgx_vector_formats"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE / "generate_formats.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        module.det_bytes, module.identity = det_bytes, identity
+    return sys.modules[name]
+
+
 def build() -> dict[str, dict[str, Any]]:
     def doc(kind: str, spec: str, cases: list[dict[str, Any]]) -> dict[str, Any]:
         return {"format": FORMAT, "kind": kind, "spec": spec, "cases": cases}
 
+    f = formats()
     return {
         "stream.json": doc("stream", "docs/spec/stream.md", stream_cases()),
         "manifest.json": doc("manifest", "docs/spec/stream.md#6", manifest_cases()),
         "handshake.json": doc("handshake", "docs/spec/handshake.md", handshake_cases()),
         "control.json": doc("control", "docs/spec/handshake.md#9", control_cases()),
+        "sealing.json": doc("sealing", "docs/spec/sealing.md", f.sealing_cases()),
+        "migratable.json": doc("migratable", "docs/spec/sealing.md#7", f.migratable_cases()),
+        "persistent.json": doc("persistent", "docs/spec/persistent.md", f.persistent_cases()),
+        "checkpoint.json": doc("checkpoint", "docs/spec/checkpoint.md#2", f.checkpoint_cases()),
+        "channels.json": doc("frames", "docs/spec/channels.md", f.channel_cases()),
+        "agent.json": doc("agent", "docs/spec/agent-control.md", f.agent_cases()),
+        "appctl.json": doc("appctl", "docs/spec/app-control.md", f.appctl_cases()),
         "sgxext.json": doc("sgxext", "docs/spec/collateral.md#4", sgxext_cases()),
         "datalink.json": doc("datalink", "docs/spec/channels.md#8", datalink_cases()),
     }

@@ -50,6 +50,7 @@ from .protocol import (
     SessionMachine,
     SessionState,
     check_image_name,
+    plain_stats,
 )
 
 __all__ = ["IncomingMigration"]
@@ -557,7 +558,7 @@ class IncomingMigration:
                 # Nothing of the peer's runs unless it is the image begin announced.
                 check_pinned(enclave.engine.image, enclave.source_info)
                 stats = enclave.engine.receive(conn, offer)
-                enclave.stats = {k: v for k, v in dict(stats).items() if _plain(v)}
+                enclave.stats = plain_stats(stats)
                 enclave.stats["agent_seconds"] = time.monotonic() - t0
             except BaseException as exc:
                 enclave.error = exc
@@ -601,7 +602,3 @@ def _die_after_bytes(conn: socket.socket, limit: int) -> None:
             time.sleep(0.001)
 
     threading.Thread(target=watch, name="migsgx-fault", daemon=True).start()
-
-
-def _plain(value: Any) -> bool:
-    return isinstance(value, int | float | str | bool) or value is None

@@ -49,6 +49,7 @@ __all__ = [
     "SessionMachine",
     "SessionState",
     "check_image_name",
+    "plain_stats",
 ]
 
 VERSION: Final = 1
@@ -97,7 +98,7 @@ CONTROL = Schema(
         "hello": {"version": int, "host_id": str},
         "begin": {
             "session_id": bytes,  # this agent session (not an enclave's migration_id)
-            "enclaves": list,  # [{"image_files": {name: bytes}, "mr_enclave": bytes}]
+            "enclaves": list,  # [{"info": an enclave info (app-control.md, section 5)}]
             "pids": list,  # every pid of the dumped tree, as the source sees them
             "pidns": bool,  # the root is the init of its own pid namespace
             "tcp_close": bool,
@@ -179,6 +180,18 @@ class SessionMachine:
     @property
     def finished(self) -> bool:
         return self.state in (SessionState.RESUMED, SessionState.ABORTED)
+
+
+def plain_stats(stats: Mapping[str, object]) -> dict[str, int | float | str | bool | None]:
+    """An end's figures as the control protocol carries them: plain scalars only.
+
+    ``enclaves_ready`` and ``migsgx migrate --json`` show an enclave transfer's
+    figures; nested maps (the peer's own figures) stay out.
+    """
+
+    return {
+        k: v for k, v in stats.items() if v is None or isinstance(v, int | float | str | bool)
+    }
 
 
 # CRIU names its images like ``core-1.img``, ``pagemap-1.img``, ``stats-dump``.

@@ -61,6 +61,7 @@ from .protocol import (
     VERSION,
     AgentError,
     RefusedError,
+    plain_stats,
 )
 from .tls import AgentIdentity, client_context, wrap_client
 
@@ -305,7 +306,7 @@ class _Migration:
             t0 = time.monotonic()
             assert transfer.outgoing is not None
             stats = transfer.outgoing.transfer(peer)
-            transfer.stats = {k: v for k, v in dict(stats).items() if _plain(v)}
+            transfer.stats = plain_stats(stats)
             transfer.stats["tool_seconds"] = time.monotonic() - t0
         except BaseException as exc:
             transfer.error = exc
@@ -502,10 +503,6 @@ def _host_id(opts: MigrateOptions) -> str:
         return opts.identity.host_id()
     except (OSError, ValueError):
         return "unknown"
-
-
-def _plain(value: Any) -> bool:
-    return isinstance(value, int | float | str | bool) or value is None
 
 
 def migrate(opts: MigrateOptions) -> MigrationOutcome:

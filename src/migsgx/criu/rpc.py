@@ -220,27 +220,12 @@ class Criu:
 
         if track_mem:
             self._require_mem_track("dump --track-mem", enter)
-
-        self._request(
-            "DUMP",
-            Path(images_dir),
-            log_file=log_file,
-            notify=notify,
-            enter=enter,
-            opts=dict(
-                pid=pid,
-                leave_running=leave_running,
-                shell_job=shell_job,
-                tcp_established=tcp_established,
-                ext_unix_sk=ext_unix_sk,
-                file_locks=file_locks,
-                track_mem=track_mem,
-                lazy_pages=lazy_pages,
-                **({"parent_img": parent_img} if parent_img is not None else {}),
-            ),
-            page_server=page_server,
-            extra=extra,
-        )
+        self._checkpoint(
+            "DUMP", pid, images_dir, parent_img, page_server, log_file, notify, enter, extra,
+            leave_running=leave_running, shell_job=shell_job, tcp_established=tcp_established,
+            ext_unix_sk=ext_unix_sk, file_locks=file_locks, track_mem=track_mem,
+            lazy_pages=lazy_pages,
+        )  # fmt: skip
 
     def pre_dump(
         self,
@@ -265,24 +250,34 @@ class Criu:
         """
 
         self._require_mem_track("pre-dump", enter)
+        self._checkpoint(
+            "PRE_DUMP", pid, images_dir, parent_img, page_server, log_file, notify, enter, extra,
+            shell_job=shell_job, tcp_established=tcp_established, ext_unix_sk=ext_unix_sk,
+            track_mem=True,
+        )  # fmt: skip
 
+    def _checkpoint(
+        self,
+        kind: str,
+        pid: int,
+        images_dir: Path | str,
+        parent_img: str | None,
+        page_server: tuple[str, int] | None,
+        log_file: str,
+        notify: NotifyCallback | None,
+        enter: Enter | None,
+        extra: Mapping[str, OptionValue] | None,
+        **flags: bool,
+    ) -> None:
+        """DUMP and PRE_DUMP are one request with different flags."""
+
+        opts: dict[str, bool | int | str] = {"pid": pid, **flags}
+        if parent_img is not None:
+            opts["parent_img"] = parent_img
         self._request(
-            "PRE_DUMP",
-            Path(images_dir),
-            log_file=log_file,
-            notify=notify,
-            enter=enter,
-            opts=dict(
-                pid=pid,
-                shell_job=shell_job,
-                tcp_established=tcp_established,
-                ext_unix_sk=ext_unix_sk,
-                track_mem=True,
-                **({"parent_img": parent_img} if parent_img is not None else {}),
-            ),
-            page_server=page_server,
-            extra=extra,
-        )
+            kind, Path(images_dir), log_file=log_file, notify=notify, enter=enter, opts=opts,
+            page_server=page_server, extra=extra,
+        )  # fmt: skip
 
     def restore(
         self,

@@ -35,12 +35,15 @@ import select
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.commit import CommitError
+from ..core.handshake import Role
+from ..core.peer import MODES, PEER_FRAME_MAX, SCHEMA, PeerProtocol, check_offer
 from ..core.stream import TAG_SIZE
 from ..errors import (
     ConnectionClosedError,
@@ -54,9 +57,9 @@ from ..errors import (
     error_from_wire,
 )
 from ..host.client import EnclaveInfo, launch_enclave
-from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS, check_chunk_size
+from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
 from ..sgx.image import EnclaveImage
-from ..wire import Schema, recv_frame, send_frame
+from ..wire import recv_frame, send_frame
 from .ring import RingRole, ShmRing, send_ring_fds
 from .transport import (
     CHUNK_HEADER,
@@ -69,25 +72,33 @@ from .transport import (
 )
 
 DEFAULT_CHUNK = DEFAULT_CHUNK_SIZE
-MODES = ("pipelined", "sequential")
-PEER_FRAME_MAX = 32 << 20
+PEER = SCHEMA
 _STAGING_SLACK = 16 << 20
 
-PEER = Schema(
-    "migsgx.peer",
-    {
-        "offer": {"files": dict, "chunk_size": int, "slots": int, "mode": str},
-        "accept": {"pid": int},
-        "hs": {"data": bytes},
-        "loaded": {"frame": bytes, "stats": dict},
-        "commit": {"token": bytes},
-        "active": {},
-        "abort": {"code": str, "message": str, "frame": bytes},
-    },
-)
+# Each end's view of its peer connection (migsgx.core.peer), by socket: every
+# frame sent or received on a bound connection is checked against the table.
+_WIRES: weakref.WeakKeyDictionary[socket.socket, PeerProtocol] = weakref.WeakKeyDictionary()
+
+
+def bind_wire(sock: socket.socket, role: Role) -> PeerProtocol:
+    """Hold the frames on ``sock`` to the peer protocol's table for ``role``."""
+
+    wire = _WIRES.get(sock)
+    if wire is None or wire.role is not role:
+        wire = _WIRES[sock] = PeerProtocol(role)
+    return wire
+
+
+def _check_received(sock: socket.socket, msg: dict[str, Any]) -> None:
+    wire = _WIRES.get(sock)
+    if wire is not None:
+        wire.received(msg)
 
 
 def _send(sock: socket.socket, msg: dict[str, Any]) -> None:
+    wire = _WIRES.get(sock)
+    if wire is not None:
+        wire.sent(msg)
     try:
         send_frame(sock, msg, max_size=PEER_FRAME_MAX)
     except OSError as exc:
@@ -101,6 +112,8 @@ def _recv(sock: socket.socket, *expect: str) -> dict[str, Any]:
         raise MigrationError(f"the peer did not answer in time (waiting for {expect})") from exc
     except OSError as exc:
         raise MigrationError(f"the peer connection failed: {exc}") from exc
+    if msg["t"] in expect or msg["t"] == "abort":
+        _check_received(sock, msg)
     if msg["t"] == "abort":
         raise MigrationError(f"the peer aborted: [{msg['code']}] {msg['message']}")
     if msg["t"] not in expect:
@@ -330,6 +343,7 @@ class OutgoingEnclave:
         """Everything up to the destination's verified LOADED; nothing is given up yet."""
 
         self.peer = peer
+        bind_wire(peer, Role.SOURCE)
         tune_socket(peer)
         peer.settimeout(self.peer_timeout)
         t0 = time.perf_counter()
@@ -444,11 +458,9 @@ class IncomingEnclave:
     ) -> tuple[IncomingEnclave, dict[str, Any]]:
         """Read the source's offer from ``peer`` and prepare to receive it."""
 
+        bind_wire(peer, Role.DESTINATION)
         offer = _recv(peer, "offer")
-        if offer["mode"] not in MODES or not check_chunk_size(offer["chunk_size"]):
-            raise ProtocolError("the offer names an unknown mode or a bad chunk size")
-        if not 1 <= offer["slots"] <= 64:
-            raise ProtocolError("the offer asks for a bad number of ring slots")
+        check_offer(offer)
         return cls(offer["files"], platform_socket), offer
 
     def receive(self, peer: socket.socket, offer: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -549,6 +561,7 @@ class IncomingEnclave:
                     self.peer.settimeout(None)
             if msg["t"] not in ("commit", "abort"):
                 raise ProtocolError(f"expected commit or abort, got {msg['t']!r}")
+            _check_received(self.peer, msg)
             frame = msg["token"] if msg["t"] == "commit" else msg["frame"]
             try:
                 self.link.call("__mig_commit_in", frame)

@@ -37,7 +37,8 @@ cores, AES-256-GCM in the enclave processes)
     The memory a migration adds is, summed over the four processes, about
     ``4 * slots * slot_size``: two rings, each mapped by two processes.  Keeping
     that at 0.1 % of the enclave leaves room under a 0.15 % ceiling, and gives
-    128 KiB chunks with 2 slots for a 1 GiB enclave (:func:`chunk_size_for`).
+    128 KiB chunks with 2 slots for a 1 GiB enclave: the default
+    (:data:`migsgx.limits.DEFAULT_CHUNK_SIZE`, ``--chunk-size`` to change it).
     A third or fourth slot did not help; bigger chunks do help but cost memory
     linearly.  Sealing inline in the enclave process beat sealing in a worker
     thread (which also costs a thread stack and a malloc arena).
@@ -51,23 +52,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import struct
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
+from ..core.peer import CHUNK_HEADER, FLAG_FINAL
 from ..errors import ConnectionClosedError, FrameError
-from ..limits import (
-    AUTO_MAX_CHUNK_SIZE as MAX_CHUNK_SIZE,
-)
-from ..limits import (
-    AUTO_MIN_CHUNK_SIZE as MIN_CHUNK_SIZE,
-)
-from ..limits import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_OVERHEAD_BUDGET,
-    DEFAULT_SLOTS,
-    chunk_size_for,
-)
+from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
 from .ring import RingTimeoutError, ShmRing
 
 if TYPE_CHECKING:
@@ -76,13 +66,9 @@ if TYPE_CHECKING:
 __all__ = [
     "CHUNK_HEADER",
     "DEFAULT_CHUNK_SIZE",
-    "DEFAULT_OVERHEAD_BUDGET",
     "DEFAULT_SLOTS",
     "FLAG_FINAL",
-    "MAX_CHUNK_SIZE",
-    "MIN_CHUNK_SIZE",
     "batch_scheduling",
-    "chunk_size_for",
     "drain_ring_to_buffer",
     "fill_ring_from_buffer",
     "read_chunk_header",
@@ -96,8 +82,7 @@ __all__ = [
     "tune_socket",
 ]
 
-CHUNK_HEADER: Final = struct.Struct(">IB")
-FLAG_FINAL: Final = 0x01
+# The chunk frame's layout is the peer protocol's (migsgx.core.peer); this module moves it.
 
 
 def tune_socket(

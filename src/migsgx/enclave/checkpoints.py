@@ -33,10 +33,11 @@ import cbor2
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..core.policy import EnclaveIdentity, MigrationPolicy, PolicyMode
+from ..core.policy import IDENTITY_SIZE, EnclaveIdentity, MigrationPolicy, PolicyMode
 from ..core.stream import StreamChannel
 from ..errors import CheckpointGateError, CounterError, MigSGXError, SealError
 from ..sgx.counters import RecordUpdate
+from ..sgx.trusted import TrustedServices
 from . import sealing
 from .instance import EnclaveInstance
 
@@ -158,47 +159,63 @@ def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _unseal_map(instance: EnclaveInstance, blob: bytes, label: bytes, what: str) -> dict[str, Any]:
+def _unseal_map(services: TrustedServices, blob: bytes, label: bytes, what: str) -> dict[str, Any]:
     aad = sealing.sealed_aad(blob)
     if not aad.startswith(label) or len(aad) != len(label) + 16:
         raise SealError(f"not a migsgx {what}")
     try:
-        payload = sealing.unseal(instance.services, blob, aad=aad)
+        payload = sealing.unseal(services, blob, aad=aad)
     except SealError as exc:
         raise SealError(
             f"cannot open the {what}: it was made on another host or by an enclave "
             "this one may not take over"
         ) from exc
-    data: Any = cbor2.loads(payload)
+    try:
+        data: Any = cbor2.loads(payload)
+    except Exception as exc:  # cbor2 raises several types on garbage
+        raise SealError(f"the {what} is malformed") from exc
     if not isinstance(data, dict) or data.get("v") != 2 or data.get("id") != aad[len(label) :]:
         raise SealError(f"the {what} is malformed")
     return data
+
+
+def open_key_record(services: TrustedServices, blob: bytes) -> tuple[bytes, bytes, EnclaveIdentity]:
+    """Unseal a checkpoint key record: (checkpoint id, key-file half, source identity).
+
+    Checks the format only (``docs/spec/checkpoint.md``, section 2); whether this
+    enclave may take the checkpoint over, and whether its gate lets it restore,
+    is :func:`open_key`'s.
+    """
+
+    data = _unseal_map(services, blob, AAD_LABEL, "checkpoint key")
+    if not (
+        set(data) == {"v", "id", "secret", "source", "debug"}
+        and isinstance(data.get("secret"), bytes)
+        and len(data["secret"]) == 32
+        and isinstance(data.get("source"), bytes)
+        and len(data["source"]) == IDENTITY_SIZE
+        and isinstance(data.get("debug"), bool)
+    ):
+        raise SealError("the checkpoint key is malformed")
+    packed = EnclaveIdentity.unpack(data["source"])
+    source = EnclaveIdentity(
+        packed.mr_enclave, packed.mr_signer, packed.isv_prod_id, packed.isv_svn, data["debug"]
+    )
+    return data["id"], data["secret"], source
 
 
 def open_key(instance: EnclaveInstance, blob: bytes) -> Checkpoint:
     """Open a checkpoint's key file and its committed gate on this host."""
 
     services = instance.services
-    data = _unseal_map(instance, blob, AAD_LABEL, "checkpoint key")
-    if not (
-        isinstance(data.get("secret"), bytes)
-        and len(data["secret"]) == 32
-        and isinstance(data.get("source"), bytes)
-        and isinstance(data.get("debug"), bool)
-    ):
-        raise SealError("the checkpoint key is malformed")
-    checkpoint_id: bytes = data["id"]
-    packed = EnclaveIdentity.unpack(data["source"])
-    source = EnclaveIdentity(
-        packed.mr_enclave, packed.mr_signer, packed.isv_prod_id, packed.isv_svn, data["debug"]
-    )
+    checkpoint_id, file_half, source = open_key_record(services, blob)
     _policy(instance).check(source, EnclaveIdentity.from_report(services.identity))
     gate_blob = services.persist_read(gate_name(checkpoint_id))
     if gate_blob is None:
         raise CheckpointGateError(
             "this checkpoint was aborted or restored before (it restores only once)"
         )
-    gate = _unseal_map(instance, gate_blob, GATE_AAD_LABEL, "checkpoint gate")
+    gate = _unseal_map(services, gate_blob, GATE_AAD_LABEL, "checkpoint gate")
     share, counter = gate.get("share"), gate.get("counter")
     if not (isinstance(share, bytes) and len(share) == 32 and isinstance(counter, str)):
         raise SealError("the checkpoint gate is malformed")
@@ -212,7 +229,7 @@ def open_key(instance: EnclaveInstance, blob: bytes) -> Checkpoint:
             "be restored"
         )
     streams = StreamChannel(
-        _stream_secret(checkpoint_id, data["secret"], share),
+        _stream_secret(checkpoint_id, file_half, share),
         migration_id=checkpoint_id, source=source, destination=source, sending=False,
     )  # fmt: skip
     return Checkpoint(checkpoint_id, blob, counter, gate_blob, streams)

@@ -240,13 +240,7 @@ class PersistentState:
         self._record = record
 
     def _take_over(self, name: str, blob: bytes) -> None:
-        try:
-            plaintext = sealing.unseal(self._services, blob, aad=RECORD_AAD + name.encode())
-            rec = _parse_record(plaintext, name)
-        except SealError as exc:
-            raise PersistentStateError(
-                f"the persistent record {name!r} on this host does not open for this enclave"
-            ) from exc
+        rec = open_record(self._services, name, blob)
         epoch_id, epoch = rec["epoch"]
         try:
             current = self._services.counter_read(epoch_id)
@@ -503,13 +497,9 @@ class PersistentState:
         with self._lock:
             if self._name is not None:
                 raise PersistentStateError("this enclave has a persistent state of its own")
-        try:
-            data = cbor2.loads(section)
-        except Exception as exc:
-            raise PersistentStateError("the migrated persistent state does not decode") from exc
-        if data is None:
+        pending = parse_section(section)
+        if pending is None:
             return None
-        pending = _parse_transfer(data)
         occupant = self._services.persist_read(pending.name)
         held = _reservation_of(occupant)
         if held is not None and held[0] == arrival and arrival:
@@ -647,6 +637,33 @@ def _reservation_of(blob: bytes | None) -> tuple[bytes, str] | None:
     if not isinstance(arrival, bytes) or not isinstance(counter, str):
         return None
     return arrival, counter
+
+
+def open_record(services: TrustedServices, name: str, blob: bytes) -> dict[str, Any]:
+    """Unseal and check the record ``name`` (section 4 of the spec); no epoch check here.
+
+    Public so that the format's vectors run the very code an enclave runs.
+    """
+
+    try:
+        plaintext = sealing.unseal(services, blob, aad=RECORD_AAD + name.encode())
+        return _parse_record(plaintext, name)
+    except SealError as exc:
+        raise PersistentStateError(
+            f"the persistent record {name!r} on this host does not open for this enclave"
+        ) from exc
+
+
+def parse_section(section: bytes) -> PendingImport | None:
+    """A migrated ``persistent`` section (section 6.2 of the spec); None when it is empty."""
+
+    try:
+        data = cbor2.loads(section)
+    except Exception as exc:
+        raise PersistentStateError("the migrated persistent state does not decode") from exc
+    if data is None:
+        return None
+    return _parse_transfer(data)
 
 
 def _parse_record(plaintext: bytes, name: str) -> dict[str, Any]:

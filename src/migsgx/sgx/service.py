@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import hashlib
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -34,6 +33,7 @@ from ..errors import ConnectionClosedError, LaunchError, MigSGXError, ProtocolEr
 from ..wire import recv_frame, send_frame
 from . import syscalls
 from .counters import RecordUpdate
+from .enclave_logs import open_instance_log, prune_logs
 from .image import EnclaveImage
 from .platform import EmulatedPlatform, LocalServices
 from .sandbox import SandboxSpec, launcher_command, runtime_binds
@@ -41,17 +41,6 @@ from .structs import KeyRequest, ReportBody, TargetInfo
 
 SOCKET_NAME = "enclave.sock"
 LAUNCH_TIMEOUT = 30.0
-#: Enclave logs kept (one per launch, each at most 16 MiB in the sandbox).
-MAX_LOGS = 256
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return 0.0
-
-
 def default_socket(state_dir: Path) -> Path:
     return Path(state_dir) / SOCKET_NAME
 
@@ -256,20 +245,13 @@ class PlatformService:
     ) -> tuple[subprocess.Popen[bytes], socket.socket]:
         """Start an enclave runtime process; ``conn`` None makes a spare.
 
-        Its log is a file of its own, named by a random instance id (never by
-        anything an author chose), readable by the service's user only: the
-        enclave writes through the descriptor it inherits and cannot open the
-        file again, nor any other enclave's.
+        Its log is a file of its own (:mod:`.enclave_logs`).
         """
 
-        self._prune_logs()
-        log_path = self.log_dir / f"enclave-{secrets.token_hex(8)}.log"
-        log_fd = os.open(
-            log_path,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-        )
-        log = os.fdopen(log_fd, "ab")
+        with self._lock:
+            live = set(self._live_logs.values())
+        prune_logs(self.log_dir, live)
+        log_path, log = open_instance_log(self.log_dir)
         launcher, flags = self._sandbox_prefix()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # The reserve channel: both ends stay in the enclave process (see take_back).
@@ -312,19 +294,6 @@ class PlatformService:
         with self._lock:
             self._live_logs[proc.pid] = log_path
         return proc, ours
-
-    def _prune_logs(self) -> None:
-        """Keep at most MAX_LOGS enclave logs: the oldest of ended enclaves go first."""
-
-        logs = sorted(self.log_dir.glob("enclave-*.log"), key=_mtime)
-        if len(logs) < MAX_LOGS:
-            return
-        with self._lock:
-            live = set(self._live_logs.values())
-        for path in logs[: len(logs) - MAX_LOGS + 1]:
-            if path not in live:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
 
     def _take_spare(self) -> tuple[subprocess.Popen[bytes], socket.socket] | None:
         with self._spare_lock:

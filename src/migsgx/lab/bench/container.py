@@ -30,10 +30,8 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,11 +43,10 @@ from ...containers.oci import Localization, extract_tree, load_json, localize, t
 from ...containers.podman import Podman, PodmanDriver
 from ...containers.runc import Runc
 from ...criu import Criu
-from ...criu.pageserver import PageServer
 from ...errors import ConfigError, MigSGXError
-from ...system.process import in_netns
 from ..containers import ContainerApp, ContainerLab
 from ..testbed import Testbed
+from .pages import PageServerOn, copy_images, image_bytes
 from .process import MODEL_COLS, migration_figures
 
 __all__ = ["run"]
@@ -123,31 +120,17 @@ def _runc_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict[s
     images = bed.root / "runc-only-images"
     images.mkdir()
     bundle = lab.base / "dst" / "bench-bundle"
-    listener = in_netns(f"/run/netns/{dst.netns}", lambda: socket.socket())
     try:
-        listener.bind((dst.address, 0))
-        listener.listen(1)
-        holder: dict[str, PageServer] = {}
-
-        def accept() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                holder["ps"] = PageServer(criu.binary, images, conn)
-
-        acceptor = threading.Thread(target=accept, daemon=True)
-        acceptor.start()
         source_bundle = lab.base / "src" / "bundles" / app.name
-        t0 = time.monotonic()
-        src_runc.checkpoint(
-            app.name, dump_dir, page_server=(dst.address, listener.getsockname()[1]),
-            tcp_established=False, leave_running=False,
-        )  # fmt: skip
-        t_dump = time.monotonic()
-        acceptor.join(30)
-        holder["ps"].wait(120)
-        for path in dump_dir.iterdir():
-            if path.name != "dump.log":
-                shutil.copyfile(path, images / path.name)
+        with PageServerOn(dst, criu.binary, images) as pages:
+            t0 = time.monotonic()
+            src_runc.checkpoint(
+                app.name, dump_dir, page_server=pages.address, tcp_established=False,
+                leave_running=False,
+            )  # fmt: skip
+            t_dump = time.monotonic()
+            pages.wait(120)
+        copy_images(dump_dir, images)
         bundle.mkdir(parents=True)
         shutil.copytree(source_bundle / "rootfs", bundle / "rootfs", symlinks=True)
         settings = lab.settings["dst"]
@@ -160,13 +143,11 @@ def _runc_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict[s
         dst_runc.restore(app.name, bundle, images, images)
         t_end = time.monotonic()
     finally:
-        listener.close()
         shutil.rmtree(dump_dir, ignore_errors=True)
     try:
         if lab.ask(app, "DIGEST", at="dst") != digest:
             raise MigSGXError("the plain container's memory differs after the restore")
-        page_bytes = sum(p.stat().st_size for p in images.glob("pages-*.img"))
-        other = sum(p.stat().st_size for p in images.iterdir() if not p.name.startswith("pages-"))
+        page_bytes, other = image_bytes(images)
     finally:
         lab.remove(app)
         shutil.rmtree(images, ignore_errors=True)

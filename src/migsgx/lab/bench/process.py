@@ -18,21 +18,19 @@ The command itself is ``migsgx bench process`` (:mod:`migsgx.cli_migrate`).
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from ...agent.protocol import PHASES
 from ...criu import Criu, InNetns, InTaskNamespaces
-from ...criu.pageserver import PageServer
 from ...errors import ConfigError, MigSGXError
-from ...system.process import in_netns, kill_tree, tree_pids
+from ...system.process import kill_tree, tree_pids
 from ..testbed import Testbed
+from .pages import PageServerOn, copy_images, image_bytes
 
 __all__ = ["criu_only", "run"]
 
@@ -116,38 +114,21 @@ def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, An
     dump_dir = Path(tempfile.mkdtemp(prefix="migsgx-bench-dump-", dir="/dev/shm"))
     images = bed.root / "criu-only-images"
     images.mkdir()
-    listener = in_netns(f"/run/netns/{dst.netns}", lambda: socket.socket())
     try:
-        listener.bind((dst.address, 0))
-        listener.listen(1)
-        port = listener.getsockname()[1]
-        holder: dict[str, PageServer] = {}
-
-        def accept() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                holder["ps"] = PageServer(criu.binary, images, conn)
-
-        acceptor = threading.Thread(target=accept, daemon=True)
-        acceptor.start()
-        t0 = time.monotonic()
-        criu.dump(pid, dump_dir, page_server=(dst.address, port), enter=InTaskNamespaces(pid))
-        t_dump = time.monotonic()
-        acceptor.join(30)
-        holder["ps"].wait(60)
-        for path in dump_dir.iterdir():
-            if path.name != "dump.log":
-                shutil.copyfile(path, images / path.name)
+        with PageServerOn(dst, criu.binary, images) as pages:
+            t0 = time.monotonic()
+            criu.dump(pid, dump_dir, page_server=pages.address, enter=InTaskNamespaces(pid))
+            t_dump = time.monotonic()
+            pages.wait(60)
+        copy_images(dump_dir, images)
         t_copy = time.monotonic()
         launcher.wait(timeout=30)
         restored = criu.restore(images, enter=InNetns(dst.netns), log_file="restore.log")
         t_end = time.monotonic()
     finally:
-        listener.close()
         shutil.rmtree(dump_dir, ignore_errors=True)
     try:
-        page_bytes = sum(p.stat().st_size for p in images.glob("pages-*.img"))
-        other = sum(p.stat().st_size for p in images.iterdir() if not p.name.startswith("pages-"))
+        page_bytes, other = image_bytes(images)
     finally:
         kill_tree(restored)
     return {

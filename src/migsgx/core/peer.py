@@ -1,0 +1,248 @@
+"""The peer protocol between a migration's source end and destination end, as a table.
+
+One connection per migrating enclave (``docs/spec/channels.md``, section 8)
+carries CBOR frames of :data:`SCHEMA` and, between the handshake and
+``loaded``, the state itself as chunk frames (section 8.1)::
+
+    S -> D  offer {files, chunk_size, slots, mode}
+    D -> S  accept {pid}
+    S -> D  hs       source-hello            (handshake.md: exactly three messages)
+    D -> S  hs       destination-hello
+    S -> D  hs       source-finished
+    S -> D  chunk frames ... final
+    D -> S  loaded {frame, stats}
+    S -> D  commit {token} | abort {...}
+    D -> S  active
+
+Nothing on the connection is trusted: the enclaves authenticate what matters
+end to end.  This table says only which frame may come when, so that an end
+refuses a frame out of turn (:class:`~migsgx.errors.ProtocolError`) before it
+hands anything to its enclave, and so that both ends can run back to back in
+memory in tests.  Where the enclave is the judge, the table leaves the choice
+to it: a destination that sent ``loaded`` takes any number of ``commit`` and
+``abort`` frames (forged ones change nothing, ``handshake.md`` 9.2) until its
+enclave accepts one; a source that sent its token takes ``loaded`` again.
+
+No I/O here; :mod:`migsgx.datapath.engine` moves the bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from ..errors import ConnectionClosedError, FrameError, ProtocolError
+from ..limits import MAX_OFFER_SLOTS, check_chunk_size
+from ..wire import FrameDecoder, Schema, encode
+from .handshake import Role
+
+__all__ = [
+    "CHUNK_HEADER",
+    "FLAG_FINAL",
+    "MODES",
+    "PEER_FRAME_MAX",
+    "SCHEMA",
+    "TRANSITIONS",
+    "ChunkDecoder",
+    "PeerProtocol",
+    "PeerState",
+    "Role",
+    "check_offer",
+    "encode_chunk",
+]
+
+MODES: Final = ("pipelined", "sequential")
+#: An offer carries the enclave image.
+PEER_FRAME_MAX: Final = 32 << 20
+
+SCHEMA: Final = Schema(
+    "migsgx.peer",
+    {
+        "offer": {"files": dict, "chunk_size": int, "slots": int, "mode": str},
+        "accept": {"pid": int},
+        "hs": {"data": bytes},
+        "loaded": {"frame": bytes, "stats": dict},
+        "commit": {"token": bytes},
+        "active": {},
+        "abort": {"code": str, "message": str, "frame": bytes},
+    },
+)
+
+#: Chunk frame (section 8.1): u32 big-endian payload length | u8 flags | payload.
+CHUNK_HEADER: Final = struct.Struct(">IB")
+FLAG_FINAL: Final = 0x01
+
+
+class PeerState(enum.Enum):
+    IDLE = "idle"
+    OFFERED = "offered"  # the offer is out; the destination launches
+    HS_SOURCE_HELLO = "hs-source-hello"  # the source's first handshake message is due
+    HS_DESTINATION_HELLO = "hs-destination-hello"
+    HS_SOURCE_FINISHED = "hs-source-finished"
+    STREAMING = "streaming"  # chunk frames until the final one, then `loaded`
+    LOADED = "loaded"  # the destination loaded and is in doubt until its enclave decides
+    COMMITTED = "committed"  # the source gave its state up; the token is out
+    ACTIVE = "active"
+    ABORTED = "aborted"
+    FAILED = "failed"  # a frame out of turn, or an abort after the token
+
+
+_S = PeerState
+_ABORTABLE = {"send:abort": _S.ABORTED, "recv:abort": _S.ABORTED}
+
+# {role: {state: {event: next state}}}.  Events are "send:<type>" and "recv:<type>";
+# anything not listed is a ProtocolError (received) or a LocalProtocolError-like
+# misuse (sent), and the end is FAILED.
+TRANSITIONS: Final[Mapping[Role, Mapping[PeerState, Mapping[str, PeerState]]]] = {
+    Role.SOURCE: {
+        _S.IDLE: {"send:offer": _S.OFFERED},
+        _S.OFFERED: {"recv:accept": _S.HS_SOURCE_HELLO, **_ABORTABLE},
+        _S.HS_SOURCE_HELLO: {"send:hs": _S.HS_DESTINATION_HELLO, **_ABORTABLE},
+        _S.HS_DESTINATION_HELLO: {"recv:hs": _S.HS_SOURCE_FINISHED, **_ABORTABLE},
+        _S.HS_SOURCE_FINISHED: {"send:hs": _S.STREAMING, **_ABORTABLE},
+        _S.STREAMING: {"recv:loaded": _S.LOADED, **_ABORTABLE},
+        _S.LOADED: {"send:commit": _S.COMMITTED, **_ABORTABLE},
+        _S.COMMITTED: {
+            "recv:loaded": _S.COMMITTED,  # delivered twice: the decision is made
+            "send:commit": _S.COMMITTED,  # the token may be delivered again
+            "recv:active": _S.ACTIVE,
+            "recv:abort": _S.FAILED,  # the destination's side gave up after the token
+        },
+        _S.ACTIVE: {},
+        _S.ABORTED: {},
+        _S.FAILED: {"send:abort": _S.FAILED},
+    },
+    Role.DESTINATION: {
+        _S.IDLE: {"recv:offer": _S.OFFERED},
+        _S.OFFERED: {"send:accept": _S.HS_SOURCE_HELLO, **_ABORTABLE},
+        _S.HS_SOURCE_HELLO: {"recv:hs": _S.HS_DESTINATION_HELLO, **_ABORTABLE},
+        _S.HS_DESTINATION_HELLO: {"send:hs": _S.HS_SOURCE_FINISHED, **_ABORTABLE},
+        _S.HS_SOURCE_FINISHED: {"recv:hs": _S.STREAMING, **_ABORTABLE},
+        _S.STREAMING: {"send:loaded": _S.LOADED, **_ABORTABLE},
+        _S.LOADED: {
+            # Judged by the destination enclave, not by the table: a forged
+            # decision changes nothing and the wait goes on.
+            "recv:commit": _S.LOADED,
+            "recv:abort": _S.LOADED,
+            "send:active": _S.ACTIVE,
+        },
+        _S.ACTIVE: {},
+        _S.ABORTED: {},
+        _S.FAILED: {"send:abort": _S.FAILED},
+    },
+}
+
+
+def check_offer(offer: Mapping[str, Any]) -> None:
+    """What a destination accepts to launch and allocate for (section 8 of channels.md)."""
+
+    if offer["mode"] not in MODES or not check_chunk_size(offer["chunk_size"]):
+        raise ProtocolError("the offer names an unknown mode or a bad chunk size")
+    if not 1 <= offer["slots"] <= MAX_OFFER_SLOTS:
+        raise ProtocolError("the offer asks for a bad number of ring slots")
+
+
+@dataclass
+class PeerProtocol:
+    """One end's view of the peer connection: which frame it may send or take next."""
+
+    role: Role
+    state: PeerState = PeerState.IDLE
+    history: list[str] = field(default_factory=list)
+
+    def _advance(self, event: str) -> PeerState:
+        target = TRANSITIONS[self.role].get(self.state, {}).get(event)
+        if target is None:
+            state, self.state = self.state.value, PeerState.FAILED
+            raise ProtocolError(
+                f"{self.role.value}: {event} is not allowed in state {state}", state=state
+            )
+        self.state = target
+        self.history.append(event)
+        return target
+
+    def sent(self, msg: Mapping[str, Any]) -> bytes:
+        """Check that this end may send ``msg`` now; returns its frame."""
+
+        self._advance(f"send:{msg['t']}")
+        return encode(msg, max_size=PEER_FRAME_MAX)
+
+    def received(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Check a decoded frame from the peer against the table; returns it."""
+
+        self._advance(f"recv:{SCHEMA.validate(msg)['t']}")
+        if msg["t"] == "offer":
+            try:
+                check_offer(msg)
+            except ProtocolError:
+                self.state = PeerState.FAILED
+                raise
+        return msg
+
+    def decoder(self) -> FrameDecoder:
+        return FrameDecoder(SCHEMA, max_size=PEER_FRAME_MAX)
+
+    @property
+    def in_doubt(self) -> bool:
+        """A destination that sent ``loaded`` and whose enclave has not decided."""
+
+        return self.role is Role.DESTINATION and self.state is PeerState.LOADED
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (PeerState.ACTIVE, PeerState.ABORTED, PeerState.FAILED)
+
+
+# --- chunk frames (section 8.1), sans I/O --------------------------------------------------
+def encode_chunk(payload: bytes, *, final: bool) -> bytes:
+    return CHUNK_HEADER.pack(len(payload), FLAG_FINAL if final else 0) + payload
+
+
+class ChunkDecoder:
+    """Feed bytes; take ``(payload, final)`` chunks until the final one.
+
+    The length is checked against ``cap`` before a byte of the payload is kept;
+    unknown flags are a :class:`~migsgx.errors.FrameError`.  What follows the
+    final chunk is not a chunk; it stays in :attr:`rest` for the caller.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._buf = bytearray()
+        self.done = False
+
+    def receive(self, data: bytes) -> None:
+        self._buf += data
+
+    def chunks(self) -> Iterator[tuple[bytes, bool]]:
+        while not self.done and len(self._buf) >= CHUNK_HEADER.size:
+            length, flags = CHUNK_HEADER.unpack_from(self._buf)
+            if flags & ~FLAG_FINAL:
+                raise FrameError("unknown chunk flags", flags=flags)
+            if length > self._cap:
+                raise FrameError(f"chunk of {length} bytes exceeds the cap of {self._cap}")
+            end = CHUNK_HEADER.size + length
+            if len(self._buf) < end:
+                return
+            payload = bytes(self._buf[CHUNK_HEADER.size : end])
+            del self._buf[:end]
+            self.done = bool(flags & FLAG_FINAL)
+            yield payload, self.done
+
+    @property
+    def rest(self) -> bytes:
+        """Bytes received and not consumed (after the final chunk: the next frames)."""
+
+        return bytes(self._buf)
+
+    def end_of_stream(self) -> None:
+        """The connection ended: an error unless the final chunk came."""
+
+        if self.done:
+            return
+        if self._buf:
+            raise FrameError("connection closed inside a chunk frame")
+        raise ConnectionClosedError("connection closed before the final chunk")
