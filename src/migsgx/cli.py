@@ -25,13 +25,14 @@ EXIT_CONFIG = 3
 EXIT_IMAGE = 4
 EXIT_ATTESTATION = 5
 EXIT_MIGRATION = 6
+EXIT_SOURCE_GONE = 8  # the source ended during the migration: nothing moved, nothing runs
 #: The source died while the destination still pulled process pages from it
 #: (post-copy window): the destination tree was killed; the application is lost.
-EXIT_SOURCE_LOST = 7
+EXIT_SOURCE_LOST = 9
 
 
 def _exit_code(exc: MigSGXError) -> int:
-    from .errors import AttestationError, MigrationError, SourceLostError
+    from .errors import AttestationError, MigrationError, SourceGoneError, SourceLostError
 
     if isinstance(exc, SourceLostError):
         return EXIT_SOURCE_LOST
@@ -41,6 +42,8 @@ def _exit_code(exc: MigSGXError) -> int:
         return EXIT_IMAGE
     if isinstance(exc, AttestationError):
         return EXIT_ATTESTATION
+    if isinstance(exc, SourceGoneError):
+        return EXIT_SOURCE_GONE
     if isinstance(exc, MigrationError):
         return EXIT_MIGRATION
     return EXIT_ERROR

@@ -179,8 +179,6 @@ def agent_serve(
 @click.option("--chunk-size", default=None, help="enclave stream chunk size (e.g. 1MiB)")
 @click.option("--mode", type=click.Choice(["pipelined", "sequential"]), default="pipelined")
 @click.option("--keep-tcp", is_flag=True, help="fail on established TCP connections")
-@click.option("--page-tls/--no-page-tls", default=True, show_default=True,
-              help="CRIU's page stream in mutual TLS")  # fmt: skip
 @click.option("--shell-job", is_flag=True, help="the tree has a controlling terminal")
 @click.option("--live", is_flag=True,
               help="pre-copy enclave memory while the application runs")  # fmt: skip
@@ -201,7 +199,6 @@ def migrate_command(
     chunk_size: str | None,
     mode: str,
     keep_tcp: bool,
-    page_tls: bool,
     shell_job: bool,
     live: bool,
     downtime_target: float,
@@ -254,7 +251,6 @@ def migrate_command(
         chunk_size=parse_size(chunk_size) if chunk_size else None,
         mode=mode,
         tcp_close=not keep_tcp,
-        page_tls=page_tls,
         shell_job=shell_job,
         progress=progress,
     )
@@ -314,22 +310,18 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
 @click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
               help="keep the testbed (logs, images) in this directory")  # fmt: skip
-@click.option("--page-tls/--no-page-tls", default=False, show_default=True,
-              help="migsgx's page stream in TLS; off by default so that both sides move "
-                   "ordinary pages the same way (CRIU alone: always plain)")  # fmt: skip
 def bench_process(
     enclave_size: str,
     repeat: int,
     plot_path: Path | None,
     as_json: bool,
     keep: Path | None,
-    page_tls: bool,
 ) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
     from .lab.bench.process import plot, run
 
-    result = run(parse_size(enclave_size), keep=keep, page_tls=page_tls, repeat=repeat)
+    result = run(parse_size(enclave_size), keep=keep, repeat=repeat)
     if plot_path is not None:
         plot(result, plot_path)
     if as_json:

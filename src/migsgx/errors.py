@@ -189,6 +189,12 @@ class RecordConflictError(CounterError):
 
 
 # --- enclave calls -------------------------------------------------------------
+class ClaimedBeforeError(CounterError):
+    """The migration id was claimed on this host before: this copy must never run."""
+
+    code = "claimed"
+
+
 class EnclaveError(MigSGXError):
     """An ECALL failed inside the enclave."""
 
@@ -299,6 +305,18 @@ class ReplayError(MigrationError):
     code = "replay"
 
 
+class SourceGoneError(MigrationError):
+    """The source application ended during the migration: nothing moved, nothing runs."""
+
+    code = "source-gone"
+
+
+class CheckpointGateError(ReplayError):
+    """The checkpoint has no committed gate on this host: aborted, restored, or pending."""
+
+    code = "checkpoint-gate"
+
+
 class CommittedError(MigrationError):
     """This enclave's state has moved to another host; it cannot run here again."""
 
@@ -361,6 +379,12 @@ class CriuError(MigSGXError):
     """CRIU failed or is not usable here."""
 
     code = "criu"
+
+
+class CheckpointDamagedError(CriuError):
+    """A checkpoint's files are not what was written: truncated, changed, missing."""
+
+    code = "checkpoint-damaged"
 
 
 # --- inspecting checkpoints ------------------------------------------------------

@@ -49,7 +49,7 @@ def test_served_port_of_a_dump_that_ended_is_an_error(tmp_path: Path) -> None:
 
 def test_source_lost_has_its_own_exit_status_and_code() -> None:
     lost = SourceLostError("gone")
-    assert _exit_code(lost) == EXIT_SOURCE_LOST == 7
+    assert _exit_code(lost) == EXIT_SOURCE_LOST == 9
     assert _exit_code(PostCopyUnavailableError("small pipes")) == EXIT_MIGRATION
     for cls in (PostCopyError, PostCopyUnavailableError, SourceLostError):
         assert type(error_from_wire(cls.code, "x")) is cls

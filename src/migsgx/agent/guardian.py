@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             thaw_file(control)
         except MigSGXError as exc:
             _log(f"could not thaw the source: {exc}")
+    if not os.path.exists(f"/proc/{args.app_pid}"):
+        _log("the application is gone: its enclaves end with it")
+        return 0
     link = AppLink(args.app_pid, args.app_name, timeout=10)
     deadline = time.monotonic() + RESUME_WAIT
     while True:

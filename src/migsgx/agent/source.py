@@ -47,9 +47,9 @@ from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source
 from ..core.rounds import StopRules
 from ..criu import Criu
 from ..datapath.engine import OutgoingEnclave
-from ..errors import CriuError, MigrationError, MigSGXError, ProtocolError
+from ..errors import CriuError, MigrationError, MigSGXError, ProtocolError, SourceGoneError
 from ..host.appctl import info_to_wire
-from ..system.process import is_pidns_init, stop_tree, tree_pids
+from ..system.process import is_pidns_init, process_state, stop_tree, tree_pids
 from ..wire import recv_frame, send_frame
 from . import precopy
 from .applink import AppLink, HandedEnclave
@@ -95,7 +95,6 @@ class MigrateOptions:
     chunk_size: int | None = None
     mode: str = "pipelined"
     tcp_close: bool = True
-    page_tls: bool = True  # CRIU's page stream in mutual TLS (the agent identities)
     shell_job: bool = False
     progress: Progress | None = None
     # Live migration (agent/precopy.py): pre-copy rounds before the freeze.
@@ -194,7 +193,8 @@ class _Migration:
         if not pids:
             raise MigrationError(f"no process {pid} ({source.label})")
         pidns = is_pidns_init(pid)
-        self.page_server = self.driver.uses_page_server(opts.page_tls)
+        # Pages travel only integrity-protected: TLS to a page server, or the TLS channel.
+        self.page_server = self.driver.uses_page_server(True)
         self.control = control = AgentConnection(opts.to, opts.identity, opts.io_timeout)
         try:
             control.call({"t": "hello", "version": VERSION, "host_id": _host_id(opts)}, "welcome")
@@ -212,18 +212,27 @@ class _Migration:
                 self.guardian = Guardian(
                     link.pid if link else pid, link.name if link else "-", [h.sock for h in handed]
                 )
-                fault("tool.after-prepare")
+                self._fault("tool.after-prepare")
                 if ready is None:
                     ready = control.call(self._begin(pids, pidns), "ready")
                 # The enclaves stream while CRIU dumps the rest of the tree: the
                 # application holds no enclave connection (prepare), so neither
                 # waits for the other.  The post-dump step joins them.
                 self._start_enclaves(ready)
+                self._fault("tool.before-dump")
                 self._dump(dump_dir, ready)
             except BaseException as exc:
                 self._join_enclaves()
-                if not self.committed and not self.resume_sent:
-                    self._roll_back(exc)
+                undecided = not self.committed and not self.resume_sent
+                gone = undecided and not _alive(pid)
+                if undecided:
+                    self._roll_back(exc, source_gone=gone)
+                if gone and isinstance(exc, Exception):
+                    # Whatever failed first, the reason is that the application ended.
+                    raise SourceGoneError(
+                        f"the source {source.label} (pid {pid}) ended during the migration: "
+                        f"nothing moved, and its enclaves ended with it ({type(exc).__name__})"
+                    ) from exc
                 raise
             return MigrationOutcome(self._figures(), self.restored_pid, dump_dir)
         finally:
@@ -248,7 +257,7 @@ class _Migration:
             "pids": pids,
             "pidns": pidns,
             "tcp_close": self.opts.tcp_close,
-            "page_tls": self.opts.page_tls and self.page_server,
+            "page_tls": self.page_server,
         }
         if self.driver.name != "pid":
             begin.update(driver=self.driver.name, target=self.source.target)
@@ -361,7 +370,7 @@ class _Migration:
         plan = DumpPlan(
             images=dump_dir,
             page_server=(opts.to[0], int(ready["page_port"])) if self.page_server else None,
-            page_tls=(ident.ca, ident.cert, ident.key) if opts.page_tls else None,
+            page_tls=(ident.ca, ident.cert, ident.key),
             tcp_close=opts.tcp_close,
             shell_job=opts.shell_job,
             note=self._guardian_note,
@@ -370,6 +379,16 @@ class _Migration:
         self.note("dump")
         self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
         self.note("end")
+
+    def _fault(self, point: str) -> None:
+        """A fault point of the tool; ``kill-source`` there SIGKILLs the source application."""
+
+        if fault(point) == "kill-source" and self.source is not None:
+            root = self.source.root
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(root, signal.SIGKILL)
+            while _alive(root):  # gone or a zombie: SIGKILL cannot be ignored
+                time.sleep(0.01)
 
     def _guardian_note(self, line: str) -> None:
         if self.guardian is not None:
@@ -392,7 +411,7 @@ class _Migration:
         stop_tree(self.fenced)
         if self.guardian is not None:
             self.guardian.note("fence " + " ".join(map(str, self.fenced)))
-        fault("tool.before-commit")
+        self._fault("tool.before-commit")
         self._commit()
         self.note("resumed")
 
@@ -453,7 +472,7 @@ class _Migration:
         self.stats["attach"] = float(reply["attach_seconds"])
 
     # --- roll back -----------------------------------------------------------------------------
-    def _roll_back(self, cause: BaseException) -> None:
+    def _roll_back(self, cause: BaseException, *, source_gone: bool = False) -> None:
         reason = f"{type(cause).__name__}: {cause}"[:500]
         log.warning("migration aborted: %s", reason)
         if self.control is not None:
@@ -471,6 +490,10 @@ class _Migration:
         for pid in self.fenced:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+        if source_gone:
+            # Nobody to hand the enclaves back to: closing their connections ends them.
+            log.warning("the source application is gone; its enclaves end with it")
+            return
         if self.link is not None and socks:
             try:
                 self.link.resume(socks)
@@ -552,6 +575,10 @@ class _Migration:
         return {"origin": t["start"], "spans": spans}
 
 
+def _alive(pid: int) -> bool:
+    return process_state(pid) not in ("", "Z", "X")
+
+
 def _host_id(opts: MigrateOptions) -> str:
     try:
         return opts.identity.host_id()
@@ -576,10 +603,11 @@ def migrate(opts: MigrateOptions) -> MigrationOutcome:
     try:
         outcome = _Migration(opts).run(dump_dir)
     except CriuError as exc:
+        # CRIU failed before the commit point (a dump, a damaged page stream, a
+        # restore): it resumed the source, and nothing runs on the destination.
         cause = exc.__cause__
-        if isinstance(cause, MigSGXError):
-            raise MigrationError(f"migration aborted, the source runs on: {cause}") from exc
-        raise
+        reason = cause if isinstance(cause, MigSGXError) else exc
+        raise MigrationError(f"migration aborted, the source runs on: {reason}") from exc
     finally:
         if own_dir and not opts.keep_images:
             shutil.rmtree(dump_dir, ignore_errors=True)

@@ -45,15 +45,19 @@ from ..core.stream import TAG_SIZE, Manifest, Section, StreamChannel, StreamSeal
 from ..datapath.ring import RingRole, ShmRing, recv_ring_fds
 from ..datapath.transport import ChunkWriter, SlotReader, fill_ring
 from ..errors import (
+    CheckpointGateError,
+    ClaimedBeforeError,
     CommittedError,
     MigrationError,
     MigSGXError,
+    PersistentStateError,
     ProtocolError,
     ReplayError,
     StreamError,
 )
 from ..limits import MIN_CHUNK_SIZE, check_chunk_size
 from ..sgx.collateral import Collateral
+from ..sgx.counters import RecordUpdate
 from ..sgx.dcap import TcbPolicy, verify_dcap
 from ..sgx.structs import ReportBody
 from . import checkpoints, precopy, precopy_in
@@ -123,6 +127,8 @@ class Migrator:
         self.dumped = False
         self._pending_state: Any = None
         self._pending_persistent: PendingImport | None = None
+        # The persistent state went in with the claim of the migration id (one update).
+        self._installed = False
         # The commit end of the migration this enclave came in by, kept after it
         # ran so that its COMMIT token, replayed, is still recognised as a replay.
         self._arrived: DestinationCommit | None = None
@@ -213,7 +219,7 @@ class Migrator:
             if self.role is Role.SOURCE:
                 self.source_commit = SourceCommit(self.keys)
             else:
-                self.dest_commit = DestinationCommit(self.keys, seen=self.instance.services)
+                self.dest_commit = DestinationCommit(self.keys, seen=_ClaimAndInstall(self))
         peer = hs.peer
         return {
             "send": out,
@@ -225,6 +231,12 @@ class Migrator:
     # --- source: dump ---------------------------------------------------------------
     def dump(self, chunk_size: int, quiesce_timeout: float = 30.0) -> dict[str, Any]:
         streams, ring = self._ready(Role.SOURCE)
+        if self.source_commit is not None and self.source_commit.state is not (
+            CommitState.AWAIT_LOADED
+        ):
+            raise ProtocolError("the destination confirmed the load already: no new dump")
+        if self.checkpoint is not None and self.dumped:
+            raise ProtocolError("the checkpoint was dumped already: no new dump")
         if not check_chunk_size(chunk_size, fits=ring.slot_size - TAG_SIZE):
             raise ProtocolError(f"chunk size must be at least {MIN_CHUNK} and fit a ring slot")
         t0 = time.monotonic()
@@ -302,8 +314,12 @@ class Migrator:
         """Source: give up the state for good; the enclave wipes itself and exits."""
 
         sc = self._source_commit()
+        # Every precondition of the token before anything is retired: a refusal
+        # after the retirement would leave the state nowhere.
         if sc.state is not CommitState.LOAD_CONFIRMED:
             raise ProtocolError("the destination has not confirmed the load")
+        if self.keys is None or self.keys.streams.busy:
+            raise ProtocolError("a stream was started after the destination's LOADED")
         # The source's record and counters go before the token exists: from now
         # on only the destination can ever hold them (or, if the token is lost,
         # nobody; never two).
@@ -365,7 +381,14 @@ class Migrator:
             raise StreamError("the migrated small state does not decode") from exc
         # Checked before LOADED: a state that cannot be installed here is refused
         # while the source can still go on.
-        self._pending_persistent = self.persistent.prepare_import(bytes(persistent_buf))
+        arrival = (
+            self.keys.migration_id
+            if self.keys is not None
+            else (self.checkpoint.checkpoint_id if self.checkpoint is not None else b"")
+        )
+        self._pending_persistent = self.persistent.prepare_import(
+            bytes(persistent_buf), arrival
+        )
         # A live migration confirms to the source; a checkpoint restore has no peer.
         loaded = dc.loaded() if dc is not None else b""
         t_end = time.monotonic()
@@ -456,10 +479,12 @@ class Migrator:
         self._activate()
         return {"active": True}
 
-    def _activate(self) -> None:
+    def _activate(self, *, also: list[tuple[str, RecordUpdate]] | None = None) -> None:
         """Destination, the id claimed: install the persistent state, import, run."""
 
-        self.persistent.install(self._pending_persistent)
+        if not self._installed:
+            self.persistent.install(self._pending_persistent, also=also or ())
+        self._installed = False
         self._pending_persistent = None
         self.persistent.thaw()
         self.instance.import_small_state(self._pending_state)
@@ -482,11 +507,16 @@ class Migrator:
             frame = b""
         was_source = self.role is Role.SOURCE
         was_destination = self.role is Role.DESTINATION
+        pending = self._pending_persistent
+        if was_source and self.checkpoint is not None:
+            # The source runs on: its checkpoint must never restore (a second copy).
+            checkpoints.destroy(self.instance, self.checkpoint)
         self._reset()
         if was_source:
             self.persistent.thaw()
             self.instance.resume()
         elif was_destination:
+            self.persistent.release(pending)
             # Its memory may hold (part of) the source's state: wipe it, and never
             # let this enclave run or migrate again (it would be a second copy).
             self.discarded = True
@@ -568,7 +598,13 @@ class Migrator:
 
         if self.checkpoint is None or self.role is not Role.SOURCE or not self.dumped:
             raise ProtocolError("no completed checkpoint to commit")
-        self.persistent.retire("this enclave's persistent state was checkpointed")
+        if self.checkpoint.streams.busy:
+            raise ProtocolError("a stream of the checkpoint is still being sealed")
+        # One platform update: the record retires and the checkpoint's gate opens.
+        self.persistent.retire(
+            "this enclave's persistent state was checkpointed",
+            also=[checkpoints.commit_change(self.checkpoint)],
+        )
         self.committed = True
         self.instance.retire("this enclave's state was checkpointed")
         self._exit_thread = threading.get_ident()
@@ -593,9 +629,15 @@ class Migrator:
             raise ProtocolError("no checkpoint is being restored")
         if self._pending_state is None:
             raise ProtocolError("the checkpoint's state has not been loaded")
-        if not self.instance.services.claim_migration(self.checkpoint.checkpoint_id):
-            raise ReplayError("this checkpoint was restored before; it restores only once")
-        self._activate()
+        # The gate is consumed in the update that installs the persistent state:
+        # the checkpoint runs at most once, and only after its source committed.
+        try:
+            self._activate(also=[checkpoints.consume_change(self.checkpoint)])
+        except PersistentStateError as exc:
+            raise CheckpointGateError(
+                "the checkpoint could not be claimed: it was restored before, or its state "
+                "cannot be installed here"
+            ) from exc
         self.checkpoint = None
         return {"active": True}
 
@@ -610,6 +652,31 @@ def _used_length(state: bytes) -> int:
     if not isinstance(brk, int):
         raise StreamError("malformed memory layout")
     return brk
+
+
+class _ClaimAndInstall:
+    """The destination's seen-ids store, as its commit end uses it.
+
+    Claiming the migration id installs the arriving persistent state in the
+    same platform update (over the name reserved before LOADED): the id is
+    taken exactly when the state is in place, and a crash between the two
+    cannot leave an id claimed with its state nowhere.
+    """
+
+    def __init__(self, migrator: Migrator) -> None:
+        self._migrator = migrator
+
+    def migration_claimed(self, migration_id: bytes) -> bool:
+        return self._migrator.instance.services.migration_claimed(migration_id)
+
+    def claim_migration(self, migration_id: bytes) -> bool:
+        m = self._migrator
+        try:
+            m.persistent.install(m._pending_persistent, claim=migration_id)
+        except ClaimedBeforeError:
+            return False
+        m._installed = True
+        return True
 
 
 _CALLS: dict[str, Any] = {

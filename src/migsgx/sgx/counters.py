@@ -30,7 +30,7 @@ from typing import Any
 import cbor2
 
 from .._fs import read_private, write_private
-from ..errors import CounterError, RecordConflictError, StoreFullError
+from ..errors import ClaimedBeforeError, CounterError, RecordConflictError, StoreFullError
 
 # Quotas.  Every owner (MRSIGNER + product id + DEBUG) has its own; the host-wide
 # caps bound the files however many owners launch control lets in.  A full store
@@ -46,6 +46,11 @@ MAX_CLAIMS_PER_OWNER = 4096
 MAX_CLAIMS_TOTAL = 65536
 COUNTER_MAX = (1 << 64) - 1
 RECORD_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Records the trusted runtime keeps for itself (a checkpoint's gate, say): a name
+# no enclave's own persistent state can take.
+RUNTIME_RECORD_NAME = re.compile(r"![a-z]{1,16}-[0-9a-f]{32}")
+MAX_TRANSACTION = 4
+LEGACY_CLAIMS = "migrations.cbor"
 _COUNTER_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -118,7 +123,9 @@ class RecordUpdate:
 
 
 def _record_key(owner: bytes, name: str) -> str:
-    if not isinstance(name, str) or not RECORD_NAME.fullmatch(name):
+    if not isinstance(name, str) or not (
+        RECORD_NAME.fullmatch(name) or RUNTIME_RECORD_NAME.fullmatch(name)
+    ):
         raise CounterError("a record name is 1 to 64 characters of A-Z a-z 0-9 . _ -")
     return owner.hex() + "/" + name
 
@@ -138,9 +145,14 @@ class CounterStore:
             raise CounterError(f"counter store {self._path} is unreadable") from exc
         counters = data.get("counters") if isinstance(data, dict) else None
         records = data.get("records", {}) if isinstance(data, dict) else None
-        if not isinstance(counters, dict) or not isinstance(records, dict):
+        claims = data.get("claims", []) if isinstance(data, dict) else None
+        if (
+            not isinstance(counters, dict)
+            or not isinstance(records, dict)
+            or not isinstance(claims, list)
+        ):
             raise CounterError(f"counter store {self._path} is corrupt")
-        return {"v": 1, "counters": counters, "records": records}
+        return {"v": 1, "counters": counters, "records": records, "claims": claims}
 
     def _load(self) -> dict[str, dict[str, Any]]:
         counters: dict[str, dict[str, Any]] = self._load_all()["counters"]
@@ -214,58 +226,125 @@ class CounterStore:
     def record_update(self, owner: bytes, name: str, update: RecordUpdate) -> None:
         """Apply ``update`` atomically (see :class:`RecordUpdate`), or change nothing."""
 
-        key = _record_key(owner, name)
-        if update.record is not None and len(update.record) > MAX_RECORD_BYTES:
-            raise CounterError("a persistent record is limited to 256 KiB")
-        changed = [*update.create, *update.advance, *update.destroy]
-        if len(set(changed)) != len(changed):
-            raise CounterError("a record update changes one counter twice")
+        self.record_transaction(owner, [(name, update)])
+
+    def record_transaction(
+        self,
+        owner: bytes,
+        changes: Sequence[tuple[str, RecordUpdate]],
+        *,
+        claim: bytes | None = None,
+    ) -> None:
+        """Apply several record updates as one atomic write, or change nothing.
+
+        Each update is checked against the state the updates before it left, so
+        a transaction may, say, retire one record and advance the counter that
+        gates another: the two can never be seen apart, even across a crash.
+        With ``claim``, the migration id is claimed in the same write
+        (:class:`ClaimedBeforeError` if it was claimed before), so that an
+        arriving state is installed exactly when its id is taken.
+        """
+
+        if (not changes and claim is None) or len(changes) > MAX_TRANSACTION:
+            raise CounterError(f"a transaction holds 1 to {MAX_TRANSACTION} record updates")
+        keys = [_record_key(owner, name) for name, _ in changes]
+        if len(set(keys)) != len(keys):
+            raise CounterError("a transaction changes one record twice")
+        for _, update in changes:
+            if update.record is not None and len(update.record) > MAX_RECORD_BYTES:
+                raise CounterError("a persistent record is limited to 256 KiB")
+            changed = [*update.create, *update.advance, *update.destroy]
+            if len(set(changed)) != len(changed):
+                raise CounterError("a record update changes one counter twice")
         with self._locked():
             data = self._load_all()
-            counters: dict[str, dict[str, Any]] = data["counters"]
-            records: dict[str, Any] = data["records"]
-            for cid, value in update.check.items():
-                if int(self._get(counters, owner, cid)["value"]) != value:
-                    raise CounterError(f"counter {cid} does not hold the expected value")
-            for cid, value in update.advance.items():
-                entry = self._get(counters, owner, cid)
-                if not int(entry["value"]) < value <= COUNTER_MAX:
-                    raise CounterError("a monotonic counter only grows")
-            for cid in update.destroy:
-                self._get(counters, owner, cid)
-            for cid, value in update.create.items():
-                if not _COUNTER_ID.fullmatch(cid) or cid in counters:
-                    raise CounterError("a new counter needs a fresh id of 32 hex digits")
-                if not 0 <= value <= COUNTER_MAX:
-                    raise CounterError("initial value out of range")
-            owned = sum(1 for c in counters.values() if c["owner"] == owner)
-            if owned - len(update.destroy) + len(update.create) > MAX_COUNTERS_PER_OWNER:
-                raise StoreFullError("too many counters for this enclave's owner")
-            if len(counters) - len(update.destroy) + len(update.create) > MAX_COUNTERS_TOTAL:
-                raise StoreFullError("the host's counter store is full")
-            current = records.get(key)
-            if update.expect_absent and current is not None:
-                raise CounterError(f"a persistent record {name!r} exists already")
-            if not update.expect_absent:
-                seen = None if current is None else hashlib.sha256(current["blob"]).digest()
-                if update.expect != seen:
-                    raise RecordConflictError(
-                        f"the persistent record {name!r} is not the one this update replaces"
-                    )
-            if update.record is not None:
-                self._check_record_quota(records, owner, key, len(update.record))
-            for cid, value in update.advance.items():
-                counters[cid]["value"] = value
-            for cid in update.destroy:
-                del counters[cid]
-            for cid, value in update.create.items():
-                counters[cid] = {"owner": owner, "value": value}
-            if update.record is None:
-                records.pop(key, None)
-            else:
-                records[key] = {"owner": owner, "name": name, "blob": bytes(update.record)}
+            if claim is not None:
+                self._claim_in(data, owner, bytes(claim))
+            for key, (name, update) in zip(keys, changes, strict=True):
+                self._apply(data, owner, key, name, update)
             write_private(self._path, cbor2.dumps(data))
 
+    def _claim_in(self, data: dict[str, Any], owner: bytes, mid: bytes) -> None:
+        claims: list[bytes] = data["claims"]
+        claim_key = owner + b"/" + mid
+        if claim_key in claims or self._claimed_before(owner, mid):
+            raise ClaimedBeforeError("this migration id was claimed before on this host")
+        prefix = owner + b"/"
+        if sum(1 for c in claims if c.startswith(prefix)) >= MAX_CLAIMS_PER_OWNER:
+            raise StoreFullError("too many migration claims for this enclave's owner")
+        if len(claims) >= MAX_CLAIMS_TOTAL:
+            raise StoreFullError("the host's claim store is full")
+        claims.append(claim_key)
+
+    def claim(self, owner: bytes, mid: bytes) -> bool:
+        """Record ``mid`` for ``owner``; False if it was recorded before."""
+
+        try:
+            self.record_transaction(owner, [], claim=mid)
+        except ClaimedBeforeError:
+            return False
+        return True
+
+    def claimed(self, owner: bytes, mid: bytes) -> bool:
+        with self._locked():
+            claims = self._load_all()["claims"]
+        return owner + b"/" + bytes(mid) in claims or self._claimed_before(owner, mid)
+
+    def _claimed_before(self, owner: bytes, mid: bytes) -> bool:
+        """Claims of the former, separate claim store (``migrations.cbor``) still count."""
+
+        legacy = self._path.with_name(LEGACY_CLAIMS)
+        if not legacy.exists():
+            return False
+        return ClaimStore(legacy).claimed(owner, mid)
+
+    def _apply(
+        self, data: dict[str, Any], owner: bytes, key: str, name: str, update: RecordUpdate
+    ) -> None:
+        """Check ``update`` against ``data`` and apply it there (in memory only)."""
+
+        counters: dict[str, dict[str, Any]] = data["counters"]
+        records: dict[str, Any] = data["records"]
+        for cid, value in update.check.items():
+            if int(self._get(counters, owner, cid)["value"]) != value:
+                raise CounterError(f"counter {cid} does not hold the expected value")
+        for cid, value in update.advance.items():
+            entry = self._get(counters, owner, cid)
+            if not int(entry["value"]) < value <= COUNTER_MAX:
+                raise CounterError("a monotonic counter only grows")
+        for cid in update.destroy:
+            self._get(counters, owner, cid)
+        for cid, value in update.create.items():
+            if not _COUNTER_ID.fullmatch(cid) or cid in counters:
+                raise CounterError("a new counter needs a fresh id of 32 hex digits")
+            if not 0 <= value <= COUNTER_MAX:
+                raise CounterError("initial value out of range")
+        owned = sum(1 for c in counters.values() if c["owner"] == owner)
+        if owned - len(update.destroy) + len(update.create) > MAX_COUNTERS_PER_OWNER:
+            raise StoreFullError("too many counters for this enclave's owner")
+        if len(counters) - len(update.destroy) + len(update.create) > MAX_COUNTERS_TOTAL:
+            raise StoreFullError("the host's counter store is full")
+        current = records.get(key)
+        if update.expect_absent and current is not None:
+            raise CounterError(f"a persistent record {name!r} exists already")
+        if not update.expect_absent:
+            seen = None if current is None else hashlib.sha256(current["blob"]).digest()
+            if update.expect != seen:
+                raise RecordConflictError(
+                    f"the persistent record {name!r} is not the one this update replaces"
+                )
+        if update.record is not None:
+            self._check_record_quota(records, owner, key, len(update.record))
+        for cid, value in update.advance.items():
+            counters[cid] = {**counters[cid], "value": value}
+        for cid in update.destroy:
+            del counters[cid]
+        for cid, value in update.create.items():
+            counters[cid] = {"owner": owner, "value": value}
+        if update.record is None:
+            records.pop(key, None)
+        else:
+            records[key] = {"owner": owner, "name": name, "blob": bytes(update.record)}
 
     @staticmethod
     def _check_record_quota(records: dict[str, Any], owner: bytes, key: str, size: int) -> None:

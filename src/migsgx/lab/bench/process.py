@@ -56,7 +56,7 @@ while True:
 """
 
 
-def _migsgx(bed: Testbed, size: int, page_tls: bool) -> dict[str, Any]:
+def _migsgx(bed: Testbed, size: int) -> dict[str, Any]:
     rows = max(1, size // (MODEL_COLS * 4))
     agent = bed.start_agent()
     try:
@@ -68,7 +68,7 @@ def _migsgx(bed: Testbed, size: int, page_tls: bool) -> dict[str, Any]:
         before = bed.ask("DIGEST", app.port, at="src", via="dst")
         agent_cpu = cpu_seconds(agent.proc.pid, children=True)
         tool_cpu = children_cpu()
-        run = bed.migrate(app.pid, agent, args=[] if page_tls else ["--no-page-tls"])
+        run = bed.migrate(app.pid, agent)  # pages in TLS, always (CRIU alone: plain)
         tool_cpu = children_cpu() - tool_cpu
         agent_cpu = cpu_seconds(agent.proc.pid, children=True) - agent_cpu
         if run.returncode != 0 or run.stats is None:
@@ -83,7 +83,7 @@ def _migsgx(bed: Testbed, size: int, page_tls: bool) -> dict[str, Any]:
         agent.stop()
     figures = migration_figures(stats, rows, run.seconds)
     cpu = {"tool": tool_cpu, "agent": agent_cpu, **enclave_cpu(stats)}  # tool, agent: with CRIU
-    return {**figures, "page_tls": page_tls, "cpu_by_process": cpu}
+    return {**figures, "page_tls": True, "cpu_by_process": cpu}
 
 
 def enclave_cpu(stats: dict[str, Any]) -> dict[str, float]:
@@ -186,10 +186,10 @@ def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, An
     }
 
 
-def one_run(bed: Testbed, size: int, page_tls: bool) -> dict[str, Any]:
+def one_run(bed: Testbed, size: int) -> dict[str, Any]:
     """migsgx and CRIU alone back to back, with the ratios of the pair."""
 
-    migsgx = _migsgx(bed, size, page_tls)
+    migsgx = _migsgx(bed, size)
     plain = criu_only(bed, 2 * size)
     return {
         "migsgx": migsgx,
@@ -202,12 +202,7 @@ def one_run(bed: Testbed, size: int, page_tls: bool) -> dict[str, Any]:
 
 
 def run(
-    size: int,
-    *,
-    subnet: int = 201,
-    keep: Path | None = None,
-    page_tls: bool = False,
-    repeat: int = 3,
+    size: int, *, subnet: int = 201, keep: Path | None = None, repeat: int = 3
 ) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
@@ -219,7 +214,7 @@ def run(
     try:
         with Testbed(root, subnet=subnet) as bed:
             for _ in range(repeat):
-                runs.append(one_run(bed, size, page_tls))
+                runs.append(one_run(bed, size))
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
