@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from migsgx.agent.datalink import DestinationLink
@@ -31,6 +32,7 @@ from migsgx.agent.protocol import (
 from migsgx.channel import ECALL, LAUNCH, PLATFORM
 from migsgx.core.commit import open_control, seal_control
 from migsgx.core.handshake import transcript_item
+from migsgx.core.rounds import memory_digest, round_label
 from migsgx.core.stream import Manifest, StreamHeader, StreamOpener, StreamSealer
 from migsgx.enclave import checkpoints, persistent, sealing
 from migsgx.errors import MigSGXError
@@ -189,6 +191,29 @@ def check_control(case: dict[str, Any]) -> None:
             bytes.fromhex(s["nonce"]),
         )
         assert again == frame
+
+
+def check_precopy(case: dict[str, Any]) -> None:
+    """The memory digest, recomputed from the spec's formula (``precopy.md``, section 3)."""
+
+    memory = bytearray(GEN.plaintext_of(case["memory"]))
+    if case["flip"] is not None:
+        memory[case["flip"]] ^= 1
+    secret, mid = bytes.fromhex(case["stream_secret"]), bytes.fromhex(case["migration_id"])
+    expect = case["expect"]["ok"]
+    info = b"migsgx/v1 memory digest"
+    key = HKDF(hashes.SHA256(), 32, mid, info).derive(secret)
+    segment = 256 << 10
+    tags = b"".join(
+        AESGCM(key).encrypt(i.to_bytes(12, "big"), b"", bytes(memory[start : start + segment]))
+        for i, start in enumerate(range(0, len(memory), segment))
+    )
+    digest = hashlib.sha256(info + len(memory).to_bytes(8, "big") + tags).digest()
+    assert key.hex() == expect["key"]
+    assert digest.hex() == expect["digest"]
+    assert (len(memory).to_bytes(8, "big") + digest).hex() == expect["body"]
+    assert memory_digest(key, memory).hex() == expect["digest"]
+    assert [round_label(n) for n in (0, 1, 63)] == expect["labels"]
 
 
 # --- sealed formats: sealing.md, persistent.md, checkpoint.md -----------------------------
@@ -399,6 +424,7 @@ CHECKS = {
     "manifest": check_manifest,
     "handshake": check_handshake,
     "control": check_control,
+    "precopy": check_precopy,
     "sealing": check_sealing,
     "migratable": check_migratable,
     "persistent": check_persistent,

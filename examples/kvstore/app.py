@@ -2,6 +2,7 @@
 
     python examples/kvstore/app.py --image IMAGE_DIR [--enclaves N] [--workers N]
         [--platform-socket PATH] [--bind 0.0.0.0] [--port 0] [--ready-file FILE]
+        [--sqlite DB]
 
 It launches N kvstore enclaves (each key lives in enclave ``hash(key) % N``),
 opts in to migration (``enable_migration``) and answers one request per line,
@@ -16,10 +17,16 @@ one reply per line:
     STATE                 -> STATE {json: notes, request count, workers}
     WORKER i              -> VALUE hex   (worker i's counter, read from its enclave)
     STOP                  -> OK          (stop the worker threads)
+    ROW text              -> OK id       (with --sqlite: a row committed to DB)
+    ROWS                  -> ROWS {json: integrity_check, count, max id, client row ids}
 
 ``--workers N`` starts N threads that keep calling the enclaves (``put`` of a
 per-worker counter, then ``get`` to check it), so that a migration happens
 while ECALLs are in flight; each worker stops after ``--max-calls`` calls.
+
+``--sqlite DB`` keeps a ledger in sqlite in WAL mode, with a thread that
+commits a row every few milliseconds: the process holds sqlite's POSIX locks
+and its shared-memory mapping whenever it is checkpointed.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import argparse
 import json
 import os
 import socket
+import sqlite3
 import threading
 import time
 import zlib
@@ -66,10 +74,59 @@ class Worker:
         return {"count": self.count, "errors": self.errors[-5:], "alive": self.thread.is_alive()}
 
 
+class Ledger:
+    """sqlite in WAL mode under a write loop (a thread of its own, its own connection)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with self.connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS rows ("
+                "id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT, text TEXT)"
+            )
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30, isolation_level=None)
+
+    def loop(self) -> None:
+        db = self.connect()  # held open for good: its locks are held whenever it runs
+        n = 0
+        while True:
+            n += 1
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO rows (kind, text) VALUES ('loop', ?)", (f"{n:08x}",))
+            db.execute("COMMIT")
+            time.sleep(0.002)
+
+    def add(self, text: str) -> int:
+        db = self.connect()
+        try:
+            cur = db.execute("INSERT INTO rows (kind, text) VALUES ('client', ?)", (text,))
+            return int(cur.lastrowid or 0)
+        finally:
+            db.close()
+
+    def check(self) -> dict[str, Any]:
+        db = self.connect()
+        try:
+            integrity = [r[0] for r in db.execute("PRAGMA integrity_check")]
+            count, top = db.execute("SELECT count(*), max(id) FROM rows").fetchone()
+            client = [r[0] for r in db.execute("SELECT id FROM rows WHERE kind = 'client'")]
+        finally:
+            db.close()
+        return {"integrity": integrity, "count": count, "max": top, "client": client}
+
+
 class App:
-    def __init__(self, clients: list[EnclaveClient], workers: list[Worker]) -> None:
+    def __init__(
+        self, clients: list[EnclaveClient], workers: list[Worker], ledger: Ledger | None = None
+    ) -> None:
         self.clients = clients
         self.workers = workers
+        self.ledger = ledger
         self.notes: dict[str, str] = {}
         self.requests = 0
         self.lock = threading.Lock()
@@ -121,6 +178,10 @@ class App:
             for w in self.workers:
                 w.thread.join(timeout=30)
             return "OK"
+        if cmd == "ROW" and len(parts) >= 2 and self.ledger is not None:
+            return f"OK {self.ledger.add(line.split(' ', 1)[1])}"
+        if cmd == "ROWS" and self.ledger is not None:
+            return "ROWS " + json.dumps(self.ledger.check(), sort_keys=True)
         return "ERR unknown request"
 
     def serve(self, conn: socket.socket) -> None:
@@ -144,6 +205,7 @@ def main() -> None:
     parser.add_argument("--bind", default="0.0.0.0")  # noqa: S104 (inside a test namespace)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ready-file", type=Path, default=None)
+    parser.add_argument("--sqlite", type=Path, default=None, help="a ledger in WAL mode here")
     args = parser.parse_args()
 
     log: list[str] = []
@@ -157,7 +219,7 @@ def main() -> None:
     ]
     enable_migration(clients)
     workers = [Worker(i, clients[i % len(clients)], args.max_calls) for i in range(args.workers)]
-    app = App(clients, workers)
+    app = App(clients, workers, Ledger(args.sqlite) if args.sqlite is not None else None)
     for w in workers:
         w.thread.start()
 

@@ -60,6 +60,13 @@ PLATFORM = Schema(
     {
         # service -> enclave, once, at start
         "init": {"files": dict, "identity": bytes},
+        # service -> enclave, right after init: proof of the identity measured at launch
+        "ticket": {"ticket": bytes},
+        # a restarted service -> enclave, first on the reserve channel; the answer
+        # "reattach", then "reserve" (with a fresh pair of descriptors) or "err"
+        "hello": {},
+        "reattach": {"identity": bytes, "ticket": bytes},
+        "reserve": {},
         # enclave -> service
         "getkey": {"request": bytes},
         "report": {"target": bytes, "data": bytes},
@@ -83,14 +90,16 @@ PLATFORM = Schema(
             "absent": bool,
             "expect": (bytes, NONE),  # SHA-256 of the record replaced (compare-and-set)
         },
-        # A migration decision; with "name", that record's update in the same write.
+        # A migration decision; "changes" (ps_txn's) go in the same write.
         "decide": {
             "mid": bytes,
             "kind": str,
             "frame": bytes,
-            "name": (str, NONE),
-            "update": (dict, NONE),
+            "changes": list,
         },
+        # several ps_update bodies (each with its "name"), applied as one atomic write
+        # with "claim", the migration id is claimed in the same write
+        "ps_txn": {"changes": list, "claim": (bytes, NONE)},
         # service -> enclave
         "ok": {"value": ANY},
         "err": {"code": str, "message": str},

@@ -26,24 +26,36 @@ EXIT_IMAGE = 4
 EXIT_ATTESTATION = 5
 EXIT_MIGRATION = 6  # did not move: the source runs as before
 EXIT_IN_DOUBT = 7  # the outcome is not known here: run ``migsgx recover``
+EXIT_SOURCE_GONE = 8  # the source ended during the migration: nothing moved, nothing runs
+#: The source died while the destination still pulled process pages from it
+#: (post-copy window): the destination tree was killed; the application is lost.
+EXIT_SOURCE_LOST = 9
 
 
 def _exit_code(exc: MigSGXError) -> int:
-    from .errors import AttestationError, InDoubtError, MigrationError
+    from .errors import (
+        AttestationError,
+        InDoubtError,
+        MigrationError,
+        SourceGoneError,
+        SourceLostError,
+    )
 
     if isinstance(exc, InDoubtError):
         return EXIT_IN_DOUBT
+    if isinstance(exc, SourceLostError):
+        return EXIT_SOURCE_LOST
     if isinstance(exc, ConfigError):
         return EXIT_CONFIG
     if isinstance(exc, ImageError):
         return EXIT_IMAGE
     if isinstance(exc, AttestationError):
         return EXIT_ATTESTATION
+    if isinstance(exc, SourceGoneError):
+        return EXIT_SOURCE_GONE
     if isinstance(exc, MigrationError):
         return EXIT_MIGRATION
     return EXIT_ERROR
-
-
 
 
 @click.group()
@@ -334,11 +346,25 @@ def bench() -> None:
 @click.option("--size", default="256MiB", show_default=True, help="enclave memory to migrate")
 @click.option("--chunk", default=None, help="chunk size (default: the engine's)")
 @click.option("--slots", type=int, default=None, help="ring slots per side")
+@click.option("--repeat", type=int, default=3, show_default=True,
+              help="paired runs; top-level figures are their medians")  # fmt: skip
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="draw the median runs' per-process timelines into this PNG")  # fmt: skip
+@click.option("--ab-prefault", is_flag=True,
+              help="A/B: each pipelined run also with the prefault")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
-def bench_state(size: str, chunk: str | None, slots: int | None, as_json: bool) -> None:
+def bench_state(
+    size: str,
+    chunk: str | None,
+    slots: int | None,
+    repeat: int,
+    plot_path: Path | None,
+    ab_prefault: bool,
+    as_json: bool,
+) -> None:
     """Pipelined vs sequential enclave-state migration between two emulated hosts."""
 
-    from .lab.bench.state import run
+    from .lab.bench.state import plot, run
     from .limits import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK
     from .limits import DEFAULT_SLOTS
     from .sgx.image import parse_size
@@ -348,11 +374,16 @@ def bench_state(size: str, chunk: str | None, slots: int | None, as_json: bool) 
         chunk_bytes = parse_size(chunk) if chunk else DEFAULT_CHUNK
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    result = run(nbytes, chunk_bytes, slots or DEFAULT_SLOTS)
+    result = run(
+        nbytes, chunk_bytes, slots or DEFAULT_SLOTS, repeat=repeat, ab_prefault=ab_prefault
+    )
+    if plot_path is not None:
+        plot(result, plot_path)
     if not as_json:
         click.echo(
-            f"pipelined {result['pipelined']['seconds']:.2f} s, "
+            f"medians of {repeat}: pipelined {result['pipelined']['seconds']:.2f} s, "
             f"sequential {result['sequential']['seconds']:.2f} s, "
+            f"share of raw {result['pipelined_share_of_raw']:.2f}, "
             f"extra memory {result['pipelined']['peak_extra_bytes'] / 1024:.0f} KiB",
             err=True,
         )

@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -27,8 +28,6 @@ __all__ = [
     "register",
     "restore_command",
 ]
-
-
 
 
 def _address(value: str) -> tuple[str, int]:
@@ -210,9 +209,12 @@ def recover_command(state: Path, ca_dir: Path | None, as_json: bool) -> None:
 @click.option("--chunk-size", default=None, help="enclave stream chunk size (e.g. 1MiB)")
 @click.option("--mode", type=click.Choice(["pipelined", "sequential"]), default="pipelined")
 @click.option("--keep-tcp", is_flag=True, help="fail on established TCP connections")
-@click.option("--page-tls/--no-page-tls", default=True, show_default=True,
-              help="CRIU's page stream in mutual TLS")  # fmt: skip
 @click.option("--shell-job", is_flag=True, help="the tree has a controlling terminal")
+@click.option("--live", is_flag=True,
+              help="pre-copy enclave memory while the application runs")  # fmt: skip
+@click.option("--downtime-target", type=float, default=0.05, show_default=True,
+              help="--live: seconds the last dirty set may take to send")  # fmt: skip
+@click.option("--max-rounds", type=int, default=30, show_default=True, help="--live: round limit")
 def migrate_command(
     pid: int | None,
     runc_id: str | None,
@@ -227,8 +229,10 @@ def migrate_command(
     chunk_size: str | None,
     mode: str,
     keep_tcp: bool,
-    page_tls: bool,
     shell_job: bool,
+    live: bool,
+    downtime_target: float,
+    max_rounds: int,
 ) -> None:
     """Migrate process PID, or a container, with its enclaves to the agent at --to.
 
@@ -277,10 +281,11 @@ def migrate_command(
         chunk_size=parse_size(chunk_size) if chunk_size else None,
         mode=mode,
         tcp_close=not keep_tcp,
-        page_tls=page_tls,
         shell_job=shell_job,
         progress=progress,
     )
+    if live:
+        _live_options(opts, console, downtime_target, max_rounds)
     if status is not None:
         with status:
             outcome = migrate(opts)
@@ -328,18 +333,27 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
 @click.command("process")
 @click.option("--enclave-size", default="256MiB", show_default=True,
               help="enclave memory (and as much ordinary memory)")  # fmt: skip
+@click.option("--repeat", type=int, default=3, show_default=True,
+              help="paired runs; top-level figures are their medians")  # fmt: skip
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="draw the median runs' timelines into this PNG")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
               help="keep the testbed (logs, images) in this directory")  # fmt: skip
-@click.option("--page-tls/--no-page-tls", default=False, show_default=True,
-              help="migsgx's page stream in TLS; off by default so that both sides move "
-                   "ordinary pages the same way (CRIU alone: always plain)")  # fmt: skip
-def bench_process(enclave_size: str, as_json: bool, keep: Path | None, page_tls: bool) -> None:
+def bench_process(
+    enclave_size: str,
+    repeat: int,
+    plot_path: Path | None,
+    as_json: bool,
+    keep: Path | None,
+) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
-    from .lab.bench.process import run
+    from .lab.bench.process import plot, run
 
-    result = run(parse_size(enclave_size), keep=keep, page_tls=page_tls)
+    result = run(parse_size(enclave_size), keep=keep, repeat=repeat)
+    if plot_path is not None:
+        plot(result, plot_path)
     if as_json:
         _emit(result)
         return
@@ -347,7 +361,7 @@ def bench_process(enclave_size: str, as_json: bool, keep: Path | None, page_tls:
         r = result[name]
         click.echo(
             f"{name:9}: total {r['total_seconds']:.3f} s, downtime {r['downtime_seconds']:.3f} s, "
-            f"{r['bytes'] / (1 << 20):.0f} MiB"
+            f"{r['bytes'] / (1 << 20):.0f} MiB (medians of {repeat})"
         )
 
 
@@ -356,15 +370,28 @@ def bench_process(enclave_size: str, as_json: bool, keep: Path | None, page_tls:
 @click.option("--engine", type=click.Choice(["runc", "podman", "containerd"]), default="runc",
               show_default=True)  # fmt: skip
 @click.option("--enclave-size", default="256MiB", show_default=True, help="enclave memory")
+@click.option("--repeat", type=int, default=3, show_default=True,
+              help="paired runs; top-level figures are their medians")  # fmt: skip
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="draw the median runs' timelines into this PNG")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
               help="keep the testbed (logs, images) in this directory")  # fmt: skip
-def bench_container(engine: str, enclave_size: str, as_json: bool, keep: Path | None) -> None:
+def bench_container(
+    engine: str,
+    enclave_size: str,
+    repeat: int,
+    plot_path: Path | None,
+    as_json: bool,
+    keep: Path | None,
+) -> None:
     """Container migration with enclaves against the engine's own checkpoint/restore."""
 
-    from .lab.bench.container import run
+    from .lab.bench.container import plot, run
 
-    result = run(engine, parse_size(enclave_size), keep=keep)
+    result = run(engine, parse_size(enclave_size), keep=keep, repeat=repeat)
+    if plot_path is not None:
+        plot(result, plot_path)
     if as_json:
         _emit(result)
         return
@@ -372,7 +399,8 @@ def bench_container(engine: str, enclave_size: str, as_json: bool, keep: Path | 
         r = result[name]
         click.echo(
             f"{name:11}: total {r['total_seconds']:.3f} s, "
-            f"downtime {r['downtime_seconds']:.3f} s, {r['bytes'] / (1 << 20):.0f} MiB"
+            f"downtime {r['downtime_seconds']:.3f} s, {r['bytes'] / (1 << 20):.0f} MiB "
+            f"(medians of {repeat})"
         )
 
 
@@ -391,6 +419,89 @@ def demo_command(workdir: Path | None, container: str | None) -> None:
 
 
 # --- registration -------------------------------------------------------------------------------
+# --- live migration: bench live, migrate --live -------------------------------------------------
+@click.command("live")
+@click.option("--enclave-size", default="256MiB", show_default=True, help="enclave memory")
+@click.option(
+    "--dirty-rate", default="50MiB", show_default=True, help="bytes of pages written per second"
+)
+@click.option("--repeat", type=int, default=3, show_default=True, help="runs of each mode")
+@click.option("--downtime-target", type=float, default=0.05, show_default=True,
+              help="stop rule 'converged': seconds the last dirty set may take")  # fmt: skip
+@click.option("--max-rounds", type=int, default=30, show_default=True)
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="draw the round-by-round picture into this PNG file")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
+def bench_live(
+    enclave_size: str,
+    dirty_rate: str,
+    repeat: int,
+    downtime_target: float,
+    max_rounds: int,
+    plot: Path | None,
+    as_json: bool,
+) -> None:
+    """Downtime of live (pre-copy) against stop-and-copy migration, same workload."""
+
+    from .core.rounds import StopRules
+    from .lab.bench.live import run
+
+    try:
+        rules = StopRules(downtime_target=downtime_target, max_rounds=max_rounds)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    progress = None if as_json else (lambda line: click.echo(line, err=True))
+    result = run(
+        parse_size(enclave_size), parse_size(dirty_rate), repeat, rules=rules, progress=progress
+    )
+    if plot is not None:
+        from .lab.bench.live_plot import draw
+
+        draw(result, plot)
+    if not as_json:
+        sc, lv = result["stop_and_copy"], result["live"]
+        click.echo(
+            f"downtime: stop-and-copy {sc['downtime_seconds']:.3f} s, "
+            f"live {lv['downtime_seconds']:.3f} s "
+            f"({result['live_over_stop_and_copy_downtime']:.3f}x), "
+            f"live rounds {lv.get('rounds', 0)}, bytes/size {lv['bytes_over_size']:.2f}",
+            err=True,
+        )
+    _emit(result)
+
+
+def _live_options(opts: Any, console: Any, downtime_target: float, max_rounds: int) -> None:
+    """``migrate --live``: stop rules, and a line on stderr per pre-copy round."""
+
+    from .core.rounds import StopRules
+    from .datapath.live import FALLBACK
+
+    try:
+        opts.stop_rules = StopRules(downtime_target=downtime_target, max_rounds=max_rounds)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    opts.live = True
+
+    def report(index: int, r: dict[str, Any]) -> None:
+        if "fallback" in r:
+            console.print(
+                f"enclave {index}: live migration is not possible here ({r['reason']}); "
+                f"falling back to {FALLBACK}",
+                highlight=False,
+            )
+            return
+        estimate = r["pages"] * 4096 / max(r["bandwidth_bytes_per_second"], 1)
+        console.print(
+            f"enclave {index} round {r['round']}: {r['pages']} pages "
+            f"({r['bytes'] / (1 << 20):.1f} MiB in {r['seconds']:.3f} s), "
+            f"dirty {r.get('dirty_rate_bytes_per_second', 0) / (1 << 20):.1f} MiB/s, "
+            f"estimated downtime {estimate:.3f} s",
+            highlight=False,
+        )
+
+    opts.round_report = report
+
+
 def register(cli: click.Group) -> None:
     """Add the commands of this module to the ``migsgx`` group."""
 
@@ -406,3 +517,4 @@ def register(cli: click.Group) -> None:
         cli.add_command(bench)
     bench.add_command(bench_process)
     bench.add_command(bench_container)
+    bench.add_command(bench_live)

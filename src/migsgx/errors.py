@@ -189,6 +189,12 @@ class RecordConflictError(CounterError):
 
 
 # --- enclave calls -------------------------------------------------------------
+class ClaimedBeforeError(CounterError):
+    """The migration id was claimed on this host before: this copy must never run."""
+
+    code = "claimed"
+
+
 class EnclaveError(MigSGXError):
     """An ECALL failed inside the enclave."""
 
@@ -299,6 +305,18 @@ class ReplayError(MigrationError):
     code = "replay"
 
 
+class SourceGoneError(MigrationError):
+    """The source application ended during the migration: nothing moved, nothing runs."""
+
+    code = "source-gone"
+
+
+class CheckpointGateError(ReplayError):
+    """The checkpoint has no committed gate on this host: aborted, restored, or pending."""
+
+    code = "checkpoint-gate"
+
+
 class CommittedError(MigrationError):
     """This enclave's state has moved to another host; it cannot run here again."""
 
@@ -321,10 +339,68 @@ class InDoubtError(MigSGXError):
     code = "in-doubt"
 
 
+class DirtyTrackingError(MigrationError):
+    """The kernel's tracking of written enclave pages cannot be used."""
+
+    code = "dirty-tracking"
+
+
+class DirtyTrackingUnavailableError(DirtyTrackingError):
+    """This kernel (or its configuration) offers no written-page tracking: live
+    migration is not possible; stop-and-copy is the fallback."""
+
+    code = "dirty-tracking-unavailable"
+
+
+class DirtyTrackingLostError(DirtyTrackingError):
+    """The tracking stopped answering during pre-copy; the rounds end, the source runs on."""
+
+    code = "dirty-tracking-lost"
+
+
+class LiveMigrationError(MigrationError):
+    """Pre-copy failed or its end state did not verify."""
+
+    code = "live"
+
+
+class MemoryDigestError(LiveMigrationError):
+    """The destination's enclave memory differs from the source's final memory."""
+
+    code = "memory-digest"
+
+
+class PostCopyError(MigrationError):
+    """Post-copy of process pages (CRIU lazy pages) failed or cannot run here."""
+
+    code = "post-copy"
+
+
+class PostCopyUnavailableError(PostCopyError):
+    """This host cannot serve or receive lazy pages (``fs.pipe-max-size`` too low, no
+    userfaultfd): nothing was frozen; stop-and-copy is the fallback."""
+
+    code = "post-copy-unavailable"
+
+
+class SourceLostError(PostCopyError):
+    """The source stopped serving process pages while the destination still needed
+    them (the post-copy window): the destination tree was killed, never left running
+    with missing pages."""
+
+    code = "post-copy-source-lost"
+
+
 class CriuError(MigSGXError):
     """CRIU failed or is not usable here."""
 
     code = "criu"
+
+
+class CheckpointDamagedError(CriuError):
+    """A checkpoint's files are not what was written: truncated, changed, missing."""
+
+    code = "checkpoint-damaged"
 
 
 # --- inspecting checkpoints ------------------------------------------------------

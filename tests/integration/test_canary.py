@@ -117,7 +117,7 @@ def test_canary_never_leaves_the_enclaves(world: World, launch: Any) -> None:
     logs = list(world.root.glob("host-*/logs/*.log")) + list(world.root.glob("host-*/service.log"))
     assert any(p.name.startswith("enclave-") and p.stat().st_size for p in logs)
     assert any(p.name == "service.log" for p in logs)
-    assert (world.root / "host-b" / "migrations.cbor").stat().st_size > 0
+    assert (world.root / "host-b" / "counters.cbor").stat().st_size > 0
     hits = scan_everything(world, since, patterns)
     assert hits == {}, f"the canary leaked into {hits}"
 

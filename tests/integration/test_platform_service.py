@@ -27,6 +27,7 @@ from platform_fixtures import (
 )
 
 from migsgx.channel import ECALL_FRAME_MAX, IMAGE_FRAME_MAX, LAUNCH
+from migsgx.datapath.checkpoint import CheckpointOut, restore_enclave
 from migsgx.enclave.sealing import POLICY_MRENCLAVE, POLICY_MRSIGNER
 from migsgx.errors import (
     ConnectionClosedError,
@@ -515,3 +516,58 @@ def test_no_code_beside_the_service_enters_the_service(world: World, tmp_path: P
     else:
         service.stop()
     assert not marker.exists()
+
+
+def test_enclaves_outlive_a_restart_of_their_service(world: World, tmp_path: Path) -> None:
+    """Issue 9, item 8: after the service is killed and started again, its running
+    enclaves are taken back (reserve channel, launch ticket): usable and migratable."""
+
+    state = tmp_path / "host"
+    EmulatedPlatform.init(
+        state, world.ca, host_id="reattach", allowed_signers=[mr_signer_of(world.author)]
+    )
+    image = make_image(world.author)
+    sock = tmp_path / "reattach.sock"
+    service = start_service(state, socket_path=sock)
+    client = EnclaveClient.launch(image, socket_path=sock)
+    try:
+        cid, _ = client.ecall.ctr_create(5)
+        blob = client.ecall.seal(b"before", POLICY_MRENCLAVE)
+        service.process.kill()  # kill -9: the enclave process lives on (its own session)
+        service.process.wait()
+        service = start_service(state, socket_path=sock)
+        # Every platform service again, bound to the identity measured at launch.
+        assert client.ecall.ctr_inc(cid) == 6
+        assert client.ecall.unseal(blob) == b"before"
+        verified = verify_quote(client.ecall.quote(b"r" * 64), [load_root(world.ca_dir)])
+        assert verified.body.mr_enclave == client.info.mr_enclave
+        # A second restart: the fresh reserve channel it was given serves again.
+        service.process.kill()
+        service.process.wait()
+        service = start_service(state, socket_path=sock)
+        assert client.ecall.ctr_inc(cid) == 7
+        # Migratable: a checkpoint written and committed, then restored.
+        (tmp_path / "ck").mkdir()
+        out = CheckpointOut(client.detach(), client.info, client.image_files)
+        out.write(tmp_path / "ck", 0)
+        out.commit()
+        back, info, files = restore_enclave(tmp_path / "ck", 0, sock)
+        with EnclaveClient(back, info, image_files=files) as restored:
+            assert restored.ecall.ctr_read(cid) == 7
+    finally:
+        client.destroy()
+        service.stop()
+
+
+def test_a_forged_reattach_ticket_is_refused(world: World, tmp_path: Path) -> None:
+    state = tmp_path / "host"
+    EmulatedPlatform.init(state, world.ca, host_id="forged")
+    platform = EmulatedPlatform(state)
+    identity, _ = platform.einit(make_image(world.author))
+    ticket = platform.reattach_ticket(identity)
+    assert platform.reattach_identity(identity.pack(), ticket) == identity
+    forged = bytearray(ticket)
+    forged[-1] ^= 1
+    assert platform.reattach_identity(identity.pack(), bytes(forged)) is None
+    other, _ = platform.einit(make_image(world.other_author))
+    assert platform.reattach_identity(other.pack(), ticket) is None  # not its identity

@@ -8,9 +8,11 @@ of the application exists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import struct
@@ -199,6 +201,22 @@ def test_criu_restore_failing_keeps_the_source(bed: Testbed) -> None:
     finish(bed, app, expect="src")
 
 
+def test_a_flipped_byte_in_the_page_stream_keeps_the_source(bed: Testbed) -> None:
+    """Pages always travel in TLS: one flipped byte fails the dump, exit 6, source runs on."""
+
+    corrupting = bed.start_agent(env={"MIGSGX_FAULT": "agent.page-stream:corrupt"})
+    app = kvstore(bed)
+    ask_src(bed, app, "PUT k " + b"v".hex())
+    digest = ask_src(bed, app, "DIGEST")
+
+    run = bed.migrate(app.pid, corrupting)
+    assert run.returncode == 6, run.stderr  # EXIT_MIGRATION: it did not move
+    assert "the source runs on" in run.stderr and "Traceback" not in run.stderr
+    check_source_runs_on(bed, app, digest)
+    corrupting.stop()
+    finish(bed, app, expect="src")
+
+
 def test_destination_enclave_load_failing(bed: Testbed, tmp_path: Path) -> None:
     """The destination platform refuses to launch the enclave (launch control)."""
 
@@ -241,6 +259,39 @@ def test_tool_dying_before_the_commit_point(bed: Testbed, agent: AgentProcess, p
     wait_until(lambda: bed.copies(app)["dst"] == [], 15, "the destination to let go")
     check_source_runs_on(bed, app, digest)
     finish(bed, app, expect="src")
+
+
+def enclave_processes(bed: Testbed, host: str) -> set[int]:
+    """The enclave processes the platform service of ``host`` runs."""
+
+    service = bed.services[host].process.pid
+    found = set()
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == service and fields[0] not in ("Z", "X"):
+                found.add(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("point", ["tool.after-prepare", "tool.before-dump"])
+def test_source_application_killed_during_migrate(
+    bed: Testbed, agent: AgentProcess, point: str
+) -> None:
+    """A clear error and an honest status (8: nothing moved, nothing runs), no traceback."""
+
+    app = kvstore(bed)
+    ask_src(bed, app, "PUT k " + b"v".hex())
+    before = {h: enclave_processes(bed, h) for h in ("src", "dst")}
+    run = bed.migrate(app.pid, agent, env={"MIGSGX_FAULT": f"{point}:kill-source"})
+    assert run.returncode == 8, run.stderr
+    assert "[source-gone]" in run.stderr and "Traceback" not in run.stderr
+    assert bed.copies(app) == {"src": [], "dst": []}
+    for host in ("src", "dst"):  # its enclaves ended with it; the destination kept none
+        wait_until(
+            lambda h=host: enclave_processes(bed, h) <= before[h], 15, f"{host} enclaves to end"
+        )
+    assert process_state(app.pid) == ""
 
 
 def test_source_killed_after_the_commit_point(bed: Testbed, agent: AgentProcess) -> None:
@@ -375,9 +426,9 @@ def scan_files(roots: list[Path], needles: dict[str, bytes]) -> dict[str, list[s
     return hits
 
 
-@pytest.mark.parametrize("page_tls", [True, False], ids=["page-tls", "plain-pages"])
+@pytest.mark.parametrize("live", [False, True], ids=["page-tls", "page-tls-live"])
 def test_canary_is_in_no_image_stream_log_or_temp_file(
-    bed: Testbed, tmp_path: Path, page_tls: bool
+    bed: Testbed, tmp_path: Path, live: bool
 ) -> None:
     kept = bed.start_agent(args=["--keep-images"])
     secret = b"CANARY-" + secrets.token_hex(16).encode()
@@ -396,8 +447,8 @@ def test_canary_is_in_no_image_stream_log_or_temp_file(
     needles = {"secret": secret, "ordinary": ordinary}
     capture = Capture(bed.host("dst"), needles)
     dump_dir = bed.root / f"tool-dump-{app.marker}"
-    args = ["--keep-images", "--work-dir", str(dump_dir)]
-    run = bed.migrate(app.pid, kept, args=args if page_tls else [*args, "--no-page-tls"])
+    args = ["--keep-images", "--work-dir", str(dump_dir), *(["--live"] if live else [])]
+    run = bed.migrate(app.pid, kept, args=args)
     capture.drain()
     during = dict(capture.found)
     # The capture's own check: an answer carrying the note in clear crosses eth0.
@@ -409,8 +460,7 @@ def test_canary_is_in_no_image_stream_log_or_temp_file(
     assert capture.found["ordinary"] > during["ordinary"]
 
     assert capture.found["secret"] == 0
-    # Ordinary memory crosses in clear only when the page stream is not in TLS.
-    assert (during["ordinary"] > 0) is not page_tls
+    assert during["ordinary"] == 0  # the page stream is always in TLS
 
     (tmp_path / "tool.out").write_text(run.stdout + run.stderr)
     hits = scan_files([bed.root, tmp_path, Path("/dev/shm")], needles)
@@ -618,3 +668,44 @@ def watched_host(bed: Testbed) -> str:
     from migsgx.agent.tls import AgentIdentity
 
     return AgentIdentity.of_state(bed.state("dst")).host_id()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_checkpoint_fails_clearly_and_leaves_nothing(
+    bed: Testbed, tmp_path: Path, damage: str
+) -> None:
+    """Half a page image, or one flipped bit: a clear error, nothing left, the next works."""
+
+    app = kvstore(bed)
+    assert ask_src(bed, app, f"PUT kept {secrets.token_hex(32)}").startswith("OK")
+    digest = ask_src(bed, app, "DIGEST")
+    ck = tmp_path / "ck"
+    done = run_cli("checkpoint", str(app.pid), "--dir", str(ck))
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: not os.path.exists(f"/proc/{app.pid}"), 10, "the source to end")
+    intact = tmp_path / "intact"
+    shutil.copytree(ck, intact)
+    pages = max(ck.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    data = bytearray(pages.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x01
+    pages.write_bytes(bytes(data))
+
+    socket_path = str(bed.services["src"].socket)
+    netns = bed.host("src").netns
+    before = enclave_processes(bed, "src")
+    back = run_cli("restore", "--dir", str(ck), "--netns", netns, "--platform-socket", socket_path)
+    assert back.returncode == 1, back.stderr
+    assert "[checkpoint-damaged]" in back.stderr and "pages-" in back.stderr
+    assert "Traceback" not in back.stderr
+    assert bed.copies(app) == {"src": [], "dst": []}
+    wait_until(lambda: enclave_processes(bed, "src") <= before, 15, "no enclave left")
+    # The intact copy restores (the abstract socket name is free again), exactly once.
+    back = run_cli(
+        "restore", "--dir", str(intact), "--netns", netns, "--platform-socket", socket_path
+    )
+    assert back.returncode == 0, back.stderr
+    assert ask_src(bed, app, "DIGEST") == digest
+    finish(bed, app, expect="src")

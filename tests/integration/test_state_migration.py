@@ -289,7 +289,7 @@ def test_migration_id_is_accepted_once(world: World, launch: Launcher) -> None:
     hello = hs_message(mitm.frames_of(S2D, "hs")[0])
     assert hello is not None and hello["t"] == "source-hello"
     state = world.deployment.hosts[2]
-    claims = cbor2.loads((state / "migrations.cbor").read_bytes())["claims"]
+    claims = cbor2.loads((state / "counters.cbor").read_bytes())["claims"]
     assert [c for c in claims if c.endswith(b"/" + hello["mid"])], "the id was not claimed"
 
     replayed = replay_into(world.socket("c"), recorded)

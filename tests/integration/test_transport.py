@@ -14,7 +14,7 @@ import pytest
 
 from migsgx.datapath import transport
 from migsgx.datapath.ring import RingTimeoutError, ShmRing
-from migsgx.errors import ConnectionClosedError, FrameError
+from migsgx.errors import ConnectionClosedError, FrameError, StreamError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(5)]
 
@@ -196,26 +196,48 @@ def test_sender_sees_a_closed_connection(tcp: tuple[socket.socket, socket.socket
             job.join()
 
 
-def test_sequential_buffers_keep_chunk_boundaries(
-    tcp: tuple[socket.socket, socket.socket],
-) -> None:
+def test_staging_keeps_chunk_boundaries(tcp: tuple[socket.socket, socket.socket]) -> None:
     client, server = tcp
     data = random.Random(7).randbytes(100_000)
-    staging = bytearray(len(data))
-    job = Background(transport.send_buffer, client, data, chunk_size=4096 + 16)
-    lengths = transport.recv_buffer(server, staging, max_chunk=4096 + 16)
-    assert job.join() == len(data)
-    assert bytes(staging) == data
-    assert lengths == [4112] * 24 + [100_000 - 24 * 4112]
+    src_p, src_c = ShmRing.pair(2, 4112)
+    dst_p, dst_c = ShmRing.pair(2, 4112)
+    out = bytearray(len(data))
+    with src_p, src_c, dst_p, dst_c, transport.Staging(1 << 20) as sent, \
+            transport.Staging(1 << 20) as received:  # fmt: skip
+        filler = Background(transport.fill_ring, src_p, data, 4112, timeout=2)
+        sent.drain(src_c, timeout=2)
+        filler.join()
+        job = Background(sent.send, client)
+        received.receive(server, cap=4112)
+        assert job.join() == len(data)
+        assert received.lengths == [4112] * 24 + [100_000 - 24 * 4112]
+        drainer = Background(transport.drain_ring, dst_c, out, timeout=2)
+        received.fill(dst_p, timeout=2)
+        assert drainer.join() == len(data)
+    assert out == data
 
 
-def test_sequential_buffer_too_small(tcp: tuple[socket.socket, socket.socket]) -> None:
+def test_staging_too_small(tcp: tuple[socket.socket, socket.socket]) -> None:
     client, server = tcp
-    job = Background(transport.send_buffer, client, b"x" * 300, chunk_size=100)
-    with pytest.raises(FrameError):
-        transport.recv_buffer(server, bytearray(250), max_chunk=100)
-    client.close()
-    job.join()
+    with transport.Staging(1 << 20) as sent, transport.Staging(250) as received:
+        sent.lengths, sent.used = [100, 100, 100], 300
+        job = Background(sent.send, client)
+        with pytest.raises(FrameError):
+            received.receive(server, cap=100)
+        client.close()
+        job.join()
+
+
+def test_reader_refuses_a_slot_after_the_final_one() -> None:
+    producer, consumer = ShmRing.pair(2, 64)
+    with producer, consumer:
+        transport.fill_ring(producer, b"x" * 100, 64, timeout=2)
+        reader = transport.SlotReader(consumer, timeout=2)
+        assert bytes(reader.take()) == b"x" * 64
+        assert bytes(reader.take()) == b"x" * 36
+        assert reader.ended and reader.received == 100
+        with pytest.raises(StreamError):
+            reader.take()
 
 
 def test_raw_endpoints_copy_a_buffer_through_tcp(
@@ -228,11 +250,11 @@ def test_raw_endpoints_copy_a_buffer_through_tcp(
     dst_p, dst_c = ShmRing.pair(3, 65536)
     with src_p, src_c, dst_p, dst_c:
         jobs = [
-            Background(transport.fill_ring_from_buffer, src_p, data),
+            Background(transport.fill_ring, src_p, data, 65536),
             Background(transport.ring_to_socket, src_c, client),
             Background(transport.socket_to_ring, server, dst_p),
         ]
-        assert transport.drain_ring_to_buffer(dst_c, out, timeout=2) == len(data)
+        assert transport.drain_ring(dst_c, out, timeout=2) == len(data)
         for job in jobs:
             job.join()
     assert out == data

@@ -47,6 +47,7 @@ class FakeEnclave:
         self.name = name
         self.delay = delay
         self.app_end, self.end = socket.socketpair()
+        self.sides: list[socket.socket] = []
         self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
 
@@ -58,6 +59,10 @@ class FakeEnclave:
                 return
             if msg["t"] == "detach":
                 send_frame(self.end, {"t": "detached"})
+            elif msg["t"] == "ecall" and msg["fn"] == "__mig_side":
+                _, fds, _, _ = socket.recv_fds(self.end, 1, 1)
+                self.sides.append(socket.socket(fileno=fds[0]))
+                send_frame(self.end, {"t": "ret", "id": msg["id"], "value": None})
             elif msg["t"] == "ecall":
                 time.sleep(self.delay)
                 send_frame(
@@ -122,6 +127,27 @@ def test_prepare_hands_over_and_resume_gives_back(
     caller.join(5)
     assert result == [["a", 1]]
     assert clients[1].ecall.echo(3) == ["b", 3]
+
+
+def test_side_channels_leave_the_application_attached(
+    app: tuple[MigrationControl, list[EnclaveClient]], enclaves: list[FakeEnclave]
+) -> None:
+    control, clients = app
+    link = link_to(control)
+    sides = link.side()
+    assert [h.info.pid for h in sides] == [100, 101]
+    assert not any(c.detached for c in clients)
+    assert link.status()["handed_over"] is False
+    assert clients[0].ecall.echo(1) == ["a", 1]  # ECALLs go on
+    # Each side channel reaches its enclave.
+    for handed, enclave in zip(sides, enclaves, strict=True):
+        handed.sock.sendall(b"ping")
+        assert enclave.sides[-1].recv(4) == b"ping"
+        handed.sock.close()
+    # The hand-over still works afterwards, in the same order.
+    handed = link.prepare(timeout=5)
+    assert [h.info.pid for h in handed] == [100, 101]
+    assert link.resume([h.sock for h in handed]) == 2
 
 
 def test_attach_takes_new_connections_and_identities(

@@ -197,9 +197,9 @@ def test_net_sysctls_go_when_the_engine_shares_the_namespace() -> None:
 
 def test_criu_configuration_holds_the_restore(tmp_path: Path) -> None:
     write_criu_config(tmp_path / "a.conf", tcp_close=True)
-    assert (tmp_path / "a.conf").read_text().split() == ["leave-stopped", "tcp-close"]
+    assert (tmp_path / "a.conf").read_text().split() == ["leave-stopped", "file-locks", "tcp-close"]
     write_criu_config(tmp_path / "b.conf", tcp_close=False)
-    assert (tmp_path / "b.conf").read_text().split() == ["leave-stopped"]
+    assert (tmp_path / "b.conf").read_text().split() == ["leave-stopped", "file-locks"]
 
 
 # --- root file systems -----------------------------------------------------------------------

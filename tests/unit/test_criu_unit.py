@@ -11,6 +11,7 @@ import json
 import os
 import stat
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,16 @@ elif mode == "garbage":
     sys.exit(0)
 elif mode == "hang":
     save()
+    time.sleep(60)
+elif mode == "hang-with-task":
+    # As CRIU's restorer spinning on a truncated page image, with a task below it.
+    child = os.fork()
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    record["task"] = child
+    save()
+    notify("pre-resume", child)
     time.sleep(60)
 elif mode == "dump":
     ok = notify("pre-dump") and notify("post-dump")
@@ -308,3 +319,37 @@ def test_criu_without_binary_uses_find_criu(
     monkeypatch.setenv(ENV_VAR, str(new))
     assert Criu().binary == new
     assert os.access(Criu().binary, os.X_OK)
+
+
+def test_an_aborted_restore_leaves_no_task_behind(
+    tmp_path: Path, images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    binary = tmp_path / "criu"
+    binary.write_text(f"#!{sys.executable}\n{FAKE_SWRK}")
+    binary.chmod(0o755)
+    record = tmp_path / "record.json"
+    monkeypatch.setenv("FAKE_CRIU_RECORD", str(record))
+    use(monkeypatch, "hang-with-task")
+
+    class Interrupted(BaseException):
+        """As a signal or a cancelled caller would cut the restore short."""
+
+    def interrupt(_script: str, _pid: int) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        Criu(binary, timeout=30).restore(images, notify=interrupt)
+    task = json.loads(record.read_text())["task"]
+    # SIGKILLed (delivery is asynchronous): it dies, never to run its code again.
+    stat_path = Path(f"/proc/{task}/stat")
+
+    def state() -> str:
+        try:
+            return stat_path.read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return ""
+
+    deadline = time.monotonic() + 10
+    while state() not in ("", "Z", "X") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert state() in ("", "Z", "X")

@@ -54,7 +54,7 @@ def test_retire_happens_only_with_the_first_decision(tmp_path: Path) -> None:
     store = CounterStore(tmp_path / "c.cbor")
     epoch = uuid.uuid4().hex
     store.record_update(OWNER, "rec", RecordUpdate(b"blob", create={epoch: 1}, expect_absent=True))
-    retire = ("rec", RecordUpdate(None, destroy=(epoch,), check={epoch: 1}, expect=_sha(b"blob")))
+    retire = [("rec", RecordUpdate(None, destroy=(epoch,), check={epoch: 1}, expect=_sha(b"blob")))]
     first, second = _mid(), _mid()
     store.decide(OWNER, Decision(first, "abort", b""))
     store.decide(OWNER, Decision(first, "commit", b"t"), retire)  # not the first: no retire
@@ -69,11 +69,33 @@ def test_a_refused_retire_records_no_decision(tmp_path: Path) -> None:
     epoch = uuid.uuid4().hex
     store.record_update(OWNER, "rec", RecordUpdate(b"blob", create={epoch: 5}, expect_absent=True))
     mid = _mid()
-    stale = ("rec", RecordUpdate(None, destroy=(epoch,), check={epoch: 4}, expect=_sha(b"blob")))
+    stale = [("rec", RecordUpdate(None, destroy=(epoch,), check={epoch: 4}, expect=_sha(b"blob")))]
     with pytest.raises(CounterError):
         store.decide(OWNER, Decision(mid, "commit", b"t"), stale)
     assert store.decision(mid) is None
     assert store.record_read(OWNER, "rec") == b"blob"
+
+
+def test_a_decision_composes_with_a_multi_record_transaction(tmp_path: Path) -> None:
+    """The source's retirement and a checkpoint gate's move go with the COMMIT, or none."""
+
+    store = CounterStore(tmp_path / "c.cbor")
+    epoch, gate = uuid.uuid4().hex, uuid.uuid4().hex
+    store.record_update(OWNER, "rec", RecordUpdate(b"blob", create={epoch: 1}, expect_absent=True))
+    store.record_update(OWNER, "gate", RecordUpdate(b"g0", create={gate: 0}, expect_absent=True))
+    retire = ("rec", RecordUpdate(None, destroy=(epoch,), check={epoch: 1}, expect=_sha(b"blob")))
+    bad_gate = ("gate", RecordUpdate(b"g1", advance={gate: 1}, expect=_sha(b"other")))
+    mid = _mid()
+    with pytest.raises(CounterError):  # the second update fails: nothing at all is written
+        store.decide(OWNER, Decision(mid, "commit", b"t"), [retire, bad_gate])
+    assert store.decision(mid) is None
+    assert store.record_read(OWNER, "rec") == b"blob"
+    good_gate = ("gate", RecordUpdate(b"g1", advance={gate: 1}, expect=_sha(b"g0")))
+    assert store.decide(OWNER, Decision(mid, "commit", b"t"), [retire, good_gate]).kind == "commit"
+    assert store.record_read(OWNER, "rec") is None
+    assert store.record_read(OWNER, "gate") == b"g1"
+    with pytest.raises(CounterError):  # one record twice in one update
+        store.decide(OWNER, Decision(_mid(), "commit", b"t"), [good_gate, good_gate])
 
 
 def test_another_owner_cannot_decide_the_same_id(tmp_path: Path) -> None:

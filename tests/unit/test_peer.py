@@ -109,6 +109,43 @@ def test_both_ends_run_the_whole_protocol_back_to_back() -> None:
     assert mirrored == pipe.ends[D].history
 
 
+LIVE = {
+    "round": {"t": "round", "number": 0},
+    "round_done": {"t": "round_done", "stats": {}},
+    "final": {"t": "final"},
+}
+
+
+def test_live_mode_rounds_then_final_back_to_back() -> None:
+    pipe = Pipe()
+    messages = {**MESSAGES, **LIVE}
+    live = HAPPY[:5] + [(S, "round"), (D, "round_done")] * 3 + [(S, "final")] + HAPPY[5:]
+    for sender, kind in live:
+        assert [m["t"] for m in pipe.exchange(sender, messages[kind])] == [kind]
+    assert pipe.ends[S].state is pipe.ends[D].state is PeerState.ACTIVE
+
+
+@pytest.mark.parametrize(
+    ("sender", "kind"),
+    [(S, "round_done"), (D, "round"), (D, "final")],
+)
+def test_live_frames_from_the_wrong_end_are_refused(sender: Role, kind: str) -> None:
+    pipe = Pipe()
+    for s, k in HAPPY[:5]:
+        pipe.exchange(s, MESSAGES[k])
+    with pytest.raises(ProtocolError):
+        pipe.exchange(sender, LIVE[kind])
+
+
+def test_no_round_after_the_final_transfer_began() -> None:
+    pipe = Pipe()
+    for s, k in HAPPY[:5]:
+        pipe.exchange(s, MESSAGES[k])
+    pipe.exchange(S, LIVE["final"])
+    with pytest.raises(ProtocolError):
+        pipe.exchange(S, LIVE["round"])
+
+
 @pytest.mark.parametrize("role", [S, D], ids=["source", "destination"])
 def test_every_event_outside_the_table_is_refused(role: Role) -> None:
     checked = 0

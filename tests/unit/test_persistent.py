@@ -23,7 +23,12 @@ from migsgx.core.stream import TAG_SIZE
 from migsgx.datapath.ring import ShmRing
 from migsgx.enclave.instance import EnclaveInstance
 from migsgx.enclave.migrator import Migrator
-from migsgx.enclave.persistent import FrozenError, PersistentStateError, RollbackError
+from migsgx.enclave.persistent import (
+    RESERVED,
+    FrozenError,
+    PersistentStateError,
+    RollbackError,
+)
 from migsgx.enclave.sdk import EnclaveContext
 from migsgx.enclave.sealing import seal_with_msk
 from migsgx.errors import (
@@ -32,6 +37,7 @@ from migsgx.errors import (
     EnclaveBusyError,
     MigrationError,
     ProtocolError,
+    ReplayError,
     SealError,
     error_from_wire,
 )
@@ -523,7 +529,9 @@ def test_source_keeps_its_state_when_the_destination_never_commits(world: World,
     # After LOADED the destination refuses to drop its copy on a local request...
     with pytest.raises(AwaitingDecisionError):
         move.into.abort("a local request after LOADED")
-    move.out.abort("no commit came")  # ...the source's decision is what counts
+    frame = move.out.abort("no commit came")  # ...the source's decision is what counts,
+    with pytest.raises(MigrationError, match="source aborted"):
+        move.into.commit_in(frame)  # and it ends the copy there, with its name's reservation
     assert ctx.mcounter_read("c") == 100
     assert ctx.mcounter_increment("c") == 101
     assert world.host_a.services_for(ctx.identity).persist_read(name) is not None
@@ -663,3 +671,104 @@ def test_rolled_back_source_host_keeps_only_the_past(world: World, name: str) ->
             revived.unseal_migratable(after)
     finally:
         revived.persistent.retire("test cleanup")
+
+
+# --- atomic transactions and commit preconditions (issue 9, items 3-5) --------------------
+def test_a_record_transaction_is_all_or_nothing(store: CounterStore) -> None:
+    epoch, gate = "a" * 32, "b" * 32
+    rec, g = hashlib.sha256(b"rec").digest(), hashlib.sha256(b"g").digest()
+    store.record_update(OWNER, "r", RecordUpdate(b"rec", create={epoch: 1}, expect_absent=True))
+    store.record_update(
+        OWNER, "!ckpt-" + "0" * 32, RecordUpdate(b"g", create={gate: 0}, expect_absent=True)
+    )
+    retire = ("r", RecordUpdate(None, destroy=(epoch,), check={epoch: 1}, expect=rec))
+    stale_gate = (
+        "!ckpt-" + "0" * 32,
+        RecordUpdate(b"g", advance={gate: 1}, check={gate: 7}, expect=g),
+    )
+    with pytest.raises(CounterError):
+        store.record_transaction(OWNER, [retire, stale_gate])
+    assert store.record_read(OWNER, "r") == b"rec" and store.read(OWNER, epoch) == 1
+    assert store.read(OWNER, gate) == 0
+    with pytest.raises(CounterError):  # one record twice
+        store.record_transaction(OWNER, [retire, retire])
+    gate_open = (
+        "!ckpt-" + "0" * 32,
+        RecordUpdate(b"g", advance={gate: 1}, check={gate: 0}, expect=g),
+    )
+    store.record_transaction(OWNER, [retire, gate_open])
+    assert store.record_read(OWNER, "r") is None and store.read(OWNER, gate) == 1
+    with pytest.raises(CounterError):  # the runtime's names are its own pattern only
+        store.record_read(OWNER, "!ckpt-xyz")
+
+
+def test_no_new_dump_after_loaded_and_no_retirement_without_a_token(
+    world: World, name: str
+) -> None:
+    source = _instance(world)
+    ctx = _ctx(source)
+    ctx.open_persistent(name)
+    ctx.mcounter_create("c", 40)
+    move = Move(source, _instance(world, world.host_b))
+    move.transfer()
+    with pytest.raises(ProtocolError):
+        move.out.dump(CHUNK)  # a new dump stream after LOADED
+    # A stream started behind the migrator's back: the commit refuses before it retires.
+    assert move.out.keys is not None
+    move.out.keys.streams.sealer("state", CHUNK)
+    with pytest.raises(ProtocolError):
+        move.out.commit()
+    assert move.out.committed is False
+    assert world.host_a.services_for(ctx.identity).persist_read(name) is not None
+    move.abort()
+    assert ctx.mcounter_increment("c") == 41
+
+
+def test_the_name_is_reserved_before_loaded_so_the_install_cannot_lose_it(
+    world: World, name: str
+) -> None:
+    """Issue 9, item 4: an enclave on the destination opening the name between LOADED
+    and COMMIT used to take it, and the install after the commit failed: state lost."""
+
+    source = _instance(world)
+    ctx = _ctx(source)
+    ctx.open_persistent(name)
+    ctx.mcounter_create("c", 7)
+    destination = _instance(world, world.host_b)
+    move = Move(source, destination)
+    move.transfer()  # LOADED: the name is reserved on b
+    with pytest.raises(PersistentStateError, match="reserved"):
+        open_fresh(world, world.host_b, name)
+    move.commit()  # claim and install: one platform update
+    assert _ctx(destination).mcounter_increment("c") == 8
+
+
+def test_an_aborted_arrival_releases_its_reservation(world: World, name: str) -> None:
+    source = _instance(world)
+    ctx = _ctx(source)
+    ctx.open_persistent(name)
+    move = Move(source, _instance(world, world.host_b))
+    move.transfer()
+    move.abort()
+    assert world.host_b.services_for(ctx.identity).persist_read(name) is None
+    open_fresh(world, world.host_b, name)  # the name is free again
+
+
+def test_a_claimed_id_installs_nothing(world: World, name: str) -> None:
+    """The claim and the install are one update: a replayed id leaves no state behind."""
+
+    source = _instance(world)
+    ctx = _ctx(source)
+    ctx.open_persistent(name)
+    ctx.mcounter_create("c", 1)
+    destination = _instance(world, world.host_b)
+    move = Move(source, destination)
+    move.transfer()
+    services = world.host_b.services_for(ctx.identity)
+    assert move.out.keys is not None
+    assert services.claim_migration(move.out.keys.migration_id)  # claimed behind its back
+    token = move.out.commit()  # the source gave its state up: the token is all there is
+    with pytest.raises(ReplayError):
+        move.into.commit_in(token)
+    blob = services.persist_read(name)
+    assert blob is not None and blob.startswith(RESERVED)  # no record was installed

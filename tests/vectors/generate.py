@@ -39,6 +39,7 @@ from migsgx.core.commit import (
 )
 from migsgx.core.handshake import Handshake, HandshakeComplete, Role, transcript_item
 from migsgx.core.policy import EnclaveIdentity, MigrationPolicy, PolicyMode
+from migsgx.core.rounds import DIGEST_BODY, digest_key, memory_digest, round_label
 from migsgx.core.stream import Manifest, Section, StreamHeader, StreamSealer
 from migsgx.errors import MigSGXError, QuoteFormatError
 from migsgx.sgx.sgxext import PckExtension
@@ -528,6 +529,45 @@ def control_cases() -> list[dict[str, Any]]:
     return cases
 
 
+# --- pre-copy vectors (docs/spec/precopy.md) -----------------------------------------------
+def precopy_cases() -> list[dict[str, Any]]:
+    cases: list[dict[str, Any]] = []
+    secret = det_bytes("precopy secret", 32)
+    mid = det_bytes("precopy mid", 16)
+
+    def digest(name: str, memory: dict[str, Any], *, flip: int | None = None) -> None:
+        data = bytearray(plaintext_of(memory))
+        if flip is not None:
+            data[flip] ^= 1
+        key = digest_key(secret, mid)
+        value = memory_digest(key, bytes(data))
+        cases.append(
+            {
+                "name": name,
+                "stream_secret": secret.hex(),
+                "migration_id": mid.hex(),
+                "memory": memory,
+                "flip": flip,
+                "expect": {
+                    "ok": {
+                        "key": key.hex(),
+                        "digest": value.hex(),
+                        "body": DIGEST_BODY.pack(len(data), value).hex(),
+                        "labels": [round_label(n) for n in (0, 1, 63)],
+                    }
+                },
+            }
+        )
+
+    page = {"generator": "sha256-counter", "seed": "enclave memory", "length": 3 * 4096}
+    digest("three-pages", page)
+    digest("three-pages-one-bit-differs", page, flip=4096 + 17)
+    digest("empty", {"hex": ""})
+    segments = {"generator": "sha256-counter", "seed": "segments", "length": (768 << 10) + 4096}
+    digest("four-segments-last-partial", segments)
+    return cases
+
+
 # --- the PCK certificate's SGX extension ---------------------------------------------------
 def sgxext_cases() -> list[dict[str, Any]]:
     """Fields -> DER (and back) for Intel's SGX extension; DER that must be refused."""
@@ -623,6 +663,7 @@ def build() -> dict[str, dict[str, Any]]:
         "manifest.json": doc("manifest", "docs/spec/stream.md#6", manifest_cases()),
         "handshake.json": doc("handshake", "docs/spec/handshake.md", handshake_cases()),
         "control.json": doc("control", "docs/spec/handshake.md#9", control_cases()),
+        "precopy.json": doc("precopy", "docs/spec/precopy.md#3", precopy_cases()),
         "sealing.json": doc("sealing", "docs/spec/sealing.md", f.sealing_cases()),
         "migratable.json": doc("migratable", "docs/spec/sealing.md#7", f.migratable_cases()),
         "persistent.json": doc("persistent", "docs/spec/persistent.md", f.persistent_cases()),

@@ -367,7 +367,7 @@ def persistent_cases() -> list[dict[str, Any]]:
 
 
 # --- checkpoint.md section 2: the key record ----------------------------------------------------
-CKPT_AAD = b"migsgx checkpoint v1 "
+CKPT_AAD = b"migsgx checkpoint v2 "
 
 
 def checkpoint_cases() -> list[dict[str, Any]]:
@@ -375,7 +375,7 @@ def checkpoint_cases() -> list[dict[str, Any]]:
     a, b, kv = host("A"), host("B"), enclave()
     cid, secret = det_bytes("checkpoint id", 16), det_bytes("checkpoint secret", 32)
     source = EnclaveIdentity.from_report(body_of(kv, a))
-    doc = {"v": 1, "id": cid, "secret": secret, "source": source.pack(), "debug": False}
+    doc = {"v": 2, "id": cid, "secret": secret, "source": source.pack(), "debug": False}
 
     def blob(
         payload: Any, *, policy: int = 0x1, aad: bytes = CKPT_AAD + cid, seed: str = "c"
@@ -413,10 +413,10 @@ def checkpoint_cases() -> list[dict[str, Any]]:
     add("key-same-signer-newer-opener", blob(doc, policy=0x2), ok, opener=enclave(svn=2))
     add("key-other-host", blob(doc), bad, platform=b)
     add("key-other-enclave", blob(doc), bad, opener=enclave("ledger"))
-    add("key-wrong-label", blob(doc, aad=b"migsgx checkpoint v2 " + cid), bad)
+    add("key-wrong-label", blob(doc, aad=b"migsgx checkpoint v1 " + cid), bad)
     add("key-names-other-checkpoint", blob(doc, aad=CKPT_AAD + det_bytes("other", 16)), bad)
     add("key-short-source", blob({**doc, "source": source.pack()[:67]}), bad)
-    add("key-version-2", blob({**doc, "v": 2}), bad)
+    add("key-version-1", blob({**doc, "v": 1}), bad)
     add("key-short-secret", blob({**doc, "secret": secret[:31]}), bad)
     return cases
 

@@ -58,6 +58,22 @@ class SecretModel(Enclave):
         return [float(y) for y in (w @ v)[:16]]
 
     @ecall
+    def scribble(self, pages: int, seed: int) -> int:
+        """Change one value in each of ``pages`` random 4 KiB pages of the weights.
+
+        A workload that dirties enclave memory at a rate the caller sets: what
+        ``migsgx bench live`` runs while the enclave migrates.
+        """
+
+        flat = self._weights().reshape(-1)
+        per_page = 4096 // flat.itemsize
+        rng = np.random.default_rng(seed)
+        where = rng.integers(0, max(1, flat.size // per_page), size=pages) * per_page
+        flat[where] += np.float32(1.0)
+        self.served += 1
+        return pages
+
+    @ecall
     def digest(self) -> str:
         h = hashlib.sha256()
         w = self._weights()

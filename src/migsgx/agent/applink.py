@@ -89,8 +89,15 @@ class AppLink:
             )
         return reply, got
 
+    def side(self) -> list[HandedEnclave]:
+        """Side channels for a live migration's rounds (the application keeps its own)."""
+
+        return self._handed_enclaves(*self._request({"t": "side"}))
+
     def prepare(self, timeout: float = 30.0) -> list[HandedEnclave]:
-        reply, fds = self._request({"t": "prepare", "timeout": timeout})
+        return self._handed_enclaves(*self._request({"t": "prepare", "timeout": timeout}))
+
+    def _handed_enclaves(self, reply: dict[str, Any], fds: list[int]) -> list[HandedEnclave]:
         try:
             items = reply.get("enclaves")
             if reply["t"] != "prepared" or not isinstance(items, list) or len(items) != len(fds):

@@ -16,20 +16,36 @@ checkpoint id), handed to the app, and the tree continues.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from ..criu import Criu, InNetns, InTaskNamespaces
 from ..datapath.checkpoint import CheckpointIn, CheckpointOut
-from ..errors import ConfigError, CriuError, MigSGXError
-from ..system.process import continue_tree, is_pidns_init, kill_tree, tree_pids, wait_stopped
-from .applink import AppLink
+from ..errors import CheckpointDamagedError, ConfigError, CriuError, MigSGXError
+from ..system.process import (
+    continue_tree,
+    is_pidns_init,
+    kill_tree,
+    process_state,
+    stop_tree,
+    tree_pids,
+    wait_stopped,
+)
+from .applink import AppLink, HandedEnclave
+from .faults import fault
+from .guardian import Guardian
 
 __all__ = ["CHECKPOINT_META", "checkpoint", "restore"]
 
 CHECKPOINT_META: Final = "migsgx.json"
+#: The pid (and start time) of a tree a restore holds, until it continues.
+HELD: Final = "restore-held.json"
 FORMAT: Final = 1
 
 
@@ -64,53 +80,148 @@ def checkpoint(
     handed = link.prepare(prepare_timeout) if link is not None else []
     outs = [CheckpointOut(h.sock, h.info, h.image_files) for h in handed]
     committed: list[int] = []
+    fenced: list[int] = []
+    meta = {"format": FORMAT, "pid": pid, "pidns": pidns, "tcp_close": tcp_close,
+            "enclaves": len(handed), "start": _start_time(pid)}  # fmt: skip
+    # As for a migration: a guardian holds the enclave connections, so that a tool
+    # that dies before the commit leaves the enclaves to be aborted and handed back.
+    guardian = Guardian(link.pid, link.name, [h.sock for h in handed]) if link else None
 
     def post_dump(script: str, _pid: int) -> None:
         if script != "post-dump":
             return
+        # CRIU's images are complete: the metadata (with every file's digest) is
+        # durable before any enclave gives its state up, so a tool that dies after
+        # the commit leaves a restorable checkpoint.
+        _write_meta(directory, {**meta, "files": _digests(directory)})
+        # The fence: if this tool dies from here on and CRIU resumes the tree, it
+        # stops instead of running beside the checkpoint.
+        fenced.extend(tree_pids(pid))
+        stop_tree(fenced)
+        if guardian is not None:
+            guardian.note("fence " + " ".join(map(str, fenced)))
+        _fault("ckpt.before-commit", pid, handed)
         for i, out in enumerate(outs):
             try:
                 out.commit()
             except MigSGXError:
                 if not committed:
-                    raise  # nothing given up yet: CRIU resumes the tree
+                    raise  # nothing given up yet: CRIU resumes the tree (unfenced below)
                 # Some enclaves gave their state up already: going back is impossible.
                 continue
             committed.append(i)
+        _fault("ckpt.after-commit", pid, handed)
 
     try:
-        for i, out in enumerate(outs):
-            out.write(directory, i)
-        extra = {"tcp_close": True} if tcp_close else {}
-        criu.dump(pid, directory, enter=InTaskNamespaces(pid), extra=extra, notify=post_dump)
-    except BaseException:
-        if not committed:
-            socks = [out.abort() for out in outs]
-            if link is not None and socks:
-                with contextlib.suppress(MigSGXError):
-                    link.resume(socks)
-            for path in directory.iterdir():
-                with contextlib.suppress(OSError):
-                    path.unlink()
+        try:
+            for i, out in enumerate(outs):
+                out.write(directory, i)
+            _fault("ckpt.before-dump", pid, handed)
+            extra = {"tcp_close": True} if tcp_close else {}
+            criu.dump(
+                pid,
+                directory,
+                enter=InTaskNamespaces(pid),
+                file_locks=True,
+                extra=extra,
+                notify=post_dump,
+            )
+        except BaseException:
+            if not committed:
+                for fenced_pid in fenced:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(fenced_pid, signal.SIGCONT)
+                socks = [out.abort() for out in outs]
+                if link is not None and socks and _alive(pid):
+                    with contextlib.suppress(MigSGXError):
+                        link.resume(socks)
+                for path in directory.iterdir():
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+            raise
+    finally:
+        if guardian is not None:
+            guardian.release()
         for h in handed:
             h.sock.close()
-        raise
     if len(committed) != len(outs):
         raise MigSGXError(
             f"only {len(committed)} of {len(outs)} enclaves gave their state up; the "
             f"checkpoint in {directory} holds them all"
         )
-    for h in handed:
-        h.sock.close()
-    meta = {
-        "format": FORMAT,
-        "pid": pid,
-        "pidns": pidns,
-        "tcp_close": tcp_close,
-        "enclaves": len(handed),
-    }
-    (directory / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n")
     return CheckpointResult(directory, pid, len(handed))
+
+
+def _write_meta(directory: Path, meta: dict[str, object]) -> None:
+    tmp = directory / (CHECKPOINT_META + ".tmp")
+    with tmp.open("w") as out:
+        out.write(json.dumps(meta, indent=2) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, directory / CHECKPOINT_META)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _alive(pid: int) -> bool:
+    return process_state(pid) not in ("", "Z", "X")
+
+
+def _fault(point: str, pid: int, handed: list[HandedEnclave]) -> None:
+    """A fault point of checkpoint or restore (``kill-source``, ``kill-enclave`` here)."""
+
+    action = fault(point)
+    if action == "kill-source":
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        while _alive(pid):  # SIGKILL cannot be ignored; its delivery is asynchronous
+            time.sleep(0.01)
+    elif action == "kill-enclave" and handed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(handed[0].info.pid, signal.SIGKILL)
+
+
+def _digests(directory: Path) -> dict[str, list[int | str]]:
+    """Size and SHA-256 of every file the restore reads (logs and the metadata aside)."""
+
+    files: dict[str, list[int | str]] = {}
+    for path in sorted(directory.iterdir()):
+        unchecked = path.name in (CHECKPOINT_META, HELD) or path.name.startswith("stats-")
+        if path.is_file() and not unchecked and not path.name.endswith((".log", ".tmp")):
+            digest = hashlib.sha256()
+            with path.open("rb") as src:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+            files[path.name] = [path.stat().st_size, digest.hexdigest()]
+    return files
+
+
+def _verify(directory: Path, recorded: object) -> None:
+    """The checkpoint's files are exactly those written, byte for byte.
+
+    This detects damage (a truncated copy, a flipped bit); it is no defence
+    against someone who rewrites the metadata too.  The enclave state is
+    authenticated by its own sealed streams either way.
+    """
+
+    if not isinstance(recorded, dict):
+        raise CheckpointDamagedError(f"{directory}: the checkpoint records no file digests")
+    found = _digests(directory)
+    missing = sorted(set(recorded) - set(found))
+    extra = sorted(set(found) - set(recorded))
+    changed = sorted(n for n in set(recorded) & set(found) if list(recorded[n]) != found[n])
+    if missing or extra or changed:
+        detail = "; ".join(
+            f"{what}: {', '.join(names[:5])}"
+            for what, names in (("missing", missing), ("unexpected", extra), ("changed", changed))
+            if names
+        )
+        raise CheckpointDamagedError(
+            f"the checkpoint in {directory} is damaged ({detail}); nothing was restored"
+        )
 
 
 def restore(
@@ -133,33 +244,51 @@ def restore(
     count = int(meta.get("enclaves") or 0)
     if count and platform_socket is None:
         raise ConfigError("the checkpoint holds enclaves: name the host's --platform-socket")
+    # Before CRIU sees anything: a truncated page image makes CRIU's restorer spin
+    # for ever, and a changed byte would run unnoticed.
+    _verify(directory, meta.get("files"))
+    _remove_held_leftover(directory)
+    _remove_fenced_source(meta)
     extra: dict[str, bool] = {"leave_stopped": True}
     if meta.get("tcp_close"):
         extra["tcp_close"] = True
-    pid = criu.restore(
-        directory,
-        restore_detached=True,
-        enter=InNetns(netns) if netns else None,
-        log_file="restore.log",
-        extra=extra,
-    )
+    # The enclaves load first, into fresh enclaves that do not run: a checkpoint
+    # that was never committed, was aborted or restored before is refused (its
+    # gate) before CRIU restores anything.
     incoming: list[CheckpointIn] = []
+    pid = 0
     try:
+        for i in range(count):
+            assert platform_socket is not None
+            enclave = CheckpointIn(directory, i, platform_socket)
+            incoming.append(enclave)
+            enclave.load()
+        pid = criu.restore(
+            directory,
+            restore_detached=True,
+            file_locks=True,
+            enter=InNetns(netns) if netns else None,
+            log_file="restore.log",
+            extra=extra,
+        )
         try:
             wait_stopped(pid)
         except MigSGXError as exc:
             raise CriuError(f"the restored tree did not hold: {exc}") from exc
-        if count:
-            assert platform_socket is not None
-            for i in range(count):
-                enclave = CheckpointIn(directory, i, platform_socket)
-                incoming.append(enclave)
-                enclave.load()
+        # Should this tool die now, the next restore finds the held tree and removes it.
+        _write_held(directory, pid)
+        _fault("restore.held", pid, [])
+        _fault("restore.loaded", pid, [])
+        try:
+            wait_stopped(pid, timeout=0)  # still held: activating now cannot strand the state
+        except MigSGXError as exc:
+            raise CriuError(f"the restored tree ended before it ran: {exc}") from exc
     except BaseException:
         for enclave in incoming:
             enclave.discard()
-        with contextlib.suppress(MigSGXError):
-            kill_tree(pid)
+        if pid:
+            with contextlib.suppress(MigSGXError):
+                kill_tree(pid)
         raise
     # Every enclave verified its state: from here on they run (each claims its id once).
     socks = [enclave.activate() for enclave in incoming]
@@ -170,4 +299,54 @@ def restore(
         if link is None:
             raise MigSGXError(f"the restored process {pid} has no migration control to attach to")
         link.attach(socks, [e.info for e in incoming if e.info is not None])
+    with contextlib.suppress(OSError):
+        (directory / HELD).unlink()
     return pid
+
+
+def _start_time(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2 :].split()[19]
+
+
+def _write_held(directory: Path, pid: int) -> None:
+    (directory / HELD).write_text(json.dumps({"pid": pid, "start": _start_time(pid)}))
+
+
+def _remove_fenced_source(meta: dict[str, object]) -> None:
+    """The checkpoint's source, if a dead checkpoint tool left it fenced (stopped).
+
+    The metadata exists only once CRIU's images were complete, and the fence
+    came after it: a stopped source with the recorded pid and start time is the
+    tree the checkpoint replaces, and it must never run beside the restore.
+    """
+
+    pid, start = meta.get("pid"), meta.get("start")
+    if not isinstance(pid, int) or not isinstance(start, str) or not start:
+        return
+    if _start_time(pid) == start and process_state(pid) in ("T", "t"):
+        with contextlib.suppress(MigSGXError):
+            kill_tree(pid)
+
+
+def _remove_held_leftover(directory: Path) -> None:
+    """A tree an earlier restore left held (stopped, never continued) goes first.
+
+    It holds the checkpoint's pids and the application's abstract socket name,
+    so no restore could succeed beside it; it never ran an instruction.  Only a
+    stopped process with the recorded start time is touched (not a reused pid).
+    """
+
+    try:
+        held = json.loads((directory / HELD).read_text())
+        pid, start = int(held["pid"]), str(held["start"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if start and _start_time(pid) == start and process_state(pid) in ("T", "t"):
+        with contextlib.suppress(MigSGXError):
+            kill_tree(pid)
+    with contextlib.suppress(OSError):
+        (directory / HELD).unlink()

@@ -7,8 +7,9 @@ sends it SIGKILL that much later while the work goes on, ``fail`` raises
 :class:`InjectedFault`, ``wait-file=PATH`` holds the process there until PATH
 exists (a test looks at it in that state, then lets it go); any other action
 is returned to the caller, which knows what it means there (``corrupt``
-before a restore, ``kill-after-bytes=N`` while an enclave stream comes in,
-for example).
+before a restore or of the page stream, ``kill-after-bytes=N`` while an
+enclave stream comes in, ``kill-source`` at a point of the tool: SIGKILL to
+the source application, for example).
 Unset, every point is a no-op.
 """
 
@@ -32,10 +33,17 @@ ENV: Final = "MIGSGX_FAULT"
 POINTS: Final = frozenset(
     {
         "agent.enclave-receive",  # while the incoming enclaves receive
+        "agent.page-stream",  # ``corrupt``: one byte of CRIU's page stream flipped in flight
         "agent.before-restore",
         "agent.after-restore",
         "agent.before-resume",  # the tool's resume arrived (the tokens went before it)
         "tool.after-prepare",
+        "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
+        "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
+        "ckpt.after-commit",  # checkpoint: every enclave gave its state up
+        "restore.held",  # restore: enclaves loaded (not running), CRIU restored the tree held
+        "restore.loaded",  # restore: the same step, right before the activation
+        "tool.before-dump",  # the enclaves stream, CRIU has not started
         "tool.before-commit",
         "tool.after-commit",
         "tool.before-token",  # each COMMIT token, before it goes on the data connection
@@ -163,3 +171,31 @@ def flipping_relay(peer: socket.socket, offset: int) -> socket.socket:
     for args in ((far, peer, offset), (peer, far, None)):
         threading.Thread(target=pump, args=args, name="migsgx-fault-relay", daemon=True).start()
     return near
+
+
+def corrupting_relay(conn: socket.socket, offset: int = 64 << 10) -> socket.socket:
+    """A socket that carries ``conn``'s bytes, with the byte at ``offset`` (inbound) flipped.
+
+    For the ``corrupt`` action of a stream: the relay stands where a network
+    fault would, between the peer and the local reader, and changes exactly one
+    byte, so the test knows the stream was damaged and by how much.
+    """
+
+    inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def pump(src: socket.socket, dst: socket.socket, flip_at: int | None) -> None:
+        seen = 0
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                if flip_at is not None and seen <= flip_at < seen + len(data):
+                    buf = bytearray(data)
+                    buf[flip_at - seen] ^= 0x01
+                    data = bytes(buf)
+                seen += len(data)
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    for args in ((conn, outer, offset), (outer, conn, None)):
+        threading.Thread(target=pump, args=args, name="migsgx-fault-relay", daemon=True).start()
+    return inner

@@ -230,6 +230,9 @@ def _resume_source(
             thaw_file(control)
         except MigSGXError as exc:
             _log(f"could not thaw the source: {exc}")
+    if not os.path.exists(f"/proc/{app_pid}"):
+        _log("the application is gone: its enclaves end with it")
+        return 0
     link = AppLink(app_pid, app_name, timeout=10)
     deadline = time.monotonic() + RESUME_WAIT
     while True:

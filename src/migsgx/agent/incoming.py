@@ -41,7 +41,7 @@ from ..wire import recv_frame, send_frame
 from .applink import AppLink
 from .config import AgentHost
 from .datalink import KEY_SIZE, accept_data, check_pinned
-from .faults import fault, kill_dead, socket_owner
+from .faults import corrupting_relay, fault, kill_dead, socket_owner
 from .protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,
@@ -246,6 +246,9 @@ class IncomingMigration:
         self.tcp_close = bool(msg["tcp_close"])
         self.page_tls = bool(msg["page_tls"])
         self.page_server = msg.get("page_server") is not False
+        if self.page_server and not self.page_tls:
+            # An unauthenticated page stream could change the process's memory unseen.
+            raise ProtocolError("pages travel only in TLS: a plain page server is refused")
         self.session_id = session_id
         self.images_dir = self.agent.session_dir(session_id)
         local = str(self.tls.getsockname()[0])
@@ -616,6 +619,8 @@ class IncomingMigration:
                 conn.close()
             ident = self.config.identity
             tls = (ident.ca, ident.cert, ident.key) if self.page_tls else None
+            if fault("agent.page-stream") == "corrupt":
+                conn = corrupting_relay(conn)
             with conn:
                 self._page_server = PageServer(
                     self.config.criu.binary, self.images_dir, conn, tls=tls
@@ -698,7 +703,7 @@ class IncomingMigration:
                 # Nothing of the peer's runs unless it is the image begin announced.
                 check_pinned(enclave.engine.image, enclave.source_info)
                 stats = enclave.engine.receive(conn, offer)
-                enclave.stats = plain_stats(stats)
+                enclave.stats = {**plain_stats(stats), "timeline": stats.get("timeline", {})}
                 enclave.stats["agent_seconds"] = time.monotonic() - t0
             except BaseException as exc:
                 enclave.error = exc

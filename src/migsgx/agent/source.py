@@ -43,17 +43,26 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
+from ..core.rounds import StopRules
 from ..criu import Criu
 from ..datapath.engine import OutgoingEnclave
-from ..errors import CriuError, InDoubtError, MigrationError, MigSGXError
+from ..errors import (
+    CriuError,
+    InDoubtError,
+    MigrationError,
+    MigSGXError,
+    SourceGoneError,
+)
 from ..host.appctl import info_to_wire
-from ..system.process import is_pidns_init, stop_tree, tree_pids
+from ..system.process import is_pidns_init, process_state, stop_tree, tree_pids
+from . import precopy
 from .applink import AppLink, HandedEnclave
 from .control import CONNECT_TIMEOUT, AgentConnection
 from .datalink import open_data
 from .faults import fault, flipping_relay, kill_dead, socket_owner
 from .guardian import Guardian
 from .journal import Journal
+from .precopy import RoundReport
 from .protocol import (
     IMAGE_CHUNK,
     VERSION,
@@ -88,9 +97,12 @@ class MigrateOptions:
     chunk_size: int | None = None
     mode: str = "pipelined"
     tcp_close: bool = True
-    page_tls: bool = True  # CRIU's page stream in mutual TLS (the agent identities)
     shell_job: bool = False
     progress: Progress | None = None
+    # Live migration (agent/precopy.py): pre-copy rounds before the freeze.
+    live: bool = False
+    stop_rules: StopRules | None = None
+    round_report: RoundReport | None = None
 
 
 @dataclass
@@ -149,39 +161,55 @@ class _Migration:
         if not pids:
             raise MigrationError(f"no process {pid} ({source.label})")
         pidns = is_pidns_init(pid)
-        self.page_server = self.driver.uses_page_server(opts.page_tls)
+        # Pages travel only integrity-protected: TLS to a page server, or the TLS channel.
+        self.page_server = self.driver.uses_page_server(True)
         self.control = control = AgentConnection(opts.to, opts.identity, opts.io_timeout)
         try:
             control.call({"t": "hello", "version": VERSION, "host_id": _host_id(opts)}, "welcome")
             self.link = AppLink.find(pid)
+            ready = self._precopy(pids, pidns) if opts.live and self.link is not None else None
             self.note("prepare")
             handed = self.link.prepare(opts.prepare_timeout) if self.link is not None else []
-            self.transfers = [_Transfer(h) for h in handed]
+            if ready is not None:
+                precopy.adopt(self.transfers, handed)
+            else:
+                self.transfers = [_Transfer(h) for h in handed]
             self.note("prepared")
             link = self.link
             try:
                 self.guardian = Guardian(
                     link.pid if link else pid, link.name if link else "-", [h.sock for h in handed]
                 )
-                fault("tool.after-prepare")
-                begin = self._begin(pids, pidns)
+                self._fault("tool.after-prepare")
+                begin = self._begin(pids, pidns) if ready is None else None
                 self.journal = Journal.start(
-                    opts.identity.directory, begin["session_id"], opts.to,
+                    opts.identity.directory, self.session_id, opts.to,
                     link.pid if link else pid, link.name if link else "-",
                 )  # fmt: skip
                 self._guardian_note(f"journal {self.journal.path}")
-                ready = control.call(begin, "ready")
+                if begin is not None:
+                    ready = control.call(begin, "ready")
+                assert ready is not None  # (live: the pre-copy's ``begin`` answered)
                 # The enclaves stream while CRIU dumps the rest of the tree: the
                 # application holds no enclave connection (prepare), so neither
                 # waits for the other.  The post-dump step joins them.
                 self._start_enclaves(ready)
+                self._fault("tool.before-dump")
                 self._dump(dump_dir, ready)
             except BaseException as exc:
                 self._join_enclaves()
-                if not self.committed and not self.resume_sent:
-                    self._roll_back(exc)
+                undecided = not self.committed and not self.resume_sent
+                gone = undecided and not _alive(pid)
+                if undecided:
+                    self._roll_back(exc, source_gone=gone)
                 elif self.committed:
                     self.in_doubt = True
+                if gone and isinstance(exc, Exception):
+                    # Whatever failed first, the reason is that the application ended.
+                    raise SourceGoneError(
+                        f"the source {source.label} (pid {pid}) ended during the migration: "
+                        f"nothing moved, and its enclaves ended with it ({type(exc).__name__})"
+                    ) from exc
                 raise
             return MigrationOutcome(self._figures(), self.restored_pid, dump_dir)
         finally:
@@ -209,7 +237,7 @@ class _Migration:
             "pids": pids,
             "pidns": pidns,
             "tcp_close": self.opts.tcp_close,
-            "page_tls": self.opts.page_tls and self.page_server,
+            "page_tls": self.page_server,
         }
         if self.driver.name != "pid":
             begin.update(driver=self.driver.name, target=self.source.target)
@@ -218,6 +246,34 @@ class _Migration:
         return begin
 
     # --- enclaves ----------------------------------------------------------------------------
+    def _precopy(self, pids: list[int], pidns: bool) -> dict[str, Any]:
+        """Live: side channels, ``begin``, every enclave's rounds; the application runs on."""
+
+        assert self.link is not None and self.control is not None
+        self.note("precopy")
+        self.transfers = [_Transfer(h) for h in self.link.side()]
+        ready = self.control.call(self._begin(pids, pidns), "ready")
+
+        def connect(index: int) -> socket.socket:
+            peer = socket.create_connection(
+                (self.opts.to[0], int(ready["data_port"])), timeout=CONNECT_TIMEOUT
+            )
+            peer.settimeout(None)
+            open_data(peer, ready["data_key"], self.session_id, index)
+            return peer
+
+        try:
+            precopy.run_precopy(
+                self.transfers, connect, rules=self.opts.stop_rules,
+                chunk_size=self.opts.chunk_size, report=self.opts.round_report,
+            )  # fmt: skip
+        except BaseException as exc:
+            with contextlib.suppress(MigSGXError):
+                self.control.call({"t": "abort", "reason": f"pre-copy failed: {exc}"}, "aborted")
+            raise
+        self.note("precopied")
+        return ready
+
     def _start_enclaves(self, ready: dict[str, Any]) -> None:
         self._threads: list[threading.Thread] = []
         if not self.transfers:
@@ -227,9 +283,12 @@ class _Migration:
             kwargs["chunk_size"] = self.opts.chunk_size
         for position, transfer in enumerate(self.transfers):
             h = transfer.handed
-            transfer.outgoing = OutgoingEnclave(h.sock, h.info, h.image_files, **kwargs)
+            if transfer.outgoing is None:  # (live: made for the pre-copy)
+                transfer.outgoing = OutgoingEnclave(h.sock, h.info, h.image_files, **kwargs)
             transfer.outgoing.on_handshake = self._journal_enclave
             transfer.outgoing.index = position
+            if transfer.outgoing.migration_id is not None:  # (live: its handshake is done)
+                self._journal_enclave(position, transfer.outgoing.migration_id)
         self.note("enclaves")
         self._threads = [
             threading.Thread(
@@ -272,6 +331,12 @@ class _Migration:
         self.stats["enclaves_destination"] = reply["stats"]
 
     def _transfer(self, transfer: _Transfer, ready: dict[str, Any]) -> None:
+        if self.opts.live and transfer.peer is not None:
+            try:
+                transfer.stats = precopy.finish(transfer)
+            except BaseException as exc:
+                transfer.error = exc
+            return
         try:
             peer = socket.create_connection(
                 (self.opts.to[0], int(ready["data_port"])), timeout=CONNECT_TIMEOUT
@@ -285,7 +350,7 @@ class _Migration:
             t0 = time.monotonic()
             assert transfer.outgoing is not None
             stats = transfer.outgoing.transfer(peer)
-            transfer.stats = plain_stats(stats)
+            transfer.stats = {**plain_stats(stats), "timeline": stats.get("timeline", {})}
             transfer.stats["tool_seconds"] = time.monotonic() - t0
         except BaseException as exc:
             transfer.error = exc
@@ -302,7 +367,7 @@ class _Migration:
         plan = DumpPlan(
             images=dump_dir,
             page_server=(opts.to[0], int(ready["page_port"])) if self.page_server else None,
-            page_tls=(ident.ca, ident.cert, ident.key) if opts.page_tls else None,
+            page_tls=(ident.ca, ident.cert, ident.key),
             tcp_close=opts.tcp_close,
             shell_job=opts.shell_job,
             note=self._guardian_note,
@@ -311,6 +376,22 @@ class _Migration:
         self.note("dump")
         self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
         self.note("end")
+
+    def _fault(self, point: str) -> str | None:
+        """A fault point of the tool; ``kill-source`` there SIGKILLs the source application.
+
+        Returns the action, for the fault points that also kill other parties
+        (:meth:`_inject`).
+        """
+
+        action = fault(point)
+        if action == "kill-source" and self.source is not None:
+            root = self.source.root
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(root, signal.SIGKILL)
+            while _alive(root):  # gone or a zombie: SIGKILL cannot be ignored
+                time.sleep(0.01)
+        return action
 
     def _guardian_note(self, line: str) -> None:
         if self.guardian is not None:
@@ -335,7 +416,7 @@ class _Migration:
             self.guardian.note("fence " + " ".join(map(str, self.fenced)))
         if self.journal is not None:
             self.journal.update(fenced=self.fenced, phase="fenced")
-        self._inject(fault("tool.before-commit"))
+        self._inject(self._fault("tool.before-commit"))
         self._commit()
         self.note("resumed")
 
@@ -435,7 +516,7 @@ class _Migration:
                 self.journal.update(phase="committed")
 
     # --- roll back -----------------------------------------------------------------------------
-    def _roll_back(self, cause: BaseException) -> None:
+    def _roll_back(self, cause: BaseException, *, source_gone: bool = False) -> None:
         reason = f"{type(cause).__name__}: {cause}"[:500]
         log.warning("migration aborted: %s", reason)
         # The source enclaves decide ABORT first; their frames go on the data
@@ -465,6 +546,10 @@ class _Migration:
         for pid in self.fenced:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+        if source_gone:
+            # Nobody to hand the enclaves back to: closing their connections ends them.
+            log.warning("the source application is gone; its enclaves end with it")
+            return
         if self.link is not None and socks:
             try:
                 self.link.resume(socks)
@@ -493,6 +578,8 @@ class _Migration:
             "downtime": span("prepare" if self.transfers else "dump", "resumed"),
             "bytes": enclave_bytes + self.page_bytes + self.image_bytes,
         }
+        if self.opts.live:
+            figures["precopy"] = span("precopy", "precopied")
         figures["details"] = {
             "commit": span("restored", "committed"),
             "resume": span("committed", "resumed"),
@@ -504,12 +591,48 @@ class _Migration:
             "image_bytes": self.image_bytes,
             "restored_pid": self.restored_pid,
             "enclave_stats": [x.stats for x in self.transfers],
+            "enclave_destination_stats": [plain_stats(s) for s in dest],
             "driver": self.driver.name,
             "workload": self.source.label if self.source is not None else "",
         }
         if "resume_warning" in self.stats:
             figures["details"]["warning"] = self.stats["resume_warning"]
+        figures["timeline"] = self._timeline(dest)
         return figures
+
+    def _timeline(self, dest: list[dict[str, Any]]) -> dict[str, Any]:
+        """Phases per process as absolute CLOCK_MONOTONIC spans, with their origin.
+
+        One clock serves every process of the machine, so the tool's phases, the
+        enclave streams' (both hosts of a testbed share the kernel) line up.
+        """
+
+        t = self.t
+        tool = {
+            name: [t[a], t[b]]
+            for name, a, b in (
+                ("freeze", "prepare", "prepared"),
+                ("criu_dump", "dump", "dumped"),
+                ("join_enclaves", "dumped", "enclaves_sent"),
+                ("images", "enclaves_sent", "images_sent"),
+                ("restore", "images_sent", "restored"),
+                ("commit", "restored", "committed"),
+                ("resume", "committed", "resumed"),
+            )
+            if a in t and b in t
+        }
+        spans: dict[str, Any] = {"tool": tool}
+        for i, x in enumerate(self.transfers):
+            for proc, phases in x.stats.get("timeline", {}).items():
+                spans[f"enclave{i}.{proc}"] = phases
+        for i, s in enumerate(dest):
+            for proc, phases in s.get("timeline", {}).items():
+                spans[f"enclave{i}.{proc}"] = phases
+        return {"origin": t["start"], "spans": spans}
+
+
+def _alive(pid: int) -> bool:
+    return process_state(pid) not in ("", "Z", "X")
 
 
 def _host_id(opts: MigrateOptions) -> str:
@@ -536,12 +659,13 @@ def migrate(opts: MigrateOptions) -> MigrationOutcome:
     try:
         outcome = _Migration(opts).run(dump_dir)
     except CriuError as exc:
+        # CRIU failed before the commit point (a dump, a damaged page stream, a
+        # restore): it resumed the source, and nothing runs on the destination.
         cause = exc.__cause__
         if isinstance(cause, InDoubtError):
             raise InDoubtError(str(cause)) from exc
-        if isinstance(cause, MigSGXError):
-            raise MigrationError(f"migration aborted, the source runs on: {cause}") from exc
-        raise
+        reason = cause if isinstance(cause, MigSGXError) else exc
+        raise MigrationError(f"migration aborted, the source runs on: {reason}") from exc
     finally:
         if own_dir and not opts.keep_images:
             shutil.rmtree(dump_dir, ignore_errors=True)

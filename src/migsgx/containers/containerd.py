@@ -245,6 +245,7 @@ class ContainerdDriver:
 
         argv = [*prefix, "runc", "--root", str(self.ctr.runc_root),
                 "--criu", str(self.host.criu.binary), "checkpoint", "--leave-running",
+                "--file-locks",  # held POSIX and flock locks move with the tree
                 "--image-path", str(images), "--work-path", str(images)]  # fmt: skip
         if tcp_established:
             argv.append("--tcp-established")

@@ -56,5 +56,6 @@ def kill_frozen(root: int, freezer: Freezer) -> None:
 def write_criu_config(path: Path, *, tcp_close: bool) -> None:
     """CRIU's options for a held restore (runc passes this file to CRIU)."""
 
-    lines = ["leave-stopped"] + (["tcp-close"] if tcp_close else [])
+    # file-locks: held POSIX and flock locks are restored (they were dumped with them).
+    lines = ["leave-stopped", "file-locks"] + (["tcp-close"] if tcp_close else [])
     path.write_text("\n".join(lines) + "\n")

@@ -56,6 +56,7 @@ class PidDriver:
             plan.images,
             leave_running=False,
             shell_job=plan.shell_job,
+            file_locks=True,  # held POSIX and flock locks (sqlite in WAL mode) move with it
             page_server=plan.page_server,
             notify=notify,
             enter=InTaskNamespaces(source.root),
@@ -75,7 +76,11 @@ class PidDriver:
         if request.tcp_close:
             extra["tcp_close"] = True
         pid = self.host.criu.restore(
-            request.images, restore_detached=True, log_file="restore.log", extra=extra
+            request.images,
+            restore_detached=True,
+            file_locks=True,
+            log_file="restore.log",
+            extra=extra,
         )
         return Restored(pid=pid, label=f"process {pid}")
 

@@ -152,6 +152,7 @@ class PodmanDriver:
         plan.note(f"thaw {freezer.control}")
         freezer.freeze()
         args = ["container", "checkpoint", "--leave-running", "--compress", "none"]
+        args.append("--file-locks")  # held POSIX and flock locks move with the tree
         args += ["--export", str(plan.images / PODMAN_ARCHIVE)]
         if plan.tcp_close:
             args.append("--tcp-established")  # dumped, then restored closed
@@ -211,7 +212,7 @@ class PodmanDriver:
                 # As for runc: CRIU restores into its own namespace what it dumped from there.
                 podman = Podman(self.host.settings, self.host.criu.binary,
                                 prefix=["nsenter", f"--net={netns}"])  # fmt: skip
-            podman("container", "restore", "--import", str(archive),
+            podman("container", "restore", "--file-locks", "--import", str(archive),
                    what=f"podman restore {name}", timeout=600)  # fmt: skip
             info = self.podman.inspect(name)
             state = (info or {}).get("State") or {}

@@ -5,10 +5,9 @@ Source: the container's cgroup is frozen, then ``runc checkpoint
 the source cannot run between the checkpoint and the commit, and rolling back
 is thawing it.  Established TCP connections are dumped (``--tcp-established``)
 and restored closed.  Besides CRIU's images the destination gets the bundle's
-``config.json`` and the root file system's contents as a tar.  Pages go to the
-destination's page server only with ``--no-page-tls`` (runc has no TLS for
-it); by default they travel with the other images over the agent's TLS
-channel.
+``config.json`` and the root file system's contents as a tar.  runc's page
+server has no TLS, so the pages travel with the other images over the agent's
+TLS channel: never unauthenticated.
 
 Destination: a bundle under ``STATE/agent/runc/<id>``: the root file system
 unpacked, the configuration localized (:func:`~.oci.localize`: this host's
@@ -122,6 +121,7 @@ class Runc:
         leave_running: bool = True,
     ) -> None:
         args = ["checkpoint", "--image-path", str(images), "--work-path", str(images)]
+        args.append("--file-locks")  # held POSIX and flock locks move with the tree
         if leave_running:
             args.append("--leave-running")
         if tcp_established:
@@ -134,7 +134,7 @@ class Runc:
             raise ContainerError(f"{exc}\n{log_excerpt(images / 'dump.log')}") from exc
 
     def restore(self, cid: str, bundle: Path, images: Path, work: Path) -> None:
-        args = ["restore", "--detach", "--bundle", str(bundle)]
+        args = ["restore", "--detach", "--file-locks", "--bundle", str(bundle)]
         args += ["--image-path", str(images), "--work-path", str(work), cid]
         try:
             self._detached(args, bundle, f"runc restore {cid}")

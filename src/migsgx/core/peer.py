@@ -10,6 +10,8 @@ carries CBOR frames of :data:`SCHEMA` and, between the handshake and
     D -> S  hs       destination-hello
     S -> D  hs       source-finished
     S -> D  chunk frames ... final
+            (live mode: round {number}, chunk frames, round_done {stats} back,
+            any number of times, then final {} and the chunk frames)
     D -> S  loaded {frame, stats}
     S -> D  commit {token} | abort {...}
     D -> S  active
@@ -54,7 +56,7 @@ __all__ = [
     "encode_chunk",
 ]
 
-MODES: Final = ("pipelined", "sequential")
+MODES: Final = ("pipelined", "sequential", "live")
 #: An offer carries the enclave image.
 PEER_FRAME_MAX: Final = 32 << 20
 
@@ -68,6 +70,10 @@ SCHEMA: Final = Schema(
         "commit": {"token": bytes},
         "active": {},
         "abort": {"code": str, "message": str, "frame": bytes},
+        # live mode (precopy.md, section 5): pre-copy rounds, then the final transfer
+        "round": {"number": int},
+        "round_done": {"stats": dict},
+        "final": {},
     },
 )
 
@@ -83,6 +89,8 @@ class PeerState(enum.Enum):
     HS_DESTINATION_HELLO = "hs-destination-hello"
     HS_SOURCE_FINISHED = "hs-source-finished"
     STREAMING = "streaming"  # chunk frames until the final one, then `loaded`
+    ROUND = "round"  # live: a pre-copy round's chunk frames, then `round_done`
+    FINAL = "final"  # live: the final transfer's chunk frames, then `loaded`
     LOADED = "loaded"  # the destination loaded and is in doubt until its enclave decides
     COMMITTED = "committed"  # the source gave its state up; the token is out
     ACTIVE = "active"
@@ -103,7 +111,14 @@ TRANSITIONS: Final[Mapping[Role, Mapping[PeerState, Mapping[str, PeerState]]]] =
         _S.HS_SOURCE_HELLO: {"send:hs": _S.HS_DESTINATION_HELLO, **_ABORTABLE},
         _S.HS_DESTINATION_HELLO: {"recv:hs": _S.HS_SOURCE_FINISHED, **_ABORTABLE},
         _S.HS_SOURCE_FINISHED: {"send:hs": _S.STREAMING, **_ABORTABLE},
-        _S.STREAMING: {"recv:loaded": _S.LOADED, **_ABORTABLE},
+        _S.STREAMING: {
+            "recv:loaded": _S.LOADED,
+            "send:round": _S.ROUND,
+            "send:final": _S.FINAL,
+            **_ABORTABLE,
+        },
+        _S.ROUND: {"recv:round_done": _S.STREAMING, **_ABORTABLE},
+        _S.FINAL: {"recv:loaded": _S.LOADED, **_ABORTABLE},
         _S.LOADED: {"send:commit": _S.COMMITTED, **_ABORTABLE},
         _S.COMMITTED: {
             "recv:loaded": _S.COMMITTED,  # delivered twice: the decision is made
@@ -121,7 +136,14 @@ TRANSITIONS: Final[Mapping[Role, Mapping[PeerState, Mapping[str, PeerState]]]] =
         _S.HS_SOURCE_HELLO: {"recv:hs": _S.HS_DESTINATION_HELLO, **_ABORTABLE},
         _S.HS_DESTINATION_HELLO: {"send:hs": _S.HS_SOURCE_FINISHED, **_ABORTABLE},
         _S.HS_SOURCE_FINISHED: {"recv:hs": _S.STREAMING, **_ABORTABLE},
-        _S.STREAMING: {"send:loaded": _S.LOADED, **_ABORTABLE},
+        _S.STREAMING: {
+            "send:loaded": _S.LOADED,
+            "recv:round": _S.ROUND,
+            "recv:final": _S.FINAL,
+            **_ABORTABLE,
+        },
+        _S.ROUND: {"send:round_done": _S.STREAMING, **_ABORTABLE},
+        _S.FINAL: {"send:loaded": _S.LOADED, **_ABORTABLE},
         _S.LOADED: {
             # Judged by the destination enclave, not by the table: a forged
             # decision changes nothing and the wait goes on.

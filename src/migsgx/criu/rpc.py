@@ -21,6 +21,7 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -383,6 +384,28 @@ class Criu:
                 os.close(dir_fd)
 
 
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` (from /proc)."""
+
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def _apply_extra(opts: Any, extra: Mapping[str, OptionValue]) -> None:
     """Set further ``criu_opts`` fields by name; anything the schema lacks is refused."""
 
@@ -512,6 +535,12 @@ class _Session:
 
     def _abort(self) -> None:
         if self.proc.poll() is None:
+            # A restore that is cut short (a timeout, a damaged image that makes
+            # CRIU's restorer spin) leaves half-restored tasks below CRIU: they
+            # go first, so nothing of them lingers (a held socket name, say).
+            for pid in _descendants(self.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=_EXIT_GRACE)

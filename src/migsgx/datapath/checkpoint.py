@@ -15,8 +15,9 @@ migration.  The files in the directory, per enclave ``N``::
 The source enclave gives its state up (wipes itself and exits) only after the
 files are on disk.  A restore launches a fresh enclave of the same image on
 the *same host* (the seal key is bound to it), loads the streams, and runs only
-after claiming the checkpoint id on the host's platform: a checkpoint restores
-exactly once.  See ``docs/spec/checkpoint.md``.
+after consuming the checkpoint's gate in the host's platform store: a checkpoint
+restores exactly once, only after its source committed, never after an abort.
+See ``docs/spec/checkpoint.md``.
 """
 
 from __future__ import annotations

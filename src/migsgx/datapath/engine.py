@@ -30,7 +30,6 @@ staging buffer, then sends it, then loads it: same code, same enclave calls.
 from __future__ import annotations
 
 import contextlib
-import mmap
 import queue
 import select
 import socket
@@ -38,7 +37,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,20 +62,10 @@ from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
 from ..sgx.image import EnclaveImage
 from ..wire import recv_frame, send_frame
 from .ring import RingRole, ShmRing, send_ring_fds
-from .transport import (
-    CHUNK_HEADER,
-    keep_alive,
-    read_chunk_header,
-    recv_exactly_into,
-    ring_to_socket,
-    send_chunk,
-    socket_to_ring,
-    tune_socket,
-)
+from .transport import Staging, keep_alive, ring_to_socket, socket_to_ring, tune_socket
 
 DEFAULT_CHUNK = DEFAULT_CHUNK_SIZE
 PEER = SCHEMA
-_STAGING_SLACK = 16 << 20
 
 # Each end's view of its peer connection (migsgx.core.peer), by socket: every
 # frame sent or received on a bound connection is checked against the table.
@@ -173,79 +162,6 @@ class EnclaveLink:
             msg = recv_frame(self.sock, ECALL, max_size=ECALL_FRAME_MAX)
         if msg["t"] == "err":
             raise error_from_wire(msg["code"], msg["message"])
-
-
-@dataclass
-class _Staging:
-    """Sequential mode's whole-state buffer, with the record boundaries."""
-
-    buffer: mmap.mmap
-    lengths: list[int] = field(default_factory=list)
-    used: int = 0
-
-    @classmethod
-    def for_memory(cls, memory_size: int, chunk_size: int) -> _Staging:
-        size = memory_size + (memory_size // chunk_size + 16) * (TAG_SIZE + 512) + _STAGING_SLACK
-        return cls(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
-
-    def drain(self, ring: ShmRing, timeout: float | None) -> None:
-        view = memoryview(self.buffer)
-        try:
-            while True:
-                index, slot, final = ring.next(timeout)
-                n = len(slot)
-                if self.used + n > len(view):
-                    raise MigrationError("the state is larger than the staging buffer")
-                view[self.used : self.used + n] = slot
-                ring.release(index)
-                self.used += n
-                self.lengths.append(n)
-                if final:
-                    return
-        finally:
-            view.release()
-
-    def send(self, sock: socket.socket) -> None:
-        view = memoryview(self.buffer)
-        try:
-            pos = 0
-            for i, n in enumerate(self.lengths):
-                send_chunk(sock, view[pos : pos + n], final=i == len(self.lengths) - 1)
-                pos += n
-        finally:
-            view.release()
-
-    def receive(self, sock: socket.socket, cap: int) -> None:
-        header = bytearray(CHUNK_HEADER.size)
-        view = memoryview(self.buffer)
-        try:
-            while True:
-                n, final = read_chunk_header(sock, header, cap)
-                if self.used + n > len(view):
-                    raise MigrationError("the state is larger than the staging buffer")
-                recv_exactly_into(sock, view[self.used : self.used + n])
-                self.used += n
-                self.lengths.append(n)
-                if final:
-                    return
-        finally:
-            view.release()
-
-    def fill(self, ring: ShmRing, timeout: float | None) -> None:
-        view = memoryview(self.buffer)
-        try:
-            pos = 0
-            for i, n in enumerate(self.lengths):
-                index, slot = ring.acquire(timeout)
-                slot[:n] = view[pos : pos + n]
-                ring.publish(index, n, final=i == len(self.lengths) - 1)
-                pos += n
-        finally:
-            view.release()
-
-    def close(self) -> None:
-        with contextlib.suppress(BufferError):
-            self.buffer.close()
 
 
 class _Worker:
@@ -360,12 +276,12 @@ class OutgoingEnclave:
         tune_socket(peer)
         keep_alive(peer)
         peer.settimeout(self.peer_timeout)
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         try:
             _send(peer, {"t": "offer", "files": self.image_files, "chunk_size": self.chunk_size,
                          "slots": self.slots, "mode": self.mode})  # fmt: skip
             _recv(peer, "accept")
-            t_launch = time.perf_counter()
+            t_launch = time.monotonic()
             hello = self.link.call("__mig_out_start")
             _send(peer, {"t": "hs", "data": hello})
             while True:
@@ -377,7 +293,7 @@ class OutgoingEnclave:
             self.migration_id = bytes(reply["migration_id"])
             if self.on_handshake is not None:
                 self.on_handshake(self.index, self.migration_id)
-            t_hs = time.perf_counter()
+            t_hs = time.monotonic()
             ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
             try:
                 self.link.give_ring(ring)
@@ -386,18 +302,18 @@ class OutgoingEnclave:
                                     "migsgx-send", ring)  # fmt: skip
                     dump = _call_beside(self.link, mover, "__mig_dump", self.chunk_size)
                     mover.join()
-                    t_dumped = t_sent = time.perf_counter()
+                    t_dumped = t_sent = time.monotonic()
                 else:
-                    staging = _Staging.for_memory(self.info.memory_size, self.chunk_size)
+                    staging = Staging.for_state(self.info.memory_size, self.chunk_size, TAG_SIZE)
                     try:
                         drainer = _Worker(
                             lambda: staging.drain(ring, RING_TIMEOUT), "migsgx-drain", ring
                         )
                         dump = _call_beside(self.link, drainer, "__mig_dump", self.chunk_size)
                         drainer.join()
-                        t_dumped = time.perf_counter()
+                        t_dumped = time.monotonic()
                         staging.send(peer)
-                        t_sent = time.perf_counter()
+                        t_sent = time.monotonic()
                     finally:
                         staging.close()
             finally:
@@ -408,7 +324,7 @@ class OutgoingEnclave:
         except BaseException as exc:
             self._abort_quietly(f"{type(exc).__name__}: {exc}")
             raise
-        t_end = time.perf_counter()
+        t_end = time.monotonic()
         self.stats = {
             "mode": self.mode,
             "chunk_bytes": self.chunk_size,
@@ -421,8 +337,18 @@ class OutgoingEnclave:
             "send_seconds": t_sent - t_dumped,
             "load_wait_seconds": t_end - t_sent,
             "transfer_seconds": t_end - t_hs,
+            "enclave_cpu_seconds": dump.get("cpu_seconds", 0.0),
             "destination": loaded["stats"],
-        }
+            # Absolute CLOCK_MONOTONIC times (one clock per host), per process.
+            "timeline": {
+                "source_driver": {
+                    "launch": [t0, t_launch], "handshake": [t_launch, t_hs],
+                    "dump": [t_hs, t_dumped], "send": [t_dumped, t_sent],
+                    "load_wait": [t_sent, t_end],
+                },
+                "source_enclave": dump.get("timeline", {}),
+            },
+        }  # fmt: skip
         return self.stats
 
     def commit(self) -> None:
@@ -509,6 +435,9 @@ class IncomingEnclave:
         self.awaiting = False
         self.decided = False
         self._inbox: queue.Queue[bytes | None] = queue.Queue()
+        #: Whether the destination enclave faults its memory in beside the load.
+        #: Off: paired runs at 1 GiB showed no gain on two cores (docs/benchmarks.md).
+        self.prefault = False
 
     @classmethod
     def accept_offer(
@@ -530,42 +459,44 @@ class IncomingEnclave:
         if offer is None:
             fresh, offer = IncomingEnclave.accept_offer(peer, self.platform_socket)
             self.image = fresh.image
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         try:
             sock, self.info = launch_enclave(self.image, socket_path=self.platform_socket)
             self.link = EnclaveLink(sock)
             self.link.call("__mig_in_start")
             _send(peer, {"t": "accept", "pid": self.info.pid})
-            t_launch = time.perf_counter()
+            t_launch = time.monotonic()
             while True:
                 reply = self.link.call("__mig_hs", _recv(peer, "hs")["data"])
                 if reply["send"]:
                     _send(peer, {"t": "hs", "data": reply["send"]})
                 if reply["done"]:
                     break
-            t_hs = time.perf_counter()
+            t_hs = time.monotonic()
             chunk = offer["chunk_size"]
+            if offer["mode"] == "live":
+                self.stats["rounds"] = self._receive_rounds(peer, offer)
             ring = ShmRing.create(offer["slots"], _slot_size(chunk), RingRole.PRODUCER)
             try:
                 self.link.give_ring(ring)
-                if offer["mode"] == "pipelined":
+                if offer["mode"] in ("pipelined", "live"):
                     mover = _Worker(
                         lambda: socket_to_ring(peer, ring, timeout=RING_TIMEOUT),
                         "migsgx-recv",
                         ring,
                     )
-                    result = _call_beside(self.link, mover, "__mig_load")
+                    result = _call_beside(self.link, mover, "__mig_load", self.prefault)
                     mover.join()
                     t_recv = t_hs
                 else:
-                    staging = _Staging.for_memory(self.info.memory_size, chunk)
+                    staging = Staging.for_state(self.info.memory_size, chunk, TAG_SIZE)
                     try:
                         staging.receive(peer, _slot_size(chunk))
-                        t_recv = time.perf_counter()
+                        t_recv = time.monotonic()
                         filler = _Worker(
                             lambda: staging.fill(ring, RING_TIMEOUT), "migsgx-fill", ring
                         )
-                        result = _call_beside(self.link, filler, "__mig_load")
+                        result = _call_beside(self.link, filler, "__mig_load", self.prefault)
                         filler.join()
                     finally:
                         staging.close()
@@ -581,17 +512,52 @@ class IncomingEnclave:
                 _send(peer, {"t": "abort", "code": "destination-failed", "message": reason[:200],
                              "frame": b""})  # fmt: skip
             raise
-        t_end = time.perf_counter()
+        t_end = time.monotonic()
         self.stats = {
+            **self.stats,
             "launch_seconds": t_launch - t0,
             "handshake_seconds": t_hs - t_launch,
             "receive_seconds": t_recv - t_hs,
             "load_seconds": t_end - t_recv,
             "bytes": result["bytes"],
-        }
+            # live mode: the destination enclave's pass of the memory digest check
+            "verify_seconds": result.get("verify_seconds", 0.0),
+            "enclave_cpu_seconds": result.get("cpu_seconds", 0.0),
+            "timeline": {
+                "destination_driver": {
+                    "launch": [t0, t_launch], "handshake": [t_launch, t_hs],
+                    "receive": [t_hs, t_recv], "load": [t_recv, t_end],
+                },
+                "destination_enclave": result.get("timeline", {}),
+            },
+        }  # fmt: skip
         self.awaiting = True
         _send(peer, {"t": "loaded", "frame": result["loaded"], "stats": self.stats})
         return self.stats
+
+    def _receive_rounds(self, peer: socket.socket, offer: dict[str, Any]) -> list[dict[str, Any]]:
+        """Live mode: apply pre-copy rounds until the source announces the final transfer.
+
+        Each round has a ring of its own (a ring ends with its final slot).
+        """
+
+        assert self.link is not None
+        rounds: list[dict[str, Any]] = []
+        while _recv(peer, "round", "final")["t"] == "round":
+            ring = ShmRing.create(
+                offer["slots"], _slot_size(offer["chunk_size"]), RingRole.PRODUCER
+            )
+            try:
+                self.link.give_ring(ring)
+                mover = _Worker(partial(socket_to_ring, peer, ring, timeout=RING_TIMEOUT),
+                                "migsgx-recv", ring)  # fmt: skip
+                stats = _call_beside(self.link, mover, "__mig_load_round")
+                mover.join()
+            finally:
+                ring.close()
+            rounds.append(stats)
+            _send(peer, {"t": "round_done", "stats": stats})
+        return rounds
 
     def wait_commit(self, timeout: float | None = None) -> socket.socket:
         """Wait for the source's decision; on COMMIT the enclave runs: return its connection.

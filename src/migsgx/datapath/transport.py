@@ -28,12 +28,15 @@ Data path
 kernel keeps referring to the pages after the call returns, and the ring reuses
 a slot as soon as it is released, which would change bytes still in flight.
 
-Also here: the *raw transport* baseline's endpoints (plain bytes copied into and
-out of a ring, no enclave, no crypto) and the *sequential* helpers that move a
-whole staging buffer over the same framing.
+Also here, so that there is one datapath: the enclave's end of a ring
+(:func:`fill_ring` with a chunk writer, :class:`SlotReader`), which the
+enclave's dump and load loops use with a sealer and an opener and the raw
+transport baseline uses with a plain copy (the cipher replaced by a copy, the
+rest the same code); and :class:`Staging`, the sequential mode's whole-state
+buffer moved over the same framing.
 
-Defaults, from ``benchmarks/transport_probe.py`` (1 GiB, four processes on two
-cores, AES-256-GCM in the enclave processes)
+Defaults, from the bulk-path probe that preceded ``migsgx bench state`` (1 GiB,
+four processes on two cores, AES-256-GCM in the enclave processes)
     The memory a migration adds is, summed over the four processes, about
     ``4 * slots * slot_size``: two rings, each mapped by two processes.  Keeping
     that at 0.1 % of the enclave leaves room under a 0.15 % ceiling, and gives
@@ -50,13 +53,14 @@ cores, AES-256-GCM in the enclave processes)
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final
 
 from ..core.peer import CHUNK_HEADER, FLAG_FINAL
-from ..errors import ConnectionClosedError, FrameError
+from ..errors import ConnectionClosedError, FrameError, StreamError
 from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
 from .ring import RingTimeoutError, ShmRing
 
@@ -68,14 +72,16 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_SLOTS",
     "FLAG_FINAL",
+    "ChunkWriter",
+    "SlotReader",
+    "Staging",
     "batch_scheduling",
-    "drain_ring_to_buffer",
-    "fill_ring_from_buffer",
+    "copy_chunk",
+    "drain_ring",
+    "fill_ring",
     "read_chunk_header",
-    "recv_buffer",
     "recv_exactly_into",
     "ring_to_socket",
-    "send_buffer",
     "send_chunk",
     "shutdown_quietly",
     "socket_to_ring",
@@ -119,6 +125,9 @@ def keep_alive(sock: socket.socket, seconds: int = LIVENESS_SECONDS) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, seconds - 1))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, seconds * 1000)
+
+
+_STAGING_SLACK: Final = 16 << 20
 
 
 @contextlib.contextmanager
@@ -248,81 +257,191 @@ def socket_to_ring(
             return total
 
 
-# --- raw baseline endpoints: plain bytes, no enclave, no crypto ---------------------------
-def fill_ring_from_buffer(
-    ring: ShmRing, source: Buffer, *, chunk_size: int | None = None, timeout: float | None = None
+# --- the enclave's end of a ring: chunks written into slots, read out of them -----------
+ChunkWriter = Callable[[memoryview, memoryview, bool], int]
+"""``write(part, slot, last) -> n``: put one chunk of plaintext into a slot, say how many bytes."""
+
+
+def copy_chunk(part: memoryview, slot: memoryview, last: bool) -> int:
+    """The raw baseline's stand-in for sealing: the chunk copied as it is."""
+
+    n = len(part)
+    slot[:n] = part
+    return n
+
+
+def fill_ring(
+    ring: ShmRing,
+    data: Buffer,
+    chunk_size: int,
+    write: ChunkWriter = copy_chunk,
+    *,
+    final: bool = True,
+    timeout: float | None = None,
 ) -> int:
-    """Copy ``source`` into ``ring`` (producer end) chunk by chunk, the last slot final."""
+    """Cut ``data`` into chunks, ``write`` each straight into a slot, publish it.
 
-    size = ring.slot_size if chunk_size is None else chunk_size
-    if not 0 < size <= ring.slot_size:
-        raise ValueError(f"chunk_size must be in 1..{ring.slot_size}")
-    with memoryview(source).cast("B") as src:
-        total = len(src)
-        offset = 0
-        while True:
-            n = min(size, total - offset)
-            index, slot = ring.acquire(timeout)
-            slot[:n] = src[offset : offset + n]
-            offset += n
-            ring.publish(index, n, final=offset >= total)
-            if offset >= total:
-                return total
-
-
-def drain_ring_to_buffer(ring: ShmRing, dest: Buffer, *, timeout: float | None = None) -> int:
-    """Copy every slot of ``ring`` (consumer end) into ``dest`` in order; return bytes."""
-
-    with memoryview(dest).cast("B") as dst:
-        offset = 0
-        while True:
-            index, view, final = ring.next(timeout)
-            n = len(view)
-            if n > len(dst) - offset:
-                raise FrameError("the stream is longer than the destination", at=offset)
-            dst[offset : offset + n] = view
-            offset += n
-            ring.release(index)
-            if final:
-                return offset
-
-
-# --- sequential mode: a whole staging buffer over the same framing ------------------------
-def send_buffer(sock: socket.socket, buffer: Buffer, *, chunk_size: int) -> int:
-    """Send ``buffer`` as chunks of ``chunk_size`` (the last one shorter and final)."""
+    This is the source enclave's dump loop: :mod:`migsgx.enclave.migrator` passes
+    a sealer as ``write``; the raw transport baseline passes :func:`copy_chunk`,
+    so the two differ by the cipher alone.  Empty ``data`` still makes one
+    (empty) chunk, since a stream always ends with a chunk.  The last chunk is the
+    ring's final slot if ``final``.  Returns the bytes published.
+    """
 
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
-    with memoryview(buffer).cast("B") as data:
-        total = len(data)
+    with memoryview(data).cast("B") as src:
+        total = len(src)
         offset = 0
+        published = 0
         while True:
             end = min(offset + chunk_size, total)
-            send_chunk(sock, data[offset:end], final=end >= total)
+            last = end >= total
+            index, slot = ring.acquire(timeout)
+            n = write(src[offset:end], slot, last)
+            ring.publish(index, n, final=final and last)
+            published += n
             offset = end
-            if offset >= total:
-                return total
+            if last:
+                return published
 
 
-def recv_buffer(sock: socket.socket, buffer: Buffer, *, max_chunk: int) -> list[int]:
-    """Receive chunks back to back into ``buffer`` until the final one.
+class SlotReader:
+    """A ring's consumer end as an enclave reads it: each slot copied once, then freed.
 
-    Returns the chunk lengths in order, so that the caller knows the boundaries.
+    The untrusted side can change a slot's bytes at any moment; the private copy
+    taken before anything looks at them is what gets authenticated and opened (no
+    double fetch).  The slot goes back to the producer before the chunk is opened,
+    so the next one can arrive meanwhile.  After the final slot, :meth:`take`
+    raises :class:`~migsgx.errors.StreamError`: the untrusted side ended the
+    transfer before the reader's stream did.
     """
 
-    header = bytearray(CHUNK_HEADER.size)
-    lengths: list[int] = []
-    with memoryview(buffer).cast("B") as data:
+    def __init__(self, ring: ShmRing, *, timeout: float | None = None) -> None:
+        self._ring = ring
+        self._private = memoryview(bytearray(ring.slot_size))
+        self.timeout = timeout
+        self.ended = False
+        self.received = 0
+
+    def take(self) -> memoryview:
+        """The next chunk, in private memory valid until the next call."""
+
+        if self.ended:
+            raise StreamError("the transfer ended before the stream's last chunk")
+        index, view, final = self._ring.next(self.timeout)
+        n = len(view)
+        self._private[:n] = view
+        self._ring.release(index)
+        self.ended = final
+        self.received += n
+        return self._private[:n]
+
+
+def drain_ring(ring: ShmRing, dest: Buffer, *, timeout: float | None = None) -> int:
+    """The raw baseline's destination enclave: :class:`SlotReader`, then a copy for opening."""
+
+    reader = SlotReader(ring, timeout=timeout)
+    with memoryview(dest).cast("B") as dst:
         offset = 0
+        while not reader.ended:
+            chunk = reader.take()
+            n = len(chunk)
+            if n > len(dst) - offset:
+                raise FrameError("the stream is longer than the destination", at=offset)
+            dst[offset : offset + n] = chunk
+            offset += n
+        return offset
+
+
+# --- sequential mode: the whole state staged between the rings and the connection ---------
+class Staging:
+    """Sequential mode's whole-state buffer in an untrusted driver, with chunk boundaries.
+
+    Source: :meth:`drain` the ring into it while the enclave dumps, then
+    :meth:`send`.  Destination: :meth:`receive` everything, then :meth:`fill`
+    the ring while the enclave loads.  Chunks keep the boundaries they had in
+    the source's ring, so the enclave sees the same slots either way.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.lengths: list[int] = []
+        self.used = 0
+
+    @classmethod
+    def for_state(cls, memory_size: int, chunk_size: int, overhead: int) -> Staging:
+        """Room for a state of ``memory_size`` in chunks, ``overhead`` bytes added to each."""
+
+        chunks = memory_size // chunk_size + 16
+        return cls(memory_size + chunks * (overhead + 512) + _STAGING_SLACK)
+
+    def _append(self, n: int) -> memoryview:
+        if self.used + n > len(self.buffer):
+            raise FrameError("the state is larger than the staging buffer", at=self.used)
+        view = memoryview(self.buffer)[self.used : self.used + n]
+        self.used += n
+        self.lengths.append(n)
+        return view
+
+    def drain(self, ring: ShmRing, timeout: float | None = None) -> None:
+        """Copy every slot of ``ring`` (consumer end) in, until the final one."""
+
         while True:
-            length, final = read_chunk_header(sock, header, max_chunk)
-            if length > len(data) - offset:
-                raise FrameError("the stream is longer than the staging buffer", at=offset)
-            recv_exactly_into(sock, data[offset : offset + length])
-            offset += length
-            lengths.append(length)
+            index, slot, final = ring.next(timeout)
+            with self._append(len(slot)) as room:
+                room[:] = slot
+            ring.release(index)
             if final:
-                return lengths
+                return
+
+    def receive(self, sock: socket.socket, cap: int) -> None:
+        """Read chunk frames in until the final one; each at most ``cap`` bytes."""
+
+        header = bytearray(CHUNK_HEADER.size)
+        while True:
+            n, final = read_chunk_header(sock, header, cap)
+            with self._append(n) as room:
+                recv_exactly_into(sock, room)
+            if final:
+                return
+
+    def chunks(self) -> Iterator[tuple[memoryview, bool]]:
+        """Every staged chunk in order, with the final flag on the last one."""
+
+        with memoryview(self.buffer) as view:
+            pos = 0
+            last = len(self.lengths) - 1
+            for i, n in enumerate(self.lengths):
+                yield view[pos : pos + n], i == last
+                pos += n
+
+    def send(self, sock: socket.socket) -> int:
+        """Send every staged chunk as a chunk frame; return the bytes sent."""
+
+        for chunk, final in self.chunks():
+            send_chunk(sock, chunk, final=final)
+            chunk.release()
+        return self.used
+
+    def fill(self, ring: ShmRing, timeout: float | None = None) -> None:
+        """Publish every staged chunk into ``ring`` (producer end), one per slot."""
+
+        for chunk, final in self.chunks():
+            index, slot = ring.acquire(timeout)
+            slot[: len(chunk)] = chunk
+            ring.publish(index, len(chunk), final=final)
+            chunk.release()
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            self.buffer.close()
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def shutdown_quietly(sock: socket.socket) -> None:

@@ -1,36 +1,68 @@
-"""The trusted half of checkpoints: a stream secret sealed to this host.
+"""The trusted half of checkpoints: fork-proof by a gate kept in the platform store.
 
-``start`` makes a fresh checkpoint id and stream secret and seals both (with
-the source's identity) under the enclave's seal key; the state then streams
-exactly as in a live migration, with the source as both ends of the stream
-header.  ``open_key`` unseals them in a fresh enclave: on another host, or in
-an enclave the migration policy does not allow, that fails; a checkpoint id
-already claimed on this host is refused before anything is loaded.
+A checkpoint must never become a second live copy of an enclave.  Its stream
+secret therefore has two halves: one sealed into the checkpoint's key file
+(``file``), one kept by the platform in a *gate record* (``share``, sealed too,
+under the runtime-reserved name ``!ckpt-<id>``) beside a gate counter:
+
+* ``start`` creates the gate record with its counter at 0 (*pending*);
+* the source's commit advances the counter to 1 (*committed*) in the same
+  atomic platform update that retires its persistent record, right before the
+  source wipes itself;
+* an abort deletes the gate record and its counter: the share is gone, so the
+  files on disk can never be opened again;
+* a restore needs the counter at 1, and consumes the gate (record and counter
+  go) in the same atomic update that installs the persistent state: at most
+  once, and never while the source may still run.
+
+On another host, or in an enclave the migration policy does not allow, the
+key file does not unseal; on this host nothing restores without its gate.
+Root on an emulated host could roll the store file back (as for counters; on
+hardware the gate is a monotonic counter of the platform).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import cbor2
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..core.policy import IDENTITY_SIZE, EnclaveIdentity, MigrationPolicy, PolicyMode
 from ..core.stream import StreamChannel
-from ..errors import ReplayError, SealError
+from ..errors import CheckpointGateError, CounterError, MigSGXError, SealError
+from ..sgx.counters import RecordUpdate
 from ..sgx.trusted import TrustedServices
 from . import sealing
 from .instance import EnclaveInstance
 
-AAD_LABEL = b"migsgx checkpoint v1 "
+AAD_LABEL = b"migsgx checkpoint v2 "
+GATE_AAD_LABEL = b"migsgx checkpoint gate v2 "
+STREAM_INFO = b"migsgx checkpoint stream v2"
+PENDING = 0
+COMMITTED = 1
 
 
 @dataclass
 class Checkpoint:
     checkpoint_id: bytes
     sealed_key: bytes
+    gate_counter: str
+    gate_blob: bytes = field(repr=False)
     streams: StreamChannel = field(repr=False)
+
+    @property
+    def gate_name(self) -> str:
+        return gate_name(self.checkpoint_id)
+
+
+def gate_name(checkpoint_id: bytes) -> str:
+    return "!ckpt-" + checkpoint_id.hex()
 
 
 def _policy(instance: EnclaveInstance) -> MigrationPolicy:
@@ -44,50 +76,120 @@ def _seal_policy(instance: EnclaveInstance) -> int:
     return sealing.POLICY_MRENCLAVE
 
 
+def _stream_secret(checkpoint_id: bytes, file_half: bytes, share: bytes) -> bytes:
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=checkpoint_id, info=STREAM_INFO)
+    return hkdf.derive(file_half + share)
+
+
 def start(instance: EnclaveInstance) -> Checkpoint:
+    """A fresh checkpoint id, its pending gate on this host, and the sealed key file."""
+
     services = instance.services
     checkpoint_id = os.urandom(16)
-    secret = os.urandom(32)
+    file_half = os.urandom(32)
+    share = os.urandom(32)
+    counter = os.urandom(16).hex()
     own = EnclaveIdentity.from_report(services.identity)
-    payload = cbor2.dumps(
-        {"v": 1, "id": checkpoint_id, "secret": secret, "source": own.pack(), "debug": own.debug}
-    )
+    policy = _seal_policy(instance)
+    key_payload = {
+        "v": 2, "id": checkpoint_id, "secret": file_half, "source": own.pack(),
+        "debug": own.debug,
+    }  # fmt: skip
     blob = sealing.seal(
-        services, payload, aad=AAD_LABEL + checkpoint_id, policy=_seal_policy(instance)
+        services, cbor2.dumps(key_payload), aad=AAD_LABEL + checkpoint_id, policy=policy
+    )
+    gate_payload = {"v": 2, "id": checkpoint_id, "share": share, "counter": counter}
+    gate_blob = sealing.seal(
+        services, cbor2.dumps(gate_payload), aad=GATE_AAD_LABEL + checkpoint_id, policy=policy
+    )
+    services.persist_update(
+        gate_name(checkpoint_id),
+        RecordUpdate(gate_blob, create={counter: PENDING}, expect_absent=True),
     )
     streams = StreamChannel(
-        secret, migration_id=checkpoint_id, source=own, destination=own, sending=True
+        _stream_secret(checkpoint_id, file_half, share),
+        migration_id=checkpoint_id, source=own, destination=own, sending=True,
+    )  # fmt: skip
+    return Checkpoint(checkpoint_id, blob, counter, gate_blob, streams)
+
+
+def commit_change(ckpt: Checkpoint) -> tuple[str, RecordUpdate]:
+    """The source's commit: the gate goes from pending to committed (and only from there)."""
+
+    return ckpt.gate_name, RecordUpdate(
+        ckpt.gate_blob,
+        advance={ckpt.gate_counter: COMMITTED},
+        check={ckpt.gate_counter: PENDING},
+        expect=_sha256(ckpt.gate_blob),
     )
-    return Checkpoint(checkpoint_id, blob, streams)
 
 
-def open_key_record(services: TrustedServices, blob: bytes) -> tuple[bytes, bytes, EnclaveIdentity]:
-    """Unseal a checkpoint key record: (checkpoint id, stream secret, source identity).
+def consume_change(ckpt: Checkpoint) -> tuple[str, RecordUpdate]:
+    """The restore's activation: a committed gate goes, record and counter."""
 
-    Checks the format only (``docs/spec/checkpoint.md``, section 2); whether this
-    enclave may take the checkpoint over, and whether it was restored before, is
-    :func:`open_key`'s.
+    return ckpt.gate_name, RecordUpdate(
+        None,
+        destroy=(ckpt.gate_counter,),
+        check={ckpt.gate_counter: COMMITTED},
+        expect=_sha256(ckpt.gate_blob),
+    )
+
+
+def destroy(instance: EnclaveInstance, ckpt: Checkpoint) -> None:
+    """An aborted checkpoint: its gate (and with it half its key) goes while still pending.
+
+    If the platform cannot be reached the gate stays pending, and a pending
+    gate never opens; only its record lingers.
     """
 
+    name, _ = commit_change(ckpt)
+    with contextlib.suppress(MigSGXError, OSError):
+        instance.services.persist_update(
+            name,
+            RecordUpdate(
+                None,
+                destroy=(ckpt.gate_counter,),
+                check={ckpt.gate_counter: PENDING},
+                expect=_sha256(ckpt.gate_blob),
+            ),
+        )
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _unseal_map(services: TrustedServices, blob: bytes, label: bytes, what: str) -> dict[str, Any]:
     aad = sealing.sealed_aad(blob)
-    if not aad.startswith(AAD_LABEL) or len(aad) != len(AAD_LABEL) + 16:
-        raise SealError("not a migsgx checkpoint key")
+    if not aad.startswith(label) or len(aad) != len(label) + 16:
+        raise SealError(f"not a migsgx {what}")
     try:
         payload = sealing.unseal(services, blob, aad=aad)
     except SealError as exc:
         raise SealError(
-            "cannot open the checkpoint: it was made on another host or by an enclave "
+            f"cannot open the {what}: it was made on another host or by an enclave "
             "this one may not take over"
         ) from exc
     try:
         data: Any = cbor2.loads(payload)
     except Exception as exc:  # cbor2 raises several types on garbage
-        raise SealError("the checkpoint key is malformed") from exc
+        raise SealError(f"the {what} is malformed") from exc
+    if not isinstance(data, dict) or data.get("v") != 2 or data.get("id") != aad[len(label) :]:
+        raise SealError(f"the {what} is malformed")
+    return data
+
+
+def open_key_record(services: TrustedServices, blob: bytes) -> tuple[bytes, bytes, EnclaveIdentity]:
+    """Unseal a checkpoint key record: (checkpoint id, key-file half, source identity).
+
+    Checks the format only (``docs/spec/checkpoint.md``, section 2); whether this
+    enclave may take the checkpoint over, and whether its gate lets it restore,
+    is :func:`open_key`'s.
+    """
+
+    data = _unseal_map(services, blob, AAD_LABEL, "checkpoint key")
     if not (
-        isinstance(data, dict)
-        and data.get("v") == 1
-        and isinstance(data.get("id"), bytes)
-        and len(data["id"]) == 16
+        set(data) == {"v", "id", "secret", "source", "debug"}
         and isinstance(data.get("secret"), bytes)
         and len(data["secret"]) == 32
         and isinstance(data.get("source"), bytes)
@@ -95,23 +197,39 @@ def open_key_record(services: TrustedServices, blob: bytes) -> tuple[bytes, byte
         and isinstance(data.get("debug"), bool)
     ):
         raise SealError("the checkpoint key is malformed")
-    checkpoint_id = data["id"]
-    if checkpoint_id != aad[len(AAD_LABEL) :]:
-        raise SealError("the checkpoint key names another checkpoint")
     packed = EnclaveIdentity.unpack(data["source"])
     source = EnclaveIdentity(
         packed.mr_enclave, packed.mr_signer, packed.isv_prod_id, packed.isv_svn, data["debug"]
     )
-    return checkpoint_id, data["secret"], source
+    return data["id"], data["secret"], source
 
 
 def open_key(instance: EnclaveInstance, blob: bytes) -> Checkpoint:
+    """Open a checkpoint's key file and its committed gate on this host."""
+
     services = instance.services
-    checkpoint_id, secret, source = open_key_record(services, blob)
+    checkpoint_id, file_half, source = open_key_record(services, blob)
     _policy(instance).check(source, EnclaveIdentity.from_report(services.identity))
-    if services.migration_claimed(checkpoint_id):
-        raise ReplayError("this checkpoint was restored before; it restores only once")
+    gate_blob = services.persist_read(gate_name(checkpoint_id))
+    if gate_blob is None:
+        raise CheckpointGateError(
+            "this checkpoint was aborted or restored before (it restores only once)"
+        )
+    gate = _unseal_map(services, gate_blob, GATE_AAD_LABEL, "checkpoint gate")
+    share, counter = gate.get("share"), gate.get("counter")
+    if not (isinstance(share, bytes) and len(share) == 32 and isinstance(counter, str)):
+        raise SealError("the checkpoint gate is malformed")
+    try:
+        state = services.counter_read(counter)
+    except CounterError as exc:
+        raise CheckpointGateError("this checkpoint's gate is gone") from exc
+    if state != COMMITTED:
+        raise CheckpointGateError(
+            "this checkpoint was never committed: its source may still run, so it cannot "
+            "be restored"
+        )
     streams = StreamChannel(
-        secret, migration_id=checkpoint_id, source=source, destination=source, sending=False
-    )
-    return Checkpoint(checkpoint_id, blob, streams)
+        _stream_secret(checkpoint_id, file_half, share),
+        migration_id=checkpoint_id, source=source, destination=source, sending=False,
+    )  # fmt: skip
+    return Checkpoint(checkpoint_id, blob, counter, gate_blob, streams)

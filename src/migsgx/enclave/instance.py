@@ -125,13 +125,14 @@ class EnclaveInstance:
         with self._lock:
             return not self._admitting and self._busy == 0
 
-    def retire(self, reason: str) -> None:
-        """No ECALL will ever run again; memory is wiped."""
+    def retire(self, reason: str, *, wipe: bool = True) -> None:
+        """No ECALL will ever run again; memory is wiped (now, or by the caller later)."""
 
         with self._lock:
             self._admitting = False
             self._gone = reason
-        self.memory.wipe()
+        if wipe:
+            self.memory.wipe()
 
     def export_small_state(self) -> Any:
         return {"memory": self.memory.layout(), "enclave": self.enclave.export_state()}

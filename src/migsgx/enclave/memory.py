@@ -9,7 +9,11 @@ so after a migration the same names find the same bytes.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import mmap
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +24,11 @@ from ..errors import EnclaveMemoryError
 PAGE_SIZE = 4096
 # Declared memory is reserved lazily: only touched pages cost (Linux value).
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; no name in 3.11
+_PREFAULT_STEP = 16 << 20
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
 
 
 def _round_up(n: int, to: int = PAGE_SIZE) -> int:
@@ -85,6 +94,16 @@ class EnclaveMemory:
     @property
     def pages(self) -> int:
         return self._brk // PAGE_SIZE
+
+    @property
+    def address(self) -> int:
+        """Where the region starts in this process (for the OS's dirty tracking)."""
+
+        probe = ctypes.c_char.from_buffer(self._map)
+        try:
+            return ctypes.addressof(probe)
+        finally:
+            del probe  # releases the buffer export, so wipe() can still unmap
 
     def view(self, offset: int = 0, nbytes: int | None = None) -> memoryview:
         end = self.size if nbytes is None else offset + nbytes
@@ -178,6 +197,52 @@ class EnclaveMemory:
             table[name] = a
         self._allocs = table
         self._brk = brk
+
+    def prefault(self, nbytes: int, stop: threading.Event) -> int:
+        """Fault in the first ``nbytes`` as writable zero pages, until ``stop`` is set.
+
+        A destination's load writes every page of a memory the kernel has not
+        handed out yet; each first touch is a page fault (about 2.4 GB/s here,
+        a quarter of a plain copy).  Run in a thread beside the load, this takes
+        those faults ahead of it, on a core the pipeline leaves idle while it
+        waits for chunks.  ``madvise`` through ctypes, since ctypes lets other
+        threads run meanwhile (``mmap.madvise`` holds the interpreter lock).
+        Advisory only: an old kernel that refuses it costs nothing.  Returns
+        the bytes faulted in.
+        """
+
+        mm = self._map
+        nbytes = min(_round_up(nbytes), self.size)
+        anchor = ctypes.c_char.from_buffer(mm)
+        base = ctypes.addressof(anchor)
+        done = 0
+        try:
+            while done < nbytes and not stop.is_set():
+                step = min(_PREFAULT_STEP, nbytes - done)
+                if _libc.madvise(ctypes.c_void_p(base + done), step, _MADV_POPULATE_WRITE):
+                    break
+                done += step
+        finally:
+            del anchor  # the mapping may be closed again
+        return done
+
+    @contextlib.contextmanager
+    def prefaulting(self, nbytes: int, enabled: bool = True) -> Iterator[None]:
+        """:meth:`prefault` in a thread for the duration of the ``with`` block (a load)."""
+
+        if not enabled:
+            yield
+            return
+        stop = threading.Event()
+        faulter = threading.Thread(
+            target=self.prefault, args=(nbytes, stop), name="enclave-prefault", daemon=True
+        )
+        faulter.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            faulter.join()
 
     def wipe(self) -> None:
         """Zero every page and unmap: what a committed source does before it exits."""

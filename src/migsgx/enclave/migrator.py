@@ -41,23 +41,28 @@ from ..core.commit import (
 )
 from ..core.handshake import Handshake, HandshakeComplete, PeerAborted, Role, SessionKeys
 from ..core.policy import MigrationPolicy, PolicyMode
-from ..core.stream import TAG_SIZE, Manifest, Section, StreamChannel
+from ..core.rounds import digest_key
+from ..core.stream import TAG_SIZE, Manifest, Section, StreamChannel, StreamSealer
 from ..datapath.ring import RingRole, ShmRing, recv_ring_fds
+from ..datapath.transport import ChunkWriter, SlotReader, fill_ring
 from ..errors import (
     AwaitingDecisionError,
+    CheckpointGateError,
+    ClaimedBeforeError,
     CommittedError,
     MigrationError,
     MigSGXError,
+    PersistentStateError,
     ProtocolError,
     ReplayError,
     StreamError,
 )
 from ..limits import MIN_CHUNK_SIZE, check_chunk_size
 from ..sgx.collateral import Collateral
-from ..sgx.counters import Decision
+from ..sgx.counters import Decision, RecordUpdate
 from ..sgx.dcap import TcbPolicy, verify_dcap
 from ..sgx.structs import ReportBody
-from . import checkpoints
+from . import checkpoints, precopy, precopy_in
 from .instance import EnclaveInstance
 from .persistent import MAX_TRANSFER_BYTES, PendingImport, PersistentState
 
@@ -92,6 +97,15 @@ class _Verifier:
         return verdict.body
 
 
+def _sealing(sealer: StreamSealer) -> ChunkWriter:
+    """The dump loop's chunk writer: seal straight into the slot (the transport copies nothing)."""
+
+    def write(part: memoryview, slot: memoryview, last: bool) -> int:
+        return sealer.seal_into(part, slot[: len(part) + TAG_SIZE], final=last)
+
+    return write
+
+
 def policy_of(instance: EnclaveInstance) -> MigrationPolicy:
     m = instance.manifest
     return MigrationPolicy(mode=PolicyMode(m.migration_policy), allow_debug=m.debug)
@@ -115,10 +129,15 @@ class Migrator:
         self.dumped = False
         self._pending_state: Any = None
         self._pending_persistent: PendingImport | None = None
+        # The persistent state went in with the claim of the migration id (one update).
+        self._installed = False
         # The commit end of the migration this enclave came in by, kept after it
         # ran so that its COMMIT token, replayed, is still recognised as a replay.
         self._arrived: DestinationCommit | None = None
         self._token: bytes | None = None
+        # Live migration (pre-copy rounds before the final dump): precopy.py.
+        self.rounds_out: precopy.SourceRounds | None = None
+        self.rounds_in: precopy_in.DestinationRounds | None = None
 
     @property
     def persistent(self) -> PersistentState:
@@ -203,7 +222,7 @@ class Migrator:
             if self.role is Role.SOURCE:
                 self.source_commit = SourceCommit(self.keys)
             else:
-                self.dest_commit = DestinationCommit(self.keys, seen=self.instance.services)
+                self.dest_commit = DestinationCommit(self.keys, seen=_ClaimAndInstall(self))
         peer = hs.peer
         return {
             "send": out,
@@ -215,17 +234,36 @@ class Migrator:
     # --- source: dump ---------------------------------------------------------------
     def dump(self, chunk_size: int, quiesce_timeout: float = 30.0) -> dict[str, Any]:
         streams, ring = self._ready(Role.SOURCE)
+        if self.source_commit is not None and self.source_commit.state is not (
+            CommitState.AWAIT_LOADED
+        ):
+            raise ProtocolError("the destination confirmed the load already: no new dump")
+        if self.checkpoint is not None and self.dumped:
+            raise ProtocolError("the checkpoint was dumped already: no new dump")
         if not check_chunk_size(chunk_size, fits=ring.slot_size - TAG_SIZE):
             raise ProtocolError(f"chunk size must be at least {MIN_CHUNK} and fit a ring slot")
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
+        cpu0 = time.process_time()
         self.instance.quiesce(timeout=quiesce_timeout)
         # From here until an abort, no seal or counter operation may change what
         # the dump says (enclave threads outside ECALLs get FrozenError).
         self.persistent.freeze(timeout=quiesce_timeout)
-        t_quiesced = time.perf_counter()
+        t_quiesced = time.monotonic()
         memory = self.instance.memory
         persistent = self.persistent.export()
         state = cbor2.dumps(self.instance.export_small_state())
+        if self.rounds_out is not None:
+            self.rounds_out.ring = ring
+            live = precopy.final_dump(
+                self.rounds_out, self._digest_key(), state, persistent, chunk_size
+            )
+            self.dumped = True
+            return {
+                **live,
+                "streams": len(streams.summaries),
+                "quiesce_seconds": t_quiesced - t0,
+                "dump_seconds": time.perf_counter() - t_quiesced,
+            }
         sections = [
             Section.dense("state", len(state)),
             Section.dense("memory", memory.used),
@@ -241,28 +279,28 @@ class Migrator:
         ]
         for n, (expect, data) in enumerate(plan):
             sealer = streams.sealer(expect, chunk_size)
-            head = sealer.header_bytes
-            index, slot = ring.acquire(RING_TIMEOUT)
-            slot[: len(head)] = head
-            ring.publish(index, len(head))
-            sent += len(head)
-            total = len(data)
-            count = max(1, -(-total // chunk_size))
-            for i in range(count):
-                part = data[i * chunk_size : min(total, (i + 1) * chunk_size)]
-                index, slot = ring.acquire(RING_TIMEOUT)
-                last = i == count - 1
-                size = sealer.seal_into(part, slot[: len(part) + TAG_SIZE], final=last)
-                ring.publish(index, size, final=last and n == len(plan) - 1)
-                sent += size
+            sent += fill_ring(ring, sealer.header_bytes, chunk_size, final=False,
+                              timeout=RING_TIMEOUT)  # fmt: skip
+            sent += fill_ring(ring, data, chunk_size, _sealing(sealer),
+                              final=n == len(plan) - 1, timeout=RING_TIMEOUT)  # fmt: skip
+        t_sealed = time.monotonic()
         ring.wait_drained(RING_TIMEOUT)
         self.dumped = True
+        t_end = time.monotonic()
         return {
             "streams": len(streams.summaries),
             "bytes": sent,
             "memory_bytes": memory.used,
             "quiesce_seconds": t_quiesced - t0,
-            "dump_seconds": time.perf_counter() - t_quiesced,
+            "dump_seconds": t_end - t_quiesced,
+            "cpu_seconds": time.process_time() - cpu0,  # the enclave process, every thread
+            # CLOCK_MONOTONIC is one clock for every process of the host: the
+            # untrusted side lays these beside its own phases.
+            "timeline": {
+                "quiesce": [t0, t_quiesced],
+                "seal": [t_quiesced, t_sealed],
+                "drained": [t_sealed, t_end],
+            },
         }
 
     def loaded(self, frame: bytes) -> dict[str, Any]:
@@ -286,8 +324,12 @@ class Migrator:
         """
 
         sc = self._source_commit()
+        # Every precondition of the token before anything is retired: a refusal
+        # after the retirement would leave the state nowhere.
         if sc.state is not CommitState.LOAD_CONFIRMED:
             raise ProtocolError("the destination has not confirmed the load")
+        if self.keys is None or self.keys.streams.busy:
+            raise ProtocolError("a stream was started after the destination's LOADED")
         services = self.instance.services
 
         def record(token: bytes) -> None:
@@ -320,36 +362,20 @@ class Migrator:
         self._exit_thread = threading.get_ident()
 
     # --- destination: load ---------------------------------------------------------
-    def load(self) -> dict[str, Any]:
+    def load(self, prefault: bool = False) -> dict[str, Any]:
         streams, ring = self._ready(Role.DESTINATION)
         dc = self.dest_commit
-        t0 = time.perf_counter()
-        private = bytearray(ring.slot_size)
-        pview = memoryview(private)
-        finals: list[bool] = []
-
-        def take() -> memoryview:
-            if finals and finals[-1]:
-                # The untrusted side flagged an earlier slot as the last one.
-                raise StreamError("the transfer ended before the state's last chunk")
-            index, view, final = ring.next(RING_TIMEOUT)
-            n = len(view)
-            pview[:n] = view  # one fetch: the untrusted side cannot change it after this
-            ring.release(index)
-            finals.append(final)
-            return pview[:n]
-
-        received = 0
+        t0 = time.monotonic()
+        if self.rounds_in is not None:
+            return self._load_live(t0)
+        cpu0 = time.process_time()
+        reader = SlotReader(ring, timeout=RING_TIMEOUT)
 
         def open_stream(expect: str | Section, sink: memoryview) -> int:
-            nonlocal received
-            head = take()
-            received += len(head)
-            opener = streams.opener(bytes(head), expect=expect)
+            opener = streams.opener(bytes(reader.take()), expect=expect)
             pos = 0
             while not opener.done:
-                chunk = take()
-                received += len(chunk)
+                chunk = reader.take()
                 room = sink[pos : pos + max(0, len(chunk) - TAG_SIZE)]
                 pos += opener.open_into(chunk, room)
             return pos
@@ -368,12 +394,13 @@ class Migrator:
             or persistent_section.length > MAX_TRANSFER_BYTES
         ):
             raise StreamError("the migrated state does not fit this enclave")
-        state_buf = bytearray(state_section.length)
-        open_stream(state_section, memoryview(state_buf))
-        open_stream(memory_section, memory.view(0, memory_section.length))
+        with memory.prefaulting(memory_section.length, prefault):
+            state_buf = bytearray(state_section.length)
+            open_stream(state_section, memoryview(state_buf))
+            open_stream(memory_section, memory.view(0, memory_section.length))
         persistent_buf = bytearray(persistent_section.length)
         open_stream(persistent_section, memoryview(persistent_buf))
-        if not finals or not finals[-1] or any(finals[:-1]):
+        if not reader.ended:
             raise StreamError("the transfer's end is not where the stream ends")
         try:
             self._pending_state = cbor2.loads(bytes(state_buf))
@@ -381,15 +408,89 @@ class Migrator:
             raise StreamError("the migrated small state does not decode") from exc
         # Checked before LOADED: a state that cannot be installed here is refused
         # while the source can still go on.
-        self._pending_persistent = self.persistent.prepare_import(bytes(persistent_buf))
+        arrival = (
+            self.keys.migration_id
+            if self.keys is not None
+            else (self.checkpoint.checkpoint_id if self.checkpoint is not None else b"")
+        )
+        self._pending_persistent = self.persistent.prepare_import(
+            bytes(persistent_buf), arrival
+        )
         # A live migration confirms to the source; a checkpoint restore has no peer.
         loaded = dc.loaded() if dc is not None else b""
+        t_end = time.monotonic()
         return {
             "loaded": loaded,
-            "bytes": received,
+            "bytes": reader.received,
             "memory_bytes": memory_section.length,
-            "load_seconds": time.perf_counter() - t0,
+            "load_seconds": t_end - t0,
+            "cpu_seconds": time.process_time() - cpu0,
+            "timeline": {"open": [t0, t_end]},
         }
+
+    def _load_live(self, t0: float) -> dict[str, Any]:
+        """Destination of a live migration: the final transfer after the rounds."""
+
+        assert self.rounds_in is not None and self.ring is not None
+        self.rounds_in.ring = self.ring
+        state, persistent, figures = precopy_in.final_load(
+            self.rounds_in, self._digest_key(), MAX_STATE_BYTES, MAX_TRANSFER_BYTES,
+            used_length=_used_length,
+        )  # fmt: skip
+        try:
+            self._pending_state = cbor2.loads(state)
+        except Exception as exc:
+            raise StreamError("the migrated small state does not decode") from exc
+        self._pending_persistent = self.persistent.prepare_import(persistent)
+        loaded = self.dest_commit.loaded() if self.dest_commit is not None else b""
+        return {**figures, "loaded": loaded, "load_seconds": time.monotonic() - t0}
+
+    # --- live migration: pre-copy rounds while ECALLs run --------------------------------
+    def precopy_round(self, chunk_size: int) -> dict[str, Any]:
+        """Source: the next pre-copy round, while the enclave keeps serving ECALLs."""
+
+        _streams, ring = self._ready(Role.SOURCE)
+        if self.rounds_out is None:
+            raise ProtocolError("pre-copy rounds need the dirty tracker (__mig_track)")
+        if not MIN_CHUNK <= chunk_size <= ring.slot_size - TAG_SIZE or chunk_size % 4096:
+            raise ProtocolError("chunk size must be whole pages and fit a ring slot")
+        self.rounds_out.ring = ring  # each round comes with a ring of its own
+        return self.rounds_out.round(chunk_size)
+
+    def precopy_track(self) -> dict[str, Any]:
+        """Source: arm the OS's dirty tracking before round 0, or say at once that it cannot."""
+
+        if self.role is not Role.SOURCE or self.keys is None or self.dumped:
+            raise ProtocolError("pre-copy needs a migration whose dump has not begun")
+        if self.rounds_out is None:
+            self.rounds_out = precopy.SourceRounds.arm(self.instance.memory, self.keys.streams)
+        return {"pages": self.instance.memory.pages}
+
+    def load_round(self) -> dict[str, Any]:
+        """Destination: apply the next pre-copy round; nothing runs before the commit."""
+
+        streams, ring = self._ready(Role.DESTINATION)
+        if self.keys is None:
+            raise ProtocolError("pre-copy needs a migration")
+        if self.rounds_in is None:
+            self.rounds_in = precopy_in.DestinationRounds(self.instance.memory, streams, ring)
+            self.rounds_in.digest_key = self._digest_key()
+        self.rounds_in.ring = ring
+        return self.rounds_in.load_round()
+
+    def precopy_active(self) -> bool:
+        """True while rounds run and the final dump has not begun (a driver may go away)."""
+
+        return (
+            self.role is Role.SOURCE
+            and not self.dumped
+            and not (self.rounds_out is not None and self.rounds_out.finalizing)
+        )
+
+    def _digest_key(self) -> bytes:
+        if self.keys is None:
+            raise ProtocolError("a live migration needs the handshake's keys")
+        return digest_key(self.keys.stream_secret, self.keys.migration_id)
 
     def commit_in(self, token: bytes) -> dict[str, Any]:
         """Destination: the source's COMMIT token; claim the id, then run."""
@@ -406,10 +507,12 @@ class Migrator:
         self._activate()
         return {"active": True}
 
-    def _activate(self) -> None:
+    def _activate(self, *, also: list[tuple[str, RecordUpdate]] | None = None) -> None:
         """Destination, the id claimed: install the persistent state, import, run."""
 
-        self.persistent.install(self._pending_persistent)
+        if not self._installed:
+            self.persistent.install(self._pending_persistent, also=also or ())
+        self._installed = False
         self._pending_persistent = None
         self.persistent.thaw()
         self.instance.import_small_state(self._pending_state)
@@ -440,11 +543,16 @@ class Migrator:
             frame = b""
         was_source = self.role is Role.SOURCE
         was_destination = self.role is Role.DESTINATION
+        pending = self._pending_persistent
+        if was_source and self.checkpoint is not None:
+            # The source runs on: its checkpoint must never restore (a second copy).
+            checkpoints.destroy(self.instance, self.checkpoint)
         self._reset()
         if was_source:
             self.persistent.thaw()
             self.instance.resume()
         elif was_destination:
+            self.persistent.release(pending)
             # Its memory may hold (part of) the source's state: wipe it, and never
             # let this enclave run or migrate again (it would be a second copy).
             self.discarded = True
@@ -503,6 +611,10 @@ class Migrator:
             self.ring = None
 
     def _reset(self) -> None:
+        if self.rounds_out is not None:
+            self.rounds_out.close()
+        self.rounds_out = None
+        self.rounds_in = None
         self._close_ring()
         self.role = None
         self.handshake = None
@@ -529,7 +641,13 @@ class Migrator:
 
         if self.checkpoint is None or self.role is not Role.SOURCE or not self.dumped:
             raise ProtocolError("no completed checkpoint to commit")
-        self.persistent.retire("this enclave's persistent state was checkpointed")
+        if self.checkpoint.streams.busy:
+            raise ProtocolError("a stream of the checkpoint is still being sealed")
+        # One platform update: the record retires and the checkpoint's gate opens.
+        self.persistent.retire(
+            "this enclave's persistent state was checkpointed",
+            also=[checkpoints.commit_change(self.checkpoint)],
+        )
         self.committed = True
         self.instance.retire("this enclave's state was checkpointed")
         self._exit_thread = threading.get_ident()
@@ -554,11 +672,54 @@ class Migrator:
             raise ProtocolError("no checkpoint is being restored")
         if self._pending_state is None:
             raise ProtocolError("the checkpoint's state has not been loaded")
-        if not self.instance.services.claim_migration(self.checkpoint.checkpoint_id):
-            raise ReplayError("this checkpoint was restored before; it restores only once")
-        self._activate()
+        # The gate is consumed in the update that installs the persistent state:
+        # the checkpoint runs at most once, and only after its source committed.
+        try:
+            self._activate(also=[checkpoints.consume_change(self.checkpoint)])
+        except PersistentStateError as exc:
+            raise CheckpointGateError(
+                "the checkpoint could not be claimed: it was restored before, or its state "
+                "cannot be installed here"
+            ) from exc
         self.checkpoint = None
         return {"active": True}
+
+
+def _used_length(state: bytes) -> int:
+    """The used memory the small state's layout declares (what the digest covers)."""
+
+    try:
+        brk = cbor2.loads(state)["memory"]["brk"]
+    except Exception as exc:
+        raise StreamError("the migrated small state does not decode") from exc
+    if not isinstance(brk, int):
+        raise StreamError("malformed memory layout")
+    return brk
+
+
+class _ClaimAndInstall:
+    """The destination's seen-ids store, as its commit end uses it.
+
+    Claiming the migration id installs the arriving persistent state in the
+    same platform update (over the name reserved before LOADED): the id is
+    taken exactly when the state is in place, and a crash between the two
+    cannot leave an id claimed with its state nowhere.
+    """
+
+    def __init__(self, migrator: Migrator) -> None:
+        self._migrator = migrator
+
+    def migration_claimed(self, migration_id: bytes) -> bool:
+        return self._migrator.instance.services.migration_claimed(migration_id)
+
+    def claim_migration(self, migration_id: bytes) -> bool:
+        m = self._migrator
+        try:
+            m.persistent.install(m._pending_persistent, claim=migration_id)
+        except ClaimedBeforeError:
+            return False
+        m._installed = True
+        return True
 
 
 _CALLS: dict[str, Any] = {
@@ -566,6 +727,9 @@ _CALLS: dict[str, Any] = {
     "__mig_in_start": Migrator.in_start,
     "__mig_hs": Migrator.hs,
     "__mig_dump": Migrator.dump,
+    "__mig_track": Migrator.precopy_track,
+    "__mig_round": Migrator.precopy_round,
+    "__mig_load_round": Migrator.load_round,
     "__mig_loaded": Migrator.loaded,
     "__mig_commit": Migrator.commit,
     "__mig_load": Migrator.load,
@@ -580,6 +744,6 @@ _CALLS: dict[str, Any] = {
     "__ckpt_activate": Migrator.ckpt_activate,
     "__ps_status": Migrator.persistent_status,
 }
-RUNTIME_CALLS = frozenset(_CALLS) | {"__mig_ring"}
+RUNTIME_CALLS = frozenset(_CALLS) | {"__mig_ring", "__mig_side"}
 #: What a committed source still answers: its token again, and its release.
 _AFTER_COMMIT = frozenset({"__mig_status", "__mig_token", "__mig_release"})

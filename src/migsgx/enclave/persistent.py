@@ -33,13 +33,14 @@ import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import cbor2
 
 from ..errors import (
+    ClaimedBeforeError,
     CounterError,
     EnclaveBusyError,
     FrozenError,
@@ -54,6 +55,9 @@ from . import sealing
 _T = TypeVar("_T")
 
 RECORD_AAD = b"migsgx persistent record v1 "
+#: The record that holds a name for a migration arriving here (before LOADED):
+#: this prefix, then CBOR [arrival id, reservation counter id].
+RESERVED = b"migsgx persistent reservation v1 "
 MAX_MCOUNTERS = 64
 MAX_KEY_GENERATIONS = 4096
 MAX_TRANSFER_BYTES = 1 << 20
@@ -115,7 +119,7 @@ class _MCounter:
     offset: int  # value = platform value + offset
 
 
-@dataclass(frozen=True)
+@dataclass
 class PendingImport:
     """A migrated persistent state, verified and waiting for the commit."""
 
@@ -124,6 +128,10 @@ class PendingImport:
     keys: list[bytes]
     values: dict[str, int]
     retiring: bytes  # SHA-256 of the record the source retires at its commit
+    #: The counter that holds the name reserved here until the install (None when
+    #: the name is held by the very record the source retires: the same host).
+    reservation: str | None = None
+    arrival: bytes = b""  # the migration or checkpoint id the reservation is for
 
 
 class PersistentState:
@@ -209,6 +217,10 @@ class PersistentState:
             if blob is None:
                 self._create(name)
                 return True
+            if blob.startswith(RESERVED):
+                raise PersistentStateError(
+                    f"the persistent state {name!r} is reserved by a migration arriving here"
+                )
             self._take_over(name, blob)
             return False
 
@@ -446,50 +458,54 @@ class PersistentState:
                 )
             )
 
-    def retire(self, reason: str) -> None:
+    def retire(self, reason: str, *, also: Sequence[tuple[str, RecordUpdate]] = ()) -> None:
         """The state has moved: record, epoch and counters go, in one atomic update.
 
         Refused (and nothing changes) if the epoch moved since this instance last
         checked it: then another instance owns the record, and the exported
-        values may be out of date.
+        values may be out of date.  ``also`` joins the same platform update (a
+        checkpoint's gate moving to committed): the two happen together or not
+        at all.
         """
 
         with self._lock:
             if self._name is None or self._gone is not None:
+                if also:
+                    self._transaction(list(also), "the decision was not recorded")
                 self._gone = reason
                 return
             cids = tuple(c.cid for c in self._counters.values())
-            try:
-                self._services.persist_update(
-                    self._name,
-                    RecordUpdate(
-                        None,
-                        destroy=(self._epoch_id, *cids),
-                        check={self._epoch_id: self._epoch},
-                        expect=_digest(self._record),
-                    ),
-                )
-            except CounterError as exc:
-                raise PersistentStateError(
-                    "the persistent state was taken over by another instance; not retired"
-                ) from exc
+            retiring = RecordUpdate(
+                None,
+                destroy=(self._epoch_id, *cids),
+                check={self._epoch_id: self._epoch},
+                expect=_digest(self._record),
+            )
+            self._transaction(
+                [(self._name, retiring), *also],
+                "the persistent state was taken over by another instance; not retired",
+            )
             self._gone = reason
             self._keys = []
 
     def retire_with(
-        self, reason: str, write: Callable[[tuple[str, RecordUpdate] | None], _T]
+        self,
+        reason: str,
+        write: Callable[[Sequence[tuple[str, RecordUpdate]]], _T],
+        *,
+        also: Sequence[tuple[str, RecordUpdate]] = (),
     ) -> _T:
         """Retire as :meth:`retire` does, inside ``write``: one atomic platform update.
 
-        ``write`` gets the record's name and the retiring update (None when no
-        record is open) and must apply both in one write (a migration's decision
-        does, ``TrustedServices.decide``).  Its result is returned.  If it
-        raises, nothing was retired.
+        ``write`` gets the record updates (the retirement, when a record is
+        open, then ``also``) and must apply them in one write together with its
+        own change (a migration's decision does, ``TrustedServices.decide``).
+        Its result is returned.  If it raises, nothing was retired.
         """
 
         with self._lock:
             if self._name is None or self._gone is not None:
-                result = write(None)
+                result = write(list(also))
                 self._gone = self._gone or reason
                 return result
             cids = tuple(c.cid for c in self._counters.values())
@@ -500,7 +516,7 @@ class PersistentState:
                 expect=_digest(self._record),
             )
             try:
-                result = write((self._name, update))
+                result = write([(self._name, update), *also])
             except CounterError as exc:
                 raise PersistentStateError(
                     "the persistent state was taken over by another instance; not retired"
@@ -509,8 +525,13 @@ class PersistentState:
             self._keys = []
             return result
 
-    def prepare_import(self, section: bytes) -> PendingImport | None:
-        """Validate a migrated ``persistent`` section before LOADED; None if it is empty."""
+    def prepare_import(self, section: bytes, arrival: bytes = b"") -> PendingImport | None:
+        """Validate a migrated ``persistent`` section before LOADED; None if it is empty.
+
+        The name is reserved here for ``arrival`` (the migration or checkpoint
+        id); a reservation this very arrival left before (its enclave died,
+        and the same state is delivered again) is taken over.
+        """
 
         with self._lock:
             if self._name is not None:
@@ -519,18 +540,86 @@ class PersistentState:
         if pending is None:
             return None
         occupant = self._services.persist_read(pending.name)
+        held = _reservation_of(occupant)
+        if held is not None and held[0] == arrival and arrival:
+            pending.reservation, pending.arrival = held[1], arrival
+            return pending
         # A record of that name may stand here only if it is the very record the
         # source retires at its commit (a migration to the same host).
         if occupant is not None and hashlib.sha256(occupant).digest() != pending.retiring:
             raise PersistentStateError(
                 f"a persistent state {pending.name!r} exists on this host already"
             )
+        if occupant is None:
+            # Reserve the name now, before LOADED: an enclave launched here in the
+            # meantime cannot take it, so the install after the commit cannot fail.
+            reservation = self._new_id()
+            try:
+                self._services.persist_update(
+                    pending.name,
+                    RecordUpdate(
+                        _reservation_blob(arrival, reservation),
+                        create={reservation: 0},
+                        expect_absent=True,
+                    ),
+                )
+            except CounterError as exc:
+                raise PersistentStateError(
+                    f"a persistent state {pending.name!r} exists on this host already"
+                ) from exc
+            pending.reservation, pending.arrival = reservation, bytes(arrival)
         return pending
 
-    def install(self, pending: PendingImport | None) -> None:
-        """Destination, after the commit: a fresh record and counters on this host."""
+    def release(self, pending: PendingImport | None) -> None:
+        """An arrival that will not run: its reservation goes (only if still unused)."""
+
+        if pending is None or pending.reservation is None:
+            return
+        with contextlib.suppress(CounterError, OSError):
+            self._services.persist_update(
+                pending.name,
+                RecordUpdate(
+                    None,
+                    destroy=(pending.reservation,),
+                    check={pending.reservation: 0},
+                    expect=_digest(_reservation_blob(pending.arrival, pending.reservation)),
+                ),
+            )
+        pending.reservation = None
+
+    def _transaction(
+        self, changes: list[tuple[str, RecordUpdate]], refused: str, *, claim: bytes | None = None
+    ) -> None:
+        try:
+            if len(changes) == 1 and claim is None:
+                self._services.persist_update(*changes[0])
+            else:
+                self._services.persist_transaction(changes, claim=claim)
+        except ClaimedBeforeError:
+            raise
+        except CounterError as exc:
+            raise PersistentStateError(refused) from exc
+
+    def install(
+        self,
+        pending: PendingImport | None,
+        *,
+        also: Sequence[tuple[str, RecordUpdate]] = (),
+        claim: bytes | None = None,
+    ) -> None:
+        """Destination, after the commit: a fresh record and counters on this host.
+
+        ``also`` joins the same platform update (a checkpoint's gate consumed),
+        and so does ``claim`` (the migration id): the state is installed exactly
+        when the right to run it is taken.  A claimed id raises
+        :class:`~migsgx.errors.ClaimedBeforeError` and changes nothing.
+        """
 
         if pending is None:
+            if also or claim is not None:
+                self._transaction(
+                    list(also), "the arrival could not be claimed here", claim=claim
+                )
             return
         with self._lock:
             if self._name is not None:
@@ -547,16 +636,46 @@ class PersistentState:
             self._counters = {n: _MCounter(self._new_id(), v) for n, v in pending.values.items()}
             create = {self._epoch_id: 1, **{c.cid: 0 for c in self._counters.values()}}
             record = self._seal_record(1, self._counters)
-            try:
-                self._services.persist_update(
-                    pending.name, RecordUpdate(record, create=create, expect_absent=True)
+            if pending.reservation is not None:
+                # The reservation made before LOADED is replaced (and proven unused).
+                installing = RecordUpdate(
+                    record,
+                    create=create,
+                    destroy=(pending.reservation,),
+                    check={pending.reservation: 0},
+                    expect=_digest(_reservation_blob(pending.arrival, pending.reservation)),
                 )
-            except CounterError as exc:
+            else:
+                installing = RecordUpdate(record, create=create, expect_absent=True)
+            try:
+                self._transaction(
+                    [(pending.name, installing), *also],
+                    f"cannot install the migrated persistent state {pending.name!r} here",
+                    claim=claim,
+                )
+            except (PersistentStateError, ClaimedBeforeError):
                 self._forget()
-                raise PersistentStateError(
-                    f"cannot install the migrated persistent state {pending.name!r} here"
-                ) from exc
+                raise
+            pending.reservation = None
             self._record = record
+
+
+def _reservation_blob(arrival: bytes, counter: str) -> bytes:
+    return RESERVED + bytes(cbor2.dumps([bytes(arrival), counter]))
+
+
+def _reservation_of(blob: bytes | None) -> tuple[bytes, str] | None:
+    """(arrival id, counter id) of a reservation record; None for anything else."""
+
+    if blob is None or not blob.startswith(RESERVED):
+        return None
+    try:
+        arrival, counter = cbor2.loads(blob[len(RESERVED) :])
+    except (ValueError, TypeError, cbor2.CBORDecodeError):
+        return None
+    if not isinstance(arrival, bytes) or not isinstance(counter, str):
+        return None
+    return arrival, counter
 
 
 def open_record(services: TrustedServices, name: str, blob: bytes) -> dict[str, Any]:

@@ -17,6 +17,8 @@ import queue
 import socket
 import sys
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -39,6 +41,7 @@ from ..wire import recv_frame, send_frame
 from . import selftest
 from .instance import EnclaveInstance
 from .migrator import RUNTIME_CALLS, Migrator
+from .sidechannel import receive_side_channel
 
 
 def log(event: str) -> None:
@@ -46,12 +49,36 @@ def log(event: str) -> None:
     sys.stderr.flush()
 
 
+#: How long an enclave waits for a restarted platform service before it gives up.
+REATTACH_WAIT = 10.0
+
+
+@dataclass
+class Reserve:
+    """A second channel to the platform, for after a restart of the service.
+
+    The runtime holds both ends of a socket pair at fixed descriptor numbers
+    (named on its command line).  A restarted service, as root, takes a
+    duplicate of the peer end out of this process (``pidfd_getfd``), says
+    hello on it, and binds it to the identity the launch ticket proves: a MAC
+    only that host's platform makes, over the identity it measured.  The
+    enclave needs no network and opens nothing: it only answers.
+    """
+
+    fd: int
+    peer_fd: int
+    ticket: bytes | None = None
+
+
 class ChannelServices:
     """:class:`~migsgx.sgx.trusted.TrustedServices` over the private platform channel."""
 
-    def __init__(self, sock: socket.socket, identity: ReportBody) -> None:
-        self._sock = sock
+    def __init__(
+        self, sock: socket.socket, identity: ReportBody, reserve: Reserve | None = None
+    ) -> None:
+        self._sock: socket.socket | None = sock
         self._identity = identity
+        self._reserve = reserve
         self._lock = threading.Lock()
 
     @property
@@ -60,16 +87,65 @@ class ChannelServices:
 
     def _ask(self, msg: dict[str, Any]) -> Any:
         with self._lock:
+            if self._sock is None:
+                self._sock = self._reattach()
             try:
                 send_frame(self._sock, msg)
+            except (OSError, ConnectionClosedError):
+                # Not delivered: the service restarted since the last request, so
+                # sending it to the new one cannot apply it twice.
+                self._sock.close()
+                self._sock = self._reattach()
+                try:
+                    send_frame(self._sock, msg)
+                except (OSError, ConnectionClosedError) as exc:
+                    self._sock.close()
+                    self._sock = None
+                    raise EnclaveLostError("the platform service is gone") from exc
+            try:
                 reply = recv_frame(self._sock, PLATFORM)
             except (OSError, ConnectionClosedError) as exc:
-                raise EnclaveLostError("the platform service is gone") from exc
+                # It may or may not have been applied: never sent again blindly.
+                self._sock.close()
+                self._sock = None
+                raise EnclaveLostError("the platform service went away during a request") from exc
         if reply["t"] == "err":
             raise error_from_wire(reply["code"], reply["message"])
         if reply["t"] != "ok":
             raise ProtocolError(f"unexpected platform reply {reply['t']!r}")
         return reply["value"]
+
+    def _reattach(self) -> socket.socket:
+        """Wait for a restarted service on the reserve channel and show the launch ticket."""
+
+        reserve = self._reserve
+        if reserve is None or reserve.ticket is None:
+            raise EnclaveLostError("the platform service is gone")
+        sock = socket.socket(fileno=os.dup(reserve.fd))
+        try:
+            sock.settimeout(REATTACH_WAIT)
+            hello = recv_frame(sock, PLATFORM)
+            if hello["t"] != "hello":
+                raise ProtocolError("expected the platform's hello")
+            send_frame(sock, {"t": "reattach", "identity": self._identity.pack(),
+                              "ticket": reserve.ticket})  # fmt: skip
+            reply = recv_frame(sock, PLATFORM)
+            if reply["t"] != "reserve":
+                raise EnclaveLostError("the restarted platform refused this enclave's ticket")
+            # A fresh reserve pair, at the same descriptor numbers, for the next restart.
+            _, fds, _, _ = socket.recv_fds(sock, 1, 2)
+            if len(fds) != 2:
+                raise ProtocolError("the platform sent no reserve channel")
+            os.dup2(fds[0], reserve.fd)
+            os.dup2(fds[1], reserve.peer_fd)
+            for fd in fds:
+                os.close(fd)
+            sock.settimeout(None)
+        except (OSError, MigSGXError) as exc:
+            sock.close()
+            raise EnclaveLostError("the platform service is gone") from exc
+        log("reattached to a restarted platform service")
+        return sock
 
     def get_key(self, request: KeyRequest) -> bytes:
         return bytes(self._ask({"t": "getkey", "request": request.pack()}))
@@ -117,7 +193,7 @@ class ChannelServices:
         self._ask({"t": "ps_update", "name": name, **update.to_wire()})
 
     def decide(
-        self, decision: Decision, retire: tuple[str, RecordUpdate] | None = None
+        self, decision: Decision, retire: Sequence[tuple[str, RecordUpdate]] = ()
     ) -> Decision:
         held = self._ask(
             {
@@ -125,11 +201,16 @@ class ChannelServices:
                 "mid": decision.migration_id,
                 "kind": decision.kind,
                 "frame": decision.frame,
-                "name": None if retire is None else retire[0],
-                "update": None if retire is None else retire[1].to_wire(),
+                "changes": [{"name": name, **update.to_wire()} for name, update in retire],
             }
         )
         return Decision(decision.migration_id, str(held["kind"]), bytes(held["frame"]))
+
+    def persist_transaction(
+        self, changes: Sequence[tuple[str, RecordUpdate]], *, claim: bytes | None = None
+    ) -> None:
+        wire = [{"name": name, **update.to_wire()} for name, update in changes]
+        self._ask({"t": "ps_txn", "changes": wire, "claim": claim})
 
 
 class AppChannel:
@@ -244,6 +325,15 @@ class AppChannel:
             if kind == "ecall" and msg["fn"] in RUNTIME_CALLS:
                 assert self.migrator is not None
                 call_id, name = msg["id"], msg["fn"]
+                if name == "__mig_side":
+                    try:
+                        receive_side_channel(self.sock, self.migrator, log)
+                        self.send({"t": "ret", "id": call_id, "value": None})
+                    except MigSGXError as exc:
+                        self.send(
+                            {"t": "err", "id": call_id, "code": exc.code, "message": exc.message}
+                        )
+                    continue
                 if name == "__mig_ring":
                     # The descriptors follow the frame on the socket: take them now.
                     try:
@@ -316,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--app", type=int, default=None)
     parser.add_argument("--sandboxed", action="store_true")
+    parser.add_argument("--reserve", type=int, default=None)
+    parser.add_argument("--reserve-peer", type=int, default=None)
+    parser.add_argument("--platform-tag", default=None)
     args = parser.parse_args(argv)
     if args.sandboxed:
         _seal_sandbox()
@@ -336,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         app = socket.socket(fileno=fds[0])
     identity = ReportBody.unpack(init["identity"])
+    reserve = None
+    if args.reserve is not None and args.reserve_peer is not None:
+        ticket = recv_frame(chan, PLATFORM)
+        if ticket["t"] == "ticket":
+            reserve = Reserve(args.reserve, args.reserve_peer, ticket["ticket"])
     channel = AppChannel(app)
     try:
         image = EnclaveImage.from_files(init["files"])
@@ -343,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
             # The manifest's limits, before a line of the enclave's code runs.
             m = image.manifest
             apply_limits(manifest_limits(m.memory_size, m.thread_slots))
-        instance = EnclaveInstance(image, ChannelServices(chan, identity), channel.ocall)
+        services = ChannelServices(chan, identity, reserve)
+        instance = EnclaveInstance(image, services, channel.ocall)
     except MigSGXError as exc:
         log(f"enclave failed to start: {exc.code}")
         send_frame(app, {"t": "err", "id": 0, "code": exc.code, "message": exc.message})

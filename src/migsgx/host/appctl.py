@@ -73,6 +73,7 @@ APPCTL = Schema(
     {
         # migration tool or agent -> application
         "prepare": {"timeout": NUMBER},
+        "side": {},  # live migration: a side channel per enclave, ECALLs go on
         "resume": {},
         "attach": {"enclaves": list},  # the destination enclaves' infos, one per descriptor
         "status": {},
@@ -210,6 +211,7 @@ class MigrationControl:
             str, Callable[[dict[str, Any], list[int]], tuple[dict[str, Any], list[socket.socket]]]
         ] = {
             "prepare": self._prepare,
+            "side": self._side,
             "resume": self._resume,
             "attach": self._attach,
             "status": self._status,
@@ -320,6 +322,31 @@ class MigrationControl:
             {"info": info_to_wire(c.info), "image_files": dict(c.image_files)} for c, _ in detached
         ]
         return {"t": "prepared", "enclaves": enclaves}, [sock for _, sock in detached]
+
+    def _side(
+        self, msg: dict[str, Any], fds: list[int]
+    ) -> tuple[dict[str, Any], list[socket.socket]]:
+        """Live migration: a side channel to each enclave for the pre-copy rounds.
+
+        Nothing is handed over: the application keeps calling its enclaves.
+        ``prepare`` later hands over the connections in the same order.
+        """
+
+        if self._handed is not None:
+            raise AppControlError("the enclaves are handed over already")
+        opened: list[socket.socket] = []
+        try:
+            for client in self._clients:
+                opened.append(client.open_side_channel())
+        except BaseException:
+            for sock in opened:
+                sock.close()
+            raise
+        enclaves = [
+            {"info": info_to_wire(c.info), "image_files": dict(c.image_files)}
+            for c in self._clients
+        ]
+        return {"t": "prepared", "enclaves": enclaves}, opened
 
     def _take_back(self, socks: list[socket.socket]) -> None:
         handed, self._handed = self._handed or [], None

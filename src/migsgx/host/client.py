@@ -229,6 +229,51 @@ class EnclaveClient:
             box.put({"t": "err", "id": 0, "code": reason.code, "message": reason.message})
 
     # --- migration -------------------------------------------------------------------
+    def open_side_channel(self, timeout: float | None = 30.0) -> socket.socket:
+        """A second connection to the enclave for a live migration's pre-copy rounds.
+
+        ECALLs go on over this handle while a migration tool drives the rounds
+        over the returned socket (``enclave/sidechannel.py``); the enclave
+        serves only migration calls on it.
+        """
+
+        call_id = next(self._ids)
+        box: queue.Queue[dict[str, Any]] = queue.Queue()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with self._cond:
+            if self._closed is not None:
+                raise self._closed
+            self._pending[call_id] = box
+        try:
+            sock = self._sock
+            if sock is None:
+                raise EnclaveLostError("the enclave connection is detached")
+            try:
+                with self._send_lock:
+                    send_frame(
+                        sock,
+                        {"t": "ecall", "id": call_id, "fn": "__mig_side", "args": []},
+                        max_size=ECALL_FRAME_MAX,
+                    )
+                    socket.send_fds(sock, [b"S"], [theirs.fileno()])
+            except OSError as exc:
+                raise EnclaveLostError("the enclave is gone") from exc
+            try:
+                msg = box.get(timeout=timeout)
+            except queue.Empty:
+                raise EnclaveLostError("the enclave did not take the side channel") from None
+            if msg["t"] == "err":
+                raise error_from_wire(msg["code"], msg["message"])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+            with self._cond:
+                self._pending.pop(call_id, None)
+                self._cond.notify_all()
+        return ours
+
     def detach(self, timeout: float | None = 30.0) -> socket.socket:
         """Quiesce and give up the enclave connection (see the class docstring)."""
 

@@ -240,6 +240,9 @@ def _enclave(
         status = "restorable once, on the host that sealed it" if committed else "not committed"
     elif any(c.endswith(b"/" + bytes.fromhex(ckpt_id)) for c in claims if ckpt_id):
         status = f"spent (restored on {state})"
+    elif ckpt_id and ("!ckpt-" + ckpt_id).encode() not in claims:
+        # Its gate (docs/spec/checkpoint.md) is gone from the host's record store.
+        status = f"spent (its gate on {state} is gone: restored, or aborted)"
     else:
         status = "restorable" if committed else "not committed"
     return {
@@ -266,15 +269,25 @@ def _enclave(
 
 
 def _claims(state: Path) -> set[bytes]:
-    path = Path(state) / "migrations.cbor"
+    """Claimed ids (owner/id) of the host, and the names of its checkpoint gates."""
+
+    found: set[bytes] = set()
+    legacy = Path(state) / "migrations.cbor"
+    path = Path(state) / "counters.cbor"
     try:
         data = cbor2.loads(path.read_bytes())
+        old = cbor2.loads(legacy.read_bytes()) if legacy.exists() else {}
     except (OSError, ValueError, cbor2.CBORDecodeError) as exc:
-        raise InspectError(f"{path}: no readable claim store: {exc}") from exc
-    claims = data.get("claims") if isinstance(data, dict) else None
-    if not isinstance(claims, list):
-        raise InspectError(f"{path}: not a claim store")
-    return {bytes(c) for c in claims if isinstance(c, bytes)}
+        raise InspectError(f"{path}: no readable record store: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(old, dict):
+        raise InspectError(f"{path}: not a record store")
+    for claims in (data.get("claims", []), old.get("claims", [])):
+        if isinstance(claims, list):
+            found |= {bytes(c) for c in claims if isinstance(c, bytes)}
+    records = data.get("records", {})
+    if isinstance(records, dict):
+        found |= {k.split("/", 1)[1].encode() for k in records if isinstance(k, str) and "/!" in k}
+    return found
 
 
 # --- the scan ----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any
 import cbor2
 
 from .._fs import read_private, write_private
-from ..errors import CounterError, RecordConflictError, StoreFullError
+from ..errors import ClaimedBeforeError, CounterError, RecordConflictError, StoreFullError
 
 # Quotas.  Every owner (MRSIGNER + product id + DEBUG) has its own; the host-wide
 # caps bound the files however many owners launch control lets in.  A full store
@@ -51,6 +51,11 @@ MAX_DECISION_FRAME = 4096
 DECISION_KINDS = ("commit", "abort")
 COUNTER_MAX = (1 << 64) - 1
 RECORD_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Records the trusted runtime keeps for itself (a checkpoint's gate, say): a name
+# no enclave's own persistent state can take.
+RUNTIME_RECORD_NAME = re.compile(r"![a-z]{1,16}-[0-9a-f]{32}")
+MAX_TRANSACTION = 4
+LEGACY_CLAIMS = "migrations.cbor"
 _COUNTER_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -156,7 +161,9 @@ class Decision:
 
 
 def _record_key(owner: bytes, name: str) -> str:
-    if not isinstance(name, str) or not RECORD_NAME.fullmatch(name):
+    if not isinstance(name, str) or not (
+        RECORD_NAME.fullmatch(name) or RUNTIME_RECORD_NAME.fullmatch(name)
+    ):
         raise CounterError("a record name is 1 to 64 characters of A-Z a-z 0-9 . _ -")
     return owner.hex() + "/" + name
 
@@ -167,9 +174,8 @@ class CounterStore:
         self._lock = threading.Lock()
         self._lock_path = self._path.with_name(self._path.name + ".lock")
         if not self._path.exists():
-            write_private(
-                self._path, cbor2.dumps({"v": 1, "counters": {}, "records": {}, "decisions": {}})
-            )
+            empty = {"v": 1, "counters": {}, "records": {}, "decisions": {}, "claims": []}
+            write_private(self._path, cbor2.dumps(empty))
 
     def _load_all(self) -> dict[str, Any]:
         try:
@@ -179,11 +185,22 @@ class CounterStore:
         counters = data.get("counters") if isinstance(data, dict) else None
         records = data.get("records", {}) if isinstance(data, dict) else None
         decisions = data.get("decisions", {}) if isinstance(data, dict) else None
-        if not isinstance(counters, dict) or not isinstance(records, dict):
+        claims = data.get("claims", []) if isinstance(data, dict) else None
+        if (
+            not isinstance(counters, dict)
+            or not isinstance(records, dict)
+            or not isinstance(claims, list)
+        ):
             raise CounterError(f"counter store {self._path} is corrupt")
         if not isinstance(decisions, dict):
             raise CounterError(f"counter store {self._path} is corrupt")
-        return {"v": 1, "counters": counters, "records": records, "decisions": decisions}
+        return {
+            "v": 1,
+            "counters": counters,
+            "records": records,
+            "decisions": decisions,
+            "claims": claims,
+        }
 
     def _load(self) -> dict[str, dict[str, Any]]:
         counters: dict[str, dict[str, Any]] = self._load_all()["counters"]
@@ -257,20 +274,143 @@ class CounterStore:
     def record_update(self, owner: bytes, name: str, update: RecordUpdate) -> None:
         """Apply ``update`` atomically (see :class:`RecordUpdate`), or change nothing."""
 
+        self.record_transaction(owner, [(name, update)])
+
+    def record_transaction(
+        self,
+        owner: bytes,
+        changes: Sequence[tuple[str, RecordUpdate]],
+        *,
+        claim: bytes | None = None,
+    ) -> None:
+        """Apply several record updates as one atomic write, or change nothing.
+
+        Each update is checked against the state the updates before it left, so
+        a transaction may, say, retire one record and advance the counter that
+        gates another: the two can never be seen apart, even across a crash.
+        With ``claim``, the migration id is claimed in the same write
+        (:class:`ClaimedBeforeError` if it was claimed before), so that an
+        arriving state is installed exactly when its id is taken.
+        """
+
+        if not changes and claim is None:
+            raise CounterError(f"a transaction holds 1 to {MAX_TRANSACTION} record updates")
+        keys = self._check_changes(owner, changes)
         with self._locked():
             data = self._load_all()
-            self._apply(data, owner, name, update)
+            if claim is not None:
+                self._claim_in(data, owner, bytes(claim))
+            for key, (name, update) in zip(keys, changes, strict=True):
+                self._apply(data, owner, key, name, update)
             write_private(self._path, cbor2.dumps(data))
 
-    def _apply(self, data: dict[str, Any], owner: bytes, name: str, update: RecordUpdate) -> None:
-        """Check every condition of ``update``, then change ``data`` (not yet written)."""
+    @staticmethod
+    def _check_changes(owner: bytes, changes: Sequence[tuple[str, RecordUpdate]]) -> list[str]:
+        """The checks of a transaction that need no stored state; its record keys."""
 
-        key = _record_key(owner, name)
-        if update.record is not None and len(update.record) > MAX_RECORD_BYTES:
-            raise CounterError("a persistent record is limited to 256 KiB")
-        changed = [*update.create, *update.advance, *update.destroy]
-        if len(set(changed)) != len(changed):
-            raise CounterError("a record update changes one counter twice")
+        if len(changes) > MAX_TRANSACTION:
+            raise CounterError(f"a transaction holds 1 to {MAX_TRANSACTION} record updates")
+        keys = [_record_key(owner, name) for name, _ in changes]
+        if len(set(keys)) != len(keys):
+            raise CounterError("a transaction changes one record twice")
+        for _, update in changes:
+            if update.record is not None and len(update.record) > MAX_RECORD_BYTES:
+                raise CounterError("a persistent record is limited to 256 KiB")
+            changed = [*update.create, *update.advance, *update.destroy]
+            if len(set(changed)) != len(changed):
+                raise CounterError("a record update changes one counter twice")
+        return keys
+
+    # --- migration decisions -------------------------------------------------------
+    def decide(
+        self,
+        owner: bytes,
+        decision: Decision,
+        retire: Sequence[tuple[str, RecordUpdate]] = (),
+    ) -> Decision:
+        """Record ``decision`` for its migration id, first one wins; returns the one that holds.
+
+        ``retire`` (record updates, as in :meth:`record_transaction`) is applied
+        in the same atomic write, and only if this decision is the first: a
+        migration's source gives its persistent record up (and moves a
+        checkpoint's gate) exactly when its COMMIT is recorded, never one
+        without the other.  A decision of another owner under the same id is
+        refused.  Nothing is ever evicted (a full store refuses with
+        StoreFullError, and then no commit can happen).
+        """
+
+        keys = self._check_changes(owner, retire)
+        key = decision.migration_id.hex()
+        with self._locked():
+            data = self._load_all()
+            decisions: dict[str, Any] = data["decisions"]
+            held = decisions.get(key)
+            if held is not None:
+                if held.get("owner") != owner:
+                    raise CounterError("this migration id was decided by another enclave")
+                return Decision.from_entry(decision.migration_id, held)
+            mine = sum(1 for d in decisions.values() if d.get("owner") == owner)
+            if mine >= MAX_DECISIONS_PER_OWNER or len(decisions) >= MAX_DECISIONS_TOTAL:
+                raise StoreFullError("the host's decision store is full")
+            for record_key, (name, update) in zip(keys, retire, strict=True):
+                self._apply(data, owner, record_key, name, update)
+            decisions[key] = {"owner": owner, **decision.to_entry()}
+            write_private(self._path, cbor2.dumps(data))
+            return decision
+
+    def decision(self, migration_id: bytes) -> Decision | None:
+        """The recorded decision of ``migration_id``, if any (it is not secret)."""
+
+        with self._locked():
+            held = self._load_all()["decisions"].get(bytes(migration_id).hex())
+        return None if held is None else Decision.from_entry(migration_id, held)
+
+    def decisions(self) -> list[Decision]:
+        """Every recorded decision, oldest first."""
+
+        with self._locked():
+            held = self._load_all()["decisions"]
+        items = [Decision.from_entry(bytes.fromhex(k), v) for k, v in held.items()]
+        return sorted(items, key=lambda d: d.at)
+    def _claim_in(self, data: dict[str, Any], owner: bytes, mid: bytes) -> None:
+        claims: list[bytes] = data["claims"]
+        claim_key = owner + b"/" + mid
+        if claim_key in claims or self._claimed_before(owner, mid):
+            raise ClaimedBeforeError("this migration id was claimed before on this host")
+        prefix = owner + b"/"
+        if sum(1 for c in claims if c.startswith(prefix)) >= MAX_CLAIMS_PER_OWNER:
+            raise StoreFullError("too many migration claims for this enclave's owner")
+        if len(claims) >= MAX_CLAIMS_TOTAL:
+            raise StoreFullError("the host's claim store is full")
+        claims.append(claim_key)
+
+    def claim(self, owner: bytes, mid: bytes) -> bool:
+        """Record ``mid`` for ``owner``; False if it was recorded before."""
+
+        try:
+            self.record_transaction(owner, [], claim=mid)
+        except ClaimedBeforeError:
+            return False
+        return True
+
+    def claimed(self, owner: bytes, mid: bytes) -> bool:
+        with self._locked():
+            claims = self._load_all()["claims"]
+        return owner + b"/" + bytes(mid) in claims or self._claimed_before(owner, mid)
+
+    def _claimed_before(self, owner: bytes, mid: bytes) -> bool:
+        """Claims of the former, separate claim store (``migrations.cbor``) still count."""
+
+        legacy = self._path.with_name(LEGACY_CLAIMS)
+        if not legacy.exists():
+            return False
+        return ClaimStore(legacy).claimed(owner, mid)
+
+    def _apply(
+        self, data: dict[str, Any], owner: bytes, key: str, name: str, update: RecordUpdate
+    ) -> None:
+        """Check ``update`` against ``data`` and apply it there (in memory only)."""
+
         counters: dict[str, dict[str, Any]] = data["counters"]
         records: dict[str, Any] = data["records"]
         for cid, value in update.check.items():
@@ -304,7 +444,7 @@ class CounterStore:
         if update.record is not None:
             self._check_record_quota(records, owner, key, len(update.record))
         for cid, value in update.advance.items():
-            counters[cid]["value"] = value
+            counters[cid] = {**counters[cid], "value": value}
         for cid in update.destroy:
             del counters[cid]
         for cid, value in update.create.items():
@@ -313,56 +453,6 @@ class CounterStore:
             records.pop(key, None)
         else:
             records[key] = {"owner": owner, "name": name, "blob": bytes(update.record)}
-
-    # --- migration decisions -------------------------------------------------------
-    def decide(
-        self,
-        owner: bytes,
-        decision: Decision,
-        retire: tuple[str, RecordUpdate] | None = None,
-    ) -> Decision:
-        """Record ``decision`` for its migration id, first one wins; returns the one that holds.
-
-        With ``retire`` (a record name and its update), the update is applied in
-        the same atomic write, and only if this decision is the first: a
-        migration's source gives its persistent record up exactly when its
-        COMMIT is recorded, never one without the other.  A decision of another
-        owner under the same id is refused.  Nothing is ever evicted (a full
-        store refuses with StoreFullError, and then no commit can happen).
-        """
-
-        key = decision.migration_id.hex()
-        with self._locked():
-            data = self._load_all()
-            decisions: dict[str, Any] = data["decisions"]
-            held = decisions.get(key)
-            if held is not None:
-                if held.get("owner") != owner:
-                    raise CounterError("this migration id was decided by another enclave")
-                return Decision.from_entry(decision.migration_id, held)
-            mine = sum(1 for d in decisions.values() if d.get("owner") == owner)
-            if mine >= MAX_DECISIONS_PER_OWNER or len(decisions) >= MAX_DECISIONS_TOTAL:
-                raise StoreFullError("the host's decision store is full")
-            if retire is not None:
-                self._apply(data, owner, retire[0], retire[1])
-            decisions[key] = {"owner": owner, **decision.to_entry()}
-            write_private(self._path, cbor2.dumps(data))
-            return decision
-
-    def decision(self, migration_id: bytes) -> Decision | None:
-        """The recorded decision of ``migration_id``, if any (it is not secret)."""
-
-        with self._locked():
-            held = self._load_all()["decisions"].get(bytes(migration_id).hex())
-        return None if held is None else Decision.from_entry(migration_id, held)
-
-    def decisions(self) -> list[Decision]:
-        """Every recorded decision, oldest first."""
-
-        with self._locked():
-            held = self._load_all()["decisions"]
-        items = [Decision.from_entry(bytes.fromhex(k), v) for k, v in held.items()]
-        return sorted(items, key=lambda d: d.at)
 
     @staticmethod
     def _check_record_quota(records: dict[str, Any], owner: bytes, key: str, size: int) -> None:

@@ -77,6 +77,11 @@ class KeyDeriver:
             algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=label + material
         ).derive(self._root)
 
+    def reattach_key(self) -> bytes:
+        """The platform's own key for reattach tickets: the same after a restart."""
+
+        return self._derive(b"migsgx platform reattach v1", b"")
+
     def egetkey(self, caller: ReportBody, request: KeyRequest) -> bytes:
         """The key ``caller`` gets for ``request``; raises :class:`KeyRequestError`."""
 

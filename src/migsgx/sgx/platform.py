@@ -18,16 +18,19 @@ The state directory of a host::
     pck-chain.pem        PCK certificate (PCK processor CA's), + that CA + the root
     ca.pem               the deployment's trusted root
     counters.cbor        monotonic counters and enclaves' sealed persistent records, 0600
-    migrations.cbor      migration ids this host accepted (each once), 0600
+    migrations.cbor      migration ids accepted before claims moved into counters.cbor
+                         (still honoured), 0600
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 import tomllib
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +171,30 @@ class EmulatedPlatform:
     def trusted_roots(self) -> list[x509.Certificate]:
         return list(self._roots)
 
+    def reattach_ticket(self, identity: ReportBody) -> bytes:
+        """A ticket by which an enclave process is taken back after a service restart.
+
+        A MAC (under a key derived from the root secret) over the identity the
+        platform measured at launch: a restarted service binds a reattaching
+        enclave to exactly that identity, never to one the process claims.
+        """
+
+        nonce = secrets.token_bytes(16)
+        return nonce + self._ticket_mac(identity, nonce)
+
+    def reattach_identity(self, packed: bytes, ticket: bytes) -> ReportBody | None:
+        """The identity a valid ticket was issued for, or None."""
+
+        if len(ticket) != 48:
+            return None
+        identity = ReportBody.unpack(packed)
+        nonce, mac = ticket[:16], ticket[16:]
+        return identity if hmac.compare_digest(mac, self._ticket_mac(identity, nonce)) else None
+
+    def _ticket_mac(self, identity: ReportBody, nonce: bytes) -> bytes:
+        key = self._deriver.reattach_key()
+        return hmac.new(key, identity.pack() + nonce, hashlib.sha256).digest()
+
     def collateral(self) -> list[bytes]:
         """The collateral as the CAs last published it, read fresh on every call so
         that a revocation or a TCB recovery reaches verifiers at once."""
@@ -296,10 +323,10 @@ class LocalServices:
         self._platform.counters.destroy(self._owner, counter_id)
 
     def claim_migration(self, migration_id: bytes) -> bool:
-        return self._platform.claims.claim(self._owner, migration_id)
+        return self._platform.counters.claim(self._owner, migration_id)
 
     def migration_claimed(self, migration_id: bytes) -> bool:
-        return self._platform.claims.claimed(self._owner, migration_id)
+        return self._platform.counters.claimed(self._owner, migration_id)
 
     def persist_read(self, name: str) -> bytes | None:
         """The sealed persistent record ``name`` of this enclave's owner, if any."""
@@ -312,11 +339,18 @@ class LocalServices:
         self._platform.counters.record_update(self._owner, name, update)
 
     def decide(
-        self, decision: Decision, retire: tuple[str, RecordUpdate] | None = None
+        self, decision: Decision, retire: Sequence[tuple[str, RecordUpdate]] = ()
     ) -> Decision:
         """Record a migration decision (first wins), atomically with ``retire``."""
 
         return self._platform.counters.decide(self._owner, decision, retire)
+
+    def persist_transaction(
+        self, changes: Sequence[tuple[str, RecordUpdate]], *, claim: bytes | None = None
+    ) -> None:
+        """Several record updates of this owner (and a migration id's claim) as one write."""
+
+        self._platform.counters.record_transaction(self._owner, changes, claim=claim)
 
 
 def _paths(value: object) -> tuple[Path, ...]:

@@ -13,6 +13,8 @@ back to the service, bound to the identity the service measured.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import hashlib
 import os
 import signal
 import socket
@@ -48,7 +50,7 @@ class EnclaveRecord:
     pid: int
     name: str
     identity: ReportBody
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None  # None: launched by an earlier service, taken back
     started: float = field(default_factory=time.time)
 
 
@@ -126,6 +128,7 @@ class PlatformService:
         sock.listen(64)
         os.replace(staging, self.socket_path)
         self._listener = sock
+        self._take_back_enclaves()
         self._refill_spare()
 
     def serve_forever(self) -> None:
@@ -159,21 +162,21 @@ class PlatformService:
             spare[0].wait()
         if kill_enclaves:
             with self._lock:
-                records = list(self.enclaves.values())
-            for rec in records:
+                records = [r.process for r in self.enclaves.values() if r.process is not None]
+            for proc in records:
                 with contextlib.suppress(ProcessLookupError):
-                    rec.process.send_signal(signal.SIGTERM)
-            for rec in records:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in records:
                 try:
-                    rec.process.wait(timeout=5)
+                    proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
-                    rec.process.kill()
-                    rec.process.wait()
+                    proc.kill()
+                    proc.wait()
 
     def _reap(self) -> None:
         with self._lock:
             for pid, rec in list(self.enclaves.items()):
-                if rec.process.poll() is not None:
+                if rec.process is not None and rec.process.poll() is not None:
                     del self.enclaves[pid]
                     self._live_logs.pop(pid, None)
 
@@ -223,6 +226,8 @@ class PlatformService:
         else:
             proc, ours = self._start_runtime(conn)
             send_frame(ours, init, max_size=IMAGE_FRAME_MAX)
+        # The proof of its identity, for a restarted service to take it back by.
+        send_frame(ours, {"t": "ticket", "ticket": self.platform.reattach_ticket(identity)})
         self._refill_spare()
         rec = EnclaveRecord(proc.pid, image.manifest.name, identity, proc)
         with self._lock:
@@ -249,8 +254,13 @@ class PlatformService:
         log_path, log = open_instance_log(self.log_dir)
         launcher, flags = self._sandbox_prefix()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = [theirs.fileno()] + ([conn.fileno()] if conn is not None else [])
+        # The reserve channel: both ends stay in the enclave process (see take_back).
+        reserve, reserve_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = [theirs.fileno(), reserve.fileno(), reserve_peer.fileno()]
+        fds += [conn.fileno()] if conn is not None else []
         app_args = ["--app", str(conn.fileno())] if conn is not None else []
+        app_args += ["--reserve", str(reserve.fileno()), "--reserve-peer",
+                     str(reserve_peer.fileno()), "--platform-tag", self.platform_tag]  # fmt: skip
         try:
             proc = subprocess.Popen(
                 [
@@ -278,6 +288,8 @@ class PlatformService:
             raise LaunchError(f"cannot start the enclave process: {exc}") from exc
         finally:
             theirs.close()
+            reserve.close()
+            reserve_peer.close()
             log.close()
         with self._lock:
             self._live_logs[proc.pid] = log_path
@@ -352,8 +364,64 @@ class PlatformService:
                     send_frame(sock, reply)
                 except OSError:
                     break
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            rec.process.wait(timeout=5)
+        if rec.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                rec.process.wait(timeout=5)
+
+    # --- enclaves of an earlier service (a restart) ----------------------------------
+    @property
+    def platform_tag(self) -> str:
+        """Names this host's platform on its enclaves' command lines."""
+
+        state = str(self.platform.state_dir.resolve()).encode()
+        return hashlib.sha256(b"migsgx platform " + state).hexdigest()[:32]
+
+    def _take_back_enclaves(self) -> None:
+        """Enclave processes an earlier service of this platform left running.
+
+        Each holds both ends of a reserve channel at the descriptor numbers on
+        its command line; as root this service takes a duplicate of the peer end
+        (``pidfd_getfd``), says hello, and serves the enclave again once its
+        launch ticket verifies (on the enclave's next platform request).
+        """
+
+        for pid, peer_fd in _enclaves_of(self.platform_tag):
+            with self._lock:
+                if pid in self.enclaves:
+                    continue
+            try:
+                sock = _take_descriptor(pid, peer_fd)
+            except OSError:
+                continue  # gone, or not ours to take
+            threading.Thread(
+                target=self._take_back, args=(sock, pid), name="migsgx-take-back", daemon=True
+            ).start()
+
+    def _take_back(self, sock: socket.socket, pid: int) -> None:
+        try:
+            send_frame(sock, {"t": "hello"})
+            msg = recv_frame(sock, PLATFORM)  # when the enclave next needs its platform
+            if msg["t"] != "reattach":
+                raise ProtocolError("expected a reattach request")
+            identity = self.platform.reattach_identity(msg["identity"], msg["ticket"])
+            if identity is None:
+                raise LaunchError("the reattach ticket does not verify")
+            fresh, fresh_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                send_frame(sock, {"t": "reserve"})
+                socket.send_fds(sock, [b"R"], [fresh.fileno(), fresh_peer.fileno()])
+            finally:
+                fresh.close()
+                fresh_peer.close()
+        except (MigSGXError, OSError, ValueError):
+            with contextlib.suppress(OSError):
+                send_frame(sock, {"t": "err", "code": "launch", "message": "not taken back"})
+            sock.close()
+            return
+        rec = EnclaveRecord(pid, "taken back", identity, None)
+        with self._lock:
+            self.enclaves.setdefault(pid, rec)
+        self._serve_enclave(sock, self.platform.services_for(identity), rec)
 
     def _answer(self, svc: LocalServices, msg: dict[str, Any]) -> Any:
         kind = msg["t"]
@@ -386,9 +454,61 @@ class PlatformService:
             svc.persist_update(msg["name"], RecordUpdate.from_wire(msg))
             return None
         if kind == "decide":
-            retire = None
-            if msg["name"] is not None:
-                retire = (msg["name"], RecordUpdate.from_wire(msg["update"] or {}))
+            retire = _record_changes(msg["changes"])
             held = svc.decide(Decision(msg["mid"], msg["kind"], msg["frame"]), retire)
             return {"kind": held.kind, "frame": held.frame}
+        if kind == "ps_txn":
+            svc.persist_transaction(_record_changes(msg["changes"]), claim=msg["claim"])
+            return None
         raise ProtocolError(f"unexpected request {kind!r} from an enclave")
+
+
+def _record_changes(changes: object) -> list[tuple[str, RecordUpdate]]:
+    """The record updates of a transaction (or a decision's retirement), checked."""
+
+    if not isinstance(changes, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("name"), str) for c in changes
+    ):
+        raise ProtocolError("a record transaction is malformed")
+    return [(c["name"], RecordUpdate.from_wire(c)) for c in changes]
+
+
+def _enclaves_of(tag: str) -> list[tuple[int, int]]:
+    """(pid, reserve peer descriptor) of every enclave runtime naming ``tag``."""
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"migsgx.enclave.runtime" not in argv or b"--platform-tag" not in argv:
+            continue
+        try:
+            if argv[argv.index(b"--platform-tag") + 1].decode() != tag:
+                continue
+            peer = int(argv[argv.index(b"--reserve-peer") + 1])
+        except (ValueError, IndexError):
+            continue
+        found.append((int(entry.name), peer))
+    return found
+
+
+_SYS_PIDFD_GETFD = 438  # the same number on every architecture since Linux 5.6
+
+
+def _take_descriptor(pid: int, fd: int) -> socket.socket:
+    """A duplicate of descriptor ``fd`` of process ``pid`` (``pidfd_getfd``: root only)."""
+
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        got = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0))
+        if got < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(pidfd)
+    return socket.socket(fileno=got)

@@ -12,6 +12,7 @@ that implements it too.  Enclave code imports this module, never the emulator.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from cryptography import x509
@@ -62,8 +63,12 @@ class TrustedServices(Protocol):
     def persist_update(self, name: str, update: RecordUpdate) -> None: ...
 
     def decide(
-        self, decision: Decision, retire: tuple[str, RecordUpdate] | None = None
+        self, decision: Decision, retire: Sequence[tuple[str, RecordUpdate]] = ()
     ) -> Decision: ...
+
+    def persist_transaction(
+        self, changes: Sequence[tuple[str, RecordUpdate]], *, claim: bytes | None = None
+    ) -> None: ...
 
 
 def target_info_of(body: ReportBody) -> TargetInfo:

@@ -46,8 +46,9 @@ from ...criu import Criu
 from ...errors import ConfigError, MigSGXError
 from ..containers import ContainerApp, ContainerLab
 from ..testbed import Testbed
+from .figures import children_cpu, cpu_seconds, loadavg, machine_state, summarize
 from .pages import PageServerOn, copy_images, image_bytes
-from .process import MODEL_COLS, migration_figures
+from .process import MODEL_COLS, enclave_cpu, migration_figures
 
 __all__ = ["run"]
 
@@ -81,11 +82,13 @@ while True:
 def _migsgx(bed: Testbed, lab: ContainerLab, engine: str, size: int) -> dict[str, Any]:
     rows = max(1, size // (MODEL_COLS * 4))
     agent = bed.start_agent()
-    app = lab.start_app(
-        engine, "model", ["--rows", str(rows), "--cols", str(MODEL_COLS)], name="model"
-    )
+    app = lab.start_app(engine, "model", ["--rows", str(rows), "--cols", str(MODEL_COLS)])
     before = lab.ask(app, "DIGEST", at="src")
+    agent_cpu = cpu_seconds(agent.proc.pid, children=True)
+    tool_cpu = children_cpu()
     run = bed.migrate(None, agent, args=[f"--{engine}", app.name])
+    tool_cpu = children_cpu() - tool_cpu
+    agent_cpu = cpu_seconds(agent.proc.pid, children=True) - agent_cpu
     if run.returncode != 0 or run.stats is None:
         raise MigSGXError(f"migsgx migrate failed ({run.returncode}): {run.stderr[-2000:]}")
     after = lab.ask(app, "DIGEST", at="dst")
@@ -93,7 +96,10 @@ def _migsgx(bed: Testbed, lab: ContainerLab, engine: str, size: int) -> dict[str
         raise MigSGXError(f"state differs after the migration: {before!r} != {after!r}")
     lab.remove(app)
     agent.stop()
-    return migration_figures(run.stats, rows, run.seconds)
+    figures = migration_figures(run.stats, rows, run.seconds)
+    # Each with its children: CRIU and the container engine's commands.
+    figures["cpu_by_process"] = {"tool": tool_cpu, "agent": agent_cpu, **enclave_cpu(run.stats)}
+    return figures
 
 
 def _plain(lab: ContainerLab, engine: str, size: int) -> tuple[ContainerApp, str]:
@@ -119,9 +125,11 @@ def _runc_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict[s
     dump_dir = Path(tempfile.mkdtemp(prefix="migsgx-bench-runc-", dir="/dev/shm"))
     images = bed.root / "runc-only-images"
     images.mkdir()
-    bundle = lab.base / "dst" / "bench-bundle"
+    (lab.base / "dst").mkdir(parents=True, exist_ok=True)
+    bundle = Path(tempfile.mkdtemp(prefix="bench-bundle-", dir=lab.base / "dst"))
     try:
         source_bundle = lab.base / "src" / "bundles" / app.name
+        cpu0 = children_cpu()
         with PageServerOn(dst, criu.binary, images) as pages:
             t0 = time.monotonic()
             src_runc.checkpoint(
@@ -131,7 +139,6 @@ def _runc_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict[s
             t_dump = time.monotonic()
             pages.wait(120)
         copy_images(dump_dir, images)
-        bundle.mkdir(parents=True)
         shutil.copytree(source_bundle / "rootfs", bundle / "rootfs", symlinks=True)
         settings = lab.settings["dst"]
         spec = localize(
@@ -142,6 +149,7 @@ def _runc_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict[s
         t_copy = time.monotonic()
         dst_runc.restore(app.name, bundle, images, images)
         t_end = time.monotonic()
+        cpu = children_cpu() - cpu0
     finally:
         shutil.rmtree(dump_dir, ignore_errors=True)
     try:
@@ -151,11 +159,14 @@ def _runc_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict[s
     finally:
         lab.remove(app)
         shutil.rmtree(images, ignore_errors=True)
+        shutil.rmtree(bundle, ignore_errors=True)
     return {
         "total_seconds": t_end - t0,
         "downtime_seconds": t_end - t0,
         "bytes": page_bytes + other,
         "phases": {"dump": t_dump - t0, "transfer": t_copy - t_dump, "restore": t_end - t_copy},
+        "cpu_by_process": {"runc": cpu},  # checkpoint, page server, restore: all children
+        "timeline": _spans("runc", t0, t_dump, t_copy, t_copy, t_end),
     }
 
 
@@ -168,6 +179,7 @@ def _podman_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict
     moved = bed.root / "podman-only"
     moved.mkdir()
     try:
+        cpu0 = children_cpu()
         t0 = time.monotonic()
         archive = scratch / "export.tar"
         src("container", "checkpoint", "--export", str(archive), "--compress", "none", app.name,
@@ -186,6 +198,7 @@ def _podman_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict
         t_local = time.monotonic()
         dst("container", "restore", "--import", str(local), what="podman restore", timeout=600)
         t_end = time.monotonic()
+        cpu = children_cpu() - cpu0
         nbytes = copy.stat().st_size
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -201,6 +214,38 @@ def _podman_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict
         "bytes": nbytes,
         "phases": {"dump": t_dump - t0, "transfer": t_copy - t_dump, "restore": t_end - t_local},
         "localize_seconds": t_local - t_copy,
+        "cpu_by_process": {"podman": cpu},  # with the archive's rewrite, here in this process
+        "timeline": _spans("podman", t0, t_dump, t_copy, t_local, t_end),
+    }
+
+
+def _spans(
+    name: str, t0: float, t_dump: float, t_copy: float, t_local: float, t_end: float
+) -> dict[str, dict[str, list[float]]]:
+    """Dump, transfer, restore from the first; the local rewrite (podman) left out."""
+
+    shift = t_local - t_copy
+    return {
+        name: {
+            "dump": [0.0, t_dump - t0],
+            "transfer": [t_dump - t0, t_copy - t0],
+            "restore": [t_local - t0 - shift, t_end - t0 - shift],
+        }
+    }
+
+
+def one_run(bed: Testbed, lab: ContainerLab, engine: str, size: int, criu: Criu) -> dict[str, Any]:
+    """migsgx and the engine alone back to back, with the ratios of the pair."""
+
+    migsgx = _migsgx(bed, lab, engine, size)
+    plain = ENGINE_ONLY[engine](bed, lab, size, criu)
+    return {
+        "migsgx": migsgx,
+        "engine_only": plain,
+        # >= 1: migsgx is at least as fast as the engine alone moving as many bytes.
+        "engine_over_migsgx_total": plain["total_seconds"] / migsgx["total_seconds"],
+        "downtime_over_engine": migsgx["downtime_seconds"] / plain["total_seconds"],
+        "loadavg": loadavg(),
     }
 
 
@@ -215,6 +260,7 @@ def _containerd_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> 
     images = moved / "images"
     ref = f"migsgx.local/bench/{app.name}:1"
     try:
+        cpu0 = children_cpu()
         t0 = time.monotonic()
         # Without --exit: CRIU would keep the source host's network locked for a restore there.
         src("tasks", "checkpoint", "--image-path", str(dump_dir), "--work-path",
@@ -237,6 +283,7 @@ def _containerd_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> 
         dst("containers", "restore", "--live", app.name, ref, what="ctr containers restore",
             timeout=600)  # fmt: skip
         t_end = time.monotonic()
+        cpu = children_cpu() - cpu0
         nbytes = sum(p.stat().st_size for p in images.iterdir())
     finally:
         shutil.rmtree(dump_dir, ignore_errors=True)
@@ -254,6 +301,14 @@ def _containerd_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> 
         "bytes": nbytes,
         "phases": {"dump": t_dump - t0, "transfer": t_copy - t_removed, "restore": t_end - t_copy},
         "source_removal_seconds": removal,
+        "cpu_by_process": {"ctr": cpu},  # checkpoint, restore (with the source's removal)
+        "timeline": {
+            "ctr": {
+                "dump": [0.0, t_dump - t0],
+                "transfer": [t_dump - t0, t_copy - t0 - removal],
+                "restore": [t_copy - t0 - removal, t_end - t0 - removal],
+            }
+        },
     }
 
 
@@ -265,23 +320,42 @@ def _quiet_remove_image(ctr: Ctr, ref: str) -> None:
 ENGINE_ONLY = {"runc": _runc_only, "podman": _podman_only, "containerd": _containerd_only}
 
 
-def run(engine: str, size: int, *, subnet: int = 202, keep: Path | None = None) -> dict[str, Any]:
+def run(
+    engine: str, size: int, *, subnet: int = 202, keep: Path | None = None, repeat: int = 3
+) -> dict[str, Any]:
     if engine not in ENGINE_ONLY:
         raise ConfigError("--engine is runc, podman or containerd")
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
+    if repeat < 1:
+        raise ConfigError("--repeat must be at least 1")
+    before = loadavg()
     criu = Criu()
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="migsgx-bench-container-"))
+    runs = []
     try:
         with Testbed(root, subnet=subnet) as bed, ContainerLab(bed, criu=criu) as lab:
-            migsgx = _migsgx(bed, lab, engine, size)
-            plain = ENGINE_ONLY[engine](bed, lab, size, criu)
+            for _ in range(repeat):
+                runs.append(one_run(bed, lab, engine, size, criu))
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
-    return {
-        "engine": engine,
-        "enclave_size": size,
-        "migsgx": migsgx,
-        "engine_only": plain,
-    }
+    result = summarize(runs)
+    result.update(engine=engine, enclave_size=size, repeat=repeat, machine=machine_state(before))
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Timelines of the median migsgx run and the median engine-alone run."""
+
+    from .plot import plot_timelines
+
+    runs: list[dict[str, Any]] = result["runs"]
+    panels = []
+    for key, label in (("migsgx", "migsgx migrate"), ("engine_only", f"{result['engine']} alone")):
+        r = sorted(runs, key=lambda x: float(x[key]["total_seconds"]))[len(runs) // 2][key]
+        title = (f"{label}, enclave {result['enclave_size'] >> 20} MiB: total "
+                 f"{r['total_seconds']:.2f} s, downtime {r['downtime_seconds']:.2f} s "
+                 "(median run)")  # fmt: skip
+        panels.append((title, r["timeline"], r["cpu_by_process"]))
+    plot_timelines(panels, path)

@@ -30,6 +30,7 @@ from ...criu import Criu, InNetns, InTaskNamespaces
 from ...errors import ConfigError, MigSGXError
 from ...system.process import kill_tree, tree_pids
 from ..testbed import Testbed
+from .figures import children_cpu, cpu_seconds, loadavg, machine_state, shift_timeline, summarize
 from .pages import PageServerOn, copy_images, image_bytes
 
 __all__ = ["criu_only", "run"]
@@ -55,25 +56,44 @@ while True:
 """
 
 
-def _migsgx(bed: Testbed, size: int, page_tls: bool) -> dict[str, Any]:
+def _migsgx(bed: Testbed, size: int) -> dict[str, Any]:
     rows = max(1, size // (MODEL_COLS * 4))
     agent = bed.start_agent()
-    app = bed.start_app(
-        "model",
-        ["--image", str(bed.image("model")), "--rows", str(rows), "--cols", str(MODEL_COLS),
-         "--ordinary-mib", str(max(1, size >> 20))],
-    )  # fmt: skip
-    before = bed.ask("DIGEST", app.port, at="src", via="dst")
-    run = bed.migrate(app.pid, agent, args=[] if page_tls else ["--no-page-tls"])
-    if run.returncode != 0 or run.stats is None:
-        raise MigSGXError(f"migsgx migrate failed ({run.returncode}): {run.stderr[-2000:]}")
-    after = bed.ask("DIGEST", app.port, at="dst", via="src")
-    if after != before:
-        raise MigSGXError(f"state differs after the migration: {before!r} != {after!r}")
-    stats = run.stats
-    restored = int(stats["details"]["restored_pid"])
-    kill_tree(restored)
-    return {**migration_figures(stats, rows, run.seconds), "page_tls": page_tls}
+    try:
+        app = bed.start_app(
+            "model",
+            ["--image", str(bed.image("model")), "--rows", str(rows), "--cols", str(MODEL_COLS),
+             "--ordinary-mib", str(max(1, size >> 20))],
+        )  # fmt: skip
+        before = bed.ask("DIGEST", app.port, at="src", via="dst")
+        agent_cpu = cpu_seconds(agent.proc.pid, children=True)
+        tool_cpu = children_cpu()
+        run = bed.migrate(app.pid, agent)  # pages in TLS, always (CRIU alone: plain)
+        tool_cpu = children_cpu() - tool_cpu
+        agent_cpu = cpu_seconds(agent.proc.pid, children=True) - agent_cpu
+        if run.returncode != 0 or run.stats is None:
+            raise MigSGXError(f"migsgx migrate failed ({run.returncode}): {run.stderr[-2000:]}")
+        after = bed.ask("DIGEST", app.port, at="dst", via="src")
+        if after != before:
+            raise MigSGXError(f"state differs after the migration: {before!r} != {after!r}")
+        stats = run.stats
+        restored = int(stats["details"]["restored_pid"])
+        kill_tree(restored)
+    finally:
+        agent.stop()
+    figures = migration_figures(stats, rows, run.seconds)
+    cpu = {"tool": tool_cpu, "agent": agent_cpu, **enclave_cpu(stats)}  # tool, agent: with CRIU
+    return {**figures, "page_tls": True, "cpu_by_process": cpu}
+
+
+def enclave_cpu(stats: dict[str, Any]) -> dict[str, float]:
+    """Each enclave process's own CPU seconds over its dump or load (migrate's figures)."""
+
+    cpu = {}
+    for side, key in (("source", "enclave_stats"), ("destination", "enclave_destination_stats")):
+        for i, enclave in enumerate(stats["details"].get(key, [])):
+            cpu[f"enclave{i}.{side}_enclave"] = float(enclave.get("enclave_cpu_seconds", 0.0))
+    return cpu
 
 
 def migration_figures(stats: dict[str, Any], rows: int, wall_seconds: float) -> dict[str, Any]:
@@ -90,7 +110,14 @@ def migration_figures(stats: dict[str, Any], rows: int, wall_seconds: float) -> 
         },
         "enclave_bytes_declared": rows * MODEL_COLS * 4,
         "tool_wall_seconds": wall_seconds,
+        "timeline": _relative(stats.get("timeline")),
     }
+
+
+def _relative(timeline: dict[str, Any] | None) -> dict[str, Any]:
+    if not timeline:
+        return {}
+    return shift_timeline(timeline["spans"], origin=float(timeline["origin"]))
 
 
 def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, Any]:
@@ -98,7 +125,8 @@ def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, An
 
     criu = criu or Criu()
     src, dst = bed.host("src"), bed.host("dst")
-    ready = bed.root / "plain.ready"
+    here = Path(tempfile.mkdtemp(prefix="criu-only-", dir=bed.root))
+    ready = here / "plain.ready"
     launcher = src.spawn(
         ["unshare", "--pid", "--fork", "setsid", sys.executable, "-c", PLAIN,
          str(max(1, size >> 20)), str(ready)],
@@ -112,10 +140,14 @@ def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, An
     digest = ready.read_text()
     pid = tree_pids(launcher.pid)[1]
     dump_dir = Path(tempfile.mkdtemp(prefix="migsgx-bench-dump-", dir="/dev/shm"))
-    images = bed.root / "criu-only-images"
+    images = here / "images"
     images.mkdir()
     try:
         with PageServerOn(dst, criu.binary, images) as pages:
+            # The plain process and its launcher are reaped inside the window below:
+            # what they spent before (filling their memory) is not CRIU's.
+            plain_cpu = cpu_seconds(pid) + cpu_seconds(launcher.pid)
+            cpu0 = children_cpu()
             t0 = time.monotonic()
             criu.dump(pid, dump_dir, page_server=pages.address, enter=InTaskNamespaces(pid))
             t_dump = time.monotonic()
@@ -125,12 +157,14 @@ def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, An
         launcher.wait(timeout=30)
         restored = criu.restore(images, enter=InNetns(dst.netns), log_file="restore.log")
         t_end = time.monotonic()
+        cpu = children_cpu() - cpu0 - plain_cpu
     finally:
         shutil.rmtree(dump_dir, ignore_errors=True)
     try:
         page_bytes, other = image_bytes(images)
     finally:
         kill_tree(restored)
+        shutil.rmtree(here, ignore_errors=True)
     return {
         "total_seconds": t_end - t0,
         "downtime_seconds": t_end - t0,
@@ -141,24 +175,65 @@ def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, An
             "restore": t_end - t_copy,
         },
         "memory_digest": digest[:16],
+        "cpu_by_process": {"criu": cpu},  # dump, page server and restore
+        "timeline": {
+            "criu": {
+                "criu_dump": [0.0, t_dump - t0],
+                "transfer": [t_dump - t0, t_copy - t0],
+                "restore": [t_copy - t0, t_end - t0],
+            }
+        },
+    }
+
+
+def one_run(bed: Testbed, size: int) -> dict[str, Any]:
+    """migsgx and CRIU alone back to back, with the ratios of the pair."""
+
+    migsgx = _migsgx(bed, size)
+    plain = criu_only(bed, 2 * size)
+    return {
+        "migsgx": migsgx,
+        "criu_only": plain,
+        # >= 1: migsgx is at least as fast as CRIU alone moving as many bytes.
+        "criu_over_migsgx_total": plain["total_seconds"] / migsgx["total_seconds"],
+        "downtime_over_criu": migsgx["downtime_seconds"] / plain["total_seconds"],
+        "loadavg": loadavg(),
     }
 
 
 def run(
-    size: int, *, subnet: int = 201, keep: Path | None = None, page_tls: bool = False
+    size: int, *, subnet: int = 201, keep: Path | None = None, repeat: int = 3
 ) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
+    if repeat < 1:
+        raise ConfigError("--repeat must be at least 1")
+    before = loadavg()
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="migsgx-bench-process-"))
+    runs = []
     try:
         with Testbed(root, subnet=subnet) as bed:
-            migsgx = _migsgx(bed, size, page_tls)
-            plain = criu_only(bed, 2 * size)
+            for _ in range(repeat):
+                runs.append(one_run(bed, size))
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
-    return {
-        "enclave_size": size,
-        "migsgx": migsgx,
-        "criu_only": plain,
-    }
+    result = summarize(runs)
+    result.update(enclave_size=size, repeat=repeat, machine=machine_state(before))
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Timelines of the median migsgx run and the median CRIU-alone run."""
+
+    from .plot import plot_timelines
+
+    runs: list[dict[str, Any]] = result["runs"]
+    panels = []
+    for key, label in (("migsgx", "migsgx migrate"), ("criu_only", "CRIU alone")):
+        r = sorted(runs, key=lambda x: float(x[key]["total_seconds"]))[len(runs) // 2][key]
+        title = (f"{label}, enclave {result['enclave_size'] >> 20} MiB: total "
+                 f"{r['total_seconds']:.2f} s, downtime {r['downtime_seconds']:.2f} s "
+                 "(median run)")  # fmt: skip
+        panels.append((title, r["timeline"], r["cpu_by_process"]))
+    plot_timelines(panels, path)

@@ -6,8 +6,9 @@ root secrets) connected by TCP on loopback, with real enclave processes:
 * a pipelined migration of an enclave holding SIZE of secret weights;
 * a sequential migration (dump all, then transfer all, then load all) of the
   same state;
-* the raw transport: the same bytes through the same ring -> TCP -> ring path
-  with no enclave and no crypto;
+* the raw transport: the same datapath (enclave-side fill and drain loops,
+  rings, drivers, TCP, fresh destination memory faulted in beside the load)
+  with the cipher replaced by a copy, in four processes without enclaves;
 * the machine's single-core AES-256-GCM speed.
 
 ``seconds`` runs from the source's freeze to the destination running (dump,
@@ -42,6 +43,7 @@ from ...limits import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK
 from ...limits import DEFAULT_SLOTS
 from .. import memstat
 from ..hosts import Deployment, running_services
+from .figures import cpu_seconds, loadavg, machine_state, shift_timeline, summarize
 
 PAGE = 4096
 
@@ -92,46 +94,67 @@ def workers() -> Iterator[list[Worker]]:
 
 
 def migrate_once(
-    image: Path, sock_a: Path, sock_b: Path, size: int, chunk: int, slots: int, mode: str
+    image: Path,
+    sock_a: Path,
+    sock_b: Path,
+    size: int,
+    chunk: int,
+    slots: int,
+    mode: str,
+    *,
+    prefault: bool = False,
 ) -> dict[str, Any]:
     with workers() as live:
         src = Worker("source", {"image": str(image), "socket": str(sock_a), "size": size})
         live.append(src)
-        dst = Worker("dest", {"socket": str(sock_b)})
+        dst = Worker("dest", {"socket": str(sock_b), "prefault": prefault})
         live.append(dst)
         ready = src.answer()
         port = dst.answer()["port"]
-        window = memstat.PeakWindow.start([src.proc.pid, ready["enclave_pid"], dst.proc.pid])
+        src_enclave = ready["enclave_pid"]
+        window = memstat.PeakWindow.start([src.proc.pid, src_enclave, dst.proc.pid])
+        cpu0 = {pid: cpu_seconds(pid) for pid in (src.proc.pid, src_enclave, dst.proc.pid)}
         src.ask(migrate=True, port=port, chunk=chunk, slots=slots, mode=mode)
         loaded = src.answer()
         dst_loaded = dst.answer()
-        # The source enclave exits at the commit: read its peak while it lives.
+        # The source enclave exits at the commit: read its figures while it lives.
         source_side = window.overhead()
+        cpu = {"source_enclave": cpu_seconds(src_enclave) - cpu0[src_enclave]}
         dst_enclave = dst_loaded["enclave_pid"]
         src.ask(commit=True)
         done = src.answer()
         active = dst.answer()
         dest_driver = max(0, memstat.peak_rss(dst.proc.pid) - window.rest[dst.proc.pid])
         dest_enclave = max(0, memstat.peak_rss(dst_enclave) - memstat.rss(dst_enclave))
+        cpu["source_driver"] = cpu_seconds(src.proc.pid) - cpu0[src.proc.pid]
+        cpu["destination_driver"] = cpu_seconds(dst.proc.pid) - cpu0[dst.proc.pid]
+        cpu["destination_enclave"] = cpu_seconds(dst_enclave)  # since its launch
         if active["digest"] != ready["digest"]:
             raise MigSGXError("the migrated state differs from the source's")
         per_process = {
             "source_driver": source_side[src.proc.pid],
-            "source_enclave": source_side[ready["enclave_pid"]],
+            "source_enclave": source_side[src_enclave],
             "destination_driver": dest_driver,
             "destination_enclave": dest_enclave,
         }
+        stats = dict(loaded["stats"])
+        raw_timeline = dict(stats.pop("timeline", {}))
+        raw_timeline.update(stats.get("destination", {}).pop("timeline", {}))
+        raw_timeline.setdefault("source_driver", {})["commit"] = done["commit"]
         return {
             # From the source's freeze (quiesce, dump) to the destination running
             # (LOADED verified, COMMIT delivered): the stop-and-copy of the state.
-            "seconds": loaded["stats"]["transfer_seconds"] + done["commit_seconds"],
+            "seconds": stats["transfer_seconds"] + done["commit_seconds"],
             # Everything, including the destination enclave's launch and the
             # attested handshake, which happen while the source still serves.
             "total_seconds": done["seconds"],
-            "transfer_seconds": loaded["stats"]["transfer_seconds"],
+            "transfer_seconds": stats["transfer_seconds"],
             "peak_extra_bytes": sum(per_process.values()),
             "peak_extra_by_process": per_process,
-            "phases": loaded["stats"],
+            "cpu_seconds": sum(cpu.values()),
+            "cpu_by_process": cpu,
+            "phases": stats,
+            "timeline": shift_timeline(raw_timeline),
         }
 
 
@@ -165,7 +188,49 @@ def aes_gcm_speed(chunk: int, total: int = 256 << 20) -> float:
     return len(src) / (time.perf_counter() - t0)
 
 
-def run(size: int, chunk: int = DEFAULT_CHUNK, slots: int = DEFAULT_SLOTS) -> dict[str, Any]:
+def one_run(
+    image: Path, sock_a: Path, sock_b: Path, size: int, chunk: int, slots: int, ab_prefault: bool
+) -> dict[str, Any]:
+    """Pipelined, sequential and raw transport side by side, with their ratios.
+
+    With ``ab_prefault``, also a pipelined run whose destination faults its
+    memory in beside the load (off by default), right after the pipelined one
+    (A/B): ``pipelined_with_prefault``, ``prefault_speedup`` = seconds without /
+    with.
+    """
+
+    extra: dict[str, Any] = {}
+    pipelined = migrate_once(image, sock_a, sock_b, size, chunk, slots, "pipelined")
+    if ab_prefault:
+        with_it = migrate_once(image, sock_a, sock_b, size, chunk, slots, "pipelined",
+                               prefault=True)  # fmt: skip
+        extra["pipelined_with_prefault"] = with_it
+        extra["prefault_speedup"] = pipelined["seconds"] / with_it["seconds"]
+    sequential = migrate_once(image, sock_a, sock_b, size, chunk, slots, "sequential")
+    raw = raw_transport(size, chunk, slots)
+    return {
+        "pipelined": pipelined,
+        "sequential": sequential,
+        "raw_transport_bytes_per_s": raw,
+        "sequential_over_pipelined": sequential["seconds"] / pipelined["seconds"],
+        "pipelined_bytes_per_s": size / pipelined["transfer_seconds"],
+        "pipelined_share_of_raw": size / pipelined["transfer_seconds"] / raw,
+        "peak_extra_share": pipelined["peak_extra_bytes"] / size,
+        "loadavg": loadavg(),
+        **extra,
+    }
+
+
+def run(
+    size: int,
+    chunk: int = DEFAULT_CHUNK,
+    slots: int = DEFAULT_SLOTS,
+    *,
+    repeat: int = 3,
+    ab_prefault: bool = False,
+) -> dict[str, Any]:
+    """``repeat`` paired runs in one invocation: medians on top, ``runs``, ``spread``."""
+
     if os.geteuid() != 0:
         raise ConfigError("bench state resets peak memory through /proc: run it as root")
     size = size // (1024 * 4) * (1024 * 4)
@@ -173,27 +238,49 @@ def run(size: int, chunk: int = DEFAULT_CHUNK, slots: int = DEFAULT_SLOTS) -> di
         raise ConfigError("--size must be between 1 MiB and 7 GiB")
     if not 4096 <= chunk <= 16 << 20:
         raise ConfigError("--chunk must be between 4 KiB and 16 MiB")
+    if repeat < 1:
+        raise ConfigError("--repeat must be at least 1")
+    before = loadavg()
+    runs = []
     with tempfile.TemporaryDirectory(prefix="migsgx-bench-") as tmp:
         dep = Deployment.create(Path(tmp), names=["a", "b"])
         image = dep.signed_image("model")
         with running_services(dep.hosts) as (host_a, host_b):
-            pipelined = migrate_once(image, host_a.socket, host_b.socket, size, chunk, slots,
-                                     "pipelined")  # fmt: skip
-            sequential = migrate_once(image, host_a.socket, host_b.socket, size, chunk, slots,
-                                      "sequential")  # fmt: skip
-    raw = raw_transport(size, chunk, slots)
-    aes = aes_gcm_speed(chunk)
-    return {
-        "enclave_bytes": size,
-        "chunk_bytes": chunk,
-        "ring_slots": slots,
-        "pipelined": pipelined,
-        "sequential": sequential,
-        "raw_transport_bytes_per_s": raw,
-        "aes_gcm_bytes_per_s": aes,
-        "sequential_over_pipelined": sequential["seconds"] / pipelined["seconds"],
-        "pipelined_bytes_per_s": size / pipelined["transfer_seconds"],
-        "pipelined_share_of_raw": size / pipelined["transfer_seconds"] / raw,
-        "peak_extra_share": pipelined["peak_extra_bytes"] / size,
-        "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
-    }
+            for _ in range(repeat):
+                runs.append(
+                    one_run(image, host_a.socket, host_b.socket, size, chunk, slots, ab_prefault)
+                )
+    result = summarize(runs)
+    result.update(
+        enclave_bytes=size,
+        chunk_bytes=chunk,
+        ring_slots=slots,
+        repeat=repeat,
+        aes_gcm_bytes_per_s=aes_gcm_speed(chunk, max(16 << 20, min(size, 256 << 20))),
+        machine=machine_state(before),
+    )
+    return result
+
+
+def median_run(result: dict[str, Any], key: str = "pipelined") -> dict[str, Any]:
+    """The run whose ``key`` seconds is the median (for the timeline plot)."""
+
+    runs: list[dict[str, Any]] = result["runs"]
+    ordered = sorted(runs, key=lambda r: float(r[key]["seconds"]))
+    return ordered[len(ordered) // 2]
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Timelines of the median pipelined and sequential runs, one panel each."""
+
+    from .plot import plot_timelines
+
+    size = result["enclave_bytes"] / (1 << 30)
+    panels = []
+    for mode in ("pipelined", "sequential"):
+        r = median_run(result, mode)[mode]
+        title = (f"{mode}, {size:.2f} GiB, chunk {result['chunk_bytes'] >> 10} KiB x "
+                 f"{result['ring_slots']} slots: {r['seconds']:.2f} s frozen, "
+                 f"cpu {r['cpu_seconds']:.2f} s (median run)")  # fmt: skip
+        panels.append((title, r["timeline"], r["cpu_by_process"]))
+    plot_timelines(panels, path)

@@ -24,13 +24,8 @@ from typing import Any
 
 from ...datapath.engine import IncomingEnclave, OutgoingEnclave
 from ...datapath.ring import RingRole, RingSpec, ShmRing
-from ...datapath.transport import (
-    drain_ring_to_buffer,
-    fill_ring_from_buffer,
-    ring_to_socket,
-    socket_to_ring,
-    tune_socket,
-)
+from ...datapath.transport import drain_ring, fill_ring, ring_to_socket, socket_to_ring, tune_socket
+from ...enclave.memory import EnclaveMemory
 from ...host.client import EnclaveClient
 
 COLS = 1024
@@ -63,7 +58,7 @@ def source(args: dict[str, Any]) -> None:
     digest = client.ecall.generate(rows, COLS, 7)
     say(ready=True, pid=os.getpid(), enclave_pid=client.info.pid, digest=digest)
     cmd = hear()
-    t0 = time.perf_counter()
+    t0 = time.monotonic()
     sock = client.detach()
     out = OutgoingEnclave(
         sock, client.info, client.image_files,
@@ -71,12 +66,14 @@ def source(args: dict[str, Any]) -> None:
     )  # fmt: skip
     peer = socket.create_connection(("127.0.0.1", cmd["port"]))
     stats = out.transfer(peer)
-    t_loaded = time.perf_counter()
+    t_loaded = time.monotonic()
     say(loaded=True, stats=stats)
     hear()  # commit
+    t_commit = time.monotonic()
     out.commit()
-    t1 = time.perf_counter()
-    say(done=True, seconds=t1 - t0, loaded_seconds=t_loaded - t0, commit_seconds=t1 - t_loaded)
+    t1 = time.monotonic()
+    say(done=True, seconds=t1 - t0 - (t_commit - t_loaded), loaded_seconds=t_loaded - t0,
+        commit_seconds=t1 - t_commit, commit=[t_commit, t1])  # fmt: skip
     hear()
 
 
@@ -85,6 +82,7 @@ def dest(args: dict[str, Any]) -> None:
     say(ready=True, pid=os.getpid(), port=listener.getsockname()[1])
     conn, _ = listener.accept()
     incoming, offer = IncomingEnclave.accept_offer(conn, args["socket"])
+    incoming.prefault = bool(args.get("prefault", False))
     stats = incoming.receive(conn, offer)
     assert incoming.info is not None
     say(loaded=True, enclave_pid=incoming.info.pid, stats=stats)
@@ -155,16 +153,21 @@ def raw_fill(args: dict[str, Any]) -> None:
     buf = _touched(args["size"])
     say(ready=True)
     hear()
-    fill_ring_from_buffer(ring, buf, chunk_size=args["chunk"], timeout=120)
+    fill_ring(ring, buf, args["chunk"], timeout=120)
     ring.wait_drained(120)
 
 
 def raw_drain(args: dict[str, Any]) -> None:
+    """A destination enclave's load with the cipher replaced by a copy.
+
+    Into fresh memory, as an enclave's is.
+    """
+
     ring = _attach(args, RingRole.CONSUMER)
-    buf = _touched(args["size"])
+    memory = EnclaveMemory(args["size"])
     say(ready=True)
     hear()
-    drain_ring_to_buffer(ring, buf, timeout=120)
+    drain_ring(ring, memory.view(0, args["size"]), timeout=120)
     say(drained=True)
 
 

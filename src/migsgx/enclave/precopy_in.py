@@ -1,0 +1,277 @@
+"""Pre-copy of enclave memory: the destination (``docs/spec/precopy.md``).
+
+Rounds are applied in order, each page where its run says, so the latest copy
+of a page wins; every slot is copied into private memory before it is opened
+(one fetch).  Between rounds the destination keeps the digest tags of whole
+segments it holds, so that the final check hashes only what the final
+transfer touched, while the source hashes all of its memory (:mod:`.precopy`).
+Nothing here runs enclave code: the state only becomes live on COMMIT.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ..core.manifest import Manifest, Section
+from ..core.rounds import (
+    DIGEST_BODY,
+    FINAL_SECTIONS,
+    MAX_ROUNDS,
+    SEGMENT,
+    combine_tags,
+    round_label,
+    segment_tag,
+)
+from ..core.stream import TAG_SIZE, StreamChannel
+from ..datapath.ring import ShmRing
+from ..errors import LiveMigrationError, MemoryDigestError, ProtocolError, StreamError
+from .memory import PAGE_SIZE, EnclaveMemory
+
+__all__ = ["DestinationRounds", "final_load"]
+
+MAX_MANIFEST_BYTES: Final = 16 << 20
+RING_TIMEOUT: Final = 120.0
+_PAGES_PER_SEGMENT: Final = SEGMENT // PAGE_SIZE
+
+
+# --- the destination ---------------------------------------------------------------------
+class _Slots:
+    """Slots from the ring, each copied into private memory before use (one fetch)."""
+
+    def __init__(self, ring: ShmRing) -> None:
+        self.ring = ring
+        self._private = bytearray(ring.slot_size)
+        self._view = memoryview(self._private)
+        self.finals: list[bool] = []
+        self.received = 0
+
+    def take(self) -> memoryview:
+        if self.finals and self.finals[-1]:
+            raise StreamError("the transfer ended before its last chunk")
+        index, view, final = self.ring.next(RING_TIMEOUT)
+        n = len(view)
+        self._view[:n] = view
+        self.ring.release(index)
+        self.finals.append(final)
+        self.received += n
+        return self._view[:n]
+
+    def end(self) -> None:
+        if not self.finals or not self.finals[-1] or any(self.finals[:-1]):
+            raise StreamError("the transfer's end is not where the stream ends")
+        self.finals.clear()
+
+
+@dataclass
+class DestinationRounds:
+    """The destination enclave's side: rounds applied in order, then the final check."""
+
+    memory: EnclaveMemory
+    streams: StreamChannel
+    ring: ShmRing | None = None
+    number: int = 0
+    pages_received: int = 0
+    _slots: _Slots | None = None
+    _scratch: bytearray | None = None
+    _manifest_buf: bytearray | None = None
+    digest_key: bytes | None = None
+    # Digest tags of whole segments as they are now (section 3), kept up to date
+    # between rounds so that the final check reads only what the final transfer changed.
+    _tags: dict[int, bytes] = field(default_factory=dict)
+    _extent: int = 0  # bytes from 0 to the end of the highest page received
+
+    @property
+    def slots(self) -> _Slots:
+        if self.ring is None:
+            raise ProtocolError("no ring was attached")
+        if self._slots is None or self._slots.ring is not self.ring:
+            self._slots = _Slots(self.ring)
+        return self._slots
+
+    def load_round(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        if self.number >= MAX_ROUNDS:
+            raise LiveMigrationError(f"at most {MAX_ROUNDS} pre-copy rounds")
+        before = self.slots.received
+        manifest = self.open_manifest()
+        if len(manifest.sections) != 1:
+            raise StreamError("a pre-copy round carries one section")
+        section = manifest.sections[0]
+        if section.label != round_label(self.number):
+            raise StreamError(f"round {self.number} expected, got {section.label!r}")
+        self.open_pages(section)
+        self.slots.end()
+        self._retag()
+        self.number += 1
+        return {
+            "round": self.number - 1,
+            "pages": section.length // PAGE_SIZE,
+            "bytes": self.slots.received - before,
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def open_manifest(self) -> Manifest:
+        if self._manifest_buf is None:
+            self._manifest_buf = bytearray(MAX_MANIFEST_BYTES)
+        n = self.open_dense("manifest", memoryview(self._manifest_buf))
+        return Manifest.decode(bytes(self._manifest_buf[:n]))
+
+    def open_dense(self, expect: str | Section, sink: memoryview) -> int:
+        opener = self.streams.opener(bytes(self.slots.take()), expect=expect)
+        pos = 0
+        while not opener.done:
+            chunk = self.slots.take()
+            room = sink[pos : pos + max(0, len(chunk) - TAG_SIZE)]
+            if len(room) < len(chunk) - TAG_SIZE:
+                raise StreamError("a stream is longer than its sink")
+            pos += opener.open_into(chunk, room)
+        return pos
+
+    def open_pages(self, section: Section) -> None:
+        """Write a sparse section's pages where they belong; later copies overwrite earlier."""
+
+        if section.page_size != PAGE_SIZE:
+            raise StreamError("enclave memory travels in 4 KiB pages")
+        limit = self.memory.size // PAGE_SIZE
+        if section.runs and section.runs[-1][0] + section.runs[-1][1] > limit:
+            raise StreamError("a page lies outside this enclave's memory")
+        opener = self.streams.opener(bytes(self.slots.take()), expect=section)
+        chunk = opener.header.chunk_size
+        if self._scratch is None or len(self._scratch) < chunk:
+            self._scratch = bytearray(chunk)
+        scratch = memoryview(self._scratch)
+        mem = self.memory.view()
+        try:
+            i = 0
+            while not opener.done:
+                data = self.slots.take()
+                runs = section.chunk_pages(i, chunk)
+                if len(runs) == 1:
+                    first, n = runs[0]
+                    opener.open_into(data, mem[first * PAGE_SIZE : (first + n) * PAGE_SIZE])
+                else:
+                    size = opener.open_into(data, scratch)
+                    pos = 0
+                    for first, n in runs:
+                        step = n * PAGE_SIZE
+                        mem[first * PAGE_SIZE : first * PAGE_SIZE + step] = scratch[
+                            pos : pos + step
+                        ]
+                        pos += step
+                    assert pos == size
+                self.pages_received += sum(n for _, n in runs)
+                for first, n in runs:
+                    last = first + n - 1
+                    for seg in range(first // _PAGES_PER_SEGMENT, last // _PAGES_PER_SEGMENT + 1):
+                        self._tags.pop(seg, None)
+                    self._extent = max(self._extent, (last + 1) * PAGE_SIZE)
+                i += 1
+        finally:
+            scratch.release()
+            mem.release()
+
+    def _retag(self, length: int | None = None) -> list[bytes]:
+        """Tags of every segment below ``length`` (default: whole segments received), cached.
+
+        A segment's tag is dropped whenever a page of it arrives, so a cached tag
+        is always the tag of what the memory holds now.  Only whole segments are
+        cached; a last partial one is computed each time.
+        """
+
+        if self.digest_key is None:
+            return []
+        aead = AESGCM(self.digest_key)
+        end = self._extent if length is None else length
+        count = end // SEGMENT if length is None else -(-end // SEGMENT)
+        tags: list[bytes] = []
+        mem = self.memory.view()
+        try:
+            for i in range(count):
+                start, stop = i * SEGMENT, min(end, (i + 1) * SEGMENT)
+                tag = self._tags.get(i) if stop - start == SEGMENT else None
+                if tag is None:
+                    tag = segment_tag(aead, i, mem[start:stop])
+                    if stop - start == SEGMENT:
+                        self._tags[i] = tag
+                tags.append(tag)
+        finally:
+            mem.release()
+        return tags
+
+    def own_digest(self, key: bytes, length: int) -> tuple[tuple[int, bytes], float]:
+        """Our digest of memory ``0 .. length - 1``, and the seconds it took."""
+
+        if not 0 <= length <= self.memory.size or length % PAGE_SIZE:
+            raise StreamError("the memory layout covers more than this enclave's memory")
+        t0 = time.perf_counter()
+        if self.digest_key != key:
+            self.digest_key = key
+            self._tags.clear()
+        ours = combine_tags(length, self._retag(length))
+        return (length, ours), time.perf_counter() - t0
+
+    def compare_digest(self, ours: tuple[int, bytes], body: bytes) -> None:
+        """The source's digest of its final memory against ours: any difference refuses."""
+
+        if len(body) != DIGEST_BODY.size:
+            raise StreamError("malformed memory digest")
+        length, theirs = DIGEST_BODY.unpack(body)
+        if length != ours[0] or not hmac.compare_digest(ours[1], theirs):
+            raise MemoryDigestError(
+                "the migrated memory differs from the source's final memory "
+                "(a written page was not reported); the load is refused"
+            )
+
+
+def final_load(
+    rounds: DestinationRounds,
+    key: bytes,
+    max_state: int,
+    max_persistent: int,
+    *,
+    used_length: Callable[[bytes], int],
+) -> tuple[bytes, bytes, dict[str, Any]]:
+    """Destination: the final transfer applied and its memory digest checked.
+
+    ``used_length`` reads, from the small state, the used memory the digest
+    will cover: our digest is computed before the source's arrives (while the
+    source computes it), and the length in the digest section must match.
+    """
+
+    before = rounds.slots.received
+    manifest = rounds.open_manifest()
+    labels = tuple(s.label for s in manifest.sections)
+    if labels != FINAL_SECTIONS:
+        raise StreamError("unexpected sections in the final transfer")
+    state_s, memory_s, persistent_s, digest_s = manifest.sections
+    if state_s.page_size or persistent_s.page_size or digest_s.page_size:
+        raise StreamError("unexpected sections in the final transfer")
+    if (
+        state_s.length > max_state
+        or persistent_s.length > max_persistent
+        or digest_s.length != DIGEST_BODY.size
+    ):
+        raise StreamError("the migrated state does not fit this enclave")
+    state = bytearray(state_s.length)
+    rounds.open_dense(state_s, memoryview(state))
+    rounds.open_pages(memory_s)
+    persistent = bytearray(persistent_s.length)
+    rounds.open_dense(persistent_s, memoryview(persistent))
+    ours, verify_seconds = rounds.own_digest(key, used_length(bytes(state)))
+    body = bytearray(digest_s.length)
+    rounds.open_dense(digest_s, memoryview(body))
+    rounds.slots.end()
+    rounds.compare_digest(ours, bytes(body))
+    figures = {
+        "bytes": rounds.slots.received - before,
+        "memory_bytes": memory_s.length,
+        "rounds": rounds.number,
+        "verify_seconds": verify_seconds,
+    }
+    return bytes(state), bytes(persistent), figures

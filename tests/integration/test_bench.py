@@ -1,0 +1,51 @@
+"""``migsgx bench state`` end to end on a small enclave: the figures it promises are there.
+
+Real processes (two platform services, four enclave and driver processes per
+migration, the raw baseline's four), nothing timed: the assertions are about
+what the JSON holds, not how fast anything was.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from migsgx.lab.bench import state
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="bench state resets peaks through /proc"),
+]
+
+PROCESSES = {"source_driver", "source_enclave", "destination_driver", "destination_enclave"}
+
+
+def test_bench_state_repeats_and_reports_medians_spread_cpu_and_timelines(tmp_path: Path) -> None:
+    result = state.run(2 << 20, 64 << 10, 2, repeat=2)
+    assert len(result["runs"]) == 2
+    for key in ("seconds", "transfer_seconds", "peak_extra_bytes"):
+        spread = result["spread"]["pipelined"][key]
+        assert spread["min"] <= result["pipelined"][key] <= spread["max"]
+        assert sorted(r["pipelined"][key] for r in result["runs"]) == [spread["min"], spread["max"]]
+    for run in result["runs"]:
+        assert run["sequential_over_pipelined"] == pytest.approx(
+            run["sequential"]["seconds"] / run["pipelined"]["seconds"]
+        )
+        for mode in ("pipelined", "sequential"):
+            figures = run[mode]
+            assert set(figures["cpu_by_process"]) == PROCESSES
+            assert set(figures["timeline"]) == PROCESSES
+            seal = figures["timeline"]["source_enclave"]["seal"]
+            opened = figures["timeline"]["destination_enclave"]["open"]
+            commit = figures["timeline"]["source_driver"]["commit"]
+            assert 0 <= seal[0] <= seal[1] <= commit[0] <= commit[1]
+            assert opened[1] <= commit[0]  # the destination loaded before the commit
+    machine = result["machine"]
+    assert machine["cpus"] == os.cpu_count()
+    assert len(machine["loadavg_before"]) == len(machine["loadavg_after"]) == 3
+    assert isinstance(machine["fresh_boot"], bool)
+    png = tmp_path / "timeline.png"
+    state.plot(result, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,157 @@
+"""Checkpoints never fork an enclave (issue 9, item 3): real enclave processes, host a.
+
+A checkpoint restores only after its source committed (the gate in the platform
+store moved to committed in the update that retired the source), at most once
+(the restore consumes the gate in the update that installs the state), and never
+after an abort (the gate, and with it half the stream key, is gone).  The seen
+cases: ``__ckpt_out``, ``__mig_dump``, ``__mig_abort`` and then a restore of the
+directory gave a second live copy; with persistent state, an old checkpoint
+restored after the source had moved on brought old counter values back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("state_helpers")
+
+from state_helpers import Launcher, World, pid_running, wait_gone  # noqa: E402
+from test_persistent_migration import (  # noqa: E402
+    PSTORE_MANIFEST,
+    PSTORE_SOURCE,
+    record_names,
+)
+
+from migsgx.datapath.checkpoint import CheckpointOut, restore_enclave  # noqa: E402
+from migsgx.enclave.persistent import RollbackError  # noqa: E402
+from migsgx.errors import CheckpointGateError, ReplayError  # noqa: E402
+from migsgx.host.client import EnclaveClient  # noqa: E402
+from migsgx.sgx.image import load_author_key, sign_image_dir  # noqa: E402
+
+pytest_plugins = ["state_helpers"]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+@pytest.fixture(scope="module")
+def pstore(world: World) -> str:
+    path = world.root / "images" / "pstore"
+    if "pstore" not in world.images:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "manifest.toml").write_text(PSTORE_MANIFEST)
+        (path / "pstore_enclave.py").write_text(PSTORE_SOURCE)
+        sign_image_dir(path, load_author_key(world.deployment.author_key))
+        world.images["pstore"] = path
+    return "pstore"
+
+
+@pytest.fixture
+def name() -> str:
+    return f"ck-{uuid.uuid4().hex[:12]}"
+
+
+def gates(world: World) -> set[str]:
+    return {n for n in record_names(world, "a") if n.startswith("!ckpt-")}
+
+
+def restore_is_refused(world: World, launch: Launcher, directory: Path) -> None:
+    """A restore of ``directory`` fails before anything runs, and leaves no enclave."""
+
+    before = world.enclave_pids()
+    with pytest.raises(CheckpointGateError):
+        sock, info, _ = restore_enclave(directory, 0, world.socket("a"))
+        launch.track(info.pid)
+        sock.close()
+    for pid in world.enclave_pids() - before:
+        assert wait_gone(pid), f"the refused restore left enclave {pid} running"
+
+
+def restored(launch: Launcher, world: World, directory: Path) -> EnclaveClient:
+    sock, info, files = restore_enclave(directory, 0, world.socket("a"))
+    launch.track(info.pid)
+    client = EnclaveClient(sock, info, image_files=files)
+    launch.clients.append(client)
+    return client
+
+
+def test_an_aborted_checkpoint_never_restores(
+    world: World, launch: Launcher, pstore: str, name: str, tmp_path: Path
+) -> None:
+    client = launch(pstore)
+    client.ecall.open(name)
+    client.ecall.create("c", 5)
+    out = CheckpointOut(client.detach(), client.info, client.image_files)
+    out.write(tmp_path, 0)  # __ckpt_out, __mig_ring, __mig_dump
+    assert len(gates(world)) == 1
+    client.reattach(out.abort())  # __mig_abort: the source runs on
+    assert gates(world) == set()  # the gate (half the key) is gone
+    assert client.ecall.increment("c") == 6
+
+    restore_is_refused(world, launch, tmp_path)
+    assert client.ecall.increment("c") == 7  # still the one copy
+
+
+def test_a_pending_checkpoint_does_not_restore_while_its_source_runs(
+    world: World, launch: Launcher, pstore: str, name: str, tmp_path: Path
+) -> None:
+    client = launch(pstore)
+    client.ecall.open(name)
+    client.ecall.create("c", 1)
+    out = CheckpointOut(client.detach(), client.info, client.image_files)
+    out.write(tmp_path, 0)
+    restore_is_refused(world, launch, tmp_path)  # written, never committed
+    client.reattach(out.abort())
+    assert client.ecall.increment("c") == 2
+
+
+def test_an_old_checkpoint_cannot_roll_counters_back(
+    world: World, launch: Launcher, pstore: str, name: str, tmp_path: Path
+) -> None:
+    client = launch(pstore)
+    client.ecall.open(name)
+    client.ecall.create("c", 10)
+    old_blob = client.ecall.seal(b"old", "c")  # 11
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    out = CheckpointOut(client.detach(), client.info, client.image_files)
+    out.write(first, 0)
+    client.reattach(out.abort())
+    new_blob = client.ecall.seal(b"new", "c")  # 12
+    pid = client.info.pid
+
+    # The source moves on by a committed checkpoint: its record retires.
+    out = CheckpointOut(client.detach(), client.info, client.image_files)
+    out.write(second, 0)
+    out.commit()
+    assert wait_gone(pid)
+    assert name not in record_names(world, "a")
+
+    restore_is_refused(world, launch, first)  # would bring counter 11 back
+    back = restored(launch, world, second)
+    assert back.ecall.read("c") == 12
+    assert back.ecall.unseal(new_blob) == b"new"
+    with pytest.raises(RollbackError):
+        back.ecall.unseal(old_blob)
+    assert gates(world) == set()
+
+
+def test_a_committed_checkpoint_restores_exactly_once(
+    world: World, launch: Launcher, pstore: str, name: str, tmp_path: Path
+) -> None:
+    client = launch(pstore)
+    client.ecall.open(name)
+    client.ecall.create("c", 3)
+    pid = client.info.pid
+    out = CheckpointOut(client.detach(), client.info, client.image_files)
+    out.write(tmp_path, 0)
+    out.commit()
+    assert wait_gone(pid)
+
+    back = restored(launch, world, tmp_path)
+    assert back.ecall.increment("c") == 4
+    with pytest.raises(ReplayError):
+        restored(launch, world, tmp_path)
+    assert back.ecall.increment("c") == 5 and pid_running(back.info.pid)

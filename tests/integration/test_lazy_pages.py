@@ -1,0 +1,319 @@
+"""Post-copy of process pages with real CRIU lazy pages between namespaced hosts.
+
+The tree moves while its memory stays behind: the destination runs it at once
+and pulls pages from the source, in CRIU's mutual TLS with agent identities.
+Every acknowledged write must be present afterwards; a source lost inside the
+window must end in :class:`SourceLostError` with the destination tree dead.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from platform_fixtures import shared_world
+
+from migsgx.agent.tls import issue_agent_identity
+from migsgx.containers.postcopy import PostCopyRestore, lazy_dump, served_port
+from migsgx.criu import Criu, InNetns, InTaskNamespaces
+from migsgx.errors import SourceLostError
+from migsgx.lab.netns import Host, HostNetwork
+from migsgx.system.process import process_state, tree_pids
+
+HostsFactory = Callable[..., HostNetwork]
+SpawnFactory = Callable[..., subprocess.Popen[bytes]]
+KillLater = Callable[[int], int]
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+PAGES = 8192  # 32 MiB of random memory, most of it pulled lazily
+# "put K HEX" writes 8 bytes at page K and answers "ok" once they are in memory;
+# "get K" answers them; "sum" hashes the whole blob.
+WRITER = """
+import hashlib, os, socket, sys
+port_file, pages = sys.argv[1], int(sys.argv[2])
+blob = bytearray(os.urandom(pages * 4096))
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 0))
+srv.listen(16)
+with open(port_file + ".tmp", "w") as f:
+    f.write(str(srv.getsockname()[1]))
+os.replace(port_file + ".tmp", port_file)
+while True:
+    conn, _ = srv.accept()
+    with conn:
+        words = conn.recv(128).split()
+        if words[0] == b"put":
+            k = int(words[1])
+            blob[k * 4096:k * 4096 + 8] = bytes.fromhex(words[2].decode())
+            reply = b"ok"
+        elif words[0] == b"get":
+            k = int(words[1])
+            reply = blob[k * 4096:k * 4096 + 8].hex().encode()
+        else:
+            reply = hashlib.sha256(blob).hexdigest().encode()
+        conn.sendall(reply + b"\\n")
+"""
+
+
+def ask(host: Host, address: str, port: int, line: str) -> str:
+    with host.connect(address, port, timeout=10) as conn:
+        conn.sendall(line.encode())
+        return conn.makefile().readline().strip()
+
+
+def start_writer(spawn: SpawnFactory, host: Host, tmp_path: Path) -> tuple[int, int]:
+    """The writer in a pid namespace of its own (the source tree lives on while it
+    serves pages, so the restored tree cannot reuse its pids); returns (pid, port)."""
+
+    port_file = tmp_path / "port"
+    launcher = spawn(
+        ["unshare", "--pid", "--fork", "setsid", sys.executable, "-c", WRITER,
+         str(port_file), str(PAGES)],
+        host=host,
+    )  # fmt: skip
+    deadline = time.monotonic() + 15
+    while not port_file.exists():
+        assert launcher.poll() is None, (tmp_path / "proc.err").read_text()
+        assert time.monotonic() < deadline, "writer did not start"
+        time.sleep(0.01)
+    return tree_pids(launcher.pid)[1], int(port_file.read_text())
+
+
+class Writes:
+    """A write loop: random pages, random values, each remembered once acknowledged."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.acked: dict[int, str] = {}
+
+    def run(self, host: Host, address: str, port: int, count: int) -> None:
+        for _ in range(count):
+            k, value = self.rng.randrange(PAGES), self.rng.randbytes(8).hex()
+            assert ask(host, address, port, f"put {k} {value}") == "ok"
+            self.acked[k] = value
+
+    def check(self, host: Host, address: str, port: int) -> None:
+        for k, value in self.acked.items():
+            assert ask(host, address, port, f"get {k}") == value, f"page {k} lost its write"
+
+
+class LazySource:
+    """The source half in a thread: a lazy dump; its images are copied at post-dump."""
+
+    def __init__(self, criu: Criu, pid: int, tmp_path: Path, tls: tuple[Path, Path, Path]):
+        self.src_dir = tmp_path / "src-images"
+        self.dst_dir = tmp_path / "dst-images"
+        self.src_dir.mkdir()
+        self.images_ready = threading.Event()
+        self.error: BaseException | None = None
+
+        def notify(script: str, _pid: int) -> None:
+            if script == "post-dump":
+                shutil.copytree(self.src_dir, self.dst_dir)  # the agents stream them
+                self.images_ready.set()
+
+        def work() -> None:
+            try:
+                lazy_dump(
+                    criu, pid, self.src_dir, tls=tls, notify=notify,
+                    enter=InTaskNamespaces(pid),
+                )  # fmt: skip
+            except BaseException as exc:
+                self.error = exc
+            finally:
+                self.images_ready.set()
+
+        self.thread = threading.Thread(target=work, name="lazy-dump", daemon=True)
+        self.thread.start()
+
+    def port(self) -> int:
+        assert self.images_ready.wait(60)
+        assert self.error is None, self.error
+        return served_port(self.src_dir, timeout=30, alive=self.thread.is_alive)
+
+
+Tls = tuple[Path, Path, Path]
+
+
+def identities(tmp_path: Path, src: Host, dst: Host) -> tuple[Tls, Tls]:
+    """Agent identities for both hosts; CRIU checks the source's name against its address."""
+
+    world = shared_world()
+    a = issue_agent_identity(world.ca_dir, tmp_path / "src-agent", "src", [src.address])
+    b = issue_agent_identity(world.ca_dir, tmp_path / "dst-agent", "dst", [dst.address])
+    return (a.ca, a.cert, a.key), (b.ca, b.cert, b.key)
+
+
+def test_post_copy_keeps_every_acknowledged_write(
+    criu: Criu,
+    hosts: HostsFactory,
+    spawn: SpawnFactory,
+    kill_later: KillLater,
+    subreaper: None,
+    tmp_path: Path,
+) -> None:
+    net = hosts("lzs", "lzd", subnet=41)
+    src, dst = net["lzs"], net["lzd"]
+    src_tls, dst_tls = identities(tmp_path, src, dst)
+    pid, port = start_writer(spawn, src, tmp_path)
+    writes = Writes(seed=1)
+    writes.run(dst, src.address, port, 200)
+    source = LazySource(criu, pid, tmp_path, src_tls)
+    served = source.port()
+
+    post = PostCopyRestore(
+        criu, source.dst_dir, (src.address, served), tls=dst_tls, enter=InNetns(dst.netns)
+    )
+    try:
+        new_pid = kill_later(post.restore())
+        # The write loop goes on at the destination while its pages still come in.
+        writes.run(src, dst.address, port, 200)
+        report = post.wait(60)
+    finally:
+        post.close()
+    source.thread.join(60)
+    assert source.error is None, source.error
+    assert report.window_seconds > 0
+    writes.check(src, dst.address, port)
+    assert process_state(new_pid) == "S"
+    assert not os.path.exists(f"/proc/{pid}")  # the source tree died after serving
+
+
+def test_source_lost_in_the_window_kills_the_destination_tree(
+    criu: Criu,
+    hosts: HostsFactory,
+    spawn: SpawnFactory,
+    kill_later: KillLater,
+    subreaper: None,
+    tmp_path: Path,
+) -> None:
+    net = hosts("lzs", "lzd", subnet=42)
+    src, dst = net["lzs"], net["lzd"]
+    src_tls, dst_tls = identities(tmp_path, src, dst)
+    pid, port = start_writer(spawn, src, tmp_path)
+    Writes(seed=2).run(dst, src.address, port, 20)
+    source = LazySource(criu, pid, tmp_path, src_tls)
+    served = source.port()
+    # The source fails after its images left and before a page was pulled: its
+    # CRIU, the only server of the pages, dies.  (The tree itself is left alone:
+    # its stderr file must keep the size the images recorded.)
+    found = _descendants_with(f"dump --rpc -t {pid}".encode())
+    assert found, "the source's CRIU is not running"
+    for swrk in found:
+        os.kill(swrk, signal.SIGKILL)
+    source.thread.join(30)
+    assert source.error is not None
+
+    post = PostCopyRestore(
+        criu, source.dst_dir, (src.address, served), tls=dst_tls, enter=InNetns(dst.netns)
+    )
+    try:
+        with pytest.raises(SourceLostError) as caught:
+            kill_later(post.restore())
+            post.wait(30)
+    finally:
+        post.close()
+    assert "destination tree was killed" in str(caught.value)
+    # Nothing of the tree runs on the destination, with or without its pages.
+    assert [p for p in dst.pids() if b"blob = bytearray" in _cmdline(p)] == []
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _parent(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("PPid:")), 0)
+
+
+def _descendants_with(word: bytes) -> list[int]:
+    """Our descendants whose command line holds ``word`` (the source's CRIU here)."""
+
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or word not in _cmdline(int(entry)):
+            continue
+        pid = int(entry)
+        while pid > 1 and pid != me:
+            pid = _parent(pid)
+        if pid == me:
+            found.append(int(entry))
+    return found
+
+
+def test_source_lost_while_the_tree_runs_never_yields_missing_pages(
+    criu: Criu,
+    hosts: HostsFactory,
+    spawn: SpawnFactory,
+    kill_later: KillLater,
+    subreaper: None,
+    tmp_path: Path,
+) -> None:
+    """The source's link is throttled to 1 Mbit/s, so the 32 MiB cannot all have
+    come (minutes) when the tree runs and a client asks it for a page; the source
+    then dies.  The client gets the right value or none, never a zero page, and
+    the wait ends in SourceLostError with the tree dead."""
+
+    net = hosts("lzs", "lzd", subnet=43)
+    src, dst = net["lzs"], net["lzd"]
+    src_tls, dst_tls = identities(tmp_path, src, dst)
+    pid, port = start_writer(spawn, src, tmp_path)
+    writes = Writes(seed=3)
+    writes.run(dst, src.address, port, 20)
+    source = LazySource(criu, pid, tmp_path, src_tls)
+    served = source.port()
+    server = _descendants_with(f"dump --rpc -t {pid}".encode())
+    assert server, "the source's CRIU is not running"
+    subprocess.run(
+        ["tc", "-n", src.netns, "qdisc", "add", "dev", "eth0", "root", "tbf",
+         "rate", "1mbit", "burst", "32kbit", "latency", "10s"],
+        check=True,
+    )  # fmt: skip
+
+    post = PostCopyRestore(
+        criu, source.dst_dir, (src.address, served), tls=dst_tls, enter=InNetns(dst.netns)
+    )
+    k, value = next(iter(writes.acked.items()))
+    answers: list[str] = []
+
+    def reader() -> None:
+        try:
+            answers.append(ask(src, dst.address, port, f"get {k}"))
+        except OSError:
+            pass
+
+    try:
+        new_pid = kill_later(post.restore())
+        client = threading.Thread(target=reader, daemon=True)
+        client.start()
+        assert post.daemon.poll() is None  # the window is open: pages are still missing
+        for p in server:
+            os.kill(p, signal.SIGKILL)  # the source dies inside the window
+        with pytest.raises(SourceLostError) as caught:
+            post.wait(30)
+        client.join(15)
+    finally:
+        post.close()
+    assert "destination tree was killed" in str(caught.value)
+    assert not client.is_alive()
+    assert answers in ([], [""], [value])  # never another value (a zero page)
+    assert process_state(new_pid) in ("", "Z", "X")
+    source.thread.join(30)

@@ -1,0 +1,277 @@
+"""Live migration of enclaves: pre-copy rounds while ECALLs run, then a short freeze.
+
+Real enclave processes under real platform services, the kernel's dirty
+tracking, TCP on loopback.  The application keeps writing through ECALLs while
+the rounds run; after the commit every acknowledged write is in the destination
+enclave.  Faults: the destination killed in a middle round, a tracker that hides
+a written page (the enclaves refuse), a kernel without tracking (fallback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("state_helpers")
+
+from state_helpers import (  # noqa: E402
+    DestinationDriver,
+    Launcher,
+    World,
+    close_hard,
+    fill_kvstore,
+    wait_gone,
+)
+
+from migsgx.core.rounds import StopRules  # noqa: E402
+from migsgx.datapath.live import FALLBACK, LiveOutgoingEnclave  # noqa: E402
+from migsgx.enclave.dirty import FAULT_ENV  # noqa: E402
+from migsgx.errors import MemoryDigestError, MigrationError, MigSGXError  # noqa: E402
+from migsgx.host.client import EnclaveClient  # noqa: E402
+from migsgx.lab.hosts import ServiceProcess, start_service  # noqa: E402
+from migsgx.sgx.ca import ProvisioningCA  # noqa: E402
+from migsgx.sgx.image import load_author_key, mr_signer_of  # noqa: E402
+from migsgx.sgx.platform import EmulatedPlatform  # noqa: E402
+
+pytest_plugins = ["state_helpers"]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+
+class Writer:
+    """ECALLs in a loop, each put acknowledged before the next: what the client saw."""
+
+    def __init__(self, client: EnclaveClient, value_size: int = 2000) -> None:
+        self.client = client
+        self.value_size = value_size
+        self.acked: dict[str, bytes] = {}
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()
+        self.during: list[int] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            key, value = f"w-{i:06d}", os.urandom(self.value_size)
+            try:
+                self.client.ecall.put(key, value)
+            except BaseException as exc:
+                self.errors.append(exc)
+                return
+            self.acked[key] = value
+            i += 1
+
+    def mark(self) -> None:
+        self.during.append(len(self.acked))
+
+    def finish(self) -> None:
+        self.stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive()
+
+
+def _extra_host(world: World, name: str, env: str) -> tuple[Path, ServiceProcess]:
+    """A host of the same deployment whose platform (the OS) tracks pages as ``env`` says."""
+
+    state = world.root / f"host-{name}"
+    if not state.exists():
+        signer = mr_signer_of(load_author_key(world.deployment.author_key))
+        ca = ProvisioningCA.load(world.deployment.ca_dir)
+        EmulatedPlatform.init(state, ca, host_id=name, allowed_signers=[signer])
+    service = start_service(state, prefix=["env", f"{FAULT_ENV}={env}"])
+    world.services[name] = service
+    return state, service
+
+
+@pytest.fixture
+def destination(world: World) -> Iterator[DestinationDriver]:
+    dest = DestinationDriver(world.socket("b"), commit_timeout=30.0)
+    yield dest
+    dest.close()
+
+
+def _live(
+    client: EnclaveClient, dest: DestinationDriver, rules: StopRules | None = None
+) -> tuple[LiveOutgoingEnclave, socket.socket]:
+    side = client.open_side_channel()
+    out = LiveOutgoingEnclave(side, client.info, client.image_files, peer_timeout=30.0,
+                              rules=rules or StopRules(max_rounds=6))  # fmt: skip
+    peer = socket.create_connection(dest.address, timeout=10)
+    return out, peer
+
+
+def test_kvstore_moves_live_with_every_acknowledged_write(
+    world: World, launch: Launcher, destination: DestinationDriver
+) -> None:
+    client = launch("kvstore")
+    values = fill_kvstore(client)
+    writer = Writer(client)
+    out, peer = _live(client, destination, StopRules(max_rounds=5, downtime_target=0.0))
+    try:
+        writer.mark()
+        rounds: list[dict[str, object]] = []
+        stats = out.precopy(peer, progress=lambda r: (rounds.append(r), writer.mark()))
+        assert stats["stop_rule"] in ("max-rounds", "no-convergence", "converged")
+        assert len(rounds) >= 2 and rounds[0]["round"] == 0
+        # The application's ECALLs were served while the rounds ran.
+        assert writer.during[-1] > writer.during[0], writer.during
+        assert rounds[0]["pages"] >= (48 << 20) // 4096  # round 0: all used memory
+        final = out.finish(client.detach())
+        out.commit()
+    finally:
+        close_hard(peer)
+    destination.join()
+    assert destination.active, repr(destination.error)
+    assert destination.enclave_sock is not None
+    assert final["final"]["verify_seconds"] >= 0
+    assert final["destination"]["rounds"]
+    client.reattach(destination.enclave_sock)
+    launch.track(destination.pid)
+    writer.mark()
+    writer.finish()
+    assert not writer.errors, writer.errors
+    assert writer.acked
+    for key, value in values.items():
+        assert client.ecall.get(key) == value
+    for key, value in writer.acked.items():
+        assert client.ecall.get(key) == value, key
+    assert client.info.pid != destination.pid
+    assert wait_gone(out.info.pid), "the source enclave still runs after the commit"
+
+
+def test_destination_killed_in_a_middle_round_leaves_the_source_running(
+    world: World, launch: Launcher, destination: DestinationDriver
+) -> None:
+    client = launch("kvstore")
+    values = fill_kvstore(client, count=16)
+    writer = Writer(client)
+    out, peer = _live(client, destination, StopRules(max_rounds=8, downtime_target=0.0))
+
+    def kill_destination(figures: dict[str, object]) -> None:
+        if figures["round"] == 1 and destination.pid is None and destination.incoming:
+            info = destination.incoming.info
+            assert info is not None
+            os.kill(info.pid, signal.SIGKILL)
+
+    try:
+        with pytest.raises(MigSGXError):
+            out.precopy(peer, progress=kill_destination)
+    finally:
+        close_hard(peer)
+    writer.mark()
+    # The source was never frozen: it keeps serving, with its state, and can migrate again.
+    with contextlib.suppress(Exception):
+        destination.join()
+    before = len(writer.acked)
+    client.ecall.put("after", b"fault")
+    writer.finish()
+    assert not writer.errors, writer.errors
+    assert len(writer.acked) >= before
+    for key, value in values.items():
+        assert client.ecall.get(key) == value
+    for key, value in list(writer.acked.items())[-50:]:
+        assert client.ecall.get(key) == value
+    assert client.ecall.get("after") == b"fault"
+    assert client.call("__mig_status")["role"] is None
+
+
+def test_hidden_dirty_page_is_refused_never_a_silent_difference(
+    world: World, launch: Launcher, destination: DestinationDriver
+) -> None:
+    # The OS of host "h" never reports page 2 as written: a kvstore write lands there.
+    _, service = _extra_host(world, "h", "hide=2")
+    try:
+        client = launch("kvstore", host="h")
+        client.ecall.put("first", b"x" * 100)
+        out, peer = _live(client, destination, StopRules(max_rounds=2, downtime_target=0.0))
+        try:
+            out.precopy(peer)
+            # After round 0, a write into page 2 (heap offset 8192+), hidden by the tracker.
+            client.ecall.put("pad", b"p" * 8192)
+            client.ecall.put("hidden", b"h" * 64)
+            with pytest.raises(MigrationError):
+                out.finish(client.detach())
+        finally:
+            close_hard(peer)
+        destination.join()
+        assert isinstance(destination.error, MemoryDigestError), repr(destination.error)
+        assert not destination.active
+        # The source aborted and runs on with the write the tracker hid.
+        client.reattach(out.abort("refused"))
+        assert client.ecall.get("hidden") == b"h" * 64
+        assert client.ecall.get("first") == b"x" * 100
+    finally:
+        del world.services["h"]
+        service.stop()
+
+
+def test_without_tracking_live_says_so_and_falls_back(
+    world: World, launch: Launcher, destination: DestinationDriver
+) -> None:
+    _, service = _extra_host(world, "u", "unavailable")
+    try:
+        client = launch("kvstore", host="u")
+        values = fill_kvstore(client, count=8)
+        out, peer = _live(client, destination)
+        try:
+            stats = out.precopy(peer)
+            assert stats["fallback"] == FALLBACK == "stop-and-copy"
+            assert "disabled" in stats["reason"]
+            assert out.rounds == []
+            final = out.finish(client.detach())
+            out.commit()
+        finally:
+            close_hard(peer)
+        destination.join()
+        assert destination.active, repr(destination.error)
+        assert final["memory_bytes"] >= 48 << 20  # everything went in the final transfer
+        assert destination.enclave_sock is not None
+        client.reattach(destination.enclave_sock)
+        launch.track(destination.pid)
+        for key, value in values.items():
+            assert client.ecall.get(key) == value
+    finally:
+        del world.services["u"]
+        service.stop()
+
+
+def test_side_channel_closing_mid_rounds_aborts_in_the_enclave(
+    world: World, launch: Launcher, destination: DestinationDriver
+) -> None:
+    # The tool dies after round 0: its side channel closes with nobody to send
+    # __mig_abort.  The enclave aborts by itself and keeps serving.
+    client = launch("kvstore")
+    values = fill_kvstore(client, count=8)
+    side = client.open_side_channel()
+    out = LiveOutgoingEnclave(side, client.info, client.image_files, peer_timeout=30.0,
+                              rules=StopRules(max_rounds=6, downtime_target=0.0))  # fmt: skip
+    peer = socket.create_connection(destination.address, timeout=10)
+
+    def die(figures: dict[str, object]) -> None:
+        if figures["round"] == 0:
+            side.shutdown(socket.SHUT_RDWR)  # what the kernel does when the tool dies
+
+    try:
+        with pytest.raises(MigSGXError):
+            out.precopy(peer, progress=die)
+    finally:
+        close_hard(peer)
+    status: dict[str, object] = {}
+    for _ in range(100):
+        status = client.call("__mig_status")
+        if status["role"] is None:
+            break
+        threading.Event().wait(0.05)
+    assert status == {"role": None, "committed": False, "handshake_done": False}
+    for key, value in values.items():
+        assert client.ecall.get(key) == value
+    client.ecall.put("after", b"x")
+    assert client.ecall.get("after") == b"x"

@@ -1,0 +1,54 @@
+"""Medians, spreads and timelines of the benchmarks' JSON (no processes involved)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from migsgx.lab.bench.figures import cpu_seconds, machine_state, shift_timeline, summarize
+
+
+def test_top_level_keys_hold_medians_and_spread_holds_min_max() -> None:
+    runs = [
+        {"pipelined": {"seconds": 3.0, "mode": "pipelined"}, "ratio": 2.0, "ok": True},
+        {"pipelined": {"seconds": 1.0, "mode": "pipelined"}, "ratio": 4.0, "ok": True},
+        {"pipelined": {"seconds": 2.0, "mode": "pipelined"}, "ratio": 3.5, "ok": True},
+    ]
+    result = summarize(runs)
+    assert result["pipelined"] == {"seconds": 2.0, "mode": "pipelined"}
+    assert result["ratio"] == 3.5
+    assert result["ok"] is True  # flags are not averaged
+    assert result["spread"]["pipelined"]["seconds"] == {"min": 1.0, "max": 3.0}
+    assert result["spread"]["ratio"] == {"min": 2.0, "max": 4.0}
+    assert "ok" not in result["spread"]
+    assert result["runs"] == runs
+
+
+def test_even_number_of_runs_takes_the_middle_mean() -> None:
+    assert summarize([{"x": 1.0}, {"x": 2.0}])["x"] == 1.5
+
+
+def test_no_runs_is_an_error() -> None:
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_timeline_is_relative_to_its_first_event_and_drops_empty_phases() -> None:
+    shifted = shift_timeline(
+        {
+            "driver": {"launch": [100.0, 100.5], "send": [100.7, 100.7]},
+            "enclave": {"seal": [100.2, 101.0]},
+        }
+    )
+    assert shifted == {"driver": {"launch": [0.0, 0.5]}, "enclave": {"seal": [0.2, 1.0]}}
+
+
+def test_machine_state_and_cpu_time_of_this_process() -> None:
+    state = machine_state([0.5, 0.25, 0.0])
+    assert state["loadavg_before"] == [0.5, 0.25, 0.0]
+    assert len(state["loadavg_after"]) == 3
+    assert state["fresh_boot"] == (state["uptime_seconds"] < 900)
+    spent = cpu_seconds(os.getpid())
+    sum(i * i for i in range(2_000_000))  # burn some CPU
+    assert cpu_seconds(os.getpid()) > spent

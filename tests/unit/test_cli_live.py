@@ -1,0 +1,50 @@
+"""``migsgx bench live``: options reach the library, one JSON object comes out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from migsgx import cli
+from migsgx.core.rounds import StopRules
+from migsgx.lab.bench import live as bench_live
+
+
+def _fake_result(size: int, rate: int) -> dict[str, Any]:
+    mode = {"downtime_seconds": 0.1, "bytes_over_size": 1.1, "rounds": 3, "runs": [], "spread": {}}
+    return {
+        "enclave_bytes": size,
+        "dirty_rate_bytes_per_s": rate,
+        "stop_and_copy": {**mode, "downtime_seconds": 2.0, "rounds": 0},
+        "live": mode,
+        "live_over_stop_and_copy_downtime": 0.05,
+    }
+
+
+def test_bench_live_passes_options_and_prints_json(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_run(size: int, rate: int, repeat: int, **kw: Any) -> dict[str, Any]:
+        seen.update(size=size, rate=rate, repeat=repeat, **kw)
+        return _fake_result(size, rate)
+
+    monkeypatch.setattr(bench_live, "run", fake_run)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["bench", "live", "--enclave-size", "1GiB", "--dirty-rate", "50MiB",
+                  "--repeat", "4", "--max-rounds", "7", "--json"])  # fmt: skip
+    assert exited.value.code == cli.EXIT_OK
+    out = json.loads(capsys.readouterr().out)
+    assert out["stop_and_copy"]["downtime_seconds"] == 2.0
+    assert (seen["size"], seen["rate"], seen["repeat"]) == (1 << 30, 50 << 20, 4)
+    assert seen["rules"] == StopRules(max_rounds=7)
+
+
+def test_bench_live_refuses_bad_rules(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["bench", "live", "--max-rounds", "0", "--json"])
+    assert exited.value.code != cli.EXIT_OK
+    assert "max_rounds" in capsys.readouterr().err

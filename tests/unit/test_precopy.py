@@ -1,0 +1,283 @@
+"""Pre-copy rounds with both enclave ends in one process (``docs/spec/precopy.md``).
+
+Real enclave memory, the kernel's dirty tracking, real shared-memory rings and
+stream channels; only the processes and TCP are left out.  A relay between two
+rings records what the untrusted side moved, so that rounds can be replayed,
+dropped or reordered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from migsgx.core.policy import EnclaveIdentity
+from migsgx.core.rounds import MAX_ROUNDS, StopRules, digest_key, round_label
+from migsgx.core.stream import StreamChannel
+from migsgx.datapath.ring import ShmRing
+from migsgx.enclave.dirty import FAULT_ENV
+from migsgx.enclave.memory import PAGE_SIZE, EnclaveMemory
+from migsgx.enclave.precopy import SourceRounds, final_dump
+from migsgx.enclave.precopy_in import DestinationRounds, final_load
+from migsgx.errors import LiveMigrationError, MemoryDigestError, ProtocolError, StreamError
+
+pytestmark = pytest.mark.timeout(60)
+
+SRC = EnclaveIdentity(hashlib.sha256(b"mr").digest(), hashlib.sha256(b"signer").digest(), 7, 3)
+DST = EnclaveIdentity(SRC.mr_enclave, SRC.mr_signer, 7, 3)
+MID = bytes(range(16))
+SECRET = hashlib.sha256(b"pre-copy secret").digest()
+KEY = digest_key(SECRET, MID)
+CHUNK = 64 << 10
+SIZE = 4 << 20
+USED = 2 << 20
+
+
+class Pair:
+    """A source and a destination enclave memory joined by stream channels and rings."""
+
+    def __init__(self) -> None:
+        self.src = EnclaveMemory(SIZE)
+        self.dst = EnclaveMemory(SIZE)
+        self.src.allocate("heap", USED)
+        common: dict[str, Any] = {"migration_id": MID, "source": SRC, "destination": DST}
+        self.tx = StreamChannel(SECRET, sending=True, **common)
+        self.rx = StreamChannel(SECRET, sending=False, **common)
+        self.out = SourceRounds.arm(self.src, self.tx)
+        self.into = DestinationRounds(self.dst, self.rx, digest_key=KEY)
+        self.recorded: list[list[tuple[bytes, bool]]] = []
+
+    def write(self, pages: list[int], tag: int) -> None:
+        view = self.src.view()
+        for p in pages:
+            view[p * PAGE_SIZE : p * PAGE_SIZE + 8] = bytes([tag]) * 8
+        view.release()
+
+    def move(
+        self,
+        send: Callable[[SourceRounds], Any],
+        receive: Callable[[DestinationRounds], Any] | None,
+        *,
+        replace: list[tuple[bytes, bool]] | None = None,
+    ) -> Any:
+        """One transfer: source -> ring -> relay (records, may replace) -> ring -> destination."""
+
+        a_prod, a_cons = ShmRing.pair(2, CHUNK + 16)
+        b_prod, b_cons = ShmRing.pair(2, CHUNK + 16)
+        self.out.ring, self.into.ring = a_prod, b_cons
+        record: list[tuple[bytes, bool]] = []
+        errors: list[BaseException] = []
+
+        def source() -> None:
+            try:
+                send(self.out)
+            except BaseException as exc:
+                errors.append(exc)
+                a_prod.close()
+
+        def relay() -> None:
+            try:
+                while True:
+                    index, view, final = a_cons.next(10)
+                    record.append((bytes(view), final))
+                    a_cons.release(index)
+                    if final:
+                        break
+                for data, final in replace if replace is not None else record:
+                    index, slot = b_prod.acquire(10)
+                    slot[: len(data)] = data
+                    b_prod.publish(index, len(data), final)
+            except BaseException as exc:
+                errors.append(exc)
+                b_prod.close()
+
+        threads = [threading.Thread(target=source), threading.Thread(target=relay)]
+        for t in threads:
+            t.start()
+        try:
+            if receive is None:  # the relay drops the transfer
+                for t in threads:
+                    t.join(10)
+                assert not errors, errors
+                return None
+            return receive(self.into)
+        finally:
+            for ring in (a_cons, b_prod, a_prod, b_cons):
+                ring.close()
+            for t in threads:
+                t.join(10)
+            self.recorded.append(record)
+
+    def round(self, **kw: Any) -> Any:
+        return self.move(lambda s: s.round(CHUNK), lambda d: d.load_round(), **kw)
+
+    def final(self, used: int = USED) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+
+        def send(s: SourceRounds) -> None:
+            result["source"] = final_dump(s, KEY, b"small state", b"", CHUNK)
+
+        def receive(d: DestinationRounds) -> Any:
+            return final_load(d, KEY, 1 << 20, 1 << 20, used_length=lambda _: used)
+
+        state, persistent, figures = self.move(send, receive)
+        assert (state, persistent) == (b"small state", b"")
+        return {**result, "destination": figures}
+
+    def same(self) -> bool:
+        return bytes(self.src.view(0, USED)) == bytes(self.dst.view(0, USED))
+
+    def close(self) -> None:
+        self.out.close()
+
+
+@pytest.fixture
+def pair() -> Any:
+    p = Pair()
+    yield p
+    p.close()
+
+
+def test_rounds_then_final_make_the_same_memory_and_latest_copy_wins(pair: Pair) -> None:
+    pair.write([0, 5, 100], 1)
+    first = pair.round()
+    assert first == {**first, "round": 0, "pages": USED // PAGE_SIZE}
+    pair.write([5, 6, 300], 2)  # page 5 travels again
+    second = pair.round()
+    # pages 0, 5, 100 were written after the tracker was armed: they travel again too
+    assert second["pages"] == 5 and second["round"] == 1
+    pair.write([5, 7], 3)
+    figures = pair.final()
+    assert figures["source"]["final_pages"] == 2
+    assert figures["destination"]["rounds"] == 2
+    assert bytes(pair.dst.view(5 * PAGE_SIZE, 8)) == b"\x03" * 8
+    assert pair.same()
+
+
+def test_destination_digest_without_cached_tags_agrees(pair: Pair) -> None:
+    pair.into.digest_key = None  # nothing hashed between rounds: all at the end
+    pair.write([0, 70, 200], 1)
+    pair.round()
+    pair.write([70, 71], 2)
+    pair.round()
+    pair.write([300], 3)
+    figures = pair.final()
+    assert figures["source"]["final_pages"] == 1
+    assert pair.same()
+
+
+def test_a_round_with_nothing_written_is_empty(pair: Pair) -> None:
+    pair.round()
+    assert pair.round()["pages"] == 0
+    pair.final()
+    assert pair.same()
+
+
+def test_final_without_rounds_carries_everything(pair: Pair) -> None:
+    pair.write([1, 2], 9)
+    figures = pair.final()
+    assert figures["source"]["final_pages"] == USED // PAGE_SIZE
+    assert pair.same()
+
+
+def test_hidden_write_is_caught_by_the_digest(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    pair.out.close()
+    monkeypatch.setenv(FAULT_ENV, "hide=9")
+    pair.out = SourceRounds.arm(pair.src, pair.tx)
+    pair.round()
+    pair.write([8, 9], 4)  # the tracker reports 8 only
+    with pytest.raises(MemoryDigestError):
+        pair.final()
+
+
+def test_digest_over_another_length_is_refused(pair: Pair) -> None:
+    pair.round()
+    with pytest.raises(MemoryDigestError):
+        pair.final(used=USED - PAGE_SIZE)  # the state declares less than the source covered
+
+
+def test_replayed_round_is_refused(pair: Pair) -> None:
+    pair.round()
+    pair.write([3], 1)
+    pair.round()
+    pair.write([4], 2)
+    # The untrusted side delivers round 1 again in place of round 2.
+    with pytest.raises(StreamError):
+        pair.round(replace=pair.recorded[1])
+
+
+def test_dropped_round_is_refused(pair: Pair) -> None:
+    pair.round()
+    pair.write([3], 1)
+    pair.move(lambda s: s.round(CHUNK), None, replace=[])  # round 1 never reaches the enclave
+    assert pair.out.number == 2
+    pair.write([4], 2)
+    with pytest.raises(StreamError):
+        pair.round()
+
+
+def test_final_offered_as_a_round_is_refused(pair: Pair) -> None:
+    pair.round()
+
+    def send(s: SourceRounds) -> None:
+        final_dump(s, KEY, b"x", b"", CHUNK)
+
+    with pytest.raises(StreamError):
+        pair.move(send, lambda d: d.load_round())
+
+
+def test_no_round_after_the_final_began(pair: Pair) -> None:
+    pair.round()
+    pair.final()
+    with pytest.raises(ProtocolError):
+        pair.out.round(CHUNK)
+
+
+def test_round_limit(pair: Pair) -> None:
+    pair.out.number = MAX_ROUNDS
+    with pytest.raises(LiveMigrationError):
+        pair.out.round(CHUNK)
+
+
+def test_round_labels_are_numbered() -> None:
+    assert [round_label(n) for n in (0, 1, 12)] == [
+        "round-0/memory",
+        "round-1/memory",
+        "round-12/memory",
+    ]
+
+
+# --- stop rules ---------------------------------------------------------------------------
+def r(pages: int, seconds: float = 0.1) -> dict[str, Any]:
+    return {"pages": pages, "bytes": pages * 4096, "seconds": seconds}
+
+
+def test_stop_rules_each_named() -> None:
+    rules = StopRules(downtime_target=0.01, max_rounds=10, stall_rounds=2, max_seconds=5)
+    big = r(10_000, 0.5)  # 80 MiB/s
+    assert rules.decide([], 0, 1 << 30) is None
+    assert rules.decide([big], 0, 1 << 30) is None
+    assert rules.decide([big, r(100)], 0, 1 << 30) == "converged"  # 5 ms at 80 MiB/s
+    assert rules.decide([big, r(900), r(950), r(990)], 0, 1 << 30) == "no-convergence"
+    assert rules.decide([big, r(900), r(800)], 6.0, 1 << 30) == "max-seconds"
+    assert rules.decide([big] + [r(900 - i) for i in range(9)], 0, 1 << 30) == "max-rounds"
+    assert rules.decide([big, r(900)], 0, 20_000_000) == "max-bytes"
+    assert rules.decide([big, r(900), r(800)], 0, 1 << 30) is None
+
+
+def test_stop_rules_estimate_uses_the_measured_bandwidth() -> None:
+    rounds = [r(25_600, 1.0), r(256)]  # 100 MiB in 1 s, then 1 MiB
+    assert StopRules.estimate(rounds) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"max_rounds": 0}, {"max_rounds": MAX_ROUNDS + 1}, {"stall_rounds": 0}, {"max_seconds": 0}],
+)
+def test_stop_rules_refuse_nonsense(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        StopRules(**bad)
