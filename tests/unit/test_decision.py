@@ -167,3 +167,14 @@ def test_destination_keeps_its_copy_after_loaded(world: World) -> None:
     assert not move.into.discarded
     assert move.into.commit_in(move.out.commit()) == {"active": True}  # late, still runs
     assert not move.into.discarded
+
+
+def test_a_recover_query_sees_claims_of_any_owner(tmp_path: Path) -> None:
+    """The destination agent answers ``deliver`` for an ended session from the claims."""
+
+    store = CounterStore(tmp_path / "c.cbor")
+    mid = _mid()
+    assert not store.claimed_by_any(mid)
+    assert store.claim(OWNER, mid)
+    assert store.claimed_by_any(mid)
+    assert not store.claimed_by_any(_mid())

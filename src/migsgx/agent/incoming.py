@@ -34,8 +34,8 @@ from ..datapath.engine import IncomingEnclave
 from ..errors import ConnectionClosedError, FrameError, MigSGXError, ProtocolError
 from ..host.appctl import info_from_wire
 from ..host.client import EnclaveInfo
-from ..sgx.counters import ClaimStore
-from ..sgx.platform import CLAIMS
+from ..sgx.counters import CounterStore
+from ..sgx.platform import COUNTERS
 from ..system.process import continue_tree, wait_stopped
 from ..wire import recv_frame, send_frame
 from .applink import AppLink
@@ -388,9 +388,13 @@ class IncomingMigration:
         target = self.agent.find_session(msg["session_id"], besides=self)
         if target is not None:
             return {"t": "delivered", **target.deliver(msg["frames"])}
-        # No such session (it ended): this host's claim store says whether it ran.
+        # No such session (it ended): this host's platform store (its claims) says
+        # whether it ran.
         mids = msg.get("enclave_mids") or []
-        claims = ClaimStore(self.config.state / CLAIMS)
+        store = self.config.state / COUNTERS
+        if not store.exists():  # (opening it would create it)
+            return {"t": "delivered", "outcome": "unknown", "pid": 0}
+        claims = CounterStore(store)
         if mids and all(isinstance(m, bytes) and claims.claimed_by_any(m) for m in mids):
             return {"t": "delivered", "outcome": "resumed", "pid": 0}
         return {"t": "delivered", "outcome": "unknown", "pid": 0}

@@ -398,6 +398,17 @@ class CounterStore:
             claims = self._load_all()["claims"]
         return owner + b"/" + bytes(mid) in claims or self._claimed_before(owner, mid)
 
+    def claimed_by_any(self, mid: bytes) -> bool:
+        """Whether any enclave claimed ``mid`` here (an agent answering ``migsgx recover``)."""
+
+        tail = b"/" + _check_mid(mid)
+        with self._locked():
+            claims = self._load_all()["claims"]
+        if any(bytes(c).endswith(tail) for c in claims):
+            return True
+        legacy = self._path.with_name(LEGACY_CLAIMS)
+        return legacy.exists() and ClaimStore(legacy).claimed_by_any(mid)
+
     def _claimed_before(self, owner: bytes, mid: bytes) -> bool:
         """Claims of the former, separate claim store (``migrations.cbor``) still count."""
 
