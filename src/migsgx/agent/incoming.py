@@ -733,15 +733,29 @@ class IncomingMigration:
 
 
 def _platform_alive(path: Path) -> bool:
+    """Whether the platform service that listens on ``path`` still runs.
+
+    A connection alone does not tell: a child the service forked may still
+    hold the listening socket for a moment after the service died, and the
+    kernel then queues connections for nobody.  The process that listened
+    (``SO_PEERCRED``) must be alive and not a zombie.
+    """
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(2.0)
         sock.connect(str(path))
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
     except OSError:
         return False
     finally:
         sock.close()
-    return True
+    pid = int.from_bytes(creds[:4], "little")
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
 
 
 def _inject(action: str | None, session: IncomingMigration) -> None:
