@@ -90,6 +90,13 @@ PLATFORM = Schema(
             "absent": bool,
             "expect": (bytes, NONE),  # SHA-256 of the record replaced (compare-and-set)
         },
+        # A migration decision; "changes" (ps_txn's) go in the same write.
+        "decide": {
+            "mid": bytes,
+            "kind": str,
+            "frame": bytes,
+            "changes": list,
+        },
         # several ps_update bodies (each with its "name"), applied as one atomic write
         # with "claim", the migration id is claimed in the same write
         "ps_txn": {"changes": list, "claim": (bytes, NONE)},

@@ -24,7 +24,8 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_IMAGE = 4
 EXIT_ATTESTATION = 5
-EXIT_MIGRATION = 6
+EXIT_MIGRATION = 6  # did not move: the source runs as before
+EXIT_IN_DOUBT = 7  # the outcome is not known here: run ``migsgx recover``
 EXIT_SOURCE_GONE = 8  # the source ended during the migration: nothing moved, nothing runs
 #: The source died while the destination still pulled process pages from it
 #: (post-copy window): the destination tree was killed; the application is lost.
@@ -32,8 +33,16 @@ EXIT_SOURCE_LOST = 9
 
 
 def _exit_code(exc: MigSGXError) -> int:
-    from .errors import AttestationError, MigrationError, SourceGoneError, SourceLostError
+    from .errors import (
+        AttestationError,
+        InDoubtError,
+        MigrationError,
+        SourceGoneError,
+        SourceLostError,
+    )
 
+    if isinstance(exc, InDoubtError):
+        return EXIT_IN_DOUBT
     if isinstance(exc, SourceLostError):
         return EXIT_SOURCE_LOST
     if isinstance(exc, ConfigError):
@@ -401,4 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     except MigSGXError as exc:
         click.echo(f"migsgx: error [{exc.code}]: {exc}", err=True)
         sys.exit(_exit_code(exc))
+    except Exception as exc:  # a fault must never end in a traceback
+        click.echo(f"migsgx: error [internal]: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
     sys.exit(EXIT_OK)

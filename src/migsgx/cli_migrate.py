@@ -160,6 +160,36 @@ def agent_serve(
             service.stop()
 
 
+# --- recover ------------------------------------------------------------------------------------
+@click.command("recover")
+@click.option("--state", type=click.Path(path_type=Path), required=True,
+              help="this host's state directory (platform store, journals)")  # fmt: skip
+@click.option("--ca", "ca_dir", type=click.Path(path_type=Path), default=None)
+@click.option("--json", "as_json", is_flag=True, help="print each migration's resolution as JSON")
+def recover_command(state: Path, ca_dir: Path | None, as_json: bool) -> None:
+    """Resolve migrations in doubt from this host's durable records (idempotent).
+
+    Each unfinished migration of this (source) host is brought to exactly one
+    runnable copy: a recorded COMMIT is delivered to the destination again and
+    the stopped source removed; a recorded ABORT ends the destination's copy
+    and the source continues.  Exit status 7 while any stays in doubt.
+    """
+
+    from .agent.recover import recover
+    from .agent.tls import AgentIdentity
+    from .errors import InDoubtError
+
+    results = recover(state, AgentIdentity.of_state(state, ca=ca_dir))
+    if as_json:
+        _emit([r.to_dict() for r in results])
+    else:
+        for r in results:
+            click.echo(f"{r.mid}  {r.phase:9}  {r.decision:6}  {r.outcome:11}  {r.detail}")
+    doubtful = [r.mid for r in results if r.in_doubt]
+    if doubtful:
+        raise InDoubtError(f"{len(doubtful)} migration(s) remain in doubt: {', '.join(doubtful)}")
+
+
 # --- migrate ------------------------------------------------------------------------------------
 @click.command("migrate")
 @click.argument("pid", type=int, required=False)
@@ -226,7 +256,7 @@ def migrate_command(
     )
     chosen = [(n, v) for n, v in named if v is not None]
     if len(chosen) != 1:
-        raise ConfigError(
+        raise click.UsageError(
             "name exactly one of PID, --runc CONTAINER_ID, --podman NAME, --containerd CONTAINER_ID"
         )
     driver, target = chosen[0]
@@ -477,6 +507,7 @@ def register(cli: click.Group) -> None:
 
     cli.add_command(agent)
     cli.add_command(migrate_command)
+    cli.add_command(recover_command)
     cli.add_command(checkpoint_command)
     cli.add_command(restore_command)
     cli.add_command(demo_command)  # the demo, with its container variant

@@ -323,6 +323,22 @@ class CommittedError(MigrationError):
     code = "committed"
 
 
+class AwaitingDecisionError(MigrationError):
+    """This enclave confirmed its load: only the source's decision ends the migration."""
+
+    code = "awaiting-decision"
+
+
+class InDoubtError(MigSGXError):
+    """The outcome is not known here yet: nothing was lost, run ``migsgx recover``.
+
+    Not a :class:`MigrationError`: a caller that treats those as "did not move,
+    the source runs" must not treat this one so.
+    """
+
+    code = "in-doubt"
+
+
 class DirtyTrackingError(MigrationError):
     """The kernel's tracking of written enclave pages cannot be used."""
 

@@ -53,6 +53,7 @@ from migsgx.core.handshake import (  # noqa: E402
 from migsgx.datapath.engine import IncomingEnclave, OutgoingEnclave  # noqa: E402
 from migsgx.errors import (  # noqa: E402
     AttestationError,
+    AwaitingDecisionError,
     ConnectionClosedError,
     EnclaveBusyError,
     FrameError,
@@ -495,8 +496,12 @@ def test_aborted_destination_never_runs_with_the_state(world: World, launch: Any
         assert vault.ecall.read() == secret
         assert "read" not in captured, "the aborted destination ran with the migrated secret"
         assert isinstance(captured.get("read_error"), EnclaveBusyError)
-        # Once discarded, it can neither migrate out (and back to life) nor abort again.
-        assert len(captured.get("refused", [])) == 2, captured
+        # After LOADED its driver cannot discard it (only the source's decision can), nor
+        # make it migrate out (and back to life).
+        refused = captured.get("refused", [])
+        assert len(refused) == 3, captured
+        assert isinstance(refused[0], AwaitingDecisionError)
+        assert isinstance(refused[2], AwaitingDecisionError)
         close_hard(captured["link"].sock)
 
 

@@ -277,7 +277,7 @@ def test_migrate_takes_exactly_one_workload(
     for argv in ([], ["12", "--runc", "kv"], ["--runc", "kv", "--podman", "kv"]):
         with pytest.raises(SystemExit) as exited:
             cli.main(["migrate", *argv, "--to", "10.250.0.2:7070", "--state", str(tmp_path)])
-        assert exited.value.code == 3
+        assert exited.value.code == cli.EXIT_USAGE  # bad usage, not configuration
         assert "exactly one" in capsys.readouterr().err
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from platform_fixtures import World, make_image, shared_world
 
-from migsgx.core.commit import CommitError
+from migsgx.core.commit import CommitError, CommitState
 from migsgx.core.peer import (
     CHUNK_HEADER,
     TRANSITIONS,
@@ -478,7 +478,14 @@ class Migration:
     def abort(self) -> None:
         frame = self.out.abort("the test gives up")
         self.pipe.ends[S].sent(MESSAGES["abort"] | {"frame": frame})
-        if self.into is not None:
+        if self.into is None:
+            return
+        dc = self.into.dest_commit
+        if dc is not None and dc.state is CommitState.AWAIT_COMMIT:
+            # It made LOADED: only the source's authenticated ABORT ends it.
+            with pytest.raises(MigrationError, match="source aborted"):
+                self.into.commit_in(frame)
+        else:
             self.into.abort("the test gives up")
 
     def assert_source_intact(self) -> None:

@@ -32,8 +32,10 @@ from migsgx.enclave.persistent import (
 from migsgx.enclave.sdk import EnclaveContext
 from migsgx.enclave.sealing import seal_with_msk
 from migsgx.errors import (
+    AwaitingDecisionError,
     CounterError,
     EnclaveBusyError,
+    MigrationError,
     ProtocolError,
     ReplayError,
     SealError,
@@ -137,8 +139,13 @@ class Move:
         self.into.commit_in(token)
 
     def abort(self) -> None:
-        self.out.abort("the test gives up")
-        self.into.abort("the test gives up")
+        frame = self.out.abort("the test gives up")
+        if self.into.dest_commit is not None and self.into.dest_commit.loaded_frame:
+            # After LOADED only the source's authenticated ABORT ends the destination.
+            with pytest.raises(MigrationError, match="source aborted"):
+                self.into.commit_in(frame)
+        else:
+            self.into.abort("the test gives up")
 
 
 def migrate(source: EnclaveInstance, host: EmulatedPlatform, world: World) -> EnclaveInstance:
@@ -519,8 +526,12 @@ def test_source_keeps_its_state_when_the_destination_never_commits(world: World,
     ctx.mcounter_create("c", 100)
     move = Move(source, _instance(world, world.host_b))
     move.transfer()
-    move.into.abort("the destination crashed after LOADED")
-    move.out.abort("no commit came")
+    # After LOADED the destination refuses to drop its copy on a local request...
+    with pytest.raises(AwaitingDecisionError):
+        move.into.abort("a local request after LOADED")
+    frame = move.out.abort("no commit came")  # ...the source's decision is what counts,
+    with pytest.raises(MigrationError, match="source aborted"):
+        move.into.commit_in(frame)  # and it ends the copy there, with its name's reservation
     assert ctx.mcounter_read("c") == 100
     assert ctx.mcounter_increment("c") == 101
     assert world.host_a.services_for(ctx.identity).persist_read(name) is not None

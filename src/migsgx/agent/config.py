@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..containers import ContainerSettings
 from ..criu import Criu
@@ -45,3 +45,10 @@ class AgentHost(Protocol):
     def adopt(self, pid: int) -> None: ...
 
     def discard(self, path: Path | None) -> None: ...
+
+    # Sessions kept in doubt (a copy past LOADED without its decision), by migration id.
+    def hold(self, session: Any) -> None: ...
+
+    def unhold(self, session: Any) -> None: ...
+
+    def find_session(self, mid: bytes, besides: Any = None) -> Any: ...

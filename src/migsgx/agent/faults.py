@@ -19,6 +19,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ POINTS: Final = frozenset(
         "agent.page-stream",  # ``corrupt``: one byte of CRIU's page stream flipped in flight
         "agent.before-restore",
         "agent.after-restore",
+        "agent.before-resume",  # the tool's resume arrived (the tokens went before it)
         "tool.after-prepare",
         "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
@@ -44,6 +46,8 @@ POINTS: Final = frozenset(
         "tool.before-dump",  # the enclaves stream, CRIU has not started
         "tool.before-commit",
         "tool.after-commit",
+        "tool.before-token",  # each COMMIT token, before it goes on the data connection
+        "tool.enclave-stream",  # each enclave's data connection, once it is open
     }
 )
 
@@ -76,6 +80,9 @@ def fault(point: str) -> str | None:
         name, _, action = item.strip().partition(":")
         if name != point:
             continue
+        # When, on the system-wide monotonic clock: tests measure from here.
+        sys.stderr.write(f"migsgx fault: {point}:{action} at {time.monotonic():.6f}\n")
+        sys.stderr.flush()
         if action == "exit":
             os._exit(70)
         if action == "kill":
@@ -93,6 +100,77 @@ def fault(point: str) -> str | None:
             return None
         return action
     return None
+
+
+def socket_owner(path: Path) -> int:
+    """The pid that listens on the Unix socket ``path`` (``SO_PEERCRED``)."""
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    finally:
+        sock.close()
+    return int.from_bytes(creds[:4], "little")
+
+
+def kill_dead(pids: list[int]) -> None:
+    """SIGKILL ``pids`` and return once each is dead (a zombie holds no socket)."""
+
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10.0
+    while any(_state(p) not in ("", "Z", "X") for p in pids):
+        if time.monotonic() > deadline:
+            raise InjectedFault("fault injection: a victim did not die")
+        time.sleep(0.01)
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2 :][:1]
+
+
+def flipping_relay(peer: socket.socket, offset: int) -> socket.socket:
+    """A loopback relay to ``peer`` that flips one bit of byte ``offset`` sent through it.
+
+    The untrusted side (or the network) corrupting one byte of an enclave stream:
+    what the enclaves must catch.  Returns the relay's near end; bytes from the
+    peer pass unchanged.
+    """
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        near = socket.create_connection(listener.getsockname()[:2])
+        far, _ = listener.accept()
+    finally:
+        listener.close()
+
+    def pump(src: socket.socket, dst: socket.socket, flip_at: int | None) -> None:
+        seen = 0
+        try:
+            while True:
+                data = bytearray(src.recv(1 << 16))
+                if not data:
+                    break
+                if flip_at is not None and seen <= flip_at < seen + len(data):
+                    data[flip_at - seen] ^= 0x01
+                seen += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    for args in ((far, peer, offset), (peer, far, None)):
+        threading.Thread(target=pump, args=args, name="migsgx-fault-relay", daemon=True).start()
+    return near
 
 
 def corrupting_relay(conn: socket.socket, offset: int = 64 << 10) -> socket.socket:

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
 from ..channel import ECALL, ECALL_FRAME_MAX
@@ -48,6 +49,10 @@ __all__ = ["Guardian"]
 _CALL_ID: Final = (1 << 52) + 7
 ABORT_TIMEOUT: Final = 30.0
 RESUME_WAIT: Final = 60.0
+#: How long the guardian keeps delivering a decision that the destination has
+#: not confirmed (it holds the committed source enclaves meanwhile).
+RECOVER_PATIENCE: Final = 600.0
+_LOGGING_ELSEWHERE = False
 
 
 class Guardian:
@@ -120,6 +125,50 @@ def _abort(sock: socket.socket) -> bool:
     return msg["t"] == "err" and msg.get("code") != "committed"
 
 
+def _recover(path: Path) -> None:
+    """``migsgx recover`` for this migration, again with a growing pause while in doubt."""
+
+    from .journal import Journal  # lazy: the guardian starts fast and imports little
+    from .recover import resolve
+    from .tls import AgentIdentity
+
+    pause = 0.5
+    deadline = time.monotonic() + RECOVER_PATIENCE
+    while True:
+        try:
+            journal = Journal.load(path)
+            agent_dir = path.parent.parent
+            result = resolve(journal, agent_dir.parent, AgentIdentity(agent_dir), tool_gone=True)
+        except (MigSGXError, OSError, ValueError) as exc:
+            _log(f"recovery of {path.name} failed: {exc}; run migsgx recover")
+            return
+        _log(f"migration {result.mid}: {result.decision} -> {result.outcome} {result.detail}")
+        if not result.in_doubt:
+            return
+        _log_to(path.with_suffix(".log"))
+        if time.monotonic() > deadline:
+            _log(f"migration {result.mid} is still in doubt: run migsgx recover")
+            return
+        time.sleep(pause)
+        pause = min(pause * 2, 30.0)
+
+
+def _log_to(path: Path) -> None:
+    """From now on report into ``path``: the tool's caller must not wait on our stderr."""
+
+    global _LOGGING_ELSEWHERE
+    if _LOGGING_ELSEWHERE:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError:
+        fd = os.open(os.devnull, os.O_WRONLY)
+    _log(f"still in doubt: the guardian goes on, reporting to {path}")
+    os.dup2(fd, 2)
+    os.close(fd)
+    _LOGGING_ELSEWHERE = True
+
+
 def _log(text: str) -> None:
     sys.stderr.write(f"migsgx guardian[{os.getpid()}]: {text}\n")
     sys.stderr.flush()
@@ -139,15 +188,40 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(line.strip())
     if "done" in notes:
         return 0
+    if "in-doubt" in notes:
+        # The tool ended in doubt: keep the source enclaves and carry the decision.
+        for path in [n.partition(" ")[2] for n in notes if n.startswith("journal ")]:
+            _recover(Path(path))
+        return 0
     fenced = [int(p) for n in notes if n.startswith("fence ") for p in n.split()[1:]]
     frozen = [n.partition(" ")[2] for n in notes if n.startswith("thaw ")]
+    journals = [n.partition(" ")[2] for n in notes if n.startswith("journal ")]
     if "resume-sent" in notes:
         _log("the tool died after the commit point: the source stays stopped")
         return 0
+    # Either way the decisions are recorded now: they are carried to the
+    # destination (``migsgx recover``'s logic), so that its loaded copy runs or
+    # goes; after an abort, once the source runs again.
     if not all([_abort(s) for s in socks]):
         _log("the tool died after the enclaves committed: the destination rolls forward")
+        for path in journals:
+            _recover(Path(path))
         return 0
     _log("the tool died before the commit point: resuming the source")
+    try:
+        return _resume_source(args.app_pid, args.app_name, socks, fenced, frozen)
+    finally:
+        for path in journals:
+            _recover(Path(path))
+
+
+def _resume_source(
+    app_pid: int,
+    app_name: str,
+    socks: list[socket.socket],
+    fenced: list[int],
+    frozen: list[str],
+) -> int:
     for pid in fenced:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
@@ -156,10 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             thaw_file(control)
         except MigSGXError as exc:
             _log(f"could not thaw the source: {exc}")
-    if not os.path.exists(f"/proc/{args.app_pid}"):
+    if not os.path.exists(f"/proc/{app_pid}"):
         _log("the application is gone: its enclaves end with it")
         return 0
-    link = AppLink(args.app_pid, args.app_name, timeout=10)
+    link = AppLink(app_pid, app_name, timeout=10)
     deadline = time.monotonic() + RESUME_WAIT
     while True:
         try:

@@ -20,6 +20,7 @@ import secrets
 import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -33,12 +34,14 @@ from ..datapath.engine import IncomingEnclave
 from ..errors import ConnectionClosedError, FrameError, MigSGXError, ProtocolError
 from ..host.appctl import info_from_wire
 from ..host.client import EnclaveInfo
+from ..sgx.counters import CounterStore
+from ..sgx.platform import COUNTERS
 from ..system.process import continue_tree, wait_stopped
 from ..wire import recv_frame, send_frame
 from .applink import AppLink
 from .config import AgentHost
 from .datalink import KEY_SIZE, accept_data, check_pinned
-from .faults import corrupting_relay, fault
+from .faults import corrupting_relay, fault, kill_dead, socket_owner
 from .protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,
@@ -59,6 +62,9 @@ log = logging.getLogger("migsgx.agent")
 
 DATA_HELLO_TIMEOUT: Final = 10.0
 MAX_DATA_OPENINGS: Final = 2 * MAX_ENCLAVES
+#: How long a delivered decision may take to be judged and carried out before
+#: the deliverer hears "waiting" (and may deliver again).
+DELIVER_WAIT: Final = 20.0
 Reply = dict[str, Any] | None
 
 
@@ -127,7 +133,11 @@ class IncomingMigration:
             "restore": self._restore,
             "resume": self._resume,
             "abort": self._abort_request,
+            "deliver": self._deliver_request,
         }
+        #: Once held in doubt: set when every enclave got its decision and it was carried out.
+        self.settled = threading.Event()
+        self.decided_outcome = ""
 
     @property
     def tag(self) -> str:
@@ -320,7 +330,9 @@ class IncomingMigration:
 
     def _restore(self, msg: dict[str, Any]) -> Reply:
         assert self.images_dir is not None and self.driver is not None
-        corrupt = fault("agent.before-restore") == "corrupt"
+        action = fault("agent.before-restore")
+        _inject(action, self)
+        corrupt = action == "corrupt"
         t0 = time.monotonic()
         restored = self.driver.restore(
             RestoreRequest(
@@ -335,7 +347,9 @@ class IncomingMigration:
         for adopted in (pid, *restored.adopt):
             self.agent.adopt(adopted)
         wait_stopped(pid)
-        fault("agent.after-restore")
+        _inject(fault("agent.after-restore"), self)
+        # Right before the source may commit: every loaded copy must still be there.
+        self._check_enclaves_alive()
         seconds = time.monotonic() - t0
         self.agent.metrics.observe_phase("restore", seconds)
         log.info(
@@ -346,6 +360,8 @@ class IncomingMigration:
 
     def _resume(self, msg: dict[str, Any]) -> Reply:
         t0 = time.monotonic()
+        _inject(fault("agent.before-resume"), self)
+        self._pass_on(msg.get("tokens"))
         attach_seconds = self._resume_tree(self.config.io_timeout)
         self._cleanup()
         assert self.root is not None
@@ -360,8 +376,130 @@ class IncomingMigration:
 
     def _abort_request(self, msg: dict[str, Any]) -> Reply:
         log.info("migration %s: aborted by the tool (%s)", self.tag, msg["reason"][:200])
+        self._pass_on(msg.get("frames"))
+        if msg.get("frames") is not None:
+            self._wait_decided(DELIVER_WAIT)
         self.abort("aborted by the tool")
-        return {"t": "aborted"}
+        return {"t": "aborted", "held": self.agent.find_session(self.session_id) is self}
+
+    def _deliver_request(self, msg: dict[str, Any]) -> Reply:
+        """A decision delivered again, on a connection of its own (``migsgx recover``)."""
+
+        target = self.agent.find_session(msg["session_id"], besides=self)
+        if target is not None:
+            return {"t": "delivered", **target.deliver(msg["frames"])}
+        # No such session (it ended): this host's platform store (its claims) says
+        # whether it ran.
+        mids = msg.get("enclave_mids") or []
+        store = self.config.state / COUNTERS
+        if not store.exists():  # (opening it would create it)
+            return {"t": "delivered", "outcome": "unknown", "pid": 0}
+        claims = CounterStore(store)
+        if mids and all(isinstance(m, bytes) and claims.claimed_by_any(m) for m in mids):
+            return {"t": "delivered", "outcome": "resumed", "pid": 0}
+        return {"t": "delivered", "outcome": "unknown", "pid": 0}
+
+    # --- decisions delivered again ---------------------------------------------------------
+    def _pass_on(self, frames: Any) -> None:
+        """Hand decision frames (one per enclave, b"" for none) to the waiting enclaves."""
+
+        if frames is None:
+            return
+        if len(frames) != len(self.enclaves) or not all(isinstance(f, bytes) for f in frames):
+            raise ProtocolError("one decision frame (bytes) per enclave")
+        for enclave, frame in zip(self.enclaves, frames, strict=True):
+            if frame and enclave.engine is not None and not enclave.decided.is_set():
+                enclave.engine.deliver(frame)
+
+    def _wait_decided(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        return all(e.decided.wait(max(0.0, deadline - time.monotonic())) for e in self.enclaves)
+
+    def deliver(self, frames: Any) -> dict[str, Any]:
+        """Judge delivered frames; the outcome once carried out (or ``waiting``)."""
+
+        self._pass_on(frames)
+        deadline = time.monotonic() + DELIVER_WAIT
+        if self._wait_decided(DELIVER_WAIT):
+            self.settled.wait(max(0.0, deadline - time.monotonic()))
+        return {"outcome": self.decided_outcome or "waiting", "pid": self.root or 0}
+
+    def _awaiting(self) -> list[_Enclave]:
+        """Enclaves past LOADED without a decision: each may hold the only copy."""
+
+        return [
+            e
+            for e in self.enclaves
+            if e.engine is not None and e.engine.awaiting and not e.decided.is_set()
+        ]
+
+    def _hold(self, reason: str) -> None:
+        """Keep everything (held tree, enclaves) until the source's decision arrives."""
+
+        log.warning(
+            "migration %s: %s, but %d enclave(s) confirmed their load: kept in doubt until the "
+            "source's decision is delivered (migsgx recover)",
+            self.tag, reason, len(self._awaiting()),
+        )  # fmt: skip
+        self.agent.hold(self)
+        for sock in self._listeners:
+            with contextlib.suppress(OSError):
+                sock.close()
+        if self._page_server is not None:
+            self._page_server.kill()
+        threading.Thread(target=self._settle, name="migsgx-agent-settle", daemon=True).start()
+
+    def _settle(self) -> None:
+        for enclave in self.enclaves:
+            enclave.decided.wait()
+        with self._decide_lock:
+            committed = [e for e in self.enclaves if e.ecall_sock is not None]
+            if committed:
+                self.no_return = True
+                if len(committed) == len(self.enclaves) and self.root is not None:
+                    try:
+                        self._resume_tree(self.config.io_timeout)
+                        self.decided_outcome = "resumed"
+                        log.info("migration %s: decision delivered: resumed", self.tag)
+                    except MigSGXError as exc:
+                        self.decided_outcome = "failed"
+                        log.error("migration %s: rolling forward failed: %s", self.tag, exc)
+                else:
+                    self.decided_outcome = "partial"
+                    log.error("migration %s: only some enclaves committed: left held", self.tag)
+            else:
+                log.info("migration %s: decision delivered: aborted", self.tag)
+                self._discard_all()
+                self.decided_outcome = "aborted"
+            self._teardown()
+            self.machine.state = (
+                SessionState.RESUMED if self.decided_outcome == "resumed" else SessionState.ABORTED
+            )
+        self.settled.set()
+        self.agent.unhold(self)
+
+    def _check_enclaves_alive(self) -> None:
+        """Each incoming enclave answers, and so does the platform that must claim its id.
+
+        The source commits only after ``restored``: a copy that died before is
+        found here, and the migration aborts with the source running on.
+        """
+
+        if not self.enclaves:
+            return
+        if not _platform_alive(self.config.platform_socket):
+            raise AgentError("the platform service of this host is gone")
+        for enclave in self.enclaves:
+            link = getattr(enclave.engine, "link", None)
+            try:
+                if link is None or enclave.decided.is_set():
+                    raise AgentError("no longer waiting for the decision")
+                link.call("__mig_status")
+            except MigSGXError as exc:
+                raise AgentError(f"enclave {enclave.index} is gone: {exc}") from exc
+
+    def enclave_pids(self) -> list[int]:
+        return [int(getattr(getattr(e.engine, "info", None), "pid", 0)) for e in self.enclaves]
 
     # --- the hand-over -----------------------------------------------------------------------
     def _any_committed(self) -> bool:
@@ -410,7 +548,16 @@ class IncomingMigration:
             log.error("migration %s: not aborting (%s): past the commit point", self.tag, reason)
             self._teardown()
             return
+        if self._awaiting():
+            self._hold(reason)
+            return
         log.info("migration %s: aborting: %s", self.tag, reason)
+        self._discard_all()
+        self._teardown()
+        self.decided_outcome = "aborted"
+        self.settled.set()
+
+    def _discard_all(self) -> None:
         if self.restored is not None and self.driver is not None:
             try:
                 self.driver.discard(self.restored)
@@ -421,12 +568,14 @@ class IncomingMigration:
             if enclave.engine is not None:
                 with contextlib.suppress(Exception):
                     enclave.engine.abort()
-        self._teardown()
 
     def _cleanup(self) -> None:
         with self._lock:
             self._finished = True
         self._teardown()
+        if self.machine.state is SessionState.RESUMED:
+            self.decided_outcome = "resumed"
+        self.settled.set()
 
     def _teardown(self) -> None:
         for sock in self._listeners:
@@ -563,7 +712,9 @@ class IncomingMigration:
             except BaseException as exc:
                 enclave.error = exc
                 enclave.commit_error = exc
-                return
+                if enclave.engine is None or not enclave.engine.awaiting:
+                    return
+                # LOADED may have left: wait for the decision all the same.
             finally:
                 enclave.loaded.set()
             try:
@@ -579,6 +730,51 @@ class IncomingMigration:
             with contextlib.suppress(OSError):
                 out.close()
         return count
+
+
+def _platform_alive(path: Path) -> bool:
+    """Whether the platform service that listens on ``path`` still runs.
+
+    A connection alone does not tell: a child the service forked may still
+    hold the listening socket for a moment after the service died, and the
+    kernel then queues connections for nobody.  The process that listened
+    (``SO_PEERCRED``) must be alive and not a zombie.
+    """
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(2.0)
+        sock.connect(str(path))
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    pid = int.from_bytes(creds[:4], "little")
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
+
+
+def _inject(action: str | None, session: IncomingMigration) -> None:
+    """Fault injection that kills another party of this host at a step (the fault matrix)."""
+
+    if action == "stall":
+        # A network stall of the control connection (no process dies): this
+        # host's firewall drops its packets both ways from now on.
+        port = str(session.tls.getsockname()[1])
+        for chain, side in (("INPUT", "--dport"), ("OUTPUT", "--sport")):
+            subprocess.run(
+                ["iptables", "-I", chain, "-p", "tcp", side, port, "-j", "DROP"],
+                check=True, capture_output=True, timeout=10,
+            )  # fmt: skip
+        return
+    if action == "kill-platform":
+        kill_dead([socket_owner(session.config.platform_socket)])
+    elif action == "kill-enclave":
+        kill_dead([pid for pid in session.enclave_pids() if pid > 0])
 
 
 def _corrupt_images(images: Path) -> None:

@@ -14,6 +14,10 @@ Tool -> agent, in this order::
     restore        -> restored         (the tree exists, SIGSTOPped: held)
     resume         -> resumed          (enclaves committed, tree running, attached)
 
+A connection of its own may instead carry, after ``hello``, one ``deliver``
+(-> ``delivered``): a source's recorded decision (COMMIT tokens or ABORT
+frames) for a migration whose tool went away (``docs/spec/commit.md``).
+
 ``abort`` (-> ``aborted``) is allowed in every state before ``resumed``; any
 failure is answered with ``err`` and ends the session.  :class:`SessionMachine`
 is the table of which request may come in which state; anything else is a
@@ -112,8 +116,12 @@ CONTROL = Schema(
         "image": {"name": str, "data": bytes},
         "images_done": {"files": int, "bytes": int},
         "restore": {},
-        "resume": {},
-        "abort": {"reason": str},
+        # Optional: the COMMIT tokens (one per enclave, b"" for none) delivered again.
+        "resume": {"tokens": (list, NONE)},
+        # Optional: the source enclaves' ABORT frames, for destination enclaves past LOADED.
+        "abort": {"reason": str, "frames": (list, NONE)},
+        # On a connection of its own (after hello): a decision delivered again.
+        "deliver": {"session_id": bytes, "frames": list, "enclave_mids": (list, NONE)},
         # agent -> tool
         "welcome": {"version": int, "host_id": str},
         "ready": {"data_port": int, "page_port": int, "data_key": bytes},
@@ -121,7 +129,9 @@ CONTROL = Schema(
         "images_ok": {"page_bytes": int, "seconds": NUMBER},
         "restored": {"pid": int, "seconds": NUMBER},
         "resumed": {"seconds": NUMBER, "attach_seconds": NUMBER, "pid": int},
-        "aborted": {},
+        "aborted": {"held": (bool, NONE)},  # held: kept in doubt (a copy past LOADED)
+        # outcome: "resumed", "aborted", "waiting" (not all enclaves decided), "unknown".
+        "delivered": {"outcome": str, "pid": int},
         "err": {"code": str, "message": str},
     },
 )
@@ -138,12 +148,13 @@ class SessionState(enum.Enum):
     HELD = "held"
     RESUMED = "resumed"
     ABORTED = "aborted"
+    DELIVERED = "delivered"  # a connection that only delivered a decision
 
 
 S = SessionState
 _TABLE: Final[Mapping[SessionState, Mapping[str, SessionState]]] = {
     S.NEW: {"hello": S.GREETED},
-    S.GREETED: {"begin": S.RECEIVING, "abort": S.ABORTED},
+    S.GREETED: {"begin": S.RECEIVING, "abort": S.ABORTED, "deliver": S.DELIVERED},
     S.RECEIVING: {"enclaves_done": S.LOADED, "abort": S.ABORTED},
     S.LOADED: {"image": S.IMAGES, "images_done": S.IMAGES_COMPLETE, "abort": S.ABORTED},
     S.IMAGES: {"image": S.IMAGES, "images_done": S.IMAGES_COMPLETE, "abort": S.ABORTED},
@@ -151,6 +162,7 @@ _TABLE: Final[Mapping[SessionState, Mapping[str, SessionState]]] = {
     S.HELD: {"resume": S.RESUMED, "abort": S.ABORTED},
     S.RESUMED: {},
     S.ABORTED: {},
+    S.DELIVERED: {},
 }
 
 
@@ -179,7 +191,7 @@ class SessionMachine:
 
     @property
     def finished(self) -> bool:
-        return self.state in (SessionState.RESUMED, SessionState.ABORTED)
+        return self.state in (SessionState.RESUMED, SessionState.ABORTED, SessionState.DELIVERED)
 
 
 def plain_stats(stats: Mapping[str, object]) -> dict[str, int | float | str | bool | None]:

@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any, Final
 
+from ..datapath.transport import keep_alive
 from ..errors import ConfigError
 from .config import AgentConfig
 from .incoming import IncomingMigration
@@ -59,6 +60,7 @@ class Agent:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._sessions: set[IncomingMigration] = set()
+        self._in_doubt: dict[bytes, IncomingMigration] = {}
         self._adopted: set[int] = set()
         self.metrics = AgentMetrics(self.host_id)
         self.metrics.track(self._held_sessions, self._incoming_enclaves)
@@ -133,6 +135,7 @@ class Agent:
     # --- connections --------------------------------------------------------------------
     def _connection(self, conn: socket.socket, addr: Any) -> None:
         peer = str(addr[0])
+        keep_alive(conn)
         try:
             tls = wrap_server(self.context, conn, HANDSHAKE_TIMEOUT)
         except PeerCertificateError as exc:
@@ -155,6 +158,35 @@ class Agent:
             if outcome is not None:
                 driver = session.driver.name if session.driver is not None else "pid"
                 self.metrics.finished(outcome, driver)
+
+    # --- migrations in doubt ---------------------------------------------------------------
+    def hold(self, session: IncomingMigration) -> None:
+        """Keep ``session`` reachable for a decision delivered after its tool went away."""
+
+        with self._lock:
+            self._in_doubt[session.session_id] = session
+
+    def unhold(self, session: IncomingMigration) -> None:
+        with self._lock:
+            if self._in_doubt.get(session.session_id) is session:
+                del self._in_doubt[session.session_id]
+
+    def find_session(
+        self, mid: bytes, besides: IncomingMigration | None = None
+    ) -> IncomingMigration | None:
+        """The session of migration ``mid`` (in doubt, or still with its tool), if any."""
+
+        with self._lock:
+            found = self._in_doubt.get(mid)
+            if found is None:
+                found = next(
+                    (s for s in self._sessions if s.session_id == mid and s is not besides), None
+                )
+        return found
+
+    def in_doubt(self) -> list[bytes]:
+        with self._lock:
+            return list(self._in_doubt)
 
     # --- restored trees -------------------------------------------------------------------
     def adopt(self, pid: int) -> None:

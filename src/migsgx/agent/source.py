@@ -34,7 +34,6 @@ import secrets
 import shutil
 import signal
 import socket
-import ssl
 import tempfile
 import threading
 import time
@@ -47,32 +46,35 @@ from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source
 from ..core.rounds import StopRules
 from ..criu import Criu
 from ..datapath.engine import OutgoingEnclave
-from ..errors import CriuError, MigrationError, MigSGXError, ProtocolError, SourceGoneError
+from ..errors import (
+    CriuError,
+    InDoubtError,
+    MigrationError,
+    MigSGXError,
+    SourceGoneError,
+)
 from ..host.appctl import info_to_wire
 from ..system.process import is_pidns_init, process_state, stop_tree, tree_pids
-from ..wire import recv_frame, send_frame
 from . import precopy
 from .applink import AppLink, HandedEnclave
+from .control import CONNECT_TIMEOUT, AgentConnection
 from .datalink import open_data
-from .faults import fault
+from .faults import fault, flipping_relay, kill_dead, socket_owner
 from .guardian import Guardian
+from .journal import Journal
 from .precopy import RoundReport
 from .protocol import (
-    CONTROL,
-    CONTROL_FRAME_MAX,
     IMAGE_CHUNK,
     VERSION,
-    AgentError,
     RefusedError,
     plain_stats,
 )
-from .tls import AgentIdentity, client_context, wrap_client
+from .tls import AgentIdentity
 
 __all__ = ["AgentConnection", "MigrateOptions", "MigrationOutcome", "migrate"]
 
 log = logging.getLogger("migsgx.migrate")
 
-CONNECT_TIMEOUT: Final = 10.0
 #: Files of the dump directory that stay on the source.
 _LOCAL_ONLY: Final = frozenset({"dump.log"})
 
@@ -110,43 +112,6 @@ class MigrationOutcome:
     images_dir: Path | None
 
 
-class AgentConnection:
-    """The mutual-TLS control connection to the destination agent."""
-
-    def __init__(self, to: tuple[str, int], identity: AgentIdentity, timeout: float) -> None:
-        host, port = to
-        try:
-            raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
-        except OSError as exc:
-            raise AgentError(f"cannot reach the agent at {host}:{port}: {exc}") from exc
-        self.sock: ssl.SSLSocket = wrap_client(client_context(identity), raw, host, timeout)
-        self.sock.settimeout(timeout)
-
-    def send(self, msg: Mapping[str, Any]) -> None:
-        try:
-            send_frame(self.sock, msg, max_size=CONTROL_FRAME_MAX)
-        except OSError as exc:
-            raise AgentError(f"the destination agent went away: {exc}") from exc
-
-    def call(self, msg: Mapping[str, Any], expect: str) -> dict[str, Any]:
-        self.send(msg)
-        try:
-            reply = recv_frame(self.sock, CONTROL, max_size=CONTROL_FRAME_MAX)
-        except (MigSGXError, OSError) as exc:
-            raise AgentError(f"no answer to {msg['t']} from the destination: {exc}") from exc
-        if reply["t"] == "err":
-            raise RefusedError(
-                f"destination: {msg['t']} failed: [{reply['code']}] {reply['message']}"
-            )
-        if reply["t"] != expect:
-            raise ProtocolError(f"expected {expect}, the destination sent {reply['t']}")
-        return reply
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-
 @dataclass
 class _Transfer:
     handed: HandedEnclave
@@ -176,6 +141,9 @@ class _Migration:
         self.source: Source | None = None
         self.page_server = False
         self.session_id = b""
+        self.journal: Journal | None = None
+        self.in_doubt = False
+        self._journal_lock = threading.Lock()
 
     def note(self, phase: str) -> None:
         self.t[phase] = time.monotonic()
@@ -213,8 +181,15 @@ class _Migration:
                     link.pid if link else pid, link.name if link else "-", [h.sock for h in handed]
                 )
                 self._fault("tool.after-prepare")
-                if ready is None:
-                    ready = control.call(self._begin(pids, pidns), "ready")
+                begin = self._begin(pids, pidns) if ready is None else None
+                self.journal = Journal.start(
+                    opts.identity.directory, self.session_id, opts.to,
+                    link.pid if link else pid, link.name if link else "-",
+                )  # fmt: skip
+                self._guardian_note(f"journal {self.journal.path}")
+                if begin is not None:
+                    ready = control.call(begin, "ready")
+                assert ready is not None  # (live: the pre-copy's ``begin`` answered)
                 # The enclaves stream while CRIU dumps the rest of the tree: the
                 # application holds no enclave connection (prepare), so neither
                 # waits for the other.  The post-dump step joins them.
@@ -227,6 +202,8 @@ class _Migration:
                 gone = undecided and not _alive(pid)
                 if undecided:
                     self._roll_back(exc, source_gone=gone)
+                elif self.committed:
+                    self.in_doubt = True
                 if gone and isinstance(exc, Exception):
                     # Whatever failed first, the reason is that the application ended.
                     raise SourceGoneError(
@@ -238,7 +215,10 @@ class _Migration:
         finally:
             control.close()
             if self.guardian is not None:
-                if self.hand_back_failed:
+                if self.in_doubt:
+                    self.guardian.note("in-doubt")  # it keeps delivering the decision
+                    self.guardian.abandon()
+                elif self.hand_back_failed:
                     self.guardian.abandon()  # it keeps trying to give the enclaves back
                 else:
                     self.guardian.release()
@@ -301,10 +281,14 @@ class _Migration:
         kwargs: dict[str, Any] = {"mode": self.opts.mode}
         if self.opts.chunk_size is not None:
             kwargs["chunk_size"] = self.opts.chunk_size
-        for transfer in self.transfers:
+        for position, transfer in enumerate(self.transfers):
             h = transfer.handed
             if transfer.outgoing is None:  # (live: made for the pre-copy)
                 transfer.outgoing = OutgoingEnclave(h.sock, h.info, h.image_files, **kwargs)
+            transfer.outgoing.on_handshake = self._journal_enclave
+            transfer.outgoing.index = position
+            if transfer.outgoing.migration_id is not None:  # (live: its handshake is done)
+                self._journal_enclave(position, transfer.outgoing.migration_id)
         self.note("enclaves")
         self._threads = [
             threading.Thread(
@@ -314,6 +298,16 @@ class _Migration:
         ]
         for thread in self._threads:
             thread.start()
+
+    def _journal_enclave(self, index: int, migration_id: bytes) -> None:
+        """Before its dump starts, an enclave's own migration id goes to the journal."""
+
+        if self.journal is None:
+            return
+        with self._journal_lock:
+            mids = list(self.journal.data["enclave_mids"]) or [""] * len(self.transfers)
+            mids[index] = migration_id.hex()
+            self.journal.update(enclave_mids=mids)
 
     def _join_enclaves(self) -> None:
         for thread in getattr(self, "_threads", []):
@@ -350,6 +344,9 @@ class _Migration:
             transfer.peer = peer
             peer.settimeout(None)
             open_data(peer, ready["data_key"], self.session_id, transfer.handed.index)
+            action = fault("tool.enclave-stream")
+            if action is not None and action.startswith("flip-byte="):
+                peer = flipping_relay(peer, int(action.partition("=")[2]))
             t0 = time.monotonic()
             assert transfer.outgoing is not None
             stats = transfer.outgoing.transfer(peer)
@@ -380,15 +377,21 @@ class _Migration:
         self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
         self.note("end")
 
-    def _fault(self, point: str) -> None:
-        """A fault point of the tool; ``kill-source`` there SIGKILLs the source application."""
+    def _fault(self, point: str) -> str | None:
+        """A fault point of the tool; ``kill-source`` there SIGKILLs the source application.
 
-        if fault(point) == "kill-source" and self.source is not None:
+        Returns the action, for the fault points that also kill other parties
+        (:meth:`_inject`).
+        """
+
+        action = fault(point)
+        if action == "kill-source" and self.source is not None:
             root = self.source.root
             with contextlib.suppress(ProcessLookupError):
                 os.kill(root, signal.SIGKILL)
             while _alive(root):  # gone or a zombie: SIGKILL cannot be ignored
                 time.sleep(0.01)
+        return action
 
     def _guardian_note(self, line: str) -> None:
         if self.guardian is not None:
@@ -411,7 +414,9 @@ class _Migration:
         stop_tree(self.fenced)
         if self.guardian is not None:
             self.guardian.note("fence " + " ".join(map(str, self.fenced)))
-        self._fault("tool.before-commit")
+        if self.journal is not None:
+            self.journal.update(fenced=self.fenced, phase="fenced")
+        self._inject(self._fault("tool.before-commit"))
         self._commit()
         self.note("resumed")
 
@@ -438,26 +443,36 @@ class _Migration:
 
     def _commit(self) -> None:
         if self.transfers:
+            self._commit_enclaves()
+            self.note("committed")
+            self._inject(fault("tool.after-commit"))
+            # The tokens go on the data connections, and again with ``resume`` over
+            # the agents' TLS channel: a dropped data connection loses nothing.
             for transfer in self.transfers:
                 try:
                     assert transfer.outgoing is not None
-                    transfer.outgoing.commit()
+                    if fault("tool.before-token") == "drop" and transfer.peer is not None:
+                        transfer.peer.shutdown(socket.SHUT_RDWR)  # a network fault, no crash
+                    transfer.outgoing.deliver()
                 except MigSGXError as exc:
-                    # ``token`` is set once the source enclave gave its state up.
-                    if not self.committed and getattr(transfer.outgoing, "token", None) is None:
-                        raise  # nothing was given up: roll back
-                    log.error("enclave %d: commit incomplete: %s", transfer.handed.index, exc)
-                    self.stats["resume_warning"] = f"commit incomplete: {exc}"
-                self.committed = True
-            self.note("committed")
-            fault("tool.after-commit")
+                    log.warning("enclave %d: %s", transfer.handed.index, exc)
+            tokens = [(t.outgoing.token if t.outgoing else None) or b"" for t in self.transfers]
             try:
-                reply = self.control_call({"t": "resume"}, "resumed")
+                reply = self.control_call({"t": "resume", "tokens": tokens}, "resumed")
             except MigSGXError as exc:
-                # Committed: the destination rolls forward on its own.
-                log.warning("after the commit the destination did not confirm: %s", exc)
-                self.stats["resume_warning"] = str(exc)
-                return
+                raise InDoubtError(
+                    "the source enclaves committed, but the destination did not confirm that "
+                    f"it runs ({exc}); the source stays stopped: run migsgx recover"
+                ) from exc
+            # The destination runs: the committed source enclaves may go.
+            if self.journal is not None:
+                self.journal.update(phase="done")
+            for transfer in self.transfers:
+                try:
+                    assert transfer.outgoing is not None
+                    transfer.outgoing.release()
+                except MigSGXError as exc:
+                    log.warning("enclave %d: release: %s", transfer.handed.index, exc)
         else:
             self.resume_sent = True
             if self.guardian is not None:
@@ -471,14 +486,44 @@ class _Migration:
                 raise
         self.stats["attach"] = float(reply["attach_seconds"])
 
+    def _inject(self, action: str | None) -> None:
+        """Fault injection that kills another party of this host (the fault matrix)."""
+
+        if action == "kill-guardian" and self.guardian is not None:
+            kill_dead([self.guardian.proc.pid])
+        elif action == "kill-source-enclave":
+            kill_dead([t.handed.info.pid for t in self.transfers])
+        elif action == "kill-source-platform":
+            kill_dead([socket_owner(self.opts.identity.directory.parent / "enclave.sock")])
+
+    def _commit_enclaves(self) -> None:
+        """Every source enclave decides COMMIT; the first one that does is the commit point."""
+
+        for transfer in self.transfers:
+            try:
+                assert transfer.outgoing is not None
+                transfer.outgoing.decide()
+            except MigSGXError as exc:
+                if not self.committed:
+                    raise  # nothing was decided: roll back
+                # Some enclaves committed, this one did not: neither way is whole.
+                raise InDoubtError(
+                    f"enclave {transfer.handed.index} did not commit after others did ({exc}): "
+                    "the tree is left held on the destination and stopped here"
+                ) from exc
+            self.committed = True
+            if self.journal is not None:
+                self.journal.update(phase="committed")
+
     # --- roll back -----------------------------------------------------------------------------
     def _roll_back(self, cause: BaseException, *, source_gone: bool = False) -> None:
         reason = f"{type(cause).__name__}: {cause}"[:500]
         log.warning("migration aborted: %s", reason)
-        if self.control is not None:
-            with contextlib.suppress(MigSGXError):
-                self.control.call({"t": "abort", "reason": reason}, "aborted")
+        # The source enclaves decide ABORT first; their frames go on the data
+        # connections and again with the agent's ``abort``, since a destination
+        # enclave that sent LOADED ends only on one of them.
         socks: list[socket.socket] = []
+        frames: list[bytes] = []
         for transfer in self.transfers:
             sock = transfer.handed.sock
             if transfer.outgoing is not None:
@@ -487,6 +532,17 @@ class _Migration:
                 except Exception as exc:
                     log.warning("enclave %d: abort failed: %s", transfer.handed.index, exc)
             socks.append(sock)
+            frames.append(getattr(transfer.outgoing, "abort_frame", b"") or b"")
+        if self.journal is not None:
+            self.journal.update(phase="aborted")
+        if self.control is not None:
+            with contextlib.suppress(MigSGXError):
+                abort: dict[str, Any] = {"t": "abort", "reason": reason}
+                if self.transfers:
+                    abort["frames"] = frames
+                reply = self.control.call(abort, "aborted")
+                if not reply.get("held") and self.journal is not None:
+                    self.journal.update(phase="done")  # the destination kept nothing
         for pid in self.fenced:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
@@ -606,6 +662,8 @@ def migrate(opts: MigrateOptions) -> MigrationOutcome:
         # CRIU failed before the commit point (a dump, a damaged page stream, a
         # restore): it resumed the source, and nothing runs on the destination.
         cause = exc.__cause__
+        if isinstance(cause, InDoubtError):
+            raise InDoubtError(str(cause)) from exc
         reason = cause if isinstance(cause, MigSGXError) else exc
         raise MigrationError(f"migration aborted, the source runs on: {reason}") from exc
     finally:

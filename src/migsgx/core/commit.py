@@ -246,11 +246,13 @@ class SourceCommit(_CommitEnd):
         self._state = _C.LOAD_CONFIRMED
         return LoadConfirmed(*want)
 
-    def commit(self) -> bytes:
+    def commit(self, record: Callable[[bytes], None] | None = None) -> bytes:
         """Give up the state for good and return the COMMIT token.
 
-        Irrevocable: the caller records the token durably, wipes the enclave's state,
-        never resumes it, and then sends (and may re-send) the token.
+        Irrevocable once ``record`` returned: ``record`` makes the token durable
+        (the source host's decision record); if it raises, nothing was decided and
+        the state stays LOAD_CONFIRMED (abort is still possible).  Afterwards the
+        caller never resumes the enclave, and sends (and may re-send) the token.
         """
 
         target = self._local("commit")
@@ -258,11 +260,14 @@ class SourceCommit(_CommitEnd):
             raise LocalProtocolError("a stream was started after the destination's LOADED")
         streams, digest = self._confirmed
         message = {"t": "commit", "mid": self._mid, "streams": streams, "digest": digest}
-        self._token = seal_control(
+        token = seal_control(
             self._send_key, SOURCE_TO_DESTINATION, self._mid, self._th, message, self._rng(12)
         )
+        if record is not None:
+            record(token)
+        self._token = token
         self._state = target
-        return self._token
+        return token
 
     def abort(self, code: str = "aborted", message: str = "") -> bytes:
         """Give up the migration (e.g. on a timeout); the source goes on. Returns the ABORT."""

@@ -30,6 +30,7 @@ staging buffer, then sends it, then loads it: same code, same enclave calls.
 from __future__ import annotations
 
 import contextlib
+import queue
 import select
 import socket
 import threading
@@ -48,6 +49,7 @@ from ..errors import (
     ConnectionClosedError,
     EnclaveLostError,
     FrameError,
+    InDoubtError,
     MigrationError,
     MigSGXError,
     ProtocolError,
@@ -60,7 +62,7 @@ from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
 from ..sgx.image import EnclaveImage
 from ..wire import recv_frame, send_frame
 from .ring import RingRole, ShmRing, send_ring_fds
-from .transport import Staging, ring_to_socket, socket_to_ring, tune_socket
+from .transport import Staging, keep_alive, ring_to_socket, socket_to_ring, tune_socket
 
 DEFAULT_CHUNK = DEFAULT_CHUNK_SIZE
 PEER = SCHEMA
@@ -226,6 +228,10 @@ def _slot_size(chunk_size: int) -> int:
 
 
 RING_TIMEOUT = 120.0
+#: The bound on ``active`` after a token went on the data connection; the
+#: destination judges a token in milliseconds, and the token goes again by the
+#: agents' TLS channel anyway.
+DELIVER_TIMEOUT = 10.0
 
 
 class OutgoingEnclave:
@@ -255,6 +261,12 @@ class OutgoingEnclave:
         self.stats: dict[str, Any] = {}
         self._loaded = False
         self._finished = False
+        self.token: bytes | None = None
+        self.migration_id: bytes | None = None
+        self.abort_frame = b""
+        #: Called with (index, migration id) once the handshake finished (the journal).
+        self.on_handshake: Callable[[int, bytes], None] | None = None
+        self.index = 0
 
     def transfer(self, peer: socket.socket) -> dict[str, Any]:
         """Everything up to the destination's verified LOADED; nothing is given up yet."""
@@ -262,6 +274,7 @@ class OutgoingEnclave:
         self.peer = peer
         bind_wire(peer, Role.SOURCE)
         tune_socket(peer)
+        keep_alive(peer)
         peer.settimeout(self.peer_timeout)
         t0 = time.monotonic()
         try:
@@ -277,6 +290,9 @@ class OutgoingEnclave:
                     _send(peer, {"t": "hs", "data": reply["send"]})
                 if reply["done"]:
                     break
+            self.migration_id = bytes(reply["migration_id"])
+            if self.on_handshake is not None:
+                self.on_handshake(self.index, self.migration_id)
             t_hs = time.monotonic()
             ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
             try:
@@ -336,17 +352,53 @@ class OutgoingEnclave:
         return self.stats
 
     def commit(self) -> None:
-        """Give the state up for good: the source enclave wipes itself and exits."""
+        """Decide COMMIT, deliver the token, and release the source once the destination runs.
+
+        Raises :class:`InDoubtError` when the destination did not confirm (the
+        decision stands; the source enclave keeps its frozen state), and any
+        other error only if nothing was decided.
+        """
+
+        self.decide()
+        self.deliver()
+        self.release()
+
+    def decide(self) -> bytes:
+        """Decide COMMIT (durably, in the source enclave) and return the token.
+
+        The source enclave keeps its frozen state until :meth:`release`.  Raises
+        only if nothing was decided (then :meth:`abort` is still possible).
+        """
 
         if not self._loaded or self.peer is None:
             raise MigrationError("commit before the destination confirmed the load")
-        token = self.link.call("__mig_commit")
+        token = bytes(self.link.call("__mig_commit"))
         self._finished = True
-        # From here on the destination is the only copy; the token may be re-sent.
+        # The token is not secret and may be delivered any number of times.
         self.token = token
-        _send(self.peer, {"t": "commit", "token": token})
-        while _recv(self.peer, "active", "loaded")["t"] != "active":
-            pass  # a LOADED delivered twice changes nothing now: the decision is made
+        return token
+
+    def deliver(self) -> None:
+        """Carry the token over the data connection and wait for ``active``.
+
+        Raises :class:`InDoubtError` if that fails: the decision stands, and the
+        token goes again by another way (the agents' TLS channel).
+        """
+
+        if self.token is None or self.peer is None:
+            raise MigrationError("nothing was committed")
+        try:
+            self.peer.settimeout(DELIVER_TIMEOUT)
+            _send(self.peer, {"t": "commit", "token": self.token})
+            while _recv(self.peer, "active", "loaded")["t"] != "active":
+                pass  # a LOADED delivered twice changes nothing now: the decision is made
+        except (MigSGXError, OSError) as exc:
+            raise InDoubtError(f"the COMMIT token did not reach the destination: {exc}") from exc
+
+    def release(self) -> None:
+        """The destination confirmed it runs: the source enclave wipes itself and exits."""
+
+        self.link.call("__mig_release")
 
     def abort(self, reason: str) -> socket.socket:
         """The source enclave resumes with its state; returns its connection."""
@@ -361,6 +413,7 @@ class OutgoingEnclave:
         frame = b""
         with contextlib.suppress(MigSGXError, OSError):
             frame = self.link.call("__mig_abort", reason[:200])
+        self.abort_frame = bytes(frame or b"")
         if self.peer is not None:
             with contextlib.suppress(MigSGXError, OSError):
                 _send(self.peer, {"t": "abort", "code": "aborted", "message": reason[:200],
@@ -378,6 +431,10 @@ class IncomingEnclave:
         self.peer: socket.socket | None = None
         self.stats: dict[str, Any] = {}
         self.rejected: list[MigSGXError] = []
+        #: Set before LOADED leaves: from then on this may be the only copy.
+        self.awaiting = False
+        self.decided = False
+        self._inbox: queue.Queue[bytes | None] = queue.Queue()
         #: Whether the destination enclave faults its memory in beside the load.
         #: Off: paired runs at 1 GiB showed no gain on two cores (docs/benchmarks.md).
         self.prefault = False
@@ -398,6 +455,7 @@ class IncomingEnclave:
 
         self.peer = peer
         tune_socket(peer)
+        keep_alive(peer)
         if offer is None:
             fresh, offer = IncomingEnclave.accept_offer(peer, self.platform_socket)
             self.image = fresh.image
@@ -473,6 +531,7 @@ class IncomingEnclave:
                 "destination_enclave": result.get("timeline", {}),
             },
         }  # fmt: skip
+        self.awaiting = True
         _send(peer, {"t": "loaded", "frame": result["loaded"], "stats": self.stats})
         return self.stats
 
@@ -507,53 +566,92 @@ class IncomingEnclave:
         ABORT frame that it does not find authentic changes nothing and the wait
         goes on (``docs/spec/handshake.md``, 9.2): the untrusted side cannot talk
         the destination out of its copy while the source may have committed.
-        Rejected frames are kept in :attr:`rejected`.  On a timeout the copy is
-        kept, in doubt; :meth:`abort` discards it.
+        Rejected frames are kept in :attr:`rejected`.  Decisions come on the
+        data connection or through :meth:`deliver` (the agents' TLS channel,
+        ``docs/spec/commit.md``); a lost data connection ends nothing.  On a
+        timeout the copy is kept, in doubt.
         """
 
         if self.peer is None or self.link is None:
             raise MigrationError("nothing was received")
+        threading.Thread(
+            target=self._read_peer, args=(self.peer,), name="migsgx-decision", daemon=True
+        ).start()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise MigrationError("no authentic decision from the source in time")
-            self.peer.settimeout(remaining)
             try:
-                msg = recv_frame(self.peer, PEER, max_size=PEER_FRAME_MAX)
-            except TimeoutError as exc:
+                frame = self._inbox.get(timeout=remaining)
+            except queue.Empty as exc:
                 raise MigrationError("no authentic decision from the source in time") from exc
-            finally:
-                with contextlib.suppress(OSError):
-                    self.peer.settimeout(None)
-            if msg["t"] not in ("commit", "abort"):
-                raise ProtocolError(f"expected commit or abort, got {msg['t']!r}")
-            _check_received(self.peer, msg)
-            frame = msg["token"] if msg["t"] == "commit" else msg["frame"]
+            if frame is None:
+                continue  # the data connection is gone; a delivery may still come
+            if self.link is None:
+                raise MigrationError("the destination enclave is gone")
             try:
                 self.link.call("__mig_commit_in", frame)
+            except EnclaveLostError:
+                # This copy is gone: tell the source side at once (no "active" will come).
+                with contextlib.suppress(OSError):
+                    self.peer.shutdown(socket.SHUT_RDWR)
+                raise
             except (CommitError, FrameError) as exc:
                 self.rejected.append(exc)  # not from the source: nothing changed
                 continue
             except ReplayError:
+                self.decided = True
                 self._abort_quietly("this migration id was committed before")
                 raise
             except MigrationError as exc:
                 if type(exc) is not MigrationError:
                     raise
-                # The enclave found an authentic ABORT: the source runs on.
+                # The enclave found an authentic ABORT (and discarded itself): the source runs on.
+                self.decided = True
                 self._abort_quietly("the source aborted")
-                raise MigrationError(f"the source aborted: {msg.get('message', '')}") from exc
-            _send(self.peer, {"t": "active"})
+                raise MigrationError("the source aborted") from exc
+            self.decided = True
+            with contextlib.suppress(MigSGXError, OSError):
+                _send(self.peer, {"t": "active"})
             return self.link.sock
+
+    def deliver(self, frame: bytes) -> None:
+        """A decision frame from elsewhere (re-delivered): judged like one from the peer."""
+
+        self._inbox.put(bytes(frame))
+
+    def _read_peer(self, peer: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            peer.settimeout(None)
+        while True:
+            try:
+                msg = recv_frame(peer, PEER, max_size=PEER_FRAME_MAX)
+            except (MigSGXError, OSError):
+                self._inbox.put(None)
+                return
+            try:
+                if msg["t"] not in ("commit", "abort"):
+                    raise ProtocolError(f"expected commit or abort, got {msg['t']!r}")
+                _check_received(peer, msg)
+            except MigSGXError:
+                self._inbox.put(None)  # a protocol violation: stop reading this peer
+                return
+            self._inbox.put(msg["token"] if msg["t"] == "commit" else msg["frame"])
 
     def abort(self) -> None:
         self._abort_quietly("aborted by the destination")
 
     def _abort_quietly(self, reason: str, *, peer_frame: bytes = b"") -> None:
-        """Discard the destination enclave: it never ran with this state."""
+        """Discard the destination enclave: it never ran with this state.
+
+        Not while it awaits the decision: after LOADED it may hold the only copy,
+        and closing its connection would end it.  Then nothing happens.
+        """
 
         if self.link is None:
+            return
+        if self.awaiting and not self.decided:
             return
         with contextlib.suppress(MigSGXError, OSError):
             self.link.call("__mig_abort", reason[:200])

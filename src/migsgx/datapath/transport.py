@@ -110,6 +110,23 @@ def tune_socket(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
 
 
+#: Seconds after which a peer that acknowledges nothing (a dead host, a stalled
+#: network) fails the connection: keepalive probes when idle, TCP_USER_TIMEOUT
+#: for unacknowledged data.  The kernel acknowledges for a busy process too, so
+#: a slow peer is not a dead one.
+LIVENESS_SECONDS: Final = 4
+
+
+def keep_alive(sock: socket.socket, seconds: int = LIVENESS_SECONDS) -> None:
+    """Make a stalled or dead peer fail ``sock`` within about ``seconds``."""
+
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, seconds - 1))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, seconds * 1000)
+
+
 _STAGING_SLACK: Final = 16 << 20
 
 

@@ -24,6 +24,7 @@ keys or plaintext happens here:
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -45,6 +46,7 @@ from ..core.stream import TAG_SIZE, Manifest, Section, StreamChannel, StreamSeal
 from ..datapath.ring import RingRole, ShmRing, recv_ring_fds
 from ..datapath.transport import ChunkWriter, SlotReader, fill_ring
 from ..errors import (
+    AwaitingDecisionError,
     CheckpointGateError,
     ClaimedBeforeError,
     CommittedError,
@@ -57,7 +59,7 @@ from ..errors import (
 )
 from ..limits import MIN_CHUNK_SIZE, check_chunk_size
 from ..sgx.collateral import Collateral
-from ..sgx.counters import RecordUpdate
+from ..sgx.counters import Decision, RecordUpdate
 from ..sgx.dcap import TcbPolicy, verify_dcap
 from ..sgx.structs import ReportBody
 from . import checkpoints, precopy, precopy_in
@@ -132,6 +134,7 @@ class Migrator:
         # The commit end of the migration this enclave came in by, kept after it
         # ran so that its COMMIT token, replayed, is still recognised as a replay.
         self._arrived: DestinationCommit | None = None
+        self._token: bytes | None = None
         # Live migration (pre-copy rounds before the final dump): precopy.py.
         self.rounds_out: precopy.SourceRounds | None = None
         self.rounds_in: precopy_in.DestinationRounds | None = None
@@ -157,7 +160,7 @@ class Migrator:
         fn = _CALLS.get(name)
         if fn is None:
             raise ProtocolError(f"no runtime call {name!r}")
-        if self.committed and name != "__mig_status":
+        if self.committed and name not in _AFTER_COMMIT:
             raise CommittedError("this enclave's state has moved to another host")
         if self.discarded and name != "__mig_status":
             raise MigrationError("a migration into this enclave was aborted; it cannot run")
@@ -311,7 +314,14 @@ class Migrator:
         return {"streams": event.streams, "digest": event.digest}
 
     def commit(self) -> bytes:
-        """Source: give up the state for good; the enclave wipes itself and exits."""
+        """Source: decide COMMIT, durably; the state stays here, frozen, until released.
+
+        The decision (with the token) is written to this host's platform store in
+        the same atomic update that retires the persistent record
+        (``docs/spec/commit.md``).  From then on this enclave never runs again,
+        but it keeps its memory until :meth:`release`: while the destination has
+        not confirmed that it runs, this frozen copy is what a re-delivery reads.
+        """
 
         sc = self._source_commit()
         # Every precondition of the token before anything is retired: a refusal
@@ -320,19 +330,36 @@ class Migrator:
             raise ProtocolError("the destination has not confirmed the load")
         if self.keys is None or self.keys.streams.busy:
             raise ProtocolError("a stream was started after the destination's LOADED")
-        # The source's record and counters go before the token exists: from now
-        # on only the destination can ever hold them (or, if the token is lost,
-        # nobody; never two).
-        self.persistent.retire("this enclave's persistent state has moved to another host")
-        token = sc.commit()
+        services = self.instance.services
+
+        def record(token: bytes) -> None:
+            decision = Decision(sc.migration_id, "commit", token)
+            held = self.persistent.retire_with(
+                "this enclave's persistent state has moved to another host",
+                lambda retire: services.decide(decision, retire),
+            )
+            if held.kind != "commit":
+                raise MigrationError("this migration was decided aborted before")
+
+        token = sc.commit(record)
         self.committed = True
-        # No ECALL runs from here on.  The wipe waits until the token has left
-        # (the process retires the instance again, wiping, when it exits right
-        # after this reply): freeing a large memory would delay the token, and
-        # with it the destination, by a tenth of a second per GiB.
-        self.instance.retire("this enclave's state has moved to another host", wipe=False)
-        self._exit_thread = threading.get_ident()
+        self._token = token
         return token
+
+    def token(self) -> bytes:
+        """Source, committed: the COMMIT token again, for a re-delivery."""
+
+        if self._token is None:
+            raise ProtocolError("no commit was decided")
+        return self._token
+
+    def release(self) -> None:
+        """Source, committed: the destination runs; wipe the state and exit."""
+
+        if not self.committed or self._token is None:
+            raise ProtocolError("only a committed source is released")
+        self.instance.retire("this enclave's state has moved to another host")
+        self._exit_thread = threading.get_ident()
 
     # --- destination: load ---------------------------------------------------------
     def load(self, prefault: bool = False) -> dict[str, Any]:
@@ -473,6 +500,7 @@ class Migrator:
             raise ProtocolError("no migration to commit")
         event = dc.receive(token)
         if isinstance(event, PeerAborted):
+            self.abort("the source aborted")  # authentic: this copy is discarded
             raise MigrationError(f"the source aborted: {event.code}")
         if not isinstance(event, Committed):
             raise ReplayError("the commit token was not accepted")
@@ -498,11 +526,19 @@ class Migrator:
         """Give up this migration; a source runs on with its state intact."""
 
         frame = b""
+        dc = self.dest_commit
+        if dc is not None and dc.state is CommitState.AWAIT_COMMIT:
+            # LOADED went out: the source may have committed, so this may be the
+            # only copy.  Only the source's authenticated ABORT ends it.
+            raise AwaitingDecisionError(
+                "this enclave confirmed its load; only the source's decision ends it"
+            )
         try:
             if self.source_commit is not None:
                 frame = self.source_commit.abort("aborted", reason[:200])
-            elif self.dest_commit is not None:
-                frame = self.dest_commit.abort("aborted", reason[:200])
+                self._record_abort(self.source_commit.migration_id, frame)
+            elif dc is not None:
+                frame = dc.abort("aborted", reason[:200])
         except MigSGXError:
             frame = b""
         was_source = self.role is Role.SOURCE
@@ -522,6 +558,13 @@ class Migrator:
             self.discarded = True
             self.instance.retire("a migration into this enclave was aborted")
         return frame
+
+    def _record_abort(self, migration_id: bytes, frame: bytes) -> None:
+        """Best effort: the in-memory ABORT already forbids a commit; the record lets
+        anyone carry the ABORT to the destination later (``migsgx recover``)."""
+
+        with contextlib.suppress(MigSGXError, OSError):
+            self.instance.services.decide(Decision(migration_id, "abort", frame))
 
     def status(self) -> dict[str, Any]:
         return {
@@ -693,6 +736,8 @@ _CALLS: dict[str, Any] = {
     "__mig_commit_in": Migrator.commit_in,
     "__mig_abort": Migrator.abort,
     "__mig_status": Migrator.status,
+    "__mig_token": Migrator.token,
+    "__mig_release": Migrator.release,
     "__ckpt_out": Migrator.ckpt_out,
     "__ckpt_commit": Migrator.ckpt_commit,
     "__ckpt_in": Migrator.ckpt_in,
@@ -700,3 +745,5 @@ _CALLS: dict[str, Any] = {
     "__ps_status": Migrator.persistent_status,
 }
 RUNTIME_CALLS = frozenset(_CALLS) | {"__mig_ring", "__mig_side"}
+#: What a committed source still answers: its token again, and its release.
+_AFTER_COMMIT = frozenset({"__mig_status", "__mig_token", "__mig_release"})

@@ -35,7 +35,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import cbor2
 
@@ -51,6 +51,8 @@ from ..errors import (
 from ..sgx.counters import COUNTER_MAX, RECORD_NAME, RecordUpdate
 from ..sgx.trusted import TrustedServices
 from . import sealing
+
+_T = TypeVar("_T")
 
 RECORD_AAD = b"migsgx persistent record v1 "
 #: The record that holds a name for a migration arriving here (before LOADED):
@@ -485,6 +487,43 @@ class PersistentState:
             )
             self._gone = reason
             self._keys = []
+
+    def retire_with(
+        self,
+        reason: str,
+        write: Callable[[Sequence[tuple[str, RecordUpdate]]], _T],
+        *,
+        also: Sequence[tuple[str, RecordUpdate]] = (),
+    ) -> _T:
+        """Retire as :meth:`retire` does, inside ``write``: one atomic platform update.
+
+        ``write`` gets the record updates (the retirement, when a record is
+        open, then ``also``) and must apply them in one write together with its
+        own change (a migration's decision does, ``TrustedServices.decide``).
+        Its result is returned.  If it raises, nothing was retired.
+        """
+
+        with self._lock:
+            if self._name is None or self._gone is not None:
+                result = write(list(also))
+                self._gone = self._gone or reason
+                return result
+            cids = tuple(c.cid for c in self._counters.values())
+            update = RecordUpdate(
+                None,
+                destroy=(self._epoch_id, *cids),
+                check={self._epoch_id: self._epoch},
+                expect=_digest(self._record),
+            )
+            try:
+                result = write([(self._name, update), *also])
+            except CounterError as exc:
+                raise PersistentStateError(
+                    "the persistent state was taken over by another instance; not retired"
+                ) from exc
+            self._gone = reason
+            self._keys = []
+            return result
 
     def prepare_import(self, section: bytes, arrival: bytes = b"") -> PendingImport | None:
         """Validate a migrated ``persistent`` section before LOADED; None if it is empty.

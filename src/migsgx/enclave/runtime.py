@@ -33,7 +33,7 @@ from ..errors import (
     error_from_wire,
 )
 from ..sgx import syscalls
-from ..sgx.counters import RecordUpdate
+from ..sgx.counters import Decision, RecordUpdate
 from ..sgx.image import EnclaveImage
 from ..sgx.sandbox import apply_limits, manifest_limits
 from ..sgx.structs import KeyRequest, Report, ReportBody, TargetInfo
@@ -191,6 +191,20 @@ class ChannelServices:
 
     def persist_update(self, name: str, update: RecordUpdate) -> None:
         self._ask({"t": "ps_update", "name": name, **update.to_wire()})
+
+    def decide(
+        self, decision: Decision, retire: Sequence[tuple[str, RecordUpdate]] = ()
+    ) -> Decision:
+        held = self._ask(
+            {
+                "t": "decide",
+                "mid": decision.migration_id,
+                "kind": decision.kind,
+                "frame": decision.frame,
+                "changes": [{"name": name, **update.to_wire()} for name, update in retire],
+            }
+        )
+        return Decision(decision.migration_id, str(held["kind"]), bytes(held["frame"]))
 
     def persist_transaction(
         self, changes: Sequence[tuple[str, RecordUpdate]], *, claim: bytes | None = None

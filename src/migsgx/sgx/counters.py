@@ -21,6 +21,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ MAX_COUNTERS_TOTAL = 16384
 MAX_RECORD_BYTES_TOTAL = 64 << 20
 MAX_CLAIMS_PER_OWNER = 4096
 MAX_CLAIMS_TOTAL = 65536
+MAX_DECISIONS_PER_OWNER = 4096
+MAX_DECISIONS_TOTAL = 65536
+MAX_DECISION_FRAME = 4096
+DECISION_KINDS = ("commit", "abort")
 COUNTER_MAX = (1 << 64) - 1
 RECORD_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Records the trusted runtime keeps for itself (a checkpoint's gate, say): a name
@@ -122,6 +127,39 @@ class RecordUpdate:
         )
 
 
+@dataclass(frozen=True)
+class Decision:
+    """A migration source's final word on one migration id (``docs/spec/commit.md``).
+
+    ``kind`` is ``commit`` (``frame`` is the COMMIT token) or ``abort``
+    (``frame`` is the sealed ABORT, empty if the handshake never finished).
+    Neither frame is secret: anyone may carry it to the destination again.
+    """
+
+    migration_id: bytes
+    kind: str
+    frame: bytes
+    at: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in DECISION_KINDS:
+            raise CounterError(f"a decision is one of {DECISION_KINDS}")
+        if len(self.migration_id) != 16:
+            raise CounterError("a migration id has 16 bytes")
+        if len(self.frame) > MAX_DECISION_FRAME:
+            raise CounterError("a decision frame is limited to 4 KiB")
+
+    def to_entry(self) -> dict[str, Any]:
+        return {"kind": self.kind, "frame": bytes(self.frame), "at": self.at or time.time()}
+
+    @classmethod
+    def from_entry(cls, migration_id: bytes, entry: Any) -> Decision:
+        if not isinstance(entry, dict) or not isinstance(entry.get("frame"), bytes):
+            raise CounterError("a recorded decision is corrupt")
+        return cls(bytes(migration_id), str(entry.get("kind")), entry["frame"],
+                   float(entry.get("at", 0.0)))  # fmt: skip
+
+
 def _record_key(owner: bytes, name: str) -> str:
     if not isinstance(name, str) or not (
         RECORD_NAME.fullmatch(name) or RUNTIME_RECORD_NAME.fullmatch(name)
@@ -136,7 +174,8 @@ class CounterStore:
         self._lock = threading.Lock()
         self._lock_path = self._path.with_name(self._path.name + ".lock")
         if not self._path.exists():
-            write_private(self._path, cbor2.dumps({"v": 1, "counters": {}, "records": {}}))
+            empty = {"v": 1, "counters": {}, "records": {}, "decisions": {}, "claims": []}
+            write_private(self._path, cbor2.dumps(empty))
 
     def _load_all(self) -> dict[str, Any]:
         try:
@@ -145,6 +184,7 @@ class CounterStore:
             raise CounterError(f"counter store {self._path} is unreadable") from exc
         counters = data.get("counters") if isinstance(data, dict) else None
         records = data.get("records", {}) if isinstance(data, dict) else None
+        decisions = data.get("decisions", {}) if isinstance(data, dict) else None
         claims = data.get("claims", []) if isinstance(data, dict) else None
         if (
             not isinstance(counters, dict)
@@ -152,7 +192,15 @@ class CounterStore:
             or not isinstance(claims, list)
         ):
             raise CounterError(f"counter store {self._path} is corrupt")
-        return {"v": 1, "counters": counters, "records": records, "claims": claims}
+        if not isinstance(decisions, dict):
+            raise CounterError(f"counter store {self._path} is corrupt")
+        return {
+            "v": 1,
+            "counters": counters,
+            "records": records,
+            "decisions": decisions,
+            "claims": claims,
+        }
 
     def _load(self) -> dict[str, dict[str, Any]]:
         counters: dict[str, dict[str, Any]] = self._load_all()["counters"]
@@ -245,7 +293,22 @@ class CounterStore:
         arriving state is installed exactly when its id is taken.
         """
 
-        if (not changes and claim is None) or len(changes) > MAX_TRANSACTION:
+        if not changes and claim is None:
+            raise CounterError(f"a transaction holds 1 to {MAX_TRANSACTION} record updates")
+        keys = self._check_changes(owner, changes)
+        with self._locked():
+            data = self._load_all()
+            if claim is not None:
+                self._claim_in(data, owner, bytes(claim))
+            for key, (name, update) in zip(keys, changes, strict=True):
+                self._apply(data, owner, key, name, update)
+            write_private(self._path, cbor2.dumps(data))
+
+    @staticmethod
+    def _check_changes(owner: bytes, changes: Sequence[tuple[str, RecordUpdate]]) -> list[str]:
+        """The checks of a transaction that need no stored state; its record keys."""
+
+        if len(changes) > MAX_TRANSACTION:
             raise CounterError(f"a transaction holds 1 to {MAX_TRANSACTION} record updates")
         keys = [_record_key(owner, name) for name, _ in changes]
         if len(set(keys)) != len(keys):
@@ -256,14 +319,59 @@ class CounterStore:
             changed = [*update.create, *update.advance, *update.destroy]
             if len(set(changed)) != len(changed):
                 raise CounterError("a record update changes one counter twice")
+        return keys
+
+    # --- migration decisions -------------------------------------------------------
+    def decide(
+        self,
+        owner: bytes,
+        decision: Decision,
+        retire: Sequence[tuple[str, RecordUpdate]] = (),
+    ) -> Decision:
+        """Record ``decision`` for its migration id, first one wins; returns the one that holds.
+
+        ``retire`` (record updates, as in :meth:`record_transaction`) is applied
+        in the same atomic write, and only if this decision is the first: a
+        migration's source gives its persistent record up (and moves a
+        checkpoint's gate) exactly when its COMMIT is recorded, never one
+        without the other.  A decision of another owner under the same id is
+        refused.  Nothing is ever evicted (a full store refuses with
+        StoreFullError, and then no commit can happen).
+        """
+
+        keys = self._check_changes(owner, retire)
+        key = decision.migration_id.hex()
         with self._locked():
             data = self._load_all()
-            if claim is not None:
-                self._claim_in(data, owner, bytes(claim))
-            for key, (name, update) in zip(keys, changes, strict=True):
-                self._apply(data, owner, key, name, update)
+            decisions: dict[str, Any] = data["decisions"]
+            held = decisions.get(key)
+            if held is not None:
+                if held.get("owner") != owner:
+                    raise CounterError("this migration id was decided by another enclave")
+                return Decision.from_entry(decision.migration_id, held)
+            mine = sum(1 for d in decisions.values() if d.get("owner") == owner)
+            if mine >= MAX_DECISIONS_PER_OWNER or len(decisions) >= MAX_DECISIONS_TOTAL:
+                raise StoreFullError("the host's decision store is full")
+            for record_key, (name, update) in zip(keys, retire, strict=True):
+                self._apply(data, owner, record_key, name, update)
+            decisions[key] = {"owner": owner, **decision.to_entry()}
             write_private(self._path, cbor2.dumps(data))
+            return decision
 
+    def decision(self, migration_id: bytes) -> Decision | None:
+        """The recorded decision of ``migration_id``, if any (it is not secret)."""
+
+        with self._locked():
+            held = self._load_all()["decisions"].get(bytes(migration_id).hex())
+        return None if held is None else Decision.from_entry(migration_id, held)
+
+    def decisions(self) -> list[Decision]:
+        """Every recorded decision, oldest first."""
+
+        with self._locked():
+            held = self._load_all()["decisions"]
+        items = [Decision.from_entry(bytes.fromhex(k), v) for k, v in held.items()]
+        return sorted(items, key=lambda d: d.at)
     def _claim_in(self, data: dict[str, Any], owner: bytes, mid: bytes) -> None:
         claims: list[bytes] = data["claims"]
         claim_key = owner + b"/" + mid
@@ -289,6 +397,17 @@ class CounterStore:
         with self._locked():
             claims = self._load_all()["claims"]
         return owner + b"/" + bytes(mid) in claims or self._claimed_before(owner, mid)
+
+    def claimed_by_any(self, mid: bytes) -> bool:
+        """Whether any enclave claimed ``mid`` here (an agent answering ``migsgx recover``)."""
+
+        tail = b"/" + _check_mid(mid)
+        with self._locked():
+            claims = self._load_all()["claims"]
+        if any(bytes(c).endswith(tail) for c in claims):
+            return True
+        legacy = self._path.with_name(LEGACY_CLAIMS)
+        return legacy.exists() and ClaimStore(legacy).claimed_by_any(mid)
 
     def _claimed_before(self, owner: bytes, mid: bytes) -> bool:
         """Claims of the former, separate claim store (``migrations.cbor``) still count."""
@@ -428,6 +547,13 @@ class ClaimStore:
     def claimed(self, owner: bytes, mid: bytes) -> bool:
         with _FileLock(self._lock, self._lock_path):
             return owner + b"/" + _check_mid(mid) in self._load()
+
+    def claimed_by_any(self, mid: bytes) -> bool:
+        """Whether any enclave claimed ``mid`` here (an agent answering ``migsgx recover``)."""
+
+        tail = b"/" + _check_mid(mid)
+        with _FileLock(self._lock, self._lock_path):
+            return any(key.endswith(tail) for key in self._load())
 
 
 def _check_mid(mid: bytes) -> bytes:

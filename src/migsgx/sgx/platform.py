@@ -43,7 +43,7 @@ from .._fs import read_private, write_private
 from ..errors import CollateralError, StateDirError
 from .ca import ProvisioningCA
 from .collateral import COLLATERAL_FILE, MAX_COLLATERAL_SIZE
-from .counters import ClaimStore, CounterStore, RecordUpdate
+from .counters import ClaimStore, CounterStore, Decision, RecordUpdate
 from .image import EnclaveImage, SigStruct
 from .keys import KeyDeriver
 from .quote import QuotingEnclave, VerifiedQuote, verify_quote
@@ -337,6 +337,13 @@ class LocalServices:
         """Change a persistent record and its counters atomically (``RecordUpdate``)."""
 
         self._platform.counters.record_update(self._owner, name, update)
+
+    def decide(
+        self, decision: Decision, retire: Sequence[tuple[str, RecordUpdate]] = ()
+    ) -> Decision:
+        """Record a migration decision (first wins), atomically with ``retire``."""
+
+        return self._platform.counters.decide(self._owner, decision, retire)
 
     def persist_transaction(
         self, changes: Sequence[tuple[str, RecordUpdate]], *, claim: bytes | None = None

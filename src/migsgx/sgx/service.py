@@ -32,7 +32,7 @@ from ..channel import IMAGE_FRAME_MAX, LAUNCH, PLATFORM
 from ..errors import ConnectionClosedError, LaunchError, MigSGXError, ProtocolError
 from ..wire import recv_frame, send_frame
 from . import syscalls
-from .counters import RecordUpdate
+from .counters import Decision, RecordUpdate
 from .enclave_logs import open_instance_log, prune_logs
 from .image import EnclaveImage
 from .platform import EmulatedPlatform, LocalServices
@@ -453,15 +453,24 @@ class PlatformService:
         if kind == "ps_update":
             svc.persist_update(msg["name"], RecordUpdate.from_wire(msg))
             return None
+        if kind == "decide":
+            retire = _record_changes(msg["changes"])
+            held = svc.decide(Decision(msg["mid"], msg["kind"], msg["frame"]), retire)
+            return {"kind": held.kind, "frame": held.frame}
         if kind == "ps_txn":
-            changes = msg["changes"]
-            if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in changes):
-                raise ProtocolError("a record transaction is malformed")
-            svc.persist_transaction(
-                [(c["name"], RecordUpdate.from_wire(c)) for c in changes], claim=msg["claim"]
-            )
+            svc.persist_transaction(_record_changes(msg["changes"]), claim=msg["claim"])
             return None
         raise ProtocolError(f"unexpected request {kind!r} from an enclave")
+
+
+def _record_changes(changes: object) -> list[tuple[str, RecordUpdate]]:
+    """The record updates of a transaction (or a decision's retirement), checked."""
+
+    if not isinstance(changes, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("name"), str) for c in changes
+    ):
+        raise ProtocolError("a record transaction is malformed")
+    return [(c["name"], RecordUpdate.from_wire(c)) for c in changes]
 
 
 def _enclaves_of(tag: str) -> list[tuple[int, int]]:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.cmac import CMAC
 
 from ..errors import ReportMacError
-from .counters import RecordUpdate
+from .counters import Decision, RecordUpdate
 from .structs import KEYNAME_REPORT, KeyRequest, Report, ReportBody, TargetInfo
 
 __all__ = ["TrustedServices", "counter_owner", "target_info_of", "verify_report_locally"]
@@ -61,6 +61,10 @@ class TrustedServices(Protocol):
     def persist_read(self, name: str) -> bytes | None: ...
 
     def persist_update(self, name: str, update: RecordUpdate) -> None: ...
+
+    def decide(
+        self, decision: Decision, retire: Sequence[tuple[str, RecordUpdate]] = ()
+    ) -> Decision: ...
 
     def persist_transaction(
         self, changes: Sequence[tuple[str, RecordUpdate]], *, claim: bytes | None = None

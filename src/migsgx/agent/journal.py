@@ -1,0 +1,119 @@
+"""The migration tool's journal on the source host: what ``migsgx recover`` starts from.
+
+One small file per migration, ``STATE/agent/migrations/<mid>.json``, written
+atomically at each step that matters to a recovery: where the migration went,
+which source enclaves (by their own migration ids) take part, which pids were
+fenced, and the phase.  The decisions themselves are not here: they are the
+source enclaves' records in the platform store (``docs/spec/commit.md``); the
+journal only says where to carry them.  Nothing in it is secret.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from .._fs import write_private
+
+__all__ = ["PHASES", "Journal", "journal_dir"]
+
+#: begun -> loaded (enclave ids known) -> fenced -> committed -> done | aborted
+PHASES: Final = ("begun", "loaded", "fenced", "committed", "done", "aborted")
+_KEYS: Final = {
+    "mid": str,
+    "to": list,
+    "tool_pid": int,
+    "app_pid": int,
+    "app_name": str,
+    "enclave_mids": list,
+    "fenced": list,
+    "phase": str,
+}
+
+
+def journal_dir(agent_dir: Path) -> Path:
+    return Path(agent_dir) / "migrations"
+
+
+@dataclass
+class Journal:
+    path: Path
+    data: dict[str, Any]
+
+    @classmethod
+    def start(
+        cls, agent_dir: Path, mid: bytes, to: tuple[str, int], app_pid: int, app_name: str
+    ) -> Journal:
+        directory = journal_dir(agent_dir)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        journal = cls(
+            directory / f"{mid.hex()}.json",
+            {
+                "mid": mid.hex(),
+                "to": [to[0], int(to[1])],
+                "tool_pid": os.getpid(),
+                "app_pid": app_pid,
+                "app_name": app_name,
+                "enclave_mids": [],
+                "fenced": [],
+                "phase": "begun",
+            },
+        )
+        journal.update()
+        return journal
+
+    @classmethod
+    def load(cls, path: Path) -> Journal:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or any(
+            not isinstance(data.get(k), t) for k, t in _KEYS.items()
+        ):
+            raise ValueError(f"{path} is not a migration journal")
+        if data["phase"] not in PHASES:
+            raise ValueError(f"{path}: unknown phase {data['phase']!r}")
+        return cls(path, data)
+
+    @classmethod
+    def all(cls, agent_dir: Path) -> list[Journal]:
+        """Every readable journal, oldest first (unreadable ones are skipped)."""
+
+        directory = journal_dir(agent_dir)
+        if not directory.is_dir():
+            return []
+        found = []
+        for path in sorted(directory.glob("*.json"), key=lambda p: p.stat().st_mtime):
+            try:
+                found.append(cls.load(path))
+            except (OSError, ValueError):
+                continue
+        return found
+
+    @property
+    def mid(self) -> bytes:
+        return bytes.fromhex(self.data["mid"])
+
+    @property
+    def to(self) -> tuple[str, int]:
+        return str(self.data["to"][0]), int(self.data["to"][1])
+
+    @property
+    def phase(self) -> str:
+        return str(self.data["phase"])
+
+    @property
+    def enclave_mids(self) -> list[bytes]:
+        return [bytes.fromhex(m) for m in self.data["enclave_mids"]]
+
+    @property
+    def fenced(self) -> list[int]:
+        return [int(p) for p in self.data["fenced"]]
+
+    def update(self, **fields: Any) -> None:
+        for key, value in fields.items():
+            if key not in _KEYS:
+                raise KeyError(key)
+            self.data[key] = value
+        write_private(self.path, json.dumps(self.data, sort_keys=True).encode())

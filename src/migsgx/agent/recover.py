@@ -1,0 +1,179 @@
+"""``migsgx recover``: resolve every migration in doubt to exactly one runnable copy.
+
+Runs on the source host (by hand, or by the guardian when the tool died).  For
+each journal (:mod:`.journal`) that is not finished it reads the source
+enclaves' decisions from this host's platform store, which are final
+(``docs/spec/commit.md``), and carries them to the destination agent over the
+agents' mutual-TLS channel (``deliver``):
+
+* every enclave decided COMMIT: the tokens go again; once the destination says
+  it runs (or its claim store says the ids were activated before), the fenced
+  source tree is killed;
+* an enclave decided ABORT: the ABORT frames go, so that a destination holding
+  a loaded copy discards it; the fenced source tree is continued (the guardian
+  hands the enclave connections back);
+* no decision yet: nothing is done (the migration is under way, or its source
+  enclaves are gone and so is the state: reported).
+
+Idempotent: decisions are final and delivering one twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Final
+
+from ..errors import MigSGXError
+from ..sgx.counters import CounterStore, Decision
+from ..sgx.platform import COUNTERS
+from .control import AgentConnection
+from .journal import Journal
+from .protocol import VERSION
+from .tls import AgentIdentity
+
+__all__ = ["Resolution", "recover", "resolve"]
+
+log = logging.getLogger("migsgx.recover")
+
+DELIVER_TIMEOUT: Final = 30.0
+
+
+@dataclass
+class Resolution:
+    """What ``recover`` found and did for one migration."""
+
+    mid: str
+    phase: str
+    decision: str  # commit, abort, mixed, none
+    outcome: str  # moved, stayed, in-doubt, in-progress, done
+    detail: str = ""
+
+    @property
+    def in_doubt(self) -> bool:
+        return self.outcome in ("in-doubt",)
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _decisions(platform_state: Path, mids: list[bytes]) -> list[Decision | None]:
+    store = CounterStore(platform_state / COUNTERS)
+    return [store.decision(mid) for mid in mids]
+
+
+def _deliver(
+    journal: Journal, identity: AgentIdentity, frames: list[bytes]
+) -> tuple[str, str]:
+    """Carry ``frames`` to the destination agent; its outcome and a detail."""
+
+    try:
+        control = AgentConnection(journal.to, identity, DELIVER_TIMEOUT)
+    except MigSGXError as exc:
+        return "unreachable", str(exc)
+    try:
+        control.call({"t": "hello", "version": VERSION, "host_id": "recover"}, "welcome")
+        reply = control.call(
+            {
+                "t": "deliver",
+                "session_id": journal.mid,
+                "frames": frames,
+                "enclave_mids": journal.enclave_mids,
+            },
+            "delivered",
+        )
+    except MigSGXError as exc:
+        return "unreachable", str(exc)
+    finally:
+        control.close()
+    return str(reply["outcome"]), f"destination pid {reply['pid']}" if reply["pid"] else ""
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def resolve(
+    journal: Journal,
+    platform_state: Path,
+    identity: AgentIdentity,
+    *,
+    tool_gone: bool = False,
+) -> Resolution:
+    """Resolve one migration (see the module docstring)."""
+
+    mid = journal.data["mid"]
+    if journal.phase == "done":
+        return Resolution(mid, journal.phase, "-", "done")
+    if not tool_gone and _alive(int(journal.data["tool_pid"])) and journal.phase != "aborted":
+        return Resolution(mid, journal.phase, "-", "in-progress", "its tool still runs")
+    decisions = _decisions(platform_state, journal.enclave_mids)
+    kinds = {d.kind if d is not None else "none" for d in decisions}
+    if not decisions or kinds == {"none"}:
+        # No source enclave decided: none committed, so no destination copy can run.
+        if journal.phase in ("begun", "aborted") or not decisions:
+            journal.update(phase="done")
+            return Resolution(mid, journal.phase, "none", "stayed", "nothing was decided")
+        return Resolution(
+            mid, journal.phase, "none", "in-doubt",
+            "the source enclaves never decided; if they are gone, so is their state",
+        )  # fmt: skip
+    if kinds == {"commit"}:
+        outcome, detail = _deliver(journal, identity, [d.frame for d in decisions if d])
+        if outcome == "resumed":
+            _signal_all(journal.fenced, signal.SIGKILL)
+            journal.update(phase="done")
+            return Resolution(mid, journal.phase, "commit", "moved", detail)
+        return Resolution(
+            mid, journal.phase, "commit", "in-doubt",
+            f"committed; the destination answered {outcome!r} {detail}".strip(),
+        )  # fmt: skip
+    if "commit" in kinds:
+        return Resolution(
+            mid, journal.phase, "mixed", "in-doubt",
+            "some enclaves committed, others did not: an operator decides",
+        )  # fmt: skip
+    # At least one ABORT and no COMMIT: the source is the copy; end the destination's.
+    frames = [d.frame if d is not None else b"" for d in decisions]
+    _signal_all(journal.fenced, signal.SIGCONT)
+    outcome, detail = _deliver(journal, identity, frames)
+    if outcome in ("aborted", "unknown"):
+        journal.update(phase="done")
+        return Resolution(mid, journal.phase, "abort", "stayed", outcome)
+    # Which copy runs is not in doubt: the source (no commit can ever exist).  The
+    # destination's loaded copy goes once an ABORT reaches it; a later recover retries.
+    return Resolution(
+        mid, journal.phase, "abort", "stayed",
+        f"the destination was not told yet ({outcome} {detail})".strip(),
+    )  # fmt: skip
+
+
+def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resolution]:
+    """Resolve every unfinished migration of the source host with platform state ``state``."""
+
+    identity = identity or AgentIdentity.of_state(state)
+    results = []
+    for journal in Journal.all(identity.directory):
+        try:
+            results.append(resolve(journal, Path(state), identity))
+        except (MigSGXError, OSError) as exc:
+            results.append(
+                Resolution(journal.data["mid"], journal.phase, "?", "in-doubt", str(exc))
+            )
+    return results

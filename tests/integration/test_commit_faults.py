@@ -1,0 +1,383 @@
+"""The fault matrix of the commit path, with real CRIU between two namespaced hosts.
+
+Each cell migrates the kvstore example (one enclave, acknowledged writes) with
+one fault injected at a named step through ``MIGSGX_FAULT`` (deterministic, no
+sleeping), then checks, after at most one ``migsgx recover``: exactly one
+runnable copy, on the side the decision names, holding every acknowledged write.
+Where the source stays, the seconds from the fault to the source answering again
+are recorded and printed as JSON at the end of the module (``fault-matrix``);
+they are figures, not asserts.  The table in ``docs/migration.md`` comes from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from migsgx.criu import Criu
+from migsgx.lab.hosts import start_service
+from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
+from migsgx.system.process import kill_tree, process_state
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+EXIT_OK, EXIT_MOVED_NOT, EXIT_IN_DOUBT, EXIT_CRASH = 0, 6, 7, 70
+_FAULT_AT = re.compile(r"migsgx fault: (\S+) at ([0-9.]+)")
+
+
+@pytest.fixture(scope="module")
+def bed(
+    criu: Criu,
+    subreaper: None,
+    _stale_namespaces_removed: None,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Testbed]:
+    with Testbed(tmp_path_factory.mktemp("commitfaults"), subnet=73) as testbed:
+        yield testbed
+
+
+@pytest.fixture(scope="module")
+def agent(bed: Testbed) -> AgentProcess:
+    return bed.start_agent()
+
+
+@pytest.fixture(scope="module")
+def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, dict[str, object]]]:
+    table: dict[str, dict[str, object]] = {}
+    yield table
+    line = "fault-matrix " + json.dumps(table, sort_keys=True)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        sys.stdout.write("\n" + line + "\n")
+        sys.stdout.flush()
+
+
+def kvstore(bed: Testbed) -> AppProcess:
+    return bed.start_app("kvstore", ["--image", str(bed.image("kvstore"))])
+
+
+def ask(bed: Testbed, app: AppProcess, at: str, line: str) -> str:
+    return bed.ask(line, app.port, at=at, via="dst" if at == "src" else "src")
+
+
+def loaded_app(bed: Testbed) -> tuple[AppProcess, str]:
+    """A kvstore with acknowledged writes; their digest."""
+
+    app = kvstore(bed)
+    for i in range(3):
+        assert ask(bed, app, "src", f"PUT k{i} {f'v{i}'.encode().hex()}") == f"OK {i + 1}"
+    return app, ask(bed, app, "src", "DIGEST")
+
+
+def fault_time(*texts: str) -> float:
+    for text in texts:
+        found = _FAULT_AT.findall(text)
+        if found:
+            return float(found[0][1])
+    raise AssertionError("the fault point was never reached")
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def source_answers(bed: Testbed, app: AppProcess, digest: str) -> float:
+    """Poll the source until it answers with every acknowledged write; when it did."""
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if ask(bed, app, "src", "DIGEST") == digest:
+                return time.monotonic()
+        except Exception:  # not answering yet (stopped or its enclave not back)
+            pass
+        assert time.monotonic() < deadline, "the source never ran again"
+        time.sleep(0.02)
+
+
+def only_copy(bed: Testbed, app: AppProcess, at: str, digest: str) -> None:
+    """Exactly one runnable copy, on ``at``, with every acknowledged write; then stop it."""
+
+    other = "dst" if at == "src" else "src"
+    wait_for(lambda: bed.runnable_copies(app)[other] == 0, 20, f"no runnable copy on {other}")
+    assert bed.runnable_copies(app) == {at: 1, other: 0}
+    assert ask(bed, app, at, "DIGEST") == digest
+    assert ask(bed, app, at, "PUT after " + b"x".hex()).startswith("OK")  # ECALLs work
+    for procs in bed.copies(app).values():
+        for pid, _ in procs:
+            kill_tree(pid)
+
+
+def recover(bed: Testbed) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "migsgx", "recover",
+            "--state", str(bed.state("src")), "--json"]  # fmt: skip
+    return subprocess.run(
+        bed.host("src").command(argv), capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def migrate_with(bed: Testbed, app: AppProcess, agent: AgentProcess, fault: str) -> MigrateRun:
+    return bed.migrate(
+        app.pid, agent, env={"MIGSGX_FAULT": fault},
+        args=["--work-dir", str(bed.root / f"dump-{app.marker}")],
+    )  # fmt: skip
+
+
+# --- before the commit point: the source runs again -----------------------------------------------
+@pytest.mark.parametrize(
+    "cell, point, action",
+    [
+        # Seen case 1: the destination's platform service or enclave dies with the tree held.
+        ("restore held x kill -9 destination platform service", "after-restore", "kill-platform"),
+        ("restore held x kill -9 destination enclave", "after-restore", "kill-enclave"),
+        ("restore held x kill -9 destination agent", "after-restore", "kill"),
+        ("LOADED x kill -9 destination platform service", "before-restore", "kill-platform"),
+        ("LOADED x kill -9 destination enclave", "before-restore", "kill-enclave"),
+        ("LOADED x kill -9 destination agent", "before-restore", "kill"),
+    ],
+)
+def test_destination_lost_after_loaded(
+    bed: Testbed, figures: dict[str, dict[str, object]], cell: str, point: str, action: str
+) -> None:
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": f"agent.{point}:{action}"})
+    app, digest = loaded_app(bed)
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert run.returncode == EXIT_MOVED_NOT, run.stderr
+        assert "Traceback" not in run.stderr
+        t_fault = fault_time(doomed.log.read_text(errors="replace"))
+        t_back = source_answers(bed, app, digest)
+        figures[cell] = {"outcome": "stayed", "exit": run.returncode,
+                         "source_back_seconds": round(t_back - t_fault, 3)}  # fmt: skip
+        only_copy(bed, app, "src", digest)
+    finally:
+        doomed.stop()
+        if action == "kill-platform":
+            bed.services["dst"].stop()  # killed: a fresh one for the next cells
+            bed.services["dst"] = start_service(
+                bed.state("dst"), prefix=bed.host("dst").command([])
+            )
+
+
+def test_control_connection_stalls_with_the_tree_held(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """A network stall (packets dropped, no process dies): keepalive ends the wait."""
+
+    stalling = bed.start_agent(env={"MIGSGX_FAULT": "agent.after-restore:stall"})
+    app, digest = loaded_app(bed)
+    try:
+        run = bed.migrate(app.pid, stalling)
+        assert run.returncode == EXIT_MOVED_NOT, run.stderr
+        assert "Traceback" not in run.stderr
+        t_fault = fault_time(stalling.log.read_text(errors="replace"))
+        t_back = source_answers(bed, app, digest)
+        figures["restore held x control connection stall"] = {
+            "outcome": "stayed", "exit": run.returncode,
+            "source_back_seconds": round(t_back - t_fault, 3),
+        }  # fmt: skip
+        only_copy(bed, app, "src", digest)
+    finally:
+        stalling.stop()
+        _unstall(bed, stalling)
+
+
+def test_corrupted_byte_in_the_enclave_stream(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """One flipped bit 1 MiB into the enclave stream: the destination enclave refuses it."""
+
+    app, digest = loaded_app(bed)
+    run = migrate_with(bed, app, agent, f"tool.enclave-stream:flip-byte={1 << 20}")
+    assert run.returncode == EXIT_MOVED_NOT, run.stderr
+    assert "Traceback" not in run.stderr
+    back = source_answers(bed, app, digest) - fault_time(run.stderr)
+    figures["transfer x corrupted byte"] = {"outcome": "stayed", "exit": run.returncode,
+                                            "source_back_seconds": round(back, 3)}  # fmt: skip
+    wait_for(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
+    only_copy(bed, app, "src", digest)
+
+
+def test_answer_to_resume_lost_is_in_doubt_until_delivered_again(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """After the decision the control connection stalls: exit 7, and the guardian resolves it."""
+
+    stalling = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-resume:stall"})
+    app, digest = loaded_app(bed)
+    try:
+        run = bed.migrate(app.pid, stalling)
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert "migsgx recover" in run.stderr and "Traceback" not in run.stderr
+        # The destination got its tokens on the data connections and runs; the source
+        # stays stopped: nothing runs twice while the outcome is in doubt here.
+        wait_for(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
+        assert bed.runnable_copies(app)["src"] == 0
+    finally:
+        _unstall(bed, stalling)
+    # The network is back: the guardian's next delivery hears that the destination runs.
+    wait_for(lambda: process_state(app.pid) in ("", "Z"), 90, "the guardian to end the source")
+    again = recover(bed)
+    assert again.returncode == 0, again.stderr
+    figures["resume x control connection stall"] = {
+        "outcome": "moved", "exit": run.returncode, "recover": "the guardian",
+    }  # fmt: skip
+    only_copy(bed, app, "dst", digest)
+    stalling.stop()
+
+
+def _unstall(bed: Testbed, agent: AgentProcess) -> None:
+    for chain, side in (("INPUT", "--dport"), ("OUTPUT", "--sport")):
+        subprocess.run(
+            bed.host("dst").command(
+                ["iptables", "-D", chain, "-p", "tcp", side, str(agent.port), "-j", "DROP"]
+            ),
+            capture_output=True, timeout=10,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "cell, fault",
+    [
+        ("LOADED x kill -9 tool", "tool.before-commit:kill"),
+        ("handshake/dump x kill -9 tool", "tool.after-prepare:kill"),
+    ],
+)
+def test_tool_killed_before_the_decision(
+    bed: Testbed,
+    agent: AgentProcess,
+    figures: dict[str, dict[str, object]],
+    cell: str,
+    fault: str,
+) -> None:
+    app, digest = loaded_app(bed)
+    run = migrate_with(bed, app, agent, fault)
+    assert run.returncode == -9
+    t_back = source_answers(bed, app, digest)
+    figures[cell] = {"outcome": "stayed", "exit": run.returncode,
+                     "source_back_seconds": round(t_back - fault_time(run.stderr), 3)}  # fmt: skip
+    wait_for(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
+    only_copy(bed, app, "src", digest)
+
+
+# --- after the decision: the destination runs --------------------------------------------------
+def test_token_dropped_on_the_data_connection_is_delivered_again(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """Seen case 2: the data connection drops after LOADED (no process dies)."""
+
+    app, digest = loaded_app(bed)
+    run = migrate_with(bed, app, agent, "tool.before-token:drop")
+    assert run.returncode == EXIT_OK, run.stderr
+    figures["token in flight x connection drop"] = {"outcome": "moved", "exit": run.returncode}
+    wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+    only_copy(bed, app, "dst", digest)
+
+
+@pytest.mark.parametrize(
+    "cell, fault",
+    [
+        ("decision written x kill -9 tool", "tool.after-commit:kill"),
+        ("token in flight x kill -9 tool", "tool.before-token:kill"),
+    ],
+)
+def test_tool_killed_after_the_decision(
+    bed: Testbed,
+    agent: AgentProcess,
+    figures: dict[str, dict[str, object]],
+    cell: str,
+    fault: str,
+) -> None:
+    """The guardian carries the recorded COMMIT to the destination and ends the source."""
+
+    app, digest = loaded_app(bed)
+    run = migrate_with(bed, app, agent, fault)
+    assert run.returncode == -9
+    wait_for(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
+    wait_for(lambda: process_state(app.pid) in ("", "Z"), 30, "the guardian to end the source")
+    # An operator's recover afterwards finds nothing in doubt and changes nothing.
+    again = recover(bed)
+    assert again.returncode == 0, again.stderr
+    assert all(r["outcome"] != "in-doubt" for r in json.loads(again.stdout))
+    figures[cell] = {"outcome": "moved", "exit": run.returncode, "recover": "not needed"}
+    only_copy(bed, app, "dst", digest)
+
+
+@pytest.mark.parametrize(
+    "cell, fault, expect",
+    [
+        ("restore held x kill -9 guardian", "tool.before-commit:kill-guardian", "dst"),
+        ("restore held x kill -9 source platform service",
+         "tool.before-commit:kill-source-platform", "src"),
+        ("restore held x kill -9 source enclave", "tool.before-commit:kill-source-enclave",
+         "lost"),
+        ("decision written x kill -9 guardian", "tool.after-commit:kill-guardian", "dst"),
+        ("decision written x kill -9 source platform service",
+         "tool.after-commit:kill-source-platform", "dst"),
+        ("decision written x kill -9 source enclave", "tool.after-commit:kill-source-enclave",
+         "dst"),
+    ],
+)  # fmt: skip
+def test_source_side_party_killed(
+    bed: Testbed,
+    agent: AgentProcess,
+    figures: dict[str, dict[str, object]],
+    cell: str,
+    fault: str,
+    expect: str,
+) -> None:
+    """The tool lives on; another party of the source host dies at the step."""
+
+    app, digest = loaded_app(bed)
+    try:
+        run = migrate_with(bed, app, agent, fault)
+        assert "Traceback" not in run.stderr
+        if expect == "dst":
+            # The decision, not the source enclave or its platform, is what counts.
+            assert run.returncode == EXIT_OK, run.stderr
+            figures[cell] = {"outcome": "moved", "exit": run.returncode}
+            wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+            only_copy(bed, app, "dst", digest)
+        elif expect == "src":
+            assert run.returncode == EXIT_MOVED_NOT, run.stderr
+            back = source_answers(bed, app, digest) - fault_time(run.stderr)
+            figures[cell] = {"outcome": "stayed", "exit": run.returncode,
+                             "source_back_seconds": round(back, 3)}  # fmt: skip
+            only_copy(bed, app, "src", digest)
+        else:
+            # The source enclave held the only copy that could run (the destination's
+            # loaded copy needs a token only it could make): lost, as in a crash.  Nothing
+            # else is lost and nothing runs twice: no destination copy, the source
+            # process itself runs on without its enclave.
+            assert run.returncode == EXIT_MOVED_NOT, run.stderr
+            wait_for(lambda: bed.runnable_copies(app)["dst"] == 0, 20, "no destination copy")
+            wait_for(lambda: process_state(app.pid) in ("S", "R"), 20, "the source to run")
+            assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
+            figures[cell] = {"outcome": "lost (the enclave with the only copy died)",
+                             "exit": run.returncode}  # fmt: skip
+            for procs in bed.copies(app).values():
+                for pid, _ in procs:
+                    kill_tree(pid)
+    finally:
+        if "platform" in fault:
+            bed.services["src"].stop()  # killed: a fresh one for the next cells
+            bed.services["src"] = start_service(
+                bed.state("src"), prefix=bed.host("src").command([])
+            )
+
+
+def test_recover_is_idempotent_with_nothing_in_doubt(bed: Testbed) -> None:
+    first, second = recover(bed), recover(bed)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert "Traceback" not in first.stderr + second.stderr

@@ -1,0 +1,176 @@
+"""``migsgx recover``: from the journal and the recorded decisions to one runnable copy.
+
+The destination agent is not under test here: its answer is given (``_deliver``
+patched, as CLI tests patch the library call); the integration fault matrix
+runs recover against real agents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from migsgx import cli
+from migsgx.agent import recover as recover_module
+from migsgx.agent.journal import Journal
+from migsgx.agent.recover import recover, resolve
+from migsgx.agent.tls import AgentIdentity
+from migsgx.errors import InDoubtError
+from migsgx.sgx.counters import CounterStore, Decision
+from migsgx.sgx.platform import COUNTERS
+
+OWNER = b"S" + bytes(34)
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    (tmp_path / "agent").mkdir()
+    return tmp_path
+
+
+def _journal(state: Path, mids: list[bytes], *, phase: str, fenced: list[int]) -> Journal:
+    journal = Journal.start(state / "agent", os.urandom(16), ("10.0.0.2", 7070), 1, "-")
+    journal.update(
+        enclave_mids=[m.hex() for m in mids], fenced=fenced, phase=phase, tool_pid=2**22 + 1
+    )
+    return journal
+
+
+def _decide(state: Path, mid: bytes, kind: str, frame: bytes) -> None:
+    CounterStore(state / COUNTERS).decide(OWNER, Decision(mid, kind, frame))
+
+
+class Agent:
+    """The destination agent's answers, given; what was delivered to it, recorded."""
+
+    def __init__(self) -> None:
+        self.answers: list[str] = []
+        self.sent: list[tuple[str, list[bytes]]] = []
+
+    def deliver(
+        self, journal: Journal, identity: AgentIdentity, frames: list[bytes]
+    ) -> tuple[str, str]:
+        self.sent.append((journal.data["mid"], list(frames)))
+        return self.answers.pop(0), ""
+
+
+@pytest.fixture
+def agent(monkeypatch: pytest.MonkeyPatch) -> Agent:
+    fake = Agent()
+    monkeypatch.setattr(recover_module, "_deliver", fake.deliver)
+    return fake
+
+
+def _sleeper() -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    os.kill(proc.pid, signal.SIGSTOP)  # fenced
+    return proc
+
+
+def test_recorded_commit_is_delivered_and_the_fenced_source_removed(
+    state: Path, agent: Agent
+) -> None:
+    mids = [os.urandom(16), os.urandom(16)]
+    source = _sleeper()
+    try:
+        journal = _journal(state, mids, phase="committed", fenced=[source.pid])
+        for i, mid in enumerate(mids):
+            _decide(state, mid, "commit", b"token-%d" % i)
+        agent.answers.append("resumed")
+        result = resolve(journal, state, AgentIdentity.of_state(state))
+        assert (result.decision, result.outcome) == ("commit", "moved")
+        assert agent.sent == [(journal.data["mid"], [b"token-0", b"token-1"])]
+        assert source.wait(timeout=10) == -signal.SIGKILL
+        # Idempotent: done now, nothing delivered again.
+        again = resolve(Journal.load(journal.path), state, AgentIdentity.of_state(state))
+        assert again.outcome == "done" and len(agent.sent) == 1
+    finally:
+        source.kill()
+        source.wait()
+
+
+def test_commit_not_confirmed_stays_in_doubt_and_the_source_stays_stopped(
+    state: Path, agent: Agent
+) -> None:
+    mid = os.urandom(16)
+    source = _sleeper()
+    try:
+        journal = _journal(state, [mid], phase="committed", fenced=[source.pid])
+        _decide(state, mid, "commit", b"token")
+        agent.answers.append("waiting")
+        result = resolve(journal, state, AgentIdentity.of_state(state))
+        assert result.in_doubt
+        assert source.poll() is None  # never killed, never continued while in doubt
+        assert Journal.load(journal.path).phase == "committed"
+    finally:
+        source.kill()
+        source.wait()
+
+
+def test_recorded_abort_continues_the_source_and_ends_the_destination_copy(
+    state: Path, agent: Agent
+) -> None:
+    mids = [os.urandom(16), os.urandom(16)]
+    source = _sleeper()
+    try:
+        journal = _journal(state, mids, phase="fenced", fenced=[source.pid])
+        _decide(state, mids[0], "abort", b"abort-frame")  # the other never decided
+        agent.answers.append("aborted")
+        result = resolve(journal, state, AgentIdentity.of_state(state))
+        assert (result.decision, result.outcome) == ("abort", "stayed")
+        assert agent.sent[0][1] == [b"abort-frame", b""]
+        with open(f"/proc/{source.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] != "T"  # continued
+    finally:
+        source.kill()
+        source.wait()
+
+
+def test_mixed_decisions_are_left_to_an_operator(
+    state: Path, agent: Agent
+) -> None:
+    mids = [os.urandom(16), os.urandom(16)]
+    journal = _journal(state, mids, phase="committed", fenced=[])
+    _decide(state, mids[0], "commit", b"t")
+    _decide(state, mids[1], "abort", b"a")
+    result = resolve(journal, state, AgentIdentity.of_state(state))
+    assert (result.decision, result.in_doubt) == ("mixed", True)
+    assert agent.sent == []  # nothing delivered
+
+
+def test_recover_cli_exit_status_tells_doubt(
+    state: Path,
+    agent: Agent,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mid = os.urandom(16)
+    _journal(state, [mid], phase="committed", fenced=[])
+    _decide(state, mid, "commit", b"token")
+    agent.answers.extend(["unreachable", "resumed"])
+    with pytest.raises(SystemExit) as first:
+        cli.main(["recover", "--state", str(state), "--json"])
+    out, err = capsys.readouterr()
+    assert first.value.code == cli.EXIT_IN_DOUBT
+    assert json.loads(out)[0]["outcome"] == "in-doubt"
+    assert err.startswith("migsgx: error [in-doubt]: ")
+    with pytest.raises(SystemExit) as second:
+        cli.main(["recover", "--state", str(state), "--json"])
+    assert second.value.code == cli.EXIT_OK
+    assert [r.outcome for r in recover(state)] == ["done"]
+
+
+def test_in_doubt_is_not_a_failed_migration() -> None:
+    assert cli._exit_code(InDoubtError("x")) == cli.EXIT_IN_DOUBT != cli.EXIT_MIGRATION
+
+
+def test_migrate_without_a_target_is_bad_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["migrate", "--to", "10.0.0.2:7070", "--state", "/nonexistent"])
+    assert exited.value.code == cli.EXIT_USAGE
+    assert "Traceback" not in capsys.readouterr().err
