@@ -12,7 +12,7 @@ from host A to host B with ``migsgx.containers.postcopy``; the images are copied
 ``image_bytes``     what moved while frozen; ``served_bytes`` the page data.
 
 Medians with min/max over ``--repeat`` runs (>= 3), as one JSON object.
-Run as root from the worktree (``.venv/bin/python benchmarks/post_copy_window.py``).
+Run as root from the checkout (``.venv/bin/python benchmarks/post_copy_window.py``).
 
     post_copy_window.py --sizes 64M,256M --repeat 3
 """

@@ -16,7 +16,7 @@ tree would read zeros where its memory was.  :class:`PostCopyRestore`
 prevents that silent corruption: it holds duplicates of the daemon's
 userfaultfds (``pidfd_getfd``), so an unserved fault blocks instead of
 zero-filling, kills the tree, and only then lets the descriptors go; the
-caller gets :class:`~migsgx.errors.SourceLostError` (exit status 7).
+caller gets :class:`~migsgx.errors.SourceLostError` (exit status 9).
 
 Both ends speak CRIU's own TLS (GnuTLS) with the agent identities: the page
 stream is never plain, and either side refuses a peer without a certificate
