@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from migsgx.agent.tls import issue_agent_identity
-from migsgx.criu import Criu, InNetns, InTaskNamespaces
 from migsgx.containers.postcopy import PostCopyRestore, lazy_dump, served_port
+from migsgx.criu import Criu, InNetns, InTaskNamespaces
 from migsgx.lab.netns import HostNetwork
 from migsgx.sgx.ca import ProvisioningCA
 from migsgx.system.process import kill_tree, tree_pids
