@@ -52,9 +52,8 @@ from .base import (
     Source,
     check_name,
 )
-from .cgroups import Freezer
 from .command import bring_lo_up, run_engine, with_path
-from .frozen import kill_frozen, own_netns_path, resume_frozen, write_criu_config
+from .frozen import dump_frozen, own_netns_path, write_criu_config
 from .layout import CheckpointParts, write_checkpoint_image
 from .oci import Localization, joined_host_netns, load_json, localize
 from .settings import ContainerSettings
@@ -210,33 +209,21 @@ class ContainerdDriver:
 
     def dump(self, source: Source, plan: DumpPlan, on_dumped: Callable[[], None]) -> None:
         cid = source.target["id"]
-        freezer = Freezer.of_pid(source.root)
-        plan.note(f"thaw {freezer.control}")
-        freezer.freeze()
         # From the shim's network namespace, as the shim itself would: CRIU then records
         # the container's (joined) namespace as external, and a restore joins the one its
         # configuration names.  Dumped from inside it, CRIU would restore into its own.
         shim = _parent(source.root)
         prefix = [] if shim is None else ["nsenter", f"--net=/proc/{shim}/ns/net"]
-        finished = False
-        try:
+
+        def checkpoint() -> None:
             self._checkpoint(prefix, cid, plan.images, tcp_established=plan.tcp_close)
-            if freezer.state() != "FROZEN":
-                raise ContainerError(f"containerd task {cid} was thawed during its checkpoint")
             (plan.images / CONTAINERD_RECORD).write_text(json.dumps(source.private["record"]))
             if source.private["snapshot"]:
                 self._rw_diff(source, plan.images / CONTAINERD_RW)
-            on_dumped()
-            finished = True
-        finally:
-            if not finished and plan.may_resume():
-                with contextlib.suppress(MigSGXError):
-                    resume_frozen(source.root, freezer)
-        try:
-            kill_frozen(source.root, freezer)
-            self.ctr.remove(cid)
-        except MigSGXError as exc:
-            log.warning("the migrated source container %s stays (frozen): %s", cid, exc)
+
+        dump_frozen(
+            source, plan, on_dumped, checkpoint=checkpoint, remove=lambda: self.ctr.remove(cid)
+        )
 
     def _checkpoint(
         self, prefix: list[str], cid: str, images: Path, *, tcp_established: bool

@@ -6,12 +6,18 @@ Kept apart from both drivers so that neither imports the other.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import MigSGXError
 from ..system.process import kill_tree, tree_pids
+from .base import ContainerError, DumpPlan, Source
 from .cgroups import Freezer
+
+log = logging.getLogger("migsgx.containers")
 
 __all__ = ["kill_frozen", "own_netns_path", "resume_frozen", "write_criu_config"]
 
@@ -59,3 +65,42 @@ def write_criu_config(path: Path, *, tcp_close: bool) -> None:
     # file-locks: held POSIX and flock locks are restored (they were dumped with them).
     lines = ["leave-stopped", "file-locks"] + (["tcp-close"] if tcp_close else [])
     path.write_text("\n".join(lines) + "\n")
+
+
+def dump_frozen(
+    source: Source,
+    plan: DumpPlan,
+    on_dumped: Callable[[], None],
+    *,
+    checkpoint: Callable[[], object],
+    remove: Callable[[], object],
+) -> None:
+    """The engines' dump of a container kept frozen throughout.
+
+    The tree is frozen before ``checkpoint`` (the engine's own dump, leaving it
+    running) and must still be frozen after it, so nothing it did after its pages
+    were taken can be lost. A failure before ``on_dumped`` returns thaws it where the
+    plan still allows the source to resume; once dumped, the frozen source is killed
+    and ``remove`` deletes the engine's record of it.
+    """
+
+    freezer = Freezer.of_pid(source.root)
+    plan.note(f"thaw {freezer.control}")
+    freezer.freeze()
+    finished = False
+    try:
+        checkpoint()
+        if freezer.state() != "FROZEN":
+            raise ContainerError(f"{source.label} was thawed during its checkpoint")
+        on_dumped()
+        finished = True
+    finally:
+        if not finished and plan.may_resume():
+            with contextlib.suppress(MigSGXError):
+                resume_frozen(source.root, freezer)
+    try:
+        kill_frozen(source.root, freezer)
+        remove()
+    except MigSGXError as exc:
+        # Frozen and stopped, it cannot run: an operator removes it.
+        log.warning("the migrated source container %s stays (frozen): %s", source.label, exc)

@@ -41,9 +41,8 @@ from .base import (
     Source,
     check_name,
 )
-from .cgroups import Freezer
 from .command import run_engine, with_path
-from .frozen import kill_frozen, own_netns_path, resume_frozen, write_criu_config
+from .frozen import dump_frozen, own_netns_path, write_criu_config
 from .oci import (
     Localization,
     extract_tree,
@@ -148,30 +147,20 @@ class PodmanDriver:
 
     def dump(self, source: Source, plan: DumpPlan, on_dumped: Callable[[], None]) -> None:
         name = source.target["name"]
-        freezer = Freezer.of_pid(source.root)
-        plan.note(f"thaw {freezer.control}")
-        freezer.freeze()
         args = ["container", "checkpoint", "--leave-running", "--compress", "none"]
         args.append("--file-locks")  # held POSIX and flock locks move with the tree
         args += ["--export", str(plan.images / PODMAN_ARCHIVE)]
         if plan.tcp_close:
             args.append("--tcp-established")  # dumped, then restored closed
-        finished = False
-        try:
-            self.podman(*args, name, what=f"podman checkpoint {name}", timeout=600)
-            if freezer.state() != "FROZEN":
-                raise ContainerError(f"podman container {name} was thawed during its checkpoint")
-            on_dumped()
-            finished = True
-        finally:
-            if not finished and plan.may_resume():
-                with contextlib.suppress(MigSGXError):
-                    resume_frozen(source.root, freezer)
-        try:
-            kill_frozen(source.root, freezer)
-            self.podman.remove(name)
-        except MigSGXError as exc:
-            log.warning("the migrated source container %s stays (frozen): %s", name, exc)
+        dump_frozen(
+            source,
+            plan,
+            on_dumped,
+            checkpoint=lambda: self.podman(
+                *args, name, what=f"podman checkpoint {name}", timeout=600
+            ),
+            remove=lambda: self.podman.remove(name),
+        )
 
     # --- destination ----------------------------------------------------------------------
     def check_target(self, target: Mapping[str, Any]) -> dict[str, Any]:

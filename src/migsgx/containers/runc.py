@@ -43,9 +43,8 @@ from .base import (
     Source,
     check_name,
 )
-from .cgroups import Freezer
 from .command import bring_lo_up, run_engine
-from .frozen import kill_frozen, own_netns_path, resume_frozen, write_criu_config
+from .frozen import dump_frozen, own_netns_path, write_criu_config
 from .oci import (
     Localization,
     extract_tree,
@@ -196,30 +195,17 @@ class RuncDriver:
 
     def dump(self, source: Source, plan: DumpPlan, on_dumped: Callable[[], None]) -> None:
         cid = source.target["id"]
-        freezer = Freezer.of_pid(source.root)
-        plan.note(f"thaw {freezer.control}")
-        freezer.freeze()
-        finished = False
-        try:
+
+        def checkpoint() -> None:
             self.runc.checkpoint(
                 cid, plan.images, page_server=plan.page_server, tcp_established=plan.tcp_close
             )
-            if freezer.state() != "FROZEN":
-                raise ContainerError(f"runc container {cid} was thawed during its checkpoint")
             shutil.copyfile(source.private["bundle"] / "config.json", plan.images / RUNC_CONFIG)
             tar_tree(source.private["rootfs"], plan.images / RUNC_ROOTFS)
-            on_dumped()
-            finished = True
-        finally:
-            if not finished and plan.may_resume():
-                with contextlib.suppress(MigSGXError):
-                    resume_frozen(source.root, freezer)
-        try:
-            kill_frozen(source.root, freezer)
-            self.runc.delete(cid)
-        except MigSGXError as exc:
-            # Frozen and stopped, it cannot run: an operator removes it.
-            log.warning("the migrated source container %s stays (frozen): %s", cid, exc)
+
+        dump_frozen(
+            source, plan, on_dumped, checkpoint=checkpoint, remove=lambda: self.runc.delete(cid)
+        )
 
     # --- destination ----------------------------------------------------------------------
     def check_target(self, target: Mapping[str, Any]) -> dict[str, Any]:
