@@ -186,7 +186,7 @@ def test_post_copy_keeps_every_acknowledged_write(
     assert source.error is None, source.error
     assert report.window_seconds > 0
     writes.check(src, dst.address, port)
-    assert process_state(new_pid) == "S"
+    assert process_state(new_pid) in ("R", "S")  # it runs (on a CPU or waiting), not held
     assert not os.path.exists(f"/proc/{pid}")  # the source tree died after serving
 
 
