@@ -16,7 +16,16 @@ from typing import Any
 import pytest
 
 from migsgx.core.policy import EnclaveIdentity
-from migsgx.core.rounds import MAX_ROUNDS, StopRules, digest_key, round_label
+from migsgx.core.rounds import (
+    MAX_ROUNDS,
+    SEGMENT,
+    SegmentTags,
+    StopRules,
+    digest_key,
+    full_digest_body,
+    parse_digest_body,
+    round_label,
+)
 from migsgx.core.stream import StreamChannel
 from migsgx.datapath.ring import ShmRing
 from migsgx.enclave.dirty import FAULT_ENV
@@ -47,7 +56,7 @@ class Pair:
         common: dict[str, Any] = {"migration_id": MID, "source": SRC, "destination": DST}
         self.tx = StreamChannel(SECRET, sending=True, **common)
         self.rx = StreamChannel(SECRET, sending=False, **common)
-        self.out = SourceRounds.arm(self.src, self.tx)
+        self.out = SourceRounds.arm(self.src, self.tx, KEY)
         self.into = DestinationRounds(self.dst, self.rx, digest_key=KEY)
         self.recorded: list[list[tuple[bytes, bool]]] = []
 
@@ -119,7 +128,7 @@ class Pair:
         result: dict[str, Any] = {}
 
         def send(s: SourceRounds) -> None:
-            result["source"] = final_dump(s, KEY, b"small state", b"", CHUNK)
+            result["source"] = final_dump(s, b"small state", b"", CHUNK)
 
         def receive(d: DestinationRounds) -> Any:
             return final_load(d, KEY, 1 << 20, 1 << 20, used_length=lambda _: used)
@@ -187,11 +196,57 @@ def test_final_without_rounds_carries_everything(pair: Pair) -> None:
 def test_hidden_write_is_caught_by_the_digest(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
     pair.out.close()
     monkeypatch.setenv(FAULT_ENV, "hide=9")
-    pair.out = SourceRounds.arm(pair.src, pair.tx)
+    pair.out = SourceRounds.arm(pair.src, pair.tx, KEY)
     pair.round()
     pair.write([8, 9], 4)  # the tracker reports 8 only
     with pytest.raises(MemoryDigestError):
         pair.final()
+
+
+def test_source_rehashes_only_segments_its_write_log_names(pair: Pair) -> None:
+    pair.round()
+    pair.write([0, 20], 1)
+    pair.round()
+    pair.write([100], 2)  # one segment written after the last round
+    figures = pair.final()
+    assert figures["source"]["verify_bytes"] == SEGMENT
+    assert pair.same()
+
+
+def test_hidden_write_in_a_middle_round_is_caught(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pair.out.close()
+    monkeypatch.setenv(FAULT_ENV, "hide=40")
+    pair.out = SourceRounds.arm(pair.src, pair.tx, KEY)
+    pair.round()
+    pair.write([40], 5)  # hidden from the report, seen by the write log
+    assert pair.round()["pages"] == 0
+    pair.round()  # the source's tag of page 40's segment is recomputed here
+    with pytest.raises(MemoryDigestError):
+        pair.final()
+    assert pair.into.differing == [40 * PAGE_SIZE // SEGMENT]
+
+
+def test_kept_tags_give_the_digest_of_the_final_memory() -> None:
+    """Whatever the order of writes, scans and refreshes: the body of the memory now."""
+
+    memory = EnclaveMemory(SIZE)
+    memory.allocate("heap", USED)
+    tags = SegmentTags(KEY, SIZE)
+    view = memory.view()
+    try:
+        for step, pages in enumerate(([1, 2], [9, 30, 31], [], [511], [2])):
+            tags.refresh(view, USED)
+            for p in pages:
+                view[p * PAGE_SIZE] = step + 1
+            tags.forget_pages(pages)  # what the write log names at the next scan
+        body = tags.body(view, USED)
+        assert body == full_digest_body(KEY, view[:USED])
+        assert parse_digest_body(body)[0] == USED
+    finally:
+        view.release()
+        memory.wipe()
 
 
 def test_digest_over_another_length_is_refused(pair: Pair) -> None:
@@ -224,7 +279,7 @@ def test_final_offered_as_a_round_is_refused(pair: Pair) -> None:
     pair.round()
 
     def send(s: SourceRounds) -> None:
-        final_dump(s, KEY, b"x", b"", CHUNK)
+        final_dump(s, b"x", b"", CHUNK)
 
     with pytest.raises(StreamError):
         pair.move(send, lambda d: d.load_round())

@@ -239,11 +239,26 @@ class DirtyTracker:
     def collect(self) -> list[int]:
         """Pages (indexes from the region's start) written since the last call; re-armed."""
 
-        pages = self._scan()
+        return self.collect_with_log()[0]
+
+    def collect_with_log(self) -> tuple[list[int], list[int]]:
+        """One scan, as two readers see it: (the OS's report, the enclave's write log).
+
+        The report decides which pages travel; ``hide=PAGE`` makes it lie, as an
+        OS that owns the page tables can.  The write log decides which digest
+        tags the source enclave must recompute (``docs/spec/precopy.md``,
+        section 3.2).  On SGX2 hardware it is the enclave's own record of the
+        write faults its EPCM write-protection raises, which the OS cannot
+        complete without the enclave; this emulation has no EPCM, so the same
+        kernel scan stands in for it, unfiltered: the kernel is already what
+        isolates an emulated enclave (root can read its memory, see
+        DESIGN.md's trust model).
+        """
+
+        written = self._scan()
         self.scans += 1
-        if self._hide is not None:
-            pages = [p for p in pages if p != self._hide]
-        return pages
+        reported = written if self._hide is None else [p for p in written if p != self._hide]
+        return reported, written
 
     def close(self) -> None:
         for fd in (self._uffd, self._pagemap):

@@ -254,9 +254,7 @@ class Migrator:
         state = cbor2.dumps(self.instance.export_small_state())
         if self.rounds_out is not None:
             self.rounds_out.ring = ring
-            live = precopy.final_dump(
-                self.rounds_out, self._digest_key(), state, persistent, chunk_size
-            )
+            live = precopy.final_dump(self.rounds_out, state, persistent, chunk_size)
             self.dumped = True
             return {
                 **live,
@@ -463,7 +461,9 @@ class Migrator:
         if self.role is not Role.SOURCE or self.keys is None or self.dumped:
             raise ProtocolError("pre-copy needs a migration whose dump has not begun")
         if self.rounds_out is None:
-            self.rounds_out = precopy.SourceRounds.arm(self.instance.memory, self.keys.streams)
+            self.rounds_out = precopy.SourceRounds.arm(
+                self.instance.memory, self.keys.streams, self._digest_key()
+            )
         return {"pages": self.instance.memory.pages}
 
     def load_round(self) -> dict[str, Any]:

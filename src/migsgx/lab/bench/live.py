@@ -14,9 +14,11 @@ alternating stop-and-copy and live, ``repeat`` times each.  Per run:
   client during the migration (what the client feels);
 * ``total_seconds``: from the first byte offered to the destination running;
 * ``bytes_sent`` (and ÷ enclave size), ``rounds``, ``stop_rule``;
-* ``verify_seconds``: the source's pass of the memory digest check, part of
-  the live downtime, reported apart (with ``downtime_without_verify_seconds``;
-  the destination's pass, ``destination_verify_seconds``, overlaps it);
+* ``verify_seconds``: the source's part of the memory digest check after the
+  freeze (the segments its write log names since the rounds tagged them;
+  ``verify_bytes`` read), inside the live downtime, reported apart (with
+  ``downtime_without_verify_seconds``; the destination's part,
+  ``destination_verify_seconds``, overlaps it);
   ``freeze_to_loaded_seconds`` and ``commit_seconds`` split the downtime;
   ``setup_in_downtime_seconds`` is the destination launch and handshake that
   today's stop-and-copy runs after the freeze;
@@ -60,6 +62,7 @@ FIGURES = (
     "bytes_over_size",
     "rounds",
     "verify_seconds",
+    "verify_bytes",
     "destination_verify_seconds",
     "downtime_without_verify_seconds",
     "freeze_to_loaded_seconds",
@@ -209,6 +212,7 @@ def _migrate(
         # The memory digest check: the source's pass is inside the downtime, the
         # destination's runs at the same time (docs/spec/precopy.md, section 3).
         "verify_seconds": final.get("verify_seconds", 0.0),
+        "verify_bytes": final.get("verify_bytes", 0),
         "destination_verify_seconds": dest_final.get("verify_seconds", 0.0),
         "downtime_without_verify_seconds": downtime - final.get("verify_seconds", 0.0),
         # Where the downtime goes: up to the verified LOADED, then the commit.
@@ -222,7 +226,8 @@ def _migrate(
         "final_pages": final.get("final_pages"),
         "_window": (t_start, dest.active_at, t_rounds_end),
         "per_round": [
-            {k: r[k] for k in ("round", "pages", "bytes", "seconds", "scan_seconds")}
+            {k: r.get(k) for k in ("round", "pages", "bytes", "seconds", "scan_seconds",
+                                   "tag_seconds")}  # fmt: skip
             for r in rounds
         ],
     }
