@@ -30,8 +30,8 @@ from migsgx.core.stream import StreamChannel
 from migsgx.datapath.ring import ShmRing
 from migsgx.enclave.dirty import FAULT_ENV
 from migsgx.enclave.memory import PAGE_SIZE, EnclaveMemory
-from migsgx.enclave.precopy import SourceRounds, final_dump
-from migsgx.enclave.precopy_in import DestinationRounds, final_load
+from migsgx.enclave.precopy import SourceRounds, final_dump, repair_dump
+from migsgx.enclave.precopy_in import DestinationRounds, final_load, repair_load
 from migsgx.errors import LiveMigrationError, MemoryDigestError, ProtocolError, StreamError
 
 pytestmark = pytest.mark.timeout(60)
@@ -137,6 +137,24 @@ class Pair:
         assert (state, persistent) == (b"small state", b"")
         return {**result, "destination": figures}
 
+    def final_and_repair(self, ask: Callable[[list[int]], list[int]] = list) -> dict[str, Any]:
+        """The final transfer with repair allowed; ``ask`` is what the untrusted side relays."""
+
+        def send(s: SourceRounds) -> None:
+            final_dump(s, b"small state", b"", CHUNK)
+
+        def receive(d: DestinationRounds) -> Any:
+            return final_load(d, KEY, 1 << 20, 1 << 20, used_length=lambda _: USED, repair=True)
+
+        _state, _persistent, figures = self.move(send, receive)
+        if "repair" not in figures:
+            return {"final": figures}
+        segments = ask(figures["repair"])
+        again = self.move(
+            lambda s: repair_dump(s, segments, CHUNK), lambda d: repair_load(d, KEY)
+        )
+        return {"final": figures, "repair": again}
+
     def same(self) -> bool:
         return bytes(self.src.view(0, USED)) == bytes(self.dst.view(0, USED))
 
@@ -226,6 +244,62 @@ def test_hidden_write_in_a_middle_round_is_caught(
     with pytest.raises(MemoryDigestError):
         pair.final()
     assert pair.into.differing == [40 * PAGE_SIZE // SEGMENT]
+
+
+def hide(pair: Pair, monkeypatch: pytest.MonkeyPatch, page: int) -> None:
+    pair.out.close()
+    monkeypatch.setenv(FAULT_ENV, f"hide={page}")
+    pair.out = SourceRounds.arm(pair.src, pair.tx, KEY)
+
+
+def test_repair_resends_the_differing_segments_once(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hide(pair, monkeypatch, 9)
+    pair.round()
+    pair.write([8, 9, 200], 4)  # the tracker reports 8 and 200
+    figures = pair.final_and_repair()
+    assert figures["final"]["repair"] == [9 * PAGE_SIZE // SEGMENT]
+    assert figures["repair"]["segments"] == 1
+    assert figures["repair"]["pages"] == SEGMENT // PAGE_SIZE
+    assert pair.same()
+    with pytest.raises(ProtocolError):  # one repair round, on both sides
+        repair_dump(pair.out, [1], CHUNK)
+    with pytest.raises(ProtocolError):
+        repair_load(pair.into, KEY)
+
+
+def test_repair_that_leaves_a_difference_is_refused(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hide(pair, monkeypatch, 9)
+    pair.round()
+    pair.write([9], 4)
+    pair.round()  # page 9 hidden from this round's report
+    pair.out.tracker._hide = 300  # the OS hides another page now
+    pair.write([300], 5)
+    # Two segments differ; the untrusted side relays only the first.
+    with pytest.raises(MemoryDigestError):
+        pair.final_and_repair(ask=lambda named: named[:1])
+    assert pair.into.differing == [300 * PAGE_SIZE // SEGMENT]
+
+
+def test_repair_with_pages_of_segments_not_named_is_refused(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hide(pair, monkeypatch, 9)
+    pair.round()
+    pair.write([9], 4)
+    with pytest.raises(StreamError):
+        pair.final_and_repair(ask=lambda named: [named[0] + 1])
+
+
+@pytest.mark.parametrize("segments", [[], [2, 1], [1, 1], [-1], [USED // SEGMENT], [True]])
+def test_source_refuses_a_malformed_repair_list(pair: Pair, segments: list[Any]) -> None:
+    pair.round()
+    pair.final()
+    with pytest.raises(ProtocolError):
+        repair_dump(pair.out, segments, CHUNK)
 
 
 def test_kept_tags_give_the_digest_of_the_final_memory() -> None:

@@ -11,7 +11,8 @@ carries CBOR frames of :data:`SCHEMA` and, between the handshake and
     S -> D  hs       source-finished
     S -> D  chunk frames ... final
             (live mode: round {number}, chunk frames, round_done {stats} back,
-            any number of times, then final {} and the chunk frames)
+            any number of times, then final {} and the chunk frames;
+            at most once: D -> S repair {segments}, S -> D chunk frames)
     D -> S  loaded {frame, stats}
     S -> D  commit {token} | abort {...}
     D -> S  active
@@ -74,6 +75,7 @@ SCHEMA: Final = Schema(
         "round": {"number": int},
         "round_done": {"stats": dict},
         "final": {},
+        "repair": {"segments": list},
     },
 )
 
@@ -91,6 +93,7 @@ class PeerState(enum.Enum):
     STREAMING = "streaming"  # chunk frames until the final one, then `loaded`
     ROUND = "round"  # live: a pre-copy round's chunk frames, then `round_done`
     FINAL = "final"  # live: the final transfer's chunk frames, then `loaded`
+    REPAIR = "repair"  # live: differing segments' chunk frames, once, then `loaded`
     LOADED = "loaded"  # the destination loaded and is in doubt until its enclave decides
     COMMITTED = "committed"  # the source gave its state up; the token is out
     ACTIVE = "active"
@@ -118,7 +121,8 @@ TRANSITIONS: Final[Mapping[Role, Mapping[PeerState, Mapping[str, PeerState]]]] =
             **_ABORTABLE,
         },
         _S.ROUND: {"recv:round_done": _S.STREAMING, **_ABORTABLE},
-        _S.FINAL: {"recv:loaded": _S.LOADED, **_ABORTABLE},
+        _S.FINAL: {"recv:loaded": _S.LOADED, "recv:repair": _S.REPAIR, **_ABORTABLE},
+        _S.REPAIR: {"recv:loaded": _S.LOADED, **_ABORTABLE},
         _S.LOADED: {"send:commit": _S.COMMITTED, **_ABORTABLE},
         _S.COMMITTED: {
             "recv:loaded": _S.COMMITTED,  # delivered twice: the decision is made
@@ -143,7 +147,8 @@ TRANSITIONS: Final[Mapping[Role, Mapping[PeerState, Mapping[str, PeerState]]]] =
             **_ABORTABLE,
         },
         _S.ROUND: {"send:round_done": _S.STREAMING, **_ABORTABLE},
-        _S.FINAL: {"send:loaded": _S.LOADED, **_ABORTABLE},
+        _S.FINAL: {"send:loaded": _S.LOADED, "send:repair": _S.REPAIR, **_ABORTABLE},
+        _S.REPAIR: {"send:loaded": _S.LOADED, **_ABORTABLE},
         _S.LOADED: {
             # Judged by the destination enclave, not by the table: a forged
             # decision changes nothing and the wait goes on.

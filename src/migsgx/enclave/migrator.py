@@ -138,6 +138,7 @@ class Migrator:
         # Live migration (pre-copy rounds before the final dump): precopy.py.
         self.rounds_out: precopy.SourceRounds | None = None
         self.rounds_in: precopy_in.DestinationRounds | None = None
+        self._repair_pending: tuple[bytes, bytes] | None = None
 
     @property
     def persistent(self) -> PersistentState:
@@ -427,14 +428,38 @@ class Migrator:
         }
 
     def _load_live(self, t0: float) -> dict[str, Any]:
-        """Destination of a live migration: the final transfer after the rounds."""
+        """Destination of a live migration: the final transfer after the rounds.
+
+        If segments differ, the result names them under ``repair`` and carries
+        no LOADED: ``__mig_load_repair`` must follow (``precopy.md``, 3.3).
+        """
 
         assert self.rounds_in is not None and self.ring is not None
         self.rounds_in.ring = self.ring
         state, persistent, figures = precopy_in.final_load(
             self.rounds_in, self._digest_key(), MAX_STATE_BYTES, MAX_TRANSFER_BYTES,
-            used_length=_used_length,
+            used_length=_used_length, repair=True,
         )  # fmt: skip
+        if "repair" in figures:
+            self._repair_pending = (state, persistent)
+            return {**figures, "loaded": b"", "load_seconds": time.monotonic() - t0}
+        return self._loaded_live(state, persistent, figures, t0)
+
+    def load_repair(self) -> dict[str, Any]:
+        """Destination: the segments named after the final check, received and checked again."""
+
+        _streams, ring = self._ready(Role.DESTINATION)
+        pending, self._repair_pending = self._repair_pending, None
+        if self.rounds_in is None or pending is None:
+            raise ProtocolError("no final check asked for a repair")
+        t0 = time.monotonic()
+        self.rounds_in.ring = ring
+        repair = precopy_in.repair_load(self.rounds_in, self._digest_key())
+        return self._loaded_live(*pending, {"repair": repair}, t0)
+
+    def _loaded_live(
+        self, state: bytes, persistent: bytes, figures: dict[str, Any], t0: float
+    ) -> dict[str, Any]:
         try:
             self._pending_state = cbor2.loads(state)
         except Exception as exc:
@@ -454,6 +479,23 @@ class Migrator:
             raise ProtocolError("chunk size must be whole pages and fit a ring slot")
         self.rounds_out.ring = ring  # each round comes with a ring of its own
         return self.rounds_out.round(chunk_size)
+
+    def precopy_repair(self, segments: list[int], chunk_size: int) -> dict[str, Any]:
+        """Source, quiesced, final transfer sent: the segments the destination named, once."""
+
+        _streams, ring = self._ready(Role.SOURCE)
+        if self.rounds_out is None or not self.dumped:
+            raise ProtocolError("a repair follows a live migration's final transfer")
+        if self.source_commit is not None and self.source_commit.state is not (
+            CommitState.AWAIT_LOADED
+        ):
+            raise ProtocolError("the destination confirmed the load already: no repair")
+        if not isinstance(segments, list):
+            raise ProtocolError("a repair names a list of segments")
+        if not MIN_CHUNK <= chunk_size <= ring.slot_size - TAG_SIZE or chunk_size % 4096:
+            raise ProtocolError("chunk size must be whole pages and fit a ring slot")
+        self.rounds_out.ring = ring
+        return precopy.repair_dump(self.rounds_out, segments, chunk_size)
 
     def precopy_track(self) -> dict[str, Any]:
         """Source: arm the OS's dirty tracking before round 0, or say at once that it cannot."""
@@ -615,6 +657,7 @@ class Migrator:
             self.rounds_out.close()
         self.rounds_out = None
         self.rounds_in = None
+        self._repair_pending = None
         self._close_ring()
         self.role = None
         self.handshake = None
@@ -730,6 +773,8 @@ _CALLS: dict[str, Any] = {
     "__mig_track": Migrator.precopy_track,
     "__mig_round": Migrator.precopy_round,
     "__mig_load_round": Migrator.load_round,
+    "__mig_repair": Migrator.precopy_repair,
+    "__mig_load_repair": Migrator.load_repair,
     "__mig_loaded": Migrator.loaded,
     "__mig_commit": Migrator.commit,
     "__mig_load": Migrator.load,

@@ -29,14 +29,23 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..core.manifest import Manifest, Section
-from ..core.rounds import DIGEST_LABEL, MAX_ROUNDS, SegmentTags, digest_body_size, round_label
+from ..core.rounds import (
+    DIGEST_LABEL,
+    MAX_ROUNDS,
+    PAGES_PER_SEGMENT,
+    REPAIR_LABEL,
+    SegmentTags,
+    digest_body_size,
+    round_label,
+    segments_of,
+)
 from ..core.stream import TAG_SIZE, StreamChannel
 from ..datapath.ring import ShmRing
 from ..errors import LiveMigrationError, ProtocolError
 from .dirty import DirtyTracker, open_tracker
 from .memory import PAGE_SIZE, EnclaveMemory
 
-__all__ = ["SourceRounds", "digest_body", "final_dump", "sparse_section"]
+__all__ = ["SourceRounds", "digest_body", "final_dump", "repair_dump", "sparse_section"]
 
 RING_TIMEOUT: Final = 120.0
 
@@ -63,6 +72,7 @@ class SourceRounds:
     ring: ShmRing | None = None
     number: int = 0
     finalizing: bool = False
+    repaired: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
     _scratch: bytearray | None = None
 
@@ -247,4 +257,40 @@ def final_dump(rounds: SourceRounds, state: bytes, persistent: bytes, chunk: int
         "verify_seconds": verify_seconds,
         "verify_bytes": verify_bytes,
         "rounds": list(rounds.history),
+    }
+
+
+def repair_dump(rounds: SourceRounds, segments: list[int], chunk: int) -> dict[str, Any]:
+    """Quiesced source, after the final transfer: the named segments' pages again, once.
+
+    The destination names the segments whose tags differ (``precopy.md``,
+    section 3.3).  The list comes through the untrusted side, so it only
+    decides what travels: the pages are this quiesced memory's, sealed in the
+    same stream, and the destination checks every tag again.
+    """
+
+    if not rounds.finalizing or rounds.repaired:
+        raise ProtocolError("a repair follows the final transfer, once")
+    count = segments_of(rounds.memory.used)
+    if not all(type(s) is int for s in segments):
+        raise ProtocolError("a repair names segments by number")
+    if not segments or segments != sorted(set(segments)) or segments[0] < 0:
+        raise ProtocolError("a repair names segments, ascending, each once")
+    if segments[-1] >= count:
+        raise ProtocolError("a repair names a segment beyond the used memory")
+    rounds.repaired = True
+    t0 = time.perf_counter()
+    used = rounds.memory.pages
+    pages = [
+        p
+        for s in segments
+        for p in range(s * PAGES_PER_SEGMENT, min((s + 1) * PAGES_PER_SEGMENT, used))
+    ]
+    sent = rounds.send(REPAIR_LABEL, pages, chunk, last=True)
+    rounds._ring().wait_drained(RING_TIMEOUT)
+    return {
+        "segments": len(segments),
+        "pages": len(pages),
+        "bytes": sent,
+        "seconds": time.perf_counter() - t0,
     }

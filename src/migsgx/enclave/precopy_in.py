@@ -21,6 +21,8 @@ from ..core.rounds import (
     DIGEST_HEADER,
     FINAL_SECTIONS,
     MAX_ROUNDS,
+    PAGES_PER_SEGMENT,
+    REPAIR_LABEL,
     SEGMENT,
     SegmentTags,
     digest_body_size,
@@ -32,7 +34,7 @@ from ..datapath.ring import ShmRing
 from ..errors import LiveMigrationError, MemoryDigestError, ProtocolError, StreamError
 from .memory import PAGE_SIZE, EnclaveMemory
 
-__all__ = ["DestinationRounds", "final_load"]
+__all__ = ["DestinationRounds", "final_load", "repair_load"]
 
 MAX_MANIFEST_BYTES: Final = 16 << 20
 RING_TIMEOUT: Final = 120.0
@@ -84,6 +86,10 @@ class DestinationRounds:
     _tags: SegmentTags | None = None
     _extent: int = 0  # bytes from 0 to the end of the highest page received
     differing: list[int] = field(default_factory=list)  # segments of the last failed check
+    repaired: bool = False
+    # The source's digest section and the used length it covers, kept for a repair.
+    source_digest: bytes = b""
+    used_length: int = 0
 
     @property
     def slots(self) -> _Slots:
@@ -236,12 +242,15 @@ def final_load(
     max_persistent: int,
     *,
     used_length: Callable[[bytes], int],
+    repair: bool = False,
 ) -> tuple[bytes, bytes, dict[str, Any]]:
     """Destination: the final transfer applied and its memory digest checked.
 
     ``used_length`` reads, from the small state, the used memory the digest
     will cover: our digest is computed before the source's arrives (while the
     source computes it), and the length in the digest section must match.
+    With ``repair``, differing segments do not refuse yet: the figures name
+    them under ``repair`` and :func:`repair_load` must follow.
     """
 
     before = rounds.slots.received
@@ -268,15 +277,59 @@ def final_load(
     body = bytearray(digest_s.length)
     rounds.open_dense(digest_s, memoryview(body))
     rounds.slots.end()
-    if rounds.compare_digest(key, length, bytes(body)):
+    rounds.source_digest, rounds.used_length = bytes(body), length
+    differing = rounds.compare_digest(key, length, bytes(body))
+    if differing and not repair:
         raise MemoryDigestError(
             "the migrated memory differs from the source's final memory "
             "(a written page was not reported); the load is refused"
         )
-    figures = {
+    figures: dict[str, Any] = {
         "bytes": rounds.slots.received - before,
         "memory_bytes": memory_s.length,
         "rounds": rounds.number,
         "verify_seconds": verify_seconds,
     }
+    if differing:
+        figures["repair"] = list(differing)
     return bytes(state), bytes(persistent), figures
+
+
+def repair_load(rounds: DestinationRounds, key: bytes) -> dict[str, Any]:
+    """Destination: the repair transfer applied, then every tag checked again (section 3.3).
+
+    Once, after a final transfer whose check named segments.  The transfer may
+    carry pages of those segments only; any segment that still differs
+    refuses the load (``memory-digest``).
+    """
+
+    if not rounds.differing or rounds.repaired:
+        raise ProtocolError("a repair follows a final check that found differences, once")
+    rounds.repaired = True
+    t0 = time.perf_counter()
+    before = rounds.slots.received
+    manifest = rounds.open_manifest()
+    if len(manifest.sections) != 1 or manifest.sections[0].label != REPAIR_LABEL:
+        raise StreamError("a repair transfer carries one section, repair/memory")
+    section = manifest.sections[0]
+    named = set(rounds.differing)
+    for first, n in section.runs:
+        low, high = first // PAGES_PER_SEGMENT, (first + n - 1) // PAGES_PER_SEGMENT
+        if n <= 0 or not named.issuperset(range(low, high + 1)):
+            raise StreamError("a repair carries a page of a segment that was not named")
+    asked = len(rounds.differing)
+    rounds.open_pages(section)
+    rounds.slots.end()
+    t_applied = time.perf_counter()
+    if rounds.compare_digest(key, rounds.used_length, rounds.source_digest):
+        raise MemoryDigestError(
+            "the migrated memory still differs from the source's final memory after "
+            "the repair; the load is refused"
+        )
+    return {
+        "segments": asked,
+        "pages": section.length // PAGE_SIZE,
+        "bytes": rounds.slots.received - before,
+        "verify_seconds": time.perf_counter() - t_applied,
+        "seconds": time.perf_counter() - t0,
+    }

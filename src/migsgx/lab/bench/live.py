@@ -54,6 +54,7 @@ from ..hosts import Deployment, running_services
 COLS = 1024
 BATCH_PAGES = 32
 MODES = ("stop_and_copy", "live")
+ROUND_FIGURES = ("round", "pages", "bytes", "seconds", "scan_seconds", "tag_seconds")
 FIGURES = (
     "downtime_seconds",
     "client_gap_seconds",
@@ -226,8 +227,7 @@ def _migrate(
         "final_pages": final.get("final_pages"),
         "_window": (t_start, dest.active_at, t_rounds_end),
         "per_round": [
-            {k: r.get(k) for k in ("round", "pages", "bytes", "seconds", "scan_seconds",
-                                   "tag_seconds")}  # fmt: skip
+            {k: r.get(k) for k in ROUND_FIGURES}
             for r in rounds
         ],
     }
