@@ -174,7 +174,7 @@ def _migrate(
     mode: str,
     rules: StopRules,
     progress: Callable[[str], None] | None,
-) -> tuple[dict[str, Any], socket.socket]:
+) -> tuple[dict[str, Any], socket.socket, OutgoingEnclave]:
     dest = _Destination(to_socket)
     peer = socket.create_connection(dest.address, timeout=30)
     t_start = time.perf_counter()
@@ -195,7 +195,10 @@ def _migrate(
             stats = out.transfer(peer)
             pre = {}
         t_loaded = time.perf_counter()
-        out.commit()
+        # As the tool does: the source enclave is released (wiped, gone) only
+        # after the application runs on at the destination, off the client's path.
+        out.decide()
+        out.deliver()
     finally:
         with contextlib.suppress(OSError):
             peer.close()
@@ -233,7 +236,7 @@ def _migrate(
     }
     if progress is not None:
         progress(f"{mode}: downtime {downtime:.3f} s, {len(rounds)} rounds")
-    return figures, sock
+    return figures, sock, out
 
 
 def _summary(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -284,10 +287,11 @@ def run(
             baseline = writer.mean_call(0.0, baseline_end)
             for _ in range(repeat):
                 for mode in MODES:
-                    figures, sock = _migrate(
+                    figures, sock, source = _migrate(
                         client, writer, sockets[1 - here], mode, rules, progress
                     )
                     client.reattach(sock)
+                    source.release()
                     here = 1 - here
                     t_start, t_end, t_rounds_end = figures.pop("_window")
                     time.sleep(0.3)  # the client runs on the destination for a while
