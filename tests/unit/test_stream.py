@@ -395,6 +395,11 @@ def test_channel_direction_and_sender_misuse() -> None:
 
 
 # --- manifests and sections ------------------------------------------------------------------
+@pytest.mark.parametrize("pages", [range(0), range(7), range(5, 1 << 20), range(3, 40, 2)])
+def test_sparse_section_of_a_range_is_that_of_its_pages(pages: range) -> None:
+    assert Section.sparse("round-0/memory", pages) == Section.sparse("round-0/memory", list(pages))
+
+
 def test_sparse_section_layout() -> None:
     sec = Section.sparse("round-1/memory", [9, 3, 4, 5, 20, 21, 100], page_size=64)
     assert sec.runs == ((3, 3), (9, 1), (20, 2), (100, 1))

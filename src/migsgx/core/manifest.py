@@ -90,6 +90,11 @@ class Section:
 
     @classmethod
     def sparse(cls, label: str, pages: Iterable[int], page_size: int = 4096) -> Section:
+        if isinstance(pages, range) and pages.step == 1:
+            # All pages of a region (a pre-copy round 0): one run, without a
+            # loop over a million pages that would hold the interpreter lock.
+            one = ((pages.start, len(pages)),) if len(pages) else ()
+            return cls(label, len(pages) * page_size, page_size, one)
         runs: list[tuple[int, int]] = []
         for page in sorted(set(pages)):
             if runs and runs[-1][0] + runs[-1][1] == page:
