@@ -228,6 +228,8 @@ def _migrate(
             0.0 if mode == "live" else stats["launch_seconds"] + stats["handshake_seconds"]
         ),
         "final_pages": final.get("final_pages"),
+        # A repair round (precopy.md, 3.3) only follows a hidden write: None here.
+        "repair": stats.get("repair"),
         "_window": (t_start, dest.active_at, t_rounds_end),
         "per_round": [
             {k: r.get(k) for k in ROUND_FIGURES}
