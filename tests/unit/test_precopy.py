@@ -403,6 +403,15 @@ def test_stop_rules_estimate_uses_the_measured_bandwidth() -> None:
     assert StopRules.estimate(rounds) == pytest.approx(0.01)
 
 
+def test_stop_rules_estimate_counts_the_digest_check_after_the_freeze() -> None:
+    tagged = {"tagged_bytes": 1 << 30, "tag_seconds": 0.5}  # 2 GiB/s
+    rounds = [{**r(25_600, 1.0), **tagged}, r(256)]  # then 256 pages: up to 256 segments
+    assert StopRules.estimate(rounds) == pytest.approx(0.01 + 256 * SEGMENT / (2 << 30))
+    # Never more than a pass over the memory round 0 sent.
+    rounds = [{**r(25_600, 1.0), **tagged}, r(25_600)]
+    assert StopRules.estimate(rounds) == pytest.approx(1.0 + 25_600 * 4096 / (2 << 30))
+
+
 @pytest.mark.parametrize(
     "bad",
     [{"max_rounds": 0}, {"max_rounds": MAX_ROUNDS + 1}, {"stall_rounds": 0}, {"max_seconds": 0}],

@@ -198,7 +198,8 @@ class StopRules:
     """When pre-copy stops and the freeze begins; the first rule that holds names the stop.
 
     * ``converged``: the last round's dirty set, at the bandwidth round 0
-      measured, would take at most ``downtime_target`` seconds to send;
+      measured, would take at most ``downtime_target`` seconds to send and
+      to check (:meth:`estimate`);
     * ``no-convergence``: the dirty set has not shrunk below its smallest size
       so far for ``stall_rounds`` rounds (the writer outruns the link);
     * ``max-rounds``, ``max-seconds``, ``max-bytes`` (a multiple of the
@@ -248,8 +249,27 @@ class StopRules:
         big = max(rounds, key=lambda r: r["bytes"])
         return float(big["bytes"]) / max(float(big["seconds"]), 1e-6)
 
+    @staticmethod
+    def tag_rate(rounds: Sequence[Mapping[str, Any]]) -> float | None:
+        """Bytes per second the source tagged segments at during the rounds, if it said."""
+
+        read = sum(float(r.get("tagged_bytes") or 0) for r in rounds)
+        seconds = sum(float(r.get("tag_seconds") or 0) for r in rounds)
+        return read / seconds if read > 0 and seconds > 0 else None
+
     @classmethod
     def estimate(cls, rounds: Sequence[Mapping[str, Any]]) -> float:
-        """Seconds the final transfer of memory would take if it carried the last dirty set."""
+        """Seconds the final transfer would take if it carried the last dirty set.
 
-        return float(rounds[-1]["pages"]) * PAGE / max(cls.bandwidth(rounds), 1.0)
+        The pages at the bandwidth measured, plus the source's part of the
+        digest check: at most one segment per page (section 3.2), at the rate
+        the rounds tagged at (no part where the rounds did not say).
+        """
+
+        pages = float(rounds[-1]["pages"])
+        send = pages * PAGE / max(cls.bandwidth(rounds), 1.0)
+        rate = cls.tag_rate(rounds)
+        if rate is None:
+            return send
+        memory = max(float(rounds[0]["bytes"]), float(SEGMENT))
+        return send + min(pages * SEGMENT, memory) / rate
