@@ -16,9 +16,11 @@ digest tags of every segment of the used memory as it is after the quiesce.
 The source keeps the tags between rounds (:class:`~..core.rounds.SegmentTags`)
 and recomputes after the quiesce only the segments its write log names; the
 log is the enclave's own, not the OS's page report, which decides only what
-travels.  The destination compares the tags with its own and refuses to
-confirm the load on any difference: a tracker that hid a write costs a refused
-migration (the source runs on), never a destination that differs silently.
+travels.  The destination compares the tags with its own; the segments that
+differ come once more (:func:`repair_dump`), and a difference left refuses the
+load: a tracker that hid a write costs a few more pages in the downtime, or a
+refused migration (the source runs on), never a destination that differs
+silently.
 """
 
 from __future__ import annotations
