@@ -51,6 +51,7 @@ _PM_SCAN_WP_MATCHING: Final = 1 << 0
 _PM_SCAN_CHECK_WPASYNC: Final = 1 << 1
 _PAGE_IS_WRITTEN: Final = 1 << 1
 _VEC_LEN: Final = 512  # regions per PAGEMAP_SCAN call; the walk resumes where it ended
+_PROTECT_STEP: Final = 32 << 20  # bytes write-protected per call (see protect_all)
 
 
 def _iowr(kind: int, nr: int, size: int) -> int:
@@ -199,11 +200,21 @@ class DirtyTracker:
         self.protect_all()
 
     def protect_all(self) -> None:
-        """Start over: every page counts as clean from now on."""
+        """Start over: every page counts as clean from now on.
 
-        wp = _WriteProtect(range=_Range(self.address, self.size), mode=_UFFDIO_WRITEPROTECT_MODE_WP)
-        if self._ioctl(self._uffd, _UFFDIO_WRITEPROTECT, wp) != 0:
-            raise DirtyTrackingLostError(f"UFFDIO_WRITEPROTECT: {_errno_text()}")
+        In steps of :data:`_PROTECT_STEP`: the kernel holds the process's
+        memory-map lock for one whole call (about 0.1 s per GiB on a busy
+        machine), and anything that maps memory meanwhile waits, such as the
+        start of a thread for the next ECALL.  Steps let it through.  Tracking
+        counts once the last step is done, before round 0 reads anything.
+        """
+
+        for start in range(0, self.size, _PROTECT_STEP):
+            length = min(_PROTECT_STEP, self.size - start)
+            wp = _WriteProtect(range=_Range(self.address + start, length),
+                               mode=_UFFDIO_WRITEPROTECT_MODE_WP)  # fmt: skip
+            if self._ioctl(self._uffd, _UFFDIO_WRITEPROTECT, wp) != 0:
+                raise DirtyTrackingLostError(f"UFFDIO_WRITEPROTECT: {_errno_text()}")
 
     def _scan(self, *, dry: bool = False) -> list[int]:
         if self._uffd < 0:
