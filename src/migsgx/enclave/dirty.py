@@ -31,6 +31,9 @@ import os
 import platform
 from typing import Final
 
+import numpy as np
+import numpy.typing as npt
+
 from ..errors import DirtyTrackingLostError, DirtyTrackingUnavailableError
 
 __all__ = ["FAULT_ENV", "DirtyTracker", "open_tracker"]
@@ -147,6 +150,22 @@ def _open_own_pagemap() -> int:
             os._exit(70)
 
 
+def _pages_of(regions: npt.NDArray[np.void], base: int) -> npt.NDArray[np.int64]:
+    """Page indexes (from ``base``) of ``PAGEMAP_SCAN`` regions ``[start, end)``, in order.
+
+    User addresses fit in 63 bits.  Each region's pages are its first page
+    plus ``0 .. count - 1``: one ``arange`` over all of them, shifted back by
+    region.
+    """
+
+    starts = regions["start"].astype(np.int64)
+    firsts = (starts - base) // PAGE
+    counts = (regions["end"].astype(np.int64) - starts) // PAGE
+    shift = np.repeat(firsts - (np.cumsum(counts) - counts), counts)
+    pages: npt.NDArray[np.int64] = shift + np.arange(int(counts.sum()), dtype=np.int64)
+    return pages
+
+
 class DirtyTracker:
     """Written-page tracking over ``[address, address + size)`` of this process.
 
@@ -219,9 +238,12 @@ class DirtyTracker:
     def _scan(self, *, dry: bool = False) -> list[int]:
         if self._uffd < 0:
             raise DirtyTrackingLostError("the dirty tracker was closed")
-        pages: list[int] = []
+        parts: list[npt.NDArray[np.int64]] = []
         start, end = self.address, self.address + self.size
         vec = self._vec
+        # The same memory as numpy columns: a round may find 100,000 regions,
+        # and reading them field by field through ctypes holds the interpreter lock.
+        regions = np.ctypeslib.as_array(vec)
         while start < end:
             arg = _ScanArg(
                 size=ctypes.sizeof(_ScanArg),
@@ -239,12 +261,14 @@ class DirtyTracker:
             if n < 0:
                 kind = DirtyTrackingUnavailableError if dry else DirtyTrackingLostError
                 raise kind(f"PAGEMAP_SCAN: {_errno_text()}")
-            for i in range(n):
-                first = (vec[i].start - self.address) // PAGE
-                pages.extend(range(first, (vec[i].end - self.address) // PAGE))
+            if n > 0:
+                parts.append(_pages_of(regions[:n], self.address))
             if dry or arg.walk_end <= start:
                 break
             start = arg.walk_end
+        if not parts:
+            return []
+        pages: list[int] = np.concatenate(parts).tolist()
         return pages
 
     def collect(self) -> list[int]:
