@@ -10,6 +10,7 @@ and removes its containers.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -352,6 +353,59 @@ def test_containerd_destination_without_the_image_refuses(
         check_source_runs_on(lab, app, digest)
     finally:
         lab.import_containerd_image("dst")
+    finish(lab, app, expect="src")
+
+
+# --- what a peer's configuration may not ask of the destination -------------------------------
+def host_bind_mount(spec: dict[str, Any], lab: ContainerLab) -> None:
+    secret = lab.base / "host-secret"  # a host directory no host granted (bind_sources)
+    secret.mkdir(exist_ok=True)
+    (secret / "canary").write_text("host only")
+    spec["mounts"].append({"destination": "/mnt/host", "type": "bind", "source": str(secret),
+                           "options": ["rbind", "ro"]})  # fmt: skip
+
+
+def sys_admin(spec: dict[str, Any], lab: ContainerLab) -> None:
+    for caps in spec["process"]["capabilities"].values():
+        caps.append("CAP_SYS_ADMIN")
+
+
+def host_ipc_namespace(spec: dict[str, Any], lab: ContainerLab) -> None:
+    host = f"/proc/{os.getpid()}/ns/ipc"  # the machine's (this test runs in it)
+    spec["linux"]["namespaces"] = [
+        {"type": "ipc", "path": host} if ns["type"] == "ipc" else ns
+        for ns in spec["linux"]["namespaces"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        (host_bind_mount, "mounts[15].source"),
+        (sys_admin, "process.capabilities.bounding"),
+        (host_ipc_namespace, "linux.namespaces[1].path"),
+    ],
+    ids=["host-bind-mount", "cap-sys-admin", "host-ipc-namespace"],
+)
+def test_destination_refuses_what_its_host_did_not_grant(
+    bed: Testbed,
+    lab: ContainerLab,
+    agent: AgentProcess,
+    patch: Callable[[dict[str, Any], ContainerLab], None],
+    field: str,
+) -> None:
+    """The source (a peer with the deployment's certificate) runs a container that asks for
+    more than the destination grants; the destination refuses before runc sees the bundle,
+    nothing of it runs there, and the source runs on."""
+
+    app = lab.start_app("runc", "kvstore", patch=lambda spec: patch(spec, lab))
+    assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
+    digest = lab.ask(app, "DIGEST", at="src")
+    run = migrate(bed, app, agent)
+    assert run.returncode == 6, run.stderr
+    assert f"the container's configuration is refused: {field}" in run.stderr
+    check_source_runs_on(lab, app, digest)  # no container, bundle or process on dst
+    assert not list((bed_state_dst(lab) / "agent" / "runc").glob(f"{app.name}*"))
     finish(lab, app, expect="src")
 
 

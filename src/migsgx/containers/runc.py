@@ -12,7 +12,8 @@ TLS channel: never unauthenticated.
 Destination: a bundle under ``STATE/agent/runc/<id>``: the root file system
 unpacked, the configuration localized (:func:`~.oci.localize`: this host's
 platform socket, network namespace and cgroup parent; CRIU's configuration
-file with ``leave-stopped`` and ``tcp-close``), then ``runc restore
+file with ``leave-stopped`` and ``tcp-close``; then this host's allow list,
+:mod:`.admission`, before the bundle is written), then ``runc restore
 --detach``: the container exists with every task stopped (held).
 
 Network: a container that joined its host's network namespace (a ``path``
@@ -34,6 +35,7 @@ from typing import Any, ClassVar, Final
 
 from ..criu import log_excerpt
 from ..errors import MigSGXError, ProtocolError
+from .admission import SpecPolicy
 from .base import (
     ContainerError,
     DumpPlan,
@@ -247,6 +249,7 @@ class RuncDriver:
                 cgroups_path=f"{settings.cgroup_parent}/{cid}" if settings.cgroup_parent else None,
                 criu_config=criu_config,
                 engine_in_netns=netns is not None,  # runc runs there (see below)
+                policy=SpecPolicy.from_settings(settings),
             )
             spec = localize(config, here)
             root = spec.get("root") or {}

@@ -3,7 +3,9 @@
 For the tests, the demo and the benchmark.  Every host of a
 :class:`~migsgx.lab.testbed.Testbed` gets its own runc root, podman store,
 cgroup parent and network namespace (``STATE/containers.toml``), because the
-hosts share one machine.  The root file system needs no registry: a skeleton
+hosts share one machine, and allows the host paths the lab's containers
+bind-mount (``bind_sources``: a destination refuses any other).  The root
+file system needs no registry: a skeleton
 of directories whose ``/usr`` and ``/etc`` are read-only bind mounts of the
 machine's, with the Python installation and this project (its virtual
 environment and sources) bind-mounted read-only at the same paths.  podman
@@ -31,7 +33,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -206,9 +208,16 @@ class ContainerLab:
                 cgroup_parent=f"/migsgx-lab-{self.token}-{name}",
                 netns=Path("/run/netns") / self.bed.host(name).netns,
                 **lab_settings(self.base / name / "ctrd", f"migsgx-lab-{self.token}-{name}"),  # type: ignore[arg-type]
+                bind_sources=self.bind_sources(),
             )
             settings.save(self.bed.state(name))
             self.settings[name] = settings
+
+    def bind_sources(self) -> tuple[Path, ...]:
+        """What the lab's containers bind-mount: each host allows it (``containers.toml``)."""
+
+        images = self.bed.deployment.root / "images"  # the signed enclave images
+        return (*(Path(source) for source, _dest, _ro in _python_binds()), images)
 
     def runc(self, host: str) -> Runc:
         return Runc(self.settings[host].runc_root, self.criu.binary)
@@ -279,11 +288,14 @@ class ContainerLab:
         port: int = 7000,
         wait: bool = True,
         private_net: bool = False,
+        patch: Callable[[dict[str, Any]], None] | None = None,
     ) -> ContainerApp:
         """``examples/EXAMPLE/app.py`` in a container of ``engine`` on host ``at``.
 
         The container joins the host's network namespace, unless ``private_net``
         (runc only): then it has one of its own, reachable only from inside.
+        ``patch`` (runc only) changes its configuration before it starts: what a
+        peer's operator may do to a container a destination then receives.
         """
 
         if engine not in ENGINES:
@@ -310,8 +322,10 @@ class ContainerLab:
         argv += list(args)
         if private_net and engine != "runc":
             raise ContainerError("a network namespace of its own: runc containers only")
+        if patch is not None and engine != "runc":
+            raise ContainerError("a patched configuration: runc containers only")
         if engine == "runc":
-            self._run_runc(name, at, argv, env, binds, private_net=private_net)
+            self._run_runc(name, at, argv, env, binds, private_net=private_net, patch=patch)
         elif engine == "containerd":
             self._run_containerd(name, at, argv, env, binds)
         else:
@@ -371,6 +385,7 @@ class ContainerLab:
         binds: list[tuple[str, str, bool]],
         *,
         private_net: bool = False,
+        patch: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         settings = self.settings[at]
         bundle = self.base / at / "bundles" / name
@@ -382,6 +397,8 @@ class ContainerLab:
             cgroups_path=f"{settings.cgroup_parent}/{name}",
             hostname=name,
         )  # fmt: skip
+        if patch is not None:
+            patch(spec)
         (bundle / "config.json").write_text(json.dumps(spec, indent=1))
         self.runc(at).run(name, bundle)
 
