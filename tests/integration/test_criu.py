@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from migsgx.criu import MIN_VERSION, Criu, InNetns, InTaskNamespaces
+from migsgx.criu.rpc import FEATURES_OFF_ENV
 from migsgx.errors import CriuError
 from migsgx.lab.netns import NETNS_DIR, Host, HostNetwork, terminate
 
@@ -206,15 +207,39 @@ def test_dump_of_missing_process_reports_errno(criu: Criu, tmp_path: Path) -> No
 
 
 def test_pre_dump_refused_cleanly_without_memory_tracking(
+    criu: Criu, spawn: SpawnFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel without soft-dirty bits, played by the fault hook on any kernel."""
+
+    real = criu.features()
+    monkeypatch.setenv(FEATURES_OFF_ENV, "mem_track,lazy_pages")
+    without = Criu(criu.binary)  # asks the kernel afresh (the answer is cached)
+    # Only the named features go, whatever the kernel has (lazy pages work here).
+    assert without.features() == {**real, "mem_track": False, "lazy_pages": False}
+    proc, port = start_server(spawn, tmp_path)
+    pre = images(tmp_path, "pre")
+    with pytest.raises(CriuError, match="memory tracking") as caught:
+        without.pre_dump(proc.pid, pre)
+    assert caught.value.context["action"] == "pre-dump"
+    assert list(pre.iterdir()) == []  # refused before CRIU touched the tree
+    with pytest.raises(CriuError, match="memory tracking"):
+        without.dump(proc.pid, images(tmp_path, "tracked"), track_mem=True, leave_running=True)
+    assert ask("inc", port) == "1"  # the tree runs on
+
+
+def test_pre_dump_follows_the_kernels_memory_tracking(
     criu: Criu, spawn: SpawnFactory, tmp_path: Path
 ) -> None:
+    """Whatever this kernel has: a pre-dump where it tracks memory, a refusal where not."""
+
     proc, port = start_server(spawn, tmp_path)
+    pre = images(tmp_path, "pre")
     if criu.features()["mem_track"]:
-        criu.pre_dump(proc.pid, images(tmp_path, "pre"))
-        assert ask("inc", port) == "1"
-        return
-    with pytest.raises(CriuError, match="memory tracking"):
-        criu.pre_dump(proc.pid, images(tmp_path, "pre"))
+        criu.pre_dump(proc.pid, pre)
+        assert list(pre.glob("pages-*.img"))
+    else:
+        with pytest.raises(CriuError, match="memory tracking"):
+            criu.pre_dump(proc.pid, pre)
     assert ask("inc", port) == "1"
 
 

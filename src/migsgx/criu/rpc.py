@@ -14,6 +14,10 @@ Every request runs a fresh ``criu swrk`` process (so calls are independent and
 thread-safe), optionally inside other namespaces (:class:`InNetns`,
 :class:`InTaskNamespaces`). Messages are decoded only as the declared protobuf
 schema; nothing received is evaluated.
+
+``$MIGSGX_CRIU_FEATURES_OFF`` (a comma-separated list of :meth:`Criu.features`
+names) is a fault hook: those features read as missing, as on a kernel without
+them, so the refusals that depend on them are reached on any kernel.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from migsgx.criu.locate import CriuVersion, find_criu
 from migsgx.errors import ConfigError, CriuError
 
 __all__ = [
+    "FEATURES_OFF_ENV",
     "Criu",
     "Enter",
     "InNetns",
@@ -53,6 +58,7 @@ _MAX_MESSAGE: Final = 1 << 20
 _MAX_FDS: Final = 16
 _EXIT_GRACE: Final = 10.0
 _NETNS_DIR: Final = "/run/netns"
+FEATURES_OFF_ENV: Final = "MIGSGX_CRIU_FEATURES_OFF"
 
 
 @dataclass(frozen=True)
@@ -191,7 +197,8 @@ class Criu:
                 enter=enter,
                 features=dict.fromkeys(names, True),
             )
-        return {name: bool(getattr(resp.features, name)) for name in names}
+        off = set(os.environ.get(FEATURES_OFF_ENV, "").split(","))
+        return {name: bool(getattr(resp.features, name)) and name not in off for name in names}
 
     def dump(
         self,
