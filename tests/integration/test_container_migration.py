@@ -409,6 +409,30 @@ def test_destination_refuses_what_its_host_did_not_grant(
     finish(lab, app, expect="src")
 
 
+def test_destination_refuses_images_with_more_than_the_configuration(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    """CRIU gives restored threads the credentials in the images, not the configuration's.
+
+    The source's container runs with CAP_SYS_ADMIN; then its bundle's configuration is
+    rewritten without it (runc read it at the start), so the peer sends a harmless
+    configuration and images whose threads hold CAP_SYS_ADMIN: refused."""
+
+    app = lab.start_app("runc", "kvstore", patch=lambda spec: sys_admin(spec, lab))
+    config = Path(str(lab.runc("src").state(app.name)["bundle"])) / "config.json"  # type: ignore[index]
+    spec = json.loads(config.read_text())
+    for name, caps in spec["process"]["capabilities"].items():
+        spec["process"]["capabilities"][name] = [c for c in caps if c != "CAP_SYS_ADMIN"]
+    config.write_text(json.dumps(spec))
+    digest = lab.ask(app, "DIGEST", at="src")
+    run = migrate(bed, app, agent)
+    assert run.returncode == 6, run.stderr
+    assert "the container's configuration is refused: images/core-" in run.stderr
+    assert "CAP_SYS_ADMIN beyond the configuration's bounding set" in run.stderr
+    check_source_runs_on(lab, app, digest)
+    finish(lab, app, expect="src")
+
+
 # --- the canary -------------------------------------------------------------------------------
 def scan(roots: list[Path], needles: dict[str, bytes]) -> dict[str, list[str]]:
     hits: dict[str, list[str]] = {name: [] for name in needles}

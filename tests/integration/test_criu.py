@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from migsgx.criu import MIN_VERSION, Criu, InNetns, InTaskNamespaces
+from migsgx.criu.images import credentials_of
 from migsgx.criu.rpc import FEATURES_OFF_ENV
 from migsgx.errors import CriuError
 from migsgx.lab.netns import NETNS_DIR, Host, HostNetwork, terminate
@@ -225,6 +226,25 @@ def test_pre_dump_refused_cleanly_without_memory_tracking(
     with pytest.raises(CriuError, match="memory tracking"):
         without.dump(proc.pid, images(tmp_path, "tracked"), track_mem=True, leave_running=True)
     assert ask("inc", port) == "1"  # the tree runs on
+
+
+def test_thread_credentials_read_from_a_real_dump(
+    criu: Criu, spawn: SpawnFactory, tmp_path: Path
+) -> None:
+    """What a destination checks (``credentials_of``) is what the kernel said at the dump."""
+
+    proc, _port = start_server(spawn, tmp_path)
+    status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+    caps = 0
+    for line in status:
+        if line.startswith(("CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:")):
+            caps |= int(line.split()[1], 16)
+    dump_dir = images(tmp_path)
+    criu.dump(proc.pid, dump_dir, leave_running=True)
+    creds = credentials_of((dump_dir / f"core-{proc.pid}.img").read_bytes(), "core")
+    assert creds is not None
+    assert creds.capabilities == {bit for bit in range(64) if caps >> bit & 1}
+    assert creds.capabilities  # root here holds capabilities: the bits are read, not zero
 
 
 def test_pre_dump_follows_the_kernels_memory_tracking(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,12 @@ from hypothesis import strategies as st
 
 from migsgx.containers import ContainerSettings
 from migsgx.containers.admission import (
+    CAPABILITY_NUMBERS,
     DEFAULT_CAPABILITIES,
     REQUIRED_NAMESPACES,
     SpecPolicy,
     SpecRefused,
+    admit_images,
 )
 from migsgx.containers.oci import Localization, localize
 from migsgx.containers.podman import PODMAN_MOUNTS
@@ -487,3 +490,53 @@ def test_bad_grants_are_refused(tmp_path: Path, text: str) -> None:
     (tmp_path / "containers.toml").write_text(text)
     with pytest.raises(ConfigError):
         ContainerSettings.load(tmp_path)
+
+
+# --- CRIU's images: the credentials CRIU gives the restored threads ----------------------------
+def core_image(caps: set[int] | None, *, apparmor: bytes = b"") -> bytes:
+    """A ``core-TID.img`` as CRIU writes it (magics, one length-prefixed core entry)."""
+
+    from migsgx.criu.images import CORE_MAGIC, IMG_COMMON_MAGIC, _cls
+
+    core = _cls("core_entry")()
+    core.tc.comm = "python3"
+    if caps is not None:
+        creds = core.thread_core.creds
+        words = [sum(1 << (c - 32 * w) for c in caps if c // 32 == w) for w in (0, 1)]
+        for field in ("cap_inh", "cap_prm", "cap_eff", "cap_bnd"):
+            getattr(creds, field).extend(words if field != "cap_inh" else [0, 0])
+        creds.apparmor_data = apparmor
+    raw = core.SerializeToString()
+    return struct.pack("<III", IMG_COMMON_MAGIC, CORE_MAGIC, len(raw)) + raw
+
+
+def test_images_within_the_bounding_set_are_admitted(tmp_path: Path) -> None:
+    spec = localize(ENGINE_SPECS["runc"], HERE)  # AUDIT_WRITE, KILL, NET_BIND_SERVICE
+    granted = {CAPABILITY_NUMBERS[c] for c in spec["process"]["capabilities"]["bounding"]}
+    (tmp_path / "core-1.img").write_bytes(core_image(granted))
+    (tmp_path / "core-2.img").write_bytes(core_image(set()))  # a thread that dropped all
+    (tmp_path / "pages-1.img").write_bytes(b"\0" * 16)
+    admit_images(tmp_path, spec)
+
+
+@pytest.mark.parametrize(
+    ("files", "match"),
+    [
+        ({"core-7.img": core_image({CAPABILITY_NUMBERS["CAP_SYS_ADMIN"]})}, "CAP_SYS_ADMIN"),
+        ({"core-7.img": core_image({40})}, "CAP_CHECKPOINT_RESTORE"),
+        ({"core-7.img": core_image({63})}, "capability 63"),
+        ({"core-7.img": core_image(None)}, "carries no credentials"),
+        ({"core-7.img": core_image(set()), "creds-7.img": b""}, "an old format"),
+        ({"core-7.img": core_image(set(), apparmor=b"profile")}, "AppArmor policy"),
+        ({"core-7.img": b"\x19\x43\x56\x54"}, "unreadable"),
+    ],
+)
+def test_images_beyond_the_configuration_are_refused(
+    tmp_path: Path, files: dict[str, bytes], match: str
+) -> None:
+    spec = localize(ENGINE_SPECS["runc"], HERE)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(SpecRefused, match=match) as caught:
+        admit_images(tmp_path, spec)
+    assert caught.value.field.startswith("images/")

@@ -44,7 +44,7 @@ from typing import Any, ClassVar, Final
 
 from ..criu import log_excerpt
 from ..errors import MigSGXError, ProtocolError
-from .admission import SpecPolicy
+from .admission import SpecPolicy, admit_images
 from .base import (
     ContainerError,
     DumpPlan,
@@ -317,9 +317,11 @@ class ContainerdDriver:
         work.mkdir(mode=0o700)
         made = False
         try:
+            localized = localize(spec, here)
+            admit_images(request.images, localized)
             parts = CheckpointParts(
                 criu_images=request.images,
-                spec=localize(spec, here),
+                spec=localized,
                 image=image,
                 runtime=runtime,
                 snapshotter=self.ctr.snapshotter,

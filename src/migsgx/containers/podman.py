@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Final
 
 from ..errors import MigSGXError, ProtocolError
 from ..limits import MAX_IMAGE_BYTES
-from .admission import SpecPolicy, SpecRefused
+from .admission import SpecPolicy, SpecRefused, admit_images
 from .base import (
     ContainerError,
     DumpPlan,
@@ -279,10 +279,15 @@ class PodmanDriver:
             engine_mounts=PODMAN_MOUNTS,
         )
         container["spec"] = localize(spec, here)
+        runtime = localize(runtime, here)
+        if (work / "checkpoint").is_dir():
+            admit_images(work / "checkpoint", runtime)
+        else:
+            raise ProtocolError("the podman archive holds no checkpoint")
         if parent and cgroupfs:
             container["cgroupParent"] = parent
         (work / "config.dump").write_text(json.dumps(container))
-        (work / "spec.dump").write_text(json.dumps(localize(runtime, here)))
+        (work / "spec.dump").write_text(json.dumps(runtime))
 
     def discard(self, restored: Restored) -> None:
         self.podman.remove(str(restored.handle["name"]))

@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Final
 
 from ..criu import log_excerpt
 from ..errors import MigSGXError, ProtocolError
-from .admission import SpecPolicy
+from .admission import SpecPolicy, admit_images
 from .base import (
     ContainerError,
     DumpPlan,
@@ -252,6 +252,7 @@ class RuncDriver:
                 policy=SpecPolicy.from_settings(settings),
             )
             spec = localize(config, here)
+            admit_images(request.images, spec)
             root = spec.get("root") or {}
             spec["root"] = {"path": "rootfs", "readonly": bool(root.get("readonly", False))}
             (bundle / "config.json").write_text(json.dumps(spec, indent=1))

@@ -2,29 +2,43 @@
 
 A CRIU image is a 32-bit magic (two for most images: the common magic, then
 the image's own), then entries, each a 32-bit little-endian length and a
-protobuf message.  Only two messages are read here, and only the fields
-named below (``images/pstree.proto`` and ``images/core.proto`` of CRIU): the
-process tree (pid, parent, threads) and each task's command name.  The
-messages are declared at run time and parsed by the ``protobuf`` library;
-fields not declared are skipped by it.
+protobuf message.  Only a few messages are read here, and only the fields
+named below (``images/pstree.proto``, ``images/core.proto`` and
+``images/creds.proto`` of CRIU): the process tree (pid, parent, threads), each
+task's command name (``migsgx inspect``), and each thread's credentials, which
+CRIU gives the restored thread (a destination checks them against what it
+grants: ``migsgx.containers.admission``).  The messages are declared at run
+time and parsed by the ``protobuf`` library; fields not declared are skipped
+by it.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Final
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from ..errors import InspectError
 
-__all__ = ["PSTREE_MAGIC", "command_of", "entries", "process_tree"]
+__all__ = [
+    "CORE_MAGIC",
+    "CREDS_MAGIC",
+    "PSTREE_MAGIC",
+    "Credentials",
+    "command_of",
+    "credentials_of",
+    "entries",
+    "process_tree",
+]
 
 IMG_COMMON_MAGIC: Final = 0x54564319
 IMG_SERVICE_MAGIC: Final = 0x55105940
 PSTREE_MAGIC: Final = 0x50273030
 CORE_MAGIC: Final = 0x55053847
+CREDS_MAGIC: Final = 0x54023547  # a task's credentials in a file of their own (old format)
 MAX_ENTRY: Final = 16 << 20
 _U32: Final = struct.Struct("<I")
 
@@ -51,12 +65,29 @@ def _messages() -> dict[str, Any]:
         ("threads", 5, f.TYPE_UINT32, rep, ""),
     ])  # fmt: skip
     message("task_core_entry", [("comm", 6, f.TYPE_STRING, opt, "")])
-    message("core_entry", [("tc", 3, f.TYPE_MESSAGE, opt, ".criu.task_core_entry")])
+    message("creds_entry", [
+        ("uid", 1, f.TYPE_UINT32, opt, ""),
+        ("gid", 2, f.TYPE_UINT32, opt, ""),
+        ("euid", 3, f.TYPE_UINT32, opt, ""),
+        ("cap_inh", 9, f.TYPE_UINT32, rep, ""),
+        ("cap_prm", 10, f.TYPE_UINT32, rep, ""),
+        ("cap_eff", 11, f.TYPE_UINT32, rep, ""),
+        ("cap_bnd", 12, f.TYPE_UINT32, rep, ""),
+        ("lsm_profile", 15, f.TYPE_STRING, opt, ""),
+        ("lsm_sockcreate", 16, f.TYPE_STRING, opt, ""),
+        ("apparmor_data", 17, f.TYPE_BYTES, opt, ""),
+        ("cap_amb", 19, f.TYPE_UINT32, rep, ""),
+    ])  # fmt: skip
+    message("thread_core_entry", [("creds", 10, f.TYPE_MESSAGE, opt, ".criu.creds_entry")])
+    message("core_entry", [
+        ("tc", 3, f.TYPE_MESSAGE, opt, ".criu.task_core_entry"),
+        ("thread_core", 5, f.TYPE_MESSAGE, opt, ".criu.thread_core_entry"),
+    ])  # fmt: skip
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
     return {
         name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"criu.{name}"))
-        for name in ("pstree_entry", "core_entry")
+        for name in ("pstree_entry", "core_entry", "creds_entry")
     }
 
 
@@ -115,4 +146,40 @@ def command_of(data: bytes, what: str) -> str:
 
     for raw in entries(data, CORE_MAGIC, what):
         return str(_parse("core_entry", raw, what).tc.comm)
+    raise InspectError(f"{what}: no entry")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What CRIU gives a restored thread: ``capabilities`` by number, every set together."""
+
+    capabilities: frozenset[int]
+    lsm_profile: str
+    lsm_sockcreate: str
+    apparmor_data: bool
+
+
+def credentials_of(data: bytes, what: str) -> Credentials | None:
+    """The credentials in a thread's ``core-TID.img``; ``None`` when it carries none.
+
+    Without them CRIU takes a task's credentials from an image of their own
+    (``creds-PID.img``, the old format) or, older still, leaves the thread with
+    CRIU's own (root's): a reader that checks them must refuse both.
+    """
+
+    for raw in entries(data, CORE_MAGIC, what):
+        core = _parse("core_entry", raw, what)
+        if not core.HasField("thread_core") or not core.thread_core.HasField("creds"):
+            return None
+        creds = core.thread_core.creds
+        caps: set[int] = set()
+        for words in (creds.cap_inh, creds.cap_prm, creds.cap_eff, creds.cap_bnd, creds.cap_amb):
+            for i, word in enumerate(words):
+                caps.update(32 * i + bit for bit in range(32) if word >> bit & 1)
+        return Credentials(
+            capabilities=frozenset(caps),
+            lsm_profile=str(creds.lsm_profile),
+            lsm_sockcreate=str(creds.lsm_sockcreate),
+            apparmor_data=bool(creds.apparmor_data),
+        )
     raise InspectError(f"{what}: no entry")
