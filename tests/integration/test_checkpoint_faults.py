@@ -24,22 +24,14 @@ from pathlib import Path
 
 import pytest
 
-from migsgx.criu import Criu
 from migsgx.lab.testbed import AppProcess, Testbed
 from migsgx.system.process import kill_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
-@pytest.fixture(scope="module")
-def bed(
-    criu: Criu,
-    subreaper: None,
-    _stale_namespaces_removed: None,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Testbed]:
-    with Testbed(tmp_path_factory.mktemp("ckfault"), subnet=64) as testbed:
-        yield testbed
+#: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
+BED_SUBNET = 64
 
 
 def cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -21,7 +21,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from migsgx.criu import Criu
 from migsgx.lab.hosts import start_service
 from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
 from migsgx.system.process import kill_tree, process_state
@@ -32,20 +31,8 @@ EXIT_OK, EXIT_MOVED_NOT, EXIT_IN_DOUBT, EXIT_CRASH = 0, 6, 7, 70
 _FAULT_AT = re.compile(r"migsgx fault: (\S+) at ([0-9.]+)")
 
 
-@pytest.fixture(scope="module")
-def bed(
-    criu: Criu,
-    subreaper: None,
-    _stale_namespaces_removed: None,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Testbed]:
-    with Testbed(tmp_path_factory.mktemp("commitfaults"), subnet=73) as testbed:
-        yield testbed
-
-
-@pytest.fixture(scope="module")
-def agent(bed: Testbed) -> AgentProcess:
-    return bed.start_agent()
+#: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
+BED_SUBNET = 73
 
 
 @pytest.fixture(scope="module")

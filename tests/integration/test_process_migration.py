@@ -46,11 +46,6 @@ PHASE_KEYS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def agent(bed: Testbed) -> AgentProcess:
-    return bed.start_agent()
-
-
 def kvstore(bed: Testbed, *args: str) -> AppProcess:
     return bed.start_app("kvstore", ["--image", str(bed.image("kvstore")), *args])
 
