@@ -22,13 +22,12 @@ from hypothesis import strategies as st
 
 from migsgx.containers import ContainerSettings
 from migsgx.containers.admission import (
-    CAPABILITY_NUMBERS,
     DEFAULT_CAPABILITIES,
     REQUIRED_NAMESPACES,
     SpecPolicy,
     SpecRefused,
-    admit_images,
 )
+from migsgx.containers.image_admission import CAPABILITY_NUMBERS, admit_images
 from migsgx.containers.oci import Localization, localize
 from migsgx.containers.podman import PODMAN_MOUNTS
 from migsgx.errors import error_from_wire
@@ -540,3 +539,65 @@ def test_images_beyond_the_configuration_are_refused(
     with pytest.raises(SpecRefused, match=match) as caught:
         admit_images(tmp_path, spec)
     assert caught.value.field.startswith("images/")
+
+
+FS = {"unsupported": 0, "proc": 1, "sysfs": 2, "devtmpfs": 3, "tmpfs": 5, "devpts": 6,
+      "debugfs": 11, "cgroup": 12, "mqueue": 14, "auto": 16, "overlay": 17}  # fmt: skip
+
+
+def mount_image(rows: list[tuple[int, int, str, str, str, bool]]) -> bytes:
+    """``mountpoints-ID.img``: (id, parent, fstype, mountpoint, source, external) per mount."""
+
+    from migsgx.criu.images import IMG_COMMON_MAGIC, MNTS_MAGIC, _cls
+
+    out = struct.pack("<II", IMG_COMMON_MAGIC, MNTS_MAGIC)
+    for mnt_id, parent, fstype, mountpoint, source, external in rows:
+        m = _cls("mnt_entry")()
+        m.mnt_id, m.parent_mnt_id, m.fstype = mnt_id, parent, FS[fstype]
+        m.mountpoint, m.source, m.root = mountpoint, source, "/"
+        if fstype == "auto":
+            m.fsname = "ext4"
+        if external:
+            m.ext_key = mountpoint
+        raw = m.SerializeToString()
+        out += struct.pack("<I", len(raw)) + raw
+    return out
+
+
+#: As runc's dump of the lab's container lists them (ids and parents as CRIU wrote them).
+RUNC_MOUNTS = [
+    (110, 58, "unsupported", "/", "/dev/vda", False),
+    (111, 110, "proc", "/proc", "proc", False),
+    (112, 110, "tmpfs", "/dev", "tmpfs", False),
+    (113, 112, "devpts", "/dev/pts", "devpts", False),
+    (115, 112, "mqueue", "/dev/mqueue", "mqueue", False),
+    (116, 110, "sysfs", "/sys", "sysfs", False),
+    (118, 110, "unsupported", "/usr", "/dev/vda", True),
+    (64, 111, "tmpfs", "/proc/keys", "tmpfs", True),
+    (62, 111, "proc", "/proc/sys", "proc", False),
+]
+
+
+def test_the_engines_mounts_in_images_are_admitted(tmp_path: Path) -> None:
+    (tmp_path / "mountpoints-13.img").write_bytes(mount_image(RUNC_MOUNTS))
+    admit_images(tmp_path, localize(ENGINE_SPECS["runc"], HERE))
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ((130, 110, "auto", "/mnt", "/dev/vda", False), r"/mnt.*auto \(ext4\) mount of '/dev/vda'"),
+        ((130, 110, "overlay", "/mnt", "overlay", False), "overlay mount"),
+        ((130, 110, "debugfs", "/sys/kernel/debug", "debugfs", False), "debugfs mount"),
+        ((130, 110, "devtmpfs", "/dev/host", "devtmpfs", False), "devtmpfs mount"),
+        ((130, 110, "unsupported", "/host", "/dev/vda", False), "unsupported mount"),
+        ((130, 999, "tmpfs", "/", "tmpfs", False), "2 root mounts"),
+    ],
+)
+def test_other_mounts_in_images_are_refused(
+    tmp_path: Path, extra: tuple[int, int, str, str, str, bool], match: str
+) -> None:
+    (tmp_path / "mountpoints-13.img").write_bytes(mount_image([*RUNC_MOUNTS, extra]))
+    with pytest.raises(SpecRefused, match=match) as caught:
+        admit_images(tmp_path, localize(ENGINE_SPECS["runc"], HERE))
+    assert caught.value.field.startswith("images/mountpoints-13.img")

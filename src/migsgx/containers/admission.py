@@ -45,12 +45,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ..criu.images import credentials_of
-from ..errors import InspectError, register_error
+from ..errors import register_error
 from .base import ContainerError
 from .settings import ContainerSettings
 
 __all__ = [
+    "CAPABILITY_SETS",
     "DEFAULT_CAPABILITIES",
     "DEFAULT_DEVICES",
     "ENGINE_FILESYSTEMS",
@@ -60,7 +60,6 @@ __all__ = [
     "SpecPolicy",
     "SpecRefused",
     "admit",
-    "admit_images",
     "host_rlimits",
 ]
 
@@ -101,23 +100,6 @@ DEFAULT_CAPABILITIES: Final = frozenset(
         "CAP_SYS_CHROOT",
     }
 )
-#: Linux capability numbers (``linux/capability.h``), as CRIU's images carry them.
-CAPABILITY_NUMBERS: Final[Mapping[str, int]] = {
-    f"CAP_{name}": number
-    for number, name in enumerate(
-        [
-            "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID",
-            "SETUID", "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST",
-            "NET_ADMIN",
-            "NET_RAW", "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT",
-            "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE",
-            "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL",
-            "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND",
-            "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
-        ]
-    )
-}
-MAX_CORE_IMAGE: Final = 16 << 20
 CAPABILITY_SETS: Final = ("bounding", "effective", "inheritable", "permitted", "ambient")
 NAMESPACE_TYPES: Final = frozenset(
     {"pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"}
@@ -477,44 +459,3 @@ def _seccomp(linux: Mapping[str, Any]) -> None:
     for flag in _list(seccomp.get("flags"), "linux.seccomp.flags"):
         if flag not in SECCOMP_FLAGS:
             raise _refuse("linux.seccomp.flags", f"{flag!r} is not allowed")
-
-
-def admit_images(images: Path, spec: Mapping[str, Any]) -> None:
-    """Refuse CRIU images whose threads would get more than the admitted ``spec`` grants.
-
-    At a restore CRIU gives every thread the credentials its ``core-TID.img``
-    carries, whatever the engine's configuration says: a peer that forged them
-    would get a capability the configuration never listed.  Each thread's
-    capabilities (every set) must lie within the configuration's bounding set;
-    a thread without credentials in its core image (the old format, or none at
-    all: CRIU's own would stay) and AppArmor policy data are refused.
-    """
-
-    process = _mapping(spec.get("process"), "process")
-    caps = _mapping(process.get("capabilities"), "process.capabilities")
-    granted = {CAPABILITY_NUMBERS[c] for c in _list(caps.get("bounding"), "bounding")
-               if c in CAPABILITY_NUMBERS}  # fmt: skip
-    names = {number: name for name, number in CAPABILITY_NUMBERS.items()}
-    for path in sorted(images.iterdir()):
-        name = path.name
-        where = f"images/{name}"
-        if name.startswith("creds-"):
-            raise _refuse(where, "credentials in an image of their own (an old format)")
-        if not (name.startswith("core-") and name.endswith(".img")):
-            continue
-        try:
-            with path.open("rb") as f:
-                data = f.read(MAX_CORE_IMAGE + 1)
-            if len(data) > MAX_CORE_IMAGE:
-                raise _refuse(where, f"larger than {MAX_CORE_IMAGE} bytes")
-            creds = credentials_of(data, name)
-        except (OSError, InspectError) as exc:
-            raise _refuse(where, f"unreadable: {exc}") from exc
-        if creds is None:
-            raise _refuse(where, "the thread carries no credentials (CRIU would keep its own)")
-        extra = sorted(creds.capabilities - granted)
-        if extra:
-            listed = ", ".join(names.get(n, f"capability {n}") for n in extra)
-            raise _refuse(f"{where} creds", f"{listed} beyond the configuration's bounding set")
-        if creds.apparmor_data:
-            raise _refuse(f"{where} creds", "AppArmor policy for the kernel")

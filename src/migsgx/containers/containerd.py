@@ -44,7 +44,7 @@ from typing import Any, ClassVar, Final
 
 from ..criu import log_excerpt
 from ..errors import MigSGXError, ProtocolError
-from .admission import SpecPolicy, admit_images
+from .admission import SpecPolicy
 from .base import (
     ContainerError,
     DumpPlan,
@@ -56,6 +56,7 @@ from .base import (
 )
 from .command import bring_lo_up, run_engine, with_path
 from .frozen import dump_frozen, own_netns_path, write_criu_config
+from .image_admission import admit_images
 from .layout import CheckpointParts, write_checkpoint_image
 from .oci import Localization, joined_host_netns, load_json, localize
 from .settings import ContainerSettings

@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Final
 
 from ..errors import MigSGXError, ProtocolError
 from ..limits import MAX_IMAGE_BYTES
-from .admission import SpecPolicy, SpecRefused, admit_images
+from .admission import SpecPolicy, SpecRefused
 from .base import (
     ContainerError,
     DumpPlan,
@@ -46,6 +46,7 @@ from .base import (
 )
 from .command import run_engine, with_path
 from .frozen import dump_frozen, own_netns_path, write_criu_config
+from .image_admission import admit_images
 from .oci import (
     Localization,
     extract_tree,

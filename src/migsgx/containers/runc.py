@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Final
 
 from ..criu import log_excerpt
 from ..errors import MigSGXError, ProtocolError
-from .admission import SpecPolicy, admit_images
+from .admission import SpecPolicy
 from .base import (
     ContainerError,
     DumpPlan,
@@ -47,6 +47,7 @@ from .base import (
 )
 from .command import bring_lo_up, run_engine
 from .frozen import dump_frozen, own_netns_path, write_criu_config
+from .image_admission import admit_images
 from .oci import (
     Localization,
     extract_tree,

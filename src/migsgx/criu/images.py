@@ -26,11 +26,14 @@ from ..errors import InspectError
 __all__ = [
     "CORE_MAGIC",
     "CREDS_MAGIC",
+    "MNTS_MAGIC",
     "PSTREE_MAGIC",
     "Credentials",
+    "Mount",
     "command_of",
     "credentials_of",
     "entries",
+    "mounts_of",
     "process_tree",
 ]
 
@@ -39,6 +42,14 @@ IMG_SERVICE_MAGIC: Final = 0x55105940
 PSTREE_MAGIC: Final = 0x50273030
 CORE_MAGIC: Final = 0x55053847
 CREDS_MAGIC: Final = 0x54023547  # a task's credentials in a file of their own (old format)
+MNTS_MAGIC: Final = 0x55563928
+#: CRIU's ``fstype`` enumeration (``images/mnt.proto``), the kinds named here.
+FSTYPES: Final = {
+    0: "unsupported", 1: "proc", 2: "sysfs", 3: "devtmpfs", 4: "binfmt_misc", 5: "tmpfs",
+    6: "devpts", 7: "simfs", 8: "pstore", 9: "securityfs", 10: "fusectl", 11: "debugfs",
+    12: "cgroup", 13: "aufs", 14: "mqueue", 15: "fuse", 16: "auto", 17: "overlay",
+    18: "autofs", 19: "tracefs", 23: "cgroup2",
+}  # fmt: skip
 MAX_ENTRY: Final = 16 << 20
 _U32: Final = struct.Struct("<I")
 
@@ -78,6 +89,17 @@ def _messages() -> dict[str, Any]:
         ("apparmor_data", 17, f.TYPE_BYTES, opt, ""),
         ("cap_amb", 19, f.TYPE_UINT32, rep, ""),
     ])  # fmt: skip
+    message("mnt_entry", [
+        ("fstype", 1, f.TYPE_UINT32, opt, ""),
+        ("mnt_id", 2, f.TYPE_UINT32, opt, ""),
+        ("parent_mnt_id", 4, f.TYPE_UINT32, opt, ""),
+        ("root", 6, f.TYPE_STRING, opt, ""),
+        ("mountpoint", 7, f.TYPE_STRING, opt, ""),
+        ("source", 8, f.TYPE_STRING, opt, ""),
+        ("ext_mount", 13, f.TYPE_BOOL, opt, ""),
+        ("fsname", 14, f.TYPE_STRING, opt, ""),
+        ("ext_key", 18, f.TYPE_STRING, opt, ""),
+    ])  # fmt: skip
     message("thread_core_entry", [("creds", 10, f.TYPE_MESSAGE, opt, ".criu.creds_entry")])
     message("core_entry", [
         ("tc", 3, f.TYPE_MESSAGE, opt, ".criu.task_core_entry"),
@@ -87,7 +109,7 @@ def _messages() -> dict[str, Any]:
     pool.Add(proto)
     return {
         name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"criu.{name}"))
-        for name in ("pstree_entry", "core_entry", "creds_entry")
+        for name in ("pstree_entry", "core_entry", "creds_entry", "mnt_entry")
     }
 
 
@@ -183,3 +205,38 @@ def credentials_of(data: bytes, what: str) -> Credentials | None:
             apparmor_data=bool(creds.apparmor_data),
         )
     raise InspectError(f"{what}: no entry")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One mount of a mount namespace's image, as CRIU will make it again."""
+
+    mnt_id: int
+    parent: int
+    fstype: str  # FSTYPES' name; "auto": CRIU mounts ``fsname`` from ``source``
+    fsname: str
+    root: str
+    mountpoint: str
+    source: str
+    external: bool  # CRIU binds what its caller maps for ``ext_key`` (the engine's bind mounts)
+
+
+def mounts_of(data: bytes, what: str) -> list[Mount]:
+    """The mounts in a ``mnt-ID.img``, in CRIU's order."""
+
+    out = []
+    for raw in entries(data, MNTS_MAGIC, what):
+        m = _parse("mnt_entry", raw, what)
+        out.append(
+            Mount(
+                mnt_id=m.mnt_id,
+                parent=m.parent_mnt_id,
+                fstype=FSTYPES.get(m.fstype, f"fstype {m.fstype}"),
+                fsname=str(m.fsname),
+                root=str(m.root),
+                mountpoint=str(m.mountpoint),
+                source=str(m.source),
+                external=bool(m.ext_mount or m.ext_key),
+            )
+        )
+    return out
