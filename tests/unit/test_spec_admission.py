@@ -366,6 +366,15 @@ def test_less_than_the_list_is_admitted(
     assert not [k for k in out["linux"].get("sysctl", {}) if k.startswith("net.")]
 
 
+def test_a_peers_root_path_never_stays() -> None:
+    """runc and containerd run the bundle's ``rootfs``; a peer's ``/`` would be the host's."""
+
+    spec = copy.deepcopy(ENGINE_SPECS["containerd-spec"])
+    spec["root"] = {"path": "/", "readonly": True}
+    here = Localization(**{**HERE.__dict__, "root_path": "rootfs"})
+    assert localize(spec, here)["root"] == {"path": "rootfs", "readonly": True}
+
+
 def test_a_network_namespace_path_becomes_the_one_this_host_assigns() -> None:
     """Any path the peer names (its host's, or this host's own) is replaced, never joined."""
 

@@ -312,6 +312,7 @@ class ContainerdDriver:
             cgroups_path=f"{settings.cgroup_parent}/{cid}" if settings.cgroup_parent else None,
             criu_config=criu_config,
             policy=SpecPolicy.from_settings(settings),
+            root_path="rootfs",  # the snapshot containerd mounts in the bundle
         )
         ref = f"migsgx.local/checkpoint/{cid}:{secrets.token_hex(4)}"
         work = request.images / "containerd-import"

@@ -86,6 +86,9 @@ class Localization:
     #: Destinations of bind mounts the engine makes itself at the restore (podman's
     #: ``/etc/hosts`` ...): the peer's are dropped, with their source-host paths.
     engine_mounts: frozenset[str] = frozenset()
+    #: The root file system's path in the bundle the engine makes (``rootfs``); ``None``:
+    #: the engine sets its own (podman).  A peer's path (``/``: the host's) never stays.
+    root_path: str | None = None
 
 
 def _env(spec: Mapping[str, Any]) -> dict[str, str]:
@@ -175,6 +178,10 @@ def localize(spec: Mapping[str, Any], here: Localization) -> dict[str, Any]:
         linux["sysctl"] = {k: v for k, v in sysctl.items() if not str(k).startswith("net.")}
     if here.cgroups_path is not None:
         linux["cgroupsPath"] = here.cgroups_path
+    if here.root_path is not None:
+        root = out.get("root")
+        readonly = bool(root.get("readonly", False)) if isinstance(root, dict) else False
+        out["root"] = {"path": here.root_path, "readonly": readonly}
     annotations = out.setdefault("annotations", {})
     if here.criu_config is not None:
         annotations[CRIU_CONFIG_ANNOTATION] = str(here.criu_config)

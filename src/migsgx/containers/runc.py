@@ -251,11 +251,10 @@ class RuncDriver:
                 criu_config=criu_config,
                 engine_in_netns=netns is not None,  # runc runs there (see below)
                 policy=SpecPolicy.from_settings(settings),
+                root_path="rootfs",
             )
             spec = localize(config, here)
             admit_images(request.images, spec)
-            root = spec.get("root") or {}
-            spec["root"] = {"path": "rootfs", "readonly": bool(root.get("readonly", False))}
             (bundle / "config.json").write_text(json.dumps(spec, indent=1))
             if request.before is not None:
                 request.before(request.images)
