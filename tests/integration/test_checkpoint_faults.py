@@ -12,9 +12,11 @@ The table in ``docs/migration.md`` ("Checkpoints") is this one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -190,3 +192,41 @@ def test_restored_application_killed_while_held(case: Case) -> None:
     back = case.restore()  # nothing was activated: the checkpoint restores
     assert back.returncode == 0, back.stderr
     case.one_copy_with_every_write()
+
+
+# --- the metadata, rewritten together with the files -------------------------------------------
+def _rewrite_metadata(ck: Path, change: str) -> None:
+    """What a forger does: change the checkpoint, then make ``migsgx.json`` agree with it."""
+
+    meta = json.loads((ck / "migsgx.json").read_text())
+    if change == "page-and-digests":
+        pages = max(ck.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+        data = bytearray(pages.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        pages.write_bytes(bytes(data))
+    else:  # only the metadata: a different restore option
+        meta["tcp_close"] = not meta["tcp_close"]
+    for name in meta["files"]:
+        content = (ck / name).read_bytes()
+        meta["files"][name] = [len(content), hashlib.sha256(content).hexdigest()]
+    (ck / "migsgx.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+@pytest.mark.parametrize("change", ["page-and-digests", "options-only"])
+def test_metadata_rewritten_with_the_files_is_refused(case: Case, change: str) -> None:
+    """Every file digest agrees with the rewritten metadata; the enclave's gate does not."""
+
+    completed(case)
+    intact = case.ck.with_name("intact")
+    shutil.copytree(case.ck, intact)
+    _rewrite_metadata(case.ck, change)
+    back = case.restore()
+    assert back.returncode == 1 and "Traceback" not in back.stderr, back.stderr
+    assert "[checkpoint-damaged]" in back.stderr and "metadata" in back.stderr, back.stderr
+    assert case.bed.copies(case.app)["src"] == []  # nothing ran
+    # The gate was only read: the genuine checkpoint restores, once.
+    case.ck = intact
+    back = case.restore()
+    assert back.returncode == 0, back.stderr
+    case.one_copy_with_every_write()
+

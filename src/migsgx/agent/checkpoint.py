@@ -93,7 +93,7 @@ def checkpoint(
         # CRIU's images are complete: the metadata (with every file's digest) is
         # durable before any enclave gives its state up, so a tool that dies after
         # the commit leaves a restorable checkpoint.
-        _write_meta(directory, {**meta, "files": _digests(directory)})
+        meta_digest = _write_meta(directory, {**meta, "files": _digests(directory)})
         # The fence: if this tool dies from here on and CRIU resumes the tree, it
         # stops instead of running beside the checkpoint.
         fenced.extend(tree_pids(pid))
@@ -103,7 +103,7 @@ def checkpoint(
         _fault("ckpt.before-commit", pid, handed)
         for i, out in enumerate(outs):
             try:
-                out.commit()
+                out.commit(meta_digest)  # the gate binds the metadata (and so every file)
             except MigSGXError:
                 if not committed:
                     raise  # nothing given up yet: CRIU resumes the tree (unfenced below)
@@ -152,10 +152,13 @@ def checkpoint(
     return CheckpointResult(directory, pid, len(handed))
 
 
-def _write_meta(directory: Path, meta: dict[str, object]) -> None:
+def _write_meta(directory: Path, meta: dict[str, object]) -> bytes:
+    """Write ``migsgx.json`` durably; returns its SHA-256 (which the enclaves commit)."""
+
+    data = (json.dumps(meta, indent=2) + "\n").encode()
     tmp = directory / (CHECKPOINT_META + ".tmp")
-    with tmp.open("w") as out:
-        out.write(json.dumps(meta, indent=2) + "\n")
+    with tmp.open("wb") as out:
+        out.write(data)
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, directory / CHECKPOINT_META)
@@ -164,6 +167,7 @@ def _write_meta(directory: Path, meta: dict[str, object]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return hashlib.sha256(data).digest()
 
 
 def _alive(pid: int) -> bool:
@@ -202,9 +206,11 @@ def _digests(directory: Path) -> dict[str, list[int | str]]:
 def _verify(directory: Path, recorded: object) -> None:
     """The checkpoint's files are exactly those written, byte for byte.
 
-    This detects damage (a truncated copy, a flipped bit); it is no defence
-    against someone who rewrites the metadata too.  The enclave state is
-    authenticated by its own sealed streams either way.
+    This detects damage (a truncated copy, a flipped bit) before CRIU reads
+    anything.  A rewrite of the metadata together with the files is refused by
+    the enclaves instead: each committed gate binds the metadata's SHA-256
+    (``docs/spec/checkpoint.md``), and nothing runs before every enclave opened
+    its gate.  The enclave state is authenticated by its own sealed streams.
     """
 
     if not isinstance(recorded, dict):
@@ -236,7 +242,8 @@ def restore(
     criu = criu or Criu()
     directory = Path(directory)
     try:
-        meta = json.loads((directory / CHECKPOINT_META).read_text())
+        raw_meta = (directory / CHECKPOINT_META).read_bytes()
+        meta = json.loads(raw_meta)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{directory} holds no migsgx checkpoint: {exc}") from exc
     if meta.get("format") != FORMAT:
@@ -247,6 +254,7 @@ def restore(
     # Before CRIU sees anything: a truncated page image makes CRIU's restorer spin
     # for ever, and a changed byte would run unnoticed.
     _verify(directory, meta.get("files"))
+    meta_digest = hashlib.sha256(raw_meta).digest()
     _remove_held_leftover(directory)
     _remove_fenced_source(meta)
     extra: dict[str, bool] = {"leave_stopped": True}
@@ -260,7 +268,9 @@ def restore(
     try:
         for i in range(count):
             assert platform_socket is not None
-            enclave = CheckpointIn(directory, i, platform_socket)
+            # The enclave opens its checkpoint only with the metadata its source
+            # committed: a rewrite of migsgx.json (with the files) is refused.
+            enclave = CheckpointIn(directory, i, platform_socket, meta_digest)
             incoming.append(enclave)
             enclave.load()
         pid = criu.restore(

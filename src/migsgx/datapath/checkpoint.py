@@ -164,12 +164,16 @@ class CheckpointOut:
             raise
         return {**facts, "seconds": time.perf_counter() - t0}
 
-    def commit(self) -> None:
-        """The files are durable: the source enclave wipes itself and exits."""
+    def commit(self, meta: bytes = b"") -> None:
+        """The files are durable: the source enclave wipes itself and exits.
+
+        ``meta``: the SHA-256 of the checkpoint's metadata file, which the
+        committed gate binds (a restore must present the same).
+        """
 
         if not self._written:
             raise MigSGXError("commit before the checkpoint was written")
-        self.link.call("__ckpt_commit")
+        self.link.call("__ckpt_commit", meta)
         self._finished = True
 
     def abort(self) -> socket.socket:
@@ -185,10 +189,14 @@ class CheckpointOut:
 class CheckpointIn:
     """One enclave of a checkpoint, loaded into a fresh enclave that does not run yet."""
 
-    def __init__(self, directory: Path, index: int, platform_socket: Path | str) -> None:
+    def __init__(
+        self, directory: Path, index: int, platform_socket: Path | str, meta: bytes = b""
+    ) -> None:
         self.directory = Path(directory)
         self.index = index
         self.platform_socket = platform_socket
+        #: The SHA-256 of the metadata the restore read (what the source committed).
+        self.meta = meta
         self.link: EnclaveLink | None = None
         self.info: EnclaveInfo | None = None
         self.image_files: dict[str, bytes] = {}
@@ -217,7 +225,7 @@ class CheckpointIn:
         self.link = link = EnclaveLink(sock)
         self.image_files = dict(image.files)
         try:
-            link.call("__ckpt_in", key_blob)
+            link.call("__ckpt_in", key_blob, self.meta)
             ring = ShmRing.create(slots, chunk + TAG_SIZE, RingRole.PRODUCER)
             try:
                 link.give_ring(ring)
@@ -250,11 +258,11 @@ class CheckpointIn:
 
 
 def restore_enclave(
-    directory: Path, index: int, platform_socket: Path | str
+    directory: Path, index: int, platform_socket: Path | str, meta: bytes = b""
 ) -> tuple[socket.socket, EnclaveInfo, dict[str, bytes]]:
     """Launch a fresh enclave, load the checkpoint into it, and let it run (once)."""
 
-    incoming = CheckpointIn(directory, index, platform_socket)
+    incoming = CheckpointIn(directory, index, platform_socket, meta)
     incoming.load()
     try:
         sock = incoming.activate()
