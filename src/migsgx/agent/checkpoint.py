@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Final
 from ..criu import Criu, InNetns, InTaskNamespaces
 from ..datapath.checkpoint import CheckpointIn, CheckpointOut
 from ..errors import CheckpointDamagedError, ConfigError, CriuError, MigSGXError
+from ..host.client import platform_socket as default_platform_socket
 from ..system.process import (
     continue_tree,
     is_pidns_init,
@@ -38,7 +40,8 @@ from ..system.process import (
     wait_stopped,
 )
 from .applink import AppLink, HandedEnclave
-from .faults import fault
+from .ckpt_journal import JOURNAL, write_journal
+from .faults import fault, kill_dead, socket_owner
 from .guardian import Guardian
 
 __all__ = ["CHECKPOINT_META", "checkpoint", "restore"]
@@ -86,6 +89,8 @@ def checkpoint(
     # As for a migration: a guardian holds the enclave connections, so that a tool
     # that dies before the commit leaves the enclaves to be aborted and handed back.
     guardian = Guardian(link.pid, link.name, [h.sock for h in handed]) if link else None
+    # Which tool works here, on which source: what ``migsgx recover`` starts from.
+    write_journal(directory, "writing", pid=pid, start=meta["start"], enclaves=len(handed))
 
     def post_dump(script: str, _pid: int) -> None:
         if script != "post-dump":
@@ -100,6 +105,7 @@ def checkpoint(
         stop_tree(fenced)
         if guardian is not None:
             guardian.note("fence " + " ".join(map(str, fenced)))
+        write_journal(directory, "fenced")
         _fault("ckpt.before-commit", pid, handed)
         for i, out in enumerate(outs):
             try:
@@ -110,6 +116,7 @@ def checkpoint(
                 # Some enclaves gave their state up already: going back is impossible.
                 continue
             committed.append(i)
+        write_journal(directory, "committed")
         _fault("ckpt.after-commit", pid, handed)
 
     try:
@@ -136,8 +143,10 @@ def checkpoint(
                     with contextlib.suppress(MigSGXError):
                         link.resume(socks)
                 for path in directory.iterdir():
-                    with contextlib.suppress(OSError):
-                        path.unlink()
+                    if path.name != JOURNAL:
+                        with contextlib.suppress(OSError):
+                            path.unlink()
+                write_journal(directory, "aborted")
             raise
     finally:
         if guardian is not None:
@@ -149,6 +158,7 @@ def checkpoint(
             f"only {len(committed)} of {len(outs)} enclaves gave their state up; the "
             f"checkpoint in {directory} holds them all"
         )
+    write_journal(directory, "done")
     return CheckpointResult(directory, pid, len(handed))
 
 
@@ -174,10 +184,19 @@ def _alive(pid: int) -> bool:
     return process_state(pid) not in ("", "Z", "X")
 
 
-def _fault(point: str, pid: int, handed: list[HandedEnclave]) -> None:
-    """A fault point of checkpoint or restore (``kill-source``, ``kill-enclave`` here)."""
+def _fault(
+    point: str, pid: int, handed: list[HandedEnclave], platform: Path | None = None
+) -> None:
+    """A fault point of checkpoint or restore (``kill-source``, ``kill-enclave`` here).
+
+    ``kill-platform`` SIGKILLs this host's platform service (``platform``, or the
+    one ``$MIGSGX_PLATFORM_SOCKET`` names) and returns once it is dead.
+    """
 
     action = fault(point)
+    if action == "kill-platform":
+        sock = platform if platform is not None else default_platform_socket(None)
+        kill_dead([socket_owner(sock)])
     if action == "kill-source":
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -193,7 +212,7 @@ def _digests(directory: Path) -> dict[str, list[int | str]]:
 
     files: dict[str, list[int | str]] = {}
     for path in sorted(directory.iterdir()):
-        unchecked = path.name in (CHECKPOINT_META, HELD) or path.name.startswith("stats-")
+        unchecked = path.name in (CHECKPOINT_META, HELD, JOURNAL) or path.name.startswith("stats-")
         if path.is_file() and not unchecked and not path.name.endswith((".log", ".tmp")):
             digest = hashlib.sha256()
             with path.open("rb") as src:
@@ -287,8 +306,8 @@ def restore(
             raise CriuError(f"the restored tree did not hold: {exc}") from exc
         # Should this tool die now, the next restore finds the held tree and removes it.
         _write_held(directory, pid)
-        _fault("restore.held", pid, [])
-        _fault("restore.loaded", pid, [])
+        _fault("restore.held", pid, [], platform_socket)
+        _fault("restore.loaded", pid, [], platform_socket)
         try:
             wait_stopped(pid, timeout=0)  # still held: activating now cannot strand the state
         except MigSGXError as exc:
@@ -301,7 +320,29 @@ def restore(
                 kill_tree(pid)
         raise
     # Every enclave verified its state: from here on they run (each claims its id once).
-    socks = [enclave.activate() for enclave in incoming]
+    # First the journal says so: a recover then knows who consumed the gates.
+    write_journal(directory, "restoring")
+    socks: list[socket.socket] = []
+    try:
+        for enclave in incoming:
+            socks.append(enclave.activate())
+    except BaseException as exc:
+        if socks:
+            # Some enclaves claimed their checkpoints, this one did not: neither way
+            # is whole.  The tree stays held (stopped); an operator decides.
+            raise MigSGXError(
+                f"only {len(socks)} of {len(incoming)} enclaves could be activated ({exc}); "
+                f"the restored tree {pid} is left stopped"
+            ) from exc
+        # Nothing was claimed (the platform service gone, say): every gate holds, so
+        # the held tree and the loaded enclaves go and the checkpoint restores later.
+        for enclave in incoming:
+            enclave.discard()
+        with contextlib.suppress(MigSGXError):
+            kill_tree(pid)
+        with contextlib.suppress(OSError):
+            (directory / HELD).unlink()
+        raise
     # The app answers only once it runs; its ECALL callers wait for the attach.
     continue_tree(pid)
     if socks:
@@ -311,6 +352,7 @@ def restore(
         link.attach(socks, [e.info for e in incoming if e.info is not None])
     with contextlib.suppress(OSError):
         (directory / HELD).unlink()
+    write_journal(directory, "restored", restored_pid=pid)
     return pid
 
 

@@ -239,6 +239,32 @@ class CheckpointIn:
             self.discard()
             raise
 
+    def probe(self) -> None:
+        """Whether this enclave's checkpoint is committed, asked of a fresh enclave.
+
+        A fresh enclave of the image opens the key record and the gate
+        (``__ckpt_in``), which raises :class:`~migsgx.errors.CheckpointGateError`
+        unless the gate is committed (and the metadata digest is the committed
+        one); then it is discarded.  Reading a gate changes nothing.
+        """
+
+        image_path, key_path, _, _ = _paths(self.directory, self.index)
+        try:
+            files = cbor2.loads(image_path.read_bytes())
+            key_blob = key_path.read_bytes()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"checkpoint {self.directory} lacks enclave {self.index}") from exc
+        if not isinstance(files, dict):
+            raise ConfigError(f"{image_path} is not an enclave image")
+        sock, self.info = launch_enclave(
+            EnclaveImage.from_files(files), socket_path=self.platform_socket
+        )
+        self.link = EnclaveLink(sock)
+        try:
+            self.link.call("__ckpt_in", key_blob, self.meta)
+        finally:
+            self.discard()
+
     def activate(self) -> socket.socket:
         """Claim the checkpoint on this host (once) and let the enclave run."""
 
