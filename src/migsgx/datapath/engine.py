@@ -239,6 +239,34 @@ RING_TIMEOUT = 120.0
 REFUSAL_WAIT = 2.0
 
 
+def dump_watched(
+    link: EnclaveLink, ring: ShmRing, peer: socket.socket, chunk_size: int
+) -> dict[str, Any]:
+    """``__mig_dump`` with its slots sent as they fill; a refusal fails the send at once.
+
+    The destination sends nothing before the final chunk but its refusal; a
+    :class:`PeerWatch` turns that into a failed send (and the destination's
+    reason) instead of a wait for the kernel to give up on the connection.
+    """
+
+    watch = PeerWatch(peer)
+    try:
+        mover = _Worker(
+            lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT,
+                                   before_final=watch.final_going),
+            "migsgx-send", ring,
+        )  # fmt: skip
+        dump: dict[str, Any] = _call_beside(link, mover, "__mig_dump", chunk_size)
+        mover.join()
+    except MigSGXError as exc:
+        if watch.spoke:
+            _refusal(peer, exc)
+        raise
+    finally:
+        watch.stop()
+    return dump
+
+
 def _refusal(peer: socket.socket, cause: BaseException) -> None:
     """The destination spoke during the stream: raise its reason (or ``cause``)."""
 
@@ -323,22 +351,7 @@ class OutgoingEnclave:
             try:
                 self.link.give_ring(ring)
                 if self.mode == "pipelined":
-                    # A refusal from the destination fails the send at once.
-                    watch = PeerWatch(peer)
-                    try:
-                        mover = _Worker(
-                            lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT,
-                                                   before_final=watch.final_going),
-                            "migsgx-send", ring,
-                        )  # fmt: skip
-                        dump = _call_beside(self.link, mover, "__mig_dump", self.chunk_size)
-                        mover.join()
-                    except MigSGXError as exc:
-                        if watch.spoke:
-                            _refusal(peer, exc)
-                        raise
-                    finally:
-                        watch.stop()
+                    dump = dump_watched(self.link, ring, peer, self.chunk_size)
                     t_dumped = t_sent = time.monotonic()
                 else:
                     staging = Staging.for_state(self.info.memory_size, self.chunk_size, TAG_SIZE)

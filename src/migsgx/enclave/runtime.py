@@ -51,7 +51,10 @@ def log(event: str) -> None:
 
 
 #: How long an enclave waits for a restarted platform service before it gives up.
-REATTACH_WAIT = 10.0
+#: A restarted service greets every enclave at once, so a request after the
+#: restart never waits; this bounds only a request made while no service runs,
+#: which may be a commit with the source frozen: it must fail in seconds.
+REATTACH_WAIT = 3.0
 #: Within REATTACH_WAIT of a wait that found no service, the next request only
 #: looks (this long) instead of waiting again: an abort right after a commit that
 #: failed for want of the platform must not add another full wait to the time
