@@ -162,24 +162,47 @@ def agent_serve(
 
 # --- recover ------------------------------------------------------------------------------------
 @click.command("recover")
-@click.option("--state", type=click.Path(path_type=Path), required=True,
+@click.option("--state", type=click.Path(path_type=Path), default=None,
               help="this host's state directory (platform store, journals)")  # fmt: skip
 @click.option("--ca", "ca_dir", type=click.Path(path_type=Path), default=None)
+@click.option("--checkpoint", "checkpoints", type=click.Path(path_type=Path), multiple=True,
+              help="also resolve the checkpoint (or restore) in this directory")  # fmt: skip
+@click.option("--platform-socket", type=click.Path(path_type=Path), default=None,
+              envvar="MIGSGX_PLATFORM_SOCKET",
+              help="the platform service that reads checkpoint gates")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print each migration's resolution as JSON")
-def recover_command(state: Path, ca_dir: Path | None, as_json: bool) -> None:
-    """Resolve migrations in doubt from this host's durable records (idempotent).
+def recover_command(
+    state: Path | None,
+    ca_dir: Path | None,
+    checkpoints: tuple[Path, ...],
+    platform_socket: Path | None,
+    as_json: bool,
+) -> None:
+    """Resolve migrations and checkpoints in doubt from durable records (idempotent).
 
     Each unfinished migration of this (source) host is brought to exactly one
     runnable copy: a recorded COMMIT is delivered to the destination again and
     the stopped source removed; a recorded ABORT ends the destination's copy
-    and the source continues.  Exit status 7 while any stays in doubt.
+    and the source continues.  Each --checkpoint DIR is resolved from its
+    enclaves' gates: committed, the checkpoint is the copy (a fenced source is
+    removed; restore it); not, the source continues and the files go.  Exit
+    status 7 while any stays in doubt.
     """
 
-    from .agent.recover import recover
+    from .agent.ckpt_recover import resolve_checkpoint
+    from .agent.recover import Resolution, recover
     from .agent.tls import AgentIdentity
     from .errors import InDoubtError
+    from .sgx.service import default_socket
 
-    results = recover(state, AgentIdentity.of_state(state, ca=ca_dir))
+    if state is None and not checkpoints:
+        raise click.UsageError("name --state STATE, or --checkpoint DIR")
+    results: list[Resolution] = []
+    if state is not None:
+        results += recover(state, AgentIdentity.of_state(state, ca=ca_dir))
+        if platform_socket is None:
+            platform_socket = default_socket(state)
+    results += [resolve_checkpoint(d, platform_socket) for d in checkpoints]
     if as_json:
         _emit([r.to_dict() for r in results])
     else:

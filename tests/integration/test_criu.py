@@ -6,14 +6,16 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from migsgx.criu import MIN_VERSION, Criu, InNetns, InTaskNamespaces
+from migsgx.criu import MIN_VERSION, Criu, DumpCancel, InNetns, InTaskNamespaces
 from migsgx.criu.images import credentials_of
+from migsgx.criu.pageserver import PageServer
 from migsgx.criu.rpc import FEATURES_OFF_ENV
 from migsgx.errors import CriuError
 from migsgx.lab.netns import NETNS_DIR, Host, HostNetwork, terminate
@@ -300,3 +302,80 @@ def test_failed_restore_callback(
         terminate(proc.pid, sig=0)  # CRIU's SIGKILL lands shortly after its answer
         with pytest.raises(ConnectionRefusedError):
             ask("inc", port)
+
+
+# --- stopping a running dump (DumpCancel): reached from CRIU's own notifications ---
+def test_a_cancel_refuses_the_next_step_and_the_tree_runs_on(
+    criu: Criu, spawn: SpawnFactory, tmp_path: Path
+) -> None:
+    proc, port = start_server(spawn, tmp_path)
+    assert ask("inc", port) == "1"
+    digest = ask("sum", port)
+    cancel = DumpCancel()
+    seen: list[str] = []
+
+    def notify(script: str, _pid: int) -> None:
+        seen.append(script)
+        if script == "pre-dump":
+            cancel.cancel("an enclave stream failed")  # before CRIU froze anything
+
+    with pytest.raises(CriuError, match="cancelled: an enclave stream failed"):
+        criu.dump(proc.pid, images(tmp_path), notify=notify, cancel=cancel)
+    assert cancel.vetoed and cancel.stopped_early
+    assert "post-dump" not in seen
+    assert proc.poll() is None
+    assert ask("inc", port) == "2"
+    assert ask("sum", port) == digest
+
+
+def test_a_cancel_shuts_the_page_connection_and_the_tree_runs_on(
+    criu: Criu, spawn: SpawnFactory, tmp_path: Path
+) -> None:
+    proc, port = start_server(spawn, tmp_path)
+    assert ask("inc", port) == "1"
+    digest = ask("sum", port)
+    listener = socket.create_server(("127.0.0.1", 0))
+    server_dir = images(tmp_path, "server")
+    servers: list[PageServer] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            servers.append(PageServer(criu.binary, server_dir, conn))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    cancel = DumpCancel()
+    seen: list[str] = []
+
+    def notify(script: str, _pid: int) -> None:
+        seen.append(script)
+        if script == "query-ext-files":
+            # The tree is frozen, the page connection open, no page sent yet; this
+            # step itself goes on, so only the broken connection can stop the dump.
+            cancel.cancel("an enclave stream failed")
+
+    try:
+        with pytest.raises(CriuError):
+            criu.dump(
+                proc.pid, images(tmp_path), notify=notify, cancel=cancel,
+                page_server=listener.getsockname()[:2],
+            )  # fmt: skip
+    finally:
+        listener.close()
+        thread.join(10)
+        for server in servers:
+            server.kill()
+    assert cancel.broken == 1 and not cancel.vetoed
+    assert "query-ext-files" in seen and "post-dump" not in seen
+    assert proc.poll() is None
+    assert ask("inc", port) == "2"
+    assert ask("sum", port) == digest
+
+
+def test_a_cancel_after_the_dump_touches_nothing() -> None:
+    cancel = DumpCancel()
+    cancel.bind(1, ("127.0.0.1", 9))
+    cancel.unbind()
+    cancel.cancel("too late")
+    assert cancel.cancelled and not cancel.stopped_early

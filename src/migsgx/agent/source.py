@@ -44,7 +44,7 @@ from typing import Any, Final
 
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
 from ..core.rounds import StopRules
-from ..criu import Criu
+from ..criu import Criu, DumpCancel
 from ..datapath.engine import OutgoingEnclave
 from ..errors import (
     CriuError,
@@ -144,6 +144,8 @@ class _Migration:
         self.journal: Journal | None = None
         self.in_doubt = False
         self._journal_lock = threading.Lock()
+        #: A failed enclave stream stops CRIU's dump at once (the source runs again).
+        self.cancel = DumpCancel()
 
     def note(self, phase: str) -> None:
         self.t[phase] = time.monotonic()
@@ -336,6 +338,7 @@ class _Migration:
                 transfer.stats = precopy.finish(transfer)
             except BaseException as exc:
                 transfer.error = exc
+                self._enclave_failed(transfer, exc)
             return
         try:
             peer = socket.create_connection(
@@ -354,6 +357,17 @@ class _Migration:
             transfer.stats["tool_seconds"] = time.monotonic() - t0
         except BaseException as exc:
             transfer.error = exc
+            self._enclave_failed(transfer, exc)
+
+    def _enclave_failed(self, transfer: _Transfer, exc: BaseException) -> None:
+        """An enclave stream failed, so the migration will not happen: stop the dump now.
+
+        Waiting for CRIU to finish a dump whose result is thrown away keeps the
+        source frozen for seconds; cancelled, CRIU resumes the tree at once.
+        """
+
+        if not self.committed:
+            self.cancel.cancel(f"enclave {transfer.handed.index}: {type(exc).__name__}: {exc}")
 
     def control_call(self, msg: Mapping[str, Any], expect: str) -> dict[str, Any]:
         assert self.control is not None
@@ -372,9 +386,27 @@ class _Migration:
             shell_job=opts.shell_job,
             note=self._guardian_note,
             may_resume=lambda: not self.committed and not self.resume_sent,
+            cancel=self.cancel,
         )
         self.note("dump")
-        self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
+        try:
+            self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
+        except MigSGXError as exc:
+            if not self.cancel.cancelled:
+                raise
+            # The dump failed because an enclave did: that is the cause to report.
+            if self.cancel.stopped_early:
+                how = "its page connection shut down" if self.cancel.broken else "step refused"
+                log.warning("CRIU's dump was stopped early (%s): an enclave stream failed", how)
+            self._join_enclaves()
+            for transfer in self.transfers:
+                if transfer.error is not None:
+                    err = transfer.error
+                    raise MigrationError(
+                        f"enclave {transfer.handed.index} did not migrate: "
+                        f"{type(err).__name__}: {err}"
+                    ) from exc
+            raise
         self.note("end")
 
     def _fault(self, point: str) -> str | None:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Final, Protocol
 
-from ..criu import Criu
+from ..criu import Criu, DumpCancel
 from ..errors import MigrationError, ProtocolError, register_error
 from .settings import ContainerSettings
 
@@ -110,6 +110,9 @@ class DumpPlan:
     note: Callable[[str], None] = field(default=lambda _line: None)
     #: Whether the source may still run again (False once past the commit point).
     may_resume: Callable[[], bool] = field(default=lambda: True)
+    #: Triggered (from another thread) when the migration failed before the commit
+    #: point: a driver that can stops its dump early, so the source runs again at once.
+    cancel: DumpCancel | None = None
 
 
 @dataclass

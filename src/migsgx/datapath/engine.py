@@ -62,7 +62,14 @@ from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
 from ..sgx.image import EnclaveImage
 from ..wire import recv_frame, send_frame
 from .ring import RingRole, ShmRing, send_ring_fds
-from .transport import Staging, keep_alive, ring_to_socket, socket_to_ring, tune_socket
+from .transport import (
+    PeerWatch,
+    Staging,
+    keep_alive,
+    ring_to_socket,
+    socket_to_ring,
+    tune_socket,
+)
 
 DEFAULT_CHUNK = DEFAULT_CHUNK_SIZE
 PEER = SCHEMA
@@ -228,6 +235,52 @@ def _slot_size(chunk_size: int) -> int:
 
 
 RING_TIMEOUT = 120.0
+#: How long the source waits for the destination's reason once it refused the stream.
+REFUSAL_WAIT = 2.0
+
+
+def dump_watched(
+    link: EnclaveLink, ring: ShmRing, peer: socket.socket, chunk_size: int
+) -> dict[str, Any]:
+    """``__mig_dump`` with its slots sent as they fill; a refusal fails the send at once.
+
+    The destination sends nothing before the final chunk but its refusal; a
+    :class:`PeerWatch` turns that into a failed send (and the destination's
+    reason) instead of a wait for the kernel to give up on the connection.
+    """
+
+    watch = PeerWatch(peer)
+    try:
+        mover = _Worker(
+            lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT,
+                                   before_final=watch.final_going),
+            "migsgx-send", ring,
+        )  # fmt: skip
+        dump: dict[str, Any] = _call_beside(link, mover, "__mig_dump", chunk_size)
+        mover.join()
+    except MigSGXError as exc:
+        if watch.spoke:
+            _refusal(peer, exc)
+        raise
+    finally:
+        watch.stop()
+    return dump
+
+
+def _refusal(peer: socket.socket, cause: BaseException) -> None:
+    """The destination spoke during the stream: raise its reason (or ``cause``)."""
+
+    with contextlib.suppress(OSError):
+        peer.settimeout(REFUSAL_WAIT)
+    try:
+        msg = recv_frame(peer, PEER, max_size=PEER_FRAME_MAX)
+    except (MigSGXError, OSError):
+        return  # it hung up without a word: the send's own error says enough
+    if msg.get("t") == "abort":
+        raise MigrationError(
+            f"the destination refused the stream: [{msg['code']}] {msg['message']}"
+        ) from cause
+    raise ProtocolError(f"the destination sent {msg['t']!r} during the stream") from cause
 #: The bound on ``active`` after a token went on the data connection; the
 #: destination judges a token in milliseconds, and the token goes again by the
 #: agents' TLS channel anyway.
@@ -298,10 +351,7 @@ class OutgoingEnclave:
             try:
                 self.link.give_ring(ring)
                 if self.mode == "pipelined":
-                    mover = _Worker(lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT),
-                                    "migsgx-send", ring)  # fmt: skip
-                    dump = _call_beside(self.link, mover, "__mig_dump", self.chunk_size)
-                    mover.join()
+                    dump = dump_watched(self.link, ring, peer, self.chunk_size)
                     t_dumped = t_sent = time.monotonic()
                 else:
                     staging = Staging.for_state(self.info.memory_size, self.chunk_size, TAG_SIZE)

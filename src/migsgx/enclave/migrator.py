@@ -636,31 +636,43 @@ class Migrator:
         self.role = Role.SOURCE
         return {"id": self.checkpoint.checkpoint_id, "key": self.checkpoint.sealed_key}
 
-    def ckpt_commit(self) -> None:
-        """Source: the checkpoint is on disk; give the state up for good."""
+    def ckpt_commit(self, meta: bytes = b"") -> None:
+        """Source: the checkpoint is on disk; give the state up for good.
+
+        ``meta``: the SHA-256 of the checkpoint's metadata file, bound into the
+        committed gate (empty: none).
+        """
 
         if self.checkpoint is None or self.role is not Role.SOURCE or not self.dumped:
             raise ProtocolError("no completed checkpoint to commit")
+        if not isinstance(meta, bytes) or len(meta) not in checkpoints.META_SIZES:
+            raise ProtocolError("the checkpoint metadata digest is 32 bytes or empty")
         if self.checkpoint.streams.busy:
             raise ProtocolError("a stream of the checkpoint is still being sealed")
         # One platform update: the record retires and the checkpoint's gate opens.
         self.persistent.retire(
             "this enclave's persistent state was checkpointed",
-            also=[checkpoints.commit_change(self.checkpoint)],
+            also=[checkpoints.commit_change(self.instance, self.checkpoint, meta)],
         )
         self.committed = True
         self.instance.retire("this enclave's state was checkpointed")
         self._exit_thread = threading.get_ident()
 
-    def ckpt_in(self, sealed_key: bytes) -> None:
-        """Destination: open a checkpoint's key (this host, an enclave it allows)."""
+    def ckpt_in(self, sealed_key: bytes, meta: bytes = b"") -> None:
+        """Destination: open a checkpoint's key (this host, an enclave it allows).
 
+        ``meta``: the SHA-256 of the metadata file the restore read; it must be
+        the one the source committed.
+        """
+
+        if not isinstance(sealed_key, bytes) or not isinstance(meta, bytes):
+            raise ProtocolError("__ckpt_in takes the key record and a metadata digest")
         if self.role is not None:
             raise ProtocolError("a migration is already in progress")
         if self.instance.calls_served:
             raise ProtocolError("only a freshly launched enclave can restore a checkpoint")
         self._without_persistent()
-        self.checkpoint = checkpoints.open_key(self.instance, sealed_key)
+        self.checkpoint = checkpoints.open_key(self.instance, sealed_key, meta)
         self.role = Role.DESTINATION
         self.instance.quiesce(timeout=0)
         self.persistent.freeze(timeout=5.0)
