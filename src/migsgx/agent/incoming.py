@@ -132,12 +132,14 @@ class IncomingMigration:
             "images_done": self._images_done,
             "restore": self._restore,
             "resume": self._resume,
+            "redeliver": self._redeliver,
             "abort": self._abort_request,
             "deliver": self._deliver_request,
         }
         #: Once held in doubt: set when every enclave got its decision and it was carried out.
         self.settled = threading.Event()
         self.decided_outcome = ""
+        self._claim_fault_done = False
 
     @property
     def tag(self) -> str:
@@ -373,6 +375,42 @@ class IncomingMigration:
             "attach_seconds": attach_seconds,
             "pid": self.root,
         }
+
+    def _redeliver(self, msg: dict[str, Any]) -> Reply:
+        """A fresh enclave for one whose copy was lost after LOADED, before its claim.
+
+        Window W2 (``docs/spec/commit.md``): the source committed, the tree is
+        held here, and the enclave that loaded the state died (or its link
+        did).  The committed source enclave still holds the state; it comes
+        again, authenticated and attested like the first time, on a new data
+        connection, to a fresh enclave launched by the same code path.  The
+        claim store of this host lets the migration id activate once, so a copy
+        that is in fact alive (and then claims) makes the fresh one a refused
+        replay, never a second copy.  An enclave that still answers is not
+        replaced (port 0): the token reaches it with ``resume``.
+        """
+
+        index = msg["index"]
+        if not 0 <= index < len(self.enclaves):
+            raise ProtocolError("no such enclave")
+        old = self.enclaves[index]
+        engine = old.engine
+        if old.ecall_sock is not None or engine is None or engine.decided:
+            return {"t": "redelivery", "data_port": 0}  # it runs, or a decision ended it
+        if _answers(engine) and not old.decided.is_set():
+            return {"t": "redelivery", "data_port": 0}
+        log.warning(
+            "migration %s: enclave %d lost its copy before the claim: a fresh one receives "
+            "the state again", self.tag, index,
+        )  # fmt: skip
+        _shutdown(old.conn)
+        self.enclaves[index] = _Enclave(index, old.source_info)
+        listener = self._listen(str(self.tls.getsockname()[0]))
+        threading.Thread(
+            target=self._accept_data, args=(listener, {index}),
+            name="migsgx-agent-data", daemon=True,
+        ).start()  # fmt: skip
+        return {"t": "redelivery", "data_port": listener.getsockname()[1]}
 
     def _abort_request(self, msg: dict[str, Any]) -> Reply:
         log.info("migration %s: aborted by the tool (%s)", self.tag, msg["reason"][:200])
@@ -632,11 +670,11 @@ class IncomingMigration:
         except (OSError, MigSGXError) as exc:
             self._page_error = exc
 
-    def _accept_data(self, listener: socket.socket) -> None:
+    def _accept_data(self, listener: socket.socket, only: set[int] | None = None) -> None:
         """Accept data connections; each opening runs in a thread of its own, so a
         peer that connects and stays silent holds up no genuine connection."""
 
-        pending = {e.index for e in self.enclaves}
+        pending = {e.index for e in self.enclaves} if only is None else set(only)
         lock = threading.Lock()
         openings = threading.BoundedSemaphore(MAX_DATA_OPENINGS)
         while True:
@@ -718,11 +756,20 @@ class IncomingMigration:
             finally:
                 enclave.loaded.set()
             try:
-                enclave.ecall_sock = enclave.engine.wait_commit(timeout=None)
+                enclave.ecall_sock = enclave.engine.wait_commit(
+                    timeout=None, before_claim=self._before_claim
+                )
             except BaseException as exc:
                 enclave.commit_error = exc
         finally:
             enclave.decided.set()
+
+    def _before_claim(self) -> None:
+        """Fault injection at W2: a decision frame is about to be judged (once a session)."""
+
+        if not self._claim_fault_done:
+            self._claim_fault_done = True
+            _inject(fault("agent.before-claim"), self)
 
     def _close_files(self) -> int:
         count = len(self._files)
@@ -756,6 +803,19 @@ def _platform_alive(path: Path) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
+
+
+def _answers(engine: IncomingEnclave) -> bool:
+    """Whether an incoming enclave's process still answers on its link."""
+
+    link = engine.link
+    if link is None:
+        return False
+    try:
+        link.call("__mig_status")
+    except MigSGXError:
+        return False
+    return True
 
 
 def _inject(action: str | None, session: IncomingMigration) -> None:

@@ -143,6 +143,7 @@ class _Migration:
         self.session_id = b""
         self.journal: Journal | None = None
         self.in_doubt = False
+        self.data_key = b""
         self._journal_lock = threading.Lock()
 
     def note(self, phase: str) -> None:
@@ -190,6 +191,7 @@ class _Migration:
                 if begin is not None:
                     ready = control.call(begin, "ready")
                 assert ready is not None  # (live: the pre-copy's ``begin`` answered)
+                self.data_key = bytes(ready["data_key"])
                 # The enclaves stream while CRIU dumps the rest of the tree: the
                 # application holds no enclave connection (prepare), so neither
                 # waits for the other.  The post-dump step joins them.
@@ -456,6 +458,7 @@ class _Migration:
                     transfer.outgoing.deliver()
                 except MigSGXError as exc:
                     log.warning("enclave %d: %s", transfer.handed.index, exc)
+                    self._redeliver(transfer)
             tokens = [(t.outgoing.token if t.outgoing else None) or b"" for t in self.transfers]
             try:
                 reply = self.control_call({"t": "resume", "tokens": tokens}, "resumed")
@@ -485,6 +488,35 @@ class _Migration:
                 self.resume_sent = False  # the destination refused, and killed what it held
                 raise
         self.stats["attach"] = float(reply["attach_seconds"])
+
+    def _redeliver(self, transfer: _Transfer) -> None:
+        """The token did not reach a copy: if that copy is gone, deliver the state again.
+
+        Window W2 (``docs/spec/commit.md``): the destination enclave died after
+        the decision, before it claimed the migration id.  The committed source
+        enclave still holds the state; the agent launches a fresh enclave and
+        the state goes again, attested and keyed anew, same migration id.  A
+        failure here changes nothing: ``resume`` then tells the outcome.
+        """
+
+        assert transfer.outgoing is not None
+        index = transfer.handed.index
+        try:
+            reply = self.control_call({"t": "redeliver", "index": index}, "redelivery")
+            port = int(reply["data_port"])
+            if not port:
+                return  # that copy still waits: the token goes again with ``resume``
+            peer = socket.create_connection((self.opts.to[0], port), timeout=CONNECT_TIMEOUT)
+            if transfer.peer is not None:
+                transfer.peer.close()
+            transfer.peer = peer
+            peer.settimeout(None)
+            open_data(peer, self.data_key, self.session_id, index)
+            transfer.outgoing.redeliver(peer)
+            self.stats["redelivered"] = int(self.stats.get("redelivered", 0)) + 1
+            log.warning("enclave %d: the state was delivered again to a fresh enclave", index)
+        except (MigSGXError, OSError) as exc:
+            log.warning("enclave %d: delivering the state again failed: %s", index, exc)
 
     def _inject(self, action: str | None) -> None:
         """Fault injection that kills another party of this host (the fault matrix)."""

@@ -271,6 +271,32 @@ class OutgoingEnclave:
     def transfer(self, peer: socket.socket) -> dict[str, Any]:
         """Everything up to the destination's verified LOADED; nothing is given up yet."""
 
+        return self._hand_over(peer, "__mig_out_start", self.mode)
+
+    def redeliver(self, peer: socket.socket) -> bytes:
+        """Committed, the destination enclave lost before it claimed: the state again.
+
+        The source enclave runs a new handshake (same migration id, the same
+        destination platform only) and dumps its frozen state again to a fresh
+        destination enclave on ``peer``; on its LOADED it issues a COMMIT token
+        for that session, which goes on ``peer`` at once (and again with
+        ``resume``).  Returns the token.  Raises :class:`InDoubtError` if the
+        new copy did not confirm that it runs.
+        """
+
+        if self.token is None:
+            raise MigrationError("nothing was committed")
+        self._loaded = False
+        try:
+            self._hand_over(peer, "__mig_redeliver_start", "sequential"
+                            if self.mode == "sequential" else "pipelined")  # fmt: skip
+            self.token = bytes(self.link.call("__mig_commit"))
+        except (MigSGXError, OSError) as exc:
+            raise InDoubtError(f"the state could not be delivered again: {exc}") from exc
+        self.deliver()
+        return self.token
+
+    def _hand_over(self, peer: socket.socket, start: str, mode: str) -> dict[str, Any]:
         self.peer = peer
         bind_wire(peer, Role.SOURCE)
         tune_socket(peer)
@@ -279,10 +305,10 @@ class OutgoingEnclave:
         t0 = time.monotonic()
         try:
             _send(peer, {"t": "offer", "files": self.image_files, "chunk_size": self.chunk_size,
-                         "slots": self.slots, "mode": self.mode})  # fmt: skip
+                         "slots": self.slots, "mode": mode})  # fmt: skip
             _recv(peer, "accept")
             t_launch = time.monotonic()
-            hello = self.link.call("__mig_out_start")
+            hello = self.link.call(start)
             _send(peer, {"t": "hs", "data": hello})
             while True:
                 reply = self.link.call("__mig_hs", _recv(peer, "hs")["data"])
@@ -291,13 +317,13 @@ class OutgoingEnclave:
                 if reply["done"]:
                     break
             self.migration_id = bytes(reply["migration_id"])
-            if self.on_handshake is not None:
+            if self.on_handshake is not None and start == "__mig_out_start":
                 self.on_handshake(self.index, self.migration_id)
             t_hs = time.monotonic()
             ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
             try:
                 self.link.give_ring(ring)
-                if self.mode == "pipelined":
+                if mode == "pipelined":
                     mover = _Worker(lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT),
                                     "migsgx-send", ring)  # fmt: skip
                     dump = _call_beside(self.link, mover, "__mig_dump", self.chunk_size)
@@ -326,7 +352,7 @@ class OutgoingEnclave:
             raise
         t_end = time.monotonic()
         self.stats = {
-            "mode": self.mode,
+            "mode": mode,
             "chunk_bytes": self.chunk_size,
             "bytes": dump["bytes"],
             "memory_bytes": dump["memory_bytes"],
@@ -559,7 +585,9 @@ class IncomingEnclave:
             _send(peer, {"t": "round_done", "stats": stats})
         return rounds
 
-    def wait_commit(self, timeout: float | None = None) -> socket.socket:
+    def wait_commit(
+        self, timeout: float | None = None, before_claim: Callable[[], None] | None = None
+    ) -> socket.socket:
         """Wait for the source's decision; on COMMIT the enclave runs: return its connection.
 
         Only the destination enclave judges the decision.  A COMMIT token or an
@@ -588,6 +616,8 @@ class IncomingEnclave:
                 raise MigrationError("no authentic decision from the source in time") from exc
             if frame is None:
                 continue  # the data connection is gone; a delivery may still come
+            if before_claim is not None:
+                before_claim()  # (fault injection: window W2)
             if self.link is None:
                 raise MigrationError("the destination enclave is gone")
             try:
