@@ -272,6 +272,35 @@ def test_tool_killed_before_the_decision(
 
 
 # --- after the decision: the destination runs --------------------------------------------------
+def test_destination_enclave_killed_before_the_claim_gets_the_state_again(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """Window W2: the copy that loaded dies after the decision, before it claimed the id.
+
+    The committed source enclave still holds the state (frozen); the tool has the
+    destination agent launch a fresh enclave and delivers the state again, same
+    migration id, attested anew.  The tree held there attaches to the fresh enclave.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill-enclave"})
+    app, digest = loaded_app(bed)
+    t0 = time.monotonic()
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert run.returncode == EXIT_OK, run.stderr
+        assert "Traceback" not in run.stderr
+        log = doomed.log.read_text(errors="replace")
+        assert "agent.before-claim:kill-enclave" in log and "receives the state again" in log
+        wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+        figures["decision written x kill -9 destination enclave"] = {
+            "outcome": "moved (state delivered again)", "exit": run.returncode,
+            "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
+        only_copy(bed, app, "dst", digest)
+    finally:
+        doomed.stop()
+
+
 def test_token_dropped_on_the_data_connection_is_delivered_again(
     bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
 ) -> None:

@@ -397,8 +397,8 @@ class IncomingMigration:
         engine = old.engine
         if old.ecall_sock is not None or engine is None or engine.decided:
             return {"t": "redelivery", "data_port": 0}  # it runs, or a decision ended it
-        if _answers(engine) and not old.decided.is_set():
-            return {"t": "redelivery", "data_port": 0}
+        if _answers(engine):
+            return {"t": "redelivery", "data_port": 0}  # a live copy is never replaced
         log.warning(
             "migration %s: enclave %d lost its copy before the claim: a fresh one receives "
             "the state again", self.tag, index,
