@@ -25,9 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import cbor2
+
 from ..criu import Criu, InNetns, InTaskNamespaces
 from ..datapath.checkpoint import CheckpointIn, CheckpointOut
 from ..errors import CheckpointDamagedError, ConfigError, CriuError, MigSGXError
+from ..host.appctl import info_to_wire
+from ..host.client import EnclaveInfo
 from ..system.process import (
     continue_tree,
     is_pidns_init,
@@ -290,18 +294,38 @@ def restore(
             with contextlib.suppress(MigSGXError):
                 kill_tree(pid)
         raise
-    # Every enclave verified its state: from here on they run (each claims its id once).
-    socks = [enclave.activate() for enclave in incoming]
-    # The app answers only once it runs; its ECALL callers wait for the attach.
-    continue_tree(pid)
-    if socks:
-        link = AppLink.find(pid)
-        if link is None:
-            raise MigSGXError(f"the restored process {pid} has no migration control to attach to")
-        link.attach(socks, [e.info for e in incoming if e.info is not None])
+    infos = [e.info for e in incoming if e.info is not None]
+    # From the activation on, the enclaves hold the only copy and need their
+    # application: a guardian holding their connections finishes the restore
+    # (activate, continue, attach) if this tool dies before the attach.
+    guardian = _restore_guardian(pid, incoming, infos) if incoming else None
+    try:
+        if guardian is not None:
+            guardian.note("activating")
+        # Every enclave verified its state: from here on they run (each claims its id once).
+        socks = [enclave.activate() for enclave in incoming]
+        _fault("restore.activated", pid, [])
+        # The app answers only once it runs; its ECALL callers wait for the attach.
+        continue_tree(pid)
+        if socks:
+            link = AppLink.find(pid)
+            if link is None:
+                raise MigSGXError(
+                    f"the restored process {pid} has no migration control to attach to"
+                )
+            link.attach(socks, infos)
+    finally:
+        if guardian is not None:
+            guardian.release()  # (this tool lives: it ends the restore itself, either way)
     with contextlib.suppress(OSError):
         (directory / HELD).unlink()
     return pid
+
+
+def _restore_guardian(pid: int, incoming: list[CheckpointIn], infos: list[EnclaveInfo]) -> Guardian:
+    socks = [e.link.sock for e in incoming if e.link is not None]
+    packed = bytes(cbor2.dumps([info_to_wire(i) for i in infos])).hex()
+    return Guardian(pid, "-", socks, ["--restore-pid", str(pid), "--infos", packed])
 
 
 def _start_time(pid: int) -> str:

@@ -44,6 +44,7 @@ POINTS: Final = frozenset(
         "ckpt.after-commit",  # checkpoint: every enclave gave its state up
         "restore.held",  # restore: enclaves loaded (not running), CRIU restored the tree held
         "restore.loaded",  # restore: the same step, right before the activation
+        "restore.activated",  # restore: the enclaves activated, the tree not running, not attached
         "tool.before-dump",  # the enclaves stream, CRIU has not started
         "tool.before-commit",
         "tool.after-commit",
