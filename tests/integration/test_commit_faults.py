@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -406,7 +407,119 @@ def test_source_side_party_killed(
             )
 
 
+@pytest.mark.parametrize(
+    "cell, fault",
+    [
+        ("token in flight x data connection stall", "tool.before-token:stall"),
+        ("token in flight x corrupted byte", "tool.before-token:corrupt"),
+    ],
+)
+def test_data_connection_fault_after_loaded(
+    bed: Testbed,
+    agent: AgentProcess,
+    figures: dict[str, dict[str, object]],
+    cell: str,
+    fault: str,
+) -> None:
+    """The token does not arrive as sent (no process dies): it goes again over TLS."""
+
+    app, digest = loaded_app(bed)
+    t0 = time.monotonic()
+    try:
+        run = migrate_with(bed, app, agent, fault)
+    finally:
+        _heal(bed, "src")
+    assert run.returncode == EXIT_OK, run.stderr
+    assert "Traceback" not in run.stderr
+    figures[cell] = {"outcome": "moved", "exit": run.returncode,
+                     "seconds": round(time.monotonic() - t0, 3)}  # fmt: skip
+    wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+    only_copy(bed, app, "dst", digest)
+
+
+def _heal(bed: Testbed, host: str) -> None:
+    """Remove the DROP rules a ``stall`` fault put into this test host's firewall."""
+
+    listed = subprocess.run(
+        bed.host(host).command(["iptables", "-S"]), capture_output=True, text=True, timeout=10
+    )
+    for line in listed.stdout.splitlines():
+        parts = line.split()
+        if parts[:1] == ["-A"] and parts[-2:] == ["-j", "DROP"]:
+            subprocess.run(
+                bed.host(host).command(["iptables", "-D", *parts[1:]]),
+                capture_output=True, timeout=10,
+            )  # fmt: skip
+
+
 def test_recover_is_idempotent_with_nothing_in_doubt(bed: Testbed) -> None:
     first, second = recover(bed), recover(bed)
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert "Traceback" not in first.stderr + second.stderr
+
+
+# --- the windows that remain (docs/spec/commit.md, section 5) -----------------------------------
+@pytest.mark.parametrize(
+    "cell, fault, window",
+    [
+        ("activate x kill -9 destination enclave", "agent.after-claim:kill-enclave", "W3"),
+        ("activate x kill -9 destination agent", "agent.after-claim:kill", "W3"),
+        ("resume x kill -9 destination enclave", "agent.before-resume:kill-enclave", "W3"),
+        ("resume x kill -9 destination agent", "agent.before-resume:kill", "W3"),
+        ("decision written x kill -9 destination agent", "agent.before-claim:kill", "W2"),
+    ],
+)
+def test_the_copy_that_runs_dies(
+    bed: Testbed, figures: dict[str, dict[str, object]], cell: str, fault: str, window: str
+) -> None:
+    """The process holding the only runnable copy dies: lost as in a crash, never twice.
+
+    W3: the destination enclave claimed the id and runs (or its agent, holding its
+    connection, dies).  W2 with the agent: the loaded copy ends with the agent's
+    connections and the held tree is left unowned.  Either way the source never
+    runs again (the decision stands), and no copy runs with the state: what runs
+    on the destination, if anything, runs without its enclave.  Placed last: the
+    source's guardian stays, in doubt, until it is stopped here.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": fault})
+    app, _digest = loaded_app(bed)
+    t0 = time.monotonic()
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert "Traceback" not in run.stderr
+        assert run.returncode in (EXIT_OK, EXIT_IN_DOUBT), run.stderr
+        if run.returncode == EXIT_IN_DOUBT:
+            assert "migsgx recover" in run.stderr
+        seconds = round(time.monotonic() - t0, 3)
+        wait_for(lambda: bed.runnable_copies(app)["src"] == 0, 20, "the source to stay stopped")
+        copies = bed.runnable_copies(app)
+        assert copies["src"] == 0 and copies["dst"] <= 1
+        if copies["dst"]:
+            assert ask(bed, app, "dst", "DIGEST").startswith("ERR")  # its enclave is gone
+        outcome = (
+            "lost (W3: the process with the only runnable copy died)"
+            if window == "W3"
+            else "not runnable (W2, agent: the frozen committed source enclave holds the state)"
+        )
+        figures[cell] = {"outcome": outcome, "exit": run.returncode, "seconds": seconds}
+    finally:
+        doomed.stop()
+        _stop_guardian_of(app.pid)
+        for procs in bed.copies(app).values():
+            for pid, _ in procs:
+                kill_tree(pid)
+
+
+def _stop_guardian_of(app_pid: int) -> None:
+    """The guardian a migration of ``app_pid`` left in doubt (started by this test's tool)."""
+
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"migsgx.agent.guardian" in argv and str(app_pid).encode() in argv:
+            kill_tree(int(entry.name))

@@ -38,6 +38,7 @@ POINTS: Final = frozenset(
         "agent.after-restore",
         "agent.before-resume",  # the tool's resume arrived (the tokens went before it)
         "agent.before-claim",  # the first decision frame reached an enclave (window W2)
+        "agent.after-claim",  # an enclave claimed the id and runs, the tree not resumed (W3)
         "tool.after-prepare",
         "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced

@@ -757,7 +757,7 @@ class IncomingMigration:
                 enclave.loaded.set()
             try:
                 enclave.ecall_sock = enclave.engine.wait_commit(
-                    timeout=None, before_claim=self._before_claim
+                    timeout=None, before_claim=self._before_claim, after_claim=self._after_claim
                 )
             except BaseException as exc:
                 enclave.commit_error = exc
@@ -770,6 +770,11 @@ class IncomingMigration:
         if not self._claim_fault_done:
             self._claim_fault_done = True
             _inject(fault("agent.before-claim"), self)
+
+    def _after_claim(self) -> None:
+        """Fault injection at W3: an enclave claimed the id and runs, not yet attached."""
+
+        _inject(fault("agent.after-claim"), self)
 
     def _close_files(self) -> int:
         count = len(self._files)

@@ -34,6 +34,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -453,9 +454,7 @@ class _Migration:
             for transfer in self.transfers:
                 try:
                     assert transfer.outgoing is not None
-                    if fault("tool.before-token") == "drop" and transfer.peer is not None:
-                        transfer.peer.shutdown(socket.SHUT_RDWR)  # a network fault, no crash
-                    transfer.outgoing.deliver()
+                    transfer.outgoing.deliver(_token_fault(transfer, fault("tool.before-token")))
                 except MigSGXError as exc:
                     log.warning("enclave %d: %s", transfer.handed.index, exc)
                     self._redeliver(transfer)
@@ -661,6 +660,31 @@ class _Migration:
             for proc, phases in s.get("timeline", {}).items():
                 spans[f"enclave{i}.{proc}"] = phases
         return {"origin": t["start"], "spans": spans}
+
+
+def _token_fault(transfer: _Transfer, action: str | None) -> bytes | None:
+    """Fault injection on the data connection right before a token goes (a network
+    fault, no process dies): ``drop`` shuts it down, ``stall`` has this host's
+    firewall drop its packets both ways from now on, ``corrupt`` flips one bit of
+    the token sent (returned: what to send instead)."""
+
+    peer, token = transfer.peer, transfer.outgoing.token if transfer.outgoing else None
+    if peer is None or token is None or action is None:
+        return None
+    if action == "drop":
+        peer.shutdown(socket.SHUT_RDWR)
+    elif action == "stall":
+        port = str(peer.getsockname()[1])
+        for chain, side in (("OUTPUT", "--sport"), ("INPUT", "--dport")):
+            subprocess.run(
+                ["iptables", "-I", chain, "-p", "tcp", side, port, "-j", "DROP"],
+                check=True, capture_output=True, timeout=10,
+            )  # fmt: skip
+    elif action == "corrupt":
+        damaged = bytearray(token)
+        damaged[len(damaged) // 2] ^= 0x01
+        return bytes(damaged)
+    return None
 
 
 def _alive(pid: int) -> bool:

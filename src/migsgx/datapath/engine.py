@@ -231,7 +231,7 @@ RING_TIMEOUT = 120.0
 #: The bound on ``active`` after a token went on the data connection; the
 #: destination judges a token in milliseconds, and the token goes again by the
 #: agents' TLS channel anyway.
-DELIVER_TIMEOUT = 10.0
+DELIVER_TIMEOUT = 3.0
 
 
 class OutgoingEnclave:
@@ -404,20 +404,25 @@ class OutgoingEnclave:
         self.token = token
         return token
 
-    def deliver(self) -> None:
+    def deliver(self, frame: bytes | None = None) -> None:
         """Carry the token over the data connection and wait for ``active``.
 
         Raises :class:`InDoubtError` if that fails: the decision stands, and the
-        token goes again by another way (the agents' TLS channel).
+        token goes again by another way (the agents' TLS channel).  ``frame``
+        replaces the token (fault injection: a token damaged on the way).
         """
 
         if self.token is None or self.peer is None:
             raise MigrationError("nothing was committed")
         try:
             self.peer.settimeout(DELIVER_TIMEOUT)
-            _send(self.peer, {"t": "commit", "token": self.token})
-            while _recv(self.peer, "active", "loaded")["t"] != "active":
-                pass  # a LOADED delivered twice changes nothing now: the decision is made
+            _send(self.peer, {"t": "commit", "token": self.token if frame is None else frame})
+            while (kind := _recv(self.peer, "active", "loaded", "rejected")["t"]) != "active":
+                if kind == "rejected":
+                    # Damaged on the way (or a forged answer): either way the token
+                    # goes again, now by the agents' TLS channel.
+                    raise InDoubtError("the destination enclave did not accept the token as sent")
+                # a LOADED delivered twice changes nothing now: the decision is made
         except (MigSGXError, OSError) as exc:
             raise InDoubtError(f"the COMMIT token did not reach the destination: {exc}") from exc
 
@@ -586,7 +591,10 @@ class IncomingEnclave:
         return rounds
 
     def wait_commit(
-        self, timeout: float | None = None, before_claim: Callable[[], None] | None = None
+        self,
+        timeout: float | None = None,
+        before_claim: Callable[[], None] | None = None,
+        after_claim: Callable[[], None] | None = None,
     ) -> socket.socket:
         """Wait for the source's decision; on COMMIT the enclave runs: return its connection.
 
@@ -629,6 +637,8 @@ class IncomingEnclave:
                 raise
             except (CommitError, FrameError) as exc:
                 self.rejected.append(exc)  # not from the source: nothing changed
+                with contextlib.suppress(MigSGXError, OSError):
+                    _send(self.peer, {"t": "rejected"})  # a hint: deliver it again
                 continue
             except ReplayError:
                 self.decided = True
@@ -642,6 +652,8 @@ class IncomingEnclave:
                 self._abort_quietly("the source aborted")
                 raise MigrationError("the source aborted") from exc
             self.decided = True
+            if after_claim is not None:
+                after_claim()  # (fault injection: window W3)
             with contextlib.suppress(MigSGXError, OSError):
                 _send(self.peer, {"t": "active"})
             return self.link.sock
