@@ -20,9 +20,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cbor2
 import pytest
 
 from migsgx.criu import Criu
+from migsgx.enclave.persistent import RESERVED
 from migsgx.lab.hosts import start_service
 from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
 from migsgx.system.process import kill_tree, process_state
@@ -169,6 +171,48 @@ def test_destination_lost_after_loaded(
             bed.services["dst"] = start_service(
                 bed.state("dst"), prefix=bed.host("dst").command([])
             )
+
+
+def test_reservation_of_a_dead_destination_enclave_is_released(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """The destination enclave reserved the persistent state's name, then died.
+
+    The migration aborts (the source runs on); the agent releases the name that
+    enclave reserved, so the next migration of the same state is not refused.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.after-restore:kill-enclave"})
+    app, _ = loaded_app(bed)
+    name = f"kv-{app.marker}"[:60]
+    assert ask(bed, app, "src", f"PERSIST {name}") == "OK 1"
+    digest = ask(bed, app, "src", "DIGEST")
+    t0 = time.monotonic()
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert run.returncode == EXIT_MOVED_NOT, run.stderr
+    finally:
+        doomed.stop()
+    source_answers(bed, app, digest)
+    assert _reserved(bed, "dst", name) == []
+    again = migrate_with(bed, app, agent, "")
+    assert again.returncode == EXIT_OK, again.stderr
+    figures["restore held x kill -9 destination enclave, persistent state"] = {
+        "outcome": "stayed, the name released; the next migration moved",
+        "exit": run.returncode, "seconds": round(time.monotonic() - t0, 3),
+    }  # fmt: skip
+    wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+    only_copy(bed, app, "dst", digest)
+
+
+def _reserved(bed: Testbed, host: str, name: str) -> list[bytes]:
+    """The reservation records of ``name`` in a host's platform store."""
+
+    data = cbor2.loads((bed.state(host) / "counters.cbor").read_bytes())
+    return [
+        r["blob"] for k, r in data.get("records", {}).items()
+        if k.endswith("/" + name) and r["blob"].startswith(RESERVED)
+    ]  # fmt: skip
 
 
 def test_control_connection_stalls_with_the_tree_held(

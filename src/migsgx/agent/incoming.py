@@ -55,6 +55,7 @@ from .protocol import (
     check_image_name,
     plain_stats,
 )
+from .reservations import release_reservations
 
 __all__ = ["IncomingMigration"]
 
@@ -435,6 +436,12 @@ class IncomingMigration:
         claims = CounterStore(store)
         if mids and all(isinstance(m, bytes) and claims.claimed_by_any(m) for m in mids):
             return {"t": "delivered", "outcome": "resumed", "pid": 0}
+        # No session of this agent holds these arrivals: a name their dead enclaves
+        # reserved must not refuse later arrivals.
+        live = self.agent.live_arrivals()
+        unclaimed = [m for m in mids if isinstance(m, bytes) and not claims.claimed_by_any(m)]
+        with contextlib.suppress(MigSGXError, OSError):
+            release_reservations(self.config.state, [m for m in unclaimed if m not in live])
         return {"t": "delivered", "outcome": "unknown", "pid": 0}
 
     # --- decisions delivered again ---------------------------------------------------------
@@ -536,6 +543,11 @@ class IncomingMigration:
             except MigSGXError as exc:
                 raise AgentError(f"enclave {enclave.index} is gone: {exc}") from exc
 
+    def arrivals(self) -> set[bytes]:
+        """The migration ids this session's enclaves loaded (or are loading)."""
+
+        return {e.engine.migration_id for e in self.enclaves if e.engine is not None} - {b""}
+
     def enclave_pids(self) -> list[int]:
         return [int(getattr(getattr(e.engine, "info", None), "pid", 0)) for e in self.enclaves]
 
@@ -606,6 +618,10 @@ class IncomingMigration:
             if enclave.engine is not None:
                 with contextlib.suppress(Exception):
                     enclave.engine.abort()
+        # An enclave that died after LOADED could not release the name it reserved.
+        mids = [e.engine.migration_id for e in self.enclaves if e.engine is not None]
+        with contextlib.suppress(MigSGXError, OSError):
+            release_reservations(self.config.state, mids)
 
     def _cleanup(self) -> None:
         with self._lock:

@@ -464,6 +464,8 @@ class IncomingEnclave:
         self.rejected: list[MigSGXError] = []
         #: Set before LOADED leaves: from then on this may be the only copy.
         self.awaiting = False
+        #: The migration id, once the handshake completed (names its reservation here).
+        self.migration_id = b""
         self.decided = False
         self._inbox: queue.Queue[bytes | None] = queue.Queue()
         #: Whether the destination enclave faults its memory in beside the load.
@@ -503,6 +505,7 @@ class IncomingEnclave:
                     _send(peer, {"t": "hs", "data": reply["send"]})
                 if reply["done"]:
                     break
+            self.migration_id = bytes(reply.get("migration_id") or b"")
             t_hs = time.monotonic()
             chunk = offer["chunk_size"]
             if offer["mode"] == "live":
