@@ -173,6 +173,47 @@ def test_destination_lost_after_loaded(
             )
 
 
+def test_destination_platform_killed_before_the_claim_is_resolved_by_recover(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """Window W2: the loaded copy lives but cannot claim (its platform service died).
+
+    The tool ends in doubt with both trees stopped; the agent holds the session.
+    Once the service is back (and has taken the enclave back), one ``migsgx
+    recover`` (or the guardian, retrying) delivers the recorded token again.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill-platform"})
+    app, digest = loaded_app(bed)
+    t0 = time.monotonic()
+    restarted = False
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert "migsgx recover" in run.stderr and "Traceback" not in run.stderr
+        assert bed.runnable_copies(app) == {"src": 0, "dst": 0}  # nothing runs twice
+        _restart_platform(bed, "dst")
+        restarted = True
+        again = recover(bed)
+        assert again.returncode == 0, again.stdout + again.stderr
+        wait_for(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
+        wait_for(lambda: process_state(app.pid) in ("", "Z"), 30, "the source to go")
+        figures["decision written x kill -9 destination platform service"] = {
+            "outcome": "moved after one recover", "exit": run.returncode,
+            "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
+        only_copy(bed, app, "dst", digest)
+    finally:
+        doomed.stop()
+        if not restarted:
+            _restart_platform(bed, "dst")
+
+
+def _restart_platform(bed: Testbed, host: str) -> None:
+    bed.services[host].stop()
+    bed.services[host] = start_service(bed.state(host), prefix=bed.host(host).command([]))
+
+
 def test_reservation_of_a_dead_destination_enclave_is_released(
     bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
 ) -> None:

@@ -365,6 +365,7 @@ class IncomingMigration:
         t0 = time.monotonic()
         _inject(fault("agent.before-resume"), self)
         self._pass_on(msg.get("tokens"))
+        self._wait_judged(self.config.io_timeout)
         attach_seconds = self._resume_tree(self.config.io_timeout)
         self._cleanup()
         assert self.root is not None
@@ -412,6 +413,22 @@ class IncomingMigration:
             name="migsgx-agent-data", daemon=True,
         ).start()  # fmt: skip
         return {"t": "redelivery", "data_port": listener.getsockname()[1]}
+
+    def _wait_judged(self, seconds: float) -> None:
+        """Until every enclave decided; an error at once if the undecided ones wait for
+        their platform service (the session is then held in doubt: ``abort`` holds it)."""
+
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            waiting = [e for e in self.enclaves if not e.decided.is_set()]
+            if not waiting:
+                return
+            if all(e.engine is not None and e.engine.platform_blocked for e in waiting):
+                raise AgentError(
+                    "the platform service of this host is gone: the loaded copies cannot "
+                    "claim their migration; held in doubt until it is back (migsgx recover)"
+                )
+            time.sleep(0.02)
 
     def _abort_request(self, msg: dict[str, Any]) -> Reply:
         log.info("migration %s: aborted by the tool (%s)", self.tag, msg["reason"][:200])

@@ -466,6 +466,9 @@ class IncomingEnclave:
         self.awaiting = False
         #: The migration id, once the handshake completed (names its reservation here).
         self.migration_id = b""
+        #: A decision could not be judged: the enclave lives but its platform service
+        #: does not (it waits on, in doubt, for the service and a delivery).
+        self.platform_blocked = False
         self.decided = False
         self._inbox: queue.Queue[bytes | None] = queue.Queue()
         #: Whether the destination enclave faults its memory in beside the load.
@@ -633,7 +636,14 @@ class IncomingEnclave:
                 raise MigrationError("the destination enclave is gone")
             try:
                 self.link.call("__mig_commit_in", frame)
-            except EnclaveLostError:
+            except EnclaveLostError as exc:
+                if self._answers():
+                    # The enclave lives, its platform service does not (the claim
+                    # needs it): the copy waits on; a later delivery may find the
+                    # service back, and the enclave re-attaches to it.
+                    self.platform_blocked = True
+                    self.rejected.append(exc)
+                    continue
                 # This copy is gone: tell the source side at once (no "active" will come).
                 with contextlib.suppress(OSError):
                     self.peer.shutdown(socket.SHUT_RDWR)
@@ -660,6 +670,15 @@ class IncomingEnclave:
             with contextlib.suppress(MigSGXError, OSError):
                 _send(self.peer, {"t": "active"})
             return self.link.sock
+
+    def _answers(self) -> bool:
+        if self.link is None:
+            return False
+        try:
+            self.link.call("__mig_status")
+        except MigSGXError:
+            return False
+        return True
 
     def deliver(self, frame: bytes) -> None:
         """A decision frame from elsewhere (re-delivered): judged like one from the peer."""
