@@ -482,7 +482,9 @@ class IncomingMigration:
 
         self._pass_on(frames)
         deadline = time.monotonic() + DELIVER_WAIT
-        if self._wait_decided(DELIVER_WAIT):
+        with contextlib.suppress(AgentError):  # (its platform service is gone: "waiting")
+            self._wait_judged(DELIVER_WAIT)
+        if all(e.decided.is_set() for e in self.enclaves):
             self.settled.wait(max(0.0, deadline - time.monotonic()))
         return {"outcome": self.decided_outcome or "waiting", "pid": self.root or 0}
 

@@ -683,6 +683,7 @@ class IncomingEnclave:
     def deliver(self, frame: bytes) -> None:
         """A decision frame from elsewhere (re-delivered): judged like one from the peer."""
 
+        self.platform_blocked = False  # until this one, too, could not be judged
         self._inbox.put(bytes(frame))
 
     def _read_peer(self, peer: socket.socket) -> None:
