@@ -29,12 +29,13 @@ from state_helpers import (  # noqa: E402
     wait_gone,
 )
 
-from migsgx.datapath.engine import IncomingEnclave  # noqa: E402
+from migsgx.datapath.engine import EnclaveLink, IncomingEnclave  # noqa: E402
 from migsgx.errors import (  # noqa: E402
     CommittedError,
     EnclaveBusyError,
     EnclaveLostError,
     InDoubtError,
+    ProtocolError,
 )
 
 pytest_plugins = ["state_helpers"]
@@ -111,3 +112,25 @@ def test_committed_source_delivers_again_to_the_same_host_once(
 
 def _connect(addr: tuple[str, int]) -> socket.socket:
     return socket.create_connection(addr, timeout=10)
+
+
+def test_only_a_committed_source_delivers_again(world: World, launch: Launcher) -> None:
+    """An enclave that runs (or aborted its migration) has no state to hand out again."""
+
+    client = launch("kvstore")
+    fill_kvstore(client, count=4)
+    link = EnclaveLink(client.detach())
+    with pytest.raises(ProtocolError):
+        link.call("__mig_redeliver_start")
+    client.reattach(link.sock)
+    digest = client.ecall.digest()
+
+    with migration_pair(world, "b") as (dest, _, addr):
+        run = start_transfer(client, addr)  # LOADED, not decided
+        assert run.error is None, run.error
+        launch.track(dest.pid)
+        with pytest.raises(ProtocolError):
+            run.out.link.call("__mig_redeliver_start")
+        run.resume("the test gives up")
+        dest.join()
+    assert client.ecall.digest() == digest  # the source runs on, unchanged

@@ -232,6 +232,8 @@ RING_TIMEOUT = 120.0
 #: destination judges a token in milliseconds, and the token goes again by the
 #: agents' TLS channel anyway.
 DELIVER_TIMEOUT = 3.0
+#: How long ``active`` may still come after the destination said ``rejected``.
+REJECTED_GRACE = 0.5
 
 
 class OutgoingEnclave:
@@ -419,9 +421,10 @@ class OutgoingEnclave:
             _send(self.peer, {"t": "commit", "token": self.token if frame is None else frame})
             while (kind := _recv(self.peer, "active", "loaded", "rejected")["t"]) != "active":
                 if kind == "rejected":
-                    # Damaged on the way (or a forged answer): either way the token
-                    # goes again, now by the agents' TLS channel.
-                    raise InDoubtError("the destination enclave did not accept the token as sent")
+                    # A frame was not authentic: this token, damaged on the way, or one
+                    # forged beside it (then ``active`` follows at once).  Not waiting
+                    # long: the token goes again by the agents' TLS channel anyway.
+                    self.peer.settimeout(REJECTED_GRACE)
                 # a LOADED delivered twice changes nothing now: the decision is made
         except (MigSGXError, OSError) as exc:
             raise InDoubtError(f"the COMMIT token did not reach the destination: {exc}") from exc
