@@ -16,6 +16,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,6 +208,42 @@ def test_destination_platform_killed_before_the_claim_is_resolved_by_recover(
         doomed.stop()
         if not restarted:
             _restart_platform(bed, "dst")
+
+
+def test_destination_platform_restarted_before_the_claim(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """Window W2: the service is back within the loaded copy's reattach wait: moved, exit 0."""
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill-platform"})
+    app, digest = loaded_app(bed)
+    t0 = time.monotonic()
+    result: list[MigrateRun] = []
+    mover = threading.Thread(target=lambda: result.append(bed.migrate(app.pid, doomed)))
+    mover.start()
+    try:
+        wait_for(lambda: "before-claim:kill-platform" in doomed.log.read_text(errors="replace"),
+                 60, "the fault")  # fmt: skip
+        _restart_platform(bed, "dst")
+        mover.join(120)
+        assert result, "the migration did not end"
+        run = result[0]
+        assert "Traceback" not in run.stderr
+        if run.returncode == EXIT_IN_DOUBT:
+            # Not back within the copy's wait (a loaded machine): as in the cell above.
+            again = recover(bed)
+            assert again.returncode == 0, again.stdout + again.stderr
+        else:
+            assert run.returncode == EXIT_OK, run.stderr
+        figures["decision written x destination platform service restarted"] = {
+            "outcome": "moved", "exit": run.returncode,
+            "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
+        wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+        only_copy(bed, app, "dst", digest)
+    finally:
+        mover.join(120)
+        doomed.stop()
 
 
 def _restart_platform(bed: Testbed, host: str) -> None:
