@@ -618,6 +618,7 @@ class Migrator:
             checkpoints.destroy(self.instance, self.checkpoint)
         self._reset()
         if was_source:
+            self._dumped_parts = None  # (kept only for a re-delivery after a commit)
             self.persistent.thaw()
             self.instance.resume()
         elif was_destination:
