@@ -31,7 +31,6 @@ from ..criu import Criu, InNetns, InTaskNamespaces
 from ..datapath.checkpoint import CheckpointIn, CheckpointOut
 from ..errors import CheckpointDamagedError, ConfigError, CriuError, MigSGXError
 from ..host.appctl import info_to_wire
-from ..host.client import EnclaveInfo
 from ..system.process import (
     continue_tree,
     is_pidns_init,
@@ -261,12 +260,18 @@ def restore(
     # gate) before CRIU restores anything.
     incoming: list[CheckpointIn] = []
     pid = 0
+    guardian: Guardian | None = None
     try:
         for i in range(count):
             assert platform_socket is not None
             enclave = CheckpointIn(directory, i, platform_socket)
             incoming.append(enclave)
             enclave.load()
+        # From the activation on, the enclaves hold the only copy and need their
+        # application: a guardian holding their connections finishes the restore
+        # (activate, continue, attach) if this tool dies before the attach.  It
+        # starts now, so that its start overlaps CRIU's restore.
+        guardian = _restore_guardian(incoming) if incoming else None
         pid = criu.restore(
             directory,
             restore_detached=True,
@@ -288,6 +293,8 @@ def restore(
         except MigSGXError as exc:
             raise CriuError(f"the restored tree ended before it ran: {exc}") from exc
     except BaseException:
+        if guardian is not None:
+            guardian.release()  # nothing was activated: it lets go
         for enclave in incoming:
             enclave.discard()
         if pid:
@@ -295,12 +302,9 @@ def restore(
                 kill_tree(pid)
         raise
     infos = [e.info for e in incoming if e.info is not None]
-    # From the activation on, the enclaves hold the only copy and need their
-    # application: a guardian holding their connections finishes the restore
-    # (activate, continue, attach) if this tool dies before the attach.
-    guardian = _restore_guardian(pid, incoming, infos) if incoming else None
     try:
         if guardian is not None:
+            guardian.note(f"restored {pid}")
             guardian.note("activating")
         # Every enclave verified its state: from here on they run (each claims its id once).
         socks = [enclave.activate() for enclave in incoming]
@@ -322,10 +326,11 @@ def restore(
     return pid
 
 
-def _restore_guardian(pid: int, incoming: list[CheckpointIn], infos: list[EnclaveInfo]) -> Guardian:
+def _restore_guardian(incoming: list[CheckpointIn]) -> Guardian:
     socks = [e.link.sock for e in incoming if e.link is not None]
+    infos = [e.info for e in incoming if e.info is not None]
     packed = bytes(cbor2.dumps([info_to_wire(i) for i in infos])).hex()
-    return Guardian(pid, "-", socks, ["--restore-pid", str(pid), "--infos", packed])
+    return Guardian(0, "-", socks, ["--restore", "--infos", packed])
 
 
 def _start_time(pid: int) -> str:

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--app-pid", type=int, required=True)
     parser.add_argument("--app-name", required=True)
     parser.add_argument("--fds", default="")
-    parser.add_argument("--restore-pid", type=int, default=0)
+    parser.add_argument("--restore", action="store_true")
     parser.add_argument("--infos", default="")
     args = parser.parse_args(argv)
     socks = [socket.socket(fileno=int(fd)) for fd in args.fds.split(",") if fd]
@@ -202,10 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(line.strip())
     if "done" in notes:
         return 0
-    if args.restore_pid:
-        if "activating" not in notes:
+    if args.restore:
+        restored = [int(n.split()[1]) for n in notes if n.startswith("restored ")]
+        if "activating" not in notes or not restored:
             return 0  # nothing ran: the loaded enclaves end, the next restore starts over
-        return _finish_restore(args.restore_pid, socks, bytes.fromhex(args.infos))
+        return _finish_restore(restored[0], socks, bytes.fromhex(args.infos))
     if "in-doubt" in notes:
         # The tool ended in doubt: keep the source enclaves and carry the decision.
         for path in [n.partition(" ")[2] for n in notes if n.startswith("journal ")]:
