@@ -153,6 +153,9 @@ class App:
             return f"OK {n}"
         if cmd == "DIGEST":
             return "DIGEST " + ",".join(c.ecall.digest() for c in self.clients)
+        if cmd == "PERSIST" and len(parts) == 2:
+            # The first enclave opens (or creates) its persistent state: it moves with it.
+            return f"OK {int(self.clients[0].ecall.open_persistent(parts[1]))}"
         if cmd == "NOTE" and len(parts) == 3:
             with self.lock:
                 self.notes[parts[1]] = parts[2]

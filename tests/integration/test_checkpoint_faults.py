@@ -177,6 +177,19 @@ def test_restore_tool_killed_with_the_enclaves_loaded(case: Case) -> None:
     case.one_copy_with_every_write()
 
 
+def test_restore_tool_killed_after_the_activation(case: Case) -> None:
+    """The enclaves run, the tree neither continued nor attached: the guardian finishes."""
+
+    completed(case)
+    first = case.restore({"MIGSGX_FAULT": "restore.activated:exit"})
+    assert first.returncode == 70
+    case.one_copy_with_every_write()  # continued and attached by the restore's guardian
+    again = case.restore()  # the checkpoint was consumed: refused, nothing else changes
+    assert again.returncode != 0 and "Traceback" not in again.stderr, again.stderr
+    assert case.bed.runnable_copies(case.app)["src"] == 1
+    assert ask(case.bed, case.app, "DIGEST") == case.digest
+
+
 def test_restored_application_killed_while_held(case: Case) -> None:
     completed(case)
     first = case.restore({"MIGSGX_FAULT": "restore.loaded:kill-source"})

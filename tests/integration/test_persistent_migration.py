@@ -30,6 +30,7 @@ from state_helpers import (  # noqa: E402
     wait_gone,
 )
 
+from migsgx.agent.reservations import release_reservations  # noqa: E402
 from migsgx.datapath.checkpoint import CheckpointOut, restore_enclave  # noqa: E402
 from migsgx.enclave.persistent import (  # noqa: E402
     RESERVED,
@@ -203,6 +204,39 @@ def test_destination_crash_before_commit_leaves_the_source_intact(
     assert name in record_names(world, "a")
     # b keeps the name reserved for that arrival (no state), until it is resolved.
     assert reserved_on(world, "b", name)
+
+
+def test_a_reservation_left_by_a_dead_destination_is_released(
+    world: World, launch: Launcher, pstore: str, name: str
+) -> None:
+    """The destination enclave died after LOADED (the migration aborted): its name goes.
+
+    What the destination agent does for arrivals none of its sessions holds
+    (``migsgx.agent.reservations``); then the same state migrates there again.
+    """
+
+    client = launch(pstore)
+    client.ecall.open(name)
+    client.ecall.create("c", 6)
+    with migration_pair(world) as (dest, _, addr):
+        run = start_transfer(client, addr)
+        assert run.error is None, run.error
+        assert dest.pid is not None
+        launch.track(dest.pid)
+        kill_quietly(dest.pid)  # loaded, not committed: the reservation stays
+        assert wait_gone(dest.pid)
+        run.resume("the destination died")
+        dest.join()
+    assert reserved_on(world, "b", name)
+    arrival = run.out.migration_id
+    assert arrival is not None
+    assert release_reservations(host_state(world, "b"), [b"\x01" * 16]) == []  # another id
+    assert reserved_on(world, "b", name)
+    assert release_reservations(host_state(world, "b"), [arrival]) == [name]
+    assert name not in record_names(world, "b")
+    migrate(world, launch, client, "b")  # a later arrival of the name is not refused
+    assert client.ecall.read("c") == 6
+    assert name in record_names(world, "b") and not reserved_on(world, "b", name)
 
 
 # --- restarts and checkpoints -------------------------------------------------------------

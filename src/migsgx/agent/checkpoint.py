@@ -26,9 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import cbor2
+
 from ..criu import Criu, InNetns, InTaskNamespaces
 from ..datapath.checkpoint import CheckpointIn, CheckpointOut
 from ..errors import CheckpointDamagedError, ConfigError, CriuError, MigSGXError
+from ..host.appctl import info_to_wire
 from ..host.client import platform_socket as default_platform_socket
 from ..system.process import (
     continue_tree,
@@ -284,6 +287,7 @@ def restore(
     # gate) before CRIU restores anything.
     incoming: list[CheckpointIn] = []
     pid = 0
+    guardian: Guardian | None = None
     try:
         for i in range(count):
             assert platform_socket is not None
@@ -292,6 +296,11 @@ def restore(
             enclave = CheckpointIn(directory, i, platform_socket, meta_digest)
             incoming.append(enclave)
             enclave.load()
+        # From the activation on, the enclaves hold the only copy and need their
+        # application: a guardian holding their connections finishes the restore
+        # (activate, continue, attach) if this tool dies before the attach.  It
+        # starts now, so that its start overlaps CRIU's restore.
+        guardian = _restore_guardian(incoming) if incoming else None
         pid = criu.restore(
             directory,
             restore_detached=True,
@@ -313,47 +322,67 @@ def restore(
         except MigSGXError as exc:
             raise CriuError(f"the restored tree ended before it ran: {exc}") from exc
     except BaseException:
+        if guardian is not None:
+            guardian.release()  # nothing was activated: it lets go
         for enclave in incoming:
             enclave.discard()
         if pid:
             with contextlib.suppress(MigSGXError):
                 kill_tree(pid)
         raise
+    infos = [e.info for e in incoming if e.info is not None]
     # Every enclave verified its state: from here on they run (each claims its id once).
     # First the journal says so: a recover then knows who consumed the gates.
     write_journal(directory, "restoring")
-    socks: list[socket.socket] = []
     try:
-        for enclave in incoming:
-            socks.append(enclave.activate())
-    except BaseException as exc:
+        if guardian is not None:
+            guardian.note(f"restored {pid}")
+            guardian.note("activating")
+        socks: list[socket.socket] = []
+        try:
+            for enclave in incoming:
+                socks.append(enclave.activate())
+        except BaseException as exc:
+            if socks:
+                # Some enclaves claimed their checkpoints, this one did not: neither way
+                # is whole.  The tree stays held (stopped); an operator decides.
+                raise MigSGXError(
+                    f"only {len(socks)} of {len(incoming)} enclaves could be activated "
+                    f"({exc}); the restored tree {pid} is left stopped"
+                ) from exc
+            # Nothing was claimed (the platform service gone, say): every gate holds, so
+            # the held tree and the loaded enclaves go and the checkpoint restores later.
+            for enclave in incoming:
+                enclave.discard()
+            with contextlib.suppress(MigSGXError):
+                kill_tree(pid)
+            with contextlib.suppress(OSError):
+                (directory / HELD).unlink()
+            raise
+        _fault("restore.activated", pid, [])
+        # The app answers only once it runs; its ECALL callers wait for the attach.
+        continue_tree(pid)
         if socks:
-            # Some enclaves claimed their checkpoints, this one did not: neither way
-            # is whole.  The tree stays held (stopped); an operator decides.
-            raise MigSGXError(
-                f"only {len(socks)} of {len(incoming)} enclaves could be activated ({exc}); "
-                f"the restored tree {pid} is left stopped"
-            ) from exc
-        # Nothing was claimed (the platform service gone, say): every gate holds, so
-        # the held tree and the loaded enclaves go and the checkpoint restores later.
-        for enclave in incoming:
-            enclave.discard()
-        with contextlib.suppress(MigSGXError):
-            kill_tree(pid)
-        with contextlib.suppress(OSError):
-            (directory / HELD).unlink()
-        raise
-    # The app answers only once it runs; its ECALL callers wait for the attach.
-    continue_tree(pid)
-    if socks:
-        link = AppLink.find(pid)
-        if link is None:
-            raise MigSGXError(f"the restored process {pid} has no migration control to attach to")
-        link.attach(socks, [e.info for e in incoming if e.info is not None])
+            link = AppLink.find(pid)
+            if link is None:
+                raise MigSGXError(
+                    f"the restored process {pid} has no migration control to attach to"
+                )
+            link.attach(socks, infos)
+    finally:
+        if guardian is not None:
+            guardian.release()  # (this tool lives: it ends the restore itself, either way)
     with contextlib.suppress(OSError):
         (directory / HELD).unlink()
     write_journal(directory, "restored", restored_pid=pid)
     return pid
+
+
+def _restore_guardian(incoming: list[CheckpointIn]) -> Guardian:
+    socks = [e.link.sock for e in incoming if e.link is not None]
+    infos = [e.info for e in incoming if e.info is not None]
+    packed = bytes(cbor2.dumps([info_to_wire(i) for i in infos])).hex()
+    return Guardian(0, "-", socks, ["--restore", "--infos", packed])
 
 
 def _start_time(pid: int) -> str:

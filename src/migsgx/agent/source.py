@@ -34,6 +34,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -143,6 +144,7 @@ class _Migration:
         self.session_id = b""
         self.journal: Journal | None = None
         self.in_doubt = False
+        self.data_key = b""
         self._journal_lock = threading.Lock()
         #: A failed enclave stream stops CRIU's dump at once (the source runs again).
         self.cancel = DumpCancel()
@@ -192,6 +194,7 @@ class _Migration:
                 if begin is not None:
                     ready = control.call(begin, "ready")
                 assert ready is not None  # (live: the pre-copy's ``begin`` answered)
+                self.data_key = bytes(ready["data_key"])
                 # The enclaves stream while CRIU dumps the rest of the tree: the
                 # application holds no enclave connection (prepare), so neither
                 # waits for the other.  The post-dump step joins them.
@@ -483,11 +486,10 @@ class _Migration:
             for transfer in self.transfers:
                 try:
                     assert transfer.outgoing is not None
-                    if fault("tool.before-token") == "drop" and transfer.peer is not None:
-                        transfer.peer.shutdown(socket.SHUT_RDWR)  # a network fault, no crash
-                    transfer.outgoing.deliver()
+                    transfer.outgoing.deliver(_token_fault(transfer, fault("tool.before-token")))
                 except MigSGXError as exc:
                     log.warning("enclave %d: %s", transfer.handed.index, exc)
+                    self._redeliver(transfer)
             tokens = [(t.outgoing.token if t.outgoing else None) or b"" for t in self.transfers]
             try:
                 reply = self.control_call({"t": "resume", "tokens": tokens}, "resumed")
@@ -517,6 +519,35 @@ class _Migration:
                 self.resume_sent = False  # the destination refused, and killed what it held
                 raise
         self.stats["attach"] = float(reply["attach_seconds"])
+
+    def _redeliver(self, transfer: _Transfer) -> None:
+        """The token did not reach a copy: if that copy is gone, deliver the state again.
+
+        Window W2 (``docs/spec/commit.md``): the destination enclave died after
+        the decision, before it claimed the migration id.  The committed source
+        enclave still holds the state; the agent launches a fresh enclave and
+        the state goes again, attested and keyed anew, same migration id.  A
+        failure here changes nothing: ``resume`` then tells the outcome.
+        """
+
+        assert transfer.outgoing is not None
+        index = transfer.handed.index
+        try:
+            reply = self.control_call({"t": "redeliver", "index": index}, "redelivery")
+            port = int(reply["data_port"])
+            if not port:
+                return  # that copy still waits: the token goes again with ``resume``
+            peer = socket.create_connection((self.opts.to[0], port), timeout=CONNECT_TIMEOUT)
+            if transfer.peer is not None:
+                transfer.peer.close()
+            transfer.peer = peer
+            peer.settimeout(None)
+            open_data(peer, self.data_key, self.session_id, index)
+            transfer.outgoing.redeliver(peer)
+            self.stats["redelivered"] = int(self.stats.get("redelivered", 0)) + 1
+            log.warning("enclave %d: the state was delivered again to a fresh enclave", index)
+        except (MigSGXError, OSError) as exc:
+            log.warning("enclave %d: delivering the state again failed: %s", index, exc)
 
     def _inject(self, action: str | None) -> None:
         """Fault injection that kills another party of this host (the fault matrix)."""
@@ -661,6 +692,31 @@ class _Migration:
             for proc, phases in s.get("timeline", {}).items():
                 spans[f"enclave{i}.{proc}"] = phases
         return {"origin": t["start"], "spans": spans}
+
+
+def _token_fault(transfer: _Transfer, action: str | None) -> bytes | None:
+    """Fault injection on the data connection right before a token goes (a network
+    fault, no process dies): ``drop`` shuts it down, ``stall`` has this host's
+    firewall drop its packets both ways from now on, ``corrupt`` flips one bit of
+    the token sent (returned: what to send instead)."""
+
+    peer, token = transfer.peer, transfer.outgoing.token if transfer.outgoing else None
+    if peer is None or token is None or action is None:
+        return None
+    if action == "drop":
+        peer.shutdown(socket.SHUT_RDWR)
+    elif action == "stall":
+        port = str(peer.getsockname()[1])
+        for chain, side in (("OUTPUT", "--sport"), ("INPUT", "--dport")):
+            subprocess.run(
+                ["iptables", "-I", chain, "-p", "tcp", side, port, "-j", "DROP"],
+                check=True, capture_output=True, timeout=10,
+            )  # fmt: skip
+    elif action == "corrupt":
+        damaged = bytearray(token)
+        damaged[len(damaged) // 2] ^= 0x01
+        return bytes(damaged)
+    return None
 
 
 def _alive(pid: int) -> bool:

@@ -69,6 +69,8 @@ SCHEMA: Final = Schema(
         "loaded": {"frame": bytes, "stats": dict},
         "commit": {"token": bytes},
         "active": {},
+        # The destination enclave found a decision frame not authentic (it waits on).
+        "rejected": {},
         "abort": {"code": str, "message": str, "frame": bytes},
         # live mode (precopy.md, section 5): pre-copy rounds, then the final transfer
         "round": {"number": int},
@@ -150,6 +152,7 @@ TRANSITIONS: Final[Mapping[Role, Mapping[PeerState, Mapping[str, PeerState]]]] =
             "recv:loaded": _S.COMMITTED,  # delivered twice: the decision is made
             "send:commit": _S.COMMITTED,  # the token may be delivered again
             "recv:active": _S.ACTIVE,
+            "recv:rejected": _S.COMMITTED,  # a token damaged on the way: deliver it again
             "recv:abort": _S.FAILED,  # the destination's side gave up after the token
         },
         **_ENDS,
@@ -161,6 +164,7 @@ TRANSITIONS: Final[Mapping[Role, Mapping[PeerState, Mapping[str, PeerState]]]] =
             # decision changes nothing and the wait goes on.
             "recv:commit": _S.LOADED,
             "recv:abort": _S.LOADED,
+            "send:rejected": _S.LOADED,
             "send:active": _S.ACTIVE,
         },
         **_ENDS,

@@ -284,7 +284,9 @@ def _refusal(peer: socket.socket, cause: BaseException) -> None:
 #: The bound on ``active`` after a token went on the data connection; the
 #: destination judges a token in milliseconds, and the token goes again by the
 #: agents' TLS channel anyway.
-DELIVER_TIMEOUT = 10.0
+DELIVER_TIMEOUT = 3.0
+#: How long ``active`` may still come after the destination said ``rejected``.
+REJECTED_GRACE = 0.5
 
 
 class OutgoingEnclave:
@@ -324,6 +326,32 @@ class OutgoingEnclave:
     def transfer(self, peer: socket.socket) -> dict[str, Any]:
         """Everything up to the destination's verified LOADED; nothing is given up yet."""
 
+        return self._hand_over(peer, "__mig_out_start", self.mode)
+
+    def redeliver(self, peer: socket.socket) -> bytes:
+        """Committed, the destination enclave lost before it claimed: the state again.
+
+        The source enclave runs a new handshake (same migration id, the same
+        destination platform only) and dumps its frozen state again to a fresh
+        destination enclave on ``peer``; on its LOADED it issues a COMMIT token
+        for that session, which goes on ``peer`` at once (and again with
+        ``resume``).  Returns the token.  Raises :class:`InDoubtError` if the
+        new copy did not confirm that it runs.
+        """
+
+        if self.token is None:
+            raise MigrationError("nothing was committed")
+        self._loaded = False
+        try:
+            self._hand_over(peer, "__mig_redeliver_start", "sequential"
+                            if self.mode == "sequential" else "pipelined")  # fmt: skip
+            self.token = bytes(self.link.call("__mig_commit"))
+        except (MigSGXError, OSError) as exc:
+            raise InDoubtError(f"the state could not be delivered again: {exc}") from exc
+        self.deliver()
+        return self.token
+
+    def _hand_over(self, peer: socket.socket, start: str, mode: str) -> dict[str, Any]:
         self.peer = peer
         bind_wire(peer, Role.SOURCE)
         tune_socket(peer)
@@ -332,10 +360,10 @@ class OutgoingEnclave:
         t0 = time.monotonic()
         try:
             _send(peer, {"t": "offer", "files": self.image_files, "chunk_size": self.chunk_size,
-                         "slots": self.slots, "mode": self.mode})  # fmt: skip
+                         "slots": self.slots, "mode": mode})  # fmt: skip
             _recv(peer, "accept")
             t_launch = time.monotonic()
-            hello = self.link.call("__mig_out_start")
+            hello = self.link.call(start)
             _send(peer, {"t": "hs", "data": hello})
             while True:
                 reply = self.link.call("__mig_hs", _recv(peer, "hs")["data"])
@@ -344,13 +372,13 @@ class OutgoingEnclave:
                 if reply["done"]:
                     break
             self.migration_id = bytes(reply["migration_id"])
-            if self.on_handshake is not None:
+            if self.on_handshake is not None and start == "__mig_out_start":
                 self.on_handshake(self.index, self.migration_id)
             t_hs = time.monotonic()
             ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
             try:
                 self.link.give_ring(ring)
-                if self.mode == "pipelined":
+                if mode == "pipelined":
                     dump = dump_watched(self.link, ring, peer, self.chunk_size)
                     t_dumped = t_sent = time.monotonic()
                 else:
@@ -376,7 +404,7 @@ class OutgoingEnclave:
             raise
         t_end = time.monotonic()
         self.stats = {
-            "mode": self.mode,
+            "mode": mode,
             "chunk_bytes": self.chunk_size,
             "bytes": dump["bytes"],
             "memory_bytes": dump["memory_bytes"],
@@ -428,20 +456,26 @@ class OutgoingEnclave:
         self.token = token
         return token
 
-    def deliver(self) -> None:
+    def deliver(self, frame: bytes | None = None) -> None:
         """Carry the token over the data connection and wait for ``active``.
 
         Raises :class:`InDoubtError` if that fails: the decision stands, and the
-        token goes again by another way (the agents' TLS channel).
+        token goes again by another way (the agents' TLS channel).  ``frame``
+        replaces the token (fault injection: a token damaged on the way).
         """
 
         if self.token is None or self.peer is None:
             raise MigrationError("nothing was committed")
         try:
             self.peer.settimeout(DELIVER_TIMEOUT)
-            _send(self.peer, {"t": "commit", "token": self.token})
-            while _recv(self.peer, "active", "loaded")["t"] != "active":
-                pass  # a LOADED delivered twice changes nothing now: the decision is made
+            _send(self.peer, {"t": "commit", "token": self.token if frame is None else frame})
+            while (kind := _recv(self.peer, "active", "loaded", "rejected")["t"]) != "active":
+                if kind == "rejected":
+                    # A frame was not authentic: this token, damaged on the way, or one
+                    # forged beside it (then ``active`` follows at once).  Not waiting
+                    # long: the token goes again by the agents' TLS channel anyway.
+                    self.peer.settimeout(REJECTED_GRACE)
+                # a LOADED delivered twice changes nothing now: the decision is made
         except (MigSGXError, OSError) as exc:
             raise InDoubtError(f"the COMMIT token did not reach the destination: {exc}") from exc
 
@@ -483,6 +517,11 @@ class IncomingEnclave:
         self.rejected: list[MigSGXError] = []
         #: Set before LOADED leaves: from then on this may be the only copy.
         self.awaiting = False
+        #: The migration id, once the handshake completed (names its reservation here).
+        self.migration_id = b""
+        #: A decision could not be judged: the enclave lives but its platform service
+        #: does not (it waits on, in doubt, for the service and a delivery).
+        self.platform_blocked = False
         self.decided = False
         self._inbox: queue.Queue[bytes | None] = queue.Queue()
         #: Whether the destination enclave faults its memory in beside the load.
@@ -522,6 +561,7 @@ class IncomingEnclave:
                     _send(peer, {"t": "hs", "data": reply["send"]})
                 if reply["done"]:
                     break
+            self.migration_id = bytes(reply.get("migration_id") or b"")
             t_hs = time.monotonic()
             chunk = offer["chunk_size"]
             if offer["mode"] == "live":
@@ -609,7 +649,12 @@ class IncomingEnclave:
             _send(peer, {"t": "round_done", "stats": stats})
         return rounds
 
-    def wait_commit(self, timeout: float | None = None) -> socket.socket:
+    def wait_commit(
+        self,
+        timeout: float | None = None,
+        before_claim: Callable[[], None] | None = None,
+        after_claim: Callable[[], None] | None = None,
+    ) -> socket.socket:
         """Wait for the source's decision; on COMMIT the enclave runs: return its connection.
 
         Only the destination enclave judges the decision.  A COMMIT token or an
@@ -638,17 +683,28 @@ class IncomingEnclave:
                 raise MigrationError("no authentic decision from the source in time") from exc
             if frame is None:
                 continue  # the data connection is gone; a delivery may still come
+            if before_claim is not None:
+                before_claim()  # (fault injection: window W2)
             if self.link is None:
                 raise MigrationError("the destination enclave is gone")
             try:
                 self.link.call("__mig_commit_in", frame)
-            except EnclaveLostError:
+            except EnclaveLostError as exc:
+                if self._answers():
+                    # The enclave lives, its platform service does not (the claim
+                    # needs it): the copy waits on; a later delivery may find the
+                    # service back, and the enclave re-attaches to it.
+                    self.platform_blocked = True
+                    self.rejected.append(exc)
+                    continue
                 # This copy is gone: tell the source side at once (no "active" will come).
                 with contextlib.suppress(OSError):
                     self.peer.shutdown(socket.SHUT_RDWR)
                 raise
             except (CommitError, FrameError) as exc:
                 self.rejected.append(exc)  # not from the source: nothing changed
+                with contextlib.suppress(MigSGXError, OSError):
+                    _send(self.peer, {"t": "rejected"})  # a hint: deliver it again
                 continue
             except ReplayError:
                 self.decided = True
@@ -662,13 +718,25 @@ class IncomingEnclave:
                 self._abort_quietly("the source aborted")
                 raise MigrationError("the source aborted") from exc
             self.decided = True
+            if after_claim is not None:
+                after_claim()  # (fault injection: window W3)
             with contextlib.suppress(MigSGXError, OSError):
                 _send(self.peer, {"t": "active"})
             return self.link.sock
 
+    def _answers(self) -> bool:
+        if self.link is None:
+            return False
+        try:
+            self.link.call("__mig_status")
+        except MigSGXError:
+            return False
+        return True
+
     def deliver(self, frame: bytes) -> None:
         """A decision frame from elsewhere (re-delivered): judged like one from the peer."""
 
+        self.platform_blocked = False  # until this one, too, could not be judged
         self._inbox.put(bytes(frame))
 
     def _read_peer(self, peer: socket.socket) -> None:
