@@ -444,7 +444,8 @@ def demo_command(workdir: Path | None, container: str | None) -> None:
 # --- registration -------------------------------------------------------------------------------
 # --- live migration: bench live, migrate --live -------------------------------------------------
 @click.command("live")
-@click.option("--enclave-size", default="256MiB", show_default=True, help="enclave memory")
+@click.option("--enclave-size", default="256MiB", show_default=True,
+              help="enclave memory; several, comma-separated, run one after another")  # fmt: skip
 @click.option(
     "--dirty-rate", default="50MiB", show_default=True, help="bytes of pages written per second"
 )
@@ -473,24 +474,42 @@ def bench_live(
         rules = StopRules(downtime_target=downtime_target, max_rounds=max_rounds)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    sizes = [parse_size(part) for part in enclave_size.split(",")]
+    if plot is not None and len(sizes) > 1:
+        raise ConfigError("--plot draws one enclave size")
     progress = None if as_json else (lambda line: click.echo(line, err=True))
-    result = run(
-        parse_size(enclave_size), parse_size(dirty_rate), repeat, rules=rules, progress=progress
-    )
-    if plot is not None:
-        from .lab.bench.live_plot import draw
+    results = []
+    for size in sizes:
+        result = run(size, parse_size(dirty_rate), repeat, rules=rules, progress=progress)
+        results.append(result)
+        if plot is not None:
+            from .lab.bench.live_plot import draw
 
-        draw(result, plot)
-    if not as_json:
-        sc, lv = result["stop_and_copy"], result["live"]
-        click.echo(
-            f"downtime: stop-and-copy {sc['downtime_seconds']:.3f} s, "
-            f"live {lv['downtime_seconds']:.3f} s "
-            f"({result['live_over_stop_and_copy_downtime']:.3f}x), "
-            f"live rounds {lv.get('rounds', 0)}, bytes/size {lv['bytes_over_size']:.2f}",
-            err=True,
-        )
-    _emit(result)
+            draw(result, plot)
+        if not as_json:
+            sc, lv = result["stop_and_copy"], result["live"]
+            click.echo(
+                f"{size >> 20} MiB downtime: stop-and-copy {sc['downtime_seconds']:.3f} s, "
+                f"live {lv['downtime_seconds']:.3f} s "
+                f"({result['live_over_stop_and_copy_downtime']:.3f}x), "
+                f"live rounds {lv.get('rounds', 0)}, bytes/size {lv['bytes_over_size']:.2f}",
+                err=True,
+            )
+    if len(results) == 1:
+        _emit(results[0])
+        return
+    # Several sizes: one object; how the live downtime grows from the smallest to the largest.
+    small = min(results, key=lambda r: r["enclave_bytes"])
+    large = max(results, key=lambda r: r["enclave_bytes"])
+    base = small["live"]["downtime_seconds"]
+    _emit(
+        {
+            "sizes": results,
+            "live_downtime_largest_over_smallest": (
+                large["live"]["downtime_seconds"] / base if base else None
+            ),
+        }
+    )
 
 
 def _live_options(opts: Any, console: Any, downtime_target: float, max_rounds: int) -> None:

@@ -11,7 +11,8 @@ carries CBOR frames of :data:`SCHEMA` and, between the handshake and
     S -> D  hs       source-finished
     S -> D  chunk frames ... final
             (live mode: round {number}, chunk frames, round_done {stats} back,
-            any number of times, then final {} and the chunk frames)
+            any number of times, then final {} and the chunk frames;
+            at most once: D -> S repair {segments}, S -> D chunk frames)
     D -> S  loaded {frame, stats}
     S -> D  commit {token} | abort {...}
     D -> S  active
@@ -76,6 +77,7 @@ SCHEMA: Final = Schema(
         "round": {"number": int},
         "round_done": {"stats": dict},
         "final": {},
+        "repair": {"segments": list},
     },
 )
 
@@ -93,6 +95,7 @@ class PeerState(enum.Enum):
     STREAMING = "streaming"  # chunk frames until the final one, then `loaded`
     ROUND = "round"  # live: a pre-copy round's chunk frames, then `round_done`
     FINAL = "final"  # live: the final transfer's chunk frames, then `loaded`
+    REPAIR = "repair"  # live: differing segments' chunk frames, once, then `loaded`
     LOADED = "loaded"  # the destination loaded and is in doubt until its enclave decides
     COMMITTED = "committed"  # the source gave its state up; the token is out
     ACTIVE = "active"
@@ -123,7 +126,8 @@ _LOCKSTEP: Final[Mapping[PeerState, Mapping[str, PeerState]]] = {  # the source'
         **_ABORTABLE,
     },
     _S.ROUND: {"recv:round_done": _S.STREAMING, **_ABORTABLE},
-    _S.FINAL: {"recv:loaded": _S.LOADED, **_ABORTABLE},
+    _S.FINAL: {"recv:loaded": _S.LOADED, "recv:repair": _S.REPAIR, **_ABORTABLE},
+    _S.REPAIR: {"recv:loaded": _S.LOADED, **_ABORTABLE},
 }
 _ENDS: Final[Mapping[PeerState, Mapping[str, PeerState]]] = {
     _S.ACTIVE: {},

@@ -595,6 +595,8 @@ class IncomingEnclave:
             if _bytes_waiting(peer):
                 # The source sends nothing after its final chunk until it has LOADED.
                 raise StreamError("the peer sent more after the final chunk of the state")
+            if result.get("repair"):
+                result = self._receive_repair(peer, offer, result)
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}"
             self._abort_quietly(reason)
@@ -612,6 +614,7 @@ class IncomingEnclave:
             "bytes": result["bytes"],
             # live mode: the destination enclave's pass of the memory digest check
             "verify_seconds": result.get("verify_seconds", 0.0),
+            "repair": result.get("repair_figures"),
             "enclave_cpu_seconds": result.get("cpu_seconds", 0.0),
             "timeline": {
                 "destination_driver": {
@@ -624,6 +627,31 @@ class IncomingEnclave:
         self.awaiting = True
         _send(peer, {"t": "loaded", "frame": result["loaded"], "stats": self.stats})
         return self.stats
+
+    def _receive_repair(
+        self, peer: socket.socket, offer: dict[str, Any], first: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Live mode: the segments our enclave found different come again, once (precopy.md 3.3)."""
+
+        assert self.link is not None
+        _send(peer, {"t": "repair", "segments": first["repair"]})
+        ring = ShmRing.create(offer["slots"], _slot_size(offer["chunk_size"]), RingRole.PRODUCER)
+        try:
+            self.link.give_ring(ring)
+            mover = _Worker(partial(socket_to_ring, peer, ring, timeout=RING_TIMEOUT),
+                            "migsgx-recv", ring)  # fmt: skip
+            again = _call_beside(self.link, mover, "__mig_load_repair")
+            mover.join()
+        finally:
+            ring.close()
+        if _bytes_waiting(peer):
+            raise StreamError("the peer sent more after the final chunk of the repair")
+        return {
+            **first,
+            "loaded": again["loaded"],
+            "bytes": first["bytes"] + again["repair"]["bytes"],
+            "repair_figures": again["repair"],
+        }
 
     def _receive_rounds(self, peer: socket.socket, offer: dict[str, Any]) -> list[dict[str, Any]]:
         """Live mode: apply pre-copy rounds until the source announces the final transfer.
