@@ -37,6 +37,9 @@ def test_bench_state_repeats_and_reports_medians_spread_cpu_and_timelines(tmp_pa
             figures = run[mode]
             assert set(figures["cpu_by_process"]) == PROCESSES
             assert set(figures["timeline"]) == PROCESSES
+            assert set(figures["peak_extra_by_process"]) == PROCESSES
+            assert figures["peak_extra_bytes"] == sum(figures["peak_extra_by_process"].values())
+            assert figures["code_faulted_bytes"] == sum(figures["code_faulted_by_process"].values())
             seal = figures["timeline"]["source_enclave"]["seal"]
             opened = figures["timeline"]["destination_enclave"]["open"]
             commit = figures["timeline"]["source_driver"]["commit"]
