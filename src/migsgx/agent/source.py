@@ -51,6 +51,7 @@ from ..errors import (
     InDoubtError,
     MigrationError,
     MigSGXError,
+    ProtocolError,
     SourceGoneError,
 )
 from ..host.appctl import info_to_wire
@@ -103,6 +104,8 @@ class MigrateOptions:
     live: bool = False
     stop_rules: StopRules | None = None
     round_report: RoundReport | None = None
+    # Stop-and-copy: the destination enclaves launch and attest before the freeze.
+    early_handshake: bool = True
 
 
 @dataclass
@@ -168,12 +171,21 @@ class _Migration:
             control.call({"t": "hello", "version": VERSION, "host_id": _host_id(opts)}, "welcome")
             self.link = AppLink.find(pid)
             ready = self._precopy(pids, pidns) if opts.live and self.link is not None else None
+            if ready is None and opts.early_handshake and self.link is not None:
+                ready = self._handshake_early(pids, pidns)
             self.note("prepare")
-            handed = self.link.prepare(opts.prepare_timeout) if self.link is not None else []
-            if ready is not None:
-                precopy.adopt(self.transfers, handed)
-            else:
-                self.transfers = [_Transfer(h) for h in handed]
+            try:
+                handed = self.link.prepare(opts.prepare_timeout) if self.link is not None else []
+                if ready is not None and opts.live:
+                    precopy.adopt(self.transfers, handed)
+                elif ready is not None:
+                    self._adopt(handed)
+                else:
+                    self.transfers = [_Transfer(h) for h in handed]
+            except BaseException:
+                if ready is not None:
+                    self._abandon_early("the application did not hand its enclaves over")
+                raise
             self.note("prepared")
             link = self.link
             try:
@@ -274,6 +286,103 @@ class _Migration:
         self.note("precopied")
         return ready
 
+    def _handshake_early(self, pids: list[int], pidns: bool) -> dict[str, Any] | None:
+        """Stop-and-copy, before the freeze: ``begin``, and every enclave's data connection,
+        offer, destination launch and attested handshake over a side channel while the
+        application still calls its enclaves.  The freeze then starts with the dumps.
+
+        ``None`` (and nothing begun) for an application without enclaves.  A failure
+        aborts every enclave's migration and the destination's session: the
+        application was never frozen.
+        """
+
+        assert self.link is not None and self.control is not None
+        sides = self.link.side()
+        if not sides:
+            return None
+        self.note("handshake")
+        self.transfers = [_Transfer(h) for h in sides]
+        kwargs: dict[str, Any] = {"mode": self.opts.mode}
+        if self.opts.chunk_size is not None:
+            kwargs["chunk_size"] = self.opts.chunk_size
+        for t in self.transfers:
+            t.outgoing = OutgoingEnclave(t.handed.sock, t.handed.info, t.handed.image_files,
+                                         **kwargs)  # fmt: skip
+            t.outgoing.index = t.handed.index
+        try:
+            ready = self.control.call(self._begin(pids, pidns), "ready")
+        except BaseException:
+            self._abandon_early("begin failed", tell_destination=False)
+            raise
+
+        def one(t: _Transfer) -> None:
+            try:
+                t.peer, used = self._connect(t.handed.index, ready)
+                assert t.outgoing is not None
+                t.outgoing.handshake(used)
+            except BaseException as exc:
+                t.error = exc
+
+        threads = [
+            threading.Thread(target=one, args=(t,), name=f"migsgx-handshake-{t.handed.index}")
+            for t in self.transfers
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        failed = [t for t in self.transfers if t.error is not None]
+        if failed:
+            err = failed[0].error
+            self._abandon_early(f"handshake failed: {err}")
+            raise MigrationError(
+                f"enclave {failed[0].handed.index}: the handshake failed, the source runs on: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        self.note("handshaken")
+        return ready
+
+    def _abandon_early(self, reason: str, *, tell_destination: bool = True) -> None:
+        """Before the freeze: every enclave's migration aborted, its side channel closed."""
+
+        for t in self.transfers:
+            if t.outgoing is not None:
+                with contextlib.suppress(Exception):
+                    t.outgoing.abort(reason)
+            with contextlib.suppress(OSError):
+                t.handed.sock.close()
+        if tell_destination and self.control is not None:
+            with contextlib.suppress(MigSGXError):
+                self.control.call({"t": "abort", "reason": reason[:500]}, "aborted")
+        self.transfers = []
+
+    def _adopt(self, handed: list[HandedEnclave]) -> None:
+        """After an early handshake: each enclave's dump goes on the connection handed over."""
+
+        if len(handed) != len(self.transfers) or any(
+            h.info.pid != t.handed.info.pid for h, t in zip(handed, self.transfers, strict=False)
+        ):
+            for h in handed:
+                h.sock.close()
+            raise ProtocolError("the application's enclaves changed before the freeze")
+        for t, h in zip(self.transfers, handed, strict=True):
+            assert t.outgoing is not None
+            t.outgoing.adopt(h.sock)
+            t.handed = h
+
+    def _connect(self, index: int, ready: dict[str, Any]) -> tuple[socket.socket, socket.socket]:
+        """Enclave ``index``'s authenticated data connection to the destination agent,
+        and what the enclave's transfer uses (itself, or a fault's relay in front of it)."""
+
+        peer = socket.create_connection((self.opts.to[0], int(ready["data_port"])),
+                                        timeout=CONNECT_TIMEOUT)  # fmt: skip
+        peer.settimeout(None)
+        open_data(peer, ready["data_key"], self.session_id, index)
+        action = fault("tool.enclave-stream")
+        if action is not None and action.startswith("flip-byte="):
+            return peer, flipping_relay(peer, int(action.partition("=")[2]))
+        return peer, peer
+
     def _start_enclaves(self, ready: dict[str, Any]) -> None:
         self._threads: list[threading.Thread] = []
         if not self.transfers:
@@ -338,15 +447,9 @@ class _Migration:
                 transfer.error = exc
             return
         try:
-            peer = socket.create_connection(
-                (self.opts.to[0], int(ready["data_port"])), timeout=CONNECT_TIMEOUT
-            )
-            transfer.peer = peer
-            peer.settimeout(None)
-            open_data(peer, ready["data_key"], self.session_id, transfer.handed.index)
-            action = fault("tool.enclave-stream")
-            if action is not None and action.startswith("flip-byte="):
-                peer = flipping_relay(peer, int(action.partition("=")[2]))
+            peer = transfer.peer  # (an early handshake connected it, and uses its own)
+            if peer is None:
+                transfer.peer, peer = self._connect(transfer.handed.index, ready)
             t0 = time.monotonic()
             assert transfer.outgoing is not None
             stats = transfer.outgoing.transfer(peer)
@@ -585,6 +688,8 @@ class _Migration:
             "resume": span("committed", "resumed"),
             "attach": self.stats.get("attach", 0.0),
             "process_downtime": span("dump", "resumed"),
+            # Before the freeze: begin, connections, launches, attested handshakes.
+            "early_handshake": span("handshake", "handshaken"),
             "enclaves": len(self.transfers),
             "enclave_bytes": enclave_bytes,
             "page_bytes": self.page_bytes,
@@ -611,6 +716,7 @@ class _Migration:
         tool = {
             name: [t[a], t[b]]
             for name, a, b in (
+                ("early_handshake", "handshake", "handshaken"),
                 ("freeze", "prepare", "prepared"),
                 ("criu_dump", "dump", "dumped"),
                 ("join_enclaves", "dumped", "enclaves_sent"),
