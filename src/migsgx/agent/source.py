@@ -56,7 +56,7 @@ from ..errors import (
 )
 from ..host.appctl import info_to_wire
 from ..system.process import is_pidns_init, process_state, stop_tree, tree_pids
-from . import precopy
+from . import early, precopy
 from .applink import AppLink, HandedEnclave
 from .control import CONNECT_TIMEOUT, AgentConnection
 from .datalink import open_data
@@ -182,9 +182,13 @@ class _Migration:
                     self._adopt(handed)
                 else:
                     self.transfers = [_Transfer(h) for h in handed]
-            except BaseException:
+            except BaseException as exc:
                 if ready is not None:
-                    self._abandon_early("the application did not hand its enclaves over")
+                    early.abandon(self.transfers, f"the freeze failed: {exc}")
+                    with contextlib.suppress(MigSGXError):
+                        self.control.call({"t": "abort", "reason": "the freeze failed"},
+                                          "aborted")  # fmt: skip
+                    self.transfers = []
                 raise
             self.note("prepared")
             link = self.link
@@ -287,13 +291,9 @@ class _Migration:
         return ready
 
     def _handshake_early(self, pids: list[int], pidns: bool) -> dict[str, Any] | None:
-        """Stop-and-copy, before the freeze: ``begin``, and every enclave's data connection,
-        offer, destination launch and attested handshake over a side channel while the
-        application still calls its enclaves.  The freeze then starts with the dumps.
+        """Before the freeze: ``begin`` and every enclave's handshake (:mod:`.early`).
 
-        ``None`` (and nothing begun) for an application without enclaves.  A failure
-        aborts every enclave's migration and the destination's session: the
-        application was never frozen.
+        ``None`` (and nothing begun) for an application without enclaves.
         """
 
         assert self.link is not None and self.control is not None
@@ -302,73 +302,31 @@ class _Migration:
             return None
         self.note("handshake")
         self.transfers = [_Transfer(h) for h in sides]
-        kwargs: dict[str, Any] = {"mode": self.opts.mode}
-        if self.opts.chunk_size is not None:
-            kwargs["chunk_size"] = self.opts.chunk_size
-        for t in self.transfers:
-            t.outgoing = OutgoingEnclave(t.handed.sock, t.handed.info, t.handed.image_files,
-                                         **kwargs)  # fmt: skip
-            t.outgoing.index = t.handed.index
         try:
             ready = self.control.call(self._begin(pids, pidns), "ready")
         except BaseException:
-            self._abandon_early("begin failed", tell_destination=False)
+            early.abandon(self.transfers, "begin failed")
             raise
-
-        def one(t: _Transfer) -> None:
-            try:
-                t.peer, used = self._connect(t.handed.index, ready)
-                assert t.outgoing is not None
-                t.outgoing.handshake(used)
-            except BaseException as exc:
-                t.error = exc
-
-        threads = [
-            threading.Thread(target=one, args=(t,), name=f"migsgx-handshake-{t.handed.index}")
-            for t in self.transfers
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        failed = [t for t in self.transfers if t.error is not None]
-        if failed:
-            err = failed[0].error
-            self._abandon_early(f"handshake failed: {err}")
-            raise MigrationError(
-                f"enclave {failed[0].handed.index}: the handshake failed, the source runs on: "
-                f"{type(err).__name__}: {err}"
-            ) from err
+        try:
+            early.handshake_all(
+                self.transfers, lambda index: self._connect(index, ready),
+                mode=self.opts.mode, chunk_size=self.opts.chunk_size,
+            )  # fmt: skip
+        except BaseException as exc:
+            with contextlib.suppress(MigSGXError):
+                self.control.call({"t": "abort", "reason": str(exc)[:500]}, "aborted")
+            raise
         self.note("handshaken")
         return ready
 
-    def _abandon_early(self, reason: str, *, tell_destination: bool = True) -> None:
-        """Before the freeze: every enclave's migration aborted, its side channel closed."""
-
-        for t in self.transfers:
-            if t.outgoing is not None:
-                with contextlib.suppress(Exception):
-                    t.outgoing.abort(reason)
-            with contextlib.suppress(OSError):
-                t.handed.sock.close()
-        if tell_destination and self.control is not None:
-            with contextlib.suppress(MigSGXError):
-                self.control.call({"t": "abort", "reason": reason[:500]}, "aborted")
-        self.transfers = []
-
     def _adopt(self, handed: list[HandedEnclave]) -> None:
-        """After an early handshake: each enclave's dump goes on the connection handed over."""
-
-        if len(handed) != len(self.transfers) or any(
-            h.info.pid != t.handed.info.pid for h, t in zip(handed, self.transfers, strict=False)
-        ):
-            for h in handed:
-                h.sock.close()
-            raise ProtocolError("the application's enclaves changed before the freeze")
-        for t, h in zip(self.transfers, handed, strict=True):
-            assert t.outgoing is not None
-            t.outgoing.adopt(h.sock)
-            t.handed = h
+        try:
+            early.adopt(self.transfers, handed)
+        except ProtocolError:
+            assert self.link is not None
+            with contextlib.suppress(MigSGXError):
+                self.link.resume([h.sock for h in handed])  # the application's, back to it
+            raise
 
     def _connect(self, index: int, ready: dict[str, Any]) -> tuple[socket.socket, socket.socket]:
         """Enclave ``index``'s authenticated data connection to the destination agent,
