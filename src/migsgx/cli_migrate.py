@@ -238,6 +238,8 @@ def recover_command(
 @click.option("--downtime-target", type=float, default=0.05, show_default=True,
               help="--live: seconds the last dirty set may take to send")  # fmt: skip
 @click.option("--max-rounds", type=int, default=30, show_default=True, help="--live: round limit")
+@click.option("--early-handshake/--late-handshake", default=True, show_default=True,
+              help="destination enclaves launch, attest before the freeze or in it")  # fmt: skip
 def migrate_command(
     pid: int | None,
     runc_id: str | None,
@@ -256,6 +258,7 @@ def migrate_command(
     live: bool,
     downtime_target: float,
     max_rounds: int,
+    early_handshake: bool,
 ) -> None:
     """Migrate process PID, or a container, with its enclaves to the agent at --to.
 
@@ -306,6 +309,7 @@ def migrate_command(
         tcp_close=not keep_tcp,
         shell_job=shell_job,
         progress=progress,
+        early_handshake=early_handshake,
     )
     if live:
         _live_options(opts, console, downtime_target, max_rounds)
@@ -363,18 +367,23 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
 @click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
               help="keep the testbed (logs, images) in this directory")  # fmt: skip
+@click.option("--ab-late-handshake", is_flag=True,
+              help="A/B: each run also with the handshake inside the freeze")  # fmt: skip
 def bench_process(
     enclave_size: str,
     repeat: int,
     plot_path: Path | None,
     as_json: bool,
     keep: Path | None,
+    ab_late_handshake: bool,
 ) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
     from .lab.bench.process import plot, run
 
-    result = run(parse_size(enclave_size), keep=keep, repeat=repeat)
+    result = run(
+        parse_size(enclave_size), keep=keep, repeat=repeat, ab_late_handshake=ab_late_handshake
+    )
     if plot_path is not None:
         plot(result, plot_path)
     if as_json:

@@ -52,11 +52,12 @@ from ..errors import (
     InDoubtError,
     MigrationError,
     MigSGXError,
+    ProtocolError,
     SourceGoneError,
 )
 from ..host.appctl import info_to_wire
 from ..system.process import is_pidns_init, process_state, stop_tree, tree_pids
-from . import precopy
+from . import early, precopy
 from .applink import AppLink, HandedEnclave
 from .control import CONNECT_TIMEOUT, AgentConnection
 from .datalink import open_data
@@ -104,6 +105,8 @@ class MigrateOptions:
     live: bool = False
     stop_rules: StopRules | None = None
     round_report: RoundReport | None = None
+    # Stop-and-copy: the destination enclaves launch and attest before the freeze.
+    early_handshake: bool = True
 
 
 @dataclass
@@ -172,12 +175,25 @@ class _Migration:
             control.call({"t": "hello", "version": VERSION, "host_id": _host_id(opts)}, "welcome")
             self.link = AppLink.find(pid)
             ready = self._precopy(pids, pidns) if opts.live and self.link is not None else None
+            if ready is None and opts.early_handshake and self.link is not None:
+                ready = self._handshake_early(pids, pidns)
             self.note("prepare")
-            handed = self.link.prepare(opts.prepare_timeout) if self.link is not None else []
-            if ready is not None:
-                precopy.adopt(self.transfers, handed)
-            else:
-                self.transfers = [_Transfer(h) for h in handed]
+            try:
+                handed = self.link.prepare(opts.prepare_timeout) if self.link is not None else []
+                if ready is not None and opts.live:
+                    precopy.adopt(self.transfers, handed)
+                elif ready is not None:
+                    self._adopt(handed)
+                else:
+                    self.transfers = [_Transfer(h) for h in handed]
+            except BaseException as exc:
+                if ready is not None:
+                    early.abandon(self.transfers, f"the freeze failed: {exc}")
+                    with contextlib.suppress(MigSGXError):
+                        self.control.call({"t": "abort", "reason": "the freeze failed"},
+                                          "aborted")  # fmt: skip
+                    self.transfers = []
+                raise
             self.note("prepared")
             link = self.link
             try:
@@ -279,6 +295,57 @@ class _Migration:
         self.note("precopied")
         return ready
 
+    def _handshake_early(self, pids: list[int], pidns: bool) -> dict[str, Any] | None:
+        """Before the freeze: ``begin`` and every enclave's handshake (:mod:`.early`).
+
+        ``None`` (and nothing begun) for an application without enclaves.
+        """
+
+        assert self.link is not None and self.control is not None
+        sides = self.link.side()
+        if not sides:
+            return None
+        self.note("handshake")
+        self.transfers = [_Transfer(h) for h in sides]
+        try:
+            ready = self.control.call(self._begin(pids, pidns), "ready")
+        except BaseException:
+            early.abandon(self.transfers, "begin failed")
+            raise
+        try:
+            early.handshake_all(
+                self.transfers, lambda index: self._connect(index, ready),
+                mode=self.opts.mode, chunk_size=self.opts.chunk_size,
+            )  # fmt: skip
+        except BaseException as exc:
+            with contextlib.suppress(MigSGXError):
+                self.control.call({"t": "abort", "reason": str(exc)[:500]}, "aborted")
+            raise
+        self.note("handshaken")
+        return ready
+
+    def _adopt(self, handed: list[HandedEnclave]) -> None:
+        try:
+            early.adopt(self.transfers, handed)
+        except ProtocolError:
+            assert self.link is not None
+            with contextlib.suppress(MigSGXError):
+                self.link.resume([h.sock for h in handed])  # the application's, back to it
+            raise
+
+    def _connect(self, index: int, ready: dict[str, Any]) -> tuple[socket.socket, socket.socket]:
+        """Enclave ``index``'s authenticated data connection to the destination agent,
+        and what the enclave's transfer uses (itself, or a fault's relay in front of it)."""
+
+        peer = socket.create_connection((self.opts.to[0], int(ready["data_port"])),
+                                        timeout=CONNECT_TIMEOUT)  # fmt: skip
+        peer.settimeout(None)
+        open_data(peer, ready["data_key"], self.session_id, index)
+        action = fault("tool.enclave-stream")
+        if action is not None and action.startswith("flip-byte="):
+            return peer, flipping_relay(peer, int(action.partition("=")[2]))
+        return peer, peer
+
     def _start_enclaves(self, ready: dict[str, Any]) -> None:
         self._threads: list[threading.Thread] = []
         if not self.transfers:
@@ -344,15 +411,9 @@ class _Migration:
                 self._enclave_failed(transfer, exc)
             return
         try:
-            peer = socket.create_connection(
-                (self.opts.to[0], int(ready["data_port"])), timeout=CONNECT_TIMEOUT
-            )
-            transfer.peer = peer
-            peer.settimeout(None)
-            open_data(peer, ready["data_key"], self.session_id, transfer.handed.index)
-            action = fault("tool.enclave-stream")
-            if action is not None and action.startswith("flip-byte="):
-                peer = flipping_relay(peer, int(action.partition("=")[2]))
+            peer = transfer.peer  # (an early handshake connected it, and uses its own)
+            if peer is None:
+                transfer.peer, peer = self._connect(transfer.handed.index, ready)
             t0 = time.monotonic()
             assert transfer.outgoing is not None
             stats = transfer.outgoing.transfer(peer)
@@ -648,6 +709,8 @@ class _Migration:
             "resume": span("committed", "resumed"),
             "attach": self.stats.get("attach", 0.0),
             "process_downtime": span("dump", "resumed"),
+            # Before the freeze: begin, connections, launches, attested handshakes.
+            "early_handshake": span("handshake", "handshaken"),
             "enclaves": len(self.transfers),
             "enclave_bytes": enclave_bytes,
             "page_bytes": self.page_bytes,
@@ -674,6 +737,7 @@ class _Migration:
         tool = {
             name: [t[a], t[b]]
             for name, a, b in (
+                ("early_handshake", "handshake", "handshaken"),
                 ("freeze", "prepare", "prepared"),
                 ("criu_dump", "dump", "dumped"),
                 ("join_enclaves", "dumped", "enclaves_sent"),

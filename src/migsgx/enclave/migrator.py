@@ -131,6 +131,7 @@ class Migrator:
         self._exit_thread: int | None = None
         self.checkpoint: checkpoints.Checkpoint | None = None
         self.dumped = False
+        self.dumping = False  # the dump began (on the application's connection)
         self._pending_state: Any = None
         self._pending_persistent: PendingImport | None = None
         # The persistent state went in with the claim of the migration id (one update).
@@ -301,6 +302,9 @@ class Migrator:
             raise ProtocolError(f"chunk size must be at least {MIN_CHUNK} and fit a ring slot")
         t0 = time.monotonic()
         cpu0 = time.process_time()
+        # From here on the dump's driver is the one on the application's connection:
+        # a side channel that ran the handshake may close without aborting it.
+        self.dumping = True
         memory = self.instance.memory
         if self.redelivering:
             # Frozen since the first dump, nothing changed: the same state again.
@@ -595,6 +599,7 @@ class Migrator:
         return (
             self.role is Role.SOURCE
             and not self.dumped
+            and not self.dumping
             and not (self.rounds_out is not None and self.rounds_out.finalizing)
         )
 
@@ -736,6 +741,7 @@ class Migrator:
         self.dest_commit = None
         self.checkpoint = None
         self.dumped = False
+        self.dumping = False
         self._pending_state = None
         self._pending_persistent = None
 
