@@ -209,6 +209,9 @@ def recover_command(state: Path, ca_dir: Path | None, as_json: bool) -> None:
 @click.option("--chunk-size", default=None, help="enclave stream chunk size (e.g. 1MiB)")
 @click.option("--mode", type=click.Choice(["pipelined", "sequential"]), default="pipelined")
 @click.option("--keep-tcp", is_flag=True, help="fail on established TCP connections")
+@click.option("--tcp-established/--no-tcp-established", "tcp_established", default=None,
+              help="keep established TCP connections open across the move (default: "
+                   "where the workload owns an address that moves with it)")  # fmt: skip
 @click.option("--shell-job", is_flag=True, help="the tree has a controlling terminal")
 @click.option("--live", is_flag=True,
               help="pre-copy enclave memory while the application runs")  # fmt: skip
@@ -229,6 +232,7 @@ def migrate_command(
     chunk_size: str | None,
     mode: str,
     keep_tcp: bool,
+    tcp_established: bool | None,
     shell_job: bool,
     live: bool,
     downtime_target: float,
@@ -236,10 +240,11 @@ def migrate_command(
 ) -> None:
     """Migrate process PID, or a container, with its enclaves to the agent at --to.
 
-    Established TCP connections are closed on the destination (clients
-    reconnect); listeners move.  Containers are found with the engine settings
-    of STATE/containers.toml (docs/containers.md).  Run as root on the source
-    host.
+    Established TCP connections stay open where the workload owns an address that
+    moves with it (a runc container in a pod network namespace, docs/containers.md);
+    elsewhere they are closed on the destination (clients reconnect); listeners
+    move.  Containers are found with the engine settings of STATE/containers.toml
+    (docs/containers.md).  Run as root on the source host.
     """
 
     from rich.console import Console
@@ -281,6 +286,7 @@ def migrate_command(
         chunk_size=parse_size(chunk_size) if chunk_size else None,
         mode=mode,
         tcp_close=not keep_tcp,
+        tcp_established=tcp_established,
         shell_job=shell_job,
         progress=progress,
     )

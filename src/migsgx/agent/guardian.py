@@ -5,7 +5,8 @@ the application's enclave connections, and an enclave process exits when its
 connection closes.  So the tool starts a guardian (its own session, so that it
 outlives the tool) holding duplicates of those connections, and tells it
 through a pipe what happened: ``thaw FILE`` before a container's cgroup is
-frozen for its checkpoint (FILE is the cgroup's freezer control), ``fence
+frozen for its checkpoint (FILE is the cgroup's freezer control), ``netup
+NETNS`` before a container that owns its address is cut off the network, ``fence
 PID...`` once the source tree got its SIGSTOP, ``resume-sent`` once a tree
 without enclaves passed its commit point, ``done`` when the migration ended
 either way.
@@ -15,8 +16,8 @@ every source enclave to abort its migration.  An enclave that already
 committed refuses (or is gone): the destination has the state and rolls
 forward, and the guardian leaves the source alone (stopped by the fence).  If
 every enclave aborted, nothing was given up: the guardian resumes the fenced
-(and thaws the frozen) source and hands the connections back to the application (``resume``), which
-then carries on as if nothing had happened.
+(thaws the frozen, reconnects the locked) source and hands the connections back
+to the application (``resume``), which then carries on as if nothing had happened.
 
 Run as ``python -m migsgx.agent.guardian --pipe FD --app-pid PID --app-name NAME
 --fds FD,FD...`` by :class:`Guardian` only.
@@ -38,6 +39,7 @@ from typing import Final
 
 from ..channel import ECALL, ECALL_FRAME_MAX
 from ..containers.cgroups import thaw_file
+from ..containers.podnet import unlock
 from ..errors import MigSGXError
 from ..wire import recv_frame, send_frame
 from .applink import AppLink
@@ -195,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     fenced = [int(p) for n in notes if n.startswith("fence ") for p in n.split()[1:]]
     frozen = [n.partition(" ")[2] for n in notes if n.startswith("thaw ")]
+    locked = [n.partition(" ")[2] for n in notes if n.startswith("netup ")]
     journals = [n.partition(" ")[2] for n in notes if n.startswith("journal ")]
     if "resume-sent" in notes:
         _log("the tool died after the commit point: the source stays stopped")
@@ -209,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _log("the tool died before the commit point: resuming the source")
     try:
+        for path in locked:
+            try:
+                unlock(Path(path))  # a container's own address answers again
+            except MigSGXError as exc:
+                _log(f"could not unlock the source's network: {exc}")
         return _resume_source(args.app_pid, args.app_name, socks, fenced, frozen)
     finally:
         for path in journals:

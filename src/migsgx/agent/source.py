@@ -47,6 +47,7 @@ from ..core.rounds import StopRules
 from ..criu import Criu
 from ..datapath.engine import OutgoingEnclave
 from ..errors import (
+    ConfigError,
     CriuError,
     InDoubtError,
     MigrationError,
@@ -97,6 +98,9 @@ class MigrateOptions:
     chunk_size: int | None = None
     mode: str = "pipelined"
     tcp_close: bool = True
+    #: Keep established TCP connections open across the move: None = wherever the
+    #: workload owns an address that moves with it; True = required (else an error).
+    tcp_established: bool | None = None
     shell_job: bool = False
     progress: Progress | None = None
     # Live migration (agent/precopy.py): pre-copy rounds before the freeze.
@@ -139,6 +143,7 @@ class _Migration:
         self.page_bytes = 0
         self.driver: Driver = make_driver(opts.driver, HostConfig(opts.criu, opts.containers))
         self.source: Source | None = None
+        self.tcp_keep = False
         self.page_server = False
         self.session_id = b""
         self.journal: Journal | None = None
@@ -156,6 +161,7 @@ class _Migration:
         self.source = source = self.driver.locate(
             opts.target if opts.target is not None else str(opts.pid)
         )
+        self.tcp_keep = self._tcp_keep(source)
         pid = source.root
         pids = tree_pids(pid)
         if not pids:
@@ -227,6 +233,16 @@ class _Migration:
                     transfer.peer.close()
                 transfer.handed.sock.close()
 
+    def _tcp_keep(self, source: Source) -> bool:
+        """Whether established connections move open (``MigrateOptions.tcp_established``)."""
+
+        wanted = self.opts.tcp_established
+        if wanted and source.no_tcp_keep:
+            raise ConfigError(
+                f"--tcp-established cannot apply to {source.label}: {source.no_tcp_keep}"
+            )
+        return bool(source.no_tcp_keep == "" and wanted is not False)
+
     def _begin(self, pids: list[int], pidns: bool) -> dict[str, Any]:
         assert self.source is not None
         self.session_id = secrets.token_bytes(16)
@@ -236,7 +252,7 @@ class _Migration:
             "enclaves": [{"info": info_to_wire(t.handed.info)} for t in self.transfers],
             "pids": pids,
             "pidns": pidns,
-            "tcp_close": self.opts.tcp_close,
+            "tcp_close": self.opts.tcp_close and not self.tcp_keep,
             "page_tls": self.page_server,
         }
         if self.driver.name != "pid":
@@ -368,7 +384,8 @@ class _Migration:
             images=dump_dir,
             page_server=(opts.to[0], int(ready["page_port"])) if self.page_server else None,
             page_tls=(ident.ca, ident.cert, ident.key),
-            tcp_close=opts.tcp_close,
+            tcp_close=opts.tcp_close and not self.tcp_keep,
+            tcp_keep=self.tcp_keep,
             shell_job=opts.shell_job,
             note=self._guardian_note,
             may_resume=lambda: not self.committed and not self.resume_sent,
@@ -594,6 +611,7 @@ class _Migration:
             "enclave_destination_stats": [plain_stats(s) for s in dest],
             "driver": self.driver.name,
             "workload": self.source.label if self.source is not None else "",
+            "tcp_established": self.tcp_keep,
         }
         if "resume_warning" in self.stats:
             figures["details"]["warning"] = self.stats["resume_warning"]

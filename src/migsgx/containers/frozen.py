@@ -59,11 +59,16 @@ def kill_frozen(root: int, freezer: Freezer) -> None:
     kill_tree(root)
 
 
-def write_criu_config(path: Path, *, tcp_close: bool) -> None:
-    """CRIU's options for a held restore (runc passes this file to CRIU)."""
+def write_criu_config(path: Path, *, tcp_close: bool, tcp_established: bool = False) -> None:
+    """CRIU's options for a held restore (runc passes this file to CRIU).
+
+    ``tcp_established``: connections restore open (the container's address moved too).
+    """
 
     # file-locks: held POSIX and flock locks are restored (they were dumped with them).
     lines = ["leave-stopped", "file-locks"] + (["tcp-close"] if tcp_close else [])
+    if tcp_established and not tcp_close:
+        lines.append("tcp-established")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -74,14 +79,16 @@ def dump_frozen(
     *,
     checkpoint: Callable[[], object],
     remove: Callable[[], object],
+    unlock: Callable[[], object] | None = None,
 ) -> None:
     """The engines' dump of a container kept frozen throughout.
 
     The tree is frozen before ``checkpoint`` (the engine's own dump, leaving it
     running) and must still be frozen after it, so nothing it did after its pages
     were taken can be lost. A failure before ``on_dumped`` returns thaws it where the
-    plan still allows the source to resume; once dumped, the frozen source is killed
-    and ``remove`` deletes the engine's record of it.
+    plan still allows the source to resume (and ``unlock`` undoes a network lock the
+    driver took before); once dumped, the frozen source is killed and ``remove``
+    deletes the engine's record of it.
     """
 
     freezer = Freezer.of_pid(source.root)
@@ -98,6 +105,9 @@ def dump_frozen(
         if not finished and plan.may_resume():
             with contextlib.suppress(MigSGXError):
                 resume_frozen(source.root, freezer)
+            if unlock is not None:
+                with contextlib.suppress(MigSGXError):
+                    unlock()
     try:
         kill_frozen(source.root, freezer)
         remove()

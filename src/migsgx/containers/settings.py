@@ -13,6 +13,9 @@ own, which is right for a host that is a machine of its own::
     containerd_address = "/run/containerd/containerd.sock"  # ctr --address
     containerd_namespace = "default"     # ctr --namespace
     containerd_snapshotter = "overlayfs" # for containers restored here
+    pod_bridge = "br0"                   # where containers that own their address attach
+    pod_netns_prefix = "migsgx-pod-"     # names of the network namespaces made for them
+    pod_addresses = ["10.1.0.100/24"]    # the addresses this host may hold for them
 
 Several emulated hosts on one machine (tests, the demo, the benchmark) share
 the machine's filesystem, cgroups and engine state, so each gets its own
@@ -39,7 +42,10 @@ _TEXT_KEYS: Final = (
     "cgroup_parent",
     "containerd_namespace",
     "containerd_snapshotter",
+    "pod_bridge",
+    "pod_netns_prefix",
 )
+_LIST_KEYS: Final = ("pod_addresses",)
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,11 @@ class ContainerSettings:
     containerd_address: Path | None = None
     containerd_namespace: str | None = None
     containerd_snapshotter: str | None = None
+    #: Containers that own their address (:mod:`.podnet`): the host's bridge, the names
+    #: of their network namespaces, and the only addresses the agent may take for them.
+    pod_bridge: str | None = None
+    pod_netns_prefix: str = "migsgx-pod-"
+    pod_addresses: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, state: Path | None) -> ContainerSettings:
@@ -70,11 +81,16 @@ class ContainerSettings:
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], *, where: str = "settings") -> ContainerSettings:
-        unknown = set(data) - set(_PATH_KEYS) - set(_TEXT_KEYS)
+        unknown = set(data) - set(_PATH_KEYS) - set(_TEXT_KEYS) - set(_LIST_KEYS)
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         values: dict[str, Any] = {}
         for key, value in data.items():
+            if key in _LIST_KEYS:
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"{where}: {key} must be a list of strings")
+                values[key] = tuple(value)
+                continue
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{where}: {key} must be a non-empty string")
             values[key] = Path(value) if key in _PATH_KEYS else value
@@ -85,6 +101,12 @@ class ContainerSettings:
 
     def save(self, state: Path) -> Path:
         path = Path(state) / SETTINGS_FILE
-        data = {k: str(v) for k, v in asdict(self).items() if v is not None}
+        data: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if key in _LIST_KEYS:
+                if value:
+                    data[key] = list(value)
+            elif value is not None:
+                data[key] = str(value)
         path.write_text(tomli_w.dumps(data))
         return path

@@ -1,0 +1,132 @@
+"""A runc container that owns its address keeps its clients' TCP connections across a move.
+
+Real runc, CRIU (``--tcp-established``), a bridged testbed (both hosts' bridges
+on one segment): the kvstore app runs in a pod network namespace of its own
+with an address and MAC of its own; a client on the other host holds one TCP
+connection to it and writes through it before, during and after a live move.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from migsgx.criu import Criu
+from migsgx.lab.containers import ContainerLab
+from migsgx.lab.testbed import AgentProcess, Testbed
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+#: This module's subnet (no other module's testbed uses it).
+BED_SUBNET = 93
+
+
+@pytest.fixture(scope="module")
+def bed(
+    criu: Criu,
+    subreaper: None,
+    _stale_namespaces_removed: None,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Testbed]:
+    root = tmp_path_factory.mktemp("tcpkept")
+    with Testbed(root, subnet=BED_SUBNET, bridged=True) as testbed:
+        yield testbed
+
+
+@pytest.fixture(scope="module")
+def lab(bed: Testbed, criu: Criu) -> Iterator[ContainerLab]:
+    with ContainerLab(bed, criu=criu) as containers:
+        yield containers
+
+
+@pytest.fixture(scope="module")
+def agent(bed: Testbed, lab: ContainerLab) -> AgentProcess:
+    return bed.start_agent()  # after the lab: it reads the host's containers.toml
+
+
+class Writer(threading.Thread):
+    """Writes distinct keys over one TCP connection; any failure ends it and is kept."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        super().__init__(daemon=True)
+        self.conn = conn
+        self.phase = "before"
+        self.ok = {"before": 0, "during": 0, "after": 0}
+        self.acked: list[str] = []
+        self.error: str | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 120
+        with self.conn.makefile("rw", encoding="utf-8", newline="\n") as stream:
+            n = 0
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                n += 1
+                phase = self.phase  # when the request was sent
+                try:
+                    stream.write(f"PUT w{n} {n:08x}\n")
+                    stream.flush()
+                    reply = stream.readline().strip()
+                except OSError as exc:
+                    self.error = f"request {n}: {exc}"
+                    return
+                if not reply.startswith("OK"):
+                    self.error = f"request {n}: {reply!r}"
+                    return
+                self.acked.append(f"w{n}")
+                self.ok[phase] += 1
+                time.sleep(0.01)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def ask(conn: socket.socket, line: str) -> str:
+    conn.sendall(line.encode() + b"\n")
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(65536)
+        assert chunk, "the connection closed"
+        data += chunk
+    return data.decode().strip()
+
+
+def test_client_connection_survives_a_live_move(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    app = lab.start_app("runc", "kvstore", own_address=True)
+    pod_src = Path("/run/netns") / f"{lab.settings['src'].pod_netns_prefix}{app.name}"
+    assert pod_src.exists()
+    writer = Writer(lab.connect(app, via="dst"))
+    other = lab.connect(app, via="src")  # an idle connection from the source host
+    writer.start()
+    wait_until(lambda: writer.ok["before"] >= 5 or writer.error is not None, 20, "writes")
+    writer.phase = "during"
+    run = bed.migrate(None, agent, args=["--runc", app.name, "--live"])
+    writer.phase = "after"
+    wait_until(lambda: writer.ok["after"] >= 5 or writer.error is not None, 30, "writes after")
+    writer.stop.set()
+    writer.join(10)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stats is not None
+    assert run.stats["details"]["tcp_established"] is True
+    assert writer.error is None  # not one failed request
+    assert writer.ok["before"] >= 5 and writer.ok["during"] >= 1 and writer.ok["after"] >= 5
+    # Every acknowledged write is there, asked over the idle connection that also moved.
+    for key in writer.acked:
+        assert ask(other, f"GET {key}") == f"VALUE {int(key[1:]):08x}"
+    other.close()
+    # The address left the source with the container; one runnable copy, on dst.
+    assert not pod_src.exists()
+    assert lab.runnable_copies(app) == {"src": 0, "dst": 1}
+    assert app.name in lab.containers("dst", "runc")
+    assert app.name not in lab.containers("src", "runc")
+    lab.remove(app)
