@@ -3,7 +3,9 @@
 Real runc, CRIU (``--tcp-established``), a bridged testbed (both hosts' bridges
 on one segment): the kvstore app runs in a pod network namespace of its own
 with an address and MAC of its own; a client on the other host holds one TCP
-connection to it and writes through it before, during and after a live move.
+connection to it and writes through it before, during and after a live move,
+while another opens a new connection for every request (some of them are
+half made when the source locks its network).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from migsgx.criu import Criu
-from migsgx.lab.containers import ContainerLab
+from migsgx.lab.containers import ContainerApp, ContainerLab
 from migsgx.lab.testbed import AgentProcess, Testbed
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -82,6 +84,32 @@ class Writer(threading.Thread):
                 time.sleep(0.01)
 
 
+class Dialer(threading.Thread):
+    """A new connection for every request (handshakes in flight at the freeze)."""
+
+    def __init__(self, lab: ContainerLab, app: ContainerApp) -> None:
+        super().__init__(daemon=True)
+        self.lab, self.app = lab, app
+        self.ok = 0
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                conn = self.lab.connect(self.app, via="src")
+                with conn:
+                    reply = ask(conn, "PING")
+            except (OSError, AssertionError) as exc:
+                self.errors.append(repr(exc))
+                continue
+            if reply == "PONG":
+                self.ok += 1
+            else:
+                self.errors.append(reply)
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -107,18 +135,25 @@ def test_client_connection_survives_a_live_move(
     assert pod_src.exists()
     writer = Writer(lab.connect(app, via="dst"))
     other = lab.connect(app, via="src")  # an idle connection from the source host
+    dialer = Dialer(lab, app)
     writer.start()
+    dialer.start()
     wait_until(lambda: writer.ok["before"] >= 5 or writer.error is not None, 20, "writes")
     writer.phase = "during"
     run = bed.migrate(None, agent, args=["--runc", app.name, "--live"])
     writer.phase = "after"
     wait_until(lambda: writer.ok["after"] >= 5 or writer.error is not None, 30, "writes after")
+    ok_after = dialer.ok
+    wait_until(lambda: dialer.ok > ok_after or bool(dialer.errors), 30, "a new connection after")
     writer.stop.set()
+    dialer.stop.set()
     writer.join(10)
+    dialer.join(40)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stats is not None
     assert run.stats["details"]["tcp_established"] is True
     assert writer.error is None  # not one failed request
+    assert dialer.errors == []  # nor a connection refused, reset or lost in a handshake
     assert writer.ok["before"] >= 5 and writer.ok["during"] >= 1 and writer.ok["after"] >= 5
     # Every acknowledged write is there, asked over the idle connection that also moved.
     for key in writer.acked:

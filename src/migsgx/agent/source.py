@@ -72,7 +72,7 @@ from .protocol import (
 )
 from .tls import AgentIdentity
 
-__all__ = ["AgentConnection", "MigrateOptions", "MigrationOutcome", "migrate"]
+__all__ = ["AgentConnection", "MigrateOptions", "MigrationOutcome", "keeps_tcp", "migrate"]
 
 log = logging.getLogger("migsgx.migrate")
 
@@ -161,7 +161,7 @@ class _Migration:
         self.source = source = self.driver.locate(
             opts.target if opts.target is not None else str(opts.pid)
         )
-        self.tcp_keep = self._tcp_keep(source)
+        self.tcp_keep = keeps_tcp(opts.tcp_established, source)
         pid = source.root
         pids = tree_pids(pid)
         if not pids:
@@ -232,16 +232,6 @@ class _Migration:
                 if transfer.peer is not None:
                     transfer.peer.close()
                 transfer.handed.sock.close()
-
-    def _tcp_keep(self, source: Source) -> bool:
-        """Whether established connections move open (``MigrateOptions.tcp_established``)."""
-
-        wanted = self.opts.tcp_established
-        if wanted and source.no_tcp_keep:
-            raise ConfigError(
-                f"--tcp-established cannot apply to {source.label}: {source.no_tcp_keep}"
-            )
-        return bool(source.no_tcp_keep == "" and wanted is not False)
 
     def _begin(self, pids: list[int], pidns: bool) -> dict[str, Any]:
         assert self.source is not None
@@ -647,6 +637,18 @@ class _Migration:
             for proc, phases in s.get("timeline", {}).items():
                 spans[f"enclave{i}.{proc}"] = phases
         return {"origin": t["start"], "spans": spans}
+
+
+def keeps_tcp(wanted: bool | None, source: Source) -> bool:
+    """Whether established connections move open (``MigrateOptions.tcp_established``).
+
+    Only a workload whose address moves with it can keep them: elsewhere CRIU would
+    restore a connection from an address the destination does not answer for.
+    """
+
+    if wanted and source.no_tcp_keep:
+        raise ConfigError(f"--tcp-established cannot apply to {source.label}: {source.no_tcp_keep}")
+    return source.no_tcp_keep == "" and wanted is not False
 
 
 def _alive(pid: int) -> bool:

@@ -97,6 +97,14 @@ def _ip(netns: Path | None, *args: str, what: str) -> str:
     return run_engine([*prefix, "ip", *args], what=what, timeout=30)[1]
 
 
+#: The destination's lock until the commit, in iptables' words (as CRIU locks a network).
+_DROP: Final = (("INPUT", "-i", IFNAME, "-j", "DROP"), ("OUTPUT", "-o", IFNAME, "-j", "DROP"))
+
+
+def _iptables(netns: Path, *args: str) -> None:
+    run_engine(["nsenter", f"--net={netns}", "iptables", "-w", *args], what="iptables")
+
+
 def inspect(netns: Path) -> PodAddress | None:
     """The address a pod namespace holds on ``eth0``, or None when it has none (or more)."""
 
@@ -124,35 +132,57 @@ def allowed(pod: PodAddress, pool: Sequence[str]) -> bool:
     return False
 
 
-def lock(netns: Path) -> None:
-    """Cut the pod off the network: its ``eth0`` goes down (IP and ARP, both ways)."""
+#: No new connection while a pod is being locked (its handshakes in flight complete).
+_NO_SYN: Final = ("INPUT", "-i", IFNAME, "-p", "tcp", "--syn", "-j", "DROP")
 
-    _ip(netns, "link", "set", IFNAME, "down", what="lock the container's network")
+
+def lock(netns: Path, *, timeout: float = DRAIN_TIMEOUT) -> None:
+    """Cut the pod off the network with no connection half made; :func:`unlock` undoes it.
+
+    First new connections are dropped (a client sends its SYN again later) while
+    the application still runs: the handshakes under way complete and it accepts
+    what its listeners queued (:func:`drain`), since CRIU cannot dump a listener
+    holding a connection nobody accepted ("In-flight connection"), and a handshake
+    cut in the middle would leave the client with a connection the destination
+    never heard of.  Then ``eth0`` goes down: IP and ARP, both ways.
+    """
+
+    _iptables(netns, "-I", *_NO_SYN)
+    try:
+        drain(netns, timeout=timeout)
+        _ip(netns, "link", "set", IFNAME, "down", what="lock the container's network")
+    except BaseException:
+        with contextlib.suppress(ContainerError):
+            unlock(netns)
+        raise
 
 
 def unlock(netns: Path) -> None:
     """Undo :func:`lock` (a rollback): the source answers at its address again."""
 
     _ip(netns, "link", "set", IFNAME, "up", what="unlock the container's network")
+    with contextlib.suppress(ContainerError):  # (absent when the lock failed early)
+        _iptables(netns, "-D", *_NO_SYN)
 
 
-def _accept_queues(netns: Path) -> list[int]:
-    """The lengths of the accept queues of the pod's TCP listeners (``ss`` Recv-Q)."""
+def _pending(netns: Path) -> int:
+    """Connections half made, or made and not accepted yet (listeners' ``ss`` Recv-Q)."""
 
-    argv = ["nsenter", f"--net={netns}", "ss", "-H", "-l", "-t", "-n"]
-    out = run_engine(argv, what="ss", timeout=30)[1]
-    return [int(line.split()[1]) for line in out.splitlines() if len(line.split()) > 1]
+    enter = ["nsenter", f"--net={netns}", "ss", "-H", "-t", "-n"]
+    listeners = run_engine([*enter, "-l"], what="ss", timeout=30)[1]
+    queued = sum(int(line.split()[1]) for line in listeners.splitlines() if line.split())
+    half = run_engine([*enter, "state", "syn-recv"], what="ss", timeout=30)[1]
+    return queued + len(half.splitlines())
 
 
 def drain(netns: Path, *, timeout: float = DRAIN_TIMEOUT) -> None:
-    """Wait, with the network locked, until the application accepted every connection.
+    """Wait, new connections refused, until every pending one is accepted.
 
-    CRIU cannot dump a listener holding a connection nobody accepted yet ("In-flight
-    connection"); locked, no new one can arrive, so the queues only shrink.
+    The queues only shrink: no new handshake can start.
     """
 
     deadline = time.monotonic() + timeout
-    while any(_accept_queues(netns)):
+    while _pending(netns):
         if time.monotonic() > deadline:
             raise ContainerError(
                 f"the container did not accept its pending connections within {timeout} s"
@@ -206,14 +236,6 @@ def take(
         give_up(path)
         raise
     return path
-
-
-#: The destination's lock until the commit, in iptables' words (as CRIU locks a network).
-_DROP: Final = (("INPUT", "-i", IFNAME, "-j", "DROP"), ("OUTPUT", "-o", IFNAME, "-j", "DROP"))
-
-
-def _iptables(netns: Path, *args: str) -> None:
-    run_engine(["nsenter", f"--net={netns}", "iptables", "-w", *args], what="iptables")
 
 
 def open_taken(netns: Path) -> None:

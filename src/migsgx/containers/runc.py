@@ -247,14 +247,8 @@ class RuncDriver:
             return
         # The lock comes before the freeze: while the application still runs it accepts
         # what reached its listeners, and nothing new can reach them.
-        podnet.lock(pod)
         plan.note(f"netup {pod}")
-        try:
-            podnet.drain(pod)
-        except BaseException:
-            with contextlib.suppress(MigSGXError):
-                podnet.unlock(pod)
-            raise
+        podnet.lock(pod)
         dump_frozen(source, plan, on_dumped, checkpoint=checkpoint, remove=remove,
                     unlock=lambda: podnet.unlock(pod))  # fmt: skip
 
