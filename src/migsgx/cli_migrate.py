@@ -415,13 +415,19 @@ def bench_container(
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="where the demo keeps its hosts (default: a temporary directory)")  # fmt: skip
 @click.option("--container", type=click.Choice(["runc", "podman", "containerd"]), default=None,
-              help="run the app in a container of this engine and migrate that")  # fmt: skip
-def demo_command(workdir: Path | None, container: str | None) -> None:
-    """Two emulated hosts; the key-value enclave app moves between them while in use."""
+              help="run the app in a container of this engine (sharing its host's network) "
+                   "and migrate that")  # fmt: skip
+@click.option("--process", is_flag=True, help="migrate the app as a plain process")
+def demo_command(workdir: Path | None, container: str | None, process: bool) -> None:
+    """Two emulated hosts; the key-value enclave app moves between them while in use.
+
+    By default the app runs in a runc container that owns its address, and the
+    client's TCP connection stays open across the move.
+    """
 
     from .lab.demo import run_demo
 
-    run_demo(workdir, container=container)
+    run_demo(workdir, container=container, process=process)
 
 
 # --- registration -------------------------------------------------------------------------------
