@@ -1,4 +1,7 @@
-"""The network lock of a container that owns its address, on real namespaces and iptables.
+"""Network locks before a container's freeze, on real namespaces and iptables.
+
+The pod lock of a container that owns its address, and the listener gate of
+one that shares its host's network namespace.
 
 A pod namespace on a bridged host (migsgx.containers.podnet), a listener in it
 that accepts only when told: a connection the application has not accepted
@@ -20,6 +23,7 @@ import pytest
 
 from migsgx.containers import podnet
 from migsgx.containers.base import ContainerError
+from migsgx.containers.gate import ListenerGate
 from migsgx.lab.netns import HostNetwork
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -100,3 +104,41 @@ def test_lock_waits_for_accepted_connections_and_drops_new_ones(
         listener.kill()
         listener.wait(10)
 
+
+
+def test_listener_gate_of_a_container_sharing_its_hosts_network(
+    require_root: None, _stale_namespaces_removed: None
+) -> None:
+    with HostNetwork(["a", "b"], subnet=95) as net:
+        a, b = net["a"], net["b"]
+        listener = subprocess.Popen(
+            a.command([sys.executable, "-c", LISTENER]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert listener.stdin is not None and listener.stdout is not None
+        try:
+            assert listener.stdout.readline().strip() == "ready"
+            gate = ListenerGate.of_tree(listener.pid)
+            assert gate.ports == [7000] and gate.netns == f"/run/netns/{a.netns}"
+            pending = b.connect(a.address, 7000, timeout=5, wait=5)  # queued, not accepted
+
+            with pytest.raises(ContainerError, match="did not accept its pending connections"):
+                gate.close(timeout=0.3)
+            assert "--dport 7000" not in _input_rules(Path(gate.netns))  # opened again
+
+            listener.stdin.write("go\n")
+            listener.stdin.flush()
+            assert listener.stdout.readline().strip() == "accepted"
+            gate.close()
+            late = b.new_socket()
+            late.settimeout(0.5)
+            with pytest.raises(TimeoutError):  # dropped, not refused
+                late.connect((a.address, 7000))
+            late.close()
+            gate.open()
+            assert "--dport 7000" not in _input_rules(Path(gate.netns))
+            b.connect(a.address, 7000, timeout=5, wait=5).close()
+            pending.close()
+        finally:
+            listener.kill()
+            listener.wait(10)

@@ -6,7 +6,9 @@ connection closes.  So the tool starts a guardian (its own session, so that it
 outlives the tool) holding duplicates of those connections, and tells it
 through a pipe what happened: ``thaw FILE`` before a container's cgroup is
 frozen for its checkpoint (FILE is the cgroup's freezer control), ``netup
-NETNS`` before a container that owns its address is cut off the network, ``fence
+NETNS`` before a container that owns its address is cut off the network,
+``ungate NETNS PORT,...`` before new connections to a container's listeners
+are dropped, ``fence
 PID...`` once the source tree got its SIGSTOP, ``resume-sent`` once a tree
 without enclaves passed its commit point, ``done`` when the migration ended
 either way.
@@ -39,6 +41,7 @@ from typing import Final
 
 from ..channel import ECALL, ECALL_FRAME_MAX
 from ..containers.cgroups import thaw_file
+from ..containers.gate import open_gate
 from ..containers.podnet import unlock
 from ..errors import MigSGXError
 from ..wire import recv_frame, send_frame
@@ -190,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(line.strip())
     if "done" in notes:
         return 0
+    # New connections to the source's listeners were dropped: whoever ends up with
+    # the container, clients are served (or refused and go elsewhere) again.
+    for note in notes:
+        parts = note.split()
+        if parts[0:1] == ["ungate"] and len(parts) == 3:
+            open_gate(parts[1], [int(p) for p in parts[2].split(",") if p.isdigit()])
     if "in-doubt" in notes:
         # The tool ended in doubt: keep the source enclaves and carry the decision.
         for path in [n.partition(" ")[2] for n in notes if n.startswith("journal ")]:

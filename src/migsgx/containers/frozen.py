@@ -16,6 +16,7 @@ from ..errors import MigSGXError
 from ..system.process import kill_tree, tree_pids
 from .base import ContainerError, DumpPlan, Source
 from .cgroups import Freezer
+from .gate import ListenerGate
 
 log = logging.getLogger("migsgx.containers")
 
@@ -89,13 +90,39 @@ def dump_frozen(
     plan still allows the source to resume (and ``unlock`` undoes a network lock the
     driver took before); once dumped, the frozen source is killed and ``remove``
     deletes the engine's record of it.
+
+    Without a lock of the driver's (``unlock``), the tree's listeners are gated
+    before the freeze (:class:`~.gate.ListenerGate`: no connection half made
+    when CRIU looks) and opened again at the end, either way.
     """
 
+    gate: ListenerGate | None = None
+    if unlock is None:
+        gate = ListenerGate.of_tree(source.root)
+        if gate.ports:
+            plan.note(gate.note())
+            gate.close()  # (opened again if it fails)
+    try:
+        _dump_frozen(source, plan, on_dumped, checkpoint, remove, unlock)
+    finally:
+        if gate is not None:
+            with contextlib.suppress(MigSGXError):
+                gate.open()
+
+
+def _dump_frozen(
+    source: Source,
+    plan: DumpPlan,
+    on_dumped: Callable[[], None],
+    checkpoint: Callable[[], object],
+    remove: Callable[[], object],
+    unlock: Callable[[], object] | None,
+) -> None:
     freezer = Freezer.of_pid(source.root)
     plan.note(f"thaw {freezer.control}")
-    freezer.freeze()
     finished = False
     try:
+        freezer.freeze()
         checkpoint()
         if freezer.state() != "FROZEN":
             raise ContainerError(f"{source.label} was thawed during its checkpoint")
