@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -164,4 +165,79 @@ def test_client_connection_survives_a_live_move(
     assert lab.runnable_copies(app) == {"src": 0, "dst": 1}
     assert app.name in lab.containers("dst", "runc")
     assert app.name not in lab.containers("src", "runc")
+    lab.remove(app)
+
+
+def _writes(conn: socket.socket, start: int, count: int) -> None:
+    for n in range(start, start + count):
+        assert ask(conn, f"PUT f{n} {n:08x}").startswith("OK")
+
+
+def _check_source_kept(lab: ContainerLab, app: ContainerApp, conn: socket.socket) -> None:
+    """The source runs on at its address; the client's connection still works."""
+
+    _writes(conn, 100, 3)
+    assert ask(conn, "GET f1") == f"VALUE {1:08x}"
+    assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
+    assert app.name not in lab.containers("dst", "runc")
+    dst_pod = Path("/run/netns") / f"{lab.settings['dst'].pod_netns_prefix}{app.name}"
+    assert not dst_pod.exists()  # the destination gave the address up again
+
+
+def test_restore_failing_leaves_the_source_at_its_address(
+    bed: Testbed, lab: ContainerLab
+) -> None:
+    failing = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-restore:corrupt"})
+    app = lab.start_app("runc", "kvstore", own_address=True)
+    conn = lab.connect(app, via="dst")
+    _writes(conn, 1, 3)
+    run = bed.migrate(None, failing, args=["--runc", app.name, "--live"])
+    assert run.returncode == 6, run.stderr
+    _check_source_kept(lab, app, conn)
+    conn.close()
+    failing.stop()
+    lab.remove(app)
+
+
+def test_tool_dying_before_the_commit_point_unlocks_the_source(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    """The guardian brings the source's network back (``netup``) and thaws it."""
+
+    app = lab.start_app("runc", "kvstore", own_address=True)
+    conn = lab.connect(app, via="dst")
+    _writes(conn, 1, 3)
+    run = bed.migrate(None, agent, env={"MIGSGX_FAULT": "tool.before-commit:exit"},
+                      args=["--runc", app.name])  # fmt: skip
+    assert run.returncode == 70
+    assert "resuming the source" in run.stderr
+    wait_until(lambda: app.name not in lab.containers("dst", "runc"), 15, "dst to let go")
+    wait_until(lambda: lab.runnable_copies(app)["src"] == 1, 15, "the source to thaw")
+    _check_source_kept(lab, app, conn)
+    conn.close()
+    lab.remove(app)
+
+
+def test_a_destination_takes_no_address_it_was_not_given(
+    bed: Testbed, lab: ContainerLab
+) -> None:
+    """An agent without the address in its pod_addresses refuses at ``begin``."""
+
+    narrow = replace(lab.settings["dst"], pod_addresses=())
+    narrow.save(bed.state("dst"))
+    try:
+        strict = bed.start_agent()
+    finally:
+        lab.settings["dst"].save(bed.state("dst"))
+    app = lab.start_app("runc", "kvstore", own_address=True)
+    conn = lab.connect(app, via="dst")
+    _writes(conn, 1, 3)
+    run = bed.migrate(None, strict, args=["--runc", app.name])
+    assert run.returncode == 6
+    assert f"refused: {app.extra['address']}/24 is not one of this host's pod_addresses" in (
+        run.stderr
+    )
+    _check_source_kept(lab, app, conn)
+    conn.close()
+    strict.stop()
     lab.remove(app)

@@ -552,6 +552,7 @@ class ContainerLab:
             if runc.state(name) is not None:
                 with contextlib.suppress(MigSGXError):
                     runc.delete(name)
+            podnet.give_up(Path("/run/netns") / f"{self.settings[host].pod_netns_prefix}{name}")
         else:
             podman = self.podman(host)
             if podman.inspect(name) is not None:
