@@ -249,8 +249,15 @@ class RuncDriver:
         # what reached its listeners, and nothing new can reach them.
         plan.note(f"netup {pod}")
         podnet.lock(pod)
-        dump_frozen(source, plan, on_dumped, checkpoint=checkpoint, remove=remove,
-                    unlock=lambda: podnet.unlock(pod))  # fmt: skip
+        try:
+            dump_frozen(source, plan, on_dumped, checkpoint=checkpoint, remove=remove,
+                        unlock=lambda: podnet.unlock(pod))  # fmt: skip
+        except BaseException:
+            # (dump_frozen unlocks once frozen; this covers a failure before the freeze)
+            if plan.may_resume():
+                with contextlib.suppress(MigSGXError):
+                    podnet.unlock(pod)
+            raise
 
     # --- destination ----------------------------------------------------------------------
     def check_target(self, target: Mapping[str, Any]) -> dict[str, Any]:
