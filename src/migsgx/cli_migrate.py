@@ -232,6 +232,9 @@ def recover_command(
 @click.option("--chunk-size", default=None, help="enclave stream chunk size (e.g. 1MiB)")
 @click.option("--mode", type=click.Choice(["pipelined", "sequential"]), default="pipelined")
 @click.option("--keep-tcp", is_flag=True, help="fail on established TCP connections")
+@click.option("--tcp-established/--no-tcp-established", "tcp_established", default=None,
+              help="keep established TCP connections open across the move (default: "
+                   "where the workload owns an address that moves with it)")  # fmt: skip
 @click.option("--shell-job", is_flag=True, help="the tree has a controlling terminal")
 @click.option("--live", is_flag=True,
               help="pre-copy enclave memory while the application runs")  # fmt: skip
@@ -254,6 +257,7 @@ def migrate_command(
     chunk_size: str | None,
     mode: str,
     keep_tcp: bool,
+    tcp_established: bool | None,
     shell_job: bool,
     live: bool,
     downtime_target: float,
@@ -262,10 +266,11 @@ def migrate_command(
 ) -> None:
     """Migrate process PID, or a container, with its enclaves to the agent at --to.
 
-    Established TCP connections are closed on the destination (clients
-    reconnect); listeners move.  Containers are found with the engine settings
-    of STATE/containers.toml (docs/containers.md).  Run as root on the source
-    host.
+    Established TCP connections stay open where the workload owns an address that
+    moves with it (a runc container in a pod network namespace, docs/containers.md);
+    elsewhere they are closed on the destination (clients reconnect); listeners
+    move.  Containers are found with the engine settings of STATE/containers.toml
+    (docs/containers.md).  Run as root on the source host.
     """
 
     from rich.console import Console
@@ -307,6 +312,7 @@ def migrate_command(
         chunk_size=parse_size(chunk_size) if chunk_size else None,
         mode=mode,
         tcp_close=not keep_tcp,
+        tcp_established=tcp_established,
         shell_job=shell_job,
         progress=progress,
         early_handshake=early_handshake,
@@ -441,13 +447,19 @@ def bench_container(
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="where the demo keeps its hosts (default: a temporary directory)")  # fmt: skip
 @click.option("--container", type=click.Choice(["runc", "podman", "containerd"]), default=None,
-              help="run the app in a container of this engine and migrate that")  # fmt: skip
-def demo_command(workdir: Path | None, container: str | None) -> None:
-    """Two emulated hosts; the key-value enclave app moves between them while in use."""
+              help="run the app in a container of this engine (sharing its host's network) "
+                   "and migrate that")  # fmt: skip
+@click.option("--process", is_flag=True, help="migrate the app as a plain process")
+def demo_command(workdir: Path | None, container: str | None, process: bool) -> None:
+    """Two emulated hosts; the key-value enclave app moves between them while in use.
+
+    By default the app runs in a runc container that owns its address, and the
+    client's TCP connection stays open across the move.
+    """
 
     from .lab.demo import run_demo
 
-    run_demo(workdir, container=container)
+    run_demo(workdir, container=container, process=process)
 
 
 # --- registration -------------------------------------------------------------------------------

@@ -108,9 +108,10 @@ class Client(threading.Thread):
 
 
 # --- moves ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("live", [False, True], ids=["stop-and-copy", "live"])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_container_moves_with_its_enclave(
-    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str, live: bool
 ) -> None:
     app = lab.start_app(engine, "kvstore")
     for i in range(3):
@@ -121,13 +122,19 @@ def test_container_moves_with_its_enclave(
     client.start()
     wait_until(lambda: client.ok["src"] > 5, 10, "the client to write")
 
-    run = migrate(bed, app, agent)
+    run = migrate(bed, app, agent, args=["--live"] if live else [])
+    if run.returncode != 0:
+        client.stop.set()
+    assert run.returncode == 0, run.stderr
     wait_until(lambda: client.ok["dst"] > 5, 15, "the client to write on the destination")
     client.stop.set()
     client.join(10)
     assert run.returncode == 0, run.stderr
     assert run.stats is not None
     assert run.stats["details"]["driver"] == engine
+    if live:  # the enclave's memory went in rounds while the client kept writing
+        (enclave,) = run.stats["details"]["enclave_stats"]
+        assert enclave["mode"] == "live" and enclave["rounds"][0]["pages"] > 0
     assert run.stats["details"]["enclaves"] == 1
     assert run.stats["details"]["enclave_bytes"] > 0
     assert run.stats["downtime"] <= run.stats["total"]

@@ -48,6 +48,7 @@ from ..core.rounds import StopRules
 from ..criu import Criu, DumpCancel
 from ..datapath.engine import OutgoingEnclave
 from ..errors import (
+    ConfigError,
     CriuError,
     InDoubtError,
     MigrationError,
@@ -73,7 +74,7 @@ from .protocol import (
 )
 from .tls import AgentIdentity
 
-__all__ = ["AgentConnection", "MigrateOptions", "MigrationOutcome", "migrate"]
+__all__ = ["AgentConnection", "MigrateOptions", "MigrationOutcome", "keeps_tcp", "migrate"]
 
 log = logging.getLogger("migsgx.migrate")
 
@@ -99,6 +100,9 @@ class MigrateOptions:
     chunk_size: int | None = None
     mode: str = "pipelined"
     tcp_close: bool = True
+    #: Keep established TCP connections open across the move: None = wherever the
+    #: workload owns an address that moves with it; True = required (else an error).
+    tcp_established: bool | None = None
     shell_job: bool = False
     progress: Progress | None = None
     # Live migration (agent/precopy.py): pre-copy rounds before the freeze.
@@ -143,6 +147,7 @@ class _Migration:
         self.page_bytes = 0
         self.driver: Driver = make_driver(opts.driver, HostConfig(opts.criu, opts.containers))
         self.source: Source | None = None
+        self.tcp_keep = False
         self.page_server = False
         self.session_id = b""
         self.journal: Journal | None = None
@@ -163,6 +168,7 @@ class _Migration:
         self.source = source = self.driver.locate(
             opts.target if opts.target is not None else str(opts.pid)
         )
+        self.tcp_keep = keeps_tcp(opts.tcp_established, source)
         pid = source.root
         pids = tree_pids(pid)
         if not pids:
@@ -257,7 +263,7 @@ class _Migration:
             "enclaves": [{"info": info_to_wire(t.handed.info)} for t in self.transfers],
             "pids": pids,
             "pidns": pidns,
-            "tcp_close": self.opts.tcp_close,
+            "tcp_close": self.opts.tcp_close and not self.tcp_keep,
             "page_tls": self.page_server,
         }
         if self.driver.name != "pid":
@@ -446,7 +452,8 @@ class _Migration:
             images=dump_dir,
             page_server=(opts.to[0], int(ready["page_port"])) if self.page_server else None,
             page_tls=(ident.ca, ident.cert, ident.key),
-            tcp_close=opts.tcp_close,
+            tcp_close=opts.tcp_close and not self.tcp_keep,
+            tcp_keep=self.tcp_keep,
             shell_job=opts.shell_job,
             note=self._guardian_note,
             may_resume=lambda: not self.committed and not self.resume_sent,
@@ -720,6 +727,7 @@ class _Migration:
             "enclave_destination_stats": [plain_stats(s) for s in dest],
             "driver": self.driver.name,
             "workload": self.source.label if self.source is not None else "",
+            "tcp_established": self.tcp_keep,
         }
         if "resume_warning" in self.stats:
             figures["details"]["warning"] = self.stats["resume_warning"]
@@ -781,6 +789,18 @@ def _token_fault(transfer: _Transfer, action: str | None) -> bytes | None:
         damaged[len(damaged) // 2] ^= 0x01
         return bytes(damaged)
     return None
+
+
+def keeps_tcp(wanted: bool | None, source: Source) -> bool:
+    """Whether established connections move open (``MigrateOptions.tcp_established``).
+
+    Only a workload whose address moves with it can keep them: elsewhere CRIU would
+    restore a connection from an address the destination does not answer for.
+    """
+
+    if wanted and source.no_tcp_keep:
+        raise ConfigError(f"--tcp-established cannot apply to {source.label}: {source.no_tcp_keep}")
+    return source.no_tcp_keep == "" and wanted is not False
 
 
 def _alive(pid: int) -> bool:

@@ -18,6 +18,9 @@ own, which is right for a host that is a machine of its own::
     writable_bind_sources = ["/srv/data/out"]  # ... and read-write; default: none
     security_labels = ["my-profile"]     # AppArmor profiles / SELinux labels a peer's
                                          # container may name; default: none
+    pod_bridge = "br0"                   # where containers that own their address attach
+    pod_netns_prefix = "migsgx-pod-"     # names of the network namespaces made for them
+    pod_addresses = ["10.1.0.100/24"]    # the addresses this host may hold for them
 
 ``bind_sources`` and ``security_labels`` are this host's grants to containers
 that *arrive* from a peer (:mod:`.admission`): everything else a peer's
@@ -48,9 +51,10 @@ _TEXT_KEYS: Final = (
     "cgroup_parent",
     "containerd_namespace",
     "containerd_snapshotter",
+    "pod_bridge",
+    "pod_netns_prefix",
 )
-
-_LIST_KEYS: Final = ("bind_sources", "writable_bind_sources", "security_labels")
+_LIST_KEYS: Final = ("bind_sources", "writable_bind_sources", "security_labels", "pod_addresses")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,11 @@ class ContainerSettings:
     bind_sources: tuple[Path, ...] = ()
     writable_bind_sources: tuple[Path, ...] = ()
     security_labels: tuple[str, ...] = ()
+    #: Containers that own their address (:mod:`.podnet`): the host's bridge, the names
+    #: of their network namespaces, and the only addresses the agent may take for them.
+    pod_bridge: str | None = None
+    pod_netns_prefix: str = "migsgx-pod-"
+    pod_addresses: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, state: Path | None) -> ContainerSettings:
