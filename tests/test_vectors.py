@@ -296,6 +296,19 @@ def check_persistent(case: dict[str, Any]) -> None:
 def check_checkpoint(case: dict[str, Any]) -> None:
     blob = bytes.fromhex(case["blob"])
 
+    def open_gate() -> dict[str, Any]:
+        cid, share, counter, meta = checkpoints.open_gate_record(_services(case), blob)
+        return {
+            "checkpoint_id": cid.hex(),
+            "share": share.hex(),
+            "counter": counter,
+            "meta": None if meta is None else meta.hex(),
+        }
+
+    if case.get("record") == "gate":
+        assert _outcome(open_gate) == case["expect"]
+        return
+
     def open_() -> dict[str, Any]:
         cid, secret, source = checkpoints.open_key_record(_services(case), blob)
         return {

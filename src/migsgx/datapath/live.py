@@ -43,6 +43,7 @@ from .engine import (
     _send,
     _slot_size,
     _Worker,
+    dump_watched,
 )
 from .ring import RingRole, ShmRing
 from .transport import ring_to_socket, tune_socket
@@ -200,10 +201,8 @@ class LiveOutgoingEnclave(OutgoingEnclave):
             ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
             try:
                 self.link.give_ring(ring)
-                mover = _Worker(lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT),
-                                "migsgx-send", ring)  # fmt: skip
-                dump = _call_beside(self.link, mover, "__mig_dump", self.chunk_size)
-                mover.join()
+                # With the application frozen, a refusal must end the send at once.
+                dump = dump_watched(self.link, ring, peer, self.chunk_size)
             finally:
                 ring.close()
             t_sent = time.perf_counter()
