@@ -211,7 +211,12 @@ def recover_command(state: Path, ca_dir: Path | None, as_json: bool) -> None:
 @click.option("--keep-tcp", is_flag=True, help="fail on established TCP connections")
 @click.option("--shell-job", is_flag=True, help="the tree has a controlling terminal")
 @click.option("--live", is_flag=True,
-              help="pre-copy enclave memory while the application runs")  # fmt: skip
+              help="pre-copy enclave memory while the application runs; with a "
+              "process (PID), post-copy its memory too where the hosts allow")  # fmt: skip
+@click.option("--post-copy", is_flag=True,
+              help="move a process's memory after the commit (CRIU lazy pages): short "
+              "downtime, but until its last page arrived the destination needs the "
+              "source (exit 9 if the source is lost then)")  # fmt: skip
 @click.option("--downtime-target", type=float, default=0.05, show_default=True,
               help="--live: seconds the last dirty set may take to send")  # fmt: skip
 @click.option("--max-rounds", type=int, default=30, show_default=True, help="--live: round limit")
@@ -231,13 +236,17 @@ def migrate_command(
     keep_tcp: bool,
     shell_job: bool,
     live: bool,
+    post_copy: bool,
     downtime_target: float,
     max_rounds: int,
 ) -> None:
     """Migrate process PID, or a container, with its enclaves to the agent at --to.
 
     Established TCP connections are closed on the destination (clients
-    reconnect); listeners move.  Containers are found with the engine settings
+    reconnect); listeners move.  Exit status: 6 the migration did not happen
+    (the source runs on), 7 in doubt (run migsgx recover), 8 the source ended,
+    9 the source was lost inside the post-copy window (the application is
+    lost: docs/migration.md).  Containers are found with the engine settings
     of STATE/containers.toml (docs/containers.md).  Run as root on the source
     host.
     """
@@ -286,6 +295,7 @@ def migrate_command(
     )
     if live:
         _live_options(opts, console, downtime_target, max_rounds)
+    opts.post_copy = post_copy or (live and driver == "pid" and _post_copy_here(console))
     if status is not None:
         with status:
             outcome = migrate(opts)
@@ -468,6 +478,21 @@ def bench_live(
             err=True,
         )
     _emit(result)
+
+
+def _post_copy_here(console: Any) -> bool:
+    """``--live`` with a process: post-copy its memory if this host can serve it."""
+
+    from .containers.postcopy import check_pipe_max_size
+    from .errors import PostCopyUnavailableError
+
+    try:
+        check_pipe_max_size()
+    except PostCopyUnavailableError as exc:
+        console.print(f"post-copy is not possible here ({exc}); the process's memory "
+                      "moves while it is frozen", highlight=False)  # fmt: skip
+        return False
+    return True
 
 
 def _live_options(opts: Any, console: Any, downtime_target: float, max_rounds: int) -> None:

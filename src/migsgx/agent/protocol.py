@@ -111,11 +111,13 @@ CONTROL = Schema(
             "driver": (str, NONE),  # what migrates: "pid", "runc", "podman" (migsgx.containers)
             "target": (dict, NONE),  # the driver's description of it (e.g. {"id": ...})
             "page_server": (bool, NONE),  # whether the tool's CRIU connects to the page server
+            "post_copy": (bool, NONE),  # process pages pulled lazily after the commit
         },
         "enclaves_done": {},
         "image": {"name": str, "data": bytes},
         "images_done": {"files": int, "bytes": int},
-        "restore": {},
+        # Post-copy: the port the source's CRIU serves lazy pages on (at the tool's address).
+        "restore": {"lazy_port": (int, NONE)},
         # Optional: the COMMIT tokens (one per enclave, b"" for none) delivered again.
         "resume": {"tokens": (list, NONE)},
         # Optional: the source enclaves' ABORT frames, for destination enclaves past LOADED.
@@ -129,6 +131,8 @@ CONTROL = Schema(
         "images_ok": {"page_bytes": int, "seconds": NUMBER},
         "restored": {"pid": int, "seconds": NUMBER},
         "resumed": {"seconds": NUMBER, "attach_seconds": NUMBER, "pid": int},
+        # Post-copy, after "resumed": the last page arrived (or "err" post-copy-source-lost).
+        "window": {"seconds": NUMBER},
         "aborted": {"held": (bool, NONE)},  # held: kept in doubt (a copy past LOADED)
         # outcome: "resumed", "aborted", "waiting" (not all enclaves decided), "unknown".
         "delivered": {"outcome": str, "pid": int},

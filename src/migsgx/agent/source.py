@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
+from ..containers.postcopy import check_pipe_max_size
 from ..core.rounds import StopRules
 from ..criu import Criu
 from ..datapath.engine import OutgoingEnclave
@@ -51,7 +52,9 @@ from ..errors import (
     InDoubtError,
     MigrationError,
     MigSGXError,
+    PostCopyUnavailableError,
     SourceGoneError,
+    SourceLostError,
 )
 from ..host.appctl import info_to_wire
 from ..system.process import is_pidns_init, process_state, stop_tree, tree_pids
@@ -62,6 +65,7 @@ from .datalink import open_data
 from .faults import fault, flipping_relay, kill_dead, socket_owner
 from .guardian import Guardian
 from .journal import Journal
+from .lazy import LazyDump
 from .precopy import RoundReport
 from .protocol import (
     IMAGE_CHUNK,
@@ -103,6 +107,8 @@ class MigrateOptions:
     live: bool = False
     stop_rules: StopRules | None = None
     round_report: RoundReport | None = None
+    # Post-copy (agent/lazy.py): the process's private memory follows after the commit.
+    post_copy: bool = False
 
 
 @dataclass
@@ -144,6 +150,8 @@ class _Migration:
         self.journal: Journal | None = None
         self.in_doubt = False
         self._journal_lock = threading.Lock()
+        self.lazy: LazyDump | None = None
+        self.window_seconds: float | None = None
 
     def note(self, phase: str) -> None:
         self.t[phase] = time.monotonic()
@@ -161,8 +169,16 @@ class _Migration:
         if not pids:
             raise MigrationError(f"no process {pid} ({source.label})")
         pidns = is_pidns_init(pid)
-        # Pages travel only integrity-protected: TLS to a page server, or the TLS channel.
-        self.page_server = self.driver.uses_page_server(True)
+        if opts.post_copy:
+            if self.driver.name != "pid":
+                raise PostCopyUnavailableError(
+                    f"post-copy moves a process tree (driver pid), not a {self.driver.name} "
+                    "container: migrate it without --post-copy"
+                )
+            check_pipe_max_size()  # before anything is frozen
+        # Pages travel only integrity-protected: TLS to a page server, or the TLS channel
+        # (post-copy: CRIU's own TLS from the source's lazy server).
+        self.page_server = self.driver.uses_page_server(True) and not opts.post_copy
         self.control = control = AgentConnection(opts.to, opts.identity, opts.io_timeout)
         try:
             control.call({"t": "hello", "version": VERSION, "host_id": _host_id(opts)}, "welcome")
@@ -202,7 +218,7 @@ class _Migration:
                 gone = undecided and not _alive(pid)
                 if undecided:
                     self._roll_back(exc, source_gone=gone)
-                elif self.committed:
+                elif self.committed and not isinstance(exc, SourceLostError):
                     self.in_doubt = True
                 if gone and isinstance(exc, Exception):
                     # Whatever failed first, the reason is that the application ended.
@@ -237,12 +253,14 @@ class _Migration:
             "pids": pids,
             "pidns": pidns,
             "tcp_close": self.opts.tcp_close,
-            "page_tls": self.page_server,
+            "page_tls": self.page_server or self.opts.post_copy,  # (post-copy: CRIU's TLS)
         }
         if self.driver.name != "pid":
             begin.update(driver=self.driver.name, target=self.source.target)
         if not self.page_server:
             begin["page_server"] = False
+        if self.opts.post_copy:
+            begin["post_copy"] = True
         return begin
 
     # --- enclaves ----------------------------------------------------------------------------
@@ -372,10 +390,68 @@ class _Migration:
             shell_job=opts.shell_job,
             note=self._guardian_note,
             may_resume=lambda: not self.committed and not self.resume_sent,
+            lazy=opts.post_copy,
         )
         self.note("dump")
-        self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
+        if opts.post_copy:
+            self._dump_lazy(dump_dir, plan)
+        else:
+            self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
         self.note("end")
+
+    def _dump_lazy(self, dump_dir: Path, plan: DumpPlan) -> None:
+        """Post-copy (agent/lazy.py): restore and commit after ``post-dump``, pages last."""
+
+        source = self.source
+        assert source is not None
+        self.lazy = lazy = LazyDump(
+            lambda on_dumped: self.driver.dump(source, plan, on_dumped),
+            lambda: self._on_dumped(dump_dir),
+            dump_dir,
+        )
+        lazy.wait_dumped()  # (a failure there: CRIU resumed the tree, still fenced by nobody)
+        port = lazy.port(timeout=self.opts.io_timeout)
+        self._restore({"t": "restore", "lazy_port": port})
+        self._inject(self._fault("tool.before-commit"))
+        self._commit()
+        self.note("resumed")
+        self._window()
+
+    def _window(self) -> None:
+        """Until the destination has every page: its word, not CRIU's, ends the migration."""
+
+        assert self.control is not None and self.lazy is not None and self.source is not None
+        action = fault("tool.in-window")
+        if action == "kill-criu":
+            self.lazy.stop()  # the only server of the missing pages dies (a fault)
+        try:
+            reply = self.control.receive("resume", "window")
+        except MigSGXError as exc:
+            lost = exc.context.get("remote_code") == SourceLostError.code
+            self._end_source()
+            if lost:
+                raise SourceLostError(
+                    "the source stopped serving process pages inside the post-copy window, "
+                    f"after the commit point ({exc}); the destination killed its tree: the "
+                    "application is lost"
+                ) from exc
+            raise InDoubtError(
+                "the source enclaves committed and the destination tree ran, but the "
+                f"destination did not report its process pages complete ({exc}); "
+                "the source tree was killed"
+            ) from exc
+        self.window_seconds = float(reply["seconds"])
+        self._end_source()
+
+    def _end_source(self) -> None:
+        """Committed: the source tree (stopped since the fence) never runs again."""
+
+        assert self.lazy is not None
+        if not self.lazy.finish(5.0):
+            self.lazy.stop()
+        for pid in self.fenced:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def _fault(self, point: str) -> str | None:
         """A fault point of the tool; ``kill-source`` there SIGKILLs the source application.
@@ -404,11 +480,26 @@ class _Migration:
         self._finish_enclaves()
         self._stream_images(dump_dir)
         self.note("images_sent")
-        restored = self.control_call({"t": "restore"}, "restored")
+        if self.opts.post_copy:
+            # CRIU serves the pages once this returns, and may then resume the
+            # tree on an error: the fence keeps it stopped until decided.
+            self._fence()
+            return
+        self._restore({"t": "restore"})
+        self._fence()
+        self._inject(self._fault("tool.before-commit"))
+        self._commit()
+        self.note("resumed")
+
+    def _restore(self, request: dict[str, Any]) -> None:
+        restored = self.control_call(request, "restored")
         self.restored_pid = int(restored["pid"])
         self.stats["restore"] = float(restored["seconds"])
         self.note("restored")
-        # The fence: from here on the source never runs again unless rolled back.
+
+    def _fence(self) -> None:
+        """From here on the source never runs again unless rolled back."""
+
         assert self.source is not None
         self.fenced = tree_pids(self.source.root)
         stop_tree(self.fenced)
@@ -416,9 +507,6 @@ class _Migration:
             self.guardian.note("fence " + " ".join(map(str, self.fenced)))
         if self.journal is not None:
             self.journal.update(fenced=self.fenced, phase="fenced")
-        self._inject(self._fault("tool.before-commit"))
-        self._commit()
-        self.note("resumed")
 
     def _stream_images(self, dump_dir: Path) -> None:
         files = sorted(p for p in dump_dir.iterdir() if p.is_file() and p.name not in _LOCAL_ONLY)
@@ -543,6 +631,8 @@ class _Migration:
                 reply = self.control.call(abort, "aborted")
                 if not reply.get("held") and self.journal is not None:
                     self.journal.update(phase="done")  # the destination kept nothing
+        if self.lazy is not None:
+            self.lazy.stop()  # CRIU lets go of the tree before it is thawed
         for pid in self.fenced:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
@@ -580,6 +670,9 @@ class _Migration:
         }
         if self.opts.live:
             figures["precopy"] = span("precopy", "precopied")
+        if self.opts.post_copy:
+            # From the destination tree's start to its last page: it needs the source.
+            figures["post_copy_window"] = self.window_seconds
         figures["details"] = {
             "commit": span("restored", "committed"),
             "resume": span("committed", "resumed"),

@@ -106,6 +106,10 @@ class DumpPlan:
     page_tls: tuple[Path, Path, Path] | None  # (CA, certificate, key) for the page stream
     tcp_close: bool  # established connections are closed on the destination
     shell_job: bool = False
+    #: Post-copy (drivers that can): CRIU serves private memory lazily on a port
+    #: of its own after ``on_dumped`` and leaves the tree stopped, never killed;
+    #: the engine kills it once committed (``page_server`` is unused).
+    lazy: bool = False
     #: Tells the guardian how to undo a step if the tool dies (``thaw PATH``).
     note: Callable[[str], None] = field(default=lambda _line: None)
     #: Whether the source may still run again (False once past the commit point).

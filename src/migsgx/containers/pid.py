@@ -18,6 +18,7 @@ from ..criu import InTaskNamespaces
 from ..errors import MigrationError, ProtocolError
 from ..system.process import kill_tree, tree_pids
 from .base import DumpPlan, HostConfig, Restored, RestoreRequest, Source
+from .postcopy import check_pipe_max_size
 
 __all__ = ["PidDriver"]
 
@@ -51,13 +52,21 @@ class PidDriver:
             if script == "post-dump":
                 on_dumped()
 
+        page_server = plan.page_server
+        if plan.lazy:
+            check_pipe_max_size()
+            # CRIU listens on a port the kernel picks (any address of the tree's
+            # network namespace) and leaves the tree stopped once served.
+            page_server = ("", 0)
+            extra["leave_stopped"] = True
         self.host.criu.dump(
             source.root,
             plan.images,
             leave_running=False,
             shell_job=plan.shell_job,
             file_locks=True,  # held POSIX and flock locks (sqlite in WAL mode) move with it
-            page_server=plan.page_server,
+            lazy_pages=plan.lazy,
+            page_server=page_server,
             notify=notify,
             enter=InTaskNamespaces(source.root),
             extra=extra,
