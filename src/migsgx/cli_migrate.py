@@ -217,6 +217,8 @@ def recover_command(state: Path, ca_dir: Path | None, as_json: bool) -> None:
               help="move a process's memory after the commit (CRIU lazy pages): short "
               "downtime, but until its last page arrived the destination needs the "
               "source (exit 9 if the source is lost then)")  # fmt: skip
+@click.option("--post-copy-port", type=click.IntRange(0, 65535), default=0,
+              help="the port the source serves its memory on (default: any)")  # fmt: skip
 @click.option("--downtime-target", type=float, default=0.05, show_default=True,
               help="--live: seconds the last dirty set may take to send")  # fmt: skip
 @click.option("--max-rounds", type=int, default=30, show_default=True, help="--live: round limit")
@@ -237,6 +239,7 @@ def migrate_command(
     shell_job: bool,
     live: bool,
     post_copy: bool,
+    post_copy_port: int,
     downtime_target: float,
     max_rounds: int,
 ) -> None:
@@ -296,6 +299,7 @@ def migrate_command(
     if live:
         _live_options(opts, console, downtime_target, max_rounds)
     opts.post_copy = post_copy or (live and driver == "pid" and _post_copy_here(console))
+    opts.lazy_port = post_copy_port
     if status is not None:
         with status:
             outcome = migrate(opts)

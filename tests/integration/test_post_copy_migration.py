@@ -11,6 +11,8 @@ running with wrong memory.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -113,4 +115,65 @@ def test_failure_before_the_commit_point_leaves_the_source_running(
     carries_on(bed, app, "src")
     assert all(not w["errors"] for w in workers(bed, app, "src"))
     assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
+    end(bed, app)
+
+
+def free_port(bed: Testbed) -> int:
+    """A port the kernel picks on the source host (for the source's page server)."""
+
+    code = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
+    argv = bed.host("src").command([sys.executable, "-c", code])
+    return int(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
+
+
+def throttle_port(bed: Testbed, port: int) -> None:
+    """Only the page stream (source port ``port``) leaves the source at 1 Mbit/s.
+
+    The process's memory (tens of MiB) then needs minutes; the commit point
+    comes a fraction of a second after the restore, so pages are missing there.
+    """
+
+    run = ["tc", "-n", bed.host("src").netns]
+    for argv in (
+        ["qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10"],
+        ["class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10", "htb",
+         "rate", "10gbit"],
+        ["class", "add", "dev", "eth0", "parent", "1:", "classid", "1:20", "htb",
+         "rate", "1mbit", "ceil", "1mbit"],
+        ["filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "u32",
+         "match", "ip", "sport", str(port), "0xffff", "flowid", "1:20"],
+    ):  # fmt: skip
+        subprocess.run([*run, *argv], check=True, capture_output=True)
+
+
+def unthrottle(bed: Testbed) -> None:
+    subprocess.run(
+        ["tc", "-n", bed.host("src").netns, "qdisc", "del", "dev", "eth0", "root"],
+        check=False, capture_output=True,
+    )  # fmt: skip
+
+
+def test_source_criu_lost_after_the_commit_point_is_exit_9(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    app = start_kvstore(bed)
+    port = free_port(bed)
+    throttle_port(bed, port)
+    try:
+        run = bed.migrate(
+            app.pid,
+            agent,
+            args=["--post-copy", "--post-copy-port", str(port)],
+            env={"MIGSGX_FAULT": "tool.after-commit:kill-criu"},
+        )
+    finally:
+        unthrottle(bed)
+    assert run.returncode == 9, run.stderr
+    assert "inside the post-copy window" in run.stderr, run.stderr
+    assert "destination tree was killed" in run.stderr, run.stderr
+    # Neither copy runs: the destination's never ran with pages missing, the
+    # source's gave its enclaves up at the commit point.
+    copies = bed.copies(app)
+    assert bed.runnable_copies(app) == {"src": 0, "dst": 0}, copies
+    assert all(state in ("", "Z", "X") for _, state in copies["dst"]), copies
     end(bed, app)

@@ -9,8 +9,9 @@ exists (a test looks at it in that state, then lets it go); any other action
 is returned to the caller, which knows what it means there (``corrupt``
 before a restore or of the page stream, ``kill-after-bytes=N`` while an
 enclave stream comes in, ``kill-source`` at a point of the tool: SIGKILL to
-the source application, for example; ``kill-criu`` at ``tool.in-window``:
-SIGKILL to the source's CRIU, the only server of the pages still missing).
+the source application, for example; ``kill-criu`` after the commit point of
+a post-copy migration: SIGKILL to the source's CRIU, the only server of the
+pages still missing).
 Unset, every point is a no-op.
 """
 
@@ -47,7 +48,6 @@ POINTS: Final = frozenset(
         "tool.before-dump",  # the enclaves stream, CRIU has not started
         "tool.before-commit",
         "tool.after-commit",
-        "tool.in-window",  # post-copy: the destination runs and may still need pages
         "tool.before-token",  # each COMMIT token, before it goes on the data connection
         "tool.enclave-stream",  # each enclave's data connection, once it is open
     }

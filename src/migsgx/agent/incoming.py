@@ -397,7 +397,12 @@ class IncomingMigration:
         t0 = time.monotonic()
         _inject(fault("agent.before-resume"), self)
         self._pass_on(msg.get("tokens"))
-        attach_seconds = self._resume_tree(self.config.io_timeout)
+        try:
+            attach_seconds = self._resume_tree(self.config.io_timeout)
+        except MigSGXError:
+            if self.window is not None and self.window.watching:
+                self.window.wait()  # a tree that died of a lost source: say so
+            raise
         assert self.root is not None
         log.info("migration %s: resumed pid %d", self.tag, self.root)
         self.agent.metrics.observe_phase("resume", time.monotonic() - t0)

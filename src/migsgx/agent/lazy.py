@@ -130,7 +130,8 @@ def _criu_children() -> list[int]:
         except OSError:
             continue
         parent = stat[stat.rindex(")") + 2 :].split()[1]
-        if parent == me and b"swrk" in cmdline[1:2]:
+        # (CRIU renames itself "criu: dump --rpc ..." once it runs the request)
+        if parent == me and (b"swrk" in cmdline[1:2] or cmdline[0].startswith(b"criu: ")):
             found.append(int(entry))
     return found
 
@@ -150,13 +151,17 @@ class Window:
         self.report: WindowReport | None = None
         self.error: SourceLostError | None = None
         self.running = False
+        self.watching = False
         self._done = threading.Event()
 
     def run(self) -> None:
         """Let the held tree run and watch the window in a thread."""
 
-        self.post.run()
-        self.running = True
+        self.watching = True
+        if self.post.serving:
+            self.post.run()
+            self.running = True
+        # (a daemon that already failed: the tree never runs, the watch kills it)
         threading.Thread(target=self._watch, name="migsgx-agent-window", daemon=True).start()
 
     def _watch(self) -> None:
@@ -183,7 +188,7 @@ class Window:
         return self.report
 
     def close(self) -> None:
-        """Before the tree ran: the daemon goes (its tree is discarded by the caller)."""
+        """Before the watch: the daemon goes (its tree is discarded by the caller)."""
 
-        if not self.running:
+        if not self.watching:
             self.post.close()

@@ -109,6 +109,7 @@ class MigrateOptions:
     round_report: RoundReport | None = None
     # Post-copy (agent/lazy.py): the process's private memory follows after the commit.
     post_copy: bool = False
+    lazy_port: int = 0  # where the source's CRIU serves it (0: a port the kernel picks)
 
 
 @dataclass
@@ -384,7 +385,11 @@ class _Migration:
         assert self.source is not None
         plan = DumpPlan(
             images=dump_dir,
-            page_server=(opts.to[0], int(ready["page_port"])) if self.page_server else None,
+            page_server=(
+                (opts.to[0], int(ready["page_port"]))
+                if self.page_server
+                else ("", opts.lazy_port) if opts.post_copy else None
+            ),
             page_tls=(ident.ca, ident.cert, ident.key),
             tcp_close=opts.tcp_close,
             shell_job=opts.shell_job,
@@ -410,7 +415,8 @@ class _Migration:
             dump_dir,
         )
         lazy.wait_dumped()  # (a failure there: CRIU resumed the tree, still fenced by nobody)
-        port = lazy.port(timeout=self.opts.io_timeout)
+        # (CRIU logs the port only when the kernel picked it)
+        port = self.opts.lazy_port or lazy.port(timeout=self.opts.io_timeout)
         self._restore({"t": "restore", "lazy_port": port})
         self._inject(self._fault("tool.before-commit"))
         self._commit()
@@ -421,20 +427,12 @@ class _Migration:
         """Until the destination has every page: its word, not CRIU's, ends the migration."""
 
         assert self.control is not None and self.lazy is not None and self.source is not None
-        action = fault("tool.in-window")
-        if action == "kill-criu":
-            self.lazy.stop()  # the only server of the missing pages dies (a fault)
         try:
             reply = self.control.receive("resume", "window")
         except MigSGXError as exc:
-            lost = exc.context.get("remote_code") == SourceLostError.code
+            if exc.context.get("remote_code") == SourceLostError.code:
+                self._source_lost(exc)
             self._end_source()
-            if lost:
-                raise SourceLostError(
-                    "the source stopped serving process pages inside the post-copy window, "
-                    f"after the commit point ({exc}); the destination killed its tree: the "
-                    "application is lost"
-                ) from exc
             raise InDoubtError(
                 "the source enclaves committed and the destination tree ran, but the "
                 f"destination did not report its process pages complete ({exc}); "
@@ -442,6 +440,14 @@ class _Migration:
             ) from exc
         self.window_seconds = float(reply["seconds"])
         self._end_source()
+
+    def _source_lost(self, exc: MigSGXError) -> None:
+        self._end_source()
+        raise SourceLostError(
+            "the source stopped serving process pages inside the post-copy window, after "
+            f"the commit point ({exc}); the destination killed its tree: the application "
+            "is lost"
+        ) from exc
 
     def _end_source(self) -> None:
         """Committed: the source tree (stopped since the fence) never runs again."""
@@ -548,6 +554,8 @@ class _Migration:
             try:
                 reply = self.control_call({"t": "resume", "tokens": tokens}, "resumed")
             except MigSGXError as exc:
+                if self.lazy is not None and exc.context.get("remote_code") == SourceLostError.code:
+                    self._source_lost(exc)
                 raise InDoubtError(
                     "the source enclaves committed, but the destination did not confirm that "
                     f"it runs ({exc}); the source stays stopped: run migsgx recover"
@@ -581,6 +589,8 @@ class _Migration:
             kill_dead([self.guardian.proc.pid])
         elif action == "kill-source-enclave":
             kill_dead([t.handed.info.pid for t in self.transfers])
+        elif action == "kill-criu" and self.lazy is not None:
+            self.lazy.stop()  # post-copy: the only server of the pages still missing dies
         elif action == "kill-source-platform":
             kill_dead([socket_owner(self.opts.identity.directory.parent / "enclave.sock")])
 

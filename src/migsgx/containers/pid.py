@@ -55,9 +55,10 @@ class PidDriver:
         page_server = plan.page_server
         if plan.lazy:
             check_pipe_max_size()
-            # CRIU listens on a port the kernel picks (any address of the tree's
-            # network namespace) and leaves the tree stopped once served.
-            page_server = ("", 0)
+            # CRIU listens on the plan's port (0: the kernel picks one) at any
+            # address of the tree's network namespace, and leaves the tree
+            # stopped once served.
+            page_server = plan.page_server or ("", 0)
             extra["leave_stopped"] = True
         self.host.criu.dump(
             source.root,
