@@ -388,7 +388,9 @@ class _Migration:
             page_server=(
                 (opts.to[0], int(ready["page_port"]))
                 if self.page_server
-                else ("", opts.lazy_port) if opts.post_copy else None
+                else ("", opts.lazy_port)
+                if opts.post_copy
+                else None
             ),
             page_tls=(ident.ca, ident.cert, ident.key),
             tcp_close=opts.tcp_close,
