@@ -354,28 +354,34 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
 @click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
               help="keep the testbed (logs, images) in this directory")  # fmt: skip
+@click.option("--post-copy", is_flag=True,
+              help="also migrate with --post-copy: its downtime and window")  # fmt: skip
 def bench_process(
     enclave_size: str,
     repeat: int,
     plot_path: Path | None,
     as_json: bool,
     keep: Path | None,
+    post_copy: bool,
 ) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
     from .lab.bench.process import plot, run
 
-    result = run(parse_size(enclave_size), keep=keep, repeat=repeat)
+    result = run(parse_size(enclave_size), keep=keep, repeat=repeat, post_copy=post_copy)
     if plot_path is not None:
         plot(result, plot_path)
     if as_json:
         _emit(result)
         return
-    for name in ("migsgx", "criu_only"):
+    for name in ("migsgx", "criu_only", *(["migsgx_post_copy"] if post_copy else [])):
         r = result[name]
+        window = r.get("post_copy_window_seconds")
         click.echo(
             f"{name:9}: total {r['total_seconds']:.3f} s, downtime {r['downtime_seconds']:.3f} s, "
-            f"{r['bytes'] / (1 << 20):.0f} MiB (medians of {repeat})"
+            f"{r['bytes'] / (1 << 20):.0f} MiB"
+            + (f", window {window:.3f} s" if window is not None else "")
+            + f" (medians of {repeat})"
         )
 
 

@@ -9,7 +9,11 @@ and, in the same run:
   the digests of both memories are checked on the destination;
 * ``criu_only``: a plain process holding 2 x SIZE of ordinary memory migrates
   with CRIU alone: ``criu page-server`` on the destination, dump, copy of the
-  other images, restore.
+  other images, restore;
+* ``migsgx_post_copy`` (with ``--post-copy``): the ``migsgx`` workload again
+  with ``migsgx migrate --post-copy``; besides the downtime it reports
+  ``post_copy_window_seconds``, from the destination tree's start to its last
+  page (the time in which a lost source loses the application).
 
 Both move about the same number of bytes.  Requires root (namespaces, CRIU).
 The command itself is ``migsgx bench process`` (:mod:`migsgx.cli_migrate`).
@@ -56,7 +60,7 @@ while True:
 """
 
 
-def _migsgx(bed: Testbed, size: int) -> dict[str, Any]:
+def _migsgx(bed: Testbed, size: int, *, post_copy: bool = False) -> dict[str, Any]:
     rows = max(1, size // (MODEL_COLS * 4))
     agent = bed.start_agent()
     try:
@@ -68,7 +72,8 @@ def _migsgx(bed: Testbed, size: int) -> dict[str, Any]:
         before = bed.ask("DIGEST", app.port, at="src", via="dst")
         agent_cpu = cpu_seconds(agent.proc.pid, children=True)
         tool_cpu = children_cpu()
-        run = bed.migrate(app.pid, agent)  # pages in TLS, always (CRIU alone: plain)
+        # Pages in TLS, always (CRIU alone: plain).
+        run = bed.migrate(app.pid, agent, args=["--post-copy"] if post_copy else [])
         tool_cpu = children_cpu() - tool_cpu
         agent_cpu = cpu_seconds(agent.proc.pid, children=True) - agent_cpu
         if run.returncode != 0 or run.stats is None:
@@ -82,6 +87,8 @@ def _migsgx(bed: Testbed, size: int) -> dict[str, Any]:
     finally:
         agent.stop()
     figures = migration_figures(stats, rows, run.seconds)
+    if post_copy:
+        figures["post_copy_window_seconds"] = float(stats["post_copy_window"])
     cpu = {"tool": tool_cpu, "agent": agent_cpu, **enclave_cpu(stats)}  # tool, agent: with CRIU
     return {**figures, "page_tls": True, "cpu_by_process": cpu}
 
@@ -186,12 +193,20 @@ def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, An
     }
 
 
-def one_run(bed: Testbed, size: int) -> dict[str, Any]:
+def one_run(bed: Testbed, size: int, *, post_copy: bool = False) -> dict[str, Any]:
     """migsgx and CRIU alone back to back, with the ratios of the pair."""
 
     migsgx = _migsgx(bed, size)
     plain = criu_only(bed, 2 * size)
+    extra: dict[str, Any] = {}
+    if post_copy:
+        lazy = _migsgx(bed, size, post_copy=True)
+        extra = {
+            "migsgx_post_copy": lazy,
+            "post_copy_over_migsgx_downtime": lazy["downtime_seconds"] / migsgx["downtime_seconds"],
+        }
     return {
+        **extra,
         "migsgx": migsgx,
         "criu_only": plain,
         # >= 1: migsgx is at least as fast as CRIU alone moving as many bytes.
@@ -202,7 +217,12 @@ def one_run(bed: Testbed, size: int) -> dict[str, Any]:
 
 
 def run(
-    size: int, *, subnet: int = 201, keep: Path | None = None, repeat: int = 3
+    size: int,
+    *,
+    subnet: int = 201,
+    keep: Path | None = None,
+    repeat: int = 3,
+    post_copy: bool = False,
 ) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
@@ -214,7 +234,7 @@ def run(
     try:
         with Testbed(root, subnet=subnet) as bed:
             for _ in range(repeat):
-                runs.append(one_run(bed, size))
+                runs.append(one_run(bed, size, post_copy=post_copy))
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
