@@ -355,7 +355,8 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
               help="keep the testbed (logs, images) in this directory")  # fmt: skip
 @click.option("--post-copy", is_flag=True,
-              help="also migrate with --post-copy: its downtime and window")  # fmt: skip
+              help="also migrate with --post-copy and with --live (pre-copy, "
+              "then post-copy): their downtime and window")  # fmt: skip
 def bench_process(
     enclave_size: str,
     repeat: int,
@@ -374,7 +375,8 @@ def bench_process(
     if as_json:
         _emit(result)
         return
-    for name in ("migsgx", "criu_only", *(["migsgx_post_copy"] if post_copy else [])):
+    lazy = ["migsgx_post_copy", "migsgx_live"] if post_copy else []
+    for name in ("migsgx", "criu_only", *lazy):
         r = result[name]
         window = r.get("post_copy_window_seconds")
         click.echo(

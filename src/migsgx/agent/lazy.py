@@ -41,8 +41,10 @@ __all__ = ["LazyDump", "Window"]
 
 log = logging.getLogger("migsgx.migrate")
 
-#: How long the source's CRIU may take to give the tree back after the
-#: destination dropped its page connection (or to notice that none comes).
+#: How long the source's CRIU may take to end on its own once the destination
+#: dropped its page connection, before it is ended (it may wait for none).
+LET_GO: Final = 2.0
+#: How long it may take to end after SIGKILL.
 STOP_GRACE: Final = 10.0
 
 
@@ -107,7 +109,7 @@ class LazyDump:
         thawed: a SIGCONT while CRIU holds it would be undone by CRIU itself.
         """
 
-        if self.finish(0.5):
+        if self.finish(LET_GO):
             return
         for pid in _criu_children():
             with contextlib.suppress(ProcessLookupError):

@@ -429,6 +429,9 @@ class _Migration:
         """Until the destination has every page: its word, not CRIU's, ends the migration."""
 
         assert self.control is not None and self.lazy is not None and self.source is not None
+        # The destination bounds the window itself (its I/O timeout) and always
+        # answers; a dead peer is found by TCP keep-alive, not by a time limit here.
+        self.control.sock.settimeout(None)
         try:
             reply = self.control.receive("resume", "window")
         except MigSGXError as exc:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from ..criu import InTaskNamespaces
+from ..criu import Criu, InTaskNamespaces
 from ..errors import MigrationError, ProtocolError
 from ..system.process import kill_tree, tree_pids
 from .base import DumpPlan, HostConfig, Restored, RestoreRequest, Source
@@ -53,14 +53,18 @@ class PidDriver:
                 on_dumped()
 
         page_server = plan.page_server
+        criu = self.host.criu
         if plan.lazy:
             check_pipe_max_size()
+            # CRIU answers the dump only once every page was served: a time limit
+            # there would end the only server of a committed tree's memory.
+            criu = Criu(criu.binary, timeout=None, log_level=criu.log_level)
             # CRIU listens on the plan's port (0: the kernel picks one) at any
             # address of the tree's network namespace, and leaves the tree
             # stopped once served.
             page_server = plan.page_server or ("", 0)
             extra["leave_stopped"] = True
-        self.host.criu.dump(
+        criu.dump(
             source.root,
             plan.images,
             leave_running=False,

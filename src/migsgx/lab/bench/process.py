@@ -10,10 +10,12 @@ and, in the same run:
 * ``criu_only``: a plain process holding 2 x SIZE of ordinary memory migrates
   with CRIU alone: ``criu page-server`` on the destination, dump, copy of the
   other images, restore;
-* ``migsgx_post_copy`` (with ``--post-copy``): the ``migsgx`` workload again
-  with ``migsgx migrate --post-copy``; besides the downtime it reports
-  ``post_copy_window_seconds``, from the destination tree's start to its last
-  page (the time in which a lost source loses the application).
+* ``migsgx_post_copy`` and ``migsgx_live`` (with ``--post-copy``): the
+  ``migsgx`` workload again with ``migsgx migrate --post-copy``, and with
+  ``--live`` (enclave pre-copy, then post-copy of the process); besides the
+  downtime each reports ``post_copy_window_seconds``, from the destination
+  tree's start to its last page (the time in which a lost source loses the
+  application).
 
 Both move about the same number of bytes.  Requires root (namespaces, CRIU).
 The command itself is ``migsgx bench process`` (:mod:`migsgx.cli_migrate`).
@@ -60,7 +62,7 @@ while True:
 """
 
 
-def _migsgx(bed: Testbed, size: int, *, post_copy: bool = False) -> dict[str, Any]:
+def _migsgx(bed: Testbed, size: int, *, mode: str = "") -> dict[str, Any]:
     rows = max(1, size // (MODEL_COLS * 4))
     agent = bed.start_agent()
     try:
@@ -73,7 +75,7 @@ def _migsgx(bed: Testbed, size: int, *, post_copy: bool = False) -> dict[str, An
         agent_cpu = cpu_seconds(agent.proc.pid, children=True)
         tool_cpu = children_cpu()
         # Pages in TLS, always (CRIU alone: plain).
-        run = bed.migrate(app.pid, agent, args=["--post-copy"] if post_copy else [])
+        run = bed.migrate(app.pid, agent, args=[mode] if mode else [])
         tool_cpu = children_cpu() - tool_cpu
         agent_cpu = cpu_seconds(agent.proc.pid, children=True) - agent_cpu
         if run.returncode != 0 or run.stats is None:
@@ -87,7 +89,7 @@ def _migsgx(bed: Testbed, size: int, *, post_copy: bool = False) -> dict[str, An
     finally:
         agent.stop()
     figures = migration_figures(stats, rows, run.seconds)
-    if post_copy:
+    if stats.get("post_copy_window") is not None:
         figures["post_copy_window_seconds"] = float(stats["post_copy_window"])
     cpu = {"tool": tool_cpu, "agent": agent_cpu, **enclave_cpu(stats)}  # tool, agent: with CRIU
     return {**figures, "page_tls": True, "cpu_by_process": cpu}
@@ -200,10 +202,13 @@ def one_run(bed: Testbed, size: int, *, post_copy: bool = False) -> dict[str, An
     plain = criu_only(bed, 2 * size)
     extra: dict[str, Any] = {}
     if post_copy:
-        lazy = _migsgx(bed, size, post_copy=True)
+        lazy = _migsgx(bed, size, mode="--post-copy")
+        live = _migsgx(bed, size, mode="--live")
         extra = {
             "migsgx_post_copy": lazy,
+            "migsgx_live": live,
             "post_copy_over_migsgx_downtime": lazy["downtime_seconds"] / migsgx["downtime_seconds"],
+            "live_over_migsgx_downtime": live["downtime_seconds"] / migsgx["downtime_seconds"],
         }
     return {
         **extra,
