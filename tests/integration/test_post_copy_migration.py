@@ -102,14 +102,25 @@ def test_kvstore_under_writes_moves_with_post_copy(bed: Testbed, agent: AgentPro
     end(bed, app)
 
 
+@pytest.mark.parametrize("action", ["fail", "kill-criu"])
 def test_failure_before_the_commit_point_leaves_the_source_running(
-    bed: Testbed, agent: AgentProcess
+    bed: Testbed, agent: AgentProcess, action: str
 ) -> None:
     app = start_kvstore(bed)
-    # The destination restored the tree held, its daemon pulling pages; then the tool fails.
-    run = bed.migrate(
-        app.pid, agent, args=["--post-copy"], env={"MIGSGX_FAULT": "tool.before-commit:fail"}
-    )
+    # The destination restored the tree held, its daemon pulling pages; then the
+    # tool fails, or the source's CRIU (the only server of the pages) dies while
+    # pages are still missing (the page stream is throttled: see below).
+    port = free_port(bed)
+    throttle_port(bed, port)
+    try:
+        run = bed.migrate(
+            app.pid,
+            agent,
+            args=["--post-copy", "--post-copy-port", str(port)],
+            env={"MIGSGX_FAULT": f"tool.before-commit:{action}"},
+        )
+    finally:
+        unthrottle(bed)
     assert run.returncode == 6, run.stderr
     assert "the source runs on" in run.stderr or "aborted" in run.stderr, run.stderr
     carries_on(bed, app, "src")

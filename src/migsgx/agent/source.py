@@ -421,6 +421,9 @@ class _Migration:
         port = self.opts.lazy_port or lazy.port(timeout=self.opts.io_timeout)
         self._restore({"t": "restore", "lazy_port": port})
         self._inject(self._fault("tool.before-commit"))
+        if lazy.error is not None:
+            # The only server of the tree's memory is gone: nothing may commit.
+            raise MigrationError(f"the source's CRIU stopped serving pages: {lazy.error}")
         self._commit()
         self.note("resumed")
         self._window()
