@@ -188,3 +188,20 @@ def test_source_criu_lost_after_the_commit_point_is_exit_9(
     assert bed.runnable_copies(app) == {"src": 0, "dst": 0}, copies
     assert all(state in ("", "Z", "X") for _, state in copies["dst"]), copies
     end(bed, app)
+
+
+def test_tool_killed_while_its_criu_waits_for_the_destination(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    """The lazy dump serves, no restore was asked: the guardian ends that CRIU
+    (it would wait for a page connection forever) and resumes the source."""
+
+    app = start_kvstore(bed)
+    run = bed.migrate(
+        app.pid, agent, args=["--post-copy"], env={"MIGSGX_FAULT": "tool.before-restore:kill"}
+    )
+    assert run.returncode == -9, run.stderr
+    wait_until(lambda: bed.runnable_copies(app) == {"src": 1, "dst": 0}, 30, "the source to run")
+    carries_on(bed, app, "src")
+    assert all(not w["errors"] for w in workers(bed, app, "src"))
+    end(bed, app)

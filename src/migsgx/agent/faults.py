@@ -46,6 +46,7 @@ POINTS: Final = frozenset(
         "restore.held",  # restore: enclaves loaded (not running), CRIU restored the tree held
         "restore.loaded",  # restore: the same step, right before the activation
         "tool.before-dump",  # the enclaves stream, CRIU has not started
+        "tool.before-restore",  # post-copy: the lazy dump serves, no restore asked yet
         "tool.before-commit",
         "tool.after-commit",
         "tool.before-token",  # each COMMIT token, before it goes on the data connection

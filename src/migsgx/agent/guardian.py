@@ -6,7 +6,8 @@ connection closes.  So the tool starts a guardian (its own session, so that it
 outlives the tool) holding duplicates of those connections, and tells it
 through a pipe what happened: ``thaw FILE`` before a container's cgroup is
 frozen for its checkpoint (FILE is the cgroup's freezer control), ``fence
-PID...`` once the source tree got its SIGSTOP, ``resume-sent`` once a tree
+PID...`` once the source tree got its SIGSTOP, ``criu PID...`` for post-copy's
+lazy dump (which holds the tree while it serves pages), ``resume-sent`` once a tree
 without enclaves passed its commit point, ``done`` when the migration ended
 either way.
 
@@ -208,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
             _recover(Path(path))
         return 0
     _log("the tool died before the commit point: resuming the source")
+    # Post-copy: the tool's CRIU still holds the tree (it may wait for a page
+    # connection that never comes); it must let go before SIGCONT can stick.
+    criu = [int(p) for n in notes if n.startswith("criu ") for p in n.split()[1:]]
+    for pid in criu:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     try:
         return _resume_source(args.app_pid, args.app_name, socks, fenced, frozen)
     finally:

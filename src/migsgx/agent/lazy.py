@@ -101,6 +101,11 @@ class LazyDump:
         self.thread.join(timeout)
         return not self.thread.is_alive()
 
+    def criu_pids(self) -> list[int]:
+        """The serving CRIU's pid (for the guardian), while it runs."""
+
+        return _criu_children() if self.thread.is_alive() else []
+
     def stop(self) -> None:
         """Make CRIU let go of the tree now; it still waits for a destination.
 

@@ -417,8 +417,12 @@ class _Migration:
             dump_dir,
         )
         lazy.wait_dumped()  # (a failure there: CRIU resumed the tree, still fenced by nobody)
+        # If this tool dies before the commit point, the guardian ends the CRIU
+        # that holds the tree (it may wait for a destination that never comes).
+        self._guardian_note("criu " + " ".join(map(str, lazy.criu_pids())))
         # (CRIU logs the port only when the kernel picked it)
         port = self.opts.lazy_port or lazy.port(timeout=self.opts.io_timeout)
+        self._fault("tool.before-restore")
         self._restore({"t": "restore", "lazy_port": port})
         self._inject(self._fault("tool.before-commit"))
         if lazy.error is not None:
