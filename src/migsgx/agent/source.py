@@ -15,6 +15,13 @@
    resumes the source, the enclaves abort, their connections go back to the
    application, the destination kills what it held.
 
+With ``post_copy`` (:mod:`.lazy`) step 3 splits: ``post-dump`` only finishes
+the enclaves, moves the images and fences the tree; CRIU then serves the
+process's private memory, the destination restores (held) with lazy pages, the
+enclaves commit, the tree runs there and pulls what is missing, and the
+destination's ``window`` answer ends the migration (the source tree is killed
+then: CRIU leaves it stopped, never killed, as the commit may still fail).
+
 For a tree without enclaves the commit point is the ``resume`` request: once
 it is sent, the source is never resumed by this tool (it stays stopped if the
 answer is lost, to be resumed by hand only if the destination did not run).

@@ -6,7 +6,9 @@ mutual TLS when asked).  ``on_dumped`` runs in CRIU's ``post-dump``
 notification, with the tree frozen: if it raises, CRIU resumes the tree
 (the veto); if it returns, CRIU kills it.  The destination restores the tree
 with ``leave_stopped``: CRIU queues a SIGSTOP to every task while it still
-traces them.
+traces them.  With ``DumpPlan.lazy`` (post-copy) the dump keeps private memory
+out of the images and serves it after ``on_dumped`` returned, then leaves the
+tree stopped (the destination restores it with :mod:`.postcopy`).
 """
 
 from __future__ import annotations
