@@ -14,14 +14,18 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import cbor2
 import pytest
 
-from migsgx.criu import Criu
+from migsgx.enclave.persistent import RESERVED
 from migsgx.lab.hosts import start_service
 from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
 from migsgx.system.process import kill_tree, process_state
@@ -32,26 +36,21 @@ EXIT_OK, EXIT_MOVED_NOT, EXIT_IN_DOUBT, EXIT_CRASH = 0, 6, 7, 70
 _FAULT_AT = re.compile(r"migsgx fault: (\S+) at ([0-9.]+)")
 
 
-@pytest.fixture(scope="module")
-def bed(
-    criu: Criu,
-    subreaper: None,
-    _stale_namespaces_removed: None,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Testbed]:
-    with Testbed(tmp_path_factory.mktemp("commitfaults"), subnet=73) as testbed:
-        yield testbed
-
-
-@pytest.fixture(scope="module")
-def agent(bed: Testbed) -> AgentProcess:
-    return bed.start_agent()
+#: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
+BED_SUBNET = 73
 
 
 @pytest.fixture(scope="module")
 def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, dict[str, object]]]:
     table: dict[str, dict[str, object]] = {}
     yield table
+    for cell in table.values():  # cells run several times: min / median / max of their runs
+        runs = cell.pop("source_back_runs", None)
+        if isinstance(runs, list) and runs:
+            cell["source_back_seconds"] = {
+                "min": min(runs), "median": round(statistics.median(runs), 3),
+                "max": max(runs), "runs": len(runs),
+            }  # fmt: skip
     line = "fault-matrix " + json.dumps(table, sort_keys=True)
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
@@ -170,6 +169,125 @@ def test_destination_lost_after_loaded(
             )
 
 
+def test_destination_platform_killed_before_the_claim_is_resolved_by_recover(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """Window W2: the loaded copy lives but cannot claim (its platform service died).
+
+    The tool ends in doubt with both trees stopped; the agent holds the session.
+    Once the service is back (and has taken the enclave back), one ``migsgx
+    recover`` (or the guardian, retrying) delivers the recorded token again.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill-platform"})
+    app, digest = loaded_app(bed)
+    t0 = time.monotonic()
+    restarted = False
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert "migsgx recover" in run.stderr and "Traceback" not in run.stderr
+        assert bed.runnable_copies(app) == {"src": 0, "dst": 0}  # nothing runs twice
+        _restart_platform(bed, "dst")
+        restarted = True
+        again = recover(bed)
+        assert again.returncode == 0, again.stdout + again.stderr
+        wait_for(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
+        wait_for(lambda: process_state(app.pid) in ("", "Z"), 30, "the source to go")
+        figures["decision written x kill -9 destination platform service"] = {
+            "outcome": "moved after one recover", "exit": run.returncode,
+            "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
+        only_copy(bed, app, "dst", digest)
+    finally:
+        doomed.stop()
+        if not restarted:
+            _restart_platform(bed, "dst")
+
+
+def test_destination_platform_restarted_before_the_claim(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """Window W2: the service is back within the loaded copy's reattach wait: moved, exit 0."""
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill-platform"})
+    app, digest = loaded_app(bed)
+    t0 = time.monotonic()
+    result: list[MigrateRun] = []
+    mover = threading.Thread(target=lambda: result.append(bed.migrate(app.pid, doomed)))
+    mover.start()
+    try:
+        wait_for(lambda: "before-claim:kill-platform" in doomed.log.read_text(errors="replace"),
+                 60, "the fault")  # fmt: skip
+        _restart_platform(bed, "dst")
+        mover.join(120)
+        assert result, "the migration did not end"
+        run = result[0]
+        assert "Traceback" not in run.stderr
+        if run.returncode == EXIT_IN_DOUBT:
+            # Not back within the copy's wait (a loaded machine): as in the cell above.
+            again = recover(bed)
+            assert again.returncode == 0, again.stdout + again.stderr
+        else:
+            assert run.returncode == EXIT_OK, run.stderr
+        figures["decision written x destination platform service restarted"] = {
+            "outcome": "moved", "exit": run.returncode,
+            "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
+        wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+        only_copy(bed, app, "dst", digest)
+    finally:
+        mover.join(120)
+        doomed.stop()
+
+
+def _restart_platform(bed: Testbed, host: str) -> None:
+    bed.services[host].stop()
+    bed.services[host] = start_service(bed.state(host), prefix=bed.host(host).command([]))
+
+
+def test_reservation_of_a_dead_destination_enclave_is_released(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """The destination enclave reserved the persistent state's name, then died.
+
+    The migration aborts (the source runs on); the agent releases the name that
+    enclave reserved, so the next migration of the same state is not refused.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.after-restore:kill-enclave"})
+    app, _ = loaded_app(bed)
+    name = f"kv-{app.marker}"[:60]
+    assert ask(bed, app, "src", f"PERSIST {name}") == "OK 1"
+    digest = ask(bed, app, "src", "DIGEST")
+    t0 = time.monotonic()
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert run.returncode == EXIT_MOVED_NOT, run.stderr
+    finally:
+        doomed.stop()
+    source_answers(bed, app, digest)
+    assert _reserved(bed, "dst", name) == []
+    again = migrate_with(bed, app, agent, "")
+    assert again.returncode == EXIT_OK, again.stderr
+    figures["restore held x kill -9 destination enclave, persistent state"] = {
+        "outcome": "stayed, the name released; the next migration moved",
+        "exit": run.returncode, "seconds": round(time.monotonic() - t0, 3),
+    }  # fmt: skip
+    wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+    only_copy(bed, app, "dst", digest)
+
+
+def _reserved(bed: Testbed, host: str, name: str) -> list[bytes]:
+    """The reservation records of ``name`` in a host's platform store."""
+
+    data = cbor2.loads((bed.state(host) / "counters.cbor").read_bytes())
+    return [
+        r["blob"] for k, r in data.get("records", {}).items()
+        if k.endswith("/" + name) and r["blob"].startswith(RESERVED)
+    ]  # fmt: skip
+
+
 def test_control_connection_stalls_with_the_tree_held(
     bed: Testbed, figures: dict[str, dict[str, object]]
 ) -> None:
@@ -193,18 +311,58 @@ def test_control_connection_stalls_with_the_tree_held(
         _unstall(bed, stalling)
 
 
-def test_corrupted_byte_in_the_enclave_stream(
-    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+def _record_back(
+    figures: dict[str, dict[str, object]], cell: str, run: MigrateRun, back: float
 ) -> None:
-    """One flipped bit 1 MiB into the enclave stream: the destination enclave refuses it."""
+    entry = figures.setdefault(cell, {"outcome": "stayed", "exit": run.returncode})
+    runs = entry.setdefault("source_back_runs", [])
+    assert isinstance(runs, list)
+    runs.append(round(back, 3))
+
+
+@pytest.mark.parametrize("repeat", range(3))
+def test_corrupted_byte_in_the_enclave_stream(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]], repeat: int
+) -> None:
+    """One flipped bit 1 MiB into the enclave stream: the destination enclave refuses it.
+
+    The refusal reaches the source at once (it watches its peer while it sends),
+    so the source runs again without waiting for the connection to time out.
+    """
 
     app, digest = loaded_app(bed)
     run = migrate_with(bed, app, agent, f"tool.enclave-stream:flip-byte={1 << 20}")
     assert run.returncode == EXIT_MOVED_NOT, run.stderr
     assert "Traceback" not in run.stderr
+    assert "chunk failed authentication" in run.stderr  # the destination's reason, relayed
     back = source_answers(bed, app, digest) - fault_time(run.stderr)
-    figures["transfer x corrupted byte"] = {"outcome": "stayed", "exit": run.returncode,
-                                            "source_back_seconds": round(back, 3)}  # fmt: skip
+    _record_back(figures, "transfer x corrupted byte", run, back)
+    wait_for(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
+    only_copy(bed, app, "src", digest)
+
+
+@pytest.mark.parametrize("repeat", range(3))
+def test_corrupted_enclave_stream_stops_the_process_dump(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]], repeat: int
+) -> None:
+    """The same flipped bit while CRIU still dumps 256 MiB: the dump is stopped, not awaited.
+
+    The enclave stream fails within milliseconds; CRIU's page stream of the
+    ballast takes far longer, so the tool cuts it (its page connection is shut
+    down, or CRIU's next notification is refused) and CRIU resumes the tree.
+    """
+
+    app = bed.start_app("kvstore", ["--image", str(bed.image("kvstore")), "--ballast", "256"])
+    for i in range(3):
+        assert ask(bed, app, "src", f"PUT k{i} {f'v{i}'.encode().hex()}") == f"OK {i + 1}"
+    digest = ask(bed, app, "src", "DIGEST")
+    run = migrate_with(bed, app, agent, f"tool.enclave-stream:flip-byte={1 << 20}")
+    assert run.returncode == EXIT_MOVED_NOT, run.stderr
+    assert "Traceback" not in run.stderr
+    assert "chunk failed authentication" in run.stderr  # the destination's reason, relayed
+    assert "dump was stopped early" in run.stderr, run.stderr
+    back = source_answers(bed, app, digest) - fault_time(run.stderr)
+    _record_back(figures, "dump x corrupted byte (256 MiB process)", run, back)
     wait_for(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
     only_copy(bed, app, "src", digest)
 
@@ -272,6 +430,35 @@ def test_tool_killed_before_the_decision(
 
 
 # --- after the decision: the destination runs --------------------------------------------------
+def test_destination_enclave_killed_before_the_claim_gets_the_state_again(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """Window W2: the copy that loaded dies after the decision, before it claimed the id.
+
+    The committed source enclave still holds the state (frozen); the tool has the
+    destination agent launch a fresh enclave and delivers the state again, same
+    migration id, attested anew.  The tree held there attaches to the fresh enclave.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill-enclave"})
+    app, digest = loaded_app(bed)
+    t0 = time.monotonic()
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert run.returncode == EXIT_OK, run.stderr
+        assert "Traceback" not in run.stderr
+        log = doomed.log.read_text(errors="replace")
+        assert "agent.before-claim:kill-enclave" in log and "receives the state again" in log
+        wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+        figures["decision written x kill -9 destination enclave"] = {
+            "outcome": "moved (state delivered again)", "exit": run.returncode,
+            "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
+        only_copy(bed, app, "dst", digest)
+    finally:
+        doomed.stop()
+
+
 def test_token_dropped_on_the_data_connection_is_delivered_again(
     bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
 ) -> None:
@@ -377,7 +564,119 @@ def test_source_side_party_killed(
             )
 
 
+@pytest.mark.parametrize(
+    "cell, fault",
+    [
+        ("token in flight x data connection stall", "tool.before-token:stall"),
+        ("token in flight x corrupted byte", "tool.before-token:corrupt"),
+    ],
+)
+def test_data_connection_fault_after_loaded(
+    bed: Testbed,
+    agent: AgentProcess,
+    figures: dict[str, dict[str, object]],
+    cell: str,
+    fault: str,
+) -> None:
+    """The token does not arrive as sent (no process dies): it goes again over TLS."""
+
+    app, digest = loaded_app(bed)
+    t0 = time.monotonic()
+    try:
+        run = migrate_with(bed, app, agent, fault)
+    finally:
+        _heal(bed, "src")
+    assert run.returncode == EXIT_OK, run.stderr
+    assert "Traceback" not in run.stderr
+    figures[cell] = {"outcome": "moved", "exit": run.returncode,
+                     "seconds": round(time.monotonic() - t0, 3)}  # fmt: skip
+    wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+    only_copy(bed, app, "dst", digest)
+
+
+def _heal(bed: Testbed, host: str) -> None:
+    """Remove the DROP rules a ``stall`` fault put into this test host's firewall."""
+
+    listed = subprocess.run(
+        bed.host(host).command(["iptables", "-S"]), capture_output=True, text=True, timeout=10
+    )
+    for line in listed.stdout.splitlines():
+        parts = line.split()
+        if parts[:1] == ["-A"] and parts[-2:] == ["-j", "DROP"]:
+            subprocess.run(
+                bed.host(host).command(["iptables", "-D", *parts[1:]]),
+                capture_output=True, timeout=10,
+            )  # fmt: skip
+
+
 def test_recover_is_idempotent_with_nothing_in_doubt(bed: Testbed) -> None:
     first, second = recover(bed), recover(bed)
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert "Traceback" not in first.stderr + second.stderr
+
+
+# --- the windows that remain (docs/spec/commit.md, section 5) -----------------------------------
+@pytest.mark.parametrize(
+    "cell, fault, window",
+    [
+        ("activate x kill -9 destination enclave", "agent.after-claim:kill-enclave", "W3"),
+        ("activate x kill -9 destination agent", "agent.after-claim:kill", "W3"),
+        ("resume x kill -9 destination enclave", "agent.before-resume:kill-enclave", "W3"),
+        ("resume x kill -9 destination agent", "agent.before-resume:kill", "W3"),
+        ("decision written x kill -9 destination agent", "agent.before-claim:kill", "W2"),
+    ],
+)
+def test_the_copy_that_runs_dies(
+    bed: Testbed, figures: dict[str, dict[str, object]], cell: str, fault: str, window: str
+) -> None:
+    """The process holding the only runnable copy dies: lost as in a crash, never twice.
+
+    W3: the destination enclave claimed the id and runs (or its agent, holding its
+    connection, dies).  W2 with the agent: the loaded copy ends with the agent's
+    connections and the held tree is left unowned.  Either way the source never
+    runs again (the decision stands), and no copy runs with the state: what runs
+    on the destination, if anything, runs without its enclave.  Placed last: the
+    source's guardian stays, in doubt, until it is stopped here.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": fault})
+    app, _digest = loaded_app(bed)
+    t0 = time.monotonic()
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert "Traceback" not in run.stderr
+        assert run.returncode in (EXIT_OK, EXIT_IN_DOUBT), run.stderr
+        if run.returncode == EXIT_IN_DOUBT:
+            assert "migsgx recover" in run.stderr
+        seconds = round(time.monotonic() - t0, 3)
+        wait_for(lambda: bed.runnable_copies(app)["src"] == 0, 20, "the source to stay stopped")
+        copies = bed.runnable_copies(app)
+        assert copies["src"] == 0 and copies["dst"] <= 1
+        if copies["dst"]:
+            assert ask(bed, app, "dst", "DIGEST").startswith("ERR")  # its enclave is gone
+        outcome = (
+            "lost (W3: the process with the only runnable copy died)"
+            if window == "W3"
+            else "not runnable (W2, agent: the frozen committed source enclave holds the state)"
+        )
+        figures[cell] = {"outcome": outcome, "exit": run.returncode, "seconds": seconds}
+    finally:
+        doomed.stop()
+        _stop_guardian_of(app.pid)
+        for procs in bed.copies(app).values():
+            for pid, _ in procs:
+                kill_tree(pid)
+
+
+def _stop_guardian_of(app_pid: int) -> None:
+    """The guardian a migration of ``app_pid`` left in doubt (started by this test's tool)."""
+
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"migsgx.agent.guardian" in argv and str(app_pid).encode() in argv:
+            kill_tree(int(entry.name))

@@ -39,12 +39,15 @@ POINTS: Final = frozenset(
         "agent.before-restore",
         "agent.after-restore",
         "agent.before-resume",  # the tool's resume arrived (the tokens went before it)
+        "agent.before-claim",  # the first decision frame reached an enclave (window W2)
+        "agent.after-claim",  # an enclave claimed the id and runs, the tree not resumed (W3)
         "tool.after-prepare",
         "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
         "ckpt.after-commit",  # checkpoint: every enclave gave its state up
         "restore.held",  # restore: enclaves loaded (not running), CRIU restored the tree held
         "restore.loaded",  # restore: the same step, right before the activation
+        "restore.activated",  # restore: the enclaves activated, the tree not running, not attached
         "tool.before-dump",  # the enclaves stream, CRIU has not started
         "tool.before-restore",  # post-copy: the lazy dump serves, no restore asked yet
         "tool.before-commit",

@@ -5,9 +5,12 @@ the application's enclave connections, and an enclave process exits when its
 connection closes.  So the tool starts a guardian (its own session, so that it
 outlives the tool) holding duplicates of those connections, and tells it
 through a pipe what happened: ``thaw FILE`` before a container's cgroup is
-frozen for its checkpoint (FILE is the cgroup's freezer control), ``fence
-PID...`` once the source tree got its SIGSTOP, ``criu PID...`` for post-copy's
-lazy dump (which holds the tree while it serves pages), ``resume-sent`` once a tree
+frozen for its checkpoint (FILE is the cgroup's freezer control), ``netup
+NETNS`` before a container that owns its address is cut off the network,
+``ungate NETNS PORT,...`` before new connections to a container's listeners
+are dropped, ``fence PID...`` once the source tree got its SIGSTOP, ``criu
+PID...`` for post-copy's lazy dump (which holds the tree while it serves
+pages), ``resume-sent`` once a tree
 without enclaves passed its commit point, ``done`` when the migration ended
 either way.
 
@@ -16,8 +19,8 @@ every source enclave to abort its migration.  An enclave that already
 committed refuses (or is gone): the destination has the state and rolls
 forward, and the guardian leaves the source alone (stopped by the fence).  If
 every enclave aborted, nothing was given up: the guardian resumes the fenced
-(and thaws the frozen) source and hands the connections back to the application (``resume``), which
-then carries on as if nothing had happened.
+(thaws the frozen, reconnects the locked) source and hands the connections back
+to the application (``resume``), which then carries on as if nothing had happened.
 
 Run as ``python -m migsgx.agent.guardian --pipe FD --app-pid PID --app-name NAME
 --fds FD,FD...`` by :class:`Guardian` only.
@@ -39,6 +42,8 @@ from typing import Final
 
 from ..channel import ECALL, ECALL_FRAME_MAX
 from ..containers.cgroups import thaw_file
+from ..containers.gate import open_gate
+from ..containers.podnet import unlock
 from ..errors import MigSGXError
 from ..wire import recv_frame, send_frame
 from .applink import AppLink
@@ -59,13 +64,19 @@ _LOGGING_ELSEWHERE = False
 class Guardian:
     """The tool's handle on its guardian process."""
 
-    def __init__(self, app_pid: int, app_name: str, socks: Sequence[socket.socket]) -> None:
+    def __init__(
+        self,
+        app_pid: int,
+        app_name: str,
+        socks: Sequence[socket.socket],
+        extra: Sequence[str] = (),
+    ) -> None:
         read_end, self._write_end = os.pipe()
         fds = [s.fileno() for s in socks]
         argv = [
             sys.executable, "-m", "migsgx.agent.guardian",
             "--pipe", str(read_end), "--app-pid", str(app_pid),
-            "--app-name", app_name, "--fds", ",".join(map(str, fds)),
+            "--app-name", app_name, "--fds", ",".join(map(str, fds)), *extra,
         ]  # fmt: skip
         try:
             self.proc = subprocess.Popen(
@@ -101,25 +112,31 @@ class Guardian:
             self.proc.wait(timeout=10)
 
 
-def _abort(sock: socket.socket) -> bool:
-    """Ask the enclave to abort its migration; False if it committed (or is gone)."""
+def _call(sock: socket.socket, fn: str, args: list[object]) -> dict[str, object] | None:
+    """One runtime call on a connection the tool held; None if the enclave is gone."""
 
     sock.settimeout(ABORT_TIMEOUT)
     try:
         send_frame(
-            sock,
-            {"t": "ecall", "id": _CALL_ID, "fn": "__mig_abort", "args": ["the tool died"]},
-            max_size=ECALL_FRAME_MAX,
+            sock, {"t": "ecall", "id": _CALL_ID, "fn": fn, "args": args}, max_size=ECALL_FRAME_MAX
         )
         while True:
             msg = recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX)
             if msg.get("id") == _CALL_ID:
-                break
+                return msg
     except (MigSGXError, OSError):
-        return False
+        return None
     finally:
         with contextlib.suppress(OSError):
             sock.settimeout(None)
+
+
+def _abort(sock: socket.socket) -> bool:
+    """Ask the enclave to abort its migration; False if it committed (or is gone)."""
+
+    msg = _call(sock, "__mig_abort", ["the tool died"])
+    if msg is None:
+        return False
     if msg["t"] == "ret":
         return True
     # Not in a migration (the tool died before the transfer began): nothing to undo.
@@ -181,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--app-pid", type=int, required=True)
     parser.add_argument("--app-name", required=True)
     parser.add_argument("--fds", default="")
+    parser.add_argument("--restore", action="store_true")
+    parser.add_argument("--infos", default="")
     args = parser.parse_args(argv)
     socks = [socket.socket(fileno=int(fd)) for fd in args.fds.split(",") if fd]
     notes: list[str] = []
@@ -189,6 +208,17 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(line.strip())
     if "done" in notes:
         return 0
+    # New connections to the source's listeners were dropped: whoever ends up with
+    # the container, clients are served (or refused and go elsewhere) again.
+    for note in notes:
+        parts = note.split()
+        if parts[0:1] == ["ungate"] and len(parts) == 3:
+            open_gate(parts[1], [int(p) for p in parts[2].split(",") if p.isdigit()])
+    if args.restore:
+        restored = [int(n.split()[1]) for n in notes if n.startswith("restored ")]
+        if "activating" not in notes or not restored:
+            return 0  # nothing ran: the loaded enclaves end, the next restore starts over
+        return _finish_restore(restored[0], socks, bytes.fromhex(args.infos))
     if "in-doubt" in notes:
         # The tool ended in doubt: keep the source enclaves and carry the decision.
         for path in [n.partition(" ")[2] for n in notes if n.startswith("journal ")]:
@@ -196,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     fenced = [int(p) for n in notes if n.startswith("fence ") for p in n.split()[1:]]
     frozen = [n.partition(" ")[2] for n in notes if n.startswith("thaw ")]
+    locked = [n.partition(" ")[2] for n in notes if n.startswith("netup ")]
     journals = [n.partition(" ")[2] for n in notes if n.startswith("journal ")]
     if "resume-sent" in notes:
         _log("the tool died after the commit point: the source stays stopped")
@@ -216,10 +247,52 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     try:
+        for path in locked:
+            try:
+                unlock(Path(path))  # a container's own address answers again
+            except MigSGXError as exc:
+                _log(f"could not unlock the source's network: {exc}")
         return _resume_source(args.app_pid, args.app_name, socks, fenced, frozen)
     finally:
         for path in journals:
             _recover(Path(path))
+
+
+def _finish_restore(pid: int, socks: list[socket.socket], infos: bytes) -> int:
+    """The restore tool died while activating: finish it (activate, continue, attach)."""
+
+    import cbor2  # lazy: only a restore needs it
+
+    from ..host.appctl import info_from_wire
+    from ..host.client import EnclaveInfo
+    from ..system.process import continue_tree
+
+    _log(f"the restore tool died while activating: finishing the restore of {pid}")
+    for sock in socks:
+        # Each claims its checkpoint id once: an enclave the tool activated
+        # already answers with an error and runs on.
+        _call(sock, "__ckpt_activate", [])
+    try:
+        continue_tree(pid)
+    except MigSGXError as exc:
+        _log(f"the restored tree is gone: {exc}")
+        return 1
+    enclaves = [EnclaveInfo(**info_from_wire(i)) for i in cbor2.loads(infos)]
+    deadline = time.monotonic() + RESUME_WAIT
+    while True:
+        try:
+            link = AppLink.find(pid)
+            if link is None:
+                raise MigSGXError(f"the restored process {pid} has no migration control")
+            link.attach(socks, enclaves)
+            _log(f"restore of {pid} finished: {len(socks)} enclave(s) attached")
+            return 0
+        except MigSGXError as exc:
+            # The application answers once it runs.
+            if time.monotonic() > deadline:
+                _log(f"could not attach the enclaves to {pid}: {exc}")
+                return 1
+            time.sleep(0.1)
 
 
 def _resume_source(

@@ -57,6 +57,7 @@ from .protocol import (
     check_image_name,
     plain_stats,
 )
+from .reservations import release_reservations
 
 __all__ = ["IncomingMigration"]
 
@@ -137,12 +138,14 @@ class IncomingMigration:
             "images_done": self._images_done,
             "restore": self._restore,
             "resume": self._resume,
+            "redeliver": self._redeliver,
             "abort": self._abort_request,
             "deliver": self._deliver_request,
         }
         #: Once held in doubt: set when every enclave got its decision and it was carried out.
         self.settled = threading.Event()
         self.decided_outcome = ""
+        self._claim_fault_done = False
 
     @property
     def tag(self) -> str:
@@ -397,6 +400,7 @@ class IncomingMigration:
         t0 = time.monotonic()
         _inject(fault("agent.before-resume"), self)
         self._pass_on(msg.get("tokens"))
+        self._wait_judged(self.config.io_timeout)
         try:
             attach_seconds = self._resume_tree(self.config.io_timeout)
         except MigSGXError:
@@ -427,6 +431,58 @@ class IncomingMigration:
         self.agent.metrics.observe_phase("post_copy_window", report.window_seconds)
         return {"t": "window", "seconds": report.window_seconds}
 
+    def _redeliver(self, msg: dict[str, Any]) -> Reply:
+        """A fresh enclave for one whose copy was lost after LOADED, before its claim.
+
+        Window W2 (``docs/spec/commit.md``): the source committed, the tree is
+        held here, and the enclave that loaded the state died (or its link
+        did).  The committed source enclave still holds the state; it comes
+        again, authenticated and attested like the first time, on a new data
+        connection, to a fresh enclave launched by the same code path.  The
+        claim store of this host lets the migration id activate once, so a copy
+        that is in fact alive (and then claims) makes the fresh one a refused
+        replay, never a second copy.  An enclave that still answers is not
+        replaced (port 0): the token reaches it with ``resume``.
+        """
+
+        index = msg["index"]
+        if not 0 <= index < len(self.enclaves):
+            raise ProtocolError("no such enclave")
+        old = self.enclaves[index]
+        engine = old.engine
+        if old.ecall_sock is not None or engine is None or engine.decided:
+            return {"t": "redelivery", "data_port": 0}  # it runs, or a decision ended it
+        if _answers(engine):
+            return {"t": "redelivery", "data_port": 0}  # a live copy is never replaced
+        log.warning(
+            "migration %s: enclave %d lost its copy before the claim: a fresh one receives "
+            "the state again", self.tag, index,
+        )  # fmt: skip
+        _shutdown(old.conn)
+        self.enclaves[index] = _Enclave(index, old.source_info)
+        listener = self._listen(str(self.tls.getsockname()[0]))
+        threading.Thread(
+            target=self._accept_data, args=(listener, {index}),
+            name="migsgx-agent-data", daemon=True,
+        ).start()  # fmt: skip
+        return {"t": "redelivery", "data_port": listener.getsockname()[1]}
+
+    def _wait_judged(self, seconds: float) -> None:
+        """Until every enclave decided; an error at once if the undecided ones wait for
+        their platform service (the session is then held in doubt: ``abort`` holds it)."""
+
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            waiting = [e for e in self.enclaves if not e.decided.is_set()]
+            if not waiting:
+                return
+            if all(e.engine is not None and e.engine.platform_blocked for e in waiting):
+                raise AgentError(
+                    "the platform service of this host is gone: the loaded copies cannot "
+                    "claim their migration; held in doubt until it is back (migsgx recover)"
+                )
+            time.sleep(0.02)
+
     def _abort_request(self, msg: dict[str, Any]) -> Reply:
         log.info("migration %s: aborted by the tool (%s)", self.tag, msg["reason"][:200])
         self._pass_on(msg.get("frames"))
@@ -450,6 +506,12 @@ class IncomingMigration:
         claims = CounterStore(store)
         if mids and all(isinstance(m, bytes) and claims.claimed_by_any(m) for m in mids):
             return {"t": "delivered", "outcome": "resumed", "pid": 0}
+        # No session of this agent holds these arrivals: a name their dead enclaves
+        # reserved must not refuse later arrivals.
+        live = self.agent.live_arrivals()
+        unclaimed = [m for m in mids if isinstance(m, bytes) and not claims.claimed_by_any(m)]
+        with contextlib.suppress(MigSGXError, OSError):
+            release_reservations(self.config.state, [m for m in unclaimed if m not in live])
         return {"t": "delivered", "outcome": "unknown", "pid": 0}
 
     # --- decisions delivered again ---------------------------------------------------------
@@ -473,7 +535,9 @@ class IncomingMigration:
 
         self._pass_on(frames)
         deadline = time.monotonic() + DELIVER_WAIT
-        if self._wait_decided(DELIVER_WAIT):
+        with contextlib.suppress(AgentError):  # (its platform service is gone: "waiting")
+            self._wait_judged(DELIVER_WAIT)
+        if all(e.decided.is_set() for e in self.enclaves):
             self.settled.wait(max(0.0, deadline - time.monotonic()))
         return {"outcome": self.decided_outcome or "waiting", "pid": self.root or 0}
 
@@ -551,6 +615,11 @@ class IncomingMigration:
             except MigSGXError as exc:
                 raise AgentError(f"enclave {enclave.index} is gone: {exc}") from exc
 
+    def arrivals(self) -> set[bytes]:
+        """The migration ids this session's enclaves loaded (or are loading)."""
+
+        return {e.engine.migration_id for e in self.enclaves if e.engine is not None} - {b""}
+
     def enclave_pids(self) -> list[int]:
         return [int(getattr(getattr(e.engine, "info", None), "pid", 0)) for e in self.enclaves]
 
@@ -575,6 +644,8 @@ class IncomingMigration:
                 cause = enclave.commit_error
                 raise AgentError(f"enclave {enclave.index}: no commit: {cause}") from cause
         self.no_return = True
+        if self.restored is not None and self.restored.before_resume is not None:
+            self.restored.before_resume()
         if self.window is not None:
             self.window.run()  # its missing pages come from the source from now on
         else:
@@ -624,6 +695,10 @@ class IncomingMigration:
             if enclave.engine is not None:
                 with contextlib.suppress(Exception):
                     enclave.engine.abort()
+        # An enclave that died after LOADED could not release the name it reserved.
+        mids = [e.engine.migration_id for e in self.enclaves if e.engine is not None]
+        with contextlib.suppress(MigSGXError, OSError):
+            release_reservations(self.config.state, mids)
 
     def _cleanup(self) -> None:
         with self._lock:
@@ -690,11 +765,11 @@ class IncomingMigration:
         except (OSError, MigSGXError) as exc:
             self._page_error = exc
 
-    def _accept_data(self, listener: socket.socket) -> None:
+    def _accept_data(self, listener: socket.socket, only: set[int] | None = None) -> None:
         """Accept data connections; each opening runs in a thread of its own, so a
         peer that connects and stays silent holds up no genuine connection."""
 
-        pending = {e.index for e in self.enclaves}
+        pending = {e.index for e in self.enclaves} if only is None else set(only)
         lock = threading.Lock()
         openings = threading.BoundedSemaphore(MAX_DATA_OPENINGS)
         while True:
@@ -776,11 +851,25 @@ class IncomingMigration:
             finally:
                 enclave.loaded.set()
             try:
-                enclave.ecall_sock = enclave.engine.wait_commit(timeout=None)
+                enclave.ecall_sock = enclave.engine.wait_commit(
+                    timeout=None, before_claim=self._before_claim, after_claim=self._after_claim
+                )
             except BaseException as exc:
                 enclave.commit_error = exc
         finally:
             enclave.decided.set()
+
+    def _before_claim(self) -> None:
+        """Fault injection at W2: a decision frame is about to be judged (once a session)."""
+
+        if not self._claim_fault_done:
+            self._claim_fault_done = True
+            _inject(fault("agent.before-claim"), self)
+
+    def _after_claim(self) -> None:
+        """Fault injection at W3: an enclave claimed the id and runs, not yet attached."""
+
+        _inject(fault("agent.after-claim"), self)
 
     def _close_files(self) -> int:
         count = len(self._files)
@@ -814,6 +903,19 @@ def _platform_alive(path: Path) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
+
+
+def _answers(engine: IncomingEnclave) -> bool:
+    """Whether an incoming enclave's process still answers on its link."""
+
+    link = engine.link
+    if link is None:
+        return False
+    try:
+        link.call("__mig_status")
+    except MigSGXError:
+        return False
+    return True
 
 
 def _inject(action: str | None, session: IncomingMigration) -> None:

@@ -12,6 +12,9 @@ Tool -> agent, in this order::
     enclaves_done  -> enclaves_ready   (every incoming enclave verified and LOADED)
     image*, images_done -> images_ok   (the CRIU images without the pages)
     restore        -> restored         (the tree exists, SIGSTOPped: held)
+    redeliver*     -> redelivery       (held, committed: a destination enclave lost
+                                        before it claimed gets a fresh one, whose
+                                        state comes again on a new data connection)
     resume         -> resumed          (enclaves committed, tree running, attached)
 
 A connection of its own may instead carry, after ``hello``, one ``deliver``
@@ -120,6 +123,8 @@ CONTROL = Schema(
         "restore": {"lazy_port": (int, NONE)},
         # Optional: the COMMIT tokens (one per enclave, b"" for none) delivered again.
         "resume": {"tokens": (list, NONE)},
+        # The source committed, but enclave ``index``'s copy did not confirm that it runs.
+        "redeliver": {"index": int},
         # Optional: the source enclaves' ABORT frames, for destination enclaves past LOADED.
         "abort": {"reason": str, "frames": (list, NONE)},
         # On a connection of its own (after hello): a decision delivered again.
@@ -133,6 +138,8 @@ CONTROL = Schema(
         "resumed": {"seconds": NUMBER, "attach_seconds": NUMBER, "pid": int},
         # Post-copy, after "resumed": the last page arrived (or "err" post-copy-source-lost).
         "window": {"seconds": NUMBER},
+        # data_port 0: that enclave still waits (or decided); else a fresh one listens there.
+        "redelivery": {"data_port": int},
         "aborted": {"held": (bool, NONE)},  # held: kept in doubt (a copy past LOADED)
         # outcome: "resumed", "aborted", "waiting" (not all enclaves decided), "unknown".
         "delivered": {"outcome": str, "pid": int},
@@ -163,7 +170,7 @@ _TABLE: Final[Mapping[SessionState, Mapping[str, SessionState]]] = {
     S.LOADED: {"image": S.IMAGES, "images_done": S.IMAGES_COMPLETE, "abort": S.ABORTED},
     S.IMAGES: {"image": S.IMAGES, "images_done": S.IMAGES_COMPLETE, "abort": S.ABORTED},
     S.IMAGES_COMPLETE: {"restore": S.HELD, "abort": S.ABORTED},
-    S.HELD: {"resume": S.RESUMED, "abort": S.ABORTED},
+    S.HELD: {"resume": S.RESUMED, "abort": S.ABORTED, "redeliver": S.HELD},
     S.RESUMED: {},
     S.ABORTED: {},
     S.DELIVERED: {},

@@ -184,6 +184,11 @@ class Agent:
                 )
         return found
 
+    def live_arrivals(self) -> set[bytes]:
+        with self._lock:
+            sessions = [*self._sessions, *self._in_doubt.values()]
+        return set().union(*(s.arrivals() for s in sessions)) if sessions else set()
+
     def in_doubt(self) -> list[bytes]:
         with self._lock:
             return list(self._in_doubt)

@@ -62,7 +62,14 @@ from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
 from ..sgx.image import EnclaveImage
 from ..wire import recv_frame, send_frame
 from .ring import RingRole, ShmRing, send_ring_fds
-from .transport import Staging, keep_alive, ring_to_socket, socket_to_ring, tune_socket
+from .transport import (
+    PeerWatch,
+    Staging,
+    keep_alive,
+    ring_to_socket,
+    socket_to_ring,
+    tune_socket,
+)
 
 DEFAULT_CHUNK = DEFAULT_CHUNK_SIZE
 PEER = SCHEMA
@@ -228,10 +235,58 @@ def _slot_size(chunk_size: int) -> int:
 
 
 RING_TIMEOUT = 120.0
+#: How long the source waits for the destination's reason once it refused the stream.
+REFUSAL_WAIT = 2.0
+
+
+def dump_watched(
+    link: EnclaveLink, ring: ShmRing, peer: socket.socket, chunk_size: int
+) -> dict[str, Any]:
+    """``__mig_dump`` with its slots sent as they fill; a refusal fails the send at once.
+
+    The destination sends nothing before the final chunk but its refusal; a
+    :class:`PeerWatch` turns that into a failed send (and the destination's
+    reason) instead of a wait for the kernel to give up on the connection.
+    """
+
+    watch = PeerWatch(peer)
+    try:
+        mover = _Worker(
+            lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT,
+                                   before_final=watch.final_going),
+            "migsgx-send", ring,
+        )  # fmt: skip
+        dump: dict[str, Any] = _call_beside(link, mover, "__mig_dump", chunk_size)
+        mover.join()
+    except MigSGXError as exc:
+        if watch.spoke:
+            _refusal(peer, exc)
+        raise
+    finally:
+        watch.stop()
+    return dump
+
+
+def _refusal(peer: socket.socket, cause: BaseException) -> None:
+    """The destination spoke during the stream: raise its reason (or ``cause``)."""
+
+    with contextlib.suppress(OSError):
+        peer.settimeout(REFUSAL_WAIT)
+    try:
+        msg = recv_frame(peer, PEER, max_size=PEER_FRAME_MAX)
+    except (MigSGXError, OSError):
+        return  # it hung up without a word: the send's own error says enough
+    if msg.get("t") == "abort":
+        raise MigrationError(
+            f"the destination refused the stream: [{msg['code']}] {msg['message']}"
+        ) from cause
+    raise ProtocolError(f"the destination sent {msg['t']!r} during the stream") from cause
 #: The bound on ``active`` after a token went on the data connection; the
 #: destination judges a token in milliseconds, and the token goes again by the
 #: agents' TLS channel anyway.
-DELIVER_TIMEOUT = 10.0
+DELIVER_TIMEOUT = 3.0
+#: How long ``active`` may still come after the destination said ``rejected``.
+REJECTED_GRACE = 0.5
 
 
 class OutgoingEnclave:
@@ -267,11 +322,51 @@ class OutgoingEnclave:
         #: Called with (index, migration id) once the handshake finished (the journal).
         self.on_handshake: Callable[[int, bytes], None] | None = None
         self.index = 0
+        #: The side channel an early handshake ran on, until the dump is over.
+        self.early_side: socket.socket | None = None
+        self._times: tuple[float, float, float] | None = None  # offer, accept, handshake done
+        self._mode = mode  # of the transfer under way (a re-delivery is never live)
 
-    def transfer(self, peer: socket.socket) -> dict[str, Any]:
-        """Everything up to the destination's verified LOADED; nothing is given up yet."""
+    def handshake(self, peer: socket.socket) -> None:
+        """The offer, the destination enclave's launch and the attested handshake.
 
+        Nothing of the state moves and the enclave is not quiesced: with ``sock``
+        a side channel (:meth:`~migsgx.host.client.EnclaveClient.open_side_channel`),
+        this runs while the application still calls its enclave, and
+        :meth:`adopt` then takes the application's connection for the dump.
+        Called by :meth:`transfer` when it was not called before.
+        """
+
+        self._handshake(peer, "__mig_out_start", self.mode)
+
+    def redeliver(self, peer: socket.socket) -> bytes:
+        """Committed, the destination enclave lost before it claimed: the state again.
+
+        The source enclave runs a new handshake (same migration id, the same
+        destination platform only) and dumps its frozen state again to a fresh
+        destination enclave on ``peer``; on its LOADED it issues a COMMIT token
+        for that session, which goes on ``peer`` at once (and again with
+        ``resume``).  Returns the token.  Raises :class:`InDoubtError` if the
+        new copy did not confirm that it runs.
+        """
+
+        if self.token is None:
+            raise MigrationError("nothing was committed")
+        self._loaded = False
+        self._times = None
+        try:
+            self._handshake(peer, "__mig_redeliver_start", "sequential"
+                            if self.mode == "sequential" else "pipelined")  # fmt: skip
+            self.transfer(peer)
+            self.token = bytes(self.link.call("__mig_commit"))
+        except (MigSGXError, OSError) as exc:
+            raise InDoubtError(f"the state could not be delivered again: {exc}") from exc
+        self.deliver()
+        return self.token
+
+    def _handshake(self, peer: socket.socket, start: str, mode: str) -> None:
         self.peer = peer
+        self._mode = mode
         bind_wire(peer, Role.SOURCE)
         tune_socket(peer)
         keep_alive(peer)
@@ -279,10 +374,10 @@ class OutgoingEnclave:
         t0 = time.monotonic()
         try:
             _send(peer, {"t": "offer", "files": self.image_files, "chunk_size": self.chunk_size,
-                         "slots": self.slots, "mode": self.mode})  # fmt: skip
+                         "slots": self.slots, "mode": mode})  # fmt: skip
             _recv(peer, "accept")
             t_launch = time.monotonic()
-            hello = self.link.call("__mig_out_start")
+            hello = self.link.call(start)
             _send(peer, {"t": "hs", "data": hello})
             while True:
                 reply = self.link.call("__mig_hs", _recv(peer, "hs")["data"])
@@ -291,17 +386,43 @@ class OutgoingEnclave:
                 if reply["done"]:
                     break
             self.migration_id = bytes(reply["migration_id"])
-            if self.on_handshake is not None:
+            if self.on_handshake is not None and start == "__mig_out_start":
                 self.on_handshake(self.index, self.migration_id)
-            t_hs = time.monotonic()
+        except BaseException as exc:
+            self._abort_quietly(f"{type(exc).__name__}: {exc}")
+            raise
+        self._times = (t0, t_launch, time.monotonic())
+
+    def adopt(self, app_sock: socket.socket) -> None:
+        """After an early :meth:`handshake`: the dump and the commit go on the application's
+        connection (handed over at the freeze); the side channel closes after the dump."""
+
+        if self._times is None:
+            raise RuntimeError("adopt() before handshake()")
+        self.early_side = self.link.sock
+        self.link = EnclaveLink(app_sock)
+
+    def close_side(self) -> None:
+        if self.early_side is not None:
+            with contextlib.suppress(OSError):
+                self.early_side.close()
+            self.early_side = None
+
+    def transfer(self, peer: socket.socket) -> dict[str, Any]:
+        """Everything up to the destination's verified LOADED; nothing is given up yet."""
+
+        if self._times is None:
+            self.handshake(peer)
+        assert self._times is not None and self.peer is not None
+        peer = self.peer
+        t0, t_launch, t_hs = self._times
+        t_freeze = time.monotonic()  # after an early handshake, the freeze came in between
+        try:
             ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
             try:
                 self.link.give_ring(ring)
-                if self.mode == "pipelined":
-                    mover = _Worker(lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT),
-                                    "migsgx-send", ring)  # fmt: skip
-                    dump = _call_beside(self.link, mover, "__mig_dump", self.chunk_size)
-                    mover.join()
+                if self._mode == "pipelined":
+                    dump = dump_watched(self.link, ring, peer, self.chunk_size)
                     t_dumped = t_sent = time.monotonic()
                 else:
                     staging = Staging.for_state(self.info.memory_size, self.chunk_size, TAG_SIZE)
@@ -318,6 +439,7 @@ class OutgoingEnclave:
                         staging.close()
             finally:
                 ring.close()
+            self.close_side()  # dumped: its closing no longer aborts the migration
             loaded = _recv(peer, "loaded")
             self.link.call("__mig_loaded", loaded["frame"])
             self._loaded = True
@@ -326,24 +448,24 @@ class OutgoingEnclave:
             raise
         t_end = time.monotonic()
         self.stats = {
-            "mode": self.mode,
+            "mode": self._mode,
             "chunk_bytes": self.chunk_size,
             "bytes": dump["bytes"],
             "memory_bytes": dump["memory_bytes"],
             "launch_seconds": t_launch - t0,
             "handshake_seconds": t_hs - t_launch,
             "quiesce_seconds": dump["quiesce_seconds"],
-            "dump_seconds": t_dumped - t_hs,
+            "dump_seconds": t_dumped - t_freeze,
             "send_seconds": t_sent - t_dumped,
             "load_wait_seconds": t_end - t_sent,
-            "transfer_seconds": t_end - t_hs,
+            "transfer_seconds": t_end - t_freeze,
             "enclave_cpu_seconds": dump.get("cpu_seconds", 0.0),
             "destination": loaded["stats"],
             # Absolute CLOCK_MONOTONIC times (one clock per host), per process.
             "timeline": {
                 "source_driver": {
                     "launch": [t0, t_launch], "handshake": [t_launch, t_hs],
-                    "dump": [t_hs, t_dumped], "send": [t_dumped, t_sent],
+                    "dump": [t_freeze, t_dumped], "send": [t_dumped, t_sent],
                     "load_wait": [t_sent, t_end],
                 },
                 "source_enclave": dump.get("timeline", {}),
@@ -378,20 +500,26 @@ class OutgoingEnclave:
         self.token = token
         return token
 
-    def deliver(self) -> None:
+    def deliver(self, frame: bytes | None = None) -> None:
         """Carry the token over the data connection and wait for ``active``.
 
         Raises :class:`InDoubtError` if that fails: the decision stands, and the
-        token goes again by another way (the agents' TLS channel).
+        token goes again by another way (the agents' TLS channel).  ``frame``
+        replaces the token (fault injection: a token damaged on the way).
         """
 
         if self.token is None or self.peer is None:
             raise MigrationError("nothing was committed")
         try:
             self.peer.settimeout(DELIVER_TIMEOUT)
-            _send(self.peer, {"t": "commit", "token": self.token})
-            while _recv(self.peer, "active", "loaded")["t"] != "active":
-                pass  # a LOADED delivered twice changes nothing now: the decision is made
+            _send(self.peer, {"t": "commit", "token": self.token if frame is None else frame})
+            while (kind := _recv(self.peer, "active", "loaded", "rejected")["t"]) != "active":
+                if kind == "rejected":
+                    # A frame was not authentic: this token, damaged on the way, or one
+                    # forged beside it (then ``active`` follows at once).  Not waiting
+                    # long: the token goes again by the agents' TLS channel anyway.
+                    self.peer.settimeout(REJECTED_GRACE)
+                # a LOADED delivered twice changes nothing now: the decision is made
         except (MigSGXError, OSError) as exc:
             raise InDoubtError(f"the COMMIT token did not reach the destination: {exc}") from exc
 
@@ -404,6 +532,7 @@ class OutgoingEnclave:
         """The source enclave resumes with its state; returns its connection."""
 
         self._abort_quietly(reason)
+        self.close_side()
         return self.link.sock
 
     def _abort_quietly(self, reason: str) -> None:
@@ -433,6 +562,11 @@ class IncomingEnclave:
         self.rejected: list[MigSGXError] = []
         #: Set before LOADED leaves: from then on this may be the only copy.
         self.awaiting = False
+        #: The migration id, once the handshake completed (names its reservation here).
+        self.migration_id = b""
+        #: A decision could not be judged: the enclave lives but its platform service
+        #: does not (it waits on, in doubt, for the service and a delivery).
+        self.platform_blocked = False
         self.decided = False
         self._inbox: queue.Queue[bytes | None] = queue.Queue()
         #: Whether the destination enclave faults its memory in beside the load.
@@ -472,6 +606,7 @@ class IncomingEnclave:
                     _send(peer, {"t": "hs", "data": reply["send"]})
                 if reply["done"]:
                     break
+            self.migration_id = bytes(reply.get("migration_id") or b"")
             t_hs = time.monotonic()
             chunk = offer["chunk_size"]
             if offer["mode"] == "live":
@@ -505,6 +640,8 @@ class IncomingEnclave:
             if _bytes_waiting(peer):
                 # The source sends nothing after its final chunk until it has LOADED.
                 raise StreamError("the peer sent more after the final chunk of the state")
+            if result.get("repair"):
+                result = self._receive_repair(peer, offer, result)
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}"
             self._abort_quietly(reason)
@@ -522,6 +659,7 @@ class IncomingEnclave:
             "bytes": result["bytes"],
             # live mode: the destination enclave's pass of the memory digest check
             "verify_seconds": result.get("verify_seconds", 0.0),
+            "repair": result.get("repair_figures"),
             "enclave_cpu_seconds": result.get("cpu_seconds", 0.0),
             "timeline": {
                 "destination_driver": {
@@ -534,6 +672,31 @@ class IncomingEnclave:
         self.awaiting = True
         _send(peer, {"t": "loaded", "frame": result["loaded"], "stats": self.stats})
         return self.stats
+
+    def _receive_repair(
+        self, peer: socket.socket, offer: dict[str, Any], first: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Live mode: the segments our enclave found different come again, once (precopy.md 3.3)."""
+
+        assert self.link is not None
+        _send(peer, {"t": "repair", "segments": first["repair"]})
+        ring = ShmRing.create(offer["slots"], _slot_size(offer["chunk_size"]), RingRole.PRODUCER)
+        try:
+            self.link.give_ring(ring)
+            mover = _Worker(partial(socket_to_ring, peer, ring, timeout=RING_TIMEOUT),
+                            "migsgx-recv", ring)  # fmt: skip
+            again = _call_beside(self.link, mover, "__mig_load_repair")
+            mover.join()
+        finally:
+            ring.close()
+        if _bytes_waiting(peer):
+            raise StreamError("the peer sent more after the final chunk of the repair")
+        return {
+            **first,
+            "loaded": again["loaded"],
+            "bytes": first["bytes"] + again["repair"]["bytes"],
+            "repair_figures": again["repair"],
+        }
 
     def _receive_rounds(self, peer: socket.socket, offer: dict[str, Any]) -> list[dict[str, Any]]:
         """Live mode: apply pre-copy rounds until the source announces the final transfer.
@@ -559,7 +722,12 @@ class IncomingEnclave:
             _send(peer, {"t": "round_done", "stats": stats})
         return rounds
 
-    def wait_commit(self, timeout: float | None = None) -> socket.socket:
+    def wait_commit(
+        self,
+        timeout: float | None = None,
+        before_claim: Callable[[], None] | None = None,
+        after_claim: Callable[[], None] | None = None,
+    ) -> socket.socket:
         """Wait for the source's decision; on COMMIT the enclave runs: return its connection.
 
         Only the destination enclave judges the decision.  A COMMIT token or an
@@ -588,17 +756,28 @@ class IncomingEnclave:
                 raise MigrationError("no authentic decision from the source in time") from exc
             if frame is None:
                 continue  # the data connection is gone; a delivery may still come
+            if before_claim is not None:
+                before_claim()  # (fault injection: window W2)
             if self.link is None:
                 raise MigrationError("the destination enclave is gone")
             try:
                 self.link.call("__mig_commit_in", frame)
-            except EnclaveLostError:
+            except EnclaveLostError as exc:
+                if self._answers():
+                    # The enclave lives, its platform service does not (the claim
+                    # needs it): the copy waits on; a later delivery may find the
+                    # service back, and the enclave re-attaches to it.
+                    self.platform_blocked = True
+                    self.rejected.append(exc)
+                    continue
                 # This copy is gone: tell the source side at once (no "active" will come).
                 with contextlib.suppress(OSError):
                     self.peer.shutdown(socket.SHUT_RDWR)
                 raise
             except (CommitError, FrameError) as exc:
                 self.rejected.append(exc)  # not from the source: nothing changed
+                with contextlib.suppress(MigSGXError, OSError):
+                    _send(self.peer, {"t": "rejected"})  # a hint: deliver it again
                 continue
             except ReplayError:
                 self.decided = True
@@ -612,13 +791,25 @@ class IncomingEnclave:
                 self._abort_quietly("the source aborted")
                 raise MigrationError("the source aborted") from exc
             self.decided = True
+            if after_claim is not None:
+                after_claim()  # (fault injection: window W3)
             with contextlib.suppress(MigSGXError, OSError):
                 _send(self.peer, {"t": "active"})
             return self.link.sock
 
+    def _answers(self) -> bool:
+        if self.link is None:
+            return False
+        try:
+            self.link.call("__mig_status")
+        except MigSGXError:
+            return False
+        return True
+
     def deliver(self, frame: bytes) -> None:
         """A decision frame from elsewhere (re-delivered): judged like one from the peer."""
 
+        self.platform_blocked = False  # until this one, too, could not be judged
         self._inbox.put(bytes(frame))
 
     def _read_peer(self, peer: socket.socket) -> None:

@@ -88,12 +88,16 @@ class _Verifier:
     def __init__(self, instance: EnclaveInstance) -> None:
         self._services = instance.services
         self._tcb = TcbPolicy(frozenset(instance.manifest.accept_tcb))
+        #: The platform (PCK certificate subject) of the quote verified last: in a
+        #: source's handshake, the destination's (its own quote is checked first).
+        self.last_platform = ""
 
     def verify(self, quote: bytes) -> ReportBody:
         collateral = [Collateral.from_json(c) for c in self._services.collateral()]
         verdict = verify_dcap(
             quote, collateral, self._services.trusted_roots(), policy=self._tcb, allow_debug=True
         )
+        self.last_platform = verdict.pck_subject
         return verdict.body
 
 
@@ -127,6 +131,7 @@ class Migrator:
         self._exit_thread: int | None = None
         self.checkpoint: checkpoints.Checkpoint | None = None
         self.dumped = False
+        self.dumping = False  # the dump began (on the application's connection)
         self._pending_state: Any = None
         self._pending_persistent: PendingImport | None = None
         # The persistent state went in with the claim of the migration id (one update).
@@ -138,6 +143,16 @@ class Migrator:
         # Live migration (pre-copy rounds before the final dump): precopy.py.
         self.rounds_out: precopy.SourceRounds | None = None
         self.rounds_in: precopy_in.DestinationRounds | None = None
+        self._verifier: _Verifier | None = None
+        # Re-delivery after the commit (``docs/spec/commit.md``, section 2.1): the
+        # small state and persistent section as dumped (the persistent record is
+        # retired at the commit, so it cannot be exported again), the platform the
+        # state went to, and whether a re-delivery handshake is under way.
+        self._dumped_parts: tuple[bytes, bytes] | None = None
+        self._destination_platform = ""
+        self._committed_mid = b""
+        self.redelivering = False
+        self._repair_pending: tuple[bytes, bytes] | None = None
 
     @property
     def persistent(self) -> PersistentState:
@@ -160,7 +175,11 @@ class Migrator:
         fn = _CALLS.get(name)
         if fn is None:
             raise ProtocolError(f"no runtime call {name!r}")
-        if self.committed and name not in _AFTER_COMMIT:
+        if (
+            self.committed
+            and name not in _AFTER_COMMIT
+            and not (self.redelivering and name in _REDELIVERY)
+        ):
             raise CommittedError("this enclave's state has moved to another host")
         if self.discarded and name != "__mig_status":
             raise MigrationError("a migration into this enclave was aborted; it cannot run")
@@ -177,16 +196,18 @@ class Migrator:
         self.ring = recv_ring_fds(sock, role, timeout=10.0)
 
     # --- handshake ----------------------------------------------------------------
-    def _new_handshake(self, role: Role) -> Handshake:
+    def _new_handshake(self, role: Role, migration_id: bytes | None = None) -> Handshake:
         if self.role is not None:
             raise ProtocolError("a migration is already in progress")
         policy = policy_of(self.instance)
         self.role = role
+        self._verifier = _Verifier(self.instance)
         return Handshake(
             role,
             attester=_Attester(self.instance),
-            verifier=_Verifier(self.instance),
+            verifier=self._verifier,
             policy=policy,
+            migration_id=migration_id,
             seen=self.instance.services if role is Role.DESTINATION else None,
         )
 
@@ -194,6 +215,34 @@ class Migrator:
         """Source: begin a migration; returns the source hello for the destination."""
 
         self.handshake = self._new_handshake(Role.SOURCE)
+        self.handshake.start()
+        return self.handshake.data_to_send()
+
+    def redeliver_start(self) -> bytes:
+        """Source, committed: a new handshake, same migration id, for the state again.
+
+        The destination enclave that loaded the state died before it claimed the
+        migration id (window W2, ``docs/spec/commit.md``).  This enclave still
+        holds the state, frozen; it hands it again, attested and keyed like the
+        first time, to a fresh enclave on the *same* destination platform, whose
+        claim store lets the id activate at most once.
+        """
+
+        if not self.committed or self._token is None or self._dumped_parts is None:
+            raise ProtocolError("only a committed source re-delivers its state")
+        if self.checkpoint is not None or not self._destination_platform:
+            raise ProtocolError("nothing to re-deliver")
+        mid = self._committed_mid
+        if len(mid) != 16:
+            raise ProtocolError("no migration id to re-deliver")
+        if self.rounds_out is not None:
+            self.rounds_out.close()
+            self.rounds_out = None
+        self._close_ring()
+        self.role = None
+        self.keys = None
+        self.redelivering = True
+        self.handshake = self._new_handshake(Role.SOURCE, migration_id=mid)
         self.handshake.start()
         return self.handshake.data_to_send()
 
@@ -218,8 +267,17 @@ class Migrator:
             self._reset()
             raise MigrationError(f"the peer aborted the handshake: {event.code}")
         if isinstance(event, HandshakeComplete):
+            platform = self._verifier.last_platform if self._verifier is not None else ""
+            if self.redelivering and platform != self._destination_platform:
+                # The claim store that lets the id activate once is the first
+                # destination host's: another host would run a second copy.
+                self.handshake = None
+                raise MigrationError(
+                    "a re-delivery goes only to the host the state was committed to"
+                )
             self.keys = event.keys
             if self.role is Role.SOURCE:
+                self._destination_platform = platform
                 self.source_commit = SourceCommit(self.keys)
             else:
                 self.dest_commit = DestinationCommit(self.keys, seen=_ClaimAndInstall(self))
@@ -244,19 +302,26 @@ class Migrator:
             raise ProtocolError(f"chunk size must be at least {MIN_CHUNK} and fit a ring slot")
         t0 = time.monotonic()
         cpu0 = time.process_time()
-        self.instance.quiesce(timeout=quiesce_timeout)
-        # From here until an abort, no seal or counter operation may change what
-        # the dump says (enclave threads outside ECALLs get FrozenError).
-        self.persistent.freeze(timeout=quiesce_timeout)
-        t_quiesced = time.monotonic()
+        # From here on the dump's driver is the one on the application's connection:
+        # a side channel that ran the handshake may close without aborting it.
+        self.dumping = True
         memory = self.instance.memory
-        persistent = self.persistent.export()
-        state = cbor2.dumps(self.instance.export_small_state())
+        if self.redelivering:
+            # Frozen since the first dump, nothing changed: the same state again.
+            assert self._dumped_parts is not None
+            state, persistent = self._dumped_parts
+        else:
+            self.instance.quiesce(timeout=quiesce_timeout)
+            # From here until an abort, no seal or counter operation may change what
+            # the dump says (enclave threads outside ECALLs get FrozenError).
+            self.persistent.freeze(timeout=quiesce_timeout)
+            persistent = self.persistent.export()
+            state = cbor2.dumps(self.instance.export_small_state())
+            self._dumped_parts = (state, persistent)
+        t_quiesced = time.monotonic()
         if self.rounds_out is not None:
             self.rounds_out.ring = ring
-            live = precopy.final_dump(
-                self.rounds_out, self._digest_key(), state, persistent, chunk_size
-            )
+            live = precopy.final_dump(self.rounds_out, state, persistent, chunk_size)
             self.dumped = True
             return {
                 **live,
@@ -331,6 +396,12 @@ class Migrator:
         if self.keys is None or self.keys.streams.busy:
             raise ProtocolError("a stream was started after the destination's LOADED")
         services = self.instance.services
+        if self.redelivering:
+            # Decided before (the first decision is final): a token for this session.
+            token = sc.commit()
+            self._token = token
+            self.redelivering = False
+            return token
 
         def record(token: bytes) -> None:
             decision = Decision(sc.migration_id, "commit", token)
@@ -344,6 +415,7 @@ class Migrator:
         token = sc.commit(record)
         self.committed = True
         self._token = token
+        self._committed_mid = sc.migration_id
         return token
 
     def token(self) -> bytes:
@@ -429,14 +501,38 @@ class Migrator:
         }
 
     def _load_live(self, t0: float) -> dict[str, Any]:
-        """Destination of a live migration: the final transfer after the rounds."""
+        """Destination of a live migration: the final transfer after the rounds.
+
+        If segments differ, the result names them under ``repair`` and carries
+        no LOADED: ``__mig_load_repair`` must follow (``precopy.md``, 3.3).
+        """
 
         assert self.rounds_in is not None and self.ring is not None
         self.rounds_in.ring = self.ring
         state, persistent, figures = precopy_in.final_load(
             self.rounds_in, self._digest_key(), MAX_STATE_BYTES, MAX_TRANSFER_BYTES,
-            used_length=_used_length,
+            used_length=_used_length, repair=True,
         )  # fmt: skip
+        if "repair" in figures:
+            self._repair_pending = (state, persistent)
+            return {**figures, "loaded": b"", "load_seconds": time.monotonic() - t0}
+        return self._loaded_live(state, persistent, figures, t0)
+
+    def load_repair(self) -> dict[str, Any]:
+        """Destination: the segments named after the final check, received and checked again."""
+
+        _streams, ring = self._ready(Role.DESTINATION)
+        pending, self._repair_pending = self._repair_pending, None
+        if self.rounds_in is None or pending is None:
+            raise ProtocolError("no final check asked for a repair")
+        t0 = time.monotonic()
+        self.rounds_in.ring = ring
+        repair = precopy_in.repair_load(self.rounds_in, self._digest_key())
+        return self._loaded_live(*pending, {"repair": repair}, t0)
+
+    def _loaded_live(
+        self, state: bytes, persistent: bytes, figures: dict[str, Any], t0: float
+    ) -> dict[str, Any]:
         try:
             self._pending_state = cbor2.loads(state)
         except Exception as exc:
@@ -457,13 +553,32 @@ class Migrator:
         self.rounds_out.ring = ring  # each round comes with a ring of its own
         return self.rounds_out.round(chunk_size)
 
+    def precopy_repair(self, segments: list[int], chunk_size: int) -> dict[str, Any]:
+        """Source, quiesced, final transfer sent: the segments the destination named, once."""
+
+        _streams, ring = self._ready(Role.SOURCE)
+        if self.rounds_out is None or not self.dumped:
+            raise ProtocolError("a repair follows a live migration's final transfer")
+        if self.source_commit is not None and self.source_commit.state is not (
+            CommitState.AWAIT_LOADED
+        ):
+            raise ProtocolError("the destination confirmed the load already: no repair")
+        if not isinstance(segments, list):
+            raise ProtocolError("a repair names a list of segments")
+        if not MIN_CHUNK <= chunk_size <= ring.slot_size - TAG_SIZE or chunk_size % 4096:
+            raise ProtocolError("chunk size must be whole pages and fit a ring slot")
+        self.rounds_out.ring = ring
+        return precopy.repair_dump(self.rounds_out, segments, chunk_size)
+
     def precopy_track(self) -> dict[str, Any]:
         """Source: arm the OS's dirty tracking before round 0, or say at once that it cannot."""
 
         if self.role is not Role.SOURCE or self.keys is None or self.dumped:
             raise ProtocolError("pre-copy needs a migration whose dump has not begun")
         if self.rounds_out is None:
-            self.rounds_out = precopy.SourceRounds.arm(self.instance.memory, self.keys.streams)
+            self.rounds_out = precopy.SourceRounds.arm(
+                self.instance.memory, self.keys.streams, self._digest_key()
+            )
         return {"pages": self.instance.memory.pages}
 
     def load_round(self) -> dict[str, Any]:
@@ -484,6 +599,7 @@ class Migrator:
         return (
             self.role is Role.SOURCE
             and not self.dumped
+            and not self.dumping
             and not (self.rounds_out is not None and self.rounds_out.finalizing)
         )
 
@@ -549,6 +665,7 @@ class Migrator:
             checkpoints.destroy(self.instance, self.checkpoint)
         self._reset()
         if was_source:
+            self._dumped_parts = None  # (kept only for a re-delivery after a commit)
             self.persistent.thaw()
             self.instance.resume()
         elif was_destination:
@@ -615,6 +732,7 @@ class Migrator:
             self.rounds_out.close()
         self.rounds_out = None
         self.rounds_in = None
+        self._repair_pending = None
         self._close_ring()
         self.role = None
         self.handshake = None
@@ -623,6 +741,7 @@ class Migrator:
         self.dest_commit = None
         self.checkpoint = None
         self.dumped = False
+        self.dumping = False
         self._pending_state = None
         self._pending_persistent = None
 
@@ -636,31 +755,43 @@ class Migrator:
         self.role = Role.SOURCE
         return {"id": self.checkpoint.checkpoint_id, "key": self.checkpoint.sealed_key}
 
-    def ckpt_commit(self) -> None:
-        """Source: the checkpoint is on disk; give the state up for good."""
+    def ckpt_commit(self, meta: bytes = b"") -> None:
+        """Source: the checkpoint is on disk; give the state up for good.
+
+        ``meta``: the SHA-256 of the checkpoint's metadata file, bound into the
+        committed gate (empty: none).
+        """
 
         if self.checkpoint is None or self.role is not Role.SOURCE or not self.dumped:
             raise ProtocolError("no completed checkpoint to commit")
+        if not isinstance(meta, bytes) or len(meta) not in checkpoints.META_SIZES:
+            raise ProtocolError("the checkpoint metadata digest is 32 bytes or empty")
         if self.checkpoint.streams.busy:
             raise ProtocolError("a stream of the checkpoint is still being sealed")
         # One platform update: the record retires and the checkpoint's gate opens.
         self.persistent.retire(
             "this enclave's persistent state was checkpointed",
-            also=[checkpoints.commit_change(self.checkpoint)],
+            also=[checkpoints.commit_change(self.instance, self.checkpoint, meta)],
         )
         self.committed = True
         self.instance.retire("this enclave's state was checkpointed")
         self._exit_thread = threading.get_ident()
 
-    def ckpt_in(self, sealed_key: bytes) -> None:
-        """Destination: open a checkpoint's key (this host, an enclave it allows)."""
+    def ckpt_in(self, sealed_key: bytes, meta: bytes = b"") -> None:
+        """Destination: open a checkpoint's key (this host, an enclave it allows).
 
+        ``meta``: the SHA-256 of the metadata file the restore read; it must be
+        the one the source committed.
+        """
+
+        if not isinstance(sealed_key, bytes) or not isinstance(meta, bytes):
+            raise ProtocolError("__ckpt_in takes the key record and a metadata digest")
         if self.role is not None:
             raise ProtocolError("a migration is already in progress")
         if self.instance.calls_served:
             raise ProtocolError("only a freshly launched enclave can restore a checkpoint")
         self._without_persistent()
-        self.checkpoint = checkpoints.open_key(self.instance, sealed_key)
+        self.checkpoint = checkpoints.open_key(self.instance, sealed_key, meta)
         self.role = Role.DESTINATION
         self.instance.quiesce(timeout=0)
         self.persistent.freeze(timeout=5.0)
@@ -730,6 +861,8 @@ _CALLS: dict[str, Any] = {
     "__mig_track": Migrator.precopy_track,
     "__mig_round": Migrator.precopy_round,
     "__mig_load_round": Migrator.load_round,
+    "__mig_repair": Migrator.precopy_repair,
+    "__mig_load_repair": Migrator.load_repair,
     "__mig_loaded": Migrator.loaded,
     "__mig_commit": Migrator.commit,
     "__mig_load": Migrator.load,
@@ -738,6 +871,7 @@ _CALLS: dict[str, Any] = {
     "__mig_status": Migrator.status,
     "__mig_token": Migrator.token,
     "__mig_release": Migrator.release,
+    "__mig_redeliver_start": Migrator.redeliver_start,
     "__ckpt_out": Migrator.ckpt_out,
     "__ckpt_commit": Migrator.ckpt_commit,
     "__ckpt_in": Migrator.ckpt_in,
@@ -745,5 +879,10 @@ _CALLS: dict[str, Any] = {
     "__ps_status": Migrator.persistent_status,
 }
 RUNTIME_CALLS = frozenset(_CALLS) | {"__mig_ring", "__mig_side"}
-#: What a committed source still answers: its token again, and its release.
-_AFTER_COMMIT = frozenset({"__mig_status", "__mig_token", "__mig_release"})
+#: What a committed source still answers: its token again, its release, and the
+#: start of a re-delivery of its state (``docs/spec/commit.md``, section 2.1).
+_AFTER_COMMIT = frozenset(
+    {"__mig_status", "__mig_token", "__mig_release", "__mig_redeliver_start"}
+)
+#: What a committed source answers while it re-delivers its state.
+_REDELIVERY = frozenset({"__mig_hs", "__mig_dump", "__mig_loaded", "__mig_commit"})

@@ -660,6 +660,23 @@ class PersistentState:
             self._record = record
 
 
+def reservation_release(blob: bytes) -> tuple[bytes, RecordUpdate] | None:
+    """For a reservation record: its arrival id and the update that releases it.
+
+    The update removes the record and its counter only if both are still what
+    the reservation made (unused, unchanged).  None for any other record.  Who
+    applies it must know that no live enclave of the host still holds that
+    arrival loaded (the destination agent: none of its sessions does).
+    """
+
+    held = _reservation_of(blob)
+    if held is None:
+        return None
+    arrival, counter = held
+    update = RecordUpdate(None, destroy=(counter,), check={counter: 0}, expect=_digest(blob))
+    return arrival, update
+
+
 def _reservation_blob(arrival: bytes, counter: str) -> bytes:
     return RESERVED + bytes(cbor2.dumps([bytes(arrival), counter]))
 

@@ -16,6 +16,7 @@ record; it only keeps it, as AESM kept the data of SGX's platform services.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -270,6 +271,19 @@ class CounterStore:
         if not isinstance(entry, dict) or not isinstance(entry.get("blob"), bytes):
             raise CounterError(f"counter store {self._path} is corrupt")
         return bytes(entry["blob"])
+
+    def records(self) -> list[tuple[bytes, str, bytes]]:
+        """Every record as (owner, name, blob): for host-side housekeeping."""
+
+        with self._locked():
+            entries = self._load_all()["records"]
+        out: list[tuple[bytes, str, bytes]] = []
+        for key, entry in entries.items():
+            owner, _, name = str(key).partition("/")
+            if isinstance(entry, dict) and isinstance(entry.get("blob"), bytes):
+                with contextlib.suppress(ValueError):
+                    out.append((bytes.fromhex(owner), name, bytes(entry["blob"])))
+        return out
 
     def record_update(self, owner: bytes, name: str, update: RecordUpdate) -> None:
         """Apply ``update`` atomically (see :class:`RecordUpdate`), or change nothing."""

@@ -62,7 +62,7 @@ while True:
 """
 
 
-def _migsgx(bed: Testbed, size: int, *, mode: str = "") -> dict[str, Any]:
+def _migsgx(bed: Testbed, size: int, args: tuple[str, ...] = ()) -> dict[str, Any]:
     rows = max(1, size // (MODEL_COLS * 4))
     agent = bed.start_agent()
     try:
@@ -74,8 +74,7 @@ def _migsgx(bed: Testbed, size: int, *, mode: str = "") -> dict[str, Any]:
         before = bed.ask("DIGEST", app.port, at="src", via="dst")
         agent_cpu = cpu_seconds(agent.proc.pid, children=True)
         tool_cpu = children_cpu()
-        # Pages in TLS, always (CRIU alone: plain).
-        run = bed.migrate(app.pid, agent, args=[mode] if mode else [])
+        run = bed.migrate(app.pid, agent, args=args)  # pages in TLS, always (CRIU alone: plain)
         tool_cpu = children_cpu() - tool_cpu
         agent_cpu = cpu_seconds(agent.proc.pid, children=True) - agent_cpu
         if run.returncode != 0 or run.stats is None:
@@ -195,21 +194,39 @@ def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, An
     }
 
 
-def one_run(bed: Testbed, size: int, *, post_copy: bool = False) -> dict[str, Any]:
-    """migsgx and CRIU alone back to back, with the ratios of the pair."""
+def one_run(
+    bed: Testbed, size: int, ab_late_handshake: bool = False, post_copy: bool = False
+) -> dict[str, Any]:
+    """migsgx and CRIU alone back to back, with the ratios of the pair.
+
+    With ``ab_late_handshake``, also migsgx with its destination enclaves
+    launched and attested inside the freeze (``--late-handshake``, as before the
+    early handshake), right after: ``migsgx_late_handshake`` and the paired
+    ratios ``early_handshake_total_speedup`` and ``early_handshake_downtime_speedup``
+    (late / early).  With ``post_copy``, also ``--post-copy`` and ``--live``.
+    """
 
     migsgx = _migsgx(bed, size)
-    plain = criu_only(bed, 2 * size)
     extra: dict[str, Any] = {}
-    if post_copy:
-        lazy = _migsgx(bed, size, mode="--post-copy")
-        live = _migsgx(bed, size, mode="--live")
+    if ab_late_handshake:
+        late = _migsgx(bed, size, ("--late-handshake",))
         extra = {
-            "migsgx_post_copy": lazy,
-            "migsgx_live": live,
-            "post_copy_over_migsgx_downtime": lazy["downtime_seconds"] / migsgx["downtime_seconds"],
-            "live_over_migsgx_downtime": live["downtime_seconds"] / migsgx["downtime_seconds"],
+            "migsgx_late_handshake": late,
+            "early_handshake_total_speedup": late["total_seconds"] / migsgx["total_seconds"],
+            "early_handshake_downtime_speedup": (
+                late["downtime_seconds"] / migsgx["downtime_seconds"]
+            ),
         }
+    plain = criu_only(bed, 2 * size)
+    if post_copy:
+        lazy = _migsgx(bed, size, ("--post-copy",))
+        live = _migsgx(bed, size, ("--live",))
+        extra.update(
+            migsgx_post_copy=lazy,
+            migsgx_live=live,
+            post_copy_over_migsgx_downtime=lazy["downtime_seconds"] / migsgx["downtime_seconds"],
+            live_over_migsgx_downtime=live["downtime_seconds"] / migsgx["downtime_seconds"],
+        )
     return {
         **extra,
         "migsgx": migsgx,
@@ -227,6 +244,7 @@ def run(
     subnet: int = 201,
     keep: Path | None = None,
     repeat: int = 3,
+    ab_late_handshake: bool = False,
     post_copy: bool = False,
 ) -> dict[str, Any]:
     if size < (1 << 20):
@@ -239,7 +257,7 @@ def run(
     try:
         with Testbed(root, subnet=subnet) as bed:
             for _ in range(repeat):
-                runs.append(one_run(bed, size, post_copy=post_copy))
+                runs.append(one_run(bed, size, ab_late_handshake, post_copy))
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
