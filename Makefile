@@ -7,15 +7,21 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-container demo-podman demo-containerd test setup lint unit integration clean
+.PHONY: demo demo-process demo-container demo-podman demo-containerd test setup lint unit integration clean
 
 setup:
 	@bash scripts/setup.sh
 
+# The kvstore app in a runc container that owns its address: the client's TCP
+# connection stays open across the move.
 demo: setup
 	@$(VENV)/bin/migsgx demo
 
-# The same with the app inside a runc (or podman) container: the container moves.
+# The same app as a plain process (the client reconnects to the other host).
+demo-process: setup
+	@$(VENV)/bin/migsgx demo --process
+
+# The app inside a runc (or podman) container sharing its host's network namespace.
 demo-container: setup
 	@$(VENV)/bin/migsgx demo --container runc
 

@@ -32,7 +32,7 @@ from migsgx.agent.protocol import (
 from migsgx.channel import ECALL, LAUNCH, PLATFORM
 from migsgx.core.commit import open_control, seal_control
 from migsgx.core.handshake import transcript_item
-from migsgx.core.rounds import memory_digest, round_label
+from migsgx.core.rounds import REPAIR_LABEL, full_digest_body, round_label
 from migsgx.core.stream import Manifest, StreamHeader, StreamOpener, StreamSealer
 from migsgx.enclave import checkpoints, persistent, sealing
 from migsgx.errors import MigSGXError
@@ -201,19 +201,18 @@ def check_precopy(case: dict[str, Any]) -> None:
         memory[case["flip"]] ^= 1
     secret, mid = bytes.fromhex(case["stream_secret"]), bytes.fromhex(case["migration_id"])
     expect = case["expect"]["ok"]
-    info = b"migsgx/v1 memory digest"
+    info = b"migsgx/v2 memory digest"
     key = HKDF(hashes.SHA256(), 32, mid, info).derive(secret)
-    segment = 256 << 10
+    segment = 32 << 10
     tags = b"".join(
         AESGCM(key).encrypt(i.to_bytes(12, "big"), b"", bytes(memory[start : start + segment]))
         for i, start in enumerate(range(0, len(memory), segment))
     )
-    digest = hashlib.sha256(info + len(memory).to_bytes(8, "big") + tags).digest()
+    head = bytes([2, 0, 0, 0]) + segment.to_bytes(4, "big") + len(memory).to_bytes(8, "big")
     assert key.hex() == expect["key"]
-    assert digest.hex() == expect["digest"]
-    assert (len(memory).to_bytes(8, "big") + digest).hex() == expect["body"]
-    assert memory_digest(key, memory).hex() == expect["digest"]
-    assert [round_label(n) for n in (0, 1, 63)] == expect["labels"]
+    assert (head + tags).hex() == expect["body"]
+    assert full_digest_body(key, bytes(memory)).hex() == expect["body"]
+    assert [round_label(n) for n in (0, 1, 63)] + [REPAIR_LABEL] == expect["labels"]
 
 
 # --- sealed formats: sealing.md, persistent.md, checkpoint.md -----------------------------
@@ -296,6 +295,19 @@ def check_persistent(case: dict[str, Any]) -> None:
 
 def check_checkpoint(case: dict[str, Any]) -> None:
     blob = bytes.fromhex(case["blob"])
+
+    def open_gate() -> dict[str, Any]:
+        cid, share, counter, meta = checkpoints.open_gate_record(_services(case), blob)
+        return {
+            "checkpoint_id": cid.hex(),
+            "share": share.hex(),
+            "counter": counter,
+            "meta": None if meta is None else meta.hex(),
+        }
+
+    if case.get("record") == "gate":
+        assert _outcome(open_gate) == case["expect"]
+        return
 
     def open_() -> dict[str, Any]:
         cid, secret, source = checkpoints.open_key_record(_services(case), blob)

@@ -209,7 +209,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ready-file", type=Path, default=None)
     parser.add_argument("--sqlite", type=Path, default=None, help="a ledger in WAL mode here")
+    parser.add_argument(
+        "--ballast", type=int, default=0, help="MiB of ordinary memory (a longer CRIU dump)"
+    )
     args = parser.parse_args()
+    # Touched pages: CRIU dumps every one of them.
+    ballast = bytearray(b"\x5a") * (args.ballast << 20)
 
     log: list[str] = []
     clients = [
@@ -234,7 +239,7 @@ def main() -> None:
         tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
         tmp.write_text(f"{server.getsockname()[1]}\n")
         os.replace(tmp, args.ready_file)
-    while True:
+    while ballast is not None:  # (it lives as long as the server)
         conn, _ = server.accept()
         threading.Thread(target=app.serve, args=(conn,), daemon=True).start()
 

@@ -162,24 +162,47 @@ def agent_serve(
 
 # --- recover ------------------------------------------------------------------------------------
 @click.command("recover")
-@click.option("--state", type=click.Path(path_type=Path), required=True,
+@click.option("--state", type=click.Path(path_type=Path), default=None,
               help="this host's state directory (platform store, journals)")  # fmt: skip
 @click.option("--ca", "ca_dir", type=click.Path(path_type=Path), default=None)
+@click.option("--checkpoint", "checkpoints", type=click.Path(path_type=Path), multiple=True,
+              help="also resolve the checkpoint (or restore) in this directory")  # fmt: skip
+@click.option("--platform-socket", type=click.Path(path_type=Path), default=None,
+              envvar="MIGSGX_PLATFORM_SOCKET",
+              help="the platform service that reads checkpoint gates")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print each migration's resolution as JSON")
-def recover_command(state: Path, ca_dir: Path | None, as_json: bool) -> None:
-    """Resolve migrations in doubt from this host's durable records (idempotent).
+def recover_command(
+    state: Path | None,
+    ca_dir: Path | None,
+    checkpoints: tuple[Path, ...],
+    platform_socket: Path | None,
+    as_json: bool,
+) -> None:
+    """Resolve migrations and checkpoints in doubt from durable records (idempotent).
 
     Each unfinished migration of this (source) host is brought to exactly one
     runnable copy: a recorded COMMIT is delivered to the destination again and
     the stopped source removed; a recorded ABORT ends the destination's copy
-    and the source continues.  Exit status 7 while any stays in doubt.
+    and the source continues.  Each --checkpoint DIR is resolved from its
+    enclaves' gates: committed, the checkpoint is the copy (a fenced source is
+    removed; restore it); not, the source continues and the files go.  Exit
+    status 7 while any stays in doubt.
     """
 
-    from .agent.recover import recover
+    from .agent.ckpt_recover import resolve_checkpoint
+    from .agent.recover import Resolution, recover
     from .agent.tls import AgentIdentity
     from .errors import InDoubtError
+    from .sgx.service import default_socket
 
-    results = recover(state, AgentIdentity.of_state(state, ca=ca_dir))
+    if state is None and not checkpoints:
+        raise click.UsageError("name --state STATE, or --checkpoint DIR")
+    results: list[Resolution] = []
+    if state is not None:
+        results += recover(state, AgentIdentity.of_state(state, ca=ca_dir))
+        if platform_socket is None:
+            platform_socket = default_socket(state)
+    results += [resolve_checkpoint(d, platform_socket) for d in checkpoints]
     if as_json:
         _emit([r.to_dict() for r in results])
     else:
@@ -209,12 +232,17 @@ def recover_command(state: Path, ca_dir: Path | None, as_json: bool) -> None:
 @click.option("--chunk-size", default=None, help="enclave stream chunk size (e.g. 1MiB)")
 @click.option("--mode", type=click.Choice(["pipelined", "sequential"]), default="pipelined")
 @click.option("--keep-tcp", is_flag=True, help="fail on established TCP connections")
+@click.option("--tcp-established/--no-tcp-established", "tcp_established", default=None,
+              help="keep established TCP connections open across the move (default: "
+                   "where the workload owns an address that moves with it)")  # fmt: skip
 @click.option("--shell-job", is_flag=True, help="the tree has a controlling terminal")
 @click.option("--live", is_flag=True,
               help="pre-copy enclave memory while the application runs")  # fmt: skip
 @click.option("--downtime-target", type=float, default=0.05, show_default=True,
               help="--live: seconds the last dirty set may take to send")  # fmt: skip
 @click.option("--max-rounds", type=int, default=30, show_default=True, help="--live: round limit")
+@click.option("--early-handshake/--late-handshake", default=True, show_default=True,
+              help="destination enclaves launch, attest before the freeze or in it")  # fmt: skip
 def migrate_command(
     pid: int | None,
     runc_id: str | None,
@@ -229,17 +257,20 @@ def migrate_command(
     chunk_size: str | None,
     mode: str,
     keep_tcp: bool,
+    tcp_established: bool | None,
     shell_job: bool,
     live: bool,
     downtime_target: float,
     max_rounds: int,
+    early_handshake: bool,
 ) -> None:
     """Migrate process PID, or a container, with its enclaves to the agent at --to.
 
-    Established TCP connections are closed on the destination (clients
-    reconnect); listeners move.  Containers are found with the engine settings
-    of STATE/containers.toml (docs/containers.md).  Run as root on the source
-    host.
+    Established TCP connections stay open where the workload owns an address that
+    moves with it (a runc container in a pod network namespace, docs/containers.md);
+    elsewhere they are closed on the destination (clients reconnect); listeners
+    move.  Containers are found with the engine settings of STATE/containers.toml
+    (docs/containers.md).  Run as root on the source host.
     """
 
     from rich.console import Console
@@ -281,8 +312,10 @@ def migrate_command(
         chunk_size=parse_size(chunk_size) if chunk_size else None,
         mode=mode,
         tcp_close=not keep_tcp,
+        tcp_established=tcp_established,
         shell_job=shell_job,
         progress=progress,
+        early_handshake=early_handshake,
     )
     if live:
         _live_options(opts, console, downtime_target, max_rounds)
@@ -340,18 +373,23 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
 @click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
               help="keep the testbed (logs, images) in this directory")  # fmt: skip
+@click.option("--ab-late-handshake", is_flag=True,
+              help="A/B: each run also with the handshake inside the freeze")  # fmt: skip
 def bench_process(
     enclave_size: str,
     repeat: int,
     plot_path: Path | None,
     as_json: bool,
     keep: Path | None,
+    ab_late_handshake: bool,
 ) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
     from .lab.bench.process import plot, run
 
-    result = run(parse_size(enclave_size), keep=keep, repeat=repeat)
+    result = run(
+        parse_size(enclave_size), keep=keep, repeat=repeat, ab_late_handshake=ab_late_handshake
+    )
     if plot_path is not None:
         plot(result, plot_path)
     if as_json:
@@ -409,19 +447,26 @@ def bench_container(
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="where the demo keeps its hosts (default: a temporary directory)")  # fmt: skip
 @click.option("--container", type=click.Choice(["runc", "podman", "containerd"]), default=None,
-              help="run the app in a container of this engine and migrate that")  # fmt: skip
-def demo_command(workdir: Path | None, container: str | None) -> None:
-    """Two emulated hosts; the key-value enclave app moves between them while in use."""
+              help="run the app in a container of this engine (sharing its host's network) "
+                   "and migrate that")  # fmt: skip
+@click.option("--process", is_flag=True, help="migrate the app as a plain process")
+def demo_command(workdir: Path | None, container: str | None, process: bool) -> None:
+    """Two emulated hosts; the key-value enclave app moves between them while in use.
+
+    By default the app runs in a runc container that owns its address, and the
+    client's TCP connection stays open across the move.
+    """
 
     from .lab.demo import run_demo
 
-    run_demo(workdir, container=container)
+    run_demo(workdir, container=container, process=process)
 
 
 # --- registration -------------------------------------------------------------------------------
 # --- live migration: bench live, migrate --live -------------------------------------------------
 @click.command("live")
-@click.option("--enclave-size", default="256MiB", show_default=True, help="enclave memory")
+@click.option("--enclave-size", default="256MiB", show_default=True,
+              help="enclave memory; several, comma-separated, run one after another")  # fmt: skip
 @click.option(
     "--dirty-rate", default="50MiB", show_default=True, help="bytes of pages written per second"
 )
@@ -450,24 +495,42 @@ def bench_live(
         rules = StopRules(downtime_target=downtime_target, max_rounds=max_rounds)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    sizes = [parse_size(part) for part in enclave_size.split(",")]
+    if plot is not None and len(sizes) > 1:
+        raise ConfigError("--plot draws one enclave size")
     progress = None if as_json else (lambda line: click.echo(line, err=True))
-    result = run(
-        parse_size(enclave_size), parse_size(dirty_rate), repeat, rules=rules, progress=progress
-    )
-    if plot is not None:
-        from .lab.bench.live_plot import draw
+    results = []
+    for size in sizes:
+        result = run(size, parse_size(dirty_rate), repeat, rules=rules, progress=progress)
+        results.append(result)
+        if plot is not None:
+            from .lab.bench.live_plot import draw
 
-        draw(result, plot)
-    if not as_json:
-        sc, lv = result["stop_and_copy"], result["live"]
-        click.echo(
-            f"downtime: stop-and-copy {sc['downtime_seconds']:.3f} s, "
-            f"live {lv['downtime_seconds']:.3f} s "
-            f"({result['live_over_stop_and_copy_downtime']:.3f}x), "
-            f"live rounds {lv.get('rounds', 0)}, bytes/size {lv['bytes_over_size']:.2f}",
-            err=True,
-        )
-    _emit(result)
+            draw(result, plot)
+        if not as_json:
+            sc, lv = result["stop_and_copy"], result["live"]
+            click.echo(
+                f"{size >> 20} MiB downtime: stop-and-copy {sc['downtime_seconds']:.3f} s, "
+                f"live {lv['downtime_seconds']:.3f} s "
+                f"({result['live_over_stop_and_copy_downtime']:.3f}x), "
+                f"live rounds {lv.get('rounds', 0)}, bytes/size {lv['bytes_over_size']:.2f}",
+                err=True,
+            )
+    if len(results) == 1:
+        _emit(results[0])
+        return
+    # Several sizes: one object; how the live downtime grows from the smallest to the largest.
+    small = min(results, key=lambda r: r["enclave_bytes"])
+    large = max(results, key=lambda r: r["enclave_bytes"])
+    base = small["live"]["downtime_seconds"]
+    _emit(
+        {
+            "sizes": results,
+            "live_downtime_largest_over_smallest": (
+                large["live"]["downtime_seconds"] / base if base else None
+            ),
+        }
+    )
 
 
 def _live_options(opts: Any, console: Any, downtime_target: float, max_rounds: int) -> None:

@@ -20,7 +20,7 @@ import pytest
 from migsgx.criu import Criu
 from migsgx.errors import CriuError, MigSGXError
 from migsgx.lab.netns import Host, HostNetwork, cleanup_stale, terminate
-from migsgx.lab.testbed import Testbed
+from migsgx.lab.testbed import AgentProcess, Testbed
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -83,6 +83,13 @@ def bed(
     name = module.__name__.rpartition(".")[2].removeprefix("test_")
     with Testbed(tmp_path_factory.mktemp(name), subnet=module.BED_SUBNET) as testbed:
         yield testbed
+
+
+@pytest.fixture(scope="module")
+def agent(bed: Testbed) -> AgentProcess:
+    """The destination's agent for the module (a module may start it otherwise)."""
+
+    return bed.start_agent()
 
 
 HostsFactory = Callable[..., HostNetwork]

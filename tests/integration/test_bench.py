@@ -30,6 +30,7 @@ def test_bench_state_repeats_and_reports_medians_spread_cpu_and_timelines(tmp_pa
         assert spread["min"] <= result["pipelined"][key] <= spread["max"]
         assert sorted(r["pipelined"][key] for r in result["runs"]) == [spread["min"], spread["max"]]
     for run in result["runs"]:
+        assert run["peak_extra_enclave_share"] <= run["peak_extra_share"]
         assert run["sequential_over_pipelined"] == pytest.approx(
             run["sequential"]["seconds"] / run["pipelined"]["seconds"]
         )
@@ -37,6 +38,12 @@ def test_bench_state_repeats_and_reports_medians_spread_cpu_and_timelines(tmp_pa
             figures = run[mode]
             assert set(figures["cpu_by_process"]) == PROCESSES
             assert set(figures["timeline"]) == PROCESSES
+            assert set(figures["peak_extra_by_process"]) == PROCESSES
+            assert figures["peak_extra_bytes"] == sum(figures["peak_extra_by_process"].values())
+            assert figures["code_faulted_bytes"] == sum(figures["code_faulted_by_process"].values())
+            assert set(figures["code_faulted_by_process"]) == PROCESSES
+            # Measured from its launch: at least its ring and its private copy of a slot.
+            assert figures["peak_extra_by_process"]["destination_enclave"] >= 3 * (64 << 10)
             seal = figures["timeline"]["source_enclave"]["seal"]
             opened = figures["timeline"]["destination_enclave"]["open"]
             commit = figures["timeline"]["source_driver"]["commit"]

@@ -12,9 +12,11 @@ The table in ``docs/migration.md`` ("Checkpoints") is this one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -24,22 +26,15 @@ from pathlib import Path
 
 import pytest
 
-from migsgx.criu import Criu
+from migsgx.lab.hosts import start_service
 from migsgx.lab.testbed import AppProcess, Testbed
 from migsgx.system.process import kill_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
-@pytest.fixture(scope="module")
-def bed(
-    criu: Criu,
-    subreaper: None,
-    _stale_namespaces_removed: None,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Testbed]:
-    with Testbed(tmp_path_factory.mktemp("ckfault"), subnet=64) as testbed:
-        yield testbed
+#: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
+BED_SUBNET = 64
 
 
 def cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -201,5 +196,165 @@ def test_restored_application_killed_while_held(case: Case) -> None:
     assert first.returncode != 0 and "Traceback" not in first.stderr, first.stderr
     assert case.bed.copies(case.app)["src"] == []
     back = case.restore()  # nothing was activated: the checkpoint restores
+    assert back.returncode == 0, back.stderr
+    case.one_copy_with_every_write()
+
+
+# --- the metadata, rewritten together with the files -------------------------------------------
+def _rewrite_metadata(ck: Path, change: str) -> None:
+    """What a forger does: change the checkpoint, then make ``migsgx.json`` agree with it."""
+
+    meta = json.loads((ck / "migsgx.json").read_text())
+    if change == "page-and-digests":
+        pages = max(ck.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+        data = bytearray(pages.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        pages.write_bytes(bytes(data))
+    else:  # only the metadata: a different restore option
+        meta["tcp_close"] = not meta["tcp_close"]
+    for name in meta["files"]:
+        content = (ck / name).read_bytes()
+        meta["files"][name] = [len(content), hashlib.sha256(content).hexdigest()]
+    (ck / "migsgx.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+@pytest.mark.parametrize("change", ["page-and-digests", "options-only"])
+def test_metadata_rewritten_with_the_files_is_refused(case: Case, change: str) -> None:
+    """Every file digest agrees with the rewritten metadata; the enclave's gate does not."""
+
+    completed(case)
+    intact = case.ck.with_name("intact")
+    shutil.copytree(case.ck, intact)
+    _rewrite_metadata(case.ck, change)
+    back = case.restore()
+    assert back.returncode == 1 and "Traceback" not in back.stderr, back.stderr
+    assert "[checkpoint-damaged]" in back.stderr and "metadata" in back.stderr, back.stderr
+    assert case.bed.copies(case.app)["src"] == []  # nothing ran
+    # The gate was only read: the genuine checkpoint restores, once.
+    case.ck = intact
+    back = case.restore()
+    assert back.returncode == 0, back.stderr
+    case.one_copy_with_every_write()
+
+
+# --- the platform service killed (kill -9) during a checkpoint or a restore ---------------------
+def _platform_back(bed: Testbed) -> None:
+    """An operator starts the killed platform service again (its enclaves reattach to it)."""
+
+    bed.services["src"].stop()
+    bed.services["src"] = start_service(bed.state("src"), prefix=bed.host("src").command([]))
+
+
+def _platform_env(case: Case, point: str) -> dict[str, str]:
+    return {
+        "MIGSGX_FAULT": f"{point}:kill-platform",
+        "MIGSGX_PLATFORM_SOCKET": str(case.bed.services["src"].socket),
+    }
+
+
+@pytest.mark.parametrize("point", ["ckpt.before-dump", "ckpt.before-commit"])
+def test_platform_killed_during_the_checkpoint(case: Case, point: str) -> None:
+    """No commit can be recorded: the source runs on with every write, nothing restores."""
+
+    try:
+        done = cli("checkpoint", str(case.app.pid), "--dir", str(case.ck),
+                   env=_platform_env(case, point))  # fmt: skip
+        assert "migsgx fault:" in done.stderr, done.stderr
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    finally:
+        _platform_back(case.bed)
+    case.one_copy_with_every_write()  # the enclave never gave its state up
+    back = case.restore()  # the abandoned checkpoint's files were removed
+    assert back.returncode != 0 and "Traceback" not in back.stderr, back.stderr
+    case.one_copy_with_every_write()
+    # The next checkpoint and restore, with the platform back, work.
+    case.ck = case.ck.with_name("again")
+    completed(case)
+    back = case.restore()
+    assert back.returncode == 0, back.stderr
+    case.one_copy_with_every_write()
+
+
+def test_platform_killed_after_the_commit(case: Case) -> None:
+    """The commit is recorded: the checkpoint is complete and restores once the service is back."""
+
+    try:
+        done = cli("checkpoint", str(case.app.pid), "--dir", str(case.ck),
+                   env=_platform_env(case, "ckpt.after-commit"))  # fmt: skip
+        assert "migsgx fault:" in done.stderr, done.stderr
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        wait_until(lambda: not os.path.exists(f"/proc/{case.app.pid}"), 10, "the source to end")
+        down = case.restore()  # no platform service answers: refused before CRIU runs
+        assert down.returncode != 0 and "Traceback" not in down.stderr, down.stderr
+        assert case.bed.copies(case.app)["src"] == []
+    finally:
+        _platform_back(case.bed)
+    back = case.restore()
+    assert back.returncode == 0, back.stderr
+    case.one_copy_with_every_write()
+
+
+@pytest.mark.parametrize("point", ["restore.held", "restore.loaded"])
+def test_platform_killed_during_the_restore(case: Case, point: str) -> None:
+    """Nothing was activated (the gate holds): the held tree goes, the next restore works."""
+
+    completed(case)
+    try:
+        first = case.restore(_platform_env(case, point))
+        assert "migsgx fault:" in first.stderr, first.stderr
+        assert first.returncode == 1 and "Traceback" not in first.stderr, first.stderr
+        wait_until(lambda: case.bed.copies(case.app)["src"] == [], 15, "nothing left")
+    finally:
+        _platform_back(case.bed)
+    back = case.restore()
+    assert back.returncode == 0, back.stderr
+    case.one_copy_with_every_write()
+
+
+# --- migsgx recover --checkpoint: the gates decide, the journal names the parties ---------------
+def recover_checkpoint(case: Case) -> tuple[int, dict[str, str]]:
+    done = cli("recover", "--checkpoint", str(case.ck), "--json",
+               "--platform-socket", str(case.bed.services["src"].socket))  # fmt: skip
+    assert "Traceback" not in done.stderr, done.stderr
+    [resolution] = json.loads(done.stdout)
+    return done.returncode, resolution
+
+
+def test_recover_after_the_tool_died_after_the_commit(case: Case) -> None:
+    done = checkpoint(case, "ckpt.after-commit:exit")
+    assert done.returncode == 70
+    wait_until(lambda: case.bed.runnable_copies(case.app)["src"] == 0, 15, "the fence")
+    for _ in range(2):  # idempotent
+        code, found = recover_checkpoint(case)
+        assert code == 0 and found["decision"] == "commit", found
+        assert found["outcome"] == "restorable", found
+        assert case.bed.copies(case.app)["src"] == []  # the fenced source is gone for good
+    back = case.restore()
+    assert back.returncode == 0, back.stderr
+    case.one_copy_with_every_write()
+    code, found = recover_checkpoint(case)
+    assert code == 0 and found["outcome"] == "done", found
+    case.one_copy_with_every_write()
+
+
+def test_recover_after_the_tool_died_before_the_commit(case: Case) -> None:
+    done = checkpoint(case, "ckpt.before-commit:exit")
+    assert done.returncode == 70
+    for _ in range(2):  # idempotent
+        code, found = recover_checkpoint(case)
+        assert code == 0 and found["decision"] == "abort", found
+        assert found["outcome"] == "stayed", found
+        assert not list(case.ck.glob("*.img"))  # never restorable: the files went
+        case.one_copy_with_every_write()
+
+
+def test_recover_after_a_restore_died_with_the_tree_held(case: Case) -> None:
+    completed(case)
+    first = case.restore({"MIGSGX_FAULT": "restore.held:exit"})
+    assert first.returncode == 70
+    code, found = recover_checkpoint(case)
+    assert code == 0 and found["outcome"] == "restorable", found
+    assert case.bed.copies(case.app)["src"] == []  # the held tree never ran; it went
+    back = case.restore()
     assert back.returncode == 0, back.stderr
     case.one_copy_with_every_write()

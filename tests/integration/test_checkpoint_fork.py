@@ -16,35 +16,18 @@ from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("state_helpers")
+pytest.register_assert_rewrite("state_helpers", "pstore_image")
 
+from pstore_image import record_names  # noqa: E402
 from state_helpers import Launcher, World, pid_running, wait_gone  # noqa: E402
-from test_persistent_migration import (  # noqa: E402
-    PSTORE_MANIFEST,
-    PSTORE_SOURCE,
-    record_names,
-)
 
 from migsgx.datapath.checkpoint import CheckpointOut, restore_enclave  # noqa: E402
 from migsgx.enclave.persistent import RollbackError  # noqa: E402
 from migsgx.errors import CheckpointGateError, ReplayError  # noqa: E402
 from migsgx.host.client import EnclaveClient  # noqa: E402
-from migsgx.sgx.image import load_author_key, sign_image_dir  # noqa: E402
 
-pytest_plugins = ["state_helpers"]
+pytest_plugins = ["state_helpers", "pstore_image"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-
-@pytest.fixture(scope="module")
-def pstore(world: World) -> str:
-    path = world.root / "images" / "pstore"
-    if "pstore" not in world.images:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "manifest.toml").write_text(PSTORE_MANIFEST)
-        (path / "pstore_enclave.py").write_text(PSTORE_SOURCE)
-        sign_image_dir(path, load_author_key(world.deployment.author_key))
-        world.images["pstore"] = path
-    return "pstore"
 
 
 @pytest.fixture

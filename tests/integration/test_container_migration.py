@@ -10,6 +10,7 @@ and removes its containers.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -107,9 +108,10 @@ class Client(threading.Thread):
 
 
 # --- moves ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("live", [False, True], ids=["stop-and-copy", "live"])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_container_moves_with_its_enclave(
-    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str, live: bool
 ) -> None:
     app = lab.start_app(engine, "kvstore")
     for i in range(3):
@@ -120,13 +122,19 @@ def test_container_moves_with_its_enclave(
     client.start()
     wait_until(lambda: client.ok["src"] > 5, 10, "the client to write")
 
-    run = migrate(bed, app, agent)
+    run = migrate(bed, app, agent, args=["--live"] if live else [])
+    if run.returncode != 0:
+        client.stop.set()
+    assert run.returncode == 0, run.stderr
     wait_until(lambda: client.ok["dst"] > 5, 15, "the client to write on the destination")
     client.stop.set()
     client.join(10)
     assert run.returncode == 0, run.stderr
     assert run.stats is not None
     assert run.stats["details"]["driver"] == engine
+    if live:  # the enclave's memory went in rounds while the client kept writing
+        (enclave,) = run.stats["details"]["enclave_stats"]
+        assert enclave["mode"] == "live" and enclave["rounds"][0]["pages"] > 0
     assert run.stats["details"]["enclaves"] == 1
     assert run.stats["details"]["enclave_bytes"] > 0
     assert run.stats["downtime"] <= run.stats["total"]
@@ -352,6 +360,83 @@ def test_containerd_destination_without_the_image_refuses(
         check_source_runs_on(lab, app, digest)
     finally:
         lab.import_containerd_image("dst")
+    finish(lab, app, expect="src")
+
+
+# --- what a peer's configuration may not ask of the destination -------------------------------
+def host_bind_mount(spec: dict[str, Any], lab: ContainerLab) -> None:
+    secret = lab.base / "host-secret"  # a host directory no host granted (bind_sources)
+    secret.mkdir(exist_ok=True)
+    (secret / "canary").write_text("host only")
+    spec["mounts"].append({"destination": "/mnt/host", "type": "bind", "source": str(secret),
+                           "options": ["rbind", "ro"]})  # fmt: skip
+
+
+def sys_admin(spec: dict[str, Any], lab: ContainerLab) -> None:
+    for caps in spec["process"]["capabilities"].values():
+        caps.append("CAP_SYS_ADMIN")
+
+
+def host_ipc_namespace(spec: dict[str, Any], lab: ContainerLab) -> None:
+    host = f"/proc/{os.getpid()}/ns/ipc"  # the machine's (this test runs in it)
+    spec["linux"]["namespaces"] = [
+        {"type": "ipc", "path": host} if ns["type"] == "ipc" else ns
+        for ns in spec["linux"]["namespaces"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        (host_bind_mount, "mounts[15].source"),
+        (sys_admin, "process.capabilities.bounding"),
+        (host_ipc_namespace, "linux.namespaces[1].path"),
+    ],
+    ids=["host-bind-mount", "cap-sys-admin", "host-ipc-namespace"],
+)
+def test_destination_refuses_what_its_host_did_not_grant(
+    bed: Testbed,
+    lab: ContainerLab,
+    agent: AgentProcess,
+    patch: Callable[[dict[str, Any], ContainerLab], None],
+    field: str,
+) -> None:
+    """The source (a peer with the deployment's certificate) runs a container that asks for
+    more than the destination grants; the destination refuses before runc sees the bundle,
+    nothing of it runs there, and the source runs on."""
+
+    app = lab.start_app("runc", "kvstore", patch=lambda spec: patch(spec, lab))
+    assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
+    digest = lab.ask(app, "DIGEST", at="src")
+    run = migrate(bed, app, agent)
+    assert run.returncode == 6, run.stderr
+    assert f"the container's configuration is refused: {field}" in run.stderr
+    check_source_runs_on(lab, app, digest)  # no container, bundle or process on dst
+    assert not list((bed_state_dst(lab) / "agent" / "runc").glob(f"{app.name}*"))
+    finish(lab, app, expect="src")
+
+
+def test_destination_refuses_images_with_more_than_the_configuration(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    """CRIU gives restored threads the credentials in the images, not the configuration's.
+
+    The source's container runs with CAP_SYS_ADMIN; then its bundle's configuration is
+    rewritten without it (runc read it at the start), so the peer sends a harmless
+    configuration and images whose threads hold CAP_SYS_ADMIN: refused."""
+
+    app = lab.start_app("runc", "kvstore", patch=lambda spec: sys_admin(spec, lab))
+    config = Path(str(lab.runc("src").state(app.name)["bundle"])) / "config.json"  # type: ignore[index]
+    spec = json.loads(config.read_text())
+    for name, caps in spec["process"]["capabilities"].items():
+        spec["process"]["capabilities"][name] = [c for c in caps if c != "CAP_SYS_ADMIN"]
+    config.write_text(json.dumps(spec))
+    digest = lab.ask(app, "DIGEST", at="src")
+    run = migrate(bed, app, agent)
+    assert run.returncode == 6, run.stderr
+    assert "the container's configuration is refused: images/core-" in run.stderr
+    assert "CAP_SYS_ADMIN beyond the configuration's bounding set" in run.stderr
+    check_source_runs_on(lab, app, digest)
     finish(lab, app, expect="src")
 
 

@@ -6,13 +6,17 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from migsgx.criu import MIN_VERSION, Criu, InNetns, InTaskNamespaces
+from migsgx.criu import MIN_VERSION, Criu, DumpCancel, InNetns, InTaskNamespaces
+from migsgx.criu.images import credentials_of
+from migsgx.criu.pageserver import PageServer
+from migsgx.criu.rpc import FEATURES_OFF_ENV
 from migsgx.errors import CriuError
 from migsgx.lab.netns import NETNS_DIR, Host, HostNetwork, terminate
 
@@ -206,15 +210,58 @@ def test_dump_of_missing_process_reports_errno(criu: Criu, tmp_path: Path) -> No
 
 
 def test_pre_dump_refused_cleanly_without_memory_tracking(
+    criu: Criu, spawn: SpawnFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel without soft-dirty bits, played by the fault hook on any kernel."""
+
+    real = criu.features()
+    monkeypatch.setenv(FEATURES_OFF_ENV, "mem_track,lazy_pages")
+    without = Criu(criu.binary)  # asks the kernel afresh (the answer is cached)
+    # Only the named features go, whatever the kernel has (lazy pages work here).
+    assert without.features() == {**real, "mem_track": False, "lazy_pages": False}
+    proc, port = start_server(spawn, tmp_path)
+    pre = images(tmp_path, "pre")
+    with pytest.raises(CriuError, match="memory tracking") as caught:
+        without.pre_dump(proc.pid, pre)
+    assert caught.value.context["action"] == "pre-dump"
+    assert list(pre.iterdir()) == []  # refused before CRIU touched the tree
+    with pytest.raises(CriuError, match="memory tracking"):
+        without.dump(proc.pid, images(tmp_path, "tracked"), track_mem=True, leave_running=True)
+    assert ask("inc", port) == "1"  # the tree runs on
+
+
+def test_thread_credentials_read_from_a_real_dump(
     criu: Criu, spawn: SpawnFactory, tmp_path: Path
 ) -> None:
+    """What a destination checks (``credentials_of``) is what the kernel said at the dump."""
+
+    proc, _port = start_server(spawn, tmp_path)
+    status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+    caps = 0
+    for line in status:
+        if line.startswith(("CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:")):
+            caps |= int(line.split()[1], 16)
+    dump_dir = images(tmp_path)
+    criu.dump(proc.pid, dump_dir, leave_running=True)
+    creds = credentials_of((dump_dir / f"core-{proc.pid}.img").read_bytes(), "core")
+    assert creds is not None
+    assert creds.capabilities == {bit for bit in range(64) if caps >> bit & 1}
+    assert creds.capabilities  # root here holds capabilities: the bits are read, not zero
+
+
+def test_pre_dump_follows_the_kernels_memory_tracking(
+    criu: Criu, spawn: SpawnFactory, tmp_path: Path
+) -> None:
+    """Whatever this kernel has: a pre-dump where it tracks memory, a refusal where not."""
+
     proc, port = start_server(spawn, tmp_path)
+    pre = images(tmp_path, "pre")
     if criu.features()["mem_track"]:
-        criu.pre_dump(proc.pid, images(tmp_path, "pre"))
-        assert ask("inc", port) == "1"
-        return
-    with pytest.raises(CriuError, match="memory tracking"):
-        criu.pre_dump(proc.pid, images(tmp_path, "pre"))
+        criu.pre_dump(proc.pid, pre)
+        assert list(pre.glob("pages-*.img"))
+    else:
+        with pytest.raises(CriuError, match="memory tracking"):
+            criu.pre_dump(proc.pid, pre)
     assert ask("inc", port) == "1"
 
 
@@ -255,3 +302,80 @@ def test_failed_restore_callback(
         terminate(proc.pid, sig=0)  # CRIU's SIGKILL lands shortly after its answer
         with pytest.raises(ConnectionRefusedError):
             ask("inc", port)
+
+
+# --- stopping a running dump (DumpCancel): reached from CRIU's own notifications ---
+def test_a_cancel_refuses_the_next_step_and_the_tree_runs_on(
+    criu: Criu, spawn: SpawnFactory, tmp_path: Path
+) -> None:
+    proc, port = start_server(spawn, tmp_path)
+    assert ask("inc", port) == "1"
+    digest = ask("sum", port)
+    cancel = DumpCancel()
+    seen: list[str] = []
+
+    def notify(script: str, _pid: int) -> None:
+        seen.append(script)
+        if script == "pre-dump":
+            cancel.cancel("an enclave stream failed")  # before CRIU froze anything
+
+    with pytest.raises(CriuError, match="cancelled: an enclave stream failed"):
+        criu.dump(proc.pid, images(tmp_path), notify=notify, cancel=cancel)
+    assert cancel.vetoed and cancel.stopped_early
+    assert "post-dump" not in seen
+    assert proc.poll() is None
+    assert ask("inc", port) == "2"
+    assert ask("sum", port) == digest
+
+
+def test_a_cancel_shuts_the_page_connection_and_the_tree_runs_on(
+    criu: Criu, spawn: SpawnFactory, tmp_path: Path
+) -> None:
+    proc, port = start_server(spawn, tmp_path)
+    assert ask("inc", port) == "1"
+    digest = ask("sum", port)
+    listener = socket.create_server(("127.0.0.1", 0))
+    server_dir = images(tmp_path, "server")
+    servers: list[PageServer] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            servers.append(PageServer(criu.binary, server_dir, conn))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    cancel = DumpCancel()
+    seen: list[str] = []
+
+    def notify(script: str, _pid: int) -> None:
+        seen.append(script)
+        if script == "query-ext-files":
+            # The tree is frozen, the page connection open, no page sent yet; this
+            # step itself goes on, so only the broken connection can stop the dump.
+            cancel.cancel("an enclave stream failed")
+
+    try:
+        with pytest.raises(CriuError):
+            criu.dump(
+                proc.pid, images(tmp_path), notify=notify, cancel=cancel,
+                page_server=listener.getsockname()[:2],
+            )  # fmt: skip
+    finally:
+        listener.close()
+        thread.join(10)
+        for server in servers:
+            server.kill()
+    assert cancel.broken == 1 and not cancel.vetoed
+    assert "query-ext-files" in seen and "post-dump" not in seen
+    assert proc.poll() is None
+    assert ask("inc", port) == "2"
+    assert ask("sum", port) == digest
+
+
+def test_a_cancel_after_the_dump_touches_nothing() -> None:
+    cancel = DumpCancel()
+    cancel.bind(1, ("127.0.0.1", 9))
+    cancel.unbind()
+    cancel.cancel("too late")
+    assert cancel.cancelled and not cancel.stopped_early

@@ -4,7 +4,8 @@ Real enclave processes under real platform services, the kernel's dirty
 tracking, TCP on loopback.  The application keeps writing through ECALLs while
 the rounds run; after the commit every acknowledged write is in the destination
 enclave.  Faults: the destination killed in a middle round, a tracker that hides
-a written page (the enclaves refuse), a kernel without tracking (fallback).
+a written page (the source sends the differing segments again; a wrong repair is
+refused), a kernel without tracking (fallback).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,7 +35,7 @@ from state_helpers import (  # noqa: E402
 from migsgx.core.rounds import StopRules  # noqa: E402
 from migsgx.datapath.live import FALLBACK, LiveOutgoingEnclave  # noqa: E402
 from migsgx.enclave.dirty import FAULT_ENV  # noqa: E402
-from migsgx.errors import MemoryDigestError, MigrationError, MigSGXError  # noqa: E402
+from migsgx.errors import MigrationError, MigSGXError, StreamError  # noqa: E402
 from migsgx.host.client import EnclaveClient  # noqa: E402
 from migsgx.lab.hosts import ServiceProcess, start_service  # noqa: E402
 from migsgx.sgx.ca import ProvisioningCA  # noqa: E402
@@ -183,7 +185,7 @@ def test_destination_killed_in_a_middle_round_leaves_the_source_running(
     assert client.call("__mig_status")["role"] is None
 
 
-def test_hidden_dirty_page_is_refused_never_a_silent_difference(
+def test_hidden_dirty_page_is_repaired_never_a_silent_difference(
     world: World, launch: Launcher, destination: DestinationDriver
 ) -> None:
     # The OS of host "h" never reports page 2 as written: a kvstore write lands there.
@@ -197,12 +199,54 @@ def test_hidden_dirty_page_is_refused_never_a_silent_difference(
             # After round 0, a write into page 2 (heap offset 8192+), hidden by the tracker.
             client.ecall.put("pad", b"p" * 8192)
             client.ecall.put("hidden", b"h" * 64)
+            final = out.finish(client.detach())
+            out.commit()
+        finally:
+            close_hard(peer)
+        destination.join()
+        assert destination.active, repr(destination.error)
+        # The destination found page 2's segment different; the source sent it again.
+        assert final["repair"]["segments"] == 1, final["repair"]
+        assert final["destination"]["repair"]["segments"] == 1
+        assert destination.enclave_sock is not None
+        client.reattach(destination.enclave_sock)
+        launch.track(destination.pid)
+        assert client.ecall.get("hidden") == b"h" * 64
+        assert client.ecall.get("first") == b"x" * 100
+        assert client.ecall.get("pad") == b"p" * 8192
+    finally:
+        del world.services["h"]
+        service.stop()
+
+
+class _WrongRepair(LiveOutgoingEnclave):
+    """An untrusted driver that relays another segment than the destination named."""
+
+    def _repair(self, peer: socket.socket, segments: list[Any]) -> dict[str, Any]:
+        return super()._repair(peer, [segments[-1] + 1])
+
+
+def test_hidden_dirty_page_with_a_wrong_repair_is_refused(
+    world: World, launch: Launcher, destination: DestinationDriver
+) -> None:
+    _, service = _extra_host(world, "h", "hide=2")
+    try:
+        client = launch("kvstore", host="h")
+        client.ecall.put("first", b"x" * 100)
+        side = client.open_side_channel()
+        out = _WrongRepair(side, client.info, client.image_files, peer_timeout=30.0,
+                           rules=StopRules(max_rounds=2, downtime_target=0.0))  # fmt: skip
+        peer = socket.create_connection(destination.address, timeout=10)
+        try:
+            out.precopy(peer)
+            client.ecall.put("pad", b"p" * 8192)
+            client.ecall.put("hidden", b"h" * 64)
             with pytest.raises(MigrationError):
                 out.finish(client.detach())
         finally:
             close_hard(peer)
         destination.join()
-        assert isinstance(destination.error, MemoryDigestError), repr(destination.error)
+        assert isinstance(destination.error, StreamError), repr(destination.error)
         assert not destination.active
         # The source aborted and runs on with the write the tracker hid.
         client.reattach(out.abort("refused"))

@@ -9,32 +9,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from migsgx.criu import Criu
 from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed
 from migsgx.system.process import kill_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
-@pytest.fixture(scope="module")
-def bed(
-    criu: Criu,
-    subreaper: None,
-    _stale_namespaces_removed: None,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Testbed]:
-    with Testbed(tmp_path_factory.mktemp("livemig"), subnet=77) as testbed:
-        yield testbed
-
-
-@pytest.fixture(scope="module")
-def agent(bed: Testbed) -> AgentProcess:
-    return bed.start_agent()
+#: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
+BED_SUBNET = 77
 
 
 def workers(bed: Testbed, app: AppProcess, at: str) -> list[dict[str, Any]]:

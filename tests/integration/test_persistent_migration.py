@@ -17,8 +17,9 @@ from pathlib import Path
 import cbor2
 import pytest
 
-pytest.register_assert_rewrite("state_helpers")
+pytest.register_assert_rewrite("state_helpers", "pstore_image")
 
+from pstore_image import host_state, record_names  # noqa: E402
 from state_helpers import (  # noqa: E402
     Launcher,
     World,
@@ -39,122 +40,13 @@ from migsgx.enclave.persistent import (  # noqa: E402
 from migsgx.errors import SealError  # noqa: E402
 from migsgx.host.client import EnclaveClient  # noqa: E402
 from migsgx.lab.hosts import start_service  # noqa: E402
-from migsgx.sgx.image import load_author_key, sign_image_dir  # noqa: E402
 
-pytest_plugins = ["state_helpers"]
+pytest_plugins = ["state_helpers", "pstore_image"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-# A small enclave whose whole state is persistent, with a thread of its own that
-# counts while the application's ECALLs are held back by a migration.
-PSTORE_SOURCE = '''
-"""Test enclave: migratable counters and sealing, and a counting thread."""
-
-import threading
-
-from migsgx.enclave import Enclave, ecall
-from migsgx.errors import MigSGXError
-
-
-class PStore(Enclave):
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        self.report = {"ok": 0, "errors": {}, "platform_ok": 0, "platform_errors": {}}
-        self.stop = threading.Event()
-
-    @ecall
-    def open(self, name):
-        return self.ctx.open_persistent(name)
-
-    @ecall
-    def create(self, name, initial=0):
-        return self.ctx.mcounter_create(name, initial)
-
-    @ecall
-    def read(self, name):
-        return self.ctx.mcounter_read(name)
-
-    @ecall
-    def increment(self, name, by=1):
-        return self.ctx.mcounter_increment(name, by)
-
-    @ecall
-    def seal(self, data, counter=None):
-        return self.ctx.seal_migratable(data, counter=counter)
-
-    @ecall
-    def unseal(self, blob, fresh=True):
-        return self.ctx.unseal_migratable(blob, fresh=fresh)
-
-    @ecall
-    def tick_start(self, name, period):
-        """Count ``name`` up every ``period`` seconds, and a platform counter beside it."""
-
-        platform_counter, _ = self.ctx.counter_create()
-
-        def attempt(kind, op):
-            try:
-                op()
-                self.report[kind + "ok"] += 1
-            except MigSGXError as exc:
-                errors = self.report[kind + "errors"]
-                errors[exc.code] = errors.get(exc.code, 0) + 1
-
-        def run():
-            while not self.stop.wait(period):
-                attempt("", lambda: self.ctx.mcounter_increment(name))
-                attempt("platform_", lambda: self.ctx.counter_increment(platform_counter))
-
-        threading.Thread(target=run, daemon=True).start()
-
-    @ecall
-    def tick_report(self):
-        return {
-            **self.report,
-            "errors": dict(self.report["errors"]),
-            "platform_errors": dict(self.report["platform_errors"]),
-        }
-
-    @ecall
-    def tick_stop(self):
-        self.stop.set()
-'''
-
-PSTORE_MANIFEST = """[enclave]
-name = "pstore"
-entry = "pstore_enclave:PStore"
-memory_size = "1MiB"
-thread_slots = 4
-product_id = 8
-svn = 1
-debug = false
-"""
-
-
-@pytest.fixture(scope="module")
-def pstore(world: World) -> str:
-    path = world.root / "images" / "pstore"
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "manifest.toml").write_text(PSTORE_MANIFEST)
-    (path / "pstore_enclave.py").write_text(PSTORE_SOURCE)
-    sign_image_dir(path, load_author_key(world.deployment.author_key))
-    world.images["pstore"] = path
-    return "pstore"
-
 
 @pytest.fixture
 def name() -> str:
     return f"it-{uuid.uuid4().hex[:12]}"
-
-
-def host_state(world: World, host: str) -> Path:
-    return world.deployment.hosts["abc".index(host)]
-
-
-def record_names(world: World, host: str) -> set[str]:
-    """Names of the persistent records host ``host`` keeps (of any owner)."""
-
-    data = cbor2.loads((host_state(world, host) / "counters.cbor").read_bytes())
-    return {key.split("/", 1)[1] for key in data.get("records", {})}
 
 
 def reserved_on(world: World, host: str, name: str) -> bool:

@@ -46,11 +46,6 @@ PHASE_KEYS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def agent(bed: Testbed) -> AgentProcess:
-    return bed.start_agent()
-
-
 def kvstore(bed: Testbed, *args: str) -> AppProcess:
     return bed.start_app("kvstore", ["--image", str(bed.image("kvstore")), *args])
 
@@ -179,7 +174,58 @@ def test_destination_agent_killed_during_transfer(bed: Testbed) -> None:
 
     run = bed.migrate(app.pid, doomed)
     assert run.returncode == 6, run.stderr
-    assert "enclave 0 did not migrate" in run.stderr
+    # The enclave stream starts at the freeze, beside CRIU's dump to the same agent:
+    # whichever of the two notices the agent's death first is the reason given.
+    assert "enclave 0 did not migrate" in run.stderr or "criu dump failed" in run.stderr
+    assert doomed.proc.wait(timeout=10) == -signal.SIGKILL
+    check_source_runs_on(bed, app, digest)
+    finish(bed, app, expect="src")
+
+
+def _spans(run: MigrateRun) -> dict[str, dict[str, list[float]]]:
+    assert run.stats is not None
+    spans: dict[str, dict[str, list[float]]] = run.stats["timeline"]["spans"]
+    return spans
+
+
+def test_destination_enclaves_launch_and_attest_before_the_freeze(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    """By default the destination enclaves launch and finish the attested handshake
+    while the application still runs; ``--late-handshake`` does both inside the freeze."""
+
+    for args, early in (((), True), (("--late-handshake",), False)):
+        app = kvstore(bed, "--enclaves", "2")
+        digest = ask_src(bed, app, "DIGEST")
+        run = bed.migrate(app.pid, agent, args=args)
+        assert run.returncode == 0, run.stderr
+        spans = _spans(run)
+        freeze = spans["tool"]["freeze"][0]
+        for i in range(2):
+            launched = spans[f"enclave{i}.destination_driver"]["launch"]
+            attested = spans[f"enclave{i}.source_driver"]["handshake"][1]
+            dumped = spans[f"enclave{i}.source_enclave"]["quiesce"][0]
+            if early:
+                assert launched[1] <= attested <= freeze <= dumped
+            else:
+                assert freeze <= launched[0] <= attested <= dumped
+        assert ("early_handshake" in spans["tool"]) is early
+        assert ask_dst(bed, app, "DIGEST") == digest
+        finish(bed, app, expect="dst")
+
+
+def test_destination_lost_during_the_early_handshake_never_freezes_the_source(
+    bed: Testbed,
+) -> None:
+    # SIGKILL as soon as an enclave's data connection is authenticated: before the offer.
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.enclave-receive:kill-after-bytes=1"})
+    app = kvstore(bed)
+    ask_src(bed, app, "PUT k " + b"v".hex())
+    digest = ask_src(bed, app, "DIGEST")
+
+    run = bed.migrate(app.pid, doomed)
+    assert run.returncode != 0
+    assert "the handshake failed, the source runs on" in run.stderr
     assert doomed.proc.wait(timeout=10) == -signal.SIGKILL
     check_source_runs_on(bed, app, digest)
     finish(bed, app, expect="src")

@@ -43,6 +43,27 @@ def test_bench_live_passes_options_and_prints_json(
     assert seen["rules"] == StopRules(max_rounds=7)
 
 
+def test_bench_live_runs_several_sizes_in_one_object(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes: list[int] = []
+
+    def fake_run(size: int, rate: int, repeat: int, **kw: Any) -> dict[str, Any]:
+        sizes.append(size)
+        result = _fake_result(size, rate)
+        result["live"] = {**result["live"], "downtime_seconds": 0.1 if size < 1 << 30 else 0.12}
+        return result
+
+    monkeypatch.setattr(bench_live, "run", fake_run)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["bench", "live", "--enclave-size", "256MiB,4GiB", "--json"])
+    assert exited.value.code == cli.EXIT_OK
+    out = json.loads(capsys.readouterr().out)
+    assert sizes == [256 << 20, 4 << 30]
+    assert [r["enclave_bytes"] for r in out["sizes"]] == sizes
+    assert out["live_downtime_largest_over_smallest"] == pytest.approx(1.2)
+
+
 def test_bench_live_refuses_bad_rules(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         cli.main(["bench", "live", "--max-rounds", "0", "--json"])

@@ -19,6 +19,7 @@ from migsgx.containers import (
     HostConfig,
     make_driver,
 )
+from migsgx.containers.admission import SpecPolicy
 from migsgx.containers.cgroups import thaw_file
 from migsgx.containers.frozen import write_criu_config
 from migsgx.containers.oci import (
@@ -38,6 +39,7 @@ HERE = Localization(
     netns=Path("/run/netns/dst"),
     cgroups_path="/migsgx-dst/kv1",
     criu_config=Path("/var/lib/dst/agent/runc/kv1/criu-restore.conf"),
+    policy=SpecPolicy(bind_sources=(Path("/usr"),), resolve=lambda p: p),
 )
 
 
@@ -63,9 +65,17 @@ def spec(**overrides: Any) -> dict[str, Any]:
             },
         ],
         "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "network", "path": "/run/netns/src"}],
+            "namespaces": [
+                {"type": "pid"},
+                {"type": "network", "path": "/run/netns/src"},
+                {"type": "ipc"},
+                {"type": "uts"},
+                {"type": "mount"},
+            ],
             "cgroupsPath": "/migsgx-src/kv1",
             "sysctl": {"net.ipv4.ping_group_range": "0 0", "kernel.msgmax": "8192"},
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/sys/firmware"],
+            "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger"],
         },
         "annotations": {"keep": "me"},
     }
@@ -152,7 +162,8 @@ def test_localize_points_the_container_at_this_host() -> None:
     assert out["linux"]["namespaces"][1]["path"] == "/run/netns/dst"
     assert out["linux"]["cgroupsPath"] == "/migsgx-dst/kv1"
     assert out["annotations"] == {"keep": "me", CRIU_CONFIG_ANNOTATION: str(HERE.criu_config)}
-    assert out["linux"]["sysctl"] == original["linux"]["sysctl"]
+    # The namespace is this host's: the source's net.* sysctls stay behind.
+    assert out["linux"]["sysctl"] == {"kernel.msgmax": "8192"}
     assert original == spec()  # the input is not changed
 
 
@@ -180,14 +191,16 @@ def test_localize_refuses_what_a_destination_must_not_run() -> None:
 
 
 def test_localize_without_enclaves_or_shared_netns() -> None:
-    plain = spec(process={"env": ["PATH=/usr/bin"]})
+    plain = spec(process={"env": ["PATH=/usr/bin"]}, mounts=spec()["mounts"][:1])
     assert platform_mount(plain) is None
-    out = localize(plain, Localization(None, Path("/run/netns/dst"), None, None))
+    bare = Localization(None, Path("/run/netns/dst"), None, None, policy=HERE.policy)
+    out = localize(plain, bare)
     assert out["mounts"] == plain["mounts"]
-    own = spec(linux={"namespaces": [{"type": "network"}]})
+    kinds = ("pid", "ipc", "uts", "mount", "network")
+    own = spec(linux={**spec()["linux"], "namespaces": [{"type": t} for t in kinds]})
     assert not joined_host_netns(own)
     assert joined_host_netns(spec())
-    assert localize(own, HERE)["linux"]["namespaces"] == [{"type": "network"}]
+    assert localize(own, HERE)["linux"]["namespaces"] == [{"type": t} for t in kinds]
 
 
 def test_net_sysctls_go_when_the_engine_shares_the_namespace() -> None:

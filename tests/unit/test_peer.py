@@ -113,6 +113,7 @@ LIVE = {
     "round": {"t": "round", "number": 0},
     "round_done": {"t": "round_done", "stats": {}},
     "final": {"t": "final"},
+    "repair": {"t": "repair", "segments": [3, 9]},
 }
 
 
@@ -125,9 +126,23 @@ def test_live_mode_rounds_then_final_back_to_back() -> None:
     assert pipe.ends[S].state is pipe.ends[D].state is PeerState.ACTIVE
 
 
+def test_live_mode_one_repair_after_the_final_transfer() -> None:
+    pipe = Pipe()
+    messages = {**MESSAGES, **LIVE}
+    live = [*HAPPY[:5], (S, "round"), (D, "round_done"), (S, "final"), (D, "repair")]
+    for sender, kind in live + HAPPY[5:]:
+        assert [m["t"] for m in pipe.exchange(sender, messages[kind])] == [kind]
+    assert pipe.ends[S].state is pipe.ends[D].state is PeerState.ACTIVE
+    again = Pipe()
+    for sender, kind in live:
+        again.exchange(sender, messages[kind])
+    with pytest.raises(ProtocolError):  # at most one repair round
+        again.exchange(D, LIVE["repair"])
+
+
 @pytest.mark.parametrize(
     ("sender", "kind"),
-    [(S, "round_done"), (D, "round"), (D, "final")],
+    [(S, "round_done"), (D, "round"), (D, "final"), (S, "repair"), (D, "repair")],
 )
 def test_live_frames_from_the_wrong_end_are_refused(sender: Role, kind: str) -> None:
     pipe = Pipe()

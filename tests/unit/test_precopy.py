@@ -16,13 +16,22 @@ from typing import Any
 import pytest
 
 from migsgx.core.policy import EnclaveIdentity
-from migsgx.core.rounds import MAX_ROUNDS, StopRules, digest_key, round_label
+from migsgx.core.rounds import (
+    MAX_ROUNDS,
+    SEGMENT,
+    SegmentTags,
+    StopRules,
+    digest_key,
+    full_digest_body,
+    parse_digest_body,
+    round_label,
+)
 from migsgx.core.stream import StreamChannel
 from migsgx.datapath.ring import ShmRing
 from migsgx.enclave.dirty import FAULT_ENV
 from migsgx.enclave.memory import PAGE_SIZE, EnclaveMemory
-from migsgx.enclave.precopy import SourceRounds, final_dump
-from migsgx.enclave.precopy_in import DestinationRounds, final_load
+from migsgx.enclave.precopy import SourceRounds, final_dump, repair_dump
+from migsgx.enclave.precopy_in import DestinationRounds, final_load, repair_load
 from migsgx.errors import LiveMigrationError, MemoryDigestError, ProtocolError, StreamError
 
 pytestmark = pytest.mark.timeout(60)
@@ -47,7 +56,7 @@ class Pair:
         common: dict[str, Any] = {"migration_id": MID, "source": SRC, "destination": DST}
         self.tx = StreamChannel(SECRET, sending=True, **common)
         self.rx = StreamChannel(SECRET, sending=False, **common)
-        self.out = SourceRounds.arm(self.src, self.tx)
+        self.out = SourceRounds.arm(self.src, self.tx, KEY)
         self.into = DestinationRounds(self.dst, self.rx, digest_key=KEY)
         self.recorded: list[list[tuple[bytes, bool]]] = []
 
@@ -119,7 +128,7 @@ class Pair:
         result: dict[str, Any] = {}
 
         def send(s: SourceRounds) -> None:
-            result["source"] = final_dump(s, KEY, b"small state", b"", CHUNK)
+            result["source"] = final_dump(s, b"small state", b"", CHUNK)
 
         def receive(d: DestinationRounds) -> Any:
             return final_load(d, KEY, 1 << 20, 1 << 20, used_length=lambda _: used)
@@ -127,6 +136,24 @@ class Pair:
         state, persistent, figures = self.move(send, receive)
         assert (state, persistent) == (b"small state", b"")
         return {**result, "destination": figures}
+
+    def final_and_repair(self, ask: Callable[[list[int]], list[int]] = list) -> dict[str, Any]:
+        """The final transfer with repair allowed; ``ask`` is what the untrusted side relays."""
+
+        def send(s: SourceRounds) -> None:
+            final_dump(s, b"small state", b"", CHUNK)
+
+        def receive(d: DestinationRounds) -> Any:
+            return final_load(d, KEY, 1 << 20, 1 << 20, used_length=lambda _: USED, repair=True)
+
+        _state, _persistent, figures = self.move(send, receive)
+        if "repair" not in figures:
+            return {"final": figures}
+        segments = ask(figures["repair"])
+        again = self.move(
+            lambda s: repair_dump(s, segments, CHUNK), lambda d: repair_load(d, KEY)
+        )
+        return {"final": figures, "repair": again}
 
     def same(self) -> bool:
         return bytes(self.src.view(0, USED)) == bytes(self.dst.view(0, USED))
@@ -187,11 +214,113 @@ def test_final_without_rounds_carries_everything(pair: Pair) -> None:
 def test_hidden_write_is_caught_by_the_digest(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
     pair.out.close()
     monkeypatch.setenv(FAULT_ENV, "hide=9")
-    pair.out = SourceRounds.arm(pair.src, pair.tx)
+    pair.out = SourceRounds.arm(pair.src, pair.tx, KEY)
     pair.round()
     pair.write([8, 9], 4)  # the tracker reports 8 only
     with pytest.raises(MemoryDigestError):
         pair.final()
+
+
+def test_source_rehashes_only_segments_its_write_log_names(pair: Pair) -> None:
+    pair.round()
+    pair.write([0, 20], 1)
+    pair.round()
+    pair.write([100], 2)  # one segment written after the last round
+    figures = pair.final()
+    assert figures["source"]["verify_bytes"] == SEGMENT
+    assert pair.same()
+
+
+def test_hidden_write_in_a_middle_round_is_caught(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pair.out.close()
+    monkeypatch.setenv(FAULT_ENV, "hide=40")
+    pair.out = SourceRounds.arm(pair.src, pair.tx, KEY)
+    pair.round()
+    pair.write([40], 5)  # hidden from the report, seen by the write log
+    assert pair.round()["pages"] == 0
+    pair.round()  # the source's tag of page 40's segment is recomputed here
+    with pytest.raises(MemoryDigestError):
+        pair.final()
+    assert pair.into.differing == [40 * PAGE_SIZE // SEGMENT]
+
+
+def hide(pair: Pair, monkeypatch: pytest.MonkeyPatch, page: int) -> None:
+    pair.out.close()
+    monkeypatch.setenv(FAULT_ENV, f"hide={page}")
+    pair.out = SourceRounds.arm(pair.src, pair.tx, KEY)
+
+
+def test_repair_resends_the_differing_segments_once(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hide(pair, monkeypatch, 9)
+    pair.round()
+    pair.write([8, 9, 200], 4)  # the tracker reports 8 and 200
+    figures = pair.final_and_repair()
+    assert figures["final"]["repair"] == [9 * PAGE_SIZE // SEGMENT]
+    assert figures["repair"]["segments"] == 1
+    assert figures["repair"]["pages"] == SEGMENT // PAGE_SIZE
+    assert pair.same()
+    with pytest.raises(ProtocolError):  # one repair round, on both sides
+        repair_dump(pair.out, [1], CHUNK)
+    with pytest.raises(ProtocolError):
+        repair_load(pair.into, KEY)
+
+
+def test_repair_that_leaves_a_difference_is_refused(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hide(pair, monkeypatch, 9)
+    pair.round()
+    pair.write([9], 4)
+    pair.round()  # page 9 hidden from this round's report
+    pair.out.tracker._hide = 300  # the OS hides another page now
+    pair.write([300], 5)
+    # Two segments differ; the untrusted side relays only the first.
+    with pytest.raises(MemoryDigestError):
+        pair.final_and_repair(ask=lambda named: named[:1])
+    assert pair.into.differing == [300 * PAGE_SIZE // SEGMENT]
+
+
+def test_repair_with_pages_of_segments_not_named_is_refused(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hide(pair, monkeypatch, 9)
+    pair.round()
+    pair.write([9], 4)
+    with pytest.raises(StreamError):
+        pair.final_and_repair(ask=lambda named: [named[0] + 1])
+
+
+@pytest.mark.parametrize("segments", [[], [2, 1], [1, 1], [-1], [USED // SEGMENT], [True]])
+def test_source_refuses_a_malformed_repair_list(pair: Pair, segments: list[Any]) -> None:
+    pair.round()
+    pair.final()
+    with pytest.raises(ProtocolError):
+        repair_dump(pair.out, segments, CHUNK)
+
+
+def test_kept_tags_give_the_digest_of_the_final_memory() -> None:
+    """Whatever the order of writes, scans and refreshes: the body of the memory now."""
+
+    memory = EnclaveMemory(SIZE)
+    memory.allocate("heap", USED)
+    tags = SegmentTags(KEY, SIZE)
+    view = memory.view()
+    try:
+        for step, pages in enumerate(([1, 2], [9, 30, 31], [], [511], [2])):
+            tags.refresh(view, USED)
+            for p in pages:
+                view[p * PAGE_SIZE] = step + 1
+            tags.forget_pages(pages)  # what the write log names at the next scan
+        body = tags.body(view, USED)
+        assert body == full_digest_body(KEY, view[:USED])
+        assert parse_digest_body(body)[0] == USED
+    finally:
+        view.release()
+        memory.wipe()
 
 
 def test_digest_over_another_length_is_refused(pair: Pair) -> None:
@@ -224,7 +353,7 @@ def test_final_offered_as_a_round_is_refused(pair: Pair) -> None:
     pair.round()
 
     def send(s: SourceRounds) -> None:
-        final_dump(s, KEY, b"x", b"", CHUNK)
+        final_dump(s, b"x", b"", CHUNK)
 
     with pytest.raises(StreamError):
         pair.move(send, lambda d: d.load_round())
@@ -272,6 +401,15 @@ def test_stop_rules_each_named() -> None:
 def test_stop_rules_estimate_uses_the_measured_bandwidth() -> None:
     rounds = [r(25_600, 1.0), r(256)]  # 100 MiB in 1 s, then 1 MiB
     assert StopRules.estimate(rounds) == pytest.approx(0.01)
+
+
+def test_stop_rules_estimate_counts_the_digest_check_after_the_freeze() -> None:
+    tagged = {"tagged_bytes": 1 << 30, "tag_seconds": 0.5}  # 2 GiB/s
+    rounds = [{**r(25_600, 1.0), **tagged}, r(256)]  # then 256 pages: up to 256 segments
+    assert StopRules.estimate(rounds) == pytest.approx(0.01 + 256 * SEGMENT / (2 << 30))
+    # Never more than a pass over the memory round 0 sent.
+    rounds = [{**r(25_600, 1.0), **tagged}, r(25_600)]
+    assert StopRules.estimate(rounds) == pytest.approx(1.0 + 25_600 * 4096 / (2 << 30))
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import random
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -395,6 +396,30 @@ def test_channel_direction_and_sender_misuse() -> None:
 
 
 # --- manifests and sections ------------------------------------------------------------------
+@pytest.mark.parametrize("pages", [range(0), range(7), range(5, 1 << 20), range(3, 40, 2)])
+def test_sparse_section_of_a_range_is_that_of_its_pages(pages: range) -> None:
+    assert Section.sparse("round-0/memory", pages) == Section.sparse("round-0/memory", list(pages))
+
+
+def test_sparse_section_runs_are_the_runs_of_its_pages() -> None:
+    rng = random.Random(12)
+    for _ in range(300):
+        pages = [rng.randrange(0, 200) for _ in range(rng.randrange(0, 80))]
+        runs: list[tuple[int, int]] = []
+        for page in sorted(set(pages)):
+            if runs and sum(runs[-1]) == page:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((page, 1))
+        section = Section.sparse("round-1/memory", pages)
+        assert section.runs == tuple(runs)
+        assert section.length == len(set(pages)) * 4096
+    with pytest.raises(ValueError):
+        Section.sparse("round-1/memory", [1 << 70])
+    with pytest.raises(ValueError):
+        Section.sparse("round-1/memory", [-1, 3])
+
+
 def test_sparse_section_layout() -> None:
     sec = Section.sparse("round-1/memory", [9, 3, 4, 5, 20, 21, 100], page_size=64)
     assert sec.runs == ((3, 3), (9, 1), (20, 2), (100, 1))

@@ -39,7 +39,7 @@ from migsgx.core.commit import (
 )
 from migsgx.core.handshake import Handshake, HandshakeComplete, Role, transcript_item
 from migsgx.core.policy import EnclaveIdentity, MigrationPolicy, PolicyMode
-from migsgx.core.rounds import DIGEST_BODY, digest_key, memory_digest, round_label
+from migsgx.core.rounds import REPAIR_LABEL, digest_key, full_digest_body, round_label
 from migsgx.core.stream import Manifest, Section, StreamHeader, StreamSealer
 from migsgx.errors import MigSGXError, QuoteFormatError
 from migsgx.sgx.sgxext import PckExtension
@@ -540,7 +540,6 @@ def precopy_cases() -> list[dict[str, Any]]:
         if flip is not None:
             data[flip] ^= 1
         key = digest_key(secret, mid)
-        value = memory_digest(key, bytes(data))
         cases.append(
             {
                 "name": name,
@@ -551,9 +550,8 @@ def precopy_cases() -> list[dict[str, Any]]:
                 "expect": {
                     "ok": {
                         "key": key.hex(),
-                        "digest": value.hex(),
-                        "body": DIGEST_BODY.pack(len(data), value).hex(),
-                        "labels": [round_label(n) for n in (0, 1, 63)],
+                        "body": full_digest_body(key, bytes(data)).hex(),
+                        "labels": [round_label(n) for n in (0, 1, 63)] + [REPAIR_LABEL],
                     }
                 },
             }
@@ -563,7 +561,7 @@ def precopy_cases() -> list[dict[str, Any]]:
     digest("three-pages", page)
     digest("three-pages-one-bit-differs", page, flip=4096 + 17)
     digest("empty", {"hex": ""})
-    segments = {"generator": "sha256-counter", "seed": "segments", "length": (768 << 10) + 4096}
+    segments = {"generator": "sha256-counter", "seed": "segments", "length": (96 << 10) + 4096}
     digest("four-segments-last-partial", segments)
     return cases
 

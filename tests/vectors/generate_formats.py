@@ -11,6 +11,7 @@ maps built here, then cut, tampered or sent out of turn.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import struct
 from typing import Any
 
@@ -368,6 +369,7 @@ def persistent_cases() -> list[dict[str, Any]]:
 
 # --- checkpoint.md section 2: the key record ----------------------------------------------------
 CKPT_AAD = b"migsgx checkpoint v2 "
+GATE_AAD = b"migsgx checkpoint gate v2 "
 
 
 def checkpoint_cases() -> list[dict[str, Any]]:
@@ -418,6 +420,31 @@ def checkpoint_cases() -> list[dict[str, Any]]:
     add("key-short-source", blob({**doc, "source": source.pack()[:67]}), bad)
     add("key-version-1", blob({**doc, "v": 1}), bad)
     add("key-short-secret", blob({**doc, "secret": secret[:31]}), bad)
+
+    # The gate record (section 2): pending, then committed with the metadata digest.
+    share, counter = det_bytes("gate share", 32), det_bytes("gate counter", 16).hex()
+    meta = hashlib.sha256(b'{"format": 1}\n').digest()
+    gate = {"v": 2, "id": cid, "share": share, "counter": counter}
+
+    def gate_blob(payload: Any, *, aad: bytes = GATE_AAD + cid) -> bytes:
+        return platform_blob(kv, a, cbor2.dumps(payload), aad=aad, policy=0x1, seed="g")
+
+    def add_gate(name: str, data: bytes, expect: dict[str, Any], **kw: Any) -> None:
+        add(name, data, expect, **kw)
+        cases[-1]["record"] = "gate"
+
+    def gate_ok(bound: bytes | None) -> dict[str, Any]:
+        return {"ok": {"checkpoint_id": cid.hex(), "share": share.hex(), "counter": counter,
+                       "meta": None if bound is None else bound.hex()}}  # fmt: skip
+
+    add_gate("gate-pending", gate_blob(gate), gate_ok(None))
+    add_gate("gate-committed", gate_blob({**gate, "meta": meta}), gate_ok(meta))
+    add_gate("gate-committed-nothing-bound", gate_blob({**gate, "meta": b""}), gate_ok(b""))
+    add_gate("gate-other-host", gate_blob({**gate, "meta": meta}), bad, platform=b)
+    add_gate("gate-short-meta", gate_blob({**gate, "meta": meta[:31]}), bad)
+    add_gate("gate-meta-not-bytes", gate_blob({**gate, "meta": meta.hex()}), bad)
+    add_gate("gate-extra-field", gate_blob({**gate, "meta": meta, "epoch": 1}), bad)
+    add_gate("gate-key-label", gate_blob({**gate, "meta": meta}, aad=CKPT_AAD + cid), bad)
     return cases
 
 

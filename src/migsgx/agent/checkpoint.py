@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from ..criu import Criu, InNetns, InTaskNamespaces
 from ..datapath.checkpoint import CheckpointIn, CheckpointOut
 from ..errors import CheckpointDamagedError, ConfigError, CriuError, MigSGXError
 from ..host.appctl import info_to_wire
+from ..host.client import platform_socket as default_platform_socket
 from ..system.process import (
     continue_tree,
     is_pidns_init,
@@ -41,7 +43,8 @@ from ..system.process import (
     wait_stopped,
 )
 from .applink import AppLink, HandedEnclave
-from .faults import fault
+from .ckpt_journal import JOURNAL, write_journal
+from .faults import fault, kill_dead, socket_owner
 from .guardian import Guardian
 
 __all__ = ["CHECKPOINT_META", "checkpoint", "restore"]
@@ -89,6 +92,8 @@ def checkpoint(
     # As for a migration: a guardian holds the enclave connections, so that a tool
     # that dies before the commit leaves the enclaves to be aborted and handed back.
     guardian = Guardian(link.pid, link.name, [h.sock for h in handed]) if link else None
+    # Which tool works here, on which source: what ``migsgx recover`` starts from.
+    write_journal(directory, "writing", pid=pid, start=meta["start"], enclaves=len(handed))
 
     def post_dump(script: str, _pid: int) -> None:
         if script != "post-dump":
@@ -96,23 +101,25 @@ def checkpoint(
         # CRIU's images are complete: the metadata (with every file's digest) is
         # durable before any enclave gives its state up, so a tool that dies after
         # the commit leaves a restorable checkpoint.
-        _write_meta(directory, {**meta, "files": _digests(directory)})
+        meta_digest = _write_meta(directory, {**meta, "files": _digests(directory)})
         # The fence: if this tool dies from here on and CRIU resumes the tree, it
         # stops instead of running beside the checkpoint.
         fenced.extend(tree_pids(pid))
         stop_tree(fenced)
         if guardian is not None:
             guardian.note("fence " + " ".join(map(str, fenced)))
+        write_journal(directory, "fenced")
         _fault("ckpt.before-commit", pid, handed)
         for i, out in enumerate(outs):
             try:
-                out.commit()
+                out.commit(meta_digest)  # the gate binds the metadata (and so every file)
             except MigSGXError:
                 if not committed:
                     raise  # nothing given up yet: CRIU resumes the tree (unfenced below)
                 # Some enclaves gave their state up already: going back is impossible.
                 continue
             committed.append(i)
+        write_journal(directory, "committed")
         _fault("ckpt.after-commit", pid, handed)
 
     try:
@@ -139,8 +146,10 @@ def checkpoint(
                     with contextlib.suppress(MigSGXError):
                         link.resume(socks)
                 for path in directory.iterdir():
-                    with contextlib.suppress(OSError):
-                        path.unlink()
+                    if path.name != JOURNAL:
+                        with contextlib.suppress(OSError):
+                            path.unlink()
+                write_journal(directory, "aborted")
             raise
     finally:
         if guardian is not None:
@@ -152,13 +161,17 @@ def checkpoint(
             f"only {len(committed)} of {len(outs)} enclaves gave their state up; the "
             f"checkpoint in {directory} holds them all"
         )
+    write_journal(directory, "done")
     return CheckpointResult(directory, pid, len(handed))
 
 
-def _write_meta(directory: Path, meta: dict[str, object]) -> None:
+def _write_meta(directory: Path, meta: dict[str, object]) -> bytes:
+    """Write ``migsgx.json`` durably; returns its SHA-256 (which the enclaves commit)."""
+
+    data = (json.dumps(meta, indent=2) + "\n").encode()
     tmp = directory / (CHECKPOINT_META + ".tmp")
-    with tmp.open("w") as out:
-        out.write(json.dumps(meta, indent=2) + "\n")
+    with tmp.open("wb") as out:
+        out.write(data)
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, directory / CHECKPOINT_META)
@@ -167,16 +180,26 @@ def _write_meta(directory: Path, meta: dict[str, object]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return hashlib.sha256(data).digest()
 
 
 def _alive(pid: int) -> bool:
     return process_state(pid) not in ("", "Z", "X")
 
 
-def _fault(point: str, pid: int, handed: list[HandedEnclave]) -> None:
-    """A fault point of checkpoint or restore (``kill-source``, ``kill-enclave`` here)."""
+def _fault(
+    point: str, pid: int, handed: list[HandedEnclave], platform: Path | None = None
+) -> None:
+    """A fault point of checkpoint or restore (``kill-source``, ``kill-enclave`` here).
+
+    ``kill-platform`` SIGKILLs this host's platform service (``platform``, or the
+    one ``$MIGSGX_PLATFORM_SOCKET`` names) and returns once it is dead.
+    """
 
     action = fault(point)
+    if action == "kill-platform":
+        sock = platform if platform is not None else default_platform_socket(None)
+        kill_dead([socket_owner(sock)])
     if action == "kill-source":
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -192,7 +215,7 @@ def _digests(directory: Path) -> dict[str, list[int | str]]:
 
     files: dict[str, list[int | str]] = {}
     for path in sorted(directory.iterdir()):
-        unchecked = path.name in (CHECKPOINT_META, HELD) or path.name.startswith("stats-")
+        unchecked = path.name in (CHECKPOINT_META, HELD, JOURNAL) or path.name.startswith("stats-")
         if path.is_file() and not unchecked and not path.name.endswith((".log", ".tmp")):
             digest = hashlib.sha256()
             with path.open("rb") as src:
@@ -205,9 +228,11 @@ def _digests(directory: Path) -> dict[str, list[int | str]]:
 def _verify(directory: Path, recorded: object) -> None:
     """The checkpoint's files are exactly those written, byte for byte.
 
-    This detects damage (a truncated copy, a flipped bit); it is no defence
-    against someone who rewrites the metadata too.  The enclave state is
-    authenticated by its own sealed streams either way.
+    This detects damage (a truncated copy, a flipped bit) before CRIU reads
+    anything.  A rewrite of the metadata together with the files is refused by
+    the enclaves instead: each committed gate binds the metadata's SHA-256
+    (``docs/spec/checkpoint.md``), and nothing runs before every enclave opened
+    its gate.  The enclave state is authenticated by its own sealed streams.
     """
 
     if not isinstance(recorded, dict):
@@ -239,7 +264,8 @@ def restore(
     criu = criu or Criu()
     directory = Path(directory)
     try:
-        meta = json.loads((directory / CHECKPOINT_META).read_text())
+        raw_meta = (directory / CHECKPOINT_META).read_bytes()
+        meta = json.loads(raw_meta)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{directory} holds no migsgx checkpoint: {exc}") from exc
     if meta.get("format") != FORMAT:
@@ -250,6 +276,7 @@ def restore(
     # Before CRIU sees anything: a truncated page image makes CRIU's restorer spin
     # for ever, and a changed byte would run unnoticed.
     _verify(directory, meta.get("files"))
+    meta_digest = hashlib.sha256(raw_meta).digest()
     _remove_held_leftover(directory)
     _remove_fenced_source(meta)
     extra: dict[str, bool] = {"leave_stopped": True}
@@ -264,7 +291,9 @@ def restore(
     try:
         for i in range(count):
             assert platform_socket is not None
-            enclave = CheckpointIn(directory, i, platform_socket)
+            # The enclave opens its checkpoint only with the metadata its source
+            # committed: a rewrite of migsgx.json (with the files) is refused.
+            enclave = CheckpointIn(directory, i, platform_socket, meta_digest)
             incoming.append(enclave)
             enclave.load()
         # From the activation on, the enclaves hold the only copy and need their
@@ -286,8 +315,8 @@ def restore(
             raise CriuError(f"the restored tree did not hold: {exc}") from exc
         # Should this tool die now, the next restore finds the held tree and removes it.
         _write_held(directory, pid)
-        _fault("restore.held", pid, [])
-        _fault("restore.loaded", pid, [])
+        _fault("restore.held", pid, [], platform_socket)
+        _fault("restore.loaded", pid, [], platform_socket)
         try:
             wait_stopped(pid, timeout=0)  # still held: activating now cannot strand the state
         except MigSGXError as exc:
@@ -302,12 +331,34 @@ def restore(
                 kill_tree(pid)
         raise
     infos = [e.info for e in incoming if e.info is not None]
+    # Every enclave verified its state: from here on they run (each claims its id once).
+    # First the journal says so: a recover then knows who consumed the gates.
+    write_journal(directory, "restoring")
     try:
         if guardian is not None:
             guardian.note(f"restored {pid}")
             guardian.note("activating")
-        # Every enclave verified its state: from here on they run (each claims its id once).
-        socks = [enclave.activate() for enclave in incoming]
+        socks: list[socket.socket] = []
+        try:
+            for enclave in incoming:
+                socks.append(enclave.activate())
+        except BaseException as exc:
+            if socks:
+                # Some enclaves claimed their checkpoints, this one did not: neither way
+                # is whole.  The tree stays held (stopped); an operator decides.
+                raise MigSGXError(
+                    f"only {len(socks)} of {len(incoming)} enclaves could be activated "
+                    f"({exc}); the restored tree {pid} is left stopped"
+                ) from exc
+            # Nothing was claimed (the platform service gone, say): every gate holds, so
+            # the held tree and the loaded enclaves go and the checkpoint restores later.
+            for enclave in incoming:
+                enclave.discard()
+            with contextlib.suppress(MigSGXError):
+                kill_tree(pid)
+            with contextlib.suppress(OSError):
+                (directory / HELD).unlink()
+            raise
         _fault("restore.activated", pid, [])
         # The app answers only once it runs; its ECALL callers wait for the attach.
         continue_tree(pid)
@@ -323,6 +374,7 @@ def restore(
             guardian.release()  # (this tool lives: it ends the restore itself, either way)
     with contextlib.suppress(OSError):
         (directory / HELD).unlink()
+    write_journal(directory, "restored", restored_pid=pid)
     return pid
 
 

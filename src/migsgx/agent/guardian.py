@@ -5,7 +5,10 @@ the application's enclave connections, and an enclave process exits when its
 connection closes.  So the tool starts a guardian (its own session, so that it
 outlives the tool) holding duplicates of those connections, and tells it
 through a pipe what happened: ``thaw FILE`` before a container's cgroup is
-frozen for its checkpoint (FILE is the cgroup's freezer control), ``fence
+frozen for its checkpoint (FILE is the cgroup's freezer control), ``netup
+NETNS`` before a container that owns its address is cut off the network,
+``ungate NETNS PORT,...`` before new connections to a container's listeners
+are dropped, ``fence
 PID...`` once the source tree got its SIGSTOP, ``resume-sent`` once a tree
 without enclaves passed its commit point, ``done`` when the migration ended
 either way.
@@ -15,8 +18,8 @@ every source enclave to abort its migration.  An enclave that already
 committed refuses (or is gone): the destination has the state and rolls
 forward, and the guardian leaves the source alone (stopped by the fence).  If
 every enclave aborted, nothing was given up: the guardian resumes the fenced
-(and thaws the frozen) source and hands the connections back to the application (``resume``), which
-then carries on as if nothing had happened.
+(thaws the frozen, reconnects the locked) source and hands the connections back
+to the application (``resume``), which then carries on as if nothing had happened.
 
 Run as ``python -m migsgx.agent.guardian --pipe FD --app-pid PID --app-name NAME
 --fds FD,FD...`` by :class:`Guardian` only.
@@ -38,6 +41,8 @@ from typing import Final
 
 from ..channel import ECALL, ECALL_FRAME_MAX
 from ..containers.cgroups import thaw_file
+from ..containers.gate import open_gate
+from ..containers.podnet import unlock
 from ..errors import MigSGXError
 from ..wire import recv_frame, send_frame
 from .applink import AppLink
@@ -202,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(line.strip())
     if "done" in notes:
         return 0
+    # New connections to the source's listeners were dropped: whoever ends up with
+    # the container, clients are served (or refused and go elsewhere) again.
+    for note in notes:
+        parts = note.split()
+        if parts[0:1] == ["ungate"] and len(parts) == 3:
+            open_gate(parts[1], [int(p) for p in parts[2].split(",") if p.isdigit()])
     if args.restore:
         restored = [int(n.split()[1]) for n in notes if n.startswith("restored ")]
         if "activating" not in notes or not restored:
@@ -214,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     fenced = [int(p) for n in notes if n.startswith("fence ") for p in n.split()[1:]]
     frozen = [n.partition(" ")[2] for n in notes if n.startswith("thaw ")]
+    locked = [n.partition(" ")[2] for n in notes if n.startswith("netup ")]
     journals = [n.partition(" ")[2] for n in notes if n.startswith("journal ")]
     if "resume-sent" in notes:
         _log("the tool died after the commit point: the source stays stopped")
@@ -228,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _log("the tool died before the commit point: resuming the source")
     try:
+        for path in locked:
+            try:
+                unlock(Path(path))  # a container's own address answers again
+            except MigSGXError as exc:
+                _log(f"could not unlock the source's network: {exc}")
         return _resume_source(args.app_pid, args.app_name, socks, fenced, frozen)
     finally:
         for path in journals:

@@ -591,6 +591,8 @@ class IncomingMigration:
                 cause = enclave.commit_error
                 raise AgentError(f"enclave {enclave.index}: no commit: {cause}") from cause
         self.no_return = True
+        if self.restored is not None and self.restored.before_resume is not None:
+            self.restored.before_resume()
         continue_tree(self.root)
         t0 = time.monotonic()
         link = AppLink.find(self.root)

@@ -45,18 +45,20 @@ from typing import Any, Final
 
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
 from ..core.rounds import StopRules
-from ..criu import Criu
+from ..criu import Criu, DumpCancel
 from ..datapath.engine import OutgoingEnclave
 from ..errors import (
+    ConfigError,
     CriuError,
     InDoubtError,
     MigrationError,
     MigSGXError,
+    ProtocolError,
     SourceGoneError,
 )
 from ..host.appctl import info_to_wire
 from ..system.process import is_pidns_init, process_state, stop_tree, tree_pids
-from . import precopy
+from . import early, precopy
 from .applink import AppLink, HandedEnclave
 from .control import CONNECT_TIMEOUT, AgentConnection
 from .datalink import open_data
@@ -72,7 +74,7 @@ from .protocol import (
 )
 from .tls import AgentIdentity
 
-__all__ = ["AgentConnection", "MigrateOptions", "MigrationOutcome", "migrate"]
+__all__ = ["AgentConnection", "MigrateOptions", "MigrationOutcome", "keeps_tcp", "migrate"]
 
 log = logging.getLogger("migsgx.migrate")
 
@@ -98,12 +100,17 @@ class MigrateOptions:
     chunk_size: int | None = None
     mode: str = "pipelined"
     tcp_close: bool = True
+    #: Keep established TCP connections open across the move: None = wherever the
+    #: workload owns an address that moves with it; True = required (else an error).
+    tcp_established: bool | None = None
     shell_job: bool = False
     progress: Progress | None = None
     # Live migration (agent/precopy.py): pre-copy rounds before the freeze.
     live: bool = False
     stop_rules: StopRules | None = None
     round_report: RoundReport | None = None
+    # Stop-and-copy: the destination enclaves launch and attest before the freeze.
+    early_handshake: bool = True
 
 
 @dataclass
@@ -140,12 +147,15 @@ class _Migration:
         self.page_bytes = 0
         self.driver: Driver = make_driver(opts.driver, HostConfig(opts.criu, opts.containers))
         self.source: Source | None = None
+        self.tcp_keep = False
         self.page_server = False
         self.session_id = b""
         self.journal: Journal | None = None
         self.in_doubt = False
         self.data_key = b""
         self._journal_lock = threading.Lock()
+        #: A failed enclave stream stops CRIU's dump at once (the source runs again).
+        self.cancel = DumpCancel()
 
     def note(self, phase: str) -> None:
         self.t[phase] = time.monotonic()
@@ -158,6 +168,7 @@ class _Migration:
         self.source = source = self.driver.locate(
             opts.target if opts.target is not None else str(opts.pid)
         )
+        self.tcp_keep = keeps_tcp(opts.tcp_established, source)
         pid = source.root
         pids = tree_pids(pid)
         if not pids:
@@ -170,12 +181,25 @@ class _Migration:
             control.call({"t": "hello", "version": VERSION, "host_id": _host_id(opts)}, "welcome")
             self.link = AppLink.find(pid)
             ready = self._precopy(pids, pidns) if opts.live and self.link is not None else None
+            if ready is None and opts.early_handshake and self.link is not None:
+                ready = self._handshake_early(pids, pidns)
             self.note("prepare")
-            handed = self.link.prepare(opts.prepare_timeout) if self.link is not None else []
-            if ready is not None:
-                precopy.adopt(self.transfers, handed)
-            else:
-                self.transfers = [_Transfer(h) for h in handed]
+            try:
+                handed = self.link.prepare(opts.prepare_timeout) if self.link is not None else []
+                if ready is not None and opts.live:
+                    precopy.adopt(self.transfers, handed)
+                elif ready is not None:
+                    self._adopt(handed)
+                else:
+                    self.transfers = [_Transfer(h) for h in handed]
+            except BaseException as exc:
+                if ready is not None:
+                    early.abandon(self.transfers, f"the freeze failed: {exc}")
+                    with contextlib.suppress(MigSGXError):
+                        self.control.call({"t": "abort", "reason": "the freeze failed"},
+                                          "aborted")  # fmt: skip
+                    self.transfers = []
+                raise
             self.note("prepared")
             link = self.link
             try:
@@ -239,7 +263,7 @@ class _Migration:
             "enclaves": [{"info": info_to_wire(t.handed.info)} for t in self.transfers],
             "pids": pids,
             "pidns": pidns,
-            "tcp_close": self.opts.tcp_close,
+            "tcp_close": self.opts.tcp_close and not self.tcp_keep,
             "page_tls": self.page_server,
         }
         if self.driver.name != "pid":
@@ -276,6 +300,57 @@ class _Migration:
             raise
         self.note("precopied")
         return ready
+
+    def _handshake_early(self, pids: list[int], pidns: bool) -> dict[str, Any] | None:
+        """Before the freeze: ``begin`` and every enclave's handshake (:mod:`.early`).
+
+        ``None`` (and nothing begun) for an application without enclaves.
+        """
+
+        assert self.link is not None and self.control is not None
+        sides = self.link.side()
+        if not sides:
+            return None
+        self.note("handshake")
+        self.transfers = [_Transfer(h) for h in sides]
+        try:
+            ready = self.control.call(self._begin(pids, pidns), "ready")
+        except BaseException:
+            early.abandon(self.transfers, "begin failed")
+            raise
+        try:
+            early.handshake_all(
+                self.transfers, lambda index: self._connect(index, ready),
+                mode=self.opts.mode, chunk_size=self.opts.chunk_size,
+            )  # fmt: skip
+        except BaseException as exc:
+            with contextlib.suppress(MigSGXError):
+                self.control.call({"t": "abort", "reason": str(exc)[:500]}, "aborted")
+            raise
+        self.note("handshaken")
+        return ready
+
+    def _adopt(self, handed: list[HandedEnclave]) -> None:
+        try:
+            early.adopt(self.transfers, handed)
+        except ProtocolError:
+            assert self.link is not None
+            with contextlib.suppress(MigSGXError):
+                self.link.resume([h.sock for h in handed])  # the application's, back to it
+            raise
+
+    def _connect(self, index: int, ready: dict[str, Any]) -> tuple[socket.socket, socket.socket]:
+        """Enclave ``index``'s authenticated data connection to the destination agent,
+        and what the enclave's transfer uses (itself, or a fault's relay in front of it)."""
+
+        peer = socket.create_connection((self.opts.to[0], int(ready["data_port"])),
+                                        timeout=CONNECT_TIMEOUT)  # fmt: skip
+        peer.settimeout(None)
+        open_data(peer, ready["data_key"], self.session_id, index)
+        action = fault("tool.enclave-stream")
+        if action is not None and action.startswith("flip-byte="):
+            return peer, flipping_relay(peer, int(action.partition("=")[2]))
+        return peer, peer
 
     def _start_enclaves(self, ready: dict[str, Any]) -> None:
         self._threads: list[threading.Thread] = []
@@ -339,17 +414,12 @@ class _Migration:
                 transfer.stats = precopy.finish(transfer)
             except BaseException as exc:
                 transfer.error = exc
+                self._enclave_failed(transfer, exc)
             return
         try:
-            peer = socket.create_connection(
-                (self.opts.to[0], int(ready["data_port"])), timeout=CONNECT_TIMEOUT
-            )
-            transfer.peer = peer
-            peer.settimeout(None)
-            open_data(peer, ready["data_key"], self.session_id, transfer.handed.index)
-            action = fault("tool.enclave-stream")
-            if action is not None and action.startswith("flip-byte="):
-                peer = flipping_relay(peer, int(action.partition("=")[2]))
+            peer = transfer.peer  # (an early handshake connected it, and uses its own)
+            if peer is None:
+                transfer.peer, peer = self._connect(transfer.handed.index, ready)
             t0 = time.monotonic()
             assert transfer.outgoing is not None
             stats = transfer.outgoing.transfer(peer)
@@ -357,6 +427,17 @@ class _Migration:
             transfer.stats["tool_seconds"] = time.monotonic() - t0
         except BaseException as exc:
             transfer.error = exc
+            self._enclave_failed(transfer, exc)
+
+    def _enclave_failed(self, transfer: _Transfer, exc: BaseException) -> None:
+        """An enclave stream failed, so the migration will not happen: stop the dump now.
+
+        Waiting for CRIU to finish a dump whose result is thrown away keeps the
+        source frozen for seconds; cancelled, CRIU resumes the tree at once.
+        """
+
+        if not self.committed:
+            self.cancel.cancel(f"enclave {transfer.handed.index}: {type(exc).__name__}: {exc}")
 
     def control_call(self, msg: Mapping[str, Any], expect: str) -> dict[str, Any]:
         assert self.control is not None
@@ -371,13 +452,32 @@ class _Migration:
             images=dump_dir,
             page_server=(opts.to[0], int(ready["page_port"])) if self.page_server else None,
             page_tls=(ident.ca, ident.cert, ident.key),
-            tcp_close=opts.tcp_close,
+            tcp_close=opts.tcp_close and not self.tcp_keep,
+            tcp_keep=self.tcp_keep,
             shell_job=opts.shell_job,
             note=self._guardian_note,
             may_resume=lambda: not self.committed and not self.resume_sent,
+            cancel=self.cancel,
         )
         self.note("dump")
-        self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
+        try:
+            self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
+        except MigSGXError as exc:
+            if not self.cancel.cancelled:
+                raise
+            # The dump failed because an enclave did: that is the cause to report.
+            if self.cancel.stopped_early:
+                how = "its page connection shut down" if self.cancel.broken else "step refused"
+                log.warning("CRIU's dump was stopped early (%s): an enclave stream failed", how)
+            self._join_enclaves()
+            for transfer in self.transfers:
+                if transfer.error is not None:
+                    err = transfer.error
+                    raise MigrationError(
+                        f"enclave {transfer.handed.index} did not migrate: "
+                        f"{type(err).__name__}: {err}"
+                    ) from exc
+            raise
         self.note("end")
 
     def _fault(self, point: str) -> str | None:
@@ -616,6 +716,8 @@ class _Migration:
             "resume": span("committed", "resumed"),
             "attach": self.stats.get("attach", 0.0),
             "process_downtime": span("dump", "resumed"),
+            # Before the freeze: begin, connections, launches, attested handshakes.
+            "early_handshake": span("handshake", "handshaken"),
             "enclaves": len(self.transfers),
             "enclave_bytes": enclave_bytes,
             "page_bytes": self.page_bytes,
@@ -625,6 +727,7 @@ class _Migration:
             "enclave_destination_stats": [plain_stats(s) for s in dest],
             "driver": self.driver.name,
             "workload": self.source.label if self.source is not None else "",
+            "tcp_established": self.tcp_keep,
         }
         if "resume_warning" in self.stats:
             figures["details"]["warning"] = self.stats["resume_warning"]
@@ -642,6 +745,7 @@ class _Migration:
         tool = {
             name: [t[a], t[b]]
             for name, a, b in (
+                ("early_handshake", "handshake", "handshaken"),
                 ("freeze", "prepare", "prepared"),
                 ("criu_dump", "dump", "dumped"),
                 ("join_enclaves", "dumped", "enclaves_sent"),
@@ -685,6 +789,18 @@ def _token_fault(transfer: _Transfer, action: str | None) -> bytes | None:
         damaged[len(damaged) // 2] ^= 0x01
         return bytes(damaged)
     return None
+
+
+def keeps_tcp(wanted: bool | None, source: Source) -> bool:
+    """Whether established connections move open (``MigrateOptions.tcp_established``).
+
+    Only a workload whose address moves with it can keep them: elsewhere CRIU would
+    restore a connection from an address the destination does not answer for.
+    """
+
+    if wanted and source.no_tcp_keep:
+        raise ConfigError(f"--tcp-established cannot apply to {source.label}: {source.no_tcp_keep}")
+    return source.no_tcp_keep == "" and wanted is not False
 
 
 def _alive(pid: int) -> bool:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Final, Protocol
 
-from ..criu import Criu
+from ..criu import Criu, DumpCancel
 from ..errors import MigrationError, ProtocolError, register_error
 from .settings import ContainerSettings
 
@@ -95,6 +95,9 @@ class Source:
     target: dict[str, Any]  # what the destination's driver needs (``begin``'s ``target``)
     label: str  # for messages
     private: dict[str, Any] = field(default_factory=dict)  # the driver's own notes
+    #: Why its established TCP connections cannot be kept ("" when they can: it owns
+    #: an address that moves with it, :mod:`.podnet`).
+    no_tcp_keep: str = "it shares its host's network namespace: its address cannot move"
 
 
 @dataclass
@@ -106,10 +109,15 @@ class DumpPlan:
     page_tls: tuple[Path, Path, Path] | None  # (CA, certificate, key) for the page stream
     tcp_close: bool  # established connections are closed on the destination
     shell_job: bool = False
+    #: Established connections move and stay open (the workload's address moves too).
+    tcp_keep: bool = False
     #: Tells the guardian how to undo a step if the tool dies (``thaw PATH``).
     note: Callable[[str], None] = field(default=lambda _line: None)
     #: Whether the source may still run again (False once past the commit point).
     may_resume: Callable[[], bool] = field(default=lambda: True)
+    #: Triggered (from another thread) when the migration failed before the commit
+    #: point: a driver that can stops its dump early, so the source runs again at once.
+    cancel: DumpCancel | None = None
 
 
 @dataclass
@@ -130,6 +138,9 @@ class Restored:
     handle: dict[str, Any] = field(default_factory=dict)
     #: Further processes the agent should reap when they end (a container's monitor).
     adopt: list[int] = field(default_factory=list)
+    #: Called once past the commit point, just before the tree runs (a container's
+    #: address comes up only then: before, a client's packet would meet no socket).
+    before_resume: Callable[[], None] | None = None
 
 
 class Driver(Protocol):

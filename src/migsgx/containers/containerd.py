@@ -16,7 +16,8 @@ Destination: the container's image must be on this host already (imported
 locally: a destination never pulls, and ``ctr`` would try a registry for a
 missing one).  The specification is localized (:func:`~.oci.localize`: this
 host's platform socket, network namespace, cgroup parent and CRIU's
-configuration with ``leave-stopped``), then written with CRIU's images as the
+configuration with ``leave-stopped``; then this host's allow list,
+:mod:`.admission`), then written with CRIU's images as the
 checkpoint image containerd itself would have written
 (:func:`~.layout.write_checkpoint_image`), imported, and restored with ``ctr
 containers restore --live``: the container and its task exist in containerd,
@@ -43,6 +44,7 @@ from typing import Any, ClassVar, Final
 
 from ..criu import log_excerpt
 from ..errors import MigSGXError, ProtocolError
+from .admission import SpecPolicy
 from .base import (
     ContainerError,
     DumpPlan,
@@ -54,6 +56,7 @@ from .base import (
 )
 from .command import bring_lo_up, run_engine, with_path
 from .frozen import dump_frozen, own_netns_path, write_criu_config
+from .image_admission import admit_images
 from .layout import CheckpointParts, write_checkpoint_image
 from .oci import Localization, joined_host_netns, load_json, localize
 from .settings import ContainerSettings
@@ -308,15 +311,19 @@ class ContainerdDriver:
             netns=(settings.netns or own_netns_path()) if joined else None,
             cgroups_path=f"{settings.cgroup_parent}/{cid}" if settings.cgroup_parent else None,
             criu_config=criu_config,
+            policy=SpecPolicy.from_settings(settings),
+            root_path="rootfs",  # the snapshot containerd mounts in the bundle
         )
         ref = f"migsgx.local/checkpoint/{cid}:{secrets.token_hex(4)}"
         work = request.images / "containerd-import"
         work.mkdir(mode=0o700)
         made = False
         try:
+            localized = localize(spec, here)
+            admit_images(request.images, localized)
             parts = CheckpointParts(
                 criu_images=request.images,
-                spec=localize(spec, here),
+                spec=localized,
                 image=image,
                 runtime=runtime,
                 snapshotter=self.ctr.snapshotter,

@@ -16,6 +16,7 @@ from ..errors import MigSGXError
 from ..system.process import kill_tree, tree_pids
 from .base import ContainerError, DumpPlan, Source
 from .cgroups import Freezer
+from .gate import ListenerGate
 
 log = logging.getLogger("migsgx.containers")
 
@@ -59,11 +60,16 @@ def kill_frozen(root: int, freezer: Freezer) -> None:
     kill_tree(root)
 
 
-def write_criu_config(path: Path, *, tcp_close: bool) -> None:
-    """CRIU's options for a held restore (runc passes this file to CRIU)."""
+def write_criu_config(path: Path, *, tcp_close: bool, tcp_established: bool = False) -> None:
+    """CRIU's options for a held restore (runc passes this file to CRIU).
+
+    ``tcp_established``: connections restore open (the container's address moved too).
+    """
 
     # file-locks: held POSIX and flock locks are restored (they were dumped with them).
     lines = ["leave-stopped", "file-locks"] + (["tcp-close"] if tcp_close else [])
+    if tcp_established and not tcp_close:
+        lines.append("tcp-established")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -74,21 +80,49 @@ def dump_frozen(
     *,
     checkpoint: Callable[[], object],
     remove: Callable[[], object],
+    unlock: Callable[[], object] | None = None,
 ) -> None:
     """The engines' dump of a container kept frozen throughout.
 
     The tree is frozen before ``checkpoint`` (the engine's own dump, leaving it
     running) and must still be frozen after it, so nothing it did after its pages
     were taken can be lost. A failure before ``on_dumped`` returns thaws it where the
-    plan still allows the source to resume; once dumped, the frozen source is killed
-    and ``remove`` deletes the engine's record of it.
+    plan still allows the source to resume (and ``unlock`` undoes a network lock the
+    driver took before); once dumped, the frozen source is killed and ``remove``
+    deletes the engine's record of it.
+
+    Without a lock of the driver's (``unlock``), the tree's listeners are gated
+    before the freeze (:class:`~.gate.ListenerGate`: no connection half made
+    when CRIU looks) and opened again at the end, either way.
     """
 
+    gate: ListenerGate | None = None
+    if unlock is None:
+        gate = ListenerGate.of_tree(source.root)
+        if gate.ports:
+            plan.note(gate.note())
+            gate.close()  # (opened again if it fails)
+    try:
+        _dump_frozen(source, plan, on_dumped, checkpoint, remove, unlock)
+    finally:
+        if gate is not None:
+            with contextlib.suppress(MigSGXError):
+                gate.open()
+
+
+def _dump_frozen(
+    source: Source,
+    plan: DumpPlan,
+    on_dumped: Callable[[], None],
+    checkpoint: Callable[[], object],
+    remove: Callable[[], object],
+    unlock: Callable[[], object] | None,
+) -> None:
     freezer = Freezer.of_pid(source.root)
     plan.note(f"thaw {freezer.control}")
-    freezer.freeze()
     finished = False
     try:
+        freezer.freeze()
         checkpoint()
         if freezer.state() != "FROZEN":
             raise ContainerError(f"{source.label} was thawed during its checkpoint")
@@ -98,6 +132,9 @@ def dump_frozen(
         if not finished and plan.may_resume():
             with contextlib.suppress(MigSGXError):
                 resume_frozen(source.root, freezer)
+            if unlock is not None:
+                with contextlib.suppress(MigSGXError):
+                    unlock()
     try:
         kill_frozen(source.root, freezer)
         remove()

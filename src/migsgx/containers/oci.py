@@ -6,8 +6,9 @@ service socket bind-mounted into it (as the AESM socket and the SGX devices
 are in real SGX containers).  Inside the container the socket's path is the
 same on every host (``MIGSGX_PLATFORM_SOCKET`` in the container's environment
 names it); its *source* is each host's own socket.  :func:`localize` rewrites
-exactly those parts for the destination, and refuses what a destination must
-never run for a peer (OCI hooks are commands on the host).
+exactly those parts for the destination, then checks the result against this
+host's allow list (:func:`~.admission.admit`): a peer gets no host path, no
+capability, namespace, device or sysctl that this host did not grant.
 
 The tar helpers move a container's root file system without following links
 out of it or creating anything but directories, regular files and symlinks.
@@ -24,11 +25,12 @@ import posixpath
 import stat
 import tarfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from ..errors import ProtocolError
+from .admission import SpecPolicy, admit
 from .base import ContainerError
 
 __all__ = [
@@ -77,9 +79,16 @@ class Localization:
     netns: Path | None  # for containers that joined their host's network namespace
     cgroups_path: str | None  # the container's cgroup here (None: keep)
     criu_config: Path | None  # CRIU's configuration file for the restore
-    #: The engine runs in ``netns`` itself: runc refuses ``net.*`` sysctls there (they
-    #: would change the namespace the engine shares); the source set them already.
+    #: The engine runs in ``netns`` itself (runc and podman are run there).
     engine_in_netns: bool = False
+    #: What this host grants a peer's configuration (its ``containers.toml``).
+    policy: SpecPolicy = field(default_factory=SpecPolicy)
+    #: Destinations of bind mounts the engine makes itself at the restore (podman's
+    #: ``/etc/hosts`` ...): the peer's are dropped, with their source-host paths.
+    engine_mounts: frozenset[str] = frozenset()
+    #: The root file system's path in the bundle the engine makes (``rootfs``); ``None``:
+    #: the engine sets its own (podman).  A peer's path (``/``: the host's) never stays.
+    root_path: str | None = None
 
 
 def _env(spec: Mapping[str, Any]) -> dict[str, str]:
@@ -123,17 +132,23 @@ def platform_mount(spec: Mapping[str, Any]) -> tuple[dict[str, Any], str] | None
 
 
 def localize(spec: Mapping[str, Any], here: Localization) -> dict[str, Any]:
-    """A copy of the OCI runtime ``spec`` fit to run on this host (see the module doc)."""
+    """A copy of the OCI runtime ``spec`` fit to run on this host (see the module doc).
+
+    A :class:`~.admission.SpecRefused` when the peer's configuration asks for
+    more than this host grants; the input is never changed.
+    """
 
     out = copy.deepcopy(dict(spec))
-    if out.get("hooks"):
-        raise ContainerError("the container's configuration has OCI hooks: refused")
     process = out.get("process") or {}
-    if process.get("terminal"):
+    if isinstance(process, dict) and process.get("terminal"):
         raise ContainerError("a container with a terminal cannot be migrated")
+    if here.engine_mounts and isinstance(out.get("mounts"), list):
+        out["mounts"] = [m for m in out["mounts"] if not _engine_mount(m, here.engine_mounts)]
     found = platform_mount(out)
+    platform_index: int | None = None
     if found is not None:
         mount, rest = found
+        platform_index = next(i for i, m in enumerate(out["mounts"]) if m is mount)
         if here.platform_socket is None:
             raise ContainerError("this host has no platform service for the container's enclaves")
         if rest:
@@ -146,23 +161,40 @@ def localize(spec: Mapping[str, Any], here: Localization) -> dict[str, Any]:
         else:
             mount["source"] = str(here.platform_socket)
     linux = out.setdefault("linux", {})
+    if not isinstance(linux, dict):
+        raise ContainerError("the container's configuration has no linux section")
+    joined = False
     for ns in linux.get("namespaces") or []:
-        if ns.get("type") == "network" and ns.get("path"):
+        if isinstance(ns, dict) and ns.get("type") == "network" and ns.get("path"):
             if here.netns is None:
                 raise ContainerError("the container joined its host's network namespace; no netns")
             ns["path"] = str(here.netns)
-            if here.engine_in_netns and isinstance(linux.get("sysctl"), dict):
-                linux["sysctl"] = {
-                    k: v for k, v in linux["sysctl"].items() if not str(k).startswith("net.")
-                }
+            joined = True
+    if (joined or joined_host_netns(out)) and isinstance(linux.get("sysctl"), dict):
+        # The namespace is this host's, set up by its operator; the source set the
+        # container's net.* sysctls on its own (and runc refuses them for a
+        # namespace it runs in itself).
+        sysctl = linux["sysctl"]
+        linux["sysctl"] = {k: v for k, v in sysctl.items() if not str(k).startswith("net.")}
     if here.cgroups_path is not None:
         linux["cgroupsPath"] = here.cgroups_path
+    if here.root_path is not None:
+        root = out.get("root")
+        readonly = bool(root.get("readonly", False)) if isinstance(root, dict) else False
+        out["root"] = {"path": here.root_path, "readonly": readonly}
     annotations = out.setdefault("annotations", {})
     if here.criu_config is not None:
         annotations[CRIU_CONFIG_ANNOTATION] = str(here.criu_config)
     else:
         annotations.pop(CRIU_CONFIG_ANNOTATION, None)
+    admit(out, here.policy, platform_mount=platform_index, netns=here.netns if joined else None)
     return out
+
+
+def _engine_mount(mount: Any, destinations: frozenset[str]) -> bool:
+    if not isinstance(mount, dict) or mount.get("type") != "bind":
+        return False
+    return posixpath.normpath(str(mount.get("destination", ""))) in destinations
 
 
 def same_netns(path: Path) -> bool:

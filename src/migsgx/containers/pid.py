@@ -61,6 +61,7 @@ class PidDriver:
             notify=notify,
             enter=InTaskNamespaces(source.root),
             extra=extra,
+            cancel=plan.cancel,  # a failed enclave stream ends the dump at once
         )
 
     # --- destination ----------------------------------------------------------------------

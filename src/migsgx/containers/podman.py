@@ -13,9 +13,11 @@ Destination: the archive is unpacked, its two configurations (``config.dump``,
 the container's, and ``spec.dump``, the OCI runtime's) are localized (this
 host's platform socket, network namespace, cgroup parent, and CRIU's
 configuration file with ``leave-stopped`` and ``tcp-close`` for a held
-restore), packed again and imported: the container exists with every task
-stopped.  The container's image must be on this host already (as it would be
-pulled from a registry; here ``podman save | podman load``).
+restore; podman's own mounts dropped, as podman makes them anew; then this
+host's allow list, :mod:`.admission`, for both), packed again and imported:
+the container exists with every task stopped.  The container's image must be
+on this host already (as it would be pulled from a registry; here ``podman
+save | podman load``).
 
 podman runs with ``--runtime runc`` (the only runtime with checkpoints here).
 """
@@ -32,6 +34,7 @@ from typing import Any, ClassVar, Final
 
 from ..errors import MigSGXError, ProtocolError
 from ..limits import MAX_IMAGE_BYTES
+from .admission import SpecPolicy, SpecRefused
 from .base import (
     ContainerError,
     DumpPlan,
@@ -43,6 +46,7 @@ from .base import (
 )
 from .command import run_engine, with_path
 from .frozen import dump_frozen, own_netns_path, write_criu_config
+from .image_admission import admit_images
 from .oci import (
     Localization,
     extract_tree,
@@ -59,6 +63,17 @@ __all__ = ["PODMAN_ARCHIVE", "Podman", "PodmanDriver"]
 log = logging.getLogger("migsgx.containers")
 
 PODMAN_ARCHIVE: Final = "migsgx-podman-export.tar"
+#: Bind mounts podman makes for a container itself, anew at every restore; the
+#: exported ``spec.dump`` names the source host's files for them.
+PODMAN_MOUNTS: Final = frozenset(
+    {"/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/run/.containerenv", "/dev/shm"}
+)
+#: ``config.dump`` fields that would join other containers' namespaces, run a host
+#: directory as the root, mount volumes, or drop the container's confinement.
+PODMAN_REFUSED: Final = (
+    "privileged", "rootfs", "namedVolumes", "overlayVolumes", "imageVolumes", "devices",
+    "netNsCtr", "ipcNsCtr", "pidNsCtr", "utsNsCtr", "userNsCtr", "mountNsCtr", "cgroupNsCtr",
+)  # fmt: skip
 
 
 def _systemd() -> bool:
@@ -241,6 +256,13 @@ class PodmanDriver:
         parent = settings.cgroup_parent
         cgroupfs = container.get("cgroupManager") == "cgroupfs"
         cid = check_name(container.get("id"), "container id")
+        for key in PODMAN_REFUSED:
+            if container.get(key):
+                raise SpecRefused(
+                    f"the container's configuration is refused: config.dump {key}: "
+                    "not on this host's allow list",
+                    field=f"config.dump {key}",
+                )
         image = container.get("rootfsImageID") or container.get("rootfsImageName")
         if not isinstance(image, str) or not image:
             raise ProtocolError("the container configuration names no image")
@@ -254,12 +276,19 @@ class PodmanDriver:
             criu_config=criu_config,
             engine_in_netns=netns is not None
             and (same_netns(netns) if engine_in_netns is None else engine_in_netns),
+            policy=SpecPolicy.from_settings(settings),
+            engine_mounts=PODMAN_MOUNTS,
         )
         container["spec"] = localize(spec, here)
+        runtime = localize(runtime, here)
+        if (work / "checkpoint").is_dir():
+            admit_images(work / "checkpoint", runtime)
+        else:
+            raise ProtocolError("the podman archive holds no checkpoint")
         if parent and cgroupfs:
             container["cgroupParent"] = parent
         (work / "config.dump").write_text(json.dumps(container))
-        (work / "spec.dump").write_text(json.dumps(localize(runtime, here)))
+        (work / "spec.dump").write_text(json.dumps(runtime))
 
     def discard(self, restored: Restored) -> None:
         self.podman.remove(str(restored.handle["name"]))

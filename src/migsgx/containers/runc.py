@@ -12,12 +12,20 @@ TLS channel: never unauthenticated.
 Destination: a bundle under ``STATE/agent/runc/<id>``: the root file system
 unpacked, the configuration localized (:func:`~.oci.localize`: this host's
 platform socket, network namespace and cgroup parent; CRIU's configuration
-file with ``leave-stopped`` and ``tcp-close``), then ``runc restore
+file with ``leave-stopped`` and ``tcp-close``; then this host's allow list,
+:mod:`.admission`, before the bundle is written), then ``runc restore
 --detach``: the container exists with every task stopped (held).
 
 Network: a container that joined its host's network namespace (a ``path``
-in its configuration, as a pod's netns made by CNI) restores into the
-destination host's namespace, which is up and addressed.  A container with a
+in its configuration) restores into the destination host's namespace, which
+is up and addressed.  A container whose ``path`` names a pod namespace of its
+own holding one of the host's ``pod_addresses`` owns that address
+(:mod:`.podnet`): the address moves with it (the target's ``net``), and by
+default its established TCP connections too (dumped with
+``--tcp-established``, restored open): the source locks the pod's network
+before the freeze and gives the address up after the commit; the
+destination takes it (only if it is one of its own ``pod_addresses``) in a
+namespace of its own before CRIU restores into it.  A container with a
 network namespace of its own gets a fresh one from CRIU, with ``lo`` down:
 the driver brings ``lo`` up before the engine resumes the container.
 """
@@ -34,6 +42,8 @@ from typing import Any, ClassVar, Final
 
 from ..criu import log_excerpt
 from ..errors import MigSGXError, ProtocolError
+from . import podnet
+from .admission import SpecPolicy
 from .base import (
     ContainerError,
     DumpPlan,
@@ -45,6 +55,7 @@ from .base import (
 )
 from .command import bring_lo_up, run_engine
 from .frozen import dump_frozen, own_netns_path, write_criu_config
+from .image_admission import admit_images
 from .oci import (
     Localization,
     extract_tree,
@@ -186,32 +197,90 @@ class RuncDriver:
         if state.get("status") != "running":
             raise ContainerError(f"runc container {cid} is {state.get('status')}, not running")
         bundle = Path(str(state["bundle"]))
-        return Source(
+        source = Source(
             root=int(state["pid"]),
             target={"id": cid},
             label=f"runc container {cid}",
             private={"bundle": bundle, "rootfs": Path(str(state["rootfs"]))},
         )
+        self._own_address(source, load_json(bundle / "config.json", "runc configuration"))
+        return source
+
+    def _own_address(self, source: Source, config: Mapping[str, Any]) -> None:
+        """Note the address the container owns, if it runs in a pod namespace holding one."""
+
+        path = netns_path(config)
+        if path is None:
+            source.no_tcp_keep = "it has a network namespace of its own that no address moves with"
+            return
+        host = self.host.settings.netns
+        if same_netns(path) or (host is not None and _same_file(path, host)):
+            return  # it joined its host's namespace: the default note says so
+        pod = podnet.inspect(path)
+        if pod is None or not podnet.allowed(pod, self.host.settings.pod_addresses):
+            source.no_tcp_keep = (
+                f"its network namespace {path} holds no address of this host's pod_addresses"
+            )
+            return
+        source.private["pod"] = path
+        source.target["net"] = pod.to_dict()
+        source.no_tcp_keep = ""
 
     def dump(self, source: Source, plan: DumpPlan, on_dumped: Callable[[], None]) -> None:
         cid = source.target["id"]
+        pod: Path | None = source.private.get("pod")
+        tcp = plan.tcp_close or plan.tcp_keep
 
         def checkpoint() -> None:
             self.runc.checkpoint(
-                cid, plan.images, page_server=plan.page_server, tcp_established=plan.tcp_close
+                cid, plan.images, page_server=plan.page_server, tcp_established=tcp
             )
             shutil.copyfile(source.private["bundle"] / "config.json", plan.images / RUNC_CONFIG)
             tar_tree(source.private["rootfs"], plan.images / RUNC_ROOTFS)
 
-        dump_frozen(
-            source, plan, on_dumped, checkpoint=checkpoint, remove=lambda: self.runc.delete(cid)
-        )
+        def remove() -> None:
+            try:
+                self.runc.delete(cid)
+            finally:
+                if pod is not None:
+                    podnet.give_up(pod)  # the address now lives on the destination only
+
+        if pod is None:
+            dump_frozen(source, plan, on_dumped, checkpoint=checkpoint, remove=remove)
+            return
+        # The lock comes before the freeze: while the application still runs it accepts
+        # what reached its listeners, and nothing new can reach them.
+        plan.note(f"netup {pod}")
+        podnet.lock(pod)
+        try:
+            dump_frozen(source, plan, on_dumped, checkpoint=checkpoint, remove=remove,
+                        unlock=lambda: podnet.unlock(pod))  # fmt: skip
+        except BaseException:
+            # (dump_frozen unlocks once frozen; this covers a failure before the freeze)
+            if plan.may_resume():
+                with contextlib.suppress(MigSGXError):
+                    podnet.unlock(pod)
+            raise
 
     # --- destination ----------------------------------------------------------------------
     def check_target(self, target: Mapping[str, Any]) -> dict[str, Any]:
-        if set(target) != {"id"}:
-            raise ProtocolError("a runc target is {'id': CONTAINER_ID}")
-        checked = {"id": check_name(target["id"], "container id")}
+        if "id" not in target or not set(target) <= {"id", "net"}:
+            raise ProtocolError("a runc target is {'id': CONTAINER_ID[, 'net': ADDRESS]}")
+        checked: dict[str, Any] = {"id": check_name(target["id"], "container id")}
+        if "net" in target:
+            # The source says the container owns an address: take only one of ours.
+            pod = podnet.PodAddress.from_peer(target["net"])
+            settings = self.host.settings
+            if settings.pod_bridge is None:
+                raise ContainerError(
+                    f"refused: the container owns {pod.address} but this host has no "
+                    "pod_bridge for containers that own their address"
+                )
+            if not podnet.allowed(pod, settings.pod_addresses):
+                raise ContainerError(
+                    f"refused: {pod.address} is not one of this host's pod_addresses"
+                )
+            checked["net"] = pod.to_dict()
         if shutil.which("runc") is None:
             raise ContainerError("runc is not installed on this host")
         return checked
@@ -234,23 +303,35 @@ class RuncDriver:
             raise ContainerError(f"a bundle for {cid} exists on this host: {bundle}") from exc
         criu_config = bundle / "criu-restore.conf"
         made = False
+        pod: Path | None = None
         try:
             (bundle / "rootfs").mkdir(mode=0o755)
             extract_tree(request.images / RUNC_ROOTFS, bundle / "rootfs")
-            write_criu_config(criu_config, tcp_close=request.tcp_close)
+            write_criu_config(criu_config, tcp_close=request.tcp_close,
+                              tcp_established="net" in request.target)  # fmt: skip
             settings = self.host.settings
             joined = joined_host_netns(config)
             netns = (settings.netns or own_netns_path()) if joined else None
+            if "net" in request.target:
+                assert settings.pod_bridge is not None  # (check_target)
+                pod = podnet.take(
+                    podnet.pod_netns_name(settings.pod_netns_prefix, cid),
+                    podnet.PodAddress.from_peer(request.target["net"]),
+                    settings.pod_bridge,
+                    locked=True,  # until the commit: see Restored.before_resume
+                )
+                netns, joined = pod, True
             here = Localization(
                 platform_socket=self.host.platform_socket,
                 netns=netns,
                 cgroups_path=f"{settings.cgroup_parent}/{cid}" if settings.cgroup_parent else None,
                 criu_config=criu_config,
                 engine_in_netns=netns is not None,  # runc runs there (see below)
+                policy=SpecPolicy.from_settings(settings),
+                root_path="rootfs",
             )
             spec = localize(config, here)
-            root = spec.get("root") or {}
-            spec["root"] = {"path": "rootfs", "readonly": bool(root.get("readonly", False))}
+            admit_images(request.images, spec)
             (bundle / "config.json").write_text(json.dumps(spec, indent=1))
             if request.before is not None:
                 request.before(request.images)
@@ -272,6 +353,8 @@ class RuncDriver:
                 with contextlib.suppress(MigSGXError):
                     self.runc.delete(cid)
             shutil.rmtree(bundle, ignore_errors=True)
+            if pod is not None:
+                podnet.give_up(pod)
             raise
         finally:
             with contextlib.suppress(OSError):
@@ -279,7 +362,8 @@ class RuncDriver:
         return Restored(
             pid=pid,
             label=f"runc container {cid}",
-            handle={"id": cid, "bundle": str(bundle)},
+            handle={"id": cid, "bundle": str(bundle), "netns": str(pod) if pod else ""},
+            before_resume=(lambda: podnet.open_taken(pod)) if pod is not None else None,
         )
 
     def discard(self, restored: Restored) -> None:
@@ -288,3 +372,22 @@ class RuncDriver:
             self.runc.delete(cid)
         finally:
             shutil.rmtree(restored.handle["bundle"], ignore_errors=True)
+            if restored.handle.get("netns"):
+                podnet.give_up(Path(restored.handle["netns"]))
+
+
+def netns_path(config: Mapping[str, Any]) -> Path | None:
+    """The network namespace a container's configuration names by path, if any."""
+
+    for ns in (config.get("linux") or {}).get("namespaces") or []:
+        if ns.get("type") == "network":
+            return Path(ns["path"]) if ns.get("path") else None
+    return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = a.stat(), b.stat()
+    except OSError:
+        return False
+    return (sa.st_ino, sa.st_dev) == (sb.st_ino, sb.st_dev)

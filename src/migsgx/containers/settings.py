@@ -13,6 +13,18 @@ own, which is right for a host that is a machine of its own::
     containerd_address = "/run/containerd/containerd.sock"  # ctr --address
     containerd_namespace = "default"     # ctr --namespace
     containerd_snapshotter = "overlayfs" # for containers restored here
+    bind_sources = ["/usr", "/srv/data"] # host paths a peer's container may bind-mount
+                                         # read-only (and below them); default: none
+    writable_bind_sources = ["/srv/data/out"]  # ... and read-write; default: none
+    security_labels = ["my-profile"]     # AppArmor profiles / SELinux labels a peer's
+                                         # container may name; default: none
+    pod_bridge = "br0"                   # where containers that own their address attach
+    pod_netns_prefix = "migsgx-pod-"     # names of the network namespaces made for them
+    pod_addresses = ["10.1.0.100/24"]    # the addresses this host may hold for them
+
+``bind_sources`` and ``security_labels`` are this host's grants to containers
+that *arrive* from a peer (:mod:`.admission`): everything else a peer's
+configuration asks beyond the engines' defaults is refused.
 
 Several emulated hosts on one machine (tests, the demo, the benchmark) share
 the machine's filesystem, cgroups and engine state, so each gets its own
@@ -39,7 +51,10 @@ _TEXT_KEYS: Final = (
     "cgroup_parent",
     "containerd_namespace",
     "containerd_snapshotter",
+    "pod_bridge",
+    "pod_netns_prefix",
 )
+_LIST_KEYS: Final = ("bind_sources", "writable_bind_sources", "security_labels", "pod_addresses")
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,14 @@ class ContainerSettings:
     containerd_address: Path | None = None
     containerd_namespace: str | None = None
     containerd_snapshotter: str | None = None
+    bind_sources: tuple[Path, ...] = ()
+    writable_bind_sources: tuple[Path, ...] = ()
+    security_labels: tuple[str, ...] = ()
+    #: Containers that own their address (:mod:`.podnet`): the host's bridge, the names
+    #: of their network namespaces, and the only addresses the agent may take for them.
+    pod_bridge: str | None = None
+    pod_netns_prefix: str = "migsgx-pod-"
+    pod_addresses: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, state: Path | None) -> ContainerSettings:
@@ -70,14 +93,22 @@ class ContainerSettings:
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], *, where: str = "settings") -> ContainerSettings:
-        unknown = set(data) - set(_PATH_KEYS) - set(_TEXT_KEYS)
+        unknown = set(data) - set(_PATH_KEYS) - set(_TEXT_KEYS) - set(_LIST_KEYS)
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         values: dict[str, Any] = {}
         for key, value in data.items():
+            if key in _LIST_KEYS:
+                values[key] = _strings(key, value, where)
+                continue
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{where}: {key} must be a non-empty string")
             values[key] = Path(value) if key in _PATH_KEYS else value
+        for key in ("bind_sources", "writable_bind_sources"):
+            values[key] = tuple(Path(p) for p in values.get(key, ()))
+            for path in values[key]:
+                if not path.is_absolute() or ".." in path.parts or path == Path("/"):
+                    raise ConfigError(f"{where}: {key} holds absolute paths below / ({path})")
         parent = values.get("cgroup_parent")
         if parent is not None and (not parent.startswith("/") or ".." in parent.split("/")):
             raise ConfigError(f"{where}: cgroup_parent must be an absolute cgroup path")
@@ -85,6 +116,18 @@ class ContainerSettings:
 
     def save(self, state: Path) -> Path:
         path = Path(state) / SETTINGS_FILE
-        data = {k: str(v) for k, v in asdict(self).items() if v is not None}
+        data: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if key in _LIST_KEYS:
+                if value:
+                    data[key] = [str(v) for v in value]
+            elif value is not None:
+                data[key] = str(value)
         path.write_text(tomli_w.dumps(data))
         return path
+
+
+def _strings(key: str, value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: {key} must be a list of non-empty strings")
+    return tuple(value)

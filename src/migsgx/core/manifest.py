@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import cbor2
+import numpy as np
 
 from ..errors import StreamError
 from ..wire import Schema
@@ -90,14 +91,27 @@ class Section:
 
     @classmethod
     def sparse(cls, label: str, pages: Iterable[int], page_size: int = 4096) -> Section:
-        runs: list[tuple[int, int]] = []
-        for page in sorted(set(pages)):
-            if runs and runs[-1][0] + runs[-1][1] == page:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((page, 1))
-        count = sum(c for _, c in runs)
-        return cls(label, count * page_size, page_size, tuple(runs))
+        if isinstance(pages, range) and pages.step == 1:
+            # All pages of a region (a pre-copy round 0): one run, without a
+            # loop over a million pages that would hold the interpreter lock.
+            one = ((pages.start, len(pages)),) if len(pages) else ()
+            return cls(label, len(pages) * page_size, page_size, one)
+        try:
+            # Vectorised: a pre-copy round may name a hundred thousand scattered
+            # pages, and a loop over them holds the interpreter lock (0.3 s).
+            ordered = np.sort(np.fromiter(pages, dtype=np.int64))
+        except OverflowError:
+            raise ValueError("a page number is out of range") from None
+        if ordered.size:
+            ordered = ordered[np.concatenate(([True], np.diff(ordered) != 0))]
+        unique = ordered
+        if not unique.size:
+            return cls(label, 0, page_size, ())
+        breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+        firsts = unique[np.concatenate(([0], breaks))]
+        counts = np.diff(np.concatenate(([0], breaks, [unique.size])))
+        runs = tuple(zip(firsts.tolist(), counts.tolist(), strict=True))
+        return cls(label, int(unique.size) * page_size, page_size, runs)
 
     def chunk_count(self, chunk_size: int) -> int:
         return max(1, -(-self.length // chunk_size))

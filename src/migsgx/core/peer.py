@@ -11,7 +11,8 @@ carries CBOR frames of :data:`SCHEMA` and, between the handshake and
     S -> D  hs       source-finished
     S -> D  chunk frames ... final
             (live mode: round {number}, chunk frames, round_done {stats} back,
-            any number of times, then final {} and the chunk frames)
+            any number of times, then final {} and the chunk frames;
+            at most once: D -> S repair {segments}, S -> D chunk frames)
     D -> S  loaded {frame, stats}
     S -> D  commit {token} | abort {...}
     D -> S  active
@@ -76,6 +77,7 @@ SCHEMA: Final = Schema(
         "round": {"number": int},
         "round_done": {"stats": dict},
         "final": {},
+        "repair": {"segments": list},
     },
 )
 
@@ -93,6 +95,7 @@ class PeerState(enum.Enum):
     STREAMING = "streaming"  # chunk frames until the final one, then `loaded`
     ROUND = "round"  # live: a pre-copy round's chunk frames, then `round_done`
     FINAL = "final"  # live: the final transfer's chunk frames, then `loaded`
+    REPAIR = "repair"  # live: differing segments' chunk frames, once, then `loaded`
     LOADED = "loaded"  # the destination loaded and is in doubt until its enclave decides
     COMMITTED = "committed"  # the source gave its state up; the token is out
     ACTIVE = "active"
@@ -106,21 +109,48 @@ _ABORTABLE = {"send:abort": _S.ABORTED, "recv:abort": _S.ABORTED}
 # {role: {state: {event: next state}}}.  Events are "send:<type>" and "recv:<type>";
 # anything not listed is a ProtocolError (received) or a LocalProtocolError-like
 # misuse (sent), and the end is FAILED.
+#
+# Up to the destination's `loaded` the two ends move in lock step: each row of the
+# source's view is the destination's with sending and receiving swapped.  Only the
+# decision differs: the source commits; the destination's enclave judges the token.
+_LOCKSTEP: Final[Mapping[PeerState, Mapping[str, PeerState]]] = {  # the source's view
+    _S.IDLE: {"send:offer": _S.OFFERED},
+    _S.OFFERED: {"recv:accept": _S.HS_SOURCE_HELLO, **_ABORTABLE},
+    _S.HS_SOURCE_HELLO: {"send:hs": _S.HS_DESTINATION_HELLO, **_ABORTABLE},
+    _S.HS_DESTINATION_HELLO: {"recv:hs": _S.HS_SOURCE_FINISHED, **_ABORTABLE},
+    _S.HS_SOURCE_FINISHED: {"send:hs": _S.STREAMING, **_ABORTABLE},
+    _S.STREAMING: {
+        "recv:loaded": _S.LOADED,
+        "send:round": _S.ROUND,
+        "send:final": _S.FINAL,
+        **_ABORTABLE,
+    },
+    _S.ROUND: {"recv:round_done": _S.STREAMING, **_ABORTABLE},
+    _S.FINAL: {"recv:loaded": _S.LOADED, "recv:repair": _S.REPAIR, **_ABORTABLE},
+    _S.REPAIR: {"recv:loaded": _S.LOADED, **_ABORTABLE},
+}
+_ENDS: Final[Mapping[PeerState, Mapping[str, PeerState]]] = {
+    _S.ACTIVE: {},
+    _S.ABORTED: {},
+    _S.FAILED: {"send:abort": _S.FAILED},
+}
+
+
+def _mirrored(
+    rows: Mapping[PeerState, Mapping[str, PeerState]],
+) -> dict[PeerState, dict[str, PeerState]]:
+    """The other end's view of lock-step rows: every ``send:`` a ``recv:`` and back."""
+
+    def other(event: str) -> str:
+        way, _, kind = event.partition(":")
+        return f"{'recv' if way == 'send' else 'send'}:{kind}"
+
+    return {state: {other(e): target for e, target in row.items()} for state, row in rows.items()}
+
+
 TRANSITIONS: Final[Mapping[Role, Mapping[PeerState, Mapping[str, PeerState]]]] = {
     Role.SOURCE: {
-        _S.IDLE: {"send:offer": _S.OFFERED},
-        _S.OFFERED: {"recv:accept": _S.HS_SOURCE_HELLO, **_ABORTABLE},
-        _S.HS_SOURCE_HELLO: {"send:hs": _S.HS_DESTINATION_HELLO, **_ABORTABLE},
-        _S.HS_DESTINATION_HELLO: {"recv:hs": _S.HS_SOURCE_FINISHED, **_ABORTABLE},
-        _S.HS_SOURCE_FINISHED: {"send:hs": _S.STREAMING, **_ABORTABLE},
-        _S.STREAMING: {
-            "recv:loaded": _S.LOADED,
-            "send:round": _S.ROUND,
-            "send:final": _S.FINAL,
-            **_ABORTABLE,
-        },
-        _S.ROUND: {"recv:round_done": _S.STREAMING, **_ABORTABLE},
-        _S.FINAL: {"recv:loaded": _S.LOADED, **_ABORTABLE},
+        **_LOCKSTEP,
         _S.LOADED: {"send:commit": _S.COMMITTED, **_ABORTABLE},
         _S.COMMITTED: {
             "recv:loaded": _S.COMMITTED,  # delivered twice: the decision is made
@@ -129,24 +159,10 @@ TRANSITIONS: Final[Mapping[Role, Mapping[PeerState, Mapping[str, PeerState]]]] =
             "recv:rejected": _S.COMMITTED,  # a token damaged on the way: deliver it again
             "recv:abort": _S.FAILED,  # the destination's side gave up after the token
         },
-        _S.ACTIVE: {},
-        _S.ABORTED: {},
-        _S.FAILED: {"send:abort": _S.FAILED},
+        **_ENDS,
     },
     Role.DESTINATION: {
-        _S.IDLE: {"recv:offer": _S.OFFERED},
-        _S.OFFERED: {"send:accept": _S.HS_SOURCE_HELLO, **_ABORTABLE},
-        _S.HS_SOURCE_HELLO: {"recv:hs": _S.HS_DESTINATION_HELLO, **_ABORTABLE},
-        _S.HS_DESTINATION_HELLO: {"send:hs": _S.HS_SOURCE_FINISHED, **_ABORTABLE},
-        _S.HS_SOURCE_FINISHED: {"recv:hs": _S.STREAMING, **_ABORTABLE},
-        _S.STREAMING: {
-            "send:loaded": _S.LOADED,
-            "recv:round": _S.ROUND,
-            "recv:final": _S.FINAL,
-            **_ABORTABLE,
-        },
-        _S.ROUND: {"send:round_done": _S.STREAMING, **_ABORTABLE},
-        _S.FINAL: {"send:loaded": _S.LOADED, **_ABORTABLE},
+        **_mirrored(_LOCKSTEP),
         _S.LOADED: {
             # Judged by the destination enclave, not by the table: a forged
             # decision changes nothing and the wait goes on.
@@ -155,9 +171,7 @@ TRANSITIONS: Final[Mapping[Role, Mapping[PeerState, Mapping[str, PeerState]]]] =
             "send:rejected": _S.LOADED,
             "send:active": _S.ACTIVE,
         },
-        _S.ACTIVE: {},
-        _S.ABORTED: {},
-        _S.FAILED: {"send:abort": _S.FAILED},
+        **_ENDS,
     },
 }
 

@@ -9,38 +9,49 @@ them is ``datapath/live.py``.
 
 from __future__ import annotations
 
+import hmac
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import numpy as np
+import numpy.typing as npt
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
-    "DIGEST_BODY",
+    "DIGEST_HEADER",
     "DIGEST_LABEL",
+    "DIGEST_VERSION",
     "FINAL_SECTIONS",
     "MAX_ROUNDS",
     "PAGE",
+    "REPAIR_LABEL",
     "SEGMENT",
+    "SegmentTags",
     "StopRules",
-    "combine_tags",
+    "digest_body_size",
     "digest_key",
-    "memory_digest",
+    "full_digest_body",
+    "parse_digest_body",
     "round_label",
     "segment_tag",
 ]
 
 PAGE: Final = 4096
 MAX_ROUNDS: Final = 64
-SEGMENT: Final = 256 << 10
+SEGMENT: Final = 32 << 10
+PAGES_PER_SEGMENT: Final = SEGMENT // PAGE
+TAG: Final = 16
+DIGEST_VERSION: Final = 2
 DIGEST_LABEL: Final = "memory-digest"
+REPAIR_LABEL: Final = "repair/memory"
 FINAL_SECTIONS: Final = ("state", "memory", "persistent", DIGEST_LABEL)
-DIGEST_INFO: Final = b"migsgx/v1 memory digest"
-DIGEST_BODY: Final = struct.Struct(">Q32s")
-"""The ``memory-digest`` section: u64 length of the covered memory, then the digest."""
+DIGEST_INFO: Final = b"migsgx/v2 memory digest"
+DIGEST_HEADER: Final = struct.Struct(">B3xIQ")
+"""The ``memory-digest`` section's head: version, segment size, used length; the tags follow."""
 
 
 def round_label(number: int) -> str:
@@ -63,33 +74,127 @@ def segment_tag(aead: AESGCM, index: int, segment: memoryview | bytes) -> bytes:
     return aead.encrypt(index.to_bytes(12, "big"), b"", segment)
 
 
-def combine_tags(length: int, tags: Sequence[bytes]) -> bytes:
-    """The digest from the used length and the tags of its segments, in order."""
+def segments_of(length: int) -> int:
+    """How many segments cover ``length`` bytes of used memory (the last may be partial)."""
 
-    if len(tags) != -(-length // SEGMENT):
-        raise ValueError("one tag per segment of the used memory")
-    h = hashes.Hash(hashes.SHA256())
-    h.update(DIGEST_INFO + length.to_bytes(8, "big"))
-    for tag in tags:
-        h.update(tag)
-    return h.finalize()
+    return -(-length // SEGMENT)
 
 
-def memory_digest(key: bytes, memory: memoryview | bytes) -> bytes:
-    """Keyed digest of ``memory``: an AES-GMAC tag per 256 KiB segment, hashed together.
+def digest_body_size(length: int) -> int:
+    """Bytes of the ``memory-digest`` section for ``length`` bytes of used memory."""
 
-    GMAC runs at several GiB/s (``cryptography`` releases the GIL while it
-    runs).  Nonces are the segment numbers; the key is used for this one memory
-    image on each side.
+    return DIGEST_HEADER.size + TAG * segments_of(length)
+
+
+def parse_digest_body(body: bytes) -> tuple[int, bytes]:
+    """(used length, tags) from a ``memory-digest`` section; ``ValueError`` if malformed."""
+
+    if len(body) < DIGEST_HEADER.size:
+        raise ValueError("short memory digest")
+    version, segment, length = DIGEST_HEADER.unpack_from(body)
+    if version != DIGEST_VERSION or segment != SEGMENT or body[1:4] != bytes(3):
+        raise ValueError("memory digest of another version")
+    if len(body) != digest_body_size(length):
+        raise ValueError("memory digest of the wrong size")
+    return length, body[DIGEST_HEADER.size :]
+
+
+def full_digest_body(key: bytes, memory: memoryview | bytes) -> bytes:
+    """The ``memory-digest`` section of ``memory`` computed from scratch (vectors, tests)."""
+
+    tags = SegmentTags(key, max(len(memory), 1))
+    return tags.body(memoryview(memory), len(memory))
+
+
+class SegmentTags:
+    """The digest tags of one memory's segments as they are now, kept across rounds.
+
+    A tag is *valid* while nothing may have changed its segment since it was
+    computed; whoever changes memory (or learns that it changed) calls
+    :meth:`forget_pages` or :meth:`forget_runs` first, and :meth:`refresh`
+    recomputes only what is missing.  On the destination, memory changes only
+    by the pages it applies.  On the source, the enclave's own write log says
+    which segments were written since the previous scan; a tag computed after
+    scan ``k`` stays valid only if scan ``k + 1`` and every later one leave its
+    segment out (``docs/spec/precopy.md``, section 3.2).  A last, partial
+    segment is never kept: the used length may grow.  Sans-I/O: memory is a
+    view handed in.
     """
 
-    view = memoryview(memory)
-    aead = AESGCM(key)
-    tags = [
-        segment_tag(aead, i, view[start : start + SEGMENT])
-        for i, start in enumerate(range(0, len(view), SEGMENT))
-    ]
-    return combine_tags(len(view), tags)
+    def __init__(self, key: bytes, size: int) -> None:
+        if size <= 0:
+            raise ValueError("a memory of at least one byte")
+        self._aead = AESGCM(key)
+        self.count = segments_of(size)
+        self._tags = bytearray(TAG * self.count)
+        self._valid = np.zeros(self.count, dtype=np.bool_)
+        self.hashed_bytes = 0  # what refresh() read, for the figures
+
+    def forget_pages(self, pages: Sequence[int] | npt.NDArray[np.int64]) -> int:
+        """Segments holding any of ``pages`` are stale; returns how many segments that names."""
+
+        if not len(pages):
+            return 0
+        index = np.unique(np.asarray(pages, dtype=np.int64) // PAGES_PER_SEGMENT)
+        index = index[(index >= 0) & (index < self.count)]
+        self._valid[index] = False
+        return int(index.size)
+
+    def forget_runs(self, runs: Sequence[tuple[int, int]]) -> None:
+        """Segments touched by runs ``(first page, count)`` are stale."""
+
+        for first, n in runs:
+            if n > 0:
+                low, high = first // PAGES_PER_SEGMENT, (first + n - 1) // PAGES_PER_SEGMENT
+                self._valid[low : high + 1] = False
+
+    def forget_all(self) -> None:
+        self._valid[:] = False
+
+    def stale(self, length: int) -> int:
+        """Segments below ``length`` without a valid tag."""
+
+        return int(segments_of(length) - np.count_nonzero(self._valid[: segments_of(length)]))
+
+    def refresh(self, memory: memoryview, length: int) -> int:
+        """Tag every segment below ``length`` that lacks a valid tag; returns the bytes read."""
+
+        n = segments_of(length)
+        if n > self.count:
+            raise ValueError("the used length exceeds the memory")
+        read = 0
+        aead, tags = self._aead, self._tags
+        for i in np.flatnonzero(~self._valid[:n]).tolist():
+            start = i * SEGMENT
+            stop = min(length, start + SEGMENT)
+            tags[TAG * i : TAG * (i + 1)] = aead.encrypt(
+                i.to_bytes(12, "big"), b"", memory[start:stop]
+            )
+            read += stop - start
+            if stop - start == SEGMENT:
+                self._valid[i] = True
+        self.hashed_bytes += read
+        return read
+
+    def body(self, memory: memoryview, length: int) -> bytes:
+        """The ``memory-digest`` section for ``length`` bytes: refreshed, then every tag."""
+
+        self.refresh(memory, length)
+        head = DIGEST_HEADER.pack(DIGEST_VERSION, SEGMENT, length)
+        return head + bytes(self._tags[: TAG * segments_of(length)])
+
+    def differing(self, memory: memoryview, length: int, theirs: bytes) -> list[int]:
+        """Segments whose tags differ from ``theirs`` (a peer's tags over the same length)."""
+
+        self.refresh(memory, length)
+        ours = memoryview(self._tags)[: TAG * segments_of(length)]
+        if len(ours) != len(theirs):
+            raise ValueError("tags over another length")
+        if hmac.compare_digest(ours, theirs):
+            return []  # the common case, in one pass
+        a = np.frombuffer(ours, dtype=np.uint8).reshape(-1, TAG)
+        b = np.frombuffer(theirs, dtype=np.uint8).reshape(-1, TAG)
+        return np.flatnonzero((a != b).any(axis=1)).tolist()
 
 
 @dataclass(frozen=True)
@@ -97,7 +202,8 @@ class StopRules:
     """When pre-copy stops and the freeze begins; the first rule that holds names the stop.
 
     * ``converged``: the last round's dirty set, at the bandwidth round 0
-      measured, would take at most ``downtime_target`` seconds to send;
+      measured, would take at most ``downtime_target`` seconds to send and
+      to check (:meth:`estimate`);
     * ``no-convergence``: the dirty set has not shrunk below its smallest size
       so far for ``stall_rounds`` rounds (the writer outruns the link);
     * ``max-rounds``, ``max-seconds``, ``max-bytes`` (a multiple of the
@@ -147,8 +253,27 @@ class StopRules:
         big = max(rounds, key=lambda r: r["bytes"])
         return float(big["bytes"]) / max(float(big["seconds"]), 1e-6)
 
+    @staticmethod
+    def tag_rate(rounds: Sequence[Mapping[str, Any]]) -> float | None:
+        """Bytes per second the source tagged segments at during the rounds, if it said."""
+
+        read = sum(float(r.get("tagged_bytes") or 0) for r in rounds)
+        seconds = sum(float(r.get("tag_seconds") or 0) for r in rounds)
+        return read / seconds if read > 0 and seconds > 0 else None
+
     @classmethod
     def estimate(cls, rounds: Sequence[Mapping[str, Any]]) -> float:
-        """Seconds the final transfer of memory would take if it carried the last dirty set."""
+        """Seconds the final transfer would take if it carried the last dirty set.
 
-        return float(rounds[-1]["pages"]) * PAGE / max(cls.bandwidth(rounds), 1.0)
+        The pages at the bandwidth measured, plus the source's part of the
+        digest check: at most one segment per page (section 3.2), at the rate
+        the rounds tagged at (no part where the rounds did not say).
+        """
+
+        pages = float(rounds[-1]["pages"])
+        send = pages * PAGE / max(cls.bandwidth(rounds), 1.0)
+        rate = cls.tag_rate(rounds)
+        if rate is None:
+            return send
+        memory = max(float(rounds[0]["bytes"]), float(SEGMENT))
+        return send + min(pages * SEGMENT, memory) / rate

@@ -1,5 +1,6 @@
 """CRIU, driven through its RPC (``criu swrk``), and where to find a working one."""
 
+from migsgx.criu.cancel import DumpCancel
 from migsgx.criu.locate import MIN_VERSION, CriuVersion, binary_version, find_criu
 from migsgx.criu.rpc import (
     Criu,
@@ -14,6 +15,7 @@ __all__ = [
     "MIN_VERSION",
     "Criu",
     "CriuVersion",
+    "DumpCancel",
     "Enter",
     "InNetns",
     "InTaskNamespaces",

@@ -14,6 +14,10 @@ Every request runs a fresh ``criu swrk`` process (so calls are independent and
 thread-safe), optionally inside other namespaces (:class:`InNetns`,
 :class:`InTaskNamespaces`). Messages are decoded only as the declared protobuf
 schema; nothing received is evaluated.
+
+``$MIGSGX_CRIU_FEATURES_OFF`` (a comma-separated list of :meth:`Criu.features`
+names) is a fault hook: those features read as missing, as on a kernel without
+them, so the refusals that depend on them are reached on any kernel.
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
 
+from migsgx.criu.cancel import DumpCancel
 from migsgx.criu.locate import CriuVersion, find_criu
 from migsgx.errors import ConfigError, CriuError
 
 __all__ = [
+    "FEATURES_OFF_ENV",
     "Criu",
     "Enter",
     "InNetns",
@@ -53,6 +59,7 @@ _MAX_MESSAGE: Final = 1 << 20
 _MAX_FDS: Final = 16
 _EXIT_GRACE: Final = 10.0
 _NETNS_DIR: Final = "/run/netns"
+FEATURES_OFF_ENV: Final = "MIGSGX_CRIU_FEATURES_OFF"
 
 
 @dataclass(frozen=True)
@@ -191,7 +198,8 @@ class Criu:
                 enter=enter,
                 features=dict.fromkeys(names, True),
             )
-        return {name: bool(getattr(resp.features, name)) for name in names}
+        off = set(os.environ.get(FEATURES_OFF_ENV, "").split(","))
+        return {name: bool(getattr(resp.features, name)) and name not in off for name in names}
 
     def dump(
         self,
@@ -211,11 +219,14 @@ class Criu:
         notify: NotifyCallback | None = None,
         enter: Enter | None = None,
         extra: Mapping[str, OptionValue] | None = None,
+        cancel: DumpCancel | None = None,
     ) -> None:
         """Checkpoint the process tree rooted at ``pid`` into ``images_dir``.
 
         Unless ``leave_running``, CRIU kills the tree once the images are
-        complete and ``post-dump`` was answered with success.
+        complete and ``post-dump`` was answered with success.  ``cancel``, when
+        triggered from another thread, ends the dump early with the tree resumed
+        (:mod:`migsgx.criu.cancel`).
         """
 
         if track_mem:
@@ -224,7 +235,7 @@ class Criu:
             "DUMP", pid, images_dir, parent_img, page_server, log_file, notify, enter, extra,
             leave_running=leave_running, shell_job=shell_job, tcp_established=tcp_established,
             ext_unix_sk=ext_unix_sk, file_locks=file_locks, track_mem=track_mem,
-            lazy_pages=lazy_pages,
+            lazy_pages=lazy_pages, cancel=cancel,
         )  # fmt: skip
 
     def pre_dump(
@@ -267,6 +278,7 @@ class Criu:
         notify: NotifyCallback | None,
         enter: Enter | None,
         extra: Mapping[str, OptionValue] | None,
+        cancel: DumpCancel | None = None,
         **flags: bool,
     ) -> None:
         """DUMP and PRE_DUMP are one request with different flags."""
@@ -276,7 +288,7 @@ class Criu:
             opts["parent_img"] = parent_img
         self._request(
             kind, Path(images_dir), log_file=log_file, notify=notify, enter=enter, opts=opts,
-            page_server=page_server, extra=extra,
+            page_server=page_server, extra=extra, cancel=cancel,
         )  # fmt: skip
 
     def restore(
@@ -342,6 +354,7 @@ class Criu:
         page_server: tuple[str, int] | None = None,
         extra: Mapping[str, OptionValue] | None = None,
         features: Mapping[str, bool] | None = None,
+        cancel: DumpCancel | None = None,
     ) -> Any:
         pb = _pb()
         action = kind.lower().replace("_", "-")
@@ -367,7 +380,7 @@ class Criu:
                 o.log_level = self.log_level
                 if log_file:
                     o.log_file = log_file
-                if notify is not None:
+                if notify is not None or cancel is not None:
                     o.notify_scripts = True
                 for name, value in (opts or {}).items():
                     setattr(o, name, value)
@@ -378,7 +391,13 @@ class Criu:
             # CRIU opens the images directory as /proc/<our pid>/fd/<dir_fd>:
             # the descriptor stays open here until CRIU has answered.
             session = _Session(self.binary, enter, self.timeout, action, log_path)
-            return session.run(pb, req, notify)
+            if cancel is None:
+                return session.run(pb, req, notify)
+            cancel.bind(session.proc.pid, page_server)
+            try:
+                return session.run(pb, req, notify, cancel)
+            finally:
+                cancel.unbind()
         finally:
             if dir_fd >= 0:
                 os.close(dir_fd)
@@ -452,7 +471,9 @@ class _Session:
             theirs.close()
         ours.settimeout(timeout)
 
-    def run(self, pb: Any, req: Any, notify: NotifyCallback | None) -> Any:
+    def run(
+        self, pb: Any, req: Any, notify: NotifyCallback | None, cancel: DumpCancel | None = None
+    ) -> Any:
         failed: tuple[str, Exception] | None = None
         try:
             self._send(req)
@@ -462,9 +483,12 @@ class _Session:
                     break
                 script = str(resp.notify.script)
                 ok = True
-                if notify is not None:
+                if notify is not None or cancel is not None:
                     try:
-                        notify(script, int(resp.notify.pid))
+                        if cancel is not None:
+                            cancel.check()  # a cancelled dump says no at its next step
+                        if notify is not None:
+                            notify(script, int(resp.notify.pid))
                     except Exception as exc:
                         ok = False
                         if failed is None:

@@ -164,12 +164,16 @@ class CheckpointOut:
             raise
         return {**facts, "seconds": time.perf_counter() - t0}
 
-    def commit(self) -> None:
-        """The files are durable: the source enclave wipes itself and exits."""
+    def commit(self, meta: bytes = b"") -> None:
+        """The files are durable: the source enclave wipes itself and exits.
+
+        ``meta``: the SHA-256 of the checkpoint's metadata file, which the
+        committed gate binds (a restore must present the same).
+        """
 
         if not self._written:
             raise MigSGXError("commit before the checkpoint was written")
-        self.link.call("__ckpt_commit")
+        self.link.call("__ckpt_commit", meta)
         self._finished = True
 
     def abort(self) -> socket.socket:
@@ -185,10 +189,14 @@ class CheckpointOut:
 class CheckpointIn:
     """One enclave of a checkpoint, loaded into a fresh enclave that does not run yet."""
 
-    def __init__(self, directory: Path, index: int, platform_socket: Path | str) -> None:
+    def __init__(
+        self, directory: Path, index: int, platform_socket: Path | str, meta: bytes = b""
+    ) -> None:
         self.directory = Path(directory)
         self.index = index
         self.platform_socket = platform_socket
+        #: The SHA-256 of the metadata the restore read (what the source committed).
+        self.meta = meta
         self.link: EnclaveLink | None = None
         self.info: EnclaveInfo | None = None
         self.image_files: dict[str, bytes] = {}
@@ -217,7 +225,7 @@ class CheckpointIn:
         self.link = link = EnclaveLink(sock)
         self.image_files = dict(image.files)
         try:
-            link.call("__ckpt_in", key_blob)
+            link.call("__ckpt_in", key_blob, self.meta)
             ring = ShmRing.create(slots, chunk + TAG_SIZE, RingRole.PRODUCER)
             try:
                 link.give_ring(ring)
@@ -230,6 +238,32 @@ class CheckpointIn:
         except BaseException:
             self.discard()
             raise
+
+    def probe(self) -> None:
+        """Whether this enclave's checkpoint is committed, asked of a fresh enclave.
+
+        A fresh enclave of the image opens the key record and the gate
+        (``__ckpt_in``), which raises :class:`~migsgx.errors.CheckpointGateError`
+        unless the gate is committed (and the metadata digest is the committed
+        one); then it is discarded.  Reading a gate changes nothing.
+        """
+
+        image_path, key_path, _, _ = _paths(self.directory, self.index)
+        try:
+            files = cbor2.loads(image_path.read_bytes())
+            key_blob = key_path.read_bytes()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"checkpoint {self.directory} lacks enclave {self.index}") from exc
+        if not isinstance(files, dict):
+            raise ConfigError(f"{image_path} is not an enclave image")
+        sock, self.info = launch_enclave(
+            EnclaveImage.from_files(files), socket_path=self.platform_socket
+        )
+        self.link = EnclaveLink(sock)
+        try:
+            self.link.call("__ckpt_in", key_blob, self.meta)
+        finally:
+            self.discard()
 
     def activate(self) -> socket.socket:
         """Claim the checkpoint on this host (once) and let the enclave run."""
@@ -250,11 +284,11 @@ class CheckpointIn:
 
 
 def restore_enclave(
-    directory: Path, index: int, platform_socket: Path | str
+    directory: Path, index: int, platform_socket: Path | str, meta: bytes = b""
 ) -> tuple[socket.socket, EnclaveInfo, dict[str, bytes]]:
     """Launch a fresh enclave, load the checkpoint into it, and let it run (once)."""
 
-    incoming = CheckpointIn(directory, index, platform_socket)
+    incoming = CheckpointIn(directory, index, platform_socket, meta)
     incoming.load()
     try:
         sock = incoming.activate()

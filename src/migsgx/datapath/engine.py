@@ -62,7 +62,14 @@ from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
 from ..sgx.image import EnclaveImage
 from ..wire import recv_frame, send_frame
 from .ring import RingRole, ShmRing, send_ring_fds
-from .transport import Staging, keep_alive, ring_to_socket, socket_to_ring, tune_socket
+from .transport import (
+    PeerWatch,
+    Staging,
+    keep_alive,
+    ring_to_socket,
+    socket_to_ring,
+    tune_socket,
+)
 
 DEFAULT_CHUNK = DEFAULT_CHUNK_SIZE
 PEER = SCHEMA
@@ -228,6 +235,52 @@ def _slot_size(chunk_size: int) -> int:
 
 
 RING_TIMEOUT = 120.0
+#: How long the source waits for the destination's reason once it refused the stream.
+REFUSAL_WAIT = 2.0
+
+
+def dump_watched(
+    link: EnclaveLink, ring: ShmRing, peer: socket.socket, chunk_size: int
+) -> dict[str, Any]:
+    """``__mig_dump`` with its slots sent as they fill; a refusal fails the send at once.
+
+    The destination sends nothing before the final chunk but its refusal; a
+    :class:`PeerWatch` turns that into a failed send (and the destination's
+    reason) instead of a wait for the kernel to give up on the connection.
+    """
+
+    watch = PeerWatch(peer)
+    try:
+        mover = _Worker(
+            lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT,
+                                   before_final=watch.final_going),
+            "migsgx-send", ring,
+        )  # fmt: skip
+        dump: dict[str, Any] = _call_beside(link, mover, "__mig_dump", chunk_size)
+        mover.join()
+    except MigSGXError as exc:
+        if watch.spoke:
+            _refusal(peer, exc)
+        raise
+    finally:
+        watch.stop()
+    return dump
+
+
+def _refusal(peer: socket.socket, cause: BaseException) -> None:
+    """The destination spoke during the stream: raise its reason (or ``cause``)."""
+
+    with contextlib.suppress(OSError):
+        peer.settimeout(REFUSAL_WAIT)
+    try:
+        msg = recv_frame(peer, PEER, max_size=PEER_FRAME_MAX)
+    except (MigSGXError, OSError):
+        return  # it hung up without a word: the send's own error says enough
+    if msg.get("t") == "abort":
+        raise MigrationError(
+            f"the destination refused the stream: [{msg['code']}] {msg['message']}"
+        ) from cause
+    raise ProtocolError(f"the destination sent {msg['t']!r} during the stream") from cause
 #: The bound on ``active`` after a token went on the data connection; the
 #: destination judges a token in milliseconds, and the token goes again by the
 #: agents' TLS channel anyway.
@@ -269,11 +322,22 @@ class OutgoingEnclave:
         #: Called with (index, migration id) once the handshake finished (the journal).
         self.on_handshake: Callable[[int, bytes], None] | None = None
         self.index = 0
+        #: The side channel an early handshake ran on, until the dump is over.
+        self.early_side: socket.socket | None = None
+        self._times: tuple[float, float, float] | None = None  # offer, accept, handshake done
+        self._mode = mode  # of the transfer under way (a re-delivery is never live)
 
-    def transfer(self, peer: socket.socket) -> dict[str, Any]:
-        """Everything up to the destination's verified LOADED; nothing is given up yet."""
+    def handshake(self, peer: socket.socket) -> None:
+        """The offer, the destination enclave's launch and the attested handshake.
 
-        return self._hand_over(peer, "__mig_out_start", self.mode)
+        Nothing of the state moves and the enclave is not quiesced: with ``sock``
+        a side channel (:meth:`~migsgx.host.client.EnclaveClient.open_side_channel`),
+        this runs while the application still calls its enclave, and
+        :meth:`adopt` then takes the application's connection for the dump.
+        Called by :meth:`transfer` when it was not called before.
+        """
+
+        self._handshake(peer, "__mig_out_start", self.mode)
 
     def redeliver(self, peer: socket.socket) -> bytes:
         """Committed, the destination enclave lost before it claimed: the state again.
@@ -289,17 +353,20 @@ class OutgoingEnclave:
         if self.token is None:
             raise MigrationError("nothing was committed")
         self._loaded = False
+        self._times = None
         try:
-            self._hand_over(peer, "__mig_redeliver_start", "sequential"
+            self._handshake(peer, "__mig_redeliver_start", "sequential"
                             if self.mode == "sequential" else "pipelined")  # fmt: skip
+            self.transfer(peer)
             self.token = bytes(self.link.call("__mig_commit"))
         except (MigSGXError, OSError) as exc:
             raise InDoubtError(f"the state could not be delivered again: {exc}") from exc
         self.deliver()
         return self.token
 
-    def _hand_over(self, peer: socket.socket, start: str, mode: str) -> dict[str, Any]:
+    def _handshake(self, peer: socket.socket, start: str, mode: str) -> None:
         self.peer = peer
+        self._mode = mode
         bind_wire(peer, Role.SOURCE)
         tune_socket(peer)
         keep_alive(peer)
@@ -321,15 +388,41 @@ class OutgoingEnclave:
             self.migration_id = bytes(reply["migration_id"])
             if self.on_handshake is not None and start == "__mig_out_start":
                 self.on_handshake(self.index, self.migration_id)
-            t_hs = time.monotonic()
+        except BaseException as exc:
+            self._abort_quietly(f"{type(exc).__name__}: {exc}")
+            raise
+        self._times = (t0, t_launch, time.monotonic())
+
+    def adopt(self, app_sock: socket.socket) -> None:
+        """After an early :meth:`handshake`: the dump and the commit go on the application's
+        connection (handed over at the freeze); the side channel closes after the dump."""
+
+        if self._times is None:
+            raise RuntimeError("adopt() before handshake()")
+        self.early_side = self.link.sock
+        self.link = EnclaveLink(app_sock)
+
+    def close_side(self) -> None:
+        if self.early_side is not None:
+            with contextlib.suppress(OSError):
+                self.early_side.close()
+            self.early_side = None
+
+    def transfer(self, peer: socket.socket) -> dict[str, Any]:
+        """Everything up to the destination's verified LOADED; nothing is given up yet."""
+
+        if self._times is None:
+            self.handshake(peer)
+        assert self._times is not None and self.peer is not None
+        peer = self.peer
+        t0, t_launch, t_hs = self._times
+        t_freeze = time.monotonic()  # after an early handshake, the freeze came in between
+        try:
             ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
             try:
                 self.link.give_ring(ring)
-                if mode == "pipelined":
-                    mover = _Worker(lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT),
-                                    "migsgx-send", ring)  # fmt: skip
-                    dump = _call_beside(self.link, mover, "__mig_dump", self.chunk_size)
-                    mover.join()
+                if self._mode == "pipelined":
+                    dump = dump_watched(self.link, ring, peer, self.chunk_size)
                     t_dumped = t_sent = time.monotonic()
                 else:
                     staging = Staging.for_state(self.info.memory_size, self.chunk_size, TAG_SIZE)
@@ -346,6 +439,7 @@ class OutgoingEnclave:
                         staging.close()
             finally:
                 ring.close()
+            self.close_side()  # dumped: its closing no longer aborts the migration
             loaded = _recv(peer, "loaded")
             self.link.call("__mig_loaded", loaded["frame"])
             self._loaded = True
@@ -354,24 +448,24 @@ class OutgoingEnclave:
             raise
         t_end = time.monotonic()
         self.stats = {
-            "mode": mode,
+            "mode": self._mode,
             "chunk_bytes": self.chunk_size,
             "bytes": dump["bytes"],
             "memory_bytes": dump["memory_bytes"],
             "launch_seconds": t_launch - t0,
             "handshake_seconds": t_hs - t_launch,
             "quiesce_seconds": dump["quiesce_seconds"],
-            "dump_seconds": t_dumped - t_hs,
+            "dump_seconds": t_dumped - t_freeze,
             "send_seconds": t_sent - t_dumped,
             "load_wait_seconds": t_end - t_sent,
-            "transfer_seconds": t_end - t_hs,
+            "transfer_seconds": t_end - t_freeze,
             "enclave_cpu_seconds": dump.get("cpu_seconds", 0.0),
             "destination": loaded["stats"],
             # Absolute CLOCK_MONOTONIC times (one clock per host), per process.
             "timeline": {
                 "source_driver": {
                     "launch": [t0, t_launch], "handshake": [t_launch, t_hs],
-                    "dump": [t_hs, t_dumped], "send": [t_dumped, t_sent],
+                    "dump": [t_freeze, t_dumped], "send": [t_dumped, t_sent],
                     "load_wait": [t_sent, t_end],
                 },
                 "source_enclave": dump.get("timeline", {}),
@@ -438,6 +532,7 @@ class OutgoingEnclave:
         """The source enclave resumes with its state; returns its connection."""
 
         self._abort_quietly(reason)
+        self.close_side()
         return self.link.sock
 
     def _abort_quietly(self, reason: str) -> None:
@@ -545,6 +640,8 @@ class IncomingEnclave:
             if _bytes_waiting(peer):
                 # The source sends nothing after its final chunk until it has LOADED.
                 raise StreamError("the peer sent more after the final chunk of the state")
+            if result.get("repair"):
+                result = self._receive_repair(peer, offer, result)
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}"
             self._abort_quietly(reason)
@@ -562,6 +659,7 @@ class IncomingEnclave:
             "bytes": result["bytes"],
             # live mode: the destination enclave's pass of the memory digest check
             "verify_seconds": result.get("verify_seconds", 0.0),
+            "repair": result.get("repair_figures"),
             "enclave_cpu_seconds": result.get("cpu_seconds", 0.0),
             "timeline": {
                 "destination_driver": {
@@ -574,6 +672,31 @@ class IncomingEnclave:
         self.awaiting = True
         _send(peer, {"t": "loaded", "frame": result["loaded"], "stats": self.stats})
         return self.stats
+
+    def _receive_repair(
+        self, peer: socket.socket, offer: dict[str, Any], first: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Live mode: the segments our enclave found different come again, once (precopy.md 3.3)."""
+
+        assert self.link is not None
+        _send(peer, {"t": "repair", "segments": first["repair"]})
+        ring = ShmRing.create(offer["slots"], _slot_size(offer["chunk_size"]), RingRole.PRODUCER)
+        try:
+            self.link.give_ring(ring)
+            mover = _Worker(partial(socket_to_ring, peer, ring, timeout=RING_TIMEOUT),
+                            "migsgx-recv", ring)  # fmt: skip
+            again = _call_beside(self.link, mover, "__mig_load_repair")
+            mover.join()
+        finally:
+            ring.close()
+        if _bytes_waiting(peer):
+            raise StreamError("the peer sent more after the final chunk of the repair")
+        return {
+            **first,
+            "loaded": again["loaded"],
+            "bytes": first["bytes"] + again["repair"]["bytes"],
+            "repair_figures": again["repair"],
+        }
 
     def _receive_rounds(self, peer: socket.socket, offer: dict[str, Any]) -> list[dict[str, Any]]:
         """Live mode: apply pre-copy rounds until the source announces the final transfer.

@@ -43,6 +43,7 @@ from .engine import (
     _send,
     _slot_size,
     _Worker,
+    dump_watched,
 )
 from .ring import RingRole, ShmRing
 from .transport import ring_to_socket, tune_socket
@@ -154,6 +155,27 @@ class LiveOutgoingEnclave(OutgoingEnclave):
         figures["bandwidth_bytes_per_second"] = bw
         return figures
 
+    def _repair(self, peer: socket.socket, segments: list[Any]) -> dict[str, Any]:
+        """The destination named segments whose tags differ: the enclave sends them again.
+
+        Once (the table allows one ``repair``); the list is the destination
+        enclave's, through untrusted hands: it decides only what travels, and
+        the destination checks every tag again.
+        """
+
+        ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
+        try:
+            self.link.give_ring(ring)
+            mover = _Worker(lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT),
+                            "migsgx-send", ring)  # fmt: skip
+            figures: dict[str, Any] = _call_beside(
+                self.link, mover, "__mig_repair", segments, self.chunk_size
+            )
+            mover.join()
+        finally:
+            ring.close()
+        return figures
+
     def abort(self, reason: str) -> socket.socket:
         """As :meth:`OutgoingEnclave.abort`; the connection returned is the application's."""
 
@@ -176,14 +198,16 @@ class LiveOutgoingEnclave(OutgoingEnclave):
             ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
             try:
                 self.link.give_ring(ring)
-                mover = _Worker(lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT),
-                                "migsgx-send", ring)  # fmt: skip
-                dump = _call_beside(self.link, mover, "__mig_dump", self.chunk_size)
-                mover.join()
+                # With the application frozen, a refusal must end the send at once.
+                dump = dump_watched(self.link, ring, peer, self.chunk_size)
             finally:
                 ring.close()
             t_sent = time.perf_counter()
-            loaded = _recv(peer, "loaded")
+            loaded = _recv(peer, "loaded", "repair")
+            repair: dict[str, Any] | None = None
+            if loaded["t"] == "repair":
+                repair = self._repair(peer, loaded["segments"])
+                loaded = _recv(peer, "loaded")
             self.link.call("__mig_loaded", loaded["frame"])
             self._loaded = True
         except BaseException as exc:
@@ -197,7 +221,10 @@ class LiveOutgoingEnclave(OutgoingEnclave):
             "mode": "live",
             "chunk_bytes": self.chunk_size,
             "final": {k: v for k, v in dump.items() if k != "rounds"},
-            "bytes": sum(r["bytes"] for r in self.rounds) + dump["bytes"],
+            "bytes": sum(r["bytes"] for r in self.rounds)
+            + dump["bytes"]
+            + (repair["bytes"] if repair else 0),
+            "repair": repair,
             "memory_bytes": dump["memory_bytes"],
             "quiesce_seconds": dump["quiesce_seconds"],
             "final_seconds": t_end - t0,

@@ -55,7 +55,9 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import select
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final
 
@@ -73,6 +75,7 @@ __all__ = [
     "DEFAULT_SLOTS",
     "FLAG_FINAL",
     "ChunkWriter",
+    "PeerWatch",
     "SlotReader",
     "Staging",
     "batch_scheduling",
@@ -218,13 +221,75 @@ def read_chunk_header(sock: socket.socket, header: bytearray, max_len: int) -> t
     return length, bool(flags & FLAG_FINAL)
 
 
+# --- a peer that speaks while it should listen ----------------------------------------
+class PeerWatch:
+    """Fails a stream being sent the moment its receiver speaks or hangs up early.
+
+    A receiver sends nothing until it has the final chunk, except its refusal (a
+    chunk that did not authenticate, an enclave that died): then it stops
+    reading, and a sender blocked in ``send`` would learn of it only when the
+    kernel gives up on the connection, seconds later.  This thread waits for
+    the connection to become readable (or hung up) before the final chunk left;
+    then it shuts down the sending direction, so the blocked ``send`` fails at
+    once, while the refusal itself stays readable (:attr:`spoke`).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._stop_r, self._stop_w = os.pipe()
+        self._final = False
+        #: The receiver spoke (or hung up) before the final chunk went.
+        self.spoke = False
+        self._thread = threading.Thread(target=self._run, name="migsgx-peer-watch", daemon=True)
+        self._thread.start()
+
+    def final_going(self) -> None:
+        """The final chunk goes now: from here on the receiver may answer."""
+
+        self._final = True
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN | select.POLLRDHUP)
+        poller.register(self._stop_r, select.POLLIN)
+        try:
+            ready = {fd for fd, _ in poller.poll()}
+        except (OSError, ValueError):
+            return
+        if self._stop_r in ready or self._final:
+            return
+        self.spoke = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._stop_w, b"x")
+        self._thread.join()
+        for fd in (self._stop_r, self._stop_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 # --- ring <-> socket --------------------------------------------------------------------
-def ring_to_socket(ring: ShmRing, sock: socket.socket, *, timeout: float | None = None) -> int:
-    """Send every slot of ``ring`` (consumer end) until its final slot; return payload bytes."""
+def ring_to_socket(
+    ring: ShmRing,
+    sock: socket.socket,
+    *,
+    timeout: float | None = None,
+    before_final: Callable[[], None] | None = None,
+) -> int:
+    """Send every slot of ``ring`` (consumer end) until its final slot; return payload bytes.
+
+    ``before_final`` is called right before the final chunk goes (a :class:`PeerWatch`
+    then knows that the peer may answer).
+    """
 
     total = 0
     while True:
         index, view, final = ring.next(timeout)
+        if final and before_final is not None:
+            before_final()
         send_chunk(sock, view, final=final)
         total += len(view)
         ring.release(index)

@@ -8,7 +8,10 @@ under the runtime-reserved name ``!ckpt-<id>``) beside a gate counter:
 * ``start`` creates the gate record with its counter at 0 (*pending*);
 * the source's commit advances the counter to 1 (*committed*) in the same
   atomic platform update that retires its persistent record, right before the
-  source wipes itself;
+  source wipes itself; the same update rewrites the gate record with the
+  SHA-256 of the checkpoint's metadata (``migsgx.json``, which holds the digest
+  of every other file), so that a restore refuses a directory whose metadata
+  was rewritten together with its files;
 * an abort deletes the gate record and its counter: the share is gone, so the
   files on disk can never be opened again;
 * a restore needs the counter at 1, and consumes the gate (record and counter
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +39,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..core.policy import IDENTITY_SIZE, EnclaveIdentity, MigrationPolicy, PolicyMode
 from ..core.stream import StreamChannel
-from ..errors import CheckpointGateError, CounterError, MigSGXError, SealError
+from ..errors import (
+    CheckpointDamagedError,
+    CheckpointGateError,
+    CounterError,
+    MigSGXError,
+    SealError,
+)
 from ..sgx.counters import RecordUpdate
 from ..sgx.trusted import TrustedServices
 from . import sealing
@@ -46,6 +56,8 @@ GATE_AAD_LABEL = b"migsgx checkpoint gate v2 "
 STREAM_INFO = b"migsgx checkpoint stream v2"
 PENDING = 0
 COMMITTED = 1
+#: The metadata digest a committed gate binds: SHA-256, or empty (nothing bound).
+META_SIZES = (0, 32)
 
 
 @dataclass
@@ -113,11 +125,26 @@ def start(instance: EnclaveInstance) -> Checkpoint:
     return Checkpoint(checkpoint_id, blob, counter, gate_blob, streams)
 
 
-def commit_change(ckpt: Checkpoint) -> tuple[str, RecordUpdate]:
-    """The source's commit: the gate goes from pending to committed (and only from there)."""
+def commit_change(
+    instance: EnclaveInstance, ckpt: Checkpoint, meta: bytes = b""
+) -> tuple[str, RecordUpdate]:
+    """The source's commit: the gate goes from pending to committed (and only from there).
 
+    The committed gate record also binds ``meta``, the SHA-256 of the
+    checkpoint's metadata file (or nothing, for a bare enclave checkpoint): a
+    restore presents the digest of the metadata it reads, and only the same one
+    opens the gate (:func:`open_key`).
+    """
+
+    if len(meta) not in META_SIZES:
+        raise ValueError("the checkpoint metadata digest is SHA-256 (32 bytes) or empty")
+    gate = _unseal_map(instance.services, ckpt.gate_blob, GATE_AAD_LABEL, "checkpoint gate")
+    committed = sealing.seal(
+        instance.services, cbor2.dumps({**gate, "meta": bytes(meta)}),
+        aad=GATE_AAD_LABEL + ckpt.checkpoint_id, policy=_seal_policy(instance),
+    )  # fmt: skip
     return ckpt.gate_name, RecordUpdate(
-        ckpt.gate_blob,
+        committed,
         advance={ckpt.gate_counter: COMMITTED},
         check={ckpt.gate_counter: PENDING},
         expect=_sha256(ckpt.gate_blob),
@@ -142,10 +169,9 @@ def destroy(instance: EnclaveInstance, ckpt: Checkpoint) -> None:
     gate never opens; only its record lingers.
     """
 
-    name, _ = commit_change(ckpt)
     with contextlib.suppress(MigSGXError, OSError):
         instance.services.persist_update(
-            name,
+            ckpt.gate_name,
             RecordUpdate(
                 None,
                 destroy=(ckpt.gate_counter,),
@@ -204,8 +230,34 @@ def open_key_record(services: TrustedServices, blob: bytes) -> tuple[bytes, byte
     return data["id"], data["secret"], source
 
 
-def open_key(instance: EnclaveInstance, blob: bytes) -> Checkpoint:
-    """Open a checkpoint's key file and its committed gate on this host."""
+def open_gate_record(
+    services: TrustedServices, blob: bytes
+) -> tuple[bytes, bytes, str, bytes | None]:
+    """Unseal a gate record: (checkpoint id, share, gate counter, bound metadata digest).
+
+    The digest is None in a pending gate, bytes (32, or empty: nothing bound) in
+    a committed one (``docs/spec/checkpoint.md``, section 2).
+    """
+
+    gate = _unseal_map(services, blob, GATE_AAD_LABEL, "checkpoint gate")
+    share, counter, meta = gate.get("share"), gate.get("counter"), gate.get("meta")
+    if not (
+        set(gate) in ({"v", "id", "share", "counter"}, {"v", "id", "share", "counter", "meta"})
+        and isinstance(share, bytes)
+        and len(share) == 32
+        and isinstance(counter, str)
+        and (meta is None or (isinstance(meta, bytes) and len(meta) in META_SIZES))
+    ):
+        raise SealError("the checkpoint gate is malformed")
+    return gate["id"], share, counter, meta
+
+
+def open_key(instance: EnclaveInstance, blob: bytes, meta: bytes = b"") -> Checkpoint:
+    """Open a checkpoint's key file and its committed gate on this host.
+
+    ``meta`` is the SHA-256 of the metadata the restore read (empty for a bare
+    enclave checkpoint); it must be the digest the source committed.
+    """
 
     services = instance.services
     checkpoint_id, file_half, source = open_key_record(services, blob)
@@ -215,18 +267,22 @@ def open_key(instance: EnclaveInstance, blob: bytes) -> Checkpoint:
         raise CheckpointGateError(
             "this checkpoint was aborted or restored before (it restores only once)"
         )
-    gate = _unseal_map(services, gate_blob, GATE_AAD_LABEL, "checkpoint gate")
-    share, counter = gate.get("share"), gate.get("counter")
-    if not (isinstance(share, bytes) and len(share) == 32 and isinstance(counter, str)):
-        raise SealError("the checkpoint gate is malformed")
+    gate_id, share, counter, bound = open_gate_record(services, gate_blob)
+    if gate_id != checkpoint_id:
+        raise SealError("the checkpoint gate names another checkpoint")
     try:
         state = services.counter_read(counter)
     except CounterError as exc:
         raise CheckpointGateError("this checkpoint's gate is gone") from exc
-    if state != COMMITTED:
+    if state != COMMITTED or bound is None:
         raise CheckpointGateError(
             "this checkpoint was never committed: its source may still run, so it cannot "
             "be restored"
+        )
+    if not hmac.compare_digest(bound, bytes(meta)):
+        raise CheckpointDamagedError(
+            "the checkpoint's metadata is not the one its source committed (rewritten or "
+            "replaced): nothing of it is restored"
         )
     streams = StreamChannel(
         _stream_secret(checkpoint_id, file_half, share),

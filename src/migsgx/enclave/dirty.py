@@ -31,6 +31,9 @@ import os
 import platform
 from typing import Final
 
+import numpy as np
+import numpy.typing as npt
+
 from ..errors import DirtyTrackingLostError, DirtyTrackingUnavailableError
 
 __all__ = ["FAULT_ENV", "DirtyTracker", "open_tracker"]
@@ -51,6 +54,7 @@ _PM_SCAN_WP_MATCHING: Final = 1 << 0
 _PM_SCAN_CHECK_WPASYNC: Final = 1 << 1
 _PAGE_IS_WRITTEN: Final = 1 << 1
 _VEC_LEN: Final = 512  # regions per PAGEMAP_SCAN call; the walk resumes where it ended
+_PROTECT_STEP: Final = 32 << 20  # bytes write-protected per call (see protect_all)
 
 
 def _iowr(kind: int, nr: int, size: int) -> int:
@@ -146,6 +150,22 @@ def _open_own_pagemap() -> int:
             os._exit(70)
 
 
+def _pages_of(regions: npt.NDArray[np.void], base: int) -> npt.NDArray[np.int64]:
+    """Page indexes (from ``base``) of ``PAGEMAP_SCAN`` regions ``[start, end)``, in order.
+
+    User addresses fit in 63 bits.  Each region's pages are its first page
+    plus ``0 .. count - 1``: one ``arange`` over all of them, shifted back by
+    region.
+    """
+
+    starts = regions["start"].astype(np.int64)
+    firsts = (starts - base) // PAGE
+    counts = (regions["end"].astype(np.int64) - starts) // PAGE
+    shift = np.repeat(firsts - (np.cumsum(counts) - counts), counts)
+    pages: npt.NDArray[np.int64] = shift + np.arange(int(counts.sum()), dtype=np.int64)
+    return pages
+
+
 class DirtyTracker:
     """Written-page tracking over ``[address, address + size)`` of this process.
 
@@ -199,18 +219,31 @@ class DirtyTracker:
         self.protect_all()
 
     def protect_all(self) -> None:
-        """Start over: every page counts as clean from now on."""
+        """Start over: every page counts as clean from now on.
 
-        wp = _WriteProtect(range=_Range(self.address, self.size), mode=_UFFDIO_WRITEPROTECT_MODE_WP)
-        if self._ioctl(self._uffd, _UFFDIO_WRITEPROTECT, wp) != 0:
-            raise DirtyTrackingLostError(f"UFFDIO_WRITEPROTECT: {_errno_text()}")
+        In steps of :data:`_PROTECT_STEP`: the kernel holds the process's
+        memory-map lock for one whole call (about 0.1 s per GiB on a busy
+        machine), and anything that maps memory meanwhile waits, such as the
+        start of a thread for the next ECALL.  Steps let it through.  Tracking
+        counts once the last step is done, before round 0 reads anything.
+        """
+
+        for start in range(0, self.size, _PROTECT_STEP):
+            length = min(_PROTECT_STEP, self.size - start)
+            wp = _WriteProtect(range=_Range(self.address + start, length),
+                               mode=_UFFDIO_WRITEPROTECT_MODE_WP)  # fmt: skip
+            if self._ioctl(self._uffd, _UFFDIO_WRITEPROTECT, wp) != 0:
+                raise DirtyTrackingLostError(f"UFFDIO_WRITEPROTECT: {_errno_text()}")
 
     def _scan(self, *, dry: bool = False) -> list[int]:
         if self._uffd < 0:
             raise DirtyTrackingLostError("the dirty tracker was closed")
-        pages: list[int] = []
+        parts: list[npt.NDArray[np.int64]] = []
         start, end = self.address, self.address + self.size
         vec = self._vec
+        # The same memory as numpy columns: a round may find 100,000 regions,
+        # and reading them field by field through ctypes holds the interpreter lock.
+        regions = np.ctypeslib.as_array(vec)
         while start < end:
             arg = _ScanArg(
                 size=ctypes.sizeof(_ScanArg),
@@ -228,22 +261,39 @@ class DirtyTracker:
             if n < 0:
                 kind = DirtyTrackingUnavailableError if dry else DirtyTrackingLostError
                 raise kind(f"PAGEMAP_SCAN: {_errno_text()}")
-            for i in range(n):
-                first = (vec[i].start - self.address) // PAGE
-                pages.extend(range(first, (vec[i].end - self.address) // PAGE))
+            if n > 0:
+                parts.append(_pages_of(regions[:n], self.address))
             if dry or arg.walk_end <= start:
                 break
             start = arg.walk_end
+        if not parts:
+            return []
+        pages: list[int] = np.concatenate(parts).tolist()
         return pages
 
     def collect(self) -> list[int]:
         """Pages (indexes from the region's start) written since the last call; re-armed."""
 
-        pages = self._scan()
+        return self.collect_with_log()[0]
+
+    def collect_with_log(self) -> tuple[list[int], list[int]]:
+        """One scan, as two readers see it: (the OS's report, the enclave's write log).
+
+        The report decides which pages travel; ``hide=PAGE`` makes it lie, as an
+        OS that owns the page tables can.  The write log decides which digest
+        tags the source enclave must recompute (``docs/spec/precopy.md``,
+        section 3.2).  On SGX2 hardware it is the enclave's own record of the
+        write faults its EPCM write-protection raises, which the OS cannot
+        complete without the enclave; this emulation has no EPCM, so the same
+        kernel scan stands in for it, unfiltered: the kernel is already what
+        isolates an emulated enclave (root can read its memory, see
+        DESIGN.md's trust model).
+        """
+
+        written = self._scan()
         self.scans += 1
-        if self._hide is not None:
-            pages = [p for p in pages if p != self._hide]
-        return pages
+        reported = written if self._hide is None else [p for p in written if p != self._hide]
+        return reported, written
 
     def close(self) -> None:
         for fd in (self._uffd, self._pagemap):

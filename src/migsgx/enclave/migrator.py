@@ -131,6 +131,7 @@ class Migrator:
         self._exit_thread: int | None = None
         self.checkpoint: checkpoints.Checkpoint | None = None
         self.dumped = False
+        self.dumping = False  # the dump began (on the application's connection)
         self._pending_state: Any = None
         self._pending_persistent: PendingImport | None = None
         # The persistent state went in with the claim of the migration id (one update).
@@ -151,6 +152,7 @@ class Migrator:
         self._destination_platform = ""
         self._committed_mid = b""
         self.redelivering = False
+        self._repair_pending: tuple[bytes, bytes] | None = None
 
     @property
     def persistent(self) -> PersistentState:
@@ -300,6 +302,9 @@ class Migrator:
             raise ProtocolError(f"chunk size must be at least {MIN_CHUNK} and fit a ring slot")
         t0 = time.monotonic()
         cpu0 = time.process_time()
+        # From here on the dump's driver is the one on the application's connection:
+        # a side channel that ran the handshake may close without aborting it.
+        self.dumping = True
         memory = self.instance.memory
         if self.redelivering:
             # Frozen since the first dump, nothing changed: the same state again.
@@ -316,9 +321,7 @@ class Migrator:
         t_quiesced = time.monotonic()
         if self.rounds_out is not None:
             self.rounds_out.ring = ring
-            live = precopy.final_dump(
-                self.rounds_out, self._digest_key(), state, persistent, chunk_size
-            )
+            live = precopy.final_dump(self.rounds_out, state, persistent, chunk_size)
             self.dumped = True
             return {
                 **live,
@@ -498,14 +501,38 @@ class Migrator:
         }
 
     def _load_live(self, t0: float) -> dict[str, Any]:
-        """Destination of a live migration: the final transfer after the rounds."""
+        """Destination of a live migration: the final transfer after the rounds.
+
+        If segments differ, the result names them under ``repair`` and carries
+        no LOADED: ``__mig_load_repair`` must follow (``precopy.md``, 3.3).
+        """
 
         assert self.rounds_in is not None and self.ring is not None
         self.rounds_in.ring = self.ring
         state, persistent, figures = precopy_in.final_load(
             self.rounds_in, self._digest_key(), MAX_STATE_BYTES, MAX_TRANSFER_BYTES,
-            used_length=_used_length,
+            used_length=_used_length, repair=True,
         )  # fmt: skip
+        if "repair" in figures:
+            self._repair_pending = (state, persistent)
+            return {**figures, "loaded": b"", "load_seconds": time.monotonic() - t0}
+        return self._loaded_live(state, persistent, figures, t0)
+
+    def load_repair(self) -> dict[str, Any]:
+        """Destination: the segments named after the final check, received and checked again."""
+
+        _streams, ring = self._ready(Role.DESTINATION)
+        pending, self._repair_pending = self._repair_pending, None
+        if self.rounds_in is None or pending is None:
+            raise ProtocolError("no final check asked for a repair")
+        t0 = time.monotonic()
+        self.rounds_in.ring = ring
+        repair = precopy_in.repair_load(self.rounds_in, self._digest_key())
+        return self._loaded_live(*pending, {"repair": repair}, t0)
+
+    def _loaded_live(
+        self, state: bytes, persistent: bytes, figures: dict[str, Any], t0: float
+    ) -> dict[str, Any]:
         try:
             self._pending_state = cbor2.loads(state)
         except Exception as exc:
@@ -526,13 +553,32 @@ class Migrator:
         self.rounds_out.ring = ring  # each round comes with a ring of its own
         return self.rounds_out.round(chunk_size)
 
+    def precopy_repair(self, segments: list[int], chunk_size: int) -> dict[str, Any]:
+        """Source, quiesced, final transfer sent: the segments the destination named, once."""
+
+        _streams, ring = self._ready(Role.SOURCE)
+        if self.rounds_out is None or not self.dumped:
+            raise ProtocolError("a repair follows a live migration's final transfer")
+        if self.source_commit is not None and self.source_commit.state is not (
+            CommitState.AWAIT_LOADED
+        ):
+            raise ProtocolError("the destination confirmed the load already: no repair")
+        if not isinstance(segments, list):
+            raise ProtocolError("a repair names a list of segments")
+        if not MIN_CHUNK <= chunk_size <= ring.slot_size - TAG_SIZE or chunk_size % 4096:
+            raise ProtocolError("chunk size must be whole pages and fit a ring slot")
+        self.rounds_out.ring = ring
+        return precopy.repair_dump(self.rounds_out, segments, chunk_size)
+
     def precopy_track(self) -> dict[str, Any]:
         """Source: arm the OS's dirty tracking before round 0, or say at once that it cannot."""
 
         if self.role is not Role.SOURCE or self.keys is None or self.dumped:
             raise ProtocolError("pre-copy needs a migration whose dump has not begun")
         if self.rounds_out is None:
-            self.rounds_out = precopy.SourceRounds.arm(self.instance.memory, self.keys.streams)
+            self.rounds_out = precopy.SourceRounds.arm(
+                self.instance.memory, self.keys.streams, self._digest_key()
+            )
         return {"pages": self.instance.memory.pages}
 
     def load_round(self) -> dict[str, Any]:
@@ -553,6 +599,7 @@ class Migrator:
         return (
             self.role is Role.SOURCE
             and not self.dumped
+            and not self.dumping
             and not (self.rounds_out is not None and self.rounds_out.finalizing)
         )
 
@@ -685,6 +732,7 @@ class Migrator:
             self.rounds_out.close()
         self.rounds_out = None
         self.rounds_in = None
+        self._repair_pending = None
         self._close_ring()
         self.role = None
         self.handshake = None
@@ -693,6 +741,7 @@ class Migrator:
         self.dest_commit = None
         self.checkpoint = None
         self.dumped = False
+        self.dumping = False
         self._pending_state = None
         self._pending_persistent = None
 
@@ -706,31 +755,43 @@ class Migrator:
         self.role = Role.SOURCE
         return {"id": self.checkpoint.checkpoint_id, "key": self.checkpoint.sealed_key}
 
-    def ckpt_commit(self) -> None:
-        """Source: the checkpoint is on disk; give the state up for good."""
+    def ckpt_commit(self, meta: bytes = b"") -> None:
+        """Source: the checkpoint is on disk; give the state up for good.
+
+        ``meta``: the SHA-256 of the checkpoint's metadata file, bound into the
+        committed gate (empty: none).
+        """
 
         if self.checkpoint is None or self.role is not Role.SOURCE or not self.dumped:
             raise ProtocolError("no completed checkpoint to commit")
+        if not isinstance(meta, bytes) or len(meta) not in checkpoints.META_SIZES:
+            raise ProtocolError("the checkpoint metadata digest is 32 bytes or empty")
         if self.checkpoint.streams.busy:
             raise ProtocolError("a stream of the checkpoint is still being sealed")
         # One platform update: the record retires and the checkpoint's gate opens.
         self.persistent.retire(
             "this enclave's persistent state was checkpointed",
-            also=[checkpoints.commit_change(self.checkpoint)],
+            also=[checkpoints.commit_change(self.instance, self.checkpoint, meta)],
         )
         self.committed = True
         self.instance.retire("this enclave's state was checkpointed")
         self._exit_thread = threading.get_ident()
 
-    def ckpt_in(self, sealed_key: bytes) -> None:
-        """Destination: open a checkpoint's key (this host, an enclave it allows)."""
+    def ckpt_in(self, sealed_key: bytes, meta: bytes = b"") -> None:
+        """Destination: open a checkpoint's key (this host, an enclave it allows).
 
+        ``meta``: the SHA-256 of the metadata file the restore read; it must be
+        the one the source committed.
+        """
+
+        if not isinstance(sealed_key, bytes) or not isinstance(meta, bytes):
+            raise ProtocolError("__ckpt_in takes the key record and a metadata digest")
         if self.role is not None:
             raise ProtocolError("a migration is already in progress")
         if self.instance.calls_served:
             raise ProtocolError("only a freshly launched enclave can restore a checkpoint")
         self._without_persistent()
-        self.checkpoint = checkpoints.open_key(self.instance, sealed_key)
+        self.checkpoint = checkpoints.open_key(self.instance, sealed_key, meta)
         self.role = Role.DESTINATION
         self.instance.quiesce(timeout=0)
         self.persistent.freeze(timeout=5.0)
@@ -800,6 +861,8 @@ _CALLS: dict[str, Any] = {
     "__mig_track": Migrator.precopy_track,
     "__mig_round": Migrator.precopy_round,
     "__mig_load_round": Migrator.load_round,
+    "__mig_repair": Migrator.precopy_repair,
+    "__mig_load_repair": Migrator.load_repair,
     "__mig_loaded": Migrator.loaded,
     "__mig_commit": Migrator.commit,
     "__mig_load": Migrator.load,

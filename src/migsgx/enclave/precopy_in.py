@@ -4,40 +4,40 @@ Rounds are applied in order, each page where its run says, so the latest copy
 of a page wins; every slot is copied into private memory before it is opened
 (one fetch).  Between rounds the destination keeps the digest tags of whole
 segments it holds, so that the final check hashes only what the final
-transfer touched, while the source hashes all of its memory (:mod:`.precopy`).
+transfer touched; the source does the same from its own write log
+(:mod:`.precopy`).  The check compares every segment's tag.
 Nothing here runs enclave code: the state only becomes live on COMMIT.
 """
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from ..core.manifest import Manifest, Section
 from ..core.rounds import (
-    DIGEST_BODY,
+    DIGEST_HEADER,
     FINAL_SECTIONS,
     MAX_ROUNDS,
+    PAGES_PER_SEGMENT,
+    REPAIR_LABEL,
     SEGMENT,
-    combine_tags,
+    SegmentTags,
+    digest_body_size,
+    parse_digest_body,
     round_label,
-    segment_tag,
 )
 from ..core.stream import TAG_SIZE, StreamChannel
 from ..datapath.ring import ShmRing
 from ..errors import LiveMigrationError, MemoryDigestError, ProtocolError, StreamError
 from .memory import PAGE_SIZE, EnclaveMemory
 
-__all__ = ["DestinationRounds", "final_load"]
+__all__ = ["DestinationRounds", "final_load", "repair_load"]
 
 MAX_MANIFEST_BYTES: Final = 16 << 20
 RING_TIMEOUT: Final = 120.0
-_PAGES_PER_SEGMENT: Final = SEGMENT // PAGE_SIZE
 
 
 # --- the destination ---------------------------------------------------------------------
@@ -83,8 +83,13 @@ class DestinationRounds:
     digest_key: bytes | None = None
     # Digest tags of whole segments as they are now (section 3), kept up to date
     # between rounds so that the final check reads only what the final transfer changed.
-    _tags: dict[int, bytes] = field(default_factory=dict)
+    _tags: SegmentTags | None = None
     _extent: int = 0  # bytes from 0 to the end of the highest page received
+    differing: list[int] = field(default_factory=list)  # segments of the last failed check
+    repaired: bool = False
+    # The source's digest section and the used length it covers, kept for a repair.
+    source_digest: bytes = b""
+    used_length: int = 0
 
     @property
     def slots(self) -> _Slots:
@@ -166,67 +171,68 @@ class DestinationRounds:
                         pos += step
                     assert pos == size
                 self.pages_received += sum(n for _, n in runs)
-                for first, n in runs:
-                    last = first + n - 1
-                    for seg in range(first // _PAGES_PER_SEGMENT, last // _PAGES_PER_SEGMENT + 1):
-                        self._tags.pop(seg, None)
-                    self._extent = max(self._extent, (last + 1) * PAGE_SIZE)
+                if self._tags is not None:
+                    self._tags.forget_runs(runs)
+                for first, n in runs[-1:]:
+                    self._extent = max(self._extent, (first + n) * PAGE_SIZE)
                 i += 1
         finally:
             scratch.release()
             mem.release()
 
-    def _retag(self, length: int | None = None) -> list[bytes]:
-        """Tags of every segment below ``length`` (default: whole segments received), cached.
+    def tags(self, key: bytes) -> SegmentTags:
+        """The tags of this memory under ``key``; kept while the key stays the same."""
 
-        A segment's tag is dropped whenever a page of it arrives, so a cached tag
-        is always the tag of what the memory holds now.  Only whole segments are
-        cached; a last partial one is computed each time.
-        """
+        if self.digest_key != key or self._tags is None:
+            self.digest_key = key
+            self._tags = SegmentTags(key, self.memory.size)
+        return self._tags
+
+    def _retag(self) -> None:
+        """Tags of every whole segment received so far, so the final check reads less."""
 
         if self.digest_key is None:
-            return []
-        aead = AESGCM(self.digest_key)
-        end = self._extent if length is None else length
-        count = end // SEGMENT if length is None else -(-end // SEGMENT)
-        tags: list[bytes] = []
-        mem = self.memory.view()
+            return
+        view = self.memory.view()
         try:
-            for i in range(count):
-                start, stop = i * SEGMENT, min(end, (i + 1) * SEGMENT)
-                tag = self._tags.get(i) if stop - start == SEGMENT else None
-                if tag is None:
-                    tag = segment_tag(aead, i, mem[start:stop])
-                    if stop - start == SEGMENT:
-                        self._tags[i] = tag
-                tags.append(tag)
+            self.tags(self.digest_key).refresh(view, self._extent // SEGMENT * SEGMENT)
         finally:
-            mem.release()
-        return tags
+            view.release()
 
-    def own_digest(self, key: bytes, length: int) -> tuple[tuple[int, bytes], float]:
-        """Our digest of memory ``0 .. length - 1``, and the seconds it took."""
+    def own_digest(self, key: bytes, length: int) -> float:
+        """Our tags of memory ``0 .. length - 1`` brought up to date; the seconds it took."""
 
         if not 0 <= length <= self.memory.size or length % PAGE_SIZE:
             raise StreamError("the memory layout covers more than this enclave's memory")
         t0 = time.perf_counter()
-        if self.digest_key != key:
-            self.digest_key = key
-            self._tags.clear()
-        ours = combine_tags(length, self._retag(length))
-        return (length, ours), time.perf_counter() - t0
+        view = self.memory.view()
+        try:
+            self.tags(key).refresh(view, length)
+        finally:
+            view.release()
+        return time.perf_counter() - t0
 
-    def compare_digest(self, ours: tuple[int, bytes], body: bytes) -> None:
-        """The source's digest of its final memory against ours: any difference refuses."""
+    def compare_digest(self, key: bytes, length: int, body: bytes) -> list[int]:
+        """The segments where the source's final memory and ours differ (none: equal).
 
-        if len(body) != DIGEST_BODY.size:
-            raise StreamError("malformed memory digest")
-        length, theirs = DIGEST_BODY.unpack(body)
-        if length != ours[0] or not hmac.compare_digest(ours[1], theirs):
+        ``body`` is the source's ``memory-digest`` section; a different used
+        length refuses at once (``memory-digest``).
+        """
+
+        try:
+            theirs_length, theirs = parse_digest_body(body)
+        except ValueError as exc:
+            raise StreamError(f"malformed memory digest: {exc}") from exc
+        if theirs_length != length:
             raise MemoryDigestError(
-                "the migrated memory differs from the source's final memory "
-                "(a written page was not reported); the load is refused"
+                "the source's memory digest covers another length than its state declares"
             )
+        view = self.memory.view()
+        try:
+            self.differing = self.tags(key).differing(view, length, theirs)
+        finally:
+            view.release()
+        return self.differing
 
 
 def final_load(
@@ -236,12 +242,15 @@ def final_load(
     max_persistent: int,
     *,
     used_length: Callable[[bytes], int],
+    repair: bool = False,
 ) -> tuple[bytes, bytes, dict[str, Any]]:
     """Destination: the final transfer applied and its memory digest checked.
 
     ``used_length`` reads, from the small state, the used memory the digest
     will cover: our digest is computed before the source's arrives (while the
     source computes it), and the length in the digest section must match.
+    With ``repair``, differing segments do not refuse yet: the figures name
+    them under ``repair`` and :func:`repair_load` must follow.
     """
 
     before = rounds.slots.received
@@ -255,7 +264,7 @@ def final_load(
     if (
         state_s.length > max_state
         or persistent_s.length > max_persistent
-        or digest_s.length != DIGEST_BODY.size
+        or not DIGEST_HEADER.size <= digest_s.length <= digest_body_size(rounds.memory.size)
     ):
         raise StreamError("the migrated state does not fit this enclave")
     state = bytearray(state_s.length)
@@ -263,15 +272,64 @@ def final_load(
     rounds.open_pages(memory_s)
     persistent = bytearray(persistent_s.length)
     rounds.open_dense(persistent_s, memoryview(persistent))
-    ours, verify_seconds = rounds.own_digest(key, used_length(bytes(state)))
+    length = used_length(bytes(state))
+    verify_seconds = rounds.own_digest(key, length)
     body = bytearray(digest_s.length)
     rounds.open_dense(digest_s, memoryview(body))
     rounds.slots.end()
-    rounds.compare_digest(ours, bytes(body))
-    figures = {
+    rounds.source_digest, rounds.used_length = bytes(body), length
+    differing = rounds.compare_digest(key, length, bytes(body))
+    if differing and not repair:
+        raise MemoryDigestError(
+            "the migrated memory differs from the source's final memory "
+            "(a written page was not reported); the load is refused"
+        )
+    figures: dict[str, Any] = {
         "bytes": rounds.slots.received - before,
         "memory_bytes": memory_s.length,
         "rounds": rounds.number,
         "verify_seconds": verify_seconds,
     }
+    if differing:
+        figures["repair"] = list(differing)
     return bytes(state), bytes(persistent), figures
+
+
+def repair_load(rounds: DestinationRounds, key: bytes) -> dict[str, Any]:
+    """Destination: the repair transfer applied, then every tag checked again (section 3.3).
+
+    Once, after a final transfer whose check named segments.  The transfer may
+    carry pages of those segments only; any segment that still differs
+    refuses the load (``memory-digest``).
+    """
+
+    if not rounds.differing or rounds.repaired:
+        raise ProtocolError("a repair follows a final check that found differences, once")
+    rounds.repaired = True
+    t0 = time.perf_counter()
+    before = rounds.slots.received
+    manifest = rounds.open_manifest()
+    if len(manifest.sections) != 1 or manifest.sections[0].label != REPAIR_LABEL:
+        raise StreamError("a repair transfer carries one section, repair/memory")
+    section = manifest.sections[0]
+    named = set(rounds.differing)
+    for first, n in section.runs:
+        low, high = first // PAGES_PER_SEGMENT, (first + n - 1) // PAGES_PER_SEGMENT
+        if n <= 0 or not named.issuperset(range(low, high + 1)):
+            raise StreamError("a repair carries a page of a segment that was not named")
+    asked = len(rounds.differing)
+    rounds.open_pages(section)
+    rounds.slots.end()
+    t_applied = time.perf_counter()
+    if rounds.compare_digest(key, rounds.used_length, rounds.source_digest):
+        raise MemoryDigestError(
+            "the migrated memory still differs from the source's final memory after "
+            "the repair; the load is refused"
+        )
+    return {
+        "segments": asked,
+        "pages": section.length // PAGE_SIZE,
+        "bytes": rounds.slots.received - before,
+        "verify_seconds": time.perf_counter() - t_applied,
+        "seconds": time.perf_counter() - t0,
+    }

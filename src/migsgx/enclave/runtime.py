@@ -17,6 +17,7 @@ import queue
 import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +51,15 @@ def log(event: str) -> None:
 
 
 #: How long an enclave waits for a restarted platform service before it gives up.
-REATTACH_WAIT = 10.0
+#: A restarted service greets every enclave at once, so a request after the
+#: restart never waits; this bounds only a request made while no service runs,
+#: which may be a commit with the source frozen: it must fail in seconds.
+REATTACH_WAIT = 3.0
+#: Within REATTACH_WAIT of a wait that found no service, the next request only
+#: looks (this long) instead of waiting again: an abort right after a commit that
+#: failed for want of the platform must not add another full wait to the time
+#: the source stays frozen.
+REATTACH_LOOK = 0.05
 
 
 @dataclass
@@ -80,6 +89,8 @@ class ChannelServices:
         self._identity = identity
         self._reserve = reserve
         self._lock = threading.Lock()
+        #: When a wait for a restarted service last found none (monotonic), if recently.
+        self._gone_at: float | None = None
 
     @property
     def identity(self) -> ReportBody:
@@ -122,9 +133,17 @@ class ChannelServices:
         if reserve is None or reserve.ticket is None:
             raise EnclaveLostError("the platform service is gone")
         sock = socket.socket(fileno=os.dup(reserve.fd))
+        now = time.monotonic()
+        recently_gone = self._gone_at is not None and now - self._gone_at < REATTACH_WAIT
         try:
+            sock.settimeout(REATTACH_LOOK if recently_gone else REATTACH_WAIT)
+            try:
+                hello = recv_frame(sock, PLATFORM)
+            except OSError:
+                if not recently_gone:
+                    self._gone_at = time.monotonic()
+                raise
             sock.settimeout(REATTACH_WAIT)
-            hello = recv_frame(sock, PLATFORM)
             if hello["t"] != "hello":
                 raise ProtocolError("expected the platform's hello")
             send_frame(sock, {"t": "reattach", "identity": self._identity.pack(),
@@ -144,6 +163,7 @@ class ChannelServices:
         except (OSError, MigSGXError) as exc:
             sock.close()
             raise EnclaveLostError("the platform service is gone") from exc
+        self._gone_at = None
         log("reattached to a restarted platform service")
         return sock
 

@@ -32,9 +32,9 @@ from typing import Any, Final
 import cbor2
 from google.protobuf import any_pb2
 
+from ..criu.images import command_of, process_tree
 from ..errors import ImageError, InspectError, MigSGXError
 from ..sgx.image import EnclaveImage
-from .criu_images import command_of, process_tree
 from .sources import Bundle, Member, open_bundle
 
 __all__ = ["inspect_path"]

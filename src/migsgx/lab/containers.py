@@ -3,7 +3,9 @@
 For the tests, the demo and the benchmark.  Every host of a
 :class:`~migsgx.lab.testbed.Testbed` gets its own runc root, podman store,
 cgroup parent and network namespace (``STATE/containers.toml``), because the
-hosts share one machine.  The root file system needs no registry: a skeleton
+hosts share one machine, and allows the host paths the lab's containers
+bind-mount (``bind_sources``: a destination refuses any other).  The root
+file system needs no registry: a skeleton
 of directories whose ``/usr`` and ``/etc`` are read-only bind mounts of the
 machine's, with the Python installation and this project (its virtual
 environment and sources) bind-mounted read-only at the same paths.  podman
@@ -31,11 +33,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from ..containers import podnet
 from ..containers.base import ContainerError, check_name
 from ..containers.cgroups import Freezer, remove_cgroup
 from ..containers.command import run_engine
@@ -61,6 +64,8 @@ ENCLAVE_INSIDE: Final = "/opt/enclave"
 MARKER_ENV: Final = "MIGSGX_LAB_MARKER"
 IMAGE: Final = "localhost/migsgx-lab:1"
 READY_TIMEOUT: Final = 60.0
+#: Host numbers of the addresses containers may own on a bridged testbed (10.250.S.N).
+POD_HOSTS: Final = range(100, 120)
 ENGINES: Final = ("runc", "podman", "containerd")
 MASKED_PATHS: Final = (
     "/proc/acpi",
@@ -187,6 +192,9 @@ class ContainerLab:
         self.apps: list[ContainerApp] = []
         self._image_hosts: set[str] = set()
         self._containerd: dict[str, ContainerdDaemon] = {}
+        #: Network namespaces of containers that own their address (made here or by agents).
+        self.pod_prefix = f"migsgx-lab-{self.token}-"
+        self._pods = 0
 
     def __enter__(self) -> ContainerLab:
         self.open()
@@ -199,16 +207,31 @@ class ContainerLab:
         self.base.mkdir(mode=0o700)
         make_skeleton(self.base / "rootfs")
         for name in self.bed.names:
+            host = self.bed.host(name)
             settings = ContainerSettings(
+                pod_bridge=host.bridge,
+                pod_netns_prefix=f"{self.pod_prefix}{name}-",
+                pod_addresses=tuple(
+                    f"{host.network[i]}/{host.network.prefixlen}" for i in POD_HOSTS
+                )
+                if host.bridge
+                else (),
                 runc_root=self.base / name / "runc",
                 podman_root=self.base / name / "podman",
                 podman_storage_driver="vfs",
                 cgroup_parent=f"/migsgx-lab-{self.token}-{name}",
                 netns=Path("/run/netns") / self.bed.host(name).netns,
                 **lab_settings(self.base / name / "ctrd", f"migsgx-lab-{self.token}-{name}"),  # type: ignore[arg-type]
+                bind_sources=self.bind_sources(),
             )
             settings.save(self.bed.state(name))
             self.settings[name] = settings
+
+    def bind_sources(self) -> tuple[Path, ...]:
+        """What the lab's containers bind-mount: each host allows it (``containers.toml``)."""
+
+        images = self.bed.deployment.root / "images"  # the signed enclave images
+        return (*(Path(source) for source, _dest, _ro in _python_binds()), images)
 
     def runc(self, host: str) -> Runc:
         return Runc(self.settings[host].runc_root, self.criu.binary)
@@ -279,11 +302,17 @@ class ContainerLab:
         port: int = 7000,
         wait: bool = True,
         private_net: bool = False,
+        patch: Callable[[dict[str, Any]], None] | None = None,
+        own_address: bool = False,
     ) -> ContainerApp:
         """``examples/EXAMPLE/app.py`` in a container of ``engine`` on host ``at``.
 
         The container joins the host's network namespace, unless ``private_net``
-        (runc only): then it has one of its own, reachable only from inside.
+        (runc only): then it has one of its own, reachable only from inside; or
+        ``own_address`` (runc, a bridged testbed): a pod namespace of its own on
+        the host's bridge with an address that moves with it (``extra["address"]``).
+        ``patch`` (runc only) changes its configuration before it starts: what a
+        peer's operator may do to a container a destination then receives.
         """
 
         if engine not in ENGINES:
@@ -310,24 +339,61 @@ class ContainerLab:
         argv += list(args)
         if private_net and engine != "runc":
             raise ContainerError("a network namespace of its own: runc containers only")
+        if patch is not None and engine != "runc":
+            raise ContainerError("a patched configuration: runc containers only")
+        extra: dict[str, Any] = {"private_net": private_net}
+        pod: Path | None = None
+        if own_address:
+            if engine != "runc":
+                raise ContainerError("an address of its own: runc containers only")
+            pod, extra["address"] = self._pod_netns(name, at)
         if engine == "runc":
-            self._run_runc(name, at, argv, env, binds, private_net=private_net)
+            self._run_runc(
+                name, at, argv, env, binds, private_net=private_net, netns=pod, patch=patch
+            )
         elif engine == "containerd":
             self._run_containerd(name, at, argv, env, binds)
         else:
             self._run_podman(name, at, argv, env, binds)
-        app = ContainerApp(engine, name, at, port, marker, {"private_net": private_net})
+        app = ContainerApp(engine, name, at, port, marker, extra)
         self.apps.append(app)
         if wait:
             self.wait_ready(app, at)
         return app
 
+    def _pod_netns(self, name: str, at: str) -> tuple[Path, str]:
+        """A pod namespace on host ``at``'s bridge, as CNI would make it; (path, address)."""
+
+        settings = self.settings[at]
+        if settings.pod_bridge is None:
+            raise ContainerError("containers own addresses only on a bridged testbed")
+        address = settings.pod_addresses[self._pods % len(settings.pod_addresses)]
+        self._pods += 1
+        mac = "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
+        host = Path("/run/netns") / self.bed.host(at).netns
+        path = podnet.take(f"{settings.pod_netns_prefix}{name}", podnet.PodAddress(address, mac),
+                           settings.pod_bridge, host=host)  # fmt: skip
+        return path, address.partition("/")[0]
+
+    def connect(self, app: ContainerApp, *, via: str, timeout: float = 30.0) -> socket.socket:
+        """A TCP connection from host ``via`` to an app that owns its address."""
+
+        return self.bed.net[via].connect(app.extra["address"], app.port, timeout=timeout, wait=5)
+
     def ask(self, app: ContainerApp, line: str, *, at: str) -> str:
         """One request to the app running on host ``at``, from the other host.
 
-        An app in a network namespace of its own is asked from inside it, on loopback.
+        An app in a network namespace of its own is asked from inside it, on loopback;
+        one that owns its address, at that address.
         """
 
+        if app.extra.get("address"):
+            via = next(n for n in self.bed.names if n != at)
+            conn = self.connect(app, via=via)
+            with conn, conn.makefile("rw", encoding="utf-8", newline="\n") as stream:
+                stream.write(line + "\n")
+                stream.flush()
+                return stream.readline().strip()
         if not app.extra.get("private_net"):
             via = next(n for n in self.bed.names if n != at)
             return self.bed.ask(line, app.port, at=at, via=via)
@@ -371,6 +437,8 @@ class ContainerLab:
         binds: list[tuple[str, str, bool]],
         *,
         private_net: bool = False,
+        patch: Callable[[dict[str, Any]], None] | None = None,
+        netns: Path | None = None,
     ) -> None:
         settings = self.settings[at]
         bundle = self.base / at / "bundles" / name
@@ -378,10 +446,12 @@ class ContainerLab:
         shutil.copytree(self.base / "rootfs", bundle / "rootfs", symlinks=True)
         spec = runtime_spec(
             argv, env, binds,
-            netns=None if private_net else settings.netns,
+            netns=None if private_net else (netns or settings.netns),
             cgroups_path=f"{settings.cgroup_parent}/{name}",
             hostname=name,
         )  # fmt: skip
+        if patch is not None:
+            patch(spec)
         (bundle / "config.json").write_text(json.dumps(spec, indent=1))
         self.runc(at).run(name, bundle)
 
@@ -503,6 +573,7 @@ class ContainerLab:
             if runc.state(name) is not None:
                 with contextlib.suppress(MigSGXError):
                     runc.delete(name)
+            podnet.give_up(Path("/run/netns") / f"{self.settings[host].pod_netns_prefix}{name}")
         else:
             podman = self.podman(host)
             if podman.inspect(name) is not None:
@@ -531,6 +602,8 @@ class ContainerLab:
                 remove_cgroup(settings.cgroup_parent)
             with contextlib.suppress(OSError):
                 (self.bed.state(host) / "containers.toml").unlink()
+        for entry in sorted(Path("/run/netns").glob(f"{self.pod_prefix}*")):
+            podnet.give_up(entry)
         _unmount_below(self.base)
         shutil.rmtree(self.base, ignore_errors=True)
 

@@ -4,18 +4,24 @@ Runs on embedded defaults with no configuration (as root): a fresh CA, two
 hosts in network namespaces on this machine (each with its own platform
 service; an agent on the destination), the example key-value application with
 a secret in its enclave on the source, a client that keeps using it, then one
-``migsgx migrate``; finally the state is compared and every file the migration
-left (CRIU images, logs, state directories, temp files) is scanned for the
-secret.
+``migsgx migrate --live``; finally the state is compared and every file the
+migration left (CRIU images, logs, state directories, temp files) is scanned
+for the secret.
 
-``migsgx demo --container runc`` (or ``podman``, ``containerd``) runs the application
-inside a container instead, with the host's platform socket bind-mounted into it,
-and migrates the container (``migsgx migrate --runc NAME``).
+By default the application runs in a runc container that owns its address (a
+network namespace of its own on the hosts' shared bridge, as CNI would make
+it): the address moves with the container, and the client keeps one TCP
+connection open across the move (``--tcp-established``): it sees no failed
+request.  ``migsgx demo --process`` migrates a plain process instead, and
+``--container runc`` (or ``podman``, ``containerd``) a container that shares its
+host's network namespace; there the client reconnects to the other host after
+the move (about one failed request).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 import shutil
@@ -69,6 +75,52 @@ class _Client(threading.Thread):
             time.sleep(0.02)
 
 
+class _KeptClient(threading.Thread):
+    """Writes through one TCP connection to the application's own address, kept open."""
+
+    def __init__(self, lab: Any, app: Any) -> None:
+        super().__init__(name="demo-client", daemon=True)
+        self.lab, self.app = lab, app
+        self.ok = 0
+        self.failed = 0
+        self.connections = 0
+        self.last_acked = ""
+        self.gap = 0.0  # the longest wait for one answer
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        n = 0
+        deadline = time.monotonic() + 300  # bounded whatever happens
+        stream = None
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            n += 1
+            try:
+                if stream is None:
+                    conn = self.lab.connect(self.app, via="dst")
+                    stream = conn.makefile("rw", encoding="utf-8", newline="\n")
+                    conn.close()  # the file holds it
+                    self.connections += 1
+                t0 = time.monotonic()
+                stream.write(f"PUT client {n:08x}\n")
+                stream.flush()
+                reply = stream.readline().strip()
+                if not reply.startswith("OK"):
+                    raise MigSGXError(reply or "the connection closed")
+                self.gap = max(self.gap, time.monotonic() - t0)
+                self.ok += 1
+                self.last_acked = f"{n:08x}"
+            except (OSError, MigSGXError):
+                self.failed += 1
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+                stream = None  # a new connection, to the same address
+            time.sleep(0.02)
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
 def _scan(roots: list[Path], needles: list[bytes]) -> int:
     found = 0
     for root in roots:
@@ -90,6 +142,7 @@ def run_demo(
     console: Console | None = None,
     *,
     container: str | None = None,
+    process: bool = False,
 ) -> dict[str, Any]:
     from .containers import ContainerLab
     from .testbed import Testbed
@@ -103,10 +156,15 @@ def run_demo(
         raise ConfigError(f"demo work directory {root} is not empty")
     secret = b"CANARY-" + secrets.token_hex(16).encode()
     needles = [secret, secret.hex().encode(), base64.b64encode(secret)]
+    if process and container is not None:
+        raise ConfigError("the demo moves a process or a container, not both")
+    own_address = container is None and not process
+    if own_address:
+        container = "runc"
     try:
         lab: ContainerLab | None = None
         with console.status("two hosts in network namespaces, a CA, platform services, an agent"):
-            bed = Testbed(root, subnet=199)
+            bed = Testbed(root, subnet=199, bridged=own_address)
             bed.open()
         try:
             if container is not None:
@@ -127,13 +185,20 @@ def run_demo(
                 what, target = f"kvstore app pid {app.pid}", [str(app.pid)]
             else:
                 assert container is not None
-                app = lab.start_app(container, "kvstore", ["--enclaves", "1"])
+                app = lab.start_app(container, "kvstore", ["--enclaves", "1"],
+                                    own_address=own_address)  # fmt: skip
                 what, target = f"{container} container {app.name}", [f"--{container}", app.name]
+                if own_address:
+                    what += f" at its own address {app.extra['address']}"
 
             def ask_src(line: str) -> str:
+                if lab is not None and own_address:
+                    return lab.ask(app, line, at="src")
                 return bed.ask(line, app.port, at="src", via="dst")
 
             def ask_dst(line: str) -> str:
+                if lab is not None and own_address:
+                    return lab.ask(app, line, at="dst")
                 return bed.ask(line, app.port, at="dst", via="dst")
 
             if ask_src(f"UNSEAL secret {blob.hex()}") != "OK 1":
@@ -142,7 +207,9 @@ def run_demo(
             for key, value in values.items():
                 ask_src(f"PUT {key} {value}")
             console.print(f"{what} on src with its enclave; secret stored")
-            client = _Client(bed, app.port)
+            client: _Client | _KeptClient = (
+                _KeptClient(lab, app) if own_address else _Client(bed, app.port)
+            )
             client.start()
             time.sleep(0.5)
             with console.status("migrating the running application to dst (live)"):
@@ -164,13 +231,18 @@ def run_demo(
                 lab.close()
             bed.close()
         stats = run.stats
-        outage = (
-            client.first_ok_dst - client.last_ok_src
-            if client.first_ok_dst and client.last_ok_src
-            else float("nan")
-        )
+        if isinstance(client, _KeptClient):
+            outage = client.gap
+        else:
+            outage = (
+                client.first_ok_dst - client.last_ok_src
+                if client.first_ok_dst and client.last_ok_src
+                else float("nan")
+            )
         title = "live migration of the kvstore app, src -> dst"
-        if container:
+        if own_address:
+            title = "the kvstore app in a runc container with its own address, src -> dst"
+        elif container:
             title = f"the kvstore app in a {container} container, src -> dst"
         table = Table(title=title, show_header=False)
         table.add_row("downtime (ECALLs blocked to resumed)", f"{stats['downtime']:.3f} s")
@@ -182,12 +254,16 @@ def run_demo(
             table.add_row(f"  {phase}", f"{stats[phase]:.3f} s")
         table.add_row("bytes moved", f"{stats['bytes']:,}")
         table.add_row("client requests ok / failed", f"{client.ok} / {client.failed}")
+        if isinstance(client, _KeptClient):
+            table.add_row("client TCP connections (kept open across the move)",
+                          str(client.connections))  # fmt: skip
         table.add_row("state kept (secret, values, last acked write)", str(kept))
         table.add_row("runnable copies src / dst", f"{copies['src']} / {copies['dst']}")
         table.add_row("canary found", str(found))
         console.print(table)
-        return {"stats": stats, "state_kept": kept, "canary_found": found,
-                "copies": copies}  # fmt: skip
+        return {"stats": stats, "state_kept": kept, "canary_found": found, "copies": copies,
+                "client": {"ok": client.ok, "failed": client.failed,
+                           "connections": getattr(client, "connections", None)}}  # fmt: skip
     finally:
         if own_dir:
             shutil.rmtree(root, ignore_errors=True)

@@ -8,6 +8,11 @@ namespace of its own, so nothing is ever added to the machine's own network
 namespace and no route leads outside. Connections made through :class:`Host`
 may only target loopback or the network's own subnet.
 
+With ``bridged=True`` each host also has a bridge ``br0`` holding its address,
+with ``eth0`` as a port: a container's own network namespace can hang off it
+(:mod:`migsgx.containers.podnet`) with an address on the same segment, an
+address that can move to another host.
+
 Namespace names are ``migsgx-<pid>-<token>-<host>``: parallel runs never
 collide, and :func:`cleanup_stale` can tell which ones were left behind by a
 process that is gone. :class:`HostNetwork` always removes what it created, also
@@ -165,6 +170,7 @@ class Host:
     netns: str
     address: str
     network: ipaddress.IPv4Network
+    bridge: str | None = None  # the bridge holding the address (``bridged`` networks)
     _children: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
 
     def command(self, argv: Sequence[str]) -> list[str]:
@@ -299,7 +305,14 @@ class HostNetwork:
     Host ``i`` (in the order given) gets address ``10.250.<subnet>.<i+1>``.
     """
 
-    def __init__(self, names: Sequence[str], *, subnet: int = 0, prefix: str = PREFIX) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        *,
+        subnet: int = 0,
+        prefix: str = PREFIX,
+        bridged: bool = False,
+    ) -> None:
         if not names or len(set(names)) != len(names):
             raise NetnsError(f"need distinct host names, got {list(names)!r}")
         for name in names:
@@ -310,8 +323,11 @@ class HostNetwork:
         self.network = ipaddress.IPv4Network(f"10.250.{subnet}.0/24")
         self.run_id = f"{os.getpid()}-{secrets.token_hex(3)}"
         self.name_prefix = f"{prefix}{self.run_id}-"
+        bridge = "br0" if bridged else None
         self.hosts: dict[str, Host] = {
-            name: Host(name, self.name_prefix + name, str(self.network[i + 1]), self.network)
+            name: Host(
+                name, self.name_prefix + name, str(self.network[i + 1]), self.network, bridge
+            )
             for i, name in enumerate(names)
         }
         self._switch = self.name_prefix + "switch" if len(names) != 2 else None
@@ -370,8 +386,14 @@ class HostNetwork:
                 _ip("-n", self._switch, "link", "set", port, "master", "br0")
                 _ip("-n", self._switch, "link", "set", port, "up")
         for host in hosts:
+            dev = "eth0"
+            if host.bridge is not None:
+                dev = host.bridge
+                _ip("-n", host.netns, "link", "add", dev, "type", "bridge", "forward_delay", "0")
+                _ip("-n", host.netns, "link", "set", "eth0", "master", dev)
+                _ip("-n", host.netns, "link", "set", dev, "up")
             _ip("-n", host.netns, "addr", "add",
-                f"{host.address}/{self.network.prefixlen}", "dev", "eth0")  # fmt: skip
+                f"{host.address}/{self.network.prefixlen}", "dev", dev)  # fmt: skip
             _ip("-n", host.netns, "link", "set", "eth0", "up")
 
     def close(self, *, raise_errors: bool = True) -> None:

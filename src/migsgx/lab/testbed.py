@@ -86,6 +86,8 @@ class Testbed:
     root: Path
     subnet: int = 0
     names: tuple[str, str] = ("src", "dst")
+    #: Hosts hold their address on a bridge: containers can own addresses (lab.netns).
+    bridged: bool = False
     deployment: Deployment = field(init=False)
     net: HostNetwork = field(init=False)
     services: dict[str, ServiceProcess] = field(init=False, default_factory=dict)
@@ -104,7 +106,7 @@ class Testbed:
     def open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.deployment = Deployment.create(self.root / "deployment", names=list(self.names))
-        self.net = HostNetwork(list(self.names), subnet=self.subnet)
+        self.net = HostNetwork(list(self.names), subnet=self.subnet, bridged=self.bridged)
         self.net.create()
         try:
             for name in self.names:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ...containers import HostConfig
+from ...containers.admission import SpecPolicy
 from ...containers.containerd import Ctr
 from ...containers.layout import CheckpointParts, write_checkpoint_image
 from ...containers.oci import Localization, extract_tree, load_json, localize, tar_tree
@@ -141,10 +142,11 @@ def _runc_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict[s
         copy_images(dump_dir, images)
         shutil.copytree(source_bundle / "rootfs", bundle / "rootfs", symlinks=True)
         settings = lab.settings["dst"]
-        spec = localize(
-            load_json(source_bundle / "config.json", "configuration"),
-            Localization(None, settings.netns, f"{settings.cgroup_parent}/{app.name}", None),
+        policy = SpecPolicy.from_settings(settings)
+        here = Localization(
+            None, settings.netns, f"{settings.cgroup_parent}/{app.name}", None, policy=policy
         )
+        spec = localize(load_json(source_bundle / "config.json", "configuration"), here)
         (bundle / "config.json").write_text(json.dumps(spec))
         t_copy = time.monotonic()
         dst_runc.restore(app.name, bundle, images, images)
@@ -270,7 +272,8 @@ def _containerd_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> 
         t_removed = time.monotonic()
         shutil.copytree(dump_dir, images)
         t_copy = time.monotonic()
-        here = Localization(None, settings.netns, f"{settings.cgroup_parent}/{app.name}", None)
+        here = Localization(None, settings.netns, f"{settings.cgroup_parent}/{app.name}", None,
+                            policy=SpecPolicy.from_settings(settings))  # fmt: skip
         parts = CheckpointParts(
             criu_images=images,
             spec=localize(info["Spec"], here),

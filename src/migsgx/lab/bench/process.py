@@ -56,7 +56,7 @@ while True:
 """
 
 
-def _migsgx(bed: Testbed, size: int) -> dict[str, Any]:
+def _migsgx(bed: Testbed, size: int, args: tuple[str, ...] = ()) -> dict[str, Any]:
     rows = max(1, size // (MODEL_COLS * 4))
     agent = bed.start_agent()
     try:
@@ -68,7 +68,7 @@ def _migsgx(bed: Testbed, size: int) -> dict[str, Any]:
         before = bed.ask("DIGEST", app.port, at="src", via="dst")
         agent_cpu = cpu_seconds(agent.proc.pid, children=True)
         tool_cpu = children_cpu()
-        run = bed.migrate(app.pid, agent)  # pages in TLS, always (CRIU alone: plain)
+        run = bed.migrate(app.pid, agent, args=args)  # pages in TLS, always (CRIU alone: plain)
         tool_cpu = children_cpu() - tool_cpu
         agent_cpu = cpu_seconds(agent.proc.pid, children=True) - agent_cpu
         if run.returncode != 0 or run.stats is None:
@@ -186,12 +186,30 @@ def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, An
     }
 
 
-def one_run(bed: Testbed, size: int) -> dict[str, Any]:
-    """migsgx and CRIU alone back to back, with the ratios of the pair."""
+def one_run(bed: Testbed, size: int, ab_late_handshake: bool = False) -> dict[str, Any]:
+    """migsgx and CRIU alone back to back, with the ratios of the pair.
+
+    With ``ab_late_handshake``, also migsgx with its destination enclaves
+    launched and attested inside the freeze (``--late-handshake``, as before the
+    early handshake), right after: ``migsgx_late_handshake`` and the paired
+    ratios ``early_handshake_total_speedup`` and ``early_handshake_downtime_speedup``
+    (late / early).
+    """
 
     migsgx = _migsgx(bed, size)
+    extra: dict[str, Any] = {}
+    if ab_late_handshake:
+        late = _migsgx(bed, size, ("--late-handshake",))
+        extra = {
+            "migsgx_late_handshake": late,
+            "early_handshake_total_speedup": late["total_seconds"] / migsgx["total_seconds"],
+            "early_handshake_downtime_speedup": (
+                late["downtime_seconds"] / migsgx["downtime_seconds"]
+            ),
+        }
     plain = criu_only(bed, 2 * size)
     return {
+        **extra,
         "migsgx": migsgx,
         "criu_only": plain,
         # >= 1: migsgx is at least as fast as CRIU alone moving as many bytes.
@@ -202,7 +220,12 @@ def one_run(bed: Testbed, size: int) -> dict[str, Any]:
 
 
 def run(
-    size: int, *, subnet: int = 201, keep: Path | None = None, repeat: int = 3
+    size: int,
+    *,
+    subnet: int = 201,
+    keep: Path | None = None,
+    repeat: int = 3,
+    ab_late_handshake: bool = False,
 ) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
@@ -214,7 +237,7 @@ def run(
     try:
         with Testbed(root, subnet=subnet) as bed:
             for _ in range(repeat):
-                runs.append(one_run(bed, size))
+                runs.append(one_run(bed, size, ab_late_handshake))
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -18,8 +18,11 @@ enclave's launch and the attested handshake, which happen before the freeze.
 Memory overhead (``peak_extra_bytes``) is summed over every process that takes
 part (source enclave, source end, destination end, destination enclave):
 its peak resident set during the migration above its resident set at rest (just
-before, on the source side; just after, for the destination enclave, whose own
-memory is not overhead).  Peaks are reset through ``/proc/PID/clear_refs``.
+before, on the source side; just after its launch for the destination enclave,
+less the enclave memory it loaded, which is the state and not overhead), less
+the pages of library code it faulted in meanwhile (``code_faulted_bytes``,
+reported beside it: see :mod:`migsgx.lab.memstat`).
+Peaks are reset through ``/proc/PID/clear_refs``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from ..hosts import Deployment, running_services
 from .figures import cpu_seconds, loadavg, machine_state, shift_timeline, summarize
 
 PAGE = 4096
+ENCLAVES = ("source_enclave", "destination_enclave")
 
 
 class Worker:
@@ -119,13 +123,23 @@ def migrate_once(
         dst_loaded = dst.answer()
         # The source enclave exits at the commit: read its figures while it lives.
         source_side = window.overhead()
+        code: dict[int | str, int] = {
+            pid: window.code_faulted(pid) for pid in (src.proc.pid, src_enclave)
+        }
         cpu = {"source_enclave": cpu_seconds(src_enclave) - cpu0[src_enclave]}
         dst_enclave = dst_loaded["enclave_pid"]
         src.ask(commit=True)
         done = src.answer()
         active = dst.answer()
-        dest_driver = max(0, memstat.peak_rss(dst.proc.pid) - window.rest[dst.proc.pid])
-        dest_enclave = max(0, memstat.peak_rss(dst_enclave) - memstat.rss(dst_enclave))
+        dest_driver = window.overhead_of(dst.proc.pid)
+        code[dst.proc.pid] = window.code_faulted(dst.proc.pid)
+        # The destination enclave from just after its launch: what it holds
+        # beyond the state it loaded (memory_bytes, fresh pages) and the code
+        # it ran for the first time.
+        rest = dst_loaded["enclave_rest"]
+        launch = memstat.PeakWindow({dst_enclave: rest["rss"]}, {dst_enclave: rest["file"]})
+        code["destination_enclave"] = launch.code_faulted(dst_enclave)
+        dest_enclave = max(0, launch.overhead_of(dst_enclave) - _pages(stats_memory(loaded)))
         cpu["source_driver"] = cpu_seconds(src.proc.pid) - cpu0[src.proc.pid]
         cpu["destination_driver"] = cpu_seconds(dst.proc.pid) - cpu0[dst.proc.pid]
         cpu["destination_enclave"] = cpu_seconds(dst_enclave)  # since its launch
@@ -136,6 +150,12 @@ def migrate_once(
             "source_enclave": source_side[src_enclave],
             "destination_driver": dest_driver,
             "destination_enclave": dest_enclave,
+        }
+        code_by_process = {
+            "source_driver": code[src.proc.pid],
+            "source_enclave": code[src_enclave],
+            "destination_driver": code[dst.proc.pid],
+            "destination_enclave": code["destination_enclave"],
         }
         stats = dict(loaded["stats"])
         raw_timeline = dict(stats.pop("timeline", {}))
@@ -151,11 +171,25 @@ def migrate_once(
             "transfer_seconds": stats["transfer_seconds"],
             "peak_extra_bytes": sum(per_process.values()),
             "peak_extra_by_process": per_process,
+            # Libraries' code faulted in during the window (page cache, shared):
+            # not in peak_extra_bytes; with it, the peaks as VmHWM shows them.
+            "code_faulted_bytes": sum(code_by_process.values()),
+            "code_faulted_by_process": code_by_process,
             "cpu_seconds": sum(cpu.values()),
             "cpu_by_process": cpu,
             "phases": stats,
             "timeline": shift_timeline(raw_timeline),
         }
+
+
+def stats_memory(loaded: dict[str, Any]) -> int:
+    """The enclave memory in use that the migration carried (the source's dump says)."""
+
+    return int(loaded["stats"]["memory_bytes"])
+
+
+def _pages(n: int) -> int:
+    return (n + PAGE - 1) // PAGE * PAGE
 
 
 def raw_transport(size: int, chunk: int, slots: int) -> float:
@@ -208,6 +242,7 @@ def one_run(
         extra["prefault_speedup"] = pipelined["seconds"] / with_it["seconds"]
     sequential = migrate_once(image, sock_a, sock_b, size, chunk, slots, "sequential")
     raw = raw_transport(size, chunk, slots)
+    by_process = pipelined["peak_extra_by_process"]
     return {
         "pipelined": pipelined,
         "sequential": sequential,
@@ -216,6 +251,8 @@ def one_run(
         "pipelined_bytes_per_s": size / pipelined["transfer_seconds"],
         "pipelined_share_of_raw": size / pipelined["transfer_seconds"] / raw,
         "peak_extra_share": pipelined["peak_extra_bytes"] / size,
+        # Each enclave's own, the larger of the two (the rest is the drivers').
+        "peak_extra_enclave_share": max(by_process[k] for k in ENCLAVES) / size,
         "loadavg": loadavg(),
         **extra,
     }

@@ -19,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ from ...datapath.ring import RingRole, RingSpec, ShmRing
 from ...datapath.transport import drain_ring, fill_ring, ring_to_socket, socket_to_ring, tune_socket
 from ...enclave.memory import EnclaveMemory
 from ...host.client import EnclaveClient
+from .. import memstat
 
 COLS = 1024
 
@@ -77,15 +79,45 @@ def source(args: dict[str, Any]) -> None:
     hear()
 
 
+class _RestAtLaunch(threading.Thread):
+    """The destination enclave's resident set just after its launch, its peak reset.
+
+    The enclave exists only once ``receive`` launched it, and the load follows
+    the attested handshake (round trips with the source), so a thread that
+    waits for its pid takes its rest before the ring or the state arrive.
+    """
+
+    def __init__(self, incoming: IncomingEnclave) -> None:
+        super().__init__(name="bench-dest-rest", daemon=True)
+        self.incoming = incoming
+        self.stop = threading.Event()
+        self.rest: dict[str, int] = {}
+
+    def run(self) -> None:
+        while self.incoming.info is None and not self.stop.is_set():
+            time.sleep(0.001)
+        info = self.incoming.info
+        if info is not None:
+            window = memstat.PeakWindow.start([info.pid])
+            self.rest = {"pid": info.pid, "rss": window.rest[info.pid],
+                         "file": window.files[info.pid]}  # fmt: skip
+
+
 def dest(args: dict[str, Any]) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     say(ready=True, pid=os.getpid(), port=listener.getsockname()[1])
     conn, _ = listener.accept()
     incoming, offer = IncomingEnclave.accept_offer(conn, args["socket"])
     incoming.prefault = bool(args.get("prefault", False))
-    stats = incoming.receive(conn, offer)
+    watcher = _RestAtLaunch(incoming)
+    watcher.start()
+    try:
+        stats = incoming.receive(conn, offer)
+    finally:
+        watcher.stop.set()
+        watcher.join()
     assert incoming.info is not None
-    say(loaded=True, enclave_pid=incoming.info.pid, stats=stats)
+    say(loaded=True, enclave_pid=incoming.info.pid, stats=stats, enclave_rest=watcher.rest)
     sock = incoming.wait_commit(timeout=600)
     client = EnclaveClient(sock, incoming.info, image_files=incoming.image.files)
     say(active=True, digest=client.ecall.digest())

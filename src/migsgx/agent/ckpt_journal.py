@@ -1,0 +1,68 @@
+"""The journal of a checkpoint directory: which tool works on it, and how far it got.
+
+``migsgx checkpoint`` and ``migsgx restore`` write it (atomically, fsynced) at
+each step, so that ``migsgx recover --checkpoint DIR`` can tell, after a crash,
+a checkpoint in progress from one whose tool died, and which source tree is
+its own.  It is a hint, never the decision: whether the checkpoint committed
+is what the enclaves' gates in the platform store say
+(:mod:`migsgx.agent.ckpt_recover`).
+
+Phases: ``writing`` (the enclaves write their state; CRIU has not finished),
+``fenced`` (in CRIU's ``post-dump``: metadata durable, source stopped),
+``committed`` (every enclave gave its state up), ``done`` (the checkpoint tool
+ended well), ``aborted`` (rolled back: the source runs on, nothing restores),
+``restoring`` (a restore started; it may consume the gates), ``restored``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = ["JOURNAL", "read_journal", "start_time", "write_journal"]
+
+JOURNAL: Final = "checkpoint-journal.json"
+PHASES: Final = frozenset(
+    {"writing", "fenced", "committed", "done", "aborted", "restoring", "restored"}
+)
+
+
+def start_time(pid: int) -> str:
+    """The start time of ``pid`` (clock ticks since boot), or "" if it is gone."""
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2 :].split()[19]
+
+
+def read_journal(directory: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((Path(directory) / JOURNAL).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("phase") in PHASES else None
+
+
+def write_journal(directory: Path, phase: str, **fields: Any) -> None:
+    """Record ``phase`` (and ``fields``) for this tool; earlier fields are kept."""
+
+    if phase not in PHASES:
+        raise ValueError(f"unknown checkpoint phase {phase!r}")
+    directory = Path(directory)
+    data = read_journal(directory) or {}
+    data.update(fields, phase=phase, tool_pid=os.getpid(), tool_start=start_time(os.getpid()))
+    tmp = directory / (JOURNAL + ".tmp")
+    with tmp.open("w") as out:
+        out.write(json.dumps(data, sort_keys=True) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, directory / JOURNAL)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,461 @@
+"""What a destination grants a peer's container configuration: an allow list, checked first.
+
+A container's OCI configuration comes from the source host, and the source is
+a peer: even one with the deployment's certificate must not get, on *this*
+host, what this host's operator never granted.  A configuration names host
+paths to bind-mount, capabilities, namespaces to join, devices, sysctls and
+security labels; each is a way onto the host.  :func:`admit` checks the
+configuration *after* :func:`~.oci.localize` rewrote what is this host's
+business (the platform socket's source, the network namespace's path, the
+cgroup path) and before any engine sees it; whatever is not on the list is a
+:class:`SpecRefused` naming the field, and nothing is launched.
+
+The list, in short (``docs/containers.md``, "What a peer's configuration may ask"):
+
+* mounts: the kinds a container engine makes itself (``proc``, ``sysfs``,
+  ``tmpfs``, ``devpts``, ``mqueue``, ``cgroup``), the platform socket this
+  host put there, and bind mounts of host paths under a source the operator
+  allowed (``bind_sources`` in ``containers.toml``, read-only;
+  ``writable_bind_sources``, read-write), symlinks resolved on this host; no
+  shared propagation;
+* capabilities: at most the engines' default set (:data:`DEFAULT_CAPABILITIES`);
+* namespaces: new ones of every kind, at least pid, ipc, uts and mount; a
+  path only for the network namespace, and only the one this host assigned;
+* devices: at most the default character devices (``/dev/null`` and friends),
+  and device-cgroup rules that allow no more;
+* sysctls: only namespaced ones (IPC, message queues; ``net.*`` only in a
+  network namespace of the container's own);
+* rlimits: known kinds, no higher than this host's own hard limits;
+* seccomp: any filter, but no listener (a host socket); AppArmor and SELinux:
+  nothing, an engine's default profile, or what the operator allowed;
+* no hooks, no terminal, no Intel RDT, no annotations that engines turn into
+  host settings (``org.systemd.property.*``, ``run.oci.*``), and no key the
+  list does not know.
+
+* the kernel interfaces every engine masks (``/proc/kcore``, ``/proc/sys`` ...)
+  stay masked or read-only.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import resource
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from ..errors import register_error
+from .base import ContainerError
+from .settings import ContainerSettings
+
+__all__ = [
+    "CAPABILITY_SETS",
+    "DEFAULT_CAPABILITIES",
+    "DEFAULT_DEVICES",
+    "ENGINE_FILESYSTEMS",
+    "MASKED_PATHS",
+    "READONLY_PATHS",
+    "REQUIRED_NAMESPACES",
+    "SpecPolicy",
+    "SpecRefused",
+    "admit",
+    "host_rlimits",
+]
+
+
+@register_error
+class SpecRefused(ContainerError):
+    """A peer's container configuration asks for what this host does not grant."""
+
+    code = "container-spec"
+
+    @property
+    def field(self) -> str:
+        """The configuration field refused (``mounts[3].source``, ``linux.devices[0]`` ...)."""
+
+        return str(self.context.get("field", ""))
+
+
+#: File systems a container engine mounts itself; their ``source`` is a name, not a path.
+ENGINE_FILESYSTEMS: Final = frozenset(
+    {"proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2"}
+)
+#: The capabilities Docker, containerd and podman give a container by default (their union).
+DEFAULT_CAPABILITIES: Final = frozenset(
+    {
+        "CAP_AUDIT_WRITE",
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FOWNER",
+        "CAP_FSETID",
+        "CAP_KILL",
+        "CAP_MKNOD",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_NET_RAW",
+        "CAP_SETFCAP",
+        "CAP_SETGID",
+        "CAP_SETPCAP",
+        "CAP_SETUID",
+        "CAP_SYS_CHROOT",
+    }
+)
+CAPABILITY_SETS: Final = ("bounding", "effective", "inheritable", "permitted", "ambient")
+NAMESPACE_TYPES: Final = frozenset(
+    {"pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"}
+)
+#: Without one of these the container would share the host's.
+REQUIRED_NAMESPACES: Final = frozenset({"pid", "ipc", "uts", "mount"})
+#: (type, major, minor) -> path: what runc creates in every container anyway.
+DEFAULT_DEVICES: Final[Mapping[tuple[str, int, int], str]] = {
+    ("c", 1, 3): "/dev/null",
+    ("c", 1, 5): "/dev/zero",
+    ("c", 1, 7): "/dev/full",
+    ("c", 1, 8): "/dev/random",
+    ("c", 1, 9): "/dev/urandom",
+    ("c", 5, 0): "/dev/tty",
+    ("c", 5, 1): "/dev/console",
+    ("c", 5, 2): "/dev/ptmx",
+}
+PTS_MAJOR: Final = 136  # /dev/pts/N: the container's own devpts instance
+#: Masked (``maskedPaths``) and read-only (``readonlyPaths``) by runc, podman and containerd alike.
+MASKED_PATHS: Final = ("/proc/kcore", "/proc/keys", "/sys/firmware")
+READONLY_PATHS: Final = ("/proc/sys", "/proc/sysrq-trigger")
+#: AppArmor profiles the engines load by default (a prefix: they carry a version).
+ENGINE_APPARMOR: Final = ("containers-default-", "docker-default", "cri-containerd.apparmor.d")
+RLIMITS: Final = frozenset(
+    {
+        "RLIMIT_AS",
+        "RLIMIT_CORE",
+        "RLIMIT_CPU",
+        "RLIMIT_DATA",
+        "RLIMIT_FSIZE",
+        "RLIMIT_LOCKS",
+        "RLIMIT_MEMLOCK",
+        "RLIMIT_MSGQUEUE",
+        "RLIMIT_NICE",
+        "RLIMIT_NOFILE",
+        "RLIMIT_NPROC",
+        "RLIMIT_RSS",
+        "RLIMIT_RTPRIO",
+        "RLIMIT_RTTIME",
+        "RLIMIT_SIGPENDING",
+        "RLIMIT_STACK",
+    }
+)
+SECCOMP_FLAGS: Final = frozenset({"SECCOMP_FILTER_FLAG_TSYNC", "SECCOMP_FILTER_FLAG_LOG"})
+REFUSED_ANNOTATIONS: Final = ("org.systemd.property.", "run.oci.")
+SHARED_PROPAGATION: Final = frozenset({"shared", "rshared"})
+
+TOP_KEYS: Final = frozenset(
+    {"ociVersion", "process", "root", "hostname", "domainname", "mounts", "linux",
+     "annotations", "hooks"}
+)  # fmt: skip
+PROCESS_KEYS: Final = frozenset(
+    {"terminal", "consoleSize", "user", "args", "commandLine", "env", "cwd", "capabilities",
+     "rlimits", "noNewPrivileges", "apparmorProfile", "oomScoreAdj", "selinuxLabel", "umask"}
+)  # fmt: skip
+LINUX_KEYS: Final = frozenset(
+    {"namespaces", "uidMappings", "gidMappings", "timeOffsets", "devices", "cgroupsPath",
+     "resources", "sysctl", "seccomp", "rootfsPropagation", "maskedPaths", "readonlyPaths",
+     "mountLabel"}
+)  # fmt: skip
+MOUNT_KEYS: Final = frozenset({"destination", "source", "type", "options", "uidMappings",
+                               "gidMappings"})  # fmt: skip
+
+
+def host_rlimits() -> dict[str, int]:
+    """This process's hard limits by OCI name (``-1``: unlimited): what a peer may ask at most."""
+
+    out: dict[str, int] = {}
+    for name in RLIMITS:
+        number = getattr(resource, name, None)
+        if number is None:
+            continue
+        hard = resource.getrlimit(number)[1]
+        out[name] = -1 if hard == resource.RLIM_INFINITY else int(hard)
+    return out
+
+
+@dataclass(frozen=True)
+class SpecPolicy:
+    """What this host's operator grants beyond the list (``containers.toml``)."""
+
+    #: Host paths (and everything below them) a container may have bind-mounted read-only.
+    bind_sources: tuple[Path, ...] = ()
+    #: ... and read-write.
+    writable_bind_sources: tuple[Path, ...] = ()
+    #: AppArmor profiles or SELinux labels a container may ask for by name.
+    security_labels: frozenset[str] = frozenset()
+    #: Hard limits by OCI rlimit name (``-1``: unlimited); default: this process's own.
+    rlimits: Callable[[], Mapping[str, int]] = field(default=host_rlimits, compare=False)
+    #: How a bind source is resolved on this host (symlinks followed): a hook for tests.
+    resolve: Callable[[str], str] = field(default=posixpath.realpath, compare=False)
+
+    @classmethod
+    def from_settings(cls, settings: ContainerSettings) -> SpecPolicy:
+        return cls(
+            bind_sources=tuple(settings.bind_sources),
+            writable_bind_sources=tuple(settings.writable_bind_sources),
+            security_labels=frozenset(settings.security_labels),
+        )
+
+
+def _refuse(where: str, why: str) -> SpecRefused:
+    return SpecRefused(f"the container's configuration is refused: {where}: {why}", field=where)
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _refuse(where, "not an object")
+    return value
+
+
+def _list(value: Any, where: str) -> Sequence[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _refuse(where, "not a list")
+    return value
+
+
+def _known_keys(value: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
+    for key in value:
+        if key not in allowed:
+            raise _refuse(f"{where}{key}", "not on this host's allow list")
+
+
+def admit(
+    spec: Mapping[str, Any],
+    policy: SpecPolicy,
+    *,
+    platform_mount: int | None,
+    netns: Path | None,
+) -> None:
+    """Refuse ``spec`` (already localized) unless every part of it is on the allow list.
+
+    ``platform_mount``: the index in ``mounts`` of the platform socket's bind
+    mount, whose source this host set; ``netns``: the network namespace this
+    host assigned to a container that joined its host's (``None``: none).
+    """
+
+    _known_keys(spec, TOP_KEYS, "")
+    if spec.get("hooks"):
+        raise _refuse("hooks", "OCI hooks are commands on the host")
+    process = _mapping(spec.get("process"), "process")
+    linux = _mapping(spec.get("linux"), "linux")
+    _known_keys(process, PROCESS_KEYS, "process.")
+    _known_keys(linux, LINUX_KEYS, "linux.")
+    if process.get("terminal"):
+        raise _refuse("process.terminal", "a container with a terminal cannot be migrated")
+    own_netns = _namespaces(linux, netns)
+    _mounts(spec, policy, platform_mount)
+    _capabilities(process)
+    _user(process)
+    _rlimits(process, policy)
+    _labels(process, linux, policy)
+    _devices(linux)
+    _masks(linux)
+    _sysctls(linux, own_netns)
+    _seccomp(linux)
+    propagation = linux.get("rootfsPropagation")
+    if propagation is not None and (
+        not isinstance(propagation, str) or propagation.lstrip("r") not in ("", "private", "slave")
+    ):
+        raise _refuse("linux.rootfsPropagation", f"{propagation!r} shares mounts with the host")
+    for key, value in _mapping(spec.get("annotations"), "annotations").items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise _refuse(f"annotations[{key!r}]", "annotations are strings")
+        if key.startswith(REFUSED_ANNOTATIONS):
+            raise _refuse(f"annotations[{key!r}]", "an engine turns it into a host setting")
+
+
+def _masks(linux: Mapping[str, Any]) -> None:
+    for key, required in (("maskedPaths", MASKED_PATHS), ("readonlyPaths", READONLY_PATHS)):
+        have = _list(linux.get(key), f"linux.{key}")
+        missing = [p for p in required if p not in have]
+        if missing:
+            raise _refuse(f"linux.{key}", f"leaves {missing[0]} open (a privileged container)")
+
+
+def _namespaces(linux: Mapping[str, Any], netns: Path | None) -> bool:
+    """Check the namespaces; whether the container has a network namespace of its own."""
+
+    seen: set[str] = set()
+    own_netns = False
+    for i, ns in enumerate(_list(linux.get("namespaces"), "linux.namespaces")):
+        where = f"linux.namespaces[{i}]"
+        ns = _mapping(ns, where)
+        _known_keys(ns, frozenset({"type", "path"}), f"{where}.")
+        kind = ns.get("type")
+        if kind not in NAMESPACE_TYPES:
+            raise _refuse(f"{where}.type", f"unknown namespace {kind!r}")
+        if kind in seen:
+            raise _refuse(f"{where}.type", f"a second {kind} namespace")
+        seen.add(kind)
+        path = ns.get("path")
+        if path:
+            if kind != "network" or netns is None or str(path) != str(netns):
+                raise _refuse(f"{where}.path", f"joins an existing {kind} namespace ({path})")
+        elif kind == "network":
+            own_netns = True
+    missing = REQUIRED_NAMESPACES - seen
+    if missing:
+        raise _refuse("linux.namespaces", f"shares the host's {', '.join(sorted(missing))}")
+    return own_netns
+
+
+def _is_bind(mount: Mapping[str, Any], options: Sequence[Any]) -> bool:
+    return mount.get("type") == "bind" or "bind" in options or "rbind" in options
+
+
+def _mounts(spec: Mapping[str, Any], policy: SpecPolicy, platform_mount: int | None) -> None:
+    writable = [str(p) for p in policy.writable_bind_sources]
+    roots = [str(p) for p in policy.bind_sources] + writable
+    for i, mount in enumerate(_list(spec.get("mounts"), "mounts")):
+        where = f"mounts[{i}]"
+        mount = _mapping(mount, where)
+        _known_keys(mount, MOUNT_KEYS, f"{where}.")
+        options = _list(mount.get("options"), f"{where}.options")
+        if not all(isinstance(o, str) for o in options):
+            raise _refuse(f"{where}.options", "not a list of strings")
+        shared = SHARED_PROPAGATION.intersection(options)
+        if shared:
+            raise _refuse(f"{where}.options", f"{sorted(shared)[0]} propagates to the host")
+        dest = mount.get("destination")
+        if not isinstance(dest, str) or not dest.startswith("/"):
+            raise _refuse(f"{where}.destination", "not an absolute path")
+        if i == platform_mount:
+            continue  # its source is this host's platform socket, set by localize
+        if not _is_bind(mount, options):
+            if mount.get("type") not in ENGINE_FILESYSTEMS:
+                raise _refuse(f"{where}.type", f"{mount.get('type')!r} is not a kind an engine "
+                              "mounts itself")  # fmt: skip
+            continue
+        source = mount.get("source")
+        if not isinstance(source, str) or not source.startswith("/") or "\0" in source:
+            raise _refuse(f"{where}.source", "a bind mount's source must be an absolute path")
+        real = policy.resolve(posixpath.normpath(source))
+        if not any(_below(real, root) for root in roots):
+            raise _refuse(
+                f"{where}.source",
+                f"bind mount of the host path {source} (this host allows "
+                f"{', '.join(roots) or 'none'}: bind_sources in containers.toml)",
+            )
+        if "ro" not in options and not any(_below(real, root) for root in writable):
+            raise _refuse(f"{where}.options", f'{source} is granted read-only here (no "ro")')
+
+
+def _below(path: str, root: str) -> bool:
+    root = posixpath.normpath(root)
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _capabilities(process: Mapping[str, Any]) -> None:
+    caps = _mapping(process.get("capabilities"), "process.capabilities")
+    _known_keys(caps, frozenset(CAPABILITY_SETS), "process.capabilities.")
+    for name in CAPABILITY_SETS:
+        for cap in _list(caps.get(name), f"process.capabilities.{name}"):
+            if cap not in DEFAULT_CAPABILITIES:
+                raise _refuse(f"process.capabilities.{name}",
+                              f"{cap} is beyond the default set")  # fmt: skip
+
+
+def _user(process: Mapping[str, Any]) -> None:
+    user = _mapping(process.get("user"), "process.user")
+    _known_keys(user, frozenset({"uid", "gid", "umask", "additionalGids"}), "process.user.")
+    ids = [(f"process.user.{k}", user[k]) for k in ("uid", "gid", "umask") if k in user]
+    groups = _list(user.get("additionalGids"), "process.user.additionalGids")
+    ids += [(f"process.user.additionalGids[{i}]", g) for i, g in enumerate(groups)]
+    for where, value in ids:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32 - 1:
+            raise _refuse(where, "not a user or group id")
+
+
+def _rlimits(process: Mapping[str, Any], policy: SpecPolicy) -> None:
+    caps = policy.rlimits()
+    seen: set[str] = set()
+    for i, item in enumerate(_list(process.get("rlimits"), "process.rlimits")):
+        where = f"process.rlimits[{i}]"
+        item = _mapping(item, where)
+        kind, soft, hard = item.get("type"), item.get("soft"), item.get("hard")
+        if kind not in RLIMITS or kind in seen:
+            raise _refuse(f"{where}.type", f"unknown or repeated limit {kind!r}")
+        seen.add(kind)
+        for value, name in ((soft, "soft"), (hard, "hard")):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise _refuse(f"{where}.{name}", "not a non-negative integer")
+        assert isinstance(soft, int) and isinstance(hard, int)
+        if soft > hard:
+            raise _refuse(f"{where}.soft", "above the hard limit")
+        cap = caps.get(kind, -1)
+        if cap >= 0 and hard > cap:
+            raise _refuse(f"{where}.hard", f"{kind} {hard} is above this host's {cap}")
+
+
+def _labels(process: Mapping[str, Any], linux: Mapping[str, Any], policy: SpecPolicy) -> None:
+    profile = process.get("apparmorProfile")
+    allowed = isinstance(profile, str) and (
+        profile.startswith(ENGINE_APPARMOR) or profile in policy.security_labels
+    )
+    if profile and not allowed:
+        raise _refuse("process.apparmorProfile", f"profile {profile!r} is not allowed here")
+    for where, label in (
+        ("process.selinuxLabel", process.get("selinuxLabel")),
+        ("linux.mountLabel", linux.get("mountLabel")),
+    ):
+        if label and label not in policy.security_labels:
+            raise _refuse(where, f"label {label!r} is not allowed here")
+
+
+def _devices(linux: Mapping[str, Any]) -> None:
+    for i, dev in enumerate(_list(linux.get("devices"), "linux.devices")):
+        where = f"linux.devices[{i}]"
+        dev = _mapping(dev, where)
+        key = (dev.get("type"), dev.get("major"), dev.get("minor"))
+        known = {k: v for k, v in DEFAULT_DEVICES.items() if k == key}
+        if not known or next(iter(known.values())) != dev.get("path"):
+            raise _refuse(where, f"device {dev.get('path')!r} {key} is not a default device")
+    resources = _mapping(linux.get("resources"), "linux.resources")
+    for i, rule in enumerate(_list(resources.get("devices"), "linux.resources.devices")):
+        where = f"linux.resources.devices[{i}]"
+        rule = _mapping(rule, where)
+        if not rule.get("allow"):
+            continue  # a deny rule only takes away
+        access = rule.get("access", "rwm")
+        if not isinstance(access, str) or not access or set(access) - set("rwm"):
+            raise _refuse(f"{where}.access", f"bad access {access!r}")
+        if access == "m" and rule.get("type") in ("c", "b"):
+            continue  # mknod only (the engines' default): a node it cannot open
+        major, minor = rule.get("major"), rule.get("minor")
+        if rule.get("type") == "c" and major == PTS_MAJOR:
+            continue
+        if rule.get("type") != "c" or ("c", major, minor) not in DEFAULT_DEVICES:
+            raise _refuse(where, f"allows device {rule.get('type')} {major}:{minor} "
+                          "beyond the defaults")  # fmt: skip
+
+
+def _sysctls(linux: Mapping[str, Any], own_netns: bool) -> None:
+    for key in _mapping(linux.get("sysctl"), "linux.sysctl"):
+        where = f"linux.sysctl[{key!r}]"
+        if not isinstance(key, str):
+            raise _refuse(where, "not a name")
+        if key.startswith("net."):
+            if not own_netns:
+                raise _refuse(where, "changes a network namespace that is not the container's")
+            continue
+        if key == "kernel.sem" or key.startswith(("kernel.shm", "kernel.msg", "fs.mqueue.")):
+            continue  # the container's own IPC namespace
+        raise _refuse(where, "not a namespaced sysctl: it would change the host")
+
+
+def _seccomp(linux: Mapping[str, Any]) -> None:
+    seccomp = _mapping(linux.get("seccomp"), "linux.seccomp")
+    for key in ("listenerPath", "listenerMetadata"):
+        if seccomp.get(key):
+            raise _refuse(f"linux.seccomp.{key}", "a seccomp listener is a socket on the host")
+    for flag in _list(seccomp.get("flags"), "linux.seccomp.flags"):
+        if flag not in SECCOMP_FLAGS:
+            raise _refuse("linux.seccomp.flags", f"{flag!r} is not allowed")

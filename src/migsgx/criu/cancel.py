@@ -1,0 +1,149 @@
+"""Stopping a running CRIU dump from another thread, so that the source runs again at once.
+
+A migration streams its enclaves while CRIU dumps the rest of the tree.  When an
+enclave stream fails, the migration is lost whatever CRIU does next, and every
+second CRIU keeps the tree frozen is a second the source cannot run.  CRIU has
+no request to cancel a dump, and killing it is never safe (its parasite code may
+be inside the dumped tasks).  Its own error path is: it cures the tasks, unlocks
+the network and resumes them.  Two ways lead there, both used by
+:class:`DumpCancel`:
+
+* the **page stream**: CRIU ignores SIGPIPE, so when its connection to the
+  destination's page server is shut down, its next write or read fails and the
+  dump fails.  The connection is found among CRIU's descriptors by its peer
+  address (the page server's), duplicated with ``pidfd_getfd`` and shut down;
+  any other socket CRIU holds (the dumped tasks' own, while it dumps them) is
+  left alone;
+* the **next notification**: CRIU asks at several steps (``pre-dump``, and
+  once the tree is frozen ``query-ext-files``, ``network-lock`` when it dumps
+  a network namespace, finally ``post-dump``); a cancelled dump answers "no"
+  (:meth:`DumpCancel.check`), which covers a cancel that comes before the page
+  connection exists, and dumps without a page server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import logging
+import os
+import socket
+import threading
+from typing import Final
+
+from migsgx.errors import CriuError
+
+__all__ = ["DumpCancel"]
+
+log = logging.getLogger("migsgx.criu")
+
+_SYS_PIDFD_GETFD: Final = 438  # the same number on every architecture since Linux 5.6
+
+
+class DumpCancel:
+    """A one-shot cancel for one dump, triggered from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._server: tuple[str, int] | None = None
+        self.reason: str | None = None
+        #: How many page-server connections a cancel shut down (0: none found).
+        self.broken = 0
+        #: Whether a notification was answered "no" because of the cancel.
+        self.vetoed = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self.reason is not None
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether the cancel cut the dump short (rather than coming after it ended)."""
+
+        return self.broken > 0 or self.vetoed
+
+    def bind(self, pid: int, page_server: tuple[str, int] | None) -> None:
+        """CRIU runs as ``pid`` (its page stream goes to ``page_server``)."""
+
+        with self._lock:
+            self._pid, self._server = pid, page_server
+            if self.reason is not None:
+                self._break()
+
+    def unbind(self) -> None:
+        """CRIU ended: a later cancel touches nothing (the pid may be reused)."""
+
+        with self._lock:
+            self._pid = None
+
+    def cancel(self, reason: str) -> None:
+        """Stop the dump: the first reason counts; later calls change nothing."""
+
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason = reason
+            if self._pid is not None:
+                self._break()
+
+    def check(self) -> None:
+        """Raise if cancelled: called at CRIU's notifications, whose veto ends the dump."""
+
+        if self.reason is not None:
+            self.vetoed = True
+            raise CriuError(f"the dump was cancelled: {self.reason}", action="dump")
+
+    def _break(self) -> None:
+        if self._pid is None or self._server is None:
+            return
+        try:
+            self.broken += _shut_down_peer(self._pid, self._server)
+        except OSError as exc:  # CRIU ended meanwhile, or the kernel lacks pidfd_getfd
+            log.warning("cannot stop CRIU's page stream (%s); it stops at its next step", exc)
+
+
+def _same_peer(peer: tuple[str, int], server: tuple[str, int]) -> bool:
+    try:
+        host = ipaddress.ip_address(peer[0].partition("%")[0])
+        wanted = ipaddress.ip_address(server[0])
+    except ValueError:
+        return False
+    if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+        host = host.ipv4_mapped
+    return host == wanted and int(peer[1]) == int(server[1])
+
+
+def _shut_down_peer(pid: int, server: tuple[str, int]) -> int:
+    """Shut down every TCP connection of process ``pid`` to ``server``; how many."""
+
+    pidfd = os.pidfd_open(pid)
+    count = 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for entry in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{entry}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue  # closed meanwhile
+            got = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(entry), 0))
+            if got < 0:
+                continue
+            sock = socket.socket(fileno=got)
+            try:
+                if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                if sock.type != socket.SOCK_STREAM:
+                    continue
+                with contextlib.suppress(OSError):
+                    if _same_peer(sock.getpeername(), server):
+                        # The socket is shared with CRIU: its next send or receive fails.
+                        sock.shutdown(socket.SHUT_RDWR)
+                        count += 1
+            finally:
+                sock.close()
+    finally:
+        os.close(pidfd)
+    return count

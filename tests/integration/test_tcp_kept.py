@@ -1,0 +1,243 @@
+"""A runc container that owns its address keeps its clients' TCP connections across a move.
+
+Real runc, CRIU (``--tcp-established``), a bridged testbed (both hosts' bridges
+on one segment): the kvstore app runs in a pod network namespace of its own
+with an address and MAC of its own; a client on the other host holds one TCP
+connection to it and writes through it before, during and after a live move,
+while another opens a new connection for every request (some of them are
+half made when the source locks its network).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from migsgx.criu import Criu
+from migsgx.lab.containers import ContainerApp, ContainerLab
+from migsgx.lab.testbed import AgentProcess, Testbed
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+#: This module's subnet (no other module's testbed uses it).
+BED_SUBNET = 93
+
+
+@pytest.fixture(scope="module")
+def bed(
+    criu: Criu,
+    subreaper: None,
+    _stale_namespaces_removed: None,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Testbed]:
+    root = tmp_path_factory.mktemp("tcpkept")
+    with Testbed(root, subnet=BED_SUBNET, bridged=True) as testbed:
+        yield testbed
+
+
+@pytest.fixture(scope="module")
+def lab(bed: Testbed, criu: Criu) -> Iterator[ContainerLab]:
+    with ContainerLab(bed, criu=criu) as containers:
+        yield containers
+
+
+@pytest.fixture(scope="module")
+def agent(bed: Testbed, lab: ContainerLab) -> AgentProcess:
+    return bed.start_agent()  # after the lab: it reads the host's containers.toml
+
+
+class Writer(threading.Thread):
+    """Writes distinct keys over one TCP connection; any failure ends it and is kept."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        super().__init__(daemon=True)
+        self.conn = conn
+        self.phase = "before"
+        self.ok = {"before": 0, "during": 0, "after": 0}
+        self.acked: list[str] = []
+        self.error: str | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 120
+        with self.conn.makefile("rw", encoding="utf-8", newline="\n") as stream:
+            n = 0
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                n += 1
+                phase = self.phase  # when the request was sent
+                try:
+                    stream.write(f"PUT w{n} {n:08x}\n")
+                    stream.flush()
+                    reply = stream.readline().strip()
+                except OSError as exc:
+                    self.error = f"request {n}: {exc}"
+                    return
+                if not reply.startswith("OK"):
+                    self.error = f"request {n}: {reply!r}"
+                    return
+                self.acked.append(f"w{n}")
+                self.ok[phase] += 1
+                time.sleep(0.01)
+
+
+class Dialer(threading.Thread):
+    """A new connection for every request (handshakes in flight at the freeze)."""
+
+    def __init__(self, lab: ContainerLab, app: ContainerApp) -> None:
+        super().__init__(daemon=True)
+        self.lab, self.app = lab, app
+        self.ok = 0
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                conn = self.lab.connect(self.app, via="src")
+                with conn:
+                    reply = ask(conn, "PING")
+            except (OSError, AssertionError) as exc:
+                self.errors.append(repr(exc))
+                continue
+            if reply == "PONG":
+                self.ok += 1
+            else:
+                self.errors.append(reply)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def ask(conn: socket.socket, line: str) -> str:
+    conn.sendall(line.encode() + b"\n")
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(65536)
+        assert chunk, "the connection closed"
+        data += chunk
+    return data.decode().strip()
+
+
+def test_client_connection_survives_a_live_move(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    app = lab.start_app("runc", "kvstore", own_address=True)
+    pod_src = Path("/run/netns") / f"{lab.settings['src'].pod_netns_prefix}{app.name}"
+    assert pod_src.exists()
+    writer = Writer(lab.connect(app, via="dst"))
+    other = lab.connect(app, via="src")  # an idle connection from the source host
+    dialer = Dialer(lab, app)
+    writer.start()
+    dialer.start()
+    wait_until(lambda: writer.ok["before"] >= 5 or writer.error is not None, 20, "writes")
+    writer.phase = "during"
+    run = bed.migrate(None, agent, args=["--runc", app.name, "--live"])
+    writer.phase = "after"
+    wait_until(lambda: writer.ok["after"] >= 5 or writer.error is not None, 30, "writes after")
+    ok_after = dialer.ok
+    wait_until(lambda: dialer.ok > ok_after or bool(dialer.errors), 30, "a new connection after")
+    writer.stop.set()
+    dialer.stop.set()
+    writer.join(10)
+    dialer.join(40)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stats is not None
+    assert run.stats["details"]["tcp_established"] is True
+    assert writer.error is None  # not one failed request
+    assert dialer.errors == []  # nor a connection refused, reset or lost in a handshake
+    assert writer.ok["before"] >= 5 and writer.ok["during"] >= 1 and writer.ok["after"] >= 5
+    # Every acknowledged write is there, asked over the idle connection that also moved.
+    for key in writer.acked:
+        assert ask(other, f"GET {key}") == f"VALUE {int(key[1:]):08x}"
+    other.close()
+    # The address left the source with the container; one runnable copy, on dst.
+    assert not pod_src.exists()
+    assert lab.runnable_copies(app) == {"src": 0, "dst": 1}
+    assert app.name in lab.containers("dst", "runc")
+    assert app.name not in lab.containers("src", "runc")
+    lab.remove(app)
+
+
+def _writes(conn: socket.socket, start: int, count: int) -> None:
+    for n in range(start, start + count):
+        assert ask(conn, f"PUT f{n} {n:08x}").startswith("OK")
+
+
+def _check_source_kept(lab: ContainerLab, app: ContainerApp, conn: socket.socket) -> None:
+    """The source runs on at its address; the client's connection still works."""
+
+    _writes(conn, 100, 3)
+    assert ask(conn, "GET f1") == f"VALUE {1:08x}"
+    assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
+    assert app.name not in lab.containers("dst", "runc")
+    dst_pod = Path("/run/netns") / f"{lab.settings['dst'].pod_netns_prefix}{app.name}"
+    assert not dst_pod.exists()  # the destination gave the address up again
+
+
+def test_restore_failing_leaves_the_source_at_its_address(
+    bed: Testbed, lab: ContainerLab
+) -> None:
+    failing = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-restore:corrupt"})
+    app = lab.start_app("runc", "kvstore", own_address=True)
+    conn = lab.connect(app, via="dst")
+    _writes(conn, 1, 3)
+    run = bed.migrate(None, failing, args=["--runc", app.name, "--live"])
+    assert run.returncode == 6, run.stderr
+    _check_source_kept(lab, app, conn)
+    conn.close()
+    failing.stop()
+    lab.remove(app)
+
+
+def test_tool_dying_before_the_commit_point_unlocks_the_source(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    """The guardian brings the source's network back (``netup``) and thaws it."""
+
+    app = lab.start_app("runc", "kvstore", own_address=True)
+    conn = lab.connect(app, via="dst")
+    _writes(conn, 1, 3)
+    run = bed.migrate(None, agent, env={"MIGSGX_FAULT": "tool.before-commit:exit"},
+                      args=["--runc", app.name])  # fmt: skip
+    assert run.returncode == 70
+    assert "resuming the source" in run.stderr
+    wait_until(lambda: app.name not in lab.containers("dst", "runc"), 15, "dst to let go")
+    wait_until(lambda: lab.runnable_copies(app)["src"] == 1, 15, "the source to thaw")
+    _check_source_kept(lab, app, conn)
+    conn.close()
+    lab.remove(app)
+
+
+def test_a_destination_takes_no_address_it_was_not_given(
+    bed: Testbed, lab: ContainerLab
+) -> None:
+    """An agent without the address in its pod_addresses refuses at ``begin``."""
+
+    narrow = replace(lab.settings["dst"], pod_addresses=())
+    narrow.save(bed.state("dst"))
+    try:
+        strict = bed.start_agent()
+    finally:
+        lab.settings["dst"].save(bed.state("dst"))
+    app = lab.start_app("runc", "kvstore", own_address=True)
+    conn = lab.connect(app, via="dst")
+    _writes(conn, 1, 3)
+    run = bed.migrate(None, strict, args=["--runc", app.name])
+    assert run.returncode == 6
+    assert f"refused: {app.extra['address']}/24 is not one of this host's pod_addresses" in (
+        run.stderr
+    )
+    _check_source_kept(lab, app, conn)
+    conn.close()
+    strict.stop()
+    lab.remove(app)
