@@ -30,12 +30,16 @@ EXIT_SOURCE_GONE = 8  # the source ended during the migration: nothing moved, no
 #: The source died while the destination still pulled process pages from it
 #: (post-copy window): the destination tree was killed; the application is lost.
 EXIT_SOURCE_LOST = 9
+#: Committed and claimed, but the destination's enclave (or its platform service)
+#: was gone when the tree was attached: the application runs without its enclave.
+EXIT_LOST_AFTER_COMMIT = 10
 
 
 def _exit_code(exc: MigSGXError) -> int:
     from .errors import (
         AttestationError,
         InDoubtError,
+        LostAfterCommitError,
         MigrationError,
         SourceGoneError,
         SourceLostError,
@@ -45,6 +49,8 @@ def _exit_code(exc: MigSGXError) -> int:
         return EXIT_IN_DOUBT
     if isinstance(exc, SourceLostError):
         return EXIT_SOURCE_LOST
+    if isinstance(exc, LostAfterCommitError):
+        return EXIT_LOST_AFTER_COMMIT
     if isinstance(exc, ConfigError):
         return EXIT_CONFIG
     if isinstance(exc, ImageError):

@@ -280,7 +280,9 @@ def migrate_command(
     elsewhere they are closed on the destination (clients reconnect); listeners
     move.  Exit status: 6 the migration did not happen (the source runs on), 7 in
     doubt (run migsgx recover), 8 the source ended, 9 the source was lost inside
-    the post-copy window (the application is lost: docs/migration.md).  Containers
+    the post-copy window (the application is lost: docs/migration.md), 10 the
+    destination's enclave was lost after the commit (the application runs
+    without it).  Containers
     are found with the engine settings of STATE/containers.toml
     (docs/containers.md).  Run as root on the source host.
     """

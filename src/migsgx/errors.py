@@ -339,6 +339,20 @@ class InDoubtError(MigSGXError):
     code = "in-doubt"
 
 
+class LostAfterCommitError(MigSGXError):
+    """The migration committed and the destination's enclave claimed the id, but it
+    (or its host's platform service) was gone when the tree was attached: the
+    application on the destination runs without its enclave, as after a crash of a
+    live enclave.  Nothing runs twice and nothing is in doubt (the state is lost, not
+    recoverable: the id was claimed, so it must never be delivered again).
+
+    Not a :class:`MigrationError` (the source does not run) nor an
+    :class:`InDoubtError` (``migsgx recover`` has nothing to resolve).
+    """
+
+    code = "lost-after-commit"
+
+
 class DirtyTrackingError(MigrationError):
     """The kernel's tracking of written enclave pages cannot be used."""
 

@@ -33,6 +33,7 @@ from migsgx.system.process import kill_tree, process_state
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 EXIT_OK, EXIT_MOVED_NOT, EXIT_IN_DOUBT, EXIT_CRASH = 0, 6, 7, 70
+EXIT_LOST_AFTER_COMMIT = 10
 _FAULT_AT = re.compile(r"migsgx fault: (\S+) at ([0-9.]+)")
 
 
@@ -635,8 +636,10 @@ def test_the_copy_that_runs_dies(
     connection, dies).  W2 with the agent: the loaded copy ends with the agent's
     connections and the held tree is left unowned.  Either way the source never
     runs again (the decision stands), and no copy runs with the state: what runs
-    on the destination, if anything, runs without its enclave.  Placed last: the
-    source's guardian stays, in doubt, until it is stopped here.
+    on the destination, if anything, runs without its enclave.  The tool says
+    so: exit 10 (``lost-after-commit``) when the enclave died after its claim,
+    never 0; exit 7 when the agent died.  Placed last: the source's guardian
+    stays, in doubt, until it is stopped here.
     """
 
     doomed = bed.start_agent(env={"MIGSGX_FAULT": fault})
@@ -645,8 +648,13 @@ def test_the_copy_that_runs_dies(
     try:
         run = bed.migrate(app.pid, doomed)
         assert "Traceback" not in run.stderr
-        assert run.returncode in (EXIT_OK, EXIT_IN_DOUBT), run.stderr
-        if run.returncode == EXIT_IN_DOUBT:
+        if fault.endswith(":kill-enclave"):
+            assert run.returncode == EXIT_LOST_AFTER_COMMIT, run.stderr
+            assert "lost-after-commit" in run.stderr and "runs without its enclave" in run.stderr
+            # Nothing is in doubt: the source went as after a success, no guardian stays.
+            wait_for(lambda: process_state(app.pid) in ("", "Z"), 20, "CRIU to end the source")
+        else:
+            assert run.returncode == EXIT_IN_DOUBT, run.stderr
             assert "migsgx recover" in run.stderr
         seconds = round(time.monotonic() - t0, 3)
         wait_for(lambda: bed.runnable_copies(app)["src"] == 0, 20, "the source to stay stopped")

@@ -32,7 +32,13 @@ from ..containers import Driver, HostConfig, Restored, RestoreRequest, make_driv
 from ..containers.postcopy import PostCopyRestore, check_pipe_max_size
 from ..criu.pageserver import PageServer, page_bytes
 from ..datapath.engine import IncomingEnclave
-from ..errors import ConnectionClosedError, FrameError, MigSGXError, ProtocolError
+from ..errors import (
+    ConnectionClosedError,
+    FrameError,
+    LostAfterCommitError,
+    MigSGXError,
+    ProtocolError,
+)
 from ..host.appctl import info_from_wire
 from ..host.client import EnclaveInfo
 from ..sgx.counters import CounterStore
@@ -403,11 +409,15 @@ class IncomingMigration:
         self._wait_judged(self.config.io_timeout)
         try:
             attach_seconds = self._resume_tree(self.config.io_timeout)
-        except MigSGXError:
+        except MigSGXError as exc:
             if self.window is not None and self.window.watching:
                 self.window.wait()  # a tree that died of a lost source: say so
+            if self.window is None and self.no_return:
+                self._check_activated(exc)
             raise
         assert self.root is not None
+        if self.window is None:
+            self._check_activated(None)
         log.info("migration %s: resumed pid %d", self.tag, self.root)
         self.agent.metrics.observe_phase("resume", time.monotonic() - t0)
         resumed = {
@@ -614,6 +624,32 @@ class IncomingMigration:
                 link.call("__mig_status")
             except MigSGXError as exc:
                 raise AgentError(f"enclave {enclave.index} is gone: {exc}") from exc
+
+    def _check_activated(self, cause: MigSGXError | None) -> None:
+        """Right before ``resumed``: the activated enclaves and their platform still run.
+
+        Window W3 (``docs/spec/commit.md``): an enclave that claimed the id and
+        died before (or while) the tree was attached leaves the application
+        running without it.  That is not success, and not in doubt either (the
+        id was claimed: the state must never be delivered again): the tool hears
+        ``lost-after-commit``.  The tree is left running, as after the crash of
+        a live enclave.
+        """
+
+        gone = [
+            f"enclave {e.index} (pid {pid})"
+            for e, pid in zip(self.enclaves, self.enclave_pids(), strict=True)
+            if not _pid_alive(pid)
+        ]
+        if self.enclaves and not _platform_alive(self.config.platform_socket):
+            gone.append("this host's platform service")
+        if not gone:
+            return
+        log.error("migration %s: lost after the commit: %s", self.tag, ", ".join(gone))
+        raise LostAfterCommitError(
+            f"committed and claimed, but {', '.join(gone)} ended before the tree was attached: "
+            f"the application (pid {self.root}) runs without its enclave; the state is lost"
+        ) from cause
 
     def arrivals(self) -> set[bytes]:
         """The migration ids this session's enclaves loaded (or are loading)."""
@@ -903,6 +939,16 @@ def _platform_alive(path: Path) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return pid > 0 and stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
 
 
 def _answers(engine: IncomingEnclave) -> bool:

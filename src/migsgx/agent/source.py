@@ -59,6 +59,7 @@ from ..errors import (
     ConfigError,
     CriuError,
     InDoubtError,
+    LostAfterCommitError,
     MigrationError,
     MigSGXError,
     PostCopyUnavailableError,
@@ -154,6 +155,7 @@ class _Migration:
         self.control: AgentConnection | None = None
         self.fenced: list[int] = []
         self.committed = False
+        self.lost_after_commit: LostAfterCommitError | None = None
         self.resume_sent = False
         self.hand_back_failed = False
         self.restored_pid = 0
@@ -262,6 +264,8 @@ class _Migration:
                         f"nothing moved, and its enclaves ended with it ({type(exc).__name__})"
                     ) from exc
                 raise
+            if self.lost_after_commit is not None:
+                raise self.lost_after_commit
             return MigrationOutcome(self._figures(), self.restored_pid, dump_dir)
         finally:
             control.close()
@@ -677,11 +681,19 @@ class _Migration:
             except MigSGXError as exc:
                 if self.lazy is not None and exc.context.get("remote_code") == SourceLostError.code:
                     self._source_lost(exc)
-                raise InDoubtError(
-                    "the source enclaves committed, but the destination did not confirm that "
-                    f"it runs ({exc}); the source stays stopped: run migsgx recover"
-                ) from exc
-            # The destination runs: the committed source enclaves may go.
+                if exc.context.get("remote_code") != LostAfterCommitError.code:
+                    raise InDoubtError(
+                        "the source enclaves committed, but the destination did not confirm "
+                        f"that it runs ({exc}); the source stays stopped: run migsgx recover"
+                    ) from exc
+                # Decided and claimed, then lost (W3): nothing is in doubt and nothing
+                # can bring the state back; the source goes as after a success.
+                self.lost_after_commit = LostAfterCommitError(
+                    f"lost after the commit: {exc}", remote_code=LostAfterCommitError.code
+                )
+                reply = {"attach_seconds": 0.0}
+            # The destination runs (or its copy was lost after the claim): the
+            # committed source enclaves may go.
             if self.journal is not None:
                 self.journal.update(phase="done")
             for transfer in self.transfers:
