@@ -186,13 +186,14 @@ def recover_command(
     and the source continues.  Each --checkpoint DIR is resolved from its
     enclaves' gates: committed, the checkpoint is the copy (a fenced source is
     removed; restore it); not, the source continues and the files go.  Exit
-    status 7 while any stays in doubt.
+    status 7 while any stays in doubt, else 10 if a committed migration has no
+    copy left on the destination (``lost``: what remains is reported).
     """
 
     from .agent.ckpt_recover import resolve_checkpoint
     from .agent.recover import Resolution, recover
     from .agent.tls import AgentIdentity
-    from .errors import InDoubtError
+    from .errors import InDoubtError, LostAfterCommitError
     from .sgx.service import default_socket
 
     if state is None and not checkpoints:
@@ -211,6 +212,12 @@ def recover_command(
     doubtful = [r.mid for r in results if r.in_doubt]
     if doubtful:
         raise InDoubtError(f"{len(doubtful)} migration(s) remain in doubt: {', '.join(doubtful)}")
+    lost = [r.mid for r in results if r.outcome == "lost"]
+    if lost:
+        raise LostAfterCommitError(
+            f"{len(lost)} committed migration(s) have no copy left on the destination: "
+            + ", ".join(lost)
+        )
 
 
 # --- migrate ------------------------------------------------------------------------------------

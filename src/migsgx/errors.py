@@ -340,11 +340,14 @@ class InDoubtError(MigSGXError):
 
 
 class LostAfterCommitError(MigSGXError):
-    """The migration committed and the destination's enclave claimed the id, but it
-    (or its host's platform service) was gone when the tree was attached: the
-    application on the destination runs without its enclave, as after a crash of a
-    live enclave.  Nothing runs twice and nothing is in doubt (the state is lost, not
-    recoverable: the id was claimed, so it must never be delivered again).
+    """The migration committed, and then the one copy of the enclave state was lost.
+
+    From ``migrate``: the destination's enclave claimed the id, but it (or its
+    host's platform service) was gone when the tree was attached; the application
+    there runs without its enclave, as after a crash of a live enclave (the id was
+    claimed, so the state must never be delivered again).  From ``recover``: the
+    destination holds no loaded copy and never activated the id.  Nothing runs
+    twice and nothing is in doubt.
 
     Not a :class:`MigrationError` (the source does not run) nor an
     :class:`InDoubtError` (``migsgx recover`` has nothing to resolve).

@@ -617,6 +617,47 @@ def test_recover_is_idempotent_with_nothing_in_doubt(bed: Testbed) -> None:
 
 
 # --- the windows that remain (docs/spec/commit.md, section 5) -----------------------------------
+def test_tool_and_destination_enclave_killed_after_the_decision(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """W2(c): the tool dies after the decision, the loaded copy before its claim.
+
+    Only the tool delivers the state again yet, so no copy can run: the guardian's
+    delivery (and one ``migsgx recover``) says exactly that, exit 10, never "moved"
+    nor "in doubt"; nothing runs twice, the source stays stopped.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill-enclave"})
+    app, _digest = loaded_app(bed)
+    t0 = time.monotonic()
+    try:
+        run = migrate_with(bed, app, doomed, "tool.after-commit:kill")
+        assert run.returncode == -9
+        wait_for(lambda: "before-claim:kill-enclave" in doomed.log.read_text(errors="replace"),
+                 60, "the guardian's delivery to reach the loaded copy")  # fmt: skip
+        again = recover(bed)
+        assert again.returncode == EXIT_LOST_AFTER_COMMIT, again.stdout + again.stderr
+        assert "Traceback" not in again.stderr and "lost-after-commit" in again.stderr
+        lost = [r for r in json.loads(again.stdout) if r["outcome"] == "lost"]
+        assert len(lost) == 1 and lost[0]["decision"] == "commit", again.stdout
+        assert "no copy runs" in lost[0]["detail"] and str(app.pid) in lost[0]["detail"]
+        assert bed.runnable_copies(app) == {"src": 0, "dst": 0}  # nothing runs twice
+        figures["decision written x kill -9 tool + destination enclave"] = {
+            "outcome": "lost (W2c: not delivered again without the tool), recover exit 10",
+            "exit": again.returncode, "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
+    finally:
+        doomed.stop()
+        _stop_guardian_of(app.pid)
+        for procs in bed.copies(app).values():
+            for pid, _ in procs:
+                kill_tree(pid)
+        # What recover reported is what remains: once removed, the journal may go.
+        for journal in (bed.state("src") / "agent" / "migrations").glob("*.json"):
+            if json.loads(journal.read_text()).get("app_pid") == app.pid:
+                journal.unlink()
+
+
 @pytest.mark.parametrize(
     "cell, fault, window",
     [

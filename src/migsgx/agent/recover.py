@@ -13,7 +13,14 @@ agents' mutual-TLS channel (``deliver``):
   a loaded copy discards it; the fenced source tree is continued (the guardian
   hands the enclave connections back);
 * no decision yet: nothing is done (the migration is under way, or its source
-  enclaves are gone and so is the state: reported).
+  enclaves are gone and so is the state: reported);
+* every enclave decided COMMIT but the destination holds no loaded copy and
+  never activated the ids (its agent lost the session, or its loaded enclaves
+  died before their claim and the held tree was discarded): ``lost``.  What
+  remains is said exactly: the decision, the stopped source tree, the
+  destination's unowned tree if any.  The committed source enclaves still hold
+  the state while the guardian holds them, but delivering the state again
+  (``commit.md``, 2.1) is done only by the tool yet, not here.
 
 Idempotent: decisions are final and delivering one twice changes nothing.
 """
@@ -50,7 +57,7 @@ class Resolution:
     mid: str
     phase: str
     decision: str  # commit, abort, mixed, none
-    outcome: str  # moved, stayed, in-doubt, in-progress, done
+    outcome: str  # moved, stayed, in-doubt, lost, in-progress, done
     detail: str = ""
 
     @property
@@ -103,6 +110,26 @@ def _deliver(
     return str(reply["outcome"]), f"destination pid {reply['pid']}" if reply["pid"] else ""
 
 
+def _lost(journal: Journal, outcome: str) -> str:
+    """Exactly what remains of a committed migration whose destination has no copy."""
+
+    where = (
+        "the destination agent has no session for it (it died or restarted: its loaded "
+        "enclaves ended with it, the tree it held, if any, is left stopped and unowned there)"
+        if outcome == "unknown"
+        else "the destination's loaded enclaves ended before their claim and it discarded "
+        "the tree it held"
+    )
+    stopped = [p for p in journal.fenced if _alive(p)]
+    return (
+        f"committed (the decision stands, the source never runs again), but {where}; its "
+        f"claim store never activated {len(journal.enclave_mids)} enclave id(s): no copy runs. "
+        "The state was held only by the frozen committed source enclaves, which end with "
+        "the guardian; migsgx recover does not deliver it again. The source tree stays "
+        f"stopped (pids {' '.join(map(str, stopped)) or 'none left'}): remove it by hand"
+    )
+
+
 def _signal_all(pids: list[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -140,6 +167,8 @@ def resolve(
             _signal_all(journal.fenced, signal.SIGKILL)
             journal.update(phase="done")
             return Resolution(mid, journal.phase, "commit", "moved", detail)
+        if outcome in ("unknown", "aborted"):
+            return Resolution(mid, journal.phase, "commit", "lost", _lost(journal, outcome))
         return Resolution(
             mid, journal.phase, "commit", "in-doubt",
             f"committed; the destination answered {outcome!r} {detail}".strip(),
