@@ -21,7 +21,7 @@ from migsgx.agent import recover as recover_module
 from migsgx.agent.journal import Journal
 from migsgx.agent.recover import recover, resolve
 from migsgx.agent.tls import AgentIdentity
-from migsgx.errors import InDoubtError
+from migsgx.errors import InDoubtError, LostAfterCommitError
 from migsgx.sgx.counters import CounterStore, Decision
 from migsgx.sgx.platform import COUNTERS
 
@@ -163,6 +163,43 @@ def test_recover_cli_exit_status_tells_doubt(
         cli.main(["recover", "--state", str(state), "--json"])
     assert second.value.code == cli.EXIT_OK
     assert [r.outcome for r in recover(state)] == ["done"]
+
+
+@pytest.mark.parametrize("answer", ["unknown", "aborted"])
+def test_committed_without_a_destination_copy_is_lost_and_says_what_remains(
+    state: Path,
+    agent: Agent,
+    capsys: pytest.CaptureFixture[str],
+    answer: str,
+) -> None:
+    """W2 (c): no session (or its loaded copies died before their claim), ids unclaimed."""
+
+    mid = os.urandom(16)
+    source = _sleeper()
+    try:
+        journal = _journal(state, [mid], phase="committed", fenced=[source.pid])
+        _decide(state, mid, "commit", b"token")
+        agent.answers.extend([answer, answer])
+        result = resolve(journal, state, AgentIdentity.of_state(state))
+        assert (result.decision, result.outcome, result.in_doubt) == ("commit", "lost", False)
+        assert "no copy runs" in result.detail and str(source.pid) in result.detail
+        assert source.poll() is None  # never continued: the decision stands
+        assert Journal.load(journal.path).phase == "committed"  # reported again next time
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["recover", "--state", str(state), "--json"])
+        out, err = capsys.readouterr()
+        assert exited.value.code == cli.EXIT_LOST_AFTER_COMMIT
+        assert json.loads(out)[0]["outcome"] == "lost"
+        assert err.startswith("migsgx: error [lost-after-commit]: ")
+    finally:
+        source.kill()
+        source.wait()
+
+
+def test_lost_after_commit_is_neither_doubt_nor_a_failed_migration() -> None:
+    code = cli._exit_code(LostAfterCommitError("x"))
+    assert code == cli.EXIT_LOST_AFTER_COMMIT
+    assert code not in (cli.EXIT_OK, cli.EXIT_IN_DOUBT, cli.EXIT_MIGRATION, cli.EXIT_ERROR)
 
 
 def test_in_doubt_is_not_a_failed_migration() -> None:
