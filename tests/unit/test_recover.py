@@ -196,6 +196,22 @@ def test_committed_without_a_destination_copy_is_lost_and_says_what_remains(
         source.wait()
 
 
+def test_claimed_then_lost_is_final_and_the_source_goes(state: Path, agent: Agent) -> None:
+    mid = os.urandom(16)
+    source = _sleeper()
+    try:
+        journal = _journal(state, [mid], phase="committed", fenced=[source.pid])
+        _decide(state, mid, "commit", b"token")
+        agent.answers.append("lost-after-commit")
+        result = resolve(journal, state, AgentIdentity.of_state(state))
+        assert (result.decision, result.outcome) == ("commit", "lost")
+        assert source.wait(timeout=10) == -signal.SIGKILL
+        assert Journal.load(journal.path).phase == "done"
+    finally:
+        source.kill()
+        source.wait()
+
+
 def test_lost_after_commit_is_neither_doubt_nor_a_failed_migration() -> None:
     code = cli._exit_code(LostAfterCommitError("x"))
     assert code == cli.EXIT_LOST_AFTER_COMMIT

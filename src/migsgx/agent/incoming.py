@@ -587,7 +587,11 @@ class IncomingMigration:
                     try:
                         self._resume_tree(self.config.io_timeout)
                         self.decided_outcome = "resumed"
+                        if self.window is None:
+                            self._check_activated(None)
                         log.info("migration %s: decision delivered: resumed", self.tag)
+                    except LostAfterCommitError:
+                        self.decided_outcome = LostAfterCommitError.code
                     except MigSGXError as exc:
                         self.decided_outcome = "failed"
                         log.error("migration %s: rolling forward failed: %s", self.tag, exc)
@@ -600,7 +604,9 @@ class IncomingMigration:
                 self.decided_outcome = "aborted"
             self._teardown()
             self.machine.state = (
-                SessionState.RESUMED if self.decided_outcome == "resumed" else SessionState.ABORTED
+                SessionState.RESUMED
+                if self.decided_outcome in ("resumed", LostAfterCommitError.code)
+                else SessionState.ABORTED
             )
         self.settled.set()
         self.agent.unhold(self)

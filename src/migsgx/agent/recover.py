@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
-from ..errors import MigSGXError
+from ..errors import LostAfterCommitError, MigSGXError
 from ..sgx.counters import CounterStore, Decision
 from ..sgx.platform import COUNTERS
 from .control import AgentConnection
@@ -169,6 +169,15 @@ def resolve(
             return Resolution(mid, journal.phase, "commit", "moved", detail)
         if outcome in ("unknown", "aborted"):
             return Resolution(mid, journal.phase, "commit", "lost", _lost(journal, outcome))
+        if outcome == LostAfterCommitError.code:
+            # Claimed, then its enclave died (W3): never delivered again; the source goes.
+            _signal_all(journal.fenced, signal.SIGKILL)
+            journal.update(phase="done")
+            return Resolution(
+                mid, journal.phase, "commit", "lost",
+                "the destination's enclave claimed the id and then died: its application "
+                f"runs without it {detail}".strip(),
+            )  # fmt: skip
         return Resolution(
             mid, journal.phase, "commit", "in-doubt",
             f"committed; the destination answered {outcome!r} {detail}".strip(),
