@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import secrets
+import select
 import signal
 import socket
 import ssl
@@ -135,6 +136,8 @@ class IncomingMigration:
         #: Set once an enclave committed or the tree was let run: no abort after that.
         self.no_return = False
         self.rolled_forward = False
+        #: Enclaves whose connection was closed at the far end right after the attach.
+        self.hung_up: list[int] = []
         self.source_host = ""
         self.handlers: dict[str, Callable[[dict[str, Any]], Reply]] = {
             "hello": self._hello,
@@ -646,6 +649,8 @@ class IncomingMigration:
             f"enclave {e.index} (pid {pid})"
             for e, pid in zip(self.enclaves, self.enclave_pids(), strict=True)
             if not _pid_alive(pid)
+            or e.index in self.hung_up
+            or (e.ecall_sock is not None and _hung_up(e.ecall_sock))
         ]
         if self.enclaves and not _platform_alive(self.config.platform_socket):
             gone.append("this host's platform service")
@@ -702,6 +707,8 @@ class IncomingMigration:
         infos = [getattr(e.engine, "info", None) or e.source_info for e in self.enclaves]
         if self.enclaves:
             link.attach(socks, infos)
+        # Whose enclave end is closed (the enclave died): read by _check_activated.
+        self.hung_up = [e.index for e in self.enclaves if _hung_up(e.ecall_sock)]
         for sock in socks:
             sock.close()
         return time.monotonic() - t0
@@ -948,13 +955,32 @@ def _platform_alive(path: Path) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie does not)."""
+    """Whether process ``pid`` runs (a zombie does not).
+
+    The enclave's pid as it reported it: the agent and its platform service share
+    a pid namespace (as the fault hooks assume).  Its connection alone does not
+    tell at once: the sandbox launcher may hold a copy for a moment after it died.
+    """
 
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
     return pid > 0 and stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
+
+
+def _hung_up(sock: socket.socket | None) -> bool:
+    """Whether the enclave at the other end of ``sock`` closed it (it died).
+
+    Polled, never read: the application shares the connection.  Independent of
+    pid namespaces (the enclave's pid may be another namespace's).
+    """
+
+    if sock is None or sock.fileno() < 0:
+        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(0))
 
 
 def _answers(engine: IncomingEnclave) -> bool:
