@@ -187,7 +187,8 @@ def test_sqlite_in_wal_mode_moves_under_a_write_loop(
 ) -> None:
     """Held POSIX locks and the WAL's shared mapping move (CRIU's file locks); nothing lost."""
 
-    args = ["--enclaves", "0", "--sqlite", "/tmp/ledger.db"]  # /tmp: the container's tmpfs
+    # /tmp: the container's tmpfs (runc, podman) or its root file system's rw layer (containerd)
+    args = ["--enclaves", "0", "--sqlite", "/tmp/ledger.db"]
     app = lab.start_app(engine, "kvstore", args, enclaves=False)
     acked = [int(lab.ask(app, f"ROW before-{i}", at="src").split()[1]) for i in range(20)]
     before = ledger(lab, app, "src")
