@@ -68,7 +68,7 @@ def test_pod_settings_round_trip(tmp_path: Path) -> None:
     settings.save(tmp_path)
     assert ContainerSettings.load(tmp_path) == settings
     (tmp_path / "containers.toml").write_text('pod_addresses = "10.250.5.100/24"\n')
-    with pytest.raises(ConfigError, match="list of strings"):
+    with pytest.raises(ConfigError, match="must be a list of"):
         ContainerSettings.load(tmp_path)
 
 
