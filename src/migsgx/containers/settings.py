@@ -129,5 +129,5 @@ class ContainerSettings:
 
 def _strings(key: str, value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{where}: {key} must be a list of non-empty strings")
+        raise ConfigError(f"{where}: {key} must be a list of strings, none empty")
     return tuple(value)
