@@ -237,7 +237,14 @@ def recover_command(
                    "where the workload owns an address that moves with it)")  # fmt: skip
 @click.option("--shell-job", is_flag=True, help="the tree has a controlling terminal")
 @click.option("--live", is_flag=True,
-              help="pre-copy enclave memory while the application runs")  # fmt: skip
+              help="pre-copy enclave memory while the application runs; with a "
+              "process (PID), post-copy its memory too where the hosts allow")  # fmt: skip
+@click.option("--post-copy", is_flag=True,
+              help="move a process's memory after the commit (CRIU lazy pages): short "
+              "downtime, but until its last page arrived the destination needs the "
+              "source (exit 9 if the source is lost then)")  # fmt: skip
+@click.option("--post-copy-port", type=click.IntRange(0, 65535), default=0,
+              help="the port the source serves its memory on (default: any)")  # fmt: skip
 @click.option("--downtime-target", type=float, default=0.05, show_default=True,
               help="--live: seconds the last dirty set may take to send")  # fmt: skip
 @click.option("--max-rounds", type=int, default=30, show_default=True, help="--live: round limit")
@@ -260,6 +267,8 @@ def migrate_command(
     tcp_established: bool | None,
     shell_job: bool,
     live: bool,
+    post_copy: bool,
+    post_copy_port: int,
     downtime_target: float,
     max_rounds: int,
     early_handshake: bool,
@@ -269,7 +278,10 @@ def migrate_command(
     Established TCP connections stay open where the workload owns an address that
     moves with it (a runc container in a pod network namespace, docs/containers.md);
     elsewhere they are closed on the destination (clients reconnect); listeners
-    move.  Containers are found with the engine settings of STATE/containers.toml
+    move.  Exit status: 6 the migration did not happen (the source runs on), 7 in
+    doubt (run migsgx recover), 8 the source ended, 9 the source was lost inside
+    the post-copy window (the application is lost: docs/migration.md).  Containers
+    are found with the engine settings of STATE/containers.toml
     (docs/containers.md).  Run as root on the source host.
     """
 
@@ -319,6 +331,8 @@ def migrate_command(
     )
     if live:
         _live_options(opts, console, downtime_target, max_rounds)
+    opts.post_copy = post_copy or (live and driver == "pid" and _post_copy_here(console))
+    opts.lazy_port = post_copy_port
     if status is not None:
         with status:
             outcome = migrate(opts)
@@ -375,6 +389,9 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
               help="keep the testbed (logs, images) in this directory")  # fmt: skip
 @click.option("--ab-late-handshake", is_flag=True,
               help="A/B: each run also with the handshake inside the freeze")  # fmt: skip
+@click.option("--post-copy", is_flag=True,
+              help="also migrate with --post-copy and with --live (pre-copy, "
+              "then post-copy): their downtime and window")  # fmt: skip
 def bench_process(
     enclave_size: str,
     repeat: int,
@@ -382,24 +399,33 @@ def bench_process(
     as_json: bool,
     keep: Path | None,
     ab_late_handshake: bool,
+    post_copy: bool,
 ) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
     from .lab.bench.process import plot, run
 
     result = run(
-        parse_size(enclave_size), keep=keep, repeat=repeat, ab_late_handshake=ab_late_handshake
+        parse_size(enclave_size),
+        keep=keep,
+        repeat=repeat,
+        ab_late_handshake=ab_late_handshake,
+        post_copy=post_copy,
     )
     if plot_path is not None:
         plot(result, plot_path)
     if as_json:
         _emit(result)
         return
-    for name in ("migsgx", "criu_only"):
+    lazy = ["migsgx_post_copy", "migsgx_live"] if post_copy else []
+    for name in ("migsgx", "criu_only", *lazy):
         r = result[name]
+        window = r.get("post_copy_window_seconds")
         click.echo(
             f"{name:9}: total {r['total_seconds']:.3f} s, downtime {r['downtime_seconds']:.3f} s, "
-            f"{r['bytes'] / (1 << 20):.0f} MiB (medians of {repeat})"
+            f"{r['bytes'] / (1 << 20):.0f} MiB"
+            + (f", window {window:.3f} s" if window is not None else "")
+            + f" (medians of {repeat})"
         )
 
 
@@ -531,6 +557,21 @@ def bench_live(
             ),
         }
     )
+
+
+def _post_copy_here(console: Any) -> bool:
+    """``--live`` with a process: post-copy its memory if this host can serve it."""
+
+    from .containers.postcopy import check_pipe_max_size
+    from .errors import PostCopyUnavailableError
+
+    try:
+        check_pipe_max_size()
+    except PostCopyUnavailableError as exc:
+        console.print(f"post-copy is not possible here ({exc}); the process's memory "
+                      "moves while it is frozen", highlight=False)  # fmt: skip
+        return False
+    return True
 
 
 def _live_options(opts: Any, console: Any, downtime_target: float, max_rounds: int) -> None:

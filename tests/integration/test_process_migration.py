@@ -472,9 +472,11 @@ def scan_files(roots: list[Path], needles: dict[str, bytes]) -> dict[str, list[s
     return hits
 
 
-@pytest.mark.parametrize("live", [False, True], ids=["page-tls", "page-tls-live"])
+@pytest.mark.parametrize(
+    "mode", ["", "--live", "--post-copy"], ids=["page-tls", "page-tls-live", "post-copy"]
+)
 def test_canary_is_in_no_image_stream_log_or_temp_file(
-    bed: Testbed, tmp_path: Path, live: bool
+    bed: Testbed, tmp_path: Path, mode: str
 ) -> None:
     kept = bed.start_agent(args=["--keep-images"])
     secret = b"CANARY-" + secrets.token_hex(16).encode()
@@ -493,7 +495,7 @@ def test_canary_is_in_no_image_stream_log_or_temp_file(
     needles = {"secret": secret, "ordinary": ordinary}
     capture = Capture(bed.host("dst"), needles)
     dump_dir = bed.root / f"tool-dump-{app.marker}"
-    args = ["--keep-images", "--work-dir", str(dump_dir), *(["--live"] if live else [])]
+    args = ["--keep-images", "--work-dir", str(dump_dir), *([mode] if mode else [])]
     run = bed.migrate(app.pid, kept, args=args)
     capture.drain()
     during = dict(capture.found)
@@ -506,13 +508,20 @@ def test_canary_is_in_no_image_stream_log_or_temp_file(
     assert capture.found["ordinary"] > during["ordinary"]
 
     assert capture.found["secret"] == 0
-    assert during["ordinary"] == 0  # the page stream is always in TLS
+    assert during["ordinary"] == 0  # the page stream is always in TLS (post-copy: CRIU's)
 
     (tmp_path / "tool.out").write_text(run.stdout + run.stderr)
     hits = scan_files([bed.root, tmp_path, Path("/dev/shm")], needles)
     assert hits["secret"] == []
-    # The file scan does see what it should: the note moved in the CRIU pages.
-    assert any("pages-" in path for path in hits["ordinary"]), hits["ordinary"]
+    if mode == "--post-copy":
+        assert "post_copy_window" in run.stats
+    if "post_copy_window" in run.stats:  # (--live too, where the host allows post-copy)
+        # No page of the heap went into an image: it was pulled after the commit.
+        assert run.stats["details"]["page_bytes"] == 0
+        assert not any("pages-" in path for path in hits["ordinary"]), hits["ordinary"]
+    else:
+        # The file scan does see what it should: the note moved in the CRIU pages.
+        assert any("pages-" in path for path in hits["ordinary"]), hits["ordinary"]
 
     assert ask_dst(bed, app, "DIGEST") == digest
     assert ask_dst(bed, app, "GET canary") == "VALUE " + secret.hex()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,55 @@ def test_source_lost_has_its_own_exit_status_and_code() -> None:
     assert _exit_code(PostCopyUnavailableError("small pipes")) == EXIT_MIGRATION
     for cls in (PostCopyError, PostCopyUnavailableError, SourceLostError):
         assert type(error_from_wire(cls.code, "x")) is cls
+
+
+# --- the lazy dump in a migration (agent/lazy.py) ----------------------------------------------
+def test_lazy_dump_returns_once_post_dump_returned(tmp_path: Path) -> None:
+    """The dump goes on (serving pages) after ``post-dump``; the caller goes on too."""
+
+    import threading
+
+    from migsgx.agent.lazy import LazyDump
+
+    served = threading.Event()
+    seen: list[str] = []
+
+    def dump(on_dumped: Callable[[], None]) -> None:
+        on_dumped()
+        served.wait(10)  # CRIU serving pages until the destination has them all
+
+    lazy = LazyDump(dump, lambda: seen.append("post-dump"), tmp_path)
+    lazy.wait_dumped()
+    assert seen == ["post-dump"] and lazy.thread.is_alive()
+    assert not lazy.finish(0.01)
+    served.set()
+    assert lazy.finish(10) and lazy.error is None
+
+
+def test_lazy_dump_raises_what_ended_it_before_post_dump_returned(tmp_path: Path) -> None:
+    from migsgx.agent.lazy import LazyDump
+
+    def veto() -> None:
+        raise PostCopyError("the enclaves did not load")
+
+    def dump(on_dumped: Callable[[], None]) -> None:
+        try:
+            on_dumped()
+        except PostCopyError as exc:  # CRIU resumes the tree and fails the dump
+            raise CriuError("post-dump callback failed") from exc
+
+    lazy = LazyDump(dump, veto, tmp_path)
+    with pytest.raises(CriuError):
+        lazy.wait_dumped()
+    lazy.stop()  # nothing to end: returns at once
+
+
+def test_the_post_copy_messages_are_in_the_schema() -> None:
+    from migsgx.agent.protocol import CONTROL
+    from migsgx.errors import FrameError
+
+    CONTROL.validate({"t": "restore", "lazy_port": 4002})
+    CONTROL.validate({"t": "restore"})
+    CONTROL.validate({"t": "window", "seconds": 1.5})
+    with pytest.raises(FrameError):
+        CONTROL.validate({"t": "restore", "lazy_port": "4002"})

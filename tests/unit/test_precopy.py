@@ -113,7 +113,11 @@ class Pair:
                     t.join(10)
                 assert not errors, errors
                 return None
-            return receive(self.into)
+            received = receive(self.into)
+            # The source returns once its ring drained: let it, before the rings close.
+            for t in threads:
+                t.join(10)
+            return received
         finally:
             for ring in (a_cons, b_prod, a_prod, b_cons):
                 ring.close()

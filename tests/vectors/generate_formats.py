@@ -550,19 +550,27 @@ def agent_cases() -> list[dict[str, Any]]:
         "page_tls": True,
     }
     begin_runc = {**begin, "driver": "runc", "target": {"id": "web"}, "page_server": False}
+    # Post-copy: no page server; CRIU's lazy pages after the commit (migration.md).
+    begin_lazy = {**begin, "page_server": False, "post_copy": True}
+    restore_lazy = {"t": "restore", "lazy_port": 4002}
+    window = {"t": "window", "seconds": 1.5}
+    named = {id(begin_runc): "-runc", id(begin_lazy): "-post-copy", id(restore_lazy): "-lazy"}
     image = {"t": "image", "name": "core-1.img", "data": b"\x01\x02"}
     done = {"t": "images_done", "files": 1, "bytes": 2}
     steps = [hello, begin, {"t": "enclaves_done"}, image, done, {"t": "restore"}, {"t": "resume"}]
     for msg in [
         *steps,
         begin_runc,
+        begin_lazy,
+        restore_lazy,
+        window,
         {"t": "abort", "reason": "operator"},
         {"t": "ready", "data_port": 4000, "page_port": 4001, "data_key": data_key},
         {"t": "err", "code": "agent-refused", "message": "pid 7 is in use"},
     ]:
         out.append(
             frame_case(
-                f"control-{msg['t']}" + ("-runc" if msg is begin_runc else ""),
+                f"control-{msg['t']}" + named.get(id(msg), ""),
                 "agent-control",
                 frame(msg),
                 ok_frame(msg),

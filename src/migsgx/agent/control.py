@@ -49,13 +49,19 @@ class AgentConnection:
 
     def call(self, msg: Mapping[str, Any], expect: str) -> dict[str, Any]:
         self.send(msg)
+        return self.receive(str(msg["t"]), expect)
+
+    def receive(self, request: str, expect: str) -> dict[str, Any]:
+        """The next answer to ``request`` (a second one, for post-copy's ``window``)."""
+
         try:
             reply = recv_frame(self.sock, CONTROL, max_size=CONTROL_FRAME_MAX)
         except (MigSGXError, OSError) as exc:
-            raise AgentError(f"no answer to {msg['t']} from the destination: {exc}") from exc
+            raise AgentError(f"no answer to {request} from the destination: {exc}") from exc
         if reply["t"] == "err":
             raise RefusedError(
-                f"destination: {msg['t']} failed: [{reply['code']}] {reply['message']}"
+                f"destination: {request} failed: [{reply['code']}] {reply['message']}",
+                remote_code=reply["code"],
             )
         if reply["t"] != expect:
             raise ProtocolError(f"expected {expect}, the destination sent {reply['t']}")

@@ -9,7 +9,9 @@ exists (a test looks at it in that state, then lets it go); any other action
 is returned to the caller, which knows what it means there (``corrupt``
 before a restore or of the page stream, ``kill-after-bytes=N`` while an
 enclave stream comes in, ``kill-source`` at a point of the tool: SIGKILL to
-the source application, for example).
+the source application, for example; ``kill-criu`` after the commit point of
+a post-copy migration: SIGKILL to the source's CRIU, the only server of the
+pages still missing).
 Unset, every point is a no-op.
 """
 
@@ -47,6 +49,7 @@ POINTS: Final = frozenset(
         "restore.loaded",  # restore: the same step, right before the activation
         "restore.activated",  # restore: the enclaves activated, the tree not running, not attached
         "tool.before-dump",  # the enclaves stream, CRIU has not started
+        "tool.before-restore",  # post-copy: the lazy dump serves, no restore asked yet
         "tool.before-commit",
         "tool.after-commit",
         "tool.before-token",  # each COMMIT token, before it goes on the data connection

@@ -8,8 +8,9 @@ through a pipe what happened: ``thaw FILE`` before a container's cgroup is
 frozen for its checkpoint (FILE is the cgroup's freezer control), ``netup
 NETNS`` before a container that owns its address is cut off the network,
 ``ungate NETNS PORT,...`` before new connections to a container's listeners
-are dropped, ``fence
-PID...`` once the source tree got its SIGSTOP, ``resume-sent`` once a tree
+are dropped, ``fence PID...`` once the source tree got its SIGSTOP, ``criu
+PID...`` for post-copy's lazy dump (which holds the tree while it serves
+pages), ``resume-sent`` once a tree
 without enclaves passed its commit point, ``done`` when the migration ended
 either way.
 
@@ -239,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             _recover(Path(path))
         return 0
     _log("the tool died before the commit point: resuming the source")
+    # Post-copy: the tool's CRIU still holds the tree (it may wait for a page
+    # connection that never comes); it must let go before SIGCONT can stick.
+    criu = [int(p) for n in notes if n.startswith("criu ") for p in n.split()[1:]]
+    for pid in criu:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     try:
         for path in locked:
             try:

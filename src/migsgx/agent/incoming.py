@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from ..containers import Driver, HostConfig, Restored, RestoreRequest, make_driver
+from ..containers.postcopy import PostCopyRestore, check_pipe_max_size
 from ..criu.pageserver import PageServer, page_bytes
 from ..datapath.engine import IncomingEnclave
 from ..errors import ConnectionClosedError, FrameError, MigSGXError, ProtocolError
@@ -42,6 +43,7 @@ from .applink import AppLink
 from .config import AgentHost
 from .datalink import KEY_SIZE, accept_data, check_pinned
 from .faults import corrupting_relay, fault, kill_dead, socket_owner
+from .lazy import Window
 from .protocol import (
     CONTROL,
     CONTROL_FRAME_MAX,
@@ -107,6 +109,9 @@ class IncomingMigration:
         self.tcp_close = False
         self.page_tls = False
         self.page_server = True
+        #: Post-copy: the tree is restored with CRIU lazy pages from the source.
+        self.post_copy = False
+        self.window: Window | None = None
         self.driver: Driver | None = None
         self.target: dict[str, Any] = {}
         self.restored: Restored | None = None
@@ -252,6 +257,13 @@ class IncomingMigration:
         if self.page_server and not self.page_tls:
             # An unauthenticated page stream could change the process's memory unseen.
             raise ProtocolError("pages travel only in TLS: a plain page server is refused")
+        self.post_copy = bool(msg.get("post_copy"))
+        if self.post_copy:
+            if driver != "pid" or self.page_server or not self.page_tls:
+                raise ProtocolError(
+                    "post-copy is for the pid driver, in TLS, without a page server"
+                )
+            check_pipe_max_size()  # before the source freezes anything
         self.session_id = session_id
         self.images_dir = self.agent.session_dir(session_id)
         local = str(self.tls.getsockname()[0])
@@ -337,14 +349,17 @@ class IncomingMigration:
         _inject(action, self)
         corrupt = action == "corrupt"
         t0 = time.monotonic()
-        restored = self.driver.restore(
-            RestoreRequest(
-                images=self.images_dir,
-                target=self.target,
-                tcp_close=self.tcp_close,
-                before=_corrupt_images if corrupt else None,
+        if self.post_copy:
+            restored = self._restore_lazy(msg.get("lazy_port"), corrupt)
+        else:
+            restored = self.driver.restore(
+                RestoreRequest(
+                    images=self.images_dir,
+                    target=self.target,
+                    tcp_close=self.tcp_close,
+                    before=_corrupt_images if corrupt else None,
+                )
             )
-        )
         self.restored = restored
         pid = self.root = restored.pid
         for adopted in (pid, *restored.adopt):
@@ -353,6 +368,8 @@ class IncomingMigration:
         _inject(fault("agent.after-restore"), self)
         # Right before the source may commit: every loaded copy must still be there.
         self._check_enclaves_alive()
+        if self.window is not None and not self.window.post.serving:
+            raise AgentError("the source stopped serving process pages before the commit point")
         seconds = time.monotonic() - t0
         self.agent.metrics.observe_phase("restore", seconds)
         log.info(
@@ -361,22 +378,58 @@ class IncomingMigration:
         )  # fmt: skip
         return {"t": "restored", "pid": pid, "seconds": seconds}
 
+    def _restore_lazy(self, port: Any, corrupt: bool) -> Restored:
+        """The tree from the images, held; its private memory stays on the source."""
+
+        assert self.images_dir is not None
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise ProtocolError("post-copy: restore names the port the source serves pages on")
+        if corrupt:
+            _corrupt_images(self.images_dir)
+        ident = self.config.identity
+        # Pages come only from the authenticated peer of this session, in TLS.
+        post = PostCopyRestore(
+            self.config.criu, self.images_dir, (self.peer, port),
+            tls=(ident.ca, ident.cert, ident.key),
+        )  # fmt: skip
+        self.window = Window(post, self.config.io_timeout, self.tag)
+        pid = post.restore(run=False, file_locks=True, tcp_close=self.tcp_close)
+        return Restored(pid=pid, label=f"process {pid}")
+
     def _resume(self, msg: dict[str, Any]) -> Reply:
         t0 = time.monotonic()
         _inject(fault("agent.before-resume"), self)
         self._pass_on(msg.get("tokens"))
         self._wait_judged(self.config.io_timeout)
-        attach_seconds = self._resume_tree(self.config.io_timeout)
-        self._cleanup()
+        try:
+            attach_seconds = self._resume_tree(self.config.io_timeout)
+        except MigSGXError:
+            if self.window is not None and self.window.watching:
+                self.window.wait()  # a tree that died of a lost source: say so
+            raise
         assert self.root is not None
         log.info("migration %s: resumed pid %d", self.tag, self.root)
         self.agent.metrics.observe_phase("resume", time.monotonic() - t0)
-        return {
+        resumed = {
             "t": "resumed",
             "seconds": time.monotonic() - t0,
             "attach_seconds": attach_seconds,
             "pid": self.root,
         }
+        if self.window is None:
+            self._cleanup()
+            return resumed
+        # Post-copy: the tool hears "resumed" at once, then whether the window closed.
+        try:
+            send_frame(self.tls, resumed, max_size=CONTROL_FRAME_MAX)
+        except (MigSGXError, OSError) as exc:  # the tree runs and its window is watched
+            log.warning("migration %s: the tool did not hear resumed: %s", self.tag, exc)
+        try:
+            report = self.window.wait()
+        finally:
+            self._cleanup()
+        self.agent.metrics.observe_phase("post_copy_window", report.window_seconds)
+        return {"t": "window", "seconds": report.window_seconds}
 
     def _redeliver(self, msg: dict[str, Any]) -> Reply:
         """A fresh enclave for one whose copy was lost after LOADED, before its claim.
@@ -593,7 +646,10 @@ class IncomingMigration:
         self.no_return = True
         if self.restored is not None and self.restored.before_resume is not None:
             self.restored.before_resume()
-        continue_tree(self.root)
+        if self.window is not None:
+            self.window.run()  # its missing pages come from the source from now on
+        else:
+            continue_tree(self.root)
         t0 = time.monotonic()
         link = AppLink.find(self.root)
         if link is None:
@@ -653,6 +709,8 @@ class IncomingMigration:
         self.settled.set()
 
     def _teardown(self) -> None:
+        if self.window is not None:
+            self.window.close()  # (a running tree's window closes on its own)
         for sock in self._listeners:
             with contextlib.suppress(OSError):
                 sock.close()

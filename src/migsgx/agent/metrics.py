@@ -27,7 +27,7 @@ __all__ = ["OUTCOMES", "PHASES", "AgentMetrics"]
 #: How a migration into this host ended.
 OUTCOMES: Final = ("committed", "aborted", "rolled_forward", "failed")
 #: Phases timed on the destination.
-PHASES: Final = ("enclave_receive", "images", "restore", "resume")
+PHASES: Final = ("enclave_receive", "images", "restore", "resume", "post_copy_window")
 BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 MAX_LABEL: Final = 64
 

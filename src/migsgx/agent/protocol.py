@@ -114,11 +114,13 @@ CONTROL = Schema(
             "driver": (str, NONE),  # what migrates: "pid", "runc", "podman" (migsgx.containers)
             "target": (dict, NONE),  # the driver's description of it (e.g. {"id": ...})
             "page_server": (bool, NONE),  # whether the tool's CRIU connects to the page server
+            "post_copy": (bool, NONE),  # process pages pulled lazily after the commit
         },
         "enclaves_done": {},
         "image": {"name": str, "data": bytes},
         "images_done": {"files": int, "bytes": int},
-        "restore": {},
+        # Post-copy: the port the source's CRIU serves lazy pages on (at the tool's address).
+        "restore": {"lazy_port": (int, NONE)},
         # Optional: the COMMIT tokens (one per enclave, b"" for none) delivered again.
         "resume": {"tokens": (list, NONE)},
         # The source committed, but enclave ``index``'s copy did not confirm that it runs.
@@ -134,6 +136,8 @@ CONTROL = Schema(
         "images_ok": {"page_bytes": int, "seconds": NUMBER},
         "restored": {"pid": int, "seconds": NUMBER},
         "resumed": {"seconds": NUMBER, "attach_seconds": NUMBER, "pid": int},
+        # Post-copy, after "resumed": the last page arrived (or "err" post-copy-source-lost).
+        "window": {"seconds": NUMBER},
         # data_port 0: that enclave still waits (or decided); else a fresh one listens there.
         "redelivery": {"data_port": int},
         "aborted": {"held": (bool, NONE)},  # held: kept in doubt (a copy past LOADED)

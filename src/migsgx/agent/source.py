@@ -15,6 +15,13 @@
    resumes the source, the enclaves abort, their connections go back to the
    application, the destination kills what it held.
 
+With ``post_copy`` (:mod:`.lazy`) step 3 splits: ``post-dump`` only finishes
+the enclaves, moves the images and fences the tree; CRIU then serves the
+process's private memory, the destination restores (held) with lazy pages, the
+enclaves commit, the tree runs there and pulls what is missing, and the
+destination's ``window`` answer ends the migration (the source tree is killed
+then: CRIU leaves it stopped, never killed, as the commit may still fail).
+
 For a tree without enclaves the commit point is the ``resume`` request: once
 it is sent, the source is never resumed by this tool (it stays stopped if the
 answer is lost, to be resumed by hand only if the destination did not run).
@@ -44,6 +51,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
+from ..containers.postcopy import check_pipe_max_size
 from ..core.rounds import StopRules
 from ..criu import Criu, DumpCancel
 from ..datapath.engine import OutgoingEnclave
@@ -53,8 +61,10 @@ from ..errors import (
     InDoubtError,
     MigrationError,
     MigSGXError,
+    PostCopyUnavailableError,
     ProtocolError,
     SourceGoneError,
+    SourceLostError,
 )
 from ..host.appctl import info_to_wire
 from ..system.process import is_pidns_init, process_state, stop_tree, tree_pids
@@ -65,6 +75,7 @@ from .datalink import open_data
 from .faults import fault, flipping_relay, kill_dead, socket_owner
 from .guardian import Guardian
 from .journal import Journal
+from .lazy import LazyDump
 from .precopy import RoundReport
 from .protocol import (
     IMAGE_CHUNK,
@@ -109,6 +120,9 @@ class MigrateOptions:
     live: bool = False
     stop_rules: StopRules | None = None
     round_report: RoundReport | None = None
+    # Post-copy (agent/lazy.py): the process's private memory follows after the commit.
+    post_copy: bool = False
+    lazy_port: int = 0  # where the source's CRIU serves it (0: a port the kernel picks)
     # Stop-and-copy: the destination enclaves launch and attest before the freeze.
     early_handshake: bool = True
 
@@ -154,6 +168,8 @@ class _Migration:
         self.in_doubt = False
         self.data_key = b""
         self._journal_lock = threading.Lock()
+        self.lazy: LazyDump | None = None
+        self.window_seconds: float | None = None
         #: A failed enclave stream stops CRIU's dump at once (the source runs again).
         self.cancel = DumpCancel()
 
@@ -174,8 +190,16 @@ class _Migration:
         if not pids:
             raise MigrationError(f"no process {pid} ({source.label})")
         pidns = is_pidns_init(pid)
-        # Pages travel only integrity-protected: TLS to a page server, or the TLS channel.
-        self.page_server = self.driver.uses_page_server(True)
+        if opts.post_copy:
+            if self.driver.name != "pid":
+                raise PostCopyUnavailableError(
+                    f"post-copy moves a process tree (driver pid), not a {self.driver.name} "
+                    "container: migrate it without --post-copy"
+                )
+            check_pipe_max_size()  # before anything is frozen
+        # Pages travel only integrity-protected: TLS to a page server, or the TLS channel
+        # (post-copy: CRIU's own TLS from the source's lazy server).
+        self.page_server = self.driver.uses_page_server(True) and not opts.post_copy
         self.control = control = AgentConnection(opts.to, opts.identity, opts.io_timeout)
         try:
             control.call({"t": "hello", "version": VERSION, "host_id": _host_id(opts)}, "welcome")
@@ -229,7 +253,7 @@ class _Migration:
                 gone = undecided and not _alive(pid)
                 if undecided:
                     self._roll_back(exc, source_gone=gone)
-                elif self.committed:
+                elif self.committed and not isinstance(exc, SourceLostError):
                     self.in_doubt = True
                 if gone and isinstance(exc, Exception):
                     # Whatever failed first, the reason is that the application ended.
@@ -264,12 +288,14 @@ class _Migration:
             "pids": pids,
             "pidns": pidns,
             "tcp_close": self.opts.tcp_close and not self.tcp_keep,
-            "page_tls": self.page_server,
+            "page_tls": self.page_server or self.opts.post_copy,  # (post-copy: CRIU's TLS)
         }
         if self.driver.name != "pid":
             begin.update(driver=self.driver.name, target=self.source.target)
         if not self.page_server:
             begin["page_server"] = False
+        if self.opts.post_copy:
+            begin["post_copy"] = True
         return begin
 
     # --- enclaves ----------------------------------------------------------------------------
@@ -450,18 +476,28 @@ class _Migration:
         assert self.source is not None
         plan = DumpPlan(
             images=dump_dir,
-            page_server=(opts.to[0], int(ready["page_port"])) if self.page_server else None,
+            page_server=(
+                (opts.to[0], int(ready["page_port"]))
+                if self.page_server
+                else ("", opts.lazy_port)
+                if opts.post_copy
+                else None
+            ),
             page_tls=(ident.ca, ident.cert, ident.key),
             tcp_close=opts.tcp_close and not self.tcp_keep,
             tcp_keep=self.tcp_keep,
             shell_job=opts.shell_job,
             note=self._guardian_note,
             may_resume=lambda: not self.committed and not self.resume_sent,
+            lazy=opts.post_copy,
             cancel=self.cancel,
         )
         self.note("dump")
         try:
-            self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
+            if opts.post_copy:
+                self._dump_lazy(dump_dir, plan)
+            else:
+                self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
         except MigSGXError as exc:
             if not self.cancel.cancelled:
                 raise
@@ -479,6 +515,71 @@ class _Migration:
                     ) from exc
             raise
         self.note("end")
+
+    def _dump_lazy(self, dump_dir: Path, plan: DumpPlan) -> None:
+        """Post-copy (agent/lazy.py): restore and commit after ``post-dump``, pages last."""
+
+        source = self.source
+        assert source is not None
+        self.lazy = lazy = LazyDump(
+            lambda on_dumped: self.driver.dump(source, plan, on_dumped),
+            lambda: self._on_dumped(dump_dir),
+            dump_dir,
+        )
+        lazy.wait_dumped()  # (a failure there: CRIU resumed the tree, still fenced by nobody)
+        # If this tool dies before the commit point, the guardian ends the CRIU
+        # that holds the tree (it may wait for a destination that never comes).
+        self._guardian_note("criu " + " ".join(map(str, lazy.criu_pids())))
+        # (CRIU logs the port only when the kernel picked it)
+        port = self.opts.lazy_port or lazy.port(timeout=self.opts.io_timeout)
+        self._fault("tool.before-restore")
+        self._restore({"t": "restore", "lazy_port": port})
+        self._inject(self._fault("tool.before-commit"))
+        if lazy.error is not None:
+            # The only server of the tree's memory is gone: nothing may commit.
+            raise MigrationError(f"the source's CRIU stopped serving pages: {lazy.error}")
+        self._commit()
+        self.note("resumed")
+        self._window()
+
+    def _window(self) -> None:
+        """Until the destination has every page: its word, not CRIU's, ends the migration."""
+
+        assert self.control is not None and self.lazy is not None and self.source is not None
+        # The destination bounds the window itself (its I/O timeout) and always
+        # answers; a dead peer is found by TCP keep-alive, not by a time limit here.
+        self.control.sock.settimeout(None)
+        try:
+            reply = self.control.receive("resume", "window")
+        except MigSGXError as exc:
+            if exc.context.get("remote_code") == SourceLostError.code:
+                self._source_lost(exc)
+            self._end_source()
+            raise InDoubtError(
+                "the source enclaves committed and the destination tree ran, but the "
+                f"destination did not report its process pages complete ({exc}); "
+                "the source tree was killed"
+            ) from exc
+        self.window_seconds = float(reply["seconds"])
+        self._end_source()
+
+    def _source_lost(self, exc: MigSGXError) -> None:
+        self._end_source()
+        raise SourceLostError(
+            "the source stopped serving process pages inside the post-copy window, after "
+            f"the commit point ({exc}); the destination killed its tree: the application "
+            "is lost"
+        ) from exc
+
+    def _end_source(self) -> None:
+        """Committed: the source tree (stopped since the fence) never runs again."""
+
+        assert self.lazy is not None
+        if not self.lazy.finish(5.0):
+            self.lazy.stop()
+        for pid in self.fenced:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def _fault(self, point: str) -> str | None:
         """A fault point of the tool; ``kill-source`` there SIGKILLs the source application.
@@ -507,11 +608,26 @@ class _Migration:
         self._finish_enclaves()
         self._stream_images(dump_dir)
         self.note("images_sent")
-        restored = self.control_call({"t": "restore"}, "restored")
+        if self.opts.post_copy:
+            # CRIU serves the pages once this returns, and may then resume the
+            # tree on an error: the fence keeps it stopped until decided.
+            self._fence()
+            return
+        self._restore({"t": "restore"})
+        self._fence()
+        self._inject(self._fault("tool.before-commit"))
+        self._commit()
+        self.note("resumed")
+
+    def _restore(self, request: dict[str, Any]) -> None:
+        restored = self.control_call(request, "restored")
         self.restored_pid = int(restored["pid"])
         self.stats["restore"] = float(restored["seconds"])
         self.note("restored")
-        # The fence: from here on the source never runs again unless rolled back.
+
+    def _fence(self) -> None:
+        """From here on the source never runs again unless rolled back."""
+
         assert self.source is not None
         self.fenced = tree_pids(self.source.root)
         stop_tree(self.fenced)
@@ -519,9 +635,6 @@ class _Migration:
             self.guardian.note("fence " + " ".join(map(str, self.fenced)))
         if self.journal is not None:
             self.journal.update(fenced=self.fenced, phase="fenced")
-        self._inject(self._fault("tool.before-commit"))
-        self._commit()
-        self.note("resumed")
 
     def _stream_images(self, dump_dir: Path) -> None:
         files = sorted(p for p in dump_dir.iterdir() if p.is_file() and p.name not in _LOCAL_ONLY)
@@ -562,6 +675,8 @@ class _Migration:
             try:
                 reply = self.control_call({"t": "resume", "tokens": tokens}, "resumed")
             except MigSGXError as exc:
+                if self.lazy is not None and exc.context.get("remote_code") == SourceLostError.code:
+                    self._source_lost(exc)
                 raise InDoubtError(
                     "the source enclaves committed, but the destination did not confirm that "
                     f"it runs ({exc}); the source stays stopped: run migsgx recover"
@@ -624,6 +739,8 @@ class _Migration:
             kill_dead([self.guardian.proc.pid])
         elif action == "kill-source-enclave":
             kill_dead([t.handed.info.pid for t in self.transfers])
+        elif action == "kill-criu" and self.lazy is not None:
+            self.lazy.stop()  # post-copy: the only server of the pages still missing dies
         elif action == "kill-source-platform":
             kill_dead([socket_owner(self.opts.identity.directory.parent / "enclave.sock")])
 
@@ -674,6 +791,8 @@ class _Migration:
                 reply = self.control.call(abort, "aborted")
                 if not reply.get("held") and self.journal is not None:
                     self.journal.update(phase="done")  # the destination kept nothing
+        if self.lazy is not None:
+            self.lazy.stop()  # CRIU lets go of the tree before it is thawed
         for pid in self.fenced:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
@@ -711,6 +830,9 @@ class _Migration:
         }
         if self.opts.live:
             figures["precopy"] = span("precopy", "precopied")
+        if self.opts.post_copy:
+            # From the destination tree's start to its last page: it needs the source.
+            figures["post_copy_window"] = self.window_seconds
         figures["details"] = {
             "commit": span("restored", "committed"),
             "resume": span("committed", "resumed"),

@@ -111,6 +111,10 @@ class DumpPlan:
     shell_job: bool = False
     #: Established connections move and stay open (the workload's address moves too).
     tcp_keep: bool = False
+    #: Post-copy (drivers that can): CRIU serves private memory lazily on a port
+    #: of its own after ``on_dumped`` and leaves the tree stopped, never killed;
+    #: the engine kills it once committed (``page_server`` is unused).
+    lazy: bool = False
     #: Tells the guardian how to undo a step if the tool dies (``thaw PATH``).
     note: Callable[[str], None] = field(default=lambda _line: None)
     #: Whether the source may still run again (False once past the commit point).

@@ -6,7 +6,9 @@ mutual TLS when asked).  ``on_dumped`` runs in CRIU's ``post-dump``
 notification, with the tree frozen: if it raises, CRIU resumes the tree
 (the veto); if it returns, CRIU kills it.  The destination restores the tree
 with ``leave_stopped``: CRIU queues a SIGSTOP to every task while it still
-traces them.
+traces them.  With ``DumpPlan.lazy`` (post-copy) the dump keeps private memory
+out of the images and serves it after ``on_dumped`` returned, then leaves the
+tree stopped (the destination restores it with :mod:`.postcopy`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from ..criu import InTaskNamespaces
+from ..criu import Criu, InTaskNamespaces
 from ..errors import MigrationError, ProtocolError
 from ..system.process import kill_tree, tree_pids
 from .base import DumpPlan, HostConfig, Restored, RestoreRequest, Source
+from .postcopy import check_pipe_max_size
 
 __all__ = ["PidDriver"]
 
@@ -51,13 +54,26 @@ class PidDriver:
             if script == "post-dump":
                 on_dumped()
 
-        self.host.criu.dump(
+        page_server = plan.page_server
+        criu = self.host.criu
+        if plan.lazy:
+            check_pipe_max_size()
+            # CRIU answers the dump only once every page was served: a time limit
+            # there would end the only server of a committed tree's memory.
+            criu = Criu(criu.binary, timeout=None, log_level=criu.log_level)
+            # CRIU listens on the plan's port (0: the kernel picks one) at any
+            # address of the tree's network namespace, and leaves the tree
+            # stopped once served.
+            page_server = plan.page_server or ("", 0)
+            extra["leave_stopped"] = True
+        criu.dump(
             source.root,
             plan.images,
             leave_running=False,
             shell_job=plan.shell_job,
             file_locks=True,  # held POSIX and flock locks (sqlite in WAL mode) move with it
-            page_server=plan.page_server,
+            lazy_pages=plan.lazy,
+            page_server=page_server,
             notify=notify,
             enter=InTaskNamespaces(source.root),
             extra=extra,

@@ -64,9 +64,7 @@ _PORT_LINE: Final = re.compile(rb"Using (\d+) port")
 Tls = tuple[Path, Path, Path]  # (CA certificate, certificate, key)
 
 
-def check_pipe_max_size(
-    path: Path = PIPE_MAX_SIZE_PATH, needed: int = PIPE_MAX_SIZE_NEEDED
-) -> int:
+def check_pipe_max_size(path: Path = PIPE_MAX_SIZE_PATH, needed: int = PIPE_MAX_SIZE_NEEDED) -> int:
     """Raise :class:`PostCopyUnavailableError` naming the fix if pipes are too small.
 
     Checked at run time, before anything is frozen, because a host can lose
@@ -242,12 +240,21 @@ class PostCopyRestore:
                     log_path=str(self.log),
                 )
 
-    def restore(self, notify: NotifyCallback | None = None) -> int:
+    def restore(
+        self,
+        notify: NotifyCallback | None = None,
+        *,
+        run: bool = True,
+        file_locks: bool = False,
+        tcp_close: bool = False,
+    ) -> int:
         """Restore the tree and let it run; returns its root pid.  The window opens here.
 
         CRIU leaves the tree stopped; the daemon's userfaultfds are taken
         before it runs, so no instant exists in which a lost source could make
         it read zeros.  If the daemon is already gone, the tree never runs.
+        With ``run`` False the tree stays held (a migration commits first) and
+        :meth:`run` lets it go.
         """
 
         t0 = time.monotonic()
@@ -259,7 +266,8 @@ class PostCopyRestore:
                 log_file="restore.log",
                 notify=notify,
                 enter=self.enter,
-                extra={"leave_stopped": True},
+                file_locks=file_locks,
+                extra={"leave_stopped": True, **({"tcp_close": True} if tcp_close else {})},
             )
         except CriuError as exc:
             # CRIU killed what it had restored.  If the daemon failed too, it
@@ -292,10 +300,23 @@ class PostCopyRestore:
                 "the destination tree was killed",
                 log_path=str(self.log),
             )
-        self._started = time.monotonic()
-        self._restore_seconds = self._started - t0
-        continue_tree(pid)
+        self._restore_seconds = time.monotonic() - t0
+        if run:
+            self.run()
         return pid
+
+    def run(self) -> None:
+        """Let the held tree run: from here its missing pages come from the source."""
+
+        assert self.root is not None
+        self._started = time.monotonic()
+        continue_tree(self.root)
+
+    @property
+    def serving(self) -> bool:
+        """Whether the daemon still runs or ended with every page (not on an error)."""
+
+        return self.daemon.poll() in (None, 0)
 
     def wait(self, timeout: float, *, on_lost: Callable[[], None] | None = None) -> WindowReport:
         """Wait until every page arrived; the window closes.
@@ -310,8 +331,7 @@ class PostCopyRestore:
         except subprocess.TimeoutExpired:
             self._lose(on_lost)
             raise SourceLostError(
-                f"process pages still missing after {timeout} s; the destination tree "
-                "was killed",
+                f"process pages still missing after {timeout} s; the destination tree was killed",
                 log_path=str(self.log),
             ) from None
         if code != 0:

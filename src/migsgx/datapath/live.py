@@ -171,7 +171,10 @@ class LiveOutgoingEnclave(OutgoingEnclave):
             figures: dict[str, Any] = _call_beside(
                 self.link, mover, "__mig_repair", segments, self.chunk_size
             )
-            mover.join()
+            try:
+                mover.join()
+            except OSError as exc:
+                raise MigrationError(f"the peer connection failed: {exc}") from exc
         finally:
             ring.close()
         return figures

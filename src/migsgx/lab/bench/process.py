@@ -9,7 +9,13 @@ and, in the same run:
   the digests of both memories are checked on the destination;
 * ``criu_only``: a plain process holding 2 x SIZE of ordinary memory migrates
   with CRIU alone: ``criu page-server`` on the destination, dump, copy of the
-  other images, restore.
+  other images, restore;
+* ``migsgx_post_copy`` and ``migsgx_live`` (with ``--post-copy``): the
+  ``migsgx`` workload again with ``migsgx migrate --post-copy``, and with
+  ``--live`` (enclave pre-copy, then post-copy of the process); besides the
+  downtime each reports ``post_copy_window_seconds``, from the destination
+  tree's start to its last page (the time in which a lost source loses the
+  application).
 
 Both move about the same number of bytes.  Requires root (namespaces, CRIU).
 The command itself is ``migsgx bench process`` (:mod:`migsgx.cli_migrate`).
@@ -82,6 +88,8 @@ def _migsgx(bed: Testbed, size: int, args: tuple[str, ...] = ()) -> dict[str, An
     finally:
         agent.stop()
     figures = migration_figures(stats, rows, run.seconds)
+    if stats.get("post_copy_window") is not None:
+        figures["post_copy_window_seconds"] = float(stats["post_copy_window"])
     cpu = {"tool": tool_cpu, "agent": agent_cpu, **enclave_cpu(stats)}  # tool, agent: with CRIU
     return {**figures, "page_tls": True, "cpu_by_process": cpu}
 
@@ -186,14 +194,16 @@ def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, An
     }
 
 
-def one_run(bed: Testbed, size: int, ab_late_handshake: bool = False) -> dict[str, Any]:
+def one_run(
+    bed: Testbed, size: int, ab_late_handshake: bool = False, post_copy: bool = False
+) -> dict[str, Any]:
     """migsgx and CRIU alone back to back, with the ratios of the pair.
 
     With ``ab_late_handshake``, also migsgx with its destination enclaves
     launched and attested inside the freeze (``--late-handshake``, as before the
     early handshake), right after: ``migsgx_late_handshake`` and the paired
     ratios ``early_handshake_total_speedup`` and ``early_handshake_downtime_speedup``
-    (late / early).
+    (late / early).  With ``post_copy``, also ``--post-copy`` and ``--live``.
     """
 
     migsgx = _migsgx(bed, size)
@@ -208,6 +218,15 @@ def one_run(bed: Testbed, size: int, ab_late_handshake: bool = False) -> dict[st
             ),
         }
     plain = criu_only(bed, 2 * size)
+    if post_copy:
+        lazy = _migsgx(bed, size, ("--post-copy",))
+        live = _migsgx(bed, size, ("--live",))
+        extra.update(
+            migsgx_post_copy=lazy,
+            migsgx_live=live,
+            post_copy_over_migsgx_downtime=lazy["downtime_seconds"] / migsgx["downtime_seconds"],
+            live_over_migsgx_downtime=live["downtime_seconds"] / migsgx["downtime_seconds"],
+        )
     return {
         **extra,
         "migsgx": migsgx,
@@ -226,6 +245,7 @@ def run(
     keep: Path | None = None,
     repeat: int = 3,
     ab_late_handshake: bool = False,
+    post_copy: bool = False,
 ) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
@@ -237,7 +257,7 @@ def run(
     try:
         with Testbed(root, subnet=subnet) as bed:
             for _ in range(repeat):
-                runs.append(one_run(bed, size, ab_late_handshake))
+                runs.append(one_run(bed, size, ab_late_handshake, post_copy))
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
