@@ -20,7 +20,8 @@ Destination (:func:`take`): a namespace of its own with ``eth0`` (a veth
 whose other end joins the host's bridge) holding the same address and MAC;
 ``arp_notify`` announces it as ``eth0`` comes up, so switches and peers learn
 the new port.  Until the commit its firewall drops every IP packet on ``eth0``
-(:func:`open_taken` lifts it just before the container runs): a client's
+and it answers no ARP (:func:`open_taken` lifts both just before the container
+runs, and announces the address, :func:`announce`): a client's
 packet that arrived before CRIU restored its socket would draw a reset, and
 one acknowledged before the commit would be lost if the move were undone.
 
@@ -35,6 +36,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -42,11 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from ..system.process import in_netns
 from .base import ContainerError
 from .command import run_engine
 
 __all__ = [
     "PodAddress",
+    "announce",
     "drain",
     "give_up",
     "inspect",
@@ -163,6 +167,35 @@ def unlock(netns: Path) -> None:
     _ip(netns, "link", "set", IFNAME, "up", what="unlock the container's network")
     with contextlib.suppress(ContainerError):  # (absent when the lock failed early)
         _iptables(netns, "-D", *_NO_SYN)
+    announce(netns)
+
+
+def announce(netns: Path) -> None:
+    """A gratuitous ARP from the pod's ``eth0``: bridges learn the port the address is on.
+
+    A bridge that last saw the address's MAC on another port (the destination's, during
+    an attempt that failed) would keep sending its frames there, and a pod that has
+    nothing to send would never correct it.
+    """
+
+    pod = inspect(netns)
+    if pod is None:
+        raise ContainerError(f"no address on {IFNAME} in {netns}")
+    mac = bytes.fromhex(pod.mac.replace(":", ""))
+    ip = ipaddress.IPv4Interface(pod.address).ip.packed
+    arp = b"\x00\x01\x08\x00\x06\x04\x00\x01" + mac + ip + b"\x00" * 6 + ip  # who-has ip, tell ip
+    frame = b"\xff" * 6 + mac + b"\x08\x06" + arp
+
+    def send() -> None:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+            raw.bind((IFNAME, 0))
+            for _ in range(2):
+                raw.send(frame)
+
+    try:
+        in_netns(netns, send)
+    except OSError as exc:
+        raise ContainerError(f"cannot announce {pod.address} in {netns}: {exc}") from exc
 
 
 def _pending(netns: Path) -> int:
@@ -231,6 +264,8 @@ def take(
         if locked:
             for rule in _DROP:
                 _iptables(path, "-I", *rule)
+            # Silent on ARP too: until the commit the source may take the address back.
+            _ip(path, "link", "set", IFNAME, "arp", "off", what="ip link set arp off")
         _ip(path, "link", "set", IFNAME, "up", what="ip link set up")
     except BaseException:
         give_up(path)
@@ -243,6 +278,9 @@ def open_taken(netns: Path) -> None:
 
     for rule in _DROP:
         _iptables(netns, "-D", *rule)
+    _ip(netns, "link", "set", IFNAME, "arp", "on", what="ip link set arp on")
+    _ip(netns, "neigh", "flush", "dev", IFNAME, what="ip neigh flush")  # none made while off
+    announce(netns)
 
 
 def give_up(netns: Path) -> None:
