@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..datapath.engine import OutgoingEnclave
 from ..errors import MigrationError, ProtocolError
 from .applink import HandedEnclave
+from .legs import each_in_thread
 
 __all__ = ["abandon", "adopt", "handshake_all"]
 
@@ -62,27 +62,16 @@ def handshake_all(
         t.outgoing.index = h.index
 
     def one(t: _Leg) -> None:
-        try:
-            t.peer, used = connect(t.handed.index)
-            assert t.outgoing is not None
-            t.outgoing.handshake(used)
-        except BaseException as exc:
-            t.error = exc
+        t.peer, used = connect(t.handed.index)
+        assert t.outgoing is not None
+        t.outgoing.handshake(used)
 
-    threads = [
-        threading.Thread(target=one, args=(t,), name=f"migsgx-handshake-{t.handed.index}")
-        for t in transfers
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    failed = [t for t in transfers if t.error is not None]
-    if failed:
-        err = failed[0].error
+    failed = each_in_thread(transfers, one, "handshake")
+    if failed is not None:
+        err = failed.error
         abandon(transfers, f"handshake failed: {err}")
         raise MigrationError(
-            f"enclave {failed[0].handed.index}: the handshake failed, the source runs on: "
+            f"enclave {failed.handed.index}: the handshake failed, the source runs on: "
             f"{type(err).__name__}: {err}"
         ) from err
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -26,6 +25,7 @@ from ..datapath.engine import DEFAULT_CHUNK
 from ..datapath.live import LiveOutgoingEnclave
 from ..errors import MigrationError, ProtocolError
 from .applink import HandedEnclave
+from .legs import each_in_thread
 
 __all__ = ["RoundReport", "adopt", "finish", "run_precopy"]
 
@@ -62,33 +62,22 @@ def run_precopy(
         )  # fmt: skip
 
     def one(t: _Leg) -> None:
-        try:
-            index = t.handed.index
-            t.peer = peer = connect(index)
-            stats = t.outgoing.precopy(
-                peer, progress=None if report is None else (lambda r: report(index, r))
-            )
-            if "fallback" in stats and report is not None:
-                report(index, stats)  # said at once, before any memory moved
-        except BaseException as exc:
-            t.error = exc
+        index = t.handed.index
+        t.peer = peer = connect(index)
+        stats = t.outgoing.precopy(
+            peer, progress=None if report is None else (lambda r: report(index, r))
+        )
+        if "fallback" in stats and report is not None:
+            report(index, stats)  # said at once, before any memory moved
 
-    threads = [
-        threading.Thread(target=one, args=(t,), name=f"migsgx-precopy-{t.handed.index}")
-        for t in transfers
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    failed = [t for t in transfers if t.error is not None]
-    if failed:
+    failed = each_in_thread(transfers, one, "precopy")
+    if failed is not None:
         for t in transfers:
             with contextlib.suppress(Exception):
                 t.outgoing.abort("pre-copy failed")
-        err = failed[0].error
+        err = failed.error
         raise MigrationError(
-            f"enclave {failed[0].handed.index}: pre-copy failed, the source runs on: "
+            f"enclave {failed.handed.index}: pre-copy failed, the source runs on: "
             f"{type(err).__name__}: {err}"
         ) from err
 
