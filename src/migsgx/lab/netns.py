@@ -53,6 +53,10 @@ __all__ = [
 PREFIX: Final = "migsgx-"
 NETNS_DIR: Final = Path("/run/netns")
 _CLONE_NEWNET: Final = 0x40000000
+#: The range the kernel takes ports from for connections and port-0 listeners in a host.
+EPHEMERAL_PORTS: Final = (40000, 60999)
+#: Ports handed to applications (``HostNetwork.app_port``): below the ephemeral range.
+APP_PORTS: Final = range(20000, 40000)
 _HOST_NAME = re.compile(r"[a-z][a-z0-9]{0,11}")
 _OWNED_NAME = re.compile(r"^(?P<pid>\d+)-(?P<token>[0-9a-f]+)-")
 
@@ -333,6 +337,20 @@ class HostNetwork:
         self._switch = self.name_prefix + "switch" if len(names) != 2 else None
         self._created: list[str] = []
         self._open = False
+        self._app_ports = iter(APP_PORTS)
+
+    def app_port(self) -> int:
+        """A listening port for an application, never one the kernel hands out itself.
+
+        The hosts' own ephemeral range (``EPHEMERAL_PORTS``) lies above it, so an
+        application moved from one host to another never finds its port taken by an
+        agent's listener or an outgoing connection there; each port is handed out once.
+        """
+
+        try:
+            return next(self._app_ports)
+        except StopIteration:
+            raise NetnsError("every application port of this network was handed out") from None
 
     def __getitem__(self, name: str) -> Host:
         return self.hosts[name]
@@ -366,6 +384,9 @@ class HostNetwork:
         _ip("netns", "add", netns)
         self._created.append(netns)
         _ip("-n", netns, "link", "set", "lo", "up")
+        low, high = EPHEMERAL_PORTS
+        _ip("netns", "exec", netns, "sh", "-c",
+            f"echo '{low} {high}' > /proc/sys/net/ipv4/ip_local_port_range")  # fmt: skip
 
     def _build(self) -> None:
         hosts = list(self.hosts.values())

@@ -176,6 +176,8 @@ class Testbed:
         host = self.net[name]
         marker = secrets.token_hex(4)
         ready = self.root / f"app-{example}-{marker}.ready"
+        if "--port" not in args:  # a port of its own, free on every host it may move to
+            args = [*args, "--port", str(self.net.app_port())]
         log = self.root / f"app-{example}-{marker}.log"
         argv = [
             "unshare", "--pid", "--fork", "setsid",
