@@ -3,14 +3,19 @@
 The child maps a file and reads it (file pages: what a library's code is to a
 process that runs it for the first time) and fills an anonymous buffer, each
 on command; the window's overhead must count the buffer and leave the file
-pages to :meth:`PeakWindow.code_faulted`.
+pages to :meth:`PeakWindow.code_faulted`.  A memory file mapped by this
+process and a child counts by its share in each (:func:`memstat.shared_excess`).
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from migsgx.lab import memstat
 
@@ -56,3 +61,49 @@ def test_file_pages_faulted_in_a_window_are_code_not_overhead(tmp_path: Path) ->
         child.stdin.write("done\n")
         child.stdin.flush()
         child.wait(timeout=30)
+
+
+SHARER = r"""
+import mmap, os, sys
+fd, pages = int(sys.argv[1]), int(sys.argv[2])
+m = mmap.mmap(fd, pages * 4096, mmap.MAP_SHARED)
+for i in range(pages // 2):
+    m[i * 4096] = 2
+print("mapped", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_shared_pages_count_by_their_share_in_each_process() -> None:
+    """A memfd both map: the pages both touched count half in each, the rest whole."""
+
+    pages = 64
+    fd = os.memfd_create("memstat-test")
+    os.ftruncate(fd, pages * 4096)
+    mine = mmap.mmap(fd, pages * 4096, mmap.MAP_SHARED)
+    for i in range(pages):
+        mine[i * 4096] = 1
+    assert memstat.shared_excess(os.getpid()) == 0  # nobody else maps it yet
+    child = subprocess.Popen(
+        [sys.executable, "-c", SHARER, str(fd), str(pages)],
+        pass_fds=(fd,), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        sampler = memstat.SharedSampler([os.getpid(), child.pid], interval=0.01)
+        assert child.stdout.readline() == "mapped\n"
+        sampler.sample()
+        both = pages // 2 * 4096
+        assert memstat.shared_excess(os.getpid()) == both // 2
+        assert memstat.shared_excess(child.pid) == both // 2
+        sampler.stop()
+        assert sampler.discount(child.pid) == both // 2
+        assert sampler.discount(os.getpid()) == both // 2
+    finally:
+        child.stdin.write("done\n")
+        child.stdin.flush()
+        child.wait(timeout=30)
+        mine.close()
+        os.close(fd)
+    with pytest.raises(memstat.MemStatError, match=str(child.pid)):
+        memstat.shared_excess(child.pid)

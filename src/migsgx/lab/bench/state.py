@@ -117,11 +117,13 @@ def migrate_once(
         port = dst.answer()["port"]
         src_enclave = ready["enclave_pid"]
         window = memstat.PeakWindow.start([src.proc.pid, src_enclave, dst.proc.pid])
+        shared = memstat.SharedSampler([src.proc.pid, src_enclave, dst.proc.pid])
         cpu0 = {pid: cpu_seconds(pid) for pid in (src.proc.pid, src_enclave, dst.proc.pid)}
         src.ask(migrate=True, port=port, chunk=chunk, slots=slots, mode=mode)
         loaded = src.answer()
         dst_loaded = dst.answer()
         # The source enclave exits at the commit: read its figures while it lives.
+        shared.stop()
         source_side = window.overhead()
         code: dict[int | str, int] = {
             pid: window.code_faulted(pid) for pid in (src.proc.pid, src_enclave)
@@ -140,17 +142,26 @@ def migrate_once(
         launch = memstat.PeakWindow({dst_enclave: rest["rss"]}, {dst_enclave: rest["file"]})
         code["destination_enclave"] = launch.code_faulted(dst_enclave)
         dest_enclave = max(0, launch.overhead_of(dst_enclave) - _pages(stats_memory(loaded)))
+        # Each shared page (the rings) by its share, as Pss counts it: once in the sum.
+        dest_shared = int(rest.get("shared_discount", 0))
         cpu["source_driver"] = cpu_seconds(src.proc.pid) - cpu0[src.proc.pid]
         cpu["destination_driver"] = cpu_seconds(dst.proc.pid) - cpu0[dst.proc.pid]
         cpu["destination_enclave"] = cpu_seconds(dst_enclave)  # since its launch
         if active["digest"] != ready["digest"]:
             raise MigSGXError("the migrated state differs from the source's")
-        per_process = {
+        rss_by_process = {
             "source_driver": source_side[src.proc.pid],
             "source_enclave": source_side[src_enclave],
             "destination_driver": dest_driver,
             "destination_enclave": dest_enclave,
         }
+        discount = {
+            "source_driver": shared.discount(src.proc.pid),
+            "source_enclave": shared.discount(src_enclave),
+            "destination_driver": shared.discount(dst.proc.pid),
+            "destination_enclave": dest_shared,
+        }
+        per_process = {k: max(0, v - discount[k]) for k, v in rss_by_process.items()}
         code_by_process = {
             "source_driver": code[src.proc.pid],
             "source_enclave": code[src_enclave],
@@ -169,8 +180,12 @@ def migrate_once(
             # attested handshake, which happen while the source still serves.
             "total_seconds": done["seconds"],
             "transfer_seconds": stats["transfer_seconds"],
+            # Shared pages by their share (Pss): the memory the machine gave up.
             "peak_extra_bytes": sum(per_process.values()),
             "peak_extra_by_process": per_process,
+            # The same with shared pages whole in every process that maps them (VmHWM).
+            "peak_extra_rss_bytes": sum(rss_by_process.values()),
+            "peak_extra_rss_by_process": rss_by_process,
             # Libraries' code faulted in during the window (page cache, shared):
             # not in peak_extra_bytes; with it, the peaks as VmHWM shows them.
             "code_faulted_bytes": sum(code_by_process.values()),
@@ -251,6 +266,7 @@ def one_run(
         "pipelined_bytes_per_s": size / pipelined["transfer_seconds"],
         "pipelined_share_of_raw": size / pipelined["transfer_seconds"] / raw,
         "peak_extra_share": pipelined["peak_extra_bytes"] / size,
+        "peak_extra_rss_share": pipelined["peak_extra_rss_bytes"] / size,
         # Each enclave's own, the larger of the two (the rest is the drivers').
         "peak_extra_enclave_share": max(by_process[k] for k in ENCLAVES) / size,
         "loadavg": loadavg(),

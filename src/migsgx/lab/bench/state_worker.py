@@ -85,6 +85,7 @@ class _RestAtLaunch(threading.Thread):
     The enclave exists only once ``receive`` launched it, and the load follows
     the attested handshake (round trips with the source), so a thread that
     waits for its pid takes its rest before the ring or the state arrive.
+    It then samples the enclave's shared pages (its ring) until the load ends.
     """
 
     def __init__(self, incoming: IncomingEnclave) -> None:
@@ -97,10 +98,15 @@ class _RestAtLaunch(threading.Thread):
         while self.incoming.info is None and not self.stop.is_set():
             time.sleep(0.001)
         info = self.incoming.info
-        if info is not None:
-            window = memstat.PeakWindow.start([info.pid])
-            self.rest = {"pid": info.pid, "rss": window.rest[info.pid],
-                         "file": window.files[info.pid]}  # fmt: skip
+        if info is None:
+            return
+        window = memstat.PeakWindow.start([info.pid])
+        shared = memstat.SharedSampler([info.pid])
+        self.stop.wait()
+        shared.stop()
+        self.rest = {"pid": info.pid, "rss": window.rest[info.pid],
+                     "file": window.files[info.pid],
+                     "shared_discount": shared.discount(info.pid)}  # fmt: skip
 
 
 def dest(args: dict[str, Any]) -> None:
