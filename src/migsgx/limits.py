@@ -36,7 +36,8 @@ STREAM_MAX_CHUNK_SIZE: Final = 1 << 24
 #: side stage more than 16 MiB per chunk.
 MIN_CHUNK_SIZE: Final = 4096
 MAX_CHUNK_SIZE: Final = STREAM_MAX_CHUNK_SIZE
-#: 128 KiB x 2 slots: 0.10 % of a 1 GiB enclave in extra memory, measured.
+#: 128 KiB x 2 slots: 0.03-0.04 % of a 1 GiB enclave in extra memory over the four
+#: processes of a migration, shared pages counted once (docs/benchmarks.md, "Memory").
 DEFAULT_CHUNK_SIZE: Final = 128 << 10
 DEFAULT_SLOTS: Final = 2
 

@@ -69,6 +69,8 @@ from .persistent import MAX_TRANSFER_BYTES, PendingImport, PersistentState
 RING_TIMEOUT = 120.0
 MIN_CHUNK = MIN_CHUNK_SIZE
 MAX_STATE_BYTES = 64 << 20
+#: The most bytes the manifest of a stop-and-copy state may take (it has three sections).
+MANIFEST_ROOM = 4096
 SECTIONS = ("state", "memory", "persistent")
 
 
@@ -449,10 +451,14 @@ class Migrator:
             while not opener.done:
                 chunk = reader.take()
                 room = sink[pos : pos + max(0, len(chunk) - TAG_SIZE)]
+                if len(room) < len(chunk) - TAG_SIZE:
+                    raise StreamError("a section of the migrated state is larger than it may be")
                 pos += opener.open_into(chunk, room)
             return pos
 
-        manifest_buf = bytearray(64 << 10)
+        # Three dense sections take 134 bytes: a page holds them (and a buffer as
+        # large as a chunk would be half this enclave's extra memory at 1 GiB).
+        manifest_buf = bytearray(MANIFEST_ROOM)
         n = open_stream("manifest", memoryview(manifest_buf))
         manifest = Manifest.decode(bytes(manifest_buf[:n]))
         labels = tuple(s.label for s in manifest.sections)

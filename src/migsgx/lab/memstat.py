@@ -43,11 +43,12 @@ What the figures mean, measured on this kernel (6.18):
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..errors import MigSGXError, register_error
@@ -186,22 +187,21 @@ _SHARED_MEMORY = ("/memfd:", "/dev/shm/", "/SYSV", "/dev/zero")
 def _shared_ranges(pid: int) -> list[tuple[int, int]]:
     """Address ranges of the process's shared memory mappings (``s`` in the permissions)."""
 
+    ranges = []
     try:
         with open(_proc(pid, "maps"), encoding="ascii", errors="replace") as f:
-            lines = f.read().splitlines()
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) < 5 or not parts[1].endswith("s"):
+                    continue
+                path = parts[5].strip() if len(parts) == 6 else ""
+                if not path or path.startswith(_SHARED_MEMORY):
+                    lo, _, hi = parts[0].partition("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
     except FileNotFoundError as exc:
         raise MemStatError(f"no process {pid}", pid=pid) from exc
     except OSError as exc:
         raise MemStatError(f"cannot read the mappings of process {pid}: {exc}", pid=pid) from exc
-    ranges = []
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) < 5 or not parts[1].endswith("s"):
-            continue
-        path = parts[5].strip() if len(parts) == 6 else ""
-        if not path or path.startswith(_SHARED_MEMORY):
-            lo, _, hi = parts[0].partition("-")
-            ranges.append((int(lo, 16), int(hi, 16)))
     return ranges
 
 
@@ -255,37 +255,54 @@ class SharedSampler:
     """The largest :func:`shared_excess` of each process over a window, sampled.
 
     ``VmHWM`` records a peak exactly but not what part of it was shared; the
-    sharing is read here every ``interval`` seconds in a thread.  Subtracting
+    sharing is read here every ``interval`` seconds in a thread (of a process
+    that is not measured: reading another's mappings allocates).  Subtracting
     the largest excess from a process's peak assumes the peak came while its
     shared mappings were in place, as a migration's rings are from before its
-    first chunk to after its last.  A process that exits ends its sampling.
+    first chunk to after its last.  ``discover`` names processes that start
+    later (read at every tick); a process that exits ends its sampling.
     """
 
-    def __init__(self, pids: Iterable[int], interval: float = 0.05) -> None:
-        self.rest: dict[int, int] = {pid: shared_excess(pid) for pid in pids}
-        self.most: dict[int, int] = dict(self.rest)
+    def __init__(
+        self,
+        pids: Iterable[int],
+        interval: float = 0.05,
+        discover: Callable[[], Iterable[int]] | None = None,
+    ) -> None:
+        self.rest: dict[int, int] = {}
+        self.most: dict[int, int] = {}
+        self._live: set[int] = set()
         self._interval = interval
+        self._discover = discover
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        for pid in pids:
+            self._add(pid)
         self._thread = threading.Thread(target=self._run, name="memstat-shared", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        live = set(self.rest)
-        while live and not self._stop.wait(self._interval):
-            self.sample(live)
+    def _add(self, pid: int) -> None:
+        value = shared_excess(pid)
+        self.rest[pid] = self.most[pid] = value
+        self._live.add(pid)
 
-    def sample(self, pids: Iterable[int] | None = None) -> None:
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+    def sample(self) -> None:
         """One reading now (also what the thread does); exited processes are dropped."""
 
         with self._lock:
-            wanted = set(self.rest) if pids is None else pids
-            for pid in list(wanted):
+            for pid in self._discover() if self._discover is not None else ():
+                if pid not in self.rest:
+                    with contextlib.suppress(MemStatError):
+                        self._add(pid)
+            for pid in sorted(self._live):
                 try:
                     value = shared_excess(pid)
                 except MemStatError:
-                    if isinstance(wanted, set):
-                        wanted.discard(pid)
+                    self._live.discard(pid)
                     continue
                 self.most[pid] = max(self.most[pid], value)
 
@@ -295,7 +312,7 @@ class SharedSampler:
 
     def discount(self, pid: int) -> int:
         """How much more the process's pages counted whole than by their share, at most,
-        over the window (beyond what they did at its start)."""
+        over the window (beyond what they did when its sampling began; 0 if it never did)."""
 
         with self._lock:
-            return max(0, self.most[pid] - self.rest[pid])
+            return max(0, self.most.get(pid, 0) - self.rest.get(pid, 0))

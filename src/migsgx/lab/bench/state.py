@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -111,19 +113,23 @@ def migrate_once(
     with workers() as live:
         src = Worker("source", {"image": str(image), "socket": str(sock_a), "size": size})
         live.append(src)
-        dst = Worker("dest", {"socket": str(sock_b), "prefault": prefault})
+        pidfile = Path(tempfile.mkdtemp(prefix="migsgx-bench-pid-")) / "destination-enclave"
+        dst = Worker("dest", {"socket": str(sock_b), "prefault": prefault,
+                              "pidfile": str(pidfile)})  # fmt: skip
         live.append(dst)
         ready = src.answer()
         port = dst.answer()["port"]
         src_enclave = ready["enclave_pid"]
         window = memstat.PeakWindow.start([src.proc.pid, src_enclave, dst.proc.pid])
-        shared = memstat.SharedSampler([src.proc.pid, src_enclave, dst.proc.pid])
+        shared = memstat.SharedSampler([src.proc.pid, src_enclave, dst.proc.pid],
+                                       discover=partial(_pid_in, pidfile))  # fmt: skip
         cpu0 = {pid: cpu_seconds(pid) for pid in (src.proc.pid, src_enclave, dst.proc.pid)}
         src.ask(migrate=True, port=port, chunk=chunk, slots=slots, mode=mode)
         loaded = src.answer()
         dst_loaded = dst.answer()
         # The source enclave exits at the commit: read its figures while it lives.
         shared.stop()
+        shutil.rmtree(pidfile.parent, ignore_errors=True)
         source_side = window.overhead()
         code: dict[int | str, int] = {
             pid: window.code_faulted(pid) for pid in (src.proc.pid, src_enclave)
@@ -143,7 +149,7 @@ def migrate_once(
         code["destination_enclave"] = launch.code_faulted(dst_enclave)
         dest_enclave = max(0, launch.overhead_of(dst_enclave) - _pages(stats_memory(loaded)))
         # Each shared page (the rings) by its share, as Pss counts it: once in the sum.
-        dest_shared = int(rest.get("shared_discount", 0))
+        dest_shared = shared.discount(dst_enclave)
         cpu["source_driver"] = cpu_seconds(src.proc.pid) - cpu0[src.proc.pid]
         cpu["destination_driver"] = cpu_seconds(dst.proc.pid) - cpu0[dst.proc.pid]
         cpu["destination_enclave"] = cpu_seconds(dst_enclave)  # since its launch
@@ -195,6 +201,13 @@ def migrate_once(
             "phases": stats,
             "timeline": shift_timeline(raw_timeline),
         }
+
+
+def _pid_in(path: Path) -> list[int]:
+    try:
+        return [int(path.read_text())]
+    except (OSError, ValueError):
+        return []
 
 
 def stats_memory(loaded: dict[str, Any]) -> int:

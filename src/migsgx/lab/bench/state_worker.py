@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from ...datapath.engine import IncomingEnclave, OutgoingEnclave
@@ -85,12 +86,13 @@ class _RestAtLaunch(threading.Thread):
     The enclave exists only once ``receive`` launched it, and the load follows
     the attested handshake (round trips with the source), so a thread that
     waits for its pid takes its rest before the ring or the state arrive.
-    It then samples the enclave's shared pages (its ring) until the load ends.
+    Its pid then goes to ``pidfile``, where the benchmark finds it.
     """
 
-    def __init__(self, incoming: IncomingEnclave) -> None:
+    def __init__(self, incoming: IncomingEnclave, pidfile: str = "") -> None:
         super().__init__(name="bench-dest-rest", daemon=True)
         self.incoming = incoming
+        self.pidfile = pidfile
         self.stop = threading.Event()
         self.rest: dict[str, int] = {}
 
@@ -101,12 +103,12 @@ class _RestAtLaunch(threading.Thread):
         if info is None:
             return
         window = memstat.PeakWindow.start([info.pid])
-        shared = memstat.SharedSampler([info.pid])
-        self.stop.wait()
-        shared.stop()
         self.rest = {"pid": info.pid, "rss": window.rest[info.pid],
-                     "file": window.files[info.pid],
-                     "shared_discount": shared.discount(info.pid)}  # fmt: skip
+                     "file": window.files[info.pid]}  # fmt: skip
+        if self.pidfile:
+            # For the benchmark's sampler of shared pages (which runs elsewhere:
+            # it allocates as it reads, and this process is measured).
+            Path(self.pidfile).write_text(str(info.pid))
 
 
 def dest(args: dict[str, Any]) -> None:
@@ -115,7 +117,7 @@ def dest(args: dict[str, Any]) -> None:
     conn, _ = listener.accept()
     incoming, offer = IncomingEnclave.accept_offer(conn, args["socket"])
     incoming.prefault = bool(args.get("prefault", False))
-    watcher = _RestAtLaunch(incoming)
+    watcher = _RestAtLaunch(incoming, args.get("pidfile", ""))
     watcher.start()
     try:
         stats = incoming.receive(conn, offer)
