@@ -170,8 +170,19 @@ class Testbed:
         return agent
 
     # --- applications ----------------------------------------------------------------------------
-    def start_app(self, example: str, args: Sequence[str], *, name: str = "src") -> AppProcess:
-        """``examples/EXAMPLE/app.py ARGS`` in its own pid namespace on host ``name``."""
+    def start_app(
+        self,
+        example: str,
+        args: Sequence[str],
+        *,
+        name: str = "src",
+        timeout: float = START_TIMEOUT,
+    ) -> AppProcess:
+        """``examples/EXAMPLE/app.py ARGS`` in its own pid namespace on host ``name``.
+
+        ``timeout``: until it says it is ready (an app that first fills gigabytes
+        of memory on a busy machine takes longer than the default).
+        """
 
         host = self.net[name]
         marker = secrets.token_hex(4)
@@ -188,7 +199,7 @@ class Testbed:
         ]  # fmt: skip
         with open(log, "ab") as out:  # O_APPEND: CRIU does not pin its size
             launcher = host.spawn(argv, stdout=out, stderr=out, env=_env(None))
-        _wait_file(ready, launcher, log, example)
+        _wait_file(ready, launcher, log, example, timeout)
         pids = tree_pids(launcher.pid)
         if len(pids) < 2:
             raise MigSGXError(f"the application of {example} is not running; see {log}")
@@ -272,12 +283,18 @@ def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
     return env
 
 
-def _wait_file(path: Path, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
+def _wait_file(
+    path: Path,
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    what: str,
+    timeout: float = START_TIMEOUT,
+) -> None:
+    deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
             raise MigSGXError(f"{what} exited with {proc.returncode}: {tail}")
         if time.monotonic() > deadline:
-            raise MigSGXError(f"nothing at {path} after {START_TIMEOUT} s; see {log}")
+            raise MigSGXError(f"nothing at {path} after {timeout} s; see {log}")
         time.sleep(0.02)

@@ -70,6 +70,7 @@ def _migsgx(bed: Testbed, size: int, args: tuple[str, ...] = ()) -> dict[str, An
             "model",
             ["--image", str(bed.image("model")), "--rows", str(rows), "--cols", str(MODEL_COLS),
              "--ordinary-mib", str(max(1, size >> 20))],
+            timeout=app_start_timeout(size),
         )  # fmt: skip
         before = bed.ask("DIGEST", app.port, at="src", via="dst")
         agent_cpu = cpu_seconds(agent.proc.pid, children=True)
@@ -92,6 +93,16 @@ def _migsgx(bed: Testbed, size: int, args: tuple[str, ...] = ()) -> dict[str, An
         figures["post_copy_window_seconds"] = float(stats["post_copy_window"])
     cpu = {"tool": tool_cpu, "agent": agent_cpu, **enclave_cpu(stats)}  # tool, agent: with CRIU
     return {**figures, "page_tls": True, "cpu_by_process": cpu}
+
+
+def app_start_timeout(size: int) -> float:
+    """How long the app may take to fill SIZE of enclave and SIZE of ordinary memory.
+
+    Its enclave generates the weights at a few hundred MB/s on a busy machine:
+    a minute, and a minute more for every GiB.
+    """
+
+    return 60.0 + 60.0 * size / (1 << 30)
 
 
 def enclave_cpu(stats: dict[str, Any]) -> dict[str, float]:
