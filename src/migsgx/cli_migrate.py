@@ -401,6 +401,8 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
 @click.option("--post-copy", is_flag=True,
               help="also migrate with --post-copy and with --live (pre-copy, "
               "then post-copy): their downtime and window")  # fmt: skip
+@click.option("--ab-page-tls", is_flag=True,
+              help="A/B: each run also CRIU alone with its pages in CRIU's TLS")  # fmt: skip
 def bench_process(
     enclave_size: str,
     repeat: int,
@@ -409,6 +411,7 @@ def bench_process(
     keep: Path | None,
     ab_late_handshake: bool,
     post_copy: bool,
+    ab_page_tls: bool,
 ) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
@@ -420,6 +423,7 @@ def bench_process(
         repeat=repeat,
         ab_late_handshake=ab_late_handshake,
         post_copy=post_copy,
+        ab_page_tls=ab_page_tls,
     )
     if plot_path is not None:
         plot(result, plot_path)
@@ -427,7 +431,8 @@ def bench_process(
         _emit(result)
         return
     lazy = ["migsgx_post_copy", "migsgx_live"] if post_copy else []
-    for name in ("migsgx", "criu_only", *lazy):
+    tls = ["criu_only_tls"] if ab_page_tls else []
+    for name in ("migsgx", "criu_only", *tls, *lazy):
         r = result[name]
         window = r.get("post_copy_window_seconds")
         click.echo(

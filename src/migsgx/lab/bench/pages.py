@@ -31,7 +31,16 @@ class PageServerOn:
     dumping CRIU makes is accepted in a thread and handed to the page server.
     """
 
-    def __init__(self, host: Host, criu_binary: Path, images: Path) -> None:
+    def __init__(
+        self,
+        host: Host,
+        criu_binary: Path,
+        images: Path,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
+        """``tls``: (CA, certificate, key) for CRIU's own TLS on the page stream."""
+
+        self._tls = tls
         self._server: PageServer | None = None
         self._error: BaseException | None = None
         self._listener = in_netns(f"/run/netns/{host.netns}", lambda: socket.socket())
@@ -52,7 +61,7 @@ class PageServerOn:
         try:
             conn, _ = self._listener.accept()
             with conn:
-                self._server = PageServer(criu_binary, images, conn)
+                self._server = PageServer(criu_binary, images, conn, tls=self._tls)
         except (OSError, MigSGXError) as exc:
             self._error = exc
 

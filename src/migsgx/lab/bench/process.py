@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ...agent.protocol import PHASES
+from ...agent.tls import AgentIdentity
 from ...criu import Criu, InNetns, InTaskNamespaces
 from ...errors import ConfigError, MigSGXError
 from ...system.process import kill_tree, tree_pids
@@ -139,10 +140,23 @@ def _relative(timeline: dict[str, Any] | None) -> dict[str, Any]:
     return shift_timeline(timeline["spans"], origin=float(timeline["origin"]))
 
 
-def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, Any]:
-    """Stop-and-copy with CRIU alone: page server, dump, copy, restore."""
+def criu_only(
+    bed: Testbed, size: int, criu: Criu | None = None, *, page_tls: bool = False
+) -> dict[str, Any]:
+    """Stop-and-copy with CRIU alone: page server, dump, copy, restore.
+
+    ``page_tls``: the pages in CRIU's own TLS, with the hosts' agent identities,
+    as ``migsgx migrate`` sends them (without: plain TCP, CRIU's default).
+    """
 
     criu = criu or Criu()
+    tls_in: tuple[Path, Path, Path] | None = None
+    extra: dict[str, bool | str] = {}
+    if page_tls:
+        mine, theirs = (AgentIdentity.of_state(bed.state(n)) for n in ("src", "dst"))
+        tls_in = (theirs.ca, theirs.cert, theirs.key)
+        extra = {"tls": True, "tls_cacert": str(mine.ca), "tls_cert": str(mine.cert),
+                 "tls_key": str(mine.key)}  # fmt: skip
     src, dst = bed.host("src"), bed.host("dst")
     here = Path(tempfile.mkdtemp(prefix="criu-only-", dir=bed.root))
     ready = here / "plain.ready"
@@ -162,13 +176,14 @@ def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, An
     images = here / "images"
     images.mkdir()
     try:
-        with PageServerOn(dst, criu.binary, images) as pages:
+        with PageServerOn(dst, criu.binary, images, tls=tls_in) as pages:
             # The plain process and its launcher are reaped inside the window below:
             # what they spent before (filling their memory) is not CRIU's.
             plain_cpu = cpu_seconds(pid) + cpu_seconds(launcher.pid)
             cpu0 = children_cpu()
             t0 = time.monotonic()
-            criu.dump(pid, dump_dir, page_server=pages.address, enter=InTaskNamespaces(pid))
+            criu.dump(pid, dump_dir, page_server=pages.address, enter=InTaskNamespaces(pid),
+                      extra=extra)  # fmt: skip
             t_dump = time.monotonic()
             pages.wait(60)
         copy_images(dump_dir, images)
@@ -194,6 +209,7 @@ def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, An
             "restore": t_end - t_copy,
         },
         "memory_digest": digest[:16],
+        "page_tls": page_tls,
         "cpu_by_process": {"criu": cpu},  # dump, page server and restore
         "timeline": {
             "criu": {
@@ -206,7 +222,11 @@ def criu_only(bed: Testbed, size: int, criu: Criu | None = None) -> dict[str, An
 
 
 def one_run(
-    bed: Testbed, size: int, ab_late_handshake: bool = False, post_copy: bool = False
+    bed: Testbed,
+    size: int,
+    ab_late_handshake: bool = False,
+    post_copy: bool = False,
+    ab_page_tls: bool = False,
 ) -> dict[str, Any]:
     """migsgx and CRIU alone back to back, with the ratios of the pair.
 
@@ -215,6 +235,9 @@ def one_run(
     early handshake), right after: ``migsgx_late_handshake`` and the paired
     ratios ``early_handshake_total_speedup`` and ``early_handshake_downtime_speedup``
     (late / early).  With ``post_copy``, also ``--post-copy`` and ``--live``.
+    With ``ab_page_tls``, also CRIU alone with its pages in CRIU's TLS, as
+    migsgx sends them: ``criu_only_tls``, ``criu_tls_over_migsgx_total`` and
+    ``page_tls_cost`` (CRIU alone with TLS / without, paired).
     """
 
     migsgx = _migsgx(bed, size)
@@ -229,6 +252,13 @@ def one_run(
             ),
         }
     plain = criu_only(bed, 2 * size)
+    if ab_page_tls:
+        tls = criu_only(bed, 2 * size, page_tls=True)
+        extra.update(
+            criu_only_tls=tls,
+            criu_tls_over_migsgx_total=tls["total_seconds"] / migsgx["total_seconds"],
+            page_tls_cost=tls["total_seconds"] / plain["total_seconds"],
+        )
     if post_copy:
         lazy = _migsgx(bed, size, ("--post-copy",))
         live = _migsgx(bed, size, ("--live",))
@@ -257,6 +287,7 @@ def run(
     repeat: int = 3,
     ab_late_handshake: bool = False,
     post_copy: bool = False,
+    ab_page_tls: bool = False,
 ) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
@@ -268,7 +299,7 @@ def run(
     try:
         with Testbed(root, subnet=subnet) as bed:
             for _ in range(repeat):
-                runs.append(one_run(bed, size, ab_late_handshake, post_copy))
+                runs.append(one_run(bed, size, ab_late_handshake, post_copy, ab_page_tls))
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -198,6 +198,8 @@ def migrate_once(
             "code_faulted_by_process": code_by_process,
             "cpu_seconds": sum(cpu.values()),
             "cpu_by_process": cpu,
+            # Of the destination enclave's, what its launch took (before the handshake).
+            "destination_enclave_launch_cpu_seconds": float(dst_loaded["enclave_launch_cpu"]),
             "phases": stats,
             "timeline": shift_timeline(raw_timeline),
         }

@@ -30,6 +30,7 @@ from ...datapath.transport import drain_ring, fill_ring, ring_to_socket, socket_
 from ...enclave.memory import EnclaveMemory
 from ...host.client import EnclaveClient
 from .. import memstat
+from .figures import cpu_seconds
 
 COLS = 1024
 
@@ -95,6 +96,7 @@ class _RestAtLaunch(threading.Thread):
         self.pidfile = pidfile
         self.stop = threading.Event()
         self.rest: dict[str, int] = {}
+        self.launch_cpu = 0.0
 
     def run(self) -> None:
         while self.incoming.info is None and not self.stop.is_set():
@@ -105,6 +107,7 @@ class _RestAtLaunch(threading.Thread):
         window = memstat.PeakWindow.start([info.pid])
         self.rest = {"pid": info.pid, "rss": window.rest[info.pid],
                      "file": window.files[info.pid]}  # fmt: skip
+        self.launch_cpu = cpu_seconds(info.pid)
         if self.pidfile:
             # For the benchmark's sampler of shared pages (which runs elsewhere:
             # it allocates as it reads, and this process is measured).
@@ -125,7 +128,8 @@ def dest(args: dict[str, Any]) -> None:
         watcher.stop.set()
         watcher.join()
     assert incoming.info is not None
-    say(loaded=True, enclave_pid=incoming.info.pid, stats=stats, enclave_rest=watcher.rest)
+    say(loaded=True, enclave_pid=incoming.info.pid, stats=stats, enclave_rest=watcher.rest,
+        enclave_launch_cpu=watcher.launch_cpu)  # fmt: skip
     sock = incoming.wait_commit(timeout=600)
     client = EnclaveClient(sock, incoming.info, image_files=incoming.image.files)
     say(active=True, digest=client.ecall.digest())
