@@ -1,0 +1,35 @@
+"""The CRIU-alone baselines of ``migsgx bench process``, plain and in CRIU's TLS.
+
+Real CRIU between two namespaced hosts: a plain process of a few MiB is dumped
+through a page server on the destination and restored there; with
+``page_tls`` the page stream runs in CRIU's own TLS with the hosts' agent
+identities (a certificate that did not fit would fail the dump).  Nothing
+timed: the figures are checked for being there and for the bytes moved.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from migsgx.lab.bench.process import criu_only
+from migsgx.lab.testbed import Testbed
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and CRIU need root"),
+]
+
+BED_SUBNET = 147
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize("page_tls", [False, True])
+def test_criu_alone_moves_the_pages_plain_or_in_tls(bed: Testbed, page_tls: bool) -> None:
+    result = criu_only(bed, 8 * MIB, page_tls=page_tls)
+    assert result["page_tls"] is page_tls
+    assert result["bytes"] >= 8 * MIB  # the process's memory went through the page server
+    phases = result["phases"]
+    assert set(phases) == {"criu_dump", "transfer", "restore"}
+    assert result["total_seconds"] == pytest.approx(sum(phases.values()), rel=1e-6, abs=1e-6)
