@@ -615,3 +615,23 @@ def test_an_authentic_abort_discards_the_waiting_destination(world: World, image
     move.into.abort("the source aborted")
     move.assert_destination_discarded()
     move.assert_source_intact()
+
+
+def test_a_manifest_larger_than_its_room_is_refused_and_the_source_goes_on(
+    world: World, image: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination opens the manifest into a page: a longer one is a stream error."""
+
+    from migsgx.core.stream import Manifest
+    from migsgx.enclave.migrator import MANIFEST_ROOM
+
+    move = Migration(world, image)
+    move.launch_and_handshake()
+    encode = Manifest.encode
+    monkeypatch.setattr(Manifest, "encode", lambda self: encode(self) + bytes(MANIFEST_ROOM))
+    frames = move.dump()  # sealed by the source enclave: authentic, only too long
+    monkeypatch.undo()
+    with pytest.raises(StreamError, match="larger than it may be"):
+        move.load(b"".join(frames))
+    move.abort()
+    move.assert_source_intact()
