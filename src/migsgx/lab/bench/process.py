@@ -315,7 +315,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     runs: list[dict[str, Any]] = result["runs"]
     panels = []
-    for key, label in (("migsgx", "migsgx migrate"), ("criu_only", "CRIU alone")):
+    labels = [("migsgx", "migsgx migrate"), ("criu_only", "CRIU alone")]
+    if "criu_only_tls" in runs[0]:
+        labels.append(("criu_only_tls", "CRIU alone, pages in TLS"))
+    for key, label in labels:
         r = sorted(runs, key=lambda x: float(x[key]["total_seconds"]))[len(runs) // 2][key]
         title = (f"{label}, enclave {result['enclave_size'] >> 20} MiB: total "
                  f"{r['total_seconds']:.2f} s, downtime {r['downtime_seconds']:.2f} s "
