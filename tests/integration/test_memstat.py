@@ -99,6 +99,11 @@ def test_shared_pages_count_by_their_share_in_each_process() -> None:
         sampler.stop()
         assert sampler.discount(child.pid) == both // 2
         assert sampler.discount(os.getpid()) == both // 2
+        # Found later, with its rest as read before it mapped anything shared.
+        late = memstat.SharedSampler([], interval=0.01, discover=lambda: {child.pid: 0})
+        late.sample()
+        late.stop()
+        assert late.discount(child.pid) == both // 2
     finally:
         child.stdin.write("done\n")
         child.stdin.flush()

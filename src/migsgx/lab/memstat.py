@@ -260,14 +260,16 @@ class SharedSampler:
     the largest excess from a process's peak assumes the peak came while its
     shared mappings were in place, as a migration's rings are from before its
     first chunk to after its last.  ``discover`` names processes that start
-    later (read at every tick); a process that exits ends its sampling.
+    later, each with its excess at rest as read when its window began (a tick
+    may come after it mapped its ring); it is called at every tick.  A
+    process that exits ends its sampling.
     """
 
     def __init__(
         self,
         pids: Iterable[int],
         interval: float = 0.05,
-        discover: Callable[[], Iterable[int]] | None = None,
+        discover: Callable[[], Mapping[int, int]] | None = None,
     ) -> None:
         self.rest: dict[int, int] = {}
         self.most: dict[int, int] = {}
@@ -281,9 +283,10 @@ class SharedSampler:
         self._thread = threading.Thread(target=self._run, name="memstat-shared", daemon=True)
         self._thread.start()
 
-    def _add(self, pid: int) -> None:
+    def _add(self, pid: int, rest: int | None = None) -> None:
         value = shared_excess(pid)
-        self.rest[pid] = self.most[pid] = value
+        self.rest[pid] = value if rest is None else rest
+        self.most[pid] = value
         self._live.add(pid)
 
     def _run(self) -> None:
@@ -294,10 +297,11 @@ class SharedSampler:
         """One reading now (also what the thread does); exited processes are dropped."""
 
         with self._lock:
-            for pid in self._discover() if self._discover is not None else ():
+            found = self._discover() if self._discover is not None else {}
+            for pid, rest in found.items():
                 if pid not in self.rest:
                     with contextlib.suppress(MemStatError):
-                        self._add(pid)
+                        self._add(pid, rest)
             for pid in sorted(self._live):
                 try:
                     value = shared_excess(pid)

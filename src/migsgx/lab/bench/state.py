@@ -205,11 +205,14 @@ def migrate_once(
         }
 
 
-def _pid_in(path: Path) -> list[int]:
+def _pid_in(path: Path) -> dict[int, int]:
+    """The destination enclave's pid and its shared pages at rest, once its worker wrote them."""
+
     try:
-        return [int(path.read_text())]
+        pid, rest = (int(x) for x in path.read_text().split())
     except (OSError, ValueError):
-        return []
+        return {}  # not yet (or half written)
+    return {pid: rest}
 
 
 def stats_memory(loaded: dict[str, Any]) -> int:

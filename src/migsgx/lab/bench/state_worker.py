@@ -87,7 +87,7 @@ class _RestAtLaunch(threading.Thread):
     The enclave exists only once ``receive`` launched it, and the load follows
     the attested handshake (round trips with the source), so a thread that
     waits for its pid takes its rest before the ring or the state arrive.
-    Its pid then goes to ``pidfile``, where the benchmark finds it.
+    Its pid and shared pages at rest then go to ``pidfile``, where the benchmark finds them.
     """
 
     def __init__(self, incoming: IncomingEnclave, pidfile: str = "") -> None:
@@ -110,8 +110,12 @@ class _RestAtLaunch(threading.Thread):
         self.launch_cpu = cpu_seconds(info.pid)
         if self.pidfile:
             # For the benchmark's sampler of shared pages (which runs elsewhere:
-            # it allocates as it reads, and this process is measured).
-            Path(self.pidfile).write_text(str(info.pid))
+            # it allocates as it reads, and this process is measured), with the
+            # enclave's shared pages at rest, read before it maps its ring.
+            shared = memstat.shared_excess(info.pid)
+            part = Path(self.pidfile + ".part")
+            part.write_text(f"{info.pid} {shared}")
+            part.replace(self.pidfile)  # whole or not at all for the reader
 
 
 def dest(args: dict[str, Any]) -> None:
