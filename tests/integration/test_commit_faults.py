@@ -708,6 +708,49 @@ def test_destination_agent_killed_after_the_decision_adopts_the_held_tree(
                 kill_tree(pid)
 
 
+def test_destination_agent_killed_after_the_claim_is_lost_when_restarted(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """W3, the agent, restarted: the copy claimed its id and ended with the agent.
+
+    The restarted agent finds the held tree with its id claimed: nothing can bring
+    the state back, so it kills the tree and says so; the guardian's delivery (and
+    one ``migsgx recover``) hears ``lost-after-commit`` and ends the source: lost,
+    exit 10, never "moved", nothing runs twice.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.after-claim:kill"})
+    app, _digest = loaded_app(bed)
+    t0 = time.monotonic()
+    restarted = None
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert doomed.proc.wait(timeout=10) == -9
+        restarted = bed.start_agent(listen_port=doomed.port)
+        assert "already claimed" in restarted.log.read_text(errors="replace")
+        wait_for(lambda: bed.copies(app)["dst"] == [], 20, "the held tree to go")
+        again = recover(bed)
+        results = json.loads(again.stdout)
+        if any(r["outcome"] == "lost" for r in results):  # (else the guardian said it first)
+            assert again.returncode == EXIT_LOST_AFTER_COMMIT, again.stdout + again.stderr
+        assert not {r["outcome"] for r in results} & {"in-doubt", "moved"}, again.stdout
+        wait_for(lambda: process_state(app.pid) in ("", "Z"), 30, "the source to be ended")
+        assert bed.runnable_copies(app) == {"src": 0, "dst": 0}
+        figures["activate x kill -9 destination agent, restarted"] = {
+            "outcome": "lost (W3), said by the restarted agent", "exit": run.returncode,
+            "recover": again.returncode, "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
+    finally:
+        for agent in (doomed, restarted):
+            if agent is not None:
+                agent.stop()
+        _stop_guardian_of(app.pid)
+        for procs in bed.copies(app).values():
+            for pid, _ in procs:
+                kill_tree(pid)
+
+
 @pytest.mark.parametrize(
     "cell, fault, window",
     [

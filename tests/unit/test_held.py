@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from migsgx.agent.held import RECORD, HeldRecord, held_records, start_time
+from migsgx.agent.held import (
+    LOST,
+    RECORD,
+    HeldRecord,
+    held_records,
+    lost_detail,
+    mark_lost,
+    start_time,
+)
 from migsgx.agent.redeliver import HeldEnclave
 from migsgx.errors import ProtocolError
 from migsgx.host.client import EnclaveInfo
@@ -76,3 +84,14 @@ def test_the_guardian_note_of_an_enclave_round_trips() -> None:
                                                               "sequential")  # fmt: skip
         with pytest.raises(ProtocolError):
             HeldEnclave.parse(b, payload[:-2])
+
+
+def test_a_session_marked_lost_says_so_and_keeps_nothing_else(tmp_path: Path) -> None:
+    sid = os.urandom(16)
+    session = tmp_path / sid.hex()
+    session.mkdir()
+    (session / "pages-1.img").write_bytes(b"x")
+    assert lost_detail(tmp_path, sid) is None
+    mark_lost(session, "claimed, then gone")
+    assert lost_detail(tmp_path, sid) == "claimed, then gone"
+    assert [p.name for p in session.iterdir()] == [LOST]

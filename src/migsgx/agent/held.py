@@ -10,7 +10,11 @@ session's work directory when it answers ``restored``, and removes it when the
 session ends.  A restarted agent reads every such record: a tree that is still
 the one recorded (same pid, same start time, stopped) is adopted into a session
 held in doubt, waiting for the state again (a pid driver's tree); any other
-recorded tree is killed and the record says exactly what remained.
+recorded tree is killed and the log says exactly what remained.  A tree whose
+enclaves had already claimed their migration ids (window W3: the state ran
+and died with the agent) is not waiting for anything: it is killed and a
+``lost.json`` is left in its place, so that a delivery for that session is
+answered ``lost-after-commit``, not ``resumed``.
 
 Nothing in the record is secret: the session id, pids, the enclaves' public
 infos (the session's data key is new after a restart and lives in memory only).
@@ -20,15 +24,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Final
 
 from .._fs import write_private
 
-__all__ = ["RECORD", "HeldRecord", "held_records", "start_time"]
+__all__ = ["LOST", "RECORD", "HeldRecord", "held_records", "lost_detail", "mark_lost", "start_time"]
 
 RECORD: Final = "held.json"
+LOST: Final = "lost.json"
 
 
 def start_time(pid: int) -> int:
@@ -54,6 +60,8 @@ class HeldRecord:
     peer: str  # the source host's address (the only one that may deliver again)
     local: str  # this agent's address (data listeners bind to it)
     enclaves: list[str]  # each enclave's info as begin carried it, hex CBOR
+    #: Each loaded copy's migration id (hex; "" if unknown): claimed ones ran (W3).
+    arrivals: list[str] = field(default_factory=list)
 
     def write(self, directory: Path) -> None:
         write_private(directory / RECORD, json.dumps(asdict(self), sort_keys=True).encode())
@@ -66,7 +74,7 @@ class HeldRecord:
         record = cls(**data)
         if not isinstance(record.root, int) or not isinstance(record.enclaves, list):
             raise ValueError(f"{path} is not a held-tree record")
-        for item in (record.session_id, *record.enclaves):
+        for item in (record.session_id, *record.enclaves, *record.arrivals):
             bytes.fromhex(item)
         return record
 
@@ -96,3 +104,21 @@ def held_records(work_dir: Path) -> list[tuple[Path, HeldRecord | None]]:
         except (OSError, ValueError, TypeError):
             found.append((path.parent, None))
     return found
+
+
+def mark_lost(directory: Path, detail: str) -> None:
+    """Replace a session's work directory by a note that its state was lost (W3)."""
+
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(directory / LOST, json.dumps({"detail": detail}).encode())
+
+
+def lost_detail(work_dir: Path, session_id: bytes) -> str | None:
+    """What :func:`mark_lost` said about a session, if anything."""
+
+    try:
+        data = json.loads((work_dir / session_id.hex() / LOST).read_text())
+    except (OSError, ValueError):
+        return None
+    return str(data.get("detail", "")) if isinstance(data, dict) else ""

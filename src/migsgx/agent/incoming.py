@@ -52,7 +52,7 @@ from .applink import AppLink
 from .config import AgentHost
 from .datalink import KEY_SIZE, accept_data, check_pinned
 from .faults import corrupting_relay, fault, kill_dead, socket_owner
-from .held import HeldRecord, start_time
+from .held import HeldRecord, lost_detail, start_time
 from .held import remove as remove_record
 from .lazy import Window
 from .protocol import (
@@ -432,6 +432,7 @@ class IncomingMigration:
                 self.session_id.hex(), pid, start_time(pid), self.driver.name, self.peer,
                 self.local_address,
                 [cbor2.dumps(info_to_wire(e.source_info)).hex() for e in self.enclaves],
+                [e.engine.migration_id.hex() if e.engine else "" for e in self.enclaves],
             ).write(self.images_dir)  # fmt: skip
         if self.window is not None and not self.window.post.serving:
             raise AgentError("the source stopped serving process pages before the commit point")
@@ -591,8 +592,11 @@ class IncomingMigration:
         target = self.agent.find_session(msg["session_id"], besides=self)
         if target is not None:
             return {"t": "delivered", **target.deliver(msg["frames"])}
-        # No such session (it ended): this host's platform store (its claims) says
-        # whether it ran.
+        # No such session (it ended): a restarted agent found its tree with the ids
+        # claimed (W3), or this host's platform store (its claims) says whether it ran.
+        lost = lost_detail(self.config.work_dir, msg["session_id"])
+        if lost is not None:
+            return {"t": "delivered", "outcome": LostAfterCommitError.code, "pid": 0}
         mids = msg.get("enclave_mids") or []
         store = self.config.state / COUNTERS
         if not store.exists():  # (opening it would create it)

@@ -25,9 +25,11 @@ from typing import Any, Final
 
 from ..datapath.transport import keep_alive
 from ..errors import ConfigError, MigSGXError
+from ..sgx.counters import CounterStore
+from ..sgx.platform import COUNTERS
 from ..system.process import kill_tree
 from .config import AgentConfig
-from .held import held_records
+from .held import held_records, mark_lost
 from .incoming import IncomingMigration
 from .metrics import AgentMetrics
 from .protocol import SessionState
@@ -101,6 +103,15 @@ class Agent:
         bound = sock.getsockname()
         return str(bound[0]), int(bound[1])
 
+    def _claimed(self, arrivals: list[str]) -> int:
+        """How many of ``arrivals`` (hex migration ids) this host's claim store holds."""
+
+        store = self.config.state / COUNTERS
+        if not store.exists():  # (opening it would create it)
+            return 0
+        claims = CounterStore(store)
+        return sum(1 for a in arrivals if a and claims.claimed_by_any(bytes.fromhex(a)))
+
     def _adopt_held(self) -> None:
         """Trees a former agent held when it died (window W2, :mod:`.held`).
 
@@ -120,6 +131,17 @@ class Agent:
                     "nothing to adopt", tag, record.root,
                 )  # fmt: skip
                 self.discard(directory)
+                continue
+            claimed = self._claimed(record.arrivals)
+            if claimed:
+                kill_tree(record.root)
+                detail = (
+                    f"the tree (pid {record.root}) was held with {claimed} enclave id(s) "
+                    "already claimed: their state ran and ended with the former agent (W3); "
+                    "the tree was killed, nothing can bring the state back"
+                )
+                log.error("migration %s: %s", tag, detail)
+                mark_lost(directory, detail)
                 continue
             try:
                 session = IncomingMigration.adopt_held(self, directory, record)
