@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import pytest
 
+from migsgx.agent import incoming
 from migsgx.agent.config import AgentHost
 from migsgx.agent.incoming import IncomingMigration, _Enclave
 from migsgx.agent.protocol import AgentError
@@ -101,3 +102,21 @@ def test_only_the_host_that_began_it_may_send_the_state_again(
         _session(agent, "10.0.0.1")._redeliver(
             {"t": "redeliver", "session_id": bytes(16), "index": 0}
         )
+
+
+def test_a_fresh_copy_whose_state_never_came_may_be_replaced(
+    held: tuple[Agent, IncomingMigration], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guardian died between ``redelivery`` and its data connection: not for ever."""
+
+    _, target = held
+    target.keep_lost = True
+    monkeypatch.setattr(incoming, "REDELIVER_ACCEPT", 0.2)
+    first = target.redeliver(0)
+    assert first > 0
+    assert target.enclaves[0].decided.wait(10)  # counted lost once the listener gave up
+    assert target._copies_lost()
+    second = target.redeliver(0)
+    assert second > 0
+    for sock in target._listeners:
+        sock.close()

@@ -79,6 +79,8 @@ MAX_DATA_OPENINGS: Final = 2 * MAX_ENCLAVES
 #: How long a delivered decision may take to be judged and carried out before
 #: the deliverer hears "waiting" (and may deliver again).
 DELIVER_WAIT: Final = 20.0
+#: How long a fresh copy's listener waits for the state to come again.
+REDELIVER_ACCEPT: Final = 30.0
 Reply = dict[str, Any] | None
 
 
@@ -556,6 +558,7 @@ class IncomingMigration:
         self.enclaves[index] = _Enclave(index, old.source_info)
         self._refilled.set()
         listener = self._listen(self.local_address)
+        listener.settimeout(REDELIVER_ACCEPT)
         threading.Thread(
             target=self._accept_data, args=(listener, {index}),
             name="migsgx-agent-data", daemon=True,
@@ -954,6 +957,8 @@ class IncomingMigration:
             try:
                 conn, _ = listener.accept()
             except OSError:
+                if only is not None:
+                    self._never_came(pending, lock)
                 return
             if not openings.acquire(blocking=False):
                 conn.close()  # more unauthenticated connections at once than enclaves need
@@ -962,6 +967,20 @@ class IncomingMigration:
                 target=self._open_data, args=(conn, pending, lock, openings),
                 name="migsgx-agent-data-open", daemon=True,
             ).start()  # fmt: skip
+
+    def _never_came(self, pending: set[int], lock: threading.Lock) -> None:
+        """A fresh copy's state did not come in time: it counts as lost, so that a
+        later attempt may replace it (else it would wait for ever)."""
+
+        with lock:
+            gone = [self.enclaves[i] for i in pending]
+            pending.clear()
+        for enclave in gone:
+            if enclave.engine is None:
+                log.warning("migration %s: enclave %d: the state did not come again in time",
+                            self.tag, enclave.index)  # fmt: skip
+                enclave.loaded.set()
+                enclave.decided.set()
 
     def _open_data(
         self,
