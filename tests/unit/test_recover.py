@@ -292,3 +292,21 @@ def test_recover_without_the_guardian_says_the_state_is_gone(
     assert exited.value.code == cli.EXIT_LOST_AFTER_COMMIT
     [result] = json.loads(out)
     assert result["outcome"] == "lost" and "guardian that held them is gone" in result["detail"]
+
+
+def test_a_recycled_guardian_pid_gets_no_signal(state: Path, agent: Agent) -> None:
+    """The recorded guardian is gone and its pid now names another process: left alone."""
+
+    mid = os.urandom(16)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        journal = _journal(state, [mid], phase="committed", fenced=[])
+        journal.update(guardian_pid=other.pid)
+        _decide(state, mid, "commit", b"token")
+        agent.answers.append("copy-lost")
+        [result] = recover(state)
+        assert result.outcome == "lost"
+        assert other.poll() is None  # SIGUSR1 would have ended it
+    finally:
+        other.kill()
+        other.wait()

@@ -149,6 +149,16 @@ _COPY_LOST = (
 )
 
 
+def _is_guardian(pid: int) -> bool:
+    """Whether ``pid`` is still a migration guardian (a recycled pid gets no signal)."""
+
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"migsgx.agent.guardian" in argv
+
+
 def _signal_all(pids: list[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -266,7 +276,7 @@ def _through_guardian(journal: Journal, result: Resolution) -> Resolution:
     """
 
     pid = journal.guardian_pid
-    if not pid or not _alive(pid):
+    if not pid or not _is_guardian(pid):
         return Resolution(
             result.mid, journal.phase, "commit", "lost",
             f"{_COPY_LOST}, and the guardian that held them is gone: so is the state. "
@@ -278,7 +288,7 @@ def _through_guardian(journal: Journal, result: Resolution) -> Resolution:
         if Journal.load(journal.path).phase == "done":
             return Resolution(result.mid, "done", "commit", "moved",
                               f"the guardian (pid {pid}) delivered the state again")  # fmt: skip
-        if not _alive(pid):
+        if not _is_guardian(pid):
             return _through_guardian(journal, result)  # (gone meanwhile: said as above)
         if time.monotonic() > deadline:
             break
