@@ -91,17 +91,27 @@ def wait_for(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def source_answers(bed: Testbed, app: AppProcess, digest: str) -> float:
-    """Poll the source until it answers with every acknowledged write; when it did."""
+def source_answers(bed: Testbed, app: AppProcess, digest: str, tool: str = "") -> float:
+    """Poll the source until it answers with every acknowledged write; when it did.
+
+    ``tool`` (the tool's stderr) goes into the failure, with what the source last said.
+    """
 
     deadline = time.monotonic() + 60
+    last = ""
     while True:
         try:
-            if ask(bed, app, "src", "DIGEST") == digest:
+            last = ask(bed, app, "src", "DIGEST")
+            if last == digest:
                 return time.monotonic()
-        except Exception:  # not answering yet (stopped or its enclave not back)
-            pass
-        assert time.monotonic() < deadline, "the source never ran again"
+        except Exception as exc:  # not answering yet (stopped or its enclave not back)
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() >= deadline:
+            log = app.log.read_text(errors="replace")[-2000:]
+            raise AssertionError(
+                f"the source never ran again; last answer {last!r}, process state "
+                f"{process_state(app.pid)!r}\n--- tool ---\n{tool[-4000:]}\n--- app ---\n{log}"
+            )
         time.sleep(0.02)
 
 
@@ -336,7 +346,7 @@ def test_corrupted_byte_in_the_enclave_stream(
     assert run.returncode == EXIT_MOVED_NOT, run.stderr
     assert "Traceback" not in run.stderr
     assert "chunk failed authentication" in run.stderr  # the destination's reason, relayed
-    back = source_answers(bed, app, digest) - fault_time(run.stderr)
+    back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
     _record_back(figures, "transfer x corrupted byte", run, back)
     wait_for(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
     only_copy(bed, app, "src", digest)
@@ -362,7 +372,7 @@ def test_corrupted_enclave_stream_stops_the_process_dump(
     assert "Traceback" not in run.stderr
     assert "chunk failed authentication" in run.stderr  # the destination's reason, relayed
     assert "dump was stopped early" in run.stderr, run.stderr
-    back = source_answers(bed, app, digest) - fault_time(run.stderr)
+    back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
     _record_back(figures, "dump x corrupted byte (256 MiB process)", run, back)
     wait_for(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
     only_copy(bed, app, "src", digest)
@@ -539,7 +549,7 @@ def test_source_side_party_killed(
             only_copy(bed, app, "dst", digest)
         elif expect == "src":
             assert run.returncode == EXIT_MOVED_NOT, run.stderr
-            back = source_answers(bed, app, digest) - fault_time(run.stderr)
+            back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
             figures[cell] = {"outcome": "stayed", "exit": run.returncode,
                              "source_back_seconds": round(back, 3)}  # fmt: skip
             only_copy(bed, app, "src", digest)
