@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -874,6 +875,10 @@ class _Migration:
             "driver": self.driver.name,
             "workload": self.source.label if self.source is not None else "",
             "tcp_established": self.tcp_keep,
+            # CPU of this process (its enclave streams' ends, the control channel)
+            # and of its reaped children (CRIU's dump, with its page stream).
+            "tool_cpu_seconds": time.process_time(),
+            "tool_children_cpu_seconds": _children_cpu(),
         }
         if "resume_warning" in self.stats:
             figures["details"]["warning"] = self.stats["resume_warning"]
@@ -947,6 +952,11 @@ def keeps_tcp(wanted: bool | None, source: Source) -> bool:
     if wanted and source.no_tcp_keep:
         raise ConfigError(f"--tcp-established cannot apply to {source.label}: {source.no_tcp_keep}")
     return source.no_tcp_keep == "" and wanted is not False
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _alive(pid: int) -> bool:

@@ -75,10 +75,12 @@ def _migsgx(bed: Testbed, size: int, args: tuple[str, ...] = ()) -> dict[str, An
         )  # fmt: skip
         before = bed.ask("DIGEST", app.port, at="src", via="dst")
         agent_cpu = cpu_seconds(agent.proc.pid, children=True)
+        agent_own = cpu_seconds(agent.proc.pid)
         tool_cpu = children_cpu()
         run = bed.migrate(app.pid, agent, args=args)  # pages in TLS, always (CRIU alone: plain)
         tool_cpu = children_cpu() - tool_cpu
         agent_cpu = cpu_seconds(agent.proc.pid, children=True) - agent_cpu
+        agent_own = cpu_seconds(agent.proc.pid) - agent_own
         if run.returncode != 0 or run.stats is None:
             raise MigSGXError(f"migsgx migrate failed ({run.returncode}): {run.stderr[-2000:]}")
         after = bed.ask("DIGEST", app.port, at="dst", via="src")
@@ -93,7 +95,17 @@ def _migsgx(bed: Testbed, size: int, args: tuple[str, ...] = ()) -> dict[str, An
     if stats.get("post_copy_window") is not None:
         figures["post_copy_window_seconds"] = float(stats["post_copy_window"])
     cpu = {"tool": tool_cpu, "agent": agent_cpu, **enclave_cpu(stats)}  # tool, agent: with CRIU
-    return {**figures, "page_tls": True, "cpu_by_process": cpu}
+    details = stats["details"]
+    # The same split into each process's own threads and CRIU (its children):
+    # the tool's own are the source ends of the enclave streams, the agent's the
+    # destination ends; CRIU's dump with its page stream, the page server and restore.
+    split = {
+        "tool_own": float(details.get("tool_cpu_seconds", 0.0)),
+        "criu_dump": float(details.get("tool_children_cpu_seconds", 0.0)),
+        "agent_own": agent_own,
+        "agent_criu": agent_cpu - agent_own,
+    }
+    return {**figures, "page_tls": True, "cpu_by_process": cpu, "cpu_split": split}
 
 
 def app_start_timeout(size: int) -> float:
