@@ -603,7 +603,10 @@ def _live_options(opts: Any, console: Any, downtime_target: float, max_rounds: i
                 highlight=False,
             )
             return
-        estimate = r["pages"] * 4096 / max(r["bandwidth_bytes_per_second"], 1)
+        # The driver's estimate (the stop rule's): the final transfer with the digest check.
+        estimate = r.get("estimated_downtime_seconds")
+        if estimate is None:
+            estimate = r["pages"] * 4096 / max(r["bandwidth_bytes_per_second"], 1)
         console.print(
             f"enclave {index} round {r['round']}: {r['pages']} pages "
             f"({r['bytes'] / (1 << 20):.1f} MiB in {r['seconds']:.3f} s), "

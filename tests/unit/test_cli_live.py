@@ -69,3 +69,26 @@ def test_bench_live_refuses_bad_rules(capsys: pytest.CaptureFixture[str]) -> Non
         cli.main(["bench", "live", "--max-rounds", "0", "--json"])
     assert exited.value.code != cli.EXIT_OK
     assert "max_rounds" in capsys.readouterr().err
+
+
+def test_migrate_live_progress_line_gives_the_estimate_with_the_digest_check() -> None:
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from migsgx.cli_migrate import _live_options
+
+    out = io.StringIO()
+    opts = SimpleNamespace()
+    _live_options(opts, Console(file=out, width=300), 0.05, 30)
+    tagged = {"tagged_bytes": 1 << 30, "tag_seconds": 0.5}  # the digest at 2 GiB/s
+    rounds = [
+        {"round": 0, "pages": 25_600, "bytes": 100 << 20, "seconds": 1.0, **tagged},
+        {"round": 1, "pages": 256, "bytes": 1 << 20, "seconds": 0.02},
+    ]
+    estimate = StopRules.estimate(rounds)
+    assert estimate > 256 * 4096 / (100 << 20)  # more than the pages alone
+    opts.round_report(0, {**rounds[1], "bandwidth_bytes_per_second": 100 << 20,
+                          "estimated_downtime_seconds": estimate})  # fmt: skip
+    assert f"estimated downtime {estimate:.3f} s" in out.getvalue()

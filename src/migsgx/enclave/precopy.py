@@ -232,9 +232,9 @@ def final_dump(rounds: SourceRounds, state: bytes, persistent: bytes, chunk: int
     rest recomputed now.  Its cost is reported as ``verify_seconds``.
     """
 
-    t0 = time.perf_counter()
+    t0 = time.monotonic()
     pages = rounds.final_pages()
-    t_scan = time.perf_counter()
+    t_scan = time.monotonic()
     memory = sparse_section("memory", pages)
     sections = (
         Section.dense("state", len(state)),
@@ -246,19 +246,31 @@ def final_dump(rounds: SourceRounds, state: bytes, persistent: bytes, chunk: int
     sent += rounds.send_dense(sections[0], memoryview(state), chunk, last=False)
     sent += rounds.send_section(memory, chunk, last=False)
     sent += rounds.send_dense(sections[2], memoryview(persistent), chunk, last=False)
+    t_sent = time.monotonic()
     # The digest last: while it is computed here, the destination applies the
     # pages and computes its own (spec section 3), on the other core.
     body, verify_seconds, verify_bytes = digest_body(rounds)
+    t_digest = time.monotonic()
     sent += rounds.send_dense(sections[3], memoryview(body), chunk, last=True)
     rounds._ring().wait_drained(RING_TIMEOUT)
+    t_end = time.monotonic()
     return {
         "bytes": sent,
         "memory_bytes": memory.length,
         "final_pages": len(pages),
+        "digest_bytes": len(body),
         "scan_seconds": t_scan - t0,
         "verify_seconds": verify_seconds,
         "verify_bytes": verify_bytes,
         "rounds": list(rounds.history),
+        # CLOCK_MONOTONIC, one clock for every process of the host: the driver
+        # lays these beside its own steps of the freeze.
+        "timeline": {
+            "final_scan": [t0, t_scan],
+            "final_send": [t_scan, t_sent],
+            "source_digest": [t_sent, t_digest],
+            "digest_send": [t_digest, t_end],
+        },
     }
 
 

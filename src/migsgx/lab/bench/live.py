@@ -89,22 +89,22 @@ class Writer:
         period = BATCH_PAGES * PAGE / self.rate if self.rate > 0 else 0.05
         pages = BATCH_PAGES if self.rate > 0 else 0
         seed = 0
-        next_at = time.perf_counter()
+        next_at = time.monotonic()
         while not self._stop.is_set():
-            t0 = time.perf_counter()
+            t0 = time.monotonic()
             try:
                 self.client.ecall.scribble(pages, seed)
             except BaseException as exc:
                 self.error = exc
                 return
-            self.done.append((t0, time.perf_counter()))
+            self.done.append((t0, time.monotonic()))
             seed += 1
             next_at += period
-            pause = next_at - time.perf_counter()
+            pause = next_at - time.monotonic()
             if pause > 0:
                 self._stop.wait(pause)
             else:
-                next_at = time.perf_counter()  # behind: do not burst to catch up
+                next_at = time.monotonic()  # behind: do not burst to catch up
 
     def gap(self, start: float, end: float) -> float:
         """The longest pause between returning ECALLs that overlaps [start, end]."""
@@ -154,7 +154,7 @@ class _Destination:
             self.incoming, offer = IncomingEnclave.accept_offer(conn, self.platform_socket)
             self.incoming.receive(conn, offer)
             self.sock = self.incoming.wait_commit(timeout=600)
-            self.active_at = time.perf_counter()
+            self.active_at = time.monotonic()
         except BaseException as exc:
             self.error = exc
         finally:
@@ -177,7 +177,7 @@ def _migrate(
 ) -> tuple[dict[str, Any], socket.socket, OutgoingEnclave]:
     dest = _Destination(to_socket)
     peer = socket.create_connection(dest.address, timeout=30)
-    t_start = time.perf_counter()
+    t_start = time.monotonic()
     try:
         if mode == "live":
             live = LiveOutgoingEnclave(
@@ -185,19 +185,20 @@ def _migrate(
             )
             out: OutgoingEnclave = live
             pre = live.precopy(peer)
-            t_rounds_end = time.perf_counter()
-            t_freeze = time.perf_counter()
+            t_rounds_end = time.monotonic()
+            t_freeze = time.monotonic()
             stats = live.finish(client.detach())
         else:
             t_rounds_end = t_start
-            t_freeze = time.perf_counter()
+            t_freeze = time.monotonic()
             out = OutgoingEnclave(client.detach(), client.info, client.image_files)
             stats = out.transfer(peer)
             pre = {}
-        t_loaded = time.perf_counter()
+        t_loaded = time.monotonic()
         # As the tool does: the source enclave is released (wiped, gone) only
         # after the application runs on at the destination, off the client's path.
         out.decide()
+        t_decided = time.monotonic()
         out.deliver()
     finally:
         with contextlib.suppress(OSError):
@@ -228,17 +229,80 @@ def _migrate(
             0.0 if mode == "live" else stats["launch_seconds"] + stats["handshake_seconds"]
         ),
         "final_pages": final.get("final_pages"),
+        "digest_bytes": final.get("digest_bytes"),
+        "freeze_steps": (
+            freeze_steps(stats, t_freeze, t_loaded, t_decided, dest.active_at)
+            if mode == "live"
+            else None
+        ),
         # A repair round (precopy.md, 3.3) only follows a hidden write: None here.
         "repair": stats.get("repair"),
         "_window": (t_start, dest.active_at, t_rounds_end),
-        "per_round": [
-            {k: r.get(k) for k in ROUND_FIGURES}
-            for r in rounds
-        ],
+        "per_round": [{k: r.get(k) for k in ROUND_FIGURES} for r in rounds],
     }
     if progress is not None:
         progress(f"{mode}: downtime {downtime:.3f} s, {len(rounds)} rounds")
     return figures, sock, out
+
+
+#: The live freeze on the critical path, in order (``freeze_steps``).
+FREEZE_STEPS = (
+    "handover", "quiesce", "final_scan", "final_send", "source_digest", "digest_send",
+    "destination_tail", "loaded_verify", "decide", "deliver",
+)  # fmt: skip
+
+
+def freeze_steps(
+    stats: dict[str, Any], t_freeze: float, t_loaded: float, t_decided: float, t_active: float
+) -> dict[str, Any]:
+    """Where a live downtime goes: seconds per step from the freeze to the destination running.
+
+    Every process stamps its steps with CLOCK_MONOTONIC (one clock on the
+    host), so the source driver's, the source enclave's and this driver's
+    steps lie end to end: ``handover`` (the final frame, the ring), the
+    enclave's ``quiesce``, ``final_scan`` (the last PAGEMAP_SCAN), ``final_send``
+    (last pages and small state into the ring), ``source_digest``,
+    ``digest_send`` (until the ring drained), ``destination_tail`` (the
+    destination's check and LOADED back), ``loaded_verify``, ``decide`` (the
+    durable COMMIT), ``deliver`` (the token until the destination runs).
+    ``other`` is what the steps leave out of the downtime.  The destination
+    enclave's own steps, which overlap the source's, are under ``destination``.
+    """
+
+    timeline = stats.get("timeline", {})
+    driver, enclave = timeline.get("source_driver", {}), timeline.get("source_enclave", {})
+    try:
+        marks = [
+            ("handover", t_freeze, enclave["quiesce"][0]),
+            *((k, *enclave[k]) for k in FREEZE_STEPS[1:6]),
+            ("destination_tail", enclave["digest_send"][1], driver["loaded_wait"][1]),
+            ("loaded_verify", *driver["loaded_verify"]),
+            ("decide", driver["loaded_verify"][1], t_decided),
+            ("deliver", t_decided, t_active),
+        ]
+    except (KeyError, IndexError, TypeError):
+        return {}
+    steps: dict[str, Any] = {name: float(b) - float(a) for name, a, b in marks}
+    steps["other"] = (t_active - t_freeze) - sum(steps.values())
+    dest = stats.get("destination", {}).get("timeline", {}).get("destination_enclave", {})
+    steps["destination"] = {k: float(v[1]) - float(v[0]) for k, v in dest.items()}
+    return steps
+
+
+def _step_medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median seconds of each freeze step over the runs (``destination`` likewise)."""
+
+    steps = [r["freeze_steps"] for r in runs if r.get("freeze_steps")]
+    if not steps:
+        return {}
+    out: dict[str, Any] = {}
+    for key in (*FREEZE_STEPS, "other"):
+        values = [s[key] for s in steps if key in s]
+        if values:
+            out[key] = statistics.median(values)
+    dest = [s.get("destination", {}) for s in steps]
+    out["destination"] = {k: statistics.median([d[k] for d in dest if k in d]) for k in dest[0]}
+    return out
 
 
 def _summary(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -285,7 +349,7 @@ def run(
             writer = Writer(client, rate)
             time.sleep(0.5)  # a baseline of ECALL times before any migration
             here = 0
-            baseline_end = time.perf_counter()
+            baseline_end = time.monotonic()
             baseline = writer.mean_call(0.0, baseline_end)
             for _ in range(repeat):
                 for mode in MODES:
@@ -316,6 +380,8 @@ def run(
     for mode in MODES:
         medians, spread = _summary(runs[mode])
         out[mode] = {**medians, "spread": spread, "runs": runs[mode]}
+        if mode == "live":
+            out[mode]["freeze_steps"] = _step_medians(runs[mode])
     sc, lv = out["stop_and_copy"]["downtime_seconds"], out["live"]["downtime_seconds"]
     out["live_over_stop_and_copy_downtime"] = lv / sc if sc else None
     out["machine"] = {
