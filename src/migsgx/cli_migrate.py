@@ -509,6 +509,9 @@ def demo_command(workdir: Path | None, container: str | None, process: bool) -> 
 @click.option("--downtime-target", type=float, default=0.05, show_default=True,
               help="stop rule 'converged': seconds the last dirty set may take")  # fmt: skip
 @click.option("--max-rounds", type=int, default=30, show_default=True)
+@click.option("--settle", type=float, default=0.6, show_default=True,
+              help="stop rule 'converged' also waits for a round that took at least this "
+              "share of the one before (0: the first round under the target stops)")  # fmt: skip
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="draw the round-by-round picture into this PNG file")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
@@ -518,6 +521,7 @@ def bench_live(
     repeat: int,
     downtime_target: float,
     max_rounds: int,
+    settle: float,
     plot: Path | None,
     as_json: bool,
 ) -> None:
@@ -527,7 +531,7 @@ def bench_live(
     from .lab.bench.live import run
 
     try:
-        rules = StopRules(downtime_target=downtime_target, max_rounds=max_rounds)
+        rules = StopRules(downtime_target=downtime_target, max_rounds=max_rounds, settle=settle)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     sizes = [parse_size(part) for part in enclave_size.split(",")]

@@ -394,12 +394,28 @@ def test_stop_rules_each_named() -> None:
     big = r(10_000, 0.5)  # 80 MiB/s
     assert rules.decide([], 0, 1 << 30) is None
     assert rules.decide([big], 0, 1 << 30) is None
-    assert rules.decide([big, r(100)], 0, 1 << 30) == "converged"  # 5 ms at 80 MiB/s
+    assert rules.decide([big, r(100, 0.3)], 0, 1 << 30) == "converged"  # 5 ms at 80 MiB/s
     assert rules.decide([big, r(900), r(950), r(990)], 0, 1 << 30) == "no-convergence"
     assert rules.decide([big, r(900), r(800)], 6.0, 1 << 30) == "max-seconds"
     assert rules.decide([big] + [r(900 - i) for i in range(9)], 0, 1 << 30) == "max-rounds"
     assert rules.decide([big, r(900)], 0, 20_000_000) == "max-bytes"
     assert rules.decide([big, r(900), r(800)], 0, 1 << 30) is None
+
+
+def test_converged_waits_until_the_rounds_settle() -> None:
+    rules = StopRules(downtime_target=0.01, settle=0.6)
+    big = r(10_000, 0.5)
+    # Under the target, but the last round was much shorter than the one before:
+    # another round shrinks what the final transfer carries.
+    assert rules.decide([big, r(100, 0.1)], 0, 1 << 30) is None
+    assert rules.decide([big, r(100, 0.1), r(40, 0.05)], 0, 1 << 30) is None
+    assert rules.decide([big, r(100, 0.1), r(40, 0.05), r(35, 0.04)], 0, 1 << 30) == "converged"
+    # Nothing written: nothing to wait for.
+    assert rules.decide([big, r(0, 0.001)], 0, 1 << 30) == "converged"
+    # settle=0: the first round under the target stops.
+    assert StopRules(downtime_target=0.01, settle=0).decide([big, r(100, 0.1)], 0, 1 << 30) == (
+        "converged"
+    )
 
 
 def test_stop_rules_estimate_uses_the_measured_bandwidth() -> None:
@@ -418,7 +434,13 @@ def test_stop_rules_estimate_counts_the_digest_check_after_the_freeze() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"max_rounds": 0}, {"max_rounds": MAX_ROUNDS + 1}, {"stall_rounds": 0}, {"max_seconds": 0}],
+    [
+        {"max_rounds": 0},
+        {"max_rounds": MAX_ROUNDS + 1},
+        {"stall_rounds": 0},
+        {"max_seconds": 0},
+        {"settle": 1.5},
+    ],
 )
 def test_stop_rules_refuse_nonsense(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):

@@ -203,7 +203,13 @@ class StopRules:
 
     * ``converged``: the last round's dirty set, at the bandwidth round 0
       measured, would take at most ``downtime_target`` seconds to send and
-      to check (:meth:`estimate`);
+      to check (:meth:`estimate`), and the rounds have *settled*: the last
+      one took at least ``settle`` times as long as the one before
+      (:meth:`settled`).  The final transfer carries what is written during
+      the last round, so its size follows that round's length; rounds
+      shrink towards a floor (the scan, the round trips) that does not grow
+      with the enclave, and stopping there keeps the freeze nearly the same
+      at every size (``settle=0`` stops at the first round under the target);
     * ``no-convergence``: the dirty set has not shrunk below its smallest size
       so far for ``stall_rounds`` rounds (the writer outruns the link);
     * ``max-rounds``, ``max-seconds``, ``max-bytes`` (a multiple of the
@@ -215,6 +221,7 @@ class StopRules:
     max_seconds: float = 120.0
     max_bytes_factor: float = 2.0
     stall_rounds: int = 3
+    settle: float = 0.6
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_rounds <= 64:
@@ -223,6 +230,8 @@ class StopRules:
             raise ValueError("stop rule limits must be positive")
         if self.stall_rounds < 1:
             raise ValueError("stall_rounds is at least 1")
+        if not 0 <= self.settle <= 1:
+            raise ValueError("settle is 0..1")
 
     def decide(
         self, rounds: Sequence[Mapping[str, Any]], elapsed: float, memory: int
@@ -232,7 +241,7 @@ class StopRules:
         if not rounds:
             return None
         if len(rounds) >= 2:
-            if self.estimate(rounds) <= self.downtime_target:
+            if self.estimate(rounds) <= self.downtime_target and self.settled(rounds):
                 return "converged"
             sizes = [r["pages"] for r in rounds[1:]]
             best = sizes.index(min(sizes))
@@ -245,6 +254,14 @@ class StopRules:
         if sum(r["bytes"] for r in rounds) >= self.max_bytes_factor * max(memory, PAGE):
             return "max-bytes"
         return None
+
+    def settled(self, rounds: Sequence[Mapping[str, Any]]) -> bool:
+        """Whether another round would hardly be shorter than the last (or nothing was written)."""
+
+        last, before = rounds[-1], rounds[-2]
+        if not last["pages"]:
+            return True
+        return float(last["seconds"]) >= self.settle * float(before["seconds"])
 
     @staticmethod
     def bandwidth(rounds: Sequence[Mapping[str, Any]]) -> float:
