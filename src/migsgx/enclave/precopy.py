@@ -104,12 +104,15 @@ class SourceRounds:
         t_scan = time.perf_counter()
         sent = self.send(round_label(self.number), pages, chunk_size, last=True)
         t_sent = time.perf_counter()
-        # Tags of what memory holds now, valid until the next scan names their segments.
+        # Tags of what memory holds now, valid until the next scan names their
+        # segments; the groups' too, so that the final check computes few of either.
         view = self.memory.view()
+        before = self.tags.hashed_bytes
         try:
-            tagged = self.tags.refresh(view, self.memory.used)
+            self.tags.group_tags(view, self.memory.used)
         finally:
             view.release()
+        tagged = self.tags.hashed_bytes - before
         t_end = time.perf_counter()
         figures = {
             "round": self.number,

@@ -195,7 +195,7 @@ class DestinationRounds:
             return
         view = self.memory.view()
         try:
-            self.tags(self.digest_key).refresh(view, self._extent // SEGMENT * SEGMENT)
+            self.tags(self.digest_key).group_tags(view, self._extent // SEGMENT * SEGMENT)
         finally:
             view.release()
 
@@ -207,7 +207,7 @@ class DestinationRounds:
         t0 = time.perf_counter()
         view = self.memory.view()
         try:
-            self.tags(key).refresh(view, length)
+            self.tags(key).group_tags(view, length)
         finally:
             view.release()
         return time.perf_counter() - t0
