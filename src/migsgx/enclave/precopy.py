@@ -86,9 +86,14 @@ class SourceRounds:
         return cls(memory, streams, tracker, SegmentTags(key, memory.size))
 
     def _scan(self) -> list[int]:
-        """The pages to send; the segments the write log names lose their tags first."""
+        """The pages to send; the segments the write log names lose their tags first.
 
-        reported, written = self.tracker.collect_with_log()
+        Only the used memory is walked: nothing beyond it migrates, and a page
+        there keeps its written bit until the used memory grows over it and a
+        scan reports it (``docs/spec/precopy.md``, section 3.2).
+        """
+
+        reported, written = self.tracker.collect_with_log(self.memory.used)
         self.tags.forget_pages(written)
         return reported
 
