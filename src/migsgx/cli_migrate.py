@@ -514,6 +514,10 @@ def demo_command(workdir: Path | None, container: str | None, process: bool) -> 
               "share of the one before (0: the first round under the target stops)")  # fmt: skip
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="draw the round-by-round picture into this PNG file")  # fmt: skip
+@click.option("--pid", is_flag=True,
+              help="also move the workload as a process with 'migrate --live' (enclave "
+              "pre-copy, then post-copy of the process; root, CRIU): downtime and the "
+              "window in which the destination depends on the source")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
 def bench_live(
     enclave_size: str,
@@ -523,6 +527,7 @@ def bench_live(
     max_rounds: int,
     settle: float,
     plot: Path | None,
+    pid: bool,
     as_json: bool,
 ) -> None:
     """Downtime of live (pre-copy) against stop-and-copy migration, same workload."""
@@ -540,7 +545,9 @@ def bench_live(
     progress = None if as_json else (lambda line: click.echo(line, err=True))
     results = []
     for size in sizes:
-        result = run(size, parse_size(dirty_rate), repeat, rules=rules, progress=progress)
+        result = run(
+            size, parse_size(dirty_rate), repeat, rules=rules, progress=progress, pid=pid
+        )
         results.append(result)
         if plot is not None:
             from .lab.bench.live_plot import draw

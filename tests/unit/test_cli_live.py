@@ -35,12 +35,14 @@ def test_bench_live_passes_options_and_prints_json(
     monkeypatch.setattr(bench_live, "run", fake_run)
     with pytest.raises(SystemExit) as exited:
         cli.main(["bench", "live", "--enclave-size", "1GiB", "--dirty-rate", "50MiB",
-                  "--repeat", "4", "--max-rounds", "7", "--settle", "0.5", "--json"])  # fmt: skip
+                  "--repeat", "4", "--max-rounds", "7", "--settle", "0.5", "--pid",
+                  "--json"])  # fmt: skip
     assert exited.value.code == cli.EXIT_OK
     out = json.loads(capsys.readouterr().out)
     assert out["stop_and_copy"]["downtime_seconds"] == 2.0
     assert (seen["size"], seen["rate"], seen["repeat"]) == (1 << 30, 50 << 20, 4)
     assert seen["rules"] == StopRules(max_rounds=7, settle=0.5)
+    assert seen["pid"] is True
 
 
 def test_bench_live_runs_several_sizes_in_one_object(

@@ -305,10 +305,12 @@ def _step_medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _summary(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _summary(
+    runs: list[dict[str, Any]], keys: tuple[str, ...] = FIGURES
+) -> tuple[dict[str, Any], dict[str, Any]]:
     medians: dict[str, Any] = {}
     spread: dict[str, Any] = {}
-    for key in FIGURES:
+    for key in keys:
         values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
         if values:
             medians[key] = statistics.median(values)
@@ -332,8 +334,15 @@ def run(
     *,
     rules: StopRules | None = None,
     progress: Callable[[str], None] | None = None,
+    pid: bool = False,
 ) -> dict[str, Any]:
-    """Both modes on the same workload, ``repeat`` times each, alternating."""
+    """Both modes on the same workload, ``repeat`` times each, alternating.
+
+    With ``pid``, then ``repeat`` runs of ``migrate PID --live`` of the model
+    app under the same writer (:mod:`.live_pid`: pre-copy of its enclave,
+    post-copy of its process; root): ``live_post_copy_pid``.  The default
+    stop rules there are ``migrate``'s.
+    """
 
     size = size // (COLS * 4) * (COLS * 4)
     if not 1 << 20 <= size <= 7 << 30:
@@ -382,6 +391,16 @@ def run(
         out[mode] = {**medians, "spread": spread, "runs": runs[mode]}
         if mode == "live":
             out[mode]["freeze_steps"] = _step_medians(runs[mode])
+    if pid:
+        from .live_pid import FIGURES as PID_FIGURES
+        from .live_pid import run_pid
+
+        pid_runs = run_pid(size, rate, repeat)
+        medians, spread = _summary(pid_runs, PID_FIGURES)
+        out["live_post_copy_pid"] = {**medians, "spread": spread, "runs": pid_runs}
+        if progress is not None:
+            progress(f"pid --live: downtime {medians.get('downtime_seconds', 0):.3f} s, "
+                     f"window {medians.get('post_copy_window_seconds', 0):.3f} s")  # fmt: skip
     sc, lv = out["stop_and_copy"]["downtime_seconds"], out["live"]["downtime_seconds"]
     out["live_over_stop_and_copy_downtime"] = lv / sc if sc else None
     out["machine"] = {
