@@ -23,7 +23,12 @@ alternating stop-and-copy and live, ``repeat`` times each.  Per run:
   ``setup_in_downtime_seconds`` is the destination launch and handshake that
   today's stop-and-copy runs after the freeze;
 * tracking overhead: the client's mean ECALL time while the rounds run, over
-  its mean before the migration.
+  its mean before the migration;
+* ``freeze_steps`` (live): where the downtime goes, step by step on the
+  critical path (:func:`freeze_steps`), and the destination enclave's own
+  steps beside them; the mode's ``freeze_steps`` holds each step's median;
+* with ``pid``, ``live_post_copy_pid``: ``migrate PID --live`` of the model
+  app under the same writer (:mod:`.live_pid`), with its post-copy window.
 
 Figures are medians with min/max over the runs (``spread``), every run kept
 in ``runs``.  Not a test: numbers only.
