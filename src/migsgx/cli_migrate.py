@@ -518,6 +518,8 @@ def demo_command(workdir: Path | None, container: str | None, process: bool) -> 
               help="also move the workload as a process with 'migrate --live' (enclave "
               "pre-copy, then post-copy of the process; root, CRIU): downtime and the "
               "window in which the destination depends on the source")  # fmt: skip
+@click.option("--ab-settle", is_flag=True,
+              help="A/B: each live run also with --settle 0, right after (paired)")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
 def bench_live(
     enclave_size: str,
@@ -528,6 +530,7 @@ def bench_live(
     settle: float,
     plot: Path | None,
     pid: bool,
+    ab_settle: bool,
     as_json: bool,
 ) -> None:
     """Downtime of live (pre-copy) against stop-and-copy migration, same workload."""
@@ -546,8 +549,9 @@ def bench_live(
     results = []
     for size in sizes:
         result = run(
-            size, parse_size(dirty_rate), repeat, rules=rules, progress=progress, pid=pid
-        )
+            size, parse_size(dirty_rate), repeat, rules=rules, progress=progress, pid=pid,
+            ab_settle=ab_settle,
+        )  # fmt: skip
         results.append(result)
         if plot is not None:
             from .lab.bench.live_plot import draw

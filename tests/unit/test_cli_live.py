@@ -35,14 +35,14 @@ def test_bench_live_passes_options_and_prints_json(
     monkeypatch.setattr(bench_live, "run", fake_run)
     with pytest.raises(SystemExit) as exited:
         cli.main(["bench", "live", "--enclave-size", "1GiB", "--dirty-rate", "50MiB",
-                  "--repeat", "4", "--max-rounds", "7", "--settle", "0.5", "--pid",
+                  "--repeat", "4", "--max-rounds", "7", "--settle", "0.5", "--pid", "--ab-settle",
                   "--json"])  # fmt: skip
     assert exited.value.code == cli.EXIT_OK
     out = json.loads(capsys.readouterr().out)
     assert out["stop_and_copy"]["downtime_seconds"] == 2.0
     assert (seen["size"], seen["rate"], seen["repeat"]) == (1 << 30, 50 << 20, 4)
     assert seen["rules"] == StopRules(max_rounds=7, settle=0.5)
-    assert seen["pid"] is True
+    assert seen["pid"] is True and seen["ab_settle"] is True
 
 
 def test_bench_live_runs_several_sizes_in_one_object(
@@ -94,3 +94,15 @@ def test_migrate_live_progress_line_gives_the_estimate_with_the_digest_check() -
     opts.round_report(0, {**rounds[1], "bandwidth_bytes_per_second": 100 << 20,
                           "estimated_downtime_seconds": estimate})  # fmt: skip
     assert f"estimated downtime {estimate:.3f} s" in out.getvalue()
+
+
+def test_settle_ab_pairs_each_run_with_the_one_right_after() -> None:
+    settled = [{"downtime_seconds": 0.02, "final_pages": 100, "rounds": 5, "bytes_sent": 10},
+               {"downtime_seconds": 0.04, "final_pages": 200, "rounds": 4, "bytes_sent": 10}]
+    unsettled = [{"downtime_seconds": 0.03, "final_pages": 300, "rounds": 2, "bytes_sent": 8},
+                 {"downtime_seconds": 0.04, "final_pages": None, "rounds": 2, "bytes_sent": 8}]
+    ab = bench_live._paired(settled, unsettled)
+    assert ab["downtime_seconds_unsettled_over_settled"] == {"median": 1.25, "min": 1.0, "max": 1.5}
+    # The pair without a count is left out.
+    assert ab["final_pages_unsettled_over_settled"]["median"] == 3.0
+    assert ab["rounds_unsettled_over_settled"]["max"] == 0.5

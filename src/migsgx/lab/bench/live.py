@@ -37,6 +37,7 @@ in ``runs``.  Not a test: numbers only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import socket
@@ -59,6 +60,7 @@ from ..hosts import Deployment, running_services
 COLS = 1024
 BATCH_PAGES = 32
 MODES = ("stop_and_copy", "live")
+UNSETTLED = "live_unsettled"  # --ab-settle: live with settle=0, right after each live run
 ROUND_FIGURES = ("round", "pages", "bytes", "seconds", "scan_seconds", "tag_seconds")
 FIGURES = (
     "downtime_seconds",
@@ -184,7 +186,7 @@ def _migrate(
     peer = socket.create_connection(dest.address, timeout=30)
     t_start = time.monotonic()
     try:
-        if mode == "live":
+        if mode.startswith("live"):
             live = LiveOutgoingEnclave(
                 client.open_side_channel(), client.info, client.image_files, rules=rules
             )
@@ -231,13 +233,13 @@ def _migrate(
         # Stop-and-copy as migsgx runs it today launches the destination enclave
         # and runs the handshake after the freeze; this part of it could move out.
         "setup_in_downtime_seconds": (
-            0.0 if mode == "live" else stats["launch_seconds"] + stats["handshake_seconds"]
+            0.0 if mode.startswith("live") else stats["launch_seconds"] + stats["handshake_seconds"]
         ),
         "final_pages": final.get("final_pages"),
         "digest_bytes": final.get("digest_bytes"),
         "freeze_steps": (
             freeze_steps(stats, t_freeze, t_loaded, t_decided, dest.active_at)
-            if mode == "live"
+            if mode.startswith("live")
             else None
         ),
         # A repair round (precopy.md, 3.3) only follows a hidden write: None here.
@@ -310,6 +312,27 @@ def _step_medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _paired(settled: list[dict[str, Any]], unsettled: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per pair (same repeat, back to back), unsettled over settled; medians and spread."""
+
+    out: dict[str, Any] = {}
+    for key in ("downtime_seconds", "final_pages", "rounds", "bytes_sent"):
+        ratios = [
+            float(u[key]) / float(s[key])
+            for s, u in zip(settled, unsettled, strict=True)
+            if _number(s.get(key)) and _number(u.get(key)) and s[key]
+        ]
+        if ratios:
+            out[f"{key}_unsettled_over_settled"] = {
+                "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)
+            }  # fmt: skip
+    return out
+
+
 def _summary(
     runs: list[dict[str, Any]], keys: tuple[str, ...] = FIGURES
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -340,8 +363,14 @@ def run(
     rules: StopRules | None = None,
     progress: Callable[[str], None] | None = None,
     pid: bool = False,
+    ab_settle: bool = False,
 ) -> dict[str, Any]:
     """Both modes on the same workload, ``repeat`` times each, alternating.
+
+    With ``ab_settle``, each live run is followed by one with ``settle=0``
+    (``live_unsettled``: the first round under the target stops), and
+    ``settle_ab`` holds the paired ratios (unsettled over settled) of the
+    downtime and of the final transfer's pages.
 
     With ``pid``, then ``repeat`` runs of ``migrate PID --live`` of the model
     app under the same writer (:mod:`.live_pid`: pre-copy of its enclave,
@@ -349,13 +378,16 @@ def run(
     stop rules there are ``migrate``'s.
     """
 
+    load_at_start = os.getloadavg()
     size = size // (COLS * 4) * (COLS * 4)
     if not 1 << 20 <= size <= 7 << 30:
         raise ConfigError("--enclave-size must be between 1 MiB and 7 GiB")
     if rate < 0 or repeat < 1:
         raise ConfigError("--dirty-rate must be >= 0 and --repeat >= 1")
     rules = rules or StopRules()
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    modes = (*MODES, UNSETTLED) if ab_settle else MODES
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    unsettled = dataclasses.replace(rules, settle=0.0)
     with _two_hosts() as (image, sockets):
         client = EnclaveClient.launch(image, socket_path=sockets[0])
         try:
@@ -366,10 +398,11 @@ def run(
             baseline_end = time.monotonic()
             baseline = writer.mean_call(0.0, baseline_end)
             for _ in range(repeat):
-                for mode in MODES:
+                for mode in modes:
                     figures, sock, source = _migrate(
-                        client, writer, sockets[1 - here], mode, rules, progress
-                    )
+                        client, writer, sockets[1 - here], mode,
+                        unsettled if mode == UNSETTLED else rules, progress,
+                    )  # fmt: skip
                     client.reattach(sock)
                     source.release()
                     here = 1 - here
@@ -377,7 +410,7 @@ def run(
                     time.sleep(0.3)  # the client runs on the destination for a while
                     figures["client_gap_seconds"] = writer.gap(t_start, t_end)
                     figures["bytes_over_size"] = figures["bytes_sent"] / size
-                    if mode == "live" and baseline > 0:
+                    if mode.startswith("live") and baseline > 0:
                         during = writer.mean_call(t_start, t_rounds_end)
                         figures["tracking_overhead"] = during / baseline if during else None
                     runs[mode].append(figures)
@@ -391,11 +424,13 @@ def run(
         "repeat": repeat,
         "rules": rules.__dict__,
     }
-    for mode in MODES:
+    for mode in modes:
         medians, spread = _summary(runs[mode])
         out[mode] = {**medians, "spread": spread, "runs": runs[mode]}
-        if mode == "live":
+        if mode.startswith("live"):
             out[mode]["freeze_steps"] = _step_medians(runs[mode])
+    if ab_settle:
+        out["settle_ab"] = _paired(runs["live"], runs[UNSETTLED])
     if pid:
         from .live_pid import FIGURES as PID_FIGURES
         from .live_pid import run_pid
@@ -411,6 +446,7 @@ def run(
     out["machine"] = {
         "cpus": os.cpu_count(),
         "kernel": os.uname().release,
+        "loadavg_at_start": load_at_start,
         "loadavg_at_end": os.getloadavg(),
     }
     return out
