@@ -536,7 +536,8 @@ def bench_live(
     """Downtime of live (pre-copy) against stop-and-copy migration, same workload."""
 
     from .core.rounds import StopRules
-    from .lab.bench.live import run
+    from .lab.bench.live import run, run_sizes
+    from .lab.bench.live_figures import size_ratio
 
     try:
         rules = StopRules(downtime_target=downtime_target, max_rounds=max_rounds, settle=settle)
@@ -546,13 +547,14 @@ def bench_live(
     if plot is not None and len(sizes) > 1:
         raise ConfigError("--plot draws one enclave size")
     progress = None if as_json else (lambda line: click.echo(line, err=True))
-    results = []
-    for size in sizes:
-        result = run(
-            size, parse_size(dirty_rate), repeat, rules=rules, progress=progress, pid=pid,
-            ab_settle=ab_settle,
-        )  # fmt: skip
-        results.append(result)
+    if len(sizes) == 1:
+        results = [run(sizes[0], parse_size(dirty_rate), repeat, rules=rules, progress=progress,
+                       pid=pid, ab_settle=ab_settle)]  # fmt: skip
+    else:
+        # Several sizes: interleaved in one set of hosts, so their ratio is paired.
+        results = run_sizes(sizes, parse_size(dirty_rate), repeat, rules=rules,
+                            progress=progress, pid=pid, ab_settle=ab_settle)  # fmt: skip
+    for result in results:
         if plot is not None:
             from .lab.bench.live_plot import draw
 
@@ -560,8 +562,8 @@ def bench_live(
         if not as_json:
             sc, lv = result["stop_and_copy"], result["live"]
             click.echo(
-                f"{size >> 20} MiB downtime: stop-and-copy {sc['downtime_seconds']:.3f} s, "
-                f"live {lv['downtime_seconds']:.3f} s "
+                f"{result['enclave_bytes'] >> 20} MiB downtime: stop-and-copy "
+                f"{sc['downtime_seconds']:.3f} s, live {lv['downtime_seconds']:.3f} s "
                 f"({result['live_over_stop_and_copy_downtime']:.3f}x), "
                 f"live rounds {lv.get('rounds', 0)}, bytes/size {lv['bytes_over_size']:.2f}",
                 err=True,
@@ -569,7 +571,8 @@ def bench_live(
     if len(results) == 1:
         _emit(results[0])
         return
-    # Several sizes: one object; how the live downtime grows from the smallest to the largest.
+    # How the live downtime grows from the smallest size to the largest: the
+    # medians' ratio, and the median of the ratios of runs made back to back.
     small = min(results, key=lambda r: r["enclave_bytes"])
     large = max(results, key=lambda r: r["enclave_bytes"])
     base = small["live"]["downtime_seconds"]
@@ -579,6 +582,7 @@ def bench_live(
             "live_downtime_largest_over_smallest": (
                 large["live"]["downtime_seconds"] / base if base else None
             ),
+            "live_downtime_largest_over_smallest_paired": size_ratio(results),
         }
     )
 

@@ -10,6 +10,7 @@ import pytest
 from migsgx import cli
 from migsgx.core.rounds import StopRules
 from migsgx.lab.bench import live as bench_live
+from migsgx.lab.bench import live_figures
 
 
 def _fake_result(size: int, rate: int) -> dict[str, Any]:
@@ -50,13 +51,19 @@ def test_bench_live_runs_several_sizes_in_one_object(
 ) -> None:
     sizes: list[int] = []
 
-    def fake_run(size: int, rate: int, repeat: int, **kw: Any) -> dict[str, Any]:
-        sizes.append(size)
-        result = _fake_result(size, rate)
-        result["live"] = {**result["live"], "downtime_seconds": 0.1 if size < 1 << 30 else 0.12}
-        return result
+    def fake_run_sizes(asked: list[int], rate: int, repeat: int, **kw: Any) -> list[Any]:
+        sizes.extend(asked)
+        results = []
+        for size in asked:
+            result = _fake_result(size, rate)
+            small = size < 1 << 30
+            runs = [{"downtime_seconds": d} for d in ((0.1, 0.2) if small else (0.12, 0.3))]
+            result["live"] = {**result["live"], "downtime_seconds": 0.1 if small else 0.12,
+                              "runs": runs}  # fmt: skip
+            results.append(result)
+        return results
 
-    monkeypatch.setattr(bench_live, "run", fake_run)
+    monkeypatch.setattr(bench_live, "run_sizes", fake_run_sizes)
     with pytest.raises(SystemExit) as exited:
         cli.main(["bench", "live", "--enclave-size", "256MiB,4GiB", "--json"])
     assert exited.value.code == cli.EXIT_OK
@@ -64,6 +71,10 @@ def test_bench_live_runs_several_sizes_in_one_object(
     assert sizes == [256 << 20, 4 << 30]
     assert [r["enclave_bytes"] for r in out["sizes"]] == sizes
     assert out["live_downtime_largest_over_smallest"] == pytest.approx(1.2)
+    # Run by run (each pair back to back): 1.2 and 1.5.
+    paired = out["live_downtime_largest_over_smallest_paired"]
+    assert paired["median"] == pytest.approx(1.35)
+    assert (paired["min"], paired["max"]) == (pytest.approx(1.2), pytest.approx(1.5))
 
 
 def test_bench_live_refuses_bad_rules(capsys: pytest.CaptureFixture[str]) -> None:
@@ -101,7 +112,7 @@ def test_settle_ab_pairs_each_run_with_the_one_right_after() -> None:
                {"downtime_seconds": 0.04, "final_pages": 200, "rounds": 4, "bytes_sent": 10}]
     unsettled = [{"downtime_seconds": 0.03, "final_pages": 300, "rounds": 2, "bytes_sent": 8},
                  {"downtime_seconds": 0.04, "final_pages": None, "rounds": 2, "bytes_sent": 8}]
-    ab = bench_live._paired(settled, unsettled)
+    ab = live_figures.paired(settled, unsettled)
     assert ab["downtime_seconds_unsettled_over_settled"] == {"median": 1.25, "min": 1.0, "max": 1.5}
     # The pair without a count is left out.
     assert ab["final_pages_unsettled_over_settled"]["median"] == 3.0

@@ -56,39 +56,27 @@ from ...datapath.live import LiveOutgoingEnclave
 from ...errors import ConfigError, MigSGXError
 from ...host.client import EnclaveClient
 from ..hosts import Deployment, running_services
+from .live_figures import freeze_steps, paired, step_medians, summary
 
 COLS = 1024
 BATCH_PAGES = 32
 MODES = ("stop_and_copy", "live")
 UNSETTLED = "live_unsettled"  # --ab-settle: live with settle=0, right after each live run
 ROUND_FIGURES = ("round", "pages", "bytes", "seconds", "scan_seconds", "tag_seconds")
-FIGURES = (
-    "downtime_seconds",
-    "client_gap_seconds",
-    "total_seconds",
-    "bytes_sent",
-    "bytes_over_size",
-    "rounds",
-    "verify_seconds",
-    "verify_bytes",
-    "destination_verify_seconds",
-    "downtime_without_verify_seconds",
-    "freeze_to_loaded_seconds",
-    "commit_seconds",
-    "setup_in_downtime_seconds",
-    "tracking_overhead",
-)
 
 
 class Writer:
     """The client: ``scribble`` calls at ``rate`` bytes of pages per second, timed."""
 
-    def __init__(self, client: EnclaveClient, rate: int) -> None:
+    def __init__(self, client: EnclaveClient, rate: int, *, paused: bool = False) -> None:
         self.client = client
         self.rate = rate
         self.done: list[tuple[float, float]] = []  # (start, end) of each ECALL
         self.error: BaseException | None = None
         self._stop = threading.Event()
+        self._running = threading.Event()
+        if not paused:
+            self._running.set()
         self._thread = threading.Thread(target=self._run, name="bench-writer", daemon=True)
         self._thread.start()
 
@@ -98,6 +86,10 @@ class Writer:
         seed = 0
         next_at = time.monotonic()
         while not self._stop.is_set():
+            if not self._running.is_set():
+                self._running.wait(0.1)
+                next_at = time.monotonic()
+                continue
             t0 = time.monotonic()
             try:
                 self.client.ecall.scribble(pages, seed)
@@ -127,8 +119,17 @@ class Writer:
         calls = [e - s for s, e in self.done if s >= start and e <= end]
         return statistics.fmean(calls) if calls else 0.0
 
+    def pause(self) -> None:
+        """No more calls after the one in flight (another enclave's turn to move)."""
+
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._running.set()
         self._thread.join(60)
         if self.error is not None:
             raise MigSGXError(f"the benchmark's client failed: {self.error}") from self.error
@@ -252,100 +253,6 @@ def _migrate(
     return figures, sock, out
 
 
-#: The live freeze on the critical path, in order (``freeze_steps``).
-FREEZE_STEPS = (
-    "handover", "quiesce", "final_scan", "final_send", "source_digest", "digest_send",
-    "destination_tail", "loaded_verify", "decide", "deliver",
-)  # fmt: skip
-
-
-def freeze_steps(
-    stats: dict[str, Any], t_freeze: float, t_loaded: float, t_decided: float, t_active: float
-) -> dict[str, Any]:
-    """Where a live downtime goes: seconds per step from the freeze to the destination running.
-
-    Every process stamps its steps with CLOCK_MONOTONIC (one clock on the
-    host), so the source driver's, the source enclave's and this driver's
-    steps lie end to end: ``handover`` (the final frame, the ring), the
-    enclave's ``quiesce``, ``final_scan`` (the last PAGEMAP_SCAN), ``final_send``
-    (last pages and small state into the ring), ``source_digest``,
-    ``digest_send`` (until the ring drained), ``destination_tail`` (the
-    destination's check and LOADED back), ``loaded_verify``, ``decide`` (the
-    durable COMMIT), ``deliver`` (the token until the destination runs).
-    ``other`` is what the steps leave out of the downtime.  The destination
-    enclave's own steps, which overlap the source's, are under ``destination``.
-    """
-
-    timeline = stats.get("timeline", {})
-    driver, enclave = timeline.get("source_driver", {}), timeline.get("source_enclave", {})
-    try:
-        marks = [
-            ("handover", t_freeze, enclave["quiesce"][0]),
-            *((k, *enclave[k]) for k in FREEZE_STEPS[1:6]),
-            ("destination_tail", enclave["digest_send"][1], driver["loaded_wait"][1]),
-            ("loaded_verify", *driver["loaded_verify"]),
-            ("decide", driver["loaded_verify"][1], t_decided),
-            ("deliver", t_decided, t_active),
-        ]
-    except (KeyError, IndexError, TypeError):
-        return {}
-    steps: dict[str, Any] = {name: float(b) - float(a) for name, a, b in marks}
-    steps["other"] = (t_active - t_freeze) - sum(steps.values())
-    dest = stats.get("destination", {}).get("timeline", {}).get("destination_enclave", {})
-    steps["destination"] = {k: float(v[1]) - float(v[0]) for k, v in dest.items()}
-    return steps
-
-
-def _step_medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median seconds of each freeze step over the runs (``destination`` likewise)."""
-
-    steps = [r["freeze_steps"] for r in runs if r.get("freeze_steps")]
-    if not steps:
-        return {}
-    out: dict[str, Any] = {}
-    for key in (*FREEZE_STEPS, "other"):
-        values = [s[key] for s in steps if key in s]
-        if values:
-            out[key] = statistics.median(values)
-    dest = [s.get("destination", {}) for s in steps]
-    out["destination"] = {k: statistics.median([d[k] for d in dest if k in d]) for k in dest[0]}
-    return out
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _paired(settled: list[dict[str, Any]], unsettled: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per pair (same repeat, back to back), unsettled over settled; medians and spread."""
-
-    out: dict[str, Any] = {}
-    for key in ("downtime_seconds", "final_pages", "rounds", "bytes_sent"):
-        ratios = [
-            float(u[key]) / float(s[key])
-            for s, u in zip(settled, unsettled, strict=True)
-            if _number(s.get(key)) and _number(u.get(key)) and s[key]
-        ]
-        if ratios:
-            out[f"{key}_unsettled_over_settled"] = {
-                "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)
-            }  # fmt: skip
-    return out
-
-
-def _summary(
-    runs: list[dict[str, Any]], keys: tuple[str, ...] = FIGURES
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    medians: dict[str, Any] = {}
-    spread: dict[str, Any] = {}
-    for key in keys:
-        values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
-        if values:
-            medians[key] = statistics.median(values)
-            spread[key] = {"min": min(values), "max": max(values)}
-    return medians, spread
-
-
 @contextlib.contextmanager
 def _two_hosts() -> Iterator[tuple[Path, list[Path]]]:
     with tempfile.TemporaryDirectory(prefix="migsgx-bench-live-") as tmp:
@@ -355,8 +262,40 @@ def _two_hosts() -> Iterator[tuple[Path, list[Path]]]:
             yield image, [s.socket for s in services]
 
 
-def run(
-    size: int,
+@dataclass
+class _Workload:
+    """One size: its enclave (on host ``here``), its writer, its runs per mode."""
+
+    size: int
+    client: EnclaveClient
+    writer: Writer
+    baseline: float
+    runs: dict[str, list[dict[str, Any]]]
+    here: int = 0
+
+
+def _one_mode(
+    w: _Workload, sockets: list[Path], mode: str, rules: StopRules,
+    progress: Callable[[str], None] | None,
+) -> None:  # fmt: skip
+    figures, sock, source = _migrate(w.client, w.writer, sockets[1 - w.here], mode, rules,
+                                     progress)  # fmt: skip
+    w.client.reattach(sock)
+    source.release()
+    w.here = 1 - w.here
+    t_start, t_end, t_rounds_end = figures.pop("_window")
+    time.sleep(0.3)  # the client runs on the destination for a while
+    figures["client_gap_seconds"] = w.writer.gap(t_start, t_end)
+    figures["bytes_over_size"] = figures["bytes_sent"] / w.size
+    if mode.startswith("live") and w.baseline > 0:
+        during = w.writer.mean_call(t_start, t_rounds_end)
+        figures["tracking_overhead"] = during / w.baseline if during else None
+    figures["loadavg"] = os.getloadavg()
+    w.runs[mode].append(figures)
+
+
+def run_sizes(
+    sizes: list[int],
     rate: int,
     repeat: int = 3,
     *,
@@ -364,89 +303,103 @@ def run(
     progress: Callable[[str], None] | None = None,
     pid: bool = False,
     ab_settle: bool = False,
-) -> dict[str, Any]:
-    """Both modes on the same workload, ``repeat`` times each, alternating.
+) -> list[dict[str, Any]]:
+    """Both modes on the same workload, for every size, ``repeat`` times, interleaved.
+
+    Every size's enclave lives on the same two hosts at once; repeat ``i``
+    migrates each size in turn (stop-and-copy, then live), so that a ratio
+    between sizes pairs runs that saw the same machine
+    (:func:`~.live_figures.size_ratio`).  Only the enclave that moves has
+    its writer running.
 
     With ``ab_settle``, each live run is followed by one with ``settle=0``
     (``live_unsettled``: the first round under the target stops), and
     ``settle_ab`` holds the paired ratios (unsettled over settled) of the
-    downtime and of the final transfer's pages.
-
-    With ``pid``, then ``repeat`` runs of ``migrate PID --live`` of the model
-    app under the same writer (:mod:`.live_pid`: pre-copy of its enclave,
-    post-copy of its process; root): ``live_post_copy_pid``.  The default
-    stop rules there are ``migrate``'s.
+    downtime and of the final transfer's pages.  With ``pid``, then
+    ``repeat`` runs of ``migrate PID --live`` of the model app under the same
+    writer per size (:mod:`.live_pid`: pre-copy of its enclave, post-copy of
+    its process; root): ``live_post_copy_pid``, with ``migrate``'s default
+    stop rules.
     """
 
     load_at_start = os.getloadavg()
-    size = size // (COLS * 4) * (COLS * 4)
-    if not 1 << 20 <= size <= 7 << 30:
+    sizes = [size // (COLS * 4) * (COLS * 4) for size in sizes]
+    if not sizes or not all(1 << 20 <= size <= 7 << 30 for size in sizes):
         raise ConfigError("--enclave-size must be between 1 MiB and 7 GiB")
     if rate < 0 or repeat < 1:
         raise ConfigError("--dirty-rate must be >= 0 and --repeat >= 1")
     rules = rules or StopRules()
     modes = (*MODES, UNSETTLED) if ab_settle else MODES
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     unsettled = dataclasses.replace(rules, settle=0.0)
+    loads: list[_Workload] = []
     with _two_hosts() as (image, sockets):
-        client = EnclaveClient.launch(image, socket_path=sockets[0])
         try:
-            client.ecall.generate(size // (COLS * 4), COLS, 7)
-            writer = Writer(client, rate)
-            time.sleep(0.5)  # a baseline of ECALL times before any migration
-            here = 0
-            baseline_end = time.monotonic()
-            baseline = writer.mean_call(0.0, baseline_end)
+            for size in sizes:
+                client = EnclaveClient.launch(image, socket_path=sockets[0])
+                writer = Writer(client, rate, paused=True)
+                loads.append(_Workload(size, client, writer, 0.0, {m: [] for m in modes}))
+                client.ecall.generate(size // (COLS * 4), COLS, 7)
+            for w in loads:
+                w.writer.resume()
+                time.sleep(0.5)  # a baseline of ECALL times before any migration
+                w.baseline = w.writer.mean_call(0.0, time.monotonic())
+                w.writer.pause()
             for _ in range(repeat):
-                for mode in modes:
-                    figures, sock, source = _migrate(
-                        client, writer, sockets[1 - here], mode,
-                        unsettled if mode == UNSETTLED else rules, progress,
-                    )  # fmt: skip
-                    client.reattach(sock)
-                    source.release()
-                    here = 1 - here
-                    t_start, t_end, t_rounds_end = figures.pop("_window")
-                    time.sleep(0.3)  # the client runs on the destination for a while
-                    figures["client_gap_seconds"] = writer.gap(t_start, t_end)
-                    figures["bytes_over_size"] = figures["bytes_sent"] / size
-                    if mode.startswith("live") and baseline > 0:
-                        during = writer.mean_call(t_start, t_rounds_end)
-                        figures["tracking_overhead"] = during / baseline if during else None
-                    runs[mode].append(figures)
-            writer.stop()
+                for w in loads:
+                    w.writer.resume()
+                    for mode in modes:
+                        _one_mode(w, sockets, mode,
+                                  unsettled if mode == UNSETTLED else rules, progress)  # fmt: skip
+                    w.writer.pause()
+            for w in loads:
+                w.writer.stop()
         finally:
-            client.destroy()
-    out: dict[str, Any] = {
-        "enclave_bytes": size,
-        "dirty_rate_bytes_per_s": rate,
-        "chunk_bytes": DEFAULT_CHUNK,
-        "repeat": repeat,
-        "rules": rules.__dict__,
-    }
-    for mode in modes:
-        medians, spread = _summary(runs[mode])
-        out[mode] = {**medians, "spread": spread, "runs": runs[mode]}
-        if mode.startswith("live"):
-            out[mode]["freeze_steps"] = _step_medians(runs[mode])
-    if ab_settle:
-        out["settle_ab"] = _paired(runs["live"], runs[UNSETTLED])
+            for w in loads:
+                with contextlib.suppress(MigSGXError, OSError):
+                    w.client.destroy()
+    results = []
+    for w in loads:
+        out: dict[str, Any] = {
+            "enclave_bytes": w.size,
+            "dirty_rate_bytes_per_s": rate,
+            "chunk_bytes": DEFAULT_CHUNK,
+            "repeat": repeat,
+            "rules": rules.__dict__,
+        }
+        for mode in modes:
+            medians, spread = summary(w.runs[mode])
+            out[mode] = {**medians, "spread": spread, "runs": w.runs[mode]}
+            if mode.startswith("live"):
+                out[mode]["freeze_steps"] = step_medians(w.runs[mode])
+        if ab_settle:
+            out["settle_ab"] = paired(w.runs["live"], w.runs[UNSETTLED])
+        sc, lv = out["stop_and_copy"]["downtime_seconds"], out["live"]["downtime_seconds"]
+        out["live_over_stop_and_copy_downtime"] = lv / sc if sc else None
+        results.append(out)
     if pid:
         from .live_pid import FIGURES as PID_FIGURES
         from .live_pid import run_pid
 
-        pid_runs = run_pid(size, rate, repeat)
-        medians, spread = _summary(pid_runs, PID_FIGURES)
-        out["live_post_copy_pid"] = {**medians, "spread": spread, "runs": pid_runs}
-        if progress is not None:
-            progress(f"pid --live: downtime {medians.get('downtime_seconds', 0):.3f} s, "
-                     f"window {medians.get('post_copy_window_seconds', 0):.3f} s")  # fmt: skip
-    sc, lv = out["stop_and_copy"]["downtime_seconds"], out["live"]["downtime_seconds"]
-    out["live_over_stop_and_copy_downtime"] = lv / sc if sc else None
-    out["machine"] = {
+        for out in results:
+            pid_runs = run_pid(out["enclave_bytes"], rate, repeat)
+            medians, spread = summary(pid_runs, PID_FIGURES)
+            out["live_post_copy_pid"] = {**medians, "spread": spread, "runs": pid_runs}
+            if progress is not None:
+                progress(f"pid --live: downtime {medians.get('downtime_seconds', 0):.3f} s, "
+                         f"window {medians.get('post_copy_window_seconds', 0):.3f} s")  # fmt: skip
+    machine = {
         "cpus": os.cpu_count(),
         "kernel": os.uname().release,
+        "uptime_seconds": float(Path("/proc/uptime").read_text().split()[0]),
         "loadavg_at_start": load_at_start,
         "loadavg_at_end": os.getloadavg(),
     }
-    return out
+    for out in results:
+        out["machine"] = machine
+    return results
+
+
+def run(size: int, rate: int, repeat: int = 3, **options: Any) -> dict[str, Any]:
+    """One size (:func:`run_sizes`)."""
+
+    return run_sizes([size], rate, repeat, **options)[0]
