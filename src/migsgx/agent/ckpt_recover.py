@@ -8,14 +8,21 @@ metadata); it refuses unless the gate is committed, and is then discarded (a
 read changes nothing).  The directory's journal (:mod:`.ckpt_journal`) names the
 tool and the source tree, and tells a restore under way from one that ended.
 
+The checkpoint's guardian runs this same function once the tool died
+(``aborted`` when every enclave answered its abort).
+
 Resolution, idempotent, to exactly one runnable copy:
 
-* the tool still runs: nothing is done (``in-progress``);
+* the tool still runs, or its guardian (waited for up to ``GUARDIAN_WAIT``):
+  nothing is done (``in-progress``);
 * every gate committed: the checkpoint is the copy.  A source tree a dead tool
   left fenced (stopped, same pid and start time) is killed: it must never run
   beside it; a tree a dead restore left held is removed (it never ran).  The
   outcome is ``restorable``: ``migsgx restore --dir`` makes it run;
-* no gate committed: the source is the copy.  A fenced source is continued; the
+* no gate committed: the source is the copy.  A fenced source is continued;
+  source enclaves whose tool and guardian both died still hold their state and
+  a duplicate of their connection (``__mig_hold``): it is taken back, they
+  abort (the gate goes) and are handed back to the application; the
   checkpoint's files, which can never open, are removed (``stayed``, or
   ``gone`` if the source died too: then its enclave state went with it, as in
   a crash);

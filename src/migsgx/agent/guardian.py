@@ -20,7 +20,11 @@ committed refuses (or is gone): the destination has the state and rolls
 forward, and the guardian leaves the source alone (stopped by the fence).  If
 every enclave aborted, nothing was given up: the guardian resumes the fenced
 (thaws the frozen, reconnects the locked) source and hands the connections back
-to the application (``resume``), which then carries on as if nothing had happened.
+to the application (``resume``, :mod:`.handback`), which then carries on as if
+nothing had happened.  A checkpoint's guardian (``--checkpoint DIR``) then
+resolves the checkpoint by ``migsgx recover --checkpoint``'s function
+(:func:`.ckpt_recover.resolve_checkpoint`): the files of an aborted checkpoint
+go; after a commit, the fenced source goes.
 
 Run as ``python -m migsgx.agent.guardian --pipe FD --app-pid PID --app-name NAME
 --fds FD,FD...`` by :class:`Guardian` only.
