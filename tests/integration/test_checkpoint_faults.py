@@ -378,15 +378,32 @@ def test_recover_after_the_tool_died_before_the_commit(case: Case) -> None:
         case.one_copy_with_every_write()
 
 
-def test_recover_after_a_restore_died_with_the_tree_held(case: Case) -> None:
+@pytest.mark.parametrize(
+    ("point", "outcome"),
+    [
+        ("restore.before-criu", "restorable"),  # enclaves loaded, nothing restored yet
+        ("restore.held", "restorable"),  # CRIU restored the tree, held
+        ("restore.loaded", "restorable"),  # right before the activation (the consume)
+        ("restore.activated", "done"),  # the gates consumed: the restore's guardian finishes
+    ],
+)
+def test_recover_after_a_restore_died(case: Case, point: str, outcome: str) -> None:
+    """The restoring tool ``kill -9`` at each restore step: one recover, then one copy."""
+
     completed(case)
-    first = case.restore({"MIGSGX_FAULT": "restore.held:exit"})
-    assert first.returncode == 70
+    first = case.restore({"MIGSGX_FAULT": f"{point}:exit"})
+    assert first.returncode == 70, first.stderr
     code, found = recover_checkpoint(case)
-    assert code == 0 and found["outcome"] == "restorable", found
-    assert case.bed.copies(case.app)["src"] == []  # the held tree never ran; it went
-    back = case.restore()
-    assert back.returncode == 0, back.stderr
+    assert code == 0 and found["outcome"] == outcome, found
+    if outcome == "restorable":
+        assert case.bed.copies(case.app)["src"] == []  # a held tree never ran; it went
+        back = case.restore()
+        assert back.returncode == 0, back.stderr
+    case.one_copy_with_every_write()
+    again = case.restore()  # consumed: refused, nothing else changes
+    assert again.returncode != 0 and "Traceback" not in again.stderr, again.stderr
+    code, found = recover_checkpoint(case)
+    assert code == 0 and found["outcome"] == "done", found
     case.one_copy_with_every_write()
 
 

@@ -231,7 +231,7 @@ def _fault(
     if action == "kill-platform":
         sock = platform if platform is not None else default_platform_socket(None)
         kill_dead([socket_owner(sock)])
-    if action == "kill-source":
+    if action == "kill-source" and pid > 0:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         while _alive(pid):  # SIGKILL cannot be ignored; its delivery is asynchronous
@@ -332,6 +332,7 @@ def restore(
         # (activate, continue, attach) if this tool dies before the attach.  It
         # starts now, so that its start overlaps CRIU's restore.
         guardian = _restore_guardian(incoming) if incoming else None
+        _fault("restore.before-criu", 0, [], platform_socket)
         pid = criu.restore(
             directory,
             restore_detached=True,
