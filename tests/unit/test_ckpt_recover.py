@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,15 @@ def test_held_descriptors_are_taken_only_from_the_recorded_process(tmp_path: Pat
         holders=[[os.getpid(), 0, "not-its-start"], ["x", 1, "y"], [os.getpid(), 0]],
     )
     assert ckpt_recover._take_held(data) == []
+
+
+def test_a_forged_holder_that_is_no_enclave_is_never_touched(tmp_path: Path) -> None:
+    """The journal is no order to root: a live process that is not an enclave is skipped."""
+
+    a, b = socket.socketpair()
+    with a, b:
+        data = _journal(tmp_path, holders=[[os.getpid(), a.fileno(), start_time(os.getpid())]])
+        assert ckpt_recover._take_held(data) == []
 
 
 def test_a_guardian_that_saw_every_enclave_abort_needs_no_gate(tmp_path: Path) -> None:

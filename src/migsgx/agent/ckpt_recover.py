@@ -103,11 +103,30 @@ def _take_held(journal: dict[str, object]) -> list[socket.socket]:
         pid, fd, start = item
         if not (isinstance(pid, int) and isinstance(fd, int) and isinstance(start, str)):
             continue
-        if not start or start_time(pid) != start:
+        if not start or start_time(pid) != start or not _is_enclave(pid):
             continue
         with contextlib.suppress(OSError):
-            socks.append(take_descriptor(pid, fd))
+            sock = take_descriptor(pid, fd)
+            if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+                socks.append(sock)
+            else:
+                sock.close()
     return socks
+
+
+def _is_enclave(pid: int) -> bool:
+    """Whether ``pid`` is an enclave runtime process (a journal is no order to root).
+
+    The journal lies in a directory its owner may write: without this check a
+    forged ``holders`` entry would have root write a frame into any process's
+    socket.
+    """
+
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"migsgx.enclave.runtime" in argv
 
 
 def _hand_back(journal: dict[str, object], socks: list[socket.socket], runs: bool) -> str:
