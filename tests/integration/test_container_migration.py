@@ -522,10 +522,10 @@ def test_corrupted_enclave_stream_stops_the_container_dump(
 ) -> None:
     """One flipped bit 1 MiB into the enclave stream while the engine dumps a 128 MiB container.
 
-    The enclave stream fails within milliseconds; the container dump stops at its
-    next step (the engine's CRIU call itself is not cut: ``containers/frozen.py``)
-    instead of running to its end, and the container thaws: exit 6, the enclave's
-    reason, every write.  Prints the seconds from the fault to the source answering.
+    The container dump stops at its next step (``containers/frozen.py``) instead
+    of running to its end, and the container thaws: exit 6, the enclave's reason,
+    every write.  Prints the seconds from the fault (the enclave's data connection
+    open) to the source answering.
     """
 
     app = lab.start_app(engine, "kvstore", ["--ballast", "128"])
