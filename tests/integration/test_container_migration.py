@@ -397,14 +397,16 @@ def test_destination_refuses_what_its_host_did_not_grant(
     field: str,
 ) -> None:
     """The source (a peer with the deployment's certificate) runs a container that asks for
-    more than the destination grants; the destination refuses before runc sees the bundle,
-    nothing of it runs there, and the source runs on."""
+    more than the destination grants; the destination refuses the configuration ``begin``
+    announced, before the source froze or sent anything, nothing of it runs there, and the
+    source runs on."""
 
     app = lab.start_app("runc", "kvstore", patch=lambda spec: patch(spec, lab))
     assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
     digest = lab.ask(app, "DIGEST", at="src")
     run = migrate(bed, app, agent)
     assert run.returncode == 6, run.stderr
+    assert "destination: begin failed: [container-spec]" in run.stderr
     assert f"the container's configuration is refused: {field}" in run.stderr
     check_source_runs_on(lab, app, digest)  # no container, bundle or process on dst
     assert not list((bed_state_dst(lab) / "agent" / "runc").glob(f"{app.name}*"))
@@ -417,8 +419,9 @@ def test_destination_refuses_images_with_more_than_the_configuration(
     """CRIU gives restored threads the credentials in the images, not the configuration's.
 
     The source's container runs with CAP_SYS_ADMIN; then its bundle's configuration is
-    rewritten without it (runc read it at the start), so the peer sends a harmless
-    configuration and images whose threads hold CAP_SYS_ADMIN: refused."""
+    rewritten without it (runc read it at the start), so the peer announces and sends a
+    harmless configuration (``begin`` admits it) and images whose threads hold
+    CAP_SYS_ADMIN: refused at the restore, which checks what arrived."""
 
     app = lab.start_app("runc", "kvstore", patch=lambda spec: sys_admin(spec, lab))
     config = Path(str(lab.runc("src").state(app.name)["bundle"])) / "config.json"  # type: ignore[index]
@@ -429,6 +432,7 @@ def test_destination_refuses_images_with_more_than_the_configuration(
     digest = lab.ask(app, "DIGEST", at="src")
     run = migrate(bed, app, agent)
     assert run.returncode == 6, run.stderr
+    assert "destination: restore failed: [container-spec]" in run.stderr
     assert "the container's configuration is refused: images/core-" in run.stderr
     assert "CAP_SYS_ADMIN beyond the configuration's bounding set" in run.stderr
     check_source_runs_on(lab, app, digest)

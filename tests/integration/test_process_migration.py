@@ -232,6 +232,37 @@ def test_destination_lost_during_the_early_handshake_never_freezes_the_source(
     finish(bed, app, expect="src")
 
 
+def test_a_port_taken_at_the_destination_is_refused_before_the_freeze(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    """The application listens on a port that something holds in the destination's
+    namespace: ``begin`` is refused (``port-in-use``, exit 6) before anything froze or
+    moved, instead of CRIU's "Can't bind inet socket" after the freeze; once the port
+    is free the same application moves."""
+
+    app = kvstore(bed)
+    ask_src(bed, app, "PUT k " + b"v".hex())
+    digest = ask_src(bed, app, "DIGEST")
+    squatter = in_netns(
+        f"/run/netns/{bed.host('dst').netns}",
+        lambda: socket.create_server(("0.0.0.0", app.port)),
+    )
+    try:
+        run = bed.migrate(app.pid, agent)
+    finally:
+        squatter.close()
+    assert run.returncode == 6, run.stderr  # EXIT_MIGRATION: did not move, the source runs
+    assert "destination: begin failed: [port-in-use]" in run.stderr
+    assert f"tcp 0.0.0.0:{app.port}" in run.stderr
+    assert "Can't bind" not in run.stderr  # CRIU never ran
+    check_source_runs_on(bed, app, digest)
+    digest = ask_src(bed, app, "DIGEST")
+    run = bed.migrate(app.pid, agent)
+    assert run.returncode == 0, run.stderr
+    assert ask_dst(bed, app, "DIGEST") == digest
+    finish(bed, app, expect="dst")
+
+
 def test_criu_restore_failing_keeps_the_source(bed: Testbed) -> None:
     failing = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-restore:corrupt"})
     app = kvstore(bed)
