@@ -16,33 +16,30 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from migsgx.agent.tls import issue_agent_identity
-from migsgx.containers.podman import PODMAN_ARCHIVE
-from migsgx.criu import Criu
-from migsgx.host.client import EnclaveClient
-from migsgx.lab.containers import ContainerApp, ContainerLab
-from migsgx.lab.hosts import start_service
-from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed
-from migsgx.sgx.ca import ProvisioningCA
-from migsgx.sgx.platform import EmulatedPlatform
+pytest.register_assert_rewrite("bed_helpers")
+
+from bed_helpers import wait_until  # noqa: E402
+
+from migsgx.agent.tls import issue_agent_identity  # noqa: E402
+from migsgx.containers.podman import PODMAN_ARCHIVE  # noqa: E402
+from migsgx.host.client import EnclaveClient  # noqa: E402
+from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
+from migsgx.lab.hosts import start_service  # noqa: E402
+from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
+from migsgx.sgx.ca import ProvisioningCA  # noqa: E402
+from migsgx.sgx.platform import EmulatedPlatform  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
 BED_SUBNET = 62
 
 ENGINES = ["runc", "podman", "containerd"]
-
-
-@pytest.fixture(scope="module")
-def lab(bed: Testbed, criu: Criu) -> Iterator[ContainerLab]:
-    with ContainerLab(bed, criu=criu) as containers:
-        yield containers
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +67,6 @@ def finish(lab: ContainerLab, app: ContainerApp, *, expect: str) -> None:
     assert app.name in lab.containers(expect, app.engine)
     assert app.name not in lab.containers(other, app.engine)
     lab.remove(app)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 class Client(threading.Thread):

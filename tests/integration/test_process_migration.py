@@ -25,16 +25,20 @@ from typing import Any
 
 import pytest
 
-from migsgx.agent.tls import issue_agent_identity
-from migsgx.datapath.checkpoint import CheckpointIn
-from migsgx.errors import ReplayError, SealError
-from migsgx.host.client import EnclaveClient
-from migsgx.lab.hosts import start_service
-from migsgx.lab.netns import Host
-from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
-from migsgx.sgx.ca import ProvisioningCA
-from migsgx.sgx.platform import EmulatedPlatform
-from migsgx.system.process import in_netns, kill_tree, process_state
+pytest.register_assert_rewrite("bed_helpers")
+
+from bed_helpers import finish, kvstore, wait_until, workers  # noqa: E402
+
+from migsgx.agent.tls import issue_agent_identity  # noqa: E402
+from migsgx.datapath.checkpoint import CheckpointIn  # noqa: E402
+from migsgx.errors import ReplayError, SealError  # noqa: E402
+from migsgx.host.client import EnclaveClient  # noqa: E402
+from migsgx.lab.hosts import start_service  # noqa: E402
+from migsgx.lab.netns import Host  # noqa: E402
+from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed  # noqa: E402
+from migsgx.sgx.ca import ProvisioningCA  # noqa: E402
+from migsgx.sgx.platform import EmulatedPlatform  # noqa: E402
+from migsgx.system.process import in_netns, kill_tree, process_state  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
@@ -44,10 +48,6 @@ PHASE_KEYS = {
     "freeze", "enclave_dump", "criu_dump", "transfer", "restore", "enclave_load",
     "total", "downtime", "bytes",
 }  # fmt: skip
-
-
-def kvstore(bed: Testbed, *args: str) -> AppProcess:
-    return bed.start_app("kvstore", ["--image", str(bed.image("kvstore")), *args])
 
 
 def ask_src(bed: Testbed, app: AppProcess, line: str) -> str:
@@ -62,27 +62,6 @@ def restored_pid(bed: Testbed, app: AppProcess) -> int:
     procs = bed.copies(app)["dst"]
     assert len(procs) == 1, procs
     return procs[0][0]
-
-
-def finish(bed: Testbed, app: AppProcess, *, expect: str) -> None:
-    """Exactly one runnable copy, on ``expect``; then stop it."""
-
-    assert bed.runnable_copies(app) == {"src": int(expect == "src"), "dst": int(expect == "dst")}
-    for procs in bed.copies(app).values():
-        for pid, _ in procs:
-            kill_tree(pid)
-
-
-def workers(bed: Testbed, app: AppProcess, at: str) -> list[dict[str, Any]]:
-    reply = bed.ask("STATE", app.port, at=at, via="dst" if at == "src" else "src")
-    return list(json.loads(reply.removeprefix("STATE "))["workers"])
-
-
-def wait_until(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # --- moves ---------------------------------------------------------------------------------------
