@@ -8,12 +8,18 @@ expected, then every copy stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-from migsgx.lab.testbed import AppProcess, Testbed
+from migsgx.agent.tls import issue_agent_identity
+from migsgx.lab.hosts import start_service
+from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed
+from migsgx.sgx.ca import ProvisioningCA
+from migsgx.sgx.platform import EmulatedPlatform
 from migsgx.system.process import kill_tree
 
 __all__ = [
@@ -22,6 +28,7 @@ __all__ = [
     "finish",
     "kvstore",
     "start_workers",
+    "strict_destination",
     "wait_until",
     "workers",
     "workers_carry_on",
@@ -103,3 +110,23 @@ def finish(bed: Testbed, app: AppProcess, *, expect: str) -> None:
 
     assert bed.runnable_copies(app) == {"src": int(expect == "src"), "dst": int(expect == "dst")}
     end_copies(bed, app)
+
+
+@contextlib.contextmanager
+def strict_destination(
+    bed: Testbed, state: Path, prepare: Callable[[Path], object] | None = None
+) -> Iterator[AgentProcess]:
+    """An agent on host ``dst`` whose platform (state in ``state``) launches no enclave of
+    the deployment (launch control allows one unknown signer only); ``prepare(state)``
+    runs before its platform service starts, which stops when the block ends."""
+
+    EmulatedPlatform.init(state, ProvisioningCA.load(bed.deployment.ca_dir), host_id="strict")
+    dst = bed.host("dst")
+    issue_agent_identity(bed.deployment.ca_dir, state, "strict", [dst.address])
+    if prepare is not None:
+        prepare(state)
+    service = start_service(state, prefix=dst.command([]), extra_args=["--allow-signer", "00" * 32])
+    try:
+        yield bed.start_agent(state=state, platform_socket=service.socket)
+    finally:
+        service.stop()

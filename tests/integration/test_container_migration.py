@@ -24,16 +24,12 @@ import pytest
 
 pytest.register_assert_rewrite("bed_helpers")
 
-from bed_helpers import wait_until  # noqa: E402
+from bed_helpers import strict_destination, wait_until  # noqa: E402
 
-from migsgx.agent.tls import issue_agent_identity  # noqa: E402
 from migsgx.containers.podman import PODMAN_ARCHIVE  # noqa: E402
 from migsgx.host.client import EnclaveClient  # noqa: E402
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
-from migsgx.lab.hosts import start_service  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
-from migsgx.sgx.ca import ProvisioningCA  # noqa: E402
-from migsgx.sgx.platform import EmulatedPlatform  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
@@ -275,14 +271,7 @@ def test_restore_failing_keeps_the_frozen_source(
 def test_destination_enclave_load_failing(bed: Testbed, lab: ContainerLab, tmp_path: Path) -> None:
     """The destination platform refuses to launch the enclave (launch control)."""
 
-    state = tmp_path / "strict"
-    EmulatedPlatform.init(state, ProvisioningCA.load(bed.deployment.ca_dir), host_id="strict")
-    dst = bed.host("dst")
-    issue_agent_identity(bed.deployment.ca_dir, state, "strict", [dst.address])
-    lab.settings["dst"].save(state)
-    service = start_service(state, prefix=dst.command([]), extra_args=["--allow-signer", "00" * 32])
-    try:
-        strict = bed.start_agent(state=state, platform_socket=service.socket)
+    with strict_destination(bed, tmp_path / "strict", lab.settings["dst"].save) as strict:
         app, digest = started(lab, "runc")
         run = migrate(bed, app, strict)
         assert run.returncode == 6, run.stderr
@@ -290,8 +279,6 @@ def test_destination_enclave_load_failing(bed: Testbed, lab: ContainerLab, tmp_p
         check_source_runs_on(lab, app, digest)
         strict.stop()
         finish(lab, app, expect="src")
-    finally:
-        service.stop()
 
 
 @pytest.mark.parametrize("engine", ["runc", "containerd"])

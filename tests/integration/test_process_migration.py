@@ -27,17 +27,13 @@ import pytest
 
 pytest.register_assert_rewrite("bed_helpers")
 
-from bed_helpers import finish, kvstore, wait_until, workers  # noqa: E402
+from bed_helpers import finish, kvstore, strict_destination, wait_until, workers  # noqa: E402
 
-from migsgx.agent.tls import issue_agent_identity  # noqa: E402
 from migsgx.datapath.checkpoint import CheckpointIn  # noqa: E402
 from migsgx.errors import ReplayError, SealError  # noqa: E402
 from migsgx.host.client import EnclaveClient  # noqa: E402
-from migsgx.lab.hosts import start_service  # noqa: E402
 from migsgx.lab.netns import Host  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed  # noqa: E402
-from migsgx.sgx.ca import ProvisioningCA  # noqa: E402
-from migsgx.sgx.platform import EmulatedPlatform  # noqa: E402
 from migsgx.system.process import in_netns, kill_tree, process_state  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -277,13 +273,7 @@ def test_a_flipped_byte_in_the_page_stream_keeps_the_source(bed: Testbed) -> Non
 def test_destination_enclave_load_failing(bed: Testbed, tmp_path: Path) -> None:
     """The destination platform refuses to launch the enclave (launch control)."""
 
-    state = tmp_path / "strict"
-    EmulatedPlatform.init(state, ProvisioningCA.load(bed.deployment.ca_dir), host_id="strict")
-    dst = bed.host("dst")
-    issue_agent_identity(bed.deployment.ca_dir, state, "strict", [dst.address])
-    service = start_service(state, prefix=dst.command([]), extra_args=["--allow-signer", "00" * 32])
-    try:
-        strict = bed.start_agent(state=state, platform_socket=service.socket)
+    with strict_destination(bed, tmp_path / "strict") as strict:
         app = kvstore(bed)
         ask_src(bed, app, "PUT k " + b"v".hex())
         digest = ask_src(bed, app, "DIGEST")
@@ -294,8 +284,6 @@ def test_destination_enclave_load_failing(bed: Testbed, tmp_path: Path) -> None:
         check_source_runs_on(bed, app, digest)
         strict.stop()
         finish(bed, app, expect="src")
-    finally:
-        service.stop()
 
 
 @pytest.mark.parametrize("point", ["tool.after-prepare", "tool.before-commit"])
