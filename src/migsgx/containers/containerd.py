@@ -303,7 +303,9 @@ class ContainerdDriver:
 
     def admit_spec(self, target: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
         cid = str(target["id"])
-        localize(spec, self._localization(cid, spec, self._conf_dir() / f"{cid}.criu.conf"))
+        # (the CRIU configuration's path, as restore names it; nothing is made here)
+        conf = Path(self.host.state_dir or "/") / "agent" / "containerd" / f"{cid}.criu.conf"
+        localize(spec, self._localization(cid, spec, conf))
 
     def restore(self, request: RestoreRequest) -> Restored:
         cid = self.check_target(request.target)["id"]
