@@ -32,6 +32,8 @@ _KEYS: Final = {
     "fenced": list,
     "phase": str,
 }
+#: Written later, absent from older journals: the guardian that holds the source enclaves.
+_OPTIONAL: Final = {"guardian_pid": int}
 
 
 def journal_dir(agent_dir: Path) -> Path:
@@ -108,12 +110,19 @@ class Journal:
         return [bytes.fromhex(m) for m in self.data["enclave_mids"]]
 
     @property
+    def guardian_pid(self) -> int:
+        """The guardian holding the committed source enclaves; 0 if not recorded."""
+
+        pid = self.data.get("guardian_pid")
+        return pid if isinstance(pid, int) and not isinstance(pid, bool) else 0
+
+    @property
     def fenced(self) -> list[int]:
         return [int(p) for p in self.data["fenced"]]
 
     def update(self, **fields: Any) -> None:
         for key, value in fields.items():
-            if key not in _KEYS:
+            if key not in _KEYS and key not in _OPTIONAL:
                 raise KeyError(key)
             self.data[key] = value
         write_private(self.path, json.dumps(self.data, sort_keys=True).encode())
