@@ -54,7 +54,7 @@ from .base import (
     check_name,
 )
 from .command import bring_lo_up, run_engine
-from .frozen import dump_frozen, own_netns_path, write_criu_config
+from .frozen import dump_frozen, own_netns_path, stop_if_cancelled, write_criu_config
 from .image_admission import admit_images
 from .oci import (
     Localization,
@@ -236,8 +236,12 @@ class RuncDriver:
             self.runc.checkpoint(
                 cid, plan.images, page_server=plan.page_server, tcp_established=tcp
             )
+            stop_if_cancelled(plan)
             shutil.copyfile(source.private["bundle"] / "config.json", plan.images / RUNC_CONFIG)
-            tar_tree(source.private["rootfs"], plan.images / RUNC_ROOTFS)
+            tar_tree(
+                source.private["rootfs"], plan.images / RUNC_ROOTFS,
+                stop=lambda: stop_if_cancelled(plan),
+            )  # fmt: skip
 
         def remove() -> None:
             try:
