@@ -21,6 +21,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,7 @@ def source_back(case: Case, run: subprocess.CompletedProcess[str]) -> float:
     deadline = time.monotonic() + 60
     while True:
         with contextlib.suppress(Exception):  # not answering yet (stopped, enclave not back)
-            if ask(case.bed, case.app, "DIGEST") == case.digest:
+            if ask(case.bed, case.app, "src", "DIGEST") == case.digest:
                 back = time.monotonic() - float(found[0][1])
                 cell = {"cell": found[0][0], "back_seconds": round(back, 3)}
                 print("ckpt-fault " + json.dumps(cell))
