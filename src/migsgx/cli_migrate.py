@@ -245,9 +245,11 @@ def recover_command(
 @click.option("--shell-job", is_flag=True, help="the tree has a controlling terminal")
 @click.option("--live", is_flag=True,
               help="pre-copy enclave memory while the application runs; with a "
-              "process (PID), post-copy its memory too where the hosts allow")  # fmt: skip
+              "process (PID) or a runc container, post-copy its memory too where the "
+              "hosts allow")  # fmt: skip
 @click.option("--post-copy", is_flag=True,
-              help="move a process's memory after the commit (CRIU lazy pages): short "
+              help="move a process's or runc container's memory after the commit (CRIU "
+              "lazy pages): short "
               "downtime, but until its last page arrived the destination needs the "
               "source (exit 9 if the source is lost then)")  # fmt: skip
 @click.option("--post-copy-port", type=click.IntRange(0, 65535), default=0,
@@ -340,7 +342,7 @@ def migrate_command(
     )
     if live:
         _live_options(opts, console, downtime_target, max_rounds)
-    opts.post_copy = post_copy or (live and driver == "pid" and _post_copy_here(console))
+    opts.post_copy = post_copy or (live and _post_copy_here(console, driver))
     opts.lazy_port = post_copy_port
     if status is not None:
         with status:
@@ -568,12 +570,18 @@ def bench_live(
     )
 
 
-def _post_copy_here(console: Any) -> bool:
-    """``--live`` with a process: post-copy its memory if this host can serve it."""
+def _post_copy_here(console: Any, driver: str) -> bool:
+    """``--live``: post-copy the process's memory where the driver and this host can."""
 
+    from .agent.source import NO_LAZY, NO_LAZY_WHY, POST_COPY_DRIVERS
     from .containers.postcopy import check_pipe_max_size
     from .errors import PostCopyUnavailableError
 
+    if driver not in POST_COPY_DRIVERS:
+        why = NO_LAZY_WHY.get(driver, NO_LAZY)
+        console.print(f"post-copy is not supported for a {driver} container ({why}); its "
+                      "memory moves while it is frozen", highlight=False)  # fmt: skip
+        return False
     try:
         check_pipe_max_size()
     except PostCopyUnavailableError as exc:

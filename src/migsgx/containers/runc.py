@@ -65,6 +65,7 @@ from .oci import (
     same_netns,
     tar_tree,
 )
+from .runc_lazy import LazyCheckpoint, dump_lazy
 
 __all__ = ["RUNC_CONFIG", "RUNC_ROOTFS", "Runc", "RuncDriver", "own_netns_path"]
 
@@ -130,21 +131,44 @@ class Runc:
         tcp_established: bool,
         leave_running: bool = True,
     ) -> None:
+        args = self.checkpoint_args(
+            cid, images, page_server=page_server, tcp_established=tcp_established,
+            leave_running=leave_running,
+        )  # fmt: skip
+        try:
+            run_engine(self.argv(*args), what=f"runc checkpoint {cid}", timeout=600)
+        except ContainerError as exc:
+            raise ContainerError(f"{exc}\n{log_excerpt(images / 'dump.log')}") from exc
+
+    @staticmethod
+    def checkpoint_args(
+        cid: str,
+        images: Path,
+        *,
+        page_server: tuple[str, int] | None,
+        tcp_established: bool,
+        leave_running: bool = True,
+        lazy_pages: bool = False,
+    ) -> list[str]:
+        """``checkpoint ... CID`` (the container id last)."""
+
         args = ["checkpoint", "--image-path", str(images), "--work-path", str(images)]
         args.append("--file-locks")  # held POSIX and flock locks move with the tree
         if leave_running:
             args.append("--leave-running")
         if tcp_established:
             args.append("--tcp-established")
+        if lazy_pages:
+            args.append("--lazy-pages")
         if page_server is not None:
             args += ["--page-server", f"{page_server[0]}:{page_server[1]}"]
-        try:
-            run_engine(self.argv(*args, cid), what=f"runc checkpoint {cid}", timeout=600)
-        except ContainerError as exc:
-            raise ContainerError(f"{exc}\n{log_excerpt(images / 'dump.log')}") from exc
+        return [*args, cid]
 
-    def restore(self, cid: str, bundle: Path, images: Path, work: Path) -> None:
+    def restore(
+        self, cid: str, bundle: Path, images: Path, work: Path, *, lazy_pages: bool = False
+    ) -> None:
         args = ["restore", "--detach", "--file-locks", "--bundle", str(bundle)]
+        args += ["--lazy-pages"] if lazy_pages else []
         args += ["--image-path", str(images), "--work-path", str(work), cid]
         try:
             self._detached(args, bundle, f"runc restore {cid}")
@@ -231,12 +255,32 @@ class RuncDriver:
         pod: Path | None = source.private.get("pod")
         tcp = plan.tcp_close or plan.tcp_keep
 
+        def copy_files() -> None:
+            shutil.copyfile(source.private["bundle"] / "config.json", plan.images / RUNC_CONFIG)
+            tar_tree(source.private["rootfs"], plan.images / RUNC_ROOTFS)
+
         def checkpoint() -> None:
             self.runc.checkpoint(
                 cid, plan.images, page_server=plan.page_server, tcp_established=tcp
             )
-            shutil.copyfile(source.private["bundle"] / "config.json", plan.images / RUNC_CONFIG)
-            tar_tree(source.private["rootfs"], plan.images / RUNC_ROOTFS)
+            copy_files()
+
+        def start_lazy() -> LazyCheckpoint:
+            # (the engine names the address and port: runc wants both, not 0)
+            assert plan.page_server is not None and all(plan.page_server)
+            args = self.runc.checkpoint_args(
+                cid, plan.images, page_server=plan.page_server, tcp_established=tcp,
+                lazy_pages=True,
+            )  # fmt: skip
+            return LazyCheckpoint(self.runc.argv(*args), plan.images, tls=plan.page_tls)
+
+        def dump(unlock: Callable[[], object] | None) -> None:
+            if plan.lazy:
+                dump_lazy(source, plan, on_dumped, start=start_lazy, copy_files=copy_files,
+                          remove=remove, unlock=unlock)  # fmt: skip
+            else:
+                dump_frozen(source, plan, on_dumped, checkpoint=checkpoint, remove=remove,
+                            unlock=unlock)  # fmt: skip
 
         def remove() -> None:
             try:
@@ -246,15 +290,14 @@ class RuncDriver:
                     podnet.give_up(pod)  # the address now lives on the destination only
 
         if pod is None:
-            dump_frozen(source, plan, on_dumped, checkpoint=checkpoint, remove=remove)
+            dump(None)
             return
         # The lock comes before the freeze: while the application still runs it accepts
         # what reached its listeners, and nothing new can reach them.
         plan.note(f"netup {pod}")
         podnet.lock(pod)
         try:
-            dump_frozen(source, plan, on_dumped, checkpoint=checkpoint, remove=remove,
-                        unlock=lambda: podnet.unlock(pod))  # fmt: skip
+            dump(lambda: podnet.unlock(pod))
         except BaseException:
             # (dump_frozen unlocks once frozen; this covers a failure before the freeze)
             if plan.may_resume():
@@ -341,7 +384,8 @@ class RuncDriver:
             runc = self.runc
             if netns is not None and not same_netns(netns):
                 runc = Runc(runc.root, runc.criu, prefix=["nsenter", f"--net={netns}"])
-            runc.restore(cid, bundle, request.images, request.images)
+            runc.restore(cid, bundle, request.images, request.images,
+                         lazy_pages=request.lazy_pages)  # fmt: skip
             state = self.runc.state(cid)
             if state is None:
                 raise ContainerError(f"runc restored {cid} but does not know it")
