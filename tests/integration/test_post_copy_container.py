@@ -12,6 +12,7 @@ destination container dead, never running with pages missing.
 
 from __future__ import annotations
 
+import os
 import secrets
 import signal
 import subprocess
@@ -280,4 +281,77 @@ def test_tool_killed_while_runc_serves_pages(
                       env={"MIGSGX_FAULT": "tool.before-restore:kill"})  # fmt: skip
     assert run.returncode == -9, run.stderr[-3000:]
     check_source_runs_on(lab, app, writer)
+    lab.remove(app)
+
+
+def _processes(match: Callable[[list[bytes], int], bool]) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if match(argv, int(stat[stat.rindex(")") + 2 :].split()[1])):
+            found.append(int(entry.name))
+    return found
+
+
+def test_recover_gives_the_container_back_with_its_address(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, tmp_path: Path
+) -> None:
+    """The tool and its guardian die after the enclaves decided ABORT, before anything
+    was undone: the container is frozen, held by runc's CRIU, its pod's ``eth0`` down.
+    One ``migsgx recover`` ends that CRIU, brings ``eth0`` up and thaws the container."""
+
+    app = lab.start_app("runc", "kvstore", own_address=True)
+    conn = lab.connect(app, via="dst")
+    with conn.makefile("rw", encoding="utf-8", newline="\n") as stream:
+
+        def ask(line: str) -> str:
+            stream.write(line + "\n")
+            stream.flush()
+            return stream.readline().strip()
+
+        assert ask("PUT before 01").startswith("OK")
+        go = tmp_path / "go"
+        runs: list[object] = []
+        fault = f"tool.before-commit:fail,tool.after-abort:wait-file={go}"
+        worker = threading.Thread(target=lambda: runs.append(bed.migrate(
+            None, agent, args=["--runc", app.name, "--post-copy"],
+            env={"MIGSGX_FAULT": fault},
+        )), daemon=True)  # fmt: skip
+        worker.start()
+
+        def tool() -> list[int]:
+            return _processes(lambda argv, _: b"migsgx" in argv and b"migrate" in argv
+                              and app.name.encode() in argv)  # fmt: skip
+
+        def guardians(parent: int) -> list[int]:
+            return _processes(lambda argv, ppid: ppid == parent
+                              and b"migsgx.agent.guardian" in argv)
+
+        wait_until(lambda: bool(lab.root_pid(app, "dst")), 60, "the destination to restore")
+        wait_until(lambda: "aborted" in "".join(
+            p.read_text() for p in (bed.state("src") / "agent" / "migrations").glob("*.json")
+        ), 60, "the abort decision")  # fmt: skip
+        [pid] = [p for p in tool() if guardians(p)]
+        for victim in (*guardians(pid), pid):
+            os.kill(victim, signal.SIGKILL)
+        worker.join(30)
+        assert lab.runnable_copies(app)["src"] == 0  # frozen, stopped, held
+        done = subprocess.run(
+            bed.host("src").command([sys.executable, "-m", "migsgx", "recover",
+                                     "--state", str(bed.state("src")), "--json"]),
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert '"stayed"' in done.stdout, done.stdout
+        wait_until(lambda: lab.runnable_copies(app) == {"src": 1, "dst": 0}, 30, "the source")
+        # Its address answers again: on the connection made before, and on a new one.
+        assert ask("PING") == "PONG"
+    assert lab.ask(app, "PING", at="src") == "PONG"
+    wait_until(lambda: app.name not in lab.containers("dst", "runc"), 30, "dst to let go")
     lab.remove(app)

@@ -32,6 +32,10 @@ _KEYS: Final = {
     "fenced": list,
     "phase": str,
 }
+#: Keys a journal may lack (written by older versions, or not needed by every source).
+#: ``undo``: how to give a container back (the guardian's ``criu``, ``netup``,
+#: ``thaw`` notes), for a ``recover`` that finds the source is the copy.
+_OPTIONAL: Final = {"undo": list}
 
 
 def journal_dir(agent_dir: Path) -> Path:
@@ -72,6 +76,8 @@ class Journal:
             not isinstance(data.get(k), t) for k, t in _KEYS.items()
         ):
             raise ValueError(f"{path} is not a migration journal")
+        if any(k in data and not isinstance(data[k], t) for k, t in _OPTIONAL.items()):
+            raise ValueError(f"{path} is not a migration journal")
         if data["phase"] not in PHASES:
             raise ValueError(f"{path}: unknown phase {data['phase']!r}")
         return cls(path, data)
@@ -111,9 +117,13 @@ class Journal:
     def fenced(self) -> list[int]:
         return [int(p) for p in self.data["fenced"]]
 
+    @property
+    def undo(self) -> list[str]:
+        return [str(n) for n in self.data.get("undo") or []]
+
     def update(self, **fields: Any) -> None:
         for key, value in fields.items():
-            if key not in _KEYS:
+            if key not in _KEYS and key not in _OPTIONAL:
                 raise KeyError(key)
             self.data[key] = value
         write_private(self.path, json.dumps(self.data, sort_keys=True).encode())

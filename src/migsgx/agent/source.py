@@ -101,6 +101,9 @@ NO_LAZY_WHY: Final = {
 }
 NO_LAZY: Final = "its engine's checkpoint has no lazy-pages mode"
 
+#: The guardian's notes that say how to give a container back (kept in the journal too).
+UNDO_NOTES: Final = frozenset({"criu", "netup", "thaw"})
+
 #: Files of the dump directory that stay on the source.
 _LOCAL_ONLY: Final = frozenset({"dump.log"})
 
@@ -649,6 +652,9 @@ class _Migration:
     def _guardian_note(self, line: str) -> None:
         if self.guardian is not None:
             self.guardian.note(line)
+        if self.journal is not None and line.split(" ", 1)[0] in UNDO_NOTES:
+            # ``migsgx recover`` gives the source back the same way if the guardian is gone.
+            self.journal.update(undo=[*self.journal.undo, line])
 
     def _on_dumped(self, dump_dir: Path) -> None:
         """The source is frozen and its images complete: move, restore, fence, commit."""
@@ -840,6 +846,7 @@ class _Migration:
             frames.append(getattr(transfer.outgoing, "abort_frame", b"") or b"")
         if self.journal is not None:
             self.journal.update(phase="aborted")
+        fault("tool.after-abort")
         if self.control is not None:
             with contextlib.suppress(MigSGXError):
                 abort: dict[str, Any] = {"t": "abort", "reason": reason}
