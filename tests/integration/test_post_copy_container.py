@@ -317,6 +317,8 @@ def test_recover_gives_the_container_back_with_its_address(
 
         assert ask("PUT before 01").startswith("OK")
         go = tmp_path / "go"
+        journals = bed.state("src") / "agent" / "migrations"
+        earlier = set(journals.glob("*.json"))
         runs: list[object] = []
         fault = f"tool.before-commit:fail,tool.after-abort:wait-file={go}"
         worker = threading.Thread(target=lambda: runs.append(bed.migrate(
@@ -334,8 +336,8 @@ def test_recover_gives_the_container_back_with_its_address(
                               and b"migsgx.agent.guardian" in argv)
 
         wait_until(lambda: bool(lab.root_pid(app, "dst")), 60, "the destination to restore")
-        wait_until(lambda: "aborted" in "".join(
-            p.read_text() for p in (bed.state("src") / "agent" / "migrations").glob("*.json")
+        wait_until(lambda: '"phase": "aborted"' in "".join(
+            p.read_text() for p in set(journals.glob("*.json")) - earlier
         ), 60, "the abort decision")  # fmt: skip
         [pid] = [p for p in tool() if guardians(p)]
         for victim in (*guardians(pid), pid):
