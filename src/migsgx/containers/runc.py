@@ -7,7 +7,9 @@ is thawing it.  Established TCP connections are dumped (``--tcp-established``)
 and restored closed.  Besides CRIU's images the destination gets the bundle's
 ``config.json`` and the root file system's contents as a tar.  runc's page
 server has no TLS, so the pages travel with the other images over the agent's
-TLS channel: never unauthenticated.
+TLS channel: never unauthenticated.  Post-copy (``DumpPlan.lazy``) is
+:mod:`.runc_lazy`: ``runc checkpoint --lazy-pages`` served in CRIU's own TLS,
+``runc restore --lazy-pages`` on the destination.
 
 Destination: a bundle under ``STATE/agent/runc/<id>``: the root file system
 unpacked, the configuration localized (:func:`~.oci.localize`: this host's
@@ -36,11 +38,10 @@ import contextlib
 import json
 import logging
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
-from ..criu import log_excerpt
 from ..errors import MigSGXError, ProtocolError
 from . import podnet
 from .admission import SpecPolicy
@@ -53,7 +54,7 @@ from .base import (
     Source,
     check_name,
 )
-from .command import bring_lo_up, run_engine
+from .command import bring_lo_up
 from .frozen import dump_frozen, own_netns_path, write_criu_config
 from .image_admission import admit_images
 from .oci import (
@@ -65,6 +66,7 @@ from .oci import (
     same_netns,
     tar_tree,
 )
+from .runc_cli import Runc
 from .runc_lazy import LazyCheckpoint, dump_lazy
 
 __all__ = ["RUNC_CONFIG", "RUNC_ROOTFS", "Runc", "RuncDriver", "own_netns_path"]
@@ -73,133 +75,6 @@ log = logging.getLogger("migsgx.containers")
 
 RUNC_CONFIG: Final = "migsgx-runc-config.json"
 RUNC_ROOTFS: Final = "migsgx-runc-rootfs.tar"
-
-
-class Runc:
-    """runc's command line, with one state root and one CRIU."""
-
-    def __init__(self, root: Path | None, criu: Path, *, prefix: Sequence[str] = ()) -> None:
-        """``prefix``: run runc under it (``nsenter --net=...``: CRIU connects from there)."""
-
-        self.root = root
-        self.criu = criu
-        self.prefix = list(prefix)
-
-    def argv(self, *args: str) -> list[str]:
-        base = [*self.prefix, "runc"]
-        if self.root is not None:
-            base += ["--root", str(self.root)]
-        return [*base, "--criu", str(self.criu), *args]
-
-    def state(self, cid: str) -> dict[str, Any] | None:
-        code, out, _ = run_engine(self.argv("state", cid), what="runc state", check=False)
-        if code != 0:
-            return None
-        try:
-            value = json.loads(out)
-        except ValueError as exc:
-            raise ContainerError(f"runc state {cid}: not JSON") from exc
-        return value if isinstance(value, dict) else None
-
-    def run(self, cid: str, bundle: Path) -> None:
-        """Create and start a container, detached, with its stdio on /dev/null."""
-
-        self._detached(["run", "--detach", "--bundle", str(bundle), cid], bundle, "runc run")
-
-    def _detached(self, args: list[str], cwd: Path, what: str) -> None:
-        """A runc command whose stdio the container inherits: errors come through ``--log``."""
-
-        log_path = cwd / "runc.log"
-        base = self.argv()
-        at = len(self.prefix) + 1  # global options go right after "runc"
-        argv = [*base[:at], "--log", str(log_path), "--log-format", "json", *base[at:], *args]
-        try:
-            code, _, _ = run_engine(argv, what=what, cwd=cwd, timeout=600, check=False,
-                                    detached_stdio=True)  # fmt: skip
-            if code != 0:
-                raise ContainerError(f"{what} failed (status {code}): {_runc_errors(log_path)}")
-        finally:
-            with contextlib.suppress(OSError):
-                log_path.unlink()
-
-    def checkpoint(
-        self,
-        cid: str,
-        images: Path,
-        *,
-        page_server: tuple[str, int] | None,
-        tcp_established: bool,
-        leave_running: bool = True,
-    ) -> None:
-        args = self.checkpoint_args(
-            cid, images, page_server=page_server, tcp_established=tcp_established,
-            leave_running=leave_running,
-        )  # fmt: skip
-        try:
-            run_engine(self.argv(*args), what=f"runc checkpoint {cid}", timeout=600)
-        except ContainerError as exc:
-            raise ContainerError(f"{exc}\n{log_excerpt(images / 'dump.log')}") from exc
-
-    @staticmethod
-    def checkpoint_args(
-        cid: str,
-        images: Path,
-        *,
-        page_server: tuple[str, int] | None,
-        tcp_established: bool,
-        leave_running: bool = True,
-        lazy_pages: bool = False,
-    ) -> list[str]:
-        """``checkpoint ... CID`` (the container id last)."""
-
-        args = ["checkpoint", "--image-path", str(images), "--work-path", str(images)]
-        args.append("--file-locks")  # held POSIX and flock locks move with the tree
-        if leave_running:
-            args.append("--leave-running")
-        if tcp_established:
-            args.append("--tcp-established")
-        if lazy_pages:
-            args.append("--lazy-pages")
-        if page_server is not None:
-            args += ["--page-server", f"{page_server[0]}:{page_server[1]}"]
-        return [*args, cid]
-
-    def restore(
-        self, cid: str, bundle: Path, images: Path, work: Path, *, lazy_pages: bool = False
-    ) -> None:
-        args = ["restore", "--detach", "--file-locks", "--bundle", str(bundle)]
-        args += ["--lazy-pages"] if lazy_pages else []
-        args += ["--image-path", str(images), "--work-path", str(work), cid]
-        try:
-            self._detached(args, bundle, f"runc restore {cid}")
-        except ContainerError as exc:
-            raise ContainerError(f"{exc}\n{log_excerpt(work / 'restore.log')}") from exc
-
-    def delete(self, cid: str) -> None:
-        run_engine(self.argv("delete", "--force", cid), what=f"runc delete {cid}")
-
-    def list(self) -> list[str]:
-        code, out, _ = run_engine(self.argv("list", "--quiet"), what="runc list", check=False)
-        return out.split() if code == 0 else []
-
-
-def _runc_errors(log_path: Path) -> str:
-    """The messages of runc's JSON log (``{"level": ..., "msg": ...}`` per line)."""
-
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "no log"
-    msgs = []
-    for line in lines[-20:]:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            msgs.append(line)
-            continue
-        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal", "warning"):
-            msgs.append(str(entry.get("msg", "")))
-    return " | ".join(msgs[-6:]) or "no error logged"
 
 
 class RuncDriver:
