@@ -654,7 +654,9 @@ class _Migration:
             self.guardian.note(line)
         if self.journal is not None and line.split(" ", 1)[0] in UNDO_NOTES:
             # ``migsgx recover`` gives the source back the same way if the guardian is gone.
-            self.journal.update(undo=[*self.journal.undo, line])
+            # (a driver notes from its dump's thread too)
+            with self._journal_lock:
+                self.journal.update(undo=[*self.journal.undo, line])
 
     def _on_dumped(self, dump_dir: Path) -> None:
         """The source is frozen and its images complete: move, restore, fence, commit."""
