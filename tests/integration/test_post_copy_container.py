@@ -38,6 +38,7 @@ CAPTURE = """
 import signal, socket, sys
 out = open(sys.argv[1], "wb", buffering=0)
 sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)  # (a loaded machine)
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 print("ready", flush=True)
 while True:
