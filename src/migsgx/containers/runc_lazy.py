@@ -105,7 +105,6 @@ class LazyCheckpoint:
         finally:
             os.close(ready_w)
         self._ready = ready_r
-        self._lock = threading.Lock()
 
     def wait_ready(self) -> None:
         """Until CRIU serves pages (every other image is complete); its error if it ends."""
@@ -122,9 +121,11 @@ class LazyCheckpoint:
         """Until the destination pulled every page (or the serving failed)."""
 
         code = self.proc.wait()
+        why = self._why() if code != 0 else ""
         self._cleanup()
+        self._err.close()
         if code != 0:
-            raise ContainerError(f"runc checkpoint --lazy-pages ended with {code}: {self._why()}")
+            raise ContainerError(f"runc checkpoint --lazy-pages ended with {code}: {why}")
 
     def pids(self) -> list[int]:
         """runc and the CRIU it runs, while they run (the guardian ends them if the tool dies)."""
@@ -146,7 +147,7 @@ class LazyCheckpoint:
         self._cleanup()
 
     def _why(self) -> str:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):  # (ValueError: closed already)
             self._err.seek(0)
             lines = self._err.read().decode("utf-8", "replace").strip().splitlines()[-4:]
             return " | ".join(lines) + "\n" + log_excerpt(self.images / "dump.log")
