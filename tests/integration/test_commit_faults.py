@@ -91,17 +91,27 @@ def wait_for(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def source_answers(bed: Testbed, app: AppProcess, digest: str) -> float:
-    """Poll the source until it answers with every acknowledged write; when it did."""
+def source_answers(bed: Testbed, app: AppProcess, digest: str, tool: str = "") -> float:
+    """Poll the source until it answers with every acknowledged write; when it did.
+
+    ``tool`` (the tool's stderr) goes into the failure, with what the source last said.
+    """
 
     deadline = time.monotonic() + 60
+    last = ""
     while True:
         try:
-            if ask(bed, app, "src", "DIGEST") == digest:
+            last = ask(bed, app, "src", "DIGEST")
+            if last == digest:
                 return time.monotonic()
-        except Exception:  # not answering yet (stopped or its enclave not back)
-            pass
-        assert time.monotonic() < deadline, "the source never ran again"
+        except Exception as exc:  # not answering yet (stopped or its enclave not back)
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() >= deadline:
+            log = app.log.read_text(errors="replace")[-2000:]
+            raise AssertionError(
+                f"the source never ran again; last answer {last!r}, process state "
+                f"{process_state(app.pid)!r}\n--- tool ---\n{tool[-4000:]}\n--- app ---\n{log}"
+            )
         time.sleep(0.02)
 
 
@@ -336,7 +346,7 @@ def test_corrupted_byte_in_the_enclave_stream(
     assert run.returncode == EXIT_MOVED_NOT, run.stderr
     assert "Traceback" not in run.stderr
     assert "chunk failed authentication" in run.stderr  # the destination's reason, relayed
-    back = source_answers(bed, app, digest) - fault_time(run.stderr)
+    back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
     _record_back(figures, "transfer x corrupted byte", run, back)
     wait_for(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
     only_copy(bed, app, "src", digest)
@@ -362,7 +372,7 @@ def test_corrupted_enclave_stream_stops_the_process_dump(
     assert "Traceback" not in run.stderr
     assert "chunk failed authentication" in run.stderr  # the destination's reason, relayed
     assert "dump was stopped early" in run.stderr, run.stderr
-    back = source_answers(bed, app, digest) - fault_time(run.stderr)
+    back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
     _record_back(figures, "dump x corrupted byte (256 MiB process)", run, back)
     wait_for(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
     only_copy(bed, app, "src", digest)
@@ -539,7 +549,7 @@ def test_source_side_party_killed(
             only_copy(bed, app, "dst", digest)
         elif expect == "src":
             assert run.returncode == EXIT_MOVED_NOT, run.stderr
-            back = source_answers(bed, app, digest) - fault_time(run.stderr)
+            back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
             figures[cell] = {"outcome": "stayed", "exit": run.returncode,
                              "source_back_seconds": round(back, 3)}  # fmt: skip
             only_copy(bed, app, "src", digest)
@@ -620,42 +630,135 @@ def test_recover_is_idempotent_with_nothing_in_doubt(bed: Testbed) -> None:
 def test_tool_and_destination_enclave_killed_after_the_decision(
     bed: Testbed, figures: dict[str, dict[str, object]]
 ) -> None:
-    """W2(c): the tool dies after the decision, the loaded copy before its claim.
+    """W2 without the tool: it dies after the decision, the loaded copy before its claim.
 
-    Only the tool delivers the state again yet, so no copy can run: the guardian's
-    delivery (and one ``migsgx recover``) says exactly that, exit 10, never "moved"
-    nor "in doubt"; nothing runs twice, the source stays stopped.
+    The destination keeps the tree held (a copy's death is not a decision); the
+    guardian, which holds the committed source enclave, delivers its state again
+    to a fresh enclave there, attested anew, and the tree attaches to it: moved,
+    every acknowledged write there, the source gone.  A ``migsgx recover``
+    afterwards finds nothing in doubt.
     """
 
     doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill-enclave"})
-    app, _digest = loaded_app(bed)
+    app, digest = loaded_app(bed)
     t0 = time.monotonic()
     try:
         run = migrate_with(bed, app, doomed, "tool.after-commit:kill")
         assert run.returncode == -9
-        wait_for(lambda: "before-claim:kill-enclave" in doomed.log.read_text(errors="replace"),
-                 60, "the guardian's delivery to reach the loaded copy")  # fmt: skip
+        wait_for(lambda: bed.runnable_copies(app)["dst"] == 1, 60, "the state to come again")
+        seconds = round(time.monotonic() - t0, 3)
+        log = doomed.log.read_text(errors="replace")
+        assert "before-claim:kill-enclave" in log and "receives the state again" in log
+        wait_for(lambda: process_state(app.pid) in ("", "Z"), 30, "the guardian to end the source")
         again = recover(bed)
-        assert again.returncode == EXIT_LOST_AFTER_COMMIT, again.stdout + again.stderr
-        assert "Traceback" not in again.stderr and "lost-after-commit" in again.stderr
-        lost = [r for r in json.loads(again.stdout) if r["outcome"] == "lost"]
-        assert len(lost) == 1 and lost[0]["decision"] == "commit", again.stdout
-        assert "no copy runs" in lost[0]["detail"] and str(app.pid) in lost[0]["detail"]
-        assert bed.runnable_copies(app) == {"src": 0, "dst": 0}  # nothing runs twice
+        assert again.returncode == EXIT_OK, again.stdout + again.stderr
+        assert "Traceback" not in again.stderr
+        assert all(r["outcome"] != "in-doubt" for r in json.loads(again.stdout))
         figures["decision written x kill -9 tool + destination enclave"] = {
-            "outcome": "lost (W2c: not delivered again without the tool), recover exit 10",
-            "exit": again.returncode, "seconds": round(time.monotonic() - t0, 3),
+            "outcome": "moved (the guardian delivered the state again)",
+            "exit": run.returncode, "recover": again.returncode, "seconds": seconds,
         }  # fmt: skip
+        only_copy(bed, app, "dst", digest)
     finally:
         doomed.stop()
         _stop_guardian_of(app.pid)
         for procs in bed.copies(app).values():
             for pid, _ in procs:
                 kill_tree(pid)
-        # What recover reported is what remains: once removed, the journal may go.
-        for journal in (bed.state("src") / "agent" / "migrations").glob("*.json"):
-            if json.loads(journal.read_text()).get("app_pid") == app.pid:
-                journal.unlink()
+
+
+def test_destination_agent_killed_after_the_decision_adopts_the_held_tree(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """W2, the agent: it dies after the decision, before the loaded copy judged it.
+
+    The loaded copy ends with the agent's connections; the tree it restored stays
+    stopped.  The tool cannot finish (exit 7, in doubt).  A restarted agent finds
+    the held tree from its record in the session's work directory and adopts it;
+    one ``migsgx recover`` wakes the guardian, which holds the committed source
+    enclave: its state comes again to a fresh enclave there, and the tree attaches
+    to it.  Moved, every acknowledged write there, the source gone.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill"})
+    app, digest = loaded_app(bed)
+    t0 = time.monotonic()
+    restarted = None
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert "Traceback" not in run.stderr
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert doomed.proc.wait(timeout=10) == -9
+        assert bed.runnable_copies(app) == {"src": 0, "dst": 0}  # the tree is held, unowned
+        restarted = bed.start_agent(listen_port=doomed.port)
+        log = restarted.log.read_text(errors="replace")
+        assert "adopted the tree a former agent held" in log, log
+        again = recover(bed)
+        assert again.returncode == EXIT_OK, again.stdout + again.stderr
+        assert "Traceback" not in again.stderr
+        # Moved, by this recover's nudge or by the guardian's own retry before it.
+        outcomes = {r["outcome"] for r in json.loads(again.stdout)}  # (earlier cells' too)
+        assert not outcomes & {"in-doubt", "lost"}, again.stdout
+        log = restarted.log.read_text(errors="replace")
+        assert "receives the state again" in log and "decision delivered: resumed" in log, log
+        wait_for(lambda: process_state(app.pid) in ("", "Z"), 30, "the guardian to end the source")
+        figures["decision written x kill -9 destination agent"] = {
+            "outcome": "moved (adopted by the restarted agent, state delivered again)",
+            "exit": run.returncode, "recover": again.returncode,
+            "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
+        only_copy(bed, app, "dst", digest)
+    finally:
+        for agent in (doomed, restarted):
+            if agent is not None:
+                agent.stop()
+        _stop_guardian_of(app.pid)
+        for procs in bed.copies(app).values():
+            for pid, _ in procs:
+                kill_tree(pid)
+
+
+def test_destination_agent_killed_after_the_claim_is_lost_when_restarted(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """W3, the agent, restarted: the copy claimed its id and ended with the agent.
+
+    The restarted agent finds the held tree with its id claimed: nothing can bring
+    the state back, so it kills the tree and says so; the guardian's delivery (and
+    one ``migsgx recover``) hears ``lost-after-commit`` and ends the source: lost,
+    exit 10, never "moved", nothing runs twice.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.after-claim:kill"})
+    app, _digest = loaded_app(bed)
+    t0 = time.monotonic()
+    restarted = None
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert doomed.proc.wait(timeout=10) == -9
+        restarted = bed.start_agent(listen_port=doomed.port)
+        assert "already claimed" in restarted.log.read_text(errors="replace")
+        wait_for(lambda: bed.copies(app)["dst"] == [], 20, "the held tree to go")
+        again = recover(bed)
+        results = json.loads(again.stdout)
+        if any(r["outcome"] == "lost" for r in results):  # (else the guardian said it first)
+            assert again.returncode == EXIT_LOST_AFTER_COMMIT, again.stdout + again.stderr
+        assert not {r["outcome"] for r in results} & {"in-doubt", "moved"}, again.stdout
+        wait_for(lambda: process_state(app.pid) in ("", "Z"), 30, "the source to be ended")
+        assert bed.runnable_copies(app) == {"src": 0, "dst": 0}
+        figures["activate x kill -9 destination agent, restarted"] = {
+            "outcome": "lost (W3), said by the restarted agent", "exit": run.returncode,
+            "recover": again.returncode, "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
+    finally:
+        for agent in (doomed, restarted):
+            if agent is not None:
+                agent.stop()
+        _stop_guardian_of(app.pid)
+        for procs in bed.copies(app).values():
+            for pid, _ in procs:
+                kill_tree(pid)
 
 
 @pytest.mark.parametrize(
@@ -665,7 +768,6 @@ def test_tool_and_destination_enclave_killed_after_the_decision(
         ("activate x kill -9 destination agent", "agent.after-claim:kill", "W3"),
         ("resume x kill -9 destination enclave", "agent.before-resume:kill-enclave", "W3"),
         ("resume x kill -9 destination agent", "agent.before-resume:kill", "W3"),
-        ("decision written x kill -9 destination agent", "agent.before-claim:kill", "W2"),
     ],
 )
 def test_the_copy_that_runs_dies(
@@ -674,13 +776,11 @@ def test_the_copy_that_runs_dies(
     """The process holding the only runnable copy dies: lost as in a crash, never twice.
 
     W3: the destination enclave claimed the id and runs (or its agent, holding its
-    connection, dies).  W2 with the agent: the loaded copy ends with the agent's
-    connections and the held tree is left unowned.  Either way the source never
-    runs again (the decision stands), and no copy runs with the state: what runs
-    on the destination, if anything, runs without its enclave.  The tool says
-    so: exit 10 (``lost-after-commit``) when the enclave died after its claim,
-    never 0; exit 7 when the agent died.  Placed last: the source's guardian
-    stays, in doubt, until it is stopped here.
+    connection, dies).  The source never runs again (the decision stands), and no
+    copy runs with the state: what runs on the destination, if anything, runs
+    without its enclave.  The tool says so: exit 10 (``lost-after-commit``) when
+    the enclave died after its claim, never 0; exit 7 when the agent died.
+    Placed last: the source's guardian stays, in doubt, until it is stopped here.
     """
 
     doomed = bed.start_agent(env={"MIGSGX_FAULT": fault})
@@ -703,11 +803,7 @@ def test_the_copy_that_runs_dies(
         assert copies["src"] == 0 and copies["dst"] <= 1
         if copies["dst"]:
             assert ask(bed, app, "dst", "DIGEST").startswith("ERR")  # its enclave is gone
-        outcome = (
-            "lost (W3: the process with the only runnable copy died)"
-            if window == "W3"
-            else "not runnable (W2, agent: the frozen committed source enclave holds the state)"
-        )
+        outcome = "lost (W3: the process with the only runnable copy died)"
         figures[cell] = {"outcome": outcome, "exit": run.returncode, "seconds": seconds}
     finally:
         doomed.stop()

@@ -138,3 +138,18 @@ def test_stats_carry_plain_scalars_only() -> None:
     out = plain_stats(stats)
     assert out == {"bytes": 3, "seconds": 0.5, "mode": "pipelined", "ok": True, "none": None}
     assert decode_body(encode({"t": "enclaves_ready", "stats": [out]})[4:], CONTROL)
+
+
+def test_a_connection_of_its_own_may_ask_for_the_state_again() -> None:
+    """The source's guardian (no tool): ``redeliver`` names the session held in doubt."""
+
+    machine = SessionMachine()
+    machine.advance("hello")
+    machine.advance("redeliver")
+    assert machine.state is SessionState.DELIVERED and machine.finished
+    with pytest.raises(ProtocolError):
+        machine.advance("redeliver")  # one request per connection
+    msg = {"t": "redeliver", "session_id": bytes(16), "index": 0}
+    assert decode_body(encode(msg)[4:], CONTROL) == msg
+    answer = {"t": "redelivery", "data_port": 4242, "data_key": bytes(32)}
+    assert decode_body(encode(answer)[4:], CONTROL) == answer

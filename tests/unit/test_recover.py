@@ -265,3 +265,86 @@ def test_migrate_without_a_target_is_bad_usage(capsys: pytest.CaptureFixture[str
         cli.main(["migrate", "--to", "10.0.0.2:7070", "--state", "/nonexistent"])
     assert exited.value.code == cli.EXIT_USAGE
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_lost_copy_gets_the_state_again_from_the_guardian(state: Path, agent: Agent) -> None:
+    """W2 without the tool: the destination kept its tree for the state again."""
+
+    mids = [os.urandom(16), os.urandom(16)]
+    source = _sleeper()
+    asked: list[list[bytes]] = []
+
+    def redeliver(journal: Journal, identity: AgentIdentity, frames: list[bytes]) -> list[bytes]:
+        asked.append(list(frames))
+        return [frames[0], b"fresh-token"]  # enclave 1's copy was replaced
+
+    try:
+        journal = _journal(state, mids, phase="committed", fenced=[source.pid])
+        for i, mid in enumerate(mids):
+            _decide(state, mid, "commit", b"token-%d" % i)
+        agent.answers.extend(["copy-lost", "resumed"])
+        result = resolve(journal, state, AgentIdentity.of_state(state), redeliver=redeliver)
+        assert (result.decision, result.outcome) == ("commit", "moved")
+        assert "delivered again" in result.detail
+        assert asked == [[b"token-0", b"token-1"]]
+        assert agent.sent[1][1] == [b"token-0", b"fresh-token"]
+        assert source.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        source.kill()
+        source.wait()
+
+
+def test_a_failed_delivery_of_the_state_changes_nothing(state: Path, agent: Agent) -> None:
+    mid = os.urandom(16)
+    source = _sleeper()
+
+    def redeliver(journal: Journal, identity: AgentIdentity, frames: list[bytes]) -> list[bytes]:
+        raise InDoubtError("no fresh copy")
+
+    try:
+        journal = _journal(state, [mid], phase="committed", fenced=[source.pid])
+        _decide(state, mid, "commit", b"token")
+        agent.answers.append("copy-lost")
+        result = resolve(journal, state, AgentIdentity.of_state(state), redeliver=redeliver)
+        assert result.in_doubt and "no fresh copy" in result.detail
+        assert source.poll() is None  # still stopped: the decision stands
+        assert Journal.load(journal.path).phase == "committed"
+    finally:
+        source.kill()
+        source.wait()
+
+
+def test_recover_without_the_guardian_says_the_state_is_gone(
+    state: Path, agent: Agent, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only the guardian holds the committed source enclaves; without it, lost."""
+
+    mid = os.urandom(16)
+    journal = _journal(state, [mid], phase="committed", fenced=[])
+    journal.update(guardian_pid=2**22 + 3)  # not running
+    _decide(state, mid, "commit", b"token")
+    agent.answers.append("copy-lost")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["recover", "--state", str(state), "--json"])
+    out, _ = capsys.readouterr()
+    assert exited.value.code == cli.EXIT_LOST_AFTER_COMMIT
+    [result] = json.loads(out)
+    assert result["outcome"] == "lost" and "guardian that held them is gone" in result["detail"]
+
+
+def test_a_recycled_guardian_pid_gets_no_signal(state: Path, agent: Agent) -> None:
+    """The recorded guardian is gone and its pid now names another process: left alone."""
+
+    mid = os.urandom(16)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        journal = _journal(state, [mid], phase="committed", fenced=[])
+        journal.update(guardian_pid=other.pid)
+        _decide(state, mid, "commit", b"token")
+        agent.answers.append("copy-lost")
+        [result] = recover(state)
+        assert result.outcome == "lost"
+        assert other.poll() is None  # SIGUSR1 would have ended it
+    finally:
+        other.kill()
+        other.wait()

@@ -11,8 +11,9 @@ NETNS`` before a container that owns its address is cut off the network,
 are dropped, ``fence PID...`` once the source tree got its SIGSTOP, ``criu
 PID...`` for post-copy's lazy dump (which holds the tree while it serves
 pages), ``resume-sent`` once a tree
-without enclaves passed its commit point, ``done`` when the migration ended
-either way.
+without enclaves passed its commit point, ``enclave INDEX DESCRIPTION`` for each
+enclave connection (its info and image files, for delivering its state again),
+``done`` when the migration ended either way.
 
 If the pipe closes without ``done``, the tool died.  The guardian then asks
 every source enclave to abort its migration.  An enclave that already
@@ -21,6 +22,11 @@ forward, and the guardian leaves the source alone (stopped by the fence).  If
 every enclave aborted, nothing was given up: the guardian resumes the fenced
 (thaws the frozen, reconnects the locked) source and hands the connections back
 to the application (``resume``), which then carries on as if nothing had happened.
+
+After a commit it carries the decision (``migsgx recover``'s logic), and when the
+destination lost its loaded copy before the claim (window W2) it delivers the
+committed enclaves' state again to fresh ones there (:mod:`.redeliver`).
+SIGUSR1 (sent by ``migsgx recover``) cuts its pause between attempts short.
 
 Run as ``python -m migsgx.agent.guardian --pipe FD --app-pid PID --app-name NAME
 --fds FD,FD...`` by :class:`Guardian` only.
@@ -38,7 +44,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from ..channel import ECALL, ECALL_FRAME_MAX
 from ..containers.cgroups import thaw_file
@@ -47,6 +53,9 @@ from ..containers.podnet import unlock
 from ..errors import MigSGXError
 from ..wire import recv_frame, send_frame
 from .applink import AppLink
+
+if TYPE_CHECKING:
+    from .recover import Redeliver
 
 __all__ = ["Guardian"]
 
@@ -90,8 +99,10 @@ class Guardian:
             os.close(read_end)
 
     def note(self, line: str) -> None:
+        data = memoryview(line.encode() + b"\n")
         with contextlib.suppress(OSError):
-            os.write(self._write_end, line.encode() + b"\n")
+            while data:  # a long note (an enclave's image files) may take several writes
+                data = data[os.write(self._write_end, data) :]
 
     def abandon(self) -> None:
         """Let the guardian act as if the tool had died (it retries the hand-back)."""
@@ -143,7 +154,48 @@ def _abort(sock: socket.socket) -> bool:
     return msg["t"] == "err" and msg.get("code") != "committed"
 
 
-def _recover(path: Path) -> None:
+_NUDGED: list[bool] = []
+
+
+def _nudged(signum: int, frame: object) -> None:
+    """SIGUSR1: ``migsgx recover`` asks for an attempt now."""
+
+    _NUDGED.append(True)
+
+
+def _pause(seconds: float) -> bool:
+    """Sleep up to ``seconds``; True if SIGUSR1 cut it short."""
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if _NUDGED:
+            _NUDGED.clear()
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _redeliverer(socks: list[socket.socket], notes: list[str]) -> Redeliver | None:
+    """What delivers the committed enclaves' state again, from the tool's notes."""
+
+    from .redeliver import HeldEnclave, redeliver_state  # lazy: only after a commit
+
+    held = {}
+    for note in notes:
+        parts = note.split()
+        if parts[0:1] == ["enclave"] and len(parts) == 3 and parts[1].isdigit():
+            index = int(parts[1])
+            if index < len(socks):
+                try:
+                    held[index] = HeldEnclave.parse(socks[index], parts[2])
+                except MigSGXError as exc:
+                    _log(f"enclave {index} cannot be delivered again: {exc}")
+    if not held:
+        return None
+    return lambda journal, identity, frames: redeliver_state(journal, identity, held, frames)
+
+
+def _recover(path: Path, redeliver: Redeliver | None = None) -> None:
     """``migsgx recover`` for this migration, again with a growing pause while in doubt."""
 
     from .journal import Journal  # lazy: the guardian starts fast and imports little
@@ -156,7 +208,10 @@ def _recover(path: Path) -> None:
         try:
             journal = Journal.load(path)
             agent_dir = path.parent.parent
-            result = resolve(journal, agent_dir.parent, AgentIdentity(agent_dir), tool_gone=True)
+            result = resolve(
+                journal, agent_dir.parent, AgentIdentity(agent_dir),
+                tool_gone=True, redeliver=redeliver,
+            )  # fmt: skip
         except (MigSGXError, OSError, ValueError) as exc:
             _log(f"recovery of {path.name} failed: {exc}; run migsgx recover")
             return
@@ -167,8 +222,8 @@ def _recover(path: Path) -> None:
         if time.monotonic() > deadline:
             _log(f"migration {result.mid} is still in doubt: run migsgx recover")
             return
-        time.sleep(pause)
-        pause = min(pause * 2, 30.0)
+        # recover asked: at once, then the pauses grow again
+        pause = 0.5 if _pause(pause) else min(pause * 2, 30.0)
 
 
 def _log_to(path: Path) -> None:
@@ -202,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--infos", default="")
     args = parser.parse_args(argv)
     socks = [socket.socket(fileno=int(fd)) for fd in args.fds.split(",") if fd]
+    signal.signal(signal.SIGUSR1, _nudged)  # (before the tool can write its pid anywhere)
     notes: list[str] = []
     with os.fdopen(args.pipe, "r") as pipe:
         for line in pipe:
@@ -221,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         return _finish_restore(restored[0], socks, bytes.fromhex(args.infos))
     if "in-doubt" in notes:
         # The tool ended in doubt: keep the source enclaves and carry the decision.
+        redeliver = _redeliverer(socks, notes)
         for path in [n.partition(" ")[2] for n in notes if n.startswith("journal ")]:
-            _recover(Path(path))
+            _recover(Path(path), redeliver)
         return 0
     fenced = [int(p) for n in notes if n.startswith("fence ") for p in n.split()[1:]]
     frozen = [n.partition(" ")[2] for n in notes if n.startswith("thaw ")]
@@ -236,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     # goes; after an abort, once the source runs again.
     if not all([_abort(s) for s in socks]):
         _log("the tool died after the enclaves committed: the destination rolls forward")
+        redeliver = _redeliverer(socks, notes)
         for path in journals:
-            _recover(Path(path))
+            _recover(Path(path), redeliver)
         return 0
     _log("the tool died before the commit point: resuming the source")
     # Post-copy: the tool's CRIU still holds the tree (it may wait for a page

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
+import cbor2
+
 from ..containers import Driver, HostConfig, Restored, RestoreRequest, make_driver
 from ..containers.postcopy import PostCopyRestore, check_pipe_max_size
 from ..criu.pageserver import PageServer, page_bytes
@@ -40,7 +42,7 @@ from ..errors import (
     MigSGXError,
     ProtocolError,
 )
-from ..host.appctl import info_from_wire
+from ..host.appctl import info_from_wire, info_to_wire
 from ..host.client import EnclaveInfo
 from ..sgx.counters import CounterStore
 from ..sgx.platform import COUNTERS
@@ -50,6 +52,8 @@ from .applink import AppLink
 from .config import AgentHost
 from .datalink import KEY_SIZE, accept_data, check_pinned
 from .faults import corrupting_relay, fault, kill_dead, socket_owner
+from .held import HeldRecord, lost_detail, start_time
+from .held import remove as remove_record
 from .lazy import Window
 from .protocol import (
     CONTROL,
@@ -75,6 +79,8 @@ MAX_DATA_OPENINGS: Final = 2 * MAX_ENCLAVES
 #: How long a delivered decision may take to be judged and carried out before
 #: the deliverer hears "waiting" (and may deliver again).
 DELIVER_WAIT: Final = 20.0
+#: How long a fresh copy's listener waits for the state to come again.
+REDELIVER_ACCEPT: Final = 30.0
 Reply = dict[str, Any] | None
 
 
@@ -103,7 +109,7 @@ def _shutdown(sock: socket.socket | None) -> None:
 
 
 class IncomingMigration:
-    def __init__(self, agent: AgentHost, tls: ssl.SSLSocket, peer: str) -> None:
+    def __init__(self, agent: AgentHost, tls: ssl.SSLSocket | socket.socket, peer: str) -> None:
         self.agent = agent
         self.config = agent.config
         self.tls = tls
@@ -155,6 +161,49 @@ class IncomingMigration:
         self.settled = threading.Event()
         self.decided_outcome = ""
         self._claim_fault_done = False
+        #: Set when a lost copy was replaced by a fresh enclave (the held session waits on).
+        self._refilled = threading.Event()
+        #: Held without its tool (or adopted): a copy lost undecided keeps the tree.
+        self.keep_lost = False
+        #: This end's address of the control connection (data listeners bind to it).
+        self.local_address = ""
+
+    @classmethod
+    def adopt_held(cls, agent: AgentHost, directory: Path, record: HeldRecord) -> IncomingMigration:
+        """A tree held by a dead agent, taken into a session held in doubt (:mod:`.held`).
+
+        Its loaded copies ended with that agent: every enclave counts as lost
+        before its decision, and the session waits for the state again from the
+        source host (``redeliver`` on a connection of its own).  No tool will
+        come back to it; an authentic decision that reaches a fresh copy ends
+        it as usual.
+        """
+
+        if record.driver != "pid":
+            raise AgentError(f"a {record.driver} workload is not adopted (only a process tree)")
+        session = cls(agent, socket.socket(), record.peer)  # no control connection
+        session.tls.close()
+        session.session_id = bytes.fromhex(record.session_id)
+        session.images_dir = directory
+        session.local_address = record.local
+        session.enclaves = [
+            _Enclave(i, EnclaveInfo(**info_from_wire(cbor2.loads(bytes.fromhex(item)))))
+            for i, item in enumerate(record.enclaves)
+        ]
+        for enclave in session.enclaves:
+            enclave.loaded.set()
+            enclave.decided.set()  # (no copy: lost)
+        session.driver = make_driver(
+            record.driver,
+            HostConfig(agent.config.criu, agent.config.containers,
+                       agent.config.platform_socket, agent.config.state),
+        )  # fmt: skip
+        session.restored = Restored(pid=record.root, label=f"process {record.root}")
+        session.root = record.root
+        session._claim_fault_done = True  # the fault points are for the first agent
+        session.machine.state = SessionState.HELD
+        session.abort("adopted after the agent restarted", keep_lost=True)
+        return session
 
     @property
     def tag(self) -> str:
@@ -218,7 +267,9 @@ class IncomingMigration:
             self._cleanup()
             return
         self.machine.fail()
-        self.abort("the control connection was lost")
+        # A loaded copy that died undecided may be one the source committed: the
+        # tree is kept for the state to come again (the tool's own abort ends it).
+        self.abort("the control connection was lost", keep_lost=state == SessionState.HELD)
 
     def outcome(self) -> str | None:
         """How the session ended, for the metrics; None for one that never began."""
@@ -275,7 +326,7 @@ class IncomingMigration:
             check_pipe_max_size()  # before the source freezes anything
         self.session_id = session_id
         self.images_dir = self.agent.session_dir(session_id)
-        local = str(self.tls.getsockname()[0])
+        local = self.local_address = str(self.tls.getsockname()[0])
         page = self._listen(local)
         if self.page_server:
             self._page_thread = self._start(self._accept_page_server, page, "migsgx-agent-pages")
@@ -377,6 +428,14 @@ class IncomingMigration:
         _inject(fault("agent.after-restore"), self)
         # Right before the source may commit: every loaded copy must still be there.
         self._check_enclaves_alive()
+        if self.enclaves and self.window is None:
+            # What a restarted agent adopts if this one dies holding the tree (W2).
+            HeldRecord(
+                self.session_id.hex(), pid, start_time(pid), self.driver.name, self.peer,
+                self.local_address,
+                [cbor2.dumps(info_to_wire(e.source_info)).hex() for e in self.enclaves],
+                [e.engine.migration_id.hex() if e.engine else "" for e in self.enclaves],
+            ).write(self.images_dir)  # fmt: skip
         if self.window is not None and not self.window.post.serving:
             raise AgentError("the source stopped serving process pages before the commit point")
         seconds = time.monotonic() - t0
@@ -478,27 +537,53 @@ class IncomingMigration:
         replaced (port 0): the token reaches it with ``resume``.
         """
 
-        index = msg["index"]
+        if msg.get("session_id") is not None:
+            return self._redeliver_request(msg)
+        return {"t": "redelivery", "data_port": self.redeliver(msg["index"])}
+
+    def _redeliver_request(self, msg: dict[str, Any]) -> Reply:
+        """The same, on a connection of its own: the source's guardian, no tool.
+
+        Only for a session held in doubt, and only from the host that began it
+        (the data key of that session goes back on this mutual-TLS connection,
+        as it went to the tool in ``ready``).
+        """
+
+        target = self.agent.find_session(msg["session_id"], besides=self)
+        if target is None or target.session_id not in self.agent.in_doubt():
+            raise AgentError("no session held in doubt for this migration")
+        if target.peer != self.peer:
+            raise AgentError("the state comes again only from the host that began the session")
+        port = target.redeliver(msg["index"])
+        return {"t": "redelivery", "data_port": port, "data_key": target.data_key}
+
+    def redeliver(self, index: int) -> int:
+        """Replace enclave ``index``'s lost copy by a fresh listener; its port (0: none)."""
+
         if not 0 <= index < len(self.enclaves):
             raise ProtocolError("no such enclave")
         old = self.enclaves[index]
         engine = old.engine
-        if old.ecall_sock is not None or engine is None or engine.decided:
-            return {"t": "redelivery", "data_port": 0}  # it runs, or a decision ended it
-        if _answers(engine):
-            return {"t": "redelivery", "data_port": 0}  # a live copy is never replaced
+        if old.ecall_sock is not None or (engine is not None and engine.decided):
+            return 0  # it runs, or a decision ended it
+        if engine is not None and _answers(engine):
+            return 0  # a live copy is never replaced
+        if engine is None and not old.decided.is_set():
+            return 0  # still arriving
         log.warning(
             "migration %s: enclave %d lost its copy before the claim: a fresh one receives "
             "the state again", self.tag, index,
         )  # fmt: skip
         _shutdown(old.conn)
         self.enclaves[index] = _Enclave(index, old.source_info)
-        listener = self._listen(str(self.tls.getsockname()[0]))
+        self._refilled.set()
+        listener = self._listen(self.local_address)
+        listener.settimeout(REDELIVER_ACCEPT)
         threading.Thread(
             target=self._accept_data, args=(listener, {index}),
             name="migsgx-agent-data", daemon=True,
         ).start()  # fmt: skip
-        return {"t": "redelivery", "data_port": listener.getsockname()[1]}
+        return int(listener.getsockname()[1])
 
     def _wait_judged(self, seconds: float) -> None:
         """Until every enclave decided; an error at once if the undecided ones wait for
@@ -530,8 +615,11 @@ class IncomingMigration:
         target = self.agent.find_session(msg["session_id"], besides=self)
         if target is not None:
             return {"t": "delivered", **target.deliver(msg["frames"])}
-        # No such session (it ended): this host's platform store (its claims) says
-        # whether it ran.
+        # No such session (it ended): a restarted agent found its tree with the ids
+        # claimed (W3), or this host's platform store (its claims) says whether it ran.
+        lost = lost_detail(self.config.work_dir, msg["session_id"])
+        if lost is not None:
+            return {"t": "delivered", "outcome": LostAfterCommitError.code, "pid": 0}
         mids = msg.get("enclave_mids") or []
         store = self.config.state / COUNTERS
         if not store.exists():  # (opening it would create it)
@@ -570,6 +658,8 @@ class IncomingMigration:
         deadline = time.monotonic() + DELIVER_WAIT
         with contextlib.suppress(AgentError):  # (its platform service is gone: "waiting")
             self._wait_judged(DELIVER_WAIT)
+        if self._copies_lost():
+            return {"outcome": "copy-lost", "pid": self.root or 0}
         if all(e.decided.is_set() for e in self.enclaves):
             self.settled.wait(max(0.0, deadline - time.monotonic()))
         return {"outcome": self.decided_outcome or "waiting", "pid": self.root or 0}
@@ -599,9 +689,42 @@ class IncomingMigration:
             self._page_server.kill()
         threading.Thread(target=self._settle, name="migsgx-agent-settle", daemon=True).start()
 
+    def _copies_lost(self) -> bool:
+        """Whether the held tree waits for its state again (window W2, no tool).
+
+        Every enclave is done, none by an authentic ABORT (or a refused replay),
+        and at least one loaded copy died without judging a decision: the source
+        may have committed, and then its frozen enclave can deliver the state
+        again (:meth:`redeliver`).  The death of a copy is not a decision, so
+        the tree is kept; only when the tool went away (:attr:`keep_lost`): a
+        tool that is there aborts by itself (and delivers again by itself).
+        """
+
+        enclaves = list(self.enclaves)
+        if not self.keep_lost or not all(e.decided.is_set() for e in enclaves):
+            return False
+        if any(e.engine is not None and e.engine.decided and e.ecall_sock is None
+               for e in enclaves):  # fmt: skip
+            return False
+        return any(e.ecall_sock is None for e in enclaves) and self.root is not None
+
     def _settle(self) -> None:
-        for enclave in self.enclaves:
-            enclave.decided.wait()
+        while True:
+            enclaves = list(self.enclaves)
+            for enclave in enclaves:
+                enclave.decided.wait()
+            if any(a is not b for a, b in zip(enclaves, self.enclaves, strict=True)):
+                continue  # a lost copy was replaced meanwhile
+            if not self._copies_lost():
+                break
+            log.warning(
+                "migration %s: a loaded copy died before its decision: the tree stays held "
+                "for the state to come again (migsgx recover on the source host)", self.tag,
+            )  # fmt: skip
+            self.decided_outcome = "copy-lost"
+            self._refilled.wait()
+            self._refilled.clear()
+            self.decided_outcome = ""
         with self._decide_lock:
             committed = [e for e in self.enclaves if e.ecall_sock is not None]
             if committed:
@@ -733,8 +856,12 @@ class IncomingMigration:
             sock.close()
         return time.monotonic() - t0
 
-    def abort(self, reason: str) -> None:
-        """Undo everything this session made; idempotent."""
+    def abort(self, reason: str, *, keep_lost: bool = False) -> None:
+        """Undo everything this session made; idempotent.
+
+        Held instead while an enclave past LOADED waits for its decision, and,
+        with ``keep_lost``, while the tree waits for a lost copy's state again.
+        """
 
         with self._lock:
             if self._finished:
@@ -744,7 +871,8 @@ class IncomingMigration:
             log.error("migration %s: not aborting (%s): past the commit point", self.tag, reason)
             self._teardown()
             return
-        if self._awaiting():
+        self.keep_lost = keep_lost
+        if self._awaiting() or self._copies_lost():
             self._hold(reason)
             return
         log.info("migration %s: aborting: %s", self.tag, reason)
@@ -786,6 +914,7 @@ class IncomingMigration:
         if self._page_server is not None:
             self._page_server.kill()
         self._close_files()
+        remove_record(self.images_dir)
         self.agent.discard(self.images_dir)
 
     # --- helpers ----------------------------------------------------------------------------
@@ -848,6 +977,8 @@ class IncomingMigration:
             try:
                 conn, _ = listener.accept()
             except OSError:
+                if only is not None:
+                    self._never_came(pending, lock)
                 return
             if not openings.acquire(blocking=False):
                 conn.close()  # more unauthenticated connections at once than enclaves need
@@ -856,6 +987,20 @@ class IncomingMigration:
                 target=self._open_data, args=(conn, pending, lock, openings),
                 name="migsgx-agent-data-open", daemon=True,
             ).start()  # fmt: skip
+
+    def _never_came(self, pending: set[int], lock: threading.Lock) -> None:
+        """A fresh copy's state did not come in time: it counts as lost, so that a
+        later attempt may replace it (else it would wait for ever)."""
+
+        with lock:
+            gone = [self.enclaves[i] for i in pending]
+            pending.clear()
+        for enclave in gone:
+            if enclave.engine is None:
+                log.warning("migration %s: enclave %d: the state did not come again in time",
+                            self.tag, enclave.index)  # fmt: skip
+                enclave.loaded.set()
+                enclave.decided.set()
 
     def _open_data(
         self,

@@ -32,10 +32,11 @@ _KEYS: Final = {
     "fenced": list,
     "phase": str,
 }
-#: Keys a journal may lack (written by older versions, or not needed by every source).
+#: Keys a journal may lack (written later, absent from older journals, or not needed
+#: by every source).  ``guardian_pid``: the guardian that holds the source enclaves;
 #: ``undo``: how to give a container back (the guardian's ``criu``, ``netup``,
 #: ``thaw`` notes), for a ``recover`` that finds the source is the copy.
-_OPTIONAL: Final = {"undo": list}
+_OPTIONAL: Final = {"guardian_pid": int, "undo": list}
 
 
 def journal_dir(agent_dir: Path) -> Path:
@@ -112,6 +113,13 @@ class Journal:
     @property
     def enclave_mids(self) -> list[bytes]:
         return [bytes.fromhex(m) for m in self.data["enclave_mids"]]
+
+    @property
+    def guardian_pid(self) -> int:
+        """The guardian holding the committed source enclaves; 0 if not recorded."""
+
+        pid = self.data.get("guardian_pid")
+        return pid if isinstance(pid, int) and not isinstance(pid, bool) else 0
 
     @property
     def fenced(self) -> list[int]:

@@ -19,7 +19,10 @@ Tool -> agent, in this order::
 
 A connection of its own may instead carry, after ``hello``, one ``deliver``
 (-> ``delivered``): a source's recorded decision (COMMIT tokens or ABORT
-frames) for a migration whose tool went away (``docs/spec/commit.md``).
+frames) for a migration whose tool went away (``docs/spec/commit.md``); or
+one ``redeliver {session_id, index}`` (-> ``redelivery {data_port,
+data_key}``): a committed source enclave held by the source host's guardian
+delivers its state again to a fresh enclave of a session held in doubt.
 
 ``abort`` (-> ``aborted``) is allowed in every state before ``resumed``; any
 failure is answered with ``err`` and ends the session.  :class:`SessionMachine`
@@ -124,7 +127,8 @@ CONTROL = Schema(
         # Optional: the COMMIT tokens (one per enclave, b"" for none) delivered again.
         "resume": {"tokens": (list, NONE)},
         # The source committed, but enclave ``index``'s copy did not confirm that it runs.
-        "redeliver": {"index": int},
+        # On a connection of its own (after hello) it names the session held in doubt.
+        "redeliver": {"index": int, "session_id": (bytes, NONE)},
         # Optional: the source enclaves' ABORT frames, for destination enclaves past LOADED.
         "abort": {"reason": str, "frames": (list, NONE)},
         # On a connection of its own (after hello): a decision delivered again.
@@ -139,9 +143,11 @@ CONTROL = Schema(
         # Post-copy, after "resumed": the last page arrived (or "err" post-copy-source-lost).
         "window": {"seconds": NUMBER},
         # data_port 0: that enclave still waits (or decided); else a fresh one listens there.
-        "redelivery": {"data_port": int},
+        # data_key: on a connection of its own, the held session's (for the data connection).
+        "redelivery": {"data_port": int, "data_key": (bytes, NONE)},
         "aborted": {"held": (bool, NONE)},  # held: kept in doubt (a copy past LOADED)
-        # outcome: "resumed", "aborted", "waiting" (not all enclaves decided), "unknown".
+        # outcome: "resumed", "aborted", "waiting" (not all enclaves decided), "unknown",
+        # "copy-lost" (a loaded copy died undecided: the tree waits for the state again).
         "delivered": {"outcome": str, "pid": int},
         "err": {"code": str, "message": str},
     },
@@ -165,7 +171,12 @@ class SessionState(enum.Enum):
 S = SessionState
 _TABLE: Final[Mapping[SessionState, Mapping[str, SessionState]]] = {
     S.NEW: {"hello": S.GREETED},
-    S.GREETED: {"begin": S.RECEIVING, "abort": S.ABORTED, "deliver": S.DELIVERED},
+    S.GREETED: {
+        "begin": S.RECEIVING,
+        "abort": S.ABORTED,
+        "deliver": S.DELIVERED,
+        "redeliver": S.DELIVERED,
+    },
     S.RECEIVING: {"enclaves_done": S.LOADED, "abort": S.ABORTED},
     S.LOADED: {"image": S.IMAGES, "images_done": S.IMAGES_COMPLETE, "abort": S.ABORTED},
     S.IMAGES: {"image": S.IMAGES, "images_done": S.IMAGES_COMPLETE, "abort": S.ABORTED},

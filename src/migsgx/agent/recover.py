@@ -16,13 +16,17 @@ agents' mutual-TLS channel (``deliver``):
   (the guardian hands the enclave connections back);
 * no decision yet: nothing is done (the migration is under way, or its source
   enclaves are gone and so is the state: reported);
+* every enclave decided COMMIT and the destination keeps the tree held for a
+  loaded copy that died before it judged the decision (``copy-lost``, window
+  W2): the committed source enclaves deliver their state again to fresh
+  enclaves there (``commit.md``, 2.1; :mod:`.redeliver`).  Only the guardian
+  holds their connections, so it does this; ``migsgx recover`` wakes it and
+  waits for its result;
 * every enclave decided COMMIT but the destination holds no loaded copy and
-  never activated the ids (its agent lost the session, or its loaded enclaves
-  died before their claim and the held tree was discarded): ``lost``.  What
-  remains is said exactly: the decision, the stopped source tree, the
-  destination's unowned tree if any.  The committed source enclaves still hold
-  the state while the guardian holds them, but delivering the state again
-  (``commit.md``, 2.1) is done only by the tool yet, not here.
+  never activated the ids (its agent lost the session and found no held tree
+  to adopt, or the held tree was discarded): ``lost``.  What remains is said
+  exactly: the decision, the stopped source tree, the destination's unowned
+  tree if any.
 
 Idempotent: decisions are final and delivering one twice changes nothing.
 """
@@ -34,6 +38,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
@@ -53,6 +58,10 @@ __all__ = ["Resolution", "recover", "resolve"]
 log = logging.getLogger("migsgx.recover")
 
 DELIVER_TIMEOUT: Final = 30.0
+#: How long ``migsgx recover`` waits for the guardian it woke to deliver the state again.
+GUARDIAN_WAIT: Final = 90.0
+#: What delivers the state again: (journal, identity, recorded tokens) -> tokens to deliver.
+Redeliver = Callable[[Journal, AgentIdentity, list[bytes]], list[bytes]]
 
 
 @dataclass
@@ -122,6 +131,9 @@ def _lost(journal: Journal, outcome: str) -> str:
         "the destination agent has no session for it (it died or restarted: its loaded "
         "enclaves ended with it, the tree it held, if any, is left stopped and unowned there)"
         if outcome == "unknown"
+        else "the destination's loaded copy died before its claim (the destination agent "
+        "still holds its tree, stopped: remove it there by hand)"
+        if outcome == "copy-lost"
         else "the destination's loaded enclaves ended before their claim and it discarded "
         "the tree it held"
     )
@@ -130,9 +142,25 @@ def _lost(journal: Journal, outcome: str) -> str:
         f"committed (the decision stands, the source never runs again), but {where}; its "
         f"claim store never activated {len(journal.enclave_mids)} enclave id(s): no copy runs. "
         "The state was held only by the frozen committed source enclaves, which end with "
-        "the guardian; migsgx recover does not deliver it again. The source tree stays "
+        "the guardian. The source tree stays "
         f"stopped (pids {' '.join(map(str, stopped)) or 'none left'}): remove it by hand"
     )
+
+
+_COPY_LOST = (
+    "committed; the destination keeps the tree held, but its loaded copy died before "
+    "it judged the decision: the committed source enclaves must deliver their state again"
+)
+
+
+def _is_guardian(pid: int) -> bool:
+    """Whether ``pid`` is still a migration guardian (a recycled pid gets no signal)."""
+
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"migsgx.agent.guardian" in argv
 
 
 def _signal_all(pids: list[int], sig: int) -> None:
@@ -191,8 +219,13 @@ def resolve(
     identity: AgentIdentity,
     *,
     tool_gone: bool = False,
+    redeliver: Redeliver | None = None,
 ) -> Resolution:
-    """Resolve one migration (see the module docstring)."""
+    """Resolve one migration (see the module docstring).
+
+    ``redeliver`` (the guardian's, which holds the committed source enclaves)
+    delivers the state again when the destination lost a loaded copy.
+    """
 
     mid = journal.data["mid"]
     if journal.phase == "done":
@@ -211,7 +244,20 @@ def resolve(
             "the source enclaves never decided; if they are gone, so is their state",
         )  # fmt: skip
     if kinds == {"commit"}:
-        outcome, detail = _deliver(journal, identity, [d.frame for d in decisions if d])
+        frames = [d.frame for d in decisions if d]
+        outcome, detail = _deliver(journal, identity, frames)
+        if outcome == "copy-lost":
+            if redeliver is None:
+                return Resolution(mid, journal.phase, "commit", "in-doubt", _COPY_LOST)
+            try:
+                frames = redeliver(journal, identity, frames)
+            except MigSGXError as exc:
+                return Resolution(
+                    mid, journal.phase, "commit", "in-doubt",
+                    f"{_COPY_LOST}; delivering the state again failed: {exc}",
+                )  # fmt: skip
+            outcome, detail = _deliver(journal, identity, frames)
+            detail = f"the state was delivered again to a fresh enclave; {detail}".strip("; ")
         if outcome == "resumed":
             _signal_all(journal.fenced, signal.SIGKILL)
             journal.update(phase="done")
@@ -258,9 +304,44 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
     results = []
     for journal in Journal.all(identity.directory):
         try:
-            results.append(resolve(journal, Path(state), identity))
+            result = resolve(journal, Path(state), identity)
+            if result.detail == _COPY_LOST:
+                result = _through_guardian(journal, result)
+            results.append(result)
         except (MigSGXError, OSError) as exc:
             results.append(
                 Resolution(journal.data["mid"], journal.phase, "?", "in-doubt", str(exc))
             )
     return results
+
+
+def _through_guardian(journal: Journal, result: Resolution) -> Resolution:
+    """The state must come again: only the guardian holds the source enclaves.
+
+    It retries by itself with a growing pause; SIGUSR1 makes it try at once,
+    and this waits for its journal to say ``done``.  No guardian: the committed
+    source enclaves ended with it, and so did the state.
+    """
+
+    pid = journal.guardian_pid
+    if not pid or not _is_guardian(pid):
+        return Resolution(
+            result.mid, journal.phase, "commit", "lost",
+            f"{_COPY_LOST}, and the guardian that held them is gone: so is the state. "
+            + _lost(journal, "copy-lost"),
+        )  # fmt: skip
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + GUARDIAN_WAIT
+    while True:
+        if Journal.load(journal.path).phase == "done":
+            return Resolution(result.mid, "done", "commit", "moved",
+                              f"the guardian (pid {pid}) delivered the state again")  # fmt: skip
+        if not _is_guardian(pid):
+            return _through_guardian(journal, result)  # (gone meanwhile: said as above)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return Resolution(
+        result.mid, journal.phase, "commit", "in-doubt",
+        f"{_COPY_LOST}; the guardian (pid {pid}) is at it: run recover later",
+    )  # fmt: skip

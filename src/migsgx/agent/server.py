@@ -24,8 +24,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..datapath.transport import keep_alive
-from ..errors import ConfigError
+from ..errors import ConfigError, MigSGXError
+from ..sgx.counters import CounterStore
+from ..sgx.platform import COUNTERS
+from ..system.process import kill_tree
 from .config import AgentConfig
+from .held import held_records, mark_lost
 from .incoming import IncomingMigration
 from .metrics import AgentMetrics
 from .protocol import SessionState
@@ -95,8 +99,67 @@ class Agent:
             raise ConfigError(f"the agent cannot listen on {host}:{port}: {exc}") from exc
         sock.listen(16)
         self._listener = sock
+        self._adopt_held()  # before anyone is told that this agent listens
         bound = sock.getsockname()
         return str(bound[0]), int(bound[1])
+
+    def _claimed(self, arrivals: list[str]) -> int:
+        """How many of ``arrivals`` (hex migration ids) this host's claim store holds."""
+
+        store = self.config.state / COUNTERS
+        if not store.exists():  # (opening it would create it)
+            return 0
+        claims = CounterStore(store)
+        return sum(1 for a in arrivals if a and claims.claimed_by_any(bytes.fromhex(a)))
+
+    def _adopt_held(self) -> None:
+        """Trees a former agent held when it died (window W2, :mod:`.held`).
+
+        Still the recorded tree and stopped: adopted into a session held in
+        doubt, which waits for the source to deliver the state again.  Anything
+        else recorded is killed, and the log says exactly what remained.
+        """
+
+        for directory, record in held_records(self.config.work_dir):
+            if record is None:
+                log.error("%s: an unreadable held-tree record; left for an operator", directory)
+                continue
+            tag = record.session_id[:8]
+            if not record.still_held():
+                log.warning(
+                    "migration %s: the tree a former agent held (pid %d) is gone or runs: "
+                    "nothing to adopt", tag, record.root,
+                )  # fmt: skip
+                self.discard(directory)
+                continue
+            claimed = self._claimed(record.arrivals)
+            if claimed:
+                kill_tree(record.root)
+                detail = (
+                    f"the tree (pid {record.root}) was held with {claimed} enclave id(s) "
+                    "already claimed: their state ran and ended with the former agent (W3); "
+                    "the tree was killed, nothing can bring the state back"
+                )
+                log.error("migration %s: %s", tag, detail)
+                mark_lost(directory, detail)
+                continue
+            try:
+                session = IncomingMigration.adopt_held(self, directory, record)
+            except (MigSGXError, ValueError, TypeError, KeyError) as exc:
+                kill_tree(record.root)
+                log.error(
+                    "migration %s: the tree a former agent held (pid %d) cannot be adopted "
+                    "(%s): killed. Its state stays only with the source's committed enclaves; "
+                    "migsgx recover on the source host reports the migration lost",
+                    tag, record.root, exc,
+                )  # fmt: skip
+                self.discard(directory)
+                continue
+            log.warning(
+                "migration %s: adopted the tree a former agent held (pid %d), %d enclave(s) "
+                "lost: held in doubt for the state to come again", tag, record.root,
+                len(session.enclaves),
+            )  # fmt: skip
 
     def serve_forever(self) -> None:
         if self._listener is None:

@@ -45,7 +45,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -85,6 +85,7 @@ from .protocol import (
     RefusedError,
     plain_stats,
 )
+from .redeliver import HeldEnclave
 from .tls import AgentIdentity
 
 __all__ = ["AgentConnection", "MigrateOptions", "MigrationOutcome", "keeps_tcp", "migrate"]
@@ -255,6 +256,7 @@ class _Migration:
                     link.pid if link else pid, link.name if link else "-",
                 )  # fmt: skip
                 self._guardian_note(f"journal {self.journal.path}")
+                self._guardian_enclaves(handed)
                 if begin is not None:
                     ready = control.call(begin, "ready")
                 assert ready is not None  # (live: the pre-copy's ``begin`` answered)
@@ -648,6 +650,16 @@ class _Migration:
             while _alive(root):  # gone or a zombie: SIGKILL cannot be ignored
                 time.sleep(0.01)
         return action
+
+    def _guardian_enclaves(self, handed: Sequence[HandedEnclave]) -> None:
+        """What the guardian needs to deliver a committed enclave's state again (W2)."""
+
+        if self.guardian is None or self.journal is None:
+            return
+        self.journal.update(guardian_pid=self.guardian.proc.pid)
+        for position, h in enumerate(handed):
+            held = HeldEnclave(h.sock, h.info, dict(h.image_files), self.opts.mode)
+            self.guardian.note(f"enclave {position} {held.describe()}")
 
     def _guardian_note(self, line: str) -> None:
         if self.guardian is not None:

@@ -148,7 +148,11 @@ class Testbed:
         state: Path | None = None,
         platform_socket: Path | None = None,
         args: Sequence[str] = (),
+        listen_port: int = 0,
     ) -> AgentProcess:
+        """An agent on host ``name``; ``listen_port``: a fixed one (a restart where a journal
+        points)."""
+
         host = self.net[name]
         tag = secrets.token_hex(3)
         ready = self.root / f"agent-{tag}.ready"
@@ -156,7 +160,7 @@ class Testbed:
         argv = [
             sys.executable, "-m", "migsgx", "agent", "serve",
             "--state", str(state or self.state(name)),
-            "--listen", f"{host.address}:0",
+            "--listen", f"{host.address}:{listen_port}",
             "--ready-file", str(ready),
             *(["--platform-socket", str(platform_socket)] if platform_socket else []),
             *args,

@@ -1,0 +1,124 @@
+"""The destination's durable record of a held tree: what a restarted agent adopts.
+
+Window W2 (``docs/spec/commit.md``): after ``restored`` the tree waits, stopped,
+for the source's decision, and its enclaves' loaded copies live only in the
+agent's connections.  If the agent dies, those copies end with it, but the
+tree does not: it stays stopped and nobody owns it.  The source may have
+committed; its frozen enclaves can then deliver their state again, but only
+to a session that holds the tree.  So the agent writes ``held.json`` into the
+session's work directory when it answers ``restored``, and removes it when the
+session ends.  A restarted agent reads every such record: a tree that is still
+the one recorded (same pid, same start time, stopped) is adopted into a session
+held in doubt, waiting for the state again (a pid driver's tree); any other
+recorded tree is killed and the log says exactly what remained.  A tree whose
+enclaves had already claimed their migration ids (window W3: the state ran
+and died with the agent) is not waiting for anything: it is killed and a
+``lost.json`` is left in its place, so that a delivery for that session is
+answered ``lost-after-commit``, not ``resumed``.
+
+Nothing in the record is secret: the session id, pids, the enclaves' public
+infos (the session's data key is new after a restart and lives in memory only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Final
+
+from .._fs import write_private
+
+__all__ = ["LOST", "RECORD", "HeldRecord", "held_records", "lost_detail", "mark_lost", "start_time"]
+
+RECORD: Final = "held.json"
+LOST: Final = "lost.json"
+
+
+def start_time(pid: int) -> int:
+    """The start time of ``pid`` (clock ticks since boot), 0 if it is gone.
+
+    With the pid it names one process for good: a recycled pid starts later.
+    """
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19]) if len(fields) > 19 else 0
+
+
+@dataclass
+class HeldRecord:
+    session_id: str  # hex
+    root: int
+    start: int
+    driver: str
+    peer: str  # the source host's address (the only one that may deliver again)
+    local: str  # this agent's address (data listeners bind to it)
+    enclaves: list[str]  # each enclave's info as begin carried it, hex CBOR
+    #: Each loaded copy's migration id (hex; "" if unknown): claimed ones ran (W3).
+    arrivals: list[str] = field(default_factory=list)
+
+    def write(self, directory: Path) -> None:
+        write_private(directory / RECORD, json.dumps(asdict(self), sort_keys=True).encode())
+
+    @classmethod
+    def load(cls, path: Path) -> HeldRecord:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a held-tree record")
+        record = cls(**data)
+        if not isinstance(record.root, int) or not isinstance(record.enclaves, list):
+            raise ValueError(f"{path} is not a held-tree record")
+        for item in (record.session_id, *record.enclaves, *record.arrivals):
+            bytes.fromhex(item)
+        return record
+
+    def still_held(self) -> bool:
+        """Whether the recorded tree is still there, the same process, stopped."""
+
+        from ..system.process import process_state
+
+        return start_time(self.root) == self.start and process_state(self.root) in ("T", "t")
+
+
+def remove(directory: Path | None) -> None:
+    if directory is not None:
+        with contextlib.suppress(OSError):
+            (directory / RECORD).unlink()
+
+
+def held_records(work_dir: Path) -> list[tuple[Path, HeldRecord | None]]:
+    """Every session directory with a record (None: unreadable)."""
+
+    found: list[tuple[Path, HeldRecord | None]] = []
+    if not work_dir.is_dir():
+        return found
+    for path in sorted(work_dir.glob(f"*/{RECORD}")):
+        try:
+            found.append((path.parent, HeldRecord.load(path)))
+        except (OSError, ValueError, TypeError):
+            found.append((path.parent, None))
+    return found
+
+
+def mark_lost(directory: Path, detail: str) -> None:
+    """Replace a session's work directory by a note that its state was lost (W3)."""
+
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(directory / LOST, json.dumps({"detail": detail}).encode())
+
+
+def lost_detail(work_dir: Path, session_id: bytes) -> str | None:
+    """What :func:`mark_lost` said about a session, if anything."""
+
+    try:
+        data = json.loads((work_dir / session_id.hex() / LOST).read_text())
+    except (OSError, ValueError):
+        return None
+    return str(data.get("detail", "")) if isinstance(data, dict) else ""

@@ -1,0 +1,97 @@
+"""What survives a process for window W2: the destination's held-tree record and the
+guardian's description of a committed source enclave (nothing secret in either)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from migsgx.agent.held import (
+    LOST,
+    RECORD,
+    HeldRecord,
+    held_records,
+    lost_detail,
+    mark_lost,
+    start_time,
+)
+from migsgx.agent.redeliver import HeldEnclave
+from migsgx.errors import ProtocolError
+from migsgx.host.client import EnclaveInfo
+
+INFO = EnclaveInfo(
+    pid=7, mr_enclave=bytes(range(32)), mr_signer=bytes(32), isv_prod_id=1, isv_svn=2,
+    debug=True, memory_size=1 << 20, thread_slots=2, ecalls=("put", "get"),
+)  # fmt: skip
+
+
+def _record(pid: int) -> HeldRecord:
+    return HeldRecord(os.urandom(16).hex(), pid, start_time(pid), "pid", "10.0.0.1",
+                      "10.0.0.2", [bytes(3).hex()])  # fmt: skip
+
+
+def test_a_stopped_recorded_tree_is_still_held_and_nothing_else_is(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        session = tmp_path / "work" / "ab12"
+        session.mkdir(parents=True)
+        record = _record(proc.pid)
+        record.write(session)
+        assert (session / RECORD).stat().st_mode & 0o077 == 0
+        [(where, loaded)] = held_records(tmp_path / "work")
+        assert where == session and loaded == record
+        assert not loaded.still_held()  # it runs: never adopted (nor killed) as held
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert _stopped(proc.pid) and loaded.still_held()
+        recycled = HeldRecord(**{**loaded.__dict__, "start": loaded.start + 1})
+        assert not recycled.still_held()  # the same pid, another process
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not loaded.still_held()  # gone
+
+
+def _stopped(pid: int) -> bool:
+    for _ in range(200):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat[stat.rindex(")") + 2] == "T":
+            return True
+        os.sched_yield()
+    return False
+
+
+def test_an_unreadable_record_is_reported_not_adopted(tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / RECORD).write_text('{"root": "1"}')
+    assert held_records(tmp_path) == [(tmp_path / "s", None)]
+    assert held_records(tmp_path / "none") == []
+
+
+def test_the_guardian_note_of_an_enclave_round_trips() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        held = HeldEnclave(a, INFO, {"enclave.so": b"\x7fELF" + bytes(100)}, "sequential")
+        payload = held.describe()
+        assert " " not in payload and "\n" not in payload  # one pipe line
+        again = HeldEnclave.parse(b, payload)
+        assert (again.info, again.image_files, again.mode) == (INFO, held.image_files,
+                                                              "sequential")  # fmt: skip
+        with pytest.raises(ProtocolError):
+            HeldEnclave.parse(b, payload[:-2])
+
+
+def test_a_session_marked_lost_says_so_and_keeps_nothing_else(tmp_path: Path) -> None:
+    sid = os.urandom(16)
+    session = tmp_path / sid.hex()
+    session.mkdir()
+    (session / "pages-1.img").write_bytes(b"x")
+    assert lost_detail(tmp_path, sid) is None
+    mark_lost(session, "claimed, then gone")
+    assert lost_detail(tmp_path, sid) == "claimed, then gone"
+    assert [p.name for p in session.iterdir()] == [LOST]

@@ -1,0 +1,122 @@
+"""A session held without its tool: when it waits for the state again, and who may send it.
+
+The destination agent's session object alone (no CRIU, no enclave process): a
+held tree whose loaded copy died before it judged a decision, and the guardian's
+``redeliver`` on a connection of its own.  The integration fault matrix runs the
+same with real processes (``test_commit_faults.py``, window W2).
+"""
+
+from __future__ import annotations
+
+import socket
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from migsgx.agent import incoming
+from migsgx.agent.config import AgentHost
+from migsgx.agent.incoming import IncomingMigration, _Enclave
+from migsgx.agent.protocol import AgentError
+from migsgx.host.client import EnclaveInfo
+
+SID = bytes(range(16))
+INFO = EnclaveInfo(
+    pid=7, mr_enclave=bytes(32), mr_signer=bytes(32), isv_prod_id=1, isv_svn=2,
+    debug=True, memory_size=1 << 20, thread_slots=2, ecalls=("put",),
+)  # fmt: skip
+
+
+class Agent:
+    """What a session asks of its agent: the sessions held in doubt, by id."""
+
+    def __init__(self) -> None:
+        self.config = SimpleNamespace(io_timeout=5.0, commit_grace=0.1)
+        self.held: dict[bytes, IncomingMigration] = {}
+
+    def in_doubt(self) -> list[bytes]:
+        return list(self.held)
+
+    def find_session(self, mid: bytes, besides: Any = None) -> IncomingMigration | None:
+        return self.held.get(mid)
+
+
+def _session(agent: Agent, peer: str) -> IncomingMigration:
+    return IncomingMigration(cast(AgentHost, agent), socket.socket(), peer)
+
+
+@pytest.fixture
+def held() -> tuple[Agent, IncomingMigration]:
+    """A tree held in doubt, its one loaded copy dead before its decision, no tool."""
+
+    agent = Agent()
+    target = _session(agent, "10.0.0.1")
+    target.session_id = SID
+    target.local_address = "127.0.0.1"
+    target.root = 4242
+    lost = _Enclave(0, INFO)
+    lost.loaded.set()
+    lost.decided.set()
+    target.enclaves = [lost]
+    agent.held[SID] = target
+    return agent, target
+
+
+def test_a_dead_copy_keeps_the_tree_only_once_the_tool_is_gone(
+    held: tuple[Agent, IncomingMigration],
+) -> None:
+    _, target = held
+    assert not target._copies_lost()  # the tool is there: it aborts or delivers again
+    target.keep_lost = True
+    assert target._copies_lost()
+    target.root = None
+    assert not target._copies_lost()  # nothing held: nothing waits
+
+
+def test_the_guardian_gets_a_fresh_copy_and_the_session_key(
+    held: tuple[Agent, IncomingMigration],
+) -> None:
+    agent, target = held
+    target.keep_lost = True
+    guardian = _session(agent, "10.0.0.1")
+    reply = guardian._redeliver({"t": "redeliver", "session_id": SID, "index": 0})
+    assert reply is not None and reply["data_key"] == target.data_key and reply["data_port"] > 0
+    assert target.enclaves[0].engine is None and not target.enclaves[0].decided.is_set()
+    # The fresh copy is still arriving: asked again, nothing more is replaced.
+    again = guardian._redeliver({"t": "redeliver", "session_id": SID, "index": 0})
+    assert again is not None and again["data_port"] == 0
+    for sock in target._listeners:
+        sock.close()
+
+
+def test_only_the_host_that_began_it_may_send_the_state_again(
+    held: tuple[Agent, IncomingMigration],
+) -> None:
+    agent, target = held
+    target.keep_lost = True
+    stranger = _session(agent, "10.0.0.9")
+    with pytest.raises(AgentError, match="only from the host that began"):
+        stranger._redeliver({"t": "redeliver", "session_id": SID, "index": 0})
+    assert target.enclaves[0].decided.is_set()  # nothing replaced
+    with pytest.raises(AgentError, match="no session held in doubt"):
+        _session(agent, "10.0.0.1")._redeliver(
+            {"t": "redeliver", "session_id": bytes(16), "index": 0}
+        )
+
+
+def test_a_fresh_copy_whose_state_never_came_may_be_replaced(
+    held: tuple[Agent, IncomingMigration], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guardian died between ``redelivery`` and its data connection: not for ever."""
+
+    _, target = held
+    target.keep_lost = True
+    monkeypatch.setattr(incoming, "REDELIVER_ACCEPT", 0.2)
+    first = target.redeliver(0)
+    assert first > 0
+    assert target.enclaves[0].decided.wait(10)  # counted lost once the listener gave up
+    assert target._copies_lost()
+    second = target.redeliver(0)
+    assert second > 0
+    for sock in target._listeners:
+        sock.close()
