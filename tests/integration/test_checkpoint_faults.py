@@ -12,9 +12,11 @@ The table in ``docs/migration.md`` ("Checkpoints") is this one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -106,32 +108,60 @@ def completed(case: Case) -> None:
 
 
 # --- checkpoint rows ------------------------------------------------------------------------------
-def test_tool_killed_before_the_dump(case: Case) -> None:
-    done = checkpoint(case, "ckpt.before-dump:exit")
-    assert done.returncode == 70
-    # The guardian aborted the enclave (its checkpoint gate is gone) and handed it back.
-    case.one_copy_with_every_write()
-    back = case.restore()
-    assert back.returncode != 0 and "Traceback" not in back.stderr
-    case.one_copy_with_every_write()
+_FAULT_AT = re.compile(r"migsgx fault: (\S+) at ([0-9.]+)")
 
 
-def test_tool_killed_in_post_dump_before_the_commit(case: Case) -> None:
-    done = checkpoint(case, "ckpt.before-commit:exit")
+def source_back(case: Case, run: subprocess.CompletedProcess[str]) -> float:
+    """Seconds from the fault to the source answering with every acknowledged write."""
+
+    found = _FAULT_AT.findall(run.stderr)
+    assert found, run.stderr
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(Exception):  # not answering yet (stopped, enclave not back)
+            if ask(case.bed, case.app, "DIGEST") == case.digest:
+                back = time.monotonic() - float(found[0][1])
+                cell = {"cell": found[0][0], "back_seconds": round(back, 3)}
+                print("ckpt-fault " + json.dumps(cell))
+                return back
+        assert time.monotonic() < deadline, "the source never ran again"
+        time.sleep(0.02)
+
+
+def phase(case: Case) -> str | None:
+    with contextlib.suppress(OSError, ValueError):
+        return str(json.loads((case.ck / "checkpoint-journal.json").read_text())["phase"])
+    return None
+
+
+@pytest.mark.parametrize("point", ["ckpt.before-dump", "ckpt.before-commit"])
+def test_tool_killed_before_the_commit(case: Case, point: str) -> None:
+    """The guardian aborts the enclave, resumes the source and resolves the checkpoint itself."""
+
+    done = checkpoint(case, f"{point}:exit")
     assert done.returncode == 70
-    case.one_copy_with_every_write()  # CRIU resumed it, the guardian unfenced it
+    # (before-commit: CRIU resumed the tree, the guardian unfenced it)
+    source_back(case, done)
+    # ``recover --checkpoint``'s logic, run by the guardian: the files, which never
+    # open (the gate went with the abort), are removed.
+    wait_until(lambda: phase(case) == "aborted", 30, "the guardian's resolution")
+    assert not list(case.ck.glob("*.img")) and not list(case.ck.glob("enclave-*"))
+    case.one_copy_with_every_write()
     back = case.restore()
-    assert back.returncode != 0 and "[checkpoint-gate]" in back.stderr, back.stderr
+    assert back.returncode != 0 and "Traceback" not in back.stderr, back.stderr
     case.one_copy_with_every_write()
 
 
 def test_tool_killed_after_the_commit(case: Case) -> None:
-    done = checkpoint(case, "ckpt.after-commit:exit")
+    env = {"MIGSGX_FAULT": "ckpt.after-commit:exit",
+           "MIGSGX_PLATFORM_SOCKET": str(case.bed.services["src"].socket)}  # fmt: skip
+    done = cli("checkpoint", str(case.app.pid), "--dir", str(case.ck), env=env)
     assert done.returncode == 70
-    # CRIU resumed the source, the fence stopped it: no runnable copy until the restore.
-    wait_until(lambda: case.bed.runnable_copies(case.app)["src"] == 0, 15, "the fence")
+    # CRIU resumed the source, the fence stopped it; the guardian read the gates
+    # (committed) and removed the fenced source: the checkpoint is the one copy.
+    wait_until(lambda: case.bed.copies(case.app)["src"] == [], 30, "the fenced source to go")
     assert json.loads((case.ck / "migsgx.json").read_text())["files"]
-    back = case.restore()  # removes the fenced source, restores the checkpoint
+    back = case.restore()
     assert back.returncode == 0, back.stderr
     case.one_copy_with_every_write()
 
@@ -348,13 +378,58 @@ def test_recover_after_the_tool_died_before_the_commit(case: Case) -> None:
         case.one_copy_with_every_write()
 
 
-def test_recover_after_a_restore_died_with_the_tree_held(case: Case) -> None:
+@pytest.mark.parametrize(
+    ("point", "outcome"),
+    [
+        ("restore.before-criu", "restorable"),  # enclaves loaded, nothing restored yet
+        ("restore.held", "restorable"),  # CRIU restored the tree, held
+        ("restore.loaded", "restorable"),  # right before the activation (the consume)
+        ("restore.activated", "done"),  # the gates consumed: the restore's guardian finishes
+    ],
+)
+def test_recover_after_a_restore_died(case: Case, point: str, outcome: str) -> None:
+    """The restoring tool ``kill -9`` at each restore step: one recover, then one copy."""
+
     completed(case)
-    first = case.restore({"MIGSGX_FAULT": "restore.held:exit"})
-    assert first.returncode == 70
+    first = case.restore({"MIGSGX_FAULT": f"{point}:exit"})
+    assert first.returncode == 70, first.stderr
     code, found = recover_checkpoint(case)
-    assert code == 0 and found["outcome"] == "restorable", found
-    assert case.bed.copies(case.app)["src"] == []  # the held tree never ran; it went
-    back = case.restore()
-    assert back.returncode == 0, back.stderr
+    assert code == 0 and found["outcome"] == outcome, found
+    if outcome == "restorable":
+        assert case.bed.copies(case.app)["src"] == []  # a held tree never ran; it went
+        back = case.restore()
+        assert back.returncode == 0, back.stderr
+    case.one_copy_with_every_write()
+    again = case.restore()  # consumed: refused, nothing else changes
+    assert again.returncode != 0 and "Traceback" not in again.stderr, again.stderr
+    code, found = recover_checkpoint(case)
+    assert code == 0 and found["outcome"] == "done", found
+    case.one_copy_with_every_write()
+
+
+@pytest.mark.parametrize("point", ["ckpt.before-dump", "ckpt.before-commit"])
+def test_recover_after_the_tool_and_its_guardian_died_before_the_commit(
+    case: Case, point: str
+) -> None:
+    """Nobody holds the enclave's connection but the enclave itself (``__mig_hold``).
+
+    It keeps its state (and with it every acknowledged write) instead of ending
+    with its driver; ``recover --checkpoint`` takes the duplicate back, aborts
+    the pending gate, continues the source and hands the enclave back to it.
+    """
+
+    done = checkpoint(case, f"{point}:kill-guardian")
+    assert done.returncode == 70, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    for attempt in range(2):  # idempotent
+        code, found = recover_checkpoint(case)
+        if attempt == 0:
+            source_back(case, done)  # (fault to recovered: includes recover's start)
+        assert code == 0 and found["decision"] == "abort", found
+        assert found["outcome"] == "stayed", found
+        assert ("handed back" in found["detail"]) == (attempt == 0), found
+        assert not list(case.ck.glob("*.img")) and not list(case.ck.glob("enclave-*"))
+        case.one_copy_with_every_write()
+    back = case.restore()  # the gate was aborted: nothing restores
+    assert back.returncode != 0 and "Traceback" not in back.stderr, back.stderr
     case.one_copy_with_every_write()

@@ -9,8 +9,10 @@ and removes its containers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -509,3 +511,41 @@ def inspect_json(path: Path, *canaries: bytes) -> tuple[int, dict[str, Any]]:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     return done.returncode, json.loads(done.stdout) if done.stdout else {"err": done.stderr}
+
+
+_FAULT_AT = re.compile(r"migsgx fault: (\S+) at ([0-9.]+)")
+
+
+@pytest.mark.parametrize("engine", ["runc", "podman"])
+def test_corrupted_enclave_stream_stops_the_container_dump(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
+) -> None:
+    """One flipped bit 1 MiB into the enclave stream while the engine dumps a 128 MiB container.
+
+    The container dump stops at its next step (``containers/frozen.py``) instead
+    of running to its end, and the container thaws: exit 6, the enclave's reason,
+    every write.  Prints the seconds from the fault (the enclave's data connection
+    open) to the source answering.
+    """
+
+    app = lab.start_app(engine, "kvstore", ["--ballast", "128"])
+    assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
+    digest = lab.ask(app, "DIGEST", at="src")
+    run = migrate(bed, app, agent, env={"MIGSGX_FAULT": f"tool.enclave-stream:flip-byte={1 << 20}"})
+    assert run.returncode == 6, run.stderr
+    assert "Traceback" not in run.stderr
+    assert "chunk failed authentication" in run.stderr, run.stderr  # the destination's reason
+    assert "dump was stopped early" in run.stderr, run.stderr
+    [(_, at)] = _FAULT_AT.findall(run.stderr)[:1]
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(OSError):  # (not answering yet: frozen)
+            if lab.ask(app, "DIGEST", at="src") == digest:
+                break
+        assert time.monotonic() < deadline, "the source never ran again"
+        time.sleep(0.02)
+    back = time.monotonic() - float(at)
+    print("container-dump-cancel " + json.dumps({"engine": engine, "back_seconds": round(back, 3)}))
+    wait_until(lambda: app.name not in lab.containers("dst", engine), 15, "dst to let go")
+    check_source_runs_on(lab, app, digest)
+    finish(lab, app, expect="src")

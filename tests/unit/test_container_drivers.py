@@ -32,7 +32,7 @@ from migsgx.containers.oci import (
     tar_tree,
 )
 from migsgx.criu import Criu
-from migsgx.errors import ConfigError, MigSGXError, ProtocolError
+from migsgx.errors import ConfigError, CriuError, MigSGXError, ProtocolError
 
 HERE = Localization(
     platform_socket=Path("/var/lib/dst/enclave.sock"),
@@ -232,6 +232,25 @@ def test_tree_round_trip(tmp_path: Path) -> None:
     assert (dst / "etc" / "motd").read_text() == "hello"
     assert os.readlink(dst / "bin") == "usr/bin"
     assert (dst / "usr" / "bin" / "tool").stat().st_mode & 0o7777 == 0o755  # no set-id
+
+
+def test_a_failed_migration_stops_the_archive_at_the_next_file(tmp_path: Path) -> None:
+    """``stop`` (the dump's cancel) is asked before every file and ends the archive."""
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"f{i}").write_bytes(b"x")
+    asked: list[int] = []
+
+    def stop() -> None:
+        asked.append(1)
+        if len(asked) == 3:
+            raise CriuError("the dump was cancelled: enclave 0 failed")
+
+    with pytest.raises(CriuError, match="cancelled"):
+        tar_tree(src, tmp_path / "root.tar", stop=stop)
+    assert len(asked) == 3  # nothing after the cancel
 
 
 def _archive(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:

@@ -43,15 +43,20 @@ from ..system.process import (
     wait_stopped,
 )
 from .applink import AppLink, HandedEnclave
-from .ckpt_journal import JOURNAL, write_journal
+from .ckpt_journal import (
+    CHECKPOINT_META,
+    HELD,
+    JOURNAL,
+    remove_fenced_source,
+    remove_held_leftover,
+    start_time,
+    write_journal,
+)
 from .faults import fault, kill_dead, socket_owner
 from .guardian import Guardian
 
 __all__ = ["CHECKPOINT_META", "checkpoint", "restore"]
 
-CHECKPOINT_META: Final = "migsgx.json"
-#: The pid (and start time) of a tree a restore holds, until it continues.
-HELD: Final = "restore-held.json"
 FORMAT: Final = 1
 
 
@@ -88,12 +93,19 @@ def checkpoint(
     committed: list[int] = []
     fenced: list[int] = []
     meta = {"format": FORMAT, "pid": pid, "pidns": pidns, "tcp_close": tcp_close,
-            "enclaves": len(handed), "start": _start_time(pid)}  # fmt: skip
+            "enclaves": len(handed), "start": start_time(pid)}  # fmt: skip
     # As for a migration: a guardian holds the enclave connections, so that a tool
     # that dies before the commit leaves the enclaves to be aborted and handed back.
-    guardian = Guardian(link.pid, link.name, [h.sock for h in handed]) if link else None
+    # It also resolves the checkpoint itself then (``migsgx recover --checkpoint``'s logic).
+    guardian = (
+        Guardian(link.pid, link.name, [h.sock for h in handed], ["--checkpoint", str(directory)])
+        if link
+        else None
+    )
     # Which tool works here, on which source: what ``migsgx recover`` starts from.
-    write_journal(directory, "writing", pid=pid, start=meta["start"], enclaves=len(handed))
+    write_journal(directory, "writing", pid=pid, start=meta["start"], enclaves=len(handed),
+                  app=[link.pid, link.name] if link else None,
+                  guardian=_pid_start(guardian.proc.pid) if guardian else None)  # fmt: skip
 
     def post_dump(script: str, _pid: int) -> None:
         if script != "post-dump":
@@ -109,7 +121,7 @@ def checkpoint(
         if guardian is not None:
             guardian.note("fence " + " ".join(map(str, fenced)))
         write_journal(directory, "fenced")
-        _fault("ckpt.before-commit", pid, handed)
+        _fault("ckpt.before-commit", pid, handed, guardian=guardian)
         for i, out in enumerate(outs):
             try:
                 out.commit(meta_digest)  # the gate binds the metadata (and so every file)
@@ -120,13 +132,21 @@ def checkpoint(
                 continue
             committed.append(i)
         write_journal(directory, "committed")
-        _fault("ckpt.after-commit", pid, handed)
+        _fault("ckpt.after-commit", pid, handed, guardian=guardian)
 
     try:
         try:
+            # Each enclave keeps a duplicate of our end of its connection: should this
+            # tool and its guardian both die, it keeps its state (and the application's
+            # writes) instead of ending, and ``migsgx recover --checkpoint`` takes the
+            # duplicate back to abort the checkpoint and hand the enclave back.
+            holders = [[h.info.pid, out.link.hold(), start_time(h.info.pid)]
+                       for h, out in zip(handed, outs, strict=True)]  # fmt: skip
+            if holders:
+                write_journal(directory, "writing", holders=holders)
             for i, out in enumerate(outs):
                 out.write(directory, i)
-            _fault("ckpt.before-dump", pid, handed)
+            _fault("ckpt.before-dump", pid, handed, guardian=guardian)
             extra = {"tcp_close": True} if tcp_close else {}
             criu.dump(
                 pid,
@@ -149,7 +169,7 @@ def checkpoint(
                     if path.name != JOURNAL:
                         with contextlib.suppress(OSError):
                             path.unlink()
-                write_journal(directory, "aborted")
+                write_journal(directory, "aborted", holders=[])
             raise
     finally:
         if guardian is not None:
@@ -188,19 +208,30 @@ def _alive(pid: int) -> bool:
 
 
 def _fault(
-    point: str, pid: int, handed: list[HandedEnclave], platform: Path | None = None
+    point: str,
+    pid: int,
+    handed: list[HandedEnclave],
+    platform: Path | None = None,
+    *,
+    guardian: Guardian | None = None,
 ) -> None:
     """A fault point of checkpoint or restore (``kill-source``, ``kill-enclave`` here).
 
     ``kill-platform`` SIGKILLs this host's platform service (``platform``, or the
-    one ``$MIGSGX_PLATFORM_SOCKET`` names) and returns once it is dead.
+    one ``$MIGSGX_PLATFORM_SOCKET`` names) and returns once it is dead;
+    ``kill-guardian`` SIGKILLs the checkpoint's guardian (waited for), and then
+    this tool ends at once (as ``exit``): both holders of the enclaves gone.
     """
 
     action = fault(point)
+    if action == "kill-guardian":
+        if guardian is not None:
+            kill_dead([guardian.proc.pid])
+        os._exit(70)
     if action == "kill-platform":
         sock = platform if platform is not None else default_platform_socket(None)
         kill_dead([socket_owner(sock)])
-    if action == "kill-source":
+    if action == "kill-source" and pid > 0:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         while _alive(pid):  # SIGKILL cannot be ignored; its delivery is asynchronous
@@ -277,8 +308,8 @@ def restore(
     # for ever, and a changed byte would run unnoticed.
     _verify(directory, meta.get("files"))
     meta_digest = hashlib.sha256(raw_meta).digest()
-    _remove_held_leftover(directory)
-    _remove_fenced_source(meta)
+    remove_held_leftover(directory)
+    remove_fenced_source(meta)
     extra: dict[str, bool] = {"leave_stopped": True}
     if meta.get("tcp_close"):
         extra["tcp_close"] = True
@@ -301,6 +332,7 @@ def restore(
         # (activate, continue, attach) if this tool dies before the attach.  It
         # starts now, so that its start overlaps CRIU's restore.
         guardian = _restore_guardian(incoming) if incoming else None
+        _fault("restore.before-criu", 0, [], platform_socket)
         pid = criu.restore(
             directory,
             restore_detached=True,
@@ -385,49 +417,9 @@ def _restore_guardian(incoming: list[CheckpointIn]) -> Guardian:
     return Guardian(0, "-", socks, ["--restore", "--infos", packed])
 
 
-def _start_time(pid: int) -> str:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat[stat.rindex(")") + 2 :].split()[19]
+def _pid_start(pid: int) -> list[int | str]:
+    return [pid, start_time(pid)]
 
 
 def _write_held(directory: Path, pid: int) -> None:
-    (directory / HELD).write_text(json.dumps({"pid": pid, "start": _start_time(pid)}))
-
-
-def _remove_fenced_source(meta: dict[str, object]) -> None:
-    """The checkpoint's source, if a dead checkpoint tool left it fenced (stopped).
-
-    The metadata exists only once CRIU's images were complete, and the fence
-    came after it: a stopped source with the recorded pid and start time is the
-    tree the checkpoint replaces, and it must never run beside the restore.
-    """
-
-    pid, start = meta.get("pid"), meta.get("start")
-    if not isinstance(pid, int) or not isinstance(start, str) or not start:
-        return
-    if _start_time(pid) == start and process_state(pid) in ("T", "t"):
-        with contextlib.suppress(MigSGXError):
-            kill_tree(pid)
-
-
-def _remove_held_leftover(directory: Path) -> None:
-    """A tree an earlier restore left held (stopped, never continued) goes first.
-
-    It holds the checkpoint's pids and the application's abstract socket name,
-    so no restore could succeed beside it; it never ran an instruction.  Only a
-    stopped process with the recorded start time is touched (not a reused pid).
-    """
-
-    try:
-        held = json.loads((directory / HELD).read_text())
-        pid, start = int(held["pid"]), str(held["start"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if start and _start_time(pid) == start and process_state(pid) in ("T", "t"):
-        with contextlib.suppress(MigSGXError):
-            kill_tree(pid)
-    with contextlib.suppress(OSError):
-        (directory / HELD).unlink()
+    (directory / HELD).write_text(json.dumps({"pid": pid, "start": start_time(pid)}))

@@ -16,14 +16,30 @@ ended well), ``aborted`` (rolled back: the source runs on, nothing restores),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["JOURNAL", "read_journal", "start_time", "write_journal"]
+from ..errors import MigSGXError
+from ..system.process import kill_tree, process_state
+
+__all__ = [
+    "CHECKPOINT_META",
+    "HELD",
+    "JOURNAL",
+    "read_journal",
+    "remove_fenced_source",
+    "remove_held_leftover",
+    "start_time",
+    "write_journal",
+]
 
 JOURNAL: Final = "checkpoint-journal.json"
+CHECKPOINT_META: Final = "migsgx.json"
+#: The pid (and start time) of a tree a restore holds, until it continues.
+HELD: Final = "restore-held.json"
 PHASES: Final = frozenset(
     {"writing", "fenced", "committed", "done", "aborted", "restoring", "restored"}
 )
@@ -66,3 +82,39 @@ def write_journal(directory: Path, phase: str, **fields: Any) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_fenced_source(meta: dict[str, object]) -> None:
+    """The checkpoint's source, if a dead checkpoint tool left it fenced (stopped).
+
+    The metadata exists only once CRIU's images were complete, and the fence
+    came after it: a stopped source with the recorded pid and start time is the
+    tree the checkpoint replaces, and it must never run beside the restore.
+    """
+
+    pid, start = meta.get("pid"), meta.get("start")
+    if not isinstance(pid, int) or not isinstance(start, str) or not start:
+        return
+    if start_time(pid) == start and process_state(pid) in ("T", "t"):
+        with contextlib.suppress(MigSGXError):
+            kill_tree(pid)
+
+
+def remove_held_leftover(directory: Path) -> None:
+    """A tree an earlier restore left held (stopped, never continued) goes first.
+
+    It holds the checkpoint's pids and the application's abstract socket name,
+    so no restore could succeed beside it; it never ran an instruction.  Only a
+    stopped process with the recorded start time is touched (not a reused pid).
+    """
+
+    try:
+        held = json.loads((directory / HELD).read_text())
+        pid, start = int(held["pid"]), str(held["start"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if start and start_time(pid) == start and process_state(pid) in ("T", "t"):
+        with contextlib.suppress(MigSGXError):
+            kill_tree(pid)
+    with contextlib.suppress(OSError):
+        (directory / HELD).unlink()

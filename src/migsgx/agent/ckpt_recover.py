@@ -8,14 +8,21 @@ metadata); it refuses unless the gate is committed, and is then discarded (a
 read changes nothing).  The directory's journal (:mod:`.ckpt_journal`) names the
 tool and the source tree, and tells a restore under way from one that ended.
 
+The checkpoint's guardian runs this same function once the tool died
+(``aborted`` when every enclave answered its abort).
+
 Resolution, idempotent, to exactly one runnable copy:
 
-* the tool still runs: nothing is done (``in-progress``);
+* the tool still runs, or its guardian (waited for up to ``GUARDIAN_WAIT``):
+  nothing is done (``in-progress``);
 * every gate committed: the checkpoint is the copy.  A source tree a dead tool
   left fenced (stopped, same pid and start time) is killed: it must never run
   beside it; a tree a dead restore left held is removed (it never ran).  The
   outcome is ``restorable``: ``migsgx restore --dir`` makes it run;
-* no gate committed: the source is the copy.  A fenced source is continued; the
+* no gate committed: the source is the copy.  A fenced source is continued;
+  source enclaves whose tool and guardian both died still hold their state and
+  a duplicate of their connection (``__mig_hold``): it is taken back, they
+  abort (the gate goes) and are handed back to the application; the
   checkpoint's files, which can never open, are removed (``stayed``, or
   ``gone`` if the source died too: then its enclave state went with it, as in
   a crash);
@@ -31,21 +38,121 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
+import time
 from pathlib import Path
+from typing import Final
 
+from .._fds import take_descriptor
 from ..datapath.checkpoint import CheckpointIn
 from ..errors import CheckpointGateError, MigSGXError
 from ..system.process import continue_tree, process_state
-from .checkpoint import CHECKPOINT_META, _remove_fenced_source, _remove_held_leftover
-from .ckpt_journal import JOURNAL, read_journal, start_time, write_journal
+from .ckpt_journal import (
+    CHECKPOINT_META,
+    JOURNAL,
+    read_journal,
+    remove_fenced_source,
+    remove_held_leftover,
+    start_time,
+    write_journal,
+)
+from .handback import abort_enclave, resume_source
 from .recover import Resolution
 
 __all__ = ["resolve_checkpoint"]
 
+#: How long ``recover`` waits for a live guardian to resolve the checkpoint itself.
+GUARDIAN_WAIT: Final = 30.0
+
+
+def _alive(pid: object, start: object) -> bool:
+    """``pid`` runs (not a zombie), with ``start`` time, and is not this process."""
+
+    return (
+        isinstance(pid, int)
+        and pid != os.getpid()
+        and start_time(pid) == start != ""
+        and process_state(pid) not in ("", "Z", "X")
+    )
+
 
 def _tool_alive(journal: dict[str, object]) -> bool:
-    pid, start = journal.get("tool_pid"), journal.get("tool_start")
-    return isinstance(pid, int) and pid != os.getpid() and start_time(pid) == start != ""
+    return _alive(journal.get("tool_pid"), journal.get("tool_start"))
+
+
+def _guardian_alive(journal: dict[str, object]) -> bool:
+    """The checkpoint's guardian still runs: it resolves the checkpoint itself."""
+
+    found = journal.get("guardian")
+    return isinstance(found, list) and len(found) == 2 and _alive(found[0], found[1])
+
+
+def _take_held(journal: dict[str, object]) -> list[socket.socket]:
+    """The source enclaves' connections, from the duplicates they hold (``__mig_hold``).
+
+    Only while the tool and its guardian are both dead, and only from the
+    enclave process the journal names (same pid and start time).  An enclave
+    that is gone (or a descriptor that cannot be taken) is left out.
+    """
+
+    socks: list[socket.socket] = []
+    holders = journal.get("holders")
+    for item in holders if isinstance(holders, list) else []:
+        if not (isinstance(item, list) and len(item) == 3):
+            continue
+        pid, fd, start = item
+        if not (isinstance(pid, int) and isinstance(fd, int) and isinstance(start, str)):
+            continue
+        if not start or start_time(pid) != start or not _is_enclave(pid):
+            continue
+        with contextlib.suppress(OSError):
+            sock = take_descriptor(pid, fd)
+            if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+                socks.append(sock)
+            else:
+                sock.close()
+    return socks
+
+
+def _is_enclave(pid: int) -> bool:
+    """Whether ``pid`` is an enclave runtime process (a journal is no order to root).
+
+    The journal lies in a directory its owner may write: without this check a
+    forged ``holders`` entry would have root write a frame into any process's
+    socket.
+    """
+
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"migsgx.enclave.runtime" in argv
+
+
+def _hand_back(journal: dict[str, object], socks: list[socket.socket], runs: bool) -> str:
+    """Abort each held source enclave's checkpoint and hand it back to its application.
+
+    The abort destroys the pending gate (the files never open) and thaws the
+    enclave; the hand-back is the guardian's (``resume_source``).  Without a
+    running source the enclaves end once their connections close here, as in a
+    crash of the application.  Returns a note for the outcome's detail.
+    """
+
+    if not socks:
+        return ""
+    try:
+        aborted = sum(abort_enclave(sock) for sock in socks)
+        app = journal.get("app")
+        if not runs:
+            return f"; {aborted} enclave(s) aborted and ended with their application"
+        if not (isinstance(app, list) and len(app) == 2 and isinstance(app[0], int)):
+            return f"; {aborted} enclave(s) aborted, no application to hand them to"
+        if resume_source(app[0], str(app[1]), socks, [], []) != 0:
+            return f"; {aborted} enclave(s) aborted, the application did not take them back"
+        return f"; {len(socks)} enclave(s) handed back"
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def _committed(directory: Path, count: int, platform_socket: Path, meta: bytes) -> list[bool]:
@@ -81,10 +188,23 @@ def _remove_files(directory: Path) -> None:
                 path.unlink()
 
 
-def resolve_checkpoint(directory: Path, platform_socket: Path | None) -> Resolution:
-    """Resolve the checkpoint in ``directory`` (see the module docstring)."""
+def resolve_checkpoint(
+    directory: Path, platform_socket: Path | None, *, aborted: bool = False
+) -> Resolution:
+    """Resolve the checkpoint in ``directory`` (see the module docstring).
+
+    ``aborted``: the caller (the checkpoint's guardian) learnt from the source
+    enclaves themselves that every one aborted: nothing is committed, and they
+    hold no duplicate any more.  A live guardian is waited for (up to
+    ``GUARDIAN_WAIT``): it resolves the checkpoint by this same function.
+    """
 
     directory = Path(directory)
+    deadline = time.monotonic() + GUARDIAN_WAIT
+    while (found := read_journal(directory)) is not None and _guardian_alive(found):
+        if time.monotonic() > deadline or _tool_alive(found):
+            break
+        time.sleep(0.05)
     name = str(directory)
     journal = read_journal(directory)
     raw_meta: bytes | None = None
@@ -95,6 +215,8 @@ def resolve_checkpoint(directory: Path, platform_socket: Path | None) -> Resolut
     phase = str(journal["phase"]) if journal else "done"
     if journal is not None and _tool_alive(journal):
         return Resolution(name, phase, "-", "in-progress", "its tool still runs")
+    if journal is not None and phase in ("writing", "fenced") and _guardian_alive(journal):
+        return Resolution(name, phase, "-", "in-progress", "its guardian resolves it")
     if phase == "restored":
         return Resolution(name, phase, "commit", "done", "restored")
     meta: dict[str, object] = {}
@@ -104,7 +226,7 @@ def resolve_checkpoint(directory: Path, platform_socket: Path | None) -> Resolut
             meta = loaded if isinstance(loaded, dict) else {}
     declared = meta.get("enclaves") or (journal or {}).get("enclaves") or 0
     count = declared if isinstance(declared, int) and 0 <= declared <= 64 else 0
-    if raw_meta is None or phase == "aborted":
+    if raw_meta is None or phase == "aborted" or aborted:
         committed = [False] * max(count, 1)  # no metadata: the commit never came
     elif count == 0:
         committed = [phase in ("committed", "done", "restoring")]
@@ -119,8 +241,8 @@ def resolve_checkpoint(directory: Path, platform_socket: Path | None) -> Resolut
         except (MigSGXError, OSError) as exc:
             return Resolution(name, phase, "?", "in-doubt", f"the gates cannot be read: {exc}")
     if all(committed):
-        _remove_held_leftover(directory)  # a dead restore's tree: it never ran
-        _remove_fenced_source(meta)  # the source gave its state up: it never runs again
+        remove_held_leftover(directory)  # a dead restore's tree: it never ran
+        remove_fenced_source(meta)  # the source gave its state up: it never runs again
         if phase not in ("committed", "done", "restoring"):
             write_journal(directory, "committed")
         return Resolution(name, phase, "commit", "restorable",
@@ -137,11 +259,16 @@ def resolve_checkpoint(directory: Path, platform_socket: Path | None) -> Resolut
         return Resolution(name, phase, "commit", "done",
                           "a restore consumed the checkpoint (it restores only once)")  # fmt: skip
     # Nothing committed (the gates are pending or gone): the source is the copy.
+    # Its enclaves, if the tool and its guardian both died, still hold their state
+    # and a duplicate of their connection: they abort and go back to it.
+    takes = journal is not None and phase in ("writing", "fenced") and not aborted
+    socks = _take_held(journal) if journal is not None and takes else []
     runs = _continue_source(journal or meta)
+    handed = _hand_back(journal or {}, socks, runs)
     _remove_files(directory)
     if journal is not None:
-        write_journal(directory, "aborted")
+        write_journal(directory, "aborted", holders=[])  # (their numbers may be reused now)
     if runs:
-        return Resolution(name, phase, "abort", "stayed", "the source runs on")
-    return Resolution(name, phase, "abort", "gone",
-                      "the source is gone too: its enclave state went with it")  # fmt: skip
+        return Resolution(name, phase, "abort", "stayed", "the source runs on" + handed)
+    gone = "the source is gone too: its enclave state went with it"
+    return Resolution(name, phase, "abort", "gone", gone + handed)

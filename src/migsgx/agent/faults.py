@@ -45,6 +45,7 @@ POINTS: Final = frozenset(
         "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
         "ckpt.after-commit",  # checkpoint: every enclave gave its state up
+        "restore.before-criu",  # restore: enclaves loaded (not running), CRIU not started
         "restore.held",  # restore: enclaves loaded (not running), CRIU restored the tree held
         "restore.loaded",  # restore: the same step, right before the activation
         "restore.activated",  # restore: the enclaves activated, the tree not running, not attached

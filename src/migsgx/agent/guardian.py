@@ -21,7 +21,11 @@ committed refuses (or is gone): the destination has the state and rolls
 forward, and the guardian leaves the source alone (stopped by the fence).  If
 every enclave aborted, nothing was given up: the guardian resumes the fenced
 (thaws the frozen, reconnects the locked) source and hands the connections back
-to the application (``resume``), which then carries on as if nothing had happened.
+to the application (``resume``, :mod:`.handback`), which then carries on as if
+nothing had happened.  A checkpoint's guardian (``--checkpoint DIR``) then
+resolves the checkpoint by ``migsgx recover --checkpoint``'s function
+(:func:`.ckpt_recover.resolve_checkpoint`): the files of an aborted checkpoint
+go; after a commit, the fenced source goes.
 
 After a commit it carries the decision (``migsgx recover``'s logic), and when the
 destination lost its loaded copy before the claim (window W2) it delivers the
@@ -46,24 +50,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from ..channel import ECALL, ECALL_FRAME_MAX
-from ..containers.cgroups import thaw_file
 from ..containers.gate import open_gate
 from ..containers.podnet import unlock
 from ..errors import MigSGXError
-from ..wire import recv_frame, send_frame
 from .applink import AppLink
+from .handback import RESUME_WAIT, abort_enclave, call_enclave, resume_source
 
 if TYPE_CHECKING:
     from .recover import Redeliver
 
 __all__ = ["Guardian"]
 
-#: Call ids far from the tool's (its link counts from 2**40), so that a late
-#: answer to a call of the dead tool is never taken for the guardian's.
-_CALL_ID: Final = (1 << 52) + 7
-ABORT_TIMEOUT: Final = 30.0
-RESUME_WAIT: Final = 60.0
 #: How long the guardian keeps delivering a decision that the destination has
 #: not confirmed (it holds the committed source enclaves meanwhile).
 RECOVER_PATIENCE: Final = 600.0
@@ -121,37 +118,6 @@ class Guardian:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
-
-
-def _call(sock: socket.socket, fn: str, args: list[object]) -> dict[str, object] | None:
-    """One runtime call on a connection the tool held; None if the enclave is gone."""
-
-    sock.settimeout(ABORT_TIMEOUT)
-    try:
-        send_frame(
-            sock, {"t": "ecall", "id": _CALL_ID, "fn": fn, "args": args}, max_size=ECALL_FRAME_MAX
-        )
-        while True:
-            msg = recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX)
-            if msg.get("id") == _CALL_ID:
-                return msg
-    except (MigSGXError, OSError):
-        return None
-    finally:
-        with contextlib.suppress(OSError):
-            sock.settimeout(None)
-
-
-def _abort(sock: socket.socket) -> bool:
-    """Ask the enclave to abort its migration; False if it committed (or is gone)."""
-
-    msg = _call(sock, "__mig_abort", ["the tool died"])
-    if msg is None:
-        return False
-    if msg["t"] == "ret":
-        return True
-    # Not in a migration (the tool died before the transfer began): nothing to undo.
-    return msg["t"] == "err" and msg.get("code") != "committed"
 
 
 _NUDGED: list[bool] = []
@@ -255,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fds", default="")
     parser.add_argument("--restore", action="store_true")
     parser.add_argument("--infos", default="")
+    parser.add_argument("--checkpoint", default="")
     args = parser.parse_args(argv)
     socks = [socket.socket(fileno=int(fd)) for fd in args.fds.split(",") if fd]
     signal.signal(signal.SIGUSR1, _nudged)  # (before the tool can write its pid anywhere)
@@ -291,11 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     # Either way the decisions are recorded now: they are carried to the
     # destination (``migsgx recover``'s logic), so that its loaded copy runs or
     # goes; after an abort, once the source runs again.
-    if not all([_abort(s) for s in socks]):
+    if not all([abort_enclave(s) for s in socks]):
         _log("the tool died after the enclaves committed: the destination rolls forward")
         redeliver = _redeliverer(socks, notes)
         for path in journals:
             _recover(Path(path), redeliver)
+        if args.checkpoint:
+            _resolve_checkpoint(Path(args.checkpoint), aborted=False)
         return 0
     _log("the tool died before the commit point: resuming the source")
     # Post-copy: the tool's CRIU still holds the tree (it may wait for a page
@@ -310,10 +279,32 @@ def main(argv: list[str] | None = None) -> int:
                 unlock(Path(path))  # a container's own address answers again
             except MigSGXError as exc:
                 _log(f"could not unlock the source's network: {exc}")
-        return _resume_source(args.app_pid, args.app_name, socks, fenced, frozen)
+        return resume_source(args.app_pid, args.app_name, socks, fenced, frozen, _log)
     finally:
         for path in journals:
             _recover(Path(path))
+        if args.checkpoint:
+            _resolve_checkpoint(Path(args.checkpoint), aborted=True)
+
+
+def _resolve_checkpoint(directory: Path, *, aborted: bool) -> None:
+    """``migsgx recover --checkpoint`` for this checkpoint, once the tool died.
+
+    ``aborted``: every enclave answered this guardian's abort, so nothing was
+    committed (no gate needs reading).  Otherwise the gates decide, read through
+    this host's platform socket (``$MIGSGX_PLATFORM_SOCKET`` or the default).
+    """
+
+    from ..host.client import platform_socket  # lazy: the guardian starts fast
+    from .ckpt_recover import resolve_checkpoint
+
+    try:
+        sock = None if aborted else platform_socket(None)
+        result = resolve_checkpoint(directory, sock, aborted=aborted)
+    except (MigSGXError, OSError, ValueError) as exc:
+        _log(f"checkpoint {directory}: {exc}; run migsgx recover --checkpoint")
+        return
+    _log(f"checkpoint {directory}: {result.decision} -> {result.outcome} {result.detail}")
 
 
 def _finish_restore(pid: int, socks: list[socket.socket], infos: bytes) -> int:
@@ -329,7 +320,7 @@ def _finish_restore(pid: int, socks: list[socket.socket], infos: bytes) -> int:
     for sock in socks:
         # Each claims its checkpoint id once: an enclave the tool activated
         # already answers with an error and runs on.
-        _call(sock, "__ckpt_activate", [])
+        call_enclave(sock, "__ckpt_activate", [])
     try:
         continue_tree(pid)
     except MigSGXError as exc:
@@ -351,42 +342,6 @@ def _finish_restore(pid: int, socks: list[socket.socket], infos: bytes) -> int:
                 _log(f"could not attach the enclaves to {pid}: {exc}")
                 return 1
             time.sleep(0.1)
-
-
-def _resume_source(
-    app_pid: int,
-    app_name: str,
-    socks: list[socket.socket],
-    fenced: list[int],
-    frozen: list[str],
-) -> int:
-    for pid in fenced:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
-    for control in frozen:
-        try:
-            thaw_file(control)
-        except MigSGXError as exc:
-            _log(f"could not thaw the source: {exc}")
-    if not os.path.exists(f"/proc/{app_pid}"):
-        _log("the application is gone: its enclaves end with it")
-        return 0
-    link = AppLink(app_pid, app_name, timeout=10)
-    deadline = time.monotonic() + RESUME_WAIT
-    while True:
-        try:
-            if socks:
-                link.resume(socks)
-            return 0
-        except MigSGXError as exc:
-            # CRIU may still hold the tree frozen for a moment; the app answers once it runs.
-            if time.monotonic() > deadline:
-                _log(f"could not hand the enclaves back: {exc}")
-                return 1
-            time.sleep(0.1)
-            for pid in fenced:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ from .gate import ListenerGate
 
 log = logging.getLogger("migsgx.containers")
 
-__all__ = ["kill_frozen", "own_netns_path", "resume_frozen", "write_criu_config"]
+__all__ = [
+    "kill_frozen",
+    "own_netns_path",
+    "resume_frozen",
+    "stop_if_cancelled",
+    "write_criu_config",
+]
 
 
 def own_netns_path() -> Path:
@@ -73,6 +79,21 @@ def write_criu_config(path: Path, *, tcp_close: bool, tcp_established: bool = Fa
     path.write_text("\n".join(lines) + "\n")
 
 
+def stop_if_cancelled(plan: DumpPlan) -> None:
+    """Raise if the migration failed meanwhile (an enclave stream): the dump stops here.
+
+    The engines' own checkpoint command (``runc checkpoint``, ``podman container
+    checkpoint``) runs CRIU itself, which cannot be stopped safely from outside
+    while its parasite code is inside the tasks; the dump is cut at every step
+    between (before the freeze, after the engine's command, per file of the
+    root file system's archive, before the images go out), so the source thaws
+    at the next of them instead of after the whole dump.
+    """
+
+    if plan.cancel is not None:
+        plan.cancel.check()
+
+
 def dump_frozen(
     source: Source,
     plan: DumpPlan,
@@ -122,10 +143,12 @@ def _dump_frozen(
     plan.note(f"thaw {freezer.control}")
     finished = False
     try:
+        stop_if_cancelled(plan)  # an enclave stream failed already: nothing to freeze for
         freezer.freeze()
         checkpoint()
         if freezer.state() != "FROZEN":
             raise ContainerError(f"{source.label} was thawed during its checkpoint")
+        stop_if_cancelled(plan)
         on_dumped()
         finished = True
     finally:

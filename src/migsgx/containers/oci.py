@@ -24,7 +24,7 @@ import os
 import posixpath
 import stat
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -217,13 +217,25 @@ def joined_host_netns(spec: Mapping[str, Any]) -> bool:
 
 
 # --- root file systems ---------------------------------------------------------------------
-def tar_tree(root: Path, out: Path, *, limit: int = MAX_TREE_BYTES) -> int:
-    """Write the tree under ``root`` (not following links, one file system) as a tar."""
+def tar_tree(
+    root: Path,
+    out: Path,
+    *,
+    limit: int = MAX_TREE_BYTES,
+    stop: Callable[[], None] | None = None,
+) -> int:
+    """Write the tree under ``root`` (not following links, one file system) as a tar.
+
+    ``stop`` is called before each file and may raise to end the archive early
+    (a migration that failed meanwhile: its source must run again).
+    """
 
     root_dev = root.stat().st_dev
     total = 0
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
         for path in _walk(root, root_dev):
+            if stop is not None:
+                stop()
             rel = path.relative_to(root).as_posix()
             info = tar.gettarinfo(str(path), arcname=rel)
             if info.isfile():

@@ -55,7 +55,7 @@ from .base import (
     check_name,
 )
 from .command import bring_lo_up
-from .frozen import dump_frozen, own_netns_path, write_criu_config
+from .frozen import dump_frozen, own_netns_path, stop_if_cancelled, write_criu_config
 from .image_admission import admit_images
 from .oci import (
     Localization,
@@ -131,8 +131,12 @@ class RuncDriver:
         tcp = plan.tcp_close or plan.tcp_keep
 
         def copy_files() -> None:
+            stop_if_cancelled(plan)
             shutil.copyfile(source.private["bundle"] / "config.json", plan.images / RUNC_CONFIG)
-            tar_tree(source.private["rootfs"], plan.images / RUNC_ROOTFS)
+            tar_tree(
+                source.private["rootfs"], plan.images / RUNC_ROOTFS,
+                stop=lambda: stop_if_cancelled(plan),
+            )  # fmt: skip
 
         def checkpoint() -> None:
             self.runc.checkpoint(

@@ -38,7 +38,7 @@ from ..criu import log_excerpt
 from ..errors import MigSGXError
 from .base import ContainerError, DumpPlan, Source
 from .cgroups import Freezer
-from .frozen import kill_frozen, resume_frozen
+from .frozen import kill_frozen, resume_frozen, stop_if_cancelled
 from .gate import ListenerGate
 from .postcopy import check_pipe_max_size
 
@@ -215,6 +215,7 @@ def _dump_lazy(
     running: LazyCheckpoint | None = None
     handed = False
     try:
+        stop_if_cancelled(plan)  # an enclave stream failed already: nothing to freeze for
         freezer.freeze()
         running = start()
         plan.note("criu " + " ".join(map(str, running.pids())))

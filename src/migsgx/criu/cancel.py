@@ -24,22 +24,18 @@ the network and resumes them.  Two ways lead there, both used by
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import logging
 import os
 import socket
 import threading
-from typing import Final
 
+from migsgx._fds import take_descriptor
 from migsgx.errors import CriuError
 
 __all__ = ["DumpCancel"]
 
 log = logging.getLogger("migsgx.criu")
-
-_SYS_PIDFD_GETFD: Final = 438  # the same number on every architecture since Linux 5.6
-
 
 class DumpCancel:
     """A one-shot cancel for one dump, triggered from any thread."""
@@ -118,32 +114,25 @@ def _same_peer(peer: tuple[str, int], server: tuple[str, int]) -> bool:
 def _shut_down_peer(pid: int, server: tuple[str, int]) -> int:
     """Shut down every TCP connection of process ``pid`` to ``server``; how many."""
 
-    pidfd = os.pidfd_open(pid)
     count = 0
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        for entry in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if not os.readlink(f"/proc/{pid}/fd/{entry}").startswith("socket:"):
-                    continue
-            except OSError:
-                continue  # closed meanwhile
-            got = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(entry), 0))
-            if got < 0:
+    os.close(os.pidfd_open(pid))  # (CRIU ended: ProcessLookupError, an OSError)
+    for entry in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{entry}").startswith("socket:"):
                 continue
-            sock = socket.socket(fileno=got)
-            try:
-                if sock.family not in (socket.AF_INET, socket.AF_INET6):
-                    continue
-                if sock.type != socket.SOCK_STREAM:
-                    continue
-                with contextlib.suppress(OSError):
-                    if _same_peer(sock.getpeername(), server):
-                        # The socket is shared with CRIU: its next send or receive fails.
-                        sock.shutdown(socket.SHUT_RDWR)
-                        count += 1
-            finally:
-                sock.close()
-    finally:
-        os.close(pidfd)
+            sock = take_descriptor(pid, int(entry))
+        except OSError:
+            continue  # closed meanwhile
+        try:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            if sock.type != socket.SOCK_STREAM:
+                continue
+            with contextlib.suppress(OSError):
+                if _same_peer(sock.getpeername(), server):
+                    # The socket is shared with CRIU: its next send or receive fails.
+                    sock.shutdown(socket.SHUT_RDWR)
+                    count += 1
+        finally:
+            sock.close()
     return count

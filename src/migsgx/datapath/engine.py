@@ -171,6 +171,28 @@ class EnclaveLink:
             raise error_from_wire(msg["code"], msg["message"])
 
 
+    def hold(self) -> int:
+        """Give the enclave a duplicate of our end of this connection (``__mig_hold``).
+
+        From then on our death (and that of every other holder) is no end of
+        file for the enclave: it keeps its state until someone takes the
+        duplicate back from it (root, ``pidfd_getfd``) or it aborts.  Returns
+        the duplicate's descriptor number in the enclave process.
+        """
+
+        from ..channel import ECALL, ECALL_FRAME_MAX
+
+        with self._lock:
+            self._ids += 1
+            call_id = self._ids
+            send_frame(self.sock, {"t": "ecall", "id": call_id, "fn": "__mig_hold", "args": []})
+            socket.send_fds(self.sock, [b"H"], [self.sock.fileno()])
+            msg = recv_frame(self.sock, ECALL, max_size=ECALL_FRAME_MAX)
+        if msg["t"] == "err":
+            raise error_from_wire(msg["code"], msg["message"])
+        return int(msg["value"])
+
+
 class _Worker:
     """A thread whose exception is re-raised by :meth:`join`.
 

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import os
 import queue
+import select
 import socket
 import sys
 import threading
@@ -244,6 +245,10 @@ class AppChannel:
         self._local = threading.local()
         self.instance: EnclaveInstance | None = None
         self.migrator: Migrator | None = None
+        #: A duplicate of the driver's end of this connection (``__mig_hold``): while
+        #: it is held, the driver's death is no end of file, so a source whose
+        #: checkpoint tool and guardian both died keeps its state for recovery.
+        self._held: socket.socket | None = None
 
     def send(self, msg: dict[str, Any]) -> None:
         with self._send_lock:
@@ -317,6 +322,8 @@ class AppChannel:
                 "message": f"{name} failed inside the enclave: {type(exc).__name__}",
             }
         self._reply(reply, name)
+        if name == "__mig_abort":
+            self._drop_held()  # the migration ended: the driver's death ends us again
         if self.migrator.exit_after_reply:
             # The state has moved: hang up, the serve loop ends and the process exits.
             with contextlib.suppress(OSError):
@@ -354,6 +361,9 @@ class AppChannel:
                             {"t": "err", "id": call_id, "code": exc.code, "message": exc.message}
                         )
                     continue
+                if name == "__mig_hold":
+                    self._hold(call_id)
+                    continue
                 if name == "__mig_ring":
                     # The descriptors follow the frame on the socket: take them now.
                     try:
@@ -389,6 +399,37 @@ class AppChannel:
             else:
                 log(f"unexpected frame {kind!r}")
                 return "protocol error"
+
+    def _hold(self, call_id: int) -> None:
+        """Keep the descriptor that follows the frame: the driver's end of this connection.
+
+        The answer is its number in this process, which a recovering root process
+        (``migsgx recover --checkpoint``) takes a duplicate of (``pidfd_getfd``)
+        to abort the checkpoint and hand this enclave back to its application.
+        The driver is untrusted either way: it could as well keep the connection
+        open itself, and this process never reads the descriptor.
+        """
+
+        try:
+            ready, _, _ = select.select([self.sock], [], [], 10.0)
+            if not ready:
+                raise ProtocolError("no descriptor followed __mig_hold")
+            _, fds, _, _ = socket.recv_fds(self.sock, 1, 1)
+            if len(fds) != 1:
+                raise ProtocolError("__mig_hold carries one descriptor")
+            held = socket.socket(fileno=fds[0])
+            self._drop_held()
+            self._held = held
+            self.send({"t": "ret", "id": call_id, "value": held.fileno()})
+        except (MigSGXError, OSError) as exc:
+            err = exc if isinstance(exc, MigSGXError) else ProtocolError(f"__mig_hold: {exc}")
+            self.send({"t": "err", "id": call_id, "code": err.code, "message": err.message})
+
+    def _drop_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            with contextlib.suppress(OSError):
+                held.close()
 
     def fail_waiters(self) -> None:
         with self._waiters_lock:

@@ -13,7 +13,6 @@ back to the service, bound to the identity the service measured.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import os
 import signal
@@ -28,6 +27,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from .._fds import take_descriptor
 from ..channel import IMAGE_FRAME_MAX, LAUNCH, PLATFORM
 from ..errors import ConnectionClosedError, LaunchError, MigSGXError, ProtocolError
 from ..wire import recv_frame, send_frame
@@ -390,7 +390,7 @@ class PlatformService:
                 if pid in self.enclaves:
                     continue
             try:
-                sock = _take_descriptor(pid, peer_fd)
+                sock = take_descriptor(pid, peer_fd)
             except OSError:
                 continue  # gone, or not ours to take
             threading.Thread(
@@ -494,21 +494,3 @@ def _enclaves_of(tag: str) -> list[tuple[int, int]]:
             continue
         found.append((int(entry.name), peer))
     return found
-
-
-_SYS_PIDFD_GETFD = 438  # the same number on every architecture since Linux 5.6
-
-
-def _take_descriptor(pid: int, fd: int) -> socket.socket:
-    """A duplicate of descriptor ``fd`` of process ``pid`` (``pidfd_getfd``: root only)."""
-
-    pidfd = os.pidfd_open(pid)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        got = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0))
-        if got < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(pidfd)
-    return socket.socket(fileno=got)

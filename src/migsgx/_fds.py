@@ -1,0 +1,35 @@
+"""Descriptors taken from another process (``pidfd_getfd``), for recovery after a crash.
+
+A process that holds the only other reference to a connection can hand it on
+after the holder died: root (``CAP_SYS_PTRACE``) takes a duplicate of its
+descriptor.  The platform service does so to serve the enclaves of an earlier
+service again; ``migsgx recover --checkpoint`` to reach a source enclave whose
+checkpoint tool and guardian both died (the enclave holds a duplicate of its
+own driver end for that, ``docs/spec/checkpoint.md``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+from typing import Final
+
+__all__ = ["take_descriptor"]
+
+_SYS_PIDFD_GETFD: Final = 438  # the same number on every architecture since Linux 5.6
+
+
+def take_descriptor(pid: int, fd: int) -> socket.socket:
+    """A duplicate of descriptor ``fd`` of process ``pid`` (``pidfd_getfd``: root only)."""
+
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        got = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0))
+        if got < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(pidfd)
+    return socket.socket(fileno=got)

@@ -1,0 +1,114 @@
+"""Handing a source's enclaves back to it, after the party that held them died.
+
+The checkpoint or migration tool holds the application's enclave connections
+from ``prepare`` on.  When it dies before the commit, whoever then holds them
+(its guardian, :mod:`.guardian`, or ``migsgx recover --checkpoint``, which
+takes them back from the enclaves themselves, :mod:`.ckpt_recover`) asks every
+enclave to abort and hands the connections back to the application.  One
+implementation for both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Final
+
+from ..channel import ECALL, ECALL_FRAME_MAX
+from ..containers.cgroups import thaw_file
+from ..errors import MigSGXError
+from ..wire import recv_frame, send_frame
+from .applink import AppLink
+
+__all__ = ["abort_enclave", "call_enclave", "resume_source"]
+
+#: Call ids far from the tool's (its link counts from 2**40), so that a late
+#: answer to a call of the dead tool is never taken for the guardian's.
+_CALL_ID: Final = (1 << 52) + 7
+ABORT_TIMEOUT: Final = 30.0
+RESUME_WAIT: Final = 60.0
+
+
+def _stderr(text: str) -> None:
+    sys.stderr.write(f"migsgx[{os.getpid()}]: {text}\n")
+    sys.stderr.flush()
+
+
+def call_enclave(sock: socket.socket, fn: str, args: list[object]) -> dict[str, object] | None:
+    """One runtime call on a connection the tool held; None if the enclave is gone."""
+
+    sock.settimeout(ABORT_TIMEOUT)
+    try:
+        send_frame(
+            sock, {"t": "ecall", "id": _CALL_ID, "fn": fn, "args": args}, max_size=ECALL_FRAME_MAX
+        )
+        while True:
+            msg = recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX)
+            if msg.get("id") == _CALL_ID:
+                return msg
+    except (MigSGXError, OSError):
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(None)
+
+
+def abort_enclave(sock: socket.socket) -> bool:
+    """Ask the enclave to abort its migration; False if it committed (or is gone)."""
+
+    msg = call_enclave(sock, "__mig_abort", ["the tool died"])
+    if msg is None:
+        return False
+    if msg["t"] == "ret":
+        return True
+    # Not in a migration (the tool died before the transfer began): nothing to undo.
+    return msg["t"] == "err" and msg.get("code") != "committed"
+
+
+def resume_source(
+    app_pid: int,
+    app_name: str,
+    socks: list[socket.socket],
+    fenced: list[int],
+    frozen: list[str],
+    log: Callable[[str], None] = _stderr,
+) -> int:
+    """Continue the fenced (thaw the frozen) source and hand it its enclaves back.
+
+    Also what ``migsgx recover --checkpoint`` does for a source whose tool and
+    guardian both died before the commit.  Returns 0 once handed back (or
+    nothing to hand back), 1 if the application would not take them.
+    """
+
+    for pid in fenced:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    for control in frozen:
+        try:
+            thaw_file(control)
+        except MigSGXError as exc:
+            log(f"could not thaw the source: {exc}")
+    if not os.path.exists(f"/proc/{app_pid}"):
+        log("the application is gone: its enclaves end with it")
+        return 0
+    link = AppLink(app_pid, app_name, timeout=10)
+    deadline = time.monotonic() + RESUME_WAIT
+    while True:
+        try:
+            if socks:
+                link.resume(socks)
+            return 0
+        except MigSGXError as exc:
+            # CRIU may still hold the tree frozen for a moment; the app answers once it runs.
+            if time.monotonic() > deadline:
+                log(f"could not hand the enclaves back: {exc}")
+                return 1
+            time.sleep(0.1)
+            for pid in fenced:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
