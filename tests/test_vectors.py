@@ -201,16 +201,25 @@ def check_precopy(case: dict[str, Any]) -> None:
         memory[case["flip"]] ^= 1
     secret, mid = bytes.fromhex(case["stream_secret"]), bytes.fromhex(case["migration_id"])
     expect = case["expect"]["ok"]
-    info = b"migsgx/v2 memory digest"
+    info = b"migsgx/v3 memory digest"
     key = HKDF(hashes.SHA256(), 32, mid, info).derive(secret)
-    segment = 32 << 10
-    tags = b"".join(
+    segment, group = 32 << 10, 16
+    tags = [
         AESGCM(key).encrypt(i.to_bytes(12, "big"), b"", bytes(memory[start : start + segment]))
         for i, start in enumerate(range(0, len(memory), segment))
+    ]
+    groups = b"".join(
+        AESGCM(key).encrypt(((1 << 95) + j).to_bytes(12, "big"), b"", b"".join(tags[i : i + group]))
+        for j, i in enumerate(range(0, len(tags), group))
     )
-    head = bytes([2, 0, 0, 0]) + segment.to_bytes(4, "big") + len(memory).to_bytes(8, "big")
+    head = (
+        bytes([3, 0])
+        + group.to_bytes(2, "big")
+        + segment.to_bytes(4, "big")
+        + len(memory).to_bytes(8, "big")
+    )
     assert key.hex() == expect["key"]
-    assert (head + tags).hex() == expect["body"]
+    assert (head + groups).hex() == expect["body"]
     assert full_digest_body(key, bytes(memory)).hex() == expect["body"]
     assert [round_label(n) for n in (0, 1, 63)] + [REPAIR_LABEL] == expect["labels"]
 

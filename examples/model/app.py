@@ -1,13 +1,15 @@
 """The untrusted host program of the secret model: predictions over a TCP line protocol.
 
     python examples/model/app.py --image IMAGE_DIR --rows R --cols C [--seed S]
-        [--ordinary-mib M] [--platform-socket PATH] [--bind 0.0.0.0] [--port 0]
-        [--ready-file FILE]
+        [--ordinary-mib M] [--dirty-rate BYTES] [--platform-socket PATH]
+        [--bind 0.0.0.0] [--port 0] [--ready-file FILE]
 
 The enclave makes its secret weights itself (``generate(rows, cols, seed)``,
 rows x cols float32), so they never exist outside it.  ``--ordinary-mib``
 adds that much ordinary memory (a deterministic pattern) that CRIU moves with
-the process.  Requests, one per line:
+the process.  ``--dirty-rate`` keeps a thread changing that many bytes of
+random weight pages per second through ECALLs (``scribble``), as the live
+migration benchmark's workload does.  Requests, one per line:
 
     PING     -> PONG
     DIGEST   -> DIGEST enclave_digest ordinary_digest
@@ -23,6 +25,7 @@ import json
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +53,7 @@ def main() -> None:
     parser.add_argument("--cols", type=int, required=True)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--ordinary-mib", type=int, default=0)
+    parser.add_argument("--dirty-rate", type=int, default=0)
     parser.add_argument("--bind", default="0.0.0.0")  # noqa: S104 (inside a test namespace)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ready-file", type=Path, default=None)
@@ -61,6 +65,25 @@ def main() -> None:
     memory = ordinary_memory(args.ordinary_mib, args.seed + 1)
     lock = threading.Lock()
     served = [0]
+    scribbled = [0]
+
+    def scribble(rate: int) -> None:
+        """32 random pages per call, ``rate`` bytes of pages per second, never in a burst."""
+
+        period = 32 * 4096 / rate
+        next_at = time.monotonic()
+        while True:
+            model.ecall.scribble(32, scribbled[0])
+            scribbled[0] += 1
+            next_at += period
+            pause = next_at - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            else:
+                next_at = time.monotonic()  # behind (frozen, say): no catching up
+
+    if args.dirty_rate > 0:
+        threading.Thread(target=scribble, args=(args.dirty_rate,), daemon=True).start()
 
     def answer(line: str) -> str:
         cmd = line.strip().upper()
@@ -76,7 +99,7 @@ def main() -> None:
             return "PREDICT " + ",".join(f"{y:.6g}" for y in ys[:4])
         if cmd == "INFO":
             info = model.ecall.info()
-            info.update(served=served[0], ordinary_mib=args.ordinary_mib)
+            info.update(served=served[0], ordinary_mib=args.ordinary_mib, scribbled=scribbled[0])
             return "INFO " + json.dumps(info, sort_keys=True)
         return "ERR unknown request"
 

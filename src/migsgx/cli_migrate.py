@@ -519,8 +519,17 @@ def demo_command(workdir: Path | None, container: str | None, process: bool) -> 
 @click.option("--downtime-target", type=float, default=0.05, show_default=True,
               help="stop rule 'converged': seconds the last dirty set may take")  # fmt: skip
 @click.option("--max-rounds", type=int, default=30, show_default=True)
+@click.option("--settle", type=float, default=0.6, show_default=True,
+              help="stop rule 'converged' also waits for a round that took at least this "
+              "share of the one before (0: the first round under the target stops)")  # fmt: skip
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="draw the round-by-round picture into this PNG file")  # fmt: skip
+@click.option("--pid", is_flag=True,
+              help="also move the workload as a process with 'migrate --live' (enclave "
+              "pre-copy, then post-copy of the process; root, CRIU): downtime and the "
+              "window in which the destination depends on the source")  # fmt: skip
+@click.option("--ab-settle", is_flag=True,
+              help="A/B: each live run also with --settle 0, right after (paired)")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
 def bench_live(
     enclave_size: str,
@@ -528,26 +537,34 @@ def bench_live(
     repeat: int,
     downtime_target: float,
     max_rounds: int,
+    settle: float,
     plot: Path | None,
+    pid: bool,
+    ab_settle: bool,
     as_json: bool,
 ) -> None:
     """Downtime of live (pre-copy) against stop-and-copy migration, same workload."""
 
     from .core.rounds import StopRules
-    from .lab.bench.live import run
+    from .lab.bench.live import run, run_sizes
+    from .lab.bench.live_figures import size_ratio
 
     try:
-        rules = StopRules(downtime_target=downtime_target, max_rounds=max_rounds)
+        rules = StopRules(downtime_target=downtime_target, max_rounds=max_rounds, settle=settle)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     sizes = [parse_size(part) for part in enclave_size.split(",")]
     if plot is not None and len(sizes) > 1:
         raise ConfigError("--plot draws one enclave size")
     progress = None if as_json else (lambda line: click.echo(line, err=True))
-    results = []
-    for size in sizes:
-        result = run(size, parse_size(dirty_rate), repeat, rules=rules, progress=progress)
-        results.append(result)
+    if len(sizes) == 1:
+        results = [run(sizes[0], parse_size(dirty_rate), repeat, rules=rules, progress=progress,
+                       pid=pid, ab_settle=ab_settle)]  # fmt: skip
+    else:
+        # Several sizes: interleaved in one set of hosts, so their ratio is paired.
+        results = run_sizes(sizes, parse_size(dirty_rate), repeat, rules=rules,
+                            progress=progress, pid=pid, ab_settle=ab_settle)  # fmt: skip
+    for result in results:
         if plot is not None:
             from .lab.bench.live_plot import draw
 
@@ -555,8 +572,8 @@ def bench_live(
         if not as_json:
             sc, lv = result["stop_and_copy"], result["live"]
             click.echo(
-                f"{size >> 20} MiB downtime: stop-and-copy {sc['downtime_seconds']:.3f} s, "
-                f"live {lv['downtime_seconds']:.3f} s "
+                f"{result['enclave_bytes'] >> 20} MiB downtime: stop-and-copy "
+                f"{sc['downtime_seconds']:.3f} s, live {lv['downtime_seconds']:.3f} s "
                 f"({result['live_over_stop_and_copy_downtime']:.3f}x), "
                 f"live rounds {lv.get('rounds', 0)}, bytes/size {lv['bytes_over_size']:.2f}",
                 err=True,
@@ -564,7 +581,8 @@ def bench_live(
     if len(results) == 1:
         _emit(results[0])
         return
-    # Several sizes: one object; how the live downtime grows from the smallest to the largest.
+    # How the live downtime grows from the smallest size to the largest: the
+    # medians' ratio, and the median of the ratios of runs made back to back.
     small = min(results, key=lambda r: r["enclave_bytes"])
     large = max(results, key=lambda r: r["enclave_bytes"])
     base = small["live"]["downtime_seconds"]
@@ -574,6 +592,7 @@ def bench_live(
             "live_downtime_largest_over_smallest": (
                 large["live"]["downtime_seconds"] / base if base else None
             ),
+            "live_downtime_largest_over_smallest_paired": size_ratio(results),
         }
     )
 
@@ -619,7 +638,10 @@ def _live_options(opts: Any, console: Any, downtime_target: float, max_rounds: i
                 highlight=False,
             )
             return
-        estimate = r["pages"] * 4096 / max(r["bandwidth_bytes_per_second"], 1)
+        # The driver's estimate (the stop rule's): the final transfer with the digest check.
+        estimate = r.get("estimated_downtime_seconds")
+        if estimate is None:
+            estimate = r["pages"] * 4096 / max(r["bandwidth_bytes_per_second"], 1)
         console.print(
             f"enclave {index} round {r['round']}: {r['pages']} pages "
             f"({r['bytes'] / (1 << 20):.1f} MiB in {r['seconds']:.3f} s), "

@@ -32,7 +32,7 @@ from state_helpers import (  # noqa: E402
     wait_gone,
 )
 
-from migsgx.core.rounds import StopRules  # noqa: E402
+from migsgx.core.rounds import GROUP, StopRules  # noqa: E402
 from migsgx.datapath.live import FALLBACK, LiveOutgoingEnclave  # noqa: E402
 from migsgx.enclave.dirty import FAULT_ENV  # noqa: E402
 from migsgx.errors import MigrationError, MigSGXError, StreamError  # noqa: E402
@@ -205,9 +205,9 @@ def test_hidden_dirty_page_is_repaired_never_a_silent_difference(
             close_hard(peer)
         destination.join()
         assert destination.active, repr(destination.error)
-        # The destination found page 2's segment different; the source sent it again.
-        assert final["repair"]["segments"] == 1, final["repair"]
-        assert final["destination"]["repair"]["segments"] == 1
+        # The destination found page 2's group different; the source sent its segments again.
+        assert final["repair"]["segments"] == GROUP, final["repair"]
+        assert final["destination"]["repair"]["segments"] == GROUP
         assert destination.enclave_sock is not None
         client.reattach(destination.enclave_sock)
         launch.track(destination.pid)

@@ -43,6 +43,20 @@ def test_finds_exactly_the_written_pages_and_rearms(memory: EnclaveMemory) -> No
         assert tracker.collect() == written[:5]
 
 
+def test_a_scan_with_a_limit_leaves_pages_beyond_it_for_a_later_scan(
+    memory: EnclaveMemory,
+) -> None:
+    with open_tracker(memory.address, memory.size) as tracker:
+        _touch(memory, [3, 200, 201])
+        assert tracker.collect(limit=200 * PAGE_SIZE) == [3]
+        _touch(memory, [3])
+        # The used memory grew over 200 and 201: their writes were kept, not lost.
+        assert tracker.collect(limit=300 * PAGE_SIZE) == [3, 200, 201]
+        assert tracker.collect() == []
+        with pytest.raises(ValueError):
+            tracker.collect(limit=PAGE_SIZE + 1)
+
+
 def test_reading_does_not_count_as_writing(memory: EnclaveMemory) -> None:
     with open_tracker(memory.address, memory.size) as tracker:
         _touch(memory, [0, 1, 2])

@@ -17,10 +17,12 @@ import pytest
 
 from migsgx.core.policy import EnclaveIdentity
 from migsgx.core.rounds import (
+    GROUP,
     MAX_ROUNDS,
     SEGMENT,
     SegmentTags,
     StopRules,
+    digest_body_size,
     digest_key,
     full_digest_body,
     parse_digest_body,
@@ -247,7 +249,9 @@ def test_hidden_write_in_a_middle_round_is_caught(
     pair.round()  # the source's tag of page 40's segment is recomputed here
     with pytest.raises(MemoryDigestError):
         pair.final()
-    assert pair.into.differing == [40 * PAGE_SIZE // SEGMENT]
+    # Page 40's segment differs; the group tag names every segment of its group.
+    assert 40 * PAGE_SIZE // SEGMENT in pair.into.differing
+    assert pair.into.differing == list(range(GROUP))
 
 
 def hide(pair: Pair, monkeypatch: pytest.MonkeyPatch, page: int) -> None:
@@ -263,9 +267,9 @@ def test_repair_resends_the_differing_segments_once(
     pair.round()
     pair.write([8, 9, 200], 4)  # the tracker reports 8 and 200
     figures = pair.final_and_repair()
-    assert figures["final"]["repair"] == [9 * PAGE_SIZE // SEGMENT]
-    assert figures["repair"]["segments"] == 1
-    assert figures["repair"]["pages"] == SEGMENT // PAGE_SIZE
+    assert figures["final"]["repair"] == list(range(GROUP))  # page 9's group
+    assert figures["repair"]["segments"] == GROUP
+    assert figures["repair"]["pages"] == GROUP * SEGMENT // PAGE_SIZE
     assert pair.same()
     with pytest.raises(ProtocolError):  # one repair round, on both sides
         repair_dump(pair.out, [1], CHUNK)
@@ -282,10 +286,11 @@ def test_repair_that_leaves_a_difference_is_refused(
     pair.round()  # page 9 hidden from this round's report
     pair.out.tracker._hide = 300  # the OS hides another page now
     pair.write([300], 5)
-    # Two segments differ; the untrusted side relays only the first.
+    # Two groups differ; the untrusted side relays only the first one's segments.
     with pytest.raises(MemoryDigestError):
-        pair.final_and_repair(ask=lambda named: named[:1])
-    assert pair.into.differing == [300 * PAGE_SIZE // SEGMENT]
+        pair.final_and_repair(ask=lambda named: named[:GROUP])
+    group = 300 * PAGE_SIZE // SEGMENT // GROUP
+    assert pair.into.differing == list(range(group * GROUP, (group + 1) * GROUP))
 
 
 def test_repair_with_pages_of_segments_not_named_is_refused(
@@ -295,7 +300,7 @@ def test_repair_with_pages_of_segments_not_named_is_refused(
     pair.round()
     pair.write([9], 4)
     with pytest.raises(StreamError):
-        pair.final_and_repair(ask=lambda named: [named[0] + 1])
+        pair.final_and_repair(ask=lambda named: [named[-1] + 1])
 
 
 @pytest.mark.parametrize("segments", [[], [2, 1], [1, 1], [-1], [USED // SEGMENT], [True]])
@@ -322,6 +327,30 @@ def test_kept_tags_give_the_digest_of_the_final_memory() -> None:
         body = tags.body(view, USED)
         assert body == full_digest_body(KEY, view[:USED])
         assert parse_digest_body(body)[0] == USED
+    finally:
+        view.release()
+        memory.wipe()
+
+
+def test_the_digest_section_is_one_tag_per_group_and_kept_groups_are_not_recomputed() -> None:
+    assert digest_body_size(4 << 30) == 16 + 16 * (4 << 30) // (GROUP * SEGMENT)  # 128 KiB
+    memory = EnclaveMemory(SIZE)
+    memory.allocate("heap", USED)
+    tags = SegmentTags(KEY, SIZE)
+    view = memory.view()
+    try:
+        first = tags.body(view, USED)
+        read = tags.hashed_bytes
+        view[300 * PAGE_SIZE] = 9
+        tags.forget_pages([300])
+        second = tags.body(view, USED)
+        assert tags.hashed_bytes - read == SEGMENT  # one segment read again
+        theirs = parse_digest_body(first)[1]
+        assert parse_digest_body(second)[1] != theirs
+        group = 300 * PAGE_SIZE // SEGMENT // GROUP
+        # Only the written page's group differs, and it names all of its segments.
+        assert tags.differing(view, USED, theirs) == list(range(group * GROUP, (group + 1) * GROUP))
+        assert second == full_digest_body(KEY, view[:USED])
     finally:
         view.release()
         memory.wipe()
@@ -394,12 +423,28 @@ def test_stop_rules_each_named() -> None:
     big = r(10_000, 0.5)  # 80 MiB/s
     assert rules.decide([], 0, 1 << 30) is None
     assert rules.decide([big], 0, 1 << 30) is None
-    assert rules.decide([big, r(100)], 0, 1 << 30) == "converged"  # 5 ms at 80 MiB/s
+    assert rules.decide([big, r(100, 0.3)], 0, 1 << 30) == "converged"  # 5 ms at 80 MiB/s
     assert rules.decide([big, r(900), r(950), r(990)], 0, 1 << 30) == "no-convergence"
     assert rules.decide([big, r(900), r(800)], 6.0, 1 << 30) == "max-seconds"
     assert rules.decide([big] + [r(900 - i) for i in range(9)], 0, 1 << 30) == "max-rounds"
     assert rules.decide([big, r(900)], 0, 20_000_000) == "max-bytes"
     assert rules.decide([big, r(900), r(800)], 0, 1 << 30) is None
+
+
+def test_converged_waits_until_the_rounds_settle() -> None:
+    rules = StopRules(downtime_target=0.01, settle=0.6)
+    big = r(10_000, 0.5)
+    # Under the target, but the last round was much shorter than the one before:
+    # another round shrinks what the final transfer carries.
+    assert rules.decide([big, r(100, 0.1)], 0, 1 << 30) is None
+    assert rules.decide([big, r(100, 0.1), r(40, 0.05)], 0, 1 << 30) is None
+    assert rules.decide([big, r(100, 0.1), r(40, 0.05), r(35, 0.04)], 0, 1 << 30) == "converged"
+    # Nothing written: nothing to wait for.
+    assert rules.decide([big, r(0, 0.001)], 0, 1 << 30) == "converged"
+    # settle=0: the first round under the target stops.
+    assert StopRules(downtime_target=0.01, settle=0).decide([big, r(100, 0.1)], 0, 1 << 30) == (
+        "converged"
+    )
 
 
 def test_stop_rules_estimate_uses_the_measured_bandwidth() -> None:
@@ -418,7 +463,13 @@ def test_stop_rules_estimate_counts_the_digest_check_after_the_freeze() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"max_rounds": 0}, {"max_rounds": MAX_ROUNDS + 1}, {"stall_rounds": 0}, {"max_seconds": 0}],
+    [
+        {"max_rounds": 0},
+        {"max_rounds": MAX_ROUNDS + 1},
+        {"stall_rounds": 0},
+        {"max_seconds": 0},
+        {"settle": 1.5},
+    ],
 )
 def test_stop_rules_refuse_nonsense(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):

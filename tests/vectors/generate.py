@@ -563,6 +563,8 @@ def precopy_cases() -> list[dict[str, Any]]:
     digest("empty", {"hex": ""})
     segments = {"generator": "sha256-counter", "seed": "segments", "length": (96 << 10) + 4096}
     digest("four-segments-last-partial", segments)
+    groups = {"generator": "sha256-counter", "seed": "groups", "length": (16 + 2) * (32 << 10)}
+    digest("eighteen-segments-two-groups", groups)
     return cases
 
 

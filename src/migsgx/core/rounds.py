@@ -26,6 +26,7 @@ __all__ = [
     "DIGEST_LABEL",
     "DIGEST_VERSION",
     "FINAL_SECTIONS",
+    "GROUP",
     "MAX_ROUNDS",
     "PAGE",
     "REPAIR_LABEL",
@@ -35,6 +36,7 @@ __all__ = [
     "digest_body_size",
     "digest_key",
     "full_digest_body",
+    "groups_of",
     "parse_digest_body",
     "round_label",
     "segment_tag",
@@ -44,14 +46,18 @@ PAGE: Final = 4096
 MAX_ROUNDS: Final = 64
 SEGMENT: Final = 32 << 10
 PAGES_PER_SEGMENT: Final = SEGMENT // PAGE
+GROUP: Final = 16
+"""Segments per group: the digest section carries one tag per group (512 KiB of memory)."""
 TAG: Final = 16
-DIGEST_VERSION: Final = 2
+DIGEST_VERSION: Final = 3
 DIGEST_LABEL: Final = "memory-digest"
 REPAIR_LABEL: Final = "repair/memory"
 FINAL_SECTIONS: Final = ("state", "memory", "persistent", DIGEST_LABEL)
-DIGEST_INFO: Final = b"migsgx/v2 memory digest"
-DIGEST_HEADER: Final = struct.Struct(">B3xIQ")
-"""The ``memory-digest`` section's head: version, segment size, used length; the tags follow."""
+DIGEST_INFO: Final = b"migsgx/v3 memory digest"
+DIGEST_HEADER: Final = struct.Struct(">BxHIQ")
+"""The ``memory-digest`` section's head: version, segments per group, segment size, used
+length; the group tags follow."""
+_GROUP_NONCE: Final = 1 << 95  # group tags' nonces, apart from the segments' (u96be(i))
 
 
 def round_label(number: int) -> str:
@@ -80,19 +86,25 @@ def segments_of(length: int) -> int:
     return -(-length // SEGMENT)
 
 
+def groups_of(length: int) -> int:
+    """How many group tags the digest of ``length`` bytes of used memory carries."""
+
+    return -(-segments_of(length) // GROUP)
+
+
 def digest_body_size(length: int) -> int:
     """Bytes of the ``memory-digest`` section for ``length`` bytes of used memory."""
 
-    return DIGEST_HEADER.size + TAG * segments_of(length)
+    return DIGEST_HEADER.size + TAG * groups_of(length)
 
 
 def parse_digest_body(body: bytes) -> tuple[int, bytes]:
-    """(used length, tags) from a ``memory-digest`` section; ``ValueError`` if malformed."""
+    """(used length, group tags) from a ``memory-digest`` section; ``ValueError`` if malformed."""
 
     if len(body) < DIGEST_HEADER.size:
         raise ValueError("short memory digest")
-    version, segment, length = DIGEST_HEADER.unpack_from(body)
-    if version != DIGEST_VERSION or segment != SEGMENT or body[1:4] != bytes(3):
+    version, group, segment, length = DIGEST_HEADER.unpack_from(body)
+    if version != DIGEST_VERSION or group != GROUP or segment != SEGMENT or body[1] != 0:
         raise ValueError("memory digest of another version")
     if len(body) != digest_body_size(length):
         raise ValueError("memory digest of the wrong size")
@@ -107,7 +119,7 @@ def full_digest_body(key: bytes, memory: memoryview | bytes) -> bytes:
 
 
 class SegmentTags:
-    """The digest tags of one memory's segments as they are now, kept across rounds.
+    """The digest tags of one memory's segments and groups as they are now, kept across rounds.
 
     A tag is *valid* while nothing may have changed its segment since it was
     computed; whoever changes memory (or learns that it changed) calls
@@ -116,9 +128,11 @@ class SegmentTags:
     by the pages it applies.  On the source, the enclave's own write log says
     which segments were written since the previous scan; a tag computed after
     scan ``k`` stays valid only if scan ``k + 1`` and every later one leave its
-    segment out (``docs/spec/precopy.md``, section 3.2).  A last, partial
-    segment is never kept: the used length may grow.  Sans-I/O: memory is a
-    view handed in.
+    segment out (``docs/spec/precopy.md``, section 3.2).  A group's tag (over
+    its segments' tags) is valid while all of its segments' are, so the
+    section that travels, one tag per group, costs what was written, not the
+    memory's size.  A last, partial segment or group is never kept: the used
+    length may grow.  Sans-I/O: memory is a view handed in.
     """
 
     def __init__(self, key: bytes, size: int) -> None:
@@ -126,8 +140,11 @@ class SegmentTags:
             raise ValueError("a memory of at least one byte")
         self._aead = AESGCM(key)
         self.count = segments_of(size)
+        self.group_count = groups_of(size)
         self._tags = bytearray(TAG * self.count)
         self._valid = np.zeros(self.count, dtype=np.bool_)
+        self._groups = bytearray(TAG * self.group_count)
+        self._group_valid = np.zeros(self.group_count, dtype=np.bool_)
         self.hashed_bytes = 0  # what refresh() read, for the figures
 
     def forget_pages(self, pages: Sequence[int] | npt.NDArray[np.int64]) -> int:
@@ -138,6 +155,7 @@ class SegmentTags:
         index = np.unique(np.asarray(pages, dtype=np.int64) // PAGES_PER_SEGMENT)
         index = index[(index >= 0) & (index < self.count)]
         self._valid[index] = False
+        self._group_valid[index // GROUP] = False
         return int(index.size)
 
     def forget_runs(self, runs: Sequence[tuple[int, int]]) -> None:
@@ -147,9 +165,11 @@ class SegmentTags:
             if n > 0:
                 low, high = first // PAGES_PER_SEGMENT, (first + n - 1) // PAGES_PER_SEGMENT
                 self._valid[low : high + 1] = False
+                self._group_valid[low // GROUP : high // GROUP + 1] = False
 
     def forget_all(self) -> None:
         self._valid[:] = False
+        self._group_valid[:] = False
 
     def stale(self, length: int) -> int:
         """Segments below ``length`` without a valid tag."""
@@ -176,25 +196,48 @@ class SegmentTags:
         self.hashed_bytes += read
         return read
 
-    def body(self, memory: memoryview, length: int) -> bytes:
-        """The ``memory-digest`` section for ``length`` bytes: refreshed, then every tag."""
+    def group_tags(self, memory: memoryview, length: int) -> memoryview:
+        """``G_0 .. G_{m-1}`` for ``length`` bytes: segments refreshed, then stale groups."""
 
         self.refresh(memory, length)
-        head = DIGEST_HEADER.pack(DIGEST_VERSION, SEGMENT, length)
-        return head + bytes(self._tags[: TAG * segments_of(length)])
+        n, m = segments_of(length), groups_of(length)
+        aead, tags, groups = self._aead, memoryview(self._tags), self._groups
+        for j in np.flatnonzero(~self._group_valid[:m]).tolist():
+            first, stop = j * GROUP, min(n, (j + 1) * GROUP)
+            groups[TAG * j : TAG * (j + 1)] = aead.encrypt(
+                (_GROUP_NONCE | j).to_bytes(12, "big"), b"", tags[TAG * first : TAG * stop]
+            )
+            # Kept only if all of its segments are whole and kept (never the last, partial one).
+            if stop - first == GROUP and bool(self._valid[first:stop].all()):
+                self._group_valid[j] = True
+        return memoryview(groups)[: TAG * m]
+
+    def body(self, memory: memoryview, length: int) -> bytes:
+        """The ``memory-digest`` section for ``length`` bytes: refreshed, then every group tag."""
+
+        tags = self.group_tags(memory, length)
+        return DIGEST_HEADER.pack(DIGEST_VERSION, GROUP, SEGMENT, length) + tags
 
     def differing(self, memory: memoryview, length: int, theirs: bytes) -> list[int]:
-        """Segments whose tags differ from ``theirs`` (a peer's tags over the same length)."""
+        """Segments of the groups whose tags differ from ``theirs`` (a peer's, same length).
 
-        self.refresh(memory, length)
-        ours = memoryview(self._tags)[: TAG * segments_of(length)]
+        A group tag says that some segment of it differs, not which: all of
+        its segments are named (a repair resends them, section 3.3).
+        """
+
+        ours = self.group_tags(memory, length)
         if len(ours) != len(theirs):
             raise ValueError("tags over another length")
         if hmac.compare_digest(ours, theirs):
             return []  # the common case, in one pass
         a = np.frombuffer(ours, dtype=np.uint8).reshape(-1, TAG)
         b = np.frombuffer(theirs, dtype=np.uint8).reshape(-1, TAG)
-        return np.flatnonzero((a != b).any(axis=1)).tolist()
+        n = segments_of(length)
+        return [
+            i
+            for j in np.flatnonzero((a != b).any(axis=1)).tolist()
+            for i in range(j * GROUP, min(n, (j + 1) * GROUP))
+        ]
 
 
 @dataclass(frozen=True)
@@ -203,7 +246,13 @@ class StopRules:
 
     * ``converged``: the last round's dirty set, at the bandwidth round 0
       measured, would take at most ``downtime_target`` seconds to send and
-      to check (:meth:`estimate`);
+      to check (:meth:`estimate`), and the rounds have *settled*: the last
+      one took at least ``settle`` times as long as the one before
+      (:meth:`settled`).  The final transfer carries what is written during
+      the last round, so its size follows that round's length; rounds
+      shrink towards a floor (the scan, the round trips) that does not grow
+      with the enclave, and stopping there keeps the freeze nearly the same
+      at every size (``settle=0`` stops at the first round under the target);
     * ``no-convergence``: the dirty set has not shrunk below its smallest size
       so far for ``stall_rounds`` rounds (the writer outruns the link);
     * ``max-rounds``, ``max-seconds``, ``max-bytes`` (a multiple of the
@@ -215,6 +264,7 @@ class StopRules:
     max_seconds: float = 120.0
     max_bytes_factor: float = 2.0
     stall_rounds: int = 3
+    settle: float = 0.6
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_rounds <= 64:
@@ -223,6 +273,8 @@ class StopRules:
             raise ValueError("stop rule limits must be positive")
         if self.stall_rounds < 1:
             raise ValueError("stall_rounds is at least 1")
+        if not 0 <= self.settle <= 1:
+            raise ValueError("settle is 0..1")
 
     def decide(
         self, rounds: Sequence[Mapping[str, Any]], elapsed: float, memory: int
@@ -232,7 +284,7 @@ class StopRules:
         if not rounds:
             return None
         if len(rounds) >= 2:
-            if self.estimate(rounds) <= self.downtime_target:
+            if self.estimate(rounds) <= self.downtime_target and self.settled(rounds):
                 return "converged"
             sizes = [r["pages"] for r in rounds[1:]]
             best = sizes.index(min(sizes))
@@ -245,6 +297,14 @@ class StopRules:
         if sum(r["bytes"] for r in rounds) >= self.max_bytes_factor * max(memory, PAGE):
             return "max-bytes"
         return None
+
+    def settled(self, rounds: Sequence[Mapping[str, Any]]) -> bool:
+        """Whether another round would hardly be shorter than the last (or nothing was written)."""
+
+        last, before = rounds[-1], rounds[-2]
+        if not last["pages"]:
+            return True
+        return float(last["seconds"]) >= self.settle * float(before["seconds"])
 
     @staticmethod
     def bandwidth(rounds: Sequence[Mapping[str, Any]]) -> float:

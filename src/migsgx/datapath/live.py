@@ -110,6 +110,9 @@ class LiveOutgoingEnclave(OutgoingEnclave):
                 return self.precopy_stats
             while True:
                 self.rounds.append(self._round(peer))
+                # What the stop rule weighs, said with each round: the final
+                # transfer and the source's part of the digest check.
+                self.rounds[-1]["estimated_downtime_seconds"] = StopRules.estimate(self.rounds)
                 if progress is not None:
                     progress(self.rounds[-1])
                 elapsed = time.perf_counter() - t_hs
@@ -195,22 +198,25 @@ class LiveOutgoingEnclave(OutgoingEnclave):
         peer = self.peer
         self.app_sock = app_sock
         self.link = EnclaveLink(app_sock)
-        t0 = time.perf_counter()
+        # CLOCK_MONOTONIC (one clock for the host's processes, as the enclaves' steps).
+        t0 = time.monotonic()
         try:
             _send(peer, {"t": "final"})
             ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
             try:
                 self.link.give_ring(ring)
+                t_ring = time.monotonic()
                 # With the application frozen, a refusal must end the send at once.
                 dump = dump_watched(self.link, ring, peer, self.chunk_size)
             finally:
                 ring.close()
-            t_sent = time.perf_counter()
+            t_sent = time.monotonic()
             loaded = _recv(peer, "loaded", "repair")
             repair: dict[str, Any] | None = None
             if loaded["t"] == "repair":
                 repair = self._repair(peer, loaded["segments"])
                 loaded = _recv(peer, "loaded")
+            t_loaded = time.monotonic()
             self.link.call("__mig_loaded", loaded["frame"])
             self._loaded = True
         except BaseException as exc:
@@ -218,7 +224,7 @@ class LiveOutgoingEnclave(OutgoingEnclave):
             raise
         finally:
             self.side.close()
-        t_end = time.perf_counter()
+        t_end = time.monotonic()
         self.stats = {
             **self.precopy_stats,
             "mode": "live",
@@ -234,5 +240,14 @@ class LiveOutgoingEnclave(OutgoingEnclave):
             "send_seconds": t_sent - t0,
             "load_wait_seconds": t_end - t_sent,
             "destination": loaded["stats"],
+            "timeline": {
+                "source_driver": {
+                    "handover": [t0, t_ring],
+                    "dump": [t_ring, t_sent],
+                    "loaded_wait": [t_sent, t_loaded],
+                    "loaded_verify": [t_loaded, t_end],
+                },
+                "source_enclave": dump.get("timeline", {}),
+            },
         }
         return self.stats

@@ -327,7 +327,8 @@ class Migrator:
                 **live,
                 "streams": len(streams.summaries),
                 "quiesce_seconds": t_quiesced - t0,
-                "dump_seconds": time.perf_counter() - t_quiesced,
+                "dump_seconds": time.monotonic() - t_quiesced,
+                "timeline": {"quiesce": [t0, t_quiesced], **live["timeline"]},
             }
         sections = [
             Section.dense("state", len(state)),
@@ -539,7 +540,11 @@ class Migrator:
             raise StreamError("the migrated small state does not decode") from exc
         self._pending_persistent = self.persistent.prepare_import(persistent)
         loaded = self.dest_commit.loaded() if self.dest_commit is not None else b""
-        return {**figures, "loaded": loaded, "load_seconds": time.monotonic() - t0}
+        t_end = time.monotonic()
+        timeline = dict(figures.get("timeline", {}))
+        last = max((span[1] for span in timeline.values()), default=t0)
+        timeline["loaded"] = [last, t_end]
+        return {**figures, "loaded": loaded, "load_seconds": t_end - t0, "timeline": timeline}
 
     # --- live migration: pre-copy rounds while ECALLs run --------------------------------
     def precopy_round(self, chunk_size: int) -> dict[str, Any]:

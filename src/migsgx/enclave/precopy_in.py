@@ -195,7 +195,7 @@ class DestinationRounds:
             return
         view = self.memory.view()
         try:
-            self.tags(self.digest_key).refresh(view, self._extent // SEGMENT * SEGMENT)
+            self.tags(self.digest_key).group_tags(view, self._extent // SEGMENT * SEGMENT)
         finally:
             view.release()
 
@@ -207,7 +207,7 @@ class DestinationRounds:
         t0 = time.perf_counter()
         view = self.memory.view()
         try:
-            self.tags(key).refresh(view, length)
+            self.tags(key).group_tags(view, length)
         finally:
             view.release()
         return time.perf_counter() - t0
@@ -254,7 +254,9 @@ def final_load(
     """
 
     before = rounds.slots.received
+    t0 = time.monotonic()
     manifest = rounds.open_manifest()
+    t_manifest = time.monotonic()
     labels = tuple(s.label for s in manifest.sections)
     if labels != FINAL_SECTIONS:
         raise StreamError("unexpected sections in the final transfer")
@@ -272,13 +274,17 @@ def final_load(
     rounds.open_pages(memory_s)
     persistent = bytearray(persistent_s.length)
     rounds.open_dense(persistent_s, memoryview(persistent))
+    t_applied = time.monotonic()
     length = used_length(bytes(state))
     verify_seconds = rounds.own_digest(key, length)
+    t_own = time.monotonic()
     body = bytearray(digest_s.length)
     rounds.open_dense(digest_s, memoryview(body))
     rounds.slots.end()
+    t_body = time.monotonic()
     rounds.source_digest, rounds.used_length = bytes(body), length
     differing = rounds.compare_digest(key, length, bytes(body))
+    t_compared = time.monotonic()
     if differing and not repair:
         raise MemoryDigestError(
             "the migrated memory differs from the source's final memory "
@@ -289,6 +295,15 @@ def final_load(
         "memory_bytes": memory_s.length,
         "rounds": rounds.number,
         "verify_seconds": verify_seconds,
+        "compare_seconds": t_compared - t_body,
+        # CLOCK_MONOTONIC, as the source's steps: the first waits for the source.
+        "timeline": {
+            "wait_manifest": [t0, t_manifest],
+            "apply": [t_manifest, t_applied],
+            "own_digest": [t_applied, t_own],
+            "wait_digest": [t_own, t_body],
+            "compare": [t_body, t_compared],
+        },
     }
     if differing:
         figures["repair"] = list(differing)
