@@ -19,6 +19,7 @@ import pytest
 
 from migsgx.criu import Criu
 from migsgx.errors import CriuError, MigSGXError
+from migsgx.lab.containers import ContainerLab
 from migsgx.lab.netns import Host, HostNetwork, cleanup_stale, terminate
 from migsgx.lab.testbed import AgentProcess, Testbed
 
@@ -77,12 +78,15 @@ def bed(
 
     The module names its own subnet (``BED_SUBNET``): modules whose beds exist at
     the same time (in one run, or in parallel runs) then never share addresses.
+    ``BED_BRIDGED = True`` puts the hosts on a bridge (containers that own their
+    address, :mod:`migsgx.lab.netns`).
     """
 
     module = request.module
     name = module.__name__.rpartition(".")[2].removeprefix("test_")
-    with Testbed(tmp_path_factory.mktemp(name), subnet=module.BED_SUBNET) as testbed:
-        yield testbed
+    bridged = getattr(module, "BED_BRIDGED", False)  # hosts on a bridge: addresses can move
+    with Testbed(tmp_path_factory.mktemp(name), subnet=module.BED_SUBNET, bridged=bridged) as bed:
+        yield bed
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +94,15 @@ def agent(bed: Testbed) -> AgentProcess:
     """The destination's agent for the module (a module may start it otherwise)."""
 
     return bed.start_agent()
+
+
+@pytest.fixture(scope="module")
+def lab(bed: Testbed, criu: Criu) -> Iterator[ContainerLab]:
+    """runc, podman and containerd on the module's testbed (a module that uses it starts
+    its ``agent`` after it: the agent reads the host's ``containers.toml``)."""
+
+    with ContainerLab(bed, criu=criu) as containers:
+        yield containers
 
 
 HostsFactory = Callable[..., HostNetwork]

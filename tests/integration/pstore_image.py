@@ -2,17 +2,21 @@
 
 Registered as a pytest plugin (``pytest_plugins``) by the modules that use the
 ``pstore`` fixture; the image is signed once per session, whichever module
-asks first.
+asks first.  Also what those modules do to it: open a record under a fresh
+``name`` with a counter, checkpoint it, restore a checkpoint.
 """
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import cbor2
 import pytest
-from state_helpers import World
+from state_helpers import Launcher, World
 
+from migsgx.datapath.checkpoint import CheckpointOut, restore_enclave
+from migsgx.host.client import EnclaveClient
 from migsgx.sgx.image import load_author_key, sign_image_dir
 
 # A small enclave whose whole state is persistent, with a thread of its own that
@@ -124,3 +128,37 @@ def record_names(world: World, host: str) -> set[str]:
 
     data = cbor2.loads((host_state(world, host) / "counters.cbor").read_bytes())
     return {key.split("/", 1)[1] for key in data.get("records", {})}
+
+
+@pytest.fixture
+def name() -> str:
+    """A persistent record name no other test uses."""
+
+    return f"ps-{uuid.uuid4().hex[:12]}"
+
+
+def counting(launch: Launcher, image: str, name: str, start: int = 0) -> EnclaveClient:
+    """An enclave of ``image`` on host a that opened record ``name`` with counter ``c``."""
+
+    client = launch(image)
+    client.ecall.open(name)
+    client.ecall.create("c", start)
+    return client
+
+
+def checkpoint_out(client: EnclaveClient, directory: Path) -> CheckpointOut:
+    """``client``'s enclave checkpointed into ``directory``, neither committed nor aborted."""
+
+    out = CheckpointOut(client.detach(), client.info, client.image_files)
+    out.write(directory, 0)  # __ckpt_out, __mig_ring, __mig_dump
+    return out
+
+
+def restored(launch: Launcher, world: World, directory: Path) -> EnclaveClient:
+    """The enclave of the checkpoint in ``directory``, restored on host a."""
+
+    sock, info, files = restore_enclave(directory, 0, world.socket("a"))
+    launch.track(info.pid)
+    client = EnclaveClient(sock, info, image_files=files)
+    launch.clients.append(client)
+    return client

@@ -28,9 +28,13 @@ from pathlib import Path
 
 import pytest
 
-from migsgx.lab.hosts import start_service
-from migsgx.lab.testbed import AppProcess, Testbed
-from migsgx.system.process import kill_tree
+pytest.register_assert_rewrite("bed_helpers")
+
+from bed_helpers import ask, kvstore, wait_until  # noqa: E402
+
+from migsgx.lab.hosts import start_service  # noqa: E402
+from migsgx.lab.testbed import AppProcess, Testbed  # noqa: E402
+from migsgx.system.process import kill_tree  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -49,17 +53,6 @@ def cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.Complete
     )
 
 
-def ask(bed: Testbed, app: AppProcess, line: str) -> str:
-    return bed.ask(line, app.port, at="src", via="dst")
-
-
-def wait_until(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 @dataclass
 class Case:
     bed: Testbed
@@ -76,9 +69,9 @@ class Case:
 
     def one_copy_with_every_write(self) -> None:
         wait_until(lambda: self.bed.runnable_copies(self.app)["src"] == 1, 15, "one copy")
-        assert ask(self.bed, self.app, "DIGEST") == self.digest
-        assert ask(self.bed, self.app, "PUT after 01").startswith("OK")  # ECALLs work
-        self.digest = ask(self.bed, self.app, "DIGEST")
+        assert ask(self.bed, self.app, "src", "DIGEST") == self.digest
+        assert ask(self.bed, self.app, "src", "PUT after 01").startswith("OK")  # ECALLs work
+        self.digest = ask(self.bed, self.app, "src", "DIGEST")
         assert self.bed.runnable_copies(self.app)["src"] == 1
 
     def finish(self) -> None:
@@ -88,9 +81,9 @@ class Case:
 
 @pytest.fixture
 def case(bed: Testbed, tmp_path: Path) -> Iterator[Case]:
-    app = bed.start_app("kvstore", ["--image", str(bed.image("kvstore"))])
-    assert ask(bed, app, f"PUT kept {secrets.token_hex(32)}").startswith("OK")
-    digest = ask(bed, app, "DIGEST")
+    app = kvstore(bed)
+    assert ask(bed, app, "src", f"PUT kept {secrets.token_hex(32)}").startswith("OK")
+    digest = ask(bed, app, "src", "DIGEST")
     c = Case(bed, app, tmp_path / "ck", digest)
     yield c
     c.finish()
@@ -119,7 +112,7 @@ def source_back(case: Case, run: subprocess.CompletedProcess[str]) -> float:
     deadline = time.monotonic() + 60
     while True:
         with contextlib.suppress(Exception):  # not answering yet (stopped, enclave not back)
-            if ask(case.bed, case.app, "DIGEST") == case.digest:
+            if ask(case.bed, case.app, "src", "DIGEST") == case.digest:
                 back = time.monotonic() - float(found[0][1])
                 cell = {"cell": found[0][0], "back_seconds": round(back, 3)}
                 print("ckpt-fault " + json.dumps(cell))
@@ -172,7 +165,7 @@ def test_source_enclave_killed_before_the_commit(case: Case) -> None:
     done = checkpoint(case, "ckpt.before-commit:kill-enclave")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     wait_until(lambda: case.bed.runnable_copies(case.app)["src"] == 1, 15, "the source")
-    assert ask(case.bed, case.app, "DIGEST").startswith("ERR")  # its enclave is gone
+    assert ask(case.bed, case.app, "src", "DIGEST").startswith("ERR")  # its enclave is gone
     back = case.restore()  # the abandoned checkpoint's files were removed
     assert back.returncode != 0 and "Traceback" not in back.stderr, back.stderr
     assert case.bed.runnable_copies(case.app)["src"] == 1
@@ -217,7 +210,7 @@ def test_restore_tool_killed_after_the_activation(case: Case) -> None:
     again = case.restore()  # the checkpoint was consumed: refused, nothing else changes
     assert again.returncode != 0 and "Traceback" not in again.stderr, again.stderr
     assert case.bed.runnable_copies(case.app)["src"] == 1
-    assert ask(case.bed, case.app, "DIGEST") == case.digest
+    assert ask(case.bed, case.app, "src", "DIGEST") == case.digest
 
 
 def test_restored_application_killed_while_held(case: Case) -> None:

@@ -11,28 +11,21 @@ restored after the source had moved on brought old counter values back.
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
 
 pytest.register_assert_rewrite("state_helpers", "pstore_image")
 
-from pstore_image import record_names  # noqa: E402
+from pstore_image import checkpoint_out, counting, record_names, restored  # noqa: E402
 from state_helpers import Launcher, World, pid_running, wait_gone  # noqa: E402
 
-from migsgx.datapath.checkpoint import CheckpointOut, restore_enclave  # noqa: E402
+from migsgx.datapath.checkpoint import restore_enclave  # noqa: E402
 from migsgx.enclave.persistent import RollbackError  # noqa: E402
 from migsgx.errors import CheckpointGateError, ReplayError  # noqa: E402
-from migsgx.host.client import EnclaveClient  # noqa: E402
 
 pytest_plugins = ["state_helpers", "pstore_image"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-
-@pytest.fixture
-def name() -> str:
-    return f"ck-{uuid.uuid4().hex[:12]}"
 
 
 def gates(world: World) -> set[str]:
@@ -51,22 +44,12 @@ def restore_is_refused(world: World, launch: Launcher, directory: Path) -> None:
         assert wait_gone(pid), f"the refused restore left enclave {pid} running"
 
 
-def restored(launch: Launcher, world: World, directory: Path) -> EnclaveClient:
-    sock, info, files = restore_enclave(directory, 0, world.socket("a"))
-    launch.track(info.pid)
-    client = EnclaveClient(sock, info, image_files=files)
-    launch.clients.append(client)
-    return client
-
 
 def test_an_aborted_checkpoint_never_restores(
     world: World, launch: Launcher, pstore: str, name: str, tmp_path: Path
 ) -> None:
-    client = launch(pstore)
-    client.ecall.open(name)
-    client.ecall.create("c", 5)
-    out = CheckpointOut(client.detach(), client.info, client.image_files)
-    out.write(tmp_path, 0)  # __ckpt_out, __mig_ring, __mig_dump
+    client = counting(launch, pstore, name, 5)
+    out = checkpoint_out(client, tmp_path)  # __ckpt_out, __mig_ring, __mig_dump
     assert len(gates(world)) == 1
     client.reattach(out.abort())  # __mig_abort: the source runs on
     assert gates(world) == set()  # the gate (half the key) is gone
@@ -79,11 +62,8 @@ def test_an_aborted_checkpoint_never_restores(
 def test_a_pending_checkpoint_does_not_restore_while_its_source_runs(
     world: World, launch: Launcher, pstore: str, name: str, tmp_path: Path
 ) -> None:
-    client = launch(pstore)
-    client.ecall.open(name)
-    client.ecall.create("c", 1)
-    out = CheckpointOut(client.detach(), client.info, client.image_files)
-    out.write(tmp_path, 0)
+    client = counting(launch, pstore, name, 1)
+    out = checkpoint_out(client, tmp_path)
     restore_is_refused(world, launch, tmp_path)  # written, never committed
     client.reattach(out.abort())
     assert client.ecall.increment("c") == 2
@@ -92,22 +72,18 @@ def test_a_pending_checkpoint_does_not_restore_while_its_source_runs(
 def test_an_old_checkpoint_cannot_roll_counters_back(
     world: World, launch: Launcher, pstore: str, name: str, tmp_path: Path
 ) -> None:
-    client = launch(pstore)
-    client.ecall.open(name)
-    client.ecall.create("c", 10)
+    client = counting(launch, pstore, name, 10)
     old_blob = client.ecall.seal(b"old", "c")  # 11
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
     second.mkdir()
-    out = CheckpointOut(client.detach(), client.info, client.image_files)
-    out.write(first, 0)
+    out = checkpoint_out(client, first)
     client.reattach(out.abort())
     new_blob = client.ecall.seal(b"new", "c")  # 12
     pid = client.info.pid
 
     # The source moves on by a committed checkpoint: its record retires.
-    out = CheckpointOut(client.detach(), client.info, client.image_files)
-    out.write(second, 0)
+    out = checkpoint_out(client, second)
     out.commit()
     assert wait_gone(pid)
     assert name not in record_names(world, "a")
@@ -124,12 +100,9 @@ def test_an_old_checkpoint_cannot_roll_counters_back(
 def test_a_committed_checkpoint_restores_exactly_once(
     world: World, launch: Launcher, pstore: str, name: str, tmp_path: Path
 ) -> None:
-    client = launch(pstore)
-    client.ecall.open(name)
-    client.ecall.create("c", 3)
+    client = counting(launch, pstore, name, 3)
     pid = client.info.pid
-    out = CheckpointOut(client.detach(), client.info, client.image_files)
-    out.write(tmp_path, 0)
+    out = checkpoint_out(client, tmp_path)
     out.commit()
     assert wait_gone(pid)
 

@@ -25,10 +25,14 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from migsgx.enclave.persistent import RESERVED
-from migsgx.lab.hosts import start_service
-from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
-from migsgx.system.process import kill_tree, process_state
+pytest.register_assert_rewrite("bed_helpers")
+
+from bed_helpers import ask, end_copies, kvstore, wait_until  # noqa: E402
+
+from migsgx.enclave.persistent import RESERVED  # noqa: E402
+from migsgx.lab.hosts import start_service  # noqa: E402
+from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed  # noqa: E402
+from migsgx.system.process import kill_tree, process_state  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -59,14 +63,6 @@ def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, dict[str, obje
         sys.stdout.flush()
 
 
-def kvstore(bed: Testbed) -> AppProcess:
-    return bed.start_app("kvstore", ["--image", str(bed.image("kvstore"))])
-
-
-def ask(bed: Testbed, app: AppProcess, at: str, line: str) -> str:
-    return bed.ask(line, app.port, at=at, via="dst" if at == "src" else "src")
-
-
 def loaded_app(bed: Testbed) -> tuple[AppProcess, str]:
     """A kvstore with acknowledged writes; their digest."""
 
@@ -82,13 +78,6 @@ def fault_time(*texts: str) -> float:
         if found:
             return float(found[0][1])
     raise AssertionError("the fault point was never reached")
-
-
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def source_answers(bed: Testbed, app: AppProcess, digest: str, tool: str = "") -> float:
@@ -119,13 +108,11 @@ def only_copy(bed: Testbed, app: AppProcess, at: str, digest: str) -> None:
     """Exactly one runnable copy, on ``at``, with every acknowledged write; then stop it."""
 
     other = "dst" if at == "src" else "src"
-    wait_for(lambda: bed.runnable_copies(app)[other] == 0, 20, f"no runnable copy on {other}")
+    wait_until(lambda: bed.runnable_copies(app)[other] == 0, 20, f"no runnable copy on {other}")
     assert bed.runnable_copies(app) == {at: 1, other: 0}
     assert ask(bed, app, at, "DIGEST") == digest
     assert ask(bed, app, at, "PUT after " + b"x".hex()).startswith("OK")  # ECALLs work
-    for procs in bed.copies(app).values():
-        for pid, _ in procs:
-            kill_tree(pid)
+    end_copies(bed, app)
 
 
 def recover(bed: Testbed) -> subprocess.CompletedProcess[str]:
@@ -203,8 +190,8 @@ def test_destination_platform_killed_before_the_claim_is_resolved_by_recover(
         restarted = True
         again = recover(bed)
         assert again.returncode == 0, again.stdout + again.stderr
-        wait_for(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
-        wait_for(lambda: process_state(app.pid) in ("", "Z"), 30, "the source to go")
+        wait_until(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
+        wait_until(lambda: process_state(app.pid) in ("", "Z"), 30, "the source to go")
         figures["decision written x kill -9 destination platform service"] = {
             "outcome": "moved after one recover", "exit": run.returncode,
             "seconds": round(time.monotonic() - t0, 3),
@@ -228,8 +215,8 @@ def test_destination_platform_restarted_before_the_claim(
     mover = threading.Thread(target=lambda: result.append(bed.migrate(app.pid, doomed)))
     mover.start()
     try:
-        wait_for(lambda: "before-claim:kill-platform" in doomed.log.read_text(errors="replace"),
-                 60, "the fault")  # fmt: skip
+        wait_until(lambda: "before-claim:kill-platform" in doomed.log.read_text(errors="replace"),
+                   60, "the fault")  # fmt: skip
         _restart_platform(bed, "dst")
         mover.join(120)
         assert result, "the migration did not end"
@@ -245,7 +232,7 @@ def test_destination_platform_restarted_before_the_claim(
             "outcome": "moved", "exit": run.returncode,
             "seconds": round(time.monotonic() - t0, 3),
         }  # fmt: skip
-        wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+        wait_until(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
         only_copy(bed, app, "dst", digest)
     finally:
         mover.join(120)
@@ -285,7 +272,7 @@ def test_reservation_of_a_dead_destination_enclave_is_released(
         "outcome": "stayed, the name released; the next migration moved",
         "exit": run.returncode, "seconds": round(time.monotonic() - t0, 3),
     }  # fmt: skip
-    wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+    wait_until(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
     only_copy(bed, app, "dst", digest)
 
 
@@ -348,7 +335,7 @@ def test_corrupted_byte_in_the_enclave_stream(
     assert "chunk failed authentication" in run.stderr  # the destination's reason, relayed
     back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
     _record_back(figures, "transfer x corrupted byte", run, back)
-    wait_for(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
+    wait_until(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
     only_copy(bed, app, "src", digest)
 
 
@@ -374,7 +361,7 @@ def test_corrupted_enclave_stream_stops_the_process_dump(
     assert "dump was stopped early" in run.stderr, run.stderr
     back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
     _record_back(figures, "dump x corrupted byte (256 MiB process)", run, back)
-    wait_for(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
+    wait_until(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
     only_copy(bed, app, "src", digest)
 
 
@@ -391,12 +378,12 @@ def test_answer_to_resume_lost_is_in_doubt_until_delivered_again(
         assert "migsgx recover" in run.stderr and "Traceback" not in run.stderr
         # The destination got its tokens on the data connections and runs; the source
         # stays stopped: nothing runs twice while the outcome is in doubt here.
-        wait_for(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
+        wait_until(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
         assert bed.runnable_copies(app)["src"] == 0
     finally:
         _unstall(bed, stalling)
     # The network is back: the guardian's next delivery hears that the destination runs.
-    wait_for(lambda: process_state(app.pid) in ("", "Z"), 90, "the guardian to end the source")
+    wait_until(lambda: process_state(app.pid) in ("", "Z"), 90, "the guardian to end the source")
     again = recover(bed)
     assert again.returncode == 0, again.stderr
     figures["resume x control connection stall"] = {
@@ -436,7 +423,7 @@ def test_tool_killed_before_the_decision(
     t_back = source_answers(bed, app, digest)
     figures[cell] = {"outcome": "stayed", "exit": run.returncode,
                      "source_back_seconds": round(t_back - fault_time(run.stderr), 3)}  # fmt: skip
-    wait_for(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
+    wait_until(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
     only_copy(bed, app, "src", digest)
 
 
@@ -460,7 +447,7 @@ def test_destination_enclave_killed_before_the_claim_gets_the_state_again(
         assert "Traceback" not in run.stderr
         log = doomed.log.read_text(errors="replace")
         assert "agent.before-claim:kill-enclave" in log and "receives the state again" in log
-        wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+        wait_until(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
         figures["decision written x kill -9 destination enclave"] = {
             "outcome": "moved (state delivered again)", "exit": run.returncode,
             "seconds": round(time.monotonic() - t0, 3),
@@ -479,7 +466,7 @@ def test_token_dropped_on_the_data_connection_is_delivered_again(
     run = migrate_with(bed, app, agent, "tool.before-token:drop")
     assert run.returncode == EXIT_OK, run.stderr
     figures["token in flight x connection drop"] = {"outcome": "moved", "exit": run.returncode}
-    wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+    wait_until(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
     only_copy(bed, app, "dst", digest)
 
 
@@ -502,8 +489,8 @@ def test_tool_killed_after_the_decision(
     app, digest = loaded_app(bed)
     run = migrate_with(bed, app, agent, fault)
     assert run.returncode == -9
-    wait_for(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
-    wait_for(lambda: process_state(app.pid) in ("", "Z"), 30, "the guardian to end the source")
+    wait_until(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
+    wait_until(lambda: process_state(app.pid) in ("", "Z"), 30, "the guardian to end the source")
     # An operator's recover afterwards finds nothing in doubt and changes nothing.
     again = recover(bed)
     assert again.returncode == 0, again.stderr
@@ -545,7 +532,7 @@ def test_source_side_party_killed(
             # The decision, not the source enclave or its platform, is what counts.
             assert run.returncode == EXIT_OK, run.stderr
             figures[cell] = {"outcome": "moved", "exit": run.returncode}
-            wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+            wait_until(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
             only_copy(bed, app, "dst", digest)
         elif expect == "src":
             assert run.returncode == EXIT_MOVED_NOT, run.stderr
@@ -559,14 +546,12 @@ def test_source_side_party_killed(
             # else is lost and nothing runs twice: no destination copy, the source
             # process itself runs on without its enclave.
             assert run.returncode == EXIT_MOVED_NOT, run.stderr
-            wait_for(lambda: bed.runnable_copies(app)["dst"] == 0, 20, "no destination copy")
-            wait_for(lambda: process_state(app.pid) in ("S", "R"), 20, "the source to run")
+            wait_until(lambda: bed.runnable_copies(app)["dst"] == 0, 20, "no destination copy")
+            wait_until(lambda: process_state(app.pid) in ("S", "R"), 20, "the source to run")
             assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
             figures[cell] = {"outcome": "lost (the enclave with the only copy died)",
                              "exit": run.returncode}  # fmt: skip
-            for procs in bed.copies(app).values():
-                for pid, _ in procs:
-                    kill_tree(pid)
+            end_copies(bed, app)
     finally:
         if "platform" in fault:
             bed.services["src"].stop()  # killed: a fresh one for the next cells
@@ -601,7 +586,7 @@ def test_data_connection_fault_after_loaded(
     assert "Traceback" not in run.stderr
     figures[cell] = {"outcome": "moved", "exit": run.returncode,
                      "seconds": round(time.monotonic() - t0, 3)}  # fmt: skip
-    wait_for(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+    wait_until(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
     only_copy(bed, app, "dst", digest)
 
 
@@ -645,11 +630,13 @@ def test_tool_and_destination_enclave_killed_after_the_decision(
     try:
         run = migrate_with(bed, app, doomed, "tool.after-commit:kill")
         assert run.returncode == -9
-        wait_for(lambda: bed.runnable_copies(app)["dst"] == 1, 60, "the state to come again")
+        wait_until(lambda: bed.runnable_copies(app)["dst"] == 1, 60, "the state to come again")
         seconds = round(time.monotonic() - t0, 3)
         log = doomed.log.read_text(errors="replace")
         assert "before-claim:kill-enclave" in log and "receives the state again" in log
-        wait_for(lambda: process_state(app.pid) in ("", "Z"), 30, "the guardian to end the source")
+        wait_until(
+            lambda: process_state(app.pid) in ("", "Z"), 30, "the guardian to end the source"
+        )
         again = recover(bed)
         assert again.returncode == EXIT_OK, again.stdout + again.stderr
         assert "Traceback" not in again.stderr
@@ -662,9 +649,7 @@ def test_tool_and_destination_enclave_killed_after_the_decision(
     finally:
         doomed.stop()
         _stop_guardian_of(app.pid)
-        for procs in bed.copies(app).values():
-            for pid, _ in procs:
-                kill_tree(pid)
+        end_copies(bed, app)
 
 
 def test_destination_agent_killed_after_the_decision_adopts_the_held_tree(
@@ -701,7 +686,9 @@ def test_destination_agent_killed_after_the_decision_adopts_the_held_tree(
         assert not outcomes & {"in-doubt", "lost"}, again.stdout
         log = restarted.log.read_text(errors="replace")
         assert "receives the state again" in log and "decision delivered: resumed" in log, log
-        wait_for(lambda: process_state(app.pid) in ("", "Z"), 30, "the guardian to end the source")
+        wait_until(
+            lambda: process_state(app.pid) in ("", "Z"), 30, "the guardian to end the source"
+        )
         figures["decision written x kill -9 destination agent"] = {
             "outcome": "moved (adopted by the restarted agent, state delivered again)",
             "exit": run.returncode, "recover": again.returncode,
@@ -713,9 +700,7 @@ def test_destination_agent_killed_after_the_decision_adopts_the_held_tree(
             if agent is not None:
                 agent.stop()
         _stop_guardian_of(app.pid)
-        for procs in bed.copies(app).values():
-            for pid, _ in procs:
-                kill_tree(pid)
+        end_copies(bed, app)
 
 
 def test_destination_agent_killed_after_the_claim_is_lost_when_restarted(
@@ -739,13 +724,13 @@ def test_destination_agent_killed_after_the_claim_is_lost_when_restarted(
         assert doomed.proc.wait(timeout=10) == -9
         restarted = bed.start_agent(listen_port=doomed.port)
         assert "already claimed" in restarted.log.read_text(errors="replace")
-        wait_for(lambda: bed.copies(app)["dst"] == [], 20, "the held tree to go")
+        wait_until(lambda: bed.copies(app)["dst"] == [], 20, "the held tree to go")
         again = recover(bed)
         results = json.loads(again.stdout)
         if any(r["outcome"] == "lost" for r in results):  # (else the guardian said it first)
             assert again.returncode == EXIT_LOST_AFTER_COMMIT, again.stdout + again.stderr
         assert not {r["outcome"] for r in results} & {"in-doubt", "moved"}, again.stdout
-        wait_for(lambda: process_state(app.pid) in ("", "Z"), 30, "the source to be ended")
+        wait_until(lambda: process_state(app.pid) in ("", "Z"), 30, "the source to be ended")
         assert bed.runnable_copies(app) == {"src": 0, "dst": 0}
         figures["activate x kill -9 destination agent, restarted"] = {
             "outcome": "lost (W3), said by the restarted agent", "exit": run.returncode,
@@ -756,9 +741,7 @@ def test_destination_agent_killed_after_the_claim_is_lost_when_restarted(
             if agent is not None:
                 agent.stop()
         _stop_guardian_of(app.pid)
-        for procs in bed.copies(app).values():
-            for pid, _ in procs:
-                kill_tree(pid)
+        end_copies(bed, app)
 
 
 @pytest.mark.parametrize(
@@ -793,12 +776,12 @@ def test_the_copy_that_runs_dies(
             assert run.returncode == EXIT_LOST_AFTER_COMMIT, run.stderr
             assert "lost-after-commit" in run.stderr and "runs without its enclave" in run.stderr
             # Nothing is in doubt: the source went as after a success, no guardian stays.
-            wait_for(lambda: process_state(app.pid) in ("", "Z"), 20, "CRIU to end the source")
+            wait_until(lambda: process_state(app.pid) in ("", "Z"), 20, "CRIU to end the source")
         else:
             assert run.returncode == EXIT_IN_DOUBT, run.stderr
             assert "migsgx recover" in run.stderr
         seconds = round(time.monotonic() - t0, 3)
-        wait_for(lambda: bed.runnable_copies(app)["src"] == 0, 20, "the source to stay stopped")
+        wait_until(lambda: bed.runnable_copies(app)["src"] == 0, 20, "the source to stay stopped")
         copies = bed.runnable_copies(app)
         assert copies["src"] == 0 and copies["dst"] <= 1
         if copies["dst"]:
@@ -808,9 +791,7 @@ def test_the_copy_that_runs_dies(
     finally:
         doomed.stop()
         _stop_guardian_of(app.pid)
-        for procs in bed.copies(app).values():
-            for pid, _ in procs:
-                kill_tree(pid)
+        end_copies(bed, app)
 
 
 def _stop_guardian_of(app_pid: int) -> None:

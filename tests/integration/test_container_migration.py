@@ -18,33 +18,26 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from migsgx.agent.tls import issue_agent_identity
-from migsgx.containers.podman import PODMAN_ARCHIVE
-from migsgx.criu import Criu
-from migsgx.host.client import EnclaveClient
-from migsgx.lab.containers import ContainerApp, ContainerLab
-from migsgx.lab.hosts import start_service
-from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed
-from migsgx.sgx.ca import ProvisioningCA
-from migsgx.sgx.platform import EmulatedPlatform
+pytest.register_assert_rewrite("bed_helpers")
+
+from bed_helpers import strict_destination, wait_until  # noqa: E402
+
+from migsgx.containers.podman import PODMAN_ARCHIVE  # noqa: E402
+from migsgx.host.client import EnclaveClient  # noqa: E402
+from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
+from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
 BED_SUBNET = 62
 
 ENGINES = ["runc", "podman", "containerd"]
-
-
-@pytest.fixture(scope="module")
-def lab(bed: Testbed, criu: Criu) -> Iterator[ContainerLab]:
-    with ContainerLab(bed, criu=criu) as containers:
-        yield containers
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +65,6 @@ def finish(lab: ContainerLab, app: ContainerApp, *, expect: str) -> None:
     assert app.name in lab.containers(expect, app.engine)
     assert app.name not in lab.containers(other, app.engine)
     lab.remove(app)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 class Client(threading.Thread):
@@ -287,14 +273,7 @@ def test_restore_failing_keeps_the_frozen_source(
 def test_destination_enclave_load_failing(bed: Testbed, lab: ContainerLab, tmp_path: Path) -> None:
     """The destination platform refuses to launch the enclave (launch control)."""
 
-    state = tmp_path / "strict"
-    EmulatedPlatform.init(state, ProvisioningCA.load(bed.deployment.ca_dir), host_id="strict")
-    dst = bed.host("dst")
-    issue_agent_identity(bed.deployment.ca_dir, state, "strict", [dst.address])
-    lab.settings["dst"].save(state)
-    service = start_service(state, prefix=dst.command([]), extra_args=["--allow-signer", "00" * 32])
-    try:
-        strict = bed.start_agent(state=state, platform_socket=service.socket)
+    with strict_destination(bed, tmp_path / "strict", lab.settings["dst"].save) as strict:
         app, digest = started(lab, "runc")
         run = migrate(bed, app, strict)
         assert run.returncode == 6, run.stderr
@@ -302,8 +281,6 @@ def test_destination_enclave_load_failing(bed: Testbed, lab: ContainerLab, tmp_p
         check_source_runs_on(lab, app, digest)
         strict.stop()
         finish(lab, app, expect="src")
-    finally:
-        service.stop()
 
 
 @pytest.mark.parametrize("engine", ["runc", "containerd"])
@@ -399,14 +376,16 @@ def test_destination_refuses_what_its_host_did_not_grant(
     field: str,
 ) -> None:
     """The source (a peer with the deployment's certificate) runs a container that asks for
-    more than the destination grants; the destination refuses before runc sees the bundle,
-    nothing of it runs there, and the source runs on."""
+    more than the destination grants; the destination refuses the configuration ``begin``
+    announced, before the source froze or sent anything, nothing of it runs there, and the
+    source runs on."""
 
     app = lab.start_app("runc", "kvstore", patch=lambda spec: patch(spec, lab))
     assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
     digest = lab.ask(app, "DIGEST", at="src")
     run = migrate(bed, app, agent)
     assert run.returncode == 6, run.stderr
+    assert "destination: begin failed: [container-spec]" in run.stderr
     assert f"the container's configuration is refused: {field}" in run.stderr
     check_source_runs_on(lab, app, digest)  # no container, bundle or process on dst
     assert not list((bed_state_dst(lab) / "agent" / "runc").glob(f"{app.name}*"))
@@ -419,8 +398,9 @@ def test_destination_refuses_images_with_more_than_the_configuration(
     """CRIU gives restored threads the credentials in the images, not the configuration's.
 
     The source's container runs with CAP_SYS_ADMIN; then its bundle's configuration is
-    rewritten without it (runc read it at the start), so the peer sends a harmless
-    configuration and images whose threads hold CAP_SYS_ADMIN: refused."""
+    rewritten without it (runc read it at the start), so the peer announces and sends a
+    harmless configuration (``begin`` admits it) and images whose threads hold
+    CAP_SYS_ADMIN: refused at the restore, which checks what arrived."""
 
     app = lab.start_app("runc", "kvstore", patch=lambda spec: sys_admin(spec, lab))
     config = Path(str(lab.runc("src").state(app.name)["bundle"])) / "config.json"  # type: ignore[index]
@@ -431,6 +411,7 @@ def test_destination_refuses_images_with_more_than_the_configuration(
     digest = lab.ask(app, "DIGEST", at="src")
     run = migrate(bed, app, agent)
     assert run.returncode == 6, run.stderr
+    assert "destination: restore failed: [container-spec]" in run.stderr
     assert "the container's configuration is refused: images/core-" in run.stderr
     assert "CAP_SYS_ADMIN beyond the configuration's bounding set" in run.stderr
     check_source_runs_on(lab, app, digest)

@@ -5,83 +5,46 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from proc_helpers import (
+    HostsFactory,
+    KillLater,
+    SpawnFactory,
+    ask,
+    server_program,
+    start_server,
+)
 
 from migsgx.criu import MIN_VERSION, Criu, DumpCancel, InNetns, InTaskNamespaces
 from migsgx.criu.images import credentials_of
 from migsgx.criu.pageserver import PageServer
 from migsgx.criu.rpc import FEATURES_OFF_ENV
 from migsgx.errors import CriuError
-from migsgx.lab.netns import NETNS_DIR, Host, HostNetwork, terminate
-
-# The fixtures of tests/integration/conftest.py, as the tests see them.
-HostsFactory = Callable[..., HostNetwork]
-SpawnFactory = Callable[..., subprocess.Popen[bytes]]
-KillLater = Callable[[int], int]
+from migsgx.lab.netns import NETNS_DIR, terminate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 # A process with state worth keeping: a counter and an 8 MiB random blob in
-# memory, and a listening TCP socket. It writes its port to a file once it
-# listens; "inc" bumps and returns the counter, "sum" hashes the blob.
-COUNTER_SERVER = """
-import hashlib, os, socket, sys
-bind_address, port_file = sys.argv[1], sys.argv[2]
-blob = os.urandom(8 << 20)
-counter = 0
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((bind_address, 0))
-srv.listen(16)
-with open(port_file + ".tmp", "w") as f:
-    f.write(str(srv.getsockname()[1]))
-os.replace(port_file + ".tmp", port_file)
-while True:
-    conn, _ = srv.accept()
-    with conn:
-        cmd = conn.recv(64).strip()
-        if cmd == b"inc":
-            counter += 1
-            reply = str(counter)
-        elif cmd == b"sum":
-            reply = hashlib.sha256(blob).hexdigest()
-        else:
-            reply = "?"
-        conn.sendall(reply.encode() + b"\\n")
-"""
-
-
-def start_server(
-    spawn: SpawnFactory, tmp_path: Path, bind: str = "127.0.0.1", host: Host | None = None
-) -> tuple[subprocess.Popen[bytes], int]:
-    """Start the counter server; returns its process and port once it listens."""
-
-    port_file = tmp_path / "port"
-    proc = spawn([sys.executable, "-c", COUNTER_SERVER, bind, str(port_file)], host=host)
-    deadline = time.monotonic() + 10
-    while not port_file.exists():
-        if proc.poll() is not None:
-            err = (tmp_path / "proc.err").read_text()
-            raise AssertionError(f"server exited with {proc.returncode}: {err}")
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    return proc, int(port_file.read_text())
-
-
-def ask(command: str, port: int, *, via: Host | None = None, address: str = "127.0.0.1") -> str:
-    if via is None:
-        conn = socket.create_connection((address, port), timeout=5)
+# memory, and a listening TCP socket; "inc" bumps and returns the counter, "sum"
+# hashes the blob.
+COUNTER_SERVER = server_program(
+    """
+    blob = os.urandom(8 << 20)
+    counter = 0
+    """,
+    """
+    if words[0] == b"inc":
+        counter += 1
+        reply = str(counter).encode()
+    elif words[0] == b"sum":
+        reply = hashlib.sha256(blob).hexdigest().encode()
     else:
-        conn = via.connect(address, port, timeout=5)
-    with conn:
-        conn.sendall(command.encode())
-        return conn.makefile().readline().strip()
+        reply = b"?"
+    """,
+)
 
 
 def wait_gone(proc: subprocess.Popen[bytes]) -> None:
@@ -114,7 +77,7 @@ def test_dump_and_restore_keeps_memory_and_listener(
     tmp_path: Path,
     detached: bool,
 ) -> None:
-    proc, port = start_server(spawn, tmp_path)
+    proc, port = start_server(spawn, tmp_path, COUNTER_SERVER)
     assert [ask("inc", port) for _ in range(3)] == ["1", "2", "3"]
     digest = ask("sum", port)
 
@@ -141,7 +104,7 @@ def test_dump_and_restore_keeps_memory_and_listener(
 def test_post_dump_veto_keeps_source_running(
     criu: Criu, spawn: SpawnFactory, tmp_path: Path
 ) -> None:
-    proc, port = start_server(spawn, tmp_path)
+    proc, port = start_server(spawn, tmp_path, COUNTER_SERVER)
     assert ask("inc", port) == "1"
     digest = ask("sum", port)
 
@@ -173,7 +136,7 @@ def test_migrate_between_network_namespaces(
 ) -> None:
     net = hosts("src", "dst")
     src, dst = net["src"], net["dst"]
-    proc, port = start_server(spawn, tmp_path, bind="0.0.0.0", host=src)
+    proc, port = start_server(spawn, tmp_path, COUNTER_SERVER, bind="0.0.0.0", host=src)
     assert ask("inc", port, via=dst, address=src.address) == "1"
     assert ask("inc", port, via=dst, address=src.address) == "2"
 
@@ -219,7 +182,7 @@ def test_pre_dump_refused_cleanly_without_memory_tracking(
     without = Criu(criu.binary)  # asks the kernel afresh (the answer is cached)
     # Only the named features go, whatever the kernel has (lazy pages work here).
     assert without.features() == {**real, "mem_track": False, "lazy_pages": False}
-    proc, port = start_server(spawn, tmp_path)
+    proc, port = start_server(spawn, tmp_path, COUNTER_SERVER)
     pre = images(tmp_path, "pre")
     with pytest.raises(CriuError, match="memory tracking") as caught:
         without.pre_dump(proc.pid, pre)
@@ -235,7 +198,7 @@ def test_thread_credentials_read_from_a_real_dump(
 ) -> None:
     """What a destination checks (``credentials_of``) is what the kernel said at the dump."""
 
-    proc, _port = start_server(spawn, tmp_path)
+    proc, _port = start_server(spawn, tmp_path, COUNTER_SERVER)
     status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
     caps = 0
     for line in status:
@@ -254,7 +217,7 @@ def test_pre_dump_follows_the_kernels_memory_tracking(
 ) -> None:
     """Whatever this kernel has: a pre-dump where it tracks memory, a refusal where not."""
 
-    proc, port = start_server(spawn, tmp_path)
+    proc, port = start_server(spawn, tmp_path, COUNTER_SERVER)
     pre = images(tmp_path, "pre")
     if criu.features()["mem_track"]:
         criu.pre_dump(proc.pid, pre)
@@ -279,7 +242,7 @@ def test_failed_restore_callback(
 ) -> None:
     """A failed post-restore answer makes CRIU kill the tree; after resume it is too late."""
 
-    proc, port = start_server(spawn, tmp_path)
+    proc, port = start_server(spawn, tmp_path, COUNTER_SERVER)
     assert ask("inc", port) == "1"
     dump_dir = images(tmp_path)
     criu.dump(proc.pid, dump_dir)
@@ -308,7 +271,7 @@ def test_failed_restore_callback(
 def test_a_cancel_refuses_the_next_step_and_the_tree_runs_on(
     criu: Criu, spawn: SpawnFactory, tmp_path: Path
 ) -> None:
-    proc, port = start_server(spawn, tmp_path)
+    proc, port = start_server(spawn, tmp_path, COUNTER_SERVER)
     assert ask("inc", port) == "1"
     digest = ask("sum", port)
     cancel = DumpCancel()
@@ -331,7 +294,7 @@ def test_a_cancel_refuses_the_next_step_and_the_tree_runs_on(
 def test_a_cancel_shuts_the_page_connection_and_the_tree_runs_on(
     criu: Criu, spawn: SpawnFactory, tmp_path: Path
 ) -> None:
-    proc, port = start_server(spawn, tmp_path)
+    proc, port = start_server(spawn, tmp_path, COUNTER_SERVER)
     assert ask("inc", port) == "1"
     digest = ask("sum", port)
     listener = socket.create_server(("127.0.0.1", 0))

@@ -13,81 +13,53 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from platform_fixtures import shared_world
+from proc_helpers import HostsFactory, KillLater, SpawnFactory, ask, server_program, start_server
 
 from migsgx.agent.tls import issue_agent_identity
 from migsgx.containers.postcopy import PostCopyRestore, lazy_dump, served_port
 from migsgx.criu import Criu, InNetns, InTaskNamespaces
 from migsgx.errors import SourceLostError
-from migsgx.lab.netns import Host, HostNetwork
+from migsgx.lab.netns import Host
 from migsgx.system.process import process_state, tree_pids
-
-HostsFactory = Callable[..., HostNetwork]
-SpawnFactory = Callable[..., subprocess.Popen[bytes]]
-KillLater = Callable[[int], int]
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 PAGES = 8192  # 32 MiB of random memory, most of it pulled lazily
 # "put K HEX" writes 8 bytes at page K and answers "ok" once they are in memory;
 # "get K" answers them; "sum" hashes the whole blob.
-WRITER = """
-import hashlib, os, socket, sys
-port_file, pages = sys.argv[1], int(sys.argv[2])
-blob = bytearray(os.urandom(pages * 4096))
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", 0))
-srv.listen(16)
-with open(port_file + ".tmp", "w") as f:
-    f.write(str(srv.getsockname()[1]))
-os.replace(port_file + ".tmp", port_file)
-while True:
-    conn, _ = srv.accept()
-    with conn:
-        words = conn.recv(128).split()
-        if words[0] == b"put":
-            k = int(words[1])
-            blob[k * 4096:k * 4096 + 8] = bytes.fromhex(words[2].decode())
-            reply = b"ok"
-        elif words[0] == b"get":
-            k = int(words[1])
-            reply = blob[k * 4096:k * 4096 + 8].hex().encode()
-        else:
-            reply = hashlib.sha256(blob).hexdigest().encode()
-        conn.sendall(reply + b"\\n")
-"""
-
-
-def ask(host: Host, address: str, port: int, line: str) -> str:
-    with host.connect(address, port, timeout=10) as conn:
-        conn.sendall(line.encode())
-        return conn.makefile().readline().strip()
+WRITER = server_program(
+    """
+    pages = int(args[0])
+    blob = bytearray(os.urandom(pages * 4096))
+    """,
+    """
+    if words[0] == b"put":
+        k = int(words[1])
+        blob[k * 4096:k * 4096 + 8] = bytes.fromhex(words[2].decode())
+        reply = b"ok"
+    elif words[0] == b"get":
+        k = int(words[1])
+        reply = blob[k * 4096:k * 4096 + 8].hex().encode()
+    else:
+        reply = hashlib.sha256(blob).hexdigest().encode()
+    """,
+)
 
 
 def start_writer(spawn: SpawnFactory, host: Host, tmp_path: Path) -> tuple[int, int]:
     """The writer in a pid namespace of its own (the source tree lives on while it
     serves pages, so the restored tree cannot reuse its pids); returns (pid, port)."""
 
-    port_file = tmp_path / "port"
-    launcher = spawn(
-        ["unshare", "--pid", "--fork", "setsid", sys.executable, "-c", WRITER,
-         str(port_file), str(PAGES)],
-        host=host,
+    launcher, port = start_server(
+        spawn, tmp_path, WRITER, str(PAGES), bind="0.0.0.0", host=host,
+        prefix=["unshare", "--pid", "--fork", "setsid"],
     )  # fmt: skip
-    deadline = time.monotonic() + 15
-    while not port_file.exists():
-        assert launcher.poll() is None, (tmp_path / "proc.err").read_text()
-        assert time.monotonic() < deadline, "writer did not start"
-        time.sleep(0.01)
-    return tree_pids(launcher.pid)[1], int(port_file.read_text())
+    return tree_pids(launcher.pid)[1], port
 
 
 class Writes:
@@ -100,12 +72,13 @@ class Writes:
     def run(self, host: Host, address: str, port: int, count: int) -> None:
         for _ in range(count):
             k, value = self.rng.randrange(PAGES), self.rng.randbytes(8).hex()
-            assert ask(host, address, port, f"put {k} {value}") == "ok"
+            assert ask(f"put {k} {value}", port, via=host, address=address) == "ok"
             self.acked[k] = value
 
     def check(self, host: Host, address: str, port: int) -> None:
         for k, value in self.acked.items():
-            assert ask(host, address, port, f"get {k}") == value, f"page {k} lost its write"
+            answer = ask(f"get {k}", port, via=host, address=address)
+            assert answer == value, f"page {k} lost its write"
 
 
 class LazySource:
@@ -296,7 +269,7 @@ def test_source_lost_while_the_tree_runs_never_yields_missing_pages(
 
     def reader() -> None:
         try:
-            answers.append(ask(src, dst.address, port, f"get {k}"))
+            answers.append(ask(f"get {k}", port, via=src, address=dst.address))
         except OSError:
             pass
 

@@ -16,7 +16,6 @@ import signal
 import socket
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -80,8 +79,10 @@ class Writer:
         assert not self._thread.is_alive()
 
 
-def _extra_host(world: World, name: str, env: str) -> tuple[Path, ServiceProcess]:
-    """A host of the same deployment whose platform (the OS) tracks pages as ``env`` says."""
+@contextlib.contextmanager
+def _extra_host(world: World, name: str, env: str) -> Iterator[ServiceProcess]:
+    """A host of the same deployment whose platform (the OS) tracks pages as ``env`` says;
+    its platform service stops when the block ends."""
 
     state = world.root / f"host-{name}"
     if not state.exists():
@@ -90,7 +91,11 @@ def _extra_host(world: World, name: str, env: str) -> tuple[Path, ServiceProcess
         EmulatedPlatform.init(state, ca, host_id=name, allowed_signers=[signer])
     service = start_service(state, prefix=["env", f"{FAULT_ENV}={env}"])
     world.services[name] = service
-    return state, service
+    try:
+        yield service
+    finally:
+        del world.services[name]
+        service.stop()
 
 
 @pytest.fixture
@@ -101,13 +106,32 @@ def destination(world: World) -> Iterator[DestinationDriver]:
 
 
 def _live(
-    client: EnclaveClient, dest: DestinationDriver, rules: StopRules | None = None
+    client: EnclaveClient,
+    dest: DestinationDriver,
+    rules: StopRules | None = None,
+    *,
+    driver: type[LiveOutgoingEnclave] = LiveOutgoingEnclave,
+    side: socket.socket | None = None,
 ) -> tuple[LiveOutgoingEnclave, socket.socket]:
-    side = client.open_side_channel()
-    out = LiveOutgoingEnclave(side, client.info, client.image_files, peer_timeout=30.0,
-                              rules=rules or StopRules(max_rounds=6))  # fmt: skip
+    """``client``'s enclave about to move live (over ``side``, default a new side channel),
+    and its connection to ``dest``."""
+
+    if side is None:
+        side = client.open_side_channel()
+    out = driver(side, client.info, client.image_files, peer_timeout=30.0,
+                 rules=rules or StopRules(max_rounds=6))  # fmt: skip
     peer = socket.create_connection(dest.address, timeout=10)
     return out, peer
+
+
+def _attach(client: EnclaveClient, dest: DestinationDriver, launch: Launcher) -> None:
+    """The destination committed and runs: the application takes its enclave."""
+
+    dest.join()
+    assert dest.active, repr(dest.error)
+    assert dest.enclave_sock is not None
+    client.reattach(dest.enclave_sock)
+    launch.track(dest.pid)
 
 
 def test_kvstore_moves_live_with_every_acknowledged_write(
@@ -130,13 +154,9 @@ def test_kvstore_moves_live_with_every_acknowledged_write(
         out.commit()
     finally:
         close_hard(peer)
-    destination.join()
-    assert destination.active, repr(destination.error)
-    assert destination.enclave_sock is not None
+    _attach(client, destination, launch)
     assert final["final"]["verify_seconds"] >= 0
     assert final["destination"]["rounds"]
-    client.reattach(destination.enclave_sock)
-    launch.track(destination.pid)
     writer.mark()
     writer.finish()
     assert not writer.errors, writer.errors
@@ -189,8 +209,7 @@ def test_hidden_dirty_page_is_repaired_never_a_silent_difference(
     world: World, launch: Launcher, destination: DestinationDriver
 ) -> None:
     # The OS of host "h" never reports page 2 as written: a kvstore write lands there.
-    _, service = _extra_host(world, "h", "hide=2")
-    try:
+    with _extra_host(world, "h", "hide=2"):
         client = launch("kvstore", host="h")
         client.ecall.put("first", b"x" * 100)
         out, peer = _live(client, destination, StopRules(max_rounds=2, downtime_target=0.0))
@@ -203,20 +222,13 @@ def test_hidden_dirty_page_is_repaired_never_a_silent_difference(
             out.commit()
         finally:
             close_hard(peer)
-        destination.join()
-        assert destination.active, repr(destination.error)
+        _attach(client, destination, launch)
         # The destination found page 2's group different; the source sent its segments again.
         assert final["repair"]["segments"] == GROUP, final["repair"]
         assert final["destination"]["repair"]["segments"] == GROUP
-        assert destination.enclave_sock is not None
-        client.reattach(destination.enclave_sock)
-        launch.track(destination.pid)
         assert client.ecall.get("hidden") == b"h" * 64
         assert client.ecall.get("first") == b"x" * 100
         assert client.ecall.get("pad") == b"p" * 8192
-    finally:
-        del world.services["h"]
-        service.stop()
 
 
 class _WrongRepair(LiveOutgoingEnclave):
@@ -229,14 +241,11 @@ class _WrongRepair(LiveOutgoingEnclave):
 def test_hidden_dirty_page_with_a_wrong_repair_is_refused(
     world: World, launch: Launcher, destination: DestinationDriver
 ) -> None:
-    _, service = _extra_host(world, "h", "hide=2")
-    try:
+    with _extra_host(world, "h", "hide=2"):
         client = launch("kvstore", host="h")
         client.ecall.put("first", b"x" * 100)
-        side = client.open_side_channel()
-        out = _WrongRepair(side, client.info, client.image_files, peer_timeout=30.0,
-                           rules=StopRules(max_rounds=2, downtime_target=0.0))  # fmt: skip
-        peer = socket.create_connection(destination.address, timeout=10)
+        out, peer = _live(client, destination, StopRules(max_rounds=2, downtime_target=0.0),
+                          driver=_WrongRepair)  # fmt: skip
         try:
             out.precopy(peer)
             client.ecall.put("pad", b"p" * 8192)
@@ -252,16 +261,12 @@ def test_hidden_dirty_page_with_a_wrong_repair_is_refused(
         client.reattach(out.abort("refused"))
         assert client.ecall.get("hidden") == b"h" * 64
         assert client.ecall.get("first") == b"x" * 100
-    finally:
-        del world.services["h"]
-        service.stop()
 
 
 def test_without_tracking_live_says_so_and_falls_back(
     world: World, launch: Launcher, destination: DestinationDriver
 ) -> None:
-    _, service = _extra_host(world, "u", "unavailable")
-    try:
+    with _extra_host(world, "u", "unavailable"):
         client = launch("kvstore", host="u")
         values = fill_kvstore(client, count=8)
         out, peer = _live(client, destination)
@@ -274,17 +279,10 @@ def test_without_tracking_live_says_so_and_falls_back(
             out.commit()
         finally:
             close_hard(peer)
-        destination.join()
-        assert destination.active, repr(destination.error)
+        _attach(client, destination, launch)
         assert final["memory_bytes"] >= 48 << 20  # everything went in the final transfer
-        assert destination.enclave_sock is not None
-        client.reattach(destination.enclave_sock)
-        launch.track(destination.pid)
         for key, value in values.items():
             assert client.ecall.get(key) == value
-    finally:
-        del world.services["u"]
-        service.stop()
 
 
 def test_side_channel_closing_mid_rounds_aborts_in_the_enclave(
@@ -295,9 +293,7 @@ def test_side_channel_closing_mid_rounds_aborts_in_the_enclave(
     client = launch("kvstore")
     values = fill_kvstore(client, count=8)
     side = client.open_side_channel()
-    out = LiveOutgoingEnclave(side, client.info, client.image_files, peer_timeout=30.0,
-                              rules=StopRules(max_rounds=6, downtime_target=0.0))  # fmt: skip
-    peer = socket.create_connection(destination.address, timeout=10)
+    out, peer = _live(client, destination, StopRules(max_rounds=6, downtime_target=0.0), side=side)
 
     def die(figures: dict[str, object]) -> None:
         if figures["round"] == 0:

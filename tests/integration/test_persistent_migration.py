@@ -11,7 +11,6 @@ source as it was; the record survives an enclave (and platform service) restart.
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 
 import cbor2
@@ -19,7 +18,13 @@ import pytest
 
 pytest.register_assert_rewrite("state_helpers", "pstore_image")
 
-from pstore_image import host_state, record_names  # noqa: E402
+from pstore_image import (  # noqa: E402
+    checkpoint_out,
+    counting,
+    host_state,
+    record_names,
+    restored,
+)
 from state_helpers import (  # noqa: E402
     Launcher,
     World,
@@ -31,7 +36,6 @@ from state_helpers import (  # noqa: E402
 )
 
 from migsgx.agent.reservations import release_reservations  # noqa: E402
-from migsgx.datapath.checkpoint import CheckpointOut, restore_enclave  # noqa: E402
 from migsgx.enclave.persistent import (  # noqa: E402
     RESERVED,
     PersistentStateError,
@@ -43,11 +47,6 @@ from migsgx.lab.hosts import start_service  # noqa: E402
 
 pytest_plugins = ["state_helpers", "pstore_image"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-@pytest.fixture
-def name() -> str:
-    return f"it-{uuid.uuid4().hex[:12]}"
-
 
 def reserved_on(world: World, host: str, name: str) -> bool:
     """Host ``host`` holds ``name`` only as a reservation for an arriving migration."""
@@ -184,9 +183,7 @@ def test_frozen_from_dump_until_the_abort(
 def test_destination_crash_before_commit_leaves_the_source_intact(
     world: World, launch: Launcher, pstore: str, name: str
 ) -> None:
-    client = launch(pstore)
-    client.ecall.open(name)
-    client.ecall.create("c", 41)
+    client = counting(launch, pstore, name, 41)
     blob = client.ecall.seal(b"still here", "c")  # c = 42
     with migration_pair(world) as (dest, _, addr):
         run = start_transfer(client, addr)
@@ -215,9 +212,7 @@ def test_a_reservation_left_by_a_dead_destination_is_released(
     (``migsgx.agent.reservations``); then the same state migrates there again.
     """
 
-    client = launch(pstore)
-    client.ecall.open(name)
-    client.ecall.create("c", 6)
+    client = counting(launch, pstore, name, 6)
     with migration_pair(world) as (dest, _, addr):
         run = start_transfer(client, addr)
         assert run.error is None, run.error
@@ -270,9 +265,7 @@ def test_record_survives_enclave_and_platform_restarts(
 def test_a_second_instance_takes_the_record_over(
     world: World, launch: Launcher, pstore: str, name: str
 ) -> None:
-    first = launch(pstore)
-    first.ecall.open(name)
-    first.ecall.create("c")
+    first = counting(launch, pstore, name)
     second = launch(pstore)
     assert second.ecall.open(name) is False
     with pytest.raises(PersistentStateError):
@@ -283,22 +276,16 @@ def test_a_second_instance_takes_the_record_over(
 def test_checkpoint_carries_the_persistent_state(
     world: World, launch: Launcher, pstore: str, name: str, tmp_path: Path
 ) -> None:
-    client = launch(pstore)
-    client.ecall.open(name)
-    client.ecall.create("c", 2)
+    client = counting(launch, pstore, name, 2)
     blob = client.ecall.seal(b"in the checkpoint", "c")  # 3
     pid = client.info.pid
-    out = CheckpointOut(client.detach(), client.info, client.image_files)
-    out.write(tmp_path, 0)
+    out = checkpoint_out(client, tmp_path)
     out.commit()
     assert wait_gone(pid)
     assert name not in record_names(world, "a")
 
-    sock, info, files = restore_enclave(tmp_path, 0, world.socket("a"))
-    launch.track(info.pid)
-    restored = EnclaveClient(sock, info, image_files=files)
-    launch.clients.append(restored)
-    assert restored.ecall.read("c") == 3
-    assert restored.ecall.unseal(blob) == b"in the checkpoint"
+    back = restored(launch, world, tmp_path)
+    assert back.ecall.read("c") == 3
+    assert back.ecall.unseal(blob) == b"in the checkpoint"
     assert name in record_names(world, "a")
-    assert pid_running(info.pid)
+    assert pid_running(back.info.pid)

@@ -10,103 +10,50 @@ running with wrong memory.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from migsgx.criu import Criu
-from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed
-from migsgx.system.process import kill_tree
+pytest.register_assert_rewrite("bed_helpers")
+
+from bed_helpers import (  # noqa: E402
+    end_copies,
+    start_workers,
+    wait_until,
+    workers,
+    workers_carry_on,
+    workers_kept_every_write,
+)
+
+from migsgx.lab.testbed import AgentProcess, Testbed  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-
-@pytest.fixture(scope="module")
-def bed(
-    criu: Criu,
-    subreaper: None,
-    _stale_namespaces_removed: None,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Testbed]:
-    with Testbed(tmp_path_factory.mktemp("postcopy"), subnet=83) as testbed:
-        yield testbed
-
-
-@pytest.fixture(scope="module")
-def agent(bed: Testbed) -> AgentProcess:
-    return bed.start_agent()
-
-
-def workers(bed: Testbed, app: AppProcess, at: str) -> list[dict[str, Any]]:
-    reply = bed.ask("STATE", app.port, at=at, via="dst" if at == "src" else "src")
-    return list(json.loads(reply.removeprefix("STATE "))["workers"])
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def start_kvstore(bed: Testbed) -> AppProcess:
-    app = bed.start_app(
-        "kvstore",
-        ["--image", str(bed.image("kvstore")), "--workers", "2", "--max-calls", "100000"],
-    )
-    wait_until(
-        lambda: all(w["count"] > 20 for w in workers(bed, app, "src")), 20, "the workers to start"
-    )
-    return app
-
-
-def carries_on(bed: Testbed, app: AppProcess, at: str) -> None:
-    counts = [w["count"] for w in workers(bed, app, at)]
-    wait_until(
-        lambda: all(
-            w["count"] > c + 20 for w, c in zip(workers(bed, app, at), counts, strict=True)
-        ),
-        20,
-        f"the workers to carry on at {at}",
-    )
-
-
-def end(bed: Testbed, app: AppProcess) -> None:
-    for procs in bed.copies(app).values():
-        for pid, _ in procs:
-            kill_tree(pid)
+#: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
+BED_SUBNET = 83
+#: Two worker threads writing through the enclave while it moves.
+WRITING = ("--workers", "2", "--max-calls", "100000")
 
 
 def test_kvstore_under_writes_moves_with_post_copy(bed: Testbed, agent: AgentProcess) -> None:
-    app = start_kvstore(bed)
+    app = start_workers(bed, *WRITING)
     run = bed.migrate(app.pid, agent, args=["--post-copy"])
     assert run.returncode == 0, run.stderr
     assert run.stats is not None
     # The destination ran before its last page came: the window was open.
     assert run.stats["post_copy_window"] > 0
     assert run.stats["details"]["page_bytes"] == 0  # no page went before the commit
-    carries_on(bed, app, "dst")
-    bed.ask("STOP", app.port, at="dst", via="src")
-    final = workers(bed, app, "dst")
-    assert all(not w["errors"] for w in final), final
-    # Every worker's last acknowledged write is what its enclave holds.
-    for i, worker in enumerate(final):
-        value = bed.ask(f"WORKER {i}", app.port, at="dst", via="src")
-        assert value == "VALUE " + str(worker["count"]).encode().hex()
+    workers_carry_on(bed, app, "dst")
+    workers_kept_every_write(bed, app, "dst")
     assert bed.runnable_copies(app) == {"src": 0, "dst": 1}
-    end(bed, app)
+    end_copies(bed, app)
 
 
 @pytest.mark.parametrize("action", ["fail", "kill-criu"])
 def test_failure_before_the_commit_point_leaves_the_source_running(
     bed: Testbed, agent: AgentProcess, action: str
 ) -> None:
-    app = start_kvstore(bed)
+    app = start_workers(bed, *WRITING)
     # The destination restored the tree held, its daemon pulling pages; then the
     # tool fails, or the source's CRIU (the only server of the pages) dies while
     # pages are still missing (the page stream is throttled: see below).
@@ -123,10 +70,10 @@ def test_failure_before_the_commit_point_leaves_the_source_running(
         unthrottle(bed)
     assert run.returncode == 6, run.stderr
     assert "the source runs on" in run.stderr or "aborted" in run.stderr, run.stderr
-    carries_on(bed, app, "src")
+    workers_carry_on(bed, app, "src")
     assert all(not w["errors"] for w in workers(bed, app, "src"))
     assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
-    end(bed, app)
+    end_copies(bed, app)
 
 
 def free_port(bed: Testbed) -> int:
@@ -167,7 +114,7 @@ def unthrottle(bed: Testbed) -> None:
 def test_source_criu_lost_after_the_commit_point_is_exit_9(
     bed: Testbed, agent: AgentProcess
 ) -> None:
-    app = start_kvstore(bed)
+    app = start_workers(bed, *WRITING)
     port = free_port(bed)
     throttle_port(bed, port)
     try:
@@ -187,7 +134,7 @@ def test_source_criu_lost_after_the_commit_point_is_exit_9(
     copies = bed.copies(app)
     assert bed.runnable_copies(app) == {"src": 0, "dst": 0}, copies
     assert all(state in ("", "Z", "X") for _, state in copies["dst"]), copies
-    end(bed, app)
+    end_copies(bed, app)
 
 
 def test_tool_killed_while_its_criu_waits_for_the_destination(
@@ -196,12 +143,12 @@ def test_tool_killed_while_its_criu_waits_for_the_destination(
     """The lazy dump serves, no restore was asked: the guardian ends that CRIU
     (it would wait for a page connection forever) and resumes the source."""
 
-    app = start_kvstore(bed)
+    app = start_workers(bed, *WRITING)
     run = bed.migrate(
         app.pid, agent, args=["--post-copy"], env={"MIGSGX_FAULT": "tool.before-restore:kill"}
     )
     assert run.returncode == -9, run.stderr
     wait_until(lambda: bed.runnable_copies(app) == {"src": 1, "dst": 0}, 30, "the source to run")
-    carries_on(bed, app, "src")
+    workers_carry_on(bed, app, "src")
     assert all(not w["errors"] for w in workers(bed, app, "src"))
-    end(bed, app)
+    end_copies(bed, app)

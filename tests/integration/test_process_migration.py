@@ -25,16 +25,16 @@ from typing import Any
 
 import pytest
 
-from migsgx.agent.tls import issue_agent_identity
-from migsgx.datapath.checkpoint import CheckpointIn
-from migsgx.errors import ReplayError, SealError
-from migsgx.host.client import EnclaveClient
-from migsgx.lab.hosts import start_service
-from migsgx.lab.netns import Host
-from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
-from migsgx.sgx.ca import ProvisioningCA
-from migsgx.sgx.platform import EmulatedPlatform
-from migsgx.system.process import in_netns, kill_tree, process_state
+pytest.register_assert_rewrite("bed_helpers")
+
+from bed_helpers import finish, kvstore, strict_destination, wait_until, workers  # noqa: E402
+
+from migsgx.datapath.checkpoint import CheckpointIn  # noqa: E402
+from migsgx.errors import ReplayError, SealError  # noqa: E402
+from migsgx.host.client import EnclaveClient  # noqa: E402
+from migsgx.lab.netns import Host  # noqa: E402
+from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed  # noqa: E402
+from migsgx.system.process import in_netns, kill_tree, process_state  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
@@ -44,10 +44,6 @@ PHASE_KEYS = {
     "freeze", "enclave_dump", "criu_dump", "transfer", "restore", "enclave_load",
     "total", "downtime", "bytes",
 }  # fmt: skip
-
-
-def kvstore(bed: Testbed, *args: str) -> AppProcess:
-    return bed.start_app("kvstore", ["--image", str(bed.image("kvstore")), *args])
 
 
 def ask_src(bed: Testbed, app: AppProcess, line: str) -> str:
@@ -62,27 +58,6 @@ def restored_pid(bed: Testbed, app: AppProcess) -> int:
     procs = bed.copies(app)["dst"]
     assert len(procs) == 1, procs
     return procs[0][0]
-
-
-def finish(bed: Testbed, app: AppProcess, *, expect: str) -> None:
-    """Exactly one runnable copy, on ``expect``; then stop it."""
-
-    assert bed.runnable_copies(app) == {"src": int(expect == "src"), "dst": int(expect == "dst")}
-    for procs in bed.copies(app).values():
-        for pid, _ in procs:
-            kill_tree(pid)
-
-
-def workers(bed: Testbed, app: AppProcess, at: str) -> list[dict[str, Any]]:
-    reply = bed.ask("STATE", app.port, at=at, via="dst" if at == "src" else "src")
-    return list(json.loads(reply.removeprefix("STATE "))["workers"])
-
-
-def wait_until(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # --- moves ---------------------------------------------------------------------------------------
@@ -232,6 +207,37 @@ def test_destination_lost_during_the_early_handshake_never_freezes_the_source(
     finish(bed, app, expect="src")
 
 
+def test_a_port_taken_at_the_destination_is_refused_before_the_freeze(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    """The application listens on a port that something holds in the destination's
+    namespace: ``begin`` is refused (``port-in-use``, exit 6) before anything froze or
+    moved, instead of CRIU's "Can't bind inet socket" after the freeze; once the port
+    is free the same application moves."""
+
+    app = kvstore(bed)
+    ask_src(bed, app, "PUT k " + b"v".hex())
+    digest = ask_src(bed, app, "DIGEST")
+    squatter = in_netns(
+        f"/run/netns/{bed.host('dst').netns}",
+        lambda: socket.create_server(("0.0.0.0", app.port)),
+    )
+    try:
+        run = bed.migrate(app.pid, agent)
+    finally:
+        squatter.close()
+    assert run.returncode == 6, run.stderr  # EXIT_MIGRATION: did not move, the source runs
+    assert "destination: begin failed: [port-in-use]" in run.stderr
+    assert f"tcp 0.0.0.0:{app.port}" in run.stderr
+    assert "Can't bind" not in run.stderr  # CRIU never ran
+    check_source_runs_on(bed, app, digest)
+    digest = ask_src(bed, app, "DIGEST")
+    run = bed.migrate(app.pid, agent)
+    assert run.returncode == 0, run.stderr
+    assert ask_dst(bed, app, "DIGEST") == digest
+    finish(bed, app, expect="dst")
+
+
 def test_criu_restore_failing_keeps_the_source(bed: Testbed) -> None:
     failing = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-restore:corrupt"})
     app = kvstore(bed)
@@ -267,13 +273,7 @@ def test_a_flipped_byte_in_the_page_stream_keeps_the_source(bed: Testbed) -> Non
 def test_destination_enclave_load_failing(bed: Testbed, tmp_path: Path) -> None:
     """The destination platform refuses to launch the enclave (launch control)."""
 
-    state = tmp_path / "strict"
-    EmulatedPlatform.init(state, ProvisioningCA.load(bed.deployment.ca_dir), host_id="strict")
-    dst = bed.host("dst")
-    issue_agent_identity(bed.deployment.ca_dir, state, "strict", [dst.address])
-    service = start_service(state, prefix=dst.command([]), extra_args=["--allow-signer", "00" * 32])
-    try:
-        strict = bed.start_agent(state=state, platform_socket=service.socket)
+    with strict_destination(bed, tmp_path / "strict") as strict:
         app = kvstore(bed)
         ask_src(bed, app, "PUT k " + b"v".hex())
         digest = ask_src(bed, app, "DIGEST")
@@ -284,8 +284,6 @@ def test_destination_enclave_load_failing(bed: Testbed, tmp_path: Path) -> None:
         check_source_runs_on(bed, app, digest)
         strict.stop()
         finish(bed, app, expect="src")
-    finally:
-        service.stop()
 
 
 @pytest.mark.parametrize("point", ["tool.after-prepare", "tool.before-commit"])

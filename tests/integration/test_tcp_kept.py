@@ -13,37 +13,22 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from migsgx.criu import Criu
-from migsgx.lab.containers import ContainerApp, ContainerLab
-from migsgx.lab.testbed import AgentProcess, Testbed
+pytest.register_assert_rewrite("bed_helpers")
+
+from bed_helpers import wait_until  # noqa: E402
+
+from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
+from migsgx.lab.testbed import AgentProcess, Testbed  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 #: This module's subnet (no other module's testbed uses it).
 BED_SUBNET = 93
-
-
-@pytest.fixture(scope="module")
-def bed(
-    criu: Criu,
-    subreaper: None,
-    _stale_namespaces_removed: None,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Testbed]:
-    root = tmp_path_factory.mktemp("tcpkept")
-    with Testbed(root, subnet=BED_SUBNET, bridged=True) as testbed:
-        yield testbed
-
-
-@pytest.fixture(scope="module")
-def lab(bed: Testbed, criu: Criu) -> Iterator[ContainerLab]:
-    with ContainerLab(bed, criu=criu) as containers:
-        yield containers
+BED_BRIDGED = True  # the pod's address moves between the hosts' bridge ports
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +96,6 @@ class Dialer(threading.Thread):
                 self.ok += 1
             else:
                 self.errors.append(reply)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def ask(conn: socket.socket, line: str) -> str:

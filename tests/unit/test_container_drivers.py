@@ -19,7 +19,7 @@ from migsgx.containers import (
     HostConfig,
     make_driver,
 )
-from migsgx.containers.admission import SpecPolicy
+from migsgx.containers.admission import SpecPolicy, SpecRefused
 from migsgx.containers.cgroups import thaw_file
 from migsgx.containers.frozen import write_criu_config
 from migsgx.containers.oci import (
@@ -89,7 +89,8 @@ def test_one_table_names_every_driver() -> None:
     for name in DRIVERS:
         driver: Driver = make_driver(name, host())
         assert driver.name == name
-        for method in ("uses_page_server", "locate", "dump", "check_target", "restore", "discard"):
+        for method in ("uses_page_server", "locate", "dump", "check_target", "admit_spec",
+                       "restore", "discard"):  # fmt: skip
             assert callable(getattr(driver, method))
 
 
@@ -325,6 +326,41 @@ def test_begin_carries_the_driver() -> None:
     assert decode_body(encode(old)[4:], CONTROL) == old  # the fields are optional
     with pytest.raises(ProtocolError):
         decode_body(encode({**msg, "driver": 3})[4:], CONTROL)
+
+
+def test_begin_carries_what_the_destination_checks_before_the_freeze() -> None:
+    from migsgx.agent.protocol import CONTROL
+    from migsgx.wire import decode_body, encode
+
+    msg = {"t": "begin", "session_id": b"m" * 16, "enclaves": [], "pids": [1], "pidns": True,
+           "tcp_close": True, "page_tls": True, "spec": spec(),
+           "ports": [{"proto": "tcp", "address": "0.0.0.0", "port": 7001}]}  # fmt: skip
+    assert decode_body(encode(msg)[4:], CONTROL) == msg
+    with pytest.raises(ProtocolError):
+        decode_body(encode({**msg, "spec": [1]})[4:], CONTROL)
+
+
+@pytest.mark.parametrize("name", ["runc", "podman", "containerd"])
+def test_an_announced_specification_is_admitted_as_the_restore_would(
+    name: str, tmp_path: Path
+) -> None:
+    """``begin``'s specification meets the allow list before the source freezes (and again
+    at the restore); a refusal names the field, and nothing is written for an engine."""
+
+    settings = ContainerSettings(bind_sources=(Path("/usr"),), netns=Path("/run/netns/dst"))
+    driver = make_driver(name, HostConfig(Criu("/bin/true"), settings, Path("/x/e.sock"), tmp_path))
+    target = {"name": "kv1"} if name == "podman" else {"id": "kv1"}
+    good = spec()
+    driver.admit_spec(target, good)
+    assert good == spec()  # the announcement is not changed
+    bad = spec()
+    bad["process"]["capabilities"] = {"bounding": ["CAP_SYS_ADMIN"]}
+    with pytest.raises(SpecRefused) as refused:
+        driver.admit_spec(target, bad)
+    assert refused.value.field == "process.capabilities.bounding"
+    assert not (tmp_path / "agent").exists()  # nothing written for an engine
+    with pytest.raises(ProtocolError):
+        make_driver("pid", host()).admit_spec({}, good)
 
 
 # --- containerd ------------------------------------------------------------------------------

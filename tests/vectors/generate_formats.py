@@ -554,7 +554,13 @@ def agent_cases() -> list[dict[str, Any]]:
     begin_lazy = {**begin, "page_server": False, "post_copy": True}
     restore_lazy = {"t": "restore", "lazy_port": 4002}
     window = {"t": "window", "seconds": 1.5}
-    named = {id(begin_runc): "-runc", id(begin_lazy): "-post-copy", id(restore_lazy): "-lazy"}
+    # Checked before the source freezes (agent-control.md, section 4): a process tree's
+    # listening ports, a container's OCI specification.
+    begin_ports = {**begin, "ports": [{"proto": "tcp", "address": "0.0.0.0", "port": 7001},
+                                      {"proto": "udp", "address": "::", "port": 7002}]}
+    begin_spec = {**begin_runc, "spec": {"ociVersion": "1.0.2", "process": {"args": ["app"]}}}
+    named = {id(begin_runc): "-runc", id(begin_lazy): "-post-copy", id(restore_lazy): "-lazy",
+             id(begin_ports): "-ports", id(begin_spec): "-spec"}  # fmt: skip
     image = {"t": "image", "name": "core-1.img", "data": b"\x01\x02"}
     done = {"t": "images_done", "files": 1, "bytes": 2}
     steps = [hello, begin, {"t": "enclaves_done"}, image, done, {"t": "restore"}, {"t": "resume"}]
@@ -562,6 +568,8 @@ def agent_cases() -> list[dict[str, Any]]:
         *steps,
         begin_runc,
         begin_lazy,
+        begin_ports,
+        begin_spec,
         restore_lazy,
         window,
         {"t": "abort", "reason": "operator"},
@@ -583,6 +591,11 @@ def agent_cases() -> list[dict[str, Any]]:
     out.append(
         frame_case(
             "control-begin-driver-int", "agent-control", frame({**begin, "driver": 1}), BAD, cap
+        )
+    )
+    out.append(
+        frame_case(
+            "control-begin-ports-map", "agent-control", frame({**begin, "ports": {}}), BAD, cap
         )
     )
     out.append(

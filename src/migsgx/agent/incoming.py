@@ -48,6 +48,7 @@ from ..sgx.counters import CounterStore
 from ..sgx.platform import COUNTERS
 from ..system.process import continue_tree, wait_stopped
 from ..wire import recv_frame, send_frame
+from . import preflight
 from .applink import AppLink
 from .config import AgentHost
 from .datalink import KEY_SIZE, accept_data, check_pinned
@@ -309,6 +310,7 @@ class IncomingMigration:
             HostConfig(config.criu, config.containers, config.platform_socket, config.state),
         )
         self.target = self.driver.check_target(msg.get("target") or {})
+        preflight.admit(self.driver, self.target, msg)  # before the source freezes anything
         if not msg["pidns"]:
             self._check_pids_free(msg["pids"])
         self.tcp_close = bool(msg["tcp_close"])

@@ -8,7 +8,9 @@ Tool -> agent, in this order::
 
     hello          -> welcome
     begin          -> ready            (session: data and page-server ports, token;
-                                        the driver that restores: pid, runc, podman)
+                                        the driver that restores: pid, runc, podman;
+                                        refused at once for an OCI specification or a
+                                        listening port the restore would refuse)
     enclaves_done  -> enclaves_ready   (every incoming enclave verified and LOADED)
     image*, images_done -> images_ok   (the CRIU images without the pages)
     restore        -> restored         (the tree exists, SIGSTOPped: held)
@@ -118,6 +120,9 @@ CONTROL = Schema(
             "target": (dict, NONE),  # the driver's description of it (e.g. {"id": ...})
             "page_server": (bool, NONE),  # whether the tool's CRIU connects to the page server
             "post_copy": (bool, NONE),  # process pages pulled lazily after the commit
+            # Checked before the source freezes (agent.preflight); the restore checks again:
+            "spec": (dict, NONE),  # a container's OCI runtime specification
+            "ports": (list, NONE),  # pid: [{"proto", "address", "port"}] it listens on
         },
         "enclaves_done": {},
         "image": {"name": str, "data": bytes},

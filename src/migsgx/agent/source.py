@@ -70,7 +70,7 @@ from ..errors import (
 )
 from ..host.appctl import info_to_wire
 from ..system.process import is_pidns_init, process_state, stop_tree, tree_pids
-from . import early, precopy
+from . import early, precopy, preflight
 from .applink import AppLink, HandedEnclave
 from .control import CONNECT_TIMEOUT, AgentConnection
 from .datalink import open_data
@@ -314,6 +314,7 @@ class _Migration:
         }
         if self.driver.name != "pid":
             begin.update(driver=self.driver.name, target=self.source.target)
+        begin.update(preflight.announce(self.driver.name, self.source, pids))
         if not self.page_server:
             begin["page_server"] = False
         if self.opts.post_copy:

@@ -23,6 +23,11 @@ The contract, source side:
 
 Destination side:
 
+* :meth:`Driver.admit_spec` checks, at ``begin`` and before anything on the
+  source freezes, the OCI runtime specification the source announced
+  (:attr:`Source.spec`) against this host's allow list: a refusal then costs
+  the source nothing.  :meth:`Driver.restore` checks what actually arrived
+  again (the announcement binds nothing).
 * :meth:`Driver.restore` makes the workload from the received files and
   leaves every task of it stopped ("held"): nothing of it has run when it
   returns.  A failure cleans up what it made.
@@ -98,6 +103,8 @@ class Source:
     #: Why its established TCP connections cannot be kept ("" when they can: it owns
     #: an address that moves with it, :mod:`.podnet`).
     no_tcp_keep: str = "it shares its host's network namespace: its address cannot move"
+    #: The OCI runtime specification it runs with, announced in ``begin`` (containers).
+    spec: dict[str, Any] | None = None
 
 
 @dataclass
@@ -172,6 +179,14 @@ class Driver(Protocol):
 
     def check_target(self, target: Mapping[str, Any]) -> dict[str, Any]:
         """Validate ``begin``'s ``target`` on the destination (a :class:`ProtocolError`)."""
+        ...
+
+    def admit_spec(self, target: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
+        """Refuse, before the source freezes, what :meth:`restore` would refuse of ``spec``.
+
+        ``target`` was checked by :meth:`check_target`; a refusal is a
+        :class:`~.admission.SpecRefused` naming the field, and nothing is written.
+        """
         ...
 
     def restore(self, request: RestoreRequest) -> Restored: ...

@@ -203,6 +203,7 @@ class ContainerdDriver:
             root=task[0],
             target={"id": cid},
             label=f"containerd container {cid}",
+            spec=spec,
             private={
                 "record": {"image": image, "runtime": runtime, "spec": spec},
                 "snapshotter": str(info.get("Snapshotter") or self.ctr.snapshotter),
@@ -289,6 +290,23 @@ class ContainerdDriver:
             raise ProtocolError("the containerd record has no runtime specification")
         return image, str(runtime), spec
 
+    def _localization(self, cid: str, spec: Mapping[str, Any], criu_config: Path) -> Localization:
+        settings = self.host.settings
+        return Localization(
+            platform_socket=self.host.platform_socket,
+            netns=(settings.netns or own_netns_path()) if joined_host_netns(spec) else None,
+            cgroups_path=f"{settings.cgroup_parent}/{cid}" if settings.cgroup_parent else None,
+            criu_config=criu_config,
+            policy=SpecPolicy.from_settings(settings),
+            root_path="rootfs",  # the snapshot containerd mounts in the bundle
+        )
+
+    def admit_spec(self, target: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
+        cid = str(target["id"])
+        # (the CRIU configuration's path, as restore names it; nothing is made here)
+        conf = Path(self.host.state_dir or "/") / "agent" / "containerd" / f"{cid}.criu.conf"
+        localize(spec, self._localization(cid, spec, conf))
+
     def restore(self, request: RestoreRequest) -> Restored:
         cid = self.check_target(request.target)["id"]
         if self.ctr.info(cid) is not None:
@@ -302,18 +320,10 @@ class ContainerdDriver:
         rw = request.images / CONTAINERD_RW
         if rw.exists() and rw.stat().st_size > MAX_RW_BYTES:
             raise ProtocolError(f"the root file system's changes exceed {MAX_RW_BYTES} bytes")
-        settings = self.host.settings
         criu_config = self._conf_dir() / f"{cid}.criu.conf"
         write_criu_config(criu_config, tcp_close=request.tcp_close)
         joined = joined_host_netns(spec)
-        here = Localization(
-            platform_socket=self.host.platform_socket,
-            netns=(settings.netns or own_netns_path()) if joined else None,
-            cgroups_path=f"{settings.cgroup_parent}/{cid}" if settings.cgroup_parent else None,
-            criu_config=criu_config,
-            policy=SpecPolicy.from_settings(settings),
-            root_path="rootfs",  # the snapshot containerd mounts in the bundle
-        )
+        here = self._localization(cid, spec, criu_config)
         ref = f"migsgx.local/checkpoint/{cid}:{secrets.token_hex(4)}"
         work = request.images / "containerd-import"
         work.mkdir(mode=0o700)

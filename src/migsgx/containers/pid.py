@@ -86,6 +86,9 @@ class PidDriver:
             raise ProtocolError("the pid driver takes no target description")
         return {}
 
+    def admit_spec(self, target: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
+        raise ProtocolError("a process tree has no container specification")
+
     def restore(self, request: RestoreRequest) -> Restored:
         if request.before is not None:
             request.before(request.images)

@@ -154,10 +154,13 @@ class PodmanDriver:
         state = info.get("State") or {}
         if state.get("Status") != "running":
             raise ContainerError(f"podman container {name} is {state.get('Status')}, not running")
+        config = info.get("OCIConfigPath")
         return Source(
             root=int(state["Pid"]),
             target={"name": str(info.get("Name") or name)},
             label=f"podman container {name}",
+            # (podman keeps the runtime specification it started the container with there)
+            spec=load_json(Path(config), "podman runtime configuration") if config else None,
         )
 
     def dump(self, source: Source, plan: DumpPlan, on_dumped: Callable[[], None]) -> None:
@@ -238,6 +241,33 @@ class PodmanDriver:
             adopt=[conmon] if conmon > 0 else [],
         )
 
+    def _localization(
+        self,
+        runtime: Mapping[str, Any],
+        *,
+        cgroups_path: str | None,
+        criu_config: Path | None,
+        engine_in_netns: bool | None,
+    ) -> Localization:
+        settings = self.host.settings
+        netns = (settings.netns or own_netns_path()) if joined_host_netns(runtime) else None
+        return Localization(
+            platform_socket=self.host.platform_socket,
+            netns=netns,
+            cgroups_path=cgroups_path,
+            criu_config=criu_config,
+            engine_in_netns=netns is not None
+            and (same_netns(netns) if engine_in_netns is None else engine_in_netns),
+            policy=SpecPolicy.from_settings(settings),
+            engine_mounts=PODMAN_MOUNTS,
+        )
+
+    def admit_spec(self, target: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
+        """The runtime specification podman runs the container with (``spec.dump`` later)."""
+
+        here = self._localization(spec, cgroups_path=None, criu_config=None, engine_in_netns=True)
+        localize(spec, here)
+
     def localize_archive(
         self, work: Path, criu_config: Path | None, *, engine_in_netns: bool | None = None
     ) -> None:
@@ -268,16 +298,11 @@ class PodmanDriver:
             raise ProtocolError("the container configuration names no image")
         # podman would pull a missing image; a destination agent never fetches anything.
         self.podman("image", "exists", image, what=f"the container's image {image[:24]} here")
-        netns = (settings.netns or own_netns_path()) if joined_host_netns(runtime) else None
-        here = Localization(
-            platform_socket=self.host.platform_socket,
-            netns=netns,
+        here = self._localization(
+            runtime,
             cgroups_path=f"{parent}/libpod-{cid}" if parent and cgroupfs else None,
             criu_config=criu_config,
-            engine_in_netns=netns is not None
-            and (same_netns(netns) if engine_in_netns is None else engine_in_netns),
-            policy=SpecPolicy.from_settings(settings),
-            engine_mounts=PODMAN_MOUNTS,
+            engine_in_netns=engine_in_netns,
         )
         container["spec"] = localize(spec, here)
         runtime = localize(runtime, here)

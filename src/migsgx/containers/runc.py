@@ -102,7 +102,8 @@ class RuncDriver:
             label=f"runc container {cid}",
             private={"bundle": bundle, "rootfs": Path(str(state["rootfs"]))},
         )
-        self._own_address(source, load_json(bundle / "config.json", "runc configuration"))
+        source.spec = load_json(bundle / "config.json", "runc configuration")
+        self._own_address(source, source.spec)
         return source
 
     def _own_address(self, source: Source, config: Mapping[str, Any]) -> None:
@@ -212,6 +213,31 @@ class RuncDriver:
             raise ContainerError("this agent has no state directory for runc bundles")
         return self.host.state_dir / "agent" / "runc"
 
+    def _localization(self, cid: str, netns: Path | None, criu_config: Path) -> Localization:
+        """What this host puts into container ``cid``'s configuration (``netns``: the one
+        it joins here, ``None`` for one of its own)."""
+
+        settings = self.host.settings
+        return Localization(
+            platform_socket=self.host.platform_socket,
+            netns=netns,
+            cgroups_path=f"{settings.cgroup_parent}/{cid}" if settings.cgroup_parent else None,
+            criu_config=criu_config,
+            engine_in_netns=netns is not None,  # runc runs there (see restore)
+            policy=SpecPolicy.from_settings(settings),
+            root_path="rootfs",
+        )
+
+    def admit_spec(self, target: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
+        cid = str(target["id"])
+        settings = self.host.settings
+        netns: Path | None = None
+        if "net" in target:  # the pod namespace restore makes (an address it owns)
+            netns = podnet.NETNS_DIR / podnet.pod_netns_name(settings.pod_netns_prefix, cid)
+        elif joined_host_netns(spec):
+            netns = settings.netns or own_netns_path()
+        localize(spec, self._localization(cid, netns, self.bundles() / cid / "criu-restore.conf"))
+
     def restore(self, request: RestoreRequest) -> Restored:
         cid = self.check_target(request.target)["id"]
         if self.runc.state(cid) is not None:
@@ -243,16 +269,7 @@ class RuncDriver:
                     locked=True,  # until the commit: see Restored.before_resume
                 )
                 netns, joined = pod, True
-            here = Localization(
-                platform_socket=self.host.platform_socket,
-                netns=netns,
-                cgroups_path=f"{settings.cgroup_parent}/{cid}" if settings.cgroup_parent else None,
-                criu_config=criu_config,
-                engine_in_netns=netns is not None,  # runc runs there (see below)
-                policy=SpecPolicy.from_settings(settings),
-                root_path="rootfs",
-            )
-            spec = localize(config, here)
+            spec = localize(config, self._localization(cid, netns, criu_config))
             admit_images(request.images, spec)
             (bundle / "config.json").write_text(json.dumps(spec, indent=1))
             if request.before is not None:

@@ -61,7 +61,7 @@ from ..host.client import EnclaveInfo, launch_enclave
 from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
 from ..sgx.image import EnclaveImage
 from ..wire import recv_frame, send_frame
-from .ring import RingRole, ShmRing, send_ring_fds
+from .ring import RingPeerGoneError, RingRole, ShmRing, send_ring_fds
 from .transport import (
     PeerWatch,
     Staging,
@@ -226,7 +226,9 @@ def _call_beside(link: EnclaveLink, worker: _Worker, name: str, *args: Any) -> A
 
     A failing worker closes the ring, so the enclave then fails too, with "the
     ring's peer is gone": then the worker's own error is the cause to report.
-    (If the enclave itself is gone, that is the cause.)
+    (If the enclave itself is gone, that is the cause.)  A worker that failed only
+    because the enclave shut its ring end (the enclave refused the stream) is
+    not: the enclave's own error is.
     """
 
     try:
@@ -234,7 +236,9 @@ def _call_beside(link: EnclaveLink, worker: _Worker, name: str, *args: Any) -> A
     except EnclaveLostError:
         raise
     except MigSGXError as exc:
-        if isinstance(worker.error, MigSGXError):
+        if isinstance(worker.error, MigSGXError) and not isinstance(
+            worker.error, RingPeerGoneError
+        ):
             raise worker.error from exc
         raise
 

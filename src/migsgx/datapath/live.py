@@ -46,7 +46,7 @@ from .engine import (
     dump_watched,
 )
 from .ring import RingRole, ShmRing
-from .transport import ring_to_socket, tune_socket
+from .transport import ring_to_socket
 
 __all__ = ["FALLBACK", "LiveOutgoingEnclave", "RoundProgress", "StopRules"]
 
@@ -82,23 +82,12 @@ class LiveOutgoingEnclave(OutgoingEnclave):
     def precopy(self, peer: socket.socket, progress: RoundProgress | None = None) -> dict[str, Any]:
         """Handshake and rounds over the side channel while the enclave serves ECALLs."""
 
-        self.peer = peer
-        tune_socket(peer)
-        peer.settimeout(self.peer_timeout)
-        t0 = time.perf_counter()
         try:
-            _send(peer, {"t": "offer", "files": self.image_files, "chunk_size": self.chunk_size,
-                         "slots": self.slots, "mode": "live"})  # fmt: skip
-            _recv(peer, "accept")
-            hello = self.link.call("__mig_out_start")
-            _send(peer, {"t": "hs", "data": hello})
-            while True:
-                reply = self.link.call("__mig_hs", _recv(peer, "hs")["data"])
-                if reply["send"]:
-                    _send(peer, {"t": "hs", "data": reply["send"]})
-                if reply["done"]:
-                    break
-            t_hs = time.perf_counter()
+            # The same offer and attested handshake as stop-and-copy's (the peer table
+            # bound, keepalive on), in live mode; the migration id is known after it.
+            self._handshake(peer, "__mig_out_start", "live")
+            assert self._times is not None
+            t0, _, t_hs = self._times
             try:
                 memory_pages = int(self.link.call("__mig_track")["pages"])
             except DirtyTrackingUnavailableError as exc:
@@ -115,7 +104,7 @@ class LiveOutgoingEnclave(OutgoingEnclave):
                 self.rounds[-1]["estimated_downtime_seconds"] = StopRules.estimate(self.rounds)
                 if progress is not None:
                     progress(self.rounds[-1])
-                elapsed = time.perf_counter() - t_hs
+                elapsed = time.monotonic() - t_hs
                 self.stop_rule = self.rules.decide(self.rounds, elapsed, memory_pages * PAGE)
                 if self.stop_rule is not None:
                     break
@@ -126,7 +115,7 @@ class LiveOutgoingEnclave(OutgoingEnclave):
             raise
         self.precopy_stats = {
             "handshake_seconds": t_hs - t0,
-            "precopy_seconds": time.perf_counter() - t_hs,
+            "precopy_seconds": time.monotonic() - t_hs,
             "rounds": self.rounds,
             "stop_rule": self.stop_rule,
             "estimated_downtime_seconds": StopRules.estimate(self.rounds),

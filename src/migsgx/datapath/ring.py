@@ -83,6 +83,7 @@ from ..limits import MAX_SLOT_SIZE, MAX_SLOTS
 __all__ = [
     "MAX_SLOTS",
     "MAX_SLOT_SIZE",
+    "RingPeerGoneError",
     "RingRole",
     "RingSpec",
     "RingTimeoutError",
@@ -113,6 +114,14 @@ class RingTimeoutError(MigrationError):
     """The peer did not answer within the timeout."""
 
     code = "timeout"
+
+
+class RingPeerGoneError(ConnectionClosedError):
+    """End of file on the doorbell: the other end of the ring closed it or died.
+
+    Kept apart from a closed socket so that a mover whose ring the enclave shut
+    (because the enclave itself failed) does not pass for the cause.
+    """
 
 
 class RingRole(enum.IntEnum):
@@ -435,7 +444,7 @@ class ShmRing:
             if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                 if peer_may_be_gone:
                     return
-                self._fail_from(ConnectionClosedError("the ring's peer is gone"), exc)
+                self._fail_from(RingPeerGoneError("the ring's peer is gone"), exc)
             raise
 
     def _receive(self, timeout: float | None) -> tuple[int, int, int, int]:
@@ -453,7 +462,7 @@ class ShmRing:
                 f"within {timeout} s"
             )
         if got == 0:
-            self._fail(ConnectionClosedError("the ring's peer is gone"))
+            self._fail(RingPeerGoneError("the ring's peer is gone"))
         if got != _MSG.size:
             self._fail(ProtocolError("doorbell message of the wrong size", size=got))
         kind, flags, zero, index, nbytes = _MSG.unpack_from(self._msg_in)
@@ -477,10 +486,10 @@ class ShmRing:
             except BlockingIOError:
                 return -1
             except OSError as exc:
-                self._fail_from(ConnectionClosedError("the ring's peer is gone"), exc)
+                self._fail_from(RingPeerGoneError("the ring's peer is gone"), exc)
         except OSError as exc:
             if exc.errno == errno.ENOTCONN:
-                self._fail_from(ConnectionClosedError("the ring's peer is gone"), exc)
+                self._fail_from(RingPeerGoneError("the ring's peer is gone"), exc)
             raise
 
     def _fail_from(self, error: MigSGXError, cause: BaseException) -> NoReturn:
