@@ -245,9 +245,11 @@ def recover_command(
 @click.option("--shell-job", is_flag=True, help="the tree has a controlling terminal")
 @click.option("--live", is_flag=True,
               help="pre-copy enclave memory while the application runs; with a "
-              "process (PID), post-copy its memory too where the hosts allow")  # fmt: skip
-@click.option("--post-copy", is_flag=True,
-              help="move a process's memory after the commit (CRIU lazy pages): short "
+              "process (PID) or a runc container, post-copy its memory too where the "
+              "hosts allow")  # fmt: skip
+@click.option("--post-copy/--no-post-copy", default=None,
+              help="move a process's or runc container's memory after the commit (CRIU "
+              "lazy pages; default: with --live where the hosts allow): short "
               "downtime, but until its last page arrived the destination needs the "
               "source (exit 9 if the source is lost then)")  # fmt: skip
 @click.option("--post-copy-port", type=click.IntRange(0, 65535), default=0,
@@ -274,7 +276,7 @@ def migrate_command(
     tcp_established: bool | None,
     shell_job: bool,
     live: bool,
-    post_copy: bool,
+    post_copy: bool | None,
     post_copy_port: int,
     downtime_target: float,
     max_rounds: int,
@@ -340,7 +342,9 @@ def migrate_command(
     )
     if live:
         _live_options(opts, console, downtime_target, max_rounds)
-    opts.post_copy = post_copy or (live and driver == "pid" and _post_copy_here(console))
+    if post_copy is None:  # (--live: where the driver and the hosts allow)
+        post_copy = live and _post_copy_here(console, driver)
+    opts.post_copy = post_copy
     opts.lazy_port = post_copy_port
     if status is not None:
         with status:
@@ -455,6 +459,9 @@ def bench_process(
 @click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
               help="keep the testbed (logs, images) in this directory")  # fmt: skip
+@click.option("--live", is_flag=True,
+              help="runc: also migrate with --live, its memory frozen (--no-post-copy) "
+              "and by post-copy, the app holding SIZE of ordinary memory too")  # fmt: skip
 def bench_container(
     engine: str,
     enclave_size: str,
@@ -462,23 +469,26 @@ def bench_container(
     plot_path: Path | None,
     as_json: bool,
     keep: Path | None,
+    live: bool,
 ) -> None:
     """Container migration with enclaves against the engine's own checkpoint/restore."""
 
-    from .lab.bench.container import plot, run
+    from .lab.bench.container import LIVE_KINDS, plot, run
 
-    result = run(engine, parse_size(enclave_size), keep=keep, repeat=repeat)
+    result = run(engine, parse_size(enclave_size), keep=keep, repeat=repeat, live=live)
     if plot_path is not None:
         plot(result, plot_path)
     if as_json:
         _emit(result)
         return
-    for name in ("migsgx", "engine_only"):
+    for name in ("migsgx", "engine_only", *(LIVE_KINDS if live else ())):
         r = result[name]
+        window = r.get("post_copy_window_seconds")
         click.echo(
             f"{name:11}: total {r['total_seconds']:.3f} s, "
-            f"downtime {r['downtime_seconds']:.3f} s, {r['bytes'] / (1 << 20):.0f} MiB "
-            f"(medians of {repeat})"
+            f"downtime {r['downtime_seconds']:.3f} s, {r['bytes'] / (1 << 20):.0f} MiB"
+            + (f", window {window:.3f} s" if window is not None else "")
+            + f" (medians of {repeat})"
         )
 
 
@@ -592,12 +602,18 @@ def bench_live(
     )
 
 
-def _post_copy_here(console: Any) -> bool:
-    """``--live`` with a process: post-copy its memory if this host can serve it."""
+def _post_copy_here(console: Any, driver: str) -> bool:
+    """``--live``: post-copy the process's memory where the driver and this host can."""
 
+    from .agent.source import NO_LAZY, NO_LAZY_WHY, POST_COPY_DRIVERS
     from .containers.postcopy import check_pipe_max_size
     from .errors import PostCopyUnavailableError
 
+    if driver not in POST_COPY_DRIVERS:
+        why = NO_LAZY_WHY.get(driver, NO_LAZY)
+        console.print(f"post-copy is not supported for a {driver} container ({why}); its "
+                      "memory moves while it is frozen", highlight=False)  # fmt: skip
+        return False
     try:
         check_pipe_max_size()
     except PostCopyUnavailableError as exc:

@@ -106,3 +106,74 @@ def test_the_post_copy_messages_are_in_the_schema() -> None:
     CONTROL.validate({"t": "window", "seconds": 1.5})
     with pytest.raises(FrameError):
         CONTROL.validate({"t": "restore", "lazy_port": "4002"})
+
+
+# --- runc's lazy checkpoint (containers/runc_lazy.py) --------------------------------------------
+#: Stands in for ``runc checkpoint --lazy-pages ... --status-fd FD CID``: reports the CRIU
+#: configuration it was given, then writes the status byte (or fails without it).
+FAKE_RUNC = """
+import os, sys
+fd = int(sys.argv[sys.argv.index("--status-fd") + 1])
+conf = os.environ.get("CRIU_CONFIG_FILE", "")
+open(sys.argv[1], "w").write(open(conf).read() if conf else "")
+if sys.argv[2] == "fail":
+    sys.stderr.write("criu failed: Dumping FAILED\\n")
+    sys.exit(3)
+os.write(fd, b"\\0")
+"""
+
+
+def _lazy_checkpoint(tmp_path: Path, how: str) -> tuple[object, Path]:
+    import sys
+
+    from migsgx.containers.runc_lazy import LazyCheckpoint
+
+    tls = (tmp_path / "ca.pem", tmp_path / "agent.pem", tmp_path / "agent-key.pem")
+    seen = tmp_path / "seen.conf"
+    argv = [sys.executable, "-c", FAKE_RUNC, str(seen), how, "container-id"]
+    return LazyCheckpoint(argv, tmp_path, tls=tls), seen
+
+
+def test_lazy_checkpoint_gives_criu_tls_and_is_ready_on_the_status_byte(tmp_path: Path) -> None:
+    from migsgx.containers.runc_lazy import LazyCheckpoint
+
+    running, seen = _lazy_checkpoint(tmp_path, "serve")
+    assert isinstance(running, LazyCheckpoint) and running.config is not None
+    running.wait_ready()
+    running.wait()
+    assert seen.read_text().split("\n") == [
+        "tls",
+        f"tls-cacert {tmp_path / 'ca.pem'}",
+        f"tls-cert {tmp_path / 'agent.pem'}",
+        f"tls-key {tmp_path / 'agent-key.pem'}",
+        "",
+    ]
+    assert not running.config.exists()  # (CRIU read it when it started)
+
+
+def test_lazy_checkpoint_that_ends_without_serving_is_an_error(tmp_path: Path) -> None:
+    from migsgx.containers import ContainerError
+    from migsgx.containers.runc_lazy import LazyCheckpoint
+
+    running, _ = _lazy_checkpoint(tmp_path, "fail")
+    assert isinstance(running, LazyCheckpoint)
+    with pytest.raises(ContainerError) as caught:
+        running.wait_ready()
+    assert "criu failed: Dumping FAILED" in str(caught.value)
+    assert running.config is not None and not running.config.exists()
+
+
+def test_live_says_which_engines_have_no_post_copy() -> None:
+    import io
+
+    from rich.console import Console
+
+    from migsgx.cli_migrate import _post_copy_here
+
+    out = io.StringIO()
+    console = Console(file=out, width=400)
+    assert not _post_copy_here(console, "podman")
+    assert "post-copy is not supported for a podman container" in out.getvalue()
+    assert "no lazy-pages mode" in out.getvalue()
+    assert not _post_copy_here(console, "containerd")
+    assert "containerd's task checkpoint has no lazy-pages mode" in out.getvalue()

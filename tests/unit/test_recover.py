@@ -132,6 +132,44 @@ def test_recorded_abort_continues_the_source_and_ends_the_destination_copy(
         source.wait()
 
 
+def test_recorded_abort_gives_a_container_back_as_the_guardian_would(
+    state: Path, agent: Agent, tmp_path: Path
+) -> None:
+    """The journal's undo notes are applied and checked: a stale pid that is no runc or
+    CRIU is not killed, a "freezer" outside the cgroup tree is not written (the
+    integration test gives a real runc container back), the fenced source continues."""
+
+    mid = os.urandom(16)
+    source = _sleeper()
+    freezer = tmp_path / "cgroup.freeze"
+    freezer.write_text("1\n")
+    try:
+        journal = _journal(state, [mid], phase="aborted", fenced=[source.pid])
+        # (the sleeper is no runc or CRIU: a reused pid is left alone)
+        journal.update(undo=[f"criu {source.pid}", f"thaw {freezer}"])
+        assert Journal.load(journal.path).undo == [f"criu {source.pid}", f"thaw {freezer}"]
+        _decide(state, mid, "abort", b"abort-frame")
+        agent.answers.append("aborted")
+        result = resolve(journal, state, AgentIdentity.of_state(state))
+        assert (result.decision, result.outcome) == ("abort", "stayed")
+        assert freezer.read_text().strip() == "1"  # not a freezer control file
+        assert source.poll() is None
+        with open(f"/proc/{source.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] != "T"  # continued
+    finally:
+        source.kill()
+        source.wait()
+
+
+def test_a_journal_with_a_bad_undo_list_is_refused(state: Path) -> None:
+    journal = _journal(state, [], phase="fenced", fenced=[])
+    data = json.loads(journal.path.read_text())
+    data["undo"] = "thaw /x"
+    journal.path.write_text(json.dumps(data))
+    with pytest.raises(ValueError):
+        Journal.load(journal.path)
+
+
 def test_mixed_decisions_are_left_to_an_operator(
     state: Path, agent: Agent
 ) -> None:

@@ -321,9 +321,9 @@ class IncomingMigration:
             raise ProtocolError("pages travel only in TLS: a plain page server is refused")
         self.post_copy = bool(msg.get("post_copy"))
         if self.post_copy:
-            if driver != "pid" or self.page_server or not self.page_tls:
+            if driver not in ("pid", "runc") or self.page_server or not self.page_tls:
                 raise ProtocolError(
-                    "post-copy is for the pid driver, in TLS, without a page server"
+                    "post-copy is for the pid and runc drivers, in TLS, without a page server"
                 )
             check_pipe_max_size()  # before the source freezes anything
         self.session_id = session_id
@@ -462,9 +462,29 @@ class IncomingMigration:
             self.config.criu, self.images_dir, (self.peer, port),
             tls=(ident.ca, ident.cert, ident.key),
         )  # fmt: skip
-        self.window = Window(post, self.config.io_timeout, self.tag)
-        pid = post.restore(run=False, file_locks=True, tcp_close=self.tcp_close)
-        return Restored(pid=pid, label=f"process {pid}")
+        driver, images = self.driver, self.images_dir
+        assert driver is not None
+        if driver.name == "pid":
+            self.window = Window(post, self.config.io_timeout, self.tag)
+            pid = post.restore(run=False, file_locks=True, tcp_close=self.tcp_close)
+            return Restored(pid=pid, label=f"process {pid}")
+        # A container: its engine restores (``restore --lazy-pages``, held), and a
+        # tree killed in the window goes with its container.
+        made: list[Restored] = []
+
+        def by_engine() -> int:
+            made.append(driver.restore(RestoreRequest(
+                images=images, target=self.target, tcp_close=self.tcp_close, lazy_pages=True,
+            )))  # fmt: skip
+            return made[0].pid
+
+        def lost() -> None:
+            with contextlib.suppress(MigSGXError):
+                driver.discard(made[0])
+
+        self.window = Window(post, self.config.io_timeout, self.tag, on_lost=lost)
+        post.restore(run=False, by=by_engine)
+        return made[0]
 
     def _resume(self, msg: dict[str, Any]) -> Reply:
         t0 = time.monotonic()

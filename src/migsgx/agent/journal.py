@@ -32,8 +32,11 @@ _KEYS: Final = {
     "fenced": list,
     "phase": str,
 }
-#: Written later, absent from older journals: the guardian that holds the source enclaves.
-_OPTIONAL: Final = {"guardian_pid": int}
+#: Keys a journal may lack (written later, absent from older journals, or not needed
+#: by every source).  ``guardian_pid``: the guardian that holds the source enclaves;
+#: ``undo``: how to give a container back (the guardian's ``criu``, ``netup``,
+#: ``thaw`` notes), for a ``recover`` that finds the source is the copy.
+_OPTIONAL: Final = {"guardian_pid": int, "undo": list}
 
 
 def journal_dir(agent_dir: Path) -> Path:
@@ -73,6 +76,8 @@ class Journal:
         if not isinstance(data, dict) or any(
             not isinstance(data.get(k), t) for k, t in _KEYS.items()
         ):
+            raise ValueError(f"{path} is not a migration journal")
+        if any(k in data and not isinstance(data[k], t) for k, t in _OPTIONAL.items()):
             raise ValueError(f"{path} is not a migration journal")
         if data["phase"] not in PHASES:
             raise ValueError(f"{path}: unknown phase {data['phase']!r}")
@@ -119,6 +124,10 @@ class Journal:
     @property
     def fenced(self) -> list[int]:
         return [int(p) for p in self.data["fenced"]]
+
+    @property
+    def undo(self) -> list[str]:
+        return [str(n) for n in self.data.get("undo") or []]
 
     def update(self, **fields: Any) -> None:
         for key, value in fields.items():

@@ -63,6 +63,8 @@ class LazyDump:
         images: Path,
     ) -> None:
         self.images = images
+        #: The processes serving the pages (a driver may run its own: runc's CRIU).
+        self.serving: Callable[[], list[int]] = _criu_children
         self.error: BaseException | None = None
         self._dumped = threading.Event()
         self._callback_ok = False
@@ -102,9 +104,9 @@ class LazyDump:
         return not self.thread.is_alive()
 
     def criu_pids(self) -> list[int]:
-        """The serving CRIU's pid (for the guardian), while it runs."""
+        """The serving CRIU's pids (for the guardian), while it runs."""
 
-        return _criu_children() if self.thread.is_alive() else []
+        return self.serving() if self.thread.is_alive() else []
 
     def stop(self) -> None:
         """Make CRIU let go of the tree now; it still waits for a destination.
@@ -116,7 +118,7 @@ class LazyDump:
 
         if self.finish(LET_GO):
             return
-        for pid in _criu_children():
+        for pid in self.serving():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if not self.finish(STOP_GRACE):
@@ -151,8 +153,16 @@ class Window:
     tree (:class:`PostCopyRestore` keeps its pages from reading zeros).
     """
 
-    def __init__(self, post: PostCopyRestore, timeout: float, tag: str) -> None:
+    def __init__(
+        self,
+        post: PostCopyRestore,
+        timeout: float,
+        tag: str,
+        *,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
         self.post = post
+        self.on_lost = on_lost  # after the tree was killed (a container's remains go)
         self.timeout = timeout
         self.tag = tag
         self.report: WindowReport | None = None
@@ -173,7 +183,7 @@ class Window:
 
     def _watch(self) -> None:
         try:
-            self.report = self.post.wait(self.timeout)
+            self.report = self.post.wait(self.timeout, on_lost=self.on_lost)
             log.info(
                 "migration %s: post-copy window closed after %.3f s",
                 self.tag, self.report.window_seconds,

@@ -10,8 +10,10 @@ agents' mutual-TLS channel (``deliver``):
   it runs (or its claim store says the ids were activated before), the fenced
   source tree is killed;
 * an enclave decided ABORT: the ABORT frames go, so that a destination holding
-  a loaded copy discards it; the fenced source tree is continued (the guardian
-  hands the enclave connections back);
+  a loaded copy discards it; the source is given back: a container as the
+  guardian would (the journal's ``undo`` notes: a post-copy CRIU still holding
+  it ended, its pod's ``eth0`` up, its cgroup thawed), the fenced tree continued
+  (the guardian hands the enclave connections back);
 * no decision yet: nothing is done (the migration is under way, or its source
   enclaves are gone and so is the state: reported);
 * every enclave decided COMMIT and the destination keeps the tree held for a
@@ -41,6 +43,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
+from ..containers.cgroups import thaw_file
+from ..containers.podnet import unlock
 from ..errors import LostAfterCommitError, MigSGXError
 from ..sgx.counters import CounterStore, Decision
 from ..sgx.platform import COUNTERS
@@ -165,6 +169,50 @@ def _signal_all(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
+def _give_back(journal: Journal) -> None:
+    """The source is the copy: it runs again, a container with its address.
+
+    What the guardian would have done (:mod:`.guardian`), from the journal's
+    ``undo`` notes: a post-copy CRIU that still holds the tree is ended (only a
+    process that is still runc's or CRIU's: a pid may have been reused), the
+    pod's ``eth0`` comes up, the cgroup thaws, the fenced tasks continue.
+    Idempotent: a source the guardian gave back already is left as it runs.
+    """
+
+    notes = journal.undo
+    serving = [int(p) for n in notes if n.startswith("criu ") for p in n.split()[1:]]
+    for pid in serving:
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if Path(argv0.decode(errors="replace")).name.startswith(("criu", "runc")):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for pid in serving:  # (CRIU must have let go before SIGCONT can stick)
+        deadline = time.monotonic() + 10
+        while _alive(pid) and _state(pid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.02)
+    for note in notes:
+        kind, _, arg = note.partition(" ")
+        try:
+            if kind == "netup" and Path(arg).exists():
+                unlock(Path(arg))
+            elif kind == "thaw":
+                thaw_file(arg)
+        except MigSGXError as exc:
+            log.warning("giving the source back: %s: %s", note, exc)
+    _signal_all(journal.fenced, signal.SIGCONT)
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2 :].split()[0]
+
+
 def resolve(
     journal: Journal,
     platform_state: Path,
@@ -236,7 +284,7 @@ def resolve(
         )  # fmt: skip
     # At least one ABORT and no COMMIT: the source is the copy; end the destination's.
     frames = [d.frame if d is not None else b"" for d in decisions]
-    _signal_all(journal.fenced, signal.SIGCONT)
+    _give_back(journal)
     outcome, detail = _deliver(journal, identity, frames)
     if outcome in ("aborted", "unknown"):
         journal.update(phase="done")

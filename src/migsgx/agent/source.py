@@ -53,6 +53,7 @@ from typing import Any, Final
 
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
 from ..containers.postcopy import check_pipe_max_size
+from ..containers.runc_lazy import free_port
 from ..core.rounds import StopRules
 from ..criu import Criu, DumpCancel
 from ..datapath.engine import OutgoingEnclave
@@ -91,6 +92,19 @@ from .tls import AgentIdentity
 __all__ = ["AgentConnection", "MigrateOptions", "MigrationOutcome", "keeps_tcp", "migrate"]
 
 log = logging.getLogger("migsgx.migrate")
+
+#: The drivers whose dump can leave private memory to CRIU's lazy pages.
+POST_COPY_DRIVERS: Final = frozenset({"pid", "runc"})
+#: Why the others cannot (their engines' checkpoint has no lazy-pages mode).
+NO_LAZY_WHY: Final = {
+    "podman": "podman's container checkpoint has no lazy-pages mode (its --export archive "
+    "holds every page)",
+    "containerd": "containerd's task checkpoint has no lazy-pages mode",
+}
+NO_LAZY: Final = "its engine's checkpoint has no lazy-pages mode"
+
+#: The guardian's notes that say how to give a container back (kept in the journal too).
+UNDO_NOTES: Final = frozenset({"criu", "netup", "thaw"})
 
 #: Files of the dump directory that stay on the source.
 _LOCAL_ONLY: Final = frozenset({"dump.log"})
@@ -173,6 +187,7 @@ class _Migration:
         self.data_key = b""
         self._journal_lock = threading.Lock()
         self.lazy: LazyDump | None = None
+        self.plan: DumpPlan | None = None
         self.window_seconds: float | None = None
         #: A failed enclave stream stops CRIU's dump at once (the source runs again).
         self.cancel = DumpCancel()
@@ -195,10 +210,11 @@ class _Migration:
             raise MigrationError(f"no process {pid} ({source.label})")
         pidns = is_pidns_init(pid)
         if opts.post_copy:
-            if self.driver.name != "pid":
+            if self.driver.name not in POST_COPY_DRIVERS:
                 raise PostCopyUnavailableError(
-                    f"post-copy moves a process tree (driver pid), not a {self.driver.name} "
-                    "container: migrate it without --post-copy"
+                    f"post-copy is not supported for a {self.driver.name} container: "
+                    f"{NO_LAZY_WHY.get(self.driver.name, NO_LAZY)}; "
+                    "migrate it without --post-copy"
                 )
             check_pipe_max_size()  # before anything is frozen
         # Pages travel only integrity-protected: TLS to a page server, or the TLS channel
@@ -487,7 +503,7 @@ class _Migration:
             page_server=(
                 (opts.to[0], int(ready["page_port"]))
                 if self.page_server
-                else ("", opts.lazy_port)
+                else self._lazy_address()
                 if opts.post_copy
                 else None
             ),
@@ -500,6 +516,7 @@ class _Migration:
             lazy=opts.post_copy,
             cancel=self.cancel,
         )
+        self.plan = plan
         self.note("dump")
         try:
             if opts.post_copy:
@@ -524,6 +541,20 @@ class _Migration:
             raise
         self.note("end")
 
+    def _lazy_address(self) -> tuple[str, int]:
+        """Where the source's CRIU serves lazy pages.
+
+        The pid driver's CRIU listens on any address and may let the kernel
+        pick the port (it logs it); runc wants both named: this host's address
+        toward the destination, and a port free now.
+        """
+
+        if self.driver.name == "pid":
+            return ("", self.opts.lazy_port)
+        assert self.control is not None
+        local = str(self.control.sock.getsockname()[0])
+        return (local, self.opts.lazy_port or free_port())
+
     def _dump_lazy(self, dump_dir: Path, plan: DumpPlan) -> None:
         """Post-copy (agent/lazy.py): restore and commit after ``post-dump``, pages last."""
 
@@ -535,11 +566,14 @@ class _Migration:
             dump_dir,
         )
         lazy.wait_dumped()  # (a failure there: CRIU resumed the tree, still fenced by nobody)
+        if plan.lazy_pids is not None:
+            lazy.serving = plan.lazy_pids  # (a container engine's own CRIU)
         # If this tool dies before the commit point, the guardian ends the CRIU
         # that holds the tree (it may wait for a destination that never comes).
         self._guardian_note("criu " + " ".join(map(str, lazy.criu_pids())))
         # (CRIU logs the port only when the kernel picked it)
-        port = self.opts.lazy_port or lazy.port(timeout=self.opts.io_timeout)
+        assert plan.page_server is not None
+        port = plan.page_server[1] or lazy.port(timeout=self.opts.io_timeout)
         self._fault("tool.before-restore")
         self._restore({"t": "restore", "lazy_port": port})
         self._inject(self._fault("tool.before-commit"))
@@ -588,6 +622,20 @@ class _Migration:
         for pid in self.fenced:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        self._settle(True)
+
+    def _settle(self, committed: bool) -> None:
+        """Post-copy: a driver whose source outlived its dump removes or resumes it."""
+
+        settle = self.plan.settle if self.plan is not None else None
+        if settle is None:
+            return
+        try:
+            settle(committed)
+        except MigSGXError as exc:
+            what = "removed" if committed else "resumed"
+            label = self.source.label if self.source is not None else "?"
+            log.error("the source %s could not be %s: %s", label, what, exc)
 
     def _fault(self, point: str) -> str | None:
         """A fault point of the tool; ``kill-source`` there SIGKILLs the source application.
@@ -618,6 +666,11 @@ class _Migration:
     def _guardian_note(self, line: str) -> None:
         if self.guardian is not None:
             self.guardian.note(line)
+        if self.journal is not None and line.split(" ", 1)[0] in UNDO_NOTES:
+            # ``migsgx recover`` gives the source back the same way if the guardian is gone.
+            # (a driver notes from its dump's thread too)
+            with self._journal_lock:
+                self.journal.update(undo=[*self.journal.undo, line])
 
     def _on_dumped(self, dump_dir: Path) -> None:
         """The source is frozen and its images complete: move, restore, fence, commit."""
@@ -809,6 +862,7 @@ class _Migration:
             frames.append(getattr(transfer.outgoing, "abort_frame", b"") or b"")
         if self.journal is not None:
             self.journal.update(phase="aborted")
+        fault("tool.after-abort")
         if self.control is not None:
             with contextlib.suppress(MigSGXError):
                 abort: dict[str, Any] = {"t": "abort", "reason": reason}
@@ -822,6 +876,7 @@ class _Migration:
         for pid in self.fenced:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+        self._settle(False)
         if source_gone:
             # Nobody to hand the enclaves back to: closing their connections ends them.
             log.warning("the source application is gone; its enclaves end with it")

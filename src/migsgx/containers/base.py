@@ -129,6 +129,13 @@ class DumpPlan:
     #: Triggered (from another thread) when the migration failed before the commit
     #: point: a driver that can stops its dump early, so the source runs again at once.
     cancel: DumpCancel | None = None
+    #: Post-copy, set by a driver whose source outlives its dump (runc: frozen until
+    #: decided) once ``on_dumped`` may run: the engine calls it once, True after the
+    #: commit (the source goes), False before it (the source runs again).
+    settle: Callable[[bool], None] | None = None
+    #: Post-copy, set with ``settle``: the processes that serve the pages (for the
+    #: guardian, and to end the serving on an abort); default: the engine's CRIU.
+    lazy_pids: Callable[[], list[int]] | None = None
 
 
 @dataclass
@@ -138,6 +145,9 @@ class RestoreRequest:
     tcp_close: bool
     #: Called with the directory of CRIU's images just before the restore (fault injection).
     before: Callable[[Path], None] | None = None
+    #: Post-copy: restore with CRIU lazy pages (a ``criu lazy-pages`` daemon serves
+    #: the missing memory from the images directory's socket).
+    lazy_pages: bool = False
 
 
 @dataclass

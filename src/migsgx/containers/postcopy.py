@@ -39,6 +39,7 @@ from typing import Final
 from ..criu import Criu, Enter, NotifyCallback, log_excerpt
 from ..errors import CriuError, PostCopyUnavailableError, SourceLostError
 from ..system.process import continue_tree, kill_tree, wait_stopped
+from .base import ContainerError
 
 __all__ = [
     "PIPE_MAX_SIZE_NEEDED",
@@ -247,6 +248,7 @@ class PostCopyRestore:
         run: bool = True,
         file_locks: bool = False,
         tcp_close: bool = False,
+        by: Callable[[], int] | None = None,
     ) -> int:
         """Restore the tree and let it run; returns its root pid.  The window opens here.
 
@@ -254,22 +256,27 @@ class PostCopyRestore:
         before it runs, so no instant exists in which a lost source could make
         it read zeros.  If the daemon is already gone, the tree never runs.
         With ``run`` False the tree stays held (a migration commits first) and
-        :meth:`run` lets it go.
+        :meth:`run` lets it go.  ``by`` restores instead of CRIU's RPC (a
+        container engine's ``restore --lazy-pages``, leaving the tree stopped);
+        it returns the root pid.
         """
 
         t0 = time.monotonic()
         try:
-            pid = self.criu.restore(
-                self.images_dir,
-                lazy_pages=True,
-                restore_detached=True,
-                log_file="restore.log",
-                notify=notify,
-                enter=self.enter,
-                file_locks=file_locks,
-                extra={"leave_stopped": True, **({"tcp_close": True} if tcp_close else {})},
-            )
-        except CriuError as exc:
+            if by is not None:
+                pid = by()
+            else:
+                pid = self.criu.restore(
+                    self.images_dir,
+                    lazy_pages=True,
+                    restore_detached=True,
+                    log_file="restore.log",
+                    notify=notify,
+                    enter=self.enter,
+                    file_locks=file_locks,
+                    extra={"leave_stopped": True, **({"tcp_close": True} if tcp_close else {})},
+                )
+        except (CriuError, ContainerError) as exc:
             # CRIU killed what it had restored.  If the daemon failed too, it
             # could not reach the source: say so, not just "restore failed".
             with contextlib.suppress(subprocess.TimeoutExpired):

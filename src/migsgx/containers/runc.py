@@ -7,7 +7,9 @@ is thawing it.  Established TCP connections are dumped (``--tcp-established``)
 and restored closed.  Besides CRIU's images the destination gets the bundle's
 ``config.json`` and the root file system's contents as a tar.  runc's page
 server has no TLS, so the pages travel with the other images over the agent's
-TLS channel: never unauthenticated.
+TLS channel: never unauthenticated.  Post-copy (``DumpPlan.lazy``) is
+:mod:`.runc_lazy`: ``runc checkpoint --lazy-pages`` served in CRIU's own TLS,
+``runc restore --lazy-pages`` on the destination.
 
 Destination: a bundle under ``STATE/agent/runc/<id>``: the root file system
 unpacked, the configuration localized (:func:`~.oci.localize`: this host's
@@ -36,11 +38,10 @@ import contextlib
 import json
 import logging
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
-from ..criu import log_excerpt
 from ..errors import MigSGXError, ProtocolError
 from . import podnet
 from .admission import SpecPolicy
@@ -53,7 +54,7 @@ from .base import (
     Source,
     check_name,
 )
-from .command import bring_lo_up, run_engine
+from .command import bring_lo_up
 from .frozen import dump_frozen, own_netns_path, stop_if_cancelled, write_criu_config
 from .image_admission import admit_images
 from .oci import (
@@ -65,6 +66,8 @@ from .oci import (
     same_netns,
     tar_tree,
 )
+from .runc_cli import Runc
+from .runc_lazy import LazyCheckpoint, dump_lazy
 
 __all__ = ["RUNC_CONFIG", "RUNC_ROOTFS", "Runc", "RuncDriver", "own_netns_path"]
 
@@ -72,110 +75,6 @@ log = logging.getLogger("migsgx.containers")
 
 RUNC_CONFIG: Final = "migsgx-runc-config.json"
 RUNC_ROOTFS: Final = "migsgx-runc-rootfs.tar"
-
-
-class Runc:
-    """runc's command line, with one state root and one CRIU."""
-
-    def __init__(self, root: Path | None, criu: Path, *, prefix: Sequence[str] = ()) -> None:
-        """``prefix``: run runc under it (``nsenter --net=...``: CRIU connects from there)."""
-
-        self.root = root
-        self.criu = criu
-        self.prefix = list(prefix)
-
-    def argv(self, *args: str) -> list[str]:
-        base = [*self.prefix, "runc"]
-        if self.root is not None:
-            base += ["--root", str(self.root)]
-        return [*base, "--criu", str(self.criu), *args]
-
-    def state(self, cid: str) -> dict[str, Any] | None:
-        code, out, _ = run_engine(self.argv("state", cid), what="runc state", check=False)
-        if code != 0:
-            return None
-        try:
-            value = json.loads(out)
-        except ValueError as exc:
-            raise ContainerError(f"runc state {cid}: not JSON") from exc
-        return value if isinstance(value, dict) else None
-
-    def run(self, cid: str, bundle: Path) -> None:
-        """Create and start a container, detached, with its stdio on /dev/null."""
-
-        self._detached(["run", "--detach", "--bundle", str(bundle), cid], bundle, "runc run")
-
-    def _detached(self, args: list[str], cwd: Path, what: str) -> None:
-        """A runc command whose stdio the container inherits: errors come through ``--log``."""
-
-        log_path = cwd / "runc.log"
-        base = self.argv()
-        at = len(self.prefix) + 1  # global options go right after "runc"
-        argv = [*base[:at], "--log", str(log_path), "--log-format", "json", *base[at:], *args]
-        try:
-            code, _, _ = run_engine(argv, what=what, cwd=cwd, timeout=600, check=False,
-                                    detached_stdio=True)  # fmt: skip
-            if code != 0:
-                raise ContainerError(f"{what} failed (status {code}): {_runc_errors(log_path)}")
-        finally:
-            with contextlib.suppress(OSError):
-                log_path.unlink()
-
-    def checkpoint(
-        self,
-        cid: str,
-        images: Path,
-        *,
-        page_server: tuple[str, int] | None,
-        tcp_established: bool,
-        leave_running: bool = True,
-    ) -> None:
-        args = ["checkpoint", "--image-path", str(images), "--work-path", str(images)]
-        args.append("--file-locks")  # held POSIX and flock locks move with the tree
-        if leave_running:
-            args.append("--leave-running")
-        if tcp_established:
-            args.append("--tcp-established")
-        if page_server is not None:
-            args += ["--page-server", f"{page_server[0]}:{page_server[1]}"]
-        try:
-            run_engine(self.argv(*args, cid), what=f"runc checkpoint {cid}", timeout=600)
-        except ContainerError as exc:
-            raise ContainerError(f"{exc}\n{log_excerpt(images / 'dump.log')}") from exc
-
-    def restore(self, cid: str, bundle: Path, images: Path, work: Path) -> None:
-        args = ["restore", "--detach", "--file-locks", "--bundle", str(bundle)]
-        args += ["--image-path", str(images), "--work-path", str(work), cid]
-        try:
-            self._detached(args, bundle, f"runc restore {cid}")
-        except ContainerError as exc:
-            raise ContainerError(f"{exc}\n{log_excerpt(work / 'restore.log')}") from exc
-
-    def delete(self, cid: str) -> None:
-        run_engine(self.argv("delete", "--force", cid), what=f"runc delete {cid}")
-
-    def list(self) -> list[str]:
-        code, out, _ = run_engine(self.argv("list", "--quiet"), what="runc list", check=False)
-        return out.split() if code == 0 else []
-
-
-def _runc_errors(log_path: Path) -> str:
-    """The messages of runc's JSON log (``{"level": ..., "msg": ...}`` per line)."""
-
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "no log"
-    msgs = []
-    for line in lines[-20:]:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            msgs.append(line)
-            continue
-        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal", "warning"):
-            msgs.append(str(entry.get("msg", "")))
-    return " | ".join(msgs[-6:]) or "no error logged"
 
 
 class RuncDriver:
@@ -232,16 +131,36 @@ class RuncDriver:
         pod: Path | None = source.private.get("pod")
         tcp = plan.tcp_close or plan.tcp_keep
 
-        def checkpoint() -> None:
-            self.runc.checkpoint(
-                cid, plan.images, page_server=plan.page_server, tcp_established=tcp
-            )
+        def copy_files() -> None:
             stop_if_cancelled(plan)
             shutil.copyfile(source.private["bundle"] / "config.json", plan.images / RUNC_CONFIG)
             tar_tree(
                 source.private["rootfs"], plan.images / RUNC_ROOTFS,
                 stop=lambda: stop_if_cancelled(plan),
             )  # fmt: skip
+
+        def checkpoint() -> None:
+            self.runc.checkpoint(
+                cid, plan.images, page_server=plan.page_server, tcp_established=tcp
+            )
+            copy_files()
+
+        def start_lazy() -> LazyCheckpoint:
+            # (the engine names the address and port: runc wants both, not 0)
+            assert plan.page_server is not None and all(plan.page_server)
+            args = self.runc.checkpoint_args(
+                cid, plan.images, page_server=plan.page_server, tcp_established=tcp,
+                lazy_pages=True,
+            )  # fmt: skip
+            return LazyCheckpoint(self.runc.argv(*args), plan.images, tls=plan.page_tls)
+
+        def dump(unlock: Callable[[], object] | None) -> None:
+            if plan.lazy:
+                dump_lazy(source, plan, on_dumped, start=start_lazy, copy_files=copy_files,
+                          remove=remove, unlock=unlock)  # fmt: skip
+            else:
+                dump_frozen(source, plan, on_dumped, checkpoint=checkpoint, remove=remove,
+                            unlock=unlock)  # fmt: skip
 
         def remove() -> None:
             try:
@@ -251,15 +170,14 @@ class RuncDriver:
                     podnet.give_up(pod)  # the address now lives on the destination only
 
         if pod is None:
-            dump_frozen(source, plan, on_dumped, checkpoint=checkpoint, remove=remove)
+            dump(None)
             return
         # The lock comes before the freeze: while the application still runs it accepts
         # what reached its listeners, and nothing new can reach them.
         plan.note(f"netup {pod}")
         podnet.lock(pod)
         try:
-            dump_frozen(source, plan, on_dumped, checkpoint=checkpoint, remove=remove,
-                        unlock=lambda: podnet.unlock(pod))  # fmt: skip
+            dump(lambda: podnet.unlock(pod))
         except BaseException:
             # (dump_frozen unlocks once frozen; this covers a failure before the freeze)
             if plan.may_resume():
@@ -362,7 +280,8 @@ class RuncDriver:
             runc = self.runc
             if netns is not None and not same_netns(netns):
                 runc = Runc(runc.root, runc.criu, prefix=["nsenter", f"--net={netns}"])
-            runc.restore(cid, bundle, request.images, request.images)
+            runc.restore(cid, bundle, request.images, request.images,
+                         lazy_pages=request.lazy_pages)  # fmt: skip
             state = self.runc.state(cid)
             if state is None:
                 raise ContainerError(f"runc restored {cid} but does not know it")

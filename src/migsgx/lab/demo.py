@@ -253,6 +253,16 @@ def run_demo(
                       "enclave_load"):  # fmt: skip
             table.add_row(f"  {phase}", f"{stats[phase]:.3f} s")
         table.add_row("bytes moved", f"{stats['bytes']:,}")
+        window = stats.get("post_copy_window")
+        if window is not None:
+            # Post-copy (--live where the hosts allow): the process's memory came after
+            # the commit; until its last page the destination needed the source.
+            details = stats["details"]
+            table.add_row("post-copy window (dst pulled the memory from src)", f"{window:.3f} s")
+            table.add_row("  moved while frozen (images, no memory page)",
+                          f"{details['image_bytes']:,} bytes")  # fmt: skip
+            table.add_row("  process downtime (CRIU dump to resumed)",
+                          f"{details['process_downtime']:.3f} s")  # fmt: skip
         table.add_row("client requests ok / failed", f"{client.ok} / {client.failed}")
         if isinstance(client, _KeptClient):
             table.add_row("client TCP connections (kept open across the move)",

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ...containers import HostConfig
 from ...containers.admission import SpecPolicy
@@ -80,14 +80,22 @@ while True:
 """
 
 
-def _migsgx(bed: Testbed, lab: ContainerLab, engine: str, size: int) -> dict[str, Any]:
+def _migsgx(
+    bed: Testbed,
+    lab: ContainerLab,
+    engine: str,
+    size: int,
+    args: tuple[str, ...] = (),
+    ordinary: int = 0,
+) -> dict[str, Any]:
     rows = max(1, size // (MODEL_COLS * 4))
     agent = bed.start_agent()
-    app = lab.start_app(engine, "model", ["--rows", str(rows), "--cols", str(MODEL_COLS)])
+    app = lab.start_app(engine, "model", ["--rows", str(rows), "--cols", str(MODEL_COLS),
+                                          "--ordinary-mib", str(ordinary >> 20)])  # fmt: skip
     before = lab.ask(app, "DIGEST", at="src")
     agent_cpu = cpu_seconds(agent.proc.pid, children=True)
     tool_cpu = children_cpu()
-    run = bed.migrate(None, agent, args=[f"--{engine}", app.name])
+    run = bed.migrate(None, agent, args=[f"--{engine}", app.name, *args])
     tool_cpu = children_cpu() - tool_cpu
     agent_cpu = cpu_seconds(agent.proc.pid, children=True) - agent_cpu
     if run.returncode != 0 or run.stats is None:
@@ -98,6 +106,8 @@ def _migsgx(bed: Testbed, lab: ContainerLab, engine: str, size: int) -> dict[str
     lab.remove(app)
     agent.stop()
     figures = migration_figures(run.stats, rows, run.seconds)
+    if run.stats.get("post_copy_window") is not None:
+        figures["post_copy_window_seconds"] = float(run.stats["post_copy_window"])
     # Each with its children: CRIU and the container engine's commands.
     figures["cpu_by_process"] = {"tool": tool_cpu, "agent": agent_cpu, **enclave_cpu(run.stats)}
     return figures
@@ -236,19 +246,38 @@ def _spans(
     }
 
 
-def one_run(bed: Testbed, lab: ContainerLab, engine: str, size: int, criu: Criu) -> dict[str, Any]:
-    """migsgx and the engine alone back to back, with the ratios of the pair."""
+#: ``--live`` runs: the same app with SIZE of ordinary memory too, moved live with its
+#: memory frozen (``--no-post-copy``) and by post-copy.
+LIVE_KINDS: Final = ("live_frozen_memory", "live_post_copy")
+
+
+def one_run(
+    bed: Testbed, lab: ContainerLab, engine: str, size: int, criu: Criu, live: bool = False
+) -> dict[str, Any]:
+    """migsgx and the engine alone back to back, with the ratios of the pair.
+
+    With ``live`` also ``migrate --live`` with and without post-copy, paired.
+    """
 
     migsgx = _migsgx(bed, lab, engine, size)
     plain = ENGINE_ONLY[engine](bed, lab, size, criu)
-    return {
+    pair: dict[str, Any] = {
         "migsgx": migsgx,
         "engine_only": plain,
         # >= 1: migsgx is at least as fast as the engine alone moving as many bytes.
         "engine_over_migsgx_total": plain["total_seconds"] / migsgx["total_seconds"],
         "downtime_over_engine": migsgx["downtime_seconds"] / plain["total_seconds"],
-        "loadavg": loadavg(),
     }
+    if live:
+        frozen = _migsgx(bed, lab, engine, size, ("--live", "--no-post-copy"), ordinary=size)
+        lazy = _migsgx(bed, lab, engine, size, ("--live", "--post-copy"), ordinary=size)
+        pair.update(
+            live_frozen_memory=frozen,
+            live_post_copy=lazy,
+            post_copy_over_frozen_downtime=lazy["downtime_seconds"] / frozen["downtime_seconds"],
+        )
+    pair["loadavg"] = loadavg()
+    return pair
 
 
 def _containerd_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict[str, Any]:
@@ -324,10 +353,18 @@ ENGINE_ONLY = {"runc": _runc_only, "podman": _podman_only, "containerd": _contai
 
 
 def run(
-    engine: str, size: int, *, subnet: int = 202, keep: Path | None = None, repeat: int = 3
+    engine: str,
+    size: int,
+    *,
+    subnet: int = 202,
+    keep: Path | None = None,
+    repeat: int = 3,
+    live: bool = False,
 ) -> dict[str, Any]:
     if engine not in ENGINE_ONLY:
         raise ConfigError("--engine is runc, podman or containerd")
+    if live and engine != "runc":
+        raise ConfigError("--live compares post-copy, which only runc containers have")
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
     if repeat < 1:
@@ -339,7 +376,7 @@ def run(
     try:
         with Testbed(root, subnet=subnet) as bed, ContainerLab(bed, criu=criu) as lab:
             for _ in range(repeat):
-                runs.append(one_run(bed, lab, engine, size, criu))
+                runs.append(one_run(bed, lab, engine, size, criu, live))
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)

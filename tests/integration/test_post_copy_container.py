@@ -1,0 +1,360 @@
+"""``migsgx migrate --runc ID --post-copy``: a runc container's memory follows after the commit.
+
+Real runc (``checkpoint --lazy-pages``, ``restore --lazy-pages``), CRIU lazy
+pages in mutual TLS, a bridged testbed: the kvstore app runs in a pod network
+namespace of its own (its address and TCP connections move with it), a client
+on the other host writes through one connection before, during and after the
+move.  Every acknowledged write is there afterwards and no secret crosses the
+wire or lands in a file; a failure before the commit point leaves the source
+running (exit 6); the source's CRIU lost after it is exit 9 with the
+destination container dead, never running with pages missing.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from migsgx.criu import Criu
+from migsgx.host.client import EnclaveClient
+from migsgx.lab.containers import ContainerApp, ContainerLab
+from migsgx.lab.testbed import AgentProcess, Testbed
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+#: This module's subnet (no other module's testbed uses it).
+BED_SUBNET = 87
+
+#: Every frame on every interface of a host's network namespace, to a file, until SIGTERM.
+CAPTURE = """
+import signal, socket, sys
+out = open(sys.argv[1], "wb", buffering=0)
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)  # (a loaded machine)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+print("ready", flush=True)
+while True:
+    out.write(sock.recv(1 << 16))
+"""
+
+
+@pytest.fixture(scope="module")
+def bed(
+    criu: Criu,
+    subreaper: None,
+    _stale_namespaces_removed: None,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Testbed]:
+    root = tmp_path_factory.mktemp("ctrpostcopy")
+    with Testbed(root, subnet=BED_SUBNET, bridged=True) as testbed:
+        yield testbed
+
+
+@pytest.fixture(scope="module")
+def lab(bed: Testbed, criu: Criu) -> Iterator[ContainerLab]:
+    with ContainerLab(bed, criu=criu) as containers:
+        yield containers
+
+
+@pytest.fixture(scope="module")
+def agent(bed: Testbed, lab: ContainerLab) -> AgentProcess:
+    return bed.start_agent()  # after the lab: it reads the host's containers.toml
+
+
+class Writer(threading.Thread):
+    """Writes distinct keys over one TCP connection; any failure ends it and is kept."""
+
+    def __init__(self, lab: ContainerLab, app: ContainerApp) -> None:
+        super().__init__(daemon=True)
+        self.conn = lab.connect(app, via="dst")
+        self.acked: list[int] = []
+        self.error: str | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 120
+        with self.conn.makefile("rw", encoding="utf-8", newline="\n") as stream:
+            n = 0
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                n += 1
+                try:
+                    stream.write(f"PUT w{n} {n:08x}\n")
+                    stream.flush()
+                    reply = stream.readline().strip()
+                except OSError as exc:
+                    self.error = f"request {n}: {exc}"
+                    return
+                if not reply.startswith("OK"):
+                    self.error = f"request {n}: {reply!r}"
+                    return
+                self.acked.append(n)
+                time.sleep(0.005)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(10)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def free_port(bed: Testbed) -> int:
+    """A port the kernel picks on the source host (for the source's page server)."""
+
+    code = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
+    argv = bed.host("src").command([sys.executable, "-c", code])
+    return int(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
+
+
+def throttled(bed: Testbed, port: int) -> Callable[[], None]:
+    """Only the page stream (source port ``port``) leaves the source at 1 Mbit/s.
+
+    The container's memory (tens of MiB) then needs minutes; the commit point
+    comes a fraction of a second after the restore, so pages are missing there.
+    Returns the undo.
+    """
+
+    run = ["tc", "-n", bed.host("src").netns]
+    for argv in (
+        ["qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10"],
+        ["class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10", "htb",
+         "rate", "10gbit"],
+        ["class", "add", "dev", "eth0", "parent", "1:", "classid", "1:20", "htb",
+         "rate", "1mbit", "ceil", "1mbit"],
+        ["filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "u32",
+         "match", "ip", "sport", str(port), "0xffff", "flowid", "1:20"],
+    ):  # fmt: skip
+        subprocess.run([*run, *argv], check=True, capture_output=True)
+    return lambda: subprocess.run([*run, "qdisc", "del", "dev", "eth0", "root"], check=False,
+                                  capture_output=True)  # fmt: skip
+
+
+def scan(roots: list[Path], needle: bytes) -> list[str]:
+    hits = []
+    for root in roots:
+        for path in [root] if root.is_file() else sorted(root.rglob("*")):
+            try:
+                if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                    hits.append(str(path))
+            except OSError:
+                continue
+    return hits
+
+
+def check_source_runs_on(lab: ContainerLab, app: ContainerApp, writer: Writer) -> None:
+    wait_until(lambda: lab.runnable_copies(app)["src"] == 1, 20, "the source to run")
+    acked = len(writer.acked)
+    wait_until(lambda: len(writer.acked) > acked + 5 or writer.error is not None, 30, "writes")
+    writer.finish()
+    assert writer.error is None, writer.error
+    assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
+    assert app.name not in lab.containers("dst", "runc")
+    assert lab.ask(app, f"GET w{writer.acked[-1]}", at="src") == f"VALUE {writer.acked[-1]:08x}"
+
+
+def test_container_moves_with_post_copy_under_writes(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, tmp_path: Path
+) -> None:
+    secret = b"CANARY-" + secrets.token_hex(16).encode()
+    ordinary = b"ORDINARY-" + secrets.token_hex(16).encode()
+    # The secret enters enclave memory sealed: the app in the container sees ciphertext only.
+    with EnclaveClient.launch(bed.image("kvstore"), socket_path=bed.services["src"].socket) as s:
+        s.ecall.put("canary", secret)
+        blob = s.ecall.seal_value("canary")
+    app = lab.start_app("runc", "kvstore", own_address=True)
+    assert lab.ask(app, f"UNSEAL canary {blob.hex()}", at="src") == "OK 1"
+    assert lab.ask(app, f"NOTE plain {ordinary.decode()}", at="src") == "OK"
+    wire = tmp_path / "src-wire.bin"
+    capture = subprocess.Popen(
+        bed.host("src").command([sys.executable, "-c", CAPTURE, str(wire)]),
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert capture.stdout is not None and capture.stdout.readline().strip() == "ready"
+    writer = Writer(lab, app)
+    writer.start()
+    try:
+        wait_until(lambda: len(writer.acked) >= 5 or writer.error is not None, 20, "writes")
+        run = bed.migrate(None, agent, args=["--runc", app.name, "--post-copy"])
+        acked = len(writer.acked)
+        wait_until(lambda: len(writer.acked) > acked + 5 or writer.error is not None, 30, "more")
+    finally:
+        writer.finish()
+        capture.send_signal(signal.SIGTERM)
+        capture.wait(10)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stats is not None
+    assert run.stats["post_copy_window"] > 0  # the container ran before its last page came
+    assert run.stats["details"]["page_bytes"] == 0  # no page went before the commit
+    assert run.stats["details"]["tcp_established"] is True
+    assert writer.error is None  # not one failed request
+    # Every acknowledged write is there, on the destination.
+    conn = lab.connect(app, via="src")
+    with conn, conn.makefile("rw", encoding="utf-8", newline="\n") as stream:
+        for n in writer.acked:
+            stream.write(f"GET w{n}\n")
+            stream.flush()
+            assert stream.readline().strip() == f"VALUE {n:08x}"
+    assert lab.ask(app, "GET canary", at="dst") == "VALUE " + secret.hex()
+    assert lab.runnable_copies(app) == {"src": 0, "dst": 1}
+    assert app.name not in lab.containers("src", "runc")
+    # The wire: the clients' plain requests are there (the capture sees the traffic),
+    # the page stream is TLS (the ordinary note in process memory is not), the
+    # enclave secret nowhere; nor in any file of the hosts, the lab or /dev/shm.
+    data = wire.read_bytes()
+    assert b"PUT w1 " in data and len(data) > 1 << 20
+    assert ordinary not in data
+    assert secret not in data and secret.hex().encode() not in data
+    assert scan([bed.root, lab.base, Path("/dev/shm")], secret) == []
+    lab.remove(app)
+
+
+@pytest.mark.parametrize("action", ["fail", "kill-criu"])
+def test_failure_before_the_commit_point_leaves_the_container_running(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, action: str
+) -> None:
+    app = lab.start_app("runc", "kvstore", own_address=True)
+    writer = Writer(lab, app)
+    writer.start()
+    wait_until(lambda: len(writer.acked) >= 5 or writer.error is not None, 20, "writes")
+    port = free_port(bed)
+    undo = throttled(bed, port)
+    try:
+        run = bed.migrate(
+            None, agent,
+            args=["--runc", app.name, "--post-copy", "--post-copy-port", str(port)],
+            env={"MIGSGX_FAULT": f"tool.before-commit:{action}"},
+        )  # fmt: skip
+    finally:
+        undo()
+    assert run.returncode == 6, run.stderr[-3000:]
+    check_source_runs_on(lab, app, writer)
+    lab.remove(app)
+
+
+def test_source_criu_lost_after_the_commit_point_is_exit_9(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    app = lab.start_app("runc", "kvstore", own_address=True)
+    port = free_port(bed)
+    undo = throttled(bed, port)
+    try:
+        run = bed.migrate(
+            None, agent,
+            args=["--runc", app.name, "--post-copy", "--post-copy-port", str(port)],
+            env={"MIGSGX_FAULT": "tool.after-commit:kill-criu"},
+        )  # fmt: skip
+    finally:
+        undo()
+    assert run.returncode == 9, run.stderr[-3000:]
+    assert "inside the post-copy window" in run.stderr, run.stderr
+    assert "destination tree was killed" in run.stderr, run.stderr
+    # Neither copy runs: the destination's never ran with pages missing (it and its
+    # container are gone), the source's gave its enclaves up at the commit point.
+    wait_until(lambda: app.name not in lab.containers("dst", "runc"), 20, "dst to remove it")
+    assert lab.runnable_copies(app) == {"src": 0, "dst": 0}, lab.copies(app)
+    assert app.name not in lab.containers("src", "runc")
+    lab.remove(app)
+
+
+def test_tool_killed_while_runc_serves_pages(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    """The lazy checkpoint serves, no restore was asked: the guardian ends runc's CRIU
+    (it would wait for a page connection forever), brings the address back, thaws."""
+
+    app = lab.start_app("runc", "kvstore", own_address=True)
+    writer = Writer(lab, app)
+    writer.start()
+    wait_until(lambda: len(writer.acked) >= 5 or writer.error is not None, 20, "writes")
+    run = bed.migrate(None, agent, args=["--runc", app.name, "--post-copy"],
+                      env={"MIGSGX_FAULT": "tool.before-restore:kill"})  # fmt: skip
+    assert run.returncode == -9, run.stderr[-3000:]
+    check_source_runs_on(lab, app, writer)
+    lab.remove(app)
+
+
+def _processes(match: Callable[[list[bytes], int], bool]) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if match(argv, int(stat[stat.rindex(")") + 2 :].split()[1])):
+            found.append(int(entry.name))
+    return found
+
+
+def test_recover_gives_the_container_back_with_its_address(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, tmp_path: Path
+) -> None:
+    """The tool and its guardian die after the enclaves decided ABORT, before anything
+    was undone: the container is frozen, held by runc's CRIU, its pod's ``eth0`` down.
+    One ``migsgx recover`` ends that CRIU, brings ``eth0`` up and thaws the container."""
+
+    app = lab.start_app("runc", "kvstore", own_address=True)
+    conn = lab.connect(app, via="dst")
+    with conn.makefile("rw", encoding="utf-8", newline="\n") as stream:
+
+        def ask(line: str) -> str:
+            stream.write(line + "\n")
+            stream.flush()
+            return stream.readline().strip()
+
+        assert ask("PUT before 01").startswith("OK")
+        go = tmp_path / "go"
+        journals = bed.state("src") / "agent" / "migrations"
+        earlier = set(journals.glob("*.json"))
+        runs: list[object] = []
+        fault = f"tool.before-commit:fail,tool.after-abort:wait-file={go}"
+        worker = threading.Thread(target=lambda: runs.append(bed.migrate(
+            None, agent, args=["--runc", app.name, "--post-copy"],
+            env={"MIGSGX_FAULT": fault},
+        )), daemon=True)  # fmt: skip
+        worker.start()
+
+        def tool() -> list[int]:
+            return _processes(lambda argv, _: b"migsgx" in argv and b"migrate" in argv
+                              and app.name.encode() in argv)  # fmt: skip
+
+        def guardians(parent: int) -> list[int]:
+            return _processes(lambda argv, ppid: ppid == parent
+                              and b"migsgx.agent.guardian" in argv)
+
+        wait_until(lambda: bool(lab.root_pid(app, "dst")), 60, "the destination to restore")
+        wait_until(lambda: '"phase": "aborted"' in "".join(
+            p.read_text() for p in set(journals.glob("*.json")) - earlier
+        ), 60, "the abort decision")  # fmt: skip
+        [pid] = [p for p in tool() if guardians(p)]
+        for victim in (*guardians(pid), pid):
+            os.kill(victim, signal.SIGKILL)
+        worker.join(30)
+        assert lab.runnable_copies(app)["src"] == 0  # frozen, stopped, held
+        done = subprocess.run(
+            bed.host("src").command([sys.executable, "-m", "migsgx", "recover",
+                                     "--state", str(bed.state("src")), "--json"]),
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert '"stayed"' in done.stdout, done.stdout
+        wait_until(lambda: lab.runnable_copies(app) == {"src": 1, "dst": 0}, 30, "the source")
+        # Its address answers again: on the connection made before, and on a new one.
+        assert ask("PING") == "PONG"
+    assert lab.ask(app, "PING", at="src") == "PONG"
+    wait_until(lambda: app.name not in lab.containers("dst", "runc"), 30, "dst to let go")
+    lab.remove(app)
