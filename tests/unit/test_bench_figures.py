@@ -52,3 +52,16 @@ def test_machine_state_and_cpu_time_of_this_process() -> None:
     spent = cpu_seconds(os.getpid())
     sum(i * i for i in range(2_000_000))  # burn some CPU
     assert cpu_seconds(os.getpid()) > spent
+
+
+def test_client_gap_leaves_out_the_time_the_writer_was_paused() -> None:
+    """Another enclave's turn to move is not a gap this client saw."""
+
+    from migsgx.lab.bench.live import Writer
+
+    writer = Writer.__new__(Writer)  # only its record of calls, no thread
+    writer.done = [(0.0, 1.0), (1.0, 2.0), (30.0, 31.0), (31.0, 31.5), (31.5, 33.5), (33.5, 34.0)]
+    writer.resumed = [0.0, 29.5]
+    assert writer.gap(30.5, 34.0) == 2.0  # not 29.0, from 2.0 (paused) to 31.0
+    writer.resumed = []
+    assert writer.gap(30.5, 34.0) == 29.0  # without the record: the pause counted

@@ -72,6 +72,7 @@ class Writer:
         self.client = client
         self.rate = rate
         self.done: list[tuple[float, float]] = []  # (start, end) of each ECALL
+        self.resumed: list[float] = []  # when each stretch of calls began (after a pause)
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._running = threading.Event()
@@ -106,9 +107,14 @@ class Writer:
                 next_at = time.monotonic()  # behind: do not burst to catch up
 
     def gap(self, start: float, end: float) -> float:
-        """The longest pause between returning ECALLs that overlaps [start, end]."""
+        """The longest pause between returning ECALLs that overlaps [start, end].
 
-        ends = [e for _, e in self.done]
+        Only calls since the writer last resumed before ``start`` count: the time
+        it was paused (another enclave's turn to move) is not a gap the client saw.
+        """
+
+        since = max((r for r in self.resumed if r <= start), default=float("-inf"))
+        ends = [e for _, e in self.done if e >= since]
         longest = 0.0
         for a, b in itertools.pairwise(ends):
             if b >= start and a <= end:
@@ -125,6 +131,7 @@ class Writer:
         self._running.clear()
 
     def resume(self) -> None:
+        self.resumed.append(time.monotonic())
         self._running.set()
 
     def stop(self) -> None:
