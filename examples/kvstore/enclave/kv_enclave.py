@@ -13,6 +13,7 @@ blob of the key is refused, also after a migration.
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any
 
 import numpy as np
@@ -29,49 +30,59 @@ class KeyValueStore(Enclave):
         self.index: dict[str, list[int]] = {}
         self.top = 0
         self.puts = 0
+        # ECALLs run concurrently (one thread per calling thread, as with several TCSs):
+        # the heap's top and the index change together or not at all.
+        self._lock = threading.RLock()
 
     # --- ECALLs ---------------------------------------------------------------
     @ecall
     def put(self, key: str, value: bytes) -> int:
         if not isinstance(key, str) or not isinstance(value, bytes):
             raise EnclaveError("put takes a str key and a bytes value")
-        end = self.top + len(value)
-        if end > HEAP_BYTES:
-            raise EnclaveError("the store is full")
-        self.heap[self.top : end] = np.frombuffer(value, dtype=np.uint8)
-        self.index[key] = [self.top, len(value)]
-        self.top = end
-        self.puts += 1
-        return len(self.index)
+        with self._lock:
+            start = self.top
+            end = start + len(value)
+            if end > HEAP_BYTES:
+                raise EnclaveError("the store is full")
+            self.heap[start:end] = np.frombuffer(value, dtype=np.uint8)
+            self.index[key] = [start, len(value)]
+            self.top = end
+            self.puts += 1
+            return len(self.index)
 
     @ecall
     def get(self, key: str) -> bytes | None:
-        where = self.index.get(key)
-        if where is None:
-            return None
-        off, n = where
-        return self.heap[off : off + n].tobytes()
+        with self._lock:
+            where = self.index.get(key)
+            if where is None:
+                return None
+            off, n = where
+            return self.heap[off : off + n].tobytes()
 
     @ecall
     def delete(self, key: str) -> bool:
-        return self.index.pop(key, None) is not None
+        with self._lock:
+            return self.index.pop(key, None) is not None
 
     @ecall
     def keys(self) -> list[str]:
-        return sorted(self.index)
+        with self._lock:
+            return sorted(self.index)
 
     @ecall
     def stats(self) -> dict[str, int]:
-        return {"keys": len(self.index), "heap_used": self.top, "puts": self.puts}
+        with self._lock:
+            return {"keys": len(self.index), "heap_used": self.top, "puts": self.puts}
 
     @ecall
     def digest(self) -> str:
         """A digest of the whole store, to compare states without revealing them."""
 
         h = hashlib.sha256()
-        for key in sorted(self.index):
-            off, n = self.index[key]
-            h.update(key.encode() + b"\0" + self.heap[off : off + n].tobytes() + b"\0")
+        with self._lock:
+            for key in sorted(self.index):
+                off, n = self.index[key]
+                h.update(key.encode() + b"\0" + self.heap[off : off + n].tobytes() + b"\0")
         return h.hexdigest()
 
     @ecall
