@@ -24,10 +24,14 @@ from pathlib import Path
 
 import pytest
 
-from migsgx.criu import Criu
-from migsgx.host.client import EnclaveClient
-from migsgx.lab.containers import ContainerApp, ContainerLab
-from migsgx.lab.testbed import AgentProcess, Testbed
+pytest.register_assert_rewrite("bed_helpers")
+
+from bed_helpers import wait_until  # noqa: E402
+
+from migsgx.criu import Criu  # noqa: E402
+from migsgx.host.client import EnclaveClient  # noqa: E402
+from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
+from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 #: This module's subnet (no other module's testbed uses it).
@@ -103,13 +107,6 @@ class Writer(threading.Thread):
         self.join(10)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def free_port(bed: Testbed) -> int:
     """A port the kernel picks on the source host (for the source's page server)."""
 
@@ -151,6 +148,23 @@ def scan(roots: list[Path], needle: bytes) -> list[str]:
             except OSError:
                 continue
     return hits
+
+
+def migrate_throttled(
+    bed: Testbed, agent: AgentProcess, app: ContainerApp, fault: str
+) -> MigrateRun:
+    """``migrate --runc --post-copy`` with its page port throttled, at fault ``fault``."""
+
+    port = free_port(bed)
+    undo = throttled(bed, port)
+    try:
+        return bed.migrate(
+            None, agent,
+            args=["--runc", app.name, "--post-copy", "--post-copy-port", str(port)],
+            env={"MIGSGX_FAULT": fault},
+        )  # fmt: skip
+    finally:
+        undo()
 
 
 def check_source_runs_on(lab: ContainerLab, app: ContainerApp, writer: Writer) -> None:
@@ -228,16 +242,7 @@ def test_failure_before_the_commit_point_leaves_the_container_running(
     writer = Writer(lab, app)
     writer.start()
     wait_until(lambda: len(writer.acked) >= 5 or writer.error is not None, 20, "writes")
-    port = free_port(bed)
-    undo = throttled(bed, port)
-    try:
-        run = bed.migrate(
-            None, agent,
-            args=["--runc", app.name, "--post-copy", "--post-copy-port", str(port)],
-            env={"MIGSGX_FAULT": f"tool.before-commit:{action}"},
-        )  # fmt: skip
-    finally:
-        undo()
+    run = migrate_throttled(bed, agent, app, f"tool.before-commit:{action}")
     assert run.returncode == 6, run.stderr[-3000:]
     check_source_runs_on(lab, app, writer)
     lab.remove(app)
@@ -247,16 +252,7 @@ def test_source_criu_lost_after_the_commit_point_is_exit_9(
     bed: Testbed, lab: ContainerLab, agent: AgentProcess
 ) -> None:
     app = lab.start_app("runc", "kvstore", own_address=True)
-    port = free_port(bed)
-    undo = throttled(bed, port)
-    try:
-        run = bed.migrate(
-            None, agent,
-            args=["--runc", app.name, "--post-copy", "--post-copy-port", str(port)],
-            env={"MIGSGX_FAULT": "tool.after-commit:kill-criu"},
-        )  # fmt: skip
-    finally:
-        undo()
+    run = migrate_throttled(bed, agent, app, "tool.after-commit:kill-criu")
     assert run.returncode == 9, run.stderr[-3000:]
     assert "inside the post-copy window" in run.stderr, run.stderr
     assert "destination tree was killed" in run.stderr, run.stderr
