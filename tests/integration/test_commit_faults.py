@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -21,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
@@ -115,12 +117,13 @@ def only_copy(bed: Testbed, app: AppProcess, at: str, digest: str) -> None:
     end_copies(bed, app)
 
 
-def recover(bed: Testbed) -> subprocess.CompletedProcess[str]:
+def recover(bed: Testbed, fault: str = "") -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "migsgx", "recover",
             "--state", str(bed.state("src")), "--json"]  # fmt: skip
+    env = {**os.environ, "MIGSGX_FAULT": fault} if fault else None
     return subprocess.run(
         bed.host("src").command(argv), capture_output=True, text=True, timeout=60,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL, env=env,
     )  # fmt: skip
 
 
@@ -427,6 +430,71 @@ def test_tool_killed_before_the_decision(
     only_copy(bed, app, "src", digest)
 
 
+def test_tool_and_destination_enclave_killed_before_the_decision_leave_nothing_held(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """ABORT without the tool, and the destination's loaded copy dies before judging it.
+
+    The tool dies with the tree held; its guardian aborts the source enclaves
+    (the source runs again) and delivers the ABORT over the agents' TLS channel,
+    saying it is one; the destination enclave is killed as the frame reaches it.
+    That copy can judge nothing, and no state will come again: the destination
+    discards the held tree instead of keeping it stopped for an operator.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill-enclave"})
+    app, digest = loaded_app(bed)
+    try:
+        run = migrate_with(bed, app, doomed, "tool.before-commit:kill")
+        assert run.returncode == -9
+        t_back = source_answers(bed, app, digest)
+        wait_until(lambda: bed.copies(app)["dst"] == [], 40, "the held tree to be discarded")
+        log = doomed.log.read_text(errors="replace")
+        assert "before-claim:kill-enclave" in log and "a lost copy keeps nothing" in log, log
+        again = recover(bed)
+        assert again.returncode == EXIT_OK, again.stdout + again.stderr
+        assert all(r["outcome"] != "in-doubt" for r in json.loads(again.stdout))
+        figures["LOADED x kill -9 tool + destination enclave (ABORT not judged)"] = {
+            "outcome": "stayed, the destination's held tree discarded", "exit": run.returncode,
+            "source_back_seconds": round(t_back - fault_time(run.stderr), 3),
+        }  # fmt: skip
+        only_copy(bed, app, "src", digest)
+    finally:
+        doomed.stop()
+        end_copies(bed, app)
+
+
+def test_tool_and_guardian_killed_before_the_decision(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """Nobody holds the source enclaves, nothing was decided: recover hands them back.
+
+    The tool kills its guardian and dies with the tree held on the destination.
+    The source enclave holds a duplicate of its connection, so it kept its
+    state (before: it ended, and the application ran on without it, its writes
+    gone).  One ``migsgx recover`` takes the connection back, the enclave aborts
+    (its ABORT recorded, delivered: the destination discards its copy), the
+    fenced source continues and gets its enclave back, with every write.
+    """
+
+    app, digest = loaded_app(bed)
+    run = migrate_with(bed, app, agent, "tool.before-commit:kill-with-guardian")
+    assert run.returncode == -9
+    assert bed.runnable_copies(app)["src"] == 0  # fenced, and nobody left to continue it
+    again = recover(bed)
+    assert again.returncode == EXIT_OK, again.stdout + again.stderr
+    assert "Traceback" not in again.stderr
+    assert "stayed" in {r["outcome"] for r in json.loads(again.stdout)}, again.stdout
+    t_back = source_answers(bed, app, digest)
+    wait_until(lambda: bed.copies(app)["dst"] == [], 30, "the destination to let go")
+    figures["LOADED x kill -9 tool + guardian"] = {
+        "outcome": "stayed after one recover (the enclave taken back, aborted, handed back)",
+        "exit": run.returncode, "recover": again.returncode,
+        "source_back_seconds": round(t_back - fault_time(run.stderr), 3),
+    }  # fmt: skip
+    only_copy(bed, app, "src", digest)
+
+
 # --- after the decision: the destination runs --------------------------------------------------
 def test_destination_enclave_killed_before_the_claim_gets_the_state_again(
     bed: Testbed, figures: dict[str, dict[str, object]]
@@ -701,6 +769,69 @@ def test_destination_agent_killed_after_the_decision_adopts_the_held_tree(
                 agent.stop()
         _stop_guardian_of(app.pid)
         end_copies(bed, app)
+
+
+def test_guardian_and_destination_agent_killed_after_the_decision(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """W2 with nobody left holding the source: the tool ended in doubt, its guardian died.
+
+    The destination agent died after the decision (the loaded copy with it); the
+    tool ends in doubt (exit 7) and its guardian is then killed too.  The
+    committed source enclave holds a duplicate of its own connection, so it kept
+    its state: ``migsgx recover`` takes the connection back from the recorded
+    enclave process and delivers the state again by the guardian's own code to
+    the restarted agent, which adopted the held tree.  A recover killed in the
+    middle of that changes nothing; the next one moves it.  Afterwards the
+    committed source enclave is gone (released) and a third recover finds
+    nothing in doubt.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill"})
+    app, digest = loaded_app(bed)
+    t0 = time.monotonic()
+    restarted = None
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert doomed.proc.wait(timeout=10) == -9
+        _stop_guardian_of(app.pid)  # SIGKILL: nobody holds the source enclave now
+        holder = _journal_of(bed, app.pid)["holders"][0][0]
+        assert process_state(holder) not in ("", "Z", "X")  # it kept its state
+        restarted = bed.start_agent(listen_port=doomed.port)
+        assert "adopted the tree a former agent held" in restarted.log.read_text(errors="replace")
+        killed = recover(bed, "recover.redeliver:kill")  # dies with the fresh copy connected
+        assert killed.returncode == -9, killed.stdout + killed.stderr
+        again = recover(bed)
+        assert again.returncode == EXIT_OK, again.stdout + again.stderr
+        assert "Traceback" not in again.stderr
+        assert "moved" in {r["outcome"] for r in json.loads(again.stdout)}, again.stdout
+        wait_until(lambda: process_state(app.pid) in ("", "Z"), 30, "the source to be ended")
+        wait_until(lambda: process_state(holder) in ("", "Z"), 30, "the source enclave to go")
+        third = recover(bed)
+        assert third.returncode == EXIT_OK, third.stdout + third.stderr
+        figures["decision written x kill -9 guardian + destination agent (restarted)"] = {
+            "outcome": "moved after one recover (a recover killed midway changed nothing)",
+            "exit": run.returncode, "recover": again.returncode,
+            "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
+        only_copy(bed, app, "dst", digest)
+    finally:
+        for agent in (doomed, restarted):
+            if agent is not None:
+                agent.stop()
+        _stop_guardian_of(app.pid)
+        end_copies(bed, app)
+
+
+def _journal_of(bed: Testbed, app_pid: int) -> dict[str, Any]:
+    """The source host's journal of the migration of ``app_pid``."""
+
+    for path in (bed.state("src") / "agent" / "migrations").glob("*.json"):
+        data = json.loads(path.read_text())
+        if data.get("app_pid") == app_pid:
+            return dict(data)
+    raise AssertionError(f"no journal for {app_pid}")
 
 
 def test_destination_agent_killed_after_the_claim_is_lost_when_restarted(

@@ -16,6 +16,7 @@ import pytest
 from migsgx.agent import ckpt_recover
 from migsgx.agent.ckpt_journal import JOURNAL, read_journal, start_time, write_journal
 from migsgx.agent.ckpt_recover import resolve_checkpoint
+from migsgx.agent.holders import take_held
 
 
 def test_the_journal_keeps_earlier_fields_and_names_its_tool(tmp_path: Path) -> None:
@@ -105,7 +106,7 @@ def test_held_descriptors_are_taken_only_from_the_recorded_process(tmp_path: Pat
         tmp_path,
         holders=[[os.getpid(), 0, "not-its-start"], ["x", 1, "y"], [os.getpid(), 0]],
     )
-    assert ckpt_recover._take_held(data) == []
+    assert take_held(data["holders"]) == {}
 
 
 def test_a_forged_holder_that_is_no_enclave_is_never_touched(tmp_path: Path) -> None:
@@ -114,7 +115,7 @@ def test_a_forged_holder_that_is_no_enclave_is_never_touched(tmp_path: Path) -> 
     a, b = socket.socketpair()
     with a, b:
         data = _journal(tmp_path, holders=[[os.getpid(), a.fileno(), start_time(os.getpid())]])
-        assert ckpt_recover._take_held(data) == []
+        assert take_held(data["holders"]) == {}
 
 
 def test_a_guardian_that_saw_every_enclave_abort_needs_no_gate(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +19,13 @@ import pytest
 
 from migsgx import cli
 from migsgx.agent import recover as recover_module
+from migsgx.agent.ckpt_journal import start_time
 from migsgx.agent.journal import Journal
 from migsgx.agent.recover import recover, resolve
+from migsgx.agent.redeliver import HeldEnclave
 from migsgx.agent.tls import AgentIdentity
 from migsgx.errors import InDoubtError, LostAfterCommitError
+from migsgx.host.client import EnclaveInfo
 from migsgx.sgx.counters import CounterStore, Decision
 from migsgx.sgx.platform import COUNTERS
 
@@ -52,11 +56,17 @@ class Agent:
     def __init__(self) -> None:
         self.answers: list[str] = []
         self.sent: list[tuple[str, list[bytes]]] = []
+        self.decisions: list[str | None] = []
 
     def deliver(
-        self, journal: Journal, identity: AgentIdentity, frames: list[bytes]
+        self,
+        journal: Journal,
+        identity: AgentIdentity,
+        frames: list[bytes],
+        decision: str | None = None,
     ) -> tuple[str, str]:
         self.sent.append((journal.data["mid"], list(frames)))
+        self.decisions.append(decision)
         return self.answers.pop(0), ""
 
 
@@ -125,6 +135,7 @@ def test_recorded_abort_continues_the_source_and_ends_the_destination_copy(
         result = resolve(journal, state, AgentIdentity.of_state(state))
         assert (result.decision, result.outcome) == ("abort", "stayed")
         assert agent.sent[0][1] == [b"abort-frame", b""]
+        assert agent.decisions == ["abort"]  # a tree held for a lost copy goes too
         with open(f"/proc/{source.pid}/stat") as f:
             assert f.read().rsplit(")", 1)[1].split()[0] != "T"  # continued
     finally:
@@ -348,3 +359,37 @@ def test_a_recycled_guardian_pid_gets_no_signal(state: Path, agent: Agent) -> No
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_forged_holder_gets_no_byte(state: Path, agent: Agent) -> None:
+    """The journal is no order to root: a holder that is no enclave runtime is never touched.
+
+    The journal names a live process (right pid, right start time) and one of its
+    sockets as the committed source enclave's duplicate; recover, with the tool
+    and the guardian gone, takes nothing from it and writes nothing into it.
+    """
+
+    mine, theirs = socket.socketpair()
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=[theirs.fileno()]
+    )
+    try:
+        mid = os.urandom(16)
+        journal = _journal(state, [mid], phase="committed", fenced=[])
+        info = EnclaveInfo(other.pid, bytes(32), bytes(32), 1, 1, False, 4096, 1, ())
+        described = HeldEnclave(mine, info, {"enclave.py": b""}).describe()
+        journal.update(guardian_pid=2**22 + 3, enclaves=[described],
+                       holders=[[other.pid, theirs.fileno(), start_time(other.pid)]])  # fmt: skip
+        _decide(state, mid, "commit", b"token")
+        agent.answers.append("copy-lost")
+        [result] = recover(state)
+        assert result.outcome == "lost" and "guardian that held them is gone" in result.detail
+        mine.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            mine.recv(1)  # not a byte reached the process the journal named
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+        mine.close()
+        theirs.close()

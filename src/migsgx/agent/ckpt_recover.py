@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 from typing import Final
 
-from .._fds import take_descriptor
 from ..datapath.checkpoint import CheckpointIn
 from ..errors import CheckpointGateError, MigSGXError
 from ..system.process import continue_tree, process_state
@@ -57,6 +56,7 @@ from .ckpt_journal import (
     write_journal,
 )
 from .handback import abort_enclave, resume_source
+from .holders import take_held
 from .recover import Resolution
 
 __all__ = ["resolve_checkpoint"]
@@ -85,48 +85,6 @@ def _guardian_alive(journal: dict[str, object]) -> bool:
 
     found = journal.get("guardian")
     return isinstance(found, list) and len(found) == 2 and _alive(found[0], found[1])
-
-
-def _take_held(journal: dict[str, object]) -> list[socket.socket]:
-    """The source enclaves' connections, from the duplicates they hold (``__mig_hold``).
-
-    Only while the tool and its guardian are both dead, and only from the
-    enclave process the journal names (same pid and start time).  An enclave
-    that is gone (or a descriptor that cannot be taken) is left out.
-    """
-
-    socks: list[socket.socket] = []
-    holders = journal.get("holders")
-    for item in holders if isinstance(holders, list) else []:
-        if not (isinstance(item, list) and len(item) == 3):
-            continue
-        pid, fd, start = item
-        if not (isinstance(pid, int) and isinstance(fd, int) and isinstance(start, str)):
-            continue
-        if not start or start_time(pid) != start or not _is_enclave(pid):
-            continue
-        with contextlib.suppress(OSError):
-            sock = take_descriptor(pid, fd)
-            if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
-                socks.append(sock)
-            else:
-                sock.close()
-    return socks
-
-
-def _is_enclave(pid: int) -> bool:
-    """Whether ``pid`` is an enclave runtime process (a journal is no order to root).
-
-    The journal lies in a directory its owner may write: without this check a
-    forged ``holders`` entry would have root write a frame into any process's
-    socket.
-    """
-
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"migsgx.enclave.runtime" in argv
 
 
 def _hand_back(journal: dict[str, object], socks: list[socket.socket], runs: bool) -> str:
@@ -262,7 +220,8 @@ def resolve_checkpoint(
     # Its enclaves, if the tool and its guardian both died, still hold their state
     # and a duplicate of their connection: they abort and go back to it.
     takes = journal is not None and phase in ("writing", "fenced") and not aborted
-    socks = _take_held(journal) if journal is not None and takes else []
+    held = take_held(journal.get("holders")) if journal is not None and takes else {}
+    socks = list(held.values())
     runs = _continue_source(journal or meta)
     handed = _hand_back(journal or {}, socks, runs)
     _remove_files(directory)

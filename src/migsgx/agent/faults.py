@@ -11,7 +11,8 @@ before a restore or of the page stream, ``kill-after-bytes=N`` while an
 enclave stream comes in, ``kill-source`` at a point of the tool: SIGKILL to
 the source application, for example; ``kill-criu`` after the commit point of
 a post-copy migration: SIGKILL to the source's CRIU, the only server of the
-pages still missing).
+pages still missing; ``kill-with-guardian`` at a point of the tool: SIGKILL to
+its guardian, then to the tool itself).
 Unset, every point is a no-op.
 """
 
@@ -42,6 +43,7 @@ POINTS: Final = frozenset(
         "agent.before-claim",  # the first decision frame reached an enclave (window W2)
         "agent.after-claim",  # an enclave claimed the id and runs, the tree not resumed (W3)
         "tool.after-prepare",
+        "recover.redeliver",  # a re-delivery without the tool: fresh copy's data connection open
         "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
         "ckpt.after-commit",  # checkpoint: every enclave gave its state up

@@ -57,7 +57,7 @@ from .applink import AppLink
 from .handback import RESUME_WAIT, abort_enclave, call_enclave, resume_source
 
 if TYPE_CHECKING:
-    from .recover import Redeliver
+    from .redeliver import HeldSource
 
 __all__ = ["Guardian"]
 
@@ -141,10 +141,10 @@ def _pause(seconds: float) -> bool:
     return False
 
 
-def _redeliverer(socks: list[socket.socket], notes: list[str]) -> Redeliver | None:
-    """What delivers the committed enclaves' state again, from the tool's notes."""
+def _held_source(socks: list[socket.socket], notes: list[str]) -> HeldSource | None:
+    """The committed enclaves' connections and what their offers name, from the tool's notes."""
 
-    from .redeliver import HeldEnclave, redeliver_state  # lazy: only after a commit
+    from .redeliver import HeldEnclave, HeldSource  # lazy: only after a commit
 
     held = {}
     for note in notes:
@@ -156,13 +156,17 @@ def _redeliverer(socks: list[socket.socket], notes: list[str]) -> Redeliver | No
                     held[index] = HeldEnclave.parse(socks[index], parts[2])
                 except MigSGXError as exc:
                     _log(f"enclave {index} cannot be delivered again: {exc}")
-    if not held:
-        return None
-    return lambda journal, identity, frames: redeliver_state(journal, identity, held, frames)
+    return HeldSource(held) if held else None
 
 
-def _recover(path: Path, redeliver: Redeliver | None = None) -> None:
-    """``migsgx recover`` for this migration, again with a growing pause while in doubt."""
+def _recover(path: Path, held: HeldSource | None = None) -> None:
+    """``migsgx recover`` for this migration, again with a growing pause while in doubt.
+
+    ``held``: the committed source enclaves, which deliver their state again if
+    the destination lost its copy, and are released once it runs (or never can):
+    each holds a duplicate of its own connection, so this process's end is no
+    end of file for it.
+    """
 
     from .journal import Journal  # lazy: the guardian starts fast and imports little
     from .recover import resolve
@@ -175,8 +179,9 @@ def _recover(path: Path, redeliver: Redeliver | None = None) -> None:
             journal = Journal.load(path)
             agent_dir = path.parent.parent
             result = resolve(
-                journal, agent_dir.parent, AgentIdentity(agent_dir),
-                tool_gone=True, redeliver=redeliver,
+                journal, agent_dir.parent, AgentIdentity(agent_dir), tool_gone=True,
+                redeliver=held.redeliver if held else None,
+                release=held.release if held else None,
             )  # fmt: skip
         except (MigSGXError, OSError, ValueError) as exc:
             _log(f"recovery of {path.name} failed: {exc}; run migsgx recover")
@@ -186,6 +191,8 @@ def _recover(path: Path, redeliver: Redeliver | None = None) -> None:
             return
         _log_to(path.with_suffix(".log"))
         if time.monotonic() > deadline:
+            # The enclaves keep their state (and their duplicates): ``migsgx recover``
+            # takes them back once the destination can take the state again.
             _log(f"migration {result.mid} is still in doubt: run migsgx recover")
             return
         # recover asked: at once, then the pauses grow again
@@ -244,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         return _finish_restore(restored[0], socks, bytes.fromhex(args.infos))
     if "in-doubt" in notes:
         # The tool ended in doubt: keep the source enclaves and carry the decision.
-        redeliver = _redeliverer(socks, notes)
+        held = _held_source(socks, notes)
         for path in [n.partition(" ")[2] for n in notes if n.startswith("journal ")]:
-            _recover(Path(path), redeliver)
+            _recover(Path(path), held)
         return 0
     fenced = [int(p) for n in notes if n.startswith("fence ") for p in n.split()[1:]]
     frozen = [n.partition(" ")[2] for n in notes if n.startswith("thaw ")]
@@ -260,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     # goes; after an abort, once the source runs again.
     if not all([abort_enclave(s) for s in socks]):
         _log("the tool died after the enclaves committed: the destination rolls forward")
-        redeliver = _redeliverer(socks, notes)
+        held = _held_source(socks, notes)
         for path in journals:
-            _recover(Path(path), redeliver)
+            _recover(Path(path), held)
         if args.checkpoint:
             _resolve_checkpoint(Path(args.checkpoint), aborted=False)
         return 0

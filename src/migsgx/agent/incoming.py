@@ -166,6 +166,10 @@ class IncomingMigration:
         self._refilled = threading.Event()
         #: Held without its tool (or adopted): a copy lost undecided keeps the tree.
         self.keep_lost = False
+        #: The source host said ABORT (``deliver`` with ``decision: abort``, over mutual
+        #: TLS from the address that began the session): no state comes again, so a
+        #: copy lost undecided no longer keeps the tree.
+        self.source_aborted = False
         #: This end's address of the control connection (data listeners bind to it).
         self.local_address = ""
 
@@ -615,8 +619,11 @@ class IncomingMigration:
         """A decision delivered again, on a connection of its own (``migsgx recover``)."""
 
         target = self.agent.find_session(msg["session_id"], besides=self)
+        aborted = msg.get("decision") == "abort"
         if target is not None:
-            return {"t": "delivered", **target.deliver(msg["frames"])}
+            if aborted and target.peer != self.peer:
+                raise AgentError("an abort comes only from the host that began the session")
+            return {"t": "delivered", **target.deliver(msg["frames"], source_aborted=aborted)}
         # No such session (it ended): a restarted agent found its tree with the ids
         # claimed (W3), or this host's platform store (its claims) says whether it ran.
         lost = lost_detail(self.config.work_dir, msg["session_id"])
@@ -653,9 +660,21 @@ class IncomingMigration:
         deadline = time.monotonic() + seconds
         return all(e.decided.wait(max(0.0, deadline - time.monotonic())) for e in self.enclaves)
 
-    def deliver(self, frames: Any) -> dict[str, Any]:
-        """Judge delivered frames; the outcome once carried out (or ``waiting``)."""
+    def deliver(self, frames: Any, *, source_aborted: bool = False) -> dict[str, Any]:
+        """Judge delivered frames; the outcome once carried out (or ``waiting``).
 
+        ``source_aborted``: the source host's store holds ABORT decisions (the
+        caller checked that this comes from the host that began the session).
+        A live copy still judges its frame itself; a copy that died undecided
+        can judge nothing, and no state will come again for it: the tree held
+        for it is discarded (rather than left stopped for an operator).
+        """
+
+        if source_aborted and not self.source_aborted:
+            log.info("migration %s: the source host aborted it: a lost copy keeps nothing",
+                     self.tag)  # fmt: skip
+            self.source_aborted = True
+            self._refilled.set()  # (a settle waiting for the state again looks once more)
         self._pass_on(frames)
         deadline = time.monotonic() + DELIVER_WAIT
         with contextlib.suppress(AgentError):  # (its platform service is gone: "waiting")
@@ -703,7 +722,9 @@ class IncomingMigration:
         """
 
         enclaves = list(self.enclaves)
-        if not self.keep_lost or not all(e.decided.is_set() for e in enclaves):
+        if self.source_aborted or not self.keep_lost:
+            return False
+        if not all(e.decided.is_set() for e in enclaves):
             return False
         if any(e.engine is not None and e.engine.decided and e.ecall_sock is None
                for e in enclaves):  # fmt: skip

@@ -35,8 +35,13 @@ _KEYS: Final = {
 #: Keys a journal may lack (written later, absent from older journals, or not needed
 #: by every source).  ``guardian_pid``: the guardian that holds the source enclaves;
 #: ``undo``: how to give a container back (the guardian's ``criu``, ``netup``,
-#: ``thaw`` notes), for a ``recover`` that finds the source is the copy.
-_OPTIONAL: Final = {"guardian_pid": int, "undo": list}
+#: ``thaw`` notes), for a ``recover`` that finds the source is the copy;
+#: ``holders``: per enclave ``[pid, fd, start]``, the duplicate of its connection
+#: each source enclave holds (``__mig_hold``), and ``enclaves``: per enclave what
+#: its offer names (the guardian's ``enclave`` note payload, hex CBOR), so that
+#: ``recover`` can deliver a committed enclave's state again once the tool and
+#: the guardian are both gone.
+_OPTIONAL: Final = {"guardian_pid": int, "undo": list, "holders": list, "enclaves": list}
 
 
 def journal_dir(agent_dir: Path) -> Path:
@@ -124,6 +129,14 @@ class Journal:
     @property
     def fenced(self) -> list[int]:
         return [int(p) for p in self.data["fenced"]]
+
+    @property
+    def holders(self) -> list[object]:
+        return list(self.data.get("holders") or [])
+
+    @property
+    def enclaves(self) -> list[str]:
+        return [str(e) for e in self.data.get("enclaves") or []]
 
     @property
     def undo(self) -> list[str]:

@@ -136,8 +136,15 @@ CONTROL = Schema(
         "redeliver": {"index": int, "session_id": (bytes, NONE)},
         # Optional: the source enclaves' ABORT frames, for destination enclaves past LOADED.
         "abort": {"reason": str, "frames": (list, NONE)},
-        # On a connection of its own (after hello): a decision delivered again.
-        "deliver": {"session_id": bytes, "frames": list, "enclave_mids": (list, NONE)},
+        # On a connection of its own (after hello): a decision delivered again.  Optional
+        # ``decision``: "abort" when the source host's store holds ABORT decisions (a held
+        # tree whose loaded copy died undecided is then discarded: commit.md, 2).
+        "deliver": {
+            "session_id": bytes,
+            "frames": list,
+            "enclave_mids": (list, NONE),
+            "decision": (str, NONE),
+        },
         # agent -> tool
         "welcome": {"version": int, "host_id": str},
         "ready": {"data_port": int, "page_port": int, "data_key": bytes},

@@ -34,6 +34,7 @@ Idempotent: decisions are final and delivering one twice changes nothing.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -49,6 +50,7 @@ from ..errors import LostAfterCommitError, MigSGXError
 from ..sgx.counters import CounterStore, Decision
 from ..sgx.platform import COUNTERS
 from .control import AgentConnection
+from .handback import abort_enclave, resume_source
 from .journal import Journal
 from .protocol import VERSION
 from .tls import AgentIdentity
@@ -98,9 +100,13 @@ def _decisions(platform_state: Path, mids: list[bytes]) -> list[Decision | None]
 
 
 def _deliver(
-    journal: Journal, identity: AgentIdentity, frames: list[bytes]
+    journal: Journal, identity: AgentIdentity, frames: list[bytes], decision: str | None = None
 ) -> tuple[str, str]:
-    """Carry ``frames`` to the destination agent; its outcome and a detail."""
+    """Carry ``frames`` to the destination agent; its outcome and a detail.
+
+    ``decision`` "abort": the store holds ABORT decisions; the destination then
+    discards a tree held for a copy that died undecided (no state comes again).
+    """
 
     try:
         control = AgentConnection(journal.to, identity, DELIVER_TIMEOUT)
@@ -114,6 +120,7 @@ def _deliver(
                 "session_id": journal.mid,
                 "frames": frames,
                 "enclave_mids": journal.enclave_mids,
+                **({"decision": decision} if decision else {}),
             },
             "delivered",
         )
@@ -220,15 +227,20 @@ def resolve(
     *,
     tool_gone: bool = False,
     redeliver: Redeliver | None = None,
+    release: Callable[[], None] | None = None,
 ) -> Resolution:
     """Resolve one migration (see the module docstring).
 
-    ``redeliver`` (the guardian's, which holds the committed source enclaves)
-    delivers the state again when the destination lost a loaded copy.
+    ``redeliver`` (of whoever holds the committed source enclaves: the guardian,
+    or this ``recover`` once it took their connections back) delivers the state
+    again when the destination lost a loaded copy; ``release`` lets them go
+    (wipe and exit) once the destination runs or can never run.
     """
 
     mid = journal.data["mid"]
     if journal.phase == "done":
+        if release is not None:
+            release()  # (only a committed enclave obeys: the tool died before it let go)
         return Resolution(mid, journal.phase, "-", "done")
     if not tool_gone and _alive(int(journal.data["tool_pid"])) and journal.phase != "aborted":
         return Resolution(mid, journal.phase, "-", "in-progress", "its tool still runs")
@@ -261,13 +273,19 @@ def resolve(
         if outcome == "resumed":
             _signal_all(journal.fenced, signal.SIGKILL)
             journal.update(phase="done")
+            if release is not None:
+                release()
             return Resolution(mid, journal.phase, "commit", "moved", detail)
         if outcome in ("unknown", "aborted"):
+            if release is not None:
+                release()  # no tree is held for the state any more: it can never run
             return Resolution(mid, journal.phase, "commit", "lost", _lost(journal, outcome))
         if outcome == LostAfterCommitError.code:
             # Claimed, then its enclave died (W3): never delivered again; the source goes.
             _signal_all(journal.fenced, signal.SIGKILL)
             journal.update(phase="done")
+            if release is not None:
+                release()
             return Resolution(
                 mid, journal.phase, "commit", "lost",
                 "the destination's enclave claimed the id and then died: its application "
@@ -285,7 +303,7 @@ def resolve(
     # At least one ABORT and no COMMIT: the source is the copy; end the destination's.
     frames = [d.frame if d is not None else b"" for d in decisions]
     _give_back(journal)
-    outcome, detail = _deliver(journal, identity, frames)
+    outcome, detail = _deliver(journal, identity, frames, "abort")
     if outcome in ("aborted", "unknown"):
         journal.update(phase="done")
         return Resolution(mid, journal.phase, "abort", "stayed", outcome)
@@ -304,7 +322,9 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
     results = []
     for journal in Journal.all(identity.directory):
         try:
-            result = resolve(journal, Path(state), identity)
+            result = _resolve_orphaned(journal, Path(state), identity)
+            if result is None:
+                result = resolve(journal, Path(state), identity)
             if result.detail == _COPY_LOST:
                 result = _through_guardian(journal, result)
             results.append(result)
@@ -313,6 +333,73 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
                 Resolution(journal.data["mid"], journal.phase, "?", "in-doubt", str(exc))
             )
     return results
+
+
+def _orphaned(journal: Journal) -> bool:
+    """Its tool and its guardian are both gone, and its source enclaves hold their connections."""
+
+    return (
+        journal.phase in ("begun", "loaded", "fenced", "committed")
+        and bool(journal.holders)
+        and not _alive(int(journal.data["tool_pid"]))
+        and not (journal.guardian_pid and _is_guardian(journal.guardian_pid))
+    )
+
+
+def _resolve_orphaned(
+    journal: Journal, platform_state: Path, identity: AgentIdentity
+) -> Resolution | None:
+    """Resolve a migration whose tool and guardian both died, holding what they held.
+
+    Each source enclave holds a duplicate of its own connection (``__mig_hold``),
+    so it kept its state: this takes the connections back from the enclaves
+    (:meth:`.redeliver.HeldSource.take_back`) and does what the guardian would.
+    Committed: the decision goes, and on ``copy-lost`` the state goes again by
+    the guardian's own code (:func:`.redeliver.redeliver_state`); the enclaves
+    are released once the destination runs (or never can).  Not decided yet:
+    every enclave aborts (the decision is then ABORT), and after the abort
+    resolution they go back to the application.  One ``recover`` at a time
+    (a lock beside the journal).  None: nothing to take (resolve as usual).
+    """
+
+    if not _orphaned(journal):
+        return None
+    from .redeliver import HeldSource  # lazy: the data path is needed only here
+
+    lock = os.open(journal.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return Resolution(journal.data["mid"], journal.phase, "-", "in-doubt",
+                              "another migsgx recover is resolving it")  # fmt: skip
+        journal = Journal.load(journal.path)  # (as the one before us left it)
+        if not _orphaned(journal):
+            return None
+        held = HeldSource.take_back(journal)
+        if held is None:
+            return None
+        try:
+            decisions = _decisions(platform_state, journal.enclave_mids)
+            if all(d is None for d in decisions):
+                # Nothing decided: the source is the copy.  Each enclave aborts (its
+                # ABORT is recorded) and thaws; it goes back to the application below.
+                for enclave in held.enclaves.values():
+                    abort_enclave(enclave.sock)
+            result = resolve(journal, platform_state, identity, tool_gone=True,
+                             redeliver=held.redeliver, release=held.release)  # fmt: skip
+            if result.outcome == "stayed" and len(held.enclaves) == len(journal.holders):
+                socks = [held.enclaves[i].sock for i in sorted(held.enclaves)]
+                app_pid, app_name = int(journal.data["app_pid"]), str(journal.data["app_name"])
+                if resume_source(app_pid, app_name, socks, journal.fenced, [], log.warning):
+                    result.detail = f"{result.detail}; the enclaves were not taken back".strip("; ")
+                else:
+                    result.detail = f"{result.detail}; enclaves handed back".strip("; ")
+            return result
+        finally:
+            held.close()
+    finally:
+        os.close(lock)
 
 
 def _through_guardian(journal: Journal, result: Resolution) -> Resolution:

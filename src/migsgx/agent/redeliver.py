@@ -13,12 +13,16 @@ again and, on the fresh copy's LOADED, issues a COMMIT token of that session.
 
 What the guardian needs for it comes through its pipe from the tool (the
 enclave's info and image files, which are not secret); the data key is asked
-for when needed and kept in memory only.
+for when needed and kept in memory only.  Once the guardian is gone too,
+``migsgx recover`` takes the enclaves' connections back from the enclaves
+themselves (the duplicates they hold, :mod:`.holders`) and the journal names
+the same info and image files: it then runs this very code (:class:`HeldSource`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import secrets
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,15 +36,19 @@ from ..host.appctl import info_from_wire, info_to_wire
 from ..host.client import EnclaveInfo
 from .control import CONNECT_TIMEOUT, AgentConnection
 from .datalink import open_data
+from .faults import fault
+from .handback import call_enclave
+from .holders import take_held
 from .journal import Journal
 from .protocol import VERSION
 from .tls import AgentIdentity
 
-__all__ = ["HeldEnclave", "redeliver_state"]
+__all__ = ["HeldEnclave", "HeldSource", "redeliver_state"]
 
 CONTROL_TIMEOUT: Final = 30.0
 #: Runtime call ids of a re-delivery: far from the tool's (2**40 on) and the
-#: guardian's own, so that a late answer to a dead tool's call is never taken.
+#: guardian's own, and drawn anew by each process that re-delivers, so that a
+#: late answer to a call of a dead tool, guardian or recover is never taken.
 _CALL_IDS: Final = 1 << 53
 
 
@@ -115,13 +123,14 @@ def redeliver_state(
             raise InDoubtError(f"enclave {index}: no fresh copy: {exc}") from exc
         source = OutgoingEnclave(enclave.sock, enclave.info, enclave.image_files,
                                  mode=enclave.mode)  # fmt: skip
-        source.link._ids = _CALL_IDS + index * (1 << 32)
+        source.link._ids = _CALL_IDS + (secrets.randbits(24) << 28) + index * (1 << 22)
         source.token = bytes(frame)  # committed: the recorded token
         source._finished = True  # a failed attempt never asks it to abort (it cannot)
         source.index = index
         try:
             peer.settimeout(None)
             open_data(peer, key, journal.mid, index)
+            fault("recover.redeliver")
             out[index] = source.redeliver(peer)
         except (MigSGXError, OSError) as exc:
             if source.token is None or source.token == bytes(frame):
@@ -135,3 +144,54 @@ def redeliver_state(
             with contextlib.suppress(OSError):
                 peer.close()
     return out
+
+
+@dataclass
+class HeldSource:
+    """The committed source enclaves' connections, held by whoever carries the decision.
+
+    The guardian (its duplicates of the tool's connections) or ``migsgx
+    recover`` (connections taken back from the enclaves).  Both deliver the
+    state again by :func:`redeliver_state`, and release the enclaves once the
+    destination runs or can never run: each holds a duplicate of its own
+    connection, so no end of file would end it.
+    """
+
+    enclaves: dict[int, HeldEnclave]
+
+    @classmethod
+    def take_back(cls, journal: Journal) -> HeldSource | None:
+        """The connections the journal's source enclaves hold, taken back from them.
+
+        For ``migsgx recover`` once the tool and the guardian are both gone (the
+        caller checked that, and that no other recover is at it).  Only from the
+        recorded enclave processes (:func:`.holders.take_held`); an enclave
+        whose offer the journal does not name is left alone.  None if none
+        could be taken.
+        """
+
+        taken = take_held(journal.holders)
+        described = journal.enclaves
+        enclaves: dict[int, HeldEnclave] = {}
+        for index, sock in taken.items():
+            try:
+                enclaves[index] = HeldEnclave.parse(sock, described[index])
+            except (IndexError, MigSGXError):
+                sock.close()
+        return cls(enclaves) if enclaves else None
+
+    def redeliver(
+        self, journal: Journal, identity: AgentIdentity, frames: list[bytes]
+    ) -> list[bytes]:
+        return redeliver_state(journal, identity, self.enclaves, frames)
+
+    def release(self) -> None:
+        """Committed enclaves wipe themselves and exit (any other refuses: nothing happens)."""
+
+        for enclave in self.enclaves.values():
+            call_enclave(enclave.sock, "__mig_release", [])
+
+    def close(self) -> None:
+        for enclave in self.enclaves.values():
+            with contextlib.suppress(OSError):
+                enclave.sock.close()

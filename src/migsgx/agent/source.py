@@ -56,7 +56,7 @@ from ..containers.postcopy import check_pipe_max_size
 from ..containers.runc_lazy import free_port
 from ..core.rounds import StopRules
 from ..criu import Criu, DumpCancel
-from ..datapath.engine import OutgoingEnclave
+from ..datapath.engine import EnclaveLink, OutgoingEnclave
 from ..errors import (
     ConfigError,
     CriuError,
@@ -73,10 +73,12 @@ from ..host.appctl import info_to_wire
 from ..system.process import is_pidns_init, process_state, stop_tree, tree_pids
 from . import early, precopy, preflight
 from .applink import AppLink, HandedEnclave
+from .ckpt_journal import start_time
 from .control import CONNECT_TIMEOUT, AgentConnection
 from .datalink import open_data
 from .faults import fault, flipping_relay, kill_dead, socket_owner
 from .guardian import Guardian
+from .handback import abort_enclave
 from .journal import Journal
 from .lazy import LazyDump
 from .precopy import RoundReport
@@ -658,10 +660,29 @@ class _Migration:
 
         if self.guardian is None or self.journal is None:
             return
-        self.journal.update(guardian_pid=self.guardian.proc.pid)
+        described = []
         for position, h in enumerate(handed):
             held = HeldEnclave(h.sock, h.info, dict(h.image_files), self.opts.mode)
-            self.guardian.note(f"enclave {position} {held.describe()}")
+            described.append(held.describe())
+            self.guardian.note(f"enclave {position} {described[-1]}")
+        # Each enclave keeps a duplicate of this end of its connection: should this
+        # tool and its guardian both die, it keeps its state (committed: the state to
+        # deliver again; undecided: the application's writes) instead of ending, and
+        # ``migsgx recover`` takes the duplicate back (``recover.HeldSource``).
+        holders = [self._hold(h) for h in handed]
+        self.journal.update(guardian_pid=self.guardian.proc.pid, enclaves=described,
+                            holders=holders)  # fmt: skip
+
+    def _hold(self, h: HandedEnclave) -> list[object]:
+        """``[pid, fd, start]`` of the duplicate enclave ``h`` now holds; [] if it holds none."""
+
+        links = [t.outgoing.link for t in self.transfers if t.handed is h and t.outgoing]
+        link = next((k for k in links if k.sock is h.sock), None) or EnclaveLink(h.sock)
+        try:
+            return [h.info.pid, link.hold(), start_time(h.info.pid)]
+        except (MigSGXError, OSError) as exc:
+            log.warning("enclave %d keeps no duplicate of its connection: %s", h.index, exc)
+            return []
 
     def _guardian_note(self, line: str) -> None:
         if self.guardian is not None:
@@ -816,6 +837,9 @@ class _Migration:
 
         if action == "kill-guardian" and self.guardian is not None:
             kill_dead([self.guardian.proc.pid])
+        elif action == "kill-with-guardian" and self.guardian is not None:
+            kill_dead([self.guardian.proc.pid])  # nobody left holding the source enclaves
+            os.kill(os.getpid(), signal.SIGKILL)
         elif action == "kill-source-enclave":
             kill_dead([t.handed.info.pid for t in self.transfers])
         elif action == "kill-criu" and self.lazy is not None:
@@ -858,6 +882,8 @@ class _Migration:
                     sock = transfer.outgoing.abort(reason)
                 except Exception as exc:
                     log.warning("enclave %d: abort failed: %s", transfer.handed.index, exc)
+            else:
+                abort_enclave(sock)  # (no migration began: it only lets its duplicate go)
             socks.append(sock)
             frames.append(getattr(transfer.outgoing, "abort_frame", b"") or b"")
         if self.journal is not None:
