@@ -7,6 +7,7 @@ runs recover against real agents.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -393,3 +394,20 @@ def test_a_forged_holder_gets_no_byte(state: Path, agent: Agent) -> None:
         other.wait()
         mine.close()
         theirs.close()
+
+
+def test_one_recover_at_a_time_takes_the_enclaves_back(state: Path, agent: Agent) -> None:
+    """Two recovers must never drive the same enclave connection: the second waits its turn."""
+
+    mid = os.urandom(16)
+    journal = _journal(state, [mid], phase="committed", fenced=[])
+    journal.update(guardian_pid=2**22 + 3, enclaves=["00"], holders=[[2**22 + 5, 3, "1"]])
+    _decide(state, mid, "commit", b"token")
+    lock = os.open(journal.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        [result] = recover(state)
+        assert result.in_doubt and "another migsgx recover" in result.detail
+        assert agent.sent == []  # nothing delivered, nothing taken
+    finally:
+        os.close(lock)

@@ -11,20 +11,122 @@ deliver a committed migration's state again (``migsgx recover``).
 
 The journal lies in a directory its owner may write, and is no order to root:
 a descriptor is taken only from a live process with the recorded start time
-that is an enclave runtime process, and only if it is a Unix stream socket.
-Nothing is written to anything else.
+that is an enclave runtime process, only if it is a Unix stream socket, and
+only if that socket's other end is held by the same enclave process (the
+duplicate is the driver's end of the enclave's own connection).  So whatever is
+then written into it can reach no other process: not the application (the
+enclave's own end of its connection), not the platform service (its platform
+channel).  Nothing is written to anything else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
+import os
 import socket
+import struct
+import threading
 from pathlib import Path
+from typing import Final
 
 from .._fds import take_descriptor
 from .ckpt_journal import start_time
 
-__all__ = ["is_enclave_runtime", "take_held"]
+__all__ = ["is_enclave_runtime", "peer_inode", "take_held"]
+
+_NETLINK_SOCK_DIAG: Final = 4
+_SOCK_DIAG_BY_FAMILY: Final = 20
+_NLM_F_REQUEST: Final = 1
+_NLMSG_ERROR: Final = 2
+_UDIAG_SHOW_PEER: Final = 0x4
+_UNIX_DIAG_PEER: Final = 2
+_NO_COOKIE: Final = 0xFFFFFFFF
+_SIOCGSKNS: Final = 0x894C  # a socket's network namespace, as a descriptor
+_CLONE_NEWNET: Final = 0x40000000
+
+
+def peer_inode(inode: int) -> int:
+    """The inode of the other end of the Unix socket ``inode`` (0 if none or unknown).
+
+    Asked of the kernel (``sock_diag``, ``UDIAG_SHOW_PEER``): the one place that
+    knows which socket a connected Unix socket talks to.
+    """
+
+    request = struct.pack("=BBHIIIII", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, inode,
+                          _UDIAG_SHOW_PEER, _NO_COOKIE, _NO_COOKIE)  # fmt: skip
+    header = struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0)
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+            nl.settimeout(5.0)
+            nl.send(header + request)
+            reply = nl.recv(65536)
+    except OSError:
+        return 0
+    if len(reply) < 32:
+        return 0
+    length, kind = struct.unpack_from("=IH", reply)
+    if kind == _NLMSG_ERROR or kind != _SOCK_DIAG_BY_FAMILY or length > len(reply):
+        return 0
+    if struct.unpack_from("=I", reply, 20)[0] != inode:
+        return 0
+    offset = 32  # nlmsghdr (16) + unix_diag_msg (16), then attributes
+    while offset + 4 <= length:
+        size, attr = struct.unpack_from("=HH", reply, offset)
+        if size < 4:
+            return 0
+        if attr == _UNIX_DIAG_PEER and size >= 8:
+            return int(struct.unpack_from("=I", reply, offset + 4)[0])
+        offset += (size + 3) & ~3
+    return 0
+
+
+def _peer_of(sock: socket.socket) -> int:
+    """The inode of ``sock``'s other end, asked in the network namespace ``sock`` lives in.
+
+    A Unix socket belongs to the namespace it was made in (an enclave runtime has
+    one of its own), and ``sock_diag`` sees only its caller's: the question is
+    asked from a thread that entered that namespace (``setns`` moves only the
+    calling thread, which ends with the answer).
+    """
+
+    inode = os.fstat(sock.fileno()).st_ino
+    try:
+        netns = int(fcntl.ioctl(sock.fileno(), _SIOCGSKNS))
+    except OSError:
+        return 0
+    try:
+        if os.fstat(netns).st_ino == os.stat("/proc/thread-self/ns/net").st_ino:
+            return peer_inode(inode)
+        found: list[int] = []
+
+        def ask() -> None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(netns, _CLONE_NEWNET) == 0:
+                found.append(peer_inode(inode))
+
+        worker = threading.Thread(target=ask, name="migsgx-peer-inode", daemon=True)
+        worker.start()
+        worker.join(10.0)
+        return found[0] if found else 0
+    finally:
+        os.close(netns)
+
+
+def _holds_socket(pid: int, inode: int) -> bool:
+    """Whether process ``pid`` has a descriptor of the socket ``inode``."""
+
+    wanted = f"socket:[{inode}]"
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for name in names:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{name}") == wanted:
+                return True
+    return False
 
 
 def is_enclave_runtime(pid: int) -> bool:
@@ -46,8 +148,8 @@ def take_held(holders: object) -> dict[int, socket.socket]:
 
     ``holders`` is the journal's list of ``[pid, fd, start]``.  An entry that
     is malformed, names a process that is gone, reused (another start time) or
-    not an enclave runtime, or a descriptor that is not a Unix stream socket,
-    is left out (and nothing is written to it).
+    not an enclave runtime, or a descriptor that is not a Unix stream socket
+    whose other end that process holds, is left out (nothing is written to it).
     """
 
     taken: dict[int, socket.socket] = {}
@@ -63,8 +165,17 @@ def take_held(holders: object) -> dict[int, socket.socket]:
             continue
         with contextlib.suppress(OSError):
             sock = take_descriptor(pid, fd)
-            if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+            if _is_own_connection(sock, pid):
                 taken[index] = sock
             else:
                 sock.close()
     return taken
+
+
+def _is_own_connection(sock: socket.socket, pid: int) -> bool:
+    """A Unix stream socket whose other end the enclave process ``pid`` holds itself."""
+
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        return False
+    peer = _peer_of(sock)
+    return peer != 0 and _holds_socket(pid, peer)
