@@ -131,12 +131,15 @@ def test_recorded_abort_continues_the_source_and_ends_the_destination_copy(
     source = _sleeper()
     try:
         journal = _journal(state, mids, phase="fenced", fenced=[source.pid])
+        journal.update(holders=[[source.pid, 3, "1"], [source.pid, 4, "1"]])
         _decide(state, mids[0], "abort", b"abort-frame")  # the other never decided
         agent.answers.append("aborted")
         result = resolve(journal, state, AgentIdentity.of_state(state))
         assert (result.decision, result.outcome) == ("abort", "stayed")
         assert agent.sent[0][1] == [b"abort-frame", b""]
         assert agent.decisions == ["abort"]  # a tree held for a lost copy goes too
+        # An enclave that aborted let its duplicate go: its number is never taken again.
+        assert Journal.load(journal.path).holders == []
         with open(f"/proc/{source.pid}/stat") as f:
             assert f.read().rsplit(")", 1)[1].split()[0] != "T"  # continued
     finally:

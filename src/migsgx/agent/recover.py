@@ -19,9 +19,11 @@ agents' mutual-TLS channel (``deliver``):
 * every enclave decided COMMIT and the destination keeps the tree held for a
   loaded copy that died before it judged the decision (``copy-lost``, window
   W2): the committed source enclaves deliver their state again to fresh
-  enclaves there (``commit.md``, 2.1; :mod:`.redeliver`).  Only the guardian
-  holds their connections, so it does this; ``migsgx recover`` wakes it and
-  waits for its result;
+  enclaves there (``commit.md``, 2.1; :mod:`.redeliver`).  The guardian holds
+  their connections and does this; ``migsgx recover`` wakes it and waits for
+  its result.  Once the guardian is gone too, ``recover`` takes the connections
+  back from the enclaves themselves (each holds a duplicate of its own,
+  :mod:`.holders`) and runs the same code;
 * every enclave decided COMMIT but the destination holds no loaded copy and
   never activated the ids (its agent lost the session and found no held tree
   to adopt, or the held tree was discarded): ``lost``.  What remains is said
@@ -302,6 +304,10 @@ def resolve(
         )  # fmt: skip
     # At least one ABORT and no COMMIT: the source is the copy; end the destination's.
     frames = [d.frame if d is not None else b"" for d in decisions]
+    if journal.holders:
+        # An enclave that aborted let its duplicate go: the number may name another
+        # descriptor (a later migration's) from now on, and must never be taken.
+        journal.update(holders=[])
     _give_back(journal)
     outcome, detail = _deliver(journal, identity, frames, "abort")
     if outcome in ("aborted", "unknown"):
@@ -379,6 +385,7 @@ def _resolve_orphaned(
         held = HeldSource.take_back(journal)
         if held is None:
             return None
+        recorded = len(journal.holders)
         try:
             decisions = _decisions(platform_state, journal.enclave_mids)
             if all(d is None for d in decisions):
@@ -388,7 +395,7 @@ def _resolve_orphaned(
                     abort_enclave(enclave.sock)
             result = resolve(journal, platform_state, identity, tool_gone=True,
                              redeliver=held.redeliver, release=held.release)  # fmt: skip
-            if result.outcome == "stayed" and len(held.enclaves) == len(journal.holders):
+            if result.outcome == "stayed" and len(held.enclaves) == recorded:
                 socks = [held.enclaves[i].sock for i in sorted(held.enclaves)]
                 app_pid, app_name = int(journal.data["app_pid"]), str(journal.data["app_name"])
                 if resume_source(app_pid, app_name, socks, journal.fenced, [], log.warning):
@@ -406,8 +413,9 @@ def _through_guardian(journal: Journal, result: Resolution) -> Resolution:
     """The state must come again: only the guardian holds the source enclaves.
 
     It retries by itself with a growing pause; SIGUSR1 makes it try at once,
-    and this waits for its journal to say ``done``.  No guardian: the committed
-    source enclaves ended with it, and so did the state.
+    and this waits for its journal to say ``done``.  No guardian, and no
+    enclave holding a connection to take back (:func:`_resolve_orphaned` found
+    none): the state is gone.
     """
 
     pid = journal.guardian_pid
