@@ -120,3 +120,21 @@ def test_a_fresh_copy_whose_state_never_came_may_be_replaced(
     assert second > 0
     for sock in target._listeners:
         sock.close()
+
+
+def test_an_abort_from_the_host_that_began_it_ends_the_wait_for_the_state(
+    held: tuple[Agent, IncomingMigration], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source host's store says ABORT: no state comes again, so the dead copy keeps
+    no tree.  Said by another address, it is refused and changes nothing."""
+
+    agent, target = held
+    target.keep_lost = True
+    monkeypatch.setattr(incoming, "DELIVER_WAIT", 0.2)  # (no settling thread here)
+    stranger = _session(agent, "10.0.0.9")
+    abort = {"t": "deliver", "session_id": SID, "frames": [b""], "decision": "abort"}
+    with pytest.raises(AgentError, match="only from the host that began"):
+        stranger._deliver_request(abort)
+    assert target._copies_lost() and not target.source_aborted
+    target.deliver([b""], source_aborted=True)
+    assert not target._copies_lost()  # the tree is no longer kept for the state

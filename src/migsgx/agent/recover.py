@@ -35,7 +35,6 @@ Idempotent: decisions are final and delivering one twice changes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -46,8 +45,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
-from ..containers.cgroups import thaw_file
-from ..containers.podnet import unlock
 from ..errors import LostAfterCommitError, MigSGXError
 from ..sgx.counters import CounterStore, Decision
 from ..sgx.platform import COUNTERS
@@ -55,6 +52,7 @@ from .control import AgentConnection
 from .handback import abort_enclave, resume_source
 from .journal import Journal
 from .protocol import VERSION
+from .source_host import alive, give_back, is_guardian, lost_detail, signal_all
 from .tls import AgentIdentity
 
 __all__ = ["Resolution", "recover", "resolve"]
@@ -84,16 +82,6 @@ class Resolution:
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _decisions(platform_state: Path, mids: list[bytes]) -> list[Decision | None]:
@@ -133,93 +121,10 @@ def _deliver(
     return str(reply["outcome"]), f"destination pid {reply['pid']}" if reply["pid"] else ""
 
 
-def _lost(journal: Journal, outcome: str) -> str:
-    """Exactly what remains of a committed migration whose destination has no copy."""
-
-    where = (
-        "the destination agent has no session for it (it died or restarted: its loaded "
-        "enclaves ended with it, the tree it held, if any, is left stopped and unowned there)"
-        if outcome == "unknown"
-        else "the destination's loaded copy died before its claim (the destination agent "
-        "still holds its tree, stopped: remove it there by hand)"
-        if outcome == "copy-lost"
-        else "the destination's loaded enclaves ended before their claim and it discarded "
-        "the tree it held"
-    )
-    stopped = [p for p in journal.fenced if _alive(p)]
-    return (
-        f"committed (the decision stands, the source never runs again), but {where}; its "
-        f"claim store never activated {len(journal.enclave_mids)} enclave id(s): no copy runs. "
-        "The state was held only by the frozen committed source enclaves, which end with "
-        "the guardian. The source tree stays "
-        f"stopped (pids {' '.join(map(str, stopped)) or 'none left'}): remove it by hand"
-    )
-
-
 _COPY_LOST = (
     "committed; the destination keeps the tree held, but its loaded copy died before "
     "it judged the decision: the committed source enclaves must deliver their state again"
 )
-
-
-def _is_guardian(pid: int) -> bool:
-    """Whether ``pid`` is still a migration guardian (a recycled pid gets no signal)."""
-
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"migsgx.agent.guardian" in argv
-
-
-def _signal_all(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-def _give_back(journal: Journal) -> None:
-    """The source is the copy: it runs again, a container with its address.
-
-    What the guardian would have done (:mod:`.guardian`), from the journal's
-    ``undo`` notes: a post-copy CRIU that still holds the tree is ended (only a
-    process that is still runc's or CRIU's: a pid may have been reused), the
-    pod's ``eth0`` comes up, the cgroup thaws, the fenced tasks continue.
-    Idempotent: a source the guardian gave back already is left as it runs.
-    """
-
-    notes = journal.undo
-    serving = [int(p) for n in notes if n.startswith("criu ") for p in n.split()[1:]]
-    for pid in serving:
-        try:
-            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-        except OSError:
-            continue
-        if Path(argv0.decode(errors="replace")).name.startswith(("criu", "runc")):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    for pid in serving:  # (CRIU must have let go before SIGCONT can stick)
-        deadline = time.monotonic() + 10
-        while _alive(pid) and _state(pid) != "Z" and time.monotonic() < deadline:
-            time.sleep(0.02)
-    for note in notes:
-        kind, _, arg = note.partition(" ")
-        try:
-            if kind == "netup" and Path(arg).exists():
-                unlock(Path(arg))
-            elif kind == "thaw":
-                thaw_file(arg)
-        except MigSGXError as exc:
-            log.warning("giving the source back: %s: %s", note, exc)
-    _signal_all(journal.fenced, signal.SIGCONT)
-
-
-def _state(pid: int) -> str:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat[stat.rindex(")") + 2 :].split()[0]
 
 
 def resolve(
@@ -244,7 +149,7 @@ def resolve(
         if release is not None:
             release()  # (only a committed enclave obeys: the tool died before it let go)
         return Resolution(mid, journal.phase, "-", "done")
-    if not tool_gone and _alive(int(journal.data["tool_pid"])) and journal.phase != "aborted":
+    if not tool_gone and alive(int(journal.data["tool_pid"])) and journal.phase != "aborted":
         return Resolution(mid, journal.phase, "-", "in-progress", "its tool still runs")
     decisions = _decisions(platform_state, journal.enclave_mids)
     kinds = {d.kind if d is not None else "none" for d in decisions}
@@ -273,7 +178,7 @@ def resolve(
             outcome, detail = _deliver(journal, identity, frames)
             detail = f"the state was delivered again to a fresh enclave; {detail}".strip("; ")
         if outcome == "resumed":
-            _signal_all(journal.fenced, signal.SIGKILL)
+            signal_all(journal.fenced, signal.SIGKILL)
             journal.update(phase="done")
             if release is not None:
                 release()
@@ -281,10 +186,10 @@ def resolve(
         if outcome in ("unknown", "aborted"):
             if release is not None:
                 release()  # no tree is held for the state any more: it can never run
-            return Resolution(mid, journal.phase, "commit", "lost", _lost(journal, outcome))
+            return Resolution(mid, journal.phase, "commit", "lost", lost_detail(journal, outcome))
         if outcome == LostAfterCommitError.code:
             # Claimed, then its enclave died (W3): never delivered again; the source goes.
-            _signal_all(journal.fenced, signal.SIGKILL)
+            signal_all(journal.fenced, signal.SIGKILL)
             journal.update(phase="done")
             if release is not None:
                 release()
@@ -308,7 +213,7 @@ def resolve(
         # An enclave that aborted let its duplicate go: the number may name another
         # descriptor (a later migration's) from now on, and must never be taken.
         journal.update(holders=[])
-    _give_back(journal)
+    give_back(journal)
     outcome, detail = _deliver(journal, identity, frames, "abort")
     if outcome in ("aborted", "unknown"):
         journal.update(phase="done")
@@ -347,8 +252,8 @@ def _orphaned(journal: Journal) -> bool:
     return (
         journal.phase in ("begun", "loaded", "fenced", "committed")
         and bool(journal.holders)
-        and not _alive(int(journal.data["tool_pid"]))
-        and not (journal.guardian_pid and _is_guardian(journal.guardian_pid))
+        and not alive(int(journal.data["tool_pid"]))
+        and not (journal.guardian_pid and is_guardian(journal.guardian_pid))
     )
 
 
@@ -419,11 +324,11 @@ def _through_guardian(journal: Journal, result: Resolution) -> Resolution:
     """
 
     pid = journal.guardian_pid
-    if not pid or not _is_guardian(pid):
+    if not pid or not is_guardian(pid):
         return Resolution(
             result.mid, journal.phase, "commit", "lost",
             f"{_COPY_LOST}, and the guardian that held them is gone: so is the state. "
-            + _lost(journal, "copy-lost"),
+            + lost_detail(journal, "copy-lost"),
         )  # fmt: skip
     os.kill(pid, signal.SIGUSR1)
     deadline = time.monotonic() + GUARDIAN_WAIT
@@ -431,7 +336,7 @@ def _through_guardian(journal: Journal, result: Resolution) -> Resolution:
         if Journal.load(journal.path).phase == "done":
             return Resolution(result.mid, "done", "commit", "moved",
                               f"the guardian (pid {pid}) delivered the state again")  # fmt: skip
-        if not _is_guardian(pid):
+        if not is_guardian(pid):
             return _through_guardian(journal, result)  # (gone meanwhile: said as above)
         if time.monotonic() > deadline:
             break

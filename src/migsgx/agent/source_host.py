@@ -1,0 +1,120 @@
+"""What ``migsgx recover`` does on the source host itself, beside carrying decisions.
+
+Whether the tool or the guardian of a migration still runs, how a source that
+is the copy is given back (the guardian's undo notes, from the journal), and
+exactly what remains of a committed migration whose destination has no copy.
+Split from :mod:`.recover`, which decides; nothing here talks to an agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from ..containers.cgroups import thaw_file
+from ..containers.podnet import unlock
+from ..errors import MigSGXError
+from .journal import Journal
+
+__all__ = ["alive", "give_back", "is_guardian", "lost_detail", "signal_all"]
+
+log = logging.getLogger("migsgx.recover")
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists (a zombie too; one of another user too)."""
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lost_detail(journal: Journal, outcome: str) -> str:
+    """Exactly what remains of a committed migration whose destination has no copy."""
+
+    where = (
+        "the destination agent has no session for it (it died or restarted: its loaded "
+        "enclaves ended with it, the tree it held, if any, is left stopped and unowned there)"
+        if outcome == "unknown"
+        else "the destination's loaded copy died before its claim (the destination agent "
+        "still holds its tree, stopped: remove it there by hand)"
+        if outcome == "copy-lost"
+        else "the destination's loaded enclaves ended before their claim and it discarded "
+        "the tree it held"
+    )
+    stopped = [p for p in journal.fenced if alive(p)]
+    return (
+        f"committed (the decision stands, the source never runs again), but {where}; its "
+        f"claim store never activated {len(journal.enclave_mids)} enclave id(s): no copy runs. "
+        "The state was held only by the frozen committed source enclaves, which are "
+        "released (or ended before). The source tree stays "
+        f"stopped (pids {' '.join(map(str, stopped)) or 'none left'}): remove it by hand"
+    )
+
+
+def is_guardian(pid: int) -> bool:
+    """Whether ``pid`` is still a migration guardian (a recycled pid gets no signal)."""
+
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"migsgx.agent.guardian" in argv
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def give_back(journal: Journal) -> None:
+    """The source is the copy: it runs again, a container with its address.
+
+    What the guardian would have done (:mod:`.guardian`), from the journal's
+    ``undo`` notes: a post-copy CRIU that still holds the tree is ended (only a
+    process that is still runc's or CRIU's: a pid may have been reused), the
+    pod's ``eth0`` comes up, the cgroup thaws, the fenced tasks continue.
+    Idempotent: a source the guardian gave back already is left as it runs.
+    """
+
+    notes = journal.undo
+    serving = [int(p) for n in notes if n.startswith("criu ") for p in n.split()[1:]]
+    for pid in serving:
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if Path(argv0.decode(errors="replace")).name.startswith(("criu", "runc")):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for pid in serving:  # (CRIU must have let go before SIGCONT can stick)
+        deadline = time.monotonic() + 10
+        while alive(pid) and _state(pid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.02)
+    for note in notes:
+        kind, _, arg = note.partition(" ")
+        try:
+            if kind == "netup" and Path(arg).exists():
+                unlock(Path(arg))
+            elif kind == "thaw":
+                thaw_file(arg)
+        except MigSGXError as exc:
+            log.warning("giving the source back: %s: %s", note, exc)
+    signal_all(journal.fenced, signal.SIGCONT)
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2 :].split()[0]
