@@ -771,13 +771,15 @@ def test_destination_agent_killed_after_the_decision_adopts_the_held_tree(
         end_copies(bed, app)
 
 
+@pytest.mark.parametrize("guardian", ["killed", "gave up"])
 def test_guardian_and_destination_agent_killed_after_the_decision(
-    bed: Testbed, figures: dict[str, dict[str, object]]
+    bed: Testbed, figures: dict[str, dict[str, object]], guardian: str
 ) -> None:
     """W2 with nobody left holding the source: the tool ended in doubt, its guardian died.
 
     The destination agent died after the decision (the loaded copy with it); the
-    tool ends in doubt (exit 7) and its guardian is then killed too.  The
+    tool ends in doubt (exit 7) and its guardian is then killed too, or gives up
+    as when its 10 minutes run out before the agent is back.  The
     committed source enclave holds a duplicate of its own connection, so it kept
     its state: ``migsgx recover`` takes the connection back from the recorded
     enclave process and delivers the state again by the guardian's own code to
@@ -792,10 +794,13 @@ def test_guardian_and_destination_agent_killed_after_the_decision(
     t0 = time.monotonic()
     restarted = None
     try:
-        run = bed.migrate(app.pid, doomed)
+        give_up = {"MIGSGX_FAULT": "guardian.retry:give-up"} if guardian == "gave up" else {}
+        run = bed.migrate(app.pid, doomed, env=give_up)
         assert run.returncode == EXIT_IN_DOUBT, run.stderr
         assert doomed.proc.wait(timeout=10) == -9
-        _stop_guardian_of(app.pid)  # SIGKILL: nobody holds the source enclave now
+        if guardian == "killed":
+            _stop_guardian_of(app.pid)  # SIGKILL: nobody holds the source enclave now
+        wait_until(lambda: not _guardians_of(app.pid), 30, "the guardian to be gone")
         holder = _journal_of(bed, app.pid)["holders"][0][0]
         assert process_state(holder) not in ("", "Z", "X")  # it kept its state
         restarted = bed.start_agent(listen_port=doomed.port)
@@ -810,7 +815,7 @@ def test_guardian_and_destination_agent_killed_after_the_decision(
         wait_until(lambda: process_state(holder) in ("", "Z"), 30, "the source enclave to go")
         third = recover(bed)
         assert third.returncode == EXIT_OK, third.stdout + third.stderr
-        figures["decision written x kill -9 guardian + destination agent (restarted)"] = {
+        figures[f"decision written x guardian {guardian} + destination agent (restarted)"] = {
             "outcome": "moved after one recover (a recover killed midway changed nothing)",
             "exit": run.returncode, "recover": again.returncode,
             "seconds": round(time.monotonic() - t0, 3),
@@ -928,6 +933,12 @@ def test_the_copy_that_runs_dies(
 def _stop_guardian_of(app_pid: int) -> None:
     """The guardian a migration of ``app_pid`` left in doubt (started by this test's tool)."""
 
+    for pid in _guardians_of(app_pid):
+        kill_tree(pid)
+
+
+def _guardians_of(app_pid: int) -> list[int]:
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -935,5 +946,7 @@ def _stop_guardian_of(app_pid: int) -> None:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"migsgx.agent.guardian" in argv and str(app_pid).encode() in argv:
-            kill_tree(int(entry.name))
+        ours = b"migsgx.agent.guardian" in argv and str(app_pid).encode() in argv
+        if ours and process_state(int(entry.name)) not in ("", "Z", "X"):
+            found.append(int(entry.name))
+    return found

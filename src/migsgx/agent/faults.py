@@ -43,6 +43,7 @@ POINTS: Final = frozenset(
         "agent.before-claim",  # the first decision frame reached an enclave (window W2)
         "agent.after-claim",  # an enclave claimed the id and runs, the tree not resumed (W3)
         "tool.after-prepare",
+        "guardian.retry",  # ``give-up``: the guardian in doubt stops as if its 10 minutes ran out
         "recover.redeliver",  # a re-delivery without the tool: fresh copy's data connection open
         "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
