@@ -31,6 +31,12 @@ After a commit it carries the decision (``migsgx recover``'s logic), and when th
 destination lost its loaded copy before the claim (window W2) it delivers the
 committed enclaves' state again to fresh ones there (:mod:`.redeliver`).
 SIGUSR1 (sent by ``migsgx recover``) cuts its pause between attempts short.
+Each source enclave also holds a duplicate of its own connection (the tool
+gave it, ``__mig_hold``), so the guardian's end is no end of file for it: once
+the destination runs (or never can) the guardian releases the committed
+enclaves explicitly; should it die, or give up after ``RECOVER_PATIENCE``,
+they keep their state for ``migsgx recover``, which takes their connections
+back (:mod:`.holders`).
 
 Run as ``python -m migsgx.agent.guardian --pipe FD --app-pid PID --app-name NAME
 --fds FD,FD...`` by :class:`Guardian` only.
