@@ -464,6 +464,43 @@ def test_tool_and_destination_enclave_killed_before_the_decision_leave_nothing_h
         end_copies(bed, app)
 
 
+def test_tool_and_destination_agent_killed_before_the_decision_leave_nothing_held(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """ABORT without the tool, and the destination agent dies as the frame reaches its copy.
+
+    The guardian gives the source back and cannot tell the destination (its agent
+    is gone, the loaded copy with it; the tree it restored stays stopped).  The
+    agent, restarted, adopts the tree and would wait for a state that never
+    comes: the guardian carries the ABORT again until the destination heard it,
+    and the adopted tree is discarded, with no ``recover`` and no operator.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill"})
+    app, digest = loaded_app(bed)
+    restarted = None
+    try:
+        run = migrate_with(bed, app, doomed, "tool.before-commit:kill")
+        assert run.returncode == -9
+        t_back = source_answers(bed, app, digest)
+        assert doomed.proc.wait(timeout=30) == -9
+        restarted = bed.start_agent(listen_port=doomed.port)
+        assert "adopted the tree a former agent held" in restarted.log.read_text(errors="replace")
+        wait_until(lambda: bed.copies(app)["dst"] == [], 60, "the adopted tree to be discarded")
+        assert "decision delivered: aborted" in restarted.log.read_text(errors="replace")
+        figures["LOADED x kill -9 tool + destination agent (restarted)"] = {
+            "outcome": "stayed, the adopted tree discarded (the guardian's ABORT, again)",
+            "exit": run.returncode,
+            "source_back_seconds": round(t_back - fault_time(run.stderr), 3),
+        }  # fmt: skip
+        only_copy(bed, app, "src", digest)
+    finally:
+        for agent in (doomed, restarted):
+            if agent is not None:
+                agent.stop()
+        end_copies(bed, app)
+
+
 def test_tool_and_guardian_killed_before_the_decision(
     bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
 ) -> None:

@@ -194,7 +194,10 @@ def _recover(path: Path, held: HeldSource | None = None) -> None:
             _log(f"recovery of {path.name} failed: {exc}; run migsgx recover")
             return
         _log(f"migration {result.mid}: {result.decision} -> {result.outcome} {result.detail}")
-        if not result.in_doubt:
+        # An ABORT the destination has not heard yet (its agent unreachable: it may come
+        # back and adopt a held tree) is carried again too: nothing is left for an operator.
+        untold = result.decision == "abort" and Journal.load(path).phase != "done"
+        if not result.in_doubt and not untold:
             return
         _log_to(path.with_suffix(".log"))
         if time.monotonic() > deadline or fault("guardian.retry") == "give-up":
