@@ -52,6 +52,7 @@ POINTS: Final = frozenset(
         "tool.before-dump",  # the enclaves stream, CRIU has not started
         "tool.before-restore",  # post-copy: the lazy dump serves, no restore asked yet
         "tool.before-commit",
+        "tool.between-commits",  # one source enclave committed, the next not yet
         "tool.after-commit",
         "tool.after-abort",  # roll-back: the source enclaves decided ABORT, nothing undone yet
         "tool.before-token",  # each COMMIT token, before it goes on the data connection

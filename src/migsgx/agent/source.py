@@ -814,8 +814,10 @@ class _Migration:
     def _inject(self, action: str | None) -> None:
         """Fault injection that kills another party of this host (the fault matrix)."""
 
-        if action == "kill-guardian" and self.guardian is not None:
+        if action in ("kill-guardian", "kill-guardian-and-tool") and self.guardian is not None:
             kill_dead([self.guardian.proc.pid])
+            if action == "kill-guardian-and-tool":
+                os.kill(os.getpid(), signal.SIGKILL)
         elif action == "kill-source-enclave":
             kill_dead([t.handed.info.pid for t in self.transfers])
         elif action == "kill-criu" and self.lazy is not None:
@@ -824,9 +826,20 @@ class _Migration:
             kill_dead([socket_owner(self.opts.identity.directory.parent / "enclave.sock")])
 
     def _commit_enclaves(self) -> None:
-        """Every source enclave decides COMMIT; the first one that does is the commit point."""
+        """Every source enclave decides COMMIT; the first one that does is the commit point.
+
+        First every enclave learns the migration's group (its session id): from
+        the first COMMIT on, the source host's platform store refuses an abort of
+        any of them, so that whoever finishes a migration cut between two commits
+        (the guardian, an enclave whose driver died) commits the rest.
+        """
 
         for transfer in self.transfers:
+            assert transfer.outgoing is not None
+            transfer.outgoing.join_group(self.session_id)
+        for transfer in self.transfers:
+            if self.committed:
+                self._inject(self._fault("tool.between-commits"))
             try:
                 assert transfer.outgoing is not None
                 transfer.outgoing.decide()
