@@ -44,6 +44,7 @@ POINTS: Final = frozenset(
         "tool.after-prepare",
         "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
+        "ckpt.between-commits",  # checkpoint: one enclave's gate committed, the next not yet
         "ckpt.after-commit",  # checkpoint: every enclave gave its state up
         "restore.before-criu",  # restore: enclaves loaded (not running), CRIU not started
         "restore.held",  # restore: enclaves loaded (not running), CRIU restored the tree held

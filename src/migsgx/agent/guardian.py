@@ -303,14 +303,20 @@ def main(argv: list[str] | None = None) -> int:
     # destination (``migsgx recover``'s logic), so that its loaded copy runs or
     # goes; after an abort, once the source runs again.
     # One COMMIT is the commit point: then nothing aborts (the platform service may
-    # be gone, and an abort it cannot check would split the migration).
-    if _committed_any(journals) or not all([abort_enclave(s) for s in socks]):
+    # be gone, and an abort it cannot check would split the migration).  A
+    # checkpoint's enclave that committed its gate ends at once: one that is
+    # committed or gone may have been the commit point, and the gates decide.
+    if (
+        _committed_any(journals)
+        or (args.checkpoint and not all(_pending(s) for s in socks))
+        or not all([abort_enclave(s) for s in socks])
+    ):
         _log("the tool died after the enclaves committed: the destination rolls forward")
         redeliver = _redeliverer(socks, notes)
         for path in journals:
             _recover(Path(path), redeliver, _roller(socks))
         if args.checkpoint:
-            _resolve_checkpoint(Path(args.checkpoint), aborted=False)
+            _resolve_checkpoint(Path(args.checkpoint), aborted=False, held=socks)
         return 0
     _log("the tool died before the commit point: resuming the source")
     # Post-copy: the tool's CRIU still holds the tree (it may wait for a page
@@ -333,7 +339,17 @@ def main(argv: list[str] | None = None) -> int:
             _resolve_checkpoint(Path(args.checkpoint), aborted=True)
 
 
-def _resolve_checkpoint(directory: Path, *, aborted: bool) -> None:
+def _pending(sock: socket.socket) -> bool:
+    """A checkpoint's source enclave still answers and has not committed its gate."""
+
+    msg = call_enclave(sock, "__mig_status", [])
+    status = msg.get("value") if msg is not None and msg["t"] == "ret" else None
+    return isinstance(status, dict) and not status.get("committed")
+
+
+def _resolve_checkpoint(
+    directory: Path, *, aborted: bool, held: list[socket.socket] | None = None
+) -> None:
     """``migsgx recover --checkpoint`` for this checkpoint, once the tool died.
 
     ``aborted``: every enclave answered this guardian's abort, so nothing was
@@ -346,7 +362,7 @@ def _resolve_checkpoint(directory: Path, *, aborted: bool) -> None:
 
     try:
         sock = None if aborted else platform_socket(None)
-        result = resolve_checkpoint(directory, sock, aborted=aborted)
+        result = resolve_checkpoint(directory, sock, aborted=aborted, held=held)
     except (MigSGXError, OSError, ValueError) as exc:
         _log(f"checkpoint {directory}: {exc}; run migsgx recover --checkpoint")
         return
