@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ from migsgx.containers.podman import PODMAN_ARCHIVE  # noqa: E402
 from migsgx.host.client import EnclaveClient  # noqa: E402
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
+from migsgx.system.process import in_netns  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
@@ -219,6 +221,36 @@ def test_runc_container_with_a_network_namespace_of_its_own(
     run = migrate(bed, app, agent)
     assert run.returncode == 0, run.stderr
     assert lab.ask(app, "PING", at="dst") == "PONG"  # over lo inside the restored container
+    finish(lab, app, expect="dst")
+
+
+@pytest.mark.parametrize("engine", ["runc", "podman"])
+def test_a_port_taken_at_the_destination_is_refused_before_the_freeze(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
+) -> None:
+    """A container in its host's network namespace restores into the destination's,
+    where something may hold its port: ``begin`` is refused (``port-in-use``, exit 6)
+    before the container froze, as for a process tree; once the port is free it moves.
+    (One with a namespace of its own gets a fresh one there: nothing is announced.)"""
+
+    app, digest = started(lab, engine)
+    squatter = in_netns(
+        f"/run/netns/{bed.host('dst').netns}",
+        lambda: socket.create_server(("0.0.0.0", app.port)),
+    )
+    try:
+        run = migrate(bed, app, agent)
+    finally:
+        squatter.close()
+    assert run.returncode == 6, run.stderr  # did not move, the source runs
+    assert "destination: begin failed: [port-in-use]" in run.stderr
+    assert f"tcp 0.0.0.0:{app.port}" in run.stderr
+    assert "Can't bind" not in run.stderr  # CRIU never ran
+    check_source_runs_on(lab, app, digest)
+    digest = lab.ask(app, "DIGEST", at="src")
+    run = migrate(bed, app, agent)
+    assert run.returncode == 0, run.stderr
+    assert lab.ask(app, "DIGEST", at="dst") == digest
     finish(lab, app, expect="dst")
 
 
