@@ -529,6 +529,48 @@ def inspect_json(path: Path, *canaries: bytes) -> tuple[int, dict[str, Any]]:
 _FAULT_AT = re.compile(r"migsgx fault: (\S+) at ([0-9.]+)")
 
 
+@pytest.mark.parametrize("cut", [True, False], ids=["cut", "next-step"])
+def test_enclave_stream_failing_mid_dump_cuts_runcs_criu(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, tmp_path: Path, cut: bool
+) -> None:
+    """The enclave stream fails while runc's own CRIU writes a 128 MiB container's pages
+    (``flip-byte-in-dump``: the damaged byte goes on once 1 MiB of pages is written).
+
+    With the tool's own image directory (a tmpfs of its own for the dump), the
+    cancel fills it up: CRIU's next write fails, its error path resumes the
+    tasks, and the container thaws at once.  With ``--work-dir`` (kept for the
+    user: nothing is mounted over it) the dump runs to its end and stops at the
+    next step, as before.  Prints the seconds from the fault to the source
+    answering, for both.
+    """
+
+    app = lab.start_app("runc", "kvstore", ["--ballast", "128"])
+    assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
+    digest = lab.ask(app, "DIGEST", at="src")
+    args = [] if cut else ["--work-dir", str(tmp_path / "images")]
+    env = {"MIGSGX_FAULT": f"tool.enclave-stream:flip-byte-in-dump={1 << 20}"}
+    run = migrate(bed, app, agent, args=args, env=env)
+    assert run.returncode == 6, run.stderr
+    assert "chunk failed authentication" in run.stderr, run.stderr
+    how = re.search(r"stopped early \(([^)]*)\)", run.stderr)
+    assert how is not None, run.stderr
+    assert how.group(1) == ("its image directory filled up" if cut else "step refused"), how
+    [(_, at)] = _FAULT_AT.findall(run.stderr)[:1]
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(OSError):  # (not answering yet: frozen)
+            if lab.ask(app, "DIGEST", at="src") == digest:
+                break
+        assert time.monotonic() < deadline, "the source never ran again"
+        time.sleep(0.02)
+    back = time.monotonic() - float(at)
+    figure = {"engine": "runc", "cut": cut, "back_seconds": round(back, 3)}
+    print("container-dump-cut " + json.dumps(figure))
+    wait_until(lambda: app.name not in lab.containers("dst", "runc"), 15, "dst to let go")
+    check_source_runs_on(lab, app, digest)
+    finish(lab, app, expect="src")
+
+
 @pytest.mark.parametrize("engine", ["runc", "podman"])
 def test_corrupted_enclave_stream_stops_the_container_dump(
     bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
@@ -558,7 +600,9 @@ def test_corrupted_enclave_stream_stops_the_container_dump(
         assert time.monotonic() < deadline, "the source never ran again"
         time.sleep(0.02)
     back = time.monotonic() - float(at)
-    print("container-dump-cancel " + json.dumps({"engine": engine, "back_seconds": round(back, 3)}))
+    how = re.search(r"stopped early \(([^)]*)\)", run.stderr)
+    figure = {"engine": engine, "back_seconds": round(back, 3), "how": how and how.group(1)}
+    print("container-dump-cancel " + json.dumps(figure))
     wait_until(lambda: app.name not in lab.containers("dst", engine), 15, "dst to let go")
     check_source_runs_on(lab, app, digest)
     finish(lab, app, expect="src")

@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -145,12 +146,17 @@ def _state(pid: int) -> str:
     return stat[stat.rindex(")") + 2 :][:1]
 
 
-def flipping_relay(peer: socket.socket, offset: int) -> socket.socket:
+def flipping_relay(
+    peer: socket.socket, offset: int, hold: Callable[[], bool] | None = None
+) -> socket.socket:
     """A loopback relay to ``peer`` that flips one bit of byte ``offset`` sent through it.
 
     The untrusted side (or the network) corrupting one byte of an enclave stream:
     what the enclaves must catch.  Returns the relay's near end; bytes from the
-    peer pass unchanged.
+    peer pass unchanged.  ``hold``: the damaged byte goes on only once it is true
+    (polled, at most :data:`WAIT_LIMIT` seconds): the failure then reaches the
+    source at a step the test names (``flip-byte-in-dump``: while the engine's
+    CRIU writes the process's pages).
     """
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -169,6 +175,9 @@ def flipping_relay(peer: socket.socket, offset: int) -> socket.socket:
                     break
                 if flip_at is not None and seen <= flip_at < seen + len(data):
                     data[flip_at - seen] ^= 0x01
+                    deadline = time.monotonic() + WAIT_LIMIT
+                    while hold is not None and not hold() and time.monotonic() < deadline:
+                        time.sleep(0.005)
                 seen += len(data)
                 dst.sendall(data)
         except OSError:

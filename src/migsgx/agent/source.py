@@ -400,7 +400,21 @@ class _Migration:
         action = fault("tool.enclave-stream")
         if action is not None and action.startswith("flip-byte="):
             return peer, flipping_relay(peer, int(action.partition("=")[2]))
+        if action is not None and action.startswith("flip-byte-in-dump="):
+            # The damaged byte goes on once CRIU wrote 1 MiB of pages: mid-dump.
+            return peer, flipping_relay(peer, int(action.partition("=")[2]), self._pages_written)
         return peer, peer
+
+    def _pages_written(self) -> bool:
+        """Fault injection: whether this dump's CRIU wrote 1 MiB of pages already."""
+
+        if self.plan is None:
+            return False
+        with contextlib.suppress(OSError):
+            for path in self.plan.images.glob("pages-*.img"):
+                if path.stat().st_size >= 1 << 20:
+                    return True
+        return False
 
     def _start_enclaves(self, ready: dict[str, Any]) -> None:
         self._threads: list[threading.Thread] = []
@@ -515,6 +529,7 @@ class _Migration:
             may_resume=lambda: not self.committed and not self.resume_sent,
             lazy=opts.post_copy,
             cancel=self.cancel,
+            scratch_images=opts.work_dir is None and not opts.keep_images,
         )
         self.plan = plan
         self.note("dump")
@@ -528,7 +543,11 @@ class _Migration:
                 raise
             # The dump failed because an enclave did: that is the cause to report.
             if self.cancel.stopped_early:
-                how = "its page connection shut down" if self.cancel.broken else "step refused"
+                how = (
+                    "its page connection shut down" if self.cancel.broken
+                    else "its image directory filled up" if self.cancel.cut
+                    else "step refused"
+                )  # fmt: skip
                 log.warning("CRIU's dump was stopped early (%s): an enclave stream failed", how)
             self._join_enclaves()
             for transfer in self.transfers:
