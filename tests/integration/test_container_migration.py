@@ -529,9 +529,11 @@ def inspect_json(path: Path, *canaries: bytes) -> tuple[int, dict[str, Any]]:
 _FAULT_AT = re.compile(r"migsgx fault: (\S+) at ([0-9.]+)")
 
 
-@pytest.mark.parametrize("cut", [True, False], ids=["cut", "next-step"])
+@pytest.mark.parametrize(
+    ("engine", "cut"), [("runc", True), ("runc", False)], ids=["runc-cut", "runc-next-step"]
+)
 def test_enclave_stream_failing_mid_dump_cuts_runcs_criu(
-    bed: Testbed, lab: ContainerLab, agent: AgentProcess, tmp_path: Path, cut: bool
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, tmp_path: Path, engine: str, cut: bool
 ) -> None:
     """The enclave stream fails while runc's own CRIU writes a 128 MiB container's pages
     (``flip-byte-in-dump``: the damaged byte goes on once 1 MiB of pages is written).
@@ -544,7 +546,7 @@ def test_enclave_stream_failing_mid_dump_cuts_runcs_criu(
     answering, for both.
     """
 
-    app = lab.start_app("runc", "kvstore", ["--ballast", "128"])
+    app = lab.start_app(engine, "kvstore", ["--ballast", "128"])
     assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
     digest = lab.ask(app, "DIGEST", at="src")
     args = [] if cut else ["--work-dir", str(tmp_path / "images")]
@@ -564,9 +566,9 @@ def test_enclave_stream_failing_mid_dump_cuts_runcs_criu(
         assert time.monotonic() < deadline, "the source never ran again"
         time.sleep(0.02)
     back = time.monotonic() - float(at)
-    figure = {"engine": "runc", "cut": cut, "back_seconds": round(back, 3)}
+    figure = {"engine": engine, "cut": cut, "back_seconds": round(back, 3)}
     print("container-dump-cut " + json.dumps(figure))
-    wait_until(lambda: app.name not in lab.containers("dst", "runc"), 15, "dst to let go")
+    wait_until(lambda: app.name not in lab.containers("dst", engine), 15, "dst to let go")
     check_source_runs_on(lab, app, digest)
     finish(lab, app, expect="src")
 
