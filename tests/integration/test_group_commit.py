@@ -144,3 +144,16 @@ def test_source_platform_killed_between_two_commits_the_rest_commits_once_it_is_
     assert {r["outcome"] for r in json.loads(result.stdout)} <= {"done", "moved"}
     assert decisions(bed)[before:] == ["commit", "commit"]
     only_on_destination(bed, app, digest)
+
+
+def test_guardian_killed_between_two_commits_the_tool_goes_on(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    """The tool holds the enclaves itself: it commits the second and the move ends (exit 0)."""
+
+    app, digest, _ = two_enclave_app(bed)
+    before = len(decisions(bed))
+    run = migrate_with(bed, app, agent, "tool.between-commits:kill-guardian")
+    assert run.returncode == 0, run.stderr
+    assert decisions(bed)[before:] == ["commit", "commit"]
+    only_on_destination(bed, app, digest)
