@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,7 @@ from migsgx.lab.hosts import start_service  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed  # noqa: E402
 from migsgx.sgx.counters import CounterStore  # noqa: E402
 from migsgx.sgx.platform import COUNTERS  # noqa: E402
-from migsgx.system.process import process_state  # noqa: E402
+from migsgx.system.process import kill_tree, process_state  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
@@ -157,3 +158,47 @@ def test_guardian_killed_between_two_commits_the_tool_goes_on(
     assert run.returncode == 0, run.stderr
     assert decisions(bed)[before:] == ["commit", "commit"]
     only_on_destination(bed, app, digest)
+
+
+def test_second_source_enclave_killed_between_two_commits_is_lost_and_said(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    """Window W1 of the later enclave: it dies undecided after the group committed.
+
+    Its state is lost (its destination copy needs a token only it could make): the
+    tool ends in doubt (7), nothing runs twice (nor at all: the source is fenced,
+    the destination tree held), and recover says what remains.  Runs last: its
+    migration stays in doubt.
+    """
+
+    app, _, _ = two_enclave_app(bed)
+    before = len(decisions(bed))
+    try:
+        run = migrate_with(bed, app, agent, "tool.between-commits:kill-source-enclave")
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert "Traceback" not in run.stderr
+        assert decisions(bed)[before:] == ["commit"]
+        assert bed.runnable_copies(app) == {"src": 0, "dst": 0}
+    finally:
+        _stop_guardian_of(app.pid)  # (it would retry the commit for 10 minutes)
+    result = recover(bed)
+    assert result.returncode == EXIT_IN_DOUBT, result.stdout + result.stderr
+    [doubt] = [r for r in json.loads(result.stdout) if r["outcome"] != "done"]
+    assert (doubt["decision"], doubt["outcome"]) == ("mixed", "in-doubt"), doubt
+    assert "no guardian holds them" in doubt["detail"], doubt
+    assert bed.runnable_copies(app) == {"src": 0, "dst": 0}
+    end_copies(bed, app)
+
+
+def _stop_guardian_of(app_pid: int) -> None:
+    """The guardian a migration of ``app_pid`` left in doubt (started by this test's tool)."""
+
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"migsgx.agent.guardian" in argv and str(app_pid).encode() in argv:
+            kill_tree(int(entry.name))
