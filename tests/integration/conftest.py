@@ -90,16 +90,23 @@ def bed(
 
 
 @pytest.fixture(scope="module")
-def agent(bed: Testbed) -> AgentProcess:
-    """The destination's agent for the module (a module may start it otherwise)."""
+def agent(request: pytest.FixtureRequest, bed: Testbed) -> AgentProcess:
+    """The destination's agent for the module (a module may start it otherwise).
 
+    A module with ``BED_CONTAINERS = True`` gets its ``lab`` first, whichever test
+    asks first: the agent reads the host's ``containers.toml`` when it starts, and
+    the lab writes it.
+    """
+
+    if getattr(request.module, "BED_CONTAINERS", False):
+        request.getfixturevalue("lab")
     return bed.start_agent()
 
 
 @pytest.fixture(scope="module")
 def lab(bed: Testbed, criu: Criu) -> Iterator[ContainerLab]:
-    """runc, podman and containerd on the module's testbed (a module that uses it starts
-    its ``agent`` after it: the agent reads the host's ``containers.toml``)."""
+    """runc, podman and containerd on the module's testbed (a module that uses it sets
+    ``BED_CONTAINERS = True``, so that the ``agent`` starts after it)."""
 
     with ContainerLab(bed, criu=criu) as containers:
         yield containers
