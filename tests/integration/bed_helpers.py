@@ -23,7 +23,7 @@ from typing import Any
 
 from migsgx.agent.tls import issue_agent_identity
 from migsgx.lab.hosts import start_service
-from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed
+from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
 from migsgx.sgx.ca import ProvisioningCA
 from migsgx.sgx.platform import EmulatedPlatform
 from migsgx.system.process import kill_tree
@@ -34,6 +34,7 @@ __all__ = [
     "end_copies",
     "finish",
     "kvstore",
+    "migrate_throttled",
     "scan_files",
     "start_workers",
     "strict_destination",
@@ -221,6 +222,20 @@ def throttled_page_port(bed: Testbed) -> Iterator[int]:
     finally:
         subprocess.run([*tc, "qdisc", "del", "dev", "eth0", "root"], check=False,
                        capture_output=True)  # fmt: skip
+
+
+def migrate_throttled(
+    bed: Testbed, pid: int | None, agent: AgentProcess, fault: str, *args: str
+) -> MigrateRun:
+    """``migrate [PID] ARGS --post-copy`` at fault ``fault`` (``MIGSGX_FAULT``), its page
+    stream throttled (:func:`throttled_page_port`): pages are missing at the commit point."""
+
+    with throttled_page_port(bed) as port:
+        return bed.migrate(
+            pid, agent,
+            args=[*args, "--post-copy", "--post-copy-port", str(port)],
+            env={"MIGSGX_FAULT": fault},
+        )  # fmt: skip
 
 
 def scan_files(roots: list[Path], needles: dict[str, bytes]) -> dict[str, list[str]]:

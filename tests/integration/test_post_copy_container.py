@@ -25,11 +25,11 @@ import pytest
 
 pytest.register_assert_rewrite("bed_helpers")
 
-from bed_helpers import Writer, scan_files, throttled_page_port, wait_until  # noqa: E402
+from bed_helpers import Writer, migrate_throttled, scan_files, wait_until  # noqa: E402
 
 from migsgx.host.client import EnclaveClient  # noqa: E402
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
-from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
+from migsgx.lab.testbed import AgentProcess, Testbed  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 #: This module's subnet (no other module's testbed uses it).
@@ -48,19 +48,6 @@ print("ready", flush=True)
 while True:
     out.write(sock.recv(1 << 16))
 """
-
-
-def migrate_throttled(
-    bed: Testbed, agent: AgentProcess, app: ContainerApp, fault: str
-) -> MigrateRun:
-    """``migrate --runc --post-copy`` with its page port throttled, at fault ``fault``."""
-
-    with throttled_page_port(bed) as port:
-        return bed.migrate(
-            None, agent,
-            args=["--runc", app.name, "--post-copy", "--post-copy-port", str(port)],
-            env={"MIGSGX_FAULT": fault},
-        )  # fmt: skip
 
 
 def check_source_runs_on(lab: ContainerLab, app: ContainerApp, writer: Writer) -> None:
@@ -138,7 +125,7 @@ def test_failure_before_the_commit_point_leaves_the_container_running(
     writer = Writer(lab.connect(app, via="dst"))
     writer.start()
     wait_until(lambda: len(writer.acked) >= 5 or writer.error is not None, 20, "writes")
-    run = migrate_throttled(bed, agent, app, f"tool.before-commit:{action}")
+    run = migrate_throttled(bed, None, agent, f"tool.before-commit:{action}", "--runc", app.name)
     assert run.returncode == 6, run.stderr[-3000:]
     check_source_runs_on(lab, app, writer)
     lab.remove(app)
@@ -148,7 +135,7 @@ def test_source_criu_lost_after_the_commit_point_is_exit_9(
     bed: Testbed, lab: ContainerLab, agent: AgentProcess
 ) -> None:
     app = lab.start_app("runc", "kvstore", own_address=True)
-    run = migrate_throttled(bed, agent, app, "tool.after-commit:kill-criu")
+    run = migrate_throttled(bed, None, agent, "tool.after-commit:kill-criu", "--runc", app.name)
     assert run.returncode == 9, run.stderr[-3000:]
     assert "inside the post-copy window" in run.stderr, run.stderr
     assert "destination tree was killed" in run.stderr, run.stderr

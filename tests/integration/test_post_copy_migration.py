@@ -16,8 +16,8 @@ pytest.register_assert_rewrite("bed_helpers")
 
 from bed_helpers import (  # noqa: E402
     end_copies,
+    migrate_throttled,
     start_workers,
-    throttled_page_port,
     wait_until,
     workers,
     workers_carry_on,
@@ -54,14 +54,8 @@ def test_failure_before_the_commit_point_leaves_the_source_running(
     app = start_workers(bed, *WRITING)
     # The destination restored the tree held, its daemon pulling pages; then the
     # tool fails, or the source's CRIU (the only server of the pages) dies while
-    # pages are still missing (the page stream is throttled: see ``throttled_page_port``).
-    with throttled_page_port(bed) as port:
-        run = bed.migrate(
-            app.pid,
-            agent,
-            args=["--post-copy", "--post-copy-port", str(port)],
-            env={"MIGSGX_FAULT": f"tool.before-commit:{action}"},
-        )
+    # pages are still missing (the page stream is throttled).
+    run = migrate_throttled(bed, app.pid, agent, f"tool.before-commit:{action}")
     assert run.returncode == 6, run.stderr
     assert "the source runs on" in run.stderr or "aborted" in run.stderr, run.stderr
     workers_carry_on(bed, app, "src")
@@ -74,13 +68,7 @@ def test_source_criu_lost_after_the_commit_point_is_exit_9(
     bed: Testbed, agent: AgentProcess
 ) -> None:
     app = start_workers(bed, *WRITING)
-    with throttled_page_port(bed) as port:
-        run = bed.migrate(
-            app.pid,
-            agent,
-            args=["--post-copy", "--post-copy-port", str(port)],
-            env={"MIGSGX_FAULT": "tool.after-commit:kill-criu"},
-        )
+    run = migrate_throttled(bed, app.pid, agent, "tool.after-commit:kill-criu")
     assert run.returncode == 9, run.stderr
     assert "inside the post-copy window" in run.stderr, run.stderr
     assert "destination tree was killed" in run.stderr, run.stderr
