@@ -2,7 +2,8 @@
 
 RSA-3072 key generation costs about 0.3 s, so the expensive objects are made once
 per test session by :func:`shared_world` and removed when the interpreter exits.
-Test modules register the fixtures they use with a one-line wrapper, e.g.::
+tests/unit/conftest.py makes it the ``world`` fixture of every unit test; an
+integration module registers it with a one-line wrapper, e.g.::
 
     @pytest.fixture(scope="session")
     def world() -> World:

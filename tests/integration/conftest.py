@@ -16,10 +16,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from platform_fixtures import World
 
 from migsgx.criu import Criu
 from migsgx.errors import CriuError, MigSGXError
 from migsgx.lab.containers import ContainerLab
+from migsgx.lab.hosts import ServiceProcess, start_service
 from migsgx.lab.netns import Host, HostNetwork, cleanup_stale, terminate
 from migsgx.lab.testbed import AgentProcess, Testbed
 
@@ -110,6 +112,22 @@ def lab(bed: Testbed, criu: Criu) -> Iterator[ContainerLab]:
 
     with ContainerLab(bed, criu=criu) as containers:
         yield containers
+
+
+@pytest.fixture(scope="module")
+def service(
+    request: pytest.FixtureRequest, world: World, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    """A platform service of the shared world's host A for the module, without namespaces
+    (its socket in a directory of the module's own); stopped at the module's end."""
+
+    name = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    sock = tmp_path_factory.mktemp(name) / "platform.sock"
+    svc = start_service(world.host_a.state_dir, socket_path=sock)
+    try:
+        yield svc
+    finally:
+        svc.stop()
 
 
 HostsFactory = Callable[..., HostNetwork]

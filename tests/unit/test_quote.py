@@ -56,11 +56,6 @@ CERT_SIZE = CERT_TYPE + 2
 CHAIN = CERT_SIZE + 4
 
 
-@pytest.fixture(scope="session")
-def world() -> World:
-    return shared_world()
-
-
 def _body(*, debug: bool = False, report_data: bytes = bytes(range(64))) -> ReportBody:
     flags = FLAG_INIT | FLAG_MODE64BIT | (FLAG_DEBUG if debug else 0)
     return ReportBody(
