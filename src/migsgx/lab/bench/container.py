@@ -49,7 +49,7 @@ from ..containers import ContainerApp, ContainerLab
 from ..testbed import Testbed
 from .figures import children_cpu, cpu_seconds, loadavg, machine_state, summarize
 from .pages import PageServerOn, copy_images, image_bytes
-from .process import MODEL_COLS, enclave_cpu, migration_figures
+from .process import MODEL_COLS, enclave_cpu, migration_figures, model_rows
 
 __all__ = ["run"]
 
@@ -88,7 +88,7 @@ def _migsgx(
     args: tuple[str, ...] = (),
     ordinary: int = 0,
 ) -> dict[str, Any]:
-    rows = max(1, size // (MODEL_COLS * 4))
+    rows = model_rows(size)
     agent = bed.start_agent()
     app = lab.start_app(engine, "model", ["--rows", str(rows), "--cols", str(MODEL_COLS),
                                           "--ordinary-mib", str(ordinary >> 20)])  # fmt: skip
@@ -388,14 +388,7 @@ def run(
 def plot(result: dict[str, Any], path: Path) -> None:
     """Timelines of the median migsgx run and the median engine-alone run."""
 
-    from .plot import plot_timelines
+    from .plot import median_panels, plot_timelines
 
-    runs: list[dict[str, Any]] = result["runs"]
-    panels = []
-    for key, label in (("migsgx", "migsgx migrate"), ("engine_only", f"{result['engine']} alone")):
-        r = sorted(runs, key=lambda x: float(x[key]["total_seconds"]))[len(runs) // 2][key]
-        title = (f"{label}, enclave {result['enclave_size'] >> 20} MiB: total "
-                 f"{r['total_seconds']:.2f} s, downtime {r['downtime_seconds']:.2f} s "
-                 "(median run)")  # fmt: skip
-        panels.append((title, r["timeline"], r["cpu_by_process"]))
-    plot_timelines(panels, path)
+    labels = [("migsgx", "migsgx migrate"), ("engine_only", f"{result['engine']} alone")]
+    plot_timelines(median_panels(result, labels), path)
