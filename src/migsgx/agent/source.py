@@ -70,6 +70,7 @@ from ..errors import (
     SourceLostError,
 )
 from ..host.appctl import info_to_wire
+from ..system import niceness as nice
 from ..system.process import is_pidns_init, process_state, stop_tree, tree_pids
 from . import early, precopy, preflight
 from .applink import AppLink, HandedEnclave
@@ -142,6 +143,9 @@ class MigrateOptions:
     lazy_port: int = 0  # where the source's CRIU serves it (0: a port the kernel picks)
     # Stop-and-copy: the destination enclaves launch and attest before the freeze.
     early_handshake: bool = True
+    #: CRIU's dump (with its page stream) this much nicer than the tool's other
+    #: threads, the enclave streams beside it (negative: less nice).
+    criu_nice: int = 0
 
 
 @dataclass
@@ -522,7 +526,16 @@ class _Migration:
             if opts.post_copy:
                 self._dump_lazy(dump_dir, plan)
             else:
-                self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
+                # CRIU starts from this thread and keeps its niceness; the steps
+                # after the dump (called back on this thread) run at the tool's own.
+                own = nice.current()
+
+                def dumped() -> None:
+                    with nice.nice_at(own):
+                        self._on_dumped(dump_dir)
+
+                with nice.niceness(opts.criu_nice):
+                    self.driver.dump(self.source, plan, dumped)
         except MigSGXError as exc:
             if not self.cancel.cancelled:
                 raise
