@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from migsgx.lab.bench.bound import pipeline_bound, process_cpu, stage_cpu
+from migsgx.lab.bench.bound import pipeline_bound, process_cpu, sequential_floor, stage_cpu
 
 
 def _phases(mode: str, src_enclave: float, src_driver: dict[str, float],
@@ -47,7 +47,10 @@ def test_bound_is_total_over_cores_when_no_process_dominates() -> None:
         {"seconds": 2.6, "phases": SEQUENTIAL},
         cores=2,
     )
+    floor = sequential_floor(SEQUENTIAL, 2) + 0.02
+    assert b["sequential_floor_seconds"] == pytest.approx(floor)
     total = 0.2 + 0.31 + 0.3 + 0.55
+    assert b["cpu_ratio"] == pytest.approx(floor / (total / 2 + 0.02))
     assert b["total_cpu_seconds"] == pytest.approx(total)
     assert b["busiest_process"] == "destination_enclave"
     assert b["best_pipelined_seconds"] == pytest.approx(total / 2 + 0.02)
@@ -68,3 +71,9 @@ def test_no_cores_is_an_error() -> None:
     with pytest.raises(ValueError):
         pipeline_bound({"seconds": 1, "active_seconds": 0, "phases": PIPELINED},
                        {"seconds": 2}, cores=0)  # fmt: skip
+
+
+def test_sequential_floor_adds_its_three_phases_each_overlapped_two_by_two() -> None:
+    # dump: enclave 0.2 beside drain 0.35; send 0.3 beside receive 0.5; fill 0.4 beside open 0.55
+    assert sequential_floor(SEQUENTIAL, 2) == pytest.approx(0.35 + 0.5 + 0.55)
+    assert sequential_floor(SEQUENTIAL, 1) == pytest.approx(0.55 + 0.8 + 0.95)

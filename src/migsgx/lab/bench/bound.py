@@ -13,7 +13,15 @@ single-threaded processes cannot finish before
 
 so ``best = max(busiest process, total / cores) + fixed``, where ``fixed`` is
 what neither mode can overlap (the commit round trips after LOADED, up to the
-destination's ``active``).  The best
+destination's ``active``).
+
+The same reasoning gives the sequential mode's floor, phase by phase (each
+phase overlaps two processes: the enclave sealing beside the driver's drain
+into staging, the send beside the receive, the ring's fill beside the
+opening).  ``cpu_ratio`` = sequential floor / pipelined floor is the ratio a
+quiet machine would show if both ran at their floors: unlike wall seconds, CPU
+seconds hardly change with the machine's load, so this is the figure to read
+on a loaded machine.  The best
 ratio is then the measured sequential time over ``best``; how far the pipeline
 is from it is ``pipelined seconds / best``.  CPU figures are the frozen
 window's only (from the freeze, or the end of the handshake, to LOADED), read by
@@ -35,7 +43,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["pipeline_bound", "process_cpu", "stage_cpu"]
+__all__ = ["pipeline_bound", "process_cpu", "sequential_floor", "stage_cpu"]
 
 
 def process_cpu(phases: Mapping[str, Any]) -> dict[str, float]:
@@ -73,6 +81,23 @@ def stage_cpu(phases: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
+def sequential_floor(phases: Mapping[str, Any], cores: int) -> float:
+    """The shortest a sequential run with these CPU figures takes on ``cores`` cores.
+
+    ``phases`` of a sequential run; the sum over its three phases of
+    max(busier of its two processes, their total / cores).
+    """
+
+    src = phases["driver_cpu"]
+    dst = phases["destination"]["driver_cpu"]
+    pairs = (
+        (float(phases["enclave_cpu_seconds"]), float(src["dump"])),
+        (float(src["send"]), float(dst["receive"])),
+        (float(dst["load"]), float(phases["destination"]["enclave_cpu_seconds"])),
+    )
+    return sum(max(max(a, b), (a + b) / cores) for a, b in pairs)
+
+
 def pipeline_bound(
     pipelined: Mapping[str, Any], sequential: Mapping[str, Any], cores: int
 ) -> dict[str, Any]:
@@ -89,6 +114,7 @@ def pipeline_bound(
     busiest = max(per_process, key=lambda k: per_process[k])
     fixed = float(pipelined["active_seconds"])
     best = max(per_process[busiest], total / cores) + fixed
+    floor = sequential_floor(sequential["phases"], cores) + fixed
     return {
         "cores": cores,
         "total_cpu_seconds": total,
@@ -99,4 +125,8 @@ def pipeline_bound(
         "best_ratio": float(sequential["seconds"]) / best,
         # 1.0: the pipeline runs as fast as the machine allows; above: what is left.
         "pipelined_over_best": float(pipelined["seconds"]) / best,
+        "sequential_floor_seconds": floor,
+        "sequential_over_floor": float(sequential["seconds"]) / floor,
+        # Both modes at their floors: the ratio of a quiet machine, from CPU alone.
+        "cpu_ratio": floor / best,
     }
