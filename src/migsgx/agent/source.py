@@ -593,8 +593,7 @@ class _Migration:
         if lazy.error is not None:
             # The only server of the tree's memory is gone: nothing may commit.
             raise MigrationError(f"the source's CRIU stopped serving pages: {lazy.error}")
-        self._commit()
-        self.note("resumed")
+        self._commit()  # (notes "resumed" once the destination runs)
         self._window()
 
     def _window(self) -> None:
@@ -700,8 +699,7 @@ class _Migration:
         self._restore({"t": "restore"})
         self._fence()
         self._inject(self._fault("tool.before-commit"))
-        self._commit()
-        self.note("resumed")
+        self._commit()  # (notes "resumed" once the destination runs)
 
     def _restore(self, request: dict[str, Any]) -> None:
         restored = self.control_call(request, "restored")
@@ -773,7 +771,9 @@ class _Migration:
                 )
                 reply = {"attach_seconds": 0.0}
             # The destination runs (or its copy was lost after the claim): the
-            # committed source enclaves may go.
+            # downtime ends here, and the committed source enclaves may go (their
+            # wipe is no part of it).
+            self.note("resumed")
             if self.journal is not None:
                 self.journal.update(phase="done")
             for transfer in self.transfers:
@@ -793,6 +793,7 @@ class _Migration:
             except RefusedError:
                 self.resume_sent = False  # the destination refused, and killed what it held
                 raise
+            self.note("resumed")
         self.stats["attach"] = float(reply["attach_seconds"])
 
     def _redeliver(self, transfer: _Transfer) -> None:
