@@ -69,6 +69,10 @@ def test_bench_state_repeats_and_reports_medians_spread_cpu_and_timelines(tmp_pa
             assert figures["seconds"] <= figures["seconds_to_release"]
             assert set(figures["window_cpu_by_process"]) == PROCESSES
             assert set(figures["window_cpu_by_stage"]) == {"dump", "transfer", "load"}
+            # Each end of a ring of 2 slots waits for its peer now and then: 32 chunks
+            # of 64 KiB cannot all pass without one process sleeping.
+            assert set(figures["window_switches_by_process"]) == PROCESSES
+            assert sum(figures["window_switches_by_process"].values()) > 0
             assert opened[1] <= commit[0]  # the destination loaded before the commit
     machine = result["machine"]
     assert machine["cpus"] == os.cpu_count()

@@ -6,7 +6,13 @@ from typing import Any
 
 import pytest
 
-from migsgx.lab.bench.bound import pipeline_bound, process_cpu, sequential_floor, stage_cpu
+from migsgx.lab.bench.bound import (
+    pipeline_bound,
+    process_cpu,
+    process_switches,
+    sequential_floor,
+    stage_cpu,
+)
 
 
 def _phases(mode: str, src_enclave: float, src_driver: dict[str, float],
@@ -77,3 +83,11 @@ def test_sequential_floor_adds_its_three_phases_each_overlapped_two_by_two() -> 
     # dump: enclave 0.2 beside drain 0.35; send 0.3 beside receive 0.5; fill 0.4 beside open 0.55
     assert sequential_floor(SEQUENTIAL, 2) == pytest.approx(0.35 + 0.5 + 0.55)
     assert sequential_floor(SEQUENTIAL, 1) == pytest.approx(0.55 + 0.8 + 0.95)
+
+
+def test_switches_by_process_and_none_reported_counts_zero() -> None:
+    phases = {**PIPELINED, "enclave_switches": 9000, "driver_switches": 8500,
+              "destination": {**PIPELINED["destination"], "driver_switches": 12000}}  # fmt: skip
+    assert process_switches(phases) == {"source_enclave": 9000, "source_driver": 8500,
+                                        "destination_driver": 12000,
+                                        "destination_enclave": 0}  # fmt: skip

@@ -65,6 +65,7 @@ from .ring import RingPeerGoneError, RingRole, ShmRing, send_ring_fds
 from .transport import (
     PeerWatch,
     Staging,
+    context_switches,
     keep_alive,
     ring_to_socket,
     socket_to_ring,
@@ -444,6 +445,7 @@ class OutgoingEnclave:
         t0, t_launch, t_hs = self._times
         t_freeze = time.monotonic()  # after an early handshake, the freeze came in between
         c_freeze = time.process_time()
+        s_freeze = context_switches()
         try:
             ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
             try:
@@ -478,6 +480,7 @@ class OutgoingEnclave:
             raise
         t_end = time.monotonic()
         c_end = time.process_time()
+        s_end = context_switches()
         self.stats = {
             "mode": self._mode,
             "chunk_bytes": self.chunk_size,
@@ -497,6 +500,8 @@ class OutgoingEnclave:
                 "send": c_sent - c_dumped,
                 "load_wait": c_end - c_sent,
             },
+            "driver_switches": s_end - s_freeze,
+            "enclave_switches": dump.get("switches", 0),
             "destination": loaded["stats"],
             # Absolute CLOCK_MONOTONIC times (one clock per host), per process.
             "timeline": {
@@ -646,6 +651,7 @@ class IncomingEnclave:
             self.migration_id = bytes(reply.get("migration_id") or b"")
             t_hs = time.monotonic()
             c_hs = c_recv = time.process_time()
+            s_hs = context_switches()
             chunk = offer["chunk_size"]
             if offer["mode"] == "live":
                 self.stats["rounds"] = self._receive_rounds(peer, offer)
@@ -690,6 +696,7 @@ class IncomingEnclave:
             raise
         t_end = time.monotonic()
         c_end = time.process_time()
+        s_end = context_switches()
         self.stats = {
             **self.stats,
             "launch_seconds": t_launch - t0,
@@ -703,6 +710,8 @@ class IncomingEnclave:
             "enclave_cpu_seconds": result.get("cpu_seconds", 0.0),
             # This (driver) process's CPU seconds in each phase after the handshake.
             "driver_cpu": {"receive": c_recv - c_hs, "load": c_end - c_recv},
+            "driver_switches": s_end - s_hs,
+            "enclave_switches": result.get("switches", 0),
             "timeline": {
                 "destination_driver": {
                     "launch": [t0, t_launch], "handshake": [t_launch, t_hs],

@@ -43,7 +43,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["pipeline_bound", "process_cpu", "sequential_floor", "stage_cpu"]
+__all__ = ["pipeline_bound", "process_cpu", "process_switches", "sequential_floor", "stage_cpu"]
 
 
 def process_cpu(phases: Mapping[str, Any]) -> dict[str, float]:
@@ -59,6 +59,18 @@ def process_cpu(phases: Mapping[str, Any]) -> dict[str, float]:
         "source_driver": float(sum(phases["driver_cpu"].values())),
         "destination_driver": float(sum(dest["driver_cpu"].values())),
         "destination_enclave": float(dest["enclave_cpu_seconds"]),
+    }
+
+
+def process_switches(phases: Mapping[str, Any]) -> dict[str, int]:
+    """Context switches of each process in the frozen window (each counted its own)."""
+
+    dest = phases["destination"]
+    return {
+        "source_enclave": int(phases.get("enclave_switches", 0)),
+        "source_driver": int(phases.get("driver_switches", 0)),
+        "destination_driver": int(dest.get("driver_switches", 0)),
+        "destination_enclave": int(dest.get("enclave_switches", 0)),
     }
 
 

@@ -48,7 +48,7 @@ from ...limits import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK
 from ...limits import DEFAULT_SLOTS
 from .. import memstat
 from ..hosts import Deployment, running_services
-from .bound import pipeline_bound, process_cpu, stage_cpu
+from .bound import pipeline_bound, process_cpu, process_switches, stage_cpu
 from .figures import cpu_seconds, loadavg, machine_state, shift_timeline, summarize
 from .sched import set_policy
 
@@ -182,6 +182,7 @@ def migrate_once(
             "destination_enclave": code["destination_enclave"],
         }
         stats = dict(loaded["stats"])
+        switches = process_switches(stats)
         raw_timeline = dict(stats.pop("timeline", {}))
         raw_timeline.update(stats.get("destination", {}).pop("timeline", {}))
         raw_timeline.setdefault("source_driver", {}).update(
@@ -216,6 +217,9 @@ def migrate_once(
             # The frozen window's alone (freeze to LOADED), by process and by stage.
             "window_cpu_by_process": process_cpu(stats),
             "window_cpu_by_stage": stage_cpu(stats),
+            # How often each process slept and woke (or was preempted) in that window.
+            "window_switches_by_process": switches,
+            "switches_per_chunk": sum(switches.values()) / max(1, -(-size // chunk)),
             # Of the destination enclave's, what its launch took (before the handshake).
             "destination_enclave_launch_cpu_seconds": float(dst_loaded["enclave_launch_cpu"]),
             "phases": stats,
