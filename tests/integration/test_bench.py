@@ -25,6 +25,8 @@ PROCESSES = {"source_driver", "source_enclave", "destination_driver", "destinati
 def test_bench_state_repeats_and_reports_medians_spread_cpu_and_timelines(tmp_path: Path) -> None:
     result = state.run(2 << 20, 64 << 10, 2, repeat=2, ab_policy="batch")
     assert len(result["runs"]) == 2
+    # The A/B's variant runs after the plain one, then before it.
+    assert [r["variants_first"] for r in result["runs"]] == [False, True]
     for key in ("seconds", "transfer_seconds", "peak_extra_bytes"):
         spread = result["spread"]["pipelined"][key]
         assert spread["min"] <= result["pipelined"][key] <= spread["max"]

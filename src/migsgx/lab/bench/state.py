@@ -286,31 +286,43 @@ def one_run(
     slots: int,
     ab_prefault: bool,
     ab_policy: str = "",
+    flip: bool = False,
 ) -> dict[str, Any]:
     """Pipelined, sequential and raw transport side by side, with their ratios.
 
     With ``ab_prefault``, also a pipelined run whose destination faults its
-    memory in beside the load (off by default), right after the pipelined one
+    memory in beside the load (off by default), next to the pipelined one
     (A/B): ``pipelined_with_prefault``, ``prefault_speedup`` = seconds without /
-    with.
+    with.  With ``ab_policy``, also a pipelined run with every process under
+    that scheduling policy: ``pipelined_POLICY``, ``POLICY_speedup`` and
+    ``POLICY_cpu_ratio`` (frozen-window CPU with / without).  The variants run
+    after the plain pipelined run, or before it with ``flip`` (every other run:
+    a load that drifts through the invocation then favours neither side).
     """
 
     extra: dict[str, Any] = {}
-    pipelined = migrate_once(image, sock_a, sock_b, size, chunk, slots, "pipelined")
+    once = partial(migrate_once, image, sock_a, sock_b, size, chunk, slots, "pipelined")
+    variants: list[tuple[str, dict[str, Any]]] = []
     if ab_prefault:
-        with_it = migrate_once(image, sock_a, sock_b, size, chunk, slots, "pipelined",
-                               prefault=True)  # fmt: skip
-        extra["pipelined_with_prefault"] = with_it
-        extra["prefault_speedup"] = pipelined["seconds"] / with_it["seconds"]
+        variants.append(("pipelined_with_prefault", {"prefault": True}))
     if ab_policy:
-        with_it = migrate_once(image, sock_a, sock_b, size, chunk, slots, "pipelined",
-                               policy=ab_policy)  # fmt: skip
-        extra[f"pipelined_{ab_policy}"] = with_it
-        extra[f"{ab_policy}_speedup"] = pipelined["seconds"] / with_it["seconds"]
-        extra[f"{ab_policy}_cpu_ratio"] = (
-            sum(with_it["window_cpu_by_process"].values())
-            / sum(pipelined["window_cpu_by_process"].values())
+        variants.append((f"pipelined_{ab_policy}", {"policy": ab_policy}))
+    if flip:
+        extra.update((name, once(**kw)) for name, kw in variants)
+    pipelined = once()
+    if not flip:
+        extra.update((name, once(**kw)) for name, kw in variants)
+    plain_cpu = sum(pipelined["window_cpu_by_process"].values())
+    if ab_prefault:
+        extra["prefault_speedup"] = (
+            pipelined["seconds"] / extra["pipelined_with_prefault"]["seconds"]
         )
+    if ab_policy:
+        with_it = extra[f"pipelined_{ab_policy}"]
+        extra[f"{ab_policy}_speedup"] = pipelined["seconds"] / with_it["seconds"]
+        extra[f"{ab_policy}_cpu_ratio"] = sum(with_it["window_cpu_by_process"].values()) / plain_cpu
+    if variants:
+        extra["variants_first"] = flip
     sequential = migrate_once(image, sock_a, sock_b, size, chunk, slots, "sequential")
     raw = raw_transport(size, chunk, slots)
     bound = pipeline_bound(pipelined, sequential, len(os.sched_getaffinity(0)))
@@ -363,10 +375,9 @@ def run(
         dep = Deployment.create(Path(tmp), names=["a", "b"])
         image = dep.signed_image("model")
         with running_services(dep.hosts) as (host_a, host_b):
-            for _ in range(repeat):
-                one = one_run(
-                    image, host_a.socket, host_b.socket, size, chunk, slots, ab_prefault, ab_policy
-                )
+            for i in range(repeat):
+                one = one_run(image, host_a.socket, host_b.socket, size, chunk, slots,
+                              ab_prefault, ab_policy, flip=i % 2 == 1)  # fmt: skip
                 runs.append(one)
     result = summarize(runs)
     result.update(
