@@ -36,7 +36,7 @@ from ...agent.tls import AgentIdentity
 from ...criu import Criu, InNetns, InTaskNamespaces
 from ...errors import ConfigError, MigSGXError
 from ...system.process import kill_tree, tree_pids
-from ..testbed import Testbed
+from ..testbed import START_TIMEOUT, AppProcess, Testbed
 from .figures import children_cpu, cpu_seconds, loadavg, machine_state, shift_timeline, summarize
 from .pages import PageServerOn, copy_images, image_bytes
 
@@ -63,16 +63,31 @@ while True:
 """
 
 
+def model_rows(size: int) -> int:
+    """The rows of float32 weights, :data:`MODEL_COLS` wide, that fill SIZE bytes."""
+
+    return max(1, size // (MODEL_COLS * 4))
+
+
+def start_model(
+    bed: Testbed, size: int, ordinary_mib: int, *args: str, timeout: float = START_TIMEOUT
+) -> AppProcess:
+    """The example ``model`` app on host ``src``: SIZE of enclave weights, ``ordinary_mib``
+    MiB of ordinary memory, then ``args``; ready once both are filled."""
+
+    return bed.start_app(
+        "model",
+        ["--image", str(bed.image("model")), "--rows", str(model_rows(size)),
+         "--cols", str(MODEL_COLS), "--ordinary-mib", str(ordinary_mib), *args],
+        timeout=timeout,
+    )  # fmt: skip
+
+
 def _migsgx(bed: Testbed, size: int, args: tuple[str, ...] = ()) -> dict[str, Any]:
-    rows = max(1, size // (MODEL_COLS * 4))
+    rows = model_rows(size)
     agent = bed.start_agent()
     try:
-        app = bed.start_app(
-            "model",
-            ["--image", str(bed.image("model")), "--rows", str(rows), "--cols", str(MODEL_COLS),
-             "--ordinary-mib", str(max(1, size >> 20))],
-            timeout=app_start_timeout(size),
-        )  # fmt: skip
+        app = start_model(bed, size, max(1, size >> 20), timeout=app_start_timeout(size))
         before = bed.ask("DIGEST", app.port, at="src", via="dst")
         agent_cpu = cpu_seconds(agent.proc.pid, children=True)
         agent_own = cpu_seconds(agent.proc.pid)
@@ -348,17 +363,9 @@ def run(
 def plot(result: dict[str, Any], path: Path) -> None:
     """Timelines of the median migsgx run and the median CRIU-alone run."""
 
-    from .plot import plot_timelines
+    from .plot import median_panels, plot_timelines
 
-    runs: list[dict[str, Any]] = result["runs"]
-    panels = []
     labels = [("migsgx", "migsgx migrate"), ("criu_only", "CRIU alone")]
-    if "criu_only_tls" in runs[0]:
+    if "criu_only_tls" in result["runs"][0]:
         labels.append(("criu_only_tls", "CRIU alone, pages in TLS"))
-    for key, label in labels:
-        r = sorted(runs, key=lambda x: float(x[key]["total_seconds"]))[len(runs) // 2][key]
-        title = (f"{label}, enclave {result['enclave_size'] >> 20} MiB: total "
-                 f"{r['total_seconds']:.2f} s, downtime {r['downtime_seconds']:.2f} s "
-                 "(median run)")  # fmt: skip
-        panels.append((title, r["timeline"], r["cpu_by_process"]))
-    plot_timelines(panels, path)
+    plot_timelines(median_panels(result, labels), path)
