@@ -268,7 +268,7 @@ def one_run(
     migsgx sends them: ``criu_only_tls``, ``criu_tls_over_migsgx_total`` and
     ``page_tls_cost`` (CRIU alone with TLS / without, paired).  With
     ``ab_criu_nice`` N (not 0), also migsgx with CRIU's dump N nicer than the
-    enclave streams (``--criu-nice N``), right after: ``migsgx_criu_nice`` and
+    enclave streams (``--criu-nice N``), beside it: ``migsgx_criu_nice`` and
     the paired ``criu_nice_total_speedup`` and ``criu_nice_downtime_speedup``
     (default / niced: above 1, the niceness helped); with ``flip``, the niced
     one first.
