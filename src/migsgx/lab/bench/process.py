@@ -254,6 +254,8 @@ def one_run(
     ab_late_handshake: bool = False,
     post_copy: bool = False,
     ab_page_tls: bool = False,
+    ab_criu_nice: int = 0,
+    flip: bool = False,
 ) -> dict[str, Any]:
     """migsgx and CRIU alone back to back, with the ratios of the pair.
 
@@ -264,9 +266,18 @@ def one_run(
     (late / early).  With ``post_copy``, also ``--post-copy`` and ``--live``.
     With ``ab_page_tls``, also CRIU alone with its pages in CRIU's TLS, as
     migsgx sends them: ``criu_only_tls``, ``criu_tls_over_migsgx_total`` and
-    ``page_tls_cost`` (CRIU alone with TLS / without, paired).
+    ``page_tls_cost`` (CRIU alone with TLS / without, paired).  With
+    ``ab_criu_nice`` N (not 0), also migsgx with CRIU's dump N nicer than the
+    enclave streams (``--criu-nice N``), beside it: ``migsgx_criu_nice`` and
+    the paired ``criu_nice_total_speedup`` and ``criu_nice_downtime_speedup``
+    (default / niced: above 1, the niceness helped); with ``flip``, the niced
+    one first.
     """
 
+    niced_args = ("--criu-nice", str(ab_criu_nice))
+    # Every other run, the niced migration goes first: a load that rises or falls
+    # through the invocation then does not always favour the same arm.
+    niced_first = _migsgx(bed, size, niced_args) if ab_criu_nice and flip else None
     migsgx = _migsgx(bed, size)
     extra: dict[str, Any] = {}
     if ab_late_handshake:
@@ -278,6 +289,15 @@ def one_run(
                 late["downtime_seconds"] / migsgx["downtime_seconds"]
             ),
         }
+    if ab_criu_nice:
+        niced = niced_first or _migsgx(bed, size, niced_args)
+        extra.update(
+            migsgx_criu_nice=niced,
+            criu_nice=ab_criu_nice,
+            criu_nice_ran_first=niced_first is not None,
+            criu_nice_total_speedup=migsgx["total_seconds"] / niced["total_seconds"],
+            criu_nice_downtime_speedup=migsgx["downtime_seconds"] / niced["downtime_seconds"],
+        )
     plain = criu_only(bed, 2 * size)
     if ab_page_tls:
         tls = criu_only(bed, 2 * size, page_tls=True)
@@ -315,6 +335,7 @@ def run(
     ab_late_handshake: bool = False,
     post_copy: bool = False,
     ab_page_tls: bool = False,
+    ab_criu_nice: int = 0,
 ) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
@@ -325,8 +346,12 @@ def run(
     runs = []
     try:
         with Testbed(root, subnet=subnet) as bed:
-            for _ in range(repeat):
-                runs.append(one_run(bed, size, ab_late_handshake, post_copy, ab_page_tls))
+            for i in range(repeat):
+                one = one_run(
+                    bed, size, ab_late_handshake, post_copy, ab_page_tls, ab_criu_nice,
+                    flip=i % 2 == 1,
+                )  # fmt: skip
+                runs.append(one)
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
