@@ -515,7 +515,7 @@ def test_tool_and_guardian_killed_before_the_decision(
     """
 
     app, digest = loaded_app(bed)
-    run = migrate_with(bed, app, agent, "tool.before-commit:kill-with-guardian")
+    run = migrate_with(bed, app, agent, "tool.before-commit:kill-guardian-and-tool")
     assert run.returncode == -9
     assert bed.runnable_copies(app)["src"] == 0  # fenced, and nobody left to continue it
     again = recover(bed)

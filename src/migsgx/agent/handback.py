@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from ..channel import ECALL, ECALL_FRAME_MAX
@@ -25,7 +25,7 @@ from ..errors import MigSGXError
 from ..wire import recv_frame, send_frame
 from .applink import AppLink
 
-__all__ = ["abort_enclave", "call_enclave", "resume_source"]
+__all__ = ["abort_enclave", "call_enclave", "commit_rest", "resume_source"]
 
 #: Call ids far from the tool's (its link counts from 2**40), so that a late
 #: answer to a call of the dead tool is never taken for the guardian's.
@@ -67,7 +67,31 @@ def abort_enclave(sock: socket.socket) -> bool:
     if msg["t"] == "ret":
         return True
     # Not in a migration (the tool died before the transfer began): nothing to undo.
-    return msg["t"] == "err" and msg.get("code") != "committed"
+    # ``committed``: it committed, or another enclave of its migration did and it
+    # rolled forward; ``group-decided``: it must roll forward and could not yet.
+    return msg["t"] == "err" and msg.get("code") not in ("committed", "group-decided")
+
+
+def commit_rest(
+    socks: Mapping[int, socket.socket], indexes: list[int], log: Callable[[str], None] = _stderr
+) -> None:
+    """The first COMMIT of a migration was its commit point: the undecided enclaves commit.
+
+    The guardian's and ``migsgx recover``'s (on connections it took back), one
+    implementation for both.
+    """
+
+    for index in indexes:
+        sock = socks.get(index)
+        if sock is None:
+            continue
+        msg = call_enclave(sock, "__mig_commit", [])
+        if msg is None:
+            log(f"enclave {index} is gone before it committed: its state went with it")
+        elif msg["t"] == "ret":
+            log(f"enclave {index} committed (rolled forward)")
+        elif msg.get("code") != "committed":
+            log(f"enclave {index} could not commit yet: {msg.get('code')}")
 
 
 def resume_source(

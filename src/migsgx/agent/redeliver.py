@@ -37,7 +37,7 @@ from ..host.client import EnclaveInfo
 from .control import CONNECT_TIMEOUT, AgentConnection
 from .datalink import open_data
 from .faults import fault
-from .handback import call_enclave
+from .handback import call_enclave, commit_rest
 from .holders import take_held
 from .journal import Journal
 from .protocol import VERSION
@@ -184,6 +184,11 @@ class HeldSource:
         self, journal: Journal, identity: AgentIdentity, frames: list[bytes]
     ) -> list[bytes]:
         return redeliver_state(journal, identity, self.enclaves, frames)
+
+    def roll_forward(self, indexes: list[int]) -> None:
+        """The undecided ones commit: another enclave of the migration did (``commit_rest``)."""
+
+        commit_rest({i: e.sock for i, e in self.enclaves.items()}, indexes)
 
     def release(self) -> None:
         """Committed enclaves wipe themselves and exit (any other refuses: nothing happens)."""

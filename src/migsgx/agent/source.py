@@ -70,6 +70,7 @@ from ..errors import (
     SourceLostError,
 )
 from ..host.appctl import info_to_wire
+from ..system import niceness as nice
 from ..system.process import is_pidns_init, process_state, stop_tree, tree_pids
 from . import early, precopy, preflight
 from .applink import AppLink, HandedEnclave
@@ -144,6 +145,9 @@ class MigrateOptions:
     lazy_port: int = 0  # where the source's CRIU serves it (0: a port the kernel picks)
     # Stop-and-copy: the destination enclaves launch and attest before the freeze.
     early_handshake: bool = True
+    #: CRIU's dump (with its page stream) this much nicer than the tool's other
+    #: threads, the enclave streams beside it (negative: less nice).
+    criu_nice: int = 0
 
 
 @dataclass
@@ -402,7 +406,21 @@ class _Migration:
         action = fault("tool.enclave-stream")
         if action is not None and action.startswith("flip-byte="):
             return peer, flipping_relay(peer, int(action.partition("=")[2]))
+        if action is not None and action.startswith("flip-byte-in-dump="):
+            # The damaged byte goes on once CRIU wrote 1 MiB of pages: mid-dump.
+            return peer, flipping_relay(peer, int(action.partition("=")[2]), self._pages_written)
         return peer, peer
+
+    def _pages_written(self) -> bool:
+        """Fault injection: whether this dump's CRIU wrote 1 MiB of pages already."""
+
+        if self.plan is None:
+            return False
+        with contextlib.suppress(OSError):
+            for path in self.plan.images.glob("pages-*.img"):
+                if path.stat().st_size >= 1 << 20:
+                    return True
+        return False
 
     def _start_enclaves(self, ready: dict[str, Any]) -> None:
         self._threads: list[threading.Thread] = []
@@ -517,6 +535,7 @@ class _Migration:
             may_resume=lambda: not self.committed and not self.resume_sent,
             lazy=opts.post_copy,
             cancel=self.cancel,
+            scratch_images=opts.work_dir is None and not opts.keep_images,
         )
         self.plan = plan
         self.note("dump")
@@ -524,13 +543,26 @@ class _Migration:
             if opts.post_copy:
                 self._dump_lazy(dump_dir, plan)
             else:
-                self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
+                # CRIU starts from this thread and keeps its niceness; the steps
+                # after the dump (called back on this thread) run at the tool's own.
+                own = nice.current()
+
+                def dumped() -> None:
+                    with nice.nice_at(own):
+                        self._on_dumped(dump_dir)
+
+                with nice.niceness(opts.criu_nice):
+                    self.driver.dump(self.source, plan, dumped)
         except MigSGXError as exc:
             if not self.cancel.cancelled:
                 raise
             # The dump failed because an enclave did: that is the cause to report.
             if self.cancel.stopped_early:
-                how = "its page connection shut down" if self.cancel.broken else "step refused"
+                how = (
+                    "its page connection shut down" if self.cancel.broken
+                    else "its image directory filled up" if self.cancel.cut
+                    else "step refused"
+                )  # fmt: skip
                 log.warning("CRIU's dump was stopped early (%s): an enclave stream failed", how)
             self._join_enclaves()
             for transfer in self.transfers:
@@ -582,8 +614,7 @@ class _Migration:
         if lazy.error is not None:
             # The only server of the tree's memory is gone: nothing may commit.
             raise MigrationError(f"the source's CRIU stopped serving pages: {lazy.error}")
-        self._commit()
-        self.note("resumed")
+        self._commit()  # (notes "resumed" once the destination runs)
         self._window()
 
     def _window(self) -> None:
@@ -708,8 +739,7 @@ class _Migration:
         self._restore({"t": "restore"})
         self._fence()
         self._inject(self._fault("tool.before-commit"))
-        self._commit()
-        self.note("resumed")
+        self._commit()  # (notes "resumed" once the destination runs)
 
     def _restore(self, request: dict[str, Any]) -> None:
         restored = self.control_call(request, "restored")
@@ -781,7 +811,9 @@ class _Migration:
                 )
                 reply = {"attach_seconds": 0.0}
             # The destination runs (or its copy was lost after the claim): the
-            # committed source enclaves may go.
+            # downtime ends here, and the committed source enclaves may go (their
+            # wipe is no part of it).
+            self.note("resumed")
             if self.journal is not None:
                 self.journal.update(phase="done")
             for transfer in self.transfers:
@@ -801,6 +833,7 @@ class _Migration:
             except RefusedError:
                 self.resume_sent = False  # the destination refused, and killed what it held
                 raise
+            self.note("resumed")
         self.stats["attach"] = float(reply["attach_seconds"])
 
     def _redeliver(self, transfer: _Transfer) -> None:
@@ -835,11 +868,10 @@ class _Migration:
     def _inject(self, action: str | None) -> None:
         """Fault injection that kills another party of this host (the fault matrix)."""
 
-        if action == "kill-guardian" and self.guardian is not None:
+        if action in ("kill-guardian", "kill-guardian-and-tool") and self.guardian is not None:
             kill_dead([self.guardian.proc.pid])
-        elif action == "kill-with-guardian" and self.guardian is not None:
-            kill_dead([self.guardian.proc.pid])  # nobody left holding the source enclaves
-            os.kill(os.getpid(), signal.SIGKILL)
+            if action == "kill-guardian-and-tool":
+                os.kill(os.getpid(), signal.SIGKILL)
         elif action == "kill-source-enclave":
             kill_dead([t.handed.info.pid for t in self.transfers])
         elif action == "kill-criu" and self.lazy is not None:
@@ -848,9 +880,20 @@ class _Migration:
             kill_dead([socket_owner(self.opts.identity.directory.parent / "enclave.sock")])
 
     def _commit_enclaves(self) -> None:
-        """Every source enclave decides COMMIT; the first one that does is the commit point."""
+        """Every source enclave decides COMMIT; the first one that does is the commit point.
+
+        First every enclave learns the migration's group (its session id): from
+        the first COMMIT on, the source host's platform store refuses an abort of
+        any of them, so that whoever finishes a migration cut between two commits
+        (the guardian, an enclave whose driver died) commits the rest.
+        """
 
         for transfer in self.transfers:
+            assert transfer.outgoing is not None
+            transfer.outgoing.join_group(self.session_id)
+        for transfer in self.transfers:
+            if self.committed:
+                self._inject(self._fault("tool.between-commits"))
             try:
                 assert transfer.outgoing is not None
                 transfer.outgoing.decide()
