@@ -4,9 +4,11 @@ The kvstore example runs two enclaves (keys spread over both) with acknowledged
 writes in each.  The fault point ``tool.between-commits`` lies after the first
 source enclave recorded its COMMIT and before the second decided.  The first
 COMMIT is the commit point of the whole migration: whoever finishes the
-migration commits the rest (the guardian; or, when the guardian died too, each
-undecided enclave itself when its connection closes: its platform store refuses
-its ABORT in a migration group that committed), and after at most one
+migration commits the rest (the guardian; or, when the guardian died too,
+``migsgx recover`` on the connections it takes back from the enclaves, which
+each hold a duplicate of their own; an undecided enclave whose connection
+closes commits itself: its platform store refuses its ABORT in a migration
+group that committed), and after at most one
 ``migsgx recover`` exactly one copy runs, on the destination, with every
 acknowledged write of both enclaves (``docs/spec/commit.md``, section 1.1).
 """
@@ -108,16 +110,21 @@ def test_tool_and_guardian_killed_between_two_commits_one_recover_moves_it(
     before = len(decisions(bed))
     run = migrate_with(bed, app, agent, "tool.between-commits:kill-guardian-and-tool")
     assert run.returncode == -9, run.stderr
-    # Nobody holds the source enclaves now: each ends, the undecided one committing
-    # first (its group committed: the store refuses its ABORT).
-    wait_until(lambda: all(process_state(p) in ("", "Z") for p in enclaves), 30,
-               "the source enclaves to end")  # fmt: skip
-    assert decisions(bed)[before:] == ["commit", "commit"]
+    # Nobody holds the source enclaves now, but each holds a duplicate of its own
+    # connection (no end of file): the committed one keeps its state, the undecided
+    # one stays undecided, both wait for recover.
+    assert all(process_state(p) not in ("", "Z") for p in enclaves)
+    assert decisions(bed)[before:] == ["commit"]
     assert bed.runnable_copies(app)["dst"] == 0  # held, until a token comes
+    # recover takes their connections back, commits the undecided one (the first
+    # COMMIT was the commit point) and delivers both tokens; then releases them.
     result = recover(bed)
     assert result.returncode == 0, result.stdout + result.stderr
     [moved] = [r for r in json.loads(result.stdout) if r["outcome"] != "done"]
     assert (moved["decision"], moved["outcome"]) == ("commit", "moved"), moved
+    assert decisions(bed)[before:] == ["commit", "commit"]
+    wait_until(lambda: all(process_state(p) in ("", "Z") for p in enclaves), 30,
+               "the source enclaves to be released")  # fmt: skip
     only_on_destination(bed, app, digest)
 
 
