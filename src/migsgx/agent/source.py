@@ -57,6 +57,7 @@ from ..containers.runc_lazy import free_port
 from ..core.rounds import StopRules
 from ..criu import Criu, DumpCancel
 from ..datapath.engine import OutgoingEnclave
+from ..datapath.pagerelay import PageRelay, local_pair, relay_keys
 from ..errors import (
     ConfigError,
     CriuError,
@@ -64,6 +65,7 @@ from ..errors import (
     LostAfterCommitError,
     MigrationError,
     MigSGXError,
+    PageStreamError,
     PostCopyUnavailableError,
     ProtocolError,
     SourceGoneError,
@@ -142,6 +144,9 @@ class MigrateOptions:
     lazy_port: int = 0  # where the source's CRIU serves it (0: a port the kernel picks)
     # Stop-and-copy: the destination enclaves launch and attest before the freeze.
     early_handshake: bool = True
+    #: The pid driver's pages through the sealed relay (``docs/spec/pagestream.md``);
+    #: False: in CRIU's own TLS (GnuTLS), the slower path kept for comparison.
+    page_relay: bool = True
 
 
 @dataclass
@@ -181,6 +186,7 @@ class _Migration:
         self.source: Source | None = None
         self.tcp_keep = False
         self.page_server = False
+        self.page_relay: PageRelay | None = None
         self.session_id = b""
         self.journal: Journal | None = None
         self.in_doubt = False
@@ -311,8 +317,11 @@ class _Migration:
             "pids": pids,
             "pidns": pidns,
             "tcp_close": self.opts.tcp_close and not self.tcp_keep,
-            "page_tls": self.page_server or self.opts.post_copy,  # (post-copy: CRIU's TLS)
+            # Pages sealed by the agents' relay, or in CRIU's TLS (post-copy too).
+            "page_tls": (self.page_server and not self._relays_pages()) or self.opts.post_copy,
         }
+        if self._relays_pages():
+            begin["page_relay"] = True
         if self.driver.name != "pid":
             begin.update(driver=self.driver.name, target=self.source.target)
         begin.update(preflight.announce(self.driver.name, self.source, pids))
@@ -517,6 +526,8 @@ class _Migration:
             cancel=self.cancel,
         )
         self.plan = plan
+        if self._relays_pages():
+            plan.page_fd = self._open_page_relay(ready)
         self.note("dump")
         try:
             if opts.post_copy:
@@ -524,6 +535,15 @@ class _Migration:
             else:
                 self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
         except MigSGXError as exc:
+            relay = self.page_relay
+            if relay is not None and relay.error is not None and not self.cancel.cancelled:
+                # CRIU saw only a closed socket: the relay knows why (CRIU resumed the tree).
+                why = PageStreamError(
+                    f"CRIU's page stream failed ({relay.error}); the destination refuses "
+                    "a stream that does not authenticate"
+                )
+                why.__cause__ = exc
+                raise CriuError(str(why), action="dump") from why
             if not self.cancel.cancelled:
                 raise
             # The dump failed because an enclave did: that is the cause to report.
@@ -539,7 +559,26 @@ class _Migration:
                         f"{type(err).__name__}: {err}"
                     ) from exc
             raise
+        finally:
+            if self.page_relay is not None:
+                self.page_relay.dispose()
         self.note("end")
+
+    def _relays_pages(self) -> bool:
+        return self.page_server and self.driver.name == "pid" and self.opts.page_relay
+
+    def _open_page_relay(self, ready: Mapping[str, Any]) -> int:
+        """Connect to the destination's page port; CRIU's end of the local pair (its to close)."""
+
+        wire = socket.create_connection(
+            (self.opts.to[0], int(ready["page_port"])), timeout=CONNECT_TIMEOUT
+        )
+        wire.settimeout(None)
+        ours, theirs = local_pair()
+        keys = relay_keys(self.data_key, self.session_id, source=True)
+        relay = self.page_relay = PageRelay(ours, wire, **keys).start()
+        self.cancel.hold(lambda: relay.abort("the dump was cancelled"))
+        return theirs.detach()
 
     def _lazy_address(self) -> tuple[str, int]:
         """Where the source's CRIU serves lazy pages.
@@ -676,6 +715,10 @@ class _Migration:
         """The source is frozen and its images complete: move, restore, fence, commit."""
 
         self.note("dumped")
+        if self.page_relay is not None:
+            # CRIU closed its page connection: both directions must have ended
+            # with their last frame, or nothing of this dump may be used.
+            self.page_relay.wait(self.opts.io_timeout)
         self._finish_enclaves()
         self._stream_images(dump_dir)
         self.note("images_sent")
@@ -924,6 +967,11 @@ class _Migration:
             "enclaves": len(self.transfers),
             "enclave_bytes": enclave_bytes,
             "page_bytes": self.page_bytes,
+            # How CRIU's pages travelled: "relay" (sealed frames), "criu-tls", or "none".
+            "page_path": (
+                ("relay" if self._relays_pages() else "criu-tls") if self.page_server else "none"
+            ),
+            "page_relay_bytes": self.page_relay.sent if self.page_relay is not None else 0,
             "image_bytes": self.image_bytes,
             "restored_pid": self.restored_pid,
             "enclave_stats": [x.stats for x in self.transfers],

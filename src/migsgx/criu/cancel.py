@@ -14,6 +14,9 @@ the network and resumes them.  Two ways lead there, both used by
   address (the page server's), duplicated with ``pidfd_getfd`` and shut down;
   any other socket CRIU holds (the dumped tasks' own, while it dumps them) is
   left alone;
+* the **relay**: when the pages go through a local socket pair to a relay
+  (:mod:`migsgx.datapath.pagerelay`), the relay's end is shut down instead
+  (:meth:`DumpCancel.hold` names how), with the same effect;
 * the **next notification**: CRIU asks at several steps (``pre-dump``, and
   once the tree is frozen ``query-ext-files``, ``network-lock`` when it dumps
   a network namespace, finally ``post-dump``); a cancelled dump answers "no"
@@ -29,6 +32,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 
 from migsgx._fds import take_descriptor
 from migsgx.errors import CriuError
@@ -44,6 +48,7 @@ class DumpCancel:
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._server: tuple[str, int] | None = None
+        self._held: Callable[[], None] | None = None
         self.reason: str | None = None
         #: How many page-server connections a cancel shut down (0: none found).
         self.broken = 0
@@ -65,6 +70,14 @@ class DumpCancel:
 
         with self._lock:
             self._pid, self._server = pid, page_server
+            if self.reason is not None:
+                self._break()
+
+    def hold(self, stop: Callable[[], None]) -> None:
+        """CRIU's page stream runs through a relay: a cancel calls ``stop`` (it shuts it)."""
+
+        with self._lock:
+            self._held = stop
             if self.reason is not None:
                 self._break()
 
@@ -92,6 +105,9 @@ class DumpCancel:
             raise CriuError(f"the dump was cancelled: {self.reason}", action="dump")
 
     def _break(self) -> None:
+        if self._held is not None:
+            self._held()
+            self.broken += 1
         if self._pid is None or self._server is None:
             return
         try:
