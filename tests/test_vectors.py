@@ -32,6 +32,7 @@ from migsgx.agent.protocol import (
 from migsgx.channel import ECALL, LAUNCH, PLATFORM
 from migsgx.core.commit import open_control, seal_control
 from migsgx.core.handshake import transcript_item
+from migsgx.core.pagestream import DOWN, UP, PageFrameOpener, page_stream_key
 from migsgx.core.rounds import REPAIR_LABEL, full_digest_body, round_label
 from migsgx.core.stream import Manifest, StreamHeader, StreamOpener, StreamSealer
 from migsgx.enclave import checkpoints, persistent, sealing
@@ -439,6 +440,34 @@ def check_datalink(case: dict[str, Any]) -> None:
         assert case["expect"]["ok"]["proof"] == mac(b"migsgx data dest").hex()
 
 
+def check_pagestream(case: dict[str, Any]) -> None:
+    direction = {"up": UP, "down": DOWN}[case["direction"]]
+    data_key, session = bytes.fromhex(case["data_key"]), bytes.fromhex(case["session_id"])
+    key = page_stream_key(data_key, session, direction)
+    # The spec's formula, recomputed without the module.
+    info = b"migsgx/v1 page stream " + direction
+    assert key == HKDF(algorithm=hashes.SHA256(), length=32, salt=session, info=info).derive(
+        data_key
+    )
+
+    def open_() -> dict[str, Any]:
+        opener = PageFrameOpener(key)
+        plaintext = b""
+        for frame in case["frames"]:
+            payload, _ = opener.open(bytes.fromhex(frame))
+            plaintext += payload
+        opener.end()
+        return {"plaintext": plaintext.hex()}
+
+    assert _outcome(open_) == case["expect"]
+    if "ok" in case["expect"]:
+        frames = [bytes.fromhex(f) for f in case["frames"]]
+        for i, frame in enumerate(frames):
+            nonce = i.to_bytes(11, "big") + (b"\x01" if i == len(frames) - 1 else b"\x00")
+            assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+            AESGCM(key).decrypt(nonce, frame[4:], frame[:4])  # raises unless as specified
+
+
 CHECKS = {
     "sgxext": check_sgxext,
     "stream": check_stream,
@@ -454,6 +483,7 @@ CHECKS = {
     "agent": check_agent,
     "appctl": check_appctl,
     "datalink": check_datalink,
+    "pagestream": check_pagestream,
 }
 
 

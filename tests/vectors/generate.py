@@ -638,6 +638,41 @@ def datalink_cases() -> list[dict[str, Any]]:
     return cases
 
 
+# --- sealed page stream (docs/spec/pagestream.md) --------------------------------------------
+def pagestream_cases() -> list[dict[str, Any]]:
+    """One direction of a session's page stream: keys, frames, and sequences refused."""
+
+    from migsgx.core.pagestream import UP, PageFrameSealer, page_stream_key
+
+    data_key, session = det_bytes("page data key", 32), det_bytes("page session", 16)
+    payloads = [det_bytes("page payload 0", 8), b"", det_bytes("page payload 2", 5)]
+
+    def frames(direction: bytes) -> list[str]:
+        sealer = PageFrameSealer(page_stream_key(data_key, session, direction))
+        out = [sealer.seal(p) for p in payloads]
+        return [f.hex() for f in [*out, sealer.seal(b"", last=True)]]
+
+    up = frames(UP)
+    common = {"data_key": data_key.hex(), "session_id": session.hex()}
+    ok = {"ok": {"plaintext": b"".join(payloads).hex()}}
+    bad = {"error": "page-stream"}
+    flipped = bytearray.fromhex(up[2])
+    flipped[10] ^= 0x01
+
+    def case(name: str, direction: str, seq: list[str], expect: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, **common, "direction": direction, "frames": seq, "expect": expect}
+
+    return [
+        case("up", "up", up, ok),
+        case("up-frames-as-down", "down", up, bad),
+        case("flipped-byte", "up", [up[0], up[1], flipped.hex(), up[3]], bad),
+        case("dropped-frame", "up", [up[0], *up[2:]], bad),
+        case("reordered", "up", [up[1], up[0], *up[2:]], bad),
+        case("truncated", "up", up[:-1], bad),
+        case("appended-after-last", "up", [*up, up[0]], bad),
+    ]
+
+
 # --- files ------------------------------------------------------------------------------
 def formats() -> ModuleType:
     """The sealed-format and frame-protocol generators (``generate_formats.py``)."""
@@ -673,6 +708,7 @@ def build() -> dict[str, dict[str, Any]]:
         "appctl.json": doc("appctl", "docs/spec/app-control.md", f.appctl_cases()),
         "sgxext.json": doc("sgxext", "docs/spec/collateral.md#4", sgxext_cases()),
         "datalink.json": doc("datalink", "docs/spec/channels.md#8", datalink_cases()),
+        "pagestream.json": doc("pagestream", "docs/spec/pagestream.md", pagestream_cases()),
     }
 
 
