@@ -489,7 +489,9 @@ def scan_files(roots: list[Path], needles: dict[str, bytes]) -> dict[str, list[s
 
 
 @pytest.mark.parametrize(
-    "mode", ["", "--live", "--post-copy"], ids=["page-tls", "page-tls-live", "post-copy"]
+    "mode",
+    ["", "--live", "--post-copy", "--page-criu-tls"],
+    ids=["pages-sealed", "pages-sealed-live", "post-copy", "page-criu-tls"],
 )
 def test_canary_is_in_no_image_stream_log_or_temp_file(
     bed: Testbed, tmp_path: Path, mode: str
@@ -524,7 +526,8 @@ def test_canary_is_in_no_image_stream_log_or_temp_file(
     assert capture.found["ordinary"] > during["ordinary"]
 
     assert capture.found["secret"] == 0
-    assert during["ordinary"] == 0  # the page stream is always in TLS (post-copy: CRIU's)
+    # The page stream is always encrypted: sealed frames (post-copy, --page-criu-tls: CRIU's TLS).
+    assert during["ordinary"] == 0
 
     (tmp_path / "tool.out").write_text(run.stdout + run.stderr)
     hits = scan_files([bed.root, tmp_path, Path("/dev/shm")], needles)
