@@ -570,9 +570,12 @@ class _Migration:
     def _open_page_relay(self, ready: Mapping[str, Any]) -> int:
         """Connect to the destination's page port; CRIU's end of the local pair (its to close)."""
 
-        wire = socket.create_connection(
-            (self.opts.to[0], int(ready["page_port"])), timeout=CONNECT_TIMEOUT
-        )
+        try:
+            wire = socket.create_connection(
+                (self.opts.to[0], int(ready["page_port"])), timeout=CONNECT_TIMEOUT
+            )
+        except OSError as exc:
+            raise MigrationError(f"cannot reach the destination's page port: {exc}") from exc
         wire.settimeout(None)
         ours, theirs = local_pair()
         keys = relay_keys(self.data_key, self.session_id, source=True)
