@@ -262,6 +262,9 @@ def recover_command(
 @click.option("--page-relay/--page-criu-tls", default=True, show_default=True,
               help="a process's pages: sealed frames relayed by the agents (fast), or in "
               "CRIU's own TLS (slower; for comparison)")  # fmt: skip
+@click.option("--criu-nice", type=click.IntRange(-19, 19), default=0, show_default=True,
+              help="run CRIU's dump this much nicer than the enclave streams beside it "
+              "(negative: CRIU first)")  # fmt: skip
 def migrate_command(
     pid: int | None,
     runc_id: str | None,
@@ -285,6 +288,7 @@ def migrate_command(
     max_rounds: int,
     early_handshake: bool,
     page_relay: bool,
+    criu_nice: int,
 ) -> None:
     """Migrate process PID, or a container, with its enclaves to the agent at --to.
 
@@ -344,6 +348,7 @@ def migrate_command(
         progress=progress,
         early_handshake=early_handshake,
         page_relay=page_relay,
+        criu_nice=criu_nice,
     )
     if live:
         _live_options(opts, console, downtime_target, max_rounds)
@@ -413,6 +418,8 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
 @click.option("--ab-page-tls", is_flag=True,
               help="A/B: each run also CRIU alone, and migsgx, with the pages in "
               "CRIU's TLS (migsgx's old page path)")  # fmt: skip
+@click.option("--ab-criu-nice", type=click.IntRange(-19, 19), default=0,
+              help="A/B: each run also migsgx with --criu-nice N")  # fmt: skip
 def bench_process(
     enclave_size: str,
     repeat: int,
@@ -422,6 +429,7 @@ def bench_process(
     ab_late_handshake: bool,
     post_copy: bool,
     ab_page_tls: bool,
+    ab_criu_nice: int,
 ) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
@@ -434,6 +442,7 @@ def bench_process(
         ab_late_handshake=ab_late_handshake,
         post_copy=post_copy,
         ab_page_tls=ab_page_tls,
+        ab_criu_nice=ab_criu_nice,
     )
     if plot_path is not None:
         plot(result, plot_path)

@@ -72,6 +72,7 @@ from ..errors import (
     SourceLostError,
 )
 from ..host.appctl import info_to_wire
+from ..system import niceness as nice
 from ..system.process import is_pidns_init, process_state, stop_tree, tree_pids
 from . import early, precopy, preflight
 from .applink import AppLink, HandedEnclave
@@ -147,6 +148,10 @@ class MigrateOptions:
     #: The pid driver's pages through the sealed relay (``docs/spec/pagestream.md``);
     #: False: in CRIU's own TLS (GnuTLS), the slower path kept for comparison.
     page_relay: bool = True
+    #: CRIU's dump (with its page stream: the page relay's source end too) this much
+    #: nicer than the tool's other threads, the enclave streams beside it (negative:
+    #: less nice).
+    criu_nice: int = 0
 
 
 @dataclass
@@ -526,14 +531,24 @@ class _Migration:
             cancel=self.cancel,
         )
         self.plan = plan
-        if self._relays_pages():
-            plan.page_fd = self._open_page_relay(ready)
         self.note("dump")
         try:
             if opts.post_copy:
                 self._dump_lazy(dump_dir, plan)
             else:
-                self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
+                # CRIU starts from this thread and keeps its niceness; the steps
+                # after the dump (called back on this thread) run at the tool's own.
+                own = nice.current()
+
+                def dumped() -> None:
+                    with nice.nice_at(own):
+                        self._on_dumped(dump_dir)
+
+                with nice.niceness(opts.criu_nice):
+                    if self._relays_pages():
+                        # Its threads start here, at CRIU's niceness: they carry its pages.
+                        plan.page_fd = self._open_page_relay(ready)
+                    self.driver.dump(self.source, plan, dumped)
         except MigSGXError as exc:
             relay = self.page_relay
             if relay is not None and relay.error is not None and not self.cancel.cancelled:
@@ -622,8 +637,7 @@ class _Migration:
         if lazy.error is not None:
             # The only server of the tree's memory is gone: nothing may commit.
             raise MigrationError(f"the source's CRIU stopped serving pages: {lazy.error}")
-        self._commit()
-        self.note("resumed")
+        self._commit()  # (notes "resumed" once the destination runs)
         self._window()
 
     def _window(self) -> None:
@@ -733,8 +747,7 @@ class _Migration:
         self._restore({"t": "restore"})
         self._fence()
         self._inject(self._fault("tool.before-commit"))
-        self._commit()
-        self.note("resumed")
+        self._commit()  # (notes "resumed" once the destination runs)
 
     def _restore(self, request: dict[str, Any]) -> None:
         restored = self.control_call(request, "restored")
@@ -806,7 +819,9 @@ class _Migration:
                 )
                 reply = {"attach_seconds": 0.0}
             # The destination runs (or its copy was lost after the claim): the
-            # committed source enclaves may go.
+            # downtime ends here, and the committed source enclaves may go (their
+            # wipe is no part of it).
+            self.note("resumed")
             if self.journal is not None:
                 self.journal.update(phase="done")
             for transfer in self.transfers:
@@ -826,6 +841,7 @@ class _Migration:
             except RefusedError:
                 self.resume_sent = False  # the destination refused, and killed what it held
                 raise
+            self.note("resumed")
         self.stats["attach"] = float(reply["attach_seconds"])
 
     def _redeliver(self, transfer: _Transfer) -> None:
