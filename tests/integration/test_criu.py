@@ -403,7 +403,7 @@ def test_a_cancel_shuts_the_page_relay_and_the_tree_runs_on(
     assert ask("inc", port) == "1"
     fd, server, source, dest = _relayed_page_server(criu, images(tmp_path, "server"))
     cancel = DumpCancel()
-    cancel.hold(lambda: source.abort("the dump was cancelled"))
+    cancel.add_stop(lambda: (source.abort("the dump was cancelled"), 1)[1])
 
     def notify(script: str, _pid: int) -> None:
         if script == "query-ext-files":
@@ -418,6 +418,6 @@ def test_a_cancel_shuts_the_page_relay_and_the_tree_runs_on(
         server.kill()
         source.dispose()
         dest.dispose()
-    assert cancel.broken == 1 and not cancel.vetoed
+    assert cancel.cut == 1 and not cancel.broken and not cancel.vetoed
     assert proc.poll() is None
     assert ask("inc", port) == "2"
