@@ -218,7 +218,9 @@ def _frames(sock: socket.socket) -> Iterator[bytes]:
 #: The frame ``drop``, ``reorder`` (with the next) and ``replay`` act on: the page
 #: server answers CRIU's first request before the bulk of the pages comes, so the
 #: first frames are a request and its wait; from the third on, frames follow each
-#: other without one (a dropped request would stall, not fail: see the spec).
+#: other without one while the pages last (a frame that holds a request CRIU waits
+#: on, dropped, stalls the stream instead: see the spec).  A process of more than
+#: 8 MiB of pages (any Python process: two frames of at most 4 MiB) has a frame 3.
 TAMPERED_FRAME: Final = 2
 _EMPTY_FRAME: Final = 4 + 16  # length and tag only: the relay's last frame, no other
 
