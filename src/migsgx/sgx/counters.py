@@ -155,10 +155,29 @@ class Decision:
 
     @classmethod
     def from_entry(cls, migration_id: bytes, entry: Any) -> Decision:
-        if not isinstance(entry, dict) or not isinstance(entry.get("frame"), bytes):
+        at = entry.get("at", 0.0) if isinstance(entry, dict) else None
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("frame"), bytes)
+            or not isinstance(entry.get("kind"), str)
+            or not isinstance(at, (int, float))
+            or isinstance(at, bool)
+        ):
             raise CounterError("a recorded decision is corrupt")
-        return cls(bytes(migration_id), str(entry.get("kind")), entry["frame"],
-                   float(entry.get("at", 0.0)))  # fmt: skip
+        try:
+            when = float(at)
+        except OverflowError as exc:
+            raise CounterError("a recorded decision is corrupt") from exc
+        return cls(bytes(migration_id), entry["kind"], entry["frame"], when)
+
+
+def _mid_of(key: object) -> bytes:
+    """The migration id a decision is filed under (its hex key); corrupt keys raise."""
+
+    try:
+        return bytes.fromhex(key) if isinstance(key, str) else b""
+    except ValueError:
+        return b""  # (Decision refuses an id that is not 16 bytes)
 
 
 def _record_key(owner: bytes, name: str) -> str:
@@ -363,7 +382,9 @@ class CounterStore:
                 if held.get("owner") != owner:
                     raise CounterError("this migration id was decided by another enclave")
                 return Decision.from_entry(decision.migration_id, held)
-            mine = sum(1 for d in decisions.values() if d.get("owner") == owner)
+            mine = sum(
+                1 for d in decisions.values() if isinstance(d, dict) and d.get("owner") == owner
+            )
             if mine >= MAX_DECISIONS_PER_OWNER or len(decisions) >= MAX_DECISIONS_TOTAL:
                 raise StoreFullError("the host's decision store is full")
             for record_key, (name, update) in zip(keys, retire, strict=True):
@@ -384,8 +405,9 @@ class CounterStore:
 
         with self._locked():
             held = self._load_all()["decisions"]
-        items = [Decision.from_entry(bytes.fromhex(k), v) for k, v in held.items()]
+        items = [Decision.from_entry(_mid_of(k), v) for k, v in held.items()]
         return sorted(items, key=lambda d: d.at)
+
     def _claim_in(self, data: dict[str, Any], owner: bytes, mid: bytes) -> None:
         claims: list[bytes] = data["claims"]
         claim_key = owner + b"/" + mid
