@@ -115,6 +115,19 @@ class Journal:
                 continue
         return found
 
+    @classmethod
+    def damaged(cls, agent_dir: Path) -> list[tuple[Path, str]]:
+        """Every journal :meth:`all` skips, with why: ``recover`` reports them in doubt."""
+
+        directory = journal_dir(agent_dir)
+        found = []
+        for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+            try:
+                cls.load(path)
+            except (OSError, ValueError) as exc:
+                found.append((path, str(exc)))
+        return found
+
     @property
     def mid(self) -> bytes:
         return bytes.fromhex(self.data["mid"])
