@@ -30,7 +30,7 @@ from migsgx.agent.ckpt_recover import resolve_checkpoint
 from migsgx.agent.held import LOST, RECORD, HeldRecord, held_records, lost_detail
 from migsgx.agent.journal import Journal, journal_dir
 from migsgx.errors import CounterError, MigSGXError, RecordDamagedError
-from migsgx.sgx.counters import CounterStore, Decision
+from migsgx.sgx.counters import CounterStore, Decision, RecordUpdate
 
 FUZZ = settings(max_examples=150, deadline=None, database=None, derandomize=True)
 NO_PID = 2**22 + 7  # above pid_max's default: never a live process
@@ -336,3 +336,72 @@ def test_damaged_decision_records_raise_counter_errors(scratch: Path, raw: bytes
         store.decide(b"S" + bytes(34), Decision(bytes(16), "abort", b""))
     except CounterError as exc:
         assert exc.code in ("counter", "store-full", "record-conflict")
+
+
+# --- the platform store as a whole: any entry of any section damaged ------------------------------
+_OWNER = b"S" + bytes(34)
+
+
+def _full_store(path: Path) -> tuple[bytes, str]:
+    store = CounterStore(path)
+    cid, _ = store.create(_OWNER, 1)
+    store.record_update(_OWNER, "db", RecordUpdate(b"r", {}, {}, (), {}))
+    store.decide(_OWNER, Decision(_MID, "commit", b"token"))
+    store.claim(_OWNER, bytes(range(1, 17)))
+    return path.read_bytes(), cid
+
+
+_FULL_STORE, _CID = _full_store(Path(tempfile.mkdtemp()) / "counters.cbor")
+
+
+def _entry_paths(value: object, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [prefix]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += _entry_paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found += _entry_paths(item, (*prefix, i))
+    return found
+
+
+@st.composite
+def store_with_one_bad_entry(draw: st.DrawFn) -> bytes:
+    data = cbor2.loads(_FULL_STORE)
+    where = draw(st.sampled_from(_entry_paths(data)))
+    value = draw(CBOR_VALUES)
+    if not where:
+        return bytes(cbor2.dumps(value))
+    parent = data
+    for key in where[:-1]:
+        parent = parent[key]
+    parent[where[-1]] = value
+    return bytes(cbor2.dumps(data))
+
+
+@FUZZ
+@given(raw=store_with_one_bad_entry())
+def test_every_store_operation_refuses_a_damaged_entry_with_counter_errors(
+    scratch: Path, raw: bytes
+) -> None:
+    path = scratch / "full" / "counters.cbor"
+    path.parent.mkdir(exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(raw)
+    store = CounterStore(path)
+    operations: list[Callable[[], object]] = [
+        lambda: store.create(_OWNER, 0),
+        lambda: store.read(_OWNER, _CID),
+        lambda: store.increment(_OWNER, _CID),
+        lambda: store.record_read(_OWNER, "db"),
+        store.records,
+        lambda: store.record_update(_OWNER, "db", RecordUpdate(b"q", {}, {}, (), {})),
+        lambda: store.decide(_OWNER, Decision(bytes([1] * 16), "abort", b"")),
+        store.decisions,
+        lambda: store.claim(_OWNER, bytes([2] * 16)),
+        lambda: store.claimed_by_any(bytes(range(1, 17))),
+        lambda: store.destroy(_OWNER, _CID),
+    ]
+    for operation in operations:
+        _only_migsgx_errors(operation)

@@ -171,6 +171,42 @@ class Decision:
         return cls(bytes(migration_id), entry["kind"], entry["frame"], when)
 
 
+def _is_uint(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNTER_MAX
+
+
+def _entries_sound(
+    counters: dict[Any, Any], records: dict[Any, Any], decisions: dict[Any, Any], claims: list[Any]
+) -> bool:
+    """Every entry has the shape the store writes: a disk or a local edit may break any.
+
+    Checked once per load, so that no operation trips over one malformed entry
+    (a ``TypeError`` deep in a platform request) instead of refusing the store.
+    """
+
+    return (
+        all(
+            isinstance(k, str)
+            and isinstance(c, dict)
+            and isinstance(c.get("owner"), bytes)
+            and _is_uint(c.get("value"))
+            for k, c in counters.items()
+        )
+        and all(
+            isinstance(k, str)
+            and isinstance(r, dict)
+            and isinstance(r.get("owner"), bytes)
+            and isinstance(r.get("blob"), bytes)
+            for k, r in records.items()
+        )
+        and all(
+            isinstance(k, str) and isinstance(d, dict) and isinstance(d.get("owner"), bytes)
+            for k, d in decisions.items()
+        )
+        and all(isinstance(c, bytes) for c in claims)
+    )
+
+
 def _mid_of(key: object) -> bytes:
     """The migration id a decision is filed under (its hex key); corrupt keys raise."""
 
@@ -212,7 +248,9 @@ class CounterStore:
             or not isinstance(claims, list)
         ):
             raise CounterError(f"counter store {self._path} is corrupt")
-        if not isinstance(decisions, dict):
+        if not isinstance(decisions, dict) or not _entries_sound(
+            counters, records, decisions, claims
+        ):
             raise CounterError(f"counter store {self._path} is corrupt")
         return {
             "v": 1,
@@ -559,7 +597,7 @@ class ClaimStore:
         except (OSError, ValueError, cbor2.CBORDecodeError) as exc:
             raise CounterError(f"claim store {self._path} is unreadable") from exc
         claims = data.get("claims") if isinstance(data, dict) else None
-        if not isinstance(claims, list):
+        if not isinstance(claims, list) or not all(isinstance(c, bytes) for c in claims):
             raise CounterError(f"claim store {self._path} is corrupt")
         return claims
 
