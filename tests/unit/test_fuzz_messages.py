@@ -12,6 +12,7 @@ wrong-typed, oversized, random); what comes out is a parsed value or a
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -21,10 +22,13 @@ from hypothesis import strategies as st
 
 from migsgx.agent.datalink import HELLO_SIZE, DestinationLink
 from migsgx.agent.protocol import CONTROL
+from migsgx.agent.redeliver import HeldEnclave
 from migsgx.containers.podnet import PodAddress
 from migsgx.enclave.memory import Allocation
 from migsgx.enclave.persistent import parse_section
 from migsgx.errors import MigSGXError
+from migsgx.host.appctl import info_to_wire
+from migsgx.host.client import EnclaveInfo
 from migsgx.sgx.counters import RecordUpdate
 from migsgx.system.ports import Listener
 from migsgx.wire import decode_body
@@ -177,3 +181,36 @@ def test_a_forged_data_hello_is_one_opaque_error(record: bytes) -> None:
     dest = DestinationLink(key, mid)
     found = _typed(lambda: dest.receive_hello(record))
     assert isinstance(found, MigSGXError) and found.code == "data-link"
+
+
+# --- the guardian's pipe: an enclave note, possibly cut where the tool died -----------------------
+_INFO = EnclaveInfo(
+    pid=7, mr_enclave=bytes(range(32)), mr_signer=bytes(32), isv_prod_id=1, isv_svn=2,
+    debug=True, memory_size=1 << 20, thread_slots=2, ecalls=("put", "get"),
+)  # fmt: skip
+_NOTE = {"info": info_to_wire(_INFO), "image_files": {"app.so": b"\x7fELF"}, "mode": "pipelined"}
+
+
+@FUZZ
+@given(
+    payload=st.one_of(
+        damaged_cbor(_NOTE).map(bytes.hex),
+        st.builds(lambda n: cbor2.dumps(_NOTE).hex()[:n], st.integers(0, 400)),  # cut short
+        st.text(max_size=80),
+    )
+)
+def test_a_damaged_enclave_note_is_a_protocol_error(payload: str) -> None:
+    left, right = socket.socketpair()
+    try:
+        found = _typed(lambda: HeldEnclave.parse(left, payload))
+        assert isinstance(found, HeldEnclave) or found.code == "protocol"  # type: ignore[attr-defined]
+    finally:
+        left.close()
+        right.close()
+
+
+def test_the_enclave_note_the_tool_writes_parses() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        held = HeldEnclave(left, _INFO, {"app.so": b"\x7fELF"})
+        assert HeldEnclave.parse(left, held.describe()).info == _INFO
