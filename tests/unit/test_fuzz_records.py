@@ -29,8 +29,12 @@ from migsgx.agent.checkpoint import load_metadata
 from migsgx.agent.ckpt_recover import resolve_checkpoint
 from migsgx.agent.held import LOST, RECORD, HeldRecord, held_records, lost_detail
 from migsgx.agent.journal import Journal, journal_dir
+from migsgx.containers.oci import load_json
+from migsgx.datapath.checkpoint import CheckpointIn
 from migsgx.errors import CounterError, MigSGXError, RecordDamagedError
+from migsgx.sgx.collateral import Collateral
 from migsgx.sgx.counters import CounterStore, Decision, RecordUpdate
+from migsgx.sgx.pcs import PCS_STATE, PcsState
 
 FUZZ = settings(max_examples=150, deadline=None, database=None, derandomize=True)
 NO_PID = 2**22 + 7  # above pid_max's default: never a live process
@@ -405,3 +409,46 @@ def test_every_store_operation_refuses_a_damaged_entry_with_counter_errors(
     ]
     for operation in operations:
         _only_migsgx_errors(operation)
+
+
+# --- a checkpoint's per-enclave files, a container's configuration, CA state ----------------------
+@FUZZ
+@given(
+    meta=damaged({"chunk_bytes": 65536, "enclave": 0}),
+    image=st.one_of(st.binary(max_size=64), CBOR_VALUES.map(cbor2.dumps)),
+)
+def test_a_damaged_per_enclave_checkpoint_file_is_refused(meta: bytes, image: bytes) -> None:
+    with tempfile.TemporaryDirectory() as name:
+        directory = Path(name)
+        (directory / "enclave-0.json").write_bytes(meta)
+        (directory / "enclave-0.image").write_bytes(image)
+        (directory / "enclave-0.key").write_bytes(b"k" * 60)
+        (directory / "enclave-0.state").write_bytes(b"")
+        enclave = CheckpointIn(directory, 0, directory / "no-platform.sock", b"m" * 32)
+        _only_migsgx_errors(enclave.load)
+
+
+@FUZZ
+@given(raw=damaged({"ociVersion": "1.0.2", "process": {"args": ["/bin/app"]}}))
+def test_a_damaged_container_configuration_is_a_protocol_error(scratch: Path, raw: bytes) -> None:
+    path = scratch / "config.json"
+    path.write_bytes(raw)
+    _only_migsgx_errors(lambda: load_json(path, "container configuration"))
+
+
+@FUZZ
+@given(raw=damaged({"version": 1, "tcb_info": "{}", "signature": "00"}))
+def test_damaged_collateral_is_a_collateral_error(raw: bytes) -> None:
+    _only_migsgx_errors(lambda: Collateral.from_json(raw))
+
+
+@FUZZ
+@given(
+    raw=damaged(
+        {"fmspc": "00" * 6, "levels": {"3": "UpToDate"}, "hosts": {}, "evaluation": 1,
+         "crl_number": 1}
+    )
+)  # fmt: skip
+def test_a_damaged_ca_state_is_a_state_dir_error(scratch: Path, raw: bytes) -> None:
+    (scratch / PCS_STATE).write_bytes(raw)
+    _only_migsgx_errors(lambda: PcsState.load(scratch))

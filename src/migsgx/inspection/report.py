@@ -167,7 +167,7 @@ def _blob(bundle: Bundle, desc: Mapping[str, Any]) -> Member:
 def _json(member: Member) -> dict[str, Any]:
     try:
         value = json.loads(member.read())
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # (a forged file may nest too deep)
         raise InspectError(f"{member.name}: not JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise InspectError(f"{member.name}: not a JSON object")
