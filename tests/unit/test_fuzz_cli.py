@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,20 @@ def test_recover_checkpoint_over_damaged_records_ends_cleanly(
     # No usable metadata: the commit never came; the source (none here) runs on.
     assert code in (cli.EXIT_OK, cli.EXIT_IN_DOUBT), err
     assert not err or err.count("\n") == 1
+
+
+# --- migsgx checkpoint: never over an existing (maybe forged) checkpoint -------------------------
+def test_checkpoint_into_a_directory_holding_a_forged_checkpoint_touches_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        before = _checkpoint(tmp_path, enclaves="forged")
+        code, err = _run(["checkpoint", str(proc.pid), "--dir", str(tmp_path)], capsys)
+        assert code == cli.EXIT_CONFIG
+        _one_error_line(err, "config")
+        assert _snapshot(tmp_path) == before
+        assert proc.poll() is None  # the source was never touched: it runs on
+    finally:
+        proc.kill()
+        proc.wait()
