@@ -12,6 +12,7 @@ import hmac as std_hmac
 import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -37,6 +38,7 @@ from migsgx.core.stream import Manifest, StreamHeader, StreamOpener, StreamSeale
 from migsgx.enclave import checkpoints, persistent, sealing
 from migsgx.errors import MigSGXError
 from migsgx.host.appctl import APPCTL, check_image_files, info_from_wire
+from migsgx.sgx.counters import CounterStore, Decision
 from migsgx.sgx.sgxext import PckExtension
 from migsgx.sgx.structs import ReportBody
 from migsgx.wire import HEADER, decode_body, encode, recv_frame
@@ -413,6 +415,25 @@ def check_sgxext(case: dict[str, Any]) -> None:
         assert PckExtension.from_der(der) == ext
 
 
+def check_decisions(case: dict[str, Any]) -> None:
+    mids = {name: bytes.fromhex(h) for name, h in case["mids"].items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = CounterStore(Path(tmp) / "counters.cbor")
+        for owner, mid, kind, group, expect in case["steps"]:
+            def decide(owner: str = owner, mid: str = mid, kind: str = kind,
+                       group: str = group) -> str:  # fmt: skip
+                frame = GEN.det_bytes(f"frame {mid} {kind}", 4)
+                decision = Decision(mids[mid], kind, frame,
+                                    group=bytes.fromhex(case["groups"][group]))  # fmt: skip
+                return store.decide(owner.encode() + bytes(34), decision).kind
+
+            outcome = _outcome(decide)
+            assert outcome.get("ok", f"error:{outcome.get('error')}") == expect, (mid, kind)
+        for mid, kind in case["recorded"].items():
+            held = store.decision(mids[mid])
+            assert (held.kind if held is not None else None) == kind, mid
+
+
 def check_datalink(case: dict[str, Any]) -> None:
     key, mid = bytes.fromhex(case["key"]), bytes.fromhex(case["mid"])
     challenge, hello = bytes.fromhex(case["challenge"]), bytes.fromhex(case["hello"])
@@ -454,6 +475,7 @@ CHECKS = {
     "agent": check_agent,
     "appctl": check_appctl,
     "datalink": check_datalink,
+    "decisions": check_decisions,
 }
 
 

@@ -207,6 +207,17 @@ class ClaimedBeforeError(CounterError):
     code = "claimed"
 
 
+class GroupDecidedError(CounterError):
+    """Another enclave of the same migration (its group) decided the other way first.
+
+    A group's first decision is the whole migration's: once one of its enclaves
+    committed, no other may record an abort (it must commit too), and once one
+    aborted, none may commit (``docs/spec/commit.md``, section 1.1).
+    """
+
+    code = "group-decided"
+
+
 class EnclaveError(MigSGXError):
     """An ECALL failed inside the enclave."""
 

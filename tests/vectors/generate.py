@@ -603,6 +603,57 @@ def sgxext_cases() -> list[dict[str, Any]]:
     ]
 
 
+# --- the decision store's migration groups (docs/spec/commit.md, section 1.1) ----------------
+def decision_cases() -> list[dict[str, Any]]:
+    """Sequences of ``decide`` on a fresh store, each step with its declared outcome.
+
+    A step is ``[owner, mid, kind, group, outcome]``: owners ``a``, ``b``, ``c``
+    (the test maps them to counter owners), ``mid`` and ``group`` names from the
+    case's ``mids`` and ``groups`` (hex; group ``-`` is none), ``outcome`` the kind
+    that holds afterwards or ``error:CODE``.  ``recorded``: the store at the end.
+    The frame of a decision is ``det_bytes("frame MID KIND", 4)``.
+    """
+
+    mids = {n: det_bytes("decision mid " + n, 16).hex() for n in "123456789"}
+    groups = {
+        "g": det_bytes("decision group", 16).hex(),
+        "o": det_bytes("decision other", 16).hex(),
+        "short": det_bytes("decision group", 15).hex(),
+        "-": "",
+    }
+    refused = "error:group-decided"
+    cases: list[dict[str, Any]] = [
+        {
+            "name": "first-commit-binds-the-group",
+            "steps": [["a", "1", "commit", "g", "commit"], ["b", "2", "abort", "g", refused],
+                      ["b", "2", "commit", "g", "commit"], ["c", "3", "abort", "-", "abort"],
+                      ["c", "4", "abort", "o", "abort"]],
+            "recorded": {"1": "commit", "2": "commit", "3": "abort", "4": "abort"},
+        },
+        {
+            "name": "first-abort-binds-the-group",
+            "steps": [["a", "5", "abort", "g", "abort"], ["b", "6", "commit", "g", refused],
+                      ["b", "6", "abort", "g", "abort"]],
+            "recorded": {"5": "abort", "6": "abort"},
+        },
+        {
+            "name": "a-held-decision-comes-back-before-the-group-rule",
+            "steps": [["a", "7", "commit", "g", "commit"], ["a", "7", "abort", "g", "commit"],
+                      ["b", "8", "commit", "g", "commit"]],
+            "recorded": {"7": "commit", "8": "commit"},
+        },
+        {
+            "name": "a-group-id-has-16-bytes",
+            "steps": [["a", "9", "commit", "short", "error:counter"]],
+            "recorded": {"9": None},
+        },
+    ]
+    for case in cases:
+        case["mids"] = {n: mids[n] for n in case["recorded"]}
+        case["groups"] = {g: groups[g] for g in sorted({step[3] for step in case["steps"]})}
+    return cases
+
+
 # --- data connection opening (docs/spec/channels.md, section 8) ---------------------------
 def datalink_cases() -> list[dict[str, Any]]:
     """Openings of a data connection: the three records, and refusals."""
@@ -673,6 +724,7 @@ def build() -> dict[str, dict[str, Any]]:
         "appctl.json": doc("appctl", "docs/spec/app-control.md", f.appctl_cases()),
         "sgxext.json": doc("sgxext", "docs/spec/collateral.md#4", sgxext_cases()),
         "datalink.json": doc("datalink", "docs/spec/channels.md#8", datalink_cases()),
+        "decisions.json": doc("decisions", "docs/spec/commit.md#11", decision_cases()),
     }
 
 

@@ -131,6 +131,8 @@ def checkpoint(
         write_journal(directory, "fenced")
         _fault("ckpt.before-commit", pid, handed, guardian=guardian)
         for i, out in enumerate(outs):
+            if committed:
+                _fault("ckpt.between-commits", pid, handed, guardian=guardian)
             try:
                 out.commit(meta_digest)  # the gate binds the metadata (and so every file)
             except MigSGXError:

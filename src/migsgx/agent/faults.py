@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -44,6 +45,7 @@ POINTS: Final = frozenset(
         "tool.after-prepare",
         "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
+        "ckpt.between-commits",  # checkpoint: one enclave's gate committed, the next not yet
         "ckpt.after-commit",  # checkpoint: every enclave gave its state up
         "restore.before-criu",  # restore: enclaves loaded (not running), CRIU not started
         "restore.held",  # restore: enclaves loaded (not running), CRIU restored the tree held
@@ -52,6 +54,7 @@ POINTS: Final = frozenset(
         "tool.before-dump",  # the enclaves stream, CRIU has not started
         "tool.before-restore",  # post-copy: the lazy dump serves, no restore asked yet
         "tool.before-commit",
+        "tool.between-commits",  # one source enclave committed, the next not yet
         "tool.after-commit",
         "tool.after-abort",  # roll-back: the source enclaves decided ABORT, nothing undone yet
         "tool.before-token",  # each COMMIT token, before it goes on the data connection
@@ -143,12 +146,17 @@ def _state(pid: int) -> str:
     return stat[stat.rindex(")") + 2 :][:1]
 
 
-def flipping_relay(peer: socket.socket, offset: int) -> socket.socket:
+def flipping_relay(
+    peer: socket.socket, offset: int, hold: Callable[[], bool] | None = None
+) -> socket.socket:
     """A loopback relay to ``peer`` that flips one bit of byte ``offset`` sent through it.
 
     The untrusted side (or the network) corrupting one byte of an enclave stream:
     what the enclaves must catch.  Returns the relay's near end; bytes from the
-    peer pass unchanged.
+    peer pass unchanged.  ``hold``: the damaged byte goes on only once it is true
+    (polled, at most :data:`WAIT_LIMIT` seconds): the failure then reaches the
+    source at a step the test names (``flip-byte-in-dump``: while the engine's
+    CRIU writes the process's pages).
     """
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -167,6 +175,9 @@ def flipping_relay(peer: socket.socket, offset: int) -> socket.socket:
                     break
                 if flip_at is not None and seen <= flip_at < seen + len(data):
                     data[flip_at - seen] ^= 0x01
+                    deadline = time.monotonic() + WAIT_LIMIT
+                    while hold is not None and not hold() and time.monotonic() < deadline:
+                        time.sleep(0.005)
                 seen += len(data)
                 dst.sendall(data)
         except OSError:

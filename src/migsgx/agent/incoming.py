@@ -310,7 +310,8 @@ class IncomingMigration:
             HostConfig(config.criu, config.containers, config.platform_socket, config.state),
         )
         self.target = self.driver.check_target(msg.get("target") or {})
-        preflight.admit(self.driver, self.target, msg)  # before the source freezes anything
+        # before the source freezes anything
+        preflight.admit(self.driver, self.target, msg, config.containers.netns)
         if not msg["pidns"]:
             self._check_pids_free(msg["pids"])
         self.tcp_close = bool(msg["tcp_close"])

@@ -404,7 +404,21 @@ class _Migration:
         action = fault("tool.enclave-stream")
         if action is not None and action.startswith("flip-byte="):
             return peer, flipping_relay(peer, int(action.partition("=")[2]))
+        if action is not None and action.startswith("flip-byte-in-dump="):
+            # The damaged byte goes on once CRIU wrote 1 MiB of pages: mid-dump.
+            return peer, flipping_relay(peer, int(action.partition("=")[2]), self._pages_written)
         return peer, peer
+
+    def _pages_written(self) -> bool:
+        """Fault injection: whether this dump's CRIU wrote 1 MiB of pages already."""
+
+        if self.plan is None:
+            return False
+        with contextlib.suppress(OSError):
+            for path in self.plan.images.glob("pages-*.img"):
+                if path.stat().st_size >= 1 << 20:
+                    return True
+        return False
 
     def _start_enclaves(self, ready: dict[str, Any]) -> None:
         self._threads: list[threading.Thread] = []
@@ -519,6 +533,7 @@ class _Migration:
             may_resume=lambda: not self.committed and not self.resume_sent,
             lazy=opts.post_copy,
             cancel=self.cancel,
+            scratch_images=opts.work_dir is None and not opts.keep_images,
         )
         self.plan = plan
         self.note("dump")
@@ -541,7 +556,11 @@ class _Migration:
                 raise
             # The dump failed because an enclave did: that is the cause to report.
             if self.cancel.stopped_early:
-                how = "its page connection shut down" if self.cancel.broken else "step refused"
+                how = (
+                    "its page connection shut down" if self.cancel.broken
+                    else "its image directory filled up" if self.cancel.cut
+                    else "step refused"
+                )  # fmt: skip
                 log.warning("CRIU's dump was stopped early (%s): an enclave stream failed", how)
             self._join_enclaves()
             for transfer in self.transfers:
@@ -828,8 +847,10 @@ class _Migration:
     def _inject(self, action: str | None) -> None:
         """Fault injection that kills another party of this host (the fault matrix)."""
 
-        if action == "kill-guardian" and self.guardian is not None:
+        if action in ("kill-guardian", "kill-guardian-and-tool") and self.guardian is not None:
             kill_dead([self.guardian.proc.pid])
+            if action == "kill-guardian-and-tool":
+                os.kill(os.getpid(), signal.SIGKILL)
         elif action == "kill-source-enclave":
             kill_dead([t.handed.info.pid for t in self.transfers])
         elif action == "kill-criu" and self.lazy is not None:
@@ -838,9 +859,20 @@ class _Migration:
             kill_dead([socket_owner(self.opts.identity.directory.parent / "enclave.sock")])
 
     def _commit_enclaves(self) -> None:
-        """Every source enclave decides COMMIT; the first one that does is the commit point."""
+        """Every source enclave decides COMMIT; the first one that does is the commit point.
+
+        First every enclave learns the migration's group (its session id): from
+        the first COMMIT on, the source host's platform store refuses an abort of
+        any of them, so that whoever finishes a migration cut between two commits
+        (the guardian, an enclave whose driver died) commits the rest.
+        """
 
         for transfer in self.transfers:
+            assert transfer.outgoing is not None
+            transfer.outgoing.join_group(self.session_id)
+        for transfer in self.transfers:
+            if self.committed:
+                self._inject(self._fault("tool.between-commits"))
             try:
                 assert transfer.outgoing is not None
                 transfer.outgoing.decide()

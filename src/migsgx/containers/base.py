@@ -129,6 +129,9 @@ class DumpPlan:
     #: Triggered (from another thread) when the migration failed before the commit
     #: point: a driver that can stops its dump early, so the source runs again at once.
     cancel: DumpCancel | None = None
+    #: The images directory is the tool's own scratch space (empty, removed after the
+    #: migration): a driver may mount over it for the dump (:mod:`.imagefs`).
+    scratch_images: bool = False
     #: Post-copy, set by a driver whose source outlives its dump (runc: frozen until
     #: decided) once ``on_dumped`` may run: the engine calls it once, True after the
     #: commit (the source goes), False before it (the source runs again).

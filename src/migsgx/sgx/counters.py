@@ -32,7 +32,13 @@ from typing import Any
 import cbor2
 
 from .._fs import read_private, write_private
-from ..errors import ClaimedBeforeError, CounterError, RecordConflictError, StoreFullError
+from ..errors import (
+    ClaimedBeforeError,
+    CounterError,
+    GroupDecidedError,
+    RecordConflictError,
+    StoreFullError,
+)
 
 # Quotas.  Every owner (MRSIGNER + product id + DEBUG) has its own; the host-wide
 # caps bound the files however many owners launch control lets in.  A full store
@@ -135,12 +141,15 @@ class Decision:
     ``kind`` is ``commit`` (``frame`` is the COMMIT token) or ``abort``
     (``frame`` is the sealed ABORT, empty if the handshake never finished).
     Neither frame is secret: anyone may carry it to the destination again.
+    ``group`` (16 bytes, or empty) names the migration the enclave moves with
+    others of one application: the group's first decision binds them all.
     """
 
     migration_id: bytes
     kind: str
     frame: bytes
     at: float = 0.0
+    group: bytes = b""
 
     def __post_init__(self) -> None:
         if self.kind not in DECISION_KINDS:
@@ -149,9 +158,14 @@ class Decision:
             raise CounterError("a migration id has 16 bytes")
         if len(self.frame) > MAX_DECISION_FRAME:
             raise CounterError("a decision frame is limited to 4 KiB")
+        if len(self.group) not in (0, 16):
+            raise CounterError("a migration group id has 16 bytes")
 
     def to_entry(self) -> dict[str, Any]:
-        return {"kind": self.kind, "frame": bytes(self.frame), "at": self.at or time.time()}
+        entry = {"kind": self.kind, "frame": bytes(self.frame), "at": self.at or time.time()}
+        if self.group:
+            entry["group"] = bytes(self.group)
+        return entry
 
     @classmethod
     def from_entry(cls, migration_id: bytes, entry: Any) -> Decision:
@@ -164,11 +178,14 @@ class Decision:
             or isinstance(at, bool)
         ):
             raise CounterError("a recorded decision is corrupt")
+        group = entry.get("group", b"")
+        if not isinstance(group, bytes):
+            raise CounterError("a recorded decision is corrupt")
         try:
             when = float(at)
         except OverflowError as exc:
             raise CounterError("a recorded decision is corrupt") from exc
-        return cls(bytes(migration_id), entry["kind"], entry["frame"], when)
+        return cls(bytes(migration_id), entry["kind"], entry["frame"], when, group)
 
 
 def _is_uint(value: object) -> bool:
@@ -408,6 +425,11 @@ class CounterStore:
         without the other.  A decision of another owner under the same id is
         refused.  Nothing is ever evicted (a full store refuses with
         StoreFullError, and then no commit can happen).
+
+        A decision with a ``group`` whose first recorded decision is of the
+        other kind is refused with :class:`GroupDecidedError` and changes
+        nothing: once one enclave of a migration committed, no other records an
+        abort (it commits too), and the other way round.
         """
 
         keys = self._check_changes(owner, retire)
@@ -425,6 +447,13 @@ class CounterStore:
             )
             if mine >= MAX_DECISIONS_PER_OWNER or len(decisions) >= MAX_DECISIONS_TOTAL:
                 raise StoreFullError("the host's decision store is full")
+            if decision.group and any(
+                d.get("group") == decision.group and d.get("kind") != decision.kind
+                for d in decisions.values()
+            ):
+                raise GroupDecidedError(
+                    f"another enclave of this migration decided other than {decision.kind}"
+                )
             for record_key, (name, update) in zip(keys, retire, strict=True):
                 self._apply(data, owner, record_key, name, update)
             decisions[key] = {"owner": owner, **decision.to_entry()}
@@ -437,6 +466,16 @@ class CounterStore:
         with self._locked():
             held = self._load_all()["decisions"].get(bytes(migration_id).hex())
         return None if held is None else Decision.from_entry(migration_id, held)
+
+    def group_decision(self, group: bytes) -> str | None:
+        """The kind every decision of migration group ``group`` has, if any was made."""
+
+        if not group:
+            return None
+        with self._locked():
+            held = self._load_all()["decisions"]
+        kinds = {str(d.get("kind")) for d in held.values() if d.get("group") == bytes(group)}
+        return kinds.pop() if len(kinds) == 1 else None
 
     def decisions(self) -> list[Decision]:
         """Every recorded decision, oldest first."""
