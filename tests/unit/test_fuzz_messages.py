@@ -11,6 +11,7 @@ wrong-typed, oversized, random); what comes out is a parsed value or a
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 import cbor2
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from platform_fixtures import image_files
 
 from migsgx.agent.datalink import HELLO_SIZE, DestinationLink
 from migsgx.agent.protocol import CONTROL
@@ -30,6 +32,7 @@ from migsgx.errors import MigSGXError
 from migsgx.host.appctl import info_to_wire
 from migsgx.host.client import EnclaveInfo
 from migsgx.sgx.counters import RecordUpdate
+from migsgx.sgx.image import MANIFEST, EnclaveImage
 from migsgx.system.ports import Listener
 from migsgx.wire import decode_body
 
@@ -214,3 +217,44 @@ def test_the_enclave_note_the_tool_writes_parses() -> None:
     with left, right:
         held = HeldEnclave(left, _INFO, {"app.so": b"\x7fELF"})
         assert HeldEnclave.parse(left, held.describe()).info == _INFO
+
+
+# --- an enclave image as a peer sends it, or a checkpoint holds it --------------------------------
+_IMAGE = image_files()
+_MANIFEST_LINES = _IMAGE[MANIFEST].decode().splitlines()
+TOML_VALUES = st.one_of(
+    st.integers(-(2**70), 2**70).map(str),
+    st.text(max_size=12).map(lambda t: json.dumps(t)),
+    st.sampled_from(["true", "[1, 2]", "{a = 1}", '"0MiB"', '"-1GiB"', '"9999999999TiB"',
+                     "inf", "nan", "1e400", "[" * 3000 + "]" * 3000, '"1.5MiB"']),
+)  # fmt: skip
+
+
+@st.composite
+def damaged_image(draw: st.DrawFn) -> dict[Any, Any]:
+    files: dict[Any, Any] = dict(_IMAGE)
+    how = draw(st.sampled_from(["line", "bytes", "key", "content", "drop"]))
+    if how == "line":  # one manifest field gets another value
+        i = draw(st.integers(1, len(_MANIFEST_LINES) - 1))
+        lines = list(_MANIFEST_LINES)
+        lines[i] = lines[i].split("=")[0] + "= " + draw(TOML_VALUES)
+        files[MANIFEST] = "\n".join(lines).encode()
+    elif how == "bytes":
+        files[MANIFEST] = draw(st.binary(max_size=200))
+    elif how == "key":
+        files[draw(st.one_of(st.integers(), st.binary(max_size=8), st.text(max_size=12)))] = b"x"
+    elif how == "content":
+        files[draw(st.sampled_from(sorted(_IMAGE)))] = draw(VALUES)
+    else:
+        del files[draw(st.sampled_from(sorted(_IMAGE)))]
+    return files
+
+
+@FUZZ
+@given(files=damaged_image())
+def test_a_damaged_enclave_image_is_an_image_error(files: dict[Any, Any]) -> None:
+    found = _typed(lambda: EnclaveImage.from_files(files))
+    if isinstance(found, EnclaveImage):
+        found.measure()
+    else:
+        assert found.code == "image"  # type: ignore[attr-defined]
