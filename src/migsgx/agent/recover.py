@@ -272,6 +272,13 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
             results.append(
                 Resolution(journal.data["mid"], journal.phase, "?", "in-doubt", str(exc))
             )
+    # A damaged journal still says a migration started: never report "nothing to do".
+    for path, why in Journal.damaged(identity.directory):
+        results.append(
+            Resolution(
+                path.stem[:64], "?", "?", "in-doubt", f"{why}; check both hosts, then remove {path}"
+            )
+        )
     return results
 
 
