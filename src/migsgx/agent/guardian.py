@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from ..containers.gate import open_gate
+from ..containers.imagefs import sweep_leftovers
 from ..containers.podnet import unlock
 from ..errors import MigSGXError
 from .applink import AppLink
@@ -258,6 +259,17 @@ def _log(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        # A tool killed mid-dump left its images tmpfs mounted (the container's memory
+        # as CRIU wrote it, never read again on this host).  Swept last: the tool's
+        # pipe closes as it exits, a moment before it is gone.
+        for point in sweep_leftovers():
+            _log(f"unmounted a dead tool's images tmpfs at {point}")
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="migsgx-guardian")
     parser.add_argument("--pipe", type=int, required=True)
     parser.add_argument("--app-pid", type=int, required=True)

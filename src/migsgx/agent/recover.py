@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Final
 
 from ..containers.cgroups import thaw_file
+from ..containers.imagefs import sweep_leftovers
 from ..containers.podnet import unlock
 from ..errors import LostAfterCommitError, MigSGXError
 from ..sgx.counters import CounterStore, Decision
@@ -330,6 +331,9 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
     """Resolve every unfinished migration of the source host with platform state ``state``."""
 
     identity = identity or AgentIdentity.of_state(state)
+    # A tool killed mid-dump (and its guardian with it) left its images tmpfs mounted.
+    for point in sweep_leftovers():
+        log.info("unmounted a dead tool's images tmpfs at %s", point)
     results = []
     for journal in Journal.all(identity.directory):
         try:
