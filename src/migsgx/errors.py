@@ -322,6 +322,12 @@ class StreamError(MigrationError):
     code = "stream"
 
 
+class PageStreamError(StreamError):
+    """CRIU's page stream, as the agents relay it, failed authentication or is incomplete."""
+
+    code = "page-stream"
+
+
 class ReplayError(MigrationError):
     """This migration id was seen before."""
 

@@ -689,6 +689,44 @@ def datalink_cases() -> list[dict[str, Any]]:
     return cases
 
 
+# --- sealed page stream (docs/spec/pagestream.md) --------------------------------------------
+def pagestream_cases() -> list[dict[str, Any]]:
+    """One direction of a session's page stream: keys, frames, and what is refused.
+
+    One case, its variants as orders of the frames (a digit per frame index), one with
+    a byte flipped (``flip``: "FRAME:OFFSET").
+    """
+
+    from migsgx.core.pagestream import UP, PageFrameSealer, page_stream_key
+
+    data_key, session = det_bytes("page data key", 32), det_bytes("page session", 16)
+    payloads = [det_bytes("page payload 0", 8), b"", det_bytes("page payload 2", 5)]
+    sealer = PageFrameSealer(page_stream_key(data_key, session, UP))
+    frames = [sealer.seal(p) for p in payloads] + [sealer.seal(b"", last=True)]
+    ok = {"ok": {"plaintext": b"".join(payloads).hex()}}
+    bad = {"error": "page-stream"}
+
+    def variant(name: str, order: str, expect: dict[str, Any], **more: Any) -> dict[str, Any]:
+        return {"name": name, "order": order, **more, "expect": expect}
+
+    return [
+        {
+            "name": "up",
+            "data_key": data_key.hex(),
+            "session_id": session.hex(),
+            "frames": [f.hex() for f in frames],
+            "variants": [
+                variant("as-sent", "0123", ok),
+                variant("flipped", "0123", bad, flip="2:10"),
+                variant("dropped", "023", bad),
+                variant("reordered", "1023", bad),
+                variant("truncated", "012", bad),
+                variant("appended", "01230", bad),
+            ],
+        }
+    ]
+
+
 # --- files ------------------------------------------------------------------------------
 def formats() -> ModuleType:
     """The sealed-format and frame-protocol generators (``generate_formats.py``)."""
@@ -724,6 +762,7 @@ def build() -> dict[str, dict[str, Any]]:
         "appctl.json": doc("appctl", "docs/spec/app-control.md", f.appctl_cases()),
         "sgxext.json": doc("sgxext", "docs/spec/collateral.md#4", sgxext_cases()),
         "datalink.json": doc("datalink", "docs/spec/channels.md#8", datalink_cases()),
+        "pagestream.json": doc("pagestream", "docs/spec/pagestream.md", pagestream_cases()),
         "decisions.json": doc("decisions", "docs/spec/commit.md#11", decision_cases()),
     }
 

@@ -14,6 +14,9 @@ the network and resumes them.  Two ways lead there, both used by
   address (the page server's), duplicated with ``pidfd_getfd`` and shut down;
   any other socket CRIU holds (the dumped tasks' own, while it dumps them) is
   left alone;
+* the **relay**: when the pages go through a local socket pair to a relay
+  (:mod:`migsgx.datapath.pagerelay`), the engine registers a stop
+  (:meth:`DumpCancel.add_stop`) that shuts the relay down, with the same effect;
 * the **image directory**: an engine that runs CRIU itself (``runc checkpoint``)
   writes the images to a local directory; a driver can mount a tmpfs of its own
   there and register a stop (:meth:`DumpCancel.add_stop`) that shrinks it to
