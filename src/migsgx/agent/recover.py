@@ -6,6 +6,8 @@ enclaves' decisions from this host's platform store, which are final
 (``docs/spec/commit.md``), and carries them to the destination agent over the
 agents' mutual-TLS channel (``deliver``):
 
+* first, an images tmpfs a tool killed mid-dump left mounted is unmounted
+  (:func:`~migsgx.containers.imagefs.sweep_leftovers`);
 * every enclave decided COMMIT: the tokens go again; once the destination says
   it runs (or its claim store says the ids were activated before), the fenced
   source tree is killed;
