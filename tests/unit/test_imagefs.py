@@ -118,3 +118,31 @@ def test_a_tool_killed_mid_dump_leaves_a_mount_that_the_sweep_removes(images: Pa
         assert mine.path not in sweep_leftovers()
     finally:
         mine.unmount()
+
+
+def test_a_tool_the_caller_knows_is_past_its_dump_is_swept_though_still_there(
+    images: Path,
+) -> None:
+    """The guardian reads the end of its tool's pipe while the tool still exits."""
+
+    ready, hold = os.pipe()
+    release, wait = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the tool: mounts, then is still there
+        try:
+            ImageFs(images).mount()
+            os.write(hold, b"x")
+            os.read(release, 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready, 1) == b"x"
+        assert images not in sweep_leftovers()  # it may be dumping
+        assert os.path.ismount(images)
+        assert images in sweep_leftovers(gone=(pid,))
+        assert not os.path.ismount(images)
+    finally:
+        os.write(wait, b"x")
+        os.waitpid(pid, 0)
+        for fd in (ready, hold, release, wait):
+            os.close(fd)

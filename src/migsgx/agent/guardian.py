@@ -259,13 +259,14 @@ def _log(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tool = os.getppid()  # (the tool starts the guardian)
     try:
         return _main(argv)
     finally:
         # A tool killed mid-dump left its images tmpfs mounted (the container's memory
-        # as CRIU wrote it, never read again on this host).  Swept last: the tool's
-        # pipe closes as it exits, a moment before it is gone.
-        for point in sweep_leftovers():
+        # as CRIU wrote it, never read again on this host).  The pipe's end means the
+        # tool is dying or past its dump (it lets go only after its mount is gone).
+        for point in sweep_leftovers(gone=(tool,)):
             _log(f"unmounted a dead tool's images tmpfs at {point}")
 
 

@@ -29,7 +29,7 @@ import errno
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -160,12 +160,15 @@ def leftover_mounts(mountinfo: str) -> list[tuple[Path, int]]:
     return found
 
 
-def sweep_leftovers() -> list[Path]:
+def sweep_leftovers(gone: Collection[int] = ()) -> list[Path]:
     """Unmount the images tmpfs of every tool that is gone (killed mid-dump); their
     directories, empty below the mount (:func:`cuttable_images` mounts only on an
     empty one), go too.  The mount points swept.
 
     A tool still running (or stopped) keeps its mount: its dump may be under way.
+    Except the pids in ``gone``: the caller knows they are past their dump or
+    dying (a guardian reads the end of its tool's pipe while the tool exits,
+    a moment before the kernel shows it gone).
     """
 
     try:
@@ -174,7 +177,7 @@ def sweep_leftovers() -> list[Path]:
         return []
     swept: list[Path] = []
     for point, pid in leftover_mounts(text):
-        if pid == os.getpid() or process_state(pid) not in ("", "Z", "X"):
+        if pid == os.getpid() or (pid not in gone and process_state(pid) not in ("", "Z", "X")):
             continue
         if _libc().umount2(os.fsencode(point), MNT_DETACH) != 0:
             err = ctypes.get_errno()
