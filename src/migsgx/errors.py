@@ -48,6 +48,18 @@ class StateDirError(ConfigError):
     code = "state-dir"
 
 
+class RecordDamagedError(ConfigError, ValueError):
+    """A durable record (journal, held-tree record, checkpoint metadata) is damaged.
+
+    A crash, a full disk or a forged file can leave one half-written or wrong;
+    every parser of such a record says so with this error, never with whatever
+    the decoder happened to raise.  Also a ``ValueError``: callers that skip
+    unreadable records (``except ValueError``) keep doing so.
+    """
+
+    code = "record-damaged"
+
+
 # --- enclave images ------------------------------------------------------------
 class ImageError(MigSGXError):
     """The enclave image is malformed."""

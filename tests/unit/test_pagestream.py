@@ -100,6 +100,39 @@ def test_any_payloads_round_trip(payloads: list[bytes]) -> None:
     assert _open_all(_stream(payloads)) == b"".join(payloads)
 
 
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.binary(max_size=200))
+def test_garbage_in_place_of_a_frame_is_only_ever_refused(garbage: bytes) -> None:
+    opener = PageFrameOpener(page_stream_key(KEY, SID, UP))
+    with pytest.raises(PageStreamError):
+        opener.open(garbage)
+        opener.end()
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.lists(st.binary(max_size=300), min_size=1, max_size=4), st.data())
+def test_any_changed_byte_of_a_stream_is_refused(
+    payloads: list[bytes], data: st.DataObject
+) -> None:
+    """One byte anywhere (a length, a body, a tag, the last frame) changed: refused."""
+
+    wire = bytearray(b"".join(_stream(payloads)))
+    at = data.draw(st.integers(0, len(wire) - 1))
+    wire[at] ^= data.draw(st.integers(1, 255))
+    opener = PageFrameOpener(page_stream_key(KEY, SID, UP))
+    with pytest.raises(PageStreamError):
+        rest = bytes(wire)
+        while rest:
+            if len(rest) < HEADER_SIZE:
+                raise PageStreamError("cut")  # what the relay says of a frame cut short
+            size = opener.body_size(rest[:HEADER_SIZE])
+            frame, rest = rest[: HEADER_SIZE + size], rest[HEADER_SIZE + size :]
+            if len(frame) < HEADER_SIZE + size:
+                raise PageStreamError("cut")
+            opener.open(frame)
+        opener.end()
+
+
 # --- the relay, both ends in this process -------------------------------------------------
 def _relays(action: str | None = None) -> tuple[socket.socket, socket.socket, PageRelay, PageRelay]:
     """(CRIU's socket at the source, the page server's at the destination, relays)."""

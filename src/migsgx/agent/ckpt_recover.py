@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import socket
 import time
@@ -48,12 +47,14 @@ from pathlib import Path
 from typing import Final
 
 from .._fds import take_descriptor
+from .._records import json_record, non_negative_int
 from ..datapath.checkpoint import CheckpointIn
-from ..errors import CheckpointGateError, MigSGXError
+from ..errors import CheckpointGateError, MigSGXError, RecordDamagedError
 from ..system.process import continue_tree, process_state
 from .ckpt_journal import (
     CHECKPOINT_META,
     JOURNAL,
+    MAX_CHECKPOINT_ENCLAVES,
     read_journal,
     remove_fenced_source,
     remove_held_leftover,
@@ -241,11 +242,10 @@ def resolve_checkpoint(
         return Resolution(name, phase, "commit", "done", "restored")
     meta: dict[str, object] = {}
     if raw_meta is not None:
-        with contextlib.suppress(ValueError):
-            loaded = json.loads(raw_meta)
-            meta = loaded if isinstance(loaded, dict) else {}
+        with contextlib.suppress(RecordDamagedError):
+            meta = json_record(raw_meta, f"checkpoint metadata in {name}")
     declared = meta.get("enclaves") or (journal or {}).get("enclaves") or 0
-    count = declared if isinstance(declared, int) and 0 <= declared <= 64 else 0
+    count = declared if non_negative_int(declared, MAX_CHECKPOINT_ENCLAVES + 1) else 0
     if raw_meta is None or phase == "aborted" or aborted:
         committed = [False] * max(count, 1)  # no metadata: the commit never came
     elif count == 0:

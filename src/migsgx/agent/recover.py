@@ -110,9 +110,7 @@ def decisions_of(platform_state: Path, mids: list[bytes]) -> list[Decision | Non
     return [store.decision(mid) for mid in mids]
 
 
-def _deliver(
-    journal: Journal, identity: AgentIdentity, frames: list[bytes]
-) -> tuple[str, str]:
+def _deliver(journal: Journal, identity: AgentIdentity, frames: list[bytes]) -> tuple[str, str]:
     """Carry ``frames`` to the destination agent; its outcome and a detail."""
 
     try:
@@ -347,6 +345,13 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
             results.append(
                 Resolution(journal.data["mid"], journal.phase, "?", "in-doubt", str(exc))
             )
+    # A damaged journal still says a migration started: never report "nothing to do".
+    for path, why in Journal.damaged(identity.directory):
+        results.append(
+            Resolution(
+                path.stem[:64], "?", "?", "in-doubt", f"{why}; check both hosts, then remove {path}"
+            )
+        )
     return results
 
 

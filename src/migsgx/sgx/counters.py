@@ -169,13 +169,68 @@ class Decision:
 
     @classmethod
     def from_entry(cls, migration_id: bytes, entry: Any) -> Decision:
-        if not isinstance(entry, dict) or not isinstance(entry.get("frame"), bytes):
+        at = entry.get("at", 0.0) if isinstance(entry, dict) else None
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("frame"), bytes)
+            or not isinstance(entry.get("kind"), str)
+            or not isinstance(at, (int, float))
+            or isinstance(at, bool)
+        ):
             raise CounterError("a recorded decision is corrupt")
         group = entry.get("group", b"")
         if not isinstance(group, bytes):
             raise CounterError("a recorded decision is corrupt")
-        return cls(bytes(migration_id), str(entry.get("kind")), entry["frame"],
-                   float(entry.get("at", 0.0)), group)  # fmt: skip
+        try:
+            when = float(at)
+        except OverflowError as exc:
+            raise CounterError("a recorded decision is corrupt") from exc
+        return cls(bytes(migration_id), entry["kind"], entry["frame"], when, group)
+
+
+def _is_uint(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNTER_MAX
+
+
+def _entries_sound(
+    counters: dict[Any, Any], records: dict[Any, Any], decisions: dict[Any, Any], claims: list[Any]
+) -> bool:
+    """Every entry has the shape the store writes: a disk or a local edit may break any.
+
+    Checked once per load, so that no operation trips over one malformed entry
+    (a ``TypeError`` deep in a platform request) instead of refusing the store.
+    """
+
+    return (
+        all(
+            isinstance(k, str)
+            and isinstance(c, dict)
+            and isinstance(c.get("owner"), bytes)
+            and _is_uint(c.get("value"))
+            for k, c in counters.items()
+        )
+        and all(
+            isinstance(k, str)
+            and isinstance(r, dict)
+            and isinstance(r.get("owner"), bytes)
+            and isinstance(r.get("blob"), bytes)
+            for k, r in records.items()
+        )
+        and all(
+            isinstance(k, str) and isinstance(d, dict) and isinstance(d.get("owner"), bytes)
+            for k, d in decisions.items()
+        )
+        and all(isinstance(c, bytes) for c in claims)
+    )
+
+
+def _mid_of(key: object) -> bytes:
+    """The migration id a decision is filed under (its hex key); corrupt keys raise."""
+
+    try:
+        return bytes.fromhex(key) if isinstance(key, str) else b""
+    except ValueError:
+        return b""  # (Decision refuses an id that is not 16 bytes)
 
 
 def _record_key(owner: bytes, name: str) -> str:
@@ -210,7 +265,9 @@ class CounterStore:
             or not isinstance(claims, list)
         ):
             raise CounterError(f"counter store {self._path} is corrupt")
-        if not isinstance(decisions, dict):
+        if not isinstance(decisions, dict) or not _entries_sound(
+            counters, records, decisions, claims
+        ):
             raise CounterError(f"counter store {self._path} is corrupt")
         return {
             "v": 1,
@@ -385,7 +442,9 @@ class CounterStore:
                 if held.get("owner") != owner:
                     raise CounterError("this migration id was decided by another enclave")
                 return Decision.from_entry(decision.migration_id, held)
-            mine = sum(1 for d in decisions.values() if d.get("owner") == owner)
+            mine = sum(
+                1 for d in decisions.values() if isinstance(d, dict) and d.get("owner") == owner
+            )
             if mine >= MAX_DECISIONS_PER_OWNER or len(decisions) >= MAX_DECISIONS_TOTAL:
                 raise StoreFullError("the host's decision store is full")
             if decision.group and any(
@@ -423,8 +482,9 @@ class CounterStore:
 
         with self._locked():
             held = self._load_all()["decisions"]
-        items = [Decision.from_entry(bytes.fromhex(k), v) for k, v in held.items()]
+        items = [Decision.from_entry(_mid_of(k), v) for k, v in held.items()]
         return sorted(items, key=lambda d: d.at)
+
     def _claim_in(self, data: dict[str, Any], owner: bytes, mid: bytes) -> None:
         claims: list[bytes] = data["claims"]
         claim_key = owner + b"/" + mid
@@ -576,7 +636,7 @@ class ClaimStore:
         except (OSError, ValueError, cbor2.CBORDecodeError) as exc:
             raise CounterError(f"claim store {self._path} is unreadable") from exc
         claims = data.get("claims") if isinstance(data, dict) else None
-        if not isinstance(claims, list):
+        if not isinstance(claims, list) or not all(isinstance(c, bytes) for c in claims):
             raise CounterError(f"claim store {self._path} is corrupt")
         return claims
 
