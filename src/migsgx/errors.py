@@ -218,6 +218,18 @@ class GroupDecidedError(CounterError):
     code = "group-decided"
 
 
+class GroupUncheckedError(CounterError):
+    """An abort in a migration group could not be checked against the group's decision.
+
+    The platform store did not answer (gone, unreadable, full): another enclave
+    of the group may have committed, and an abort then would split the
+    application between the hosts.  Nothing changed; the enclave stays frozen
+    until an abort (or a roll-forward) can be checked.
+    """
+
+    code = "group-unchecked"
+
+
 class EnclaveError(MigSGXError):
     """An ECALL failed inside the enclave."""
 

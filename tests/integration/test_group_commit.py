@@ -98,6 +98,11 @@ def test_tool_killed_between_two_commits_the_guardian_commits_the_rest(
     # The guardian found one COMMIT, committed the other enclave and delivered both.
     only_on_destination(bed, app, digest)
     assert decisions(bed)[before:] == ["commit", "commit"]
+    # One group, and not the session id (the destination and the journal know that).
+    groups = {d.group for d in CounterStore(bed.state("src") / COUNTERS).decisions()[before:]}
+    sessions = {p.stem for p in (bed.state("src") / "agent" / "migrations").glob("*.json")}
+    [group] = groups
+    assert len(group) == 16 and sessions and group.hex() not in sessions
     again = recover(bed)
     assert again.returncode == 0, again.stdout + again.stderr
     assert all(r["outcome"] != "in-doubt" for r in json.loads(again.stdout))

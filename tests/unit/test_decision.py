@@ -16,6 +16,7 @@ from migsgx.errors import (
     CommittedError,
     CounterError,
     GroupDecidedError,
+    GroupUncheckedError,
     MigrationError,
     MigSGXError,
     ReplayError,
@@ -251,6 +252,31 @@ def test_an_enclave_whose_group_committed_rolls_forward_instead_of_aborting(
     assert first.into.commit_in(token) == {"active": True}
     assert second.into.commit_in(held.frame) == {"active": True}
     assert world.host_a.counters.group_decision(group) == "commit"
+
+
+def test_an_abort_the_store_cannot_check_against_the_group_stays_frozen(world: World) -> None:
+    """The store fails while the second enclave aborts (here: its mode is wrong, as
+    after an operator's mistake; a full or restarting store does the same).  An
+    unrecorded abort would resume it although the first one committed: split."""
+
+    first, second, group = _grouped_pair(world)
+    token = first.out.commit()
+    store = world.host_a.counters._path
+    store.chmod(0o644)
+    try:
+        with pytest.raises(GroupUncheckedError, match="stays frozen"):
+            second.out.call("__mig_abort", ["the tool died"])
+    finally:
+        store.chmod(0o600)
+    assert world.host_a.counters.decision(_mid_of(second)) is None
+    assert second.out.source_commit is not None and not second.out.committed  # still frozen
+    # The store answers again: the abort is checked, and rolls forward as the group did.
+    with pytest.raises(CommittedError, match="committed too"):
+        second.out.call("__mig_abort", ["the tool died"])
+    held = world.host_a.counters.decision(_mid_of(second))
+    assert held is not None and held.kind == "commit" and held.group == group
+    assert first.into.commit_in(token) == {"active": True}
+    assert second.into.commit_in(held.frame) == {"active": True}
 
 
 def test_an_enclave_whose_group_aborted_cannot_commit(world: World) -> None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from migsgx.containers.base import DumpPlan
-from migsgx.containers.imagefs import ImageFs, cuttable_images
+from migsgx.containers.imagefs import ImageFs, cuttable_images, leftover_mounts, sweep_leftovers
 from migsgx.criu.cancel import DumpCancel
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
@@ -85,3 +86,63 @@ def test_a_stop_added_after_the_cancel_runs_at_once(images: Path) -> None:
         assert cancel.cut == 1
     finally:
         fs.unmount()
+
+
+def test_the_mounts_of_tools_are_found_in_mountinfo() -> None:
+    text = (
+        "36 25 0:32 / /dev/shm rw,nosuid,nodev shared:7 - tmpfs tmpfs rw\n"
+        "90 36 0:55 / /dev/shm/migsgx-dump-a\\040b rw,nosuid - tmpfs migsgx-images-4242 rw\n"
+        "91 36 0:56 / /x rw - tmpfs migsgx-images-notapid rw\n"
+        "92 36 0:57 / /y rw - ext4 migsgx-images-7 rw\n"
+    )
+    assert leftover_mounts(text) == [(Path("/dev/shm/migsgx-dump-a b"), 4242)]
+
+
+def test_a_tool_killed_mid_dump_leaves_a_mount_that_the_sweep_removes(images: Path) -> None:
+    pid = os.fork()
+    if pid == 0:  # the tool: mounts, CRIU writes, and it is killed mid-dump
+        try:
+            ImageFs(images).mount()
+            (images / "pages-1.img").write_bytes(b"\1" * (1 << 20))
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    assert os.waitpid(pid, 0)[1] & 0x7F == signal.SIGKILL
+    assert os.path.ismount(images)  # left behind, holding the pages
+    mine = ImageFs(images.with_name("mine"))  # a live tool's mount stays
+    mine.path.mkdir()
+    mine.mount()
+    try:
+        assert images in sweep_leftovers()
+        assert not images.exists()  # unmounted, and its empty directory gone
+        assert os.path.ismount(mine.path)
+        assert mine.path not in sweep_leftovers()
+    finally:
+        mine.unmount()
+
+
+def test_a_tool_the_caller_knows_is_past_its_dump_is_swept_though_still_there(
+    images: Path,
+) -> None:
+    """The guardian reads the end of its tool's pipe while the tool still exits."""
+
+    ready, hold = os.pipe()
+    release, wait = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the tool: mounts, then is still there
+        try:
+            ImageFs(images).mount()
+            os.write(hold, b"x")
+            os.read(release, 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready, 1) == b"x"
+        assert images not in sweep_leftovers()  # it may be dumping
+        assert os.path.ismount(images)
+        assert images in sweep_leftovers(gone=(pid,))
+        assert not os.path.ismount(images)
+    finally:
+        os.write(wait, b"x")
+        os.waitpid(pid, 0)
+        for fd in (ready, hold, release, wait):
+            os.close(fd)

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from ..containers.gate import open_gate
+from ..containers.imagefs import sweep_leftovers
 from ..containers.podnet import unlock
 from ..errors import MigSGXError
 from .applink import AppLink
@@ -268,6 +269,18 @@ def _log(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tool = os.getppid()  # (the tool starts the guardian)
+    try:
+        return _main(argv)
+    finally:
+        # A tool killed mid-dump left its images tmpfs mounted (the container's memory
+        # as CRIU wrote it, never read again on this host).  The pipe's end means the
+        # tool is dying or past its dump (it lets go only after its mount is gone).
+        for point in sweep_leftovers(gone=(tool,)):
+            _log(f"unmounted a dead tool's images tmpfs at {point}")
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="migsgx-guardian")
     parser.add_argument("--pipe", type=int, required=True)
     parser.add_argument("--app-pid", type=int, required=True)

@@ -58,6 +58,10 @@ def call_enclave(sock: socket.socket, fn: str, args: list[object]) -> dict[str, 
             sock.settimeout(None)
 
 
+#: An enclave's answers to ``__mig_abort`` that leave it not aborted (see below).
+_NOT_ABORTED = ("committed", "group-decided", "group-unchecked")
+
+
 def abort_enclave(sock: socket.socket) -> bool:
     """Ask the enclave to abort its migration; False if it committed (or is gone)."""
 
@@ -68,8 +72,9 @@ def abort_enclave(sock: socket.socket) -> bool:
         return True
     # Not in a migration (the tool died before the transfer began): nothing to undo.
     # ``committed``: it committed, or another enclave of its migration did and it
-    # rolled forward; ``group-decided``: it must roll forward and could not yet.
-    return msg["t"] == "err" and msg.get("code") not in ("committed", "group-decided")
+    # rolled forward; ``group-decided``: it must roll forward and could not yet;
+    # ``group-unchecked``: the platform store could not check its group (still frozen).
+    return msg["t"] == "err" and msg.get("code") not in _NOT_ABORTED
 
 
 def commit_rest(

@@ -6,6 +6,8 @@ enclaves' decisions from this host's platform store, which are final
 (``docs/spec/commit.md``), and carries them to the destination agent over the
 agents' mutual-TLS channel (``deliver``):
 
+* first, an images tmpfs a tool killed mid-dump left mounted is unmounted
+  (:func:`~migsgx.containers.imagefs.sweep_leftovers`);
 * every enclave decided COMMIT: the tokens go again; once the destination says
   it runs (or its claim store says the ids were activated before), the fenced
   source tree is killed;
@@ -52,6 +54,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
+from ..containers.imagefs import sweep_leftovers
 from ..errors import LostAfterCommitError, MigSGXError
 from ..sgx.counters import CounterStore, Decision
 from ..sgx.platform import COUNTERS
@@ -259,6 +262,9 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
     """Resolve every unfinished migration of the source host with platform state ``state``."""
 
     identity = identity or AgentIdentity.of_state(state)
+    # A tool killed mid-dump (and its guardian with it) left its images tmpfs mounted.
+    for point in sweep_leftovers():
+        log.info("unmounted a dead tool's images tmpfs at %s", point)
     results = []
     for journal in Journal.all(identity.directory):
         try:

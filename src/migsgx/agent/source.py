@@ -195,6 +195,10 @@ class _Migration:
         self.page_server = False
         self.page_relay: PageRelay | None = None
         self.session_id = b""
+        # The migration group of the source enclaves (``__mig_group``): fresh, never
+        # the session id, which the destination, journals and logs carry.  Whoever
+        # knows a group id can record a decision in it from an enclave of their own.
+        self.group_id = secrets.token_bytes(16)
         self.journal: Journal | None = None
         self.in_doubt = False
         self.data_key = b""
@@ -940,7 +944,7 @@ class _Migration:
     def _commit_enclaves(self) -> None:
         """Every source enclave decides COMMIT; the first one that does is the commit point.
 
-        First every enclave learns the migration's group (its session id): from
+        First every enclave learns the migration's group (a fresh id): from
         the first COMMIT on, the source host's platform store refuses an abort of
         any of them, so that whoever finishes a migration cut between two commits
         (the guardian, an enclave whose driver died) commits the rest.
@@ -948,7 +952,7 @@ class _Migration:
 
         for transfer in self.transfers:
             assert transfer.outgoing is not None
-            transfer.outgoing.join_group(self.session_id)
+            transfer.outgoing.join_group(self.group_id)
         for transfer in self.transfers:
             if self.committed:
                 self._inject(self._fault("tool.between-commits"))

@@ -14,6 +14,11 @@ with ``ENOSPC`` at once, whatever step it is in, instead of the dump running to
 its end with the container frozen.  The mount goes when the dump is over (the
 images were streamed by then).  Without root, or with a directory that holds
 files already, nothing is mounted and the dump is cut at its next step as before.
+
+A tool killed while the mount is up leaves it behind (holding the container's
+memory as CRIU wrote it, in RAM, until the next boot): the mount's source names
+the tool's pid (``migsgx-images-PID``), and :func:`sweep_leftovers` (the
+guardian, ``migsgx recover``) unmounts every one whose tool is gone.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ import ctypes
 import errno
 import logging
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Final
 
+from ..system.process import process_state
 from .base import DumpPlan
 
-__all__ = ["ImageFs", "cuttable_images"]
+__all__ = ["ImageFs", "cuttable_images", "leftover_mounts", "sweep_leftovers"]
 
 log = logging.getLogger("migsgx.containers")
 
@@ -39,10 +46,16 @@ MS_REMOUNT: Final = 0x20
 MNT_DETACH: Final = 0x2
 #: How often a shrink is tried again when CRIU wrote more between the look and the remount.
 SHRINK_TRIES: Final = 50
+#: The mount's source: this prefix and the pid of the tool that mounted it.
+SOURCE_PREFIX: Final = "migsgx-images-"
 
 
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
+
+
+def _source() -> bytes:
+    return f"{SOURCE_PREFIX}{os.getpid()}".encode()
 
 
 class ImageFs:
@@ -65,7 +78,7 @@ class ImageFs:
             self._armed = False
 
     def mount(self) -> None:
-        if _libc().mount(b"migsgx-images", os.fsencode(self.path), b"tmpfs",
+        if _libc().mount(_source(), os.fsencode(self.path), b"tmpfs",
                          MS_NOSUID | MS_NODEV, b"mode=0700") != 0:  # fmt: skip
             err = ctypes.get_errno()
             raise OSError(err, f"mount tmpfs on {self.path}: {os.strerror(err)}")
@@ -82,7 +95,7 @@ class ImageFs:
             used = (st.f_blocks - st.f_bfree) * st.f_frsize
             size = f"mode=0700,size={max(used, st.f_frsize) + st.f_frsize}".encode()
             flags = MS_REMOUNT | MS_NOSUID | MS_NODEV
-            if libc.mount(b"migsgx-images", os.fsencode(self.path), b"tmpfs", flags, size) == 0:
+            if libc.mount(_source(), os.fsencode(self.path), b"tmpfs", flags, size) == 0:
                 return 1
             err = ctypes.get_errno()
             if err != errno.EINVAL:  # (EINVAL: it grew since the look; again)
@@ -126,3 +139,51 @@ def cuttable_images(plan: DumpPlan) -> Iterator[ImageFs]:
             if plan.cancel is not None:
                 plan.cancel.remove_stop(fs.fill)
             fs.unmount()
+
+
+def leftover_mounts(mountinfo: str) -> list[tuple[Path, int]]:
+    """(mount point, pid of the tool that mounted it) of each images tmpfs in a
+    ``/proc/PID/mountinfo`` text."""
+
+    found: list[tuple[Path, int]] = []
+    for line in mountinfo.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields, rest = head.split(), tail.split()
+        if not sep or len(fields) < 5 or len(rest) < 2 or rest[0] != "tmpfs":
+            continue
+        pid = rest[1].removeprefix(SOURCE_PREFIX)
+        if pid == rest[1] or not pid.isdigit():
+            continue
+        # (the kernel writes a space, tab, newline or backslash in a path as \ooo)
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        found.append((Path(point), int(pid)))
+    return found
+
+
+def sweep_leftovers(gone: Collection[int] = ()) -> list[Path]:
+    """Unmount the images tmpfs of every tool that is gone (killed mid-dump); their
+    directories, empty below the mount (:func:`cuttable_images` mounts only on an
+    empty one), go too.  The mount points swept.
+
+    A tool still running (or stopped) keeps its mount: its dump may be under way.
+    Except the pids in ``gone``: the caller knows they are past their dump or
+    dying (a guardian reads the end of its tool's pipe while the tool exits,
+    a moment before the kernel shows it gone).
+    """
+
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return []
+    swept: list[Path] = []
+    for point, pid in leftover_mounts(text):
+        if pid == os.getpid() or (pid not in gone and process_state(pid) not in ("", "Z", "X")):
+            continue
+        if _libc().umount2(os.fsencode(point), MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            log.warning("cannot unmount a dead tool's images at %s: %s", point, os.strerror(err))
+            continue
+        with contextlib.suppress(OSError):
+            point.rmdir()
+        swept.append(point)
+    return swept

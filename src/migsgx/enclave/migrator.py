@@ -50,6 +50,7 @@ from ..errors import (
     ClaimedBeforeError,
     CommittedError,
     GroupDecidedError,
+    GroupUncheckedError,
     MigrationError,
     MigSGXError,
     PersistentStateError,
@@ -700,6 +701,8 @@ class Migrator:
                 frame = sc.abort("aborted", reason[:200], record=self._record_abort)
             elif dc is not None:
                 frame = dc.abort("aborted", reason[:200])
+        except GroupUncheckedError:
+            raise  # (nothing changed: still frozen, the abort may be tried again)
         except GroupDecidedError:
             # Another enclave of this migration committed first: that is the commit
             # point of the whole migration.  This one rolls forward, never back.
@@ -742,7 +745,10 @@ class Migrator:
         anyone carry the ABORT to the destination later (``migsgx recover``).
 
         Except in a migration group whose first decision was a COMMIT: then
-        :class:`GroupDecidedError` goes up and nothing is aborted.
+        :class:`GroupDecidedError` goes up and nothing is aborted.  In a group
+        the record is not best effort: the store's group rule is the only check
+        that no other enclave of the migration committed, so an abort the store
+        did not record raises :class:`GroupUncheckedError` and nothing is aborted.
         """
 
         assert self.source_commit is not None
@@ -751,8 +757,13 @@ class Migrator:
             self.instance.services.decide(decision)
         except GroupDecidedError:
             raise
-        except (MigSGXError, OSError):
-            pass
+        except (MigSGXError, OSError) as exc:
+            if self.group:
+                raise GroupUncheckedError(
+                    "this enclave's migration group could not be checked (the platform "
+                    f"store failed: {getattr(exc, 'code', type(exc).__name__)}); it stays "
+                    "frozen: an abort after another enclave's commit would split the migration"
+                ) from exc
 
     def status(self) -> dict[str, Any]:
         return {
