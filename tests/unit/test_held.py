@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from migsgx.agent.guardian import _numbers
 from migsgx.agent.held import (
     LOST,
     RECORD,
@@ -99,3 +100,10 @@ def test_a_session_marked_lost_says_so_and_keeps_nothing_else(tmp_path: Path) ->
     mark_lost(session, "claimed, then gone")
     assert lost_detail(tmp_path, sid) == "claimed, then gone"
     assert [p.name for p in session.iterdir()] == [LOST]
+
+
+def test_the_guardian_skips_a_note_it_cannot_read() -> None:
+    notes = ["fence 12 x 13", "restored", "restored ٣", "criu 7", "fencex 9", "fence 14"]
+    assert _numbers(notes, "fence") == [12, 13, 14]
+    assert _numbers(notes, "restored") == []
+    assert _numbers(notes, "criu") == [7]

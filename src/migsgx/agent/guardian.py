@@ -268,6 +268,26 @@ def _log(text: str) -> None:
     sys.stderr.flush()
 
 
+def _decimal(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _numbers(notes: list[str], key: str) -> list[int]:
+    """The numbers of every ``KEY N [N ...]`` note, in order.
+
+    Only the tool writes the pipe, but a guardian that died of a note it could
+    not read would leave the source frozen: a malformed field is skipped.
+    """
+
+    return [
+        int(field)
+        for note in notes
+        if note.split()[:1] == [key]
+        for field in note.split()[1:]
+        if _decimal(field)
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     tool = os.getppid()  # (the tool starts the guardian)
     try:
@@ -303,9 +323,9 @@ def _main(argv: list[str] | None) -> int:
     for note in notes:
         parts = note.split()
         if parts[0:1] == ["ungate"] and len(parts) == 3:
-            open_gate(parts[1], [int(p) for p in parts[2].split(",") if p.isdigit()])
+            open_gate(parts[1], [int(p) for p in parts[2].split(",") if _decimal(p)])
     if args.restore:
-        restored = [int(n.split()[1]) for n in notes if n.startswith("restored ")]
+        restored = _numbers(notes, "restored")
         if "activating" not in notes or not restored:
             return 0  # nothing ran: the loaded enclaves end, the next restore starts over
         return _finish_restore(restored[0], socks, bytes.fromhex(args.infos))
@@ -315,7 +335,7 @@ def _main(argv: list[str] | None) -> int:
         for path in [n.partition(" ")[2] for n in notes if n.startswith("journal ")]:
             _recover(Path(path), held, _roller(socks))
         return 0
-    fenced = [int(p) for n in notes if n.startswith("fence ") for p in n.split()[1:]]
+    fenced = _numbers(notes, "fence")
     frozen = [n.partition(" ")[2] for n in notes if n.startswith("thaw ")]
     locked = [n.partition(" ")[2] for n in notes if n.startswith("netup ")]
     journals = [n.partition(" ")[2] for n in notes if n.startswith("journal ")]
@@ -344,7 +364,7 @@ def _main(argv: list[str] | None) -> int:
     _log("the tool died before the commit point: resuming the source")
     # Post-copy: the tool's CRIU still holds the tree (it may wait for a page
     # connection that never comes); it must let go before SIGCONT can stick.
-    criu = [int(p) for n in notes if n.startswith("criu ") for p in n.split()[1:]]
+    criu = _numbers(notes, "criu")
     for pid in criu:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
