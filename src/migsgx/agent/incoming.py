@@ -21,10 +21,9 @@ import select
 import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -52,7 +51,14 @@ from . import preflight
 from .applink import AppLink
 from .config import AgentHost
 from .datalink import KEY_SIZE, accept_data, check_pinned
-from .faults import corrupting_relay, fault, kill_dead, socket_owner
+from .faults import (
+    corrupting_relay,
+    cutting_relay,
+    fault,
+    firewall_drop,
+    kill_dead,
+    socket_owner,
+)
 from .held import HeldRecord, lost_detail, start_time
 from .held import remove as remove_record
 from .lazy import Window
@@ -605,9 +611,14 @@ class IncomingMigration:
 
     def _abort_request(self, msg: dict[str, Any]) -> Reply:
         log.info("migration %s: aborted by the tool (%s)", self.tag, msg["reason"][:200])
-        self._pass_on(msg.get("frames"))
-        if msg.get("frames") is not None:
-            self._wait_decided(DELIVER_WAIT)
+        frames = msg.get("frames")
+        self._pass_on(frames)
+        # Only an enclave that got an ABORT frame can be judged: one whose source
+        # enclave died has none, and waiting for it only kept the tool (and the
+        # source tree it thaws after this answer) waiting DELIVER_WAIT.
+        judged = [e for e, f in zip(self.enclaves, frames or [], strict=False) if f]
+        if judged:
+            self._wait_decided(DELIVER_WAIT, judged)
         self.abort("aborted by the tool")
         return {"t": "aborted", "held": self.agent.find_session(self.session_id) is self}
 
@@ -649,9 +660,12 @@ class IncomingMigration:
             if frame and enclave.engine is not None and not enclave.decided.is_set():
                 enclave.engine.deliver(frame)
 
-    def _wait_decided(self, seconds: float) -> bool:
+    def _wait_decided(self, seconds: float, enclaves: Sequence[_Enclave] | None = None) -> bool:
         deadline = time.monotonic() + seconds
-        return all(e.decided.wait(max(0.0, deadline - time.monotonic())) for e in self.enclaves)
+        return all(
+            e.decided.wait(max(0.0, deadline - time.monotonic()))
+            for e in (self.enclaves if enclaves is None else enclaves)
+        )
 
     def deliver(self, frames: Any) -> dict[str, Any]:
         """Judge delivered frames; the outcome once carried out (or ``waiting``)."""
@@ -956,8 +970,13 @@ class IncomingMigration:
                 conn.close()
             ident = self.config.identity
             tls = (ident.ca, ident.cert, ident.key) if self.page_tls else None
-            if fault("agent.page-stream") == "corrupt":
+            action = fault("agent.page-stream")
+            if action == "corrupt":
                 conn = corrupting_relay(conn)
+            elif action is not None and "-after-bytes=" in action:
+                # ``drop-after-bytes=N``, ``stall-after-bytes=N``: mid-dump.
+                kind, _, after = action.partition("-after-bytes=")
+                conn = cutting_relay(conn, int(after), kind)
             with conn:
                 self._page_server = PageServer(
                     self.config.criu.binary, self.images_dir, conn, tls=tls
@@ -1062,6 +1081,11 @@ class IncomingMigration:
                 enclave.error = exc
                 enclave.commit_error = exc
                 if enclave.engine is None or not enclave.engine.awaiting:
+                    # Refused or failed before LOADED (a damaged offer, one not
+                    # pinned to ``begin``): hang up at once, so that the source
+                    # hears it now, not at its peer timeout.
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_RDWR)
                     return
                 # LOADED may have left: wait for the decision all the same.
             finally:
@@ -1169,12 +1193,7 @@ def _inject(action: str | None, session: IncomingMigration) -> None:
     if action == "stall":
         # A network stall of the control connection (no process dies): this
         # host's firewall drops its packets both ways from now on.
-        port = str(session.tls.getsockname()[1])
-        for chain, side in (("INPUT", "--dport"), ("OUTPUT", "--sport")):
-            subprocess.run(
-                ["iptables", "-I", chain, "-p", "tcp", side, port, "-j", "DROP"],
-                check=True, capture_output=True, timeout=10,
-            )  # fmt: skip
+        firewall_drop(int(session.tls.getsockname()[1]))
         return
     if action == "kill-platform":
         kill_dead([socket_owner(session.config.platform_socket)])

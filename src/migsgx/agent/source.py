@@ -42,7 +42,6 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -75,7 +74,15 @@ from . import early, precopy, preflight
 from .applink import AppLink, HandedEnclave
 from .control import CONNECT_TIMEOUT, AgentConnection
 from .datalink import open_data
-from .faults import fault, flipping_relay, kill_dead, socket_owner
+from .faults import (
+    connection_fault,
+    dying,
+    fault,
+    firewall_drop,
+    flipping_relay,
+    kill_dead,
+    socket_owner,
+)
 from .guardian import Guardian
 from .journal import Journal
 from .lazy import LazyDump
@@ -243,6 +250,16 @@ class _Migration:
                         self.control.call({"t": "abort", "reason": "the freeze failed"},
                                           "aborted")  # fmt: skip
                     self.transfers = []
+                if isinstance(exc, Exception) and not isinstance(exc, MigrationError):
+                    # Nothing was frozen or moved: say so (exit 6, or 8 if the
+                    # application itself ended), whatever the freeze tripped over
+                    # (the application's namespace gone, an enclave dead).
+                    if not _alive(pid):
+                        raise SourceGoneError(
+                            f"the source {source.label} (pid {pid}) ended before the freeze: "
+                            f"nothing moved ({type(exc).__name__})"
+                        ) from exc
+                    raise MigrationError(f"the freeze failed, nothing moved: {exc}") from exc
                 raise
             self.note("prepared")
             link = self.link
@@ -250,7 +267,7 @@ class _Migration:
                 self.guardian = Guardian(
                     link.pid if link else pid, link.name if link else "-", [h.sock for h in handed]
                 )
-                self._fault("tool.after-prepare")
+                self._inject(self._fault("tool.after-prepare"))
                 begin = self._begin(pids, pidns) if ready is None else None
                 self.journal = Journal.start(
                     opts.identity.directory, self.session_id, opts.to,
@@ -266,7 +283,7 @@ class _Migration:
                 # application holds no enclave connection (prepare), so neither
                 # waits for the other.  The post-dump step joins them.
                 self._start_enclaves(ready)
-                self._fault("tool.before-dump")
+                self._inject(self._fault("tool.before-dump"))
                 self._dump(dump_dir, ready)
             except BaseException as exc:
                 self._join_enclaves()
@@ -378,6 +395,7 @@ class _Migration:
                 self.control.call({"t": "abort", "reason": str(exc)[:500]}, "aborted")
             raise
         self.note("handshaken")
+        self._inject(self._fault("tool.after-handshake"))
         return ready
 
     def _adopt(self, handed: list[HandedEnclave]) -> None:
@@ -649,7 +667,7 @@ class _Migration:
             root = self.source.root
             with contextlib.suppress(ProcessLookupError):
                 os.kill(root, signal.SIGKILL)
-            while _alive(root):  # gone or a zombie: SIGKILL cannot be ignored
+            while not dying(root):  # SIGKILL cannot be ignored
                 time.sleep(0.01)
         return action
 
@@ -677,6 +695,7 @@ class _Migration:
 
         self.note("dumped")
         self._finish_enclaves()
+        self._inject(self._fault("tool.before-images"))
         self._stream_images(dump_dir)
         self.note("images_sent")
         if self.opts.post_copy:
@@ -822,6 +841,14 @@ class _Migration:
             self.lazy.stop()  # post-copy: the only server of the pages still missing dies
         elif action == "kill-source-platform":
             kill_dead([socket_owner(self.opts.identity.directory.parent / "enclave.sock")])
+        elif action is not None and action.endswith("-control") and self.control is not None:
+            # A network fault of the control connection (no process dies).
+            connection_fault(self.control.sock, action.removesuffix("-control"))
+        elif action is not None and action.endswith("-data"):
+            # The same, of every enclave's data connection.
+            for transfer in self.transfers:
+                if transfer.peer is not None:
+                    connection_fault(transfer.peer, action.removesuffix("-data"))
 
     def _commit_enclaves(self) -> None:
         """Every source enclave decides COMMIT; the first one that does is the commit point."""
@@ -985,12 +1012,7 @@ def _token_fault(transfer: _Transfer, action: str | None) -> bytes | None:
     if action == "drop":
         peer.shutdown(socket.SHUT_RDWR)
     elif action == "stall":
-        port = str(peer.getsockname()[1])
-        for chain, side in (("OUTPUT", "--sport"), ("INPUT", "--dport")):
-            subprocess.run(
-                ["iptables", "-I", chain, "-p", "tcp", side, port, "-j", "DROP"],
-                check=True, capture_output=True, timeout=10,
-            )  # fmt: skip
+        firewall_drop(int(peer.getsockname()[1]))
     elif action == "corrupt":
         damaged = bytearray(token)
         damaged[len(damaged) // 2] ^= 0x01
