@@ -65,10 +65,27 @@ def test_a_taken_port_is_refused_with_its_name(sockets: dict[str, socket.socket]
         check_bindable([Listener("tcp", "::", port(sockets["tcp"]))])
 
 
+def _free_port_below_ephemeral() -> int:
+    """A port no one holds, below the kernel's ephemeral range.
+
+    A port the kernel chose (bind to 0) may be handed out again as soon as it is
+    closed, to any outgoing connection of a parallel test; a port below the
+    range is only taken by a process that asks for it by number.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    for candidate in range(max(1024, low - 5000), low):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("0.0.0.0", candidate))
+            except OSError:
+                continue
+            return candidate
+    pytest.fail("no free port below the ephemeral range")
+
+
 def test_a_free_port_passes_and_stays_free() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free = port(probe)
+    free = _free_port_below_ephemeral()
     wanted = [Listener("tcp", "0.0.0.0", free), Listener("udp", "0.0.0.0", free),
               Listener("tcp", "192.0.2.7", free)]  # fmt: skip  (an address not here: freebind)
     check_bindable(wanted)
