@@ -1065,6 +1065,7 @@ class IncomingMigration:
 
         t0 = time.monotonic()
         try:
+            offered = False
             try:
                 action = fault("agent.enclave-receive")
                 if action is not None and action.startswith("kill-after-bytes="):
@@ -1074,18 +1075,22 @@ class IncomingMigration:
                 )
                 # Nothing of the peer's runs unless it is the image begin announced.
                 check_pinned(enclave.engine.image, enclave.source_info)
+                offered = True
                 stats = enclave.engine.receive(conn, offer)
                 enclave.stats = {**plain_stats(stats), "timeline": stats.get("timeline", {})}
                 enclave.stats["agent_seconds"] = time.monotonic() - t0
             except BaseException as exc:
                 enclave.error = exc
                 enclave.commit_error = exc
-                if enclave.engine is None or not enclave.engine.awaiting:
-                    # Refused or failed before LOADED (a damaged offer, one not
-                    # pinned to ``begin``): hang up at once, so that the source
-                    # hears it now, not at its peer timeout.
+                if not offered:
+                    # The offer refused (damaged, or not the image begin announced):
+                    # nothing answers it, so hang up at once, and the source hears
+                    # it now, not at its peer timeout.  (A failure after the offer
+                    # sent the source an ``abort`` with the reason, which a hang-up
+                    # could cut short.)
                     with contextlib.suppress(OSError):
                         conn.shutdown(socket.SHUT_RDWR)
+                if enclave.engine is None or not enclave.engine.awaiting:
                     return
                 # LOADED may have left: wait for the decision all the same.
             finally:
