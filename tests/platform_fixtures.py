@@ -2,7 +2,8 @@
 
 RSA-3072 key generation costs about 0.3 s, so the expensive objects are made once
 per test session by :func:`shared_world` and removed when the interpreter exits.
-Test modules register the fixtures they use with a one-line wrapper, e.g.::
+tests/unit/conftest.py makes it the ``world`` fixture of every unit test; an
+integration module registers it with a one-line wrapper, e.g.::
 
     @pytest.fixture(scope="session")
     def world() -> World:
@@ -16,6 +17,7 @@ tests in a real enclave process started by a platform service.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import shutil
 import tempfile
@@ -37,7 +39,7 @@ from migsgx.sgx.image import (
     sign_image,
 )
 from migsgx.sgx.platform import EmulatedPlatform
-from migsgx.sgx.structs import ReportBody
+from migsgx.sgx.structs import FLAG_DEBUG, FLAG_INIT, FLAG_MODE64BIT, Attributes, ReportBody
 
 PROBE_MODULE = "probe_enclave"
 PROBE_ENTRY = f"{PROBE_MODULE}:Probe"
@@ -374,3 +376,18 @@ def children_of(pid: int) -> list[int]:
             except (FileNotFoundError, ProcessLookupError, ValueError):
                 continue
     return kids
+
+
+def report_body(*, debug: bool = False, report_data: bytes = bytes(range(64))) -> ReportBody:
+    """A fixed enclave identity to quote (no enclave behind it): the quote and DCAP tests
+    sign and verify it; ``debug`` sets the debug attribute a verifier must refuse."""
+
+    flags = FLAG_INIT | FLAG_MODE64BIT | (FLAG_DEBUG if debug else 0)
+    return ReportBody(
+        mr_enclave=hashlib.sha256(b"enclave").digest(),
+        mr_signer=hashlib.sha256(b"author").digest(),
+        attributes=Attributes(flags),
+        isv_prod_id=3,
+        isv_svn=4,
+        report_data=report_data,
+    )

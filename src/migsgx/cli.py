@@ -358,6 +358,9 @@ def bench() -> None:
               help="draw the median runs' per-process timelines into this PNG")  # fmt: skip
 @click.option("--ab-prefault", is_flag=True,
               help="A/B: each pipelined run also with the prefault")  # fmt: skip
+@click.option("--ab-policy", type=click.Choice(["batch", "other"]), default=None,
+              help="A/B: each pipelined run also with every process under this "
+              "scheduling policy")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
 def bench_state(
     size: str,
@@ -366,6 +369,7 @@ def bench_state(
     repeat: int,
     plot_path: Path | None,
     ab_prefault: bool,
+    ab_policy: str | None,
     as_json: bool,
 ) -> None:
     """Pipelined vs sequential enclave-state migration between two emulated hosts."""
@@ -381,7 +385,8 @@ def bench_state(
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     result = run(
-        nbytes, chunk_bytes, slots or DEFAULT_SLOTS, repeat=repeat, ab_prefault=ab_prefault
+        nbytes, chunk_bytes, slots or DEFAULT_SLOTS, repeat=repeat, ab_prefault=ab_prefault,
+        ab_policy=ab_policy or "",
     )
     if plot_path is not None:
         plot(result, plot_path)

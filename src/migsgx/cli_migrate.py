@@ -259,6 +259,9 @@ def recover_command(
 @click.option("--max-rounds", type=int, default=30, show_default=True, help="--live: round limit")
 @click.option("--early-handshake/--late-handshake", default=True, show_default=True,
               help="destination enclaves launch, attest before the freeze or in it")  # fmt: skip
+@click.option("--criu-nice", type=click.IntRange(-19, 19), default=0, show_default=True,
+              help="run CRIU's dump this much nicer than the enclave streams beside it "
+              "(negative: CRIU first)")  # fmt: skip
 def migrate_command(
     pid: int | None,
     runc_id: str | None,
@@ -281,6 +284,7 @@ def migrate_command(
     downtime_target: float,
     max_rounds: int,
     early_handshake: bool,
+    criu_nice: int,
 ) -> None:
     """Migrate process PID, or a container, with its enclaves to the agent at --to.
 
@@ -339,6 +343,7 @@ def migrate_command(
         shell_job=shell_job,
         progress=progress,
         early_handshake=early_handshake,
+        criu_nice=criu_nice,
     )
     if live:
         _live_options(opts, console, downtime_target, max_rounds)
@@ -407,6 +412,8 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
               "then post-copy): their downtime and window")  # fmt: skip
 @click.option("--ab-page-tls", is_flag=True,
               help="A/B: each run also CRIU alone with its pages in CRIU's TLS")  # fmt: skip
+@click.option("--ab-criu-nice", type=click.IntRange(-19, 19), default=0,
+              help="A/B: each run also migsgx with --criu-nice N")  # fmt: skip
 def bench_process(
     enclave_size: str,
     repeat: int,
@@ -416,6 +423,7 @@ def bench_process(
     ab_late_handshake: bool,
     post_copy: bool,
     ab_page_tls: bool,
+    ab_criu_nice: int,
 ) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
@@ -428,6 +436,7 @@ def bench_process(
         ab_late_handshake=ab_late_handshake,
         post_copy=post_copy,
         ab_page_tls=ab_page_tls,
+        ab_criu_nice=ab_criu_nice,
     )
     if plot_path is not None:
         plot(result, plot_path)

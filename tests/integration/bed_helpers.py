@@ -3,13 +3,19 @@
 The example kvstore application on host ``src`` (or wherever it moved), asked
 from the other host; waiting without a timed assert (a bound, then a clear
 failure); and the end of every test: exactly one runnable copy where it is
-expected, then every copy stopped.
+expected, then every copy stopped.  Also what the post-copy and container modules
+share: a writer on one TCP connection, the source's page stream throttled, and a
+scan of files for a canary.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,18 +23,22 @@ from typing import Any
 
 from migsgx.agent.tls import issue_agent_identity
 from migsgx.lab.hosts import start_service
-from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed
+from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
 from migsgx.sgx.ca import ProvisioningCA
 from migsgx.sgx.platform import EmulatedPlatform
 from migsgx.system.process import kill_tree
 
 __all__ = [
+    "Writer",
     "ask",
     "end_copies",
     "finish",
     "kvstore",
+    "migrate_throttled",
+    "scan_files",
     "start_workers",
     "strict_destination",
+    "throttled_page_port",
     "wait_until",
     "workers",
     "workers_carry_on",
@@ -130,3 +140,127 @@ def strict_destination(
         yield bed.start_agent(state=state, platform_socket=service.socket)
     finally:
         service.stop()
+
+
+class Writer(threading.Thread):
+    """Writes distinct keys (``PUT w<n> <n:08x>``) over one TCP connection until stopped;
+    any failure ends it and is kept.
+
+    ``acked`` lists the ``n`` of every acknowledged write; ``ok`` counts them by the
+    ``phase`` the test had set when the request was sent (a write sent while the
+    app moves counts as ``during`` even when its answer comes from the destination).
+    """
+
+    def __init__(self, conn: socket.socket, *, pause: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.conn = conn
+        self.pause = pause
+        self.phase = "before"
+        self.ok = {"before": 0, "during": 0, "after": 0}
+        self.acked: list[int] = []
+        self.error: str | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 120
+        with self.conn.makefile("rw", encoding="utf-8", newline="\n") as stream:
+            n = 0
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                n += 1
+                phase = self.phase  # when the request was sent
+                try:
+                    stream.write(f"PUT w{n} {n:08x}\n")
+                    stream.flush()
+                    reply = stream.readline().strip()
+                except OSError as exc:
+                    self.error = f"request {n}: {exc}"
+                    return
+                if not reply.startswith("OK"):
+                    self.error = f"request {n}: {reply!r}"
+                    return
+                self.acked.append(n)
+                self.ok[phase] += 1
+                time.sleep(self.pause)
+
+    def finish(self) -> None:
+        """Stop writing and wait for the thread (a bounded wait: it may hang in a read)."""
+
+        self.stop.set()
+        self.join(10)
+
+
+#: Prints a port the kernel picks (run inside a host's network namespace).
+_FREE_PORT = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
+
+
+@contextlib.contextmanager
+def throttled_page_port(bed: Testbed) -> Iterator[int]:
+    """A port the kernel picks on host ``src`` for the source's page server, whose
+    stream (source port) alone leaves the source at 1 Mbit/s while the block runs.
+
+    A process or container of tens of MiB then needs minutes for its pages; the
+    commit point comes a fraction of a second after the restore, so pages are
+    still missing there: the post-copy window is open whatever the machine's load.
+    """
+
+    src = bed.host("src")
+    argv = src.command([sys.executable, "-c", _FREE_PORT])
+    port = int(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
+    tc = ["tc", "-n", src.netns]
+    try:
+        for args in (
+            ["qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10"],
+            ["class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10", "htb",
+             "rate", "10gbit"],
+            ["class", "add", "dev", "eth0", "parent", "1:", "classid", "1:20", "htb",
+             "rate", "1mbit", "ceil", "1mbit"],
+            ["filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "u32",
+             "match", "ip", "sport", str(port), "0xffff", "flowid", "1:20"],
+        ):  # fmt: skip
+            subprocess.run([*tc, *args], check=True, capture_output=True)
+        yield port
+    finally:
+        subprocess.run([*tc, "qdisc", "del", "dev", "eth0", "root"], check=False,
+                       capture_output=True)  # fmt: skip
+
+
+def migrate_throttled(
+    bed: Testbed, pid: int | None, agent: AgentProcess, fault: str, *args: str
+) -> MigrateRun:
+    """``migrate [PID] ARGS --post-copy`` at fault ``fault`` (``MIGSGX_FAULT``), its page
+    stream throttled (:func:`throttled_page_port`): pages are missing at the commit point."""
+
+    with throttled_page_port(bed) as port:
+        return bed.migrate(
+            pid, agent,
+            args=[*args, "--post-copy", "--post-copy-port", str(port)],
+            env={"MIGSGX_FAULT": fault},
+        )  # fmt: skip
+
+
+def scan_files(roots: list[Path], needles: dict[str, bytes]) -> dict[str, list[str]]:
+    """Every regular file under ``roots`` (or a root that is a file) holding a needle, by
+    needle name; read in blocks with an overlap, so a needle across two blocks is found.
+
+    A file that goes away (or cannot be read) while the scan runs is passed over: the
+    roots belong to live hosts, whose processes create and remove files meanwhile.
+    """
+
+    hits: dict[str, list[str]] = {name: [] for name in needles}
+    keep = max(len(n) for n in needles.values())
+    for root in roots:
+        for path in [root] if root.is_file() else sorted(root.rglob("*")):
+            try:
+                if not path.is_file() or path.is_symlink():
+                    continue
+                with path.open("rb") as f:
+                    tail = b""
+                    while chunk := f.read(8 << 20):
+                        data = tail + chunk
+                        for name, needle in needles.items():
+                            if needle in data and str(path) not in hits[name]:
+                                hits[name].append(str(path))
+                        tail = data[-keep:]
+            except OSError:
+                continue
+    return hits

@@ -19,10 +19,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from platform_fixtures import World
 
 from migsgx.criu import Criu
 from migsgx.errors import CriuError, MigSGXError
 from migsgx.lab.containers import ContainerLab
+from migsgx.lab.hosts import ServiceProcess, start_service
 from migsgx.lab.netns import Host, HostNetwork, cleanup_stale, terminate
 from migsgx.lab.testbed import AgentProcess, Testbed
 
@@ -93,19 +95,42 @@ def bed(
 
 
 @pytest.fixture(scope="module")
-def agent(bed: Testbed) -> AgentProcess:
-    """The destination's agent for the module (a module may start it otherwise)."""
+def agent(request: pytest.FixtureRequest, bed: Testbed) -> AgentProcess:
+    """The destination's agent for the module (a module may start it otherwise).
 
+    A module with ``BED_CONTAINERS = True`` gets its ``lab`` first, whichever test
+    asks first: the agent reads the host's ``containers.toml`` when it starts, and
+    the lab writes it.
+    """
+
+    if getattr(request.module, "BED_CONTAINERS", False):
+        request.getfixturevalue("lab")
     return bed.start_agent()
 
 
 @pytest.fixture(scope="module")
 def lab(bed: Testbed, criu: Criu) -> Iterator[ContainerLab]:
-    """runc, podman and containerd on the module's testbed (a module that uses it starts
-    its ``agent`` after it: the agent reads the host's ``containers.toml``)."""
+    """runc, podman and containerd on the module's testbed (a module that uses it sets
+    ``BED_CONTAINERS = True``, so that the ``agent`` starts after it)."""
 
     with ContainerLab(bed, criu=criu) as containers:
         yield containers
+
+
+@pytest.fixture(scope="module")
+def service(
+    request: pytest.FixtureRequest, world: World, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    """A platform service of the shared world's host A for the module, without namespaces
+    (its socket in a directory of the module's own); stopped at the module's end."""
+
+    name = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    sock = tmp_path_factory.mktemp(name) / "platform.sock"
+    svc = start_service(world.host_a.state_dir, socket_path=sock)
+    try:
+        yield svc
+    finally:
+        svc.stop()
 
 
 HostsFactory = Callable[..., HostNetwork]

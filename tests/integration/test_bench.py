@@ -23,8 +23,10 @@ PROCESSES = {"source_driver", "source_enclave", "destination_driver", "destinati
 
 
 def test_bench_state_repeats_and_reports_medians_spread_cpu_and_timelines(tmp_path: Path) -> None:
-    result = state.run(2 << 20, 64 << 10, 2, repeat=2)
+    result = state.run(2 << 20, 64 << 10, 2, repeat=2, ab_policy="batch")
     assert len(result["runs"]) == 2
+    # The A/B's variant runs after the plain one, then before it.
+    assert [r["variants_first"] for r in result["runs"]] == [False, True]
     for key in ("seconds", "transfer_seconds", "peak_extra_bytes"):
         spread = result["spread"]["pipelined"][key]
         assert spread["min"] <= result["pipelined"][key] <= spread["max"]
@@ -33,6 +35,17 @@ def test_bench_state_repeats_and_reports_medians_spread_cpu_and_timelines(tmp_pa
         assert run["peak_extra_enclave_share"] <= run["peak_extra_share"]
         assert run["sequential_over_pipelined"] == pytest.approx(
             run["sequential"]["seconds"] / run["pipelined"]["seconds"]
+        )
+        bound = run["bound"]
+        assert bound["cores"] == len(os.sched_getaffinity(0))
+        assert bound["total_cpu_seconds"] == pytest.approx(
+            sum(run["pipelined"]["window_cpu_by_process"].values())
+        )
+        assert bound["best_ratio"] == pytest.approx(
+            run["sequential"]["seconds"] / bound["best_pipelined_seconds"]
+        )
+        assert run["batch_speedup"] == pytest.approx(
+            run["pipelined"]["seconds"] / run["pipelined_batch"]["seconds"]
         )
         for mode in ("pipelined", "sequential"):
             figures = run[mode]
@@ -53,7 +66,15 @@ def test_bench_state_repeats_and_reports_medians_spread_cpu_and_timelines(tmp_pa
             seal = figures["timeline"]["source_enclave"]["seal"]
             opened = figures["timeline"]["destination_enclave"]["open"]
             commit = figures["timeline"]["source_driver"]["commit"]
-            assert 0 <= seal[0] <= seal[1] <= commit[0] <= commit[1]
+            release = figures["timeline"]["source_driver"]["release"]
+            assert 0 <= seal[0] <= seal[1] <= commit[0] <= commit[1] <= release[0] <= release[1]
+            assert figures["seconds"] <= figures["seconds_to_release"]
+            assert set(figures["window_cpu_by_process"]) == PROCESSES
+            assert set(figures["window_cpu_by_stage"]) == {"dump", "transfer", "load"}
+            # Each end of a ring of 2 slots waits for its peer now and then: 32 chunks
+            # of 64 KiB cannot all pass without one process sleeping.
+            assert set(figures["window_switches_by_process"]) == PROCESSES
+            assert sum(figures["window_switches_by_process"].values()) > 0
             assert opened[1] <= commit[0]  # the destination loaded before the commit
     machine = result["machine"]
     assert machine["cpus"] == os.cpu_count()

@@ -26,7 +26,7 @@ import pytest
 
 pytest.register_assert_rewrite("bed_helpers")
 
-from bed_helpers import strict_destination, wait_until  # noqa: E402
+from bed_helpers import scan_files, strict_destination, wait_until  # noqa: E402
 
 from migsgx.containers.podman import PODMAN_ARCHIVE  # noqa: E402
 from migsgx.host.client import EnclaveClient  # noqa: E402
@@ -36,13 +36,9 @@ from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
 BED_SUBNET = 62
+BED_CONTAINERS = True  # the agent starts after the lab (it reads containers.toml)
 
 ENGINES = ["runc", "podman", "containerd"]
-
-
-@pytest.fixture(scope="module")
-def agent(bed: Testbed, lab: ContainerLab) -> AgentProcess:
-    return bed.start_agent()  # after the lab: it reads the host's containers.toml
 
 
 def migrate(
@@ -419,27 +415,6 @@ def test_destination_refuses_images_with_more_than_the_configuration(
 
 
 # --- the canary -------------------------------------------------------------------------------
-def scan(roots: list[Path], needles: dict[str, bytes]) -> dict[str, list[str]]:
-    hits: dict[str, list[str]] = {name: [] for name in needles}
-    keep = max(len(n) for n in needles.values())
-    for root in roots:
-        for path in [root] if root.is_file() else sorted(root.rglob("*")):
-            try:
-                if not path.is_file() or path.is_symlink():
-                    continue
-                with path.open("rb") as f:
-                    tail = b""
-                    while chunk := f.read(8 << 20):
-                        data = tail + chunk
-                        for name, needle in needles.items():
-                            if needle in data and str(path) not in hits[name]:
-                                hits[name].append(str(path))
-                        tail = data[-keep:]
-            except OSError:
-                continue
-    return hits
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 def test_canary_is_in_no_container_image_or_archive(
     bed: Testbed, lab: ContainerLab, tmp_path: Path, engine: str
@@ -463,8 +438,8 @@ def test_canary_is_in_no_container_image_or_archive(
     if engine == "podman":
         archive = dump_dir / PODMAN_ARCHIVE
         assert archive.stat().st_size > 1 << 20  # the exported checkpoint, kept
-        assert scan([archive], needles) == {"secret": [], "ordinary": [str(archive)]}
-    hits = scan([bed.root, tmp_path, lab.base, Path("/dev/shm")], needles)
+        assert scan_files([archive], needles) == {"secret": [], "ordinary": [str(archive)]}
+    hits = scan_files([bed.root, tmp_path, lab.base, Path("/dev/shm")], needles)
     assert hits["secret"] == []
     # The scan sees what it should: the note moved in the container's CRIU pages.
     assert any("pages-" in p or PODMAN_ARCHIVE in p for p in hits["ordinary"]), hits["ordinary"]

@@ -34,7 +34,7 @@ from migsgx.agent.tls import issue_agent_identity
 from migsgx.datapath.engine import PEER_FRAME_MAX
 from migsgx.host.appctl import info_to_wire
 from migsgx.host.client import EnclaveInfo
-from migsgx.sgx.spawn import ServiceProcess, start_service
+from migsgx.sgx.spawn import ServiceProcess
 from migsgx.wire import encode, send_frame
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -68,16 +68,6 @@ class Session:
 @pytest.fixture(scope="module")
 def world() -> World:
     return shared_world()
-
-
-@pytest.fixture(scope="module")
-def service(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    sock = tmp_path_factory.mktemp("data-link") / "platform.sock"
-    svc = start_service(world.host_a.state_dir, socket_path=sock)
-    try:
-        yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture

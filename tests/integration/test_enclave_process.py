@@ -41,7 +41,7 @@ from migsgx.errors import (
     UnknownEcallError,
 )
 from migsgx.host.client import EnclaveClient
-from migsgx.lab.hosts import ServiceProcess, start_service
+from migsgx.lab.hosts import ServiceProcess
 from migsgx.sgx.image import EnclaveImage
 from migsgx.wire import HEADER, encode, recv_frame, send_frame
 
@@ -53,16 +53,6 @@ SECRET = "canary-7f3a-must-not-leave-the-enclave"
 @pytest.fixture(scope="session")
 def world() -> World:
     return shared_world()
-
-
-@pytest.fixture(scope="module")
-def service(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    sock = tmp_path_factory.mktemp("enclave-process") / "platform.sock"
-    svc = start_service(world.host_a.state_dir, socket_path=sock)
-    try:
-        yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,44 @@ def identities(tmp_path: Path, src: Host, dst: Host) -> tuple[Tls, Tls]:
     return (a.ca, a.cert, a.key), (b.ca, b.cert, b.key)
 
 
+@dataclass
+class Serving:
+    """The writer on host ``src``, written to from ``dst``, its lazy dump serving pages."""
+
+    src: Host
+    dst: Host
+    dst_tls: Tls
+    pid: int  # the writer's
+    port: int  # the writer's
+    writes: Writes
+    source: LazySource
+    served: int  # the port of the source's page server
+
+    @classmethod
+    def start(
+        cls, criu: Criu, hosts: HostsFactory, spawn: SpawnFactory, tmp_path: Path,
+        *, subnet: int, seed: int, count: int,
+    ) -> Serving:  # fmt: skip
+        """Two hosts on ``subnet``; ``count`` writes, then the dump, until it serves."""
+
+        net = hosts("lzs", "lzd", subnet=subnet)
+        src, dst = net["lzs"], net["lzd"]
+        src_tls, dst_tls = identities(tmp_path, src, dst)
+        pid, port = start_writer(spawn, src, tmp_path)
+        writes = Writes(seed)
+        writes.run(dst, src.address, port, count)
+        source = LazySource(criu, pid, tmp_path, src_tls)
+        return cls(src, dst, dst_tls, pid, port, writes, source, source.port())
+
+    def restore(self, criu: Criu) -> PostCopyRestore:
+        """The destination half, pulling from the source's page server."""
+
+        return PostCopyRestore(
+            criu, self.source.dst_dir, (self.src.address, self.served), tls=self.dst_tls,
+            enter=InNetns(self.dst.netns),
+        )  # fmt: skip
+
+
 def test_post_copy_keeps_every_acknowledged_write(
     criu: Criu,
     hosts: HostsFactory,
@@ -136,18 +175,11 @@ def test_post_copy_keeps_every_acknowledged_write(
     subreaper: None,
     tmp_path: Path,
 ) -> None:
-    net = hosts("lzs", "lzd", subnet=41)
-    src, dst = net["lzs"], net["lzd"]
-    src_tls, dst_tls = identities(tmp_path, src, dst)
-    pid, port = start_writer(spawn, src, tmp_path)
-    writes = Writes(seed=1)
-    writes.run(dst, src.address, port, 200)
-    source = LazySource(criu, pid, tmp_path, src_tls)
-    served = source.port()
-
-    post = PostCopyRestore(
-        criu, source.dst_dir, (src.address, served), tls=dst_tls, enter=InNetns(dst.netns)
+    move = Serving.start(criu, hosts, spawn, tmp_path, subnet=41, seed=1, count=200)
+    src, dst, pid, port, writes, source = (
+        move.src, move.dst, move.pid, move.port, move.writes, move.source
     )
+    post = move.restore(criu)
     try:
         new_pid = kill_later(post.restore())
         # The write loop goes on at the destination while its pages still come in.
@@ -171,13 +203,8 @@ def test_source_lost_in_the_window_kills_the_destination_tree(
     subreaper: None,
     tmp_path: Path,
 ) -> None:
-    net = hosts("lzs", "lzd", subnet=42)
-    src, dst = net["lzs"], net["lzd"]
-    src_tls, dst_tls = identities(tmp_path, src, dst)
-    pid, port = start_writer(spawn, src, tmp_path)
-    Writes(seed=2).run(dst, src.address, port, 20)
-    source = LazySource(criu, pid, tmp_path, src_tls)
-    served = source.port()
+    move = Serving.start(criu, hosts, spawn, tmp_path, subnet=42, seed=2, count=20)
+    dst, pid, source = move.dst, move.pid, move.source
     # The source fails after its images left and before a page was pulled: its
     # CRIU, the only server of the pages, dies.  (The tree itself is left alone:
     # its stderr file must keep the size the images recorded.)
@@ -188,9 +215,7 @@ def test_source_lost_in_the_window_kills_the_destination_tree(
     source.thread.join(30)
     assert source.error is not None
 
-    post = PostCopyRestore(
-        criu, source.dst_dir, (src.address, served), tls=dst_tls, enter=InNetns(dst.netns)
-    )
+    post = move.restore(criu)
     try:
         with pytest.raises(SourceLostError) as caught:
             kill_later(post.restore())
@@ -245,14 +270,8 @@ def test_source_lost_while_the_tree_runs_never_yields_missing_pages(
     then dies.  The client gets the right value or none, never a zero page, and
     the wait ends in SourceLostError with the tree dead."""
 
-    net = hosts("lzs", "lzd", subnet=43)
-    src, dst = net["lzs"], net["lzd"]
-    src_tls, dst_tls = identities(tmp_path, src, dst)
-    pid, port = start_writer(spawn, src, tmp_path)
-    writes = Writes(seed=3)
-    writes.run(dst, src.address, port, 20)
-    source = LazySource(criu, pid, tmp_path, src_tls)
-    served = source.port()
+    move = Serving.start(criu, hosts, spawn, tmp_path, subnet=43, seed=3, count=20)
+    src, dst, pid, port, source = move.src, move.dst, move.pid, move.port, move.source
     server = _descendants_with(f"dump --rpc -t {pid}".encode())
     assert server, "the source's CRIU is not running"
     subprocess.run(
@@ -261,10 +280,8 @@ def test_source_lost_while_the_tree_runs_never_yields_missing_pages(
         check=True,
     )  # fmt: skip
 
-    post = PostCopyRestore(
-        criu, source.dst_dir, (src.address, served), tls=dst_tls, enter=InNetns(dst.netns)
-    )
-    k, value = next(iter(writes.acked.items()))
+    post = move.restore(criu)
+    k, value = next(iter(move.writes.acked.items()))
     answers: list[str] = []
 
     def reader() -> None:

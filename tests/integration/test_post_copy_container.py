@@ -18,24 +18,24 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 pytest.register_assert_rewrite("bed_helpers")
 
-from bed_helpers import wait_until  # noqa: E402
+from bed_helpers import Writer, migrate_throttled, scan_files, wait_until  # noqa: E402
 
-from migsgx.criu import Criu  # noqa: E402
 from migsgx.host.client import EnclaveClient  # noqa: E402
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
-from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
+from migsgx.lab.testbed import AgentProcess, Testbed  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 #: This module's subnet (no other module's testbed uses it).
 BED_SUBNET = 87
+BED_BRIDGED = True  # the pod's address moves between the hosts' bridge ports
+BED_CONTAINERS = True  # the agent starts after the lab (it reads containers.toml)
 
 #: Every frame on every interface of a host's network namespace, to a file, until SIGTERM.
 CAPTURE = """
@@ -48,123 +48,6 @@ print("ready", flush=True)
 while True:
     out.write(sock.recv(1 << 16))
 """
-
-
-@pytest.fixture(scope="module")
-def bed(
-    criu: Criu,
-    subreaper: None,
-    _stale_namespaces_removed: None,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Testbed]:
-    root = tmp_path_factory.mktemp("ctrpostcopy")
-    with Testbed(root, subnet=BED_SUBNET, bridged=True) as testbed:
-        yield testbed
-
-
-@pytest.fixture(scope="module")
-def lab(bed: Testbed, criu: Criu) -> Iterator[ContainerLab]:
-    with ContainerLab(bed, criu=criu) as containers:
-        yield containers
-
-
-@pytest.fixture(scope="module")
-def agent(bed: Testbed, lab: ContainerLab) -> AgentProcess:
-    return bed.start_agent()  # after the lab: it reads the host's containers.toml
-
-
-class Writer(threading.Thread):
-    """Writes distinct keys over one TCP connection; any failure ends it and is kept."""
-
-    def __init__(self, lab: ContainerLab, app: ContainerApp) -> None:
-        super().__init__(daemon=True)
-        self.conn = lab.connect(app, via="dst")
-        self.acked: list[int] = []
-        self.error: str | None = None
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        deadline = time.monotonic() + 120
-        with self.conn.makefile("rw", encoding="utf-8", newline="\n") as stream:
-            n = 0
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                n += 1
-                try:
-                    stream.write(f"PUT w{n} {n:08x}\n")
-                    stream.flush()
-                    reply = stream.readline().strip()
-                except OSError as exc:
-                    self.error = f"request {n}: {exc}"
-                    return
-                if not reply.startswith("OK"):
-                    self.error = f"request {n}: {reply!r}"
-                    return
-                self.acked.append(n)
-                time.sleep(0.005)
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.join(10)
-
-
-def free_port(bed: Testbed) -> int:
-    """A port the kernel picks on the source host (for the source's page server)."""
-
-    code = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
-    argv = bed.host("src").command([sys.executable, "-c", code])
-    return int(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
-
-
-def throttled(bed: Testbed, port: int) -> Callable[[], None]:
-    """Only the page stream (source port ``port``) leaves the source at 1 Mbit/s.
-
-    The container's memory (tens of MiB) then needs minutes; the commit point
-    comes a fraction of a second after the restore, so pages are missing there.
-    Returns the undo.
-    """
-
-    run = ["tc", "-n", bed.host("src").netns]
-    for argv in (
-        ["qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10"],
-        ["class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10", "htb",
-         "rate", "10gbit"],
-        ["class", "add", "dev", "eth0", "parent", "1:", "classid", "1:20", "htb",
-         "rate", "1mbit", "ceil", "1mbit"],
-        ["filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "u32",
-         "match", "ip", "sport", str(port), "0xffff", "flowid", "1:20"],
-    ):  # fmt: skip
-        subprocess.run([*run, *argv], check=True, capture_output=True)
-    return lambda: subprocess.run([*run, "qdisc", "del", "dev", "eth0", "root"], check=False,
-                                  capture_output=True)  # fmt: skip
-
-
-def scan(roots: list[Path], needle: bytes) -> list[str]:
-    hits = []
-    for root in roots:
-        for path in [root] if root.is_file() else sorted(root.rglob("*")):
-            try:
-                if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
-                    hits.append(str(path))
-            except OSError:
-                continue
-    return hits
-
-
-def migrate_throttled(
-    bed: Testbed, agent: AgentProcess, app: ContainerApp, fault: str
-) -> MigrateRun:
-    """``migrate --runc --post-copy`` with its page port throttled, at fault ``fault``."""
-
-    port = free_port(bed)
-    undo = throttled(bed, port)
-    try:
-        return bed.migrate(
-            None, agent,
-            args=["--runc", app.name, "--post-copy", "--post-copy-port", str(port)],
-            env={"MIGSGX_FAULT": fault},
-        )  # fmt: skip
-    finally:
-        undo()
 
 
 def check_source_runs_on(lab: ContainerLab, app: ContainerApp, writer: Writer) -> None:
@@ -196,7 +79,7 @@ def test_container_moves_with_post_copy_under_writes(
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert capture.stdout is not None and capture.stdout.readline().strip() == "ready"
-    writer = Writer(lab, app)
+    writer = Writer(lab.connect(app, via="dst"))
     writer.start()
     try:
         wait_until(lambda: len(writer.acked) >= 5 or writer.error is not None, 20, "writes")
@@ -230,7 +113,7 @@ def test_container_moves_with_post_copy_under_writes(
     assert b"PUT w1 " in data and len(data) > 1 << 20
     assert ordinary not in data
     assert secret not in data and secret.hex().encode() not in data
-    assert scan([bed.root, lab.base, Path("/dev/shm")], secret) == []
+    assert scan_files([bed.root, lab.base, Path("/dev/shm")], {"secret": secret}) == {"secret": []}
     lab.remove(app)
 
 
@@ -239,10 +122,10 @@ def test_failure_before_the_commit_point_leaves_the_container_running(
     bed: Testbed, lab: ContainerLab, agent: AgentProcess, action: str
 ) -> None:
     app = lab.start_app("runc", "kvstore", own_address=True)
-    writer = Writer(lab, app)
+    writer = Writer(lab.connect(app, via="dst"))
     writer.start()
     wait_until(lambda: len(writer.acked) >= 5 or writer.error is not None, 20, "writes")
-    run = migrate_throttled(bed, agent, app, f"tool.before-commit:{action}")
+    run = migrate_throttled(bed, None, agent, f"tool.before-commit:{action}", "--runc", app.name)
     assert run.returncode == 6, run.stderr[-3000:]
     check_source_runs_on(lab, app, writer)
     lab.remove(app)
@@ -252,7 +135,7 @@ def test_source_criu_lost_after_the_commit_point_is_exit_9(
     bed: Testbed, lab: ContainerLab, agent: AgentProcess
 ) -> None:
     app = lab.start_app("runc", "kvstore", own_address=True)
-    run = migrate_throttled(bed, agent, app, "tool.after-commit:kill-criu")
+    run = migrate_throttled(bed, None, agent, "tool.after-commit:kill-criu", "--runc", app.name)
     assert run.returncode == 9, run.stderr[-3000:]
     assert "inside the post-copy window" in run.stderr, run.stderr
     assert "destination tree was killed" in run.stderr, run.stderr
@@ -271,7 +154,7 @@ def test_tool_killed_while_runc_serves_pages(
     (it would wait for a page connection forever), brings the address back, thaws."""
 
     app = lab.start_app("runc", "kvstore", own_address=True)
-    writer = Writer(lab, app)
+    writer = Writer(lab.connect(app, via="dst"))
     writer.start()
     wait_until(lambda: len(writer.acked) >= 5 or writer.error is not None, 20, "writes")
     run = bed.migrate(None, agent, args=["--runc", app.name, "--post-copy"],

@@ -10,15 +10,13 @@ running with wrong memory.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 pytest.register_assert_rewrite("bed_helpers")
 
 from bed_helpers import (  # noqa: E402
     end_copies,
+    migrate_throttled,
     start_workers,
     wait_until,
     workers,
@@ -56,18 +54,8 @@ def test_failure_before_the_commit_point_leaves_the_source_running(
     app = start_workers(bed, *WRITING)
     # The destination restored the tree held, its daemon pulling pages; then the
     # tool fails, or the source's CRIU (the only server of the pages) dies while
-    # pages are still missing (the page stream is throttled: see below).
-    port = free_port(bed)
-    throttle_port(bed, port)
-    try:
-        run = bed.migrate(
-            app.pid,
-            agent,
-            args=["--post-copy", "--post-copy-port", str(port)],
-            env={"MIGSGX_FAULT": f"tool.before-commit:{action}"},
-        )
-    finally:
-        unthrottle(bed)
+    # pages are still missing (the page stream is throttled).
+    run = migrate_throttled(bed, app.pid, agent, f"tool.before-commit:{action}")
     assert run.returncode == 6, run.stderr
     assert "the source runs on" in run.stderr or "aborted" in run.stderr, run.stderr
     workers_carry_on(bed, app, "src")
@@ -76,56 +64,11 @@ def test_failure_before_the_commit_point_leaves_the_source_running(
     end_copies(bed, app)
 
 
-def free_port(bed: Testbed) -> int:
-    """A port the kernel picks on the source host (for the source's page server)."""
-
-    code = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
-    argv = bed.host("src").command([sys.executable, "-c", code])
-    return int(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
-
-
-def throttle_port(bed: Testbed, port: int) -> None:
-    """Only the page stream (source port ``port``) leaves the source at 1 Mbit/s.
-
-    The process's memory (tens of MiB) then needs minutes; the commit point
-    comes a fraction of a second after the restore, so pages are missing there.
-    """
-
-    run = ["tc", "-n", bed.host("src").netns]
-    for argv in (
-        ["qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10"],
-        ["class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10", "htb",
-         "rate", "10gbit"],
-        ["class", "add", "dev", "eth0", "parent", "1:", "classid", "1:20", "htb",
-         "rate", "1mbit", "ceil", "1mbit"],
-        ["filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "u32",
-         "match", "ip", "sport", str(port), "0xffff", "flowid", "1:20"],
-    ):  # fmt: skip
-        subprocess.run([*run, *argv], check=True, capture_output=True)
-
-
-def unthrottle(bed: Testbed) -> None:
-    subprocess.run(
-        ["tc", "-n", bed.host("src").netns, "qdisc", "del", "dev", "eth0", "root"],
-        check=False, capture_output=True,
-    )  # fmt: skip
-
-
 def test_source_criu_lost_after_the_commit_point_is_exit_9(
     bed: Testbed, agent: AgentProcess
 ) -> None:
     app = start_workers(bed, *WRITING)
-    port = free_port(bed)
-    throttle_port(bed, port)
-    try:
-        run = bed.migrate(
-            app.pid,
-            agent,
-            args=["--post-copy", "--post-copy-port", str(port)],
-            env={"MIGSGX_FAULT": "tool.after-commit:kill-criu"},
-        )
-    finally:
-        unthrottle(bed)
+    run = migrate_throttled(bed, app.pid, agent, "tool.after-commit:kill-criu")
     assert run.returncode == 9, run.stderr
     assert "inside the post-copy window" in run.stderr, run.stderr
     assert "destination tree was killed" in run.stderr, run.stderr

@@ -24,7 +24,7 @@ from migsgx.host.client import EnclaveClient
 from migsgx.sgx.counters import MAX_COUNTERS_PER_OWNER
 from migsgx.sgx.image import EnclaveImage, generate_author_key, mr_signer_of
 from migsgx.sgx.sandbox import SandboxSpec, launcher_command, runtime_binds
-from migsgx.sgx.spawn import ServiceProcess, start_service
+from migsgx.sgx.spawn import ServiceProcess
 
 pytestmark = [
     pytest.mark.integration,
@@ -165,16 +165,6 @@ def denied(outcome: str) -> bool:
 @pytest.fixture(scope="module")
 def world() -> World:
     return shared_world()
-
-
-@pytest.fixture(scope="module")
-def service(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    sock = tmp_path_factory.mktemp("sandbox-attacks") / "platform.sock"
-    svc = start_service(world.host_a.state_dir, socket_path=sock)
-    try:
-        yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture(scope="module")

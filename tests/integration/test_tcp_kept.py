@@ -20,7 +20,7 @@ import pytest
 
 pytest.register_assert_rewrite("bed_helpers")
 
-from bed_helpers import wait_until  # noqa: E402
+from bed_helpers import Writer, wait_until  # noqa: E402
 
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, Testbed  # noqa: E402
@@ -29,45 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 #: This module's subnet (no other module's testbed uses it).
 BED_SUBNET = 93
 BED_BRIDGED = True  # the pod's address moves between the hosts' bridge ports
-
-
-@pytest.fixture(scope="module")
-def agent(bed: Testbed, lab: ContainerLab) -> AgentProcess:
-    return bed.start_agent()  # after the lab: it reads the host's containers.toml
-
-
-class Writer(threading.Thread):
-    """Writes distinct keys over one TCP connection; any failure ends it and is kept."""
-
-    def __init__(self, conn: socket.socket) -> None:
-        super().__init__(daemon=True)
-        self.conn = conn
-        self.phase = "before"
-        self.ok = {"before": 0, "during": 0, "after": 0}
-        self.acked: list[str] = []
-        self.error: str | None = None
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        deadline = time.monotonic() + 120
-        with self.conn.makefile("rw", encoding="utf-8", newline="\n") as stream:
-            n = 0
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                n += 1
-                phase = self.phase  # when the request was sent
-                try:
-                    stream.write(f"PUT w{n} {n:08x}\n")
-                    stream.flush()
-                    reply = stream.readline().strip()
-                except OSError as exc:
-                    self.error = f"request {n}: {exc}"
-                    return
-                if not reply.startswith("OK"):
-                    self.error = f"request {n}: {reply!r}"
-                    return
-                self.acked.append(f"w{n}")
-                self.ok[phase] += 1
-                time.sleep(0.01)
+BED_CONTAINERS = True  # the agent starts after the lab (it reads containers.toml)
 
 
 class Dialer(threading.Thread):
@@ -114,7 +76,7 @@ def test_client_connection_survives_a_live_move(
     app = lab.start_app("runc", "kvstore", own_address=True)
     pod_src = Path("/run/netns") / f"{lab.settings['src'].pod_netns_prefix}{app.name}"
     assert pod_src.exists()
-    writer = Writer(lab.connect(app, via="dst"))
+    writer = Writer(lab.connect(app, via="dst"), pause=0.01)
     other = lab.connect(app, via="src")  # an idle connection from the source host
     dialer = Dialer(lab, app)
     writer.start()
@@ -126,9 +88,8 @@ def test_client_connection_survives_a_live_move(
     wait_until(lambda: writer.ok["after"] >= 5 or writer.error is not None, 30, "writes after")
     ok_after = dialer.ok
     wait_until(lambda: dialer.ok > ok_after or bool(dialer.errors), 110, "a new connection after")
-    writer.stop.set()
+    writer.finish()
     dialer.stop.set()
-    writer.join(10)
     dialer.join(110)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stats is not None
@@ -137,8 +98,8 @@ def test_client_connection_survives_a_live_move(
     assert dialer.errors == []  # nor a connection refused, reset or lost in a handshake
     assert writer.ok["before"] >= 5 and writer.ok["during"] >= 1 and writer.ok["after"] >= 5
     # Every acknowledged write is there, asked over the idle connection that also moved.
-    for key in writer.acked:
-        assert ask(other, f"GET {key}") == f"VALUE {int(key[1:]):08x}"
+    for n in writer.acked:
+        assert ask(other, f"GET w{n}") == f"VALUE {n:08x}"
     other.close()
     # The address left the source with the container; one runnable copy, on dst.
     assert not pod_src.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,36 @@ def test_client_gap_leaves_out_the_time_the_writer_was_paused() -> None:
     assert writer.gap(30.5, 34.0) == 2.0  # not 29.0, from 2.0 (paused) to 31.0
     writer.resumed = []
     assert writer.gap(30.5, 34.0) == 29.0  # without the record: the pause counted
+
+
+def _mode_run(total: float) -> dict[str, object]:
+    return {
+        "total_seconds": total,
+        "downtime_seconds": total / 10,
+        "timeline": {"tool": {"dump": [0.0, total]}},
+        "cpu_by_process": {"tool": total / 2},
+    }
+
+
+def test_plots_take_each_modes_median_run(tmp_path: Path) -> None:
+    from migsgx.lab.bench import container, process
+    from migsgx.lab.bench.plot import median_panels
+
+    # The median of each mode on its own: run 0 is the median of "migsgx", run 2 of the other.
+    runs = [
+        {"migsgx": _mode_run(2.0), "criu_only": _mode_run(9.0), "engine_only": _mode_run(9.0)},
+        {"migsgx": _mode_run(1.0), "criu_only": _mode_run(7.0), "engine_only": _mode_run(7.0)},
+        {"migsgx": _mode_run(3.0), "criu_only": _mode_run(8.0), "engine_only": _mode_run(8.0)},
+    ]
+    result = {"runs": runs, "enclave_size": 64 << 20, "engine": "runc"}
+    panels = median_panels(result, [("migsgx", "migsgx migrate"), ("criu_only", "CRIU alone")])
+    assert [title for title, _, _ in panels] == [
+        "migsgx migrate, enclave 64 MiB: total 2.00 s, downtime 0.20 s (median run)",
+        "CRIU alone, enclave 64 MiB: total 8.00 s, downtime 0.80 s (median run)",
+    ]
+    assert panels[1][1:] == ({"tool": {"dump": [0.0, 8.0]}}, {"tool": 4.0})
+    # Both benchmarks draw them (matplotlib, a PNG each).
+    for module in (process, container):
+        png = tmp_path / f"{module.__name__}.png"
+        module.plot(result, png)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

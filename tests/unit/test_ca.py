@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from platform_fixtures import World, shared_world
+from platform_fixtures import World
 
 from migsgx.errors import StateDirError
 from migsgx.sgx.ca import CA_CERT, CA_KEY, SGX_EXTENSIONS_OID, ProvisioningCA, load_root
@@ -22,11 +22,6 @@ from migsgx.sgx.platform import (
     ROOT_KEY,
     EmulatedPlatform,
 )
-
-
-@pytest.fixture(scope="session")
-def world() -> World:
-    return shared_world()
 
 
 def _mode(path: Path) -> int:

@@ -12,15 +12,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from platform_fixtures import World, image_files, make_image, shared_world, write_image
+from platform_fixtures import World, image_files, make_image, write_image
 
 from migsgx import cli
 from migsgx.sgx.image import EnclaveImage, mr_signer_of
-
-
-@pytest.fixture(scope="session")
-def world() -> World:
-    return shared_world()
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:

@@ -21,6 +21,7 @@ from migsgx.containers import (
 )
 from migsgx.containers.admission import SpecPolicy, SpecRefused
 from migsgx.containers.cgroups import thaw_file
+from migsgx.containers.command import json_object
 from migsgx.containers.frozen import write_criu_config
 from migsgx.containers.oci import (
     CRIU_CONFIG_ANNOTATION,
@@ -217,6 +218,14 @@ def test_criu_configuration_holds_the_restore(tmp_path: Path) -> None:
 
 
 # --- root file systems -----------------------------------------------------------------------
+def test_an_engines_json_answer_is_an_object_or_none() -> None:
+    assert json_object('{"status": "running"}', "runc state kv1") == {"status": "running"}
+    assert json_object("null", "runc state kv1") is None  # (runc: no such container)
+    assert json_object("[1]", "runc state kv1") is None
+    with pytest.raises(ContainerError, match="ctr containers info kv1: not JSON"):
+        json_object("ctr: container not found", "ctr containers info kv1")
+
+
 def test_tree_round_trip(tmp_path: Path) -> None:
     src = tmp_path / "src"
     (src / "usr" / "bin").mkdir(parents=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import cbor2
 import pytest
-from platform_fixtures import World, make_image, shared_world
+from platform_fixtures import World, make_image
 
 from migsgx.errors import CounterError, StateDirError
 from migsgx.sgx import counters as counters_mod
@@ -18,11 +18,6 @@ from migsgx.sgx.structs import ReportBody
 
 OWNER = b"S" + bytes(32) + b"\x01\x00"
 OTHER = b"S" + bytes([1]) * 32 + b"\x01\x00"
-
-
-@pytest.fixture(scope="session")
-def world() -> World:
-    return shared_world()
 
 
 @pytest.fixture

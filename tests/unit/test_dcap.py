@@ -5,7 +5,6 @@ collateral can be wrong fails with its own typed error."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +13,7 @@ import dcap_qvl
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from platform_fixtures import report_body
 
 from migsgx.errors import (
     AttestationError,
@@ -37,21 +37,8 @@ from migsgx.sgx.image import Manifest
 from migsgx.sgx.platform import PCK_CHAIN, EmulatedPlatform
 from migsgx.sgx.quote import PCE_SVN, Quote
 from migsgx.sgx.sgxext import PckExtension
-from migsgx.sgx.structs import FLAG_DEBUG, FLAG_INIT, FLAG_MODE64BIT, Attributes, ReportBody
 
 DER = serialization.Encoding.DER
-
-
-def _body(*, debug: bool = False) -> ReportBody:
-    flags = FLAG_INIT | FLAG_MODE64BIT | (FLAG_DEBUG if debug else 0)
-    return ReportBody(
-        mr_enclave=hashlib.sha256(b"enclave").digest(),
-        mr_signer=hashlib.sha256(b"author").digest(),
-        attributes=Attributes(flags),
-        isv_prod_id=3,
-        isv_svn=4,
-        report_data=bytes(range(64)),
-    )
 
 
 class Deployment:
@@ -125,7 +112,7 @@ def test_collateral_is_signed_and_shaped_as_a_pccs_serves_it(shared: Deployment)
 def test_an_emulated_quote_verifies_in_dcap_qvl_against_the_deployment_root(
     shared: Deployment,
 ) -> None:
-    quote = shared.a.quote(_body(), bytes(range(64)))
+    quote = shared.a.quote(report_body(), bytes(range(64)))
     report = dcap_qvl.verify_with_root_ca(
         quote,
         to_dcap(shared.collateral),
@@ -136,19 +123,19 @@ def test_an_emulated_quote_verifies_in_dcap_qvl_against_the_deployment_root(
     assert report.ppid.hex() == pcs.PcsState.load(shared.dir).hosts["a"]["ppid"]
     verdict = verify_dcap(quote, shared.collateral, [shared.ca.certificate])
     assert verdict.body.report_data == bytes(range(64))
-    assert verdict.body.mr_enclave == _body().mr_enclave
+    assert verdict.body.mr_enclave == report_body().mr_enclave
     assert (verdict.status, verdict.advisory_ids) == ("UpToDate", ())
 
 
 def test_an_out_of_date_host_is_refused_unless_the_policy_accepts_it(shared: Deployment) -> None:
-    quote = shared.old.quote(_body(), bytes(64))
+    quote = shared.old.quote(report_body(), bytes(64))
     with pytest.raises(TcbOutOfDateError):
         shared.verify(quote)
     assert shared.verify(quote, policy=TcbPolicy(frozenset({"OutOfDate"}))) == "OutOfDate"
 
 
 def test_only_the_accepted_statuses_pass(dep: Deployment) -> None:
-    quote = dep.a.quote(_body(), bytes(64))
+    quote = dep.a.quote(report_body(), bytes(64))
     pcs.set_level(dep.ca, 3, "SWHardeningNeeded")
     with pytest.raises(TcbStatusError) as err:
         dep.verify(quote)
@@ -169,7 +156,7 @@ def test_only_the_accepted_statuses_pass(dep: Deployment) -> None:
 def test_a_revoked_host_is_refused_by_both_verifiers(
     dep: Deployment, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    quote = dep.a.quote(_body(), bytes(64))
+    quote = dep.a.quote(report_body(), bytes(64))
     assert dep.verify(quote) == "UpToDate"
     pcs.revoke_host(dep.ca, "a")
     with pytest.raises(RevokedError, match="revoked"):
@@ -179,7 +166,8 @@ def test_a_revoked_host_is_refused_by_both_verifiers(
     with pytest.raises(RevokedError, match="CertRevoked"):
         dep.verify(quote)
     # The other host is unaffected.
-    assert dep.verify(dep.old.quote(_body(), bytes(64)), policy=TcbPolicy(frozenset({"OutOfDate"})))
+    old = dep.old.quote(report_body(), bytes(64))
+    assert dep.verify(old, policy=TcbPolicy(frozenset({"OutOfDate"})))
     with pytest.raises(ConfigError):
         pcs.revoke_host(dep.ca, "nobody")
     # A revoked host cannot get itself a fresh certificate by moving its TCB.
@@ -193,15 +181,15 @@ def test_a_raised_tcb_after_recovery_verifies(dep: Deployment) -> None:
     pcs.set_level(dep.ca, 4, "UpToDate")
     pcs.set_level(dep.ca, 3, "OutOfDate")
     with pytest.raises(TcbOutOfDateError):
-        dep.verify(dep.a.quote(_body(), bytes(64)))
+        dep.verify(dep.a.quote(report_body(), bytes(64)))
     dep.a.set_tcb_level(dep.ca, 4)
-    assert dep.verify(dep.a.quote(_body(), bytes(64))) == "UpToDate"
+    assert dep.verify(dep.a.quote(report_body(), bytes(64))) == "UpToDate"
     with pytest.raises(ConfigError):
         dep.a.set_tcb_level(dep.ca, 9)
 
 
 def test_stale_collateral_is_refused(dep: Deployment) -> None:
-    quote = dep.a.quote(_body(), bytes(64))
+    quote = dep.a.quote(report_body(), bytes(64))
     now = dt.datetime.now(dt.UTC)
     with pytest.raises(StaleCollateralError):
         dep.verify(quote, now=now + dt.timedelta(days=31))
@@ -223,7 +211,7 @@ def test_stale_collateral_is_refused(dep: Deployment) -> None:
 
 def test_a_quote_from_another_deployment_is_refused(shared: Deployment, tmp_path: Path) -> None:
     other = Deployment(tmp_path)
-    quote = other.a.quote(_body(), bytes(64))
+    quote = other.a.quote(report_body(), bytes(64))
     with pytest.raises(UnknownCAError):
         shared.verify(quote)
     # The other deployment's collateral does not help: it is not signed by our root.
@@ -231,7 +219,8 @@ def test_a_quote_from_another_deployment_is_refused(shared: Deployment, tmp_path
         verify_dcap(quote, other.collateral, [shared.ca.certificate])
     # Nor is our quote accepted with the other root.
     with pytest.raises(UnknownCAError):
-        verify_dcap(shared.a.quote(_body(), bytes(64)), shared.collateral, [other.ca.certificate])
+        ours = shared.a.quote(report_body(), bytes(64))
+        verify_dcap(ours, shared.collateral, [other.ca.certificate])
 
 
 def test_a_verifier_trusting_two_roots_uses_each_roots_collateral(
@@ -240,17 +229,18 @@ def test_a_verifier_trusting_two_roots_uses_each_roots_collateral(
     other = Deployment(tmp_path)
     both = [shared.collateral, other.collateral]
     roots = [shared.ca.certificate, other.ca.certificate]
-    assert verify_dcap(shared.a.quote(_body(), bytes(64)), both, roots).status == "UpToDate"
-    assert verify_dcap(other.a.quote(_body(), bytes(64)), both[::-1], roots).status == "UpToDate"
+    assert verify_dcap(shared.a.quote(report_body(), bytes(64)), both, roots).status == "UpToDate"
+    theirs = other.a.quote(report_body(), bytes(64))
+    assert verify_dcap(theirs, both[::-1], roots).status == "UpToDate"
     # With only the other root's collateral, a quote of ours does not pass.
     with pytest.raises(CollateralError):
-        verify_dcap(shared.a.quote(_body(), bytes(64)), [other.collateral], roots)
+        verify_dcap(shared.a.quote(report_body(), bytes(64)), [other.collateral], roots)
     with pytest.raises(CollateralError):
-        verify_dcap(shared.a.quote(_body(), bytes(64)), [], roots)
+        verify_dcap(shared.a.quote(report_body(), bytes(64)), [], roots)
 
 
 def test_debug_enclaves_are_refused_unless_allowed(shared: Deployment) -> None:
-    quote = shared.a.quote(_body(debug=True), bytes(64))
+    quote = shared.a.quote(report_body(debug=True), bytes(64))
     with pytest.raises(DebugEnclaveError):
         shared.verify(quote)
     assert shared.verify(quote, allow_debug=True) == DEBUG_UNRATED
@@ -262,7 +252,7 @@ def test_every_flipped_byte_of_the_quote_is_refused(shared: Deployment) -> None:
     line breaks of a certificate above the leaf (redundant: the root is the verifier's
     own), and the same PCK leaf vouches for the same quote."""
 
-    quote = shared.a.quote(_body(), bytes(64))
+    quote = shared.a.quote(report_body(), bytes(64))
     collateral = shared.collateral
     chain_pem = Quote.parse(quote).cert_chain_pem
     chain_start = len(quote) - len(chain_pem)
@@ -293,7 +283,7 @@ def test_every_flipped_byte_of_the_quote_is_refused(shared: Deployment) -> None:
 def test_tampered_collateral_is_refused(
     shared: Deployment, part: str, errors: tuple[type, ...]
 ) -> None:
-    quote = shared.a.quote(_body(), bytes(64))
+    quote = shared.a.quote(report_body(), bytes(64))
     c = shared.collateral
     value = getattr(c, part)
     for pos in range(0, len(value), max(1, len(value) // 40)):

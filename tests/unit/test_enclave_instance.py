@@ -15,7 +15,6 @@ from platform_fixtures import (
     World,
     image_files,
     make_image,
-    shared_world,
     signed,
 )
 
@@ -32,11 +31,6 @@ from migsgx.errors import (
 from migsgx.sgx.image import EnclaveImage
 
 SECRET = "hunter2-do-not-leak"
-
-
-@pytest.fixture(scope="session")
-def world() -> World:
-    return shared_world()
 
 
 def _instance(

@@ -15,7 +15,6 @@ from platform_fixtures import (
     image_files,
     make_image,
     manifest_toml,
-    shared_world,
     signed,
     write_image,
 )
@@ -40,11 +39,6 @@ from migsgx.sgx.image import (
     sign_image_dir,
 )
 from migsgx.sgx.structs import FLAG_DEBUG
-
-
-@pytest.fixture(scope="session")
-def world() -> World:
-    return shared_world()
 
 
 def _measure(files: dict[str, bytes]) -> bytes:

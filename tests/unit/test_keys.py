@@ -31,11 +31,6 @@ from migsgx.sgx.structs import (
 from migsgx.sgx.trusted import target_info_of, verify_report_locally
 
 
-@pytest.fixture(scope="session")
-def world() -> World:
-    return shared_world()
-
-
 @pytest.fixture(scope="module")
 def bodies(world: World) -> dict[str, ReportBody]:
     """Identities of enclaves as EINIT on host a gives them."""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from platform_fixtures import World, make_image, shared_world
+from platform_fixtures import World, make_image
 
 from migsgx.core.commit import CommitError, CommitState
 from migsgx.core.peer import (
@@ -346,11 +346,6 @@ class Probe(Enclave):
 CHUNK = MIN_CHUNK_SIZE
 SLOT = CHUNK + TAG_SIZE
 LIVENESS = 10.0  # seconds a ring waits for its peer before it fails: never reached here
-
-
-@pytest.fixture(scope="module")
-def world() -> World:
-    return shared_world()
 
 
 @pytest.fixture(scope="module")

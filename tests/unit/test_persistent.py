@@ -17,7 +17,7 @@ from typing import Any
 
 import cbor2
 import pytest
-from platform_fixtures import World, make_image, shared_world
+from platform_fixtures import World, make_image
 
 from migsgx.core.stream import TAG_SIZE
 from migsgx.datapath.ring import ShmRing
@@ -47,11 +47,6 @@ from migsgx.sgx.platform import EmulatedPlatform, counter_owner
 CHUNK = 64 << 10
 OWNER = b"S" + bytes(32) + b"\x01\x00"
 SECRET = b"the launch codes"
-
-
-@pytest.fixture(scope="session")
-def world() -> World:
-    return shared_world()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from platform_fixtures import World, shared_world
+from platform_fixtures import World, report_body, shared_world
 
 from migsgx.errors import (
     AttestationError,
@@ -56,25 +56,8 @@ CERT_SIZE = CERT_TYPE + 2
 CHAIN = CERT_SIZE + 4
 
 
-@pytest.fixture(scope="session")
-def world() -> World:
-    return shared_world()
-
-
-def _body(*, debug: bool = False, report_data: bytes = bytes(range(64))) -> ReportBody:
-    flags = FLAG_INIT | FLAG_MODE64BIT | (FLAG_DEBUG if debug else 0)
-    return ReportBody(
-        mr_enclave=hashlib.sha256(b"enclave").digest(),
-        mr_signer=hashlib.sha256(b"author").digest(),
-        attributes=Attributes(flags),
-        isv_prod_id=3,
-        isv_svn=4,
-        report_data=report_data,
-    )
-
-
 def _quote(platform: EmulatedPlatform, body: ReportBody | None = None) -> bytes:
-    b = body or _body()
+    b = body or report_body()
     return platform.quote(replace(b, cpu_svn=platform.info.cpu_svn), b.report_data)
 
 
@@ -90,7 +73,7 @@ def _roots(world: World) -> list[x509.Certificate]:
 # --- the good case -------------------------------------------------------------------------
 def test_valid_quote_verifies(world: World, quote_a: bytes) -> None:
     verified = verify_quote(quote_a, _roots(world))
-    body = _body()
+    body = report_body()
     assert verified.body.mr_enclave == body.mr_enclave
     assert verified.body.mr_signer == body.mr_signer
     assert verified.body.report_data == body.report_data
@@ -109,9 +92,9 @@ def test_valid_quote_verifies(world: World, quote_a: bytes) -> None:
 def test_quote_layout(quote_a: bytes) -> None:
     version, key_type = struct.unpack_from("<HH", quote_a)
     assert (version, key_type) == (QUOTE_VERSION, ATT_KEY_TYPE_ECDSA_P256) == (3, 2)
-    assert quote_a[HEADER_END + 64 : HEADER_END + 96] == _body().mr_enclave
-    assert quote_a[HEADER_END + 128 : HEADER_END + 160] == _body().mr_signer
-    assert quote_a[HEADER_END + 320 : BODY_END] == _body().report_data
+    assert quote_a[HEADER_END + 64 : HEADER_END + 96] == report_body().mr_enclave
+    assert quote_a[HEADER_END + 128 : HEADER_END + 160] == report_body().mr_signer
+    assert quote_a[HEADER_END + 320 : BODY_END] == report_body().report_data
     assert struct.unpack_from("<I", quote_a, BODY_END)[0] == len(quote_a) - SIG_START
     assert quote_a[QE_REPORT + 64 : QE_REPORT + 96] == QE_MR_ENCLAVE
     assert quote_a[QE_REPORT + 128 : QE_REPORT + 160] == QE_MR_SIGNER
@@ -223,14 +206,14 @@ def test_consistent_lengths_but_garbage_chain(world: World, quote_a: bytes) -> N
 
 # --- policy ---------------------------------------------------------------------------------
 def test_debug_enclave_refused_unless_allowed(world: World) -> None:
-    quote = _quote(world.host_a, _body(debug=True))
+    quote = _quote(world.host_a, report_body(debug=True))
     with pytest.raises(DebugEnclaveError):
         verify_quote(quote, _roots(world))
     assert verify_quote(quote, _roots(world), allow_debug=True).body.attributes.debug
 
 
 def test_expected_identity(world: World, quote_a: bytes) -> None:
-    body = _body()
+    body = report_body()
     with pytest.raises(IdentityMismatchError):
         verify_quote(quote_a, _roots(world), expected_mr_enclave=bytes(32))
     # The "wrong signer" attack: the right code, signed by someone else.
@@ -369,7 +352,7 @@ def _quote_with_chain(
     deriver = KeyDeriver(os.urandom(32))
     pem = b"".join(c.public_bytes(PEM) for c in chain)
     qe = QuotingEnclave(deriver, _key(), pck_key, pem, b"h")
-    report = deriver.ereport(_body(), target_info_of(qe.identity), _body().report_data)
+    report = deriver.ereport(report_body(), target_info_of(qe.identity), report_body().report_data)
     return qe.quote(report)
 
 

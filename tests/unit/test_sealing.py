@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from platform_fixtures import World, make_image, shared_world
+from platform_fixtures import World, make_image
 
 from migsgx.enclave.sealing import (
     POLICY_MRENCLAVE,
@@ -23,11 +23,6 @@ from migsgx.sgx.platform import EmulatedPlatform, LocalServices
 from migsgx.sgx.structs import KeyRequest, ReportBody
 
 SECRET = b"the model weights, say" * 3
-
-
-@pytest.fixture(scope="session")
-def world() -> World:
-    return shared_world()
 
 
 def _svc(world: World, host: EmulatedPlatform | None = None, **manifest: Any) -> LocalServices:

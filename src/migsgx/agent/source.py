@@ -69,6 +69,7 @@ from ..errors import (
     SourceLostError,
 )
 from ..host.appctl import info_to_wire
+from ..system import niceness as nice
 from ..system.process import is_pidns_init, process_state, stop_tree, tree_pids
 from . import early, precopy, preflight
 from .applink import AppLink, HandedEnclave
@@ -149,6 +150,9 @@ class MigrateOptions:
     lazy_port: int = 0  # where the source's CRIU serves it (0: a port the kernel picks)
     # Stop-and-copy: the destination enclaves launch and attest before the freeze.
     early_handshake: bool = True
+    #: CRIU's dump (with its page stream) this much nicer than the tool's other
+    #: threads, the enclave streams beside it (negative: less nice).
+    criu_nice: int = 0
 
 
 @dataclass
@@ -540,7 +544,16 @@ class _Migration:
             if opts.post_copy:
                 self._dump_lazy(dump_dir, plan)
             else:
-                self.driver.dump(self.source, plan, lambda: self._on_dumped(dump_dir))
+                # CRIU starts from this thread and keeps its niceness; the steps
+                # after the dump (called back on this thread) run at the tool's own.
+                own = nice.current()
+
+                def dumped() -> None:
+                    with nice.nice_at(own):
+                        self._on_dumped(dump_dir)
+
+                with nice.niceness(opts.criu_nice):
+                    self.driver.dump(self.source, plan, dumped)
         except MigSGXError as exc:
             if not self.cancel.cancelled:
                 raise
@@ -598,8 +611,7 @@ class _Migration:
         if lazy.error is not None:
             # The only server of the tree's memory is gone: nothing may commit.
             raise MigrationError(f"the source's CRIU stopped serving pages: {lazy.error}")
-        self._commit()
-        self.note("resumed")
+        self._commit()  # (notes "resumed" once the destination runs)
         self._window()
 
     def _window(self) -> None:
@@ -706,8 +718,7 @@ class _Migration:
         self._restore({"t": "restore"})
         self._fence()
         self._inject(self._fault("tool.before-commit"))
-        self._commit()
-        self.note("resumed")
+        self._commit()  # (notes "resumed" once the destination runs)
 
     def _restore(self, request: dict[str, Any]) -> None:
         restored = self.control_call(request, "restored")
@@ -779,7 +790,9 @@ class _Migration:
                 )
                 reply = {"attach_seconds": 0.0}
             # The destination runs (or its copy was lost after the claim): the
-            # committed source enclaves may go.
+            # downtime ends here, and the committed source enclaves may go (their
+            # wipe is no part of it).
+            self.note("resumed")
             if self.journal is not None:
                 self.journal.update(phase="done")
             for transfer in self.transfers:
@@ -799,6 +812,7 @@ class _Migration:
             except RefusedError:
                 self.resume_sent = False  # the destination refused, and killed what it held
                 raise
+            self.note("resumed")
         self.stats["attach"] = float(reply["attach_seconds"])
 
     def _redeliver(self, transfer: _Transfer) -> None:

@@ -7,15 +7,17 @@ a long-lived container would keep a reader waiting for its end.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .base import ContainerError
 
-__all__ = ["bring_lo_up", "run_engine", "with_path"]
+__all__ = ["bring_lo_up", "json_object", "run_engine", "with_path"]
 
 
 def run_engine(
@@ -62,6 +64,20 @@ def run_engine(
         detail = stderr.strip().splitlines()[-6:] or [f"status {proc.returncode}"]
         raise ContainerError(f"{what} failed: " + " | ".join(detail))
     return proc.returncode, stdout, stderr
+
+
+def json_object(out: str, what: str) -> dict[str, Any] | None:
+    """An engine's answer in JSON as an object; None when it is another JSON value.
+
+    Output that is not JSON at all is an engine this driver does not understand: an
+    error naming ``what``, not an absent container.
+    """
+
+    try:
+        value = json.loads(out)
+    except ValueError as exc:
+        raise ContainerError(f"{what}: not JSON") from exc
+    return value if isinstance(value, dict) else None
 
 
 def with_path(directory: Path, env: Mapping[str, str] | None = None) -> dict[str, str]:

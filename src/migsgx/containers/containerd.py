@@ -54,7 +54,7 @@ from .base import (
     Source,
     check_name,
 )
-from .command import bring_lo_up, run_engine, with_path
+from .command import bring_lo_up, json_object, run_engine, with_path
 from .frozen import dump_frozen, own_netns_path, write_criu_config
 from .image_admission import admit_images
 from .layout import CheckpointParts, write_checkpoint_image
@@ -110,11 +110,7 @@ class Ctr:
         out = self("containers", "info", cid, what=f"ctr containers info {cid}", check=False)
         if not out:
             return None
-        try:
-            value = json.loads(out)
-        except ValueError as exc:
-            raise ContainerError(f"ctr containers info {cid}: not JSON") from exc
-        return value if isinstance(value, dict) else None
+        return json_object(out, f"ctr containers info {cid}")
 
     def task(self, cid: str) -> tuple[int, str] | None:
         """(pid, status) of the container's task, None when it has none."""

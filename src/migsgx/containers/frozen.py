@@ -9,7 +9,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import MigSGXError
@@ -21,7 +21,11 @@ from .gate import ListenerGate
 log = logging.getLogger("migsgx.containers")
 
 __all__ = [
+    "dump_frozen",
+    "end_frozen",
+    "give_back",
     "kill_frozen",
+    "listeners_gated",
     "own_netns_path",
     "resume_frozen",
     "stop_if_cancelled",
@@ -94,6 +98,63 @@ def stop_if_cancelled(plan: DumpPlan) -> None:
         plan.cancel.check()
 
 
+@contextlib.contextmanager
+def listeners_gated(
+    source: Source, plan: DumpPlan, unlock: Callable[[], object] | None
+) -> Iterator[None]:
+    """The source tree's listeners gated while the block runs, unless the driver locked
+    the network itself (``unlock``).
+
+    Without such a lock, a connection half made when CRIU looks could not be
+    restored: :class:`~.gate.ListenerGate` closes the listeners before the freeze
+    and opens them again at the end, whether the dump succeeded or not.
+    """
+
+    gate: ListenerGate | None = None
+    if unlock is None:
+        gate = ListenerGate.of_tree(source.root)
+        if gate.ports:
+            plan.note(gate.note())
+            gate.close()  # (opened again if it fails)
+    try:
+        yield
+    finally:
+        if gate is not None:
+            with contextlib.suppress(MigSGXError):
+                gate.open()
+
+
+def give_back(
+    source: Source, freezer: Freezer, plan: DumpPlan, unlock: Callable[[], object] | None
+) -> None:
+    """A source whose dump did not finish runs again, where the plan still allows it, and
+    the driver's network lock (``unlock``) is undone.
+
+    Best effort: the caller is on its way out with the dump's own error, which a
+    failure here must not replace.
+    """
+
+    if not plan.may_resume():
+        return
+    with contextlib.suppress(MigSGXError):
+        resume_frozen(source.root, freezer)
+    if unlock is not None:
+        with contextlib.suppress(MigSGXError):
+            unlock()
+
+
+def end_frozen(source: Source, freezer: Freezer, remove: Callable[[], object]) -> None:
+    """After the commit: the frozen source is killed and ``remove`` deletes the engine's
+    record of it.  Should that fail, it stays frozen and stopped (it cannot run) for an
+    operator to remove: the migration succeeded, so this only warns."""
+
+    try:
+        kill_frozen(source.root, freezer)
+        remove()
+    except MigSGXError as exc:
+        log.warning("the migrated source container %s stays (frozen): %s", source.label, exc)
+
+
 def dump_frozen(
     source: Source,
     plan: DumpPlan,
@@ -113,54 +174,23 @@ def dump_frozen(
     deletes the engine's record of it.
 
     Without a lock of the driver's (``unlock``), the tree's listeners are gated
-    before the freeze (:class:`~.gate.ListenerGate`: no connection half made
-    when CRIU looks) and opened again at the end, either way.
+    before the freeze (:func:`listeners_gated`).
     """
 
-    gate: ListenerGate | None = None
-    if unlock is None:
-        gate = ListenerGate.of_tree(source.root)
-        if gate.ports:
-            plan.note(gate.note())
-            gate.close()  # (opened again if it fails)
-    try:
-        _dump_frozen(source, plan, on_dumped, checkpoint, remove, unlock)
-    finally:
-        if gate is not None:
-            with contextlib.suppress(MigSGXError):
-                gate.open()
-
-
-def _dump_frozen(
-    source: Source,
-    plan: DumpPlan,
-    on_dumped: Callable[[], None],
-    checkpoint: Callable[[], object],
-    remove: Callable[[], object],
-    unlock: Callable[[], object] | None,
-) -> None:
-    freezer = Freezer.of_pid(source.root)
-    plan.note(f"thaw {freezer.control}")
-    finished = False
-    try:
-        stop_if_cancelled(plan)  # an enclave stream failed already: nothing to freeze for
-        freezer.freeze()
-        checkpoint()
-        if freezer.state() != "FROZEN":
-            raise ContainerError(f"{source.label} was thawed during its checkpoint")
-        stop_if_cancelled(plan)
-        on_dumped()
-        finished = True
-    finally:
-        if not finished and plan.may_resume():
-            with contextlib.suppress(MigSGXError):
-                resume_frozen(source.root, freezer)
-            if unlock is not None:
-                with contextlib.suppress(MigSGXError):
-                    unlock()
-    try:
-        kill_frozen(source.root, freezer)
-        remove()
-    except MigSGXError as exc:
-        # Frozen and stopped, it cannot run: an operator removes it.
-        log.warning("the migrated source container %s stays (frozen): %s", source.label, exc)
+    with listeners_gated(source, plan, unlock):
+        freezer = Freezer.of_pid(source.root)
+        plan.note(f"thaw {freezer.control}")
+        finished = False
+        try:
+            stop_if_cancelled(plan)  # an enclave stream failed already: nothing to freeze for
+            freezer.freeze()
+            checkpoint()
+            if freezer.state() != "FROZEN":
+                raise ContainerError(f"{source.label} was thawed during its checkpoint")
+            stop_if_cancelled(plan)
+            on_dumped()
+            finished = True
+        finally:
+            if not finished:
+                give_back(source, freezer, plan, unlock)
+        end_frozen(source, freezer, remove)

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..criu import log_excerpt
 from .base import ContainerError
-from .command import run_engine
+from .command import json_object, run_engine
 
 __all__ = ["Runc"]
 
@@ -39,11 +39,7 @@ class Runc:
         code, out, _ = run_engine(self.argv("state", cid), what="runc state", check=False)
         if code != 0:
             return None
-        try:
-            value = json.loads(out)
-        except ValueError as exc:
-            raise ContainerError(f"runc state {cid}: not JSON") from exc
-        return value if isinstance(value, dict) else None
+        return json_object(out, f"runc state {cid}")
 
     def run(self, cid: str, bundle: Path) -> None:
         """Create and start a container, detached, with its stdio on /dev/null."""

@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import Final
 
 from ..criu import log_excerpt
-from ..errors import MigSGXError
+from ..system.process import children
 from .base import ContainerError, DumpPlan, Source
 from .cgroups import Freezer
-from .frozen import kill_frozen, resume_frozen, stop_if_cancelled
-from .gate import ListenerGate
+from .frozen import end_frozen, give_back, listeners_gated, resume_frozen, stop_if_cancelled
 from .postcopy import check_pipe_max_size
 
 __all__ = ["LazyCheckpoint", "dump_lazy", "free_port"]
@@ -132,7 +131,7 @@ class LazyCheckpoint:
 
         if self.proc.poll() is not None:
             return []
-        return [*_children(self.proc.pid), self.proc.pid]
+        return [*children(self.proc.pid), self.proc.pid]
 
     def stop(self) -> None:
         """End the serving now: CRIU first (it lets go of the tree), then runc."""
@@ -159,14 +158,6 @@ class LazyCheckpoint:
                 self.config.unlink()
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
 def dump_lazy(
     source: Source,
     plan: DumpPlan,
@@ -187,74 +178,43 @@ def dump_lazy(
     """
 
     check_pipe_max_size()
-    gate: ListenerGate | None = None
-    if unlock is None:  # (as dump_frozen: no connection half made when CRIU looks)
-        gate = ListenerGate.of_tree(source.root)
-        if gate.ports:
-            plan.note(gate.note())
-            gate.close()
-    try:
-        _dump_lazy(source, plan, on_dumped, start, copy_files, remove, unlock)
-    finally:
-        if gate is not None:
-            with contextlib.suppress(MigSGXError):
-                gate.open()
+    with listeners_gated(source, plan, unlock):  # (as dump_frozen)
+        freezer = Freezer.of_pid(source.root)
+        plan.note(f"thaw {freezer.control}")
+        running: LazyCheckpoint | None = None
+        handed = False
+        try:
+            stop_if_cancelled(plan)  # an enclave stream failed already: nothing to freeze for
+            freezer.freeze()
+            running = start()
+            plan.note("criu " + " ".join(map(str, running.pids())))
+            running.wait_ready()
+            # (CRIU thawed the cgroup once it held every task; it freezes it again when it
+            # lets go after the last page.  Meanwhile the engine's fence stops the tasks.)
+            copy_files()
+            settled = threading.Lock()
 
-
-def _dump_lazy(
-    source: Source,
-    plan: DumpPlan,
-    on_dumped: Callable[[], None],
-    start: Callable[[], LazyCheckpoint],
-    copy_files: Callable[[], None],
-    remove: Callable[[], object],
-    unlock: Callable[[], object] | None,
-) -> None:
-    freezer = Freezer.of_pid(source.root)
-    plan.note(f"thaw {freezer.control}")
-    running: LazyCheckpoint | None = None
-    handed = False
-    try:
-        stop_if_cancelled(plan)  # an enclave stream failed already: nothing to freeze for
-        freezer.freeze()
-        running = start()
-        plan.note("criu " + " ".join(map(str, running.pids())))
-        running.wait_ready()
-        # (CRIU thawed the cgroup once it held every task; it freezes it again when it
-        # lets go after the last page.  Meanwhile the engine's fence stops the tasks.)
-        copy_files()
-        settled = threading.Lock()
-
-        def settle(committed: bool) -> None:
-            if not settled.acquire(blocking=False):
-                return  # once
-            assert running is not None
-            running.stop()  # (after the last page it has ended already)
-            if committed:
-                try:
-                    kill_frozen(source.root, freezer)
-                    remove()
-                except MigSGXError as exc:
-                    log.warning("the migrated source %s stays (frozen): %s", source.label, exc)
-                return
-            resume_frozen(source.root, freezer)
-            if unlock is not None:
-                unlock()
-
-        plan.settle = settle
-        plan.lazy_pids = running.pids
-        on_dumped()
-        handed = True
-    finally:
-        if not handed:
-            plan.settle = None
-            if running is not None:
-                running.stop()
-            if plan.may_resume():
-                with contextlib.suppress(MigSGXError):
-                    resume_frozen(source.root, freezer)
+            def settle(committed: bool) -> None:
+                if not settled.acquire(blocking=False):
+                    return  # once
+                assert running is not None
+                running.stop()  # (after the last page it has ended already)
+                if committed:
+                    end_frozen(source, freezer, remove)
+                    return
+                resume_frozen(source.root, freezer)
                 if unlock is not None:
-                    with contextlib.suppress(MigSGXError):
-                        unlock()
-    assert running is not None
-    running.wait()
+                    unlock()
+
+            plan.settle = settle
+            plan.lazy_pids = running.pids
+            on_dumped()
+            handed = True
+        finally:
+            if not handed:
+                plan.settle = None
+                if running is not None:
+                    running.stop()
+                give_back(source, freezer, plan, unlock)
+        assert running is not None
+        running.wait()

@@ -65,6 +65,7 @@ from .ring import RingPeerGoneError, RingRole, ShmRing, send_ring_fds
 from .transport import (
     PeerWatch,
     Staging,
+    context_switches,
     keep_alive,
     ring_to_socket,
     socket_to_ring,
@@ -443,6 +444,8 @@ class OutgoingEnclave:
         peer = self.peer
         t0, t_launch, t_hs = self._times
         t_freeze = time.monotonic()  # after an early handshake, the freeze came in between
+        c_freeze = time.process_time()
+        s_freeze = context_switches()
         try:
             ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
             try:
@@ -450,6 +453,7 @@ class OutgoingEnclave:
                 if self._mode == "pipelined":
                     dump = dump_watched(self.link, ring, peer, self.chunk_size)
                     t_dumped = t_sent = time.monotonic()
+                    c_dumped = c_sent = time.process_time()
                 else:
                     staging = Staging.for_state(self.info.memory_size, self.chunk_size, TAG_SIZE)
                     try:
@@ -459,8 +463,10 @@ class OutgoingEnclave:
                         dump = _call_beside(self.link, drainer, "__mig_dump", self.chunk_size)
                         drainer.join()
                         t_dumped = time.monotonic()
+                        c_dumped = time.process_time()
                         staging.send(peer)
                         t_sent = time.monotonic()
+                        c_sent = time.process_time()
                     finally:
                         staging.close()
             finally:
@@ -473,6 +479,8 @@ class OutgoingEnclave:
             self._abort_quietly(f"{type(exc).__name__}: {exc}")
             raise
         t_end = time.monotonic()
+        c_end = time.process_time()
+        s_end = context_switches()
         self.stats = {
             "mode": self._mode,
             "chunk_bytes": self.chunk_size,
@@ -486,6 +494,14 @@ class OutgoingEnclave:
             "load_wait_seconds": t_end - t_sent,
             "transfer_seconds": t_end - t_freeze,
             "enclave_cpu_seconds": dump.get("cpu_seconds", 0.0),
+            # This (driver) process's CPU seconds in each phase since the freeze.
+            "driver_cpu": {
+                "dump": c_dumped - c_freeze,
+                "send": c_sent - c_dumped,
+                "load_wait": c_end - c_sent,
+            },
+            "driver_switches": s_end - s_freeze,
+            "enclave_switches": dump.get("switches", 0),
             "destination": loaded["stats"],
             # Absolute CLOCK_MONOTONIC times (one clock per host), per process.
             "timeline": {
@@ -634,6 +650,8 @@ class IncomingEnclave:
                     break
             self.migration_id = bytes(reply.get("migration_id") or b"")
             t_hs = time.monotonic()
+            c_hs = c_recv = time.process_time()
+            s_hs = context_switches()
             chunk = offer["chunk_size"]
             if offer["mode"] == "live":
                 self.stats["rounds"] = self._receive_rounds(peer, offer)
@@ -654,6 +672,7 @@ class IncomingEnclave:
                     try:
                         staging.receive(peer, _slot_size(chunk))
                         t_recv = time.monotonic()
+                        c_recv = time.process_time()
                         filler = _Worker(
                             lambda: staging.fill(ring, RING_TIMEOUT), "migsgx-fill", ring
                         )
@@ -676,6 +695,8 @@ class IncomingEnclave:
                              "frame": b""})  # fmt: skip
             raise
         t_end = time.monotonic()
+        c_end = time.process_time()
+        s_end = context_switches()
         self.stats = {
             **self.stats,
             "launch_seconds": t_launch - t0,
@@ -687,6 +708,10 @@ class IncomingEnclave:
             "verify_seconds": result.get("verify_seconds", 0.0),
             "repair": result.get("repair_figures"),
             "enclave_cpu_seconds": result.get("cpu_seconds", 0.0),
+            # This (driver) process's CPU seconds in each phase after the handshake.
+            "driver_cpu": {"receive": c_recv - c_hs, "load": c_end - c_recv},
+            "driver_switches": s_end - s_hs,
+            "enclave_switches": result.get("switches", 0),
             "timeline": {
                 "destination_driver": {
                     "launch": [t0, t_launch], "handshake": [t_launch, t_hs],

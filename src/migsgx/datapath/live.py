@@ -126,18 +126,7 @@ class LiveOutgoingEnclave(OutgoingEnclave):
     def _round(self, peer: socket.socket) -> dict[str, Any]:
         number = len(self.rounds)
         _send(peer, {"t": "round", "number": number})
-        ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
-        try:
-            self.link.give_ring(ring)
-            mover = _Worker(lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT),
-                            "migsgx-send", ring)  # fmt: skip
-            figures: dict[str, Any] = _call_beside(self.link, mover, "__mig_round", self.chunk_size)
-            try:
-                mover.join()
-            except OSError as exc:
-                raise MigrationError(f"the peer connection failed: {exc}") from exc
-        finally:
-            ring.close()
+        figures = self._sent_beside(peer, "__mig_round", self.chunk_size)
         done = _recv(peer, "round_done")
         figures["destination"] = done["stats"]
         bw = figures["bytes"] / max(figures["seconds"], 1e-6)
@@ -155,14 +144,19 @@ class LiveOutgoingEnclave(OutgoingEnclave):
         the destination checks every tag again.
         """
 
+        return self._sent_beside(peer, "__mig_repair", segments, self.chunk_size)
+
+    def _sent_beside(self, peer: socket.socket, name: str, *args: Any) -> dict[str, Any]:
+        """The enclave's ``name`` call fills a ring of its own while a worker sends the
+        ring's slots to ``peer``; the call's figures once both are done (a round or
+        a repair: each ends its ring with a final slot)."""
+
         ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
         try:
             self.link.give_ring(ring)
             mover = _Worker(lambda: ring_to_socket(ring, peer, timeout=RING_TIMEOUT),
                             "migsgx-send", ring)  # fmt: skip
-            figures: dict[str, Any] = _call_beside(
-                self.link, mover, "__mig_repair", segments, self.chunk_size
-            )
+            figures: dict[str, Any] = _call_beside(self.link, mover, name, *args)
             try:
                 mover.join()
             except OSError as exc:

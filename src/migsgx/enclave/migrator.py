@@ -44,7 +44,7 @@ from ..core.policy import MigrationPolicy, PolicyMode
 from ..core.rounds import digest_key
 from ..core.stream import TAG_SIZE, Manifest, Section, StreamChannel, StreamSealer
 from ..datapath.ring import RingRole, ShmRing, recv_ring_fds
-from ..datapath.transport import ChunkWriter, SlotReader, fill_ring
+from ..datapath.transport import ChunkWriter, SlotReader, context_switches, fill_ring
 from ..errors import (
     AwaitingDecisionError,
     CheckpointGateError,
@@ -304,6 +304,7 @@ class Migrator:
             raise ProtocolError(f"chunk size must be at least {MIN_CHUNK} and fit a ring slot")
         t0 = time.monotonic()
         cpu0 = time.process_time()
+        switches0 = context_switches()
         # From here on the dump's driver is the one on the application's connection:
         # a side channel that ran the handshake may close without aborting it.
         self.dumping = True
@@ -362,6 +363,7 @@ class Migrator:
             "quiesce_seconds": t_quiesced - t0,
             "dump_seconds": t_end - t_quiesced,
             "cpu_seconds": time.process_time() - cpu0,  # the enclave process, every thread
+            "switches": context_switches() - switches0,
             # CLOCK_MONOTONIC is one clock for every process of the host: the
             # untrusted side lays these beside its own phases.
             "timeline": {
@@ -444,6 +446,7 @@ class Migrator:
         if self.rounds_in is not None:
             return self._load_live(t0)
         cpu0 = time.process_time()
+        switches0 = context_switches()
         reader = SlotReader(ring, timeout=RING_TIMEOUT)
 
         def open_stream(expect: str | Section, sink: memoryview) -> int:
@@ -504,6 +507,7 @@ class Migrator:
             "memory_bytes": memory_section.length,
             "load_seconds": t_end - t0,
             "cpu_seconds": time.process_time() - cpu0,
+            "switches": context_switches() - switches0,
             "timeline": {"open": [t0, t_end]},
         }
 

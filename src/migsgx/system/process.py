@@ -34,6 +34,7 @@ from typing import Final, TypeVar
 from ..errors import MigrationError
 
 __all__ = [
+    "children",
     "continue_tree",
     "describe_tree",
     "is_pidns_init",
@@ -50,7 +51,10 @@ T = TypeVar("T")
 
 
 # --- process trees -------------------------------------------------------------------
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The children of every thread of ``pid`` (a child forked by another thread than
+    the main one is listed under that thread only); none once it is gone."""
+
     out: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -77,7 +81,7 @@ def tree_pids(root: int) -> list[int]:
             continue
         seen.add(pid)
         order.append(pid)
-        pending.extend(_children(pid))
+        pending.extend(children(pid))
     return order
 
 

@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -49,7 +50,7 @@ from ..containers import ContainerApp, ContainerLab
 from ..testbed import Testbed
 from .figures import children_cpu, cpu_seconds, loadavg, machine_state, summarize
 from .pages import PageServerOn, copy_images, image_bytes
-from .process import MODEL_COLS, enclave_cpu, migration_figures
+from .process import MODEL_COLS, enclave_cpu, migration_figures, model_rows
 
 __all__ = ["run"]
 
@@ -88,7 +89,7 @@ def _migsgx(
     args: tuple[str, ...] = (),
     ordinary: int = 0,
 ) -> dict[str, Any]:
-    rows = max(1, size // (MODEL_COLS * 4))
+    rows = model_rows(size)
     agent = bed.start_agent()
     app = lab.start_app(engine, "model", ["--rows", str(rows), "--cols", str(MODEL_COLS),
                                           "--ordinary-mib", str(ordinary >> 20)])  # fmt: skip
@@ -128,6 +129,21 @@ def _plain(lab: ContainerLab, engine: str, size: int) -> tuple[ContainerApp, str
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def _restored(lab: ContainerLab, app: ContainerApp, digest: str, *scratch: Path) -> Iterator[None]:
+    """The plain container's memory is the same on the destination (else an error); after
+    the block, whatever happens, the container and the ``scratch`` directories go."""
+
+    try:
+        if lab.ask(app, "DIGEST", at="dst") != digest:
+            raise MigSGXError("the plain container's memory differs after the restore")
+        yield
+    finally:
+        lab.remove(app)
+        for path in scratch:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _runc_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict[str, Any]:
     app, digest = _plain(lab, "runc", size)
     dst = bed.host("dst")
@@ -164,14 +180,8 @@ def _runc_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict[s
         cpu = children_cpu() - cpu0
     finally:
         shutil.rmtree(dump_dir, ignore_errors=True)
-    try:
-        if lab.ask(app, "DIGEST", at="dst") != digest:
-            raise MigSGXError("the plain container's memory differs after the restore")
+    with _restored(lab, app, digest, images, bundle):
         page_bytes, other = image_bytes(images)
-    finally:
-        lab.remove(app)
-        shutil.rmtree(images, ignore_errors=True)
-        shutil.rmtree(bundle, ignore_errors=True)
     return {
         "total_seconds": t_end - t0,
         "downtime_seconds": t_end - t0,
@@ -214,12 +224,8 @@ def _podman_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> dict
         nbytes = copy.stat().st_size
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        if lab.ask(app, "DIGEST", at="dst") != digest:
-            raise MigSGXError("the plain container's memory differs after the restore")
-    finally:
-        lab.remove(app)
-        shutil.rmtree(moved, ignore_errors=True)
+    with _restored(lab, app, digest, moved):
+        pass  # (nothing more to take from the destination)
     return {
         "total_seconds": t_end - t0 - (t_local - t_copy),
         "downtime_seconds": t_end - t0 - (t_local - t_copy),
@@ -320,12 +326,8 @@ def _containerd_only(bed: Testbed, lab: ContainerLab, size: int, criu: Criu) -> 
     finally:
         shutil.rmtree(dump_dir, ignore_errors=True)
         _quiet_remove_image(dst, ref)
-    try:
-        if lab.ask(app, "DIGEST", at="dst") != digest:
-            raise MigSGXError("the plain container's memory differs after the restore")
-    finally:
-        lab.remove(app)
-        shutil.rmtree(moved, ignore_errors=True)
+    with _restored(lab, app, digest, moved):
+        pass  # (nothing more to take from the destination)
     removal = t_removed - t_dump
     return {
         "total_seconds": t_end - t0 - removal,
@@ -388,14 +390,7 @@ def run(
 def plot(result: dict[str, Any], path: Path) -> None:
     """Timelines of the median migsgx run and the median engine-alone run."""
 
-    from .plot import plot_timelines
+    from .plot import median_panels, plot_timelines
 
-    runs: list[dict[str, Any]] = result["runs"]
-    panels = []
-    for key, label in (("migsgx", "migsgx migrate"), ("engine_only", f"{result['engine']} alone")):
-        r = sorted(runs, key=lambda x: float(x[key]["total_seconds"]))[len(runs) // 2][key]
-        title = (f"{label}, enclave {result['enclave_size'] >> 20} MiB: total "
-                 f"{r['total_seconds']:.2f} s, downtime {r['downtime_seconds']:.2f} s "
-                 "(median run)")  # fmt: skip
-        panels.append((title, r["timeline"], r["cpu_by_process"]))
-    plot_timelines(panels, path)
+    labels = [("migsgx", "migsgx migrate"), ("engine_only", f"{result['engine']} alone")]
+    plot_timelines(median_panels(result, labels), path)

@@ -31,10 +31,10 @@ from ...errors import MigSGXError
 from ...system.process import kill_tree
 from ..testbed import Testbed
 from .figures import loadavg
+from .process import start_model
 
 __all__ = ["FIGURES", "ORDINARY_MIB", "run_pid"]
 
-COLS = 1024
 ORDINARY_MIB = 256
 SUBNET = 205
 FIGURES = (
@@ -57,14 +57,9 @@ def _info(bed: Testbed, port: int, at: str, via: str) -> dict[str, Any]:
 def one_run(bed: Testbed, size: int, rate: int) -> dict[str, Any]:
     """One ``migrate --live`` of the model app under its writer; the app is gone after."""
 
-    rows = max(1, size // (COLS * 4))
     agent = bed.start_agent()
     try:
-        app = bed.start_app(
-            "model",
-            ["--image", str(bed.image("model")), "--rows", str(rows), "--cols", str(COLS),
-             "--ordinary-mib", str(ORDINARY_MIB), "--dirty-rate", str(rate)],
-        )  # fmt: skip
+        app = start_model(bed, size, ORDINARY_MIB, "--dirty-rate", str(rate))
         time.sleep(0.5)  # the writer runs before the move
         run = bed.migrate(app.pid, agent, args=("--live",))
         if run.returncode != 0 or run.stats is None:

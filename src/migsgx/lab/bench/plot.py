@@ -13,11 +13,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["Panel", "plot_timelines"]
+__all__ = ["Panel", "median_panels", "plot_timelines"]
 
 Panel = tuple[str, Mapping[str, Mapping[str, Sequence[float]]], Mapping[str, float]]
 """``(title, {process: {phase: [start, end]}}, {process: cpu_seconds})``."""
+
+
+def median_panels(result: Mapping[str, Any], modes: Sequence[tuple[str, str]]) -> list[Panel]:
+    """One panel a mode ``(key, label)``: the run of ``result["runs"]`` with the median
+    total time in that mode (a run of each mode is one migration, timed whole)."""
+
+    runs: list[dict[str, Any]] = result["runs"]
+    panels: list[Panel] = []
+    for key, label in modes:
+        r = sorted(runs, key=lambda x: float(x[key]["total_seconds"]))[len(runs) // 2][key]
+        title = (f"{label}, enclave {result['enclave_size'] >> 20} MiB: total "
+                 f"{r['total_seconds']:.2f} s, downtime {r['downtime_seconds']:.2f} s "
+                 "(median run)")  # fmt: skip
+        panels.append((title, r["timeline"], r["cpu_by_process"]))
+    return panels
 
 
 def plot_timelines(panels: Sequence[Panel], path: Path | str) -> None:

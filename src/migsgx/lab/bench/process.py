@@ -36,7 +36,7 @@ from ...agent.tls import AgentIdentity
 from ...criu import Criu, InNetns, InTaskNamespaces
 from ...errors import ConfigError, MigSGXError
 from ...system.process import kill_tree, tree_pids
-from ..testbed import Testbed
+from ..testbed import START_TIMEOUT, AppProcess, Testbed
 from .figures import children_cpu, cpu_seconds, loadavg, machine_state, shift_timeline, summarize
 from .pages import PageServerOn, copy_images, image_bytes
 
@@ -63,16 +63,31 @@ while True:
 """
 
 
+def model_rows(size: int) -> int:
+    """The rows of float32 weights, :data:`MODEL_COLS` wide, that fill SIZE bytes."""
+
+    return max(1, size // (MODEL_COLS * 4))
+
+
+def start_model(
+    bed: Testbed, size: int, ordinary_mib: int, *args: str, timeout: float = START_TIMEOUT
+) -> AppProcess:
+    """The example ``model`` app on host ``src``: SIZE of enclave weights, ``ordinary_mib``
+    MiB of ordinary memory, then ``args``; ready once both are filled."""
+
+    return bed.start_app(
+        "model",
+        ["--image", str(bed.image("model")), "--rows", str(model_rows(size)),
+         "--cols", str(MODEL_COLS), "--ordinary-mib", str(ordinary_mib), *args],
+        timeout=timeout,
+    )  # fmt: skip
+
+
 def _migsgx(bed: Testbed, size: int, args: tuple[str, ...] = ()) -> dict[str, Any]:
-    rows = max(1, size // (MODEL_COLS * 4))
+    rows = model_rows(size)
     agent = bed.start_agent()
     try:
-        app = bed.start_app(
-            "model",
-            ["--image", str(bed.image("model")), "--rows", str(rows), "--cols", str(MODEL_COLS),
-             "--ordinary-mib", str(max(1, size >> 20))],
-            timeout=app_start_timeout(size),
-        )  # fmt: skip
+        app = start_model(bed, size, max(1, size >> 20), timeout=app_start_timeout(size))
         before = bed.ask("DIGEST", app.port, at="src", via="dst")
         agent_cpu = cpu_seconds(agent.proc.pid, children=True)
         agent_own = cpu_seconds(agent.proc.pid)
@@ -239,6 +254,8 @@ def one_run(
     ab_late_handshake: bool = False,
     post_copy: bool = False,
     ab_page_tls: bool = False,
+    ab_criu_nice: int = 0,
+    flip: bool = False,
 ) -> dict[str, Any]:
     """migsgx and CRIU alone back to back, with the ratios of the pair.
 
@@ -249,9 +266,18 @@ def one_run(
     (late / early).  With ``post_copy``, also ``--post-copy`` and ``--live``.
     With ``ab_page_tls``, also CRIU alone with its pages in CRIU's TLS, as
     migsgx sends them: ``criu_only_tls``, ``criu_tls_over_migsgx_total`` and
-    ``page_tls_cost`` (CRIU alone with TLS / without, paired).
+    ``page_tls_cost`` (CRIU alone with TLS / without, paired).  With
+    ``ab_criu_nice`` N (not 0), also migsgx with CRIU's dump N nicer than the
+    enclave streams (``--criu-nice N``), beside it: ``migsgx_criu_nice`` and
+    the paired ``criu_nice_total_speedup`` and ``criu_nice_downtime_speedup``
+    (default / niced: above 1, the niceness helped); with ``flip``, the niced
+    one first.
     """
 
+    niced_args = ("--criu-nice", str(ab_criu_nice))
+    # Every other run, the niced migration goes first: a load that rises or falls
+    # through the invocation then does not always favour the same arm.
+    niced_first = _migsgx(bed, size, niced_args) if ab_criu_nice and flip else None
     migsgx = _migsgx(bed, size)
     extra: dict[str, Any] = {}
     if ab_late_handshake:
@@ -263,6 +289,15 @@ def one_run(
                 late["downtime_seconds"] / migsgx["downtime_seconds"]
             ),
         }
+    if ab_criu_nice:
+        niced = niced_first or _migsgx(bed, size, niced_args)
+        extra.update(
+            migsgx_criu_nice=niced,
+            criu_nice=ab_criu_nice,
+            criu_nice_ran_first=niced_first is not None,
+            criu_nice_total_speedup=migsgx["total_seconds"] / niced["total_seconds"],
+            criu_nice_downtime_speedup=migsgx["downtime_seconds"] / niced["downtime_seconds"],
+        )
     plain = criu_only(bed, 2 * size)
     if ab_page_tls:
         tls = criu_only(bed, 2 * size, page_tls=True)
@@ -300,6 +335,7 @@ def run(
     ab_late_handshake: bool = False,
     post_copy: bool = False,
     ab_page_tls: bool = False,
+    ab_criu_nice: int = 0,
 ) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
@@ -310,8 +346,12 @@ def run(
     runs = []
     try:
         with Testbed(root, subnet=subnet) as bed:
-            for _ in range(repeat):
-                runs.append(one_run(bed, size, ab_late_handshake, post_copy, ab_page_tls))
+            for i in range(repeat):
+                one = one_run(
+                    bed, size, ab_late_handshake, post_copy, ab_page_tls, ab_criu_nice,
+                    flip=i % 2 == 1,
+                )  # fmt: skip
+                runs.append(one)
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -323,17 +363,9 @@ def run(
 def plot(result: dict[str, Any], path: Path) -> None:
     """Timelines of the median migsgx run and the median CRIU-alone run."""
 
-    from .plot import plot_timelines
+    from .plot import median_panels, plot_timelines
 
-    runs: list[dict[str, Any]] = result["runs"]
-    panels = []
     labels = [("migsgx", "migsgx migrate"), ("criu_only", "CRIU alone")]
-    if "criu_only_tls" in runs[0]:
+    if "criu_only_tls" in result["runs"][0]:
         labels.append(("criu_only_tls", "CRIU alone, pages in TLS"))
-    for key, label in labels:
-        r = sorted(runs, key=lambda x: float(x[key]["total_seconds"]))[len(runs) // 2][key]
-        title = (f"{label}, enclave {result['enclave_size'] >> 20} MiB: total "
-                 f"{r['total_seconds']:.2f} s, downtime {r['downtime_seconds']:.2f} s "
-                 "(median run)")  # fmt: skip
-        panels.append((title, r["timeline"], r["cpu_by_process"]))
-    plot_timelines(panels, path)
+    plot_timelines(median_panels(result, labels), path)

@@ -48,7 +48,9 @@ from ...limits import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK
 from ...limits import DEFAULT_SLOTS
 from .. import memstat
 from ..hosts import Deployment, running_services
+from .bound import pipeline_bound, process_cpu, process_switches, stage_cpu
 from .figures import cpu_seconds, loadavg, machine_state, shift_timeline, summarize
+from .sched import set_policy
 
 PAGE = 4096
 ENCLAVES = ("source_enclave", "destination_enclave")
@@ -109,17 +111,22 @@ def migrate_once(
     mode: str,
     *,
     prefault: bool = False,
+    policy: str = "",
 ) -> dict[str, Any]:
     with workers() as live:
         src = Worker("source", {"image": str(image), "socket": str(sock_a), "size": size})
         live.append(src)
         pidfile = Path(tempfile.mkdtemp(prefix="migsgx-bench-pid-")) / "destination-enclave"
         dst = Worker("dest", {"socket": str(sock_b), "prefault": prefault,
-                              "pidfile": str(pidfile)})  # fmt: skip
+                              "pidfile": str(pidfile), "policy": policy})  # fmt: skip
         live.append(dst)
         ready = src.answer()
         port = dst.answer()["port"]
         src_enclave = ready["enclave_pid"]
+        if policy:
+            # (A/B) every process of the migration; the destination enclave at its launch.
+            for pid in (src.proc.pid, src_enclave, dst.proc.pid):
+                set_policy(pid, policy)
         window = memstat.PeakWindow.start([src.proc.pid, src_enclave, dst.proc.pid])
         shared = memstat.SharedSampler([src.proc.pid, src_enclave, dst.proc.pid],
                                        discover=partial(_pid_in, pidfile))  # fmt: skip
@@ -175,17 +182,26 @@ def migrate_once(
             "destination_enclave": code["destination_enclave"],
         }
         stats = dict(loaded["stats"])
+        switches = process_switches(stats)
         raw_timeline = dict(stats.pop("timeline", {}))
         raw_timeline.update(stats.get("destination", {}).pop("timeline", {}))
-        raw_timeline.setdefault("source_driver", {})["commit"] = done["commit"]
+        raw_timeline.setdefault("source_driver", {}).update(
+            commit=done["commit"], release=done["release"]
+        )
         return {
             # From the source's freeze (quiesce, dump) to the destination running
-            # (LOADED verified, COMMIT delivered): the stop-and-copy of the state.
-            "seconds": stats["transfer_seconds"] + done["commit_seconds"],
+            # (LOADED verified, COMMIT delivered and confirmed ``active``): the
+            # stop-and-copy of the state.  The source's release (its wipe) follows,
+            # while the destination already runs: ``seconds_to_release`` includes it.
+            "seconds": stats["transfer_seconds"] + done["active_seconds"],
+            "seconds_to_release": stats["transfer_seconds"] + done["commit_seconds"],
             # Everything, including the destination enclave's launch and the
             # attested handshake, which happen while the source still serves.
             "total_seconds": done["seconds"],
             "transfer_seconds": stats["transfer_seconds"],
+            # From LOADED: decide, deliver and the source's release (its wipe).
+            "commit_seconds": done["commit_seconds"],
+            "active_seconds": done["active_seconds"],
             # Shared pages by their share (Pss): the memory the machine gave up.
             "peak_extra_bytes": sum(per_process.values()),
             "peak_extra_by_process": per_process,
@@ -198,6 +214,12 @@ def migrate_once(
             "code_faulted_by_process": code_by_process,
             "cpu_seconds": sum(cpu.values()),
             "cpu_by_process": cpu,
+            # The frozen window's alone (freeze to LOADED), by process and by stage.
+            "window_cpu_by_process": process_cpu(stats),
+            "window_cpu_by_stage": stage_cpu(stats),
+            # How often each process slept and woke (or was preempted) in that window.
+            "window_switches_by_process": switches,
+            "switches_per_chunk": sum(switches.values()) / max(1, -(-size // chunk)),
             # Of the destination enclave's, what its launch took (before the handshake).
             "destination_enclave_launch_cpu_seconds": float(dst_loaded["enclave_launch_cpu"]),
             "phases": stats,
@@ -256,31 +278,66 @@ def aes_gcm_speed(chunk: int, total: int = 256 << 20) -> float:
 
 
 def one_run(
-    image: Path, sock_a: Path, sock_b: Path, size: int, chunk: int, slots: int, ab_prefault: bool
+    image: Path,
+    sock_a: Path,
+    sock_b: Path,
+    size: int,
+    chunk: int,
+    slots: int,
+    ab_prefault: bool,
+    ab_policy: str = "",
+    flip: bool = False,
 ) -> dict[str, Any]:
     """Pipelined, sequential and raw transport side by side, with their ratios.
 
     With ``ab_prefault``, also a pipelined run whose destination faults its
-    memory in beside the load (off by default), right after the pipelined one
+    memory in beside the load (off by default), next to the pipelined one
     (A/B): ``pipelined_with_prefault``, ``prefault_speedup`` = seconds without /
-    with.
+    with.  With ``ab_policy``, also a pipelined run with every process under
+    that scheduling policy: ``pipelined_POLICY``, ``POLICY_speedup`` and
+    ``POLICY_cpu_ratio`` (frozen-window CPU with / without).  The variants run
+    after the plain pipelined run, or before it with ``flip`` (every other run:
+    a load that drifts through the invocation then favours neither side).
     """
 
     extra: dict[str, Any] = {}
-    pipelined = migrate_once(image, sock_a, sock_b, size, chunk, slots, "pipelined")
+    once = partial(migrate_once, image, sock_a, sock_b, size, chunk, slots, "pipelined")
+    variants: list[tuple[str, dict[str, Any]]] = []
     if ab_prefault:
-        with_it = migrate_once(image, sock_a, sock_b, size, chunk, slots, "pipelined",
-                               prefault=True)  # fmt: skip
-        extra["pipelined_with_prefault"] = with_it
-        extra["prefault_speedup"] = pipelined["seconds"] / with_it["seconds"]
+        variants.append(("pipelined_with_prefault", {"prefault": True}))
+    if ab_policy:
+        variants.append((f"pipelined_{ab_policy}", {"policy": ab_policy}))
+    if flip:
+        extra.update((name, once(**kw)) for name, kw in variants)
+    pipelined = once()
+    if not flip:
+        extra.update((name, once(**kw)) for name, kw in variants)
+    plain_cpu = sum(pipelined["window_cpu_by_process"].values())
+    if ab_prefault:
+        extra["prefault_speedup"] = (
+            pipelined["seconds"] / extra["pipelined_with_prefault"]["seconds"]
+        )
+    if ab_policy:
+        with_it = extra[f"pipelined_{ab_policy}"]
+        extra[f"{ab_policy}_speedup"] = pipelined["seconds"] / with_it["seconds"]
+        extra[f"{ab_policy}_cpu_ratio"] = sum(with_it["window_cpu_by_process"].values()) / plain_cpu
+    if variants:
+        extra["variants_first"] = flip
     sequential = migrate_once(image, sock_a, sock_b, size, chunk, slots, "sequential")
     raw = raw_transport(size, chunk, slots)
+    bound = pipeline_bound(pipelined, sequential, len(os.sched_getaffinity(0)))
     by_process = pipelined["peak_extra_by_process"]
     return {
         "pipelined": pipelined,
         "sequential": sequential,
         "raw_transport_bytes_per_s": raw,
         "sequential_over_pipelined": sequential["seconds"] / pipelined["seconds"],
+        # The same up to the source's release (its wipe of the enclave's memory).
+        "sequential_over_pipelined_to_release": (
+            sequential["seconds_to_release"] / pipelined["seconds_to_release"]
+        ),
+        # What the cores allow, from this pair's CPU (migsgx.lab.bench.bound).
+        "bound": bound,
         "pipelined_bytes_per_s": size / pipelined["transfer_seconds"],
         "pipelined_share_of_raw": size / pipelined["transfer_seconds"] / raw,
         "peak_extra_share": pipelined["peak_extra_bytes"] / size,
@@ -299,6 +356,7 @@ def run(
     *,
     repeat: int = 3,
     ab_prefault: bool = False,
+    ab_policy: str = "",
 ) -> dict[str, Any]:
     """``repeat`` paired runs in one invocation: medians on top, ``runs``, ``spread``."""
 
@@ -317,10 +375,10 @@ def run(
         dep = Deployment.create(Path(tmp), names=["a", "b"])
         image = dep.signed_image("model")
         with running_services(dep.hosts) as (host_a, host_b):
-            for _ in range(repeat):
-                runs.append(
-                    one_run(image, host_a.socket, host_b.socket, size, chunk, slots, ab_prefault)
-                )
+            for i in range(repeat):
+                one = one_run(image, host_a.socket, host_b.socket, size, chunk, slots,
+                              ab_prefault, ab_policy, flip=i % 2 == 1)  # fmt: skip
+                runs.append(one)
     result = summarize(runs)
     result.update(
         enclave_bytes=size,

@@ -31,6 +31,7 @@ from ...enclave.memory import EnclaveMemory
 from ...host.client import EnclaveClient
 from .. import memstat
 from .figures import cpu_seconds
+from .sched import set_policy
 
 COLS = 1024
 
@@ -74,10 +75,16 @@ def source(args: dict[str, Any]) -> None:
     say(loaded=True, stats=stats)
     hear()  # commit
     t_commit = time.monotonic()
-    out.commit()
+    # out.commit(), in its steps: the destination runs once the token was delivered;
+    # the source's release (its wipe) comes after.
+    out.decide()
+    out.deliver()
+    t_active = time.monotonic()
+    out.release()
     t1 = time.monotonic()
     say(done=True, seconds=t1 - t0 - (t_commit - t_loaded), loaded_seconds=t_loaded - t0,
-        commit_seconds=t1 - t_commit, commit=[t_commit, t1])  # fmt: skip
+        commit_seconds=t1 - t_commit, active_seconds=t_active - t_commit,
+        commit=[t_commit, t_active], release=[t_active, t1])  # fmt: skip
     hear()
 
 
@@ -90,10 +97,11 @@ class _RestAtLaunch(threading.Thread):
     Its pid and shared pages at rest then go to ``pidfile``, where the benchmark finds them.
     """
 
-    def __init__(self, incoming: IncomingEnclave, pidfile: str = "") -> None:
+    def __init__(self, incoming: IncomingEnclave, pidfile: str = "", policy: str = "") -> None:
         super().__init__(name="bench-dest-rest", daemon=True)
         self.incoming = incoming
         self.pidfile = pidfile
+        self.policy = policy
         self.stop = threading.Event()
         self.rest: dict[str, int] = {}
         self.launch_cpu = 0.0
@@ -108,6 +116,8 @@ class _RestAtLaunch(threading.Thread):
         self.rest = {"pid": info.pid, "rss": window.rest[info.pid],
                      "file": window.files[info.pid]}  # fmt: skip
         self.launch_cpu = cpu_seconds(info.pid)
+        if self.policy:
+            set_policy(info.pid, self.policy)  # (A/B) before the load starts
         if self.pidfile:
             # For the benchmark's sampler of shared pages (which runs elsewhere:
             # it allocates as it reads, and this process is measured), with the
@@ -124,7 +134,7 @@ def dest(args: dict[str, Any]) -> None:
     conn, _ = listener.accept()
     incoming, offer = IncomingEnclave.accept_offer(conn, args["socket"])
     incoming.prefault = bool(args.get("prefault", False))
-    watcher = _RestAtLaunch(incoming, args.get("pidfile", ""))
+    watcher = _RestAtLaunch(incoming, args.get("pidfile", ""), args.get("policy", ""))
     watcher.start()
     try:
         stats = incoming.receive(conn, offer)
