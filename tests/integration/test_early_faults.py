@@ -98,15 +98,16 @@ EXPECT: dict[tuple[str, str], str] = {
     ("transfer", "data connection stall"): "moved",
 }
 
+#: The bug the cells below find, not fixed yet (``tool.ring-handover:kill`` reproduces it).
+RING_HANDOVER_BUG = (
+    "the tool dies between an enclave's __mig_ring frame and its descriptors: the enclave "
+    "aborts on its side channel's end, then finds a bad frame on its connection and exits; "
+    "the guardian's ABORT gets no answer, the guardian takes the silence for a commit and "
+    "never resumes the source (docs/migration.md)"
+)
+
 #: Cells that find a bug not fixed yet: they stay in the table, skipped with the reason.
-KNOWN_BUGS = {
-    ("dump", "kill -9 tool"): (
-        "the tool dies while its enclave threads hand the ring over (after the __mig_ring "
-        "frame, before its descriptors): the enclave's hand-over read takes the guardian's "
-        "ABORT frame, no answer comes, the guardian takes the silence for a commit and never "
-        "resumes the source (1 in 3 runs at load 11; docs/migration.md)"
-    ),
-}
+KNOWN_BUGS = {("dump", "kill -9 tool"): RING_HANDOVER_BUG}
 
 TOOL_CELLS = [
     pytest.param(
@@ -184,6 +185,22 @@ def test_fault_on_the_destination_host(
     judge(bed, figures, f"{step} x {column}", run, "stayed", app, digest, None, agent_log)
 
 
+@pytest.mark.skip(reason=RING_HANDOVER_BUG)
+def test_tool_killed_while_it_hands_the_ring_over(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """The tool dies between an enclave's ``__mig_ring`` frame and its descriptors.
+
+    The deterministic form of "dump x kill -9 tool", which hits this moment in
+    about one run of three under load.  Fails today (the source never runs
+    again): skipped with the bug until it is fixed.
+    """
+
+    app, digest = loaded_app(bed)
+    run = migrate_with(bed, app, agent, "tool.ring-handover:kill")
+    judge(bed, figures, "dump x kill -9 tool during the ring hand-over", run, "stayed", app, digest)
+
+
 def test_corrupted_byte_in_the_handshake(
     bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
 ) -> None:
@@ -209,7 +226,7 @@ def judge(
     """The checks of one cell for its expected ``outcome``, and its figures."""
 
     if outcome == "stayed":
-        expected = -9 if cell.endswith("kill -9 tool") else EXIT_MOVED_NOT
+        expected = -9 if "kill -9 tool" in cell else EXIT_MOVED_NOT
         assert run.returncode == expected, run.stderr
         t_fault = fault_time(agent_log or run.stderr, last=True)
         record_back(figures, cell, run, source_answers(bed, app, digest, run.stderr) - t_fault)

@@ -436,6 +436,9 @@ class _Migration:
             if transfer.outgoing is None:  # (live: made for the pre-copy)
                 transfer.outgoing = OutgoingEnclave(h.sock, h.info, h.image_files, **kwargs)
             transfer.outgoing.on_handshake = self._journal_enclave
+            transfer.outgoing.link.before_ring_fds = lambda: self._inject(
+                self._fault("tool.ring-handover")
+            )
             transfer.outgoing.index = position
             if transfer.outgoing.migration_id is not None:  # (live: its handshake is done)
                 self._journal_enclave(position, transfer.outgoing.migration_id)
