@@ -12,6 +12,7 @@ import hmac as std_hmac
 import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,11 +33,13 @@ from migsgx.agent.protocol import (
 from migsgx.channel import ECALL, LAUNCH, PLATFORM
 from migsgx.core.commit import open_control, seal_control
 from migsgx.core.handshake import transcript_item
+from migsgx.core.pagestream import DOWN, UP, PageFrameOpener, page_stream_key
 from migsgx.core.rounds import REPAIR_LABEL, full_digest_body, round_label
 from migsgx.core.stream import Manifest, StreamHeader, StreamOpener, StreamSealer
 from migsgx.enclave import checkpoints, persistent, sealing
 from migsgx.errors import MigSGXError
 from migsgx.host.appctl import APPCTL, check_image_files, info_from_wire
+from migsgx.sgx.counters import CounterStore, Decision
 from migsgx.sgx.sgxext import PckExtension
 from migsgx.sgx.structs import ReportBody
 from migsgx.wire import HEADER, decode_body, encode, recv_frame
@@ -413,6 +416,25 @@ def check_sgxext(case: dict[str, Any]) -> None:
         assert PckExtension.from_der(der) == ext
 
 
+def check_decisions(case: dict[str, Any]) -> None:
+    mids = {name: bytes.fromhex(h) for name, h in case["mids"].items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = CounterStore(Path(tmp) / "counters.cbor")
+        for owner, mid, kind, group, expect in case["steps"]:
+            def decide(owner: str = owner, mid: str = mid, kind: str = kind,
+                       group: str = group) -> str:  # fmt: skip
+                frame = GEN.det_bytes(f"frame {mid} {kind}", 4)
+                decision = Decision(mids[mid], kind, frame,
+                                    group=bytes.fromhex(case["groups"][group]))  # fmt: skip
+                return store.decide(owner.encode() + bytes(34), decision).kind
+
+            outcome = _outcome(decide)
+            assert outcome.get("ok", f"error:{outcome.get('error')}") == expect, (mid, kind)
+        for mid, kind in case["recorded"].items():
+            held = store.decision(mids[mid])
+            assert (held.kind if held is not None else None) == kind, mid
+
+
 def check_datalink(case: dict[str, Any]) -> None:
     key, mid = bytes.fromhex(case["key"]), bytes.fromhex(case["mid"])
     challenge, hello = bytes.fromhex(case["challenge"]), bytes.fromhex(case["hello"])
@@ -439,6 +461,41 @@ def check_datalink(case: dict[str, Any]) -> None:
         assert case["expect"]["ok"]["proof"] == mac(b"migsgx data dest").hex()
 
 
+def check_pagestream(case: dict[str, Any]) -> None:
+    data_key, session = bytes.fromhex(case["data_key"]), bytes.fromhex(case["session_id"])
+    frames = [bytes.fromhex(f) for f in case["frames"]]
+    for variant in case["variants"]:
+        direction = {"up": UP, "down": DOWN}[variant.get("direction", "up")]
+        key = page_stream_key(data_key, session, direction)
+        # The spec's formula, recomputed without the module.
+        info = b"migsgx/v1 page stream " + direction
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=session, info=info)
+        assert key == hkdf.derive(data_key)
+        sequence = [frames[int(i)] for i in variant["order"]]
+        if "flip" in variant:
+            index, offset = map(int, variant["flip"].split(":"))
+            changed = bytearray(sequence[index])
+            changed[offset] ^= 0x01
+            sequence[index] = bytes(changed)
+
+        def open_(sequence: list[bytes] = sequence, key: bytes = key) -> dict[str, Any]:
+            opener = PageFrameOpener(key)
+            plaintext = b""
+            for frame in sequence:
+                payload, _ = opener.open(frame)
+                plaintext += payload
+            opener.end()
+            return {"plaintext": plaintext.hex()}
+
+        assert _outcome(open_) == variant["expect"], variant["name"]
+        if "ok" in variant["expect"]:
+            for i, frame in enumerate(sequence):
+                last = b"\x01" if i == len(sequence) - 1 else b"\x00"
+                assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+                # raises unless sealed as the spec says
+                AESGCM(key).decrypt(i.to_bytes(11, "big") + last, frame[4:], frame[:4])
+
+
 CHECKS = {
     "sgxext": check_sgxext,
     "stream": check_stream,
@@ -454,6 +511,8 @@ CHECKS = {
     "agent": check_agent,
     "appctl": check_appctl,
     "datalink": check_datalink,
+    "pagestream": check_pagestream,
+    "decisions": check_decisions,
 }
 
 

@@ -95,6 +95,7 @@ PLATFORM = Schema(
             "mid": bytes,
             "kind": str,
             "frame": bytes,
+            "group": bytes,  # the migration's group id (16 bytes), or empty
             "changes": list,
         },
         # several ps_update bodies (each with its "name"), applied as one atomic write

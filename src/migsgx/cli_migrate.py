@@ -259,6 +259,9 @@ def recover_command(
 @click.option("--max-rounds", type=int, default=30, show_default=True, help="--live: round limit")
 @click.option("--early-handshake/--late-handshake", default=True, show_default=True,
               help="destination enclaves launch, attest before the freeze or in it")  # fmt: skip
+@click.option("--page-relay/--page-criu-tls", default=True, show_default=True,
+              help="a process's pages: sealed frames relayed by the agents (fast), or in "
+              "CRIU's own TLS (slower; for comparison)")  # fmt: skip
 @click.option("--criu-nice", type=click.IntRange(-19, 19), default=0, show_default=True,
               help="run CRIU's dump this much nicer than the enclave streams beside it "
               "(negative: CRIU first)")  # fmt: skip
@@ -284,6 +287,7 @@ def migrate_command(
     downtime_target: float,
     max_rounds: int,
     early_handshake: bool,
+    page_relay: bool,
     criu_nice: int,
 ) -> None:
     """Migrate process PID, or a container, with its enclaves to the agent at --to.
@@ -343,6 +347,7 @@ def migrate_command(
         shell_job=shell_job,
         progress=progress,
         early_handshake=early_handshake,
+        page_relay=page_relay,
         criu_nice=criu_nice,
     )
     if live:
@@ -411,7 +416,8 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
               help="also migrate with --post-copy and with --live (pre-copy, "
               "then post-copy): their downtime and window")  # fmt: skip
 @click.option("--ab-page-tls", is_flag=True,
-              help="A/B: each run also CRIU alone with its pages in CRIU's TLS")  # fmt: skip
+              help="A/B: each run also CRIU alone, and migsgx, with the pages in "
+              "CRIU's TLS (migsgx's old page path)")  # fmt: skip
 @click.option("--ab-criu-nice", type=click.IntRange(-19, 19), default=0,
               help="A/B: each run also migsgx with --criu-nice N")  # fmt: skip
 def bench_process(
@@ -444,12 +450,12 @@ def bench_process(
         _emit(result)
         return
     lazy = ["migsgx_post_copy", "migsgx_live"] if post_copy else []
-    tls = ["criu_only_tls"] if ab_page_tls else []
+    tls = ["criu_only_tls", "migsgx_criu_tls"] if ab_page_tls else []
     for name in ("migsgx", "criu_only", *tls, *lazy):
         r = result[name]
         window = r.get("post_copy_window_seconds")
         click.echo(
-            f"{name:9}: total {r['total_seconds']:.3f} s, downtime {r['downtime_seconds']:.3f} s, "
+            f"{name:15}: total {r['total_seconds']:.3f} s, downtime {r['downtime_seconds']:.3f} s, "
             f"{r['bytes'] / (1 << 20):.0f} MiB"
             + (f", window {window:.3f} s" if window is not None else "")
             + f" (medians of {repeat})"

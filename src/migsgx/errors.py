@@ -48,6 +48,18 @@ class StateDirError(ConfigError):
     code = "state-dir"
 
 
+class RecordDamagedError(ConfigError, ValueError):
+    """A durable record (journal, held-tree record, checkpoint metadata) is damaged.
+
+    A crash, a full disk or a forged file can leave one half-written or wrong;
+    every parser of such a record says so with this error, never with whatever
+    the decoder happened to raise.  Also a ``ValueError``: callers that skip
+    unreadable records (``except ValueError``) keep doing so.
+    """
+
+    code = "record-damaged"
+
+
 # --- enclave images ------------------------------------------------------------
 class ImageError(MigSGXError):
     """The enclave image is malformed."""
@@ -195,6 +207,17 @@ class ClaimedBeforeError(CounterError):
     code = "claimed"
 
 
+class GroupDecidedError(CounterError):
+    """Another enclave of the same migration (its group) decided the other way first.
+
+    A group's first decision is the whole migration's: once one of its enclaves
+    committed, no other may record an abort (it must commit too), and once one
+    aborted, none may commit (``docs/spec/commit.md``, section 1.1).
+    """
+
+    code = "group-decided"
+
+
 class EnclaveError(MigSGXError):
     """An ECALL failed inside the enclave."""
 
@@ -297,6 +320,12 @@ class StreamError(MigrationError):
     """The state stream failed authentication or is incomplete."""
 
     code = "stream"
+
+
+class PageStreamError(StreamError):
+    """CRIU's page stream, as the agents relay it, failed authentication or is incomplete."""
+
+    code = "page-stream"
 
 
 class ReplayError(MigrationError):

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from migsgx.lab.bench.process import criu_only
+from migsgx.lab.bench.process import criu_only, one_run
 from migsgx.lab.testbed import Testbed
 
 pytestmark = [
@@ -33,3 +33,16 @@ def test_criu_alone_moves_the_pages_plain_or_in_tls(bed: Testbed, page_tls: bool
     phases = result["phases"]
     assert set(phases) == {"criu_dump", "transfer", "restore"}
     assert result["total_seconds"] == pytest.approx(sum(phases.values()), rel=1e-6, abs=1e-6)
+
+
+def test_migsgx_pages_through_the_relay_and_on_the_old_path(bed: Testbed) -> None:
+    """``--ab-page-tls``: migsgx's pages through the sealed relay, then in CRIU's TLS."""
+
+    run = one_run(bed, 4 * MIB, ab_page_tls=True)
+    relay, old = run["migsgx"], run["migsgx_criu_tls"]
+    assert relay["page_path"] == "relay" and relay["page_tls"] is False
+    assert old["page_path"] == "criu-tls" and old["page_tls"] is True
+    for figures in (relay, old):
+        assert figures["details"]["page_bytes"] >= 4 * MIB  # the ordinary memory moved
+    assert run["page_relay_speedup"] == old["total_seconds"] / relay["total_seconds"]
+    assert run["criu_only_tls"]["page_tls"] is True

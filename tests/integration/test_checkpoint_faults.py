@@ -426,3 +426,52 @@ def test_recover_after_the_tool_and_its_guardian_died_before_the_commit(
     back = case.restore()  # the gate was aborted: nothing restores
     assert back.returncode != 0 and "Traceback" not in back.stderr, back.stderr
     case.one_copy_with_every_write()
+
+
+# --- several enclaves: the first committed gate is the commit point -------------------------------
+@pytest.fixture
+def pair(bed: Testbed, tmp_path: Path) -> Iterator[Case]:
+    """A kvstore with two enclaves, acknowledged writes in both."""
+
+    app = kvstore(bed, "--enclaves", "2")
+    for i in range(6):  # (keys spread over both enclaves)
+        assert ask(bed, app, "src", f"PUT k{i} {secrets.token_hex(8)}").startswith("OK")
+    c = Case(bed, app, tmp_path / "ck", ask(bed, app, "src", "DIGEST"))
+    yield c
+    c.finish()
+
+
+def test_tool_killed_between_two_gate_commits_the_guardian_commits_the_rest(pair: Case) -> None:
+    """The guardian finds one enclave committed (gone): it aborts none, commits the
+    pending one on the connection it holds, and the checkpoint restores whole."""
+
+    env = {"MIGSGX_FAULT": "ckpt.between-commits:exit",
+           "MIGSGX_PLATFORM_SOCKET": str(pair.bed.services["src"].socket)}  # fmt: skip
+    done = cli("checkpoint", str(pair.app.pid), "--dir", str(pair.ck), env=env)
+    assert done.returncode == 70, done.stderr
+    wait_until(lambda: pair.bed.copies(pair.app)["src"] == [], 30, "the fenced source to go")
+    wait_until(lambda: phase(pair) == "committed", 30, "the guardian to commit the rest")
+    code, found = recover_checkpoint(pair)
+    assert code == 0 and found["outcome"] == "restorable", found
+    back = pair.restore()
+    assert back.returncode == 0, back.stderr
+    pair.one_copy_with_every_write()
+
+
+def test_tool_and_guardian_killed_between_two_gate_commits_recover_commits_the_rest(
+    pair: Case,
+) -> None:
+    """Nobody holds the pending enclave but itself (``__mig_hold``): ``recover
+    --checkpoint`` takes its duplicate back and commits it; the checkpoint is whole."""
+
+    done = checkpoint(pair, "ckpt.between-commits:kill-guardian")
+    assert done.returncode == 70, done.stderr
+    code, found = recover_checkpoint(pair)
+    assert code == 0 and (found["decision"], found["outcome"]) == ("commit", "restorable"), found
+    assert "rolled forward" in found["detail"], found
+    assert pair.bed.copies(pair.app)["src"] == []  # the fenced source is gone for good
+    code, found = recover_checkpoint(pair)  # idempotent
+    assert code == 0 and found["outcome"] == "restorable", found
+    back = pair.restore()
+    assert back.returncode == 0, back.stderr
+    pair.one_copy_with_every_write()

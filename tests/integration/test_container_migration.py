@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ from migsgx.containers.podman import PODMAN_ARCHIVE  # noqa: E402
 from migsgx.host.client import EnclaveClient  # noqa: E402
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
+from migsgx.system.process import in_netns  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
@@ -215,6 +217,36 @@ def test_runc_container_with_a_network_namespace_of_its_own(
     run = migrate(bed, app, agent)
     assert run.returncode == 0, run.stderr
     assert lab.ask(app, "PING", at="dst") == "PONG"  # over lo inside the restored container
+    finish(lab, app, expect="dst")
+
+
+@pytest.mark.parametrize("engine", ["runc", "podman"])
+def test_a_port_taken_at_the_destination_is_refused_before_the_freeze(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
+) -> None:
+    """A container in its host's network namespace restores into the destination's,
+    where something may hold its port: ``begin`` is refused (``port-in-use``, exit 6)
+    before the container froze, as for a process tree; once the port is free it moves.
+    (One with a namespace of its own gets a fresh one there: nothing is announced.)"""
+
+    app, digest = started(lab, engine)
+    squatter = in_netns(
+        f"/run/netns/{bed.host('dst').netns}",
+        lambda: socket.create_server(("0.0.0.0", app.port)),
+    )
+    try:
+        run = migrate(bed, app, agent)
+    finally:
+        squatter.close()
+    assert run.returncode == 6, run.stderr  # did not move, the source runs
+    assert "destination: begin failed: [port-in-use]" in run.stderr
+    assert f"tcp 0.0.0.0:{app.port}" in run.stderr
+    assert "Can't bind" not in run.stderr  # CRIU never ran
+    check_source_runs_on(lab, app, digest)
+    digest = lab.ask(app, "DIGEST", at="src")
+    run = migrate(bed, app, agent)
+    assert run.returncode == 0, run.stderr
+    assert lab.ask(app, "DIGEST", at="dst") == digest
     finish(lab, app, expect="dst")
 
 
@@ -472,6 +504,50 @@ def inspect_json(path: Path, *canaries: bytes) -> tuple[int, dict[str, Any]]:
 _FAULT_AT = re.compile(r"migsgx fault: (\S+) at ([0-9.]+)")
 
 
+@pytest.mark.parametrize(
+    ("engine", "cut"), [("runc", True), ("runc", False)], ids=["runc-cut", "runc-next-step"]
+)
+def test_enclave_stream_failing_mid_dump_cuts_runcs_criu(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, tmp_path: Path, engine: str, cut: bool
+) -> None:
+    """The enclave stream fails while runc's own CRIU writes a 128 MiB container's pages
+    (``flip-byte-in-dump``: the damaged byte goes on once 1 MiB of pages is written).
+
+    With the tool's own image directory (a tmpfs of its own for the dump), the
+    cancel fills it up: CRIU's next write fails, its error path resumes the
+    tasks, and the container thaws at once.  With ``--work-dir`` (kept for the
+    user: nothing is mounted over it) the dump runs to its end and stops at the
+    next step, as before.  Prints the seconds from the fault to the source
+    answering, for both.
+    """
+
+    app = lab.start_app(engine, "kvstore", ["--ballast", "128"])
+    assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
+    digest = lab.ask(app, "DIGEST", at="src")
+    args = [] if cut else ["--work-dir", str(tmp_path / "images")]
+    env = {"MIGSGX_FAULT": f"tool.enclave-stream:flip-byte-in-dump={1 << 20}"}
+    run = migrate(bed, app, agent, args=args, env=env)
+    assert run.returncode == 6, run.stderr
+    assert "chunk failed authentication" in run.stderr, run.stderr
+    how = re.search(r"stopped early \(([^)]*)\)", run.stderr)
+    assert how is not None, run.stderr
+    assert how.group(1) == ("its image directory filled up" if cut else "step refused"), how
+    [(_, at)] = _FAULT_AT.findall(run.stderr)[:1]
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(OSError):  # (not answering yet: frozen)
+            if lab.ask(app, "DIGEST", at="src") == digest:
+                break
+        assert time.monotonic() < deadline, "the source never ran again"
+        time.sleep(0.02)
+    back = time.monotonic() - float(at)
+    figure = {"engine": engine, "cut": cut, "back_seconds": round(back, 3)}
+    print("container-dump-cut " + json.dumps(figure))
+    wait_until(lambda: app.name not in lab.containers("dst", engine), 15, "dst to let go")
+    check_source_runs_on(lab, app, digest)
+    finish(lab, app, expect="src")
+
+
 @pytest.mark.parametrize("engine", ["runc", "podman"])
 def test_corrupted_enclave_stream_stops_the_container_dump(
     bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
@@ -501,7 +577,9 @@ def test_corrupted_enclave_stream_stops_the_container_dump(
         assert time.monotonic() < deadline, "the source never ran again"
         time.sleep(0.02)
     back = time.monotonic() - float(at)
-    print("container-dump-cancel " + json.dumps({"engine": engine, "back_seconds": round(back, 3)}))
+    how = re.search(r"stopped early \(([^)]*)\)", run.stderr)
+    figure = {"engine": engine, "back_seconds": round(back, 3), "how": how and how.group(1)}
+    print("container-dump-cancel " + json.dumps(figure))
     wait_until(lambda: app.name not in lab.containers("dst", engine), 15, "dst to let go")
     check_source_runs_on(lab, app, digest)
     finish(lab, app, expect="src")

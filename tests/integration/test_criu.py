@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -22,7 +23,8 @@ from migsgx.criu import MIN_VERSION, Criu, DumpCancel, InNetns, InTaskNamespaces
 from migsgx.criu.images import credentials_of
 from migsgx.criu.pageserver import PageServer
 from migsgx.criu.rpc import FEATURES_OFF_ENV
-from migsgx.errors import CriuError
+from migsgx.datapath.pagerelay import PageRelay, local_pair, relay_keys
+from migsgx.errors import CriuError, PageStreamError
 from migsgx.lab.netns import NETNS_DIR, terminate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -342,3 +344,80 @@ def test_a_cancel_after_the_dump_touches_nothing() -> None:
     cancel.unbind()
     cancel.cancel("too late")
     assert cancel.cancelled and not cancel.stopped_early
+
+
+# --- the sealed page relay (datapath.pagerelay) between CRIU's dump and page server ---
+def _relayed_page_server(
+    criu: Criu, server_dir: Path
+) -> tuple[int, PageServer, PageRelay, PageRelay]:
+    """CRIU's end of the source pair, the page server, the source and destination relays."""
+
+    key, session = bytes(range(32)), b"relay-test-sess1"
+    src_ours, src_criu = local_pair()
+    dst_ours, dst_criu = local_pair()
+    wire_src, wire_dst = socket.socketpair()  # the TCP connection between the hosts
+    with dst_criu:
+        server = PageServer(criu.binary, server_dir, dst_criu)
+    dest = PageRelay(dst_ours, wire_dst, **relay_keys(key, session, source=False)).start()
+    source = PageRelay(src_ours, wire_src, **relay_keys(key, session, source=True)).start()
+    return src_criu.detach(), server, source, dest
+
+
+def test_dump_through_the_sealed_relay_restores(
+    criu: Criu, spawn: SpawnFactory, kill_later: KillLater, subreaper: None, tmp_path: Path
+) -> None:
+    proc, port = start_server(spawn, tmp_path, COUNTER_SERVER)
+    assert ask("inc", port) == "1"
+    digest = ask("sum", port)
+    server_dir = images(tmp_path, "server")
+    fd, server, source, dest = _relayed_page_server(criu, server_dir)
+
+    def notify(script: str, _pid: int) -> None:
+        if script == "post-dump":
+            source.wait(30)  # CRIU closed its end: both directions ended with their last frame
+
+    dump_dir = images(tmp_path)
+    try:
+        criu.dump(proc.pid, dump_dir, page_fd=fd, notify=notify)
+        server.wait(30)
+        dest.finish(30)
+    finally:
+        server.kill()
+        source.dispose()
+        dest.dispose()
+    assert source.sent == dest.received >= 8 << 20  # the blob went through the relays
+    assert not list(dump_dir.glob("pages-*.img"))  # every page went to the page server
+    wait_gone(proc)
+    for path in dump_dir.iterdir():
+        if not (server_dir / path.name).exists():
+            shutil.copy(path, server_dir / path.name)
+    kill_later(criu.restore(server_dir, log_file="restore.log"))
+    assert ask("inc", port) == "2"
+    assert ask("sum", port) == digest
+
+
+def test_a_cancel_shuts_the_page_relay_and_the_tree_runs_on(
+    criu: Criu, spawn: SpawnFactory, tmp_path: Path
+) -> None:
+    proc, port = start_server(spawn, tmp_path, COUNTER_SERVER)
+    assert ask("inc", port) == "1"
+    fd, server, source, dest = _relayed_page_server(criu, images(tmp_path, "server"))
+    cancel = DumpCancel()
+    cancel.add_stop(lambda: (source.abort("the dump was cancelled"), 1)[1])
+
+    def notify(script: str, _pid: int) -> None:
+        if script == "query-ext-files":
+            cancel.cancel("an enclave stream failed")  # frozen; this step itself goes on
+
+    try:
+        with pytest.raises(CriuError):
+            criu.dump(proc.pid, images(tmp_path), page_fd=fd, notify=notify, cancel=cancel)
+        with pytest.raises(PageStreamError):
+            dest.wait(30)  # the destination never saw the stream's last frame
+    finally:
+        server.kill()
+        source.dispose()
+        dest.dispose()
+    assert cancel.cut == 1 and not cancel.broken and not cancel.vetoed
+    assert proc.poll() is None
+    assert ask("inc", port) == "2"

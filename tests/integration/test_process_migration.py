@@ -262,19 +262,36 @@ def test_criu_restore_failing_keeps_the_source(bed: Testbed) -> None:
     finish(bed, app, expect="src")
 
 
-def test_a_flipped_byte_in_the_page_stream_keeps_the_source(bed: Testbed) -> None:
-    """Pages always travel in TLS: one flipped byte fails the dump, exit 6, source runs on."""
+@pytest.mark.parametrize(
+    ("action", "args"),
+    [
+        ("corrupt", ()),
+        ("drop", ()),
+        ("reorder", ()),
+        ("truncate", ()),
+        ("replay", ()),
+        ("corrupt", ("--page-criu-tls",)),
+    ],
+)
+def test_a_tampered_page_stream_keeps_the_source(
+    bed: Testbed, action: str, args: tuple[str, ...]
+) -> None:
+    """Pages always travel protected (the sealed relay, or CRIU's TLS): a flipped byte,
+    a dropped, reordered or replayed frame, or a stream cut before its last frame fails
+    the migration, exit 6, and the source runs on."""
 
-    corrupting = bed.start_agent(env={"MIGSGX_FAULT": "agent.page-stream:corrupt"})
+    tampering = bed.start_agent(env={"MIGSGX_FAULT": f"agent.page-stream:{action}"})
     app = kvstore(bed)
     ask_src(bed, app, "PUT k " + b"v".hex())
     digest = ask_src(bed, app, "DIGEST")
 
-    run = bed.migrate(app.pid, corrupting)
+    run = bed.migrate(app.pid, tampering, args=list(args))
     assert run.returncode == 6, run.stderr  # EXIT_MIGRATION: it did not move
     assert "the source runs on" in run.stderr and "Traceback" not in run.stderr
+    if not args:
+        assert "page stream" in run.stderr
     check_source_runs_on(bed, app, digest)
-    corrupting.stop()
+    tampering.stop()
     finish(bed, app, expect="src")
 
 
@@ -446,7 +463,9 @@ class Capture:
 
 
 @pytest.mark.parametrize(
-    "mode", ["", "--live", "--post-copy"], ids=["page-tls", "page-tls-live", "post-copy"]
+    "mode",
+    ["", "--live", "--post-copy", "--page-criu-tls"],
+    ids=["pages-sealed", "pages-sealed-live", "post-copy", "page-criu-tls"],
 )
 def test_canary_is_in_no_image_stream_log_or_temp_file(
     bed: Testbed, tmp_path: Path, mode: str
@@ -481,7 +500,8 @@ def test_canary_is_in_no_image_stream_log_or_temp_file(
     assert capture.found["ordinary"] > during["ordinary"]
 
     assert capture.found["secret"] == 0
-    assert during["ordinary"] == 0  # the page stream is always in TLS (post-copy: CRIU's)
+    # The page stream is always encrypted: sealed frames (post-copy, --page-criu-tls: CRIU's TLS).
+    assert during["ordinary"] == 0
 
     (tmp_path / "tool.out").write_text(run.stdout + run.stderr)
     hits = scan_files([bed.root, tmp_path, Path("/dev/shm")], needles)

@@ -15,6 +15,7 @@ from migsgx.errors import (
     AwaitingDecisionError,
     CommittedError,
     CounterError,
+    GroupDecidedError,
     MigrationError,
     MigSGXError,
     ReplayError,
@@ -178,3 +179,103 @@ def test_a_recover_query_sees_claims_of_any_owner(tmp_path: Path) -> None:
     assert store.claim(OWNER, mid)
     assert store.claimed_by_any(mid)
     assert not store.claimed_by_any(_mid())
+
+
+# --- a migration group: several enclaves of one application ------------------------------------
+OTHER = b"X" + OWNER[1:]
+
+
+def test_a_group_is_decided_by_its_first_decision(tmp_path: Path) -> None:
+    store = CounterStore(tmp_path / "c.cbor")
+    group, first, second, third = _mid(), _mid(), _mid(), _mid()
+    store.decide(OWNER, Decision(first, "commit", b"t1", group=group))
+    # Another enclave (another owner) of the same migration cannot abort now ...
+    with pytest.raises(GroupDecidedError):
+        store.decide(OTHER, Decision(second, "abort", b"a2", group=group))
+    assert store.decision(second) is None  # ... and the refusal wrote nothing
+    # ... it commits too.
+    assert store.decide(OTHER, Decision(second, "commit", b"t2", group=group)).kind == "commit"
+    # Without the group (or in another one) the rule does not apply.
+    assert store.decide(OWNER, Decision(third, "abort", b"", group=_mid())).kind == "abort"
+    # Durable, and readable by anyone: the group goes with the record.
+    again = CounterStore(tmp_path / "c.cbor")
+    held = again.decision(second)
+    assert held is not None and held.group == group
+    assert again.group_decision(group) == "commit"
+
+
+def test_an_aborted_group_refuses_a_commit(tmp_path: Path) -> None:
+    store = CounterStore(tmp_path / "c.cbor")
+    group, first, second = _mid(), _mid(), _mid()
+    epoch = uuid.uuid4().hex
+    store.record_update(OWNER, "rec", RecordUpdate(b"blob", create={epoch: 1}, expect_absent=True))
+    retire = [("rec", RecordUpdate(None, destroy=(epoch,), check={epoch: 1}, expect=_sha(b"blob")))]
+    store.decide(OTHER, Decision(first, "abort", b"a1", group=group))
+    with pytest.raises(GroupDecidedError):
+        store.decide(OWNER, Decision(second, "commit", b"t2", group=group), retire)
+    # Nothing retired: the source keeps its persistent record.
+    assert store.record_read(OWNER, "rec") == b"blob"
+    assert store.decision(second) is None
+    # A decision already held is returned as before, group or not.
+    assert store.decide(OTHER, Decision(first, "commit", b"x", group=group)).kind == "abort"
+    with pytest.raises(CounterError):
+        Decision(_mid(), "commit", b"", group=b"short")
+
+
+def _grouped_pair(world: World) -> tuple[Move, Move, bytes]:
+    """Two enclaves of one application, both LOADED at the destination, one group."""
+
+    group = _mid()
+    first = Move(_instance(world), _instance(world, world.host_b))
+    second = Move(_instance(world), _instance(world, world.host_b))
+    for move in (first, second):
+        move.transfer()
+        move.out.call("__mig_group", [group])
+    return first, second, group
+
+
+def test_an_enclave_whose_group_committed_rolls_forward_instead_of_aborting(
+    world: World,
+) -> None:
+    """The tool died between two enclaves' commits: whoever aborts the second
+    (the guardian, or the enclave itself when its driver went away) commits it."""
+
+    first, second, group = _grouped_pair(world)
+    token = first.out.commit()
+    with pytest.raises(CommittedError, match="committed too"):
+        second.out.call("__mig_abort", ["the tool died"])
+    held = world.host_a.counters.decision(_mid_of(second))
+    assert held is not None and held.kind == "commit" and held.group == group
+    assert second.out.committed and second.out.call("__mig_token", []) == held.frame
+    # Both destinations activate on their recorded tokens: one copy, all of it.
+    assert first.into.commit_in(token) == {"active": True}
+    assert second.into.commit_in(held.frame) == {"active": True}
+    assert world.host_a.counters.group_decision(group) == "commit"
+
+
+def test_an_enclave_whose_group_aborted_cannot_commit(world: World) -> None:
+    first, second, group = _grouped_pair(world)
+    mid = _mid_of(second)
+    first.abort()
+    with pytest.raises(MigrationError, match="another enclave of this migration aborted"):
+        second.out.commit()
+    assert world.host_a.counters.decision(mid) is None
+    second.abort()  # still possible, and consistent with the group
+    held = world.host_a.counters.decision(mid)
+    assert held is not None and held.kind == "abort"
+    assert world.host_a.counters.group_decision(group) == "abort"
+
+
+def test_a_group_is_joined_once_by_a_source_before_its_decision(world: World) -> None:
+    first, second, group = _grouped_pair(world)
+    first.out.call("__mig_group", [group])  # the same again: a retry
+    with pytest.raises(MigSGXError):
+        first.out.call("__mig_group", [_mid()])  # another group
+    with pytest.raises(MigSGXError):
+        first.out.call("__mig_group", [b"short"])
+    with pytest.raises(MigSGXError):
+        first.into.call("__mig_group", [group])  # a destination is in none
+    first.commit()
+    with pytest.raises(MigSGXError):
+        first.out.call("__mig_group", [group])  # decided already
+    second.commit()

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,14 @@ from migsgx.agent import preflight
 from migsgx.containers import HostConfig, Source, make_driver
 from migsgx.criu import Criu
 from migsgx.errors import ProtocolError
-from migsgx.system.ports import Listener, PortInUseError, _address, check_bindable, listeners
+from migsgx.system.ports import (
+    Listener,
+    PortInUseError,
+    _address,
+    check_bindable,
+    check_bindable_in,
+    listeners,
+)
 
 
 @pytest.fixture
@@ -133,5 +141,43 @@ def test_begin_announces_and_the_destination_refuses(sockets: dict[str, socket.s
     sockets["udp"].close()
     preflight.admit(pid, {}, fields)
     runc = make_driver("runc", HostConfig(Criu("/bin/true")))
-    with pytest.raises(ProtocolError, match="only a process tree"):
+    with pytest.raises(ProtocolError, match="only a workload in its host's network namespace"):
         preflight.admit(runc, {"id": "kv"}, {"ports": []})
+
+
+def _spec(*namespaces: dict[str, str]) -> dict[str, Any]:
+    return {"linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, *namespaces]}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "target", "shares"),
+    [
+        (_spec({"type": "network", "path": "/run/netns/blue"}), {"id": "kv"}, True),
+        (_spec(), {"id": "kv"}, True),  # no network namespace named: the engine's
+        (_spec({"type": "network"}), {"id": "kv"}, False),  # fresh at the destination
+        # the pod namespace the restore makes, with the address the container owns
+        (_spec({"type": "network", "path": "/run/netns/blue"}), {"id": "kv", "net": {}}, False),
+        (None, {}, False),  # a process tree: the pid driver announces by its own rule
+    ],
+)
+def test_a_container_announces_its_ports_only_in_its_hosts_namespace(
+    sockets: dict[str, socket.socket], spec: Any, target: dict[str, Any], shares: bool
+) -> None:
+    assert preflight.shares_host_network(spec, target) is shares
+    source = Source(root=os.getpid(), target=target, label="this process", spec=spec)
+    fields = preflight.announce("runc", source, [os.getpid()])
+    assert ("ports" in fields) is shares
+    if shares:
+        wanted = {"proto": "tcp", "address": "127.0.0.1", "port": port(sockets["tcp"])}
+        assert wanted in fields["ports"]
+
+
+def test_the_check_runs_in_the_namespace_named(sockets: dict[str, socket.socket]) -> None:
+    """This thread's own namespace, named by path or not: the taken port is refused."""
+
+    taken = [Listener("tcp", "127.0.0.1", port(sockets["tcp"]))]
+    for netns in (None, Path(f"/proc/{os.getpid()}/ns/net")):
+        with pytest.raises(PortInUseError):
+            check_bindable_in(netns, taken)
+    with pytest.raises(ProtocolError, match="cannot be checked"):
+        check_bindable_in(Path("/nonexistent/netns"), taken)

@@ -170,9 +170,12 @@ def test_a_journal_with_a_bad_undo_list_is_refused(state: Path) -> None:
         Journal.load(journal.path)
 
 
-def test_mixed_decisions_are_left_to_an_operator(
+def test_commit_and_abort_mixed_are_left_to_an_operator(
     state: Path, agent: Agent
 ) -> None:
+    """Only where an abort was recorded outside the group rule (an older record, or a
+    store that could not be reached then): neither way is whole."""
+
     mids = [os.urandom(16), os.urandom(16)]
     journal = _journal(state, mids, phase="committed", fenced=[])
     _decide(state, mids[0], "commit", b"t")
@@ -348,3 +351,63 @@ def test_a_recycled_guardian_pid_gets_no_signal(state: Path, agent: Agent) -> No
     finally:
         other.kill()
         other.wait()
+
+
+def test_undecided_enclaves_of_a_committed_migration_are_rolled_forward(
+    state: Path, agent: Agent
+) -> None:
+    """The tool died between two commits: the first COMMIT is the commit point, the
+    guardian commits the rest, and every token goes to the destination."""
+
+    mids = [os.urandom(16), os.urandom(16), os.urandom(16)]
+    source = _sleeper()
+    try:
+        journal = _journal(state, mids, phase="committed", fenced=[source.pid])
+        _decide(state, mids[0], "commit", b"t0")
+        asked: list[list[int]] = []
+
+        def roll_forward(indexes: list[int]) -> None:
+            asked.append(indexes)
+            for i in indexes:  # (the enclaves write their own decisions)
+                _decide(state, mids[i], "commit", f"t{i}".encode())
+
+        agent.answers.append("resumed")
+        result = resolve(journal, state, AgentIdentity.of_state(state), tool_gone=True,
+                         roll_forward=roll_forward)  # fmt: skip
+        assert asked == [[1, 2]]
+        assert (result.decision, result.outcome) == ("commit", "moved")
+        assert agent.sent == [(journal.data["mid"], [b"t0", b"t1", b"t2"])]
+        assert source.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        source.kill()
+        source.wait()
+
+
+def test_a_roll_forward_that_cannot_commit_yet_stays_in_doubt(
+    state: Path, agent: Agent
+) -> None:
+    """The source platform service is gone: the undecided enclave cannot commit yet;
+    nothing is delivered and nothing aborts (the guardian tries again)."""
+
+    mids = [os.urandom(16), os.urandom(16)]
+    journal = _journal(state, mids, phase="committed", fenced=[])
+    _decide(state, mids[0], "commit", b"t0")
+    result = resolve(journal, state, AgentIdentity.of_state(state), tool_gone=True,
+                     roll_forward=lambda indexes: None)  # fmt: skip
+    assert (result.decision, result.outcome) == ("mixed", "in-doubt")
+    assert "enclave(s) 1" in result.detail
+    assert agent.sent == []
+    assert CounterStore(state / COUNTERS).decision(mids[1]) is None
+
+
+def test_recover_without_the_guardian_leaves_a_mixed_migration_in_doubt(
+    state: Path, agent: Agent
+) -> None:
+    mids = [os.urandom(16), os.urandom(16)]
+    journal = _journal(state, mids, phase="committed", fenced=[])
+    journal.update(guardian_pid=2**22 + 3)  # not running
+    _decide(state, mids[0], "commit", b"t0")
+    [result] = recover(state)
+    assert (result.decision, result.outcome) == ("mixed", "in-doubt")
+    assert "no guardian holds them" in result.detail
+    assert agent.sent == []

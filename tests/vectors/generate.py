@@ -603,6 +603,57 @@ def sgxext_cases() -> list[dict[str, Any]]:
     ]
 
 
+# --- the decision store's migration groups (docs/spec/commit.md, section 1.1) ----------------
+def decision_cases() -> list[dict[str, Any]]:
+    """Sequences of ``decide`` on a fresh store, each step with its declared outcome.
+
+    A step is ``[owner, mid, kind, group, outcome]``: owners ``a``, ``b``, ``c``
+    (the test maps them to counter owners), ``mid`` and ``group`` names from the
+    case's ``mids`` and ``groups`` (hex; group ``-`` is none), ``outcome`` the kind
+    that holds afterwards or ``error:CODE``.  ``recorded``: the store at the end.
+    The frame of a decision is ``det_bytes("frame MID KIND", 4)``.
+    """
+
+    mids = {n: det_bytes("decision mid " + n, 16).hex() for n in "123456789"}
+    groups = {
+        "g": det_bytes("decision group", 16).hex(),
+        "o": det_bytes("decision other", 16).hex(),
+        "short": det_bytes("decision group", 15).hex(),
+        "-": "",
+    }
+    refused = "error:group-decided"
+    cases: list[dict[str, Any]] = [
+        {
+            "name": "first-commit-binds-the-group",
+            "steps": [["a", "1", "commit", "g", "commit"], ["b", "2", "abort", "g", refused],
+                      ["b", "2", "commit", "g", "commit"], ["c", "3", "abort", "-", "abort"],
+                      ["c", "4", "abort", "o", "abort"]],
+            "recorded": {"1": "commit", "2": "commit", "3": "abort", "4": "abort"},
+        },
+        {
+            "name": "first-abort-binds-the-group",
+            "steps": [["a", "5", "abort", "g", "abort"], ["b", "6", "commit", "g", refused],
+                      ["b", "6", "abort", "g", "abort"]],
+            "recorded": {"5": "abort", "6": "abort"},
+        },
+        {
+            "name": "a-held-decision-comes-back-before-the-group-rule",
+            "steps": [["a", "7", "commit", "g", "commit"], ["a", "7", "abort", "g", "commit"],
+                      ["b", "8", "commit", "g", "commit"]],
+            "recorded": {"7": "commit", "8": "commit"},
+        },
+        {
+            "name": "a-group-id-has-16-bytes",
+            "steps": [["a", "9", "commit", "short", "error:counter"]],
+            "recorded": {"9": None},
+        },
+    ]
+    for case in cases:
+        case["mids"] = {n: mids[n] for n in case["recorded"]}
+        case["groups"] = {g: groups[g] for g in sorted({step[3] for step in case["steps"]})}
+    return cases
+
+
 # --- data connection opening (docs/spec/channels.md, section 8) ---------------------------
 def datalink_cases() -> list[dict[str, Any]]:
     """Openings of a data connection: the three records, and refusals."""
@@ -636,6 +687,44 @@ def datalink_cases() -> list[dict[str, Any]]:
     replayed["challenge"] = (b"MIGSGXD1" + det_bytes("fresh nonce d", 32)).hex()
     case("replayed-hello", 3, replayed, {"error": "data-link"})
     return cases
+
+
+# --- sealed page stream (docs/spec/pagestream.md) --------------------------------------------
+def pagestream_cases() -> list[dict[str, Any]]:
+    """One direction of a session's page stream: keys, frames, and what is refused.
+
+    One case, its variants as orders of the frames (a digit per frame index), one with
+    a byte flipped (``flip``: "FRAME:OFFSET").
+    """
+
+    from migsgx.core.pagestream import UP, PageFrameSealer, page_stream_key
+
+    data_key, session = det_bytes("page data key", 32), det_bytes("page session", 16)
+    payloads = [det_bytes("page payload 0", 8), b"", det_bytes("page payload 2", 5)]
+    sealer = PageFrameSealer(page_stream_key(data_key, session, UP))
+    frames = [sealer.seal(p) for p in payloads] + [sealer.seal(b"", last=True)]
+    ok = {"ok": {"plaintext": b"".join(payloads).hex()}}
+    bad = {"error": "page-stream"}
+
+    def variant(name: str, order: str, expect: dict[str, Any], **more: Any) -> dict[str, Any]:
+        return {"name": name, "order": order, **more, "expect": expect}
+
+    return [
+        {
+            "name": "up",
+            "data_key": data_key.hex(),
+            "session_id": session.hex(),
+            "frames": [f.hex() for f in frames],
+            "variants": [
+                variant("as-sent", "0123", ok),
+                variant("flipped", "0123", bad, flip="2:10"),
+                variant("dropped", "023", bad),
+                variant("reordered", "1023", bad),
+                variant("truncated", "012", bad),
+                variant("appended", "01230", bad),
+            ],
+        }
+    ]
 
 
 # --- files ------------------------------------------------------------------------------
@@ -673,6 +762,8 @@ def build() -> dict[str, dict[str, Any]]:
         "appctl.json": doc("appctl", "docs/spec/app-control.md", f.appctl_cases()),
         "sgxext.json": doc("sgxext", "docs/spec/collateral.md#4", sgxext_cases()),
         "datalink.json": doc("datalink", "docs/spec/channels.md#8", datalink_cases()),
+        "pagestream.json": doc("pagestream", "docs/spec/pagestream.md", pagestream_cases()),
+        "decisions.json": doc("decisions", "docs/spec/commit.md#11", decision_cases()),
     }
 
 

@@ -28,9 +28,16 @@ from typing import Final
 
 import cbor2
 
+from .._records import json_record, non_negative_int
 from ..criu import Criu, InNetns, InTaskNamespaces
 from ..datapath.checkpoint import CheckpointIn, CheckpointOut
-from ..errors import CheckpointDamagedError, ConfigError, CriuError, MigSGXError
+from ..errors import (
+    CheckpointDamagedError,
+    ConfigError,
+    CriuError,
+    MigSGXError,
+    RecordDamagedError,
+)
 from ..host.appctl import info_to_wire
 from ..host.client import platform_socket as default_platform_socket
 from ..system.process import (
@@ -47,6 +54,7 @@ from .ckpt_journal import (
     CHECKPOINT_META,
     HELD,
     JOURNAL,
+    MAX_CHECKPOINT_ENCLAVES,
     remove_fenced_source,
     remove_held_leftover,
     start_time,
@@ -123,6 +131,8 @@ def checkpoint(
         write_journal(directory, "fenced")
         _fault("ckpt.before-commit", pid, handed, guardian=guardian)
         for i, out in enumerate(outs):
+            if committed:
+                _fault("ckpt.between-commits", pid, handed, guardian=guardian)
             try:
                 out.commit(meta_digest)  # the gate binds the metadata (and so every file)
             except MigSGXError:
@@ -266,7 +276,9 @@ def _verify(directory: Path, recorded: object) -> None:
     its gate.  The enclave state is authenticated by its own sealed streams.
     """
 
-    if not isinstance(recorded, dict):
+    if not isinstance(recorded, dict) or not all(
+        isinstance(v, list) and len(v) == 2 for v in recorded.values()
+    ):
         raise CheckpointDamagedError(f"{directory}: the checkpoint records no file digests")
     found = _digests(directory)
     missing = sorted(set(recorded) - set(found))
@@ -283,6 +295,30 @@ def _verify(directory: Path, recorded: object) -> None:
         )
 
 
+def load_metadata(directory: Path) -> tuple[bytes, dict[str, object], int]:
+    """The checkpoint's metadata (raw, parsed, enclave count), its files verified.
+
+    Everything a restore decides on comes from here, before anything is touched:
+    a damaged or forged ``migsgx.json`` is a :class:`RecordDamagedError`, a
+    damaged image file a :class:`CheckpointDamagedError`.
+    """
+
+    try:
+        raw_meta = (directory / CHECKPOINT_META).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{directory} holds no migsgx checkpoint: {exc}") from exc
+    meta = json_record(raw_meta, f"checkpoint metadata {directory / CHECKPOINT_META}")
+    if meta.get("format") != FORMAT:
+        raise ConfigError(f"unknown checkpoint format {str(meta.get('format'))[:64]!r}")
+    count = meta.get("enclaves") or 0
+    if not non_negative_int(count, MAX_CHECKPOINT_ENCLAVES + 1):
+        raise RecordDamagedError(f"{directory}: the checkpoint metadata's enclave count is damaged")
+    # Before CRIU sees anything: a truncated page image makes CRIU's restorer spin
+    # for ever, and a changed byte would run unnoticed.
+    _verify(directory, meta.get("files"))
+    return raw_meta, meta, count
+
+
 def restore(
     directory: Path,
     *,
@@ -294,19 +330,9 @@ def restore(
 
     criu = criu or Criu()
     directory = Path(directory)
-    try:
-        raw_meta = (directory / CHECKPOINT_META).read_bytes()
-        meta = json.loads(raw_meta)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{directory} holds no migsgx checkpoint: {exc}") from exc
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"unknown checkpoint format {meta.get('format')!r}")
-    count = int(meta.get("enclaves") or 0)
+    raw_meta, meta, count = load_metadata(directory)
     if count and platform_socket is None:
         raise ConfigError("the checkpoint holds enclaves: name the host's --platform-socket")
-    # Before CRIU sees anything: a truncated page image makes CRIU's restorer spin
-    # for ever, and a changed byte would run unnoticed.
-    _verify(directory, meta.get("files"))
     meta_digest = hashlib.sha256(raw_meta).digest()
     remove_held_leftover(directory)
     remove_fenced_source(meta)

@@ -22,13 +22,15 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
-from ..errors import MigSGXError
+from .._records import json_record, non_negative_int
+from ..errors import MigSGXError, RecordDamagedError
 from ..system.process import kill_tree, process_state
 
 __all__ = [
     "CHECKPOINT_META",
     "HELD",
     "JOURNAL",
+    "MAX_CHECKPOINT_ENCLAVES",
     "read_journal",
     "remove_fenced_source",
     "remove_held_leftover",
@@ -37,6 +39,8 @@ __all__ = [
 ]
 
 JOURNAL: Final = "checkpoint-journal.json"
+#: More enclaves than a checkpoint's metadata may declare (a bound on forged counts).
+MAX_CHECKPOINT_ENCLAVES: Final = 64
 CHECKPOINT_META: Final = "migsgx.json"
 #: The pid (and start time) of a tree a restore holds, until it continues.
 HELD: Final = "restore-held.json"
@@ -56,11 +60,15 @@ def start_time(pid: int) -> str:
 
 
 def read_journal(directory: Path) -> dict[str, Any] | None:
+    """The journal's fields, or None if there is none or it is damaged (a hint only)."""
+
+    path = Path(directory) / JOURNAL
     try:
-        data = json.loads((Path(directory) / JOURNAL).read_text())
-    except (OSError, ValueError):
+        data = json_record(path.read_bytes(), f"checkpoint journal {path}")
+    except (OSError, RecordDamagedError):
         return None
-    return data if isinstance(data, dict) and data.get("phase") in PHASES else None
+    phase = data.get("phase")
+    return data if isinstance(phase, str) and phase in PHASES else None
 
 
 def write_journal(directory: Path, phase: str, **fields: Any) -> None:
@@ -109,9 +117,11 @@ def remove_held_leftover(directory: Path) -> None:
     """
 
     try:
-        held = json.loads((directory / HELD).read_text())
-        pid, start = int(held["pid"]), str(held["start"])
-    except (OSError, ValueError, KeyError, TypeError):
+        held = json_record((directory / HELD).read_bytes(), f"restore record {directory / HELD}")
+    except (OSError, RecordDamagedError):
+        return
+    pid, start = held.get("pid"), held.get("start")
+    if not non_negative_int(pid, 1 << 31) or not isinstance(start, str):
         return
     if start and start_time(pid) == start and process_state(pid) in ("T", "t"):
         with contextlib.suppress(MigSGXError):

@@ -26,8 +26,12 @@ Resolution, idempotent, to exactly one runnable copy:
   checkpoint's files, which can never open, are removed (``stayed``, or
   ``gone`` if the source died too: then its enclave state went with it, as in
   a crash);
-* some committed, others not: ``in-doubt``, an operator decides (as for a
-  migration);
+* some committed, others still pending (the tool died between two enclaves'
+  commits): the first committed gate is the commit point, so the pending ones
+  commit too (rolled forward: their held duplicates, or the guardian's
+  connections, ``__ckpt_commit`` with the metadata's digest), and the
+  checkpoint is ``restorable`` as above; a pending enclave that cannot commit
+  (it died, its state with it) leaves it ``in-doubt``, an operator decides;
 * the journal says a restore ended, or was activating the enclaves when it
   died (the gates are consumed then): ``done``.
 """
@@ -36,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import socket
 import time
@@ -44,19 +47,21 @@ from pathlib import Path
 from typing import Final
 
 from .._fds import take_descriptor
+from .._records import json_record, non_negative_int
 from ..datapath.checkpoint import CheckpointIn
-from ..errors import CheckpointGateError, MigSGXError
+from ..errors import CheckpointGateError, MigSGXError, RecordDamagedError
 from ..system.process import continue_tree, process_state
 from .ckpt_journal import (
     CHECKPOINT_META,
     JOURNAL,
+    MAX_CHECKPOINT_ENCLAVES,
     read_journal,
     remove_fenced_source,
     remove_held_leftover,
     start_time,
     write_journal,
 )
-from .handback import abort_enclave, resume_source
+from .handback import abort_enclave, call_enclave, resume_source
 from .recover import Resolution
 
 __all__ = ["resolve_checkpoint"]
@@ -155,6 +160,16 @@ def _hand_back(journal: dict[str, object], socks: list[socket.socket], runs: boo
             sock.close()
 
 
+def _roll_forward(socks: list[socket.socket], meta: bytes) -> int:
+    """Commit the pending source enclaves on ``socks``; how many did."""
+
+    done = 0
+    for sock in socks:
+        msg = call_enclave(sock, "__ckpt_commit", [meta])
+        done += msg is not None and msg["t"] == "ret"
+    return done
+
+
 def _committed(directory: Path, count: int, platform_socket: Path, meta: bytes) -> list[bool]:
     """Per enclave, whether its gate is committed (raises if that cannot be learnt)."""
 
@@ -189,14 +204,20 @@ def _remove_files(directory: Path) -> None:
 
 
 def resolve_checkpoint(
-    directory: Path, platform_socket: Path | None, *, aborted: bool = False
+    directory: Path,
+    platform_socket: Path | None,
+    *,
+    aborted: bool = False,
+    held: list[socket.socket] | None = None,
 ) -> Resolution:
     """Resolve the checkpoint in ``directory`` (see the module docstring).
 
     ``aborted``: the caller (the checkpoint's guardian) learnt from the source
     enclaves themselves that every one aborted: nothing is committed, and they
-    hold no duplicate any more.  A live guardian is waited for (up to
-    ``GUARDIAN_WAIT``): it resolves the checkpoint by this same function.
+    hold no duplicate any more.  ``held``: the source enclaves' connections the
+    caller holds (the guardian's), for a roll-forward.  A live guardian is
+    waited for (up to ``GUARDIAN_WAIT``): it resolves the checkpoint by this
+    same function.
     """
 
     directory = Path(directory)
@@ -221,11 +242,10 @@ def resolve_checkpoint(
         return Resolution(name, phase, "commit", "done", "restored")
     meta: dict[str, object] = {}
     if raw_meta is not None:
-        with contextlib.suppress(ValueError):
-            loaded = json.loads(raw_meta)
-            meta = loaded if isinstance(loaded, dict) else {}
+        with contextlib.suppress(RecordDamagedError):
+            meta = json_record(raw_meta, f"checkpoint metadata in {name}")
     declared = meta.get("enclaves") or (journal or {}).get("enclaves") or 0
-    count = declared if isinstance(declared, int) and 0 <= declared <= 64 else 0
+    count = declared if non_negative_int(declared, MAX_CHECKPOINT_ENCLAVES + 1) else 0
     if raw_meta is None or phase == "aborted" or aborted:
         committed = [False] * max(count, 1)  # no metadata: the commit never came
     elif count == 0:
@@ -247,10 +267,39 @@ def resolve_checkpoint(
             write_journal(directory, "committed")
         return Resolution(name, phase, "commit", "restorable",
                           f"run: migsgx restore --dir {directory}")  # fmt: skip
+    if any(committed) and raw_meta is not None and platform_socket is not None:
+        # The first committed gate was the commit point: the rest commit too.
+        digest = hashlib.sha256(raw_meta).digest()
+        if held is not None:
+            rolled = _roll_forward(held, digest)
+        else:
+            socks = _take_held(journal) if journal is not None else []
+            try:
+                rolled = _roll_forward(socks, digest)
+            finally:
+                for sock in socks:
+                    sock.close()
+        if rolled:
+            try:
+                committed = _committed(directory, count, platform_socket, digest)
+            except (MigSGXError, OSError) as exc:
+                return Resolution(name, phase, "mixed", "in-doubt",
+                                  f"the gates cannot be read again: {exc}")  # fmt: skip
+            if all(committed):
+                remove_held_leftover(directory)
+                remove_fenced_source(meta)
+                write_journal(directory, "committed", holders=[])
+                return Resolution(
+                    name, phase, "commit", "restorable",
+                    f"{rolled} pending enclave(s) committed after the others (rolled "
+                    f"forward); run: migsgx restore --dir {directory}",
+                )  # fmt: skip
     if any(committed):
+        pending = [str(i) for i, c in enumerate(committed) if not c]
         return Resolution(
             name, phase, "mixed", "in-doubt",
-            "some enclaves committed, others did not: an operator decides",
+            f"some enclaves committed, enclave(s) {', '.join(pending)} could not commit "
+            "after them (gone, or their platform service is): an operator decides",
         )  # fmt: skip
     if phase == "restoring":
         # The restore had loaded every enclave (so every gate was committed) and

@@ -7,7 +7,8 @@ sends it SIGKILL that much later while the work goes on, ``fail`` raises
 :class:`InjectedFault`, ``wait-file=PATH`` holds the process there until PATH
 exists (a test looks at it in that state, then lets it go); any other action
 is returned to the caller, which knows what it means there (``corrupt``
-before a restore or of the page stream, ``kill-after-bytes=N`` while an
+before a restore, ``corrupt``/``drop``/``reorder``/``truncate``/``replay`` of the
+page stream (:func:`tampering_relay`), ``kill-after-bytes=N`` while an
 enclave stream comes in, ``kill-source`` at a point of the tool: SIGKILL to
 the source application, for example; ``kill-criu`` after the commit point of
 a post-copy migration: SIGKILL to the source's CRIU, the only server of the
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -36,7 +38,7 @@ ENV: Final = "MIGSGX_FAULT"
 POINTS: Final = frozenset(
     {
         "agent.enclave-receive",  # while the incoming enclaves receive
-        "agent.page-stream",  # ``corrupt``: one byte of CRIU's page stream flipped in flight
+        "agent.page-stream",  # corrupt|drop|reorder|truncate|replay: the page stream in flight
         "agent.before-restore",
         "agent.after-restore",
         "agent.before-resume",  # the tool's resume arrived (the tokens went before it)
@@ -46,6 +48,7 @@ POINTS: Final = frozenset(
         "tool.after-prepare",
         "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
+        "ckpt.between-commits",  # checkpoint: one enclave's gate committed, the next not yet
         "ckpt.after-commit",  # checkpoint: every enclave gave its state up
         "restore.before-criu",  # restore: enclaves loaded (not running), CRIU not started
         "restore.held",  # restore: enclaves loaded (not running), CRIU restored the tree held
@@ -56,6 +59,7 @@ POINTS: Final = frozenset(
         "tool.before-images",  # every enclave LOADED, CRIU dumped, the images not yet sent
         "tool.before-restore",  # post-copy: the lazy dump serves, no restore asked yet
         "tool.before-commit",
+        "tool.between-commits",  # one source enclave committed, the next not yet
         "tool.after-commit",
         "tool.after-abort",  # roll-back: the source enclaves decided ABORT, nothing undone yet
         "tool.before-token",  # each COMMIT token, before it goes on the data connection
@@ -167,12 +171,17 @@ def _state(pid: int) -> str:
     return stat[stat.rindex(")") + 2 :][:1]
 
 
-def flipping_relay(peer: socket.socket, offset: int) -> socket.socket:
+def flipping_relay(
+    peer: socket.socket, offset: int, hold: Callable[[], bool] | None = None
+) -> socket.socket:
     """A loopback relay to ``peer`` that flips one bit of byte ``offset`` sent through it.
 
     The untrusted side (or the network) corrupting one byte of an enclave stream:
     what the enclaves must catch.  Returns the relay's near end; bytes from the
-    peer pass unchanged.
+    peer pass unchanged.  ``hold``: the damaged byte goes on only once it is true
+    (polled, at most :data:`WAIT_LIMIT` seconds): the failure then reaches the
+    source at a step the test names (``flip-byte-in-dump``: while the engine's
+    CRIU writes the process's pages).
     """
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -191,6 +200,9 @@ def flipping_relay(peer: socket.socket, offset: int) -> socket.socket:
                     break
                 if flip_at is not None and seen <= flip_at < seen + len(data):
                     data[flip_at - seen] ^= 0x01
+                    deadline = time.monotonic() + WAIT_LIMIT
+                    while hold is not None and not hold() and time.monotonic() < deadline:
+                        time.sleep(0.005)
                 seen += len(data)
                 dst.sendall(data)
         except OSError:
@@ -205,30 +217,94 @@ def flipping_relay(peer: socket.socket, offset: int) -> socket.socket:
     return near
 
 
-def corrupting_relay(conn: socket.socket, offset: int = 64 << 10) -> socket.socket:
-    """A socket that carries ``conn``'s bytes, with the byte at ``offset`` (inbound) flipped.
+#: What ``agent.page-stream`` can do to the page stream as it comes in.  ``corrupt``
+#: flips one byte (any format, CRIU's TLS too); the others work on whole frames of
+#: the sealed relay's format (``docs/spec/pagestream.md``: u32 length, body).
+PAGE_STREAM_ACTIONS: Final = frozenset({"corrupt", "drop", "reorder", "truncate", "replay"})
 
-    For the ``corrupt`` action of a stream: the relay stands where a network
-    fault would, between the peer and the local reader, and changes exactly one
-    byte, so the test knows the stream was damaged and by how much.
+
+def _frames(sock: socket.socket) -> Iterator[bytes]:
+    """Whole length-prefixed frames from ``sock`` until EOF (a partial tail as it is)."""
+
+    buf = bytearray()
+    while data := sock.recv(1 << 20):
+        buf += data
+        while len(buf) >= 4:
+            end = 4 + int.from_bytes(buf[:4], "big")
+            if len(buf) < end:
+                break
+            yield bytes(buf[:end])
+            del buf[:end]
+    if buf:
+        yield bytes(buf)
+
+
+#: The frame ``drop``, ``reorder`` (with the next) and ``replay`` act on: the page
+#: server answers CRIU's first request before the bulk of the pages comes, so the
+#: first frames are a request and its wait; from the third on, frames follow each
+#: other without one while the pages last (a frame that holds a request CRIU waits
+#: on, dropped, stalls the stream instead: see the spec).  A process of more than
+#: 8 MiB of pages (any Python process: two frames of at most 4 MiB) has a frame 3.
+TAMPERED_FRAME: Final = 2
+_EMPTY_FRAME: Final = 4 + 16  # length and tag only: the relay's last frame, no other
+
+
+def _tamper_frames(src: socket.socket, dst: socket.socket, action: str) -> None:
+    """``drop`` frame 2, ``reorder`` frames 2 and 3, ``truncate`` (withhold) the last
+    frame, or ``replay`` frame 2 after the last."""
+
+    kept: bytes | None = None
+    for count, frame in enumerate(_frames(src)):
+        if action == "truncate" and len(frame) == _EMPTY_FRAME:
+            continue  # every page arrives; only the stream's end is missing
+        if count == TAMPERED_FRAME and action in ("drop", "reorder", "replay"):
+            kept = frame
+            if action != "replay":
+                continue
+        dst.sendall(frame)
+        if action == "reorder" and count == TAMPERED_FRAME + 1 and kept is not None:
+            dst.sendall(kept)
+            kept = None
+    if kept is not None and action in ("reorder", "replay"):
+        dst.sendall(kept)
+
+
+def tampering_relay(conn: socket.socket, action: str, offset: int = 64 << 10) -> socket.socket:
+    """A socket that carries ``conn``'s bytes, the inbound ones changed by ``action``.
+
+    The relay stands where a network attacker would, between the peer and the
+    local reader, and does exactly one named thing (:data:`PAGE_STREAM_ACTIONS`;
+    ``corrupt`` flips the byte at ``offset``), so the test knows how the stream
+    was damaged.
     """
 
+    if action not in PAGE_STREAM_ACTIONS:
+        raise ValueError(f"unknown page-stream action {action!r}")
     inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
-    def pump(src: socket.socket, dst: socket.socket, flip_at: int | None) -> None:
+    def pump(src: socket.socket, dst: socket.socket, change: str | None) -> None:
         seen = 0
-        with contextlib.suppress(OSError):
-            while data := src.recv(1 << 16):
-                if flip_at is not None and seen <= flip_at < seen + len(data):
-                    buf = bytearray(data)
-                    buf[flip_at - seen] ^= 0x01
-                    data = bytes(buf)
-                seen += len(data)
-                dst.sendall(data)
+        try:
+            if change not in (None, "corrupt"):
+                _tamper_frames(src, dst, change)
+            else:
+                while data := src.recv(1 << 16):
+                    if change is not None and seen <= offset < seen + len(data):
+                        buf = bytearray(data)
+                        buf[offset - seen] ^= 0x01
+                        data = bytes(buf)
+                    seen += len(data)
+                    dst.sendall(data)
+        except OSError:
+            # The reader went away (it refused the stream): as a network would,
+            # stop carrying either way, so that no writer waits on a full buffer.
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
 
-    for args in ((conn, outer, offset), (outer, conn, None)):
+    for args in ((conn, outer, action), (outer, conn, None)):
         threading.Thread(target=pump, args=args, name="migsgx-fault-relay", daemon=True).start()
     return inner
 

@@ -15,10 +15,14 @@ without enclaves passed its commit point, ``enclave INDEX DESCRIPTION`` for each
 enclave connection (its info and image files, for delivering its state again),
 ``done`` when the migration ended either way.
 
-If the pipe closes without ``done``, the tool died.  The guardian then asks
-every source enclave to abort its migration.  An enclave that already
-committed refuses (or is gone): the destination has the state and rolls
-forward, and the guardian leaves the source alone (stopped by the fence).  If
+If the pipe closes without ``done``, the tool died.  If an enclave of the
+migration decided COMMIT already (the source host's platform store says so),
+that was the commit point: the guardian commits the others too (``__mig_commit``;
+the tool may have died between two commits) and carries the decisions.
+Otherwise it asks every source enclave to abort its migration.  An enclave that
+already committed refuses (or is gone), and one whose migration group committed
+meanwhile commits instead: the destination has the state and rolls forward,
+and the guardian leaves the source alone (stopped by the fence).  If
 every enclave aborted, nothing was given up: the guardian resumes the fenced
 (thaws the frozen, reconnects the locked) source and hands the connections back
 to the application (``resume``, :mod:`.handback`), which then carries on as if
@@ -57,7 +61,7 @@ from .applink import AppLink
 from .handback import RESUME_WAIT, abort_enclave, call_enclave, resume_source
 
 if TYPE_CHECKING:
-    from .recover import Redeliver
+    from .recover import Redeliver, RollForward
 
 __all__ = ["Guardian"]
 
@@ -161,7 +165,47 @@ def _redeliverer(socks: list[socket.socket], notes: list[str]) -> Redeliver | No
     return lambda journal, identity, frames: redeliver_state(journal, identity, held, frames)
 
 
-def _recover(path: Path, redeliver: Redeliver | None = None) -> None:
+def _roller(socks: list[socket.socket]) -> RollForward:
+    """What commits the undecided enclaves once another of the migration committed."""
+
+    def roll_forward(indexes: list[int]) -> None:
+        for index in indexes:
+            if index >= len(socks):
+                continue
+            msg = call_enclave(socks[index], "__mig_commit", [])
+            if msg is None:
+                _log(f"enclave {index} is gone before it committed: its state went with it")
+            elif msg["t"] == "ret":
+                _log(f"enclave {index} committed (rolled forward)")
+            elif msg.get("code") != "committed":
+                _log(f"enclave {index} could not commit yet: {msg.get('code')}")
+
+    return roll_forward
+
+
+def _committed_any(journals: list[str]) -> bool:
+    """Whether an enclave of these migrations decided COMMIT (read from the store file:
+    the platform service need not run)."""
+
+    from .journal import Journal  # lazy: the guardian starts fast and imports little
+    from .recover import decisions_of
+
+    for name in journals:
+        path = Path(name)
+        try:
+            journal = Journal.load(path)
+            decisions = decisions_of(path.parent.parent.parent, journal.enclave_mids)
+        except (MigSGXError, OSError, ValueError) as exc:
+            _log(f"cannot read the decisions of {path.name}: {exc}")
+            continue
+        if any(d is not None and d.kind == "commit" for d in decisions):
+            return True
+    return False
+
+
+def _recover(
+    path: Path, redeliver: Redeliver | None = None, roll_forward: RollForward | None = None
+) -> None:
     """``migsgx recover`` for this migration, again with a growing pause while in doubt."""
 
     from .journal import Journal  # lazy: the guardian starts fast and imports little
@@ -176,7 +220,7 @@ def _recover(path: Path, redeliver: Redeliver | None = None) -> None:
             agent_dir = path.parent.parent
             result = resolve(
                 journal, agent_dir.parent, AgentIdentity(agent_dir),
-                tool_gone=True, redeliver=redeliver,
+                tool_gone=True, redeliver=redeliver, roll_forward=roll_forward,
             )  # fmt: skip
         except (MigSGXError, OSError, ValueError) as exc:
             _log(f"recovery of {path.name} failed: {exc}; run migsgx recover")
@@ -246,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         # The tool ended in doubt: keep the source enclaves and carry the decision.
         redeliver = _redeliverer(socks, notes)
         for path in [n.partition(" ")[2] for n in notes if n.startswith("journal ")]:
-            _recover(Path(path), redeliver)
+            _recover(Path(path), redeliver, _roller(socks))
         return 0
     fenced = [int(p) for n in notes if n.startswith("fence ") for p in n.split()[1:]]
     frozen = [n.partition(" ")[2] for n in notes if n.startswith("thaw ")]
@@ -258,13 +302,21 @@ def main(argv: list[str] | None = None) -> int:
     # Either way the decisions are recorded now: they are carried to the
     # destination (``migsgx recover``'s logic), so that its loaded copy runs or
     # goes; after an abort, once the source runs again.
-    if not all([abort_enclave(s) for s in socks]):
+    # One COMMIT is the commit point: then nothing aborts (the platform service may
+    # be gone, and an abort it cannot check would split the migration).  A
+    # checkpoint's enclave that committed its gate ends at once: one that is
+    # committed or gone may have been the commit point, and the gates decide.
+    if (
+        _committed_any(journals)
+        or (args.checkpoint and not all(_pending(s) for s in socks))
+        or not all([abort_enclave(s) for s in socks])
+    ):
         _log("the tool died after the enclaves committed: the destination rolls forward")
         redeliver = _redeliverer(socks, notes)
         for path in journals:
-            _recover(Path(path), redeliver)
+            _recover(Path(path), redeliver, _roller(socks))
         if args.checkpoint:
-            _resolve_checkpoint(Path(args.checkpoint), aborted=False)
+            _resolve_checkpoint(Path(args.checkpoint), aborted=False, held=socks)
         return 0
     _log("the tool died before the commit point: resuming the source")
     # Post-copy: the tool's CRIU still holds the tree (it may wait for a page
@@ -287,7 +339,17 @@ def main(argv: list[str] | None = None) -> int:
             _resolve_checkpoint(Path(args.checkpoint), aborted=True)
 
 
-def _resolve_checkpoint(directory: Path, *, aborted: bool) -> None:
+def _pending(sock: socket.socket) -> bool:
+    """A checkpoint's source enclave still answers and has not committed its gate."""
+
+    msg = call_enclave(sock, "__mig_status", [])
+    status = msg.get("value") if msg is not None and msg["t"] == "ret" else None
+    return isinstance(status, dict) and not status.get("committed")
+
+
+def _resolve_checkpoint(
+    directory: Path, *, aborted: bool, held: list[socket.socket] | None = None
+) -> None:
     """``migsgx recover --checkpoint`` for this checkpoint, once the tool died.
 
     ``aborted``: every enclave answered this guardian's abort, so nothing was
@@ -300,7 +362,7 @@ def _resolve_checkpoint(directory: Path, *, aborted: bool) -> None:
 
     try:
         sock = None if aborted else platform_socket(None)
-        result = resolve_checkpoint(directory, sock, aborted=aborted)
+        result = resolve_checkpoint(directory, sock, aborted=aborted, held=held)
     except (MigSGXError, OSError, ValueError) as exc:
         _log(f"checkpoint {directory}: {exc}; run migsgx recover --checkpoint")
         return

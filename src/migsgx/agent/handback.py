@@ -67,7 +67,9 @@ def abort_enclave(sock: socket.socket) -> bool:
     if msg["t"] == "ret":
         return True
     # Not in a migration (the tool died before the transfer began): nothing to undo.
-    return msg["t"] == "err" and msg.get("code") != "committed"
+    # ``committed``: it committed, or another enclave of its migration did and it
+    # rolled forward; ``group-decided``: it must roll forward and could not yet.
+    return msg["t"] == "err" and msg.get("code") not in ("committed", "group-decided")
 
 
 def resume_source(

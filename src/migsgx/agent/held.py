@@ -26,10 +26,13 @@ import contextlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Final
 
 from .._fs import write_private
+from .._records import hex_text, json_record, non_negative_int
+from ..errors import RecordDamagedError
 
 __all__ = ["LOST", "RECORD", "HeldRecord", "held_records", "lost_detail", "mark_lost", "start_time"]
 
@@ -68,15 +71,24 @@ class HeldRecord:
 
     @classmethod
     def load(cls, path: Path) -> HeldRecord:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} is not a held-tree record")
-        record = cls(**data)
-        if not isinstance(record.root, int) or not isinstance(record.enclaves, list):
-            raise ValueError(f"{path} is not a held-tree record")
-        for item in (record.session_id, *record.enclaves, *record.arrivals):
-            bytes.fromhex(item)
-        return record
+        """The record in ``path``; :class:`RecordDamagedError` unless every field is usable."""
+
+        data = json_record(path.read_bytes(), f"held-tree record {path}")
+        texts = ("session_id", "driver", "peer", "local")
+        if (
+            set(data) - set(_FIELDS)
+            or any(k not in data for k in _REQUIRED)
+            or not all(isinstance(data[k], str) for k in texts)
+            or not non_negative_int(data["root"], 1 << 31)
+            or not non_negative_int(data["start"])
+            or not isinstance(data["enclaves"], list)
+            or not isinstance(data.get("arrivals", []), list)
+            or not data["session_id"]
+            or not all(hex_text(i) for i in (data["session_id"], *data["enclaves"]))
+            or not all(hex_text(i) for i in data.get("arrivals", []))
+        ):
+            raise RecordDamagedError(f"{path} is not a held-tree record")
+        return cls(**data)
 
     def still_held(self) -> bool:
         """Whether the recorded tree is still there, the same process, stopped."""
@@ -84,6 +96,10 @@ class HeldRecord:
         from ..system.process import process_state
 
         return start_time(self.root) == self.start and process_state(self.root) in ("T", "t")
+
+
+_FIELDS: Final = tuple(f.name for f in dataclass_fields(HeldRecord))
+_REQUIRED: Final = tuple(f.name for f in dataclass_fields(HeldRecord) if f.name != "arrivals")
 
 
 def remove(directory: Path | None) -> None:
@@ -118,7 +134,10 @@ def lost_detail(work_dir: Path, session_id: bytes) -> str | None:
     """What :func:`mark_lost` said about a session, if anything."""
 
     try:
-        data = json.loads((work_dir / session_id.hex() / LOST).read_text())
-    except (OSError, ValueError):
+        path = work_dir / session_id.hex() / LOST
+        data = json_record(path.read_bytes(), f"lost-state note {path}")
+    except OSError:
         return None
-    return str(data.get("detail", "")) if isinstance(data, dict) else ""
+    except RecordDamagedError:
+        return ""  # the note is there (the state was lost), its text is not
+    return str(data.get("detail", ""))

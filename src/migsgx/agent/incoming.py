@@ -34,6 +34,7 @@ from ..containers import Driver, HostConfig, Restored, RestoreRequest, make_driv
 from ..containers.postcopy import PostCopyRestore, check_pipe_max_size
 from ..criu.pageserver import PageServer, page_bytes
 from ..datapath.engine import IncomingEnclave
+from ..datapath.pagerelay import PageRelay, local_pair, relay_keys
 from ..errors import (
     ConnectionClosedError,
     FrameError,
@@ -52,12 +53,12 @@ from .applink import AppLink
 from .config import AgentHost
 from .datalink import KEY_SIZE, accept_data, check_pinned
 from .faults import (
-    corrupting_relay,
     cutting_relay,
     fault,
     firewall_drop,
     kill_dead,
     socket_owner,
+    tampering_relay,
 )
 from .held import HeldRecord, lost_detail, start_time
 from .held import remove as remove_record
@@ -129,6 +130,9 @@ class IncomingMigration:
         self.tcp_close = False
         self.page_tls = False
         self.page_server = True
+        #: The pages come sealed through the agents' relay (docs/spec/pagestream.md).
+        self.page_relay = False
+        self._relay: PageRelay | None = None
         #: Post-copy: the tree is restored with CRIU lazy pages from the source.
         self.post_copy = False
         self.window: Window | None = None
@@ -316,15 +320,22 @@ class IncomingMigration:
             HostConfig(config.criu, config.containers, config.platform_socket, config.state),
         )
         self.target = self.driver.check_target(msg.get("target") or {})
-        preflight.admit(self.driver, self.target, msg)  # before the source freezes anything
+        # before the source freezes anything
+        preflight.admit(self.driver, self.target, msg, config.containers.netns)
         if not msg["pidns"]:
             self._check_pids_free(msg["pids"])
         self.tcp_close = bool(msg["tcp_close"])
         self.page_tls = bool(msg["page_tls"])
         self.page_server = msg.get("page_server") is not False
-        if self.page_server and not self.page_tls:
+        self.page_relay = bool(msg.get("page_relay")) and self.page_server
+        if self.page_server and not (self.page_tls or self.page_relay):
             # An unauthenticated page stream could change the process's memory unseen.
-            raise ProtocolError("pages travel only in TLS: a plain page server is refused")
+            raise ProtocolError(
+                "pages travel only integrity-protected (sealed relay or TLS): "
+                "a plain page server is refused"
+            )
+        if self.page_relay and (self.page_tls or driver != "pid"):
+            raise ProtocolError("the sealed page relay is for the pid driver, without CRIU's TLS")
         self.post_copy = bool(msg.get("post_copy"))
         if self.post_copy:
             if driver not in ("pid", "runc") or self.page_server or not self.page_tls:
@@ -405,6 +416,9 @@ class IncomingMigration:
             if self._page_server is None:
                 raise AgentError("the source never connected to the page server")
             self._page_server.wait(self.config.io_timeout)
+            if self._relay is not None:
+                # Every page frame opened, the last one came: else nothing of it counts.
+                self._relay.finish(self.config.io_timeout)
         pages = page_bytes(self.images_dir)
         seconds = time.monotonic() - (self._images_t0 or time.monotonic())
         self.agent.metrics.observe_phase("images", seconds)
@@ -701,8 +715,7 @@ class IncomingMigration:
         for sock in self._listeners:
             with contextlib.suppress(OSError):
                 sock.close()
-        if self._page_server is not None:
-            self._page_server.kill()
+        self._stop_pages()
         threading.Thread(target=self._settle, name="migsgx-agent-settle", daemon=True).start()
 
     def _copies_lost(self) -> bool:
@@ -927,13 +940,20 @@ class IncomingMigration:
         for sock in self._listeners:
             with contextlib.suppress(OSError):
                 sock.close()
-        if self._page_server is not None:
-            self._page_server.kill()
+        self._stop_pages()
         self._close_files()
         remove_record(self.images_dir)
         self.agent.discard(self.images_dir)
 
     # --- helpers ----------------------------------------------------------------------------
+    def _stop_pages(self) -> None:
+        if self._relay is not None:
+            self._relay.close()
+        if self._page_server is not None:
+            self._page_server.kill()
+        if self._relay is not None:
+            self._relay.dispose()
+
     def _check_pids_free(self, pids: list[Any]) -> None:
         for pid in pids:
             if not isinstance(pid, int) or isinstance(pid, bool):
@@ -971,12 +991,19 @@ class IncomingMigration:
             ident = self.config.identity
             tls = (ident.ca, ident.cert, ident.key) if self.page_tls else None
             action = fault("agent.page-stream")
-            if action == "corrupt":
-                conn = corrupting_relay(conn)
-            elif action is not None and "-after-bytes=" in action:
+            if action is not None and "-after-bytes=" in action:
                 # ``drop-after-bytes=N``, ``stall-after-bytes=N``: mid-dump.
                 kind, _, after = action.partition("-after-bytes=")
                 conn = cutting_relay(conn, int(after), kind)
+            elif action is not None:
+                conn = tampering_relay(conn, action)
+            if self.page_relay:
+                ours, theirs = local_pair()
+                with theirs:
+                    self._page_server = PageServer(self.config.criu.binary, self.images_dir, theirs)
+                keys = relay_keys(self.data_key, self.session_id, source=False)
+                self._relay = PageRelay(ours, conn, **keys).start()
+                return
             with conn:
                 self._page_server = PageServer(
                     self.config.criu.binary, self.images_dir, conn, tls=tls

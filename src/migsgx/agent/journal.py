@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from .._fs import write_private
+from .._records import hex_text, json_record, non_negative_int
+from ..errors import RecordDamagedError
 
 __all__ = ["PHASES", "Journal", "journal_dir"]
 
@@ -72,15 +74,30 @@ class Journal:
 
     @classmethod
     def load(cls, path: Path) -> Journal:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or any(
-            not isinstance(data.get(k), t) for k, t in _KEYS.items()
+        """The journal in ``path``; :class:`RecordDamagedError` unless every field is usable.
+
+        Every property below must then work: a crash or a local user may leave
+        any bytes here, and ``migsgx recover`` must say so, not trip later.
+        """
+
+        data = json_record(path.read_bytes(), f"migration journal {path}")
+        if any(not isinstance(data.get(k), t) for k, t in _KEYS.items()) or any(
+            k in data and not isinstance(data[k], t) for k, t in _OPTIONAL.items()
         ):
-            raise ValueError(f"{path} is not a migration journal")
-        if any(k in data and not isinstance(data[k], t) for k, t in _OPTIONAL.items()):
-            raise ValueError(f"{path} is not a migration journal")
+            raise RecordDamagedError(f"{path} is not a migration journal")
+        to = data["to"]
+        if (
+            not hex_text(data["mid"])
+            or not data["mid"]
+            or not (len(to) == 2 and isinstance(to[0], str) and non_negative_int(to[1], 1 << 16))
+            or not all(hex_text(m) for m in data["enclave_mids"])
+            or not all(non_negative_int(p, 1 << 31) for p in data["fenced"])
+            or not all(non_negative_int(data[k], 1 << 31) for k in ("tool_pid", "app_pid"))
+            or not all(isinstance(n, str) for n in data.get("undo") or [])
+        ):
+            raise RecordDamagedError(f"{path} is not a migration journal")
         if data["phase"] not in PHASES:
-            raise ValueError(f"{path}: unknown phase {data['phase']!r}")
+            raise RecordDamagedError(f"{path}: unknown phase {data['phase']!r}")
         return cls(path, data)
 
     @classmethod
@@ -96,6 +113,19 @@ class Journal:
                 found.append(cls.load(path))
             except (OSError, ValueError):
                 continue
+        return found
+
+    @classmethod
+    def damaged(cls, agent_dir: Path) -> list[tuple[Path, str]]:
+        """Every journal :meth:`all` skips, with why: ``recover`` reports them in doubt."""
+
+        directory = journal_dir(agent_dir)
+        found = []
+        for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+            try:
+                cls.load(path)
+            except (OSError, ValueError) as exc:
+                found.append((path, str(exc)))
         return found
 
     @property

@@ -120,6 +120,9 @@ CONTROL = Schema(
             "target": (dict, NONE),  # the driver's description of it (e.g. {"id": ...})
             "page_server": (bool, NONE),  # whether the tool's CRIU connects to the page server
             "post_copy": (bool, NONE),  # process pages pulled lazily after the commit
+            # The page connection carries sealed frames (docs/spec/pagestream.md), keys
+            # from the session's data key; CRIU speaks plain on a local socket each side.
+            "page_relay": (bool, NONE),
             # Checked before the source freezes (agent.preflight); the restore checks again:
             "spec": (dict, NONE),  # a container's OCI runtime specification
             "ports": (list, NONE),  # pid: [{"proto", "address", "port"}] it listens on

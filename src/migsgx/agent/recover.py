@@ -16,6 +16,13 @@ agents' mutual-TLS channel (``deliver``):
   (the guardian hands the enclave connections back);
 * no decision yet: nothing is done (the migration is under way, or its source
   enclaves are gone and so is the state: reported);
+* some enclaves decided COMMIT, others nothing yet (the tool died between two
+  commits): the first COMMIT is the commit point of the whole migration, so the
+  rest commit too (rolled forward: ``__mig_commit`` on the connections the
+  guardian holds; the platform store refuses an ABORT in a group that
+  committed, ``docs/spec/commit.md`` 1.1), and then the tokens go as above.
+  ``migsgx recover`` itself holds no enclave connection: it wakes the guardian
+  and waits for it;
 * every enclave decided COMMIT and the destination keeps the tree held for a
   loaded copy that died before it judged the decision (``copy-lost``, window
   W2): the committed source enclaves deliver their state again to fresh
@@ -53,7 +60,7 @@ from .journal import Journal
 from .protocol import VERSION
 from .tls import AgentIdentity
 
-__all__ = ["Resolution", "recover", "resolve"]
+__all__ = ["Resolution", "decisions_of", "recover", "resolve"]
 
 log = logging.getLogger("migsgx.recover")
 
@@ -62,6 +69,9 @@ DELIVER_TIMEOUT: Final = 30.0
 GUARDIAN_WAIT: Final = 90.0
 #: What delivers the state again: (journal, identity, recorded tokens) -> tokens to deliver.
 Redeliver = Callable[[Journal, AgentIdentity, list[bytes]], list[bytes]]
+#: What commits the undecided source enclaves of a migration that committed (their
+#: indexes in the journal's ``enclave_mids``); the guardian's, which holds them.
+RollForward = Callable[[list[int]], None]
 
 
 @dataclass
@@ -92,14 +102,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _decisions(platform_state: Path, mids: list[bytes]) -> list[Decision | None]:
+def decisions_of(platform_state: Path, mids: list[bytes]) -> list[Decision | None]:
     store = CounterStore(platform_state / COUNTERS)
     return [store.decision(mid) for mid in mids]
 
 
-def _deliver(
-    journal: Journal, identity: AgentIdentity, frames: list[bytes]
-) -> tuple[str, str]:
+def _deliver(journal: Journal, identity: AgentIdentity, frames: list[bytes]) -> tuple[str, str]:
     """Carry ``frames`` to the destination agent; its outcome and a detail."""
 
     try:
@@ -146,6 +154,11 @@ def _lost(journal: Journal, outcome: str) -> str:
         f"stopped (pids {' '.join(map(str, stopped)) or 'none left'}): remove it by hand"
     )
 
+
+_MIXED = (
+    "some enclaves committed, the others have not decided yet: the first COMMIT is the "
+    "commit point, so they must commit too"
+)
 
 _COPY_LOST = (
     "committed; the destination keeps the tree held, but its loaded copy died before "
@@ -220,11 +233,14 @@ def resolve(
     *,
     tool_gone: bool = False,
     redeliver: Redeliver | None = None,
+    roll_forward: RollForward | None = None,
 ) -> Resolution:
     """Resolve one migration (see the module docstring).
 
     ``redeliver`` (the guardian's, which holds the committed source enclaves)
-    delivers the state again when the destination lost a loaded copy.
+    delivers the state again when the destination lost a loaded copy;
+    ``roll_forward`` (the guardian's too) commits the enclaves that had not
+    decided when another of the same migration committed.
     """
 
     mid = journal.data["mid"]
@@ -232,8 +248,13 @@ def resolve(
         return Resolution(mid, journal.phase, "-", "done")
     if not tool_gone and _alive(int(journal.data["tool_pid"])) and journal.phase != "aborted":
         return Resolution(mid, journal.phase, "-", "in-progress", "its tool still runs")
-    decisions = _decisions(platform_state, journal.enclave_mids)
+    decisions = decisions_of(platform_state, journal.enclave_mids)
     kinds = {d.kind if d is not None else "none" for d in decisions}
+    if kinds == {"commit", "none"} and roll_forward is not None:
+        # The first COMMIT was the commit point: the rest commit too, never abort.
+        roll_forward([i for i, d in enumerate(decisions) if d is None])
+        decisions = decisions_of(platform_state, journal.enclave_mids)
+        kinds = {d.kind if d is not None else "none" for d in decisions}
     if not decisions or kinds == {"none"}:
         # No source enclave decided: none committed, so no destination copy can run.
         if journal.phase in ("begun", "aborted") or not decisions:
@@ -277,10 +298,16 @@ def resolve(
             mid, journal.phase, "commit", "in-doubt",
             f"committed; the destination answered {outcome!r} {detail}".strip(),
         )  # fmt: skip
+    if kinds == {"commit", "none"}:
+        undecided = [str(i) for i, d in enumerate(decisions) if d is None]
+        return Resolution(mid, journal.phase, "mixed", "in-doubt",
+                          f"{_MIXED} (enclave(s) {', '.join(undecided)})")  # fmt: skip
     if "commit" in kinds:
+        # Only where a platform store could not be read or written when an abort
+        # was recorded (the group rule is the store's): an operator decides.
         return Resolution(
             mid, journal.phase, "mixed", "in-doubt",
-            "some enclaves committed, others did not: an operator decides",
+            "some enclaves committed, others aborted: an operator decides",
         )  # fmt: skip
     # At least one ABORT and no COMMIT: the source is the copy; end the destination's.
     frames = [d.frame if d is not None else b"" for d in decisions]
@@ -305,26 +332,43 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
     for journal in Journal.all(identity.directory):
         try:
             result = resolve(journal, Path(state), identity)
-            if result.detail == _COPY_LOST:
+            if result.detail == _COPY_LOST or result.detail.startswith(_MIXED):
                 result = _through_guardian(journal, result)
             results.append(result)
         except (MigSGXError, OSError) as exc:
             results.append(
                 Resolution(journal.data["mid"], journal.phase, "?", "in-doubt", str(exc))
             )
+    # A damaged journal still says a migration started: never report "nothing to do".
+    for path, why in Journal.damaged(identity.directory):
+        results.append(
+            Resolution(
+                path.stem[:64], "?", "?", "in-doubt", f"{why}; check both hosts, then remove {path}"
+            )
+        )
     return results
 
 
 def _through_guardian(journal: Journal, result: Resolution) -> Resolution:
-    """The state must come again: only the guardian holds the source enclaves.
+    """The state must come again, or the rest must commit: only the guardian holds
+    the source enclaves.
 
     It retries by itself with a growing pause; SIGUSR1 makes it try at once,
     and this waits for its journal to say ``done``.  No guardian: the committed
-    source enclaves ended with it, and so did the state.
+    source enclaves ended with it, and so did the state.  (Undecided ones whose
+    connection closed committed by themselves when their group had: what is
+    still undecided then is an enclave that died before it could.)
     """
 
     pid = journal.guardian_pid
     if not pid or not _is_guardian(pid):
+        if result.decision == "mixed":
+            return Resolution(
+                result.mid, journal.phase, "mixed", "in-doubt",
+                f"{result.detail}; no guardian holds them any more: an undecided source "
+                "enclave that died took its state with it (its destination copy needs a "
+                "token only it could make); an operator decides",
+            )  # fmt: skip
         return Resolution(
             result.mid, journal.phase, "commit", "lost",
             f"{_COPY_LOST}, and the guardian that held them is gone: so is the state. "
@@ -342,6 +386,6 @@ def _through_guardian(journal: Journal, result: Resolution) -> Resolution:
             break
         time.sleep(0.1)
     return Resolution(
-        result.mid, journal.phase, "commit", "in-doubt",
-        f"{_COPY_LOST}; the guardian (pid {pid}) is at it: run recover later",
+        result.mid, journal.phase, result.decision, "in-doubt",
+        f"{result.detail}; the guardian (pid {pid}) is at it: run recover later",
     )  # fmt: skip

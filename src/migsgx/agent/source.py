@@ -56,6 +56,7 @@ from ..containers.runc_lazy import free_port
 from ..core.rounds import StopRules
 from ..criu import Criu, DumpCancel
 from ..datapath.engine import OutgoingEnclave
+from ..datapath.pagerelay import PageRelay, local_pair, relay_keys
 from ..errors import (
     ConfigError,
     CriuError,
@@ -63,6 +64,7 @@ from ..errors import (
     LostAfterCommitError,
     MigrationError,
     MigSGXError,
+    PageStreamError,
     PostCopyUnavailableError,
     ProtocolError,
     SourceGoneError,
@@ -150,8 +152,12 @@ class MigrateOptions:
     lazy_port: int = 0  # where the source's CRIU serves it (0: a port the kernel picks)
     # Stop-and-copy: the destination enclaves launch and attest before the freeze.
     early_handshake: bool = True
-    #: CRIU's dump (with its page stream) this much nicer than the tool's other
-    #: threads, the enclave streams beside it (negative: less nice).
+    #: The pid driver's pages through the sealed relay (``docs/spec/pagestream.md``);
+    #: False: in CRIU's own TLS (GnuTLS), the slower path kept for comparison.
+    page_relay: bool = True
+    #: CRIU's dump (with its page stream: the page relay's source end too) this much
+    #: nicer than the tool's other threads, the enclave streams beside it (negative:
+    #: less nice).
     criu_nice: int = 0
 
 
@@ -192,6 +198,7 @@ class _Migration:
         self.source: Source | None = None
         self.tcp_keep = False
         self.page_server = False
+        self.page_relay: PageRelay | None = None
         self.session_id = b""
         self.journal: Journal | None = None
         self.in_doubt = False
@@ -332,8 +339,11 @@ class _Migration:
             "pids": pids,
             "pidns": pidns,
             "tcp_close": self.opts.tcp_close and not self.tcp_keep,
-            "page_tls": self.page_server or self.opts.post_copy,  # (post-copy: CRIU's TLS)
+            # Pages sealed by the agents' relay, or in CRIU's TLS (post-copy too).
+            "page_tls": (self.page_server and not self._relays_pages()) or self.opts.post_copy,
         }
+        if self._relays_pages():
+            begin["page_relay"] = True
         if self.driver.name != "pid":
             begin.update(driver=self.driver.name, target=self.source.target)
         begin.update(preflight.announce(self.driver.name, self.source, pids))
@@ -422,7 +432,21 @@ class _Migration:
         action = fault("tool.enclave-stream")
         if action is not None and action.startswith("flip-byte="):
             return peer, flipping_relay(peer, int(action.partition("=")[2]))
+        if action is not None and action.startswith("flip-byte-in-dump="):
+            # The damaged byte goes on once CRIU wrote 1 MiB of pages: mid-dump.
+            return peer, flipping_relay(peer, int(action.partition("=")[2]), self._pages_written)
         return peer, peer
+
+    def _pages_written(self) -> bool:
+        """Fault injection: whether this dump's CRIU wrote 1 MiB of pages already."""
+
+        if self.plan is None:
+            return False
+        with contextlib.suppress(OSError):
+            for path in self.plan.images.glob("pages-*.img"):
+                if path.stat().st_size >= 1 << 20:
+                    return True
+        return False
 
     def _start_enclaves(self, ready: dict[str, Any]) -> None:
         self._threads: list[threading.Thread] = []
@@ -540,6 +564,7 @@ class _Migration:
             may_resume=lambda: not self.committed and not self.resume_sent,
             lazy=opts.post_copy,
             cancel=self.cancel,
+            scratch_images=opts.work_dir is None and not opts.keep_images,
         )
         self.plan = plan
         self.note("dump")
@@ -556,13 +581,30 @@ class _Migration:
                         self._on_dumped(dump_dir)
 
                 with nice.niceness(opts.criu_nice):
+                    if self._relays_pages():
+                        # Its threads start here, at CRIU's niceness: they carry its pages.
+                        plan.page_fd = self._open_page_relay(ready)
                     self.driver.dump(self.source, plan, dumped)
         except MigSGXError as exc:
+            relay = self.page_relay
+            if relay is not None and relay.error is not None and not self.cancel.cancelled:
+                # CRIU saw only a closed socket: the relay knows why (CRIU resumed the tree).
+                why = PageStreamError(
+                    f"CRIU's page stream failed ({relay.error}); the destination refuses "
+                    "a stream that does not authenticate"
+                )
+                why.__cause__ = exc
+                raise CriuError(str(why), action="dump") from why
             if not self.cancel.cancelled:
                 raise
             # The dump failed because an enclave did: that is the cause to report.
             if self.cancel.stopped_early:
-                how = "its page connection shut down" if self.cancel.broken else "step refused"
+                how = (
+                    "its page connection shut down" if self.cancel.broken
+                    else "its page relay shut down" if self.cancel.cut and self.page_relay
+                    else "its image directory filled up" if self.cancel.cut
+                    else "step refused"
+                )  # fmt: skip
                 log.warning("CRIU's dump was stopped early (%s): an enclave stream failed", how)
             self._join_enclaves()
             for transfer in self.transfers:
@@ -573,7 +615,38 @@ class _Migration:
                         f"{type(err).__name__}: {err}"
                     ) from exc
             raise
+        finally:
+            if self.page_relay is not None:
+                self.cancel.remove_stop(self._stop_page_relay)
+                self.page_relay.dispose()
         self.note("end")
+
+    def _relays_pages(self) -> bool:
+        return self.page_server and self.driver.name == "pid" and self.opts.page_relay
+
+    def _open_page_relay(self, ready: Mapping[str, Any]) -> int:
+        """Connect to the destination's page port; CRIU's end of the local pair (its to close)."""
+
+        try:
+            wire = socket.create_connection(
+                (self.opts.to[0], int(ready["page_port"])), timeout=CONNECT_TIMEOUT
+            )
+        except OSError as exc:
+            raise MigrationError(f"cannot reach the destination's page port: {exc}") from exc
+        wire.settimeout(None)
+        ours, theirs = local_pair()
+        keys = relay_keys(self.data_key, self.session_id, source=True)
+        self.page_relay = PageRelay(ours, wire, **keys).start()
+        self.cancel.add_stop(self._stop_page_relay)
+        return theirs.detach()
+
+    def _stop_page_relay(self) -> int:
+        """The cancel's stop: CRIU's next page write fails, and it resumes the tree."""
+
+        if self.page_relay is None:
+            return 0
+        self.page_relay.abort("the dump was cancelled")
+        return 1
 
     def _lazy_address(self) -> tuple[str, int]:
         """Where the source's CRIU serves lazy pages.
@@ -709,6 +782,10 @@ class _Migration:
         """The source is frozen and its images complete: move, restore, fence, commit."""
 
         self.note("dumped")
+        if self.page_relay is not None:
+            # CRIU closed its page connection: both directions must have ended
+            # with their last frame, or nothing of this dump may be used.
+            self.page_relay.wait(self.opts.io_timeout)
         self._finish_enclaves()
         self._inject(self._fault("tool.before-images"))
         self._stream_images(dump_dir)
@@ -850,8 +927,10 @@ class _Migration:
     def _inject(self, action: str | None) -> None:
         """Fault injection that kills another party of this host (the fault matrix)."""
 
-        if action == "kill-guardian" and self.guardian is not None:
+        if action in ("kill-guardian", "kill-guardian-and-tool") and self.guardian is not None:
             kill_dead([self.guardian.proc.pid])
+            if action == "kill-guardian-and-tool":
+                os.kill(os.getpid(), signal.SIGKILL)
         elif action == "kill-source-enclave":
             kill_dead([t.handed.info.pid for t in self.transfers])
         elif action == "kill-criu" and self.lazy is not None:
@@ -868,9 +947,20 @@ class _Migration:
                     connection_fault(transfer.peer, action.removesuffix("-data"))
 
     def _commit_enclaves(self) -> None:
-        """Every source enclave decides COMMIT; the first one that does is the commit point."""
+        """Every source enclave decides COMMIT; the first one that does is the commit point.
+
+        First every enclave learns the migration's group (its session id): from
+        the first COMMIT on, the source host's platform store refuses an abort of
+        any of them, so that whoever finishes a migration cut between two commits
+        (the guardian, an enclave whose driver died) commits the rest.
+        """
 
         for transfer in self.transfers:
+            assert transfer.outgoing is not None
+            transfer.outgoing.join_group(self.session_id)
+        for transfer in self.transfers:
+            if self.committed:
+                self._inject(self._fault("tool.between-commits"))
             try:
                 assert transfer.outgoing is not None
                 transfer.outgoing.decide()
@@ -968,6 +1058,11 @@ class _Migration:
             "enclaves": len(self.transfers),
             "enclave_bytes": enclave_bytes,
             "page_bytes": self.page_bytes,
+            # How CRIU's pages travelled: "relay" (sealed frames), "criu-tls", or "none".
+            "page_path": (
+                ("relay" if self._relays_pages() else "criu-tls") if self.page_server else "none"
+            ),
+            "page_relay_bytes": self.page_relay.sent if self.page_relay is not None else 0,
             "image_bytes": self.image_bytes,
             "restored_pid": self.restored_pid,
             "enclave_stats": [x.stats for x in self.transfers],

@@ -129,10 +129,17 @@ class DumpPlan:
     #: Triggered (from another thread) when the migration failed before the commit
     #: point: a driver that can stops its dump early, so the source runs again at once.
     cancel: DumpCancel | None = None
+    #: The images directory is the tool's own scratch space (empty, removed after the
+    #: migration): a driver may mount over it for the dump (:mod:`.imagefs`).
+    scratch_images: bool = False
     #: Post-copy, set by a driver whose source outlives its dump (runc: frozen until
     #: decided) once ``on_dumped`` may run: the engine calls it once, True after the
     #: commit (the source goes), False before it (the source runs again).
     settle: Callable[[bool], None] | None = None
+    #: CRIU's end of a local socket pair to the engine's sealed page relay
+    #: (:mod:`migsgx.datapath.pagerelay`): a driver that can (pid) has CRIU speak
+    #: plain on it, and ignores ``page_server`` and ``page_tls``.
+    page_fd: int | None = None
     #: Post-copy, set with ``settle``: the processes that serve the pages (for the
     #: guardian, and to end the serving on an abort); default: the engine's CRIU.
     lazy_pids: Callable[[], list[int]] | None = None

@@ -55,8 +55,9 @@ from .base import (
     check_name,
 )
 from .command import bring_lo_up, json_object, run_engine, with_path
-from .frozen import dump_frozen, own_netns_path, write_criu_config
+from .frozen import dump_frozen, own_netns_path, stop_if_cancelled, write_criu_config
 from .image_admission import admit_images
+from .imagefs import ImageFs, cuttable_images
 from .layout import CheckpointParts, write_checkpoint_image
 from .oci import Localization, joined_host_netns, load_json, localize
 from .settings import ContainerSettings
@@ -215,15 +216,23 @@ class ContainerdDriver:
         shim = _parent(source.root)
         prefix = [] if shim is None else ["nsenter", f"--net=/proc/{shim}/ns/net"]
 
+        images: list[ImageFs] = []
+
         def checkpoint() -> None:
-            self._checkpoint(prefix, cid, plan.images, tcp_established=plan.tcp_close)
+            with images[0].engine_dumps():
+                self._checkpoint(prefix, cid, plan.images, tcp_established=plan.tcp_close)
+            stop_if_cancelled(plan)  # (cut: the directory is full, nothing more goes in)
             (plan.images / CONTAINERD_RECORD).write_text(json.dumps(source.private["record"]))
             if source.private["snapshot"]:
                 self._rw_diff(source, plan.images / CONTAINERD_RW)
 
-        dump_frozen(
-            source, plan, on_dumped, checkpoint=checkpoint, remove=lambda: self.ctr.remove(cid)
-        )
+        # runc's CRIU writes its images here: a failed enclave stream fills the
+        # directory up, so that CRIU's own error path ends the dump at once.
+        with cuttable_images(plan) as fs:
+            images.append(fs)
+            dump_frozen(
+                source, plan, on_dumped, checkpoint=checkpoint, remove=lambda: self.ctr.remove(cid)
+            )
 
     def _checkpoint(
         self, prefix: list[str], cid: str, images: Path, *, tcp_established: bool

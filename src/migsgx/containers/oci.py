@@ -64,7 +64,7 @@ def load_json(path: Path, what: str) -> dict[str, Any]:
         raise ProtocolError(f"the {what} exceeds {MAX_CONFIG_BYTES} bytes")
     try:
         value = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # (a peer may nest it too deep)
         raise ProtocolError(f"the {what} is not JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise ProtocolError(f"the {what} is not a JSON object")

@@ -1,8 +1,9 @@
 """The ``pid`` driver: a process tree, checkpointed and restored with CRIU directly.
 
 The source is dumped with CRIU inside the tree's network and mount
-namespaces, its pages straight to the destination's page server (in CRIU's
-mutual TLS when asked).  ``on_dumped`` runs in CRIU's ``post-dump``
+namespaces, its pages to the destination's page server: through the
+engine's sealed relay when the plan has a ``page_fd`` (the production path),
+else straight, in CRIU's mutual TLS when asked.  ``on_dumped`` runs in CRIU's ``post-dump``
 notification, with the tree frozen: if it raises, CRIU resumes the tree
 (the veto); if it returns, CRIU kills it.  The destination restores the tree
 with ``leave_stopped``: CRIU queues a SIGSTOP to every task while it still
@@ -46,7 +47,8 @@ class PidDriver:
 
     def dump(self, source: Source, plan: DumpPlan, on_dumped: Callable[[], None]) -> None:
         extra: dict[str, bool | str] = {"tcp_close": True} if plan.tcp_close else {}
-        if plan.page_tls is not None:
+        page_fd = None if plan.lazy else plan.page_fd
+        if plan.page_tls is not None and page_fd is None:
             ca, cert, key = plan.page_tls
             extra.update(tls=True, tls_cacert=str(ca), tls_cert=str(cert), tls_key=str(key))
 
@@ -54,7 +56,7 @@ class PidDriver:
             if script == "post-dump":
                 on_dumped()
 
-        page_server = plan.page_server
+        page_server = None if page_fd is not None else plan.page_server
         criu = self.host.criu
         if plan.lazy:
             check_pipe_max_size()
@@ -74,6 +76,7 @@ class PidDriver:
             file_locks=True,  # held POSIX and flock locks (sqlite in WAL mode) move with it
             lazy_pages=plan.lazy,
             page_server=page_server,
+            page_fd=page_fd,
             notify=notify,
             enter=InTaskNamespaces(source.root),
             extra=extra,

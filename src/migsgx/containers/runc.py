@@ -57,6 +57,7 @@ from .base import (
 from .command import bring_lo_up
 from .frozen import dump_frozen, own_netns_path, stop_if_cancelled, write_criu_config
 from .image_admission import admit_images
+from .imagefs import ImageFs, cuttable_images
 from .oci import (
     Localization,
     extract_tree,
@@ -139,10 +140,13 @@ class RuncDriver:
                 stop=lambda: stop_if_cancelled(plan),
             )  # fmt: skip
 
+        images: list[ImageFs] = []
+
         def checkpoint() -> None:
-            self.runc.checkpoint(
-                cid, plan.images, page_server=plan.page_server, tcp_established=tcp
-            )
+            with images[0].engine_dumps() if images else contextlib.nullcontext():
+                self.runc.checkpoint(
+                    cid, plan.images, page_server=plan.page_server, tcp_established=tcp
+                )
             copy_files()
 
         def start_lazy() -> LazyCheckpoint:
@@ -159,8 +163,12 @@ class RuncDriver:
                 dump_lazy(source, plan, on_dumped, start=start_lazy, copy_files=copy_files,
                           remove=remove, unlock=unlock)  # fmt: skip
             else:
-                dump_frozen(source, plan, on_dumped, checkpoint=checkpoint, remove=remove,
-                            unlock=unlock)  # fmt: skip
+                # runc's CRIU writes its images here: a failed enclave stream fills the
+                # directory up, so that CRIU's own error path ends the dump at once.
+                with cuttable_images(plan) as fs:
+                    images.append(fs)
+                    dump_frozen(source, plan, on_dumped, checkpoint=checkpoint, remove=remove,
+                                unlock=unlock)  # fmt: skip
 
         def remove() -> None:
             try:

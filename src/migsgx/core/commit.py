@@ -269,14 +269,26 @@ class SourceCommit(_CommitEnd):
         self._state = target
         return token
 
-    def abort(self, code: str = "aborted", message: str = "") -> bytes:
-        """Give up the migration (e.g. on a timeout); the source goes on. Returns the ABORT."""
+    def abort(
+        self,
+        code: str = "aborted",
+        message: str = "",
+        record: Callable[[bytes], None] | None = None,
+    ) -> bytes:
+        """Give up the migration (e.g. on a timeout); the source goes on. Returns the ABORT.
+
+        ``record`` (the source host's decision record) sees the frame first; if
+        it raises, nothing changed here (another enclave of the same migration
+        committed first: this one must commit too, not abort).
+        """
 
         target = self._local("abort")
         msg = {"t": "abort", "mid": self._mid, "code": code[:64], "message": message[:512]}
         frame = seal_control(
             self._send_key, SOURCE_TO_DESTINATION, self._mid, self._th, msg, self._rng(12)
         )
+        if record is not None:
+            record(frame)
         self._state = target
         return frame
 

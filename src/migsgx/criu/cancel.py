@@ -14,6 +14,13 @@ the network and resumes them.  Two ways lead there, both used by
   address (the page server's), duplicated with ``pidfd_getfd`` and shut down;
   any other socket CRIU holds (the dumped tasks' own, while it dumps them) is
   left alone;
+* the **relay**: when the pages go through a local socket pair to a relay
+  (:mod:`migsgx.datapath.pagerelay`), the engine registers a stop
+  (:meth:`DumpCancel.add_stop`) that shuts the relay down, with the same effect;
+* the **image directory**: an engine that runs CRIU itself (``runc checkpoint``)
+  writes the images to a local directory; a driver can mount a tmpfs of its own
+  there and register a stop (:meth:`DumpCancel.add_stop`) that shrinks it to
+  what is written: CRIU's next write fails (:mod:`migsgx.containers.imagefs`);
 * the **next notification**: CRIU asks at several steps (``pre-dump``, and
   once the tree is frozen ``query-ext-files``, ``network-lock`` when it dumps
   a network namespace, finally ``post-dump``); a cancelled dump answers "no"
@@ -62,6 +69,9 @@ class DumpCancel:
         self.broken = 0
         #: Whether a notification was answered "no" because of the cancel.
         self.vetoed = False
+        #: How many of the drivers' stops (:meth:`add_stop`) cut the dump.
+        self.cut = 0
+        self._stops: list[Callable[[], int]] = []
 
     @property
     def cancelled(self) -> bool:
@@ -71,7 +81,22 @@ class DumpCancel:
     def stopped_early(self) -> bool:
         """Whether the cancel cut the dump short (rather than coming after it ended)."""
 
-        return self.broken > 0 or self.vetoed
+        return self.broken > 0 or self.vetoed or self.cut > 0
+
+    def add_stop(self, stop: Callable[[], int]) -> None:
+        """A driver's way to cut its engine's dump (returns 1 if it did); run on the
+        cancel, or at once when the dump was cancelled already."""
+
+        with self._lock:
+            self._stops.append(stop)
+            if self.reason is not None:
+                self._stop(stop)
+
+    def remove_stop(self, stop: Callable[[], int]) -> None:
+        """The engine's dump ended: that stop must not run any more."""
+
+        with self._lock, contextlib.suppress(ValueError):
+            self._stops.remove(stop)
 
     def bind(self, pid: int, page_server: tuple[str, int] | None) -> None:
         """CRIU runs as ``pid`` (its page stream goes to ``page_server``)."""
@@ -120,6 +145,8 @@ class DumpCancel:
             self.reason = reason
             if self._pid is not None:
                 self._break()
+            for stop in self._stops:
+                self._stop(stop)
 
     def check(self) -> None:
         """Raise if cancelled: called at CRIU's notifications, whose veto ends the dump."""
@@ -127,6 +154,12 @@ class DumpCancel:
         if self.reason is not None:
             self.vetoed = True
             raise CriuError(f"the dump was cancelled: {self.reason}", action="dump")
+
+    def _stop(self, stop: Callable[[], int]) -> None:
+        try:
+            self.cut += stop()
+        except OSError as exc:
+            log.warning("cannot cut the engine's dump (%s); it stops at its next step", exc)
 
     def _break(self) -> None:
         if self._pid is None or self._server is None:

@@ -215,6 +215,7 @@ class Criu:
         parent_img: str | None = None,
         lazy_pages: bool = False,
         page_server: tuple[str, int] | None = None,
+        page_fd: int | None = None,
         log_file: str = "dump.log",
         notify: NotifyCallback | None = None,
         enter: Enter | None = None,
@@ -222,6 +223,12 @@ class Criu:
         cancel: DumpCancel | None = None,
     ) -> None:
         """Checkpoint the process tree rooted at ``pid`` into ``images_dir``.
+
+        ``page_fd``: a connected stream socket on which CRIU speaks to a page
+        server (``criu_page_server_info.fd``, passed to ``criu swrk``) instead
+        of connecting to ``page_server`` itself.  It is closed here once CRIU
+        holds it (whatever happens), so that its peer sees the end of the
+        stream when CRIU closes its copy.
 
         Unless ``leave_running``, CRIU kills the tree once the images are
         complete and ``post-dump`` was answered with success.  ``cancel``, when
@@ -235,7 +242,7 @@ class Criu:
             "DUMP", pid, images_dir, parent_img, page_server, log_file, notify, enter, extra,
             leave_running=leave_running, shell_job=shell_job, tcp_established=tcp_established,
             ext_unix_sk=ext_unix_sk, file_locks=file_locks, track_mem=track_mem,
-            lazy_pages=lazy_pages, cancel=cancel,
+            lazy_pages=lazy_pages, cancel=cancel, page_fd=page_fd,
         )  # fmt: skip
 
     def pre_dump(
@@ -279,6 +286,7 @@ class Criu:
         enter: Enter | None,
         extra: Mapping[str, OptionValue] | None,
         cancel: DumpCancel | None = None,
+        page_fd: int | None = None,
         **flags: bool,
     ) -> None:
         """DUMP and PRE_DUMP are one request with different flags."""
@@ -288,7 +296,7 @@ class Criu:
             opts["parent_img"] = parent_img
         self._request(
             kind, Path(images_dir), log_file=log_file, notify=notify, enter=enter, opts=opts,
-            page_server=page_server, extra=extra, cancel=cancel,
+            page_server=page_server, extra=extra, cancel=cancel, page_fd=page_fd,
         )  # fmt: skip
 
     def restore(
@@ -355,6 +363,7 @@ class Criu:
         extra: Mapping[str, OptionValue] | None = None,
         features: Mapping[str, bool] | None = None,
         cancel: DumpCancel | None = None,
+        page_fd: int | None = None,
     ) -> Any:
         pb = _pb()
         action = kind.lower().replace("_", "-")
@@ -369,6 +378,8 @@ class Criu:
             try:
                 dir_fd = os.open(images_dir, os.O_RDONLY | os.O_DIRECTORY)
             except OSError as exc:
+                if page_fd is not None:
+                    os.close(page_fd)
                 raise CriuError(
                     f"criu {action}: cannot open images directory {images_dir}: {exc}",
                     action=action,
@@ -386,11 +397,21 @@ class Criu:
                     setattr(o, name, value)
                 if page_server is not None:
                     o.ps.address, o.ps.port = page_server
+                if page_fd is not None:
+                    o.ps.fd = page_fd  # the same number in CRIU: passed below
                 _apply_extra(o, extra or {})
             log_path = images_dir / log_file if images_dir is not None and log_file else None
             # CRIU opens the images directory as /proc/<our pid>/fd/<dir_fd>:
             # the descriptor stays open here until CRIU has answered.
-            session = _Session(self.binary, enter, self.timeout, action, log_path)
+            try:
+                session = _Session(
+                    self.binary, enter, self.timeout, action, log_path,
+                    () if page_fd is None else (page_fd,),
+                )  # fmt: skip
+            finally:
+                if page_fd is not None:
+                    os.close(page_fd)
+                    page_fd = None
             if cancel is None:
                 return session.run(pb, req, notify)
             cancel.bind(session.proc.pid, page_server)
@@ -401,6 +422,8 @@ class Criu:
         finally:
             if dir_fd >= 0:
                 os.close(dir_fd)
+            if page_fd is not None:  # (CRIU never started)
+                os.close(page_fd)
 
 
 def _descendants(root: int) -> list[int]:
@@ -448,6 +471,7 @@ class _Session:
         timeout: float | None,
         action: str,
         log_path: Path | None,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.action = action
         self.log_path = log_path
@@ -458,7 +482,7 @@ class _Session:
         try:
             self.proc = subprocess.Popen(
                 argv,
-                pass_fds=(theirs.fileno(),),
+                pass_fds=(theirs.fileno(), *pass_fds),
                 stdin=subprocess.DEVNULL,
                 stdout=self.stderr,
                 stderr=self.stderr,

@@ -208,7 +208,7 @@ class CheckpointIn:
             key_blob = key_path.read_bytes()
             facts = json.loads(meta_path.read_text())
             chunk = int(facts["chunk_bytes"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, OverflowError) as exc:
             raise ConfigError(
                 f"checkpoint {self.directory} lacks enclave {self.index}: {exc}"
             ) from exc

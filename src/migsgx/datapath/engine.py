@@ -532,6 +532,16 @@ class OutgoingEnclave:
         self.deliver()
         self.release()
 
+    def join_group(self, group: bytes) -> None:
+        """Before any enclave of the migration decides: the migration's group id.
+
+        With it the source host's platform store keeps the enclaves of one
+        application together: once one committed, an abort of another is
+        refused and that enclave commits instead (``docs/spec/commit.md``, 1.1).
+        """
+
+        self.link.call("__mig_group", bytes(group))
+
     def decide(self) -> bytes:
         """Decide COMMIT (durably, in the source enclave) and return the token.
 

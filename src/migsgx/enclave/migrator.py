@@ -24,7 +24,6 @@ keys or plaintext happens here:
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 import time
@@ -50,6 +49,7 @@ from ..errors import (
     CheckpointGateError,
     ClaimedBeforeError,
     CommittedError,
+    GroupDecidedError,
     MigrationError,
     MigSGXError,
     PersistentStateError,
@@ -155,6 +155,9 @@ class Migrator:
         self._committed_mid = b""
         self.redelivering = False
         self._repair_pending: tuple[bytes, bytes] | None = None
+        #: The migration this enclave moves in with the application's others
+        #: (``__mig_group``): the first decision of any of them binds them all.
+        self.group = b""
 
     @property
     def persistent(self) -> PersistentState:
@@ -409,11 +412,16 @@ class Migrator:
             return token
 
         def record(token: bytes) -> None:
-            decision = Decision(sc.migration_id, "commit", token)
-            held = self.persistent.retire_with(
-                "this enclave's persistent state has moved to another host",
-                lambda retire: services.decide(decision, retire),
-            )
+            decision = Decision(sc.migration_id, "commit", token, group=self.group)
+            try:
+                held = self.persistent.retire_with(
+                    "this enclave's persistent state has moved to another host",
+                    lambda retire: services.decide(decision, retire),
+                )
+            except GroupDecidedError as exc:
+                raise MigrationError(
+                    "another enclave of this migration aborted: this one cannot commit"
+                ) from exc
             if held.kind != "commit":
                 raise MigrationError("this migration was decided aborted before")
 
@@ -422,6 +430,28 @@ class Migrator:
         self._token = token
         self._committed_mid = sc.migration_id
         return token
+
+    def set_group(self, group: bytes) -> None:
+        """Source, before its decision: the migration it moves in with other enclaves.
+
+        Every enclave of one application's migration gets the same 16-byte id
+        before the first of them decides; the platform store then refuses an
+        ABORT of any of them once one committed, and a COMMIT once one aborted
+        (``docs/spec/commit.md``, section 1.1).  Set once; the same id again is
+        accepted (a retry), another is refused.
+        """
+
+        if not isinstance(group, bytes) or len(group) != 16:
+            raise ProtocolError("a migration group id has 16 bytes")
+        sc = self.source_commit
+        if self.role is not Role.SOURCE or sc is None or self.checkpoint is not None:
+            raise ProtocolError("only a migrating source joins a migration group")
+        if self.committed or sc.state not in (CommitState.AWAIT_LOADED,
+                                              CommitState.LOAD_CONFIRMED):  # fmt: skip
+            raise ProtocolError("this migration was decided already")
+        if self.group and self.group != group:
+            raise ProtocolError("this enclave is in another migration group")
+        self.group = bytes(group)
 
     def token(self) -> bytes:
         """Source, committed: the COMMIT token again, for a re-delivery."""
@@ -664,12 +694,28 @@ class Migrator:
             raise AwaitingDecisionError(
                 "this enclave confirmed its load; only the source's decision ends it"
             )
+        sc = self.source_commit
         try:
-            if self.source_commit is not None:
-                frame = self.source_commit.abort("aborted", reason[:200])
-                self._record_abort(self.source_commit.migration_id, frame)
+            if sc is not None:
+                frame = sc.abort("aborted", reason[:200], record=self._record_abort)
             elif dc is not None:
                 frame = dc.abort("aborted", reason[:200])
+        except GroupDecidedError:
+            # Another enclave of this migration committed first: that is the commit
+            # point of the whole migration.  This one rolls forward, never back.
+            assert sc is not None
+            if sc.state is not CommitState.LOAD_CONFIRMED:
+                raise  # (a tool commits only after every LOADED: stays frozen, said)
+            try:
+                self.commit()
+            except MigSGXError as exc:
+                raise GroupDecidedError(
+                    f"another enclave of this migration committed; this one stays frozen "
+                    f"until it can commit too ({exc.code})"
+                ) from exc
+            raise CommittedError(
+                "another enclave of this migration committed: this one committed too"
+            ) from None
         except MigSGXError:
             frame = b""
         was_source = self.role is Role.SOURCE
@@ -691,12 +737,22 @@ class Migrator:
             self.instance.retire("a migration into this enclave was aborted")
         return frame
 
-    def _record_abort(self, migration_id: bytes, frame: bytes) -> None:
+    def _record_abort(self, frame: bytes) -> None:
         """Best effort: the in-memory ABORT already forbids a commit; the record lets
-        anyone carry the ABORT to the destination later (``migsgx recover``)."""
+        anyone carry the ABORT to the destination later (``migsgx recover``).
 
-        with contextlib.suppress(MigSGXError, OSError):
-            self.instance.services.decide(Decision(migration_id, "abort", frame))
+        Except in a migration group whose first decision was a COMMIT: then
+        :class:`GroupDecidedError` goes up and nothing is aborted.
+        """
+
+        assert self.source_commit is not None
+        decision = Decision(self.source_commit.migration_id, "abort", frame, group=self.group)
+        try:
+            self.instance.services.decide(decision)
+        except GroupDecidedError:
+            raise
+        except (MigSGXError, OSError):
+            pass
 
     def status(self) -> dict[str, Any]:
         return {
@@ -759,6 +815,7 @@ class Migrator:
         self.dumping = False
         self._pending_state = None
         self._pending_persistent = None
+        self.group = b""
 
     # --- checkpoints: a migration whose destination is a file ------------------------
     def ckpt_out(self) -> dict[str, Any]:
@@ -883,6 +940,7 @@ _CALLS: dict[str, Any] = {
     "__mig_load": Migrator.load,
     "__mig_commit_in": Migrator.commit_in,
     "__mig_abort": Migrator.abort,
+    "__mig_group": Migrator.set_group,
     "__mig_status": Migrator.status,
     "__mig_token": Migrator.token,
     "__mig_release": Migrator.release,

@@ -222,6 +222,7 @@ class ChannelServices:
                 "mid": decision.migration_id,
                 "kind": decision.kind,
                 "frame": decision.frame,
+                "group": decision.group,
                 "changes": [{"name": name, **update.to_wire()} for name, update in retire],
             }
         )
@@ -533,8 +534,13 @@ def main(argv: list[str] | None = None) -> int:
     except MigSGXError:
         log("ECALLs still running at exit")
     if channel.migrator.role is not None and not channel.migrator.committed:
-        channel.migrator.abort("the driver went away")
-        reason += " during a migration (aborted)"
+        try:
+            channel.migrator.abort("the driver went away")
+            reason += " during a migration (aborted)"
+        except MigSGXError as exc:
+            # Another enclave of its migration committed first: this one committed
+            # too (its token is in the decision record), or could not (said).
+            reason += f" during a migration ({exc.code}: {exc.message})"
     instance.retire(reason)
     log(f"exiting: {reason}")
     return 0

@@ -32,6 +32,7 @@ from typing import Any, Final
 import cbor2
 from google.protobuf import any_pb2
 
+from .._records import hex_text
 from ..criu.images import command_of, process_tree
 from ..errors import ImageError, InspectError, MigSGXError
 from ..sgx.image import EnclaveImage
@@ -167,7 +168,7 @@ def _blob(bundle: Bundle, desc: Mapping[str, Any]) -> Member:
 def _json(member: Member) -> dict[str, Any]:
     try:
         value = json.loads(member.read())
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # (a forged file may nest too deep)
         raise InspectError(f"{member.name}: not JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise InspectError(f"{member.name}: not a JSON object")
@@ -236,6 +237,8 @@ def _enclave(
         raise InspectError(f"enclave-{index}.key: not a sealed blob")
     _, policy, key_svn, _cpu_svn = SEAL_HEADER.unpack_from(key)
     ckpt_id = str(facts.get("checkpoint_id") or "")
+    if not hex_text(ckpt_id):
+        raise InspectError(f"enclave-{index}.json: its checkpoint id is not hex")
     if claims is None:
         status = "restorable once, on the host that sealed it" if committed else "not committed"
     elif any(c.endswith(b"/" + bytes.fromhex(ckpt_id)) for c in claims if ckpt_id):

@@ -89,7 +89,7 @@ class Collateral:
                 fields[name] = value
             for name in _BINARY:
                 fields[name] = bytes.fromhex(doc[name])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise CollateralError(f"collateral is malformed: {exc!r}") from exc
         return cls(**fields)  # type: ignore[arg-type]
 
@@ -111,7 +111,7 @@ class Collateral:
     def _document(self, text: str, key: str) -> dict[str, object]:
         try:
             doc = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # (nested too deep)
             raise CollateralError(f"{key} is not JSON") from exc
         if not isinstance(doc, dict):
             raise CollateralError(f"{key} is not a JSON object")

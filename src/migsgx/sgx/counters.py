@@ -32,7 +32,13 @@ from typing import Any
 import cbor2
 
 from .._fs import read_private, write_private
-from ..errors import ClaimedBeforeError, CounterError, RecordConflictError, StoreFullError
+from ..errors import (
+    ClaimedBeforeError,
+    CounterError,
+    GroupDecidedError,
+    RecordConflictError,
+    StoreFullError,
+)
 
 # Quotas.  Every owner (MRSIGNER + product id + DEBUG) has its own; the host-wide
 # caps bound the files however many owners launch control lets in.  A full store
@@ -135,12 +141,15 @@ class Decision:
     ``kind`` is ``commit`` (``frame`` is the COMMIT token) or ``abort``
     (``frame`` is the sealed ABORT, empty if the handshake never finished).
     Neither frame is secret: anyone may carry it to the destination again.
+    ``group`` (16 bytes, or empty) names the migration the enclave moves with
+    others of one application: the group's first decision binds them all.
     """
 
     migration_id: bytes
     kind: str
     frame: bytes
     at: float = 0.0
+    group: bytes = b""
 
     def __post_init__(self) -> None:
         if self.kind not in DECISION_KINDS:
@@ -149,16 +158,79 @@ class Decision:
             raise CounterError("a migration id has 16 bytes")
         if len(self.frame) > MAX_DECISION_FRAME:
             raise CounterError("a decision frame is limited to 4 KiB")
+        if len(self.group) not in (0, 16):
+            raise CounterError("a migration group id has 16 bytes")
 
     def to_entry(self) -> dict[str, Any]:
-        return {"kind": self.kind, "frame": bytes(self.frame), "at": self.at or time.time()}
+        entry = {"kind": self.kind, "frame": bytes(self.frame), "at": self.at or time.time()}
+        if self.group:
+            entry["group"] = bytes(self.group)
+        return entry
 
     @classmethod
     def from_entry(cls, migration_id: bytes, entry: Any) -> Decision:
-        if not isinstance(entry, dict) or not isinstance(entry.get("frame"), bytes):
+        at = entry.get("at", 0.0) if isinstance(entry, dict) else None
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("frame"), bytes)
+            or not isinstance(entry.get("kind"), str)
+            or not isinstance(at, (int, float))
+            or isinstance(at, bool)
+        ):
             raise CounterError("a recorded decision is corrupt")
-        return cls(bytes(migration_id), str(entry.get("kind")), entry["frame"],
-                   float(entry.get("at", 0.0)))  # fmt: skip
+        group = entry.get("group", b"")
+        if not isinstance(group, bytes):
+            raise CounterError("a recorded decision is corrupt")
+        try:
+            when = float(at)
+        except OverflowError as exc:
+            raise CounterError("a recorded decision is corrupt") from exc
+        return cls(bytes(migration_id), entry["kind"], entry["frame"], when, group)
+
+
+def _is_uint(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNTER_MAX
+
+
+def _entries_sound(
+    counters: dict[Any, Any], records: dict[Any, Any], decisions: dict[Any, Any], claims: list[Any]
+) -> bool:
+    """Every entry has the shape the store writes: a disk or a local edit may break any.
+
+    Checked once per load, so that no operation trips over one malformed entry
+    (a ``TypeError`` deep in a platform request) instead of refusing the store.
+    """
+
+    return (
+        all(
+            isinstance(k, str)
+            and isinstance(c, dict)
+            and isinstance(c.get("owner"), bytes)
+            and _is_uint(c.get("value"))
+            for k, c in counters.items()
+        )
+        and all(
+            isinstance(k, str)
+            and isinstance(r, dict)
+            and isinstance(r.get("owner"), bytes)
+            and isinstance(r.get("blob"), bytes)
+            for k, r in records.items()
+        )
+        and all(
+            isinstance(k, str) and isinstance(d, dict) and isinstance(d.get("owner"), bytes)
+            for k, d in decisions.items()
+        )
+        and all(isinstance(c, bytes) for c in claims)
+    )
+
+
+def _mid_of(key: object) -> bytes:
+    """The migration id a decision is filed under (its hex key); corrupt keys raise."""
+
+    try:
+        return bytes.fromhex(key) if isinstance(key, str) else b""
+    except ValueError:
+        return b""  # (Decision refuses an id that is not 16 bytes)
 
 
 def _record_key(owner: bytes, name: str) -> str:
@@ -193,7 +265,9 @@ class CounterStore:
             or not isinstance(claims, list)
         ):
             raise CounterError(f"counter store {self._path} is corrupt")
-        if not isinstance(decisions, dict):
+        if not isinstance(decisions, dict) or not _entries_sound(
+            counters, records, decisions, claims
+        ):
             raise CounterError(f"counter store {self._path} is corrupt")
         return {
             "v": 1,
@@ -351,6 +425,11 @@ class CounterStore:
         without the other.  A decision of another owner under the same id is
         refused.  Nothing is ever evicted (a full store refuses with
         StoreFullError, and then no commit can happen).
+
+        A decision with a ``group`` whose first recorded decision is of the
+        other kind is refused with :class:`GroupDecidedError` and changes
+        nothing: once one enclave of a migration committed, no other records an
+        abort (it commits too), and the other way round.
         """
 
         keys = self._check_changes(owner, retire)
@@ -363,9 +442,18 @@ class CounterStore:
                 if held.get("owner") != owner:
                     raise CounterError("this migration id was decided by another enclave")
                 return Decision.from_entry(decision.migration_id, held)
-            mine = sum(1 for d in decisions.values() if d.get("owner") == owner)
+            mine = sum(
+                1 for d in decisions.values() if isinstance(d, dict) and d.get("owner") == owner
+            )
             if mine >= MAX_DECISIONS_PER_OWNER or len(decisions) >= MAX_DECISIONS_TOTAL:
                 raise StoreFullError("the host's decision store is full")
+            if decision.group and any(
+                d.get("group") == decision.group and d.get("kind") != decision.kind
+                for d in decisions.values()
+            ):
+                raise GroupDecidedError(
+                    f"another enclave of this migration decided other than {decision.kind}"
+                )
             for record_key, (name, update) in zip(keys, retire, strict=True):
                 self._apply(data, owner, record_key, name, update)
             decisions[key] = {"owner": owner, **decision.to_entry()}
@@ -379,13 +467,24 @@ class CounterStore:
             held = self._load_all()["decisions"].get(bytes(migration_id).hex())
         return None if held is None else Decision.from_entry(migration_id, held)
 
+    def group_decision(self, group: bytes) -> str | None:
+        """The kind every decision of migration group ``group`` has, if any was made."""
+
+        if not group:
+            return None
+        with self._locked():
+            held = self._load_all()["decisions"]
+        kinds = {str(d.get("kind")) for d in held.values() if d.get("group") == bytes(group)}
+        return kinds.pop() if len(kinds) == 1 else None
+
     def decisions(self) -> list[Decision]:
         """Every recorded decision, oldest first."""
 
         with self._locked():
             held = self._load_all()["decisions"]
-        items = [Decision.from_entry(bytes.fromhex(k), v) for k, v in held.items()]
+        items = [Decision.from_entry(_mid_of(k), v) for k, v in held.items()]
         return sorted(items, key=lambda d: d.at)
+
     def _claim_in(self, data: dict[str, Any], owner: bytes, mid: bytes) -> None:
         claims: list[bytes] = data["claims"]
         claim_key = owner + b"/" + mid
@@ -537,7 +636,7 @@ class ClaimStore:
         except (OSError, ValueError, cbor2.CBORDecodeError) as exc:
             raise CounterError(f"claim store {self._path} is unreadable") from exc
         claims = data.get("claims") if isinstance(data, dict) else None
-        if not isinstance(claims, list):
+        if not isinstance(claims, list) or not all(isinstance(c, bytes) for c in claims):
             raise CounterError(f"claim store {self._path} is corrupt")
         return claims
 

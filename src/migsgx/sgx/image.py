@@ -292,6 +292,8 @@ class EnclaveImage:
     @classmethod
     def from_files(cls, files: Mapping[str, bytes]) -> EnclaveImage:
         for name, data in files.items():
+            if not isinstance(name, str):  # (a checkpoint's CBOR may hold any key)
+                raise ImageError(f"bad file name in image: {name!r}")
             pp = PurePosixPath(name)
             if pp.is_absolute() or ".." in pp.parts or not name or name != pp.as_posix():
                 raise ImageError(f"bad file name in image: {name!r}")
@@ -307,7 +309,7 @@ class EnclaveImage:
             raise ImageError(f"image has no {MANIFEST}")
         try:
             raw = tomllib.loads(files[MANIFEST].decode("utf-8"))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
             raise ImageError(f"{MANIFEST} is not valid TOML: {exc}") from exc
         return cls(dict(files), Manifest.from_mapping(raw))
 

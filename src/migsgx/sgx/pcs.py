@@ -108,7 +108,14 @@ class PcsState:
             )
         except FileNotFoundError as exc:
             raise StateDirError(f"{directory} has no {PCS_STATE}; not a CA directory") from exc
-        except (ValueError, KeyError, TypeError) as exc:
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            RecursionError,
+            OverflowError,
+        ) as exc:
             raise StateDirError(f"{directory}/{PCS_STATE} is corrupt: {exc!r}") from exc
 
     def save(self, directory: Path) -> None:

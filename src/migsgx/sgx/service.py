@@ -455,7 +455,8 @@ class PlatformService:
             return None
         if kind == "decide":
             retire = _record_changes(msg["changes"])
-            held = svc.decide(Decision(msg["mid"], msg["kind"], msg["frame"]), retire)
+            decision = Decision(msg["mid"], msg["kind"], msg["frame"], group=msg["group"])
+            held = svc.decide(decision, retire)
             return {"kind": held.kind, "frame": held.frame}
         if kind == "ps_txn":
             svc.persist_transaction(_record_changes(msg["changes"]), claim=msg["claim"])

@@ -32,14 +32,23 @@ import os
 import socket
 import struct
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from ..errors import MigrationError, ProtocolError, register_error
+from .process import in_netns
 
-__all__ = ["MAX_LISTENERS", "Listener", "PortInUseError", "check_bindable", "listeners"]
+__all__ = [
+    "MAX_LISTENERS",
+    "Listener",
+    "PortInUseError",
+    "check_bindable",
+    "check_bindable_in",
+    "listeners",
+]
 
 #: A peer announces at most this many (a tree with more is not refused: the rest are unchecked).
 MAX_LISTENERS: Final = 256
@@ -179,3 +188,31 @@ def check_bindable(wanted: Iterable[Listener]) -> None:
                     "where it would be restored: free it there, or restore elsewhere",
                     listener=str(listener),
                 ) from exc
+
+
+def check_bindable_in(netns: Path | None, wanted: Iterable[Listener]) -> None:
+    """:func:`check_bindable` in the network namespace ``netns`` (None: this thread's).
+
+    A container that joined its host's network namespace is restored into the
+    one the destination's configuration names, which need not be the agent's:
+    the check then runs on a thread of its own that joined it.
+    """
+
+    listed = list(wanted)
+    if netns is None or _same_netns(netns):
+        check_bindable(listed)
+        return
+    try:
+        in_netns(netns, lambda: check_bindable(listed))
+    except (PortInUseError, ProtocolError):
+        raise
+    except OSError as exc:
+        raise ProtocolError(f"the ports cannot be checked in {netns}: {exc}") from exc
+
+
+def _same_netns(path: Path) -> bool:
+    try:
+        a, b = os.stat(path), os.stat(f"/proc/self/task/{threading.get_native_id()}/ns/net")
+    except OSError:
+        return False
+    return (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)

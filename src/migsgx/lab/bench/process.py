@@ -92,7 +92,7 @@ def _migsgx(bed: Testbed, size: int, args: tuple[str, ...] = ()) -> dict[str, An
         agent_cpu = cpu_seconds(agent.proc.pid, children=True)
         agent_own = cpu_seconds(agent.proc.pid)
         tool_cpu = children_cpu()
-        run = bed.migrate(app.pid, agent, args=args)  # pages in TLS, always (CRIU alone: plain)
+        run = bed.migrate(app.pid, agent, args=args)  # pages protected (CRIU alone: plain)
         tool_cpu = children_cpu() - tool_cpu
         agent_cpu = cpu_seconds(agent.proc.pid, children=True) - agent_cpu
         agent_own = cpu_seconds(agent.proc.pid) - agent_own
@@ -120,7 +120,14 @@ def _migsgx(bed: Testbed, size: int, args: tuple[str, ...] = ()) -> dict[str, An
         "agent_own": agent_own,
         "agent_criu": agent_cpu - agent_own,
     }
-    return {**figures, "page_tls": True, "cpu_by_process": cpu, "cpu_split": split}
+    page_path = str(details.get("page_path", "criu-tls"))
+    return {
+        **figures,
+        "page_tls": page_path == "criu-tls",
+        "page_path": page_path,  # "relay": sealed frames, the agents' relay
+        "cpu_by_process": cpu,
+        "cpu_split": split,
+    }
 
 
 def app_start_timeout(size: int) -> float:
@@ -264,9 +271,12 @@ def one_run(
     early handshake), right after: ``migsgx_late_handshake`` and the paired
     ratios ``early_handshake_total_speedup`` and ``early_handshake_downtime_speedup``
     (late / early).  With ``post_copy``, also ``--post-copy`` and ``--live``.
-    With ``ab_page_tls``, also CRIU alone with its pages in CRIU's TLS, as
-    migsgx sends them: ``criu_only_tls``, ``criu_tls_over_migsgx_total`` and
-    ``page_tls_cost`` (CRIU alone with TLS / without, paired).  With
+    With ``ab_page_tls``, also CRIU alone with its pages in CRIU's TLS
+    (``criu_only_tls``) and migsgx with its pages in CRIU's TLS instead of the
+    sealed relay (``migsgx_criu_tls``, ``--page-criu-tls``: the old path), with
+    the paired ratios ``criu_tls_over_migsgx_total``, ``page_tls_cost`` (CRIU
+    alone with TLS / without), ``criu_over_migsgx_criu_tls_total`` (CRIU alone /
+    migsgx on the old path) and ``page_relay_speedup`` (old path / relay).  With
     ``ab_criu_nice`` N (not 0), also migsgx with CRIU's dump N nicer than the
     enclave streams (``--criu-nice N``), beside it: ``migsgx_criu_nice`` and
     the paired ``criu_nice_total_speedup`` and ``criu_nice_downtime_speedup``
@@ -305,6 +315,13 @@ def one_run(
             criu_only_tls=tls,
             criu_tls_over_migsgx_total=tls["total_seconds"] / migsgx["total_seconds"],
             page_tls_cost=tls["total_seconds"] / plain["total_seconds"],
+        )
+        old = _migsgx(bed, size, ("--page-criu-tls",))
+        extra.update(
+            migsgx_criu_tls=old,
+            criu_over_migsgx_criu_tls_total=plain["total_seconds"] / old["total_seconds"],
+            page_relay_speedup=old["total_seconds"] / migsgx["total_seconds"],
+            page_relay_downtime_speedup=old["downtime_seconds"] / migsgx["downtime_seconds"],
         )
     if post_copy:
         lazy = _migsgx(bed, size, ("--post-copy",))
@@ -368,4 +385,5 @@ def plot(result: dict[str, Any], path: Path) -> None:
     labels = [("migsgx", "migsgx migrate"), ("criu_only", "CRIU alone")]
     if "criu_only_tls" in result["runs"][0]:
         labels.append(("criu_only_tls", "CRIU alone, pages in TLS"))
+        labels.append(("migsgx_criu_tls", "migsgx migrate, pages in CRIU's TLS"))
     plot_timelines(median_panels(result, labels), path)

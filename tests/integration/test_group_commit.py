@@ -1,0 +1,204 @@
+"""A migration cut between two enclaves' commits, with real CRIU between two namespaced hosts.
+
+The kvstore example runs two enclaves (keys spread over both) with acknowledged
+writes in each.  The fault point ``tool.between-commits`` lies after the first
+source enclave recorded its COMMIT and before the second decided.  The first
+COMMIT is the commit point of the whole migration: whoever finishes the
+migration commits the rest (the guardian; or, when the guardian died too, each
+undecided enclave itself when its connection closes: its platform store refuses
+its ABORT in a migration group that committed), and after at most one
+``migsgx recover`` exactly one copy runs, on the destination, with every
+acknowledged write of both enclaves (``docs/spec/commit.md``, section 1.1).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("bed_helpers")
+
+from bed_helpers import ask, end_copies, kvstore, wait_until  # noqa: E402
+
+from migsgx.lab.hosts import start_service  # noqa: E402
+from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed  # noqa: E402
+from migsgx.sgx.counters import CounterStore  # noqa: E402
+from migsgx.sgx.platform import COUNTERS  # noqa: E402
+from migsgx.system.process import kill_tree, process_state  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
+
+EXIT_IN_DOUBT = 7
+#: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
+BED_SUBNET = 119
+KEYS = 6  # spread over both enclaves (hash(key) % 2): each holds some
+
+
+def two_enclave_app(bed: Testbed) -> tuple[AppProcess, str, list[int]]:
+    """A kvstore with two enclaves and acknowledged writes in both; its digest and
+    its enclave processes."""
+
+    app = kvstore(bed, "--enclaves", "2")
+    for i in range(KEYS):
+        assert ask(bed, app, "src", f"PUT k{i} {f'v{i}'.encode().hex()}").startswith("OK")
+    state = json.loads(ask(bed, app, "src", "STATE").removeprefix("STATE "))
+    pids = [int(p) for p in state["enclave_pids"]]
+    assert len(pids) == 2
+    return app, ask(bed, app, "src", "DIGEST"), pids
+
+
+def migrate_with(bed: Testbed, app: AppProcess, agent: AgentProcess, fault: str) -> MigrateRun:
+    return bed.migrate(
+        app.pid, agent, env={"MIGSGX_FAULT": fault},
+        args=["--work-dir", str(bed.root / f"dump-{app.marker}")],
+    )  # fmt: skip
+
+
+def recover(bed: Testbed) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "migsgx", "recover",
+            "--state", str(bed.state("src")), "--json"]  # fmt: skip
+    return subprocess.run(
+        bed.host("src").command(argv), capture_output=True, text=True, timeout=120,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def only_on_destination(bed: Testbed, app: AppProcess, digest: str) -> None:
+    """Exactly one runnable copy, on ``dst``, with both enclaves' acknowledged writes."""
+
+    wait_until(lambda: process_state(app.pid) in ("", "Z"), 30, "the source tree to end")
+    wait_until(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
+    assert bed.runnable_copies(app) == {"src": 0, "dst": 1}
+    assert ask(bed, app, "dst", "DIGEST") == digest
+    for i in range(KEYS):  # every key, in whichever enclave holds it, answers
+        assert ask(bed, app, "dst", f"GET k{i}") == f"VALUE {f'v{i}'.encode().hex()}"
+    assert ask(bed, app, "dst", "PUT after " + b"x".hex()).startswith("OK")  # ECALLs work
+    end_copies(bed, app)
+
+
+def decisions(bed: Testbed) -> list[str]:
+    """The kinds of every decision recorded on the source host (oldest first)."""
+
+    return [d.kind for d in CounterStore(bed.state("src") / COUNTERS).decisions()]
+
+
+def test_tool_killed_between_two_commits_the_guardian_commits_the_rest(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    app, digest, _ = two_enclave_app(bed)
+    before = len(decisions(bed))
+    run = migrate_with(bed, app, agent, "tool.between-commits:kill")
+    assert run.returncode == -9, run.stderr
+    # The guardian found one COMMIT, committed the other enclave and delivered both.
+    only_on_destination(bed, app, digest)
+    assert decisions(bed)[before:] == ["commit", "commit"]
+    again = recover(bed)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert all(r["outcome"] != "in-doubt" for r in json.loads(again.stdout))
+
+
+def test_tool_and_guardian_killed_between_two_commits_one_recover_moves_it(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    app, digest, enclaves = two_enclave_app(bed)
+    before = len(decisions(bed))
+    run = migrate_with(bed, app, agent, "tool.between-commits:kill-guardian-and-tool")
+    assert run.returncode == -9, run.stderr
+    # Nobody holds the source enclaves now: each ends, the undecided one committing
+    # first (its group committed: the store refuses its ABORT).
+    wait_until(lambda: all(process_state(p) in ("", "Z") for p in enclaves), 30,
+               "the source enclaves to end")  # fmt: skip
+    assert decisions(bed)[before:] == ["commit", "commit"]
+    assert bed.runnable_copies(app)["dst"] == 0  # held, until a token comes
+    result = recover(bed)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [moved] = [r for r in json.loads(result.stdout) if r["outcome"] != "done"]
+    assert (moved["decision"], moved["outcome"]) == ("commit", "moved"), moved
+    only_on_destination(bed, app, digest)
+
+
+def test_source_platform_killed_between_two_commits_the_rest_commits_once_it_is_back(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    """The second enclave cannot record its COMMIT: the tool ends in doubt (7), nothing
+    aborts; with the platform service back, one recover (the guardian it wakes)
+    commits it and the migration completes."""
+
+    app, digest, _ = two_enclave_app(bed)
+    before = len(decisions(bed))
+    try:
+        run = migrate_with(bed, app, agent, "tool.between-commits:kill-source-platform")
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert "Traceback" not in run.stderr
+        assert decisions(bed)[before:] == ["commit"]
+        assert bed.runnable_copies(app) == {"src": 0, "dst": 0}  # stopped here, held there
+    finally:
+        bed.services["src"].stop()  # killed: a fresh one (the enclaves reattach to it)
+        bed.services["src"] = start_service(bed.state("src"), prefix=bed.host("src").command([]))
+    # The guardian retries by itself (it may be done before this recover wakes it).
+    result = recover(bed)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {r["outcome"] for r in json.loads(result.stdout)} <= {"done", "moved"}
+    assert decisions(bed)[before:] == ["commit", "commit"]
+    only_on_destination(bed, app, digest)
+
+
+def test_guardian_killed_between_two_commits_the_tool_goes_on(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    """The tool holds the enclaves itself: it commits the second and the move ends (exit 0)."""
+
+    app, digest, _ = two_enclave_app(bed)
+    before = len(decisions(bed))
+    run = migrate_with(bed, app, agent, "tool.between-commits:kill-guardian")
+    assert run.returncode == 0, run.stderr
+    assert decisions(bed)[before:] == ["commit", "commit"]
+    only_on_destination(bed, app, digest)
+
+
+def test_second_source_enclave_killed_between_two_commits_is_lost_and_said(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    """Window W1 of the later enclave: it dies undecided after the group committed.
+
+    Its state is lost (its destination copy needs a token only it could make): the
+    tool ends in doubt (7), nothing runs twice (nor at all: the source is fenced,
+    the destination tree held), and recover says what remains.  Runs last: its
+    migration stays in doubt.
+    """
+
+    app, _, _ = two_enclave_app(bed)
+    before = len(decisions(bed))
+    try:
+        run = migrate_with(bed, app, agent, "tool.between-commits:kill-source-enclave")
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert "Traceback" not in run.stderr
+        assert decisions(bed)[before:] == ["commit"]
+        assert bed.runnable_copies(app) == {"src": 0, "dst": 0}
+    finally:
+        _stop_guardian_of(app.pid)  # (it would retry the commit for 10 minutes)
+    result = recover(bed)
+    assert result.returncode == EXIT_IN_DOUBT, result.stdout + result.stderr
+    [doubt] = [r for r in json.loads(result.stdout) if r["outcome"] != "done"]
+    assert (doubt["decision"], doubt["outcome"]) == ("mixed", "in-doubt"), doubt
+    assert "no guardian holds them" in doubt["detail"], doubt
+    assert bed.runnable_copies(app) == {"src": 0, "dst": 0}
+    end_copies(bed, app)
+
+
+def _stop_guardian_of(app_pid: int) -> None:
+    """The guardian a migration of ``app_pid`` left in doubt (started by this test's tool)."""
+
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"migsgx.agent.guardian" in argv and str(app_pid).encode() in argv:
+            kill_tree(int(entry.name))
