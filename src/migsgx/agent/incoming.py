@@ -30,6 +30,7 @@ from typing import IO, Any, Final
 
 import cbor2
 
+from .._net import keep_alive
 from ..containers import Driver, HostConfig, Restored, RestoreRequest, make_driver
 from ..containers.postcopy import PostCopyRestore, check_pipe_max_size
 from ..criu.pageserver import PageServer, page_bytes
@@ -988,6 +989,7 @@ class IncomingMigration:
                     break
                 log.warning("migration %s: page connection from %s refused", self.tag, addr[0])
                 conn.close()
+            keep_alive(conn)  # a stalled network fails the page stream in seconds
             ident = self.config.identity
             tls = (ident.ca, ident.cert, ident.key) if self.page_tls else None
             action = fault("agent.page-stream")

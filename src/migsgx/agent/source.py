@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from .._net import keep_alive
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
 from ..containers.postcopy import check_pipe_max_size
 from ..containers.runc_lazy import free_port
@@ -634,6 +635,9 @@ class _Migration:
         except OSError as exc:
             raise MigrationError(f"cannot reach the destination's page port: {exc}") from exc
         wire.settimeout(None)
+        # A stalled network must fail the relay (and CRIU's next page write) in
+        # seconds: without it the frozen source waited for TCP to give up.
+        keep_alive(wire)
         ours, theirs = local_pair()
         keys = relay_keys(self.data_key, self.session_id, source=True)
         self.page_relay = PageRelay(ours, wire, **keys).start()
