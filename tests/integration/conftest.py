@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
+import statistics
 import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -211,3 +214,26 @@ def kill_later() -> Iterator[Callable[[int], int]]:
     for pid in pids:
         with contextlib.suppress(MigSGXError):
             terminate(pid)
+
+
+@pytest.fixture(scope="module")
+def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, dict[str, object]]]:
+    """A fault-matrix module's figures per cell, printed as ``fault-matrix {...}`` at its end.
+
+    Cells that run several times keep ``source_back_runs``: min / median / max of them.
+    """
+
+    table: dict[str, dict[str, object]] = {}
+    yield table
+    for cell in table.values():
+        runs = cell.pop("source_back_runs", None)
+        if isinstance(runs, list) and runs:
+            cell["source_back_seconds"] = {
+                "min": min(runs), "median": round(statistics.median(runs), 3),
+                "max": max(runs), "runs": len(runs),
+            }  # fmt: skip
+    line = "fault-matrix " + json.dumps(table, sort_keys=True)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        sys.stdout.write("\n" + line + "\n")
+        sys.stdout.flush()

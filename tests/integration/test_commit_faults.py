@@ -11,127 +11,45 @@ they are figures, not asserts.  The table in ``docs/migration.md`` comes from th
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
-import statistics
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
 
-pytest.register_assert_rewrite("bed_helpers")
+pytest.register_assert_rewrite("bed_helpers", "fault_helpers")
 
-from bed_helpers import ask, end_copies, kvstore, wait_until  # noqa: E402
+from bed_helpers import end_copies, wait_until  # noqa: E402
+from fault_helpers import (  # noqa: E402
+    EXIT_IN_DOUBT,
+    EXIT_LOST_AFTER_COMMIT,
+    EXIT_MOVED_NOT,
+    EXIT_OK,
+    ask,
+    fault_time,
+    heal,
+    loaded_app,
+    migrate_with,
+    only_copy,
+    record_back,
+    recover,
+    source_answers,
+)
 
 from migsgx.enclave.persistent import RESERVED  # noqa: E402
 from migsgx.lab.hosts import start_service  # noqa: E402
-from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed  # noqa: E402
+from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
 from migsgx.system.process import kill_tree, process_state  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-EXIT_OK, EXIT_MOVED_NOT, EXIT_IN_DOUBT, EXIT_CRASH = 0, 6, 7, 70
-EXIT_LOST_AFTER_COMMIT = 10
-_FAULT_AT = re.compile(r"migsgx fault: (\S+) at ([0-9.]+)")
-
 
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
 BED_SUBNET = 73
-
-
-@pytest.fixture(scope="module")
-def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, dict[str, object]]]:
-    table: dict[str, dict[str, object]] = {}
-    yield table
-    for cell in table.values():  # cells run several times: min / median / max of their runs
-        runs = cell.pop("source_back_runs", None)
-        if isinstance(runs, list) and runs:
-            cell["source_back_seconds"] = {
-                "min": min(runs), "median": round(statistics.median(runs), 3),
-                "max": max(runs), "runs": len(runs),
-            }  # fmt: skip
-    line = "fault-matrix " + json.dumps(table, sort_keys=True)
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        sys.stdout.write("\n" + line + "\n")
-        sys.stdout.flush()
-
-
-def loaded_app(bed: Testbed) -> tuple[AppProcess, str]:
-    """A kvstore with acknowledged writes; their digest."""
-
-    app = kvstore(bed)
-    for i in range(3):
-        assert ask(bed, app, "src", f"PUT k{i} {f'v{i}'.encode().hex()}") == f"OK {i + 1}"
-    return app, ask(bed, app, "src", "DIGEST")
-
-
-def fault_time(*texts: str) -> float:
-    for text in texts:
-        found = _FAULT_AT.findall(text)
-        if found:
-            return float(found[0][1])
-    raise AssertionError("the fault point was never reached")
-
-
-def source_answers(bed: Testbed, app: AppProcess, digest: str, tool: str = "") -> float:
-    """Poll the source until it answers with every acknowledged write; when it did.
-
-    ``tool`` (the tool's stderr) goes into the failure, with what the source last said.
-    """
-
-    deadline = time.monotonic() + 60
-    last = ""
-    while True:
-        try:
-            last = ask(bed, app, "src", "DIGEST")
-            if last == digest:
-                return time.monotonic()
-        except Exception as exc:  # not answering yet (stopped or its enclave not back)
-            last = f"{type(exc).__name__}: {exc}"
-        if time.monotonic() >= deadline:
-            log = app.log.read_text(errors="replace")[-2000:]
-            raise AssertionError(
-                f"the source never ran again; last answer {last!r}, process state "
-                f"{process_state(app.pid)!r}\n--- tool ---\n{tool[-4000:]}\n--- app ---\n{log}"
-            )
-        time.sleep(0.02)
-
-
-def only_copy(bed: Testbed, app: AppProcess, at: str, digest: str) -> None:
-    """Exactly one runnable copy, on ``at``, with every acknowledged write; then stop it."""
-
-    other = "dst" if at == "src" else "src"
-    wait_until(lambda: bed.runnable_copies(app)[other] == 0, 20, f"no runnable copy on {other}")
-    assert bed.runnable_copies(app) == {at: 1, other: 0}
-    assert ask(bed, app, at, "DIGEST") == digest
-    assert ask(bed, app, at, "PUT after " + b"x".hex()).startswith("OK")  # ECALLs work
-    end_copies(bed, app)
-
-
-def recover(bed: Testbed, fault: str = "") -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "migsgx", "recover",
-            "--state", str(bed.state("src")), "--json"]  # fmt: skip
-    env = {**os.environ, "MIGSGX_FAULT": fault} if fault else None
-    return subprocess.run(
-        bed.host("src").command(argv), capture_output=True, text=True, timeout=60,
-        stdin=subprocess.DEVNULL, env=env,
-    )  # fmt: skip
-
-
-def migrate_with(bed: Testbed, app: AppProcess, agent: AgentProcess, fault: str) -> MigrateRun:
-    return bed.migrate(
-        app.pid, agent, env={"MIGSGX_FAULT": fault},
-        args=["--work-dir", str(bed.root / f"dump-{app.marker}")],
-    )  # fmt: skip
 
 
 # --- before the commit point: the source runs again -----------------------------------------------
@@ -312,15 +230,6 @@ def test_control_connection_stalls_with_the_tree_held(
         _unstall(bed, stalling)
 
 
-def _record_back(
-    figures: dict[str, dict[str, object]], cell: str, run: MigrateRun, back: float
-) -> None:
-    entry = figures.setdefault(cell, {"outcome": "stayed", "exit": run.returncode})
-    runs = entry.setdefault("source_back_runs", [])
-    assert isinstance(runs, list)
-    runs.append(round(back, 3))
-
-
 @pytest.mark.parametrize("repeat", range(3))
 def test_corrupted_byte_in_the_enclave_stream(
     bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]], repeat: int
@@ -337,7 +246,7 @@ def test_corrupted_byte_in_the_enclave_stream(
     assert "Traceback" not in run.stderr
     assert "chunk failed authentication" in run.stderr  # the destination's reason, relayed
     back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
-    _record_back(figures, "transfer x corrupted byte", run, back)
+    record_back(figures, "transfer x corrupted byte", run, back)
     wait_until(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
     only_copy(bed, app, "src", digest)
 
@@ -363,7 +272,7 @@ def test_corrupted_enclave_stream_stops_the_process_dump(
     assert "chunk failed authentication" in run.stderr  # the destination's reason, relayed
     assert "dump was stopped early" in run.stderr, run.stderr
     back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
-    _record_back(figures, "dump x corrupted byte (256 MiB process)", run, back)
+    record_back(figures, "dump x corrupted byte (256 MiB process)", run, back)
     wait_until(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
     only_copy(bed, app, "src", digest)
 
@@ -410,7 +319,7 @@ def _unstall(bed: Testbed, agent: AgentProcess) -> None:
     "cell, fault",
     [
         ("LOADED x kill -9 tool", "tool.before-commit:kill"),
-        ("handshake/dump x kill -9 tool", "tool.after-prepare:kill"),
+        ("prepare x kill -9 tool", "tool.after-prepare:kill"),
     ],
 )
 def test_tool_killed_before_the_decision(
@@ -686,28 +595,13 @@ def test_data_connection_fault_after_loaded(
     try:
         run = migrate_with(bed, app, agent, fault)
     finally:
-        _heal(bed, "src")
+        heal(bed, "src")
     assert run.returncode == EXIT_OK, run.stderr
     assert "Traceback" not in run.stderr
     figures[cell] = {"outcome": "moved", "exit": run.returncode,
                      "seconds": round(time.monotonic() - t0, 3)}  # fmt: skip
     wait_until(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
     only_copy(bed, app, "dst", digest)
-
-
-def _heal(bed: Testbed, host: str) -> None:
-    """Remove the DROP rules a ``stall`` fault put into this test host's firewall."""
-
-    listed = subprocess.run(
-        bed.host(host).command(["iptables", "-S"]), capture_output=True, text=True, timeout=10
-    )
-    for line in listed.stdout.splitlines():
-        parts = line.split()
-        if parts[:1] == ["-A"] and parts[-2:] == ["-j", "DROP"]:
-            subprocess.run(
-                bed.host(host).command(["iptables", "-D", *parts[1:]]),
-                capture_output=True, timeout=10,
-            )  # fmt: skip
 
 
 def test_recover_is_idempotent_with_nothing_in_doubt(bed: Testbed) -> None:

@@ -344,24 +344,8 @@ def enclave_processes(bed: Testbed, host: str) -> set[int]:
     return found
 
 
-@pytest.mark.parametrize("point", ["tool.after-prepare", "tool.before-dump"])
-def test_source_application_killed_during_migrate(
-    bed: Testbed, agent: AgentProcess, point: str
-) -> None:
-    """A clear error and an honest status (8: nothing moved, nothing runs), no traceback."""
-
-    app = kvstore(bed)
-    ask_src(bed, app, "PUT k " + b"v".hex())
-    before = {h: enclave_processes(bed, h) for h in ("src", "dst")}
-    run = bed.migrate(app.pid, agent, env={"MIGSGX_FAULT": f"{point}:kill-source"})
-    assert run.returncode == 8, run.stderr
-    assert "[source-gone]" in run.stderr and "Traceback" not in run.stderr
-    assert bed.copies(app) == {"src": [], "dst": []}
-    for host in ("src", "dst"):  # its enclaves ended with it; the destination kept none
-        wait_until(
-            lambda h=host: enclave_processes(bed, h) <= before[h], 15, f"{host} enclaves to end"
-        )
-    assert process_state(app.pid) == ""
+# The source application killed at each step before the commit: the cells of
+# test_early_faults.py.
 
 
 def test_source_killed_after_the_commit_point(bed: Testbed, agent: AgentProcess) -> None:

@@ -23,6 +23,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -44,6 +45,7 @@ POINTS: Final = frozenset(
         "agent.before-resume",  # the tool's resume arrived (the tokens went before it)
         "agent.before-claim",  # the first decision frame reached an enclave (window W2)
         "agent.after-claim",  # an enclave claimed the id and runs, the tree not resumed (W3)
+        "tool.after-handshake",  # early handshake done, the application not yet frozen
         "tool.after-prepare",
         "guardian.retry",  # ``give-up``: the guardian in doubt stops as if its 10 minutes ran out
         "recover.redeliver",  # a re-delivery without the tool: fresh copy's data connection open
@@ -56,6 +58,8 @@ POINTS: Final = frozenset(
         "restore.loaded",  # restore: the same step, right before the activation
         "restore.activated",  # restore: the enclaves activated, the tree not running, not attached
         "tool.before-dump",  # the enclaves stream, CRIU has not started
+        "tool.ring-handover",  # an enclave's __mig_ring frame went, its descriptors not yet
+        "tool.before-images",  # every enclave LOADED, CRIU dumped, the images not yet sent
         "tool.before-restore",  # post-copy: the lazy dump serves, no restore asked yet
         "tool.before-commit",
         "tool.between-commits",  # one source enclave committed, the next not yet
@@ -140,6 +144,26 @@ def kill_dead(pids: list[int]) -> None:
         if time.monotonic() > deadline:
             raise InjectedFault("fault injection: a victim did not die")
         time.sleep(0.01)
+
+
+#: ``PF_EXITING`` in the flags of ``/proc/PID/stat``: the task is in ``do_exit``.
+_PF_EXITING: Final = 0x4
+
+
+def dying(pid: int) -> bool:
+    """Whether ``pid`` is gone, a zombie, or past the point of no return (exiting).
+
+    A killed pid-namespace init whose children CRIU still traces stays in its
+    exit until CRIU lets them go; waiting for it to be a zombie there would wait
+    on CRIU, which waits on the tool.
+    """
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
 
 
 def _state(pid: int) -> str:
@@ -285,4 +309,83 @@ def tampering_relay(conn: socket.socket, action: str, offset: int = 64 << 10) ->
 
     for args in ((conn, outer, action), (outer, conn, None)):
         threading.Thread(target=pump, args=args, name="migsgx-fault-relay", daemon=True).start()
+    return inner
+
+
+def firewall_drop(port: int) -> None:
+    """A network stall of the TCP connections on local ``port`` (no process dies).
+
+    This host's firewall drops their packets both ways from now on; the test
+    that asked for it removes the rules.
+    """
+
+    for chain, side in (("INPUT", "--dport"), ("OUTPUT", "--sport")):
+        subprocess.run(
+            ["iptables", "-I", chain, "-p", "tcp", side, str(port), "-j", "DROP"],
+            check=True, capture_output=True, timeout=10,
+        )  # fmt: skip
+
+
+#: A TLS 1.2/1.3 application-data record header and a body that cannot authenticate.
+_DAMAGED_RECORD: Final = b"\x17\x03\x03\x00\x20" + b"\xa5" * 32
+
+
+def connection_fault(sock: socket.socket, kind: str) -> None:
+    """A network fault of one open connection: ``drop``, ``stall`` or ``corrupt``.
+
+    ``corrupt`` puts one record on a TLS connection that fails authentication at
+    the peer, as a byte flipped in flight makes any record fail (what the peer
+    sees is the same ``bad_record_mac``); the bytes go past this end's TLS, so
+    its own state is untouched.
+    """
+
+    if kind == "drop":
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    elif kind == "stall":
+        firewall_drop(int(sock.getsockname()[1]))
+    elif kind == "corrupt":
+        with contextlib.suppress(OSError):
+            os.write(sock.fileno(), _DAMAGED_RECORD)
+    else:
+        raise ValueError(f"unknown connection fault {kind!r}")
+
+
+def cutting_relay(conn: socket.socket, after: int, kind: str) -> socket.socket:
+    """A socket that carries ``conn``'s bytes until ``after`` have come in, then a fault.
+
+    ``drop``: both ends are shut down (the connection breaks mid-stream);
+    ``stall``: this host's firewall drops ``conn``'s packets from then on and the
+    relay forwards nothing more (the stream stops, nothing closes).
+    """
+
+    inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def inbound() -> None:
+        seen = 0
+        with contextlib.suppress(OSError):
+            while data := conn.recv(1 << 16):
+                if seen + len(data) >= after:
+                    outer.sendall(data[: max(0, after - seen)])
+                    sys.stderr.write(f"migsgx fault: relay:{kind}-now at {time.monotonic():.6f}\n")
+                    sys.stderr.flush()
+                    if kind == "stall":
+                        firewall_drop(int(conn.getsockname()[1]))
+                        return  # nothing more is read: the peer's sends stop at the window
+                    for sock in (conn, outer):
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+                    return
+                seen += len(data)
+                outer.sendall(data)
+        with contextlib.suppress(OSError):
+            outer.shutdown(socket.SHUT_WR)
+
+    def outbound() -> None:
+        with contextlib.suppress(OSError):
+            while data := outer.recv(1 << 16):
+                conn.sendall(data)
+
+    for target in (inbound, outbound):
+        threading.Thread(target=target, name="migsgx-fault-relay", daemon=True).start()
     return inner

@@ -21,16 +21,16 @@ import select
 import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
 import cbor2
 
+from .._net import keep_alive
 from ..containers import Driver, HostConfig, Restored, RestoreRequest, make_driver
 from ..containers.postcopy import PostCopyRestore, check_pipe_max_size
 from ..criu.pageserver import PageServer, page_bytes
@@ -53,7 +53,14 @@ from . import preflight
 from .applink import AppLink
 from .config import AgentHost
 from .datalink import KEY_SIZE, accept_data, check_pinned
-from .faults import fault, kill_dead, socket_owner, tampering_relay
+from .faults import (
+    cutting_relay,
+    fault,
+    firewall_drop,
+    kill_dead,
+    socket_owner,
+    tampering_relay,
+)
 from .held import HeldRecord, lost_detail, start_time
 from .held import remove as remove_record
 from .lazy import Window
@@ -623,9 +630,14 @@ class IncomingMigration:
 
     def _abort_request(self, msg: dict[str, Any]) -> Reply:
         log.info("migration %s: aborted by the tool (%s)", self.tag, msg["reason"][:200])
-        self._pass_on(msg.get("frames"))
-        if msg.get("frames") is not None:
-            self._wait_decided(DELIVER_WAIT)
+        frames = msg.get("frames")
+        self._pass_on(frames)
+        # Only an enclave that got an ABORT frame can be judged: one whose source
+        # enclave died has none, and waiting for it only kept the tool (and the
+        # source tree it thaws after this answer) waiting DELIVER_WAIT.
+        judged = [e for e, f in zip(self.enclaves, frames or [], strict=False) if f]
+        if judged:
+            self._wait_decided(DELIVER_WAIT, judged)
         self.abort("aborted by the tool")
         return {"t": "aborted", "held": self.agent.find_session(self.session_id) is self}
 
@@ -670,9 +682,12 @@ class IncomingMigration:
             if frame and enclave.engine is not None and not enclave.decided.is_set():
                 enclave.engine.deliver(frame)
 
-    def _wait_decided(self, seconds: float) -> bool:
+    def _wait_decided(self, seconds: float, enclaves: Sequence[_Enclave] | None = None) -> bool:
         deadline = time.monotonic() + seconds
-        return all(e.decided.wait(max(0.0, deadline - time.monotonic())) for e in self.enclaves)
+        return all(
+            e.decided.wait(max(0.0, deadline - time.monotonic()))
+            for e in (self.enclaves if enclaves is None else enclaves)
+        )
 
     def deliver(self, frames: Any, *, source_aborted: bool = False) -> dict[str, Any]:
         """Judge delivered frames; the outcome once carried out (or ``waiting``).
@@ -995,10 +1010,15 @@ class IncomingMigration:
                     break
                 log.warning("migration %s: page connection from %s refused", self.tag, addr[0])
                 conn.close()
+            keep_alive(conn)  # a stalled network fails the page stream in seconds
             ident = self.config.identity
             tls = (ident.ca, ident.cert, ident.key) if self.page_tls else None
             action = fault("agent.page-stream")
-            if action is not None:
+            if action is not None and "-after-bytes=" in action:
+                # ``drop-after-bytes=N``, ``stall-after-bytes=N``: mid-dump.
+                kind, _, after = action.partition("-after-bytes=")
+                conn = cutting_relay(conn, int(after), kind)
+            elif action is not None:
                 conn = tampering_relay(conn, action)
             if self.page_relay:
                 ours, theirs = local_pair()
@@ -1095,6 +1115,7 @@ class IncomingMigration:
 
         t0 = time.monotonic()
         try:
+            offered = False
             try:
                 action = fault("agent.enclave-receive")
                 if action is not None and action.startswith("kill-after-bytes="):
@@ -1104,12 +1125,21 @@ class IncomingMigration:
                 )
                 # Nothing of the peer's runs unless it is the image begin announced.
                 check_pinned(enclave.engine.image, enclave.source_info)
+                offered = True
                 stats = enclave.engine.receive(conn, offer)
                 enclave.stats = {**plain_stats(stats), "timeline": stats.get("timeline", {})}
                 enclave.stats["agent_seconds"] = time.monotonic() - t0
             except BaseException as exc:
                 enclave.error = exc
                 enclave.commit_error = exc
+                if not offered:
+                    # The offer refused (damaged, or not the image begin announced):
+                    # nothing answers it, so hang up at once, and the source hears
+                    # it now, not at its peer timeout.  (A failure after the offer
+                    # sent the source an ``abort`` with the reason, which a hang-up
+                    # could cut short.)
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_RDWR)
                 if enclave.engine is None or not enclave.engine.awaiting:
                     return
                 # LOADED may have left: wait for the decision all the same.
@@ -1218,12 +1248,7 @@ def _inject(action: str | None, session: IncomingMigration) -> None:
     if action == "stall":
         # A network stall of the control connection (no process dies): this
         # host's firewall drops its packets both ways from now on.
-        port = str(session.tls.getsockname()[1])
-        for chain, side in (("INPUT", "--dport"), ("OUTPUT", "--sport")):
-            subprocess.run(
-                ["iptables", "-I", chain, "-p", "tcp", side, port, "-j", "DROP"],
-                check=True, capture_output=True, timeout=10,
-            )  # fmt: skip
+        firewall_drop(int(session.tls.getsockname()[1]))
         return
     if action == "kill-platform":
         kill_dead([socket_owner(session.config.platform_socket)])

@@ -42,7 +42,6 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -51,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from .._net import keep_alive
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
 from ..containers.postcopy import check_pipe_max_size
 from ..containers.runc_lazy import free_port
@@ -79,7 +79,15 @@ from .applink import AppLink, HandedEnclave
 from .ckpt_journal import start_time
 from .control import CONNECT_TIMEOUT, AgentConnection
 from .datalink import open_data
-from .faults import fault, flipping_relay, kill_dead, socket_owner
+from .faults import (
+    connection_fault,
+    dying,
+    fault,
+    firewall_drop,
+    flipping_relay,
+    kill_dead,
+    socket_owner,
+)
 from .guardian import Guardian
 from .handback import abort_enclave
 from .journal import Journal
@@ -260,6 +268,16 @@ class _Migration:
                         self.control.call({"t": "abort", "reason": "the freeze failed"},
                                           "aborted")  # fmt: skip
                     self.transfers = []
+                if isinstance(exc, Exception) and not isinstance(exc, MigrationError):
+                    # Nothing was frozen or moved: say so (exit 6, or 8 if the
+                    # application itself ended), whatever the freeze tripped over
+                    # (the application's namespace gone, an enclave dead).
+                    if not _alive(pid):
+                        raise SourceGoneError(
+                            f"the source {source.label} (pid {pid}) ended before the freeze: "
+                            f"nothing moved ({type(exc).__name__})"
+                        ) from exc
+                    raise MigrationError(f"the freeze failed, nothing moved: {exc}") from exc
                 raise
             self.note("prepared")
             link = self.link
@@ -267,7 +285,7 @@ class _Migration:
                 self.guardian = Guardian(
                     link.pid if link else pid, link.name if link else "-", [h.sock for h in handed]
                 )
-                self._fault("tool.after-prepare")
+                self._inject(self._fault("tool.after-prepare"))
                 begin = self._begin(pids, pidns) if ready is None else None
                 self.journal = Journal.start(
                     opts.identity.directory, self.session_id, opts.to,
@@ -283,7 +301,7 @@ class _Migration:
                 # application holds no enclave connection (prepare), so neither
                 # waits for the other.  The post-dump step joins them.
                 self._start_enclaves(ready)
-                self._fault("tool.before-dump")
+                self._inject(self._fault("tool.before-dump"))
                 self._dump(dump_dir, ready)
             except BaseException as exc:
                 self._join_enclaves()
@@ -398,6 +416,7 @@ class _Migration:
                 self.control.call({"t": "abort", "reason": str(exc)[:500]}, "aborted")
             raise
         self.note("handshaken")
+        self._inject(self._fault("tool.after-handshake"))
         return ready
 
     def _adopt(self, handed: list[HandedEnclave]) -> None:
@@ -448,6 +467,9 @@ class _Migration:
             if transfer.outgoing is None:  # (live: made for the pre-copy)
                 transfer.outgoing = OutgoingEnclave(h.sock, h.info, h.image_files, **kwargs)
             transfer.outgoing.on_handshake = self._journal_enclave
+            transfer.outgoing.link.before_ring_fds = lambda: self._inject(
+                self._fault("tool.ring-handover")
+            )
             transfer.outgoing.index = position
             if transfer.outgoing.migration_id is not None:  # (live: its handshake is done)
                 self._journal_enclave(position, transfer.outgoing.migration_id)
@@ -619,6 +641,9 @@ class _Migration:
         except OSError as exc:
             raise MigrationError(f"cannot reach the destination's page port: {exc}") from exc
         wire.settimeout(None)
+        # A stalled network must fail the relay (and CRIU's next page write) in
+        # seconds: without it the frozen source waited for TCP to give up.
+        keep_alive(wire)
         ours, theirs = local_pair()
         keys = relay_keys(self.data_key, self.session_id, source=True)
         self.page_relay = PageRelay(ours, wire, **keys).start()
@@ -740,7 +765,7 @@ class _Migration:
             root = self.source.root
             with contextlib.suppress(ProcessLookupError):
                 os.kill(root, signal.SIGKILL)
-            while _alive(root):  # gone or a zombie: SIGKILL cannot be ignored
+            while not dying(root):  # SIGKILL cannot be ignored
                 time.sleep(0.01)
         return action
 
@@ -791,6 +816,7 @@ class _Migration:
             # with their last frame, or nothing of this dump may be used.
             self.page_relay.wait(self.opts.io_timeout)
         self._finish_enclaves()
+        self._inject(self._fault("tool.before-images"))
         self._stream_images(dump_dir)
         self.note("images_sent")
         if self.opts.post_copy:
@@ -940,6 +966,14 @@ class _Migration:
             self.lazy.stop()  # post-copy: the only server of the pages still missing dies
         elif action == "kill-source-platform":
             kill_dead([socket_owner(self.opts.identity.directory.parent / "enclave.sock")])
+        elif action is not None and action.endswith("-control") and self.control is not None:
+            # A network fault of the control connection (no process dies).
+            connection_fault(self.control.sock, action.removesuffix("-control"))
+        elif action is not None and action.endswith("-data"):
+            # The same, of every enclave's data connection.
+            for transfer in self.transfers:
+                if transfer.peer is not None:
+                    connection_fault(transfer.peer, action.removesuffix("-data"))
 
     def _commit_enclaves(self) -> None:
         """Every source enclave decides COMMIT; the first one that does is the commit point.
@@ -1121,12 +1155,7 @@ def _token_fault(transfer: _Transfer, action: str | None) -> bytes | None:
     if action == "drop":
         peer.shutdown(socket.SHUT_RDWR)
     elif action == "stall":
-        port = str(peer.getsockname()[1])
-        for chain, side in (("OUTPUT", "--sport"), ("INPUT", "--dport")):
-            subprocess.run(
-                ["iptables", "-I", chain, "-p", "tcp", side, port, "-j", "DROP"],
-                check=True, capture_output=True, timeout=10,
-            )  # fmt: skip
+        firewall_drop(int(peer.getsockname()[1]))
     elif action == "corrupt":
         damaged = bytearray(token)
         damaged[len(damaged) // 2] ^= 0x01

@@ -26,6 +26,13 @@ the network and resumes them.  Two ways lead there, both used by
   a network namespace, finally ``post-dump``); a cancelled dump answers "no"
   (:meth:`DumpCancel.check`), which covers a cancel that comes before the page
   connection exists, and dumps without a page server.
+
+The same descriptor lets the tool give CRIU's page connection the liveness
+every other connection of a migration has (keep-alive and a user timeout of
+:data:`~migsgx._net.LIVENESS_SECONDS`): CRIU sets none, so a page
+stream stalled by the network (packets dropped, nothing closed) held the
+frozen source until TCP gave up after many minutes.  Now the kernel fails
+CRIU's next write within seconds, and CRIU resumes the tree.
 """
 
 from __future__ import annotations
@@ -36,14 +43,19 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from migsgx._fds import take_descriptor
+from migsgx._net import keep_alive
 from migsgx.errors import CriuError
 
 __all__ = ["DumpCancel"]
 
 log = logging.getLogger("migsgx.criu")
+
+#: How often the page-stream watch looks for CRIU's page connection.
+PAGE_STREAM_POLL = 0.02
 
 class DumpCancel:
     """A one-shot cancel for one dump, triggered from any thread."""
@@ -93,6 +105,30 @@ class DumpCancel:
             self._pid, self._server = pid, page_server
             if self.reason is not None:
                 self._break()
+                return
+        if page_server is not None:
+            threading.Thread(
+                target=self._watch_page_stream, args=(pid, page_server),
+                name="migsgx-criu-page-liveness", daemon=True,
+            ).start()  # fmt: skip
+
+    def _watch_page_stream(self, pid: int, server: tuple[str, int]) -> None:
+        """Once CRIU has connected to the page server, give that connection liveness.
+
+        Polls CRIU's descriptors until the connection is there (within the
+        first moments of the dump) or this dump is over.
+        """
+
+        while True:
+            with self._lock:
+                if self._pid != pid or self.reason is not None:
+                    return
+                try:
+                    if _each_peer_socket(pid, server, keep_alive):
+                        return
+                except OSError:
+                    return  # CRIU ended
+            time.sleep(PAGE_STREAM_POLL)
 
     def unbind(self) -> None:
         """CRIU ended: a later cancel touches nothing (the pid may be reused)."""
@@ -148,6 +184,19 @@ def _same_peer(peer: tuple[str, int], server: tuple[str, int]) -> bool:
 def _shut_down_peer(pid: int, server: tuple[str, int]) -> int:
     """Shut down every TCP connection of process ``pid`` to ``server``; how many."""
 
+    # The socket is shared with CRIU: its next send or receive fails.
+    return _each_peer_socket(pid, server, lambda sock: sock.shutdown(socket.SHUT_RDWR))
+
+
+def _each_peer_socket(
+    pid: int, server: tuple[str, int], apply: Callable[[socket.socket], None]
+) -> int:
+    """``apply`` to every TCP connection of process ``pid`` to ``server``; how many.
+
+    Each is a duplicate (``pidfd_getfd``) of CRIU's own: what is done to it
+    (a shutdown, a socket option) is done to CRIU's connection.
+    """
+
     count = 0
     os.close(os.pidfd_open(pid))  # (CRIU ended: ProcessLookupError, an OSError)
     for entry in os.listdir(f"/proc/{pid}/fd"):
@@ -164,8 +213,7 @@ def _shut_down_peer(pid: int, server: tuple[str, int]) -> int:
                 continue
             with contextlib.suppress(OSError):
                 if _same_peer(sock.getpeername(), server):
-                    # The socket is shared with CRIU: its next send or receive fails.
-                    sock.shutdown(socket.SHUT_RDWR)
+                    apply(sock)
                     count += 1
         finally:
             sock.close()

@@ -132,6 +132,9 @@ class EnclaveLink:
         self.sock = sock
         self._ids = 1 << 40
         self._lock = threading.Lock()
+        #: Fault injection (the tool's ``tool.ring-handover``): runs between the
+        #: ``__mig_ring`` frame and the descriptors that follow it.
+        self.before_ring_fds: Callable[[], None] | None = None
 
     def call(self, name: str, *args: Any) -> Any:
         from ..channel import ECALL, ECALL_FRAME_MAX
@@ -166,6 +169,8 @@ class EnclaveLink:
             self._ids += 1
             call_id = self._ids
             send_frame(self.sock, {"t": "ecall", "id": call_id, "fn": "__mig_ring", "args": []})
+            if self.before_ring_fds is not None:
+                self.before_ring_fds()
             send_ring_fds(self.sock, ring)
             msg = recv_frame(self.sock, ECALL, max_size=ECALL_FRAME_MAX)
         if msg["t"] == "err":

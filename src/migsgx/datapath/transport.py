@@ -62,6 +62,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final
 
+from .._net import LIVENESS_SECONDS, keep_alive
 from ..core.peer import CHUNK_HEADER, FLAG_FINAL
 from ..errors import ConnectionClosedError, FrameError, StreamError
 from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
@@ -75,6 +76,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_SLOTS",
     "FLAG_FINAL",
+    "LIVENESS_SECONDS",
     "ChunkWriter",
     "PeerWatch",
     "SlotReader",
@@ -84,6 +86,7 @@ __all__ = [
     "copy_chunk",
     "drain_ring",
     "fill_ring",
+    "keep_alive",
     "read_chunk_header",
     "recv_exactly_into",
     "ring_to_socket",
@@ -113,23 +116,6 @@ def tune_socket(
     if buffer_size is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
-
-
-#: Seconds after which a peer that acknowledges nothing (a dead host, a stalled
-#: network) fails the connection: keepalive probes when idle, TCP_USER_TIMEOUT
-#: for unacknowledged data.  The kernel acknowledges for a busy process too, so
-#: a slow peer is not a dead one.
-LIVENESS_SECONDS: Final = 4
-
-
-def keep_alive(sock: socket.socket, seconds: int = LIVENESS_SECONDS) -> None:
-    """Make a stalled or dead peer fail ``sock`` within about ``seconds``."""
-
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, seconds - 1))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, seconds * 1000)
 
 
 _STAGING_SLACK: Final = 16 << 20

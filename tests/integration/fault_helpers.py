@@ -1,0 +1,145 @@
+"""What the fault-matrix modules share: a loaded kvstore, the fault's time, the checks.
+
+A cell migrates the kvstore example with one fault injected at a named step
+(``MIGSGX_FAULT``), then checks: exactly one runnable copy, on the side the
+outcome names, holding every acknowledged write; where the source stays, the
+seconds from the fault to the source answering again (a figure, not an assert).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.register_assert_rewrite("bed_helpers")
+
+from bed_helpers import ask, end_copies, kvstore, wait_until  # noqa: E402
+
+from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed  # noqa: E402
+from migsgx.system.process import process_state  # noqa: E402
+
+__all__ = [
+    "EXIT_CRASH",
+    "EXIT_IN_DOUBT",
+    "EXIT_LOST_AFTER_COMMIT",
+    "EXIT_MOVED_NOT",
+    "EXIT_OK",
+    "EXIT_SOURCE_GONE",
+    "ask",
+    "fault_time",
+    "heal",
+    "loaded_app",
+    "migrate_with",
+    "only_copy",
+    "record_back",
+    "recover",
+    "source_answers",
+]
+
+EXIT_OK, EXIT_MOVED_NOT, EXIT_IN_DOUBT, EXIT_CRASH = 0, 6, 7, 70
+EXIT_SOURCE_GONE, EXIT_LOST_AFTER_COMMIT = 8, 10
+_FAULT_AT = re.compile(r"migsgx fault: (\S+) at ([0-9.]+)")
+
+
+def loaded_app(bed: Testbed) -> tuple[AppProcess, str]:
+    """A kvstore with acknowledged writes; their digest."""
+
+    app = kvstore(bed)
+    for i in range(3):
+        assert ask(bed, app, "src", f"PUT k{i} {f'v{i}'.encode().hex()}") == f"OK {i + 1}"
+    return app, ask(bed, app, "src", "DIGEST")
+
+
+def fault_time(*texts: str, last: bool = False) -> float:
+    """When the fault fired (``migsgx fault: ... at T``): the first, or the ``last``, mark."""
+
+    for text in texts:
+        found = _FAULT_AT.findall(text)
+        if found:
+            return float(found[-1 if last else 0][1])
+    raise AssertionError("the fault point was never reached")
+
+
+def source_answers(bed: Testbed, app: AppProcess, digest: str, tool: str = "") -> float:
+    """Poll the source until it answers with every acknowledged write; when it did.
+
+    ``tool`` (the tool's stderr) goes into the failure, with what the source last said.
+    """
+
+    deadline = time.monotonic() + 60
+    last = ""
+    while True:
+        try:
+            last = ask(bed, app, "src", "DIGEST")
+            if last == digest:
+                return time.monotonic()
+        except Exception as exc:  # not answering yet (stopped or its enclave not back)
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() >= deadline:
+            log = app.log.read_text(errors="replace")[-2000:]
+            raise AssertionError(
+                f"the source never ran again; last answer {last!r}, process state "
+                f"{process_state(app.pid)!r}\n--- tool ---\n{tool[-4000:]}\n--- app ---\n{log}"
+            )
+        time.sleep(0.02)
+
+
+def only_copy(bed: Testbed, app: AppProcess, at: str, digest: str) -> None:
+    """Exactly one runnable copy, on ``at``, with every acknowledged write; then stop it."""
+
+    other = "dst" if at == "src" else "src"
+    wait_until(lambda: bed.runnable_copies(app)[other] == 0, 20, f"no runnable copy on {other}")
+    assert bed.runnable_copies(app) == {at: 1, other: 0}
+    assert ask(bed, app, at, "DIGEST") == digest
+    assert ask(bed, app, at, "PUT after " + b"x".hex()).startswith("OK")  # ECALLs work
+    end_copies(bed, app)
+
+
+def recover(bed: Testbed, fault: str = "") -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "migsgx", "recover",
+            "--state", str(bed.state("src")), "--json"]  # fmt: skip
+    env = {**os.environ, "MIGSGX_FAULT": fault} if fault else None
+    return subprocess.run(
+        bed.host("src").command(argv), capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+
+
+def record_back(
+    figures: dict[str, dict[str, object]], cell: str, run: MigrateRun, back: float
+) -> None:
+    """One run's seconds until the source answered again (min / median / max at the end)."""
+
+    entry = figures.setdefault(cell, {"outcome": "stayed", "exit": run.returncode})
+    runs = entry.setdefault("source_back_runs", [])
+    assert isinstance(runs, list)
+    runs.append(round(back, 3))
+
+
+def heal(bed: Testbed, host: str) -> None:
+    """Remove the DROP rules a ``stall`` fault put into this test host's firewall."""
+
+    listed = subprocess.run(
+        bed.host(host).command(["iptables", "-S"]), capture_output=True, text=True, timeout=10
+    )
+    for line in listed.stdout.splitlines():
+        parts = line.split()
+        if parts[:1] == ["-A"] and parts[-2:] == ["-j", "DROP"]:
+            subprocess.run(
+                bed.host(host).command(["iptables", "-D", *parts[1:]]),
+                capture_output=True, timeout=10,
+            )  # fmt: skip
+
+
+def migrate_with(bed: Testbed, app: AppProcess, agent: AgentProcess, fault: str) -> MigrateRun:
+    """``migsgx migrate`` of ``app`` with ``MIGSGX_FAULT=fault`` (its work directory kept)."""
+
+    return bed.migrate(
+        app.pid, agent, env={"MIGSGX_FAULT": fault},
+        args=["--work-dir", str(bed.root / f"dump-{app.marker}")],
+    )  # fmt: skip
