@@ -19,6 +19,7 @@ from migsgx.errors import (
     GroupUncheckedError,
     MigrationError,
     MigSGXError,
+    ProtocolError,
     ReplayError,
 )
 from migsgx.sgx.counters import CounterStore, Decision, RecordUpdate
@@ -277,6 +278,27 @@ def test_an_abort_the_store_cannot_check_against_the_group_stays_frozen(world: W
     assert held is not None and held.kind == "commit" and held.group == group
     assert first.into.commit_in(token) == {"active": True}
     assert second.into.commit_in(held.frame) == {"active": True}
+
+
+def test_the_tool_that_saw_no_commit_aborts_a_group_the_store_cannot_check(world: World) -> None:
+    """The tool rolls back after its first COMMIT failed (the platform service gone):
+    it says none committed, and the enclaves run again without their record."""
+
+    first, second, _group = _grouped_pair(world)
+    mid = _mid_of(second)
+    store = world.host_a.counters._path
+    store.chmod(0o644)
+    try:
+        with pytest.raises(GroupUncheckedError):  # a caller that does not know: frozen
+            second.out.call("__mig_abort", ["the tool died"])
+        with pytest.raises(ProtocolError, match="boolean"):
+            second.out.call("__mig_abort", ["rolled back", "yes"])
+        for pair in (first, second):
+            pair.out.call("__mig_abort", ["rolled back", True])
+            assert pair.out.source_commit is None  # aborted in memory: runs again
+    finally:
+        store.chmod(0o600)
+    assert world.host_a.counters.decision(mid) is None  # (nothing recorded)
 
 
 def test_an_enclave_whose_group_aborted_cannot_commit(world: World) -> None:

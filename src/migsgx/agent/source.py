@@ -1018,7 +1018,9 @@ class _Migration:
             sock = transfer.handed.sock
             if transfer.outgoing is not None:
                 try:
-                    sock = transfer.outgoing.abort(reason)
+                    # Nothing committed here (else this is no roll-back): the
+                    # enclaves abort even with their platform service gone.
+                    sock = transfer.outgoing.abort(reason, none_committed=not self.committed)
                 except Exception as exc:
                     log.warning("enclave %d: abort failed: %s", transfer.handed.index, exc)
             else:

@@ -585,20 +585,25 @@ class OutgoingEnclave:
 
         self.link.call("__mig_release")
 
-    def abort(self, reason: str) -> socket.socket:
-        """The source enclave resumes with its state; returns its connection."""
+    def abort(self, reason: str, *, none_committed: bool = False) -> socket.socket:
+        """The source enclave resumes with its state; returns its connection.
 
-        self._abort_quietly(reason)
+        ``none_committed``: the caller decided every enclave of the migration and
+        none committed, so the enclave may abort even if its platform store cannot
+        record it (``__mig_abort``, ``docs/spec/commit.md`` 1.1 rule 4).
+        """
+
+        self._abort_quietly(reason, none_committed=none_committed)
         self.close_side()
         return self.link.sock
 
-    def _abort_quietly(self, reason: str) -> None:
+    def _abort_quietly(self, reason: str, *, none_committed: bool = False) -> None:
         if self._finished:
             return
         self._finished = True
         frame = b""
         with contextlib.suppress(MigSGXError, OSError):
-            frame = self.link.call("__mig_abort", reason[:200])
+            frame = self.link.call("__mig_abort", reason[:200], none_committed)
         self.abort_frame = bytes(frame or b"")
         if self.peer is not None:
             with contextlib.suppress(MigSGXError, OSError):

@@ -159,6 +159,7 @@ class Migrator:
         #: The migration this enclave moves in with the application's others
         #: (``__mig_group``): the first decision of any of them binds them all.
         self.group = b""
+        self._unchecked_abort_ok = False
 
     @property
     def persistent(self) -> PersistentState:
@@ -684,9 +685,19 @@ class Migrator:
         self._reset()
 
     # --- both -------------------------------------------------------------------------
-    def abort(self, reason: str = "aborted") -> bytes:
-        """Give up this migration; a source runs on with its state intact."""
+    def abort(self, reason: str = "aborted", none_committed: bool = False) -> bytes:
+        """Give up this migration; a source runs on with its state intact.
 
+        ``none_committed``: the caller drove every decision of the migration
+        group and saw none succeed (the tool rolling back).  Then an abort the
+        platform store cannot record goes ahead in memory, as for a lone
+        enclave, instead of ``group-unchecked`` (``docs/spec/commit.md``, 1.1
+        rule 4): the source runs again although its platform service is gone.
+        """
+
+        if not isinstance(none_committed, bool):
+            raise ProtocolError("__mig_abort: none_committed is a boolean")
+        self._unchecked_abort_ok = none_committed
         frame = b""
         dc = self.dest_commit
         if dc is not None and dc.state is CommitState.AWAIT_COMMIT:
@@ -758,7 +769,7 @@ class Migrator:
         except GroupDecidedError:
             raise
         except (MigSGXError, OSError) as exc:
-            if self.group:
+            if self.group and not self._unchecked_abort_ok:
                 raise GroupUncheckedError(
                     "this enclave's migration group could not be checked (the platform "
                     f"store failed: {getattr(exc, 'code', type(exc).__name__)}); it stays "
