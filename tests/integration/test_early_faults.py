@@ -98,16 +98,8 @@ EXPECT: dict[tuple[str, str], str] = {
     ("transfer", "data connection stall"): "moved",
 }
 
-#: The bug the cells below find, not fixed yet (``tool.ring-handover:kill`` reproduces it).
-RING_HANDOVER_BUG = (
-    "the tool dies between an enclave's __mig_ring frame and its descriptors: the enclave "
-    "aborts on its side channel's end, then finds a bad frame on its connection and exits; "
-    "the guardian's ABORT gets no answer, the guardian takes the silence for a commit and "
-    "never resumes the source (docs/migration.md)"
-)
-
 #: Cells that find a bug not fixed yet: they stay in the table, skipped with the reason.
-KNOWN_BUGS = {("dump", "kill -9 tool"): RING_HANDOVER_BUG}
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
 
 TOOL_CELLS = [
     pytest.param(
@@ -185,15 +177,15 @@ def test_fault_on_the_destination_host(
     judge(bed, figures, f"{step} x {column}", run, "stayed", app, digest, None, agent_log)
 
 
-@pytest.mark.skip(reason=RING_HANDOVER_BUG)
 def test_tool_killed_while_it_hands_the_ring_over(
     bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
 ) -> None:
     """The tool dies between an enclave's ``__mig_ring`` frame and its descriptors.
 
-    The deterministic form of "dump x kill -9 tool", which hits this moment in
-    about one run of three under load.  Fails today (the source never runs
-    again): skipped with the bug until it is fixed.
+    The deterministic form of "dump x kill -9 tool", which hit this moment in
+    about one run of three under load.  The enclave read the guardian's
+    ``__mig_abort`` frame as the hand-over, lost its place in the stream and
+    exited with the state: it now looks before it takes (``recv_ring_fds``).
     """
 
     app, digest = loaded_app(bed)

@@ -414,3 +414,17 @@ def test_hand_over_without_descriptors_or_peer() -> None:
         a.close()
         with pytest.raises(ConnectionClosedError):
             recv_ring_fds(b, RingRole.PRODUCER, timeout=1)
+
+
+def test_a_frame_in_place_of_the_hand_over_is_left_unread() -> None:
+    """The sender died after its ``__mig_ring`` frame, and another driver (the
+    guardian, holding a duplicate of the connection) sends its own frame: the
+    receiver refuses without taking a byte of it, so that frame is read whole."""
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        frame = b"\x00\x00\x00\x2a" + b"{an ecall frame of the guardian}"
+        a.sendall(frame)
+        with pytest.raises(ProtocolError, match="left unread"):
+            recv_ring_fds(b, RingRole.PRODUCER, timeout=1)
+        assert b.recv(len(frame), socket.MSG_WAITALL) == frame

@@ -570,6 +570,17 @@ def recv_ring_fds(sock: socket.socket, role: RingRole, *, timeout: float | None 
         ready, _, _ = select.select([sock], [], [], timeout)
         if not ready:
             raise RingTimeoutError(f"no ring arrived within {timeout} s")
+    # Look before taking: if the sender died after its ``__mig_ring`` frame, the
+    # next bytes are another driver's frame (a guardian's ``__mig_abort``), and
+    # reading them here would cut that frame and every later one.
+    try:
+        head = sock.recv(len(_HANDOVER_MAGIC), socket.MSG_PEEK)
+    except OSError as exc:
+        raise ConnectionClosedError("could not receive the ring") from exc
+    if not head:
+        raise ConnectionClosedError("the peer closed before sending the ring")
+    if head != _HANDOVER_MAGIC[: len(head)]:
+        raise ProtocolError("no ring hand-over followed (left unread)")
     try:
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, _HANDOVER.size + 1, 2)
