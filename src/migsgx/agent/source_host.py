@@ -18,23 +18,12 @@ from pathlib import Path
 from ..containers.cgroups import thaw_file
 from ..containers.podnet import unlock
 from ..errors import MigSGXError
+from ..system.process import pid_exists as alive
 from .journal import Journal
 
 __all__ = ["alive", "give_back", "is_guardian", "lost_detail", "signal_all"]
 
 log = logging.getLogger("migsgx.recover")
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` exists (a zombie too; one of another user too)."""
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def lost_detail(journal: Journal, outcome: str) -> str:

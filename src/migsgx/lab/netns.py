@@ -39,6 +39,7 @@ from types import TracebackType
 from typing import IO, Any, Final, TypeVar
 
 from migsgx.errors import MigSGXError, register_error
+from migsgx.system.process import pid_exists
 
 __all__ = [
     "PREFIX",
@@ -93,16 +94,6 @@ def list_namespaces(prefix: str = PREFIX) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(name for name in names if name.startswith(prefix))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _zombie_or_gone(pid: int) -> bool:
@@ -448,7 +439,7 @@ def cleanup_stale(prefix: str = PREFIX, *, everything: bool = False) -> list[str
     removed = []
     for netns in list_namespaces(prefix):
         owner = _OWNED_NAME.match(netns[len(prefix) :])
-        if not everything and (owner is None or _alive(int(owner.group("pid")))):
+        if not everything and (owner is None or pid_exists(int(owner.group("pid")))):
             continue
         _delete(netns)
         removed.append(netns)

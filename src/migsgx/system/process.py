@@ -85,6 +85,18 @@ def tree_pids(root: int) -> list[int]:
     return order
 
 
+def pid_exists(pid: int) -> bool:
+    """Whether ``pid`` exists (a zombie too; one of another user too)."""
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def process_state(pid: int) -> str:
     """The one-letter state of ``/proc/PID/stat`` ('' when the process is gone)."""
 
