@@ -13,7 +13,10 @@ enclave stream comes in, ``kill-source`` at a point of the tool: SIGKILL to
 the source application, for example; ``kill-criu`` after the commit point of
 a post-copy migration: SIGKILL to the source's CRIU, the only server of the
 pages still missing; ``kill-guardian-and-tool`` at a point of the tool: SIGKILL to
-its guardian, then to the tool itself).
+its guardian, then to the tool itself; ``kill-source-platform-and-tool``: SIGKILL
+to this host's platform service, then to the tool; ``abort-rest`` at ``ckpt.between-commits``:
+the checkpoint tool aborts the enclaves not yet committed, as a racing guardian
+would, and dies).
 Unset, every point is a no-op.
 """
 
@@ -62,6 +65,7 @@ POINTS: Final = frozenset(
         "tool.before-images",  # every enclave LOADED, CRIU dumped, the images not yet sent
         "tool.before-restore",  # post-copy: the lazy dump serves, no restore asked yet
         "tool.before-commit",
+        "tool.after-group",  # every source enclave joined the migration group, none decided
         "tool.between-commits",  # one source enclave committed, the next not yet
         "tool.after-commit",
         "tool.after-abort",  # roll-back: the source enclaves decided ABORT, nothing undone yet

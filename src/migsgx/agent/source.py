@@ -964,8 +964,10 @@ class _Migration:
             kill_dead([t.handed.info.pid for t in self.transfers])
         elif action == "kill-criu" and self.lazy is not None:
             self.lazy.stop()  # post-copy: the only server of the pages still missing dies
-        elif action == "kill-source-platform":
+        elif action in ("kill-source-platform", "kill-source-platform-and-tool"):
             kill_dead([socket_owner(self.opts.identity.directory.parent / "enclave.sock")])
+            if action == "kill-source-platform-and-tool":
+                os.kill(os.getpid(), signal.SIGKILL)
         elif action is not None and action.endswith("-control") and self.control is not None:
             # A network fault of the control connection (no process dies).
             connection_fault(self.control.sock, action.removesuffix("-control"))
@@ -987,6 +989,7 @@ class _Migration:
         for transfer in self.transfers:
             assert transfer.outgoing is not None
             transfer.outgoing.join_group(self.group_id)
+        self._inject(self._fault("tool.after-group"))
         for transfer in self.transfers:
             if self.committed:
                 self._inject(self._fault("tool.between-commits"))
