@@ -352,7 +352,7 @@ def _main(argv: list[str] | None) -> int:
     if (
         _committed_any(journals)
         or (args.checkpoint and not all(_pending(s) for s in socks))
-        or not _aborted_all(socks, journals)
+        or not _aborted_all(socks, journals, args.checkpoint)
     ):
         _log("the tool died after the enclaves committed: the destination rolls forward")
         held = _held_source(socks, notes)
@@ -382,7 +382,7 @@ def _main(argv: list[str] | None) -> int:
             _resolve_checkpoint(Path(args.checkpoint), aborted=True)
 
 
-def _aborted_all(socks: list[socket.socket], journals: list[str]) -> bool:
+def _aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: str = "") -> bool:
     """Abort every source enclave; True only if every one aborted.
 
     An enclave that answers ``group-unchecked`` lives, but its platform service
@@ -413,7 +413,10 @@ def _aborted_all(socks: list[socket.socket], journals: list[str]) -> bool:
         if len(pending) == len(socks) and pause == 0.5:
             _log("the platform service cannot check the abort: asking again until it is back")
             # The tool's caller must not wait on our stderr meanwhile.
-            _log_to(Path(journals[0]).with_suffix(".log") if journals else Path(os.devnull))
+            if journals:
+                _log_to(Path(journals[0]).with_suffix(".log"))
+            else:  # (a checkpoint's: no digest covers a .log file there)
+                _log_to(Path(checkpoint) / "guardian.log" if checkpoint else Path(os.devnull))
         pending = unchecked
         pause = 0.5 if _pause(pause) else min(pause * 2, 5.0)
 
