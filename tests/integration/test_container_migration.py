@@ -29,7 +29,12 @@ pytest.register_assert_rewrite("bed_helpers")
 
 from bed_helpers import scan_files, strict_destination, wait_until  # noqa: E402
 
-from migsgx.containers.podman import PODMAN_ARCHIVE  # noqa: E402
+from migsgx.containers.imagefs import leftover_mounts  # noqa: E402
+from migsgx.containers.podman import (  # noqa: E402
+    PODMAN_ARCHIVE,
+    PODMAN_CHECKPOINT,
+    PODMAN_EXPORT_FILES,
+)
 from migsgx.host.client import EnclaveClient  # noqa: E402
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
@@ -504,21 +509,42 @@ def inspect_json(path: Path, *canaries: bytes) -> tuple[int, dict[str, Any]]:
 _FAULT_AT = re.compile(r"migsgx fault: (\S+) at ([0-9.]+)")
 
 
+def check_no_dump_left(lab: ContainerLab, app: ContainerApp) -> None:
+    """Nothing of a failed dump stays on the source host: no images tmpfs of the
+    tool's under the lab, and no half checkpoint in podman's storage (its CRIU's
+    ``checkpoint`` directory, the configurations it wrote for the archive)."""
+
+    mounts = leftover_mounts(Path("/proc/self/mountinfo").read_text())
+    assert [m for m, _ in mounts if m.is_relative_to(lab.base)] == []
+    if app.engine == "podman":
+        info = lab.podman("src").inspect(app.name)
+        assert info is not None
+        static = Path(str(info["StaticDir"]))
+        checkpoint = static / PODMAN_CHECKPOINT
+        assert not checkpoint.exists() or list(checkpoint.iterdir()) == []
+        assert [f for f in PODMAN_EXPORT_FILES if (static / f).exists()] == []
+
+
 @pytest.mark.parametrize(
-    ("engine", "cut"), [("runc", True), ("runc", False)], ids=["runc-cut", "runc-next-step"]
+    ("engine", "cut"),
+    [("runc", True), ("runc", False), ("podman", True), ("containerd", True)],
+    ids=["runc-cut", "runc-next-step", "podman-cut", "containerd-cut"],
 )
-def test_enclave_stream_failing_mid_dump_cuts_runcs_criu(
+def test_enclave_stream_failing_mid_dump_cuts_the_engines_criu(
     bed: Testbed, lab: ContainerLab, agent: AgentProcess, tmp_path: Path, engine: str, cut: bool
 ) -> None:
-    """The enclave stream fails while runc's own CRIU writes a 128 MiB container's pages
-    (``flip-byte-in-dump``: the damaged byte goes on once 1 MiB of pages is written).
+    """The enclave stream fails while the engine's own CRIU writes a 128 MiB container's
+    pages (``flip-byte-in-dump``: the damaged byte goes on once 1 MiB of pages is
+    written, and CRIU is held there until the failure reached the tool).
 
-    With the tool's own image directory (a tmpfs of its own for the dump), the
-    cancel fills it up: CRIU's next write fails, its error path resumes the
-    tasks, and the container thaws at once.  With ``--work-dir`` (kept for the
-    user: nothing is mounted over it) the dump runs to its end and stops at the
-    next step, as before.  Prints the seconds from the fault to the source
-    answering, for both.
+    runc and containerd (the same ``runc checkpoint``) write into the tool's own
+    image directory, podman into the container's directory in its storage: for
+    the dump, either is a tmpfs of the tool's, and the cancel fills it up: CRIU's
+    next write fails, its error path resumes the tasks, and the container thaws
+    at once, with every acknowledged write; nothing of the dump stays.  With
+    ``--work-dir`` (kept for the user: nothing is mounted over it) runc's dump
+    runs to its end and stops at the next step.  Prints the seconds from the
+    fault to the source answering.
     """
 
     app = lab.start_app(engine, "kvstore", ["--ballast", "128"])
@@ -528,6 +554,7 @@ def test_enclave_stream_failing_mid_dump_cuts_runcs_criu(
     env = {"MIGSGX_FAULT": f"tool.enclave-stream:flip-byte-in-dump={1 << 20}"}
     run = migrate(bed, app, agent, args=args, env=env)
     assert run.returncode == 6, run.stderr
+    assert "Traceback" not in run.stderr
     assert "chunk failed authentication" in run.stderr, run.stderr
     how = re.search(r"stopped early \(([^)]*)\)", run.stderr)
     assert how is not None, run.stderr
@@ -545,6 +572,7 @@ def test_enclave_stream_failing_mid_dump_cuts_runcs_criu(
     print("container-dump-cut " + json.dumps(figure))
     wait_until(lambda: app.name not in lab.containers("dst", engine), 15, "dst to let go")
     check_source_runs_on(lab, app, digest)
+    check_no_dump_left(lab, app)
     finish(lab, app, expect="src")
 
 
@@ -582,4 +610,5 @@ def test_corrupted_enclave_stream_stops_the_container_dump(
     print("container-dump-cancel " + json.dumps(figure))
     wait_until(lambda: app.name not in lab.containers("dst", engine), 15, "dst to let go")
     check_source_runs_on(lab, app, digest)
+    check_no_dump_left(lab, app)
     finish(lab, app, expect="src")

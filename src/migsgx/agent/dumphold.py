@@ -1,0 +1,109 @@
+"""Fault injection: an enclave stream that fails while an engine's CRIU writes the pages.
+
+``tool.enclave-stream:flip-byte-in-dump=N`` flips one bit of byte N of an
+enclave stream (:func:`~.faults.flipping_relay`) and lets the damaged byte go on
+only once the dump's CRIU wrote :data:`PAGES_WRITTEN` of pages.  Left at that,
+the failure races the rest of CRIU's dump: the destination enclave must refuse
+the chunk, the source hear it and cancel, while CRIU writes on (a 128 MiB
+container's pages take a fraction of a second; containerd's dump often ended
+first).  So at that moment every CRIU process the tool's engines run is stopped
+(SIGSTOP: unlike a kill, stopping CRIU is safe, its tasks stay seized) and
+continued once the dump's cancel has run its stops (a cut fills the image
+directory first), or after :data:`~.faults.WAIT_LIMIT` seconds: the failure then
+always meets CRIU mid-dump, whatever the machine's load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from ..containers.imagefs import mounted_here
+from ..criu import DumpCancel
+from ..system.process import tree_pids
+from .faults import WAIT_LIMIT
+
+__all__ = ["PAGES_WRITTEN", "MidDumpHold"]
+
+#: How much of a pages image the dump's CRIU has written when the damaged byte goes on.
+PAGES_WRITTEN: Final = 1 << 20
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def engine_criu() -> list[int]:
+    """The CRIU processes among this process's descendants (runc's, podman's runc's)."""
+
+    return [pid for pid in tree_pids(os.getpid())[1:] if _comm(pid) == "criu"]
+
+
+def pages_written(directories: list[Path]) -> bool:
+    """Whether a pages image in one of ``directories`` holds :data:`PAGES_WRITTEN`."""
+
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            for path in directory.glob("pages-*.img"):
+                if path.stat().st_size >= PAGES_WRITTEN:
+                    return True
+    return False
+
+
+class MidDumpHold:
+    """The relay's ``hold``: true once CRIU wrote enough, and CRIU stopped from then until
+    the cancel (see the module docstring).
+
+    ``images``: the dump's image directory (None before the dump); the tmpfs the
+    tool mounted for an engine's own (podman's) is looked at too.  ``cancel``: the
+    dump's cancel, whose stops continue CRIU.
+    """
+
+    def __init__(
+        self, images: Callable[[], Path | None], cancel: Callable[[], DumpCancel | None]
+    ) -> None:
+        self._images = images
+        self._cancel = cancel
+        self._lock = threading.Lock()
+        self._held: list[int] | None = None
+
+    def __call__(self) -> bool:
+        with self._lock:
+            if self._held is not None:
+                return True
+            images = self._images()
+            if images is None or not pages_written([images, *mounted_here()]):
+                return False
+            self._held = engine_criu()
+            for pid in self._held:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+        timer = threading.Timer(WAIT_LIMIT, self.release)
+        timer.daemon = True
+        timer.start()
+        cancel = self._cancel()
+        if cancel is not None:
+            cancel.add_stop(self._release_stop)
+        return True
+
+    def _release_stop(self) -> int:
+        self.release()
+        return 0  # (continuing CRIU cuts nothing)
+
+    def release(self) -> None:
+        """Continue the CRIU processes held (once; a pid no longer CRIU's is left alone)."""
+
+        with self._lock:
+            held, self._held = self._held or [], []
+        for pid in held:
+            if _comm(pid) == "criu":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
