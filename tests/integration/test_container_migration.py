@@ -526,16 +526,33 @@ def check_no_dump_left(lab: ContainerLab, app: ContainerApp) -> None:
 
 
 @pytest.mark.parametrize(
-    ("engine", "cut"),
-    [("runc", True), ("runc", False), ("podman", True), ("containerd", True)],
-    ids=["runc-cut", "runc-next-step", "podman-cut", "containerd-cut"],
-)
+    ("engine", "cut", "fault"),
+    [
+        ("runc", True, "flip-byte-in-dump"),
+        ("runc", False, "flip-byte-in-dump"),
+        ("podman", True, "flip-byte-in-dump"),
+        ("containerd", True, "flip-byte-in-dump"),
+        ("podman", True, "drop-in-dump"),
+        ("containerd", True, "drop-in-dump"),
+    ],
+    ids=[
+        "runc-cut", "runc-next-step", "podman-cut", "containerd-cut",
+        "podman-dropped", "containerd-dropped",
+    ],
+)  # fmt: skip
 def test_enclave_stream_failing_mid_dump_cuts_the_engines_criu(
-    bed: Testbed, lab: ContainerLab, agent: AgentProcess, tmp_path: Path, engine: str, cut: bool
+    bed: Testbed,
+    lab: ContainerLab,
+    agent: AgentProcess,
+    tmp_path: Path,
+    engine: str,
+    cut: bool,
+    fault: str,
 ) -> None:
     """The enclave stream fails while the engine's own CRIU writes a 128 MiB container's
     pages (``flip-byte-in-dump``: the damaged byte goes on once 1 MiB of pages is
-    written, and CRIU is held there until the failure reached the tool).
+    written, and CRIU is held there until the failure reached the tool;
+    ``drop-in-dump``: the stream's connection is shut down there instead).
 
     runc and containerd (the same ``runc checkpoint``) write into the tool's own
     image directory, podman into the container's directory in its storage: for
@@ -544,22 +561,24 @@ def test_enclave_stream_failing_mid_dump_cuts_the_engines_criu(
     at once, with every acknowledged write; nothing of the dump stays.  With
     ``--work-dir`` (kept for the user: nothing is mounted over it) runc's dump
     runs to its end and stops at the next step.  Prints the seconds from the
-    fault to the source answering.
+    fault (the damaged byte or the drop) to the source answering.
     """
 
     app = lab.start_app(engine, "kvstore", ["--ballast", "128"])
     assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
     digest = lab.ask(app, "DIGEST", at="src")
     args = [] if cut else ["--work-dir", str(tmp_path / "images")]
-    env = {"MIGSGX_FAULT": f"tool.enclave-stream:flip-byte-in-dump={1 << 20}"}
+    env = {"MIGSGX_FAULT": f"tool.enclave-stream:{fault}={1 << 20}"}
     run = migrate(bed, app, agent, args=args, env=env)
     assert run.returncode == 6, run.stderr
     assert "Traceback" not in run.stderr
-    assert "chunk failed authentication" in run.stderr, run.stderr
+    reason = "chunk failed authentication" if fault.startswith("flip") else "closed"
+    assert "enclave 0 did not migrate" in run.stderr and reason in run.stderr, run.stderr
     how = re.search(r"stopped early \(([^)]*)\)", run.stderr)
     assert how is not None, run.stderr
     assert how.group(1) == ("its image directory filled up" if cut else "step refused"), how
-    [(_, at)] = _FAULT_AT.findall(run.stderr)[:1]
+    # (from the damaged byte or the drop, CRIU held mid-dump)
+    [at] = [t for p, t in _FAULT_AT.findall(run.stderr) if p.endswith(":mid-dump")]
     deadline = time.monotonic() + 60
     while True:
         with contextlib.suppress(OSError):  # (not answering yet: frozen)
@@ -568,7 +587,7 @@ def test_enclave_stream_failing_mid_dump_cuts_the_engines_criu(
         assert time.monotonic() < deadline, "the source never ran again"
         time.sleep(0.02)
     back = time.monotonic() - float(at)
-    figure = {"engine": engine, "cut": cut, "back_seconds": round(back, 3)}
+    figure = {"engine": engine, "cut": cut, "fault": fault, "back_seconds": round(back, 3)}
     print("container-dump-cut " + json.dumps(figure))
     wait_until(lambda: app.name not in lab.containers("dst", engine), 15, "dst to let go")
     check_source_runs_on(lab, app, digest)

@@ -176,7 +176,7 @@ def _state(pid: int) -> str:
 
 
 def flipping_relay(
-    peer: socket.socket, offset: int, hold: Callable[[], bool] | None = None
+    peer: socket.socket, offset: int, hold: Callable[[], bool] | None = None, *, drop: bool = False
 ) -> socket.socket:
     """A loopback relay to ``peer`` that flips one bit of byte ``offset`` sent through it.
 
@@ -185,7 +185,8 @@ def flipping_relay(
     peer pass unchanged.  ``hold``: the damaged byte goes on only once it is true
     (polled, at most :data:`WAIT_LIMIT` seconds): the failure then reaches the
     source at a step the test names (``flip-byte-in-dump``: while the engine's
-    CRIU writes the process's pages).
+    CRIU writes the process's pages).  ``drop``: at that byte the relay shuts the
+    connection down both ways instead (``drop-in-dump``: the stream dropped).
     """
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -212,6 +213,8 @@ def flipping_relay(
                             ended = not more
                             held += more
                         continue
+                    if drop:
+                        break  # (nothing from the byte on: both ends shut down below)
                     dst.sendall(held)
                     held = None
                     if ended:
@@ -221,7 +224,7 @@ def flipping_relay(
                     break
                 if flip_at is not None and seen <= flip_at < seen + len(data):
                     data[flip_at - seen] ^= 0x01
-                    if hold is not None:
+                    if hold is not None or drop:
                         held, deadline = data, time.monotonic() + WAIT_LIMIT
                 seen += len(data)
                 if held is None:

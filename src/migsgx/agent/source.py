@@ -440,11 +440,13 @@ class _Migration:
         action = fault("tool.enclave-stream")
         if action is not None and action.startswith("flip-byte="):
             return peer, flipping_relay(peer, int(action.partition("=")[2]))
-        if action is not None and action.startswith("flip-byte-in-dump="):
-            # The damaged byte goes on once CRIU wrote 1 MiB of pages, CRIU held till the cancel.
+        if action is not None and action.startswith(("flip-byte-in-dump=", "drop-in-dump=")):
+            # The damaged byte (or the drop) comes once CRIU wrote 1 MiB of pages, CRIU held
+            # till the cancel.
             hold = MidDumpHold(lambda: None if self.plan is None else self.plan.images,
                                lambda: None if self.plan is None else self.plan.cancel)  # fmt: skip
-            return peer, flipping_relay(peer, int(action.partition("=")[2]), hold)
+            return peer, flipping_relay(peer, int(action.partition("=")[2]), hold,
+                                        drop=action.startswith("drop"))  # fmt: skip
         return peer, peer
 
     def _start_enclaves(self, ready: dict[str, Any]) -> None:
