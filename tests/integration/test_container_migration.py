@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -531,12 +532,13 @@ def check_no_dump_left(lab: ContainerLab, app: ContainerApp) -> None:
         ("runc", True, "flip-byte-in-dump"),
         ("runc", False, "flip-byte-in-dump"),
         ("podman", True, "flip-byte-in-dump"),
+        ("podman", False, "flip-byte-in-dump"),
         ("containerd", True, "flip-byte-in-dump"),
         ("podman", True, "drop-in-dump"),
         ("containerd", True, "drop-in-dump"),
     ],
     ids=[
-        "runc-cut", "runc-next-step", "podman-cut", "containerd-cut",
+        "runc-cut", "runc-next-step", "podman-cut", "podman-next-step", "containerd-cut",
         "podman-dropped", "containerd-dropped",
     ],
 )  # fmt: skip
@@ -560,14 +562,23 @@ def test_enclave_stream_failing_mid_dump_cuts_the_engines_criu(
     next write fails, its error path resumes the tasks, and the container thaws
     at once, with every acknowledged write; nothing of the dump stays.  With
     ``--work-dir`` (kept for the user: nothing is mounted over it) runc's dump
-    runs to its end and stops at the next step.  Prints the seconds from the
+    runs to its end and stops at the next step; so does podman's when its
+    checkpoint directory holds files (an earlier checkpoint of someone's: left
+    as it is, nothing mounted over it).  Prints the seconds from the
     fault (the damaged byte or the drop) to the source answering.
     """
 
     app = lab.start_app(engine, "kvstore", ["--ballast", "128"])
     assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
     digest = lab.ask(app, "DIGEST", at="src")
-    args = [] if cut else ["--work-dir", str(tmp_path / "images")]
+    args = [] if cut or engine == "podman" else ["--work-dir", str(tmp_path / "images")]
+    kept = None
+    if engine == "podman" and not cut:
+        info = lab.podman("src").inspect(app.name)
+        assert info is not None
+        kept = Path(str(info["StaticDir"])) / PODMAN_CHECKPOINT / "someones.img"
+        kept.parent.mkdir(exist_ok=True)
+        kept.write_bytes(b"an earlier checkpoint")
     env = {"MIGSGX_FAULT": f"tool.enclave-stream:{fault}={1 << 20}"}
     run = migrate(bed, app, agent, args=args, env=env)
     assert run.returncode == 6, run.stderr
@@ -591,6 +602,10 @@ def test_enclave_stream_failing_mid_dump_cuts_the_engines_criu(
     print("container-dump-cut " + json.dumps(figure))
     wait_until(lambda: app.name not in lab.containers("dst", engine), 15, "dst to let go")
     check_source_runs_on(lab, app, digest)
+    if kept is not None:
+        assert kept.read_bytes() == b"an earlier checkpoint"
+        # (podman's CRIU wrote this dump's images beside it, and podman leaves them)
+        shutil.rmtree(kept.parent)
     check_no_dump_left(lab, app)
     finish(lab, app, expect="src")
 

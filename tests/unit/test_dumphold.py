@@ -1,7 +1,8 @@
 """The fault hook that holds the engine's CRIU mid-dump until the cancel (``agent/dumphold.py``).
 
-A real child process named ``criu`` stands in for the engine's CRIU: the hold
-stops it once a pages image reached 1 MiB, and the dump's cancel continues it.
+A real child process named ``criu`` with a pages image open stands in for the
+engine's CRIU: the hold stops it once that image reached 1 MiB, and the dump's
+cancel continues it.
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ from migsgx.agent.dumphold import PAGES_WRITTEN, MidDumpHold, engine_criu
 from migsgx.criu.cancel import DumpCancel
 from migsgx.system.process import process_state
 
-_NAMED_CRIU = "open('/proc/self/comm', 'w').write('criu'); print(flush=True); input()"
+_NAMED_CRIU = (
+    "import sys; open('/proc/self/comm', 'w').write('criu'); pages = open(sys.argv[1], 'ab'); "
+    "print(flush=True); input()"
+)
 
 
 @pytest.fixture
-def criu() -> Iterator[subprocess.Popen[str]]:
-    child = subprocess.Popen([sys.executable, "-c", _NAMED_CRIU], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+def criu(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """A process named criu with ``tmp_path/pages-1.img`` open, as CRIU has while it dumps."""
+
+    child = subprocess.Popen([sys.executable, "-c", _NAMED_CRIU, str(tmp_path / "pages-1.img")],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert child.stdout is not None
     child.stdout.readline()  # (named by now)
     yield child
@@ -47,7 +53,8 @@ def test_criu_is_held_from_the_first_mib_of_pages_until_the_cancel(
     images: Path | None = None
     hold = MidDumpHold(lambda: images, lambda: cancel)
     assert criu.pid in engine_criu()
-    assert not hold()  # no dump yet
+    (tmp_path / "pages-1.img").write_bytes(b"\1" * PAGES_WRITTEN)
+    assert not hold()  # no dump of the tool's yet
     images = tmp_path
     (tmp_path / "pages-1.img").write_bytes(b"\1" * (PAGES_WRITTEN - 1))
     assert not hold()

@@ -20,7 +20,6 @@ from migsgx.containers.imagefs import (
     cuttable_engine_dir,
     cuttable_images,
     leftover_mounts,
-    mounted_here,
     sweep_leftovers,
 )
 from migsgx.criu.cancel import DumpCancel
@@ -165,7 +164,6 @@ def test_an_engines_own_checkpoint_directory_is_cut_and_gone_after(tmp_path: Pat
     cancel = DumpCancel()
     with cuttable_engine_dir(checkpoint, _plan(tmp_path / "unused", cancel)) as fs:
         assert fs.mounted and os.path.ismount(checkpoint)
-        assert checkpoint in mounted_here()
         with (checkpoint / "pages-1.img").open("wb") as out, fs.engine_dumps():
             out.write(b"\1" * (1 << 20))
             out.flush()
@@ -177,7 +175,6 @@ def test_an_engines_own_checkpoint_directory_is_cut_and_gone_after(tmp_path: Pat
                     out.flush()
             assert failed.value.errno == errno.ENOSPC
     assert not checkpoint.exists()  # made here, removed again: no half checkpoint stays
-    assert checkpoint not in mounted_here()
 
 
 def test_an_engines_directory_holding_files_is_left_as_it_is(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 ``tool.enclave-stream:flip-byte-in-dump=N`` flips one bit of byte N of an
 enclave stream (:func:`~.faults.flipping_relay`) and lets the damaged byte go on
-only once the dump's CRIU wrote :data:`PAGES_WRITTEN` of pages.  Left at that,
+only once the dump's CRIU wrote :data:`PAGES_WRITTEN` of pages (into whatever
+pages image it has open).  Left at that,
 the failure races the rest of CRIU's dump: the destination enclave must refuse
 the chunk, the source hear it and cancel, while CRIU writes on (a 128 MiB
 container's pages take a fraction of a second; containerd's dump often ended
@@ -25,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from ..containers.imagefs import mounted_here
 from ..criu import DumpCancel
 from ..system.process import tree_pids
 from .faults import WAIT_LIMIT
@@ -49,14 +49,22 @@ def engine_criu() -> list[int]:
     return [pid for pid in tree_pids(os.getpid())[1:] if _comm(pid) == "criu"]
 
 
-def pages_written(directories: list[Path]) -> bool:
-    """Whether a pages image in one of ``directories`` holds :data:`PAGES_WRITTEN`."""
+def pages_written(criu: list[int]) -> bool:
+    """Whether a pages image one of the ``criu`` processes writes holds :data:`PAGES_WRITTEN`.
 
-    for directory in directories:
+    Looked up through CRIU's own open files: wherever its engine has it write
+    (the tool's image directory, a tmpfs over podman's checkpoint directory, or
+    that directory itself when nothing could be mounted).
+    """
+
+    for pid in criu:
         with contextlib.suppress(OSError):
-            for path in directory.glob("pages-*.img"):
-                if path.stat().st_size >= PAGES_WRITTEN:
-                    return True
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    name = os.readlink(f"/proc/{pid}/fd/{fd}").rpartition("/")[2]
+                    pages = name.startswith("pages-") and name.endswith(".img")
+                    if pages and os.stat(f"/proc/{pid}/fd/{fd}").st_size >= PAGES_WRITTEN:
+                        return True
     return False
 
 
@@ -64,9 +72,8 @@ class MidDumpHold:
     """The relay's ``hold``: true once CRIU wrote enough, and CRIU stopped from then until
     the cancel (see the module docstring).
 
-    ``images``: the dump's image directory (None before the dump); the tmpfs the
-    tool mounted for an engine's own (podman's) is looked at too.  ``cancel``: the
-    dump's cancel, whose stops continue CRIU.
+    ``images``: the dump's image directory (None before the dump).  ``cancel``:
+    the dump's cancel, whose stops continue CRIU.
     """
 
     def __init__(
@@ -81,10 +88,12 @@ class MidDumpHold:
         with self._lock:
             if self._held is not None:
                 return True
-            images = self._images()
-            if images is None or not pages_written([images, *mounted_here()]):
+            if self._images() is None:
+                return False  # (no dump yet)
+            criu = engine_criu()
+            if not pages_written(criu):
                 return False
-            self._held = engine_criu()
+            self._held = criu
             for pid in self._held:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGSTOP)

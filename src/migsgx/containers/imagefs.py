@@ -47,7 +47,6 @@ __all__ = [
     "cuttable_engine_dir",
     "cuttable_images",
     "leftover_mounts",
-    "mounted_here",
     "sweep_leftovers",
 ]
 
@@ -198,16 +197,6 @@ def cuttable_engine_dir(path: Path, plan: DumpPlan) -> Iterator[ImageFs]:
         if made:
             with contextlib.suppress(OSError):
                 path.rmdir()
-
-
-def mounted_here() -> list[Path]:
-    """The images tmpfs this process has mounted now (where its engines' CRIU writes)."""
-
-    try:
-        text = Path("/proc/self/mountinfo").read_text()
-    except OSError:
-        return []
-    return [point for point, pid in leftover_mounts(text) if pid == os.getpid()]
 
 
 def leftover_mounts(mountinfo: str) -> list[tuple[Path, int]]:
