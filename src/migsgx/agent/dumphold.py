@@ -3,15 +3,15 @@
 ``tool.enclave-stream:flip-byte-in-dump=N`` flips one bit of byte N of an
 enclave stream (:func:`~.faults.flipping_relay`) and lets the damaged byte go on
 only once the dump's CRIU wrote :data:`PAGES_WRITTEN` of pages (into whatever
-pages image it has open).  Left at that,
-the failure races the rest of CRIU's dump: the destination enclave must refuse
-the chunk, the source hear it and cancel, while CRIU writes on (a 128 MiB
-container's pages take a fraction of a second; containerd's dump often ended
-first).  So at that moment every CRIU process the tool's engines run is stopped
+pages image it has open).  Left at that, the failure races the rest of CRIU's
+dump: the destination enclave must refuse the chunk, the source hear it and
+cancel, while CRIU writes on (a 128 MiB container's pages take a fraction of a
+second).  So at that moment every CRIU process the tool's engines run is stopped
 (SIGSTOP: unlike a kill, stopping CRIU is safe, its tasks stay seized) and
 continued once the dump's cancel has run its stops (a cut fills the image
 directory first), or after :data:`~.faults.WAIT_LIMIT` seconds: the failure then
-always meets CRIU mid-dump, whatever the machine's load.
+always meets CRIU mid-dump, whatever the machine's load.  ``drop-in-dump=N``:
+the same moment, and the relay shuts the stream's connection down instead.
 """
 
 from __future__ import annotations
