@@ -22,6 +22,17 @@ COMMON_WAYS = ("truncate", "flip", "field", "drop", "extra", "value", "bytes")
 Way = Callable[[st.DrawFn, bytes], bytes]
 
 
+def nested(scalars: st.SearchStrategy[Any], keys: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """The values of a format: ``scalars``, and lists and maps (keyed by ``keys``) of
+    them a few levels deep."""
+
+    return st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4),
+        max_leaves=12,
+    )
+
+
 @st.composite
 def damaged_encoding(
     draw: st.DrawFn,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import cbor2
-from fuzz_damage import damaged_encoding
+from fuzz_damage import damaged_encoding, nested
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from platform_fixtures import image_files
@@ -47,14 +47,7 @@ SCALARS = (
     | st.text(max_size=16)
     | st.binary(max_size=24)
 )
-VALUES = st.recursive(
-    SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=4)
-        | st.dictionaries(st.text(max_size=8) | st.integers(-3, 3), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+VALUES = nested(SCALARS, keys=st.text(max_size=8) | st.integers(-3, 3))
 
 BEGIN = {
     "t": "begin",

@@ -21,7 +21,7 @@ from typing import Any
 
 import cbor2
 import pytest
-from fuzz_damage import damaged_encoding
+from fuzz_damage import damaged_encoding, nested
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,13 +47,7 @@ JSON_SCALARS = (
     | st.floats()
     | st.text(max_size=24)
 )
-JSON_VALUES = st.recursive(
-    JSON_SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+JSON_VALUES = nested(JSON_SCALARS, keys=st.text(max_size=8))
 
 
 def _encode(value: Any) -> bytes:
