@@ -70,7 +70,7 @@ __all__ = ["PODMAN_ARCHIVE", "Podman", "PodmanDriver"]
 log = logging.getLogger("migsgx.containers")
 
 PODMAN_ARCHIVE: Final = "migsgx-podman-export.tar"
-#: The directory of the container's in podman's storage where podman's CRIU writes.
+#: Where podman's CRIU writes, in the container's directory in podman's storage.
 PODMAN_CHECKPOINT: Final = "checkpoint"
 #: Files ``podman container checkpoint --export`` writes beside it for the archive.
 PODMAN_EXPORT_FILES: Final = ("config.dump", "spec.dump", "stats-dump")
