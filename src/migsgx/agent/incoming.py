@@ -192,11 +192,17 @@ class IncomingMigration:
         before its decision, and the session waits for the state again from the
         source host (``redeliver`` on a connection of its own).  No tool will
         come back to it; an authentic decision that reaches a fresh copy ends
-        it as usual.
+        it as usual.  A container is taken over from its engine (the driver's
+        ``reclaim``: a :class:`ContainerError` unless the engine still knows it
+        as the recorded tree), and then resumed or discarded by it as usual.
         """
 
-        if record.driver != "pid":
-            raise AgentError(f"a {record.driver} workload is not adopted (only a process tree)")
+        driver = make_driver(
+            record.driver,
+            HostConfig(agent.config.criu, agent.config.containers,
+                       agent.config.platform_socket, agent.config.state),
+        )  # fmt: skip
+        restored = driver.reclaim(record.handle, record.root)
         session = cls(agent, socket.socket(), record.peer)  # no control connection
         session.tls.close()
         session.session_id = bytes.fromhex(record.session_id)
@@ -209,12 +215,8 @@ class IncomingMigration:
         for enclave in session.enclaves:
             enclave.loaded.set()
             enclave.decided.set()  # (no copy: lost)
-        session.driver = make_driver(
-            record.driver,
-            HostConfig(agent.config.criu, agent.config.containers,
-                       agent.config.platform_socket, agent.config.state),
-        )  # fmt: skip
-        session.restored = Restored(pid=record.root, label=f"process {record.root}")
+        session.driver = driver
+        session.restored = restored
         session.root = record.root
         session._claim_fault_done = True  # the fault points are for the first agent
         session.machine.state = SessionState.HELD
@@ -462,6 +464,8 @@ class IncomingMigration:
                 self.local_address,
                 [cbor2.dumps(info_to_wire(e.source_info)).hex() for e in self.enclaves],
                 [e.engine.migration_id.hex() if e.engine else "" for e in self.enclaves],
+                {k: str(v) for k, v in restored.handle.items()},
+                [[p, start_time(p)] for p in self.enclave_pids()],
             ).write(self.images_dir)  # fmt: skip
         if self.window is not None and not self.window.post.serving:
             raise AgentError("the source stopped serving process pages before the commit point")

@@ -1,0 +1,169 @@
+"""A restarted destination agent adopts a held container (window W2), with real runc and CRIU.
+
+The destination agent is killed (``agent.before-claim:kill``) as the source's
+first decision frame reaches its loaded copy: the copy ends with the agent,
+the restored container stays, every task stopped, and the agent's record of
+it (``held.json``) stays in the session's work directory.  The test restarts
+the agent on its port; it takes the container over from its engine.  Then a
+COMMIT (delivered again by the guardian, or after one ``migsgx recover``)
+brings the state to a fresh enclave and resumes the container; an ABORT
+removes it by its engine, and nothing of it is left on the destination.
+Each cell checks exactly one runnable copy holding every acknowledged write.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("bed_helpers", "fault_helpers")
+
+from bed_helpers import wait_until  # noqa: E402
+from fault_helpers import EXIT_IN_DOUBT, EXIT_OK, recover  # noqa: E402
+
+from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
+from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+#: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
+BED_SUBNET = 131
+BED_CONTAINERS = True  # the agents start after the lab (they read containers.toml)
+
+KILL_AT_CLAIM = {"MIGSGX_FAULT": "agent.before-claim:kill"}
+
+
+def migrate(bed: Testbed, app: ContainerApp, agent: AgentProcess, fault: str = "") -> MigrateRun:
+    return bed.migrate(
+        None, agent, args=[f"--{app.engine}", app.name,
+                           "--work-dir", str(bed.root / f"dump-{app.marker}")],
+        env={"MIGSGX_FAULT": fault} if fault else None,
+    )  # fmt: skip
+
+
+def loaded(lab: ContainerLab, engine: str) -> tuple[ContainerApp, str]:
+    """A kvstore container with acknowledged writes; their digest."""
+
+    app = lab.start_app(engine, "kvstore")
+    for i in range(3):
+        assert lab.ask(app, f"PUT k{i} {f'v{i}'.encode().hex()}", at="src") == f"OK {i + 1}"
+    return app, lab.ask(app, "DIGEST", at="src")
+
+
+@pytest.fixture
+def agents(bed: Testbed) -> Iterator[list[AgentProcess]]:
+    """The doomed agent, then the restarted one; both stopped at the end."""
+
+    started: list[AgentProcess] = []
+    yield started
+    for agent in started:
+        agent.stop()
+
+
+def restart(bed: Testbed, agents: list[AgentProcess]) -> AgentProcess:
+    doomed = agents[0]
+    assert doomed.proc.wait(timeout=30) == -9
+    again = bed.start_agent(listen_port=doomed.port)
+    agents.append(again)
+    log = again.log.read_text(errors="replace")
+    assert "adopted the tree a former agent held" in log, log
+    return again
+
+
+def moved(lab: ContainerLab, app: ContainerApp, digest: str, agent: AgentProcess) -> None:
+    """The container runs on the destination with every acknowledged write, once."""
+
+    wait_until(lambda: lab.runnable_copies(app)["dst"] == 1, 60, "the destination to run")
+    log = agent.log.read_text(errors="replace")
+    assert "receives the state again" in log and "decision delivered: resumed" in log, log
+    assert lab.ask(app, "DIGEST", at="dst") == digest
+    assert lab.ask(app, "PUT after " + b"x".hex(), at="dst").startswith("OK")  # ECALLs work
+    # The committed source stays frozen and fenced (never runs again) until removed.
+    assert lab.runnable_copies(app) == {"src": 0, "dst": 1}
+    lab.remove_on(app.engine, app.name, "src")
+    assert app.name not in lab.containers("src", app.engine)
+    assert app.name in lab.containers("dst", app.engine)
+    lab.remove(app)
+
+
+def nothing_left(lab: ContainerLab, app: ContainerApp) -> None:
+    """No container, bundle, cgroup or mount of ``app`` on the destination."""
+
+    assert app.name not in lab.containers("dst", app.engine)
+    assert lab.copies(app)["dst"] == []
+    bundle = lab.bed.state("dst") / "agent" / "runc" / app.name
+    assert not bundle.exists()
+    parent = lab.settings["dst"].cgroup_parent
+    assert parent and not (Path("/sys/fs/cgroup") / parent.lstrip("/") / app.name).exists()
+    assert str(bundle) not in Path("/proc/self/mountinfo").read_text()
+
+
+@pytest.mark.parametrize("engine", ["runc", "containerd", "podman"])
+def test_agent_killed_after_the_decision_adopts_the_held_container(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess], engine: str
+) -> None:
+    """The tool stays and ends in doubt (exit 7); one recover moves the container."""
+
+    agents.append(bed.start_agent(env=KILL_AT_CLAIM))
+    app, digest = loaded(lab, engine)
+    try:
+        run = migrate(bed, app, agents[0])
+        assert "Traceback" not in run.stderr
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert lab.runnable_copies(app) == {"src": 0, "dst": 0}  # held, unowned
+        agent = restart(bed, agents)
+        again = recover(bed)
+        assert again.returncode == EXIT_OK, again.stdout + again.stderr
+        outcomes = {r["outcome"] for r in json.loads(again.stdout)}  # (earlier cells' too)
+        assert not outcomes & {"in-doubt", "lost"}, again.stdout
+        moved(lab, app, digest, agent)
+    finally:
+        lab.remove(app)
+
+
+def test_tool_and_agent_killed_after_the_decision_moves_the_container(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
+) -> None:
+    """The tool dies right after the commit; its guardian carries the decision and
+    delivers the state again to the restarted agent (at most one recover)."""
+
+    agents.append(bed.start_agent(env=KILL_AT_CLAIM))
+    app, digest = loaded(lab, "runc")
+    try:
+        run = migrate(bed, app, agents[0], "tool.after-commit:kill")
+        assert run.returncode == -9, run.stderr
+        agent = restart(bed, agents)
+        again = recover(bed)
+        assert again.returncode == EXIT_OK, again.stdout + again.stderr
+        moved(lab, app, digest, agent)
+    finally:
+        lab.remove(app)
+
+
+def test_abort_discards_the_adopted_container(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
+) -> None:
+    """The tool dies before the commit; the guardian's ABORT kills the agent as it
+    reaches the loaded copy.  The restarted agent adopts the container, and the
+    ABORT delivered again (``decision: abort``) removes it by its engine: the
+    source runs on with every write, nothing is left on the destination."""
+
+    agents.append(bed.start_agent(env=KILL_AT_CLAIM))
+    app, digest = loaded(lab, "runc")
+    try:
+        run = migrate(bed, app, agents[0], "tool.before-commit:kill")
+        assert run.returncode == -9, run.stderr
+        wait_until(lambda: lab.runnable_copies(app)["src"] == 1, 30, "the source to thaw")
+        assert lab.ask(app, "DIGEST", at="src") == digest
+        agent = restart(bed, agents)
+        wait_until(lambda: app.name not in lab.containers("dst", "runc"), 60,
+                   "the adopted container to be discarded")  # fmt: skip
+        assert "decision delivered: aborted" in agent.log.read_text(errors="replace")
+        nothing_left(lab, app)
+        assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
+        assert lab.ask(app, "DIGEST", at="src") == digest
+        assert lab.ask(app, "PUT later " + b"y".hex(), at="src").startswith("OK")
+    finally:
+        lab.remove(app)
