@@ -8,12 +8,15 @@ the agent on its port; it takes the container over from its engine.  Then a
 COMMIT (delivered again by the guardian, or after one ``migsgx recover``)
 brings the state to a fresh enclave and resumes the container; an ABORT
 removes it by its engine, and nothing of it is left on the destination.
-Each cell checks exactly one runnable copy holding every acknowledged write.
+Each cell checks exactly one runnable copy holding every acknowledged write;
+its seconds are printed as ``fault-matrix {...}`` at the module's end (figures,
+not asserts; the table in ``docs/migration.md`` comes from them).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,10 +25,12 @@ import pytest
 pytest.register_assert_rewrite("bed_helpers", "fault_helpers")
 
 from bed_helpers import wait_until  # noqa: E402
-from fault_helpers import EXIT_IN_DOUBT, EXIT_OK, recover  # noqa: E402
+from fault_helpers import EXIT_IN_DOUBT, EXIT_OK, fault_time, recover  # noqa: E402
 
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
+
+Figures = dict[str, dict[str, object]]
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
@@ -88,6 +93,19 @@ def moved(lab: ContainerLab, app: ContainerApp, digest: str, agent: AgentProcess
     lab.remove(app)
 
 
+def source_answers(lab: ContainerLab, app: ContainerApp, digest: str) -> float:
+    """Poll the source until it answers with every acknowledged write; when it did."""
+
+    def answers() -> bool:
+        try:
+            return lab.ask(app, "DIGEST", at="src") == digest
+        except Exception:  # not answering yet (frozen, or its enclave not back)
+            return False
+
+    wait_until(answers, 60, "the source to answer again")
+    return time.monotonic()
+
+
 def nothing_left(lab: ContainerLab, app: ContainerApp) -> None:
     """No container, bundle, cgroup or mount of ``app`` on the destination."""
 
@@ -102,12 +120,13 @@ def nothing_left(lab: ContainerLab, app: ContainerApp) -> None:
 
 @pytest.mark.parametrize("engine", ["runc", "containerd", "podman"])
 def test_agent_killed_after_the_decision_adopts_the_held_container(
-    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess], engine: str
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess], figures: Figures, engine: str
 ) -> None:
     """The tool stays and ends in doubt (exit 7); one recover moves the container."""
 
     agents.append(bed.start_agent(env=KILL_AT_CLAIM))
     app, digest = loaded(lab, engine)
+    t0 = time.monotonic()
     try:
         run = migrate(bed, app, agents[0])
         assert "Traceback" not in run.stderr
@@ -119,18 +138,24 @@ def test_agent_killed_after_the_decision_adopts_the_held_container(
         outcomes = {r["outcome"] for r in json.loads(again.stdout)}  # (earlier cells' too)
         assert not outcomes & {"in-doubt", "lost"}, again.stdout
         moved(lab, app, digest, agent)
+        figures[f"decision written x kill -9 destination agent ({engine})"] = {
+            "outcome": "moved after one recover (the restarted agent adopted the container)",
+            "exit": run.returncode, "recover": again.returncode,
+            "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
     finally:
         lab.remove(app)
 
 
 def test_tool_and_agent_killed_after_the_decision_moves_the_container(
-    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess], figures: Figures
 ) -> None:
     """The tool dies right after the commit; its guardian carries the decision and
     delivers the state again to the restarted agent (at most one recover)."""
 
     agents.append(bed.start_agent(env=KILL_AT_CLAIM))
     app, digest = loaded(lab, "runc")
+    t0 = time.monotonic()
     try:
         run = migrate(bed, app, agents[0], "tool.after-commit:kill")
         assert run.returncode == -9, run.stderr
@@ -138,12 +163,16 @@ def test_tool_and_agent_killed_after_the_decision_moves_the_container(
         again = recover(bed)
         assert again.returncode == EXIT_OK, again.stdout + again.stderr
         moved(lab, app, digest, agent)
+        figures["decision written x kill -9 tool + destination agent (runc)"] = {
+            "outcome": "moved after one recover", "exit": run.returncode,
+            "recover": again.returncode, "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
     finally:
         lab.remove(app)
 
 
 def test_abort_discards_the_adopted_container(
-    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess], figures: Figures
 ) -> None:
     """The tool dies before the commit; the guardian's ABORT kills the agent as it
     reaches the loaded copy.  The restarted agent adopts the container, and the
@@ -155,15 +184,23 @@ def test_abort_discards_the_adopted_container(
     try:
         run = migrate(bed, app, agents[0], "tool.before-commit:kill")
         assert run.returncode == -9, run.stderr
-        wait_until(lambda: lab.runnable_copies(app)["src"] == 1, 30, "the source to thaw")
-        assert lab.ask(app, "DIGEST", at="src") == digest
+        t_back = source_answers(lab, app, digest)
         agent = restart(bed, agents)
-        wait_until(lambda: app.name not in lab.containers("dst", "runc"), 60,
-                   "the adopted container to be discarded")  # fmt: skip
+        t_restarted = time.monotonic()
+        bundle = bed.state("dst") / "agent" / "runc" / app.name
+        wait_until(lambda: app.name not in lab.containers("dst", "runc") and not bundle.exists(),
+                   60, "the adopted container to be discarded")  # fmt: skip
+        t_gone = time.monotonic()
         assert "decision delivered: aborted" in agent.log.read_text(errors="replace")
         nothing_left(lab, app)
         assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
         assert lab.ask(app, "DIGEST", at="src") == digest
         assert lab.ask(app, "PUT later " + b"y".hex(), at="src").startswith("OK")
+        figures["LOADED x kill -9 tool + destination agent (runc, restarted)"] = {
+            "outcome": "stayed, the adopted container removed by its engine (ABORT again)",
+            "exit": run.returncode,
+            "source_back_seconds": round(t_back - fault_time(run.stderr), 3),
+            "discarded_seconds_after_restart": round(t_gone - t_restarted, 3),
+        }  # fmt: skip
     finally:
         lab.remove(app)
