@@ -204,3 +204,35 @@ def test_abort_discards_the_adopted_container(
         }  # fmt: skip
     finally:
         lab.remove(app)
+
+
+def test_a_record_its_engine_does_not_know_is_not_adopted(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
+) -> None:
+    """The record names a container runc does not know (damaged, or planted): the
+    restarted agent says so and kills the recorded tree; nothing on the destination
+    runs or stays held, and the source, given back by the guardian, runs on."""
+
+    agents.append(bed.start_agent(env=KILL_AT_CLAIM))
+    app, digest = loaded(lab, "runc")
+    try:
+        run = migrate(bed, app, agents[0], "tool.before-commit:kill")
+        assert run.returncode == -9, run.stderr
+        source_answers(lab, app, digest)
+        assert agents[0].proc.wait(timeout=30) == -9
+        [path] = (bed.state("dst") / "agent" / "work").glob("*/held.json")
+        record = json.loads(path.read_text())
+        assert record["driver"] == "runc" and record["handle"]["id"] == app.name
+        record["handle"]["id"] = f"{app.name}-forged"
+        path.write_text(json.dumps(record))
+        again = bed.start_agent(listen_port=agents[0].port)
+        agents.append(again)
+        log = again.log.read_text(errors="replace")
+        assert "cannot be adopted" in log and "runc no longer knows container" in log, log
+        assert "adopted the tree" not in log, log
+        wait_until(lambda: all(s in ("Z", "") for _, s in lab.copies(app)["dst"]), 30,
+                   "the recorded tree to be killed")  # fmt: skip
+        assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
+        assert lab.ask(app, "DIGEST", at="src") == digest
+    finally:
+        lab.remove(app)
