@@ -236,3 +236,37 @@ def test_a_record_its_engine_does_not_know_is_not_adopted(
         assert lab.ask(app, "DIGEST", at="src") == digest
     finally:
         lab.remove(app)
+
+
+def test_a_container_restored_but_never_reported_held_is_removed(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess], figures: Figures
+) -> None:
+    """The agent dies right after the restore, before it answers ``restored``
+    (``agent.after-restore:kill``): the source cannot have decided, and runs on
+    (exit 6).  The restarted agent removes the container by its engine from its
+    record, so that the next migration of the same container is not refused for
+    a container of that id left on this host."""
+
+    agents.append(bed.start_agent(env={"MIGSGX_FAULT": "agent.after-restore:kill"}))
+    app, digest = loaded(lab, "runc")
+    try:
+        run = migrate(bed, app, agents[0])
+        assert run.returncode == 6, run.stderr
+        t_back = source_answers(lab, app, digest)
+        assert agents[0].proc.wait(timeout=30) == -9
+        again = bed.start_agent(listen_port=agents[0].port)
+        agents.append(again)
+        log = again.log.read_text(errors="replace")
+        assert "never reported held" in log and "adopted the tree" not in log, log
+        nothing_left(lab, app)
+        second = migrate(bed, app, again)
+        assert second.returncode == EXIT_OK, second.stderr
+        assert lab.ask(app, "DIGEST", at="dst") == digest
+        assert lab.runnable_copies(app) == {"src": 0, "dst": 1}
+        figures["restore held x kill -9 destination agent (runc, restarted)"] = {
+            "outcome": "stayed; the restarted agent removed the container; moved next time",
+            "exit": run.returncode,
+            "source_back_seconds": round(t_back - fault_time(agents[0].log.read_text()), 3),
+        }  # fmt: skip
+    finally:
+        lab.remove(app)

@@ -169,6 +169,7 @@ _HELD = {
     "arrivals": [bytes(16).hex(), ""],
     "handle": {"id": "kv", "bundle": "/s/agent/runc/kv", "netns": ""},
     "enclave_procs": [[7, 12345]],
+    "answered": False,
 }
 
 

@@ -88,6 +88,10 @@ def test_a_container_record_round_trips_and_an_older_one_still_loads(tmp_path: P
     (tmp_path / RECORD).write_text(json.dumps(older))
     loaded = HeldRecord.load(tmp_path / RECORD)
     assert (loaded.handle, loaded.enclave_procs) == ({}, [])
+    assert loaded.answered  # (an older agent wrote it right before it answered)
+    record.answered = False
+    record.write(tmp_path)
+    assert not HeldRecord.load(tmp_path / RECORD).answered
 
 
 @pytest.mark.parametrize(
@@ -101,6 +105,8 @@ def test_a_container_record_round_trips_and_an_older_one_still_loads(tmp_path: P
         {"enclave_procs": [[-1, 2]]},
         {"enclave_procs": [[True, 2]]},
         {"enclave_procs": [7]},
+        {"answered": 1},
+        {"answered": "yes"},
     ],
 )
 def test_a_damaged_container_record_is_refused(tmp_path: Path, damage: dict[str, object]) -> None:

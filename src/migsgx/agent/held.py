@@ -15,7 +15,11 @@ only if its engine still knows the container as that tree (the driver's
 are derived again from the id, never taken from the record as paths); it is
 then resumed or discarded by its engine as after a fresh restore.  Any other
 recorded tree is removed (a container's by its engine) and the log says
-exactly what remained.  A tree whose
+exactly what remained.  The record is first written as soon as the tree is
+restored (``answered`` false) and again right before the agent answers
+``restored``: a tree restored by an agent that died before that answer was
+never decided on (the source commits only after it) and is removed, so that
+nothing is left to block a later migration of the same container.  A tree whose
 enclaves had already claimed their migration ids (window W3: the state ran
 and died with the agent) is not waiting for anything: it is killed and a
 ``lost.json`` is left in its place, so that a delivery for that session is
@@ -76,6 +80,10 @@ class HeldRecord:
     #: Each loaded copy's enclave process as [pid, start time], for a restarted
     #: agent's log: a copy whose process still runs did not end with the agent.
     enclave_procs: list[list[int]] = field(default_factory=list)
+    #: False from the restore until the agent answers ``restored``: before that
+    #: answer the source cannot have decided, so a restarted agent removes the
+    #: tree (a container by its engine) instead of adopting it.
+    answered: bool = True
 
     def write(self, directory: Path) -> None:
         write_private(directory / RECORD, json.dumps(asdict(self), sort_keys=True).encode())
@@ -99,6 +107,7 @@ class HeldRecord:
             or not all(hex_text(i) for i in data.get("arrivals", []))
             or not _handle(data.get("handle", {}))
             or not _procs(data.get("enclave_procs", []))
+            or not isinstance(data.get("answered", True), bool)
         ):
             raise RecordDamagedError(f"{path} is not a held-tree record")
         return cls(**data)
@@ -118,7 +127,7 @@ class HeldRecord:
 
 _FIELDS: Final = tuple(f.name for f in dataclass_fields(HeldRecord))
 #: (a record an older agent wrote has none of these)
-_OPTIONAL: Final = ("arrivals", "handle", "enclave_procs")
+_OPTIONAL: Final = ("arrivals", "handle", "enclave_procs", "answered")
 _REQUIRED: Final = tuple(f.name for f in dataclass_fields(HeldRecord) if f.name not in _OPTIONAL)
 MAX_HANDLE_ITEMS: Final = 8
 MAX_HANDLE_TEXT: Final = 4096

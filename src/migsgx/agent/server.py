@@ -135,6 +135,16 @@ class Agent:
                 )  # fmt: skip
                 self.discard(directory)
                 continue
+            if not record.answered:
+                # Restored, never reported held: the source cannot have decided.
+                self._remove_held(record)
+                log.warning(
+                    "migration %s: the tree a former agent restored (pid %d, %s) was never "
+                    "reported held, so never decided on: removed", tag, record.root,
+                    record.driver,
+                )  # fmt: skip
+                self.discard(directory)
+                continue
             running = record.enclaves_running()
             if running:
                 log.warning(
