@@ -90,8 +90,10 @@ def test_a_container_record_round_trips_and_an_older_one_still_loads(tmp_path: P
     assert (loaded.handle, loaded.enclave_procs) == ({}, [])
     assert loaded.answered  # (an older agent wrote it right before it answered)
     record.answered = False
-    record.write(tmp_path)
+    record.write(tmp_path)  # (not fsync'd: still atomic, still private)
     assert not HeldRecord.load(tmp_path / RECORD).answered
+    assert (tmp_path / RECORD).stat().st_mode & 0o077 == 0
+    assert [p.name for p in tmp_path.iterdir()] == [RECORD]  # no temporary file left
 
 
 @pytest.mark.parametrize(

@@ -86,7 +86,12 @@ class HeldRecord:
     answered: bool = True
 
     def write(self, directory: Path) -> None:
-        write_private(directory / RECORD, json.dumps(asdict(self), sort_keys=True).encode())
+        """Atomically; fsync'd only once ``answered`` (before, it guards against the
+        agent's death alone: a host that goes down takes the tree with it, and the
+        write stays off the restore's share of the downtime)."""
+
+        data = json.dumps(asdict(self), sort_keys=True).encode()
+        write_private(directory / RECORD, data, sync=self.answered)
 
     @classmethod
     def load(cls, path: Path) -> HeldRecord:
