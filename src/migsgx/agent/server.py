@@ -125,7 +125,10 @@ class Agent:
 
         for directory, record in held_records(self.config.work_dir):
             if record is None:
-                log.error("%s: an unreadable held-tree record; left for an operator", directory)
+                log.error(
+                    "%s: an unreadable held-tree record: nothing adopted, nothing resumed; "
+                    "the tree it names (if any) stays as it is, for an operator", directory,
+                )  # fmt: skip
                 continue
             tag = record.session_id[:8]
             if not record.still_held():
