@@ -93,6 +93,9 @@ class MigrateOptions:
     #: nicer than the tool's other threads, the enclave streams beside it (negative:
     #: less nice).
     criu_nice: int = 0
+    #: The offers carry each source enclave's memory in use, which the destination
+    #: enclaves fault in from their launch on (False: they fault it in as it loads).
+    prefault_ahead: bool = True
 
 
 @dataclass

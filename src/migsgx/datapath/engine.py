@@ -334,6 +334,7 @@ class OutgoingEnclave:
         slots: int = DEFAULT_SLOTS,
         mode: str = "pipelined",
         peer_timeout: float | None = 300.0,
+        memory_hint: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
@@ -344,6 +345,8 @@ class OutgoingEnclave:
         self.slots = slots
         self.mode = mode
         self.peer_timeout = peer_timeout
+        #: Whether the offer tells the destination how much memory to fault in ahead.
+        self.memory_hint = memory_hint
         self.peer: socket.socket | None = None
         self.stats: dict[str, Any] = {}
         self._loaded = False
@@ -436,7 +439,7 @@ class OutgoingEnclave:
         while the source runs anyway.  An enclave that does not say costs nothing.
         """
 
-        if mode == "live":
+        if mode == "live" or not self.memory_hint:
             return 0
         try:
             used = self.link.call("__mig_status").get("memory_used")
