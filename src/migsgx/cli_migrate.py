@@ -268,7 +268,7 @@ def recover_command(
 @click.option("--criu-nice", type=click.IntRange(-19, 19), default=0, show_default=True,
               help="run CRIU's dump this much nicer than the enclave streams beside it "
               "(negative: CRIU first)")  # fmt: skip
-@click.option("--prefault-ahead/--no-prefault-ahead", default=True, show_default=True,
+@click.option("--prefault-ahead/--no-prefault-ahead", default=False, show_default=True,
               help="destination enclaves fault in the source's memory size from their "
               "launch on, or only as the state arrives")  # fmt: skip
 def migrate_command(
@@ -443,7 +443,7 @@ def _bench_runs(command: _Command) -> _Command:
 @click.option("--ab-criu-nice", type=click.IntRange(-19, 19), default=0,
               help="A/B: each run also migsgx with --criu-nice N")  # fmt: skip
 @click.option("--ab-prefault", is_flag=True,
-              help="A/B: each run also migsgx with --no-prefault-ahead")  # fmt: skip
+              help="A/B: each run also migsgx with --prefault-ahead")  # fmt: skip
 def bench_process(
     enclave_size: str,
     repeat: int,

@@ -282,9 +282,9 @@ def one_run(
     enclave streams (``--criu-nice N``), beside it: ``migsgx_criu_nice`` and
     the paired ``criu_nice_total_speedup`` and ``criu_nice_downtime_speedup``
     (default / niced: above 1, the niceness helped); with ``flip``, the niced
-    one first.  With ``ab_prefault``, also migsgx without the destination's
-    prefault ahead (``--no-prefault-ahead``), first with ``flip``:
-    ``migsgx_without_prefault``, the paired ``prefault_total_speedup`` and
+    one first.  With ``ab_prefault``, also migsgx with the destination's
+    prefault ahead (``--prefault-ahead``; off by default), first with ``flip``:
+    ``migsgx_with_prefault``, the paired ``prefault_total_speedup`` and
     ``prefault_downtime_speedup`` (without / with: above 1, the prefault helped)
     and ``prefault_cpu_ratio`` (CPU of the whole migration, without / with).
     """
@@ -293,8 +293,8 @@ def one_run(
     # Every other run, the niced migration goes first: a load that rises or falls
     # through the invocation then does not always favour the same arm.
     niced_first = _migsgx(bed, size, niced_args) if ab_criu_nice and flip else None
-    unfaulted_args = ("--no-prefault-ahead",)
-    unfaulted_first = _migsgx(bed, size, unfaulted_args) if ab_prefault and flip else None
+    faulted_args = ("--prefault-ahead",)
+    faulted_first = _migsgx(bed, size, faulted_args) if ab_prefault and flip else None
     migsgx = _migsgx(bed, size)
     extra: dict[str, Any] = {}
     if ab_late_handshake:
@@ -316,17 +316,15 @@ def one_run(
             criu_nice_downtime_speedup=migsgx["downtime_seconds"] / niced["downtime_seconds"],
         )
     if ab_prefault:
-        unfaulted = unfaulted_first or _migsgx(bed, size, unfaulted_args)
+        faulted = faulted_first or _migsgx(bed, size, faulted_args)
         extra.update(
-            migsgx_without_prefault=unfaulted,
-            prefault_ran_second=unfaulted_first is not None,
-            prefault_total_speedup=unfaulted["total_seconds"] / migsgx["total_seconds"],
-            prefault_downtime_speedup=(
-                unfaulted["downtime_seconds"] / migsgx["downtime_seconds"]
-            ),
+            migsgx_with_prefault=faulted,
+            prefault_ran_first=faulted_first is not None,
+            prefault_total_speedup=migsgx["total_seconds"] / faulted["total_seconds"],
+            prefault_downtime_speedup=migsgx["downtime_seconds"] / faulted["downtime_seconds"],
             prefault_cpu_ratio=(
-                sum(unfaulted["cpu_by_process"].values())
-                / sum(migsgx["cpu_by_process"].values())
+                sum(migsgx["cpu_by_process"].values())
+                / sum(faulted["cpu_by_process"].values())
             ),
         )
     plain = criu_only(bed, 2 * size)
