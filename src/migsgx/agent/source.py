@@ -52,7 +52,7 @@ from typing import Any, Final
 
 from .._net import keep_alive
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
-from ..containers.postcopy import check_pipe_max_size
+from ..containers.postcopy import check_pipe_max_size, uncork
 from ..containers.runc_lazy import free_port
 from ..core.rounds import StopRules
 from ..criu import Criu, DumpCancel
@@ -687,12 +687,15 @@ class _Migration:
             lazy.serving = plan.lazy_pids  # (a container engine's own CRIU)
         # If this tool dies before the commit point, the guardian ends the CRIU
         # that holds the tree (it may wait for a destination that never comes).
-        self._guardian_note("criu " + " ".join(map(str, lazy.criu_pids())))
+        serving = lazy.criu_pids()
+        self._guardian_note("criu " + " ".join(map(str, serving)))
         # (CRIU logs the port only when the kernel picked it)
         assert plan.page_server is not None
         port = plan.page_server[1] or lazy.port(timeout=self.opts.io_timeout)
         self._fault("tool.before-restore")
         self._restore({"t": "restore", "lazy_port": port})
+        for pid in serving:
+            uncork(pid)  # (its answer to the destination's close request goes out at once)
         self._inject(self._fault("tool.before-commit"))
         if lazy.error is not None:
             # The only server of the tree's memory is gone: nothing may commit.
