@@ -46,7 +46,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -92,6 +92,7 @@ from .guardian import Guardian
 from .handback import abort_enclave
 from .journal import Journal
 from .lazy import LazyDump
+from .postcopy_choice import MemoryPath, choose
 from .precopy import RoundReport
 from .protocol import (
     IMAGE_CHUNK,
@@ -153,6 +154,11 @@ class MigrateOptions:
     # Post-copy (agent/lazy.py): the process's private memory follows after the commit.
     post_copy: bool = False
     lazy_port: int = 0  # where the source's CRIU serves it (0: a port the kernel picks)
+    #: Below this much private memory in the tree, its memory moves while frozen even
+    #: with ``post_copy`` (agent/postcopy_choice.py: ``--live``'s choice); 0: no such rule.
+    post_copy_min: int = 0
+    #: A line for the operator (the CLI prints it on stderr).
+    notice: Callable[[str], None] | None = None
     # Stop-and-copy: the destination enclaves launch and attest before the freeze.
     early_handshake: bool = True
     #: The pid driver's pages through the sealed relay (``docs/spec/pagestream.md``);
@@ -214,6 +220,7 @@ class _Migration:
         self.lazy: LazyDump | None = None
         self.plan: DumpPlan | None = None
         self.window_seconds: float | None = None
+        self.memory: MemoryPath | None = None
         #: A failed enclave stream stops CRIU's dump at once (the source runs again).
         self.cancel = DumpCancel()
 
@@ -242,6 +249,12 @@ class _Migration:
                     "migrate it without --post-copy"
                 )
             check_pipe_max_size()  # before anything is frozen
+        self.memory = choose(pids, opts.post_copy, opts.post_copy_min)
+        if opts.post_copy and not self.memory.post_copy:
+            # Too small for post-copy to win: its memory moves while frozen.
+            self.opts = opts = replace(opts, post_copy=False)
+            if opts.notice is not None:
+                opts.notice(self.memory.notice())
         # Pages travel only integrity-protected: TLS to a page server, or the TLS channel
         # (post-copy: CRIU's own TLS from the source's lazy server).
         self.page_server = self.driver.uses_page_server(True) and not opts.post_copy
@@ -1111,6 +1124,9 @@ class _Migration:
             "tool_cpu_seconds": time.process_time(),
             "tool_children_cpu_seconds": _children_cpu(),
         }
+        if self.memory is not None:
+            # How the tree's memory moved (post-copy or frozen), its size, the size rule.
+            figures["details"]["memory"] = self.memory.describe()
         if "resume_warning" in self.stats:
             figures["details"]["warning"] = self.stats["resume_warning"]
         figures["timeline"] = self._timeline(dest)
