@@ -40,4 +40,4 @@ def test_demo_migrates_the_kvstore_app(tmp_path: Path, require_root: None) -> No
     assert "post_copy_window" not in stats
     assert "below --post-copy-min 64 MiB" in out
     # Every step of the downtime is in the table (the decision and the resume too).
-    assert "commit (the enclaves decide)" in out and "resume (dst tree runs" in out
+    assert "commit (the enclaves decide)" in out and "resume (dst runs" in out
