@@ -1,4 +1,4 @@
-"""Small file-system helpers: private files written atomically."""
+"""Small file-system helpers: files written atomically and durably, private ones."""
 
 from __future__ import annotations
 
@@ -10,7 +10,20 @@ def write_private(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` atomically with ``mode``; the file is never visible half-written
     and never readable by others, not even for a moment."""
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _replace_durably(path, path.with_name(f".{path.name}.tmp{os.getpid()}"), data, mode)
+
+
+def write_durably(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` atomically and durably: after a crash the old file or
+    the new one is there, never a part.  Written through ``NAME.tmp`` beside it, a
+    name that readers of the directory skip."""
+
+    _replace_durably(path, path.with_name(path.name + ".tmp"), data, mode)
+
+
+def _replace_durably(path: Path, tmp: Path, data: bytes, mode: int) -> None:
+    """``data`` into ``tmp``, synced, renamed over ``path``, the directory synced."""
+
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "wb") as f:
