@@ -86,6 +86,41 @@ def test_destination_lost_after_loaded(
             )
 
 
+def test_a_tree_restored_but_never_reported_held_is_removed_by_the_restarted_agent(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """The agent dies right after the restore, before it answered ``restored``: the
+    source cannot have decided and runs on.  Before, the restored tree stayed on
+    the destination, stopped and owned by nobody; the restarted agent now finds
+    it recorded as never reported held and kills it."""
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.after-restore:kill"})
+    app, digest = loaded_app(bed)
+    restarted = None
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert run.returncode == EXIT_MOVED_NOT, run.stderr
+        t_back = source_answers(bed, app, digest)
+        assert doomed.proc.wait(timeout=30) == -9
+        assert [s for _, s in bed.copies(app)["dst"]] == ["T"]  # the orphan, stopped
+        restarted = bed.start_agent(listen_port=doomed.port)
+        log = restarted.log.read_text(errors="replace")
+        assert "never reported held" in log and "adopted the tree" not in log, log
+        wait_until(lambda: all(s in ("Z", "") for _, s in bed.copies(app)["dst"]), 30,
+                   "the orphan tree to be killed")  # fmt: skip
+        figures["restore held x kill -9 destination agent, restarted"] = {
+            "outcome": "stayed; the restarted agent killed the tree it restored",
+            "exit": run.returncode,
+            "source_back_seconds": round(t_back - fault_time(doomed.log.read_text()), 3),
+        }  # fmt: skip
+        only_copy(bed, app, "src", digest)
+    finally:
+        for agent in (doomed, restarted):
+            if agent is not None:
+                agent.stop()
+        end_copies(bed, app)
+
+
 def test_destination_platform_killed_before_the_claim_is_resolved_by_recover(
     bed: Testbed, figures: dict[str, dict[str, object]]
 ) -> None:

@@ -148,6 +148,9 @@ _HELD = {
     "local": "10.0.0.2",
     "enclaves": [bytes(3).hex()],
     "arrivals": [bytes(16).hex(), ""],
+    "handle": {"id": "kv", "bundle": "/s/agent/runc/kv", "netns": ""},
+    "enclave_procs": [[7, 12345]],
+    "answered": False,
 }
 
 
@@ -166,6 +169,8 @@ def test_a_damaged_held_record_is_refused_or_usable(scratch: Path, raw: bytes) -
     assert isinstance(loaded, HeldRecord) and record == loaded
     assert not loaded.still_held()
     assert all(isinstance(bytes.fromhex(i), bytes) for i in (*loaded.enclaves, *loaded.arrivals))
+    assert all(isinstance(v, str) for v in loaded.handle.values())
+    assert all(len(p) == 2 for p in loaded.enclave_procs)
 
 
 @FUZZ
