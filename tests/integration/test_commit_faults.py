@@ -627,6 +627,51 @@ def test_tool_and_source_platform_killed_before_the_decision_the_guardian_asks_a
     only_copy(bed, app, "src", digest)
 
 
+def test_tool_and_source_platform_killed_before_the_group_the_returned_abort_is_carried(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """The tool dies with its source platform service, every enclave LOADED, before
+    it gave them the migration group: no decision can be recorded.
+
+    Outside a group the enclave's abort goes ahead although its store record
+    failed (best effort, ``commit.md`` 1 rule 4), so the store holds no ABORT to
+    carry.  The guardian carries the frame the enclave's ``__mig_abort`` returned
+    instead (kept in the journal), the destination's enclave judges it and the
+    held tree goes (before: it stayed stopped, in doubt, until an operator
+    removed it).  Checked before the platform service comes back: the fix needs
+    no store.
+    """
+
+    app, digest = loaded_app(bed)
+    journals = bed.state("src") / "agent" / "migrations"
+    before = set(journals.glob("*.json"))
+    try:
+        run = migrate_with(bed, app, agent, "tool.before-commit:kill-source-platform-and-tool")
+        assert run.returncode == -9, run.stderr
+        assert "Traceback" not in run.stderr
+        back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
+        wait_until(lambda: bed.copies(app)["dst"] == [], 40, "the held tree to be discarded")
+        # (an ABORT delivered over the agents' TLS channel, judged by the held copy)
+        assert "the source host aborted it" in agent.log.read_text(errors="replace")
+        # The store recorded nothing: the frame came from the enclave's answer alone.
+        (path,) = set(journals.glob("*.json")) - before
+        journal = json.loads(path.read_text())
+        assert journal["phase"] == "done" and any(journal["aborts"]), journal
+        store = cbor2.loads((bed.state("src") / "counters.cbor").read_bytes())
+        assert not set(journal["enclave_mids"]) & set(store.get("decisions", {})), store
+    finally:
+        bed.services["src"].stop()  # killed: the host's supervisor starts a fresh one
+        bed.services["src"] = start_service(bed.state("src"), prefix=bed.host("src").command([]))
+    again = recover(bed)
+    assert again.returncode == EXIT_OK, again.stdout + again.stderr
+    assert all(r["outcome"] != "in-doubt" for r in json.loads(again.stdout)), again.stdout
+    figures["restore held x kill -9 tool + source platform service (no group yet)"] = {
+        "outcome": "stayed, the held tree discarded (the ABORT the enclave returned)",
+        "exit": run.returncode, "source_back_seconds": round(back, 3),
+    }  # fmt: skip
+    only_copy(bed, app, "src", digest)
+
+
 @pytest.mark.parametrize(
     "cell, fault",
     [

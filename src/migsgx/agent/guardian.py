@@ -66,7 +66,7 @@ from ..containers.podnet import unlock
 from ..errors import MigSGXError
 from .applink import AppLink
 from .faults import fault
-from .handback import RESUME_WAIT, abort_answer, call_enclave, commit_rest, resume_source
+from .handback import RESUME_WAIT, abort_reply, call_enclave, commit_rest, resume_source
 
 if TYPE_CHECKING:
     from .recover import RollForward
@@ -402,7 +402,10 @@ def _aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: st
     pause = 0.5
     deadline = time.monotonic() + RECOVER_PATIENCE
     while True:
-        answers = [(sock, abort_answer(sock)) for sock in pending]  # (every one is asked)
+        replies = {sock: abort_reply(sock) for sock in pending}  # (every one is asked)
+        answers = [(sock, answer) for sock, (answer, _) in replies.items()]
+        frames = {i: replies[s][1] for i, s in enumerate(socks) if s in replies and replies[s][1]}
+        _keep_aborts(journals, frames)
         if any(answer not in ("aborted", "group-unchecked") for _, answer in answers):
             return False  # (committed, rolling forward, or gone)
         unchecked = [sock for sock, answer in answers if answer == "group-unchecked"]
@@ -419,6 +422,33 @@ def _aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: st
                 _log_to(Path(checkpoint) / "guardian.log" if checkpoint else Path(os.devnull))
         pending = unchecked
         pause = 0.5 if _pause(pause) else min(pause * 2, 5.0)
+
+
+def _keep_aborts(journals: list[str], frames: dict[int, bytes]) -> None:
+    """Keep the ABORT frames the enclaves returned in the journal, for :func:`_recover`.
+
+    An abort outside a migration group is recorded best effort: when the
+    platform service died with the tool the store holds no ABORT, and without
+    these frames the destination would keep its loaded copy held, in doubt
+    (``docs/spec/commit.md``, 1 rule 4).  The enclaves are the journal's, in
+    its order (the tool passes their connections in that order).
+    """
+
+    if not frames:
+        return
+    from .journal import Journal  # lazy: the guardian starts fast and imports little
+    from .recover import keep_aborts
+
+    for name in journals:
+        try:
+            journal = Journal.load(Path(name))
+            count = len(journal.enclave_mids)
+            if max(frames) >= count:
+                continue  # (not this migration's enclaves)
+            kept = journal.aborts or [b""] * count  # (an enclave asked again returns none)
+            keep_aborts(journal, {i: frames.get(i, kept[i]) for i in range(count)})
+        except (MigSGXError, OSError, ValueError) as exc:
+            _log(f"cannot keep the ABORT frames in {name}: {exc}")
 
 
 def _pending(sock: socket.socket) -> bool:

@@ -25,7 +25,9 @@ from ..errors import MigSGXError
 from ..wire import recv_frame, send_frame
 from .applink import AppLink
 
-__all__ = ["abort_answer", "abort_enclave", "call_enclave", "commit_rest", "resume_source"]
+__all__ = [
+    "abort_answer", "abort_enclave", "abort_reply", "call_enclave", "commit_rest", "resume_source",
+]  # fmt: skip
 
 #: Call ids far from the tool's (its link counts from 2**40), so that a late
 #: answer to a call of the dead tool is never taken for the guardian's.
@@ -71,15 +73,30 @@ def abort_enclave(sock: socket.socket) -> bool:
 def abort_answer(sock: socket.socket) -> str | None:
     """Ask the enclave to abort: ``aborted``, the code of a refusal, or None (gone)."""
 
+    return abort_reply(sock)[0]
+
+
+def abort_reply(sock: socket.socket) -> tuple[str | None, bytes]:
+    """:func:`abort_answer`, and the ABORT frame the enclave returned (b"" for none).
+
+    The enclave returns its frame even when its store record failed (its
+    platform service died with the tool): then the caller holds the only
+    ABORT there is to carry to the destination (``docs/spec/commit.md`` 1 rule 4).
+    Not secret (``handshake.md`` 9.1), and judged by the destination enclave itself.
+    """
+
     msg = call_enclave(sock, "__mig_abort", ["the tool died"])
     if msg is None:
-        return None
+        return None, b""
     # Not in a migration (the tool died before the transfer began): nothing to undo.
     # ``committed``: it committed, or another enclave of its migration did and it
     # rolled forward; ``group-decided``: it must roll forward and could not yet;
     # ``group-unchecked``: the platform store could not check its group (still frozen).
-    code = msg.get("code") if msg["t"] == "err" else None
-    return str(code) if code in _NOT_ABORTED else "aborted"
+    if msg["t"] != "err":
+        value = msg.get("value")
+        return "aborted", bytes(value) if isinstance(value, bytes | bytearray) else b""
+    code = msg.get("code")
+    return (str(code), b"") if code in _NOT_ABORTED else ("aborted", b"")
 
 
 def commit_rest(

@@ -42,8 +42,13 @@ _KEYS: Final = {
 #: each source enclave holds (``__mig_hold``), and ``enclaves``: per enclave what
 #: its offer names (the guardian's ``enclave`` note payload, hex CBOR), so that
 #: ``recover`` can deliver a committed enclave's state again once the tool and
-#: the guardian are both gone.
-_OPTIONAL: Final = {"guardian_pid": int, "undo": list, "holders": list, "enclaves": list}
+#: the guardian are both gone.  ``aborts``: per enclave the ABORT frame (hex; "" for
+#: none) its ``__mig_abort`` returned to the guardian or ``recover``, kept for an
+#: abort whose store record failed (its platform service died with the tool,
+#: ``docs/spec/commit.md`` 1 rule 4): then the store holds nothing to carry.
+_OPTIONAL: Final = {
+    "guardian_pid": int, "undo": list, "holders": list, "enclaves": list, "aborts": list,
+}  # fmt: skip
 
 
 def journal_dir(agent_dir: Path) -> Path:
@@ -99,6 +104,7 @@ class Journal:
             or not all(non_negative_int(p, 1 << 31) for p in data["fenced"])
             or not all(non_negative_int(data[k], 1 << 31) for k in ("tool_pid", "app_pid"))
             or not all(isinstance(n, str) for n in data.get("undo") or [])
+            or not all(hex_text(f) for f in data.get("aborts") or [])
         ):
             raise RecordDamagedError(f"{path} is not a migration journal")
         if data["phase"] not in PHASES:
@@ -167,6 +173,13 @@ class Journal:
     @property
     def enclaves(self) -> list[str]:
         return [str(e) for e in self.data.get("enclaves") or []]
+
+    @property
+    def aborts(self) -> list[bytes]:
+        """The ABORT frames the source enclaves returned; [] unless one per enclave."""
+
+        frames = [bytes.fromhex(f) for f in self.data.get("aborts") or []]
+        return frames if len(frames) == len(self.data["enclave_mids"]) else []
 
     @property
     def undo(self) -> list[str]:

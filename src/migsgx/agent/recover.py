@@ -59,13 +59,13 @@ from ..errors import LostAfterCommitError, MigSGXError
 from ..sgx.counters import CounterStore, Decision
 from ..sgx.platform import COUNTERS
 from .control import AgentConnection
-from .handback import abort_enclave, resume_source
+from .handback import abort_reply, resume_source
 from .journal import Journal
 from .protocol import VERSION
 from .source_host import alive, give_back, is_guardian, lost_detail, signal_all
 from .tls import AgentIdentity
 
-__all__ = ["Resolution", "decisions_of", "recover", "resolve"]
+__all__ = ["Resolution", "decisions_of", "keep_aborts", "recover", "resolve"]
 
 log = logging.getLogger("migsgx.recover")
 
@@ -179,6 +179,12 @@ def resolve(
         roll_forward([i for i, d in enumerate(decisions) if d is None])
         decisions = decisions_of(platform_state, journal.enclave_mids)
         kinds = {d.kind if d is not None else "none" for d in decisions}
+    returned = journal.aborts or [b""] * len(decisions)  # (one per enclave)
+    if "commit" not in kinds and any(
+        d is None and f for d, f in zip(decisions, returned, strict=True)
+    ):
+        decisions = _with_returned_aborts(journal, decisions)
+        kinds = {d.kind if d is not None else "none" for d in decisions}
     if not decisions or kinds == {"none"}:
         # No source enclave decided: none committed, so no destination copy can run.
         if journal.phase in ("begun", "aborted") or not decisions:
@@ -256,6 +262,27 @@ def resolve(
         mid, journal.phase, "abort", "stayed",
         f"the destination was not told yet ({outcome} {detail})".strip(),
     )  # fmt: skip
+
+
+def _with_returned_aborts(
+    journal: Journal, decisions: list[Decision | None]
+) -> list[Decision | None]:
+    """The store's decisions, with the ABORT an enclave returned where its record failed.
+
+    An enclave that aborted outside a migration group writes its record best
+    effort (``docs/spec/commit.md`` 1 rule 4): when its platform service died
+    with the tool, the store holds nothing, but the ABORT frame its
+    ``__mig_abort`` returned to the guardian (or ``recover``) is in the journal.
+    It is carried like a stored one, so that the destination discards its held
+    copy; the destination enclave judges the frame itself (it is authenticated
+    under the migration's keys), so a wrong one ends nothing.  Never beside a
+    recorded COMMIT (the caller checks): that is the roll-forward path.
+    """
+
+    return [
+        Decision(mid, "abort", frame) if d is None and frame else d
+        for d, mid, frame in zip(decisions, journal.enclave_mids, journal.aborts, strict=True)
+    ]
 
 
 def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resolution]:
@@ -338,8 +365,8 @@ def _resolve_orphaned(
             if all(d is None for d in decisions):
                 # Nothing decided: the source is the copy.  Each enclave aborts (its
                 # ABORT is recorded) and thaws; it goes back to the application below.
-                for enclave in held.enclaves.values():
-                    abort_enclave(enclave.sock)
+                frames = {i: abort_reply(e.sock)[1] for i, e in held.enclaves.items()}
+                keep_aborts(journal, frames)
             result = resolve(journal, platform_state, identity, tool_gone=True,
                              redeliver=held.redeliver, release=held.release,
                              roll_forward=held.roll_forward)  # fmt: skip
@@ -355,6 +382,19 @@ def _resolve_orphaned(
             held.close()
     finally:
         os.close(lock)
+
+
+def keep_aborts(journal: Journal, frames: dict[int, bytes]) -> None:
+    """Write the ABORT frames the source enclaves returned (by index) into the journal.
+
+    Only where one returned a frame: :func:`resolve` carries them when the
+    store recorded none (:func:`_with_returned_aborts`).
+    """
+
+    if any(frames.values()):
+        count = len(journal.enclave_mids)
+        journal.update(aborts=[frames.get(i, b"").hex() for i in range(count)])
+
 
 
 def _through_guardian(journal: Journal, result: Resolution) -> Resolution:
