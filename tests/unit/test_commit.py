@@ -24,7 +24,12 @@ from migsgx.core import (
     SessionKeys,
     SourceCommit,
 )
-from migsgx.core.commit import DESTINATION_TO_SOURCE, open_control, seal_control
+from migsgx.core.commit import (
+    DESTINATION_TO_SOURCE,
+    SOURCE_TO_DESTINATION,
+    open_control,
+    seal_control,
+)
 from migsgx.errors import FrameError, ProtocolError, ReplayError, StreamError
 from migsgx.wire import encode
 
@@ -134,6 +139,29 @@ def test_forged_loaded_changes_nothing() -> None:
         src.receive(encode({"t": "control", "n": b"short", "c": b""}))
     assert src.state is CommitState.AWAIT_LOADED
     assert isinstance(src.receive(dst.loaded()), LoadConfirmed)
+
+
+def test_an_abort_carried_by_anyone_is_judged_by_the_waiting_destination() -> None:
+    """The ABORT an enclave returned travels through the untrusted side (the guardian,
+    the journal, ``migsgx recover``, the agents): a destination that sent LOADED
+    ends only on the authentic one, never on a damaged, forged or stale frame."""
+
+    _, _, old_src, _, _ = migrate_until_loaded()
+    stale = old_src.abort()  # another migration's, authentic under its own keys
+    ks, _, src, dst, _ = migrate_until_loaded()
+    src.receive(dst.loaded())
+    abort = src.abort()
+    damaged = abort[:-1] + bytes([abort[-1] ^ 1])
+    forged = seal_control(
+        bytes(32), SOURCE_TO_DESTINATION, ks.migration_id, ks.transcript_hash,
+        {"t": "abort", "mid": ks.migration_id, "code": "aborted", "message": ""}, bytes(12),
+    )  # fmt: skip
+    for frame in (damaged, forged, stale):
+        with pytest.raises(CommitError, match="authentication"):
+            dst.receive(frame)
+        assert dst.state is CommitState.AWAIT_COMMIT
+    assert isinstance(dst.receive(abort), PeerAborted)
+    assert dst.state is CommitState.ABORTED
 
 
 def test_loaded_replayed_from_an_earlier_migration() -> None:

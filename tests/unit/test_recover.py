@@ -176,6 +176,65 @@ def test_recorded_abort_gives_a_container_back_as_the_guardian_would(
         source.wait()
 
 
+def test_an_abort_the_store_did_not_record_is_carried_from_the_journal(
+    state: Path, agent: Agent
+) -> None:
+    """The platform service died with the tool, outside a group: the enclaves aborted
+    but the store recorded nothing.  The frames their ``__mig_abort`` returned (kept
+    in the journal by the guardian) go as an ABORT, so the destination's copy ends."""
+
+    mids = [os.urandom(16), os.urandom(16)]
+    source = _sleeper()
+    try:
+        journal = _journal(state, mids, phase="fenced", fenced=[source.pid])
+        recover_module.keep_aborts(journal, {0: b"abort-0", 1: b"abort-1"})
+        assert Journal.load(journal.path).aborts == [b"abort-0", b"abort-1"]
+        agent.answers.append("aborted")
+        result = resolve(Journal.load(journal.path), state, AgentIdentity.of_state(state))
+        assert (result.decision, result.outcome) == ("abort", "stayed")
+        assert agent.sent == [(journal.data["mid"], [b"abort-0", b"abort-1"])]
+        assert agent.decisions == ["abort"]
+        assert Journal.load(journal.path).phase == "done"
+        with open(f"/proc/{source.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] != "T"  # continued
+    finally:
+        source.kill()
+        source.wait()
+
+
+def test_a_stored_decision_wins_over_a_returned_abort(state: Path, agent: Agent) -> None:
+    """A recorded frame is carried as recorded; and beside a recorded COMMIT a returned
+    ABORT is never carried (the first COMMIT is the commit point)."""
+
+    mids = [os.urandom(16), os.urandom(16)]
+    journal = _journal(state, mids, phase="fenced", fenced=[])
+    _decide(state, mids[0], "abort", b"stored")
+    recover_module.keep_aborts(journal, {0: b"returned", 1: b"abort-1"})
+    agent.answers.append("aborted")
+    resolve(Journal.load(journal.path), state, AgentIdentity.of_state(state))
+    assert agent.sent[0][1] == [b"stored", b"abort-1"]
+
+    mids = [os.urandom(16), os.urandom(16)]
+    journal = _journal(state, mids, phase="committed", fenced=[])
+    _decide(state, mids[0], "commit", b"token")
+    recover_module.keep_aborts(journal, {1: b"abort-1"})
+    result = resolve(Journal.load(journal.path), state, AgentIdentity.of_state(state))
+    assert (result.decision, result.in_doubt) == ("mixed", True)
+    assert len(agent.sent) == 1  # nothing delivered for it
+
+
+def test_a_journal_with_bad_abort_frames_is_refused(state: Path) -> None:
+    journal = _journal(state, [os.urandom(16)], phase="fenced", fenced=[])
+    data = json.loads(journal.path.read_text())
+    data["aborts"] = ["not hex"]
+    journal.path.write_text(json.dumps(data))
+    with pytest.raises(ValueError):
+        Journal.load(journal.path)
+    data["aborts"] = ["00", "11"]  # not one per enclave: none is carried
+    journal.path.write_text(json.dumps(data))
+    assert Journal.load(journal.path).aborts == []
+
+
 def test_a_journal_with_a_bad_undo_list_is_refused(state: Path) -> None:
     journal = _journal(state, [], phase="fenced", fenced=[])
     data = json.loads(journal.path.read_text())
