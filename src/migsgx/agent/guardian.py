@@ -29,7 +29,11 @@ to the application (``resume``, :mod:`.handback`), which then carries on as if
 nothing had happened.  A checkpoint's guardian (``--checkpoint DIR``) then
 resolves the checkpoint by ``migsgx recover --checkpoint``'s function
 (:func:`.ckpt_recover.resolve_checkpoint`): the files of an aborted checkpoint
-go; after a commit, the fenced source goes.
+go; after a commit, the fenced source goes.  The ABORT frames the enclaves
+return go into the journal (``aborts``): outside a migration group an abort
+whose store record failed (the platform service died with the tool) is still
+carried to the destination, so that its held copy ends (``docs/spec/commit.md``,
+1 rule 4).
 
 After a commit it carries the decision (``migsgx recover``'s logic), and when the
 destination lost its loaded copy before the claim (window W2) it delivers the
