@@ -16,6 +16,9 @@ not asserts; the table in ``docs/migration.md`` comes from them).
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -268,5 +271,121 @@ def test_a_container_restored_but_never_reported_held_is_removed(
             "exit": run.returncode,
             "source_back_seconds": round(t_back - fault_time(agents[0].log.read_text()), 3),
         }  # fmt: skip
+    finally:
+        lab.remove(app)
+
+
+def test_a_container_made_inside_the_restore_is_removed(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess], figures: Figures
+) -> None:
+    """The agent dies inside the restore (``agent.in-restore:kill``: runc made the
+    container, its restore has not returned), so there is no tree in any record yet.
+    The record written before the engine was asked names the container; the
+    restarted agent removes it, its bundle and cgroup through runc, and the next
+    migration of the same container goes through.  A record planted afterwards
+    naming that container, now running, removes nothing (its bundle's mark went
+    when it was resumed)."""
+
+    agents.append(bed.start_agent(env={"MIGSGX_FAULT": "agent.in-restore:kill"}))
+    app, digest = loaded(lab, "runc")
+    try:
+        run = migrate(bed, app, agents[0])
+        assert run.returncode == 6, run.stderr
+        t_back = source_answers(lab, app, digest)
+        assert agents[0].proc.wait(timeout=30) == -9
+        again = bed.start_agent(listen_port=agents[0].port)
+        agents.append(again)
+        log = again.log.read_text(errors="replace")
+        assert "died restoring runc" in log and f"removed the runc container {app.name}" in log, log
+        nothing_left(lab, app)
+        second = migrate(bed, app, again)
+        assert second.returncode == EXIT_OK, second.stderr
+        assert lab.ask(app, "DIGEST", at="dst") == digest
+        figures["inside the restore x kill -9 destination agent (runc, restarted)"] = {
+            "outcome": "stayed; the restarted agent removed the container; moved next time",
+            "exit": run.returncode,
+            "source_back_seconds": round(t_back - fault_time(agents[0].log.read_text()), 3),
+        }  # fmt: skip
+        again.stop()
+        plant(bed, "runc", app.name, restoring=True)
+        third = bed.start_agent(listen_port=agents[0].port)
+        agents.append(third)
+        log = third.log.read_text(errors="replace")
+        assert "not this agent's to remove" in log, log
+        assert lab.runnable_copies(app) == {"src": 0, "dst": 1}
+        assert lab.ask(app, "DIGEST", at="dst") == digest
+    finally:
+        lab.remove(app)
+
+
+def plant(bed: Testbed, driver: str, name: str, *, restoring: bool, root: int = 0) -> Path:
+    """A forged record in the destination agent's work directory naming ``name``."""
+
+    session = secrets.token_hex(16)
+    directory = bed.state("dst") / "agent" / "work" / session
+    directory.mkdir(mode=0o700, parents=True)
+    record = {
+        "session_id": session, "root": root, "start": 1 if root else 0, "driver": driver,
+        "peer": "10.0.0.1", "local": "10.0.0.2", "enclaves": [],
+        "handle": {"id": name}, "answered": not restoring, "restoring": restoring,
+    }  # fmt: skip
+    (directory / "held.json").write_text(json.dumps(record))
+    return directory / "held.json"
+
+
+def test_a_forged_record_never_removes_a_container_the_agent_did_not_make(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
+) -> None:
+    """Records planted in the destination agent's work directory name a runc
+    container the agent did not make (started there by hand): one as if the agent
+    died restoring it, one as if its held tree were gone.  The restarted agent
+    removes nothing: the container runs on, its bundle untouched."""
+
+    other = lab.start_command("runc", ["sleep", "600"], at="dst")
+    try:
+        made = lab.runc("dst").state(other.name)
+        assert made is not None
+        bundle = Path(str(made["bundle"]))
+        planted = [
+            plant(bed, "runc", other.name, restoring=True),
+            plant(bed, "runc", other.name, restoring=False, root=2**22 - 1),
+        ]
+        agents.append(bed.start_agent())
+        log = agents[0].log.read_text(errors="replace")
+        assert "not this agent's to remove" in log, log
+        assert f"nothing (runc container {other.name} is running" in log, log
+        state = lab.runc("dst").state(other.name)
+        assert state is not None and state["status"] == "running"
+        assert bundle.is_dir() and not any(p.exists() for p in planted)
+    finally:
+        lab.remove(other)
+
+
+def test_a_held_container_whose_tree_died_is_removed(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
+) -> None:
+    """The agent dies holding the container (``agent.before-claim:kill``) and its
+    tree is killed before the agent restarts: runc keeps a stopped container and
+    its bundle.  The restarted agent has nothing to adopt and removes both through
+    runc (its bundle's mark says that this agent made it), so nothing is left."""
+
+    agents.append(bed.start_agent(env=KILL_AT_CLAIM))
+    app, digest = loaded(lab, "runc")
+    try:
+        run = migrate(bed, app, agents[0], "tool.before-commit:kill")
+        assert run.returncode == -9, run.stderr
+        source_answers(lab, app, digest)
+        assert agents[0].proc.wait(timeout=30) == -9
+        root = lab.root_pid(app, "dst")
+        assert root is not None
+        os.kill(root, signal.SIGKILL)
+        wait_until(lambda: (lab.runc("dst").state(app.name) or {}).get("status") == "stopped",
+                   30, "runc to see the container stopped")  # fmt: skip
+        again = bed.start_agent(listen_port=agents[0].port)
+        agents.append(again)
+        log = again.log.read_text(errors="replace")
+        assert "is gone or runs" in log and f"removed the runc container {app.name}" in log, log
+        nothing_left(lab, app)
+        assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
     finally:
         lab.remove(app)

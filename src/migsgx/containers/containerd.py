@@ -376,6 +376,12 @@ class ContainerdDriver:
                 criu_config.unlink()  # a later checkpoint of this container must not see it
         return Restored(pid=task[0], label=f"containerd container {cid}", handle={"id": cid})
 
+    def remove_made(self, handle: Mapping[str, Any], owner: str, *, keep_running: bool) -> str:
+        # (its restore leaves no mark of the session that made a container yet)
+        raise ContainerError(
+            f"containerd container {dict(handle)}: nothing proves this agent made it"
+        )
+
     def reclaim(self, handle: Mapping[str, Any], pid: int) -> Restored:
         if set(handle) != {"id"}:
             raise ContainerError(f"not a containerd container's record: {sorted(handle)}")

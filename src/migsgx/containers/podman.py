@@ -315,6 +315,10 @@ class PodmanDriver:
         (work / "config.dump").write_text(json.dumps(container))
         (work / "spec.dump").write_text(json.dumps(runtime))
 
+    def remove_made(self, handle: Mapping[str, Any], owner: str, *, keep_running: bool) -> str:
+        # (its restore leaves no mark of the session that made a container yet)
+        raise ContainerError(f"podman container {dict(handle)}: nothing proves this agent made it")
+
     def reclaim(self, handle: Mapping[str, Any], pid: int) -> Restored:
         if set(handle) != {"name"}:
             raise ContainerError(f"not a podman container's record: {sorted(handle)}")
