@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ pytest.register_assert_rewrite("bed_helpers", "fault_helpers")
 from bed_helpers import wait_until  # noqa: E402
 from fault_helpers import EXIT_IN_DOUBT, EXIT_OK, fault_time, recover  # noqa: E402
 
+from migsgx.agent.held import start_time  # noqa: E402
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
 
@@ -213,8 +215,10 @@ def test_a_record_its_engine_does_not_know_is_not_adopted(
     bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
 ) -> None:
     """The record names a container runc does not know (damaged, or planted): the
-    restarted agent says so and kills the recorded tree; nothing on the destination
-    runs or stays held, and the source, given back by the guardian, runs on."""
+    restarted agent says so and kills the recorded tree, and removes the container
+    its restore made for that session (found by its bundle's mark, not by the
+    record's name); nothing on the destination runs, stays held or is left, and the
+    source, given back by the guardian, runs on."""
 
     agents.append(bed.start_agent(env=KILL_AT_CLAIM))
     app, digest = loaded(lab, "runc")
@@ -233,8 +237,9 @@ def test_a_record_its_engine_does_not_know_is_not_adopted(
         log = again.log.read_text(errors="replace")
         assert "cannot be adopted" in log and "runc no longer knows container" in log, log
         assert "adopted the tree" not in log, log
-        wait_until(lambda: all(s in ("Z", "") for _, s in lab.copies(app)["dst"]), 30,
-                   "the recorded tree to be killed")  # fmt: skip
+        # runc's entry and the bundle too: the bundle's mark names the record's session.
+        assert f"removed the runc container {app.name}" in log, log
+        nothing_left(lab, app)
         assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
         assert lab.ask(app, "DIGEST", at="src") == digest
     finally:
@@ -318,14 +323,16 @@ def test_a_container_made_inside_the_restore_is_removed(
         lab.remove(app)
 
 
-def plant(bed: Testbed, driver: str, name: str, *, restoring: bool, root: int = 0) -> Path:
+def plant(
+    bed: Testbed, driver: str, name: str, *, restoring: bool, root: int = 0, start: int = 1
+) -> Path:
     """A forged record in the destination agent's work directory naming ``name``."""
 
     session = secrets.token_hex(16)
     directory = bed.state("dst") / "agent" / "work" / session
     directory.mkdir(mode=0o700, parents=True)
     record = {
-        "session_id": session, "root": root, "start": 1 if root else 0, "driver": driver,
+        "session_id": session, "root": root, "start": start if root else 0, "driver": driver,
         "peer": "10.0.0.1", "local": "10.0.0.2", "enclaves": [],
         "handle": {"id": name}, "answered": not restoring, "restoring": restoring,
     }  # fmt: skip
@@ -338,26 +345,38 @@ def test_a_forged_record_never_removes_a_container_the_agent_did_not_make(
 ) -> None:
     """Records planted in the destination agent's work directory name a runc
     container the agent did not make (started there by hand): one as if the agent
-    died restoring it, one as if its held tree were gone.  The restarted agent
-    removes nothing: the container runs on, its bundle untouched."""
+    died restoring it, one as if its held tree were gone, one with a stopped tree
+    runc does not know as that container (refused: the tree is killed, as before).
+    The restarted agent removes nothing through runc: the container runs on, its
+    bundle untouched."""
 
     other = lab.start_command("runc", ["sleep", "600"], at="dst")
+    stopped = subprocess.Popen(["sleep", "600"])
     try:
         made = lab.runc("dst").state(other.name)
         assert made is not None
         bundle = Path(str(made["bundle"]))
+        os.kill(stopped.pid, signal.SIGSTOP)
+        wait_until(lambda: Path(f"/proc/{stopped.pid}/stat").read_text().split(") ")[1][0]
+                   == "T", 30, "the decoy to stop")  # fmt: skip
+        began = start_time(stopped.pid)
         planted = [
             plant(bed, "runc", other.name, restoring=True),
             plant(bed, "runc", other.name, restoring=False, root=2**22 - 1),
+            # (a stopped tree runc does not know as that container: refused, killed)
+            plant(bed, "runc", other.name, restoring=False, root=stopped.pid, start=began),
         ]
         agents.append(bed.start_agent())
         log = agents[0].log.read_text(errors="replace")
         assert "not this agent's to remove" in log, log
         assert f"nothing (runc container {other.name} is running" in log, log
+        assert "cannot be adopted" in log and stopped.wait(timeout=30) == -9, log
         state = lab.runc("dst").state(other.name)
         assert state is not None and state["status"] == "running"
         assert bundle.is_dir() and not any(p.exists() for p in planted)
     finally:
+        stopped.kill()
+        stopped.wait()
         lab.remove(other)
 
 

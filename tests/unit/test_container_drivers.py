@@ -465,10 +465,14 @@ def test_runc_removes_only_a_bundle_its_restore_marked_for_the_session(tmp_path:
     with pytest.raises(MigSGXError):
         driver.remove_made({"id": "../kv1"}, "ab" * 16, keep_running=False)
     (bundle / OWNER_MARK).write_text("ab" * 16)
-    assert driver.remove_made({"id": "kv1"}, "ab" * 16, keep_running=True) == (
+    other = bundle.parent / "kv2"
+    other.mkdir()
+    (other / OWNER_MARK).write_text("cd" * 16)
+    # A damaged name: the session's mark finds what its restore made, and only that.
+    assert driver.remove_made({"id": "kv1-x"}, "ab" * 16, keep_running=True) == (
         f"its bundle {bundle}"  # (runc does not know the container: the bundle alone)
     )
-    assert not bundle.exists()
+    assert not bundle.exists() and (other / OWNER_MARK).exists()
     for name, handle in (("podman", {"name": "kv1"}), ("containerd", {"id": "kv1"}),
                          ("pid", {})):  # fmt: skip
         with pytest.raises(ContainerError):

@@ -180,6 +180,11 @@ class Agent:
                 session = IncomingMigration.adopt_held(self, directory, record)
             except (MigSGXError, ValueError, TypeError, KeyError) as exc:
                 kill_tree(record.root)  # (its engine does not know it as this tree)
+                if record.driver != "pid":
+                    # Its engine's entry too, if this agent's restore made it for the session.
+                    left = self._remove_made(record, keep_running=False)
+                    if left:
+                        log.warning("migration %s: removed %s", tag, left)
                 log.error(
                     "migration %s: the tree a former agent held (pid %d) cannot be adopted "
                     "(%s): killed. Its state stays only with the source's committed enclaves; "

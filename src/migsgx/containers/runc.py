@@ -341,18 +341,14 @@ class RuncDriver:
         return _restored(cid, pid, bundle, pod)
 
     def remove_made(self, handle: Mapping[str, Any], owner: str, *, keep_running: bool) -> str:
-        cid = check_name(handle.get("id"), "container id")
+        cid = self._made_for(check_name(handle.get("id"), "container id"), owner)
         bundle = self.bundles() / cid
         state = self.runc.state(cid)
         if state is not None and keep_running and state.get("status") in ("running", "paused"):
             pid = int(state.get("pid") or 0)
             if pid > 0 and Path(f"/proc/{pid}").exists():
                 return f"nothing (runc container {cid} is {state.get('status')}, pid {pid})"
-        try:
-            mark = (bundle / OWNER_MARK).read_text()
-        except OSError:
-            mark = ""
-        if not owner or mark != owner:
+        if not owner or _mark(bundle) != owner:
             raise ContainerError(
                 f"runc container {cid}: no bundle {bundle} made for this session and never "
                 "resumed: not this agent's to remove"
@@ -371,6 +367,18 @@ class RuncDriver:
                 removed.append(f"its pod namespace {pod.name}")
         return ", ".join([*removed, f"its bundle {bundle}"])
 
+    def _made_for(self, cid: str, owner: str) -> str:
+        """``cid``, or else the container whose bundle the mark says a restore made for
+        ``owner`` (a record whose name is damaged still finds what its session made)."""
+
+        if not owner or _mark(self.bundles() / cid) == owner:
+            return cid
+        with contextlib.suppress(OSError):
+            for bundle in self.bundles().iterdir():
+                if _mark(bundle) == owner:
+                    return bundle.name
+        return cid
+
     def discard(self, restored: Restored) -> None:
         cid = str(restored.handle["id"])
         try:
@@ -379,6 +387,15 @@ class RuncDriver:
             shutil.rmtree(restored.handle["bundle"], ignore_errors=True)
             if restored.handle.get("netns"):
                 podnet.give_up(Path(restored.handle["netns"]))
+
+
+def _mark(bundle: Path) -> str:
+    """The session a bundle was made for while its container is held ("" if none)."""
+
+    try:
+        return (bundle / OWNER_MARK).read_text(errors="replace")[:64]
+    except OSError:
+        return ""
 
 
 def _restored(cid: str, pid: int, bundle: Path, pod: Path | None) -> Restored:
