@@ -32,6 +32,8 @@ from bed_helpers import wait_until  # noqa: E402
 from fault_helpers import EXIT_IN_DOUBT, EXIT_OK, fault_time, recover  # noqa: E402
 
 from migsgx.agent.held import start_time  # noqa: E402
+from migsgx.containers import HostConfig, make_driver  # noqa: E402
+from migsgx.criu import Criu  # noqa: E402
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
 
@@ -404,6 +406,45 @@ def test_a_held_container_whose_tree_died_is_removed(
         agents.append(again)
         log = again.log.read_text(errors="replace")
         assert "is gone or runs" in log and f"removed the runc container {app.name}" in log, log
+        nothing_left(lab, app)
+        assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
+    finally:
+        lab.remove(app)
+
+
+def test_a_paused_held_container_is_left_and_its_engine_still_knows_it(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
+) -> None:
+    """The held container is paused (``runc pause``: its cgroup frozen) while its
+    agent is dead.  Its frozen tasks no longer read as stopped, so the restarted
+    agent cannot tell it from a tree that runs: it neither adopts nor removes it,
+    and says so.  runc's ``reclaim`` still knows it as the held tree (``paused``),
+    and discarding it through runc leaves nothing on the destination."""
+
+    agents.append(bed.start_agent(env=KILL_AT_CLAIM))
+    app, digest = loaded(lab, "runc")
+    try:
+        run = migrate(bed, app, agents[0], "tool.before-commit:kill")
+        assert run.returncode == -9, run.stderr
+        source_answers(lab, app, digest)
+        assert agents[0].proc.wait(timeout=30) == -9
+        runc = lab.runc("dst")
+        subprocess.run(runc.argv("pause", app.name), check=True, capture_output=True)
+        root = lab.root_pid(app, "dst")
+        assert root is not None and (runc.state(app.name) or {}).get("status") == "paused"
+        again = bed.start_agent(listen_port=agents[0].port)
+        agents.append(again)
+        log = again.log.read_text(errors="replace")
+        assert f"runc container {app.name} is paused, pid {root}" in log, log
+        assert "adopted the tree" not in log, log
+        assert (runc.state(app.name) or {}).get("status") == "paused"  # untouched
+        driver = make_driver("runc", HostConfig(
+            Criu("/bin/true"), lab.settings["dst"], Path("/unused.sock"), bed.state("dst"),
+        ))  # (reclaim and discard use runc alone)  # fmt: skip
+        bundle = bed.state("dst") / "agent" / "runc" / app.name
+        held = driver.reclaim({"id": app.name, "bundle": str(bundle), "netns": ""}, root)
+        assert held.pid == root
+        driver.discard(held)
         nothing_left(lab, app)
         assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
     finally:
