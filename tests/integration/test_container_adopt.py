@@ -282,19 +282,20 @@ def test_a_container_restored_but_never_reported_held_is_removed(
         lab.remove(app)
 
 
+@pytest.mark.parametrize("engine", ["runc", "containerd", "podman"])
 def test_a_container_made_inside_the_restore_is_removed(
-    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess], figures: Figures
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess], figures: Figures, engine: str
 ) -> None:
     """The agent dies inside the restore (``agent.in-restore:kill``: runc made the
     container, its restore has not returned), so there is no tree in any record yet.
     The record written before the engine was asked names the container; the
-    restarted agent removes it, its bundle and cgroup through runc, and the next
-    migration of the same container goes through.  A record planted afterwards
-    naming that container, now running, removes nothing (its bundle's mark went
-    when it was resumed)."""
+    restarted agent removes it (runc: its bundle and cgroup too) through its
+    engine, and the next migration of the same container goes through.  A record
+    planted afterwards naming that container, now running, removes nothing (the
+    mark of the session that made it went when it was resumed)."""
 
     agents.append(bed.start_agent(env={"MIGSGX_FAULT": "agent.in-restore:kill"}))
-    app, digest = loaded(lab, "runc")
+    app, digest = loaded(lab, engine)
     try:
         run = migrate(bed, app, agents[0])
         assert run.returncode == 6, run.stderr
@@ -303,18 +304,24 @@ def test_a_container_made_inside_the_restore_is_removed(
         again = bed.start_agent(listen_port=agents[0].port)
         agents.append(again)
         log = again.log.read_text(errors="replace")
-        assert "died restoring runc" in log and f"removed the runc container {app.name}" in log, log
+        assert f"died restoring {engine}" in log, log
+        assert f"removed the {engine} container {app.name}" in log, log
         nothing_left(lab, app)
+        assert not list((bed.state("dst") / "agent").glob(f"*/{app.name}.owner"))
         second = migrate(bed, app, again)
         assert second.returncode == EXIT_OK, second.stderr
         assert lab.ask(app, "DIGEST", at="dst") == digest
-        figures["inside the restore x kill -9 destination agent (runc, restarted)"] = {
+        figures[f"inside the restore x kill -9 destination agent ({engine}, restarted)"] = {
             "outcome": "stayed; the restarted agent removed the container; moved next time",
             "exit": run.returncode,
             "source_back_seconds": round(t_back - fault_time(agents[0].log.read_text()), 3),
         }  # fmt: skip
         again.stop()
-        plant(bed, "runc", app.name, restoring=True)
+        planted = plant(bed, engine, app.name, restoring=True)
+        if engine == "podman":  # (its record names the container by name)
+            record = json.loads(planted.read_text())
+            record["handle"] = {"name": app.name}
+            planted.write_text(json.dumps(record))
         third = bed.start_agent(listen_port=agents[0].port)
         agents.append(third)
         log = third.log.read_text(errors="replace")

@@ -445,7 +445,7 @@ def test_containerd_destination_checks_what_a_peer_sends(tmp_path: Path) -> None
 @pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed")
 def test_runc_removes_only_a_bundle_its_restore_marked_for_the_session(tmp_path: Path) -> None:
     """A record (damaged or forged) names the container: the bundle goes only if its
-    mark names the record's session; the other engines cannot tell, and refuse."""
+    mark names the record's session."""
 
     from migsgx.containers.runc import OWNER_MARK
 
@@ -473,7 +473,24 @@ def test_runc_removes_only_a_bundle_its_restore_marked_for_the_session(tmp_path:
         f"its bundle {bundle}"  # (runc does not know the container: the bundle alone)
     )
     assert not bundle.exists() and (other / OWNER_MARK).exists()
-    for name, handle in (("podman", {"name": "kv1"}), ("containerd", {"id": "kv1"}),
+    # (before any engine is asked: a handle of another engine's shape)
+    for name, handle in (("podman", {"id": "kv1"}), ("containerd", {"name": "kv1"}),
                          ("pid", {})):  # fmt: skip
         with pytest.raises(ContainerError):
             make_driver(name, host_config).remove_made(handle, "ab" * 16, keep_running=False)
+
+
+def test_an_engine_store_mark_names_one_session(tmp_path: Path) -> None:
+    from migsgx.containers import owner
+
+    mark = owner.mark_path(tmp_path, "kv1")
+    owner.write(mark, "ab" * 16)
+    owner.check(mark, "ab" * 16, "kv1")
+    for other in ("cd" * 16, ""):
+        with pytest.raises(ContainerError, match="not this agent's to remove"):
+            owner.check(mark, other, "kv1")
+    owner.clear(mark)
+    owner.clear(mark)  # (twice: no error)
+    with pytest.raises(ContainerError):
+        owner.check(mark, "ab" * 16, "kv1")
+    assert owner.alive(os.getpid()) and not owner.alive(0)
