@@ -92,6 +92,10 @@ def moved(lab: ContainerLab, app: ContainerApp, digest: str, agent: AgentProcess
     assert "receives the state again" in log and "decision delivered: resumed" in log, log
     assert lab.ask(app, "DIGEST", at="dst") == digest
     assert lab.ask(app, "PUT after " + b"x".hex(), at="dst").startswith("OK")  # ECALLs work
+    # Resumed: no mark says any more that a restore of this agent made it.
+    agent_dir = lab.bed.state("dst") / "agent"
+    assert not (agent_dir / "runc" / app.name / "migsgx-owner").exists()
+    assert not list(agent_dir.glob(f"*/{app.name}.owner"))
     # The committed source stays frozen and fenced (never runs again) until removed.
     assert lab.runnable_copies(app) == {"src": 0, "dst": 1}
     lab.remove_on(app.engine, app.name, "src")
