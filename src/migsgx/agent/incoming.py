@@ -336,19 +336,23 @@ class IncomingMigration(_SessionDecisions):
         if self.driver.name != "pid":
             # What a restarted agent removes if this one dies inside the restore.
             self._intent_record().write(self.images_dir)
-        if self.post_copy:
-            restored = self._restore_lazy(msg.get("lazy_port"), corrupt)
-        else:
-            restored = self.driver.restore(
-                RestoreRequest(
-                    images=self.images_dir,
-                    target=self.target,
-                    tcp_close=self.tcp_close,
-                    before=_corrupt_images if corrupt else None,
-                    owner=self.session_id.hex(),
-                    made=lambda: _inject(fault("agent.in-restore"), self),
+        try:
+            if self.post_copy:
+                restored = self._restore_lazy(msg.get("lazy_port"), corrupt)
+            else:
+                restored = self.driver.restore(
+                    RestoreRequest(
+                        images=self.images_dir,
+                        target=self.target,
+                        tcp_close=self.tcp_close,
+                        before=_corrupt_images if corrupt else None,
+                        owner=self.session_id.hex(),
+                        made=lambda: _inject(fault("agent.in-restore"), self),
+                    )
                 )
-            )
+        except BaseException:
+            remove_record(self.images_dir)  # (the driver removed what it made)
+            raise
         self.restored = restored
         pid = self.root = restored.pid
         for adopted in (pid, *restored.adopt):
