@@ -135,7 +135,8 @@ class Agent:
                 # Died inside the restore: nothing ran, the source cannot have decided.
                 log.warning(
                     "migration %s: a former agent died restoring %s %s: removed %s", tag,
-                    record.driver, record.handle, self._remove_made(record, keep_running=False),
+                    record.driver, record.handle,
+                    self._remove_made(record, keep_running=False) or "nothing",
                 )  # fmt: skip
                 self.discard(directory)
                 continue
