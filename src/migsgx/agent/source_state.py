@@ -99,6 +99,13 @@ class MigrateOptions:
     #: nicer than the tool's other threads, the enclave streams beside it (negative:
     #: less nice).
     criu_nice: int = 0
+    #: The offers carry each source enclave's memory in use, which the destination
+    #: enclaves fault in from their launch on (False: they fault it in as it loads).
+    #: Off: paired beside CRIU's dump at 1 GiB it did not pay (total time without /
+    #: with 0.95 and 0.97 at the median of two invocations), since the freeze follows
+    #: the handshake at once and the faulting then competes with the dump
+    #: (docs/benchmarks.md, "Less CPU per GiB in the frozen window").
+    prefault_ahead: bool = False
 
 
 @dataclass
