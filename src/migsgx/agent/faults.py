@@ -45,6 +45,7 @@ POINTS: Final = frozenset(
         "agent.enclave-receive",  # while the incoming enclaves receive
         "agent.page-stream",  # corrupt|drop|reorder|truncate|replay: the page stream in flight
         "agent.before-restore",
+        "agent.in-restore",  # the engine made the container, its restore has not returned
         "agent.after-restore",
         "agent.before-resume",  # the tool's resume arrived (the tokens went before it)
         "agent.before-claim",  # the first decision frame reached an enclave (window W2)
