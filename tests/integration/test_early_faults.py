@@ -38,6 +38,7 @@ from fault_helpers import (  # noqa: E402
     heal,
     loaded_app,
     migrate_with,
+    no_images_left,  # noqa: F401  (autouse: after every cell, no images left in /dev/shm)
     only_copy,
     record_back,
     source_answers,

@@ -49,6 +49,7 @@ POINTS: Final = frozenset(
         "tool.after-prepare",
         "guardian.retry",  # ``give-up``: the guardian in doubt stops as if its 10 minutes ran out
         "recover.redeliver",  # a re-delivery without the tool: fresh copy's data connection open
+        "counters.before-create",  # a platform store's first user found none, writes it now
         "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
         "ckpt.between-commits",  # checkpoint: one enclave's gate committed, the next not yet
@@ -64,6 +65,7 @@ POINTS: Final = frozenset(
         "tool.before-commit",
         "tool.between-commits",  # one source enclave committed, the next not yet
         "tool.after-commit",
+        "tool.before-release",  # journal ``done``, the committed source enclaves not released
         "tool.after-abort",  # roll-back: the source enclaves decided ABORT, nothing undone yet
         "tool.before-token",  # each COMMIT token, before it goes on the data connection
         "tool.enclave-stream",  # each enclave's data connection, once it is open

@@ -42,7 +42,6 @@ import secrets
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -79,6 +78,7 @@ from .applink import AppLink, HandedEnclave
 from .ckpt_journal import start_time
 from .control import CONNECT_TIMEOUT, AgentConnection
 from .datalink import open_data
+from .dumpdirs import make_dump_dir, sweep_dump_dirs
 from .faults import (
     connection_fault,
     dying,
@@ -213,6 +213,8 @@ class _Migration:
         self._journal_lock = threading.Lock()
         self.lazy: LazyDump | None = None
         self.plan: DumpPlan | None = None
+        #: The tool's own images directory (removed by whoever outlives a killed tool).
+        self.scratch: Path | None = None
         self.window_seconds: float | None = None
         #: A failed enclave stream stops CRIU's dump at once (the source runs again).
         self.cancel = DumpCancel()
@@ -292,6 +294,9 @@ class _Migration:
                     link.pid if link else pid, link.name if link else "-",
                 )  # fmt: skip
                 self._guardian_note(f"journal {self.journal.path}")
+                if self.scratch is not None:
+                    self.journal.update(dump_dir=str(self.scratch))
+                    self._guardian_note(f"scratch {self.scratch}")
                 self._guardian_enclaves(handed)
                 if begin is not None:
                     ready = control.call(begin, "ready")
@@ -904,12 +909,19 @@ class _Migration:
             self.note("resumed")
             if self.journal is not None:
                 self.journal.update(phase="done")
+            # (the committed source enclaves still hold their state and a duplicate of
+            # their connection: ``migsgx recover`` releases them if nobody else does)
+            self._inject(self._fault("tool.before-release"))
+            released = 0
             for transfer in self.transfers:
                 try:
                     assert transfer.outgoing is not None
                     transfer.outgoing.release()
+                    released += 1
                 except MigSGXError as exc:
                     log.warning("enclave %d: release: %s", transfer.handed.index, exc)
+            if self.journal is not None and released == len(self.transfers):
+                self.journal.update(holders=[])  # (they wiped and exited: none holds any)
         else:
             self.resume_sent = True
             if self.guardian is not None:
@@ -1203,12 +1215,17 @@ def migrate(opts: MigrateOptions) -> MigrationOutcome:
 
     opts.identity.check()
     own_dir = opts.work_dir is None
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
-    dump_dir = Path(tempfile.mkdtemp(prefix="migsgx-dump-", dir=base)) if own_dir else opts.work_dir
+    # Tools killed before us left their images in RAM: theirs go first (never a live one's).
+    for path in sweep_dump_dirs():
+        log.info("removed a dead tool's images directory %s", path)
+    dump_dir = make_dump_dir(keep=opts.keep_images) if own_dir else opts.work_dir
     assert dump_dir is not None
     dump_dir.mkdir(parents=True, exist_ok=True)
+    migration = _Migration(opts)
+    if own_dir and not opts.keep_images:
+        migration.scratch = dump_dir  # (journaled and noted to the guardian: it is removed)
     try:
-        outcome = _Migration(opts).run(dump_dir)
+        outcome = migration.run(dump_dir)
     except CriuError as exc:
         # CRIU failed before the commit point (a dump, a damaged page stream, a
         # restore): it resumed the source, and nothing runs on the destination.

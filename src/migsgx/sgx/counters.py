@@ -246,9 +246,8 @@ class CounterStore:
         self._path = Path(path)
         self._lock = threading.Lock()
         self._lock_path = self._path.with_name(self._path.name + ".lock")
-        if not self._path.exists():
-            empty = {"v": 1, "counters": {}, "records": {}, "decisions": {}, "claims": []}
-            write_private(self._path, cbor2.dumps(empty))
+        empty = {"v": 1, "counters": {}, "records": {}, "decisions": {}, "claims": []}
+        _create_once(self._path, _FileLock(self._lock, self._lock_path), cbor2.dumps(empty))
 
     def _load_all(self) -> dict[str, Any]:
         try:
@@ -590,6 +589,33 @@ class CounterStore:
             raise StoreFullError("the host's persistent record store is full")
 
 
+def _create_once(path: Path, lock: _FileLock, empty: bytes) -> None:
+    """Write the empty store at ``path`` unless it exists, under the store's lock.
+
+    Two first users (the platform service, ``migsgx recover`` reading decisions)
+    may both find no store: created outside the lock, the later creator's empty
+    file would replace one the earlier had already written a decision or a
+    counter into.  Under the lock the second one looks again and finds it.
+    """
+
+    if path.exists():
+        return
+    with lock:
+        if path.exists():
+            return
+        _before_create()
+        write_private(path, empty)
+
+
+def _before_create() -> None:
+    """A test holds a creator here, between its look and its write (``MIGSGX_FAULT``)."""
+
+    if os.environ.get("MIGSGX_FAULT"):
+        from ..agent.faults import fault  # lazy: a test hook, the agent's fault points
+
+        fault("counters.before-create")
+
+
 class _FileLock:
     """A thread lock plus an flock, so two platform processes never interleave."""
 
@@ -627,8 +653,8 @@ class ClaimStore:
         self._path = Path(path)
         self._lock = threading.Lock()
         self._lock_path = self._path.with_name(self._path.name + ".lock")
-        if not self._path.exists():
-            write_private(self._path, cbor2.dumps({"v": 1, "claims": []}))
+        empty = cbor2.dumps({"v": 1, "claims": []})
+        _create_once(self._path, _FileLock(self._lock, self._lock_path), empty)
 
     def _load(self) -> list[bytes]:
         try:
