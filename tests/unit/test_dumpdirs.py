@@ -15,6 +15,7 @@ from migsgx.agent.ckpt_journal import start_time
 from migsgx.agent.dumpdirs import (
     KEPT_PREFIX,
     dump_dir_owner,
+    dump_dir_path,
     make_dump_dir,
     remove_dump_dir,
     sweep_dump_dirs,
@@ -57,6 +58,8 @@ def test_the_name_carries_the_tools_pid_and_start_time(base: Path) -> None:
     made = make_dump_dir()
     assert made.parent == base and made.is_dir()
     assert dump_dir_owner(made.name) == (os.getpid(), start_time(os.getpid()))
+    named = dump_dir_path()  # (the name the tool gives its guardian before it makes it)
+    assert not named.exists() and dump_dir_owner(named.name) == dump_dir_owner(made.name)
     kept = make_dump_dir(keep=True)
     assert kept.name.startswith(KEPT_PREFIX) and dump_dir_owner(kept.name) is None
 

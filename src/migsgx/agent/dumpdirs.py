@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -39,6 +40,7 @@ __all__ = [
     "DUMP_PREFIX",
     "KEPT_PREFIX",
     "dump_dir_owner",
+    "dump_dir_path",
     "make_dump_dir",
     "remove_dump_dir",
     "scratch_base",
@@ -61,12 +63,29 @@ def scratch_base() -> Path:
     return shm if shm.is_dir() else Path(tempfile.gettempdir())
 
 
-def make_dump_dir(*, keep: bool = False) -> Path:
-    """A fresh images directory of this tool (``keep``: one that outlives it on purpose)."""
+def dump_dir_path() -> Path:
+    """The name of a fresh images directory of this tool, not made yet.
+
+    The tool tells its guardian the name first and makes the directory then:
+    whenever it dies, whoever outlives it knows what to remove.
+    """
 
     pid = os.getpid()
-    prefix = KEPT_PREFIX if keep else f"{DUMP_PREFIX}{pid}-{start_time(pid) or 0}-"
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_base()))
+    return scratch_base() / f"{DUMP_PREFIX}{pid}-{start_time(pid) or 0}-{secrets.token_hex(4)}"
+
+
+def make_dump_dir(*, keep: bool = False) -> Path:
+    """A fresh images directory of this tool, made (``keep``: one that outlives it on purpose)."""
+
+    if keep:
+        return Path(tempfile.mkdtemp(prefix=KEPT_PREFIX, dir=scratch_base()))
+    while True:
+        path = dump_dir_path()
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        return path
 
 
 def dump_dir_owner(name: str) -> tuple[int, str] | None:

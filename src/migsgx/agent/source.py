@@ -78,7 +78,7 @@ from .applink import AppLink, HandedEnclave
 from .ckpt_journal import start_time
 from .control import CONNECT_TIMEOUT, AgentConnection
 from .datalink import open_data
-from .dumpdirs import make_dump_dir, sweep_dump_dirs
+from .dumpdirs import dump_dir_path, make_dump_dir, sweep_dump_dirs
 from .faults import (
     connection_fault,
     dying,
@@ -287,6 +287,9 @@ class _Migration:
                 self.guardian = Guardian(
                     link.pid if link else pid, link.name if link else "-", [h.sock for h in handed]
                 )
+                if self.scratch is not None:
+                    self._guardian_note(f"scratch {self.scratch}")
+                    self.scratch.mkdir(mode=0o700)
                 self._inject(self._fault("tool.after-prepare"))
                 begin = self._begin(pids, pidns) if ready is None else None
                 self.journal = Journal.start(
@@ -296,7 +299,6 @@ class _Migration:
                 self._guardian_note(f"journal {self.journal.path}")
                 if self.scratch is not None:
                     self.journal.update(dump_dir=str(self.scratch))
-                    self._guardian_note(f"scratch {self.scratch}")
                 self._guardian_enclaves(handed)
                 if begin is not None:
                     ready = control.call(begin, "ready")
@@ -1218,12 +1220,15 @@ def migrate(opts: MigrateOptions) -> MigrationOutcome:
     # Tools killed before us left their images in RAM: theirs go first (never a live one's).
     for path in sweep_dump_dirs():
         log.info("removed a dead tool's images directory %s", path)
-    dump_dir = make_dump_dir(keep=opts.keep_images) if own_dir else opts.work_dir
-    assert dump_dir is not None
-    dump_dir.mkdir(parents=True, exist_ok=True)
     migration = _Migration(opts)
     if own_dir and not opts.keep_images:
-        migration.scratch = dump_dir  # (journaled and noted to the guardian: it is removed)
+        # Made once the guardian knows its name (which it removes if this tool dies).
+        dump_dir = migration.scratch = dump_dir_path()
+    else:
+        kept = make_dump_dir(keep=True) if own_dir else opts.work_dir
+        assert kept is not None
+        dump_dir = kept
+        dump_dir.mkdir(parents=True, exist_ok=True)
     try:
         outcome = migration.run(dump_dir)
     except CriuError as exc:
