@@ -26,7 +26,7 @@ import pytest
 from platform_fixtures import World, make_image, shared_world
 
 from migsgx.agent.datalink import CHALLENGE_SIZE, HELLO_SIZE, open_data
-from migsgx.agent.incoming import DATA_HELLO_TIMEOUT
+from migsgx.agent.incoming_data import DATA_HELLO_TIMEOUT
 from migsgx.agent.protocol import VERSION, AgentError
 from migsgx.agent.server import Agent, AgentConfig
 from migsgx.agent.source import AgentConnection

@@ -14,9 +14,10 @@ from typing import Any, cast
 
 import pytest
 
-from migsgx.agent import incoming
+from migsgx.agent import incoming_settle
 from migsgx.agent.config import AgentHost
-from migsgx.agent.incoming import IncomingMigration, _Enclave
+from migsgx.agent.incoming import IncomingMigration
+from migsgx.agent.incoming_data import _Enclave
 from migsgx.agent.protocol import AgentError
 from migsgx.host.client import EnclaveInfo
 
@@ -111,7 +112,7 @@ def test_a_fresh_copy_whose_state_never_came_may_be_replaced(
 
     _, target = held
     target.keep_lost = True
-    monkeypatch.setattr(incoming, "REDELIVER_ACCEPT", 0.2)
+    monkeypatch.setattr(incoming_settle, "REDELIVER_ACCEPT", 0.2)
     first = target.redeliver(0)
     assert first > 0
     assert target.enclaves[0].decided.wait(10)  # counted lost once the listener gave up
@@ -130,7 +131,7 @@ def test_an_abort_from_the_host_that_began_it_ends_the_wait_for_the_state(
 
     agent, target = held
     target.keep_lost = True
-    monkeypatch.setattr(incoming, "DELIVER_WAIT", 0.2)  # (no settling thread here)
+    monkeypatch.setattr(incoming_settle, "DELIVER_WAIT", 0.2)  # (no settling thread here)
     stranger = _session(agent, "10.0.0.9")
     abort = {"t": "deliver", "session_id": SID, "frames": [b""], "decision": "abort"}
     with pytest.raises(AgentError, match="only from the host that began"):

@@ -1,0 +1,376 @@
+"""An incoming migration's state, and its data: the page server (or the sealed
+page relay) and each enclave's authenticated data connection, received and then
+waiting for the source's decision; with the destination's fault hooks.
+
+:mod:`.incoming_settle` decides and ends a session on top of this, and
+:mod:`.incoming` answers the tool's requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Final
+
+from .._net import keep_alive
+from ..containers import Driver, Restored
+from ..criu.pageserver import PageServer
+from ..datapath.engine import IncomingEnclave
+from ..datapath.pagerelay import PageRelay, local_pair, relay_keys
+from ..errors import MigSGXError, ProtocolError
+from ..host.client import EnclaveInfo
+from .config import AgentHost
+from .datalink import KEY_SIZE, accept_data, check_pinned
+from .faults import cutting_relay, fault, firewall_drop, kill_dead, socket_owner, tampering_relay
+from .lazy import Window
+from .protocol import MAX_ENCLAVES, AgentError, SessionMachine, plain_stats
+
+__all__: list[str] = []
+
+log = logging.getLogger("migsgx.agent")
+
+DATA_HELLO_TIMEOUT: Final = 10.0
+MAX_DATA_OPENINGS: Final = 2 * MAX_ENCLAVES
+Reply = dict[str, Any] | None
+
+
+@dataclass
+class _Enclave:
+    """One incoming enclave: loaded (or failed), then committed (or aborted)."""
+
+    index: int
+    source_info: EnclaveInfo
+    conn: socket.socket | None = None
+    engine: IncomingEnclave | None = None
+    thread: threading.Thread | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: BaseException | None = None
+    loaded: threading.Event = field(default_factory=threading.Event)
+    decided: threading.Event = field(default_factory=threading.Event)
+    ecall_sock: socket.socket | None = None
+    commit_error: BaseException | None = None
+
+
+def _shutdown(sock: socket.socket | None) -> None:
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+
+class _SessionState:
+    """What one incoming migration holds, and how its data arrives."""
+
+    def __init__(self, agent: AgentHost, tls: ssl.SSLSocket | socket.socket, peer: str) -> None:
+        self.agent = agent
+        self.config = agent.config
+        self.tls = tls
+        self.peer = peer
+        self.machine = SessionMachine()
+        self.data_key = secrets.token_bytes(KEY_SIZE)
+        self.session_id = b""
+        self.images_dir: Path | None = None
+        self.enclaves: list[_Enclave] = []
+        self.tcp_close = False
+        self.page_tls = False
+        self.page_server = True
+        #: The pages come sealed through the agents' relay (docs/spec/pagestream.md).
+        self.page_relay = False
+        self._relay: PageRelay | None = None
+        #: Post-copy: the tree is restored with CRIU lazy pages from the source.
+        self.post_copy = False
+        self.window: Window | None = None
+        self.driver: Driver | None = None
+        self.target: dict[str, Any] = {}
+        self.restored: Restored | None = None
+        self.root: int | None = None
+        self._page_server: PageServer | None = None
+        self._page_error: BaseException | None = None
+        self._page_thread: threading.Thread | None = None
+        self._listeners: list[socket.socket] = []
+        self._files: dict[str, IO[bytes]] = {}
+        self._image_bytes = 0
+        self._images_t0 = 0.0
+        self._lock = threading.Lock()
+        self._decide_lock = threading.Lock()
+        self._finished = False
+        #: Set once an enclave committed or the tree was let run: no abort after that.
+        self.no_return = False
+        self.rolled_forward = False
+        #: Enclaves whose connection was closed at the far end right after the attach.
+        self.hung_up: list[int] = []
+        self.source_host = ""
+        #: Once held in doubt: set when every enclave got its decision and it was carried out.
+        self.settled = threading.Event()
+        self.decided_outcome = ""
+        self._claim_fault_done = False
+        #: Set when a lost copy was replaced by a fresh enclave (the held session waits on).
+        self._refilled = threading.Event()
+        #: Held without its tool (or adopted): a copy lost undecided keeps the tree.
+        self.keep_lost = False
+        #: The source host said ABORT (``deliver`` with ``decision: abort``, over mutual
+        #: TLS from the address that began the session): no state comes again, so a
+        #: copy lost undecided no longer keeps the tree.
+        self.source_aborted = False
+        #: This end's address of the control connection (data listeners bind to it).
+        self.local_address = ""
+
+    @property
+    def tag(self) -> str:
+        return self.session_id[:4].hex() or "-"
+
+    def enclave_pids(self) -> list[int]:
+        return [int(getattr(getattr(e.engine, "info", None), "pid", 0)) for e in self.enclaves]
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _stop_pages(self) -> None:
+        if self._relay is not None:
+            self._relay.close()
+        if self._page_server is not None:
+            self._page_server.kill()
+        if self._relay is not None:
+            self._relay.dispose()
+
+    def _check_pids_free(self, pids: list[Any]) -> None:
+        for pid in pids:
+            if not isinstance(pid, int) or isinstance(pid, bool):
+                raise ProtocolError("pids must be integers")
+            if os.path.exists(f"/proc/{pid}"):
+                raise AgentError(
+                    f"pid {pid} of the application is in use on this host; start the "
+                    "application in a pid namespace of its own (unshare --pid --fork)"
+                )
+
+    def _listen(self, address: str) -> socket.socket:
+        sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+        sock.bind((address, 0))
+        sock.listen(MAX_ENCLAVES)
+        sock.settimeout(self.config.io_timeout)
+        self._listeners.append(sock)
+        return sock
+
+    def _start(
+        self, target: Callable[[socket.socket], None], sock: socket.socket, name: str
+    ) -> threading.Thread:
+        thread = threading.Thread(target=target, args=(sock,), name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def _accept_page_server(self, listener: socket.socket) -> None:
+        assert self.images_dir is not None
+        try:
+            while True:
+                conn, addr = listener.accept()
+                if addr[0] == self.peer:
+                    break
+                log.warning("migration %s: page connection from %s refused", self.tag, addr[0])
+                conn.close()
+            keep_alive(conn)  # a stalled network fails the page stream in seconds
+            ident = self.config.identity
+            tls = (ident.ca, ident.cert, ident.key) if self.page_tls else None
+            action = fault("agent.page-stream")
+            if action is not None and "-after-bytes=" in action:
+                # ``drop-after-bytes=N``, ``stall-after-bytes=N``: mid-dump.
+                kind, _, after = action.partition("-after-bytes=")
+                conn = cutting_relay(conn, int(after), kind)
+            elif action is not None:
+                conn = tampering_relay(conn, action)
+            if self.page_relay:
+                ours, theirs = local_pair()
+                with theirs:
+                    self._page_server = PageServer(self.config.criu.binary, self.images_dir, theirs)
+                keys = relay_keys(self.data_key, self.session_id, source=False)
+                self._relay = PageRelay(ours, conn, **keys).start()
+                return
+            with conn:
+                self._page_server = PageServer(
+                    self.config.criu.binary, self.images_dir, conn, tls=tls
+                )
+        except (OSError, MigSGXError) as exc:
+            self._page_error = exc
+
+    def _accept_data(self, listener: socket.socket, only: set[int] | None = None) -> None:
+        """Accept data connections; each opening runs in a thread of its own, so a
+        peer that connects and stays silent holds up no genuine connection."""
+
+        pending = {e.index for e in self.enclaves} if only is None else set(only)
+        lock = threading.Lock()
+        openings = threading.BoundedSemaphore(MAX_DATA_OPENINGS)
+        while True:
+            with lock:
+                if not pending:
+                    return
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                if only is not None:
+                    self._never_came(pending, lock)
+                return
+            if not openings.acquire(blocking=False):
+                conn.close()  # more unauthenticated connections at once than enclaves need
+                continue
+            threading.Thread(
+                target=self._open_data, args=(conn, pending, lock, openings),
+                name="migsgx-agent-data-open", daemon=True,
+            ).start()  # fmt: skip
+
+    def _never_came(self, pending: set[int], lock: threading.Lock) -> None:
+        """A fresh copy's state did not come in time: it counts as lost, so that a
+        later attempt may replace it (else it would wait for ever)."""
+
+        with lock:
+            gone = [self.enclaves[i] for i in pending]
+            pending.clear()
+        for enclave in gone:
+            if enclave.engine is None:
+                log.warning("migration %s: enclave %d: the state did not come again in time",
+                            self.tag, enclave.index)  # fmt: skip
+                enclave.loaded.set()
+                enclave.decided.set()
+
+    def _open_data(
+        self,
+        conn: socket.socket,
+        pending: set[int],
+        lock: threading.Lock,
+        openings: threading.BoundedSemaphore,
+    ) -> None:
+        try:
+            try:
+                # Fixed-size records keyed from the TLS session: nothing the peer
+                # sends is parsed as a frame before it has proved the session key.
+                conn.settimeout(DATA_HELLO_TIMEOUT)
+                index = accept_data(conn, self.data_key, self.session_id)
+                conn.settimeout(None)
+            except (MigSGXError, OSError):
+                log.warning("migration %s: a data connection did not authenticate", self.tag)
+                conn.close()
+                return
+            with lock:
+                fresh = index in pending
+                pending.discard(index)
+        finally:
+            openings.release()
+        if not fresh:
+            log.warning("migration %s: a data connection was refused", self.tag)
+            conn.close()
+            return
+        enclave = self.enclaves[index]
+        enclave.conn = conn
+        enclave.thread = threading.Thread(
+            target=self._receive,
+            args=(enclave, conn),
+            name=f"migsgx-agent-enclave-{index}",
+            daemon=True,
+        )
+        enclave.thread.start()
+
+    def _receive(self, enclave: _Enclave, conn: socket.socket) -> None:
+        """Load, then wait for the source's decision (COMMIT makes the enclave run)."""
+
+        t0 = time.monotonic()
+        try:
+            offered = False
+            try:
+                action = fault("agent.enclave-receive")
+                if action is not None and action.startswith("kill-after-bytes="):
+                    _die_after_bytes(conn, int(action.partition("=")[2]))
+                enclave.engine, offer = IncomingEnclave.accept_offer(
+                    conn, self.config.platform_socket
+                )
+                # Nothing of the peer's runs unless it is the image begin announced.
+                check_pinned(enclave.engine.image, enclave.source_info)
+                offered = True
+                stats = enclave.engine.receive(conn, offer)
+                enclave.stats = {**plain_stats(stats), "timeline": stats.get("timeline", {})}
+                enclave.stats["agent_seconds"] = time.monotonic() - t0
+            except BaseException as exc:
+                enclave.error = exc
+                enclave.commit_error = exc
+                if not offered:
+                    # The offer refused (damaged, or not the image begin announced):
+                    # nothing answers it, so hang up at once, and the source hears
+                    # it now, not at its peer timeout.  (A failure after the offer
+                    # sent the source an ``abort`` with the reason, which a hang-up
+                    # could cut short.)
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_RDWR)
+                if enclave.engine is None or not enclave.engine.awaiting:
+                    return
+                # LOADED may have left: wait for the decision all the same.
+            finally:
+                enclave.loaded.set()
+            try:
+                enclave.ecall_sock = enclave.engine.wait_commit(
+                    timeout=None, before_claim=self._before_claim, after_claim=self._after_claim
+                )
+            except BaseException as exc:
+                enclave.commit_error = exc
+        finally:
+            enclave.decided.set()
+
+    def _before_claim(self) -> None:
+        """Fault injection at W2: a decision frame is about to be judged (once a session)."""
+
+        if not self._claim_fault_done:
+            self._claim_fault_done = True
+            _inject(fault("agent.before-claim"), self)
+
+    def _after_claim(self) -> None:
+        """Fault injection at W3: an enclave claimed the id and runs, not yet attached."""
+
+        _inject(fault("agent.after-claim"), self)
+
+    def _close_files(self) -> int:
+        count = len(self._files)
+        for out in self._files.values():
+            with contextlib.suppress(OSError):
+                out.close()
+        return count
+
+
+def _inject(action: str | None, session: _SessionState) -> None:
+    """Fault injection that kills another party of this host at a step (the fault matrix)."""
+
+    if action == "stall":
+        # A network stall of the control connection (no process dies): this
+        # host's firewall drops its packets both ways from now on.
+        firewall_drop(int(session.tls.getsockname()[1]))
+        return
+    if action == "kill-platform":
+        kill_dead([socket_owner(session.config.platform_socket)])
+    elif action == "kill-enclave":
+        kill_dead([pid for pid in session.enclave_pids() if pid > 0])
+
+
+def _corrupt_images(images: Path) -> None:
+    """Fault injection (``agent.before-restore:corrupt``): CRIU cannot read these images."""
+
+    (images / "inventory.img").write_bytes(b"\0" * 16)
+
+
+def _die_after_bytes(conn: socket.socket, limit: int) -> None:
+    """Fault injection: SIGKILL this agent once ``conn`` has received ``limit`` bytes."""
+
+    def watch() -> None:
+        while True:
+            try:
+                info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+            except OSError:
+                return
+            # struct tcp_info: u64 tcpi_bytes_received at offset 128 (Linux >= 4.1).
+            if len(info) >= 136 and int.from_bytes(info[128:136], "little") >= limit:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.001)
+
+    threading.Thread(target=watch, name="migsgx-fault", daemon=True).start()

@@ -1,0 +1,366 @@
+"""What one ``migsgx migrate`` knows and reports: its options, its enclave
+transfers, the state its steps share, the ``begin`` request, fault hooks and
+figures.
+
+The steps live apart: the enclave streams in :mod:`.source_enclaves`, the
+decision (commit, delivery of tokens, roll back) in :mod:`.source_commit`, and
+the migration's driver (prepare, dump, post-dump, post-copy) in :mod:`.source`,
+each a layer over the one before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
+from ..core.rounds import StopRules
+from ..criu import Criu, DumpCancel
+from ..datapath.engine import OutgoingEnclave
+from ..datapath.pagerelay import PageRelay
+from ..errors import ConfigError, LostAfterCommitError, MigSGXError
+from ..host.appctl import info_to_wire
+from ..system.process import process_state
+from . import preflight
+from .applink import AppLink, HandedEnclave
+from .control import AgentConnection
+from .faults import connection_fault, dying, fault, kill_dead, socket_owner
+from .guardian import Guardian
+from .journal import Journal
+from .lazy import LazyDump
+from .precopy import RoundReport
+from .protocol import plain_stats
+from .tls import AgentIdentity
+
+__all__ = ["MigrateOptions", "MigrationOutcome", "keeps_tcp"]
+
+log = logging.getLogger("migsgx.migrate")
+
+#: The guardian's notes that say how to give a container back (kept in the journal too).
+UNDO_NOTES: Final = frozenset({"criu", "netup", "thaw"})
+
+#: Files of the dump directory that stay on the source.
+_LOCAL_ONLY: Final = frozenset({"dump.log"})
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class MigrateOptions:
+    pid: int  # the root of the tree (driver "pid"); 0 with a container ``target``
+    to: tuple[str, int]
+    identity: AgentIdentity
+    criu: Criu = field(default_factory=Criu)
+    driver: str = "pid"  # what migrates: a name of migsgx.containers.DRIVERS
+    target: str | None = None  # the driver's name for it (a container id); default: pid
+    containers: ContainerSettings = field(default_factory=ContainerSettings)
+    work_dir: Path | None = None  # default: a fresh directory in /dev/shm
+    keep_images: bool = False
+    prepare_timeout: float = 30.0
+    io_timeout: float = 300.0
+    chunk_size: int | None = None
+    mode: str = "pipelined"
+    tcp_close: bool = True
+    #: Keep established TCP connections open across the move: None = wherever the
+    #: workload owns an address that moves with it; True = required (else an error).
+    tcp_established: bool | None = None
+    shell_job: bool = False
+    progress: Progress | None = None
+    # Live migration (agent/precopy.py): pre-copy rounds before the freeze.
+    live: bool = False
+    stop_rules: StopRules | None = None
+    round_report: RoundReport | None = None
+    # Post-copy (agent/lazy.py): the process's private memory follows after the commit.
+    post_copy: bool = False
+    lazy_port: int = 0  # where the source's CRIU serves it (0: a port the kernel picks)
+    # Stop-and-copy: the destination enclaves launch and attest before the freeze.
+    early_handshake: bool = True
+    #: The pid driver's pages through the sealed relay (``docs/spec/pagestream.md``);
+    #: False: in CRIU's own TLS (GnuTLS), the slower path kept for comparison.
+    page_relay: bool = True
+    #: CRIU's dump (with its page stream: the page relay's source end too) this much
+    #: nicer than the tool's other threads, the enclave streams beside it (negative:
+    #: less nice).
+    criu_nice: int = 0
+
+
+@dataclass
+class MigrationOutcome:
+    stats: dict[str, Any]
+    restored_pid: int
+    images_dir: Path | None
+
+
+@dataclass
+class _Transfer:
+    handed: HandedEnclave
+    outgoing: OutgoingEnclave | None = None
+    peer: socket.socket | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: BaseException | None = None
+
+
+class _MigrationState:
+    """The state every step of one migration shares, and its bookkeeping."""
+
+    def __init__(self, opts: MigrateOptions) -> None:
+        self.opts = opts
+        self.t: dict[str, float] = {"start": time.monotonic()}
+        self.stats: dict[str, Any] = {}
+        self.transfers: list[_Transfer] = []
+        self.link: AppLink | None = None
+        self.guardian: Guardian | None = None
+        self.control: AgentConnection | None = None
+        self.fenced: list[int] = []
+        self.committed = False
+        self.lost_after_commit: LostAfterCommitError | None = None
+        self.resume_sent = False
+        self.hand_back_failed = False
+        self.restored_pid = 0
+        self.image_bytes = 0
+        self.page_bytes = 0
+        self.driver: Driver = make_driver(opts.driver, HostConfig(opts.criu, opts.containers))
+        self.source: Source | None = None
+        self.tcp_keep = False
+        self.page_server = False
+        self.page_relay: PageRelay | None = None
+        self.session_id = b""
+        # The migration group of the source enclaves (``__mig_group``): fresh, never
+        # the session id, which the destination, journals and logs carry.  Whoever
+        # knows a group id can record a decision in it from an enclave of their own.
+        self.group_id = secrets.token_bytes(16)
+        self.journal: Journal | None = None
+        self.in_doubt = False
+        self.data_key = b""
+        self._journal_lock = threading.Lock()
+        self.lazy: LazyDump | None = None
+        self.plan: DumpPlan | None = None
+        #: The tool's own images directory (removed by whoever outlives a killed tool).
+        self.scratch: Path | None = None
+        self.window_seconds: float | None = None
+        #: A failed enclave stream stops CRIU's dump at once (the source runs again).
+        self.cancel = DumpCancel()
+
+    def note(self, phase: str) -> None:
+        self.t[phase] = time.monotonic()
+        if self.opts.progress is not None:
+            self.opts.progress(phase)
+
+    def control_call(self, msg: Mapping[str, Any], expect: str) -> dict[str, Any]:
+        assert self.control is not None
+        return self.control.call(msg, expect)
+
+    def _begin(self, pids: list[int], pidns: bool) -> dict[str, Any]:
+        assert self.source is not None
+        self.session_id = secrets.token_bytes(16)
+        begin: dict[str, Any] = {
+            "t": "begin",
+            "session_id": self.session_id,
+            "enclaves": [{"info": info_to_wire(t.handed.info)} for t in self.transfers],
+            "pids": pids,
+            "pidns": pidns,
+            "tcp_close": self.opts.tcp_close and not self.tcp_keep,
+            # Pages sealed by the agents' relay, or in CRIU's TLS (post-copy too).
+            "page_tls": (self.page_server and not self._relays_pages()) or self.opts.post_copy,
+        }
+        if self._relays_pages():
+            begin["page_relay"] = True
+        if self.driver.name != "pid":
+            begin.update(driver=self.driver.name, target=self.source.target)
+        begin.update(preflight.announce(self.driver.name, self.source, pids))
+        if not self.page_server:
+            begin["page_server"] = False
+        if self.opts.post_copy:
+            begin["post_copy"] = True
+        return begin
+
+    def _relays_pages(self) -> bool:
+        return self.page_server and self.driver.name == "pid" and self.opts.page_relay
+
+    def _fault(self, point: str) -> str | None:
+        """A fault point of the tool; ``kill-source`` there SIGKILLs the source application.
+
+        Returns the action, for the fault points that also kill other parties
+        (:meth:`_inject`).
+        """
+
+        action = fault(point)
+        if action == "kill-source" and self.source is not None:
+            root = self.source.root
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(root, signal.SIGKILL)
+            while not dying(root):  # SIGKILL cannot be ignored
+                time.sleep(0.01)
+        return action
+
+    def _inject(self, action: str | None) -> None:
+        """Fault injection that kills another party of this host (the fault matrix)."""
+
+        if action in ("kill-guardian", "kill-guardian-and-tool") and self.guardian is not None:
+            kill_dead([self.guardian.proc.pid])
+            if action == "kill-guardian-and-tool":
+                os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "kill-source-enclave":
+            kill_dead([t.handed.info.pid for t in self.transfers])
+        elif action == "kill-criu" and self.lazy is not None:
+            self.lazy.stop()  # post-copy: the only server of the pages still missing dies
+        elif action == "kill-source-platform":
+            kill_dead([socket_owner(self.opts.identity.directory.parent / "enclave.sock")])
+        elif action is not None and action.endswith("-control") and self.control is not None:
+            # A network fault of the control connection (no process dies).
+            connection_fault(self.control.sock, action.removesuffix("-control"))
+        elif action is not None and action.endswith("-data"):
+            # The same, of every enclave's data connection.
+            for transfer in self.transfers:
+                if transfer.peer is not None:
+                    connection_fault(transfer.peer, action.removesuffix("-data"))
+
+    def _guardian_note(self, line: str) -> None:
+        if self.guardian is not None:
+            self.guardian.note(line)
+        if self.journal is not None and line.split(" ", 1)[0] in UNDO_NOTES:
+            # ``migsgx recover`` gives the source back the same way if the guardian is gone.
+            # (a driver notes from its dump's thread too)
+            with self._journal_lock:
+                self.journal.update(undo=[*self.journal.undo, line])
+
+    def _settle(self, committed: bool) -> None:
+        """Post-copy: a driver whose source outlived its dump removes or resumes it."""
+
+        settle = self.plan.settle if self.plan is not None else None
+        if settle is None:
+            return
+        try:
+            settle(committed)
+        except MigSGXError as exc:
+            what = "removed" if committed else "resumed"
+            label = self.source.label if self.source is not None else "?"
+            log.error("the source %s could not be %s: %s", label, what, exc)
+
+    # --- figures -----------------------------------------------------------------------------
+    def _figures(self) -> dict[str, Any]:
+        t = self.t
+
+        def span(a: str, b: str) -> float:
+            return max(0.0, t[b] - t[a]) if a in t and b in t else 0.0
+
+        dest = self.stats.get("enclaves_destination", [])
+        enclave_bytes = sum(int(s.get("bytes", 0)) for s in (x.stats for x in self.transfers))
+        load = max((float(s.get("agent_seconds", 0.0)) for s in dest), default=0.0)
+        figures: dict[str, Any] = {
+            "freeze": span("prepare", "prepared"),
+            "enclave_dump": span("enclaves", "enclaves_sent"),
+            "criu_dump": span("dump", "dumped"),
+            "transfer": span("dumped", "images_sent"),
+            "restore": self.stats.get("restore", span("images_sent", "restored")),
+            "enclave_load": load,
+            "total": span("start", "end"),
+            "downtime": span("prepare" if self.transfers else "dump", "resumed"),
+            "bytes": enclave_bytes + self.page_bytes + self.image_bytes,
+        }
+        if self.opts.live:
+            figures["precopy"] = span("precopy", "precopied")
+        if self.opts.post_copy:
+            # From the destination tree's start to its last page: it needs the source.
+            figures["post_copy_window"] = self.window_seconds
+        figures["details"] = {
+            "commit": span("restored", "committed"),
+            "resume": span("committed", "resumed"),
+            "attach": self.stats.get("attach", 0.0),
+            "process_downtime": span("dump", "resumed"),
+            # Before the freeze: begin, connections, launches, attested handshakes.
+            "early_handshake": span("handshake", "handshaken"),
+            "enclaves": len(self.transfers),
+            "enclave_bytes": enclave_bytes,
+            "page_bytes": self.page_bytes,
+            # How CRIU's pages travelled: "relay" (sealed frames), "criu-tls", or "none".
+            "page_path": (
+                ("relay" if self._relays_pages() else "criu-tls") if self.page_server else "none"
+            ),
+            "page_relay_bytes": self.page_relay.sent if self.page_relay is not None else 0,
+            "image_bytes": self.image_bytes,
+            "restored_pid": self.restored_pid,
+            "enclave_stats": [x.stats for x in self.transfers],
+            "enclave_destination_stats": [plain_stats(s) for s in dest],
+            "driver": self.driver.name,
+            "workload": self.source.label if self.source is not None else "",
+            "tcp_established": self.tcp_keep,
+            # CPU of this process (its enclave streams' ends, the control channel)
+            # and of its reaped children (CRIU's dump, with its page stream).
+            "tool_cpu_seconds": time.process_time(),
+            "tool_children_cpu_seconds": _children_cpu(),
+        }
+        if "resume_warning" in self.stats:
+            figures["details"]["warning"] = self.stats["resume_warning"]
+        figures["timeline"] = self._timeline(dest)
+        return figures
+
+    def _timeline(self, dest: list[dict[str, Any]]) -> dict[str, Any]:
+        """Phases per process as absolute CLOCK_MONOTONIC spans, with their origin.
+
+        One clock serves every process of the machine, so the tool's phases, the
+        enclave streams' (both hosts of a testbed share the kernel) line up.
+        """
+
+        t = self.t
+        tool = {
+            name: [t[a], t[b]]
+            for name, a, b in (
+                ("early_handshake", "handshake", "handshaken"),
+                ("freeze", "prepare", "prepared"),
+                ("criu_dump", "dump", "dumped"),
+                ("join_enclaves", "dumped", "enclaves_sent"),
+                ("images", "enclaves_sent", "images_sent"),
+                ("restore", "images_sent", "restored"),
+                ("commit", "restored", "committed"),
+                ("resume", "committed", "resumed"),
+            )
+            if a in t and b in t
+        }
+        spans: dict[str, Any] = {"tool": tool}
+        for i, x in enumerate(self.transfers):
+            for proc, phases in x.stats.get("timeline", {}).items():
+                spans[f"enclave{i}.{proc}"] = phases
+        for i, s in enumerate(dest):
+            for proc, phases in s.get("timeline", {}).items():
+                spans[f"enclave{i}.{proc}"] = phases
+        return {"origin": t["start"], "spans": spans}
+
+
+def keeps_tcp(wanted: bool | None, source: Source) -> bool:
+    """Whether established connections move open (``MigrateOptions.tcp_established``).
+
+    Only a workload whose address moves with it can keep them: elsewhere CRIU would
+    restore a connection from an address the destination does not answer for.
+    """
+
+    if wanted and source.no_tcp_keep:
+        raise ConfigError(f"--tcp-established cannot apply to {source.label}: {source.no_tcp_keep}")
+    return source.no_tcp_keep == "" and wanted is not False
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _alive(pid: int) -> bool:
+    return process_state(pid) not in ("", "Z", "X")
+
+
+def _host_id(opts: MigrateOptions) -> str:
+    try:
+        return opts.identity.host_id()
+    except (OSError, ValueError):
+        return "unknown"
