@@ -144,3 +144,22 @@ def test_a_journals_directory_elsewhere_goes_too(base: Path, tmp_path: Path) -> 
     # A journal naming a directory that is not one of ours (a --work-dir) changes nothing.
     work = _images(tmp_path / "work")
     assert sweep_dump_dirs([work]) == [] and work.is_dir()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_directory_with_a_file_system_still_mounted_on_it_stays(base: Path) -> None:
+    """The images tmpfs is unmounted first (its own sweep): until then nothing in it goes."""
+
+    from migsgx.containers.imagefs import ImageFs
+
+    directory = base / f"migsgx-dump-{_dead_pid()}-12345-abcdefgh"
+    directory.mkdir()
+    fs = ImageFs(directory)
+    fs.mount()
+    try:
+        (directory / "pages-1.img").write_bytes(b"\1" * 4096)
+        assert sweep_dump_dirs() == []
+        assert (directory / "pages-1.img").is_file()
+    finally:
+        fs.unmount()
+    assert sweep_dump_dirs() == [directory]
