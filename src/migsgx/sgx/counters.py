@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import os
 import re
+import sys
 import threading
 import time
 import uuid
@@ -607,13 +608,24 @@ def _create_once(path: Path, lock: _FileLock, empty: bytes) -> None:
         write_private(path, empty)
 
 
+#: A test holds a store's creator between its look and its write here:
+#: ``MIGSGX_FAULT=counters.before-create:wait-file=PATH`` (the agent's fault
+#: syntax, :mod:`migsgx.agent.faults`, read here: this layer imports nothing above it).
+_CREATE_POINT = "counters.before-create"
+_CREATE_WAIT = 120.0
+
+
 def _before_create() -> None:
-    """A test holds a creator here, between its look and its write (``MIGSGX_FAULT``)."""
-
-    if os.environ.get("MIGSGX_FAULT"):
-        from ..agent.faults import fault  # lazy: a test hook, the agent's fault points
-
-        fault("counters.before-create")
+    for item in os.environ.get("MIGSGX_FAULT", "").split(","):
+        point, _, action = item.strip().partition(":")
+        if point != _CREATE_POINT or not action.startswith("wait-file="):
+            continue
+        sys.stderr.write(f"migsgx fault: {point}:{action} at {time.monotonic():.6f}\n")
+        sys.stderr.flush()
+        path = Path(action.partition("=")[2])
+        deadline = time.monotonic() + _CREATE_WAIT
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 class _FileLock:
