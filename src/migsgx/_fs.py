@@ -1,4 +1,4 @@
-"""Small file-system helpers: private files written atomically."""
+"""Small file-system helpers: files written atomically and durably, private ones."""
 
 from __future__ import annotations
 
@@ -6,21 +6,42 @@ import os
 from pathlib import Path
 
 
-def write_private(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+def write_private(path: Path, data: bytes, *, mode: int = 0o600, sync: bool = True) -> None:
     """Write ``data`` to ``path`` atomically with ``mode``; the file is never visible half-written
-    and never readable by others, not even for a moment."""
+    and never readable by others, not even for a moment.
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    ``sync=False`` leaves out the fsyncs: still atomic for any process that dies
+    (the page cache outlives it), not across a crash of the host.
+    """
+
+    _replace_durably(path, path.with_name(f".{path.name}.tmp{os.getpid()}"), data, mode, sync)
+
+
+def write_durably(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` atomically and durably: after a crash the old file or
+    the new one is there, never a part.  Written through ``NAME.tmp`` beside it, a
+    name that readers of the directory skip."""
+
+    _replace_durably(path, path.with_name(path.name + ".tmp"), data, mode)
+
+
+def _replace_durably(path: Path, tmp: Path, data: bytes, mode: int, sync: bool = True) -> None:
+    """``data`` into ``tmp``, synced, renamed over ``path``, the directory synced (the
+    syncs left out with ``sync=False``)."""
+
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if not sync:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)

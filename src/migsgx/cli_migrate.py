@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -28,6 +29,8 @@ __all__ = [
     "register",
     "restore_command",
 ]
+
+_Command = TypeVar("_Command", bound=Callable[..., Any])
 
 
 def _address(value: str) -> tuple[str, int]:
@@ -399,17 +402,31 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
     _emit({"pid": restore(directory, netns=netns, platform_socket=platform_socket)})
 
 
+#: The options the migration benches share: paired runs, their plot, JSON, the testbed kept.
+_BENCH_RUNS = (
+    click.option("--repeat", type=int, default=3, show_default=True,
+                 help="paired runs; top-level figures are their medians"),
+    click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+                 help="draw the median runs' timelines into this PNG"),
+    click.option("--json", "as_json", is_flag=True, help="print the figures as JSON"),
+    click.option("--keep", type=click.Path(path_type=Path), default=None,
+                 help="keep the testbed (logs, images) in this directory"),
+)  # fmt: skip
+
+
+def _bench_runs(command: _Command) -> _Command:
+    """:data:`_BENCH_RUNS`, in that order, where the decorator stands."""
+
+    for option in reversed(_BENCH_RUNS):
+        command = option(command)
+    return command
+
+
 # --- bench process --------------------------------------------------------------------------------
 @click.command("process")
 @click.option("--enclave-size", default="256MiB", show_default=True,
               help="enclave memory (and as much ordinary memory)")  # fmt: skip
-@click.option("--repeat", type=int, default=3, show_default=True,
-              help="paired runs; top-level figures are their medians")  # fmt: skip
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
-              help="draw the median runs' timelines into this PNG")  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
-@click.option("--keep", type=click.Path(path_type=Path), default=None,
-              help="keep the testbed (logs, images) in this directory")  # fmt: skip
+@_bench_runs
 @click.option("--ab-late-handshake", is_flag=True,
               help="A/B: each run also with the handshake inside the freeze")  # fmt: skip
 @click.option("--post-copy", is_flag=True,
@@ -467,13 +484,7 @@ def bench_process(
 @click.option("--engine", type=click.Choice(["runc", "podman", "containerd"]), default="runc",
               show_default=True)  # fmt: skip
 @click.option("--enclave-size", default="256MiB", show_default=True, help="enclave memory")
-@click.option("--repeat", type=int, default=3, show_default=True,
-              help="paired runs; top-level figures are their medians")  # fmt: skip
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
-              help="draw the median runs' timelines into this PNG")  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
-@click.option("--keep", type=click.Path(path_type=Path), default=None,
-              help="keep the testbed (logs, images) in this directory")  # fmt: skip
+@_bench_runs
 @click.option("--live", is_flag=True,
               help="runc: also migrate with --live, its memory frozen (--no-post-copy) "
               "and by post-copy, the app holding SIZE of ordinary memory too")  # fmt: skip

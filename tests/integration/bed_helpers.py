@@ -31,6 +31,7 @@ from migsgx.system.process import kill_tree
 __all__ = [
     "Writer",
     "ask",
+    "enclave_processes",
     "end_copies",
     "finish",
     "kvstore",
@@ -264,3 +265,16 @@ def scan_files(roots: list[Path], needles: dict[str, bytes]) -> dict[str, list[s
             except OSError:
                 continue
     return hits
+
+
+def enclave_processes(bed: Testbed, host: str) -> set[int]:
+    """The enclave processes the platform service of ``host`` runs."""
+
+    service = bed.services[host].process.pid
+    found = set()
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == service and fields[0] not in ("Z", "X"):
+                found.add(int(entry.name))
+    return found

@@ -28,6 +28,12 @@ from migsgx.lab.hosts import ServiceProcess, start_service
 from migsgx.lab.netns import Host, HostNetwork, cleanup_stale, terminate
 from migsgx.lab.testbed import AgentProcess, Testbed
 
+# The shared helper modules' asserts explain themselves like a test's own: registered
+# once here, before any test module imports them.
+pytest.register_assert_rewrite(
+    "bed_helpers", "fault_helpers", "proc_helpers", "pstore_image", "state_helpers"
+)
+
 _PR_SET_CHILD_SUBREAPER = 36
 
 

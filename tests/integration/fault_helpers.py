@@ -19,14 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bed_helpers import ask, end_copies, kvstore, wait_until
 
-pytest.register_assert_rewrite("bed_helpers")
-
-from bed_helpers import ask, end_copies, kvstore, wait_until  # noqa: E402
-
-from migsgx.agent.dumpdirs import scratch_base  # noqa: E402
-from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed  # noqa: E402
-from migsgx.system.process import process_state  # noqa: E402
+from migsgx.agent.dumpdirs import scratch_base
+from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
+from migsgx.system.process import kill_tree, process_state
 
 __all__ = [
     "EXIT_CRASH",
@@ -45,6 +42,8 @@ __all__ = [
     "record_back",
     "recover",
     "source_answers",
+    "stayed",
+    "stop_guardian_of",
 ]
 
 EXIT_OK, EXIT_MOVED_NOT, EXIT_IN_DOUBT, EXIT_CRASH = 0, 6, 7, 70
@@ -52,10 +51,10 @@ EXIT_SOURCE_GONE, EXIT_LOST_AFTER_COMMIT = 8, 10
 _FAULT_AT = re.compile(r"migsgx fault: (\S+) at ([0-9.]+)")
 
 
-def loaded_app(bed: Testbed) -> tuple[AppProcess, str]:
-    """A kvstore with acknowledged writes; their digest."""
+def loaded_app(bed: Testbed, *args: str) -> tuple[AppProcess, str]:
+    """A kvstore (``args`` after its image) with acknowledged writes; their digest."""
 
-    app = kvstore(bed)
+    app = kvstore(bed, *args)
     for i in range(3):
         assert ask(bed, app, "src", f"PUT k{i} {f'v{i}'.encode().hex()}") == f"OK {i + 1}"
     return app, ask(bed, app, "src", "DIGEST")
@@ -106,14 +105,45 @@ def only_copy(bed: Testbed, app: AppProcess, at: str, digest: str) -> None:
     end_copies(bed, app)
 
 
-def recover(bed: Testbed, fault: str = "") -> subprocess.CompletedProcess[str]:
+def recover(
+    bed: Testbed, fault: str = "", timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``migsgx recover --json`` on the source host (``MIGSGX_FAULT=fault`` if given)."""
+
     argv = [sys.executable, "-m", "migsgx", "recover",
             "--state", str(bed.state("src")), "--json"]  # fmt: skip
     env = {**os.environ, "MIGSGX_FAULT": fault} if fault else None
     return subprocess.run(
-        bed.host("src").command(argv), capture_output=True, text=True, timeout=60,
+        bed.host("src").command(argv), capture_output=True, text=True, timeout=timeout,
         stdin=subprocess.DEVNULL, env=env,
     )  # fmt: skip
+
+
+def stayed(
+    bed: Testbed,
+    figures: dict[str, dict[str, object]],
+    cell: str,
+    run: MigrateRun,
+    app: AppProcess,
+    digest: str,
+    *,
+    expected: int = EXIT_MOVED_NOT,
+    fault_log: str = "",
+    last: bool = True,
+) -> None:
+    """The migration did not happen: the tool exits ``expected``, the source answers
+    again with every acknowledged write, the destination lets go, one copy runs.
+
+    The seconds from the fault (its mark in ``fault_log``, else in the tool's
+    stderr: the ``last`` one, or the first) to the source answering go to
+    ``figures`` (:func:`record_back`).
+    """
+
+    assert run.returncode == expected, run.stderr
+    t_fault = fault_time(fault_log or run.stderr, last=last)
+    record_back(figures, cell, run, source_answers(bed, app, digest, run.stderr) - t_fault)
+    wait_until(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
+    only_copy(bed, app, "src", digest)
 
 
 def record_back(
@@ -172,3 +202,27 @@ def no_images_left(bed: Testbed) -> Iterator[None]:
         f"images directories of the cell's tools {pids} removed: "
         f"{[str(p) for pid in pids for p in images_left(pid)]}",
     )  # fmt: skip
+
+
+def stop_guardian_of(app_pid: int) -> None:
+    """End the guardian a migration of ``app_pid`` left in doubt (this test's tool started it)."""
+
+    for pid in guardians_of(app_pid):
+        kill_tree(pid)
+
+
+def guardians_of(app_pid: int) -> list[int]:
+    """The live guardians of migrations of ``app_pid``."""
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ours = b"migsgx.agent.guardian" in argv and str(app_pid).encode() in argv
+        if ours and process_state(int(entry.name)) not in ("", "Z", "X"):
+            found.append(int(entry.name))
+    return found

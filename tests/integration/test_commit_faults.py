@@ -20,31 +20,30 @@ from typing import Any
 
 import cbor2
 import pytest
-
-pytest.register_assert_rewrite("bed_helpers", "fault_helpers")
-
-from bed_helpers import end_copies, wait_until  # noqa: E402
-from fault_helpers import (  # noqa: E402
+from bed_helpers import end_copies, wait_until
+from fault_helpers import (
     EXIT_IN_DOUBT,
     EXIT_LOST_AFTER_COMMIT,
     EXIT_MOVED_NOT,
     EXIT_OK,
     ask,
     fault_time,
+    guardians_of,
     heal,
     loaded_app,
     migrate_with,
     no_images_left,  # noqa: F401  (autouse: after every cell, no images left in /dev/shm)
     only_copy,
-    record_back,
     recover,
     source_answers,
+    stayed,
+    stop_guardian_of,
 )
 
-from migsgx.enclave.persistent import RESERVED  # noqa: E402
-from migsgx.lab.hosts import start_service  # noqa: E402
-from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
-from migsgx.system.process import kill_tree, process_state  # noqa: E402
+from migsgx.enclave.persistent import RESERVED
+from migsgx.lab.hosts import start_service
+from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed
+from migsgx.system.process import process_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -87,6 +86,41 @@ def test_destination_lost_after_loaded(
             bed.services["dst"] = start_service(
                 bed.state("dst"), prefix=bed.host("dst").command([])
             )
+
+
+def test_a_tree_restored_but_never_reported_held_is_removed_by_the_restarted_agent(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """The agent dies right after the restore, before it answered ``restored``: the
+    source cannot have decided and runs on.  Before, the restored tree stayed on
+    the destination, stopped and owned by nobody; the restarted agent now finds
+    it recorded as never reported held and kills it."""
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.after-restore:kill"})
+    app, digest = loaded_app(bed)
+    restarted = None
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert run.returncode == EXIT_MOVED_NOT, run.stderr
+        t_back = source_answers(bed, app, digest)
+        assert doomed.proc.wait(timeout=30) == -9
+        assert [s for _, s in bed.copies(app)["dst"]] == ["T"]  # the orphan, stopped
+        restarted = bed.start_agent(listen_port=doomed.port)
+        log = restarted.log.read_text(errors="replace")
+        assert "never reported held" in log and "adopted the tree" not in log, log
+        wait_until(lambda: all(s in ("Z", "") for _, s in bed.copies(app)["dst"]), 30,
+                   "the orphan tree to be killed")  # fmt: skip
+        figures["restore held x kill -9 destination agent, restarted"] = {
+            "outcome": "stayed; the restarted agent killed the tree it restored",
+            "exit": run.returncode,
+            "source_back_seconds": round(t_back - fault_time(doomed.log.read_text()), 3),
+        }  # fmt: skip
+        only_copy(bed, app, "src", digest)
+    finally:
+        for agent in (doomed, restarted):
+            if agent is not None:
+                agent.stop()
+        end_copies(bed, app)
 
 
 def test_destination_platform_killed_before_the_claim_is_resolved_by_recover(
@@ -243,13 +277,9 @@ def test_corrupted_byte_in_the_enclave_stream(
 
     app, digest = loaded_app(bed)
     run = migrate_with(bed, app, agent, f"tool.enclave-stream:flip-byte={1 << 20}")
-    assert run.returncode == EXIT_MOVED_NOT, run.stderr
     assert "Traceback" not in run.stderr
     assert "chunk failed authentication" in run.stderr  # the destination's reason, relayed
-    back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
-    record_back(figures, "transfer x corrupted byte", run, back)
-    wait_until(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
-    only_copy(bed, app, "src", digest)
+    stayed(bed, figures, "transfer x corrupted byte", run, app, digest, last=False)
 
 
 @pytest.mark.parametrize("repeat", range(3))
@@ -263,19 +293,13 @@ def test_corrupted_enclave_stream_stops_the_process_dump(
     down, or CRIU's next notification is refused) and CRIU resumes the tree.
     """
 
-    app = bed.start_app("kvstore", ["--image", str(bed.image("kvstore")), "--ballast", "256"])
-    for i in range(3):
-        assert ask(bed, app, "src", f"PUT k{i} {f'v{i}'.encode().hex()}") == f"OK {i + 1}"
-    digest = ask(bed, app, "src", "DIGEST")
+    app, digest = loaded_app(bed, "--ballast", "256")
     run = migrate_with(bed, app, agent, f"tool.enclave-stream:flip-byte={1 << 20}")
-    assert run.returncode == EXIT_MOVED_NOT, run.stderr
     assert "Traceback" not in run.stderr
     assert "chunk failed authentication" in run.stderr  # the destination's reason, relayed
     assert "dump was stopped early" in run.stderr, run.stderr
-    back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
-    record_back(figures, "dump x corrupted byte (256 MiB process)", run, back)
-    wait_until(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
-    only_copy(bed, app, "src", digest)
+    cell = "dump x corrupted byte (256 MiB process)"
+    stayed(bed, figures, cell, run, app, digest, last=False)
 
 
 def test_answer_to_resume_lost_is_in_doubt_until_delivered_again(
@@ -710,7 +734,7 @@ def test_tool_and_destination_enclave_killed_after_the_decision(
         only_copy(bed, app, "dst", digest)
     finally:
         doomed.stop()
-        _stop_guardian_of(app.pid)
+        stop_guardian_of(app.pid)
         end_copies(bed, app)
 
 
@@ -761,7 +785,7 @@ def test_destination_agent_killed_after_the_decision_adopts_the_held_tree(
         for agent in (doomed, restarted):
             if agent is not None:
                 agent.stop()
-        _stop_guardian_of(app.pid)
+        stop_guardian_of(app.pid)
         end_copies(bed, app)
 
 
@@ -793,8 +817,8 @@ def test_guardian_and_destination_agent_killed_after_the_decision(
         assert run.returncode == EXIT_IN_DOUBT, run.stderr
         assert doomed.proc.wait(timeout=10) == -9
         if guardian == "killed":
-            _stop_guardian_of(app.pid)  # SIGKILL: nobody holds the source enclave now
-        wait_until(lambda: not _guardians_of(app.pid), 30, "the guardian to be gone")
+            stop_guardian_of(app.pid)  # SIGKILL: nobody holds the source enclave now
+        wait_until(lambda: not guardians_of(app.pid), 30, "the guardian to be gone")
         holder = _journal_of(bed, app.pid)["holders"][0][0]
         assert process_state(holder) not in ("", "Z", "X")  # it kept its state
         restarted = bed.start_agent(listen_port=doomed.port)
@@ -819,7 +843,7 @@ def test_guardian_and_destination_agent_killed_after_the_decision(
         for agent in (doomed, restarted):
             if agent is not None:
                 agent.stop()
-        _stop_guardian_of(app.pid)
+        stop_guardian_of(app.pid)
         end_copies(bed, app)
 
 
@@ -870,7 +894,7 @@ def test_destination_agent_killed_after_the_claim_is_lost_when_restarted(
         for agent in (doomed, restarted):
             if agent is not None:
                 agent.stop()
-        _stop_guardian_of(app.pid)
+        stop_guardian_of(app.pid)
         end_copies(bed, app)
 
 
@@ -920,27 +944,6 @@ def test_the_copy_that_runs_dies(
         figures[cell] = {"outcome": outcome, "exit": run.returncode, "seconds": seconds}
     finally:
         doomed.stop()
-        _stop_guardian_of(app.pid)
+        stop_guardian_of(app.pid)
         end_copies(bed, app)
 
-
-def _stop_guardian_of(app_pid: int) -> None:
-    """The guardian a migration of ``app_pid`` left in doubt (started by this test's tool)."""
-
-    for pid in _guardians_of(app_pid):
-        kill_tree(pid)
-
-
-def _guardians_of(app_pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ours = b"migsgx.agent.guardian" in argv and str(app_pid).encode() in argv
-        if ours and process_state(int(entry.name)) not in ("", "Z", "X"):
-            found.append(int(entry.name))
-    return found

@@ -21,32 +21,24 @@ The steps, in the order a default (early-handshake) migration reaches them:
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-
 import pytest
-
-pytest.register_assert_rewrite("bed_helpers", "fault_helpers")
-
-from bed_helpers import end_copies, wait_until  # noqa: E402
-from fault_helpers import (  # noqa: E402
+from bed_helpers import enclave_processes, end_copies, wait_until
+from fault_helpers import (
     EXIT_MOVED_NOT,
     EXIT_OK,
     EXIT_SOURCE_GONE,
     ask,
-    fault_time,
     heal,
     loaded_app,
     migrate_with,
     no_images_left,  # noqa: F401  (autouse: after every cell, no images left in /dev/shm)
     only_copy,
-    record_back,
-    source_answers,
+    stayed,
 )
 
-from migsgx.lab.hosts import start_service  # noqa: E402
-from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed  # noqa: E402
-from migsgx.system.process import process_state  # noqa: E402
+from migsgx.lab.hosts import start_service
+from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
+from migsgx.system.process import process_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -220,11 +212,7 @@ def judge(
 
     if outcome == "stayed":
         expected = -9 if "kill -9 tool" in cell else EXIT_MOVED_NOT
-        assert run.returncode == expected, run.stderr
-        t_fault = fault_time(agent_log or run.stderr, last=True)
-        record_back(figures, cell, run, source_answers(bed, app, digest, run.stderr) - t_fault)
-        wait_until(lambda: bed.copies(app)["dst"] == [], 20, "the destination to let go")
-        only_copy(bed, app, "src", digest)
+        stayed(bed, figures, cell, run, app, digest, expected=expected, fault_log=agent_log)
     elif outcome == "moved":
         assert run.returncode == EXIT_OK, run.stderr
         figures[cell] = {"outcome": "moved", "exit": run.returncode}
@@ -254,16 +242,3 @@ def judge(
         figures[cell] = {"outcome": "lost (the enclave with the only copy died)",
                          "exit": run.returncode}  # fmt: skip
         end_copies(bed, app)
-
-
-def enclave_processes(bed: Testbed, host: str) -> set[int]:
-    """The enclave processes the platform service of ``host`` runs."""
-
-    service = bed.services[host].process.pid
-    found = set()
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == service and fields[0] not in ("Z", "X"):
-                found.add(int(entry.name))
-    return found

@@ -16,25 +16,25 @@ acknowledged write of both enclaves (``docs/spec/commit.md``, section 1.1).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from bed_helpers import ask, end_copies, kvstore, wait_until
+from fault_helpers import (  # (no_images_left: autouse, after every cell no images left)
+    EXIT_IN_DOUBT,
+    migrate_with,
+    no_images_left,  # noqa: F401
+    recover,
+    stop_guardian_of,
+)
 
-pytest.register_assert_rewrite("bed_helpers")
-
-from bed_helpers import ask, end_copies, kvstore, wait_until  # noqa: E402
-
-from migsgx.lab.hosts import start_service  # noqa: E402
-from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed  # noqa: E402
-from migsgx.sgx.counters import CounterStore  # noqa: E402
-from migsgx.sgx.platform import COUNTERS  # noqa: E402
-from migsgx.system.process import kill_tree, process_state  # noqa: E402
+from migsgx.lab.hosts import start_service
+from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed
+from migsgx.sgx.counters import CounterStore
+from migsgx.sgx.platform import COUNTERS
+from migsgx.system.process import process_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
-EXIT_IN_DOUBT = 7
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
 BED_SUBNET = 119
 KEYS = 6  # spread over both enclaves (hash(key) % 2): each holds some
@@ -51,22 +51,6 @@ def two_enclave_app(bed: Testbed) -> tuple[AppProcess, str, list[int]]:
     pids = [int(p) for p in state["enclave_pids"]]
     assert len(pids) == 2
     return app, ask(bed, app, "src", "DIGEST"), pids
-
-
-def migrate_with(bed: Testbed, app: AppProcess, agent: AgentProcess, fault: str) -> MigrateRun:
-    return bed.migrate(
-        app.pid, agent, env={"MIGSGX_FAULT": fault},
-        args=["--work-dir", str(bed.root / f"dump-{app.marker}")],
-    )  # fmt: skip
-
-
-def recover(bed: Testbed) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "migsgx", "recover",
-            "--state", str(bed.state("src")), "--json"]  # fmt: skip
-    return subprocess.run(
-        bed.host("src").command(argv), capture_output=True, text=True, timeout=120,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
 
 
 def only_on_destination(bed: Testbed, app: AppProcess, digest: str) -> None:
@@ -103,7 +87,7 @@ def test_tool_killed_between_two_commits_the_guardian_commits_the_rest(
     sessions = {p.stem for p in (bed.state("src") / "agent" / "migrations").glob("*.json")}
     [group] = groups
     assert len(group) == 16 and sessions and group.hex() not in sessions
-    again = recover(bed)
+    again = recover(bed, timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
     assert all(r["outcome"] != "in-doubt" for r in json.loads(again.stdout))
 
@@ -123,7 +107,7 @@ def test_tool_and_guardian_killed_between_two_commits_one_recover_moves_it(
     assert bed.runnable_copies(app)["dst"] == 0  # held, until a token comes
     # recover takes their connections back, commits the undecided one (the first
     # COMMIT was the commit point) and delivers both tokens; then releases them.
-    result = recover(bed)
+    result = recover(bed, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     [moved] = [r for r in json.loads(result.stdout) if r["outcome"] != "done"]
     assert (moved["decision"], moved["outcome"]) == ("commit", "moved"), moved
@@ -152,7 +136,7 @@ def test_source_platform_killed_between_two_commits_the_rest_commits_once_it_is_
         bed.services["src"].stop()  # killed: a fresh one (the enclaves reattach to it)
         bed.services["src"] = start_service(bed.state("src"), prefix=bed.host("src").command([]))
     # The guardian retries by itself (it may be done before this recover wakes it).
-    result = recover(bed)
+    result = recover(bed, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert {r["outcome"] for r in json.loads(result.stdout)} <= {"done", "moved"}
     assert decisions(bed)[before:] == ["commit", "commit"]
@@ -192,8 +176,8 @@ def test_second_source_enclave_killed_between_two_commits_is_lost_and_said(
         assert decisions(bed)[before:] == ["commit"]
         assert bed.runnable_copies(app) == {"src": 0, "dst": 0}
     finally:
-        _stop_guardian_of(app.pid)  # (it would retry the commit for 10 minutes)
-    result = recover(bed)
+        stop_guardian_of(app.pid)  # (it would retry the commit for 10 minutes)
+    result = recover(bed, timeout=120)
     assert result.returncode == EXIT_IN_DOUBT, result.stdout + result.stderr
     [doubt] = [r for r in json.loads(result.stdout) if r["outcome"] != "done"]
     assert (doubt["decision"], doubt["outcome"]) == ("mixed", "in-doubt"), doubt
@@ -201,16 +185,3 @@ def test_second_source_enclave_killed_between_two_commits_is_lost_and_said(
     assert bed.runnable_copies(app) == {"src": 0, "dst": 0}
     end_copies(bed, app)
 
-
-def _stop_guardian_of(app_pid: int) -> None:
-    """The guardian a migration of ``app_pid`` left in doubt (started by this test's tool)."""
-
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"migsgx.agent.guardian" in argv and str(app_pid).encode() in argv:
-            kill_tree(int(entry.name))

@@ -8,7 +8,6 @@ of the application exists.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -24,10 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.register_assert_rewrite("bed_helpers")
-
-from bed_helpers import (  # noqa: E402
+from bed_helpers import (
+    enclave_processes,
     finish,
     kvstore,
     scan_files,
@@ -36,12 +33,12 @@ from bed_helpers import (  # noqa: E402
     workers,
 )
 
-from migsgx.datapath.checkpoint import CheckpointIn  # noqa: E402
-from migsgx.errors import ReplayError, SealError  # noqa: E402
-from migsgx.host.client import EnclaveClient  # noqa: E402
-from migsgx.lab.netns import Host  # noqa: E402
-from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed  # noqa: E402
-from migsgx.system.process import in_netns, kill_tree, process_state  # noqa: E402
+from migsgx.datapath.checkpoint import CheckpointIn
+from migsgx.errors import ReplayError, SealError
+from migsgx.host.client import EnclaveClient
+from migsgx.lab.netns import Host
+from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
+from migsgx.system.process import in_netns, kill_tree, process_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
@@ -329,19 +326,6 @@ def test_tool_dying_before_the_commit_point(bed: Testbed, agent: AgentProcess, p
     wait_until(lambda: bed.copies(app)["dst"] == [], 15, "the destination to let go")
     check_source_runs_on(bed, app, digest)
     finish(bed, app, expect="src")
-
-
-def enclave_processes(bed: Testbed, host: str) -> set[int]:
-    """The enclave processes the platform service of ``host`` runs."""
-
-    service = bed.services[host].process.pid
-    found = set()
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == service and fields[0] not in ("Z", "X"):
-                found.add(int(entry.name))
-    return found
 
 
 # The source application killed at each step before the commit: the cells of

@@ -10,6 +10,7 @@ half made when the source locks its network).
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("bed_helpers")
+pytest.register_assert_rewrite("bed_helpers", "fault_helpers")
 
 from bed_helpers import Writer, wait_until  # noqa: E402
+from fault_helpers import EXIT_IN_DOUBT, recover  # noqa: E402
 
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, Testbed  # noqa: E402
@@ -182,3 +184,39 @@ def test_a_destination_takes_no_address_it_was_not_given(
     conn.close()
     strict.stop()
     lab.remove(app)
+
+
+def test_a_restarted_agent_adopts_a_held_container_that_owns_its_address(
+    bed: Testbed, lab: ContainerLab
+) -> None:
+    """The destination agent dies as the COMMIT reaches its loaded copy (W2): the
+    restarted agent adopts the container held in the pod namespace it took, and
+    after one ``migsgx recover`` the container runs at its address there, with
+    every write (its pod namespace opened by the adopted session, as by the first)."""
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill"})
+    restarted: AgentProcess | None = None
+    app = lab.start_app("runc", "kvstore", own_address=True)
+    try:
+        conn = lab.connect(app, via="dst")
+        _writes(conn, 1, 3)
+        conn.close()
+        digest = lab.ask(app, "DIGEST", at="src")
+        run = bed.migrate(None, doomed, args=["--runc", app.name])
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert doomed.proc.wait(timeout=30) == -9
+        restarted = bed.start_agent(listen_port=doomed.port)
+        assert "adopted the tree" in restarted.log.read_text(errors="replace")
+        again = recover(bed)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "moved" in {r["outcome"] for r in json.loads(again.stdout)}, again.stdout
+        wait_until(lambda: lab.runnable_copies(app)["dst"] == 1, 60, "the destination to run")
+        assert lab.runnable_copies(app)["src"] == 0  # committed: frozen and fenced
+        lab.remove_on("runc", app.name, "src")  # (gives its address up there)
+        assert lab.ask(app, "DIGEST", at="dst") == digest
+        assert lab.ask(app, "PUT after " + b"x".hex(), at="dst").startswith("OK")
+    finally:
+        for agent in (doomed, restarted):
+            if agent is not None:
+                agent.stop()
+        lab.remove(app)

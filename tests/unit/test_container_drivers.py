@@ -91,7 +91,7 @@ def test_one_table_names_every_driver() -> None:
         driver: Driver = make_driver(name, host())
         assert driver.name == name
         for method in ("uses_page_server", "locate", "dump", "check_target", "admit_spec",
-                       "restore", "discard"):  # fmt: skip
+                       "restore", "discard", "reclaim"):  # fmt: skip
             assert callable(getattr(driver, method))
 
 
@@ -123,6 +123,32 @@ def test_targets_from_the_wire_are_checked(name: str, good: dict[str, Any], bad:
     assert driver.check_target(good) == good
     with pytest.raises(ProtocolError):
         driver.check_target(bad)
+
+
+@pytest.mark.parametrize(
+    ("name", "handle"),
+    [
+        ("pid", {"id": "kv"}),  # a process tree is its pid alone
+        ("runc", {"id": "../etc", "bundle": "/", "netns": ""}),  # never a path from a record
+        ("runc", {"id": "kv", "bundle": "/x/agent/runc/kv", "rootfs": "/"}),
+        ("containerd", {"id": "kv", "bundle": "/"}),
+        ("containerd", {"id": "kv/../x"}),
+        ("podman", {"id": "kv"}),
+        ("podman", {"name": ""}),
+    ],
+)
+def test_a_recorded_handle_that_is_not_the_drivers_is_not_reclaimed(
+    name: str, handle: dict[str, str]
+) -> None:
+    """Refused before any engine is asked (a damaged or planted held-tree record)."""
+
+    with pytest.raises((ContainerError, ProtocolError)):
+        make_driver(name, host()).reclaim(handle, os.getpid())
+
+
+def test_pid_driver_reclaims_a_tree_by_its_pid() -> None:
+    restored = make_driver("pid", host()).reclaim({}, 4242)
+    assert (restored.pid, restored.handle, restored.before_resume) == (4242, {}, None)
 
 
 def test_pid_driver_locates_a_process() -> None:

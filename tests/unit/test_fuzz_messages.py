@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import cbor2
+from fuzz_damage import damaged_encoding, nested
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from platform_fixtures import image_files
@@ -46,14 +47,7 @@ SCALARS = (
     | st.text(max_size=16)
     | st.binary(max_size=24)
 )
-VALUES = st.recursive(
-    SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=4)
-        | st.dictionaries(st.text(max_size=8) | st.integers(-3, 3), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+VALUES = nested(SCALARS, keys=st.text(max_size=8) | st.integers(-3, 3))
 
 BEGIN = {
     "t": "begin",
@@ -77,30 +71,13 @@ DELIVER = {
 }
 
 
-@st.composite
-def damaged_cbor(draw: st.DrawFn, valid: dict[Any, Any]) -> bytes:
+def damaged_cbor(valid: dict[Any, Any]) -> st.SearchStrategy[bytes]:
     """``valid`` as CBOR, damaged in the ways a network, a disk or a peer does."""
 
-    raw = cbor2.dumps(valid)
-    how = draw(st.sampled_from(["truncate", "flip", "field", "drop", "extra", "value", "bytes"]))
-    if how == "truncate":
-        return raw[: draw(st.integers(0, len(raw) - 1))]
-    if how == "flip":
-        data = bytearray(raw)
-        for _ in range(draw(st.integers(1, 3))):
-            bit = draw(st.integers(0, len(data) * 8 - 1))
-            data[bit // 8] ^= 1 << (bit % 8)
-        return bytes(data)
-    if how == "field":
-        return bytes(cbor2.dumps({**valid, draw(st.sampled_from(sorted(valid))): draw(VALUES)}))
-    if how == "drop":
-        key = draw(st.sampled_from(sorted(valid)))
-        return bytes(cbor2.dumps({k: v for k, v in valid.items() if k != key}))
-    if how == "extra":
-        return bytes(cbor2.dumps({**valid, draw(st.text(max_size=8)): draw(VALUES)}))
-    if how == "value":
-        return bytes(cbor2.dumps(draw(VALUES)))
-    return draw(st.binary(max_size=300))
+    return damaged_encoding(
+        valid, lambda value: bytes(cbor2.dumps(value)), VALUES,
+        extra_keys=st.text(max_size=8), max_bytes=300,
+    )  # fmt: skip
 
 
 def _typed(parse: Callable[[], object]) -> object:

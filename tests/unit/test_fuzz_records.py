@@ -21,6 +21,7 @@ from typing import Any
 
 import cbor2
 import pytest
+from fuzz_damage import damaged_encoding, nested
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,53 +47,33 @@ JSON_SCALARS = (
     | st.floats()
     | st.text(max_size=24)
 )
-JSON_VALUES = st.recursive(
-    JSON_SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+JSON_VALUES = nested(JSON_SCALARS, keys=st.text(max_size=8))
 
 
 def _encode(value: Any) -> bytes:
     return json.dumps(value, allow_nan=True).encode()
 
 
-@st.composite
-def damaged(draw: st.DrawFn, valid: dict[str, Any]) -> bytes:
+def damaged(valid: dict[str, Any]) -> st.SearchStrategy[bytes]:
     """``valid`` as JSON, damaged the way a crash, a disk or a local user damages it."""
 
-    raw = _encode(valid)
-    how = draw(
-        st.sampled_from(
-            ["truncate", "flip", "field", "drop", "extra", "value", "bytes", "deep", "huge"]
-        )
-    )
-    if how == "truncate":
-        return raw[: draw(st.integers(0, len(raw) - 1))]
-    if how == "flip":
-        data = bytearray(raw)
-        for _ in range(draw(st.integers(1, 3))):
-            bit = draw(st.integers(0, len(data) * 8 - 1))
-            data[bit // 8] ^= 1 << (bit % 8)
-        return bytes(data)
-    if how == "field":  # one field of the wrong type or value
-        key = draw(st.sampled_from(sorted(valid)))
-        return _encode({**valid, key: draw(JSON_VALUES)})
-    if how == "drop":
-        key = draw(st.sampled_from(sorted(valid)))
-        return _encode({k: v for k, v in valid.items() if k != key})
-    if how == "extra":
-        return _encode({**valid, draw(st.text(min_size=1, max_size=8)): draw(JSON_VALUES)})
-    if how == "value":  # any JSON at all
-        return _encode(draw(JSON_VALUES))
-    if how == "bytes":
-        return draw(st.binary(max_size=200))
-    if how == "deep":  # json's recursion limit
-        depth = draw(st.integers(2000, 200_000))
-        return b"[" * depth + b"]" * draw(st.sampled_from([0, depth]))
-    return b" " * (1 << 20) + raw  # "huge": bigger than any record
+    return damaged_encoding(
+        valid, _encode, JSON_VALUES, extra_keys=st.text(min_size=1, max_size=8),
+        max_bytes=200, more={"deep": _deep, "huge": _huge},
+    )  # fmt: skip
+
+
+def _deep(draw: st.DrawFn, raw: bytes) -> bytes:
+    """Nesting past json's recursion limit."""
+
+    depth = draw(st.integers(2000, 200_000))
+    return b"[" * depth + b"]" * draw(st.sampled_from([0, depth]))
+
+
+def _huge(draw: st.DrawFn, raw: bytes) -> bytes:
+    """Bigger than any record."""
+
+    return b" " * (1 << 20) + raw
 
 
 def _only_migsgx_errors(parse: Callable[[], object]) -> object:
@@ -167,6 +148,9 @@ _HELD = {
     "local": "10.0.0.2",
     "enclaves": [bytes(3).hex()],
     "arrivals": [bytes(16).hex(), ""],
+    "handle": {"id": "kv", "bundle": "/s/agent/runc/kv", "netns": ""},
+    "enclave_procs": [[7, 12345]],
+    "answered": False,
 }
 
 
@@ -185,6 +169,8 @@ def test_a_damaged_held_record_is_refused_or_usable(scratch: Path, raw: bytes) -
     assert isinstance(loaded, HeldRecord) and record == loaded
     assert not loaded.still_held()
     assert all(isinstance(bytes.fromhex(i), bytes) for i in (*loaded.enclaves, *loaded.arrivals))
+    assert all(isinstance(v, str) for v in loaded.handle.values())
+    assert all(len(p) == 2 for p in loaded.enclave_procs)
 
 
 @FUZZ

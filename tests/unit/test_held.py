@@ -3,6 +3,7 @@ guardian's description of a committed source enclave (nothing secret in either).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ from migsgx.agent.held import (
     start_time,
 )
 from migsgx.agent.redeliver import HeldEnclave
-from migsgx.errors import ProtocolError
+from migsgx.errors import ProtocolError, RecordDamagedError
 from migsgx.host.client import EnclaveInfo
 
 INFO = EnclaveInfo(
@@ -69,6 +70,54 @@ def _stopped(pid: int) -> bool:
             return True
         time.sleep(0.005)
     return False
+
+
+def test_a_container_record_round_trips_and_an_older_one_still_loads(tmp_path: Path) -> None:
+    """A container's handle and the enclave processes; a record without them (an older
+    agent's) is a process tree's, as before."""
+
+    record = HeldRecord(
+        os.urandom(16).hex(), 4242, 17, "runc", "10.0.0.1", "10.0.0.2", [bytes(3).hex()],
+        [bytes(16).hex()], {"id": "kv", "bundle": "/s/agent/runc/kv", "netns": ""},
+        [[os.getpid(), start_time(os.getpid())], [1 << 30, 5]],
+    )  # fmt: skip
+    record.write(tmp_path)
+    assert HeldRecord.load(tmp_path / RECORD) == record
+    assert record.enclaves_running() == [os.getpid()]  # (the other one is gone)
+    older = {k: v for k, v in record.__dict__.items() if k not in ("handle", "enclave_procs")}
+    (tmp_path / RECORD).write_text(json.dumps(older))
+    loaded = HeldRecord.load(tmp_path / RECORD)
+    assert (loaded.handle, loaded.enclave_procs) == ({}, [])
+    assert loaded.answered  # (an older agent wrote it right before it answered)
+    record.answered = False
+    record.write(tmp_path)  # (not fsync'd: still atomic, still private)
+    assert not HeldRecord.load(tmp_path / RECORD).answered
+    assert (tmp_path / RECORD).stat().st_mode & 0o077 == 0
+    assert [p.name for p in tmp_path.iterdir()] == [RECORD]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"handle": {"id": 7}},
+        {"handle": ["id", "kv"]},
+        {"handle": {str(i): "x" for i in range(9)}},
+        {"handle": {"id": "x" * 5000}},
+        {"enclave_procs": [[1]]},
+        {"enclave_procs": [[-1, 2]]},
+        {"enclave_procs": [[True, 2]]},
+        {"enclave_procs": [7]},
+        {"answered": 1},
+        {"answered": "yes"},
+    ],
+)
+def test_a_damaged_container_record_is_refused(tmp_path: Path, damage: dict[str, object]) -> None:
+    record = _record(os.getpid())
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / RECORD).write_text(json.dumps({**record.__dict__, **damage}))
+    with pytest.raises(RecordDamagedError):
+        HeldRecord.load(tmp_path / "s" / RECORD)
+    assert held_records(tmp_path) == [(tmp_path / "s", None)]
 
 
 def test_an_unreadable_record_is_reported_not_adopted(tmp_path: Path) -> None:

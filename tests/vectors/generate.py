@@ -9,9 +9,11 @@ seeds, and the handshake uses a *vector platform* whose quote is just
 key schedule, not a platform's signatures).  ``tests/test_vectors.py`` imports the
 helpers below and runs every vector.
 
-Vector files: ``{"format": "migsgx-vectors/1", "kind": ..., "spec": ..., "cases": [...]}``;
+Vector files: ``{"format": "migsgx-vectors/2", "kind": ..., "spec": ..., "cases": [...]}``;
 each case declares its inputs, the produced bytes and ``"expect"``: either
-``{"ok": {...}}`` or ``{"error": "<error code>"}``.
+``{"ok": {...}}`` or ``{"error": "<error code>"}``.  Format 2 writes a run of at
+least ``RUN_MIN`` equal bytes inside a hex string as ``<HH*N>`` (byte ``HH``, ``N``
+times; :func:`expand_hex` reads it back): SGX structures are mostly zeros.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,7 +50,12 @@ from migsgx.sgx.structs import FLAG_DEBUG, FLAG_INIT, FLAG_MODE64BIT, Attributes
 from migsgx.wire import HEADER, decode_body, encode
 
 HERE = Path(__file__).resolve().parent
-FORMAT = "migsgx-vectors/1"
+FORMAT = "migsgx-vectors/2"
+#: The shortest run of one byte that a hex string writes as ``<HH*N>``.
+RUN_MIN = 32
+_PLAIN_HEX = re.compile(r"(?:[0-9a-f]{2})+")
+_RUN_HEX = re.compile(r"(?:[0-9a-f]{2}|<[0-9a-f]{2}\*[1-9][0-9]*>)+")
+_RUN = re.compile(r"<([0-9a-f]{2})\*([0-9]+)>")
 VQ_MAGIC = b"VQ01"
 
 
@@ -767,8 +775,51 @@ def build() -> dict[str, dict[str, Any]]:
     }
 
 
+def compact_hex(text: str) -> str:
+    """A hex string with every run of ``RUN_MIN`` or more equal bytes as ``<HH*N>``."""
+
+    if len(text) < 2 * RUN_MIN or not _PLAIN_HEX.fullmatch(text):
+        return text
+    out, i, end = [], 0, len(text)
+    while i < end:
+        j = i + 2
+        while j < end and text[j : j + 2] == text[i : i + 2]:
+            j += 2
+        count = (j - i) // 2
+        out.append(f"<{text[i : i + 2]}*{count}>" if count >= RUN_MIN else text[i:j])
+        i = j
+    return "".join(out)
+
+
+def expand_hex(text: str) -> str:
+    """The plain hex string that :func:`compact_hex` wrote (other strings as they are)."""
+
+    if "<" not in text or not _RUN_HEX.fullmatch(text):
+        return text
+    return _RUN.sub(lambda m: m.group(1) * int(m.group(2)), text)
+
+
+def map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """``value`` (decoded JSON) with ``fn`` applied to every string value (not keys)."""
+
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [map_strings(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: map_strings(v, fn) for k, v in value.items()}
+    return value
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A vector file with its hex strings expanded: what the checks read."""
+
+    document: dict[str, Any] = map_strings(json.loads(path.read_text()), expand_hex)
+    return document
+
+
 def render(document: dict[str, Any]) -> str:
-    return json.dumps(document, indent=1) + "\n"
+    return json.dumps(map_strings(document, compact_hex), indent=1) + "\n"
 
 
 def main(argv: list[str]) -> int:

@@ -28,6 +28,7 @@ from typing import Final
 
 import cbor2
 
+from .._fs import write_durably
 from .._records import json_record, non_negative_int
 from ..criu import Criu, InNetns, InTaskNamespaces
 from ..datapath.checkpoint import CheckpointIn, CheckpointOut
@@ -199,17 +200,7 @@ def _write_meta(directory: Path, meta: dict[str, object]) -> bytes:
     """Write ``migsgx.json`` durably; returns its SHA-256 (which the enclaves commit)."""
 
     data = (json.dumps(meta, indent=2) + "\n").encode()
-    tmp = directory / (CHECKPOINT_META + ".tmp")
-    with tmp.open("wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, directory / CHECKPOINT_META)
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_durably(directory / CHECKPOINT_META, data)
     return hashlib.sha256(data).digest()
 
 

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
+from .._fs import write_durably
 from .._records import json_record, non_negative_int
 from ..errors import MigSGXError, RecordDamagedError
 from ..system.process import kill_tree, process_state
@@ -79,17 +80,7 @@ def write_journal(directory: Path, phase: str, **fields: Any) -> None:
     directory = Path(directory)
     data = read_journal(directory) or {}
     data.update(fields, phase=phase, tool_pid=os.getpid(), tool_start=start_time(os.getpid()))
-    tmp = directory / (JOURNAL + ".tmp")
-    with tmp.open("w") as out:
-        out.write(json.dumps(data, sort_keys=True) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, directory / JOURNAL)
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_durably(directory / JOURNAL, (json.dumps(data, sort_keys=True) + "\n").encode())
 
 
 def remove_fenced_source(meta: dict[str, object]) -> None:

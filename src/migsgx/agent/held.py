@@ -9,8 +9,17 @@ to a session that holds the tree.  So the agent writes ``held.json`` into the
 session's work directory when it answers ``restored``, and removes it when the
 session ends.  A restarted agent reads every such record: a tree that is still
 the one recorded (same pid, same start time, stopped) is adopted into a session
-held in doubt, waiting for the state again (a pid driver's tree); any other
-recorded tree is killed and the log says exactly what remained.  A tree whose
+held in doubt, waiting for the state again.  A container's tree is adopted
+only if its engine still knows the container as that tree (the driver's
+``reclaim``; ``handle`` names the container, and its bundle and pod namespace
+are derived again from the id, never taken from the record as paths); it is
+then resumed or discarded by its engine as after a fresh restore.  Any other
+recorded tree is removed (a container's by its engine) and the log says
+exactly what remained.  The record is first written as soon as the tree is
+restored (``answered`` false) and again right before the agent answers
+``restored``: a tree restored by an agent that died before that answer was
+never decided on (the source commits only after it) and is removed, so that
+nothing is left to block a later migration of the same container.  A tree whose
 enclaves had already claimed their migration ids (window W3: the state ran
 and died with the agent) is not waiting for anything: it is killed and a
 ``lost.json`` is left in its place, so that a delivery for that session is
@@ -65,9 +74,24 @@ class HeldRecord:
     enclaves: list[str]  # each enclave's info as begin carried it, hex CBOR
     #: Each loaded copy's migration id (hex; "" if unknown): claimed ones ran (W3).
     arrivals: list[str] = field(default_factory=list)
+    #: The driver's handle of the restored workload (``Restored.handle``: a
+    #: container's engine id or name, bundle, pod namespace); {} for a process tree.
+    handle: dict[str, str] = field(default_factory=dict)
+    #: Each loaded copy's enclave process as [pid, start time], for a restarted
+    #: agent's log: a copy whose process still runs did not end with the agent.
+    enclave_procs: list[list[int]] = field(default_factory=list)
+    #: False from the restore until the agent answers ``restored``: before that
+    #: answer the source cannot have decided, so a restarted agent removes the
+    #: tree (a container by its engine) instead of adopting it.
+    answered: bool = True
 
     def write(self, directory: Path) -> None:
-        write_private(directory / RECORD, json.dumps(asdict(self), sort_keys=True).encode())
+        """Atomically; fsync'd only once ``answered`` (before, it guards against the
+        agent's death alone: a host that goes down takes the tree with it, and the
+        write stays off the restore's share of the downtime)."""
+
+        data = json.dumps(asdict(self), sort_keys=True).encode()
+        write_private(directory / RECORD, data, sync=self.answered)
 
     @classmethod
     def load(cls, path: Path) -> HeldRecord:
@@ -86,6 +110,9 @@ class HeldRecord:
             or not data["session_id"]
             or not all(hex_text(i) for i in (data["session_id"], *data["enclaves"]))
             or not all(hex_text(i) for i in data.get("arrivals", []))
+            or not _handle(data.get("handle", {}))
+            or not _procs(data.get("enclave_procs", []))
+            or not isinstance(data.get("answered", True), bool)
         ):
             raise RecordDamagedError(f"{path} is not a held-tree record")
         return cls(**data)
@@ -97,9 +124,39 @@ class HeldRecord:
 
         return start_time(self.root) == self.start and process_state(self.root) in ("T", "t")
 
+    def enclaves_running(self) -> list[int]:
+        """The recorded enclave processes that still run (same pid, same start time)."""
+
+        return [pid for pid, start in self.enclave_procs if pid > 0 and start_time(pid) == start]
+
 
 _FIELDS: Final = tuple(f.name for f in dataclass_fields(HeldRecord))
-_REQUIRED: Final = tuple(f.name for f in dataclass_fields(HeldRecord) if f.name != "arrivals")
+#: (a record an older agent wrote has none of these)
+_OPTIONAL: Final = ("arrivals", "handle", "enclave_procs", "answered")
+_REQUIRED: Final = tuple(f.name for f in dataclass_fields(HeldRecord) if f.name not in _OPTIONAL)
+MAX_HANDLE_ITEMS: Final = 8
+MAX_HANDLE_TEXT: Final = 4096
+
+
+def _handle(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and len(value) <= MAX_HANDLE_ITEMS
+        and all(
+            isinstance(k, str) and isinstance(v, str) and len(k) + len(v) <= MAX_HANDLE_TEXT
+            for k, v in value.items()
+        )
+    )
+
+
+def _procs(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(p, list)
+        and len(p) == 2
+        and non_negative_int(p[0], 1 << 31)
+        and non_negative_int(p[1])
+        for p in value
+    )
 
 
 def remove(directory: Path | None) -> None:

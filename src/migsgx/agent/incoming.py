@@ -90,11 +90,17 @@ class IncomingMigration(_SessionDecisions):
         before its decision, and the session waits for the state again from the
         source host (``redeliver`` on a connection of its own).  No tool will
         come back to it; an authentic decision that reaches a fresh copy ends
-        it as usual.
+        it as usual.  A container is taken over from its engine (the driver's
+        ``reclaim``: a :class:`ContainerError` unless the engine still knows it
+        as the recorded tree), and then resumed or discarded by it as usual.
         """
 
-        if record.driver != "pid":
-            raise AgentError(f"a {record.driver} workload is not adopted (only a process tree)")
+        driver = make_driver(
+            record.driver,
+            HostConfig(agent.config.criu, agent.config.containers,
+                       agent.config.platform_socket, agent.config.state),
+        )  # fmt: skip
+        restored = driver.reclaim(record.handle, record.root)
         session = cls(agent, socket.socket(), record.peer)  # no control connection
         session.tls.close()
         session.session_id = bytes.fromhex(record.session_id)
@@ -107,12 +113,8 @@ class IncomingMigration(_SessionDecisions):
         for enclave in session.enclaves:
             enclave.loaded.set()
             enclave.decided.set()  # (no copy: lost)
-        session.driver = make_driver(
-            record.driver,
-            HostConfig(agent.config.criu, agent.config.containers,
-                       agent.config.platform_socket, agent.config.state),
-        )  # fmt: skip
-        session.restored = Restored(pid=record.root, label=f"process {record.root}")
+        session.driver = driver
+        session.restored = restored
         session.root = record.root
         session._claim_fault_done = True  # the fault points are for the first agent
         session.machine.state = SessionState.HELD
@@ -346,17 +348,17 @@ class IncomingMigration(_SessionDecisions):
         for adopted in (pid, *restored.adopt):
             self.agent.adopt(adopted)
         wait_stopped(pid)
+        record = self._held_record(restored) if self.enclaves and self.window is None else None
+        if record is not None:
+            # What a restarted agent removes if this one dies before it answers.
+            record.write(self.images_dir)
         _inject(fault("agent.after-restore"), self)
         # Right before the source may commit: every loaded copy must still be there.
         self._check_enclaves_alive()
-        if self.enclaves and self.window is None:
+        if record is not None:
             # What a restarted agent adopts if this one dies holding the tree (W2).
-            HeldRecord(
-                self.session_id.hex(), pid, start_time(pid), self.driver.name, self.peer,
-                self.local_address,
-                [cbor2.dumps(info_to_wire(e.source_info)).hex() for e in self.enclaves],
-                [e.engine.migration_id.hex() if e.engine else "" for e in self.enclaves],
-            ).write(self.images_dir)  # fmt: skip
+            record.answered = True
+            record.write(self.images_dir)
         if self.window is not None and not self.window.post.serving:
             raise AgentError("the source stopped serving process pages before the commit point")
         seconds = time.monotonic() - t0
@@ -366,6 +368,21 @@ class IncomingMigration(_SessionDecisions):
             self.tag, restored.label, pid, seconds,
         )  # fmt: skip
         return {"t": "restored", "pid": pid, "seconds": seconds}
+
+    def _held_record(self, restored: Restored) -> HeldRecord:
+        """The record of the restored tree (:mod:`.held`), not yet answered."""
+
+        assert self.driver is not None
+        pid = restored.pid
+        return HeldRecord(
+            self.session_id.hex(), pid, start_time(pid), self.driver.name, self.peer,
+            self.local_address,
+            [cbor2.dumps(info_to_wire(e.source_info)).hex() for e in self.enclaves],
+            [e.engine.migration_id.hex() if e.engine else "" for e in self.enclaves],
+            {k: str(v) for k, v in restored.handle.items()},
+            [[p, start_time(p)] for p in self.enclave_pids()],
+            answered=False,
+        )  # fmt: skip
 
     def _restore_lazy(self, port: Any, corrupt: bool) -> Restored:
         """The tree from the images, held; its private memory stays on the source."""

@@ -23,13 +23,14 @@ import threading
 from pathlib import Path
 from typing import Any, Final
 
+from ..containers import HostConfig, make_driver
 from ..datapath.transport import keep_alive
 from ..errors import ConfigError, MigSGXError
 from ..sgx.counters import CounterStore
 from ..sgx.platform import COUNTERS
 from ..system.process import kill_tree
 from .config import AgentConfig
-from .held import held_records, mark_lost
+from .held import HeldRecord, held_records, mark_lost
 from .incoming import IncomingMigration
 from .metrics import AgentMetrics
 from .protocol import SessionState
@@ -116,13 +117,18 @@ class Agent:
         """Trees a former agent held when it died (window W2, :mod:`.held`).
 
         Still the recorded tree and stopped: adopted into a session held in
-        doubt, which waits for the source to deliver the state again.  Anything
-        else recorded is killed, and the log says exactly what remained.
+        doubt, which waits for the source to deliver the state again (a
+        container only if its engine still knows it as that tree).  Anything
+        else recorded is removed (a container by its engine where it can), and
+        the log says exactly what remained.
         """
 
         for directory, record in held_records(self.config.work_dir):
             if record is None:
-                log.error("%s: an unreadable held-tree record; left for an operator", directory)
+                log.error(
+                    "%s: an unreadable held-tree record: nothing adopted, nothing resumed; "
+                    "the tree it names (if any) stays as it is, for an operator", directory,
+                )  # fmt: skip
                 continue
             tag = record.session_id[:8]
             if not record.still_held():
@@ -132,9 +138,25 @@ class Agent:
                 )  # fmt: skip
                 self.discard(directory)
                 continue
+            if not record.answered:
+                # Restored, never reported held: the source cannot have decided.
+                self._remove_held(record)
+                log.warning(
+                    "migration %s: the tree a former agent restored (pid %d, %s) was never "
+                    "reported held, so never decided on: removed", tag, record.root,
+                    record.driver,
+                )  # fmt: skip
+                self.discard(directory)
+                continue
+            running = record.enclaves_running()
+            if running:
+                log.warning(
+                    "migration %s: enclave process(es) %s of the held tree still run; the "
+                    "claim store lets one copy per migration id activate", tag, running,
+                )  # fmt: skip
             claimed = self._claimed(record.arrivals)
             if claimed:
-                kill_tree(record.root)
+                self._remove_held(record)
                 detail = (
                     f"the tree (pid {record.root}) was held with {claimed} enclave id(s) "
                     "already claimed: their state ran and ended with the former agent (W3); "
@@ -146,7 +168,7 @@ class Agent:
             try:
                 session = IncomingMigration.adopt_held(self, directory, record)
             except (MigSGXError, ValueError, TypeError, KeyError) as exc:
-                kill_tree(record.root)
+                kill_tree(record.root)  # (its engine does not know it as this tree)
                 log.error(
                     "migration %s: the tree a former agent held (pid %d) cannot be adopted "
                     "(%s): killed. Its state stays only with the source's committed enclaves; "
@@ -156,10 +178,27 @@ class Agent:
                 self.discard(directory)
                 continue
             log.warning(
-                "migration %s: adopted the tree a former agent held (pid %d), %d enclave(s) "
-                "lost: held in doubt for the state to come again", tag, record.root,
+                "migration %s: adopted the tree a former agent held (pid %d, %s), %d "
+                "enclave(s) lost: held in doubt for the state to come again", tag, record.root,
+                session.restored.label if session.restored else record.driver,
                 len(session.enclaves),
             )  # fmt: skip
+
+    def _remove_held(self, record: HeldRecord) -> None:
+        """Remove a recorded held tree that must never run: a container by its engine
+        (container, bundle, pod namespace) if it still knows it as that tree."""
+
+        if record.driver != "pid":
+            host = HostConfig(self.config.criu, self.config.containers,
+                              self.config.platform_socket, self.config.state)  # fmt: skip
+            try:
+                driver = make_driver(record.driver, host)
+                driver.discard(driver.reclaim(record.handle, record.root))
+                return
+            except (MigSGXError, ValueError, TypeError, KeyError) as exc:
+                log.error("migration %s: %s %s not removed by its engine: %s",
+                          record.session_id[:8], record.driver, record.handle, exc)  # fmt: skip
+        kill_tree(record.root)
 
     def serve_forever(self) -> None:
         if self._listener is None:

@@ -32,6 +32,10 @@ Destination side:
   leaves every task of it stopped ("held"): nothing of it has run when it
   returns.  A failure cleans up what it made.
 * :meth:`Driver.discard` removes a held workload that must not run (abort).
+* :meth:`Driver.reclaim` takes over a held workload that an agent, now dead,
+  restored (its ``Restored.handle`` and root pid from the agent's held-tree
+  record): only if the engine still knows it as that workload, held; the
+  result then resumes or is discarded exactly as a fresh restore's.
 
 Everything else (holding, fencing, committing, resuming, attaching enclaves)
 is the engine's and the same for every driver.
@@ -199,3 +203,13 @@ class Driver(Protocol):
     def restore(self, request: RestoreRequest) -> Restored: ...
 
     def discard(self, restored: Restored) -> None: ...
+
+    def reclaim(self, handle: Mapping[str, Any], pid: int) -> Restored:
+        """The held workload a dead agent restored, recorded as ``handle`` with root ``pid``.
+
+        Nothing in ``handle`` is trusted as a path: names are checked and every
+        path is derived again from this host's settings.  The engine must know
+        the workload, with ``pid`` its root and not ended; anything else is a
+        :class:`ContainerError`, and nothing is changed.
+        """
+        ...

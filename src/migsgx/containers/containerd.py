@@ -376,5 +376,16 @@ class ContainerdDriver:
                 criu_config.unlink()  # a later checkpoint of this container must not see it
         return Restored(pid=task[0], label=f"containerd container {cid}", handle={"id": cid})
 
+    def reclaim(self, handle: Mapping[str, Any], pid: int) -> Restored:
+        if set(handle) != {"id"}:
+            raise ContainerError(f"not a containerd container's record: {sorted(handle)}")
+        cid = check_name(handle["id"], "container id")
+        task = self.ctr.task(cid) if self.ctr.info(cid) is not None else None
+        if task is None or task[0] != pid or task[1] not in ("RUNNING", "PAUSED"):
+            raise ContainerError(
+                f"containerd container {cid} has task {task}, not the held tree (pid {pid})"
+            )
+        return Restored(pid=pid, label=f"containerd container {cid}", handle={"id": cid})
+
     def discard(self, restored: Restored) -> None:
         self.ctr.remove(str(restored.handle["id"]))

@@ -315,6 +315,24 @@ class PodmanDriver:
         (work / "config.dump").write_text(json.dumps(container))
         (work / "spec.dump").write_text(json.dumps(runtime))
 
+    def reclaim(self, handle: Mapping[str, Any], pid: int) -> Restored:
+        if set(handle) != {"name"}:
+            raise ContainerError(f"not a podman container's record: {sorted(handle)}")
+        name = check_name(handle["name"])
+        state = ((self.podman.inspect(name) or {}).get("State")) or {}
+        if int(state.get("Pid") or 0) != pid or state.get("Status") not in ("running", "paused"):
+            raise ContainerError(
+                f"podman container {name} is {state.get('Status')} with pid {state.get('Pid')}, "
+                f"not the held tree (pid {pid})"
+            )
+        conmon = int(state.get("ConmonPid") or 0)
+        return Restored(
+            pid=pid,
+            label=f"podman container {name}",
+            handle={"name": name},
+            adopt=[conmon] if conmon > 0 else [],
+        )
+
     def discard(self, restored: Restored) -> None:
         self.podman.remove(str(restored.handle["name"]))
 

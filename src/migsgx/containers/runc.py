@@ -314,6 +314,34 @@ class RuncDriver:
             before_resume=(lambda: podnet.open_taken(pod)) if pod is not None else None,
         )
 
+    def reclaim(self, handle: Mapping[str, Any], pid: int) -> Restored:
+        if not set(handle) <= {"id", "bundle", "netns"}:
+            raise ContainerError(f"not a runc container's record: {sorted(handle)}")
+        cid = check_name(handle.get("id"), "container id")
+        bundle = self.bundles() / cid
+        pod: Path | None = None
+        if handle.get("netns"):
+            # (the pod namespace restore took: its name comes from the id, never the record)
+            pod = podnet.NETNS_DIR / podnet.pod_netns_name(self.host.settings.pod_netns_prefix, cid)
+            if handle["netns"] != str(pod) or not pod.exists():
+                raise ContainerError(f"runc container {cid}: its pod namespace {pod} is gone")
+        state = self.runc.state(cid)
+        if state is None:
+            raise ContainerError(f"runc no longer knows container {cid}")
+        if int(state.get("pid") or 0) != pid or state.get("status") not in ("running", "paused"):
+            raise ContainerError(
+                f"runc container {cid} is {state.get('status')} with pid {state.get('pid')}, "
+                f"not the held tree (pid {pid})"
+            )
+        if Path(str(state.get("bundle"))) != bundle or handle.get("bundle") != str(bundle):
+            raise ContainerError(f"runc container {cid} is not the one restored from {bundle}")
+        return Restored(
+            pid=pid,
+            label=f"runc container {cid}",
+            handle={"id": cid, "bundle": str(bundle), "netns": str(pod) if pod else ""},
+            before_resume=(lambda: podnet.open_taken(pod)) if pod is not None else None,
+        )
+
     def discard(self, restored: Restored) -> None:
         cid = str(restored.handle["id"])
         try:

@@ -1,0 +1,272 @@
+"""A restarted destination agent adopts a held container (window W2), with real runc and CRIU.
+
+The destination agent is killed (``agent.before-claim:kill``) as the source's
+first decision frame reaches its loaded copy: the copy ends with the agent,
+the restored container stays, every task stopped, and the agent's record of
+it (``held.json``) stays in the session's work directory.  The test restarts
+the agent on its port; it takes the container over from its engine.  Then a
+COMMIT (delivered again by the guardian, or after one ``migsgx recover``)
+brings the state to a fresh enclave and resumes the container; an ABORT
+removes it by its engine, and nothing of it is left on the destination.
+Each cell checks exactly one runnable copy holding every acknowledged write;
+its seconds are printed as ``fault-matrix {...}`` at the module's end (figures,
+not asserts; the table in ``docs/migration.md`` comes from them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("bed_helpers", "fault_helpers")
+
+from bed_helpers import wait_until  # noqa: E402
+from fault_helpers import EXIT_IN_DOUBT, EXIT_OK, fault_time, recover  # noqa: E402
+
+from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
+from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
+
+Figures = dict[str, dict[str, object]]
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+#: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
+BED_SUBNET = 131
+BED_CONTAINERS = True  # the agents start after the lab (they read containers.toml)
+
+KILL_AT_CLAIM = {"MIGSGX_FAULT": "agent.before-claim:kill"}
+
+
+def migrate(bed: Testbed, app: ContainerApp, agent: AgentProcess, fault: str = "") -> MigrateRun:
+    return bed.migrate(
+        None, agent, args=[f"--{app.engine}", app.name,
+                           "--work-dir", str(bed.root / f"dump-{app.marker}")],
+        env={"MIGSGX_FAULT": fault} if fault else None,
+    )  # fmt: skip
+
+
+def loaded(lab: ContainerLab, engine: str) -> tuple[ContainerApp, str]:
+    """A kvstore container with acknowledged writes; their digest."""
+
+    app = lab.start_app(engine, "kvstore")
+    for i in range(3):
+        assert lab.ask(app, f"PUT k{i} {f'v{i}'.encode().hex()}", at="src") == f"OK {i + 1}"
+    return app, lab.ask(app, "DIGEST", at="src")
+
+
+@pytest.fixture
+def agents(bed: Testbed) -> Iterator[list[AgentProcess]]:
+    """The doomed agent, then the restarted one; both stopped at the end."""
+
+    started: list[AgentProcess] = []
+    yield started
+    for agent in started:
+        agent.stop()
+
+
+def restart(bed: Testbed, agents: list[AgentProcess]) -> AgentProcess:
+    doomed = agents[0]
+    assert doomed.proc.wait(timeout=30) == -9
+    again = bed.start_agent(listen_port=doomed.port)
+    agents.append(again)
+    log = again.log.read_text(errors="replace")
+    assert "adopted the tree a former agent held" in log, log
+    return again
+
+
+def moved(lab: ContainerLab, app: ContainerApp, digest: str, agent: AgentProcess) -> None:
+    """The container runs on the destination with every acknowledged write, once."""
+
+    wait_until(lambda: lab.runnable_copies(app)["dst"] == 1, 60, "the destination to run")
+    log = agent.log.read_text(errors="replace")
+    assert "receives the state again" in log and "decision delivered: resumed" in log, log
+    assert lab.ask(app, "DIGEST", at="dst") == digest
+    assert lab.ask(app, "PUT after " + b"x".hex(), at="dst").startswith("OK")  # ECALLs work
+    # The committed source stays frozen and fenced (never runs again) until removed.
+    assert lab.runnable_copies(app) == {"src": 0, "dst": 1}
+    lab.remove_on(app.engine, app.name, "src")
+    assert app.name not in lab.containers("src", app.engine)
+    assert app.name in lab.containers("dst", app.engine)
+    lab.remove(app)
+
+
+def source_answers(lab: ContainerLab, app: ContainerApp, digest: str) -> float:
+    """Poll the source until it answers with every acknowledged write; when it did."""
+
+    def answers() -> bool:
+        try:
+            return lab.ask(app, "DIGEST", at="src") == digest
+        except Exception:  # not answering yet (frozen, or its enclave not back)
+            return False
+
+    wait_until(answers, 60, "the source to answer again")
+    return time.monotonic()
+
+
+def nothing_left(lab: ContainerLab, app: ContainerApp) -> None:
+    """No container, bundle, cgroup or mount of ``app`` on the destination."""
+
+    assert app.name not in lab.containers("dst", app.engine)
+    assert lab.copies(app)["dst"] == []
+    bundle = lab.bed.state("dst") / "agent" / "runc" / app.name
+    assert not bundle.exists()
+    parent = lab.settings["dst"].cgroup_parent
+    assert parent and not (Path("/sys/fs/cgroup") / parent.lstrip("/") / app.name).exists()
+    assert str(bundle) not in Path("/proc/self/mountinfo").read_text()
+
+
+@pytest.mark.parametrize("engine", ["runc", "containerd", "podman"])
+def test_agent_killed_after_the_decision_adopts_the_held_container(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess], figures: Figures, engine: str
+) -> None:
+    """The tool stays and ends in doubt (exit 7); one recover moves the container."""
+
+    agents.append(bed.start_agent(env=KILL_AT_CLAIM))
+    app, digest = loaded(lab, engine)
+    t0 = time.monotonic()
+    try:
+        run = migrate(bed, app, agents[0])
+        assert "Traceback" not in run.stderr
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert lab.runnable_copies(app) == {"src": 0, "dst": 0}  # held, unowned
+        agent = restart(bed, agents)
+        again = recover(bed)
+        assert again.returncode == EXIT_OK, again.stdout + again.stderr
+        outcomes = {r["outcome"] for r in json.loads(again.stdout)}  # (earlier cells' too)
+        assert not outcomes & {"in-doubt", "lost"}, again.stdout
+        moved(lab, app, digest, agent)
+        figures[f"decision written x kill -9 destination agent ({engine})"] = {
+            "outcome": "moved after one recover (the restarted agent adopted the container)",
+            "exit": run.returncode, "recover": again.returncode,
+            "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
+    finally:
+        lab.remove(app)
+
+
+def test_tool_and_agent_killed_after_the_decision_moves_the_container(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess], figures: Figures
+) -> None:
+    """The tool dies right after the commit; its guardian carries the decision and
+    delivers the state again to the restarted agent (at most one recover)."""
+
+    agents.append(bed.start_agent(env=KILL_AT_CLAIM))
+    app, digest = loaded(lab, "runc")
+    t0 = time.monotonic()
+    try:
+        run = migrate(bed, app, agents[0], "tool.after-commit:kill")
+        assert run.returncode == -9, run.stderr
+        agent = restart(bed, agents)
+        again = recover(bed)
+        assert again.returncode == EXIT_OK, again.stdout + again.stderr
+        moved(lab, app, digest, agent)
+        figures["decision written x kill -9 tool + destination agent (runc)"] = {
+            "outcome": "moved after one recover", "exit": run.returncode,
+            "recover": again.returncode, "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
+    finally:
+        lab.remove(app)
+
+
+def test_abort_discards_the_adopted_container(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess], figures: Figures
+) -> None:
+    """The tool dies before the commit; the guardian's ABORT kills the agent as it
+    reaches the loaded copy.  The restarted agent adopts the container, and the
+    ABORT delivered again (``decision: abort``) removes it by its engine: the
+    source runs on with every write, nothing is left on the destination."""
+
+    agents.append(bed.start_agent(env=KILL_AT_CLAIM))
+    app, digest = loaded(lab, "runc")
+    try:
+        run = migrate(bed, app, agents[0], "tool.before-commit:kill")
+        assert run.returncode == -9, run.stderr
+        t_back = source_answers(lab, app, digest)
+        agent = restart(bed, agents)
+        t_restarted = time.monotonic()
+        bundle = bed.state("dst") / "agent" / "runc" / app.name
+        wait_until(lambda: app.name not in lab.containers("dst", "runc") and not bundle.exists(),
+                   60, "the adopted container to be discarded")  # fmt: skip
+        t_gone = time.monotonic()
+        assert "decision delivered: aborted" in agent.log.read_text(errors="replace")
+        nothing_left(lab, app)
+        assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
+        assert lab.ask(app, "DIGEST", at="src") == digest
+        assert lab.ask(app, "PUT later " + b"y".hex(), at="src").startswith("OK")
+        figures["LOADED x kill -9 tool + destination agent (runc, restarted)"] = {
+            "outcome": "stayed, the adopted container removed by its engine (ABORT again)",
+            "exit": run.returncode,
+            "source_back_seconds": round(t_back - fault_time(run.stderr), 3),
+            "discarded_seconds_after_restart": round(t_gone - t_restarted, 3),
+        }  # fmt: skip
+    finally:
+        lab.remove(app)
+
+
+def test_a_record_its_engine_does_not_know_is_not_adopted(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
+) -> None:
+    """The record names a container runc does not know (damaged, or planted): the
+    restarted agent says so and kills the recorded tree; nothing on the destination
+    runs or stays held, and the source, given back by the guardian, runs on."""
+
+    agents.append(bed.start_agent(env=KILL_AT_CLAIM))
+    app, digest = loaded(lab, "runc")
+    try:
+        run = migrate(bed, app, agents[0], "tool.before-commit:kill")
+        assert run.returncode == -9, run.stderr
+        source_answers(lab, app, digest)
+        assert agents[0].proc.wait(timeout=30) == -9
+        [path] = (bed.state("dst") / "agent" / "work").glob("*/held.json")
+        record = json.loads(path.read_text())
+        assert record["driver"] == "runc" and record["handle"]["id"] == app.name
+        record["handle"]["id"] = f"{app.name}-forged"
+        path.write_text(json.dumps(record))
+        again = bed.start_agent(listen_port=agents[0].port)
+        agents.append(again)
+        log = again.log.read_text(errors="replace")
+        assert "cannot be adopted" in log and "runc no longer knows container" in log, log
+        assert "adopted the tree" not in log, log
+        wait_until(lambda: all(s in ("Z", "") for _, s in lab.copies(app)["dst"]), 30,
+                   "the recorded tree to be killed")  # fmt: skip
+        assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
+        assert lab.ask(app, "DIGEST", at="src") == digest
+    finally:
+        lab.remove(app)
+
+
+def test_a_container_restored_but_never_reported_held_is_removed(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess], figures: Figures
+) -> None:
+    """The agent dies right after the restore, before it answers ``restored``
+    (``agent.after-restore:kill``): the source cannot have decided, and runs on
+    (exit 6).  The restarted agent removes the container by its engine from its
+    record, so that the next migration of the same container is not refused for
+    a container of that id left on this host."""
+
+    agents.append(bed.start_agent(env={"MIGSGX_FAULT": "agent.after-restore:kill"}))
+    app, digest = loaded(lab, "runc")
+    try:
+        run = migrate(bed, app, agents[0])
+        assert run.returncode == 6, run.stderr
+        t_back = source_answers(lab, app, digest)
+        assert agents[0].proc.wait(timeout=30) == -9
+        again = bed.start_agent(listen_port=agents[0].port)
+        agents.append(again)
+        log = again.log.read_text(errors="replace")
+        assert "never reported held" in log and "adopted the tree" not in log, log
+        nothing_left(lab, app)
+        second = migrate(bed, app, again)
+        assert second.returncode == EXIT_OK, second.stderr
+        assert lab.ask(app, "DIGEST", at="dst") == digest
+        assert lab.runnable_copies(app) == {"src": 0, "dst": 1}
+        figures["restore held x kill -9 destination agent (runc, restarted)"] = {
+            "outcome": "stayed; the restarted agent removed the container; moved next time",
+            "exit": run.returncode,
+            "source_back_seconds": round(t_back - fault_time(agents[0].log.read_text()), 3),
+        }  # fmt: skip
+    finally:
+        lab.remove(app)
