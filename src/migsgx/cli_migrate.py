@@ -257,6 +257,10 @@ def recover_command(
               "source (exit 9 if the source is lost then)")  # fmt: skip
 @click.option("--post-copy-port", type=click.IntRange(0, 65535), default=0,
               help="the port the source serves its memory on (default: any)")  # fmt: skip
+@click.option("--post-copy-min", default=None, metavar="SIZE",
+              help="post-copy only a tree holding at least SIZE of private memory; a "
+              "smaller one moves it while frozen, faster there (default with --live: "
+              "64MiB, docs/migration.md; with --post-copy: 0, always)")  # fmt: skip
 @click.option("--downtime-target", type=float, default=0.05, show_default=True,
               help="--live: seconds the last dirty set may take to send")  # fmt: skip
 @click.option("--max-rounds", type=int, default=30, show_default=True, help="--live: round limit")
@@ -287,6 +291,7 @@ def migrate_command(
     live: bool,
     post_copy: bool | None,
     post_copy_port: int,
+    post_copy_min: str | None,
     downtime_target: float,
     max_rounds: int,
     early_handshake: bool,
@@ -309,6 +314,7 @@ def migrate_command(
 
     from rich.console import Console
 
+    from .agent.postcopy_choice import POST_COPY_MIN
     from .agent.source import MigrateOptions, migrate
     from .agent.tls import AgentIdentity
     from .containers import ContainerSettings
@@ -355,10 +361,15 @@ def migrate_command(
     )
     if live:
         _live_options(opts, console, downtime_target, max_rounds)
+    # --live's own choice gives way to frozen memory below a size (agent/postcopy_choice.py).
+    size_rule = 0
     if post_copy is None:  # (--live: where the driver and the hosts allow)
         post_copy = live and _post_copy_here(console, driver)
+        size_rule = POST_COPY_MIN if post_copy else 0
     opts.post_copy = post_copy
     opts.lazy_port = post_copy_port
+    opts.post_copy_min = parse_size(post_copy_min) if post_copy_min is not None else size_rule
+    opts.notice = lambda line: console.print(line, highlight=False)
     if status is not None:
         with status:
             outcome = migrate(opts)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,7 +30,12 @@ pytest.register_assert_rewrite("bed_helpers")
 
 from bed_helpers import scan_files, strict_destination, wait_until  # noqa: E402
 
-from migsgx.containers.podman import PODMAN_ARCHIVE  # noqa: E402
+from migsgx.containers.imagefs import leftover_mounts  # noqa: E402
+from migsgx.containers.podman import (  # noqa: E402
+    PODMAN_ARCHIVE,
+    PODMAN_CHECKPOINT,
+    PODMAN_EXPORT_FILES,
+)
 from migsgx.host.client import EnclaveClient  # noqa: E402
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
@@ -504,35 +510,87 @@ def inspect_json(path: Path, *canaries: bytes) -> tuple[int, dict[str, Any]]:
 _FAULT_AT = re.compile(r"migsgx fault: (\S+) at ([0-9.]+)")
 
 
-@pytest.mark.parametrize(
-    ("engine", "cut"), [("runc", True), ("runc", False)], ids=["runc-cut", "runc-next-step"]
-)
-def test_enclave_stream_failing_mid_dump_cuts_runcs_criu(
-    bed: Testbed, lab: ContainerLab, agent: AgentProcess, tmp_path: Path, engine: str, cut: bool
-) -> None:
-    """The enclave stream fails while runc's own CRIU writes a 128 MiB container's pages
-    (``flip-byte-in-dump``: the damaged byte goes on once 1 MiB of pages is written).
+def check_no_dump_left(lab: ContainerLab, app: ContainerApp) -> None:
+    """Nothing of a failed dump stays on the source host: no images tmpfs of the
+    tool's under the lab, and no half checkpoint in podman's storage (its CRIU's
+    ``checkpoint`` directory, the configurations it wrote for the archive)."""
 
-    With the tool's own image directory (a tmpfs of its own for the dump), the
-    cancel fills it up: CRIU's next write fails, its error path resumes the
-    tasks, and the container thaws at once.  With ``--work-dir`` (kept for the
-    user: nothing is mounted over it) the dump runs to its end and stops at the
-    next step, as before.  Prints the seconds from the fault to the source
-    answering, for both.
+    mounts = leftover_mounts(Path("/proc/self/mountinfo").read_text())
+    assert [m for m, _ in mounts if m.is_relative_to(lab.base)] == []
+    if app.engine == "podman":
+        info = lab.podman("src").inspect(app.name)
+        assert info is not None
+        static = Path(str(info["StaticDir"]))
+        checkpoint = static / PODMAN_CHECKPOINT
+        assert not checkpoint.exists() or list(checkpoint.iterdir()) == []
+        assert [f for f in PODMAN_EXPORT_FILES if (static / f).exists()] == []
+
+
+@pytest.mark.parametrize(
+    ("engine", "cut", "fault"),
+    [
+        ("runc", True, "flip-byte-in-dump"),
+        ("runc", False, "flip-byte-in-dump"),
+        ("podman", True, "flip-byte-in-dump"),
+        ("podman", False, "flip-byte-in-dump"),
+        ("containerd", True, "flip-byte-in-dump"),
+        ("podman", True, "drop-in-dump"),
+        ("containerd", True, "drop-in-dump"),
+    ],
+    ids=[
+        "runc-cut", "runc-next-step", "podman-cut", "podman-next-step", "containerd-cut",
+        "podman-dropped", "containerd-dropped",
+    ],
+)  # fmt: skip
+def test_enclave_stream_failing_mid_dump_cuts_the_engines_criu(
+    bed: Testbed,
+    lab: ContainerLab,
+    agent: AgentProcess,
+    tmp_path: Path,
+    engine: str,
+    cut: bool,
+    fault: str,
+) -> None:
+    """The enclave stream fails while the engine's own CRIU writes a 128 MiB container's
+    pages (``flip-byte-in-dump``: the damaged byte goes on once 1 MiB of pages is
+    written, and CRIU is held there until the failure reached the tool;
+    ``drop-in-dump``: the stream's connection is shut down there instead).
+
+    runc and containerd (the same ``runc checkpoint``) write into the tool's own
+    image directory, podman into the container's directory in its storage: for
+    the dump, either is a tmpfs of the tool's, and the cancel fills it up: CRIU's
+    next write fails, its error path resumes the tasks, and the container thaws
+    at once, with every acknowledged write; nothing of the dump stays.  With
+    ``--work-dir`` (kept for the user: nothing is mounted over it) runc's dump
+    runs to its end and stops at the next step; so does podman's when its
+    checkpoint directory holds files (an earlier checkpoint of someone's: left
+    as it is, nothing mounted over it).  After podman's cut, the same container
+    migrates (podman's records came through whole).  Prints the seconds from the
+    fault (the damaged byte or the drop) to the source answering.
     """
 
     app = lab.start_app(engine, "kvstore", ["--ballast", "128"])
     assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
     digest = lab.ask(app, "DIGEST", at="src")
-    args = [] if cut else ["--work-dir", str(tmp_path / "images")]
-    env = {"MIGSGX_FAULT": f"tool.enclave-stream:flip-byte-in-dump={1 << 20}"}
+    args = [] if cut or engine == "podman" else ["--work-dir", str(tmp_path / "images")]
+    kept = None
+    if engine == "podman" and not cut:
+        info = lab.podman("src").inspect(app.name)
+        assert info is not None
+        kept = Path(str(info["StaticDir"])) / PODMAN_CHECKPOINT / "someones.img"
+        kept.parent.mkdir(exist_ok=True)
+        kept.write_bytes(b"an earlier checkpoint")
+    env = {"MIGSGX_FAULT": f"tool.enclave-stream:{fault}={1 << 20}"}
     run = migrate(bed, app, agent, args=args, env=env)
     assert run.returncode == 6, run.stderr
-    assert "chunk failed authentication" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+    reason = "chunk failed authentication" if fault.startswith("flip") else "closed"
+    assert "enclave 0 did not migrate" in run.stderr and reason in run.stderr, run.stderr
     how = re.search(r"stopped early \(([^)]*)\)", run.stderr)
     assert how is not None, run.stderr
     assert how.group(1) == ("its image directory filled up" if cut else "step refused"), how
-    [(_, at)] = _FAULT_AT.findall(run.stderr)[:1]
+    # (from the damaged byte or the drop, CRIU held mid-dump)
+    [at] = [t for p, t in _FAULT_AT.findall(run.stderr) if p.endswith(":mid-dump")]
     deadline = time.monotonic() + 60
     while True:
         with contextlib.suppress(OSError):  # (not answering yet: frozen)
@@ -541,10 +599,23 @@ def test_enclave_stream_failing_mid_dump_cuts_runcs_criu(
         assert time.monotonic() < deadline, "the source never ran again"
         time.sleep(0.02)
     back = time.monotonic() - float(at)
-    figure = {"engine": engine, "cut": cut, "back_seconds": round(back, 3)}
+    figure = {"engine": engine, "cut": cut, "fault": fault, "back_seconds": round(back, 3)}
     print("container-dump-cut " + json.dumps(figure))
     wait_until(lambda: app.name not in lab.containers("dst", engine), 15, "dst to let go")
     check_source_runs_on(lab, app, digest)
+    if kept is not None:
+        assert kept.read_bytes() == b"an earlier checkpoint"
+        # (podman's CRIU wrote this dump's images beside it, and podman leaves them)
+        shutil.rmtree(kept.parent)
+    check_no_dump_left(lab, app)
+    if engine == "podman" and cut and fault.startswith("flip"):
+        # podman's records came through the cut whole: the same container moves now.
+        again = lab.ask(app, "DIGEST", at="src")
+        moved = migrate(bed, app, agent)
+        assert moved.returncode == 0, moved.stderr
+        assert lab.ask(app, "DIGEST", at="dst") == again
+        finish(lab, app, expect="dst")
+        return
     finish(lab, app, expect="src")
 
 
@@ -582,4 +653,5 @@ def test_corrupted_enclave_stream_stops_the_container_dump(
     print("container-dump-cancel " + json.dumps(figure))
     wait_until(lambda: app.name not in lab.containers("dst", engine), 15, "dst to let go")
     check_source_runs_on(lab, app, digest)
+    check_no_dump_left(lab, app)
     finish(lab, app, expect="src")

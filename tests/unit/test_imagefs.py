@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 
 from migsgx.containers.base import DumpPlan
-from migsgx.containers.imagefs import ImageFs, cuttable_images, leftover_mounts, sweep_leftovers
+from migsgx.containers.imagefs import (
+    ImageFs,
+    cuttable_engine_dir,
+    cuttable_images,
+    leftover_mounts,
+    sweep_leftovers,
+)
 from migsgx.criu.cancel import DumpCancel
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
@@ -146,3 +152,43 @@ def test_a_tool_the_caller_knows_is_past_its_dump_is_swept_though_still_there(
         os.waitpid(pid, 0)
         for fd in (ready, hold, release, wait):
             os.close(fd)
+
+
+def test_an_engines_own_checkpoint_directory_is_cut_and_gone_after(tmp_path: Path) -> None:
+    """podman's ``userdata/checkpoint``: made for the command, a tmpfs while it runs (the
+    cancel fills it), and nothing of it left after, whether the dump failed or not."""
+
+    static = tmp_path / "userdata"
+    static.mkdir()
+    checkpoint = static / "checkpoint"
+    cancel = DumpCancel()
+    with cuttable_engine_dir(checkpoint, _plan(tmp_path / "unused", cancel)) as fs:
+        assert fs.mounted and os.path.ismount(checkpoint)
+        with (checkpoint / "pages-1.img").open("wb") as out, fs.engine_dumps():
+            out.write(b"\1" * (1 << 20))
+            out.flush()
+            cancel.cancel("an enclave stream failed")
+            assert cancel.cut == 1
+            with pytest.raises(OSError) as failed:
+                for _ in range(64):
+                    out.write(b"\2" * (64 << 10))
+                    out.flush()
+            assert failed.value.errno == errno.ENOSPC
+    assert not checkpoint.exists()  # made here, removed again: no half checkpoint stays
+
+
+def test_an_engines_directory_holding_files_is_left_as_it_is(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "pages-1.img").write_bytes(b"someone else's")
+    with cuttable_engine_dir(checkpoint, _plan(tmp_path, DumpCancel())) as fs:
+        assert not fs.mounted
+    assert (checkpoint / "pages-1.img").read_bytes() == b"someone else's"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with cuttable_engine_dir(empty, _plan(tmp_path, DumpCancel())) as fs:
+        assert fs.mounted
+    assert empty.is_dir() and not os.path.ismount(empty)  # (it was there before: it stays)
+    with cuttable_engine_dir(tmp_path / "none", _plan(tmp_path, None)) as fs:  # type: ignore[arg-type]
+        assert not fs.mounted  # no cancel: nothing to cut for
+    assert not (tmp_path / "none").exists()

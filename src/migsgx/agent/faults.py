@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -179,7 +180,7 @@ def _state(pid: int) -> str:
 
 
 def flipping_relay(
-    peer: socket.socket, offset: int, hold: Callable[[], bool] | None = None
+    peer: socket.socket, offset: int, hold: Callable[[], bool] | None = None, *, drop: bool = False
 ) -> socket.socket:
     """A loopback relay to ``peer`` that flips one bit of byte ``offset`` sent through it.
 
@@ -188,7 +189,8 @@ def flipping_relay(
     peer pass unchanged.  ``hold``: the damaged byte goes on only once it is true
     (polled, at most :data:`WAIT_LIMIT` seconds): the failure then reaches the
     source at a step the test names (``flip-byte-in-dump``: while the engine's
-    CRIU writes the process's pages).
+    CRIU writes the process's pages).  ``drop``: at that byte the relay shuts the
+    connection down both ways instead (``drop-in-dump``: the stream dropped).
     """
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -200,18 +202,37 @@ def flipping_relay(
 
     def pump(src: socket.socket, dst: socket.socket, flip_at: int | None) -> None:
         seen = 0
+        held: bytearray | None = None  # from the damaged byte on, until ``hold``
+        deadline, ended = 0.0, False
         try:
             while True:
+                if held is not None:
+                    # Read on while holding: a sender left without a window for longer
+                    # than its TCP user timeout (4 s) would fail for that instead.
+                    if hold is not None and not hold() and time.monotonic() < deadline:
+                        if ended:
+                            time.sleep(0.005)
+                        elif select.select([src], [], [], 0.005)[0]:
+                            more = src.recv(1 << 16)
+                            ended = not more
+                            held += more
+                        continue
+                    if drop:
+                        break  # (nothing from the byte on: both ends shut down below)
+                    dst.sendall(held)
+                    held = None
+                    if ended:
+                        break
                 data = bytearray(src.recv(1 << 16))
                 if not data:
                     break
                 if flip_at is not None and seen <= flip_at < seen + len(data):
                     data[flip_at - seen] ^= 0x01
-                    deadline = time.monotonic() + WAIT_LIMIT
-                    while hold is not None and not hold() and time.monotonic() < deadline:
-                        time.sleep(0.005)
+                    if hold is not None or drop:
+                        held, deadline = data, time.monotonic() + WAIT_LIMIT
                 seen += len(data)
-                dst.sendall(data)
+                if held is None:
+                    dst.sendall(data)
         except OSError:
             pass
         finally:

@@ -20,6 +20,7 @@ from .applink import HandedEnclave
 from .ckpt_journal import start_time
 from .control import CONNECT_TIMEOUT
 from .datalink import open_data
+from .dumphold import MidDumpHold
 from .faults import fault, flipping_relay
 from .protocol import plain_stats
 from .redeliver import HeldEnclave
@@ -111,21 +112,14 @@ class _EnclaveSteps(_MigrationState):
         action = fault("tool.enclave-stream")
         if action is not None and action.startswith("flip-byte="):
             return peer, flipping_relay(peer, int(action.partition("=")[2]))
-        if action is not None and action.startswith("flip-byte-in-dump="):
-            # The damaged byte goes on once CRIU wrote 1 MiB of pages: mid-dump.
-            return peer, flipping_relay(peer, int(action.partition("=")[2]), self._pages_written)
+        if action is not None and action.startswith(("flip-byte-in-dump=", "drop-in-dump=")):
+            # The damaged byte (or the drop) comes once CRIU wrote 1 MiB of pages, CRIU held
+            # till the cancel.
+            hold = MidDumpHold(lambda: None if self.plan is None else self.plan.images,
+                               lambda: None if self.plan is None else self.plan.cancel)  # fmt: skip
+            return peer, flipping_relay(peer, int(action.partition("=")[2]), hold,
+                                        drop=action.startswith("drop"))  # fmt: skip
         return peer, peer
-
-    def _pages_written(self) -> bool:
-        """Fault injection: whether this dump's CRIU wrote 1 MiB of pages already."""
-
-        if self.plan is None:
-            return False
-        with contextlib.suppress(OSError):
-            for path in self.plan.images.glob("pages-*.img"):
-                if path.stat().st_size >= 1 << 20:
-                    return True
-        return False
 
     def _start_enclaves(self, ready: dict[str, Any]) -> None:
         self._threads: list[threading.Thread] = []

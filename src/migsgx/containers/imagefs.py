@@ -15,6 +15,12 @@ its end with the container frozen.  The mount goes when the dump is over (the
 images were streamed by then).  Without root, or with a directory that holds
 files already, nothing is mounted and the dump is cut at its next step as before.
 
+podman's checkpoint command has its CRIU write into the container's directory in
+podman's own storage (``.../userdata/checkpoint``) and packs the images into its
+export archive before it returns: that directory gets the same tmpfs for the
+command (:func:`cuttable_engine_dir`), so the cut reaches podman's CRIU too, and
+no copy of the container's memory stays in podman's storage afterwards.
+
 A tool killed while the mount is up leaves it behind (holding the container's
 memory as CRIU wrote it, in RAM, until the next boot): the mount's source names
 the tool's pid (``migsgx-images-PID``), and :func:`sweep_leftovers` (the
@@ -36,7 +42,13 @@ from typing import Final
 from ..system.process import process_state
 from .base import DumpPlan
 
-__all__ = ["ImageFs", "cuttable_images", "leftover_mounts", "sweep_leftovers"]
+__all__ = [
+    "ImageFs",
+    "cuttable_engine_dir",
+    "cuttable_images",
+    "leftover_mounts",
+    "sweep_leftovers",
+]
 
 log = logging.getLogger("migsgx.containers")
 
@@ -108,24 +120,11 @@ class ImageFs:
 
 
 @contextlib.contextmanager
-def cuttable_images(plan: DumpPlan) -> Iterator[ImageFs]:
-    """For the engine's dump in this block: a cancel fills its image directory up
-    (while :meth:`ImageFs.engine_dumps`).
+def _cut_on_cancel(fs: ImageFs, plan: DumpPlan, mount: bool) -> Iterator[ImageFs]:
+    """``fs`` mounted (when ``mount``) for the block, its :meth:`ImageFs.fill` a stop of the
+    plan's cancel; unmounted after (its files are gone with it)."""
 
-    Only where it is safe and useful: the plan says the directory is the tool's
-    own scratch space (removed after the migration), it is empty, the dump has a
-    cancel and no page server, and the process may mount (root).
-    """
-
-    fs = ImageFs(plan.images)
-    if (
-        plan.cancel is not None
-        and plan.scratch_images
-        and plan.page_server is None
-        and not plan.lazy
-        and os.geteuid() == 0
-        and not any(plan.images.iterdir())
-    ):
+    if mount and plan.cancel is not None:
         try:
             fs.mount()
         except OSError as exc:
@@ -139,6 +138,65 @@ def cuttable_images(plan: DumpPlan) -> Iterator[ImageFs]:
             if plan.cancel is not None:
                 plan.cancel.remove_stop(fs.fill)
             fs.unmount()
+
+
+def _may_cut(plan: DumpPlan) -> bool:
+    return plan.cancel is not None and not plan.lazy and os.geteuid() == 0
+
+
+@contextlib.contextmanager
+def cuttable_images(plan: DumpPlan) -> Iterator[ImageFs]:
+    """For the engine's dump in this block: a cancel fills its image directory up
+    (while :meth:`ImageFs.engine_dumps`).
+
+    Only where it is safe and useful: the plan says the directory is the tool's
+    own scratch space (removed after the migration), it is empty, the dump has a
+    cancel and no page server, and the process may mount (root).
+    """
+
+    mount = (
+        _may_cut(plan)
+        and plan.scratch_images
+        and plan.page_server is None
+        and not any(plan.images.iterdir())
+    )
+    with _cut_on_cancel(ImageFs(plan.images), plan, mount) as fs:
+        yield fs
+
+
+@contextlib.contextmanager
+def cuttable_engine_dir(path: Path, plan: DumpPlan) -> Iterator[ImageFs]:
+    """For the block: the directory an engine's CRIU writes into inside the engine's own
+    storage (podman's ``checkpoint`` beside the container's configuration), a
+    tmpfs that a cancel fills up (while :meth:`ImageFs.engine_dumps`).
+
+    The engine reads the images back within its command (podman packs them into
+    its export archive), so they go with the mount at the block's end: no copy of
+    the container's memory stays in the engine's storage, whether the dump
+    succeeded or not.  A directory made here is removed again.  Not over a
+    directory that holds files (an earlier checkpoint of someone else's), nor
+    over a symbolic link, nor without root: the dump is then cut at its next
+    step as before.
+    """
+
+    made = False
+    mount = _may_cut(plan) and path.parent.is_dir() and not path.parent.is_symlink()
+    if mount:
+        try:
+            path.mkdir(mode=0o700)
+            made = True
+        except FileExistsError:
+            mount = path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+        except OSError as exc:
+            log.warning("the engine's dump cannot be cut short (%s): it stops later", exc)
+            mount = False
+    try:
+        with _cut_on_cancel(ImageFs(path), plan, mount) as fs:
+            yield fs
+    finally:
+        if made:
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def leftover_mounts(mountinfo: str) -> list[tuple[Path, int]]:

@@ -8,6 +8,12 @@ the destination gets, over the agent's TLS channel; podman has no page
 server.  The enclaves are not in it: they moved enclave to enclave before
 (the engine's live migration to an ``IncomingEnclave`` on the destination
 agent), their state encrypted for the attested destination enclave only.
+podman's CRIU writes its images into the container's directory in podman's
+storage (``userdata/checkpoint``) before podman packs them: for the command,
+that directory is a tmpfs of the tool's (:func:`~.imagefs.cuttable_engine_dir`),
+which a failing enclave stream fills up, so CRIU's next write fails and its own
+error path resumes the tasks at once; the images go with the mount, so no
+copy of the container's memory stays in podman's storage.
 
 Destination: the archive is unpacked, its two configurations (``config.dump``,
 the container's, and ``spec.dump``, the OCI runtime's) are localized (this
@@ -45,8 +51,9 @@ from .base import (
     check_name,
 )
 from .command import run_engine, with_path
-from .frozen import dump_frozen, own_netns_path, write_criu_config
+from .frozen import dump_frozen, own_netns_path, stop_if_cancelled, write_criu_config
 from .image_admission import admit_images
+from .imagefs import cuttable_engine_dir
 from .oci import (
     Localization,
     extract_tree,
@@ -63,6 +70,10 @@ __all__ = ["PODMAN_ARCHIVE", "Podman", "PodmanDriver"]
 log = logging.getLogger("migsgx.containers")
 
 PODMAN_ARCHIVE: Final = "migsgx-podman-export.tar"
+#: Where podman's CRIU writes, in the container's directory in podman's storage.
+PODMAN_CHECKPOINT: Final = "checkpoint"
+#: Files ``podman container checkpoint --export`` writes beside it for the archive.
+PODMAN_EXPORT_FILES: Final = ("config.dump", "spec.dump", "stats-dump")
 #: Bind mounts podman makes for a container itself, anew at every restore; the
 #: exported ``spec.dump`` names the source host's files for them.
 PODMAN_MOUNTS: Final = frozenset(
@@ -161,6 +172,8 @@ class PodmanDriver:
             label=f"podman container {name}",
             # (podman keeps the runtime specification it started the container with there)
             spec=load_json(Path(config), "podman runtime configuration") if config else None,
+            # (the container's directory in podman's storage: its checkpoint goes there)
+            private={"static_dir": str(info.get("StaticDir") or "")},
         )
 
     def dump(self, source: Source, plan: DumpPlan, on_dumped: Callable[[], None]) -> None:
@@ -170,14 +183,26 @@ class PodmanDriver:
         args += ["--export", str(plan.images / PODMAN_ARCHIVE)]
         if plan.tcp_close:
             args.append("--tcp-established")  # dumped, then restored closed
+        static = Path(str(source.private.get("static_dir") or ""))
+
+        def checkpoint() -> None:
+            if not static.is_absolute():
+                self.podman(*args, name, what=f"podman checkpoint {name}", timeout=600)
+                return
+            # podman's CRIU writes its images there: a failed enclave stream fills the
+            # directory up, so that CRIU's own error path ends the dump at once.
+            with cuttable_engine_dir(static / PODMAN_CHECKPOINT, plan) as fs:
+                try:
+                    with fs.engine_dumps():
+                        stop_if_cancelled(plan)  # (cancelled before the fill could act)
+                        self.podman(*args, name, what=f"podman checkpoint {name}", timeout=600)
+                except ContainerError:
+                    drop_export_leftovers(static)
+                    raise
+            stop_if_cancelled(plan)  # (cut: nothing of the dump is left)
+
         dump_frozen(
-            source,
-            plan,
-            on_dumped,
-            checkpoint=lambda: self.podman(
-                *args, name, what=f"podman checkpoint {name}", timeout=600
-            ),
-            remove=lambda: self.podman.remove(name),
+            source, plan, on_dumped, checkpoint=checkpoint, remove=lambda: self.podman.remove(name)
         )
 
     # --- destination ----------------------------------------------------------------------
@@ -335,6 +360,17 @@ class PodmanDriver:
 
     def discard(self, restored: Restored) -> None:
         self.podman.remove(str(restored.handle["name"]))
+
+
+def drop_export_leftovers(static: Path) -> None:
+    """What a failed ``podman container checkpoint --export`` leaves in the container's
+    directory: the configurations it wrote for the archive (podman removes them
+    after a checkpoint that succeeded, not after one that failed).  CRIU's log
+    (``dump.log``) stays: it says why the dump failed."""
+
+    for leftover in PODMAN_EXPORT_FILES:
+        with contextlib.suppress(OSError):
+            (static / leftover).unlink()
 
 
 def remove_all(podman: Podman) -> None:

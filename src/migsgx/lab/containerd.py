@@ -6,8 +6,12 @@ under the lab's directory, named in the host's ``containers.toml``), started
 on first use with the project's CRIU first on its ``PATH`` (the shim it
 starts checkpoints and restores with it).  The lab's root file system becomes
 an image (:func:`~migsgx.containers.layout.write_image`) imported into each host's store, as a
-registry pull would bring it.  The daemons run in the machine's network
-namespace; containers join their host's by path.
+registry pull would bring it.  Each daemon runs in its host's network
+namespace (as a host's containerd runs in the host's), and containers join it
+by path.  (Run from the machine's namespace instead, its shims' CRIU would
+take a container that joined its host's namespace for one of its own and lock
+that whole namespace with firewall rules during the dump: every connection of
+the host, the migration's own data streams included, stalled until CRIU ended.)
 """
 
 from __future__ import annotations
@@ -75,8 +79,12 @@ class ContainerdDaemon:
             '[debug]\n  address = ""\n[metrics]\n  address = ""\n'
         )
         with (self.base / "containerd.log").open("ab") as log:
+            # In its host's network namespace, as a host's containerd runs in the host's:
+            # its shims (and their CRIU) then share it with the containers that joined it.
+            netns = self.settings.netns
+            prefix = ["nsenter", f"--net={netns}"] if netns is not None else []
             self.proc = subprocess.Popen(
-                ["containerd", "--config", str(config)],
+                [*prefix, "containerd", "--config", str(config)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

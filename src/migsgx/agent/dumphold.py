@@ -1,0 +1,123 @@
+"""Fault injection: an enclave stream that fails while an engine's CRIU writes the pages.
+
+``tool.enclave-stream:flip-byte-in-dump=N`` flips one bit of byte N of an
+enclave stream (:func:`~.faults.flipping_relay`) and lets the damaged byte go on
+only once the dump's CRIU wrote :data:`PAGES_WRITTEN` of pages (into whatever
+pages image it has open).  Left at that, the failure races the rest of CRIU's
+dump: the destination enclave must refuse the chunk, the source hear it and
+cancel, while CRIU writes on (a 128 MiB container's pages take a fraction of a
+second).  So at that moment every CRIU process the tool's engines run is stopped
+(SIGSTOP: unlike a kill, stopping CRIU is safe, its tasks stay seized) and
+continued once the dump's cancel has run its stops (a cut fills the image
+directory first), or after :data:`~.faults.WAIT_LIMIT` seconds: the failure then
+always meets CRIU mid-dump, whatever the machine's load.  ``drop-in-dump=N``:
+the same moment, and the relay shuts the stream's connection down instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from ..criu import DumpCancel
+from ..system.process import tree_pids
+from .faults import WAIT_LIMIT
+
+__all__ = ["PAGES_WRITTEN", "MidDumpHold"]
+
+#: How much of a pages image the dump's CRIU has written when the damaged byte goes on.
+PAGES_WRITTEN: Final = 1 << 20
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def engine_criu() -> list[int]:
+    """The CRIU processes among this process's descendants (runc's, podman's runc's)."""
+
+    return [pid for pid in tree_pids(os.getpid())[1:] if _comm(pid) == "criu"]
+
+
+def pages_written(criu: list[int]) -> bool:
+    """Whether a pages image one of the ``criu`` processes writes holds :data:`PAGES_WRITTEN`.
+
+    Looked up through CRIU's own open files: wherever its engine has it write
+    (the tool's image directory, a tmpfs over podman's checkpoint directory, or
+    that directory itself when nothing could be mounted).
+    """
+
+    for pid in criu:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    name = os.readlink(f"/proc/{pid}/fd/{fd}").rpartition("/")[2]
+                    pages = name.startswith("pages-") and name.endswith(".img")
+                    if pages and os.stat(f"/proc/{pid}/fd/{fd}").st_size >= PAGES_WRITTEN:
+                        return True
+    return False
+
+
+class MidDumpHold:
+    """The relay's ``hold``: true once CRIU wrote enough, and CRIU stopped from then until
+    the cancel (see the module docstring).
+
+    ``images``: the dump's image directory (None before the dump).  ``cancel``:
+    the dump's cancel, whose stops continue CRIU.
+    """
+
+    def __init__(
+        self, images: Callable[[], Path | None], cancel: Callable[[], DumpCancel | None]
+    ) -> None:
+        self._images = images
+        self._cancel = cancel
+        self._lock = threading.Lock()
+        self._held: list[int] | None = None
+
+    def __call__(self) -> bool:
+        with self._lock:
+            if self._held is not None:
+                return True
+            if self._images() is None:
+                return False  # (no dump yet)
+            criu = engine_criu()
+            if not pages_written(criu):
+                return False
+            self._held = criu
+            for pid in self._held:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+        # The fault proper (the damaged byte or the drop goes now): tests measure from here.
+        sys.stderr.write(f"migsgx fault: tool.enclave-stream:mid-dump at {time.monotonic():.6f}\n")
+        sys.stderr.flush()
+        timer = threading.Timer(WAIT_LIMIT, self.release)
+        timer.daemon = True
+        timer.start()
+        cancel = self._cancel()
+        if cancel is not None:
+            cancel.add_stop(self._release_stop)
+        return True
+
+    def _release_stop(self) -> int:
+        self.release()
+        return 0  # (continuing CRIU cuts nothing)
+
+    def release(self) -> None:
+        """Continue the CRIU processes held (once; a pid no longer CRIU's is left alone)."""
+
+        with self._lock:
+            held, self._held = self._held or [], []
+        for pid in held:
+            if _comm(pid) == "criu":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)

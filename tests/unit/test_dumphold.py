@@ -1,0 +1,68 @@
+"""The fault hook that holds the engine's CRIU mid-dump until the cancel (``agent/dumphold.py``).
+
+A real child process named ``criu`` with a pages image open stands in for the
+engine's CRIU: the hold stops it once that image reached 1 MiB, and the dump's
+cancel continues it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from migsgx.agent.dumphold import PAGES_WRITTEN, MidDumpHold, engine_criu
+from migsgx.criu.cancel import DumpCancel
+from migsgx.system.process import process_state
+
+_NAMED_CRIU = (
+    "import sys; open('/proc/self/comm', 'w').write('criu'); pages = open(sys.argv[1], 'ab'); "
+    "print(flush=True); input()"
+)
+
+
+@pytest.fixture
+def criu(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """A process named criu with ``tmp_path/pages-1.img`` open, as CRIU has while it dumps."""
+
+    child = subprocess.Popen([sys.executable, "-c", _NAMED_CRIU, str(tmp_path / "pages-1.img")],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert child.stdout is not None
+    child.stdout.readline()  # (named by now)
+    yield child
+    child.kill()
+    child.wait()
+
+
+def _state_becomes(pid: int, states: str) -> bool:
+    for _ in range(500):
+        if process_state(pid) in states:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_criu_is_held_from_the_first_mib_of_pages_until_the_cancel(
+    tmp_path: Path, criu: subprocess.Popen[str]
+) -> None:
+    cancel = DumpCancel()
+    images: Path | None = None
+    hold = MidDumpHold(lambda: images, lambda: cancel)
+    assert criu.pid in engine_criu()
+    (tmp_path / "pages-1.img").write_bytes(b"\1" * PAGES_WRITTEN)
+    assert not hold()  # no dump of the tool's yet
+    images = tmp_path
+    (tmp_path / "pages-1.img").write_bytes(b"\1" * (PAGES_WRITTEN - 1))
+    assert not hold()
+    assert process_state(criu.pid) != "T"
+    (tmp_path / "pages-1.img").write_bytes(b"\1" * PAGES_WRITTEN)
+    assert hold()
+    assert _state_becomes(criu.pid, "T")  # stopped mid-dump
+    assert hold()  # (once true, stays true)
+    cancel.cancel("an enclave stream failed")
+    assert _state_becomes(criu.pid, "SR")  # continued by the cancel's stops
+    assert cancel.cut == 0  # (continuing CRIU is no cut of its own)
