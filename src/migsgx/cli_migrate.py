@@ -272,6 +272,9 @@ def recover_command(
 @click.option("--criu-nice", type=click.IntRange(-19, 19), default=0, show_default=True,
               help="run CRIU's dump this much nicer than the enclave streams beside it "
               "(negative: CRIU first)")  # fmt: skip
+@click.option("--prefault-ahead/--no-prefault-ahead", default=False, show_default=True,
+              help="destination enclaves fault in the source's memory size from their "
+              "launch on, or only as the state arrives")  # fmt: skip
 def migrate_command(
     pid: int | None,
     runc_id: str | None,
@@ -297,6 +300,7 @@ def migrate_command(
     early_handshake: bool,
     page_relay: bool,
     criu_nice: int,
+    prefault_ahead: bool,
 ) -> None:
     """Migrate process PID, or a container, with its enclaves to the agent at --to.
 
@@ -358,6 +362,7 @@ def migrate_command(
         early_handshake=early_handshake,
         page_relay=page_relay,
         criu_nice=criu_nice,
+        prefault_ahead=prefault_ahead,
     )
     if live:
         _live_options(opts, console, downtime_target, max_rounds)
@@ -448,6 +453,8 @@ def _bench_runs(command: _Command) -> _Command:
               "CRIU's TLS (migsgx's old page path)")  # fmt: skip
 @click.option("--ab-criu-nice", type=click.IntRange(-19, 19), default=0,
               help="A/B: each run also migsgx with --criu-nice N")  # fmt: skip
+@click.option("--ab-prefault", is_flag=True,
+              help="A/B: each run also migsgx with --prefault-ahead")  # fmt: skip
 def bench_process(
     enclave_size: str,
     repeat: int,
@@ -458,6 +465,7 @@ def bench_process(
     post_copy: bool,
     ab_page_tls: bool,
     ab_criu_nice: int,
+    ab_prefault: bool,
 ) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
@@ -471,6 +479,7 @@ def bench_process(
         post_copy=post_copy,
         ab_page_tls=ab_page_tls,
         ab_criu_nice=ab_criu_nice,
+        ab_prefault=ab_prefault,
     )
     if plot_path is not None:
         plot(result, plot_path)

@@ -67,7 +67,8 @@ def fault_time(*texts: str, last: bool = False) -> float:
         found = _FAULT_AT.findall(text)
         if found:
             return float(found[-1 if last else 0][1])
-    raise AssertionError("the fault point was never reached")
+    tails = "\n---\n".join(text[-3000:] for text in texts)
+    raise AssertionError(f"the fault point was never reached; the tool said:\n{tails}")
 
 
 def source_answers(bed: Testbed, app: AppProcess, digest: str, tool: str = "") -> float:

@@ -661,6 +661,36 @@ def test_source_side_party_killed(
             )
 
 
+def test_tool_and_source_platform_killed_before_the_decision_the_guardian_asks_again(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """The tool dies with its source platform service: every enclave LOADED and in the
+    migration group, none decided.
+
+    The source enclaves live, but their aborts cannot be checked against their
+    migration group (``group-unchecked``: no platform service), so the guardian
+    must not take them for aborts, nor for commits: it asks again until the
+    service is back, and then every abort is recorded and the source runs on
+    (before: it took them for commits and held the source stopped, in doubt,
+    for its 10 minutes).
+    """
+
+    app, digest = loaded_app(bed)
+    try:
+        run = migrate_with(bed, app, agent, "tool.after-group:kill-source-platform-and-tool")
+        assert run.returncode == -9, run.stderr
+        assert "Traceback" not in run.stderr
+    finally:
+        bed.services["src"].stop()  # killed: the host's supervisor starts a fresh one
+        bed.services["src"] = start_service(bed.state("src"), prefix=bed.host("src").command([]))
+    back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
+    figures["restore held x kill -9 tool + source platform service (restarted)"] = {
+        "outcome": "stayed", "exit": run.returncode, "source_back_seconds": round(back, 3),
+    }  # fmt: skip
+    wait_until(lambda: bed.copies(app)["dst"] == [], 30, "the destination to let go")
+    only_copy(bed, app, "src", digest)
+
+
 @pytest.mark.parametrize(
     "cell, fault",
     [

@@ -68,7 +68,7 @@ from ..containers.podnet import unlock
 from ..errors import MigSGXError
 from .applink import AppLink
 from .faults import fault
-from .handback import RESUME_WAIT, abort_enclave, call_enclave, commit_rest, resume_source
+from .handback import RESUME_WAIT, abort_answer, call_enclave, commit_rest, resume_source
 
 if TYPE_CHECKING:
     from .recover import RollForward
@@ -369,7 +369,7 @@ def _main(argv: list[str] | None, tool: int) -> int:
     if (
         _committed_any(journals)
         or (args.checkpoint and not all(_pending(s) for s in socks))
-        or not all([abort_enclave(s) for s in socks])
+        or not _aborted_all(socks, journals, args.checkpoint)
     ):
         _log("the tool died after the enclaves committed: the destination rolls forward")
         held = _held_source(socks, notes)
@@ -397,6 +397,45 @@ def _main(argv: list[str] | None, tool: int) -> int:
             _recover(Path(path))
         if args.checkpoint:
             _resolve_checkpoint(Path(args.checkpoint), aborted=True)
+
+
+def _aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: str = "") -> bool:
+    """Abort every source enclave; True only if every one aborted.
+
+    An enclave that answers ``group-unchecked`` lives, but its platform service
+    is gone (or its store failed): it stays frozen, and nothing proves that no
+    other enclave of its migration committed (a dead tool's COMMIT may still be
+    waiting inside one for the service to come back).  Taking that for an
+    abort could split the migration, taking it for a commit leaves the source
+    frozen although nothing was given up.  So it is asked again, with a growing
+    pause, while the store file records no COMMIT of the migration: a restarted
+    service checks the abort against the group (then it aborts, or commits
+    instead).  Any other refusal, an enclave gone, a recorded COMMIT or
+    ``RECOVER_PATIENCE`` ends it: the roll-forward path, in doubt
+    (``docs/spec/commit.md``, 1.1 rule 4).
+    """
+
+    pending = list(socks)
+    pause = 0.5
+    deadline = time.monotonic() + RECOVER_PATIENCE
+    while True:
+        answers = [(sock, abort_answer(sock)) for sock in pending]  # (every one is asked)
+        if any(answer not in ("aborted", "group-unchecked") for _, answer in answers):
+            return False  # (committed, rolling forward, or gone)
+        unchecked = [sock for sock, answer in answers if answer == "group-unchecked"]
+        if not unchecked:
+            return True
+        if time.monotonic() > deadline or _committed_any(journals):
+            return False
+        if len(pending) == len(socks) and pause == 0.5:
+            _log("the platform service cannot check the abort: asking again until it is back")
+            # The tool's caller must not wait on our stderr meanwhile.
+            if journals:
+                _log_to(Path(journals[0]).with_suffix(".log"))
+            else:  # (a checkpoint's: no digest covers a .log file there)
+                _log_to(Path(checkpoint) / "guardian.log" if checkpoint else Path(os.devnull))
+        pending = unchecked
+        pause = 0.5 if _pause(pause) else min(pause * 2, 5.0)
 
 
 def _pending(sock: socket.socket) -> bool:

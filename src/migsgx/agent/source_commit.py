@@ -134,6 +134,7 @@ class _DecisionSteps(_EnclaveSteps):
         for transfer in self.transfers:
             assert transfer.outgoing is not None
             transfer.outgoing.join_group(self.group_id)
+        self._inject(self._fault("tool.after-group"))
         for transfer in self.transfers:
             if self.committed:
                 self._inject(self._fault("tool.between-commits"))

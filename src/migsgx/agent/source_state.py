@@ -99,6 +99,13 @@ class MigrateOptions:
     #: nicer than the tool's other threads, the enclave streams beside it (negative:
     #: less nice).
     criu_nice: int = 0
+    #: The offers carry each source enclave's memory in use, which the destination
+    #: enclaves fault in from their launch on (False: they fault it in as it loads).
+    #: Off: paired beside CRIU's dump at 1 GiB it did not pay (total time without /
+    #: with 0.95 and 0.97 at the median of two invocations), since the freeze follows
+    #: the handshake at once and the faulting then competes with the dump
+    #: (docs/benchmarks.md, "Less CPU per GiB in the frozen window").
+    prefault_ahead: bool = False
 
 
 @dataclass
@@ -222,8 +229,10 @@ class _MigrationState:
             kill_dead([t.handed.info.pid for t in self.transfers])
         elif action == "kill-criu" and self.lazy is not None:
             self.lazy.stop()  # post-copy: the only server of the pages still missing dies
-        elif action == "kill-source-platform":
+        elif action in ("kill-source-platform", "kill-source-platform-and-tool"):
             kill_dead([socket_owner(self.opts.identity.directory.parent / "enclave.sock")])
+            if action == "kill-source-platform-and-tool":
+                os.kill(os.getpid(), signal.SIGKILL)
         elif action is not None and action.endswith("-control") and self.control is not None:
             # A network fault of the control connection (no process dies).
             connection_fault(self.control.sock, action.removesuffix("-control"))
