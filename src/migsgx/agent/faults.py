@@ -54,6 +54,9 @@ POINTS: Final = frozenset(
         "tool.after-prepare",
         "guardian.retry",  # ``give-up``: the guardian in doubt stops as if its 10 minutes ran out
         "recover.redeliver",  # a re-delivery without the tool: fresh copy's data connection open
+        # A platform store's first user found none and writes it now (``wait-file`` only;
+        # read by :mod:`migsgx.sgx.counters` itself, below this module).
+        "counters.before-create",
         "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
         "ckpt.between-commits",  # checkpoint: one enclave's gate committed, the next not yet
@@ -70,6 +73,7 @@ POINTS: Final = frozenset(
         "tool.after-group",  # every source enclave joined the migration group, none decided
         "tool.between-commits",  # one source enclave committed, the next not yet
         "tool.after-commit",
+        "tool.before-release",  # journal ``done``, the committed source enclaves not released
         "tool.after-abort",  # roll-back: the source enclaves decided ABORT, nothing undone yet
         "tool.before-token",  # each COMMIT token, before it goes on the data connection
         "tool.enclave-stream",  # each enclave's data connection, once it is open

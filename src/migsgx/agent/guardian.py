@@ -13,7 +13,9 @@ PID...`` for post-copy's lazy dump (which holds the tree while it serves
 pages), ``resume-sent`` once a tree
 without enclaves passed its commit point, ``enclave INDEX DESCRIPTION`` for each
 enclave connection (its info and image files, for delivering its state again),
-``done`` when the migration ended either way.
+``scratch DIR`` for the tool's own images directory (removed as soon as the
+pipe ends without ``done``: :mod:`.dumpdirs`), ``done`` when the migration ended
+either way.
 
 If the pipe closes without ``done``, the tool died.  If an enclave of the
 migration decided COMMIT already (the source host's platform store says so),
@@ -295,7 +297,7 @@ def _numbers(notes: list[str], key: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     tool = os.getppid()  # (the tool starts the guardian)
     try:
-        return _main(argv)
+        return _main(argv, tool)
     finally:
         # A tool killed mid-dump left its images tmpfs mounted (the container's memory
         # as CRIU wrote it, never read again on this host).  The pipe's end means the
@@ -304,7 +306,21 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"unmounted a dead tool's images tmpfs at {point}")
 
 
-def _main(argv: list[str] | None) -> int:
+def _leftovers(notes: list[str], tool: int) -> None:
+    """The tool died (or let go in doubt, past its dump): its images leave RAM at once,
+    before any wait for a decision.  The images tmpfs first (it is mounted on the
+    images directory), then the directory (:mod:`.dumpdirs`)."""
+
+    from .dumpdirs import remove_dump_dir  # lazy: the guardian starts fast
+
+    for point in sweep_leftovers(gone=(tool,)):
+        _log(f"unmounted a dead tool's images tmpfs at {point}")
+    for path in [n.partition(" ")[2] for n in notes if n.startswith("scratch ")]:
+        if remove_dump_dir(Path(path), dying=tool):
+            _log(f"removed the images directory {path} of its tool")
+
+
+def _main(argv: list[str] | None, tool: int) -> int:
     parser = argparse.ArgumentParser(prog="migsgx-guardian")
     parser.add_argument("--pipe", type=int, required=True)
     parser.add_argument("--app-pid", type=int, required=True)
@@ -322,6 +338,7 @@ def _main(argv: list[str] | None) -> int:
             notes.append(line.strip())
     if "done" in notes:
         return 0
+    _leftovers(notes, tool)
     # New connections to the source's listeners were dropped: whoever ends up with
     # the container, clients are served (or refused and go elsewhere) again.
     for note in notes:

@@ -19,6 +19,7 @@ from typing import Any, Final
 from .._fs import write_private
 from .._records import hex_text, json_record, non_negative_int
 from ..errors import RecordDamagedError
+from .ckpt_journal import start_time
 
 __all__ = ["PHASES", "Journal", "journal_dir"]
 
@@ -42,13 +43,21 @@ _KEYS: Final = {
 #: each source enclave holds (``__mig_hold``), and ``enclaves``: per enclave what
 #: its offer names (the guardian's ``enclave`` note payload, hex CBOR), so that
 #: ``recover`` can deliver a committed enclave's state again once the tool and
-#: the guardian are both gone.  ``aborts``: per enclave the ABORT frame (hex; "" for
-#: none) its ``__mig_abort`` returned to the guardian or ``recover``, kept for an
-#: abort whose store record failed (its platform service died with the tool,
-#: ``docs/spec/commit.md`` 1 rule 4): then the store holds nothing to carry.
+#: the guardian are both gone; ``tool_start``: the tool's start time (its pid may
+#: be reused); ``dump_dir``: the tool's own images directory, removed once the
+#: tool is gone (:mod:`.dumpdirs`).  ``aborts``: per enclave the ABORT frame (hex;
+#: "" for none) its ``__mig_abort`` returned to the guardian or ``recover``, kept
+#: for an abort whose store record failed (its platform service died with the
+#: tool, ``docs/spec/commit.md`` 1 rule 4): then the store holds nothing to carry.
 _OPTIONAL: Final = {
-    "guardian_pid": int, "undo": list, "holders": list, "enclaves": list, "aborts": list,
-}  # fmt: skip
+    "guardian_pid": int,
+    "undo": list,
+    "holders": list,
+    "enclaves": list,
+    "tool_start": str,
+    "dump_dir": str,
+    "aborts": list,
+}
 
 
 def journal_dir(agent_dir: Path) -> Path:
@@ -72,6 +81,7 @@ class Journal:
                 "mid": mid.hex(),
                 "to": [to[0], int(to[1])],
                 "tool_pid": os.getpid(),
+                "tool_start": start_time(os.getpid()),
                 "app_pid": app_pid,
                 "app_name": app_name,
                 "enclave_mids": [],
@@ -180,6 +190,13 @@ class Journal:
 
         frames = [bytes.fromhex(f) for f in self.data.get("aborts") or []]
         return frames if len(frames) == len(self.data["enclave_mids"]) else []
+
+    @property
+    def dump_dir(self) -> Path | None:
+        """The tool's own images directory, if it made one (not a ``--work-dir``)."""
+
+        text = self.data.get("dump_dir")
+        return Path(text) if isinstance(text, str) and text else None
 
     @property
     def undo(self) -> list[str]:

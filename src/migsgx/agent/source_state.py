@@ -159,6 +159,8 @@ class _MigrationState:
         self._journal_lock = threading.Lock()
         self.lazy: LazyDump | None = None
         self.plan: DumpPlan | None = None
+        #: The tool's own images directory (removed by whoever outlives a killed tool).
+        self.scratch: Path | None = None
         self.window_seconds: float | None = None
         self.memory: MemoryPath | None = None
         #: A failed enclave stream stops CRIU's dump at once (the source runs again).

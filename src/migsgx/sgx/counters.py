@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import os
 import re
+import sys
 import threading
 import time
 import uuid
@@ -267,9 +268,8 @@ class CounterStore:
         self._path = Path(path)
         self._lock = threading.Lock()
         self._lock_path = self._path.with_name(self._path.name + ".lock")
-        if not self._path.exists():
-            empty = {"v": 1, "counters": {}, "records": {}, "decisions": {}, "claims": []}
-            write_private(self._path, cbor2.dumps(empty))
+        empty = {"v": 1, "counters": {}, "records": {}, "decisions": {}, "claims": []}
+        _create_once(self._path, _FileLock(self._lock, self._lock_path), cbor2.dumps(empty))
 
     def _load_all(self) -> dict[str, Any]:
         try:
@@ -629,6 +629,44 @@ class CounterStore:
             raise StoreFullError("the host's persistent record store is full")
 
 
+def _create_once(path: Path, lock: _FileLock, empty: bytes) -> None:
+    """Write the empty store at ``path`` unless it exists, under the store's lock.
+
+    Two first users (the platform service, ``migsgx recover`` reading decisions)
+    may both find no store: created outside the lock, the later creator's empty
+    file would replace one the earlier had already written a decision or a
+    counter into.  Under the lock the second one looks again and finds it.
+    """
+
+    if path.exists():
+        return
+    with lock:
+        if path.exists():
+            return
+        _before_create()
+        write_private(path, empty)
+
+
+#: A test holds a store's creator between its look and its write here:
+#: ``MIGSGX_FAULT=counters.before-create:wait-file=PATH`` (the agent's fault
+#: syntax, :mod:`migsgx.agent.faults`, read here: this layer imports nothing above it).
+_CREATE_POINT = "counters.before-create"
+_CREATE_WAIT = 120.0
+
+
+def _before_create() -> None:
+    for item in os.environ.get("MIGSGX_FAULT", "").split(","):
+        point, _, action = item.strip().partition(":")
+        if point != _CREATE_POINT or not action.startswith("wait-file="):
+            continue
+        sys.stderr.write(f"migsgx fault: {point}:{action} at {time.monotonic():.6f}\n")
+        sys.stderr.flush()
+        path = Path(action.partition("=")[2])
+        deadline = time.monotonic() + _CREATE_WAIT
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
 class _FileLock:
     """A thread lock plus an flock, so two platform processes never interleave."""
 
@@ -666,8 +704,8 @@ class ClaimStore:
         self._path = Path(path)
         self._lock = threading.Lock()
         self._lock_path = self._path.with_name(self._path.name + ".lock")
-        if not self._path.exists():
-            write_private(self._path, cbor2.dumps({"v": 1, "claims": []}))
+        empty = cbor2.dumps({"v": 1, "claims": []})
+        _create_once(self._path, _FileLock(self._lock, self._lock_path), empty)
 
     def _load(self) -> list[bytes]:
         try:
