@@ -357,7 +357,8 @@ def bench() -> None:
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="draw the median runs' per-process timelines into this PNG")  # fmt: skip
 @click.option("--ab-prefault", is_flag=True,
-              help="A/B: each pipelined run also with the prefault")  # fmt: skip
+              help="A/B: each pipelined run also without the destination's prefault "
+              "ahead of the freeze")  # fmt: skip
 @click.option("--ab-policy", type=click.Choice(["batch", "other"]), default=None,
               help="A/B: each pipelined run also with every process under this "
               "scheduling policy")  # fmt: skip

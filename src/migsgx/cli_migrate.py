@@ -257,6 +257,10 @@ def recover_command(
               "source (exit 9 if the source is lost then)")  # fmt: skip
 @click.option("--post-copy-port", type=click.IntRange(0, 65535), default=0,
               help="the port the source serves its memory on (default: any)")  # fmt: skip
+@click.option("--post-copy-min", default=None, metavar="SIZE",
+              help="post-copy only a tree holding at least SIZE of private memory; a "
+              "smaller one moves it while frozen, faster there (default with --live: "
+              "64MiB, docs/migration.md; with --post-copy: 0, always)")  # fmt: skip
 @click.option("--downtime-target", type=float, default=0.05, show_default=True,
               help="--live: seconds the last dirty set may take to send")  # fmt: skip
 @click.option("--max-rounds", type=int, default=30, show_default=True, help="--live: round limit")
@@ -268,6 +272,9 @@ def recover_command(
 @click.option("--criu-nice", type=click.IntRange(-19, 19), default=0, show_default=True,
               help="run CRIU's dump this much nicer than the enclave streams beside it "
               "(negative: CRIU first)")  # fmt: skip
+@click.option("--prefault-ahead/--no-prefault-ahead", default=False, show_default=True,
+              help="destination enclaves fault in the source's memory size from their "
+              "launch on, or only as the state arrives")  # fmt: skip
 def migrate_command(
     pid: int | None,
     runc_id: str | None,
@@ -287,11 +294,13 @@ def migrate_command(
     live: bool,
     post_copy: bool | None,
     post_copy_port: int,
+    post_copy_min: str | None,
     downtime_target: float,
     max_rounds: int,
     early_handshake: bool,
     page_relay: bool,
     criu_nice: int,
+    prefault_ahead: bool,
 ) -> None:
     """Migrate process PID, or a container, with its enclaves to the agent at --to.
 
@@ -309,6 +318,7 @@ def migrate_command(
 
     from rich.console import Console
 
+    from .agent.postcopy_choice import POST_COPY_MIN
     from .agent.source import MigrateOptions, migrate
     from .agent.tls import AgentIdentity
     from .containers import ContainerSettings
@@ -352,13 +362,19 @@ def migrate_command(
         early_handshake=early_handshake,
         page_relay=page_relay,
         criu_nice=criu_nice,
+        prefault_ahead=prefault_ahead,
     )
     if live:
         _live_options(opts, console, downtime_target, max_rounds)
+    # --live's own choice gives way to frozen memory below a size (agent/postcopy_choice.py).
+    size_rule = 0
     if post_copy is None:  # (--live: where the driver and the hosts allow)
         post_copy = live and _post_copy_here(console, driver)
+        size_rule = POST_COPY_MIN if post_copy else 0
     opts.post_copy = post_copy
     opts.lazy_port = post_copy_port
+    opts.post_copy_min = parse_size(post_copy_min) if post_copy_min is not None else size_rule
+    opts.notice = lambda line: console.print(line, highlight=False)
     if status is not None:
         with status:
             outcome = migrate(opts)
@@ -437,6 +453,8 @@ def _bench_runs(command: _Command) -> _Command:
               "CRIU's TLS (migsgx's old page path)")  # fmt: skip
 @click.option("--ab-criu-nice", type=click.IntRange(-19, 19), default=0,
               help="A/B: each run also migsgx with --criu-nice N")  # fmt: skip
+@click.option("--ab-prefault", is_flag=True,
+              help="A/B: each run also migsgx with --prefault-ahead")  # fmt: skip
 def bench_process(
     enclave_size: str,
     repeat: int,
@@ -447,6 +465,7 @@ def bench_process(
     post_copy: bool,
     ab_page_tls: bool,
     ab_criu_nice: int,
+    ab_prefault: bool,
 ) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
@@ -460,6 +479,7 @@ def bench_process(
         post_copy=post_copy,
         ab_page_tls=ab_page_tls,
         ab_criu_nice=ab_criu_nice,
+        ab_prefault=ab_prefault,
     )
     if plot_path is not None:
         plot(result, plot_path)

@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_SLOTS",
     "MAX_CHUNK_SIZE",
     "MAX_IMAGE_BYTES",
+    "MAX_MEMORY_HINT",
     "MAX_OFFER_SLOTS",
     "MAX_SLOTS",
     "MAX_SLOT_SIZE",
@@ -43,6 +44,9 @@ DEFAULT_SLOTS: Final = 2
 
 #: The most ring slots a source may ask a destination to allocate (a peer's offer).
 MAX_OFFER_SLOTS: Final = 64
+#: The largest memory hint an offer may carry (its destination caps it further at
+#: the enclave's declared memory, which it faults in ahead at most).
+MAX_MEMORY_HINT: Final = 1 << 46
 
 # --- the shared-memory ring ------------------------------------------------------------
 MAX_SLOTS: Final = 256

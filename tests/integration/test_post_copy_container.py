@@ -93,6 +93,8 @@ def test_container_moves_with_post_copy_under_writes(
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stats is not None
     assert run.stats["post_copy_window"] > 0  # the container ran before its last page came
+    # An explicit --post-copy is never overruled by --live's size rule.
+    assert run.stats["details"]["memory"]["path"] == "post-copy"
     assert run.stats["details"]["page_bytes"] == 0  # no page went before the commit
     assert run.stats["details"]["tcp_established"] is True
     assert writer.error is None  # not one failed request

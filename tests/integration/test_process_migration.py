@@ -72,10 +72,12 @@ def test_kvstore_moves_with_enclave_and_ordinary_state(bed: Testbed, agent: Agen
     assert ask_src(bed, app, "NOTE colour blue") == "OK"
     digest = ask_src(bed, app, "DIGEST")
 
+    # By default no memory hint: the destination enclave faults its memory in as it loads.
     run = bed.migrate(app.pid, agent)
     assert run.returncode == 0, run.stderr
     assert run.stats is not None and set(run.stats) >= PHASE_KEYS
     assert run.stats["details"]["enclaves"] == 1
+    assert run.stats["details"]["enclave_destination_stats"][0]["prefaulted_bytes"] == 0
     assert run.stats["bytes"] > run.stats["details"]["enclave_bytes"] > 0
     assert run.stats["downtime"] <= run.stats["total"]
     assert not os.path.exists(f"/proc/{app.pid}")  # CRIU killed the source
@@ -99,11 +101,14 @@ def test_model_moves_with_its_secret_weights(bed: Testbed, agent: AgentProcess) 
     prediction = ask_src(bed, app, "PREDICT")
 
     # CRIU's dump nicer than the enclave stream beside it: the same move.
-    run = bed.migrate(app.pid, agent, args=("--criu-nice", "3"))
+    run = bed.migrate(app.pid, agent, args=("--criu-nice", "3", "--prefault-ahead"))
     assert run.returncode == 0, run.stderr
     assert run.stats is not None
     assert run.stats["details"]["enclave_bytes"] >= 4096 * 1024 * 4
     assert run.stats["details"]["page_bytes"] >= 32 << 20
+    # The offer's hint (--prefault-ahead): the destination faulted the weights' memory in.
+    destination = run.stats["details"]["enclave_destination_stats"][0]
+    assert destination["prefaulted_bytes"] >= 4096 * 1024 * 4
 
     assert ask_dst(bed, app, "DIGEST") == digest  # enclave weights and ordinary memory
     assert ask_dst(bed, app, "PREDICT") == prediction

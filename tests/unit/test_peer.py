@@ -22,6 +22,7 @@ from platform_fixtures import World, make_image
 from migsgx.core.commit import CommitError, CommitState
 from migsgx.core.peer import (
     CHUNK_HEADER,
+    SCHEMA,
     TRANSITIONS,
     ChunkDecoder,
     PeerProtocol,
@@ -43,7 +44,7 @@ from migsgx.errors import (
     ProtocolError,
     StreamError,
 )
-from migsgx.limits import MAX_OFFER_SLOTS, MIN_CHUNK_SIZE
+from migsgx.limits import MAX_MEMORY_HINT, MAX_OFFER_SLOTS, MIN_CHUNK_SIZE
 from migsgx.sgx.image import EnclaveImage
 from migsgx.sgx.platform import EmulatedPlatform
 from migsgx.wire import encode
@@ -269,6 +270,8 @@ def test_a_truncated_frame_is_not_taken() -> None:
         {"chunk_size": 1 << 30},
         {"slots": 0},
         {"slots": MAX_OFFER_SLOTS + 1},
+        {"memory_hint": -1},
+        {"memory_hint": MAX_MEMORY_HINT + 1},
     ],
 )
 def test_an_offer_out_of_bounds_is_refused(change: dict[str, Any]) -> None:
@@ -278,6 +281,20 @@ def test_an_offer_out_of_bounds_is_refused(change: dict[str, Any]) -> None:
     with pytest.raises(ProtocolError):
         end.received({**OFFER, **change})
     assert end.state is PeerState.FAILED
+
+
+def test_an_offer_may_carry_a_memory_hint_and_needs_none() -> None:
+    for extra in ({}, {"memory_hint": 0}, {"memory_hint": 1 << 30}, {"memory_hint": None}):
+        check_offer({**OFFER, **extra})
+        PeerProtocol(D).received({**OFFER, **extra})
+
+
+def test_a_memory_hint_that_is_no_integer_is_refused() -> None:
+    for bad in (True, 1.5, b"1"):
+        with pytest.raises(FrameError):
+            SCHEMA.validate({**OFFER, "memory_hint": bad})
+        with pytest.raises(ProtocolError):
+            check_offer({**OFFER, "memory_hint": bad})
 
 
 # --- chunk frames --------------------------------------------------------------------------
@@ -374,21 +391,25 @@ class Migration:
     def _frames(self, sender: Role, msg: dict[str, Any]) -> list[dict[str, Any]]:
         return self.pipe.exchange(sender, msg)
 
-    def launch_and_handshake(self) -> None:
-        (offer,) = self._frames(
-            S,
-            {
-                "t": "offer",
-                "files": dict(self.image.files),
-                "chunk_size": CHUNK,
-                "slots": 3,
-                "mode": "pipelined",
-            },
-        )
+    def launch_and_handshake(self, hint: int | None = None) -> None:
+        """``hint``: the offer's memory hint, which the destination faults in ahead."""
+
+        offer_msg: dict[str, Any] = {
+            "t": "offer",
+            "files": dict(self.image.files),
+            "chunk_size": CHUNK,
+            "slots": 3,
+            "mode": "pipelined",
+        }
+        if hint is not None:
+            offer_msg["memory_hint"] = hint
+        (offer,) = self._frames(S, offer_msg)
         # The destination launches what it was offered (EINIT checks it there).
         self.destination = _instance(EnclaveImage.from_files(offer["files"]), self.host)
         self.into = Migrator(self.destination)
         self.into.in_start()
+        if offer.get("memory_hint"):
+            self.into.prefault(offer["memory_hint"])
         self._frames(D, {"t": "accept", "pid": 0})
         (hello,) = self._frames(S, {"t": "hs", "data": self.out.out_start()})
         reply = self.into.hs(hello["data"])
@@ -472,12 +493,15 @@ class Migration:
             raise result["error"]
         return dict(result["ok"])
 
-    def transfer(self, tamper: Callable[[list[bytes]], bytes] | None = None) -> None:
-        self.launch_and_handshake()
+    def transfer(
+        self, tamper: Callable[[list[bytes]], bytes] | None = None, hint: int | None = None
+    ) -> dict[str, Any]:
+        self.launch_and_handshake(hint)
         frames = self.dump()
         loaded = self.load(tamper(frames) if tamper else b"".join(frames))
         (msg,) = self._frames(D, {"t": "loaded", "frame": loaded["loaded"], "stats": {}})
         self.out.loaded(msg["frame"])
+        return loaded
 
     def commit(self) -> None:
         assert self.into is not None
@@ -516,6 +540,56 @@ def test_a_migration_back_to_back_in_memory(world: World, image: Any) -> None:
     assert move.pipe.ends[S].state is move.pipe.ends[D].state is PeerState.ACTIVE
     with pytest.raises(EnclaveBusyError):
         move.source.call("digest")  # the source gave its state up
+
+
+def _resident(memory: Any) -> int:
+    """Pages of ``memory`` resident in this process (``mincore``)."""
+
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    pages = memory.size // mmap.PAGESIZE
+    vec = ctypes.create_string_buffer(pages)
+    assert libc.mincore(ctypes.c_void_p(memory.address), memory.size, vec) == 0
+    return sum(b & 1 for b in vec.raw)
+
+
+@pytest.mark.parametrize("factor", [1, 8, 1 << 20])
+def test_the_destination_faults_in_the_hinted_memory_and_keeps_only_what_arrived(
+    world: World, image: Any, factor: int
+) -> None:
+    move = Migration(world, image)
+    used = move.out.status()["memory_used"]
+    assert used == 48 * 1024
+    loaded = move.transfer(hint=used * factor)
+    assert move.destination is not None
+    memory = move.destination.memory
+    size = memory.size
+    assert loaded["prefaulted_bytes"] == min(used * factor, size)
+    # What the hint faulted in beyond the memory that arrived is given back.
+    assert _resident(memory) * 4096 <= used
+    move.commit()
+    assert move.destination.call("digest") == move.digest
+
+
+def test_only_a_destination_before_its_ring_faults_memory_in_ahead(
+    world: World, image: Any
+) -> None:
+    move = Migration(world, image)
+    move.launch_and_handshake(hint=1 << 20)
+    assert move.into is not None
+    with pytest.raises(ProtocolError):
+        move.into.prefault(1 << 20)  # asked twice
+    for bad in (-1, True, "1"):
+        with pytest.raises(ProtocolError):
+            move.into.prefault(bad)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError):
+        move.out.prefault(1 << 20)  # a source
+    move.abort()  # stops the prefault before the memory is wiped
+    move.assert_source_intact()
+    move.assert_destination_discarded()
 
 
 # Chunk frames of this transfer: 0 manifest header, 1 manifest, 2 state header, 3 state,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from migsgx.cli import EXIT_MIGRATION, EXIT_SOURCE_LOST, _exit_code
-from migsgx.containers.postcopy import check_pipe_max_size, served_port
+from migsgx.containers.postcopy import check_pipe_max_size, served_port, uncork
 from migsgx.errors import (
     CriuError,
     PostCopyError,
@@ -177,3 +181,48 @@ def test_live_says_which_engines_have_no_post_copy() -> None:
     assert "no lazy-pages mode" in out.getvalue()
     assert not _post_copy_here(console, "containerd")
     assert "containerd's task checkpoint has no lazy-pages mode" in out.getvalue()
+
+
+# --- CRIU's corked page connections (containers/postcopy.py: uncork) ---------------------------
+#: A process holding a corked TCP connection (as CRIU's page connections are), that
+#: reports the connection's TCP_CORK and TCP_NODELAY on each line it reads.
+CORKED = """
+import socket, sys
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+print("ready", flush=True)
+for _ in sys.stdin:
+    cork = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+    nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    print(cork, nodelay, flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="pidfd_getfd of another process needs root")
+def test_uncork_pushes_another_process_connection_and_leaves_it_open() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        child = subprocess.Popen(
+            [sys.executable, "-c", CORKED, str(port)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            peer, _ = server.accept()
+            with peer:
+                assert child.stdout.readline().strip() == "ready"
+                child.stdin.write("?\n")
+                child.stdin.flush()
+                assert child.stdout.readline().split() == ["1", "0"]  # corked, as CRIU's
+                # The listener here is no connection of the child's; its one connection is.
+                assert uncork(child.pid) == 1
+                child.stdin.write("?\n")
+                child.stdin.flush()
+                assert child.stdout.readline().split() == ["0", "1"]
+                # Only the duplicate was closed: the child's connection still works.
+                peer.sendall(b"x")
+                assert uncork(child.pid) == 1
+        finally:
+            child.kill()
+            child.wait()
+    assert uncork(child.pid) == 0  # a process that ended: nothing to push, no error

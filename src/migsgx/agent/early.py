@@ -45,7 +45,12 @@ class _Leg(Protocol):
 
 
 def handshake_all(
-    transfers: Sequence[_Leg], connect: Connect, *, mode: str, chunk_size: int | None
+    transfers: Sequence[_Leg],
+    connect: Connect,
+    *,
+    mode: str,
+    chunk_size: int | None,
+    memory_hint: bool = True,
 ) -> None:
     """Every enclave's connection, offer, destination launch and handshake, in parallel.
 
@@ -53,7 +58,7 @@ def handshake_all(
     enclave's migration is abandoned and :class:`MigrationError` raised.
     """
 
-    kwargs: dict[str, Any] = {"mode": mode}
+    kwargs: dict[str, Any] = {"mode": mode, "memory_hint": memory_hint}
     if chunk_size is not None:
         kwargs["chunk_size"] = chunk_size
     for t in transfers:

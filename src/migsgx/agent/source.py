@@ -40,12 +40,13 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
 from .._net import keep_alive
 from ..containers import DumpPlan
-from ..containers.postcopy import check_pipe_max_size
+from ..containers.postcopy import check_pipe_max_size, uncork
 from ..containers.runc_lazy import free_port
 from ..datapath.pagerelay import PageRelay, local_pair, relay_keys
 from ..errors import (
@@ -66,6 +67,7 @@ from .control import CONNECT_TIMEOUT, AgentConnection
 from .guardian import Guardian
 from .journal import Journal
 from .lazy import LazyDump
+from .postcopy_choice import choose
 from .protocol import IMAGE_CHUNK, VERSION
 from .source_commit import _DecisionSteps
 from .source_state import MigrateOptions, MigrationOutcome, _alive, _host_id, _Transfer, keeps_tcp
@@ -111,6 +113,12 @@ class _Migration(_DecisionSteps):
                     "migrate it without --post-copy"
                 )
             check_pipe_max_size()  # before anything is frozen
+        self.memory = choose(pids, opts.post_copy, opts.post_copy_min)
+        if opts.post_copy and not self.memory.post_copy:
+            # Too small for post-copy to win: its memory moves while frozen.
+            self.opts = opts = replace(opts, post_copy=False)
+            if opts.notice is not None:
+                opts.notice(self.memory.notice())
         # Pages travel only integrity-protected: TLS to a page server, or the TLS channel
         # (post-copy: CRIU's own TLS from the source's lazy server).
         self.page_server = self.driver.uses_page_server(True) and not opts.post_copy
@@ -340,12 +348,15 @@ class _Migration(_DecisionSteps):
             lazy.serving = plan.lazy_pids  # (a container engine's own CRIU)
         # If this tool dies before the commit point, the guardian ends the CRIU
         # that holds the tree (it may wait for a destination that never comes).
-        self._guardian_note("criu " + " ".join(map(str, lazy.criu_pids())))
+        serving = lazy.criu_pids()
+        self._guardian_note("criu " + " ".join(map(str, serving)))
         # (CRIU logs the port only when the kernel picked it)
         assert plan.page_server is not None
         port = plan.page_server[1] or lazy.port(timeout=self.opts.io_timeout)
         self._fault("tool.before-restore")
         self._restore({"t": "restore", "lazy_port": port})
+        for pid in serving:
+            uncork(pid)  # (its answer to the destination's close request goes out at once)
         self._inject(self._fault("tool.before-commit"))
         if lazy.error is not None:
             # The only server of the tree's memory is gone: nothing may commit.

@@ -83,6 +83,7 @@ class _EnclaveSteps(_MigrationState):
             early.handshake_all(
                 self.transfers, lambda index: self._connect(index, ready),
                 mode=self.opts.mode, chunk_size=self.opts.chunk_size,
+                memory_hint=self.opts.prefault_ahead,
             )  # fmt: skip
         except BaseException as exc:
             with contextlib.suppress(MigSGXError):
@@ -126,7 +127,7 @@ class _EnclaveSteps(_MigrationState):
         self._threads: list[threading.Thread] = []
         if not self.transfers:
             return
-        kwargs: dict[str, Any] = {"mode": self.opts.mode}
+        kwargs: dict[str, Any] = {"mode": self.opts.mode, "memory_hint": self.opts.prefault_ahead}
         if self.opts.chunk_size is not None:
             kwargs["chunk_size"] = self.opts.chunk_size
         for position, transfer in enumerate(self.transfers):

@@ -39,6 +39,7 @@ from .faults import connection_fault, dying, fault, kill_dead, socket_owner
 from .guardian import Guardian
 from .journal import Journal
 from .lazy import LazyDump
+from .postcopy_choice import MemoryPath
 from .precopy import RoundReport
 from .protocol import plain_stats
 from .tls import AgentIdentity
@@ -84,6 +85,11 @@ class MigrateOptions:
     # Post-copy (agent/lazy.py): the process's private memory follows after the commit.
     post_copy: bool = False
     lazy_port: int = 0  # where the source's CRIU serves it (0: a port the kernel picks)
+    #: Below this much private memory in the tree, its memory moves while frozen even
+    #: with ``post_copy`` (agent/postcopy_choice.py: ``--live``'s choice); 0: no such rule.
+    post_copy_min: int = 0
+    #: A line for the operator (the CLI prints it on stderr).
+    notice: Callable[[str], None] | None = None
     # Stop-and-copy: the destination enclaves launch and attest before the freeze.
     early_handshake: bool = True
     #: The pid driver's pages through the sealed relay (``docs/spec/pagestream.md``);
@@ -93,6 +99,13 @@ class MigrateOptions:
     #: nicer than the tool's other threads, the enclave streams beside it (negative:
     #: less nice).
     criu_nice: int = 0
+    #: The offers carry each source enclave's memory in use, which the destination
+    #: enclaves fault in from their launch on (False: they fault it in as it loads).
+    #: Off: paired beside CRIU's dump at 1 GiB it did not pay (total time without /
+    #: with 0.95 and 0.97 at the median of two invocations), since the freeze follows
+    #: the handshake at once and the faulting then competes with the dump
+    #: (docs/benchmarks.md, "Less CPU per GiB in the frozen window").
+    prefault_ahead: bool = False
 
 
 @dataclass
@@ -147,6 +160,7 @@ class _MigrationState:
         self.lazy: LazyDump | None = None
         self.plan: DumpPlan | None = None
         self.window_seconds: float | None = None
+        self.memory: MemoryPath | None = None
         #: A failed enclave stream stops CRIU's dump at once (the source runs again).
         self.cancel = DumpCancel()
 
@@ -299,6 +313,9 @@ class _MigrationState:
             "tool_cpu_seconds": time.process_time(),
             "tool_children_cpu_seconds": _children_cpu(),
         }
+        if self.memory is not None:
+            # How the tree's memory moved (post-copy or frozen), its size, the size rule.
+            figures["details"]["memory"] = self.memory.describe()
         if "resume_warning" in self.stats:
             figures["details"]["warning"] = self.stats["resume_warning"]
         figures["timeline"] = self._timeline(dest)

@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import os
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from .._fds import take_descriptor
 from ..criu import Criu, Enter, NotifyCallback, log_excerpt
 from ..errors import CriuError, PostCopyUnavailableError, SourceLostError
 from ..system.process import continue_tree, kill_tree, wait_stopped
@@ -49,6 +51,7 @@ __all__ = [
     "check_pipe_max_size",
     "lazy_dump",
     "served_port",
+    "uncork",
 ]
 
 #: CRIU's lazy dump splices pages through pipes of up to 4 MiB; without
@@ -187,6 +190,48 @@ def _hold_uffds(pid: int) -> list[int]:
     return held
 
 
+def uncork(pid: int) -> int:
+    """Push every TCP connection of CRIU process ``pid`` at once from now on; how many.
+
+    CRIU corks its page connections (``TCP_CORK``) and pushes after each batch
+    of pages, but not after the close request, its answer, or TLS's
+    ``close_notify``: each of those waits out the kernel's 200 ms cork limit.
+    The lazy-pages daemon reads no userfaultfd event while it waits there, and
+    a restored tree that unmaps memory (Python does, on its first steps) blocks
+    until the daemon exits: twice 200 ms of downtime in every post-copy
+    migration whose pages all arrived before its enclaves were attached.
+    The option is cleared on a duplicate (``pidfd_getfd``) of CRIU's own
+    socket, which is the same socket; nothing else of the stream changes.
+    Best effort: a CRIU that ended meanwhile leaves nothing to push.
+    """
+
+    count = 0
+    try:
+        entries = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{entry}").startswith("socket:"):
+                continue
+            sock = take_descriptor(pid, int(entry))
+        except OSError:
+            continue  # closed meanwhile, or CRIU ended
+        try:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            if sock.type != socket.SOCK_STREAM:
+                continue
+            with contextlib.suppress(OSError):
+                sock.getpeername()  # (a connection, not the listener)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                count += 1
+        finally:
+            sock.close()  # (this duplicate only: CRIU's stays open)
+    return count
+
+
 class PostCopyRestore:
     """The destination half: ``criu lazy-pages`` and ``criu restore --lazy-pages``.
 
@@ -316,6 +361,8 @@ class PostCopyRestore:
         """Let the held tree run: from here its missing pages come from the source."""
 
         assert self.root is not None
+        if self.daemon.poll() is None:
+            uncork(self.daemon.pid)  # (connected to the source since the restore)
         self._started = time.monotonic()
         continue_tree(self.root)
 

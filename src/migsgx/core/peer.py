@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..errors import ConnectionClosedError, FrameError, ProtocolError
-from ..limits import MAX_OFFER_SLOTS, check_chunk_size
+from ..limits import MAX_MEMORY_HINT, MAX_OFFER_SLOTS, check_chunk_size
 from ..wire import FrameDecoder, Schema, encode
 from .handshake import Role
 
@@ -64,7 +64,9 @@ PEER_FRAME_MAX: Final = 32 << 20
 SCHEMA: Final = Schema(
     "migsgx.peer",
     {
-        "offer": {"files": dict, "chunk_size": int, "slots": int, "mode": str},
+        # memory_hint (optional): the source enclave's memory in use at the offer.
+        "offer": {"files": dict, "chunk_size": int, "slots": int, "mode": str,
+                  "memory_hint": (int, type(None))},
         "accept": {"pid": int},
         "hs": {"data": bytes},
         "loaded": {"frame": bytes, "stats": dict},
@@ -183,6 +185,11 @@ def check_offer(offer: Mapping[str, Any]) -> None:
         raise ProtocolError("the offer names an unknown mode or a bad chunk size")
     if not 1 <= offer["slots"] <= MAX_OFFER_SLOTS:
         raise ProtocolError("the offer asks for a bad number of ring slots")
+    hint = offer.get("memory_hint")
+    if hint is not None and (
+        isinstance(hint, bool) or not isinstance(hint, int) or not 0 <= hint <= MAX_MEMORY_HINT
+    ):
+        raise ProtocolError("the offer's memory hint is out of range")
 
 
 @dataclass

@@ -334,6 +334,7 @@ class OutgoingEnclave:
         slots: int = DEFAULT_SLOTS,
         mode: str = "pipelined",
         peer_timeout: float | None = 300.0,
+        memory_hint: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
@@ -344,6 +345,8 @@ class OutgoingEnclave:
         self.slots = slots
         self.mode = mode
         self.peer_timeout = peer_timeout
+        #: Whether the offer tells the destination how much memory to fault in ahead.
+        self.memory_hint = memory_hint
         self.peer: socket.socket | None = None
         self.stats: dict[str, Any] = {}
         self._loaded = False
@@ -405,8 +408,12 @@ class OutgoingEnclave:
         peer.settimeout(self.peer_timeout)
         t0 = time.monotonic()
         try:
-            _send(peer, {"t": "offer", "files": self.image_files, "chunk_size": self.chunk_size,
-                         "slots": self.slots, "mode": mode})  # fmt: skip
+            offer = {"t": "offer", "files": self.image_files, "chunk_size": self.chunk_size,
+                     "slots": self.slots, "mode": mode}  # fmt: skip
+            hint = self._memory_hint(mode)
+            if hint:
+                offer["memory_hint"] = hint
+            _send(peer, offer)
             _recv(peer, "accept")
             t_launch = time.monotonic()
             hello = self.link.call(start)
@@ -424,6 +431,21 @@ class OutgoingEnclave:
             self._abort_quietly(f"{type(exc).__name__}: {exc}")
             raise
         self._times = (t0, t_launch, time.monotonic())
+
+    def _memory_hint(self, mode: str) -> int:
+        """The enclave memory in use now, for the destination to fault in ahead (0: none).
+
+        Not for a live migration, whose rounds fill the destination's memory
+        while the source runs anyway.  An enclave that does not say costs nothing.
+        """
+
+        if mode == "live" or not self.memory_hint:
+            return 0
+        try:
+            used = self.link.call("__mig_status").get("memory_used")
+        except ProtocolError:
+            return 0
+        return used if isinstance(used, int) and not isinstance(used, bool) and used > 0 else 0
 
     def adopt(self, app_sock: socket.socket) -> None:
         """After an early :meth:`handshake`: the dump and the commit go on the application's
@@ -634,6 +656,12 @@ class IncomingEnclave:
         #: Whether the destination enclave faults its memory in beside the load.
         #: Off: paired runs at 1 GiB showed no gain on two cores (docs/benchmarks.md).
         self.prefault = False
+        #: Whether the destination enclave faults in, from its launch on (before the
+        #: source freezes), as much memory as the offer's hint says the source uses.
+        self.prefault_ahead = True
+        #: Called right after the destination enclave's launch (a benchmark's
+        #: measurement of the enclave at rest).
+        self.launched: Callable[[], None] | None = None
 
     @classmethod
     def accept_offer(
@@ -659,7 +687,13 @@ class IncomingEnclave:
         try:
             sock, self.info = launch_enclave(self.image, socket_path=self.platform_socket)
             self.link = EnclaveLink(sock)
+            if self.launched is not None:
+                self.launched()
             self.link.call("__mig_in_start")
+            hint = offer.get("memory_hint") or 0
+            if self.prefault_ahead and hint and offer["mode"] != "live":
+                with contextlib.suppress(ProtocolError):  # a hint: an enclave may decline
+                    self.link.call("__mig_prefault", hint)
             _send(peer, {"t": "accept", "pid": self.info.pid})
             t_launch = time.monotonic()
             while True:
@@ -728,6 +762,7 @@ class IncomingEnclave:
             "verify_seconds": result.get("verify_seconds", 0.0),
             "repair": result.get("repair_figures"),
             "enclave_cpu_seconds": result.get("cpu_seconds", 0.0),
+            "prefaulted_bytes": result.get("prefaulted_bytes", 0),
             # This (driver) process's CPU seconds in each phase after the handshake.
             "driver_cpu": {"receive": c_recv - c_hs, "load": c_end - c_recv},
             "driver_switches": s_end - s_hs,

@@ -78,6 +78,7 @@ class EnclaveMemory:
             raise EnclaveMemoryError(f"cannot map {size} bytes of enclave memory: {exc}") from exc
         self._allocs: dict[str, Allocation] = {}
         self._brk = 0
+        self._ahead: _Ahead | None = None
 
     @property
     def _map(self) -> mmap.mmap:
@@ -244,11 +245,54 @@ class EnclaveMemory:
             stop.set()
             faulter.join()
 
+    def prefault_ahead(self, nbytes: int) -> int:
+        """Start faulting in the first ``nbytes`` in a thread that outlives this call.
+
+        A destination enclave learns how much memory the source uses before the
+        source freezes (the offer's hint), so the first touch of its fresh pages
+        (about as much CPU as the rest of the load: ``docs/benchmarks.md``)
+        can happen while the source still runs instead of inside the load.
+        :meth:`finish_prefault` stops it; :meth:`wipe` does too.  Returns the
+        bytes it will fault in at most (the hint is capped at this memory's size).
+        """
+
+        if self._ahead is not None:
+            raise EnclaveMemoryError("memory is being faulted in already")
+        nbytes = max(0, min(_round_up(nbytes), self.size))
+        self._ahead = _Ahead(self, nbytes)
+        return nbytes
+
+    @property
+    def prefaulting_ahead(self) -> bool:
+        return self._ahead is not None
+
+    def finish_prefault(self, keep: int) -> int:
+        """Stop :meth:`prefault_ahead`; give back the pages it faulted in beyond ``keep``.
+
+        The hint was the source's memory at its offer; what arrived is
+        ``keep`` bytes.  Zero pages faulted in above that are dropped again
+        (``MADV_DONTNEED``: they read as zeros, as they did), so a hint that was
+        too large costs CPU once and no memory.  Returns the bytes that were
+        faulted in.
+        """
+
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return 0
+        done = ahead.stop()
+        start = min(_round_up(max(0, keep)), self.size)
+        if done > start and self._mm is not None:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, done - start)
+        return done
+
     def wipe(self) -> None:
         """Zero every page and unmap: what a committed source does before it exits."""
 
         if self._mm is None:
             return
+        if self._ahead is not None:
+            self._ahead.stop()
+            self._ahead = None
         # Discarding the pages of a private anonymous mapping drops their
         # contents; reading them again yields zeros.
         self._mm.madvise(mmap.MADV_DONTNEED)
@@ -260,3 +304,24 @@ class EnclaveMemory:
         self._mm = None
         self._allocs = {}
         self._brk = 0
+
+
+class _Ahead:
+    """:meth:`EnclaveMemory.prefault` in a daemon thread, from a call to a later one."""
+
+    def __init__(self, memory: EnclaveMemory, nbytes: int) -> None:
+        self._stop = threading.Event()
+        self.done = 0
+        self._thread = threading.Thread(
+            target=self._run, args=(memory, nbytes), name="enclave-prefault-ahead", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, memory: EnclaveMemory, nbytes: int) -> None:
+        with contextlib.suppress(EnclaveMemoryError):
+            self.done = memory.prefault(nbytes, self._stop)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.done

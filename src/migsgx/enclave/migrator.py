@@ -263,6 +263,25 @@ class Migrator:
         self.instance.quiesce(timeout=0)
         self.persistent.freeze(timeout=5.0)
 
+    def prefault(self, nbytes: int) -> int:
+        """Destination, before the state arrives: fault in ``nbytes`` of memory meanwhile.
+
+        ``nbytes`` is the source's hint (its memory in use when it offered the
+        state), untrusted and only a hint: at most this enclave's declared memory
+        is faulted in, in a thread, while the handshake runs and the source still
+        serves; the load stops it and gives back what lies beyond the memory
+        that arrived.  On SGX hardware this is the runtime adding (EAUG) the
+        pages ahead.  Returns the bytes it will fault in at most.
+        """
+
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise ProtocolError("__mig_prefault: a byte count")
+        if self.role is not Role.DESTINATION or self.checkpoint is not None:
+            raise ProtocolError("only a migration's destination faults its memory in ahead")
+        if self.ring is not None or self.instance.memory.prefaulting_ahead:
+            raise ProtocolError("too late, or asked twice, to fault memory in ahead")
+        return self.instance.memory.prefault_ahead(nbytes)
+
     def hs(self, data: bytes) -> dict[str, Any]:
         hs = self.handshake
         if hs is None or self.keys is not None:
@@ -508,10 +527,12 @@ class Migrator:
             or persistent_section.length > MAX_TRANSFER_BYTES
         ):
             raise StreamError("the migrated state does not fit this enclave")
-        with memory.prefaulting(memory_section.length, prefault):
+        ahead = memory.prefaulting_ahead
+        with memory.prefaulting(memory_section.length, prefault and not ahead):
             state_buf = bytearray(state_section.length)
             open_stream(state_section, memoryview(state_buf))
             open_stream(memory_section, memory.view(0, memory_section.length))
+        faulted_ahead = memory.finish_prefault(memory_section.length)
         persistent_buf = bytearray(persistent_section.length)
         open_stream(persistent_section, memoryview(persistent_buf))
         if not reader.ended:
@@ -537,6 +558,8 @@ class Migrator:
             "loaded": loaded,
             "bytes": reader.received,
             "memory_bytes": memory_section.length,
+            # Faulted in before the load by __mig_prefault (0 without a hint).
+            "prefaulted_bytes": faulted_ahead,
             "load_seconds": t_end - t0,
             "cpu_seconds": time.process_time() - cpu0,
             "switches": context_switches() - switches0,
@@ -781,6 +804,9 @@ class Migrator:
             "role": self.role.value if self.role else None,
             "committed": self.committed,
             "handshake_done": self.keys is not None,
+            # What a migration would move of enclave memory; the OS sees as much
+            # (the pages it maps), and a destination uses it as a hint.
+            "memory_used": self.instance.memory.used,
         }
 
     def persistent_status(self) -> dict[str, Any]:
@@ -960,6 +986,7 @@ _CALLS: dict[str, Any] = {
     "__mig_loaded": Migrator.loaded,
     "__mig_commit": Migrator.commit,
     "__mig_load": Migrator.load,
+    "__mig_prefault": Migrator.prefault,
     "__mig_commit_in": Migrator.commit_in,
     "__mig_abort": Migrator.abort,
     "__mig_group": Migrator.set_group,

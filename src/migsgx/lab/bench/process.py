@@ -263,6 +263,7 @@ def one_run(
     ab_page_tls: bool = False,
     ab_criu_nice: int = 0,
     flip: bool = False,
+    ab_prefault: bool = False,
 ) -> dict[str, Any]:
     """migsgx and CRIU alone back to back, with the ratios of the pair.
 
@@ -281,13 +282,19 @@ def one_run(
     enclave streams (``--criu-nice N``), beside it: ``migsgx_criu_nice`` and
     the paired ``criu_nice_total_speedup`` and ``criu_nice_downtime_speedup``
     (default / niced: above 1, the niceness helped); with ``flip``, the niced
-    one first.
+    one first.  With ``ab_prefault``, also migsgx with the destination's
+    prefault ahead (``--prefault-ahead``; off by default), first with ``flip``:
+    ``migsgx_with_prefault``, the paired ``prefault_total_speedup`` and
+    ``prefault_downtime_speedup`` (without / with: above 1, the prefault helped)
+    and ``prefault_cpu_ratio`` (CPU of the whole migration, without / with).
     """
 
     niced_args = ("--criu-nice", str(ab_criu_nice))
     # Every other run, the niced migration goes first: a load that rises or falls
     # through the invocation then does not always favour the same arm.
     niced_first = _migsgx(bed, size, niced_args) if ab_criu_nice and flip else None
+    faulted_args = ("--prefault-ahead",)
+    faulted_first = _migsgx(bed, size, faulted_args) if ab_prefault and flip else None
     migsgx = _migsgx(bed, size)
     extra: dict[str, Any] = {}
     if ab_late_handshake:
@@ -307,6 +314,18 @@ def one_run(
             criu_nice_ran_first=niced_first is not None,
             criu_nice_total_speedup=migsgx["total_seconds"] / niced["total_seconds"],
             criu_nice_downtime_speedup=migsgx["downtime_seconds"] / niced["downtime_seconds"],
+        )
+    if ab_prefault:
+        faulted = faulted_first or _migsgx(bed, size, faulted_args)
+        extra.update(
+            migsgx_with_prefault=faulted,
+            prefault_ran_first=faulted_first is not None,
+            prefault_total_speedup=migsgx["total_seconds"] / faulted["total_seconds"],
+            prefault_downtime_speedup=migsgx["downtime_seconds"] / faulted["downtime_seconds"],
+            prefault_cpu_ratio=(
+                sum(migsgx["cpu_by_process"].values())
+                / sum(faulted["cpu_by_process"].values())
+            ),
         )
     plain = criu_only(bed, 2 * size)
     if ab_page_tls:
@@ -353,6 +372,7 @@ def run(
     post_copy: bool = False,
     ab_page_tls: bool = False,
     ab_criu_nice: int = 0,
+    ab_prefault: bool = False,
 ) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
@@ -366,7 +386,7 @@ def run(
             for i in range(repeat):
                 one = one_run(
                     bed, size, ab_late_handshake, post_copy, ab_page_tls, ab_criu_nice,
-                    flip=i % 2 == 1,
+                    flip=i % 2 == 1, ab_prefault=ab_prefault,
                 )  # fmt: skip
                 runs.append(one)
     finally:

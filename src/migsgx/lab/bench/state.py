@@ -111,13 +111,14 @@ def migrate_once(
     mode: str,
     *,
     prefault: bool = False,
+    ahead: bool = True,
     policy: str = "",
 ) -> dict[str, Any]:
     with workers() as live:
         src = Worker("source", {"image": str(image), "socket": str(sock_a), "size": size})
         live.append(src)
         pidfile = Path(tempfile.mkdtemp(prefix="migsgx-bench-pid-")) / "destination-enclave"
-        dst = Worker("dest", {"socket": str(sock_b), "prefault": prefault,
+        dst = Worker("dest", {"socket": str(sock_b), "prefault": prefault, "ahead": ahead,
                               "pidfile": str(pidfile), "policy": policy})  # fmt: skip
         live.append(dst)
         ready = src.answer()
@@ -290,11 +291,13 @@ def one_run(
 ) -> dict[str, Any]:
     """Pipelined, sequential and raw transport side by side, with their ratios.
 
-    With ``ab_prefault``, also a pipelined run whose destination faults its
-    memory in beside the load (off by default), next to the pipelined one
-    (A/B): ``pipelined_with_prefault``, ``prefault_speedup`` = seconds without /
-    with.  With ``ab_policy``, also a pipelined run with every process under
-    that scheduling policy: ``pipelined_POLICY``, ``POLICY_speedup`` and
+    With ``ab_prefault``, also a pipelined run whose destination does not
+    fault its memory in ahead (from its launch, on the offer's hint; on by
+    default), next to the pipelined one (A/B): ``pipelined_without_prefault``,
+    ``prefault_speedup`` = seconds without / with, ``prefault_cpu_ratio`` =
+    frozen-window CPU without / with.  With ``ab_policy``, also a pipelined
+    run with every process under that scheduling policy: ``pipelined_POLICY``,
+    ``POLICY_speedup`` and
     ``POLICY_cpu_ratio`` (frozen-window CPU with / without).  The variants run
     after the plain pipelined run, or before it with ``flip`` (every other run:
     a load that drifts through the invocation then favours neither side).
@@ -304,7 +307,7 @@ def one_run(
     once = partial(migrate_once, image, sock_a, sock_b, size, chunk, slots, "pipelined")
     variants: list[tuple[str, dict[str, Any]]] = []
     if ab_prefault:
-        variants.append(("pipelined_with_prefault", {"prefault": True}))
+        variants.append(("pipelined_without_prefault", {"ahead": False}))
     if ab_policy:
         variants.append((f"pipelined_{ab_policy}", {"policy": ab_policy}))
     if flip:
@@ -314,9 +317,9 @@ def one_run(
         extra.update((name, once(**kw)) for name, kw in variants)
     plain_cpu = sum(pipelined["window_cpu_by_process"].values())
     if ab_prefault:
-        extra["prefault_speedup"] = (
-            pipelined["seconds"] / extra["pipelined_with_prefault"]["seconds"]
-        )
+        without = extra["pipelined_without_prefault"]
+        extra["prefault_speedup"] = without["seconds"] / pipelined["seconds"]
+        extra["prefault_cpu_ratio"] = sum(without["window_cpu_by_process"].values()) / plain_cpu
     if ab_policy:
         with_it = extra[f"pipelined_{ab_policy}"]
         extra[f"{ab_policy}_speedup"] = pipelined["seconds"] / with_it["seconds"]

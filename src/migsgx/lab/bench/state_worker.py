@@ -103,8 +103,15 @@ class _RestAtLaunch(threading.Thread):
         self.pidfile = pidfile
         self.policy = policy
         self.stop = threading.Event()
+        self.measured = threading.Event()
         self.rest: dict[str, int] = {}
         self.launch_cpu = 0.0
+
+    def launched(self) -> None:
+        """The engine's hook right after the launch: wait for the rest, which the
+        destination enclave's prefault ahead (its next step) would otherwise raise."""
+
+        self.measured.wait(10.0)
 
     def run(self) -> None:
         while self.incoming.info is None and not self.stop.is_set():
@@ -116,6 +123,7 @@ class _RestAtLaunch(threading.Thread):
         self.rest = {"pid": info.pid, "rss": window.rest[info.pid],
                      "file": window.files[info.pid]}  # fmt: skip
         self.launch_cpu = cpu_seconds(info.pid)
+        self.measured.set()
         if self.policy:
             set_policy(info.pid, self.policy)  # (A/B) before the load starts
         if self.pidfile:
@@ -134,7 +142,9 @@ def dest(args: dict[str, Any]) -> None:
     conn, _ = listener.accept()
     incoming, offer = IncomingEnclave.accept_offer(conn, args["socket"])
     incoming.prefault = bool(args.get("prefault", False))
+    incoming.prefault_ahead = bool(args.get("ahead", True))
     watcher = _RestAtLaunch(incoming, args.get("pidfile", ""), args.get("policy", ""))
+    incoming.launched = watcher.launched
     watcher.start()
     try:
         stats = incoming.receive(conn, offer)
