@@ -149,7 +149,10 @@ def release_noted(notes: list[str]) -> list[int]:
     continued = []
     for note in notes:
         parts = note.split()
-        if len(parts) != 3 or parts[0] != HELD_NOTE or not all(p.isdigit() for p in parts[1:]):
+        numbers = parts[1:]
+        if len(parts) != 3 or parts[0] != HELD_NOTE or not all(
+            p.isascii() and p.isdigit() for p in numbers
+        ):
             continue
         pid, start = int(parts[1]), int(parts[2])
         if pid > 0 and start_time(pid) == start and _comm(pid) == "criu":
