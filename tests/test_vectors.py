@@ -39,7 +39,7 @@ from migsgx.core.stream import Manifest, StreamHeader, StreamOpener, StreamSeale
 from migsgx.enclave import checkpoints, persistent, sealing
 from migsgx.errors import MigSGXError
 from migsgx.host.appctl import APPCTL, check_image_files, info_from_wire
-from migsgx.sgx.counters import CounterStore, Decision
+from migsgx.sgx.counters import CounterStore, Decision, RecordUpdate
 from migsgx.sgx.sgxext import PckExtension
 from migsgx.sgx.structs import ReportBody
 from migsgx.wire import HEADER, decode_body, encode, recv_frame
@@ -416,6 +416,9 @@ def check_sgxext(case: dict[str, Any]) -> None:
         assert PckExtension.from_der(der) == ext
 
 
+_GATE_SHA = hashlib.sha256(b"g").digest()
+
+
 def check_decisions(case: dict[str, Any]) -> None:
     mids = {name: bytes.fromhex(h) for name, h in case["mids"].items()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -423,10 +426,18 @@ def check_decisions(case: dict[str, Any]) -> None:
         for owner, mid, kind, group, expect in case["steps"]:
             def decide(owner: str = owner, mid: str = mid, kind: str = kind,
                        group: str = group) -> str:  # fmt: skip
+                who, tag = owner.encode() + bytes(34), bytes.fromhex(case["groups"][group])
+                gate = "!ckpt-" + mids[mid].hex()
+                if kind == "gate":  # a checkpoint's gate, created tagged with its group
+                    store.record_update(who, gate, RecordUpdate(b"g", expect_absent=True,
+                                                                group=tag))  # fmt: skip
+                    return "ok"
+                if kind == "ungate":  # the gate goes (restored or aborted)
+                    store.record_update(who, gate, RecordUpdate(None, expect=_GATE_SHA))
+                    return "ok"
                 frame = GEN.det_bytes(f"frame {mid} {kind}", 4)
-                decision = Decision(mids[mid], kind, frame,
-                                    group=bytes.fromhex(case["groups"][group]))  # fmt: skip
-                return store.decide(owner.encode() + bytes(34), decision).kind
+                decision = Decision(mids[mid], kind, frame, group=tag)
+                return store.decide(who, decision).kind
 
             outcome = _outcome(decide)
             assert outcome.get("ok", f"error:{outcome.get('error')}") == expect, (mid, kind)

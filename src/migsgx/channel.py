@@ -89,6 +89,7 @@ PLATFORM = Schema(
             "check": dict,
             "absent": bool,
             "expect": (bytes, NONE),  # SHA-256 of the record replaced (compare-and-set)
+            "group": (bytes, NONE),  # a created record's decision group (a checkpoint's gate)
         },
         # A migration decision; "changes" (ps_txn's) go in the same write.
         "decide": {

@@ -4,6 +4,8 @@ A cell migrates the kvstore example with one fault injected at a named step
 (``MIGSGX_FAULT``), then checks: exactly one runnable copy, on the side the
 outcome names, holding every acknowledged write; where the source stays, the
 seconds from the fault to the source answering again (a figure, not an assert).
+After every cell (:func:`no_images_left`, autouse where imported): no images
+directory of a tool the cell ran is left in ``/dev/shm``, whichever party died.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from bed_helpers import ask, end_copies, kvstore, wait_until
 
+from migsgx.agent.dumpdirs import scratch_base
 from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
 from migsgx.system.process import kill_tree, process_state
 
@@ -32,6 +37,7 @@ __all__ = [
     "heal",
     "loaded_app",
     "migrate_with",
+    "no_images_left",
     "only_copy",
     "record_back",
     "recover",
@@ -61,7 +67,8 @@ def fault_time(*texts: str, last: bool = False) -> float:
         found = _FAULT_AT.findall(text)
         if found:
             return float(found[-1 if last else 0][1])
-    raise AssertionError("the fault point was never reached")
+    tails = "\n---\n".join(text[-3000:] for text in texts)
+    raise AssertionError(f"the fault point was never reached; the tool said:\n{tails}")
 
 
 def source_answers(bed: Testbed, app: AppProcess, digest: str, tool: str = "") -> float:
@@ -167,11 +174,34 @@ def heal(bed: Testbed, host: str) -> None:
 
 
 def migrate_with(bed: Testbed, app: AppProcess, agent: AgentProcess, fault: str) -> MigrateRun:
-    """``migsgx migrate`` of ``app`` with ``MIGSGX_FAULT=fault`` (its work directory kept)."""
+    """``migsgx migrate`` of ``app`` with ``MIGSGX_FAULT=fault`` (its images in ``/dev/shm``,
+    the tool's own directory, as by default)."""
 
-    return bed.migrate(
-        app.pid, agent, env={"MIGSGX_FAULT": fault},
-        args=["--work-dir", str(bed.root / f"dump-{app.marker}")],
+    return bed.migrate(app.pid, agent, env={"MIGSGX_FAULT": fault})
+
+
+def images_left(pid: int) -> list[Path]:
+    """The images directories of the tool with ``pid`` (its pid is in their names)."""
+
+    return sorted(scratch_base().glob(f"migsgx-dump-{pid}-*"))
+
+
+@pytest.fixture(autouse=True)
+def no_images_left(bed: Testbed) -> Iterator[None]:
+    """After the cell: no images directory of any tool it ran remains (killed or not).
+
+    The guardian removes its dead tool's at once, ``migsgx recover`` those of
+    every dead tool; a cell whose tool and guardian both died without a
+    ``recover`` says so by failing here.
+    """
+
+    before = len(bed.tool_runs)
+    yield
+    pids = [run.pid for run in bed.tool_runs[before:] if run.pid]
+    wait_until(
+        lambda: not any(images_left(pid) for pid in pids), 30,
+        f"images directories of the cell's tools {pids} removed: "
+        f"{[str(p) for pid in pids for p in images_left(pid)]}",
     )  # fmt: skip
 
 

@@ -458,6 +458,26 @@ def test_tool_killed_between_two_gate_commits_the_guardian_commits_the_rest(pair
     pair.one_copy_with_every_write()
 
 
+def test_an_abort_racing_a_committed_sibling_gate_is_refused(pair: Case) -> None:
+    """The race of a guardian that saw every enclave pending while the dead tool's
+    last commit still ran: its abort reaches the second enclave after the first
+    committed its gate.  The platform store refuses it (one checkpoint group), the
+    enclave stays frozen with its gate pending, and the guardian's roll-forward
+    makes the checkpoint whole: restorable, one copy with every write."""
+
+    env = {"MIGSGX_FAULT": "ckpt.between-commits:abort-rest",
+           "MIGSGX_PLATFORM_SOCKET": str(pair.bed.services["src"].socket)}  # fmt: skip
+    done = cli("checkpoint", str(pair.app.pid), "--dir", str(pair.ck), env=env)
+    assert done.returncode == 70, done.stderr
+    wait_until(lambda: phase(pair) == "committed", 30, "the guardian to commit the rest")
+    wait_until(lambda: pair.bed.copies(pair.app)["src"] == [], 30, "the fenced source to go")
+    code, found = recover_checkpoint(pair)
+    assert code == 0 and found["outcome"] == "restorable", found
+    back = pair.restore()
+    assert back.returncode == 0, back.stderr
+    pair.one_copy_with_every_write()
+
+
 def test_tool_and_guardian_killed_between_two_gate_commits_recover_commits_the_rest(
     pair: Case,
 ) -> None:

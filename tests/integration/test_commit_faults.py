@@ -15,6 +15,7 @@ import json
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -31,6 +32,7 @@ from fault_helpers import (
     heal,
     loaded_app,
     migrate_with,
+    no_images_left,  # noqa: F401  (autouse: after every cell, no images left in /dev/shm)
     only_copy,
     recover,
     source_answers,
@@ -536,6 +538,68 @@ def test_tool_killed_after_the_decision(
     only_copy(bed, app, "dst", digest)
 
 
+def _holders(bed: Testbed, run: MigrateRun) -> list[tuple[int, int]]:
+    """(enclave pid, duplicate's fd) the journal of ``run``'s tool records."""
+
+    for path in (bed.state("src") / "agent" / "migrations").glob("*.json"):
+        data = json.loads(path.read_text())
+        if data.get("tool_pid") == run.pid:
+            return [(int(h[0]), int(h[1])) for h in data.get("holders") or []]
+    raise AssertionError(f"no journal of the tool {run.pid}")
+
+
+@pytest.mark.parametrize(
+    "cell, fault",
+    [
+        ("done x kill -9 tool", "tool.before-release:kill"),
+        ("done x kill -9 tool + guardian", "tool.before-release:kill-guardian-and-tool"),
+    ],
+)
+def test_killed_between_done_and_the_release(
+    bed: Testbed,
+    agent: AgentProcess,
+    figures: dict[str, dict[str, object]],
+    cell: str,
+    fault: str,
+) -> None:
+    """The destination runs, the journal says ``done``, the source enclaves not released yet.
+
+    Each committed source enclave holds a duplicate of its connection, so a
+    tool that dies there leaves it frozen with its (moved) state for good.
+    The guardian releases it; with the guardian dead too, one ``migsgx
+    recover`` takes the duplicate back and releases it (before: ``done``,
+    nothing to do, the enclave held its state until the next boot).
+    """
+
+    app, digest = loaded_app(bed)
+    run = migrate_with(bed, app, agent, fault)
+    assert run.returncode == -9, run.stderr
+    wait_until(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
+    held = _holders(bed, run)
+    assert held, "the source enclave held no duplicate of its connection"
+    if "guardian" in fault:
+        # Nobody is left to let it go: it still holds its duplicate.
+        assert all(Path(f"/proc/{pid}/fd/{fd}").exists() for pid, fd in held)
+        again = recover(bed)
+        assert again.returncode == EXIT_OK, again.stdout + again.stderr
+        assert "Traceback" not in again.stderr
+        assert "released" in again.stdout, again.stdout
+    wait_until(
+        lambda: not any(Path(f"/proc/{pid}/fd/{fd}").exists() for pid, fd in held), 30,
+        "the source enclaves to let their duplicates go",
+    )  # fmt: skip
+    wait_until(lambda: all(process_state(pid) in ("", "Z") for pid, _ in held), 30,
+               "the released source enclaves to exit")  # fmt: skip
+    wait_until(lambda: process_state(app.pid) in ("", "Z"), 30, "the source tree to end")
+    third = recover(bed)  # nothing left: a later recover changes nothing
+    assert third.returncode == EXIT_OK, third.stdout + third.stderr
+    assert all(r["outcome"] != "in-doubt" for r in json.loads(third.stdout))
+    figures[cell] = {"outcome": "moved; the source enclaves released",
+                     "exit": run.returncode,
+                     "recover": "0" if "guardian" in fault else "not needed"}  # fmt: skip
+    only_copy(bed, app, "dst", digest)
+
+
 @pytest.mark.parametrize(
     "cell, fault, expect",
     [
@@ -595,6 +659,36 @@ def test_source_side_party_killed(
             bed.services["src"] = start_service(
                 bed.state("src"), prefix=bed.host("src").command([])
             )
+
+
+def test_tool_and_source_platform_killed_before_the_decision_the_guardian_asks_again(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """The tool dies with its source platform service: every enclave LOADED and in the
+    migration group, none decided.
+
+    The source enclaves live, but their aborts cannot be checked against their
+    migration group (``group-unchecked``: no platform service), so the guardian
+    must not take them for aborts, nor for commits: it asks again until the
+    service is back, and then every abort is recorded and the source runs on
+    (before: it took them for commits and held the source stopped, in doubt,
+    for its 10 minutes).
+    """
+
+    app, digest = loaded_app(bed)
+    try:
+        run = migrate_with(bed, app, agent, "tool.after-group:kill-source-platform-and-tool")
+        assert run.returncode == -9, run.stderr
+        assert "Traceback" not in run.stderr
+    finally:
+        bed.services["src"].stop()  # killed: the host's supervisor starts a fresh one
+        bed.services["src"] = start_service(bed.state("src"), prefix=bed.host("src").command([]))
+    back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
+    figures["restore held x kill -9 tool + source platform service (restarted)"] = {
+        "outcome": "stayed", "exit": run.returncode, "source_back_seconds": round(back, 3),
+    }  # fmt: skip
+    wait_until(lambda: bed.copies(app)["dst"] == [], 30, "the destination to let go")
+    only_copy(bed, app, "src", digest)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,10 @@ not asserts; the table in ``docs/migration.md`` comes from them).
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +31,9 @@ pytest.register_assert_rewrite("bed_helpers", "fault_helpers")
 from bed_helpers import wait_until  # noqa: E402
 from fault_helpers import EXIT_IN_DOUBT, EXIT_OK, fault_time, recover  # noqa: E402
 
+from migsgx.agent.held import start_time  # noqa: E402
+from migsgx.containers import HostConfig, make_driver  # noqa: E402
+from migsgx.criu import Criu  # noqa: E402
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
 
@@ -85,6 +92,10 @@ def moved(lab: ContainerLab, app: ContainerApp, digest: str, agent: AgentProcess
     assert "receives the state again" in log and "decision delivered: resumed" in log, log
     assert lab.ask(app, "DIGEST", at="dst") == digest
     assert lab.ask(app, "PUT after " + b"x".hex(), at="dst").startswith("OK")  # ECALLs work
+    # Resumed: no mark says any more that a restore of this agent made it.
+    agent_dir = lab.bed.state("dst") / "agent"
+    assert not (agent_dir / "runc" / app.name / "migsgx-owner").exists()
+    assert not list(agent_dir.glob(f"*/{app.name}.owner"))
     # The committed source stays frozen and fenced (never runs again) until removed.
     assert lab.runnable_copies(app) == {"src": 0, "dst": 1}
     lab.remove_on(app.engine, app.name, "src")
@@ -210,8 +221,10 @@ def test_a_record_its_engine_does_not_know_is_not_adopted(
     bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
 ) -> None:
     """The record names a container runc does not know (damaged, or planted): the
-    restarted agent says so and kills the recorded tree; nothing on the destination
-    runs or stays held, and the source, given back by the guardian, runs on."""
+    restarted agent says so and kills the recorded tree, and removes the container
+    its restore made for that session (found by its bundle's mark, not by the
+    record's name); nothing on the destination runs, stays held or is left, and the
+    source, given back by the guardian, runs on."""
 
     agents.append(bed.start_agent(env=KILL_AT_CLAIM))
     app, digest = loaded(lab, "runc")
@@ -230,8 +243,9 @@ def test_a_record_its_engine_does_not_know_is_not_adopted(
         log = again.log.read_text(errors="replace")
         assert "cannot be adopted" in log and "runc no longer knows container" in log, log
         assert "adopted the tree" not in log, log
-        wait_until(lambda: all(s in ("Z", "") for _, s in lab.copies(app)["dst"]), 30,
-                   "the recorded tree to be killed")  # fmt: skip
+        # runc's entry and the bundle too: the bundle's mark names the record's session.
+        assert f"removed the runc container {app.name}" in log, log
+        nothing_left(lab, app)
         assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
         assert lab.ask(app, "DIGEST", at="src") == digest
     finally:
@@ -268,5 +282,181 @@ def test_a_container_restored_but_never_reported_held_is_removed(
             "exit": run.returncode,
             "source_back_seconds": round(t_back - fault_time(agents[0].log.read_text()), 3),
         }  # fmt: skip
+    finally:
+        lab.remove(app)
+
+
+@pytest.mark.parametrize("engine", ["runc", "containerd", "podman"])
+def test_a_container_made_inside_the_restore_is_removed(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess], figures: Figures, engine: str
+) -> None:
+    """The agent dies inside the restore (``agent.in-restore:kill``: runc made the
+    container, its restore has not returned), so there is no tree in any record yet.
+    The record written before the engine was asked names the container; the
+    restarted agent removes it (runc: its bundle and cgroup too) through its
+    engine, and the next migration of the same container goes through.  A record
+    planted afterwards naming that container, now running, removes nothing (the
+    mark of the session that made it went when it was resumed)."""
+
+    agents.append(bed.start_agent(env={"MIGSGX_FAULT": "agent.in-restore:kill"}))
+    app, digest = loaded(lab, engine)
+    try:
+        run = migrate(bed, app, agents[0])
+        assert run.returncode == 6, run.stderr
+        t_back = source_answers(lab, app, digest)
+        assert agents[0].proc.wait(timeout=30) == -9
+        again = bed.start_agent(listen_port=agents[0].port)
+        agents.append(again)
+        log = again.log.read_text(errors="replace")
+        assert f"died restoring {engine}" in log, log
+        assert f"removed the {engine} container {app.name}" in log, log
+        nothing_left(lab, app)
+        assert not list((bed.state("dst") / "agent").glob(f"*/{app.name}.owner"))
+        second = migrate(bed, app, again)
+        assert second.returncode == EXIT_OK, second.stderr
+        assert lab.ask(app, "DIGEST", at="dst") == digest
+        figures[f"inside the restore x kill -9 destination agent ({engine}, restarted)"] = {
+            "outcome": "stayed; the restarted agent removed the container; moved next time",
+            "exit": run.returncode,
+            "source_back_seconds": round(t_back - fault_time(agents[0].log.read_text()), 3),
+        }  # fmt: skip
+        again.stop()
+        planted = plant(bed, engine, app.name, restoring=True)
+        if engine == "podman":  # (its record names the container by name)
+            record = json.loads(planted.read_text())
+            record["handle"] = {"name": app.name}
+            planted.write_text(json.dumps(record))
+        third = bed.start_agent(listen_port=agents[0].port)
+        agents.append(third)
+        log = third.log.read_text(errors="replace")
+        assert "not this agent's to remove" in log, log
+        assert lab.runnable_copies(app) == {"src": 0, "dst": 1}
+        assert lab.ask(app, "DIGEST", at="dst") == digest
+    finally:
+        lab.remove(app)
+
+
+def plant(
+    bed: Testbed, driver: str, name: str, *, restoring: bool, root: int = 0, start: int = 1
+) -> Path:
+    """A forged record in the destination agent's work directory naming ``name``."""
+
+    session = secrets.token_hex(16)
+    directory = bed.state("dst") / "agent" / "work" / session
+    directory.mkdir(mode=0o700, parents=True)
+    record = {
+        "session_id": session, "root": root, "start": start if root else 0, "driver": driver,
+        "peer": "10.0.0.1", "local": "10.0.0.2", "enclaves": [],
+        "handle": {"id": name}, "answered": not restoring, "restoring": restoring,
+    }  # fmt: skip
+    (directory / "held.json").write_text(json.dumps(record))
+    return directory / "held.json"
+
+
+def test_a_forged_record_never_removes_a_container_the_agent_did_not_make(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
+) -> None:
+    """Records planted in the destination agent's work directory name a runc
+    container the agent did not make (started there by hand): one as if the agent
+    died restoring it, one as if its held tree were gone, one with a stopped tree
+    runc does not know as that container (refused: the tree is killed, as before).
+    The restarted agent removes nothing through runc: the container runs on, its
+    bundle untouched."""
+
+    other = lab.start_command("runc", ["sleep", "600"], at="dst")
+    stopped = subprocess.Popen(["sleep", "600"])
+    try:
+        made = lab.runc("dst").state(other.name)
+        assert made is not None
+        bundle = Path(str(made["bundle"]))
+        os.kill(stopped.pid, signal.SIGSTOP)
+        wait_until(lambda: Path(f"/proc/{stopped.pid}/stat").read_text().split(") ")[1][0]
+                   == "T", 30, "the decoy to stop")  # fmt: skip
+        began = start_time(stopped.pid)
+        planted = [
+            plant(bed, "runc", other.name, restoring=True),
+            plant(bed, "runc", other.name, restoring=False, root=2**22 - 1),
+            # (a stopped tree runc does not know as that container: refused, killed)
+            plant(bed, "runc", other.name, restoring=False, root=stopped.pid, start=began),
+        ]
+        agents.append(bed.start_agent())
+        log = agents[0].log.read_text(errors="replace")
+        assert "not this agent's to remove" in log, log
+        assert f"nothing (runc container {other.name} is running" in log, log
+        assert "cannot be adopted" in log and stopped.wait(timeout=30) == -9, log
+        state = lab.runc("dst").state(other.name)
+        assert state is not None and state["status"] == "running"
+        assert bundle.is_dir() and not any(p.exists() for p in planted)
+    finally:
+        stopped.kill()
+        stopped.wait()
+        lab.remove(other)
+
+
+def test_a_held_container_whose_tree_died_is_removed(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
+) -> None:
+    """The agent dies holding the container (``agent.before-claim:kill``) and its
+    tree is killed before the agent restarts: runc keeps a stopped container and
+    its bundle.  The restarted agent has nothing to adopt and removes both through
+    runc (its bundle's mark says that this agent made it), so nothing is left."""
+
+    agents.append(bed.start_agent(env=KILL_AT_CLAIM))
+    app, digest = loaded(lab, "runc")
+    try:
+        run = migrate(bed, app, agents[0], "tool.before-commit:kill")
+        assert run.returncode == -9, run.stderr
+        source_answers(lab, app, digest)
+        assert agents[0].proc.wait(timeout=30) == -9
+        root = lab.root_pid(app, "dst")
+        assert root is not None
+        os.kill(root, signal.SIGKILL)
+        wait_until(lambda: (lab.runc("dst").state(app.name) or {}).get("status") == "stopped",
+                   30, "runc to see the container stopped")  # fmt: skip
+        again = bed.start_agent(listen_port=agents[0].port)
+        agents.append(again)
+        log = again.log.read_text(errors="replace")
+        assert "is gone or runs" in log and f"removed the runc container {app.name}" in log, log
+        nothing_left(lab, app)
+        assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
+    finally:
+        lab.remove(app)
+
+
+def test_a_paused_held_container_is_left_and_its_engine_still_knows_it(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
+) -> None:
+    """The held container is paused (``runc pause``: its cgroup frozen) while its
+    agent is dead.  Its frozen tasks no longer read as stopped, so the restarted
+    agent cannot tell it from a tree that runs: it neither adopts nor removes it,
+    and says so.  runc's ``reclaim`` still knows it as the held tree (``paused``),
+    and discarding it through runc leaves nothing on the destination."""
+
+    agents.append(bed.start_agent(env=KILL_AT_CLAIM))
+    app, digest = loaded(lab, "runc")
+    try:
+        run = migrate(bed, app, agents[0], "tool.before-commit:kill")
+        assert run.returncode == -9, run.stderr
+        source_answers(lab, app, digest)
+        assert agents[0].proc.wait(timeout=30) == -9
+        runc = lab.runc("dst")
+        subprocess.run(runc.argv("pause", app.name), check=True, capture_output=True)
+        root = lab.root_pid(app, "dst")
+        assert root is not None and (runc.state(app.name) or {}).get("status") == "paused"
+        again = bed.start_agent(listen_port=agents[0].port)
+        agents.append(again)
+        log = again.log.read_text(errors="replace")
+        assert f"runc container {app.name} is paused, pid {root}" in log, log
+        assert "adopted the tree" not in log, log
+        assert (runc.state(app.name) or {}).get("status") == "paused"  # untouched
+        driver = make_driver("runc", HostConfig(
+            Criu("/bin/true"), lab.settings["dst"], Path("/unused.sock"), bed.state("dst"),
+        ))  # (reclaim and discard use runc alone)  # fmt: skip
+        bundle = bed.state("dst") / "agent" / "runc" / app.name
+        held = driver.reclaim({"id": app.name, "bundle": str(bundle), "netns": ""}, root)
+        assert held.pid == root
+        driver.discard(held)
+        nothing_left(lab, app)
+        assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
     finally:
         lab.remove(app)

@@ -31,6 +31,7 @@ from fault_helpers import (
     heal,
     loaded_app,
     migrate_with,
+    no_images_left,  # noqa: F401  (autouse: after every cell, no images left in /dev/shm)
     only_copy,
     stayed,
 )

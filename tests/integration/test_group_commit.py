@@ -19,7 +19,13 @@ import json
 
 import pytest
 from bed_helpers import ask, end_copies, kvstore, wait_until
-from fault_helpers import EXIT_IN_DOUBT, migrate_with, recover, stop_guardian_of
+from fault_helpers import (  # (no_images_left: autouse, after every cell no images left)
+    EXIT_IN_DOUBT,
+    migrate_with,
+    no_images_left,  # noqa: F401
+    recover,
+    stop_guardian_of,
+)
 
 from migsgx.lab.hosts import start_service
 from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed

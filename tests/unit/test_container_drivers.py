@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -438,3 +439,58 @@ def test_containerd_destination_checks_what_a_peer_sends(tmp_path: Path) -> None
     record.update(image="localhost/app:1")
     (tmp_path / CONTAINERD_RECORD).write_text(json.dumps(record))
     assert driver._record(tmp_path) == ("localhost/app:1", "io.containerd.runc.v2", {})
+
+
+# --- what a dead agent's restore left ---------------------------------------------------------
+@pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed")
+def test_runc_removes_only_a_bundle_its_restore_marked_for_the_session(tmp_path: Path) -> None:
+    """A record (damaged or forged) names the container: the bundle goes only if its
+    mark names the record's session."""
+
+    from migsgx.containers.runc import OWNER_MARK
+
+    settings = ContainerSettings(runc_root=tmp_path / "runc")
+    host_config = HostConfig(Criu("/bin/true"), settings, Path("/x/e.sock"), tmp_path)
+    driver = make_driver("runc", host_config)
+    bundle = tmp_path / "agent" / "runc" / "kv1"
+    bundle.mkdir(parents=True)
+    (bundle / OWNER_MARK).write_text("ab" * 16)
+    for owner in ("cd" * 16, ""):
+        with pytest.raises(ContainerError, match="not this agent's to remove"):
+            driver.remove_made({"id": "kv1"}, owner, keep_running=False)
+        assert (bundle / OWNER_MARK).exists()
+    (bundle / OWNER_MARK).unlink()  # (resumed)
+    with pytest.raises(ContainerError):
+        driver.remove_made({"id": "kv1"}, "", keep_running=False)
+    with pytest.raises(MigSGXError):
+        driver.remove_made({"id": "../kv1"}, "ab" * 16, keep_running=False)
+    (bundle / OWNER_MARK).write_text("ab" * 16)
+    other = bundle.parent / "kv2"
+    other.mkdir()
+    (other / OWNER_MARK).write_text("cd" * 16)
+    # A damaged name: the session's mark finds what its restore made, and only that.
+    assert driver.remove_made({"id": "kv1-x"}, "ab" * 16, keep_running=True) == (
+        f"its bundle {bundle}"  # (runc does not know the container: the bundle alone)
+    )
+    assert not bundle.exists() and (other / OWNER_MARK).exists()
+    # (before any engine is asked: a handle of another engine's shape)
+    for name, handle in (("podman", {"id": "kv1"}), ("containerd", {"name": "kv1"}),
+                         ("pid", {})):  # fmt: skip
+        with pytest.raises(ContainerError):
+            make_driver(name, host_config).remove_made(handle, "ab" * 16, keep_running=False)
+
+
+def test_an_engine_store_mark_names_one_session(tmp_path: Path) -> None:
+    from migsgx.containers import owner
+
+    mark = owner.mark_path(tmp_path, "kv1")
+    owner.write(mark, "ab" * 16)
+    owner.check(mark, "ab" * 16, "kv1")
+    for other in ("cd" * 16, ""):
+        with pytest.raises(ContainerError, match="not this agent's to remove"):
+            owner.check(mark, other, "kv1")
+    owner.clear(mark)
+    owner.clear(mark)  # (twice: no error)
+    with pytest.raises(ContainerError):
+        owner.check(mark, "ab" * 16, "kv1")
+    assert owner.alive(os.getpid()) and not owner.alive(0)

@@ -151,6 +151,7 @@ _HELD = {
     "handle": {"id": "kv", "bundle": "/s/agent/runc/kv", "netns": ""},
     "enclave_procs": [[7, 12345]],
     "answered": False,
+    "restoring": False,
 }
 
 

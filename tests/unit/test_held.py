@@ -109,6 +109,8 @@ def test_a_container_record_round_trips_and_an_older_one_still_loads(tmp_path: P
         {"enclave_procs": [7]},
         {"answered": 1},
         {"answered": "yes"},
+        {"restoring": 1},
+        {"restoring": None},
     ],
 )
 def test_a_damaged_container_record_is_refused(tmp_path: Path, damage: dict[str, object]) -> None:
@@ -118,6 +120,20 @@ def test_a_damaged_container_record_is_refused(tmp_path: Path, damage: dict[str,
     with pytest.raises(RecordDamagedError):
         HeldRecord.load(tmp_path / "s" / RECORD)
     assert held_records(tmp_path) == [(tmp_path / "s", None)]
+
+
+def test_a_restoring_record_names_no_tree(tmp_path: Path) -> None:
+    """Written before the engine restores: no pid to adopt or kill, only a name."""
+
+    record = HeldRecord(os.urandom(16).hex(), 0, 0, "runc", "10.0.0.1", "10.0.0.2", [],
+                        handle={"id": "kv"}, answered=False, restoring=True)  # fmt: skip
+    record.write(tmp_path)
+    loaded = HeldRecord.load(tmp_path / RECORD)
+    assert loaded == record and loaded.restoring and not loaded.still_held()
+    assert loaded.enclaves_running() == []
+    older = {k: v for k, v in record.__dict__.items() if k != "restoring"}
+    (tmp_path / RECORD).write_text(json.dumps(older))
+    assert not HeldRecord.load(tmp_path / RECORD).restoring
 
 
 def test_an_unreadable_record_is_reported_not_adopted(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from migsgx.agent import recover as recover_module
 from migsgx.agent.ckpt_journal import start_time
 from migsgx.agent.journal import Journal
 from migsgx.agent.recover import recover, resolve
-from migsgx.agent.redeliver import HeldEnclave
+from migsgx.agent.redeliver import HeldEnclave, HeldSource
 from migsgx.agent.tls import AgentIdentity
 from migsgx.errors import InDoubtError, LostAfterCommitError
 from migsgx.host.client import EnclaveInfo
@@ -477,3 +477,48 @@ def test_recover_without_the_guardian_leaves_a_mixed_migration_in_doubt(
     assert (result.decision, result.outcome) == ("mixed", "in-doubt")
     assert "no guardian holds them" in result.detail
     assert agent.sent == []
+
+
+def test_holders_under_a_done_journal_are_taken_only_after_a_commit(
+    state: Path, agent: Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``done`` journal's holders are taken back (and released) only if it committed.
+
+    After an abort its enclaves went back to the application and let their
+    duplicates go: the recorded number may name a later migration's duplicate.
+    """
+
+    taken: list[str] = []
+
+    def take_back(cls: type[HeldSource], journal: Journal) -> None:
+        taken.append(journal.data["mid"])
+
+    monkeypatch.setattr(HeldSource, "take_back", classmethod(take_back))
+    aborted, committed = os.urandom(16), os.urandom(16)
+    for mid, kind in ((aborted, "abort"), (committed, "commit")):
+        journal = _journal(state, [mid], phase="done", fenced=[])
+        journal.update(guardian_pid=2**22 + 3, enclaves=["00"], holders=[[2**22 + 5, 3, "1"]])
+        _decide(state, mid, kind, b"frame")
+        if kind == "commit":
+            wanted = journal.data["mid"]
+    results = recover(state)
+    assert [r.outcome for r in results] == ["done", "done"]
+    assert taken == [wanted]
+    assert agent.sent == []  # a done migration is never delivered again
+
+
+def test_a_dead_tools_images_directory_named_by_its_journal_goes(
+    state: Path, tmp_path: Path, agent: Agent
+) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    images = tmp_path / f"migsgx-dump-{dead.pid}-12345-abcdefgh"
+    images.mkdir()
+    (images / "pages-1.img").write_bytes(b"\0" * 4096)
+    work = tmp_path / "work"  # a --work-dir is never in the journal, and never ours
+    work.mkdir()
+    journal = _journal(state, [], phase="done", fenced=[])
+    journal.update(dump_dir=str(images))
+    recover(state)
+    assert not images.exists() and work.is_dir()
+    assert Journal.load(journal.path).dump_dir == images

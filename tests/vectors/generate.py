@@ -622,10 +622,13 @@ def decision_cases() -> list[dict[str, Any]]:
     (the test maps them to counter owners), ``mid`` and ``group`` names from the
     case's ``mids`` and ``groups`` (hex; group ``-`` is none), ``outcome`` the kind
     that holds afterwards or ``error:CODE``.  ``recorded``: the store at the end.
-    The frame of a decision is ``det_bytes("frame MID KIND", 4)``.
+    The frame of a decision is ``det_bytes("frame MID KIND", 4)``.  Kind ``gate``
+    creates the record ``"!ckpt-" || hex(MID)`` (blob ``b"g"``) tagged with the
+    group, ``ungate`` deletes it (commit.md, 1.1 rule 5: a group's decisions are
+    dropped by the next ``decide`` once no record carries its tag).
     """
 
-    mids = {n: det_bytes("decision mid " + n, 16).hex() for n in "123456789"}
+    mids = {n: det_bytes("decision mid " + n, 16).hex() for n in "123456789xyz"}
     groups = {
         "g": det_bytes("decision group", 16).hex(),
         "o": det_bytes("decision other", 16).hex(),
@@ -652,6 +655,14 @@ def decision_cases() -> list[dict[str, Any]]:
             "steps": [["a", "7", "commit", "g", "commit"], ["a", "7", "abort", "g", "commit"],
                       ["b", "8", "commit", "g", "commit"]],
             "recorded": {"7": "commit", "8": "commit"},
+        },
+        {
+            "name": "a-checkpoint-group-binds-while-a-gate-is-tagged",
+            "steps": [["a", "x", "gate", "g", "ok"], ["a", "y", "gate", "g", "ok"],
+                      ["a", "x", "commit", "g", "commit"], ["a", "y", "abort", "g", refused],
+                      ["a", "y", "commit", "g", "commit"], ["a", "x", "ungate", "-", "ok"],
+                      ["a", "y", "ungate", "-", "ok"], ["b", "z", "abort", "o", "abort"]],
+            "recorded": {"x": None, "y": None, "z": "abort"},
         },
         {
             "name": "a-group-id-has-16-bytes",

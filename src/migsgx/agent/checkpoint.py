@@ -98,7 +98,10 @@ def checkpoint(
     pidns = is_pidns_init(pid)  # asked now: after the dump the process is gone
     link = AppLink.find(pid)
     handed = link.prepare(prepare_timeout) if link is not None else []
-    outs = [CheckpointOut(h.sock, h.info, h.image_files) for h in handed]
+    # Several enclaves are one checkpoint: their gates' decisions share a group, so
+    # that the platform store refuses an abort once one committed (and the reverse).
+    group = os.urandom(16) if len(handed) > 1 else b""
+    outs = [CheckpointOut(h.sock, h.info, h.image_files, group=group) for h in handed]
     committed: list[int] = []
     fenced: list[int] = []
     meta = {"format": FORMAT, "pid": pid, "pidns": pidns, "tcp_close": tcp_close,
@@ -132,8 +135,8 @@ def checkpoint(
         write_journal(directory, "fenced")
         _fault("ckpt.before-commit", pid, handed, guardian=guardian)
         for i, out in enumerate(outs):
-            if committed:
-                _fault("ckpt.between-commits", pid, handed, guardian=guardian)
+            if committed and _fault("ckpt.between-commits", pid, handed, guardian=guardian):
+                _race_an_abort(outs[i:])
             try:
                 out.commit(meta_digest)  # the gate binds the metadata (and so every file)
             except MigSGXError:
@@ -204,6 +207,21 @@ def _write_meta(directory: Path, meta: dict[str, object]) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def _race_an_abort(pending: list[CheckpointOut]) -> None:
+    """Fault ``abort-rest``: abort the pending enclaves, as a racing guardian would, and die.
+
+    A guardian that asked every enclave ``__mig_status`` while this tool's last
+    commit still ran inside its enclave sees them all pending and aborts them:
+    the store must refuse those aborts (the committed gate was the commit
+    point), or the checkpoint splits.  The tool then ends as a crash would.
+    """
+
+    for out in pending:
+        with contextlib.suppress(MigSGXError, OSError):
+            out.link.call("__mig_abort", "the tool died")
+    os._exit(70)
+
+
 def _alive(pid: int) -> bool:
     return process_state(pid) not in ("", "Z", "X")
 
@@ -215,8 +233,10 @@ def _fault(
     platform: Path | None = None,
     *,
     guardian: Guardian | None = None,
-) -> None:
+) -> bool:
     """A fault point of checkpoint or restore (``kill-source``, ``kill-enclave`` here).
+
+    True for ``abort-rest``, which the caller acts on (:func:`_race_an_abort`).
 
     ``kill-platform`` SIGKILLs this host's platform service (``platform``, or the
     one ``$MIGSGX_PLATFORM_SOCKET`` names) and returns once it is dead;
@@ -240,6 +260,7 @@ def _fault(
     elif action == "kill-enclave" and handed:
         with contextlib.suppress(ProcessLookupError):
             os.kill(handed[0].info.pid, signal.SIGKILL)
+    return action == "abort-rest"
 
 
 def _digests(directory: Path) -> dict[str, list[int | str]]:

@@ -13,7 +13,10 @@ enclave stream comes in, ``kill-source`` at a point of the tool: SIGKILL to
 the source application, for example; ``kill-criu`` after the commit point of
 a post-copy migration: SIGKILL to the source's CRIU, the only server of the
 pages still missing; ``kill-guardian-and-tool`` at a point of the tool: SIGKILL to
-its guardian, then to the tool itself).
+its guardian, then to the tool itself; ``kill-source-platform-and-tool``: SIGKILL
+to this host's platform service, then to the tool; ``abort-rest`` at ``ckpt.between-commits``:
+the checkpoint tool aborts the enclaves not yet committed, as a racing guardian
+would, and dies).
 Unset, every point is a no-op.
 """
 
@@ -42,6 +45,7 @@ POINTS: Final = frozenset(
         "agent.enclave-receive",  # while the incoming enclaves receive
         "agent.page-stream",  # corrupt|drop|reorder|truncate|replay: the page stream in flight
         "agent.before-restore",
+        "agent.in-restore",  # the engine made the container, its restore has not returned
         "agent.after-restore",
         "agent.before-resume",  # the tool's resume arrived (the tokens went before it)
         "agent.before-claim",  # the first decision frame reached an enclave (window W2)
@@ -50,6 +54,9 @@ POINTS: Final = frozenset(
         "tool.after-prepare",
         "guardian.retry",  # ``give-up``: the guardian in doubt stops as if its 10 minutes ran out
         "recover.redeliver",  # a re-delivery without the tool: fresh copy's data connection open
+        # A platform store's first user found none and writes it now (``wait-file`` only;
+        # read by :mod:`migsgx.sgx.counters` itself, below this module).
+        "counters.before-create",
         "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
         "ckpt.between-commits",  # checkpoint: one enclave's gate committed, the next not yet
@@ -63,8 +70,10 @@ POINTS: Final = frozenset(
         "tool.before-images",  # every enclave LOADED, CRIU dumped, the images not yet sent
         "tool.before-restore",  # post-copy: the lazy dump serves, no restore asked yet
         "tool.before-commit",
+        "tool.after-group",  # every source enclave joined the migration group, none decided
         "tool.between-commits",  # one source enclave committed, the next not yet
         "tool.after-commit",
+        "tool.before-release",  # journal ``done``, the committed source enclaves not released
         "tool.after-abort",  # roll-back: the source enclaves decided ABORT, nothing undone yet
         "tool.before-token",  # each COMMIT token, before it goes on the data connection
         "tool.enclave-stream",  # each enclave's data connection, once it is open

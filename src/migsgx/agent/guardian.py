@@ -13,7 +13,9 @@ PID...`` for post-copy's lazy dump (which holds the tree while it serves
 pages), ``resume-sent`` once a tree
 without enclaves passed its commit point, ``enclave INDEX DESCRIPTION`` for each
 enclave connection (its info and image files, for delivering its state again),
-``done`` when the migration ended either way.
+``scratch DIR`` for the tool's own images directory (removed as soon as the
+pipe ends without ``done``: :mod:`.dumpdirs`), ``done`` when the migration ended
+either way.
 
 If the pipe closes without ``done``, the tool died.  If an enclave of the
 migration decided COMMIT already (the source host's platform store says so),
@@ -67,7 +69,7 @@ from ..errors import MigSGXError
 from .applink import AppLink
 from .dumphold import release_noted
 from .faults import fault
-from .handback import RESUME_WAIT, abort_enclave, call_enclave, commit_rest, resume_source
+from .handback import RESUME_WAIT, abort_answer, call_enclave, commit_rest, resume_source
 
 if TYPE_CHECKING:
     from .recover import RollForward
@@ -292,7 +294,7 @@ def _numbers(notes: list[str], key: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     tool = os.getppid()  # (the tool starts the guardian)
     try:
-        return _main(argv)
+        return _main(argv, tool)
     finally:
         # A tool killed mid-dump left its images tmpfs mounted (the container's memory
         # as CRIU wrote it, never read again on this host).  The pipe's end means the
@@ -301,7 +303,21 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"unmounted a dead tool's images tmpfs at {point}")
 
 
-def _main(argv: list[str] | None) -> int:
+def _leftovers(notes: list[str], tool: int) -> None:
+    """The tool died (or let go in doubt, past its dump): its images leave RAM at once,
+    before any wait for a decision.  The images tmpfs first (it is mounted on the
+    images directory), then the directory (:mod:`.dumpdirs`)."""
+
+    from .dumpdirs import remove_dump_dir  # lazy: the guardian starts fast
+
+    for point in sweep_leftovers(gone=(tool,)):
+        _log(f"unmounted a dead tool's images tmpfs at {point}")
+    for path in [n.partition(" ")[2] for n in notes if n.startswith("scratch ")]:
+        if remove_dump_dir(Path(path), dying=tool):
+            _log(f"removed the images directory {path} of its tool")
+
+
+def _main(argv: list[str] | None, tool: int) -> int:
     parser = argparse.ArgumentParser(prog="migsgx-guardian")
     parser.add_argument("--pipe", type=int, required=True)
     parser.add_argument("--app-pid", type=int, required=True)
@@ -323,6 +339,7 @@ def _main(argv: list[str] | None) -> int:
         _log(f"continued CRIU (pid {pid}), held by the tool when it died")
     if "done" in notes:
         return 0
+    _leftovers(notes, tool)
     # New connections to the source's listeners were dropped: whoever ends up with
     # the container, clients are served (or refused and go elsewhere) again.
     for note in notes:
@@ -357,7 +374,7 @@ def _main(argv: list[str] | None) -> int:
     if (
         _committed_any(journals)
         or (args.checkpoint and not all(_pending(s) for s in socks))
-        or not all([abort_enclave(s) for s in socks])
+        or not _aborted_all(socks, journals, args.checkpoint)
     ):
         _log("the tool died after the enclaves committed: the destination rolls forward")
         held = _held_source(socks, notes)
@@ -385,6 +402,45 @@ def _main(argv: list[str] | None) -> int:
             _recover(Path(path))
         if args.checkpoint:
             _resolve_checkpoint(Path(args.checkpoint), aborted=True)
+
+
+def _aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: str = "") -> bool:
+    """Abort every source enclave; True only if every one aborted.
+
+    An enclave that answers ``group-unchecked`` lives, but its platform service
+    is gone (or its store failed): it stays frozen, and nothing proves that no
+    other enclave of its migration committed (a dead tool's COMMIT may still be
+    waiting inside one for the service to come back).  Taking that for an
+    abort could split the migration, taking it for a commit leaves the source
+    frozen although nothing was given up.  So it is asked again, with a growing
+    pause, while the store file records no COMMIT of the migration: a restarted
+    service checks the abort against the group (then it aborts, or commits
+    instead).  Any other refusal, an enclave gone, a recorded COMMIT or
+    ``RECOVER_PATIENCE`` ends it: the roll-forward path, in doubt
+    (``docs/spec/commit.md``, 1.1 rule 4).
+    """
+
+    pending = list(socks)
+    pause = 0.5
+    deadline = time.monotonic() + RECOVER_PATIENCE
+    while True:
+        answers = [(sock, abort_answer(sock)) for sock in pending]  # (every one is asked)
+        if any(answer not in ("aborted", "group-unchecked") for _, answer in answers):
+            return False  # (committed, rolling forward, or gone)
+        unchecked = [sock for sock, answer in answers if answer == "group-unchecked"]
+        if not unchecked:
+            return True
+        if time.monotonic() > deadline or _committed_any(journals):
+            return False
+        if len(pending) == len(socks) and pause == 0.5:
+            _log("the platform service cannot check the abort: asking again until it is back")
+            # The tool's caller must not wait on our stderr meanwhile.
+            if journals:
+                _log_to(Path(journals[0]).with_suffix(".log"))
+            else:  # (a checkpoint's: no digest covers a .log file there)
+                _log_to(Path(checkpoint) / "guardian.log" if checkpoint else Path(os.devnull))
+        pending = unchecked
+        pause = 0.5 if _pause(pause) else min(pause * 2, 5.0)
 
 
 def _pending(sock: socket.socket) -> bool:

@@ -25,7 +25,7 @@ from ..errors import MigSGXError
 from ..wire import recv_frame, send_frame
 from .applink import AppLink
 
-__all__ = ["abort_enclave", "call_enclave", "commit_rest", "resume_source"]
+__all__ = ["abort_answer", "abort_enclave", "call_enclave", "commit_rest", "resume_source"]
 
 #: Call ids far from the tool's (its link counts from 2**40), so that a late
 #: answer to a call of the dead tool is never taken for the guardian's.
@@ -65,16 +65,21 @@ _NOT_ABORTED = ("committed", "group-decided", "group-unchecked")
 def abort_enclave(sock: socket.socket) -> bool:
     """Ask the enclave to abort its migration; False if it committed (or is gone)."""
 
+    return abort_answer(sock) == "aborted"
+
+
+def abort_answer(sock: socket.socket) -> str | None:
+    """Ask the enclave to abort: ``aborted``, the code of a refusal, or None (gone)."""
+
     msg = call_enclave(sock, "__mig_abort", ["the tool died"])
     if msg is None:
-        return False
-    if msg["t"] == "ret":
-        return True
+        return None
     # Not in a migration (the tool died before the transfer began): nothing to undo.
     # ``committed``: it committed, or another enclave of its migration did and it
     # rolled forward; ``group-decided``: it must roll forward and could not yet;
     # ``group-unchecked``: the platform store could not check its group (still frozen).
-    return msg["t"] == "err" and msg.get("code") not in _NOT_ABORTED
+    code = msg.get("code") if msg["t"] == "err" else None
+    return str(code) if code in _NOT_ABORTED else "aborted"
 
 
 def commit_rest(

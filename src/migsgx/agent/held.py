@@ -15,7 +15,13 @@ only if its engine still knows the container as that tree (the driver's
 are derived again from the id, never taken from the record as paths); it is
 then resumed or discarded by its engine as after a fresh restore.  Any other
 recorded tree is removed (a container's by its engine) and the log says
-exactly what remained.  The record is first written as soon as the tree is
+exactly what remained.  For a container, a first record (``restoring``: the
+engine and the container's name, no tree yet) is written before the engine is
+asked to restore it: an agent that dies inside the restore leaves a container
+or a bundle that a restarted agent removes through the engine, but only what
+the driver's mark proves this agent's restore made for that session and never
+resumed (a forged record naming another container removes nothing).  The
+record is written again as soon as the tree is
 restored (``answered`` false) and again right before the agent answers
 ``restored``: a tree restored by an agent that died before that answer was
 never decided on (the source commits only after it) and is removed, so that
@@ -86,6 +92,11 @@ class HeldRecord:
     #: answer the source cannot have decided, so a restarted agent removes the
     #: tree (a container by its engine) instead of adopting it.
     answered: bool = True
+    #: True from before the engine is asked to restore a container until it
+    #: returned (``root`` and ``start`` 0, ``handle`` the target's name): a
+    #: restarted agent removes through the engine whatever the restore made,
+    #: if the driver's mark proves this agent made it (``remove_made``).
+    restoring: bool = False
 
     def write(self, directory: Path) -> None:
         """Atomically; fsync'd only once ``answered`` (before, it guards against the
@@ -115,6 +126,7 @@ class HeldRecord:
             or not _handle(data.get("handle", {}))
             or not _procs(data.get("enclave_procs", []))
             or not isinstance(data.get("answered", True), bool)
+            or not isinstance(data.get("restoring", False), bool)
         ):
             raise RecordDamagedError(f"{path} is not a held-tree record")
         return cls(**data)
@@ -124,6 +136,8 @@ class HeldRecord:
 
         from ..system.process import process_state
 
+        if self.restoring or self.root <= 0:
+            return False
         return start_time(self.root) == self.start and process_state(self.root) in ("T", "t")
 
     def enclaves_running(self) -> list[int]:
@@ -134,7 +148,7 @@ class HeldRecord:
 
 _FIELDS: Final = tuple(f.name for f in dataclass_fields(HeldRecord))
 #: (a record an older agent wrote has none of these)
-_OPTIONAL: Final = ("arrivals", "handle", "enclave_procs", "answered")
+_OPTIONAL: Final = ("arrivals", "handle", "enclave_procs", "answered", "restoring")
 _REQUIRED: Final = tuple(f.name for f in dataclass_fields(HeldRecord) if f.name not in _OPTIONAL)
 MAX_HANDLE_ITEMS: Final = 8
 MAX_HANDLE_TEXT: Final = 4096

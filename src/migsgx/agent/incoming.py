@@ -45,6 +45,7 @@ from . import preflight
 from .config import AgentHost
 from .faults import fault
 from .held import HeldRecord, lost_detail, start_time
+from .held import remove as remove_record
 from .incoming_data import Reply, _corrupt_images, _Enclave, _inject
 from .incoming_settle import DELIVER_WAIT, _SessionDecisions
 from .lazy import Window
@@ -332,17 +333,26 @@ class IncomingMigration(_SessionDecisions):
         _inject(action, self)
         corrupt = action == "corrupt"
         t0 = time.monotonic()
-        if self.post_copy:
-            restored = self._restore_lazy(msg.get("lazy_port"), corrupt)
-        else:
-            restored = self.driver.restore(
-                RestoreRequest(
-                    images=self.images_dir,
-                    target=self.target,
-                    tcp_close=self.tcp_close,
-                    before=_corrupt_images if corrupt else None,
+        if self.driver.name != "pid":
+            # What a restarted agent removes if this one dies inside the restore.
+            self._intent_record().write(self.images_dir)
+        try:
+            if self.post_copy:
+                restored = self._restore_lazy(msg.get("lazy_port"), corrupt)
+            else:
+                restored = self.driver.restore(
+                    RestoreRequest(
+                        images=self.images_dir,
+                        target=self.target,
+                        tcp_close=self.tcp_close,
+                        before=_corrupt_images if corrupt else None,
+                        owner=self.session_id.hex(),
+                        made=lambda: _inject(fault("agent.in-restore"), self),
+                    )
                 )
-            )
+        except BaseException:
+            remove_record(self.images_dir)  # (the driver removed what it made)
+            raise
         self.restored = restored
         pid = self.root = restored.pid
         for adopted in (pid, *restored.adopt):
@@ -352,6 +362,8 @@ class IncomingMigration(_SessionDecisions):
         if record is not None:
             # What a restarted agent removes if this one dies before it answers.
             record.write(self.images_dir)
+        else:
+            remove_record(self.images_dir)  # (the intent's, if any: the restore returned)
         _inject(fault("agent.after-restore"), self)
         # Right before the source may commit: every loaded copy must still be there.
         self._check_enclaves_alive()
@@ -368,6 +380,16 @@ class IncomingMigration(_SessionDecisions):
             self.tag, restored.label, pid, seconds,
         )  # fmt: skip
         return {"t": "restored", "pid": pid, "seconds": seconds}
+
+    def _intent_record(self) -> HeldRecord:
+        """The record of a container restore not yet returned (:mod:`.held`)."""
+
+        assert self.driver is not None
+        return HeldRecord(
+            self.session_id.hex(), 0, 0, self.driver.name, self.peer, self.local_address, [],
+            handle={k: str(self.target[k]) for k in ("id", "name") if k in self.target},
+            answered=False, restoring=True,
+        )  # fmt: skip
 
     def _held_record(self, restored: Restored) -> HeldRecord:
         """The record of the restored tree (:mod:`.held`), not yet answered."""
@@ -411,6 +433,7 @@ class IncomingMigration(_SessionDecisions):
         def by_engine() -> int:
             made.append(driver.restore(RestoreRequest(
                 images=images, target=self.target, tcp_close=self.tcp_close, lazy_pages=True,
+                owner=self.session_id.hex(),
             )))  # fmt: skip
             return made[0].pid
 

@@ -19,6 +19,7 @@ from typing import Any, Final
 from .._fs import write_private
 from .._records import hex_text, json_record, non_negative_int
 from ..errors import RecordDamagedError
+from .ckpt_journal import start_time
 
 __all__ = ["PHASES", "Journal", "journal_dir"]
 
@@ -42,8 +43,17 @@ _KEYS: Final = {
 #: each source enclave holds (``__mig_hold``), and ``enclaves``: per enclave what
 #: its offer names (the guardian's ``enclave`` note payload, hex CBOR), so that
 #: ``recover`` can deliver a committed enclave's state again once the tool and
-#: the guardian are both gone.
-_OPTIONAL: Final = {"guardian_pid": int, "undo": list, "holders": list, "enclaves": list}
+#: the guardian are both gone; ``tool_start``: the tool's start time (its pid may
+#: be reused); ``dump_dir``: the tool's own images directory, removed once the
+#: tool is gone (:mod:`.dumpdirs`).
+_OPTIONAL: Final = {
+    "guardian_pid": int,
+    "undo": list,
+    "holders": list,
+    "enclaves": list,
+    "tool_start": str,
+    "dump_dir": str,
+}
 
 
 def journal_dir(agent_dir: Path) -> Path:
@@ -67,6 +77,7 @@ class Journal:
                 "mid": mid.hex(),
                 "to": [to[0], int(to[1])],
                 "tool_pid": os.getpid(),
+                "tool_start": start_time(os.getpid()),
                 "app_pid": app_pid,
                 "app_name": app_name,
                 "enclave_mids": [],
@@ -167,6 +178,13 @@ class Journal:
     @property
     def enclaves(self) -> list[str]:
         return [str(e) for e in self.data.get("enclaves") or []]
+
+    @property
+    def dump_dir(self) -> Path | None:
+        """The tool's own images directory, if it made one (not a ``--work-dir``)."""
+
+        text = self.data.get("dump_dir")
+        return Path(text) if isinstance(text, str) and text else None
 
     @property
     def undo(self) -> list[str]:

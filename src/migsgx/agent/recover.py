@@ -59,10 +59,11 @@ from ..errors import LostAfterCommitError, MigSGXError
 from ..sgx.counters import CounterStore, Decision
 from ..sgx.platform import COUNTERS
 from .control import AgentConnection
+from .dumpdirs import sweep_dump_dirs
 from .handback import abort_enclave, resume_source
 from .journal import Journal
 from .protocol import VERSION
-from .source_host import alive, give_back, is_guardian, lost_detail, signal_all
+from .source_host import alive, end_fenced, give_back, is_guardian, lost_detail, signal_all
 from .tls import AgentIdentity
 
 __all__ = ["Resolution", "decisions_of", "recover", "resolve"]
@@ -169,6 +170,9 @@ def resolve(
     if journal.phase == "done":
         if release is not None:
             release()  # (only a committed enclave obeys: the tool died before it let go)
+            decided = decisions_of(platform_state, journal.enclave_mids)
+            if decided and all(d is not None and d.kind == "commit" for d in decided):
+                end_fenced(journal)  # (and before CRIU ended the source tree)
         return Resolution(mid, journal.phase, "-", "done")
     if not tool_gone and alive(int(journal.data["tool_pid"])) and journal.phase != "aborted":
         return Resolution(mid, journal.phase, "-", "in-progress", "its tool still runs")
@@ -265,8 +269,12 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
     # A tool killed mid-dump (and its guardian with it) left its images tmpfs mounted.
     for point in sweep_leftovers():
         log.info("unmounted a dead tool's images tmpfs at %s", point)
+    journals = Journal.all(identity.directory)
+    # Its images directory too (in RAM): the ones journals name, and any other of a dead tool.
+    for path in sweep_dump_dirs([j.dump_dir for j in journals if j.dump_dir is not None]):
+        log.info("removed a dead tool's images directory %s", path)
     results = []
-    for journal in Journal.all(identity.directory):
+    for journal in journals:
         try:
             result = _resolve_orphaned(journal, Path(state), identity)
             if result is None:
@@ -289,10 +297,15 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
 
 
 def _orphaned(journal: Journal) -> bool:
-    """Its tool and its guardian are both gone, and its source enclaves hold their connections."""
+    """Its tool and its guardian are both gone, and its source enclaves hold their connections.
+
+    ``done`` too: the tool and its guardian may die after the destination ran and
+    before they released the committed source enclaves (which then hold their
+    state, frozen, and their duplicates for good).
+    """
 
     return (
-        journal.phase in ("begun", "loaded", "fenced", "committed")
+        journal.phase in ("begun", "loaded", "fenced", "committed", "done")
         and bool(journal.holders)
         and not alive(int(journal.data["tool_pid"]))
         and not (journal.guardian_pid and is_guardian(journal.guardian_pid))
@@ -329,12 +342,26 @@ def _resolve_orphaned(
         journal = Journal.load(journal.path)  # (as the one before us left it)
         if not _orphaned(journal):
             return None
+        decisions = decisions_of(platform_state, journal.enclave_mids)
+        if journal.phase == "done" and not (
+            decisions and all(d is not None and d.kind == "commit" for d in decisions)
+        ):
+            # Ended by an abort: its enclaves went back to the application and let
+            # their duplicates go; a number recorded then may name a later
+            # migration's duplicate now, which is never taken.
+            return None
         held = HeldSource.take_back(journal)
         if held is None:
             return None
         recorded = len(journal.holders)
         try:
-            decisions = decisions_of(platform_state, journal.enclave_mids)
+            if journal.phase == "done":
+                # The destination runs: the committed enclaves only wipe and exit.
+                held.release()
+                end_fenced(journal)  # (the tool died before CRIU ended the source tree)
+                journal.update(holders=[])
+                released = f"{len(held.enclaves)} committed source enclave(s) released"
+                return Resolution(journal.data["mid"], "done", "commit", "done", released)
             if all(d is None for d in decisions):
                 # Nothing decided: the source is the copy.  Each enclave aborts (its
                 # ABORT is recorded) and thaws; it goes back to the application below.

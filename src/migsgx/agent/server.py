@@ -150,10 +150,22 @@ class Agent:
                 )  # fmt: skip
                 continue
             tag = record.session_id[:8]
+            if record.restoring:
+                # Died inside the restore: nothing ran, the source cannot have decided.
+                log.warning(
+                    "migration %s: a former agent died restoring %s %s: removed %s", tag,
+                    record.driver, record.handle,
+                    self._remove_made(record, keep_running=False) or "nothing",
+                )  # fmt: skip
+                self.discard(directory)
+                continue
             if not record.still_held():
+                left = ""
+                if record.driver != "pid":
+                    left = self._remove_made(record, keep_running=True)
                 log.warning(
                     "migration %s: the tree a former agent held (pid %d) is gone or runs: "
-                    "nothing to adopt", tag, record.root,
+                    "nothing to adopt%s", tag, record.root, f"; removed {left}" if left else "",
                 )  # fmt: skip
                 self.discard(directory)
                 continue
@@ -188,6 +200,11 @@ class Agent:
                 session = IncomingMigration.adopt_held(self, directory, record)
             except (MigSGXError, ValueError, TypeError, KeyError) as exc:
                 kill_tree(record.root)  # (its engine does not know it as this tree)
+                if record.driver != "pid":
+                    # Its engine's entry too, if this agent's restore made it for the session.
+                    left = self._remove_made(record, keep_running=False)
+                    if left:
+                        log.warning("migration %s: removed %s", tag, left)
                 log.error(
                     "migration %s: the tree a former agent held (pid %d) cannot be adopted "
                     "(%s): killed. Its state stays only with the source's committed enclaves; "
@@ -202,6 +219,20 @@ class Agent:
                 session.restored.label if session.restored else record.driver,
                 len(session.enclaves),
             )  # fmt: skip
+
+    def _remove_made(self, record: HeldRecord, *, keep_running: bool) -> str:
+        """What the engine removed of a container a former agent's restore made
+        for ``record``'s session (the driver checks that it made it); never raises."""
+
+        host = HostConfig(self.config.criu, self.config.containers,
+                          self.config.platform_socket, self.config.state)  # fmt: skip
+        try:
+            driver = make_driver(record.driver, host)
+            return driver.remove_made(record.handle, record.session_id, keep_running=keep_running)
+        except (MigSGXError, ValueError, TypeError, KeyError) as exc:
+            log.error("migration %s: %s %s not removed by its engine: %s",
+                      record.session_id[:8], record.driver, record.handle, exc)  # fmt: skip
+            return ""
 
     def _remove_held(self, record: HeldRecord) -> None:
         """Remove a recorded held tree that must never run: a container by its engine

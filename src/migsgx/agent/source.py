@@ -38,7 +38,6 @@ import contextlib
 import logging
 import shutil
 import socket
-import tempfile
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -64,6 +63,7 @@ from ..system.process import is_pidns_init, stop_tree, tree_pids
 from . import early, precopy
 from .applink import AppLink
 from .control import CONNECT_TIMEOUT, AgentConnection
+from .dumpdirs import dump_dir_path, make_dump_dir, sweep_dump_dirs
 from .guardian import Guardian
 from .journal import Journal
 from .lazy import LazyDump
@@ -162,6 +162,9 @@ class _Migration(_DecisionSteps):
                 self.guardian = Guardian(
                     link.pid if link else pid, link.name if link else "-", [h.sock for h in handed]
                 )
+                if self.scratch is not None:
+                    self._guardian_note(f"scratch {self.scratch}")
+                    self.scratch.mkdir(mode=0o700)
                 self._inject(self._fault("tool.after-prepare"))
                 begin = self._begin(pids, pidns) if ready is None else None
                 self.journal = Journal.start(
@@ -169,6 +172,8 @@ class _Migration(_DecisionSteps):
                     link.pid if link else pid, link.name if link else "-",
                 )  # fmt: skip
                 self._guardian_note(f"journal {self.journal.path}")
+                if self.scratch is not None:
+                    self.journal.update(dump_dir=str(self.scratch))
                 self._guardian_enclaves(handed)
                 if begin is not None:
                     ready = control.call(begin, "ready")
@@ -456,12 +461,20 @@ def migrate(opts: MigrateOptions) -> MigrationOutcome:
 
     opts.identity.check()
     own_dir = opts.work_dir is None
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
-    dump_dir = Path(tempfile.mkdtemp(prefix="migsgx-dump-", dir=base)) if own_dir else opts.work_dir
-    assert dump_dir is not None
-    dump_dir.mkdir(parents=True, exist_ok=True)
+    # Tools killed before us left their images in RAM: theirs go first (never a live one's).
+    for path in sweep_dump_dirs():
+        log.info("removed a dead tool's images directory %s", path)
+    migration = _Migration(opts)
+    if own_dir and not opts.keep_images:
+        # Made once the guardian knows its name (which it removes if this tool dies).
+        dump_dir = migration.scratch = dump_dir_path()
+    else:
+        kept = make_dump_dir(keep=True) if own_dir else opts.work_dir
+        assert kept is not None
+        dump_dir = kept
+        dump_dir.mkdir(parents=True, exist_ok=True)
     try:
-        outcome = _Migration(opts).run(dump_dir)
+        outcome = migration.run(dump_dir)
     except CriuError as exc:
         # CRIU failed before the commit point (a dump, a damaged page stream, a
         # restore): it resumed the source, and nothing runs on the destination.

@@ -66,12 +66,19 @@ class _DecisionSteps(_EnclaveSteps):
             self.note("resumed")
             if self.journal is not None:
                 self.journal.update(phase="done")
+            # (the committed source enclaves still hold their state and a duplicate of
+            # their connection: ``migsgx recover`` releases them if nobody else does)
+            self._inject(self._fault("tool.before-release"))
+            released = 0
             for transfer in self.transfers:
                 try:
                     assert transfer.outgoing is not None
                     transfer.outgoing.release()
+                    released += 1
                 except MigSGXError as exc:
                     log.warning("enclave %d: release: %s", transfer.handed.index, exc)
+            if self.journal is not None and released == len(self.transfers):
+                self.journal.update(holders=[])  # (they wiped and exited: none holds any)
         else:
             self.resume_sent = True
             if self.guardian is not None:
@@ -127,6 +134,7 @@ class _DecisionSteps(_EnclaveSteps):
         for transfer in self.transfers:
             assert transfer.outgoing is not None
             transfer.outgoing.join_group(self.group_id)
+        self._inject(self._fault("tool.after-group"))
         for transfer in self.transfers:
             if self.committed:
                 self._inject(self._fault("tool.between-commits"))

@@ -21,7 +21,7 @@ from ..errors import MigSGXError
 from ..system.process import pid_exists as alive
 from .journal import Journal
 
-__all__ = ["alive", "give_back", "is_guardian", "lost_detail", "signal_all"]
+__all__ = ["alive", "end_fenced", "give_back", "is_guardian", "lost_detail", "signal_all"]
 
 log = logging.getLogger("migsgx.recover")
 
@@ -63,6 +63,18 @@ def signal_all(pids: list[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+def end_fenced(journal: Journal) -> None:
+    """A committed source tree that is still fenced goes: it must never run again.
+
+    For a tool that died after the destination ran and before CRIU ended the
+    tree (it does once its post-dump step returns).  Only the recorded pids
+    that are still stopped (the fence) are killed: one that runs is not the
+    fenced task any more.
+    """
+
+    signal_all([p for p in journal.fenced if _state(p) in ("T", "t")], signal.SIGKILL)
 
 
 def give_back(journal: Journal) -> None:

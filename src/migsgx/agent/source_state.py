@@ -159,6 +159,8 @@ class _MigrationState:
         self._journal_lock = threading.Lock()
         self.lazy: LazyDump | None = None
         self.plan: DumpPlan | None = None
+        #: The tool's own images directory (removed by whoever outlives a killed tool).
+        self.scratch: Path | None = None
         self.window_seconds: float | None = None
         self.memory: MemoryPath | None = None
         #: A failed enclave stream stops CRIU's dump at once (the source runs again).
@@ -227,8 +229,10 @@ class _MigrationState:
             kill_dead([t.handed.info.pid for t in self.transfers])
         elif action == "kill-criu" and self.lazy is not None:
             self.lazy.stop()  # post-copy: the only server of the pages still missing dies
-        elif action == "kill-source-platform":
+        elif action in ("kill-source-platform", "kill-source-platform-and-tool"):
             kill_dead([socket_owner(self.opts.identity.directory.parent / "enclave.sock")])
+            if action == "kill-source-platform-and-tool":
+                os.kill(os.getpid(), signal.SIGKILL)
         elif action is not None and action.endswith("-control") and self.control is not None:
             # A network fault of the control connection (no process dies).
             connection_fault(self.control.sock, action.removesuffix("-control"))

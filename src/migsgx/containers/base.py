@@ -159,6 +159,12 @@ class RestoreRequest:
     #: Post-copy: restore with CRIU lazy pages (a ``criu lazy-pages`` daemon serves
     #: the missing memory from the images directory's socket).
     lazy_pages: bool = False
+    #: The session the restore is for (hex): a driver that can marks what it makes
+    #: with it, so that :meth:`Driver.remove_made` removes only what it made.
+    owner: str = ""
+    #: Called once the engine made the workload, before the driver checks it
+    #: (fault injection: the agent's death inside the restore).
+    made: Callable[[], None] | None = None
 
 
 @dataclass
@@ -203,6 +209,18 @@ class Driver(Protocol):
     def restore(self, request: RestoreRequest) -> Restored: ...
 
     def discard(self, restored: Restored) -> None: ...
+
+    def remove_made(self, handle: Mapping[str, Any], owner: str, *, keep_running: bool) -> str:
+        """Remove what a restore for session ``owner`` made of the workload ``handle``
+        names (engine entry, bundle, pod namespace); what was removed, for the log.
+
+        For a dead agent's record, which may be damaged or forged: nothing is
+        removed unless the driver's own mark proves that a restore for
+        ``owner`` made it and the agent never resumed it; else a
+        :class:`ContainerError`, and nothing is changed.  ``keep_running``:
+        leave a workload whose tree the engine still reports live.
+        """
+        ...
 
     def reclaim(self, handle: Mapping[str, Any], pid: int) -> Restored:
         """The held workload a dead agent restored, recorded as ``handle`` with root ``pid``.

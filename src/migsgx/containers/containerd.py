@@ -44,6 +44,7 @@ from typing import Any, ClassVar, Final
 
 from ..criu import log_excerpt
 from ..errors import MigSGXError, ProtocolError
+from . import owner as _owner
 from .admission import SpecPolicy
 from .base import (
     ContainerError,
@@ -327,6 +328,8 @@ class ContainerdDriver:
             raise ProtocolError(f"the root file system's changes exceed {MAX_RW_BYTES} bytes")
         criu_config = self._conf_dir() / f"{cid}.criu.conf"
         write_criu_config(criu_config, tcp_close=request.tcp_close)
+        mark = _owner.mark_path(self._conf_dir(), cid)
+        _owner.write(mark, request.owner)
         joined = joined_host_netns(spec)
         here = self._localization(cid, spec, criu_config)
         ref = f"migsgx.local/checkpoint/{cid}:{secrets.token_hex(4)}"
@@ -358,6 +361,8 @@ class ContainerdDriver:
                 found = re.search(r"log file: (/\S+/restore\.log)", str(exc))
                 detail = log_excerpt(Path(found.group(1))) if found else ""
                 raise ContainerError(f"{exc}\n{detail}".rstrip()) from exc
+            if request.made is not None:
+                request.made()
             task = self.ctr.task(cid)
             if task is None or task[0] <= 0:
                 raise ContainerError(f"containerd restored {cid} but it has no process")
@@ -367,6 +372,7 @@ class ContainerdDriver:
             if made:
                 with contextlib.suppress(MigSGXError):
                     self.ctr.remove(cid)
+            _owner.clear(mark)
             raise
         finally:
             if made:
@@ -374,7 +380,32 @@ class ContainerdDriver:
             shutil.rmtree(work, ignore_errors=True)
             with contextlib.suppress(OSError):
                 criu_config.unlink()  # a later checkpoint of this container must not see it
-        return Restored(pid=task[0], label=f"containerd container {cid}", handle={"id": cid})
+        return self._restored(cid, task[0])
+
+    def remove_made(self, handle: Mapping[str, Any], owner: str, *, keep_running: bool) -> str:
+        if set(handle) != {"id"}:
+            raise ContainerError(f"not a containerd container's record: {sorted(handle)}")
+        cid = check_name(handle["id"], "container id")
+        task = self.ctr.task(cid) if self.ctr.info(cid) is not None else None
+        live = task is not None and task[1] in ("RUNNING", "PAUSED") and _owner.alive(task[0])
+        if task is not None and keep_running and live:
+            return f"nothing (containerd container {cid} is {task[1]}, pid {task[0]})"
+        mark = _owner.mark_path(self._conf_dir(), cid)
+        _owner.check(mark, owner, f"containerd container {cid}")
+        known = cid in self.ctr.containers()
+        try:
+            if known:
+                self.ctr.remove(cid)
+        finally:
+            _owner.clear(mark)
+        return f"the containerd container {cid}" if known else f"the mark of {cid} (no container)"
+
+    def _restored(self, cid: str, pid: int) -> Restored:
+        mark = _owner.mark_path(self._conf_dir(), cid)
+        return Restored(
+            pid=pid, label=f"containerd container {cid}", handle={"id": cid},
+            before_resume=lambda: _owner.clear(mark),
+        )  # fmt: skip
 
     def reclaim(self, handle: Mapping[str, Any], pid: int) -> Restored:
         if set(handle) != {"id"}:
@@ -385,7 +416,9 @@ class ContainerdDriver:
             raise ContainerError(
                 f"containerd container {cid} has task {task}, not the held tree (pid {pid})"
             )
-        return Restored(pid=pid, label=f"containerd container {cid}", handle={"id": cid})
+        return self._restored(cid, pid)
 
     def discard(self, restored: Restored) -> None:
-        self.ctr.remove(str(restored.handle["id"]))
+        cid = str(restored.handle["id"])
+        self.ctr.remove(cid)
+        _owner.clear(_owner.mark_path(self._conf_dir(), cid))

@@ -110,6 +110,9 @@ class PidDriver:
     def discard(self, restored: Restored) -> None:
         kill_tree(restored.pid)
 
+    def remove_made(self, handle: Mapping[str, Any], owner: str, *, keep_running: bool) -> str:
+        raise ContainerError("a process tree has no engine entry to remove")
+
     def reclaim(self, handle: Mapping[str, Any], pid: int) -> Restored:
         # (the agent's record checked the tree: same pid, same start time, stopped)
         if handle or pid <= 0:

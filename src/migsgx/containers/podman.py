@@ -40,6 +40,7 @@ from typing import Any, ClassVar, Final
 
 from ..errors import MigSGXError, ProtocolError
 from ..limits import MAX_IMAGE_BYTES
+from . import owner as _owner
 from .admission import SpecPolicy, SpecRefused
 from .base import (
     ContainerError,
@@ -230,6 +231,8 @@ class PodmanDriver:
         extract_tree(request.images / PODMAN_ARCHIVE, work, limit=MAX_IMAGE_BYTES)
         criu_config = self._conf_dir() / f"{name}.criu.conf"
         write_criu_config(criu_config, tcp_close=request.tcp_close)
+        mark = _owner.mark_path(self._conf_dir(), name)
+        _owner.write(mark, request.owner)
         made = False
         try:
             self.localize_archive(work, criu_config, engine_in_netns=True)
@@ -246,6 +249,8 @@ class PodmanDriver:
                                 prefix=["nsenter", f"--net={netns}"])  # fmt: skip
             podman("container", "restore", "--file-locks", "--import", str(archive),
                    what=f"podman restore {name}", timeout=600)  # fmt: skip
+            if request.made is not None:
+                request.made()
             info = self.podman.inspect(name)
             state = (info or {}).get("State") or {}
             if not state.get("Pid"):
@@ -254,17 +259,13 @@ class PodmanDriver:
             if made:
                 with contextlib.suppress(MigSGXError):
                     self.podman.remove(name)
+            _owner.clear(mark)
             raise
         finally:
             with contextlib.suppress(OSError):
                 criu_config.unlink()  # a later checkpoint of this container must not see it
         conmon = int(state.get("ConmonPid") or 0)
-        return Restored(
-            pid=int(state["Pid"]),
-            label=f"podman container {name}",
-            handle={"name": name},
-            adopt=[conmon] if conmon > 0 else [],
-        )
+        return self._restored(name, int(state["Pid"]), conmon)
 
     def _localization(
         self,
@@ -340,6 +341,35 @@ class PodmanDriver:
         (work / "config.dump").write_text(json.dumps(container))
         (work / "spec.dump").write_text(json.dumps(runtime))
 
+    def remove_made(self, handle: Mapping[str, Any], owner: str, *, keep_running: bool) -> str:
+        if set(handle) != {"name"}:
+            raise ContainerError(f"not a podman container's record: {sorted(handle)}")
+        name = check_name(handle["name"])
+        info = self.podman.inspect(name)
+        state = ((info or {}).get("State")) or {}
+        pid = int(state.get("Pid") or 0)
+        live = state.get("Status") in ("running", "paused") and _owner.alive(pid)
+        if info is not None and keep_running and live:
+            return f"nothing (podman container {name} is {state.get('Status')}, pid {pid})"
+        mark = _owner.mark_path(self._conf_dir(), name)
+        _owner.check(mark, owner, f"podman container {name}")
+        try:
+            if info is not None:
+                self.podman.remove(name)
+        finally:
+            _owner.clear(mark)
+        return f"the podman container {name}" if info else f"the mark of {name} (no container)"
+
+    def _restored(self, name: str, pid: int, conmon: int) -> Restored:
+        mark = _owner.mark_path(self._conf_dir(), name)
+        return Restored(
+            pid=pid,
+            label=f"podman container {name}",
+            handle={"name": name},
+            adopt=[conmon] if conmon > 0 else [],
+            before_resume=lambda: _owner.clear(mark),
+        )
+
     def reclaim(self, handle: Mapping[str, Any], pid: int) -> Restored:
         if set(handle) != {"name"}:
             raise ContainerError(f"not a podman container's record: {sorted(handle)}")
@@ -351,15 +381,12 @@ class PodmanDriver:
                 f"not the held tree (pid {pid})"
             )
         conmon = int(state.get("ConmonPid") or 0)
-        return Restored(
-            pid=pid,
-            label=f"podman container {name}",
-            handle={"name": name},
-            adopt=[conmon] if conmon > 0 else [],
-        )
+        return self._restored(name, pid, conmon)
 
     def discard(self, restored: Restored) -> None:
-        self.podman.remove(str(restored.handle["name"]))
+        name = str(restored.handle["name"])
+        self.podman.remove(name)
+        _owner.clear(_owner.mark_path(self._conf_dir(), name))
 
 
 def drop_export_leftovers(static: Path) -> None:

@@ -76,6 +76,8 @@ log = logging.getLogger("migsgx.containers")
 
 RUNC_CONFIG: Final = "migsgx-runc-config.json"
 RUNC_ROOTFS: Final = "migsgx-runc-rootfs.tar"
+#: In a bundle restore made: the session it was made for, until the container is resumed.
+OWNER_MARK: Final = "migsgx-owner"
 
 
 class RuncDriver:
@@ -257,6 +259,10 @@ class RuncDriver:
             bundle.mkdir(mode=0o700)
         except FileExistsError as exc:
             raise ContainerError(f"a bundle for {cid} exists on this host: {bundle}") from exc
+        # Which session made this bundle (and the container run from it): a restarted
+        # agent removes only what this mark proves its restore made (remove_made).
+        owner = bundle / OWNER_MARK
+        owner.write_text(request.owner)
         criu_config = bundle / "criu-restore.conf"
         made = False
         pod: Path | None = None
@@ -290,6 +296,8 @@ class RuncDriver:
                 runc = Runc(runc.root, runc.criu, prefix=["nsenter", f"--net={netns}"])
             runc.restore(cid, bundle, request.images, request.images,
                          lazy_pages=request.lazy_pages)  # fmt: skip
+            if request.made is not None:
+                request.made()
             state = self.runc.state(cid)
             if state is None:
                 raise ContainerError(f"runc restored {cid} but does not know it")
@@ -307,12 +315,7 @@ class RuncDriver:
         finally:
             with contextlib.suppress(OSError):
                 criu_config.unlink()  # a later checkpoint of this container must not see it
-        return Restored(
-            pid=pid,
-            label=f"runc container {cid}",
-            handle={"id": cid, "bundle": str(bundle), "netns": str(pod) if pod else ""},
-            before_resume=(lambda: podnet.open_taken(pod)) if pod is not None else None,
-        )
+        return _restored(cid, pid, bundle, pod)
 
     def reclaim(self, handle: Mapping[str, Any], pid: int) -> Restored:
         if not set(handle) <= {"id", "bundle", "netns"}:
@@ -335,12 +338,46 @@ class RuncDriver:
             )
         if Path(str(state.get("bundle"))) != bundle or handle.get("bundle") != str(bundle):
             raise ContainerError(f"runc container {cid} is not the one restored from {bundle}")
-        return Restored(
-            pid=pid,
-            label=f"runc container {cid}",
-            handle={"id": cid, "bundle": str(bundle), "netns": str(pod) if pod else ""},
-            before_resume=(lambda: podnet.open_taken(pod)) if pod is not None else None,
-        )
+        return _restored(cid, pid, bundle, pod)
+
+    def remove_made(self, handle: Mapping[str, Any], owner: str, *, keep_running: bool) -> str:
+        cid = self._made_for(check_name(handle.get("id"), "container id"), owner)
+        bundle = self.bundles() / cid
+        state = self.runc.state(cid)
+        if state is not None and keep_running and state.get("status") in ("running", "paused"):
+            pid = int(state.get("pid") or 0)
+            if pid > 0 and Path(f"/proc/{pid}").exists():
+                return f"nothing (runc container {cid} is {state.get('status')}, pid {pid})"
+        if not owner or _mark(bundle) != owner:
+            raise ContainerError(
+                f"runc container {cid}: no bundle {bundle} made for this session and never "
+                "resumed: not this agent's to remove"
+            )
+        if state is not None and Path(str(state.get("bundle"))) != bundle:
+            raise ContainerError(f"runc container {cid} runs from another bundle than {bundle}")
+        pod = podnet.NETNS_DIR / podnet.pod_netns_name(self.host.settings.pod_netns_prefix, cid)
+        removed = [f"the runc container {cid}"] if state is not None else []
+        try:
+            if state is not None:
+                self.runc.delete(cid)
+        finally:
+            shutil.rmtree(bundle, ignore_errors=True)
+            if pod.exists():
+                podnet.give_up(pod)  # (its name comes from the id; only restore makes it)
+                removed.append(f"its pod namespace {pod.name}")
+        return ", ".join([*removed, f"its bundle {bundle}"])
+
+    def _made_for(self, cid: str, owner: str) -> str:
+        """``cid``, or else the container whose bundle the mark says a restore made for
+        ``owner`` (a record whose name is damaged still finds what its session made)."""
+
+        if not owner or _mark(self.bundles() / cid) == owner:
+            return cid
+        with contextlib.suppress(OSError):
+            for bundle in self.bundles().iterdir():
+                if _mark(bundle) == owner:
+                    return bundle.name
+        return cid
 
     def discard(self, restored: Restored) -> None:
         cid = str(restored.handle["id"])
@@ -350,6 +387,33 @@ class RuncDriver:
             shutil.rmtree(restored.handle["bundle"], ignore_errors=True)
             if restored.handle.get("netns"):
                 podnet.give_up(Path(restored.handle["netns"]))
+
+
+def _mark(bundle: Path) -> str:
+    """The session a bundle was made for while its container is held ("" if none)."""
+
+    try:
+        return (bundle / OWNER_MARK).read_text(errors="replace")[:64]
+    except OSError:
+        return ""
+
+
+def _restored(cid: str, pid: int, bundle: Path, pod: Path | None) -> Restored:
+    """A held runc container; once it is resumed its bundle no longer says who made
+    it (a record that names it later, forged or stale, does not remove it)."""
+
+    def before_resume() -> None:
+        with contextlib.suppress(OSError):
+            (bundle / OWNER_MARK).unlink()
+        if pod is not None:
+            podnet.open_taken(pod)
+
+    return Restored(
+        pid=pid,
+        label=f"runc container {cid}",
+        handle={"id": cid, "bundle": str(bundle), "netns": str(pod) if pod else ""},
+        before_resume=before_resume,
+    )
 
 
 def netns_path(config: Mapping[str, Any]) -> Path | None:

@@ -115,9 +115,13 @@ class CheckpointOut:
         *,
         chunk_size: int = DEFAULT_CHUNK,
         slots: int = DEFAULT_SLOTS,
+        group: bytes = b"",
     ) -> None:
         self.link = EnclaveLink(sock)
         self.info = info
+        #: The checkpoint's group when several enclaves checkpoint together (16
+        #: bytes): the store then binds their gates' decisions to each other.
+        self.group = group
         self.image_files = dict(image_files)
         self.chunk_size = chunk_size
         self.slots = slots
@@ -128,7 +132,7 @@ class CheckpointOut:
         image_path, key_path, state_path, meta_path = _paths(directory, index)
         t0 = time.perf_counter()
         try:
-            started = self.link.call("__ckpt_out")
+            started = self.link.call("__ckpt_out", *([self.group] if self.group else []))
             _write_durably(image_path, cbor2.dumps(self.image_files))
             _write_durably(key_path, started["key"])
             ring = ShmRing.create(self.slots, self.chunk_size + TAG_SIZE, RingRole.CONSUMER)
@@ -177,12 +181,18 @@ class CheckpointOut:
         self._finished = True
 
     def abort(self) -> socket.socket:
-        """The source enclave resumes with its state; returns its connection."""
+        """The source enclave resumes with its state; returns its connection.
+
+        Called only by a driver that saw no enclave of the checkpoint commit
+        (it drives every commit), so it says so (``none_committed``): in a group
+        the abort then goes ahead even if the platform store cannot record it
+        (its gate stays pending, which never restores).
+        """
 
         if not self._finished:
             self._finished = True
             with contextlib.suppress(MigSGXError, OSError):
-                self.link.call("__mig_abort", "checkpoint abandoned")
+                self.link.call("__mig_abort", "checkpoint abandoned", True)
         return self.link.sock
 
 

@@ -18,6 +18,15 @@ under the runtime-reserved name ``!ckpt-<id>``) beside a gate counter:
   go) in the same atomic update that installs the persistent state: at most
   once, and never while the source may still run.
 
+The enclaves of one application checkpoint together: the first committed gate
+is the commit point of them all.  Their gates are therefore created tagged with
+the checkpoint's *group* (16 random bytes the driver gives every enclave), and
+in a group the commit and the abort are each recorded as a decision of the
+platform store (``docs/spec/commit.md``, 1.1) in the same atomic write that
+moves the gate: the store refuses an abort once a sibling committed, and a
+commit once a sibling aborted, so no race of a commit and an abort splits the
+checkpoint.
+
 On another host, or in an enclave the migration policy does not allow, the
 key file does not unseal; on this host nothing restores without its gate.
 Root on an emulated host could roll the store file back (as for counters; on
@@ -67,6 +76,8 @@ class Checkpoint:
     gate_counter: str
     gate_blob: bytes = field(repr=False)
     streams: StreamChannel = field(repr=False)
+    #: The checkpoint's group (16 bytes), or empty for an enclave checkpointed alone.
+    group: bytes = b""
 
     @property
     def gate_name(self) -> str:
@@ -93,8 +104,13 @@ def _stream_secret(checkpoint_id: bytes, file_half: bytes, share: bytes) -> byte
     return hkdf.derive(file_half + share)
 
 
-def start(instance: EnclaveInstance) -> Checkpoint:
-    """A fresh checkpoint id, its pending gate on this host, and the sealed key file."""
+def start(instance: EnclaveInstance, group: bytes = b"") -> Checkpoint:
+    """A fresh checkpoint id, its pending gate on this host, and the sealed key file.
+
+    ``group``: the checkpoint's group when several enclaves checkpoint together;
+    the gate is created tagged with it (the store keeps their decisions while
+    any gate of the group is there).
+    """
 
     services = instance.services
     checkpoint_id = os.urandom(16)
@@ -116,13 +132,13 @@ def start(instance: EnclaveInstance) -> Checkpoint:
     )
     services.persist_update(
         gate_name(checkpoint_id),
-        RecordUpdate(gate_blob, create={counter: PENDING}, expect_absent=True),
+        RecordUpdate(gate_blob, create={counter: PENDING}, expect_absent=True, group=group),
     )
     streams = StreamChannel(
         _stream_secret(checkpoint_id, file_half, share),
         migration_id=checkpoint_id, source=own, destination=own, sending=True,
     )  # fmt: skip
-    return Checkpoint(checkpoint_id, blob, counter, gate_blob, streams)
+    return Checkpoint(checkpoint_id, blob, counter, gate_blob, streams, bytes(group))
 
 
 def commit_change(
@@ -162,23 +178,27 @@ def consume_change(ckpt: Checkpoint) -> tuple[str, RecordUpdate]:
     )
 
 
+def abort_change(ckpt: Checkpoint) -> tuple[str, RecordUpdate]:
+    """An aborted checkpoint: its gate (and with it half its key) goes while still pending."""
+
+    return ckpt.gate_name, RecordUpdate(
+        None,
+        destroy=(ckpt.gate_counter,),
+        check={ckpt.gate_counter: PENDING},
+        expect=_sha256(ckpt.gate_blob),
+    )
+
+
 def destroy(instance: EnclaveInstance, ckpt: Checkpoint) -> None:
-    """An aborted checkpoint: its gate (and with it half its key) goes while still pending.
+    """An enclave checkpointed alone aborts: its gate goes (:func:`abort_change`).
 
     If the platform cannot be reached the gate stays pending, and a pending
-    gate never opens; only its record lingers.
+    gate never opens; only its record lingers.  (In a group the abort is a
+    decision, :meth:`Migrator.abort`, never best effort.)
     """
 
     with contextlib.suppress(MigSGXError, OSError):
-        instance.services.persist_update(
-            ckpt.gate_name,
-            RecordUpdate(
-                None,
-                destroy=(ckpt.gate_counter,),
-                check={ckpt.gate_counter: PENDING},
-                expect=_sha256(ckpt.gate_blob),
-            ),
-        )
+        instance.services.persist_update(*abort_change(ckpt))
 
 
 def _sha256(data: bytes) -> bytes:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import cbor2
@@ -160,6 +161,9 @@ class Migrator:
         #: (``__mig_group``): the first decision of any of them binds them all.
         self.group = b""
         self._unchecked_abort_ok = False
+        # A checkpoint's commit and abort run in threads of their own (a dead
+        # tool's commit may still run while its guardian aborts): one at a time.
+        self._ckpt_decide = threading.RLock()
 
     @property
     def persistent(self) -> PersistentState:
@@ -720,6 +724,12 @@ class Migrator:
 
         if not isinstance(none_committed, bool):
             raise ProtocolError("__mig_abort: none_committed is a boolean")
+        with self._ckpt_decide:
+            if self.committed:
+                raise CommittedError("this enclave's state was checkpointed")
+            return self._abort(reason, none_committed)
+
+    def _abort(self, reason: str, none_committed: bool) -> bytes:
         self._unchecked_abort_ok = none_committed
         frame = b""
         dc = self.dest_commit
@@ -758,9 +768,13 @@ class Migrator:
         was_source = self.role is Role.SOURCE
         was_destination = self.role is Role.DESTINATION
         pending = self._pending_persistent
-        if was_source and self.checkpoint is not None:
+        ckpt = self.checkpoint if was_source else None
+        if ckpt is not None and ckpt.group:
+            # Recorded first, with the gate's end: refused once a sibling committed.
+            self._record_checkpoint_abort(ckpt, none_committed)
+        elif ckpt is not None:
             # The source runs on: its checkpoint must never restore (a second copy).
-            checkpoints.destroy(self.instance, self.checkpoint)
+            checkpoints.destroy(self.instance, ckpt)
         self._reset()
         if was_source:
             self._dumped_parts = None  # (kept only for a re-delivery after a commit)
@@ -798,6 +812,39 @@ class Migrator:
                     f"store failed: {getattr(exc, 'code', type(exc).__name__)}); it stays "
                     "frozen: an abort after another enclave's commit would split the migration"
                 ) from exc
+
+    def _record_checkpoint_abort(self, ckpt: checkpoints.Checkpoint, unchecked_ok: bool) -> None:
+        """A grouped checkpoint's abort: decided in the store with its gate's end, or not at all.
+
+        The store refuses it (:class:`GroupDecidedError`) once another enclave
+        of the checkpoint committed its gate: that was the commit point, so this
+        one stays frozen, its gate pending, until it commits too (``__ckpt_commit``,
+        the guardian's or ``migsgx recover --checkpoint``'s roll-forward).  As
+        for a migration group (``docs/spec/commit.md``, 1.1 rule 4) an abort the
+        store could not check changes nothing (:class:`GroupUncheckedError`),
+        unless the caller saw no commit of the group (``none_committed``).
+        """
+
+        decision = Decision(ckpt.checkpoint_id, "abort", b"", group=ckpt.group)
+        try:
+            held = self.instance.services.decide(decision, [checkpoints.abort_change(ckpt)])
+        except GroupDecidedError as exc:
+            raise GroupDecidedError(
+                "another enclave of this checkpoint committed its gate first: this one stays "
+                "frozen until it commits too"
+            ) from exc
+        except (MigSGXError, OSError) as exc:
+            if unchecked_ok:
+                return  # (the gate stays pending, which never restores)
+            raise GroupUncheckedError(
+                "this checkpoint's group could not be checked (the platform store failed: "
+                f"{getattr(exc, 'code', type(exc).__name__)}); the enclave stays frozen"
+            ) from exc
+        if held.kind == "commit":
+            # Its own commit was recorded and the answer lost: the state is given up.
+            self.committed = True
+            self.instance.retire("this enclave's state was checkpointed")
+            raise CommittedError("this enclave's checkpoint was committed before")
 
     def status(self) -> dict[str, Any]:
         return {
@@ -866,12 +913,19 @@ class Migrator:
         self.group = b""
 
     # --- checkpoints: a migration whose destination is a file ------------------------
-    def ckpt_out(self) -> dict[str, Any]:
-        """Source: a sealed stream secret and a fresh checkpoint id; the dump follows."""
+    def ckpt_out(self, group: bytes = b"") -> dict[str, Any]:
+        """Source: a sealed stream secret and a fresh checkpoint id; the dump follows.
 
+        ``group`` (16 bytes): the checkpoint of several enclaves this one is part
+        of; its gate is created in that group, and its commit and abort are the
+        group's decisions (``docs/spec/checkpoint.md``, section 3, step 6).
+        """
+
+        if not isinstance(group, bytes) or len(group) not in (0, 16):
+            raise ProtocolError("a checkpoint group id has 16 bytes")
         if self.role is not None:
             raise ProtocolError("a migration is already in progress")
-        self.checkpoint = checkpoints.start(self.instance)
+        self.checkpoint = checkpoints.start(self.instance, group)
         self.role = Role.SOURCE
         return {"id": self.checkpoint.checkpoint_id, "key": self.checkpoint.sealed_key}
 
@@ -882,17 +936,37 @@ class Migrator:
         committed gate (empty: none).
         """
 
-        if self.checkpoint is None or self.role is not Role.SOURCE or not self.dumped:
+        with self._ckpt_decide:
+            self._ckpt_commit(meta)
+
+    def _ckpt_commit(self, meta: bytes) -> None:
+        ckpt = self.checkpoint
+        if ckpt is None or self.role is not Role.SOURCE or not self.dumped or self.committed:
             raise ProtocolError("no completed checkpoint to commit")
         if not isinstance(meta, bytes) or len(meta) not in checkpoints.META_SIZES:
             raise ProtocolError("the checkpoint metadata digest is 32 bytes or empty")
-        if self.checkpoint.streams.busy:
+        if ckpt.streams.busy:
             raise ProtocolError("a stream of the checkpoint is still being sealed")
         # One platform update: the record retires and the checkpoint's gate opens.
-        self.persistent.retire(
-            "this enclave's persistent state was checkpointed",
-            also=[checkpoints.commit_change(self.instance, self.checkpoint, meta)],
-        )
+        reason = "this enclave's persistent state was checkpointed"
+        opening = checkpoints.commit_change(self.instance, ckpt, meta)
+        if not ckpt.group:
+            self.persistent.retire(reason, also=[opening])
+        else:
+            # In a group, with the group's decision: refused once a sibling aborted.
+            decision = Decision(ckpt.checkpoint_id, "commit", b"", group=ckpt.group)
+
+            def record(retire: Sequence[tuple[str, RecordUpdate]]) -> None:
+                if self.instance.services.decide(decision, retire).kind != "commit":
+                    raise CheckpointGateError("this checkpoint was aborted before")
+
+            try:
+                self.persistent.retire_with(reason, record, also=[opening])
+            except GroupDecidedError as exc:
+                raise GroupDecidedError(
+                    "another enclave of this checkpoint aborted first: this one cannot "
+                    "commit (it may abort)"
+                ) from exc
         self.committed = True
         self.instance.retire("this enclave's state was checkpointed")
         self._exit_thread = threading.get_ident()

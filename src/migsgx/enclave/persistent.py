@@ -44,6 +44,7 @@ from ..errors import (
     CounterError,
     EnclaveBusyError,
     FrozenError,
+    GroupDecidedError,
     PersistentStateError,
     RollbackError,
     SealError,
@@ -517,6 +518,8 @@ class PersistentState:
             )
             try:
                 result = write([(self._name, update), *also])
+            except GroupDecidedError:
+                raise  # (the group's first decision stands: not a conflict of this record)
             except CounterError as exc:
                 raise PersistentStateError(
                     "the persistent state was taken over by another instance; not retired"

@@ -77,6 +77,8 @@ class MigrateRun:
     stdout: str
     stderr: str
     seconds: float
+    #: The tool's pid (``ip netns exec`` execs it: the pid it was started with).
+    pid: int = 0
 
 
 @dataclass
@@ -94,6 +96,8 @@ class Testbed:
     agents: list[AgentProcess] = field(init=False, default_factory=list)
     apps: list[AppProcess] = field(init=False, default_factory=list)
     images: dict[str, Path] = field(init=False, default_factory=dict)
+    #: Every ``migsgx migrate`` run so far (what a test checks was left behind).
+    tool_runs: list[MigrateRun] = field(init=False, default_factory=list)
 
     # --- set up and tear down ----------------------------------------------------------------
     def __enter__(self) -> Testbed:
@@ -261,20 +265,28 @@ class Testbed:
             "--to", agent.target, "--state", str(self.state(name)), "--json", *args,
         ]  # fmt: skip
         t0 = time.monotonic()
-        proc = subprocess.run(
+        with subprocess.Popen(
             self.net[name].command(argv),
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout,
             env=_env(env),
             stdin=subprocess.DEVNULL,
-        )
+        ) as proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise
         seconds = time.monotonic() - t0
         stats = None
         if proc.returncode == 0:
             with contextlib.suppress(ValueError):
-                stats = json.loads(proc.stdout)
-        return MigrateRun(proc.returncode, stats, proc.stdout, proc.stderr, seconds)
+                stats = json.loads(stdout)
+        run = MigrateRun(proc.returncode, stats, stdout, stderr, seconds, proc.pid)
+        self.tool_runs.append(run)
+        return run
 
 
 def _env(extra: Mapping[str, str] | None) -> dict[str, str]:

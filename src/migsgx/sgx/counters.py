@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import os
 import re
+import sys
 import threading
 import time
 import uuid
@@ -81,6 +82,12 @@ class RecordUpdate:
     none), so no update overwrites or deletes a record its writer has not
     seen.  Then the counters change and the record is replaced by ``record``,
     or deleted when ``record`` is None.
+
+    ``group`` (16 bytes, only when the record is created) tags the record with
+    a decision group: a checkpoint's gate, created pending, names the group of
+    the checkpoint's enclaves, so that the store binds their decisions to each
+    other (:meth:`CounterStore.decide`) for as long as a gate of the group is
+    there.  A replaced record keeps its tag; nothing else reads it.
     """
 
     record: bytes | None
@@ -90,9 +97,16 @@ class RecordUpdate:
     check: Mapping[str, int] = field(default_factory=dict)
     expect_absent: bool = False
     expect: bytes | None = None
+    group: bytes = b""
+
+    def __post_init__(self) -> None:
+        if len(self.group) not in (0, 16):
+            raise CounterError("a decision group id has 16 bytes")
+        if self.group and not (self.expect_absent and self.record is not None):
+            raise CounterError("a record is tagged with a group only when it is created")
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "record": self.record,
             "create": dict(self.create),
             "advance": dict(self.advance),
@@ -101,6 +115,9 @@ class RecordUpdate:
             "absent": self.expect_absent,
             "expect": self.expect,
         }
+        if self.group:
+            wire["group"] = bytes(self.group)
+        return wire
 
     @classmethod
     def from_wire(cls, msg: Mapping[str, Any]) -> RecordUpdate:
@@ -123,6 +140,9 @@ class RecordUpdate:
         expect = msg.get("expect")
         if expect is not None and not (isinstance(expect, bytes) and len(expect) == 32):
             raise CounterError("a record update expects a SHA-256 digest or nothing")
+        group = msg.get("group", b"")
+        if not isinstance(group, bytes):
+            raise CounterError("a decision group id has 16 bytes")
         return cls(
             record=record,
             create=counter_map(msg.get("create")),
@@ -131,6 +151,7 @@ class RecordUpdate:
             check=counter_map(msg.get("check")),
             expect_absent=bool(msg.get("absent")),
             expect=expect,
+            group=group,
         )
 
 
@@ -214,6 +235,7 @@ def _entries_sound(
             and isinstance(r, dict)
             and isinstance(r.get("owner"), bytes)
             and isinstance(r.get("blob"), bytes)
+            and isinstance(r.get("group", b""), bytes)
             for k, r in records.items()
         )
         and all(
@@ -246,9 +268,8 @@ class CounterStore:
         self._path = Path(path)
         self._lock = threading.Lock()
         self._lock_path = self._path.with_name(self._path.name + ".lock")
-        if not self._path.exists():
-            empty = {"v": 1, "counters": {}, "records": {}, "decisions": {}, "claims": []}
-            write_private(self._path, cbor2.dumps(empty))
+        empty = {"v": 1, "counters": {}, "records": {}, "decisions": {}, "claims": []}
+        _create_once(self._path, _FileLock(self._lock, self._lock_path), cbor2.dumps(empty))
 
     def _load_all(self) -> dict[str, Any]:
         try:
@@ -430,6 +451,13 @@ class CounterStore:
         other kind is refused with :class:`GroupDecidedError` and changes
         nothing: once one enclave of a migration committed, no other records an
         abort (it commits too), and the other way round.
+
+        A group that tags records (a checkpoint's gates, :class:`RecordUpdate`)
+        is *bound* to them: its decisions are kept while any record of that tag
+        is there (a member that can still decide has its pending gate), and
+        dropped once none is (every gate committed and restored, or aborted),
+        so that checkpoints do not fill the store.  A migration's decisions tag
+        no record and are never dropped.
         """
 
         keys = self._check_changes(owner, retire)
@@ -442,6 +470,10 @@ class CounterStore:
                 if held.get("owner") != owner:
                     raise CounterError("this migration id was decided by another enclave")
                 return Decision.from_entry(decision.migration_id, held)
+            tags = {r.get("group") for r in data["records"].values() if r.get("group")}
+            for stale in [k for k, d in decisions.items() if d.get("bound")
+                          and d.get("group") not in tags]:  # fmt: skip
+                del decisions[stale]
             mine = sum(
                 1 for d in decisions.values() if isinstance(d, dict) and d.get("owner") == owner
             )
@@ -456,7 +488,10 @@ class CounterStore:
                 )
             for record_key, (name, update) in zip(keys, retire, strict=True):
                 self._apply(data, owner, record_key, name, update)
-            decisions[key] = {"owner": owner, **decision.to_entry()}
+            entry = {"owner": owner, **decision.to_entry()}
+            if decision.group and decision.group in tags:
+                entry["bound"] = True  # (tags as they were before this write)
+            decisions[key] = entry
             write_private(self._path, cbor2.dumps(data))
             return decision
 
@@ -576,7 +611,11 @@ class CounterStore:
         if update.record is None:
             records.pop(key, None)
         else:
-            records[key] = {"owner": owner, "name": name, "blob": bytes(update.record)}
+            entry = {"owner": owner, "name": name, "blob": bytes(update.record)}
+            group = update.group or (current or {}).get("group", b"")
+            if group:
+                entry["group"] = bytes(group)
+            records[key] = entry
 
     @staticmethod
     def _check_record_quota(records: dict[str, Any], owner: bytes, key: str, size: int) -> None:
@@ -588,6 +627,44 @@ class CounterStore:
         others = sum(len(r["blob"]) for k, r in records.items() if k != key)
         if others + size > MAX_RECORD_BYTES_TOTAL:
             raise StoreFullError("the host's persistent record store is full")
+
+
+def _create_once(path: Path, lock: _FileLock, empty: bytes) -> None:
+    """Write the empty store at ``path`` unless it exists, under the store's lock.
+
+    Two first users (the platform service, ``migsgx recover`` reading decisions)
+    may both find no store: created outside the lock, the later creator's empty
+    file would replace one the earlier had already written a decision or a
+    counter into.  Under the lock the second one looks again and finds it.
+    """
+
+    if path.exists():
+        return
+    with lock:
+        if path.exists():
+            return
+        _before_create()
+        write_private(path, empty)
+
+
+#: A test holds a store's creator between its look and its write here:
+#: ``MIGSGX_FAULT=counters.before-create:wait-file=PATH`` (the agent's fault
+#: syntax, :mod:`migsgx.agent.faults`, read here: this layer imports nothing above it).
+_CREATE_POINT = "counters.before-create"
+_CREATE_WAIT = 120.0
+
+
+def _before_create() -> None:
+    for item in os.environ.get("MIGSGX_FAULT", "").split(","):
+        point, _, action = item.strip().partition(":")
+        if point != _CREATE_POINT or not action.startswith("wait-file="):
+            continue
+        sys.stderr.write(f"migsgx fault: {point}:{action} at {time.monotonic():.6f}\n")
+        sys.stderr.flush()
+        path = Path(action.partition("=")[2])
+        deadline = time.monotonic() + _CREATE_WAIT
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 class _FileLock:
@@ -627,8 +704,8 @@ class ClaimStore:
         self._path = Path(path)
         self._lock = threading.Lock()
         self._lock_path = self._path.with_name(self._path.name + ".lock")
-        if not self._path.exists():
-            write_private(self._path, cbor2.dumps({"v": 1, "claims": []}))
+        empty = cbor2.dumps({"v": 1, "claims": []})
+        _create_once(self._path, _FileLock(self._lock, self._lock_path), empty)
 
     def _load(self) -> list[bytes]:
         try:

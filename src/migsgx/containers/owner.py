@@ -1,0 +1,59 @@
+"""Which session's restore made a held container: the mark a restarted agent trusts.
+
+A dead agent's ``held.json`` may be damaged or planted, so a restarted agent
+removes through an engine only what a mark in its own state directory says its
+restore made for that record's session and never resumed (``remove_made``).
+runc keeps the mark in the bundle it makes; containerd and podman, whose
+containers live in the engine's store, in ``STATE/agent/ENGINE/NAME.owner``,
+written after the engine said that no container of that name exists and before
+it is asked to restore; removed when the restore fails, when the container is
+resumed, or when it is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Final
+
+from .base import ContainerError
+
+__all__ = ["alive", "check", "clear", "mark_path", "read", "write"]
+
+SUFFIX: Final = ".owner"
+
+
+def mark_path(directory: Path, name: str) -> Path:
+    return directory / f"{name}{SUFFIX}"
+
+
+def write(path: Path, owner: str) -> None:
+    path.write_text(owner)
+
+
+def read(path: Path) -> str:
+    """The session a mark names ("" if there is none)."""
+
+    try:
+        return path.read_text(errors="replace")[:64]
+    except OSError:
+        return ""
+
+
+def clear(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def alive(pid: int) -> bool:
+    return pid > 0 and Path(f"/proc/{pid}").exists()
+
+
+def check(path: Path, owner: str, what: str) -> None:
+    """A :class:`ContainerError` unless ``path`` marks ``what`` as made for ``owner``."""
+
+    if not owner or read(path) != owner:
+        raise ContainerError(
+            f"{what}: no mark that this agent's restore made it for this session and never "
+            "resumed it: not this agent's to remove"
+        )
