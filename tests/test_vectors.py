@@ -551,3 +551,10 @@ def test_a_run_of_bytes_written_short_reads_back_the_same(plain: str) -> None:
     short = GEN.compact_hex(plain)
     assert GEN.expand_hex(short) == plain
     assert len(short) < len(plain) or short == plain
+
+
+@pytest.mark.parametrize("text", [f"<00*{(1 << 20) + 1}>", "01<00*99999999999>", "<ab*600000>" * 2])
+def test_a_run_longer_than_any_vector_is_refused_not_allocated(text: str) -> None:
+    with pytest.raises(ValueError, match="at most"):
+        GEN.expand_hex(text)
+    assert len(GEN.expand_hex("<00*1048576>")) == 2 << 20  # (the most there may be)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 
@@ -14,7 +15,9 @@ def write_private(path: Path, data: bytes, *, mode: int = 0o600, sync: bool = Tr
     (the page cache outlives it), not across a crash of the host.
     """
 
-    _replace_durably(path, path.with_name(f".{path.name}.tmp{os.getpid()}"), data, mode, sync)
+    # (a temporary name of this thread's own: two writers never share one)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    _replace_durably(path, tmp, data, mode, sync)
 
 
 def write_durably(path: Path, data: bytes, *, mode: int = 0o644) -> None:
@@ -29,7 +32,12 @@ def _replace_durably(path: Path, tmp: Path, data: bytes, mode: int, sync: bool =
     """``data`` into ``tmp``, synced, renamed over ``path``, the directory synced (the
     syncs left out with ``sync=False``)."""
 
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    # A file already at ``tmp`` (left by a crash, or put there by anyone who may write
+    # the directory) is not written through: it would keep its owner and mode (an
+    # open file's mode is set only when the file is made), and its contents would be
+    # renamed into place.  A fresh file, or an error.
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -619,6 +619,56 @@ def test_enclave_stream_failing_mid_dump_cuts_the_engines_criu(
     finish(lab, app, expect="src")
 
 
+def test_tool_killed_while_the_fault_holds_criu_leaves_no_criu_stopped(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    """``flip-byte-in-dump`` stops runc's CRIU mid-dump (SIGSTOP) until the tool's cancel;
+    the tool is killed right then, so no cancel comes.  Its guardian continues the
+    CRIU it was told of (else CRIU stays stopped with the container's tasks seized,
+    and the container frozen, for good), gives the source back, and the images
+    tmpfs goes: the source answers with every write, the destination lets go."""
+
+    app = lab.start_app("runc", "kvstore", ["--ballast", "128"])
+    assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
+    digest = lab.ask(app, "DIGEST", at="src")
+    argv = [sys.executable, "-m", "migsgx", "migrate", "--to", agent.target,
+            "--state", str(bed.state("src")), "--runc", app.name]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "MIGSGX_FAULT": f"tool.enclave-stream:flip-byte-in-dump={1 << 20}"}  # fmt: skip
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2] / "src")
+    tool = subprocess.Popen(bed.net["src"].command(argv), env=env, text=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert tool.stderr is not None
+        seen = []
+        for line in tool.stderr:
+            seen.append(line)
+            if "tool.enclave-stream:mid-dump at" in line:
+                tool.kill()  # (CRIU is stopped by now)
+                break
+        assert tool.wait(timeout=60) == -9, "".join(seen)
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+            tool.wait()
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(OSError):  # (not answering yet: frozen)
+            if lab.ask(app, "DIGEST", at="src") == digest:
+                break
+        assert time.monotonic() < deadline, "the source never ran again (CRIU left stopped?)"
+        time.sleep(0.05)
+    wait_until(lambda: app.name not in lab.containers("dst", "runc"), 30, "dst to let go")
+    wait_until(
+        lambda: not [m for m, pid in leftover_mounts(Path("/proc/self/mountinfo").read_text())
+                     if pid == tool.pid],
+        30, "the guardian to unmount the dead tool's images tmpfs",
+    )  # fmt: skip
+    check_source_runs_on(lab, app, digest)
+    finish(lab, app, expect="src")
+
+
 @pytest.mark.parametrize("engine", ["runc", "podman"])
 def test_corrupted_enclave_stream_stops_the_container_dump(
     bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str

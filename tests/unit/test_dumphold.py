@@ -66,3 +66,38 @@ def test_criu_is_held_from_the_first_mib_of_pages_until_the_cancel(
     cancel.cancel("an enclave stream failed")
     assert _state_becomes(criu.pid, "SR")  # continued by the cancel's stops
     assert cancel.cut == 0  # (continuing CRIU is no cut of its own)
+
+
+def test_criu_held_by_a_tool_that_died_is_continued_by_its_guardian(
+    tmp_path: Path, criu: subprocess.Popen[str]
+) -> None:
+    """No cancel ever comes (the tool was killed while it held CRIU): the guardian's
+    notes name the held CRIU, and it continues that one process only."""
+
+    import os
+    import signal
+
+    from migsgx.agent.dumphold import release_noted
+    from migsgx.agent.held import start_time
+
+    notes: list[str] = []
+    hold = MidDumpHold(lambda: tmp_path, lambda: None, notes.append)
+    (tmp_path / "pages-1.img").write_bytes(b"\1" * PAGES_WRITTEN)
+    assert hold()
+    assert _state_becomes(criu.pid, "T")
+    assert notes == [f"criu-held {criu.pid} {start_time(criu.pid)}"]
+    # Not the noted process (another start time), or not CRIU: left as it is.
+    stale = f"criu-held {criu.pid} {start_time(criu.pid) + 1}"
+    assert release_noted([stale, "criu-held x 1", "criu-held \u00b2 1", "criu-held"]) == []
+    other = subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE)
+    try:
+        os.kill(other.pid, signal.SIGSTOP)
+        assert _state_becomes(other.pid, "T")
+        noted = [*notes, f"criu-held {other.pid} {start_time(other.pid)}"]
+        assert process_state(criu.pid) == "T"
+        assert release_noted(noted) == [criu.pid]
+        assert _state_becomes(criu.pid, "SR")
+        assert process_state(other.pid) == "T"
+    finally:
+        other.kill()
+        other.wait()

@@ -161,6 +161,7 @@ def test_a_damaged_held_record_is_refused_or_usable(scratch: Path, raw: bytes) -
     session = scratch / "work" / "s"
     session.mkdir(parents=True, exist_ok=True)
     (session / RECORD).write_bytes(raw)
+    (session / RECORD).chmod(0o600)  # (as the agent writes it; anyone else's is not read)
     loaded = _only_migsgx_errors(lambda: HeldRecord.load(session / RECORD))
     [(where, record)] = held_records(scratch / "work")
     assert where == session

@@ -172,3 +172,51 @@ def test_the_guardian_skips_a_note_it_cannot_read() -> None:
     assert _numbers(notes, "fence") == [12, 13, 14]
     assert _numbers(notes, "restored") == []
     assert _numbers(notes, "criu") == [7]
+
+
+def test_a_record_not_written_by_the_agent_is_not_acted_on(tmp_path: Path) -> None:
+    """A restarted agent kills, removes or adopts the tree a record names: a record that
+    anyone else could have planted (readable or writable by others, owned by another
+    user, in a session directory that is a symbolic link) is reported, nothing more."""
+
+    record = _record(os.getpid())
+    for name in ("mode", "link-target", "owner"):
+        (tmp_path / name).mkdir()
+        record.write(tmp_path / name)
+    (tmp_path / "mode" / RECORD).chmod(0o644)
+    elsewhere = tmp_path / "elsewhere"
+    (tmp_path / "link-target").rename(elsewhere)
+    (tmp_path / "link").symlink_to(elsewhere)
+    if os.geteuid() == 0:
+        os.chown(tmp_path / "owner" / RECORD, 65534, 65534)
+    found = dict(held_records(tmp_path))
+    assert found[tmp_path / "mode"] is None
+    assert found[tmp_path / "link"] is None
+    assert found[elsewhere] == record  # (the real directory, as the agent wrote it)
+    if os.geteuid() == 0:
+        assert found[tmp_path / "owner"] is None
+
+
+def test_the_agent_refuses_a_work_directory_others_may_write(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+    from typing import cast
+
+    from migsgx.agent.server import Agent
+    from migsgx.errors import ConfigError
+
+    def check(path: Path) -> None:
+        Agent._own_work_dir(cast(Agent, SimpleNamespace(config=SimpleNamespace(work_dir=path))))
+
+    check(tmp_path / "new" / "work")  # made, private
+    assert (tmp_path / "new" / "work").stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with pytest.raises(ConfigError, match="writable by nobody else"):
+        check(shared)
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(ConfigError, match="uid 65534"):
+            check(theirs)

@@ -192,3 +192,23 @@ def test_an_engines_directory_holding_files_is_left_as_it_is(tmp_path: Path) -> 
     with cuttable_engine_dir(tmp_path / "none", _plan(tmp_path, None)) as fs:  # type: ignore[arg-type]
         assert not fs.mounted  # no cancel: nothing to cut for
     assert not (tmp_path / "none").exists()
+
+
+def test_nothing_is_mounted_through_a_symbolic_link(tmp_path: Path) -> None:
+    """A link put where the directory was looked at (by whoever may write its parent)
+    must not carry the tmpfs, the container's memory, to the place it names."""
+
+    target = tmp_path / "theirs"
+    target.mkdir()
+    link = tmp_path / "checkpoint"
+    link.symlink_to(target)
+    fs = ImageFs(link)
+    try:
+        with pytest.raises(OSError, match="mount tmpfs on"):
+            fs.mount()
+        assert not fs.mounted and not os.path.ismount(target)
+    finally:
+        if os.path.ismount(target):  # (only if the test failed)
+            left = ImageFs(target)
+            left.mounted = True
+            left.unmount()

@@ -53,6 +53,9 @@ HERE = Path(__file__).resolve().parent
 FORMAT = "migsgx-vectors/2"
 #: The shortest run of one byte that a hex string writes as ``<HH*N>``.
 RUN_MIN = 32
+#: The most bytes one hex string of a vector file may expand to (the largest holds
+#: a few KiB): a planted ``<00*99999999999>`` is refused, not allocated.
+EXPANDED_MAX = 1 << 20
 _PLAIN_HEX = re.compile(r"(?:[0-9a-f]{2})+")
 _RUN_HEX = re.compile(r"(?:[0-9a-f]{2}|<[0-9a-f]{2}\*[1-9][0-9]*>)+")
 _RUN = re.compile(r"<([0-9a-f]{2})\*([0-9]+)>")
@@ -807,6 +810,10 @@ def expand_hex(text: str) -> str:
 
     if "<" not in text or not _RUN_HEX.fullmatch(text):
         return text
+    runs = _RUN.findall(text)
+    size = (len(_RUN.sub("", text)) // 2) + sum(int(n) for _, n in runs)
+    if size > EXPANDED_MAX:
+        raise ValueError(f"a vector's hex string of {size} bytes (at most {EXPANDED_MAX})")
     return _RUN.sub(lambda m: m.group(1) * int(m.group(2)), text)
 
 

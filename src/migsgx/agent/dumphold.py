@@ -12,6 +12,12 @@ continued once the dump's cancel has run its stops (a cut fills the image
 directory first), or after :data:`~.faults.WAIT_LIMIT` seconds: the failure then
 always meets CRIU mid-dump, whatever the machine's load.  ``drop-in-dump=N``:
 the same moment, and the relay shuts the stream's connection down instead.
+
+A tool killed while it holds CRIU cannot continue it: the stopped CRIU keeps the
+container's tasks seized, its engine waits on it, and the container stays
+frozen for good.  So each held CRIU is noted to the tool's guardian
+(``criu-held PID START``), which continues it once the tool is gone
+(:func:`release_noted`) before it gives the source back.
 """
 
 from __future__ import annotations
@@ -29,11 +35,14 @@ from typing import Final
 from ..criu import DumpCancel
 from ..system.process import tree_pids
 from .faults import WAIT_LIMIT
+from .held import start_time
 
-__all__ = ["PAGES_WRITTEN", "MidDumpHold"]
+__all__ = ["HELD_NOTE", "PAGES_WRITTEN", "MidDumpHold", "release_noted"]
 
 #: How much of a pages image the dump's CRIU has written when the damaged byte goes on.
 PAGES_WRITTEN: Final = 1 << 20
+#: The guardian's note of one CRIU process held: ``criu-held PID START``.
+HELD_NOTE: Final = "criu-held"
 
 
 def _comm(pid: int) -> str:
@@ -73,14 +82,19 @@ class MidDumpHold:
     the cancel (see the module docstring).
 
     ``images``: the dump's image directory (None before the dump).  ``cancel``:
-    the dump's cancel, whose stops continue CRIU.
+    the dump's cancel, whose stops continue CRIU.  ``note``: tells the tool's
+    guardian each CRIU held (continued by it if the tool dies meanwhile).
     """
 
     def __init__(
-        self, images: Callable[[], Path | None], cancel: Callable[[], DumpCancel | None]
+        self,
+        images: Callable[[], Path | None],
+        cancel: Callable[[], DumpCancel | None],
+        note: Callable[[str], None] = lambda _line: None,
     ) -> None:
         self._images = images
         self._cancel = cancel
+        self._note = note
         self._lock = threading.Lock()
         self._held: list[int] | None = None
 
@@ -95,6 +109,8 @@ class MidDumpHold:
                 return False
             self._held = criu
             for pid in self._held:
+                # (noted first: a tool killed right after the stop leaves it to the guardian)
+                self._note(f"{HELD_NOTE} {pid} {start_time(pid)}")
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGSTOP)
         # The fault proper (the damaged byte or the drop goes now): tests measure from here.
@@ -121,3 +137,26 @@ class MidDumpHold:
             if _comm(pid) == "criu":
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
+
+
+def release_noted(notes: list[str]) -> list[int]:
+    """Continue every CRIU a dead tool held (its ``criu-held`` notes); the pids continued.
+
+    Only the very process noted (same pid and start time) and only while it is
+    still CRIU: another tool's held CRIU is never touched.
+    """
+
+    continued = []
+    for note in notes:
+        parts = note.split()
+        numbers = parts[1:]
+        if len(parts) != 3 or parts[0] != HELD_NOTE or not all(
+            p.isascii() and p.isdigit() for p in numbers
+        ):
+            continue
+        pid, start = int(parts[1]), int(parts[2])
+        if pid > 0 and start_time(pid) == start and _comm(pid) == "criu":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                continued.append(pid)
+    return continued

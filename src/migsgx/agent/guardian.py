@@ -71,6 +71,7 @@ from ..containers.imagefs import sweep_leftovers
 from ..containers.podnet import unlock
 from ..errors import MigSGXError
 from .applink import AppLink
+from .dumphold import release_noted
 from .faults import fault
 from .handback import RESUME_WAIT, abort_reply, call_enclave, commit_rest, resume_source
 
@@ -336,6 +337,10 @@ def _main(argv: list[str] | None, tool: int) -> int:
     with os.fdopen(args.pipe, "r") as pipe:
         for line in pipe:
             notes.append(line.strip())
+    # A tool killed while a fault hook held its engine's CRIU (SIGSTOP) left the
+    # container's tasks seized by a stopped CRIU: continued first, whatever comes next.
+    for pid in release_noted(notes):
+        _log(f"continued CRIU (pid {pid}), held by the tool when it died")
     if "done" in notes:
         return 0
     _leftovers(notes, tool)

@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import stat
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
@@ -187,10 +189,31 @@ def held_records(work_dir: Path) -> list[tuple[Path, HeldRecord | None]]:
         return found
     for path in sorted(work_dir.glob(f"*/{RECORD}")):
         try:
+            _check_own(path)
             found.append((path.parent, HeldRecord.load(path)))
         except (OSError, ValueError, TypeError):
             found.append((path.parent, None))
     return found
+
+
+def _check_own(path: Path) -> None:
+    """:class:`RecordDamagedError` unless ``path`` is a record this agent's user wrote.
+
+    A record makes a restarted agent kill, remove (by its engine) or adopt and
+    later resume the tree it names: one planted by anyone else (a work directory
+    that others can write, a session directory that is a symbolic link to
+    theirs) must do none of that.  :meth:`HeldRecord.write` makes a regular
+    file, private (0600), owned by the agent, in a real directory.
+    """
+
+    if path.parent.is_symlink():
+        raise RecordDamagedError(f"{path.parent} is a symbolic link, not a session directory")
+    st = path.lstat()
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise RecordDamagedError(
+            f"{path} is not a private file of this agent's (uid {st.st_uid}, "
+            f"mode {st.st_mode & 0o7777:o}): not a record it wrote"
+        )
 
 
 def mark_lost(directory: Path, detail: str) -> None:

@@ -89,7 +89,7 @@ class Agent:
 
     # --- lifetime -----------------------------------------------------------------------
     def bind(self) -> tuple[str, int]:
-        self.config.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._own_work_dir()
         host, port = self.config.listen
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -103,6 +103,25 @@ class Agent:
         self._adopt_held()  # before anyone is told that this agent listens
         bound = sock.getsockname()
         return str(bound[0]), int(bound[1])
+
+    def _own_work_dir(self) -> None:
+        """Make the work directory, or check the one there: the agent's own, writable by
+        nobody else.  Its session directories hold held-tree records that a restarted
+        agent acts on (kills, removes or adopts the trees they name): in a directory
+        others could write, anyone could plant one."""
+
+        path = self.config.work_dir
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            st = path.stat()
+        except OSError as exc:
+            raise ConfigError(f"the agent's work directory {path}: {exc}") from exc
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise ConfigError(
+                f"the agent's work directory {path} is owned by uid {st.st_uid} with mode "
+                f"{st.st_mode & 0o7777:o}: it must be this agent's (uid {os.geteuid()}) and "
+                "writable by nobody else"
+            )
 
     def _claimed(self, arrivals: list[str]) -> int:
         """How many of ``arrivals`` (hex migration ids) this host's claim store holds."""

@@ -117,7 +117,8 @@ class _EnclaveSteps(_MigrationState):
             # The damaged byte (or the drop) comes once CRIU wrote 1 MiB of pages, CRIU held
             # till the cancel.
             hold = MidDumpHold(lambda: None if self.plan is None else self.plan.images,
-                               lambda: None if self.plan is None else self.plan.cancel)  # fmt: skip
+                               lambda: None if self.plan is None else self.plan.cancel,
+                               self._guardian_note)  # fmt: skip
             return peer, flipping_relay(peer, int(action.partition("=")[2]), hold,
                                         drop=action.startswith("drop"))  # fmt: skip
         return peer, peer

@@ -90,10 +90,26 @@ class ImageFs:
             self._armed = False
 
     def mount(self) -> None:
-        if _libc().mount(_source(), os.fsencode(self.path), b"tmpfs",
-                         MS_NOSUID | MS_NODEV, b"mode=0700") != 0:  # fmt: skip
-            err = ctypes.get_errno()
-            raise OSError(err, f"mount tmpfs on {self.path}: {os.strerror(err)}")
+        """Mount on the directory ``path`` names itself, never through a symbolic link.
+
+        The callers look at the directory first (empty, not a link); between that
+        look and the mount, whoever may write its parent could put a link there
+        and have the tmpfs (the container's memory) land where they chose.  So
+        the directory is opened without following a link and the mount goes on
+        what was opened; once mounted, it cannot be renamed away.
+        """
+
+        try:
+            fd = os.open(self.path, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY)
+        except OSError as exc:
+            raise OSError(exc.errno, f"mount tmpfs on {self.path}: {exc.strerror}") from exc
+        try:
+            if _libc().mount(_source(), f"/proc/self/fd/{fd}".encode(), b"tmpfs",
+                             MS_NOSUID | MS_NODEV, b"mode=0700") != 0:  # fmt: skip
+                err = ctypes.get_errno()
+                raise OSError(err, f"mount tmpfs on {self.path}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
         self.mounted = True
 
     def fill(self) -> int:
