@@ -349,8 +349,12 @@ def plant(
         "peer": "10.0.0.1", "local": "10.0.0.2", "enclaves": [],
         "handle": {"id": name}, "answered": not restoring, "restoring": restoring,
     }  # fmt: skip
-    (directory / "held.json").write_text(json.dumps(record))
-    return directory / "held.json"
+    path = directory / "held.json"
+    # Private and root's, as the agent writes its own: the record passes the owner
+    # check, so what is tested is the session mark (the last line of defence).
+    path.write_text(json.dumps(record))
+    path.chmod(0o600)
+    return path
 
 
 def test_a_forged_record_never_removes_a_container_the_agent_did_not_make(

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Final
 
 from ..criu import DumpCancel
-from ..system.process import tree_pids
+from ..system.process import process_state, tree_pids
 from .faults import WAIT_LIMIT
 from .held import start_time
 
@@ -53,9 +53,17 @@ def _comm(pid: int) -> str:
 
 
 def engine_criu() -> list[int]:
-    """The CRIU processes among this process's descendants (runc's, podman's runc's)."""
+    """The live CRIU processes among this process's descendants (runc's, podman's runc's).
 
-    return [pid for pid in tree_pids(os.getpid())[1:] if _comm(pid) == "criu"]
+    A CRIU that exited and was not reaped yet (a zombie) writes nothing and
+    cannot be stopped: noting it would only have the guardian look for it later.
+    """
+
+    return [
+        pid
+        for pid in tree_pids(os.getpid())[1:]
+        if _comm(pid) == "criu" and process_state(pid) not in ("", "Z", "X")
+    ]
 
 
 def pages_written(criu: list[int]) -> bool:

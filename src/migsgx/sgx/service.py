@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .._fds import take_descriptor
 from ..channel import IMAGE_FRAME_MAX, LAUNCH, PLATFORM
-from ..errors import ConnectionClosedError, LaunchError, MigSGXError, ProtocolError
+from ..errors import ConfigError, ConnectionClosedError, LaunchError, MigSGXError, ProtocolError
 from ..wire import recv_frame, send_frame
 from . import syscalls
 from .counters import Decision, RecordUpdate
@@ -40,6 +40,8 @@ from .sandbox import SandboxSpec, launcher_command, runtime_binds
 from .structs import KeyRequest, ReportBody, TargetInfo
 
 SOCKET_NAME = "enclave.sock"
+#: The longest path a Unix socket address holds (``sun_path``, less its final NUL).
+_SUN_PATH_MAX = 107
 LAUNCH_TIMEOUT = 30.0
 def default_socket(state_dir: Path) -> Path:
     return Path(state_dir) / SOCKET_NAME
@@ -110,11 +112,17 @@ class PlatformService:
                 "platform: WARNING: not root, enclaves are not sandboxed (they run as "
                 "this service's user)\n"
             )
+        if len(os.fsencode(self.socket_path)) > _SUN_PATH_MAX:
+            raise ConfigError(
+                f"the platform socket path {self.socket_path} is longer than a Unix socket "
+                f"address can be ({_SUN_PATH_MAX} bytes): choose a shorter state directory"
+            )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Like /dev/sgx_enclave: the service's user and a configured group, nobody else.
         # Bound under a temporary name and renamed once listening, so the socket is
-        # never reachable with looser permissions, nor visible before it accepts.
-        staging = self.socket_path.with_name(f".{self.socket_path.name}.{os.getpid()}")
+        # never reachable with looser permissions, nor visible before it accepts.  The
+        # temporary name is no longer than the socket's own: any path that fits binds.
+        staging = self.socket_path.with_name(f".s{os.getpid()}")
         with contextlib.suppress(FileNotFoundError):
             staging.unlink()
         old = os.umask(0o177)
