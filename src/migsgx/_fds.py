@@ -13,9 +13,10 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+from collections.abc import Iterator
 from typing import Final
 
-__all__ = ["take_descriptor"]
+__all__ = ["take_descriptor", "tcp_connections"]
 
 _SYS_PIDFD_GETFD: Final = 438  # the same number on every architecture since Linux 5.6
 
@@ -33,3 +34,33 @@ def take_descriptor(pid: int, fd: int) -> socket.socket:
     finally:
         os.close(pidfd)
     return socket.socket(fileno=got)
+
+
+def tcp_connections(pid: int) -> Iterator[socket.socket]:
+    """A duplicate of each connected TCP socket of process ``pid``, one at a time.
+
+    What is done to a duplicate (a shutdown, a socket option) is done to the
+    process's own connection; each duplicate is closed once the caller goes on
+    (the process's own stays open).  Descriptors closed meanwhile are passed
+    over; ``OSError`` when the process's descriptors cannot be listed (it ended).
+    """
+
+    for entry in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{entry}").startswith("socket:"):
+                continue
+            sock = take_descriptor(pid, int(entry))
+        except OSError:
+            continue  # closed meanwhile
+        try:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            if sock.type != socket.SOCK_STREAM:
+                continue
+            try:
+                sock.getpeername()  # (a connection, not a listener)
+            except OSError:
+                continue
+            yield sock
+        finally:
+            sock.close()

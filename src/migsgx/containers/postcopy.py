@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from .._fds import take_descriptor
+from .._fds import tcp_connections
 from ..criu import Criu, Enter, NotifyCallback, log_excerpt
 from ..errors import CriuError, PostCopyUnavailableError, SourceLostError
 from ..system.process import continue_tree, kill_tree, wait_stopped
@@ -206,29 +206,12 @@ def uncork(pid: int) -> int:
     """
 
     count = 0
-    try:
-        entries = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return 0
-    for entry in entries:
-        try:
-            if not os.readlink(f"/proc/{pid}/fd/{entry}").startswith("socket:"):
-                continue
-            sock = take_descriptor(pid, int(entry))
-        except OSError:
-            continue  # closed meanwhile, or CRIU ended
-        try:
-            if sock.family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            if sock.type != socket.SOCK_STREAM:
-                continue
+    with contextlib.suppress(OSError):  # (CRIU ended: nothing to push)
+        for sock in tcp_connections(pid):
             with contextlib.suppress(OSError):
-                sock.getpeername()  # (a connection, not the listener)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 count += 1
-        finally:
-            sock.close()  # (this duplicate only: CRIU's stays open)
     return count
 
 

@@ -46,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from migsgx._fds import take_descriptor
+from migsgx._fds import tcp_connections
 from migsgx._net import keep_alive
 from migsgx.errors import CriuError
 
@@ -199,22 +199,9 @@ def _each_peer_socket(
 
     count = 0
     os.close(os.pidfd_open(pid))  # (CRIU ended: ProcessLookupError, an OSError)
-    for entry in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if not os.readlink(f"/proc/{pid}/fd/{entry}").startswith("socket:"):
-                continue
-            sock = take_descriptor(pid, int(entry))
-        except OSError:
-            continue  # closed meanwhile
-        try:
-            if sock.family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            if sock.type != socket.SOCK_STREAM:
-                continue
-            with contextlib.suppress(OSError):
-                if _same_peer(sock.getpeername(), server):
-                    apply(sock)
-                    count += 1
-        finally:
-            sock.close()
+    for sock in tcp_connections(pid):
+        with contextlib.suppress(OSError):
+            if _same_peer(sock.getpeername(), server):
+                apply(sock)
+                count += 1
     return count
