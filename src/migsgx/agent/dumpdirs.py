@@ -52,7 +52,7 @@ log = logging.getLogger("migsgx.agent")
 DUMP_PREFIX: Final = "migsgx-dump-"
 #: ``--keep-images`` without ``--work-dir``: kept, so never named like a scratch directory.
 KEPT_PREFIX: Final = "migsgx-kept-"
-#: ``tempfile.mkdtemp``'s suffix: 8 of ``[a-z0-9_]``.
+#: A scratch directory's name: the tool's pid, its start time, a random suffix.
 _NAME: Final = re.compile(r"migsgx-dump-([1-9][0-9]{0,9})-([0-9]{1,20})-[a-z0-9_]{1,32}")
 
 
