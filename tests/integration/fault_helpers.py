@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from bed_helpers import ask, end_copies, kvstore, wait_until
 
+from migsgx import _proc
 from migsgx.agent.dumpdirs import scratch_base
 from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
 from migsgx.system.process import kill_tree, process_state
@@ -216,14 +217,9 @@ def guardians_of(app_pid: int) -> list[int]:
     """The live guardians of migrations of ``app_pid``."""
 
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+    for pid in _proc.pids():
+        argv = _proc.argv(pid)
         ours = b"migsgx.agent.guardian" in argv and str(app_pid).encode() in argv
-        if ours and process_state(int(entry.name)) not in ("", "Z", "X"):
-            found.append(int(entry.name))
+        if ours and _proc.alive(pid):
+            found.append(pid)
     return found

@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
+from .. import _proc
 from ..criu import log_excerpt
 from ..errors import MigSGXError, ProtocolError
 from . import owner as _owner
@@ -165,11 +166,7 @@ class Ctr:
 def _parent(pid: int) -> int | None:
     """The parent of ``pid`` (a task's shim), None when it cannot be read."""
 
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+    return _proc.parent(pid)
 
 
 class ContainerdDriver:
