@@ -163,12 +163,6 @@ class Ctr:
             self("containers", "delete", cid, what=f"ctr containers delete {cid}")
 
 
-def _parent(pid: int) -> int | None:
-    """The parent of ``pid`` (a task's shim), None when it cannot be read."""
-
-    return _proc.parent(pid)
-
-
 class ContainerdDriver:
     name: ClassVar[str] = "containerd"
 
@@ -211,7 +205,7 @@ class ContainerdDriver:
         # From the shim's network namespace, as the shim itself would: CRIU then records
         # the container's (joined) namespace as external, and a restore joins the one its
         # configuration names.  Dumped from inside it, CRIU would restore into its own.
-        shim = _parent(source.root)
+        shim = _proc.parent(source.root)  # (the task's shim)
         prefix = [] if shim is None else ["nsenter", f"--net=/proc/{shim}/ns/net"]
 
         images: list[ImageFs] = []
