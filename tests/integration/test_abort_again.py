@@ -28,6 +28,7 @@ import cbor2
 import pytest
 from bed_helpers import end_copies, wait_until
 from fault_helpers import (  # (no_images_left: autouse, after every cell no images left)
+    EXIT_MOVED_NOT,
     EXIT_OK,
     fault_time,
     loaded_app,
@@ -39,8 +40,14 @@ from fault_helpers import (  # (no_images_left: autouse, after every cell no ima
     source_answers,
 )
 
+from migsgx.agent.handback import call_enclave
+from migsgx.agent.holders import take_held
+from migsgx.agent.journal import Journal
 from migsgx.lab.hosts import start_service
 from migsgx.lab.testbed import AgentProcess, Testbed
+from migsgx.sgx.counters import CounterStore
+from migsgx.sgx.platform import COUNTERS
+from migsgx.system.process import process_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
@@ -98,5 +105,60 @@ def test_an_abort_the_dead_tool_held_is_asked_again_and_carried(
         record_back(figures, cell, run, back)
         figures[cell]["outcome"] = "stayed, the held tree discarded (the ABORT asked again)"
         only_copy(bed, app, "src", digest)
+    finally:
+        end_copies(bed, app)
+
+
+def test_a_committed_source_gives_no_abort_and_a_planted_one_is_not_carried(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """Attack: ask a committed source enclave for an ABORT, and plant another migration's
+    (authentic under its own keys) in the committed migration's journal.
+
+    The tool and its guardian die right after the commit; the test takes a
+    duplicate of the enclave's connection (as ``recover`` would) and asks: the
+    enclave, judging from its own state, answers ``committed`` to
+    ``__mig_abort_frame`` and to ``__mig_abort``.  The planted frame is never
+    carried beside the COMMIT: one ``migsgx recover`` delivers the token and the
+    application moves, with every write.
+    """
+
+    app, digest = loaded_app(bed)
+    journals = bed.state("src") / "agent" / "migrations"
+    before = set(journals.glob("*.json"))
+    failed = migrate_with(bed, app, agent, "tool.before-commit:fail")
+    assert failed.returncode == EXIT_MOVED_NOT, failed.stderr
+    (old,) = set(journals.glob("*.json")) - before
+    (old_mid,) = Journal.load(old).enclave_mids
+    stale = CounterStore(bed.state("src") / COUNTERS).decision(old_mid)
+    assert stale is not None and stale.kind == "abort" and stale.frame
+    source_answers(bed, app, digest, failed.stderr)
+    before = set(journals.glob("*.json"))
+    try:
+        run = migrate_with(bed, app, agent, "tool.after-commit:kill-guardian-and-tool")
+        assert run.returncode == -9, run.stderr
+        (path,) = set(journals.glob("*.json")) - before
+        journal = Journal.load(path)
+        (mid,) = journal.enclave_mids
+        taken = take_held(journal.holders)
+        try:
+            (sock,) = taken.values()
+            for fn, args in (("__mig_abort_frame", [mid]), ("__mig_abort", ["attack"])):
+                answer = call_enclave(sock, fn, args)
+                assert answer is not None and answer.get("code") == "committed", (fn, answer)
+        finally:
+            for taken_sock in taken.values():
+                taken_sock.close()
+        journal.update(aborts=[stale.frame.hex()])
+        again = recover(bed)
+        assert again.returncode == EXIT_OK, again.stdout + again.stderr
+        outcomes = {r["mid"]: r["outcome"] for r in json.loads(again.stdout)}
+        assert outcomes.get(journal.data["mid"]) == "moved", again.stdout
+        figures["decision written x kill -9 tool + guardian, another ABORT planted (attack)"] = {
+            "outcome": "moved: the committed enclave gave no ABORT, the planted one not carried",
+            "exit": run.returncode, "recover": again.returncode,
+        }  # fmt: skip
+        wait_until(lambda: process_state(app.pid) in ("", "Z"), 30, "the source tree to end")
+        only_copy(bed, app, "dst", digest)
     finally:
         end_copies(bed, app)
