@@ -26,7 +26,7 @@ import json
 
 import cbor2
 import pytest
-from bed_helpers import end_copies, wait_until
+from bed_helpers import ask, end_copies, kvstore, wait_until
 from fault_helpers import (  # (no_images_left: autouse, after every cell no images left)
     EXIT_MOVED_NOT,
     EXIT_OK,
@@ -160,5 +160,56 @@ def test_a_committed_source_gives_no_abort_and_a_planted_one_is_not_carried(
         }  # fmt: skip
         wait_until(lambda: process_state(app.pid) in ("", "Z"), 30, "the source tree to end")
         only_copy(bed, app, "dst", digest)
+    finally:
+        end_copies(bed, app)
+
+
+def test_a_group_cut_between_two_aborts_carries_both(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """Two enclaves in one migration group; the roll-back is cut between their aborts.
+
+    The first enclave aborted in memory (``none_committed``, no record: the
+    platform service is gone) and its frame died with the tool; the second was
+    never asked and, in a group, cannot abort unchecked (``group-unchecked``).
+    The guardian asks the first for its frame again and the second until the
+    restarted service records its ABORT; both frames reach the destination, the
+    held tree goes, the source runs with both enclaves' writes.
+    """
+
+    app = kvstore(bed, "--enclaves", "2")
+    for i in range(6):  # spread over both enclaves
+        assert ask(bed, app, "src", f"PUT k{i} {f'v{i}'.encode().hex()}").startswith("OK")
+    digest = ask(bed, app, "src", "DIGEST")
+    journals = bed.state("src") / "agent" / "migrations"
+    before = set(journals.glob("*.json"))
+    try:
+        run = migrate_with(bed, app, agent, ANSWERED[1])
+        assert run.returncode == -9, run.stderr
+        assert "Traceback" not in run.stderr
+    finally:
+        bed.services["src"].stop()  # killed: the host's supervisor starts a fresh one
+        bed.services["src"] = start_service(bed.state("src"), prefix=bed.host("src").command([]))
+    try:
+        back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
+        wait_until(lambda: bed.copies(app)["dst"] == [], 40, "the held tree to be discarded")
+        (path,) = set(journals.glob("*.json")) - before
+        wait_until(lambda: json.loads(path.read_text())["phase"] == "done", 30, "journal done")
+        journal = json.loads(path.read_text())
+        first, second = (bytes.fromhex(m) for m in journal["enclave_mids"])
+        store = CounterStore(bed.state("src") / COUNTERS)
+        # The first: no record, its frame asked again; the second: recorded once checked.
+        assert store.decision(first) is None and journal["aborts"][0], journal
+        held = store.decision(second)
+        assert held is not None and held.kind == "abort", held
+        again = recover(bed)
+        assert again.returncode == EXIT_OK, again.stdout + again.stderr
+        assert all(r["outcome"] != "in-doubt" for r in json.loads(again.stdout)), again.stdout
+        figures["abort answered (first of two enclaves in a group) x kill -9 source platform "
+                "service, then tool; the service restarted"] = {
+            "outcome": "stayed, the held tree discarded (one ABORT asked again, one recorded)",
+            "exit": run.returncode, "source_back_seconds": round(back, 3),
+        }  # fmt: skip
+        only_copy(bed, app, "src", digest)
     finally:
         end_copies(bed, app)
