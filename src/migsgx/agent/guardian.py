@@ -35,7 +35,8 @@ go; after a commit, the fenced source goes.  The ABORT frames the enclaves
 return go into the journal (``aborts``): outside a migration group an abort
 whose store record failed (the platform service died with the tool) is still
 carried to the destination, so that its held copy ends (``docs/spec/commit.md``,
-1 rule 4).
+1 rule 4).  An enclave that had aborted already (the tool got its frame and
+died with it) is asked for that frame again by its migration id (1 rule 6).
 
 After a commit it carries the decision (``migsgx recover``'s logic), and when the
 destination lost its loaded copy before the claim (window W2) it delivers the
