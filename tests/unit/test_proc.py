@@ -20,8 +20,13 @@ import pytest
 from migsgx import _proc
 
 
-def _sleeper(*extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["sleep", "300", *extra])
+def _sleeper() -> subprocess.Popen[bytes]:
+    """A ``sleep`` child, once its ``exec`` finished: ``Popen`` returns while the kernel
+    still sets the new program's arguments up (its ``cmdline`` is empty until then)."""
+
+    proc = subprocess.Popen(["sleep", "300"])
+    assert _until(lambda: _proc.argv(proc.pid) == [b"sleep", b"300"])
+    return proc
 
 
 def _until(done: Callable[[], bool]) -> bool:
@@ -131,7 +136,7 @@ def test_children_and_descendants_of_a_tree() -> None:
     try:
         assert _until(lambda: bool(_proc.children(shell.pid)))
         (grandchild,) = _proc.children(shell.pid)
-        assert _proc.argv(grandchild) == [b"sleep", b"300"]
+        assert _until(lambda: _proc.argv(grandchild) == [b"sleep", b"300"])  # (its exec done)
         assert shell.pid in _proc.children(os.getpid())
         assert shell.pid in _proc.scanned_children(os.getpid())
         assert _proc.scanned_children(shell.pid) == [grandchild]
