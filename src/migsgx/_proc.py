@@ -112,7 +112,8 @@ def start_time(pid: int) -> int:
 
 def argv(pid: int) -> list[bytes]:
     """The command line of ``pid``, one item an argument; [] once it is gone, for a
-    zombie and for a kernel thread."""
+    zombie, for a kernel thread, and for a moment inside ``exec`` (the kernel sets the
+    new arguments up after its parent may already have gone on)."""
 
     try:
         raw = (PROC / str(pid) / "cmdline").read_bytes()
