@@ -361,6 +361,8 @@ class OutgoingEnclave:
         self.early_side: socket.socket | None = None
         self._times: tuple[float, float, float] | None = None  # offer, accept, handshake done
         self._mode = mode  # of the transfer under way (a re-delivery is never live)
+        #: Sequential mode: the staging buffer, made and faulted in at the handshake.
+        self._staging: Staging | None = None
 
     def handshake(self, peer: socket.socket) -> None:
         """The offer, the destination enclave's launch and the attested handshake.
@@ -410,9 +412,11 @@ class OutgoingEnclave:
         try:
             offer = {"t": "offer", "files": self.image_files, "chunk_size": self.chunk_size,
                      "slots": self.slots, "mode": mode}  # fmt: skip
-            hint = self._memory_hint(mode)
-            if hint:
-                offer["memory_hint"] = hint
+            used = self._memory_used(mode)
+            if used and self.memory_hint:
+                offer["memory_hint"] = used
+            if mode == "sequential":
+                self._stage_ahead(used)
             _send(peer, offer)
             _recv(peer, "accept")
             t_launch = time.monotonic()
@@ -432,14 +436,29 @@ class OutgoingEnclave:
             raise
         self._times = (t0, t_launch, time.monotonic())
 
-    def _memory_hint(self, mode: str) -> int:
-        """The enclave memory in use now, for the destination to fault in ahead (0: none).
+    def _stage_ahead(self, used: int) -> None:
+        """Sequential mode: the staging buffer now, its first ``used`` bytes faulted in
+        while the source still runs (:meth:`Staging.prefault_ahead`)."""
+
+        if self._staging is not None:
+            self._staging.close()
+        self._staging = Staging.for_state(self.info.memory_size, self.chunk_size, TAG_SIZE)
+        self._staging.prefault_ahead(Staging.staged_size(used, self.chunk_size, TAG_SIZE))
+
+    def _close_staging(self) -> None:
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            staging.close()
+
+    def _memory_used(self, mode: str) -> int:
+        """The enclave memory in use now (0: not known), for the destination's and the
+        staging buffer's faulting in ahead.
 
         Not for a live migration, whose rounds fill the destination's memory
         while the source runs anyway.  An enclave that does not say costs nothing.
         """
 
-        if mode == "live" or not self.memory_hint:
+        if mode == "live" or not (self.memory_hint or mode == "sequential"):
             return 0
         try:
             used = self.link.call("__mig_status").get("memory_used")
@@ -473,6 +492,7 @@ class OutgoingEnclave:
         t_freeze = time.monotonic()  # after an early handshake, the freeze came in between
         c_freeze = time.process_time()
         s_freeze = context_switches()
+        staged_ahead = 0
         try:
             ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
             try:
@@ -482,7 +502,10 @@ class OutgoingEnclave:
                     t_dumped = t_sent = time.monotonic()
                     c_dumped = c_sent = time.process_time()
                 else:
-                    staging = Staging.for_state(self.info.memory_size, self.chunk_size, TAG_SIZE)
+                    staging = self._staging or Staging.for_state(
+                        self.info.memory_size, self.chunk_size, TAG_SIZE
+                    )
+                    self._staging = None
                     try:
                         drainer = _Worker(
                             lambda: staging.drain(ring, RING_TIMEOUT), "migsgx-drain", ring
@@ -496,6 +519,7 @@ class OutgoingEnclave:
                         c_sent = time.process_time()
                     finally:
                         staging.close()
+                        staged_ahead = staging.prefaulted
             finally:
                 ring.close()
             self.close_side()  # dumped: its closing no longer aborts the migration
@@ -510,6 +534,8 @@ class OutgoingEnclave:
         s_end = context_switches()
         self.stats = {
             "mode": self._mode,
+            # Sequential: the staging buffer's bytes faulted in before the freeze.
+            "staging_prefaulted_bytes": staged_ahead,
             "chunk_bytes": self.chunk_size,
             "bytes": dump["bytes"],
             "memory_bytes": dump["memory_bytes"],
@@ -620,6 +646,7 @@ class OutgoingEnclave:
         return self.link.sock
 
     def _abort_quietly(self, reason: str, *, none_committed: bool = False) -> None:
+        self._close_staging()
         if self._finished:
             return
         self._finished = True
@@ -684,6 +711,7 @@ class IncomingEnclave:
             fresh, offer = IncomingEnclave.accept_offer(peer, self.platform_socket)
             self.image = fresh.image
         t0 = time.monotonic()
+        staging: Staging | None = None
         try:
             sock, self.info = launch_enclave(self.image, socket_path=self.platform_socket)
             self.link = EnclaveLink(sock)
@@ -694,6 +722,11 @@ class IncomingEnclave:
             if self.prefault_ahead and hint and offer["mode"] != "live":
                 with contextlib.suppress(ProtocolError):  # a hint: an enclave may decline
                     self.link.call("__mig_prefault", hint)
+                if offer["mode"] == "sequential":
+                    # The receive's first touch too, capped at the declared memory's room.
+                    chunk = offer["chunk_size"]
+                    staging = Staging.for_state(self.info.memory_size, chunk, TAG_SIZE)
+                    staging.prefault_ahead(Staging.staged_size(hint, chunk, TAG_SIZE))
             _send(peer, {"t": "accept", "pid": self.info.pid})
             t_launch = time.monotonic()
             while True:
@@ -722,7 +755,7 @@ class IncomingEnclave:
                     mover.join()
                     t_recv = t_hs
                 else:
-                    staging = Staging.for_state(self.info.memory_size, chunk, TAG_SIZE)
+                    staging = staging or Staging.for_state(self.info.memory_size, chunk, TAG_SIZE)
                     try:
                         staging.receive(peer, _slot_size(chunk))
                         t_recv = time.monotonic()
@@ -742,6 +775,8 @@ class IncomingEnclave:
             if result.get("repair"):
                 result = self._receive_repair(peer, offer, result)
         except BaseException as exc:
+            if staging is not None:
+                staging.close()
             reason = f"{type(exc).__name__}: {exc}"
             self._abort_quietly(reason)
             with contextlib.suppress(MigSGXError, OSError):
@@ -763,6 +798,7 @@ class IncomingEnclave:
             "repair": result.get("repair_figures"),
             "enclave_cpu_seconds": result.get("cpu_seconds", 0.0),
             "prefaulted_bytes": result.get("prefaulted_bytes", 0),
+            "staging_prefaulted_bytes": staging.prefaulted if staging is not None else 0,
             # This (driver) process's CPU seconds in each phase after the handshake.
             "driver_cpu": {"receive": c_recv - c_hs, "load": c_end - c_recv},
             "driver_switches": s_end - s_hs,

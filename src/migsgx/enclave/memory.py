@@ -19,16 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from .._populate import populate
 from ..errors import EnclaveMemoryError
 
 PAGE_SIZE = 4096
 # Declared memory is reserved lazily: only touched pages cost (Linux value).
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; no name in 3.11
-_PREFAULT_STEP = 16 << 20
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.madvise.restype = ctypes.c_int
 
 
 def _round_up(n: int, to: int = PAGE_SIZE) -> int:
@@ -212,20 +208,7 @@ class EnclaveMemory:
         the bytes faulted in.
         """
 
-        mm = self._map
-        nbytes = min(_round_up(nbytes), self.size)
-        anchor = ctypes.c_char.from_buffer(mm)
-        base = ctypes.addressof(anchor)
-        done = 0
-        try:
-            while done < nbytes and not stop.is_set():
-                step = min(_PREFAULT_STEP, nbytes - done)
-                if _libc.madvise(ctypes.c_void_p(base + done), step, _MADV_POPULATE_WRITE):
-                    break
-                done += step
-        finally:
-            del anchor  # the mapping may be closed again
-        return done
+        return populate(self._map, min(_round_up(nbytes), self.size), stop)
 
     @contextlib.contextmanager
     def prefaulting(self, nbytes: int, enabled: bool = True) -> Iterator[None]:
