@@ -713,20 +713,21 @@ class IncomingEnclave:
         t0 = time.monotonic()
         staging: Staging | None = None
         try:
+            hint = offer.get("memory_hint") or 0
+            if self.prefault_ahead and hint and offer["mode"] == "sequential":
+                # The receive's first touch, from before the enclave's launch on (the
+                # launch and the handshake give it time); within the declared memory.
+                chunk = offer["chunk_size"]
+                staging = Staging.for_state(self.image.manifest.memory_size, chunk, TAG_SIZE)
+                staging.prefault_ahead(Staging.staged_size(hint, chunk, TAG_SIZE))
             sock, self.info = launch_enclave(self.image, socket_path=self.platform_socket)
             self.link = EnclaveLink(sock)
             if self.launched is not None:
                 self.launched()
             self.link.call("__mig_in_start")
-            hint = offer.get("memory_hint") or 0
             if self.prefault_ahead and hint and offer["mode"] != "live":
                 with contextlib.suppress(ProtocolError):  # a hint: an enclave may decline
                     self.link.call("__mig_prefault", hint)
-                if offer["mode"] == "sequential":
-                    # The receive's first touch too, capped at the declared memory's room.
-                    chunk = offer["chunk_size"]
-                    staging = Staging.for_state(self.info.memory_size, chunk, TAG_SIZE)
-                    staging.prefault_ahead(Staging.staged_size(hint, chunk, TAG_SIZE))
             _send(peer, {"t": "accept", "pid": self.info.pid})
             t_launch = time.monotonic()
             while True:
