@@ -87,3 +87,13 @@ def test_populate_of_nothing_or_stopped() -> None:
     stop.set()
     assert populate(staging.buffer, 1 << 20, stop) == 0
     staging.close()
+
+
+def test_wait_prefault_reports_the_end_of_a_prefault_ahead() -> None:
+    memory = EnclaveMemory(64 << 20)
+    assert memory.wait_prefault(0.0) is None  # none started
+    memory.prefault_ahead(32 << 20)
+    assert memory.wait_prefault(60.0) == 32 << 20
+    assert memory.prefaulting_ahead  # waited for, not stopped: the load stops it
+    assert memory.finish_prefault(32 << 20) == 32 << 20
+    memory.wipe()

@@ -39,7 +39,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ..core.commit import CommitError
 from ..core.handshake import Role
@@ -660,6 +660,10 @@ class OutgoingEnclave:
                                   "frame": frame or b""})  # fmt: skip
 
 
+#: The longest a destination's handshake waits for its prefault ahead (seconds).
+PREFAULT_WAIT: Final = 10.0
+
+
 class IncomingEnclave:
     """Destination side: launch a fresh enclave, load the state, run on COMMIT."""
 
@@ -686,9 +690,25 @@ class IncomingEnclave:
         #: Whether the destination enclave faults in, from its launch on (before the
         #: source freezes), as much memory as the offer's hint says the source uses.
         self.prefault_ahead = True
+        #: How long the handshake's answer waits for that memory to be in (0: not at
+        #: all): the source freezes only after it, so the first touch stays out of
+        #: the frozen window (it ran on into it beside the load or CRIU's dump).
+        self.prefault_wait = PREFAULT_WAIT
         #: Called right after the destination enclave's launch (a benchmark's
         #: measurement of the enclave at rest).
         self.launched: Callable[[], None] | None = None
+
+    def _wait_prefault(self) -> None:
+        """Up to :attr:`prefault_wait` seconds for the enclave's prefault ahead to end."""
+
+        assert self.link is not None
+        if self.prefault_wait <= 0:
+            return
+        t0 = time.monotonic()
+        with contextlib.suppress(ProtocolError):  # an enclave without it: no wait
+            reply = self.link.call("__mig_prefault_wait", self.prefault_wait)
+            self.stats["prefault_done_before_freeze"] = bool(reply["done"])
+        self.stats["prefault_wait_seconds"] = time.monotonic() - t0
 
     @classmethod
     def accept_offer(
@@ -725,13 +745,19 @@ class IncomingEnclave:
             if self.launched is not None:
                 self.launched()
             self.link.call("__mig_in_start")
+            ahead = False
             if self.prefault_ahead and hint and offer["mode"] != "live":
                 with contextlib.suppress(ProtocolError):  # a hint: an enclave may decline
-                    self.link.call("__mig_prefault", hint)
+                    ahead = bool(self.link.call("__mig_prefault", hint))
             _send(peer, {"t": "accept", "pid": self.info.pid})
             t_launch = time.monotonic()
             while True:
                 reply = self.link.call("__mig_hs", _recv(peer, "hs")["data"])
+                if reply["send"] and ahead:
+                    # destination-hello: the source freezes once it has it, so it waits
+                    # for the memory to be in (the source still serves meanwhile).
+                    ahead = False
+                    self._wait_prefault()
                 if reply["send"]:
                     _send(peer, {"t": "hs", "data": reply["send"]})
                 if reply["done"]:

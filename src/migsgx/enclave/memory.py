@@ -249,6 +249,16 @@ class EnclaveMemory:
     def prefaulting_ahead(self) -> bool:
         return self._ahead is not None
 
+    def wait_prefault(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` seconds for :meth:`prefault_ahead` to end by itself.
+
+        Returns the bytes it faulted in, or None while it still runs (or was
+        not started).  It is not stopped: a load stops it as ever.
+        """
+
+        ahead = self._ahead
+        return ahead.wait(timeout) if ahead is not None else None
+
     def finish_prefault(self, keep: int) -> int:
         """Stop :meth:`prefault_ahead`; give back the pages it faulted in beyond ``keep``.
 
@@ -303,6 +313,10 @@ class _Ahead:
     def _run(self, memory: EnclaveMemory, nbytes: int) -> None:
         with contextlib.suppress(EnclaveMemoryError):
             self.done = memory.prefault(nbytes, self._stop)
+
+    def wait(self, timeout: float) -> int | None:
+        self._thread.join(timeout)
+        return None if self._thread.is_alive() else self.done
 
     def stop(self) -> int:
         self._stop.set()
