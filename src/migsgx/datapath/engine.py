@@ -313,6 +313,11 @@ def _refusal(peer: socket.socket, cause: BaseException) -> None:
             f"the destination refused the stream: [{msg['code']}] {msg['message']}"
         ) from cause
     raise ProtocolError(f"the destination sent {msg['t']!r} during the stream") from cause
+#: The longest a handshake waits for memory faulted in ahead of the freeze (seconds):
+#: the destination's answer for its enclave's memory and staging buffer, the source's
+#: end for its staging buffer (sequential mode).  The source still serves meanwhile.
+PREFAULT_WAIT: Final = 10.0
+
 #: The bound on ``active`` after a token went on the data connection; the
 #: destination judges a token in milliseconds, and the token goes again by the
 #: agents' TLS channel anyway.
@@ -429,6 +434,9 @@ class OutgoingEnclave:
                 if reply["done"]:
                     break
             self.migration_id = bytes(reply["migration_id"])
+            if self._staging is not None:
+                # The freeze follows the handshake: the staging buffer is in by then.
+                self._staging.wait_ahead(PREFAULT_WAIT)
             if self.on_handshake is not None and start == "__mig_out_start":
                 self.on_handshake(self.index, self.migration_id)
         except BaseException as exc:
@@ -660,10 +668,6 @@ class OutgoingEnclave:
                                   "frame": frame or b""})  # fmt: skip
 
 
-#: The longest a destination's handshake waits for its prefault ahead (seconds).
-PREFAULT_WAIT: Final = 10.0
-
-
 class IncomingEnclave:
     """Destination side: launch a fresh enclave, load the state, run on COMMIT."""
 
@@ -745,7 +749,7 @@ class IncomingEnclave:
             if self.launched is not None:
                 self.launched()
             self.link.call("__mig_in_start")
-            ahead = False
+            ahead = waited = False
             if self.prefault_ahead and hint and offer["mode"] != "live":
                 with contextlib.suppress(ProtocolError):  # a hint: an enclave may decline
                     ahead = bool(self.link.call("__mig_prefault", hint))
@@ -753,11 +757,14 @@ class IncomingEnclave:
             t_launch = time.monotonic()
             while True:
                 reply = self.link.call("__mig_hs", _recv(peer, "hs")["data"])
-                if reply["send"] and ahead:
+                if reply["send"] and (ahead or staging is not None) and not waited:
                     # destination-hello: the source freezes once it has it, so it waits
                     # for the memory to be in (the source still serves meanwhile).
-                    ahead = False
-                    self._wait_prefault()
+                    waited = True
+                    if ahead:
+                        self._wait_prefault()
+                    if staging is not None:
+                        staging.wait_ahead(self.prefault_wait)
                 if reply["send"]:
                     _send(peer, {"t": "hs", "data": reply["send"]})
                 if reply["done"]:
