@@ -484,7 +484,7 @@ def test_an_engine_store_mark_names_one_session(tmp_path: Path) -> None:
     from migsgx.containers import owner
 
     mark = owner.mark_path(tmp_path, "kv1")
-    owner.write(mark, "ab" * 16)
+    owner.write(mark, "ab" * 16, "kv1")
     owner.check(mark, "ab" * 16, "kv1")
     for other in ("cd" * 16, ""):
         with pytest.raises(ContainerError, match="not this agent's to remove"):
@@ -494,3 +494,56 @@ def test_an_engine_store_mark_names_one_session(tmp_path: Path) -> None:
     with pytest.raises(ContainerError):
         owner.check(mark, "ab" * 16, "kv1")
     assert owner.alive(os.getpid()) and not owner.alive(0)
+
+
+def test_an_engine_store_mark_is_made_once_and_whole(tmp_path: Path) -> None:
+    """Two sessions restoring one name at once both found no container; the mark is
+    what lets only one of them on (as runc's bundle does), never through a link."""
+
+    from migsgx.containers import owner
+
+    mark = owner.mark_path(tmp_path, "kv1")
+    owner.write(mark, "ab" * 16, "kv1")
+    with pytest.raises(ContainerError, match="another session restores or holds it"):
+        owner.write(mark, "cd" * 16, "kv1")
+    assert owner.read(mark) == "ab" * 16
+    target = tmp_path / "elsewhere"
+    link = owner.mark_path(tmp_path, "kv2")
+    link.symlink_to(target)
+    with pytest.raises(ContainerError):
+        owner.write(link, "cd" * 16, "kv2")
+    assert not target.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kv1.owner", "kv2.owner"]
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed")
+def test_a_podman_restore_of_a_name_another_session_marked_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """The second session is refused before it writes anything: its failure path
+    cleared the first session's mark (and removed the container it had restored)."""
+
+    from migsgx.containers import owner
+    from migsgx.containers.base import RestoreRequest
+    from migsgx.containers.podman import PODMAN_ARCHIVE
+
+    driver = make_driver(
+        "podman", HostConfig(Criu("/bin/true"), ContainerSettings(), Path("/x/e.sock"), tmp_path)
+    )
+    name = f"migsgx-unit-{os.getpid()}"
+    conf = tmp_path / "agent" / "podman"
+    conf.mkdir(parents=True)
+    mark = owner.mark_path(conf, name)
+    mark.write_text("ab" * 16)  # (the first session's restore is under way)
+    images = tmp_path / "images"
+    images.mkdir()
+    with tarfile.open(images / PODMAN_ARCHIVE, "w") as tar:
+        data = b"{}"
+        info = tarfile.TarInfo("config.dump")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    request = RestoreRequest(images, {"name": name}, tcp_close=False, owner="cd" * 16)
+    with pytest.raises(ContainerError, match="another session restores or holds it"):
+        driver.restore(request)
+    assert owner.read(mark) == "ab" * 16
+    assert not (conf / f"{name}.criu.conf").exists()
