@@ -51,6 +51,8 @@ _KEYS: Final = {
 #: "" for none) its ``__mig_abort`` returned to the guardian or ``recover``, kept
 #: for an abort whose store record failed (its platform service died with the
 #: tool, ``docs/spec/commit.md`` 1 rule 4): then the store holds nothing to carry.
+#: ``fenced_starts``: each fenced pid's start time, so that a pid reused since
+#: (the tree ended, another process got the number) is never signalled.
 _OPTIONAL: Final = {
     "guardian_pid": int,
     "undo": list,
@@ -59,6 +61,7 @@ _OPTIONAL: Final = {
     "tool_start": str,
     "dump_dir": str,
     "aborts": list,
+    "fenced_starts": list,
 }
 
 
@@ -159,6 +162,7 @@ class Journal:
             or not all(non_negative_int(data[k], 1 << 31) for k in ("tool_pid", "app_pid"))
             or not all(isinstance(n, str) for n in data.get("undo") or [])
             or not all(hex_text(f) for f in data.get("aborts") or [])
+            or not all(isinstance(t, str) for t in data.get("fenced_starts") or [])
         ):
             raise RecordDamagedError(f"{path} is not a migration journal")
         if data["phase"] not in PHASES:
@@ -219,6 +223,19 @@ class Journal:
     @property
     def fenced(self) -> list[int]:
         return [int(p) for p in self.data["fenced"]]
+
+    def fenced_now(self) -> list[int]:
+        """The fenced pids that are still the tasks the tool stopped (the same start time).
+
+        What ``recover`` may signal: a tree that ended gave its pids to whatever
+        process came next, which a SIGKILL (or a SIGCONT) must never reach.  A
+        journal without start times (an older tool's) names its pids alone.
+        """
+
+        starts = self.data.get("fenced_starts")
+        if not isinstance(starts, list) or len(starts) != len(self.data["fenced"]):
+            return self.fenced
+        return [p for p, t in zip(self.fenced, starts, strict=True) if t and start_time(p) == t]
 
     @property
     def holders(self) -> list[object]:
