@@ -54,7 +54,7 @@ def test_a_journal_others_may_write_is_refused(tmp_path: Path) -> None:
     journal = _start(agent)
     for mode in (0o666, 0o620):
         journal.path.chmod(mode)
-        with pytest.raises(RecordDamagedError, match="not a journal this tool's user wrote"):
+        with pytest.raises(RecordDamagedError, match="not a journal this user wrote"):
             Journal.load(journal.path)
         assert Journal.all(agent) == []
     journal.path.chmod(0o644)  # (readable by others: nothing in it is secret)

@@ -28,7 +28,7 @@ from typing import Final
 
 import cbor2
 
-from .._fs import write_durably
+from .._fs import write_durably, write_private
 from .._records import json_record, non_negative_int
 from ..criu import Criu, InNetns, InTaskNamespaces
 from ..datapath.checkpoint import CheckpointIn, CheckpointOut
@@ -460,4 +460,5 @@ def _pid_start(pid: int) -> list[int | str]:
 
 
 def _write_held(directory: Path, pid: int) -> None:
-    (directory / HELD).write_text(json.dumps({"pid": pid, "start": start_time(pid)}))
+    # (atomically, never through a link planted under its name: not a digested file)
+    write_private(directory / HELD, json.dumps({"pid": pid, "start": start_time(pid)}).encode())

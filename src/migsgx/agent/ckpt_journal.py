@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .._fs import write_durably
-from .._records import json_record, non_negative_int
+from .._records import json_record, non_negative_int, own_record
 from ..errors import MigSGXError, RecordDamagedError
 from ..system.process import kill_tree, process_state
 
@@ -108,7 +108,8 @@ def remove_held_leftover(directory: Path) -> None:
     """
 
     try:
-        held = json_record((directory / HELD).read_bytes(), f"restore record {directory / HELD}")
+        raw = own_record(directory / HELD, "a restore record")
+        held = json_record(raw, f"restore record {directory / HELD}")
     except (OSError, RecordDamagedError):
         return
     pid, start = held.get("pid"), held.get("start")

@@ -10,16 +10,14 @@ journal only says where to carry them.  Nothing in it is secret.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from .._fs import write_private
-from .._records import hex_text, json_record, non_negative_int
+from .._records import hex_text, json_record, non_negative_int, own_record
 from ..errors import RecordDamagedError
 from .ckpt_journal import start_time
 
@@ -79,37 +77,6 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def _read_own(path: Path) -> bytes:
-    """The bytes of ``path`` if it is a journal the tool's user wrote, else
-    :class:`RecordDamagedError`.
-
-    A journal makes ``recover`` (and a guardian) kill its ``fenced`` pids, take
-    descriptors from its ``holders``, remove its ``dump_dir`` and carry
-    decisions to its ``to``: one planted by another user (a state directory
-    others may write) or a symbolic link to one must do none of that.
-    :meth:`Journal.update` writes a regular file, 0600, of the tool's user; the
-    file is checked on the descriptor it is read from (not followed if a link).
-    """
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            raise
-        raise RecordDamagedError(f"{path} is a symbolic link, not a journal") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            raise RecordDamagedError(
-                f"{path} is not a journal this tool's user wrote (uid {st.st_uid}, "
-                f"mode {st.st_mode & 0o7777:o})"
-            )
-        with os.fdopen(os.dup(fd), "rb") as file:
-            return file.read()
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class Journal:
     path: Path
@@ -144,10 +111,14 @@ class Journal:
 
         Every property below must then work: a crash or a local user may leave
         any bytes here, and ``migsgx recover`` must say so, not trip later.  And
-        only a file the tool's user wrote counts (:func:`_read_own`).
+        only a file the tool's user wrote counts (:func:`~migsgx._records.own_record`):
+        a journal makes ``recover`` (and a guardian) kill its ``fenced`` pids, take
+        descriptors from its ``holders``, remove its ``dump_dir`` and carry
+        decisions to its ``to``; one planted by another user (a state directory
+        others may write), or a link to one, must do none of that.
         """
 
-        data = json_record(_read_own(path), f"migration journal {path}")
+        data = json_record(own_record(path, "a journal"), f"migration journal {path}")
         if any(not isinstance(data.get(k), t) for k, t in _KEYS.items()) or any(
             k in data and not isinstance(data[k], t) for k, t in _OPTIONAL.items()
         ):
