@@ -61,11 +61,17 @@ def start_time(pid: int) -> str:
 
 
 def read_journal(directory: Path) -> dict[str, Any] | None:
-    """The journal's fields, or None if there is none or it is damaged (a hint only)."""
+    """The journal's fields, or None if there is none or it is damaged (a hint only).
+
+    Only the restoring user's own file counts (:func:`~migsgx._records.own_record`):
+    a checkpoint directory may be writable by others (its files are checked by
+    their digests, this one is not), and a journal names descriptors to take
+    (``holders``), a tree to continue and an application to hand them to.
+    """
 
     path = Path(directory) / JOURNAL
     try:
-        data = json_record(path.read_bytes(), f"checkpoint journal {path}")
+        data = json_record(own_record(path, "a checkpoint journal"), f"checkpoint journal {path}")
     except (OSError, RecordDamagedError):
         return None
     phase = data.get("phase")

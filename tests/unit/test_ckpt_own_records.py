@@ -1,6 +1,7 @@
-"""A checkpoint directory's restore record (``restore-held.json``) is written and read
-as the tool's own only: it is not covered by the checkpoint's digests, and it names
-a tree to kill."""
+"""A checkpoint directory's restore record (``restore-held.json``) and journal are
+written and read as the tool's own only: neither is covered by the checkpoint's
+digests, and they name a tree to kill or to continue, descriptors to take and an
+application to hand them to."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import pytest
 
 from migsgx.agent import ckpt_journal
 from migsgx.agent.checkpoint import _write_held
-from migsgx.agent.ckpt_journal import HELD, start_time
-from migsgx.system.process import wait_stopped
+from migsgx.agent.ckpt_journal import HELD, JOURNAL, start_time
+from migsgx.agent.ckpt_recover import resolve_checkpoint
+from migsgx.system.process import process_state, wait_stopped
 
 
 @pytest.fixture
@@ -95,3 +97,43 @@ def test_a_link_to_a_record_kills_nothing(
 def test_a_fifo_under_the_records_name_is_not_waited_on(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / HELD, 0o600)
     ckpt_journal.remove_held_leftover(tmp_path)
+
+
+def _planted_journal(directory: Path, proc: subprocess.Popen[bytes]) -> Path:
+    """A dead checkpoint tool's journal as the tool writes it: the fenced source's pid."""
+
+    path = directory / JOURNAL
+    fields = {"phase": "writing", "pid": proc.pid, "start": start_time(proc.pid)}
+    path.write_text(json.dumps(fields))
+    path.chmod(0o644)
+    return path
+
+
+def test_the_tools_own_journal_continues_its_fenced_source(
+    tmp_path: Path, stopped: subprocess.Popen[bytes]
+) -> None:
+    _planted_journal(tmp_path, stopped)
+    result = resolve_checkpoint(tmp_path, None)
+    assert (result.decision, result.outcome) == ("abort", "stayed")
+    assert process_state(stopped.pid) not in ("T", "t")
+
+
+@pytest.mark.parametrize("how", ["others-write", "link"] + (["other-user"] * (os.geteuid() == 0)))
+def test_a_journal_planted_in_the_checkpoint_directory_continues_nothing(
+    tmp_path: Path, stopped: subprocess.Popen[bytes], how: str
+) -> None:
+    """(A stopped process of anyone's, say a migration's fenced source, continued
+    beside its destination's copy: two copies running.)"""
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    path = _planted_journal(checkpoint, stopped)
+    if how == "others-write":
+        path.chmod(0o666)
+    elif how == "other-user":
+        os.chown(path, 65534, 65534)
+    else:
+        path.rename(tmp_path / "elsewhere.json")
+        path.symlink_to(tmp_path / "elsewhere.json")
+    resolve_checkpoint(checkpoint, None)
+    assert process_state(stopped.pid) in ("T", "t")
