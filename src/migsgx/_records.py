@@ -19,7 +19,9 @@ from typing import Any, Final, TypeGuard
 
 from .errors import RecordDamagedError
 
-__all__ = ["MAX_RECORD", "hex_text", "json_record", "non_negative_int", "own_record"]
+__all__ = [
+    "MAX_RECORD", "hex_text", "json_record", "non_negative_int", "own_record", "regular_bytes",
+]  # fmt: skip
 
 #: No record migsgx writes comes near this; a bigger file is not one of ours.
 MAX_RECORD: Final = 1 << 20
@@ -65,6 +67,20 @@ def own_record(path: Path, what: str) -> bytes:
             )
         with os.fdopen(os.dup(fd), "rb") as file:
             return file.read(MAX_RECORD + 1)
+    finally:
+        os.close(fd)
+
+
+def regular_bytes(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file; an :class:`OSError` for anything
+    else (a FIFO is never waited on: a read of one without a writer never returns)."""
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(os.dup(fd), "rb") as file:
+            return file.read()
     finally:
         os.close(fd)
 

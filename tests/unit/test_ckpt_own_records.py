@@ -137,3 +137,15 @@ def test_a_journal_planted_in_the_checkpoint_directory_continues_nothing(
         path.symlink_to(tmp_path / "elsewhere.json")
     resolve_checkpoint(checkpoint, None)
     assert process_state(stopped.pid) in ("T", "t")
+
+
+@pytest.mark.timeout(60)  # (a hang guard: the read of a FIFO without a writer never ended)
+def test_a_fifo_as_the_metadata_is_no_checkpoint_and_never_waited_on(tmp_path: Path) -> None:
+    from migsgx.agent.checkpoint import load_metadata
+    from migsgx.agent.ckpt_journal import CHECKPOINT_META
+    from migsgx.errors import ConfigError
+
+    os.mkfifo(tmp_path / CHECKPOINT_META, 0o600)
+    with pytest.raises(ConfigError, match="holds no migsgx checkpoint"):
+        load_metadata(tmp_path)
+    assert resolve_checkpoint(tmp_path, None).outcome == "done"  # ("no checkpoint here")
