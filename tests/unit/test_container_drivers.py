@@ -498,22 +498,34 @@ def test_an_engine_store_mark_names_one_session(tmp_path: Path) -> None:
 
 def test_an_engine_store_mark_is_made_once_and_whole(tmp_path: Path) -> None:
     """Two sessions restoring one name at once both found no container; the mark is
-    what lets only one of them on (as runc's bundle does), never through a link."""
+    what lets only one of them on (as runc's bundle does).  A mark no session of
+    this agent wrote (a former agent's, its container gone) is replaced, never
+    written through."""
 
     from migsgx.containers import owner
 
     mark = owner.mark_path(tmp_path, "kv1")
     owner.write(mark, "ab" * 16, "kv1")
-    with pytest.raises(ContainerError, match="another session restores or holds it"):
-        owner.write(mark, "cd" * 16, "kv1")
-    assert owner.read(mark) == "ab" * 16
+    try:
+        with pytest.raises(ContainerError, match="another session of this agent"):
+            owner.write(mark, "cd" * 16, "kv1")
+        assert owner.read(mark) == "ab" * 16
+    finally:
+        owner.clear(mark)
     target = tmp_path / "elsewhere"
-    link = owner.mark_path(tmp_path, "kv2")
-    link.symlink_to(target)
-    with pytest.raises(ContainerError):
-        owner.write(link, "cd" * 16, "kv2")
-    assert not target.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kv1.owner", "kv2.owner"]
+    left = owner.mark_path(tmp_path, "kv2")
+    left.symlink_to(target)  # (left, or planted: the name is taken by something)
+    owner.write(left, "cd" * 16, "kv2")
+    try:
+        assert not target.exists() and not left.is_symlink()
+        assert owner.read(left) == "cd" * 16
+        with pytest.raises(ContainerError):
+            owner.write(left, "ef" * 16, "kv2")
+    finally:
+        owner.clear(left)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    owner.write(mark, "ef" * 16, "kv1")  # (cleared: free again)
+    owner.clear(mark)
 
 
 @pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed")
@@ -534,7 +546,7 @@ def test_a_podman_restore_of_a_name_another_session_marked_changes_nothing(
     conf = tmp_path / "agent" / "podman"
     conf.mkdir(parents=True)
     mark = owner.mark_path(conf, name)
-    mark.write_text("ab" * 16)  # (the first session's restore is under way)
+    owner.write(mark, "ab" * 16, name)  # (the first session's restore is under way)
     images = tmp_path / "images"
     images.mkdir()
     with tarfile.open(images / PODMAN_ARCHIVE, "w") as tar:
@@ -543,7 +555,18 @@ def test_a_podman_restore_of_a_name_another_session_marked_changes_nothing(
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     request = RestoreRequest(images, {"name": name}, tcp_close=False, owner="cd" * 16)
-    with pytest.raises(ContainerError, match="another session restores or holds it"):
+    try:
+        with pytest.raises(ContainerError, match="another session of this agent"):
+            driver.restore(request)
+        assert owner.read(mark) == "ab" * 16
+        assert not (conf / f"{name}.criu.conf").exists()
+    finally:
+        owner.clear(mark)
+    # A former agent's mark (its container gone, the engine knows none) is replaced:
+    # the restore goes on (and fails later here, on the bare archive, clearing it).
+    mark.write_text("ab" * 16)
+    shutil.rmtree(images / "podman-import")
+    with pytest.raises(MigSGXError) as failed:
         driver.restore(request)
-    assert owner.read(mark) == "ab" * 16
-    assert not (conf / f"{name}.criu.conf").exists()
+    assert "another session" not in str(failed.value)
+    assert not mark.exists()
