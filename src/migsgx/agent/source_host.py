@@ -71,7 +71,7 @@ def end_fenced(journal: Journal) -> None:
     fenced task any more.
     """
 
-    signal_all([p for p in journal.fenced if _proc.state(p) in ("T", "t")], signal.SIGKILL)
+    signal_all([p for p in journal.fenced_now() if _proc.state(p) in ("T", "t")], signal.SIGKILL)
 
 
 def give_back(journal: Journal) -> None:
@@ -104,4 +104,4 @@ def give_back(journal: Journal) -> None:
                 thaw_file(arg)
         except MigSGXError as exc:
             log.warning("giving the source back: %s: %s", note, exc)
-    signal_all(journal.fenced, signal.SIGCONT)
+    signal_all(journal.fenced_now(), signal.SIGCONT)
