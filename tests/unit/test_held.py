@@ -19,6 +19,7 @@ from migsgx.agent.held import (
     LOST,
     RECORD,
     HeldRecord,
+    frozen_stopped,
     held_records,
     lost_detail,
     mark_lost,
@@ -70,6 +71,48 @@ def _stopped(pid: int) -> bool:
             return True
         time.sleep(0.005)
     return False
+
+
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not (FREEZER / "cgroup.procs").exists(),
+    reason="needs root and the cgroup v1 freezer",
+)
+def test_a_frozen_tree_counts_as_held_only_if_it_froze_while_stopped(tmp_path: Path) -> None:
+    """A container paused while its agent is dead: its tasks read ``D``, not stopped.
+    One frozen inside its job-control stop is the held tree (thawed, it is stopped
+    again, and a record's ``kill`` ends it without a thaw that lets it run); one
+    that ran when frozen is not."""
+
+    cgroup = FREEZER / f"migsgx-held-{os.getpid()}-{os.urandom(3).hex()}"
+    cgroup.mkdir()
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    try:
+        for proc in procs:
+            (cgroup / "cgroup.procs").write_text(str(proc.pid))
+        stopped, ran = procs
+        os.kill(stopped.pid, signal.SIGSTOP)
+        assert _stopped(stopped.pid)
+        (cgroup / "freezer.state").write_text("FROZEN")
+        deadline = time.monotonic() + 30
+        while (cgroup / "freezer.state").read_text().strip() != "FROZEN":
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert frozen_stopped(stopped.pid) and not frozen_stopped(ran.pid)
+        record = HeldRecord(**{**_record(stopped.pid).__dict__, "driver": "runc"})
+        assert record.still_held() and record.frozen()
+        assert not HeldRecord(**{**_record(ran.pid).__dict__, "driver": "runc"}).still_held()
+        assert not HeldRecord(**{**record.__dict__, "driver": "pid"}).frozen()
+        record.kill()
+        assert stopped.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        (cgroup / "freezer.state").write_text("THAWED")
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        cgroup.rmdir()
 
 
 def test_a_container_record_round_trips_and_an_older_one_still_loads(tmp_path: Path) -> None:

@@ -51,7 +51,10 @@ from .._fs import write_private
 from .._records import hex_text, json_record, non_negative_int
 from ..errors import RecordDamagedError
 
-__all__ = ["LOST", "RECORD", "HeldRecord", "held_records", "lost_detail", "mark_lost", "start_time"]
+__all__ = [
+    "LOST", "RECORD", "HeldRecord", "frozen_stopped", "held_records", "lost_detail", "mark_lost",
+    "start_time",
+]
 
 RECORD: Final = "held.json"
 LOST: Final = "lost.json"
@@ -132,18 +135,74 @@ class HeldRecord:
         return cls(**data)
 
     def still_held(self) -> bool:
-        """Whether the recorded tree is still there, the same process, stopped."""
+        """Whether the recorded tree is still there, the same process, stopped
+        (or a container's, frozen while stopped: :func:`frozen_stopped`)."""
 
         from ..system.process import process_state
 
-        if self.restoring or self.root <= 0:
+        if self.restoring or self.root <= 0 or start_time(self.root) != self.start:
             return False
-        return start_time(self.root) == self.start and process_state(self.root) in ("T", "t")
+        return process_state(self.root) in ("T", "t") or self.frozen()
+
+    def frozen(self) -> bool:
+        """Whether the recorded container's tree is paused (its cgroup frozen) with every
+        task frozen inside its job-control stop, so that a thaw gives a stopped tree back."""
+
+        from ..system.process import tree_pids
+
+        if self.driver == "pid" or self.root <= 0 or start_time(self.root) != self.start:
+            return False
+        pids = tree_pids(self.root)
+        return bool(pids) and all(frozen_stopped(pid) for pid in pids)
+
+    def kill(self) -> None:
+        """Kill the recorded tree; a frozen one is thawed only after its SIGKILL (a
+        frozen task dies only once thawed, and a pending SIGKILL comes before any
+        of its code)."""
+
+        import signal
+
+        from ..containers.base import ContainerError
+        from ..containers.cgroups import Freezer
+        from ..system.process import kill_tree, tree_pids
+
+        if self.frozen():
+            for pid in tree_pids(self.root):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ContainerError):
+                Freezer.of_pid(self.root).thaw()
+        kill_tree(self.root)
 
     def enclaves_running(self) -> list[int]:
         """The recorded enclave processes that still run (same pid, same start time)."""
 
         return [pid for pid, start in self.enclave_procs if pid > 0 and start_time(pid) == start]
+
+
+def frozen_stopped(pid: int) -> bool:
+    """Whether ``pid`` was stopped when its cgroup froze (``runc pause``, ``podman pause``).
+
+    A frozen task does not read as stopped (cgroup v1: ``D``), but one frozen in
+    its job-control stop still waits in ``do_signal_stop`` and is stopped again
+    when thawed: it never ran.  A task that ran when the freeze came waits
+    anywhere else, and such a tree is not the held one.  (Under cgroup v2 a
+    stopped task reads ``T`` frozen or not.)
+    """
+
+    from ..containers.base import ContainerError
+    from ..containers.cgroups import Freezer
+    from ..system.process import process_state
+
+    state = process_state(pid)
+    if state in ("T", "t"):
+        return True
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
+        in_stop = state == "D" and wchan == "do_signal_stop"
+        return in_stop and Freezer.of_pid(pid).state() == "FROZEN"
+    except (OSError, ContainerError):
+        return False
 
 
 _FIELDS: Final = tuple(f.name for f in dataclass_fields(HeldRecord))

@@ -28,7 +28,6 @@ from ..datapath.transport import keep_alive
 from ..errors import ConfigError, MigSGXError
 from ..sgx.counters import CounterStore
 from ..sgx.platform import COUNTERS
-from ..system.process import kill_tree
 from .config import AgentConfig
 from .held import HeldRecord, held_records, mark_lost
 from .incoming import IncomingMigration
@@ -199,7 +198,7 @@ class Agent:
             try:
                 session = IncomingMigration.adopt_held(self, directory, record)
             except (MigSGXError, ValueError, TypeError, KeyError) as exc:
-                kill_tree(record.root)  # (its engine does not know it as this tree)
+                record.kill()  # (its engine does not know it as this tree)
                 if record.driver != "pid":
                     # Its engine's entry too, if this agent's restore made it for the session.
                     left = self._remove_made(record, keep_running=False)
@@ -214,9 +213,10 @@ class Agent:
                 self.discard(directory)
                 continue
             log.warning(
-                "migration %s: adopted the tree a former agent held (pid %d, %s), %d "
+                "migration %s: adopted the tree a former agent held (pid %d, %s%s), %d "
                 "enclave(s) lost: held in doubt for the state to come again", tag, record.root,
                 session.restored.label if session.restored else record.driver,
+                ", paused: thawed only by a COMMIT" if record.frozen() else "",
                 len(session.enclaves),
             )  # fmt: skip
 
@@ -248,7 +248,7 @@ class Agent:
             except (MigSGXError, ValueError, TypeError, KeyError) as exc:
                 log.error("migration %s: %s %s not removed by its engine: %s",
                           record.session_id[:8], record.driver, record.handle, exc)  # fmt: skip
-        kill_tree(record.root)
+        record.kill()
 
     def serve_forever(self) -> None:
         if self._listener is None:

@@ -181,6 +181,22 @@ class Restored:
     before_resume: Callable[[], None] | None = None
 
 
+def thaw_first(thaw: Callable[[], None], then: Callable[[], None] | None) -> Callable[[], None]:
+    """A held container's ``before_resume`` when it was paused while no agent held it.
+
+    Its tasks were frozen inside their job-control stop (:func:`migsgx.agent.held.
+    frozen_stopped`): thawed, they are stopped again, and the tree's SIGCONT that
+    follows runs them.  Thawed only past the commit point, never on adoption.
+    """
+
+    def before_resume() -> None:
+        thaw()
+        if then is not None:
+            then()
+
+    return before_resume
+
+
 class Driver(Protocol):
     """One kind of workload; see the module docstring for the contract."""
 
