@@ -20,7 +20,12 @@ engine and the container's name, no tree yet) is written before the engine is
 asked to restore it: an agent that dies inside the restore leaves a container
 or a bundle that a restarted agent removes through the engine, but only what
 the driver's mark proves this agent's restore made for that session and never
-resumed (a forged record naming another container removes nothing).  The
+resumed (a forged record naming another container removes nothing).  A
+process tree gets the same first record, and CRIU's ``post-restore``
+notification names its root in it (pid, start time) before CRIU lets the
+tasks go: from then on a dead agent's CRIU completes the restore, and a
+restarted agent kills exactly that tree (before then CRIU ends the restore
+itself, killing what it made).  The
 record is written again as soon as the tree is
 restored (``answered`` false) and again right before the agent answers
 ``restored``: a tree restored by an agent that died before that answer was

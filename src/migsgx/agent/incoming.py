@@ -43,7 +43,7 @@ from ..system.process import wait_stopped
 from ..wire import recv_frame, send_frame
 from . import preflight
 from .config import AgentHost
-from .faults import fault
+from .faults import armed, fault
 from .held import HeldRecord, lost_detail, start_time
 from .held import remove as remove_record
 from .incoming_data import Reply, _corrupt_images, _Enclave, _inject
@@ -333,7 +333,7 @@ class IncomingMigration(_SessionDecisions):
         _inject(action, self)
         corrupt = action == "corrupt"
         t0 = time.monotonic()
-        if self.driver.name != "pid":
+        if self.driver.name != "pid" or not self.post_copy:
             # What a restarted agent removes if this one dies inside the restore.
             self._intent_record().write(self.images_dir)
         try:
@@ -347,7 +347,10 @@ class IncomingMigration(_SessionDecisions):
                         tcp_close=self.tcp_close,
                         before=_corrupt_images if corrupt else None,
                         owner=self.session_id.hex(),
-                        made=lambda: _inject(fault("agent.in-restore"), self),
+                        made=(lambda: _inject(fault("agent.in-restore"), self))
+                        if self.driver.name != "pid" or armed("agent.in-restore")
+                        else None,
+                        made_tree=self._record_made_tree,
                     )
                 )
         except BaseException:
@@ -382,7 +385,8 @@ class IncomingMigration(_SessionDecisions):
         return {"t": "restored", "pid": pid, "seconds": seconds}
 
     def _intent_record(self) -> HeldRecord:
-        """The record of a container restore not yet returned (:mod:`.held`)."""
+        """The record of a restore not yet returned (:mod:`.held`): a container's
+        name; a process tree's root once CRIU made it (:meth:`_record_made_tree`)."""
 
         assert self.driver is not None
         return HeldRecord(
@@ -390,6 +394,17 @@ class IncomingMigration(_SessionDecisions):
             handle={k: str(self.target[k]) for k in ("id", "name") if k in self.target},
             answered=False, restoring=True,
         )  # fmt: skip
+
+    def _record_made_tree(self, root: int) -> None:
+        """CRIU restored every task of the process tree, rooted at ``root`` (its pid
+        here, the images' pids being those inside its pid namespace), and waits for
+        this answer before it lets them go: the intent names the tree from now on
+        (pid and start time), so that a restarted agent kills exactly it."""
+
+        assert self.images_dir is not None
+        record = self._intent_record()
+        record.root, record.start = root, start_time(root)
+        record.write(self.images_dir)
 
     def _held_record(self, restored: Restored) -> HeldRecord:
         """The record of the restored tree (:mod:`.held`), not yet answered."""

@@ -29,7 +29,7 @@ from ..errors import ConfigError, MigSGXError
 from ..sgx.counters import CounterStore
 from ..sgx.platform import COUNTERS
 from .config import AgentConfig
-from .held import HeldRecord, held_records, mark_lost
+from .held import HeldRecord, held_records, mark_lost, start_time
 from .incoming import IncomingMigration
 from .metrics import AgentMetrics
 from .protocol import SessionState
@@ -151,10 +151,14 @@ class Agent:
             tag = record.session_id[:8]
             if record.restoring:
                 # Died inside the restore: nothing ran, the source cannot have decided.
+                if record.driver == "pid":
+                    what, removed = "a process tree", self._remove_restored(record)
+                else:
+                    what = f"{record.driver} {record.handle}"
+                    removed = self._remove_made(record, keep_running=False) or "nothing"
                 log.warning(
-                    "migration %s: a former agent died restoring %s %s: removed %s", tag,
-                    record.driver, record.handle,
-                    self._remove_made(record, keep_running=False) or "nothing",
+                    "migration %s: a former agent died restoring %s: removed %s", tag, what,
+                    removed,
                 )  # fmt: skip
                 self.discard(directory)
                 continue
@@ -219,6 +223,27 @@ class Agent:
                 ", paused: thawed only by a COMMIT" if record.frozen() else "",
                 len(session.enclaves),
             )  # fmt: skip
+
+    @staticmethod
+    def _remove_restored(record: HeldRecord) -> str:
+        """What was killed of the process tree a former agent's CRIU restored.
+
+        The record names its root (pid and start time) once CRIU made every task
+        (CRIU's ``post-restore``): that process only, and what it leads (its pid
+        namespace, or its descendants), never a pid another process took since.
+        Without a root, CRIU aborted the restore itself (a notification it sent
+        before then went unanswered) and killed what it made.
+        """
+
+        if record.root <= 0:
+            return "nothing (CRIU had made no tree yet: it ends the restore itself)"
+        if start_time(record.root) != record.start:
+            return f"nothing (the tree's root, pid {record.root}, is gone)"
+        try:
+            record.kill()
+        except MigSGXError as exc:
+            return f"not all of the tree (pid {record.root}): {exc}"
+        return f"the restored process tree (pid {record.root})"
 
     def _remove_made(self, record: HeldRecord, *, keep_running: bool) -> str:
         """What the engine removed of a container a former agent's restore made

@@ -165,6 +165,11 @@ class RestoreRequest:
     #: Called once the engine made the workload, before the driver checks it
     #: (fault injection: the agent's death inside the restore).
     made: Callable[[], None] | None = None
+    #: A process tree: called with its root's pid once CRIU restored every task
+    #: and before CRIU lets them go (its ``post-restore`` notification, answered
+    #: only when this returns): from then on a dead agent's CRIU completes the
+    #: restore, so the agent records the tree before it answers.
+    made_tree: Callable[[int], None] | None = None
 
 
 @dataclass
