@@ -154,6 +154,10 @@ def test_a_container_record_round_trips_and_an_older_one_still_loads(tmp_path: P
         {"answered": "yes"},
         {"restoring": 1},
         {"restoring": None},
+        {"lazy_pages": [7]},
+        {"lazy_pages": [7, -1]},
+        {"lazy_pages": "7"},
+        {"lazy_pages": [[7, 1]]},
     ],
 )
 def test_a_damaged_container_record_is_refused(tmp_path: Path, damage: dict[str, object]) -> None:
@@ -173,6 +177,10 @@ def test_a_restoring_record_names_no_tree(tmp_path: Path) -> None:
     record.write(tmp_path)
     loaded = HeldRecord.load(tmp_path / RECORD)
     assert loaded == record and loaded.restoring and not loaded.still_held()
+    lazy = HeldRecord(**{**record.__dict__, "lazy_pages": [2**22 - 1, 5]})  # (post-copy)
+    lazy.write(tmp_path)
+    assert HeldRecord.load(tmp_path / RECORD) == lazy
+    assert not lazy.end_lazy_pages()  # (no such process: nothing is signalled)
     assert loaded.enclaves_running() == []
     older = {k: v for k, v in record.__dict__.items() if k != "restoring"}
     (tmp_path / RECORD).write_text(json.dumps(older))

@@ -36,6 +36,15 @@ and died with the agent) is not waiting for anything: it is killed and a
 ``lost.json`` is left in its place, so that a delivery for that session is
 answered ``lost-after-commit``, not ``resumed``.
 
+A post-copy tree (its page window open: a ``criu lazy-pages`` daemon holds its
+missing pages, connected to the source's CRIU) is recorded too, with that
+daemon.  Another agent cannot open the window again (the tree's userfaultfds
+live only in the daemon, and its page connection in the source's CRIU), so
+the tree can never run: a restarted agent kills it (while it is stopped: it
+never reads a missing page) and then the daemon, and removes a container by
+its engine.  The source decides what remains: before its decision it runs on;
+after a COMMIT the state is lost (``recover`` says so), never run twice.
+
 Nothing in the record is secret: the session id, pids, the enclaves' public
 infos (the session's data key is new after a restart and lives in memory only).
 """
@@ -57,7 +66,13 @@ from .._records import hex_text, json_record, non_negative_int
 from ..errors import RecordDamagedError
 
 __all__ = [
-    "LOST", "RECORD", "HeldRecord", "frozen_stopped", "held_records", "lost_detail", "mark_lost",
+    "LOST",
+    "RECORD",
+    "HeldRecord",
+    "frozen_stopped",
+    "held_records",
+    "lost_detail",
+    "mark_lost",
     "start_time",
 ]
 
@@ -105,6 +120,10 @@ class HeldRecord:
     #: restarted agent removes through the engine whatever the restore made,
     #: if the driver's mark proves this agent made it (``remove_made``).
     restoring: bool = False
+    #: Post-copy: the ``criu lazy-pages`` daemon that holds the tree's missing
+    #: pages, as [pid, start time] ([] otherwise).  Its page window cannot be
+    #: opened again by another agent: such a tree is never adopted, only killed.
+    lazy_pages: list[int] = field(default_factory=list)
 
     def write(self, directory: Path) -> None:
         """Atomically; fsync'd only once ``answered`` (before, it guards against the
@@ -135,6 +154,7 @@ class HeldRecord:
             or not _procs(data.get("enclave_procs", []))
             or not isinstance(data.get("answered", True), bool)
             or not isinstance(data.get("restoring", False), bool)
+            or not _procs([data["lazy_pages"]] if data.get("lazy_pages") else [])
         ):
             raise RecordDamagedError(f"{path} is not a held-tree record")
         return cls(**data)
@@ -179,6 +199,20 @@ class HeldRecord:
                 Freezer.of_pid(self.root).thaw()
         kill_tree(self.root)
 
+    def end_lazy_pages(self) -> bool:
+        """SIGKILL the recorded lazy-pages daemon if it is still that process; whether it was."""
+
+        import signal
+
+        if len(self.lazy_pages) != 2:
+            return False
+        pid, start = self.lazy_pages
+        if pid <= 0 or start_time(pid) != start:
+            return False
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        return True
+
     def enclaves_running(self) -> list[int]:
         """The recorded enclave processes that still run (same pid, same start time)."""
 
@@ -212,7 +246,9 @@ def frozen_stopped(pid: int) -> bool:
 
 _FIELDS: Final = tuple(f.name for f in dataclass_fields(HeldRecord))
 #: (a record an older agent wrote has none of these)
-_OPTIONAL: Final = ("arrivals", "handle", "enclave_procs", "answered", "restoring")
+_OPTIONAL: Final = (
+    "arrivals", "handle", "enclave_procs", "answered", "restoring", "lazy_pages",
+)  # fmt: skip
 _REQUIRED: Final = tuple(f.name for f in dataclass_fields(HeldRecord) if f.name not in _OPTIONAL)
 MAX_HANDLE_ITEMS: Final = 8
 MAX_HANDLE_TEXT: Final = 4096

@@ -333,9 +333,8 @@ class IncomingMigration(_SessionDecisions):
         _inject(action, self)
         corrupt = action == "corrupt"
         t0 = time.monotonic()
-        if self.driver.name != "pid" or not self.post_copy:
-            # What a restarted agent removes if this one dies inside the restore.
-            self._intent_record().write(self.images_dir)
+        # What a restarted agent removes if this one dies inside the restore.
+        self._intent_record().write(self.images_dir)
         try:
             if self.post_copy:
                 restored = self._restore_lazy(msg.get("lazy_port"), corrupt)
@@ -361,7 +360,7 @@ class IncomingMigration(_SessionDecisions):
         for adopted in (pid, *restored.adopt):
             self.agent.adopt(adopted)
         wait_stopped(pid)
-        record = self._held_record(restored) if self.enclaves and self.window is None else None
+        record = self._held_record(restored) if self.enclaves or self.window else None
         if record is not None:
             # What a restarted agent removes if this one dies before it answers.
             record.write(self.images_dir)
@@ -392,7 +391,7 @@ class IncomingMigration(_SessionDecisions):
         return HeldRecord(
             self.session_id.hex(), 0, 0, self.driver.name, self.peer, self.local_address, [],
             handle={k: str(self.target[k]) for k in ("id", "name") if k in self.target},
-            answered=False, restoring=True,
+            answered=False, restoring=True, lazy_pages=self._lazy_pages(),
         )  # fmt: skip
 
     def _record_made_tree(self, root: int) -> None:
@@ -418,8 +417,16 @@ class IncomingMigration(_SessionDecisions):
             [e.engine.migration_id.hex() if e.engine else "" for e in self.enclaves],
             {k: str(v) for k, v in restored.handle.items()},
             [[p, start_time(p)] for p in self.enclave_pids()],
-            answered=False,
+            answered=False, lazy_pages=self._lazy_pages(),
         )  # fmt: skip
+
+    def _lazy_pages(self) -> list[int]:
+        """The post-copy window's ``criu lazy-pages`` daemon as [pid, start time]."""
+
+        if self.window is None:
+            return []
+        pid = self.window.post.daemon.pid
+        return [pid, start_time(pid)]
 
     def _restore_lazy(self, port: Any, corrupt: bool) -> Restored:
         """The tree from the images, held; its private memory stays on the source."""
@@ -439,7 +446,13 @@ class IncomingMigration(_SessionDecisions):
         assert driver is not None
         if driver.name == "pid":
             self.window = Window(post, self.config.io_timeout, self.tag)
-            pid = post.restore(run=False, file_locks=True, tcp_close=self.tcp_close)
+            self._intent_record().write(images)  # (now with the daemon: :mod:`.held`)
+
+            def notify(script: str, root: int) -> None:
+                if script == "post-restore" and root > 0:
+                    self._record_made_tree(root)
+
+            pid = post.restore(notify, run=False, file_locks=True, tcp_close=self.tcp_close)
             return Restored(pid=pid, label=f"process {pid}")
         # A container: its engine restores (``restore --lazy-pages``, held), and a
         # tree killed in the window goes with its container.
@@ -457,6 +470,7 @@ class IncomingMigration(_SessionDecisions):
                 driver.discard(made[0])
 
         self.window = Window(post, self.config.io_timeout, self.tag, on_lost=lost)
+        self._intent_record().write(images)  # (now with the daemon: :mod:`.held`)
         post.restore(run=False, by=by_engine)
         return made[0]
 

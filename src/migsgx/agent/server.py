@@ -149,6 +149,9 @@ class Agent:
                 )  # fmt: skip
                 continue
             tag = record.session_id[:8]
+            if record.lazy_pages:
+                self._end_post_copy(directory, record)
+                continue
             if record.restoring:
                 # Died inside the restore: nothing ran, the source cannot have decided.
                 if record.driver == "pid":
@@ -223,6 +226,63 @@ class Agent:
                 ", paused: thawed only by a COMMIT" if record.frozen() else "",
                 len(session.enclaves),
             )  # fmt: skip
+
+    def _end_post_copy(self, directory: Path, record: HeldRecord) -> None:
+        """A post-copy tree a former agent restored (:mod:`.held`): never adopted.
+
+        Its page window cannot be opened again, so it can never run: it is
+        killed while stopped (never reading a missing page), then its lazy-pages
+        daemon; a container is removed by its engine.  Which copy remains is
+        the source's decision: before it, the source runs on; after a COMMIT the
+        source's enclaves hold a state no tree can take, and ``recover`` there
+        says it was lost (the redelivery is answered ``unknown``)."""
+
+        tag = record.session_id[:8]
+        runs = start_time(record.root) == record.start and not record.still_held()
+        if not record.restoring and record.root > 0 and runs:
+            # Resumed past the commit point (window W4): its daemon alone holds its
+            # missing pages now, and ending it would make the tree read zeros.
+            pid, start = record.lazy_pages
+            serving = start_time(pid) == start
+            log.warning(
+                "migration %s: a former agent's post-copy tree (pid %d) runs in its page "
+                "window; its lazy-pages daemon (pid %d) %s", tag, record.root, pid,
+                "serves on: both left as they are" if serving else "has ended",
+            )  # fmt: skip
+            if not serving:
+                self.discard(directory)
+            return
+        if record.restoring:
+            if record.driver == "pid":
+                removed = self._remove_restored(record)
+            else:
+                removed = self._remove_made(record, keep_running=False) or "nothing"
+        elif record.still_held():
+            self._remove_held(record)
+            removed = f"the tree (pid {record.root}, {record.driver})"
+        else:
+            left = self._remove_made(record, keep_running=True) if record.driver != "pid" else ""
+            removed = left or f"nothing (the tree, pid {record.root}, is gone)"
+        daemon = "ended" if record.end_lazy_pages() else "gone"
+        claimed = self._claimed(record.arrivals)
+        if claimed:
+            detail = (
+                f"a post-copy tree (pid {record.root}) was held with {claimed} enclave id(s) "
+                "already claimed: their state ran and ended with the former agent (W3); the "
+                "tree was killed, nothing can bring the state back"
+            )
+            log.error("migration %s: %s", tag, detail)
+            mark_lost(directory, detail)
+            return
+        log.warning(
+            "migration %s: a former agent held a post-copy tree (its page window open): "
+            "another agent cannot open that window again, so the tree can never run "
+            "and is not adopted: removed %s; its lazy-pages daemon %s. The source's "
+            "decision says what remains (%s)", tag, removed, daemon,
+            "it was never reported held: the source runs on" if not record.answered
+            else "an ABORT: the source runs on; a COMMIT: the state is lost, recover says so",
+        )  # fmt: skip
+        self.discard(directory)
 
     @staticmethod
     def _remove_restored(record: HeldRecord) -> str:
