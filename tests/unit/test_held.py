@@ -278,19 +278,19 @@ def test_a_tree_restoring_is_killed_only_if_its_root_is_still_that_process() -> 
     once CRIU made it: a restarted agent kills that process, never a process that
     took the pid since (another start time), and nothing when no root was named."""
 
-    from migsgx.agent.server import Agent
+    from migsgx.agent.adoption import Adoption
 
     proc = subprocess.Popen(["sleep", "60"])
     try:
         intent = HeldRecord(os.urandom(16).hex(), 0, 0, "pid", "10.0.0.1", "10.0.0.2", [],
                             answered=False, restoring=True)  # fmt: skip
-        assert Agent._remove_restored(intent).startswith("nothing (CRIU had made no tree")
+        assert Adoption.remove_restored(intent).startswith("nothing (CRIU had made no tree")
         other = HeldRecord(**{**intent.__dict__, "root": proc.pid,
                               "start": start_time(proc.pid) - 1})  # fmt: skip
-        assert Agent._remove_restored(other).startswith("nothing (the tree's root")
+        assert Adoption.remove_restored(other).startswith("nothing (the tree's root")
         assert proc.poll() is None  # (a pid another process took since: left alone)
         made = HeldRecord(**{**other.__dict__, "start": start_time(proc.pid)})
-        assert Agent._remove_restored(made) == f"the restored process tree (pid {proc.pid})"
+        assert Adoption.remove_restored(made) == f"the restored process tree (pid {proc.pid})"
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
         proc.kill()

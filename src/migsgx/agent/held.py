@@ -55,6 +55,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import stat
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
@@ -185,8 +186,6 @@ class HeldRecord:
         frozen task dies only once thawed, and a pending SIGKILL comes before any
         of its code)."""
 
-        import signal
-
         from ..containers.base import ContainerError
         from ..containers.cgroups import Freezer
         from ..system.process import kill_tree, tree_pids
@@ -201,8 +200,6 @@ class HeldRecord:
 
     def end_lazy_pages(self) -> bool:
         """SIGKILL the recorded lazy-pages daemon if it is still that process; whether it was."""
-
-        import signal
 
         if len(self.lazy_pages) != 2:
             return False
