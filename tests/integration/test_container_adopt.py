@@ -36,7 +36,7 @@ from migsgx.containers import HostConfig, make_driver  # noqa: E402
 from migsgx.criu import Criu  # noqa: E402
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
-from migsgx.system.process import tree_pids  # noqa: E402
+from migsgx.system.process import process_state, tree_pids  # noqa: E402
 
 Figures = dict[str, dict[str, object]]
 
@@ -547,5 +547,41 @@ def test_a_paused_container_that_ran_is_not_adopted(
         driver.discard(driver.reclaim({"id": app.name, "bundle": str(bundle), "netns": ""}, root))
         nothing_left(lab, app)
         assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
+    finally:
+        lab.remove(app)
+
+
+def test_a_post_copy_container_whose_agent_died_before_the_decision_is_removed(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
+) -> None:
+    """A runc container restored for post-copy (``--post-copy``), held, its page
+    window not yet open, when its agent dies (``agent.after-restore:kill``): the
+    source runs on (exit 6).  The record names its lazy-pages daemon: the
+    restarted agent never adopts it (no agent can open that window again), has
+    runc remove it and ends the daemon; nothing is left on the destination."""
+
+    agents.append(bed.start_agent(env={"MIGSGX_FAULT": "agent.after-restore:kill"}))
+    app, digest = loaded(lab, "runc")
+    try:
+        run = bed.migrate(
+            None, agents[0], args=["--runc", app.name, "--post-copy",
+                                   "--work-dir", str(bed.root / f"dump-{app.marker}")],
+        )  # fmt: skip
+        assert run.returncode == 6, run.stderr
+        source_answers(lab, app, digest)
+        assert agents[0].proc.wait(timeout=30) == -9
+        [path] = (bed.state("dst") / "agent" / "work").glob("*/held.json")
+        record = json.loads(path.read_text())
+        assert record["lazy_pages"] and record["driver"] == "runc", record
+        again = bed.start_agent(listen_port=agents[0].port)
+        agents.append(again)
+        log = again.log.read_text(errors="replace")
+        assert "post-copy tree" in log and "is not adopted" in log, log
+        assert "adopted the tree" not in log, log
+        nothing_left(lab, app)
+        daemon, began = record["lazy_pages"]
+        assert start_time(daemon) != began or process_state(daemon) in ("", "Z", "X")
+        assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
+        assert lab.ask(app, "DIGEST", at="src") == digest
     finally:
         lab.remove(app)
