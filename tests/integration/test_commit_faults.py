@@ -41,6 +41,7 @@ from fault_helpers import (
     stop_guardian_of,
 )
 
+from migsgx.agent.held import start_time
 from migsgx.enclave.persistent import RESERVED
 from migsgx.lab.hosts import start_service
 from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed
@@ -105,6 +106,57 @@ def test_a_tree_restored_but_never_reported_held_is_removed_by_the_restarted_age
             "source_back_seconds": round(t_back - fault_time(c.doomed.log.read_text()), 3),
         }  # fmt: skip
         only_copy(bed, app, "src", c.digest)
+
+
+def test_a_tree_the_agent_died_restoring_is_killed_by_the_restarted_agent(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """The agent dies inside CRIU's restore of the process tree (``agent.in-restore``:
+    CRIU's pre-resume notification, every task restored, CRIU not yet detached).
+    CRIU outlives the agent, finishes and leaves the tree stopped, owned by nobody;
+    the source cannot have decided and runs on.  The intent record written before
+    CRIU was asked, and given the tree's root (pid, start time) in CRIU's
+    post-restore notification, lets the restarted agent kill exactly that tree;
+    the next migration moves the application."""
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.in-restore:kill"})
+    app, digest = loaded_app(bed)
+    restarted = None
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert run.returncode == EXIT_MOVED_NOT, run.stderr
+        assert "Traceback" not in run.stderr
+        t_back = source_answers(bed, app, digest)
+        assert doomed.proc.wait(timeout=30) == -9
+        wait_until(lambda: [s for _, s in bed.copies(app)["dst"]] == ["T"], 30,
+                   "CRIU to leave the orphan tree stopped")  # fmt: skip
+        [(orphan, _)] = bed.copies(app)["dst"]
+        [path] = (bed.state("dst") / "agent" / "work").glob("*/held.json")
+        record = json.loads(path.read_text())
+        assert record["restoring"] and record["driver"] == "pid"
+        assert record["root"] == orphan and record["start"] == start_time(orphan)
+        restarted = bed.start_agent(listen_port=doomed.port)
+        log = restarted.log.read_text(errors="replace")
+        assert "died restoring a process tree" in log, log
+        assert f"removed the restored process tree (pid {orphan})" in log, log
+        wait_until(lambda: all(s in ("Z", "") for _, s in bed.copies(app)["dst"]), 30,
+                   "the orphan tree to be gone")  # fmt: skip
+        assert not path.exists()
+        assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
+        assert ask(bed, app, "src", "DIGEST") == digest
+        figures["restore x kill -9 destination agent inside CRIU's restore, restarted"] = {
+            "outcome": "stayed; the restarted agent killed the tree CRIU restored; moved next",
+            "exit": run.returncode,
+            "source_back_seconds": round(t_back - fault_time(doomed.log.read_text()), 3),
+        }  # fmt: skip
+        second = bed.migrate(app.pid, restarted)  # (nothing of the first restore in the way)
+        assert second.returncode == EXIT_OK, second.stderr
+        only_copy(bed, app, "dst", digest)
+    finally:
+        for agent in (doomed, restarted):
+            if agent is not None:
+                agent.stop()
+        end_copies(bed, app)
 
 
 def test_destination_platform_killed_before_the_claim_is_resolved_by_recover(
@@ -931,4 +983,3 @@ def test_the_copy_that_runs_dies(
             assert ask(bed, app, "dst", "DIGEST").startswith("ERR")  # its enclave is gone
         outcome = "lost (W3: the process with the only runnable copy died)"
         figures[cell] = {"outcome": outcome, "exit": run.returncode, "seconds": seconds}
-

@@ -46,7 +46,9 @@ POINTS: Final = frozenset(
         "agent.enclave-receive",  # while the incoming enclaves receive
         "agent.page-stream",  # corrupt|drop|reorder|truncate|replay: the page stream in flight
         "agent.before-restore",
-        "agent.in-restore",  # the engine made the container, its restore has not returned
+        # The engine made the container, its restore has not returned; a process tree:
+        # CRIU restored it, in its pre-resume notification (it has not detached).
+        "agent.in-restore",
         "agent.after-restore",
         "agent.before-resume",  # the tool's resume arrived (the tokens went before it)
         "agent.before-claim",  # the first decision frame reached an enclave (window W2)
@@ -100,6 +102,16 @@ def _wait_for(path: Path, point: str) -> None:
         if time.monotonic() > deadline:
             raise InjectedFault(f"{point}: {path} did not appear within {WAIT_LIMIT} s")
         time.sleep(0.02)
+
+
+def armed(point: str) -> bool:
+    """Whether the fault spec names ``point`` (without firing it): a step that costs
+    time only to reach the point (a CRIU notification) is taken only then."""
+
+    if point not in POINTS:
+        raise ValueError(f"unknown fault point {point!r}")
+    names = {item.strip().partition(":")[0] for item in os.environ.get(ENV, "").split(",")}
+    return point in names
 
 
 def fault(point: str) -> str | None:

@@ -55,6 +55,7 @@ from .base import (
     RestoreRequest,
     Source,
     check_name,
+    thaw_first,
 )
 from .command import bring_lo_up, json_object, run_engine, with_path
 from .frozen import dump_frozen, own_netns_path, stop_if_cancelled, write_criu_config
@@ -140,16 +141,25 @@ class Ctr:
     def remove_image(self, name: str) -> None:
         self("images", "remove", name, what=f"ctr images remove {name}", check=False)
 
+    def resume(self, cid: str) -> None:
+        """Thaw a paused task (``ctr tasks resume``)."""
+
+        self("tasks", "resume", cid, what=f"ctr tasks resume {cid}")
+
     def remove(self, cid: str) -> None:
         """Remove container ``cid`` and its task (killed first when it runs).
 
         Never ``tasks delete --force``: for a task whose restore failed it waits
-        for an exit that does not come.
+        for an exit that does not come.  A paused task is thawed first (a frozen
+        task takes its SIGKILL only once thawed); a held tree's tasks are stopped
+        again by the thaw, so it runs nothing before the kill.
         """
 
         found = self.task(cid)
         if found is not None:
             pid, status = found
+            if status == "PAUSED":
+                self.resume(cid)
             if status not in ("STOPPED", "CREATED"):
                 self("tasks", "kill", "--signal", "SIGKILL", cid, what=f"ctr tasks kill {cid}",
                      check=False)  # fmt: skip
@@ -409,7 +419,11 @@ class ContainerdDriver:
             raise ContainerError(
                 f"containerd container {cid} has task {task}, not the held tree (pid {pid})"
             )
-        return self._restored(cid, pid)
+        held = self._restored(cid, pid)
+        if task[1] == "PAUSED":
+            # Paused while no agent held it: thawed only when a COMMIT resumes it.
+            held.before_resume = thaw_first(lambda: self.ctr.resume(cid), held.before_resume)
+        return held
 
     def discard(self, restored: Restored) -> None:
         cid = str(restored.handle["id"])

@@ -50,6 +50,7 @@ from .base import (
     RestoreRequest,
     Source,
     check_name,
+    thaw_first,
 )
 from .command import run_engine, with_path
 from .frozen import dump_frozen, own_netns_path, stop_if_cancelled, write_criu_config
@@ -129,6 +130,12 @@ class Podman:
         except ValueError as exc:
             raise ContainerError(f"podman inspect {name}: not JSON") from exc
         return items[0] if items and isinstance(items[0], dict) else None
+
+    def unpause(self, name: str) -> None:
+        """Thaw a paused container (``podman unpause``): its tasks go back to what they
+        were when frozen (a held tree's, stopped)."""
+
+        self("unpause", name, what=f"podman unpause {name}")
 
     def remove(self, name: str) -> None:
         info = self.inspect(name)
@@ -383,7 +390,11 @@ class PodmanDriver:
                 f"not the held tree (pid {pid})"
             )
         conmon = int(state.get("ConmonPid") or 0)
-        return self._restored(name, pid, conmon)
+        held = self._restored(name, pid, conmon)
+        if state.get("Status") == "paused":
+            # Paused while no agent held it: thawed only when a COMMIT resumes it.
+            held.before_resume = thaw_first(lambda: self.podman.unpause(name), held.before_resume)
+        return held
 
     def discard(self, restored: Restored) -> None:
         name = str(restored.handle["name"])

@@ -54,6 +54,7 @@ from .base import (
     RestoreRequest,
     Source,
     check_name,
+    thaw_first,
 )
 from .command import bring_lo_up
 from .frozen import dump_frozen, own_netns_path, stop_if_cancelled, write_criu_config
@@ -339,7 +340,11 @@ class RuncDriver:
             )
         if Path(str(state.get("bundle"))) != bundle or handle.get("bundle") != str(bundle):
             raise ContainerError(f"runc container {cid} is not the one restored from {bundle}")
-        return _restored(cid, pid, bundle, pod)
+        held = _restored(cid, pid, bundle, pod)
+        if state.get("status") == "paused":
+            # Paused while no agent held it: thawed only when a COMMIT resumes it.
+            held.before_resume = thaw_first(lambda: self.runc.resume(cid), held.before_resume)
+        return held
 
     def remove_made(self, handle: Mapping[str, Any], owner: str, *, keep_running: bool) -> str:
         cid = self._made_for(check_name(handle.get("id"), "container id"), owner)
