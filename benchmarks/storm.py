@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -45,6 +46,8 @@ def main() -> int:
     fault = parse(args.fault) if args.fault else None
     outcomes: list[Outcome] = []
     t_end = time.monotonic() + args.seconds if args.seconds else float("inf")
+    # SIGTERM ends the storm as Ctrl-C does: every host, process and namespace goes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # Subreaper of the restored trees (as the tests are): a killed one is reaped here.
     ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     cleanup_stale()

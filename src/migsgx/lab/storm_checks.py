@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import threading
 import time
@@ -143,15 +144,28 @@ def _present(storm: Storm, host: str) -> dict[str, str]:
     return found
 
 
-def enclave_pids(bed: Testbed, host: str) -> list[int]:
-    """The enclave processes running on ``host`` (started by any of its platform services)."""
+def enclave_pids(bed: Testbed) -> dict[str, list[int]]:
+    """The enclave processes by host (the platform service that started them), and under
+    ``orphan`` those whose service died: they are reparented to this process, the
+    subreaper of everything the storm started."""
 
-    found = []
-    for pid in bed.host(host).pids():
-        with contextlib.suppress(OSError):
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"migsgx.sgx.launcher" in argv and process_state(pid) not in _GONE:
-                found.append(pid)
+    parents = {bed.services[h].process.pid: h for h in bed.names}
+    found: dict[str, list[int]] = {h: [] for h in bed.names}
+    found["orphan"] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if b"migsgx.enclave.runtime" not in (entry / "cmdline").read_bytes():
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] in ("Z", "X"):
+                continue
+            ppid = int(fields[1])
+            if ppid in parents:
+                found[parents[ppid]].append(int(entry.name))
+            elif ppid == os.getpid():
+                found["orphan"].append(int(entry.name))
     return found
 
 
@@ -193,7 +207,7 @@ def leftovers(storm: Storm, run: MigrateRun, frm: str, app_pid: int, copies: int
             found += [f"images mount {p}" for p, owner in mounts if owner == run.pid]
         found += [f"guardian {pid}" for pid in _guardians(app_pid)]
         found += [f"journal {j}" for j in _unfinished(bed, frm, app_pid)]
-        enclaves = {h: enclave_pids(bed, h) for h in bed.names}
+        enclaves = enclave_pids(bed)
         if sum(len(p) for p in enclaves.values()) != copies:
             found.append(f"enclave processes {enclaves} for {copies} copy")
         return found
