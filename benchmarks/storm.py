@@ -19,6 +19,7 @@ when any migration failed.  Run as root from the checkout:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import signal
@@ -27,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from migsgx.lab.containers import ContainerLab
 from migsgx.lab.netns import cleanup_stale, list_namespaces
 from migsgx.lab.storm import Outcome, Storm, as_json, summary
 from migsgx.lab.storm_faults import parse
@@ -39,9 +41,19 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=0.0, help="stop after this long")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--fault", default=None, help="this fault every time (a printed spec)")
-    parser.add_argument("--bound", type=float, default=5.0,
-                        help="seconds for the source to answer again where it did not move")
+    parser.add_argument(
+        "--bound",
+        type=float,
+        default=5.0,
+        help="seconds for the source to answer again where it did not move",
+    )
     parser.add_argument("--subnet", type=int, default=212)
+    parser.add_argument(
+        "--engine",
+        choices=("pid", "runc"),
+        default="pid",
+        help="a plain process (default) or a runc container",
+    )
     args = parser.parse_args()
     fault = parse(args.fault) if args.fault else None
     outcomes: list[Outcome] = []
@@ -52,8 +64,9 @@ def main() -> int:
     ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     cleanup_stale()
     with tempfile.TemporaryDirectory(prefix="migsgx-storm-") as root:
-        with Testbed(Path(root), subnet=args.subnet) as bed:
-            storm = Storm(bed, args.seed, bound=args.bound)
+        with Testbed(Path(root), subnet=args.subnet) as bed, contextlib.ExitStack() as stack:
+            lab = stack.enter_context(ContainerLab(bed)) if args.engine == "runc" else None
+            storm = Storm(bed, args.seed, bound=args.bound, lab=lab)
             for index in range(args.count):
                 if time.monotonic() >= t_end:
                     break
@@ -63,7 +76,7 @@ def main() -> int:
             namespaces = bed.net.name_prefix
         left = [n for n in list_namespaces() if n.startswith(namespaces)]
     result = summary(outcomes)
-    result["seed"] = args.seed
+    result["seed"], result["engine"] = args.seed, args.engine
     result["namespaces_left"] = left
     print("storm-summary " + json.dumps(result, sort_keys=True), flush=True)
     return 1 if result["failed"] or left else 0

@@ -24,6 +24,7 @@ The driver is ``benchmarks/storm.py``; a short storm runs in ``make test``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,13 +32,16 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
-from ..system.process import kill_tree
+from ..system.process import process_state
+from .containers import ContainerLab
+from .storm_apps import ContainerTarget, ProcessTarget, Target
 from .storm_checks import Client, Verdict, heal, leftovers, restart_dead
 from .storm_faults import Fault, draw
-from .testbed import AgentProcess, AppProcess, MigrateRun, Testbed
+from .testbed import AgentProcess, MigrateRun, Testbed
 
 __all__ = ["Outcome", "Storm"]
 
@@ -83,22 +87,26 @@ class Storm:
     did not move (the goal of ``docs/migration.md``); past it, the migration fails.
     """
 
-    def __init__(self, bed: Testbed, seed: int, *, bound: float = 5.0) -> None:
-        self.bed = bed
+    def __init__(
+        self, bed: Testbed, seed: int, *, bound: float = 5.0, lab: ContainerLab | None = None
+    ) -> None:
+        self.bed, self.lab = bed, lab
         self.rng = random.Random(seed)
         self.bound = bound
         self.writes: dict[str, str] = {}  # every acknowledged write of the current app
         self.unsure: set[str] = set()  # writes sent that nobody answered: there or not
         self.agents: dict[str, AgentProcess] = {h: bed.start_agent(h) for h in bed.names}
-        self.app = self._fresh_app()
+        self.target = self._fresh_target()
         self.at = "src"
         self.counter = 0
         self._source_pid = 0
 
     # --- the application ------------------------------------------------------------------------
-    def _fresh_app(self) -> AppProcess:
+    def _fresh_target(self) -> Target:
+        """A new kvstore on host ``src``: a process, or a runc container with ``lab``."""
+
         self.writes, self.unsure = {}, set()
-        return self.bed.start_app("kvstore", ["--image", str(self.bed.image("kvstore"))])
+        return ProcessTarget(self.bed) if self.lab is None else ContainerTarget(self.lab)
 
     def _other(self, host: str) -> str:
         return self.bed.names[1 - self.bed.names.index(host)]
@@ -109,7 +117,7 @@ class Storm:
 
         try:
             conn = self.bed.host(self._other(at)).connect(
-                self.bed.host(at).address, self.app.port, timeout=timeout
+                self.bed.host(at).address, self.target.port, timeout=timeout
             )
         except OSError:
             return None
@@ -155,11 +163,14 @@ class Storm:
         agent = self.agents[to]
         if fault.agent:
             agent = self.bed.start_agent(to, env={"MIGSGX_FAULT": fault.agent})
-        pid = self._source_pid = self._pid(frm)
+        self._reap()
+        pid = self._source_pid = self.target.root_pid(frm)
+        argument, args = self.target.migrate_args(pid)
         client = Client(self, frm)
         client.start()
         t0 = time.monotonic()
-        run = self.bed.migrate(pid, agent, name=frm, env={"MIGSGX_FAULT": fault.tool})
+        run = self.bed.migrate(argument, agent, name=frm, args=args,
+                               env={"MIGSGX_FAULT": fault.tool})  # fmt: skip
         client.finish()
         out = Outcome(index, seed, fault.spec, fault.kind, frm, run.returncode,
                       seconds=time.monotonic() - t0)  # fmt: skip
@@ -180,11 +191,20 @@ class Storm:
                 extra.stop()
         return out
 
-    def _pid(self, host: str) -> int:
-        running = [p for p, s in self.bed.copies(self.app)[host] if s not in ("T", "t", "Z", "X")]
-        if len(running) != 1:
-            raise RuntimeError(f"expected one running copy on {host}, found {running}")
-        return running[0]
+    def _reap(self) -> None:
+        """Reap the zombies this process (the subreaper) inherited: restored trees killed,
+        orphaned CRIUs; not the processes started here, whose ends are awaited."""
+
+        ours = {a.proc.pid for a in [*self.bed.agents]}
+        ours |= {s.process.pid for s in self.bed.services.values()}
+        ours |= {a.launcher.pid for a in self.bed.apps}
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+                for child in (task / "children").read_text().split():
+                    pid = int(child)
+                    if pid not in ours and process_state(pid) == "Z":
+                        with contextlib.suppress(ChildProcessError):
+                            os.waitpid(pid, os.WNOHANG)
 
     def _back_seconds(self, frm: str, run: MigrateRun, logs: str) -> float | None:
         """From the fault (its mark) to the source answering again with a request."""
@@ -220,23 +240,25 @@ class Storm:
 
         verdict = Verdict(self, fault, frm, to, run)
         deadline = time.monotonic() + SETTLE_SECONDS
-        while not verdict.settled() and time.monotonic() < deadline:
+        while not (settled := verdict.settled()) and time.monotonic() < deadline:
             time.sleep(0.1)
         out.outcome = verdict.outcome()
         out.failures += verdict.failures(out.outcome)
+        if not settled:
+            out.failures.append(f"not settled after {SETTLE_SECONDS:.0f} s: {verdict.states()}")
         if out.outcome == "stayed" and back is not None and back > self.bound:
             out.failures.append(f"the source answered {back:.2f} s after the fault")
         copies = 1 if out.outcome in ("moved", "stayed") else 0
         out.failures += leftovers(self, run, frm, self._source_pid, copies)
         if out.outcome in ("moved", "stayed") and not out.failures:
             self.at = to if out.outcome == "moved" else frm
-            self.app = replace(self.app, pid=self._pid(self.at), host=self.bed.host(self.at))
-            return
+            self.target.moved(self.at)
+            out.failures += self.target.stray()
+            if not out.failures:
+                return
         # Lost (allowed or not), or a failure: end whatever runs, begin again with a new app.
-        for procs in self.bed.copies(self.app).values():
-            for pid, _ in procs:
-                kill_tree(pid)
-        self.app = self._fresh_app()
+        self.target.remove()
+        self.target = self._fresh_target()
         self.at = "src"
 
 

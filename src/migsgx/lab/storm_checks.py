@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Client", "Verdict", "enclave_pids", "heal", "leftovers", "restart_dead"]
 
-_STOPPED: Final = ("T", "t")
 _GONE: Final = ("Z", "X", "")
 #: Seconds the leftovers may take to go (a guardian's last delivery, a release).
 LEFTOVER_SECONDS: Final = 30.0
@@ -62,19 +61,22 @@ class Verdict:
         self.storm, self.fault, self.frm, self.to, self.run = storm, fault, frm, to, run
 
     def states(self) -> dict[str, list[str]]:
-        found = self.storm.bed.copies(self.storm.app)
+        found = self.storm.target.copies()
         return {h: [s for _, s in procs] for h, procs in found.items()}
 
     def runnable(self) -> dict[str, int]:
-        return {h: sum(s not in (*_STOPPED, *_GONE) for s in ss) for h, ss in self.states().items()}
+        """Copies that can run per host: neither stopped (SIGSTOP, CRIU) nor frozen (cgroup)."""
+
+        return self.storm.target.runnable()
 
     def settled(self) -> bool:
         """No stopped copy is left (a held tree, a fenced source) and at most one runs."""
 
-        states = self.states()
-        if any(s in _STOPPED for ss in states.values() for s in ss):
+        runnable = self.runnable()
+        present = {h: sum(s not in _GONE for s in ss) for h, ss in self.states().items()}
+        if present != runnable:
             return False
-        running = sum(self.runnable().values())
+        running = sum(runnable.values())
         return running == 1 or (running == 0 and bool(self.fault.may_lose))
 
     def outcome(self) -> str:
