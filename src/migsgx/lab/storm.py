@@ -100,6 +100,8 @@ class Storm:
         self.at = "src"
         self.counter = 0
         self._source_pid = 0
+        #: Enclave processes a failed migration left, already reported.
+        self.leaked: set[int] = set()
 
     # --- the application ------------------------------------------------------------------------
     def _fresh_target(self) -> Target:
