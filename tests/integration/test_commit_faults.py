@@ -20,7 +20,7 @@ from typing import Any
 
 import cbor2
 import pytest
-from bed_helpers import end_copies, wait_until
+from bed_helpers import enclave_processes, end_copies, wait_until
 from fault_helpers import (
     EXIT_IN_DOUBT,
     EXIT_LOST_AFTER_COMMIT,
@@ -659,6 +659,35 @@ def test_source_side_party_killed(
             bed.services["src"] = start_service(
                 bed.state("src"), prefix=bed.host("src").command([])
             )
+
+
+@pytest.mark.parametrize("point", ["tool.after-group", "tool.before-commit"])
+def test_source_enclave_killed_undecided_leaves_nothing_held(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]], point: str
+) -> None:
+    """W1: the source enclave dies before it was asked to decide (found by a storm).
+
+    Its state is lost (it held the only copy the destination could ever run:
+    no COMMIT token of it can exist).  Before, the destination kept its loaded
+    copy and the tree held, stopped, for good ("kept in doubt until the source's
+    decision is delivered": no decision could come); the tool's ``abort`` now
+    names it (``source_lost``) and the destination ends both.
+    """
+
+    app, _ = loaded_app(bed)
+    enclaves = enclave_processes(bed, "dst")
+    t0 = time.monotonic()
+    run = migrate_with(bed, app, agent, f"{point}:kill-source-enclave")
+    assert run.returncode == EXIT_MOVED_NOT, run.stderr
+    assert "Traceback" not in run.stderr
+    wait_until(lambda: bed.copies(app)["dst"] == [], 30, "the held tree to go")
+    wait_until(lambda: enclave_processes(bed, "dst") <= enclaves, 30, "the loaded copy to end")
+    assert "its source enclave died undecided" in agent.log.read_text(errors="replace")
+    figures[f"{point.removeprefix('tool.')} x kill -9 source enclave, destination"] = {
+        "outcome": "lost (W1); the destination keeps nothing", "exit": run.returncode,
+        "seconds": round(time.monotonic() - t0, 3),
+    }  # fmt: skip
+    end_copies(bed, app)
 
 
 def test_tool_and_source_platform_killed_before_the_decision_the_guardian_asks_again(

@@ -122,6 +122,8 @@ class _Transfer:
     peer: socket.socket | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     error: BaseException | None = None
+    #: ``__mig_commit`` was sent to it: it may have decided COMMIT (then died).
+    asked_to_commit: bool = False
 
 
 class _MigrationState:
