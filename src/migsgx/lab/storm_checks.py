@@ -17,16 +17,30 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from ..containers.imagefs import leftover_mounts
 from ..system.process import process_state
 from .hosts import start_service
+from .storm_apps import Target
 from .storm_faults import Fault
 from .testbed import AgentProcess, MigrateRun, Testbed
 
-if TYPE_CHECKING:
-    from .storm import Storm
+
+class Storm(Protocol):
+    """What the checks use of a storm (:class:`migsgx.lab.storm.Storm`)."""
+
+    bed: Testbed
+    target: Target
+    writes: dict[str, str]
+    unsure: set[str]
+    leaked: set[int]
+
+    def ask(self, line: str, at: str, timeout: float = 5.0) -> str | None: ...
+
+    def put(self, at: str, timeout: float = 5.0) -> bool | None: ...
+
+    def expected_digest(self) -> str: ...
 
 __all__ = ["Client", "Verdict", "enclave_pids", "heal", "leftovers", "restart_dead"]
 
