@@ -32,6 +32,7 @@ TOOL_POINTS: Final = (
     "tool.before-images",
     "tool.after-group",
     "tool.before-commit",
+    "tool.abort-answered",  # (reached only where the migration rolls back)
     "tool.after-commit",
     "tool.before-token",
     "tool.before-release",
