@@ -195,6 +195,41 @@ def test_destination_platform_restarted_before_the_claim(
         doomed.stop()
 
 
+def test_destination_platform_killed_after_the_claim_strands_nothing(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """W3, the platform service: it dies once the enclave claimed the id (found by a storm).
+
+    The enclave lives and holds the state; the tree attaches to it and runs,
+    and once the service is back every write is there and ECALLs work: moved,
+    exit 0.  Before, the agent took the service's death for the enclave's and
+    the tool said ``lost-after-commit`` (exit 10) of an application that ran on.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.after-claim:kill-platform"})
+    app, digest = loaded_app(bed)
+    t0 = time.monotonic()
+    restarted = False
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert "Traceback" not in run.stderr
+        assert run.returncode == EXIT_OK, run.stderr
+        assert "agent.after-claim:kill-platform" in doomed.log.read_text(errors="replace")
+        wait_until(lambda: process_state(app.pid) in ("", "Z"), 20, "CRIU to end the source")
+        _restart_platform(bed, "dst")
+        restarted = True
+        figures["activate x kill -9 destination platform service"] = {
+            "outcome": "moved (the enclave runs on; the service restarted)",
+            "exit": run.returncode, "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
+        only_copy(bed, app, "dst", digest)
+    finally:
+        doomed.stop()
+        if not restarted:
+            _restart_platform(bed, "dst")
+        end_copies(bed, app)
+
+
 def _restart_platform(bed: Testbed, host: str) -> None:
     bed.services[host].stop()
     bed.services[host] = start_service(bed.state(host), prefix=bed.host(host).command([]))
