@@ -501,6 +501,34 @@ def test_tool_and_guardian_killed_before_the_decision(
     only_copy(bed, app, "src", digest)
 
 
+def test_tool_and_guardian_killed_right_after_the_prepare(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """The tool kills its guardian and dies as soon as the application handed its
+    enclave connections over (found by a storm).
+
+    The journal and each enclave's duplicate of its connection are written
+    before that point now, so one ``migsgx recover`` hands the enclave back with
+    every write.  Before, both came later: the enclave's last connection closed
+    with the tool, it ended, and the application ran on without its state.
+    """
+
+    app, digest = loaded_app(bed)
+    run = migrate_with(bed, app, agent, "tool.after-prepare:kill-guardian-and-tool")
+    assert run.returncode == -9, run.stderr
+    again = recover(bed)
+    assert again.returncode == EXIT_OK, again.stdout + again.stderr
+    assert "Traceback" not in again.stderr
+    t_back = source_answers(bed, app, digest)
+    wait_until(lambda: bed.copies(app)["dst"] == [], 30, "the destination to let go")
+    figures["prepare x kill -9 tool + guardian"] = {
+        "outcome": "stayed after one recover (the enclave handed back)",
+        "exit": run.returncode, "recover": again.returncode,
+        "source_back_seconds": round(t_back - fault_time(run.stderr), 3),
+    }  # fmt: skip
+    only_copy(bed, app, "src", digest)
+
+
 # --- after the decision: the destination runs --------------------------------------------------
 def test_destination_enclave_killed_before_the_claim_gets_the_state_again(
     bed: Testbed, figures: dict[str, dict[str, object]]

@@ -165,8 +165,9 @@ class _Migration(_DecisionSteps):
                 if self.scratch is not None:
                     self._guardian_note(f"scratch {self.scratch}")
                     self.scratch.mkdir(mode=0o700)
-                self._inject(self._fault("tool.after-prepare"))
-                begin = self._begin(pids, pidns) if ready is None else None
+                # The journal and each enclave's duplicate of its connection come
+                # first: from here on this tool and its guardian may both die and
+                # ``migsgx recover`` still hands the enclaves back with their state.
                 self.journal = Journal.start(
                     opts.identity.directory, self.session_id, opts.to,
                     link.pid if link else pid, link.name if link else "-",
@@ -175,6 +176,8 @@ class _Migration(_DecisionSteps):
                 if self.scratch is not None:
                     self.journal.update(dump_dir=str(self.scratch))
                 self._guardian_enclaves(handed)
+                self._inject(self._fault("tool.after-prepare"))
+                begin = self._begin(pids, pidns) if ready is None else None
                 if begin is not None:
                     ready = control.call(begin, "ready")
                 assert ready is not None  # (live: the pre-copy's ``begin`` answered)
