@@ -70,6 +70,8 @@ class Outcome:
     acked: int = 0
     over_bound: bool = False
     failures: list[str] = field(default_factory=list)
+    #: The tool's last line where it did not exit 0 (why it did not move).
+    reason: str = ""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -78,7 +80,7 @@ class Outcome:
             "reached": self.reached, "seconds": round(self.seconds, 3),
             "back_seconds": None if self.back_seconds is None else round(self.back_seconds, 3),
             "recover": self.recover, "acked": self.acked, "over_bound": self.over_bound,
-            "failures": self.failures,
+            "failures": self.failures, "reason": self.reason,
         }  # fmt: skip
 
 
@@ -180,6 +182,9 @@ class Storm:
                       seconds=time.monotonic() - t0)  # fmt: skip
         logs = run.stderr + (agent.log.read_text(errors="replace") if fault.agent else "")
         out.reached = "migsgx fault:" in logs
+        if run.returncode != 0:
+            lines = [ln for ln in run.stderr.splitlines() if ln.startswith("migsgx: ")]
+            out.reason = (lines[-1] if lines else run.stderr.strip()[-300:])[:300]
         restarted = restart_dead(self.bed, [*self.agents.values(), agent], self.agents)
         for host in self.bed.names:
             heal(self.bed, host)
@@ -248,6 +253,9 @@ class Storm:
             time.sleep(0.1)
         out.outcome = verdict.outcome()
         out.failures += verdict.failures(out.outcome)
+        if not out.reached and out.outcome != "moved":
+            # No fault happened (none drawn, or its point never came): it had to move.
+            out.failures.append(f"{out.outcome} without a fault: {out.reason}")
         if not settled:
             out.failures.append(f"not settled after {SETTLE_SECONDS:.0f} s: {verdict.states()}")
         # A figure, not a failure: the load of the machine is in it (the 4 s keep-alive of
