@@ -166,6 +166,33 @@ def test_container_moves_there_and_back(
     finish(lab, app, expect="src")
 
 
+def test_runc_container_moves_there_back_and_there_again(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    """Three moves of one runc container (found by a storm): the bundle the destination
+    agent made for it goes when it leaves that host again.
+
+    Before, the bundle stayed, and the third move was refused by the host it
+    had left ("a bundle for ... exists on this host"), with no fault at all.
+    """
+
+    back = bed.start_agent("src")
+    try:
+        app = lab.start_app("runc", "kvstore")
+        for i, (frm, to, target) in enumerate(
+            [("src", "dst", agent), ("dst", "src", back), ("src", "dst", agent)]
+        ):
+            assert lab.ask(app, f"PUT k{i} " + b"v".hex(), at=frm) == f"OK {i + 1}"
+            run = migrate(bed, app, target, name=frm)
+            assert run.returncode == 0, run.stderr
+            assert app.name not in lab.containers(frm, "runc")
+            assert not (bed.state(frm) / "agent" / "runc" / app.name).exists()
+            assert lab.ask(app, f"GET k{i}", at=to) == "VALUE " + b"v".hex()
+    finally:
+        back.stop()
+    finish(lab, app, expect="dst")
+
+
 def ledger(lab: ContainerLab, app: ContainerApp, at: str) -> dict[str, Any]:
     # Asked once: an unanswered request (the app died) is a failure, never asked again.
     answer = lab.ask(app, "ROWS", at=at)

@@ -145,7 +145,10 @@ class _MigrationState:
         self.restored_pid = 0
         self.image_bytes = 0
         self.page_bytes = 0
-        self.driver: Driver = make_driver(opts.driver, HostConfig(opts.criu, opts.containers))
+        # The state directory: a container that arrived here runs from a bundle this
+        # host's agent made there, which goes when it leaves (runc).
+        host = HostConfig(opts.criu, opts.containers, state_dir=opts.identity.directory.parent)
+        self.driver: Driver = make_driver(opts.driver, host)
         self.source: Source | None = None
         self.tcp_keep = False
         self.page_server = False
