@@ -50,6 +50,7 @@ from ..containers.runc_lazy import free_port
 from ..datapath.pagerelay import PageRelay, local_pair, relay_keys
 from ..errors import (
     CriuError,
+    EnclaveError,
     InDoubtError,
     MigrationError,
     MigSGXError,
@@ -202,6 +203,10 @@ class _Migration(_DecisionSteps):
                         f"the source {source.label} (pid {pid}) ended during the migration: "
                         f"nothing moved, and its enclaves ended with it ({type(exc).__name__})"
                     ) from exc
+                if undecided and isinstance(exc, EnclaveError):
+                    # Rolled back: whatever an enclave call tripped over (its platform
+                    # service gone, say), the source runs again; the status says that.
+                    raise MigrationError(f"nothing moved, the source runs on: {exc}") from exc
                 raise
             if self.lost_after_commit is not None:
                 raise self.lost_after_commit
