@@ -1,4 +1,4 @@
-"""A short storm: eight migrations back and forth, each under a fault drawn from seed 7.
+"""A short storm: eight migrations back and forth, each under a fault drawn from seed 33.
 
 The fault matrix checks each named cell alone; here the faults follow each other
 on the same hosts, with whatever the previous one left (restarted services and
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
 BED_SUBNET = 211
-SEED = 7
+SEED = 33  # (its eight: both directions, most parties killed, a source enclave undecided)
 COUNT = 8
 
 
