@@ -74,7 +74,7 @@ def end_fenced(journal: Journal) -> None:
     fenced task any more.
     """
 
-    signal_all([p for p in journal.fenced if _state(p) in ("T", "t")], signal.SIGKILL)
+    signal_all([p for p in journal.fenced_now() if _state(p) in ("T", "t")], signal.SIGKILL)
 
 
 def give_back(journal: Journal) -> None:
@@ -110,7 +110,7 @@ def give_back(journal: Journal) -> None:
                 thaw_file(arg)
         except MigSGXError as exc:
             log.warning("giving the source back: %s: %s", note, exc)
-    signal_all(journal.fenced, signal.SIGCONT)
+    signal_all(journal.fenced_now(), signal.SIGCONT)
 
 
 def _state(pid: int) -> str:

@@ -326,17 +326,19 @@ class ContainerdDriver:
         rw = request.images / CONTAINERD_RW
         if rw.exists() and rw.stat().st_size > MAX_RW_BYTES:
             raise ProtocolError(f"the root file system's changes exceed {MAX_RW_BYTES} bytes")
-        criu_config = self._conf_dir() / f"{cid}.criu.conf"
-        write_criu_config(criu_config, tcp_close=request.tcp_close)
-        mark = _owner.mark_path(self._conf_dir(), cid)
-        _owner.write(mark, request.owner)
         joined = joined_host_netns(spec)
+        criu_config = self._conf_dir() / f"{cid}.criu.conf"
         here = self._localization(cid, spec, criu_config)
         ref = f"migsgx.local/checkpoint/{cid}:{secrets.token_hex(4)}"
         work = request.images / "containerd-import"
         work.mkdir(mode=0o700)
+        # First: while it is there no other session restores this id (nor writes its
+        # CRIU configuration, nor removes what this restore makes when its own fails).
+        mark = _owner.mark_path(self._conf_dir(), cid)
+        _owner.write(mark, request.owner, f"containerd container {cid}")
         made = False
         try:
+            write_criu_config(criu_config, tcp_close=request.tcp_close)
             localized = localize(spec, here)
             admit_images(request.images, localized)
             parts = CheckpointParts(

@@ -229,12 +229,14 @@ class PodmanDriver:
         work = request.images / "podman-import"
         work.mkdir(mode=0o700)
         extract_tree(request.images / PODMAN_ARCHIVE, work, limit=MAX_IMAGE_BYTES)
-        criu_config = self._conf_dir() / f"{name}.criu.conf"
-        write_criu_config(criu_config, tcp_close=request.tcp_close)
+        # First: while it is there no other session restores this name (nor writes its
+        # CRIU configuration, nor removes what this restore makes when its own fails).
         mark = _owner.mark_path(self._conf_dir(), name)
-        _owner.write(mark, request.owner)
+        _owner.write(mark, request.owner, f"podman container {name}")
+        criu_config = self._conf_dir() / f"{name}.criu.conf"
         made = False
         try:
+            write_criu_config(criu_config, tcp_close=request.tcp_close)
             self.localize_archive(work, criu_config, engine_in_netns=True)
             if request.before is not None:
                 request.before(work / "checkpoint")

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final
 
 from ..errors import MigSGXError, ProtocolError
+from . import owner as _owner
 from . import podnet
 from .admission import SpecPolicy
 from .base import (
@@ -278,8 +279,8 @@ class RuncDriver:
             raise ContainerError(f"a bundle for {cid} exists on this host: {bundle}") from exc
         # Which session made this bundle (and the container run from it): a restarted
         # agent removes only what this mark proves its restore made (remove_made).
-        owner = bundle / OWNER_MARK
-        owner.write_text(request.owner)
+        # (whole or not at all: a mark cut short by a crash would name no session)
+        _owner.write(bundle / OWNER_MARK, request.owner, f"runc container {cid}")
         criu_config = bundle / "criu-restore.conf"
         made = False
         pod: Path | None = None
