@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
+from .. import _proc
 from .._fs import write_durably
 from .._records import json_record, non_negative_int, own_record
 from ..errors import MigSGXError, RecordDamagedError
@@ -53,11 +54,8 @@ PHASES: Final = frozenset(
 def start_time(pid: int) -> str:
     """The start time of ``pid`` (clock ticks since boot), or "" if it is gone."""
 
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat[stat.rindex(")") + 2 :].split()[19]
+    started = _proc.start_time(pid)
+    return str(started) if started else ""
 
 
 def read_journal(directory: Path) -> dict[str, Any] | None:

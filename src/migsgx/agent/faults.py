@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
+from .. import _proc
 from ..errors import MigrationError, register_error
 
 ENV: Final = "MIGSGX_FAULT"
@@ -152,7 +153,7 @@ def kill_dead(pids: list[int]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10.0
-    while any(_state(p) not in ("", "Z", "X") for p in pids):
+    while any(_proc.alive(p) for p in pids):
         if time.monotonic() > deadline:
             raise InjectedFault("fault injection: a victim did not die")
         time.sleep(0.01)
@@ -170,20 +171,10 @@ def dying(pid: int) -> bool:
     on CRIU, which waits on the tool.
     """
 
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    fields = _proc.stat(pid)
+    if fields is None:
         return True
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
-
-
-def _state(pid: int) -> str:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat[stat.rindex(")") + 2 :][:1]
+    return fields[_proc.STATE] in ("Z", "X") or bool(int(fields[_proc.FLAGS]) & _PF_EXITING)
 
 
 def flipping_relay(

@@ -47,6 +47,7 @@ from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Final
 
+from .. import _proc
 from .._fs import write_private
 from .._records import hex_text, json_record, non_negative_int
 from ..errors import RecordDamagedError
@@ -63,12 +64,7 @@ def start_time(pid: int) -> int:
     With the pid it names one process for good: a recycled pid starts later.
     """
 
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19]) if len(fields) > 19 else 0
+    return _proc.start_time(pid)
 
 
 @dataclass

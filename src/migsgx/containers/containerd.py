@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
+from .. import _proc
 from ..criu import log_excerpt
 from ..errors import MigSGXError, ProtocolError
 from . import owner as _owner
@@ -162,16 +163,6 @@ class Ctr:
             self("containers", "delete", cid, what=f"ctr containers delete {cid}")
 
 
-def _parent(pid: int) -> int | None:
-    """The parent of ``pid`` (a task's shim), None when it cannot be read."""
-
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 class ContainerdDriver:
     name: ClassVar[str] = "containerd"
 
@@ -214,7 +205,7 @@ class ContainerdDriver:
         # From the shim's network namespace, as the shim itself would: CRIU then records
         # the container's (joined) namespace as external, and a restore joins the one its
         # configuration names.  Dumped from inside it, CRIU would restore into its own.
-        shim = _parent(source.root)
+        shim = _proc.parent(source.root)  # (the task's shim)
         prefix = [] if shim is None else ["nsenter", f"--net=/proc/{shim}/ns/net"]
 
         images: list[ImageFs] = []
