@@ -20,7 +20,7 @@ from typing import Any
 
 import cbor2
 import pytest
-from bed_helpers import end_copies, wait_until
+from bed_helpers import enclave_processes, end_copies, wait_until
 from fault_helpers import (
     EXIT_IN_DOUBT,
     EXIT_LOST_AFTER_COMMIT,
@@ -220,6 +220,46 @@ def test_destination_platform_restarted_before_the_claim(
             only_copy(bed, app, "dst", c.digest)
         finally:
             mover.join(120)
+
+
+def test_destination_platform_killed_after_the_claim_strands_nothing(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """W3, the platform service: it dies once the enclave claimed the id (found by a storm).
+
+    The enclave lives and holds the state; the tree attaches to it and runs,
+    and once the service is back every write is there and ECALLs work: moved,
+    exit 0.  Before, the agent took the service's death for the enclave's and
+    the tool said ``lost-after-commit`` (exit 10) of an application that ran on.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.after-claim:kill-platform"})
+    app, digest = loaded_app(bed)
+    t0 = time.monotonic()
+    restarted = False
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert "Traceback" not in run.stderr
+        assert run.returncode == EXIT_OK, run.stderr
+        assert "agent.after-claim:kill-platform" in doomed.log.read_text(errors="replace")
+        wait_until(lambda: process_state(app.pid) in ("", "Z"), 20, "CRIU to end the source")
+        _restart_platform(bed, "dst")
+        restarted = True
+        figures["activate x kill -9 destination platform service"] = {
+            "outcome": "moved (the enclave runs on; the service restarted)",
+            "exit": run.returncode, "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
+        only_copy(bed, app, "dst", digest)
+    finally:
+        doomed.stop()
+        if not restarted:
+            _restart_platform(bed, "dst")
+        end_copies(bed, app)
+
+
+def _restart_platform(bed: Testbed, host: str) -> None:
+    bed.services[host].stop()
+    bed.services[host] = start_service(bed.state(host), prefix=bed.host(host).command([]))
 
 
 def test_reservation_of_a_dead_destination_enclave_is_released(
@@ -474,6 +514,34 @@ def test_tool_and_guardian_killed_before_the_decision(
     only_copy(bed, app, "src", digest)
 
 
+def test_tool_and_guardian_killed_right_after_the_prepare(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """The tool kills its guardian and dies as soon as the application handed its
+    enclave connections over (found by a storm).
+
+    The journal and each enclave's duplicate of its connection are written
+    before that point now, so one ``migsgx recover`` hands the enclave back with
+    every write.  Before, both came later: the enclave's last connection closed
+    with the tool, it ended, and the application ran on without its state.
+    """
+
+    app, digest = loaded_app(bed)
+    run = migrate_with(bed, app, agent, "tool.after-prepare:kill-guardian-and-tool")
+    assert run.returncode == -9, run.stderr
+    again = recover(bed)
+    assert again.returncode == EXIT_OK, again.stdout + again.stderr
+    assert "Traceback" not in again.stderr
+    t_back = source_answers(bed, app, digest)
+    wait_until(lambda: bed.copies(app)["dst"] == [], 30, "the destination to let go")
+    figures["prepare x kill -9 tool + guardian"] = {
+        "outcome": "stayed after one recover (the enclave handed back)",
+        "exit": run.returncode, "recover": again.returncode,
+        "source_back_seconds": round(t_back - fault_time(run.stderr), 3),
+    }  # fmt: skip
+    only_copy(bed, app, "src", digest)
+
+
 # --- after the decision: the destination runs --------------------------------------------------
 def test_destination_enclave_killed_before_the_claim_gets_the_state_again(
     bed: Testbed, figures: dict[str, dict[str, object]]
@@ -663,6 +731,35 @@ def test_source_side_party_killed(
             bed.services["src"] = start_service(
                 bed.state("src"), prefix=bed.host("src").command([])
             )
+
+
+@pytest.mark.parametrize("point", ["tool.after-group", "tool.before-commit"])
+def test_source_enclave_killed_undecided_leaves_nothing_held(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]], point: str
+) -> None:
+    """W1: the source enclave dies before it was asked to decide (found by a storm).
+
+    Its state is lost (it held the only copy the destination could ever run:
+    no COMMIT token of it can exist).  Before, the destination kept its loaded
+    copy and the tree held, stopped, for good ("kept in doubt until the source's
+    decision is delivered": no decision could come); the tool's ``abort`` now
+    names it (``source_lost``) and the destination ends both.
+    """
+
+    app, _ = loaded_app(bed)
+    enclaves = enclave_processes(bed, "dst")
+    t0 = time.monotonic()
+    run = migrate_with(bed, app, agent, f"{point}:kill-source-enclave")
+    assert run.returncode == EXIT_MOVED_NOT, run.stderr
+    assert "Traceback" not in run.stderr
+    wait_until(lambda: bed.copies(app)["dst"] == [], 30, "the held tree to go")
+    wait_until(lambda: enclave_processes(bed, "dst") <= enclaves, 30, "the loaded copy to end")
+    assert "its source enclave died undecided" in agent.log.read_text(errors="replace")
+    figures[f"{point.removeprefix('tool.')} x kill -9 source enclave, destination"] = {
+        "outcome": "lost (W1); the destination keeps nothing", "exit": run.returncode,
+        "seconds": round(time.monotonic() - t0, 3),
+    }  # fmt: skip
+    end_copies(bed, app)
 
 
 def test_tool_and_source_platform_killed_before_the_decision_the_guardian_asks_again(

@@ -38,6 +38,7 @@ from migsgx.containers.podman import (  # noqa: E402
 )
 from migsgx.host.client import EnclaveClient  # noqa: E402
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
+from migsgx.lab.hosts import start_service  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
 from migsgx.system.process import in_netns  # noqa: E402
 
@@ -163,6 +164,58 @@ def test_container_moves_there_and_back(
     assert run.returncode == 0, run.stderr
     assert lab.ask(app, "GET k2", at="src") == "VALUE " + b"w".hex()
     back.stop()
+    finish(lab, app, expect="src")
+
+
+def test_runc_container_moves_there_back_and_there_again(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    """Three moves of one runc container (found by a storm): the bundle the destination
+    agent made for it goes when it leaves that host again.
+
+    Before, the bundle stayed, and the third move was refused by the host it
+    had left ("a bundle for ... exists on this host"), with no fault at all.
+    """
+
+    back = bed.start_agent("src")
+    try:
+        app = lab.start_app("runc", "kvstore")
+        for i, (frm, to, target) in enumerate(
+            [("src", "dst", agent), ("dst", "src", back), ("src", "dst", agent)]
+        ):
+            assert lab.ask(app, f"PUT k{i} " + b"v".hex(), at=frm) == f"OK {i + 1}"
+            run = migrate(bed, app, target, name=frm)
+            assert run.returncode == 0, run.stderr
+            assert app.name not in lab.containers(frm, "runc")
+            assert not (bed.state(frm) / "agent" / "runc" / app.name).exists()
+            assert lab.ask(app, f"GET k{i}", at=to) == "VALUE " + b"v".hex()
+    finally:
+        back.stop()
+    finish(lab, app, expect="dst")
+
+
+def test_runc_source_platform_killed_before_the_images_says_it_stayed(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess
+) -> None:
+    """The source's platform service dies while the images are about to go (found by a
+    storm): the container runs on with every write, and the tool says so, exit 6.
+
+    Before, the roll-back was right but the tool ended with the enclave's own
+    error (``enclave-lost``), exit 1, not the documented "did not move" (6).
+    """
+
+    app = lab.start_app("runc", "kvstore")
+    assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
+    try:
+        run = migrate(bed, app, agent,
+                      env={"MIGSGX_FAULT": "tool.before-images:kill-source-platform"})  # fmt: skip
+        assert "Traceback" not in run.stderr
+        assert run.returncode == 6, run.stderr
+    finally:
+        bed.services["src"].stop()  # killed: a fresh one, as the host's supervisor would
+        bed.services["src"] = start_service(bed.state("src"), prefix=bed.host("src").command([]))
+    wait_until(lambda: lab.ask(app, "GET k", at="src") == "VALUE " + b"v".hex(), 30,
+               "the container to answer with its write")  # fmt: skip
     finish(lab, app, expect="src")
 
 

@@ -555,6 +555,20 @@ class IncomingMigration(_SessionDecisions):
         # enclave died has none, and waiting for it only kept the tool (and the
         # source tree it thaws after this answer) waiting DELIVER_WAIT.
         judged = [e for e, f in zip(self.enclaves, frames or [], strict=False) if f]
+        # One whose source enclave died before it was asked to decide can never
+        # get a frame (``source_lost``, its index): it ends, and the tree with it.
+        lost = msg.get("source_lost") or []
+        if not isinstance(lost, list) or not all(
+            isinstance(i, int) and 0 <= i < len(self.enclaves) for i in lost
+        ):
+            raise ProtocolError("source_lost: indices of this session's enclaves")
+        for enclave in (self.enclaves[i] for i in set(lost)):
+            if enclave.engine is not None and not enclave.decided.is_set():
+                log.warning("migration %s: enclave %d: its source enclave died undecided, "
+                            "no decision can come: the copy ends",
+                            self.tag, enclave.index)  # fmt: skip
+                enclave.engine.source_gone()
+                judged.append(enclave)
         if judged:
             self._wait_decided(DELIVER_WAIT, judged)
         self.abort("aborted by the tool")

@@ -137,8 +137,10 @@ CONTROL = Schema(
         # The source committed, but enclave ``index``'s copy did not confirm that it runs.
         # On a connection of its own (after hello) it names the session held in doubt.
         "redeliver": {"index": int, "session_id": (bytes, NONE)},
-        # Optional: the source enclaves' ABORT frames, for destination enclaves past LOADED.
-        "abort": {"reason": str, "frames": (list, NONE)},
+        # Optional: the source enclaves' ABORT frames, for destination enclaves past LOADED;
+        # ``source_lost``: indices of enclaves whose source enclave died before it was asked
+        # to decide (no frame can ever come: their copies end, commit.md section 5, W1).
+        "abort": {"reason": str, "frames": (list, NONE), "source_lost": (list, NONE)},
         # On a connection of its own (after hello): a decision delivered again.  Optional
         # ``decision``: "abort" when the source host's store holds ABORT decisions (a held
         # tree whose loaded copy died undecided is then discarded: commit.md, 2).

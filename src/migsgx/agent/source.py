@@ -50,6 +50,7 @@ from ..containers.runc_lazy import free_port
 from ..datapath.pagerelay import PageRelay, local_pair, relay_keys
 from ..errors import (
     CriuError,
+    EnclaveError,
     InDoubtError,
     MigrationError,
     MigSGXError,
@@ -166,8 +167,9 @@ class _Migration(_DecisionSteps):
                 if self.scratch is not None:
                     self._guardian_note(f"scratch {self.scratch}")
                     self.scratch.mkdir(mode=0o700)
-                self._inject(self._fault("tool.after-prepare"))
-                begin = self._begin(pids, pidns) if ready is None else None
+                # The journal and each enclave's duplicate of its connection come
+                # first: from here on this tool and its guardian may both die and
+                # ``migsgx recover`` still hands the enclaves back with their state.
                 self.journal = Journal.start(
                     opts.identity.directory, self.session_id, opts.to,
                     link.pid if link else pid, link.name if link else "-",
@@ -176,6 +178,8 @@ class _Migration(_DecisionSteps):
                 if self.scratch is not None:
                     self.journal.update(dump_dir=str(self.scratch))
                 self._guardian_enclaves(handed)
+                self._inject(self._fault("tool.after-prepare"))
+                begin = self._begin(pids, pidns) if ready is None else None
                 if begin is not None:
                     ready = control.call(begin, "ready")
                 assert ready is not None  # (live: the pre-copy's ``begin`` answered)
@@ -200,6 +204,10 @@ class _Migration(_DecisionSteps):
                         f"the source {source.label} (pid {pid}) ended during the migration: "
                         f"nothing moved, and its enclaves ended with it ({type(exc).__name__})"
                     ) from exc
+                if undecided and isinstance(exc, EnclaveError):
+                    # Rolled back: whatever an enclave call tripped over (its platform
+                    # service gone, say), the source runs again; the status says that.
+                    raise MigrationError(f"nothing moved, the source runs on: {exc}") from exc
                 raise
             if self.lost_after_commit is not None:
                 raise self.lost_after_commit

@@ -13,6 +13,7 @@ import socket
 from typing import Any
 
 from ..errors import InDoubtError, LostAfterCommitError, MigSGXError, SourceLostError
+from ..system.process import process_state
 from .control import CONNECT_TIMEOUT
 from .datalink import open_data
 from .faults import fault, firewall_drop
@@ -140,6 +141,8 @@ class _DecisionSteps(_EnclaveSteps):
                 self._inject(self._fault("tool.between-commits"))
             try:
                 assert transfer.outgoing is not None
+                # (an enclave already dead when asked cannot have decided anything)
+                transfer.asked_to_commit = not _gone(transfer.handed.info.pid)
                 transfer.outgoing.decide()
             except MigSGXError as exc:
                 if not self.committed:
@@ -173,6 +176,15 @@ class _DecisionSteps(_EnclaveSteps):
         self._settle(True)
 
     # --- roll back -----------------------------------------------------------------------------
+    def _lost_undecided(self, frames: list[bytes]) -> list[int]:
+        """Indices of the enclaves whose source enclave died undecided (the agent's
+        ``abort`` says so: their copies end instead of staying held for good)."""
+
+        return [
+            i for i, (transfer, frame) in enumerate(zip(self.transfers, frames, strict=True))
+            if _undecided_and_gone(transfer, frame, self.committed)
+        ]  # fmt: skip
+
     def _roll_back(self, cause: BaseException, *, source_gone: bool = False) -> None:
         reason = f"{type(cause).__name__}: {cause}"[:500]
         log.warning("migration aborted: %s", reason)
@@ -197,6 +209,7 @@ class _DecisionSteps(_EnclaveSteps):
                 abort_enclave(sock)  # (no migration began: it only lets its duplicate go)
             socks.append(sock)
             frames.append(getattr(transfer.outgoing, "abort_frame", b"") or b"")
+        lost = self._lost_undecided(frames)
         if self.journal is not None:
             self.journal.update(phase="aborted")
         fault("tool.after-abort")
@@ -205,6 +218,8 @@ class _DecisionSteps(_EnclaveSteps):
                 abort: dict[str, Any] = {"t": "abort", "reason": reason}
                 if self.transfers:
                     abort["frames"] = frames
+                if lost:
+                    abort["source_lost"] = lost
                 reply = self.control.call(abort, "aborted")
                 if not reply.get("held") and self.journal is not None:
                     self.journal.update(phase="done")  # the destination kept nothing
@@ -224,6 +239,26 @@ class _DecisionSteps(_EnclaveSteps):
             except MigSGXError as exc:
                 log.error("the enclaves could not be handed back (the guardian retries): %s", exc)
                 self.hand_back_failed = True
+
+
+def _undecided_and_gone(transfer: _Transfer, frame: bytes, committed: bool) -> bool:
+    """Whether ``transfer``'s source enclave died without a decision it could ever make.
+
+    No ABORT frame came back, its process is gone, no enclave of the migration
+    committed, and it was never sent ``__mig_commit`` (only that, or a group that
+    committed, makes an enclave decide COMMIT): no COMMIT token of it exists or
+    can exist, so the destination's loaded copy can never run (window W1).
+    """
+
+    if frame or committed or transfer.asked_to_commit or transfer.outgoing is None:
+        return False
+    if not transfer.outgoing.migration_id:
+        return False  # (no handshake: nothing waits on the destination)
+    return _gone(transfer.handed.info.pid)
+
+
+def _gone(pid: int) -> bool:
+    return process_state(pid) in ("", "Z", "X")
 
 
 def _token_fault(transfer: _Transfer, action: str | None) -> bytes | None:

@@ -122,6 +122,8 @@ class _Transfer:
     peer: socket.socket | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     error: BaseException | None = None
+    #: ``__mig_commit`` was sent to it: it may have decided COMMIT (then died).
+    asked_to_commit: bool = False
 
 
 class _MigrationState:
@@ -143,7 +145,10 @@ class _MigrationState:
         self.restored_pid = 0
         self.image_bytes = 0
         self.page_bytes = 0
-        self.driver: Driver = make_driver(opts.driver, HostConfig(opts.criu, opts.containers))
+        # The state directory: a container that arrived here runs from a bundle this
+        # host's agent made there, which goes when it leaves (runc).
+        host = HostConfig(opts.criu, opts.containers, state_dir=opts.identity.directory.parent)
+        self.driver: Driver = make_driver(opts.driver, host)
         self.source: Source | None = None
         self.tcp_keep = False
         self.page_server = False

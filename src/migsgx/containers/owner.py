@@ -59,7 +59,9 @@ def write(path: Path, owner: str, what: str) -> None:
         finally:
             os.close(fd)
         with _LOCK:
-            if path in _MINE:
+            # (a mark that is gone marks nothing: its container left this host, and the
+            # tool that moved it on removed its bundle with it)
+            if path in _MINE and os.path.lexists(path):
                 raise ContainerError(
                     f"{what}: another session of this agent restores or holds it (its mark "
                     f"{path} is there)"

@@ -175,9 +175,14 @@ class RuncDriver:
                                 unlock=unlock)  # fmt: skip
 
         def remove() -> None:
+            made = self._bundle_made_here(cid)
             try:
                 self.runc.delete(cid)
             finally:
+                if made is not None:
+                    # An agent of this host restored it from this bundle; it moved on, and
+                    # a bundle left behind would refuse its next arrival here.
+                    shutil.rmtree(made, ignore_errors=True)
                 if pod is not None:
                     podnet.give_up(pod)  # the address now lives on the destination only
 
@@ -219,6 +224,18 @@ class RuncDriver:
         if shutil.which("runc") is None:
             raise ContainerError("runc is not installed on this host")
         return checked
+
+    def _bundle_made_here(self, cid: str) -> Path | None:
+        """The bundle container ``cid`` runs from, if an agent of this host made it
+        (``bundles()/cid``: it arrived by a migration); else ``None``."""
+
+        if self.host.state_dir is None:
+            return None
+        state = self.runc.state(cid)
+        made = self.bundles() / cid
+        if state is None or not _same_file(Path(str(state.get("bundle"))), made):
+            return None
+        return made
 
     def bundles(self) -> Path:
         if self.host.state_dir is None:

@@ -684,6 +684,13 @@ class OutgoingEnclave:
                                   "frame": frame or b""})  # fmt: skip
 
 
+class _SourceGone:
+    """In a decision inbox: no frame can come (:meth:`IncomingEnclave.source_gone`)."""
+
+
+_SOURCE_GONE: Final = _SourceGone()
+
+
 class IncomingEnclave:
     """Destination side: launch a fresh enclave, load the state, run on COMMIT."""
 
@@ -703,7 +710,7 @@ class IncomingEnclave:
         #: does not (it waits on, in doubt, for the service and a delivery).
         self.platform_blocked = False
         self.decided = False
-        self._inbox: queue.Queue[bytes | None] = queue.Queue()
+        self._inbox: queue.Queue[bytes | _SourceGone | None] = queue.Queue()
         #: Whether the destination enclave faults its memory in beside the load.
         #: Off: paired runs at 1 GiB showed no gain on two cores (docs/benchmarks.md).
         self.prefault = False
@@ -948,6 +955,12 @@ class IncomingEnclave:
                 raise MigrationError("no authentic decision from the source in time") from exc
             if frame is None:
                 continue  # the data connection is gone; a delivery may still come
+            if isinstance(frame, _SourceGone):
+                self.decided = True
+                self._abort_quietly("the source enclave died before it decided")
+                raise MigrationError(
+                    "the source enclave died before it decided: no decision can come"
+                )
             if before_claim is not None:
                 before_claim()  # (fault injection: window W2)
             if self.link is None:
@@ -997,6 +1010,18 @@ class IncomingEnclave:
         except MigSGXError:
             return False
         return True
+
+    def source_gone(self) -> None:
+        """The source host says the source enclave died before it was asked to decide.
+
+        Only the session's own tool says so (on its mutual-TLS control connection):
+        that enclave can never make a COMMIT token, so this copy can never run,
+        and keeping it held only leaves a stopped tree and an enclave for good.
+        A host that lied would only give up a copy whose token it alone could
+        deliver (``docs/spec/commit.md``, section 5, W1).
+        """
+
+        self._inbox.put(_SOURCE_GONE)
 
     def deliver(self, frame: bytes) -> None:
         """A decision frame from elsewhere (re-delivered): judged like one from the peer."""

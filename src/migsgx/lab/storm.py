@@ -1,0 +1,312 @@
+"""A storm: one application migrated back and forth, each move under a random fault.
+
+The named cells of the fault matrix (``tests/integration/test_commit_faults.py``)
+each check one fault at one step.  A storm checks what an attacker would try
+next: any party killed at any named point, any connection broken there, in
+any order, migration after migration on the same hosts, with the leftovers of
+each fault still around for the next.  Per migration (:meth:`Storm.one`):
+
+1. a client writes to the kvstore example on the source, before and while the
+   tool runs, and keeps every write it saw acknowledged;
+2. ``migsgx migrate`` runs with the drawn fault (:mod:`.storm_faults`);
+3. what a host's supervisor would do: a killed platform service or agent is
+   started again (the agent on its port), a stalled firewall healed;
+4. at most one ``migsgx recover`` on each host;
+5. the checks (:class:`Verdict`): exactly one runnable copy (app processes and
+   enclave processes counted on both hosts), every acknowledged write in it,
+   the source answering again within the bound when it did not move, an exit
+   status that tells the truth (``migsgx --help``: 0, 6, 7, 8, 10; -9 only for a
+   killed tool), no traceback, nothing left (images directories, images mounts,
+   stopped copies, guardians, enclaves, unfinished journals).
+
+The driver is ``benchmarks/storm.py``; a short storm runs in ``make test``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from ..system.process import process_state
+from .containers import ContainerLab
+from .storm_apps import ContainerTarget, ProcessTarget, Target
+from .storm_checks import Client, Verdict, heal, leftovers, restart_dead
+from .storm_faults import Fault, draw
+from .testbed import AgentProcess, MigrateRun, Testbed
+
+__all__ = ["Outcome", "Storm"]
+
+#: A migration's exit statuses the documentation names (``migsgx --help``).
+DOCUMENTED: Final = {0: "moved", 6: "stayed", 7: "in doubt", 8: "source gone", 10: "lost"}
+#: How long the hosts may take to settle after the tool and ``recover`` (guardians,
+#: releases, CRIU ending a source): a bound, then a failure that names what is left.
+SETTLE_SECONDS: Final = 60.0
+
+
+@dataclass
+class Outcome:
+    """One migration of a storm, as printed (one JSON object)."""
+
+    index: int
+    seed: int
+    fault: str
+    kind: str
+    frm: str
+    exit: int
+    outcome: str = ""
+    reached: bool = False
+    seconds: float = 0.0
+    back_seconds: float | None = None
+    recover: dict[str, int] = field(default_factory=dict)
+    acked: int = 0
+    over_bound: bool = False
+    failures: list[str] = field(default_factory=list)
+    #: The tool's last line where it did not exit 0 (why it did not move).
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "index": self.index, "seed": self.seed, "fault": self.fault, "kind": self.kind,
+            "from": self.frm, "exit": self.exit, "outcome": self.outcome,
+            "reached": self.reached, "seconds": round(self.seconds, 3),
+            "back_seconds": None if self.back_seconds is None else round(self.back_seconds, 3),
+            "recover": self.recover, "acked": self.acked, "over_bound": self.over_bound,
+            "failures": self.failures, "reason": self.reason,
+        }  # fmt: skip
+
+
+class Storm:
+    """Migrations of one kvstore between the two hosts of ``bed``, each under a drawn fault.
+
+    ``bound``: seconds from the fault to the source answering again, where it
+    did not move (the goal of ``docs/migration.md``); past it, the migration fails.
+    """
+
+    def __init__(
+        self, bed: Testbed, seed: int, *, bound: float = 5.0, lab: ContainerLab | None = None
+    ) -> None:
+        self.bed, self.lab = bed, lab
+        self.rng = random.Random(seed)
+        self.bound = bound
+        self.writes: dict[str, str] = {}  # every acknowledged write of the current app
+        self.unsure: set[str] = set()  # writes sent that nobody answered: there or not
+        self.agents: dict[str, AgentProcess] = {h: bed.start_agent(h) for h in bed.names}
+        self.target = self._fresh_target()
+        self.at = "src"
+        self.counter = 0
+        self._source_pid = 0
+        #: Enclave processes a failed migration left, already reported.
+        self.leaked: set[int] = set()
+
+    # --- the application ------------------------------------------------------------------------
+    def _fresh_target(self) -> Target:
+        """A new kvstore on host ``src``: a process, or a runc container with ``lab``."""
+
+        self.writes, self.unsure = {}, set()
+        return ProcessTarget(self.bed) if self.lab is None else ContainerTarget(self.lab)
+
+    def _other(self, host: str) -> str:
+        return self.bed.names[1 - self.bed.names.index(host)]
+
+    def ask(self, line: str, at: str, timeout: float = 5.0) -> str | None:
+        """One request to the app on ``at`` from the other host: its answer, ``""`` when
+        it was sent and nothing answered, ``None`` when it could not be sent."""
+
+        try:
+            conn = self.bed.host(self._other(at)).connect(
+                self.bed.host(at).address, self.target.port, timeout=timeout
+            )
+        except OSError:
+            return None
+        with conn, conn.makefile("rw", encoding="utf-8", newline="\n") as stream:
+            try:
+                stream.write(line + "\n")
+                stream.flush()
+                return stream.readline().strip()
+            except OSError:  # (a timeout too)
+                return ""
+
+    def put(self, at: str, timeout: float = 5.0) -> bool | None:
+        """One write: acknowledged (kept in :attr:`writes`), ``False`` when it was not
+        sent or refused, ``None`` when it was sent and nothing answered (in doubt)."""
+
+        self.counter += 1
+        key, value = f"s{self.counter}", f"{self.counter:08x}"
+        answer = self.ask(f"PUT {key} {value.encode().hex()}", at, timeout)
+        if answer and answer.startswith("OK"):
+            self.writes[key] = value
+            return True
+        if answer == "":
+            self.unsure.add(key)
+            return None
+        return False
+
+    def expected_digest(self) -> str:
+        """The kvstore enclave's digest of exactly the acknowledged writes."""
+
+        h = hashlib.sha256()
+        for key in sorted(self.writes):
+            h.update(key.encode() + b"\0" + self.writes[key].encode() + b"\0")
+        return "DIGEST " + h.hexdigest()
+
+    # --- one migration --------------------------------------------------------------------------
+    def one(self, index: int, fault: Fault | None = None) -> Outcome:
+        seed = self.rng.randrange(1 << 32)
+        fault = fault if fault is not None else draw(random.Random(seed))
+        frm, to = self.at, self._other(self.at)
+        for _ in range(3):
+            if self.put(frm) is not True:
+                raise RuntimeError(f"the app on {frm} does not answer before migration {index}")
+        agent = self.agents[to]
+        if fault.agent:
+            agent = self.bed.start_agent(to, env={"MIGSGX_FAULT": fault.agent})
+        self._reap()
+        pid = self._source_pid = self.target.root_pid(frm)
+        argument, args = self.target.migrate_args(pid)
+        client = Client(self, frm)
+        client.start()
+        t0 = time.monotonic()
+        run = self.bed.migrate(argument, agent, name=frm, args=args,
+                               env={"MIGSGX_FAULT": fault.tool})  # fmt: skip
+        client.finish()
+        out = Outcome(index, seed, fault.spec, fault.kind, frm, run.returncode,
+                      seconds=time.monotonic() - t0)  # fmt: skip
+        logs = run.stderr + (agent.log.read_text(errors="replace") if fault.agent else "")
+        out.reached = "migsgx fault:" in logs
+        if run.returncode != 0:
+            lines = [ln for ln in run.stderr.splitlines() if ln.startswith("migsgx: ")]
+            out.reason = (lines[-1] if lines else run.stderr.strip()[-300:])[:300]
+        restarted = restart_dead(self.bed, [*self.agents.values(), agent], self.agents)
+        for host in self.bed.names:
+            heal(self.bed, host)
+        back = self._back_seconds(frm, run, logs) if run.returncode == 6 else None
+        out.back_seconds = back
+        if run.returncode not in (0, 6):
+            out.recover = {h: self._recover(h, out) for h in self.bed.names}
+        out.acked = len(self.writes)
+        self._settle(out, fault, frm, to, run, back)
+        main = [id(a) for a in self.agents.values()]
+        for extra in [agent, *restarted]:
+            if id(extra) not in main:
+                extra.stop()
+        return out
+
+    def _reap(self) -> None:
+        """Reap the zombies this process (the subreaper) inherited: restored trees killed,
+        orphaned CRIUs; not the processes started here, whose ends are awaited."""
+
+        ours = {a.proc.pid for a in [*self.bed.agents]}
+        ours |= {s.process.pid for s in self.bed.services.values()}
+        ours |= {a.launcher.pid for a in self.bed.apps}
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+                for child in (task / "children").read_text().split():
+                    pid = int(child)
+                    if pid not in ours and process_state(pid) == "Z":
+                        with contextlib.suppress(ChildProcessError):
+                            os.waitpid(pid, os.WNOHANG)
+
+    def _back_seconds(self, frm: str, run: MigrateRun, logs: str) -> float | None:
+        """From the fault (its mark) to the source answering again with a request."""
+
+        marks = [float(m.rpartition(" at ")[2].split()[0]) for m in logs.splitlines()
+                 if m.startswith("migsgx fault:") and " at " in m]  # fmt: skip
+        if not marks:
+            return None
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while time.monotonic() < deadline:
+            if self.ask("PING", frm, timeout=2.0) == "PONG":
+                return time.monotonic() - max(marks)
+            time.sleep(0.02)
+        return None
+
+    def _recover(self, host: str, out: Outcome) -> int:
+        argv = [sys.executable, "-m", "migsgx", "recover", "--state", str(self.bed.state(host)),
+                "--json"]  # fmt: skip
+        done = subprocess.run(
+            self.bed.host(host).command(argv), capture_output=True, text=True, timeout=120,
+            stdin=subprocess.DEVNULL, env={**os.environ, "MIGSGX_FAULT": ""},
+        )  # fmt: skip
+        if "Traceback" in done.stderr:
+            out.failures.append(f"recover on {host}: traceback: {done.stderr[-800:]}")
+        if done.returncode not in (0, 7, 10):
+            out.failures.append(f"recover on {host}: exit {done.returncode}: {done.stderr[-400:]}")
+        return done.returncode
+
+    def _settle(
+        self, out: Outcome, fault: Fault, frm: str, to: str, run: MigrateRun, back: float | None
+    ) -> None:
+        """Wait for one copy (or none, where allowed), judge it, and move on from there."""
+
+        verdict = Verdict(self, fault, frm, to, run)
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while not (settled := verdict.settled()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        out.outcome = verdict.outcome()
+        out.failures += verdict.failures(out.outcome)
+        if not out.reached and out.outcome != "moved":
+            # No fault happened (none drawn, or its point never came): it had to move.
+            out.failures.append(f"{out.outcome} without a fault: {out.reason}")
+        if not settled:
+            out.failures.append(f"not settled after {SETTLE_SECONDS:.0f} s: {verdict.states()}")
+        # A figure, not a failure: the load of the machine is in it (the 4 s keep-alive of
+        # a stall, plus scheduling delay, passes 5 s on a loaded machine).
+        out.over_bound = out.outcome == "stayed" and back is not None and back > self.bound
+        copies = 1 if out.outcome in ("moved", "stayed") else 0
+        out.failures += leftovers(self, run, frm, self._source_pid, copies)
+        if out.outcome in ("moved", "stayed") and not out.failures:
+            self.at = to if out.outcome == "moved" else frm
+            self.target.moved(self.at)
+            out.failures += self.target.stray()
+            if not out.failures:
+                return
+        # Lost (allowed or not), or a failure: end whatever runs, begin again with a new app.
+        self.target.remove()
+        self.target = self._fresh_target()
+        self.at = "src"
+
+
+def summary(outcomes: list[Outcome]) -> dict[str, object]:
+    """Totals by fault kind and outcome, the failures, and the source's seconds back."""
+
+    kinds: dict[str, dict[str, int]] = {}
+    for o in outcomes:
+        per = kinds.setdefault(o.kind, {})
+        per[o.outcome] = per.get(o.outcome, 0) + 1
+    backs = sorted(o.back_seconds for o in outcomes if o.back_seconds is not None)
+    return {
+        "migrations": len(outcomes),
+        "failed": sum(1 for o in outcomes if o.failures),
+        "by_kind": kinds,
+        "source_back_seconds": _spread(backs),
+        "over_bound": [
+            {"index": o.index, "fault": o.fault, "back_seconds": round(o.back_seconds or 0, 3)}
+            for o in outcomes
+            if o.over_bound
+        ],
+        "failures": [
+            {"index": o.index, "seed": o.seed, "fault": o.fault, "failures": o.failures}
+            for o in outcomes
+            if o.failures
+        ],
+    }
+
+
+def _spread(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"min": round(values[0], 3), "median": round(values[len(values) // 2], 3),
+            "max": round(values[-1], 3), "runs": len(values)}  # fmt: skip
+
+
+def as_json(out: Outcome) -> str:
+    return json.dumps(out.to_dict(), sort_keys=True)

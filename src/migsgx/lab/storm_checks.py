@@ -1,0 +1,275 @@
+"""What a storm checks after each migration, and what it does as the hosts' supervisor.
+
+:class:`Verdict` judges one migration once the hosts settled: how many copies
+run (application processes and their enclave processes, on both hosts), where,
+with which writes, and whether the tool's exit status says so.  :func:`leftovers`
+lists what a migration left that nobody will remove.  :func:`restart_dead` and
+:func:`heal` do what a host's supervisor and its network would: a killed
+platform service or agent starts again, a stalled connection's packets flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Final, Protocol
+
+from ..containers.imagefs import leftover_mounts
+from ..system.process import process_state
+from .hosts import start_service
+from .storm_apps import Target
+from .storm_faults import Fault
+from .testbed import AgentProcess, MigrateRun, Testbed
+
+
+class Storm(Protocol):
+    """What the checks use of a storm (:class:`migsgx.lab.storm.Storm`)."""
+
+    bed: Testbed
+    target: Target
+    writes: dict[str, str]
+    unsure: set[str]
+    leaked: set[int]
+
+    def ask(self, line: str, at: str, timeout: float = 5.0) -> str | None: ...
+
+    def put(self, at: str, timeout: float = 5.0) -> bool | None: ...
+
+    def expected_digest(self) -> str: ...
+
+__all__ = ["Client", "Verdict", "enclave_pids", "heal", "leftovers", "restart_dead"]
+
+_GONE: Final = ("Z", "X", "")
+#: Seconds the leftovers may take to go (a guardian's last delivery, a release).
+LEFTOVER_SECONDS: Final = 30.0
+
+
+class Client(threading.Thread):
+    """Writes to the app on ``at`` while the tool runs (a client does not wait for a
+    migration); each write is acknowledged, refused, or in doubt (:meth:`Storm.put`)."""
+
+    def __init__(self, storm: Storm, at: str) -> None:
+        super().__init__(name="migsgx-storm-client", daemon=True)
+        self.storm, self.at = storm, at
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.storm.put(self.at, timeout=2.0)
+            self.stop.wait(0.05)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(10)
+
+
+class Verdict:
+    """The copies of the storm's app after one migration, and what is wrong with them."""
+
+    def __init__(self, storm: Storm, fault: Fault, frm: str, to: str, run: MigrateRun) -> None:
+        self.storm, self.fault, self.frm, self.to, self.run = storm, fault, frm, to, run
+
+    def states(self) -> dict[str, list[str]]:
+        found = self.storm.target.copies()
+        return {h: [s for _, s in procs] for h, procs in found.items()}
+
+    def runnable(self) -> dict[str, int]:
+        """Copies that can run per host: neither stopped (SIGSTOP, CRIU) nor frozen (cgroup)."""
+
+        return self.storm.target.runnable()
+
+    def settled(self) -> bool:
+        """No stopped copy is left (a held tree, a fenced source) and at most one runs."""
+
+        runnable = self.runnable()
+        present = {h: sum(s not in _GONE for s in ss) for h, ss in self.states().items()}
+        if present != runnable:
+            return False
+        running = sum(runnable.values())
+        return running == 1 or (running == 0 and bool(self.fault.may_lose))
+
+    def outcome(self) -> str:
+        """``moved``, ``stayed``, ``lost`` (no copy with the state), or ``twice``."""
+
+        runnable = self.runnable()
+        if sum(runnable.values()) > 1:
+            return "twice"
+        for host, count in runnable.items():
+            if count:
+                answer = self.storm.ask("DIGEST", host) or ""
+                if not answer.startswith("DIGEST"):
+                    return "lost"  # the process runs without its enclave
+                return "moved" if host == self.to else "stayed"
+        return "gone" if self.fault.may_lose == "gone" else "lost"
+
+    def failures(self, outcome: str) -> list[str]:
+        found: list[str] = []
+        code, stderr = self.run.returncode, self.run.stderr
+        if outcome == "twice":
+            found.append(f"two runnable copies: {self.states()}")
+        if outcome in ("lost", "gone") and not self.fault.may_lose:
+            found.append(f"{outcome}: no copy with the state; copies {self.states()}")
+        if outcome in ("moved", "stayed"):
+            found += self._writes(self.to if outcome == "moved" else self.frm)
+        if "Traceback" in stderr:
+            found.append("the tool printed a traceback: " + stderr[-800:])
+        honest = {
+            0: outcome == "moved",
+            6: outcome == "stayed" or (outcome == "lost" and bool(self.fault.may_lose)),
+            7: True,  # in doubt: one ``recover`` settled it (judged above)
+            8: outcome in ("gone", "lost") and self.fault.may_lose == "gone",
+            10: outcome == "lost",
+            -9: self.fault.kills_tool,
+        }
+        if not honest.get(code, False):
+            found.append(f"exit {code} does not tell the truth: {outcome}; {stderr[-600:]}")
+        return found
+
+    def _writes(self, host: str) -> list[str]:
+        """Every acknowledged write is in the copy on ``host`` (its digest, or key by key
+        when some writes are in doubt: those may be there or not)."""
+
+        storm = self.storm
+        if not storm.unsure:
+            answer = storm.ask("DIGEST", host)
+            if answer == storm.expected_digest():
+                return []
+        missing = [
+            key for key, value in storm.writes.items()
+            if storm.ask(f"GET {key}", host) != "VALUE " + value.encode().hex()
+        ]  # fmt: skip
+        if missing or storm.unsure:
+            storm.unsure.clear()  # (checked key by key once; the digest from here on)
+            storm.writes.update(_present(storm, host))
+        return [f"acknowledged writes missing on {host}: {missing[:10]}"] if missing else []
+
+
+def _present(storm: Storm, host: str) -> dict[str, str]:
+    """The writes in doubt that the copy on ``host`` holds (they count from now on)."""
+
+    found = {}
+    for key in sorted(storm.unsure):
+        answer = storm.ask(f"GET {key}", host) or ""
+        if answer.startswith("VALUE "):
+            found[key] = bytes.fromhex(answer.removeprefix("VALUE ")).decode()
+    return found
+
+
+def enclave_pids(bed: Testbed) -> dict[str, list[int]]:
+    """The enclave processes by host (the platform service that started them), and under
+    ``orphan`` those whose service died: they are reparented to this process, the
+    subreaper of everything the storm started."""
+
+    parents = {bed.services[h].process.pid: h for h in bed.names}
+    found: dict[str, list[int]] = {h: [] for h in bed.names}
+    found["orphan"] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if b"migsgx.enclave.runtime" not in (entry / "cmdline").read_bytes():
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] in ("Z", "X"):
+                continue
+            ppid = int(fields[1])
+            if ppid in parents:
+                found[parents[ppid]].append(int(entry.name))
+            elif ppid == os.getpid():
+                found["orphan"].append(int(entry.name))
+    return found
+
+
+def _guardians(app_pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            ours = b"migsgx.agent.guardian" in argv and str(app_pid).encode() in argv
+            if ours and process_state(int(entry.name)) not in _GONE:
+                found.append(int(entry.name))
+    return found
+
+
+def _unfinished(bed: Testbed, host: str, app_pid: int) -> list[str]:
+    found = []
+    for path in (bed.state(host) / "agent" / "migrations").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(path.read_text())
+            if data.get("app_pid") == app_pid and data.get("phase") not in ("done", "aborted"):
+                found.append(f"{path.name}: {data.get('phase')}")
+    return found
+
+
+def leftovers(storm: Storm, run: MigrateRun, frm: str, app_pid: int, copies: int) -> list[str]:
+    """What the migration of ``app_pid`` left behind, after :data:`LEFTOVER_SECONDS` to
+    let it go; ``copies``: how many enclaved copies run (1, or 0 once the state is lost)."""
+
+    from ..agent.dumpdirs import scratch_base
+
+    bed = storm.bed
+
+    def left() -> list[str]:
+        found = [f"images directory {p}" for p in scratch_base().glob(f"migsgx-dump-{run.pid}-*")]
+        with contextlib.suppress(OSError):
+            mounts = leftover_mounts(Path("/proc/self/mountinfo").read_text())
+            found += [f"images mount {p}" for p, owner in mounts if owner == run.pid]
+        found += [f"guardian {pid}" for pid in _guardians(app_pid)]
+        found += [f"journal {j}" for j in _unfinished(bed, frm, app_pid)]
+        enclaves = {h: sorted(set(p) - storm.leaked) for h, p in enclave_pids(bed).items()}
+        if sum(len(p) for p in enclaves.values()) != copies:
+            found.append(f"enclave processes {enclaves} for {copies} copy")
+        return found
+
+    deadline = time.monotonic() + LEFTOVER_SECONDS
+    while (found := left()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if found:  # (said once: the next migrations are judged without them)
+        storm.leaked |= {p for pids in enclave_pids(bed).values() for p in pids}
+    return found
+
+
+def restart_dead(
+    bed: Testbed, agents: list[AgentProcess], main: dict[str, AgentProcess]
+) -> list[AgentProcess]:
+    """Start again what a fault killed: platform services, then agents on their ports.
+
+    A restarted agent adopts the trees its former self held.  ``main`` (the
+    storm's agent per host) points at the new agent where the old one was one of
+    them.  Returns the agents started here.
+    """
+
+    for host in bed.names:
+        if bed.services[host].process.poll() is not None:
+            bed.services[host].stop()
+            bed.services[host] = start_service(bed.state(host), prefix=bed.host(host).command([]))
+    started = []
+    for agent in agents:
+        if agent.proc.poll() is None or agent in started:
+            continue
+        name = next(h for h in bed.names if bed.host(h) is agent.host)
+        fresh = bed.start_agent(name, listen_port=agent.port)
+        started.append(fresh)
+        if main.get(name) is agent:
+            main[name] = fresh
+    return started
+
+
+def heal(bed: Testbed, host: str) -> None:
+    """Remove the DROP rules a ``stall`` put into ``host``'s firewall."""
+
+    listed = subprocess.run(
+        bed.host(host).command(["iptables", "-S"]), capture_output=True, text=True, timeout=10
+    )
+    for line in listed.stdout.splitlines():
+        parts = line.split()
+        if parts[:1] == ["-A"] and parts[-2:] == ["-j", "DROP"]:
+            subprocess.run(bed.host(host).command(["iptables", "-D", *parts[1:]]),
+                           capture_output=True, timeout=10)  # fmt: skip
