@@ -10,9 +10,11 @@ them what must stay: a live run's lab, namespaces and processes, and a user's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -84,8 +86,8 @@ class Plant:
 
     def remove(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its session's group: a shell's child too
             proc.wait(timeout=10)
         for name in self.netns:
             if (NETNS_DIR / name).exists():
