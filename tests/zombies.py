@@ -65,6 +65,12 @@ def reap_orphans() -> list[int]:
     zombies = zombie_children()
     if not zombies:
         return []
+    # ``Popen`` objects dropped while their child ran: Python itself waits for them when the
+    # next one is made (``subprocess._cleanup``); done now, they are neither reaped twice
+    # nor blamed.
+    cleanup = getattr(subprocess, "_cleanup", None)
+    if cleanup is not None:
+        cleanup()
     owned = unwaited_popens()
     reaped = []
     for pid in zombies:
