@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 from platform_fixtures import World, shared_world
-from test_persistent import Move, _instance
+from test_persistent import Move, _instance, migrator_of
 
+from migsgx.core.commit import CommitError
+from migsgx.enclave.migrator import ABORTS_KEPT
 from migsgx.errors import (
     AwaitingDecisionError,
     CommittedError,
@@ -327,3 +329,82 @@ def test_a_group_is_joined_once_by_a_source_before_its_decision(world: World) ->
     with pytest.raises(MigSGXError):
         first.out.call("__mig_group", [group])  # decided already
     second.commit()
+
+
+# --- an ABORT asked again (``commit.md`` 1 rule 6) ------------------------------------------
+def test_an_abort_whose_frame_was_lost_is_asked_again_from_the_live_source(world: World) -> None:
+    """The tool got the only ABORT (its store record failed: no platform service) and
+    died with it.  The source enclave, asked again, hands out the same frame for that
+    migration id, and the waiting destination ends on it."""
+
+    move = Move(_instance(world), _instance(world, world.host_b))
+    move.transfer()
+    mid = _mid_of(move)
+    store = world.host_a.counters._path
+    store.chmod(0o644)
+    try:
+        frame = move.out.call("__mig_abort", ["rolled back"])  # (returned to a tool that dies)
+    finally:
+        store.chmod(0o600)
+    assert frame and world.host_a.counters.decision(mid) is None
+    assert move.out.call("__mig_abort", ["the tool died"]) == b""  # (nothing under way)
+    assert move.out.call("__mig_abort_frame", [mid]) == frame
+    assert move.out.call("__mig_abort_frame", [mid]) == frame  # any number of times
+    # A later migration of the same enclave: the old one's frame is still there.
+    later = Move(move.source, _instance(world, world.host_b))
+    later.transfer()
+    assert move.out.call("__mig_abort_frame", [mid]) == frame
+    with pytest.raises(ProtocolError, match="under way"):
+        move.out.call("__mig_abort_frame", [_mid_of(later)])  # only __mig_abort decides it
+    flipped = bytearray(frame)
+    flipped[-1] ^= 0x01
+    with pytest.raises(CommitError, match="authentication"):
+        move.into.commit_in(bytes(flipped))  # (as carried by an untrusted party: judged)
+    assert not move.into.discarded
+    with pytest.raises(MigrationError, match="source aborted"):
+        move.into.commit_in(frame)
+    assert move.into.discarded
+    later.abort()
+
+
+def test_an_abort_frame_is_never_made_for_a_committed_or_unknown_migration(
+    world: World,
+) -> None:
+    """The untrusted caller names the id; the enclave answers from its own state."""
+
+    other = Move(_instance(world), _instance(world, world.host_b))
+    other.transfer()
+    other_mid = _mid_of(other)
+    other_frame = other.out.abort("aborted elsewhere")
+    move = Move(_instance(world), _instance(world, world.host_b))
+    move.transfer()
+    mid = _mid_of(move)
+    for bad in (_mid(), other_mid, b"short", "text"):
+        with pytest.raises(ProtocolError):
+            move.out.call("__mig_abort_frame", [bad])
+    assert other.out.call("__mig_abort_frame", [other_mid]) == other_frame  # (its own: yes)
+    # A replayed ABORT of another migration, or one with a flipped byte, ends nothing.
+    damaged = bytearray(other_frame)
+    damaged[len(damaged) // 2] ^= 0x01
+    for frame in (other_frame, bytes(damaged)):
+        with pytest.raises(CommitError, match="authentication"):
+            move.into.commit_in(frame)
+        assert not move.into.discarded
+    token = move.out.commit()
+    with pytest.raises(CommittedError):
+        move.out.call("__mig_abort_frame", [mid])  # committed: never an ABORT for it
+    assert move.into.commit_in(token) == {"active": True}
+
+
+def test_an_enclave_keeps_a_bounded_number_of_abort_frames(world: World) -> None:
+    source = _instance(world)
+    mids = []
+    for _ in range(ABORTS_KEPT + 1):
+        move = Move(source, _instance(world, world.host_b))
+        move.transfer()
+        mids.append(_mid_of(move))
+        move.abort()
+    migrator = migrator_of(source)
+    with pytest.raises(ProtocolError, match="no migration of that id"):
+        migrator.call("__mig_abort_frame", [mids[0]])  # the oldest went
+    assert all(migrator.call("__mig_abort_frame", [m]) for m in mids[1:])

@@ -75,6 +75,8 @@ POINTS: Final = frozenset(
         "tool.after-commit",
         "tool.before-release",  # journal ``done``, the committed source enclaves not released
         "tool.after-abort",  # roll-back: the source enclaves decided ABORT, nothing undone yet
+        # roll-back: an enclave answered its ABORT, the frame not yet on its data connection
+        "tool.abort-answered",
         "tool.before-token",  # each COMMIT token, before it goes on the data connection
         "tool.enclave-stream",  # each enclave's data connection, once it is open
     }

@@ -35,7 +35,8 @@ go; after a commit, the fenced source goes.  The ABORT frames the enclaves
 return go into the journal (``aborts``): outside a migration group an abort
 whose store record failed (the platform service died with the tool) is still
 carried to the destination, so that its held copy ends (``docs/spec/commit.md``,
-1 rule 4).
+1 rule 4).  An enclave that had aborted already (the tool got its frame and
+died with it) is asked for that frame again by its migration id (1 rule 6).
 
 After a commit it carries the decision (``migsgx recover``'s logic), and when the
 destination lost its loaded copy before the claim (window W2) it delivers the
@@ -73,7 +74,14 @@ from ..errors import MigSGXError
 from .applink import AppLink
 from .dumphold import release_noted
 from .faults import fault
-from .handback import RESUME_WAIT, abort_reply, call_enclave, commit_rest, resume_source
+from .handback import (
+    RESUME_WAIT,
+    abort_frame_of,
+    abort_reply,
+    call_enclave,
+    commit_rest,
+    resume_source,
+)  # fmt: skip
 
 if TYPE_CHECKING:
     from .recover import RollForward
@@ -431,6 +439,7 @@ def _aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: st
         replies = {sock: abort_reply(sock) for sock in pending}  # (every one is asked)
         answers = [(sock, answer) for sock, (answer, _) in replies.items()]
         frames = {i: replies[s][1] for i, s in enumerate(socks) if s in replies and replies[s][1]}
+        frames.update(_frames_again(socks, replies, journals))
         _keep_aborts(journals, frames)
         if any(answer not in ("aborted", "group-unchecked") for _, answer in answers):
             return False  # (committed, rolling forward, or gone)
@@ -448,6 +457,42 @@ def _aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: st
                 _log_to(Path(checkpoint) / "guardian.log" if checkpoint else Path(os.devnull))
         pending = unchecked
         pause = 0.5 if _pause(pause) else min(pause * 2, 5.0)
+
+
+def _frames_again(
+    socks: list[socket.socket],
+    replies: dict[socket.socket, tuple[str | None, bytes]],
+    journals: list[str],
+) -> dict[int, bytes]:
+    """The ABORT frames of the enclaves that answered ``aborted`` with none, asked again.
+
+    Such an enclave aborted before this guardian asked: the tool got its frame
+    and died with it (fault point ``tool.after-abort``).  Outside a migration
+    group its store record may have failed as well (the platform service gone),
+    and then this frame is the only ABORT there is to carry: the enclave keeps
+    it and hands it out again for its migration id (the journal's
+    ``enclave_mids``, in the connections' order; ``docs/spec/commit.md`` 1 rule 6).
+    """
+
+    from .journal import Journal  # lazy: the guardian starts fast and imports little
+
+    empty = [i for i, s in enumerate(socks) if replies.get(s) == ("aborted", b"")]
+    if not empty:
+        return {}
+    frames: dict[int, bytes] = {}
+    for name in journals:
+        try:
+            mids = Journal.load(Path(name)).enclave_mids
+        except (MigSGXError, OSError, ValueError):
+            continue
+        if len(mids) != len(socks):
+            continue  # (not this migration's enclaves, or not every handshake finished)
+        for i in empty:
+            frame = abort_frame_of(socks[i], mids[i])
+            if frame:
+                _log(f"enclave {i} had aborted already: its ABORT frame, asked again")
+                frames[i] = frame
+    return frames
 
 
 def _keep_aborts(journals: list[str], frames: dict[int, bytes]) -> None:

@@ -26,7 +26,8 @@ from ..wire import recv_frame, send_frame
 from .applink import AppLink
 
 __all__ = [
-    "abort_answer", "abort_enclave", "abort_reply", "call_enclave", "commit_rest", "resume_source",
+    "abort_answer", "abort_enclave", "abort_frame_of", "abort_reply", "call_enclave",
+    "commit_rest", "resume_source",
 ]  # fmt: skip
 
 #: Call ids far from the tool's (its link counts from 2**40), so that a late
@@ -97,6 +98,21 @@ def abort_reply(sock: socket.socket) -> tuple[str | None, bytes]:
         return "aborted", bytes(value) if isinstance(value, bytes | bytearray) else b""
     code = msg.get("code")
     return (str(code), b"") if code in _NOT_ABORTED else ("aborted", b"")
+
+
+def abort_frame_of(sock: socket.socket, migration_id: bytes) -> bytes:
+    """The ABORT frame of ``migration_id`` the enclave returned before, asked again.
+
+    For an enclave that answers ``__mig_abort`` with nothing because it aborted
+    already (the tool got its frame and died with it): it keeps the frames of
+    the migrations it aborted as a source and hands the same one out again
+    (``docs/spec/commit.md`` 1 rule 6).  b"" when it has none for that id (it
+    committed it, never began it, or is gone): the caller carries nothing.
+    """
+
+    msg = call_enclave(sock, "__mig_abort_frame", [migration_id])
+    value = msg.get("value") if msg is not None and msg["t"] == "ret" else None
+    return bytes(value) if isinstance(value, bytes | bytearray) else b""
 
 
 def commit_rest(

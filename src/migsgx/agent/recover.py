@@ -48,6 +48,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -60,7 +61,7 @@ from ..sgx.counters import CounterStore, Decision
 from ..sgx.platform import COUNTERS
 from .control import AgentConnection
 from .dumpdirs import sweep_dump_dirs
-from .handback import abort_reply, resume_source
+from .handback import abort_frame_of, abort_reply, resume_source
 from .journal import Journal
 from .protocol import VERSION
 from .source_host import alive, end_fenced, give_back, is_guardian, lost_detail, signal_all
@@ -392,7 +393,7 @@ def _resolve_orphaned(
             if all(d is None for d in decisions):
                 # Nothing decided: the source is the copy.  Each enclave aborts (its
                 # ABORT is recorded) and thaws; it goes back to the application below.
-                frames = {i: abort_reply(e.sock)[1] for i, e in held.enclaves.items()}
+                frames = {i: _abort_of(e.sock, journal, i) for i, e in held.enclaves.items()}
                 keep_aborts(journal, frames)
             result = resolve(journal, platform_state, identity, tool_gone=True,
                              redeliver=held.redeliver, release=held.release,
@@ -409,6 +410,20 @@ def _resolve_orphaned(
             held.close()
     finally:
         os.close(lock)
+
+
+def _abort_of(sock: socket.socket, journal: Journal, index: int) -> bytes:
+    """Abort enclave ``index``; its ABORT frame, asked again if it had aborted before.
+
+    An enclave that aborted already answers ``__mig_abort`` with no frame; it
+    keeps the one it sealed for its migration id and hands it out again
+    (``__mig_abort_frame``, ``docs/spec/commit.md`` 1 rule 6).
+    """
+
+    answer, frame = abort_reply(sock)
+    if answer == "aborted" and not frame and index < len(journal.enclave_mids):
+        frame = abort_frame_of(sock, journal.enclave_mids[index])
+    return frame
 
 
 def keep_aborts(journal: Journal, frames: dict[int, bytes]) -> None:

@@ -187,7 +187,10 @@ class _DecisionSteps(_EnclaveSteps):
                 try:
                     # Nothing committed here (else this is no roll-back): the
                     # enclaves abort even with their platform service gone.
-                    sock = transfer.outgoing.abort(reason, none_committed=not self.committed)
+                    sock = transfer.outgoing.abort(
+                        reason, none_committed=not self.committed,
+                        answered=lambda: self._inject(self._fault("tool.abort-answered")),
+                    )  # fmt: skip
                 except Exception as exc:
                     log.warning("enclave %d: abort failed: %s", transfer.handed.index, exc)
             else:

@@ -607,19 +607,33 @@ class OutgoingEnclave:
 
         self.link.call("__mig_release")
 
-    def abort(self, reason: str, *, none_committed: bool = False) -> socket.socket:
+    def abort(
+        self,
+        reason: str,
+        *,
+        none_committed: bool = False,
+        answered: Callable[[], object] | None = None,
+    ) -> socket.socket:
         """The source enclave resumes with its state; returns its connection.
 
         ``none_committed``: the caller decided every enclave of the migration and
         none committed, so the enclave may abort even if its platform store cannot
         record it (``__mig_abort``, ``docs/spec/commit.md`` 1.1 rule 4).
+        ``answered`` runs once the enclave answered, before its ABORT frame goes
+        on the data connection (the tool's fault point ``tool.abort-answered``).
         """
 
-        self._abort_quietly(reason, none_committed=none_committed)
+        self._abort_quietly(reason, none_committed=none_committed, answered=answered)
         self.close_side()
         return self.link.sock
 
-    def _abort_quietly(self, reason: str, *, none_committed: bool = False) -> None:
+    def _abort_quietly(
+        self,
+        reason: str,
+        *,
+        none_committed: bool = False,
+        answered: Callable[[], object] | None = None,
+    ) -> None:
         if self._finished:
             return
         self._finished = True
@@ -627,6 +641,8 @@ class OutgoingEnclave:
         with contextlib.suppress(MigSGXError, OSError):
             frame = self.link.call("__mig_abort", reason[:200], none_committed)
         self.abort_frame = bytes(frame or b"")
+        if answered is not None:
+            answered()
         if self.peer is not None:
             with contextlib.suppress(MigSGXError, OSError):
                 _send(self.peer, {"t": "abort", "code": "aborted", "message": reason[:200],

@@ -165,10 +165,16 @@ class LiveOutgoingEnclave(OutgoingEnclave):
             ring.close()
         return figures
 
-    def abort(self, reason: str, *, none_committed: bool = False) -> socket.socket:
+    def abort(
+        self,
+        reason: str,
+        *,
+        none_committed: bool = False,
+        answered: Callable[[], object] | None = None,
+    ) -> socket.socket:
         """As :meth:`OutgoingEnclave.abort`; the connection returned is the application's."""
 
-        self._abort_quietly(reason, none_committed=none_committed)
+        self._abort_quietly(reason, none_committed=none_committed, answered=answered)
         with contextlib.suppress(OSError):
             self.side.close()
         return self.app_sock if self.app_sock is not None else self.link.sock

@@ -74,6 +74,8 @@ MAX_STATE_BYTES = 64 << 20
 #: The most bytes the manifest of a stop-and-copy state may take (it has three sections).
 MANIFEST_ROOM = 4096
 SECTIONS = ("state", "memory", "persistent")
+#: How many of its own migrations' ABORT frames a source enclave keeps (``__mig_abort_frame``).
+ABORTS_KEPT = 16
 
 
 class _Attester:
@@ -161,6 +163,10 @@ class Migrator:
         #: (``__mig_group``): the first decision of any of them binds them all.
         self.group = b""
         self._unchecked_abort_ok = False
+        #: The ABORT frames this enclave returned as a source, by migration id, the
+        #: newest last (at most ``ABORTS_KEPT``): asked again (``__mig_abort_frame``)
+        #: after whoever got one died with it (``docs/spec/commit.md``, 1 rule 6).
+        self._aborted: dict[bytes, bytes] = {}
         # A checkpoint's commit and abort run in threads of their own (a dead
         # tool's commit may still run while its guardian aborts): one at a time.
         self._ckpt_decide = threading.RLock()
@@ -743,6 +749,7 @@ class Migrator:
         try:
             if sc is not None:
                 frame = sc.abort("aborted", reason[:200], record=self._record_abort)
+                self._keep_abort(sc.migration_id, frame)
             elif dc is not None:
                 frame = dc.abort("aborted", reason[:200])
         except GroupUncheckedError:
@@ -786,6 +793,40 @@ class Migrator:
             # let this enclave run or migrate again (it would be a second copy).
             self.discarded = True
             self.instance.retire("a migration into this enclave was aborted")
+        return frame
+
+    def _keep_abort(self, migration_id: bytes, frame: bytes) -> None:
+        """Remember the ABORT of ``migration_id`` for :meth:`abort_frame` (bounded)."""
+
+        self._aborted.pop(migration_id, None)
+        self._aborted[migration_id] = frame
+        while len(self._aborted) > ABORTS_KEPT:
+            del self._aborted[next(iter(self._aborted))]
+
+    def abort_frame(self, migration_id: bytes) -> bytes:
+        """Source: the ABORT frame of ``migration_id`` again, which this enclave aborted.
+
+        Whoever asked for the abort may have died holding the only frame (the
+        tool, between its enclaves' aborts and telling the destination), and
+        outside a migration group the store may hold no record of it (its
+        platform service died too).  The frame is not secret; this returns the
+        very one the abort sealed, so it is as authentic as it was then, and
+        the destination judges it as any other.  The enclave decides what it
+        answers, from its own trusted state: only a migration it aborted as its
+        source (never one it committed: a committed enclave answers only the
+        calls of section 2, and a migration's abort and commit exclude each
+        other), never the one under way (``__mig_abort`` decides that one),
+        never an id it does not know (it holds no keys to seal one with).
+        """
+
+        if not isinstance(migration_id, bytes) or len(migration_id) != 16:
+            raise ProtocolError("__mig_abort_frame takes a 16-byte migration id")
+        sc = self.source_commit
+        if sc is not None and sc.migration_id == migration_id:
+            raise ProtocolError("that migration is under way: __mig_abort decides it")
+        frame = self._aborted.get(migration_id)
+        if frame is None:
+            raise ProtocolError("this enclave aborted no migration of that id")
         return frame
 
     def _record_abort(self, frame: bytes) -> None:
@@ -1063,6 +1104,7 @@ _CALLS: dict[str, Any] = {
     "__mig_prefault": Migrator.prefault,
     "__mig_commit_in": Migrator.commit_in,
     "__mig_abort": Migrator.abort,
+    "__mig_abort_frame": Migrator.abort_frame,
     "__mig_group": Migrator.set_group,
     "__mig_status": Migrator.status,
     "__mig_token": Migrator.token,
