@@ -274,7 +274,7 @@ def recover_command(
               "(negative: CRIU first)")  # fmt: skip
 @click.option("--prefault-ahead/--no-prefault-ahead", default=False, show_default=True,
               help="destination enclaves fault in the source's memory size from their "
-              "launch on, or only as the state arrives")  # fmt: skip
+              "launch on, and the freeze waits for it; or only as the state arrives")  # fmt: skip
 def migrate_command(
     pid: int | None,
     runc_id: str | None,

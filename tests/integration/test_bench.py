@@ -76,6 +76,15 @@ def test_bench_state_repeats_and_reports_medians_spread_cpu_and_timelines(tmp_pa
             assert set(figures["window_switches_by_process"]) == PROCESSES
             assert sum(figures["window_switches_by_process"].values()) > 0
             assert opened[1] <= commit[0]  # the destination loaded before the commit
+            # What a slow first touch would show in: the drivers' faults, the kernel's counters.
+            assert set(figures["minor_faults_by_process"]) == {
+                "source_driver", "destination_driver"
+            }
+            assert figures["kernel_events"]["pgfault"] > 0
+            # Sequential: both staging buffers faulted in before the freeze.
+            staged = (figures["phases"]["staging_prefaulted_bytes"],
+                      figures["phases"]["destination"]["staging_prefaulted_bytes"])  # fmt: skip
+            assert all(n >= 2 << 20 for n in staged) if mode == "sequential" else staged == (0, 0)
     machine = result["machine"]
     assert machine["cpus"] == os.cpu_count()
     assert len(machine["loadavg_before"]) == len(machine["loadavg_after"]) == 3

@@ -109,6 +109,8 @@ def test_model_moves_with_its_secret_weights(bed: Testbed, agent: AgentProcess) 
     # The offer's hint (--prefault-ahead): the destination faulted the weights' memory in.
     destination = run.stats["details"]["enclave_destination_stats"][0]
     assert destination["prefaulted_bytes"] >= 4096 * 1024 * 4
+    # ... and answered the handshake (so the source froze) only once it was in.
+    assert destination["prefault_done_before_freeze"] is True
 
     assert ask_dst(bed, app, "DIGEST") == digest  # enclave weights and ordinary memory
     assert ask_dst(bed, app, "PREDICT") == prediction

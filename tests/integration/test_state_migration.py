@@ -90,6 +90,12 @@ def test_kvstore_migrates(world: World, launch, mode: str, chunk_size: int) -> N
         assert run.stats is not None
         assert run.stats["mode"] == mode and run.stats["chunk_bytes"] == chunk_size
         assert run.stats["memory_bytes"] >= 48 * MIB
+        # Sequential: the source's staging buffer was faulted in from the handshake on
+        # (stopped once the state is sent, so how far it came depends on the machine).
+        staged = run.stats["staging_prefaulted_bytes"]
+        assert staged > 0 if mode == "sequential" else staged == 0
+        # The destination answered the handshake once its memory was faulted in.
+        assert run.stats["destination"]["prefault_done_before_freeze"] is True
         run.commit()
         dest.join()
         assert dest.error is None, dest.error

@@ -39,7 +39,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ..core.commit import CommitError
 from ..core.handshake import Role
@@ -313,6 +313,11 @@ def _refusal(peer: socket.socket, cause: BaseException) -> None:
             f"the destination refused the stream: [{msg['code']}] {msg['message']}"
         ) from cause
     raise ProtocolError(f"the destination sent {msg['t']!r} during the stream") from cause
+#: The longest a handshake waits for memory faulted in ahead of the freeze (seconds):
+#: the destination's answer for its enclave's memory and staging buffer, the source's
+#: end for its staging buffer (sequential mode).  The source still serves meanwhile.
+PREFAULT_WAIT: Final = 10.0
+
 #: The bound on ``active`` after a token went on the data connection; the
 #: destination judges a token in milliseconds, and the token goes again by the
 #: agents' TLS channel anyway.
@@ -361,6 +366,8 @@ class OutgoingEnclave:
         self.early_side: socket.socket | None = None
         self._times: tuple[float, float, float] | None = None  # offer, accept, handshake done
         self._mode = mode  # of the transfer under way (a re-delivery is never live)
+        #: Sequential mode: the staging buffer, made and faulted in at the handshake.
+        self._staging: Staging | None = None
 
     def handshake(self, peer: socket.socket) -> None:
         """The offer, the destination enclave's launch and the attested handshake.
@@ -410,9 +417,11 @@ class OutgoingEnclave:
         try:
             offer = {"t": "offer", "files": self.image_files, "chunk_size": self.chunk_size,
                      "slots": self.slots, "mode": mode}  # fmt: skip
-            hint = self._memory_hint(mode)
-            if hint:
-                offer["memory_hint"] = hint
+            used = self._memory_used(mode)
+            if used and self.memory_hint:
+                offer["memory_hint"] = used
+            if mode == "sequential":
+                self._stage_ahead(used)
             _send(peer, offer)
             _recv(peer, "accept")
             t_launch = time.monotonic()
@@ -425,6 +434,9 @@ class OutgoingEnclave:
                 if reply["done"]:
                     break
             self.migration_id = bytes(reply["migration_id"])
+            if self._staging is not None:
+                # The freeze follows the handshake: the staging buffer is in by then.
+                self._staging.wait_ahead(PREFAULT_WAIT)
             if self.on_handshake is not None and start == "__mig_out_start":
                 self.on_handshake(self.index, self.migration_id)
         except BaseException as exc:
@@ -432,14 +444,29 @@ class OutgoingEnclave:
             raise
         self._times = (t0, t_launch, time.monotonic())
 
-    def _memory_hint(self, mode: str) -> int:
-        """The enclave memory in use now, for the destination to fault in ahead (0: none).
+    def _stage_ahead(self, used: int) -> None:
+        """Sequential mode: the staging buffer now, its first ``used`` bytes faulted in
+        while the source still runs (:meth:`Staging.prefault_ahead`)."""
+
+        if self._staging is not None:
+            self._staging.close()
+        self._staging = Staging.for_state(self.info.memory_size, self.chunk_size, TAG_SIZE)
+        self._staging.prefault_ahead(Staging.staged_size(used, self.chunk_size, TAG_SIZE))
+
+    def _close_staging(self) -> None:
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            staging.close()
+
+    def _memory_used(self, mode: str) -> int:
+        """The enclave memory in use now (0: not known), for the destination's and the
+        staging buffer's faulting in ahead.
 
         Not for a live migration, whose rounds fill the destination's memory
         while the source runs anyway.  An enclave that does not say costs nothing.
         """
 
-        if mode == "live" or not self.memory_hint:
+        if mode == "live" or not (self.memory_hint or mode == "sequential"):
             return 0
         try:
             used = self.link.call("__mig_status").get("memory_used")
@@ -473,6 +500,7 @@ class OutgoingEnclave:
         t_freeze = time.monotonic()  # after an early handshake, the freeze came in between
         c_freeze = time.process_time()
         s_freeze = context_switches()
+        staged_ahead = 0
         try:
             ring = ShmRing.create(self.slots, _slot_size(self.chunk_size), RingRole.CONSUMER)
             try:
@@ -482,7 +510,10 @@ class OutgoingEnclave:
                     t_dumped = t_sent = time.monotonic()
                     c_dumped = c_sent = time.process_time()
                 else:
-                    staging = Staging.for_state(self.info.memory_size, self.chunk_size, TAG_SIZE)
+                    staging = self._staging or Staging.for_state(
+                        self.info.memory_size, self.chunk_size, TAG_SIZE
+                    )
+                    self._staging = None
                     try:
                         drainer = _Worker(
                             lambda: staging.drain(ring, RING_TIMEOUT), "migsgx-drain", ring
@@ -496,6 +527,7 @@ class OutgoingEnclave:
                         c_sent = time.process_time()
                     finally:
                         staging.close()
+                        staged_ahead = staging.prefaulted
             finally:
                 ring.close()
             self.close_side()  # dumped: its closing no longer aborts the migration
@@ -510,6 +542,8 @@ class OutgoingEnclave:
         s_end = context_switches()
         self.stats = {
             "mode": self._mode,
+            # Sequential: the staging buffer's bytes faulted in before the freeze.
+            "staging_prefaulted_bytes": staged_ahead,
             "chunk_bytes": self.chunk_size,
             "bytes": dump["bytes"],
             "memory_bytes": dump["memory_bytes"],
@@ -634,6 +668,7 @@ class OutgoingEnclave:
         none_committed: bool = False,
         answered: Callable[[], object] | None = None,
     ) -> None:
+        self._close_staging()
         if self._finished:
             return
         self._finished = True
@@ -675,9 +710,25 @@ class IncomingEnclave:
         #: Whether the destination enclave faults in, from its launch on (before the
         #: source freezes), as much memory as the offer's hint says the source uses.
         self.prefault_ahead = True
+        #: How long the handshake's answer waits for that memory to be in (0: not at
+        #: all): the source freezes only after it, so the first touch stays out of
+        #: the frozen window (it ran on into it beside the load or CRIU's dump).
+        self.prefault_wait = PREFAULT_WAIT
         #: Called right after the destination enclave's launch (a benchmark's
         #: measurement of the enclave at rest).
         self.launched: Callable[[], None] | None = None
+
+    def _wait_prefault(self) -> None:
+        """Up to :attr:`prefault_wait` seconds for the enclave's prefault ahead to end."""
+
+        assert self.link is not None
+        if self.prefault_wait <= 0:
+            return
+        t0 = time.monotonic()
+        with contextlib.suppress(ProtocolError):  # an enclave without it: no wait
+            reply = self.link.call("__mig_prefault_wait", self.prefault_wait)
+            self.stats["prefault_done_before_freeze"] = bool(reply["done"])
+        self.stats["prefault_wait_seconds"] = time.monotonic() - t0
 
     @classmethod
     def accept_offer(
@@ -700,20 +751,36 @@ class IncomingEnclave:
             fresh, offer = IncomingEnclave.accept_offer(peer, self.platform_socket)
             self.image = fresh.image
         t0 = time.monotonic()
+        staging: Staging | None = None
         try:
+            hint = offer.get("memory_hint") or 0
+            if self.prefault_ahead and hint and offer["mode"] == "sequential":
+                # The receive's first touch, from before the enclave's launch on (the
+                # launch and the handshake give it time); within the declared memory.
+                chunk = offer["chunk_size"]
+                staging = Staging.for_state(self.image.manifest.memory_size, chunk, TAG_SIZE)
+                staging.prefault_ahead(Staging.staged_size(hint, chunk, TAG_SIZE))
             sock, self.info = launch_enclave(self.image, socket_path=self.platform_socket)
             self.link = EnclaveLink(sock)
             if self.launched is not None:
                 self.launched()
             self.link.call("__mig_in_start")
-            hint = offer.get("memory_hint") or 0
+            ahead = waited = False
             if self.prefault_ahead and hint and offer["mode"] != "live":
                 with contextlib.suppress(ProtocolError):  # a hint: an enclave may decline
-                    self.link.call("__mig_prefault", hint)
+                    ahead = bool(self.link.call("__mig_prefault", hint))
             _send(peer, {"t": "accept", "pid": self.info.pid})
             t_launch = time.monotonic()
             while True:
                 reply = self.link.call("__mig_hs", _recv(peer, "hs")["data"])
+                if reply["send"] and (ahead or staging is not None) and not waited:
+                    # destination-hello: the source freezes once it has it, so it waits
+                    # for the memory to be in (the source still serves meanwhile).
+                    waited = True
+                    if ahead:
+                        self._wait_prefault()
+                    if staging is not None:
+                        staging.wait_ahead(self.prefault_wait)
                 if reply["send"]:
                     _send(peer, {"t": "hs", "data": reply["send"]})
                 if reply["done"]:
@@ -738,7 +805,7 @@ class IncomingEnclave:
                     mover.join()
                     t_recv = t_hs
                 else:
-                    staging = Staging.for_state(self.info.memory_size, chunk, TAG_SIZE)
+                    staging = staging or Staging.for_state(self.info.memory_size, chunk, TAG_SIZE)
                     try:
                         staging.receive(peer, _slot_size(chunk))
                         t_recv = time.monotonic()
@@ -758,6 +825,8 @@ class IncomingEnclave:
             if result.get("repair"):
                 result = self._receive_repair(peer, offer, result)
         except BaseException as exc:
+            if staging is not None:
+                staging.close()
             reason = f"{type(exc).__name__}: {exc}"
             self._abort_quietly(reason)
             with contextlib.suppress(MigSGXError, OSError):
@@ -779,6 +848,7 @@ class IncomingEnclave:
             "repair": result.get("repair_figures"),
             "enclave_cpu_seconds": result.get("cpu_seconds", 0.0),
             "prefaulted_bytes": result.get("prefaulted_bytes", 0),
+            "staging_prefaulted_bytes": staging.prefaulted if staging is not None else 0,
             # This (driver) process's CPU seconds in each phase after the handshake.
             "driver_cpu": {"receive": c_recv - c_hs, "load": c_end - c_recv},
             "driver_switches": s_end - s_hs,

@@ -19,16 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from .._populate import populate
 from ..errors import EnclaveMemoryError
 
 PAGE_SIZE = 4096
 # Declared memory is reserved lazily: only touched pages cost (Linux value).
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; no name in 3.11
-_PREFAULT_STEP = 16 << 20
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.madvise.restype = ctypes.c_int
 
 
 def _round_up(n: int, to: int = PAGE_SIZE) -> int:
@@ -212,20 +208,7 @@ class EnclaveMemory:
         the bytes faulted in.
         """
 
-        mm = self._map
-        nbytes = min(_round_up(nbytes), self.size)
-        anchor = ctypes.c_char.from_buffer(mm)
-        base = ctypes.addressof(anchor)
-        done = 0
-        try:
-            while done < nbytes and not stop.is_set():
-                step = min(_PREFAULT_STEP, nbytes - done)
-                if _libc.madvise(ctypes.c_void_p(base + done), step, _MADV_POPULATE_WRITE):
-                    break
-                done += step
-        finally:
-            del anchor  # the mapping may be closed again
-        return done
+        return populate(self._map, min(_round_up(nbytes), self.size), stop)
 
     @contextlib.contextmanager
     def prefaulting(self, nbytes: int, enabled: bool = True) -> Iterator[None]:
@@ -265,6 +248,16 @@ class EnclaveMemory:
     @property
     def prefaulting_ahead(self) -> bool:
         return self._ahead is not None
+
+    def wait_prefault(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` seconds for :meth:`prefault_ahead` to end by itself.
+
+        Returns the bytes it faulted in, or None while it still runs (or was
+        not started).  It is not stopped: a load stops it as ever.
+        """
+
+        ahead = self._ahead
+        return ahead.wait(timeout) if ahead is not None else None
 
     def finish_prefault(self, keep: int) -> int:
         """Stop :meth:`prefault_ahead`; give back the pages it faulted in beyond ``keep``.
@@ -320,6 +313,10 @@ class _Ahead:
     def _run(self, memory: EnclaveMemory, nbytes: int) -> None:
         with contextlib.suppress(EnclaveMemoryError):
             self.done = memory.prefault(nbytes, self._stop)
+
+    def wait(self, timeout: float) -> int | None:
+        self._thread.join(timeout)
+        return None if self._thread.is_alive() else self.done
 
     def stop(self) -> int:
         self._stop.set()

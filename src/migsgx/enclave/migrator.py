@@ -292,6 +292,22 @@ class Migrator:
             raise ProtocolError("too late, or asked twice, to fault memory in ahead")
         return self.instance.memory.prefault_ahead(nbytes)
 
+    def prefault_wait(self, seconds: float) -> dict[str, Any]:
+        """Destination: wait up to ``seconds`` (at most a minute) for :meth:`prefault`'s
+        thread to finish, so that the source, which waits for this enclave's
+        ``destination-hello``, freezes only once the memory is in.  Returns
+        ``done`` (whether it finished) and ``bytes`` (faulted in, 0 unless done)."""
+
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            raise ProtocolError("__mig_prefault_wait: seconds")
+        if self.role is not Role.DESTINATION or self.checkpoint is not None:
+            raise ProtocolError("only a migration's destination faults its memory in ahead")
+        memory = self.instance.memory
+        if self.ring is not None or not memory.prefaulting_ahead:
+            return {"done": False, "bytes": 0}
+        done = memory.wait_prefault(min(float(seconds), _PREFAULT_WAIT_MAX))
+        return {"done": done is not None, "bytes": done or 0}
+
     def hs(self, data: bytes) -> dict[str, Any]:
         hs = self.handshake
         if hs is None or self.keys is not None:
@@ -1088,6 +1104,9 @@ class _ClaimAndInstall:
         return True
 
 
+#: The longest a destination holds its handshake for its memory (the source still serves).
+_PREFAULT_WAIT_MAX = 60.0
+
 _CALLS: dict[str, Any] = {
     "__mig_out_start": Migrator.out_start,
     "__mig_in_start": Migrator.in_start,
@@ -1102,6 +1121,7 @@ _CALLS: dict[str, Any] = {
     "__mig_commit": Migrator.commit,
     "__mig_load": Migrator.load,
     "__mig_prefault": Migrator.prefault,
+    "__mig_prefault_wait": Migrator.prefault_wait,
     "__mig_commit_in": Migrator.commit_in,
     "__mig_abort": Migrator.abort,
     "__mig_abort_frame": Migrator.abort_frame,

@@ -50,6 +50,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import MigSGXError, register_error
 
@@ -58,6 +59,8 @@ __all__ = [
     "PeakWindow",
     "SharedSampler",
     "file_rss",
+    "kernel_events",
+    "minor_faults",
     "peak_rss",
     "reset_peak",
     "rss",
@@ -320,3 +323,40 @@ class SharedSampler:
 
         with self._lock:
             return max(0, self.most.get(pid, 0) - self.rest.get(pid, 0))
+
+
+#: Machine-wide kernel counters that say why a first touch of fresh memory costs more
+#: than its page faults: direct reclaim, compaction, huge pages, and pages the VM gave
+#: back to its host (``page_reporting``: touching them again faults in the host too).
+_EVENTS = (
+    "pgfault", "pgmajfault", "allocstall_normal", "allocstall_movable", "pgscan_direct",
+    "pgsteal_direct", "compact_stall", "compact_fail", "thp_fault_alloc",
+    "thp_fault_fallback", "numa_hint_faults",
+)  # fmt: skip
+_REPORTED = Path("/sys/module/page_reporting/parameters/reported_kib")
+
+
+def kernel_events() -> dict[str, int]:
+    """The counters of :data:`_EVENTS` now (those this kernel has), and ``reported_kib``."""
+
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name in _EVENTS:
+                out[name] = int(value)
+    with contextlib.suppress(OSError, ValueError):
+        out["reported_kib"] = int(_REPORTED.read_text())
+    return out
+
+
+def minor_faults(pid: int) -> int:
+    """The page faults ``pid`` took without I/O so far (``/proc/PID/stat``, ``minflt``)."""
+
+    try:
+        with open(_proc(pid, "stat"), encoding="ascii") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise MemStatError(f"cannot read the faults of process {pid}: {exc}", pid=pid) from exc
+    # The command name may hold spaces and parentheses: fields start after the last ')'.
+    return int(raw[raw.rindex(")") + 2 :].split()[7])

@@ -132,9 +132,16 @@ def migrate_once(
         shared = memstat.SharedSampler([src.proc.pid, src_enclave, dst.proc.pid],
                                        discover=partial(_pid_in, pidfile))  # fmt: skip
         cpu0 = {pid: cpu_seconds(pid) for pid in (src.proc.pid, src_enclave, dst.proc.pid)}
+        faults0 = {pid: memstat.minor_faults(pid) for pid in (src.proc.pid, dst.proc.pid)}
+        events0 = memstat.kernel_events()
         src.ask(migrate=True, port=port, chunk=chunk, slots=slots, mode=mode)
         loaded = src.answer()
         dst_loaded = dst.answer()
+        events = memstat.kernel_events()
+        faults = {
+            "source_driver": memstat.minor_faults(src.proc.pid) - faults0[src.proc.pid],
+            "destination_driver": memstat.minor_faults(dst.proc.pid) - faults0[dst.proc.pid],
+        }
         # The source enclave exits at the commit: read its figures while it lives.
         shared.stop()
         shutil.rmtree(pidfile.parent, ignore_errors=True)
@@ -223,6 +230,11 @@ def migrate_once(
             "switches_per_chunk": sum(switches.values()) / max(1, -(-size // chunk)),
             # Of the destination enclave's, what its launch took (before the handshake).
             "destination_enclave_launch_cpu_seconds": float(dst_loaded["enclave_launch_cpu"]),
+            # What a first touch cost beyond its faults would show in (the drivers' page
+            # faults from before the handshake to LOADED; the machine's kernel counters
+            # over the same span, other users' included).
+            "minor_faults_by_process": faults,
+            "kernel_events": {k: v - events0.get(k, 0) for k, v in events.items()},
             "phases": stats,
             "timeline": shift_timeline(raw_timeline),
         }
