@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import os
 import shutil
 import tempfile
 import threading
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from migsgx import _proc
 from migsgx.sgx.ca import ProvisioningCA
 from migsgx.sgx.image import (
     MANIFEST,
@@ -344,16 +344,14 @@ def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.02)
 def pid_alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
 
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return _proc.state(pid) not in ("", "Z")
 
 
 def parent_of(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[1])
+    parent = _proc.parent(pid)
+    if parent is None:
+        raise ProcessLookupError(f"no process {pid}")
+    return parent
 
 
 def ancestors(pid: int) -> list[int]:
@@ -367,15 +365,10 @@ def ancestors(pid: int) -> list[int]:
 
 
 def children_of(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if parent_of(int(entry)) == pid and pid_alive(int(entry)):
-                    kids.append(int(entry))
-            except (FileNotFoundError, ProcessLookupError, ValueError):
-                continue
-    return kids
+    """The live children of ``pid`` (from a scan: the kernel's ``children`` file may pass
+    over one)."""
+
+    return [child for child in _proc.scanned_children(pid) if pid_alive(child)]
 
 
 def report_body(*, debug: bool = False, report_data: bytes = bytes(range(64))) -> ReportBody:

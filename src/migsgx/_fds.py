@@ -16,6 +16,8 @@ import socket
 from collections.abc import Iterator
 from typing import Final
 
+from . import _proc
+
 __all__ = ["take_descriptor", "tcp_connections"]
 
 _SYS_PIDFD_GETFD: Final = 438  # the same number on every architecture since Linux 5.6
@@ -45,11 +47,11 @@ def tcp_connections(pid: int) -> Iterator[socket.socket]:
     over; ``OSError`` when the process's descriptors cannot be listed (it ended).
     """
 
-    for entry in os.listdir(f"/proc/{pid}/fd"):
+    for fd, link in _proc.fd_links(pid, gone_ok=False):
+        if not link.startswith("socket:"):
+            continue
         try:
-            if not os.readlink(f"/proc/{pid}/fd/{entry}").startswith("socket:"):
-                continue
-            sock = take_descriptor(pid, int(entry))
+            sock = take_descriptor(pid, fd)
         except OSError:
             continue  # closed meanwhile
         try:

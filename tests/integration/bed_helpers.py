@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from migsgx import _proc
 from migsgx.agent.tls import issue_agent_identity
 from migsgx.lab.hosts import start_service
 from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
@@ -271,10 +272,4 @@ def enclave_processes(bed: Testbed, host: str) -> set[int]:
     """The enclave processes the platform service of ``host`` runs."""
 
     service = bed.services[host].process.pid
-    found = set()
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == service and fields[0] not in ("Z", "X"):
-                found.add(int(entry.name))
-    return found
+    return {pid for pid in _proc.scanned_children(service) if _proc.alive(pid)}

@@ -10,18 +10,22 @@ directory of a tool the cell ran is left in ``/dev/shm``, whichever party died.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from bed_helpers import ask, end_copies, kvstore, wait_until
 
+from migsgx import _proc
 from migsgx.agent.dumpdirs import scratch_base
+from migsgx.lab.hosts import start_service
 from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
 from migsgx.system.process import kill_tree, process_state
 
@@ -32,7 +36,9 @@ __all__ = [
     "EXIT_MOVED_NOT",
     "EXIT_OK",
     "EXIT_SOURCE_GONE",
+    "DestinationFault",
     "ask",
+    "destination_fault",
     "fault_time",
     "heal",
     "loaded_app",
@@ -58,6 +64,83 @@ def loaded_app(bed: Testbed, *args: str) -> tuple[AppProcess, str]:
     for i in range(3):
         assert ask(bed, app, "src", f"PUT k{i} {f'v{i}'.encode().hex()}") == f"OK {i + 1}"
     return app, ask(bed, app, "src", "DIGEST")
+
+
+@dataclass
+class DestinationFault:
+    """A cell whose fault is set in the destination agent (``doomed``), as it runs.
+
+    ``t0``: when the application was loaded, for the cell's ``seconds``.
+    """
+
+    bed: Testbed
+    doomed: AgentProcess
+    app: AppProcess
+    digest: str
+    t0: float = field(default_factory=time.monotonic)
+    restarted: AgentProcess | None = None
+    platform_restarted: bool = False
+
+    def seconds(self) -> float:
+        """Seconds since the application was loaded (a figure of the cell)."""
+
+        return round(time.monotonic() - self.t0, 3)
+
+    def restart_agent(self) -> AgentProcess:
+        """A fresh destination agent on the doomed one's port (it died of the fault)."""
+
+        self.restarted = self.bed.start_agent(listen_port=self.doomed.port)
+        return self.restarted
+
+    def restart_platform(self) -> None:
+        """A fresh platform service on the destination (the fault killed it)."""
+
+        self.bed.services["dst"].stop()
+        self.bed.services["dst"] = start_service(
+            self.bed.state("dst"), prefix=self.bed.host("dst").command([])
+        )
+        self.platform_restarted = True
+
+    def source_back_seconds(self) -> float:
+        """Seconds from the fault (the doomed agent's mark) until the source answered again
+        with every acknowledged write."""
+
+        t_fault = fault_time(self.doomed.log.read_text(errors="replace"))
+        return round(source_answers(self.bed, self.app, self.digest) - t_fault, 3)
+
+
+@contextlib.contextmanager
+def destination_fault(
+    bed: Testbed,
+    fault: str,
+    *,
+    restart_platform: bool = False,
+    stop_guardian: bool = False,
+) -> Iterator[DestinationFault]:
+    """The prologue and epilogue of a cell with the destination agent's fault ``fault``.
+
+    Before: an agent with ``MIGSGX_FAULT=fault`` and a loaded kvstore.  After,
+    passed or failed: both agents stopped (the doomed one, and the one
+    :meth:`~DestinationFault.restart_agent` started); the destination's platform
+    service started afresh if ``restart_platform`` (the fault killed it) and the
+    cell did not already; the tool's guardian stopped if ``stop_guardian`` (a cell
+    that ends in doubt leaves it retrying); every copy of the application ended.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": fault})
+    app, digest = loaded_app(bed)
+    cell = DestinationFault(bed, doomed, app, digest)
+    try:
+        yield cell
+    finally:
+        for agent in (doomed, cell.restarted):
+            if agent is not None:
+                agent.stop()
+        if restart_platform and not cell.platform_restarted:
+            cell.restart_platform()
+        if stop_guardian:
+            stop_guardian_of(app.pid)
+        end_copies(bed, app)
 
 
 def fault_time(*texts: str, last: bool = False) -> float:
@@ -216,14 +299,9 @@ def guardians_of(app_pid: int) -> list[int]:
     """The live guardians of migrations of ``app_pid``."""
 
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+    for pid in _proc.pids():
+        argv = _proc.argv(pid)
         ours = b"migsgx.agent.guardian" in argv and str(app_pid).encode() in argv
-        if ours and process_state(int(entry.name)) not in ("", "Z", "X"):
-            found.append(int(entry.name))
+        if ours and _proc.alive(pid):
+            found.append(pid)
     return found

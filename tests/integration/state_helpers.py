@@ -46,6 +46,7 @@ from typing import Any
 import pytest
 import tomli_w
 
+from migsgx import _proc
 from migsgx.core import handshake
 from migsgx.datapath.engine import (
     DEFAULT_CHUNK,
@@ -118,11 +119,7 @@ debug = false
 def pid_running(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
 
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    return _proc.alive(pid)
 
 
 def wait_gone(pid: int, timeout: float = 10.0) -> bool:
@@ -135,18 +132,10 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
 
 
 def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            found.append(int(entry.name))
-    return found
+    """The live children of ``pid`` (from a scan: the kernel's ``children`` file may pass
+    over one)."""
+
+    return [child for child in _proc.scanned_children(pid) if _proc.alive(child)]
 
 
 def kill_quietly(pid: int) -> None:

@@ -27,6 +27,7 @@ from fault_helpers import (
     EXIT_MOVED_NOT,
     EXIT_OK,
     ask,
+    destination_fault,
     fault_time,
     guardians_of,
     heal,
@@ -40,6 +41,7 @@ from fault_helpers import (
     stop_guardian_of,
 )
 
+from migsgx.agent.held import start_time
 from migsgx.enclave.persistent import RESERVED
 from migsgx.lab.hosts import start_service
 from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed
@@ -68,24 +70,15 @@ BED_SUBNET = 73
 def test_destination_lost_after_loaded(
     bed: Testbed, figures: dict[str, dict[str, object]], cell: str, point: str, action: str
 ) -> None:
-    doomed = bed.start_agent(env={"MIGSGX_FAULT": f"agent.{point}:{action}"})
-    app, digest = loaded_app(bed)
-    try:
-        run = bed.migrate(app.pid, doomed)
+    fault = f"agent.{point}:{action}"
+    # (a platform service killed: a fresh one for the next cells)
+    with destination_fault(bed, fault, restart_platform=action == "kill-platform") as c:
+        run = bed.migrate(c.app.pid, c.doomed)
         assert run.returncode == EXIT_MOVED_NOT, run.stderr
         assert "Traceback" not in run.stderr
-        t_fault = fault_time(doomed.log.read_text(errors="replace"))
-        t_back = source_answers(bed, app, digest)
         figures[cell] = {"outcome": "stayed", "exit": run.returncode,
-                         "source_back_seconds": round(t_back - t_fault, 3)}  # fmt: skip
-        only_copy(bed, app, "src", digest)
-    finally:
-        doomed.stop()
-        if action == "kill-platform":
-            bed.services["dst"].stop()  # killed: a fresh one for the next cells
-            bed.services["dst"] = start_service(
-                bed.state("dst"), prefix=bed.host("dst").command([])
-            )
+                         "source_back_seconds": c.source_back_seconds()}  # fmt: skip
+        only_copy(bed, c.app, "src", c.digest)
 
 
 def test_a_tree_restored_but_never_reported_held_is_removed_by_the_restarted_agent(
@@ -96,26 +89,69 @@ def test_a_tree_restored_but_never_reported_held_is_removed_by_the_restarted_age
     the destination, stopped and owned by nobody; the restarted agent now finds
     it recorded as never reported held and kills it."""
 
-    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.after-restore:kill"})
-    app, digest = loaded_app(bed)
-    restarted = None
-    try:
-        run = bed.migrate(app.pid, doomed)
+    with destination_fault(bed, "agent.after-restore:kill") as c:
+        app = c.app
+        run = bed.migrate(app.pid, c.doomed)
         assert run.returncode == EXIT_MOVED_NOT, run.stderr
-        t_back = source_answers(bed, app, digest)
-        assert doomed.proc.wait(timeout=30) == -9
+        t_back = source_answers(bed, app, c.digest)
+        assert c.doomed.proc.wait(timeout=30) == -9
         assert [s for _, s in bed.copies(app)["dst"]] == ["T"]  # the orphan, stopped
-        restarted = bed.start_agent(listen_port=doomed.port)
-        log = restarted.log.read_text(errors="replace")
+        log = c.restart_agent().log.read_text(errors="replace")
         assert "never reported held" in log and "adopted the tree" not in log, log
         wait_until(lambda: all(s in ("Z", "") for _, s in bed.copies(app)["dst"]), 30,
                    "the orphan tree to be killed")  # fmt: skip
         figures["restore held x kill -9 destination agent, restarted"] = {
             "outcome": "stayed; the restarted agent killed the tree it restored",
             "exit": run.returncode,
+            "source_back_seconds": round(t_back - fault_time(c.doomed.log.read_text()), 3),
+        }  # fmt: skip
+        only_copy(bed, app, "src", c.digest)
+
+
+def test_a_tree_the_agent_died_restoring_is_killed_by_the_restarted_agent(
+    bed: Testbed, figures: dict[str, dict[str, object]]
+) -> None:
+    """The agent dies inside CRIU's restore of the process tree (``agent.in-restore``:
+    CRIU's pre-resume notification, every task restored, CRIU not yet detached).
+    CRIU outlives the agent, finishes and leaves the tree stopped, owned by nobody;
+    the source cannot have decided and runs on.  The intent record written before
+    CRIU was asked, and given the tree's root (pid, start time) in CRIU's
+    post-restore notification, lets the restarted agent kill exactly that tree;
+    the next migration moves the application."""
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.in-restore:kill"})
+    app, digest = loaded_app(bed)
+    restarted = None
+    try:
+        run = bed.migrate(app.pid, doomed)
+        assert run.returncode == EXIT_MOVED_NOT, run.stderr
+        assert "Traceback" not in run.stderr
+        t_back = source_answers(bed, app, digest)
+        assert doomed.proc.wait(timeout=30) == -9
+        wait_until(lambda: [s for _, s in bed.copies(app)["dst"]] == ["T"], 30,
+                   "CRIU to leave the orphan tree stopped")  # fmt: skip
+        [(orphan, _)] = bed.copies(app)["dst"]
+        [path] = (bed.state("dst") / "agent" / "work").glob("*/held.json")
+        record = json.loads(path.read_text())
+        assert record["restoring"] and record["driver"] == "pid"
+        assert record["root"] == orphan and record["start"] == start_time(orphan)
+        restarted = bed.start_agent(listen_port=doomed.port)
+        log = restarted.log.read_text(errors="replace")
+        assert "died restoring a process tree" in log, log
+        assert f"removed the restored process tree (pid {orphan})" in log, log
+        wait_until(lambda: all(s in ("Z", "") for _, s in bed.copies(app)["dst"]), 30,
+                   "the orphan tree to be gone")  # fmt: skip
+        assert not path.exists()
+        assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
+        assert ask(bed, app, "src", "DIGEST") == digest
+        figures["restore x kill -9 destination agent inside CRIU's restore, restarted"] = {
+            "outcome": "stayed; the restarted agent killed the tree CRIU restored; moved next",
+            "exit": run.returncode,
             "source_back_seconds": round(t_back - fault_time(doomed.log.read_text()), 3),
         }  # fmt: skip
-        only_copy(bed, app, "src", digest)
+        second = bed.migrate(app.pid, restarted)  # (nothing of the first restore in the way)
+        assert second.returncode == EXIT_OK, second.stderr
+        only_copy(bed, app, "dst", digest)
     finally:
         for agent in (doomed, restarted):
             if agent is not None:
@@ -133,30 +169,22 @@ def test_destination_platform_killed_before_the_claim_is_resolved_by_recover(
     recover`` (or the guardian, retrying) delivers the recorded token again.
     """
 
-    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill-platform"})
-    app, digest = loaded_app(bed)
-    t0 = time.monotonic()
-    restarted = False
-    try:
-        run = bed.migrate(app.pid, doomed)
+    with destination_fault(bed, "agent.before-claim:kill-platform", restart_platform=True) as c:
+        app = c.app
+        run = bed.migrate(app.pid, c.doomed)
         assert run.returncode == EXIT_IN_DOUBT, run.stderr
         assert "migsgx recover" in run.stderr and "Traceback" not in run.stderr
         assert bed.runnable_copies(app) == {"src": 0, "dst": 0}  # nothing runs twice
-        _restart_platform(bed, "dst")
-        restarted = True
+        c.restart_platform()
         again = recover(bed)
         assert again.returncode == 0, again.stdout + again.stderr
         wait_until(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
         wait_until(lambda: process_state(app.pid) in ("", "Z"), 30, "the source to go")
         figures["decision written x kill -9 destination platform service"] = {
             "outcome": "moved after one recover", "exit": run.returncode,
-            "seconds": round(time.monotonic() - t0, 3),
+            "seconds": c.seconds(),
         }  # fmt: skip
-        only_copy(bed, app, "dst", digest)
-    finally:
-        doomed.stop()
-        if not restarted:
-            _restart_platform(bed, "dst")
+        only_copy(bed, app, "dst", c.digest)
 
 
 def test_destination_platform_restarted_before_the_claim(
@@ -164,40 +192,34 @@ def test_destination_platform_restarted_before_the_claim(
 ) -> None:
     """Window W2: the service is back within the loaded copy's reattach wait: moved, exit 0."""
 
-    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill-platform"})
-    app, digest = loaded_app(bed)
-    t0 = time.monotonic()
-    result: list[MigrateRun] = []
-    mover = threading.Thread(target=lambda: result.append(bed.migrate(app.pid, doomed)))
-    mover.start()
-    try:
-        wait_until(lambda: "before-claim:kill-platform" in doomed.log.read_text(errors="replace"),
-                   60, "the fault")  # fmt: skip
-        _restart_platform(bed, "dst")
-        mover.join(120)
-        assert result, "the migration did not end"
-        run = result[0]
-        assert "Traceback" not in run.stderr
-        if run.returncode == EXIT_IN_DOUBT:
-            # Not back within the copy's wait (a loaded machine): as in the cell above.
-            again = recover(bed)
-            assert again.returncode == 0, again.stdout + again.stderr
-        else:
-            assert run.returncode == EXIT_OK, run.stderr
-        figures["decision written x destination platform service restarted"] = {
-            "outcome": "moved", "exit": run.returncode,
-            "seconds": round(time.monotonic() - t0, 3),
-        }  # fmt: skip
-        wait_until(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
-        only_copy(bed, app, "dst", digest)
-    finally:
-        mover.join(120)
-        doomed.stop()
-
-
-def _restart_platform(bed: Testbed, host: str) -> None:
-    bed.services[host].stop()
-    bed.services[host] = start_service(bed.state(host), prefix=bed.host(host).command([]))
+    with destination_fault(bed, "agent.before-claim:kill-platform") as c:
+        app, doomed = c.app, c.doomed
+        result: list[MigrateRun] = []
+        mover = threading.Thread(target=lambda: result.append(bed.migrate(app.pid, doomed)))
+        mover.start()
+        try:
+            wait_until(
+                lambda: "before-claim:kill-platform" in doomed.log.read_text(errors="replace"),
+                60, "the fault",
+            )  # fmt: skip
+            c.restart_platform()
+            mover.join(120)
+            assert result, "the migration did not end"
+            run = result[0]
+            assert "Traceback" not in run.stderr
+            if run.returncode == EXIT_IN_DOUBT:
+                # Not back within the copy's wait (a loaded machine): as in the cell above.
+                again = recover(bed)
+                assert again.returncode == 0, again.stdout + again.stderr
+            else:
+                assert run.returncode == EXIT_OK, run.stderr
+            figures["decision written x destination platform service restarted"] = {
+                "outcome": "moved", "exit": run.returncode, "seconds": c.seconds(),
+            }  # fmt: skip
+            wait_until(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
+            only_copy(bed, app, "dst", c.digest)
+        finally:
+            mover.join(120)
 
 
 def test_reservation_of_a_dead_destination_enclave_is_released(
@@ -247,22 +269,18 @@ def test_control_connection_stalls_with_the_tree_held(
 ) -> None:
     """A network stall (packets dropped, no process dies): keepalive ends the wait."""
 
-    stalling = bed.start_agent(env={"MIGSGX_FAULT": "agent.after-restore:stall"})
-    app, digest = loaded_app(bed)
-    try:
-        run = bed.migrate(app.pid, stalling)
-        assert run.returncode == EXIT_MOVED_NOT, run.stderr
-        assert "Traceback" not in run.stderr
-        t_fault = fault_time(stalling.log.read_text(errors="replace"))
-        t_back = source_answers(bed, app, digest)
-        figures["restore held x control connection stall"] = {
-            "outcome": "stayed", "exit": run.returncode,
-            "source_back_seconds": round(t_back - t_fault, 3),
-        }  # fmt: skip
-        only_copy(bed, app, "src", digest)
-    finally:
-        stalling.stop()
-        _unstall(bed, stalling)
+    with destination_fault(bed, "agent.after-restore:stall") as c:
+        try:
+            run = bed.migrate(c.app.pid, c.doomed)
+            assert run.returncode == EXIT_MOVED_NOT, run.stderr
+            assert "Traceback" not in run.stderr
+            figures["restore held x control connection stall"] = {
+                "outcome": "stayed", "exit": run.returncode,
+                "source_back_seconds": c.source_back_seconds(),
+            }  # fmt: skip
+            only_copy(bed, c.app, "src", c.digest)
+        finally:
+            _unstall(bed, c.doomed)
 
 
 @pytest.mark.parametrize("repeat", range(3))
@@ -307,27 +325,28 @@ def test_answer_to_resume_lost_is_in_doubt_until_delivered_again(
 ) -> None:
     """After the decision the control connection stalls: exit 7, and the guardian resolves it."""
 
-    stalling = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-resume:stall"})
-    app, digest = loaded_app(bed)
-    try:
-        run = bed.migrate(app.pid, stalling)
-        assert run.returncode == EXIT_IN_DOUBT, run.stderr
-        assert "migsgx recover" in run.stderr and "Traceback" not in run.stderr
-        # The destination got its tokens on the data connections and runs; the source
-        # stays stopped: nothing runs twice while the outcome is in doubt here.
-        wait_until(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
-        assert bed.runnable_copies(app)["src"] == 0
-    finally:
-        _unstall(bed, stalling)
-    # The network is back: the guardian's next delivery hears that the destination runs.
-    wait_until(lambda: process_state(app.pid) in ("", "Z"), 90, "the guardian to end the source")
-    again = recover(bed)
-    assert again.returncode == 0, again.stderr
-    figures["resume x control connection stall"] = {
-        "outcome": "moved", "exit": run.returncode, "recover": "the guardian",
-    }  # fmt: skip
-    only_copy(bed, app, "dst", digest)
-    stalling.stop()
+    with destination_fault(bed, "agent.before-resume:stall") as c:
+        app = c.app
+        try:
+            run = bed.migrate(app.pid, c.doomed)
+            assert run.returncode == EXIT_IN_DOUBT, run.stderr
+            assert "migsgx recover" in run.stderr and "Traceback" not in run.stderr
+            # The destination got its tokens on the data connections and runs; the source
+            # stays stopped: nothing runs twice while the outcome is in doubt here.
+            wait_until(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
+            assert bed.runnable_copies(app)["src"] == 0
+        finally:
+            _unstall(bed, c.doomed)
+        # The network is back: the guardian's next delivery hears that the destination runs.
+        wait_until(
+            lambda: process_state(app.pid) in ("", "Z"), 90, "the guardian to end the source"
+        )
+        again = recover(bed)
+        assert again.returncode == 0, again.stderr
+        figures["resume x control connection stall"] = {
+            "outcome": "moved", "exit": run.returncode, "recover": "the guardian",
+        }  # fmt: skip
+        only_copy(bed, app, "dst", c.digest)
 
 
 def _unstall(bed: Testbed, agent: AgentProcess) -> None:
@@ -376,14 +395,13 @@ def test_tool_and_destination_enclave_killed_before_the_decision_leave_nothing_h
     discards the held tree instead of keeping it stopped for an operator.
     """
 
-    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill-enclave"})
-    app, digest = loaded_app(bed)
-    try:
-        run = migrate_with(bed, app, doomed, "tool.before-commit:kill")
+    with destination_fault(bed, "agent.before-claim:kill-enclave") as c:
+        app = c.app
+        run = migrate_with(bed, app, c.doomed, "tool.before-commit:kill")
         assert run.returncode == -9
-        t_back = source_answers(bed, app, digest)
+        t_back = source_answers(bed, app, c.digest)
         wait_until(lambda: bed.copies(app)["dst"] == [], 40, "the held tree to be discarded")
-        log = doomed.log.read_text(errors="replace")
+        log = c.doomed.log.read_text(errors="replace")
         assert "before-claim:kill-enclave" in log and "a lost copy keeps nothing" in log, log
         again = recover(bed)
         assert again.returncode == EXIT_OK, again.stdout + again.stderr
@@ -392,10 +410,7 @@ def test_tool_and_destination_enclave_killed_before_the_decision_leave_nothing_h
             "outcome": "stayed, the destination's held tree discarded", "exit": run.returncode,
             "source_back_seconds": round(t_back - fault_time(run.stderr), 3),
         }  # fmt: skip
-        only_copy(bed, app, "src", digest)
-    finally:
-        doomed.stop()
-        end_copies(bed, app)
+        only_copy(bed, app, "src", c.digest)
 
 
 def test_tool_and_destination_agent_killed_before_the_decision_leave_nothing_held(
@@ -410,15 +425,13 @@ def test_tool_and_destination_agent_killed_before_the_decision_leave_nothing_hel
     and the adopted tree is discarded, with no ``recover`` and no operator.
     """
 
-    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill"})
-    app, digest = loaded_app(bed)
-    restarted = None
-    try:
-        run = migrate_with(bed, app, doomed, "tool.before-commit:kill")
+    with destination_fault(bed, "agent.before-claim:kill") as c:
+        app = c.app
+        run = migrate_with(bed, app, c.doomed, "tool.before-commit:kill")
         assert run.returncode == -9
-        t_back = source_answers(bed, app, digest)
-        assert doomed.proc.wait(timeout=30) == -9
-        restarted = bed.start_agent(listen_port=doomed.port)
+        t_back = source_answers(bed, app, c.digest)
+        assert c.doomed.proc.wait(timeout=30) == -9
+        restarted = c.restart_agent()
         assert "adopted the tree a former agent held" in restarted.log.read_text(errors="replace")
         wait_until(lambda: bed.copies(app)["dst"] == [], 60, "the adopted tree to be discarded")
         assert "decision delivered: aborted" in restarted.log.read_text(errors="replace")
@@ -427,12 +440,7 @@ def test_tool_and_destination_agent_killed_before_the_decision_leave_nothing_hel
             "exit": run.returncode,
             "source_back_seconds": round(t_back - fault_time(run.stderr), 3),
         }  # fmt: skip
-        only_copy(bed, app, "src", digest)
-    finally:
-        for agent in (doomed, restarted):
-            if agent is not None:
-                agent.stop()
-        end_copies(bed, app)
+        only_copy(bed, app, "src", c.digest)
 
 
 def test_tool_and_guardian_killed_before_the_decision(
@@ -477,23 +485,19 @@ def test_destination_enclave_killed_before_the_claim_gets_the_state_again(
     migration id, attested anew.  The tree held there attaches to the fresh enclave.
     """
 
-    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill-enclave"})
-    app, digest = loaded_app(bed)
-    t0 = time.monotonic()
-    try:
-        run = bed.migrate(app.pid, doomed)
+    with destination_fault(bed, "agent.before-claim:kill-enclave") as c:
+        app = c.app
+        run = bed.migrate(app.pid, c.doomed)
         assert run.returncode == EXIT_OK, run.stderr
         assert "Traceback" not in run.stderr
-        log = doomed.log.read_text(errors="replace")
+        log = c.doomed.log.read_text(errors="replace")
         assert "agent.before-claim:kill-enclave" in log and "receives the state again" in log
         wait_until(lambda: process_state(app.pid) == "", 20, "CRIU to end the source")
         figures["decision written x kill -9 destination enclave"] = {
             "outcome": "moved (state delivered again)", "exit": run.returncode,
-            "seconds": round(time.monotonic() - t0, 3),
+            "seconds": c.seconds(),
         }  # fmt: skip
-        only_copy(bed, app, "dst", digest)
-    finally:
-        doomed.stop()
+        only_copy(bed, app, "dst", c.digest)
 
 
 def test_token_dropped_on_the_data_connection_is_delivered_again(
@@ -785,15 +789,13 @@ def test_tool_and_destination_enclave_killed_after_the_decision(
     afterwards finds nothing in doubt.
     """
 
-    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill-enclave"})
-    app, digest = loaded_app(bed)
-    t0 = time.monotonic()
-    try:
-        run = migrate_with(bed, app, doomed, "tool.after-commit:kill")
+    with destination_fault(bed, "agent.before-claim:kill-enclave", stop_guardian=True) as c:
+        app = c.app
+        run = migrate_with(bed, app, c.doomed, "tool.after-commit:kill")
         assert run.returncode == -9
         wait_until(lambda: bed.runnable_copies(app)["dst"] == 1, 60, "the state to come again")
-        seconds = round(time.monotonic() - t0, 3)
-        log = doomed.log.read_text(errors="replace")
+        seconds = c.seconds()
+        log = c.doomed.log.read_text(errors="replace")
         assert "before-claim:kill-enclave" in log and "receives the state again" in log
         wait_until(
             lambda: process_state(app.pid) in ("", "Z"), 30, "the guardian to end the source"
@@ -806,11 +808,7 @@ def test_tool_and_destination_enclave_killed_after_the_decision(
             "outcome": "moved (the guardian delivered the state again)",
             "exit": run.returncode, "recover": again.returncode, "seconds": seconds,
         }  # fmt: skip
-        only_copy(bed, app, "dst", digest)
-    finally:
-        doomed.stop()
-        stop_guardian_of(app.pid)
-        end_copies(bed, app)
+        only_copy(bed, app, "dst", c.digest)
 
 
 def test_destination_agent_killed_after_the_decision_adopts_the_held_tree(
@@ -826,17 +824,14 @@ def test_destination_agent_killed_after_the_decision_adopts_the_held_tree(
     to it.  Moved, every acknowledged write there, the source gone.
     """
 
-    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill"})
-    app, digest = loaded_app(bed)
-    t0 = time.monotonic()
-    restarted = None
-    try:
-        run = bed.migrate(app.pid, doomed)
+    with destination_fault(bed, "agent.before-claim:kill", stop_guardian=True) as c:
+        app = c.app
+        run = bed.migrate(app.pid, c.doomed)
         assert "Traceback" not in run.stderr
         assert run.returncode == EXIT_IN_DOUBT, run.stderr
-        assert doomed.proc.wait(timeout=10) == -9
+        assert c.doomed.proc.wait(timeout=10) == -9
         assert bed.runnable_copies(app) == {"src": 0, "dst": 0}  # the tree is held, unowned
-        restarted = bed.start_agent(listen_port=doomed.port)
+        restarted = c.restart_agent()
         log = restarted.log.read_text(errors="replace")
         assert "adopted the tree a former agent held" in log, log
         again = recover(bed)
@@ -852,16 +847,9 @@ def test_destination_agent_killed_after_the_decision_adopts_the_held_tree(
         )
         figures["decision written x kill -9 destination agent"] = {
             "outcome": "moved (adopted by the restarted agent, state delivered again)",
-            "exit": run.returncode, "recover": again.returncode,
-            "seconds": round(time.monotonic() - t0, 3),
+            "exit": run.returncode, "recover": again.returncode, "seconds": c.seconds(),
         }  # fmt: skip
-        only_copy(bed, app, "dst", digest)
-    finally:
-        for agent in (doomed, restarted):
-            if agent is not None:
-                agent.stop()
-        stop_guardian_of(app.pid)
-        end_copies(bed, app)
+        only_copy(bed, app, "dst", c.digest)
 
 
 @pytest.mark.parametrize("guardian", ["killed", "gave up"])
@@ -882,21 +870,18 @@ def test_guardian_and_destination_agent_killed_after_the_decision(
     nothing in doubt.
     """
 
-    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill"})
-    app, digest = loaded_app(bed)
-    t0 = time.monotonic()
-    restarted = None
-    try:
+    with destination_fault(bed, "agent.before-claim:kill", stop_guardian=True) as c:
+        app = c.app
         give_up = {"MIGSGX_FAULT": "guardian.retry:give-up"} if guardian == "gave up" else {}
-        run = bed.migrate(app.pid, doomed, env=give_up)
+        run = bed.migrate(app.pid, c.doomed, env=give_up)
         assert run.returncode == EXIT_IN_DOUBT, run.stderr
-        assert doomed.proc.wait(timeout=10) == -9
+        assert c.doomed.proc.wait(timeout=10) == -9
         if guardian == "killed":
             stop_guardian_of(app.pid)  # SIGKILL: nobody holds the source enclave now
         wait_until(lambda: not guardians_of(app.pid), 30, "the guardian to be gone")
         holder = _journal_of(bed, app.pid)["holders"][0][0]
         assert process_state(holder) not in ("", "Z", "X")  # it kept its state
-        restarted = bed.start_agent(listen_port=doomed.port)
+        restarted = c.restart_agent()
         assert "adopted the tree a former agent held" in restarted.log.read_text(errors="replace")
         killed = recover(bed, "recover.redeliver:kill")  # dies with the fresh copy connected
         assert killed.returncode == -9, killed.stdout + killed.stderr
@@ -910,16 +895,9 @@ def test_guardian_and_destination_agent_killed_after_the_decision(
         assert third.returncode == EXIT_OK, third.stdout + third.stderr
         figures[f"decision written x guardian {guardian} + destination agent (restarted)"] = {
             "outcome": "moved after one recover (a recover killed midway changed nothing)",
-            "exit": run.returncode, "recover": again.returncode,
-            "seconds": round(time.monotonic() - t0, 3),
+            "exit": run.returncode, "recover": again.returncode, "seconds": c.seconds(),
         }  # fmt: skip
-        only_copy(bed, app, "dst", digest)
-    finally:
-        for agent in (doomed, restarted):
-            if agent is not None:
-                agent.stop()
-        stop_guardian_of(app.pid)
-        end_copies(bed, app)
+        only_copy(bed, app, "dst", c.digest)
 
 
 def _journal_of(bed: Testbed, app_pid: int) -> dict[str, Any]:
@@ -943,16 +921,12 @@ def test_destination_agent_killed_after_the_claim_is_lost_when_restarted(
     exit 10, never "moved", nothing runs twice.
     """
 
-    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.after-claim:kill"})
-    app, _digest = loaded_app(bed)
-    t0 = time.monotonic()
-    restarted = None
-    try:
-        run = bed.migrate(app.pid, doomed)
+    with destination_fault(bed, "agent.after-claim:kill", stop_guardian=True) as c:
+        app = c.app
+        run = bed.migrate(app.pid, c.doomed)
         assert run.returncode == EXIT_IN_DOUBT, run.stderr
-        assert doomed.proc.wait(timeout=10) == -9
-        restarted = bed.start_agent(listen_port=doomed.port)
-        assert "already claimed" in restarted.log.read_text(errors="replace")
+        assert c.doomed.proc.wait(timeout=10) == -9
+        assert "already claimed" in c.restart_agent().log.read_text(errors="replace")
         wait_until(lambda: bed.copies(app)["dst"] == [], 20, "the held tree to go")
         again = recover(bed)
         results = json.loads(again.stdout)
@@ -963,14 +937,8 @@ def test_destination_agent_killed_after_the_claim_is_lost_when_restarted(
         assert bed.runnable_copies(app) == {"src": 0, "dst": 0}
         figures["activate x kill -9 destination agent, restarted"] = {
             "outcome": "lost (W3), said by the restarted agent", "exit": run.returncode,
-            "recover": again.returncode, "seconds": round(time.monotonic() - t0, 3),
+            "recover": again.returncode, "seconds": c.seconds(),
         }  # fmt: skip
-    finally:
-        for agent in (doomed, restarted):
-            if agent is not None:
-                agent.stop()
-        stop_guardian_of(app.pid)
-        end_copies(bed, app)
 
 
 @pytest.mark.parametrize(
@@ -995,11 +963,9 @@ def test_the_copy_that_runs_dies(
     Placed last: the source's guardian stays, in doubt, until it is stopped here.
     """
 
-    doomed = bed.start_agent(env={"MIGSGX_FAULT": fault})
-    app, _digest = loaded_app(bed)
-    t0 = time.monotonic()
-    try:
-        run = bed.migrate(app.pid, doomed)
+    with destination_fault(bed, fault, stop_guardian=True) as c:
+        app = c.app
+        run = bed.migrate(app.pid, c.doomed)
         assert "Traceback" not in run.stderr
         if fault.endswith(":kill-enclave"):
             assert run.returncode == EXIT_LOST_AFTER_COMMIT, run.stderr
@@ -1009,7 +975,7 @@ def test_the_copy_that_runs_dies(
         else:
             assert run.returncode == EXIT_IN_DOUBT, run.stderr
             assert "migsgx recover" in run.stderr
-        seconds = round(time.monotonic() - t0, 3)
+        seconds = c.seconds()
         wait_until(lambda: bed.runnable_copies(app)["src"] == 0, 20, "the source to stay stopped")
         copies = bed.runnable_copies(app)
         assert copies["src"] == 0 and copies["dst"] <= 1
@@ -1017,8 +983,3 @@ def test_the_copy_that_runs_dies(
             assert ask(bed, app, "dst", "DIGEST").startswith("ERR")  # its enclave is gone
         outcome = "lost (W3: the process with the only runnable copy died)"
         figures[cell] = {"outcome": outcome, "exit": run.returncode, "seconds": seconds}
-    finally:
-        doomed.stop()
-        stop_guardian_of(app.pid)
-        end_copies(bed, app)
-

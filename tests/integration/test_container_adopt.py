@@ -36,6 +36,7 @@ from migsgx.containers import HostConfig, make_driver  # noqa: E402
 from migsgx.criu import Criu  # noqa: E402
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed  # noqa: E402
+from migsgx.system.process import process_state, tree_pids  # noqa: E402
 
 Figures = dict[str, dict[str, object]]
 
@@ -427,14 +428,97 @@ def test_a_held_container_whose_tree_died_is_removed(
         lab.remove(app)
 
 
-def test_a_paused_held_container_is_left_and_its_engine_still_knows_it(
+def pause(lab: ContainerLab, app: ContainerApp) -> None:
+    """Pause ``app``'s destination container through its engine (its cgroup frozen)."""
+
+    if app.engine == "runc":
+        argv = lab.runc("dst").argv("pause", app.name)
+        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    elif app.engine == "podman":
+        lab.podman("dst")("pause", app.name, what="podman pause")
+    else:
+        lab.ctr("dst")("tasks", "pause", app.name, what="ctr tasks pause")
+
+
+def paused_status(lab: ContainerLab, app: ContainerApp) -> str:
+    if app.engine == "runc":
+        return str((lab.runc("dst").state(app.name) or {}).get("status"))
+    if app.engine == "podman":
+        return str(((lab.podman("dst").inspect(app.name) or {}).get("State") or {}).get("Status"))
+    return str((lab.ctr("dst").task(app.name) or (0, ""))[1]).lower()
+
+
+@pytest.mark.parametrize(
+    ("engine", "decision"),
+    [("runc", "commit"), ("runc", "abort"), ("podman", "commit"), ("containerd", "abort")],
+)
+def test_a_paused_held_container_is_adopted_and_thawed_only_by_the_commit(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess], figures: Figures,
+    engine: str, decision: str,
+) -> None:  # fmt: skip
+    """The held container is paused through its engine (its cgroup frozen) while
+    its agent is dead.  Its frozen tasks do not read as stopped, but each was
+    frozen inside its job-control stop, so the restarted agent adopts it, still
+    paused (it thaws nothing by itself: nothing of it runs while in doubt).  A
+    COMMIT (the tool ends in doubt; one recover) thaws it and resumes it: the
+    container runs on the destination with every write.  An ABORT (the tool
+    dies before the commit; the guardian gives the source back) removes it by
+    its engine: the source runs on, nothing is left on the destination."""
+
+    agents.append(bed.start_agent(env=KILL_AT_CLAIM))
+    app, digest = loaded(lab, engine)
+    t0 = time.monotonic()
+    try:
+        fault = "" if decision == "commit" else "tool.before-commit:kill"
+        run = migrate(bed, app, agents[0], fault)
+        if decision == "commit":
+            assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        else:
+            assert run.returncode == -9, run.stderr
+            source_answers(lab, app, digest)
+        assert agents[0].proc.wait(timeout=30) == -9
+        pause(lab, app)
+        root = lab.root_pid(app, "dst")
+        assert root is not None and paused_status(lab, app) == "paused"
+        assert lab.runnable_copies(app)["dst"] == 0
+        again = bed.start_agent(listen_port=agents[0].port)
+        agents.append(again)
+        log = again.log.read_text(errors="replace")
+        assert "adopted the tree a former agent held" in log and "paused: thawed only" in log, log
+        if decision == "abort":
+            bundle = bed.state("dst") / "agent" / "runc" / app.name
+            wait_until(
+                lambda: app.name not in lab.containers("dst", engine) and not bundle.exists(),
+                60, "the adopted container to be discarded",
+            )  # fmt: skip
+            assert "decision delivered: aborted" in again.log.read_text(errors="replace")
+            nothing_left(lab, app)
+            assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
+            assert lab.ask(app, "DIGEST", at="src") == digest
+            outcome = "stayed; the adopted paused container removed by its engine (ABORT again)"
+        else:
+            assert paused_status(lab, app) == "paused"  # adopted, not thawed
+            assert lab.runnable_copies(app)["dst"] == 0
+            result = recover(bed)
+            assert result.returncode == EXIT_OK, result.stdout + result.stderr
+            moved(lab, app, digest, again)
+            outcome = "moved after one recover (adopted paused, thawed by the COMMIT)"
+        figures[f"decision written x kill -9 destination agent, paused ({engine}, {decision})"] = {
+            "outcome": outcome, "exit": run.returncode,
+            "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
+    finally:
+        lab.remove(app)
+
+
+def test_a_paused_container_that_ran_is_not_adopted(
     bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
 ) -> None:
-    """The held container is paused (``runc pause``: its cgroup frozen) while its
-    agent is dead.  Its frozen tasks no longer read as stopped, so the restarted
-    agent cannot tell it from a tree that runs: it neither adopts nor removes it,
-    and says so.  runc's ``reclaim`` still knows it as the held tree (``paused``),
-    and discarding it through runc leaves nothing on the destination."""
+    """The held container is continued by hand (it ran while its agent was dead)
+    and then paused: its tasks are frozen outside a job-control stop, so the tree
+    is not the held one.  The restarted agent neither adopts nor removes it (its
+    engine reports it live), and says so; discarding it through runc leaves
+    nothing on the destination."""
 
     agents.append(bed.start_agent(env=KILL_AT_CLAIM))
     app, digest = loaded(lab, "runc")
@@ -443,24 +527,61 @@ def test_a_paused_held_container_is_left_and_its_engine_still_knows_it(
         assert run.returncode == -9, run.stderr
         source_answers(lab, app, digest)
         assert agents[0].proc.wait(timeout=30) == -9
-        runc = lab.runc("dst")
-        subprocess.run(runc.argv("pause", app.name), check=True, capture_output=True)
         root = lab.root_pid(app, "dst")
-        assert root is not None and (runc.state(app.name) or {}).get("status") == "paused"
+        assert root is not None
+        for pid in tree_pids(root):
+            os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: lab.runnable_copies(app)["dst"] > 0, 30, "the tree to run")
+        pause(lab, app)
         again = bed.start_agent(listen_port=agents[0].port)
         agents.append(again)
         log = again.log.read_text(errors="replace")
         assert f"runc container {app.name} is paused, pid {root}" in log, log
         assert "adopted the tree" not in log, log
+        runc = lab.runc("dst")
         assert (runc.state(app.name) or {}).get("status") == "paused"  # untouched
         driver = make_driver("runc", HostConfig(
             Criu("/bin/true"), lab.settings["dst"], Path("/unused.sock"), bed.state("dst"),
         ))  # (reclaim and discard use runc alone)  # fmt: skip
         bundle = bed.state("dst") / "agent" / "runc" / app.name
-        held = driver.reclaim({"id": app.name, "bundle": str(bundle), "netns": ""}, root)
-        assert held.pid == root
-        driver.discard(held)
+        driver.discard(driver.reclaim({"id": app.name, "bundle": str(bundle), "netns": ""}, root))
         nothing_left(lab, app)
         assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
+    finally:
+        lab.remove(app)
+
+
+def test_a_post_copy_container_whose_agent_died_before_the_decision_is_removed(
+    bed: Testbed, lab: ContainerLab, agents: list[AgentProcess]
+) -> None:
+    """A runc container restored for post-copy (``--post-copy``), held, its page
+    window not yet open, when its agent dies (``agent.after-restore:kill``): the
+    source runs on (exit 6).  The record names its lazy-pages daemon: the
+    restarted agent never adopts it (no agent can open that window again), has
+    runc remove it and ends the daemon; nothing is left on the destination."""
+
+    agents.append(bed.start_agent(env={"MIGSGX_FAULT": "agent.after-restore:kill"}))
+    app, digest = loaded(lab, "runc")
+    try:
+        run = bed.migrate(
+            None, agents[0], args=["--runc", app.name, "--post-copy",
+                                   "--work-dir", str(bed.root / f"dump-{app.marker}")],
+        )  # fmt: skip
+        assert run.returncode == 6, run.stderr
+        source_answers(lab, app, digest)
+        assert agents[0].proc.wait(timeout=30) == -9
+        [path] = (bed.state("dst") / "agent" / "work").glob("*/held.json")
+        record = json.loads(path.read_text())
+        assert record["lazy_pages"] and record["driver"] == "runc", record
+        again = bed.start_agent(listen_port=agents[0].port)
+        agents.append(again)
+        log = again.log.read_text(errors="replace")
+        assert "post-copy tree" in log and "is not adopted" in log, log
+        assert "adopted the tree" not in log, log
+        nothing_left(lab, app)
+        daemon, began = record["lazy_pages"]
+        assert start_time(daemon) != began or process_state(daemon) in ("", "Z", "X")
+        assert lab.runnable_copies(app) == {"src": 1, "dst": 0}
+        assert lab.ask(app, "DIGEST", at="src") == digest
     finally:
         lab.remove(app)

@@ -300,6 +300,8 @@ def test_restore_failing_keeps_the_frozen_source(
     check_source_runs_on(lab, app, digest)  # thawed: it answers
     state = json.loads(lab.ask(app, "STATE", at="src").removeprefix("STATE "))
     assert state["notes"] == {"n": "1"}
+    # Nothing marks the name as restoring any more (a mark left would refuse the next one).
+    assert not list((bed.state("dst") / "agent").glob(f"*/{app.name}.owner"))
     failing.stop()
     finish(lab, app, expect="src")
 

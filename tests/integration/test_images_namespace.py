@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from migsgx import _proc
 from migsgx.agent.dumpdirs import scratch_base, sweep_dump_dirs
 from migsgx.containers.imagefs import SOURCE_PREFIX, leftover_mounts
 
@@ -62,13 +63,10 @@ def _namespaces_holding(source: str) -> list[int]:
     """Pids whose mount namespace holds a mount with ``source`` (any namespace)."""
 
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in _proc.pids():
         with contextlib.suppress(OSError):
-            text = Path(f"/proc/{entry}/mountinfo").read_text()
-            if f" {source} " in text:
-                found.append(int(entry))
+            if f" {source} " in Path(f"/proc/{pid}/mountinfo").read_text():
+                found.append(pid)
     return found
 
 

@@ -21,6 +21,7 @@ import pytest
 from platform_fixtures import shared_world
 from proc_helpers import HostsFactory, KillLater, SpawnFactory, ask, server_program, start_server
 
+from migsgx import _proc
 from migsgx.agent.tls import issue_agent_identity
 from migsgx.containers.postcopy import PostCopyRestore, lazy_dump, served_port
 from migsgx.criu import Criu, InNetns, InTaskNamespaces
@@ -228,33 +229,13 @@ def test_source_lost_in_the_window_kills_the_destination_tree(
 
 
 def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _parent(pid: int) -> int:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    return next((int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("PPid:")), 0)
+    return b"\0".join(_proc.argv(pid))
 
 
 def _descendants_with(word: bytes) -> list[int]:
     """Our descendants whose command line holds ``word`` (the source's CRIU here)."""
 
-    me, found = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or word not in _cmdline(int(entry)):
-            continue
-        pid = int(entry)
-        while pid > 1 and pid != me:
-            pid = _parent(pid)
-        if pid == me:
-            found.append(int(entry))
-    return found
+    return [pid for pid in _proc.descendants(os.getpid()) if word in _cmdline(pid)]
 
 
 def test_source_lost_while_the_tree_runs_never_yields_missing_pages(

@@ -27,6 +27,7 @@ pytest.register_assert_rewrite("bed_helpers")
 
 from bed_helpers import Writer, migrate_throttled, scan_files, wait_until  # noqa: E402
 
+from migsgx import _proc  # noqa: E402
 from migsgx.host.client import EnclaveClient  # noqa: E402
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, Testbed  # noqa: E402
@@ -168,16 +169,10 @@ def test_tool_killed_while_runc_serves_pages(
 
 def _processes(match: Callable[[list[bytes], int], bool]) -> list[int]:
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if match(argv, int(stat[stat.rindex(")") + 2 :].split()[1])):
-            found.append(int(entry.name))
+    for pid in _proc.pids():
+        argv, parent = _proc.argv(pid), _proc.parent(pid)
+        if argv and parent is not None and match(argv, parent):
+            found.append(pid)
     return found
 
 

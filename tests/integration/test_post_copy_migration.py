@@ -10,9 +10,11 @@ running with wrong memory.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-pytest.register_assert_rewrite("bed_helpers")
+pytest.register_assert_rewrite("bed_helpers", "fault_helpers")
 
 from bed_helpers import (  # noqa: E402
     end_copies,
@@ -23,8 +25,11 @@ from bed_helpers import (  # noqa: E402
     workers_carry_on,
     workers_kept_every_write,
 )
+from fault_helpers import EXIT_LOST_AFTER_COMMIT, recover  # noqa: E402
 
+from migsgx.agent.held import start_time  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, Testbed  # noqa: E402
+from migsgx.system.process import process_state  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
@@ -95,3 +100,95 @@ def test_tool_killed_while_its_criu_waits_for_the_destination(
     workers_carry_on(bed, app, "src")
     assert all(not w["errors"] for w in workers(bed, app, "src"))
     end_copies(bed, app)
+
+
+def _restart(bed: Testbed, doomed: AgentProcess) -> tuple[AgentProcess, dict[str, object], str]:
+    """The destination agent killed by its fault, its record, and the agent restarted."""
+
+    assert doomed.proc.wait(timeout=30) == -9
+    [path] = (bed.state("dst") / "agent" / "work").glob("*/held.json")
+    record = json.loads(path.read_text())
+    again = bed.start_agent(listen_port=doomed.port)
+    return again, record, again.log.read_text(errors="replace")
+
+
+def _daemon_gone(record: dict[str, object]) -> bool:
+    """The recorded lazy-pages daemon ended (a zombie of its dead parent's: ended too)."""
+
+    lazy = record["lazy_pages"]
+    assert isinstance(lazy, list) and len(lazy) == 2
+    return start_time(lazy[0]) != lazy[1] or process_state(lazy[0]) in ("", "Z", "X")
+
+
+def test_a_post_copy_tree_whose_agent_died_before_the_decision_is_removed(
+    bed: Testbed,
+) -> None:
+    """The destination agent dies with the post-copy tree restored, held, its page
+    window not yet open (``agent.after-restore:kill``, before ``restored``): the
+    source runs on (exit 6).  The tree was recorded with its lazy-pages daemon:
+    the restarted agent never adopts it (no agent can open its window again),
+    kills it while stopped and then the daemon, so nothing is left."""
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.after-restore:kill"})
+    app = start_workers(bed, *WRITING)
+    again = None
+    try:
+        run = bed.migrate(app.pid, doomed, args=["--post-copy"])
+        assert run.returncode == 6, run.stderr
+        workers_carry_on(bed, app, "src")
+        assert [s for _, s in bed.copies(app)["dst"]] == ["T"]  # the orphan, stopped
+        again, record, log = _restart(bed, doomed)
+        assert record["lazy_pages"] and not record["answered"], record
+        assert "post-copy tree" in log and "is not adopted" in log, log
+        assert "adopted the tree" not in log, log
+        wait_until(lambda: all(s in ("Z", "") for _, s in bed.copies(app)["dst"]), 30,
+                   "the post-copy tree to be killed")  # fmt: skip
+        wait_until(lambda: _daemon_gone(record), 30, "the lazy-pages daemon to end")
+        assert not list((bed.state("dst") / "agent" / "work").glob("*/held.json"))
+        assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
+        workers_kept_every_write(bed, app, "src")
+    finally:
+        for agent in (doomed, again):
+            if agent is not None:
+                agent.stop()
+        end_copies(bed, app)
+
+
+def test_a_post_copy_tree_whose_agent_died_after_the_commit_is_lost_and_said(
+    bed: Testbed,
+) -> None:
+    """Window W2 of post-copy: the source committed, the destination agent dies as
+    the COMMIT reaches its loaded copy (``agent.before-claim:kill``).  The copy
+    ends with the agent; the tree's window cannot be opened again, so the tree can
+    never run: the restarted agent kills it and its daemon, and one ``migsgx
+    recover`` says the state is lost.  Nothing runs twice, nothing runs with a
+    missing page, and nothing is left on the destination (the committed source's
+    decision is final: its tree never runs again)."""
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill"})
+    app = start_workers(bed, *WRITING)
+    again = None
+    try:
+        run = bed.migrate(app.pid, doomed, args=["--post-copy"])
+        assert run.returncode == 7, run.stderr  # in doubt
+        again, record, log = _restart(bed, doomed)
+        assert record["lazy_pages"] and record["answered"], record
+        assert "post-copy tree" in log and "is not adopted" in log, log
+        wait_until(lambda: all(s in ("Z", "") for _, s in bed.copies(app)["dst"]), 30,
+                   "the post-copy tree to be killed")  # fmt: skip
+        wait_until(lambda: _daemon_gone(record), 30, "the lazy-pages daemon to end")
+        result = recover(bed)
+        # (this module's earlier cells' migrations are listed too: done, or aborted)
+        rows = json.loads(result.stdout)
+        outcomes = [
+            r["outcome"] for r in rows if (r["decision"], r["phase"]) == ("commit", "committed")
+        ]
+        assert outcomes == ["lost"], result.stdout + result.stderr
+        assert result.returncode == EXIT_LOST_AFTER_COMMIT, result.stderr
+        assert bed.runnable_copies(app) == {"src": 0, "dst": 0}
+        assert not list((bed.state("dst") / "agent" / "work").glob("*/held.json"))
+    finally:
+        for agent in (doomed, again):
+            if agent is not None:
+                agent.stop()
+        end_copies(bed, app)

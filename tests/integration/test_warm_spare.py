@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from migsgx import _proc
 from migsgx.host.client import EnclaveClient
 from migsgx.lab.hosts import Deployment, start_service
 
@@ -14,16 +15,7 @@ pytestmark = pytest.mark.integration
 
 
 def _children(pid: int) -> set[int]:
-    kids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                kids.add(int(entry.name))
-    return kids
+    return set(_proc.scanned_children(pid))
 
 
 def _wait(predicate: object, timeout: float = 20.0) -> bool:

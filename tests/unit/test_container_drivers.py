@@ -484,7 +484,7 @@ def test_an_engine_store_mark_names_one_session(tmp_path: Path) -> None:
     from migsgx.containers import owner
 
     mark = owner.mark_path(tmp_path, "kv1")
-    owner.write(mark, "ab" * 16)
+    owner.write(mark, "ab" * 16, "kv1")
     owner.check(mark, "ab" * 16, "kv1")
     for other in ("cd" * 16, ""):
         with pytest.raises(ContainerError, match="not this agent's to remove"):
@@ -494,3 +494,79 @@ def test_an_engine_store_mark_names_one_session(tmp_path: Path) -> None:
     with pytest.raises(ContainerError):
         owner.check(mark, "ab" * 16, "kv1")
     assert owner.alive(os.getpid()) and not owner.alive(0)
+
+
+def test_an_engine_store_mark_is_made_once_and_whole(tmp_path: Path) -> None:
+    """Two sessions restoring one name at once both found no container; the mark is
+    what lets only one of them on (as runc's bundle does).  A mark no session of
+    this agent wrote (a former agent's, its container gone) is replaced, never
+    written through."""
+
+    from migsgx.containers import owner
+
+    mark = owner.mark_path(tmp_path, "kv1")
+    owner.write(mark, "ab" * 16, "kv1")
+    try:
+        with pytest.raises(ContainerError, match="another session of this agent"):
+            owner.write(mark, "cd" * 16, "kv1")
+        assert owner.read(mark) == "ab" * 16
+    finally:
+        owner.clear(mark)
+    target = tmp_path / "elsewhere"
+    left = owner.mark_path(tmp_path, "kv2")
+    left.symlink_to(target)  # (left, or planted: the name is taken by something)
+    owner.write(left, "cd" * 16, "kv2")
+    try:
+        assert not target.exists() and not left.is_symlink()
+        assert owner.read(left) == "cd" * 16
+        with pytest.raises(ContainerError):
+            owner.write(left, "ef" * 16, "kv2")
+    finally:
+        owner.clear(left)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    owner.write(mark, "ef" * 16, "kv1")  # (cleared: free again)
+    owner.clear(mark)
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed")
+def test_a_podman_restore_of_a_name_another_session_marked_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """The second session is refused before it writes anything: its failure path
+    cleared the first session's mark (and removed the container it had restored)."""
+
+    from migsgx.containers import owner
+    from migsgx.containers.base import RestoreRequest
+    from migsgx.containers.podman import PODMAN_ARCHIVE
+
+    driver = make_driver(
+        "podman", HostConfig(Criu("/bin/true"), ContainerSettings(), Path("/x/e.sock"), tmp_path)
+    )
+    name = f"migsgx-unit-{os.getpid()}"
+    conf = tmp_path / "agent" / "podman"
+    conf.mkdir(parents=True)
+    mark = owner.mark_path(conf, name)
+    owner.write(mark, "ab" * 16, name)  # (the first session's restore is under way)
+    images = tmp_path / "images"
+    images.mkdir()
+    with tarfile.open(images / PODMAN_ARCHIVE, "w") as tar:
+        data = b"{}"
+        info = tarfile.TarInfo("config.dump")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    request = RestoreRequest(images, {"name": name}, tcp_close=False, owner="cd" * 16)
+    try:
+        with pytest.raises(ContainerError, match="another session of this agent"):
+            driver.restore(request)
+        assert owner.read(mark) == "ab" * 16
+        assert not (conf / f"{name}.criu.conf").exists()
+    finally:
+        owner.clear(mark)
+    # A former agent's mark (its container gone, the engine knows none) is replaced:
+    # the restore goes on (and fails later here, on the bare archive, clearing it).
+    mark.write_text("ab" * 16)
+    shutil.rmtree(images / "podman-import")
+    with pytest.raises(MigSGXError) as failed:
+        driver.restore(request)
+    assert "another session" not in str(failed.value)
+    assert not mark.exists()

@@ -110,6 +110,7 @@ def test_a_damaged_journal_is_refused_or_usable(scratch: Path, raw: bytes) -> No
     path = journal_dir(scratch / "agent") / "j.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(raw)
+    path.chmod(0o600)  # (as the tool writes it: only its contents are damaged)
     try:
         journal = Journal.load(path)
     except RecordDamagedError as exc:

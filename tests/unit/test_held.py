@@ -19,6 +19,7 @@ from migsgx.agent.held import (
     LOST,
     RECORD,
     HeldRecord,
+    frozen_stopped,
     held_records,
     lost_detail,
     mark_lost,
@@ -72,6 +73,48 @@ def _stopped(pid: int) -> bool:
     return False
 
 
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not (FREEZER / "cgroup.procs").exists(),
+    reason="needs root and the cgroup v1 freezer",
+)
+def test_a_frozen_tree_counts_as_held_only_if_it_froze_while_stopped(tmp_path: Path) -> None:
+    """A container paused while its agent is dead: its tasks read ``D``, not stopped.
+    One frozen inside its job-control stop is the held tree (thawed, it is stopped
+    again, and a record's ``kill`` ends it without a thaw that lets it run); one
+    that ran when frozen is not."""
+
+    cgroup = FREEZER / f"migsgx-held-{os.getpid()}-{os.urandom(3).hex()}"
+    cgroup.mkdir()
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    try:
+        for proc in procs:
+            (cgroup / "cgroup.procs").write_text(str(proc.pid))
+        stopped, ran = procs
+        os.kill(stopped.pid, signal.SIGSTOP)
+        assert _stopped(stopped.pid)
+        (cgroup / "freezer.state").write_text("FROZEN")
+        deadline = time.monotonic() + 30
+        while (cgroup / "freezer.state").read_text().strip() != "FROZEN":
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert frozen_stopped(stopped.pid) and not frozen_stopped(ran.pid)
+        record = HeldRecord(**{**_record(stopped.pid).__dict__, "driver": "runc"})
+        assert record.still_held() and record.frozen()
+        assert not HeldRecord(**{**_record(ran.pid).__dict__, "driver": "runc"}).still_held()
+        assert not HeldRecord(**{**record.__dict__, "driver": "pid"}).frozen()
+        record.kill()
+        assert stopped.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        (cgroup / "freezer.state").write_text("THAWED")
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        cgroup.rmdir()
+
+
 def test_a_container_record_round_trips_and_an_older_one_still_loads(tmp_path: Path) -> None:
     """A container's handle and the enclave processes; a record without them (an older
     agent's) is a process tree's, as before."""
@@ -111,6 +154,10 @@ def test_a_container_record_round_trips_and_an_older_one_still_loads(tmp_path: P
         {"answered": "yes"},
         {"restoring": 1},
         {"restoring": None},
+        {"lazy_pages": [7]},
+        {"lazy_pages": [7, -1]},
+        {"lazy_pages": "7"},
+        {"lazy_pages": [[7, 1]]},
     ],
 )
 def test_a_damaged_container_record_is_refused(tmp_path: Path, damage: dict[str, object]) -> None:
@@ -130,6 +177,10 @@ def test_a_restoring_record_names_no_tree(tmp_path: Path) -> None:
     record.write(tmp_path)
     loaded = HeldRecord.load(tmp_path / RECORD)
     assert loaded == record and loaded.restoring and not loaded.still_held()
+    lazy = HeldRecord(**{**record.__dict__, "lazy_pages": [2**22 - 1, 5]})  # (post-copy)
+    lazy.write(tmp_path)
+    assert HeldRecord.load(tmp_path / RECORD) == lazy
+    assert not lazy.end_lazy_pages()  # (no such process: nothing is signalled)
     assert loaded.enclaves_running() == []
     older = {k: v for k, v in record.__dict__.items() if k != "restoring"}
     (tmp_path / RECORD).write_text(json.dumps(older))
@@ -220,3 +271,27 @@ def test_the_agent_refuses_a_work_directory_others_may_write(tmp_path: Path) -> 
         os.chown(theirs, 65534, 65534)
         with pytest.raises(ConfigError, match="uid 65534"):
             check(theirs)
+
+
+def test_a_tree_restoring_is_killed_only_if_its_root_is_still_that_process() -> None:
+    """A dead agent's intent for a process tree names its root (pid, start time)
+    once CRIU made it: a restarted agent kills that process, never a process that
+    took the pid since (another start time), and nothing when no root was named."""
+
+    from migsgx.agent.adoption import Adoption
+
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        intent = HeldRecord(os.urandom(16).hex(), 0, 0, "pid", "10.0.0.1", "10.0.0.2", [],
+                            answered=False, restoring=True)  # fmt: skip
+        assert Adoption.remove_restored(intent).startswith("nothing (CRIU had made no tree")
+        other = HeldRecord(**{**intent.__dict__, "root": proc.pid,
+                              "start": start_time(proc.pid) - 1})  # fmt: skip
+        assert Adoption.remove_restored(other).startswith("nothing (the tree's root")
+        assert proc.poll() is None  # (a pid another process took since: left alone)
+        made = HeldRecord(**{**other.__dict__, "start": start_time(proc.pid)})
+        assert Adoption.remove_restored(made) == f"the restored process tree (pid {proc.pid})"
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()

@@ -106,6 +106,30 @@ def test_recorded_commit_is_delivered_and_the_fenced_source_removed(
         source.wait()
 
 
+def test_a_fenced_pid_reused_since_is_never_signalled(state: Path, agent: Agent) -> None:
+    """The journal names the fenced tree's pids with their start times: a pid that
+    another process holds now (the tree ended, the number came round again) is
+    neither killed after the commit nor continued, though it is stopped too."""
+
+    mid = os.urandom(16)
+    source, other = _sleeper(), _sleeper()
+    try:
+        journal = _journal(state, [mid], phase="committed", fenced=[other.pid, source.pid])
+        # (``other`` stands for a process that got the number of an ended fenced task)
+        journal.update(fenced_starts=[str(int(start_time(other.pid)) - 1), start_time(source.pid)])
+        assert Journal.load(journal.path).fenced_now() == [source.pid]
+        _decide(state, mid, "commit", b"token")
+        agent.answers.append("resumed")
+        result = resolve(journal, state, AgentIdentity.of_state(state))
+        assert (result.decision, result.outcome) == ("commit", "moved")
+        assert source.wait(timeout=10) == -signal.SIGKILL
+        assert other.poll() is None
+    finally:
+        for proc in (source, other):
+            proc.kill()
+            proc.wait()
+
+
 def test_commit_not_confirmed_stays_in_doubt_and_the_source_stays_stopped(
     state: Path, agent: Agent
 ) -> None:

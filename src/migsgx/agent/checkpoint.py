@@ -28,8 +28,8 @@ from typing import Final
 
 import cbor2
 
-from .._fs import write_durably
-from .._records import json_record, non_negative_int
+from .._fs import write_durably, write_private
+from .._records import json_record, non_negative_int, regular_bytes
 from ..criu import Criu, InNetns, InTaskNamespaces
 from ..datapath.checkpoint import CheckpointIn, CheckpointOut
 from ..errors import (
@@ -316,7 +316,7 @@ def load_metadata(directory: Path) -> tuple[bytes, dict[str, object], int]:
     """
 
     try:
-        raw_meta = (directory / CHECKPOINT_META).read_bytes()
+        raw_meta = regular_bytes(directory / CHECKPOINT_META)
     except OSError as exc:
         raise ConfigError(f"{directory} holds no migsgx checkpoint: {exc}") from exc
     meta = json_record(raw_meta, f"checkpoint metadata {directory / CHECKPOINT_META}")
@@ -460,4 +460,5 @@ def _pid_start(pid: int) -> list[int | str]:
 
 
 def _write_held(directory: Path, pid: int) -> None:
-    (directory / HELD).write_text(json.dumps({"pid": pid, "start": start_time(pid)}))
+    # (atomically, never through a link planted under its name: not a digested file)
+    write_private(directory / HELD, json.dumps({"pid": pid, "start": start_time(pid)}).encode())

@@ -22,8 +22,9 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
+from .. import _proc
 from .._fs import write_durably
-from .._records import json_record, non_negative_int
+from .._records import json_record, non_negative_int, own_record
 from ..errors import MigSGXError, RecordDamagedError
 from ..system.process import kill_tree, process_state
 
@@ -53,19 +54,22 @@ PHASES: Final = frozenset(
 def start_time(pid: int) -> str:
     """The start time of ``pid`` (clock ticks since boot), or "" if it is gone."""
 
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat[stat.rindex(")") + 2 :].split()[19]
+    started = _proc.start_time(pid)
+    return str(started) if started else ""
 
 
 def read_journal(directory: Path) -> dict[str, Any] | None:
-    """The journal's fields, or None if there is none or it is damaged (a hint only)."""
+    """The journal's fields, or None if there is none or it is damaged (a hint only).
+
+    Only the restoring user's own file counts (:func:`~migsgx._records.own_record`):
+    a checkpoint directory may be writable by others (its files are checked by
+    their digests, this one is not), and a journal names descriptors to take
+    (``holders``), a tree to continue and an application to hand them to.
+    """
 
     path = Path(directory) / JOURNAL
     try:
-        data = json_record(path.read_bytes(), f"checkpoint journal {path}")
+        data = json_record(own_record(path, "a checkpoint journal"), f"checkpoint journal {path}")
     except (OSError, RecordDamagedError):
         return None
     phase = data.get("phase")
@@ -108,7 +112,8 @@ def remove_held_leftover(directory: Path) -> None:
     """
 
     try:
-        held = json_record((directory / HELD).read_bytes(), f"restore record {directory / HELD}")
+        raw = own_record(directory / HELD, "a restore record")
+        held = json_record(raw, f"restore record {directory / HELD}")
     except (OSError, RecordDamagedError):
         return
     pid, start = held.get("pid"), held.get("start")

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Final
 
-from .._records import json_record, non_negative_int
+from .._records import json_record, non_negative_int, regular_bytes
 from ..datapath.checkpoint import CheckpointIn
 from ..errors import CheckpointGateError, MigSGXError, RecordDamagedError
 from ..system.process import continue_tree, process_state
@@ -188,7 +188,7 @@ def resolve_checkpoint(
     journal = read_journal(directory)
     raw_meta: bytes | None = None
     with contextlib.suppress(OSError):
-        raw_meta = (directory / CHECKPOINT_META).read_bytes()
+        raw_meta = regular_bytes(directory / CHECKPOINT_META)  # (a FIFO: never waited on)
     if journal is None and raw_meta is None:
         return Resolution(name, "-", "none", "done", "no checkpoint here")
     phase = str(journal["phase"]) if journal else "done"

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from .. import _proc
 from ..criu import DumpCancel
 from ..system.process import process_state, tree_pids
 from .faults import WAIT_LIMIT
@@ -45,13 +46,6 @@ PAGES_WRITTEN: Final = 1 << 20
 HELD_NOTE: Final = "criu-held"
 
 
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
 def engine_criu() -> list[int]:
     """The live CRIU processes among this process's descendants (runc's, podman's runc's).
 
@@ -62,7 +56,7 @@ def engine_criu() -> list[int]:
     return [
         pid
         for pid in tree_pids(os.getpid())[1:]
-        if _comm(pid) == "criu" and process_state(pid) not in ("", "Z", "X")
+        if _proc.comm(pid) == "criu" and process_state(pid) not in ("", "Z", "X")
     ]
 
 
@@ -75,12 +69,11 @@ def pages_written(criu: list[int]) -> bool:
     """
 
     for pid in criu:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
+        for fd, link in _proc.fd_links(pid):
+            name = link.rpartition("/")[2]
+            if name.startswith("pages-") and name.endswith(".img"):
                 with contextlib.suppress(OSError):
-                    name = os.readlink(f"/proc/{pid}/fd/{fd}").rpartition("/")[2]
-                    pages = name.startswith("pages-") and name.endswith(".img")
-                    if pages and os.stat(f"/proc/{pid}/fd/{fd}").st_size >= PAGES_WRITTEN:
+                    if os.stat(f"/proc/{pid}/fd/{fd}").st_size >= PAGES_WRITTEN:
                         return True
     return False
 
@@ -142,7 +135,7 @@ class MidDumpHold:
         with self._lock:
             held, self._held = self._held or [], []
         for pid in held:
-            if _comm(pid) == "criu":
+            if _proc.comm(pid) == "criu":
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
 
@@ -163,7 +156,7 @@ def release_noted(notes: list[str]) -> list[int]:
         ):
             continue
         pid, start = int(parts[1]), int(parts[2])
-        if pid > 0 and start_time(pid) == start and _comm(pid) == "criu":
+        if pid > 0 and start_time(pid) == start and _proc.comm(pid) == "criu":
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
                 continued.append(pid)

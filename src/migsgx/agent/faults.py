@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
+from .. import _proc
 from ..errors import MigrationError, register_error
 
 ENV: Final = "MIGSGX_FAULT"
@@ -45,7 +46,9 @@ POINTS: Final = frozenset(
         "agent.enclave-receive",  # while the incoming enclaves receive
         "agent.page-stream",  # corrupt|drop|reorder|truncate|replay: the page stream in flight
         "agent.before-restore",
-        "agent.in-restore",  # the engine made the container, its restore has not returned
+        # The engine made the container, its restore has not returned; a process tree:
+        # CRIU restored it, in its pre-resume notification (it has not detached).
+        "agent.in-restore",
         "agent.after-restore",
         "agent.before-resume",  # the tool's resume arrived (the tokens went before it)
         "agent.before-claim",  # the first decision frame reached an enclave (window W2)
@@ -101,6 +104,16 @@ def _wait_for(path: Path, point: str) -> None:
         time.sleep(0.02)
 
 
+def armed(point: str) -> bool:
+    """Whether the fault spec names ``point`` (without firing it): a step that costs
+    time only to reach the point (a CRIU notification) is taken only then."""
+
+    if point not in POINTS:
+        raise ValueError(f"unknown fault point {point!r}")
+    names = {item.strip().partition(":")[0] for item in os.environ.get(ENV, "").split(",")}
+    return point in names
+
+
 def fault(point: str) -> str | None:
     if point not in POINTS:
         raise ValueError(f"unknown fault point {point!r}")
@@ -152,7 +165,7 @@ def kill_dead(pids: list[int]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10.0
-    while any(_state(p) not in ("", "Z", "X") for p in pids):
+    while any(_proc.alive(p) for p in pids):
         if time.monotonic() > deadline:
             raise InjectedFault("fault injection: a victim did not die")
         time.sleep(0.01)
@@ -170,20 +183,10 @@ def dying(pid: int) -> bool:
     on CRIU, which waits on the tool.
     """
 
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    fields = _proc.stat(pid)
+    if fields is None:
         return True
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
-
-
-def _state(pid: int) -> str:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat[stat.rindex(")") + 2 :][:1]
+    return fields[_proc.STATE] in ("Z", "X") or bool(int(fields[_proc.FLAGS]) & _PF_EXITING)
 
 
 def flipping_relay(

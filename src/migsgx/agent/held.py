@@ -20,7 +20,12 @@ engine and the container's name, no tree yet) is written before the engine is
 asked to restore it: an agent that dies inside the restore leaves a container
 or a bundle that a restarted agent removes through the engine, but only what
 the driver's mark proves this agent's restore made for that session and never
-resumed (a forged record naming another container removes nothing).  The
+resumed (a forged record naming another container removes nothing).  A
+process tree gets the same first record, and CRIU's ``post-restore``
+notification names its root in it (pid, start time) before CRIU lets the
+tasks go: from then on a dead agent's CRIU completes the restore, and a
+restarted agent kills exactly that tree (before then CRIU ends the restore
+itself, killing what it made).  The
 record is written again as soon as the tree is
 restored (``answered`` false) and again right before the agent answers
 ``restored``: a tree restored by an agent that died before that answer was
@@ -30,6 +35,15 @@ enclaves had already claimed their migration ids (window W3: the state ran
 and died with the agent) is not waiting for anything: it is killed and a
 ``lost.json`` is left in its place, so that a delivery for that session is
 answered ``lost-after-commit``, not ``resumed``.
+
+A post-copy tree (its page window open: a ``criu lazy-pages`` daemon holds its
+missing pages, connected to the source's CRIU) is recorded too, with that
+daemon.  Another agent cannot open the window again (the tree's userfaultfds
+live only in the daemon, and its page connection in the source's CRIU), so
+the tree can never run: a restarted agent kills it (while it is stopped: it
+never reads a missing page) and then the daemon, and removes a container by
+its engine.  The source decides what remains: before its decision it runs on;
+after a COMMIT the state is lost (``recover`` says so), never run twice.
 
 Nothing in the record is secret: the session id, pids, the enclaves' public
 infos (the session's data key is new after a restart and lives in memory only).
@@ -41,17 +55,28 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import stat
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Final
 
+from .. import _proc
 from .._fs import write_private
 from .._records import hex_text, json_record, non_negative_int
 from ..errors import RecordDamagedError
 
-__all__ = ["LOST", "RECORD", "HeldRecord", "held_records", "lost_detail", "mark_lost", "start_time"]
+__all__ = [
+    "LOST",
+    "RECORD",
+    "HeldRecord",
+    "frozen_stopped",
+    "held_records",
+    "lost_detail",
+    "mark_lost",
+    "start_time",
+]
 
 RECORD: Final = "held.json"
 LOST: Final = "lost.json"
@@ -63,12 +88,7 @@ def start_time(pid: int) -> int:
     With the pid it names one process for good: a recycled pid starts later.
     """
 
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19]) if len(fields) > 19 else 0
+    return _proc.start_time(pid)
 
 
 @dataclass
@@ -97,6 +117,10 @@ class HeldRecord:
     #: restarted agent removes through the engine whatever the restore made,
     #: if the driver's mark proves this agent made it (``remove_made``).
     restoring: bool = False
+    #: Post-copy: the ``criu lazy-pages`` daemon that holds the tree's missing
+    #: pages, as [pid, start time] ([] otherwise).  Its page window cannot be
+    #: opened again by another agent: such a tree is never adopted, only killed.
+    lazy_pages: list[int] = field(default_factory=list)
 
     def write(self, directory: Path) -> None:
         """Atomically; fsync'd only once ``answered`` (before, it guards against the
@@ -127,18 +151,60 @@ class HeldRecord:
             or not _procs(data.get("enclave_procs", []))
             or not isinstance(data.get("answered", True), bool)
             or not isinstance(data.get("restoring", False), bool)
+            or not _procs([data["lazy_pages"]] if data.get("lazy_pages") else [])
         ):
             raise RecordDamagedError(f"{path} is not a held-tree record")
         return cls(**data)
 
     def still_held(self) -> bool:
-        """Whether the recorded tree is still there, the same process, stopped."""
+        """Whether the recorded tree is still there, the same process, stopped
+        (or a container's, frozen while stopped: :func:`frozen_stopped`)."""
 
         from ..system.process import process_state
 
-        if self.restoring or self.root <= 0:
+        if self.restoring or self.root <= 0 or start_time(self.root) != self.start:
             return False
-        return start_time(self.root) == self.start and process_state(self.root) in ("T", "t")
+        return process_state(self.root) in ("T", "t") or self.frozen()
+
+    def frozen(self) -> bool:
+        """Whether the recorded container's tree is paused (its cgroup frozen) with every
+        task frozen inside its job-control stop, so that a thaw gives a stopped tree back."""
+
+        from ..system.process import tree_pids
+
+        if self.driver == "pid" or self.root <= 0 or start_time(self.root) != self.start:
+            return False
+        pids = tree_pids(self.root)
+        return bool(pids) and all(frozen_stopped(pid) for pid in pids)
+
+    def kill(self) -> None:
+        """Kill the recorded tree; a frozen one is thawed only after its SIGKILL (a
+        frozen task dies only once thawed, and a pending SIGKILL comes before any
+        of its code)."""
+
+        from ..containers.base import ContainerError
+        from ..containers.cgroups import Freezer
+        from ..system.process import kill_tree, tree_pids
+
+        if self.frozen():
+            for pid in tree_pids(self.root):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ContainerError):
+                Freezer.of_pid(self.root).thaw()
+        kill_tree(self.root)
+
+    def end_lazy_pages(self) -> bool:
+        """SIGKILL the recorded lazy-pages daemon if it is still that process; whether it was."""
+
+        if len(self.lazy_pages) != 2:
+            return False
+        pid, start = self.lazy_pages
+        if pid <= 0 or start_time(pid) != start:
+            return False
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        return True
 
     def enclaves_running(self) -> list[int]:
         """The recorded enclave processes that still run (same pid, same start time)."""
@@ -146,9 +212,36 @@ class HeldRecord:
         return [pid for pid, start in self.enclave_procs if pid > 0 and start_time(pid) == start]
 
 
+def frozen_stopped(pid: int) -> bool:
+    """Whether ``pid`` was stopped when its cgroup froze (``runc pause``, ``podman pause``).
+
+    A frozen task does not read as stopped (cgroup v1: ``D``), but one frozen in
+    its job-control stop still waits in ``do_signal_stop`` and is stopped again
+    when thawed: it never ran.  A task that ran when the freeze came waits
+    anywhere else, and such a tree is not the held one.  (Under cgroup v2 a
+    stopped task reads ``T`` frozen or not.)
+    """
+
+    from ..containers.base import ContainerError
+    from ..containers.cgroups import Freezer
+    from ..system.process import process_state
+
+    state = process_state(pid)
+    if state in ("T", "t"):
+        return True
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
+        in_stop = state == "D" and wchan == "do_signal_stop"
+        return in_stop and Freezer.of_pid(pid).state() == "FROZEN"
+    except (OSError, ContainerError):
+        return False
+
+
 _FIELDS: Final = tuple(f.name for f in dataclass_fields(HeldRecord))
 #: (a record an older agent wrote has none of these)
-_OPTIONAL: Final = ("arrivals", "handle", "enclave_procs", "answered", "restoring")
+_OPTIONAL: Final = (
+    "arrivals", "handle", "enclave_procs", "answered", "restoring", "lazy_pages",
+)  # fmt: skip
 _REQUIRED: Final = tuple(f.name for f in dataclass_fields(HeldRecord) if f.name not in _OPTIONAL)
 MAX_HANDLE_ITEMS: Final = 8
 MAX_HANDLE_TEXT: Final = 4096

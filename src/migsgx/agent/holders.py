@@ -28,9 +28,9 @@ import os
 import socket
 import struct
 import threading
-from pathlib import Path
 from typing import Final
 
+from .. import _proc
 from .._fds import take_descriptor
 from .ckpt_journal import start_time
 
@@ -117,16 +117,7 @@ def _peer_of(sock: socket.socket) -> int:
 def _holds_socket(pid: int, inode: int) -> bool:
     """Whether process ``pid`` has a descriptor of the socket ``inode``."""
 
-    wanted = f"socket:[{inode}]"
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for name in names:
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{name}") == wanted:
-                return True
-    return False
+    return _proc.holds(pid, f"socket:[{inode}]")
 
 
 def is_enclave_runtime(pid: int) -> bool:
@@ -136,11 +127,7 @@ def is_enclave_runtime(pid: int) -> bool:
     into any process's socket.
     """
 
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"migsgx.enclave.runtime" in argv
+    return b"migsgx.enclave.runtime" in _proc.argv(pid)
 
 
 def take_held(holders: object) -> dict[int, socket.socket]:

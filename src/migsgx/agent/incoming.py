@@ -43,7 +43,7 @@ from ..system.process import wait_stopped
 from ..wire import recv_frame, send_frame
 from . import preflight
 from .config import AgentHost
-from .faults import fault
+from .faults import armed, fault
 from .held import HeldRecord, lost_detail, start_time
 from .held import remove as remove_record
 from .incoming_data import Reply, _corrupt_images, _Enclave, _inject
@@ -333,9 +333,8 @@ class IncomingMigration(_SessionDecisions):
         _inject(action, self)
         corrupt = action == "corrupt"
         t0 = time.monotonic()
-        if self.driver.name != "pid":
-            # What a restarted agent removes if this one dies inside the restore.
-            self._intent_record().write(self.images_dir)
+        # What a restarted agent removes if this one dies inside the restore.
+        self._intent_record().write(self.images_dir)
         try:
             if self.post_copy:
                 restored = self._restore_lazy(msg.get("lazy_port"), corrupt)
@@ -347,7 +346,10 @@ class IncomingMigration(_SessionDecisions):
                         tcp_close=self.tcp_close,
                         before=_corrupt_images if corrupt else None,
                         owner=self.session_id.hex(),
-                        made=lambda: _inject(fault("agent.in-restore"), self),
+                        made=(lambda: _inject(fault("agent.in-restore"), self))
+                        if self.driver.name != "pid" or armed("agent.in-restore")
+                        else None,
+                        made_tree=self._record_made_tree,
                     )
                 )
         except BaseException:
@@ -358,7 +360,7 @@ class IncomingMigration(_SessionDecisions):
         for adopted in (pid, *restored.adopt):
             self.agent.adopt(adopted)
         wait_stopped(pid)
-        record = self._held_record(restored) if self.enclaves and self.window is None else None
+        record = self._held_record(restored) if self.enclaves or self.window else None
         if record is not None:
             # What a restarted agent removes if this one dies before it answers.
             record.write(self.images_dir)
@@ -382,14 +384,26 @@ class IncomingMigration(_SessionDecisions):
         return {"t": "restored", "pid": pid, "seconds": seconds}
 
     def _intent_record(self) -> HeldRecord:
-        """The record of a container restore not yet returned (:mod:`.held`)."""
+        """The record of a restore not yet returned (:mod:`.held`): a container's
+        name; a process tree's root once CRIU made it (:meth:`_record_made_tree`)."""
 
         assert self.driver is not None
         return HeldRecord(
             self.session_id.hex(), 0, 0, self.driver.name, self.peer, self.local_address, [],
             handle={k: str(self.target[k]) for k in ("id", "name") if k in self.target},
-            answered=False, restoring=True,
+            answered=False, restoring=True, lazy_pages=self._lazy_pages(),
         )  # fmt: skip
+
+    def _record_made_tree(self, root: int) -> None:
+        """CRIU restored every task of the process tree, rooted at ``root`` (its pid
+        here, the images' pids being those inside its pid namespace), and waits for
+        this answer before it lets them go: the intent names the tree from now on
+        (pid and start time), so that a restarted agent kills exactly it."""
+
+        assert self.images_dir is not None
+        record = self._intent_record()
+        record.root, record.start = root, start_time(root)
+        record.write(self.images_dir)
 
     def _held_record(self, restored: Restored) -> HeldRecord:
         """The record of the restored tree (:mod:`.held`), not yet answered."""
@@ -403,8 +417,16 @@ class IncomingMigration(_SessionDecisions):
             [e.engine.migration_id.hex() if e.engine else "" for e in self.enclaves],
             {k: str(v) for k, v in restored.handle.items()},
             [[p, start_time(p)] for p in self.enclave_pids()],
-            answered=False,
+            answered=False, lazy_pages=self._lazy_pages(),
         )  # fmt: skip
+
+    def _lazy_pages(self) -> list[int]:
+        """The post-copy window's ``criu lazy-pages`` daemon as [pid, start time]."""
+
+        if self.window is None:
+            return []
+        pid = self.window.post.daemon.pid
+        return [pid, start_time(pid)]
 
     def _restore_lazy(self, port: Any, corrupt: bool) -> Restored:
         """The tree from the images, held; its private memory stays on the source."""
@@ -424,7 +446,13 @@ class IncomingMigration(_SessionDecisions):
         assert driver is not None
         if driver.name == "pid":
             self.window = Window(post, self.config.io_timeout, self.tag)
-            pid = post.restore(run=False, file_locks=True, tcp_close=self.tcp_close)
+            self._intent_record().write(images)  # (now with the daemon: :mod:`.held`)
+
+            def notify(script: str, root: int) -> None:
+                if script == "post-restore" and root > 0:
+                    self._record_made_tree(root)
+
+            pid = post.restore(notify, run=False, file_locks=True, tcp_close=self.tcp_close)
             return Restored(pid=pid, label=f"process {pid}")
         # A container: its engine restores (``restore --lazy-pages``, held), and a
         # tree killed in the window goes with its container.
@@ -442,6 +470,7 @@ class IncomingMigration(_SessionDecisions):
                 driver.discard(made[0])
 
         self.window = Window(post, self.config.io_timeout, self.tag, on_lost=lost)
+        self._intent_record().write(images)  # (now with the daemon: :mod:`.held`)
         post.restore(run=False, by=by_engine)
         return made[0]
 

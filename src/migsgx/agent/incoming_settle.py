@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from .. import _proc
 from ..datapath.engine import IncomingEnclave
 from ..errors import LostAfterCommitError, MigSGXError, ProtocolError
 from ..system.process import continue_tree
@@ -396,12 +397,7 @@ def _platform_alive(path: Path) -> bool:
         return False
     finally:
         sock.close()
-    pid = int.from_bytes(creds[:4], "little")
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
+    return _proc.alive(int.from_bytes(creds[:4], "little"))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -412,11 +408,7 @@ def _pid_alive(pid: int) -> bool:
     tell at once: the sandbox launcher may hold a copy for a moment after it died.
     """
 
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return pid > 0 and stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
+    return pid > 0 and _proc.alive(pid)
 
 
 def _hung_up(sock: socket.socket | None) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .._fs import write_private
-from .._records import hex_text, json_record, non_negative_int
+from .._records import hex_text, json_record, non_negative_int, own_record
 from ..errors import RecordDamagedError
 from .ckpt_journal import start_time
 
@@ -49,6 +49,8 @@ _KEYS: Final = {
 #: "" for none) its ``__mig_abort`` returned to the guardian or ``recover``, kept
 #: for an abort whose store record failed (its platform service died with the
 #: tool, ``docs/spec/commit.md`` 1 rule 4): then the store holds nothing to carry.
+#: ``fenced_starts``: each fenced pid's start time, so that a pid reused since
+#: (the tree ended, another process got the number) is never signalled.
 _OPTIONAL: Final = {
     "guardian_pid": int,
     "undo": list,
@@ -57,11 +59,22 @@ _OPTIONAL: Final = {
     "tool_start": str,
     "dump_dir": str,
     "aborts": list,
+    "fenced_starts": list,
 }
 
 
 def journal_dir(agent_dir: Path) -> Path:
     return Path(agent_dir) / "migrations"
+
+
+def _mtime(path: Path) -> float:
+    """For the order of :meth:`Journal.all`: a name that is gone or a dangling link
+    sorts first (:meth:`Journal.load` then refuses it), instead of ending ``recover``."""
+
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return 0.0
 
 
 @dataclass
@@ -97,10 +110,15 @@ class Journal:
         """The journal in ``path``; :class:`RecordDamagedError` unless every field is usable.
 
         Every property below must then work: a crash or a local user may leave
-        any bytes here, and ``migsgx recover`` must say so, not trip later.
+        any bytes here, and ``migsgx recover`` must say so, not trip later.  And
+        only a file the tool's user wrote counts (:func:`~migsgx._records.own_record`):
+        a journal makes ``recover`` (and a guardian) kill its ``fenced`` pids, take
+        descriptors from its ``holders``, remove its ``dump_dir`` and carry
+        decisions to its ``to``; one planted by another user (a state directory
+        others may write), or a link to one, must do none of that.
         """
 
-        data = json_record(path.read_bytes(), f"migration journal {path}")
+        data = json_record(own_record(path, "a journal"), f"migration journal {path}")
         if any(not isinstance(data.get(k), t) for k, t in _KEYS.items()) or any(
             k in data and not isinstance(data[k], t) for k, t in _OPTIONAL.items()
         ):
@@ -115,6 +133,7 @@ class Journal:
             or not all(non_negative_int(data[k], 1 << 31) for k in ("tool_pid", "app_pid"))
             or not all(isinstance(n, str) for n in data.get("undo") or [])
             or not all(hex_text(f) for f in data.get("aborts") or [])
+            or not all(isinstance(t, str) for t in data.get("fenced_starts") or [])
         ):
             raise RecordDamagedError(f"{path} is not a migration journal")
         if data["phase"] not in PHASES:
@@ -129,7 +148,7 @@ class Journal:
         if not directory.is_dir():
             return []
         found = []
-        for path in sorted(directory.glob("*.json"), key=lambda p: p.stat().st_mtime):
+        for path in sorted(directory.glob("*.json"), key=_mtime):
             try:
                 found.append(cls.load(path))
             except (OSError, ValueError):
@@ -175,6 +194,19 @@ class Journal:
     @property
     def fenced(self) -> list[int]:
         return [int(p) for p in self.data["fenced"]]
+
+    def fenced_now(self) -> list[int]:
+        """The fenced pids that are still the tasks the tool stopped (the same start time).
+
+        What ``recover`` may signal: a tree that ended gave its pids to whatever
+        process came next, which a SIGKILL (or a SIGCONT) must never reach.  A
+        journal without start times (an older tool's) names its pids alone.
+        """
+
+        starts = self.data.get("fenced_starts")
+        if not isinstance(starts, list) or len(starts) != len(self.data["fenced"]):
+            return self.fenced
+        return [p for p, t in zip(self.fenced, starts, strict=True) if t and start_time(p) == t]
 
     @property
     def holders(self) -> list[object]:

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from .. import _proc
 from ..containers.postcopy import PostCopyRestore, WindowReport, served_port
 from ..errors import SourceLostError
 
@@ -128,20 +129,12 @@ class LazyDump:
 def _criu_children() -> list[int]:
     """This process's ``criu swrk`` children (the lazy dump's server)."""
 
-    me = str(os.getpid())
     found: list[int] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        parent = stat[stat.rindex(")") + 2 :].split()[1]
+    for pid in _proc.scanned_children(os.getpid()):
+        argv = _proc.argv(pid)
         # (CRIU renames itself "criu: dump --rpc ..." once it runs the request)
-        if parent == me and (b"swrk" in cmdline[1:2] or cmdline[0].startswith(b"criu: ")):
-            found.append(int(entry))
+        if b"swrk" in argv[1:2] or any(a.startswith(b"criu: ") for a in argv[:1]):
+            found.append(pid)
     return found
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from .. import _proc
+
 __all__ = ["POST_COPY_MIN", "MemoryPath", "choose", "private_memory"]
 
 #: Below this much private memory in the tree, ``--live`` moves it while frozen.
@@ -39,14 +41,9 @@ def private_memory(pids: Sequence[int], proc: Path = Path("/proc")) -> int:
 
     total = 0
     for pid in pids:
-        try:
-            status = (proc / str(pid) / "status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("RssAnon:"):
-                total += int(line.split()[1]) * 1024  # (kB)
-                break
+        value = _proc.status_field(pid, "RssAnon", proc=proc)
+        if value is not None:
+            total += int(value.split()[0]) * 1024  # (kB)
     return total
 
 

@@ -215,7 +215,7 @@ def resolve(
             outcome, detail = _deliver(journal, identity, frames)
             detail = f"the state was delivered again to a fresh enclave; {detail}".strip("; ")
         if outcome == "resumed":
-            signal_all(journal.fenced, signal.SIGKILL)
+            signal_all(journal.fenced_now(), signal.SIGKILL)
             journal.update(phase="done")
             if release is not None:
                 release()
@@ -226,7 +226,7 @@ def resolve(
             return Resolution(mid, journal.phase, "commit", "lost", lost_detail(journal, outcome))
         if outcome == LostAfterCommitError.code:
             # Claimed, then its enclave died (W3): never delivered again; the source goes.
-            signal_all(journal.fenced, signal.SIGKILL)
+            signal_all(journal.fenced_now(), signal.SIGKILL)
             journal.update(phase="done")
             if release is not None:
                 release()
@@ -401,7 +401,7 @@ def _resolve_orphaned(
             if result.outcome == "stayed" and len(held.enclaves) == recorded:
                 socks = [held.enclaves[i].sock for i in sorted(held.enclaves)]
                 app_pid, app_name = int(journal.data["app_pid"]), str(journal.data["app_name"])
-                if resume_source(app_pid, app_name, socks, journal.fenced, [], log.warning):
+                if resume_source(app_pid, app_name, socks, journal.fenced_now(), [], log.warning):
                     result.detail = f"{result.detail}; the enclaves were not taken back".strip("; ")
                 else:
                     result.detail = f"{result.detail}; enclaves handed back".strip("; ")

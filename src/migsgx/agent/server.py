@@ -23,14 +23,10 @@ import threading
 from pathlib import Path
 from typing import Any, Final
 
-from ..containers import HostConfig, make_driver
 from ..datapath.transport import keep_alive
-from ..errors import ConfigError, MigSGXError
-from ..sgx.counters import CounterStore
-from ..sgx.platform import COUNTERS
-from ..system.process import kill_tree
+from ..errors import ConfigError
+from .adoption import Adoption
 from .config import AgentConfig
-from .held import HeldRecord, held_records, mark_lost
 from .incoming import IncomingMigration
 from .metrics import AgentMetrics
 from .protocol import SessionState
@@ -100,7 +96,7 @@ class Agent:
             raise ConfigError(f"the agent cannot listen on {host}:{port}: {exc}") from exc
         sock.listen(16)
         self._listener = sock
-        self._adopt_held()  # before anyone is told that this agent listens
+        Adoption(self).adopt_held()  # before anyone is told that this agent listens
         bound = sock.getsockname()
         return str(bound[0]), int(bound[1])
 
@@ -122,133 +118,6 @@ class Agent:
                 f"{st.st_mode & 0o7777:o}: it must be this agent's (uid {os.geteuid()}) and "
                 "writable by nobody else"
             )
-
-    def _claimed(self, arrivals: list[str]) -> int:
-        """How many of ``arrivals`` (hex migration ids) this host's claim store holds."""
-
-        store = self.config.state / COUNTERS
-        if not store.exists():  # (opening it would create it)
-            return 0
-        claims = CounterStore(store)
-        return sum(1 for a in arrivals if a and claims.claimed_by_any(bytes.fromhex(a)))
-
-    def _adopt_held(self) -> None:
-        """Trees a former agent held when it died (window W2, :mod:`.held`).
-
-        Still the recorded tree and stopped: adopted into a session held in
-        doubt, which waits for the source to deliver the state again (a
-        container only if its engine still knows it as that tree).  Anything
-        else recorded is removed (a container by its engine where it can), and
-        the log says exactly what remained.
-        """
-
-        for directory, record in held_records(self.config.work_dir):
-            if record is None:
-                log.error(
-                    "%s: an unreadable held-tree record: nothing adopted, nothing resumed; "
-                    "the tree it names (if any) stays as it is, for an operator", directory,
-                )  # fmt: skip
-                continue
-            tag = record.session_id[:8]
-            if record.restoring:
-                # Died inside the restore: nothing ran, the source cannot have decided.
-                log.warning(
-                    "migration %s: a former agent died restoring %s %s: removed %s", tag,
-                    record.driver, record.handle,
-                    self._remove_made(record, keep_running=False) or "nothing",
-                )  # fmt: skip
-                self.discard(directory)
-                continue
-            if not record.still_held():
-                left = ""
-                if record.driver != "pid":
-                    left = self._remove_made(record, keep_running=True)
-                log.warning(
-                    "migration %s: the tree a former agent held (pid %d) is gone or runs: "
-                    "nothing to adopt%s", tag, record.root, f"; removed {left}" if left else "",
-                )  # fmt: skip
-                self.discard(directory)
-                continue
-            if not record.answered:
-                # Restored, never reported held: the source cannot have decided.
-                self._remove_held(record)
-                log.warning(
-                    "migration %s: the tree a former agent restored (pid %d, %s) was never "
-                    "reported held, so never decided on: removed", tag, record.root,
-                    record.driver,
-                )  # fmt: skip
-                self.discard(directory)
-                continue
-            running = record.enclaves_running()
-            if running:
-                log.warning(
-                    "migration %s: enclave process(es) %s of the held tree still run; the "
-                    "claim store lets one copy per migration id activate", tag, running,
-                )  # fmt: skip
-            claimed = self._claimed(record.arrivals)
-            if claimed:
-                self._remove_held(record)
-                detail = (
-                    f"the tree (pid {record.root}) was held with {claimed} enclave id(s) "
-                    "already claimed: their state ran and ended with the former agent (W3); "
-                    "the tree was killed, nothing can bring the state back"
-                )
-                log.error("migration %s: %s", tag, detail)
-                mark_lost(directory, detail)
-                continue
-            try:
-                session = IncomingMigration.adopt_held(self, directory, record)
-            except (MigSGXError, ValueError, TypeError, KeyError) as exc:
-                kill_tree(record.root)  # (its engine does not know it as this tree)
-                if record.driver != "pid":
-                    # Its engine's entry too, if this agent's restore made it for the session.
-                    left = self._remove_made(record, keep_running=False)
-                    if left:
-                        log.warning("migration %s: removed %s", tag, left)
-                log.error(
-                    "migration %s: the tree a former agent held (pid %d) cannot be adopted "
-                    "(%s): killed. Its state stays only with the source's committed enclaves; "
-                    "migsgx recover on the source host reports the migration lost",
-                    tag, record.root, exc,
-                )  # fmt: skip
-                self.discard(directory)
-                continue
-            log.warning(
-                "migration %s: adopted the tree a former agent held (pid %d, %s), %d "
-                "enclave(s) lost: held in doubt for the state to come again", tag, record.root,
-                session.restored.label if session.restored else record.driver,
-                len(session.enclaves),
-            )  # fmt: skip
-
-    def _remove_made(self, record: HeldRecord, *, keep_running: bool) -> str:
-        """What the engine removed of a container a former agent's restore made
-        for ``record``'s session (the driver checks that it made it); never raises."""
-
-        host = HostConfig(self.config.criu, self.config.containers,
-                          self.config.platform_socket, self.config.state)  # fmt: skip
-        try:
-            driver = make_driver(record.driver, host)
-            return driver.remove_made(record.handle, record.session_id, keep_running=keep_running)
-        except (MigSGXError, ValueError, TypeError, KeyError) as exc:
-            log.error("migration %s: %s %s not removed by its engine: %s",
-                      record.session_id[:8], record.driver, record.handle, exc)  # fmt: skip
-            return ""
-
-    def _remove_held(self, record: HeldRecord) -> None:
-        """Remove a recorded held tree that must never run: a container by its engine
-        (container, bundle, pod namespace) if it still knows it as that tree."""
-
-        if record.driver != "pid":
-            host = HostConfig(self.config.criu, self.config.containers,
-                              self.config.platform_socket, self.config.state)  # fmt: skip
-            try:
-                driver = make_driver(record.driver, host)
-                driver.discard(driver.reclaim(record.handle, record.root))
-                return
-            except (MigSGXError, ValueError, TypeError, KeyError) as exc:
-                log.error("migration %s: %s %s not removed by its engine: %s",
-                          record.session_id[:8], record.driver, record.handle, exc)  # fmt: skip
-        kill_tree(record.root)
 
     def serve_forever(self) -> None:
         if self._listener is None:

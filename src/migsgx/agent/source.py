@@ -62,6 +62,7 @@ from ..system import niceness as nice
 from ..system.process import is_pidns_init, stop_tree, tree_pids
 from . import early, precopy
 from .applink import AppLink
+from .ckpt_journal import start_time
 from .control import CONNECT_TIMEOUT, AgentConnection
 from .dumpdirs import dump_dir_path, make_dump_dir, sweep_dump_dirs
 from .guardian import Guardian
@@ -427,7 +428,8 @@ class _Migration(_DecisionSteps):
         if self.guardian is not None:
             self.guardian.note("fence " + " ".join(map(str, self.fenced)))
         if self.journal is not None:
-            self.journal.update(fenced=self.fenced, phase="fenced")
+            starts = [start_time(p) for p in self.fenced]
+            self.journal.update(fenced=self.fenced, fenced_starts=starts, phase="fenced")
 
     def _stream_images(self, dump_dir: Path) -> None:
         files = sorted(p for p in dump_dir.iterdir() if p.is_file() and p.name not in _LOCAL_ONLY)

@@ -15,6 +15,7 @@ import signal
 import time
 from pathlib import Path
 
+from .. import _proc
 from ..containers.cgroups import thaw_file
 from ..containers.podnet import unlock
 from ..errors import MigSGXError
@@ -52,11 +53,7 @@ def lost_detail(journal: Journal, outcome: str) -> str:
 def is_guardian(pid: int) -> bool:
     """Whether ``pid`` is still a migration guardian (a recycled pid gets no signal)."""
 
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"migsgx.agent.guardian" in argv
+    return b"migsgx.agent.guardian" in _proc.argv(pid)
 
 
 def signal_all(pids: list[int], sig: int) -> None:
@@ -74,7 +71,7 @@ def end_fenced(journal: Journal) -> None:
     fenced task any more.
     """
 
-    signal_all([p for p in journal.fenced if _state(p) in ("T", "t")], signal.SIGKILL)
+    signal_all([p for p in journal.fenced_now() if _proc.state(p) in ("T", "t")], signal.SIGKILL)
 
 
 def give_back(journal: Journal) -> None:
@@ -90,16 +87,13 @@ def give_back(journal: Journal) -> None:
     notes = journal.undo
     serving = [int(p) for n in notes if n.startswith("criu ") for p in n.split()[1:]]
     for pid in serving:
-        try:
-            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-        except OSError:
-            continue
-        if Path(argv0.decode(errors="replace")).name.startswith(("criu", "runc")):
+        argv0 = _proc.argv(pid)[:1]
+        if argv0 and Path(argv0[0].decode(errors="replace")).name.startswith(("criu", "runc")):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     for pid in serving:  # (CRIU must have let go before SIGCONT can stick)
         deadline = time.monotonic() + 10
-        while alive(pid) and _state(pid) != "Z" and time.monotonic() < deadline:
+        while alive(pid) and _proc.state(pid) != "Z" and time.monotonic() < deadline:
             time.sleep(0.02)
     for note in notes:
         kind, _, arg = note.partition(" ")
@@ -110,12 +104,4 @@ def give_back(journal: Journal) -> None:
                 thaw_file(arg)
         except MigSGXError as exc:
             log.warning("giving the source back: %s: %s", note, exc)
-    signal_all(journal.fenced, signal.SIGCONT)
-
-
-def _state(pid: int) -> str:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat[stat.rindex(")") + 2 :].split()[0]
+    signal_all(journal.fenced_now(), signal.SIGCONT)

@@ -165,6 +165,11 @@ class RestoreRequest:
     #: Called once the engine made the workload, before the driver checks it
     #: (fault injection: the agent's death inside the restore).
     made: Callable[[], None] | None = None
+    #: A process tree: called with its root's pid once CRIU restored every task
+    #: and before CRIU lets them go (its ``post-restore`` notification, answered
+    #: only when this returns): from then on a dead agent's CRIU completes the
+    #: restore, so the agent records the tree before it answers.
+    made_tree: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -179,6 +184,22 @@ class Restored:
     #: Called once past the commit point, just before the tree runs (a container's
     #: address comes up only then: before, a client's packet would meet no socket).
     before_resume: Callable[[], None] | None = None
+
+
+def thaw_first(thaw: Callable[[], None], then: Callable[[], None] | None) -> Callable[[], None]:
+    """A held container's ``before_resume`` when it was paused while no agent held it.
+
+    Its tasks were frozen inside their job-control stop (:func:`migsgx.agent.held.
+    frozen_stopped`): thawed, they are stopped again, and the tree's SIGCONT that
+    follows runs them.  Thawed only past the commit point, never on adoption.
+    """
+
+    def before_resume() -> None:
+        thaw()
+        if then is not None:
+            then()
+
+    return before_resume
 
 
 class Driver(Protocol):

@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
+from .. import _proc
 from ..criu import log_excerpt
 from ..errors import MigSGXError, ProtocolError
 from . import owner as _owner
@@ -54,6 +55,7 @@ from .base import (
     RestoreRequest,
     Source,
     check_name,
+    thaw_first,
 )
 from .command import bring_lo_up, json_object, run_engine, with_path
 from .frozen import dump_frozen, own_netns_path, stop_if_cancelled, write_criu_config
@@ -139,16 +141,25 @@ class Ctr:
     def remove_image(self, name: str) -> None:
         self("images", "remove", name, what=f"ctr images remove {name}", check=False)
 
+    def resume(self, cid: str) -> None:
+        """Thaw a paused task (``ctr tasks resume``)."""
+
+        self("tasks", "resume", cid, what=f"ctr tasks resume {cid}")
+
     def remove(self, cid: str) -> None:
         """Remove container ``cid`` and its task (killed first when it runs).
 
         Never ``tasks delete --force``: for a task whose restore failed it waits
-        for an exit that does not come.
+        for an exit that does not come.  A paused task is thawed first (a frozen
+        task takes its SIGKILL only once thawed); a held tree's tasks are stopped
+        again by the thaw, so it runs nothing before the kill.
         """
 
         found = self.task(cid)
         if found is not None:
             pid, status = found
+            if status == "PAUSED":
+                self.resume(cid)
             if status not in ("STOPPED", "CREATED"):
                 self("tasks", "kill", "--signal", "SIGKILL", cid, what=f"ctr tasks kill {cid}",
                      check=False)  # fmt: skip
@@ -160,16 +171,6 @@ class Ctr:
             self("tasks", "delete", cid, what=f"ctr tasks delete {cid}", check=False)
         if cid in self.containers():
             self("containers", "delete", cid, what=f"ctr containers delete {cid}")
-
-
-def _parent(pid: int) -> int | None:
-    """The parent of ``pid`` (a task's shim), None when it cannot be read."""
-
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 class ContainerdDriver:
@@ -214,7 +215,7 @@ class ContainerdDriver:
         # From the shim's network namespace, as the shim itself would: CRIU then records
         # the container's (joined) namespace as external, and a restore joins the one its
         # configuration names.  Dumped from inside it, CRIU would restore into its own.
-        shim = _parent(source.root)
+        shim = _proc.parent(source.root)  # (the task's shim)
         prefix = [] if shim is None else ["nsenter", f"--net=/proc/{shim}/ns/net"]
 
         images: list[ImageFs] = []
@@ -326,17 +327,19 @@ class ContainerdDriver:
         rw = request.images / CONTAINERD_RW
         if rw.exists() and rw.stat().st_size > MAX_RW_BYTES:
             raise ProtocolError(f"the root file system's changes exceed {MAX_RW_BYTES} bytes")
-        criu_config = self._conf_dir() / f"{cid}.criu.conf"
-        write_criu_config(criu_config, tcp_close=request.tcp_close)
-        mark = _owner.mark_path(self._conf_dir(), cid)
-        _owner.write(mark, request.owner)
         joined = joined_host_netns(spec)
+        criu_config = self._conf_dir() / f"{cid}.criu.conf"
         here = self._localization(cid, spec, criu_config)
         ref = f"migsgx.local/checkpoint/{cid}:{secrets.token_hex(4)}"
         work = request.images / "containerd-import"
         work.mkdir(mode=0o700)
+        # First: while it is there no other session restores this id (nor writes its
+        # CRIU configuration, nor removes what this restore makes when its own fails).
+        mark = _owner.mark_path(self._conf_dir(), cid)
+        _owner.write(mark, request.owner, f"containerd container {cid}")
         made = False
         try:
+            write_criu_config(criu_config, tcp_close=request.tcp_close)
             localized = localize(spec, here)
             admit_images(request.images, localized)
             parts = CheckpointParts(
@@ -416,7 +419,11 @@ class ContainerdDriver:
             raise ContainerError(
                 f"containerd container {cid} has task {task}, not the held tree (pid {pid})"
             )
-        return self._restored(cid, pid)
+        held = self._restored(cid, pid)
+        if task[1] == "PAUSED":
+            # Paused while no agent held it: thawed only when a COMMIT resumes it.
+            held.before_resume = thaw_first(lambda: self.ctr.resume(cid), held.before_resume)
+        return held
 
     def discard(self, restored: Restored) -> None:
         cid = str(restored.handle["id"])

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from ..system.process import socket_inodes, tree_pids
+from .. import _proc
+from ..system.process import tree_pids
 from .base import ContainerError
 from .command import run_engine
 
@@ -52,9 +53,7 @@ def _port(field: str) -> int:
 def listeners(root: int) -> list[int]:
     """The TCP ports the tree under ``root`` listens on."""
 
-    inodes: set[int] = set()
-    for pid in tree_pids(root):
-        inodes |= socket_inodes(pid)
+    inodes = _proc.socket_inodes(tree_pids(root))
     return sorted({_port(r[1]) for r in _rows(root) if r[3] == _LISTEN and int(r[9]) in inodes})
 
 

@@ -98,11 +98,23 @@ class PidDriver:
         extra: dict[str, bool] = {"leave_stopped": True}
         if request.tcp_close:
             extra["tcp_close"] = True
+        made, made_tree = request.made, request.made_tree
+
+        def notify(script: str, pid: int) -> None:
+            # (CRIU aborts the restore, killing what it made, if a notification before
+            # pre-resume is not answered; from pre-resume on, it completes regardless)
+            if script == "post-restore" and made_tree is not None and pid > 0:
+                made_tree(pid)
+            elif script == "pre-resume" and made is not None:
+                made()  # (every task restored, its SIGSTOP queued; CRIU not yet detached)
+
+        wanted = made is not None or made_tree is not None
         pid = self.host.criu.restore(
             request.images,
             restore_detached=True,
             file_locks=True,
             log_file="restore.log",
+            notify=notify if wanted else None,
             extra=extra,
         )
         return Restored(pid=pid, label=f"process {pid}")

@@ -50,6 +50,7 @@ from .base import (
     RestoreRequest,
     Source,
     check_name,
+    thaw_first,
 )
 from .command import run_engine, with_path
 from .frozen import dump_frozen, own_netns_path, stop_if_cancelled, write_criu_config
@@ -129,6 +130,12 @@ class Podman:
         except ValueError as exc:
             raise ContainerError(f"podman inspect {name}: not JSON") from exc
         return items[0] if items and isinstance(items[0], dict) else None
+
+    def unpause(self, name: str) -> None:
+        """Thaw a paused container (``podman unpause``): its tasks go back to what they
+        were when frozen (a held tree's, stopped)."""
+
+        self("unpause", name, what=f"podman unpause {name}")
 
     def remove(self, name: str) -> None:
         info = self.inspect(name)
@@ -229,12 +236,14 @@ class PodmanDriver:
         work = request.images / "podman-import"
         work.mkdir(mode=0o700)
         extract_tree(request.images / PODMAN_ARCHIVE, work, limit=MAX_IMAGE_BYTES)
-        criu_config = self._conf_dir() / f"{name}.criu.conf"
-        write_criu_config(criu_config, tcp_close=request.tcp_close)
+        # First: while it is there no other session restores this name (nor writes its
+        # CRIU configuration, nor removes what this restore makes when its own fails).
         mark = _owner.mark_path(self._conf_dir(), name)
-        _owner.write(mark, request.owner)
+        _owner.write(mark, request.owner, f"podman container {name}")
+        criu_config = self._conf_dir() / f"{name}.criu.conf"
         made = False
         try:
+            write_criu_config(criu_config, tcp_close=request.tcp_close)
             self.localize_archive(work, criu_config, engine_in_netns=True)
             if request.before is not None:
                 request.before(work / "checkpoint")
@@ -381,7 +390,11 @@ class PodmanDriver:
                 f"not the held tree (pid {pid})"
             )
         conmon = int(state.get("ConmonPid") or 0)
-        return self._restored(name, pid, conmon)
+        held = self._restored(name, pid, conmon)
+        if state.get("Status") == "paused":
+            # Paused while no agent held it: thawed only when a COMMIT resumes it.
+            held.before_resume = thaw_first(lambda: self.podman.unpause(name), held.before_resume)
+        return held
 
     def discard(self, restored: Restored) -> None:
         name = str(restored.handle["name"])

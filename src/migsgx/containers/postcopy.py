@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from .. import _proc
 from .._fds import tcp_connections
 from ..criu import Criu, Enter, NotifyCallback, log_excerpt
 from ..errors import CriuError, PostCopyUnavailableError, SourceLostError
@@ -181,10 +182,10 @@ def _hold_uffds(pid: int) -> list[int]:
     held: list[int] = []
     pidfd = _syscall(_SYS_PIDFD_OPEN, pid, 0)
     try:
-        for entry in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{pid}/fd/{entry}") == _UFFD_LINK:
-                    held.append(_syscall(_SYS_PIDFD_GETFD, pidfd, int(entry), 0))
+        for fd, link in _proc.fd_links(pid, gone_ok=False):
+            if link == _UFFD_LINK:
+                with contextlib.suppress(OSError):
+                    held.append(_syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0))
     finally:
         os.close(pidfd)
     return held

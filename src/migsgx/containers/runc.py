@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final
 
 from ..errors import MigSGXError, ProtocolError
+from . import owner as _owner
 from . import podnet
 from .admission import SpecPolicy
 from .base import (
@@ -53,6 +54,7 @@ from .base import (
     RestoreRequest,
     Source,
     check_name,
+    thaw_first,
 )
 from .command import bring_lo_up
 from .frozen import dump_frozen, own_netns_path, stop_if_cancelled, write_criu_config
@@ -261,8 +263,8 @@ class RuncDriver:
             raise ContainerError(f"a bundle for {cid} exists on this host: {bundle}") from exc
         # Which session made this bundle (and the container run from it): a restarted
         # agent removes only what this mark proves its restore made (remove_made).
-        owner = bundle / OWNER_MARK
-        owner.write_text(request.owner)
+        # (whole or not at all: a mark cut short by a crash would name no session)
+        _owner.write(bundle / OWNER_MARK, request.owner, f"runc container {cid}")
         criu_config = bundle / "criu-restore.conf"
         made = False
         pod: Path | None = None
@@ -338,7 +340,11 @@ class RuncDriver:
             )
         if Path(str(state.get("bundle"))) != bundle or handle.get("bundle") != str(bundle):
             raise ContainerError(f"runc container {cid} is not the one restored from {bundle}")
-        return _restored(cid, pid, bundle, pod)
+        held = _restored(cid, pid, bundle, pod)
+        if state.get("status") == "paused":
+            # Paused while no agent held it: thawed only when a COMMIT resumes it.
+            held.before_resume = thaw_first(lambda: self.runc.resume(cid), held.before_resume)
+        return held
 
     def remove_made(self, handle: Mapping[str, Any], owner: str, *, keep_running: bool) -> str:
         cid = self._made_for(check_name(handle.get("id"), "container id"), owner)

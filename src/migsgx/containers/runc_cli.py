@@ -115,6 +115,12 @@ class Runc:
         except ContainerError as exc:
             raise ContainerError(f"{exc}\n{log_excerpt(work / 'restore.log')}") from exc
 
+    def resume(self, cid: str) -> None:
+        """Thaw a paused container (``runc resume``): its tasks go back to what they
+        were when frozen (a held tree's, stopped)."""
+
+        run_engine(self.argv("resume", cid), what=f"runc resume {cid}")
+
     def delete(self, cid: str) -> None:
         run_engine(self.argv("delete", "--force", cid), what=f"runc delete {cid}")
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
 
+from migsgx import _proc
 from migsgx.criu.cancel import DumpCancel
 from migsgx.criu.locate import CriuVersion, find_criu
 from migsgx.errors import ConfigError, CriuError
@@ -426,28 +427,6 @@ class Criu:
                 os.close(page_fd)
 
 
-def _descendants(root: int) -> list[int]:
-    """Every process below ``root`` (from /proc)."""
-
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found: list[int] = []
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _apply_extra(opts: Any, extra: Mapping[str, OptionValue]) -> None:
     """Set further ``criu_opts`` fields by name; anything the schema lacks is refused."""
 
@@ -586,7 +565,7 @@ class _Session:
             # A restore that is cut short (a timeout, a damaged image that makes
             # CRIU's restorer spin) leaves half-restored tasks below CRIU: they
             # go first, so nothing of them lingers (a held socket name, say).
-            for pid in _descendants(self.proc.pid):
+            for pid in _proc.descendants(self.proc.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             self.proc.kill()

@@ -870,17 +870,8 @@ class IncomingEnclave:
     ) -> dict[str, Any]:
         """Live mode: the segments our enclave found different come again, once (precopy.md 3.3)."""
 
-        assert self.link is not None
         _send(peer, {"t": "repair", "segments": first["repair"]})
-        ring = ShmRing.create(offer["slots"], _slot_size(offer["chunk_size"]), RingRole.PRODUCER)
-        try:
-            self.link.give_ring(ring)
-            mover = _Worker(partial(socket_to_ring, peer, ring, timeout=RING_TIMEOUT),
-                            "migsgx-recv", ring)  # fmt: skip
-            again = _call_beside(self.link, mover, "__mig_load_repair")
-            mover.join()
-        finally:
-            ring.close()
+        again = self._loaded_beside(peer, offer, "__mig_load_repair")
         if _bytes_waiting(peer):
             raise StreamError("the peer sent more after the final chunk of the repair")
         return {
@@ -896,23 +887,32 @@ class IncomingEnclave:
         Each round has a ring of its own (a ring ends with its final slot).
         """
 
-        assert self.link is not None
         rounds: list[dict[str, Any]] = []
         while _recv(peer, "round", "final")["t"] == "round":
-            ring = ShmRing.create(
-                offer["slots"], _slot_size(offer["chunk_size"]), RingRole.PRODUCER
-            )
-            try:
-                self.link.give_ring(ring)
-                mover = _Worker(partial(socket_to_ring, peer, ring, timeout=RING_TIMEOUT),
-                                "migsgx-recv", ring)  # fmt: skip
-                stats = _call_beside(self.link, mover, "__mig_load_round")
-                mover.join()
-            finally:
-                ring.close()
+            stats = self._loaded_beside(peer, offer, "__mig_load_round")
             rounds.append(stats)
             _send(peer, {"t": "round_done", "stats": stats})
         return rounds
+
+    def _loaded_beside(
+        self, peer: socket.socket, offer: dict[str, Any], name: str
+    ) -> dict[str, Any]:
+        """The enclave's ``name`` call loads from a ring of its own while a worker fills
+        the ring from ``peer``; the call's figures once both are done (a round or a
+        repair: each ends its ring with a final slot).  The receiving twin of
+        :meth:`migsgx.datapath.live.LiveOutgoingEnclave._sent_beside`."""
+
+        assert self.link is not None
+        ring = ShmRing.create(offer["slots"], _slot_size(offer["chunk_size"]), RingRole.PRODUCER)
+        try:
+            self.link.give_ring(ring)
+            mover = _Worker(partial(socket_to_ring, peer, ring, timeout=RING_TIMEOUT),
+                            "migsgx-recv", ring)  # fmt: skip
+            figures: dict[str, Any] = _call_beside(self.link, mover, name)
+            mover.join()
+        finally:
+            ring.close()
+        return figures
 
     def wait_commit(
         self,

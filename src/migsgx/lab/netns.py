@@ -44,6 +44,8 @@ from migsgx.agent.ckpt_journal import start_time
 from migsgx.errors import MigSGXError, register_error
 from migsgx.system.process import pid_exists
 
+from .. import _proc
+
 __all__ = [
     "PREFIX",
     "Host",
@@ -121,11 +123,7 @@ def list_namespaces(prefix: str = PREFIX) -> list[str]:
 
 
 def _zombie_or_gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return stat[stat.rindex(")") + 2 :].startswith(("Z", "X"))
+    return not _proc.alive(pid)
 
 
 def terminate(pid: int, *, sig: int = signal.SIGKILL, timeout: float = 5.0) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import _proc
 from ..agent.tls import issue_agent_identity
 from ..errors import MigSGXError
 from ..system.process import process_state, tree_pids
@@ -231,10 +232,7 @@ class Testbed:
         for name in self.names:
             found = []
             for pid in self.net[name].pids():
-                try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                except OSError:
-                    continue
+                cmd = b"\0".join(_proc.argv(pid))
                 if app.marker.encode() in cmd and b"app.py" in cmd and b"unshare" not in cmd:
                     found.append((pid, process_state(pid)))
             out[name] = found

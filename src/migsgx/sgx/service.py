@@ -27,6 +27,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from .. import _proc
 from .._fds import take_descriptor
 from ..channel import IMAGE_FRAME_MAX, LAUNCH, PLATFORM
 from ..errors import ConfigError, ConnectionClosedError, LaunchError, MigSGXError, ProtocolError
@@ -486,13 +487,8 @@ def _enclaves_of(tag: str) -> list[tuple[int, int]]:
     """(pid, reserve peer descriptor) of every enclave runtime naming ``tag``."""
 
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+    for pid in _proc.pids():
+        argv = _proc.argv(pid)
         if b"migsgx.enclave.runtime" not in argv or b"--platform-tag" not in argv:
             continue
         try:
@@ -501,5 +497,5 @@ def _enclaves_of(tag: str) -> list[tuple[int, int]]:
             peer = int(argv[argv.index(b"--reserve-peer") + 1])
         except (ValueError, IndexError):
             continue
-        found.append((int(entry.name), peer))
+        found.append((pid, peer))
     return found

@@ -25,7 +25,6 @@ fails the restore, and the migration rolls back as before.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import ipaddress
 import os
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from .. import _proc
 from ..errors import MigrationError, ProtocolError, register_error
 from .process import in_netns
 
@@ -116,18 +116,6 @@ def _address(hex_address: str, family: int) -> str:
     return str(ipaddress.ip_address(packed if family == socket.AF_INET6 else packed[:4]))
 
 
-def _socket_inodes(pids: Iterable[int]) -> set[int]:
-    inodes: set[int] = set()
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    if target.startswith("socket:["):
-                        inodes.add(int(target[8:-1]))
-    return inodes
-
-
 def listeners(root: int, pids: Iterable[int], *, proc: Path = Path("/proc")) -> list[Listener]:
     """What the tree ``pids`` (rooted at ``root``) listens on, in ``root``'s network namespace.
 
@@ -135,7 +123,7 @@ def listeners(root: int, pids: Iterable[int], *, proc: Path = Path("/proc")) -> 
     process in the same namespace is not the application's business.
     """
 
-    inodes = _socket_inodes(pids)
+    inodes = _proc.socket_inodes(pids)
     found: set[Listener] = set()
     for proto, name, family in TABLES:
         try:

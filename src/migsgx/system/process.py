@@ -31,6 +31,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final, TypeVar
 
+from .. import _proc
+from .._proc import children
+from .._proc import state as process_state
 from ..errors import MigrationError
 
 __all__ = [
@@ -51,24 +54,6 @@ T = TypeVar("T")
 
 
 # --- process trees -------------------------------------------------------------------
-def children(pid: int) -> list[int]:
-    """The children of every thread of ``pid`` (a child forked by another thread than
-    the main one is listed under that thread only); none once it is gone."""
-
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
-        except OSError:
-            continue
-        out.extend(int(p) for p in text.split())
-    return out
-
-
 def tree_pids(root: int) -> list[int]:
     """``root`` and all its descendants (parents before children)."""
 
@@ -97,16 +82,6 @@ def pid_exists(pid: int) -> bool:
     return True
 
 
-def process_state(pid: int) -> str:
-    """The one-letter state of ``/proc/PID/stat`` ('' when the process is gone)."""
-
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat[stat.rindex(")") + 2 :][:1]
-
-
 def runnable(pid: int) -> bool:
     """Alive and not stopped: it can run application code."""
 
@@ -116,15 +91,11 @@ def runnable(pid: int) -> bool:
 def is_pidns_init(pid: int) -> bool:
     """Whether ``pid`` is the init (pid 1) of a pid namespace of its own."""
 
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError as exc:
-        raise MigrationError(f"no process {pid}") from exc
-    for line in status.splitlines():
-        if line.startswith("NSpid:"):
-            levels = line.split()[1:]
-            return len(levels) > 1 and levels[-1] == "1"
-    return False
+    nspid = _proc.status_field(pid, "NSpid")
+    if nspid is None and _proc.stat(pid) is None:
+        raise MigrationError(f"no process {pid}")
+    levels = (nspid or "").split()
+    return len(levels) > 1 and levels[-1] == "1"
 
 
 def _signal_all(pids: list[int], sig: int) -> None:
@@ -231,19 +202,7 @@ def socket_in_netns(pid: int, family: int, kind: int) -> socket.socket:
 
 
 def socket_inodes(pid: int) -> set[int]:
-    out: set[int] = set()
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return out
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            out.add(int(target[8:-1]))
-    return out
+    return _proc.socket_inodes([pid])
 
 
 _SO_ACCEPTCON: Final = 0x10000

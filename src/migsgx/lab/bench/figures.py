@@ -25,6 +25,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ... import _proc
 from ...errors import MigSGXError
 
 __all__ = [
@@ -46,14 +47,10 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 def cpu_seconds(pid: int, *, children: bool = False) -> float:
     """User + system CPU seconds of a live process (and its reaped children)."""
 
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise MigSGXError(f"cannot read the CPU time of process {pid}: {exc}") from exc
-    # The command name may hold spaces and parentheses: fields start after the last ')'.
-    fields = raw[raw.rindex(")") + 2 :].split()
-    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    fields = _proc.stat(pid)
+    if fields is None:
+        raise MigSGXError(f"cannot read the CPU time of process {pid}: it is gone")
+    utime, stime, cutime, cstime = (int(x) for x in fields[_proc.UTIME : _proc.CSTIME + 1])
     ticks = utime + stime + (cutime + cstime if children else 0)
     return ticks / _TICKS
 
