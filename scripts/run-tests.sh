@@ -6,6 +6,11 @@ cd "$(dirname "$0")/.."
 VENV=.venv
 "$VENV/bin/ruff" check src tests examples
 "$VENV/bin/mypy"
+# What an interrupted earlier run left (its hosts, container labs, daemons), if its
+# owner is gone; a live run's and everything else stay.
+if [ "$(id -u)" -eq 0 ]; then
+    "$VENV/bin/python" -m migsgx.lab.sweep
+fi
 set +e
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
 rc=$?

@@ -3,6 +3,9 @@
 In CI (``CI=true``) an integration test that is skipped is reported as a
 failure: a machine without root or without a working CRIU must not pass the
 suite silently. Elsewhere such tests skip with their reason.
+
+Every module, unit or integration, ends without a zombie child of the test
+process (:mod:`zombies`): what a test starts and kills, it also waits for.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from collections.abc import Generator
 from pathlib import Path
 
 import pytest
+from zombies import no_zombie_children
+
+__all__ = ["no_zombie_children"]  # autouse: every module ends without a zombie child
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
 

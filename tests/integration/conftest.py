@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 from platform_fixtures import World
+from zombies import reap_orphans
 
 from migsgx.criu import Criu
 from migsgx.errors import CriuError, MigSGXError
 from migsgx.lab.containers import ContainerLab
 from migsgx.lab.hosts import ServiceProcess, start_service
-from migsgx.lab.netns import Host, HostNetwork, cleanup_stale, terminate
+from migsgx.lab.netns import Host, HostNetwork, terminate
+from migsgx.lab.sweep import sweep
 from migsgx.lab.testbed import AgentProcess, Testbed
 
 # The shared helper modules' asserts explain themselves like a test's own: registered
@@ -67,14 +69,28 @@ def subreaper() -> Iterator[None]:
     if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         pytest.skip(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
     yield
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
+    reap_orphans()
+
+
+@pytest.fixture(autouse=True)
+def _orphans_reaped() -> Iterator[None]:
+    """After every test: the orphans this process adopted as subreaper are reaped.
+
+    Without it they stayed zombies until the session ended. Children a test
+    started itself are not touched here (their ``Popen`` waits for them); one
+    left unwaited fails its module (``zombies.no_zombie_children``).
+    """
+
+    yield
+    reap_orphans()
 
 
 @pytest.fixture(scope="session")
 def _stale_namespaces_removed(require_root: None) -> None:
-    cleanup_stale()
+    """What dead lab runs left (their container labs, then their hosts) is swept first;
+    never what a live run or a user started (:mod:`migsgx.lab.sweep`)."""
+
+    sweep()
 
 
 @pytest.fixture(scope="module")

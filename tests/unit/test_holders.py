@@ -19,11 +19,36 @@ from migsgx.agent import holders
 from migsgx.agent.ckpt_journal import start_time
 from migsgx.agent.holders import peer_inode, take_held
 
-_SLEEP = "import time; time.sleep(60)"
+# The process says it runs once the interpreter does: until exec has finished, its command
+# line reads empty (the kernel closes the spawner's close-on-exec pipe, and so lets Popen
+# return, before it sets the new argument area), and the runtime check would refuse it.
+_SLEEP = "import sys, time; print('up', flush=True); time.sleep(60)"
 
 
 def _inode(sock: socket.socket) -> int:
     return os.fstat(sock.fileno()).st_ino
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def _enclave_like_process(*fds: int) -> subprocess.Popen[bytes]:
+    """A sleeping process named as an enclave runtime holding ``fds``, once it runs."""
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLEEP, "migsgx.enclave.runtime"],
+        pass_fds=fds,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    if proc.stdout.readline() != b"up\n":
+        _stop(proc)
+        raise AssertionError("the enclave-like process did not start")
+    return proc
 
 
 def test_the_kernel_names_the_other_end_of_a_connection() -> None:
@@ -40,15 +65,11 @@ def enclave_like() -> Iterator[tuple[subprocess.Popen[bytes], socket.socket, soc
     if os.geteuid() != 0:
         pytest.skip("pidfd_getfd needs root")
     own, held = socket.socketpair()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SLEEP, "migsgx.enclave.runtime"],
-        pass_fds=[own.fileno(), held.fileno()],
-    )
+    proc = _enclave_like_process(own.fileno(), held.fileno())
     try:
         yield proc, own, held
     finally:
-        proc.kill()
-        proc.wait()
+        _stop(proc)
         own.close()
         held.close()
 
@@ -69,17 +90,14 @@ def test_a_socket_whose_other_end_is_elsewhere_is_never_taken() -> None:
     if os.geteuid() != 0:
         pytest.skip("pidfd_getfd needs root")
     mine, theirs = socket.socketpair()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SLEEP, "migsgx.enclave.runtime"], pass_fds=[theirs.fileno()]
-    )
+    proc = _enclave_like_process(theirs.fileno())
     try:
         assert take_held([[proc.pid, theirs.fileno(), start_time(proc.pid)]]) == {}
         mine.setblocking(False)
         with pytest.raises(BlockingIOError):
             mine.recv(1)
     finally:
-        proc.kill()
-        proc.wait()
+        _stop(proc)
         mine.close()
         theirs.close()
 

@@ -19,7 +19,8 @@ image is bind-mounted read-only at ``/opt/enclave``.  Its enclaves run on the
 host, outside the container, as the platform service starts them.
 
 :meth:`ContainerLab.close` removes every container, image, store, bundle and
-cgroup it made.
+cgroup it made; the lab's directory carries its owner's run tag, so that a later
+run sweeps all of it should the owner die first (:mod:`.sweep`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from ..criu import Criu
 from ..errors import MigSGXError
 from .containerd import ContainerdDaemon, lab_settings, run_container
 from .hosts import EXAMPLES
+from .sweep import unmount_below, write_owner
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
@@ -205,6 +207,7 @@ class ContainerLab:
 
     def open(self) -> None:
         self.base.mkdir(mode=0o700)
+        write_owner(self.base)  # a later run sweeps the lab if this process dies first
         make_skeleton(self.base / "rootfs")
         for name in self.bed.names:
             host = self.bed.host(name)
@@ -604,7 +607,7 @@ class ContainerLab:
                 (self.bed.state(host) / "containers.toml").unlink()
         for entry in sorted(Path("/run/netns").glob(f"{self.pod_prefix}*")):
             podnet.give_up(entry)
-        _unmount_below(self.base)
+        unmount_below(self.base)
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -613,16 +616,3 @@ def _frozen(pid: int) -> bool:
         return Freezer.of_pid(pid).state() != "THAWED"
     except MigSGXError:
         return False
-
-
-def _unmount_below(base: Path) -> None:
-    """Unmount whatever an engine left mounted under ``base`` (deepest first)."""
-
-    try:
-        lines = Path("/proc/self/mounts").read_text().splitlines()
-    except OSError:
-        return
-    points = [line.split()[1] for line in lines if len(line.split()) > 1]
-    prefix = str(base) + "/"
-    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True, check=False, timeout=30)

@@ -13,10 +13,12 @@ with ``eth0`` as a port: a container's own network namespace can hang off it
 (:mod:`migsgx.containers.podnet`) with an address on the same segment, an
 address that can move to another host.
 
-Namespace names are ``migsgx-<pid>-<token>-<host>``: parallel runs never
-collide, and :func:`cleanup_stale` can tell which ones were left behind by a
-process that is gone. :class:`HostNetwork` always removes what it created, also
-when creating it failed halfway.
+Namespace names are ``migsgx-<pid>.<start>-<token>-<host>``, the owning
+process's run tag (pid and start time, :func:`run_tag`) and a random token:
+parallel runs never collide, and :func:`cleanup_stale` can tell which ones were
+left behind by a process that is gone (a pid reused since does not keep them).
+:class:`HostNetwork` always removes what it created, also when creating it failed
+halfway.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, TypeVar
 
+from migsgx.agent.ckpt_journal import start_time
 from migsgx.errors import MigSGXError, register_error
 from migsgx.system.process import pid_exists
 
@@ -49,7 +52,10 @@ __all__ = [
     "HostNetwork",
     "NetnsError",
     "cleanup_stale",
+    "delete_namespace",
     "list_namespaces",
+    "owner_alive",
+    "run_tag",
     "terminate",
 ]
 
@@ -61,7 +67,7 @@ EPHEMERAL_PORTS: Final = (40000, 60999)
 #: Ports handed to applications (``HostNetwork.app_port``): below the ephemeral range.
 APP_PORTS: Final = range(20000, 40000)
 _HOST_NAME = re.compile(r"[a-z][a-z0-9]{0,11}")
-_OWNED_NAME = re.compile(r"^(?P<pid>\d+)-(?P<token>[0-9a-f]+)-")
+_OWNED_NAME = re.compile(r"^(?P<pid>\d+)(?:\.(?P<start>\d+))?-(?P<token>[0-9a-f]+)-")
 
 T = TypeVar("T")
 
@@ -86,6 +92,24 @@ def _ip(*args: str) -> str:
         ) from exc
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise NetnsError(f"cannot run ip {' '.join(args)}: {exc}") from exc
+
+
+def run_tag(pid: int | None = None) -> tuple[int, str]:
+    """This process's (or ``pid``'s) run tag: its pid and start time ("" if it is gone)."""
+
+    pid = os.getpid() if pid is None else pid
+    return pid, start_time(pid)
+
+
+def owner_alive(pid: int, start: str | None) -> bool:
+    """Whether the owner ``pid``, started at ``start`` (when recorded), still runs.
+
+    Without a recorded start time only the pid can be asked (what older names carry).
+    """
+
+    if not pid_exists(pid):
+        return False
+    return start is None or start_time(pid) == start
 
 
 def list_namespaces(prefix: str = PREFIX) -> list[str]:
@@ -286,7 +310,9 @@ def _kill_inside(netns: str) -> None:
                 terminate(pid)
 
 
-def _delete(netns: str) -> None:
+def delete_namespace(netns: str) -> None:
+    """Kill whatever runs in ``netns``, then delete it (gone already: nothing to do)."""
+
     _kill_inside(netns)
     if (NETNS_DIR / netns).exists():
         _ip("netns", "delete", netns)
@@ -314,7 +340,8 @@ class HostNetwork:
         if not 0 <= subnet <= 255 or len(names) > 250:
             raise NetnsError("subnet must be 0..255 and at most 250 hosts")
         self.network = ipaddress.IPv4Network(f"10.250.{subnet}.0/24")
-        self.run_id = f"{os.getpid()}-{secrets.token_hex(3)}"
+        pid, start = run_tag()
+        self.run_id = f"{pid}.{start}-{secrets.token_hex(3)}"
         self.name_prefix = f"{prefix}{self.run_id}-"
         bridge = "br0" if bridged else None
         self.hosts: dict[str, Host] = {
@@ -417,7 +444,7 @@ class HostNetwork:
             host._stop_processes()
         for netns in reversed(self._created):
             try:
-                _delete(netns)
+                delete_namespace(netns)
             except NetnsError as exc:
                 errors.append(exc)
         self._created.clear()
@@ -430,15 +457,18 @@ class HostNetwork:
 def cleanup_stale(prefix: str = PREFIX, *, everything: bool = False) -> list[str]:
     """Delete namespaces left by processes that are gone; returns their names.
 
-    A name records the pid of the process that made it; with ``everything``
-    all namespaces with ``prefix`` go, in use or not.
+    A name records the run tag of the process that made it (its pid and start
+    time; older names the pid only); with ``everything`` all namespaces with
+    ``prefix`` go, in use or not.
     """
 
     removed = []
     for netns in list_namespaces(prefix):
         owner = _OWNED_NAME.match(netns[len(prefix) :])
-        if not everything and (owner is None or pid_exists(int(owner.group("pid")))):
+        if not everything and (
+            owner is None or owner_alive(int(owner.group("pid")), owner.group("start"))
+        ):
             continue
-        _delete(netns)
+        delete_namespace(netns)
         removed.append(netns)
     return removed

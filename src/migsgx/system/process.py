@@ -115,7 +115,7 @@ def continue_tree(root: int) -> list[int]:
 
 
 def kill_tree(root: int, *, timeout: float = 10.0) -> None:
-    """SIGKILL ``root`` and its descendants and wait until none can run."""
+    """SIGKILL ``root`` and its descendants, wait until none can run, reap those that are ours."""
 
     pids = tree_pids(root)
     _signal_all(pids, signal.SIGKILL)
@@ -123,10 +123,18 @@ def kill_tree(root: int, *, timeout: float = 10.0) -> None:
     while any(process_state(p) not in ("", "Z", "X") for p in pids):
         if time.monotonic() > deadline:
             raise MigrationError(f"processes of tree {root} survive SIGKILL")
-        for pid in pids:
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(pid, os.WNOHANG)
+        _reap_children(pids)
         time.sleep(0.01)
+    _reap_children(pids)
+
+
+def _reap_children(pids: list[int]) -> None:
+    """Wait for those of ``pids`` that are this process's children (a child or an orphan it
+    adopted as subreaper) and ended: a killed child nobody waits for stays a zombie."""
+
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
 
 
 def wait_stopped(root: int, *, timeout: float = 10.0) -> list[int]:
