@@ -203,6 +203,18 @@ def recover(
     )  # fmt: skip
 
 
+def unstall(bed: Testbed, agent: AgentProcess) -> None:
+    """Undo an ``agent.*:stall`` fault of the destination ``agent`` (its firewall rules)."""
+
+    for chain, side in (("INPUT", "--dport"), ("OUTPUT", "--sport")):
+        subprocess.run(
+            bed.host("dst").command(
+                ["iptables", "-D", chain, "-p", "tcp", side, str(agent.port), "-j", "DROP"]
+            ),
+            capture_output=True, timeout=10,
+        )  # fmt: skip
+
+
 def stayed(
     bed: Testbed,
     figures: dict[str, dict[str, object]],

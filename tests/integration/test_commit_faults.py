@@ -12,7 +12,6 @@ they are figures, not asserts.  The table in ``docs/migration.md`` comes from th
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from fault_helpers import (
     source_answers,
     stayed,
     stop_guardian_of,
+    unstall,
 )
 
 from migsgx.agent.held import start_time
@@ -320,7 +320,7 @@ def test_control_connection_stalls_with_the_tree_held(
             }  # fmt: skip
             only_copy(bed, c.app, "src", c.digest)
         finally:
-            _unstall(bed, c.doomed)
+            unstall(bed, c.doomed)
 
 
 @pytest.mark.parametrize("repeat", range(3))
@@ -376,7 +376,7 @@ def test_answer_to_resume_lost_is_in_doubt_until_delivered_again(
             wait_until(lambda: bed.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
             assert bed.runnable_copies(app)["src"] == 0
         finally:
-            _unstall(bed, c.doomed)
+            unstall(bed, c.doomed)
         # The network is back: the guardian's next delivery hears that the destination runs.
         wait_until(
             lambda: process_state(app.pid) in ("", "Z"), 90, "the guardian to end the source"
@@ -387,16 +387,6 @@ def test_answer_to_resume_lost_is_in_doubt_until_delivered_again(
             "outcome": "moved", "exit": run.returncode, "recover": "the guardian",
         }  # fmt: skip
         only_copy(bed, app, "dst", c.digest)
-
-
-def _unstall(bed: Testbed, agent: AgentProcess) -> None:
-    for chain, side in (("INPUT", "--dport"), ("OUTPUT", "--sport")):
-        subprocess.run(
-            bed.host("dst").command(
-                ["iptables", "-D", chain, "-p", "tcp", side, str(agent.port), "-j", "DROP"]
-            ),
-            capture_output=True, timeout=10,
-        )  # fmt: skip
 
 
 @pytest.mark.parametrize(

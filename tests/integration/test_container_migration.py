@@ -29,6 +29,7 @@ import pytest
 pytest.register_assert_rewrite("bed_helpers")
 
 from bed_helpers import scan_files, strict_destination, wait_until  # noqa: E402
+from fault_helpers import recover, unstall  # noqa: E402
 
 from migsgx.containers.imagefs import leftover_mounts  # noqa: E402
 from migsgx.containers.podman import (  # noqa: E402
@@ -389,6 +390,42 @@ def test_tool_dying_before_the_commit_point_thaws_the_container(
     wait_until(lambda: app.name not in lab.containers("dst", engine), 15, "dst to let go")
     wait_until(lambda: lab.runnable_copies(app)["src"] == 1, 15, "the source to thaw")
     check_source_runs_on(lab, app, digest)
+    finish(lab, app, expect="src")
+
+
+def test_runc_source_in_doubt_after_the_commit_goes_with_one_recover(
+    bed: Testbed, lab: ContainerLab
+) -> None:
+    """The destination stalls before it answers ``resume``: exit 7, in doubt (found by a storm).
+
+    After one ``migsgx recover`` the committed source container is gone from runc,
+    as after a success, and can come back.  Before, its tasks stayed frozen (the
+    recover's SIGKILL waits for a thaw under cgroup v1) and runc kept its record,
+    which refused the container's return.
+    """
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-resume:stall"})
+    back = bed.start_agent("src")
+    try:
+        app, digest = started(lab, "runc")
+        try:
+            run = migrate(bed, app, doomed)
+            assert run.returncode == 7, run.stderr
+            wait_until(lambda: lab.runnable_copies(app)["dst"] == 1, 30, "the destination to run")
+            assert lab.runnable_copies(app)["src"] == 0  # in doubt: nothing runs twice
+        finally:
+            unstall(bed, doomed)
+        result = recover(bed)
+        assert result.returncode == 0, result.stderr
+        assert {r["outcome"] for r in json.loads(result.stdout)} <= {"moved", "done"}
+        assert app.name not in lab.containers("src", "runc")
+        assert lab.ask(app, "DIGEST", at="dst") == digest
+        again = migrate(bed, app, back, name="dst")
+        assert again.returncode == 0, again.stderr
+        assert lab.ask(app, "DIGEST", at="src") == digest
+    finally:
+        doomed.stop()
+        back.stop()
     finish(lab, app, expect="src")
 
 

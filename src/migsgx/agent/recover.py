@@ -64,7 +64,7 @@ from .dumpdirs import sweep_dump_dirs
 from .handback import abort_frame_of, abort_reply, resume_source
 from .journal import Journal
 from .protocol import VERSION
-from .source_host import alive, end_fenced, give_back, is_guardian, lost_detail, signal_all
+from .source_host import alive, end_committed, end_fenced, give_back, is_guardian, lost_detail
 from .tls import AgentIdentity
 
 __all__ = ["Resolution", "decisions_of", "keep_aborts", "recover", "resolve"]
@@ -215,7 +215,7 @@ def resolve(
             outcome, detail = _deliver(journal, identity, frames)
             detail = f"the state was delivered again to a fresh enclave; {detail}".strip("; ")
         if outcome == "resumed":
-            signal_all(journal.fenced_now(), signal.SIGKILL)
+            end_committed(journal)
             journal.update(phase="done")
             if release is not None:
                 release()
@@ -226,7 +226,7 @@ def resolve(
             return Resolution(mid, journal.phase, "commit", "lost", lost_detail(journal, outcome))
         if outcome == LostAfterCommitError.code:
             # Claimed, then its enclave died (W3): never delivered again; the source goes.
-            signal_all(journal.fenced_now(), signal.SIGKILL)
+            end_committed(journal)
             journal.update(phase="done")
             if release is not None:
                 release()

@@ -9,20 +9,25 @@ Split from :mod:`.recover`, which decides; nothing here talks to an agent.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
 
 from .. import _proc
 from ..containers.cgroups import thaw_file
-from ..containers.podnet import unlock
+from ..containers.podnet import give_up, unlock
+from ..containers.runc_cli import Runc
 from ..errors import MigSGXError
 from ..system.process import pid_exists as alive
 from .journal import Journal
 
-__all__ = ["alive", "end_fenced", "give_back", "is_guardian", "lost_detail", "signal_all"]
+__all__ = [
+    "alive", "end_committed", "end_fenced", "give_back", "is_guardian", "lost_detail", "signal_all",
+]  # fmt: skip
 
 log = logging.getLogger("migsgx.recover")
 
@@ -68,10 +73,80 @@ def end_fenced(journal: Journal) -> None:
     For a tool that died after the destination ran and before CRIU ended the
     tree (it does once its post-dump step returns).  Only the recorded pids
     that are still stopped (the fence) are killed: one that runs is not the
-    fenced task any more.
+    fenced task any more.  A container's (frozen, so not ``T``) goes through
+    its engine (:func:`end_committed`).
     """
 
+    if _engine_records(journal):
+        end_committed(journal)
+        return
     signal_all([p for p in journal.fenced_now() if _proc.state(p) in ("T", "t")], signal.SIGKILL)
+
+
+def _engine_records(journal: Journal) -> list[dict[str, str]]:
+    """The engine records the journal's ``runc`` notes name (a damaged one is skipped)."""
+
+    found = []
+    for note in journal.undo:
+        kind, _, arg = note.partition(" ")
+        if kind != "runc":
+            continue
+        try:
+            record = json.loads(arg)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and all(
+            isinstance(record.get(k), str) for k in ("id", "root", "bundle", "made")
+        ):
+            found.append({k: str(record[k]) for k in ("id", "root", "bundle", "made")})
+    return found
+
+
+def end_committed(journal: Journal) -> None:
+    """The committed source goes as after a success: killed, and a container's engine
+    record deleted (:func:`~migsgx.containers.frozen.end_frozen`).
+
+    A container's tasks are frozen in their cgroup (which SIGKILL alone does not
+    end under cgroup v1): the kill is queued first, then the cgroup thaws, and
+    runc deletes the container, so that it can come back here later.  Only a
+    record whose container is still the fenced tree (its pid, with its start
+    time) or has no task left (``stopped``, from the same bundle) is deleted: a
+    container of that name made since is never touched.  Idempotent.
+    """
+
+    records = _engine_records(journal)
+    fenced = journal.fenced_now()
+    ours: list[tuple[Runc, dict[str, str]]] = []
+    for record in records:
+        runc = Runc(Path(record["root"]) if record["root"] else None, Path("criu"))
+        state = runc.state(record["id"])
+        if state is None or str(state.get("bundle")) != record["bundle"]:
+            continue
+        if int(state.get("pid") or 0) in fenced or state.get("status") == "stopped":
+            ours.append((runc, record))
+    signal_all(fenced, signal.SIGKILL)
+    if not records:
+        return
+    for note in journal.undo:
+        kind, _, arg = note.partition(" ")
+        try:
+            if kind == "thaw":
+                thaw_file(arg)  # (the queued SIGKILL ends each task before it runs)
+        except MigSGXError as exc:
+            log.warning("ending the committed source: %s: %s", note, exc)
+    for runc, record in ours:
+        try:
+            runc.delete(record["id"])
+        except MigSGXError as exc:
+            log.warning("the committed source container %s stays: %s", record["id"], exc)
+            continue
+        if record["made"]:
+            # Restored here by an agent of this host: a bundle left would refuse its return.
+            shutil.rmtree(record["made"], ignore_errors=True)
+        for note in journal.undo:
+            kind, _, arg = note.partition(" ")
+            if kind == "netup":
+                give_up(Path(arg))  # the address lives on the destination only
 
 
 def give_back(journal: Journal) -> None:

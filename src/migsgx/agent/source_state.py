@@ -49,7 +49,8 @@ __all__ = ["MigrateOptions", "MigrationOutcome", "keeps_tcp"]
 log = logging.getLogger("migsgx.migrate")
 
 #: The guardian's notes that say how to give a container back (kept in the journal too).
-UNDO_NOTES: Final = frozenset({"criu", "netup", "thaw"})
+#: (``runc``: the engine's record of the source, which a committed source's end deletes)
+UNDO_NOTES: Final = frozenset({"criu", "netup", "runc", "thaw"})
 
 #: Files of the dump directory that stay on the source.
 _LOCAL_ONLY: Final = frozenset({"dump.log"})

@@ -72,7 +72,7 @@ from .oci import (
 from .runc_cli import Runc
 from .runc_lazy import LazyCheckpoint, dump_lazy
 
-__all__ = ["RUNC_CONFIG", "RUNC_ROOTFS", "Runc", "RuncDriver", "own_netns_path"]
+__all__ = ["RUNC_CONFIG", "RUNC_ROOTFS", "Runc", "RuncDriver", "engine_note", "own_netns_path"]
 
 log = logging.getLogger("migsgx.containers")
 
@@ -163,6 +163,10 @@ class RuncDriver:
             return LazyCheckpoint(self.runc.argv(*args), plan.images, tls=plan.page_tls)
 
         def dump(unlock: Callable[[], object] | None) -> None:
+            # Should this tool end before it removes the source (in doubt after the
+            # commit), the guardian or ``migsgx recover`` ends it the same way.
+            made = self._bundle_made_here(cid)
+            plan.note(engine_note(self.runc, cid, source.private["bundle"], made))
             if plan.lazy:
                 dump_lazy(source, plan, on_dumped, start=start_lazy, copy_files=copy_files,
                           remove=remove, unlock=unlock)  # fmt: skip
@@ -437,6 +441,19 @@ def _restored(cid: str, pid: int, bundle: Path, pod: Path | None) -> Restored:
         handle={"id": cid, "bundle": str(bundle), "netns": str(pod) if pod else ""},
         before_resume=before_resume,
     )
+
+
+def engine_note(runc: Runc, cid: str, bundle: Path, made: Path | None) -> str:
+    """The guardian's ``runc`` note: which runc record a committed source leaves.
+
+    ``migsgx recover`` (or the guardian) of a migration that ended in doubt
+    deletes it once the destination runs (:func:`migsgx.agent.source_host.end_committed`),
+    and the bundle too if an agent of this host made it.
+    """
+
+    record = {"id": cid, "root": str(runc.root or ""), "bundle": str(bundle),
+              "made": str(made or "")}  # fmt: skip
+    return "runc " + json.dumps(record, sort_keys=True)
 
 
 def netns_path(config: Mapping[str, Any]) -> Path | None:
