@@ -106,6 +106,34 @@ def test_recorded_commit_is_delivered_and_the_fenced_source_removed(
         source.wait()
 
 
+def test_a_committed_source_ends_through_only_the_runc_record_that_is_its_own(
+    state: Path, agent: Agent, tmp_path: Path
+) -> None:
+    """The journal's ``runc`` notes name the engine record a committed source leaves:
+    a damaged note is skipped, and a record runc does not know (or that runs another
+    tree) is never deleted; the fenced tree is killed all the same."""
+
+    from migsgx.agent.source_host import _engine_records
+
+    mid = os.urandom(16)
+    source = _sleeper()
+    root = tmp_path / "runc-root"
+    root.mkdir()
+    record = {"id": "gone-1", "root": str(root), "bundle": "/nowhere", "made": ""}
+    try:
+        journal = _journal(state, [mid], phase="committed", fenced=[source.pid])
+        journal.update(undo=["runc {not json", 'runc {"id": "x"}', "runc " + json.dumps(record)])
+        assert _engine_records(Journal.load(journal.path)) == [record]
+        _decide(state, mid, "commit", b"token")
+        agent.answers.append("resumed")
+        result = resolve(journal, state, AgentIdentity.of_state(state))
+        assert (result.decision, result.outcome) == ("commit", "moved")
+        assert source.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        source.kill()
+        source.wait()
+
+
 def test_a_fenced_pid_reused_since_is_never_signalled(state: Path, agent: Agent) -> None:
     """The journal names the fenced tree's pids with their start times: a pid that
     another process holds now (the tree ended, the number came round again) is
