@@ -415,9 +415,12 @@ def test_runc_source_in_doubt_after_the_commit_goes_with_one_recover(
             assert lab.runnable_copies(app)["src"] == 0  # in doubt: nothing runs twice
         finally:
             unstall(bed, doomed)
+        # (the module's earlier migrations left journals too: only this one's is judged)
+        journals = (bed.state("src") / "agent" / "migrations").glob("*.json")
+        mid = max(journals, key=lambda p: p.stat().st_mtime).stem
         result = recover(bed)
-        assert result.returncode == 0, result.stderr
-        assert {r["outcome"] for r in json.loads(result.stdout)} <= {"moved", "done"}
+        outcomes = {r["mid"]: r["outcome"] for r in json.loads(result.stdout)}
+        assert outcomes[mid] in ("moved", "done"), result.stdout
         assert app.name not in lab.containers("src", "runc")
         assert lab.ask(app, "DIGEST", at="dst") == digest
         again = migrate(bed, app, back, name="dst")
