@@ -346,7 +346,7 @@ def fill_ring(
 ) -> int:
     """Cut ``data`` into chunks, ``write`` each straight into a slot, publish it.
 
-    This is the source enclave's dump loop: :mod:`migsgx.enclave.migrator` passes
+    This is the source enclave's dump loop: :mod:`migsgx.enclave.migrator_source` passes
     a sealer as ``write``; the raw transport baseline passes :func:`copy_chunk`,
     so the two differ by the cipher alone.  Empty ``data`` still makes one
     (empty) chunk, since a stream always ends with a chunk.  The last chunk is the
