@@ -26,6 +26,7 @@ from bed_helpers import ask, end_copies, kvstore, wait_until
 from migsgx import _proc
 from migsgx.agent.dumpdirs import scratch_base
 from migsgx.lab.hosts import start_service
+from migsgx.lab.storm_checks import heal
 from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
 from migsgx.system.process import kill_tree, process_state
 
@@ -251,21 +252,6 @@ def record_back(
     runs = entry.setdefault("source_back_runs", [])
     assert isinstance(runs, list)
     runs.append(round(back, 3))
-
-
-def heal(bed: Testbed, host: str) -> None:
-    """Remove the DROP rules a ``stall`` fault put into this test host's firewall."""
-
-    listed = subprocess.run(
-        bed.host(host).command(["iptables", "-S"]), capture_output=True, text=True, timeout=10
-    )
-    for line in listed.stdout.splitlines():
-        parts = line.split()
-        if parts[:1] == ["-A"] and parts[-2:] == ["-j", "DROP"]:
-            subprocess.run(
-                bed.host(host).command(["iptables", "-D", *parts[1:]]),
-                capture_output=True, timeout=10,
-            )  # fmt: skip
 
 
 def migrate_with(bed: Testbed, app: AppProcess, agent: AgentProcess, fault: str) -> MigrateRun:
