@@ -717,8 +717,8 @@ def test_enclave_stream_failing_mid_dump_cuts_the_engines_criu(
 def test_tool_killed_while_the_fault_holds_criu_leaves_no_criu_stopped(
     bed: Testbed, lab: ContainerLab, agent: AgentProcess
 ) -> None:
-    """``flip-byte-in-dump`` stops runc's CRIU mid-dump (SIGSTOP) until the tool's cancel;
-    the tool is killed right then, so no cancel comes.  Its guardian continues the
+    """``kill-in-dump`` stops runc's CRIU mid-dump (SIGSTOP), as ``flip-byte-in-dump`` does
+    until the tool's cancel, and the tool kills itself right then, so no cancel comes.  Its guardian continues the
     CRIU it was told of (else CRIU stays stopped with the container's tasks seized,
     and the container frozen, for good), gives the source back, and the images
     tmpfs goes: the source answers with every write, the destination lets go."""
@@ -729,7 +729,7 @@ def test_tool_killed_while_the_fault_holds_criu_leaves_no_criu_stopped(
     argv = [sys.executable, "-m", "migsgx", "migrate", "--to", agent.target,
             "--state", str(bed.state("src")), "--runc", app.name]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "MIGSGX_FAULT": f"tool.enclave-stream:flip-byte-in-dump={1 << 20}"}  # fmt: skip
+           "MIGSGX_FAULT": f"tool.enclave-stream:kill-in-dump={1 << 20}"}  # fmt: skip
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2] / "src")
     tool = subprocess.Popen(bed.net["src"].command(argv), env=env, text=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -740,8 +740,7 @@ def test_tool_killed_while_the_fault_holds_criu_leaves_no_criu_stopped(
         for line in tool.stderr:
             seen.append(line)
             if "tool.enclave-stream:mid-dump at" in line:
-                tool.kill()  # (CRIU is stopped by now)
-                break
+                break  # (the tool kills itself right there, CRIU stopped)
         assert tool.wait(timeout=60) == -9, "".join(seen)
     finally:
         if tool.poll() is None:

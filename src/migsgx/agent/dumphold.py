@@ -92,7 +92,10 @@ class MidDumpHold:
         images: Callable[[], Path | None],
         cancel: Callable[[], DumpCancel | None],
         note: Callable[[str], None] = lambda _line: None,
+        *,
+        kill: bool = False,
     ) -> None:
+        self._kill = kill
         self._images = images
         self._cancel = cancel
         self._note = note
@@ -117,6 +120,9 @@ class MidDumpHold:
         # The fault proper (the damaged byte or the drop goes now): tests measure from here.
         sys.stderr.write(f"migsgx fault: tool.enclave-stream:mid-dump at {time.monotonic():.6f}\n")
         sys.stderr.flush()
+        if self._kill:
+            # ``kill-in-dump``: the tool dies right here, CRIU held, no cancel to come.
+            os.kill(os.getpid(), signal.SIGKILL)
         timer = threading.Timer(WAIT_LIMIT, self.release)
         timer.daemon = True
         timer.start()

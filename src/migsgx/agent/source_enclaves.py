@@ -113,12 +113,15 @@ class _EnclaveSteps(_MigrationState):
         action = fault("tool.enclave-stream")
         if action is not None and action.startswith("flip-byte="):
             return peer, flipping_relay(peer, int(action.partition("=")[2]))
-        if action is not None and action.startswith(("flip-byte-in-dump=", "drop-in-dump=")):
+        if action is not None and action.startswith(
+            ("flip-byte-in-dump=", "drop-in-dump=", "kill-in-dump=")
+        ):
             # The damaged byte (or the drop) comes once CRIU wrote 1 MiB of pages, CRIU held
             # till the cancel.
             hold = MidDumpHold(lambda: None if self.plan is None else self.plan.images,
                                lambda: None if self.plan is None else self.plan.cancel,
-                               self._guardian_note)  # fmt: skip
+                               self._guardian_note,
+                               kill=action.startswith("kill"))  # fmt: skip
             return peer, flipping_relay(peer, int(action.partition("=")[2]), hold,
                                         drop=action.startswith("drop"))  # fmt: skip
         return peer, peer
