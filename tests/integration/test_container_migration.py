@@ -718,10 +718,11 @@ def test_tool_killed_while_the_fault_holds_criu_leaves_no_criu_stopped(
     bed: Testbed, lab: ContainerLab, agent: AgentProcess
 ) -> None:
     """``kill-in-dump`` stops runc's CRIU mid-dump (SIGSTOP), as ``flip-byte-in-dump`` does
-    until the tool's cancel, and the tool kills itself right then, so no cancel comes.  Its guardian continues the
-    CRIU it was told of (else CRIU stays stopped with the container's tasks seized,
-    and the container frozen, for good), gives the source back, and the images
-    tmpfs goes: the source answers with every write, the destination lets go."""
+    until the tool's cancel, and the tool kills itself right then, so no cancel comes.
+    Its guardian continues the CRIU it was told of (else CRIU stays stopped with the
+    container's tasks seized, and the container frozen, for good), gives the source
+    back, and the images tmpfs goes: the source answers with every write, the
+    destination lets go."""
 
     app = lab.start_app("runc", "kvstore", ["--ballast", "128"])
     assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
