@@ -23,9 +23,10 @@ import gc
 import os
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+
+from migsgx import _proc
 
 __all__ = ["no_zombie_children", "reap_orphans", "unwaited_popens", "zombie_children"]
 
@@ -35,17 +36,10 @@ def zombie_children(parent: int | None = None) -> dict[int, str]:
 
     parent = os.getpid() if parent is None else parent
     found: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
-        if state == "Z" and int(ppid) == parent:
-            found[int(entry.name)] = name
+    for pid in _proc.pids():
+        fields = _proc.stat(pid)  # (None: gone meanwhile)
+        if fields and fields[_proc.STATE] == "Z" and int(fields[_proc.PPID]) == parent:
+            found[pid] = _proc.comm(pid)
     return found
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "CSTIME",
     "CUTIME",
     "FLAGS",
+    "MINFLT",
     "PPID",
     "STARTTIME",
     "STATE",
@@ -54,6 +55,7 @@ PROC: Final = Path("/proc")
 STATE: Final = 0
 PPID: Final = 1
 FLAGS: Final = 6
+MINFLT: Final = 7
 UTIME: Final = 11
 STIME: Final = 12
 CUTIME: Final = 13

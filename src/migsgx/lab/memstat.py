@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import _proc as _procfs
 from ..errors import MigSGXError, register_error
 
 __all__ = [
@@ -353,10 +354,7 @@ def kernel_events() -> dict[str, int]:
 def minor_faults(pid: int) -> int:
     """The page faults ``pid`` took without I/O so far (``/proc/PID/stat``, ``minflt``)."""
 
-    try:
-        with open(_proc(pid, "stat"), encoding="ascii") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise MemStatError(f"cannot read the faults of process {pid}: {exc}", pid=pid) from exc
-    # The command name may hold spaces and parentheses: fields start after the last ')'.
-    return int(raw[raw.rindex(")") + 2 :].split()[7])
+    fields = _procfs.stat(pid)
+    if fields is None:
+        raise MemStatError(f"cannot read the faults of process {pid}: it is gone", pid=pid)
+    return int(fields[_procfs.MINFLT])

@@ -33,9 +33,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final
 
+from .. import _proc
 from ..system.process import process_state
 from .containers import ContainerLab
 from .storm_apps import ContainerTarget, ProcessTarget, Target
@@ -207,13 +207,10 @@ class Storm:
         ours = {a.proc.pid for a in [*self.bed.agents]}
         ours |= {s.process.pid for s in self.bed.services.values()}
         ours |= {a.launcher.pid for a in self.bed.apps}
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-                for child in (task / "children").read_text().split():
-                    pid = int(child)
-                    if pid not in ours and process_state(pid) == "Z":
-                        with contextlib.suppress(ChildProcessError):
-                            os.waitpid(pid, os.WNOHANG)
+        for pid in _proc.children(os.getpid()):
+            if pid not in ours and process_state(pid) == "Z":
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
 
     def _back_seconds(self, frm: str, run: MigrateRun, logs: str) -> float | None:
         """From the fault (its mark) to the source answering again with a request."""

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Final, Protocol
 
+from .. import _proc
 from ..containers.imagefs import leftover_mounts
 from ..system.process import process_state
 from .hosts import start_service
@@ -168,33 +169,27 @@ def enclave_pids(bed: Testbed) -> dict[str, list[int]]:
     parents = {bed.services[h].process.pid: h for h in bed.names}
     found: dict[str, list[int]] = {h: [] for h in bed.names}
     found["orphan"] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+    for pid in _proc.pids():
+        if b"migsgx.enclave.runtime" not in b"\0".join(_proc.argv(pid)):
             continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if b"migsgx.enclave.runtime" not in (entry / "cmdline").read_bytes():
-                continue
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if fields[0] in ("Z", "X"):
-                continue
-            ppid = int(fields[1])
-            if ppid in parents:
-                found[parents[ppid]].append(int(entry.name))
-            elif ppid == os.getpid():
-                found["orphan"].append(int(entry.name))
+        fields = _proc.stat(pid)
+        if fields is None or fields[_proc.STATE] in ("Z", "X"):
+            continue
+        ppid = int(fields[_proc.PPID])
+        if ppid in parents:
+            found[parents[ppid]].append(pid)
+        elif ppid == os.getpid():
+            found["orphan"].append(pid)
     return found
 
 
 def _guardians(app_pid: int) -> list[int]:
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            ours = b"migsgx.agent.guardian" in argv and str(app_pid).encode() in argv
-            if ours and process_state(int(entry.name)) not in _GONE:
-                found.append(int(entry.name))
+    for pid in _proc.pids():
+        argv = _proc.argv(pid)
+        ours = b"migsgx.agent.guardian" in argv and str(app_pid).encode() in argv
+        if ours and process_state(pid) not in _GONE:
+            found.append(pid)
     return found
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from .. import _proc
 from ..containers.cgroups import CGROUP_ROOT, remove_cgroup
 from ..errors import MigSGXError
 from ..system.process import kill_tree
@@ -106,15 +107,11 @@ def _naming(directory: Path) -> list[int]:
     """Processes with an argument that names ``directory`` or a path below it."""
 
     exact, below = str(directory).encode(), str(directory).encode() + b"/"
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if any(arg == exact or below in arg for arg in argv):
-                found.append(int(entry.name))
-    return found
+    return [
+        pid
+        for pid in _proc.pids()
+        if pid != os.getpid() and any(arg == exact or below in arg for arg in _proc.argv(pid))
+    ]
 
 
 def _cgroups(token: str) -> list[Path]:
