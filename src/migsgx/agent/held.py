@@ -62,8 +62,8 @@ from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Final
 
-from .. import _proc
 from .._fs import write_private
+from .._proc import start_time
 from .._records import hex_text, json_record, non_negative_int
 from ..errors import RecordDamagedError
 
@@ -80,15 +80,6 @@ __all__ = [
 
 RECORD: Final = "held.json"
 LOST: Final = "lost.json"
-
-
-def start_time(pid: int) -> int:
-    """The start time of ``pid`` (clock ticks since boot), 0 if it is gone.
-
-    With the pid it names one process for good: a recycled pid starts later.
-    """
-
-    return _proc.start_time(pid)
 
 
 @dataclass
@@ -184,14 +175,13 @@ class HeldRecord:
 
         from ..containers.base import ContainerError
         from ..containers.cgroups import Freezer
-        from ..system.process import kill_tree, tree_pids
+        from ..containers.frozen import kill_frozen
+        from ..system.process import kill_tree
 
         if self.frozen():
-            for pid in tree_pids(self.root):
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ContainerError):
-                Freezer.of_pid(self.root).thaw()
+                kill_frozen(self.root, Freezer.of_pid(self.root))
+                return
         kill_tree(self.root)
 
     def end_lazy_pages(self) -> bool:
