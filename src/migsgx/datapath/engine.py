@@ -176,7 +176,6 @@ class EnclaveLink:
         if msg["t"] == "err":
             raise error_from_wire(msg["code"], msg["message"])
 
-
     def hold(self) -> int:
         """Give the enclave a duplicate of our end of this connection (``__mig_hold``).
 
@@ -313,6 +312,8 @@ def _refusal(peer: socket.socket, cause: BaseException) -> None:
             f"the destination refused the stream: [{msg['code']}] {msg['message']}"
         ) from cause
     raise ProtocolError(f"the destination sent {msg['t']!r} during the stream") from cause
+
+
 #: The longest a handshake waits for memory faulted in ahead of the freeze (seconds):
 #: the destination's answer for its enclave's memory and staging buffer, the source's
 #: end for its staging buffer (sequential mode).  The source still serves meanwhile.
