@@ -12,8 +12,8 @@ import signal
 import socket
 from typing import Any
 
+from .. import _proc
 from ..errors import InDoubtError, LostAfterCommitError, MigSGXError, SourceLostError
-from ..system.process import process_state
 from .control import CONNECT_TIMEOUT
 from .datalink import open_data
 from .faults import fault, firewall_drop
@@ -142,7 +142,7 @@ class _DecisionSteps(_EnclaveSteps):
             try:
                 assert transfer.outgoing is not None
                 # (an enclave already dead when asked cannot have decided anything)
-                transfer.asked_to_commit = not _gone(transfer.handed.info.pid)
+                transfer.asked_to_commit = _proc.alive(transfer.handed.info.pid)
                 transfer.outgoing.decide()
             except MigSGXError as exc:
                 if not self.committed:
@@ -254,11 +254,7 @@ def _undecided_and_gone(transfer: _Transfer, frame: bytes, committed: bool) -> b
         return False
     if not transfer.outgoing.migration_id:
         return False  # (no handshake: nothing waits on the destination)
-    return _gone(transfer.handed.info.pid)
-
-
-def _gone(pid: int) -> bool:
-    return process_state(pid) in ("", "Z", "X")
+    return not _proc.alive(transfer.handed.info.pid)
 
 
 def _token_fault(transfer: _Transfer, action: str | None) -> bytes | None:
