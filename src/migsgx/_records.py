@@ -41,7 +41,7 @@ def json_record(raw: bytes | str, what: str) -> dict[str, Any]:
     return value
 
 
-def own_record(path: Path, what: str) -> bytes:
+def own_record(path: Path, what: str, *, private: bool = False) -> bytes:
     """The bytes of the record at ``path`` if this process's user wrote it, else
     :class:`RecordDamagedError` (``what`` names the kind, for the message).
 
@@ -49,7 +49,8 @@ def own_record(path: Path, what: str) -> bytes:
     as a regular file of this user's that neither its group nor others may
     write: not a symbolic link (not followed), not a FIFO (never waited on),
     not a file another user planted.  Checked on the descriptor it is read
-    from; at most :data:`MAX_RECORD` (and one) bytes are read.
+    from; at most :data:`MAX_RECORD` (and one) bytes are read.  ``private``: nor
+    may group or others read it (a record written 0600).
     """
 
     try:
@@ -60,7 +61,8 @@ def own_record(path: Path, what: str) -> bytes:
         raise RecordDamagedError(f"{path} is a symbolic link, not {what}") from exc
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        others = 0o077 if private else 0o022
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & others:
             raise RecordDamagedError(
                 f"{path} is not {what} this user wrote (uid {st.st_uid}, "
                 f"mode {st.st_mode & 0o7777:o})"

@@ -56,7 +56,6 @@ import json
 import os
 import shutil
 import signal
-import stat
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
@@ -64,7 +63,7 @@ from typing import Final
 
 from .._fs import write_private
 from .._proc import start_time
-from .._records import hex_text, json_record, non_negative_int
+from .._records import hex_text, json_record, non_negative_int, own_record
 from ..errors import RecordDamagedError
 
 __all__ = [
@@ -125,7 +124,13 @@ class HeldRecord:
     def load(cls, path: Path) -> HeldRecord:
         """The record in ``path``; :class:`RecordDamagedError` unless every field is usable."""
 
-        data = json_record(path.read_bytes(), f"held-tree record {path}")
+        return cls.parse(path.read_bytes(), path)
+
+    @classmethod
+    def parse(cls, raw: bytes, path: Path) -> HeldRecord:
+        """The record in ``raw`` (read from ``path``); as :meth:`load`."""
+
+        data = json_record(raw, f"held-tree record {path}")
         texts = ("session_id", "driver", "peer", "local")
         if (
             set(data) - set(_FIELDS)
@@ -272,15 +277,15 @@ def held_records(work_dir: Path) -> list[tuple[Path, HeldRecord | None]]:
         return found
     for path in sorted(work_dir.glob(f"*/{RECORD}")):
         try:
-            _check_own(path)
-            found.append((path.parent, HeldRecord.load(path)))
+            found.append((path.parent, HeldRecord.parse(_own(path), path)))
         except (OSError, ValueError, TypeError):
             found.append((path.parent, None))
     return found
 
 
-def _check_own(path: Path) -> None:
-    """:class:`RecordDamagedError` unless ``path`` is a record this agent's user wrote.
+def _own(path: Path) -> bytes:
+    """The bytes of ``path``; :class:`RecordDamagedError` unless it is a record this
+    agent's user wrote.
 
     A record makes a restarted agent kill, remove (by its engine) or adopt and
     later resume the tree it names: one planted by anyone else (a work directory
@@ -291,12 +296,7 @@ def _check_own(path: Path) -> None:
 
     if path.parent.is_symlink():
         raise RecordDamagedError(f"{path.parent} is a symbolic link, not a session directory")
-    st = path.lstat()
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise RecordDamagedError(
-            f"{path} is not a private file of this agent's (uid {st.st_uid}, "
-            f"mode {st.st_mode & 0o7777:o}): not a record it wrote"
-        )
+    return own_record(path, "a record this agent wrote", private=True)
 
 
 def mark_lost(directory: Path, detail: str) -> None:
