@@ -27,7 +27,7 @@ from typing import Any, Final
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
 from ..core.rounds import StopRules
 from ..criu import Criu, DumpCancel
-from ..datapath.engine import OutgoingEnclave
+from ..datapath.outgoing import OutgoingEnclave
 from ..datapath.pagerelay import PageRelay
 from ..errors import ConfigError, LostAfterCommitError, MigSGXError
 from ..host.appctl import info_to_wire
