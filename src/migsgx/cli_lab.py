@@ -7,7 +7,7 @@ These are the only commands besides ``migsgx.cli``'s that import the lab.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +40,20 @@ def _bench_runs(command: _Command) -> _Command:
     for option in reversed(_BENCH_RUNS):
         command = option(command)
     return command
+
+
+def _echo_medians(result: dict[str, Any], names: Iterable[str], width: int, repeat: int) -> None:
+    """A line per kind of run of a paired bench: its medians (and post-copy window, if any)."""
+
+    for name in names:
+        r = result[name]
+        window = r.get("post_copy_window_seconds")
+        click.echo(
+            f"{name:{width}}: total {r['total_seconds']:.3f} s, "
+            f"downtime {r['downtime_seconds']:.3f} s, {r['bytes'] / (1 << 20):.0f} MiB"
+            + (f", window {window:.3f} s" if window is not None else "")
+            + f" (medians of {repeat})"
+        )
 
 
 # --- bench process --------------------------------------------------------------------------------
@@ -92,15 +106,7 @@ def bench_process(
         return
     lazy = ["migsgx_post_copy", "migsgx_live"] if post_copy else []
     tls = ["criu_only_tls", "migsgx_criu_tls"] if ab_page_tls else []
-    for name in ("migsgx", "criu_only", *tls, *lazy):
-        r = result[name]
-        window = r.get("post_copy_window_seconds")
-        click.echo(
-            f"{name:15}: total {r['total_seconds']:.3f} s, downtime {r['downtime_seconds']:.3f} s, "
-            f"{r['bytes'] / (1 << 20):.0f} MiB"
-            + (f", window {window:.3f} s" if window is not None else "")
-            + f" (medians of {repeat})"
-        )
+    _echo_medians(result, ("migsgx", "criu_only", *tls, *lazy), 15, repeat)
 
 
 # --- bench container ---------------------------------------------------------------------------
@@ -131,15 +137,7 @@ def bench_container(
     if as_json:
         _emit(result)
         return
-    for name in ("migsgx", "engine_only", *(LIVE_KINDS if live else ())):
-        r = result[name]
-        window = r.get("post_copy_window_seconds")
-        click.echo(
-            f"{name:11}: total {r['total_seconds']:.3f} s, "
-            f"downtime {r['downtime_seconds']:.3f} s, {r['bytes'] / (1 << 20):.0f} MiB"
-            + (f", window {window:.3f} s" if window is not None else "")
-            + f" (medians of {repeat})"
-        )
+    _echo_medians(result, ("migsgx", "engine_only", *(LIVE_KINDS if live else ())), 11, repeat)
 
 
 # --- demo with a container -----------------------------------------------------------------------
