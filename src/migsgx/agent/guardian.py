@@ -440,6 +440,10 @@ def _aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: st
         answers = [(sock, answer) for sock, (answer, _) in replies.items()]
         frames = {i: replies[s][1] for i, s in enumerate(socks) if s in replies and replies[s][1]}
         frames.update(_frames_again(socks, replies, journals))
+        # Killed here (the tool dead already), the frames are nowhere but in the
+        # enclaves, which keep their duplicates after an abort: ``migsgx recover``
+        # takes them back, asks again and hands them to the application.
+        fault("guardian.abort-answered")
         _keep_aborts(journals, frames)
         if any(answer not in ("aborted", "group-unchecked") for _, answer in answers):
             return False  # (committed, rolling forward, or gone)
