@@ -37,6 +37,10 @@ whose store record failed (the platform service died with the tool) is still
 carried to the destination, so that its held copy ends (``docs/spec/commit.md``,
 1 rule 4).  An enclave that had aborted already (the tool got its frame and
 died with it) is asked for that frame again by its migration id (1 rule 6).
+An aborted source enclave keeps its duplicate of its connection (below) until
+the application has the connection back: a guardian killed between the
+aborts and the hand-back leaves the enclaves for ``migsgx recover``, which
+takes them back and finishes (``docs/spec/commit.md`` section 5, A6).
 
 After a commit it carries the decision (``migsgx recover``'s logic), and when the
 destination lost its loaded copy before the claim (window W2) it delivers the

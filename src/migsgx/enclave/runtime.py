@@ -248,7 +248,8 @@ class AppChannel:
         self.migrator: Migrator | None = None
         #: A duplicate of the driver's end of this connection (``__mig_hold``): while
         #: it is held, the driver's death is no end of file, so a source whose
-        #: checkpoint tool and guardian both died keeps its state for recovery.
+        #: checkpoint tool and guardian both died keeps its state for recovery.  An
+        #: abort keeps it until ``__mig_unhold`` (the application has it back).
         self._held: socket.socket | None = None
 
     def send(self, msg: dict[str, Any]) -> None:
