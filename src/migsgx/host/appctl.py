@@ -68,7 +68,7 @@ APPCTL_FRAME_MAX: Final = 64 << 20  # a prepare answer carries the enclave image
 MAX_ENCLAVES: Final = 64
 REQUEST_TIMEOUT: Final = 60.0
 #: How long ``resume`` waits for each enclave to let its duplicate go (``__mig_unhold``).
-UNHOLD_TIMEOUT: Final = 10.0
+UNHOLD_TIMEOUT: Final = 5.0
 
 NUMBER = (int, float)
 
