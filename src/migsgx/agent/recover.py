@@ -62,7 +62,7 @@ from ..sgx.platform import COUNTERS
 from .control import AgentConnection
 from .dumpdirs import sweep_dump_dirs
 from .faults import fault
-from .handback import abort_frame_of, abort_reply, resume_source
+from .handback import abort_frame_of, abort_reply, let_go, resume_source
 from .journal import Journal
 from .protocol import VERSION
 from .source_host import alive, end_committed, end_fenced, give_back, is_guardian, lost_detail
@@ -416,6 +416,10 @@ def _resolve_orphaned(
                              roll_forward=held.roll_forward)  # fmt: skip
             if handed:
                 result.detail = f"{result.detail}; {handed}".strip("; ")
+            elif result.outcome == "stayed":
+                # Not every enclave could be taken back, and the application takes
+                # all or none: these end as their connections close (as before).
+                let_go([e.sock for e in held.enclaves.values()])
             return result
         finally:
             held.close()
