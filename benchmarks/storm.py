@@ -14,6 +14,9 @@ when any migration failed.  Run as root from the checkout:
     .venv/bin/python benchmarks/storm.py --fault tool.after-commit:kill-source-enclave
 
 ``--fault SPEC`` (as printed) replays one migration's fault, ``--count`` times.
+``--keep-failed DIR`` keeps what a failed migration leaves to read: CRIU's and
+runc's logs of its failed steps (``$MIGSGX_KEEP_LOGS``), the tool's output and
+the agents' logs, in ``DIR/INDEX-SEED/``.
 """
 
 from __future__ import annotations
@@ -54,6 +57,14 @@ def main() -> int:
         default="pid",
         help="a plain process (default) or a runc container",
     )
+    parser.add_argument(
+        "--keep-failed",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep a failed migration's logs in DIR/INDEX-SEED/ (CRIU's and runc's logs "
+        "of failed steps, the tool's output, the agents' logs)",
+    )
     args = parser.parse_args()
     fault = parse(args.fault) if args.fault else None
     outcomes: list[Outcome] = []
@@ -66,7 +77,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="migsgx-storm-") as root:
         with Testbed(Path(root), subnet=args.subnet) as bed, contextlib.ExitStack() as stack:
             lab = stack.enter_context(ContainerLab(bed)) if args.engine == "runc" else None
-            storm = Storm(bed, args.seed, bound=args.bound, lab=lab)
+            storm = Storm(bed, args.seed, bound=args.bound, lab=lab,
+                          keep_failed=args.keep_failed)  # fmt: skip
             for index in range(args.count):
                 if time.monotonic() >= t_end:
                     break
