@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import shutil
 import signal
 import sys
 import tempfile
@@ -86,6 +87,8 @@ def main() -> int:
                 outcomes.append(out)
                 print(as_json(out), flush=True)
             namespaces = bed.net.name_prefix
+        if args.keep_failed is not None:  # (the last migration's, which did not fail)
+            shutil.rmtree(args.keep_failed / "pending", ignore_errors=True)
         left = [n for n in list_namespaces() if n.startswith(namespaces)]
     result = summary(outcomes)
     result["seed"], result["engine"] = args.seed, args.engine
