@@ -92,9 +92,18 @@ class Storm:
     """
 
     def __init__(
-        self, bed: Testbed, seed: int, *, bound: float = 5.0, lab: ContainerLab | None = None
+        self,
+        bed: Testbed,
+        seed: int,
+        *,
+        bound: float = 5.0,
+        lab: ContainerLab | None = None,
+        engine: str = "runc",
     ) -> None:
-        self.bed, self.lab = bed, lab
+        """``lab``: the kvstore runs in a container of ``engine`` (runc, podman,
+        containerd); without it, as a plain process."""
+
+        self.bed, self.lab, self.engine = bed, lab, engine
         self.rng = random.Random(seed)
         self.bound = bound
         self.writes: dict[str, str] = {}  # every acknowledged write of the current app
@@ -109,10 +118,12 @@ class Storm:
 
     # --- the application ------------------------------------------------------------------------
     def _fresh_target(self) -> Target:
-        """A new kvstore on host ``src``: a process, or a runc container with ``lab``."""
+        """A new kvstore on host ``src``: a process, or a container with ``lab``."""
 
         self.writes, self.unsure = {}, set()
-        return ProcessTarget(self.bed) if self.lab is None else ContainerTarget(self.lab)
+        if self.lab is None:
+            return ProcessTarget(self.bed)
+        return ContainerTarget(self.lab, self.engine)
 
     def _other(self, host: str) -> str:
         return self.bed.names[1 - self.bed.names.index(host)]
