@@ -9,18 +9,16 @@ Split from :mod:`.recover`, which decides; nothing here talks to an agent.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
 
 from .. import _proc
 from ..containers.cgroups import thaw_file
+from ..containers.committed import CommittedRecord, committed_records
 from ..containers.podnet import give_up, unlock
-from ..containers.runc_cli import Runc
 from ..errors import MigSGXError
 from ..system.process import pid_exists as alive
 from .journal import Journal
@@ -83,47 +81,35 @@ def end_fenced(journal: Journal) -> None:
     signal_all([p for p in journal.fenced_now() if _proc.state(p) in ("T", "t")], signal.SIGKILL)
 
 
-def _engine_records(journal: Journal) -> list[dict[str, str]]:
-    """The engine records the journal's ``runc`` notes name (a damaged one is skipped)."""
+def _engine_records(journal: Journal) -> list[CommittedRecord]:
+    """The engine records the journal's ``runc``, ``podman`` and ``containerd`` notes
+    name (a damaged one is skipped)."""
 
-    found = []
-    for note in journal.undo:
-        kind, _, arg = note.partition(" ")
-        if kind != "runc":
-            continue
-        try:
-            record = json.loads(arg)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and all(
-            isinstance(record.get(k), str) for k in ("id", "root", "bundle", "made")
-        ):
-            found.append({k: str(record[k]) for k in ("id", "root", "bundle", "made")})
-    return found
+    return committed_records(journal.undo)
 
 
 def end_committed(journal: Journal) -> None:
     """The committed source goes as after a success: killed, and a container's engine
-    record deleted (:func:`~migsgx.containers.frozen.end_frozen`).
+    record removed (:func:`~migsgx.containers.frozen.end_frozen`).
 
     A container's tasks are frozen in their cgroup (which SIGKILL alone does not
     end under cgroup v1): the kill is queued first, then the cgroup thaws, and
-    runc deletes the container, so that it can come back here later.  Only a
-    record whose container is still the fenced tree (its pid, with its start
-    time) or has no task left (``stopped``, from the same bundle) is deleted: a
-    container of that name made since is never touched.  Idempotent.
+    the engine removes the container (``runc delete``, ``podman rm``, ``ctr``),
+    so that it can come back here later.  Only a record that is still the
+    source's (:mod:`migsgx.containers.committed`: the fenced tree, or no task
+    left, of the same record) is removed: a container of that name made since
+    is never touched.  Idempotent.
     """
 
     records = _engine_records(journal)
     fenced = journal.fenced_now()
-    ours: list[tuple[Runc, dict[str, str]]] = []
+    ours: list[CommittedRecord] = []
     for record in records:
-        runc = Runc(Path(record["root"]) if record["root"] else None, Path("criu"))
-        state = runc.state(record["id"])
-        if state is None or str(state.get("bundle")) != record["bundle"]:
-            continue
-        if int(state.get("pid") or 0) in fenced or state.get("status") == "stopped":
-            ours.append((runc, record))
+        try:
+            if record.ours(fenced):
+                ours.append(record)
+        except MigSGXError as exc:
+            log.warning("the committed source %s stays: %s", record.label, exc)
     signal_all(fenced, signal.SIGKILL)
     if not records:
         return
@@ -134,15 +120,12 @@ def end_committed(journal: Journal) -> None:
                 thaw_file(arg)  # (the queued SIGKILL ends each task before it runs)
         except MigSGXError as exc:
             log.warning("ending the committed source: %s: %s", note, exc)
-    for runc, record in ours:
+    for record in ours:
         try:
-            runc.delete(record["id"])
+            record.remove()
         except MigSGXError as exc:
-            log.warning("the committed source container %s stays: %s", record["id"], exc)
+            log.warning("the committed source %s stays: %s", record.label, exc)
             continue
-        if record["made"]:
-            # Restored here by an agent of this host: a bundle left would refuse its return.
-            shutil.rmtree(record["made"], ignore_errors=True)
         for note in journal.undo:
             kind, _, arg = note.partition(" ")
             if kind == "netup":
