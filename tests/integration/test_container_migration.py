@@ -394,6 +394,35 @@ def test_tool_dying_before_the_commit_point_thaws_the_container(
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_container_given_back_by_one_recover_after_the_tool_and_its_guardian_died(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
+) -> None:
+    """The tool kills its guardian and dies before the commit point, the tree held there.
+
+    One ``migsgx recover`` gives the container back from the journal's notes: the
+    enclaves abort, its cgroup thaws, its tasks continue, and the gate on its
+    listeners opens (``ungate``), so clients reach it again.  Before, the gate's
+    rule stayed in the host's firewall and the thawed container answered nobody
+    (the storm's heal of stalled firewalls removed that rule too, and hid it).
+    """
+
+    app, digest = started(lab, engine)
+    run = migrate(bed, app, agent,
+                  env={"MIGSGX_FAULT": "tool.before-commit:kill-guardian-and-tool"})  # fmt: skip
+    assert run.returncode == -9, run.stderr
+    assert lab.runnable_copies(app)["src"] == 0  # frozen, nobody left to give it back
+    journals = (bed.state("src") / "agent" / "migrations").glob("*.json")
+    mid = max(journals, key=lambda p: p.stat().st_mtime).stem
+    result = recover(bed)
+    outcomes = {r["mid"]: r["outcome"] for r in json.loads(result.stdout)}
+    assert outcomes[mid] == "stayed", result.stdout + result.stderr
+    assert lab.runnable_copies(app)["src"] == 1
+    wait_until(lambda: app.name not in lab.containers("dst", engine), 30, "dst to let go")
+    check_source_runs_on(lab, app, digest)
+    finish(lab, app, expect="src")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_container_source_in_doubt_after_the_commit_goes_with_one_recover(
     bed: Testbed, lab: ContainerLab, engine: str
 ) -> None:

@@ -18,13 +18,15 @@ from pathlib import Path
 from .. import _proc
 from ..containers.cgroups import thaw_file
 from ..containers.committed import CommittedRecord, committed_records
+from ..containers.gate import open_gate
 from ..containers.podnet import give_up, unlock
 from ..errors import MigSGXError
 from ..system.process import pid_exists as alive
 from .journal import Journal
 
 __all__ = [
-    "alive", "end_committed", "end_fenced", "give_back", "is_guardian", "lost_detail", "signal_all",
+    "alive", "end_committed", "end_fenced", "give_back", "is_guardian", "lost_detail",
+    "open_gates", "signal_all",
 ]  # fmt: skip
 
 log = logging.getLogger("migsgx.recover")
@@ -103,6 +105,7 @@ def end_committed(journal: Journal) -> None:
 
     records = _engine_records(journal)
     fenced = journal.fenced_now()
+    open_gates(journal)  # (its listeners go with it: clients are refused, not dropped)
     ours: list[CommittedRecord] = []
     for record in records:
         try:
@@ -132,17 +135,32 @@ def end_committed(journal: Journal) -> None:
                 give_up(Path(arg))  # the address lives on the destination only
 
 
+def open_gates(journal: Journal) -> None:
+    """The gate on a container's listeners opens (its ``ungate`` note), as the guardian
+    opens it when the tool died: whoever holds the copy now, clients are served, or
+    refused and go elsewhere, never dropped (:mod:`migsgx.containers.gate`).
+    Idempotent: a rule already gone is fine."""
+
+    for note in journal.undo:
+        parts = note.split()
+        if parts[:1] == ["ungate"] and len(parts) == 3:
+            ports = [int(p) for p in parts[2].split(",") if p.isdecimal() and int(p) < 65536]
+            open_gate(parts[1], ports)
+
+
 def give_back(journal: Journal) -> None:
     """The source is the copy: it runs again, a container with its address.
 
     What the guardian would have done (:mod:`.guardian`), from the journal's
     ``undo`` notes: a post-copy CRIU that still holds the tree is ended (only a
     process that is still runc's or CRIU's: a pid may have been reused), the
-    pod's ``eth0`` comes up, the cgroup thaws, the fenced tasks continue.
+    pod's ``eth0`` comes up, the gate on its listeners opens, the cgroup thaws,
+    the fenced tasks continue.
     Idempotent: a source the guardian gave back already is left as it runs.
     """
 
     notes = journal.undo
+    open_gates(journal)
     serving = [int(p) for n in notes if n.startswith("criu ") for p in n.split()[1:]]
     for pid in serving:
         argv0 = _proc.argv(pid)[:1]

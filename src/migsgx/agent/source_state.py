@@ -49,10 +49,11 @@ __all__ = ["MigrateOptions", "MigrationOutcome", "keeps_tcp"]
 
 log = logging.getLogger("migsgx.migrate")
 
-#: The guardian's notes that say how to give a container back (kept in the journal too).
+#: The guardian's notes that say how to give a container back (kept in the journal too;
+#: ``ungate``: the gate on its listeners, :mod:`migsgx.containers.gate`).
 #: (``runc``, ``podman``, ``containerd``: the engine's record of the source, which a
 #: committed source's end removes: :mod:`migsgx.containers.engine_notes`)
-UNDO_NOTES: Final = frozenset({"criu", "netup", "thaw"}) | ENGINE_NOTES
+UNDO_NOTES: Final = frozenset({"criu", "netup", "thaw", "ungate"}) | ENGINE_NOTES
 
 #: Files of the dump directory that stay on the source.
 _LOCAL_ONLY: Final = frozenset({"dump.log"})
