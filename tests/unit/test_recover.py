@@ -128,7 +128,8 @@ def test_a_committed_source_ends_through_only_the_engine_record_that_is_its_own(
     try:
         journal = _journal(state, [mid], phase="committed", fenced=[source.pid])
         damaged = ["runc {not json", 'runc {"id": "x"}', 'podman {"name": "x", "id": 1}',
-                   'containerd ["id"]']  # fmt: skip
+                   'containerd ["id"]',
+                   "runc " + json.dumps({**record, "id": "--force"})]  # fmt: skip
         notes = [*damaged, "runc " + json.dumps(record), "containerd " + json.dumps(ctrd)]
         journal.update(undo=notes)
         assert _engine_records(Journal.load(journal.path)) == [

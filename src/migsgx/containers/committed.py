@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from ..errors import ProtocolError
+from .base import check_name
 from .containerd import Ctr
 from .engine_notes import engine_records
 from .podman import Podman
@@ -103,6 +105,15 @@ class CommittedRecord:
 
 
 def committed_records(notes: Iterable[str]) -> list[CommittedRecord]:
-    """The engine records a journal's undo notes name (a damaged note is skipped)."""
+    """The engine records a journal's undo notes name (a damaged note is skipped, and
+    one whose container name or id is not one: it goes on an engine's command line)."""
 
-    return [CommittedRecord(kind, fields) for kind, fields in engine_records(notes)]
+    found = []
+    for kind, fields in engine_records(notes):
+        try:
+            check_name(fields.get("name", fields["id"]))
+            check_name(fields["id"], "container id")
+        except ProtocolError:
+            continue
+        found.append(CommittedRecord(kind, fields))
+    return found
