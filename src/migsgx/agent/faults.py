@@ -78,6 +78,8 @@ POINTS: Final = frozenset(
         "tool.after-commit",
         "tool.before-release",  # journal ``done``, the committed source enclaves not released
         "tool.after-abort",  # roll-back: the source enclaves decided ABORT, nothing undone yet
+        # roll-back: the destination answered it keeps nothing, the source not resumed yet
+        "tool.rolled-back",
         # roll-back: an enclave answered its ABORT, the frame not yet on its data connection
         "tool.abort-answered",
         "tool.before-token",  # each COMMIT token, before it goes on the data connection

@@ -27,7 +27,7 @@ from .applink import AppLink
 
 __all__ = [
     "abort_answer", "abort_enclave", "abort_frame_of", "abort_reply", "call_enclave",
-    "commit_rest", "resume_source",
+    "commit_rest", "let_go", "resume_source",
 ]  # fmt: skip
 
 #: Call ids far from the tool's (its link counts from 2**40), so that a late
@@ -100,6 +100,23 @@ def abort_reply(sock: socket.socket) -> tuple[str | None, bytes]:
     return (str(code), b"") if code in _NOT_ABORTED else ("aborted", b"")
 
 
+def let_go(socks: list[socket.socket]) -> None:
+    """Nobody will take these aborted enclaves back: each lets go of its duplicate.
+
+    An enclave keeps the duplicate of its connection (``__mig_hold``) past its
+    abort, until its application took the connection back (which says
+    ``unhold`` itself), so that a tool and a guardian killed before the
+    hand-back leave it with its state for ``migsgx recover``.  Where the
+    application is gone, or would not take them, ``unhold`` comes from here:
+    closing the connections then ends the enclaves, as in a crash of the
+    application.  Best effort: an enclave gone already is no error.
+    """
+
+    for sock in socks:
+        with contextlib.suppress(MigSGXError, OSError):
+            send_frame(sock, {"t": "unhold"}, max_size=ECALL_FRAME_MAX)
+
+
 def abort_frame_of(sock: socket.socket, migration_id: bytes) -> bytes:
     """The ABORT frame of ``migration_id`` the enclave returned before, asked again.
 
@@ -162,6 +179,7 @@ def resume_source(
             log(f"could not thaw the source: {exc}")
     if not os.path.exists(f"/proc/{app_pid}"):
         log("the application is gone: its enclaves end with it")
+        let_go(socks)
         return 0
     link = AppLink(app_pid, app_name, timeout=10)
     deadline = time.monotonic() + RESUME_WAIT
@@ -174,6 +192,7 @@ def resume_source(
             # CRIU may still hold the tree frozen for a moment; the app answers once it runs.
             if time.monotonic() > deadline:
                 log(f"could not hand the enclaves back: {exc}")
+                let_go(socks)
                 return 1
             time.sleep(0.1)
             for pid in fenced:

@@ -61,7 +61,7 @@ from ..sgx.counters import CounterStore, Decision
 from ..sgx.platform import COUNTERS
 from .control import AgentConnection
 from .dumpdirs import sweep_dump_dirs
-from .handback import abort_frame_of, abort_reply, resume_source
+from .handback import abort_frame_of, abort_reply, let_go, resume_source
 from .journal import Journal
 from .protocol import VERSION
 from .source_host import alive, end_committed, end_fenced, give_back, is_guardian, lost_detail
@@ -193,6 +193,10 @@ def resolve(
     if not decisions or kinds == {"none"}:
         # No source enclave decided: none committed, so no destination copy can run.
         if journal.phase in ("begun", "aborted") or not decisions:
+            if journal.phase in ("begun", "aborted"):
+                # The source is the copy: it runs again before the journal says done
+                # (a tool killed in its roll-back left it stopped, or frozen).
+                give_back(journal)
             journal.update(phase="done")
             return Resolution(mid, journal.phase, "none", "stayed", "nothing was decided")
         return Resolution(
@@ -329,11 +333,14 @@ def _orphaned(journal: Journal) -> bool:
 
     ``done`` too: the tool and its guardian may die after the destination ran and
     before they released the committed source enclaves (which then hold their
-    state, frozen, and their duplicates for good).
+    state, frozen, and their duplicates for good).  And ``aborted``: they may die
+    after the enclaves aborted and before they were handed back (an aborted
+    enclave keeps its duplicate until its application took the connection back;
+    the tool clears ``holders`` once it did).
     """
 
     return (
-        journal.phase in ("begun", "loaded", "fenced", "committed", "done")
+        journal.phase in ("begun", "loaded", "fenced", "committed", "done", "aborted")
         and bool(journal.holders)
         and not alive(int(journal.data["tool_pid"]))
         and not (journal.guardian_pid and is_guardian(journal.guardian_pid))
@@ -405,6 +412,10 @@ def _resolve_orphaned(
                     result.detail = f"{result.detail}; the enclaves were not taken back".strip("; ")
                 else:
                     result.detail = f"{result.detail}; enclaves handed back".strip("; ")
+            elif result.outcome == "stayed":
+                # Not every enclave could be taken: none can go back (the application
+                # takes them all or none); they end with their connections, as before.
+                let_go([e.sock for e in held.enclaves.values()])
             return result
         finally:
             held.close()

@@ -323,8 +323,8 @@ class AppChannel:
                 "message": f"{name} failed inside the enclave: {type(exc).__name__}",
             }
         self._reply(reply, name)
-        if name == "__mig_abort":
-            self._drop_held()  # the migration ended: the driver's death ends us again
+        # (after ``__mig_abort`` the duplicate stays held until ``unhold``: the source
+        # must not end with a tool and guardian killed before it was handed back)
         if self.migrator.exit_after_reply:
             # The state has moved: hang up, the serve loop ends and the process exits.
             with contextlib.suppress(OSError):
@@ -395,6 +395,8 @@ class AppChannel:
                     waiter.put(msg)
             elif kind == "detach":
                 self.send({"t": "detached"})
+            elif kind == "unhold":
+                self._drop_held()  # back with its application: its death ends us again
             elif kind == "destroy":
                 return "destroyed by the application"
             else:
