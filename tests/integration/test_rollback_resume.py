@@ -175,8 +175,15 @@ def _container_answers(lab: ContainerLab, app: ContainerApp, enclaves: int, dige
         assert lab.ask(app, "NOTE later 2", at="src") == "OK"
 
 
-@pytest.mark.parametrize("engine", ["runc"])
-@pytest.mark.parametrize("who, action, enclaves", CELLS, ids=IDS)
+#: runc: every cell; podman and containerd: the one that needs ``recover``, with an enclave.
+CONTAINER_CELLS = [("runc", *cell) for cell in CELLS] + [
+    (engine, *CELLS[-1]) for engine in ("podman", "containerd")
+]
+CONTAINER_IDS = [f"runc-{i}" for i in IDS] + ["podman-tool-guardian-enclave",
+                                              "containerd-tool-guardian-enclave"]  # fmt: skip
+
+
+@pytest.mark.parametrize("engine, who, action, enclaves", CONTAINER_CELLS, ids=CONTAINER_IDS)
 def test_container_killed_between_the_roll_back_and_the_resumption(
     bed: Testbed, lab: ContainerLab, agent: AgentProcess, figures: dict[str, dict[str, object]],
     engine: str, enclaves: int, who: str, action: str,
@@ -202,13 +209,13 @@ def test_container_killed_between_the_roll_back_and_the_resumption(
             assert journal["phase"] != "done", journal
         said = _at_most_one_recover(bed, run, mid, "guardian" in action)
         _container_answers(lab, app, enclaves, digest)
+        back = time.monotonic() - fault_time(run.stderr, last=True)
         wait_until(lambda: app.name not in lab.containers("dst", engine), 30, "dst to let go")
         assert lab.copies(app)["dst"] == []
         _nothing_in_doubt(bed, mid)
-        what = "" if enclaves else ", no enclave"
-        figures[f"rolled back x kill -9 {who} ({engine}{what})"] = {
-            "outcome": "stayed", "exit": run.returncode, "recover": said,
-        }  # fmt: skip
+        cell = f"rolled back x kill -9 {who} ({engine}{'' if enclaves else ', no enclave'})"
+        record_back(figures, cell, run, back)
+        figures[cell].update(outcome="stayed", recover=said)
         assert lab.runnable_copies(app) == {"src": len(lab.copies(app)["src"]), "dst": 0}
     finally:
         lab.remove(app)
