@@ -64,6 +64,7 @@ POINTS: Final = frozenset(
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
         "ckpt.between-commits",  # checkpoint: one enclave's gate committed, the next not yet
         "ckpt.after-commit",  # checkpoint: every enclave gave its state up
+        "ckpt.rolled-back",  # checkpoint: the enclaves aborted, not yet handed back
         "restore.before-criu",  # restore: enclaves loaded (not running), CRIU not started
         "restore.held",  # restore: enclaves loaded (not running), CRIU restored the tree held
         "restore.loaded",  # restore: the same step, right before the activation
