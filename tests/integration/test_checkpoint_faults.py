@@ -414,8 +414,10 @@ def test_recover_after_the_tool_and_its_guardian_died_before_the_commit(
     with its driver; ``recover --checkpoint`` takes the duplicate back, aborts
     the pending gate, continues the source and hands the enclave back to it.
     ``rolled-back``: the tool rolled back (its enclave aborted) and died with its
-    guardian before the hand-back (fault point ``ckpt.rolled-back``); the source
-    comes back the same way.
+    guardian before the hand-back (fault point ``ckpt.rolled-back``): the aborted
+    enclave keeps its duplicate until its application took the connection back
+    (before, it let go at the abort and ended with the tool and the guardian; the
+    application never answered again).
     """
 
     done = checkpoint(case, f"{point}:kill-guardian")

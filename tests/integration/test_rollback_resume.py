@@ -24,8 +24,9 @@ import time
 from typing import Any
 
 import pytest
-from bed_helpers import ask, end_copies, kvstore, wait_until
+from bed_helpers import ask, enclave_processes, end_copies, kvstore, wait_until
 from fault_helpers import (  # (no_images_left: autouse, after every cell no images left)
+    EXIT_MOVED_NOT,
     EXIT_OK,
     fault_time,
     loaded_app,
@@ -219,3 +220,27 @@ def test_container_killed_between_the_roll_back_and_the_resumption(
         assert lab.runnable_copies(app) == {"src": len(lab.copies(app)["src"]), "dst": 0}
     finally:
         lab.remove(app)
+
+
+def test_an_enclave_back_with_its_application_ends_with_it(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    """After a roll-back the source enclave lets go of the duplicate it held.
+
+    The tool gives each source enclave a duplicate of its own connection
+    (``__mig_hold``), so that its death is no end of file; an aborted enclave now
+    keeps it until it is back with its application, whose client then says
+    ``unhold``.  Without that, the enclave would outlive its application (killed
+    here) for good.
+    """
+
+    before = enclave_processes(bed, "src")
+    app, digest = loaded_app(bed)
+    ours = enclave_processes(bed, "src") - before
+    assert ours
+    run = migrate_with(bed, app, agent, "tool.before-commit:fail")
+    assert run.returncode == EXIT_MOVED_NOT, run.stderr
+    source_answers(bed, app, digest, run.stderr)
+    end_copies(bed, app)
+    wait_until(lambda: not (enclave_processes(bed, "src") & ours), 30,
+               "the enclaves to end with their application")  # fmt: skip
