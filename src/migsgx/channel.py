@@ -50,10 +50,6 @@ ECALL = Schema(
         "oret": {"id": int, "ok": bool, "value": ANY, "code": (str, NONE), "message": (str, NONE)},
         "destroy": {},
         "detach": {},
-        # the driver's end of this connection is for good in hands that close it when
-        # they go (the application took the connection back, or nobody will): the
-        # enclave lets go of the duplicate it holds (``__mig_hold``).  No answer.
-        "unhold": {},
         # enclave -> application: the connection is quiet and may change hands
         "detached": {},
     },

@@ -228,10 +228,10 @@ def test_an_enclave_back_with_its_application_ends_with_it(
     """After a roll-back the source enclave lets go of the duplicate it held.
 
     The tool gives each source enclave a duplicate of its own connection
-    (``__mig_hold``), so that its death is no end of file; an aborted enclave now
-    keeps it until it is back with its application, whose client then says
-    ``unhold``.  Without that, the enclave would outlive its application (killed
-    here) for good.
+    (``__mig_hold``), so that its death is no end of file; an aborted enclave
+    keeps it until it is back with its application, which then says
+    ``__mig_unhold``.  Without that, the enclave would outlive its application
+    (killed here) for good.
     """
 
     before = enclave_processes(bed, "src")

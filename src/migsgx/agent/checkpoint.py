@@ -178,13 +178,13 @@ def checkpoint(
                         os.kill(fenced_pid, signal.SIGCONT)
                 socks = [out.abort() for out in outs]
                 _fault("ckpt.rolled-back", pid, handed, guardian=guardian)
-                resumed = False
+                handed_back = False
                 if link is not None and socks and _alive(pid):
                     with contextlib.suppress(MigSGXError):
                         link.resume(socks)
-                        resumed = True
-                if not resumed:
-                    let_go(socks)  # (nobody takes them back: they end with this tool)
+                        handed_back = True
+                if not handed_back:
+                    let_go(socks)  # (nobody takes them: they end as the connections close)
                 for path in directory.iterdir():
                     if path.name != JOURNAL:
                         with contextlib.suppress(OSError):

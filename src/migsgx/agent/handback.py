@@ -100,23 +100,6 @@ def abort_reply(sock: socket.socket) -> tuple[str | None, bytes]:
     return (str(code), b"") if code in _NOT_ABORTED else ("aborted", b"")
 
 
-def let_go(socks: list[socket.socket]) -> None:
-    """Nobody will take these aborted enclaves back: each lets go of its duplicate.
-
-    An enclave keeps the duplicate of its connection (``__mig_hold``) past its
-    abort, until its application took the connection back (which says
-    ``unhold`` itself), so that a tool and a guardian killed before the
-    hand-back leave it with its state for ``migsgx recover``.  Where the
-    application is gone, or would not take them, ``unhold`` comes from here:
-    closing the connections then ends the enclaves, as in a crash of the
-    application.  Best effort: an enclave gone already is no error.
-    """
-
-    for sock in socks:
-        with contextlib.suppress(MigSGXError, OSError):
-            send_frame(sock, {"t": "unhold"}, max_size=ECALL_FRAME_MAX)
-
-
 def abort_frame_of(sock: socket.socket, migration_id: bytes) -> bytes:
     """The ABORT frame of ``migration_id`` the enclave returned before, asked again.
 
@@ -130,6 +113,21 @@ def abort_frame_of(sock: socket.socket, migration_id: bytes) -> bytes:
     msg = call_enclave(sock, "__mig_abort_frame", [migration_id])
     value = msg.get("value") if msg is not None and msg["t"] == "ret" else None
     return bytes(value) if isinstance(value, bytes | bytearray) else b""
+
+
+def let_go(socks: list[socket.socket]) -> None:
+    """Nobody will take these enclaves back: each lets its duplicate go (``__mig_unhold``).
+
+    An aborted source enclave keeps the duplicate of its connection it was
+    given (``__mig_hold``) until the application has the connection back, so
+    that the death of whoever asked for the abort cannot end it with the
+    state.  Where the application is gone (or would not take them), closing
+    these connections then ends the enclaves, as a crash of the application
+    would.  An enclave that is gone, or holds none, changes nothing.
+    """
+
+    for sock in socks:
+        call_enclave(sock, "__mig_unhold", [])
 
 
 def commit_rest(

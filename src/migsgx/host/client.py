@@ -10,7 +10,6 @@ the same typed :mod:`migsgx.errors` exceptions.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import queue
@@ -305,10 +304,6 @@ class EnclaveClient:
                 raise EnclaveBusyError("the enclave is attached already")
             self._sock = sock
             self._closed = None
-            # The enclave lets go of the duplicate a migration's driver gave it
-            # (``__mig_hold``): from now on this process's death ends it again.
-            with self._send_lock, contextlib.suppress(OSError, MigSGXError):
-                send_frame(sock, {"t": "unhold"})  # (an enclave gone: the reader says so)
             self._reader = self._start_reader(sock)
             self._admitting = True
             self._cond.notify_all()
