@@ -62,6 +62,9 @@ def _platform_host_id(state: Path) -> str:
 @click.option("--platform-socket", type=click.Path(path_type=Path), default=None)
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--keep-images", is_flag=True, help="keep each migration's images (debugging)")
+@click.option("--images-in-ram", is_flag=True,
+              help="receive CRIU's images into RAM (/dev/shm) when it has room for them, "
+              "not the work directory")  # fmt: skip
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
               help="write ADDRESS:PORT here once listening")  # fmt: skip
 @click.option("--metrics", "metrics", default=None, metavar="ADDRESS:PORT",
@@ -73,13 +76,14 @@ def agent_serve(
     platform_socket: Path | None,
     work_dir: Path | None,
     keep_images: bool,
+    images_in_ram: bool,
     ready_file: Path | None,
     metrics: str | None,
 ) -> None:
     """Serve migrations into this host.
 
     Enclaves are launched by the host's platform service: the one listening on
-    --platform-socket (default STATE/enclave.sock) when it runs, else one the
+    --platform-socket (default STATE/run/enclave.sock) when it runs, else one the
     agent starts and stops with itself.
     """
 
@@ -107,6 +111,7 @@ def agent_serve(
             identity=identity,
             work_dir=work_dir or state / "agent" / "work",
             keep_images=keep_images,
+            images_in_ram=images_in_ram,
             containers=ContainerSettings.load(state),
         )
     )

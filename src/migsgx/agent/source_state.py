@@ -32,6 +32,7 @@ from ..datapath.outgoing import OutgoingEnclave
 from ..datapath.pagerelay import PageRelay
 from ..errors import ConfigError, LostAfterCommitError, MigSGXError
 from ..host.appctl import info_to_wire
+from ..sgx.service import default_socket
 from ..system.process import process_state
 from . import preflight
 from .applink import AppLink, HandedEnclave
@@ -158,6 +159,7 @@ class _MigrationState:
         self.page_server = False
         self.page_relay: PageRelay | None = None
         self.session_id = b""
+        self._begun = False
         # The migration group of the source enclaves (``__mig_group``): fresh, never
         # the session id, which the destination, journals and logs carry.  Whoever
         # knows a group id can record a decision in it from an enclave of their own.
@@ -186,7 +188,9 @@ class _MigrationState:
 
     def _begin(self, pids: list[int], pidns: bool) -> dict[str, Any]:
         assert self.source is not None
-        self.session_id = secrets.token_bytes(16)
+        if self._begun or not self.session_id:
+            self.session_id = secrets.token_bytes(16)  # (a migration id is accepted once)
+        self._begun = True
         begin: dict[str, Any] = {
             "t": "begin",
             "session_id": self.session_id,
@@ -239,7 +243,7 @@ class _MigrationState:
         elif action == "kill-criu" and self.lazy is not None:
             self.lazy.stop()  # post-copy: the only server of the pages still missing dies
         elif action in ("kill-source-platform", "kill-source-platform-and-tool"):
-            kill_dead([socket_owner(self.opts.identity.directory.parent / "enclave.sock")])
+            kill_dead([socket_owner(default_socket(self.opts.identity.directory.parent))])
             if action == "kill-source-platform-and-tool":
                 os.kill(os.getpid(), signal.SIGKILL)
         elif action is not None and action.endswith("-control") and self.control is not None:
