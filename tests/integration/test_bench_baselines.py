@@ -10,9 +10,11 @@ timed: the figures are checked for being there and for the bytes moved.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
+from migsgx.agent.imageroom import fs_type
 from migsgx.lab.bench.process import criu_only, one_run
 from migsgx.lab.testbed import Testbed
 
@@ -46,3 +48,25 @@ def test_migsgx_pages_through_the_relay_and_on_the_old_path(bed: Testbed) -> Non
         assert figures["details"]["page_bytes"] >= 4 * MIB  # the ordinary memory moved
     assert run["page_relay_speedup"] == old["total_seconds"] / relay["total_seconds"]
     assert run["criu_only_tls"]["page_tls"] is True
+
+
+def test_images_in_ram_against_the_work_directory(bed: Testbed) -> None:
+    """``--ab-images-disk``: the destination's images in RAM (the default) and on the
+    work directory's file system, for migsgx and CRIU alone alike."""
+
+    run = one_run(bed, 4 * MIB, ab_images_disk=True)
+    disk = fs_type(bed.root)  # (the agent's work directory lies under it)
+    assert run["migsgx"]["images_fs"] == run["criu_only"]["images_fs"] == "tmpfs"
+    assert run["migsgx_images_disk"]["images_fs"] == disk
+    assert run["criu_only_images_disk"]["images_fs"] == disk
+    for name in ("migsgx", "migsgx_images_disk"):
+        assert run[name]["details"]["page_bytes"] >= 4 * MIB  # the ordinary memory moved
+        watch = run[name]["memory_watch"]
+        assert {"criu_dump", "restore", "resume"} <= set(watch["phases_mib"])
+    assert set(run["criu_only"]["memory_watch"]["phases_mib"]) == {
+        "criu_dump", "transfer", "restore",
+    }  # fmt: skip
+    assert run["images_ram_total_speedup"] == (
+        run["migsgx_images_disk"]["total_seconds"] / run["migsgx"]["total_seconds"]
+    )
+    assert not list(Path("/dev/shm").glob("migsgx-bench-images-*"))  # CRIU alone's, removed

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ...agent.dumpdirs import scratch_base
+from ...agent.imageroom import fs_type
 from ...agent.protocol import PHASES
 from ...agent.tls import AgentIdentity
 from ...criu import Criu, InNetns, InTaskNamespaces
@@ -38,6 +40,7 @@ from ...errors import ConfigError, MigSGXError
 from ...system.process import kill_tree, tree_pids
 from ..testbed import START_TIMEOUT, AppProcess, Testbed
 from .figures import children_cpu, cpu_seconds, loadavg, machine_state, shift_timeline, summarize
+from .memwatch import MemoryWatch
 from .pages import PageServerOn, copy_images, image_bytes
 
 __all__ = ["criu_only", "run"]
@@ -83,16 +86,19 @@ def start_model(
     )  # fmt: skip
 
 
-def _migsgx(bed: Testbed, size: int, args: tuple[str, ...] = ()) -> dict[str, Any]:
+def _migsgx(
+    bed: Testbed, size: int, args: tuple[str, ...] = (), agent_args: tuple[str, ...] = ()
+) -> dict[str, Any]:
     rows = model_rows(size)
-    agent = bed.start_agent()
+    agent = bed.start_agent(args=agent_args)
     try:
         app = start_model(bed, size, max(1, size >> 20), timeout=app_start_timeout(size))
         before = bed.ask("DIGEST", app.port, at="src", via="dst")
         agent_cpu = cpu_seconds(agent.proc.pid, children=True)
         agent_own = cpu_seconds(agent.proc.pid)
         tool_cpu = children_cpu()
-        run = bed.migrate(app.pid, agent, args=args)  # pages protected (CRIU alone: plain)
+        with MemoryWatch() as watch:
+            run = bed.migrate(app.pid, agent, args=args)  # pages protected (CRIU alone: plain)
         tool_cpu = children_cpu() - tool_cpu
         agent_cpu = cpu_seconds(agent.proc.pid, children=True) - agent_cpu
         agent_own = cpu_seconds(agent.proc.pid) - agent_own
@@ -109,6 +115,11 @@ def _migsgx(bed: Testbed, size: int, args: tuple[str, ...] = ()) -> dict[str, An
     figures = migration_figures(stats, rows, run.seconds)
     if stats.get("post_copy_window") is not None:
         figures["post_copy_window_seconds"] = float(stats["post_copy_window"])
+    # What the page cache held around each of the tool's phases (absolute spans).
+    figures["memory_watch"] = watch.figures((stats.get("timeline") or {}).get("spans", {}).get(
+        "tool"
+    ))
+    figures["images_fs"] = str(stats["details"].get("destination_images_fs", ""))
     cpu = {"tool": tool_cpu, "agent": agent_cpu, **enclave_cpu(stats)}  # tool, agent: with CRIU
     details = stats["details"]
     # The same split into each process's own threads and CRIU (its children):
@@ -175,12 +186,20 @@ def _relative(timeline: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def criu_only(
-    bed: Testbed, size: int, criu: Criu | None = None, *, page_tls: bool = False
+    bed: Testbed,
+    size: int,
+    criu: Criu | None = None,
+    *,
+    page_tls: bool = False,
+    images_in_ram: bool = True,
 ) -> dict[str, Any]:
     """Stop-and-copy with CRIU alone: page server, dump, copy, restore.
 
     ``page_tls``: the pages in CRIU's own TLS, with the hosts' agent identities,
     as ``migsgx migrate`` sends them (without: plain TCP, CRIU's default).
+    ``images_in_ram``: the destination's images in ``/dev/shm``, where the agent
+    receives them (:mod:`migsgx.agent.imageroom`); without, in the testbed's
+    directory (the disk's file system), where the agent's went before.
     """
 
     criu = criu or Criu()
@@ -207,14 +226,19 @@ def criu_only(
     digest = ready.read_text()
     pid = tree_pids(launcher.pid)[1]
     dump_dir = Path(tempfile.mkdtemp(prefix="migsgx-bench-dump-", dir="/dev/shm"))
-    images = here / "images"
-    images.mkdir()
+    if images_in_ram:
+        images = Path(tempfile.mkdtemp(prefix="migsgx-bench-images-", dir=scratch_base()))
+    else:
+        images = here / "images"
+        images.mkdir()
+    watch = MemoryWatch()
     try:
         with PageServerOn(dst, criu.binary, images, tls=tls_in) as pages:
             # The plain process and its launcher are reaped inside the window below:
             # what they spent before (filling their memory) is not CRIU's.
             plain_cpu = cpu_seconds(pid) + cpu_seconds(launcher.pid)
             cpu0 = children_cpu()
+            watch.start()
             t0 = time.monotonic()
             criu.dump(pid, dump_dir, page_server=pages.address, enter=InTaskNamespaces(pid),
                       extra=extra)  # fmt: skip
@@ -226,13 +250,21 @@ def criu_only(
         restored = criu.restore(images, enter=InNetns(dst.netns), log_file="restore.log")
         t_end = time.monotonic()
         cpu = children_cpu() - cpu0 - plain_cpu
+    except BaseException:
+        shutil.rmtree(images, ignore_errors=True)
+        raise
     finally:
+        watch.close()
         shutil.rmtree(dump_dir, ignore_errors=True)
+    images_fs = fs_type(images)
     try:
         page_bytes, other = image_bytes(images)
     finally:
         kill_tree(restored)
+        shutil.rmtree(images, ignore_errors=True)
         shutil.rmtree(here, ignore_errors=True)
+    spans = {"criu_dump": [0.0, t_dump - t0], "transfer": [t_dump - t0, t_copy - t0],
+             "restore": [t_copy - t0, t_end - t0]}  # fmt: skip
     return {
         "total_seconds": t_end - t0,
         "downtime_seconds": t_end - t0,
@@ -245,13 +277,9 @@ def criu_only(
         "memory_digest": digest[:16],
         "page_tls": page_tls,
         "cpu_by_process": {"criu": cpu},  # dump, page server and restore
-        "timeline": {
-            "criu": {
-                "criu_dump": [0.0, t_dump - t0],
-                "transfer": [t_dump - t0, t_copy - t0],
-                "restore": [t_copy - t0, t_end - t0],
-            }
-        },
+        "timeline": {"criu": spans},
+        "images_fs": images_fs,
+        "memory_watch": watch.figures(spans, origin=t0),
     }
 
 
@@ -264,6 +292,7 @@ def one_run(
     ab_criu_nice: int = 0,
     flip: bool = False,
     ab_prefault: bool = False,
+    ab_images_disk: bool = False,
 ) -> dict[str, Any]:
     """migsgx and CRIU alone back to back, with the ratios of the pair.
 
@@ -287,6 +316,14 @@ def one_run(
     ``migsgx_with_prefault``, the paired ``prefault_total_speedup`` and
     ``prefault_downtime_speedup`` (without / with: above 1, the prefault helped)
     and ``prefault_cpu_ratio`` (CPU of the whole migration, without / with).
+    With ``ab_images_disk``, also migsgx with the destination's images in the
+    agent's work directory (``agent serve --images-in-work-dir``: the disk, as
+    before) and CRIU alone with its images on the disk too, that pair right
+    after the default one (before it with ``flip``): ``migsgx_images_disk``,
+    ``criu_only_images_disk`` and the paired ``images_ram_total_speedup``,
+    ``images_ram_downtime_speedup`` (disk / RAM: above 1, RAM helped),
+    ``criu_images_ram_speedup`` (CRIU alone, disk / RAM) and
+    ``criu_over_migsgx_total_disk`` (the old ratio, both on the disk).
     """
 
     niced_args = ("--criu-nice", str(ab_criu_nice))
@@ -295,6 +332,7 @@ def one_run(
     niced_first = _migsgx(bed, size, niced_args) if ab_criu_nice and flip else None
     faulted_args = ("--prefault-ahead",)
     faulted_first = _migsgx(bed, size, faulted_args) if ab_prefault and flip else None
+    disk_first = _on_disk(bed, size) if ab_images_disk and flip else None
     migsgx = _migsgx(bed, size)
     extra: dict[str, Any] = {}
     if ab_late_handshake:
@@ -328,6 +366,17 @@ def one_run(
             ),
         )
     plain = criu_only(bed, 2 * size)
+    if ab_images_disk:
+        on_disk, plain_disk = disk_first or _on_disk(bed, size)
+        extra.update(
+            migsgx_images_disk=on_disk,
+            criu_only_images_disk=plain_disk,
+            images_disk_ran_first=disk_first is not None,
+            images_ram_total_speedup=on_disk["total_seconds"] / migsgx["total_seconds"],
+            images_ram_downtime_speedup=on_disk["downtime_seconds"] / migsgx["downtime_seconds"],
+            criu_images_ram_speedup=plain_disk["total_seconds"] / plain["total_seconds"],
+            criu_over_migsgx_total_disk=plain_disk["total_seconds"] / on_disk["total_seconds"],
+        )
     if ab_page_tls:
         tls = criu_only(bed, 2 * size, page_tls=True)
         extra.update(
@@ -362,6 +411,14 @@ def one_run(
     }
 
 
+def _on_disk(bed: Testbed, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """migsgx with the destination's images in the agent's work directory, then CRIU
+    alone with its images there too: both on the disk, as before."""
+
+    on_disk = _migsgx(bed, size, agent_args=("--images-in-work-dir",))
+    return on_disk, criu_only(bed, 2 * size, images_in_ram=False)
+
+
 def run(
     size: int,
     *,
@@ -373,6 +430,7 @@ def run(
     ab_page_tls: bool = False,
     ab_criu_nice: int = 0,
     ab_prefault: bool = False,
+    ab_images_disk: bool = False,
 ) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
@@ -386,7 +444,7 @@ def run(
             for i in range(repeat):
                 one = one_run(
                     bed, size, ab_late_handshake, post_copy, ab_page_tls, ab_criu_nice,
-                    flip=i % 2 == 1, ab_prefault=ab_prefault,
+                    flip=i % 2 == 1, ab_prefault=ab_prefault, ab_images_disk=ab_images_disk,
                 )  # fmt: skip
                 runs.append(one)
     finally:
