@@ -60,7 +60,7 @@ def test_without_room_or_when_told_the_images_stay_in_the_work_directory(
     before = set(SHM.iterdir()) if SHM.is_dir() else set()
     assert place_images(session, 1 << 60, in_ram=True, tag="t") == session
     assert "the images go to the work directory" in caplog.text
-    assert "(disk)" in caplog.text and f"+{MARGIN >> 20} MiB margin" in caplog.text
+    assert "(disk)" in caplog.text and f"twice that, +{MARGIN >> 20} MiB margin" in caplog.text
     assert place_images(session, 0, in_ram=False, tag="t") == session
     assert (set(SHM.iterdir()) if SHM.is_dir() else set()) == before  # nothing made
 

@@ -12,10 +12,14 @@ destination's now go there too, in a directory named as the tool's are
 killed agent removes it by the same sweep (:func:`~.dumpdirs.sweep_dump_dirs`:
 every tool at its start, ``migsgx recover``, the agent at its own start).
 
-Only with room: the file system's free space and the memory available must
-both exceed what the source announced in ``begin`` (``memory_bytes``: the
-resident anonymous and shared memory of its tree, untrusted: a lie only moves
-the images between RAM and the work directory) and a margin.  Else, and with
+Only with room: a tmpfs holds its pages in RAM until the files go (there is
+no swap to push them to, and they cannot be written back as a disk's dirty
+pages can), and the restore that reads them allocates as much again for the
+tree.  So the file system's free space and the memory available must both
+exceed twice what the source announced in ``begin`` (``memory_bytes``: the
+resident anonymous and shared memory of its tree, about its pages; untrusted:
+a lie only moves the images between RAM and the work directory) plus a
+margin.  Else, and with
 ``--keep-images`` (kept files belong on the disk) or ``--images-in-work-dir``,
 the images stay in the session's directory of the work directory, and the log
 says why.  The session's records (:mod:`.held`) stay in the work directory in
@@ -99,23 +103,28 @@ def place_images(session_dir: Path, memory_bytes: int, *, in_ram: bool, tag: str
     if not in_ram:
         return session_dir
     base = scratch_base()
-    need = max(0, memory_bytes) + MARGIN
+    need = 2 * max(0, memory_bytes) + MARGIN  # the images, and the tree restored from them
     room = images_room(base)
     if room < need:
         log.warning(
             "migration %s: the images go to the work directory %s (disk): %s has room for "
-            "%d MiB, the process announced %d MiB (+%d MiB margin)",
+            "%d MiB, the process announced %d MiB (twice that, +%d MiB margin)",
             tag, session_dir, base, room >> 20, max(0, memory_bytes) >> 20, MARGIN >> 20,
         )  # fmt: skip
         return session_dir
     try:
-        return make_dump_dir()
+        placed = make_dump_dir()
     except OSError as exc:
         log.warning(
             "migration %s: the images go to the work directory %s: %s: %s",
             tag, session_dir, base, exc,
         )  # fmt: skip
         return session_dir
+    log.info(
+        "migration %s: the images go to %s (RAM): room for %d MiB, the process announced %d MiB",
+        tag, placed, room >> 20, max(0, memory_bytes) >> 20,
+    )  # fmt: skip
+    return placed
 
 
 def resident_bytes(pids: list[int]) -> int:

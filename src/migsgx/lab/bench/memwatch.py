@@ -97,9 +97,9 @@ class MemoryWatch:
             found = values
         return found
 
-    def figures(self, spans: dict[str, list[float]] | None = None, origin: float = 0.0) -> dict[
-        str, Any
-    ]:
+    def figures(
+        self, spans: dict[str, list[float]] | None = None, origin: float = 0.0
+    ) -> dict[str, Any]:
         """Before, after, peak; and per phase of ``spans`` ([start, end] seconds after
         ``origin``, monotonic) the values at its start and end."""
 
