@@ -51,15 +51,19 @@ def test_migsgx_pages_through_the_relay_and_on_the_old_path(bed: Testbed) -> Non
 
 
 def test_images_in_ram_against_the_work_directory(bed: Testbed) -> None:
-    """``--ab-images-disk``: the destination's images in RAM (the default) and on the
-    work directory's file system, for migsgx and CRIU alone alike."""
+    """``--ab-images-ram``: the destination's images in the work directory (the default)
+    and in RAM (``agent serve --images-in-ram``), for migsgx and CRIU alone alike."""
 
-    run = one_run(bed, 4 * MIB, ab_images_disk=True)
+    agents = set(bed.root.glob("agent-*.log"))
+    run = one_run(bed, 4 * MIB, ab_images_ram=True)
     disk = fs_type(bed.root)  # (the agent's work directory lies under it)
-    assert run["migsgx"]["images_fs"] == run["criu_only"]["images_fs"] == "tmpfs"
-    assert run["migsgx_images_disk"]["images_fs"] == disk
-    assert run["criu_only_images_disk"]["images_fs"] == disk
-    for name in ("migsgx", "migsgx_images_disk"):
+    assert run["migsgx"]["images_fs"] == run["criu_only"]["images_fs"] == disk
+    assert run["migsgx_images_ram"]["images_fs"] == "tmpfs"
+    assert run["criu_only_images_ram"]["images_fs"] == "tmpfs"
+    # The agent said where, and why: the announced memory, the room it found.
+    logs = "".join(p.read_text() for p in set(bed.root.glob("agent-*.log")) - agents)
+    assert "(RAM): room for" in logs and "the process announced" in logs
+    for name in ("migsgx", "migsgx_images_ram"):
         assert run[name]["details"]["page_bytes"] >= 4 * MIB  # the ordinary memory moved
         watch = run[name]["memory_watch"]
         assert {"criu_dump", "restore", "resume"} <= set(watch["phases_mib"])
@@ -67,6 +71,12 @@ def test_images_in_ram_against_the_work_directory(bed: Testbed) -> None:
         "criu_dump", "transfer", "restore",
     }  # fmt: skip
     assert run["images_ram_total_speedup"] == (
-        run["migsgx_images_disk"]["total_seconds"] / run["migsgx"]["total_seconds"]
+        run["migsgx"]["total_seconds"] / run["migsgx_images_ram"]["total_seconds"]
     )
-    assert not list(Path("/dev/shm").glob("migsgx-bench-images-*"))  # CRIU alone's, removed
+    # Nothing left in RAM: CRIU alone's images, the agent's (named with its pid).
+    assert not list(Path("/dev/shm").glob("migsgx-bench-images-*"))
+    for log in set(bed.root.glob("agent-*.log")) - agents:
+        for line in log.read_text().splitlines():
+            if "(RAM): room for" in line:
+                placed = Path(line.split("the images go to ")[1].split(" (RAM)")[0])
+                assert placed.parent == Path("/dev/shm") and not placed.exists()

@@ -28,8 +28,8 @@ class AgentConfig:
     criu: Criu = field(default_factory=Criu)
     keep_images: bool = False
     #: Incoming images in RAM (``/dev/shm``) when it has room (:mod:`.imageroom`);
-    #: False: in the work directory, as before.
-    images_in_ram: bool = True
+    #: False (the default, measured faster here at 4 GiB): in the work directory.
+    images_in_ram: bool = False
     io_timeout: float = 300.0
     commit_grace: float = 5.0
     subreaper: bool = True  # adopt restored trees (see the module docstring)

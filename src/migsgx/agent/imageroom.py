@@ -1,29 +1,31 @@
-"""Where an incoming migration's CRIU images go on the destination: RAM when it has room.
+"""Where an incoming migration's CRIU images go on the destination: the work directory,
+or RAM (``agent serve --images-in-ram``) when it has room.
 
 The agent receives CRIU's images of the process (its pages: as much as the
-process's memory) and restores from them a moment later.  Written into the
-work directory they went to the disk's file system: ext4 here, where each
-migration's gigabytes were page cache and dirty pages (written back once they
-exceed the kernel's background threshold, 10 % of memory: at 4 GiB every run),
-and removed inside the downtime, before the ``resumed`` answer.  The source's
-images have gone to ``/dev/shm`` since the start (:mod:`.dumpdirs`); the
-destination's now go there too, in a directory named as the tool's are
-(``migsgx-dump-PID-START-XXXXXXXX``, PID the agent's): whoever outlives a
-killed agent removes it by the same sweep (:func:`~.dumpdirs.sweep_dump_dirs`:
-every tool at its start, ``migsgx recover``, the agent at its own start).
+process's memory) and restores from them a moment later.  By default they go
+to the session's directory in the work directory (the disk's file system):
+there the kernel may write them back and drop them under memory pressure.
+With ``--images-in-ram`` they go to ``/dev/shm``, in a directory named as the
+tool's are (``migsgx-dump-PID-START-XXXXXXXX``, PID the agent's), so that
+whoever outlives a killed agent removes it by the same sweep
+(:func:`~.dumpdirs.sweep_dump_dirs`: every tool at its start, ``migsgx
+recover``, the agent at its own start).  Measured (docs/benchmarks.md, "The
+destination's images: removed after the answer; RAM or disk"): no faster at
+1 GiB, slower at 4 GiB, where the tmpfs pinned the images while the restore
+allocated as much again and the kernel reclaimed directly; hence not the
+default.
 
-Only with room: a tmpfs holds its pages in RAM until the files go (there is
-no swap to push them to, and they cannot be written back as a disk's dirty
-pages can), and the restore that reads them allocates as much again for the
-tree.  So the file system's free space and the memory available must both
-exceed twice what the source announced in ``begin`` (``memory_bytes``: the
-resident anonymous and shared memory of its tree, about its pages; untrusted:
-a lie only moves the images between RAM and the work directory) plus a
-margin.  Else, and with
-``--keep-images`` (kept files belong on the disk) or ``--images-in-work-dir``,
-the images stay in the session's directory of the work directory, and the log
-says why.  The session's records (:mod:`.held`) stay in the work directory in
-every case: a restarted agent finds them there.
+RAM only with room: a tmpfs holds its pages until the files go (there is no
+swap to push them to, and they cannot be written back as a disk's dirty pages
+can), and the restore that reads them allocates as much again for the tree.
+So the file system's free space and the memory available must both exceed
+twice what the source announced in ``begin`` (``memory_bytes``: the resident
+anonymous and shared memory of its tree, about its pages; untrusted: a lie
+only moves the images between RAM and the work directory) plus a margin; else
+the images go to the work directory, and the log says why.  With
+``--keep-images`` they always do (kept files belong on the disk).  The
+session's records (:mod:`.held`) stay in the work directory in every case: a
+restarted agent finds them there.
 """
 
 from __future__ import annotations

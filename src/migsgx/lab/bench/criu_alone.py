@@ -2,10 +2,11 @@
 
 A plain process holding SIZE of ordinary memory (no enclave) migrates with
 CRIU alone: ``criu page-server`` on the destination, dump, copy of the other
-images, restore.  Its destination images go where the agent's go
-(``/dev/shm``: :mod:`migsgx.agent.imageroom`), or with ``images_in_ram=False``
-to the testbed's directory, on the disk's file system, where the agent's went
-before: the two compare on the same kind of file system.
+images, restore.  Its destination images go where the agent's go by default,
+the testbed's directory (the disk's file system here), or with
+``images_in_ram`` to ``/dev/shm``, where ``agent serve --images-in-ram`` puts
+them (:mod:`migsgx.agent.imageroom`): the two compare on the same kind of file
+system.
 """
 
 from __future__ import annotations
@@ -56,15 +57,15 @@ def criu_only(
     criu: Criu | None = None,
     *,
     page_tls: bool = False,
-    images_in_ram: bool = True,
+    images_in_ram: bool = False,
 ) -> dict[str, Any]:
     """Stop-and-copy with CRIU alone: page server, dump, copy, restore.
 
     ``page_tls``: the pages in CRIU's own TLS, with the hosts' agent identities,
     as ``migsgx migrate`` sends them (without: plain TCP, CRIU's default).
-    ``images_in_ram``: the destination's images in ``/dev/shm``, where the agent
-    receives them (:mod:`migsgx.agent.imageroom`); without, in the testbed's
-    directory (the disk's file system), where the agent's went before.
+    ``images_in_ram``: the destination's images in ``/dev/shm``, as the agent's
+    with ``--images-in-ram``; without, in the testbed's directory, on the file
+    system of the agent's work directory.
     """
 
     criu = criu or Criu()

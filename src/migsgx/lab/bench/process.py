@@ -9,8 +9,9 @@ and, in the same run:
   the digests of both memories are checked on the destination;
 * ``criu_only``: a plain process holding 2 x SIZE of ordinary memory migrates
   with CRIU alone: ``criu page-server`` on the destination, dump, copy of the
-  other images, restore (:mod:`.criu_alone`); its images in ``/dev/shm``, where
-  the agent receives migsgx's (``--ab-images-disk``: both on the disk too);
+  other images, restore (:mod:`.criu_alone`); its images where the agent
+  receives migsgx's, the testbed's directory (``--ab-images-ram``: both in
+  ``/dev/shm`` too);
 * ``migsgx_post_copy`` and ``migsgx_live`` (with ``--post-copy``): the
   ``migsgx`` workload again with ``migsgx migrate --post-copy``, and with
   ``--live`` (enclave pre-copy, then post-copy of the process); besides the
@@ -170,7 +171,7 @@ def one_run(
     ab_criu_nice: int = 0,
     flip: bool = False,
     ab_prefault: bool = False,
-    ab_images_disk: bool = False,
+    ab_images_ram: bool = False,
 ) -> dict[str, Any]:
     """migsgx and CRIU alone back to back, with the ratios of the pair.
 
@@ -194,14 +195,13 @@ def one_run(
     ``migsgx_with_prefault``, the paired ``prefault_total_speedup`` and
     ``prefault_downtime_speedup`` (without / with: above 1, the prefault helped)
     and ``prefault_cpu_ratio`` (CPU of the whole migration, without / with).
-    With ``ab_images_disk``, also migsgx with the destination's images in the
-    agent's work directory (``agent serve --images-in-work-dir``: the disk, as
-    before) and CRIU alone with its images on the disk too, that pair right
-    after the default one (before it with ``flip``): ``migsgx_images_disk``,
-    ``criu_only_images_disk`` and the paired ``images_ram_total_speedup``,
-    ``images_ram_downtime_speedup`` (disk / RAM: above 1, RAM helped),
-    ``criu_images_ram_speedup`` (CRIU alone, disk / RAM) and
-    ``criu_over_migsgx_total_disk`` (the old ratio, both on the disk).
+    With ``ab_images_ram``, also migsgx with the destination's images in RAM
+    (``agent serve --images-in-ram``: ``/dev/shm``) and CRIU alone with its
+    images there too, that pair right after the default one (before it with
+    ``flip``): ``migsgx_images_ram``, ``criu_only_images_ram`` and the paired
+    ``images_ram_total_speedup``, ``images_ram_downtime_speedup`` (work
+    directory / RAM: above 1, RAM helped), ``criu_images_ram_speedup`` (CRIU
+    alone, the same) and ``criu_over_migsgx_total_ram`` (the ratio, both in RAM).
     """
 
     niced_args = ("--criu-nice", str(ab_criu_nice))
@@ -210,7 +210,7 @@ def one_run(
     niced_first = _migsgx(bed, size, niced_args) if ab_criu_nice and flip else None
     faulted_args = ("--prefault-ahead",)
     faulted_first = _migsgx(bed, size, faulted_args) if ab_prefault and flip else None
-    disk_first = _on_disk(bed, size) if ab_images_disk and flip else None
+    ram_first = _in_ram(bed, size) if ab_images_ram and flip else None
     migsgx = _migsgx(bed, size)
     extra: dict[str, Any] = {}
     if ab_late_handshake:
@@ -244,16 +244,16 @@ def one_run(
             ),
         )
     plain = criu_only(bed, 2 * size)
-    if ab_images_disk:
-        on_disk, plain_disk = disk_first or _on_disk(bed, size)
+    if ab_images_ram:
+        in_ram, plain_ram = ram_first or _in_ram(bed, size)
         extra.update(
-            migsgx_images_disk=on_disk,
-            criu_only_images_disk=plain_disk,
-            images_disk_ran_first=disk_first is not None,
-            images_ram_total_speedup=on_disk["total_seconds"] / migsgx["total_seconds"],
-            images_ram_downtime_speedup=on_disk["downtime_seconds"] / migsgx["downtime_seconds"],
-            criu_images_ram_speedup=plain_disk["total_seconds"] / plain["total_seconds"],
-            criu_over_migsgx_total_disk=plain_disk["total_seconds"] / on_disk["total_seconds"],
+            migsgx_images_ram=in_ram,
+            criu_only_images_ram=plain_ram,
+            images_ram_ran_first=ram_first is not None,
+            images_ram_total_speedup=migsgx["total_seconds"] / in_ram["total_seconds"],
+            images_ram_downtime_speedup=migsgx["downtime_seconds"] / in_ram["downtime_seconds"],
+            criu_images_ram_speedup=plain["total_seconds"] / plain_ram["total_seconds"],
+            criu_over_migsgx_total_ram=plain_ram["total_seconds"] / in_ram["total_seconds"],
         )
     if ab_page_tls:
         tls = criu_only(bed, 2 * size, page_tls=True)
@@ -289,12 +289,12 @@ def one_run(
     }
 
 
-def _on_disk(bed: Testbed, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """migsgx with the destination's images in the agent's work directory, then CRIU
-    alone with its images there too: both on the disk, as before."""
+def _in_ram(bed: Testbed, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """migsgx with the destination's images in RAM (``/dev/shm``), then CRIU alone
+    with its images there too."""
 
-    on_disk = _migsgx(bed, size, agent_args=("--images-in-work-dir",))
-    return on_disk, criu_only(bed, 2 * size, images_in_ram=False)
+    in_ram = _migsgx(bed, size, agent_args=("--images-in-ram",))
+    return in_ram, criu_only(bed, 2 * size, images_in_ram=True)
 
 
 def run(
@@ -308,7 +308,7 @@ def run(
     ab_page_tls: bool = False,
     ab_criu_nice: int = 0,
     ab_prefault: bool = False,
-    ab_images_disk: bool = False,
+    ab_images_ram: bool = False,
 ) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
@@ -322,7 +322,7 @@ def run(
             for i in range(repeat):
                 one = one_run(
                     bed, size, ab_late_handshake, post_copy, ab_page_tls, ab_criu_nice,
-                    flip=i % 2 == 1, ab_prefault=ab_prefault, ab_images_disk=ab_images_disk,
+                    flip=i % 2 == 1, ab_prefault=ab_prefault, ab_images_ram=ab_images_ram,
                 )  # fmt: skip
                 runs.append(one)
     finally:
