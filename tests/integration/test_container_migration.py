@@ -434,21 +434,52 @@ def test_tool_dying_before_the_commit_point_thaws_the_container(
     finish(lab, app, expect="src")
 
 
-def test_runc_source_in_doubt_after_the_commit_goes_with_one_recover(
-    bed: Testbed, lab: ContainerLab
+@pytest.mark.parametrize("engine", ENGINES)
+def test_container_given_back_by_one_recover_after_the_tool_and_its_guardian_died(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
+) -> None:
+    """The tool kills its guardian and dies before the commit point, the tree held there.
+
+    One ``migsgx recover`` gives the container back from the journal's notes: the
+    enclaves abort, its cgroup thaws, its tasks continue, and the gate on its
+    listeners opens (``ungate``), so clients reach it again.  Before, the gate's
+    rule stayed in the host's firewall and the thawed container answered nobody
+    (the storm's heal of stalled firewalls removed that rule too, and hid it).
+    """
+
+    app, digest = started(lab, engine)
+    run = migrate(bed, app, agent,
+                  env={"MIGSGX_FAULT": "tool.before-commit:kill-guardian-and-tool"})  # fmt: skip
+    assert run.returncode == -9, run.stderr
+    assert lab.runnable_copies(app)["src"] == 0  # frozen, nobody left to give it back
+    journals = (bed.state("src") / "agent" / "migrations").glob("*.json")
+    mid = max(journals, key=lambda p: p.stat().st_mtime).stem
+    result = recover(bed)
+    outcomes = {r["mid"]: r["outcome"] for r in json.loads(result.stdout)}
+    assert outcomes[mid] == "stayed", result.stdout + result.stderr
+    assert lab.runnable_copies(app)["src"] == 1
+    wait_until(lambda: app.name not in lab.containers("dst", engine), 30, "dst to let go")
+    check_source_runs_on(lab, app, digest)
+    finish(lab, app, expect="src")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_container_source_in_doubt_after_the_commit_goes_with_one_recover(
+    bed: Testbed, lab: ContainerLab, engine: str
 ) -> None:
     """The destination stalls before it answers ``resume``: exit 7, in doubt (found by a storm).
 
-    After one ``migsgx recover`` the committed source container is gone from runc,
-    as after a success, and can come back.  Before, its tasks stayed frozen (the
-    recover's SIGKILL waits for a thaw under cgroup v1) and runc kept its record,
-    which refused the container's return.
+    After one ``migsgx recover`` the committed source container is gone from its
+    engine, as after a success, and can come back.  Before, its tasks stayed
+    frozen (the recover's SIGKILL waits for a thaw under cgroup v1) and the
+    engine kept its record, which refused the container's return (runc, and
+    with the storm's ``--engine podman|containerd``, podman and containerd).
     """
 
     doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-resume:stall"})
     back = bed.start_agent("src")
     try:
-        app, digest = started(lab, "runc")
+        app, digest = started(lab, engine)
         try:
             run = migrate(bed, app, doomed)
             assert run.returncode == 7, run.stderr
@@ -462,7 +493,8 @@ def test_runc_source_in_doubt_after_the_commit_goes_with_one_recover(
         result = recover(bed)
         outcomes = {r["mid"]: r["outcome"] for r in json.loads(result.stdout)}
         assert outcomes[mid] in ("moved", "done"), result.stdout
-        assert app.name not in lab.containers("src", "runc")
+        assert app.name not in lab.containers("src", engine)
+        assert lab.copies(app)["src"] == []  # nothing of the source left, frozen or not
         assert lab.ask(app, "DIGEST", at="dst") == digest
         again = migrate(bed, app, back, name="dst")
         assert again.returncode == 0, again.stderr

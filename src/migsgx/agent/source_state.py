@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
+from ..containers.engine_notes import ENGINE_NOTES
 from ..core.rounds import StopRules
 from ..criu import Criu, DumpCancel
 from ..datapath.engine import OutgoingEnclave
@@ -49,9 +50,11 @@ __all__ = ["MigrateOptions", "MigrationOutcome", "keeps_tcp"]
 
 log = logging.getLogger("migsgx.migrate")
 
-#: The guardian's notes that say how to give a container back (kept in the journal too).
-#: (``runc``: the engine's record of the source, which a committed source's end deletes)
-UNDO_NOTES: Final = frozenset({"criu", "netup", "runc", "thaw"})
+#: The guardian's notes that say how to give a container back (kept in the journal too;
+#: ``ungate``: the gate on its listeners, :mod:`migsgx.containers.gate`).
+#: (``runc``, ``podman``, ``containerd``: the engine's record of the source, which a
+#: committed source's end removes: :mod:`migsgx.containers.engine_notes`)
+UNDO_NOTES: Final = frozenset({"criu", "netup", "thaw", "ungate"}) | ENGINE_NOTES
 
 #: Files of the dump directory that stay on the source.
 _LOCAL_ONLY: Final = frozenset({"dump.log"})
