@@ -234,10 +234,12 @@ def test_container_moves_after_its_platform_service_restarted(
     ``Can't re-create deleted file .../enclave.sock: File exists``, as it makes a
     file in the place of a deleted mount's source, then removes it) and every later
     move failed the same way.  Now it moves, and the container reaches the
-    destination's live socket, which stays where it is.
+    destination's live socket, which stays where it is.  (The lab bind-mounts the
+    socket's directory, which never goes stale; a container made with the file
+    mounted, as this one, still moves.)
     """
 
-    app = lab.start_app(engine, "kvstore")
+    app = lab.start_app(engine, "kvstore", platform_file=True)
     assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
     # Killed, then started again as the host's supervisor would: a new socket file.
     bed.services["src"].process.kill()
@@ -258,6 +260,66 @@ def test_container_moves_after_its_platform_service_restarted(
     inside = Path(f"/proc/{pid}/root/run/migsgx/enclave.sock")
     assert inside.stat().st_ino == before
     assert "//deleted" not in Path(f"/proc/{pid}/mountinfo").read_text()
+    finish(lab, app, expect="dst")
+
+
+def restart_platform(bed: Testbed, host: str) -> None:
+    """``kill -9`` of the host's platform service, then started again as its supervisor
+    would: it binds a new socket file (the storm's ``kill-source-platform``)."""
+
+    bed.services[host].process.kill()
+    bed.services[host].stop()
+    bed.services[host] = start_service(bed.state(host), prefix=bed.host(host).command([]))
+
+
+def launched(lab: ContainerLab, app: ContainerApp, at: str, key: str) -> None:
+    """The app launches a new enclave through the platform socket it sees, and uses it."""
+
+    answer = lab.ask(app, f"LAUNCH {key} {key.encode().hex()}", at=at)
+    assert re.fullmatch(r"OK \d+", answer), answer
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_running_container_reaches_its_restarted_platform_service(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
+) -> None:
+    """A platform service restarted under a running container strands nothing.
+
+    Before, the container bind-mounted the socket file: the restarted service binds a
+    new one, the container kept the old, removed one, and every launch from inside
+    failed (``ConnectionRefusedError``) until the container moved away.  Now it
+    bind-mounts the directory that holds only the socket: the new socket appears in
+    it.  The enclave launched before the restart keeps working throughout; after a
+    move the directory is the destination's, whose restart strands nothing either.
+    """
+
+    app = lab.start_app(engine, "kvstore")
+    assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
+    launched(lab, app, "src", "before")
+    restart_platform(bed, "src")
+    launched(lab, app, "src", "after")
+    assert lab.ask(app, "GET k", at="src") == "VALUE " + b"v".hex()
+    assert lab.ask(app, f"PERSIST restarted-{app.marker}", at="src").startswith("OK ")
+    pid = lab.root_pid(app, "src")
+    assert pid is not None
+    assert "//deleted" not in Path(f"/proc/{pid}/mountinfo").read_text()
+    # What the container sees of the host: the socket alone, on a read-only mount.
+    assert os.listdir(f"/proc/{pid}/root/run/migsgx") == ["enclave.sock"]
+    options = [line.split()[5] for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+               if line.split()[4] == "/run/migsgx"]  # fmt: skip
+    assert options and all("ro" in o.split(",") for o in options), options
+
+    run = migrate(bed, app, agent)
+    assert run.returncode == 0, run.stderr
+    assert lab.ask(app, "GET k", at="dst") == "VALUE " + b"v".hex()
+    launched(lab, app, "dst", "moved")
+    restart_platform(bed, "dst")
+    pid = lab.root_pid(app, "dst")
+    assert pid is not None
+    inside = Path(f"/proc/{pid}/root/run/migsgx/enclave.sock")
+    assert inside.stat().st_ino == bed.services["dst"].socket.stat().st_ino
+    launched(lab, app, "dst", "restarted")
+    assert lab.ask(app, "GET k", at="dst") == "VALUE " + b"v".hex()
     finish(lab, app, expect="dst")
 
 

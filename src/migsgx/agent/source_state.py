@@ -32,6 +32,7 @@ from ..datapath.engine import OutgoingEnclave
 from ..datapath.pagerelay import PageRelay
 from ..errors import ConfigError, LostAfterCommitError, MigSGXError
 from ..host.appctl import info_to_wire
+from ..sgx.service import default_socket
 from ..system.process import process_state
 from . import preflight
 from .applink import AppLink, HandedEnclave
@@ -242,7 +243,7 @@ class _MigrationState:
         elif action == "kill-criu" and self.lazy is not None:
             self.lazy.stop()  # post-copy: the only server of the pages still missing dies
         elif action in ("kill-source-platform", "kill-source-platform-and-tool"):
-            kill_dead([socket_owner(self.opts.identity.directory.parent / "enclave.sock")])
+            kill_dead([socket_owner(default_socket(self.opts.identity.directory.parent))])
             if action == "kill-source-platform-and-tool":
                 os.kill(os.getpid(), signal.SIGKILL)
         elif action is not None and action.endswith("-control") and self.control is not None:

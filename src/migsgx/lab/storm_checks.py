@@ -2,7 +2,8 @@
 
 :class:`Verdict` judges one migration once the hosts settled: how many copies
 run (application processes and their enclave processes, on both hosts), where,
-with which writes, and whether the tool's exit status says so.  :func:`leftovers`
+with which writes, whether the copy still launches enclaves on its host, and
+whether the tool's exit status says so.  :func:`leftovers`
 lists what a migration left that nobody will remove.  :func:`restart_dead` and
 :func:`heal` do what a host's supervisor and its network would: a killed
 platform service or agent starts again, a stalled connection's packets flow.
@@ -118,6 +119,7 @@ class Verdict:
             found.append(f"{outcome}: no copy with the state; copies {self.states()}")
         if outcome in ("moved", "stayed"):
             found += self._writes(self.to if outcome == "moved" else self.frm)
+            found += self._launches(self.to if outcome == "moved" else self.frm)
         if "Traceback" in stderr:
             found.append("the tool printed a traceback: " + stderr[-800:])
         honest = {
@@ -131,6 +133,16 @@ class Verdict:
         if not honest.get(code, False):
             found.append(f"exit {code} does not tell the truth: {outcome}; {stderr[-600:]}")
         return found
+
+    def _launches(self, host: str) -> list[str]:
+        """The copy on ``host`` reaches its host's platform service, a restarted one
+        included: it launches a new enclave and uses it (a container that kept a stale
+        socket could not, until it moved)."""
+
+        answer = self.storm.ask("LAUNCH storm-probe 00", host, timeout=30.0) or "no answer"
+        if answer.startswith("OK "):
+            return []
+        return [f"the copy on {host} cannot launch an enclave: {answer[:200]}"]
 
     def _writes(self, host: str) -> list[str]:
         """Every acknowledged write is in the copy on ``host`` (its digest, or key by key
