@@ -586,7 +586,9 @@ class IncomingMigration(_SessionDecisions):
         if judged:
             self._wait_decided(DELIVER_WAIT, judged)
         self.abort("aborted by the tool")
-        return {"t": "aborted", "held": self.agent.find_session(self.session_id) is self}
+        # (this session stays registered while its tool's connection is open: only
+        # one kept in doubt for a decision is held)
+        return {"t": "aborted", "held": self.session_id in self.agent.in_doubt()}
 
     def _deliver_request(self, msg: dict[str, Any]) -> Reply:
         """A decision delivered again, on a connection of its own (``migsgx recover``)."""

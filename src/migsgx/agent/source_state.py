@@ -161,6 +161,7 @@ class _MigrationState:
         self.page_server = False
         self.page_relay: PageRelay | None = None
         self.session_id = b""
+        self._begun = False
         # The migration group of the source enclaves (``__mig_group``): fresh, never
         # the session id, which the destination, journals and logs carry.  Whoever
         # knows a group id can record a decision in it from an enclave of their own.
@@ -189,7 +190,9 @@ class _MigrationState:
 
     def _begin(self, pids: list[int], pidns: bool) -> dict[str, Any]:
         assert self.source is not None
-        self.session_id = secrets.token_bytes(16)
+        if self._begun or not self.session_id:
+            self.session_id = secrets.token_bytes(16)  # (a migration id is accepted once)
+        self._begun = True
         begin: dict[str, Any] = {
             "t": "begin",
             "session_id": self.session_id,
