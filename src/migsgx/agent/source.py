@@ -463,6 +463,7 @@ class _Migration(_DecisionSteps):
         )
         # Without the page server, the pages came as images (counted there already).
         self.page_bytes = int(reply["page_bytes"]) if self.page_server else 0
+        self.destination_images_fs = str(reply.get("images_fs") or "")
 
 
 def migrate(opts: MigrateOptions) -> MigrationOutcome:

@@ -39,6 +39,7 @@ from .applink import AppLink, HandedEnclave
 from .control import AgentConnection
 from .faults import connection_fault, dying, fault, kill_dead, socket_owner
 from .guardian import Guardian
+from .imageroom import resident_bytes
 from .journal import Journal
 from .lazy import LazyDump
 from .postcopy_choice import MemoryPath
@@ -150,6 +151,7 @@ class _MigrationState:
         self.restored_pid = 0
         self.image_bytes = 0
         self.page_bytes = 0
+        self.destination_images_fs = ""
         # The state directory: a container that arrived here runs from a bundle this
         # host's agent made there, which goes when it leaves (runc).
         host = HostConfig(opts.criu, opts.containers, state_dir=opts.identity.directory.parent)
@@ -206,6 +208,7 @@ class _MigrationState:
         if self.driver.name != "pid":
             begin.update(driver=self.driver.name, target=self.source.target)
         begin.update(preflight.announce(self.driver.name, self.source, pids))
+        begin["memory_bytes"] = resident_bytes(pids)
         if not self.page_server:
             begin["page_server"] = False
         if self.opts.post_copy:
@@ -319,6 +322,8 @@ class _MigrationState:
             ),
             "page_relay_bytes": self.page_relay.sent if self.page_relay is not None else 0,
             "image_bytes": self.image_bytes,
+            # Where the destination received CRIU's images ("tmpfs": RAM; "" if unsaid).
+            "destination_images_fs": self.destination_images_fs,
             "restored_pid": self.restored_pid,
             "enclave_stats": [x.stats for x in self.transfers],
             "enclave_destination_stats": [plain_stats(s) for s in dest],
