@@ -39,8 +39,9 @@ from migsgx.core.stream import Manifest, StreamHeader, StreamOpener, StreamSeale
 from migsgx.enclave import checkpoints, persistent, sealing
 from migsgx.errors import MigSGXError
 from migsgx.host.appctl import APPCTL, check_image_files, info_from_wire
-from migsgx.sgx.counters import CounterStore, Decision, RecordUpdate
+from migsgx.sgx.counters import CounterStore
 from migsgx.sgx.sgxext import PckExtension
+from migsgx.sgx.store_types import Decision, RecordUpdate
 from migsgx.sgx.structs import ReportBody
 from migsgx.wire import HEADER, decode_body, encode, recv_frame
 

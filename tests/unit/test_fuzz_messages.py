@@ -32,8 +32,8 @@ from migsgx.enclave.persistent import parse_section
 from migsgx.errors import MigSGXError
 from migsgx.host.appctl import info_to_wire
 from migsgx.host.client import EnclaveInfo
-from migsgx.sgx.counters import RecordUpdate
 from migsgx.sgx.image import MANIFEST, EnclaveImage
+from migsgx.sgx.store_types import RecordUpdate
 from migsgx.system.ports import Listener
 from migsgx.wire import decode_body
 

@@ -41,8 +41,9 @@ from migsgx.errors import (
     SealError,
     error_from_wire,
 )
-from migsgx.sgx.counters import COUNTER_MAX, CounterStore, RecordUpdate
+from migsgx.sgx.counters import CounterStore
 from migsgx.sgx.platform import EmulatedPlatform, counter_owner
+from migsgx.sgx.store_types import COUNTER_MAX, RecordUpdate
 
 CHUNK = 64 << 10
 OWNER = b"S" + bytes(32) + b"\x01\x00"

@@ -49,7 +49,7 @@ from ..errors import (
     RollbackError,
     SealError,
 )
-from ..sgx.counters import COUNTER_MAX, RECORD_NAME, RecordUpdate
+from ..sgx.store_types import COUNTER_MAX, RECORD_NAME, RecordUpdate
 from ..sgx.trusted import TrustedServices
 from . import sealing
 
