@@ -28,7 +28,7 @@ from migsgx.agent.protocol import CONTROL
 from migsgx.agent.redeliver import HeldEnclave
 from migsgx.containers.podnet import PodAddress
 from migsgx.enclave.memory import Allocation
-from migsgx.enclave.persistent import parse_section
+from migsgx.enclave.persistent_format import parse_section
 from migsgx.errors import MigSGXError
 from migsgx.host.appctl import info_to_wire
 from migsgx.host.client import EnclaveInfo

@@ -23,21 +23,19 @@ from migsgx.core.stream import TAG_SIZE
 from migsgx.datapath.ring import ShmRing
 from migsgx.enclave.instance import EnclaveInstance
 from migsgx.enclave.migrator import Migrator
-from migsgx.enclave.persistent import (
-    RESERVED,
-    FrozenError,
-    PersistentStateError,
-    RollbackError,
-)
+from migsgx.enclave.persistent_format import RESERVED
 from migsgx.enclave.sdk import EnclaveContext
 from migsgx.enclave.sealing import seal_with_msk
 from migsgx.errors import (
     AwaitingDecisionError,
     CounterError,
     EnclaveBusyError,
+    FrozenError,
     MigrationError,
+    PersistentStateError,
     ProtocolError,
     ReplayError,
+    RollbackError,
     SealError,
     error_from_wire,
 )
