@@ -86,6 +86,21 @@ def test_migration_claims_are_bounded_per_owner_without_eviction(
         claims.claim(VICTIM, b"x" * 65)
 
 
+def test_claims_in_the_counter_store_share_the_bound_and_evict_nothing(
+    store: CounterStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(claims_mod, "MAX_CLAIMS_PER_OWNER", 8)
+    for i in range(8):
+        assert store.claim(GREEDY, i.to_bytes(16, "big"))
+    size = store._path.stat().st_size
+    with pytest.raises(StoreFullError):
+        store.claim(GREEDY, b"\xff" * 16)
+    assert store._path.stat().st_size == size  # refused: nothing written
+    assert all(store.claimed(GREEDY, i.to_bytes(16, "big")) for i in range(8))
+    assert not store.claim(GREEDY, (0).to_bytes(16, "big"))
+    assert store.claim(VICTIM, b"\xff" * 16)
+
+
 def test_an_owner_cannot_blindly_overwrite_or_delete_a_record(store: CounterStore) -> None:
     """Compare-and-set: an update names the record it replaces (or its absence)."""
 

@@ -17,7 +17,8 @@ from .._fs import read_private, write_private
 from ..errors import CounterError, StoreFullError
 from .store_file import _create_once, _FileLock
 
-# Quotas (see :mod:`migsgx.sgx.record_store`); the counter store's claims share them.
+# Quotas (see :mod:`migsgx.sgx.record_store`); the counter store's claims share them
+# (:func:`_admit_claim`).
 MAX_CLAIMS_PER_OWNER = 4096
 MAX_CLAIMS_TOTAL = 65536
 
@@ -55,11 +56,7 @@ class ClaimStore:
             claims = self._load()
             if key in claims:
                 return False
-            prefix = owner + b"/"
-            if sum(1 for c in claims if c.startswith(prefix)) >= MAX_CLAIMS_PER_OWNER:
-                raise StoreFullError("this enclave's owner has used its migration claim quota")
-            if len(claims) >= MAX_CLAIMS_TOTAL:
-                raise StoreFullError("the host's migration claim store is full")
+            _admit_claim(claims, owner)
             claims.append(key)
             write_private(self._path, cbor2.dumps({"v": 1, "claims": claims}))
             return True
@@ -74,6 +71,16 @@ class ClaimStore:
         tail = b"/" + _check_mid(mid)
         with _FileLock(self._lock, self._lock_path):
             return any(key.endswith(tail) for key in self._load())
+
+
+def _admit_claim(claims: list[bytes], owner: bytes) -> None:
+    """Room for one more claim of ``owner`` (either store's quotas), or StoreFullError."""
+
+    prefix = owner + b"/"
+    if sum(1 for c in claims if c.startswith(prefix)) >= MAX_CLAIMS_PER_OWNER:
+        raise StoreFullError("too many migration claims for this enclave's owner")
+    if len(claims) >= MAX_CLAIMS_TOTAL:
+        raise StoreFullError("the host's claim store is full")
 
 
 def _check_mid(mid: bytes) -> bytes:

@@ -39,7 +39,7 @@ from ..errors import (
     RecordConflictError,
     StoreFullError,
 )
-from .claims import MAX_CLAIMS_PER_OWNER, MAX_CLAIMS_TOTAL, ClaimStore, _check_mid
+from .claims import ClaimStore, _admit_claim, _check_mid
 from .store_file import _create_once, _FileLock
 from .store_types import COUNTER_MAX, RECORD_NAME, RUNTIME_RECORD_NAME, RecordUpdate
 
@@ -277,11 +277,7 @@ class _RecordStore:
         claim_key = owner + b"/" + mid
         if claim_key in claims or self._claimed_before(owner, mid):
             raise ClaimedBeforeError("this migration id was claimed before on this host")
-        prefix = owner + b"/"
-        if sum(1 for c in claims if c.startswith(prefix)) >= MAX_CLAIMS_PER_OWNER:
-            raise StoreFullError("too many migration claims for this enclave's owner")
-        if len(claims) >= MAX_CLAIMS_TOTAL:
-            raise StoreFullError("the host's claim store is full")
+        _admit_claim(claims, owner)
         claims.append(claim_key)
 
     def claim(self, owner: bytes, mid: bytes) -> bool:
