@@ -14,6 +14,9 @@ when any migration failed.  Run as root from the checkout:
     .venv/bin/python benchmarks/storm.py --fault tool.after-commit:kill-source-enclave
 
 ``--fault SPEC`` (as printed) replays one migration's fault, ``--count`` times.
+``--keep-failed DIR`` keeps what a failed migration leaves to read: CRIU's and
+runc's logs of its failed steps (``$MIGSGX_KEEP_LOGS``), the tool's output and
+the agents' logs, in ``DIR/INDEX-SEED/``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import shutil
 import signal
 import sys
 import tempfile
@@ -54,6 +58,14 @@ def main() -> int:
         default="pid",
         help="a plain process (default) or a runc container",
     )
+    parser.add_argument(
+        "--keep-failed",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep a failed migration's logs in DIR/INDEX-SEED/ (CRIU's and runc's logs "
+        "of failed steps, the tool's output, the agents' logs)",
+    )
     args = parser.parse_args()
     fault = parse(args.fault) if args.fault else None
     outcomes: list[Outcome] = []
@@ -66,7 +78,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="migsgx-storm-") as root:
         with Testbed(Path(root), subnet=args.subnet) as bed, contextlib.ExitStack() as stack:
             lab = stack.enter_context(ContainerLab(bed)) if args.engine == "runc" else None
-            storm = Storm(bed, args.seed, bound=args.bound, lab=lab)
+            storm = Storm(bed, args.seed, bound=args.bound, lab=lab,
+                          keep_failed=args.keep_failed)  # fmt: skip
             for index in range(args.count):
                 if time.monotonic() >= t_end:
                     break
@@ -74,6 +87,8 @@ def main() -> int:
                 outcomes.append(out)
                 print(as_json(out), flush=True)
             namespaces = bed.net.name_prefix
+        if args.keep_failed is not None:  # (the last migration's, which did not fail)
+            shutil.rmtree(args.keep_failed / "pending", ignore_errors=True)
         left = [n for n in list_namespaces() if n.startswith(namespaces)]
     result = summary(outcomes)
     result["seed"], result["engine"] = args.seed, args.engine

@@ -6,6 +6,10 @@ suite silently. Elsewhere such tests skip with their reason.
 
 Every module, unit or integration, ends without a zombie child of the test
 process (:mod:`zombies`): what a test starts and kills, it also waits for.
+
+Every process the run starts carries its run tag (``MIGSGX_LAB_RUN``,
+:func:`migsgx.lab.sweep.tag_run`): should the run be killed, the next one's
+sweep removes what it left, wherever it runs.
 """
 
 from __future__ import annotations
@@ -17,9 +21,15 @@ from pathlib import Path
 import pytest
 from zombies import no_zombie_children
 
+from migsgx.lab.sweep import tag_run
+
 __all__ = ["no_zombie_children"]  # autouse: every module ends without a zombie child
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    tag_run()  # before any test starts a process
 
 
 def in_ci() -> bool:

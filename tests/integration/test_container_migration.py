@@ -220,6 +220,47 @@ def test_runc_source_platform_killed_before_the_images_says_it_stayed(
     finish(lab, app, expect="src")
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_container_moves_after_its_platform_service_restarted(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
+) -> None:
+    """The source's platform service restarted after the container started (found by a
+    storm, seed 6: a ``kill-source-platform`` fault, the service started again, then
+    the next move): the container's bind mount still holds the old socket, which is
+    gone, and CRIU records the mount as deleted.
+
+    Before, the restore on the destination failed (``runc restore ... Failed to
+    remove cgroup (will retry) | criu failed: type NOTIFY errno 0``; CRIU's log:
+    ``Can't re-create deleted file .../enclave.sock: File exists``, as it makes a
+    file in the place of a deleted mount's source, then removes it) and every later
+    move failed the same way.  Now it moves, and the container reaches the
+    destination's live socket, which stays where it is.
+    """
+
+    app = lab.start_app(engine, "kvstore")
+    assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
+    # Killed, then started again as the host's supervisor would: a new socket file.
+    bed.services["src"].process.kill()
+    bed.services["src"].stop()
+    bed.services["src"] = start_service(bed.state("src"), prefix=bed.host("src").command([]))
+    pid = lab.root_pid(app, "src")
+    assert pid is not None
+    assert "/enclave.sock//deleted " in Path(f"/proc/{pid}/mountinfo").read_text()
+    socket_dst = bed.services["dst"].socket
+    before = socket_dst.stat().st_ino
+
+    run = migrate(bed, app, agent)
+    assert run.returncode == 0, run.stderr
+    assert lab.ask(app, "GET k", at="dst") == "VALUE " + b"v".hex()
+    pid = lab.root_pid(app, "dst")
+    assert pid is not None
+    assert socket_dst.stat().st_ino == before
+    inside = Path(f"/proc/{pid}/root/run/migsgx/enclave.sock")
+    assert inside.stat().st_ino == before
+    assert "//deleted" not in Path(f"/proc/{pid}/mountinfo").read_text()
+    finish(lab, app, expect="dst")
+
+
 def ledger(lab: ContainerLab, app: ContainerApp, at: str) -> dict[str, Any]:
     # Asked once: an unanswered request (the app died) is a failure, never asked again.
     answer = lab.ask(app, "ROWS", at=at)

@@ -4,8 +4,9 @@ Planted, as an interrupted run leaves them: a container lab whose owner is gone,
 with a ``runc restore`` stand-in naming its runc root (and a child, as CRIU and
 the restored app are), a process in one of its cgroups, a pod namespace with a
 process inside; a lab whose owner's pid was reused since (another start time);
-host namespaces of a dead owner (a process inside) and of a reused pid. Next to
-them what must stay: a live run's lab, namespaces and processes, and a user's.
+host namespaces of a dead owner (a process inside) and of a reused pid; platform
+services and enclave runtimes that carry a dead run's tag. Next to them what must
+stay: a live run's lab, namespaces and processes, and a user's.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from migsgx.lab.hosts import Deployment, ServiceProcess, start_service
 from migsgx.lab.netns import NETNS_DIR, PREFIX, run_tag, terminate
-from migsgx.lab.sweep import LAB_PREFIX, LAB_ROOT, OWNER_FILE, lab_directories, sweep
+from migsgx.lab.sweep import LAB_PREFIX, LAB_ROOT, OWNER_FILE, RUN_ENV, lab_directories, sweep
 from migsgx.system.process import process_state, tree_pids
 
 pytestmark = pytest.mark.integration
@@ -169,3 +171,61 @@ def test_a_lab_of_an_older_run_without_an_owner_file_goes_by_its_pid(plant: Plan
     removed = sweep()
     assert str(dead_lab) in removed and not dead_lab.exists()
     assert str(live_lab) not in removed and live_lab.exists()
+
+
+def test_processes_a_dead_run_started_outside_its_namespaces_are_swept(
+    plant: Plant, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Platform services started with no host namespace, and enclave runtimes that
+    outlived their service, carry their run's tag (``MIGSGX_LAB_RUN``): swept when
+    that run is gone; a live run's, a user's and a malformed tag's stay."""
+
+    me, my_start = run_tag()
+    dead = _dead_pid()
+    deployment = Deployment.create(tmp_path / "d", names=["dead", "reused", "live"])
+    services: list[ServiceProcess] = []
+    try:
+        started: dict[str, list[int]] = {}
+        for tag, state in zip(
+            (f"{dead}.4242", f"{me}.{int(my_start) + 1}", f"{me}.{my_start}"),
+            deployment.hosts,
+            strict=True,
+        ):
+            monkeypatch.setenv(RUN_ENV, tag)
+            service = start_service(state, extra_args=["--warm-spare"])
+            services.append(service)
+            wait_until_tree(service.process.pid, 2)  # its warm spare: an enclave runtime
+            started[tag] = tree_pids(service.process.pid)
+        monkeypatch.setenv(RUN_ENV, "not-a-tag")
+        odd = plant.start(["sleep", "600"])
+        monkeypatch.delenv(RUN_ENV)
+        user = plant.start(["sleep", "600"])
+        monkeypatch.setenv(RUN_ENV, f"{me}.{my_start}")
+        # The dead run's service was killed with the run: its enclave runtime lives on,
+        # an orphan outside every namespace.
+        _service, orphan = started[f"{dead}.4242"]
+        services[0].process.kill()
+        services[0].process.wait()
+        doomed = [orphan, *started[f"{me}.{int(my_start) + 1}"]]
+        assert len(doomed) == 3 and not any(_gone(pid) for pid in doomed)
+
+        removed = sweep()
+
+        # Named: the orphan, and the service (its spare goes with its tree).
+        for pid in doomed[:2]:
+            assert any(line.startswith(f"process {pid} ") for line in removed), removed
+        for pid in doomed:
+            terminate(pid, sig=0, timeout=10)
+            assert _gone(pid)
+        services[1].process.wait(timeout=10)  # (ours: reaped)
+        for pid in started[f"{me}.{my_start}"]:  # the live run's service and enclave stay
+            assert not _gone(pid)
+        assert odd.poll() is None and user.poll() is None
+        assert not any(f"process {pid} " in " ".join(removed) for pid in (odd.pid, user.pid))
+    finally:
+        for service in services:
+            service.stop()
+        for pids in started.values():
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)

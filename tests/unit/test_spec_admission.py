@@ -27,7 +27,7 @@ from migsgx.containers.admission import (
     SpecPolicy,
     SpecRefused,
 )
-from migsgx.containers.image_admission import CAPABILITY_NUMBERS, admit_images
+from migsgx.containers.image_admission import CAPABILITY_NUMBERS, admit_images, localize_images
 from migsgx.containers.oci import Localization, localize
 from migsgx.containers.podman import PODMAN_MOUNTS
 from migsgx.errors import error_from_wire
@@ -610,3 +610,61 @@ def test_other_mounts_in_images_are_refused(
     with pytest.raises(SpecRefused, match=match) as caught:
         admit_images(tmp_path, localize(ENGINE_SPECS["runc"], HERE))
     assert caught.value.field.startswith("images/mountpoints-13.img")
+
+
+#: ``deleted = true`` (field 16, a varint: its tag takes two bytes).
+DELETED = bytes([0x80, 0x01, 1])
+
+
+def deleted_mount_image(deleted: dict[str, bool]) -> bytes:
+    """RUNC_MOUNTS plus the platform socket's bind and one more host file's, each
+    external and marked deleted as ``deleted`` says, with fields CRIU writes that
+    the reader does not declare (``root_dev`` 3, ``flags`` 5, ``options`` 9)."""
+
+    from migsgx.criu.images import IMG_COMMON_MAGIC, MNTS_MAGIC, entries
+
+    rows = [*RUNC_MOUNTS, (120, 110, "unsupported", "/run/migsgx/enclave.sock", "/dev/vda", True),
+            (121, 110, "unsupported", "/etc/hostname", "/dev/vda", True)]  # fmt: skip
+    undeclared = bytes([3 << 3, 0x2A, 5 << 3, 0x81, 0x20, 9 << 3 | 2, 2]) + b"rw"
+    out = struct.pack("<II", IMG_COMMON_MAGIC, MNTS_MAGIC)
+    for raw, row in zip(entries(mount_image(rows), MNTS_MAGIC, "test"), rows, strict=True):
+        raw += undeclared
+        if deleted.get(row[3]):
+            raw += DELETED  # deleted = true
+        out += struct.pack("<I", len(raw)) + raw
+    return out
+
+
+def test_a_deleted_platform_socket_mount_is_unmarked_and_nothing_else(tmp_path: Path) -> None:
+    """The source's platform service restarted: CRIU saw the socket's bind deleted, and
+    would make a file where this host's socket is; only that mark goes."""
+
+    from migsgx.criu.images import MNTS_MAGIC, entries, mounts_of
+
+    image = tmp_path / "mountpoints-13.img"
+    image.write_bytes(deleted_mount_image({"/run/migsgx/enclave.sock": True,
+                                           "/etc/hostname": True}))  # fmt: skip
+    before = image.read_bytes()
+    spec = localize(ENGINE_SPECS["runc"], HERE)
+    assert localize_images(tmp_path, spec) == ["mountpoints-13.img"]
+    after = image.read_bytes()
+    deleted = {m.mountpoint: m.deleted for m in mounts_of(after, "test")}
+    assert deleted["/run/migsgx/enclave.sock"] is False
+    assert deleted["/etc/hostname"] is True  # (not the platform's: left as CRIU wrote it)
+    old = list(entries(before, MNTS_MAGIC, "test"))
+    new = list(entries(after, MNTS_MAGIC, "test"))
+    assert len(old) == len(new) and after[:8] == before[:8]
+    for was, now in zip(old, new, strict=True):
+        assert bytes([3 << 3, 0x2A]) in now and b"rw" in now  # undeclared fields kept
+        assert was == now or was.replace(DELETED, b"") == now
+    admit_images(tmp_path, spec)
+    assert localize_images(tmp_path, spec) == []  # nothing more to change
+    assert image.read_bytes() == after
+
+
+def test_images_without_a_deleted_platform_mount_are_left_as_they_are(tmp_path: Path) -> None:
+    image = tmp_path / "mountpoints-13.img"
+    image.write_bytes(deleted_mount_image({"/etc/hostname": True}))
+    before = image.read_bytes()
+    assert localize_images(tmp_path, localize(ENGINE_SPECS["runc"], HERE)) == []
+    assert image.read_bytes() == before

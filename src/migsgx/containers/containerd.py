@@ -59,7 +59,7 @@ from .base import (
 )
 from .command import bring_lo_up, json_object, run_engine, with_path
 from .frozen import dump_frozen, own_netns_path, stop_if_cancelled, write_criu_config
-from .image_admission import admit_images
+from .image_admission import admit_images, localize_images
 from .imagefs import ImageFs, cuttable_images
 from .layout import CheckpointParts, write_checkpoint_image
 from .oci import Localization, joined_host_netns, load_json, localize
@@ -342,6 +342,7 @@ class ContainerdDriver:
             write_criu_config(criu_config, tcp_close=request.tcp_close)
             localized = localize(spec, here)
             admit_images(request.images, localized)
+            localize_images(request.images, localized)
             parts = CheckpointParts(
                 criu_images=request.images,
                 spec=localized,

@@ -6,19 +6,26 @@ lists, whatever the engine's configuration says.  :func:`admit_images` holds
 those to what :func:`~.admission.admit` granted (see that module and
 ``docs/containers.md``); a refusal is the same :class:`~.admission.SpecRefused`,
 naming the image.
+
+:func:`localize_images` is the one change a destination makes to them: the
+platform socket's bind mount is this host's socket, whatever the source's
+was at the dump (its service restarted since the container started: CRIU saw
+the mount's source deleted).
 """
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from ..criu.images import credentials_of, mounts_of
+from ..criu.images import credentials_of, mounts_of, undelete_external
 from ..errors import InspectError
 from .admission import ENGINE_FILESYSTEMS, _list, _mapping, _refuse
+from .oci import platform_mount
 
-__all__ = ["CAPABILITY_NUMBERS", "admit_images"]
+__all__ = ["CAPABILITY_NUMBERS", "admit_images", "localize_images"]
 
 #: Linux capability numbers (``linux/capability.h``), as CRIU's images carry them.
 CAPABILITY_NUMBERS: Final[Mapping[str, int]] = {
@@ -116,3 +123,33 @@ def admit_images(images: Path, spec: Mapping[str, Any]) -> None:
             raise _refuse(f"{where} creds", f"{listed} beyond the configuration's bounding set")
         if creds.apparmor_data:
             raise _refuse(f"{where} creds", "AppArmor policy for the kernel")
+
+
+def localize_images(images: Path, spec: Mapping[str, Any]) -> list[str]:
+    """Point the platform socket's bind mount of CRIU's images at this host's live socket.
+
+    The source's platform service may have restarted after the container started:
+    it binds a new socket file, and the container's bind mount keeps the old one,
+    removed, so CRIU records the mount as deleted.  At the restore CRIU would then
+    make a file where this host's socket is (and fail: it exists), and remove it
+    afterwards.  The mount is external (runc maps it by its destination to the
+    admitted configuration's source, :func:`~.oci.localize`: this host's socket),
+    so it is only unmarked.  ``spec``: the admitted configuration.  The images
+    changed, by name.
+    """
+
+    found = platform_mount(spec)
+    if found is None:
+        return []
+    key = posixpath.normpath(str(found[0].get("destination", "")))
+    changed = []
+    for path in sorted(images.glob("mountpoints-*.img")):
+        where = f"images/{path.name}"
+        try:
+            data = undelete_external(_read_image(path, where), key, path.name)
+        except InspectError as exc:
+            raise _refuse(where, f"unreadable: {exc}") from exc
+        if data is not None:
+            path.write_bytes(data)
+            changed.append(path.name)
+    return changed

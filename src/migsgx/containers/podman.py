@@ -54,7 +54,7 @@ from .base import (
 )
 from .command import run_engine, with_path
 from .frozen import dump_frozen, own_netns_path, stop_if_cancelled, write_criu_config
-from .image_admission import admit_images
+from .image_admission import admit_images, localize_images
 from .imagefs import cuttable_engine_dir
 from .oci import (
     Localization,
@@ -343,6 +343,7 @@ class PodmanDriver:
         runtime = localize(runtime, here)
         if (work / "checkpoint").is_dir():
             admit_images(work / "checkpoint", runtime)
+            localize_images(work / "checkpoint", runtime)
         else:
             raise ProtocolError("the podman archive holds no checkpoint")
         if parent and cgroupfs:

@@ -58,7 +58,7 @@ from .base import (
 )
 from .command import bring_lo_up
 from .frozen import dump_frozen, own_netns_path, stop_if_cancelled, write_criu_config
-from .image_admission import admit_images
+from .image_admission import admit_images, localize_images
 from .imagefs import ImageFs, cuttable_images
 from .oci import (
     Localization,
@@ -308,6 +308,7 @@ class RuncDriver:
                 netns, joined = pod, True
             spec = localize(config, self._localization(cid, netns, criu_config))
             admit_images(request.images, spec)
+            localize_images(request.images, spec)
             (bundle / "config.json").write_text(json.dumps(spec, indent=1))
             if request.before is not None:
                 request.before(request.images)

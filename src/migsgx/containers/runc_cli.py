@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..criu import log_excerpt
+from ..criu import keep_log, log_excerpt
 from .base import ContainerError
 from .command import json_object, run_engine
 
@@ -57,6 +57,7 @@ class Runc:
             code, _, _ = run_engine(argv, what=what, cwd=cwd, timeout=600, check=False,
                                     detached_stdio=True)  # fmt: skip
             if code != 0:
+                keep_log(log_path, what)
                 raise ContainerError(f"{what} failed (status {code}): {_runc_errors(log_path)}")
         finally:
             with contextlib.suppress(OSError):
@@ -78,6 +79,7 @@ class Runc:
         try:
             run_engine(self.argv(*args), what=f"runc checkpoint {cid}", timeout=600)
         except ContainerError as exc:
+            keep_log(images / "dump.log", f"runc checkpoint {cid}")
             raise ContainerError(f"{exc}\n{log_excerpt(images / 'dump.log')}") from exc
 
     @staticmethod
@@ -113,6 +115,7 @@ class Runc:
         try:
             self._detached(args, bundle, f"runc restore {cid}")
         except ContainerError as exc:
+            keep_log(work / "restore.log", f"runc restore {cid}")
             raise ContainerError(f"{exc}\n{log_excerpt(work / 'restore.log')}") from exc
 
     def resume(self, cid: str) -> None:

@@ -1,6 +1,7 @@
 """CRIU, driven through its RPC (``criu swrk``), and where to find a working one."""
 
 from migsgx.criu.cancel import DumpCancel
+from migsgx.criu.keeplog import KEEP_LOGS_ENV, keep_log
 from migsgx.criu.locate import MIN_VERSION, CriuVersion, binary_version, find_criu
 from migsgx.criu.rpc import (
     Criu,
@@ -12,6 +13,7 @@ from migsgx.criu.rpc import (
 )
 
 __all__ = [
+    "KEEP_LOGS_ENV",
     "MIN_VERSION",
     "Criu",
     "CriuVersion",
@@ -22,5 +24,6 @@ __all__ = [
     "NotifyCallback",
     "binary_version",
     "find_criu",
+    "keep_log",
     "log_excerpt",
 ]

@@ -35,6 +35,7 @@ __all__ = [
     "entries",
     "mounts_of",
     "process_tree",
+    "undelete_external",
 ]
 
 IMG_COMMON_MAGIC: Final = 0x54564319
@@ -98,6 +99,7 @@ def _messages() -> dict[str, Any]:
         ("source", 8, f.TYPE_STRING, opt, ""),
         ("ext_mount", 13, f.TYPE_BOOL, opt, ""),
         ("fsname", 14, f.TYPE_STRING, opt, ""),
+        ("deleted", 16, f.TYPE_BOOL, opt, ""),
         ("ext_key", 18, f.TYPE_STRING, opt, ""),
     ])  # fmt: skip
     message("thread_core_entry", [("creds", 10, f.TYPE_MESSAGE, opt, ".criu.creds_entry")])
@@ -219,6 +221,9 @@ class Mount:
     mountpoint: str
     source: str
     external: bool  # CRIU binds what its caller maps for ``ext_key`` (the engine's bind mounts)
+    ext_key: str = ""
+    #: Its source was gone at the dump (a bind of a file since removed or replaced).
+    deleted: bool = False
 
 
 def mounts_of(data: bytes, what: str) -> list[Mount]:
@@ -237,6 +242,30 @@ def mounts_of(data: bytes, what: str) -> list[Mount]:
                 mountpoint=str(m.mountpoint),
                 source=str(m.source),
                 external=bool(m.ext_mount or m.ext_key),
+                ext_key=str(m.ext_key),
+                deleted=bool(m.deleted),
             )
         )
     return out
+
+
+def undelete_external(data: bytes, key: str, what: str) -> bytes | None:
+    """A ``mountpoints-ID.img`` whose external mount ``key`` is no longer marked deleted;
+    ``None`` when no such mount is marked (nothing to change).
+
+    CRIU marks a bind mount deleted when its source was gone at the dump, and at
+    the restore makes a file where the mount's source is to be (``O_EXCL``), binds
+    it and removes it afterwards (``mount-v2.c``).  For an external mount the
+    source is what the caller maps for ``key`` on this host, which is there:
+    unmarked, CRIU binds it as it is.  Every other field of every entry is kept
+    as it came (the protobuf library keeps the fields not declared here).
+    """
+
+    head, out, changed = data[:8], [], False
+    for raw in entries(data, MNTS_MAGIC, what):
+        m = _parse("mnt_entry", raw, what)
+        if m.ext_key == key and m.deleted:
+            m.ClearField("deleted")
+            raw, changed = m.SerializeToString(), True
+        out.append(_U32.pack(len(raw)) + raw)
+    return head + b"".join(out) if changed else None

@@ -37,6 +37,7 @@ from typing import Any, Final
 
 from migsgx import _proc
 from migsgx.criu.cancel import DumpCancel
+from migsgx.criu.keeplog import keep_log
 from migsgx.criu.locate import CriuVersion, find_criu
 from migsgx.errors import ConfigError, CriuError
 
@@ -608,7 +609,10 @@ class _Session:
             # pre-resume and post-resume): the tree runs, and the caller needs
             # its pid to decide what to do with it.
             context["restored_pid"] = int(resp.restore.pid)
-        excerpt = log_excerpt(self.log_path) if self.log_path is not None else ""
+        excerpt = ""
+        if self.log_path is not None:
+            keep_log(self.log_path, f"criu {self.action}")
+            excerpt = log_excerpt(self.log_path)
         if excerpt:
             parts.append(f"log {self.log_path}:\n{excerpt}")
         return CriuError(

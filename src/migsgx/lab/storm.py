@@ -29,13 +29,16 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 from .. import _proc
+from ..criu import KEEP_LOGS_ENV
 from ..system.process import process_state
 from .containers import ContainerLab
 from .storm_apps import ContainerTarget, ProcessTarget, Target
@@ -92,9 +95,20 @@ class Storm:
     """
 
     def __init__(
-        self, bed: Testbed, seed: int, *, bound: float = 5.0, lab: ContainerLab | None = None
+        self,
+        bed: Testbed,
+        seed: int,
+        *,
+        bound: float = 5.0,
+        lab: ContainerLab | None = None,
+        keep_failed: Path | None = None,
     ) -> None:
         self.bed, self.lab = bed, lab
+        #: Where a failed migration's logs go (:meth:`_keep`); CRIU's and runc's logs of
+        #: failed steps gather in its ``pending`` until the migration is judged.
+        self.keep_failed = keep_failed
+        if keep_failed is not None:
+            os.environ[KEEP_LOGS_ENV] = str(keep_failed / "pending")
         self.rng = random.Random(seed)
         self.bound = bound
         self.writes: dict[str, str] = {}  # every acknowledged write of the current app
@@ -166,6 +180,7 @@ class Storm:
         for _ in range(3):
             if self.put(frm) is not True:
                 raise RuntimeError(f"the app on {frm} does not answer before migration {index}")
+        self._keep(None)
         agent = self.agents[to]
         if fault.agent:
             agent = self.bed.start_agent(to, env={"MIGSGX_FAULT": fault.agent})
@@ -194,11 +209,36 @@ class Storm:
             out.recover = {h: self._recover(h, out) for h in self.bed.names}
         out.acked = len(self.writes)
         self._settle(out, fault, frm, to, run, back)
+        if out.failures:
+            self._keep(out, run)
         main = [id(a) for a in self.agents.values()]
         for extra in [agent, *restarted]:
             if id(extra) not in main:
                 extra.stop()
         return out
+
+    def _keep(self, out: Outcome | None, run: MigrateRun | None = None) -> None:
+        """With ``keep_failed``: a failed migration's CRIU and runc logs (gathered since it
+        began), the tool's output and the agents' logs, into ``INDEX-SEED/``; ``None``:
+        forget the logs of the migration before (it did not fail)."""
+
+        if self.keep_failed is None:
+            return
+        pending = self.keep_failed / "pending"
+        if out is None or run is None:
+            shutil.rmtree(pending, ignore_errors=True)
+            return
+        where = self.keep_failed / f"{out.index:03d}-{out.seed}"
+        where.mkdir(parents=True, exist_ok=True)
+        if pending.is_dir():
+            for log in pending.iterdir():
+                shutil.move(log, where / log.name)
+        (where / "outcome.json").write_text(as_json(out) + "\n")
+        (where / "tool.stderr").write_text(run.stderr)
+        (where / "tool.stdout").write_text(run.stdout)
+        for log in [*self.bed.root.glob("agent-*.log"), *self.bed.root.glob("app-*.log")]:
+            with contextlib.suppress(OSError):
+                shutil.copyfile(log, where / log.name)
 
     def _reap(self) -> None:
         """Reap the zombies this process (the subreaper) inherited: restored trees killed,

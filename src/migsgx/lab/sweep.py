@@ -18,11 +18,21 @@ live run's are never touched:
   namespace, podman's store, cgroups ``/migsgx-lab-<token>-<host>``, pod namespaces
   ``migsgx-lab-<token>-<host>-<name>``.
 
+- every process a run starts, wherever it runs: the run's environment carries
+  ``MIGSGX_LAB_RUN=<pid>.<start>`` (:func:`tag_run`: the test suite's conftest,
+  :class:`~.testbed.Testbed` and :class:`~.containers.ContainerLab` set it), and
+  what they start inherits it: platform services and their enclave runtimes
+  started outside any host namespace (the shared world's service, a service
+  started with no prefix), and those that outlived their service.
+
 A lab is swept only when its owner is gone: its processes (those whose command
 line names the lab's directory, with their descendants: runc, CRIU, containerd and
 its shims, conmon; then every process left in its cgroups) are killed, its pod
 namespaces deleted, its cgroups removed, its mounts undone and its directory
-deleted. Nothing without the lab's name and a dead owner is touched.
+deleted.  A tagged process is killed (with its descendants) only when the run its
+tag names is gone.  Nothing without the lab's name or tag and a dead owner is
+touched: not a live run's, not a user's (a process that replaced its whole
+environment, as ``env -i`` does, carries no tag and is not found here either).
 """
 
 from __future__ import annotations
@@ -46,12 +56,15 @@ from .netns import NETNS_DIR, cleanup_stale, delete_namespace, owner_alive, run_
 __all__ = [
     "LAB_PREFIX",
     "OWNER_FILE",
+    "RUN_ENV",
     "LabDirectory",
     "lab_directories",
     "owner_alive",
     "run_tag",
     "sweep",
     "sweep_labs",
+    "sweep_tagged",
+    "tag_run",
     "unmount_below",
     "write_owner",
 ]
@@ -60,6 +73,9 @@ LAB_PREFIX: Final = "migsgx-lab-"
 LAB_ROOT: Final = Path("/run")
 OWNER_FILE: Final = "owner"
 _LAB_NAME = re.compile(rf"^{LAB_PREFIX}(?P<pid>\d+)-(?P<token>[0-9a-f]+)$")
+#: The run tag every process a lab run starts inherits (``PID.START``).
+RUN_ENV: Final = "MIGSGX_LAB_RUN"
+_RUN_VALUE = re.compile(rb"^(?P<pid>[1-9][0-9]{0,9})\.(?P<start>[0-9]{1,20})$")
 
 
 @dataclass(frozen=True)
@@ -101,6 +117,48 @@ def write_owner(directory: Path) -> None:
 
     pid, start = run_tag()
     (directory / OWNER_FILE).write_text(f"{pid} {start}\n")
+
+
+def tag_run() -> str:
+    """Tag every process this one starts from now on with its run tag (:data:`RUN_ENV`
+    in its environment, which children inherit): should this run die, the next
+    sweep finds them wherever they run.  The tag."""
+
+    pid, start = run_tag()
+    os.environ[RUN_ENV] = f"{pid}.{start}"
+    return os.environ[RUN_ENV]
+
+
+def _run_of(pid: int) -> tuple[int, str] | None:
+    """The run tag in ``pid``'s environment, if any (``None``: untagged, or gone)."""
+
+    try:
+        environ = (_proc.PROC / str(pid) / "environ").read_bytes()
+    except OSError:
+        return None
+    prefix = RUN_ENV.encode() + b"="
+    for item in environ.split(b"\0"):
+        if item.startswith(prefix):
+            match = _RUN_VALUE.match(item[len(prefix) :])
+            return (int(match["pid"]), match["start"].decode()) if match else None
+    return None
+
+
+def sweep_tagged() -> list[str]:
+    """Kill the processes (with their descendants) whose run tag names a dead run;
+    what was killed, one line each."""
+
+    killed = []
+    mine = os.getpid()
+    for pid in _proc.pids():
+        tag = _run_of(pid)
+        if pid == mine or tag is None or owner_alive(*tag):
+            continue
+        name = b" ".join(_proc.argv(pid)[:4]).decode(errors="replace")[:120]
+        with contextlib.suppress(MigSGXError):
+            kill_tree(pid)
+            killed.append(f"process {pid} ({name}) of run {tag[0]}.{tag[1]}")
+    return killed
 
 
 def _naming(directory: Path) -> list[int]:
@@ -176,9 +234,11 @@ def sweep_labs(root: Path = LAB_ROOT) -> list[Path]:
 
 def sweep() -> list[str]:
     """Everything dead lab runs left: container labs first (their daemons reach into the
-    hosts), then host namespaces with whatever still runs in them. What was removed."""
+    hosts), then the processes their tag names (wherever they run), then host
+    namespaces with whatever still runs in them. What was removed."""
 
     removed = [str(path) for path in sweep_labs()]
+    removed += sweep_tagged()
     return removed + cleanup_stale()
 
 

@@ -31,6 +31,7 @@ from ..errors import MigSGXError
 from ..system.process import process_state, tree_pids
 from .hosts import EXAMPLES, Deployment, ServiceProcess, start_service
 from .netns import Host, HostNetwork
+from .sweep import tag_run
 
 __all__ = ["AgentProcess", "AppProcess", "MigrateRun", "Testbed"]
 
@@ -109,6 +110,7 @@ class Testbed:
         self.close()
 
     def open(self) -> None:
+        tag_run()  # what this bed starts, wherever it runs, a later run can sweep
         self.root.mkdir(parents=True, exist_ok=True)
         self.deployment = Deployment.create(self.root / "deployment", names=list(self.names))
         self.net = HostNetwork(list(self.names), subnet=self.subnet, bridged=self.bridged)
