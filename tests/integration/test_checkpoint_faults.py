@@ -428,6 +428,30 @@ def test_recover_after_the_tool_and_its_guardian_died_before_the_commit(
     case.one_copy_with_every_write()
 
 
+def test_recover_after_the_guardian_died_right_after_its_abort(case: Case) -> None:
+    """The tool dies before the commit, its guardian right after the enclave answered
+    its abort (``guardian.abort-answered``), before the hand-back.
+
+    The aborted enclave keeps its duplicate of its connection until the application
+    has the connection back (``__mig_unhold``), so it keeps its state: one
+    ``recover --checkpoint`` takes the duplicate back and hands the enclave to the
+    application.  Before, the abort let the duplicate go, the guardian's death was
+    an end of file, and the application ran on without its enclave.
+    """
+
+    done = checkpoint(case, "ckpt.before-commit:exit,guardian.abort-answered:kill")
+    assert done.returncode == 70, done.stderr
+    assert "migsgx fault: guardian.abort-answered:kill" in done.stderr, done.stderr
+    code, found = recover_checkpoint(case)
+    assert code == 0 and found["decision"] == "abort", found
+    assert found["outcome"] == "stayed" and "handed back" in found["detail"], found
+    assert not list(case.ck.glob("*.img")) and not list(case.ck.glob("enclave-*"))
+    case.one_copy_with_every_write()
+    back = case.restore()  # the gate was aborted: nothing restores
+    assert back.returncode != 0 and "Traceback" not in back.stderr, back.stderr
+    case.one_copy_with_every_write()
+
+
 # --- several enclaves: the first committed gate is the commit point -------------------------------
 @pytest.fixture
 def pair(bed: Testbed, tmp_path: Path) -> Iterator[Case]:

@@ -437,3 +437,47 @@ def test_an_enclave_cannot_read_another_enclaves_memory(launch: Launcher) -> Non
         assert "PermissionError" in str(exc) or "FileNotFoundError" in str(exc)
     else:
         assert not found, "the attacker enclave read the victim's secret"
+
+
+# --- holding its own connection across an abort --------------------------------------------
+def test_an_aborted_enclave_keeps_its_duplicate_until_the_application_has_it_back(
+    launch: Launcher,
+) -> None:
+    """``__mig_hold``, then ``__mig_abort``, then every driver end closed: the enclave
+    keeps its state (its duplicate is no end of file) until the application has the
+    connection back; ``resume`` has it let the duplicate go (``__mig_unhold``).
+
+    Before, the abort let the duplicate go at once, and a driver (guardian,
+    ``migsgx recover``) killed before the hand-back ended the enclave with the
+    only copy of the state (``docs/spec/commit.md``, section 5).
+    """
+
+    from migsgx.agent.applink import AppLink
+    from migsgx.agent.ckpt_journal import start_time
+    from migsgx.agent.handback import call_enclave
+    from migsgx.agent.holders import take_held
+    from migsgx.datapath.engine import EnclaveLink
+    from migsgx.host.appctl import MigrationControl
+
+    if os.geteuid() != 0:
+        pytest.skip("pidfd_getfd needs root")
+    client = launch()
+    client.ecall.store(SECRET.encode())
+    control = MigrationControl([client]).start()
+    try:
+        link = AppLink(os.getpid(), control.name)
+        (handed,) = link.prepare()
+        pid = client.info.pid
+        holder = [pid, EnclaveLink(handed.sock).hold(), start_time(pid)]
+        answer = call_enclave(handed.sock, "__mig_abort", ["the tool died"])
+        assert answer is not None and answer["t"] == "ret", answer
+        handed.sock.close()  # the driver dies: no end of file, the enclave kept its duplicate
+        (taken,) = take_held([holder]).values()
+        with taken:
+            status = call_enclave(taken, "__mig_status", [])
+            assert status is not None and status["t"] == "ret", status
+            link.resume([taken])  # the application takes it back, the enclave lets go
+        assert client.ecall.load(len(SECRET)) == SECRET.encode()
+        assert take_held([holder]) == {}  # the duplicate is gone: the next EOF ends it
+    finally:
+        control.close()

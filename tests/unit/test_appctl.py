@@ -48,6 +48,7 @@ class FakeEnclave:
         self.delay = delay
         self.app_end, self.end = socket.socketpair()
         self.sides: list[socket.socket] = []
+        self.calls: list[str] = []
         self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
 
@@ -64,6 +65,7 @@ class FakeEnclave:
                 self.sides.append(socket.socket(fileno=fds[0]))
                 send_frame(self.end, {"t": "ret", "id": msg["id"], "value": None})
             elif msg["t"] == "ecall":
+                self.calls.append(msg["fn"])
                 time.sleep(self.delay)
                 send_frame(
                     self.end, {"t": "ret", "id": msg["id"], "value": [self.name, *msg["args"]]}
@@ -96,6 +98,23 @@ def link_to(control: MigrationControl) -> AppLink:
     found = find_control(os.getpid())
     assert found is not None and found[1] == control.name
     return AppLink(found[0], found[1], timeout=10)
+
+
+def test_resume_has_each_enclave_let_its_duplicate_go(
+    app: tuple[MigrationControl, list[EnclaveClient]], enclaves: list[FakeEnclave]
+) -> None:
+    """After an abort an enclave keeps its driver's duplicate of the connection
+    (``__mig_hold``) until the application has it back: ``resume`` says so, on each
+    connection, before it answers (``docs/spec/app-control.md``, section 6)."""
+
+    control, _clients = app
+    link = link_to(control)
+    handed = link.prepare(timeout=5)
+    assert [e.calls for e in enclaves] == [[], []]
+    assert link.resume([h.sock for h in handed]) == 2
+    for h in handed:
+        h.sock.close()
+    assert [e.calls for e in enclaves] == [["__mig_unhold"], ["__mig_unhold"]]
 
 
 def test_prepare_hands_over_and_resume_gives_back(

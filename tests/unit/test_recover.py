@@ -634,3 +634,25 @@ def test_a_dead_tools_images_directory_named_by_its_journal_goes(
     recover(state)
     assert not images.exists() and work.is_dir()
     assert Journal.load(journal.path).dump_dir == images
+
+
+def test_the_source_is_handed_back_first_only_where_it_stays(state: Path) -> None:
+    """``recover`` hands enclaves it took back to the application before it forgets
+    their holders, and only where the resolution gives the migration to the source:
+    an ABORT recorded or returned and no COMMIT, or nothing decided before the fence."""
+
+    stays = recover_module._stays
+    mids = [os.urandom(16), os.urandom(16)]
+    journal = _journal(state, mids, phase="fenced", fenced=[])
+    assert not stays(journal, state)  # nothing decided after the fence: in doubt
+    journal.update(phase="begun")
+    assert stays(journal, state)
+    journal.update(phase="fenced")
+    recover_module.keep_aborts(journal, {1: b"abort-1"})
+    assert stays(journal, state)  # a returned ABORT (its record failed)
+    _decide(state, mids[0], "commit", b"token-0")
+    assert not stays(journal, state)  # never beside a COMMIT
+    other = [os.urandom(16)]
+    recorded = _journal(state, other, phase="fenced", fenced=[])
+    _decide(state, other[0], "abort", b"abort-0")
+    assert stays(recorded, state)

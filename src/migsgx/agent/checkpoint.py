@@ -63,6 +63,7 @@ from .ckpt_journal import (
 )
 from .faults import fault, kill_dead, socket_owner
 from .guardian import Guardian
+from .handback import let_go
 
 __all__ = ["CHECKPOINT_META", "checkpoint", "restore"]
 
@@ -176,9 +177,13 @@ def checkpoint(
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(fenced_pid, signal.SIGCONT)
                 socks = [out.abort() for out in outs]
+                handed_back = False
                 if link is not None and socks and _alive(pid):
                     with contextlib.suppress(MigSGXError):
                         link.resume(socks)
+                        handed_back = True
+                if not handed_back:
+                    let_go(socks)  # (nobody takes them: they end as the connections close)
                 for path in directory.iterdir():
                     if path.name != JOURNAL:
                         with contextlib.suppress(OSError):

@@ -60,7 +60,7 @@ from .ckpt_journal import (
     start_time,
     write_journal,
 )
-from .handback import abort_enclave, call_enclave, resume_source
+from .handback import abort_enclave, call_enclave, let_go, resume_source
 from .holders import take_held
 from .recover import Resolution
 
@@ -107,8 +107,10 @@ def _hand_back(journal: dict[str, object], socks: list[socket.socket], runs: boo
         aborted = sum(abort_enclave(sock) for sock in socks)
         app = journal.get("app")
         if not runs:
+            let_go(socks)
             return f"; {aborted} enclave(s) aborted and ended with their application"
         if not (isinstance(app, list) and len(app) == 2 and isinstance(app[0], int)):
+            let_go(socks)
             return f"; {aborted} enclave(s) aborted, no application to hand them to"
         if resume_source(app[0], str(app[1]), socks, [], []) != 0:
             return f"; {aborted} enclave(s) aborted, the application did not take them back"

@@ -56,6 +56,10 @@ POINTS: Final = frozenset(
         "tool.after-handshake",  # early handshake done, the application not yet frozen
         "tool.after-prepare",
         "guardian.retry",  # ``give-up``: the guardian in doubt stops as if its 10 minutes ran out
+        # the tool died; the source enclaves answered the guardian's abort, frames not journaled
+        "guardian.abort-answered",
+        # recover took the connections back; the enclaves answered its abort, frames not journaled
+        "recover.abort-answered",
         "recover.redeliver",  # a re-delivery without the tool: fresh copy's data connection open
         # A platform store's first user found none and writes it now (``wait-file`` only;
         # read by :mod:`migsgx.sgx.store_file` itself, below this module).

@@ -37,6 +37,10 @@ whose store record failed (the platform service died with the tool) is still
 carried to the destination, so that its held copy ends (``docs/spec/commit.md``,
 1 rule 4).  An enclave that had aborted already (the tool got its frame and
 died with it) is asked for that frame again by its migration id (1 rule 6).
+An aborted source enclave keeps its duplicate of its connection (below) until
+the application has the connection back: a guardian killed between the
+aborts and the hand-back leaves the enclaves for ``migsgx recover``, which
+takes them back and finishes (``docs/spec/commit.md`` section 5, A6).
 
 After a commit it carries the decision (``migsgx recover``'s logic), and when the
 destination lost its loaded copy before the claim (window W2) it delivers the
@@ -440,6 +444,10 @@ def _aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: st
         answers = [(sock, answer) for sock, (answer, _) in replies.items()]
         frames = {i: replies[s][1] for i, s in enumerate(socks) if s in replies and replies[s][1]}
         frames.update(_frames_again(socks, replies, journals))
+        # Killed here (the tool dead already), the frames are nowhere but in the
+        # enclaves, which keep their duplicates after an abort: ``migsgx recover``
+        # takes them back, asks again and hands them to the application.
+        fault("guardian.abort-answered")
         _keep_aborts(journals, frames)
         if any(answer not in ("aborted", "group-unchecked") for _, answer in answers):
             return False  # (committed, rolling forward, or gone)

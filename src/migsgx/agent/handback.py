@@ -27,7 +27,7 @@ from .applink import AppLink
 
 __all__ = [
     "abort_answer", "abort_enclave", "abort_frame_of", "abort_reply", "call_enclave",
-    "commit_rest", "resume_source",
+    "commit_rest", "let_go", "resume_source",
 ]  # fmt: skip
 
 #: Call ids far from the tool's (its link counts from 2**40), so that a late
@@ -115,6 +115,21 @@ def abort_frame_of(sock: socket.socket, migration_id: bytes) -> bytes:
     return bytes(value) if isinstance(value, bytes | bytearray) else b""
 
 
+def let_go(socks: list[socket.socket]) -> None:
+    """Nobody will take these enclaves back: each lets its duplicate go (``__mig_unhold``).
+
+    An aborted source enclave keeps the duplicate of its connection it was
+    given (``__mig_hold``) until the application has the connection back, so
+    that the death of whoever asked for the abort cannot end it with the
+    state.  Where the application is gone (or would not take them), closing
+    these connections then ends the enclaves, as a crash of the application
+    would.  An enclave that is gone, or holds none, changes nothing.
+    """
+
+    for sock in socks:
+        call_enclave(sock, "__mig_unhold", [])
+
+
 def commit_rest(
     socks: Mapping[int, socket.socket], indexes: list[int], log: Callable[[str], None] = _stderr
 ) -> None:
@@ -162,6 +177,7 @@ def resume_source(
             log(f"could not thaw the source: {exc}")
     if not os.path.exists(f"/proc/{app_pid}"):
         log("the application is gone: its enclaves end with it")
+        let_go(socks)
         return 0
     link = AppLink(app_pid, app_name, timeout=10)
     deadline = time.monotonic() + RESUME_WAIT
@@ -174,6 +190,7 @@ def resume_source(
             # CRIU may still hold the tree frozen for a moment; the app answers once it runs.
             if time.monotonic() > deadline:
                 log(f"could not hand the enclaves back: {exc}")
+                let_go(socks)
                 return 1
             time.sleep(0.1)
             for pid in fenced:

@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from ..containers.imagefs import sweep_leftovers
 from ..errors import LostAfterCommitError, MigSGXError
@@ -62,11 +62,15 @@ from ..sgx.platform import COUNTERS
 from ..sgx.store_types import Decision
 from .control import AgentConnection
 from .dumpdirs import sweep_dump_dirs
-from .handback import abort_frame_of, abort_reply, resume_source
+from .faults import fault
+from .handback import abort_frame_of, abort_reply, let_go, resume_source
 from .journal import Journal
 from .protocol import VERSION
 from .source_host import alive, end_committed, end_fenced, give_back, is_guardian, lost_detail
 from .tls import AgentIdentity
+
+if TYPE_CHECKING:
+    from .redeliver import HeldSource
 
 __all__ = ["Resolution", "decisions_of", "keep_aborts", "recover", "resolve"]
 
@@ -254,8 +258,10 @@ def resolve(
     # At least one ABORT and no COMMIT: the source is the copy; end the destination's.
     frames = [d.frame if d is not None else b"" for d in decisions]
     if journal.holders:
-        # An enclave that aborted let its duplicate go: the number may name another
-        # descriptor (a later migration's) from now on, and must never be taken.
+        # An enclave that aborted lets its duplicate go once the application has its
+        # connection back (the guardian, or :func:`_hand_back`, gave it before this):
+        # the number may name another descriptor (a later migration's) from then on,
+        # and must never be taken.
         journal.update(holders=[])
     give_back(journal)
     outcome, detail = _deliver(journal, identity, frames, "abort")
@@ -395,22 +401,66 @@ def _resolve_orphaned(
                 # Nothing decided: the source is the copy.  Each enclave aborts (its
                 # ABORT is recorded) and thaws; it goes back to the application below.
                 frames = {i: _abort_of(e.sock, journal, i) for i, e in held.enclaves.items()}
+                # Killed here, this recover leaves the enclaves aborted and their frames
+                # nowhere else: each keeps its duplicate (an abort does not let it go),
+                # so the next recover takes it back and asks again.
+                fault("recover.abort-answered")
                 keep_aborts(journal, frames)
+            handed = ""
+            if _stays(journal, platform_state) and len(held.enclaves) == recorded:
+                # Back to the application first, then the holders are forgotten: a
+                # recover killed in between finds them again (each enclave keeps its
+                # duplicate until the application has the connection, ``resume``).
+                handed = _hand_back(journal, held)
             result = resolve(journal, platform_state, identity, tool_gone=True,
                              redeliver=held.redeliver, release=held.release,
                              roll_forward=held.roll_forward)  # fmt: skip
-            if result.outcome == "stayed" and len(held.enclaves) == recorded:
-                socks = [held.enclaves[i].sock for i in sorted(held.enclaves)]
-                app_pid, app_name = int(journal.data["app_pid"]), str(journal.data["app_name"])
-                if resume_source(app_pid, app_name, socks, journal.fenced_now(), [], log.warning):
-                    result.detail = f"{result.detail}; the enclaves were not taken back".strip("; ")
-                else:
-                    result.detail = f"{result.detail}; enclaves handed back".strip("; ")
+            if handed:
+                result.detail = f"{result.detail}; {handed}".strip("; ")
+            elif result.outcome == "stayed":
+                # Not every enclave could be taken back, and the application takes
+                # all or none: these end as their connections close (as before).
+                let_go([e.sock for e in held.enclaves.values()])
             return result
         finally:
             held.close()
     finally:
         os.close(lock)
+
+
+def _stays(journal: Journal, platform_state: Path) -> bool:
+    """Whether :func:`resolve` gives this migration to the source (``stayed``).
+
+    No COMMIT, and an ABORT recorded or returned (the journal's ``aborts``), or
+    nothing decided while the migration had not passed its fence.
+    """
+
+    decisions = decisions_of(platform_state, journal.enclave_mids)
+    returned = journal.aborts or [b""] * len(decisions)
+    kinds = {
+        d.kind if d is not None else ("abort" if f else "none")
+        for d, f in zip(decisions, returned, strict=True)
+    }
+    if "commit" in kinds:
+        return False
+    return not decisions or kinds != {"none"} or journal.phase in ("begun", "aborted")
+
+
+def _hand_back(journal: Journal, held: HeldSource) -> str:
+    """Give the source back with its enclaves (taken back, aborted); then forget the holders.
+
+    The enclaves keep their duplicates until the application has its connections
+    again (it tells them, ``__mig_unhold``), so a crash before that loses nothing;
+    afterwards the recorded numbers may name another descriptor (a later
+    migration's duplicate) and are cleared.  A note for the outcome's detail.
+    """
+
+    give_back(journal)
+    socks = [held.enclaves[i].sock for i in sorted(held.enclaves)]
+    app_pid, app_name = int(journal.data["app_pid"]), str(journal.data["app_name"])
+    failed = resume_source(app_pid, app_name, socks, journal.fenced_now(), [], log.warning)
+    journal.update(holders=[])
+    return "the enclaves were not taken back" if failed else "enclaves handed back"
 
 
 def _abort_of(sock: socket.socket, journal: Journal, index: int) -> bytes:
@@ -437,7 +487,6 @@ def keep_aborts(journal: Journal, frames: dict[int, bytes]) -> None:
     if any(frames.values()):
         count = len(journal.enclave_mids)
         journal.update(aborts=[frames.get(i, b"").hex() for i in range(count)])
-
 
 
 def _through_guardian(journal: Journal, result: Resolution) -> Resolution:

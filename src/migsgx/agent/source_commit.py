@@ -17,7 +17,7 @@ from ..errors import InDoubtError, LostAfterCommitError, MigSGXError, SourceLost
 from .control import CONNECT_TIMEOUT
 from .datalink import open_data
 from .faults import fault, firewall_drop
-from .handback import abort_enclave
+from .handback import abort_enclave, let_go
 from .protocol import RefusedError
 from .source_enclaves import _EnclaveSteps
 from .source_state import _Transfer
@@ -232,6 +232,7 @@ class _DecisionSteps(_EnclaveSteps):
         if source_gone:
             # Nobody to hand the enclaves back to: closing their connections ends them.
             log.warning("the source application is gone; its enclaves end with it")
+            let_go(socks)
             return
         if self.link is not None and socks:
             try:

@@ -248,7 +248,8 @@ class AppChannel:
         self.migrator: Migrator | None = None
         #: A duplicate of the driver's end of this connection (``__mig_hold``): while
         #: it is held, the driver's death is no end of file, so a source whose
-        #: checkpoint tool and guardian both died keeps its state for recovery.
+        #: checkpoint tool and guardian both died keeps its state for recovery.  An
+        #: abort keeps it until ``__mig_unhold`` (the application has it back).
         self._held: socket.socket | None = None
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -323,7 +324,7 @@ class AppChannel:
                 "message": f"{name} failed inside the enclave: {type(exc).__name__}",
             }
         self._reply(reply, name)
-        if name == "__mig_abort":
+        if name == "__mig_abort" and not (reply["t"] == "ret" and self._runs_on()):
             self._drop_held()  # the migration ended: the driver's death ends us again
         if self.migrator.exit_after_reply:
             # The state has moved: hang up, the serve loop ends and the process exits.
@@ -364,6 +365,13 @@ class AppChannel:
                     continue
                 if name == "__mig_hold":
                     self._hold(call_id)
+                    continue
+                if name == "__mig_unhold":
+                    # The application has its connection back (it asks), or nobody
+                    # can take it any more (the party that holds it asks): the end
+                    # of file ends this enclave again.
+                    self._drop_held()
+                    self.send({"t": "ret", "id": call_id, "value": None})
                     continue
                 if name == "__mig_ring":
                     # The descriptors follow the frame on the socket: take them now.
@@ -425,6 +433,19 @@ class AppChannel:
         except (MigSGXError, OSError) as exc:
             err = exc if isinstance(exc, MigSGXError) else ProtocolError(f"__mig_hold: {exc}")
             self.send({"t": "err", "id": call_id, "code": err.code, "message": err.message})
+
+    def _runs_on(self) -> bool:
+        """After an abort: whether this enclave still holds its live state (a source).
+
+        Then it keeps its duplicate until ``__mig_unhold``: the party that asked
+        for the abort may die before the connection is back with the application
+        (or before the ABORT frame it got is kept anywhere), and an end of file
+        then would take the only copy of the state with it.  A discarded
+        destination holds nothing worth keeping.
+        """
+
+        migrator = self.migrator
+        return migrator is not None and not (migrator.discarded or migrator.committed)
 
     def _drop_held(self) -> None:
         held, self._held = self._held, None

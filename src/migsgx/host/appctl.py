@@ -18,7 +18,9 @@ connection to anything outside itself (what CRIU requires).  Requests:
     ECALLs wait, ECALLs in flight finish) and pass each enclave connection to
     the caller with ``SCM_RIGHTS``, with the enclave's identity and image.
 ``resume``
-    The migration was aborted: the same connections come back, ECALLs go on.
+    The migration was aborted: the same connections come back, ECALLs go on;
+    each enclave is then told to let the duplicate it held go (``__mig_unhold``:
+    our end of file ends it again).
 ``attach``
     After the restore on the destination: the destination enclaves'
     connections come in, in the same order, and ECALLs go on there.
@@ -65,6 +67,8 @@ CONTROL_PREFIX: Final = "migsgx-app-"
 APPCTL_FRAME_MAX: Final = 64 << 20  # a prepare answer carries the enclave images
 MAX_ENCLAVES: Final = 64
 REQUEST_TIMEOUT: Final = 60.0
+#: How long ``resume`` waits for each enclave to let its duplicate go (``__mig_unhold``).
+UNHOLD_TIMEOUT: Final = 5.0
 
 NUMBER = (int, float)
 
@@ -367,7 +371,15 @@ class MigrationControl:
     ) -> tuple[dict[str, Any], list[socket.socket]]:
         socks = self._adopt(fds)
         count = len(socks)
+        handed = self._handed or []
         self._take_back(socks)
+        for client in handed:
+            # After an abort each enclave kept the driver's duplicate of this
+            # connection, so that no party's death between its abort and now
+            # could end it with the state (``__mig_hold``): the connection is
+            # ours again, and our end of file ends it once more.
+            with contextlib.suppress(MigSGXError):
+                client.call("__mig_unhold", timeout=UNHOLD_TIMEOUT)
         return {"t": "ok", "enclaves": count}, []
 
     def _attach(
