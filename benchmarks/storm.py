@@ -54,9 +54,9 @@ def main() -> int:
     parser.add_argument("--subnet", type=int, default=212)
     parser.add_argument(
         "--engine",
-        choices=("pid", "runc"),
+        choices=("pid", "runc", "podman", "containerd"),
         default="pid",
-        help="a plain process (default) or a runc container",
+        help="a plain process (default) or a container of that engine",
     )
     parser.add_argument(
         "--keep-failed",
@@ -77,8 +77,8 @@ def main() -> int:
     cleanup_stale()
     with tempfile.TemporaryDirectory(prefix="migsgx-storm-") as root:
         with Testbed(Path(root), subnet=args.subnet) as bed, contextlib.ExitStack() as stack:
-            lab = stack.enter_context(ContainerLab(bed)) if args.engine == "runc" else None
-            storm = Storm(bed, args.seed, bound=args.bound, lab=lab,
+            lab = stack.enter_context(ContainerLab(bed)) if args.engine != "pid" else None
+            storm = Storm(bed, args.seed, bound=args.bound, lab=lab, engine=args.engine,
                           keep_failed=args.keep_failed)  # fmt: skip
             for index in range(args.count):
                 if time.monotonic() >= t_end:

@@ -19,6 +19,9 @@ one reply per line:
     STOP                  -> OK          (stop the worker threads)
     ROW text              -> OK id       (with --sqlite: a row committed to DB)
     ROWS                  -> ROWS {json: integrity_check, count, max id, client row ids}
+    LAUNCH key hexvalue   -> OK pid      (a new enclave launched now through the platform
+                                          socket: put, get back, closed; checks the
+                                          platform is reachable, e.g. after it restarted)
 
 ``--workers N`` starts N threads that keep calling the enclaves (``put`` of a
 per-worker counter, then ``get`` to check it), so that a migration happens
@@ -45,6 +48,7 @@ import sqlite3
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,9 +133,14 @@ class Ledger:
 
 class App:
     def __init__(
-        self, clients: list[EnclaveClient], workers: list[Worker], ledger: Ledger | None = None
+        self,
+        clients: list[EnclaveClient],
+        workers: list[Worker],
+        ledger: Ledger | None = None,
+        launch: Callable[[], EnclaveClient] | None = None,
     ) -> None:
         self.clients = clients
+        self.launch = launch
         self.workers = workers
         self.ledger = ledger
         self.notes: dict[str, str] = {}
@@ -190,6 +199,13 @@ class App:
             return "OK"
         if cmd == "ROW" and len(parts) >= 2 and self.ledger is not None:
             return f"OK {self.ledger.add(line.split(' ', 1)[1])}"
+        if cmd == "LAUNCH" and len(parts) == 3 and self.launch is not None:
+            value = bytes.fromhex(parts[2])
+            with self.launch() as fresh:
+                fresh.ecall.put(parts[1], value)
+                if fresh.ecall.get(parts[1]) != value:
+                    return "ERR the new enclave lost the value"
+                return f"OK {fresh.info.pid}"
         if cmd == "ROWS" and self.ledger is not None:
             return "ROWS " + json.dumps(self.ledger.check(), sort_keys=True)
         return "ERR unknown request"
@@ -234,7 +250,12 @@ def main() -> None:
     ]
     enable_migration(clients)
     workers = [Worker(i, clients[i % len(clients)], args.max_calls) for i in range(args.workers)]
-    app = App(clients, workers, Ledger(args.sqlite) if args.sqlite is not None else None)
+
+    def launch() -> EnclaveClient:
+        return EnclaveClient.launch(args.image, socket_path=args.platform_socket)
+
+    ledger = Ledger(args.sqlite) if args.sqlite is not None else None
+    app = App(clients, workers, ledger, launch if args.image is not None else None)
     for w in workers:
         w.thread.start()
 

@@ -110,7 +110,7 @@ def agent_serve(
     """Serve migrations into this host.
 
     Enclaves are launched by the host's platform service: the one listening on
-    --platform-socket (default STATE/enclave.sock) when it runs, else one the
+    --platform-socket (default STATE/run/enclave.sock) when it runs, else one the
     agent starts and stops with itself.
     """
 

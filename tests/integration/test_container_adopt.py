@@ -97,9 +97,8 @@ def moved(lab: ContainerLab, app: ContainerApp, digest: str, agent: AgentProcess
     agent_dir = lab.bed.state("dst") / "agent"
     assert not (agent_dir / "runc" / app.name / "migsgx-owner").exists()
     assert not list(agent_dir.glob(f"*/{app.name}.owner"))
-    # The committed source never runs again: runc's is removed through its engine once the
-    # guardian or a recover hears that the destination runs; the other engines' stays
-    # frozen and fenced until removed.
+    # The committed source never runs again: it is removed through its engine (runc,
+    # podman, containerd) once the guardian or a recover hears that the destination runs.
     assert lab.runnable_copies(app) == {"src": 0, "dst": 1}
     lab.remove_on(app.engine, app.name, "src")
     assert app.name not in lab.containers("src", app.engine)

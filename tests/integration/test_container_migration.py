@@ -234,10 +234,12 @@ def test_container_moves_after_its_platform_service_restarted(
     ``Can't re-create deleted file .../enclave.sock: File exists``, as it makes a
     file in the place of a deleted mount's source, then removes it) and every later
     move failed the same way.  Now it moves, and the container reaches the
-    destination's live socket, which stays where it is.
+    destination's live socket, which stays where it is.  (The lab bind-mounts the
+    socket's directory, which never goes stale; a container made with the file
+    mounted, as this one, still moves.)
     """
 
-    app = lab.start_app(engine, "kvstore")
+    app = lab.start_app(engine, "kvstore", platform_file=True)
     assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
     # Killed, then started again as the host's supervisor would: a new socket file.
     bed.services["src"].process.kill()
@@ -258,6 +260,66 @@ def test_container_moves_after_its_platform_service_restarted(
     inside = Path(f"/proc/{pid}/root/run/migsgx/enclave.sock")
     assert inside.stat().st_ino == before
     assert "//deleted" not in Path(f"/proc/{pid}/mountinfo").read_text()
+    finish(lab, app, expect="dst")
+
+
+def restart_platform(bed: Testbed, host: str) -> None:
+    """``kill -9`` of the host's platform service, then started again as its supervisor
+    would: it binds a new socket file (the storm's ``kill-source-platform``)."""
+
+    bed.services[host].process.kill()
+    bed.services[host].stop()
+    bed.services[host] = start_service(bed.state(host), prefix=bed.host(host).command([]))
+
+
+def launched(lab: ContainerLab, app: ContainerApp, at: str, key: str) -> None:
+    """The app launches a new enclave through the platform socket it sees, and uses it."""
+
+    answer = lab.ask(app, f"LAUNCH {key} {key.encode().hex()}", at=at)
+    assert re.fullmatch(r"OK \d+", answer), answer
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_running_container_reaches_its_restarted_platform_service(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
+) -> None:
+    """A platform service restarted under a running container strands nothing.
+
+    Before, the container bind-mounted the socket file: the restarted service binds a
+    new one, the container kept the old, removed one, and every launch from inside
+    failed (``ConnectionRefusedError``) until the container moved away.  Now it
+    bind-mounts the directory that holds only the socket: the new socket appears in
+    it.  The enclave launched before the restart keeps working throughout; after a
+    move the directory is the destination's, whose restart strands nothing either.
+    """
+
+    app = lab.start_app(engine, "kvstore")
+    assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
+    launched(lab, app, "src", "before")
+    restart_platform(bed, "src")
+    launched(lab, app, "src", "after")
+    assert lab.ask(app, "GET k", at="src") == "VALUE " + b"v".hex()
+    assert lab.ask(app, f"PERSIST restarted-{app.marker}", at="src").startswith("OK ")
+    pid = lab.root_pid(app, "src")
+    assert pid is not None
+    assert "//deleted" not in Path(f"/proc/{pid}/mountinfo").read_text()
+    # What the container sees of the host: the socket alone, on a read-only mount.
+    assert os.listdir(f"/proc/{pid}/root/run/migsgx") == ["enclave.sock"]
+    options = [line.split()[5] for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+               if line.split()[4] == "/run/migsgx"]  # fmt: skip
+    assert options and all("ro" in o.split(",") for o in options), options
+
+    run = migrate(bed, app, agent)
+    assert run.returncode == 0, run.stderr
+    assert lab.ask(app, "GET k", at="dst") == "VALUE " + b"v".hex()
+    launched(lab, app, "dst", "moved")
+    restart_platform(bed, "dst")
+    pid = lab.root_pid(app, "dst")
+    assert pid is not None
+    inside = Path(f"/proc/{pid}/root/run/migsgx/enclave.sock")
+    assert inside.stat().st_ino == bed.services["dst"].socket.stat().st_ino
+    launched(lab, app, "dst", "restarted")
+    assert lab.ask(app, "GET k", at="dst") == "VALUE " + b"v".hex()
     finish(lab, app, expect="dst")
 
 
@@ -434,21 +496,52 @@ def test_tool_dying_before_the_commit_point_thaws_the_container(
     finish(lab, app, expect="src")
 
 
-def test_runc_source_in_doubt_after_the_commit_goes_with_one_recover(
-    bed: Testbed, lab: ContainerLab
+@pytest.mark.parametrize("engine", ENGINES)
+def test_container_given_back_by_one_recover_after_the_tool_and_its_guardian_died(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
+) -> None:
+    """The tool kills its guardian and dies before the commit point, the tree held there.
+
+    One ``migsgx recover`` gives the container back from the journal's notes: the
+    enclaves abort, its cgroup thaws, its tasks continue, and the gate on its
+    listeners opens (``ungate``), so clients reach it again.  Before, the gate's
+    rule stayed in the host's firewall and the thawed container answered nobody
+    (the storm's heal of stalled firewalls removed that rule too, and hid it).
+    """
+
+    app, digest = started(lab, engine)
+    run = migrate(bed, app, agent,
+                  env={"MIGSGX_FAULT": "tool.before-commit:kill-guardian-and-tool"})  # fmt: skip
+    assert run.returncode == -9, run.stderr
+    assert lab.runnable_copies(app)["src"] == 0  # frozen, nobody left to give it back
+    journals = (bed.state("src") / "agent" / "migrations").glob("*.json")
+    mid = max(journals, key=lambda p: p.stat().st_mtime).stem
+    result = recover(bed)
+    outcomes = {r["mid"]: r["outcome"] for r in json.loads(result.stdout)}
+    assert outcomes[mid] == "stayed", result.stdout + result.stderr
+    assert lab.runnable_copies(app)["src"] == 1
+    wait_until(lambda: app.name not in lab.containers("dst", engine), 30, "dst to let go")
+    check_source_runs_on(lab, app, digest)
+    finish(lab, app, expect="src")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_container_source_in_doubt_after_the_commit_goes_with_one_recover(
+    bed: Testbed, lab: ContainerLab, engine: str
 ) -> None:
     """The destination stalls before it answers ``resume``: exit 7, in doubt (found by a storm).
 
-    After one ``migsgx recover`` the committed source container is gone from runc,
-    as after a success, and can come back.  Before, its tasks stayed frozen (the
-    recover's SIGKILL waits for a thaw under cgroup v1) and runc kept its record,
-    which refused the container's return.
+    After one ``migsgx recover`` the committed source container is gone from its
+    engine, as after a success, and can come back.  Before, its tasks stayed
+    frozen (the recover's SIGKILL waits for a thaw under cgroup v1) and the
+    engine kept its record, which refused the container's return (runc, and
+    with the storm's ``--engine podman|containerd``, podman and containerd).
     """
 
     doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-resume:stall"})
     back = bed.start_agent("src")
     try:
-        app, digest = started(lab, "runc")
+        app, digest = started(lab, engine)
         try:
             run = migrate(bed, app, doomed)
             assert run.returncode == 7, run.stderr
@@ -462,7 +555,8 @@ def test_runc_source_in_doubt_after_the_commit_goes_with_one_recover(
         result = recover(bed)
         outcomes = {r["mid"]: r["outcome"] for r in json.loads(result.stdout)}
         assert outcomes[mid] in ("moved", "done"), result.stdout
-        assert app.name not in lab.containers("src", "runc")
+        assert app.name not in lab.containers("src", engine)
+        assert lab.copies(app)["src"] == []  # nothing of the source left, frozen or not
         assert lab.ask(app, "DIGEST", at="dst") == digest
         again = migrate(bed, app, back, name="dst")
         assert again.returncode == 0, again.stderr

@@ -107,24 +107,35 @@ def test_recorded_commit_is_delivered_and_the_fenced_source_removed(
         source.wait()
 
 
-def test_a_committed_source_ends_through_only_the_runc_record_that_is_its_own(
+def test_a_committed_source_ends_through_only_the_engine_record_that_is_its_own(
     state: Path, agent: Agent, tmp_path: Path
 ) -> None:
-    """The journal's ``runc`` notes name the engine record a committed source leaves:
-    a damaged note is skipped, and a record runc does not know (or that runs another
-    tree) is never deleted; the fenced tree is killed all the same."""
+    """The journal's ``runc``, ``podman`` and ``containerd`` notes name the engine record
+    a committed source leaves: a damaged note is skipped, and a record its engine does
+    not know (or that runs another tree) is never removed; the fenced tree is killed
+    all the same."""
 
     from migsgx.agent.source_host import _engine_records
+    from migsgx.containers.committed import CommittedRecord
 
     mid = os.urandom(16)
     source = _sleeper()
     root = tmp_path / "runc-root"
     root.mkdir()
     record = {"id": "gone-1", "root": str(root), "bundle": "/nowhere", "made": ""}
+    # (no containerd listens there: its record is unknown, as one removed since)
+    ctrd = {"id": "gone-2", "address": str(tmp_path / "no.sock"), "namespace": "ns",
+            "created": "2026-12-06T00:00:00Z"}  # fmt: skip
     try:
         journal = _journal(state, [mid], phase="committed", fenced=[source.pid])
-        journal.update(undo=["runc {not json", 'runc {"id": "x"}', "runc " + json.dumps(record)])
-        assert _engine_records(Journal.load(journal.path)) == [record]
+        damaged = ["runc {not json", 'runc {"id": "x"}', 'podman {"name": "x", "id": 1}',
+                   'containerd ["id"]',
+                   "runc " + json.dumps({**record, "id": "--force"})]  # fmt: skip
+        notes = [*damaged, "runc " + json.dumps(record), "containerd " + json.dumps(ctrd)]
+        journal.update(undo=notes)
+        assert _engine_records(Journal.load(journal.path)) == [
+            CommittedRecord("runc", record), CommittedRecord("containerd", ctrd)
+        ]  # fmt: skip
         _decide(state, mid, "commit", b"token")
         agent.answers.append("resumed")
         result = resolve(journal, state, AgentIdentity.of_state(state))
@@ -133,6 +144,19 @@ def test_a_committed_source_ends_through_only_the_runc_record_that_is_its_own(
     finally:
         source.kill()
         source.wait()
+
+
+def test_engine_notes_carry_exactly_their_fields() -> None:
+    """A driver's note is read back whole; a note missing a field is refused when written."""
+
+    from migsgx.containers.engine_notes import engine_note, engine_records
+
+    note = engine_note("podman", name="kv", id="ab" * 32, root="", storage="vfs")
+    assert engine_records([note, "thaw /x", "netup /y"]) == [
+        ("podman", {"name": "kv", "id": "ab" * 32, "root": "", "storage": "vfs"})
+    ]
+    with pytest.raises(ValueError):
+        engine_note("containerd", id="kv", address="/run/c.sock", namespace="default")
 
 
 def test_a_fenced_pid_reused_since_is_never_signalled(state: Path, agent: Agent) -> None:

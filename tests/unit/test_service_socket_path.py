@@ -1,9 +1,11 @@
 """The platform service's socket: any path a Unix socket address holds binds, a longer one
-is a clear configuration error (not an ``[internal] OSError`` from the kernel)."""
+is a clear configuration error (not an ``[internal] OSError`` from the kernel); its
+directory is made for it alone (containers bind-mount the directory)."""
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 from platform_fixtures import World
 
 from migsgx.errors import ConfigError
-from migsgx.sgx.service import PlatformService
+from migsgx.sgx.service import PlatformService, default_socket, make_socket_dir
 
 
 def _dir_for(total: int) -> Path:
@@ -45,3 +47,40 @@ def test_a_socket_path_too_long_for_an_address_is_a_config_error(world: World) -
     with pytest.raises(ConfigError, match="longer than a Unix socket address"):
         service.bind()
     assert not path.exists()
+
+
+def test_the_default_socket_is_alone_in_a_directory_of_the_state() -> None:
+    assert default_socket(Path("host-a")) == Path("host-a/run/enclave.sock")
+
+
+@pytest.mark.parametrize("group", [None, 4242])
+def test_the_socket_directory_is_made_for_it_alone(world: World, group: int | None) -> None:
+    """Made when missing, 0700 (0750 and the group with ``--socket-group``): a container
+    that bind-mounts it sees the socket and nothing else, whatever the umask."""
+
+    path = Path(tempfile.mkdtemp(prefix="sock-", dir="/tmp")) / "run" / "enclave.sock"
+    old = os.umask(0)
+    try:
+        service = PlatformService(world.host_a, path, log_dir=path.parent.parent / "logs",
+                                  sandbox=False, socket_group=group)  # fmt: skip
+        service.bind()
+    finally:
+        os.umask(old)
+    try:
+        st = path.parent.stat()
+        assert stat.S_IMODE(st.st_mode) == (0o700 if group is None else 0o750)
+        assert group is None or st.st_gid == group
+        assert [p.name for p in path.parent.iterdir()] == ["enclave.sock"]
+    finally:
+        service.shutdown()
+    assert list(path.parent.iterdir()) == []
+
+
+def test_an_existing_socket_directory_is_left_as_it_is(tmp_path: Path) -> None:
+    directory = tmp_path / "sockets"
+    directory.mkdir(mode=0o755)
+    os.chmod(directory, 0o755)
+    make_socket_dir(directory, 4242)
+    st = directory.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o755
+    assert st.st_gid != 4242

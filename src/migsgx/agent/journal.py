@@ -38,7 +38,9 @@ _KEYS: Final = {
 #: Keys a journal may lack (written later, absent from older journals, or not needed
 #: by every source).  ``guardian_pid``: the guardian that holds the source enclaves;
 #: ``undo``: how to give a container back (the guardian's ``criu``, ``netup``,
-#: ``thaw`` notes), for a ``recover`` that finds the source is the copy;
+#: ``thaw``, ``ungate`` notes), for a ``recover`` that finds the source is the copy, and which
+#: engine record a committed one leaves (its ``runc``, ``podman``, ``containerd``
+#: note: :mod:`migsgx.containers.engine_notes`);
 #: ``holders``: per enclave ``[pid, fd, start]``, the duplicate of its connection
 #: each source enclave holds (``__mig_hold``), and ``enclaves``: per enclave what
 #: its offer names (the guardian's ``enclave`` note payload, hex CBOR), so that

@@ -9,24 +9,24 @@ Split from :mod:`.recover`, which decides; nothing here talks to an agent.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
 
 from .. import _proc
 from ..containers.cgroups import thaw_file
+from ..containers.committed import CommittedRecord, committed_records
+from ..containers.gate import open_gate
 from ..containers.podnet import give_up, unlock
-from ..containers.runc_cli import Runc
 from ..errors import MigSGXError
 from ..system.process import pid_exists as alive
 from .journal import Journal
 
 __all__ = [
-    "alive", "end_committed", "end_fenced", "give_back", "is_guardian", "lost_detail", "signal_all",
+    "alive", "end_committed", "end_fenced", "give_back", "is_guardian", "lost_detail",
+    "open_gates", "signal_all",
 ]  # fmt: skip
 
 log = logging.getLogger("migsgx.recover")
@@ -83,47 +83,36 @@ def end_fenced(journal: Journal) -> None:
     signal_all([p for p in journal.fenced_now() if _proc.state(p) in ("T", "t")], signal.SIGKILL)
 
 
-def _engine_records(journal: Journal) -> list[dict[str, str]]:
-    """The engine records the journal's ``runc`` notes name (a damaged one is skipped)."""
+def _engine_records(journal: Journal) -> list[CommittedRecord]:
+    """The engine records the journal's ``runc``, ``podman`` and ``containerd`` notes
+    name (a damaged one is skipped)."""
 
-    found = []
-    for note in journal.undo:
-        kind, _, arg = note.partition(" ")
-        if kind != "runc":
-            continue
-        try:
-            record = json.loads(arg)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and all(
-            isinstance(record.get(k), str) for k in ("id", "root", "bundle", "made")
-        ):
-            found.append({k: str(record[k]) for k in ("id", "root", "bundle", "made")})
-    return found
+    return committed_records(journal.undo)
 
 
 def end_committed(journal: Journal) -> None:
     """The committed source goes as after a success: killed, and a container's engine
-    record deleted (:func:`~migsgx.containers.frozen.end_frozen`).
+    record removed (:func:`~migsgx.containers.frozen.end_frozen`).
 
     A container's tasks are frozen in their cgroup (which SIGKILL alone does not
     end under cgroup v1): the kill is queued first, then the cgroup thaws, and
-    runc deletes the container, so that it can come back here later.  Only a
-    record whose container is still the fenced tree (its pid, with its start
-    time) or has no task left (``stopped``, from the same bundle) is deleted: a
-    container of that name made since is never touched.  Idempotent.
+    the engine removes the container (``runc delete``, ``podman rm``, ``ctr``),
+    so that it can come back here later.  Only a record that is still the
+    source's (:mod:`migsgx.containers.committed`: the fenced tree, or no task
+    left, of the same record) is removed: a container of that name made since
+    is never touched.  Idempotent.
     """
 
     records = _engine_records(journal)
     fenced = journal.fenced_now()
-    ours: list[tuple[Runc, dict[str, str]]] = []
+    open_gates(journal)  # (its listeners go with it: clients are refused, not dropped)
+    ours: list[CommittedRecord] = []
     for record in records:
-        runc = Runc(Path(record["root"]) if record["root"] else None, Path("criu"))
-        state = runc.state(record["id"])
-        if state is None or str(state.get("bundle")) != record["bundle"]:
-            continue
-        if int(state.get("pid") or 0) in fenced or state.get("status") == "stopped":
-            ours.append((runc, record))
+        try:
+            if record.ours(fenced):
+                ours.append(record)
+        except MigSGXError as exc:
+            log.warning("the committed source %s stays: %s", record.label, exc)
     signal_all(fenced, signal.SIGKILL)
     if not records:
         return
@@ -134,19 +123,29 @@ def end_committed(journal: Journal) -> None:
                 thaw_file(arg)  # (the queued SIGKILL ends each task before it runs)
         except MigSGXError as exc:
             log.warning("ending the committed source: %s: %s", note, exc)
-    for runc, record in ours:
+    for record in ours:
         try:
-            runc.delete(record["id"])
+            record.remove()
         except MigSGXError as exc:
-            log.warning("the committed source container %s stays: %s", record["id"], exc)
+            log.warning("the committed source %s stays: %s", record.label, exc)
             continue
-        if record["made"]:
-            # Restored here by an agent of this host: a bundle left would refuse its return.
-            shutil.rmtree(record["made"], ignore_errors=True)
         for note in journal.undo:
             kind, _, arg = note.partition(" ")
             if kind == "netup":
                 give_up(Path(arg))  # the address lives on the destination only
+
+
+def open_gates(journal: Journal) -> None:
+    """The gate on a container's listeners opens (its ``ungate`` note), as the guardian
+    opens it when the tool died: whoever holds the copy now, clients are served, or
+    refused and go elsewhere, never dropped (:mod:`migsgx.containers.gate`).
+    Idempotent: a rule already gone is fine."""
+
+    for note in journal.undo:
+        parts = note.split()
+        if parts[:1] == ["ungate"] and len(parts) == 3:
+            ports = [int(p) for p in parts[2].split(",") if p.isdecimal() and int(p) < 65536]
+            open_gate(parts[1], ports)
 
 
 def give_back(journal: Journal) -> None:
@@ -155,11 +154,13 @@ def give_back(journal: Journal) -> None:
     What the guardian would have done (:mod:`.guardian`), from the journal's
     ``undo`` notes: a post-copy CRIU that still holds the tree is ended (only a
     process that is still runc's or CRIU's: a pid may have been reused), the
-    pod's ``eth0`` comes up, the cgroup thaws, the fenced tasks continue.
+    pod's ``eth0`` comes up, the gate on its listeners opens, the cgroup thaws,
+    the fenced tasks continue.
     Idempotent: a source the guardian gave back already is left as it runs.
     """
 
     notes = journal.undo
+    open_gates(journal)
     serving = [int(p) for n in notes if n.startswith("criu ") for p in n.split()[1:]]
     for pid in serving:
         argv0 = _proc.argv(pid)[:1]

@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
+from ..containers.engine_notes import ENGINE_NOTES
 from ..core.rounds import StopRules
 from ..criu import Criu, DumpCancel
 from ..datapath.engine import OutgoingEnclave
 from ..datapath.pagerelay import PageRelay
 from ..errors import ConfigError, LostAfterCommitError, MigSGXError
 from ..host.appctl import info_to_wire
+from ..sgx.service import default_socket
 from ..system.process import process_state
 from . import preflight
 from .applink import AppLink, HandedEnclave
@@ -48,9 +50,11 @@ __all__ = ["MigrateOptions", "MigrationOutcome", "keeps_tcp"]
 
 log = logging.getLogger("migsgx.migrate")
 
-#: The guardian's notes that say how to give a container back (kept in the journal too).
-#: (``runc``: the engine's record of the source, which a committed source's end deletes)
-UNDO_NOTES: Final = frozenset({"criu", "netup", "runc", "thaw"})
+#: The guardian's notes that say how to give a container back (kept in the journal too;
+#: ``ungate``: the gate on its listeners, :mod:`migsgx.containers.gate`).
+#: (``runc``, ``podman``, ``containerd``: the engine's record of the source, which a
+#: committed source's end removes: :mod:`migsgx.containers.engine_notes`)
+UNDO_NOTES: Final = frozenset({"criu", "netup", "thaw", "ungate"}) | ENGINE_NOTES
 
 #: Files of the dump directory that stay on the source.
 _LOCAL_ONLY: Final = frozenset({"dump.log"})
@@ -236,7 +240,7 @@ class _MigrationState:
         elif action == "kill-criu" and self.lazy is not None:
             self.lazy.stop()  # post-copy: the only server of the pages still missing dies
         elif action in ("kill-source-platform", "kill-source-platform-and-tool"):
-            kill_dead([socket_owner(self.opts.identity.directory.parent / "enclave.sock")])
+            kill_dead([socket_owner(default_socket(self.opts.identity.directory.parent))])
             if action == "kill-source-platform-and-tool":
                 os.kill(os.getpid(), signal.SIGKILL)
         elif action is not None and action.endswith("-control") and self.control is not None:

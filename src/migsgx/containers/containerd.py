@@ -45,6 +45,7 @@ from typing import Any, ClassVar, Final
 from .. import _proc
 from ..criu import log_excerpt
 from ..errors import MigSGXError, ProtocolError
+from . import engine_notes as notes
 from . import owner as _owner
 from .admission import SpecPolicy
 from .base import (
@@ -72,6 +73,7 @@ __all__ = [
     "RUNTIMES",
     "ContainerdDriver",
     "Ctr",
+    "engine_note",
 ]
 
 log = logging.getLogger("migsgx.containers")
@@ -207,6 +209,8 @@ class ContainerdDriver:
                 "record": {"image": image, "runtime": runtime, "spec": spec},
                 "snapshotter": str(info.get("Snapshotter") or self.ctr.snapshotter),
                 "snapshot": str(info.get("SnapshotKey") or ""),
+                # (one made since under this id was created at another time)
+                "created": str(info.get("CreatedAt") or ""),
             },
         )
 
@@ -228,6 +232,9 @@ class ContainerdDriver:
             if source.private["snapshot"]:
                 self._rw_diff(source, plan.images / CONTAINERD_RW)
 
+        # Should this tool end before it removes the source (in doubt after the commit),
+        # the guardian or ``migsgx recover`` removes it the same way (:mod:`.committed`).
+        plan.note(engine_note(self.ctr, cid, source.private["created"]))
         # runc's CRIU writes its images here: a failed enclave stream fills the
         # directory up, so that CRIU's own error path ends the dump at once.
         with cuttable_images(plan) as fs:
@@ -430,3 +437,10 @@ class ContainerdDriver:
         cid = str(restored.handle["id"])
         self.ctr.remove(cid)
         _owner.clear(_owner.mark_path(self._conf_dir(), cid))
+
+
+def engine_note(ctr: Ctr, cid: str, created: str) -> str:
+    """The guardian's ``containerd`` note: which container a committed source leaves."""
+
+    return notes.engine_note("containerd", id=cid, address=str(ctr.address),
+                             namespace=ctr.namespace, created=created)  # fmt: skip

@@ -40,6 +40,7 @@ from typing import Any, ClassVar, Final
 
 from ..errors import MigSGXError, ProtocolError
 from ..limits import MAX_IMAGE_BYTES
+from . import engine_notes as notes
 from . import owner as _owner
 from .admission import SpecPolicy, SpecRefused
 from .base import (
@@ -67,7 +68,7 @@ from .oci import (
 )
 from .settings import ContainerSettings
 
-__all__ = ["PODMAN_ARCHIVE", "Podman", "PodmanDriver"]
+__all__ = ["PODMAN_ARCHIVE", "Podman", "PodmanDriver", "engine_note"]
 
 log = logging.getLogger("migsgx.containers")
 
@@ -180,8 +181,12 @@ class PodmanDriver:
             label=f"podman container {name}",
             # (podman keeps the runtime specification it started the container with there)
             spec=load_json(Path(config), "podman runtime configuration") if config else None,
-            # (the container's directory in podman's storage: its checkpoint goes there)
-            private={"static_dir": str(info.get("StaticDir") or "")},
+            # (the container's directory in podman's storage: its checkpoint goes there;
+            # podman's id of this container, which one made since under its name lacks)
+            private={
+                "static_dir": str(info.get("StaticDir") or ""),
+                "id": str(info.get("Id") or ""),
+            },
         )
 
     def dump(self, source: Source, plan: DumpPlan, on_dumped: Callable[[], None]) -> None:
@@ -209,6 +214,9 @@ class PodmanDriver:
                     raise
             stop_if_cancelled(plan)  # (cut: nothing of the dump is left)
 
+        # Should this tool end before it removes the source (in doubt after the commit),
+        # the guardian or ``migsgx recover`` removes it the same way (:mod:`.committed`).
+        plan.note(engine_note(self.podman, name, str(source.private.get("id") or "")))
         dump_frozen(
             source, plan, on_dumped, checkpoint=checkpoint, remove=lambda: self.podman.remove(name)
         )
@@ -401,6 +409,14 @@ class PodmanDriver:
         name = str(restored.handle["name"])
         self.podman.remove(name)
         _owner.clear(_owner.mark_path(self._conf_dir(), name))
+
+
+def engine_note(podman: Podman, name: str, cid: str) -> str:
+    """The guardian's ``podman`` note: which podman container a committed source leaves."""
+
+    settings = podman.settings
+    return notes.engine_note("podman", name=name, id=cid, root=str(settings.podman_root or ""),
+                             storage=settings.podman_storage_driver or "")  # fmt: skip
 
 
 def drop_export_leftovers(static: Path) -> None:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final
 
 from ..errors import MigSGXError, ProtocolError
+from . import engine_notes as notes
 from . import owner as _owner
 from . import podnet
 from .admission import SpecPolicy
@@ -448,13 +449,12 @@ def engine_note(runc: Runc, cid: str, bundle: Path, made: Path | None) -> str:
     """The guardian's ``runc`` note: which runc record a committed source leaves.
 
     ``migsgx recover`` (or the guardian) of a migration that ended in doubt
-    deletes it once the destination runs (:func:`migsgx.agent.source_host.end_committed`),
-    and the bundle too if an agent of this host made it.
+    deletes it once the destination runs (:mod:`.committed`), and the bundle too
+    if an agent of this host made it.
     """
 
-    record = {"id": cid, "root": str(runc.root or ""), "bundle": str(bundle),
-              "made": str(made or "")}  # fmt: skip
-    return "runc " + json.dumps(record, sort_keys=True)
+    return notes.engine_note("runc", id=cid, root=str(runc.root or ""), bundle=str(bundle),
+                             made=str(made or ""))  # fmt: skip
 
 
 def netns_path(config: Mapping[str, Any]) -> Path | None:

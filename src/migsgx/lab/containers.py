@@ -13,8 +13,10 @@ gets it as an image (``tar | podman import``) on the source host and copies
 it to the others with ``podman save | podman load``, as a registry would;
 each host's containerd (:mod:`.lab_containerd`) imports it as an OCI archive.
 
-An app with enclaves gets the host's platform socket bind-mounted at
-:data:`PLATFORM_INSIDE` and ``MIGSGX_PLATFORM_SOCKET`` naming it; the enclave
+An app with enclaves gets the directory of the host's platform socket
+bind-mounted read-only at :data:`PLATFORM_INSIDE`'s directory (a restarted
+service's new socket shows in it), and ``MIGSGX_PLATFORM_SOCKET`` naming the
+socket; the enclave
 image is bind-mounted read-only at ``/opt/enclave``.  Its enclaves run on the
 host, outside the container, as the platform service starts them.
 
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
 __all__ = ["PLATFORM_INSIDE", "ContainerApp", "ContainerLab", "runtime_spec"]
 
 PLATFORM_INSIDE: Final = "/run/migsgx/enclave.sock"
+PLATFORM_DIR_INSIDE: Final = "/run/migsgx"
 ENCLAVE_INSIDE: Final = "/opt/enclave"
 MARKER_ENV: Final = "MIGSGX_LAB_MARKER"
 IMAGE: Final = "localhost/migsgx-lab:1"
@@ -307,6 +310,7 @@ class ContainerLab:
         private_net: bool = False,
         patch: Callable[[dict[str, Any]], None] | None = None,
         own_address: bool = False,
+        platform_file: bool = False,
     ) -> ContainerApp:
         """``examples/EXAMPLE/app.py`` in a container of ``engine`` on host ``at``.
 
@@ -316,6 +320,8 @@ class ContainerLab:
         the host's bridge with an address that moves with it (``extra["address"]``).
         ``patch`` (runc only) changes its configuration before it starts: what a
         peer's operator may do to a container a destination then receives.
+        ``platform_file``: the socket file itself is bind-mounted, not its directory
+        (as containers were before: a restarted service leaves it stale).
         """
 
         if engine not in ENGINES:
@@ -337,7 +343,9 @@ class ContainerLab:
             image = self.bed.image(example)
             binds += [
                 (str(image), ENCLAVE_INSIDE, True),
-                (str(self.bed.services[at].socket), PLATFORM_INSIDE, False),
+                (str(self.bed.services[at].socket), PLATFORM_INSIDE, False)
+                if platform_file
+                else (str(self.bed.services[at].socket.parent), PLATFORM_DIR_INSIDE, True),
             ]
         argv += list(args)
         if private_net and engine != "runc":

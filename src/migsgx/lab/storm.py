@@ -101,9 +101,13 @@ class Storm:
         *,
         bound: float = 5.0,
         lab: ContainerLab | None = None,
+        engine: str = "runc",
         keep_failed: Path | None = None,
     ) -> None:
-        self.bed, self.lab = bed, lab
+        """``lab``: the kvstore runs in a container of ``engine`` (runc, podman,
+        containerd); without it, as a plain process."""
+
+        self.bed, self.lab, self.engine = bed, lab, engine
         #: Where a failed migration's logs go (:meth:`_keep`); CRIU's and runc's logs of
         #: failed steps gather in its ``pending`` until the migration is judged.
         self.keep_failed = keep_failed
@@ -123,10 +127,12 @@ class Storm:
 
     # --- the application ------------------------------------------------------------------------
     def _fresh_target(self) -> Target:
-        """A new kvstore on host ``src``: a process, or a runc container with ``lab``."""
+        """A new kvstore on host ``src``: a process, or a container with ``lab``."""
 
         self.writes, self.unsure = {}, set()
-        return ProcessTarget(self.bed) if self.lab is None else ContainerTarget(self.lab)
+        if self.lab is None:
+            return ProcessTarget(self.bed)
+        return ContainerTarget(self.lab, self.engine)
 
     def _other(self, host: str) -> str:
         return self.bed.names[1 - self.bed.names.index(host)]

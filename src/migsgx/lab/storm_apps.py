@@ -1,4 +1,5 @@
-"""What a storm migrates: the kvstore example as a plain process, or in a runc container.
+"""What a storm migrates: the kvstore example as a plain process, or in a container
+(runc, podman or containerd).
 
 One interface over both (:class:`Target`), so that the storm's migrations,
 checks and clean-ups do not care which: where its copies are and whether they
@@ -80,7 +81,8 @@ class ProcessTarget:
 
 
 class ContainerTarget:
-    """The kvstore in a runc container sharing its host's network namespace (driver ``runc``)."""
+    """The kvstore in a container sharing its host's network namespace (driver ``runc``,
+    ``podman`` or ``containerd``: the lab's engine of that name)."""
 
     def __init__(self, lab: ContainerLab, engine: str = "runc") -> None:
         self.lab, self.engine = lab, engine

@@ -2,7 +2,8 @@
 
 :class:`Verdict` judges one migration once the hosts settled: how many copies
 run (application processes and their enclave processes, on both hosts), where,
-with which writes, and whether the tool's exit status says so.  :func:`leftovers`
+with which writes, whether the copy still launches enclaves on its host, and
+whether the tool's exit status says so.  :func:`leftovers`
 lists what a migration left that nobody will remove.  :func:`restart_dead` and
 :func:`heal` do what a host's supervisor and its network would: a killed
 platform service or agent starts again, a stalled connection's packets flow.
@@ -117,6 +118,7 @@ class Verdict:
             found.append(f"{outcome}: no copy with the state; copies {self.states()}")
         if outcome in ("moved", "stayed"):
             found += self._writes(self.to if outcome == "moved" else self.frm)
+            found += self._launches(self.to if outcome == "moved" else self.frm)
         if "Traceback" in stderr:
             found.append("the tool printed a traceback: " + stderr[-800:])
         honest = {
@@ -130,6 +132,16 @@ class Verdict:
         if not honest.get(code, False):
             found.append(f"exit {code} does not tell the truth: {outcome}; {stderr[-600:]}")
         return found
+
+    def _launches(self, host: str) -> list[str]:
+        """The copy on ``host`` reaches its host's platform service, a restarted one
+        included: it launches a new enclave and uses it (a container that kept a stale
+        socket could not, until it moved)."""
+
+        answer = self.storm.ask("LAUNCH storm-probe 00", host, timeout=30.0) or "no answer"
+        if answer.startswith("OK "):
+            return []
+        return [f"the copy on {host} cannot launch an enclave: {answer[:200]}"]
 
     def _writes(self, host: str) -> list[str]:
         """Every acknowledged write is in the copy on ``host`` (its digest, or key by key
@@ -258,13 +270,18 @@ def restart_dead(
 
 
 def heal(bed: Testbed, host: str) -> None:
-    """Remove the DROP rules a ``stall`` put into ``host``'s firewall."""
+    """Remove the DROP rules a ``stall`` put into ``host``'s firewall.
+
+    Not a container's listener gate (:mod:`migsgx.containers.gate`, a rule on SYNs
+    only): whoever ends a migration opens that, and a gate left closed is a failure
+    the checks must see (the source would answer nobody).
+    """
 
     listed = subprocess.run(
         bed.host(host).command(["iptables", "-S"]), capture_output=True, text=True, timeout=10
     )
     for line in listed.stdout.splitlines():
         parts = line.split()
-        if parts[:1] == ["-A"] and parts[-2:] == ["-j", "DROP"]:
+        if parts[:1] == ["-A"] and parts[-2:] == ["-j", "DROP"] and "--tcp-flags" not in parts:
             subprocess.run(bed.host(host).command(["iptables", "-D", *parts[1:]]),
                            capture_output=True, timeout=10)  # fmt: skip

@@ -41,11 +41,34 @@ from .store_types import Decision, RecordUpdate
 from .structs import KeyRequest, ReportBody, TargetInfo
 
 SOCKET_NAME = "enclave.sock"
+#: The directory of the service's socket in its state directory, holding nothing else:
+#: containers bind-mount it, never the socket file (docs/containers.md).
+SOCKET_DIR = "run"
 #: The longest path a Unix socket address holds (``sun_path``, less its final NUL).
 _SUN_PATH_MAX = 107
 LAUNCH_TIMEOUT = 30.0
+
+
 def default_socket(state_dir: Path) -> Path:
-    return Path(state_dir) / SOCKET_NAME
+    """``STATE/run/enclave.sock``: in a directory of its own, so that a container
+    bind-mounts the directory and sees the new socket of a restarted service (a bind
+    mount of the file keeps the old one, removed: the container is cut off)."""
+
+    return Path(state_dir) / SOCKET_DIR / SOCKET_NAME
+
+
+def make_socket_dir(directory: Path, group: int | None) -> None:
+    """The socket's directory, made for it when missing: 0700, or 0750 and ``group``
+    (who may use the socket must reach it; nobody else even sees its name).  An
+    existing directory (an operator's ``--socket``) is left as it is."""
+
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        return
+    if group is not None:
+        os.chown(directory, -1, group)
+    os.chmod(directory, 0o750 if group is not None else 0o700)  # (mkdir's mode met the umask)
 
 
 @dataclass
@@ -118,6 +141,7 @@ class PlatformService:
                 f"the platform socket path {self.socket_path} is longer than a Unix socket "
                 f"address can be ({_SUN_PATH_MAX} bytes): choose a shorter state directory"
             )
+        make_socket_dir(self.socket_path.parent, self.socket_group)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Like /dev/sgx_enclave: the service's user and a configured group, nobody else.
         # Bound under a temporary name and renamed once listening, so the socket is
