@@ -93,6 +93,9 @@ def _platform_host_id(state: Path) -> str:
 @click.option("--platform-socket", type=click.Path(path_type=Path), default=None)
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--keep-images", is_flag=True, help="keep each migration's images (debugging)")
+@click.option("--images-in-ram", is_flag=True,
+              help="receive CRIU's images into RAM (/dev/shm) when it has room for them, "
+              "not the work directory")  # fmt: skip
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
               help="write ADDRESS:PORT here once listening")  # fmt: skip
 @click.option("--metrics", "metrics", default=None, metavar="ADDRESS:PORT",
@@ -104,6 +107,7 @@ def agent_serve(
     platform_socket: Path | None,
     work_dir: Path | None,
     keep_images: bool,
+    images_in_ram: bool,
     ready_file: Path | None,
     metrics: str | None,
 ) -> None:
@@ -138,6 +142,7 @@ def agent_serve(
             identity=identity,
             work_dir=work_dir or state / "agent" / "work",
             keep_images=keep_images,
+            images_in_ram=images_in_ram,
             containers=ContainerSettings.load(state),
         )
     )
@@ -455,6 +460,9 @@ def _bench_runs(command: _Command) -> _Command:
               help="A/B: each run also migsgx with --criu-nice N")  # fmt: skip
 @click.option("--ab-prefault", is_flag=True,
               help="A/B: each run also migsgx with --prefault-ahead")  # fmt: skip
+@click.option("--ab-images-ram", is_flag=True,
+              help="A/B: each run also migsgx (agent serve --images-in-ram) and CRIU "
+              "alone with the destination's images in RAM (/dev/shm)")  # fmt: skip
 def bench_process(
     enclave_size: str,
     repeat: int,
@@ -466,6 +474,7 @@ def bench_process(
     ab_page_tls: bool,
     ab_criu_nice: int,
     ab_prefault: bool,
+    ab_images_ram: bool,
 ) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
@@ -480,6 +489,7 @@ def bench_process(
         ab_page_tls=ab_page_tls,
         ab_criu_nice=ab_criu_nice,
         ab_prefault=ab_prefault,
+        ab_images_ram=ab_images_ram,
     )
     if plot_path is not None:
         plot(result, plot_path)

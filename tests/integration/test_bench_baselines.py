@@ -10,9 +10,11 @@ timed: the figures are checked for being there and for the bytes moved.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
+from migsgx.agent.imageroom import fs_type
 from migsgx.lab.bench.process import criu_only, one_run
 from migsgx.lab.testbed import Testbed
 
@@ -46,3 +48,35 @@ def test_migsgx_pages_through_the_relay_and_on_the_old_path(bed: Testbed) -> Non
         assert figures["details"]["page_bytes"] >= 4 * MIB  # the ordinary memory moved
     assert run["page_relay_speedup"] == old["total_seconds"] / relay["total_seconds"]
     assert run["criu_only_tls"]["page_tls"] is True
+
+
+def test_images_in_ram_against_the_work_directory(bed: Testbed) -> None:
+    """``--ab-images-ram``: the destination's images in the work directory (the default)
+    and in RAM (``agent serve --images-in-ram``), for migsgx and CRIU alone alike."""
+
+    agents = set(bed.root.glob("agent-*.log"))
+    run = one_run(bed, 4 * MIB, ab_images_ram=True)
+    disk = fs_type(bed.root)  # (the agent's work directory lies under it)
+    assert run["migsgx"]["images_fs"] == run["criu_only"]["images_fs"] == disk
+    assert run["migsgx_images_ram"]["images_fs"] == "tmpfs"
+    assert run["criu_only_images_ram"]["images_fs"] == "tmpfs"
+    # The agent said where, and why: the announced memory, the room it found.
+    logs = "".join(p.read_text() for p in set(bed.root.glob("agent-*.log")) - agents)
+    assert "(RAM): room for" in logs and "the process announced" in logs
+    for name in ("migsgx", "migsgx_images_ram"):
+        assert run[name]["details"]["page_bytes"] >= 4 * MIB  # the ordinary memory moved
+        watch = run[name]["memory_watch"]
+        assert {"criu_dump", "restore", "resume"} <= set(watch["phases_mib"])
+    assert set(run["criu_only"]["memory_watch"]["phases_mib"]) == {
+        "criu_dump", "transfer", "restore",
+    }  # fmt: skip
+    assert run["images_ram_total_speedup"] == (
+        run["migsgx"]["total_seconds"] / run["migsgx_images_ram"]["total_seconds"]
+    )
+    # Nothing left in RAM: CRIU alone's images, the agent's (named with its pid).
+    assert not list(Path("/dev/shm").glob("migsgx-bench-images-*"))
+    for log in set(bed.root.glob("agent-*.log")) - agents:
+        for line in log.read_text().splitlines():
+            if "(RAM): room for" in line:
+                placed = Path(line.split("the images go to ")[1].split(" (RAM)")[0])
+                assert placed.parent == Path("/dev/shm") and not placed.exists()

@@ -400,7 +400,11 @@ def test_recover_after_a_restore_died(case: Case, point: str, outcome: str) -> N
     case.one_copy_with_every_write()
 
 
-@pytest.mark.parametrize("point", ["ckpt.before-dump", "ckpt.before-commit"])
+@pytest.mark.parametrize(
+    "point",
+    ["ckpt.before-dump", "ckpt.before-commit", "ckpt.before-commit:fail,ckpt.rolled-back"],
+    ids=["before-dump", "before-commit", "rolled-back"],
+)
 def test_recover_after_the_tool_and_its_guardian_died_before_the_commit(
     case: Case, point: str
 ) -> None:
@@ -409,6 +413,11 @@ def test_recover_after_the_tool_and_its_guardian_died_before_the_commit(
     It keeps its state (and with it every acknowledged write) instead of ending
     with its driver; ``recover --checkpoint`` takes the duplicate back, aborts
     the pending gate, continues the source and hands the enclave back to it.
+    ``rolled-back``: the tool rolled back (its enclave aborted) and died with its
+    guardian before the hand-back (fault point ``ckpt.rolled-back``): the aborted
+    enclave keeps its duplicate until its application took the connection back
+    (before, it let go at the abort and ended with the tool and the guardian; the
+    application never answered again).
     """
 
     done = checkpoint(case, f"{point}:kill-guardian")

@@ -33,6 +33,7 @@ from bed_helpers import (
     workers,
 )
 
+from migsgx.agent.imageroom import fs_type
 from migsgx.datapath.checkpoint import CheckpointIn
 from migsgx.errors import ReplayError, SealError
 from migsgx.host.client import EnclaveClient
@@ -114,6 +115,11 @@ def test_model_moves_with_its_secret_weights(bed: Testbed, agent: AgentProcess) 
 
     assert ask_dst(bed, app, "DIGEST") == digest  # enclave weights and ordinary memory
     assert ask_dst(bed, app, "PREDICT") == prediction
+    # The destination received CRIU's images into its work directory, and removed them
+    # after the move (right after its answer, so the tool may be back first).
+    work = bed.state("dst") / "agent" / "work"
+    assert run.stats["details"]["destination_images_fs"] == fs_type(work)
+    wait_until(lambda: not any(work.iterdir()), 10, "the session's directory removed")
     finish(bed, app, expect="dst")
 
 

@@ -8,7 +8,9 @@ same with real processes (``test_commit_faults.py``, window W2).
 
 from __future__ import annotations
 
+import shutil
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -40,6 +42,13 @@ class Agent:
 
     def find_session(self, mid: bytes, besides: Any = None) -> IncomingMigration | None:
         return self.held.get(mid)
+
+    def hold(self, session: IncomingMigration) -> None:
+        self.held[session.session_id] = session
+
+    def discard(self, path: Path | None) -> None:
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _session(agent: Agent, peer: str) -> IncomingMigration:
@@ -139,3 +148,26 @@ def test_an_abort_from_the_host_that_began_it_ends_the_wait_for_the_state(
     assert target._copies_lost() and not target.source_aborted
     target.deliver([b""], source_aborted=True)
     assert not target._copies_lost()  # the tree is no longer kept for the state
+
+
+@pytest.mark.parametrize("in_ram", [True, False])
+def test_a_held_tree_drops_its_spent_images_in_ram_and_keeps_its_records(
+    held: tuple[Agent, IncomingMigration], tmp_path: Path, in_ram: bool
+) -> None:
+    """The tree is restored: images received into RAM (``--images-in-ram``) are spent and
+    go when it is held; its records stay for a restarted agent.  Images in the work
+    directory share the session's directory with the records, and stay with them."""
+
+    _, target = held
+    records = tmp_path / "work" / SID.hex()
+    records.mkdir(parents=True)
+    (records / "held.json").write_text("{}")
+    images = tmp_path / "shm" / "migsgx-dump-1-2-ab" if in_ram else records
+    images.mkdir(parents=True, exist_ok=True)
+    (images / "pages-1.img").write_bytes(b"pages")
+    target.session_dir, target.images_dir = records, images
+    target.keep_lost = True
+    target._hold("the control connection was lost")
+    assert (records / "held.json").exists()
+    assert (images / "pages-1.img").exists() is not in_ram
+    target._refilled.set()  # (its settle thread waits for the state again)

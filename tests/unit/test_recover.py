@@ -224,6 +224,29 @@ def test_recorded_abort_continues_the_source_and_ends_the_destination_copy(
         source.wait()
 
 
+@pytest.mark.parametrize("mids", [0, 1], ids=["no-enclave", "undecided-enclave"])
+def test_an_aborted_journal_with_nothing_decided_continues_the_source_before_done(
+    state: Path, agent: Agent, mids: int
+) -> None:
+    """A tool killed in its roll-back (``tool.rolled-back``) left the fenced source
+    stopped and the journal ``aborted``: ``done`` only once the source runs again."""
+
+    source = _sleeper()
+    try:
+        journal = _journal(state, [os.urandom(16) for _ in range(mids)], phase="aborted",
+                           fenced=[source.pid])  # fmt: skip
+        journal.update(fenced_starts=[start_time(source.pid)])
+        result = resolve(journal, state, AgentIdentity.of_state(state))
+        assert (result.decision, result.outcome) == ("none", "stayed")
+        assert Journal.load(journal.path).phase == "done"
+        with open(f"/proc/{source.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] != "T"  # continued
+        assert agent.sent == []  # (no decision to carry)
+    finally:
+        source.kill()
+        source.wait()
+
+
 def test_recorded_abort_gives_a_container_back_as_the_guardian_would(
     state: Path, agent: Agent, tmp_path: Path
 ) -> None:

@@ -177,6 +177,7 @@ def checkpoint(
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(fenced_pid, signal.SIGCONT)
                 socks = [out.abort() for out in outs]
+                _fault("ckpt.rolled-back", pid, handed, guardian=guardian)
                 handed_back = False
                 if link is not None and socks and _alive(pid):
                     with contextlib.suppress(MigSGXError):

@@ -68,6 +68,7 @@ POINTS: Final = frozenset(
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
         "ckpt.between-commits",  # checkpoint: one enclave's gate committed, the next not yet
         "ckpt.after-commit",  # checkpoint: every enclave gave its state up
+        "ckpt.rolled-back",  # checkpoint: the enclaves aborted, not yet handed back
         "restore.before-criu",  # restore: enclaves loaded (not running), CRIU not started
         "restore.held",  # restore: enclaves loaded (not running), CRIU restored the tree held
         "restore.loaded",  # restore: the same step, right before the activation
@@ -82,6 +83,8 @@ POINTS: Final = frozenset(
         "tool.after-commit",
         "tool.before-release",  # journal ``done``, the committed source enclaves not released
         "tool.after-abort",  # roll-back: the source enclaves decided ABORT, nothing undone yet
+        # roll-back: the destination answered it keeps nothing, the source not resumed yet
+        "tool.rolled-back",
         # roll-back: an enclave answered its ABORT, the frame not yet on its data connection
         "tool.abort-answered",
         "tool.before-token",  # each COMMIT token, before it goes on the data connection

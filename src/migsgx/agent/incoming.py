@@ -46,6 +46,7 @@ from .config import AgentHost
 from .faults import armed, fault
 from .held import HeldRecord, lost_detail, start_time
 from .held import remove as remove_record
+from .imageroom import fs_type, place_images
 from .incoming_data import Reply, _corrupt_images, _Enclave, _inject
 from .incoming_settle import DELIVER_WAIT, _SessionDecisions
 from .lazy import Window
@@ -105,7 +106,7 @@ class IncomingMigration(_SessionDecisions):
         session = cls(agent, socket.socket(), record.peer)  # no control connection
         session.tls.close()
         session.session_id = bytes.fromhex(record.session_id)
-        session.images_dir = directory
+        session.session_dir = directory  # (its images went with the dead agent: swept)
         session.local_address = record.local
         session.enclaves = [
             _Enclave(i, EnclaveInfo(**info_from_wire(cbor2.loads(bytes.fromhex(item)))))
@@ -152,6 +153,8 @@ class IncomingMigration(_SessionDecisions):
             except (MigSGXError, OSError) as exc:
                 self._lost(exc)
                 return
+            finally:
+                self._discard_pending()
 
     def give_up(self, reason: str) -> None:
         """End the session without the tool: the same rule as a lost connection."""
@@ -246,7 +249,14 @@ class IncomingMigration(_SessionDecisions):
                 )
             check_pipe_max_size()  # before the source freezes anything
         self.session_id = session_id
-        self.images_dir = self.agent.session_dir(session_id)
+        self.session_dir = self.agent.session_dir(session_id)
+        memory = msg.get("memory_bytes")
+        self.images_dir = place_images(
+            self.session_dir,
+            memory if isinstance(memory, int) and not isinstance(memory, bool) else 0,
+            in_ram=self.config.images_in_ram and not self.config.keep_images,
+            tag=self.tag,
+        )
         local = self.local_address = str(self.tls.getsockname()[0])
         page = self._listen(local)
         if self.page_server:
@@ -325,7 +335,12 @@ class IncomingMigration(_SessionDecisions):
         seconds = time.monotonic() - (self._images_t0 or time.monotonic())
         self.agent.metrics.observe_phase("images", seconds)
         self.agent.metrics.bytes.labels("images").inc(self._image_bytes + pages)
-        return {"t": "images_ok", "page_bytes": pages, "seconds": seconds}
+        return {
+            "t": "images_ok",
+            "page_bytes": pages,
+            "seconds": seconds,
+            "images_fs": fs_type(self.images_dir),
+        }
 
     def _restore(self, msg: dict[str, Any]) -> Reply:
         assert self.images_dir is not None and self.driver is not None
@@ -334,7 +349,7 @@ class IncomingMigration(_SessionDecisions):
         corrupt = action == "corrupt"
         t0 = time.monotonic()
         # What a restarted agent removes if this one dies inside the restore.
-        self._intent_record().write(self.images_dir)
+        self._intent_record().write(self._records())
         try:
             if self.post_copy:
                 restored = self._restore_lazy(msg.get("lazy_port"), corrupt)
@@ -353,7 +368,7 @@ class IncomingMigration(_SessionDecisions):
                     )
                 )
         except BaseException:
-            remove_record(self.images_dir)  # (the driver removed what it made)
+            remove_record(self.session_dir)  # (the driver removed what it made)
             raise
         self.restored = restored
         pid = self.root = restored.pid
@@ -363,16 +378,16 @@ class IncomingMigration(_SessionDecisions):
         record = self._held_record(restored) if self.enclaves or self.window else None
         if record is not None:
             # What a restarted agent removes if this one dies before it answers.
-            record.write(self.images_dir)
+            record.write(self._records())
         else:
-            remove_record(self.images_dir)  # (the intent's, if any: the restore returned)
+            remove_record(self.session_dir)  # (the intent's, if any: the restore returned)
         _inject(fault("agent.after-restore"), self)
         # Right before the source may commit: every loaded copy must still be there.
         self._check_enclaves_alive()
         if record is not None:
             # What a restarted agent adopts if this one dies holding the tree (W2).
             record.answered = True
-            record.write(self.images_dir)
+            record.write(self._records())
         if self.window is not None and not self.window.post.serving:
             raise AgentError("the source stopped serving process pages before the commit point")
         seconds = time.monotonic() - t0
@@ -400,10 +415,9 @@ class IncomingMigration(_SessionDecisions):
         this answer before it lets them go: the intent names the tree from now on
         (pid and start time), so that a restarted agent kills exactly it."""
 
-        assert self.images_dir is not None
         record = self._intent_record()
         record.root, record.start = root, start_time(root)
-        record.write(self.images_dir)
+        record.write(self._records())
 
     def _held_record(self, restored: Restored) -> HeldRecord:
         """The record of the restored tree (:mod:`.held`), not yet answered."""
@@ -446,7 +460,7 @@ class IncomingMigration(_SessionDecisions):
         assert driver is not None
         if driver.name == "pid":
             self.window = Window(post, self.config.io_timeout, self.tag)
-            self._intent_record().write(images)  # (now with the daemon: :mod:`.held`)
+            self._intent_record().write(self._records())  # (now with the daemon: :mod:`.held`)
 
             def notify(script: str, root: int) -> None:
                 if script == "post-restore" and root > 0:
@@ -470,7 +484,7 @@ class IncomingMigration(_SessionDecisions):
                 driver.discard(made[0])
 
         self.window = Window(post, self.config.io_timeout, self.tag, on_lost=lost)
-        self._intent_record().write(images)  # (now with the daemon: :mod:`.held`)
+        self._intent_record().write(self._records())  # (now with the daemon: :mod:`.held`)
         post.restore(run=False, by=by_engine)
         return made[0]
 
@@ -499,7 +513,7 @@ class IncomingMigration(_SessionDecisions):
             "pid": self.root,
         }
         if self.window is None:
-            self._cleanup()
+            self._cleanup(after_reply=True)
             return resumed
         # Post-copy: the tool hears "resumed" at once, then whether the window closed.
         try:
@@ -572,7 +586,9 @@ class IncomingMigration(_SessionDecisions):
         if judged:
             self._wait_decided(DELIVER_WAIT, judged)
         self.abort("aborted by the tool")
-        return {"t": "aborted", "held": self.agent.find_session(self.session_id) is self}
+        # (this session stays registered while its tool's connection is open: only
+        # one kept in doubt for a decision is held)
+        return {"t": "aborted", "held": self.session_id in self.agent.in_doubt()}
 
     def _deliver_request(self, msg: dict[str, Any]) -> Reply:
         """A decision delivered again, on a connection of its own (``migsgx recover``)."""

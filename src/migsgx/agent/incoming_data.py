@@ -79,7 +79,12 @@ class _SessionState:
         self.machine = SessionMachine()
         self.data_key = secrets.token_bytes(KEY_SIZE)
         self.session_id = b""
+        #: The session's directory in the work directory: its records (:mod:`.held`).
+        self.session_dir: Path | None = None
+        #: CRIU's images: RAM when it has room, else ``session_dir`` (:mod:`.imageroom`).
         self.images_dir: Path | None = None
+        #: Removed once the answer that ends a migration went out (:meth:`_discard_later`).
+        self._discard_after_reply: list[Path] = []
         self.enclaves: list[_Enclave] = []
         self.tcp_close = False
         self.page_tls = False
@@ -128,6 +133,12 @@ class _SessionState:
     @property
     def tag(self) -> str:
         return self.session_id[:4].hex() or "-"
+
+    def _records(self) -> Path:
+        """Where this session's records go (:mod:`.held`): its work directory's."""
+
+        assert self.session_dir is not None
+        return self.session_dir
 
     def enclave_pids(self) -> list[int]:
         return [int(getattr(getattr(e.engine, "info", None), "pid", 0)) for e in self.enclaves]

@@ -150,6 +150,11 @@ class _SessionDecisions(_SessionState):
             with contextlib.suppress(OSError):
                 sock.close()
         self._stop_pages()
+        if self.window is None and self.images_dir not in (None, self.session_dir):
+            # The tree is restored: its images are spent, and may wait in RAM for
+            # a decision for long.  (Post-copy: the lazy pages still read them.)
+            self._close_files()
+            self.agent.discard(self.images_dir)
         threading.Thread(target=self._settle, name="migsgx-agent-settle", daemon=True).start()
 
     def _copies_lost(self) -> bool:
@@ -364,15 +369,19 @@ class _SessionDecisions(_SessionState):
         with contextlib.suppress(MigSGXError, OSError):
             release_reservations(self.config.state, mids)
 
-    def _cleanup(self) -> None:
+    def _cleanup(self, *, after_reply: bool = False) -> None:
+        """The session ends; ``after_reply``: its directories go once the answer is out
+        (a migration's last answer, ``resumed``, ends its downtime: removing a
+        gigabyte of images is no part of it)."""
+
         with self._lock:
             self._finished = True
-        self._teardown()
+        self._teardown(after_reply=after_reply)
         if self.machine.state is SessionState.RESUMED:
             self.decided_outcome = "resumed"
         self.settled.set()
 
-    def _teardown(self) -> None:
+    def _teardown(self, *, after_reply: bool = False) -> None:
         if self.window is not None:
             self.window.close()  # (a running tree's window closes on its own)
         for sock in self._listeners:
@@ -380,8 +389,18 @@ class _SessionDecisions(_SessionState):
                 sock.close()
         self._stop_pages()
         self._close_files()
-        remove_record(self.images_dir)
-        self.agent.discard(self.images_dir)
+        remove_record(self.session_dir)
+        for path in dict.fromkeys(p for p in (self.images_dir, self.session_dir) if p):
+            if after_reply:
+                self._discard_after_reply.append(path)
+            else:
+                self.agent.discard(path)
+
+    def _discard_pending(self) -> None:
+        """Remove what :meth:`_cleanup` left for after the answer (see there)."""
+
+        while self._discard_after_reply:
+            self.agent.discard(self._discard_after_reply.pop())
 
 
 def _platform_alive(path: Path) -> bool:

@@ -23,7 +23,9 @@ from .ckpt_journal import start_time
 
 __all__ = ["PHASES", "Journal", "journal_dir"]
 
-#: begun -> loaded (enclave ids known) -> fenced -> committed -> done | aborted
+#: begun -> loaded (enclave ids known) -> fenced -> committed -> done, or -> aborted ->
+#: done.  A phase is written only once what it says is true: ``aborted`` stays until
+#: the source runs again with its enclaves (``docs/spec/commit.md`` 4).
 PHASES: Final = ("begun", "loaded", "fenced", "committed", "done", "aborted")
 _KEYS: Final = {
     "mid": str,

@@ -126,6 +126,8 @@ CONTROL = Schema(
             # Checked before the source freezes (agent.preflight); the restore checks again:
             "spec": (dict, NONE),  # a container's OCI runtime specification
             "ports": (list, NONE),  # pid: [{"proto", "address", "port"}] it listens on
+            # Where the destination puts the images (RAM if it has room; untrusted):
+            "memory_bytes": (int, NONE),  # the tree's resident anonymous and shared memory
         },
         "enclaves_done": {},
         "image": {"name": str, "data": bytes},
@@ -154,7 +156,8 @@ CONTROL = Schema(
         "welcome": {"version": int, "host_id": str},
         "ready": {"data_port": int, "page_port": int, "data_key": bytes},
         "enclaves_ready": {"stats": list},
-        "images_ok": {"page_bytes": int, "seconds": NUMBER},
+        # images_fs: the file system the destination received them into (its figures).
+        "images_ok": {"page_bytes": int, "seconds": NUMBER, "images_fs": (str, NONE)},
         "restored": {"pid": int, "seconds": NUMBER},
         "resumed": {"seconds": NUMBER, "attach_seconds": NUMBER, "pid": int},
         # Post-copy, after "resumed": the last page arrived (or "err" post-copy-source-lost).

@@ -198,6 +198,10 @@ def resolve(
     if not decisions or kinds == {"none"}:
         # No source enclave decided: none committed, so no destination copy can run.
         if journal.phase in ("begun", "aborted") or not decisions:
+            if journal.phase in ("begun", "aborted"):
+                # The source is the copy: it runs again before the journal says done
+                # (a tool killed in its roll-back left it stopped, or frozen).
+                give_back(journal)
             journal.update(phase="done")
             return Resolution(mid, journal.phase, "none", "stayed", "nothing was decided")
         return Resolution(
@@ -336,11 +340,14 @@ def _orphaned(journal: Journal) -> bool:
 
     ``done`` too: the tool and its guardian may die after the destination ran and
     before they released the committed source enclaves (which then hold their
-    state, frozen, and their duplicates for good).
+    state, frozen, and their duplicates for good).  And ``aborted``: they may die
+    after the enclaves aborted and before they were handed back (an aborted
+    enclave keeps its duplicate until its application took the connection back;
+    the tool clears ``holders`` once it did).
     """
 
     return (
-        journal.phase in ("begun", "loaded", "fenced", "committed", "done")
+        journal.phase in ("begun", "loaded", "fenced", "committed", "done", "aborted")
         and bool(journal.holders)
         and not alive(int(journal.data["tool_pid"]))
         and not (journal.guardian_pid and is_guardian(journal.guardian_pid))

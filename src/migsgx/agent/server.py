@@ -27,6 +27,7 @@ from ..datapath.transport import keep_alive
 from ..errors import ConfigError
 from .adoption import Adoption
 from .config import AgentConfig
+from .dumpdirs import sweep_dump_dirs
 from .incoming import IncomingMigration
 from .metrics import AgentMetrics
 from .protocol import SessionState
@@ -97,6 +98,8 @@ class Agent:
         sock.listen(16)
         self._listener = sock
         Adoption(self).adopt_held()  # before anyone is told that this agent listens
+        # The images a killed agent received into RAM (:mod:`.imageroom`).
+        sweep_dump_dirs()
         bound = sock.getsockname()
         return str(bound[0]), int(bound[1])
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import shutil
 import socket
 from collections.abc import Mapping
@@ -170,6 +171,9 @@ class _Migration(_DecisionSteps):
                 # The journal and each enclave's duplicate of its connection come
                 # first: from here on this tool and its guardian may both die and
                 # ``migsgx recover`` still hands the enclaves back with their state.
+                # (named by the session id: one of its own for a tree without
+                # enclaves too, whose ``begin`` comes after the journal)
+                self.session_id = self.session_id or secrets.token_bytes(16)
                 self.journal = Journal.start(
                     opts.identity.directory, self.session_id, opts.to,
                     link.pid if link else pid, link.name if link else "-",
@@ -459,6 +463,7 @@ class _Migration(_DecisionSteps):
         )
         # Without the page server, the pages came as images (counted there already).
         self.page_bytes = int(reply["page_bytes"]) if self.page_server else 0
+        self.destination_images_fs = str(reply.get("images_fs") or "")
 
 
 def migrate(opts: MigrateOptions) -> MigrationOutcome:

@@ -210,9 +210,12 @@ class _DecisionSteps(_EnclaveSteps):
             socks.append(sock)
             frames.append(getattr(transfer.outgoing, "abort_frame", b"") or b"")
         lost = self._lost_undecided(frames)
+        # ``aborted`` until the source runs again: what the guardian and ``migsgx
+        # recover`` finish by giving it back (``docs/spec/commit.md`` 4).
         if self.journal is not None:
             self.journal.update(phase="aborted")
         fault("tool.after-abort")
+        kept_nothing = False
         if self.control is not None:
             with contextlib.suppress(MigSGXError):
                 abort: dict[str, Any] = {"t": "abort", "reason": reason}
@@ -221,8 +224,8 @@ class _DecisionSteps(_EnclaveSteps):
                 if lost:
                     abort["source_lost"] = lost
                 reply = self.control.call(abort, "aborted")
-                if not reply.get("held") and self.journal is not None:
-                    self.journal.update(phase="done")  # the destination kept nothing
+                kept_nothing = not reply.get("held")
+        self._inject(self._fault("tool.rolled-back"))
         if self.lazy is not None:
             self.lazy.stop()  # CRIU lets go of the tree before it is thawed
         for pid in self.fenced:
@@ -233,13 +236,18 @@ class _DecisionSteps(_EnclaveSteps):
             # Nobody to hand the enclaves back to: closing their connections ends them.
             log.warning("the source application is gone; its enclaves end with it")
             let_go(socks)
-            return
-        if self.link is not None and socks:
+        elif self.link is not None and socks:
             try:
                 self.link.resume(socks)
             except MigSGXError as exc:
                 log.error("the enclaves could not be handed back (the guardian retries): %s", exc)
                 self.hand_back_failed = True
+        if self.journal is not None and not self.hand_back_failed:
+            # Only now: the source runs again (its enclaves back with it, holding no
+            # duplicate any more) and the destination kept nothing.  A ``done``
+            # written before left a tool killed in between with a source stopped for
+            # good and a journal that ``recover`` took for finished.
+            self.journal.update(holders=[], **({"phase": "done"} if kept_nothing else {}))
 
 
 def _undecided_and_gone(transfer: _Transfer, frame: bytes, committed: bool) -> bool:

@@ -39,6 +39,7 @@ from .applink import AppLink, HandedEnclave
 from .control import AgentConnection
 from .faults import connection_fault, dying, fault, kill_dead, socket_owner
 from .guardian import Guardian
+from .imageroom import resident_bytes
 from .journal import Journal
 from .lazy import LazyDump
 from .postcopy_choice import MemoryPath
@@ -150,6 +151,7 @@ class _MigrationState:
         self.restored_pid = 0
         self.image_bytes = 0
         self.page_bytes = 0
+        self.destination_images_fs = ""
         # The state directory: a container that arrived here runs from a bundle this
         # host's agent made there, which goes when it leaves (runc).
         host = HostConfig(opts.criu, opts.containers, state_dir=opts.identity.directory.parent)
@@ -159,6 +161,7 @@ class _MigrationState:
         self.page_server = False
         self.page_relay: PageRelay | None = None
         self.session_id = b""
+        self._begun = False
         # The migration group of the source enclaves (``__mig_group``): fresh, never
         # the session id, which the destination, journals and logs carry.  Whoever
         # knows a group id can record a decision in it from an enclave of their own.
@@ -187,7 +190,9 @@ class _MigrationState:
 
     def _begin(self, pids: list[int], pidns: bool) -> dict[str, Any]:
         assert self.source is not None
-        self.session_id = secrets.token_bytes(16)
+        if self._begun or not self.session_id:
+            self.session_id = secrets.token_bytes(16)  # (a migration id is accepted once)
+        self._begun = True
         begin: dict[str, Any] = {
             "t": "begin",
             "session_id": self.session_id,
@@ -203,6 +208,7 @@ class _MigrationState:
         if self.driver.name != "pid":
             begin.update(driver=self.driver.name, target=self.source.target)
         begin.update(preflight.announce(self.driver.name, self.source, pids))
+        begin["memory_bytes"] = resident_bytes(pids)
         if not self.page_server:
             begin["page_server"] = False
         if self.opts.post_copy:
@@ -316,6 +322,8 @@ class _MigrationState:
             ),
             "page_relay_bytes": self.page_relay.sent if self.page_relay is not None else 0,
             "image_bytes": self.image_bytes,
+            # Where the destination received CRIU's images ("tmpfs": RAM; "" if unsaid).
+            "destination_images_fs": self.destination_images_fs,
             "restored_pid": self.restored_pid,
             "enclave_stats": [x.stats for x in self.transfers],
             "enclave_destination_stats": [plain_stats(s) for s in dest],

@@ -37,6 +37,7 @@ class Storm(Protocol):
     writes: dict[str, str]
     unsure: set[str]
     leaked: set[int]
+    agents: dict[str, AgentProcess]
 
     def ask(self, line: str, at: str, timeout: float = 5.0) -> str | None: ...
 
@@ -225,6 +226,12 @@ def leftovers(storm: Storm, run: MigrateRun, frm: str, app_pid: int, copies: int
 
     def left() -> list[str]:
         found = [f"images directory {p}" for p in scratch_base().glob(f"migsgx-dump-{run.pid}-*")]
+        # The destination agents' (:mod:`migsgx.agent.imageroom`): gone with the session.
+        for agent in storm.agents.values():
+            found += [
+                f"agent's images directory {p}"
+                for p in scratch_base().glob(f"migsgx-dump-{agent.proc.pid}-*")
+            ]
         with contextlib.suppress(OSError):
             mounts = leftover_mounts(Path("/proc/self/mountinfo").read_text())
             found += [f"images mount {p}" for p, owner in mounts if owner == run.pid]

@@ -9,7 +9,9 @@ and, in the same run:
   the digests of both memories are checked on the destination;
 * ``criu_only``: a plain process holding 2 x SIZE of ordinary memory migrates
   with CRIU alone: ``criu page-server`` on the destination, dump, copy of the
-  other images, restore;
+  other images, restore (:mod:`.criu_alone`); its images where the agent
+  receives migsgx's, the testbed's directory (``--ab-images-ram``: both in
+  ``/dev/shm`` too);
 * ``migsgx_post_copy`` and ``migsgx_live`` (with ``--post-copy``): the
   ``migsgx`` workload again with ``migsgx migrate --post-copy``, and with
   ``--live`` (enclave pre-copy, then post-copy of the process); besides the
@@ -24,43 +26,21 @@ The command itself is ``migsgx bench process`` (:mod:`migsgx.cli_migrate`).
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from ...agent.protocol import PHASES
-from ...agent.tls import AgentIdentity
-from ...criu import Criu, InNetns, InTaskNamespaces
 from ...errors import ConfigError, MigSGXError
-from ...system.process import kill_tree, tree_pids
+from ...system.process import kill_tree
 from ..testbed import START_TIMEOUT, AppProcess, Testbed
+from .criu_alone import criu_only
 from .figures import children_cpu, cpu_seconds, loadavg, machine_state, shift_timeline, summarize
-from .pages import PageServerOn, copy_images, image_bytes
+from .memwatch import MemoryWatch
 
-__all__ = ["criu_only", "run"]
+__all__ = ["criu_only", "run"]  # (criu_only: from .criu_alone)
 
 MODEL_COLS = 1024
-
-# A plain process holding N MiB of ordinary memory (not zero pages), in its own
-# pid namespace; it writes its digest to the ready file and then sleeps.
-PLAIN = """
-import hashlib, os, sys, time
-import numpy as np
-mib, ready = int(sys.argv[1]), sys.argv[2]
-block = np.random.default_rng(3).integers(0, 256, size=1 << 20, dtype=np.uint8)
-memory = np.empty((mib, 1 << 20), dtype=np.uint8)
-for i in range(mib):
-    memory[i] = block
-    memory[i, :8] = np.frombuffer(i.to_bytes(8, "little"), dtype=np.uint8)
-with open(ready + ".tmp", "w") as f:
-    f.write(hashlib.sha256(memory.data).hexdigest())
-os.replace(ready + ".tmp", ready)
-while True:
-    time.sleep(1)
-"""
 
 
 def model_rows(size: int) -> int:
@@ -83,16 +63,19 @@ def start_model(
     )  # fmt: skip
 
 
-def _migsgx(bed: Testbed, size: int, args: tuple[str, ...] = ()) -> dict[str, Any]:
+def _migsgx(
+    bed: Testbed, size: int, args: tuple[str, ...] = (), agent_args: tuple[str, ...] = ()
+) -> dict[str, Any]:
     rows = model_rows(size)
-    agent = bed.start_agent()
+    agent = bed.start_agent(args=agent_args)
     try:
         app = start_model(bed, size, max(1, size >> 20), timeout=app_start_timeout(size))
         before = bed.ask("DIGEST", app.port, at="src", via="dst")
         agent_cpu = cpu_seconds(agent.proc.pid, children=True)
         agent_own = cpu_seconds(agent.proc.pid)
         tool_cpu = children_cpu()
-        run = bed.migrate(app.pid, agent, args=args)  # pages protected (CRIU alone: plain)
+        with MemoryWatch() as watch:
+            run = bed.migrate(app.pid, agent, args=args)  # pages protected (CRIU alone: plain)
         tool_cpu = children_cpu() - tool_cpu
         agent_cpu = cpu_seconds(agent.proc.pid, children=True) - agent_cpu
         agent_own = cpu_seconds(agent.proc.pid) - agent_own
@@ -109,6 +92,11 @@ def _migsgx(bed: Testbed, size: int, args: tuple[str, ...] = ()) -> dict[str, An
     figures = migration_figures(stats, rows, run.seconds)
     if stats.get("post_copy_window") is not None:
         figures["post_copy_window_seconds"] = float(stats["post_copy_window"])
+    # What the page cache held around each of the tool's phases (absolute spans).
+    figures["memory_watch"] = watch.figures((stats.get("timeline") or {}).get("spans", {}).get(
+        "tool"
+    ))
+    figures["images_fs"] = str(stats["details"].get("destination_images_fs", ""))
     cpu = {"tool": tool_cpu, "agent": agent_cpu, **enclave_cpu(stats)}  # tool, agent: with CRIU
     details = stats["details"]
     # The same split into each process's own threads and CRIU (its children):
@@ -174,87 +162,6 @@ def _relative(timeline: dict[str, Any] | None) -> dict[str, Any]:
     return shift_timeline(timeline["spans"], origin=float(timeline["origin"]))
 
 
-def criu_only(
-    bed: Testbed, size: int, criu: Criu | None = None, *, page_tls: bool = False
-) -> dict[str, Any]:
-    """Stop-and-copy with CRIU alone: page server, dump, copy, restore.
-
-    ``page_tls``: the pages in CRIU's own TLS, with the hosts' agent identities,
-    as ``migsgx migrate`` sends them (without: plain TCP, CRIU's default).
-    """
-
-    criu = criu or Criu()
-    tls_in: tuple[Path, Path, Path] | None = None
-    extra: dict[str, bool | str] = {}
-    if page_tls:
-        mine, theirs = (AgentIdentity.of_state(bed.state(n)) for n in ("src", "dst"))
-        tls_in = (theirs.ca, theirs.cert, theirs.key)
-        extra = {"tls": True, "tls_cacert": str(mine.ca), "tls_cert": str(mine.cert),
-                 "tls_key": str(mine.key)}  # fmt: skip
-    src, dst = bed.host("src"), bed.host("dst")
-    here = Path(tempfile.mkdtemp(prefix="criu-only-", dir=bed.root))
-    ready = here / "plain.ready"
-    launcher = src.spawn(
-        ["unshare", "--pid", "--fork", "setsid", sys.executable, "-c", PLAIN,
-         str(max(1, size >> 20)), str(ready)],
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        if launcher.poll() is not None or time.monotonic() > deadline:
-            raise MigSGXError("the plain process did not start")
-        time.sleep(0.02)
-    digest = ready.read_text()
-    pid = tree_pids(launcher.pid)[1]
-    dump_dir = Path(tempfile.mkdtemp(prefix="migsgx-bench-dump-", dir="/dev/shm"))
-    images = here / "images"
-    images.mkdir()
-    try:
-        with PageServerOn(dst, criu.binary, images, tls=tls_in) as pages:
-            # The plain process and its launcher are reaped inside the window below:
-            # what they spent before (filling their memory) is not CRIU's.
-            plain_cpu = cpu_seconds(pid) + cpu_seconds(launcher.pid)
-            cpu0 = children_cpu()
-            t0 = time.monotonic()
-            criu.dump(pid, dump_dir, page_server=pages.address, enter=InTaskNamespaces(pid),
-                      extra=extra)  # fmt: skip
-            t_dump = time.monotonic()
-            pages.wait(60)
-        copy_images(dump_dir, images)
-        t_copy = time.monotonic()
-        launcher.wait(timeout=30)
-        restored = criu.restore(images, enter=InNetns(dst.netns), log_file="restore.log")
-        t_end = time.monotonic()
-        cpu = children_cpu() - cpu0 - plain_cpu
-    finally:
-        shutil.rmtree(dump_dir, ignore_errors=True)
-    try:
-        page_bytes, other = image_bytes(images)
-    finally:
-        kill_tree(restored)
-        shutil.rmtree(here, ignore_errors=True)
-    return {
-        "total_seconds": t_end - t0,
-        "downtime_seconds": t_end - t0,
-        "bytes": page_bytes + other,
-        "phases": {
-            "criu_dump": t_dump - t0,
-            "transfer": t_copy - t_dump,
-            "restore": t_end - t_copy,
-        },
-        "memory_digest": digest[:16],
-        "page_tls": page_tls,
-        "cpu_by_process": {"criu": cpu},  # dump, page server and restore
-        "timeline": {
-            "criu": {
-                "criu_dump": [0.0, t_dump - t0],
-                "transfer": [t_dump - t0, t_copy - t0],
-                "restore": [t_copy - t0, t_end - t0],
-            }
-        },
-    }
-
-
 def one_run(
     bed: Testbed,
     size: int,
@@ -264,6 +171,7 @@ def one_run(
     ab_criu_nice: int = 0,
     flip: bool = False,
     ab_prefault: bool = False,
+    ab_images_ram: bool = False,
 ) -> dict[str, Any]:
     """migsgx and CRIU alone back to back, with the ratios of the pair.
 
@@ -287,6 +195,13 @@ def one_run(
     ``migsgx_with_prefault``, the paired ``prefault_total_speedup`` and
     ``prefault_downtime_speedup`` (without / with: above 1, the prefault helped)
     and ``prefault_cpu_ratio`` (CPU of the whole migration, without / with).
+    With ``ab_images_ram``, also migsgx with the destination's images in RAM
+    (``agent serve --images-in-ram``: ``/dev/shm``) and CRIU alone with its
+    images there too, that pair right after the default one (before it with
+    ``flip``): ``migsgx_images_ram``, ``criu_only_images_ram`` and the paired
+    ``images_ram_total_speedup``, ``images_ram_downtime_speedup`` (work
+    directory / RAM: above 1, RAM helped), ``criu_images_ram_speedup`` (CRIU
+    alone, the same) and ``criu_over_migsgx_total_ram`` (the ratio, both in RAM).
     """
 
     niced_args = ("--criu-nice", str(ab_criu_nice))
@@ -295,6 +210,7 @@ def one_run(
     niced_first = _migsgx(bed, size, niced_args) if ab_criu_nice and flip else None
     faulted_args = ("--prefault-ahead",)
     faulted_first = _migsgx(bed, size, faulted_args) if ab_prefault and flip else None
+    ram_first = _in_ram(bed, size) if ab_images_ram and flip else None
     migsgx = _migsgx(bed, size)
     extra: dict[str, Any] = {}
     if ab_late_handshake:
@@ -328,6 +244,17 @@ def one_run(
             ),
         )
     plain = criu_only(bed, 2 * size)
+    if ab_images_ram:
+        in_ram, plain_ram = ram_first or _in_ram(bed, size)
+        extra.update(
+            migsgx_images_ram=in_ram,
+            criu_only_images_ram=plain_ram,
+            images_ram_ran_first=ram_first is not None,
+            images_ram_total_speedup=migsgx["total_seconds"] / in_ram["total_seconds"],
+            images_ram_downtime_speedup=migsgx["downtime_seconds"] / in_ram["downtime_seconds"],
+            criu_images_ram_speedup=plain["total_seconds"] / plain_ram["total_seconds"],
+            criu_over_migsgx_total_ram=plain_ram["total_seconds"] / in_ram["total_seconds"],
+        )
     if ab_page_tls:
         tls = criu_only(bed, 2 * size, page_tls=True)
         extra.update(
@@ -362,6 +289,14 @@ def one_run(
     }
 
 
+def _in_ram(bed: Testbed, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """migsgx with the destination's images in RAM (``/dev/shm``), then CRIU alone
+    with its images there too."""
+
+    in_ram = _migsgx(bed, size, agent_args=("--images-in-ram",))
+    return in_ram, criu_only(bed, 2 * size, images_in_ram=True)
+
+
 def run(
     size: int,
     *,
@@ -373,6 +308,7 @@ def run(
     ab_page_tls: bool = False,
     ab_criu_nice: int = 0,
     ab_prefault: bool = False,
+    ab_images_ram: bool = False,
 ) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
@@ -386,7 +322,7 @@ def run(
             for i in range(repeat):
                 one = one_run(
                     bed, size, ab_late_handshake, post_copy, ab_page_tls, ab_criu_nice,
-                    flip=i % 2 == 1, ab_prefault=ab_prefault,
+                    flip=i % 2 == 1, ab_prefault=ab_prefault, ab_images_ram=ab_images_ram,
                 )  # fmt: skip
                 runs.append(one)
     finally:
