@@ -36,11 +36,12 @@ from migsgx.core.handshake import transcript_item
 from migsgx.core.pagestream import DOWN, UP, PageFrameOpener, page_stream_key
 from migsgx.core.rounds import REPAIR_LABEL, full_digest_body, round_label
 from migsgx.core.stream import Manifest, StreamHeader, StreamOpener, StreamSealer
-from migsgx.enclave import checkpoints, persistent, sealing
+from migsgx.enclave import checkpoints, persistent_format, sealing
 from migsgx.errors import MigSGXError
 from migsgx.host.appctl import APPCTL, check_image_files, info_from_wire
-from migsgx.sgx.counters import CounterStore, Decision, RecordUpdate
+from migsgx.sgx.counters import CounterStore
 from migsgx.sgx.sgxext import PckExtension
+from migsgx.sgx.store_types import Decision, RecordUpdate
 from migsgx.sgx.structs import ReportBody
 from migsgx.wire import HEADER, decode_body, encode, recv_frame
 
@@ -284,11 +285,12 @@ def check_persistent(case: dict[str, Any]) -> None:
         blob = bytes.fromhex(case["blob"])
 
         def open_() -> Any:
-            return FMT.plain(persistent.open_record(_services(case), case["record_name"], blob))
+            record = persistent_format.open_record(_services(case), case["record_name"], blob)
+            return FMT.plain(record)
     else:
 
         def open_() -> Any:
-            pending = persistent.parse_section(bytes.fromhex(case["section"]))
+            pending = persistent_format.parse_section(bytes.fromhex(case["section"]))
             if pending is None:
                 return None
             return FMT.plain(

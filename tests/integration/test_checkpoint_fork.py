@@ -21,8 +21,7 @@ from pstore_image import checkpoint_out, counting, record_names, restored  # noq
 from state_helpers import Launcher, World, pid_running, wait_gone  # noqa: E402
 
 from migsgx.datapath.checkpoint import restore_enclave  # noqa: E402
-from migsgx.enclave.persistent import RollbackError  # noqa: E402
-from migsgx.errors import CheckpointGateError, ReplayError  # noqa: E402
+from migsgx.errors import CheckpointGateError, ReplayError, RollbackError  # noqa: E402
 
 pytest_plugins = ["state_helpers", "pstore_image"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

@@ -42,7 +42,7 @@ from fault_helpers import (
 )
 
 from migsgx.agent.held import start_time
-from migsgx.enclave.persistent import RESERVED
+from migsgx.enclave.persistent_format import RESERVED
 from migsgx.lab.hosts import start_service
 from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed
 from migsgx.system.process import process_state

@@ -36,12 +36,8 @@ from state_helpers import (  # noqa: E402
 )
 
 from migsgx.agent.reservations import release_reservations  # noqa: E402
-from migsgx.enclave.persistent import (  # noqa: E402
-    RESERVED,
-    PersistentStateError,
-    RollbackError,
-)
-from migsgx.errors import SealError  # noqa: E402
+from migsgx.enclave.persistent_format import RESERVED  # noqa: E402
+from migsgx.errors import PersistentStateError, RollbackError, SealError  # noqa: E402
 from migsgx.host.client import EnclaveClient  # noqa: E402
 from migsgx.lab.hosts import start_service  # noqa: E402
 

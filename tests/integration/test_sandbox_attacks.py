@@ -21,8 +21,8 @@ from platform_fixtures import World, make_image, shared_world
 import migsgx
 from migsgx.errors import LaunchError
 from migsgx.host.client import EnclaveClient
-from migsgx.sgx.counters import MAX_COUNTERS_PER_OWNER
 from migsgx.sgx.image import EnclaveImage, generate_author_key, mr_signer_of
+from migsgx.sgx.record_store import MAX_COUNTERS_PER_OWNER
 from migsgx.sgx.sandbox import SandboxSpec, launcher_command, runtime_binds
 from migsgx.sgx.spawn import ServiceProcess
 
@@ -130,7 +130,7 @@ class Hostile(Enclave):
 
     @ecall
     def record_write(self, name, blob, expect=None, absent=False):
-        from migsgx.sgx.counters import RecordUpdate
+        from migsgx.sgx.store_types import RecordUpdate
 
         try:
             self.ctx.services.persist_update(

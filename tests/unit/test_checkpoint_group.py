@@ -29,7 +29,8 @@ from migsgx.errors import (
     GroupUncheckedError,
     ProtocolError,
 )
-from migsgx.sgx.counters import CounterStore, Decision, RecordUpdate
+from migsgx.sgx.counters import CounterStore
+from migsgx.sgx.store_types import Decision, RecordUpdate
 
 OWNER = b"S" + bytes(32) + b"\x02\x00"
 META = hashlib.sha256(b"migsgx.json as written").digest()

@@ -11,9 +11,10 @@ import pytest
 from platform_fixtures import World, make_image
 
 from migsgx.errors import CounterError, StateDirError
-from migsgx.sgx import counters as counters_mod
-from migsgx.sgx.counters import COUNTER_MAX, CounterStore
+from migsgx.sgx import record_store as record_store_mod
+from migsgx.sgx.counters import CounterStore
 from migsgx.sgx.platform import COUNTERS, EmulatedPlatform, LocalServices, counter_owner
+from migsgx.sgx.store_types import COUNTER_MAX
 from migsgx.sgx.structs import ReportBody
 
 OWNER = b"S" + bytes(32) + b"\x01\x00"
@@ -109,7 +110,7 @@ def test_two_stores_on_one_file_do_not_lose_increments(tmp_path: Path) -> None:
 
 
 def test_limit_per_owner(store: CounterStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(counters_mod, "MAX_COUNTERS_PER_OWNER", 3)
+    monkeypatch.setattr(record_store_mod, "MAX_COUNTERS_PER_OWNER", 3)
     for _ in range(3):
         store.create(OWNER)
     with pytest.raises(CounterError):

@@ -24,7 +24,8 @@ from migsgx.errors import (
     ProtocolError,
     ReplayError,
 )
-from migsgx.sgx.counters import CounterStore, Decision, RecordUpdate
+from migsgx.sgx.counters import CounterStore
+from migsgx.sgx.store_types import Decision, RecordUpdate
 
 OWNER = b"S" + bytes(32) + b"\x01\x00"
 

@@ -28,12 +28,12 @@ from migsgx.agent.protocol import CONTROL
 from migsgx.agent.redeliver import HeldEnclave
 from migsgx.containers.podnet import PodAddress
 from migsgx.enclave.memory import Allocation
-from migsgx.enclave.persistent import parse_section
+from migsgx.enclave.persistent_format import parse_section
 from migsgx.errors import MigSGXError
 from migsgx.host.appctl import info_to_wire
 from migsgx.host.client import EnclaveInfo
-from migsgx.sgx.counters import RecordUpdate
 from migsgx.sgx.image import MANIFEST, EnclaveImage
+from migsgx.sgx.store_types import RecordUpdate
 from migsgx.system.ports import Listener
 from migsgx.wire import decode_body
 

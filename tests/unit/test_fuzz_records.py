@@ -34,8 +34,9 @@ from migsgx.containers.oci import load_json
 from migsgx.datapath.checkpoint import CheckpointIn
 from migsgx.errors import CounterError, MigSGXError, RecordDamagedError
 from migsgx.sgx.collateral import Collateral
-from migsgx.sgx.counters import CounterStore, Decision, RecordUpdate
+from migsgx.sgx.counters import CounterStore
 from migsgx.sgx.pcs import PCS_STATE, PcsState
+from migsgx.sgx.store_types import Decision, RecordUpdate
 
 FUZZ = settings(max_examples=150, deadline=None, database=None, derandomize=True)
 NO_PID = 2**22 + 7  # above pid_max's default: never a live process

@@ -23,26 +23,25 @@ from migsgx.core.stream import TAG_SIZE
 from migsgx.datapath.ring import ShmRing
 from migsgx.enclave.instance import EnclaveInstance
 from migsgx.enclave.migrator import Migrator
-from migsgx.enclave.persistent import (
-    RESERVED,
-    FrozenError,
-    PersistentStateError,
-    RollbackError,
-)
+from migsgx.enclave.persistent_format import RESERVED
 from migsgx.enclave.sdk import EnclaveContext
 from migsgx.enclave.sealing import seal_with_msk
 from migsgx.errors import (
     AwaitingDecisionError,
     CounterError,
     EnclaveBusyError,
+    FrozenError,
     MigrationError,
+    PersistentStateError,
     ProtocolError,
     ReplayError,
+    RollbackError,
     SealError,
     error_from_wire,
 )
-from migsgx.sgx.counters import COUNTER_MAX, CounterStore, RecordUpdate
+from migsgx.sgx.counters import CounterStore
 from migsgx.sgx.platform import EmulatedPlatform, counter_owner
+from migsgx.sgx.store_types import COUNTER_MAX, RecordUpdate
 
 CHUNK = 64 << 10
 OWNER = b"S" + bytes(32) + b"\x01\x00"

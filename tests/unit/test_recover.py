@@ -27,8 +27,9 @@ from migsgx.agent.redeliver import HeldEnclave, HeldSource
 from migsgx.agent.tls import AgentIdentity
 from migsgx.errors import InDoubtError, LostAfterCommitError
 from migsgx.host.client import EnclaveInfo
-from migsgx.sgx.counters import CounterStore, Decision
+from migsgx.sgx.counters import CounterStore
 from migsgx.sgx.platform import COUNTERS
+from migsgx.sgx.store_types import Decision
 
 OWNER = b"S" + bytes(34)
 

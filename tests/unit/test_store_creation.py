@@ -16,20 +16,23 @@ import sys
 import time
 from pathlib import Path
 
-from migsgx.sgx.counters import ClaimStore, CounterStore
+from migsgx.sgx.claims import ClaimStore
+from migsgx.sgx.counters import CounterStore
 
 _SRC = str(Path(__file__).resolve().parents[2] / "src")
 _OWNER = b"\x11" * 32
 
 _A = """
 import sys
-from migsgx.sgx.counters import {cls}
+from migsgx.sgx.claims import ClaimStore
+from migsgx.sgx.counters import CounterStore
 {cls}(sys.argv[1])
 print("created", flush=True)
 """
 _B = """
 import sys
-from migsgx.sgx.counters import ClaimStore, CounterStore
+from migsgx.sgx.claims import ClaimStore
+from migsgx.sgx.counters import CounterStore
 if "{cls}" == "CounterStore":
     cid, _ = CounterStore(sys.argv[1]).create(bytes.fromhex(sys.argv[2]))
     print(cid, flush=True)

@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 
 from migsgx.errors import CounterError, RecordConflictError, StoreFullError
-from migsgx.sgx import counters as counters_mod
-from migsgx.sgx.counters import (
-    MAX_CLAIMS_PER_OWNER,
+from migsgx.sgx import claims as claims_mod
+from migsgx.sgx import record_store as record_store_mod
+from migsgx.sgx.claims import MAX_CLAIMS_PER_OWNER, ClaimStore
+from migsgx.sgx.counters import CounterStore
+from migsgx.sgx.record_store import (
     MAX_COUNTERS_PER_OWNER,
     MAX_RECORD_BYTES,
     MAX_RECORD_BYTES_PER_OWNER,
-    ClaimStore,
-    CounterStore,
-    RecordUpdate,
 )
+from migsgx.sgx.store_types import RecordUpdate
 
 GREEDY = b"S" + bytes([9]) * 32 + b"\x01\x00"
 VICTIM = b"S" + bytes([1]) * 32 + b"\x01\x00"
@@ -61,7 +61,7 @@ def test_one_owner_fills_its_record_quota_and_others_are_unaffected(store: Count
 def test_the_host_wide_cap_holds_however_many_owners(
     store: CounterStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(counters_mod, "MAX_COUNTERS_TOTAL", 4)
+    monkeypatch.setattr(record_store_mod, "MAX_COUNTERS_TOTAL", 4)
     for i in range(4):
         store.create(b"S" + bytes([i]) * 32 + b"\x02\x00")
     with pytest.raises(StoreFullError):
@@ -72,7 +72,7 @@ def test_migration_claims_are_bounded_per_owner_without_eviction(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert MAX_CLAIMS_PER_OWNER >= 1024
-    monkeypatch.setattr(counters_mod, "MAX_CLAIMS_PER_OWNER", 8)
+    monkeypatch.setattr(claims_mod, "MAX_CLAIMS_PER_OWNER", 8)
     claims = ClaimStore(tmp_path / "migrations.cbor")
     for i in range(8):
         assert claims.claim(GREEDY, i.to_bytes(16, "big"))
@@ -84,6 +84,21 @@ def test_migration_claims_are_bounded_per_owner_without_eviction(
     assert claims.claim(VICTIM, b"\xff" * 16)
     with pytest.raises(CounterError):
         claims.claim(VICTIM, b"x" * 65)
+
+
+def test_claims_in_the_counter_store_share_the_bound_and_evict_nothing(
+    store: CounterStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(claims_mod, "MAX_CLAIMS_PER_OWNER", 8)
+    for i in range(8):
+        assert store.claim(GREEDY, i.to_bytes(16, "big"))
+    size = store._path.stat().st_size
+    with pytest.raises(StoreFullError):
+        store.claim(GREEDY, b"\xff" * 16)
+    assert store._path.stat().st_size == size  # refused: nothing written
+    assert all(store.claimed(GREEDY, i.to_bytes(16, "big")) for i in range(8))
+    assert not store.claim(GREEDY, (0).to_bytes(16, "big"))
+    assert store.claim(VICTIM, b"\xff" * 16)
 
 
 def test_an_owner_cannot_blindly_overwrite_or_delete_a_record(store: CounterStore) -> None:

@@ -62,7 +62,7 @@ POINTS: Final = frozenset(
         "recover.abort-answered",
         "recover.redeliver",  # a re-delivery without the tool: fresh copy's data connection open
         # A platform store's first user found none and writes it now (``wait-file`` only;
-        # read by :mod:`migsgx.sgx.counters` itself, below this module).
+        # read by :mod:`migsgx.sgx.store_file` itself, below this module).
         "counters.before-create",
         "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced

@@ -57,8 +57,9 @@ from typing import TYPE_CHECKING, Final
 
 from ..containers.imagefs import sweep_leftovers
 from ..errors import LostAfterCommitError, MigSGXError
-from ..sgx.counters import CounterStore, Decision
+from ..sgx.counters import CounterStore
 from ..sgx.platform import COUNTERS
+from ..sgx.store_types import Decision
 from .control import AgentConnection
 from .dumpdirs import sweep_dump_dirs
 from .faults import fault

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..enclave.persistent import reservation_release
+from ..enclave.persistent_format import reservation_release
 from ..errors import CounterError
 from ..sgx.counters import CounterStore
 from ..sgx.platform import COUNTERS

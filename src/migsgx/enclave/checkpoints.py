@@ -55,7 +55,7 @@ from ..errors import (
     MigSGXError,
     SealError,
 )
-from ..sgx.counters import RecordUpdate
+from ..sgx.store_types import RecordUpdate
 from ..sgx.trusted import TrustedServices
 from . import sealing
 from .instance import EnclaveInstance

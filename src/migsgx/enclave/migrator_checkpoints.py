@@ -14,7 +14,7 @@ from typing import Any
 
 from ..core.handshake import Role
 from ..errors import CheckpointGateError, GroupDecidedError, PersistentStateError, ProtocolError
-from ..sgx.counters import Decision, RecordUpdate
+from ..sgx.store_types import Decision, RecordUpdate
 from . import checkpoints
 from .migrator_destination import _DestinationSide
 

@@ -18,11 +18,11 @@ from ..core.handshake import PeerAborted, Role
 from ..core.stream import TAG_SIZE, Manifest, Section
 from ..datapath.transport import SlotReader, context_switches
 from ..errors import MigrationError, ProtocolError, ReplayError, StreamError
-from ..sgx.counters import RecordUpdate
+from ..sgx.store_types import RecordUpdate
 from . import precopy_in
 from .migrator_rounds import _Rounds
 from .migrator_state import MANIFEST_ROOM, MAX_STATE_BYTES, RING_TIMEOUT, SECTIONS
-from .persistent import MAX_TRANSFER_BYTES
+from .persistent_format import MAX_TRANSFER_BYTES
 
 
 def _used_length(state: bytes) -> int:

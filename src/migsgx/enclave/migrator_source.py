@@ -28,7 +28,7 @@ from ..errors import (
     ProtocolError,
 )
 from ..limits import check_chunk_size
-from ..sgx.counters import Decision
+from ..sgx.store_types import Decision
 from . import checkpoints, precopy
 from .migrator_state import ABORTS_KEPT, MIN_CHUNK, RING_TIMEOUT, _MigratorState
 

@@ -28,7 +28,8 @@ from ..sgx.dcap import TcbPolicy, verify_dcap
 from ..sgx.structs import ReportBody
 from . import checkpoints, precopy, precopy_in
 from .instance import EnclaveInstance
-from .persistent import PendingImport, PersistentState
+from .persistent import PersistentState
+from .persistent_format import PendingImport
 
 RING_TIMEOUT = 120.0
 MIN_CHUNK = MIN_CHUNK_SIZE

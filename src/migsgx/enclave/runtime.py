@@ -35,9 +35,9 @@ from ..errors import (
     error_from_wire,
 )
 from ..sgx import syscalls
-from ..sgx.counters import Decision, RecordUpdate
 from ..sgx.image import EnclaveImage
 from ..sgx.sandbox import apply_limits, manifest_limits
+from ..sgx.store_types import Decision, RecordUpdate
 from ..sgx.structs import KeyRequest, Report, ReportBody, TargetInfo
 from ..wire import recv_frame, send_frame
 from . import selftest

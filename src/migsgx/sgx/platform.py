@@ -42,11 +42,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from .._fs import read_private, write_private
 from ..errors import CollateralError, StateDirError
 from .ca import ProvisioningCA
+from .claims import ClaimStore
 from .collateral import COLLATERAL_FILE, MAX_COLLATERAL_SIZE
-from .counters import ClaimStore, CounterStore, Decision, RecordUpdate
+from .counters import CounterStore
 from .image import EnclaveImage, SigStruct
 from .keys import KeyDeriver
 from .quote import QuotingEnclave, VerifiedQuote, verify_quote
+from .store_types import Decision, RecordUpdate
 from .structs import KeyRequest, Report, ReportBody, TargetInfo
 from .trusted import counter_owner, target_info_of
 

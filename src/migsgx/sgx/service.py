@@ -33,11 +33,11 @@ from ..channel import IMAGE_FRAME_MAX, LAUNCH, PLATFORM
 from ..errors import ConfigError, ConnectionClosedError, LaunchError, MigSGXError, ProtocolError
 from ..wire import recv_frame, send_frame
 from . import syscalls
-from .counters import Decision, RecordUpdate
 from .enclave_logs import open_instance_log, prune_logs
 from .image import EnclaveImage
 from .platform import EmulatedPlatform, LocalServices
 from .sandbox import SandboxSpec, launcher_command, runtime_binds
+from .store_types import Decision, RecordUpdate
 from .structs import KeyRequest, ReportBody, TargetInfo
 
 SOCKET_NAME = "enclave.sock"

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.cmac import CMAC
 
 from ..errors import ReportMacError
-from .counters import Decision, RecordUpdate
+from .store_types import Decision, RecordUpdate
 from .structs import KEYNAME_REPORT, KeyRequest, Report, ReportBody, TargetInfo
 
 __all__ = ["TrustedServices", "counter_owner", "target_info_of", "verify_report_locally"]
