@@ -402,9 +402,13 @@ def bench_state(
     _emit(result)
 
 
+from .cli_agent import register as register_agent  # noqa: E402
+from .cli_lab import register as register_lab  # noqa: E402
 from .cli_migrate import register as register_migration  # noqa: E402
 
+register_agent(cli)
 register_migration(cli)
+register_lab(cli)
 
 from .cli_inspect import inspect_command  # noqa: E402
 

@@ -1,171 +1,27 @@
-"""Command-line commands of migration: agents, ``migrate``, checkpoints, demos.
+"""The commands that move an application: ``migrate``, ``recover``, ``checkpoint``, ``restore``.
 
-:func:`register` adds them to the ``migsgx`` group (``agent``, ``migrate``,
-``checkpoint``, ``restore``, ``demo`` with its ``--container`` variant,
-``bench process`` and ``bench container``).
-Errors propagate as :class:`~migsgx.errors.MigSGXError`; ``migsgx.cli.main``
-turns them into exit codes.
+:func:`register` adds them to the ``migsgx`` group.  Errors propagate as
+:class:`~migsgx.errors.MigSGXError`; ``migsgx.cli.main`` turns them into exit codes.
 """
 
 from __future__ import annotations
 
-import logging
-import signal
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
+from .cli_options import parse_address, parse_size
 from .cli_output import emit as _emit
 from .errors import ConfigError
 
 __all__ = [
-    "agent",
-    "bench_process",
     "checkpoint_command",
     "migrate_command",
+    "recover_command",
     "register",
     "restore_command",
 ]
-
-_Command = TypeVar("_Command", bound=Callable[..., Any])
-
-
-def _address(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"expected ADDRESS:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
-
-
-def parse_size(value: str) -> int:
-    """``256MiB``, ``1GiB``, ``4096`` -> bytes (the image manifest's size syntax)."""
-
-    from .sgx.image import parse_size as parse
-
-    try:
-        return parse(value)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-
-
-# --- agent ------------------------------------------------------------------------------------
-@click.group()
-def agent() -> None:
-    """The per-host migration agent (the destination of migrations)."""
-
-
-@agent.command("cert")
-@click.option("--ca", "ca_dir", type=click.Path(path_type=Path), required=True)
-@click.option("--state", type=click.Path(path_type=Path), required=True)
-@click.option("--name", "names", multiple=True, required=True, help="address peers dial")
-@click.option("--host-id", default=None, help="default: the platform's host id")
-def agent_cert(ca_dir: Path, state: Path, names: tuple[str, ...], host_id: str | None) -> None:
-    """Issue this host's agent certificate (STATE/agent/) from the CA in CA_DIR."""
-
-    from .agent.tls import issue_agent_identity
-
-    if host_id is None:
-        host_id = _platform_host_id(state)
-    identity = issue_agent_identity(ca_dir, state, host_id, list(names))
-    _emit({"identity": str(identity.directory), "host_id": host_id, "names": list(names)})
-
-
-def _platform_host_id(state: Path) -> str:
-    import tomllib
-
-    from .sgx.platform import PLATFORM_TOML
-
-    try:
-        meta = tomllib.loads((state / PLATFORM_TOML).read_text())
-        return str(meta["host_id"])
-    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{state} holds no platform; give --host-id") from exc
-
-
-@agent.command("serve")
-@click.option("--state", type=click.Path(path_type=Path), required=True)
-@click.option("--listen", required=True, help="ADDRESS:PORT (port 0: any)")
-@click.option("--ca", "ca_dir", type=click.Path(path_type=Path), default=None,
-              help="trust this CA instead of the one stored with the identity")  # fmt: skip
-@click.option("--platform-socket", type=click.Path(path_type=Path), default=None)
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--keep-images", is_flag=True, help="keep each migration's images (debugging)")
-@click.option("--images-in-ram", is_flag=True,
-              help="receive CRIU's images into RAM (/dev/shm) when it has room for them, "
-              "not the work directory")  # fmt: skip
-@click.option("--ready-file", type=click.Path(path_type=Path), default=None,
-              help="write ADDRESS:PORT here once listening")  # fmt: skip
-@click.option("--metrics", "metrics", default=None, metavar="ADDRESS:PORT",
-              help="serve Prometheus metrics on ADDRESS:PORT (port 0: any)")  # fmt: skip
-def agent_serve(
-    state: Path,
-    listen: str,
-    ca_dir: Path | None,
-    platform_socket: Path | None,
-    work_dir: Path | None,
-    keep_images: bool,
-    images_in_ram: bool,
-    ready_file: Path | None,
-    metrics: str | None,
-) -> None:
-    """Serve migrations into this host.
-
-    Enclaves are launched by the host's platform service: the one listening on
-    --platform-socket (default STATE/run/enclave.sock) when it runs, else one the
-    agent starts and stops with itself.
-    """
-
-    from .agent.server import Agent, AgentConfig, platform_socket_alive
-    from .agent.tls import AgentIdentity
-    from .containers import ContainerSettings
-    from .sgx.service import default_socket
-    from .sgx.spawn import ServiceProcess, start_service
-
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
-    )
-    identity = AgentIdentity.of_state(state, ca=ca_dir).check()
-    sock = platform_socket or default_socket(state)
-    service: ServiceProcess | None = None
-    if not platform_socket_alive(sock):
-        if platform_socket is not None:
-            raise ConfigError(f"no platform service answers at {platform_socket}")
-        service = start_service(state, socket_path=sock)
-    server = Agent(
-        AgentConfig(
-            state=state,
-            listen=_address(listen),
-            platform_socket=sock,
-            identity=identity,
-            work_dir=work_dir or state / "agent" / "work",
-            keep_images=keep_images,
-            images_in_ram=images_in_ram,
-            containers=ContainerSettings.load(state),
-        )
-    )
-    try:
-        host, port = server.bind()
-        signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
-        if metrics is not None:
-            m_host, m_port = server.serve_metrics(*_address(metrics))
-            click.echo(f"agent {server.host_id} metrics on http://{m_host}:{m_port}/metrics",
-                       err=True)  # fmt: skip
-        click.echo(f"agent {server.host_id} listening on {host}:{port}", err=True)
-        if ready_file is not None:
-            tmp = ready_file.with_name(ready_file.name + ".tmp")
-            tmp.write_text(f"{host}:{port}\n")
-            tmp.replace(ready_file)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-    finally:
-        server.shutdown()
-        if service is not None:
-            service.stop()
 
 
 # --- recover ------------------------------------------------------------------------------------
@@ -351,7 +207,7 @@ def migrate_command(
 
     opts = MigrateOptions(
         pid=pid or 0,
-        to=_address(to),
+        to=parse_address(to),
         identity=AgentIdentity.of_state(state, ca=ca_dir),
         driver=driver,
         target=str(target),
@@ -423,240 +279,6 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
     _emit({"pid": restore(directory, netns=netns, platform_socket=platform_socket)})
 
 
-#: The options the migration benches share: paired runs, their plot, JSON, the testbed kept.
-_BENCH_RUNS = (
-    click.option("--repeat", type=int, default=3, show_default=True,
-                 help="paired runs; top-level figures are their medians"),
-    click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
-                 help="draw the median runs' timelines into this PNG"),
-    click.option("--json", "as_json", is_flag=True, help="print the figures as JSON"),
-    click.option("--keep", type=click.Path(path_type=Path), default=None,
-                 help="keep the testbed (logs, images) in this directory"),
-)  # fmt: skip
-
-
-def _bench_runs(command: _Command) -> _Command:
-    """:data:`_BENCH_RUNS`, in that order, where the decorator stands."""
-
-    for option in reversed(_BENCH_RUNS):
-        command = option(command)
-    return command
-
-
-# --- bench process --------------------------------------------------------------------------------
-@click.command("process")
-@click.option("--enclave-size", default="256MiB", show_default=True,
-              help="enclave memory (and as much ordinary memory)")  # fmt: skip
-@_bench_runs
-@click.option("--ab-late-handshake", is_flag=True,
-              help="A/B: each run also with the handshake inside the freeze")  # fmt: skip
-@click.option("--post-copy", is_flag=True,
-              help="also migrate with --post-copy and with --live (pre-copy, "
-              "then post-copy): their downtime and window")  # fmt: skip
-@click.option("--ab-page-tls", is_flag=True,
-              help="A/B: each run also CRIU alone, and migsgx, with the pages in "
-              "CRIU's TLS (migsgx's old page path)")  # fmt: skip
-@click.option("--ab-criu-nice", type=click.IntRange(-19, 19), default=0,
-              help="A/B: each run also migsgx with --criu-nice N")  # fmt: skip
-@click.option("--ab-prefault", is_flag=True,
-              help="A/B: each run also migsgx with --prefault-ahead")  # fmt: skip
-@click.option("--ab-images-ram", is_flag=True,
-              help="A/B: each run also migsgx (agent serve --images-in-ram) and CRIU "
-              "alone with the destination's images in RAM (/dev/shm)")  # fmt: skip
-def bench_process(
-    enclave_size: str,
-    repeat: int,
-    plot_path: Path | None,
-    as_json: bool,
-    keep: Path | None,
-    ab_late_handshake: bool,
-    post_copy: bool,
-    ab_page_tls: bool,
-    ab_criu_nice: int,
-    ab_prefault: bool,
-    ab_images_ram: bool,
-) -> None:
-    """Process migration with enclaves against CRIU alone (needs root)."""
-
-    from .lab.bench.process import plot, run
-
-    result = run(
-        parse_size(enclave_size),
-        keep=keep,
-        repeat=repeat,
-        ab_late_handshake=ab_late_handshake,
-        post_copy=post_copy,
-        ab_page_tls=ab_page_tls,
-        ab_criu_nice=ab_criu_nice,
-        ab_prefault=ab_prefault,
-        ab_images_ram=ab_images_ram,
-    )
-    if plot_path is not None:
-        plot(result, plot_path)
-    if as_json:
-        _emit(result)
-        return
-    lazy = ["migsgx_post_copy", "migsgx_live"] if post_copy else []
-    tls = ["criu_only_tls", "migsgx_criu_tls"] if ab_page_tls else []
-    for name in ("migsgx", "criu_only", *tls, *lazy):
-        r = result[name]
-        window = r.get("post_copy_window_seconds")
-        click.echo(
-            f"{name:15}: total {r['total_seconds']:.3f} s, downtime {r['downtime_seconds']:.3f} s, "
-            f"{r['bytes'] / (1 << 20):.0f} MiB"
-            + (f", window {window:.3f} s" if window is not None else "")
-            + f" (medians of {repeat})"
-        )
-
-
-# --- bench container ---------------------------------------------------------------------------
-@click.command("container")
-@click.option("--engine", type=click.Choice(["runc", "podman", "containerd"]), default="runc",
-              show_default=True)  # fmt: skip
-@click.option("--enclave-size", default="256MiB", show_default=True, help="enclave memory")
-@_bench_runs
-@click.option("--live", is_flag=True,
-              help="runc: also migrate with --live, its memory frozen (--no-post-copy) "
-              "and by post-copy, the app holding SIZE of ordinary memory too")  # fmt: skip
-def bench_container(
-    engine: str,
-    enclave_size: str,
-    repeat: int,
-    plot_path: Path | None,
-    as_json: bool,
-    keep: Path | None,
-    live: bool,
-) -> None:
-    """Container migration with enclaves against the engine's own checkpoint/restore."""
-
-    from .lab.bench.container import LIVE_KINDS, plot, run
-
-    result = run(engine, parse_size(enclave_size), keep=keep, repeat=repeat, live=live)
-    if plot_path is not None:
-        plot(result, plot_path)
-    if as_json:
-        _emit(result)
-        return
-    for name in ("migsgx", "engine_only", *(LIVE_KINDS if live else ())):
-        r = result[name]
-        window = r.get("post_copy_window_seconds")
-        click.echo(
-            f"{name:11}: total {r['total_seconds']:.3f} s, "
-            f"downtime {r['downtime_seconds']:.3f} s, {r['bytes'] / (1 << 20):.0f} MiB"
-            + (f", window {window:.3f} s" if window is not None else "")
-            + f" (medians of {repeat})"
-        )
-
-
-# --- demo with a container -----------------------------------------------------------------------
-@click.command("demo")
-@click.option("--workdir", type=click.Path(path_type=Path), default=None,
-              help="where the demo keeps its hosts (default: a temporary directory)")  # fmt: skip
-@click.option("--container", type=click.Choice(["runc", "podman", "containerd"]), default=None,
-              help="run the app in a container of this engine (sharing its host's network) "
-                   "and migrate that")  # fmt: skip
-@click.option("--process", is_flag=True, help="migrate the app as a plain process")
-def demo_command(workdir: Path | None, container: str | None, process: bool) -> None:
-    """Two emulated hosts; the key-value enclave app moves between them while in use.
-
-    By default the app runs in a runc container that owns its address, and the
-    client's TCP connection stays open across the move.
-    """
-
-    from .lab.demo import run_demo
-
-    run_demo(workdir, container=container, process=process)
-
-
-# --- registration -------------------------------------------------------------------------------
-# --- live migration: bench live, migrate --live -------------------------------------------------
-@click.command("live")
-@click.option("--enclave-size", default="256MiB", show_default=True,
-              help="enclave memory; several, comma-separated, run one after another")  # fmt: skip
-@click.option(
-    "--dirty-rate", default="50MiB", show_default=True, help="bytes of pages written per second"
-)
-@click.option("--repeat", type=int, default=3, show_default=True, help="runs of each mode")
-@click.option("--downtime-target", type=float, default=0.05, show_default=True,
-              help="stop rule 'converged': seconds the last dirty set may take")  # fmt: skip
-@click.option("--max-rounds", type=int, default=30, show_default=True)
-@click.option("--settle", type=float, default=0.6, show_default=True,
-              help="stop rule 'converged' also waits for a round that took at least this "
-              "share of the one before (0: the first round under the target stops)")  # fmt: skip
-@click.option("--plot", type=click.Path(path_type=Path), default=None,
-              help="draw the round-by-round picture into this PNG file")  # fmt: skip
-@click.option("--pid", is_flag=True,
-              help="also move the workload as a process with 'migrate --live' (enclave "
-              "pre-copy, then post-copy of the process; root, CRIU): downtime and the "
-              "window in which the destination depends on the source")  # fmt: skip
-@click.option("--ab-settle", is_flag=True,
-              help="A/B: each live run also with --settle 0, right after (paired)")  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
-def bench_live(
-    enclave_size: str,
-    dirty_rate: str,
-    repeat: int,
-    downtime_target: float,
-    max_rounds: int,
-    settle: float,
-    plot: Path | None,
-    pid: bool,
-    ab_settle: bool,
-    as_json: bool,
-) -> None:
-    """Downtime of live (pre-copy) against stop-and-copy migration, same workload."""
-
-    from .core.rounds import StopRules
-    from .lab.bench.live import run, run_sizes
-    from .lab.bench.live_figures import size_ratio
-
-    try:
-        rules = StopRules(downtime_target=downtime_target, max_rounds=max_rounds, settle=settle)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    sizes = [parse_size(part) for part in enclave_size.split(",")]
-    if plot is not None and len(sizes) > 1:
-        raise ConfigError("--plot draws one enclave size")
-    progress = None if as_json else (lambda line: click.echo(line, err=True))
-    if len(sizes) == 1:
-        results = [run(sizes[0], parse_size(dirty_rate), repeat, rules=rules, progress=progress,
-                       pid=pid, ab_settle=ab_settle)]  # fmt: skip
-    else:
-        # Several sizes: interleaved in one set of hosts, so their ratio is paired.
-        results = run_sizes(sizes, parse_size(dirty_rate), repeat, rules=rules,
-                            progress=progress, pid=pid, ab_settle=ab_settle)  # fmt: skip
-    for result in results:
-        if plot is not None:
-            from .lab.bench.live_plot import draw
-
-            draw(result, plot)
-        if not as_json:
-            sc, lv = result["stop_and_copy"], result["live"]
-            click.echo(
-                f"{result['enclave_bytes'] >> 20} MiB downtime: stop-and-copy "
-                f"{sc['downtime_seconds']:.3f} s, live {lv['downtime_seconds']:.3f} s "
-                f"({result['live_over_stop_and_copy_downtime']:.3f}x), "
-                f"live rounds {lv.get('rounds', 0)}, bytes/size {lv['bytes_over_size']:.2f}",
-                err=True,
-            )
-    if len(results) == 1:
-        _emit(results[0])
-        return
-    # How the live downtime grows from the smallest size to the largest: the
-    # medians' ratio, and the median of the ratios of runs made back to back.
-    small = min(results, key=lambda r: r["enclave_bytes"])
-    large = max(results, key=lambda r: r["enclave_bytes"])
-    base = small["live"]["downtime_seconds"]
-    _emit(
-        {
-            "sizes": results,
-            "live_downtime_largest_over_smallest": (
-                large["live"]["downtime_seconds"] / base if base else None
-            ),
-            "live_downtime_largest_over_smallest_paired": size_ratio(results),
-        }
-    )
-
 
 def _post_copy_here(console: Any, driver: str) -> bool:
     """``--live``: post-copy the process's memory where the driver and this host can."""
@@ -717,16 +339,8 @@ def _live_options(opts: Any, console: Any, downtime_target: float, max_rounds: i
 def register(cli: click.Group) -> None:
     """Add the commands of this module to the ``migsgx`` group."""
 
-    cli.add_command(agent)
     cli.add_command(migrate_command)
     cli.add_command(recover_command)
     cli.add_command(checkpoint_command)
     cli.add_command(restore_command)
-    cli.add_command(demo_command)  # the demo, with its container variant
-    bench = cli.commands.get("bench")
-    if not isinstance(bench, click.Group):
-        bench = click.Group("bench", help="Benchmarks that print numbers.")
-        cli.add_command(bench)
-    bench.add_command(bench_process)
-    bench.add_command(bench_container)
-    bench.add_command(bench_live)
+

@@ -1,7 +1,8 @@
 """What every command prints: one JSON object on stdout, sorted, so scripts can read it.
 
-Shared by :mod:`migsgx.cli` and :mod:`migsgx.cli_migrate`, which therefore need
-not import each other (``cli`` registers ``cli_migrate``'s commands).
+Shared by :mod:`migsgx.cli` and the command modules (:mod:`migsgx.cli_agent`,
+:mod:`migsgx.cli_migrate`, :mod:`migsgx.cli_lab`), which therefore need not import
+each other (``cli`` registers their commands).
 """
 
 from __future__ import annotations

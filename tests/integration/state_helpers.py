@@ -48,13 +48,10 @@ import tomli_w
 
 from migsgx import _proc
 from migsgx.core import handshake
-from migsgx.datapath.engine import (
-    DEFAULT_CHUNK,
-    PEER,
-    PEER_FRAME_MAX,
-    IncomingEnclave,
-    OutgoingEnclave,
-)
+from migsgx.core.peer import PEER_FRAME_MAX
+from migsgx.datapath.incoming import IncomingEnclave
+from migsgx.datapath.outgoing import OutgoingEnclave
+from migsgx.datapath.peerwire import DEFAULT_CHUNK, PEER
 from migsgx.errors import MigSGXError
 from migsgx.host.client import EnclaveClient
 from migsgx.lab.hosts import Deployment, ServiceProcess, start_service
@@ -848,7 +845,7 @@ def regular_files(roots: Sequence[Path], *, newer_than: float | None = None) -> 
 # --- a destination driver in its own process (to be killed) ---------------------------------
 DRIVER_SCRIPT = """
 import socket, sys
-from migsgx.datapath.engine import IncomingEnclave
+from migsgx.datapath.incoming import IncomingEnclave
 
 listener = socket.create_server(("127.0.0.1", 0))
 print(listener.getsockname()[1], flush=True)

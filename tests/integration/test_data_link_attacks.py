@@ -31,7 +31,7 @@ from migsgx.agent.protocol import VERSION, AgentError
 from migsgx.agent.server import Agent, AgentConfig
 from migsgx.agent.source import AgentConnection
 from migsgx.agent.tls import issue_agent_identity
-from migsgx.datapath.engine import PEER_FRAME_MAX
+from migsgx.core.peer import PEER_FRAME_MAX
 from migsgx.host.appctl import info_to_wire
 from migsgx.host.client import EnclaveInfo
 from migsgx.sgx.spawn import ServiceProcess

@@ -456,7 +456,7 @@ def test_an_aborted_enclave_keeps_its_duplicate_until_the_application_has_it_bac
     from migsgx.agent.ckpt_journal import start_time
     from migsgx.agent.handback import call_enclave
     from migsgx.agent.holders import take_held
-    from migsgx.datapath.engine import EnclaveLink
+    from migsgx.datapath.enclave_link import EnclaveLink
     from migsgx.host.appctl import MigrationControl
 
     if os.geteuid() != 0:

@@ -29,7 +29,8 @@ from state_helpers import (  # noqa: E402
     wait_gone,
 )
 
-from migsgx.datapath.engine import EnclaveLink, IncomingEnclave  # noqa: E402
+from migsgx.datapath.enclave_link import EnclaveLink  # noqa: E402
+from migsgx.datapath.incoming import IncomingEnclave  # noqa: E402
 from migsgx.errors import (  # noqa: E402
     CommittedError,
     EnclaveBusyError,

@@ -50,7 +50,8 @@ from migsgx.core.handshake import (  # noqa: E402
     LocalProtocolError,
     ReportDataError,
 )
-from migsgx.datapath.engine import IncomingEnclave, OutgoingEnclave  # noqa: E402
+from migsgx.datapath.incoming import IncomingEnclave  # noqa: E402
+from migsgx.datapath.outgoing import OutgoingEnclave  # noqa: E402
 from migsgx.errors import (  # noqa: E402
     AttestationError,
     AwaitingDecisionError,

@@ -114,10 +114,11 @@ def test_fault_points(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_commands_register_into_a_group() -> None:
     import click
 
-    from migsgx.cli_migrate import register
+    from migsgx import cli_agent, cli_lab, cli_migrate
 
     group = click.Group("migsgx")
-    register(group)
+    for module in (cli_agent, cli_migrate, cli_lab):
+        module.register(group)
     assert {"agent", "migrate", "checkpoint", "restore", "bench"} <= set(group.commands)
     bench = group.commands["bench"]
     assert isinstance(bench, click.Group) and "process" in bench.commands

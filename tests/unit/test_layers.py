@@ -34,8 +34,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("migsgx.inspection",),  # migsgx inspect: reading checkpoints, read-only
     ("migsgx.agent",),  # the per-host agent and the tool's side of appctl
     ("migsgx.lab",),  # harness: testbed, container lab, netns, demo, bench
-    ("migsgx.cli_output",),
-    ("migsgx.cli_migrate", "migsgx.cli_inspect"),
+    ("migsgx.cli_output", "migsgx.cli_options"),
+    ("migsgx.cli_agent", "migsgx.cli_migrate", "migsgx.cli_lab", "migsgx.cli_inspect"),
     ("migsgx.cli",),
     ("migsgx.__main__",),
 )
@@ -61,7 +61,7 @@ IO_MODULES = frozenset(
 )
 
 #: May import the lab: the command line (``migsgx demo``, ``migsgx bench``) and the lab.
-MAY_IMPORT_LAB = ("migsgx.lab", "migsgx.cli", "migsgx.cli_migrate", "migsgx.__main__")
+MAY_IMPORT_LAB = ("migsgx.lab", "migsgx.cli", "migsgx.cli_lab", "migsgx.__main__")
 
 DRIVERS = (
     "migsgx.containers.pid",

@@ -26,7 +26,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from ..datapath.engine import OutgoingEnclave
+from ..datapath.outgoing import OutgoingEnclave
 from ..errors import MigrationError, ProtocolError
 from .applink import HandedEnclave
 from .legs import each_in_thread

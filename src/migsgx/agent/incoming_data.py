@@ -25,7 +25,7 @@ from typing import IO, Any, Final
 from .._net import keep_alive
 from ..containers import Driver, Restored
 from ..criu.pageserver import PageServer
-from ..datapath.engine import IncomingEnclave
+from ..datapath.incoming import IncomingEnclave
 from ..datapath.pagerelay import PageRelay, local_pair, relay_keys
 from ..errors import MigSGXError, ProtocolError
 from ..host.client import EnclaveInfo

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .. import _proc
-from ..datapath.engine import IncomingEnclave
+from ..datapath.incoming import IncomingEnclave
 from ..errors import LostAfterCommitError, MigSGXError, ProtocolError
 from ..system.process import continue_tree
 from .applink import AppLink

@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..core.rounds import StopRules
-from ..datapath.engine import DEFAULT_CHUNK
 from ..datapath.live import LiveOutgoingEnclave
+from ..datapath.peerwire import DEFAULT_CHUNK
 from ..errors import MigrationError, ProtocolError
 from .applink import HandedEnclave
 from .legs import each_in_thread

@@ -30,7 +30,7 @@ from typing import Final
 
 import cbor2
 
-from ..datapath.engine import OutgoingEnclave
+from ..datapath.outgoing import OutgoingEnclave
 from ..errors import InDoubtError, MigSGXError, ProtocolError
 from ..host.appctl import info_from_wire, info_to_wire
 from ..host.client import EnclaveInfo

@@ -13,7 +13,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..datapath.engine import EnclaveLink, OutgoingEnclave
+from ..datapath.enclave_link import EnclaveLink
+from ..datapath.outgoing import OutgoingEnclave
 from ..errors import MigrationError, MigSGXError, ProtocolError
 from . import early, precopy
 from .applink import HandedEnclave

@@ -28,7 +28,7 @@ from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source
 from ..containers.engine_notes import ENGINE_NOTES
 from ..core.rounds import StopRules
 from ..criu import Criu, DumpCancel
-from ..datapath.engine import OutgoingEnclave
+from ..datapath.outgoing import OutgoingEnclave
 from ..datapath.pagerelay import PageRelay
 from ..errors import ConfigError, LostAfterCommitError, MigSGXError
 from ..host.appctl import info_to_wire

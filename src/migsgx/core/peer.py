@@ -26,7 +26,7 @@ to it: a destination that sent ``loaded`` takes any number of ``commit`` and
 ``abort`` frames (forged ones change nothing, ``handshake.md`` 9.2) until its
 enclave accepts one; a source that sent its token takes ``loaded`` again.
 
-No I/O here; :mod:`migsgx.datapath.engine` moves the bytes.
+No I/O here; :mod:`migsgx.datapath.peerwire` and the ends beside it move the bytes.
 """
 
 from __future__ import annotations

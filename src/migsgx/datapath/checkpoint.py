@@ -39,13 +39,8 @@ from ..errors import ConfigError, FrameError, MigSGXError
 from ..host.client import EnclaveInfo, launch_enclave
 from ..limits import DEFAULT_SLOTS
 from ..sgx.image import EnclaveImage
-from .engine import (
-    DEFAULT_CHUNK,
-    RING_TIMEOUT,
-    EnclaveLink,
-    _call_beside,
-    _Worker,
-)
+from .enclave_link import RING_TIMEOUT, EnclaveLink, _call_beside, _Worker
+from .peerwire import DEFAULT_CHUNK
 from .ring import RingRole, ShmRing
 from .transport import CHUNK_HEADER, FLAG_FINAL
 

@@ -1,6 +1,6 @@
 """Live migration of one enclave: pre-copy rounds while it runs, then a short freeze.
 
-The source driver, beside :class:`~.engine.OutgoingEnclave` (whose final
+The source driver, beside :class:`~.outgoing.OutgoingEnclave` (whose final
 transfer, commit and abort it reuses).  Two connections to the source enclave:
 
 * the **side channel** (``host.client.EnclaveClient.open_side_channel``) carries
@@ -33,18 +33,10 @@ from ..core.rounds import PAGE, StopRules
 from ..errors import DirtyTrackingUnavailableError, EnclaveLostError, MigrationError
 from ..host.client import EnclaveInfo
 from ..limits import DEFAULT_SLOTS
-from .engine import (
-    DEFAULT_CHUNK,
-    RING_TIMEOUT,
-    EnclaveLink,
-    OutgoingEnclave,
-    _call_beside,
-    _recv,
-    _send,
-    _slot_size,
-    _Worker,
-    dump_watched,
-)
+from .enclave_link import RING_TIMEOUT, EnclaveLink, _call_beside, _slot_size, _Worker
+from .outgoing import OutgoingEnclave
+from .outgoing_transfer import dump_watched
+from .peerwire import DEFAULT_CHUNK, _recv, _send
 from .ring import RingRole, ShmRing
 from .transport import ring_to_socket
 

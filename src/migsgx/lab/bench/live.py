@@ -51,8 +51,10 @@ from pathlib import Path
 from typing import Any
 
 from ...core.rounds import PAGE, StopRules
-from ...datapath.engine import DEFAULT_CHUNK, IncomingEnclave, OutgoingEnclave
+from ...datapath.incoming import IncomingEnclave
 from ...datapath.live import LiveOutgoingEnclave
+from ...datapath.outgoing import OutgoingEnclave
+from ...datapath.peerwire import DEFAULT_CHUNK
 from ...errors import ConfigError, MigSGXError
 from ...host.client import EnclaveClient
 from ..hosts import Deployment, running_services

@@ -20,7 +20,7 @@ and, in the same run:
   application).
 
 Both move about the same number of bytes.  Requires root (namespaces, CRIU).
-The command itself is ``migsgx bench process`` (:mod:`migsgx.cli_migrate`).
+The command itself is ``migsgx bench process`` (:mod:`migsgx.cli_lab`).
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ...datapath.engine import IncomingEnclave, OutgoingEnclave
+from ...datapath.incoming import IncomingEnclave
+from ...datapath.outgoing import OutgoingEnclave
 from ...datapath.ring import RingRole, RingSpec, ShmRing
 from ...datapath.transport import drain_ring, fill_ring, ring_to_socket, socket_to_ring, tune_socket
 from ...enclave.memory import EnclaveMemory
