@@ -101,3 +101,25 @@ def test_criu_held_by_a_tool_that_died_is_continued_by_its_guardian(
     finally:
         other.kill()
         other.wait()
+
+
+def test_the_guardian_waits_for_a_continued_criu_to_end_and_kills_one_that_does_not(
+    criu: subprocess.Popen[str],
+) -> None:
+    """A continued CRIU puts the container's freezer back as it found it when it lets go,
+    so the guardian thaws only after it ended: one that ends is waited for; one still
+    there after the wait is killed, and only while it is CRIU."""
+
+    from migsgx.agent.dumphold import wait_released
+
+    ending = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    assert wait_released([ending.pid], wait=30.0) == []
+    assert ending.wait(timeout=1) == 0  # (ended by itself, within the wait)
+    other = subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE)
+    try:
+        assert wait_released([criu.pid, other.pid], wait=0.2) == [criu.pid]
+        assert criu.wait(timeout=5) == -9
+        assert other.poll() is None  # not CRIU: never killed
+    finally:
+        other.kill()
+        other.wait()

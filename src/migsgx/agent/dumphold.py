@@ -17,7 +17,10 @@ A tool killed while it holds CRIU cannot continue it: the stopped CRIU keeps the
 container's tasks seized, its engine waits on it, and the container stays
 frozen for good.  So each held CRIU is noted to the tool's guardian
 (``criu-held PID START``), which continues it once the tool is gone
-(:func:`release_noted`) before it gives the source back.
+(:func:`release_noted`) before it gives the source back, and waits for it to
+end (:func:`wait_released`): a continued CRIU, its tool gone, fails its dump and
+puts the container's freezer back as it found it (frozen: the tool froze it
+first), so a thaw made before it ended would be undone.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from ..system.process import process_state, tree_pids
 from .faults import WAIT_LIMIT
 from .held import start_time
 
-__all__ = ["HELD_NOTE", "PAGES_WRITTEN", "MidDumpHold", "release_noted"]
+__all__ = [
+    "HELD_NOTE", "PAGES_WRITTEN", "RELEASE_WAIT", "MidDumpHold", "release_noted", "wait_released",
+]  # fmt: skip
 
 #: How much of a pages image the dump's CRIU has written when the damaged byte goes on.
 PAGES_WRITTEN: Final = 1 << 20
@@ -167,3 +172,31 @@ def release_noted(notes: list[str]) -> list[int]:
                 os.kill(pid, signal.SIGCONT)
                 continued.append(pid)
     return continued
+
+
+#: How long the guardian waits for a CRIU it continued to end before it kills it.
+RELEASE_WAIT: Final = 10.0
+
+
+def wait_released(pids: list[int], wait: float = RELEASE_WAIT) -> list[int]:
+    """Wait for each CRIU :func:`release_noted` continued to end; the pids killed.
+
+    Continued with its tool gone, CRIU fails its dump at once and lets go of the
+    tasks, restoring the cgroup freezer state it found (the tool froze the
+    container first): the source is thawed only after that, or the thaw is undone
+    (found by a run where the container stayed frozen for good).  One still there
+    after ``wait`` seconds is killed (still CRIU only: a dump it cannot finish, the
+    tool being dead; its tasks are released with it).
+    """
+
+    deadline = time.monotonic() + wait
+    for pid in pids:
+        while _proc.alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    killed = []
+    for pid in pids:
+        if _proc.alive(pid) and _proc.comm(pid) == "criu":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed

@@ -76,7 +76,7 @@ from ..containers.imagefs import sweep_leftovers
 from ..containers.podnet import unlock
 from ..errors import MigSGXError
 from .applink import AppLink
-from .dumphold import release_noted
+from .dumphold import release_noted, wait_released
 from .faults import fault
 from .handback import (
     RESUME_WAIT,
@@ -351,8 +351,13 @@ def _main(argv: list[str] | None, tool: int) -> int:
             notes.append(line.strip())
     # A tool killed while a fault hook held its engine's CRIU (SIGSTOP) left the
     # container's tasks seized by a stopped CRIU: continued first, whatever comes next.
-    for pid in release_noted(notes):
+    continued = release_noted(notes)
+    for pid in continued:
         _log(f"continued CRIU (pid {pid}), held by the tool when it died")
+    # It puts the container's freezer back as it found it (frozen) when it lets go:
+    # only then may the source be thawed.
+    for pid in wait_released(continued):
+        _log(f"killed CRIU (pid {pid}): it did not end once continued")
     if "done" in notes:
         return 0
     _leftovers(notes, tool)

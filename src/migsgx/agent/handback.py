@@ -196,3 +196,7 @@ def resume_source(
             for pid in fenced:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
+            for control in frozen:
+                # (again: a CRIU letting go of the tree puts back the freezer state it found)
+                with contextlib.suppress(MigSGXError, OSError):
+                    thaw_file(control)
