@@ -41,7 +41,8 @@ integration: setup
 	@$(PY) -m pytest tests/integration -q
 
 lint: setup
-	@$(VENV)/bin/ruff check src tests examples
+	@$(VENV)/bin/ruff check src tests examples benchmarks
+	@$(VENV)/bin/ruff format --check src tests examples benchmarks
 	@$(VENV)/bin/mypy
 
 clean:

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv
-"$VENV/bin/ruff" check src tests examples
+"$VENV/bin/ruff" check src tests examples benchmarks
+"$VENV/bin/ruff" format --check src tests examples benchmarks
 "$VENV/bin/mypy"
 # What an interrupted earlier run left (its hosts, container labs, daemons), if its
 # owner is gone; a live run's and everything else stay.

@@ -318,7 +318,10 @@ def shared_world() -> World:
                     root / "host-b", ca, host_id="b", allowed_signers=signers
                 ),
                 host_old_cpu=EmulatedPlatform.init(
-                    root / "host-old", ca, host_id="old", cpu_svn=bytes([1] * 16),
+                    root / "host-old",
+                    ca,
+                    host_id="old",
+                    cpu_svn=bytes([1] * 16),
                     allowed_signers=signers,
                 ),
                 author=author,

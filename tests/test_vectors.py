@@ -400,6 +400,8 @@ def check_appctl(case: dict[str, Any]) -> None:
     else:
         files = FMT.unplain(case["files"])
         assert _outcome(lambda: FMT.plain(check_image_files(files))) == case["expect"]
+
+
 def check_sgxext(case: dict[str, Any]) -> None:
     der = bytes.fromhex(case["der"])
     outcome = _outcome(lambda: PckExtension.from_der(der) is not None)
@@ -426,6 +428,7 @@ def check_decisions(case: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = CounterStore(Path(tmp) / "counters.cbor")
         for owner, mid, kind, group, expect in case["steps"]:
+
             def decide(owner: str = owner, mid: str = mid, kind: str = kind,
                        group: str = group) -> str:  # fmt: skip
                 who, tag = owner.encode() + bytes(34), bytes.fromhex(case["groups"][group])

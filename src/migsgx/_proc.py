@@ -229,10 +229,7 @@ def socket_inodes(pids: Iterable[int]) -> set[int]:
     """The inodes of every socket one of ``pids`` holds a descriptor of."""
 
     return {
-        int(link[8:-1])
-        for pid in pids
-        for _, link in fd_links(pid)
-        if link.startswith("socket:[")
+        int(link[8:-1]) for pid in pids for _, link in fd_links(pid) if link.startswith("socket:[")
     }
 
 

@@ -192,7 +192,10 @@ def platform_init(
 
     allowed = _signers(signers)
     p = EmulatedPlatform.init(
-        state, ProvisioningCA.load(ca_dir), host_id=host_id, tcb_level=tcb_level,
+        state,
+        ProvisioningCA.load(ca_dir),
+        host_id=host_id,
+        tcb_level=tcb_level,
         allowed_signers=allowed,
     )
     _emit({"state": str(state), "host_id": p.info.host_id,
@@ -386,7 +389,11 @@ def bench_state(
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     result = run(
-        nbytes, chunk_bytes, slots or DEFAULT_SLOTS, repeat=repeat, ab_prefault=ab_prefault,
+        nbytes,
+        chunk_bytes,
+        slots or DEFAULT_SLOTS,
+        repeat=repeat,
+        ab_prefault=ab_prefault,
         ab_policy=ab_policy or "",
     )
     if plot_path is not None:

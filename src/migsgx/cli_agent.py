@@ -137,7 +137,6 @@ def agent_serve(
             service.stop()
 
 
-
 def register(cli: click.Group) -> None:
     """Add the ``agent`` group to the ``migsgx`` group."""
 

@@ -279,7 +279,6 @@ def restore_command(directory: Path, netns: str | None, platform_socket: Path | 
     _emit({"pid": restore(directory, netns=netns, platform_socket=platform_socket)})
 
 
-
 def _post_copy_here(console: Any, driver: str) -> bool:
     """``--live``: post-copy the process's memory where the driver and this host can."""
 
@@ -343,4 +342,3 @@ def register(cli: click.Group) -> None:
     cli.add_command(recover_command)
     cli.add_command(checkpoint_command)
     cli.add_command(restore_command)
-

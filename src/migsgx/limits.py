@@ -62,4 +62,3 @@ def check_chunk_size(chunk_size: int, *, fits: int | None = None) -> bool:
 
     upper = MAX_CHUNK_SIZE if fits is None else min(MAX_CHUNK_SIZE, fits)
     return isinstance(chunk_size, int) and MIN_CHUNK_SIZE <= chunk_size <= upper
-

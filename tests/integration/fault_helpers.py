@@ -190,9 +190,7 @@ def only_copy(bed: Testbed, app: AppProcess, at: str, digest: str) -> None:
     end_copies(bed, app)
 
 
-def recover(
-    bed: Testbed, fault: str = "", timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
+def recover(bed: Testbed, fault: str = "", timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``migsgx recover --json`` on the source host (``MIGSGX_FAULT=fault`` if given)."""
 
     argv = [sys.executable, "-m", "migsgx", "recover",

@@ -68,7 +68,10 @@ CUT = (
     ids=["answered-1", "answered-2", "answered-3", "cut"],
 )  # fmt: skip
 def test_an_abort_the_dead_tool_held_is_asked_again_and_carried(
-    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]], cell: str,
+    bed: Testbed,
+    agent: AgentProcess,
+    figures: dict[str, dict[str, object]],
+    cell: str,
     fault: str,
 ) -> None:
     app, digest = loaded_app(bed)

@@ -78,7 +78,8 @@ def test_bench_state_repeats_and_reports_medians_spread_cpu_and_timelines(tmp_pa
             assert opened[1] <= commit[0]  # the destination loaded before the commit
             # What a slow first touch would show in: the drivers' faults, the kernel's counters.
             assert set(figures["minor_faults_by_process"]) == {
-                "source_driver", "destination_driver"
+                "source_driver",
+                "destination_driver",
             }
             assert figures["kernel_events"]["pgfault"] > 0
             # Sequential: both staging buffers faulted in before the freeze.

@@ -43,7 +43,6 @@ def restore_is_refused(world: World, launch: Launcher, directory: Path) -> None:
         assert wait_gone(pid), f"the refused restore left enclave {pid} running"
 
 
-
 def test_an_aborted_checkpoint_never_restores(
     world: World, launch: Launcher, pstore: str, name: str, tmp_path: Path
 ) -> None:

@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 LOOPBACK = "127.0.0.1"
 
-CANARY_SOURCE = '''
+CANARY_SOURCE = """
 from migsgx.enclave import Enclave, ecall
 
 
@@ -54,7 +54,7 @@ class Planted(Enclave):
     @ecall
     def noop(self):
         return None
-'''
+"""
 
 
 @dataclass

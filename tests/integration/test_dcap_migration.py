@@ -64,8 +64,20 @@ def host(world: World) -> Iterator[tuple[str, Path]]:
     state = world.root / f"host-{name}"
     ca = str(world.deployment.ca_dir)
     signer = mr_signer_of(load_author_key(world.deployment.author_key)).hex()
-    migsgx("platform", "init", "--state", str(state), "--ca", ca, "--host-id", name,
-           "--tcb-level", "1", "--allow-signer", signer)
+    migsgx(
+        "platform",
+        "init",
+        "--state",
+        str(state),
+        "--ca",
+        ca,
+        "--host-id",
+        name,
+        "--tcb-level",
+        "1",
+        "--allow-signer",
+        signer,
+    )
     world.services[name] = start_service(state)
     try:
         yield name, state

@@ -184,4 +184,3 @@ def test_second_source_enclave_killed_between_two_commits_is_lost_and_said(
     assert "no guardian holds them" in doubt["detail"], doubt
     assert bed.runnable_copies(app) == {"src": 0, "dst": 0}
     end_copies(bed, app)
-

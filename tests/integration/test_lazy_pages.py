@@ -178,7 +178,12 @@ def test_post_copy_keeps_every_acknowledged_write(
 ) -> None:
     move = Serving.start(criu, hosts, spawn, tmp_path, subnet=41, seed=1, count=200)
     src, dst, pid, port, writes, source = (
-        move.src, move.dst, move.pid, move.port, move.writes, move.source
+        move.src,
+        move.dst,
+        move.pid,
+        move.port,
+        move.writes,
+        move.source,
     )
     post = move.restore(criu)
     try:

@@ -105,7 +105,6 @@ def test_lock_waits_for_accepted_connections_and_drops_new_ones(
         listener.wait(10)
 
 
-
 def test_listener_gate_of_a_container_sharing_its_hosts_network(
     require_root: None, _stale_namespaces_removed: None
 ) -> None:

@@ -44,6 +44,7 @@ from migsgx.lab.hosts import start_service  # noqa: E402
 pytest_plugins = ["state_helpers", "pstore_image"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
+
 def reserved_on(world: World, host: str, name: str) -> bool:
     """Host ``host`` holds ``name`` only as a reservation for an arriving migration."""
 

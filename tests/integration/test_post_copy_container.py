@@ -209,8 +209,9 @@ def test_recover_gives_the_container_back_with_its_address(
                               and app.name.encode() in argv)  # fmt: skip
 
         def guardians(parent: int) -> list[int]:
-            return _processes(lambda argv, ppid: ppid == parent
-                              and b"migsgx.agent.guardian" in argv)
+            return _processes(
+                lambda argv, ppid: ppid == parent and b"migsgx.agent.guardian" in argv
+            )
 
         wait_until(lambda: bool(lab.root_pid(app, "dst")), 60, "the destination to restore")
         wait_until(lambda: '"phase": "aborted"' in "".join(

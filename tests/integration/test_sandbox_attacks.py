@@ -262,9 +262,7 @@ def test_it_sees_nothing_of_the_host(
     host_file = tmp_path / "readable-by-all"
     host_file.write_bytes(b"host state")
     host_file.chmod(0o644)
-    assert hostile.ecall.listing("/proc") == sorted(
-        [str(hostile.info.pid), "self", "thread-self"]
-    )
+    assert hostile.ecall.listing("/proc") == sorted([str(hostile.info.pid), "self", "thread-self"])
     root = hostile.ecall.listing("/")
     # The sandbox binds Python, the venv and the package read-only; a checkout that
     # lives under /tmp (or /home, /var) brings that top-level name along, nothing else.

@@ -127,9 +127,7 @@ def _check_source_kept(lab: ContainerLab, app: ContainerApp, conn: socket.socket
     assert not dst_pod.exists()  # the destination gave the address up again
 
 
-def test_restore_failing_leaves_the_source_at_its_address(
-    bed: Testbed, lab: ContainerLab
-) -> None:
+def test_restore_failing_leaves_the_source_at_its_address(bed: Testbed, lab: ContainerLab) -> None:
     failing = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-restore:corrupt"})
     app = lab.start_app("runc", "kvstore", own_address=True)
     conn = lab.connect(app, via="dst")
@@ -161,9 +159,7 @@ def test_tool_dying_before_the_commit_point_unlocks_the_source(
     lab.remove(app)
 
 
-def test_a_destination_takes_no_address_it_was_not_given(
-    bed: Testbed, lab: ContainerLab
-) -> None:
+def test_a_destination_takes_no_address_it_was_not_given(bed: Testbed, lab: ContainerLab) -> None:
     """An agent without the address in its pod_addresses refuses at ``begin``."""
 
     narrow = replace(lab.settings["dst"], pod_addresses=())

@@ -42,9 +42,7 @@ def test_pipelined_stages_are_whole_processes() -> None:
 
 
 def test_sequential_stages_split_the_drivers_by_phase() -> None:
-    assert stage_cpu(SEQUENTIAL) == pytest.approx(
-        {"dump": 0.55, "transfer": 0.8, "load": 0.95}
-    )
+    assert stage_cpu(SEQUENTIAL) == pytest.approx({"dump": 0.55, "transfer": 0.8, "load": 0.95})
 
 
 def test_bound_is_total_over_cores_when_no_process_dominates() -> None:

@@ -83,9 +83,7 @@ def test_a_record_of_another_user_kills_nothing(
     assert stopped.poll() is None
 
 
-def test_a_link_to_a_record_kills_nothing(
-    tmp_path: Path, stopped: subprocess.Popen[bytes]
-) -> None:
+def test_a_link_to_a_record_kills_nothing(tmp_path: Path, stopped: subprocess.Popen[bytes]) -> None:
     elsewhere = tmp_path / "elsewhere.json"
     elsewhere.write_bytes(_record(stopped))
     checkpoint = tmp_path / "ckpt"

@@ -108,10 +108,14 @@ def test_migrate_live_progress_line_gives_the_estimate_with_the_digest_check() -
 
 
 def test_settle_ab_pairs_each_run_with_the_one_right_after() -> None:
-    settled = [{"downtime_seconds": 0.02, "final_pages": 100, "rounds": 5, "bytes_sent": 10},
-               {"downtime_seconds": 0.04, "final_pages": 200, "rounds": 4, "bytes_sent": 10}]
-    unsettled = [{"downtime_seconds": 0.03, "final_pages": 300, "rounds": 2, "bytes_sent": 8},
-                 {"downtime_seconds": 0.04, "final_pages": None, "rounds": 2, "bytes_sent": 8}]
+    settled = [
+        {"downtime_seconds": 0.02, "final_pages": 100, "rounds": 5, "bytes_sent": 10},
+        {"downtime_seconds": 0.04, "final_pages": 200, "rounds": 4, "bytes_sent": 10},
+    ]
+    unsettled = [
+        {"downtime_seconds": 0.03, "final_pages": 300, "rounds": 2, "bytes_sent": 8},
+        {"downtime_seconds": 0.04, "final_pages": None, "rounds": 2, "bytes_sent": 8},
+    ]
     ab = live_figures.paired(settled, unsettled)
     assert ab["downtime_seconds_unsettled_over_settled"] == {"median": 1.25, "min": 1.0, "max": 1.5}
     # The pair without a count is left out.

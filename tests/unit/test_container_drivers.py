@@ -412,7 +412,13 @@ def test_containerd_settings_round_trip(tmp_path: Path) -> None:
     assert again == settings
     ctr = Ctr(again, Path("/opt/criu/bin/criu"))
     assert ctr.argv("tasks", "list") == [
-        "ctr", "--address", "/run/x/containerd.sock", "--namespace", "migsgx", "tasks", "list"
+        "ctr",
+        "--address",
+        "/run/x/containerd.sock",
+        "--namespace",
+        "migsgx",
+        "tasks",
+        "list",
     ]
     assert ctr.runc_root == Path("/run/containerd/runc/migsgx")
     assert ctr.env["PATH"].startswith("/opt/criu/bin:")

@@ -17,7 +17,6 @@ KEY = bytes(range(32))
 MID = b"m" * 16
 
 
-
 def _rand(seed: int):  # type: ignore[no-untyped-def]
     return lambda n: bytes([seed]) * n
 

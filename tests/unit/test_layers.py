@@ -125,9 +125,7 @@ def room_of(module: str) -> int:
 
 def _room_name(module: str) -> str:
     level = room_of(module)
-    return max(
-        (r for r in LAYERS[level] if module == r or module.startswith(r + ".")), key=len
-    )
+    return max((r for r in LAYERS[level] if module == r or module.startswith(r + ".")), key=len)
 
 
 def test_every_module_has_a_room() -> None:

@@ -23,4 +23,3 @@ def test_a_plain_image_name_passes() -> None:
 def test_container_names_with_newlines_are_refused(name: str) -> None:
     with pytest.raises(MigSGXError):
         check_name(name)
-

@@ -94,8 +94,11 @@ def _free_port_below_ephemeral() -> int:
 
 def test_a_free_port_passes_and_stays_free() -> None:
     free = _free_port_below_ephemeral()
-    wanted = [Listener("tcp", "0.0.0.0", free), Listener("udp", "0.0.0.0", free),
-              Listener("tcp", "192.0.2.7", free)]  # fmt: skip  (an address not here: freebind)
+    wanted = [
+        Listener("tcp", "0.0.0.0", free),
+        Listener("udp", "0.0.0.0", free),
+        Listener("tcp", "192.0.2.7", free),
+    ]  # fmt: skip  (an address not here: freebind)
     check_bindable(wanted)
     check_bindable(wanted)  # nothing was kept bound
     with socket.socket() as again:

@@ -156,9 +156,7 @@ class Pair:
         if "repair" not in figures:
             return {"final": figures}
         segments = ask(figures["repair"])
-        again = self.move(
-            lambda s: repair_dump(s, segments, CHUNK), lambda d: repair_load(d, KEY)
-        )
+        again = self.move(lambda s: repair_dump(s, segments, CHUNK), lambda d: repair_load(d, KEY))
         return {"final": figures, "repair": again}
 
     def same(self) -> bool:

@@ -344,9 +344,7 @@ def test_a_journal_with_a_bad_undo_list_is_refused(state: Path) -> None:
         Journal.load(journal.path)
 
 
-def test_commit_and_abort_mixed_are_left_to_an_operator(
-    state: Path, agent: Agent
-) -> None:
+def test_commit_and_abort_mixed_are_left_to_an_operator(state: Path, agent: Agent) -> None:
     """Only where an abort was recorded outside the group rule (an older record, or a
     store that could not be reached then): neither way is whole."""
 
@@ -608,9 +606,7 @@ def test_undecided_enclaves_of_a_committed_migration_are_rolled_forward(
         source.wait()
 
 
-def test_a_roll_forward_that_cannot_commit_yet_stays_in_doubt(
-    state: Path, agent: Agent
-) -> None:
+def test_a_roll_forward_that_cannot_commit_yet_stays_in_doubt(state: Path, agent: Agent) -> None:
     """The source platform service is gone: the undecided enclave cannot commit yet;
     nothing is delivered and nothing aborts (the guardian tries again)."""
 

@@ -115,7 +115,5 @@ def test_an_owner_cannot_blindly_overwrite_or_delete_a_record(store: CounterStor
             store.record_update(VICTIM, "state", update)
         assert isinstance(err.value, RecordConflictError) or "exists" in str(err.value)
         assert store.record_read(VICTIM, "state") == b"v1"
-    store.record_update(
-        VICTIM, "state", RecordUpdate(b"v2", expect=hashlib.sha256(b"v1").digest())
-    )
+    store.record_update(VICTIM, "state", RecordUpdate(b"v2", expect=hashlib.sha256(b"v1").digest()))
     assert store.record_read(VICTIM, "state") == b"v2"

@@ -639,29 +639,45 @@ def decision_cases() -> list[dict[str, Any]]:
     cases: list[dict[str, Any]] = [
         {
             "name": "first-commit-binds-the-group",
-            "steps": [["a", "1", "commit", "g", "commit"], ["b", "2", "abort", "g", refused],
-                      ["b", "2", "commit", "g", "commit"], ["c", "3", "abort", "-", "abort"],
-                      ["c", "4", "abort", "o", "abort"]],
+            "steps": [
+                ["a", "1", "commit", "g", "commit"],
+                ["b", "2", "abort", "g", refused],
+                ["b", "2", "commit", "g", "commit"],
+                ["c", "3", "abort", "-", "abort"],
+                ["c", "4", "abort", "o", "abort"],
+            ],
             "recorded": {"1": "commit", "2": "commit", "3": "abort", "4": "abort"},
         },
         {
             "name": "first-abort-binds-the-group",
-            "steps": [["a", "5", "abort", "g", "abort"], ["b", "6", "commit", "g", refused],
-                      ["b", "6", "abort", "g", "abort"]],
+            "steps": [
+                ["a", "5", "abort", "g", "abort"],
+                ["b", "6", "commit", "g", refused],
+                ["b", "6", "abort", "g", "abort"],
+            ],
             "recorded": {"5": "abort", "6": "abort"},
         },
         {
             "name": "a-held-decision-comes-back-before-the-group-rule",
-            "steps": [["a", "7", "commit", "g", "commit"], ["a", "7", "abort", "g", "commit"],
-                      ["b", "8", "commit", "g", "commit"]],
+            "steps": [
+                ["a", "7", "commit", "g", "commit"],
+                ["a", "7", "abort", "g", "commit"],
+                ["b", "8", "commit", "g", "commit"],
+            ],
             "recorded": {"7": "commit", "8": "commit"},
         },
         {
             "name": "a-checkpoint-group-binds-while-a-gate-is-tagged",
-            "steps": [["a", "x", "gate", "g", "ok"], ["a", "y", "gate", "g", "ok"],
-                      ["a", "x", "commit", "g", "commit"], ["a", "y", "abort", "g", refused],
-                      ["a", "y", "commit", "g", "commit"], ["a", "x", "ungate", "-", "ok"],
-                      ["a", "y", "ungate", "-", "ok"], ["b", "z", "abort", "o", "abort"]],
+            "steps": [
+                ["a", "x", "gate", "g", "ok"],
+                ["a", "y", "gate", "g", "ok"],
+                ["a", "x", "commit", "g", "commit"],
+                ["a", "y", "abort", "g", refused],
+                ["a", "y", "commit", "g", "commit"],
+                ["a", "x", "ungate", "-", "ok"],
+                ["a", "y", "ungate", "-", "ok"],
+                ["b", "z", "abort", "o", "abort"],
+            ],
             "recorded": {"x": None, "y": None, "z": "abort"},
         },
         {

@@ -556,8 +556,13 @@ def agent_cases() -> list[dict[str, Any]]:
     window = {"t": "window", "seconds": 1.5}
     # Checked before the source freezes (agent-control.md, section 4): a process tree's
     # listening ports, a container's OCI specification.
-    begin_ports = {**begin, "ports": [{"proto": "tcp", "address": "0.0.0.0", "port": 7001},
-                                      {"proto": "udp", "address": "::", "port": 7002}]}
+    begin_ports = {
+        **begin,
+        "ports": [
+            {"proto": "tcp", "address": "0.0.0.0", "port": 7001},
+            {"proto": "udp", "address": "::", "port": 7002},
+        ],
+    }
     begin_spec = {**begin_runc, "spec": {"ociVersion": "1.0.2", "process": {"args": ["app"]}}}
     named = {id(begin_runc): "-runc", id(begin_lazy): "-post-copy", id(restore_lazy): "-lazy",
              id(begin_ports): "-ports", id(begin_spec): "-spec"}  # fmt: skip

@@ -162,8 +162,10 @@ def release_noted(notes: list[str]) -> list[int]:
     for note in notes:
         parts = note.split()
         numbers = parts[1:]
-        if len(parts) != 3 or parts[0] != HELD_NOTE or not all(
-            p.isascii() and p.isdigit() for p in numbers
+        if (
+            len(parts) != 3
+            or parts[0] != HELD_NOTE
+            or not all(p.isascii() and p.isdigit() for p in numbers)
         ):
             continue
         pid, start = int(parts[1]), int(parts[2])

@@ -174,7 +174,6 @@ CONTROL = Schema(
 )
 
 
-
 class SessionState(enum.Enum):
     NEW = "new"
     GREETED = "greeted"
@@ -243,9 +242,7 @@ def plain_stats(stats: Mapping[str, object]) -> dict[str, int | float | str | bo
     figures; nested maps (the peer's own figures) stay out.
     """
 
-    return {
-        k: v for k, v in stats.items() if v is None or isinstance(v, int | float | str | bool)
-    }
+    return {k: v for k, v in stats.items() if v is None or isinstance(v, int | float | str | bool)}
 
 
 # CRIU names its images like ``core-1.img``, ``pagemap-1.img``, ``stats-dump``.

@@ -112,6 +112,7 @@ CONTROL_SCHEMA: Final = Schema(
     },
 )
 
+
 # --- sealed control frames -------------------------------------------------------------
 def _aad(direction: str, migration_id: bytes, transcript_hash: bytes) -> bytes:
     return (

@@ -65,8 +65,13 @@ SCHEMA: Final = Schema(
     "migsgx.peer",
     {
         # memory_hint (optional): the source enclave's memory in use at the offer.
-        "offer": {"files": dict, "chunk_size": int, "slots": int, "mode": str,
-                  "memory_hint": (int, type(None))},
+        "offer": {
+            "files": dict,
+            "chunk_size": int,
+            "slots": int,
+            "mode": str,
+            "memory_hint": (int, type(None)),
+        },
         "accept": {"pid": int},
         "hs": {"data": bytes},
         "loaded": {"frame": bytes, "stats": dict},

@@ -57,6 +57,7 @@ log = logging.getLogger("migsgx.criu")
 #: How often the page-stream watch looks for CRIU's page connection.
 PAGE_STREAM_POLL = 0.02
 
+
 class DumpCancel:
     """A one-shot cancel for one dump, triggered from any thread."""
 

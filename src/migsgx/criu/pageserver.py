@@ -74,7 +74,6 @@ class PageServer:
                 f"criu page-server did not finish within {timeout} s", action="page-server"
             ) from exc
         if code != 0:
-
             raise CriuError(
                 f"criu page-server failed with status {code}: {log_excerpt(self.log)}",
                 action="page-server",

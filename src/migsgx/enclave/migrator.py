@@ -108,8 +108,6 @@ _CALLS: dict[str, Any] = {
 RUNTIME_CALLS = frozenset(_CALLS) | {"__mig_ring", "__mig_side", "__mig_hold", "__mig_unhold"}
 #: What a committed source still answers: its token again, its release, and the
 #: start of a re-delivery of its state (``docs/spec/commit.md``, section 2.1).
-_AFTER_COMMIT = frozenset(
-    {"__mig_status", "__mig_token", "__mig_release", "__mig_redeliver_start"}
-)
+_AFTER_COMMIT = frozenset({"__mig_status", "__mig_token", "__mig_release", "__mig_redeliver_start"})
 #: What a committed source answers while it re-delivers its state.
 _REDELIVERY = frozenset({"__mig_hs", "__mig_dump", "__mig_loaded", "__mig_commit"})

@@ -147,9 +147,7 @@ class _DestinationSide(_Rounds):
             if self.keys is not None
             else (self.checkpoint.checkpoint_id if self.checkpoint is not None else b"")
         )
-        self._pending_persistent = self.persistent.prepare_import(
-            bytes(persistent_buf), arrival
-        )
+        self._pending_persistent = self.persistent.prepare_import(bytes(persistent_buf), arrival)
         # A live migration confirms to the source; a checkpoint restore has no peer.
         loaded = dc.loaded() if dc is not None else b""
         t_end = time.monotonic()

@@ -255,9 +255,7 @@ class PersistentState(_PersistentOps):
 
         if pending is None:
             if also or claim is not None:
-                self._transaction(
-                    list(also), "the arrival could not be claimed here", claim=claim
-                )
+                self._transaction(list(also), "the arrival could not be claimed here", claim=claim)
             return
         with self._lock:
             if self._name is not None:

@@ -45,6 +45,7 @@ class Storm(Protocol):
 
     def expected_digest(self) -> str: ...
 
+
 __all__ = ["Client", "Verdict", "enclave_pids", "heal", "leftovers", "restart_dead"]
 
 _GONE: Final = ("Z", "X", "")

@@ -100,9 +100,7 @@ class EmulatedPlatform:
                 collateral=_paths(meta.get("collateral", [])),
             )
             self._deriver = KeyDeriver(root, self.info.cpu_svn)
-            self.allowed_signers = frozenset(
-                _signer(s) for s in meta.get("allowed_signers", [])
-            )
+            self.allowed_signers = frozenset(_signer(s) for s in meta.get("allowed_signers", []))
         except (KeyError, TypeError, ValueError) as exc:
             raise StateDirError(f"platform state in {self.state_dir} is corrupt: {exc!r}") from exc
         self._att, self._pck = att, pck

@@ -93,9 +93,9 @@ def _migsgx(
     if stats.get("post_copy_window") is not None:
         figures["post_copy_window_seconds"] = float(stats["post_copy_window"])
     # What the page cache held around each of the tool's phases (absolute spans).
-    figures["memory_watch"] = watch.figures((stats.get("timeline") or {}).get("spans", {}).get(
-        "tool"
-    ))
+    figures["memory_watch"] = watch.figures(
+        (stats.get("timeline") or {}).get("spans", {}).get("tool")
+    )
     figures["images_fs"] = str(stats["details"].get("destination_images_fs", ""))
     cpu = {"tool": tool_cpu, "agent": agent_cpu, **enclave_cpu(stats)}  # tool, agent: with CRIU
     details = stats["details"]
@@ -239,8 +239,7 @@ def one_run(
             prefault_total_speedup=migsgx["total_seconds"] / faulted["total_seconds"],
             prefault_downtime_speedup=migsgx["downtime_seconds"] / faulted["downtime_seconds"],
             prefault_cpu_ratio=(
-                sum(migsgx["cpu_by_process"].values())
-                / sum(faulted["cpu_by_process"].values())
+                sum(migsgx["cpu_by_process"].values()) / sum(faulted["cpu_by_process"].values())
             ),
         )
     plain = criu_only(bed, 2 * size)
