@@ -383,7 +383,12 @@ def _main(argv: list[str] | None, tool: int) -> int:
     locked = [n.partition(" ")[2] for n in notes if n.startswith("netup ")]
     journals = [n.partition(" ")[2] for n in notes if n.startswith("journal ")]
     if "resume-sent" in notes:
-        _log("the tool died after the commit point: the source stays stopped")
+        # No enclaves: the destination's resume is the commit point, and the tool may
+        # have died before its resume went (or reached the destination).  Its answer
+        # decides: the source goes, or runs again (``migsgx recover``'s logic).
+        _log("the tool died after it began the resume: the destination decides")
+        for path in journals:
+            _recover(Path(path))
         return 0
     # Either way the decisions are recorded now: they are carried to the
     # destination (``migsgx recover``'s logic), so that its loaded copy runs or
@@ -420,9 +425,28 @@ def _main(argv: list[str] | None, tool: int) -> int:
         return resume_source(args.app_pid, args.app_name, socks, fenced, frozen, _log)
     finally:
         for path in journals:
+            _no_resume_went(Path(path))
             _recover(Path(path))
         if args.checkpoint:
             _resolve_checkpoint(Path(args.checkpoint), aborted=True)
+
+
+def _no_resume_went(path: Path) -> None:
+    """A tree without enclaves whose tool died before it began the resume: ``aborted``.
+
+    Its destination discards the held tree without the tool, and no resume can
+    come any more: the source is the copy (``recover`` then gives it back, as
+    this guardian did, without asking the destination, which may be down).
+    """
+
+    from .journal import Journal  # lazy: the guardian starts fast and imports little
+
+    try:
+        journal = Journal.load(path)
+        if not journal.enclave_mids and journal.phase in ("loaded", "fenced", "committed"):
+            journal.update(phase="aborted")
+    except (MigSGXError, OSError, ValueError) as exc:
+        _log(f"cannot mark {path.name} aborted: {exc}")
 
 
 def _aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: str = "") -> bool:

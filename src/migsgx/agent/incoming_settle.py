@@ -25,6 +25,7 @@ from .held import remove as remove_record
 from .incoming_data import _Enclave, _SessionState, _shutdown
 from .protocol import AgentError, SessionState
 from .reservations import release_reservations
+from .resumed import mark_resumed
 
 __all__: list[str] = []
 
@@ -306,6 +307,10 @@ class _SessionDecisions(_SessionState):
                 cause = enclave.commit_error
                 raise AgentError(f"enclave {enclave.index}: no commit: {cause}") from cause
         self.no_return = True
+        if not self.enclaves and self.session_id:
+            # The commit point of a tree without enclaves: written before it runs, so
+            # that a source host whose tool died learns it (``migsgx recover``).
+            mark_resumed(self.config.work_dir, self.session_id)
         if self.restored is not None and self.restored.before_resume is not None:
             self.restored.before_resume()
         if self.window is not None:

@@ -10,7 +10,7 @@ a checkpoint's gate), so that a COMMIT never exists without them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import cbor2
 
@@ -18,6 +18,10 @@ from .._fs import write_private
 from ..errors import CounterError, GroupDecidedError, StoreFullError
 from .record_store import _RecordStore
 from .store_types import Decision, RecordUpdate
+
+#: The store's file in a host's state directory (here, not in :mod:`.platform`: a
+#: reader of decisions, ``migsgx recover``, need not load the platform).
+COUNTERS: Final = "counters.cbor"
 
 # Quotas (see :mod:`migsgx.sgx.record_store`): a full store refuses, never evicts.
 MAX_DECISIONS_PER_OWNER = 4096
