@@ -232,6 +232,54 @@ def test_process_without_enclaves_tool_killed_guardian_decides(
         end_copies(bed, app)
 
 
+#: Post-copy: the fence comes before the restore (CRIU serves the pages from the dump on).
+POST_COPY_CELLS = [
+    ("fenced, pages served, no restore asked", f"tool.before-restore:{KILL}", "", "src"),
+    ("restore held, fenced", "", "agent.after-restore", "src"),
+    ("resume begun, not sent", f"tool.after-commit:{KILL}", "", "src"),
+    ("resume arrived, tree not resumed", "", "agent.before-resume", "dst"),
+]
+
+
+@pytest.mark.parametrize(
+    "cell, tool_fault, agent_point, expect", POST_COPY_CELLS,
+    ids=["before-restore", "after-restore", "after-commit", "before-resume"],
+)  # fmt: skip
+def test_post_copy_process_without_enclaves(
+    bed: Testbed, figures: dict[str, dict[str, object]], tmp_path: Path,
+    cell: str, tool_fault: str, agent_point: str, expect: str,
+) -> None:  # fmt: skip
+    app = kvstore(bed, "--enclaves", "0")
+    assert ask(bed, app, "src", "NOTE n 1") == "OK"
+    notes = _notes(ask(bed, app, "src", "STATE"))
+    agent = None
+    try:
+        run, agent, killed = _run_with_kill(
+            bed, lambda a, env: bed.migrate(app.pid, a, args=["--post-copy"], env=env),
+            tool_fault, agent_point, tmp_path,
+        )  # fmt: skip
+        _killed(run)
+        mid, journal = _journal(bed, run)
+        assert journal["phase"] == "fenced", journal
+        said = _recover_once(bed, mid, expect)
+        other = "src" if expect == "dst" else "dst"
+        wait_until(lambda: bed.copies(app)[other] == [], 30, f"no copy left on {other}")
+        wait_until(lambda: bed.runnable_copies(app)[expect] >= 1, 30, f"{expect} to run")
+        assert all(s not in ("T", "t") for _, s in bed.copies(app)[expect])
+        assert _notes(ask(bed, app, expect, "STATE")) == notes
+        assert ask(bed, app, expect, "NOTE later 2") == "OK"
+        back = time.monotonic() - killed
+        _nothing_in_doubt(bed, mid)
+        figures[f"post-copy, no enclave: {cell} x kill -9 tool + guardian (process)"] = {
+            "outcome": "moved" if expect == "dst" else "stayed", "exit": run.returncode,
+            "recover": said, "seconds_to_one_copy": round(back, 3),
+        }  # fmt: skip
+    finally:
+        if agent is not None:
+            agent.stop()
+        end_copies(bed, app)
+
+
 def test_destination_unreachable_is_in_doubt_until_it_answers(
     bed: Testbed, figures: dict[str, dict[str, object]]
 ) -> None:
