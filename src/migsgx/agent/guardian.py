@@ -10,8 +10,10 @@ NETNS`` before a container that owns its address is cut off the network,
 ``ungate NETNS PORT,...`` before new connections to a container's listeners
 are dropped, ``fence PID...`` once the source tree got its SIGSTOP, ``criu
 PID...`` for post-copy's lazy dump (which holds the tree while it serves
-pages), ``resume-sent`` once a tree
-without enclaves passed its commit point, ``enclave INDEX DESCRIPTION`` for each
+pages), ``resume-sent`` right before a tree
+without enclaves is resumed (its commit point is the destination's resume: a
+guardian whose tool died after this note asks the destination, as ``migsgx
+recover`` does), ``enclave INDEX DESCRIPTION`` for each
 enclave connection (its info and image files, for delivering its state again),
 ``scratch DIR`` for the tool's own images directory (removed as soon as the
 pipe ends without ``done``: :mod:`.dumpdirs`), ``done`` when the migration ended

@@ -18,6 +18,11 @@ agents' mutual-TLS channel (``deliver``):
   (the guardian hands the enclave connections back);
 * no decision yet: nothing is done (the migration is under way, or its source
   enclaves are gone and so is the state: reported);
+* no enclaves at all, past the fence: no source enclave decides; the
+  destination's resume is the commit point, so its agent is asked (it records
+  that it resumed before the tree runs, :mod:`.resumed`): resumed, and the
+  fenced source goes; never resumed, and the source is given back; no answer,
+  and the source stays stopped, in doubt (``docs/spec/commit.md`` 4.3);
 * some enclaves decided COMMIT, others nothing yet (the tool died between two
   commits): the first COMMIT is the commit point of the whole migration, so the
   rest commit too (rolled forward: ``__mig_commit`` on the connections the
