@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import re
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ from .._fs import read_private, write_private
 from ..errors import (
     ClaimedBeforeError,
     CounterError,
+    MigrationRefusedError,
     RecordConflictError,
     StoreFullError,
 )
@@ -95,6 +97,30 @@ def _entries_sound(
     )
 
 
+def _refusals_sound(refusals: object) -> bool:
+    """The refused ids: ``{hex(mid): {"owner": bstr, "at": float}}``, 16-byte ids only."""
+
+    if not isinstance(refusals, dict):
+        return False
+    for key, entry in refusals.items():
+        if not isinstance(key, str) or len(key) != 32 or not isinstance(entry, dict):
+            return False
+        try:
+            bytes.fromhex(key)
+        except ValueError:
+            return False
+        if not isinstance(entry.get("owner"), bytes):
+            return False
+    return True
+
+
+def _quota_keys(data: dict[str, Any]) -> list[bytes]:
+    """Claims and refusals as one list of ``owner/mid`` keys: they share the claim quotas."""
+
+    refused = [bytes(e["owner"]) + b"/" + bytes.fromhex(k) for k, e in data["refusals"].items()]
+    return [*data["claims"], *refused]
+
+
 def _record_key(owner: bytes, name: str) -> str:
     if not isinstance(name, str) or not (
         RECORD_NAME.fullmatch(name) or RUNTIME_RECORD_NAME.fullmatch(name)
@@ -110,7 +136,14 @@ class _RecordStore:
         self._path = Path(path)
         self._lock = threading.Lock()
         self._lock_path = self._path.with_name(self._path.name + ".lock")
-        empty = {"v": 1, "counters": {}, "records": {}, "decisions": {}, "claims": []}
+        empty = {
+            "v": 1,
+            "counters": {},
+            "records": {},
+            "decisions": {},
+            "claims": [],
+            "refusals": {},
+        }
         _create_once(self._path, _FileLock(self._lock, self._lock_path), cbor2.dumps(empty))
 
     def _load_all(self) -> dict[str, Any]:
@@ -122,10 +155,12 @@ class _RecordStore:
         records = data.get("records", {}) if isinstance(data, dict) else None
         decisions = data.get("decisions", {}) if isinstance(data, dict) else None
         claims = data.get("claims", []) if isinstance(data, dict) else None
+        refusals = data.get("refusals", {}) if isinstance(data, dict) else None
         if (
             not isinstance(counters, dict)
             or not isinstance(records, dict)
             or not isinstance(claims, list)
+            or not _refusals_sound(refusals)
         ):
             raise CounterError(f"counter store {self._path} is corrupt")
         if not isinstance(decisions, dict) or not _entries_sound(
@@ -138,6 +173,7 @@ class _RecordStore:
             "records": records,
             "decisions": decisions,
             "claims": claims,
+            "refusals": refusals,
         }
 
     def _load(self) -> dict[str, dict[str, Any]]:
@@ -275,10 +311,48 @@ class _RecordStore:
     def _claim_in(self, data: dict[str, Any], owner: bytes, mid: bytes) -> None:
         claims: list[bytes] = data["claims"]
         claim_key = owner + b"/" + mid
+        if mid.hex() in data["refusals"]:
+            raise MigrationRefusedError("this migration id was refused for good on this host")
         if claim_key in claims or self._claimed_before(owner, mid):
             raise ClaimedBeforeError("this migration id was claimed before on this host")
-        _admit_claim(claims, owner)
+        _admit_claim(_quota_keys(data), owner)
         claims.append(claim_key)
+
+    def refuse(self, owner: bytes, mid: bytes) -> bool:
+        """Refuse ``mid`` here for good, unless some enclave claimed it; False if refused before.
+
+        The destination's half of the way back from a COMMIT it never acted on
+        (``docs/spec/commit.md``, section 2.2): once this returned, no claim of
+        ``mid`` succeeds on this host, by any owner, ever, so the committed
+        source may run again on an attested proof of it.  A claim by any owner
+        (this store's or the former claim store's) makes the refusal fail with
+        :class:`ClaimedBeforeError` and changes nothing: that copy may run.  A
+        refusal counts against ``owner``'s claim quota and the host's.  One
+        atomic write, as a claim is.
+        """
+
+        if not isinstance(mid, bytes | bytearray) or len(mid) != 16:
+            raise CounterError("a migration id has 16 bytes")
+        mid = bytes(mid)
+        tail = b"/" + mid
+        with self._locked():
+            data = self._load_all()
+            if any(bytes(c).endswith(tail) for c in data["claims"]) or self._legacy_claimed(mid):
+                raise ClaimedBeforeError(
+                    "this migration id was claimed on this host: it cannot be refused"
+                )
+            if mid.hex() in data["refusals"]:
+                return False
+            _admit_claim(_quota_keys(data), owner)
+            data["refusals"][mid.hex()] = {"owner": owner, "at": time.time()}
+            write_private(self._path, cbor2.dumps(data))
+            return True
+
+    def refused(self, mid: bytes) -> bool:
+        """Whether ``mid`` was refused for good on this host (by any owner)."""
+
+        with self._locked():
+            return bytes(mid).hex() in self._load_all()["refusals"]
 
     def claim(self, owner: bytes, mid: bytes) -> bool:
         """Record ``mid`` for ``owner``; False if it was recorded before."""
@@ -302,6 +376,9 @@ class _RecordStore:
             claims = self._load_all()["claims"]
         if any(bytes(c).endswith(tail) for c in claims):
             return True
+        return self._legacy_claimed(mid)
+
+    def _legacy_claimed(self, mid: bytes) -> bool:
         legacy = self._path.with_name(LEGACY_CLAIMS)
         return legacy.exists() and ClaimStore(legacy).claimed_by_any(mid)
 
