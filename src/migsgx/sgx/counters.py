@@ -9,6 +9,7 @@ a checkpoint's gate), so that a COMMIT never exists without them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,11 +18,22 @@ import cbor2
 from .._fs import write_private
 from ..errors import CounterError, GroupDecidedError, StoreFullError
 from .record_store import _RecordStore
-from .store_types import Decision, RecordUpdate
+from .store_types import DECISION_KINDS, Decision, RecordUpdate
 
 # Quotas (see :mod:`migsgx.sgx.record_store`): a full store refuses, never evicts.
 MAX_DECISIONS_PER_OWNER = 4096
 MAX_DECISIONS_TOTAL = 65536
+
+
+def _as_decided(entry: dict[str, Any]) -> object:
+    """The kind a recorded decision counts as in its group: a revoked one committed.
+
+    Its siblings committed with it, and each is undone only by its own
+    destination's refusal; so a revocation never lets a sibling abort.
+    """
+
+    kind = entry.get("kind")
+    return "commit" if kind == "revoked" else kind
 
 
 def _mid_of(key: object) -> bytes:
@@ -66,6 +78,8 @@ class CounterStore(_RecordStore):
         no record and are never dropped.
         """
 
+        if decision.kind not in DECISION_KINDS:
+            raise CounterError("a revocation is no decision: only a commit is revoked")
         keys = self._check_changes(owner, retire)
         key = decision.migration_id.hex()
         with self._locked():
@@ -86,7 +100,7 @@ class CounterStore(_RecordStore):
             if mine >= MAX_DECISIONS_PER_OWNER or len(decisions) >= MAX_DECISIONS_TOTAL:
                 raise StoreFullError("the host's decision store is full")
             if decision.group and any(
-                d.get("group") == decision.group and d.get("kind") != decision.kind
+                d.get("group") == decision.group and _as_decided(d) != decision.kind
                 for d in decisions.values()
             ):
                 raise GroupDecidedError(
@@ -100,6 +114,43 @@ class CounterStore(_RecordStore):
             decisions[key] = entry
             write_private(self._path, cbor2.dumps(data))
             return decision
+
+    def revoke(
+        self,
+        owner: bytes,
+        migration_id: bytes,
+        reopen: Sequence[tuple[str, RecordUpdate]] = (),
+    ) -> Decision:
+        """Turn ``owner``'s COMMIT of ``migration_id`` into ``revoked``; returns the record.
+
+        The source's half of the way back (``docs/spec/commit.md``, section
+        2.2): its enclave calls this only on an attested proof that the
+        destination host refused the id for good.  ``reopen`` (record updates,
+        as in :meth:`record_transaction`: the persistent record the commit
+        retired, created again) goes in the same atomic write.  Only a
+        ``commit`` of this owner is revoked; an ``abort``, another owner's
+        decision or none raises :class:`CounterError` and changes nothing.  A
+        decision revoked before is returned as it is, ``reopen`` not applied
+        again (the enclave whose answer was lost asks with the same updates).
+        """
+
+        keys = self._check_changes(owner, reopen)
+        key = bytes(migration_id).hex()
+        with self._locked():
+            data = self._load_all()
+            held = data["decisions"].get(key)
+            if held is None or held.get("owner") != owner:
+                raise CounterError("no decision of this enclave for this migration id")
+            if held.get("kind") == "revoked":
+                return Decision.from_entry(bytes(migration_id), held)
+            if held.get("kind") != "commit":
+                raise CounterError("only a commit is revoked; this migration was aborted")
+            for record_key, (name, update) in zip(keys, reopen, strict=True):
+                self._apply(data, owner, record_key, name, update)
+            held["kind"] = "revoked"
+            held["revoked_at"] = time.time()
+            write_private(self._path, cbor2.dumps(data))
+            return Decision.from_entry(bytes(migration_id), held)
 
     def decision(self, migration_id: bytes) -> Decision | None:
         """The recorded decision of ``migration_id``, if any (it is not secret)."""
@@ -115,7 +166,7 @@ class CounterStore(_RecordStore):
             return None
         with self._locked():
             held = self._load_all()["decisions"]
-        kinds = {str(d.get("kind")) for d in held.values() if d.get("group") == bytes(group)}
+        kinds = {str(_as_decided(d)) for d in held.values() if d.get("group") == bytes(group)}
         return kinds.pop() if len(kinds) == 1 else None
 
     def decisions(self) -> list[Decision]:
