@@ -10,6 +10,7 @@ its commit and runs on with its persistent state.  Then every way to abuse it.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 from platform_fixtures import World
@@ -200,3 +201,46 @@ def test_a_destination_that_loaded_does_not_refuse(world: World, name: str) -> N
         move.into.refuse()
     with pytest.raises(CommittedError):
         move.out.call("__mig_refuse", [])
+
+
+def test_a_lost_refused_is_asked_again_and_a_new_one_proves_the_same(
+    world: World, name: str
+) -> None:
+    move, _, _ = _committed(world, name)
+    mid = move.out._committed_mid
+    _redeliver(move.out, world).refuse()  # refused on b; its frame never arrives
+    assert world.host_b.counters.refused(mid)
+    _still_committed(move, world)
+    again = _redeliver(move.out, world).refuse()  # (the id stays refused: a new proof)
+    move.out.refused(again)
+    held = world.host_a.counters.decision(mid)
+    assert held is not None and held.kind == "revoked" and not move.out.committed
+
+
+def test_a_revocation_whose_store_write_failed_is_tried_again(world: World, name: str) -> None:
+    move, _, _ = _committed(world, name)
+    mid = move.out._committed_mid
+    frame = _redeliver(move.out, world).refuse()
+    services = move.source.services
+    real = services.revoke_commit
+    calls: list[int] = []
+
+    def lost_answer(migration_id: bytes, reopen: Any = ()) -> Any:
+        # The write happens, its answer is lost (the platform service died after it).
+        calls.append(1)
+        real(migration_id, reopen)
+        raise OSError("the platform service went away")
+
+    services.revoke_commit = lost_answer  # type: ignore[method-assign]
+    try:
+        with pytest.raises(OSError):
+            move.out.refused(frame)
+    finally:
+        services.revoke_commit = real  # type: ignore[method-assign]
+    assert move.out.committed and move.source.quiesced  # (nothing changed in the enclave)
+    move.out.refused(frame)  # the same updates again: the store answers the revocation
+    assert calls == [1] and not move.out.committed
+    ctx = _ctx(move.source)
+    assert ctx.mcounter_read("c") == 101 and ctx.mcounter_increment("c") == 102
+    held = world.host_a.counters.decision(mid)
+    assert held is not None and held.kind == "revoked"
