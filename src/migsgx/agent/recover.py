@@ -470,9 +470,10 @@ def _resolve_orphaned(
                              roll_forward=held.roll_forward, revoke=held.revoke)  # fmt: skip
             if handed:
                 result.detail = f"{result.detail}; {handed}".strip("; ")
-            elif result.outcome == "stayed":
+            elif result.outcome == "stayed" and result.decision != "revoked":
                 # Not every enclave could be taken back, and the application takes
                 # all or none: these end as their connections close (as before).
+                # (A revocation handed them back itself: they are the application's.)
                 let_go([e.sock for e in held.enclaves.values()])
             return result
         finally:

@@ -165,12 +165,14 @@ def revoke_commits(
     session: its tree may still run; or the store refused: an enclave claimed).
     """
 
+    # All or none is asked: a tree gets its enclaves back only all together.
+    unheld = [i for i, k in enumerate(kinds) if k != "revoked" and (k != "commit" or i not in held)]
+    if unheld:
+        raise InDoubtError(f"enclave(s) {unheld}: not held, or not committed")
     for index, kind in enumerate(kinds):
         if kind == "revoked":
             continue
-        enclave = held.get(index)
-        if enclave is None or kind != "commit":
-            raise InDoubtError(f"enclave {index}: not held, or not committed ({kind})")
+        enclave = held[index]
         control = AgentConnection(journal.to, identity, CONTROL_TIMEOUT)
         try:
             control.call({"t": "hello", "version": VERSION, "host_id": "guardian"}, "welcome")
