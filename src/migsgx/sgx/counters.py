@@ -4,7 +4,11 @@ Counters, persistent records and migration claims are the layer below
 (:mod:`migsgx.sgx.record_store`); this layer adds each migration's decision,
 first one wins (``docs/spec/commit.md``), recorded in the same atomic write as
 the record updates that go with it (the source's retired persistent record,
-a checkpoint's gate), so that a COMMIT never exists without them.
+a checkpoint's gate), so that a COMMIT never exists without them.  It also
+holds the way back from a COMMIT a destination never acted on (section 2.2):
+the destination host's refusal of a migration id for good (no claim of it
+succeeds after), and the source host's revocation of a COMMIT on an attested
+proof of that refusal.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Any
 import cbor2
 
 from .._fs import write_private
-from ..errors import CounterError, GroupDecidedError, StoreFullError
+from ..errors import ClaimedBeforeError, CounterError, GroupDecidedError, StoreFullError
+from .claims import _admit_claim, _quota_keys
 from .record_store import _RecordStore
 from .store_types import DECISION_KINDS, Decision, RecordUpdate
 
@@ -47,6 +52,43 @@ def _mid_of(key: object) -> bytes:
 
 class CounterStore(_RecordStore):
     """The host's one durable store: counters, records, claims, and decisions."""
+
+    # --- refused migration ids (the destination's half of commit.md 2.2) -------------
+    def refuse(self, owner: bytes, mid: bytes) -> bool:
+        """Refuse ``mid`` here for good, unless some enclave claimed it; False if refused before.
+
+        The destination's half of the way back from a COMMIT it never acted on
+        (``docs/spec/commit.md``, section 2.2): once this returned, no claim of
+        ``mid`` succeeds on this host, by any owner, ever, so the committed
+        source may run again on an attested proof of it.  A claim by any owner
+        (this store's or the former claim store's) makes the refusal fail with
+        :class:`ClaimedBeforeError` and changes nothing: that copy may run.  A
+        refusal counts against ``owner``'s claim quota and the host's.  One
+        atomic write, as a claim is.
+        """
+
+        if not isinstance(mid, bytes | bytearray) or len(mid) != 16:
+            raise CounterError("a migration id has 16 bytes")
+        mid = bytes(mid)
+        tail = b"/" + mid
+        with self._locked():
+            data = self._load_all()
+            if any(bytes(c).endswith(tail) for c in data["claims"]) or self._legacy_claimed(mid):
+                raise ClaimedBeforeError(
+                    "this migration id was claimed on this host: it cannot be refused"
+                )
+            if mid.hex() in data["refusals"]:
+                return False
+            _admit_claim(_quota_keys(data), owner)
+            data["refusals"][mid.hex()] = {"owner": owner, "at": time.time()}
+            write_private(self._path, cbor2.dumps(data))
+            return True
+
+    def refused(self, mid: bytes) -> bool:
+        """Whether ``mid`` was refused for good on this host (by any owner)."""
+
+        with self._locked():
+            return bytes(mid).hex() in self._load_all()["refusals"]
 
     # --- migration decisions -------------------------------------------------------
     def decide(

@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import re
 import threading
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +40,7 @@ from ..errors import (
     RecordConflictError,
     StoreFullError,
 )
-from .claims import ClaimStore, _admit_claim, _check_mid
+from .claims import ClaimStore, _admit_claim, _check_mid, _quota_keys, _refusals_sound
 from .store_file import _create_once, _FileLock
 from .store_types import COUNTER_MAX, RECORD_NAME, RUNTIME_RECORD_NAME, RecordUpdate
 
@@ -95,30 +94,6 @@ def _entries_sound(
         )
         and all(isinstance(c, bytes) for c in claims)
     )
-
-
-def _refusals_sound(refusals: object) -> bool:
-    """The refused ids: ``{hex(mid): {"owner": bstr, "at": float}}``, 16-byte ids only."""
-
-    if not isinstance(refusals, dict):
-        return False
-    for key, entry in refusals.items():
-        if not isinstance(key, str) or len(key) != 32 or not isinstance(entry, dict):
-            return False
-        try:
-            bytes.fromhex(key)
-        except ValueError:
-            return False
-        if not isinstance(entry.get("owner"), bytes):
-            return False
-    return True
-
-
-def _quota_keys(data: dict[str, Any]) -> list[bytes]:
-    """Claims and refusals as one list of ``owner/mid`` keys: they share the claim quotas."""
-
-    refused = [bytes(e["owner"]) + b"/" + bytes.fromhex(k) for k, e in data["refusals"].items()]
-    return [*data["claims"], *refused]
 
 
 def _record_key(owner: bytes, name: str) -> str:
@@ -317,42 +292,6 @@ class _RecordStore:
             raise ClaimedBeforeError("this migration id was claimed before on this host")
         _admit_claim(_quota_keys(data), owner)
         claims.append(claim_key)
-
-    def refuse(self, owner: bytes, mid: bytes) -> bool:
-        """Refuse ``mid`` here for good, unless some enclave claimed it; False if refused before.
-
-        The destination's half of the way back from a COMMIT it never acted on
-        (``docs/spec/commit.md``, section 2.2): once this returned, no claim of
-        ``mid`` succeeds on this host, by any owner, ever, so the committed
-        source may run again on an attested proof of it.  A claim by any owner
-        (this store's or the former claim store's) makes the refusal fail with
-        :class:`ClaimedBeforeError` and changes nothing: that copy may run.  A
-        refusal counts against ``owner``'s claim quota and the host's.  One
-        atomic write, as a claim is.
-        """
-
-        if not isinstance(mid, bytes | bytearray) or len(mid) != 16:
-            raise CounterError("a migration id has 16 bytes")
-        mid = bytes(mid)
-        tail = b"/" + mid
-        with self._locked():
-            data = self._load_all()
-            if any(bytes(c).endswith(tail) for c in data["claims"]) or self._legacy_claimed(mid):
-                raise ClaimedBeforeError(
-                    "this migration id was claimed on this host: it cannot be refused"
-                )
-            if mid.hex() in data["refusals"]:
-                return False
-            _admit_claim(_quota_keys(data), owner)
-            data["refusals"][mid.hex()] = {"owner": owner, "at": time.time()}
-            write_private(self._path, cbor2.dumps(data))
-            return True
-
-    def refused(self, mid: bytes) -> bool:
-        """Whether ``mid`` was refused for good on this host (by any owner)."""
-
-        with self._locked():
-            return bytes(mid).hex() in self._load_all()["refusals"]
 
     def claim(self, owner: bytes, mid: bytes) -> bool:
         """Record ``mid`` for ``owner``; False if it was recorded before."""
