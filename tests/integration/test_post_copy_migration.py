@@ -25,7 +25,7 @@ from bed_helpers import (  # noqa: E402
     workers_carry_on,
     workers_kept_every_write,
 )
-from fault_helpers import recover  # noqa: E402
+from fault_helpers import recover, stop_guardian_of  # noqa: E402
 
 from migsgx.agent.held import start_time  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, Testbed  # noqa: E402
@@ -156,8 +156,9 @@ def test_a_post_copy_tree_whose_agent_died_before_the_decision_is_removed(
         end_copies(bed, app)
 
 
+@pytest.mark.parametrize("guardian", ["alive", "killed"])
 def test_a_post_copy_tree_whose_agent_died_after_the_commit_runs_again_at_the_source(
-    bed: Testbed,
+    bed: Testbed, guardian: str
 ) -> None:
     """Window W2 of post-copy: the source committed, the destination agent dies as
     the COMMIT reaches its loaded copy (``agent.before-claim:kill``).  The copy
@@ -168,7 +169,9 @@ def test_a_post_copy_tree_whose_agent_died_after_the_commit_runs_again_at_the_so
     for good, proven to the source enclave, which revokes its commit
     (``docs/spec/commit.md`` 2.2): the fenced source tree continues with its
     enclaves and every acknowledged write.  Nothing runs twice, nothing runs with
-    a missing page, nothing is left on the destination."""
+    a missing page, nothing is left on the destination.  With the guardian killed
+    as well, ``recover`` takes the enclaves' connections back from them and does
+    the same itself."""
 
     doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill"})
     app = start_workers(bed, *WRITING)
@@ -176,6 +179,8 @@ def test_a_post_copy_tree_whose_agent_died_after_the_commit_runs_again_at_the_so
     try:
         run = bed.migrate(app.pid, doomed, args=["--post-copy"])
         assert run.returncode == 7, run.stderr  # in doubt
+        if guardian == "killed":
+            stop_guardian_of(app.pid)  # SIGKILL: the enclaves hold their own connections
         again, record, log = _restart(bed, doomed)
         assert record["lazy_pages"] and record["answered"], record
         assert "post-copy tree" in log and "is not adopted" in log, log
@@ -183,6 +188,8 @@ def test_a_post_copy_tree_whose_agent_died_after_the_commit_runs_again_at_the_so
                    "the post-copy tree to be killed")  # fmt: skip
         wait_until(lambda: _daemon_gone(record), 30, "the lazy-pages daemon to end")
         result = recover(bed)
+        if guardian == "killed":
+            assert "revoked" in result.stdout, result.stdout + result.stderr
         # (this module's earlier cells' migrations are listed too: done, or aborted.
         # The guardian retries by itself too: it may have revoked before recover asked,
         # and then this migration's row says "done")
