@@ -11,8 +11,12 @@ restarted.  So the agent writes a marker, ``WORK_DIR/resumed/<session id>``,
 durably, right before the tree continues, and answers a ``deliver`` for a
 session it no longer has from it: ``resumed`` if the marker is there, else
 ``unknown`` (never resumed: a session that ended without it discarded its tree,
-and nothing else can resume it).  The marker says nothing secret; one older than
-:data:`KEEP` is removed when the next one is written.
+and nothing else can resume it).  An agent that dies holding such a tree leaves
+its record (:mod:`.held`); the restarted agent finishes the tree by this marker
+before it listens (:mod:`.adoption`): continued with it, removed without it, so
+that the answer given here is always what happened to the tree.  The marker
+says nothing secret; one older than :data:`KEEP` is removed when the next one
+is written.
 """
 
 from __future__ import annotations
