@@ -25,10 +25,10 @@ from bed_helpers import (  # noqa: E402
     workers_carry_on,
     workers_kept_every_write,
 )
-from fault_helpers import recover, stop_guardian_of  # noqa: E402
+from fault_helpers import EXIT_IN_DOUBT, recover, stop_guardian_of  # noqa: E402
 
 from migsgx.agent.held import start_time  # noqa: E402
-from migsgx.lab.testbed import AgentProcess, Testbed  # noqa: E402
+from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed  # noqa: E402
 from migsgx.sgx.counters import CounterStore  # noqa: E402
 from migsgx.sgx.platform import COUNTERS  # noqa: E402
 from migsgx.system.process import process_state  # noqa: E402
@@ -206,4 +206,98 @@ def test_a_post_copy_tree_whose_agent_died_after_the_commit_runs_again_at_the_so
         for agent in (doomed, again):
             if agent is not None:
                 agent.stop()
+        end_copies(bed, app)
+
+
+def _journal_of(bed: Testbed, tool_pid: int) -> dict[str, object]:
+    """The source host's journal of the migration whose tool had ``tool_pid``."""
+
+    for path in (bed.state("src") / "agent" / "migrations").glob("*.json"):
+        data = json.loads(path.read_text())
+        if data.get("tool_pid") == tool_pid:
+            return dict(data)
+    raise AssertionError(f"no journal of tool {tool_pid}")
+
+
+Killed = tuple[AppProcess, AgentProcess, AgentProcess, list[bytes]]
+
+
+def _killed_after_the_commit(bed: Testbed, *, guardian: str) -> Killed:
+    """A two-enclave kvstore under writes, moved with ``--post-copy`` to an agent killed
+    as the COMMIT reaches its copies; the agent restarted; the app, both agents and the
+    enclaves' migration ids.  The restarted agent killed the tree and noted the session."""
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill"})
+    app = start_workers(bed, "--enclaves", "2", *WRITING)
+    run = bed.migrate(app.pid, doomed, args=["--post-copy"])
+    assert run.returncode == 7, run.stderr  # in doubt
+    if guardian == "killed":
+        stop_guardian_of(app.pid)  # SIGKILL: the enclaves hold their own connections
+    again, record, log = _restart(bed, doomed)
+    assert record["lazy_pages"] and record["answered"], record
+    assert "is not adopted" in log, log
+    wait_until(lambda: all(s in ("Z", "") for _, s in bed.copies(app)["dst"]), 30,
+               "the post-copy tree to be killed")  # fmt: skip
+    wait_until(lambda: _daemon_gone(record), 30, "the lazy-pages daemon to end")
+    journal = _journal_of(bed, run.pid)
+    mids = journal["enclave_mids"]
+    assert isinstance(mids, list) and len(mids) == 2, journal
+    return app, doomed, again, [bytes.fromhex(m) for m in mids]
+
+
+def test_a_two_enclave_post_copy_tree_killed_after_the_commit_runs_again_with_both(
+    bed: Testbed,
+) -> None:
+    """The same window with two enclaves (one migration group): the destination
+    refuses both ids, both commits are revoked, the source runs on with both
+    enclaves and every write of each worker (one per enclave)."""
+
+    app, doomed, again, mids = _killed_after_the_commit(bed, guardian="alive")
+    try:
+        result = recover(bed)
+        rows = json.loads(result.stdout)
+        assert not {r["outcome"] for r in rows} & {"in-doubt", "lost"}, result.stdout
+        assert result.returncode == 0, result.stderr
+        src = CounterStore(bed.state("src") / COUNTERS)
+        assert [src.decision(m).kind for m in mids if src.decision(m)] == ["revoked"] * 2
+        dst = CounterStore(bed.state("dst") / COUNTERS)
+        assert all(dst.refused(m) and not dst.claimed_by_any(m) for m in mids)
+        workers_carry_on(bed, app, "src")
+        assert len(workers(bed, app, "src")) == 2
+        workers_kept_every_write(bed, app, "src")
+        assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
+        assert not list((bed.state("dst") / "agent" / "work").glob("*/held.json"))
+    finally:
+        doomed.stop()
+        again.stop()
+        end_copies(bed, app)
+
+
+def test_a_two_enclave_post_copy_tree_with_one_id_claimed_stays_in_doubt(bed: Testbed) -> None:
+    """One of the two ids claimed on the destination (planted in its store after the
+    agent noted the session: the store, not the note, decides): the other enclave's
+    commit is revoked, the claimed one's cannot be, so the tree would run without
+    that enclave.  ``recover`` says so (in doubt, exit 7) each time it is asked and
+    gives nothing back: nothing runs, on either host."""
+
+    app, doomed, again, mids = _killed_after_the_commit(bed, guardian="killed")
+    try:
+        dst = CounterStore(bed.state("dst") / COUNTERS)
+        assert dst.claim(b"S" + bytes(34), mids[1])  # (as an enclave there would)
+        for attempt in range(2):
+            result = recover(bed)
+            assert result.returncode == EXIT_IN_DOUBT, result.stdout + result.stderr
+            [row] = [r for r in json.loads(result.stdout) if r["outcome"] == "in-doubt"]
+            assert row["decision"] == "mixed" and "claimed on this host" in row["detail"], row
+            assert "0 revoked, 1 still committed" in row["detail"], row
+            assert "operator decides" in row["detail"], row
+            assert "Traceback" not in result.stderr, result.stderr
+            src = CounterStore(bed.state("src") / COUNTERS)
+            kinds = [d.kind if d else None for d in map(src.decision, mids)]
+            assert kinds == ["revoked", "commit"], (attempt, kinds)
+            assert dst.refused(mids[0]) and not dst.refused(mids[1])
+            assert bed.runnable_copies(app) == {"src": 0, "dst": 0}, bed.copies(app)
+    finally:
+        doomed.stop()
+        again.stop()
         end_copies(bed, app)
