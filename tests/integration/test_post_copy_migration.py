@@ -290,43 +290,6 @@ def test_a_two_enclave_post_copy_tree_killed_after_the_commit_runs_again_with_bo
         end_copies(bed, app)
 
 
-def test_a_two_enclave_post_copy_tree_with_one_id_claimed_stays_in_doubt(
-    bed: Testbed, figures: Figures
-) -> None:
-    """One of the two ids claimed on the destination (planted in its store after the
-    agent noted the session: the store, not the note, decides): the other enclave's
-    commit is revoked, the claimed one's cannot be, so the tree would run without
-    that enclave.  ``recover`` says so (in doubt, exit 7) each time it is asked and
-    gives nothing back: nothing runs, on either host."""
-
-    started = time.monotonic()
-    app, doomed, again, mids = _killed_after_the_commit(bed, guardian="killed")
-    try:
-        dst = CounterStore(bed.state("dst") / COUNTERS)
-        assert dst.claim(b"S" + bytes(34), mids[1])  # (as an enclave there would)
-        for attempt in range(2):
-            result = recover(bed)
-            assert result.returncode == EXIT_IN_DOUBT, result.stdout + result.stderr
-            if not attempt:
-                cell = ("post-copy: decision written x kill -9 destination agent + guardian, "
-                        "2 enclaves, one id claimed")  # fmt: skip
-                _figure(figures, cell, started)
-            [row] = [r for r in json.loads(result.stdout) if r["outcome"] == "in-doubt"]
-            assert row["decision"] == "mixed" and "claimed on this host" in row["detail"], row
-            assert "0 revoked, 1 still committed" in row["detail"], row
-            assert "operator decides" in row["detail"], row
-            assert "Traceback" not in result.stderr, result.stderr
-            src = CounterStore(bed.state("src") / COUNTERS)
-            kinds = [d.kind if d else None for d in map(src.decision, mids)]
-            assert kinds == ["revoked", "commit"], (attempt, kinds)
-            assert dst.refused(mids[0]) and not dst.refused(mids[1])
-            assert bed.runnable_copies(app) == {"src": 0, "dst": 0}, bed.copies(app)
-    finally:
-        doomed.stop()
-        again.stop()
-        end_copies(bed, app)
-
-
 #: ``refuse {session_id, index}`` per argument pair, asked of a journal's destination
 #: agent with a host's agent identity; one answer each ("port", or the error's text).
 ASK_REFUSE = """
@@ -440,4 +403,42 @@ def test_refuse_raced_replayed_and_misdirected_revokes_once(bed: Testbed) -> Non
         for agent in (doomed, again):
             if agent is not None:
                 agent.stop()
+        end_copies(bed, app)
+
+
+def test_a_two_enclave_post_copy_tree_with_one_id_claimed_stays_in_doubt(
+    bed: Testbed, figures: Figures
+) -> None:
+    """One of the two ids claimed on the destination (planted in its store after the
+    agent noted the session: the store, not the note, decides): the other enclave's
+    commit is revoked, the claimed one's cannot be, so the tree would run without
+    that enclave.  ``recover`` says so (in doubt, exit 7) each time it is asked and
+    gives nothing back: nothing runs, on either host.  (Last in this module: its
+    migration stays in doubt, and every later ``recover`` here would say so.)"""
+
+    started = time.monotonic()
+    app, doomed, again, mids = _killed_after_the_commit(bed, guardian="killed")
+    try:
+        dst = CounterStore(bed.state("dst") / COUNTERS)
+        assert dst.claim(b"S" + bytes(34), mids[1])  # (as an enclave there would)
+        for attempt in range(2):
+            result = recover(bed)
+            assert result.returncode == EXIT_IN_DOUBT, result.stdout + result.stderr
+            if not attempt:
+                cell = ("post-copy: decision written x kill -9 destination agent + guardian, "
+                        "2 enclaves, one id claimed")  # fmt: skip
+                _figure(figures, cell, started)
+            [row] = [r for r in json.loads(result.stdout) if r["outcome"] == "in-doubt"]
+            assert row["decision"] == "mixed" and "claimed on this host" in row["detail"], row
+            assert "0 revoked, 1 still committed" in row["detail"], row
+            assert "operator decides" in row["detail"], row
+            assert "Traceback" not in result.stderr, result.stderr
+            src = CounterStore(bed.state("src") / COUNTERS)
+            kinds = [d.kind if d else None for d in map(src.decision, mids)]
+            assert kinds == ["revoked", "commit"], (attempt, kinds)
+            assert dst.refused(mids[0]) and not dst.refused(mids[1])
+            assert bed.runnable_copies(app) == {"src": 0, "dst": 0}, bed.copies(app)
+    finally:
+        doomed.stop()
+        again.stop()
         end_copies(bed, app)
