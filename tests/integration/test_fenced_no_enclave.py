@@ -385,8 +385,8 @@ def test_container_without_enclaves(
 class _App:
     """The cell's application, a process or a runc container, seen the same way."""
 
-    def __init__(self, bed: Testbed, lab: ContainerLab | None) -> None:
-        self.bed, self.lab = bed, lab
+    def __init__(self, bed: Testbed, lab: ContainerLab | None, *, post_copy: bool = False) -> None:
+        self.bed, self.lab, self.post_copy = bed, lab, post_copy
         self.container: ContainerApp | None = None
         if lab is not None:
             self.container = lab.start_app("runc", "kvstore", ["--enclaves", "0"], enclaves=False)
@@ -411,7 +411,8 @@ class _App:
     def migrate(self, agent: AgentProcess, env: dict[str, str]) -> MigrateRun:
         if self.container is not None:
             return self.bed.migrate(None, agent, args=["--runc", self.container.name], env=env)
-        return self.bed.migrate(self.process.pid, agent, env=env)
+        args = ["--post-copy"] if self.post_copy else []
+        return self.bed.migrate(self.process.pid, agent, args=args, env=env)
 
     def end(self) -> None:
         if self.lab is not None and self.container is not None:
@@ -534,6 +535,50 @@ def test_destination_agent_killed_holding_before_marker(
             assert app.container.name not in lab.containers("dst", "runc")
         figures[f"no enclave: tree held, resume not marked x kill -9 destination agent"
                 f"{' + tool + guardian' if tool != 'tool alive' else ''}, restarted ({kind})"] = {
+            "outcome": "stayed", "exit": run.returncode, "recover": said,
+            "seconds_to_one_copy": round(time.monotonic() - killed, 3),
+        }  # fmt: skip
+    finally:
+        for agent in (doomed, again):
+            if agent is not None:
+                agent.stop()
+        app.end()
+
+
+@pytest.mark.parametrize("point", ["agent.resume-marked", "agent.before-resume"])
+def test_post_copy_destination_agent_killed_before_the_window_opened(
+    bed: Testbed, figures: dict[str, dict[str, object]], point: str
+) -> None:
+    """Post-copy, no enclaves: the destination agent dies holding the tree, before
+    its page window opened (after the resume marker, or before it).
+
+    No other agent can open that window again, so the restarted agent kills the
+    tree, which never ran, and forgets a marker it wrote for it: the guardian
+    hears ``unknown`` and gives the source back.  Before, the restarted agent
+    left a refusal note (for enclave ids there are none of), the destination
+    answered ``refusable`` and the source stayed stopped, in doubt, for good
+    (after the marker, ``resumed`` would have ended it: no copy at all).
+    """
+
+    app = _App(bed, None, post_copy=True)
+    doomed = again = None
+    try:
+        assert app.ask("src", "NOTE n 1") == "OK"  # acknowledged
+        notes = _notes(app.ask("src", "STATE"))
+        doomed = bed.start_agent(env={"MIGSGX_FAULT": f"{point}:kill"})
+        run = app.migrate(doomed, {})
+        assert "Traceback" not in run.stderr, run.stderr
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert doomed.proc.wait(timeout=30) == -9
+        killed = fault_time(doomed.log.read_text(errors="replace"))
+        mid, _ = _journal(bed, run)
+        again = bed.start_agent(listen_port=doomed.port)
+        log = again.log.read_text(errors="replace")
+        assert "post-copy tree" in log and "continued" not in log, log
+        said = _guardian_finishes(bed, mid)
+        _one_copy_on(bed, app, "src", notes, mid)
+        figures[f"post-copy, no enclave: tree held x kill -9 destination agent at {point}, "
+                "restarted (process)"] = {
             "outcome": "stayed", "exit": run.returncode, "recover": said,
             "seconds_to_one_copy": round(time.monotonic() - killed, 3),
         }  # fmt: skip

@@ -21,7 +21,7 @@ from .config import AgentHost
 from .held import HeldRecord, held_records, mark_lost, start_time
 from .incoming import IncomingMigration
 from .refusal import mark_refusable
-from .resumed import was_resumed
+from .resumed import forget_resumed, was_resumed
 
 __all__ = ["Adoption"]
 
@@ -224,6 +224,10 @@ class Adoption:
         elif record.still_held():
             self._remove_held(record)
             removed = f"the tree (pid {record.root}, {record.driver})"
+            if not record.enclaves:
+                # Killed before it ever ran: a resume marker written before its window
+                # opened says nothing true any more, and recover gives the source back.
+                forget_resumed(self.agent.config.work_dir, bytes.fromhex(record.session_id))
         else:
             left = self._remove_made(record, keep_running=True) if record.driver != "pid" else ""
             removed = left or f"nothing (the tree, pid {record.root}, is gone)"
@@ -247,10 +251,11 @@ class Adoption:
             else "an ABORT: the source runs on; a COMMIT: recover refuses the migration "
             "id here and the source runs on",
         )  # fmt: skip
-        if record.answered:
+        if record.answered and record.enclaves:
             # The source may have committed: a fresh enclave may refuse the ids here.
             mark_refusable(directory, record)
             return
+        # (no enclaves: no id to refuse; a delivery is answered from the resume marker)
         self.agent.discard(directory)
 
     @staticmethod

@@ -28,7 +28,7 @@ from typing import Final
 
 from .._fs import write_private
 
-__all__ = ["KEEP", "mark_resumed", "was_resumed"]
+__all__ = ["KEEP", "forget_resumed", "mark_resumed", "was_resumed"]
 
 DIRECTORY: Final = "resumed"
 #: How long a marker is kept: far longer than any ``migsgx recover`` waits to be run.
@@ -57,3 +57,11 @@ def was_resumed(work_dir: Path, session_id: bytes) -> bool:
 
     path = _path(work_dir, session_id)
     return path.is_file() and not path.is_symlink()
+
+
+def forget_resumed(work_dir: Path, session_id: bytes) -> None:
+    """Remove ``session_id``'s marker: a restarted agent killed its tree before it
+    ever ran (a post-copy tree, whose page window no other agent can open)."""
+
+    with contextlib.suppress(FileNotFoundError):
+        _path(work_dir, session_id).unlink()
