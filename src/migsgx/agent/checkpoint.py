@@ -155,7 +155,8 @@ def checkpoint(
             # tool and its guardian both die, it keeps its state (and the application's
             # writes) instead of ending, and ``migsgx recover --checkpoint`` takes the
             # duplicate back to abort the checkpoint and hand the enclave back.
-            holders = [[h.info.pid, out.link.hold(), start_time(h.info.pid)]
+            app = link.pid if link is not None else None
+            holders = [[h.info.pid, out.link.hold(app), start_time(h.info.pid)]
                        for h, out in zip(handed, outs, strict=True)]  # fmt: skip
             if holders:
                 write_journal(directory, "writing", holders=holders)

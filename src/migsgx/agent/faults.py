@@ -54,6 +54,9 @@ POINTS: Final = frozenset(
         "agent.before-claim",  # the first decision frame reached an enclave (window W2)
         "agent.after-claim",  # an enclave claimed the id and runs, the tree not resumed (W3)
         "tool.after-handshake",  # early handshake done, the application not yet frozen
+        # In the application (``resume``): its connections taken back, no ``__mig_unhold``
+        # sent yet; ``no-unhold``: answer without it, as a runtime older than that call.
+        "app.resume-taken",
         "tool.after-prepare",
         "guardian.retry",  # ``give-up``: the guardian in doubt stops as if its 10 minutes ran out
         # the tool died; the source enclaves answered the guardian's abort, frames not journaled

@@ -241,7 +241,8 @@ class _EnclaveSteps(_MigrationState):
         links = [t.outgoing.link for t in self.transfers if t.handed is h and t.outgoing]
         link = next((k for k in links if k.sock is h.sock), None) or EnclaveLink(h.sock)
         try:
-            return [h.info.pid, link.hold(), start_time(h.info.pid)]
+            app = self.link.pid if self.link is not None else None
+            return [h.info.pid, link.hold(app), start_time(h.info.pid)]
         except (MigSGXError, OSError) as exc:
             log.warning("enclave %d keeps no duplicate of its connection: %s", h.index, exc)
             return []

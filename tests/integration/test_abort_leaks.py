@@ -1,0 +1,167 @@
+"""An aborted source enclave outlives no application.
+
+After an abort each source enclave keeps the duplicate of its connection it was
+given (``__mig_hold``) until the application, given the connection back by
+``resume``, says ``__mig_unhold``.  Where that word never comes, the
+application killed in ``resume`` after it took its connections back (fault point
+``app.resume-taken``), or an application runtime older than that call
+(``app.resume-taken:no-unhold``), the enclave kept its duplicate, and with it its
+process and its state, for good: only root could end it.  Now the tool names the
+application with the hold (a pidfd), and an aborted enclave lets its duplicate
+go once that process exited, ending as in a crash of the application
+(``docs/spec/commit.md`` section 5, ``channels.md`` 7.1).
+
+Each cell: the migration rolls back (``tool.before-commit:fail``, exit 6); the
+application's enclave processes end once it is gone; nothing runs on the
+destination.  A hold's nonce: ``__mig_held`` tells the duplicate a journal names
+from a later one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from bed_helpers import enclave_processes, end_copies, wait_until
+from fault_helpers import (  # (no_images_left: autouse, after every cell no images left)
+    EXIT_MOVED_NOT,
+    ask,
+    guardians_of,
+    migrate_with,
+    no_images_left,  # noqa: F401
+    source_answers,
+)
+
+from migsgx import _proc
+from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
+from migsgx.system.process import kill_tree
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
+
+#: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
+BED_SUBNET = 237
+
+
+def _app(bed: Testbed, fault: str) -> tuple[AppProcess, str, set[int]]:
+    """A kvstore with ``MIGSGX_FAULT=fault``, acknowledged writes, their digest, its enclaves."""
+
+    before = enclave_processes(bed, "src")
+    app = bed.start_app(
+        "kvstore", ["--image", str(bed.image("kvstore"))], env={"MIGSGX_FAULT": fault}
+    )
+    for i in range(3):
+        assert ask(bed, app, "src", f"PUT k{i} {f'v{i}'.encode().hex()}") == f"OK {i + 1}"
+    ours = enclave_processes(bed, "src") - before
+    assert ours
+    return app, ask(bed, app, "src", "DIGEST"), ours
+
+
+def _gone_with_the_application(bed: Testbed, app: AppProcess, ours: set[int]) -> float:
+    """The enclaves end once the application is gone; the seconds it took (a figure)."""
+
+    t0 = time.monotonic()
+    wait_until(lambda: not (enclave_processes(bed, "src") & ours), 30,
+               "the aborted enclaves to end with their application")  # fmt: skip
+    assert bed.copies(app)["dst"] == []
+    return round(time.monotonic() - t0, 3)
+
+
+def _tools_of(app_pid: int) -> list[int]:
+    """The live ``migsgx migrate`` processes of ``app_pid`` (not their guardians)."""
+
+    found = []
+    for pid in _proc.pids():
+        argv = _proc.argv(pid)
+        if b"migrate" in argv and str(app_pid).encode() in argv and _proc.alive(pid):
+            found.append(pid)
+    return found
+
+
+def test_an_application_killed_inside_resume_leaves_no_enclave(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]], tmp_path: Path
+) -> None:
+    """The tool rolled back and hands the enclave back; inside ``resume``, after the
+    application took its connections back and before its ``__mig_unhold``, the
+    guardian, the tool and the application are killed (in that order).
+
+    Before, nobody was left to say ``__mig_unhold``: the aborted enclave kept its
+    duplicate, its process and its state for good (until a root ``migsgx recover``).
+    (The application alone killed there was covered already: the tool's hand-back
+    fails and its guardian, finding the application gone, lets the duplicate go.)
+    Now the enclave sees its application's exit itself and ends within seconds.
+    """
+
+    gate = tmp_path / "never"
+    app, _, ours = _app(bed, f"app.resume-taken:wait-file={gate}")
+    runs: list[MigrateRun] = []
+    try:
+        tool = threading.Thread(
+            target=lambda: runs.append(migrate_with(bed, app, agent, "tool.before-commit:fail"))
+        )
+        tool.start()
+        wait_until(lambda: "migsgx fault: app.resume-taken" in app.log.read_text(errors="replace"),
+                   120, "the application to reach its fault point")  # fmt: skip
+        guardians, tools = guardians_of(app.pid), _tools_of(app.pid)
+        assert guardians and tools
+        for pid in [*guardians, *tools]:
+            kill_tree(pid)
+        tool.join(60)
+        assert runs, "the tool did not end"
+        assert runs[0].returncode == -9, runs[0].stderr
+        kill_tree(app.pid)
+        seconds = _gone_with_the_application(bed, app, ours)
+        figures["resume x kill -9 guardian, tool, then source app (before __mig_unhold)"] = {
+            "outcome": "the aborted enclave ended with its application, no recover (its "
+            "state is gone as in any crash of the application); nothing runs twice",
+            "exit": runs[0].returncode, "enclave_gone_seconds": seconds,
+        }  # fmt: skip
+    finally:
+        gate.touch()
+        end_copies(bed, app)
+
+
+def test_an_application_that_never_says_unhold_leaves_no_enclave(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """A runtime older than ``__mig_unhold``: the roll-back works, the application
+    answers with every write; once it is killed, its enclave ends too."""
+
+    app, digest, ours = _app(bed, "app.resume-taken:no-unhold")
+    try:
+        run = migrate_with(bed, app, agent, "tool.before-commit:fail")
+        assert run.returncode == EXIT_MOVED_NOT, run.stderr
+        assert "Traceback" not in run.stderr
+        source_answers(bed, app, digest, run.stderr)
+        # Alive, the application keeps its enclave: it still answers.
+        assert ask(bed, app, "src", "DIGEST") == digest
+        assert enclave_processes(bed, "src") & ours == ours
+        kill_tree(app.pid)
+        seconds = _gone_with_the_application(bed, app, ours)
+        figures["rolled back x application without __mig_unhold, then kill -9 app"] = {
+            "outcome": "stayed with every write; the enclave ended with its application",
+            "exit": run.returncode, "enclave_gone_seconds": seconds,
+        }  # fmt: skip
+    finally:
+        end_copies(bed, app)
+
+
+def test_the_normal_resume_keeps_the_enclave_while_the_application_lives(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    """Two roll-backs with ``__mig_unhold`` said (the watch of the first ends with it, the
+    second hold is watched afresh): the live application keeps its enclave and every
+    write; killed, the enclave ends with it."""
+
+    app, digest, ours = _app(bed, "")
+    try:
+        for _ in range(2):
+            run = migrate_with(bed, app, agent, "tool.before-commit:fail")
+            assert run.returncode == EXIT_MOVED_NOT, run.stderr
+            source_answers(bed, app, digest, run.stderr)
+            assert enclave_processes(bed, "src") & ours == ours
+        kill_tree(app.pid)
+        _gone_with_the_application(bed, app, ours)
+    finally:
+        end_copies(bed, app)
