@@ -61,6 +61,8 @@ POINTS: Final = frozenset(
         "guardian.retry",  # ``give-up``: the guardian in doubt stops as if its 10 minutes ran out
         # the tool died; the source enclaves answered the guardian's abort, frames not journaled
         "guardian.abort-answered",
+        # the tool died; the guardian handed the aborted enclaves back, its journal not done
+        "guardian.handed-back",
         # recover took the connections back; the enclaves answered its abort, frames not journaled
         "recover.abort-answered",
         "recover.redeliver",  # a re-delivery without the tool: fresh copy's data connection open

@@ -417,7 +417,12 @@ def _main(argv: list[str] | None, tool: int) -> int:
                 unlock(Path(path))  # a container's own address answers again
             except MigSGXError as exc:
                 _log(f"could not unlock the source's network: {exc}")
-        return resume_source(args.app_pid, args.app_name, socks, fenced, frozen, _log)
+        handed = resume_source(args.app_pid, args.app_name, socks, fenced, frozen, _log)
+        # Killed here, the journal still names the duplicates the enclaves let go
+        # with the hand-back; a later migration's may take their numbers, and the
+        # holds' nonces keep ``migsgx recover`` off those (``holders.take_held``).
+        fault("guardian.handed-back")
+        return handed
     finally:
         for path in journals:
             _recover(Path(path))

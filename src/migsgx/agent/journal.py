@@ -43,7 +43,7 @@ _KEYS: Final = {
 #: ``thaw``, ``ungate`` notes), for a ``recover`` that finds the source is the copy, and which
 #: engine record a committed one leaves (its ``runc``, ``podman``, ``containerd``
 #: note: :mod:`migsgx.containers.engine_notes`);
-#: ``holders``: per enclave ``[pid, fd, start]``, the duplicate of its connection
+#: ``holders``: per enclave ``[pid, fd, start, nonce]``, the duplicate of its connection
 #: each source enclave holds (``__mig_hold``), and ``enclaves``: per enclave what
 #: its offer names (the guardian's ``enclave`` note payload, hex CBOR), so that
 #: ``recover`` can deliver a committed enclave's state again once the tool and
