@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -262,4 +263,60 @@ def test_a_stale_journal_never_takes_a_later_duplicate(
         }  # fmt: skip
     finally:
         gate.touch()
+        end_copies(bed, app)
+
+
+def test_one_enclave_dead_the_other_aborted_goes_back_to_the_application(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """Two enclaves; before the commit the first source enclave and the tool are killed.
+
+    The guardian's aborts: the first is gone (its connection closed, no COMMIT
+    recorded: it cannot have committed), the second aborts.  Before, that was the
+    roll-forward path: the store said ABORT, the source ran on without its
+    enclaves (the application takes all or none) and the live aborted one kept
+    its state unreachable.  Now the guardian hands both connections back: the
+    surviving enclave answers with every acknowledged write, the dead one's
+    connection reaches end of file there, as a crash outside a migration.
+    """
+
+    app = bed.start_app("kvstore", ["--image", str(bed.image("kvstore")), "--enclaves", "2"])
+    keys = {f"k{i}": f"v{i}".encode().hex() for i in range(8)}
+    for key, value in keys.items():
+        assert ask(bed, app, "src", f"PUT {key} {value}").startswith("OK")
+    kept = {k: v for k, v in keys.items() if zlib.crc32(k.encode()) % 2 == 1}
+    lost = set(keys) - set(kept)
+    assert kept and lost
+    try:
+        run = migrate_with(bed, app, agent, "tool.before-commit:kill-first-source-enclave-and-tool")
+        assert run.returncode == -9, run.stderr
+        assert "Traceback" not in run.stderr
+        assert "died undecided: their state is lost" in run.stderr, run.stderr
+        t_fault = time.monotonic()
+        key, value = next(iter(kept.items()))
+
+        def answers() -> bool:
+            with contextlib.suppress(OSError, AssertionError):
+                return ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
+            return False
+
+        wait_until(answers, 60, "the surviving enclave to answer")
+        back = round(time.monotonic() - t_fault, 3)
+        for key, value in kept.items():
+            assert ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
+        for key in lost:
+            assert ask(bed, app, "src", f"GET {key}").startswith("ERR"), key
+        assert ask(bed, app, "src", f"PUT {next(iter(kept))} {b'after'.hex()}").startswith("OK")
+        again = recover(bed)
+        assert "Traceback" not in again.stderr
+        results = [r for r in json.loads(again.stdout) if r["outcome"] != "done"]
+        assert all(r["outcome"] == "stayed" for r in results), again.stdout
+        wait_until(lambda: bed.copies(app)["dst"] == [], 30, "the held tree to be discarded")
+        assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
+        figures["before-commit x kill -9 one of two source enclaves + tool"] = {
+            "outcome": "stayed: the surviving enclave back with every write, the dead one's "
+            "state lost (said), nothing runs twice",
+            "exit": run.returncode, "recover": again.returncode, "back_seconds": back,
+        }  # fmt: skip
+    finally:
         end_copies(bed, app)

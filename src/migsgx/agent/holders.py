@@ -2,8 +2,9 @@
 
 A checkpoint or migration tool gives every source enclave a duplicate of its
 own end of the enclave's connection (``__mig_hold``, ``docs/spec/channels.md``
-7.1) and records, per enclave, ``[pid, fd, start]`` (the enclave process, the
-duplicate's number there, the process's start time) in its journal.  Should
+7.1) and records, per enclave, ``[pid, fd, start, nonce]`` (the enclave
+process, the duplicate's number there, the process's start time, the hold's
+nonce) in its journal.  Should
 the tool and its guardian both die, the enclave sees no end of file and keeps
 its state; root then takes the duplicate back (``pidfd_getfd``) to abort a
 checkpoint and hand the enclave back (``migsgx recover --checkpoint``), or to

@@ -118,6 +118,7 @@ def _deliver(
     discards a tree held for a copy that died undecided (no state comes again).
     """
 
+    lost = [i for i in journal.data.get("source_lost") or [] if isinstance(i, int)]
     try:
         control = AgentConnection(journal.to, identity, DELIVER_TIMEOUT)
     except MigSGXError as exc:
@@ -131,6 +132,7 @@ def _deliver(
                 "frames": frames,
                 "enclave_mids": journal.enclave_mids,
                 **({"decision": decision} if decision else {}),
+                **({"source_lost": lost} if decision == "abort" and lost else {}),
             },
             "delivered",
         )

@@ -243,6 +243,9 @@ class _MigrationState:
                 os.kill(os.getpid(), signal.SIGKILL)
         elif action == "kill-source-enclave":
             kill_dead([t.handed.info.pid for t in self.transfers])
+        elif action == "kill-first-source-enclave-and-tool" and self.transfers:
+            kill_dead([self.transfers[0].handed.info.pid])
+            os.kill(os.getpid(), signal.SIGKILL)
         elif action == "kill-criu" and self.lazy is not None:
             self.lazy.stop()  # post-copy: the only server of the pages still missing dies
         elif action in ("kill-source-platform", "kill-source-platform-and-tool"):
