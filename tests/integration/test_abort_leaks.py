@@ -35,6 +35,7 @@ from bed_helpers import enclave_processes, end_copies, wait_until
 from fault_helpers import (  # (no_images_left: autouse, after every cell no images left)
     EXIT_MOVED_NOT,
     ask,
+    fault_time,
     guardians_of,
     loaded_app,
     migrate_with,
@@ -292,7 +293,6 @@ def test_one_enclave_dead_the_other_aborted_goes_back_to_the_application(
         assert run.returncode == -9, run.stderr
         assert "Traceback" not in run.stderr
         assert "died undecided: their state is lost" in run.stderr, run.stderr
-        t_fault = time.monotonic()
         key, value = next(iter(kept.items()))
 
         def answers() -> bool:
@@ -301,7 +301,7 @@ def test_one_enclave_dead_the_other_aborted_goes_back_to_the_application(
             return False
 
         wait_until(answers, 60, "the surviving enclave to answer")
-        back = round(time.monotonic() - t_fault, 3)
+        back = round(time.monotonic() - fault_time(run.stderr), 3)
         for key, value in kept.items():
             assert ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
         for key in lost:

@@ -10,23 +10,23 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from migsgx.agent.guardian import _hung_up, _no_commit
+from migsgx.agent.lost_enclaves import hung_up, no_commit
 
 
 def test_a_closed_end_is_gone_an_open_one_is_not() -> None:
     ours, enclave = socket.socketpair()
     with ours:
-        assert not _hung_up(ours)  # alive, silent
+        assert not hung_up(ours)  # alive, silent
         enclave.sendall(b"x")
-        assert not _hung_up(ours)  # something to read: not an end of file
+        assert not hung_up(ours)  # something to read: not an end of file
         assert ours.recv(1) == b"x"
         enclave.close()
-        assert _hung_up(ours)
+        assert hung_up(ours)
         assert ours.getblocking()  # (left as it was)
 
 
 def test_no_commit_needs_readable_records(tmp_path: Path) -> None:
-    assert not _no_commit([])  # nothing read proves nothing
-    assert not _no_commit([str(tmp_path / "missing.json")])
+    assert not no_commit([])  # nothing read proves nothing
+    assert not no_commit([str(tmp_path / "missing.json")])
     (tmp_path / "bad.json").write_text("{")
-    assert not _no_commit([str(tmp_path / "bad.json")])
+    assert not no_commit([str(tmp_path / "bad.json")])

@@ -86,6 +86,7 @@ from .handback import (
     commit_rest,
     resume_source,
 )  # fmt: skip
+from .lost_enclaves import hung_up, no_commit, note_lost
 
 if TYPE_CHECKING:
     from .recover import RollForward
@@ -454,7 +455,7 @@ def _aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: st
         replies = {sock: abort_reply(sock) for sock in pending}  # (every one is asked)
         answers = [(sock, answer) for sock, (answer, _) in replies.items()]
         gone += [socks.index(sock) for sock, answer in answers
-                 if answer is None and _hung_up(sock)]  # fmt: skip
+                 if answer is None and hung_up(sock)]  # fmt: skip
         frames = {i: replies[s][1] for i, s in enumerate(socks) if s in replies and replies[s][1]}
         frames.update(_frames_again(socks, replies, journals))
         # Killed here (the tool dead already), the frames are nowhere but in the
@@ -467,14 +468,14 @@ def _aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: st
             for sock, answer in answers
         ):
             return False  # (committed, rolling forward, or not answering)
-        if gone and (checkpoint or len(gone) == len(socks) or not _no_commit(journals)):
+        if gone and (checkpoint or len(gone) == len(socks) or not no_commit(journals)):
             return False  # (gone, and maybe committed first: the roll-forward path decides)
         unchecked = [sock for sock, answer in answers if answer == "group-unchecked"]
         if not unchecked:
             if gone:
                 _log(f"enclave(s) {', '.join(map(str, gone))} died undecided: their state is "
                      "lost; the others go back to the application")  # fmt: skip
-                _note_lost(journals, gone)
+                note_lost(journals, gone)
             return True
         if time.monotonic() > deadline or _committed_any(journals):
             return False
@@ -487,61 +488,6 @@ def _aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: st
                 _log_to(Path(checkpoint) / "guardian.log" if checkpoint else Path(os.devnull))
         pending = unchecked
         pause = 0.5 if _pause(pause) else min(pause * 2, 5.0)
-
-
-def _note_lost(journals: list[str], gone: list[int]) -> None:
-    """Record the dead enclaves (``source_lost``): every ABORT delivery names them."""
-
-    from .journal import Journal  # lazy: the guardian starts fast and imports little
-
-    for name in journals:
-        with contextlib.suppress(MigSGXError, OSError, ValueError):
-            Journal.load(Path(name)).update(source_lost=sorted(set(gone)))
-
-
-def _hung_up(sock: socket.socket) -> bool:
-    """Whether the enclave at the other end of ``sock`` is gone (its end is closed).
-
-    An enclave closes its connection only as its process ends: with a commit
-    (recorded in its platform store before it answers) or dead.
-    """
-
-    try:
-        sock.setblocking(False)
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False  # alive, only slow to answer
-    except OSError:
-        return True  # (reset: gone)
-    finally:
-        with contextlib.suppress(OSError):
-            sock.setblocking(True)
-
-
-def _no_commit(journals: list[str]) -> bool:
-    """Whether every migration's decisions could be read and none is a COMMIT.
-
-    Then an enclave that died without answering cannot have committed (its
-    decision is written before its token exists), so the others, aborted, may
-    go back to the application: the dead one's connection reaches end of file
-    there, as a crash of that enclave outside a migration would.
-    """
-
-    from .journal import Journal  # lazy: the guardian starts fast and imports little
-    from .recover import decisions_of
-
-    if not journals:
-        return False
-    for name in journals:
-        path = Path(name)
-        try:
-            journal = Journal.load(path)
-            decisions = decisions_of(path.parent.parent.parent, journal.enclave_mids)
-        except (MigSGXError, OSError, ValueError):
-            return False
-        if any(d is not None and d.kind == "commit" for d in decisions):
-            return False
-    return True
 
 
 def _frames_again(

@@ -89,7 +89,12 @@ class Hold:
         _, fds, _, _ = socket.recv_fds(sock, 1, 2)
         if not fds:
             raise ProtocolError("__mig_hold carries one descriptor")
-        held = socket.socket(fileno=fds[0])
+        try:
+            held = socket.socket(fileno=fds[0])
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
         app = fds[1] if len(fds) > 1 else None
         self.drop()
         with self._lock:
