@@ -322,3 +322,43 @@ def test_one_enclave_dead_the_other_aborted_goes_back_to_the_application(
         }  # fmt: skip
     finally:
         end_copies(bed, app)
+
+
+def test_one_enclave_dead_tool_and_guardian_too_one_recover_gives_the_rest_back(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """The same, the guardian killed as well: one ``migsgx recover`` takes back the live
+    enclave, aborts it and hands it back with an end-of-file connection in place of the
+    dead one's (the application takes all or none).  Before, it let the live one go:
+    its state ended with its connection."""
+
+    app = bed.start_app("kvstore", ["--image", str(bed.image("kvstore")), "--enclaves", "2"])
+    keys = {f"k{i}": f"v{i}".encode().hex() for i in range(8)}
+    for key, value in keys.items():
+        assert ask(bed, app, "src", f"PUT {key} {value}").startswith("OK")
+    kept = {k: v for k, v in keys.items() if zlib.crc32(k.encode()) % 2 == 1}
+    lost = set(keys) - set(kept)
+    try:
+        fault = "tool.before-commit:kill-first-source-enclave-guardian-and-tool"
+        run = migrate_with(bed, app, agent, fault)
+        assert run.returncode == -9, run.stderr
+        again = recover(bed)
+        assert "Traceback" not in again.stderr
+        assert "died undecided: their state is lost" in again.stderr, again.stderr
+        results = [r for r in json.loads(again.stdout) if r["outcome"] != "done"]
+        assert [r["outcome"] for r in results] == ["stayed"], again.stdout
+        assert "enclaves handed back" in results[0]["detail"], again.stdout
+        back = round(time.monotonic() - fault_time(run.stderr), 3)
+        for key, value in kept.items():
+            assert ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
+        for key in lost:
+            assert ask(bed, app, "src", f"GET {key}").startswith("ERR"), key
+        wait_until(lambda: bed.copies(app)["dst"] == [], 30, "the held tree to be discarded")
+        assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
+        figures["before-commit x kill -9 guardian, one of two source enclaves, tool"] = {
+            "outcome": "stayed after one recover: the surviving enclave back with every "
+            "write, the dead one's state lost (said), nothing runs twice",
+            "exit": run.returncode, "recover": again.returncode, "back_seconds": back,
+        }  # fmt: skip
+    finally:
+        end_copies(bed, app)

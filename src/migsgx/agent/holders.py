@@ -37,7 +37,7 @@ from .._fds import take_descriptor
 from .ckpt_journal import start_time
 from .handback import call_enclave
 
-__all__ = ["is_enclave_runtime", "peer_inode", "take_held"]
+__all__ = ["dead_holders", "eof_socket", "is_enclave_runtime", "peer_inode", "take_held"]
 
 log = logging.getLogger("migsgx.recover")
 
@@ -202,3 +202,32 @@ def _is_own_connection(sock: socket.socket, pid: int) -> bool:
         return False
     peer = _peer_of(sock)
     return peer != 0 and _holds_socket(pid, peer)
+
+
+def dead_holders(holders: list[object]) -> list[int]:
+    """Positions of ``holders`` whose enclave process is gone (or its pid reused since).
+
+    For ``migsgx recover`` with the tool and the guardian dead: such an enclave
+    cannot be taken back, and its state went with it.  An entry that is
+    malformed or names a live enclave is not dead (it is left as it is).
+    """
+
+    dead = []
+    for index, item in enumerate(holders):
+        if not (isinstance(item, list) and len(item) >= 3):
+            continue
+        pid, start = item[0], item[2]
+        if not (isinstance(pid, int) and not isinstance(pid, bool) and pid > 0):
+            continue
+        if isinstance(start, str) and start and (start_time(pid) != start or not _proc.alive(pid)):
+            dead.append(index)  # (a zombie is dead too)
+    return dead
+
+
+def eof_socket() -> socket.socket:
+    """A connection whose other end is closed: what the application gets for a dead
+    enclave, so that it sees an end of file there, as in a crash of that enclave."""
+
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    return ours
