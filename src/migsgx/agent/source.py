@@ -411,6 +411,9 @@ class _Migration(_DecisionSteps):
             # CRIU closed its page connection: both directions must have ended
             # with their last frame, or nothing of this dump may be used.
             self.page_relay.wait(self.opts.io_timeout)
+        if self.opts.overlap_restore and self.transfers and not self.opts.post_copy:
+            self._overlapped(dump_dir)
+            return
         self._finish_enclaves()
         self._inject(self._fault("tool.before-images"))
         self._stream_images(dump_dir)
@@ -421,6 +424,29 @@ class _Migration(_DecisionSteps):
             self._fence()
             return
         self._restore({"t": "restore"})
+        self._fence()
+        self._inject(self._fault("tool.before-commit"))
+        self._commit()  # (notes "resumed" once the destination runs)
+
+    def _overlapped(self, dump_dir: Path) -> None:
+        """Images and restore while the enclave streams still load, then the join.
+
+        The destination holds the tree stopped, its record not answered (a
+        restarted agent removes it), until ``enclaves_ready``: the commit point
+        stays after both answers, and nothing runs before COMMIT.
+        """
+
+        try:
+            self._inject(self._fault("tool.before-images"))
+            self._stream_images(dump_dir)
+            self.note("images_sent")
+            self.restore_asked.set()
+            self._restore({"t": "restore"})
+            self._inject(self._fault("tool.restored-loading"))
+        finally:
+            self.restore_asked.set()
+            self.restore_answered.set()  # (a held enclave stream goes on, either way)
+        self._finish_enclaves()
         self._fence()
         self._inject(self._fault("tool.before-commit"))
         self._commit()  # (notes "resumed" once the destination runs)
