@@ -411,7 +411,7 @@ class _Migration(_DecisionSteps):
             # CRIU closed its page connection: both directions must have ended
             # with their last frame, or nothing of this dump may be used.
             self.page_relay.wait(self.opts.io_timeout)
-        if self.opts.overlap_restore and self.transfers and not self.opts.post_copy:
+        if self._may_overlap():
             self._overlapped(dump_dir)
             return
         self._finish_enclaves()
@@ -427,6 +427,22 @@ class _Migration(_DecisionSteps):
         self._fence()
         self._inject(self._fault("tool.before-commit"))
         self._commit()  # (notes "resumed" once the destination runs)
+
+    def _may_overlap(self) -> bool:
+        """Whether the restore may run beside the enclave streams' end.
+
+        Only once every enclave's attested handshake is done (the early
+        handshake's default, a live migration's pre-copy): the destination
+        restores nothing of a migration whose enclaves have not yet proved
+        themselves to each other.
+        """
+
+        return (
+            self.opts.overlap_restore
+            and bool(self.transfers)
+            and not self.opts.post_copy
+            and all(t.outgoing is not None and t.outgoing.migration_id for t in self.transfers)
+        )
 
     def _overlapped(self, dump_dir: Path) -> None:
         """Images and restore while the enclave streams still load, then the join.
