@@ -284,7 +284,7 @@ class _Migration(_DecisionSteps):
                 )
                 why.__cause__ = exc
                 raise CriuError(str(why), action="dump") from why
-            if not self.cancel.cancelled:
+            if not self.cancel.cancelled or self.post_dump_error is not None:
                 raise
             # The dump failed because an enclave did: that is the cause to report.
             if self.cancel.stopped_early:
@@ -459,6 +459,11 @@ class _Migration(_DecisionSteps):
             self.restore_asked.set()
             self._restore({"t": "restore"})
             self._inject(self._fault("tool.restored-loading"))
+        except BaseException as exc:
+            # The destination ends the session on this failure, and with it the
+            # enclave streams: their errors follow from this one, reported instead.
+            self.post_dump_error = exc
+            raise
         finally:
             self.restore_asked.set()
             self.restore_answered.set()  # (a held enclave stream goes on, either way)

@@ -179,6 +179,8 @@ class _MigrationState:
         #: and answered (or failed): what a fault's held enclave stream waits for.
         self.restore_asked = threading.Event()
         self.restore_answered = threading.Event()
+        #: Overlapped: the images' or the restore's own failure (the cause to report).
+        self.post_dump_error: BaseException | None = None
         self.lazy: LazyDump | None = None
         self.plan: DumpPlan | None = None
         #: The tool's own images directory (removed by whoever outlives a killed tool).
