@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -114,6 +115,12 @@ class _EnclaveSteps(_MigrationState):
         action = fault("tool.enclave-stream")
         if action is not None and action.startswith("flip-byte="):
             return peer, flipping_relay(peer, int(action.partition("=")[2]))
+        if action is not None and action.startswith(("hold-to-restored=", "flip-byte-in-restore=")):
+            # Overlapped restore: the load cannot end before the restore (is asked).
+            held = action.startswith("hold")
+            event = self.restore_answered if held else self.restore_asked
+            return peer, flipping_relay(peer, int(action.partition("=")[2]), event.is_set,
+                                        flip=not held)  # fmt: skip
         if action is not None and action.startswith(
             ("flip-byte-in-dump=", "drop-in-dump=", "kill-in-dump=")
         ):
@@ -236,12 +243,19 @@ class _EnclaveSteps(_MigrationState):
                             holders=holders)  # fmt: skip
 
     def _hold(self, h: HandedEnclave) -> list[object]:
-        """``[pid, fd, start]`` of the duplicate enclave ``h`` now holds; [] if it holds none."""
+        """``[pid, fd, start, nonce]`` of the duplicate enclave ``h`` now holds; [] if none.
+
+        The nonce names this hold: a ``recover`` reading a stale journal (the
+        duplicate let go since, its number reused by a later migration's) finds
+        another nonce there and leaves it alone (:func:`.holders.take_held`).
+        """
 
         links = [t.outgoing.link for t in self.transfers if t.handed is h and t.outgoing]
         link = next((k for k in links if k.sock is h.sock), None) or EnclaveLink(h.sock)
         try:
-            return [h.info.pid, link.hold(), start_time(h.info.pid)]
+            app = self.link.pid if self.link is not None else None
+            nonce = secrets.token_bytes(16)  # this hold's, and so this migration's
+            return [h.info.pid, link.hold(app, nonce), start_time(h.info.pid), nonce.hex()]
         except (MigSGXError, OSError) as exc:
             log.warning("enclave %d keeps no duplicate of its connection: %s", h.index, exc)
             return []
