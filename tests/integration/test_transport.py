@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from migsgx.datapath import transport
-from migsgx.datapath.ring import RingTimeoutError, ShmRing
+from migsgx.datapath.ring import ShmRing
+from migsgx.datapath.ring_spec import RingTimeoutError
 from migsgx.errors import ConnectionClosedError, FrameError, StreamError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(5)]

@@ -27,7 +27,8 @@ from ..host.client import EnclaveInfo, launch_enclave
 from ..sgx.image import EnclaveImage
 from .enclave_link import RING_TIMEOUT, EnclaveLink, _call_beside, _slot_size, _Worker
 from .peerwire import PREFAULT_WAIT, _recv, _send, bind_wire
-from .ring import RingRole, ShmRing
+from .ring import ShmRing
+from .ring_spec import RingRole
 from .transport import Staging, context_switches, keep_alive, socket_to_ring, tune_socket
 
 

@@ -67,7 +67,8 @@ from .._populate import populate
 from ..core.peer import CHUNK_HEADER, FLAG_FINAL
 from ..errors import ConnectionClosedError, FrameError, StreamError
 from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
-from .ring import RingTimeoutError, ShmRing
+from .ring import ShmRing
+from .ring_spec import RingTimeoutError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
