@@ -34,6 +34,7 @@ from typing import Any, BinaryIO
 
 import cbor2
 
+from ..core.peer import CHUNK_HEADER, FLAG_FINAL
 from ..core.stream import TAG_SIZE
 from ..errors import ConfigError, FrameError, MigSGXError
 from ..host.client import EnclaveInfo, launch_enclave
@@ -42,7 +43,6 @@ from ..sgx.image import EnclaveImage
 from .enclave_link import RING_TIMEOUT, EnclaveLink, _call_beside, _Worker
 from .ring import ShmRing
 from .ring_spec import RingRole
-from .transport import CHUNK_HEADER, FLAG_FINAL
 
 MAX_IMAGE_FILE = 64 << 20
 

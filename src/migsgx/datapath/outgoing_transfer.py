@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .._net import keep_alive
 from ..core.handshake import Role
 from ..core.peer import MODES, PEER_FRAME_MAX
 from ..core.stream import TAG_SIZE
@@ -27,14 +28,8 @@ from .enclave_link import RING_TIMEOUT, EnclaveLink, _call_beside, _slot_size, _
 from .peerwire import PEER, PREFAULT_WAIT, _recv, _send, bind_wire
 from .ring import ShmRing
 from .ring_spec import RingRole
-from .transport import (
-    PeerWatch,
-    Staging,
-    context_switches,
-    keep_alive,
-    ring_to_socket,
-    tune_socket,
-)
+from .staging import Staging
+from .transport import PeerWatch, context_switches, ring_to_socket, tune_socket
 
 #: How long the source waits for the destination's reason once it refused the stream.
 REFUSAL_WAIT = 2.0

@@ -16,7 +16,8 @@ import cbor2
 from ..core.commit import Committed
 from ..core.handshake import PeerAborted, Role
 from ..core.stream import TAG_SIZE, Manifest, Section
-from ..datapath.transport import SlotReader, context_switches
+from ..datapath.slots import SlotReader
+from ..datapath.transport import context_switches
 from ..errors import MigrationError, ProtocolError, ReplayError, StreamError
 from ..sgx.store_types import RecordUpdate
 from . import precopy_in
