@@ -212,7 +212,7 @@ def test_the_checker_sees_an_upward_arrow() -> None:
     """The rule is not vacuous: a module of the core importing the agent is caught."""
 
     assert room_of("migsgx.agent.source") > room_of("migsgx.core.handshake")
-    assert "migsgx.core.stream" in imports_of(PACKAGE / "core" / "handshake.py")
+    assert "migsgx.core.stream_channel" in imports_of(PACKAGE / "core" / "handshake.py")
 
 
 def _cycles() -> list[list[str]]:

@@ -28,7 +28,7 @@ from ..errors import register_error as _register
 from ..wire import HEADER, Schema, decode_body, encode
 from .handshake import LocalProtocolError, PeerAborted, Role, SessionKeys, transcript_item
 from .seen import InMemorySeenIds, SeenMigrationIds
-from .stream import StreamChannel
+from .stream_channel import StreamChannel
 
 __all__ = [
     "CommitError",

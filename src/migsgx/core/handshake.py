@@ -32,7 +32,7 @@ from ..sgx.structs import ReportBody
 from ..wire import HEADER, Schema, decode_body, encode
 from .policy import EnclaveIdentity, MigrationPolicy
 from .seen import SeenMigrationIds
-from .stream import StreamChannel
+from .stream_channel import StreamChannel
 
 __all__ = [
     "NEED_DATA",

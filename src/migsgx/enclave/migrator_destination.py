@@ -15,7 +15,8 @@ import cbor2
 
 from ..core.commit import Committed
 from ..core.handshake import PeerAborted, Role
-from ..core.stream import TAG_SIZE, Manifest, Section
+from ..core.manifest import Manifest, Section
+from ..core.stream import TAG_SIZE
 from ..datapath.slots import SlotReader
 from ..datapath.transport import context_switches
 from ..errors import MigrationError, ProtocolError, ReplayError, StreamError
