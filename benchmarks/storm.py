@@ -51,7 +51,9 @@ def main() -> int:
         default=5.0,
         help="seconds for the source to answer again where it did not move",
     )
-    parser.add_argument("--subnet", type=int, default=212)
+    parser.add_argument(
+        "--subnet", type=int, default=212, help="the subnet preferred (the first free one from it)"
+    )
     parser.add_argument(
         "--engine",
         choices=("pid", "runc", "podman", "containerd"),

@@ -32,10 +32,11 @@ from migsgx.agent.protocol import (
 )
 from migsgx.channel import ECALL, LAUNCH, PLATFORM
 from migsgx.core.commit import open_control, seal_control
-from migsgx.core.handshake import transcript_item
+from migsgx.core.manifest import Manifest
 from migsgx.core.pagestream import DOWN, UP, PageFrameOpener, page_stream_key
 from migsgx.core.rounds import REPAIR_LABEL, full_digest_body, round_label
-from migsgx.core.stream import Manifest, StreamHeader, StreamOpener, StreamSealer
+from migsgx.core.stream import StreamHeader, StreamOpener, StreamSealer
+from migsgx.core.transcript import transcript_item
 from migsgx.enclave import checkpoints, persistent_format, sealing
 from migsgx.errors import MigSGXError
 from migsgx.host.appctl import APPCTL, check_image_files, info_from_wire

@@ -384,13 +384,12 @@ def bench_state(
     """Pipelined vs sequential enclave-state migration between two emulated hosts."""
 
     from .lab.bench.state import plot, run
-    from .limits import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK
-    from .limits import DEFAULT_SLOTS
+    from .limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
     from .sgx.image import parse_size
 
     try:
         nbytes = parse_size(size)
-        chunk_bytes = parse_size(chunk) if chunk else DEFAULT_CHUNK
+        chunk_bytes = parse_size(chunk) if chunk else DEFAULT_CHUNK_SIZE
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     result = run(

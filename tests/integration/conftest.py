@@ -103,8 +103,10 @@ def bed(
 ) -> Iterator[Testbed]:
     """Two namespaced hosts with platform services, CA and agent identities, per module.
 
-    The module names its own subnet (``BED_SUBNET``): modules whose beds exist at
-    the same time (in one run, or in parallel runs) then never share addresses.
+    The module names the subnet it prefers (``BED_SUBNET``); the bed claims the
+    first free one from there (:mod:`migsgx.lab.subnets`), so beds that exist at
+    the same time (in one run, or in parallel runs of the same module) never share
+    addresses.
     ``BED_BRIDGED = True`` puts the hosts on a bridge (containers that own their
     address, :mod:`migsgx.lab.netns`).
     """

@@ -51,10 +51,11 @@ from migsgx.core import handshake
 from migsgx.core.peer import PEER_FRAME_MAX
 from migsgx.datapath.incoming import IncomingEnclave
 from migsgx.datapath.outgoing import OutgoingEnclave
-from migsgx.datapath.peerwire import DEFAULT_CHUNK, PEER
+from migsgx.datapath.peerwire import PEER
 from migsgx.errors import MigSGXError
 from migsgx.host.client import EnclaveClient
 from migsgx.lab.hosts import Deployment, ServiceProcess, start_service
+from migsgx.limits import DEFAULT_CHUNK_SIZE
 from migsgx.sgx.ca import ProvisioningCA
 from migsgx.sgx.image import EnclaveImage, load_author_key, mr_signer_of, sign_image_dir
 from migsgx.sgx.platform import EmulatedPlatform
@@ -472,7 +473,7 @@ def start_transfer(
     address: tuple[str, int],
     *,
     mode: str = "pipelined",
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     peer_timeout: float = 20.0,
 ) -> SourceRun:
     """Detach the application's enclave and transfer it, up to the destination's LOADED."""

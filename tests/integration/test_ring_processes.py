@@ -20,7 +20,9 @@ from collections.abc import Iterator
 import pytest
 
 from migsgx.datapath import transport
-from migsgx.datapath.ring import RingRole, ShmRing, recv_ring_fds, send_ring_fds
+from migsgx.datapath.ring import ShmRing
+from migsgx.datapath.ring_handover import recv_ring_fds, send_ring_fds
+from migsgx.datapath.ring_spec import RingRole
 from migsgx.errors import ConnectionClosedError, FrameError, ProtocolError
 from migsgx.lab import memstat
 

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from migsgx.datapath import transport
-from migsgx.datapath.ring import RingTimeoutError, ShmRing
+from migsgx.datapath import slots, staging, transport
+from migsgx.datapath.ring import ShmRing
+from migsgx.datapath.ring_spec import RingTimeoutError
 from migsgx.errors import ConnectionClosedError, FrameError, StreamError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(5)]
@@ -202,16 +203,16 @@ def test_staging_keeps_chunk_boundaries(tcp: tuple[socket.socket, socket.socket]
     src_p, src_c = ShmRing.pair(2, 4112)
     dst_p, dst_c = ShmRing.pair(2, 4112)
     out = bytearray(len(data))
-    with src_p, src_c, dst_p, dst_c, transport.Staging(1 << 20) as sent, \
-            transport.Staging(1 << 20) as received:  # fmt: skip
-        filler = Background(transport.fill_ring, src_p, data, 4112, timeout=2)
+    with src_p, src_c, dst_p, dst_c, staging.Staging(1 << 20) as sent, \
+            staging.Staging(1 << 20) as received:  # fmt: skip
+        filler = Background(slots.fill_ring, src_p, data, 4112, timeout=2)
         sent.drain(src_c, timeout=2)
         filler.join()
         job = Background(sent.send, client)
         received.receive(server, cap=4112)
         assert job.join() == len(data)
         assert received.lengths == [4112] * 24 + [100_000 - 24 * 4112]
-        drainer = Background(transport.drain_ring, dst_c, out, timeout=2)
+        drainer = Background(slots.drain_ring, dst_c, out, timeout=2)
         received.fill(dst_p, timeout=2)
         assert drainer.join() == len(data)
     assert out == data
@@ -219,7 +220,7 @@ def test_staging_keeps_chunk_boundaries(tcp: tuple[socket.socket, socket.socket]
 
 def test_staging_too_small(tcp: tuple[socket.socket, socket.socket]) -> None:
     client, server = tcp
-    with transport.Staging(1 << 20) as sent, transport.Staging(250) as received:
+    with staging.Staging(1 << 20) as sent, staging.Staging(250) as received:
         sent.lengths, sent.used = [100, 100, 100], 300
         job = Background(sent.send, client)
         with pytest.raises(FrameError):
@@ -231,8 +232,8 @@ def test_staging_too_small(tcp: tuple[socket.socket, socket.socket]) -> None:
 def test_reader_refuses_a_slot_after_the_final_one() -> None:
     producer, consumer = ShmRing.pair(2, 64)
     with producer, consumer:
-        transport.fill_ring(producer, b"x" * 100, 64, timeout=2)
-        reader = transport.SlotReader(consumer, timeout=2)
+        slots.fill_ring(producer, b"x" * 100, 64, timeout=2)
+        reader = slots.SlotReader(consumer, timeout=2)
         assert bytes(reader.take()) == b"x" * 64
         assert bytes(reader.take()) == b"x" * 36
         assert reader.ended and reader.received == 100
@@ -250,11 +251,11 @@ def test_raw_endpoints_copy_a_buffer_through_tcp(
     dst_p, dst_c = ShmRing.pair(3, 65536)
     with src_p, src_c, dst_p, dst_c:
         jobs = [
-            Background(transport.fill_ring, src_p, data, 65536),
+            Background(slots.fill_ring, src_p, data, 65536),
             Background(transport.ring_to_socket, src_c, client),
             Background(transport.socket_to_ring, server, dst_p),
         ]
-        assert transport.drain_ring(dst_c, out, timeout=2) == len(data)
+        assert slots.drain_ring(dst_c, out, timeout=2) == len(data)
         for job in jobs:
             job.join()
     assert out == data

@@ -32,7 +32,8 @@ from migsgx.core import (
     Role,
     SessionKeys,
 )
-from migsgx.core.handshake import SCHEMA, transcript_item
+from migsgx.core.handshake import SCHEMA
+from migsgx.core.transcript import transcript_item
 from migsgx.errors import (
     FrameError,
     PolicyError,

@@ -6,7 +6,7 @@ import os
 import threading
 
 from migsgx._populate import populate, round_up
-from migsgx.datapath.transport import Staging
+from migsgx.datapath.staging import Staging
 from migsgx.enclave.memory import EnclaveMemory
 from migsgx.lab import memstat
 

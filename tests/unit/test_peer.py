@@ -715,7 +715,7 @@ def test_a_manifest_larger_than_its_room_is_refused_and_the_source_goes_on(
 ) -> None:
     """The destination opens the manifest into a page: a longer one is a stream error."""
 
-    from migsgx.core.stream import Manifest
+    from migsgx.core.manifest import Manifest
     from migsgx.enclave.migrator import MANIFEST_ROOM
 
     move = Migration(world, image)

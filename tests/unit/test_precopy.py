@@ -28,7 +28,7 @@ from migsgx.core.rounds import (
     parse_digest_body,
     round_label,
 )
-from migsgx.core.stream import StreamChannel
+from migsgx.core.stream_channel import StreamChannel
 from migsgx.datapath.ring import ShmRing
 from migsgx.enclave.dirty import FAULT_ENV
 from migsgx.enclave.memory import PAGE_SIZE, EnclaveMemory

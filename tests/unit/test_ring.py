@@ -12,16 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migsgx.datapath.ring import (
-    MAX_SLOTS,
-    RingRole,
-    RingSpec,
-    RingTimeoutError,
-    ShmRing,
-    recv_ring_fds,
-    send_ring_fds,
-)
+from migsgx.datapath.ring import ShmRing
+from migsgx.datapath.ring_handover import recv_ring_fds, send_ring_fds
+from migsgx.datapath.ring_spec import RingRole, RingSpec, RingTimeoutError
 from migsgx.errors import ConnectionClosedError, ProtocolError
+from migsgx.limits import MAX_SLOTS
 
 pytestmark = pytest.mark.timeout(5)
 

@@ -84,3 +84,23 @@ def test_an_existing_socket_directory_is_left_as_it_is(tmp_path: Path) -> None:
     st = directory.stat()
     assert stat.S_IMODE(st.st_mode) == 0o755
     assert st.st_gid != 4242
+
+
+def test_a_socket_under_a_missing_directory_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    """The parents' modes decide who reaches the socket: they are the operator's to make,
+    and the error names the first one missing, before anything is made."""
+
+    directory = tmp_path / "absent" / "deeper" / "run"
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'absent'} does not exist"):
+        make_socket_dir(directory, None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_service_whose_socket_directory_has_no_parent_does_not_bind(
+    world: World, tmp_path: Path
+) -> None:
+    path = tmp_path / "absent" / "run" / "enclave.sock"
+    service = PlatformService(world.host_a, path, log_dir=tmp_path / "logs", sandbox=False)
+    with pytest.raises(ConfigError, match="cannot be made"):
+        service.bind()
+    assert not (tmp_path / "absent").exists()

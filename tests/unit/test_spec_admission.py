@@ -31,7 +31,7 @@ from migsgx.containers.image_admission import CAPABILITY_NUMBERS, admit_images, 
 from migsgx.containers.oci import Localization, localize
 from migsgx.containers.podman import PODMAN_MOUNTS
 from migsgx.errors import error_from_wire
-from migsgx.lab.containers import runtime_spec
+from migsgx.lab.container_spec import runtime_spec
 
 SPECS = Path(__file__).parent / "specs"
 POLICY = SpecPolicy(

@@ -14,18 +14,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migsgx.core import stream as stream_mod
+from migsgx.core.manifest import MANIFEST_LABEL, Manifest, Section
 from migsgx.core.policy import EnclaveIdentity
 from migsgx.core.stream import (
     COUNTER_LIMIT,
-    MANIFEST_LABEL,
-    Manifest,
-    Section,
-    StreamChannel,
     StreamHeader,
     StreamOpener,
     StreamSealer,
     streams_digest,
 )
+from migsgx.core.stream_channel import StreamChannel
 from migsgx.errors import StreamError
 
 SRC = EnclaveIdentity(hashlib.sha256(b"mr").digest(), hashlib.sha256(b"signer").digest(), 7, 3)

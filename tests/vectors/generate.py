@@ -40,10 +40,12 @@ from migsgx.core.commit import (
     open_control,
     seal_control,
 )
-from migsgx.core.handshake import Handshake, HandshakeComplete, Role, transcript_item
+from migsgx.core.handshake import Handshake, HandshakeComplete, Role
+from migsgx.core.manifest import Manifest, Section
 from migsgx.core.policy import EnclaveIdentity, MigrationPolicy, PolicyMode
 from migsgx.core.rounds import REPAIR_LABEL, digest_key, full_digest_body, round_label
-from migsgx.core.stream import Manifest, Section, StreamHeader, StreamSealer
+from migsgx.core.stream import StreamHeader, StreamSealer
+from migsgx.core.transcript import transcript_item
 from migsgx.errors import MigSGXError, QuoteFormatError
 from migsgx.sgx.sgxext import PckExtension
 from migsgx.sgx.structs import FLAG_DEBUG, FLAG_INIT, FLAG_MODE64BIT, Attributes, ReportBody

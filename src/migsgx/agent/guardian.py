@@ -73,7 +73,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from ..containers.gate import open_gate
+from ..containers.gate import open_gate, parse_ungate
 from ..containers.imagefs import sweep_leftovers
 from ..containers.podnet import unlock
 from ..errors import MigSGXError
@@ -367,10 +367,8 @@ def _main(argv: list[str] | None, tool: int) -> int:
     _leftovers(notes, tool)
     # New connections to the source's listeners were dropped: whoever ends up with
     # the container, clients are served (or refused and go elsewhere) again.
-    for note in notes:
-        parts = note.split()
-        if parts[0:1] == ["ungate"] and len(parts) == 3:
-            open_gate(parts[1], [int(p) for p in parts[2].split(",") if _decimal(p)])
+    for gate in filter(None, map(parse_ungate, notes)):
+        open_gate(*gate)
     if args.restore:
         restored = _numbers(notes, "restored")
         if "activating" not in notes or not restored:

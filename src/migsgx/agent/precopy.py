@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 from ..core.rounds import StopRules
 from ..datapath.live import LiveOutgoingEnclave
-from ..datapath.peerwire import DEFAULT_CHUNK
 from ..errors import MigrationError, ProtocolError
+from ..limits import DEFAULT_CHUNK_SIZE
 from .applink import HandedEnclave
 from .legs import each_in_thread
 
@@ -58,7 +58,7 @@ def run_precopy(
     for t in transfers:
         t.outgoing = LiveOutgoingEnclave(
             t.handed.sock, t.handed.info, t.handed.image_files,
-            chunk_size=chunk_size or DEFAULT_CHUNK, rules=rules,
+            chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, rules=rules,
         )  # fmt: skip
 
     def one(t: _Leg) -> None:

@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any, Final
 
-from ..datapath.transport import keep_alive
+from .._net import keep_alive
 from ..errors import ConfigError
 from .adoption import Adoption
 from .config import AgentConfig

@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import _proc
 from ..containers.cgroups import thaw_file
 from ..containers.committed import CommittedRecord, committed_records
-from ..containers.gate import open_gate
+from ..containers.gate import open_gate, parse_ungate
 from ..containers.podnet import give_up, unlock
 from ..errors import MigSGXError
 from ..system.process import pid_exists as alive
@@ -141,11 +141,8 @@ def open_gates(journal: Journal) -> None:
     refused and go elsewhere, never dropped (:mod:`migsgx.containers.gate`).
     Idempotent: a rule already gone is fine."""
 
-    for note in journal.undo:
-        parts = note.split()
-        if parts[:1] == ["ungate"] and len(parts) == 3:
-            ports = [int(p) for p in parts[2].split(",") if p.isdecimal() and int(p) < 65536]
-            open_gate(parts[1], ports)
+    for gate in filter(None, map(parse_ungate, journal.undo)):
+        open_gate(*gate)
 
 
 def give_back(journal: Journal) -> None:

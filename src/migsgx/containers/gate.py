@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,15 @@ from ..system.process import tree_pids
 from .base import ContainerError
 from .command import run_engine
 
-__all__ = ["ListenerGate", "listeners", "open_gate"]
+__all__ = ["ListenerGate", "listeners", "open_gate", "parse_ungate"]
 
 DRAIN_TIMEOUT: Final = 10.0
+#: The netns a gate's note may name: what :func:`_lasting_netns` gives (nothing that
+#: ``nsenter`` could read as an option or that leaves ``/proc`` and ``/run/netns``).
+_NETNS: Final = re.compile(
+    r"/proc/(?:self|[1-9][0-9]{0,9})/ns/net|/run/netns/(?!\.\.?$)[A-Za-z0-9_.-]{1,64}"
+)
+_PORT: Final = re.compile(r"[1-9][0-9]{0,4}")
 _LISTEN: Final = "0A"
 _SYN_RECV: Final = "03"
 
@@ -71,7 +78,7 @@ class ListenerGate:
     def note(self) -> str:
         """The guardian's line for opening the gate if the tool dies."""
 
-        return f"ungate {self.netns} " + ",".join(map(str, self.ports))
+        return f"ungate {self.netns} " + ",".join(map(str, self.ports))  # (parse_ungate reads it)
 
     def close(self, *, timeout: float = DRAIN_TIMEOUT) -> None:
         """Drop new connections to the listeners, then wait until none is pending."""
@@ -129,6 +136,25 @@ def _lasting_netns(root: int) -> str:
                 if (other.st_ino, other.st_dev) == (st.st_ino, st.st_dev):
                     return str(entry)
     return mine  # a namespace of the tree's own: its rules end with it
+
+
+def parse_ungate(note: str) -> tuple[str, list[int]] | None:
+    """The netns and ports of an ``ungate NETNS PORT,...`` note (:meth:`ListenerGate.note`),
+    or None for any other note or a garbled one.
+
+    The guardian reads it from the tool's pipe and ``migsgx recover`` from the journal,
+    both to run ``nsenter``/``iptables`` as root with what it names: one reader, and
+    nothing it does not check (a netns that :func:`_lasting_netns` could have given,
+    ports 1-65535) reaches a command line.
+    """
+
+    parts = note.split()
+    if len(parts) != 3 or parts[0] != "ungate" or not _NETNS.fullmatch(parts[1]):
+        return None
+    fields = parts[2].split(",")
+    if not all(_PORT.fullmatch(f) and int(f) <= 65535 for f in fields):
+        return None
+    return parts[1], [int(f) for f in fields]
 
 
 def open_gate(netns: str, ports: list[int]) -> None:

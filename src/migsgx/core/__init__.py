@@ -39,13 +39,8 @@ from .handshake import (
 )
 from .manifest import MANIFEST_LABEL, Manifest, Section
 from .policy import EnclaveIdentity, MigrationPolicy, PolicyMode
-from .stream import (
-    StreamChannel,
-    StreamHeader,
-    StreamOpener,
-    StreamSealer,
-    StreamSummary,
-)
+from .stream import StreamHeader, StreamOpener, StreamSealer, StreamSummary
+from .stream_channel import StreamChannel
 
 __all__ = [
     "MANIFEST_LABEL",

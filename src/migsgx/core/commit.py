@@ -26,9 +26,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ..errors import FrameError, MigrationError, ProtocolError, ReplayError, StreamError
 from ..errors import register_error as _register
 from ..wire import HEADER, Schema, decode_body, encode
-from .handshake import LocalProtocolError, PeerAborted, Role, SessionKeys, transcript_item
+from .handshake import LocalProtocolError, PeerAborted, Role, SessionKeys
 from .seen import InMemorySeenIds, SeenMigrationIds
-from .stream import StreamChannel
+from .stream_channel import StreamChannel
+from .transcript import transcript_item
 
 __all__ = [
     "CommitError",

@@ -5,6 +5,8 @@ take events from :meth:`Handshake.next_event`, send what :meth:`Handshake.data_t
 returns.  Attestation is delegated to an :class:`Attester` and a :class:`Verifier`;
 the core checks that each verified quote binds this transcript, checks the
 :class:`~migsgx.core.policy.MigrationPolicy`, and derives :class:`SessionKeys`.
+The state machine is here; the transcript encoding, its hash and MACs and the
+key schedule it runs are :mod:`.transcript`.
 """
 
 from __future__ import annotations
@@ -15,10 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from ..errors import (
     AttestationError,
@@ -32,7 +31,8 @@ from ..sgx.structs import ReportBody
 from ..wire import HEADER, Schema, decode_body, encode
 from .policy import EnclaveIdentity, MigrationPolicy
 from .seen import SeenMigrationIds
-from .stream import StreamChannel
+from .stream_channel import StreamChannel
+from .transcript import key_schedule, mac, mac_ok, sha512, transcript_item
 
 __all__ = [
     "NEED_DATA",
@@ -48,7 +48,6 @@ __all__ = [
     "Role",
     "SessionKeys",
     "Verifier",
-    "transcript_item",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -168,60 +167,6 @@ SCHEMA: Final = Schema(
 )
 
 
-# --- transcript and key schedule ---------------------------------------------------------
-def transcript_item(label: str, value: bytes) -> bytes:
-    raw = label.encode("ascii")
-    return bytes([len(raw)]) + raw + len(value).to_bytes(4, "big") + value
-
-
-def _sha512(data: bytes) -> bytes:
-    h = hashes.Hash(hashes.SHA512())
-    h.update(data)
-    return h.finalize()
-
-
-def _mac(key: bytes, data: bytes) -> bytes:
-    h = hmac.HMAC(key, hashes.SHA256())
-    h.update(data)
-    return h.finalize()
-
-
-def _mac_ok(key: bytes, data: bytes, tag: bytes) -> bool:
-    h = hmac.HMAC(key, hashes.SHA256())
-    h.update(data)
-    try:
-        h.verify(tag)
-    except InvalidSignature:
-        return False
-    return True
-
-
-_KEY_LABELS: Final = (
-    "source confirm",
-    "destination confirm",
-    "stream source to destination",
-    "control source to destination",
-    "control destination to source",
-)
-
-
-def key_schedule(shared: bytes, transcript_hash: bytes) -> dict[str, bytes]:
-    """The session's keys from the X25519 result and TH (spec, section 6)."""
-
-    master = HKDF(
-        algorithm=hashes.SHA256(),
-        length=32,
-        salt=transcript_hash,
-        info=b"migsgx/v1 handshake master",
-    ).derive(shared)
-    return {
-        label: HKDFExpand(
-            algorithm=hashes.SHA256(), length=32, info=b"migsgx/v1 " + label.encode()
-        ).derive(master)
-        for label in _KEY_LABELS
-    }
-
-
 @dataclass(frozen=True)
 class SessionKeys:
     """What a completed handshake yields to the stream and commit layers."""
@@ -310,7 +255,7 @@ class Handshake:
                 + transcript_item("migration-id", self._mid)
                 + transcript_item("source-share", share)
             )
-            quote = self._own_quote(_sha512(self._transcript))
+            quote = self._own_quote(sha512(self._transcript))
             self._transcript += transcript_item("source-quote", quote)
             self._send({"t": "source-hello", "v": PROTOCOL_VERSION, "mid": self._mid,
                         "share": share, "quote": quote})  # fmt: skip
@@ -425,7 +370,7 @@ class Handshake:
         except ValueError as exc:
             raise ProtocolError("the peer's key share is invalid") from exc
         self._secret = None
-        th = _sha512(self._transcript)
+        th = sha512(self._transcript)
         keys = key_schedule(shared, th)
         source, destination = (
             (self._own, self._peer) if self.role is Role.SOURCE else (self._peer, self._own)
@@ -465,42 +410,42 @@ class Handshake:
             + transcript_item("migration-id", msg["mid"])
             + transcript_item("source-share", msg["share"])
         )
-        source = self._verify_peer(msg["quote"], _sha512(t1))
+        source = self._verify_peer(msg["quote"], sha512(t1))
         share = self._new_share()
         self._transcript = (
             t1
             + transcript_item("source-quote", msg["quote"])
             + transcript_item("destination-share", share)
         )
-        quote = self._own_quote(_sha512(self._transcript))
+        quote = self._own_quote(sha512(self._transcript))
         assert self._own is not None
         self._policy.check(source, self._own)
         self._transcript += transcript_item("destination-quote", quote)
         self._agree(msg["share"])
         assert self._keys is not None
-        confirm = _mac(self._confirm_keys[1], self._keys.transcript_hash)
+        confirm = mac(self._confirm_keys[1], self._keys.transcript_hash)
         self._send({"t": "destination-hello", "share": share, "quote": quote, "confirm": confirm})
 
     def _on_destination_hello(self, msg: dict[str, Any]) -> None:
         if len(msg["share"]) != 32 or len(msg["confirm"]) != 32:
             raise ProtocolError("destination hello: key share or confirmation has the wrong size")
         self._transcript += transcript_item("destination-share", msg["share"])
-        destination = self._verify_peer(msg["quote"], _sha512(self._transcript))
+        destination = self._verify_peer(msg["quote"], sha512(self._transcript))
         assert self._own is not None
         self._policy.check(self._own, destination)
         self._transcript += transcript_item("destination-quote", msg["quote"])
         self._agree(msg["share"])
         assert self._keys is not None
         th = self._keys.transcript_hash
-        if not _mac_ok(self._confirm_keys[1], th, msg["confirm"]):
+        if not mac_ok(self._confirm_keys[1], th, msg["confirm"]):
             self._keys = None
             raise KeyConfirmationError("the destination's key confirmation does not verify")
-        self._send({"t": "source-finished", "confirm": _mac(self._confirm_keys[0], th)})
+        self._send({"t": "source-finished", "confirm": mac(self._confirm_keys[0], th)})
         self._confirm_keys = (b"", b"")
 
     def _on_source_finished(self, msg: dict[str, Any]) -> None:
         assert self._keys is not None
-        if not _mac_ok(self._confirm_keys[0], self._keys.transcript_hash, msg["confirm"]):
+        if not mac_ok(self._confirm_keys[0], self._keys.transcript_hash, msg["confirm"]):
             self._keys = None
             raise KeyConfirmationError("the source's key confirmation does not verify")
         self._confirm_keys = (b"", b"")

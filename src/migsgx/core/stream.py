@@ -10,11 +10,13 @@ The hot path (:meth:`StreamSealer.seal_into`, :meth:`StreamOpener.open_into`) wo
 on caller-owned buffers with ``AESGCM.encrypt_into``/``decrypt_into`` when the
 installed ``cryptography`` has them, so sealing allocates nothing per chunk.
 Sealers and openers are not thread-safe; use one per thread.
+
+One stream at a time: the session that numbers them and checks each against
+what comes next is :mod:`.stream_channel`.
 """
 
 from __future__ import annotations
 
-import secrets
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -27,20 +29,16 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import StreamError
 from ..limits import STREAM_MAX_CHUNK_SIZE, STREAM_MIN_CHUNK_SIZE
-from .manifest import MANIFEST_LABEL, Manifest, Section, label_bytes
+from .manifest import label_bytes
 from .policy import EnclaveIdentity
 
 BytesLike: TypeAlias = bytes | bytearray | memoryview
 """Contiguous byte buffers (cast other views with ``memoryview.cast("B")``)."""
 
 __all__ = [
-    "MANIFEST_LABEL",
     "MAX_CHUNK_SIZE",
     "MIN_CHUNK_SIZE",
     "TAG_SIZE",
-    "Manifest",
-    "Section",
-    "StreamChannel",
     "StreamHeader",
     "StreamOpener",
     "StreamSealer",
@@ -408,110 +406,3 @@ class StreamOpener(_Stream):
                     self._failed = True
                     raise StreamError("data after the final chunk")
                 return bytes(out)
-
-
-# --- the session's stream channel ------------------------------------------------------
-class StreamChannel:
-    """All streams of one session, source to destination, numbered from 0.
-
-    The source's channel makes sealers, the destination's makes openers; each
-    checks that streams run one after the other and records their summaries.
-    """
-
-    def __init__(
-        self,
-        secret: bytes,
-        *,
-        migration_id: bytes,
-        source: EnclaveIdentity,
-        destination: EnclaveIdentity,
-        sending: bool,
-        rng: Callable[[int], bytes] = secrets.token_bytes,
-    ) -> None:
-        self._secret = bytes(secret)
-        self._mid = bytes(migration_id)
-        self._source = source
-        self._destination = destination
-        self._sending = sending
-        self._rng = rng
-        self._summaries: list[StreamSummary] = []
-        self._current: _Stream | None = None
-
-    @property
-    def summaries(self) -> tuple[StreamSummary, ...]:
-        return tuple(self._summaries)
-
-    @property
-    def busy(self) -> bool:
-        """True while a stream has been started and has not seen its final chunk."""
-
-        return self._current is not None and not self._current.done
-
-    def digest(self) -> bytes:
-        return streams_digest(self._summaries)
-
-    def _next(self) -> int:
-        return len(self._summaries)
-
-    def sealer(self, expect: str | Section, chunk_size: int) -> StreamSealer:
-        """Start the next stream, for a label or for a manifest section."""
-
-        if not self._sending:
-            raise ValueError("the destination's channel only opens streams")
-        if self.busy:
-            raise ValueError("the previous stream has not ended")
-        label, length = _expectation(expect, chunk_size, ValueError)
-        header = StreamHeader(
-            self._mid,
-            self._source,
-            self._destination,
-            chunk_size,
-            self._next(),
-            self._rng(16),
-            label,
-        )
-        sealer = StreamSealer(
-            self._secret, header.pack(), length=length, on_final=self._summaries.append
-        )
-        self._current = sealer
-        return sealer
-
-    def opener(self, header_bytes: bytes, *, expect: str | Section) -> StreamOpener:
-        """Check a received header against the session and what comes next; open it."""
-
-        if self._sending:
-            raise ValueError("the source's channel only seals streams")
-        if self.busy:
-            raise StreamError("the previous stream ended before its final chunk")
-        header, used = StreamHeader.unpack(header_bytes)
-        if used != len(header_bytes):
-            raise StreamError("bytes after the stream header")
-        if header.migration_id != self._mid:
-            raise StreamError("stream belongs to another migration")
-        if header.source.pack() != self._source.pack():
-            raise StreamError("stream names another source enclave")
-        if header.destination.pack() != self._destination.pack():
-            raise StreamError("stream names another destination enclave")
-        if header.sequence != self._next():
-            raise StreamError(
-                f"stream number {header.sequence} where {self._next()} was expected",
-                sequence=header.sequence,
-            )
-        label, length = _expectation(expect, header.chunk_size, StreamError)
-        if header.label != label:
-            raise StreamError(f"stream labelled {header.label!r} where {label!r} was expected")
-        opener = StreamOpener(
-            self._secret, header_bytes, length=length, on_final=self._summaries.append
-        )
-        self._current = opener
-        return opener
-
-
-def _expectation(
-    expect: str | Section, chunk_size: int, error: type[Exception]
-) -> tuple[str, int | None]:
-    if isinstance(expect, str):
-        return expect, None
-    if expect.page_size and chunk_size % expect.page_size:
-        raise error(f"section {expect.label!r}: chunk size is not a multiple of its page size")
-    return expect.label, expect.length

@@ -1,10 +1,11 @@
-"""Keep a failed step's logs for a post-mortem: ``$MIGSGX_KEEP_LOGS``.
+"""A failed step's logs: their useful end in its error, whole copies kept for a post-mortem.
 
 A failed CRIU dump or restore says why in its log (``dump.log``,
 ``restore.log``) and runc in its own (``runc.log``), but the directories
 they are written to belong to the migration and go with it: the agent removes
 a failed session's images, runc's log is removed after each command.  An
-error message carries only an excerpt (:func:`migsgx.criu.log_excerpt`).  Where
+error message carries only an excerpt (:func:`log_excerpt`, which leaves out the
+lines CRIU logs on every run here).  Where
 ``$MIGSGX_KEEP_LOGS`` names a directory (the storm's ``--keep-failed`` sets
 it), each such log is copied there whole at the failure, named by the time, the
 process and what failed, before its directory goes.  Unset, nothing is kept.
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Final
 
-__all__ = ["KEEP_LOGS_ENV", "keep_log"]
+__all__ = ["KEEP_LOGS_ENV", "harmless", "keep_log", "log_excerpt"]
 
 KEEP_LOGS_ENV: Final = "MIGSGX_KEEP_LOGS"
 
@@ -41,3 +42,27 @@ def keep_log(path: Path, what: str) -> Path | None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         return Path(shutil.copyfile(path, directory / name))
     return None
+
+
+#: Errors CRIU logs on every run here that say nothing about the failure: root
+#: lacks CAP_SYS_RESOURCE, so CRIU cannot raise its own RLIMIT_NOFILE.
+_HARMLESS = ("Can't setup RLIMIT_NOFILE",)
+
+
+def harmless(line: str) -> bool:
+    return any(marker in line for marker in _HARMLESS)
+
+
+def log_excerpt(path: Path, lines: int = 12, *, max_bytes: int = 1 << 20) -> str:
+    """The useful end of a CRIU log: its last error lines, else its last lines."""
+
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - max_bytes))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    all_lines = [line for line in text.splitlines() if line.strip() and not harmless(line)]
+    errors = [line for line in all_lines if "Error" in line]
+    return "\n".join((errors or all_lines)[-lines:])

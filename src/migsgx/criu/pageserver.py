@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import CriuError
-from .rpc import log_excerpt
+from .keeplog import log_excerpt
 
 __all__ = ["PageServer", "page_bytes"]
 

@@ -15,6 +15,10 @@ thread-safe), optionally inside other namespaces (:class:`InNetns`,
 :class:`InTaskNamespaces`). Messages are decoded only as the declared protobuf
 schema; nothing received is evaluated.
 
+This module is the client: one method a request, its options checked and put
+into a ``criu_req``.  The ``criu swrk`` process that answers it, and the NOTIFY
+dialogue, are :mod:`.swrk`; where it runs, :mod:`.enter`.
+
 ``$MIGSGX_CRIU_FEATURES_OFF`` (a comma-separated list of :meth:`Criu.features`
 names) is a fault hook: those features read as missing, as on a kernel without
 them, so the refusals that depend on them are reached on any kernel.
@@ -22,87 +26,25 @@ them, so the refusals that depend on them are reached on any kernel.
 
 from __future__ import annotations
 
-import array
-import contextlib
 import os
-import signal
-import socket
-import subprocess
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
 
-from migsgx import _proc
 from migsgx.criu.cancel import DumpCancel
-from migsgx.criu.keeplog import keep_log
+from migsgx.criu.enter import Enter
 from migsgx.criu.locate import CriuVersion, find_criu
+from migsgx.criu.swrk import NotifyCallback, Session
 from migsgx.errors import ConfigError, CriuError
 
-__all__ = [
-    "FEATURES_OFF_ENV",
-    "Criu",
-    "Enter",
-    "InNetns",
-    "InTaskNamespaces",
-    "NotifyCallback",
-    "log_excerpt",
-]
-
-#: ``notify(script, pid)``: CRIU's action name and, where CRIU sends one
-#: (``setup-namespaces``, ``post-restore``), the pid of the root task, else 0.
-NotifyCallback = Callable[[str, int], None]
+__all__ = ["FEATURES_OFF_ENV", "Criu", "OptionValue"]
 
 OptionValue = bool | int | str | Sequence[str]
 
-_MAX_MESSAGE: Final = 1 << 20
-_MAX_FDS: Final = 16
-_EXIT_GRACE: Final = 10.0
-_NETNS_DIR: Final = "/run/netns"
 FEATURES_OFF_ENV: Final = "MIGSGX_CRIU_FEATURES_OFF"
 
-
-@dataclass(frozen=True)
-class InNetns:
-    """Run CRIU in a named network namespace (``/run/netns/NAME``).
-
-    Only the network namespace changes (``nsenter --net``); CRIU and the
-    tasks it restores keep the caller's mount namespace, so files look the
-    same as on the source. (``ip netns exec`` would add a private mount
-    namespace, whose mounts a later dump cannot resolve for descriptors
-    opened outside it.)
-    """
-
-    name: str
-
-    def argv_prefix(self) -> list[str]:
-        return ["nsenter", f"--net={_NETNS_DIR}/{self.name}", "--"]
-
-
-@dataclass(frozen=True)
-class InTaskNamespaces:
-    """Run CRIU in the network and mount namespaces of a live task (``nsenter``).
-
-    This is how a task living in another network namespace is dumped: CRIU
-    then sees the task's namespaces as its own and does not try to dump them.
-    """
-
-    pid: int
-    net: bool = True
-    mount: bool = True
-
-    def argv_prefix(self) -> list[str]:
-        argv = ["nsenter", f"--target={self.pid}"]
-        if self.net:
-            argv.append("--net")
-        if self.mount:
-            argv.append("--mount")
-        return argv
-
-
-Enter = InNetns | InTaskNamespaces
 
 _pb_module: ModuleType | None = None
 
@@ -121,30 +63,6 @@ def _pb() -> Any:
             ) from exc
         _pb_module = rpc_pb2
     return _pb_module
-
-
-#: Errors CRIU logs on every run here that say nothing about the failure: root
-#: lacks CAP_SYS_RESOURCE, so CRIU cannot raise its own RLIMIT_NOFILE.
-_HARMLESS = ("Can't setup RLIMIT_NOFILE",)
-
-
-def _harmless(line: str) -> bool:
-    return any(marker in line for marker in _HARMLESS)
-
-
-def log_excerpt(path: Path, lines: int = 12, *, max_bytes: int = 1 << 20) -> str:
-    """The useful end of a CRIU log: its last error lines, else its last lines."""
-
-    try:
-        with path.open("rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - max_bytes))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    all_lines = [line for line in text.splitlines() if line.strip() and not _harmless(line)]
-    errors = [line for line in all_lines if "Error" in line]
-    return "\n".join((errors or all_lines)[-lines:])
 
 
 class Criu:
@@ -406,7 +324,7 @@ class Criu:
             # CRIU opens the images directory as /proc/<our pid>/fd/<dir_fd>:
             # the descriptor stays open here until CRIU has answered.
             try:
-                session = _Session(
+                session = Session(
                     self.binary, enter, self.timeout, action, log_path,
                     () if page_fd is None else (page_fd,),
                 )  # fmt: skip
@@ -439,187 +357,3 @@ def _apply_extra(opts: Any, extra: Mapping[str, OptionValue]) -> None:
                 getattr(opts, name).extend(value)
         except (AttributeError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad CRIU option {name}={value!r}: {exc}", option=name) from exc
-
-
-class _Session:
-    """One ``criu swrk`` process and its socket, for exactly one request."""
-
-    def __init__(
-        self,
-        binary: Path,
-        enter: Enter | None,
-        timeout: float | None,
-        action: str,
-        log_path: Path | None,
-        pass_fds: tuple[int, ...] = (),
-    ) -> None:
-        self.action = action
-        self.log_path = log_path
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock = ours
-        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by run())
-        argv = [*(enter.argv_prefix() if enter else []), str(binary), "swrk", str(theirs.fileno())]
-        try:
-            self.proc = subprocess.Popen(
-                argv,
-                pass_fds=(theirs.fileno(), *pass_fds),
-                stdin=subprocess.DEVNULL,
-                stdout=self.stderr,
-                stderr=self.stderr,
-            )
-        except OSError as exc:
-            ours.close()
-            self.stderr.close()
-            raise CriuError(f"cannot start {argv[0]}: {exc}", action=action) from exc
-        finally:
-            theirs.close()
-        ours.settimeout(timeout)
-
-    def run(
-        self, pb: Any, req: Any, notify: NotifyCallback | None, cancel: DumpCancel | None = None
-    ) -> Any:
-        failed: tuple[str, Exception] | None = None
-        try:
-            self._send(req)
-            while True:
-                resp = self._receive(pb)
-                if resp.type != pb.NOTIFY:
-                    break
-                script = str(resp.notify.script)
-                ok = True
-                if notify is not None or cancel is not None:
-                    try:
-                        if cancel is not None:
-                            cancel.check()  # a cancelled dump says no at its next step
-                        if notify is not None:
-                            notify(script, int(resp.notify.pid))
-                    except Exception as exc:
-                        ok = False
-                        if failed is None:
-                            failed = (script, exc)
-                self._send(pb.criu_req(type=pb.NOTIFY, notify_success=ok))
-            if resp.type != req.type:
-                raise self._error(f"answered a {req.type} request with type {resp.type}")
-            self._reap()
-            if failed is not None:
-                failed_script, cause = failed
-                raise self._error(
-                    f"{failed_script} callback failed ({type(cause).__name__}: {cause}); "
-                    f"CRIU {'still succeeded' if resp.success else 'aborted'}",
-                    resp,
-                    notify_script=failed_script,
-                ) from cause
-            if not resp.success:
-                raise self._error("failed", resp)
-            return resp
-        except BaseException:
-            self._abort()
-            raise
-        finally:
-            self.sock.close()
-            self.stderr.close()
-
-    def _send(self, msg: Any) -> None:
-        try:
-            self.sock.send(msg.SerializeToString())
-        except OSError as exc:
-            raise self._error(f"cannot send request: {exc}") from exc
-
-    def _receive(self, pb: Any) -> Any:
-        try:
-            data, ancdata, flags, _ = self.sock.recvmsg(
-                _MAX_MESSAGE, socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
-            )
-        except TimeoutError as exc:
-            raise self._error("timed out waiting for CRIU") from exc
-        except OSError as exc:
-            raise self._error(f"cannot receive: {exc}") from exc
-        # CRIU may pass a descriptor with a notification (orphan-pts-master);
-        # nothing here uses it, so it is closed at once.
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                for fd in fds:
-                    os.close(fd)
-        if not data:
-            self._wait_exit()
-            raise self._error("exited without an answer")
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            raise self._error("sent an oversize message")
-        try:
-            return pb.criu_resp.FromString(data)
-        except Exception as exc:  # the protobuf runtime's DecodeError
-            raise self._error(f"sent an undecodable message: {exc}") from exc
-
-    def _reap(self) -> None:
-        """CRIU exits after its answer; reap it (and kill it if it lingers)."""
-
-        self.sock.close()
-        try:
-            self.proc.wait(timeout=_EXIT_GRACE)
-        except subprocess.TimeoutExpired:
-            self._abort()
-
-    def _abort(self) -> None:
-        if self.proc.poll() is None:
-            # A restore that is cut short (a timeout, a damaged image that makes
-            # CRIU's restorer spin) leaves half-restored tasks below CRIU: they
-            # go first, so nothing of them lingers (a held socket name, say).
-            for pid in _proc.descendants(self.proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            self.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=_EXIT_GRACE)
-
-    def _wait_exit(self) -> None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=_EXIT_GRACE)
-
-    def _stderr_text(self) -> str:
-        if self.stderr.closed:
-            return ""
-        try:
-            self.stderr.seek(0)
-            return self.stderr.read(16384).decode("utf-8", errors="replace").strip()
-        except OSError:
-            return ""
-
-    def _error(self, what: str, resp: Any = None, **context: Any) -> CriuError:
-        parts = [f"criu {self.action} {what}"]
-        errno_ = errmsg = None
-        if resp is not None:
-            if resp.HasField("cr_errno") and resp.cr_errno:
-                errno_ = int(resp.cr_errno)
-                parts.append(f"errno {errno_} ({os.strerror(errno_)})")
-            if resp.HasField("cr_errmsg") and resp.cr_errmsg:
-                # CRIU reports the first error it logged, which may be noise.
-                errmsg = str(resp.cr_errmsg).strip()
-                if not _harmless(errmsg):
-                    parts.append(f"CRIU says: {errmsg}")
-        status = self.proc.poll()
-        if status not in (None, 0):
-            parts.append(f"exit status {status}")
-        stderr = self._stderr_text()
-        if stderr:
-            parts.append(f"stderr: {stderr}")
-        if resp is not None and resp.success and resp.HasField("restore"):
-            # A callback failed but CRIU went on (it ignores failed answers to
-            # pre-resume and post-resume): the tree runs, and the caller needs
-            # its pid to decide what to do with it.
-            context["restored_pid"] = int(resp.restore.pid)
-        excerpt = ""
-        if self.log_path is not None:
-            keep_log(self.log_path, f"criu {self.action}")
-            excerpt = log_excerpt(self.log_path)
-        if excerpt:
-            parts.append(f"log {self.log_path}:\n{excerpt}")
-        return CriuError(
-            "; ".join(parts),
-            action=self.action,
-            cr_errno=errno_,
-            cr_errmsg=errmsg,
-            log_path=str(self.log_path) if self.log_path is not None else None,
-            **context,
-        )

@@ -34,15 +34,15 @@ from typing import Any, BinaryIO
 
 import cbor2
 
+from ..core.peer import CHUNK_HEADER, FLAG_FINAL
 from ..core.stream import TAG_SIZE
 from ..errors import ConfigError, FrameError, MigSGXError
 from ..host.client import EnclaveInfo, launch_enclave
-from ..limits import DEFAULT_SLOTS
+from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
 from ..sgx.image import EnclaveImage
 from .enclave_link import RING_TIMEOUT, EnclaveLink, _call_beside, _Worker
-from .peerwire import DEFAULT_CHUNK
-from .ring import RingRole, ShmRing
-from .transport import CHUNK_HEADER, FLAG_FINAL
+from .ring import ShmRing
+from .ring_spec import RingRole
 
 MAX_IMAGE_FILE = 64 << 20
 
@@ -108,7 +108,7 @@ class CheckpointOut:
         info: EnclaveInfo,
         image_files: Mapping[str, bytes],
         *,
-        chunk_size: int = DEFAULT_CHUNK,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         slots: int = DEFAULT_SLOTS,
         group: bytes = b"",
     ) -> None:

@@ -24,7 +24,9 @@ from ..errors import (
     error_from_wire,
 )
 from ..wire import recv_frame, send_frame
-from .ring import RingPeerGoneError, ShmRing, send_ring_fds
+from .ring import ShmRing
+from .ring_handover import send_ring_fds
+from .ring_spec import RingPeerGoneError
 
 
 class EnclaveLink:

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Final, Self
 
+from .._net import keep_alive
 from ..core.handshake import Role
 from ..core.peer import check_offer
 from ..core.stream import TAG_SIZE
@@ -27,8 +28,10 @@ from ..host.client import EnclaveInfo, launch_enclave
 from ..sgx.image import EnclaveImage
 from .enclave_link import RING_TIMEOUT, EnclaveLink, _call_beside, _slot_size, _Worker
 from .peerwire import PREFAULT_WAIT, _recv, _send, bind_wire
-from .ring import RingRole, ShmRing
-from .transport import Staging, context_switches, keep_alive, socket_to_ring, tune_socket
+from .ring import ShmRing
+from .ring_spec import RingRole
+from .staging import Staging
+from .transport import context_switches, socket_to_ring, tune_socket
 
 
 def _bytes_waiting(sock: socket.socket) -> bool:

@@ -32,12 +32,13 @@ from typing import Any, Final
 from ..core.rounds import PAGE, StopRules
 from ..errors import DirtyTrackingUnavailableError, EnclaveLostError, MigrationError
 from ..host.client import EnclaveInfo
-from ..limits import DEFAULT_SLOTS
+from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
 from .enclave_link import RING_TIMEOUT, EnclaveLink, _call_beside, _slot_size, _Worker
 from .outgoing import OutgoingEnclave
 from .outgoing_transfer import dump_watched
-from .peerwire import DEFAULT_CHUNK, _recv, _send
-from .ring import RingRole, ShmRing
+from .peerwire import _recv, _send
+from .ring import ShmRing
+from .ring_spec import RingRole
 from .transport import ring_to_socket
 
 __all__ = ["FALLBACK", "LiveOutgoingEnclave", "RoundProgress", "StopRules"]
@@ -56,7 +57,7 @@ class LiveOutgoingEnclave(OutgoingEnclave):
         info: EnclaveInfo,
         image_files: Mapping[str, bytes],
         *,
-        chunk_size: int = DEFAULT_CHUNK,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         slots: int = DEFAULT_SLOTS,
         peer_timeout: float | None = 300.0,
         rules: StopRules | None = None,

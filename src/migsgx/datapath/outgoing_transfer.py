@@ -16,24 +16,20 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .._net import keep_alive
 from ..core.handshake import Role
 from ..core.peer import MODES, PEER_FRAME_MAX
 from ..core.stream import TAG_SIZE
 from ..errors import MigrationError, MigSGXError, ProtocolError
 from ..host.client import EnclaveInfo
-from ..limits import DEFAULT_SLOTS
+from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
 from ..wire import recv_frame
 from .enclave_link import RING_TIMEOUT, EnclaveLink, _call_beside, _slot_size, _Worker
-from .peerwire import DEFAULT_CHUNK, PEER, PREFAULT_WAIT, _recv, _send, bind_wire
-from .ring import RingRole, ShmRing
-from .transport import (
-    PeerWatch,
-    Staging,
-    context_switches,
-    keep_alive,
-    ring_to_socket,
-    tune_socket,
-)
+from .peerwire import PEER, PREFAULT_WAIT, _recv, _send, bind_wire
+from .ring import ShmRing
+from .ring_spec import RingRole
+from .staging import Staging
+from .transport import PeerWatch, context_switches, ring_to_socket, tune_socket
 
 #: How long the source waits for the destination's reason once it refused the stream.
 REFUSAL_WAIT = 2.0
@@ -92,7 +88,7 @@ class _OutgoingTransfer:
         info: EnclaveInfo,
         image_files: Mapping[str, bytes],
         *,
-        chunk_size: int = DEFAULT_CHUNK,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         slots: int = DEFAULT_SLOTS,
         mode: str = "pipelined",
         peer_timeout: float | None = 300.0,

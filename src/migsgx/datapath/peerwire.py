@@ -39,10 +39,8 @@ from typing import Any, Final
 from ..core.handshake import Role
 from ..core.peer import PEER_FRAME_MAX, SCHEMA, PeerProtocol
 from ..errors import MigrationError, ProtocolError
-from ..limits import DEFAULT_CHUNK_SIZE
 from ..wire import recv_frame, send_frame
 
-DEFAULT_CHUNK = DEFAULT_CHUNK_SIZE
 PEER = SCHEMA
 
 # Each end's view of its peer connection (migsgx.core.peer), by socket: every

@@ -51,6 +51,10 @@ used by mistake, and :meth:`ShmRing.close` can unmap safely.
 
 A ring end is not thread-safe: one thread drives it (worker threads may fill or
 read the views it hands out).
+
+This module is the ring end and its doorbell protocol; the terms both ends share
+(geometry, roles, errors, the descriptor checks) are :mod:`.ring_spec`, and
+handing an end to another process is :mod:`.ring_handover`.
 """
 
 from __future__ import annotations
@@ -62,35 +66,24 @@ import fcntl
 import math
 import mmap
 import os
-import select
 import socket
-import stat
 import struct
 from collections import deque
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, NoReturn
 
-from ..errors import (
-    ConnectionClosedError,
-    MigrationError,
-    MigSGXError,
-    ProtocolError,
-    register_error,
+from ..errors import MigSGXError, ProtocolError
+from .ring_spec import (
+    REQUIRED_SEALS,
+    RingPeerGoneError,
+    RingRole,
+    RingSpec,
+    RingTimeoutError,
+    check_doorbell,
+    check_memfd,
 )
-from ..limits import MAX_SLOT_SIZE, MAX_SLOTS
 
-__all__ = [
-    "MAX_SLOTS",
-    "MAX_SLOT_SIZE",
-    "RingPeerGoneError",
-    "RingRole",
-    "RingSpec",
-    "RingTimeoutError",
-    "ShmRing",
-    "recv_ring_fds",
-    "send_ring_fds",
-]
+__all__ = ["ShmRing"]
 
 # MAX_SLOTS (migsgx.limits) also keeps every doorbell queue far below its socket buffer.
 
@@ -100,57 +93,6 @@ _KIND_FREE: Final = 2
 _FLAG_FINAL: Final = 0x01
 
 _TIMEVAL = struct.Struct("@ll")
-
-_REQUIRED_SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-
-# Hand-over message sent with the two descriptors (see send_ring_fds).
-_HANDOVER = struct.Struct(">4sBBHII")
-_HANDOVER_MAGIC: Final = b"MSRG"
-_HANDOVER_VERSION: Final = 1
-
-
-@register_error
-class RingTimeoutError(MigrationError):
-    """The peer did not answer within the timeout."""
-
-    code = "timeout"
-
-
-class RingPeerGoneError(ConnectionClosedError):
-    """End of file on the doorbell: the other end of the ring closed it or died.
-
-    Kept apart from a closed socket so that a mover whose ring the enclave shut
-    (because the enclave itself failed) does not pass for the cause.
-    """
-
-
-class RingRole(enum.IntEnum):
-    """Which end of the ring a process holds."""
-
-    PRODUCER = 1
-    CONSUMER = 2
-
-    @property
-    def peer(self) -> RingRole:
-        return RingRole.CONSUMER if self is RingRole.PRODUCER else RingRole.PRODUCER
-
-
-@dataclass(frozen=True)
-class RingSpec:
-    """A ring's geometry."""
-
-    slots: int
-    slot_size: int
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.slots <= MAX_SLOTS:
-            raise ValueError(f"slots must be in 1..{MAX_SLOTS}, not {self.slots}")
-        if not 1 <= self.slot_size <= MAX_SLOT_SIZE:
-            raise ValueError(f"slot_size must be in 1..{MAX_SLOT_SIZE}, not {self.slot_size}")
-
-    @property
-    def size(self) -> int:
-        return self.slots * self.slot_size
 
 
 class _Slot(enum.Enum):
@@ -216,7 +158,7 @@ class ShmRing:
         memfd = os.memfd_create("migsgx-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(memfd, spec.size)
-            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _REQUIRED_SEALS)
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, REQUIRED_SEALS)
             mapping = mmap.mmap(memfd, spec.size, mmap.MAP_SHARED)
         except BaseException:
             os.close(memfd)
@@ -233,12 +175,12 @@ class ShmRing:
         """
 
         try:
-            doorbell = _check_doorbell(doorbell_fd)
+            doorbell = check_doorbell(doorbell_fd)
         except BaseException:
             os.close(memfd)
             raise
         try:
-            _check_memfd(memfd, spec)
+            check_memfd(memfd, spec)
             mapping = mmap.mmap(memfd, spec.size, mmap.MAP_SHARED)
         except BaseException:
             doorbell.close()
@@ -511,104 +453,3 @@ def _try_release(view: memoryview) -> bool:
     except BufferError:
         return False
     return True
-
-
-def _check_doorbell(fd: int) -> socket.socket:
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError as exc:
-        os.close(fd)
-        raise ProtocolError("the ring's doorbell descriptor is not a socket") from exc
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
-        sock.close()
-        raise ProtocolError("the ring's doorbell is not a unix seqpacket socket")
-    sock.setblocking(True)
-    return sock
-
-
-def _check_memfd(fd: int, spec: RingSpec) -> None:
-    try:
-        info = os.fstat(fd)
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError as exc:
-        raise ProtocolError("the ring's memory descriptor is not a sealed memfd") from exc
-    if not stat.S_ISREG(info.st_mode):
-        raise ProtocolError("the ring's memory descriptor is not a regular file")
-    if seals & _REQUIRED_SEALS != _REQUIRED_SEALS:
-        raise ProtocolError("the ring's memory may still change size", seals=seals)
-    if info.st_size != spec.size:
-        raise ProtocolError(
-            "the ring's memory does not match its geometry", size=info.st_size, want=spec.size
-        )
-
-
-# --- handing a ring to another process ----------------------------------------------
-def send_ring_fds(sock: socket.socket, ring: ShmRing) -> None:
-    """Send the peer's end of ``ring`` over a unix socket, then drop our copies.
-
-    One message: ``magic "MSRG" | u8 version | u8 role | u16 zero | u32 slots |
-    u32 slot_size`` (big-endian), with the memfd and the doorbell attached.
-
-    Until the peer has received the message, its descriptors live in the unix
-    socket's queue, and the peer's death cannot show as end of file on the
-    doorbell if this process still holds the receiving end of that socket: keep
-    only the sending end (or use timeouts).
-    """
-
-    memfd, doorbell_fd = ring.peer_fds()
-    header = _HANDOVER.pack(
-        _HANDOVER_MAGIC, _HANDOVER_VERSION, ring.role.peer, 0, ring.spec.slots, ring.spec.slot_size
-    )
-    socket.send_fds(sock, [header], [memfd, doorbell_fd])
-    ring.peer_handed_over()
-
-
-def recv_ring_fds(sock: socket.socket, role: RingRole, *, timeout: float | None = None) -> ShmRing:
-    """Receive a ring end sent by :func:`send_ring_fds` and attach to it as ``role``."""
-
-    if timeout is not None:
-        ready, _, _ = select.select([sock], [], [], timeout)
-        if not ready:
-            raise RingTimeoutError(f"no ring arrived within {timeout} s")
-    # Look before taking: if the sender died after its ``__mig_ring`` frame, the
-    # next bytes are another driver's frame (a guardian's ``__mig_abort``), and
-    # reading them here would cut that frame and every later one.
-    try:
-        head = sock.recv(len(_HANDOVER_MAGIC), socket.MSG_PEEK)
-    except OSError as exc:
-        raise ConnectionClosedError("could not receive the ring") from exc
-    if not head:
-        raise ConnectionClosedError("the peer closed before sending the ring")
-    if head != _HANDOVER_MAGIC[: len(head)]:
-        raise ProtocolError("no ring hand-over followed (left unread)")
-    try:
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, _HANDOVER.size + 1, 2)
-        except ConnectionResetError:
-            # Reported once when the sender closed with messages of ours unread;
-            # what it sent before closing is still queued.
-            data, fds, _flags, _addr = socket.recv_fds(sock, _HANDOVER.size + 1, 2)
-    except OSError as exc:
-        raise ConnectionClosedError("could not receive the ring") from exc
-    if len(fds) != 2 or len(data) != _HANDOVER.size:
-        for fd in fds:
-            os.close(fd)
-        if not data and not fds:
-            raise ConnectionClosedError("the peer closed before sending the ring")
-        raise ProtocolError("malformed ring hand-over", size=len(data), fds=len(fds))
-    memfd, doorbell_fd = fds
-    magic, version, peer_role, zero, slots, slot_size = _HANDOVER.unpack(data)
-    try:
-        if magic != _HANDOVER_MAGIC or version != _HANDOVER_VERSION or zero:
-            raise ProtocolError("not a ring hand-over message")
-        if peer_role != role:
-            raise ProtocolError("the ring was handed over for the other role", role=peer_role)
-        try:
-            spec = RingSpec(slots, slot_size)
-        except ValueError as exc:
-            raise ProtocolError(f"ring geometry out of bounds: {exc}") from exc
-    except BaseException:
-        os.close(memfd)
-        os.close(doorbell_fd)
-        raise
-    return ShmRing.attach(memfd, doorbell_fd, spec, role)

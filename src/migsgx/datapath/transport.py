@@ -28,12 +28,9 @@ Data path
 kernel keeps referring to the pages after the call returns, and the ring reuses
 a slot as soon as it is released, which would change bytes still in flight.
 
-Also here, so that there is one datapath: the enclave's end of a ring
-(:func:`fill_ring` with a chunk writer, :class:`SlotReader`), which the
-enclave's dump and load loops use with a sealer and an opener and the raw
-transport baseline uses with a plain copy (the cipher replaced by a copy, the
-rest the same code); and :class:`Staging`, the sequential mode's whole-state
-buffer moved over the same framing.
+This module is the untrusted movers' side.  The enclave's end of a ring (its dump
+and load loops, which never touch a socket) is :mod:`.slots`; sequential mode's
+whole-state buffer, moved over the same framing, is :mod:`.staging`.
 
 Defaults, from the bulk-path probe that preceded ``migsgx bench state`` (1 GiB,
 four processes on two cores, AES-256-GCM in the enclave processes)
@@ -53,41 +50,26 @@ four processes on two cores, AES-256-GCM in the enclave processes)
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import resource
 import select
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
-from .._net import LIVENESS_SECONDS, keep_alive
-from .._populate import populate
 from ..core.peer import CHUNK_HEADER, FLAG_FINAL
-from ..errors import ConnectionClosedError, FrameError, StreamError
-from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
-from .ring import RingTimeoutError, ShmRing
+from ..errors import ConnectionClosedError, FrameError
+from .ring import ShmRing
+from .ring_spec import RingTimeoutError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 __all__ = [
-    "CHUNK_HEADER",
-    "DEFAULT_CHUNK_SIZE",
-    "DEFAULT_SLOTS",
-    "FLAG_FINAL",
-    "LIVENESS_SECONDS",
-    "ChunkWriter",
     "PeerWatch",
-    "SlotReader",
-    "Staging",
     "batch_scheduling",
     "context_switches",
-    "copy_chunk",
-    "drain_ring",
-    "fill_ring",
-    "keep_alive",
     "read_chunk_header",
     "recv_exactly_into",
     "ring_to_socket",
@@ -117,9 +99,6 @@ def tune_socket(
     if buffer_size is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
-
-
-_STAGING_SLACK: Final = 16 << 20
 
 
 @contextlib.contextmanager
@@ -320,238 +299,6 @@ def socket_to_ring(
         total += length
         if final:
             return total
-
-
-# --- the enclave's end of a ring: chunks written into slots, read out of them -----------
-ChunkWriter = Callable[[memoryview, memoryview, bool], int]
-"""``write(part, slot, last) -> n``: put one chunk of plaintext into a slot, say how many bytes."""
-
-
-def copy_chunk(part: memoryview, slot: memoryview, last: bool) -> int:
-    """The raw baseline's stand-in for sealing: the chunk copied as it is."""
-
-    n = len(part)
-    slot[:n] = part
-    return n
-
-
-def fill_ring(
-    ring: ShmRing,
-    data: Buffer,
-    chunk_size: int,
-    write: ChunkWriter = copy_chunk,
-    *,
-    final: bool = True,
-    timeout: float | None = None,
-) -> int:
-    """Cut ``data`` into chunks, ``write`` each straight into a slot, publish it.
-
-    This is the source enclave's dump loop: :mod:`migsgx.enclave.migrator_source` passes
-    a sealer as ``write``; the raw transport baseline passes :func:`copy_chunk`,
-    so the two differ by the cipher alone.  Empty ``data`` still makes one
-    (empty) chunk, since a stream always ends with a chunk.  The last chunk is the
-    ring's final slot if ``final``.  Returns the bytes published.
-    """
-
-    if chunk_size <= 0:
-        raise ValueError("chunk_size must be positive")
-    with memoryview(data).cast("B") as src:
-        total = len(src)
-        offset = 0
-        published = 0
-        while True:
-            end = min(offset + chunk_size, total)
-            last = end >= total
-            index, slot = ring.acquire(timeout)
-            n = write(src[offset:end], slot, last)
-            ring.publish(index, n, final=final and last)
-            published += n
-            offset = end
-            if last:
-                return published
-
-
-class SlotReader:
-    """A ring's consumer end as an enclave reads it: each slot copied once, then freed.
-
-    The untrusted side can change a slot's bytes at any moment; the private copy
-    taken before anything looks at them is what gets authenticated and opened (no
-    double fetch).  The slot goes back to the producer before the chunk is opened,
-    so the next one can arrive meanwhile.  After the final slot, :meth:`take`
-    raises :class:`~migsgx.errors.StreamError`: the untrusted side ended the
-    transfer before the reader's stream did.
-    """
-
-    def __init__(self, ring: ShmRing, *, timeout: float | None = None) -> None:
-        self._ring = ring
-        self._private = memoryview(bytearray(ring.slot_size))
-        self.timeout = timeout
-        self.ended = False
-        self.received = 0
-
-    def take(self) -> memoryview:
-        """The next chunk, in private memory valid until the next call."""
-
-        if self.ended:
-            raise StreamError("the transfer ended before the stream's last chunk")
-        index, view, final = self._ring.next(self.timeout)
-        n = len(view)
-        self._private[:n] = view
-        self._ring.release(index)
-        self.ended = final
-        self.received += n
-        return self._private[:n]
-
-
-def drain_ring(ring: ShmRing, dest: Buffer, *, timeout: float | None = None) -> int:
-    """The raw baseline's destination enclave: :class:`SlotReader`, then a copy for opening."""
-
-    reader = SlotReader(ring, timeout=timeout)
-    with memoryview(dest).cast("B") as dst:
-        offset = 0
-        while not reader.ended:
-            chunk = reader.take()
-            n = len(chunk)
-            if n > len(dst) - offset:
-                raise FrameError("the stream is longer than the destination", at=offset)
-            dst[offset : offset + n] = chunk
-            offset += n
-        return offset
-
-
-# --- sequential mode: the whole state staged between the rings and the connection ---------
-class Staging:
-    """Sequential mode's whole-state buffer in an untrusted driver, with chunk boundaries.
-
-    Source: :meth:`drain` the ring into it while the enclave dumps, then
-    :meth:`send`.  Destination: :meth:`receive` everything, then :meth:`fill`
-    the ring while the enclave loads.  Chunks keep the boundaries they had in
-    the source's ring, so the enclave sees the same slots either way.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.lengths: list[int] = []
-        self.used = 0
-        self._ahead: threading.Thread | None = None
-        self._stop_ahead = threading.Event()
-        #: Bytes :meth:`prefault_ahead` faulted in (set once it stopped).
-        self.prefaulted = 0
-
-    @classmethod
-    def for_state(cls, memory_size: int, chunk_size: int, overhead: int) -> Staging:
-        """Room for a state of ``memory_size`` in chunks, ``overhead`` bytes added to each."""
-
-        return cls(cls.staged_size(memory_size, chunk_size, overhead) + _STAGING_SLACK)
-
-    @staticmethod
-    def staged_size(memory: int, chunk_size: int, overhead: int) -> int:
-        """The bytes a state of ``memory`` takes here, with its chunks' overhead."""
-
-        return memory + (memory // chunk_size + 16) * (overhead + 512)
-
-    def prefault_ahead(self, nbytes: int) -> None:
-        """Fault in the first ``nbytes`` of the buffer in a thread, from now on.
-
-        Called before the freeze (at the handshake) with the size of the state
-        to come: the first touch of a fresh buffer is a page fault per page
-        (0.3-0.4 CPU seconds per GiB here, several times that when the VM's host
-        must back the pages first), and without this it falls inside the frozen
-        window, in the driver's copy (source) or receive (destination).
-        :meth:`stop_ahead` (or :meth:`close`) ends it.
-        """
-
-        if self._ahead is not None or nbytes <= 0:
-            return
-
-        def run() -> None:
-            self.prefaulted = populate(self.buffer, nbytes, self._stop_ahead)
-
-        self._ahead = threading.Thread(target=run, name="migsgx-staging-prefault", daemon=True)
-        self._ahead.start()
-
-    def wait_ahead(self, timeout: float | None = None) -> int:
-        """Wait up to ``timeout`` for :meth:`prefault_ahead` to end by itself; its bytes."""
-
-        if self._ahead is not None:
-            self._ahead.join(timeout)
-        return self.prefaulted
-
-    def stop_ahead(self) -> int:
-        """Stop :meth:`prefault_ahead` (what it did stays); the bytes it faulted in."""
-
-        if self._ahead is not None:
-            self._stop_ahead.set()
-            self._ahead.join()
-        return self.prefaulted
-
-    def _append(self, n: int) -> memoryview:
-        if self.used + n > len(self.buffer):
-            raise FrameError("the state is larger than the staging buffer", at=self.used)
-        view = memoryview(self.buffer)[self.used : self.used + n]
-        self.used += n
-        self.lengths.append(n)
-        return view
-
-    def drain(self, ring: ShmRing, timeout: float | None = None) -> None:
-        """Copy every slot of ``ring`` (consumer end) in, until the final one."""
-
-        while True:
-            index, slot, final = ring.next(timeout)
-            with self._append(len(slot)) as room:
-                room[:] = slot
-            ring.release(index)
-            if final:
-                return
-
-    def receive(self, sock: socket.socket, cap: int) -> None:
-        """Read chunk frames in until the final one; each at most ``cap`` bytes."""
-
-        header = bytearray(CHUNK_HEADER.size)
-        while True:
-            n, final = read_chunk_header(sock, header, cap)
-            with self._append(n) as room:
-                recv_exactly_into(sock, room)
-            if final:
-                return
-
-    def chunks(self) -> Iterator[tuple[memoryview, bool]]:
-        """Every staged chunk in order, with the final flag on the last one."""
-
-        with memoryview(self.buffer) as view:
-            pos = 0
-            last = len(self.lengths) - 1
-            for i, n in enumerate(self.lengths):
-                yield view[pos : pos + n], i == last
-                pos += n
-
-    def send(self, sock: socket.socket) -> int:
-        """Send every staged chunk as a chunk frame; return the bytes sent."""
-
-        for chunk, final in self.chunks():
-            send_chunk(sock, chunk, final=final)
-            chunk.release()
-        return self.used
-
-    def fill(self, ring: ShmRing, timeout: float | None = None) -> None:
-        """Publish every staged chunk into ``ring`` (producer end), one per slot."""
-
-        for chunk, final in self.chunks():
-            index, slot = ring.acquire(timeout)
-            slot[: len(chunk)] = chunk
-            ring.publish(index, len(chunk), final=final)
-            chunk.release()
-
-    def close(self) -> None:
-        self.stop_ahead()  # (its madvise needs the mapping)
-        with contextlib.suppress(BufferError):
-            self.buffer.close()
-
-    def __enter__(self) -> Staging:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def shutdown_quietly(sock: socket.socket) -> None:

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..core.policy import IDENTITY_SIZE, EnclaveIdentity, MigrationPolicy, PolicyMode
-from ..core.stream import StreamChannel
+from ..core.stream_channel import StreamChannel
 from ..errors import (
     CheckpointDamagedError,
     CheckpointGateError,

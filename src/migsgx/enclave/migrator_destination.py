@@ -15,8 +15,10 @@ import cbor2
 
 from ..core.commit import Committed
 from ..core.handshake import PeerAborted, Role
-from ..core.stream import TAG_SIZE, Manifest, Section
-from ..datapath.transport import SlotReader, context_switches
+from ..core.manifest import Manifest, Section
+from ..core.stream import TAG_SIZE
+from ..datapath.slots import SlotReader
+from ..datapath.transport import context_switches
 from ..errors import MigrationError, ProtocolError, ReplayError, StreamError
 from ..sgx.store_types import RecordUpdate
 from . import precopy_in

@@ -16,8 +16,10 @@ import cbor2
 
 from ..core.commit import CommitState, LoadConfirmed
 from ..core.handshake import PeerAborted, Role
-from ..core.stream import TAG_SIZE, Manifest, Section, StreamSealer
-from ..datapath.transport import ChunkWriter, context_switches, fill_ring
+from ..core.manifest import Manifest, Section
+from ..core.stream import TAG_SIZE, StreamSealer
+from ..datapath.slots import ChunkWriter, fill_ring
+from ..datapath.transport import context_switches
 from ..errors import (
     AwaitingDecisionError,
     CommittedError,

@@ -19,8 +19,10 @@ from ..core.commit import DestinationCommit, SourceCommit
 from ..core.handshake import Handshake, HandshakeComplete, PeerAborted, Role, SessionKeys
 from ..core.policy import MigrationPolicy, PolicyMode
 from ..core.rounds import digest_key
-from ..core.stream import StreamChannel
-from ..datapath.ring import RingRole, ShmRing, recv_ring_fds
+from ..core.stream_channel import StreamChannel
+from ..datapath.ring import ShmRing
+from ..datapath.ring_handover import recv_ring_fds
+from ..datapath.ring_spec import RingRole
 from ..errors import ClaimedBeforeError, MigrationError, ProtocolError
 from ..limits import MIN_CHUNK_SIZE
 from ..sgx.collateral import Collateral

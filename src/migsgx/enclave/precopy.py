@@ -41,7 +41,8 @@ from ..core.rounds import (
     round_label,
     segments_of,
 )
-from ..core.stream import TAG_SIZE, StreamChannel
+from ..core.stream import TAG_SIZE
+from ..core.stream_channel import StreamChannel
 from ..datapath.ring import ShmRing
 from ..errors import LiveMigrationError, ProtocolError
 from .dirty import DirtyTracker, open_tracker

@@ -29,7 +29,8 @@ from ..core.rounds import (
     parse_digest_body,
     round_label,
 )
-from ..core.stream import TAG_SIZE, StreamChannel
+from ..core.stream import TAG_SIZE
+from ..core.stream_channel import StreamChannel
 from ..datapath.ring import ShmRing
 from ..errors import LiveMigrationError, MemoryDigestError, ProtocolError, StreamError
 from .memory import PAGE_SIZE, EnclaveMemory

@@ -23,6 +23,9 @@ host, outside the container, as the platform service starts them.
 :meth:`ContainerLab.close` removes every container, image, store, bundle and
 cgroup it made; the lab's directory carries its owner's run tag, so that a later
 run sweeps all of it should the owner die first (:mod:`.sweep`).
+
+The root file system and each container's OCI configuration are
+:mod:`.container_spec`; this module runs the engines with them.
 """
 
 from __future__ import annotations
@@ -52,37 +55,29 @@ from ..containers.runc import Runc
 from ..containers.settings import ContainerSettings
 from ..criu import Criu
 from ..errors import MigSGXError
+from .container_spec import (
+    ENCLAVE_INSIDE,
+    PLATFORM_DIR_INSIDE,
+    PLATFORM_INSIDE,
+    make_skeleton,
+    python_binds,
+    runtime_spec,
+)
 from .containerd import ContainerdDaemon, lab_settings, run_container
 from .hosts import EXAMPLES
 from .sweep import unmount_below, write_owner
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-
 if TYPE_CHECKING:
     from .testbed import Testbed
 
-__all__ = ["PLATFORM_INSIDE", "ContainerApp", "ContainerLab", "runtime_spec"]
+__all__ = ["ContainerApp", "ContainerLab"]
 
-PLATFORM_INSIDE: Final = "/run/migsgx/enclave.sock"
-PLATFORM_DIR_INSIDE: Final = "/run/migsgx"
-ENCLAVE_INSIDE: Final = "/opt/enclave"
 MARKER_ENV: Final = "MIGSGX_LAB_MARKER"
 IMAGE: Final = "localhost/migsgx-lab:1"
 READY_TIMEOUT: Final = 60.0
 #: Host numbers of the addresses containers may own on a bridged testbed (10.250.S.N).
 POD_HOSTS: Final = range(100, 120)
 ENGINES: Final = ("runc", "podman", "containerd")
-MASKED_PATHS: Final = (
-    "/proc/acpi",
-    "/proc/kcore",
-    "/proc/keys",
-    "/proc/latency_stats",
-    "/proc/timer_list",
-    "/proc/sched_debug",
-    "/sys/firmware",
-    "/proc/scsi",
-)
-READONLY_PATHS: Final = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 
 @dataclass
@@ -93,95 +88,6 @@ class ContainerApp:
     port: int
     marker: str
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def runtime_spec(
-    args: Sequence[str],
-    env: Sequence[str],
-    binds: Sequence[tuple[str, str, bool]],
-    *,
-    netns: Path | None,
-    cgroups_path: str,
-    hostname: str,
-) -> dict[str, Any]:
-    """An OCI runtime configuration for a non-interactive process (as ``runc spec`` makes)."""
-
-    caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
-    mounts: list[dict[str, Any]] = [
-        {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-         "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-         "options": ["nosuid", "noexec", "nodev", "ro"]},
-        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]},
-    ]  # fmt: skip
-    for source, dest, readonly in binds:
-        mounts.append({"destination": dest, "type": "bind", "source": source,
-                       "options": ["rbind", "ro" if readonly else "rw"]})  # fmt: skip
-    network: dict[str, str] = {"type": "network"}
-    if netns is not None:
-        network["path"] = str(netns)
-    return {
-        "ociVersion": "1.0.2-dev",
-        "process": {
-            "terminal": False,
-            "user": {"uid": 0, "gid": 0},
-            "args": list(args),
-            "env": list(env),
-            "cwd": "/",
-            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": True,
-        },
-        "root": {"path": "rootfs", "readonly": True},
-        "hostname": hostname,
-        "mounts": mounts,
-        "linux": {
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
-            "cgroupsPath": cgroups_path,
-            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")] + [network],
-            "maskedPaths": list(MASKED_PATHS),
-            "readonlyPaths": list(READONLY_PATHS),
-        },
-    }
-
-
-def _python_binds() -> list[tuple[str, str, bool]]:
-    """The interpreter, and this project with its virtual environment, at their own paths."""
-
-    binds = [("/usr", "/usr", True), ("/etc", "/etc", True)]
-    base = Path(sys.base_prefix).resolve()
-    if not base.is_relative_to("/usr"):
-        binds.append((str(base), str(base), True))
-    # The directory that holds the migsgx package (src/ of a checkout, or
-    # site-packages), the examples, and the virtual environment, each once.
-    for path in (PACKAGE_ROOT, EXAMPLES.resolve(), Path(sys.prefix).resolve()):
-        if path.is_relative_to("/usr") or any(path.is_relative_to(b[0]) for b in binds):
-            continue
-        binds.append((str(path), str(path), True))
-    return binds
-
-
-def make_skeleton(root: Path) -> Path:
-    """A root file system of mount points and the merged-/usr links, nothing else."""
-
-    root.mkdir(parents=True, exist_ok=True)
-    for sub in ("usr", "etc", "proc", "dev", "sys", "tmp", "run/migsgx", "opt/enclave", "root"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    for link in ("bin", "lib", "lib64", "sbin"):
-        if Path("/usr", link).is_dir() and not (root / link).is_symlink():
-            (root / link).symlink_to(f"usr/{link}")
-    for _source, dest, _ro in _python_binds():
-        (root / dest.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    (root / PLATFORM_INSIDE.lstrip("/")).touch()
-    return root
 
 
 class ContainerLab:
@@ -237,7 +143,7 @@ class ContainerLab:
         """What the lab's containers bind-mount: each host allows it (``containers.toml``)."""
 
         images = self.bed.deployment.root / "images"  # the signed enclave images
-        return (*(Path(source) for source, _dest, _ro in _python_binds()), images)
+        return (*(Path(source) for source, _dest, _ro in python_binds()), images)
 
     def runc(self, host: str) -> Runc:
         return Runc(self.settings[host].runc_root, self.criu.binary)
@@ -336,7 +242,7 @@ class ContainerLab:
             "PYTHONDONTWRITEBYTECODE=1",
             f"{MARKER_ENV}={marker}",
         ]
-        binds = _python_binds()
+        binds = python_binds()
         if enclaves:
             argv += ["--image", ENCLAVE_INSIDE, "--platform-socket", PLATFORM_INSIDE]
             env.append(f"{PLATFORM_ENV}={PLATFORM_INSIDE}")
@@ -430,11 +336,11 @@ class ContainerLab:
         env = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONDONTWRITEBYTECODE=1",
                f"{MARKER_ENV}={marker}"]  # fmt: skip
         if engine == "runc":
-            self._run_runc(name, at, list(argv), env, _python_binds())
+            self._run_runc(name, at, list(argv), env, python_binds())
         elif engine == "containerd":
-            self._run_containerd(name, at, list(argv), env, _python_binds())
+            self._run_containerd(name, at, list(argv), env, python_binds())
         else:
-            self._run_podman(name, at, list(argv), env, _python_binds())
+            self._run_podman(name, at, list(argv), env, python_binds())
         app = ContainerApp(engine, name, at, 0, marker)
         self.apps.append(app)
         return app

@@ -31,6 +31,7 @@ from ..errors import MigSGXError
 from ..system.process import process_state, tree_pids
 from .hosts import EXAMPLES, Deployment, ServiceProcess, start_service
 from .netns import Host, HostNetwork
+from .subnets import SubnetClaim, claim_subnet
 from .sweep import tag_run
 
 __all__ = ["AgentProcess", "AppProcess", "MigrateRun", "Testbed"]
@@ -88,6 +89,8 @@ class Testbed:
     __test__ = False  # not a test class, whatever its name
 
     root: Path
+    #: The subnet it would like (``10.250.S.0/24``): it gets the first free one from
+    #: there on (:mod:`.subnets`), which ``net.network`` names.
     subnet: int = 0
     names: tuple[str, str] = ("src", "dst")
     #: Hosts hold their address on a bridge: containers can own addresses (lab.netns).
@@ -98,6 +101,7 @@ class Testbed:
     agents: list[AgentProcess] = field(init=False, default_factory=list)
     apps: list[AppProcess] = field(init=False, default_factory=list)
     images: dict[str, Path] = field(init=False, default_factory=dict)
+    claim: SubnetClaim | None = field(init=False, default=None)
     #: Every ``migsgx migrate`` run so far (what a test checks was left behind).
     tool_runs: list[MigrateRun] = field(init=False, default_factory=list)
 
@@ -113,8 +117,13 @@ class Testbed:
         tag_run()  # what this bed starts, wherever it runs, a later run can sweep
         self.root.mkdir(parents=True, exist_ok=True)
         self.deployment = Deployment.create(self.root / "deployment", names=list(self.names))
-        self.net = HostNetwork(list(self.names), subnet=self.subnet, bridged=self.bridged)
-        self.net.create()
+        self.claim = claim_subnet(self.subnet)
+        try:
+            self.net = HostNetwork(list(self.names), subnet=self.claim.subnet, bridged=self.bridged)
+            self.net.create()
+        except BaseException:
+            self.claim.release()
+            raise
         try:
             for name in self.names:
                 host = self.net[name]
@@ -134,6 +143,8 @@ class Testbed:
             service.stop()
         with contextlib.suppress(AttributeError):
             self.net.close(raise_errors=False)
+        if self.claim is not None:
+            self.claim.release()  # (only once its namespaces are gone)
 
     def state(self, name: str) -> Path:
         return self.deployment.hosts[self.names.index(name)]

@@ -60,12 +60,22 @@ def default_socket(state_dir: Path) -> Path:
 def make_socket_dir(directory: Path, group: int | None) -> None:
     """The socket's directory, made for it when missing: 0700, or 0750 and ``group``
     (who may use the socket must reach it; nobody else even sees its name).  An
-    existing directory (an operator's ``--socket``) is left as it is."""
+    existing directory (an operator's ``--socket``) is left as it is.  Its parents are
+    not made: their modes decide who reaches the socket, which only the operator knows,
+    so a missing one is a :class:`ConfigError` that names it (not an ``OSError`` at bind)."""
 
     try:
         directory.mkdir(mode=0o700)
     except FileExistsError:
         return
+    except FileNotFoundError as exc:
+        missing = directory.parent
+        while not missing.parent.exists() and missing.parent != missing:
+            missing = missing.parent
+        raise ConfigError(
+            f"the socket's directory {directory} cannot be made: {missing} does not exist"
+            " (make it first, with the modes who uses the socket needs)"
+        ) from exc
     if group is not None:
         os.chown(directory, -1, group)
     os.chmod(directory, 0o750 if group is not None else 0o700)  # (mkdir's mode met the umask)

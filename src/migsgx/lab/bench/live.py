@@ -54,9 +54,9 @@ from ...core.rounds import PAGE, StopRules
 from ...datapath.incoming import IncomingEnclave
 from ...datapath.live import LiveOutgoingEnclave
 from ...datapath.outgoing import OutgoingEnclave
-from ...datapath.peerwire import DEFAULT_CHUNK
 from ...errors import ConfigError, MigSGXError
 from ...host.client import EnclaveClient
+from ...limits import DEFAULT_CHUNK_SIZE
 from ..hosts import Deployment, running_services
 from .live_figures import freeze_steps, paired, step_medians, summary
 
@@ -371,7 +371,7 @@ def run_sizes(
         out: dict[str, Any] = {
             "enclave_bytes": w.size,
             "dirty_rate_bytes_per_s": rate,
-            "chunk_bytes": DEFAULT_CHUNK,
+            "chunk_bytes": DEFAULT_CHUNK_SIZE,
             "repeat": repeat,
             "rules": rules.__dict__,
         }

@@ -44,8 +44,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ...core.stream import TAG_SIZE
 from ...errors import ConfigError, MigSGXError
-from ...limits import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK
-from ...limits import DEFAULT_SLOTS
+from ...limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
 from .. import memstat
 from ..hosts import Deployment, running_services
 from .bound import pipeline_bound, process_cpu, process_switches, stage_cpu
@@ -366,7 +365,7 @@ def one_run(
 
 def run(
     size: int,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int = DEFAULT_CHUNK_SIZE,
     slots: int = DEFAULT_SLOTS,
     *,
     repeat: int = 3,

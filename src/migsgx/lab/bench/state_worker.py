@@ -26,8 +26,10 @@ from typing import Any
 
 from ...datapath.incoming import IncomingEnclave
 from ...datapath.outgoing import OutgoingEnclave
-from ...datapath.ring import RingRole, RingSpec, ShmRing
-from ...datapath.transport import drain_ring, fill_ring, ring_to_socket, socket_to_ring, tune_socket
+from ...datapath.ring import ShmRing
+from ...datapath.ring_spec import RingRole, RingSpec
+from ...datapath.slots import drain_ring, fill_ring
+from ...datapath.transport import ring_to_socket, socket_to_ring, tune_socket
 from ...enclave.memory import EnclaveMemory
 from ...host.client import EnclaveClient
 from .. import memstat
