@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import shlex
 import shutil
 import signal
 import sys
@@ -71,6 +72,12 @@ def main() -> int:
         "of failed steps, the tool's output, the agents' logs)",
     )
     parser.add_argument(
+        "--options",
+        default="",
+        help="more options of migsgx migrate for every migration, one string "
+        "(e.g. '--live --post-copy', '--mode sequential', '--late-handshake')",
+    )
+    parser.add_argument(
         "--checkpoints",
         action="store_true",
         help="checkpoint and restore a plain process instead of migrating it",
@@ -92,7 +99,8 @@ def main() -> int:
             lab = stack.enter_context(ContainerLab(bed)) if args.engine != "pid" else None
             kind = CheckpointStorm if args.checkpoints else Storm
             storm = kind(bed, args.seed, bound=args.bound, lab=lab, engine=args.engine,
-                         keep_failed=args.keep_failed)  # fmt: skip
+                         keep_failed=args.keep_failed,
+                         options=shlex.split(args.options))  # fmt: skip
             for index in range(args.count):
                 if time.monotonic() >= t_end:
                     break
@@ -105,7 +113,7 @@ def main() -> int:
         left = [n for n in list_namespaces() if n.startswith(namespaces)]
     result = summary(outcomes)
     result["seed"], result["engine"] = args.seed, args.engine
-    result["checkpoints"] = args.checkpoints
+    result["checkpoints"], result["options"] = args.checkpoints, args.options
     result["namespaces_left"] = left
     print("storm-summary " + json.dumps(result, sort_keys=True), flush=True)
     return 1 if result["failed"] or left else 0

@@ -103,11 +103,14 @@ class Storm:
         lab: ContainerLab | None = None,
         engine: str = "runc",
         keep_failed: Path | None = None,
+        options: list[str] | None = None,
     ) -> None:
         """``lab``: the kvstore runs in a container of ``engine`` (runc, podman,
-        containerd); without it, as a plain process."""
+        containerd); without it, as a plain process.  ``options``: more options of
+        ``migsgx migrate`` for every migration (``--live``, ``--mode sequential``...)."""
 
         self.bed, self.lab, self.engine = bed, lab, engine
+        self.options = list(options or [])
         #: Where a failed migration's logs go (:meth:`_keep`); CRIU's and runc's logs of
         #: failed steps gather in its ``pending`` until the migration is judged.
         self.keep_failed = keep_failed
@@ -193,6 +196,7 @@ class Storm:
         self._reap()
         pid = self._source_pid = self.target.root_pid(frm)
         argument, args = self.target.migrate_args(pid)
+        args = [*args, *self.options]
         client = Client(self, frm)
         client.start()
         t0 = time.monotonic()
