@@ -69,6 +69,27 @@ def test_failure_before_the_commit_point_leaves_the_source_running(
     end_copies(bed, app)
 
 
+def test_a_failure_inside_the_post_dump_step_gives_the_source_back(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    """The ``post-dump`` step fails (``tool.before-images:fail``; a storm with
+    ``--options '--live --post-copy'`` found it through a control connection that
+    stalled while the images went).  A lazy dump serves pages even after its
+    ``post-dump`` step failed: before, CRIU waited in ``accept`` for a destination
+    that never came, the tool waited for CRIU, and the source stayed frozen (10
+    minutes, then the storm gave up)."""
+
+    app = start_workers(bed, *WRITING)
+    run = bed.migrate(app.pid, agent, args=["--post-copy"],
+                      env={"MIGSGX_FAULT": "tool.before-images:fail"}, timeout=120)  # fmt: skip
+    assert run.returncode == 6, run.stderr
+    assert "fault injected at tool.before-images" in run.stderr, run.stderr
+    workers_carry_on(bed, app, "src")
+    assert all(not w["errors"] for w in workers(bed, app, "src"))
+    assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
+    end_copies(bed, app)
+
+
 def test_source_criu_lost_after_the_commit_point_is_exit_9(
     bed: Testbed, agent: AgentProcess
 ) -> None:

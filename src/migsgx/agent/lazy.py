@@ -69,9 +69,16 @@ class LazyDump:
         self.error: BaseException | None = None
         self._dumped = threading.Event()
         self._callback_ok = False
+        #: Why ``post-dump`` failed: CRIU goes on to serve pages all the same.
+        self._callback_error: BaseException | None = None
 
         def callback() -> None:
-            on_dumped()
+            try:
+                on_dumped()
+            except BaseException as exc:
+                self._callback_error = exc
+                self._dumped.set()
+                raise
             self._callback_ok = True
             self._dumped.set()
 
@@ -87,13 +94,24 @@ class LazyDump:
         self.thread.start()
 
     def wait_dumped(self) -> None:
-        """Block until ``post-dump`` returned; the dump's error if it never did."""
+        """Block until ``post-dump`` returned; the dump's error if it never did.
+
+        A ``post-dump`` step that failed is vetoed, but CRIU's lazy dump then goes
+        on to serve pages regardless (``cr_dump_finish`` serves on its own result,
+        not the script's) and waits in ``accept`` for a destination that will not
+        come, the tree seized: it is ended (:meth:`stop`), which lets the tree go,
+        and the step's error is raised.
+        """
 
         self._dumped.wait()
-        if not self._callback_ok:
-            self.thread.join()
-            assert self.error is not None
-            raise self.error
+        if self._callback_ok:
+            return
+        if self._callback_error is not None:
+            self.stop()
+            raise self._callback_error
+        self.thread.join()
+        assert self.error is not None
+        raise self.error
 
     def port(self, timeout: float) -> int:
         return served_port(self.images, timeout=timeout, alive=self.thread.is_alive)
