@@ -53,6 +53,8 @@ DOCUMENTED: Final = {0: "moved", 6: "stayed", 7: "in doubt", 8: "source gone", 1
 #: How long the hosts may take to settle after the tool and ``recover`` (guardians,
 #: releases, CRIU ending a source): a bound, then a failure that names what is left.
 SETTLE_SECONDS: Final = 60.0
+#: A tool still running after this long hangs: it is killed, and the migration fails.
+TOOL_SECONDS: Final = 300.0
 
 
 @dataclass
@@ -200,11 +202,20 @@ class Storm:
         client = Client(self, frm)
         client.start()
         t0 = time.monotonic()
-        run = self.bed.migrate(argument, agent, name=frm, args=args,
-                               env={"MIGSGX_FAULT": fault.tool})  # fmt: skip
+        hung = False
+        try:
+            run = self.bed.migrate(argument, agent, name=frm, args=args, timeout=TOOL_SECONDS,
+                                   env={"MIGSGX_FAULT": fault.tool})  # fmt: skip
+        except subprocess.TimeoutExpired as exc:  # (killed by ``migrate``: its guardian acts)
+            hung = True
+            text = [b.decode(errors="replace") if isinstance(b, bytes) else b or ""
+                    for b in (exc.stdout, exc.stderr)]  # fmt: skip
+            run = MigrateRun(-9, None, text[0], text[1], TOOL_SECONDS)
         client.finish()
         out = Outcome(index, seed, fault.spec, fault.kind, frm, run.returncode,
                       seconds=time.monotonic() - t0)  # fmt: skip
+        if hung:
+            out.failures.append(f"the tool did not end within {TOOL_SECONDS:.0f} s (killed)")
         logs = run.stderr + (agent.log.read_text(errors="replace") if fault.agent else "")
         out.reached = "migsgx fault:" in logs
         if run.returncode != 0:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from .storm import SETTLE_SECONDS, Outcome, Storm
+from .storm import SETTLE_SECONDS, TOOL_SECONDS, Outcome, Storm
 from .storm_checks import Client, Verdict, enclave_pids, guardians, restart_dead
 from .storm_faults import Fault
 from .testbed import MigrateRun
@@ -117,6 +117,7 @@ class CheckpointStorm(Storm):
 
     def one(self, index: int, fault: object = None) -> Outcome:
         seed = self.rng.randrange(1 << 32)
+        self.hung: list[str] = []
         drawn = fault if isinstance(fault, CkptFault) else draw(random.Random(seed))
         for _ in range(3):
             if self.put("src") is not True:
@@ -160,6 +161,7 @@ class CheckpointStorm(Storm):
         bad = [r for r in logs if r.returncode not in (0, 70)]
         if bad:
             out.reason = bad[-1].stderr.strip()[-300:]
+        out.failures += self.hung
         self._judge(out, drawn, ck, logs)
         shutil.rmtree(ck, ignore_errors=True)
         return out
@@ -169,8 +171,13 @@ class CheckpointStorm(Storm):
         env = {**os.environ, "MIGSGX_FAULT": fault,
                "MIGSGX_PLATFORM_SOCKET": str(self.bed.services["src"].socket)}  # fmt: skip
         argv = [sys.executable, "-m", "migsgx", *args]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=180,
-                              stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_SECONDS,
+                                  stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+        except subprocess.TimeoutExpired as exc:  # (killed by ``run``)
+            stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+            self.hung.append(f"migsgx {args[0]} did not end within {TOOL_SECONDS:.0f} s")
+            return subprocess.CompletedProcess(argv, -9, "", stderr)
 
     def _restore_argv(self, ck: Path) -> list[str]:
         return ["restore", "--dir", str(ck), "--netns", self.bed.host("src").netns,
