@@ -37,6 +37,7 @@ def test_a_short_storm_keeps_one_copy_and_every_write(bed: Testbed) -> None:
         outcomes.append(out)
     result = summary(outcomes)
     sys.stdout.write("storm-summary " + json.dumps(result, sort_keys=True) + "\n")
+    storm.target.remove()
     assert not result["failures"], json.dumps(result["failures"], indent=1)
     assert any(o.reached for o in outcomes)  # the faults were reached, not only drawn
 

@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from .containers import ContainerLab
 from .storm import SETTLE_SECONDS, TOOL_SECONDS, Outcome, Storm
 from .storm_checks import Client, Verdict, enclave_pids, guardians, restart_dead
 from .storm_faults import Fault
-from .testbed import MigrateRun
+from .testbed import MigrateRun, Testbed
 
 __all__ = ["CKPT_ACTIONS", "CKPT_POINTS", "RESTORE_ACTIONS", "RESTORE_POINTS", "CheckpointStorm",
            "CkptFault", "draw"]  # fmt: skip
@@ -114,6 +115,23 @@ def draw(rng: random.Random, *, none_share: float = 0.15) -> CkptFault:
 
 class CheckpointStorm(Storm):
     """Rounds of checkpoint and restore of one kvstore process on host ``src``."""
+
+    def __init__(
+        self,
+        bed: Testbed,
+        seed: int,
+        *,
+        bound: float = 5.0,
+        lab: ContainerLab | None = None,
+        engine: str = "pid",
+        keep_failed: Path | None = None,
+        options: list[str] | None = None,
+    ) -> None:
+        # Enclaves of whatever ran on these hosts before are not this storm's to count.
+        before = {p for pids in enclave_pids(bed).values() for p in pids}
+        super().__init__(bed, seed, bound=bound, lab=lab, engine=engine,
+                         keep_failed=keep_failed, options=options)  # fmt: skip
+        self.leaked |= before
 
     def one(self, index: int, fault: object = None) -> Outcome:
         seed = self.rng.randrange(1 << 32)
