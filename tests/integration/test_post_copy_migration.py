@@ -25,7 +25,7 @@ from bed_helpers import (  # noqa: E402
     workers_carry_on,
     workers_kept_every_write,
 )
-from fault_helpers import recover, stop_guardian_of  # noqa: E402
+from fault_helpers import EXIT_LOST_AFTER_COMMIT, recover, stop_guardian_of  # noqa: E402
 
 from migsgx.agent.held import start_time  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, Testbed  # noqa: E402
@@ -90,6 +90,27 @@ def test_a_failure_inside_the_post_dump_step_gives_the_source_back(
     assert all(not w["errors"] for w in workers(bed, app, "src"))
     assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
     end_copies(bed, app)
+
+
+def test_a_destination_enclave_lost_after_its_claim_is_exit_10(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    """Post-copy, the destination enclave killed after it claimed the id, before the tree
+    was attached (W3, ``agent.before-resume:kill-enclave``; found by a storm with
+    ``--options '--live --post-copy'``): the state is lost, and the tool says so
+    (exit 10) as without post-copy; before, it exited 0 for an application running
+    without its enclave."""
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-resume:kill-enclave"})
+    try:
+        app = start_workers(bed, *WRITING)
+        run = bed.migrate(app.pid, doomed, args=["--post-copy"], timeout=120)
+        assert run.returncode == EXIT_LOST_AFTER_COMMIT, run.stderr
+        assert "lost after the commit" in run.stderr, run.stderr
+        assert bed.runnable_copies(app)["src"] == 0  # the committed source went
+        end_copies(bed, app)
+    finally:
+        doomed.stop()
 
 
 def test_source_criu_lost_after_the_commit_point_is_exit_9(
