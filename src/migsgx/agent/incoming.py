@@ -63,6 +63,7 @@ from .protocol import (
 )
 from .refusal import refusable_note, serve_refusal
 from .reservations import release_reservations
+from .resumed import was_resumed
 
 __all__ = ["IncomingMigration"]
 
@@ -518,6 +519,7 @@ class IncomingMigration(_SessionDecisions):
                 self._cleanup()
                 raise
         log.info("migration %s: resumed pid %d", self.tag, self.root)
+        _inject(fault("agent.after-resume"), self)
         self.agent.metrics.observe_phase("resume", time.monotonic() - t0)
         resumed = {
             "t": "resumed",
@@ -640,6 +642,10 @@ class IncomingMigration(_SessionDecisions):
             # the source may revoke its commit on a refusal (``refuse``, commit.md 2.2).
             return {"t": "delivered", "outcome": "refusable", "pid": 0}
         mids = msg.get("enclave_mids") or []
+        if not mids:
+            # A tree without enclaves: this agent's resume was its commit point.
+            resumed = was_resumed(self.config.work_dir, msg["session_id"])
+            return {"t": "delivered", "outcome": "resumed" if resumed else "unknown", "pid": 0}
         store = self.config.state / COUNTERS
         if not store.exists():  # (opening it would create it)
             return {"t": "delivered", "outcome": "unknown", "pid": 0}
