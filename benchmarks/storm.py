@@ -14,6 +14,8 @@ when any migration failed.  Run as root from the checkout:
     .venv/bin/python benchmarks/storm.py --fault tool.after-commit:kill-source-enclave
 
 ``--fault SPEC`` (as printed) replays one migration's fault, ``--count`` times.
+``--checkpoints``: rounds of ``migsgx checkpoint`` and ``migsgx restore`` of a plain
+process instead, each under a fault of either (:mod:`migsgx.lab.storm_ckpt`).
 ``--keep-failed DIR`` keeps what a failed migration leaves to read: CRIU's and
 runc's logs of its failed steps (``$MIGSGX_KEEP_LOGS``), the tool's output and
 the agents' logs, in ``DIR/INDEX-SEED/``.
@@ -25,6 +27,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import shlex
 import shutil
 import signal
 import sys
@@ -35,6 +38,8 @@ from pathlib import Path
 from migsgx.lab.containers import ContainerLab
 from migsgx.lab.netns import cleanup_stale, list_namespaces
 from migsgx.lab.storm import Outcome, Storm, as_json, summary
+from migsgx.lab.storm_ckpt import CheckpointStorm
+from migsgx.lab.storm_ckpt import parse as parse_ckpt
 from migsgx.lab.storm_faults import parse
 from migsgx.lab.testbed import Testbed
 
@@ -68,8 +73,22 @@ def main() -> int:
         help="keep a failed migration's logs in DIR/INDEX-SEED/ (CRIU's and runc's logs "
         "of failed steps, the tool's output, the agents' logs)",
     )
+    parser.add_argument(
+        "--options",
+        default="",
+        help="more options of migsgx migrate for every migration, one string "
+        "(e.g. '--live --post-copy', '--mode sequential', '--late-handshake')",
+    )
+    parser.add_argument(
+        "--checkpoints",
+        action="store_true",
+        help="checkpoint and restore a plain process instead of migrating it",
+    )
     args = parser.parse_args()
-    fault = parse(args.fault) if args.fault else None
+    if args.checkpoints and args.engine != "pid":
+        parser.error("--checkpoints takes a plain process (--engine pid)")
+    reader = parse_ckpt if args.checkpoints else parse
+    fault = reader(args.fault) if args.fault else None
     outcomes: list[Outcome] = []
     t_end = time.monotonic() + args.seconds if args.seconds else float("inf")
     # SIGTERM ends the storm as Ctrl-C does: every host, process and namespace goes.
@@ -80,12 +99,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="migsgx-storm-") as root:
         with Testbed(Path(root), subnet=args.subnet) as bed, contextlib.ExitStack() as stack:
             lab = stack.enter_context(ContainerLab(bed)) if args.engine != "pid" else None
-            storm = Storm(bed, args.seed, bound=args.bound, lab=lab, engine=args.engine,
-                          keep_failed=args.keep_failed)  # fmt: skip
+            kind = CheckpointStorm if args.checkpoints else Storm
+            storm = kind(bed, args.seed, bound=args.bound, lab=lab, engine=args.engine,
+                         keep_failed=args.keep_failed,
+                         options=shlex.split(args.options))  # fmt: skip
             for index in range(args.count):
                 if time.monotonic() >= t_end:
                     break
-                out = storm.one(index, fault)
+                out = storm.one(index, fault)  # type: ignore[arg-type]
                 outcomes.append(out)
                 print(as_json(out), flush=True)
             namespaces = bed.net.name_prefix
@@ -94,6 +115,7 @@ def main() -> int:
         left = [n for n in list_namespaces() if n.startswith(namespaces)]
     result = summary(outcomes)
     result["seed"], result["engine"] = args.seed, args.engine
+    result["checkpoints"], result["options"] = args.checkpoints, args.options
     result["namespaces_left"] = left
     print("storm-summary " + json.dumps(result, sort_keys=True), flush=True)
     return 1 if result["failed"] or left else 0

@@ -6,7 +6,9 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from proc_helpers import (
     start_server,
 )
 
+from migsgx import _proc
 from migsgx.criu import MIN_VERSION, Criu, DumpCancel, InNetns, InTaskNamespaces
 from migsgx.criu.images import credentials_of
 from migsgx.criu.pageserver import PageServer
@@ -421,3 +424,50 @@ def test_a_cancel_shuts_the_page_relay_and_the_tree_runs_on(
     assert cancel.cut == 1 and not cancel.broken and not cancel.vetoed
     assert proc.poll() is None
     assert ask("inc", port) == "2"
+
+
+def wait_for_child(parent: int) -> int:
+    """The first child of ``parent`` (``unshare --fork``'s), once it exists."""
+
+    deadline = time.monotonic() + 10
+    while not (children := _proc.children(parent)):
+        assert time.monotonic() < deadline, f"{parent} started no child"
+        time.sleep(0.01)
+    return children[0]
+
+
+def test_a_proc_directory_left_in_the_working_directory_does_not_fail_the_dump(
+    criu: Criu, tmp_path: Path
+) -> None:
+    """A task whose ``/proc`` is not its pid namespace's (its own namespace, the host's
+    ``/proc``) is dumped by CRIU through a ``proc.crtools`` directory it makes in the
+    task's working directory.  Another dump of a task in the same directory at that
+    moment holds that name (``EEXIST``: the dump failed, found by a storm running two
+    migrations at once), and a dump cut short leaves it for good.  Dumps hold the
+    directory's lock until their ``post-dump`` step, so only a left directory can be
+    there then; an empty one is removed."""
+
+    work = tmp_path / "work"
+    work.mkdir()
+    launcher = subprocess.Popen(
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "setsid",
+            sys.executable,
+            "-c",
+            "import time; time.sleep(120)",
+        ],
+        cwd=work,
+    )
+    try:
+        task = wait_for_child(launcher.pid)
+        (work / "proc.crtools").mkdir()  # as a dump beside this one holds it
+        criu.dump(task, images(tmp_path), enter=InTaskNamespaces(task))
+        assert launcher.wait(timeout=10) != 0  # CRIU killed the tree once it was dumped
+        assert not (work / "proc.crtools").exists()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()

@@ -29,7 +29,12 @@ from bed_helpers import (  # noqa: E402
     workers_carry_on,
     workers_kept_every_write,
 )
-from fault_helpers import EXIT_IN_DOUBT, recover, stop_guardian_of  # noqa: E402
+from fault_helpers import (  # noqa: E402
+    EXIT_IN_DOUBT,
+    EXIT_LOST_AFTER_COMMIT,
+    recover,
+    stop_guardian_of,
+)
 
 from migsgx.agent.held import start_time  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed  # noqa: E402
@@ -74,6 +79,48 @@ def test_failure_before_the_commit_point_leaves_the_source_running(
     assert all(not w["errors"] for w in workers(bed, app, "src"))
     assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
     end_copies(bed, app)
+
+
+def test_a_failure_inside_the_post_dump_step_gives_the_source_back(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    """The ``post-dump`` step fails (``tool.before-images:fail``; a storm with
+    ``--options '--live --post-copy'`` found it through a control connection that
+    stalled while the images went).  A lazy dump serves pages even after its
+    ``post-dump`` step failed: before, CRIU waited in ``accept`` for a destination
+    that never came, the tool waited for CRIU, and the source stayed frozen (10
+    minutes, then the storm gave up)."""
+
+    app = start_workers(bed, *WRITING)
+    run = bed.migrate(app.pid, agent, args=["--post-copy"],
+                      env={"MIGSGX_FAULT": "tool.before-images:fail"}, timeout=120)  # fmt: skip
+    assert run.returncode == 6, run.stderr
+    assert "fault injected at tool.before-images" in run.stderr, run.stderr
+    workers_carry_on(bed, app, "src")
+    assert all(not w["errors"] for w in workers(bed, app, "src"))
+    assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
+    end_copies(bed, app)
+
+
+def test_a_destination_enclave_lost_after_its_claim_is_exit_10(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    """Post-copy, the destination enclave killed after it claimed the id, before the tree
+    was attached (W3, ``agent.before-resume:kill-enclave``; found by a storm with
+    ``--options '--live --post-copy'``): the state is lost, and the tool says so
+    (exit 10) as without post-copy; before, it exited 0 for an application running
+    without its enclave."""
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-resume:kill-enclave"})
+    try:
+        app = start_workers(bed, *WRITING)
+        run = bed.migrate(app.pid, doomed, args=["--post-copy"], timeout=120)
+        assert run.returncode == EXIT_LOST_AFTER_COMMIT, run.stderr
+        assert "lost after the commit" in run.stderr, run.stderr
+        assert bed.runnable_copies(app)["src"] == 0  # the committed source went
+        end_copies(bed, app)
+    finally:
+        doomed.stop()
 
 
 def test_source_criu_lost_after_the_commit_point_is_exit_9(

@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from migsgx.lab.storm import Storm, as_json, summary
+from migsgx.lab.storm_ckpt import CheckpointStorm
 from migsgx.lab.testbed import Testbed
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -36,5 +37,28 @@ def test_a_short_storm_keeps_one_copy_and_every_write(bed: Testbed) -> None:
         outcomes.append(out)
     result = summary(outcomes)
     sys.stdout.write("storm-summary " + json.dumps(result, sort_keys=True) + "\n")
+    storm.target.remove()
     assert not result["failures"], json.dumps(result["failures"], indent=1)
     assert any(o.reached for o in outcomes)  # the faults were reached, not only drawn
+
+
+CKPT_SEED = 30  # (its three: a guardian killed after the commit, a restored tree killed
+#               held, a restore killed before the activation)
+CKPT_COUNT = 3
+
+
+def test_a_short_checkpoint_storm_restores_once_with_every_write(bed: Testbed) -> None:
+    """Checkpoint and restore rounds, each under a fault drawn from seed 30: one copy
+    after at most one ``recover --checkpoint`` and one more restore, every write in it,
+    a second restore refused."""
+
+    storm = CheckpointStorm(bed, CKPT_SEED)
+    outcomes = []
+    for index in range(CKPT_COUNT):
+        out = storm.one(index)
+        sys.stdout.write(as_json(out) + "\n")
+        outcomes.append(out)
+    result = summary(outcomes)
+    sys.stdout.write("storm-summary " + json.dumps(result, sort_keys=True) + "\n")
+    assert not result["failures"], json.dumps(result["failures"], indent=1)
+    assert all(o.reached for o in outcomes)

@@ -6,11 +6,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from migsgx import _proc
+from migsgx.agent.lazy import still_serving
 from migsgx.cli import EXIT_MIGRATION, EXIT_SOURCE_LOST, _exit_code
 from migsgx.containers.postcopy import check_pipe_max_size, served_port, uncork
 from migsgx.errors import (
@@ -226,3 +229,22 @@ def test_uncork_pushes_another_process_connection_and_leaves_it_open() -> None:
             child.kill()
             child.wait()
     assert uncork(child.pid) == 0  # a process that ended: nothing to push, no error
+
+
+def test_a_noted_criu_pid_is_killed_only_while_it_is_still_criu() -> None:
+    """The guardian's ``criu PID`` note outlives the CRIU: its pid may run anything now."""
+
+    criu = subprocess.Popen(["bash", "-c", "exec -a criu sleep 60"])
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        deadline = time.monotonic() + 10
+        while _proc.argv(criu.pid)[:1] != [b"criu"]:  # (until bash has exec'ed)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert still_serving(criu.pid)
+        assert not still_serving(other.pid)  # (a recycled pid)
+        assert not still_serving(2**22 + 7)  # (gone)
+    finally:
+        for proc in (criu, other):
+            proc.kill()
+            proc.wait()

@@ -200,20 +200,31 @@ def kill_dead(pids: list[int]) -> None:
 
 #: ``PF_EXITING`` in the flags of ``/proc/PID/stat``: the task is in ``do_exit``.
 _PF_EXITING: Final = 0x4
+#: SIGKILL in the pending-signal masks of ``/proc/PID/status`` (bit ``signal - 1``).
+_SIGKILL_BIT: Final = 1 << (signal.SIGKILL - 1)
 
 
 def dying(pid: int) -> bool:
-    """Whether ``pid`` is gone, a zombie, or past the point of no return (exiting).
+    """Whether ``pid`` is gone, a zombie, past the point of no return (exiting), or
+    holds a SIGKILL it has yet to take.
 
     A killed pid-namespace init whose children CRIU still traces stays in its
     exit until CRIU lets them go; waiting for it to be a zombie there would wait
-    on CRIU, which waits on the tool.
+    on CRIU, which waits on the tool.  A task frozen in its cgroup (a committed
+    container's, cgroup v1's freezer) takes its SIGKILL only once thawed: waiting
+    for it to exit would wait for good (the tool hung at ``kill-source`` after the
+    commit, found by a podman storm).
     """
 
     fields = _proc.stat(pid)
     if fields is None:
         return True
-    return fields[_proc.STATE] in ("Z", "X") or bool(int(fields[_proc.FLAGS]) & _PF_EXITING)
+    if fields[_proc.STATE] in ("Z", "X") or bool(int(fields[_proc.FLAGS]) & _PF_EXITING):
+        return True
+    return any(
+        int(_proc.status_field(pid, name) or "0", 16) & _SIGKILL_BIT
+        for name in ("ShdPnd", "SigPnd")
+    )
 
 
 def flipping_relay(

@@ -88,6 +88,7 @@ from .handback import (
     commit_rest,
     resume_source,
 )  # fmt: skip
+from .lazy import still_serving
 from .lost_enclaves import hung_up, no_commit, note_lost
 
 if TYPE_CHECKING:
@@ -414,7 +415,7 @@ def _main(argv: list[str] | None, tool: int) -> int:
     _log("the tool died before the commit point: resuming the source")
     # Post-copy: the tool's CRIU still holds the tree (it may wait for a page
     # connection that never comes); it must let go before SIGCONT can stick.
-    criu = _numbers(notes, "criu")
+    criu = [pid for pid in _numbers(notes, "criu") if still_serving(pid)]  # (pids recycle)
     for pid in criu:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

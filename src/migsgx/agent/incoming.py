@@ -531,6 +531,17 @@ class IncomingMigration(_SessionDecisions):
         assert self.root is not None
         if self.window is None:
             self._check_activated(None)
+        else:
+            try:
+                self._check_activated(None)
+            except LostAfterCommitError:
+                # Post-copy: the tree runs without its enclave (W3).  Its pages still
+                # come, so that it is not left faulting; then the tool hears the loss
+                # (exit 10) instead of ``resumed`` (before: exit 0).
+                with contextlib.suppress(MigSGXError):
+                    self.window.wait()
+                self._cleanup()
+                raise
         log.info("migration %s: resumed pid %d", self.tag, self.root)
         _inject(fault("agent.after-resume"), self)
         self.agent.metrics.observe_phase("resume", time.monotonic() - t0)

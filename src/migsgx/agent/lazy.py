@@ -38,7 +38,7 @@ from .. import _proc
 from ..containers.postcopy import PostCopyRestore, WindowReport, served_port
 from ..errors import SourceLostError
 
-__all__ = ["LazyDump", "Window"]
+__all__ = ["LazyDump", "Window", "still_serving"]
 
 log = logging.getLogger("migsgx.migrate")
 
@@ -69,9 +69,16 @@ class LazyDump:
         self.error: BaseException | None = None
         self._dumped = threading.Event()
         self._callback_ok = False
+        #: Why ``post-dump`` failed: CRIU goes on to serve pages all the same.
+        self._callback_error: BaseException | None = None
 
         def callback() -> None:
-            on_dumped()
+            try:
+                on_dumped()
+            except BaseException as exc:
+                self._callback_error = exc
+                self._dumped.set()
+                raise
             self._callback_ok = True
             self._dumped.set()
 
@@ -87,13 +94,26 @@ class LazyDump:
         self.thread.start()
 
     def wait_dumped(self) -> None:
-        """Block until ``post-dump`` returned; the dump's error if it never did."""
+        """Block until ``post-dump`` returned; the dump's error if it never did.
+
+        A ``post-dump`` step that failed is vetoed, but CRIU's lazy dump then goes
+        on to serve pages regardless (``cr_dump_finish`` serves on its own result,
+        not the script's) and waits in ``accept`` for a destination that will not
+        come, the tree seized: it is ended (:meth:`stop`), which lets the tree go,
+        and the step's error is raised (the dump's, where CRIU ended by itself).
+        """
 
         self._dumped.wait()
-        if not self._callback_ok:
-            self.thread.join()
-            assert self.error is not None
-            raise self.error
+        if self._callback_ok:
+            return
+        if self._callback_error is not None:
+            if self.finish(LET_GO) and self.error is not None:
+                raise self.error  # (CRIU failed the step itself: its error names the cause)
+            self._kill()
+            raise self._callback_error
+        self.thread.join()
+        assert self.error is not None
+        raise self.error
 
     def port(self, timeout: float) -> int:
         return served_port(self.images, timeout=timeout, alive=self.thread.is_alive)
@@ -119,11 +139,22 @@ class LazyDump:
 
         if self.finish(LET_GO):
             return
+        self._kill()
+
+    def _kill(self) -> None:
         for pid in self.serving():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if not self.finish(STOP_GRACE):
             log.error("the source's CRIU did not end; the tree may stay stopped")
+
+
+def still_serving(pid: int) -> bool:
+    """Whether ``pid`` is still a CRIU or runc process: a noted server's pid may have
+    been reused since (a guardian that SIGKILLed it blindly killed whatever runs now)."""
+
+    argv0 = _proc.argv(pid)[:1]
+    return bool(argv0) and Path(argv0[0].decode(errors="replace")).name.startswith(("criu", "runc"))
 
 
 def _criu_children() -> list[int]:

@@ -385,6 +385,9 @@ class _Migration(_DecisionSteps):
             # The only server of the tree's memory is gone: nothing may commit.
             raise MigrationError(f"the source's CRIU stopped serving pages: {lazy.error}")
         self._commit()  # (notes "resumed" once the destination runs)
+        if self.lost_after_commit is not None:
+            self._end_source()  # (the destination waited for its window to close)
+            return
         self._window()
 
     def _window(self) -> None:

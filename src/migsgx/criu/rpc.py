@@ -37,6 +37,7 @@ from migsgx.criu.cancel import DumpCancel
 from migsgx.criu.enter import Enter
 from migsgx.criu.locate import CriuVersion, find_criu
 from migsgx.criu.swrk import NotifyCallback, Session
+from migsgx.criu.workdir import workdir_held
 from migsgx.errors import ConfigError, CriuError
 
 __all__ = ["FEATURES_OFF_ENV", "Criu", "OptionValue"]
@@ -214,10 +215,21 @@ class Criu:
         opts: dict[str, bool | int | str] = {"pid": pid, **flags}
         if parent_img is not None:
             opts["parent_img"] = parent_img
-        self._request(
-            kind, Path(images_dir), log_file=log_file, notify=notify, enter=enter, opts=opts,
-            page_server=page_server, extra=extra, cancel=cancel, page_fd=page_fd,
-        )  # fmt: skip
+        # CRIU's parasite may make ``proc.crtools`` in the task's working directory:
+        # one dump there at a time, until post-dump (:mod:`.workdir`).
+        with workdir_held(pid) as release:
+            relay = notify
+            if notify is not None:
+
+                def relay(script: str, task: int) -> None:
+                    if script == "post-dump":
+                        release()
+                    notify(script, task)
+
+            self._request(
+                kind, Path(images_dir), log_file=log_file, notify=relay, enter=enter, opts=opts,
+                page_server=page_server, extra=extra, cancel=cancel, page_fd=page_fd,
+            )  # fmt: skip
 
     def restore(
         self,

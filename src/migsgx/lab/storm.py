@@ -53,6 +53,8 @@ DOCUMENTED: Final = {0: "moved", 6: "stayed", 7: "in doubt", 8: "source gone", 1
 #: How long the hosts may take to settle after the tool and ``recover`` (guardians,
 #: releases, CRIU ending a source): a bound, then a failure that names what is left.
 SETTLE_SECONDS: Final = 60.0
+#: A tool still running after this long hangs: it is killed, and the migration fails.
+TOOL_SECONDS: Final = 300.0
 
 
 @dataclass
@@ -103,11 +105,14 @@ class Storm:
         lab: ContainerLab | None = None,
         engine: str = "runc",
         keep_failed: Path | None = None,
+        options: list[str] | None = None,
     ) -> None:
         """``lab``: the kvstore runs in a container of ``engine`` (runc, podman,
-        containerd); without it, as a plain process."""
+        containerd); without it, as a plain process.  ``options``: more options of
+        ``migsgx migrate`` for every migration (``--live``, ``--mode sequential``...)."""
 
         self.bed, self.lab, self.engine = bed, lab, engine
+        self.options = list(options or [])
         #: Where a failed migration's logs go (:meth:`_keep`); CRIU's and runc's logs of
         #: failed steps gather in its ``pending`` until the migration is judged.
         self.keep_failed = keep_failed
@@ -193,14 +198,24 @@ class Storm:
         self._reap()
         pid = self._source_pid = self.target.root_pid(frm)
         argument, args = self.target.migrate_args(pid)
+        args = [*args, *self.options]
         client = Client(self, frm)
         client.start()
         t0 = time.monotonic()
-        run = self.bed.migrate(argument, agent, name=frm, args=args,
-                               env={"MIGSGX_FAULT": fault.tool})  # fmt: skip
+        hung = False
+        try:
+            run = self.bed.migrate(argument, agent, name=frm, args=args, timeout=TOOL_SECONDS,
+                                   env={"MIGSGX_FAULT": fault.tool})  # fmt: skip
+        except subprocess.TimeoutExpired as exc:  # (killed by ``migrate``: its guardian acts)
+            hung = True
+            text = [b.decode(errors="replace") if isinstance(b, bytes) else b or ""
+                    for b in (exc.stdout, exc.stderr)]  # fmt: skip
+            run = MigrateRun(-9, None, text[0], text[1], TOOL_SECONDS)
         client.finish()
         out = Outcome(index, seed, fault.spec, fault.kind, frm, run.returncode,
                       seconds=time.monotonic() - t0)  # fmt: skip
+        if hung:
+            out.failures.append(f"the tool did not end within {TOOL_SECONDS:.0f} s (killed)")
         logs = run.stderr + (agent.log.read_text(errors="replace") if fault.agent else "")
         out.reached = "migsgx fault:" in logs
         if run.returncode != 0:

@@ -46,7 +46,7 @@ class Storm(Protocol):
     def expected_digest(self) -> str: ...
 
 
-__all__ = ["Client", "Verdict", "enclave_pids", "heal", "leftovers", "restart_dead"]
+__all__ = ["Client", "Verdict", "enclave_pids", "guardians", "heal", "leftovers", "restart_dead"]
 
 _GONE: Final = ("Z", "X", "")
 #: Seconds the leftovers may take to go (a guardian's last delivery, a release).
@@ -119,8 +119,8 @@ class Verdict:
         if outcome in ("lost", "gone") and not self.fault.may_lose:
             found.append(f"{outcome}: no copy with the state; copies {self.states()}")
         if outcome in ("moved", "stayed"):
-            found += self._writes(self.to if outcome == "moved" else self.frm)
-            found += self._launches(self.to if outcome == "moved" else self.frm)
+            found += self.writes_in(self.to if outcome == "moved" else self.frm)
+            found += self.launches_on(self.to if outcome == "moved" else self.frm)
         if "Traceback" in stderr:
             found.append("the tool printed a traceback: " + stderr[-800:])
         honest = {
@@ -135,7 +135,7 @@ class Verdict:
             found.append(f"exit {code} does not tell the truth: {outcome}; {stderr[-600:]}")
         return found
 
-    def _launches(self, host: str) -> list[str]:
+    def launches_on(self, host: str) -> list[str]:
         """The copy on ``host`` reaches its host's platform service, a restarted one
         included: it launches a new enclave and uses it (a container that kept a stale
         socket could not, until it moved)."""
@@ -145,7 +145,7 @@ class Verdict:
             return []
         return [f"the copy on {host} cannot launch an enclave: {answer[:200]}"]
 
-    def _writes(self, host: str) -> list[str]:
+    def writes_in(self, host: str) -> list[str]:
         """Every acknowledged write is in the copy on ``host`` (its digest, or key by key
         when some writes are in doubt: those may be there or not)."""
 
@@ -197,7 +197,7 @@ def enclave_pids(bed: Testbed) -> dict[str, list[int]]:
     return found
 
 
-def _guardians(app_pid: int) -> list[int]:
+def guardians(app_pid: int) -> list[int]:
     found = []
     for pid in _proc.pids():
         argv = _proc.argv(pid)
@@ -236,7 +236,7 @@ def leftovers(storm: Storm, run: MigrateRun, frm: str, app_pid: int, copies: int
         with contextlib.suppress(OSError):
             mounts = leftover_mounts(Path("/proc/self/mountinfo").read_text())
             found += [f"images mount {p}" for p, owner in mounts if owner == run.pid]
-        found += [f"guardian {pid}" for pid in _guardians(app_pid)]
+        found += [f"guardian {pid}" for pid in guardians(app_pid)]
         found += [f"journal {j}" for j in _unfinished(bed, frm, app_pid)]
         enclaves = {h: sorted(set(p) - storm.leaked) for h, p in enclave_pids(bed).items()}
         if sum(len(p) for p in enclaves.values()) != copies:
