@@ -88,8 +88,15 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     "migsgx.criu.swrk": frozenset(
         {"migsgx.criu.cancel", "migsgx.criu.enter", "migsgx.criu.keeplog"}
     ),
+    "migsgx.criu.workdir": frozenset(),
     "migsgx.criu.rpc": frozenset(
-        {"migsgx.criu.cancel", "migsgx.criu.enter", "migsgx.criu.locate", "migsgx.criu.swrk"}
+        {
+            "migsgx.criu.cancel",
+            "migsgx.criu.enter",
+            "migsgx.criu.locate",
+            "migsgx.criu.swrk",
+            "migsgx.criu.workdir",
+        }
     ),
     "migsgx.core.transcript": frozenset(),
     "migsgx.core.stream": frozenset({"migsgx.core.manifest", "migsgx.core.policy"}),
