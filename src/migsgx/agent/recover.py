@@ -65,7 +65,6 @@ from .dumpdirs import sweep_dump_dirs
 from .faults import fault
 from .handback import abort_frame_of, abort_reply, let_go, resume_source
 from .journal import Journal
-from .protocol import VERSION
 from .source_host import alive, end_committed, end_fenced, give_back, is_guardian, lost_detail
 from .tls import AgentIdentity
 
@@ -123,7 +122,7 @@ def _deliver(
     except MigSGXError as exc:
         return "unreachable", str(exc)
     try:
-        control.call({"t": "hello", "version": VERSION, "host_id": "recover"}, "welcome")
+        control.greet("recover")
         reply = control.call(
             {
                 "t": "deliver",

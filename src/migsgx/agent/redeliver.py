@@ -40,7 +40,6 @@ from .faults import fault
 from .handback import call_enclave, commit_rest
 from .holders import take_held
 from .journal import Journal
-from .protocol import VERSION
 from .tls import AgentIdentity
 
 __all__ = ["HeldEnclave", "HeldSource", "redeliver_state"]
@@ -86,7 +85,7 @@ class HeldEnclave:
 def _ask(journal: Journal, identity: AgentIdentity, index: int) -> tuple[int, bytes]:
     control = AgentConnection(journal.to, identity, CONTROL_TIMEOUT)
     try:
-        control.call({"t": "hello", "version": VERSION, "host_id": "guardian"}, "welcome")
+        control.greet("guardian")
         reply = control.call(
             {"t": "redeliver", "session_id": journal.mid, "index": index}, "redelivery"
         )

@@ -188,11 +188,13 @@ class Testbed:
         *,
         name: str = "src",
         timeout: float = START_TIMEOUT,
+        env: Mapping[str, str] | None = None,
     ) -> AppProcess:
         """``examples/EXAMPLE/app.py ARGS`` in its own pid namespace on host ``name``.
 
         ``timeout``: until it says it is ready (an app that first fills gigabytes
-        of memory on a busy machine takes longer than the default).
+        of memory on a busy machine takes longer than the default).  ``env``: on
+        top of the environment (``PYTHONPATH``: another release's library).
         """
 
         host = self.net[name]
@@ -209,7 +211,7 @@ class Testbed:
             *args,
         ]  # fmt: skip
         with open(log, "ab") as out:  # O_APPEND: CRIU does not pin its size
-            launcher = host.spawn(argv, stdout=out, stderr=out, env=_env(None))
+            launcher = host.spawn(argv, stdout=out, stderr=out, env=_env(env))
         _wait_file(ready, launcher, log, example, timeout)
         pids = tree_pids(launcher.pid)
         if len(pids) < 2:
