@@ -8,12 +8,16 @@ added since must be listed in ``versions.SINCE`` (or version 1 peers break).
 from __future__ import annotations
 
 import json
+import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from migsgx.agent.protocol import CONTROL
+from migsgx.agent.control import AgentConnection
+from migsgx.agent.protocol import CONTROL, CONTROL_FRAME_MAX
 from migsgx.agent.versions import (
     NEEDS,
     OLDEST,
@@ -28,7 +32,7 @@ from migsgx.agent.versions import (
     tool_accepts,
 )
 from migsgx.errors import FrameError, MigrationError, ProtocolError
-from migsgx.wire import Schema
+from migsgx.wire import Schema, recv_frame, send_frame
 
 FROZEN = Path(__file__).resolve().parents[1] / "compat" / "control-v1.json"
 _TYPES: dict[str, type] = {
@@ -185,3 +189,83 @@ def test_a_field_newer_than_the_session_is_refused_on_receipt() -> None:
     with pytest.raises(ProtocolError, match="images_fs"):
         check_version(images_ok, 1)
     check_version({"t": "hello", "version": 9, "host_id": "h"}, 1)  # (old fields: always)
+
+
+# --- the tool's greeting, against agents of each version (in memory) -------------------------
+def _agent_v1(sock: socket.socket, seen: list[dict[str, Any]]) -> None:
+    """The previous release's agent, as far as a session's start: its schema and hello rule."""
+
+    with sock:
+        hello = recv_frame(sock, V1, max_size=CONTROL_FRAME_MAX)
+        seen.append(hello)
+        if hello["version"] != 1:  # its rule: refuse any other version, end the session
+            message = f"protocol version {hello['version']} is not 1"
+            send_frame(sock, {"t": "err", "code": "protocol", "message": message})
+            return
+        send_frame(sock, {"t": "welcome", "version": 1, "host_id": "old"})
+        seen.append(recv_frame(sock, V1, max_size=CONTROL_FRAME_MAX))  # FrameError: unknown
+        send_frame(sock, {"t": "ready", "data_port": 1, "page_port": 2, "data_key": b"k" * 32})
+
+
+def _agent_refusing(sock: socket.socket, seen: list[dict[str, Any]]) -> None:
+    """A later agent that no longer speaks this tool's versions."""
+
+    with sock:
+        hello = recv_frame(sock, CONTROL, max_size=CONTROL_FRAME_MAX)
+        seen.append(hello)
+        try:
+            agent_choice(hello["version"], oldest=3, newest=4)
+        except ProtocolVersionError as exc:
+            send_frame(sock, {"t": "err", "code": exc.code, "message": exc.message})
+
+
+def _tool(
+    monkeypatch: pytest.MonkeyPatch, agent: Callable[[socket.socket, list[dict[str, Any]]], None]
+) -> tuple[AgentConnection, list[dict[str, Any]], list[threading.Thread]]:
+    """The tool's control connection with each (re)connection served by ``agent`` in a thread
+    (in place of TCP and TLS: what is under test is the greeting and the frames)."""
+
+    seen: list[dict[str, Any]] = []
+    threads: list[threading.Thread] = []
+
+    def connect() -> socket.socket:
+        mine, theirs = socket.socketpair()
+        mine.settimeout(10)
+        thread = threading.Thread(target=agent, args=(theirs, seen), daemon=True)
+        thread.start()
+        threads.append(thread)
+        return mine
+
+    conn = AgentConnection.__new__(AgentConnection)
+    conn.to, conn.timeout, conn.version = ("10.0.0.2", 7070), 10.0, 1
+    monkeypatch.setattr(conn, "_connect", connect)
+    conn.sock = connect()  # type: ignore[assignment]
+    return conn, seen, threads
+
+
+def test_the_tool_greets_a_version_1_agent_again_and_sends_it_version_1_frames(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conn, seen, threads = _tool(monkeypatch, _agent_v1)
+    welcome = conn.greet("src", ["process", "post-copy"])
+    assert welcome["host_id"] == "old" and conn.version == 1
+    assert [m["version"] for m in seen] == [VERSION, 1]  # refused, then greeted again
+    assert len(threads) == 2  # on a fresh connection
+    ready = conn.call(_full("begin"), "ready")  # today's begin, memory_bytes and all
+    assert ready["data_port"] == 1
+    assert seen[-1]["t"] == "begin" and "memory_bytes" not in seen[-1]
+    conn.close()
+    for thread in threads:
+        thread.join(5)
+
+
+def test_the_tool_stops_at_an_agent_too_new_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    conn, seen, threads = _tool(monkeypatch, _agent_refusing)
+    with pytest.raises(ProtocolVersionError) as caught:
+        conn.greet("src")
+    text = str(caught.value)
+    assert "the agent at 10.0.0.2:7070 refused this tool's control protocol" in text
+    assert f"up to {VERSION}, this agent versions 3 to 4" in text
+    assert isinstance(caught.value, MigrationError)  # exit 6: nothing moved
+    assert len(threads) == 1 and [m["version"] for m in seen] == [VERSION]  # no retry
+    conn.close()
