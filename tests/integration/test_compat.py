@@ -20,7 +20,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
-from bed_helpers import ask, finish, kvstore
+from bed_helpers import (
+    ask,
+    finish,
+    kvstore,
+    start_workers,
+    workers_carry_on,
+    workers_kept_every_write,
+)
 
 from migsgx.criu.locate import find_criu
 from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed
@@ -116,7 +123,26 @@ def test_this_tool_moves_a_process_to_an_agent_of_the_previous_release(
         assert "protocol version 2 is not 1" in log
         assert run.stats["details"]["protocol_version"] == 1
         assert run.stats["details"]["destination_images_fs"] == ""
+        assert run.stats["details"]["page_path"] == "relay"  # (a need of version 1)
         _moved(bed, app, digest)
+
+
+def test_this_tool_moves_a_process_post_copy_to_an_agent_of_the_previous_release(
+    bed: Testbed, previous: dict[str, str]
+) -> None:
+    """``--post-copy`` is a need of version 1 (``versions.NEEDS``): the old agent has it."""
+
+    with previous_host(bed, "dst", previous):
+        agent = bed.start_agent(env=previous)
+        app = start_workers(bed, "--workers", "2", "--max-calls", "100000")
+        run = bed.migrate(app.pid, agent, args=["--post-copy"])
+        log = _stop(agent, bed)
+        assert run.returncode == 0, run.stderr + log[-3000:]
+        assert run.stats is not None and run.stats["details"]["protocol_version"] == 1
+        assert run.stats["post_copy_window"] > 0  # the pages came after the commit
+        workers_carry_on(bed, app, "dst")
+        workers_kept_every_write(bed, app, "dst")
+        finish(bed, app, expect="dst")
 
 
 def test_a_tool_of_the_previous_release_moves_a_process_to_this_agent(
