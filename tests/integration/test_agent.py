@@ -140,6 +140,10 @@ def test_an_agent_told_min_protocol_2_refuses_a_version_1_tool_at_hello(world: W
             conn.close()
     finally:
         world.agent.config.min_protocol = 1
+    # Operators see which versions arrive (when no 1 arrives any more: --min-protocol 2).
+    sessions = world.agent.metrics.registry.get_sample_value
+    assert sessions("migsgx_control_sessions_total", {"version": "refused"}) == 1
+    assert (sessions("migsgx_control_sessions_total", {"version": str(VERSION)}) or 0) >= 1
 
 
 def test_a_certificate_of_another_ca_is_refused(world: World) -> None:

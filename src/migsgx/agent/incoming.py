@@ -61,7 +61,7 @@ from .protocol import (
     check_image_name,
 )
 from .reservations import release_reservations
-from .versions import agent_choice, check_version, for_version
+from .versions import ProtocolVersionError, agent_choice, check_version, for_version
 
 __all__ = ["IncomingMigration"]
 
@@ -203,7 +203,12 @@ class IncomingMigration(_SessionDecisions):
     def _hello(self, msg: dict[str, Any]) -> Reply:
         # The older of the tool's offer and this agent's newest; a tool older than
         # ``--min-protocol`` is refused here, before anything of it is looked at.
-        self.version = agent_choice(msg["version"], self.config.min_protocol)
+        try:
+            self.version = agent_choice(msg["version"], self.config.min_protocol)
+        except ProtocolVersionError:
+            self.agent.metrics.greeted(None)
+            raise
+        self.agent.metrics.greeted(self.version)
         log.info(
             "tool of host %s connected from %s, control protocol version %d (offered %d)",
             str(msg["host_id"])[:64], self.peer, self.version, msg["version"],
