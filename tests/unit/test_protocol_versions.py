@@ -8,6 +8,7 @@ added since must be listed in ``versions.SINCE`` (or version 1 peers break).
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 from collections.abc import Callable
@@ -244,10 +245,13 @@ def _tool(
 
 
 def test_the_tool_greets_a_version_1_agent_again_and_sends_it_version_1_frames(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     conn, seen, threads = _tool(monkeypatch, _agent_v1)
-    welcome = conn.greet("src", ["process", "post-copy"])
+    with caplog.at_level(logging.INFO, logger="migsgx.migrate"):
+        welcome = conn.greet("src", ["process", "post-copy"])
+    assert "refused protocol version 2 (protocol version 2 is not 1)" in caplog.text
+    assert "greeting it again with version 1" in caplog.text
     assert welcome["host_id"] == "old" and conn.version == 1
     assert [m["version"] for m in seen] == [VERSION, 1]  # refused, then greeted again
     assert len(threads) == 2  # on a fresh connection

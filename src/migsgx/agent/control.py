@@ -10,6 +10,7 @@ carries only that version's fields.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import ssl
 from collections.abc import Iterable, Mapping
@@ -31,6 +32,8 @@ from .versions import (
 )
 
 __all__ = ["CONNECT_TIMEOUT", "HANDSHAKE_TIMEOUT", "AgentConnection"]
+
+log = logging.getLogger("migsgx.migrate")
 
 CONNECT_TIMEOUT: Final = 10.0
 HANDSHAKE_TIMEOUT: Final = 10.0
@@ -89,6 +92,11 @@ class AgentConnection:
                     ) from exc
                 if again is None:
                     raise
+                log.info(
+                    "the agent at %s:%d refused protocol version %d (%s): greeting it again "
+                    "with version %d, the previous release's",
+                    self.to[0], self.to[1], offered, exc.context.get("why", code), again,
+                )  # fmt: skip
                 self.close()
                 self.sock = self._connect()
                 offered = again
