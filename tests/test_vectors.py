@@ -451,6 +451,8 @@ def check_decisions(case: dict[str, Any]) -> None:
                 if kind == "ungate":  # the gate goes (restored or aborted)
                     store.record_update(who, gate, RecordUpdate(None, expect=_GATE_SHA))
                     return "ok"
+                if kind == "revoke":  # the destination's proven refusal (commit.md, 2.2)
+                    return store.revoke(who, mids[mid]).kind
                 frame = GEN.det_bytes(f"frame {mid} {kind}", 4)
                 decision = Decision(mids[mid], kind, frame, group=tag)
                 return store.decide(who, decision).kind

@@ -79,6 +79,8 @@ PLATFORM = Schema(
         "ctr_destroy": {"id": str},
         "claim": {"mid": bytes},
         "claimed": {"mid": bytes},
+        # the migration id refused here for good (no claim of it ever succeeds)
+        "refuse": {"mid": bytes},
         "ps_read": {"name": str},
         "ps_update": {
             "name": str,
@@ -99,6 +101,9 @@ PLATFORM = Schema(
             "group": bytes,  # the migration's group id (16 bytes), or empty
             "changes": list,
         },
+        # a COMMIT of this enclave made "revoked" on the destination's proven refusal,
+        # with "changes" (ps_txn's: the persistent record re-opened) in the same write
+        "revoke": {"mid": bytes, "changes": list},
         # several ps_update bodies (each with its "name"), applied as one atomic write
         # with "claim", the migration id is claimed in the same write
         "ps_txn": {"changes": list, "claim": (bytes, NONE)},

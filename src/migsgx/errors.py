@@ -207,6 +207,17 @@ class ClaimedBeforeError(CounterError):
     code = "claimed"
 
 
+class MigrationRefusedError(ClaimedBeforeError):
+    """The migration id was refused for good on this host: no copy of it may ever run here.
+
+    A destination host's claim store refuses an id (``docs/spec/commit.md``,
+    section 2.2) so that the committed source may run again on proof of it; a
+    claim after that would make a second copy.
+    """
+
+    code = "refused"
+
+
 class GroupDecidedError(CounterError):
     """Another enclave of the same migration (its group) decided the other way first.
 

@@ -413,6 +413,8 @@ class DestinationDriver:
                 if inc.info is not None:
                     self.pid = inc.info.pid
             self.loaded.set()
+            if inc.refused:
+                return  # (mode refuse: the enclave refused the id, nothing to wait for)
             if self.before_commit is not None:
                 try:
                     self.before_commit(inc)

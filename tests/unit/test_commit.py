@@ -27,6 +27,7 @@ from migsgx.core import (
 from migsgx.core.commit import (
     DESTINATION_TO_SOURCE,
     SOURCE_TO_DESTINATION,
+    Refused,
     open_control,
     seal_control,
 )
@@ -414,4 +415,89 @@ def test_authentic_message_of_the_wrong_direction_type_changes_nothing() -> None
     )
     with pytest.raises(ProtocolError, match="not expected"):
         dst.receive(odd_loaded)
+    assert dst.state is CommitState.AWAIT_COMMIT
+
+
+# --- REFUSED: the destination host's proof that it never runs this id (commit.md, 2.2) --------
+def _refusal_session():  # type: ignore[no-untyped-def]
+    """A re-delivery session: a source that committed before, a fresh destination."""
+
+    ks, kd = session()
+    return SourceCommit(ks, after_commit=True), DestinationCommit(kd, seen=InMemorySeenIds()), kd
+
+
+def test_a_refused_is_made_only_after_the_refusal_was_recorded() -> None:
+    src, dst, kd = _refusal_session()
+    recorded: list[bool] = []
+    frame = dst.refuse(lambda: recorded.append(True))
+    assert recorded == [True] and dst.state is CommitState.REFUSED
+    msg = open_control(
+        kd.control_destination_key, DESTINATION_TO_SOURCE, kd.migration_id,
+        kd.transcript_hash, frame,
+    )  # fmt: skip
+    assert msg == {"t": "refused", "mid": kd.migration_id}
+    events: list[bool] = []
+    assert src.refused(frame, lambda: events.append(True)) == Refused(kd.migration_id)
+    assert events == [True] and src.state is CommitState.REVOKED
+    # A store that cannot refuse (the id was claimed) gets no frame.
+    _, dst2, _ = _refusal_session()
+
+    def claimed() -> None:
+        raise ReplayError("claimed")
+
+    with pytest.raises(ReplayError):
+        dst2.refuse(claimed)
+    assert dst2.state is CommitState.LOADING
+
+
+def test_a_refused_is_judged_like_every_control_frame() -> None:
+    src, dst, kd = _refusal_session()
+    frame = dst.refuse(lambda: None)
+    b = bytearray(frame)
+    b[-3] ^= 1
+    with pytest.raises(CommitError):
+        src.refused(bytes(b))
+    other_src, other_dst, _ = _refusal_session()
+    with pytest.raises(CommitError):
+        src.refused(other_dst.refuse(lambda: None))  # another session's
+    # One that names another migration, sealed with this session's key (a broken peer).
+    odd = seal_control(
+        kd.control_destination_key, DESTINATION_TO_SOURCE, kd.migration_id,
+        kd.transcript_hash, {"t": "refused", "mid": bytes(16)}, bytes(12),
+    )  # fmt: skip
+    with pytest.raises(CommitError, match="another migration"):
+        src.refused(odd)
+    assert src.state is CommitState.FAILED
+    del other_src
+
+
+def test_a_refused_is_taken_only_after_a_commit_and_before_loaded() -> None:
+    ks, kd = session()
+    first = SourceCommit(ks)  # a first session: nothing was given up
+    dst = DestinationCommit(kd, seen=InMemorySeenIds())
+    frame = dst.refuse(lambda: None)
+    with pytest.raises(ProtocolError):
+        first.refused(frame)
+    with pytest.raises(ProtocolError):
+        first.receive(frame)  # (never taken as a LOADED or an ABORT either)
+    assert first.state is CommitState.AWAIT_LOADED
+    # A record that fails leaves the source as it was: the REFUSED may come again.
+    src, dst2, _ = _refusal_session()
+    frame2 = dst2.refuse(lambda: None)
+
+    def fails() -> None:
+        raise OSError("store gone")
+
+    with pytest.raises(OSError):
+        src.refused(frame2, fails)
+    assert src.state is CommitState.AWAIT_LOADED
+    src.refused(frame2)
+    assert src.state is CommitState.REVOKED
+
+
+def test_a_destination_that_sent_loaded_does_not_refuse() -> None:
+    _, _, _, dst, _ = migrate_until_loaded()
+    dst.loaded()
+    with pytest.raises(LocalProtocolError):
+        dst.refuse(lambda: None)
     assert dst.state is CommitState.AWAIT_COMMIT

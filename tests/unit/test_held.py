@@ -299,3 +299,26 @@ def test_a_tree_restoring_is_killed_only_if_its_root_is_still_that_process() -> 
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_refusable_note_is_taken_only_as_this_agent_wrote_it(tmp_path: Path) -> None:
+    """A note makes the agent refuse a migration id for good on request: a planted
+    one (not private, or damaged) is no note at all."""
+
+    from migsgx.agent.refusal import REFUSABLE, mark_refusable, refusable_note
+
+    record = HeldRecord(os.urandom(16).hex(), 0, 0, "pid", "10.0.0.1", "10.0.0.2", ["a0"],
+                        arrivals=["ab" * 16])  # fmt: skip
+    directory = tmp_path / record.session_id
+    directory.mkdir()
+    (directory / "held.json").write_text("{}")
+    mark_refusable(directory, record)
+    assert sorted(p.name for p in directory.iterdir()) == [REFUSABLE]
+    note = refusable_note(tmp_path, bytes.fromhex(record.session_id))
+    assert note is not None and note["peer"] == "10.0.0.1" and note["enclaves"] == ["a0"]
+    (directory / REFUSABLE).chmod(0o644)
+    assert refusable_note(tmp_path, bytes.fromhex(record.session_id)) is None
+    (directory / REFUSABLE).chmod(0o600)
+    (directory / REFUSABLE).write_text('{"peer": 1}')
+    assert refusable_note(tmp_path, bytes.fromhex(record.session_id)) is None
+    assert refusable_note(tmp_path, os.urandom(16)) is None

@@ -171,3 +171,44 @@ def test_a_held_tree_drops_its_spent_images_in_ram_and_keeps_its_records(
     assert (records / "held.json").exists()
     assert (images / "pages-1.img").exists() is not in_ram
     target._refilled.set()  # (its settle thread waits for the state again)
+
+
+def test_a_refusal_is_served_only_for_a_noted_session_and_its_host(tmp_path: Path) -> None:
+    """``refuse`` makes this host's store refuse a migration id for good: only for a
+    post-copy session a restarted agent ended after it was held (its note), and only
+    for the host that began it.  The listener it opens takes one data connection
+    from that host and nothing of the state."""
+
+    import cbor2
+
+    from migsgx.agent.datalink import CHALLENGE_SIZE, HELLO_SIZE
+    from migsgx.agent.held import HeldRecord
+    from migsgx.agent.refusal import mark_refusable
+    from migsgx.host.appctl import info_to_wire
+
+    agent = Agent()
+    agent.config = SimpleNamespace(io_timeout=5.0, commit_grace=0.1, work_dir=tmp_path,
+                                   platform_socket=tmp_path / "none.sock")  # fmt: skip
+    ask = {"t": "refuse", "session_id": SID, "index": 0}
+    with pytest.raises(AgentError, match="no post-copy session"):
+        _session(agent, "127.0.0.1")._refuse_request(ask)
+    record = HeldRecord(SID.hex(), 0, 0, "pid", "127.0.0.1", "127.0.0.1",
+                        [cbor2.dumps(info_to_wire(INFO)).hex()])  # fmt: skip
+    mark_refusable(tmp_path / SID.hex(), record)
+    with pytest.raises(AgentError, match="only from the host that began"):
+        _session(agent, "10.0.0.9")._refuse_request(ask)
+    with pytest.raises(Exception, match="no such enclave"):
+        _session(agent, "127.0.0.1")._refuse_request({**ask, "index": 1})
+    reply = _session(agent, "127.0.0.1")._refuse_request(ask)
+    assert reply["t"] == "redelivery" and reply["data_port"] > 0 and len(reply["data_key"]) == 32
+    # A connection without the data key's proof is dropped: no offer is read.
+    with socket.create_connection(("127.0.0.1", reply["data_port"]), timeout=5) as conn:
+        conn.recv(CHALLENGE_SIZE)
+        conn.sendall(bytes(HELLO_SIZE))  # (no MAC under the key)
+        conn.settimeout(5)
+        assert conn.recv(64) == b""
+    # And the delivery of a decision for it says so.
+    delivered = _session(agent, "127.0.0.1")._deliver_request(
+        {"t": "deliver", "session_id": SID, "frames": [b"t"]}
+    )
+    assert delivered["outcome"] == "refusable"

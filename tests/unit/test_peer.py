@@ -65,6 +65,7 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "commit": {"t": "commit", "token": b"t"},
     "active": {"t": "active"},
     "abort": {"t": "abort", "code": "aborted", "message": "", "frame": b""},
+    "refused": {"t": "refused", "frame": b"r"},
 }
 HAPPY = [
     (S, "offer"),
@@ -116,6 +117,29 @@ LIVE = {
     "final": {"t": "final"},
     "repair": {"t": "repair", "segments": [3, 9]},
 }
+
+
+def test_mode_refuse_ends_with_refused_after_the_handshake() -> None:
+    pipe = Pipe()
+    steps = [(S, "offer"), (D, "accept"), (S, "hs"), (D, "hs"), (S, "hs"), (D, "refused")]
+    for sender, kind in steps:
+        msg = {**MESSAGES[kind], "mode": "refuse"} if kind == "offer" else MESSAGES[kind]
+        assert [m["t"] for m in pipe.exchange(sender, msg)] == [kind]
+    assert pipe.ends[S].state is pipe.ends[D].state is PeerState.REFUSED
+    assert pipe.ends[S].finished and pipe.ends[D].finished
+    # Nothing follows a refusal; and only the destination refuses, only before loaded.
+    with pytest.raises(ProtocolError):
+        pipe.send(S, MESSAGES["commit"])
+    late = Pipe()
+    for sender, kind in HAPPY[:6]:
+        late.exchange(sender, MESSAGES[kind])
+    with pytest.raises(ProtocolError):
+        late.exchange(D, MESSAGES["refused"])
+    early = Pipe()
+    for sender, kind in HAPPY[:5]:
+        early.exchange(sender, MESSAGES[kind])
+    with pytest.raises(ProtocolError):
+        early.send(S, MESSAGES["refused"])
 
 
 def test_live_mode_rounds_then_final_back_to_back() -> None:

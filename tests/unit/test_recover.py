@@ -699,3 +699,53 @@ def test_the_source_is_handed_back_first_only_where_it_stays(state: Path) -> Non
     recorded = _journal(state, other, phase="fenced", fenced=[])
     _decide(state, other[0], "abort", b"abort-0")
     assert stays(recorded, state)
+
+
+# --- a post-copy tree killed after the COMMIT: revoked on the destination's refusal ----------
+def test_a_refusable_destination_has_the_commit_revoked_by_whoever_holds_the_enclaves(
+    state: Path, agent: Agent
+) -> None:
+    mids = [os.urandom(16)]
+    journal = _journal(state, mids, phase="committed", fenced=[])
+    _decide(state, mids[0], "commit", b"token")
+    store = CounterStore(state / COUNTERS)
+    asked: list[list[str]] = []
+
+    def revoke(j: Journal, identity: AgentIdentity, kinds: list[str]) -> str:
+        asked.append(kinds)
+        store.revoke(OWNER, mids[0])  # (what the source enclave does on the proof)
+        return "enclaves handed back"
+
+    released: list[bool] = []
+    # recover without the enclaves: in doubt, for the guardian (nothing released).
+    agent.answers.append("refusable")
+    held_elsewhere = resolve(journal, state, AgentIdentity.of_state(state),
+                             release=lambda: released.append(True))  # fmt: skip
+    assert held_elsewhere.outcome == "in-doubt" and "can never run" in held_elsewhere.detail
+    assert not released
+    # The holder revokes and gives the source back: done, the source stays.
+    agent.answers.append("refusable")
+    result = resolve(Journal.load(journal.path), state, AgentIdentity.of_state(state),
+                     revoke=revoke, release=lambda: released.append(True))  # fmt: skip
+    assert (result.decision, result.outcome) == ("revoked", "stayed"), result
+    assert asked == [["commit"]] and not released
+    assert Journal.load(journal.path).phase == "done"
+
+
+def test_a_failed_revocation_changes_nothing_and_stays_in_doubt(state: Path, agent: Agent) -> None:
+    mids = [os.urandom(16), os.urandom(16)]
+    journal = _journal(state, mids, phase="committed", fenced=[])
+    for mid in mids:
+        _decide(state, mid, "commit", b"token")
+    CounterStore(state / COUNTERS).revoke(OWNER, mids[0])  # (one revoked before: a retry)
+
+    def fails(j: Journal, identity: AgentIdentity, kinds: list[str]) -> str:
+        assert kinds == ["revoked", "commit"]
+        raise InDoubtError("enclave 1: the destination does not refuse")
+
+    result = resolve(journal, state, AgentIdentity.of_state(state), revoke=fails)
+    assert result.outcome == "in-doubt" and "does not refuse" in result.detail
+    assert Journal.load(journal.path).phase == "committed" and not agent.sent
+    # Without the enclaves: in doubt too, never "lost" (the revoked one runs again).
+    alone = resolve(journal, state, AgentIdentity.of_state(state))
+    assert alone.outcome == "in-doubt"

@@ -537,6 +537,13 @@ def control_cases() -> list[dict[str, Any]]:
     add("other-migration", SOURCE_TO_DESTINATION, commit, mid=det_bytes("other mid", 16))
     add("other-transcript", SOURCE_TO_DESTINATION, commit, th=det_bytes("other th", 64))
     add("tampered", SOURCE_TO_DESTINATION, commit, tamper=-3)
+    # REFUSED (commit.md, 2.2): the destination host's proof that it never runs `mid`.
+    refused = {"t": "refused", "mid": MID}
+    add("refused", DESTINATION_TO_SOURCE, refused)
+    add("refused-reflected", DESTINATION_TO_SOURCE, refused, key_of="s2d", as_direction="s2d")
+    add("refused-other-migration", DESTINATION_TO_SOURCE, refused, mid=det_bytes("other mid", 16))
+    add("refused-other-transcript", DESTINATION_TO_SOURCE, refused, th=det_bytes("other th", 64))
+    add("refused-tampered", DESTINATION_TO_SOURCE, refused, tamper=-3)
     return cases
 
 
@@ -625,7 +632,9 @@ def decision_cases() -> list[dict[str, Any]]:
     The frame of a decision is ``det_bytes("frame MID KIND", 4)``.  Kind ``gate``
     creates the record ``"!ckpt-" || hex(MID)`` (blob ``b"g"``) tagged with the
     group, ``ungate`` deletes it (commit.md, 1.1 rule 5: a group's decisions are
-    dropped by the next ``decide`` once no record carries its tag).
+    dropped by the next ``decide`` once no record carries its tag).  Kind
+    ``revoke`` revokes the owner's COMMIT of ``mid`` (commit.md, 2.2: only a
+    commit, only its owner's; a revoked one counts as a commit in its group).
     """
 
     mids = {n: det_bytes("decision mid " + n, 16).hex() for n in "123456789xyz"}
@@ -637,6 +646,23 @@ def decision_cases() -> list[dict[str, Any]]:
     }
     refused = "error:group-decided"
     cases: list[dict[str, Any]] = [
+        {
+            "name": "only-its-owners-commit-is-revoked-and-it-still-binds-the-group",
+            "steps": [
+                ["a", "x", "commit", "g", "commit"],
+                ["b", "x", "revoke", "-", "error:counter"],
+                ["a", "x", "revoke", "-", "revoked"],
+                ["a", "x", "revoke", "-", "revoked"],
+                ["a", "x", "abort", "g", "revoked"],
+                ["b", "y", "abort", "g", refused],
+                ["b", "y", "commit", "g", "commit"],
+                ["c", "z", "abort", "-", "abort"],
+                ["c", "z", "revoke", "-", "error:counter"],
+                ["c", "9", "revoke", "-", "error:counter"],
+                ["c", "9", "revoked", "-", "error:counter"],
+            ],
+            "recorded": {"x": "revoked", "y": "commit", "z": "abort", "9": None},
+        },
         {
             "name": "first-commit-binds-the-group",
             "steps": [

@@ -666,6 +666,17 @@ def agent_cases() -> list[dict[str, Any]]:
             {"error": "protocol", "at": 7},
         )
     )
+    # A post-copy session that ended after the COMMIT: one refusal (commit.md 2.2).
+    refuse = {"t": "refuse", "session_id": sid, "index": 0}
+    out.append(
+        _agent_session(
+            "refuse-on-its-own-connection",
+            [hello, refuse],
+            {"ok": {"states": ["greeted", "delivered"], "finished": True}},
+        )
+    )
+    out.append(_agent_session("refuse-in-a-session", [*steps[:2], refuse],
+                              {"error": "protocol", "at": 2}))  # fmt: skip
     out.append(
         _agent_session(
             "session-answer-as-request",

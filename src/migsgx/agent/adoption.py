@@ -20,6 +20,7 @@ from ..system.process import process_state
 from .config import AgentHost
 from .held import HeldRecord, held_records, mark_lost, start_time
 from .incoming import IncomingMigration
+from .refusal import mark_refusable
 
 __all__ = ["Adoption"]
 
@@ -194,8 +195,13 @@ class Adoption:
             "and is not adopted: removed %s; its lazy-pages daemon %s. The source's "
             "decision says what remains (%s)", tag, removed, daemon,
             "it was never reported held: the source runs on" if not record.answered
-            else "an ABORT: the source runs on; a COMMIT: the state is lost, recover says so",
+            else "an ABORT: the source runs on; a COMMIT: recover refuses the migration "
+            "id here and the source runs on",
         )  # fmt: skip
+        if record.answered:
+            # The source may have committed: a fresh enclave may refuse the ids here.
+            mark_refusable(directory, record)
+            return
         self.agent.discard(directory)
 
     @staticmethod

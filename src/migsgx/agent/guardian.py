@@ -246,6 +246,7 @@ def _recover(
                 journal, agent_dir.parent, AgentIdentity(agent_dir), tool_gone=True,
                 redeliver=held.redeliver if held else None,
                 release=held.release if held else None, roll_forward=roll_forward,
+                revoke=held.revoke if held else None,
             )  # fmt: skip
         except (MigSGXError, OSError, ValueError) as exc:
             _log(f"recovery of {path.name} failed: {exc}; run migsgx recover")

@@ -60,6 +60,7 @@ from .protocol import (
     SessionState,
     check_image_name,
 )
+from .refusal import refusable_note, serve_refusal
 from .reservations import release_reservations
 from .versions import ProtocolVersionError, agent_choice, check_version, for_version
 
@@ -82,6 +83,7 @@ class IncomingMigration(_SessionDecisions):
             "redeliver": self._redeliver,
             "abort": self._abort_request,
             "deliver": self._deliver_request,
+            "refuse": self._refuse_request,
         }
 
     @classmethod
@@ -573,6 +575,24 @@ class IncomingMigration(_SessionDecisions):
         port = target.redeliver(msg["index"])
         return {"t": "redelivery", "data_port": port, "data_key": target.data_key}
 
+    def _refuse_request(self, msg: dict[str, Any]) -> Reply:
+        """A fresh enclave refuses the id of a post-copy session that ended here (2.2).
+
+        Only for a session whose tree a restarted agent killed after it had
+        answered ``restored`` (:mod:`.refusal`), and only from the host that
+        began it.  The store refuses an id some enclave claimed, whatever this.
+        """
+
+        note = refusable_note(self.config.work_dir, msg["session_id"])
+        if note is None:
+            raise AgentError("no post-copy session of this migration ended here")
+        if note["peer"] != self.peer:
+            raise AgentError("a refusal comes only from the host that began the session")
+        port, key = serve_refusal(
+            note, msg["index"], msg["session_id"], self.config.platform_socket
+        )
+        return {"t": "redelivery", "data_port": port, "data_key": key}
+
     def _abort_request(self, msg: dict[str, Any]) -> Reply:
         log.info("migration %s: aborted by the tool (%s)", self.tag, msg["reason"][:200])
         frames = msg.get("frames")
@@ -616,6 +636,10 @@ class IncomingMigration(_SessionDecisions):
         lost = lost_detail(self.config.work_dir, msg["session_id"])
         if lost is not None:
             return {"t": "delivered", "outcome": LostAfterCommitError.code, "pid": 0}
+        if refusable_note(self.config.work_dir, msg["session_id"]) is not None:
+            # A post-copy tree killed after it was held: no copy of it can ever run here;
+            # the source may revoke its commit on a refusal (``refuse``, commit.md 2.2).
+            return {"t": "delivered", "outcome": "refusable", "pid": 0}
         mids = msg.get("enclave_mids") or []
         store = self.config.state / COUNTERS
         if not store.exists():  # (opening it would create it)

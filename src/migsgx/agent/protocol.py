@@ -25,7 +25,10 @@ A connection of its own may instead carry, after ``hello``, one ``deliver``
 frames) for a migration whose tool went away (``docs/spec/commit.md``); or
 one ``redeliver {session_id, index}`` (-> ``redelivery {data_port,
 data_key}``): a committed source enclave held by the source host's guardian
-delivers its state again to a fresh enclave of a session held in doubt.
+delivers its state again to a fresh enclave of a session held in doubt; or
+one ``refuse {session_id, index}`` (-> ``redelivery {data_port, data_key}``):
+for a post-copy session that ended here after the COMMIT, a fresh enclave
+refuses the migration id for good (``docs/spec/commit.md``, 2.2).
 
 ``abort`` (-> ``aborted``) is allowed in every state before ``resumed``; any
 failure is answered with ``err`` and ends the session.  :class:`SessionMachine`
@@ -140,6 +143,10 @@ CONTROL = Schema(
         # The source committed, but enclave ``index``'s copy did not confirm that it runs.
         # On a connection of its own (after hello) it names the session held in doubt.
         "redeliver": {"index": int, "session_id": (bytes, NONE)},
+        # On a connection of its own (after hello): a post-copy session that ended here
+        # after the COMMIT (its tree killed, commit.md 6 item 5): enclave ``index``'s
+        # migration id is refused for good by a fresh enclave (commit.md 2.2).
+        "refuse": {"index": int, "session_id": bytes},
         # Optional: the source enclaves' ABORT frames, for destination enclaves past LOADED;
         # ``source_lost``: indices of enclaves whose source enclave died before it was asked
         # to decide (no frame can ever come: their copies end, commit.md section 5, W1).
@@ -168,7 +175,8 @@ CONTROL = Schema(
         "redelivery": {"data_port": int, "data_key": (bytes, NONE)},
         "aborted": {"held": (bool, NONE)},  # held: kept in doubt (a copy past LOADED)
         # outcome: "resumed", "aborted", "waiting" (not all enclaves decided), "unknown",
-        # "copy-lost" (a loaded copy died undecided: the tree waits for the state again).
+        # "copy-lost" (a loaded copy died undecided: the tree waits for the state again),
+        # "refusable" (a post-copy tree killed after it was held: ``refuse`` may follow).
         "delivered": {"outcome": str, "pid": int},
         "err": {"code": str, "message": str},
     },
@@ -196,6 +204,7 @@ _TABLE: Final[Mapping[SessionState, Mapping[str, SessionState]]] = {
         "abort": S.ABORTED,
         "deliver": S.DELIVERED,
         "redeliver": S.DELIVERED,
+        "refuse": S.DELIVERED,
     },
     S.RECEIVING: {"enclaves_done": S.LOADED, "abort": S.ABORTED},
     S.LOADED: {"image": S.IMAGES, "images_done": S.IMAGES_COMPLETE, "abort": S.ABORTED},

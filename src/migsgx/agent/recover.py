@@ -68,6 +68,10 @@ from .journal import Journal
 from .source_host import alive, end_committed, end_fenced, give_back, is_guardian, lost_detail
 from .tls import AgentIdentity
 
+#: Revokes the committed enclaves on the destination's refusal and hands the source
+#: back (:meth:`.redeliver.HeldSource.revoke`); a note for the outcome's detail.
+Revoke = Callable[[Journal, AgentIdentity, list[str]], str]
+
 if TYPE_CHECKING:
     from .redeliver import HeldSource
 
@@ -145,6 +149,10 @@ _MIXED = (
     "commit point, so they must commit too"
 )
 
+_REFUSABLE = (
+    "committed, and the destination's tree can never run (a post-copy tree killed after "
+    "the COMMIT): whoever holds the source enclaves revokes their commit on its refusal"
+)
 _COPY_LOST = (
     "committed; the destination keeps the tree held, but its loaded copy died before "
     "it judged the decision: the committed source enclaves must deliver their state again"
@@ -160,6 +168,7 @@ def resolve(
     redeliver: Redeliver | None = None,
     roll_forward: RollForward | None = None,
     release: Callable[[], None] | None = None,
+    revoke: Revoke | None = None,
 ) -> Resolution:
     """Resolve one migration (see the module docstring).
 
@@ -168,7 +177,10 @@ def resolve(
     again when the destination lost a loaded copy; ``roll_forward`` (theirs too)
     commits the enclaves that had not decided when another of the same
     migration committed; ``release`` lets the committed ones go (wipe and exit)
-    once the destination runs or can never run.
+    once the destination runs or can never run; ``revoke`` (theirs too) undoes
+    the commits on the destination's proven refusal where its copy can never
+    run (a post-copy tree killed after the COMMIT, ``commit.md`` 2.2) and hands
+    the source back.
     """
 
     mid = journal.data["mid"]
@@ -207,6 +219,9 @@ def resolve(
             mid, journal.phase, "none", "in-doubt",
             "the source enclaves never decided; if they are gone, so is their state",
         )  # fmt: skip
+    if "revoked" in kinds and kinds <= {"commit", "revoked"}:
+        # A revocation under way (some enclaves revoked): the rest follow, then the hand-back.
+        return _revoked(journal, identity, decisions, revoke)
     if kinds == {"commit"}:
         frames = [d.frame for d in decisions if d]
         outcome, detail = _deliver(journal, identity, frames)
@@ -228,6 +243,12 @@ def resolve(
             if release is not None:
                 release()
             return Resolution(mid, journal.phase, "commit", "moved", detail)
+        if outcome == "refusable":
+            # A post-copy tree killed after the COMMIT: it can never run.  Its host's
+            # store refuses the ids for good, and the commits are revoked (2.2).
+            if revoke is None:
+                return Resolution(mid, journal.phase, "commit", "in-doubt", _REFUSABLE)
+            return _revoked(journal, identity, decisions, revoke)
         if outcome in ("unknown", "aborted"):
             if release is not None:
                 release()  # no tree is held for the state any more: it can never run
@@ -279,6 +300,31 @@ def resolve(
     )  # fmt: skip
 
 
+def _revoked(
+    journal: Journal,
+    identity: AgentIdentity,
+    decisions: list[Decision | None],
+    revoke: Revoke | None,
+) -> Resolution:
+    """Revoke the commits on the destination's refusal and give the source back (2.2)."""
+
+    mid = journal.data["mid"]
+    kinds = [d.kind if d is not None else "none" for d in decisions]
+    if revoke is None:
+        return Resolution(mid, journal.phase, "revoked", "in-doubt",
+                          "some commits were revoked: migsgx recover revokes the rest")  # fmt: skip
+    try:
+        note = revoke(journal, identity, kinds)
+    except MigSGXError as exc:
+        return Resolution(mid, journal.phase, "commit", "in-doubt", str(exc))
+    journal.update(phase="done")
+    return Resolution(
+        mid, journal.phase, "revoked", "stayed",
+        "the destination's tree could never run: its host refused the migration id for "
+        f"good, the commit was revoked and the source runs on ({note})",
+    )  # fmt: skip
+
+
 def _with_returned_aborts(
     journal: Journal, decisions: list[Decision | None]
 ) -> list[Decision | None]:
@@ -317,7 +363,7 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
             result = _resolve_orphaned(journal, Path(state), identity)
             if result is None:
                 result = resolve(journal, Path(state), identity)
-            if result.detail == _COPY_LOST or result.detail.startswith(_MIXED):
+            if result.detail in (_COPY_LOST, _REFUSABLE) or result.detail.startswith(_MIXED):
                 result = _through_guardian(journal, result)
             results.append(result)
         except (MigSGXError, OSError) as exc:
@@ -420,12 +466,13 @@ def _resolve_orphaned(
                 handed = _hand_back(journal, held)
             result = resolve(journal, platform_state, identity, tool_gone=True,
                              redeliver=held.redeliver, release=held.release,
-                             roll_forward=held.roll_forward)  # fmt: skip
+                             roll_forward=held.roll_forward, revoke=held.revoke)  # fmt: skip
             if handed:
                 result.detail = f"{result.detail}; {handed}".strip("; ")
-            elif result.outcome == "stayed":
+            elif result.outcome == "stayed" and result.decision != "revoked":
                 # Not every enclave could be taken back, and the application takes
                 # all or none: these end as their connections close (as before).
+                # (A revocation handed them back itself: they are the application's.)
                 let_go([e.sock for e in held.enclaves.values()])
             return result
         finally:
@@ -525,6 +572,13 @@ def _through_guardian(journal: Journal, result: Resolution) -> Resolution:
     deadline = time.monotonic() + GUARDIAN_WAIT
     while True:
         if Journal.load(journal.path).phase == "done":
+            decided = decisions_of(journal.path.parent.parent.parent, journal.enclave_mids)
+            if decided and all(d is not None and d.kind == "revoked" for d in decided):
+                return Resolution(
+                    result.mid, "done", "revoked", "stayed",
+                    f"the guardian (pid {pid}) revoked the commit on the destination's "
+                    "refusal: the source runs on",
+                )  # fmt: skip
             return Resolution(result.mid, "done", "commit", "moved",
                               f"the guardian (pid {pid}) delivered the state again")  # fmt: skip
         if not is_guardian(pid):

@@ -37,12 +37,13 @@ from ..host.client import EnclaveInfo
 from .control import CONNECT_TIMEOUT, AgentConnection
 from .datalink import open_data
 from .faults import fault
-from .handback import call_enclave, commit_rest
+from .handback import call_enclave, commit_rest, resume_source
 from .holders import take_held
 from .journal import Journal
+from .source_host import give_back
 from .tls import AgentIdentity
 
-__all__ = ["HeldEnclave", "HeldSource", "redeliver_state"]
+__all__ = ["HeldEnclave", "HeldSource", "redeliver_state", "revoke_commits"]
 
 CONTROL_TIMEOUT: Final = 30.0
 #: Runtime call ids of a re-delivery: far from the tool's (2**40 on) and the
@@ -145,6 +146,61 @@ def redeliver_state(
     return out
 
 
+def revoke_commits(
+    journal: Journal,
+    identity: AgentIdentity,
+    held: Mapping[int, HeldEnclave],
+    kinds: Sequence[str],
+) -> None:
+    """Undo every committed enclave's commit on the destination's refusal (commit.md, 2.2).
+
+    For a post-copy session that ended on the destination after the COMMIT
+    (its tree killed: it can never run).  Per enclave still ``commit``
+    (``kinds``, from this host's store; ``revoked`` ones are skipped: a retry),
+    the destination agent is asked ``refuse {session_id, index}``; a fresh
+    enclave there refuses the id in its claim store for good and proves it, and
+    the source enclave revokes its commit and runs on.  Raises
+    :class:`InDoubtError` at the first that fails (the agent has no such
+    session: its tree may still run; or the store refused: an enclave claimed).
+    """
+
+    # All or none is asked: a tree gets its enclaves back only all together.
+    unheld = [i for i, k in enumerate(kinds) if k != "revoked" and (k != "commit" or i not in held)]
+    if unheld:
+        raise InDoubtError(f"enclave(s) {unheld}: not held, or not committed")
+    for index, kind in enumerate(kinds):
+        if kind == "revoked":
+            continue
+        enclave = held[index]
+        control = AgentConnection(journal.to, identity, CONTROL_TIMEOUT)
+        try:
+            control.greet("guardian")  # (an agent of version 1 has no refuse: refused here)
+            reply = control.call(
+                {"t": "refuse", "session_id": journal.mid, "index": index}, "redelivery"
+            )
+            peer = socket.create_connection(
+                (journal.to[0], int(reply["data_port"])), timeout=CONNECT_TIMEOUT
+            )
+        except (MigSGXError, OSError) as exc:
+            raise InDoubtError(f"enclave {index}: the destination does not refuse: {exc}") from exc
+        finally:
+            control.close()
+        source = OutgoingEnclave(enclave.sock, enclave.info, enclave.image_files,
+                                 mode=enclave.mode)  # fmt: skip
+        source.link._ids = _CALL_IDS + (secrets.randbits(24) << 28) + index * (1 << 22)
+        source.token = b"committed"  # (a committed enclave: its recorded token is not needed)
+        source.index = index
+        try:
+            peer.settimeout(None)
+            open_data(peer, bytes(reply.get("data_key") or b""), journal.mid, index)
+            source.revoke(peer)
+        except (MigSGXError, OSError) as exc:
+            raise InDoubtError(f"enclave {index}: the commit was not revoked: {exc}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                peer.close()
+
+
 @dataclass
 class HeldSource:
     """The committed source enclaves' connections, held by whoever carries the decision.
@@ -183,6 +239,21 @@ class HeldSource:
         self, journal: Journal, identity: AgentIdentity, frames: list[bytes]
     ) -> list[bytes]:
         return redeliver_state(journal, identity, self.enclaves, frames)
+
+    def revoke(self, journal: Journal, identity: AgentIdentity, kinds: Sequence[str]) -> str:
+        """Revoke the commits on the destination's refusal, then hand the source back.
+
+        The fenced tree continues and the application gets its enclaves (now
+        live again) back, as after an abort; a note for the outcome's detail.
+        """
+
+        revoke_commits(journal, identity, self.enclaves, kinds)
+        give_back(journal)
+        socks = [self.enclaves[i].sock for i in sorted(self.enclaves)]
+        app_pid, app_name = int(journal.data["app_pid"]), str(journal.data["app_name"])
+        failed = resume_source(app_pid, app_name, socks, journal.fenced_now(), [])
+        journal.update(holders=[])
+        return "the enclaves were not taken back" if failed else "enclaves handed back"
 
     def roll_forward(self, indexes: list[int]) -> None:
         """The undecided ones commit: another enclave of the migration did (``commit_rest``)."""

@@ -32,6 +32,7 @@ from typing import Any, Final
 from ..errors import MigrationError, ProtocolError, register_error
 
 __all__ = [
+    "MESSAGES_SINCE",
     "NEEDS",
     "OLDEST",
     "SINCE",
@@ -56,6 +57,11 @@ SINCE: Final[Mapping[str, Mapping[str, int]]] = {
     "begin": {"memory_bytes": 2},
     "images_ok": {"images_fs": 2},
 }
+
+#: Requests added after version 1, and the version that added them.  Version 2:
+#: ``refuse`` (a post-copy session that ended after the COMMIT: a fresh enclave
+#: refuses the migration id, ``docs/spec/commit.md`` 2.2).
+MESSAGES_SINCE: Final[Mapping[str, int]] = {"refuse": 2}
 
 #: What a migration may need of the destination agent, and the oldest version
 #: that has it.  A need whose version the session lacks is refused at ``welcome``
@@ -128,16 +134,31 @@ def check_needs(version: int, needs: Iterable[str], *, peer: str = "the agent") 
 
 
 def for_version(msg: Mapping[str, Any], version: int) -> dict[str, Any]:
-    """``msg`` as a peer of ``version`` reads it: the fields it does not know left out."""
+    """``msg`` as a peer of ``version`` reads it: the fields it does not know left out.
 
-    newer = SINCE.get(str(msg.get("t")), {})
+    A request the version does not have cannot be left out: that is a
+    :class:`ProtocolVersionError` (the caller cannot do what it asked for).
+    """
+
+    kind = str(msg.get("t"))
+    since = MESSAGES_SINCE.get(kind, 1)
+    if since > version:
+        raise ProtocolVersionError(
+            f"the agent speaks control protocol version {version}, which has no {kind!r} "
+            f"request (version {since}): upgrade migsgx on the destination host"
+        )
+    newer = SINCE.get(kind, {})
     return {k: v for k, v in msg.items() if newer.get(k, 1) <= version}
 
 
 def check_version(msg: Mapping[str, Any], version: int) -> None:
-    """Refuse a field that a session of ``version`` does not have (the schema stays strict)."""
+    """Refuse a message or field that a session of ``version`` does not have (the schema
+    stays strict)."""
 
-    newer = SINCE.get(str(msg.get("t")), {})
+    kind = str(msg.get("t"))
+    if MESSAGES_SINCE.get(kind, 1) > version:
+        raise ProtocolError(f"{kind!r} is not in control protocol version {version}")
+    newer = SINCE.get(kind, {})
     extra = sorted(k for k in msg if newer.get(k, 1) > version)
     if extra:
         raise ProtocolError(

@@ -37,6 +37,7 @@ __all__ = [
     "DestinationCommit",
     "InMemorySeenIds",
     "LoadConfirmed",
+    "Refused",
     "SeenMigrationIds",
     "SourceCommit",
     "open_control",
@@ -71,6 +72,17 @@ class Committed:
     migration_id: bytes
 
 
+@dataclass(frozen=True)
+class Refused:
+    """The destination host refused this migration id for good: no copy of it runs there.
+
+    Only a source that committed before (a re-delivery session, ``docs/spec/commit.md``
+    section 2.2) takes it: it is the proof that lets the committed state run again.
+    """
+
+    migration_id: bytes
+
+
 class CommitState(enum.Enum):
     AWAIT_LOADED = "await-loaded"
     LOAD_CONFIRMED = "load-confirmed"
@@ -80,6 +92,8 @@ class CommitState(enum.Enum):
     ACTIVE = "active"
     ABORTED = "aborted"
     FAILED = "failed"
+    REFUSED = "refused"  # destination: the id refused here for good
+    REVOKED = "revoked"  # source: the destination's refusal received (a commit undone)
 
 
 _C = CommitState
@@ -90,6 +104,7 @@ TRANSITIONS: Final[Mapping[Role, Mapping[CommitState, Mapping[str, CommitState]]
         _C.AWAIT_LOADED: {
             "recv-loaded": _C.LOAD_CONFIRMED,
             "recv-abort": _C.ABORTED,
+            "recv-refused": _C.REVOKED,  # (only after a commit: SourceCommit.refused)
             "abort": _C.ABORTED,
         },
         _C.LOAD_CONFIRMED: {"commit": _C.COMMITTED, "recv-abort": _C.ABORTED, "abort": _C.ABORTED},
@@ -97,7 +112,12 @@ TRANSITIONS: Final[Mapping[Role, Mapping[CommitState, Mapping[str, CommitState]]
         _C.FAILED: {"abort": _C.FAILED},
     },
     Role.DESTINATION: {
-        _C.LOADING: {"loaded": _C.AWAIT_COMMIT, "recv-abort": _C.ABORTED, "abort": _C.ABORTED},
+        _C.LOADING: {
+            "loaded": _C.AWAIT_COMMIT,
+            "recv-abort": _C.ABORTED,
+            "abort": _C.ABORTED,
+            "refuse": _C.REFUSED,
+        },
         _C.AWAIT_COMMIT: {"recv-commit": _C.ACTIVE, "recv-abort": _C.ABORTED},
     },
 }
@@ -109,6 +129,7 @@ CONTROL_SCHEMA: Final = Schema(
         "loaded": {"mid": bytes, "streams": int, "digest": bytes},
         "commit": {"mid": bytes, "streams": int, "digest": bytes},
         "abort": {"mid": bytes, "code": str, "message": str},
+        "refused": {"mid": bytes},
     },
 )
 
@@ -208,9 +229,18 @@ class SourceCommit(_CommitEnd):
 
     role = Role.SOURCE
 
-    def __init__(self, keys: SessionKeys, *, rng: Callable[[int], bytes] = secrets.token_bytes):
+    def __init__(
+        self,
+        keys: SessionKeys,
+        *,
+        after_commit: bool = False,
+        rng: Callable[[int], bytes] = secrets.token_bytes,
+    ):
         if keys.role is not Role.SOURCE:
             raise ValueError("SourceCommit needs the source's session keys")
+        # A re-delivery session of a source that committed before: only it takes a
+        # REFUSED (in a first session nothing was given up, so nothing is undone).
+        self._after_commit = after_commit
         self._mid = keys.migration_id
         self._th = keys.transcript_hash
         self._send_key = keys.control_source_key
@@ -229,6 +259,8 @@ class SourceCommit(_CommitEnd):
 
     def receive(self, frame: bytes) -> LoadConfirmed | PeerAborted:
         msg = open_control(self._recv_key, DESTINATION_TO_SOURCE, self._mid, self._th, frame)
+        if msg["t"] == "refused":
+            raise ProtocolError("a REFUSED is taken only as one", message_type="refused")
         if self._authentic(msg) == "recv-abort":
             self._state = _C.ABORTED
             return PeerAborted(msg["code"][:64], msg["message"][:512])
@@ -246,6 +278,29 @@ class SourceCommit(_CommitEnd):
         self._confirmed = want
         self._state = _C.LOAD_CONFIRMED
         return LoadConfirmed(*want)
+
+    def refused(self, frame: bytes, record: Callable[[], None] | None = None) -> Refused:
+        """The destination's REFUSED of this session: the proof its host never runs this id.
+
+        Taken only in a session after a commit (``after_commit``), before any
+        LOADED of it, and only as an authentic ``refused`` frame of this
+        session (sealed under its D -> S control key, bound to the migration id
+        and the transcript): a forged, replayed-from-another-session or
+        other-migration frame raises :class:`CommitError` and changes nothing.
+        ``record`` (the source host's revocation) runs after the frame verified;
+        if it raises, the state is unchanged and a REFUSED may be taken again.
+        """
+
+        if not self._after_commit:
+            raise ProtocolError("only a source that committed before takes a REFUSED")
+        msg = open_control(self._recv_key, DESTINATION_TO_SOURCE, self._mid, self._th, frame)
+        if msg["t"] != "refused":
+            raise ProtocolError(f"{msg['t']} is not a REFUSED", message_type=msg["t"])
+        self._authentic(msg)
+        if record is not None:
+            record()
+        self._state = _C.REVOKED
+        return Refused(self._mid)
 
     def commit(self, record: Callable[[bytes], None] | None = None) -> bytes:
         """Give up the state for good and return the COMMIT token.
@@ -346,6 +401,31 @@ class DestinationCommit(_CommitEnd):
         )
         self._state = target
         return self._loaded
+
+    def refuse(self, record: Callable[[], None]) -> bytes:
+        """Refuse this migration id on this host for good; returns the REFUSED frame.
+
+        Only before LOADED (a fresh enclave of a re-delivery, which loads
+        nothing).  ``record`` refuses the id in the host's claim store
+        (``docs/spec/commit.md``, section 2.2) and must raise if it cannot (an
+        enclave claimed the id): then no frame is made and the state stays.
+        The frame is made only after ``record`` returned, so it proves that no
+        copy of this migration will ever activate here.
+        """
+
+        target = self._local("refuse")
+        assert self._send_key is not None
+        record()
+        frame = seal_control(
+            self._send_key,
+            DESTINATION_TO_SOURCE,
+            self._mid,
+            self._th,
+            {"t": "refused", "mid": self._mid},
+            self._rng(12),
+        )
+        self._state = target
+        return frame
 
     def receive(self, frame: bytes) -> Committed | PeerAborted:
         msg = open_control(self._recv_key, SOURCE_TO_DESTINATION, self._mid, self._th, frame)

@@ -17,6 +17,10 @@ carries CBOR frames of :data:`SCHEMA` and, between the handshake and
     S -> D  commit {token} | abort {...}
     D -> S  active
 
+A committed source's offer with mode ``refuse`` (``docs/spec/commit.md``, 2.2)
+ends after the handshake instead: ``D -> S  refused {frame}`` (the fresh
+destination enclave refused the migration id for good), and nothing else.
+
 Nothing on the connection is trusted: the enclaves authenticate what matters
 end to end.  This table says only which frame may come when, so that an end
 refuses a frame out of turn (:class:`~migsgx.errors.ProtocolError`) before it
@@ -57,7 +61,7 @@ __all__ = [
     "encode_chunk",
 ]
 
-MODES: Final = ("pipelined", "sequential", "live")
+MODES: Final = ("pipelined", "sequential", "live", "refuse")
 #: An offer carries the enclave image.
 PEER_FRAME_MAX: Final = 32 << 20
 
@@ -85,6 +89,8 @@ SCHEMA: Final = Schema(
         "round_done": {"stats": dict},
         "final": {},
         "repair": {"segments": list},
+        # mode "refuse": the destination enclave's REFUSED frame (commit.md, 2.2)
+        "refused": {"frame": bytes},
     },
 )
 
@@ -108,6 +114,7 @@ class PeerState(enum.Enum):
     ACTIVE = "active"
     ABORTED = "aborted"
     FAILED = "failed"  # a frame out of turn, or an abort after the token
+    REFUSED = "refused"  # mode refuse: the destination refused the migration id
 
 
 _S = PeerState
@@ -128,6 +135,7 @@ _LOCKSTEP: Final[Mapping[PeerState, Mapping[str, PeerState]]] = {  # the source'
     _S.HS_SOURCE_FINISHED: {"send:hs": _S.STREAMING, **_ABORTABLE},
     _S.STREAMING: {
         "recv:loaded": _S.LOADED,
+        "recv:refused": _S.REFUSED,  # (only an offer of mode refuse is answered so)
         "send:round": _S.ROUND,
         "send:final": _S.FINAL,
         **_ABORTABLE,
@@ -139,6 +147,7 @@ _LOCKSTEP: Final[Mapping[PeerState, Mapping[str, PeerState]]] = {  # the source'
 _ENDS: Final[Mapping[PeerState, Mapping[str, PeerState]]] = {
     _S.ACTIVE: {},
     _S.ABORTED: {},
+    _S.REFUSED: {},
     _S.FAILED: {"send:abort": _S.FAILED},
 }
 
@@ -245,7 +254,9 @@ class PeerProtocol:
 
     @property
     def finished(self) -> bool:
-        return self.state in (PeerState.ACTIVE, PeerState.ABORTED, PeerState.FAILED)
+        return self.state in (
+            PeerState.ACTIVE, PeerState.ABORTED, PeerState.FAILED, PeerState.REFUSED
+        )  # fmt: skip
 
 
 # --- chunk frames (section 8.1), sans I/O --------------------------------------------------

@@ -70,6 +70,8 @@ class _IncomingLoad:
         #: does not (it waits on, in doubt, for the service and a delivery).
         self.platform_blocked = False
         self.decided = False
+        #: Mode refuse: the migration id was refused here for good, REFUSED sent back.
+        self.refused = False
         self._inbox: queue.Queue[bytes | _SourceGone | None] = queue.Queue()
         #: Whether the destination enclave faults its memory in beside the load.
         #: Off: paired runs at 1 GiB showed no gain on two cores (docs/benchmarks.md).
@@ -153,6 +155,8 @@ class _IncomingLoad:
                 if reply["done"]:
                     break
             self.migration_id = bytes(reply.get("migration_id") or b"")
+            if offer["mode"] == "refuse":
+                return self._refuse(peer)
             t_hs = time.monotonic()
             c_hs = c_recv = time.process_time()
             s_hs = context_switches()
@@ -231,6 +235,23 @@ class _IncomingLoad:
         self.awaiting = True
         _send(peer, {"t": "loaded", "frame": result["loaded"], "stats": self.stats})
         return self.stats
+
+    def _refuse(self, peer: socket.socket) -> dict[str, Any]:
+        """Mode refuse: the fresh enclave refuses the id for good; its proof goes back.
+
+        ``docs/spec/commit.md``, 2.2: the enclave records the refusal in this
+        host's claim store and seals REFUSED under the session's keys; it then
+        holds nothing and ends (its connection is closed here).
+        """
+
+        assert self.link is not None
+        frame = bytes(self.link.call("__mig_refuse"))
+        self.refused = True
+        with contextlib.suppress(OSError):
+            self.link.sock.close()
+        self.link = None
+        _send(peer, {"t": "refused", "frame": frame})
+        return {"refused": True}
 
     def _receive_repair(
         self, peer: socket.socket, offer: dict[str, Any], first: dict[str, Any]

@@ -52,6 +52,29 @@ class OutgoingEnclave(_OutgoingTransfer):
         self.deliver()
         return self.token
 
+    def revoke(self, peer: socket.socket) -> None:
+        """Committed, the destination's copy can never run: undo the commit on its proof.
+
+        The source enclave runs a re-delivery handshake (same migration id, the
+        same destination platform only) with a fresh enclave on ``peer``,
+        offered in mode ``refuse``: that enclave refuses the id in its host's
+        claim store for good and answers REFUSED, which the source enclave
+        verifies; it then revokes its commit and runs on, its persistent state
+        re-opened (``docs/spec/commit.md``, 2.2).  Raises :class:`InDoubtError`
+        if any step fails (then nothing changed here: still committed, frozen).
+        """
+
+        if self.token is None:
+            raise MigrationError("nothing was committed")
+        self._finished = True  # (a failed attempt never asks a committed source to abort)
+        try:
+            self._handshake(peer, "__mig_redeliver_start", "refuse")
+            frame = bytes(_recv(peer, "refused")["frame"])
+            self.link.call("__mig_refused", frame)
+        except (MigSGXError, OSError) as exc:
+            raise InDoubtError(f"the commit could not be revoked: {exc}") from exc
+        self.token = None
+
     def commit(self) -> None:
         """Decide COMMIT, deliver the token, and release the source once the destination runs.
 

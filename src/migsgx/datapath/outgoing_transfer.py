@@ -198,7 +198,7 @@ class _OutgoingTransfer:
         while the source runs anyway.  An enclave that does not say costs nothing.
         """
 
-        if mode == "live" or not (self.memory_hint or mode == "sequential"):
+        if mode in ("live", "refuse") or not (self.memory_hint or mode == "sequential"):
             return 0
         try:
             used = self.link.call("__mig_status").get("memory_used")

@@ -121,6 +121,13 @@ class EnclaveInstance:
                 self._admitting = True
 
     @property
+    def retired(self) -> bool:
+        """True once :meth:`retire` ran: nothing of the state may run or be brought back."""
+
+        with self._lock:
+            return self._gone is not None
+
+    @property
     def quiesced(self) -> bool:
         with self._lock:
             return not self._admitting and self._busy == 0

@@ -25,8 +25,9 @@ The trusted half is a stack of layers, one job each: the shared state and the
 handshake (:mod:`.migrator_state`), the source (:mod:`.migrator_source`), the
 pre-copy rounds (:mod:`.migrator_rounds`), the destination
 (:mod:`.migrator_destination`) and the checkpoints
-(:mod:`.migrator_checkpoints`); :class:`Migrator` here adds the dispatch of the
-runtime calls.
+(:mod:`.migrator_checkpoints`), the refusal of a migration id and the
+revocation of a commit it proves (:mod:`.migrator_refusal`); :class:`Migrator`
+here adds the dispatch of the runtime calls.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import CommittedError, MigrationError, ProtocolError
-from .migrator_checkpoints import _Checkpoints
+from .migrator_refusal import _Refusals
 from .migrator_state import (
     ABORTS_KEPT,
     MANIFEST_ROOM,
@@ -58,7 +59,7 @@ __all__ = [
 ]
 
 
-class Migrator(_Checkpoints):
+class Migrator(_Refusals):
     """One enclave's migration state; at most one migration at a time."""
 
     def call(self, name: str, args: list[Any]) -> Any:
@@ -99,6 +100,8 @@ _CALLS: dict[str, Any] = {
     "__mig_token": Migrator.token,
     "__mig_release": Migrator.release,
     "__mig_redeliver_start": Migrator.redeliver_start,
+    "__mig_refuse": Migrator.refuse,
+    "__mig_refused": Migrator.refused,
     "__ckpt_out": Migrator.ckpt_out,
     "__ckpt_commit": Migrator.ckpt_commit,
     "__ckpt_in": Migrator.ckpt_in,
@@ -110,4 +113,4 @@ RUNTIME_CALLS = frozenset(_CALLS) | {"__mig_ring", "__mig_side", "__mig_hold", "
 #: start of a re-delivery of its state (``docs/spec/commit.md``, section 2.1).
 _AFTER_COMMIT = frozenset({"__mig_status", "__mig_token", "__mig_release", "__mig_redeliver_start"})
 #: What a committed source answers while it re-delivers its state.
-_REDELIVERY = frozenset({"__mig_hs", "__mig_dump", "__mig_loaded", "__mig_commit"})
+_REDELIVERY = frozenset({"__mig_hs", "__mig_dump", "__mig_loaded", "__mig_commit", "__mig_refused"})

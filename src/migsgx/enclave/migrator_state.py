@@ -188,7 +188,7 @@ class _MigratorState:
             self.keys = event.keys
             if self.role is Role.SOURCE:
                 self._destination_platform = platform
-                self.source_commit = SourceCommit(self.keys)
+                self.source_commit = SourceCommit(self.keys, after_commit=self.redelivering)
             else:
                 self.dest_commit = DestinationCommit(self.keys, seen=_ClaimAndInstall(self))
         peer = hs.peer

@@ -163,6 +163,47 @@ class PersistentState(_PersistentOps):
             self._keys = []
             return result
 
+    def reopen_with(
+        self, section: bytes, write: Callable[[Sequence[tuple[str, RecordUpdate]]], _T]
+    ) -> _T:
+        """A source whose COMMIT is revoked: its record again, inside ``write`` (one update).
+
+        ``section`` is the ``persistent`` section this enclave exported at its
+        dump (its record was retired with the commit, so it is exported no
+        more): the same name, record id, keys and counter values, on fresh
+        platform counters and a fresh epoch (the retired ones are gone), created
+        only if no record of that name exists (``docs/spec/commit.md``, 2.2).
+        ``write`` gets the updates (none when no state was open) and applies
+        them with the revocation; if it raises, nothing changed here.  The same
+        updates are offered again after a failed ``write`` (the store returns a
+        revocation made before without applying them twice).
+        """
+
+        pending = parse_section(section)
+        with self._lock:
+            if self._gone is None:
+                raise PersistentStateError("the persistent state was never retired")
+            if pending is None:
+                result = write([])
+                self._gone = None
+                return result
+            plan = self._reopen_plan
+            if plan is None or plan[0] != pending.name:
+                epoch_id = self._new_id()
+                counters = {n: _MCounter(self._new_id(), v) for n, v in pending.values.items()}
+                self._name, self._rid, self._keys = pending.name, pending.record_id, pending.keys
+                self._epoch_id = epoch_id
+                record = self._seal_record(1, counters)
+                plan = (pending.name, epoch_id, counters, record)
+                self._reopen_plan = plan
+            name, epoch_id, counters, record = plan
+            create = {epoch_id: 1, **{c.cid: 0 for c in counters.values()}}
+            result = write([(name, RecordUpdate(record, create=create, expect_absent=True))])
+            self._name, self._rid, self._keys = name, pending.record_id, list(pending.keys)
+            self._epoch_id, self._epoch, self._counters = epoch_id, 1, dict(counters)
+            self._record, self._gone, self._reopen_plan = record, None, None
+            return result
+
     def prepare_import(self, section: bytes, arrival: bytes = b"") -> PendingImport | None:
         """Validate a migrated ``persistent`` section before LOADED; None if it is empty.
 

@@ -100,6 +100,9 @@ class _PersistentRecord:
         self._epoch = 0
         self._counters: dict[str, _MCounter] = {}
         self._gone: str | None = None
+        #: A revoked commit's record, made once and offered again until stored
+        #: (name, epoch counter id, counters, sealed record): ``reopen_with``.
+        self._reopen_plan: tuple[str, str, dict[str, _MCounter], bytes] | None = None
 
     # --- state --------------------------------------------------------------------
     @property

@@ -206,6 +206,9 @@ class ChannelServices:
     def migration_claimed(self, migration_id: bytes) -> bool:
         return bool(self._ask({"t": "claimed", "mid": bytes(migration_id)}))
 
+    def refuse_migration(self, migration_id: bytes) -> bool:
+        return bool(self._ask({"t": "refuse", "mid": bytes(migration_id)}))
+
     def persist_read(self, name: str) -> bytes | None:
         value = self._ask({"t": "ps_read", "name": name})
         return None if value is None else bytes(value)
@@ -233,6 +236,13 @@ class ChannelServices:
     ) -> None:
         wire = [{"name": name, **update.to_wire()} for name, update in changes]
         self._ask({"t": "ps_txn", "changes": wire, "claim": claim})
+
+    def revoke_commit(
+        self, migration_id: bytes, reopen: Sequence[tuple[str, RecordUpdate]] = ()
+    ) -> Decision:
+        wire = [{"name": name, **update.to_wire()} for name, update in reopen]
+        held = self._ask({"t": "revoke", "mid": bytes(migration_id), "changes": wire})
+        return Decision(bytes(migration_id), str(held["kind"]), bytes(held["frame"]))
 
 
 class AppChannel:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import cbor2
 
@@ -87,3 +88,27 @@ def _check_mid(mid: bytes) -> bytes:
     if not isinstance(mid, bytes | bytearray) or not 1 <= len(mid) <= 64:
         raise CounterError("a migration id is 1 to 64 bytes")
     return bytes(mid)
+
+
+def _refusals_sound(refusals: object) -> bool:
+    """The refused ids: ``{hex(mid): {"owner": bstr, "at": float}}``, 16-byte ids only."""
+
+    if not isinstance(refusals, dict):
+        return False
+    for key, entry in refusals.items():
+        if not isinstance(key, str) or len(key) != 32 or not isinstance(entry, dict):
+            return False
+        try:
+            bytes.fromhex(key)
+        except ValueError:
+            return False
+        if not isinstance(entry.get("owner"), bytes):
+            return False
+    return True
+
+
+def _quota_keys(data: dict[str, Any]) -> list[bytes]:
+    """Claims and refusals as one list of ``owner/mid`` keys: they share the claim quotas."""
+
+    refused = [bytes(e["owner"]) + b"/" + bytes.fromhex(k) for k, e in data["refusals"].items()]
+    return [*data["claims"], *refused]

@@ -328,6 +328,9 @@ class LocalServices:
     def migration_claimed(self, migration_id: bytes) -> bool:
         return self._platform.counters.claimed(self._owner, migration_id)
 
+    def refuse_migration(self, migration_id: bytes) -> bool:
+        return self._platform.counters.refuse(self._owner, migration_id)
+
     def persist_read(self, name: str) -> bytes | None:
         """The sealed persistent record ``name`` of this enclave's owner, if any."""
 
@@ -351,6 +354,13 @@ class LocalServices:
         """Several record updates of this owner (and a migration id's claim) as one write."""
 
         self._platform.counters.record_transaction(self._owner, changes, claim=claim)
+
+    def revoke_commit(
+        self, migration_id: bytes, reopen: Sequence[tuple[str, RecordUpdate]] = ()
+    ) -> Decision:
+        """Revoke this owner's COMMIT of ``migration_id`` atomically with ``reopen``."""
+
+        return self._platform.counters.revoke(self._owner, migration_id, reopen)
 
 
 def _paths(value: object) -> tuple[Path, ...]:

@@ -36,10 +36,11 @@ from .._fs import read_private, write_private
 from ..errors import (
     ClaimedBeforeError,
     CounterError,
+    MigrationRefusedError,
     RecordConflictError,
     StoreFullError,
 )
-from .claims import ClaimStore, _admit_claim, _check_mid
+from .claims import ClaimStore, _admit_claim, _check_mid, _quota_keys, _refusals_sound
 from .store_file import _create_once, _FileLock
 from .store_types import COUNTER_MAX, RECORD_NAME, RUNTIME_RECORD_NAME, RecordUpdate
 
@@ -110,7 +111,14 @@ class _RecordStore:
         self._path = Path(path)
         self._lock = threading.Lock()
         self._lock_path = self._path.with_name(self._path.name + ".lock")
-        empty = {"v": 1, "counters": {}, "records": {}, "decisions": {}, "claims": []}
+        empty = {
+            "v": 1,
+            "counters": {},
+            "records": {},
+            "decisions": {},
+            "claims": [],
+            "refusals": {},
+        }
         _create_once(self._path, _FileLock(self._lock, self._lock_path), cbor2.dumps(empty))
 
     def _load_all(self) -> dict[str, Any]:
@@ -122,10 +130,12 @@ class _RecordStore:
         records = data.get("records", {}) if isinstance(data, dict) else None
         decisions = data.get("decisions", {}) if isinstance(data, dict) else None
         claims = data.get("claims", []) if isinstance(data, dict) else None
+        refusals = data.get("refusals", {}) if isinstance(data, dict) else None
         if (
             not isinstance(counters, dict)
             or not isinstance(records, dict)
             or not isinstance(claims, list)
+            or not _refusals_sound(refusals)
         ):
             raise CounterError(f"counter store {self._path} is corrupt")
         if not isinstance(decisions, dict) or not _entries_sound(
@@ -138,6 +148,7 @@ class _RecordStore:
             "records": records,
             "decisions": decisions,
             "claims": claims,
+            "refusals": refusals,
         }
 
     def _load(self) -> dict[str, dict[str, Any]]:
@@ -275,9 +286,11 @@ class _RecordStore:
     def _claim_in(self, data: dict[str, Any], owner: bytes, mid: bytes) -> None:
         claims: list[bytes] = data["claims"]
         claim_key = owner + b"/" + mid
+        if mid.hex() in data["refusals"]:
+            raise MigrationRefusedError("this migration id was refused for good on this host")
         if claim_key in claims or self._claimed_before(owner, mid):
             raise ClaimedBeforeError("this migration id was claimed before on this host")
-        _admit_claim(claims, owner)
+        _admit_claim(_quota_keys(data), owner)
         claims.append(claim_key)
 
     def claim(self, owner: bytes, mid: bytes) -> bool:
@@ -302,6 +315,9 @@ class _RecordStore:
             claims = self._load_all()["claims"]
         if any(bytes(c).endswith(tail) for c in claims):
             return True
+        return self._legacy_claimed(mid)
+
+    def _legacy_claimed(self, mid: bytes) -> bool:
         legacy = self._path.with_name(LEGACY_CLAIMS)
         return legacy.exists() and ClaimStore(legacy).claimed_by_any(mid)
 

@@ -481,6 +481,8 @@ class PlatformService:
             return svc.claim_migration(msg["mid"])
         if kind == "claimed":
             return svc.migration_claimed(msg["mid"])
+        if kind == "refuse":
+            return svc.refuse_migration(msg["mid"])
         if kind == "ps_read":
             return svc.persist_read(msg["name"])
         if kind == "ps_update":
@@ -494,6 +496,9 @@ class PlatformService:
         if kind == "ps_txn":
             svc.persist_transaction(_record_changes(msg["changes"]), claim=msg["claim"])
             return None
+        if kind == "revoke":
+            held = svc.revoke_commit(msg["mid"], _record_changes(msg["changes"]))
+            return {"kind": held.kind, "frame": held.frame}
         raise ProtocolError(f"unexpected request {kind!r} from an enclave")
 
 

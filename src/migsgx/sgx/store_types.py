@@ -20,6 +20,9 @@ from ..errors import CounterError
 
 MAX_DECISION_FRAME = 4096
 DECISION_KINDS = ("commit", "abort")
+#: What a recorded decision may read: a ``commit`` becomes ``revoked`` (never by
+#: ``decide``) on the destination's attested refusal (``docs/spec/commit.md``, 2.2).
+RECORDED_KINDS = (*DECISION_KINDS, "revoked")
 COUNTER_MAX = (1 << 64) - 1
 RECORD_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Records the trusted runtime keeps for itself (a checkpoint's gate, say): a name
@@ -120,7 +123,10 @@ class Decision:
     """A migration source's final word on one migration id (``docs/spec/commit.md``).
 
     ``kind`` is ``commit`` (``frame`` is the COMMIT token) or ``abort``
-    (``frame`` is the sealed ABORT, empty if the handshake never finished).
+    (``frame`` is the sealed ABORT, empty if the handshake never finished);
+    a recorded ``commit`` reads ``revoked`` once the destination host proved
+    that it refused the id for good (the source runs again; ``frame`` is still
+    the token, which no copy can use any more).
     Neither frame is secret: anyone may carry it to the destination again.
     ``group`` (16 bytes, or empty) names the migration the enclave moves with
     others of one application: the group's first decision binds them all.
@@ -133,8 +139,8 @@ class Decision:
     group: bytes = b""
 
     def __post_init__(self) -> None:
-        if self.kind not in DECISION_KINDS:
-            raise CounterError(f"a decision is one of {DECISION_KINDS}")
+        if self.kind not in RECORDED_KINDS:
+            raise CounterError(f"a decision is one of {RECORDED_KINDS}")
         if len(self.migration_id) != 16:
             raise CounterError("a migration id has 16 bytes")
         if len(self.frame) > MAX_DECISION_FRAME:

@@ -58,6 +58,14 @@ class TrustedServices(Protocol):
 
     def migration_claimed(self, migration_id: bytes) -> bool: ...
 
+    def refuse_migration(self, migration_id: bytes) -> bool:
+        """Refuse ``migration_id`` on this host for good (``docs/spec/commit.md``, 2.2).
+
+        False if it was refused before; :class:`~migsgx.errors.ClaimedBeforeError`
+        if an enclave claimed it (then it cannot be refused).
+        """
+        ...
+
     def persist_read(self, name: str) -> bytes | None: ...
 
     def persist_update(self, name: str, update: RecordUpdate) -> None: ...
@@ -69,6 +77,16 @@ class TrustedServices(Protocol):
     def persist_transaction(
         self, changes: Sequence[tuple[str, RecordUpdate]], *, claim: bytes | None = None
     ) -> None: ...
+
+    def revoke_commit(
+        self, migration_id: bytes, reopen: Sequence[tuple[str, RecordUpdate]] = ()
+    ) -> Decision:
+        """This enclave's COMMIT of ``migration_id`` becomes ``revoked``, with ``reopen``.
+
+        One atomic update (``docs/spec/commit.md``, section 2.2); only a commit
+        of this enclave's owner; a revoked one is returned as it is.
+        """
+        ...
 
 
 def target_info_of(body: ReportBody) -> TargetInfo:

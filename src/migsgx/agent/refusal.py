@@ -1,0 +1,137 @@
+"""The destination agent's half of the way back from a COMMIT it never acted on.
+
+A post-copy tree that a former agent held can never run (no other agent can
+open its page window again, ``docs/spec/commit.md`` section 6 item 5): a
+restarted agent kills it.  If the source had committed by then, its enclaves
+hold the only state, frozen.  The agent therefore keeps a note of such a
+session (:data:`REFUSABLE`, in place of its work directory: the source host's
+address, this agent's, the enclaves' announced infos and the migration ids
+they loaded), and answers ``refuse {session_id, index}`` from that source host
+with a data port and a fresh data key: there a fresh enclave of the announced
+image runs a re-delivery handshake offered in mode ``refuse``, refuses the
+migration id in this host's claim store for good and sends the proof back
+(section 2.2).  Nothing of the state comes, nothing runs here; a refusal of an
+id some enclave claimed fails in the store, whatever this note says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import shutil
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Final
+
+import cbor2
+
+from .._fs import write_private
+from ..datapath.incoming import IncomingEnclave
+from ..errors import MigSGXError, ProtocolError
+from ..host.appctl import info_from_wire
+from ..host.client import EnclaveInfo
+from .datalink import accept_data, check_pinned
+from .held import HeldRecord, _own
+
+__all__ = ["REFUSABLE", "mark_refusable", "refusable_note", "serve_refusal"]
+
+log = logging.getLogger("migsgx.agent")
+
+REFUSABLE: Final = "refusable.json"
+#: How long a refusal's listener waits for its data connection, and the whole of it.
+ACCEPT_TIMEOUT: Final = 30.0
+
+
+def mark_refusable(directory: Path, record: HeldRecord) -> None:
+    """Replace a killed post-copy session's work directory by the note a refusal needs."""
+
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    note = {"peer": record.peer, "local": record.local, "enclaves": record.enclaves,
+            "arrivals": record.arrivals}  # fmt: skip
+    write_private(directory / REFUSABLE, json.dumps(note, sort_keys=True).encode())
+
+
+def refusable_note(work_dir: Path, session_id: bytes) -> dict[str, Any] | None:
+    """The note of a session ended that way, if this agent wrote one (None otherwise)."""
+
+    path = work_dir / session_id.hex() / REFUSABLE
+    if not path.exists():
+        return None
+    try:
+        note = json.loads(_own(path))
+    except (OSError, ValueError, MigSGXError):
+        return None
+    if not (
+        isinstance(note, dict)
+        and isinstance(note.get("peer"), str)
+        and isinstance(note.get("local"), str)
+        and isinstance(note.get("enclaves"), list)
+        and all(isinstance(e, str) for e in note["enclaves"])
+    ):
+        return None
+    return note
+
+
+def serve_refusal(
+    note: dict[str, Any], index: int, session_id: bytes, platform_socket: Path
+) -> tuple[int, bytes]:
+    """Listen for one data connection that refuses enclave ``index``'s id; (port, key)."""
+
+    if not 0 <= index < len(note["enclaves"]):
+        raise ProtocolError("no such enclave")
+    try:
+        wire = cbor2.loads(bytes.fromhex(note["enclaves"][index]))
+        announced = EnclaveInfo(**info_from_wire(wire))
+    except (ValueError, TypeError, KeyError, cbor2.CBORDecodeError) as exc:
+        raise ProtocolError("the session's note names no usable enclave") from exc
+    key = secrets.token_bytes(32)
+    local = str(note["local"])
+    listener = socket.socket(socket.AF_INET6 if ":" in local else socket.AF_INET)
+    listener.bind((local, 0))
+    listener.listen(1)
+    listener.settimeout(ACCEPT_TIMEOUT)
+    port = int(listener.getsockname()[1])
+    threading.Thread(
+        target=_refuse_one,
+        args=(listener, key, session_id, index, announced, str(note["peer"]), platform_socket),
+        name="migsgx-agent-refuse", daemon=True,
+    ).start()  # fmt: skip
+    return port, key
+
+
+def _refuse_one(
+    listener: socket.socket,
+    key: bytes,
+    session_id: bytes,
+    index: int,
+    announced: EnclaveInfo,
+    peer: str,
+    platform_socket: Path,
+) -> None:
+    tag = session_id.hex()[:8]
+    conn: socket.socket | None = None
+    try:
+        with listener:
+            conn, addr = listener.accept()
+        conn.settimeout(ACCEPT_TIMEOUT)
+        if addr[0] != peer:
+            raise ProtocolError(f"a refusal's data connection from {addr[0]}")
+        if accept_data(conn, key, session_id) != index:
+            raise ProtocolError("the data connection names another enclave")
+        engine, offer = IncomingEnclave.accept_offer(conn, platform_socket)
+        check_pinned(engine.image, announced)
+        if offer["mode"] != "refuse":
+            raise ProtocolError("only a refusal is taken for a session that ended")
+        engine.receive(conn, offer)
+        log.warning("migration %s: enclave %d: the migration id was refused here for good "
+                    "(the tree could never run); the source may run again", tag, index)  # fmt: skip
+    except (MigSGXError, OSError) as exc:
+        log.warning("migration %s: enclave %d: no refusal: %s", tag, index, exc)
+    finally:
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
