@@ -10,13 +10,16 @@ import grp
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .cli_output import emit as _emit
 from .errors import ConfigError, ImageError, MigSGXError
-from .sgx.collateral import TCB_STATUSES, Collateral, iso
+from .sgx.tcb_status import TCB_STATUSES
+
+if TYPE_CHECKING:
+    from .sgx.collateral import Collateral
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -91,6 +94,8 @@ def ca_init(directory: Path) -> None:
 
 
 def _collateral_summary(collateral: Collateral) -> dict[str, object]:
+    from .sgx.collateral import iso  # (X.509: only the commands that need it import it)
+
     start, end = collateral.validity()
     doc = collateral.tcb_info_document
     levels = doc.get("tcbLevels", [])

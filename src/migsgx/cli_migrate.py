@@ -54,20 +54,24 @@ def recover_command(
     copy left on the destination (``lost``: what remains is reported).
     """
 
-    from .agent.ckpt_recover import resolve_checkpoint
+    # (imported here, and the checkpoint half only with --checkpoint: this command's
+    # start counts toward the seconds until a source runs again, docs/benchmarks.md)
     from .agent.recover import Resolution, recover
     from .agent.tls import AgentIdentity
     from .errors import InDoubtError, LostAfterCommitError
-    from .sgx.service import default_socket
 
     if state is None and not checkpoints:
         raise click.UsageError("name --state STATE, or --checkpoint DIR")
     results: list[Resolution] = []
     if state is not None:
         results += recover(state, AgentIdentity.of_state(state, ca=ca_dir))
-        if platform_socket is None:
+    if checkpoints:
+        from .agent.ckpt_recover import resolve_checkpoint
+        from .sgx.service import default_socket
+
+        if platform_socket is None and state is not None:
             platform_socket = default_socket(state)
-    results += [resolve_checkpoint(d, platform_socket) for d in checkpoints]
+        results += [resolve_checkpoint(d, platform_socket) for d in checkpoints]
     if as_json:
         _emit([r.to_dict() for r in results])
     else:

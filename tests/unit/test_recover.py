@@ -247,6 +247,50 @@ def test_an_aborted_journal_with_nothing_decided_continues_the_source_before_don
         source.wait()
 
 
+def _state_of(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.parametrize(
+    "answer, outcome",
+    [("resumed", "moved"), ("unknown", "stayed"), ("aborted", "stayed"),
+     ("unreachable", "in-doubt"), ("waiting", "in-doubt")],
+)  # fmt: skip
+def test_a_fenced_tree_without_enclaves_goes_where_the_destination_says(
+    state: Path, agent: Agent, answer: str, outcome: str
+) -> None:
+    """No enclave, no recorded decision: the destination's resume was the commit point.
+
+    Before, ``recover`` took such a fenced journal for finished (``stayed``)
+    without asking: the source stayed stopped for good while nothing ran, or it
+    was reported back while the destination ran.  Now the destination's answer
+    decides, and without one the source stays stopped, in doubt.
+    """
+
+    source = _sleeper()
+    try:
+        journal = _journal(state, [], phase="fenced", fenced=[source.pid])
+        journal.update(fenced_starts=[start_time(source.pid)])
+        agent.answers.append(answer)
+        result = resolve(journal, state, AgentIdentity.of_state(state))
+        assert result.outcome == outcome, result
+        assert agent.sent == [(journal.data["mid"], [])]  # asked, with nothing to carry
+        phase = Journal.load(journal.path).phase
+        if outcome == "moved":
+            assert source.wait(timeout=10) == -signal.SIGKILL
+            assert phase == "done"
+        elif outcome == "stayed":
+            assert _state_of(source.pid) != "T"  # continued
+            assert phase == "done"
+        else:
+            assert result.in_doubt and _state_of(source.pid) == "T"  # neither way
+            assert phase == "fenced"  # a later recover asks again
+    finally:
+        source.kill()
+        source.wait()
+
+
 def test_recorded_abort_gives_a_container_back_as_the_guardian_would(
     state: Path, agent: Agent, tmp_path: Path
 ) -> None:

@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from ..datapath.transport import keep_alive
+from .._net import keep_alive
 from ..errors import MigSGXError, ProtocolError
 from ..wire import recv_frame, send_frame
 from .protocol import CONTROL, CONTROL_FRAME_MAX, AgentError, RefusedError

@@ -51,6 +51,7 @@ POINTS: Final = frozenset(
         "agent.in-restore",
         "agent.after-restore",
         "agent.before-resume",  # the tool's resume arrived (the tokens went before it)
+        "agent.after-resume",  # the tree runs (and its enclaves are attached), no answer yet
         "agent.before-claim",  # the first decision frame reached an enclave (window W2)
         "agent.after-claim",  # an enclave claimed the id and runs, the tree not resumed (W3)
         "tool.after-handshake",  # early handshake done, the application not yet frozen
@@ -82,6 +83,7 @@ POINTS: Final = frozenset(
         "tool.between-commits",  # one source enclave committed, the next not yet
         "tool.after-commit",
         "tool.before-release",  # journal ``done``, the committed source enclaves not released
+        "tool.after-resumed",  # no enclaves: the destination answered resumed, journal not done
         "tool.after-abort",  # roll-back: the source enclaves decided ABORT, nothing undone yet
         # roll-back: the destination answered it keeps nothing, the source not resumed yet
         "tool.rolled-back",

@@ -10,8 +10,10 @@ NETNS`` before a container that owns its address is cut off the network,
 ``ungate NETNS PORT,...`` before new connections to a container's listeners
 are dropped, ``fence PID...`` once the source tree got its SIGSTOP, ``criu
 PID...`` for post-copy's lazy dump (which holds the tree while it serves
-pages), ``resume-sent`` once a tree
-without enclaves passed its commit point, ``enclave INDEX DESCRIPTION`` for each
+pages), ``resume-sent`` right before a tree
+without enclaves is resumed (its commit point is the destination's resume: a
+guardian whose tool died after this note asks the destination, as ``migsgx
+recover`` does), ``enclave INDEX DESCRIPTION`` for each
 enclave connection (its info and image files, for delivering its state again),
 ``scratch DIR`` for the tool's own images directory (removed as soon as the
 pipe ends without ``done``: :mod:`.dumpdirs`), ``done`` when the migration ended
@@ -384,7 +386,12 @@ def _main(argv: list[str] | None, tool: int) -> int:
     locked = [n.partition(" ")[2] for n in notes if n.startswith("netup ")]
     journals = [n.partition(" ")[2] for n in notes if n.startswith("journal ")]
     if "resume-sent" in notes:
-        _log("the tool died after the commit point: the source stays stopped")
+        # No enclaves: the destination's resume is the commit point, and the tool may
+        # have died before its resume went (or reached the destination).  Its answer
+        # decides: the source goes, or runs again (``migsgx recover``'s logic).
+        _log("the tool died after it began the resume: the destination decides")
+        for path in journals:
+            _recover(Path(path))
         return 0
     # Either way the decisions are recorded now: they are carried to the
     # destination (``migsgx recover``'s logic), so that its loaded copy runs or
@@ -421,9 +428,28 @@ def _main(argv: list[str] | None, tool: int) -> int:
         return resume_source(args.app_pid, args.app_name, socks, fenced, frozen, _log)
     finally:
         for path in journals:
+            _no_resume_went(Path(path))
             _recover(Path(path))
         if args.checkpoint:
             _resolve_checkpoint(Path(args.checkpoint), aborted=True)
+
+
+def _no_resume_went(path: Path) -> None:
+    """A tree without enclaves whose tool died before it began the resume: ``aborted``.
+
+    Its destination discards the held tree without the tool, and no resume can
+    come any more: the source is the copy (``recover`` then gives it back, as
+    this guardian did, without asking the destination, which may be down).
+    """
+
+    from .journal import Journal  # lazy: the guardian starts fast and imports little
+
+    try:
+        journal = Journal.load(path)
+        if not journal.enclave_mids and journal.phase in ("loaded", "fenced", "committed"):
+            journal.update(phase="aborted")
+    except (MigSGXError, OSError, ValueError) as exc:
+        _log(f"cannot mark {path.name} aborted: {exc}")
 
 
 def _aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: str = "") -> bool:

@@ -62,6 +62,7 @@ from .protocol import (
 )
 from .refusal import refusable_note, serve_refusal
 from .reservations import release_reservations
+from .resumed import was_resumed
 from .versions import ProtocolVersionError, agent_choice, check_version, for_version
 
 __all__ = ["IncomingMigration"]
@@ -519,6 +520,7 @@ class IncomingMigration(_SessionDecisions):
         if self.window is None:
             self._check_activated(None)
         log.info("migration %s: resumed pid %d", self.tag, self.root)
+        _inject(fault("agent.after-resume"), self)
         self.agent.metrics.observe_phase("resume", time.monotonic() - t0)
         resumed = {
             "t": "resumed",
@@ -641,6 +643,10 @@ class IncomingMigration(_SessionDecisions):
             # the source may revoke its commit on a refusal (``refuse``, commit.md 2.2).
             return {"t": "delivered", "outcome": "refusable", "pid": 0}
         mids = msg.get("enclave_mids") or []
+        if not mids:
+            # A tree without enclaves: this agent's resume was its commit point.
+            resumed = was_resumed(self.config.work_dir, msg["session_id"])
+            return {"t": "delivered", "outcome": "resumed" if resumed else "unknown", "pid": 0}
         store = self.config.state / COUNTERS
         if not store.exists():  # (opening it would create it)
             return {"t": "delivered", "outcome": "unknown", "pid": 0}

@@ -18,6 +18,11 @@ agents' mutual-TLS channel (``deliver``):
   (the guardian hands the enclave connections back);
 * no decision yet: nothing is done (the migration is under way, or its source
   enclaves are gone and so is the state: reported);
+* no enclaves at all, past the fence: no source enclave decides; the
+  destination's resume is the commit point, so its agent is asked (it records
+  that it resumed before the tree runs, :mod:`.resumed`): resumed, and the
+  fenced source goes; never resumed, and the source is given back; no answer,
+  and the source stays stopped, in doubt (``docs/spec/commit.md`` 4.3);
 * some enclaves decided COMMIT, others nothing yet (the tool died between two
   commits): the first COMMIT is the commit point of the whole migration, so the
   rest commit too (rolled forward: ``__mig_commit`` on the connections the
@@ -57,8 +62,7 @@ from typing import TYPE_CHECKING, Final
 
 from ..containers.imagefs import sweep_leftovers
 from ..errors import LostAfterCommitError, MigSGXError
-from ..sgx.counters import CounterStore
-from ..sgx.platform import COUNTERS
+from ..sgx.counters import COUNTERS, CounterStore
 from ..sgx.store_types import Decision
 from .control import AgentConnection
 from .dumpdirs import sweep_dump_dirs
@@ -208,13 +212,14 @@ def resolve(
         kinds = {d.kind if d is not None else "none" for d in decisions}
     if not decisions or kinds == {"none"}:
         # No source enclave decided: none committed, so no destination copy can run.
-        if journal.phase in ("begun", "aborted") or not decisions:
-            if journal.phase in ("begun", "aborted"):
-                # The source is the copy: it runs again before the journal says done
-                # (a tool killed in its roll-back left it stopped, or frozen).
-                give_back(journal)
+        if journal.phase in ("begun", "aborted"):
+            # The source is the copy: it runs again before the journal says done
+            # (a tool killed in its roll-back left it stopped, or frozen).
+            give_back(journal)
             journal.update(phase="done")
             return Resolution(mid, journal.phase, "none", "stayed", "nothing was decided")
+        if not decisions:
+            return _without_enclaves(journal, identity)
         return Resolution(
             mid, journal.phase, "none", "in-doubt",
             "the source enclaves never decided; if they are gone, so is their state",
@@ -297,6 +302,39 @@ def resolve(
     return Resolution(
         mid, journal.phase, "abort", "stayed",
         f"the destination was not told yet ({outcome} {detail})".strip(),
+    )  # fmt: skip
+
+
+def _without_enclaves(journal: Journal, identity: AgentIdentity) -> Resolution:
+    """A tree without enclaves, past its fence: the destination's ``resume`` decided.
+
+    No source enclave records a decision here; the commit point is the
+    destination agent's resume of the held tree (``docs/spec/commit.md`` 4.3),
+    which it records durably before the tree runs (:mod:`.resumed`).  Until
+    then it discards the tree once the tool is gone.  So the destination is
+    asked (a ``deliver`` without frames; a live session answers once it
+    settled): resumed, and the fenced source goes; never resumed (discarded, or
+    the session is gone without the record), and the source runs again; no
+    answer, and the source stays stopped, in doubt: giving it back could make a
+    second running copy.
+    """
+
+    mid = journal.data["mid"]
+    outcome, detail = _deliver(journal, identity, [])
+    if outcome == "resumed":
+        end_committed(journal)
+        journal.update(phase="done")
+        return Resolution(mid, journal.phase, "commit", "moved",
+                          f"the destination resumed the tree {detail}".strip())  # fmt: skip
+    if outcome in ("aborted", "unknown"):
+        give_back(journal)
+        journal.update(phase="done")
+        return Resolution(mid, journal.phase, "none", "stayed",
+                          "the destination never resumed the tree (and holds none)")  # fmt: skip
+    return Resolution(
+        mid, journal.phase, "none", "in-doubt",
+        f"no enclaves: the destination decides, and answered {outcome!r} {detail}; the "
+        "source stays stopped: run migsgx recover again once the destination agent answers",
     )  # fmt: skip
 
 

@@ -372,7 +372,7 @@ class _Migration(_DecisionSteps):
         # (CRIU logs the port only when the kernel picked it)
         assert plan.page_server is not None
         port = plan.page_server[1] or lazy.port(timeout=self.opts.io_timeout)
-        self._fault("tool.before-restore")
+        self._inject(self._fault("tool.before-restore"))
         self._restore({"t": "restore", "lazy_port": port})
         for pid in serving:
             uncork(pid)  # (its answer to the destination's close request goes out at once)

@@ -85,13 +85,18 @@ class _DecisionSteps(_EnclaveSteps):
             if self.guardian is not None:
                 self.guardian.note("resume-sent")
             self.note("committed")
-            fault("tool.after-commit")
+            # From here on the destination decides: its ``resume`` is the commit point
+            # of a tree without enclaves (``docs/spec/commit.md`` 4.3).
+            self._inject(self._fault("tool.after-commit"))
             try:
                 reply = self.control_call({"t": "resume"}, "resumed")
             except RefusedError:
                 self.resume_sent = False  # the destination refused, and killed what it held
                 raise
             self.note("resumed")
+            self._inject(self._fault("tool.after-resumed"))
+            if self.journal is not None:
+                self.journal.update(phase="done")
         self.stats["attach"] = float(reply["attach_seconds"])
 
     def _redeliver(self, transfer: _Transfer) -> None:

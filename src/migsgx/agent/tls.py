@@ -19,16 +19,17 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING, Final
 
 from .._fs import write_private
 from ..errors import ConfigError, ProtocolError, StateDirError, register_error
-from ..sgx.ca import CA_CERT, ProvisioningCA
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# (X.509 and the CA are imported where a certificate is read or made: the TLS
+# itself is the ``ssl`` module's, and ``migsgx recover`` with nothing to deliver
+# never reads one; its start counts, docs/benchmarks.md)
 
 __all__ = [
     "AGENT_DIR",
@@ -66,6 +67,8 @@ class AgentIdentity:
         """``STATE/agent``; ``ca`` (a CA directory or PEM file) overrides its trusted CA."""
 
         if ca is not None and Path(ca).is_dir():
+            from ..sgx.ca import CA_CERT
+
             ca = Path(ca) / CA_CERT
         return cls(Path(state) / AGENT_DIR, ca)
 
@@ -94,6 +97,8 @@ class AgentIdentity:
         return self
 
     def host_id(self) -> str:
+        from cryptography import x509
+
         cert = x509.load_pem_x509_certificate(self.cert.read_bytes())
         return _common_name(cert).removeprefix(_CN_PREFIX)
 
@@ -105,6 +110,11 @@ def issue_agent_identity(
 
     ``names`` are the addresses (or DNS names) peers dial this agent at.
     """
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ..sgx.ca import CA_CERT, ProvisioningCA
 
     if not names:
         raise ConfigError("an agent certificate needs at least one address or name")
@@ -153,6 +163,8 @@ def client_context(identity: AgentIdentity) -> ssl.SSLContext:
 
 
 def _common_name(cert: x509.Certificate) -> str:
+    from cryptography.x509.oid import NameOID
+
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     value = names[0].value if names else ""
     return value if isinstance(value, str) else value.decode("utf-8", errors="replace")
@@ -163,6 +175,9 @@ def check_peer(sock: ssl.SSLSocket, *, peer_is_server: bool) -> str:
 
     Returns the peer's host id (its common name without the prefix).
     """
+
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
 
     der = sock.getpeercert(binary_form=True)
     if not der:

@@ -8,7 +8,7 @@ only ever sees the :class:`Driver` protocol.  See ``docs/containers.md``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING
 
 from .base import (
     ContainerError,
@@ -20,10 +20,6 @@ from .base import (
     Source,
     check_name,
 )
-from .containerd import ContainerdDriver
-from .pid import PidDriver
-from .podman import PodmanDriver
-from .runc import RuncDriver
 from .settings import ContainerSettings
 
 __all__ = [
@@ -40,18 +36,40 @@ __all__ = [
     "make_driver",
 ]
 
-DRIVERS: Final[dict[str, Callable[[HostConfig], Driver]]] = {
-    PidDriver.name: PidDriver,
-    RuncDriver.name: RuncDriver,
-    PodmanDriver.name: PodmanDriver,
-    ContainerdDriver.name: ContainerdDriver,
-}
+if TYPE_CHECKING:
+    DRIVERS: dict[str, Callable[[HostConfig], Driver]]
+
+
+def _drivers() -> dict[str, Callable[[HostConfig], Driver]]:
+    """The table, its drivers imported on first use: what only reads this package's
+    light modules (``migsgx recover``: cgroups, gates, engine notes) never pays for
+    every engine's client and CRIU's image schema (docs/benchmarks.md)."""
+
+    from .containerd import ContainerdDriver
+    from .pid import PidDriver
+    from .podman import PodmanDriver
+    from .runc import RuncDriver
+
+    return {
+        PidDriver.name: PidDriver,
+        RuncDriver.name: RuncDriver,
+        PodmanDriver.name: PodmanDriver,
+        ContainerdDriver.name: ContainerdDriver,
+    }
+
+
+def __getattr__(name: str) -> object:
+    if name == "DRIVERS":
+        table = _drivers()
+        globals()["DRIVERS"] = table
+        return table
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_driver(name: str, host: HostConfig) -> Driver:
     """The driver called ``name``, for ``host``; an unknown name is a :class:`ContainerError`."""
 
-    factory = DRIVERS.get(name)
+    factory = _drivers().get(name)
     if factory is None:
-        raise ContainerError(f"no driver {name!r} (known: {', '.join(sorted(DRIVERS))})")
+        raise ContainerError(f"no driver {name!r} (known: {', '.join(sorted(_drivers()))})")
     return factory(host)

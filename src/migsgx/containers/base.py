@@ -47,11 +47,13 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Final, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
-from ..criu import Criu, DumpCancel
 from ..errors import MigrationError, ProtocolError, register_error
 from .settings import ContainerSettings
+
+if TYPE_CHECKING:  # (annotations only: what reads this seam need not load CRIU's RPC)
+    from ..criu import Criu, DumpCancel
 
 __all__ = [
     "NAME_PATTERN",

@@ -19,15 +19,17 @@ import shutil
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from ..errors import ProtocolError
 from .base import check_name
-from .containerd import Ctr
 from .engine_notes import engine_records
-from .podman import Podman
-from .runc_cli import Runc
 from .settings import ContainerSettings
+
+if TYPE_CHECKING:
+    from .containerd import Ctr
+    from .podman import Podman
+    from .runc_cli import Runc
 
 __all__ = ["CommittedRecord", "committed_records"]
 
@@ -86,10 +88,16 @@ class CommittedRecord:
         else:
             self._ctr().remove(f["id"])
 
+    # (each engine's client is imported when a record of it is met: ``migsgx recover``
+    # imports this module, and its start counts, docs/benchmarks.md)
     def _runc(self) -> Runc:
+        from .runc_cli import Runc
+
         return Runc(Path(self.fields["root"]) if self.fields["root"] else None, _CRIU)
 
     def _podman(self) -> Podman:
+        from .podman import Podman
+
         root, storage = self.fields["root"], self.fields["storage"]
         settings = ContainerSettings(
             podman_root=Path(root) if root else None, podman_storage_driver=storage or None
@@ -97,6 +105,8 @@ class CommittedRecord:
         return Podman(settings, _CRIU)
 
     def _ctr(self) -> Ctr:
+        from .containerd import Ctr
+
         settings = ContainerSettings(
             containerd_address=Path(self.fields["address"]),
             containerd_namespace=self.fields["namespace"],

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..channel import ECALL, ECALL_FRAME_MAX, IMAGE_FRAME_MAX
 from ..errors import (
@@ -30,8 +30,11 @@ from ..errors import (
     MigSGXError,
     error_from_wire,
 )
-from ..sgx.image import EnclaveImage
 from ..wire import recv_frame, send_frame
+
+if TYPE_CHECKING:  # (loaded by a launch: what only talks to running enclaves, or hands
+    # their connections around, need not load image signing)
+    from ..sgx.image import EnclaveImage
 
 PLATFORM_SOCKET_ENV = "MIGSGX_PLATFORM_SOCKET"
 
@@ -124,6 +127,8 @@ class EnclaveClient:
         ocalls: Mapping[str, Callable[..., Any]] | None = None,
         timeout: float = 30.0,
     ) -> EnclaveClient:
+        from ..sgx.image import EnclaveImage
+
         img = image if isinstance(image, EnclaveImage) else EnclaveImage.load(Path(image))
         sock, info = launch_enclave(img, socket_path=socket_path, timeout=timeout)
         return cls(sock, info, ocalls, image_files=img.files)

@@ -33,19 +33,6 @@ _TEXT = (
 _BINARY = ("tcb_info_signature", "qe_identity_signature", "pck_crl", "root_ca_crl")
 
 
-UP_TO_DATE = "UpToDate"
-REVOKED = "Revoked"
-# TCB statuses a verifier may accept besides UpToDate (Revoked is never one).
-ACCEPTABLE_STATUSES = (
-    "SWHardeningNeeded",
-    "ConfigurationNeeded",
-    "ConfigurationAndSWHardeningNeeded",
-    "OutOfDate",
-    "OutOfDateConfigurationNeeded",
-)
-TCB_STATUSES = (UP_TO_DATE, *ACCEPTABLE_STATUSES, REVOKED)
-
-
 def iso(when: _dt.datetime) -> str:
     """RFC 3339 in UTC with a ``Z``, the way Intel's PCS writes dates."""
 

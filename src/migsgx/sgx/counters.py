@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import cbor2
 
@@ -24,6 +24,10 @@ from ..errors import ClaimedBeforeError, CounterError, GroupDecidedError, StoreF
 from .claims import _admit_claim, _quota_keys
 from .record_store import _RecordStore
 from .store_types import DECISION_KINDS, Decision, RecordUpdate
+
+#: The store's file in a host's state directory (here, not in :mod:`.platform`: a
+#: reader of decisions, ``migsgx recover``, need not load the platform).
+COUNTERS: Final = "counters.cbor"
 
 # Quotas (see :mod:`migsgx.sgx.record_store`): a full store refuses, never evicts.
 MAX_DECISIONS_PER_OWNER = 4096

@@ -39,9 +39,10 @@ from ..errors import (
     TcbStatusError,
     UnknownCAError,
 )
-from .collateral import ACCEPTABLE_STATUSES, REVOKED, UP_TO_DATE, Collateral
+from .collateral import Collateral
 from .quote import Quote, verify_quote
 from .structs import ReportBody
+from .tcb_status import ACCEPTABLE_STATUSES, REVOKED, UP_TO_DATE
 
 # The status of a debug enclave's quote, which dcap-qvl does not rate.
 DEBUG_UNRATED = "DebugUnrated"

@@ -36,8 +36,8 @@ from ..errors import (
     ImageSignatureError,
     ImageUnsignedError,
 )
-from .collateral import ACCEPTABLE_STATUSES
 from .structs import FLAG_DEBUG, Attributes
+from .tcb_status import ACCEPTABLE_STATUSES
 
 MANIFEST = "manifest.toml"
 SIGNATURE = "enclave.sig"

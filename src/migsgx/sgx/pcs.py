@@ -35,9 +35,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from .._fs import write_private
 from ..errors import ConfigError, StateDirError
-from .collateral import COLLATERAL_FILE, TCB_STATUSES, Collateral, iso
+from .collateral import COLLATERAL_FILE, Collateral, iso
 from .quote import PCE_SVN, QE_SVN, qe_identity
 from .sgxext import COMPONENTS, PckExtension
+from .tcb_status import TCB_STATUSES
 
 PCS_STATE = "pcs.json"
 _LOCK = ".pcs.lock"

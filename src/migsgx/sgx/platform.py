@@ -44,6 +44,7 @@ from ..errors import CollateralError, StateDirError
 from .ca import ProvisioningCA
 from .claims import ClaimStore
 from .collateral import COLLATERAL_FILE, MAX_COLLATERAL_SIZE
+from .counters import COUNTERS as COUNTERS  # (re-exported: its home moved)
 from .counters import CounterStore
 from .image import EnclaveImage, SigStruct
 from .keys import KeyDeriver
@@ -58,7 +59,6 @@ PCK_KEY = "pck-key.pem"
 ATT_KEY = "attestation-key.pem"
 PCK_CHAIN = "pck-chain.pem"
 CA_PEM = "ca.pem"
-COUNTERS = "counters.cbor"
 CLAIMS = "migrations.cbor"
 DEFAULT_CPU_SVN = bytes([2] * 16)
 
