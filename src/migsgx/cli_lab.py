@@ -73,6 +73,9 @@ def _echo_medians(result: dict[str, Any], names: Iterable[str], width: int, repe
               help="A/B: each run also migsgx with --criu-nice N")  # fmt: skip
 @click.option("--ab-prefault", is_flag=True,
               help="A/B: each run also migsgx with --prefault-ahead")  # fmt: skip
+@click.option("--ab-overlap", is_flag=True,
+              help="A/B: each run also migsgx with --no-overlap-restore (the restore "
+              "after every enclave LOADED)")  # fmt: skip
 @click.option("--ab-images-ram", is_flag=True,
               help="A/B: each run also migsgx (agent serve --images-in-ram) and CRIU "
               "alone with the destination's images in RAM (/dev/shm)")  # fmt: skip
@@ -87,6 +90,7 @@ def bench_process(
     ab_page_tls: bool,
     ab_criu_nice: int,
     ab_prefault: bool,
+    ab_overlap: bool,
     ab_images_ram: bool,
 ) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
@@ -102,6 +106,7 @@ def bench_process(
         ab_page_tls=ab_page_tls,
         ab_criu_nice=ab_criu_nice,
         ab_prefault=ab_prefault,
+        ab_overlap=ab_overlap,
         ab_images_ram=ab_images_ram,
     )
     if plot_path is not None:

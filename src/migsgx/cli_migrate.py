@@ -140,6 +140,9 @@ def recover_command(
 @click.option("--prefault-ahead/--no-prefault-ahead", default=False, show_default=True,
               help="destination enclaves fault in the source's memory size from their "
               "launch on, and the freeze waits for it; or only as the state arrives")  # fmt: skip
+@click.option("--overlap-restore/--no-overlap-restore", default=True, show_default=True,
+              help="the destination restores the tree (held, stopped) while the enclaves "
+              "still load; or only once every enclave LOADED")  # fmt: skip
 def migrate_command(
     pid: int | None,
     runc_id: str | None,
@@ -166,6 +169,7 @@ def migrate_command(
     page_relay: bool,
     criu_nice: int,
     prefault_ahead: bool,
+    overlap_restore: bool,
 ) -> None:
     """Migrate process PID, or a container, with its enclaves to the agent at --to.
 
@@ -228,6 +232,7 @@ def migrate_command(
         page_relay=page_relay,
         criu_nice=criu_nice,
         prefault_ahead=prefault_ahead,
+        overlap_restore=overlap_restore,
     )
     if live:
         _live_options(opts, console, downtime_target, max_rounds)

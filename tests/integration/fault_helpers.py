@@ -252,11 +252,13 @@ def record_back(
     runs.append(round(back, 3))
 
 
-def migrate_with(bed: Testbed, app: AppProcess, agent: AgentProcess, fault: str) -> MigrateRun:
-    """``migsgx migrate`` of ``app`` with ``MIGSGX_FAULT=fault`` (its images in ``/dev/shm``,
-    the tool's own directory, as by default)."""
+def migrate_with(
+    bed: Testbed, app: AppProcess, agent: AgentProcess, fault: str, args: tuple[str, ...] = ()
+) -> MigrateRun:
+    """``migsgx migrate`` of ``app`` (then ``args``) with ``MIGSGX_FAULT=fault`` (its images
+    in ``/dev/shm``, the tool's own directory, as by default)."""
 
-    return bed.migrate(app.pid, agent, env={"MIGSGX_FAULT": fault})
+    return bed.migrate(app.pid, agent, env={"MIGSGX_FAULT": fault}, args=args)
 
 
 def images_left(pid: int) -> list[Path]:

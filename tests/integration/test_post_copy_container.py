@@ -12,25 +12,32 @@ destination container dead, never running with pages missing.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("bed_helpers")
+pytest.register_assert_rewrite("bed_helpers", "fault_helpers")
 
 from bed_helpers import Writer, migrate_throttled, scan_files, wait_until  # noqa: E402
+from fault_helpers import recover, stop_guardian_of  # noqa: E402
 
 from migsgx import _proc  # noqa: E402
+from migsgx.agent.held import start_time  # noqa: E402
 from migsgx.host.client import EnclaveClient  # noqa: E402
 from migsgx.lab.containers import ContainerApp, ContainerLab  # noqa: E402
 from migsgx.lab.testbed import AgentProcess, Testbed  # noqa: E402
+from migsgx.sgx.counters import CounterStore  # noqa: E402
+from migsgx.sgx.platform import COUNTERS  # noqa: E402
+from migsgx.system.process import process_state  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 #: This module's subnet (no other module's testbed uses it).
@@ -234,4 +241,76 @@ def test_recover_gives_the_container_back_with_its_address(
         assert ask("PING") == "PONG"
     assert lab.ask(app, "PING", at="src") == "PONG"
     wait_until(lambda: app.name not in lab.containers("dst", "runc"), 30, "dst to let go")
+    lab.remove(app)
+
+
+def _lazy_daemon_gone(record: dict[str, object]) -> bool:
+    """The recorded lazy-pages daemon ended (a zombie of its dead parent's: ended too)."""
+
+    lazy = record["lazy_pages"]
+    assert isinstance(lazy, list) and len(lazy) == 2
+    return start_time(lazy[0]) != lazy[1] or process_state(lazy[0]) in ("", "Z", "X")
+
+
+@pytest.mark.parametrize("guardian", ["alive", "killed"])
+def test_a_post_copy_container_whose_agent_died_after_the_commit_runs_again_at_the_source(
+    bed: Testbed, lab: ContainerLab, figures: dict[str, dict[str, object]], guardian: str
+) -> None:
+    """Window W2 of a runc post-copy move: the source committed, the destination
+    agent dies as the COMMIT reaches its loaded copy (``agent.before-claim:kill``).
+    The restarted agent removes the container (its page window cannot be opened
+    again) and keeps a note of the session; the guardian, or one ``migsgx
+    recover`` once it is killed too, has the destination refuse the migration id
+    and revokes the source enclaves' commit (``docs/spec/commit.md`` 2.2): the
+    source container thaws, its address answers, every acknowledged write is
+    there, nothing is left on the destination."""
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill"})
+    again = None
+    app = lab.start_app("runc", "kvstore", own_address=True)
+    app_pid = lab.root_pid(app, "src")
+    assert app_pid
+    writer = Writer(lab.connect(app, via="dst"))
+    writer.start()
+    try:
+        wait_until(lambda: len(writer.acked) >= 5 or writer.error is not None, 20, "writes")
+        started = time.monotonic()
+        run = bed.migrate(None, doomed, args=["--runc", app.name, "--post-copy"])
+        assert run.returncode == 7, run.stderr[-3000:]  # in doubt
+        if guardian == "killed":
+            stop_guardian_of(app_pid)  # SIGKILL: the enclaves hold their own connections
+        assert doomed.proc.wait(timeout=30) == -9
+        [path] = (bed.state("dst") / "agent" / "work").glob("*/held.json")
+        record = json.loads(path.read_text())
+        assert record["lazy_pages"] and record["answered"], record
+        again = bed.start_agent(listen_port=doomed.port)
+        wait_until(lambda: app.name not in lab.containers("dst", "runc"), 30,
+                   "the destination container to be removed")  # fmt: skip
+        wait_until(lambda: _lazy_daemon_gone(record), 30, "the lazy-pages daemon to end")
+        log = again.log.read_text(errors="replace")
+        assert "post-copy tree" in log and "is not adopted" in log, log
+        result = recover(bed)
+        if guardian == "killed":
+            assert "revoked" in result.stdout, result.stdout + result.stderr
+        # (the guardian retries by itself too: it may have revoked before recover asked)
+        rows = json.loads(result.stdout)
+        assert not {r["outcome"] for r in rows} & {"in-doubt", "lost"}, result.stdout
+        assert result.returncode == 0, result.stderr
+        check_source_runs_on(lab, app, writer)
+        cell = figures.setdefault(
+            f"decision written (post-copy) x kill -9 destination agent (runc, guardian {guardian})",
+            {"source_back_runs": []},
+        )
+        runs = cell["source_back_runs"]
+        assert isinstance(runs, list)
+        runs.append(round(time.monotonic() - started, 2))  # (a figure, not an assert)
+        store = CounterStore(bed.state("src") / COUNTERS)
+        assert [d.kind for d in store.decisions() if d.kind != "abort"][-1:] == ["revoked"]
+        assert not list((bed.state("dst") / "agent" / "work").glob("*/held.json"))
+        assert lab.copies(app)["dst"] == []
+    finally:
+        writer.finish()
+        for agent in (doomed, again):
+            if agent is not None:
+                agent.stop()
     lab.remove(app)

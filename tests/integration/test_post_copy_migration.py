@@ -11,6 +11,10 @@ running with wrong memory.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -25,10 +29,10 @@ from bed_helpers import (  # noqa: E402
     workers_carry_on,
     workers_kept_every_write,
 )
-from fault_helpers import recover, stop_guardian_of  # noqa: E402
+from fault_helpers import EXIT_IN_DOUBT, recover, stop_guardian_of  # noqa: E402
 
 from migsgx.agent.held import start_time  # noqa: E402
-from migsgx.lab.testbed import AgentProcess, Testbed  # noqa: E402
+from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed  # noqa: E402
 from migsgx.sgx.counters import CounterStore  # noqa: E402
 from migsgx.sgx.platform import COUNTERS  # noqa: E402
 from migsgx.system.process import process_state  # noqa: E402
@@ -36,6 +40,7 @@ from migsgx.system.process import process_state  # noqa: E402
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
 BED_SUBNET = 83
+Figures = dict[str, dict[str, object]]
 #: Two worker threads writing through the enclave while it moves.
 WRITING = ("--workers", "2", "--max-calls", "100000")
 
@@ -206,4 +211,234 @@ def test_a_post_copy_tree_whose_agent_died_after_the_commit_runs_again_at_the_so
         for agent in (doomed, again):
             if agent is not None:
                 agent.stop()
+        end_copies(bed, app)
+
+
+def _journal_of(bed: Testbed, tool_pid: int) -> dict[str, object]:
+    """The source host's journal of the migration whose tool had ``tool_pid``."""
+
+    for path in (bed.state("src") / "agent" / "migrations").glob("*.json"):
+        data = json.loads(path.read_text())
+        if data.get("tool_pid") == tool_pid:
+            return dict(data)
+    raise AssertionError(f"no journal of tool {tool_pid}")
+
+
+Killed = tuple[AppProcess, AgentProcess, AgentProcess, list[bytes]]
+
+
+def _killed_after_the_commit(bed: Testbed, *, guardian: str) -> Killed:
+    """A two-enclave kvstore under writes, moved with ``--post-copy`` to an agent killed
+    as the COMMIT reaches its copies; the agent restarted; the app, both agents and the
+    enclaves' migration ids.  The restarted agent killed the tree and noted the session."""
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill"})
+    app = start_workers(bed, "--enclaves", "2", *WRITING)
+    run = bed.migrate(app.pid, doomed, args=["--post-copy"])
+    assert run.returncode == 7, run.stderr  # in doubt
+    if guardian == "killed":
+        stop_guardian_of(app.pid)  # SIGKILL: the enclaves hold their own connections
+    again, record, log = _restart(bed, doomed)
+    assert record["lazy_pages"] and record["answered"], record
+    assert "is not adopted" in log, log
+    wait_until(lambda: all(s in ("Z", "") for _, s in bed.copies(app)["dst"]), 30,
+               "the post-copy tree to be killed")  # fmt: skip
+    wait_until(lambda: _daemon_gone(record), 30, "the lazy-pages daemon to end")
+    journal = _journal_of(bed, run.pid)
+    mids = journal["enclave_mids"]
+    assert isinstance(mids, list) and len(mids) == 2, journal
+    return app, doomed, again, [bytes.fromhex(m) for m in mids]
+
+
+def _figure(figures: Figures, cell: str, started: float) -> None:
+    """Seconds from the migration's start (a figure, printed at the module's end)."""
+
+    runs = figures.setdefault(cell, {"source_back_runs": []})["source_back_runs"]
+    assert isinstance(runs, list)
+    runs.append(round(time.monotonic() - started, 2))
+
+
+def test_a_two_enclave_post_copy_tree_killed_after_the_commit_runs_again_with_both(
+    bed: Testbed, figures: Figures
+) -> None:
+    """The same window with two enclaves (one migration group): the destination
+    refuses both ids, both commits are revoked, the source runs on with both
+    enclaves and every write of each worker (one per enclave)."""
+
+    started = time.monotonic()
+    app, doomed, again, mids = _killed_after_the_commit(bed, guardian="alive")
+    try:
+        result = recover(bed)
+        rows = json.loads(result.stdout)
+        assert not {r["outcome"] for r in rows} & {"in-doubt", "lost"}, result.stdout
+        assert result.returncode == 0, result.stderr
+        src = CounterStore(bed.state("src") / COUNTERS)
+        assert [d.kind if d else None for d in map(src.decision, mids)] == ["revoked"] * 2
+        dst = CounterStore(bed.state("dst") / COUNTERS)
+        assert all(dst.refused(m) and not dst.claimed_by_any(m) for m in mids)
+        workers_carry_on(bed, app, "src")
+        _figure(
+            figures, "post-copy: decision written x kill -9 destination agent, 2 enclaves", started
+        )
+        assert len(workers(bed, app, "src")) == 2
+        workers_kept_every_write(bed, app, "src")
+        assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
+        assert not list((bed.state("dst") / "agent" / "work").glob("*/held.json"))
+    finally:
+        doomed.stop()
+        again.stop()
+        end_copies(bed, app)
+
+
+#: ``refuse {session_id, index}`` per argument pair, asked of a journal's destination
+#: agent with a host's agent identity; one answer each ("port", or the error's text).
+ASK_REFUSE = """
+import json, sys
+from pathlib import Path
+from migsgx.agent.control import AgentConnection
+from migsgx.agent.journal import Journal
+from migsgx.agent.protocol import VERSION
+from migsgx.agent.tls import AgentIdentity
+from migsgx.errors import MigSGXError
+journal = Journal.load(Path(sys.argv[2]))
+identity = AgentIdentity.of_state(Path(sys.argv[1]))
+out = []
+for sid, index in json.loads(sys.argv[3]):
+    conn = AgentConnection(journal.to, identity, 10)
+    try:
+        conn.call({"t": "hello", "version": VERSION, "host_id": "guardian"}, "welcome")
+        msg = {"t": "refuse", "session_id": bytes.fromhex(sid), "index": index}
+        out.append("port" if conn.call(msg, "redelivery")["data_port"] else "none")
+    except MigSGXError as exc:
+        out.append(f"error {exc}")
+    finally:
+        conn.close()
+print(json.dumps(out))
+"""
+
+
+def _ask_refuse(bed: Testbed, at: str, journal: Path, asks: list[tuple[str, int]]) -> list[str]:
+    argv = [sys.executable, "-c", ASK_REFUSE, str(bed.state(at)), str(journal), json.dumps(asks)]
+    done = subprocess.run(bed.host(at).command(argv), capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return list(json.loads(done.stdout))
+
+
+def test_refuse_raced_replayed_and_misdirected_revokes_once(bed: Testbed) -> None:
+    """Attacks on ``refuse`` after window W2 of post-copy (guardian killed): two
+    ``migsgx recover`` racing revoke exactly once (the other is told another one
+    is at it, or finds it done); ``refuse`` replayed after the revocation, for an
+    enclave the session never had, for an unknown session, from the destination
+    host itself, and for a session that resumed, gets an honest answer each and
+    changes nothing; no traceback anywhere, the source runs once."""
+
+    doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-claim:kill"})
+    app = start_workers(bed, *WRITING)
+    again = None
+    try:
+        run = bed.migrate(app.pid, doomed, args=["--post-copy"])
+        assert run.returncode == 7, run.stderr
+        stop_guardian_of(app.pid)
+        again, _, _ = _restart(bed, doomed)
+        wait_until(lambda: all(s in ("Z", "") for _, s in bed.copies(app)["dst"]), 30,
+                   "the post-copy tree to be killed")  # fmt: skip
+        journal = _journal_of(bed, run.pid)
+        mid = str(journal["mid"])
+        [path] = [p for p in (bed.state("src") / "agent" / "migrations").glob("*.json")
+                  if json.loads(p.read_text())["mid"] == mid]  # fmt: skip
+
+        # Two recovers at once: one revokes, the other waits its turn or steps aside.
+        argv = [sys.executable, "-m", "migsgx", "recover", "--state", str(bed.state("src")),
+                "--json"]  # fmt: skip
+        racing = [subprocess.Popen(bed.host("src").command(argv), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                  for _ in range(2)]  # fmt: skip
+        outs = [(p.wait(timeout=120), *p.communicate()) for p in racing]
+        assert not any("Traceback" in err for _, _, err in outs), outs
+        rows = [r for _, out, _ in outs for r in json.loads(out) if r["mid"] == mid]
+        assert len(rows) == 2, outs
+        revoked = [r for r in rows if r["decision"] == "revoked" and r["outcome"] == "stayed"]
+        assert len(revoked) == 1, rows
+        [other] = [r for r in rows if r is not revoked[0]]
+        assert other["outcome"] == "done" or (
+            other["outcome"] == "in-doubt" and "another migsgx recover" in other["detail"]
+        ), rows
+        assert {code for code, _, _ in outs} <= {0, EXIT_IN_DOUBT}, outs
+        log = again.log.read_text(errors="replace")
+        assert log.count("was refused here for good") == 1, log
+        store = CounterStore(bed.state("src") / COUNTERS)
+        decision = store.decision(bytes.fromhex(str(journal["enclave_mids"][0])))
+        assert decision is not None and decision.kind == "revoked"
+        workers_carry_on(bed, app, "src")
+        assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
+
+        # Replayed and misdirected: answered, nothing revoked again, nothing runs there.
+        answers = _ask_refuse(bed, "src", path, [(mid, 0), (mid, 1), ("ab" * 16, 0)])
+        assert answers[0] == "port", answers  # (the note stays: a lost REFUSED is asked again)
+        assert answers[1].startswith("error") and "no such enclave" in answers[1], answers
+        assert "no post-copy session" in answers[2], answers
+        [foreign] = _ask_refuse(bed, "dst", path, [(mid, 0)])
+        assert "only from the host that began" in foreign, foreign
+        again_run = recover(bed)
+        assert again_run.returncode == 0, again_run.stdout + again_run.stderr
+        assert [r["outcome"] for r in json.loads(again_run.stdout) if r["mid"] == mid] == ["done"]
+
+        # The source moves on for real; a refusal of that session is refused.
+        moved = bed.migrate(app.pid, again, args=["--post-copy"])
+        assert moved.returncode == 0, moved.stderr
+        latest = _journal_of(bed, moved.pid)
+        [done_path] = [p for p in (bed.state("src") / "agent" / "migrations").glob("*.json")
+                       if json.loads(p.read_text())["mid"] == latest["mid"]]  # fmt: skip
+        [resumed] = _ask_refuse(bed, "src", done_path, [(str(latest["mid"]), 0)])
+        assert "no post-copy session" in resumed, resumed
+        workers_carry_on(bed, app, "dst")
+        workers_kept_every_write(bed, app, "dst")
+        assert bed.runnable_copies(app) == {"src": 0, "dst": 1}
+        log = again.log.read_text(errors="replace")
+        assert "Traceback" not in log and log.count("was refused here for good") == 1, log
+        decision = store.decision(bytes.fromhex(str(journal["enclave_mids"][0])))
+        assert decision is not None and decision.kind == "revoked"
+    finally:
+        for agent in (doomed, again):
+            if agent is not None:
+                agent.stop()
+        end_copies(bed, app)
+
+
+def test_a_two_enclave_post_copy_tree_with_one_id_claimed_stays_in_doubt(
+    bed: Testbed, figures: Figures
+) -> None:
+    """One of the two ids claimed on the destination (planted in its store after the
+    agent noted the session: the store, not the note, decides): the other enclave's
+    commit is revoked, the claimed one's cannot be, so the tree would run without
+    that enclave.  ``recover`` says so (in doubt, exit 7) each time it is asked and
+    gives nothing back: nothing runs, on either host.  (Last in this module: its
+    migration stays in doubt, and every later ``recover`` here would say so.)"""
+
+    started = time.monotonic()
+    app, doomed, again, mids = _killed_after_the_commit(bed, guardian="killed")
+    try:
+        dst = CounterStore(bed.state("dst") / COUNTERS)
+        assert dst.claim(b"S" + bytes(34), mids[1])  # (as an enclave there would)
+        for attempt in range(2):
+            result = recover(bed)
+            assert result.returncode == EXIT_IN_DOUBT, result.stdout + result.stderr
+            if not attempt:
+                cell = ("post-copy: decision written x kill -9 destination agent + guardian, "
+                        "2 enclaves, one id claimed")  # fmt: skip
+                _figure(figures, cell, started)
+            [row] = [r for r in json.loads(result.stdout) if r["outcome"] == "in-doubt"]
+            assert row["decision"] == "mixed" and "claimed on this host" in row["detail"], row
+            assert "0 revoked, 1 still committed" in row["detail"], row
+            assert "operator decides" in row["detail"], row
+            assert "Traceback" not in result.stderr, result.stderr
+            src = CounterStore(bed.state("src") / COUNTERS)
+            kinds = [d.kind if d else None for d in map(src.decision, mids)]
+            assert kinds == ["revoked", "commit"], (attempt, kinds)
+            assert dst.refused(mids[0]) and not dst.refused(mids[1])
+            assert bed.runnable_copies(app) == {"src": 0, "dst": 0}, bed.copies(app)
+    finally:
+        doomed.stop()
+        again.stop()
         end_copies(bed, app)

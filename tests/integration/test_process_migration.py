@@ -670,13 +670,17 @@ def scrape(bed: Testbed, agent: AgentProcess) -> Samples:
 
 
 def test_agent_metrics_during_and_after_a_migration(bed: Testbed, tmp_path: Path) -> None:
-    """Scraped while the restored tree is held (in doubt), then after the commit."""
+    """Scraped while the restored tree is held (in doubt), then after the commit.
+
+    The default, overlapped order holds the tree in doubt once every enclave
+    LOADED (``enclaves_done``; before, in ``held-loading``, the source cannot
+    decide): the gate is there."""
 
     gate = tmp_path / "go-on"
     dst = bed.host("dst")
     watched = bed.start_agent(
         args=["--metrics", f"{dst.address}:0"],
-        env={"MIGSGX_FAULT": f"agent.after-restore:wait-file={gate}"},
+        env={"MIGSGX_FAULT": f"agent.enclaves-loaded:wait-file={gate}"},
     )
     app = kvstore(bed)
     assert ask_src(bed, app, "PUT k " + b"v".hex()) == "OK 1"

@@ -16,6 +16,8 @@ from migsgx.errors import FrameError, ProtocolError
 from migsgx.wire import decode_body, encode
 
 HAPPY = ["hello", "begin", "enclaves_done", "image", "image", "images_done", "restore", "resume"]
+#: The tool's default order: the images and the restore while the enclaves still load.
+OVERLAPPED = ["hello", "begin", "image", "images_done", "restore", "enclaves_done", "resume"]
 
 
 def test_the_happy_path_ends_resumed() -> None:
@@ -26,10 +28,32 @@ def test_the_happy_path_ends_resumed() -> None:
     assert machine.history == HAPPY
 
 
-@pytest.mark.parametrize("stop", range(1, len(HAPPY)))
-def test_abort_is_allowed_until_the_resume(stop: int) -> None:
+def test_the_overlapped_path_ends_resumed_through_held_loading() -> None:
     machine = SessionMachine()
-    for request in HAPPY[:stop]:
+    states = [machine.advance(request) for request in OVERLAPPED]
+    assert states[2:6] == [
+        SessionState.EARLY_IMAGES,
+        SessionState.EARLY_IMAGES_COMPLETE,
+        SessionState.HELD_LOADING,
+        SessionState.HELD,
+    ]
+    assert machine.state is SessionState.RESUMED and machine.finished
+
+
+def test_images_early_and_the_restore_after_the_enclaves() -> None:
+    """A tool may send the images early and still restore only after ``enclaves_done``."""
+
+    machine = SessionMachine()
+    for request in ["hello", "begin", "images_done", "enclaves_done", "restore", "resume"]:
+        machine.advance(request)
+    assert machine.state is SessionState.RESUMED
+
+
+@pytest.mark.parametrize("path", [HAPPY, OVERLAPPED], ids=["sequential", "overlapped"])
+@pytest.mark.parametrize("stop", range(1, len(HAPPY)))
+def test_abort_is_allowed_until_the_resume(path: list[str], stop: int) -> None:
+    machine = SessionMachine()
+    for request in path[: min(stop, len(path) - 1)]:
         machine.advance(request)
     machine.advance("abort")
     assert machine.state is SessionState.ABORTED and machine.finished
@@ -52,8 +76,16 @@ def test_nothing_before_hello_and_nothing_after_the_end() -> None:
     ("done", "wrong"),
     [
         (["hello"], "restore"),
-        (["hello", "begin"], "image"),
+        (["hello", "begin"], "restore"),
         (["hello", "begin"], "resume"),
+        (["hello", "begin", "image"], "restore"),
+        (["hello", "begin", "images_done"], "image"),
+        (["hello", "begin", "images_done"], "resume"),
+        # held-loading: nothing commits or resumes before every enclave LOADED
+        (["hello", "begin", "images_done", "restore"], "resume"),
+        (["hello", "begin", "images_done", "restore"], "redeliver"),
+        (["hello", "begin", "images_done", "restore"], "restore"),
+        (["hello", "begin", "images_done", "restore", "enclaves_done"], "enclaves_done"),
         (["hello", "begin", "enclaves_done"], "restore"),
         (["hello", "begin", "enclaves_done", "images_done"], "resume"),
         (["hello", "begin", "enclaves_done", "images_done"], "image"),

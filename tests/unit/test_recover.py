@@ -789,6 +789,10 @@ def test_a_failed_revocation_changes_nothing_and_stays_in_doubt(state: Path, age
 
     result = resolve(journal, state, AgentIdentity.of_state(state), revoke=fails)
     assert result.outcome == "in-doubt" and "does not refuse" in result.detail
+    # One revoked, one committed: said as such, for an operator.
+    assert result.decision == "mixed", result
+    assert "enclave(s) 0 revoked, 1 still committed" in result.detail, result.detail
+    assert "operator decides" in result.detail, result.detail
     assert Journal.load(journal.path).phase == "committed" and not agent.sent
     # Without the enclaves: in doubt too, never "lost" (the revoked one runs again).
     alone = resolve(journal, state, AgentIdentity.of_state(state))

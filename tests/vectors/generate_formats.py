@@ -623,6 +623,27 @@ def agent_cases() -> list[dict[str, Any]]:
             {"ok": {"states": [s for s in full if s != "images"], "finished": True}},
         )
     )
+    # The overlapped order (the tool's default): images and restore while the enclaves load.
+    overlapped = [hello, begin, image, done, {"t": "restore"}, {"t": "enclaves_done"},
+                  {"t": "resume"}]  # fmt: skip
+    early = ["greeted", "receiving", "images-early", "images-complete-early", "held-loading",
+             "held", "resumed"]  # fmt: skip
+    out.append(_agent_session("session-overlapped", overlapped,
+                              {"ok": {"states": early, "finished": True}}))  # fmt: skip
+    out.append(
+        _agent_session(
+            "session-overlapped-abort-held-loading",
+            [*overlapped[:5], {"t": "abort", "reason": "test"}],
+            {"ok": {"states": [*early[:5], "aborted"], "finished": True}},
+        )
+    )
+    out.append(
+        _agent_session(
+            "session-overlapped-resume-before-enclaves_done",
+            [*overlapped[:5], {"t": "resume"}],
+            {"error": "protocol", "at": 5},
+        )
+    )
     for at in range(1, 7):
         msgs = [*steps[:at], {"t": "abort", "reason": "test"}]
         out.append(

@@ -10,7 +10,11 @@ is returned to the caller, which knows what it means there (``corrupt``
 before a restore, ``corrupt``/``drop``/``reorder``/``truncate``/``replay`` of the
 page stream (:func:`tampering_relay`), ``kill-after-bytes=N`` while an
 enclave stream comes in, ``kill-source`` at a point of the tool: SIGKILL to
-the source application, for example; ``kill-criu`` after the commit point of
+the source application, for example; ``hold-to-restored=N`` and
+``flip-byte-in-restore=N`` at ``tool.enclave-stream``: the enclave stream from
+byte N on is held until the destination answered ``restored`` (resp. held,
+byte N flipped, until the tool asked for the restore), so that the restore
+overlaps a load that cannot have ended; ``kill-criu`` after the commit point of
 a post-copy migration: SIGKILL to the source's CRIU, the only server of the
 pages still missing; ``kill-guardian-and-tool`` at a point of the tool: SIGKILL to
 its guardian, then to the tool itself; ``kill-source-platform-and-tool``: SIGKILL
@@ -49,7 +53,11 @@ POINTS: Final = frozenset(
         # The engine made the container, its restore has not returned; a process tree:
         # CRIU restored it, in its pre-resume notification (it has not detached).
         "agent.in-restore",
+        # The tree restored and held (overlapped: the enclaves may still load), the
+        # record not answered, ``restored`` not yet sent.
         "agent.after-restore",
+        # Overlapped: held-loading, every enclave LOADED, not yet checked alive nor answered.
+        "agent.enclaves-loaded",
         "agent.before-resume",  # the tool's resume arrived (the tokens went before it)
         "agent.after-resume",  # the tree runs (and its enclaves are attached), no answer yet
         "agent.before-claim",  # the first decision frame reached an enclave (window W2)
@@ -79,6 +87,8 @@ POINTS: Final = frozenset(
         "tool.before-images",  # every enclave LOADED, CRIU dumped, the images not yet sent
         "tool.before-restore",  # post-copy: the lazy dump serves, no restore asked yet
         "tool.before-commit",
+        # Overlapped: the destination answered ``restored``, the enclave streams not joined.
+        "tool.restored-loading",
         "tool.after-group",  # every source enclave joined the migration group, none decided
         "tool.between-commits",  # one source enclave committed, the next not yet
         "tool.after-commit",
@@ -199,7 +209,12 @@ def dying(pid: int) -> bool:
 
 
 def flipping_relay(
-    peer: socket.socket, offset: int, hold: Callable[[], bool] | None = None, *, drop: bool = False
+    peer: socket.socket,
+    offset: int,
+    hold: Callable[[], bool] | None = None,
+    *,
+    drop: bool = False,
+    flip: bool = True,
 ) -> socket.socket:
     """A loopback relay to ``peer`` that flips one bit of byte ``offset`` sent through it.
 
@@ -210,6 +225,8 @@ def flipping_relay(
     source at a step the test names (``flip-byte-in-dump``: while the engine's
     CRIU writes the process's pages).  ``drop``: at that byte the relay shuts the
     connection down both ways instead (``drop-in-dump``: the stream dropped).
+    ``flip`` False: byte ``offset`` goes on unchanged, only held (``hold-to-restored``:
+    the enclave cannot reach LOADED before the destination restored the tree).
     """
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -246,7 +263,7 @@ def flipping_relay(
                 if not data:
                     break
                 if flip_at is not None and seen <= flip_at < seen + len(data):
-                    data[flip_at - seen] ^= 0x01
+                    data[flip_at - seen] ^= 0x01 if flip else 0x00
                     if hold is not None or drop:
                         held, deadline = data, time.monotonic() + WAIT_LIMIT
                 seen += len(data)

@@ -291,7 +291,8 @@ class IncomingMigration(_SessionDecisions):
         }
 
     def _enclaves_done(self, msg: dict[str, Any]) -> Reply:
-        deadline = time.monotonic() + self.config.io_timeout
+        t0 = time.monotonic()
+        deadline = t0 + self.config.io_timeout
         for enclave in self.enclaves:
             if not enclave.loaded.wait(max(0.0, deadline - time.monotonic())):
                 raise AgentError(f"enclave {enclave.index}: no load within the time limit")
@@ -306,7 +307,31 @@ class IncomingMigration(_SessionDecisions):
             metrics.bytes.labels("enclave").inc(int(enclave.stats.get("bytes", 0)))
         if self.enclaves:
             metrics.enclaves_received.labels(self.source_host or "?").inc(len(self.enclaves))
+        if self.machine.state is SessionState.HELD:
+            self._held_after_loading(time.monotonic() - t0)
         return {"t": "enclaves_ready", "stats": [e.stats for e in self.enclaves]}
+
+    def _held_after_loading(self, waited: float) -> None:
+        """Overlapped: the tree was restored while the enclaves loaded; now they all
+        did.  The record names every loaded copy and is answered (fsync'd) only
+        after the liveness check, right before ``enclaves_ready``: from then on
+        the source may commit, and a restarted agent adopts the tree."""
+
+        assert self.restored is not None
+        _inject(fault("agent.enclaves-loaded"), self)
+        record = self._held_record(self.restored) if self.enclaves else None
+        if record is not None:
+            record.write(self._records())  # (the arrivals and the enclaves' processes)
+        # Right before the source may commit: every loaded copy must still be there.
+        self._check_enclaves_alive()
+        if record is not None:
+            # What a restarted agent adopts if this one dies holding the tree (W2).
+            record.answered = True
+            record.write(self._records())
+        log.info(
+            "migration %s: every enclave loaded beside the restore (%.3f s waited): held",
+            self.tag, waited,
+        )  # fmt: skip
 
     def _image(self, msg: dict[str, Any]) -> Reply:
         assert self.images_dir is not None
@@ -397,9 +422,11 @@ class IncomingMigration(_SessionDecisions):
         else:
             remove_record(self.session_dir)  # (the intent's, if any: the restore returned)
         _inject(fault("agent.after-restore"), self)
-        # Right before the source may commit: every loaded copy must still be there.
-        self._check_enclaves_alive()
-        if record is not None:
+        loading = self.machine.state is SessionState.HELD_LOADING
+        if not loading:
+            # Right before the source may commit: every loaded copy must still be there.
+            self._check_enclaves_alive()
+        if record is not None and not loading:
             # What a restarted agent adopts if this one dies holding the tree (W2).
             record.answered = True
             record.write(self._records())
@@ -408,8 +435,9 @@ class IncomingMigration(_SessionDecisions):
         seconds = time.monotonic() - t0
         self.agent.metrics.observe_phase("restore", seconds)
         log.info(
-            "migration %s: restored %s (pid %d), held, in %.3f s",
-            self.tag, restored.label, pid, seconds,
+            "migration %s: restored %s (pid %d), held%s, in %.3f s",
+            self.tag, restored.label, pid, " (enclaves still loading)" if loading else "",
+            seconds,
         )  # fmt: skip
         return {"t": "restored", "pid": pid, "seconds": seconds}
 

@@ -20,6 +20,22 @@ Tool -> agent, in this order::
                                         state comes again on a new data connection)
     resume         -> resumed          (enclaves committed, tree running, attached)
 
+Overlapped (the tool's default, ``migrate --no-overlap-restore`` keeps the
+order above): the images and the restore may come while the enclaves still
+load, before ``enclaves_done``::
+
+    image*, images_done -> images_ok   (in RECEIVING: images-early, then
+                                        images-complete-early)
+    restore        -> restored         (the tree held, its enclaves not all LOADED:
+                                        held-loading; its record is not answered,
+                                        so a restarted agent removes the tree)
+    enclaves_done  -> enclaves_ready   (every enclave LOADED, alive; the record
+                                        answered and fsync'd: held)
+
+The commit point does not move: the source decides only after both
+``restored`` and ``enclaves_ready`` were answered, and the tree stays stopped
+until ``resume``.
+
 A connection of its own may instead carry, after ``hello``, one ``deliver``
 (-> ``delivered``): a source's recorded decision (COMMIT tokens or ABORT
 frames) for a migration whose tool went away (``docs/spec/commit.md``); or
@@ -190,6 +206,11 @@ class SessionState(enum.Enum):
     LOADED = "loaded"
     IMAGES = "images"
     IMAGES_COMPLETE = "images-complete"
+    #: The images while the enclaves still load (before ``enclaves_done``).
+    EARLY_IMAGES = "images-early"
+    EARLY_IMAGES_COMPLETE = "images-complete-early"
+    #: Restored and stopped, the enclaves not all LOADED: never adopted after a restart.
+    HELD_LOADING = "held-loading"
     HELD = "held"
     RESUMED = "resumed"
     ABORTED = "aborted"
@@ -206,7 +227,23 @@ _TABLE: Final[Mapping[SessionState, Mapping[str, SessionState]]] = {
         "redeliver": S.DELIVERED,
         "refuse": S.DELIVERED,
     },
-    S.RECEIVING: {"enclaves_done": S.LOADED, "abort": S.ABORTED},
+    S.RECEIVING: {
+        "enclaves_done": S.LOADED,
+        "image": S.EARLY_IMAGES,
+        "images_done": S.EARLY_IMAGES_COMPLETE,
+        "abort": S.ABORTED,
+    },
+    S.EARLY_IMAGES: {
+        "image": S.EARLY_IMAGES,
+        "images_done": S.EARLY_IMAGES_COMPLETE,
+        "abort": S.ABORTED,
+    },
+    S.EARLY_IMAGES_COMPLETE: {
+        "restore": S.HELD_LOADING,
+        "enclaves_done": S.IMAGES_COMPLETE,
+        "abort": S.ABORTED,
+    },
+    S.HELD_LOADING: {"enclaves_done": S.HELD, "abort": S.ABORTED},
     S.LOADED: {"image": S.IMAGES, "images_done": S.IMAGES_COMPLETE, "abort": S.ABORTED},
     S.IMAGES: {"image": S.IMAGES, "images_done": S.IMAGES_COMPLETE, "abort": S.ABORTED},
     S.IMAGES_COMPLETE: {"restore": S.HELD, "abort": S.ABORTED},

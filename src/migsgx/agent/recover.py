@@ -226,7 +226,7 @@ def resolve(
         )  # fmt: skip
     if "revoked" in kinds and kinds <= {"commit", "revoked"}:
         # A revocation under way (some enclaves revoked): the rest follow, then the hand-back.
-        return _revoked(journal, identity, decisions, revoke)
+        return _revoked(journal, platform_state, identity, decisions, revoke)
     if kinds == {"commit"}:
         frames = [d.frame for d in decisions if d]
         outcome, detail = _deliver(journal, identity, frames)
@@ -253,7 +253,7 @@ def resolve(
             # store refuses the ids for good, and the commits are revoked (2.2).
             if revoke is None:
                 return Resolution(mid, journal.phase, "commit", "in-doubt", _REFUSABLE)
-            return _revoked(journal, identity, decisions, revoke)
+            return _revoked(journal, platform_state, identity, decisions, revoke)
         if outcome in ("unknown", "aborted"):
             if release is not None:
                 release()  # no tree is held for the state any more: it can never run
@@ -340,6 +340,7 @@ def _without_enclaves(journal: Journal, identity: AgentIdentity) -> Resolution:
 
 def _revoked(
     journal: Journal,
+    platform_state: Path,
     identity: AgentIdentity,
     decisions: list[Decision | None],
     revoke: Revoke | None,
@@ -354,7 +355,24 @@ def _revoked(
     try:
         note = revoke(journal, identity, kinds)
     except MigSGXError as exc:
-        return Resolution(mid, journal.phase, "commit", "in-doubt", str(exc))
+        now = [
+            d.kind if d is not None else "none"
+            for d in decisions_of(platform_state, journal.enclave_mids)
+        ]
+        if "revoked" not in now:
+            return Resolution(mid, journal.phase, "commit", "in-doubt", str(exc))
+        # Some enclaves revoked, others still committed: the tree takes its enclaves
+        # all together, so it is not given back.  A later recover asks the rest again;
+        # an id the destination claimed is never refused, and an operator decides.
+        revoked = ", ".join(str(i) for i, k in enumerate(now) if k == "revoked")
+        committed = ", ".join(str(i) for i, k in enumerate(now) if k != "revoked")
+        return Resolution(
+            mid, journal.phase, "mixed", "in-doubt",
+            f"{exc}; enclave(s) {revoked} revoked, {committed} still committed: the source "
+            "stays stopped, not given back without all its enclaves; a later recover asks "
+            "again, but an id the destination claimed is never refused (its copy may have "
+            "run there): an operator decides",
+        )  # fmt: skip
     journal.update(phase="done")
     return Resolution(
         mid, journal.phase, "revoked", "stayed",

@@ -285,7 +285,7 @@ class _Migration(_DecisionSteps):
                 )
                 why.__cause__ = exc
                 raise CriuError(str(why), action="dump") from why
-            if not self.cancel.cancelled:
+            if not self.cancel.cancelled or self.post_dump_error is not None:
                 raise
             # The dump failed because an enclave did: that is the cause to report.
             if self.cancel.stopped_early:
@@ -412,6 +412,9 @@ class _Migration(_DecisionSteps):
             # CRIU closed its page connection: both directions must have ended
             # with their last frame, or nothing of this dump may be used.
             self.page_relay.wait(self.opts.io_timeout)
+        if self._may_overlap():
+            self._overlapped(dump_dir)
+            return
         self._finish_enclaves()
         self._inject(self._fault("tool.before-images"))
         self._stream_images(dump_dir)
@@ -422,6 +425,50 @@ class _Migration(_DecisionSteps):
             self._fence()
             return
         self._restore({"t": "restore"})
+        self._fence()
+        self._inject(self._fault("tool.before-commit"))
+        self._commit()  # (notes "resumed" once the destination runs)
+
+    def _may_overlap(self) -> bool:
+        """Whether the restore may run beside the enclave streams' end.
+
+        Only once every enclave's attested handshake is done (the early
+        handshake's default, a live migration's pre-copy): the destination
+        restores nothing of a migration whose enclaves have not yet proved
+        themselves to each other.
+        """
+
+        return (
+            self.opts.overlap_restore
+            and bool(self.transfers)
+            and not self.opts.post_copy
+            and all(t.outgoing is not None and t.outgoing.migration_id for t in self.transfers)
+        )
+
+    def _overlapped(self, dump_dir: Path) -> None:
+        """Images and restore while the enclave streams still load, then the join.
+
+        The destination holds the tree stopped, its record not answered (a
+        restarted agent removes it), until ``enclaves_ready``: the commit point
+        stays after both answers, and nothing runs before COMMIT.
+        """
+
+        try:
+            self._inject(self._fault("tool.before-images"))
+            self._stream_images(dump_dir)
+            self.note("images_sent")
+            self.restore_asked.set()
+            self._restore({"t": "restore"})
+            self._inject(self._fault("tool.restored-loading"))
+        except BaseException as exc:
+            # The destination ends the session on this failure, and with it the
+            # enclave streams: their errors follow from this one, reported instead.
+            self.post_dump_error = exc
+            raise
+        finally:
+            self.restore_asked.set()
+            self.restore_answered.set()  # (a held enclave stream goes on, either way)
+        self._finish_enclaves()
         self._fence()
         self._inject(self._fault("tool.before-commit"))
         self._commit()  # (notes "resumed" once the destination runs)

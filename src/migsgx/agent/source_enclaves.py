@@ -114,6 +114,12 @@ class _EnclaveSteps(_MigrationState):
         action = fault("tool.enclave-stream")
         if action is not None and action.startswith("flip-byte="):
             return peer, flipping_relay(peer, int(action.partition("=")[2]))
+        if action is not None and action.startswith(("hold-to-restored=", "flip-byte-in-restore=")):
+            # Overlapped restore: the load cannot end before the restore (is asked).
+            held = action.startswith("hold")
+            event = self.restore_answered if held else self.restore_asked
+            return peer, flipping_relay(peer, int(action.partition("=")[2]), event.is_set,
+                                        flip=not held)  # fmt: skip
         if action is not None and action.startswith(
             ("flip-byte-in-dump=", "drop-in-dump=", "kill-in-dump=")
         ):

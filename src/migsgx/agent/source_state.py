@@ -112,6 +112,11 @@ class MigrateOptions:
     #: the handshake at once and the faulting then competes with the dump
     #: (docs/benchmarks.md, "Less CPU per GiB in the frozen window").
     prefault_ahead: bool = False
+    #: With enclaves (not post-copy): CRIU's images go and the destination restores
+    #: the tree (held, stopped) while the enclave streams still load; the join, the
+    #: fence and the commit follow.  False: the enclaves first, as before
+    #: (docs/benchmarks.md, "Restoring while the enclaves still load").
+    overlap_restore: bool = True
 
 
 @dataclass
@@ -170,6 +175,12 @@ class _MigrationState:
         self.in_doubt = False
         self.data_key = b""
         self._journal_lock = threading.Lock()
+        #: Overlapped (``MigrateOptions.overlap_restore``): the restore was asked,
+        #: and answered (or failed): what a fault's held enclave stream waits for.
+        self.restore_asked = threading.Event()
+        self.restore_answered = threading.Event()
+        #: Overlapped: the images' or the restore's own failure (the cause to report).
+        self.post_dump_error: BaseException | None = None
         self.lazy: LazyDump | None = None
         self.plan: DumpPlan | None = None
         #: The tool's own images directory (removed by whoever outlives a killed tool).
@@ -355,6 +366,12 @@ class _MigrationState:
         figures["timeline"] = self._timeline(dest)
         return figures
 
+    def _overlapped_order(self) -> bool:
+        """Whether the restore came before the join of the enclave streams."""
+
+        t = self.t
+        return "restored" in t and "enclaves_sent" in t and t["restored"] <= t["enclaves_sent"]
+
     def _timeline(self, dest: list[dict[str, Any]]) -> dict[str, Any]:
         """Phases per process as absolute CLOCK_MONOTONIC spans, with their origin.
 
@@ -369,10 +386,21 @@ class _MigrationState:
                 ("early_handshake", "handshake", "handshaken"),
                 ("freeze", "prepare", "prepared"),
                 ("criu_dump", "dump", "dumped"),
-                ("join_enclaves", "dumped", "enclaves_sent"),
-                ("images", "enclaves_sent", "images_sent"),
-                ("restore", "images_sent", "restored"),
-                ("commit", "restored", "committed"),
+                *(
+                    (
+                        ("images", "dumped", "images_sent"),
+                        ("restore", "images_sent", "restored"),
+                        ("join_enclaves", "restored", "enclaves_sent"),
+                        ("commit", "enclaves_sent", "committed"),
+                    )
+                    if self._overlapped_order()
+                    else (
+                        ("join_enclaves", "dumped", "enclaves_sent"),
+                        ("images", "enclaves_sent", "images_sent"),
+                        ("restore", "images_sent", "restored"),
+                        ("commit", "restored", "committed"),
+                    )
+                ),
                 ("resume", "committed", "resumed"),
             )
             if a in t and b in t

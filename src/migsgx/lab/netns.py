@@ -426,7 +426,15 @@ class HostNetwork:
             dev = "eth0"
             if host.bridge is not None:
                 dev = host.bridge
-                _ip("-n", host.netns, "link", "add", dev, "type", "bridge", "forward_delay", "0")
+                # An address of its own, set explicitly: a bridge otherwise takes the
+                # lowest of its ports' addresses, so a pod's port joining or leaving
+                # (a container restored, removed) changed it, and the other host's ARP
+                # entry then pointed at an address nobody answered for (its packets
+                # to this host dropped until that entry went stale).
+                mac = "02:00:" + ":".join(f"{b:02x}" for b in ipaddress.ip_address(
+                    host.address).packed[-4:])  # fmt: skip
+                _ip("-n", host.netns, "link", "add", dev, "address", mac,
+                    "type", "bridge", "forward_delay", "0")  # fmt: skip
                 _ip("-n", host.netns, "link", "set", "eth0", "master", dev)
                 _ip("-n", host.netns, "link", "set", dev, "up")
             _ip("-n", host.netns, "addr", "add",

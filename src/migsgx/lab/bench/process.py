@@ -152,8 +152,18 @@ def migration_figures(stats: dict[str, Any], rows: int, wall_seconds: float) -> 
         },
         "enclave_bytes_declared": rows * MODEL_COLS * 4,
         "tool_wall_seconds": wall_seconds,
+        # From the end of CRIU's dump to the destination running: what the overlapped
+        # restore shortens (the rest of the enclave streams, the images, the restore).
+        "after_dump_seconds": _after_dump(stats.get("timeline")),
         "timeline": _relative(stats.get("timeline")),
     }
+
+
+def _after_dump(timeline: dict[str, Any] | None) -> float:
+    tool = ((timeline or {}).get("spans") or {}).get("tool") or {}
+    if "criu_dump" not in tool or "resume" not in tool:
+        return 0.0
+    return max(0.0, float(tool["resume"][1]) - float(tool["criu_dump"][1]))
 
 
 def _relative(timeline: dict[str, Any] | None) -> dict[str, Any]:
@@ -172,6 +182,7 @@ def one_run(
     flip: bool = False,
     ab_prefault: bool = False,
     ab_images_ram: bool = False,
+    ab_overlap: bool = False,
 ) -> dict[str, Any]:
     """migsgx and CRIU alone back to back, with the ratios of the pair.
 
@@ -202,6 +213,12 @@ def one_run(
     ``images_ram_total_speedup``, ``images_ram_downtime_speedup`` (work
     directory / RAM: above 1, RAM helped), ``criu_images_ram_speedup`` (CRIU
     alone, the same) and ``criu_over_migsgx_total_ram`` (the ratio, both in RAM).
+    With ``ab_overlap``, also migsgx with the restore after every enclave LOADED
+    (``--no-overlap-restore``), first with ``flip``: ``migsgx_no_overlap``, the
+    paired ``overlap_total_speedup``, ``overlap_downtime_speedup`` and
+    ``overlap_after_dump_speedup`` (``after_dump_seconds``: the end of CRIU's dump
+    to the destination running; all without / with: above 1, the overlap helped)
+    and ``criu_over_migsgx_no_overlap_total``.
     """
 
     niced_args = ("--criu-nice", str(ab_criu_nice))
@@ -211,7 +228,10 @@ def one_run(
     faulted_args = ("--prefault-ahead",)
     faulted_first = _migsgx(bed, size, faulted_args) if ab_prefault and flip else None
     ram_first = _in_ram(bed, size) if ab_images_ram and flip else None
+    serial_args = ("--no-overlap-restore",)
+    serial_first = _migsgx(bed, size, serial_args) if ab_overlap and flip else None
     migsgx = _migsgx(bed, size)
+    serial = (serial_first or _migsgx(bed, size, serial_args)) if ab_overlap else None
     extra: dict[str, Any] = {}
     if ab_late_handshake:
         late = _migsgx(bed, size, ("--late-handshake",))
@@ -243,6 +263,17 @@ def one_run(
             ),
         )
     plain = criu_only(bed, 2 * size)
+    if serial is not None:
+        extra.update(
+            migsgx_no_overlap=serial,
+            no_overlap_ran_first=serial_first is not None,
+            overlap_total_speedup=serial["total_seconds"] / migsgx["total_seconds"],
+            overlap_downtime_speedup=serial["downtime_seconds"] / migsgx["downtime_seconds"],
+            overlap_after_dump_speedup=(
+                serial["after_dump_seconds"] / max(migsgx["after_dump_seconds"], 1e-9)
+            ),
+            criu_over_migsgx_no_overlap_total=plain["total_seconds"] / serial["total_seconds"],
+        )
     if ab_images_ram:
         in_ram, plain_ram = ram_first or _in_ram(bed, size)
         extra.update(
@@ -308,6 +339,7 @@ def run(
     ab_criu_nice: int = 0,
     ab_prefault: bool = False,
     ab_images_ram: bool = False,
+    ab_overlap: bool = False,
 ) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
@@ -322,6 +354,7 @@ def run(
                 one = one_run(
                     bed, size, ab_late_handshake, post_copy, ab_page_tls, ab_criu_nice,
                     flip=i % 2 == 1, ab_prefault=ab_prefault, ab_images_ram=ab_images_ram,
+                    ab_overlap=ab_overlap,
                 )  # fmt: skip
                 runs.append(one)
     finally:
@@ -341,4 +374,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if "criu_only_tls" in result["runs"][0]:
         labels.append(("criu_only_tls", "CRIU alone, pages in TLS"))
         labels.append(("migsgx_criu_tls", "migsgx migrate, pages in CRIU's TLS"))
+    if "migsgx_no_overlap" in result["runs"][0]:
+        labels.append(("migsgx_no_overlap", "migsgx migrate --no-overlap-restore"))
     plot_timelines(median_panels(result, labels), path)
