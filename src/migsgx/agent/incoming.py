@@ -63,11 +63,22 @@ from .protocol import (
 from .refusal import refusable_note, serve_refusal
 from .reservations import release_reservations
 from .resumed import was_resumed
-from .versions import ProtocolVersionError, agent_choice, check_version, for_version
+from .versions import (
+    OVERLAPPED_ORDER,
+    ProtocolVersionError,
+    agent_choice,
+    check_version,
+    for_version,
+)
 
 __all__ = ["IncomingMigration"]
 
 log = logging.getLogger("migsgx.agent")
+
+#: The states of the overlapped order (version 2 on).
+_OVERLAPPED = frozenset(
+    {SessionState.EARLY_IMAGES, SessionState.EARLY_IMAGES_COMPLETE, SessionState.HELD_LOADING}
+)
 
 
 class IncomingMigration(_SessionDecisions):
@@ -139,6 +150,11 @@ class IncomingMigration(_SessionDecisions):
             try:
                 self.machine.advance(kind)
                 check_version(msg, self.version)  # strict: no field of a newer version
+                if self.version < OVERLAPPED_ORDER and self.machine.state in _OVERLAPPED:
+                    raise ProtocolError(
+                        f"{kind!r} before enclaves_done is not in control protocol version "
+                        f"{self.version}"
+                    )
                 reply = self.handlers[kind](msg)
             except MigSGXError as exc:
                 log.warning("migration %s: %s failed: %s", self.tag, kind, exc)

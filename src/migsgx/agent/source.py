@@ -74,6 +74,7 @@ from .postcopy_choice import choose
 from .protocol import IMAGE_CHUNK
 from .source_commit import _DecisionSteps
 from .source_state import MigrateOptions, MigrationOutcome, _alive, _host_id, _Transfer, keeps_tcp
+from .versions import OVERLAPPED_ORDER
 
 __all__ = ["AgentConnection", "MigrateOptions", "MigrationOutcome", "keeps_tcp", "migrate"]
 
@@ -440,6 +441,9 @@ class _Migration(_DecisionSteps):
 
         return (
             self.opts.overlap_restore
+            # (an agent of version 1 knows only the sequential order)
+            and self.control is not None
+            and self.control.version >= OVERLAPPED_ORDER
             and bool(self.transfers)
             and not self.opts.post_copy
             and all(t.outgoing is not None and t.outgoing.migration_id for t in self.transfers)

@@ -35,6 +35,7 @@ __all__ = [
     "MESSAGES_SINCE",
     "NEEDS",
     "OLDEST",
+    "OVERLAPPED_ORDER",
     "SINCE",
     "VERSION",
     "ProtocolVersionError",
@@ -62,6 +63,11 @@ SINCE: Final[Mapping[str, Mapping[str, int]]] = {
 #: ``refuse`` (a post-copy session that ended after the COMMIT: a fresh enclave
 #: refuses the migration id, ``docs/spec/commit.md`` 2.2).
 MESSAGES_SINCE: Final[Mapping[str, int]] = {"refuse": 2}
+
+#: The version whose state table has the overlapped order (images and restore
+#: before ``enclaves_done``: ``agent-control.md`` section 3); a version 1 agent
+#: refuses an ``image`` in ``receiving``, so with it the tool keeps the sequential one.
+OVERLAPPED_ORDER: Final = 2
 
 #: What a migration may need of the destination agent, and the oldest version
 #: that has it.  A need whose version the session lacks is refused at ``welcome``
