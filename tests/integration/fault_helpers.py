@@ -41,6 +41,7 @@ __all__ = [
     "ask",
     "destination_fault",
     "fault_time",
+    "guardians_of",
     "heal",
     "loaded_app",
     "migrate_with",

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import signal
 import socket
 import time
@@ -155,8 +156,11 @@ def checkpoint(
             # tool and its guardian both die, it keeps its state (and the application's
             # writes) instead of ending, and ``migsgx recover --checkpoint`` takes the
             # duplicate back to abort the checkpoint and hand the enclave back.
-            holders = [[h.info.pid, out.link.hold(), start_time(h.info.pid)]
-                       for h, out in zip(handed, outs, strict=True)]  # fmt: skip
+            app = link.pid if link is not None else None
+            nonces = [secrets.token_bytes(16) for _ in handed]
+            holders = [[h.info.pid, out.link.hold(app, nonce), start_time(h.info.pid),
+                        nonce.hex()]
+                       for h, out, nonce in zip(handed, outs, nonces, strict=True)]  # fmt: skip
             if holders:
                 write_journal(directory, "writing", holders=holders)
             for i, out in enumerate(outs):

@@ -18,7 +18,9 @@ overlaps a load that cannot have ended; ``kill-criu`` after the commit point of
 a post-copy migration: SIGKILL to the source's CRIU, the only server of the
 pages still missing; ``kill-guardian-and-tool`` at a point of the tool: SIGKILL to
 its guardian, then to the tool itself; ``kill-source-platform-and-tool``: SIGKILL
-to this host's platform service, then to the tool; ``abort-rest`` at ``ckpt.between-commits``:
+to this host's platform service, then to the tool; ``kill-first-source-enclave-and-tool``:
+SIGKILL to the first source enclave, then to the tool (``...-guardian-and-tool``: to
+its guardian first); ``abort-rest`` at ``ckpt.between-commits``:
 the checkpoint tool aborts the enclaves not yet committed, as a racing guardian
 would, and dies).
 Unset, every point is a no-op.
@@ -63,10 +65,15 @@ POINTS: Final = frozenset(
         "agent.before-claim",  # the first decision frame reached an enclave (window W2)
         "agent.after-claim",  # an enclave claimed the id and runs, the tree not resumed (W3)
         "tool.after-handshake",  # early handshake done, the application not yet frozen
+        # In the application (``resume``): its connections taken back, no ``__mig_unhold``
+        # sent yet; ``no-unhold``: answer without it, as a runtime older than that call.
+        "app.resume-taken",
         "tool.after-prepare",
         "guardian.retry",  # ``give-up``: the guardian in doubt stops as if its 10 minutes ran out
         # the tool died; the source enclaves answered the guardian's abort, frames not journaled
         "guardian.abort-answered",
+        # the tool died; the guardian handed the aborted enclaves back, its journal not done
+        "guardian.handed-back",
         # recover took the connections back; the enclaves answered its abort, frames not journaled
         "recover.abort-answered",
         "recover.redeliver",  # a re-delivery without the tool: fresh copy's data connection open

@@ -88,6 +88,7 @@ from .handback import (
     commit_rest,
     resume_source,
 )  # fmt: skip
+from .lost_enclaves import hung_up, no_commit, note_lost
 
 if TYPE_CHECKING:
     from .recover import RollForward
@@ -425,7 +426,12 @@ def _main(argv: list[str] | None, tool: int) -> int:
                 unlock(Path(path))  # a container's own address answers again
             except MigSGXError as exc:
                 _log(f"could not unlock the source's network: {exc}")
-        return resume_source(args.app_pid, args.app_name, socks, fenced, frozen, _log)
+        handed = resume_source(args.app_pid, args.app_name, socks, fenced, frozen, _log)
+        # Killed here, the journal still names the duplicates the enclaves let go
+        # with the hand-back; a later migration's may take their numbers, and the
+        # holds' nonces keep ``migsgx recover`` off those (``holders.take_held``).
+        fault("guardian.handed-back")
+        return handed
     finally:
         for path in journals:
             _no_resume_went(Path(path))
@@ -471,9 +477,12 @@ def _aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: st
     pending = list(socks)
     pause = 0.5
     deadline = time.monotonic() + RECOVER_PATIENCE
+    gone: list[int] = []
     while True:
         replies = {sock: abort_reply(sock) for sock in pending}  # (every one is asked)
         answers = [(sock, answer) for sock, (answer, _) in replies.items()]
+        gone += [socks.index(sock) for sock, answer in answers
+                 if answer is None and hung_up(sock)]  # fmt: skip
         frames = {i: replies[s][1] for i, s in enumerate(socks) if s in replies and replies[s][1]}
         frames.update(_frames_again(socks, replies, journals))
         # Killed here (the tool dead already), the frames are nowhere but in the
@@ -481,10 +490,19 @@ def _aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: st
         # takes them back, asks again and hands them to the application.
         fault("guardian.abort-answered")
         _keep_aborts(journals, frames)
-        if any(answer not in ("aborted", "group-unchecked") for _, answer in answers):
-            return False  # (committed, rolling forward, or gone)
+        if any(
+            answer not in ("aborted", "group-unchecked") and socks.index(sock) not in gone
+            for sock, answer in answers
+        ):
+            return False  # (committed, rolling forward, or not answering)
+        if gone and (checkpoint or len(gone) == len(socks) or not no_commit(journals)):
+            return False  # (gone, and maybe committed first: the roll-forward path decides)
         unchecked = [sock for sock, answer in answers if answer == "group-unchecked"]
         if not unchecked:
+            if gone:
+                _log(f"enclave(s) {', '.join(map(str, gone))} died undecided: their state is "
+                     "lost; the others go back to the application")  # fmt: skip
+                note_lost(journals, gone)
             return True
         if time.monotonic() > deadline or _committed_any(journals):
             return False

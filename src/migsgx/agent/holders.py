@@ -2,8 +2,9 @@
 
 A checkpoint or migration tool gives every source enclave a duplicate of its
 own end of the enclave's connection (``__mig_hold``, ``docs/spec/channels.md``
-7.1) and records, per enclave, ``[pid, fd, start]`` (the enclave process, the
-duplicate's number there, the process's start time) in its journal.  Should
+7.1) and records, per enclave, ``[pid, fd, start, nonce]`` (the enclave
+process, the duplicate's number there, the process's start time, the hold's
+nonce) in its journal.  Should
 the tool and its guardian both die, the enclave sees no end of file and keeps
 its state; root then takes the duplicate back (``pidfd_getfd``) to abort a
 checkpoint and hand the enclave back (``migsgx recover --checkpoint``), or to
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import logging
 import os
 import socket
 import struct
@@ -33,8 +35,11 @@ from typing import Final
 from .. import _proc
 from .._fds import take_descriptor
 from .ckpt_journal import start_time
+from .handback import call_enclave
 
-__all__ = ["is_enclave_runtime", "peer_inode", "take_held"]
+__all__ = ["dead_holders", "eof_socket", "is_enclave_runtime", "peer_inode", "take_held"]
+
+log = logging.getLogger("migsgx.recover")
 
 _NETLINK_SOCK_DIAG: Final = 4
 _SOCK_DIAG_BY_FAMILY: Final = 20
@@ -133,30 +138,61 @@ def is_enclave_runtime(pid: int) -> bool:
 def take_held(holders: object) -> dict[int, socket.socket]:
     """The connections the recorded enclaves hold, by their position in ``holders``.
 
-    ``holders`` is the journal's list of ``[pid, fd, start]``.  An entry that
-    is malformed, names a process that is gone, reused (another start time) or
-    not an enclave runtime, or a descriptor that is not a Unix stream socket
-    whose other end that process holds, is left out (nothing is written to it).
+    ``holders`` is the journal's list of ``[pid, fd, start, nonce]`` (``nonce``:
+    hex, the hold's; an older tool's entries have none).  An entry that is
+    malformed, names a process that is gone, reused (another start time) or not
+    an enclave runtime, or a descriptor that is not a Unix stream socket whose
+    other end that process holds, is left out (nothing is written to it).  So
+    is one whose enclave says the duplicate it holds now is not the one of that
+    nonce (``__mig_held``): its number was let go (the application had its
+    connection back) and names a later migration's duplicate, or nothing;
+    that is logged, and nothing else is written to it.
     """
 
     taken: dict[int, socket.socket] = {}
     for index, item in enumerate(holders if isinstance(holders, list) else []):
-        if not (isinstance(item, list) and len(item) == 3):
+        if not (isinstance(item, list) and len(item) in (3, 4)):
             continue
-        pid, fd, start = item
+        pid, fd, start = item[:3]
+        nonce = _nonce(item[3]) if len(item) == 4 else b""
         if not (isinstance(pid, int) and isinstance(fd, int) and isinstance(start, str)):
             continue
         if isinstance(pid, bool) or isinstance(fd, bool) or pid <= 0 or fd < 0:
+            continue
+        if len(item) == 4 and not nonce:
             continue
         if not start or start_time(pid) != start or not is_enclave_runtime(pid):
             continue
         with contextlib.suppress(OSError):
             sock = take_descriptor(pid, fd)
-            if _is_own_connection(sock, pid):
-                taken[index] = sock
-            else:
+            if not _is_own_connection(sock, pid):
                 sock.close()
+                continue
+            if nonce and not _is_this_hold(sock, pid, fd, nonce):
+                sock.close()
+                continue
+            taken[index] = sock
     return taken
+
+
+def _nonce(value: object) -> bytes:
+    try:
+        nonce = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        return b""
+    return nonce if 0 < len(nonce) <= 64 else b""
+
+
+def _is_this_hold(sock: socket.socket, pid: int, fd: int, nonce: bytes) -> bool:
+    """Whether enclave ``pid`` says the duplicate it holds now came with ``nonce``."""
+
+    msg = call_enclave(sock, "__mig_held", [nonce])
+    if msg is not None and msg["t"] == "ret":
+        return True
+    why = f"{msg.get('code')}: {msg.get('message')}" if msg is not None else "it is gone"
+    log.warning("enclave process %d holds no duplicate of the recorded migration at "
+                "descriptor %d (%s): left alone", pid, fd, why)  # fmt: skip
+    return False
 
 
 def _is_own_connection(sock: socket.socket, pid: int) -> bool:
@@ -166,3 +202,32 @@ def _is_own_connection(sock: socket.socket, pid: int) -> bool:
         return False
     peer = _peer_of(sock)
     return peer != 0 and _holds_socket(pid, peer)
+
+
+def dead_holders(holders: list[object]) -> list[int]:
+    """Positions of ``holders`` whose enclave process is gone (or its pid reused since).
+
+    For ``migsgx recover`` with the tool and the guardian dead: such an enclave
+    cannot be taken back, and its state went with it.  An entry that is
+    malformed or names a live enclave is not dead (it is left as it is).
+    """
+
+    dead = []
+    for index, item in enumerate(holders):
+        if not (isinstance(item, list) and len(item) >= 3):
+            continue
+        pid, start = item[0], item[2]
+        if not (isinstance(pid, int) and not isinstance(pid, bool) and pid > 0):
+            continue
+        if isinstance(start, str) and start and (start_time(pid) != start or not _proc.alive(pid)):
+            dead.append(index)  # (a zombie is dead too)
+    return dead
+
+
+def eof_socket() -> socket.socket:
+    """A connection whose other end is closed: what the application gets for a dead
+    enclave, so that it sees an end of file there, as in a crash of that enclave."""
+
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    return ours

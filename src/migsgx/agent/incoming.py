@@ -676,7 +676,11 @@ class IncomingMigration(_SessionDecisions):
         if target is not None:
             if aborted and target.peer != self.peer:
                 raise AgentError("an abort comes only from the host that began the session")
-            return {"t": "delivered", **target.deliver(msg["frames"], source_aborted=aborted)}
+            lost = msg.get("source_lost") or [] if aborted else []
+            return {
+                "t": "delivered",
+                **target.deliver(msg["frames"], source_aborted=aborted, lost=lost),
+            }
         # No such session (it ended): a restarted agent found its tree with the ids
         # claimed (W3), or this host's platform store (its claims) says whether it ran.
         lost = lost_detail(self.config.work_dir, msg["session_id"])

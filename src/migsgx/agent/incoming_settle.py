@@ -104,15 +104,32 @@ class _SessionDecisions(_SessionState):
             for e in (self.enclaves if enclaves is None else enclaves)
         )
 
-    def deliver(self, frames: Any, *, source_aborted: bool = False) -> dict[str, Any]:
+    def deliver(
+        self, frames: Any, *, source_aborted: bool = False, lost: Any = ()
+    ) -> dict[str, Any]:
         """Judge delivered frames; the outcome once carried out (or ``waiting``).
 
         ``source_aborted``: the source host's store holds ABORT decisions (the
         caller checked that this comes from the host that began the session).
         A live copy still judges its frame itself; a copy that died undecided
         can judge nothing, and no state will come again for it: the tree held
-        for it is discarded (rather than left stopped for an operator).
+        for it is discarded (rather than left stopped for an operator).  ``lost``
+        (only with ``source_aborted``): indices whose source enclave died
+        undecided while the others aborted, so that no frame can ever come for
+        them: their copies end, as with the tool's ``abort`` (``source_lost``).
         """
+
+        if not isinstance(lost, list | tuple) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(self.enclaves)
+            for i in lost
+        ):
+            raise ProtocolError("source_lost: indices of this session's enclaves")
+        for enclave in (self.enclaves[i] for i in set(lost) if source_aborted):
+            if enclave.engine is not None and not enclave.decided.is_set():
+                log.warning("migration %s: enclave %d: its source enclave died undecided, "
+                            "no decision can come: the copy ends",
+                            self.tag, enclave.index)  # fmt: skip
+                enclave.engine.source_gone()
 
         if source_aborted and not self.source_aborted:
             log.info("migration %s: the source host aborted it: a lost copy keeps nothing",

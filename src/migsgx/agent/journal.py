@@ -43,7 +43,7 @@ _KEYS: Final = {
 #: ``thaw``, ``ungate`` notes), for a ``recover`` that finds the source is the copy, and which
 #: engine record a committed one leaves (its ``runc``, ``podman``, ``containerd``
 #: note: :mod:`migsgx.containers.engine_notes`);
-#: ``holders``: per enclave ``[pid, fd, start]``, the duplicate of its connection
+#: ``holders``: per enclave ``[pid, fd, start, nonce]``, the duplicate of its connection
 #: each source enclave holds (``__mig_hold``), and ``enclaves``: per enclave what
 #: its offer names (the guardian's ``enclave`` note payload, hex CBOR), so that
 #: ``recover`` can deliver a committed enclave's state again once the tool and
@@ -55,6 +55,10 @@ _KEYS: Final = {
 #: tool, ``docs/spec/commit.md`` 1 rule 4): then the store holds nothing to carry.
 #: ``fenced_starts``: each fenced pid's start time, so that a pid reused since
 #: (the tree ended, another process got the number) is never signalled.
+#: ``source_lost``: indices of source enclaves the guardian found dead undecided
+#: while the others aborted and no COMMIT was recorded (``docs/spec/commit.md``
+#: section 5): every ABORT delivery names them, so that their destination copies,
+#: which no decision can ever reach, end with the held tree.
 _OPTIONAL: Final = {
     "guardian_pid": int,
     "undo": list,
@@ -64,6 +68,7 @@ _OPTIONAL: Final = {
     "dump_dir": str,
     "aborts": list,
     "fenced_starts": list,
+    "source_lost": list,
 }
 
 

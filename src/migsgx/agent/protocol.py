@@ -175,6 +175,8 @@ CONTROL = Schema(
             "frames": list,
             "enclave_mids": (list, NONE),
             "decision": (str, NONE),
+            # With "abort": as ``abort``'s ``source_lost`` (the guardian found them dead).
+            "source_lost": (list, NONE),
         },
         # agent -> tool
         "welcome": {"version": int, "host_id": str},

@@ -68,6 +68,7 @@ from .control import AgentConnection
 from .dumpdirs import sweep_dump_dirs
 from .faults import fault
 from .handback import abort_frame_of, abort_reply, let_go, resume_source
+from .holders import dead_holders, eof_socket
 from .journal import Journal
 from .source_host import alive, end_committed, end_fenced, give_back, is_guardian, lost_detail
 from .tls import AgentIdentity
@@ -125,6 +126,7 @@ def _deliver(
     discards a tree held for a copy that died undecided (no state comes again).
     """
 
+    lost = [i for i in journal.data.get("source_lost") or [] if isinstance(i, int)]
     try:
         control = AgentConnection(journal.to, identity, DELIVER_TIMEOUT)
     except MigSGXError as exc:
@@ -138,6 +140,7 @@ def _deliver(
                 "frames": frames,
                 "enclave_mids": journal.enclave_mids,
                 **({"decision": decision} if decision else {}),
+                **({"source_lost": lost} if decision == "abort" and lost else {}),
             },
             "delivered",
         )
@@ -515,11 +518,20 @@ def _resolve_orphaned(
                 fault("recover.abort-answered")
                 keep_aborts(journal, frames)
             handed = ""
-            if _stays(journal, platform_state) and len(held.enclaves) == recorded:
+            # Enclaves that died (undecided: ``_stays`` finds no COMMIT) are handed
+            # back as connections at end of file, as in a crash of each.
+            dead = dead_holders(journal.holders) if len(held.enclaves) < recorded else []
+            whole = len(held.enclaves) + len(set(dead) - set(held.enclaves)) == recorded
+            if _stays(journal, platform_state) and whole:
+                if dead:
+                    log.warning("enclave(s) %s died undecided: their state is lost; the "
+                                "others go back to the application",
+                                ", ".join(map(str, dead)))  # fmt: skip
+                    journal.update(source_lost=dead)
                 # Back to the application first, then the holders are forgotten: a
                 # recover killed in between finds them again (each enclave keeps its
                 # duplicate until the application has the connection, ``resume``).
-                handed = _hand_back(journal, held)
+                handed = _hand_back(journal, held, recorded)
             result = resolve(journal, platform_state, identity, tool_gone=True,
                              redeliver=held.redeliver, release=held.release,
                              roll_forward=held.roll_forward, revoke=held.revoke)  # fmt: skip
@@ -555,7 +567,7 @@ def _stays(journal: Journal, platform_state: Path) -> bool:
     return not decisions or kinds != {"none"} or journal.phase in ("begun", "aborted")
 
 
-def _hand_back(journal: Journal, held: HeldSource) -> str:
+def _hand_back(journal: Journal, held: HeldSource, recorded: int) -> str:
     """Give the source back with its enclaves (taken back, aborted); then forget the holders.
 
     The enclaves keep their duplicates until the application has its connections
@@ -565,9 +577,14 @@ def _hand_back(journal: Journal, held: HeldSource) -> str:
     """
 
     give_back(journal)
-    socks = [held.enclaves[i].sock for i in sorted(held.enclaves)]
+    dead = {i: eof_socket() for i in range(recorded) if i not in held.enclaves}
+    socks = [held.enclaves[i].sock if i in held.enclaves else dead[i] for i in range(recorded)]
     app_pid, app_name = int(journal.data["app_pid"]), str(journal.data["app_name"])
-    failed = resume_source(app_pid, app_name, socks, journal.fenced_now(), [], log.warning)
+    try:
+        failed = resume_source(app_pid, app_name, socks, journal.fenced_now(), [], log.warning)
+    finally:
+        for sock in dead.values():
+            sock.close()
     journal.update(holders=[])
     return "the enclaves were not taken back" if failed else "enclaves handed back"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -242,12 +243,19 @@ class _EnclaveSteps(_MigrationState):
                             holders=holders)  # fmt: skip
 
     def _hold(self, h: HandedEnclave) -> list[object]:
-        """``[pid, fd, start]`` of the duplicate enclave ``h`` now holds; [] if it holds none."""
+        """``[pid, fd, start, nonce]`` of the duplicate enclave ``h`` now holds; [] if none.
+
+        The nonce names this hold: a ``recover`` reading a stale journal (the
+        duplicate let go since, its number reused by a later migration's) finds
+        another nonce there and leaves it alone (:func:`.holders.take_held`).
+        """
 
         links = [t.outgoing.link for t in self.transfers if t.handed is h and t.outgoing]
         link = next((k for k in links if k.sock is h.sock), None) or EnclaveLink(h.sock)
         try:
-            return [h.info.pid, link.hold(), start_time(h.info.pid)]
+            app = self.link.pid if self.link is not None else None
+            nonce = secrets.token_bytes(16)  # this hold's, and so this migration's
+            return [h.info.pid, link.hold(app, nonce), start_time(h.info.pid), nonce.hex()]
         except (MigSGXError, OSError) as exc:
             log.warning("enclave %d keeps no duplicate of its connection: %s", h.index, exc)
             return []

@@ -9,6 +9,7 @@ peer, a staging buffer or a file.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -81,23 +82,39 @@ class EnclaveLink:
         if msg["t"] == "err":
             raise error_from_wire(msg["code"], msg["message"])
 
-    def hold(self) -> int:
+    def hold(self, app_pid: int | None = None, nonce: bytes = b"") -> int:
         """Give the enclave a duplicate of our end of this connection (``__mig_hold``).
 
         From then on our death (and that of every other holder) is no end of
         file for the enclave: it keeps its state until someone takes the
-        duplicate back from it (root, ``pidfd_getfd``) or it aborts.  Returns
-        the duplicate's descriptor number in the enclave process.
+        duplicate back from it (root, ``pidfd_getfd``) or it aborts.  With
+        ``app_pid`` (the application's pid here), a pidfd of it goes along: an
+        enclave that aborted lets the duplicate go once that process exited
+        (``docs/spec/channels.md`` 7.1).  ``nonce`` names this hold (the
+        journal records it; ``__mig_held`` checks it).  Returns the duplicate's
+        descriptor number in the enclave process.
         """
 
         from ..channel import ECALL, ECALL_FRAME_MAX
 
-        with self._lock:
-            self._ids += 1
-            call_id = self._ids
-            send_frame(self.sock, {"t": "ecall", "id": call_id, "fn": "__mig_hold", "args": []})
-            socket.send_fds(self.sock, [b"H"], [self.sock.fileno()])
-            msg = recv_frame(self.sock, ECALL, max_size=ECALL_FRAME_MAX)
+        fds = [self.sock.fileno()]
+        pidfd = None
+        if app_pid is not None:
+            with contextlib.suppress(OSError):  # (gone: the abort ends it with our end)
+                pidfd = os.pidfd_open(app_pid)
+                fds.append(pidfd)
+        try:
+            with self._lock:
+                self._ids += 1
+                call_id = self._ids
+                args = [nonce] if nonce else []
+                send_frame(self.sock, {"t": "ecall", "id": call_id, "fn": "__mig_hold",
+                                       "args": args})  # fmt: skip
+                socket.send_fds(self.sock, [b"H"], fds)
+                msg = recv_frame(self.sock, ECALL, max_size=ECALL_FRAME_MAX)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
         if msg["t"] == "err":
             raise error_from_wire(msg["code"], msg["message"])
         return int(msg["value"])

@@ -108,7 +108,13 @@ _CALLS: dict[str, Any] = {
     "__ckpt_activate": Migrator.ckpt_activate,
     "__ps_status": Migrator.persistent_status,
 }
-RUNTIME_CALLS = frozenset(_CALLS) | {"__mig_ring", "__mig_side", "__mig_hold", "__mig_unhold"}
+RUNTIME_CALLS = frozenset(_CALLS) | {
+    "__mig_ring",
+    "__mig_side",
+    "__mig_hold",
+    "__mig_held",
+    "__mig_unhold",
+}
 #: What a committed source still answers: its token again, its release, and the
 #: start of a re-delivery of its state (``docs/spec/commit.md``, section 2.1).
 _AFTER_COMMIT = frozenset({"__mig_status", "__mig_token", "__mig_release", "__mig_redeliver_start"})

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import os
 import queue
-import select
 import socket
 import sys
 import threading
@@ -41,6 +40,7 @@ from ..sgx.store_types import Decision, RecordUpdate
 from ..sgx.structs import KeyRequest, Report, ReportBody, TargetInfo
 from ..wire import recv_frame, send_frame
 from . import selftest
+from .hold import Hold
 from .instance import EnclaveInstance
 from .migrator import RUNTIME_CALLS, Migrator
 from .sidechannel import receive_side_channel
@@ -259,8 +259,9 @@ class AppChannel:
         #: A duplicate of the driver's end of this connection (``__mig_hold``): while
         #: it is held, the driver's death is no end of file, so a source whose
         #: checkpoint tool and guardian both died keeps its state for recovery.  An
-        #: abort keeps it until ``__mig_unhold`` (the application has it back).
-        self._held: socket.socket | None = None
+        #: abort keeps it until ``__mig_unhold`` (the application has it back) or
+        #: the application's exit.
+        self.hold = Hold(log)
 
     def send(self, msg: dict[str, Any]) -> None:
         with self._send_lock:
@@ -334,8 +335,11 @@ class AppChannel:
                 "message": f"{name} failed inside the enclave: {type(exc).__name__}",
             }
         self._reply(reply, name)
-        if name == "__mig_abort" and not (reply["t"] == "ret" and self._runs_on()):
-            self._drop_held()  # the migration ended: the driver's death ends us again
+        if name == "__mig_abort":
+            if reply["t"] == "ret" and self._runs_on():
+                self.hold.kept_after_abort()
+            else:
+                self.hold.drop()  # the migration ended: the driver's death ends us again
         if self.migrator.exit_after_reply:
             # The state has moved: hang up, the serve loop ends and the process exits.
             with contextlib.suppress(OSError):
@@ -373,14 +377,14 @@ class AppChannel:
                             {"t": "err", "id": call_id, "code": exc.code, "message": exc.message}
                         )
                     continue
-                if name == "__mig_hold":
-                    self._hold(call_id)
+                if name in ("__mig_hold", "__mig_held"):
+                    self._hold(call_id, name, msg["args"])
                     continue
                 if name == "__mig_unhold":
                     # The application has its connection back (it asks), or nobody
                     # can take it any more (the party that holds it asks): the end
                     # of file ends this enclave again.
-                    self._drop_held()
+                    self.hold.drop()
                     self.send({"t": "ret", "id": call_id, "value": None})
                     continue
                 if name == "__mig_ring":
@@ -419,29 +423,26 @@ class AppChannel:
                 log(f"unexpected frame {kind!r}")
                 return "protocol error"
 
-    def _hold(self, call_id: int) -> None:
-        """Keep the descriptor that follows the frame: the driver's end of this connection.
+    def _hold(self, call_id: int, name: str, args: list[Any]) -> None:
+        """``__mig_hold``: keep the descriptors that follow the frame (:mod:`.hold`);
+        ``__mig_held``: whether the duplicate held now is the caller's.
 
-        The answer is its number in this process, which a recovering root process
-        (``migsgx recover --checkpoint``) takes a duplicate of (``pidfd_getfd``)
-        to abort the checkpoint and hand this enclave back to its application.
+        The answer to a hold is the duplicate's number in this process, which a
+        recovering root process (``migsgx recover``) takes a duplicate of
+        (``pidfd_getfd``) to abort and hand this enclave back to its application.
         The driver is untrusted either way: it could as well keep the connection
         open itself, and this process never reads the descriptor.
         """
 
         try:
-            ready, _, _ = select.select([self.sock], [], [], 10.0)
-            if not ready:
-                raise ProtocolError("no descriptor followed __mig_hold")
-            _, fds, _, _ = socket.recv_fds(self.sock, 1, 1)
-            if len(fds) != 1:
-                raise ProtocolError("__mig_hold carries one descriptor")
-            held = socket.socket(fileno=fds[0])
-            self._drop_held()
-            self._held = held
-            self.send({"t": "ret", "id": call_id, "value": held.fileno()})
+            if name == "__mig_held":
+                self.hold.check(args)
+                value: int | None = None
+            else:
+                value = self.hold.take(self.sock, args)
+            self.send({"t": "ret", "id": call_id, "value": value})
         except (MigSGXError, OSError) as exc:
-            err = exc if isinstance(exc, MigSGXError) else ProtocolError(f"__mig_hold: {exc}")
+            err = exc if isinstance(exc, MigSGXError) else ProtocolError(f"{name}: {exc}")
             self.send({"t": "err", "id": call_id, "code": err.code, "message": err.message})
 
     def _runs_on(self) -> bool:
@@ -456,12 +457,6 @@ class AppChannel:
 
         migrator = self.migrator
         return migrator is not None and not (migrator.discarded or migrator.committed)
-
-    def _drop_held(self) -> None:
-        held, self._held = self._held, None
-        if held is not None:
-            with contextlib.suppress(OSError):
-                held.close()
 
     def fail_waiters(self) -> None:
         with self._waiters_lock:

@@ -37,7 +37,9 @@ import os
 import secrets
 import socket
 import struct
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
@@ -72,6 +74,14 @@ UNHOLD_TIMEOUT: Final = 5.0
 
 NUMBER = (int, float)
 
+#: A test reaches the application inside ``resume`` here, its connections taken back
+#: and no ``__mig_unhold`` sent: ``MIGSGX_FAULT=app.resume-taken:wait-file=PATH``
+#: (held there), or ``...:no-unhold`` (answers without it, as a runtime older than
+#: that call).  The agent's fault syntax (:mod:`migsgx.agent.faults`), read here:
+#: this layer imports nothing above it.
+_RESUME_POINT: Final = "app.resume-taken"
+_RESUME_WAIT: Final = 120.0
+
 APPCTL = Schema(
     "appctl",
     {
@@ -95,6 +105,22 @@ class AppControlError(MigSGXError):
     """The application's migration control refused or failed a request."""
 
     code = "appctl"
+
+
+def _resume_fault() -> str | None:
+    for item in os.environ.get("MIGSGX_FAULT", "").split(","):
+        point, _, action = item.strip().partition(":")
+        if point != _RESUME_POINT:
+            continue
+        sys.stderr.write(f"migsgx fault: {point}:{action} at {time.monotonic():.6f}\n")
+        sys.stderr.flush()
+        if action.startswith("wait-file="):
+            path = action.partition("=")[2]
+            deadline = time.monotonic() + _RESUME_WAIT
+            while not os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return action
+    return None
 
 
 # --- frames with descriptors ------------------------------------------------------------
@@ -373,6 +399,8 @@ class MigrationControl:
         count = len(socks)
         handed = self._handed or []
         self._take_back(socks)
+        if _resume_fault() == "no-unhold":
+            return {"t": "ok", "enclaves": count}, []  # as a runtime older than __mig_unhold
         for client in handed:
             # After an abort each enclave kept the driver's duplicate of this
             # connection, so that no party's death between its abort and now

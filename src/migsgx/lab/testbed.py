@@ -193,8 +193,9 @@ class Testbed:
         """``examples/EXAMPLE/app.py ARGS`` in its own pid namespace on host ``name``.
 
         ``timeout``: until it says it is ready (an app that first fills gigabytes
-        of memory on a busy machine takes longer than the default).  ``env``: on
-        top of the environment (``PYTHONPATH``: another release's library).
+        of memory on a busy machine takes longer than the default).  ``env``: added
+        to its environment (``MIGSGX_FAULT`` for a fault point of the application,
+        ``PYTHONPATH`` for another release's library).
         """
 
         host = self.net[name]

@@ -1,0 +1,137 @@
+"""The duplicate an aborted enclave keeps, the watch on its application, and its nonce.
+
+Both ends in this process (the enclave's :class:`~migsgx.enclave.hold.Hold` on
+one end of a socket pair, the driver's end passed with ``SCM_RIGHTS``), the
+application a real child process named by a real pidfd.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from migsgx.enclave.hold import Hold, NotThisHoldError
+from migsgx.errors import ProtocolError
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    enclave, driver = socket.socketpair()
+    yield enclave, driver
+    enclave.close()
+    driver.close()
+
+
+@pytest.fixture
+def app() -> Iterator[subprocess.Popen[bytes]]:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield child
+    child.kill()
+    child.wait()
+
+
+def _hold(hold: Hold, enclave: socket.socket, driver: socket.socket, pid: int | None,
+          nonce: bytes = b"") -> int:  # fmt: skip
+    fds = [driver.fileno()]
+    pidfd = os.pidfd_open(pid) if pid is not None else None
+    if pidfd is not None:
+        fds.append(pidfd)
+    try:
+        socket.send_fds(driver, [b"H"], fds)
+        return hold.take(enclave, [nonce] if nonce else [])
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _let_go(hold: Hold) -> bool:
+    """Whether the hold is let go within 10 s (the watch looks every second)."""
+
+    for _ in range(200):
+        if not hold.held:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_an_aborted_hold_is_let_go_when_the_application_exits(
+    pair: tuple[socket.socket, socket.socket], app: subprocess.Popen[bytes]
+) -> None:
+    enclave, driver = pair
+    hold = Hold(lambda _: None)
+    number = _hold(hold, enclave, driver, app.pid)
+    assert number > 2 and hold.held
+    hold.kept_after_abort()
+    app.kill()
+    app.wait()
+    assert _let_go(hold)
+    with pytest.raises(OSError):
+        os.fstat(number)  # closed: the driver's end is ours no more
+
+
+def test_no_watch_before_the_abort_nor_for_a_live_application(
+    pair: tuple[socket.socket, socket.socket], app: subprocess.Popen[bytes]
+) -> None:
+    """The application frozen, dumped, or even gone during the migration: the hold stays
+    until an abort keeps it; a live application's hold stays after the abort too."""
+
+    enclave, driver = pair
+    hold = Hold(lambda _: None)
+    _hold(hold, enclave, driver, app.pid)
+    app.kill()
+    app.wait()
+    time.sleep(1.5)
+    assert hold.held  # no abort yet: a migration may be under way
+    hold.kept_after_abort()
+    assert _let_go(hold)  # (it exited before the abort: let go at once)
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        _hold(hold, enclave, driver, live.pid)
+        hold.kept_after_abort()
+        time.sleep(1.5)
+        assert hold.held
+        hold.drop()  # __mig_unhold
+        assert not hold.held
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_new_hold_is_not_let_go_by_the_old_watch(
+    pair: tuple[socket.socket, socket.socket], app: subprocess.Popen[bytes]
+) -> None:
+    """The first hold's watch names another process; the second hold names none."""
+
+    enclave, driver = pair
+    hold = Hold(lambda _: None)
+    _hold(hold, enclave, driver, app.pid)
+    hold.kept_after_abort()
+    _hold(hold, enclave, driver, None)  # a new migration: no abort yet
+    app.kill()
+    app.wait()
+    time.sleep(1.5)
+    assert hold.held
+
+
+def test_the_nonce_names_the_hold(pair: tuple[socket.socket, socket.socket]) -> None:
+    enclave, driver = pair
+    hold = Hold(lambda _: None)
+    with pytest.raises(NotThisHoldError):
+        hold.check([b"first"])  # none held
+    _hold(hold, enclave, driver, None, b"first")
+    hold.check([b"first"])
+    _hold(hold, enclave, driver, None, b"second")  # a later migration's
+    with pytest.raises(NotThisHoldError, match="another migration"):
+        hold.check([b"first"])
+    hold.check([b"second"])
+    with pytest.raises(ProtocolError):
+        hold.check([])
+    with pytest.raises(ProtocolError):
+        hold.take(enclave, [b"x" * 65])
