@@ -57,6 +57,9 @@ OLDEST: Final = 1
 SINCE: Final[Mapping[str, Mapping[str, int]]] = {
     "begin": {"memory_bytes": 2},
     "images_ok": {"images_fs": 2},
+    # The source enclaves found dead with an ABORT delivery (to a version 1 agent the
+    # delivery goes without it, as before: its copies wait for their decision).
+    "deliver": {"source_lost": 2},
 }
 
 #: Requests added after version 1, and the version that added them.  Version 2:
