@@ -77,12 +77,13 @@ def _tool_and_guardian(target: str) -> tuple[int, int]:
 def _run_with_kill(
     bed: Testbed, migrate: Callable[[AgentProcess, dict[str, str]], MigrateRun],
     tool_fault: str, agent_point: str, tmp: Path, *, guardian_too: bool = True,
+    agent_too: bool = False,
 ) -> tuple[MigrateRun, AgentProcess, float]:  # fmt: skip
     """Migrate with the cell's fault; the run, the cell's agent and when the kill came.
 
     A destination point holds that agent on a file: the test kills the guardian
     (unless not ``guardian_too``), then the tool (as the tool's own fault action
-    does), then lets it go on.
+    does), then lets it go on; with ``agent_too`` it kills that agent last.
     """
 
     release = tmp / "release"
@@ -105,6 +106,9 @@ def _run_with_kill(
         os.kill(tool, signal.SIGKILL)
         killed = time.monotonic()
         wait_until(lambda: not _proc.alive(tool), 10, "the tool to die")
+        if agent_too:
+            agent.proc.kill()
+            assert agent.proc.wait(timeout=30) == -9
     finally:
         release.touch()
         thread.join(60)  # (a live guardian holds the tool's stderr until it is done)
@@ -376,3 +380,210 @@ def test_container_without_enclaves(
         if agent is not None:
             agent.stop()
         lab.remove(app)
+
+
+class _App:
+    """The cell's application, a process or a runc container, seen the same way."""
+
+    def __init__(self, bed: Testbed, lab: ContainerLab | None, *, post_copy: bool = False) -> None:
+        self.bed, self.lab, self.post_copy = bed, lab, post_copy
+        self.container: ContainerApp | None = None
+        if lab is not None:
+            self.container = lab.start_app("runc", "kvstore", ["--enclaves", "0"], enclaves=False)
+        else:
+            self.process = kvstore(bed, "--enclaves", "0")
+
+    def ask(self, side: str, line: str) -> str:
+        if self.lab is not None and self.container is not None:
+            return self.lab.ask(self.container, line, at=side)
+        return ask(self.bed, self.process, side, line)
+
+    def copies(self, side: str) -> list[tuple[int, str]]:
+        if self.lab is not None and self.container is not None:
+            return list(self.lab.copies(self.container)[side])
+        return list(self.bed.copies(self.process)[side])
+
+    def runnable(self, side: str) -> int:
+        if self.lab is not None and self.container is not None:
+            return int(self.lab.runnable_copies(self.container)[side])
+        return int(self.bed.runnable_copies(self.process)[side])
+
+    def migrate(self, agent: AgentProcess, env: dict[str, str]) -> MigrateRun:
+        if self.container is not None:
+            return self.bed.migrate(None, agent, args=["--runc", self.container.name], env=env)
+        args = ["--post-copy"] if self.post_copy else []
+        return self.bed.migrate(self.process.pid, agent, args=args, env=env)
+
+    def end(self) -> None:
+        if self.lab is not None and self.container is not None:
+            self.lab.remove(self.container)
+        else:
+            end_copies(self.bed, self.process)
+
+
+def _guardian_finishes(bed: Testbed, mid: str) -> str:
+    """The tool, in doubt, left its guardian to ask the destination (``resume-sent``):
+    it does once the restarted agent answers, and no ``recover`` is needed."""
+
+    path = bed.state("src") / "agent" / "migrations" / f"{mid}.json"
+    wait_until(lambda: json.loads(path.read_text())["phase"] == "done", 60, "journal done")
+    return "not needed (the guardian)"
+
+
+def _one_copy_on(bed: Testbed, app: _App, side: str, notes: dict[str, str], mid: str) -> None:
+    """Exactly one running copy, on ``side``, with every acknowledged write; the other
+    side empty, no task stopped or frozen, and nothing in doubt for ``recover``."""
+
+    other = "src" if side == "dst" else "dst"
+    wait_until(lambda: app.copies(other) == [], 30, f"no copy left on {other}")
+    wait_until(lambda: app.runnable(side) >= 1, 30, f"{side} to run")
+    assert app.runnable(side) == len(app.copies(side))  # none of its tasks stopped or frozen
+    assert _notes(app.ask(side, "STATE")) == notes
+    assert app.ask(side, "NOTE later 2") == "OK"
+    _nothing_in_doubt(bed, mid)
+
+
+@pytest.mark.parametrize("kind", ["process", "runc"])
+def test_destination_agent_killed_between_marker_and_continue(
+    bed: Testbed, request: pytest.FixtureRequest, figures: dict[str, dict[str, object]],
+    kind: str,
+) -> None:  # fmt: skip
+    """The destination agent dies after it recorded the resume, before the tree ran.
+
+    The marker is the commit point: ``recover`` answers ``resumed`` from it and
+    ends the source.  Before, the tree stayed stopped on the destination with
+    nobody to continue it (no running copy at all); now the restarted agent
+    finds it held with the marker and continues it (a container through its
+    engine).
+    """
+
+    lab = request.getfixturevalue("lab") if kind == "runc" else None
+    app = _App(bed, lab)
+    doomed = again = None
+    try:
+        assert app.ask("src", "NOTE n 1") == "OK"  # acknowledged
+        notes = _notes(app.ask("src", "STATE"))
+        doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.resume-marked:kill"})
+        run = app.migrate(doomed, {})
+        assert "Traceback" not in run.stderr, run.stderr
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr  # (the resume's answer was lost)
+        assert doomed.proc.wait(timeout=30) == -9
+        killed = fault_time(doomed.log.read_text(errors="replace"))
+        mid, _ = _journal(bed, run)
+        assert app.runnable("dst") == 0 and app.copies("dst")  # marked, held, stopped
+        again = bed.start_agent(listen_port=doomed.port)
+        log = again.log.read_text(errors="replace")
+        assert "died before it ran: continued" in log, log
+        said = _guardian_finishes(bed, mid)
+        _one_copy_on(bed, app, "dst", notes, mid)
+        figures[f"no enclave: resume marked, tree not continued x kill -9 destination agent, "
+                f"restarted ({kind})"] = {
+            "outcome": "moved", "exit": run.returncode, "recover": said,
+            "seconds_to_one_copy": round(time.monotonic() - killed, 3),
+        }  # fmt: skip
+    finally:
+        for agent in (doomed, again):
+            if agent is not None:
+                agent.stop()
+        app.end()
+
+
+@pytest.mark.parametrize("kind", ["process", "runc"])
+@pytest.mark.parametrize("tool", ["tool alive", "tool and guardian killed"])
+def test_destination_agent_killed_holding_before_marker(
+    bed: Testbed, request: pytest.FixtureRequest, figures: dict[str, dict[str, object]],
+    tmp_path: Path, kind: str, tool: str,
+) -> None:  # fmt: skip
+    """The destination agent dies holding a tree without enclaves, before the marker.
+
+    Nobody resumed it, so the source is given back (by the tool, its guardian,
+    or one ``recover``).  Before, the tree stayed stopped on the destination for
+    an operator; now the restarted agent finds it held without the marker and
+    removes it (a container by its engine): nothing is left there.
+    """
+
+    lab = request.getfixturevalue("lab") if kind == "runc" else None
+    app = _App(bed, lab)
+    doomed = again = None
+    try:
+        assert app.ask("src", "NOTE n 1") == "OK"  # acknowledged
+        notes = _notes(app.ask("src", "STATE"))
+        if tool == "tool alive":
+            doomed = bed.start_agent(env={"MIGSGX_FAULT": "agent.before-resume:kill"})
+            run = app.migrate(doomed, {})
+            assert "Traceback" not in run.stderr, run.stderr
+            assert run.returncode == EXIT_IN_DOUBT, run.stderr
+            assert doomed.proc.wait(timeout=30) == -9
+            killed = fault_time(doomed.log.read_text(errors="replace"))
+        else:
+            run, doomed, killed = _run_with_kill(
+                bed, lambda a, env: app.migrate(a, env), "", "agent.before-resume", tmp_path,
+                agent_too=True,
+            )  # fmt: skip
+            _killed(run)
+        mid, _ = _journal(bed, run)
+        assert app.runnable("dst") == 0 and app.copies("dst")  # held, stopped, nobody's
+        again = bed.start_agent(listen_port=doomed.port)
+        log = again.log.read_text(errors="replace")
+        assert "never resumed it: removed" in log, log
+        if tool == "tool alive":
+            said = _guardian_finishes(bed, mid)
+        else:
+            said = str(_recover_once(bed, mid, "src"))
+        _one_copy_on(bed, app, "src", notes, mid)
+        if lab is not None and app.container is not None:
+            assert app.container.name not in lab.containers("dst", "runc")
+        figures[f"no enclave: tree held, resume not marked x kill -9 destination agent"
+                f"{' + tool + guardian' if tool != 'tool alive' else ''}, restarted ({kind})"] = {
+            "outcome": "stayed", "exit": run.returncode, "recover": said,
+            "seconds_to_one_copy": round(time.monotonic() - killed, 3),
+        }  # fmt: skip
+    finally:
+        for agent in (doomed, again):
+            if agent is not None:
+                agent.stop()
+        app.end()
+
+
+@pytest.mark.parametrize("point", ["agent.resume-marked", "agent.before-resume"])
+def test_post_copy_destination_agent_killed_before_the_window_opened(
+    bed: Testbed, figures: dict[str, dict[str, object]], point: str
+) -> None:
+    """Post-copy, no enclaves: the destination agent dies holding the tree, before
+    its page window opened (after the resume marker, or before it).
+
+    No other agent can open that window again, so the restarted agent kills the
+    tree, which never ran, and forgets a marker it wrote for it: the guardian
+    hears ``unknown`` and gives the source back.  Before, the restarted agent
+    left a refusal note (for enclave ids there are none of), the destination
+    answered ``refusable`` and the source stayed stopped, in doubt, for good
+    (after the marker, ``resumed`` would have ended it: no copy at all).
+    """
+
+    app = _App(bed, None, post_copy=True)
+    doomed = again = None
+    try:
+        assert app.ask("src", "NOTE n 1") == "OK"  # acknowledged
+        notes = _notes(app.ask("src", "STATE"))
+        doomed = bed.start_agent(env={"MIGSGX_FAULT": f"{point}:kill"})
+        run = app.migrate(doomed, {})
+        assert "Traceback" not in run.stderr, run.stderr
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert doomed.proc.wait(timeout=30) == -9
+        killed = fault_time(doomed.log.read_text(errors="replace"))
+        mid, _ = _journal(bed, run)
+        again = bed.start_agent(listen_port=doomed.port)
+        log = again.log.read_text(errors="replace")
+        assert "post-copy tree" in log and "continued" not in log, log
+        said = _guardian_finishes(bed, mid)
+        _one_copy_on(bed, app, "src", notes, mid)
+        figures[f"post-copy, no enclave: tree held x kill -9 destination agent at {point}, "
+                "restarted (process)"] = {
+            "outcome": "stayed", "exit": run.returncode, "recover": said,
+            "seconds_to_one_copy": round(time.monotonic() - killed, 3),
+        }  # fmt: skip
+    finally:
+        for agent in (doomed, again):
+            if agent is not None:
+                agent.stop()
+        app.end()

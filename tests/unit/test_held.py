@@ -322,3 +322,51 @@ def test_a_refusable_note_is_taken_only_as_this_agent_wrote_it(tmp_path: Path) -
     (directory / REFUSABLE).write_text('{"peer": 1}')
     assert refusable_note(tmp_path, bytes.fromhex(record.session_id)) is None
     assert refusable_note(tmp_path, os.urandom(16)) is None
+
+
+def _adopt(work: Path) -> list[Path]:
+    """One restarted agent's pass over ``work``; the session directories it let go."""
+
+    from types import SimpleNamespace
+    from typing import cast
+
+    from migsgx.agent.adoption import Adoption
+    from migsgx.agent.config import AgentHost
+
+    discarded: list[Path] = []
+    config = SimpleNamespace(work_dir=work, state=work.parent / "state")
+    agent = SimpleNamespace(config=config, discard=discarded.append)
+    Adoption(cast(AgentHost, agent)).adopt_held()
+    return discarded
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["marker", "no-marker"])
+def test_a_held_tree_without_enclaves_is_finished_by_its_resume_marker(
+    tmp_path: Path, marked: bool
+) -> None:
+    """No enclaves: the resume is the commit point, recorded by the marker before the
+    tree continues.  A restarted agent continues a held tree with the marker (the
+    source is ended on it) and kills one without it (the source is given back)."""
+
+    from migsgx.agent.resumed import mark_resumed
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert _stopped(proc.pid)
+        work = tmp_path / "work"
+        record = HeldRecord(os.urandom(16).hex(), proc.pid, start_time(proc.pid), "pid",
+                            "10.0.0.1", "10.0.0.2", [])  # fmt: skip
+        session = work / record.session_id
+        session.mkdir(parents=True, mode=0o700)
+        record.write(session)
+        if marked:
+            mark_resumed(work, bytes.fromhex(record.session_id))
+        assert _adopt(work) == [session]
+        if marked:
+            assert not record.still_held() and proc.poll() is None  # it runs
+        else:
+            assert proc.wait(timeout=30) in (-signal.SIGKILL, 0)  # (see above for 0)
+    finally:
+        proc.kill()
+        proc.wait()

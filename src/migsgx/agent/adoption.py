@@ -16,11 +16,12 @@ from ..containers import HostConfig, make_driver
 from ..errors import MigSGXError
 from ..sgx.counters import CounterStore
 from ..sgx.platform import COUNTERS
-from ..system.process import process_state
+from ..system.process import continue_tree, process_state
 from .config import AgentHost
 from .held import HeldRecord, held_records, mark_lost, start_time
 from .incoming import IncomingMigration
 from .refusal import mark_refusable
+from .resumed import forget_resumed, was_resumed
 
 __all__ = ["Adoption"]
 
@@ -100,6 +101,9 @@ class Adoption:
                 )  # fmt: skip
                 self.agent.discard(directory)
                 continue
+            if not record.enclaves:
+                self._finish_by_marker(directory, record)
+                continue
             running = record.enclaves_running()
             if running:
                 log.warning(
@@ -142,6 +146,51 @@ class Adoption:
                 len(session.enclaves),
             )  # fmt: skip
 
+    def _finish_by_marker(self, directory: Path, record: HeldRecord) -> None:
+        """A held tree without enclaves: the resume marker (:mod:`.resumed`) decides.
+
+        Its commit point is the destination's resume, recorded by the marker
+        before the tree continues: with the marker, ``recover`` (and the
+        guardian) end the source, so the tree is continued here (a container
+        through its engine: thawed, its address up); without it, nobody ever
+        resumed it and the source is given back, so it is killed and removed (a
+        container by its engine).  Adoption runs before the agent listens: no
+        ``deliver`` is answered from a marker while this decides.
+        """
+
+        tag = record.session_id[:8]
+        if not was_resumed(self.agent.config.work_dir, bytes.fromhex(record.session_id)):
+            self._remove_held(record)
+            log.warning(
+                "migration %s: a former agent held a tree without enclaves (pid %d, %s) and "
+                "never resumed it: removed; the source runs on", tag, record.root,
+                record.driver,
+            )  # fmt: skip
+            self.agent.discard(directory)
+            return
+        try:
+            pid = record.root
+            if record.driver != "pid":
+                restored = make_driver(record.driver, self._host()).reclaim(
+                    record.handle, record.root
+                )
+                pid = restored.pid
+                if restored.before_resume is not None:
+                    restored.before_resume()
+            continue_tree(pid)
+        except (MigSGXError, ValueError, TypeError, KeyError, OSError) as exc:
+            log.error(
+                "migration %s: a former agent resumed a tree without enclaves (pid %d, %s) "
+                "but died before it ran, and it cannot be continued here (%s): left as it "
+                "is, for an operator", tag, record.root, record.driver, exc,
+            )  # fmt: skip
+            return
+        log.warning(
+            "migration %s: a former agent resumed a tree without enclaves (pid %d, %s) and "
+            "died before it ran: continued", tag, record.root, record.driver,
+        )  # fmt: skip
+        self.agent.discard(directory)
+
     def _end_post_copy(self, directory: Path, record: HeldRecord) -> None:
         """A post-copy tree a former agent restored (:mod:`.held`): never adopted.
 
@@ -175,6 +224,10 @@ class Adoption:
         elif record.still_held():
             self._remove_held(record)
             removed = f"the tree (pid {record.root}, {record.driver})"
+            if not record.enclaves:
+                # Killed before it ever ran: a resume marker written before its window
+                # opened says nothing true any more, and recover gives the source back.
+                forget_resumed(self.agent.config.work_dir, bytes.fromhex(record.session_id))
         else:
             left = self._remove_made(record, keep_running=True) if record.driver != "pid" else ""
             removed = left or f"nothing (the tree, pid {record.root}, is gone)"
@@ -198,10 +251,11 @@ class Adoption:
             else "an ABORT: the source runs on; a COMMIT: recover refuses the migration "
             "id here and the source runs on",
         )  # fmt: skip
-        if record.answered:
+        if record.answered and record.enclaves:
             # The source may have committed: a fresh enclave may refuse the ids here.
             mark_refusable(directory, record)
             return
+        # (no enclaves: no id to refuse; a delivery is answered from the resume marker)
         self.agent.discard(directory)
 
     @staticmethod

@@ -61,6 +61,7 @@ POINTS: Final = frozenset(
         # Overlapped: held-loading, every enclave LOADED, not yet checked alive nor answered.
         "agent.enclaves-loaded",
         "agent.before-resume",  # the tool's resume arrived (the tokens went before it)
+        "agent.resume-marked",  # no enclaves: the resume is recorded, the tree not yet continued
         "agent.after-resume",  # the tree runs (and its enclaves are attached), no answer yet
         "agent.before-claim",  # the first decision frame reached an enclave (window W2)
         "agent.after-claim",  # an enclave claimed the id and runs, the tree not resumed (W3)

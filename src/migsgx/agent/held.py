@@ -34,7 +34,9 @@ nothing is left to block a later migration of the same container.  A tree whose
 enclaves had already claimed their migration ids (window W3: the state ran
 and died with the agent) is not waiting for anything: it is killed and a
 ``lost.json`` is left in its place, so that a delivery for that session is
-answered ``lost-after-commit``, not ``resumed``.
+answered ``lost-after-commit``, not ``resumed``.  A tree without enclaves is
+recorded too, but waits for nothing: its commit point is the resume, and the
+restarted agent finishes it by the resume marker (:mod:`.resumed`).
 
 A post-copy tree (its page window open: a ``criu lazy-pages`` daemon holds its
 missing pages, connected to the source's CRIU) is recorded too, with that

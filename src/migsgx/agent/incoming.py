@@ -335,15 +335,14 @@ class IncomingMigration(_SessionDecisions):
 
         assert self.restored is not None
         _inject(fault("agent.enclaves-loaded"), self)
-        record = self._held_record(self.restored) if self.enclaves else None
-        if record is not None:
-            record.write(self._records())  # (the arrivals and the enclaves' processes)
+        record = self._held_record(self.restored)
+        record.write(self._records())  # (the arrivals and the enclaves' processes)
         # Right before the source may commit: every loaded copy must still be there.
         self._check_enclaves_alive()
-        if record is not None:
-            # What a restarted agent adopts if this one dies holding the tree (W2).
-            record.answered = True
-            record.write(self._records())
+        # What a restarted agent adopts (W2), or finishes by the resume marker (a tree
+        # without enclaves), if this one dies holding the tree.
+        record.answered = True
+        record.write(self._records())
         log.info(
             "migration %s: every enclave loaded beside the restore (%.3f s waited): held",
             self.tag, waited,
@@ -431,19 +430,16 @@ class IncomingMigration(_SessionDecisions):
         for adopted in (pid, *restored.adopt):
             self.agent.adopt(adopted)
         wait_stopped(pid)
-        record = self._held_record(restored) if self.enclaves or self.window else None
-        if record is not None:
-            # What a restarted agent removes if this one dies before it answers.
-            record.write(self._records())
-        else:
-            remove_record(self.session_dir)  # (the intent's, if any: the restore returned)
+        # What a restarted agent removes if this one dies before it answers.
+        record = self._held_record(restored)
+        record.write(self._records())
         _inject(fault("agent.after-restore"), self)
         loading = self.machine.state is SessionState.HELD_LOADING
         if not loading:
             # Right before the source may commit: every loaded copy must still be there.
             self._check_enclaves_alive()
-        if record is not None and not loading:
-            # What a restarted agent adopts if this one dies holding the tree (W2).
+            # What a restarted agent adopts (W2), or finishes by the resume marker (a tree
+            # without enclaves: :mod:`.adoption`), if this one dies holding the tree.
             record.answered = True
             record.write(self._records())
         if self.window is not None and not self.window.post.serving:

@@ -21,8 +21,9 @@ from ..datapath.incoming import IncomingEnclave
 from ..errors import LostAfterCommitError, MigSGXError, ProtocolError
 from ..system.process import continue_tree
 from .applink import AppLink
+from .faults import fault
 from .held import remove as remove_record
-from .incoming_data import _Enclave, _SessionState, _shutdown
+from .incoming_data import _Enclave, _inject, _SessionState, _shutdown
 from .protocol import AgentError, SessionState
 from .reservations import release_reservations
 from .resumed import mark_resumed
@@ -332,6 +333,7 @@ class _SessionDecisions(_SessionState):
                 mark_resumed(self.config.work_dir, self.session_id)
             except OSError as exc:
                 raise AgentError(f"the resume cannot be recorded: {exc}") from exc
+            _inject(fault("agent.resume-marked"), self)
         self.no_return = True
         if self.restored is not None and self.restored.before_resume is not None:
             self.restored.before_resume()

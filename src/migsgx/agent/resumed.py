@@ -11,8 +11,12 @@ restarted.  So the agent writes a marker, ``WORK_DIR/resumed/<session id>``,
 durably, right before the tree continues, and answers a ``deliver`` for a
 session it no longer has from it: ``resumed`` if the marker is there, else
 ``unknown`` (never resumed: a session that ended without it discarded its tree,
-and nothing else can resume it).  The marker says nothing secret; one older than
-:data:`KEEP` is removed when the next one is written.
+and nothing else can resume it).  An agent that dies holding such a tree leaves
+its record (:mod:`.held`); the restarted agent finishes the tree by this marker
+before it listens (:mod:`.adoption`): continued with it, removed without it, so
+that the answer given here is always what happened to the tree.  The marker
+says nothing secret; one older than :data:`KEEP` is removed when the next one
+is written.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Final
 
 from .._fs import write_private
 
-__all__ = ["KEEP", "mark_resumed", "was_resumed"]
+__all__ = ["KEEP", "forget_resumed", "mark_resumed", "was_resumed"]
 
 DIRECTORY: Final = "resumed"
 #: How long a marker is kept: far longer than any ``migsgx recover`` waits to be run.
@@ -53,3 +57,11 @@ def was_resumed(work_dir: Path, session_id: bytes) -> bool:
 
     path = _path(work_dir, session_id)
     return path.is_file() and not path.is_symlink()
+
+
+def forget_resumed(work_dir: Path, session_id: bytes) -> None:
+    """Remove ``session_id``'s marker: a restarted agent killed its tree before it
+    ever ran (a post-copy tree, whose page window no other agent can open)."""
+
+    with contextlib.suppress(FileNotFoundError):
+        _path(work_dir, session_id).unlink()

@@ -204,6 +204,9 @@ class _Migration(_DecisionSteps):
                     self._roll_back(exc, source_gone=gone)
                 elif self.committed and not isinstance(exc, SourceLostError):
                     self.in_doubt = True
+                elif self.resume_sent:
+                    # No enclaves, the resume's answer lost: the destination decides.
+                    self.resume_in_doubt = True
                 if gone and isinstance(exc, Exception):
                     # Whatever failed first, the reason is that the application ended.
                     raise SourceGoneError(
@@ -226,6 +229,8 @@ class _Migration(_DecisionSteps):
                     self.guardian.abandon()
                 elif self.hand_back_failed:
                     self.guardian.abandon()  # it keeps trying to give the enclaves back
+                elif self.resume_in_doubt:
+                    self.guardian.abandon()  # it finds resume-sent and asks the destination
                 else:
                     self.guardian.release()
             for transfer in self.transfers:

@@ -93,6 +93,12 @@ class _DecisionSteps(_EnclaveSteps):
             except RefusedError:
                 self.resume_sent = False  # the destination refused, and killed what it held
                 raise
+            except MigSGXError as exc:
+                raise InDoubtError(
+                    "the resume went, but the destination did not confirm it; its resume "
+                    f"decides ({exc}): the source stays stopped until the guardian (or "
+                    "migsgx recover) hears its answer"
+                ) from exc
             self.note("resumed")
             self._inject(self._fault("tool.after-resumed"))
             if self.journal is not None:

@@ -173,6 +173,8 @@ class _MigrationState:
         self.group_id = secrets.token_bytes(16)
         self.journal: Journal | None = None
         self.in_doubt = False
+        #: No enclaves: the resume went and its answer was lost (the guardian asks).
+        self.resume_in_doubt = False
         self.data_key = b""
         self._journal_lock = threading.Lock()
         #: Overlapped (``MigrateOptions.overlap_restore``): the restore was asked,
