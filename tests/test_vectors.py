@@ -30,6 +30,7 @@ from migsgx.agent.protocol import (
     SessionMachine,
     check_image_name,
 )
+from migsgx.agent.versions import agent_choice, check_version
 from migsgx.channel import ECALL, LAUNCH, PLATFORM
 from migsgx.core.commit import open_control, seal_control
 from migsgx.core.manifest import Manifest
@@ -375,6 +376,16 @@ def check_frames(case: dict[str, Any]) -> None:
 def check_agent(case: dict[str, Any]) -> None:
     if case["what"] == "frame":
         _frame(case)
+        return
+    if case["what"] in ("version", "fields"):
+        msg = recv_frame(_Bytes(bytes.fromhex(case["frame"])), CONTROL, max_size=CONTROL_FRAME_MAX)
+        if case["what"] == "version":
+            result = _outcome(
+                lambda: {"version": agent_choice(msg["version"], case["oldest"], case["newest"])}
+            )
+        else:
+            result = _outcome(lambda: check_version(msg, case["session_version"]) or {})
+        assert result == case["expect"], result
         return
     machine = SessionMachine()
     states = []

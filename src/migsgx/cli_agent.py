@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from .agent.versions import VERSION as PROTOCOL_VERSION
 from .cli_options import parse_address
 from .cli_output import emit as _emit
 from .errors import ConfigError
@@ -65,6 +66,10 @@ def _platform_host_id(state: Path) -> str:
 @click.option("--images-in-ram", is_flag=True,
               help="receive CRIU's images into RAM (/dev/shm) when it has room for them, "
               "not the work directory")  # fmt: skip
+@click.option("--min-protocol", type=click.IntRange(1, PROTOCOL_VERSION), default=1,
+              show_default=True,
+              help="refuse tools older than this control protocol version (raise it once "
+              "every source host is upgraded)")  # fmt: skip
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
               help="write ADDRESS:PORT here once listening")  # fmt: skip
 @click.option("--metrics", "metrics", default=None, metavar="ADDRESS:PORT",
@@ -77,6 +82,7 @@ def agent_serve(
     work_dir: Path | None,
     keep_images: bool,
     images_in_ram: bool,
+    min_protocol: int,
     ready_file: Path | None,
     metrics: str | None,
 ) -> None:
@@ -112,6 +118,7 @@ def agent_serve(
             work_dir=work_dir or state / "agent" / "work",
             keep_images=keep_images,
             images_in_ram=images_in_ram,
+            min_protocol=min_protocol,
             containers=ContainerSettings.load(state),
         )
     )

@@ -88,6 +88,64 @@ def test_a_deployment_certificate_gets_in(world: World) -> None:
         conn.close()
 
 
+def test_the_agent_speaks_the_older_of_the_offer_and_its_own_version(world: World) -> None:
+    for offered, answered in ((1, 1), (VERSION, VERSION), (VERSION + 1, VERSION)):
+        conn = world.connect(world.identity("src"))
+        try:
+            welcome = conn.call({"t": "hello", "version": offered, "host_id": "t"}, "welcome")
+            assert welcome["version"] == answered
+        finally:
+            conn.close()
+    conn = world.connect(world.identity("src"))
+    try:
+        assert conn.greet("test")["version"] == VERSION and conn.version == VERSION
+    finally:
+        conn.close()
+
+
+def test_a_version_1_session_refuses_a_field_of_version_2(world: World) -> None:
+    conn = world.connect(world.identity("src"))
+    try:
+        conn.call({"t": "hello", "version": 1, "host_id": "old"}, "welcome")
+        begin = {
+            "t": "begin",
+            "session_id": b"s" * 16,
+            "enclaves": [],
+            "pids": [],
+            "pidns": True,
+            "tcp_close": True,
+            "page_tls": True,
+            "memory_bytes": 1 << 20,
+        }
+        send_frame(conn.sock, begin)  # (conn.send would leave the field out)
+        with pytest.raises(AgentError, match="memory_bytes is not in control protocol version 1"):
+            conn.receive("begin", "ready")
+    finally:
+        conn.close()
+
+
+def test_an_agent_told_min_protocol_2_refuses_a_version_1_tool_at_hello(world: World) -> None:
+    world.agent.config.min_protocol = 2
+    try:
+        conn = world.connect(world.identity("src"))
+        try:
+            with pytest.raises(AgentError, match=r"\[protocol-version\].*up to 1, this agent"):
+                conn.call({"t": "hello", "version": 1, "host_id": "old"}, "welcome")
+        finally:
+            conn.close()
+        conn = world.connect(world.identity("src"))
+        try:
+            assert conn.greet("new")["version"] == VERSION
+        finally:
+            conn.close()
+    finally:
+        world.agent.config.min_protocol = 1
+    # Operators see which versions arrive (when no 1 arrives any more: --min-protocol 2).
+    sessions = world.agent.metrics.registry.get_sample_value
+    assert sessions("migsgx_control_sessions_total", {"version": "refused"}) == 1
+    assert (sessions("migsgx_control_sessions_total", {"version": str(VERSION)}) or 0) >= 1
+
+
 def test_a_certificate_of_another_ca_is_refused(world: World) -> None:
     other_ca = world.root / "other-ca"
     ProvisioningCA.init(other_ca)

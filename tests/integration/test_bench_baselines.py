@@ -60,9 +60,10 @@ def test_images_in_ram_against_the_work_directory(bed: Testbed) -> None:
     assert run["migsgx"]["images_fs"] == run["criu_only"]["images_fs"] == disk
     assert run["migsgx_images_ram"]["images_fs"] == "tmpfs"
     assert run["criu_only_images_ram"]["images_fs"] == "tmpfs"
-    # The agent said where, and why: the announced memory, the room it found.
+    # The agent said where, and why: the announced memory, its enclaves', the room it found.
     logs = "".join(p.read_text() for p in set(bed.root.glob("agent-*.log")) - agents)
     assert "(RAM): room for" in logs and "the process announced" in logs
+    assert "its enclaves" in logs  # (their memory_size counts: the room check, imageroom)
     for name in ("migsgx", "migsgx_images_ram"):
         assert run[name]["details"]["page_bytes"] >= 4 * MIB  # the ordinary memory moved
         watch = run[name]["memory_watch"]

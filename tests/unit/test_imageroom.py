@@ -16,6 +16,7 @@ from migsgx.agent.imageroom import (
     memory_available,
     place_images,
     resident_bytes,
+    room_needed,
 )
 from migsgx.lab.bench.memwatch import MemoryWatch, meminfo_mib
 
@@ -60,9 +61,44 @@ def test_without_room_or_when_told_the_images_stay_in_the_work_directory(
     before = set(SHM.iterdir()) if SHM.is_dir() else set()
     assert place_images(session, 1 << 60, in_ram=True, tag="t") == session
     assert "the images go to the work directory" in caplog.text
-    assert "(disk)" in caplog.text and f"twice that, +{MARGIN >> 20} MiB margin" in caplog.text
+    assert "(disk)" in caplog.text and f"+{MARGIN >> 20} MiB margin" in caplog.text
     assert place_images(session, 0, in_ram=False, tag="t") == session
     assert (set(SHM.iterdir()) if SHM.is_dir() else set()) == before  # nothing made
+
+
+def test_the_room_counts_the_images_the_restored_tree_and_the_destination_enclaves() -> None:
+    assert room_needed(0) == MARGIN
+    assert room_needed(1 << 30) == (2 << 30) + MARGIN
+    assert room_needed(1 << 30, 4 << 30) == (6 << 30) + MARGIN
+    assert room_needed(-5, -7) == MARGIN  # (untrusted numbers: a negative one counts 0)
+
+
+@needs_shm
+def test_the_destination_enclaves_memory_keeps_the_images_out_of_ram(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    session = tmp_path / "session"
+    session.mkdir()
+    room = images_room(SHM)
+    if room <= 2 * MARGIN:
+        pytest.skip("too little room in /dev/shm for the images at all")
+    # Room for the images (none), not for enclaves as large as the whole room: the disk.
+    assert place_images(session, 0, enclave_bytes=room, in_ram=True, tag="t") == session
+    assert f"+ {room >> 20} MiB of enclaves" in caplog.text
+    placed = place_images(session, 0, enclave_bytes=0, in_ram=True, tag="t")
+    try:
+        assert placed.parent == SHM  # the same images without those enclaves: RAM
+    finally:
+        os.rmdir(placed)
+
+
+def test_a_tool_that_announced_no_memory_gets_the_work_directory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    session = tmp_path / "session"
+    session.mkdir()
+    assert place_images(session, None, in_ram=True, tag="t") == session
+    assert "control protocol version 1" in caplog.text
 
 
 def test_the_source_announces_the_resident_memory_of_its_tree() -> None:

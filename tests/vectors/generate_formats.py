@@ -714,6 +714,51 @@ def agent_cases() -> list[dict[str, Any]]:
                 {"error": "protocol", "at": 3},
             )
         )
+    out.extend(_version_cases(begin, cap))
+    return out
+
+
+def _version_cases(begin: dict[str, Any], cap: int) -> list[dict[str, Any]]:
+    """agent-control.md, section 7: the agent's answer to a hello, and which fields a
+    session of each version carries."""
+
+    out: list[dict[str, Any]] = []
+    for offered, oldest, newest, expect in [
+        (2, 1, 2, {"ok": {"version": 2}}),  # this release, both ends
+        (1, 1, 2, {"ok": {"version": 1}}),  # the previous release's tool
+        (3, 1, 2, {"ok": {"version": 2}}),  # a later tool speaks down
+        (1, 2, 2, {"error": "protocol-version"}),  # agent serve --min-protocol 2
+        (2, 3, 4, {"error": "protocol-version"}),  # an agent too new for the tool
+        (0, 1, 2, {"error": "protocol"}),
+    ]:
+        out.append(
+            {
+                "name": f"version-offer-{offered}-agent-{oldest}-{newest}",
+                "what": "version",
+                "frame": frame({"t": "hello", "version": offered, "host_id": "host-a"}).hex(),
+                "oldest": oldest,
+                "newest": newest,
+                "expect": expect,
+            }
+        )
+    begin_memory = {**begin, "memory_bytes": 64 << 20}
+    images_ok = {"t": "images_ok", "page_bytes": 4096, "seconds": 0.25, "images_fs": "tmpfs"}
+    for name, msg, version, expect in [
+        ("begin-memory-v2", begin_memory, 2, {"ok": {}}),
+        ("begin-memory-v1", begin_memory, 1, {"error": "protocol"}),
+        ("begin-v1", begin, 1, {"ok": {}}),
+        ("images_ok-fs-v2", images_ok, 2, {"ok": {}}),
+        ("images_ok-fs-v1", images_ok, 1, {"error": "protocol"}),
+    ]:
+        out.append(
+            {
+                "name": f"version-fields-{name}",
+                "what": "fields",
+                "frame": frame(msg).hex(),
+                "session_version": version,
+                "expect": expect,
+            }
+        )
     return out
 
 

@@ -30,6 +30,9 @@ class AgentConfig:
     #: Incoming images in RAM (``/dev/shm``) when it has room (:mod:`.imageroom`);
     #: False (the default, measured faster here at 4 GiB): in the work directory.
     images_in_ram: bool = False
+    #: The oldest control protocol version accepted from a tool (``--min-protocol``):
+    #: 1 while any source host runs the previous release (:mod:`.versions`).
+    min_protocol: int = 1
     io_timeout: float = 300.0
     commit_grace: float = 5.0
     subreaper: bool = True  # adopt restored trees (see the module docstring)

@@ -1,15 +1,19 @@
 """The tool's side of the control connection to a destination agent (mutual TLS).
 
-Used by ``migsgx migrate`` (:mod:`.source`) and by ``migsgx recover``
-(:mod:`.recover`), which delivers decisions on a connection of its own.
+Used by ``migsgx migrate`` (:mod:`.source`), by ``migsgx recover``
+(:mod:`.recover`) and the guardian (:mod:`.redeliver`), which deliver decisions
+or state on a connection of their own.  :meth:`AgentConnection.greet` settles
+the session's protocol version (:mod:`.versions`); every frame sent after it
+carries only that version's fields.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from .._net import keep_alive
@@ -17,8 +21,19 @@ from ..errors import MigSGXError, ProtocolError
 from ..wire import recv_frame, send_frame
 from .protocol import CONTROL, CONTROL_FRAME_MAX, AgentError, RefusedError
 from .tls import AgentIdentity, client_context, wrap_client
+from .versions import (
+    VERSION,
+    ProtocolVersionError,
+    check_needs,
+    check_version,
+    for_version,
+    retry_offer,
+    tool_accepts,
+)
 
 __all__ = ["CONNECT_TIMEOUT", "HANDSHAKE_TIMEOUT", "AgentConnection"]
+
+log = logging.getLogger("migsgx.migrate")
 
 CONNECT_TIMEOUT: Final = 10.0
 HANDSHAKE_TIMEOUT: Final = 10.0
@@ -28,7 +43,16 @@ class AgentConnection:
     """The mutual-TLS control connection to the destination agent."""
 
     def __init__(self, to: tuple[str, int], identity: AgentIdentity, timeout: float) -> None:
-        host, port = to
+        self.to = to
+        self.identity = identity
+        self.timeout = timeout
+        #: The session's protocol version (:meth:`greet`); 1 until it is known.
+        self.version = 1
+        self.sock = self._connect()
+
+    def _connect(self) -> ssl.SSLSocket:
+        host, port = self.to
+        timeout = self.timeout
         try:
             raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
         except OSError as exc:
@@ -36,14 +60,53 @@ class AgentConnection:
         keep_alive(raw)  # a stalled network fails the step in seconds, not at the I/O timeout
         # A peer that accepts and never answers must not hold the tool for the
         # I/O timeout: the handshake has a short bound of its own.
-        self.sock: ssl.SSLSocket = wrap_client(
-            client_context(identity), raw, host, min(timeout, HANDSHAKE_TIMEOUT)
+        sock = wrap_client(
+            client_context(self.identity), raw, host, min(timeout, HANDSHAKE_TIMEOUT)
         )
-        self.sock.settimeout(timeout)
+        sock.settimeout(timeout)
+        return sock
+
+    def greet(self, host_id: str, needs: Iterable[str] = ()) -> dict[str, Any]:
+        """``hello`` -> ``welcome``: the session's version, checked against ``needs``.
+
+        An agent of version 1 refuses the offer of a newer version (and ends
+        that connection): greeted again on a fresh one with an offer of 1, it
+        gets version 1's frames.  Raises :class:`~.versions.ProtocolVersionError`
+        (nothing moved) when the agent is too old for ``needs`` or too new for
+        this tool.
+        """
+
+        offered = VERSION
+        while True:
+            try:
+                welcome = self.call({"t": "hello", "version": offered, "host_id": host_id},
+                                    "welcome")  # fmt: skip
+                break
+            except RefusedError as exc:
+                code = str(exc.context.get("remote_code", ""))
+                again = retry_offer(offered, code)
+                if code == ProtocolVersionError.code:
+                    raise ProtocolVersionError(
+                        f"the agent at {self.to[0]}:{self.to[1]} refused this tool's control "
+                        f"protocol (versions up to {offered}): {exc.context.get('why', exc)}"
+                    ) from exc
+                if again is None:
+                    raise
+                log.info(
+                    "the agent at %s:%d refused protocol version %d (%s): greeting it again "
+                    "with version %d, the previous release's",
+                    self.to[0], self.to[1], offered, exc.context.get("why", code), again,
+                )  # fmt: skip
+                self.close()
+                self.sock = self._connect()
+                offered = again
+        self.version = tool_accepts(offered, int(welcome["version"]))
+        check_needs(self.version, needs, peer=f"the agent at {self.to[0]}:{self.to[1]}")
+        return welcome
 
     def send(self, msg: Mapping[str, Any]) -> None:
         try:
-            send_frame(self.sock, msg, max_size=CONTROL_FRAME_MAX)
+            send_frame(self.sock, for_version(msg, self.version), max_size=CONTROL_FRAME_MAX)
         except OSError as exc:
             raise AgentError(f"the destination agent went away: {exc}") from exc
 
@@ -62,7 +125,9 @@ class AgentConnection:
             raise RefusedError(
                 f"destination: {request} failed: [{reply['code']}] {reply['message']}",
                 remote_code=reply["code"],
+                why=reply["message"],
             )
+        check_version(reply, self.version)
         if reply["t"] != expect:
             raise ProtocolError(f"expected {expect}, the destination sent {reply['t']}")
         return reply

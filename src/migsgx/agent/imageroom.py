@@ -21,8 +21,13 @@ can), and the restore that reads them allocates as much again for the tree.
 So the file system's free space and the memory available must both exceed
 twice what the source announced in ``begin`` (``memory_bytes``: the resident
 anonymous and shared memory of its tree, about its pages; untrusted: a lie
-only moves the images between RAM and the work directory) plus a margin; else
-the images go to the work directory, and the log says why.  With
+only moves the images between RAM and the work directory), plus the memory
+the destination enclaves allocate (the ``memory_size`` of each enclave that
+``begin`` announces: their runtimes take it on this host while the images
+sit in RAM), plus a margin; else the images go to the work directory, and
+the log says why.  A tool of control protocol version 1 announces no
+``memory_bytes``: with nothing to check the room against, its images go to
+the work directory.  With
 ``--keep-images`` they always do (kept files belong on the disk).  The
 session's records (:mod:`.held`) stay in the work directory in every case: a
 restarted agent finds them there.
@@ -37,7 +42,15 @@ from typing import Final
 
 from .dumpdirs import make_dump_dir, scratch_base
 
-__all__ = ["MARGIN", "fs_type", "images_room", "memory_available", "place_images", "resident_bytes"]
+__all__ = [
+    "MARGIN",
+    "fs_type",
+    "images_room",
+    "memory_available",
+    "place_images",
+    "resident_bytes",
+    "room_needed",
+]
 
 log = logging.getLogger("migsgx.agent")
 
@@ -95,23 +108,41 @@ def _is_tmpfs(path: Path) -> bool:
     return fs_type(path) == "tmpfs"
 
 
-def place_images(session_dir: Path, memory_bytes: int, *, in_ram: bool, tag: str) -> Path:
+def place_images(
+    session_dir: Path,
+    memory_bytes: int | None,
+    *,
+    enclave_bytes: int = 0,
+    in_ram: bool,
+    tag: str,
+) -> Path:
     """The directory for one incoming migration's images (see the module).
 
     ``session_dir``: the session's own directory in the work directory (the
-    fallback); ``memory_bytes``: what the source announced (0: nothing).
+    fallback); ``memory_bytes``: what the source announced (None: nothing, a
+    tool of protocol version 1); ``enclave_bytes``: the memory the destination
+    enclaves allocate.
     """
 
     if not in_ram:
         return session_dir
+    if memory_bytes is None:
+        log.warning(
+            "migration %s: the images go to the work directory %s (disk): the tool "
+            "announced no memory size (control protocol version 1), no room to check",
+            tag, session_dir,
+        )  # fmt: skip
+        return session_dir
     base = scratch_base()
-    need = 2 * max(0, memory_bytes) + MARGIN  # the images, and the tree restored from them
+    need = room_needed(memory_bytes, enclave_bytes)
     room = images_room(base)
     if room < need:
         log.warning(
             "migration %s: the images go to the work directory %s (disk): %s has room for "
-            "%d MiB, the process announced %d MiB (twice that, +%d MiB margin)",
-            tag, session_dir, base, room >> 20, max(0, memory_bytes) >> 20, MARGIN >> 20,
+            "%d MiB, the process announced %d MiB (twice that, + %d MiB of enclaves, "
+            "+%d MiB margin)",
+            tag, session_dir, base, room >> 20, max(0, memory_bytes) >> 20,
+            max(0, enclave_bytes) >> 20, MARGIN >> 20,
         )  # fmt: skip
         return session_dir
     try:
@@ -123,10 +154,19 @@ def place_images(session_dir: Path, memory_bytes: int, *, in_ram: bool, tag: str
         )  # fmt: skip
         return session_dir
     log.info(
-        "migration %s: the images go to %s (RAM): room for %d MiB, the process announced %d MiB",
-        tag, placed, room >> 20, max(0, memory_bytes) >> 20,
+        "migration %s: the images go to %s (RAM): room for %d MiB, the process announced "
+        "%d MiB, its enclaves %d MiB",
+        tag, placed, room >> 20, max(0, memory_bytes) >> 20, max(0, enclave_bytes) >> 20,
     )  # fmt: skip
     return placed
+
+
+def room_needed(memory_bytes: int, enclave_bytes: int = 0) -> int:
+    """RAM the images may take only if this much is free: the images and the tree
+    restored from them (twice the announced memory), the destination enclaves'
+    memory, and :data:`MARGIN`.  Negative announcements count 0."""
+
+    return 2 * max(0, memory_bytes) + max(0, enclave_bytes) + MARGIN
 
 
 def resident_bytes(pids: list[int]) -> int:

@@ -56,7 +56,6 @@ from .protocol import (
     MAX_ENCLAVES,
     MAX_IMAGE_BYTES,
     MAX_IMAGE_FILES,
-    VERSION,
     AgentError,
     SessionState,
     check_image_name,
@@ -64,10 +63,22 @@ from .protocol import (
 from .refusal import refusable_note, serve_refusal
 from .reservations import release_reservations
 from .resumed import was_resumed
+from .versions import (
+    OVERLAPPED_ORDER,
+    ProtocolVersionError,
+    agent_choice,
+    check_version,
+    for_version,
+)
 
 __all__ = ["IncomingMigration"]
 
 log = logging.getLogger("migsgx.agent")
+
+#: The states of the overlapped order (version 2 on).
+_OVERLAPPED = frozenset(
+    {SessionState.EARLY_IMAGES, SessionState.EARLY_IMAGES_COMPLETE, SessionState.HELD_LOADING}
+)
 
 
 class IncomingMigration(_SessionDecisions):
@@ -138,6 +149,12 @@ class IncomingMigration(_SessionDecisions):
             kind = msg["t"]
             try:
                 self.machine.advance(kind)
+                check_version(msg, self.version)  # strict: no field of a newer version
+                if self.version < OVERLAPPED_ORDER and self.machine.state in _OVERLAPPED:
+                    raise ProtocolError(
+                        f"{kind!r} before enclaves_done is not in control protocol version "
+                        f"{self.version}"
+                    )
                 reply = self.handlers[kind](msg)
             except MigSGXError as exc:
                 log.warning("migration %s: %s failed: %s", self.tag, kind, exc)
@@ -152,7 +169,8 @@ class IncomingMigration(_SessionDecisions):
             if reply is None:
                 continue
             try:
-                send_frame(self.tls, reply, max_size=CONTROL_FRAME_MAX)
+                # A tool of an older version reads only the fields it knows.
+                send_frame(self.tls, for_version(reply, self.version), max_size=CONTROL_FRAME_MAX)
             except (MigSGXError, OSError) as exc:
                 self._lost(exc)
                 return
@@ -202,11 +220,20 @@ class IncomingMigration(_SessionDecisions):
 
     # --- requests ---------------------------------------------------------------------------
     def _hello(self, msg: dict[str, Any]) -> Reply:
-        if msg["version"] != VERSION:
-            raise ProtocolError(f"protocol version {msg['version']} is not {VERSION}")
-        log.info("tool of host %s connected from %s", msg["host_id"], self.peer)
+        # The older of the tool's offer and this agent's newest; a tool older than
+        # ``--min-protocol`` is refused here, before anything of it is looked at.
+        try:
+            self.version = agent_choice(msg["version"], self.config.min_protocol)
+        except ProtocolVersionError:
+            self.agent.metrics.greeted(None)
+            raise
+        self.agent.metrics.greeted(self.version)
+        log.info(
+            "tool of host %s connected from %s, control protocol version %d (offered %d)",
+            str(msg["host_id"])[:64], self.peer, self.version, msg["version"],
+        )  # fmt: skip
         self.source_host = str(msg["host_id"])[:64]
-        return {"t": "welcome", "version": VERSION, "host_id": self.agent.host_id}
+        return {"t": "welcome", "version": self.version, "host_id": self.agent.host_id}
 
     def _begin(self, msg: dict[str, Any]) -> Reply:
         session_id = msg["session_id"]
@@ -253,10 +280,11 @@ class IncomingMigration(_SessionDecisions):
             check_pipe_max_size()  # before the source freezes anything
         self.session_id = session_id
         self.session_dir = self.agent.session_dir(session_id)
-        memory = msg.get("memory_bytes")
+        memory = msg.get("memory_bytes")  # (None: a tool of version 1 announces nothing)
         self.images_dir = place_images(
             self.session_dir,
-            memory if isinstance(memory, int) and not isinstance(memory, bool) else 0,
+            memory if isinstance(memory, int) and not isinstance(memory, bool) else None,
+            enclave_bytes=sum(e.source_info.memory_size for e in self.enclaves),
             in_ram=self.config.images_in_ram and not self.config.keep_images,
             tag=self.tag,
         )

@@ -77,6 +77,8 @@ class _SessionState:
         self.tls = tls
         self.peer = peer
         self.machine = SessionMachine()
+        #: The control protocol version of this session (``hello``; :mod:`.versions`).
+        self.version = 1
         self.data_key = secrets.token_bytes(KEY_SIZE)
         self.session_id = b""
         #: The session's directory in the work directory: its records (:mod:`.held`).

@@ -4,7 +4,9 @@ The agent is the destination of migrations, so what it can tell is what
 arrives: every migration's outcome, how long each of its phases took on this
 side, how many bytes came in, which are held and not yet decided (in doubt:
 the restored tree waits for the commit, and only the source host's decision
-record settles it), and the enclaves it is receiving or received, by host.
+record settles it), the enclaves it is receiving or received, by host, and
+which control protocol versions the tools that connect speak (during a rolling
+upgrade: once no tool of version 1 arrives any more, ``--min-protocol 2``).
 Metric names and labels are listed in ``docs/operations.md``.
 
 Each agent has a registry of its own (not the library's global one), served
@@ -21,6 +23,8 @@ from collections.abc import Callable
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .versions import VERSION
 
 __all__ = ["OUTCOMES", "PHASES", "AgentMetrics"]
 
@@ -67,6 +71,13 @@ class AgentMetrics:
             "migsgx_enclaves_incoming", "Enclaves being received into this host, by host",
             ["host"], registry=r,
         )  # fmt: skip
+        self.control_sessions = Counter(
+            "migsgx_control_sessions",
+            "Control connections greeted, by the protocol version agreed (refused: none)",
+            ["version"], registry=r,
+        )  # fmt: skip
+        for label in (*(str(v) for v in range(1, VERSION + 1)), "refused"):
+            self.control_sessions.labels(label)
         for outcome in OUTCOMES:
             for driver in ("pid", "runc", "podman", "containerd"):
                 self.migrations.labels(outcome, driver)
@@ -90,6 +101,12 @@ class AgentMetrics:
     def finished(self, outcome: str, driver: str) -> None:
         if outcome in OUTCOMES:
             self.migrations.labels(outcome, driver[:MAX_LABEL]).inc()
+
+    def greeted(self, version: int | None) -> None:
+        """A ``hello`` answered with ``version`` (None: refused for its version)."""
+
+        if version is None or 1 <= version <= VERSION:
+            self.control_sessions.labels("refused" if version is None else str(version)).inc()
 
     def serve(self, address: str, port: int) -> tuple[str, int]:
         """Serve ``/metrics`` on ``address:port`` (port 0: any); returns the bound address."""

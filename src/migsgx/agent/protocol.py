@@ -1,6 +1,7 @@
 """The control protocol between the migration tool and a destination agent (sans I/O).
 
-Version 1, one mutual-TLS connection per migration, request and answer in
+Version 2 (:mod:`.versions`: which version a session speaks, and the fields
+each added), one mutual-TLS connection per migration, request and answer in
 lock step; every message is one frame of :mod:`migsgx.wire` (length-prefixed,
 size-capped CBOR, checked against :data:`CONTROL`).  See ``docs/migration.md``.
 
@@ -66,6 +67,7 @@ from typing import Final
 from ..errors import MigrationError, ProtocolError, register_error
 from ..limits import MAX_IMAGE_BYTES
 from ..wire import Schema
+from .versions import VERSION
 
 __all__ = [
     "CONTROL",
@@ -83,7 +85,6 @@ __all__ = [
     "plain_stats",
 ]
 
-VERSION: Final = 1
 #: A control frame holds at most one image chunk plus a little framing.
 CONTROL_FRAME_MAX: Final = 2 << 20
 IMAGE_CHUNK: Final = 1 << 20

@@ -70,7 +70,6 @@ from .faults import fault
 from .handback import abort_frame_of, abort_reply, let_go, resume_source
 from .holders import dead_holders, eof_socket
 from .journal import Journal
-from .protocol import VERSION
 from .source_host import alive, end_committed, end_fenced, give_back, is_guardian, lost_detail
 from .tls import AgentIdentity
 
@@ -133,7 +132,7 @@ def _deliver(
     except MigSGXError as exc:
         return "unreachable", str(exc)
     try:
-        control.call({"t": "hello", "version": VERSION, "host_id": "recover"}, "welcome")
+        control.greet("recover")
         reply = control.call(
             {
                 "t": "deliver",

@@ -40,7 +40,6 @@ from .faults import fault
 from .handback import call_enclave, commit_rest, resume_source
 from .holders import take_held
 from .journal import Journal
-from .protocol import VERSION
 from .source_host import give_back
 from .tls import AgentIdentity
 
@@ -87,7 +86,7 @@ class HeldEnclave:
 def _ask(journal: Journal, identity: AgentIdentity, index: int) -> tuple[int, bytes]:
     control = AgentConnection(journal.to, identity, CONTROL_TIMEOUT)
     try:
-        control.call({"t": "hello", "version": VERSION, "host_id": "guardian"}, "welcome")
+        control.greet("guardian")
         reply = control.call(
             {"t": "redeliver", "session_id": journal.mid, "index": index}, "redelivery"
         )
@@ -175,7 +174,7 @@ def revoke_commits(
         enclave = held[index]
         control = AgentConnection(journal.to, identity, CONTROL_TIMEOUT)
         try:
-            control.call({"t": "hello", "version": VERSION, "host_id": "guardian"}, "welcome")
+            control.greet("guardian")  # (an agent of version 1 has no refuse: refused here)
             reply = control.call(
                 {"t": "refuse", "session_id": journal.mid, "index": index}, "redelivery"
             )

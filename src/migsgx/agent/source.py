@@ -71,9 +71,10 @@ from .guardian import Guardian
 from .journal import Journal
 from .lazy import LazyDump
 from .postcopy_choice import choose
-from .protocol import IMAGE_CHUNK, VERSION
+from .protocol import IMAGE_CHUNK
 from .source_commit import _DecisionSteps
 from .source_state import MigrateOptions, MigrationOutcome, _alive, _host_id, _Transfer, keeps_tcp
+from .versions import OVERLAPPED_ORDER
 
 __all__ = ["AgentConnection", "MigrateOptions", "MigrationOutcome", "keeps_tcp", "migrate"]
 
@@ -127,7 +128,8 @@ class _Migration(_DecisionSteps):
         self.page_server = self.driver.uses_page_server(True) and not opts.post_copy
         self.control = control = AgentConnection(opts.to, opts.identity, opts.io_timeout)
         try:
-            control.call({"t": "hello", "version": VERSION, "host_id": _host_id(opts)}, "welcome")
+            # Before anything is frozen: an agent too old for this migration is refused here.
+            control.greet(_host_id(opts), self._needs())
             self.link = AppLink.find(pid)
             ready = self._precopy(pids, pidns) if opts.live and self.link is not None else None
             if ready is None and opts.early_handshake and self.link is not None:
@@ -447,6 +449,9 @@ class _Migration(_DecisionSteps):
 
         return (
             self.opts.overlap_restore
+            # (an agent of version 1 knows only the sequential order)
+            and self.control is not None
+            and self.control.version >= OVERLAPPED_ORDER
             and bool(self.transfers)
             and not self.opts.post_copy
             and all(t.outgoing is not None and t.outgoing.migration_id for t in self.transfers)

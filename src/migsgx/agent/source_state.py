@@ -228,6 +228,16 @@ class _MigrationState:
             begin["post_copy"] = True
         return begin
 
+    def _needs(self) -> list[str]:
+        """What this migration needs of the destination agent (``versions.NEEDS``)."""
+
+        needs = ["preflight", "process" if self.driver.name == "pid" else "containers"]
+        if self._relays_pages():
+            needs.append("page-relay")
+        if self.opts.post_copy:
+            needs.append("post-copy")
+        return needs
+
     def _relays_pages(self) -> bool:
         return self.page_server and self.driver.name == "pid" and self.opts.page_relay
 
@@ -344,6 +354,8 @@ class _MigrationState:
             # Where the destination received CRIU's images ("tmpfs": RAM; "" if unsaid).
             "destination_images_fs": self.destination_images_fs,
             "restored_pid": self.restored_pid,
+            # The control protocol version the agent and this tool agreed on.
+            "protocol_version": self.control.version if self.control is not None else 0,
             "enclave_stats": [x.stats for x in self.transfers],
             "enclave_destination_stats": [plain_stats(s) for s in dest],
             "driver": self.driver.name,

@@ -205,7 +205,8 @@ class Testbed:
 
         ``timeout``: until it says it is ready (an app that first fills gigabytes
         of memory on a busy machine takes longer than the default).  ``env``: added
-        to its environment (``MIGSGX_FAULT`` for a fault point of the application).
+        to its environment (``MIGSGX_FAULT`` for a fault point of the application,
+        ``PYTHONPATH`` for another release's library).
         """
 
         host = self.net[name]
