@@ -51,6 +51,14 @@ def previous(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     # (root runs the suite on a checkout it may not own: trust it for these reads)
     git_c = [git, "-c", "safe.directory=*", "-C", str(ROOT)]
     found = subprocess.run([*git_c, "cat-file", "-e", f"{PREVIOUS}^{{commit}}"], check=False)
+    shallow = subprocess.run(
+        [*git_c, "rev-parse", "--is-shallow-repository"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if found.returncode != 0 and shallow.stdout.strip() == "true":
+        pytest.skip(f"a shallow clone: commit {PREVIOUS} (the previous release) is not in it")
     assert found.returncode == 0, (
         f"commit {PREVIOUS} (the previous release) is not in this clone's history: "
         "clone with history (not --depth)"
