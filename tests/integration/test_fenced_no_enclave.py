@@ -545,6 +545,44 @@ def test_destination_agent_killed_holding_before_marker(
         app.end()
 
 
+@pytest.mark.parametrize("point", ["agent.resume-marked", "agent.after-resume"])
+def test_resume_failing_after_the_marker_never_gives_the_source_back(
+    bed: Testbed, figures: dict[str, dict[str, object]], point: str
+) -> None:
+    """A ``resume`` that fails after the destination recorded it (``fail`` at ``point``).
+
+    The record is the commit point, so the agent continues the tree (if it had
+    not yet) and answers ``agent-past-commit``; the tool ends in doubt (exit 7)
+    and its guardian, asking the destination, ends the source.  Before, the
+    answer read as a refusal: the tool gave its source back while the
+    destination's tree ran too (after ``agent.after-resume``), or later, by its
+    record, would (after ``agent.resume-marked``): two running copies.
+    """
+
+    app = _App(bed, None)
+    agent = None
+    try:
+        assert app.ask("src", "NOTE n 1") == "OK"  # acknowledged
+        notes = _notes(app.ask("src", "STATE"))
+        agent = bed.start_agent(env={"MIGSGX_FAULT": f"{point}:fail"})
+        run = app.migrate(agent, {})
+        assert "Traceback" not in run.stderr, run.stderr
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert "agent-past-commit" in run.stderr, run.stderr
+        failed = fault_time(agent.log.read_text(errors="replace"))
+        mid, _ = _journal(bed, run)
+        said = _guardian_finishes(bed, mid)
+        _one_copy_on(bed, app, "dst", notes, mid)
+        figures[f"no enclave: resume recorded, then failed ({point}:fail)"] = {
+            "outcome": "moved", "exit": run.returncode, "recover": said,
+            "seconds_to_one_copy": round(time.monotonic() - failed, 3),
+        }  # fmt: skip
+    finally:
+        if agent is not None:
+            agent.stop()
+        app.end()
+
+
 @pytest.mark.parametrize("point", ["agent.resume-marked", "agent.before-resume"])
 def test_post_copy_destination_agent_killed_before_the_window_opened(
     bed: Testbed, figures: dict[str, dict[str, object]], point: str

@@ -57,6 +57,7 @@ from .protocol import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_FILES,
     AgentError,
+    PastCommitError,
     SessionState,
     check_image_name,
 )
@@ -158,6 +159,15 @@ class IncomingMigration(_SessionDecisions):
                 reply = self.handlers[kind](msg)
             except MigSGXError as exc:
                 log.warning("migration %s: %s failed: %s", self.tag, kind, exc)
+                decided = self.no_return and not self.enclaves and self.window is None
+                if kind == "resume" and decided:
+                    # Past the recorded resume (the commit point of a tree without
+                    # enclaves; not post-copy's, whose tree runs only with its window):
+                    # the tree runs, and the tool must not give its source back.
+                    self._continue_decided()
+                    exc = PastCommitError(
+                        f"the resume was recorded (the commit point), then: {exc.message}"
+                    )
                 if self.no_return:
                     # Committed enclaves or a running tree: never kill what may be the only copy.
                     self.machine.state = SessionState.RESUMED

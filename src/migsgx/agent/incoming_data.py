@@ -114,6 +114,8 @@ class _SessionState:
         #: Set once an enclave committed or the tree was let run: no abort after that.
         self.no_return = False
         self.rolled_forward = False
+        #: Set once the held tree was continued (its SIGCONT sent, or its page window run).
+        self.tree_continued = False
         #: Enclaves whose connection was closed at the far end right after the attach.
         self.hung_up: list[int] = []
         self.source_host = ""

@@ -333,6 +333,7 @@ class _SessionDecisions(_SessionState):
                 mark_resumed(self.config.work_dir, self.session_id)
             except OSError as exc:
                 raise AgentError(f"the resume cannot be recorded: {exc}") from exc
+            self.no_return = True  # (recorded: decided, whatever fails from here)
             _inject(fault("agent.resume-marked"), self)
         self.no_return = True
         if self.restored is not None and self.restored.before_resume is not None:
@@ -341,6 +342,7 @@ class _SessionDecisions(_SessionState):
             self.window.run()  # its missing pages come from the source from now on
         else:
             continue_tree(self.root)
+        self.tree_continued = True
         t0 = time.monotonic()
         link = AppLink.find(self.root)
         if link is None:
@@ -356,6 +358,26 @@ class _SessionDecisions(_SessionState):
         for sock in socks:
             sock.close()
         return time.monotonic() - t0
+
+    def _continue_decided(self) -> None:
+        """A tree without enclaves whose resume was recorded runs, if it can.
+
+        The record is the commit point (``docs/spec/commit.md`` 4.3): the
+        source is ended once anyone asks, so a step that failed before the tree
+        ran must not leave it stopped.  Best effort: what still fails is logged,
+        the tree stays held as it is (a restarted agent continues it by the record).
+        """
+
+        if self.tree_continued or self.window is not None or self.root is None:
+            return
+        try:
+            if self.restored is not None and self.restored.before_resume is not None:
+                self.restored.before_resume()
+            continue_tree(self.root)
+            self.tree_continued = True
+        except (MigSGXError, OSError) as exc:
+            log.error("migration %s: the decided tree (pid %d) was not continued: %s",
+                      self.tag, self.root, exc)  # fmt: skip
 
     def abort(self, reason: str, *, keep_lost: bool = False) -> None:
         """Undo everything this session made; idempotent.

@@ -78,6 +78,7 @@ __all__ = [
     "PHASES",
     "VERSION",
     "AgentError",
+    "PastCommitError",
     "RefusedError",
     "SessionMachine",
     "SessionState",
@@ -121,6 +122,19 @@ class RefusedError(AgentError):
     """The destination agent answered a request with an error (and aborted its side)."""
 
     code = "agent-refused"
+
+
+@register_error
+class PastCommitError(AgentError):
+    """A ``resume`` failed after the destination recorded it (a tree without enclaves).
+
+    That record is the commit point of a migration without enclaves
+    (``docs/spec/commit.md`` 4.3): the destination's tree is the copy from then
+    on, whether or not it runs yet, so the tool must not give its source back;
+    it ends in doubt, and whoever asks the destination again hears ``resumed``.
+    """
+
+    code = "agent-past-commit"
 
 
 CONTROL = Schema(

@@ -18,7 +18,7 @@ from .control import CONNECT_TIMEOUT
 from .datalink import open_data
 from .faults import fault, firewall_drop
 from .handback import abort_enclave, let_go
-from .protocol import RefusedError
+from .protocol import PastCommitError, RefusedError
 from .source_enclaves import _EnclaveSteps
 from .source_state import _Transfer
 
@@ -90,7 +90,13 @@ class _DecisionSteps(_EnclaveSteps):
             self._inject(self._fault("tool.after-commit"))
             try:
                 reply = self.control_call({"t": "resume"}, "resumed")
-            except RefusedError:
+            except RefusedError as exc:
+                if exc.context.get("remote_code") == PastCommitError.code:
+                    raise InDoubtError(
+                        "the destination recorded the resume (the commit point), then it "
+                        f"failed ({exc}): the source stays stopped until the guardian (or "
+                        "migsgx recover) hears the destination's answer"
+                    ) from exc
                 self.resume_sent = False  # the destination refused, and killed what it held
                 raise
             except MigSGXError as exc:
