@@ -163,7 +163,7 @@ def test_source_enclave_killed_before_the_commit(case: Case) -> None:
     """The one enclave holding the state died: lost as in a crash; nothing runs twice."""
 
     done = checkpoint(case, "ckpt.before-commit:kill-enclave")
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 6 and "Traceback" not in done.stderr, done.stderr
     wait_until(lambda: case.bed.runnable_copies(case.app)["src"] == 1, 15, "the source")
     assert ask(case.bed, case.app, "src", "DIGEST").startswith("ERR")  # its enclave is gone
     back = case.restore()  # the abandoned checkpoint's files were removed
@@ -173,7 +173,7 @@ def test_source_enclave_killed_before_the_commit(case: Case) -> None:
 
 def test_source_application_killed_before_the_dump(case: Case) -> None:
     done = checkpoint(case, "ckpt.before-dump:kill-source")
-    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 8 and "Traceback" not in done.stderr, done.stderr  # source-gone
     assert case.bed.copies(case.app)["src"] == []
     back = case.restore()
     assert back.returncode != 0 and "Traceback" not in back.stderr
@@ -283,7 +283,7 @@ def test_platform_killed_during_the_checkpoint(case: Case, point: str) -> None:
         done = cli("checkpoint", str(case.app.pid), "--dir", str(case.ck),
                    env=_platform_env(case, point))  # fmt: skip
         assert "migsgx fault:" in done.stderr, done.stderr
-        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.returncode == 6 and "Traceback" not in done.stderr, done.stderr
     finally:
         _platform_back(case.bed)
     case.one_copy_with_every_write()  # the enclave never gave its state up

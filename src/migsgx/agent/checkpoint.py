@@ -37,8 +37,10 @@ from ..errors import (
     CheckpointDamagedError,
     ConfigError,
     CriuError,
+    MigrationError,
     MigSGXError,
     RecordDamagedError,
+    SourceGoneError,
 )
 from ..host.appctl import info_to_wire
 from ..host.client import platform_socket as default_platform_socket
@@ -175,7 +177,7 @@ def checkpoint(
                 extra=extra,
                 notify=post_dump,
             )
-        except BaseException:
+        except BaseException as exc:
             if not committed:
                 for fenced_pid in fenced:
                     with contextlib.suppress(ProcessLookupError):
@@ -194,6 +196,9 @@ def checkpoint(
                         with contextlib.suppress(OSError):
                             path.unlink()
                 write_journal(directory, "aborted", holders=[])
+                said = _not_saved(exc, pid) if isinstance(exc, Exception) else exc
+                if said is not exc:
+                    raise said from exc
             raise
     finally:
         if guardian is not None:
@@ -234,6 +239,24 @@ def _race_an_abort(pending: list[CheckpointOut]) -> None:
 
 def _alive(pid: int) -> bool:
     return process_state(pid) not in ("", "Z", "X")
+
+
+def _not_saved(exc: Exception, pid: int) -> Exception:
+    """A checkpoint rolled back: the status says so, as ``migrate``'s does.
+
+    Exit 6 (``migration``) when the source runs on, 8 (``source-gone``) when it
+    ended; a configuration error keeps its own status.  Before, every failure
+    but a few exited 1, whether or not the source ran.
+    """
+
+    if isinstance(exc, (MigrationError, ConfigError)):
+        return exc
+    if not _alive(pid):
+        return SourceGoneError(
+            f"the source (pid {pid}) ended during the checkpoint: nothing was saved "
+            f"({type(exc).__name__}: {exc})"
+        )
+    return MigrationError(f"nothing was checkpointed, the source runs on: {exc}")
 
 
 def _fault(

@@ -144,11 +144,13 @@ class Hold:
                         return  # handed back (__mig_unhold), or a new hold
                     if not exited:
                         continue
+                    # Closed before it reads as let go: whoever sees ``held`` false
+                    # finds the descriptor closed too.
+                    with contextlib.suppress(OSError):
+                        held.close()
                     self._held = None
                     self._close_app()
                 self._log("the application ended after the abort: its duplicate is let go")
-                with contextlib.suppress(OSError):
-                    held.close()
                 return
         finally:
             os.close(app)
@@ -161,10 +163,10 @@ class Hold:
 
     def drop(self) -> None:
         with self._lock:
-            held, self._held = self._held, None
+            if self._held is not None:
+                with contextlib.suppress(OSError):
+                    self._held.close()
+            self._held = None
             self._close_app()
             self._nonce = b""
             self._after_abort = False
-        if held is not None:
-            with contextlib.suppress(OSError):
-                held.close()
