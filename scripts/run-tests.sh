@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole suite: lint, types, then every test. pytest exits 5 when it
-# collected nothing; that is a failure here, never a pass.
+# The whole suite: lint, types, then every test (and the 40 slowest, for the
+# suite's time budget). pytest exits 5 when it collected nothing; that is a
+# failure here, never a pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv
@@ -13,7 +14,7 @@ if [ "$(id -u)" -eq 0 ]; then
     "$VENV/bin/python" -m migsgx.lab.sweep
 fi
 set +e
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=40 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
