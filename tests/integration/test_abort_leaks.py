@@ -126,6 +126,10 @@ def test_an_application_killed_inside_resume_leaves_no_enclave(
         assert runs[0].returncode == -9, runs[0].stderr
         kill_tree(app.pid)
         seconds = _gone_with_the_application(bed, app, ours)
+        # The dead tool's images directory is ``recover``'s to remove (its guardian died
+        # too); the enclave needed no ``recover`` to end.
+        swept = recover(bed)
+        assert "Traceback" not in swept.stderr, swept.stderr
         figures["resume x kill -9 guardian, tool, then source app (before __mig_unhold)"] = {
             "outcome": "the aborted enclave ended with its application, no recover (its "
             "state is gone as in any crash of the application); nothing runs twice",

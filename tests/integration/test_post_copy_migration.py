@@ -344,7 +344,6 @@ import json, sys
 from pathlib import Path
 from migsgx.agent.control import AgentConnection
 from migsgx.agent.journal import Journal
-from migsgx.agent.protocol import VERSION
 from migsgx.agent.tls import AgentIdentity
 from migsgx.errors import MigSGXError
 journal = Journal.load(Path(sys.argv[2]))
@@ -353,7 +352,7 @@ out = []
 for sid, index in json.loads(sys.argv[3]):
     conn = AgentConnection(journal.to, identity, 10)
     try:
-        conn.call({"t": "hello", "version": VERSION, "host_id": "guardian"}, "welcome")
+        conn.greet("guardian")  # (the session's version: refuse is version 2's)
         msg = {"t": "refuse", "session_id": bytes.fromhex(sid), "index": index}
         out.append("port" if conn.call(msg, "redelivery")["data_port"] else "none")
     except MigSGXError as exc:
