@@ -104,6 +104,14 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
         {"migsgx.core.manifest", "migsgx.core.policy", "migsgx.core.stream"}
     ),
     "migsgx.lab.container_spec": frozenset({"migsgx.lab.hosts"}),
+    "migsgx.lab.container_hosts": frozenset(  # (the testbed: a type only)
+        {
+            "migsgx.lab.container_spec",
+            "migsgx.lab.containerd",
+            "migsgx.lab.sweep",
+            "migsgx.lab.testbed",
+        }
+    ),
 }
 
 
