@@ -112,6 +112,19 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
             "migsgx.lab.testbed",
         }
     ),
+    # The enclave process: its log, its confinement, its two channels, then runtime.
+    "migsgx.enclave.eventlog": frozenset(),
+    "migsgx.enclave.confine": frozenset({"migsgx.enclave.eventlog"}),
+    "migsgx.enclave.platform_channel": frozenset({"migsgx.enclave.eventlog"}),
+    "migsgx.enclave.app_channel": frozenset(
+        {
+            "migsgx.enclave.eventlog",
+            "migsgx.enclave.hold",
+            "migsgx.enclave.instance",
+            "migsgx.enclave.migrator",
+            "migsgx.enclave.sidechannel",
+        }
+    ),
 }
 
 

@@ -1,0 +1,254 @@
+"""The enclave's side of the application's connection: :class:`AppChannel`.
+
+ECALLs arrive on it, each run on a thread of its own once the instance admits
+it; OCALLs leave on it and their answers come back in between.  Runtime calls
+(``__mig_*``, ``__ckpt_*``) go to the :class:`~.migrator.Migrator`; the few that
+carry descriptors or change the connection itself (a side channel, a ring, the
+held duplicate) are answered here.  A failure is answered with its code and
+message, or with only its type where a message could carry state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import socket
+import threading
+from typing import Any
+
+from ..channel import ECALL, ECALL_FRAME_MAX
+from ..errors import (
+    ConnectionClosedError,
+    EnclaveLostError,
+    FrameError,
+    MigSGXError,
+    ProtocolError,
+    error_from_wire,
+)
+from ..wire import recv_frame, send_frame
+from .eventlog import log
+from .hold import Hold
+from .instance import EnclaveInstance
+from .migrator import RUNTIME_CALLS, Migrator
+from .sidechannel import receive_side_channel
+
+__all__ = ["AppChannel"]
+
+
+class AppChannel:
+    """Serves ECALLs arriving on the application's connection."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._send_lock = threading.Lock()
+        self._ocall_waiters: dict[int, queue.Queue[dict[str, Any]]] = {}
+        self._waiters_lock = threading.Lock()
+        self._local = threading.local()
+        self.instance: EnclaveInstance | None = None
+        self.migrator: Migrator | None = None
+        #: A duplicate of the driver's end of this connection (``__mig_hold``): while
+        #: it is held, the driver's death is no end of file, so a source whose
+        #: checkpoint tool and guardian both died keeps its state for recovery.  An
+        #: abort keeps it until ``__mig_unhold`` (the application has it back) or
+        #: the application's exit.
+        self.hold = Hold(log)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        with self._send_lock:
+            send_frame(self.sock, msg, max_size=ECALL_FRAME_MAX)
+
+    def ocall(self, name: str, args: tuple[Any, ...]) -> Any:
+        call_id = getattr(self._local, "call_id", None)
+        if call_id is None:
+            raise ProtocolError("OCALL outside an ECALL")
+        waiter: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1)
+        with self._waiters_lock:
+            self._ocall_waiters[call_id] = waiter
+        try:
+            self.send({"t": "ocall", "id": call_id, "fn": name, "args": list(args)})
+            reply = waiter.get()
+        finally:
+            with self._waiters_lock:
+                self._ocall_waiters.pop(call_id, None)
+        if reply.get("lost"):
+            raise EnclaveLostError("the application went away during an OCALL")
+        if not reply["ok"]:
+            raise error_from_wire(reply.get("code") or "error", reply.get("message") or "")
+        return reply.get("value")
+
+    def _run(self, call_id: int, name: str, args: list[Any]) -> None:
+        assert self.instance is not None
+        self._local.call_id = call_id
+        try:
+            value = self.instance.run(name, args)
+            reply: dict[str, Any] = {"t": "ret", "id": call_id, "value": value}
+        except MigSGXError as exc:
+            reply = {"t": "err", "id": call_id, "code": exc.code, "message": exc.message}
+        finally:
+            self._local.call_id = None
+            self.instance.leave()
+        self._reply(reply, name)
+
+    def _reply(self, reply: dict[str, Any], name: str) -> None:
+        """Send a result; one that cannot be encoded becomes an error for the caller."""
+
+        try:
+            self.send(reply)
+        except FrameError:
+            log(f"result of {name} cannot be sent (not plain data, or too large)")
+            with contextlib.suppress(OSError, MigSGXError):
+                self.send(
+                    {
+                        "t": "err",
+                        "id": reply["id"],
+                        "code": "enclave",
+                        "message": f"the result of {name} is not plain data or too large",
+                    }
+                )
+        except (OSError, MigSGXError):
+            log("could not deliver a result: application gone")
+
+    def _run_runtime_call(self, call_id: int, name: str, args: list[Any]) -> None:
+        assert self.migrator is not None
+        try:
+            value = self.migrator.call(name, args)
+            reply: dict[str, Any] = {"t": "ret", "id": call_id, "value": value}
+        except MigSGXError as exc:
+            reply = {"t": "err", "id": call_id, "code": exc.code, "message": exc.message}
+        except Exception as exc:
+            # Only the type: a message could carry state.
+            log(f"runtime call {name} failed: {type(exc).__name__}")
+            reply = {
+                "t": "err",
+                "id": call_id,
+                "code": "migration",
+                "message": f"{name} failed inside the enclave: {type(exc).__name__}",
+            }
+        self._reply(reply, name)
+        if name == "__mig_abort":
+            if reply["t"] == "ret" and self._runs_on():
+                self.hold.kept_after_abort()
+            else:
+                self.hold.drop()  # the migration ended: the driver's death ends us again
+        if self.migrator.exit_after_reply:
+            # The state has moved: hang up, the serve loop ends and the process exits.
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+    def serve(self) -> str:
+        """Read frames until the application leaves; return why we stopped."""
+
+        assert self.instance is not None
+        while True:
+            try:
+                msg = recv_frame(self.sock, ECALL, max_size=ECALL_FRAME_MAX)
+            except ConnectionClosedError:
+                return "application closed the connection"
+            except MigSGXError as exc:
+                # A garbled frame cannot be resynchronised: report and hang up.
+                log(f"bad frame from the application: {exc.code}")
+                try:
+                    self.send({"t": "err", "id": 0, "code": exc.code, "message": exc.message})
+                except (OSError, MigSGXError):
+                    pass
+                return "protocol error"
+            except OSError:
+                return "application connection broke"
+            kind = msg["t"]
+            if kind == "ecall" and msg["fn"] in RUNTIME_CALLS:
+                assert self.migrator is not None
+                call_id, name = msg["id"], msg["fn"]
+                if name == "__mig_side":
+                    try:
+                        receive_side_channel(self.sock, self.migrator, log)
+                        self.send({"t": "ret", "id": call_id, "value": None})
+                    except MigSGXError as exc:
+                        self.send(
+                            {"t": "err", "id": call_id, "code": exc.code, "message": exc.message}
+                        )
+                    continue
+                if name in ("__mig_hold", "__mig_held"):
+                    self._hold(call_id, name, msg["args"])
+                    continue
+                if name == "__mig_unhold":
+                    # The application has its connection back (it asks), or nobody
+                    # can take it any more (the party that holds it asks): the end
+                    # of file ends this enclave again.
+                    self.hold.drop()
+                    self.send({"t": "ret", "id": call_id, "value": None})
+                    continue
+                if name == "__mig_ring":
+                    # The descriptors follow the frame on the socket: take them now.
+                    try:
+                        self.migrator.attach_ring(self.sock)
+                        self.send({"t": "ret", "id": call_id, "value": None})
+                    except MigSGXError as exc:
+                        self.send(
+                            {"t": "err", "id": call_id, "code": exc.code, "message": exc.message}
+                        )
+                    continue
+                threading.Thread(
+                    target=self._run_runtime_call, args=(call_id, name, msg["args"]), daemon=True
+                ).start()
+            elif kind == "ecall":
+                call_id, name = msg["id"], msg["fn"]
+                try:
+                    self.instance.enter(name)
+                except MigSGXError as exc:
+                    self.send({"t": "err", "id": call_id, "code": exc.code, "message": exc.message})
+                    continue
+                threading.Thread(
+                    target=self._run, args=(call_id, name, msg["args"]), daemon=True
+                ).start()
+            elif kind == "oret":
+                with self._waiters_lock:
+                    waiter = self._ocall_waiters.get(msg["id"])
+                if waiter is not None:
+                    waiter.put(msg)
+            elif kind == "detach":
+                self.send({"t": "detached"})
+            elif kind == "destroy":
+                return "destroyed by the application"
+            else:
+                log(f"unexpected frame {kind!r}")
+                return "protocol error"
+
+    def _hold(self, call_id: int, name: str, args: list[Any]) -> None:
+        """``__mig_hold``: keep the descriptors that follow the frame (:mod:`.hold`);
+        ``__mig_held``: whether the duplicate held now is the caller's.
+
+        The answer to a hold is the duplicate's number in this process, which a
+        recovering root process (``migsgx recover``) takes a duplicate of
+        (``pidfd_getfd``) to abort and hand this enclave back to its application.
+        The driver is untrusted either way: it could as well keep the connection
+        open itself, and this process never reads the descriptor.
+        """
+
+        try:
+            if name == "__mig_held":
+                self.hold.check(args)
+                value: int | None = None
+            else:
+                value = self.hold.take(self.sock, args)
+            self.send({"t": "ret", "id": call_id, "value": value})
+        except (MigSGXError, OSError) as exc:
+            err = exc if isinstance(exc, MigSGXError) else ProtocolError(f"{name}: {exc}")
+            self.send({"t": "err", "id": call_id, "code": err.code, "message": err.message})
+
+    def _runs_on(self) -> bool:
+        """After an abort: whether this enclave still holds its live state (a source).
+
+        Then it keeps its duplicate until ``__mig_unhold``: the party that asked
+        for the abort may die before the connection is back with the application
+        (or before the ABORT frame it got is kept anywhere), and an end of file
+        then would take the only copy of the state with it.  A discarded
+        destination holds nothing worth keeping.
+        """
+
+        migrator = self.migrator
+        return migrator is not None and not (migrator.discarded or migrator.committed)
+
+    def fail_waiters(self) -> None:
+        with self._waiters_lock:
+            for waiter in self._ocall_waiters.values():
+                waiter.put({"lost": True})
