@@ -125,6 +125,31 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
             "migsgx.enclave.sidechannel",
         }
     ),
+    # migsgx recover: the records it reads, one migration resolved, the enclaves taken
+    # back (the data path only there), then the command's loop over the journals.
+    "migsgx.agent.recover_records": frozenset({"migsgx.agent.journal"}),
+    "migsgx.agent.recover_resolve": frozenset(
+        {
+            "migsgx.agent.control",
+            "migsgx.agent.journal",
+            "migsgx.agent.recover_records",
+            "migsgx.agent.source_host",
+            "migsgx.agent.tls",
+        }
+    ),
+    "migsgx.agent.recover_orphans": frozenset(
+        {
+            "migsgx.agent.faults",
+            "migsgx.agent.handback",
+            "migsgx.agent.holders",
+            "migsgx.agent.journal",
+            "migsgx.agent.recover_records",
+            "migsgx.agent.recover_resolve",
+            "migsgx.agent.redeliver",
+            "migsgx.agent.source_host",
+            "migsgx.agent.tls",
+        }
+    ),
 }
 
 

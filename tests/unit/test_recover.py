@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from migsgx import cli
-from migsgx.agent import recover as recover_module
+from migsgx.agent import recover_records, recover_resolve
 from migsgx.agent.ckpt_journal import start_time
 from migsgx.agent.journal import Journal
 from migsgx.agent.recover import recover, resolve
@@ -75,7 +75,7 @@ class Agent:
 @pytest.fixture
 def agent(monkeypatch: pytest.MonkeyPatch) -> Agent:
     fake = Agent()
-    monkeypatch.setattr(recover_module, "_deliver", fake.deliver)
+    monkeypatch.setattr(recover_resolve, "_deliver", fake.deliver)
     return fake
 
 
@@ -331,7 +331,7 @@ def test_an_abort_the_store_did_not_record_is_carried_from_the_journal(
     source = _sleeper()
     try:
         journal = _journal(state, mids, phase="fenced", fenced=[source.pid])
-        recover_module.keep_aborts(journal, {0: b"abort-0", 1: b"abort-1"})
+        recover_records.keep_aborts(journal, {0: b"abort-0", 1: b"abort-1"})
         assert Journal.load(journal.path).aborts == [b"abort-0", b"abort-1"]
         agent.answers.append("aborted")
         result = resolve(Journal.load(journal.path), state, AgentIdentity.of_state(state))
@@ -353,7 +353,7 @@ def test_a_stored_decision_wins_over_a_returned_abort(state: Path, agent: Agent)
     mids = [os.urandom(16), os.urandom(16)]
     journal = _journal(state, mids, phase="fenced", fenced=[])
     _decide(state, mids[0], "abort", b"stored")
-    recover_module.keep_aborts(journal, {0: b"returned", 1: b"abort-1"})
+    recover_records.keep_aborts(journal, {0: b"returned", 1: b"abort-1"})
     agent.answers.append("aborted")
     resolve(Journal.load(journal.path), state, AgentIdentity.of_state(state))
     assert agent.sent[0][1] == [b"stored", b"abort-1"]
@@ -361,7 +361,7 @@ def test_a_stored_decision_wins_over_a_returned_abort(state: Path, agent: Agent)
     mids = [os.urandom(16), os.urandom(16)]
     journal = _journal(state, mids, phase="committed", fenced=[])
     _decide(state, mids[0], "commit", b"token")
-    recover_module.keep_aborts(journal, {1: b"abort-1"})
+    recover_records.keep_aborts(journal, {1: b"abort-1"})
     result = resolve(Journal.load(journal.path), state, AgentIdentity.of_state(state))
     assert (result.decision, result.in_doubt) == ("mixed", True)
     assert len(agent.sent) == 1  # nothing delivered for it
@@ -728,14 +728,14 @@ def test_the_source_is_handed_back_first_only_where_it_stays(state: Path) -> Non
     their holders, and only where the resolution gives the migration to the source:
     an ABORT recorded or returned and no COMMIT, or nothing decided before the fence."""
 
-    stays = recover_module._stays
+    stays = recover_records.stays
     mids = [os.urandom(16), os.urandom(16)]
     journal = _journal(state, mids, phase="fenced", fenced=[])
     assert not stays(journal, state)  # nothing decided after the fence: in doubt
     journal.update(phase="begun")
     assert stays(journal, state)
     journal.update(phase="fenced")
-    recover_module.keep_aborts(journal, {1: b"abort-1"})
+    recover_records.keep_aborts(journal, {1: b"abort-1"})
     assert stays(journal, state)  # a returned ABORT (its record failed)
     _decide(state, mids[0], "commit", b"token-0")
     assert not stays(journal, state)  # never beside a COMMIT

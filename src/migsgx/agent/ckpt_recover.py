@@ -62,7 +62,7 @@ from .ckpt_journal import (
 )
 from .handback import abort_enclave, call_enclave, let_go, resume_source
 from .holders import take_held
-from .recover import Resolution
+from .recover_records import Resolution
 
 __all__ = ["resolve_checkpoint"]
 

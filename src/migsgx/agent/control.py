@@ -1,8 +1,9 @@
 """The tool's side of the control connection to a destination agent (mutual TLS).
 
 Used by ``migsgx migrate`` (:mod:`.source`), by ``migsgx recover``
-(:mod:`.recover`) and the guardian (:mod:`.redeliver`), which deliver decisions
-or state on a connection of their own.  :meth:`AgentConnection.greet` settles
+(:mod:`.recover_resolve`) and the guardian (:mod:`.redeliver`), which deliver
+decisions or state on a connection of their own (:func:`ask_agent`).
+:meth:`AgentConnection.greet` settles
 the session's protocol version (:mod:`.versions`); every frame sent after it
 carries only that version's fields.
 """
@@ -31,7 +32,7 @@ from .versions import (
     tool_accepts,
 )
 
-__all__ = ["CONNECT_TIMEOUT", "HANDSHAKE_TIMEOUT", "AgentConnection"]
+__all__ = ["CONNECT_TIMEOUT", "HANDSHAKE_TIMEOUT", "AgentConnection", "ask_agent"]
 
 log = logging.getLogger("migsgx.migrate")
 
@@ -135,3 +136,26 @@ class AgentConnection:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+def ask_agent(
+    to: tuple[str, int],
+    identity: AgentIdentity,
+    host_id: str,
+    msg: Mapping[str, Any],
+    expect: str,
+    timeout: float,
+) -> dict[str, Any]:
+    """One request on a control connection of its own: greeted as ``host_id``, then closed.
+
+    How ``migsgx recover`` delivers a decision (``deliver``) and the holder of
+    committed source enclaves asks for a fresh enclave (``redeliver``) or a
+    refusal (``refuse``).  Raises what :class:`AgentConnection` raises.
+    """
+
+    control = AgentConnection(to, identity, timeout)
+    try:
+        control.greet(host_id)
+        return control.call(msg, expect)
+    finally:
+        control.close()

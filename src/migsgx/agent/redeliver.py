@@ -34,13 +34,13 @@ from ..datapath.outgoing import OutgoingEnclave
 from ..errors import InDoubtError, MigSGXError, ProtocolError
 from ..host.appctl import info_from_wire, info_to_wire
 from ..host.client import EnclaveInfo
-from .control import CONNECT_TIMEOUT, AgentConnection
+from .control import CONNECT_TIMEOUT, ask_agent
 from .datalink import open_data
 from .faults import fault
-from .handback import call_enclave, commit_rest, resume_source
+from .handback import call_enclave, commit_rest
 from .holders import take_held
 from .journal import Journal
-from .source_host import give_back
+from .source_host import hand_back
 from .tls import AgentIdentity
 
 __all__ = ["HeldEnclave", "HeldSource", "redeliver_state", "revoke_commits"]
@@ -68,6 +68,19 @@ class HeldEnclave:
                 "mode": self.mode}  # fmt: skip
         return cbor2.dumps(wire).hex()
 
+    def source_end(self, index: int, token: bytes) -> OutgoingEnclave:
+        """The source end of enclave ``index`` on this connection, committed (``token``).
+
+        Its runtime call ids are drawn anew (:data:`_CALL_IDS`), so that a late
+        answer to a call of a dead tool, guardian or recover is never taken.
+        """
+
+        source = OutgoingEnclave(self.sock, self.info, self.image_files, mode=self.mode)
+        source.link._ids = _CALL_IDS + (secrets.randbits(24) << 28) + index * (1 << 22)
+        source.token = token
+        source.index = index
+        return source
+
     @classmethod
     def parse(cls, sock: socket.socket, payload: str) -> HeldEnclave:
         try:
@@ -83,15 +96,12 @@ class HeldEnclave:
             raise ProtocolError(f"bad enclave note for the guardian: {exc}") from exc
 
 
-def _ask(journal: Journal, identity: AgentIdentity, index: int) -> tuple[int, bytes]:
-    control = AgentConnection(journal.to, identity, CONTROL_TIMEOUT)
-    try:
-        control.greet("guardian")
-        reply = control.call(
-            {"t": "redeliver", "session_id": journal.mid, "index": index}, "redelivery"
-        )
-    finally:
-        control.close()
+def _ask(journal: Journal, identity: AgentIdentity, request: str, index: int) -> tuple[int, bytes]:
+    """``redeliver`` or ``refuse`` for enclave ``index``: the data port and the data key."""
+
+    reply = ask_agent(journal.to, identity, "guardian",
+                      {"t": request, "session_id": journal.mid, "index": index}, "redelivery",
+                      CONTROL_TIMEOUT)  # fmt: skip
     return int(reply["data_port"]), bytes(reply.get("data_key") or b"")
 
 
@@ -115,18 +125,14 @@ def redeliver_state(
         if enclave is None:
             raise InDoubtError(f"enclave {index}: the guardian does not hold it")
         try:
-            port, key = _ask(journal, identity, index)
+            port, key = _ask(journal, identity, "redeliver", index)
             if not port:
                 continue  # that copy still waits (or decided): its token goes again
             peer = socket.create_connection((journal.to[0], port), timeout=CONNECT_TIMEOUT)
         except (MigSGXError, OSError) as exc:
             raise InDoubtError(f"enclave {index}: no fresh copy: {exc}") from exc
-        source = OutgoingEnclave(enclave.sock, enclave.info, enclave.image_files,
-                                 mode=enclave.mode)  # fmt: skip
-        source.link._ids = _CALL_IDS + (secrets.randbits(24) << 28) + index * (1 << 22)
-        source.token = bytes(frame)  # committed: the recorded token
+        source = enclave.source_end(index, bytes(frame))  # committed: the recorded token
         source._finished = True  # a failed attempt never asks it to abort (it cannot)
-        source.index = index
         try:
             peer.settimeout(None)
             open_data(peer, key, journal.mid, index)
@@ -171,28 +177,17 @@ def revoke_commits(
     for index, kind in enumerate(kinds):
         if kind == "revoked":
             continue
-        enclave = held[index]
-        control = AgentConnection(journal.to, identity, CONTROL_TIMEOUT)
         try:
-            control.greet("guardian")  # (an agent of version 1 has no refuse: refused here)
-            reply = control.call(
-                {"t": "refuse", "session_id": journal.mid, "index": index}, "redelivery"
-            )
-            peer = socket.create_connection(
-                (journal.to[0], int(reply["data_port"])), timeout=CONNECT_TIMEOUT
-            )
+            # (an agent of version 1 has no refuse: refused at the greeting)
+            port, key = _ask(journal, identity, "refuse", index)
+            peer = socket.create_connection((journal.to[0], port), timeout=CONNECT_TIMEOUT)
         except (MigSGXError, OSError) as exc:
             raise InDoubtError(f"enclave {index}: the destination does not refuse: {exc}") from exc
-        finally:
-            control.close()
-        source = OutgoingEnclave(enclave.sock, enclave.info, enclave.image_files,
-                                 mode=enclave.mode)  # fmt: skip
-        source.link._ids = _CALL_IDS + (secrets.randbits(24) << 28) + index * (1 << 22)
-        source.token = b"committed"  # (a committed enclave: its recorded token is not needed)
-        source.index = index
+        # (a committed enclave: its recorded token is not needed)
+        source = held[index].source_end(index, b"committed")
         try:
             peer.settimeout(None)
-            open_data(peer, bytes(reply.get("data_key") or b""), journal.mid, index)
+            open_data(peer, key, journal.mid, index)
             source.revoke(peer)
         except (MigSGXError, OSError) as exc:
             raise InDoubtError(f"enclave {index}: the commit was not revoked: {exc}") from exc
@@ -248,12 +243,7 @@ class HeldSource:
         """
 
         revoke_commits(journal, identity, self.enclaves, kinds)
-        give_back(journal)
-        socks = [self.enclaves[i].sock for i in sorted(self.enclaves)]
-        app_pid, app_name = int(journal.data["app_pid"]), str(journal.data["app_name"])
-        failed = resume_source(app_pid, app_name, socks, journal.fenced_now(), [])
-        journal.update(holders=[])
-        return "the enclaves were not taken back" if failed else "enclaves handed back"
+        return hand_back(journal, [self.enclaves[i].sock for i in sorted(self.enclaves)])
 
     def roll_forward(self, indexes: list[int]) -> None:
         """The undecided ones commit: another enclave of the migration did (``commit_rest``)."""

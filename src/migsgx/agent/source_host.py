@@ -1,9 +1,10 @@
 """What ``migsgx recover`` does on the source host itself, beside carrying decisions.
 
 Whether the tool or the guardian of a migration still runs, how a source that
-is the copy is given back (the guardian's undo notes, from the journal), and
-exactly what remains of a committed migration whose destination has no copy.
-Split from :mod:`.recover`, which decides; nothing here talks to an agent.
+is the copy is given back (the guardian's undo notes, from the journal), with
+its enclaves, and exactly what remains of a committed migration whose
+destination has no copy.  Split from :mod:`.recover_resolve`, which decides;
+nothing here talks to an agent.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import _proc
@@ -22,11 +25,12 @@ from ..containers.gate import open_gate, parse_ungate
 from ..containers.podnet import give_up, unlock
 from ..errors import MigSGXError
 from ..system.process import pid_exists as alive
+from .handback import resume_source
 from .journal import Journal
 
 __all__ = [
-    "alive", "end_committed", "end_fenced", "give_back", "is_guardian", "lost_detail",
-    "open_gates", "signal_all",
+    "alive", "end_committed", "end_fenced", "give_back", "hand_back", "is_guardian",
+    "lost_detail", "open_gates", "signal_all",
 ]  # fmt: skip
 
 log = logging.getLogger("migsgx.recover")
@@ -178,3 +182,27 @@ def give_back(journal: Journal) -> None:
         except MigSGXError as exc:
             log.warning("giving the source back: %s: %s", note, exc)
     signal_all(journal.fenced_now(), signal.SIGCONT)
+
+
+def hand_back(
+    journal: Journal, socks: list[socket.socket], log: Callable[[str], None] | None = None
+) -> str:
+    """The source is the copy: it runs again and takes its enclaves' connections back
+    (``socks``, in the journal's order); then the holders are forgotten.
+
+    For ``migsgx recover`` after it took the enclaves back and aborted them
+    (:mod:`.recover_orphans`), and for whoever revoked a commit
+    (:meth:`.redeliver.HeldSource.revoke`).  The enclaves keep their duplicates
+    until the application has its connections again (it tells them,
+    ``__mig_unhold``), so a crash before that loses nothing; afterwards the
+    recorded numbers may name another descriptor (a later migration's
+    duplicate) and are cleared.  A note for the outcome's detail; ``log``, where
+    the hand-back's trouble is said (:func:`.handback.resume_source`'s own if None).
+    """
+
+    give_back(journal)
+    app_pid, app_name = int(journal.data["app_pid"]), str(journal.data["app_name"])
+    told = {"log": log} if log is not None else {}
+    failed = resume_source(app_pid, app_name, socks, journal.fenced_now(), [], **told)
+    journal.update(holders=[])
+    return "the enclaves were not taken back" if failed else "enclaves handed back"

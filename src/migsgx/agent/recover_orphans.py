@@ -1,0 +1,177 @@
+"""``migsgx recover`` where the tool and the guardian both died: the enclaves taken back.
+
+Each source enclave holds a duplicate of its own connection (``__mig_hold``), so
+it kept its state when the tool and its guardian died; the journal names the
+duplicates (``holders``).  :func:`resolve_orphaned` takes the connections back
+from the enclaves themselves (:mod:`.holders`, :meth:`.redeliver.HeldSource.take_back`)
+and does what the guardian would have done with them: abort the undecided ones,
+hand a source that stays back with its enclaves, deliver a committed state
+again (:func:`.redeliver.redeliver_state`), roll the rest forward, revoke, or
+release the committed enclaves once the destination runs; the decision itself
+is :func:`.recover_resolve.resolve`'s.  The data path is imported only when
+there is something to take (a ``recover`` with nothing in doubt stays light).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .faults import fault
+from .handback import abort_frame_of, abort_reply, let_go
+from .holders import dead_holders, eof_socket
+from .journal import Journal
+from .recover_records import Resolution, all_decided, decisions_of, keep_aborts, stays
+from .recover_resolve import resolve
+from .source_host import alive, end_fenced, hand_back, is_guardian
+from .tls import AgentIdentity
+
+if TYPE_CHECKING:
+    from .redeliver import HeldSource
+
+__all__ = ["orphaned", "resolve_orphaned"]
+
+log = logging.getLogger("migsgx.recover")
+
+
+def orphaned(journal: Journal) -> bool:
+    """Its tool and its guardian are both gone, and its source enclaves hold their connections.
+
+    ``done`` too: the tool and its guardian may die after the destination ran and
+    before they released the committed source enclaves (which then hold their
+    state, frozen, and their duplicates for good).  And ``aborted``: they may die
+    after the enclaves aborted and before they were handed back (an aborted
+    enclave keeps its duplicate until its application took the connection back;
+    the tool clears ``holders`` once it did).
+    """
+
+    return (
+        journal.phase in ("begun", "loaded", "fenced", "committed", "done", "aborted")
+        and bool(journal.holders)
+        and not alive(int(journal.data["tool_pid"]))
+        and not (journal.guardian_pid and is_guardian(journal.guardian_pid))
+    )
+
+
+def resolve_orphaned(
+    journal: Journal, platform_state: Path, identity: AgentIdentity
+) -> Resolution | None:
+    """Resolve a migration whose tool and guardian both died, holding what they held.
+
+    Each source enclave holds a duplicate of its own connection (``__mig_hold``),
+    so it kept its state: this takes the connections back from the enclaves
+    (:meth:`.redeliver.HeldSource.take_back`) and does what the guardian would.
+    Committed: the decision goes, and on ``copy-lost`` the state goes again by
+    the guardian's own code (:func:`.redeliver.redeliver_state`); the enclaves
+    are released once the destination runs (or never can).  Not decided yet:
+    every enclave aborts (the decision is then ABORT), and after the abort
+    resolution they go back to the application.  One ``recover`` at a time
+    (a lock beside the journal).  None: nothing to take (resolve as usual).
+    """
+
+    if not orphaned(journal):
+        return None
+    from .redeliver import HeldSource  # lazy: the data path is needed only here
+
+    lock = os.open(journal.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return Resolution(journal.data["mid"], journal.phase, "-", "in-doubt",
+                              "another migsgx recover is resolving it")  # fmt: skip
+        journal = Journal.load(journal.path)  # (as the one before us left it)
+        if not orphaned(journal):
+            return None
+        decisions = decisions_of(platform_state, journal.enclave_mids)
+        if journal.phase == "done" and not all_decided(decisions, "commit"):
+            # Ended by an abort: its enclaves went back to the application and let
+            # their duplicates go; a number recorded then may name a later
+            # migration's duplicate now, which is never taken.
+            return None
+        held = HeldSource.take_back(journal)
+        if held is None:
+            return None
+        recorded = len(journal.holders)
+        try:
+            if journal.phase == "done":
+                # The destination runs: the committed enclaves only wipe and exit.
+                held.release()
+                end_fenced(journal)  # (the tool died before CRIU ended the source tree)
+                journal.update(holders=[])
+                released = f"{len(held.enclaves)} committed source enclave(s) released"
+                return Resolution(journal.data["mid"], "done", "commit", "done", released)
+            if all(d is None for d in decisions):
+                # Nothing decided: the source is the copy.  Each enclave aborts (its
+                # ABORT is recorded) and thaws; it goes back to the application below.
+                frames = {i: _abort_of(e.sock, journal, i) for i, e in held.enclaves.items()}
+                # Killed here, this recover leaves the enclaves aborted and their frames
+                # nowhere else: each keeps its duplicate (an abort does not let it go),
+                # so the next recover takes it back and asks again.
+                fault("recover.abort-answered")
+                keep_aborts(journal, frames)
+            handed = ""
+            # Enclaves that died (undecided: ``stays`` finds no COMMIT) are handed
+            # back as connections at end of file, as in a crash of each.
+            dead = dead_holders(journal.holders) if len(held.enclaves) < recorded else []
+            whole = len(held.enclaves) + len(set(dead) - set(held.enclaves)) == recorded
+            if stays(journal, platform_state) and whole:
+                if dead:
+                    log.warning("enclave(s) %s died undecided: their state is lost; the "
+                                "others go back to the application",
+                                ", ".join(map(str, dead)))  # fmt: skip
+                    journal.update(source_lost=dead)
+                # Back to the application first, then the holders are forgotten: a
+                # recover killed in between finds them again (each enclave keeps its
+                # duplicate until the application has the connection, ``resume``).
+                handed = _hand_back(journal, held, recorded)
+            result = resolve(journal, platform_state, identity, tool_gone=True,
+                             redeliver=held.redeliver, release=held.release,
+                             roll_forward=held.roll_forward, revoke=held.revoke)  # fmt: skip
+            if handed:
+                result.detail = f"{result.detail}; {handed}".strip("; ")
+            elif result.outcome == "stayed" and result.decision != "revoked":
+                # Not every enclave could be taken back, and the application takes
+                # all or none: these end as their connections close (as before).
+                # (A revocation handed them back itself: they are the application's.)
+                let_go([e.sock for e in held.enclaves.values()])
+            return result
+        finally:
+            held.close()
+    finally:
+        os.close(lock)
+
+
+def _hand_back(journal: Journal, held: HeldSource, recorded: int) -> str:
+    """Give the source back with its enclaves (taken back, aborted); then forget the holders.
+
+    An enclave that could not be taken back (it died) is a connection at end of
+    file for the application, as in a crash of that enclave.  A note for the
+    outcome's detail (:func:`.source_host.hand_back`).
+    """
+
+    dead = {i: eof_socket() for i in range(recorded) if i not in held.enclaves}
+    socks = [held.enclaves[i].sock if i in held.enclaves else dead[i] for i in range(recorded)]
+    try:
+        return hand_back(journal, socks, log.warning)
+    finally:
+        for sock in dead.values():
+            sock.close()
+
+
+def _abort_of(sock: socket.socket, journal: Journal, index: int) -> bytes:
+    """Abort enclave ``index``; its ABORT frame, asked again if it had aborted before.
+
+    An enclave that aborted already answers ``__mig_abort`` with no frame; it
+    keeps the one it sealed for its migration id and hands it out again
+    (``__mig_abort_frame``, ``docs/spec/commit.md`` 1 rule 6).
+    """
+
+    answer, frame = abort_reply(sock)
+    if answer == "aborted" and not frame and index < len(journal.enclave_mids):
+        frame = abort_frame_of(sock, journal.enclave_mids[index])
+    return frame
