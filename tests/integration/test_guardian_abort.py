@@ -167,10 +167,14 @@ def test_recover_killed_after_the_enclave_answered_its_abort(
 
 
 # --- an enclave that hangs (SIGSTOP: alive, its connection open, no answer) -----------------------
+def _stopped(bed: Testbed) -> list[int]:
+    return [p for p in enclave_processes(bed, "src") if process_state(p) in ("T", "t")]
+
+
 def _stopped_enclave(bed: Testbed) -> int:
     """The source enclave the fault stopped (the only one there in state T)."""
 
-    [pid] = [p for p in enclave_processes(bed, "src") if process_state(p) in ("T", "t")]
+    [pid] = _stopped(bed)
     return pid
 
 
@@ -243,8 +247,10 @@ def test_a_hung_committed_enclave_the_store_decides(
     tool = threading.Thread(target=lambda: runs.append(migrate_with(bed, app, agent, fault)))
     try:
         tool.start()  # (it returns once its guardian ends: the release waits for the enclave)
-        wait_until(lambda: bed.runnable_copies(app)["dst"] == 1, 90, "the destination to run")
+        wait_until(lambda: _stopped(bed), 90, "the fault to stop the source enclave")
         stopped = _stopped_enclave(bed)
+        wait_until(lambda: bed.runnable_copies(app)["dst"] == 1, 90, "the destination to run")
+        assert process_state(stopped) in ("T", "t")  # (the COMMIT decided without it)
         os.kill(stopped, signal.SIGCONT)
         wait_until(lambda: not _proc.alive(stopped), 60, "the committed enclave to be released")
         tool.join(60)
