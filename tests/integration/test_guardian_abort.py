@@ -219,9 +219,9 @@ def test_a_hung_undecided_enclave_is_asked_until_it_answers(
         assert again.returncode == EXIT_OK and "Traceback" not in again.stderr, again.stdout
         assert {r["outcome"] for r in json.loads(again.stdout)} <= {"done", "stayed"}
         figures[cell] = {
-            "outcome": "stayed once the enclave answered (SIGCONT), every write",
-            "exit": run.returncode, "recover": EXIT_OK,
-            "source_back_seconds (includes the stop)": round(back, 3),
+            "outcome": "stayed once the enclave answered (SIGCONT), every write; the "
+            "seconds include the 5 s bound on its first abort",
+            "exit": run.returncode, "recover": EXIT_OK, "source_back_seconds": round(back, 3),
         }  # fmt: skip
         only_copy(bed, app, "src", digest)
     finally:
