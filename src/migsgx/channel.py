@@ -16,6 +16,8 @@ NONE = type(None)
 
 IMAGE_FRAME_MAX = 32 << 20  # a launch carries the whole image
 ECALL_FRAME_MAX = 16 << 20
+#: The most pidfds of the application that follow the duplicate of a ``__mig_hold``.
+HOLD_WATCHED = 16
 
 LAUNCH = Schema(
     "launch",

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -528,3 +529,84 @@ def test_tool_and_guardian_killed_between_two_gate_commits_recover_commits_the_r
     back = pair.restore()
     assert back.returncode == 0, back.stderr
     pair.one_copy_with_every_write()
+
+
+def test_one_enclave_dead_the_other_aborted_goes_back_to_the_application(
+    bed: Testbed, tmp_path: Path
+) -> None:
+    """Two enclaves; in post-dump, before any gate commits, the first enclave and the tool die.
+
+    The guardian's aborts: the first is gone (its connection closed), the second
+    aborts, which the platform store checked against the checkpoint's group (no
+    gate of it can commit from then on).  Before, a checkpoint's guardian that
+    found any enclave not pending took the roll-forward path: the gates said
+    nothing committed, the survivor was aborted and offered back alone, which
+    the application (all or none) refused, and its state ended with its
+    connection.  Now both connections go back, the dead one's at end of file
+    (a crash of that enclave); the survivor answers with every acknowledged write.
+    """
+
+    app = kvstore(bed, "--enclaves", "2")
+    keys = {f"k{i}": secrets.token_hex(8) for i in range(8)}
+    for key, value in keys.items():
+        assert ask(bed, app, "src", f"PUT {key} {value}").startswith("OK")
+    kept = {k: v for k, v in keys.items() if zlib.crc32(k.encode()) % 2 == 1}
+    lost = set(keys) - set(kept)
+    assert kept and lost
+    pair = Case(bed, app, tmp_path / "ck", "")
+    try:
+        done = checkpoint(pair, "ckpt.before-commit:kill-enclave-and-exit")
+        assert done.returncode == 70 and "Traceback" not in done.stderr, done.stderr
+        assert "died undecided: their state is lost" in done.stderr, done.stderr
+        key, value = next(iter(kept.items()))
+
+        def answers() -> bool:
+            with contextlib.suppress(OSError, AssertionError):
+                return ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
+            return False
+
+        wait_until(answers, 30, "the surviving enclave to answer")
+        for key, value in kept.items():
+            assert ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
+        for key in lost:
+            assert ask(bed, app, "src", f"GET {key}").startswith("ERR"), key
+        assert ask(bed, app, "src", f"PUT {next(iter(kept))} {b'after'.hex()}").startswith("OK")
+        code, found = recover_checkpoint(pair)
+        assert code == 0 and (found["decision"], found["outcome"]) == ("abort", "stayed"), found
+        assert not list(pair.ck.glob("*.img")) and not list(pair.ck.glob("enclave-*"))
+        back = pair.restore()  # aborted: nothing restores
+        assert back.returncode != 0 and "Traceback" not in back.stderr, back.stderr
+        assert bed.runnable_copies(app)["src"] == 1
+    finally:
+        pair.finish()
+
+
+def test_one_enclave_dead_tool_and_guardian_too_one_recover_gives_the_rest_back(
+    bed: Testbed, tmp_path: Path
+) -> None:
+    """The same, the guardian killed as well: ``recover --checkpoint`` reads the gates
+    (none committed), takes the survivor back, aborts it and hands it back with an
+    end-of-file connection in place of the dead one's (all or none).  Before, it
+    offered the survivor alone, the application refused, and its state ended."""
+
+    app = kvstore(bed, "--enclaves", "2")
+    keys = {f"k{i}": secrets.token_hex(8) for i in range(8)}
+    for key, value in keys.items():
+        assert ask(bed, app, "src", f"PUT {key} {value}").startswith("OK")
+    kept = {k: v for k, v in keys.items() if zlib.crc32(k.encode()) % 2 == 1}
+    pair = Case(bed, app, tmp_path / "ck", "")
+    try:
+        done = checkpoint(pair, "ckpt.before-commit:kill-enclave-guardian-and-exit")
+        assert done.returncode == 70 and "Traceback" not in done.stderr, done.stderr
+        code, found = recover_checkpoint(pair)
+        assert code == 0 and (found["decision"], found["outcome"]) == ("abort", "stayed"), found
+        assert "2 enclave(s) handed back" in found["detail"], found
+        assert "died undecided" in found["detail"], found
+        for key, value in kept.items():
+            assert ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
+        for key in set(keys) - set(kept):
+            assert ask(bed, app, "src", f"GET {key}").startswith("ERR"), key
+        assert not list(pair.ck.glob("*.img")) and not list(pair.ck.glob("enclave-*"))
+        assert bed.runnable_copies(app)["src"] == 1
+    finally:
+        pair.finish()

@@ -481,3 +481,110 @@ def test_an_aborted_enclave_keeps_its_duplicate_until_the_application_has_it_bac
         assert take_held([holder]) == {}  # the duplicate is gone: the next EOF ends it
     finally:
         control.close()
+
+
+_FORKING_APP = textwrap.dedent(
+    """
+    import os, socket, sys, time
+    from pathlib import Path
+    from migsgx.channel import ECALL, ECALL_FRAME_MAX
+    from migsgx.host.appctl import MigrationControl
+    from migsgx.host.client import EnclaveClient
+    from migsgx.wire import recv_frame, send_frame
+    image, platform, go, secret = sys.argv[1:5]
+    client = EnclaveClient.launch(image, socket_path=platform)
+    client.ecall.store(secret.encode())
+    fd = client._sock.fileno()  # (the child uses the connection as it inherited it)
+    control = MigrationControl([client]).start()
+    child = os.fork()
+    if child == 0:
+        parent = os.getppid()
+        while os.getppid() == parent or not Path(go).exists():
+            time.sleep(0.05)  # the parent exited, and the test says go
+        sock = socket.socket(fileno=fd)
+        send_frame(sock, {"t": "ecall", "id": 7, "fn": "load", "args": [len(secret)]},
+                   max_size=ECALL_FRAME_MAX)
+        while (msg := recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX))["id"] != 7:
+            pass
+        Path(go + ".answer").write_bytes(msg["value"] if msg["t"] == "ret" else b"ERR")
+        time.sleep(120)
+        os._exit(0)
+    print(os.getpid(), child, client.info.pid, control.name, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_an_aborted_enclave_keeps_its_duplicate_while_a_forked_child_holds_it(
+    service: ServiceProcess, probe: EnclaveImage, world: World, tmp_path: Path
+) -> None:
+    """An application forks a child that keeps its enclave connection and uses it after
+    the parent exited; the parent is the one that answers ``prepare``.
+
+    The tool holds the connection, gives the enclave its duplicate
+    (``__mig_hold``), asks the abort and dies; then the parent dies before its
+    ``__mig_unhold``.  Before, the enclave's watch named the parent only and let
+    the duplicate go with it, though the child still held and used the
+    connection.  Now the tool names every process of the application's tree that
+    holds the connection: the duplicate stays while the child lives, the child
+    finds the state intact, and the duplicate goes (and the enclave ends) only
+    with the last holder.
+    """
+
+    from migsgx.agent.applink import AppLink
+    from migsgx.agent.ckpt_journal import start_time
+    from migsgx.agent.handback import call_enclave
+    from migsgx.agent.holders import take_held
+    from migsgx.datapath.enclave_link import EnclaveLink
+
+    if os.geteuid() != 0:
+        pytest.skip("pidfd_getfd needs root")
+    ended = b"a process of the application ended after the abort"
+    let_go = b"the application ended after the abort: its duplicate is let go"
+    before = {line: _enclave_logs(world).count(line) for line in (ended, let_go)}
+
+    def seen(line: bytes) -> bool:
+        return _enclave_logs(world).count(line) > before[line]
+
+    image_dir = write_image(tmp_path / "img", probe)
+    go = tmp_path / "go"
+    app = subprocess.Popen(
+        [sys.executable, "-c", _FORKING_APP, str(image_dir), str(service.socket), str(go), SECRET],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    child = 0
+    try:
+        assert app.stdout is not None
+        parent, child, enclave, name = app.stdout.readline().decode().split()
+        child, enclave = int(child), int(enclave)
+        (handed,) = AppLink(int(parent), name).prepare()
+        nonce = os.urandom(16)
+        holder = [enclave, EnclaveLink(handed.sock).hold(int(parent), nonce),
+                  start_time(enclave), nonce.hex()]  # fmt: skip
+        answer = call_enclave(handed.sock, "__mig_abort", ["the tool died"])
+        assert answer is not None and answer["t"] == "ret", answer
+        handed.sock.close()  # the tool dies
+        app.kill()  # the parent dies before its __mig_unhold
+        app.wait()
+        # (the enclave's watch sees the parent's exit; counted: the host's log is shared)
+        assert wait_until(lambda: seen(ended) or seen(let_go), 30)
+        assert not seen(let_go)
+        taken = take_held([holder])  # the enclave still holds its duplicate
+        assert list(taken) == [0]
+        taken[0].close()
+        go.touch()
+        answered = tmp_path / "go.answer"
+        assert wait_until(answered.exists, 30), "the child never called its enclave"
+        assert answered.read_bytes() == SECRET.encode()  # the child's state is intact
+        os.kill(child, signal.SIGKILL)  # the last holder ends: the duplicate goes, and the enclave
+        assert wait_until(lambda: seen(let_go), 30), "the duplicate stayed"
+        assert wait_until(lambda: not pid_alive(enclave), 30), "the enclave outlived its holders"
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        if app.stdout is not None:
+            app.stdout.close()

@@ -19,10 +19,14 @@ the last fault to the source answering again go to ``fault-matrix``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import threading
 
 import pytest
-from bed_helpers import end_copies, wait_until
+from bed_helpers import enclave_processes, end_copies, wait_until
 from fault_helpers import (  # (no_images_left: autouse, after every cell no images left)
     EXIT_OK,
     fault_time,
@@ -35,8 +39,10 @@ from fault_helpers import (  # (no_images_left: autouse, after every cell no ima
     source_answers,
 )
 
+from migsgx import _proc
 from migsgx.lab.hosts import start_service
 from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed
+from migsgx.system.process import process_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
@@ -157,4 +163,105 @@ def test_recover_killed_after_the_enclave_answered_its_abort(
         }  # fmt: skip
         only_copy(bed, app, "src", digest)
     finally:
+        end_copies(bed, app)
+
+
+# --- an enclave that hangs (SIGSTOP: alive, its connection open, no answer) -----------------------
+def _stopped(bed: Testbed) -> list[int]:
+    return [p for p in enclave_processes(bed, "src") if process_state(p) in ("T", "t")]
+
+
+def _stopped_enclave(bed: Testbed) -> int:
+    """The source enclave the fault stopped (the only one there in state T)."""
+
+    [pid] = _stopped(bed)
+    return pid
+
+
+@pytest.mark.parametrize(
+    "cell, enclaves, point",
+    [
+        ("before-commit x SIGSTOP source enclave + kill -9 tool", 1, "tool.before-commit"),
+        ("after-group x SIGSTOP one of two source enclaves + kill -9 tool", 2,
+         "tool.after-group"),
+    ],
+)  # fmt: skip
+def test_a_hung_undecided_enclave_is_asked_until_it_answers(
+    bed: Testbed,
+    agent: AgentProcess,
+    figures: dict[str, dict[str, object]],
+    cell: str,
+    enclaves: int,
+    point: str,
+) -> None:
+    """The tool stops the first source enclave (it lives, its connection open, it answers
+    nothing) and dies before any decision.
+
+    The guardian asks the aborts, each bounded: the stopped one does not answer
+    and has no recorded decision.  Before, that sent the guardian down the
+    roll-forward path: nothing committed, the source stayed fenced (a second
+    enclave, aborted, went back to nobody) and the destination held, in doubt.
+    Now it is told from a dead and from a decided one, and asked again until it
+    answers; once continued it aborts, and the source runs with every
+    acknowledged write in every enclave.
+    """
+
+    app, digest = loaded_app(bed, "--enclaves", str(enclaves))
+    try:
+        run = migrate_with(bed, app, agent, f"{point}:stop-first-source-enclave-and-tool")
+        assert run.returncode == -9 and "Traceback" not in run.stderr, run.stderr
+        assert "do not answer, their connections open" in run.stderr, run.stderr
+        assert "the destination rolls forward" not in run.stderr, run.stderr
+        os.kill(_stopped_enclave(bed), signal.SIGCONT)  # the hung enclave comes back
+        back = source_answers(bed, app, digest, run.stderr) - fault_time(run.stderr)
+        wait_until(lambda: bed.copies(app)["dst"] == [], 30, "the held tree to be discarded")
+        again = recover(bed)
+        assert again.returncode == EXIT_OK and "Traceback" not in again.stderr, again.stdout
+        assert {r["outcome"] for r in json.loads(again.stdout)} <= {"done", "stayed"}
+        figures[cell] = {
+            "outcome": "stayed once the enclave answered (SIGCONT), every write; the "
+            "seconds include the 5 s bound on its first abort",
+            "exit": run.returncode, "recover": EXIT_OK, "source_back_seconds": round(back, 3),
+        }  # fmt: skip
+        only_copy(bed, app, "src", digest)
+    finally:
+        for pid in enclave_processes(bed, "src"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        end_copies(bed, app)
+
+
+def test_a_hung_committed_enclave_the_store_decides(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """The source enclave committed (recorded), then the tool stops it and dies.
+
+    The COMMIT in the platform store decides: the guardian rolls forward, the
+    destination runs with every write; the stopped committed enclave, once
+    continued, is released and ends.  Nothing runs twice.
+    """
+
+    app, digest = loaded_app(bed)
+    runs: list[MigrateRun] = []
+    fault = "tool.after-commit:stop-first-source-enclave-and-tool"
+    tool = threading.Thread(target=lambda: runs.append(migrate_with(bed, app, agent, fault)))
+    try:
+        tool.start()  # (it returns once its guardian ends: the release waits for the enclave)
+        wait_until(lambda: _stopped(bed), 90, "the fault to stop the source enclave")
+        stopped = _stopped_enclave(bed)
+        wait_until(lambda: bed.runnable_copies(app)["dst"] == 1, 90, "the destination to run")
+        assert process_state(stopped) in ("T", "t")  # (the COMMIT decided without it)
+        os.kill(stopped, signal.SIGCONT)
+        wait_until(lambda: not _proc.alive(stopped), 60, "the committed enclave to be released")
+        tool.join(60)
+        [run] = runs
+        assert run.returncode == -9 and "Traceback" not in run.stderr, run.stderr
+        figures["after-commit x SIGSTOP source enclave + kill -9 tool"] = {
+            "outcome": "moved (the recorded COMMIT decides), every write", "exit": run.returncode,
+        }  # fmt: skip
+        only_copy(bed, app, "dst", digest)
+    finally:
+        for pid in enclave_processes(bed, "src"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         end_copies(bed, app)

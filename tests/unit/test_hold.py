@@ -135,3 +135,39 @@ def test_the_nonce_names_the_hold(pair: tuple[socket.socket, socket.socket]) -> 
         hold.check([])
     with pytest.raises(ProtocolError):
         hold.take(enclave, [b"x" * 65])
+
+
+def test_a_hold_naming_several_processes_is_let_go_with_the_last(
+    pair: tuple[socket.socket, socket.socket], app: subprocess.Popen[bytes]
+) -> None:
+    """A parent and the child it forked, which holds the connection too: the parent's
+    exit keeps the duplicate (the child may go on using the enclave), the child's lets
+    it go."""
+
+    enclave, driver = pair
+    logs: list[str] = []
+    hold = Hold(logs.append)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        pidfds = [os.pidfd_open(app.pid), os.pidfd_open(child.pid)]
+        try:
+            socket.send_fds(driver, [b"H"], [driver.fileno(), *pidfds])
+            hold.take(enclave, [])
+        finally:
+            for pidfd in pidfds:
+                os.close(pidfd)
+        hold.kept_after_abort()
+        app.kill()
+        app.wait()
+        for _ in range(200):  # (the watch reports the first exit)
+            if logs:
+                break
+            time.sleep(0.05)
+        assert logs and "the duplicate stays" in logs[0], logs
+        assert hold.held
+        child.kill()
+        child.wait()
+        assert _let_go(hold)
+    finally:
+        child.kill()
+        child.wait()

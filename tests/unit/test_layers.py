@@ -150,6 +150,31 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
             "migsgx.agent.tls",
         }
     ),
+    # The guardian process, split: its log below its aborts and its after-the-decision.
+    "migsgx.agent.guardian_log": frozenset(),
+    "migsgx.agent.guardian_aborts": frozenset(
+        {
+            "migsgx.agent.faults",
+            "migsgx.agent.guardian_log",
+            "migsgx.agent.handback",
+            "migsgx.agent.journal",
+            "migsgx.agent.lost_enclaves",
+            "migsgx.agent.recover",
+        }
+    ),
+    "migsgx.agent.guardian_decided": frozenset(
+        {
+            "migsgx.agent.applink",
+            "migsgx.agent.ckpt_recover",
+            "migsgx.agent.faults",
+            "migsgx.agent.guardian_log",
+            "migsgx.agent.handback",
+            "migsgx.agent.journal",
+            "migsgx.agent.recover",
+            "migsgx.agent.redeliver",
+            "migsgx.agent.tls",
+        }
+    ),
 }
 
 

@@ -278,6 +278,9 @@ def _fault(
     """
 
     action = fault(point)
+    if action == "kill-enclave-guardian-and-exit" and guardian is not None:
+        kill_dead([guardian.proc.pid])  # (then as ``kill-enclave-and-exit``)
+        action = "kill-enclave-and-exit"
     if action == "kill-guardian":
         if guardian is not None:
             kill_dead([guardian.proc.pid])
@@ -290,9 +293,10 @@ def _fault(
             os.kill(pid, signal.SIGKILL)
         while _alive(pid):  # SIGKILL cannot be ignored; its delivery is asynchronous
             time.sleep(0.01)
-    elif action == "kill-enclave" and handed:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(handed[0].info.pid, signal.SIGKILL)
+    elif action in ("kill-enclave", "kill-enclave-and-exit") and handed:
+        kill_dead([handed[0].info.pid])
+        if action == "kill-enclave-and-exit":
+            os._exit(70)  # (its guardian finds one enclave dead, the others alive)
     return action == "abort-rest"
 
 

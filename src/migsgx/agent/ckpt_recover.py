@@ -61,7 +61,7 @@ from .ckpt_journal import (
     write_journal,
 )
 from .handback import abort_enclave, call_enclave, let_go, resume_source
-from .holders import take_held
+from .holders import dead_holders, eof_socket, take_held
 from .recover_records import Resolution
 
 __all__ = ["resolve_checkpoint"]
@@ -118,6 +118,23 @@ def _hand_back(journal: dict[str, object], socks: list[socket.socket], runs: boo
     finally:
         for sock in socks:
             sock.close()
+
+
+def _all_or_none(holders: object, taken: dict[int, socket.socket]) -> list[socket.socket]:
+    """The connections to hand back, in the journal's order: where every enclave not
+    taken back is dead, a connection at end of file stands for each dead one.
+
+    Nothing committed (every gate read pending or gone), so a dead enclave's
+    state is lost, as in its crash; the application takes all of its enclaves
+    or none, and the live ones go back with the dead ones' ends of file
+    (``docs/spec/commit.md``, section 5, as for a migration's group).
+    """
+
+    items = holders if isinstance(holders, list) else []
+    dead = set(dead_holders(items)) - set(taken)
+    if not taken or not dead or len(taken) + len(dead) != len(items):
+        return list(taken.values())
+    return [taken[i] if i in taken else eof_socket() for i in range(len(items))]
 
 
 def _roll_forward(socks: list[socket.socket], meta: bytes) -> int:
@@ -272,9 +289,12 @@ def resolve_checkpoint(
     # and a duplicate of their connection: they abort and go back to it.
     takes = journal is not None and phase in ("writing", "fenced") and not aborted
     taken = take_held(journal.get("holders")) if journal is not None and takes else {}
-    socks = list(taken.values())
+    socks = _all_or_none(journal.get("holders") if journal else None, taken)
     runs = _continue_source(journal or meta)
+    lost = len(socks) - len(taken)
     handed = _hand_back(journal or {}, socks, runs)
+    if lost:
+        handed += f"; {lost} enclave(s) died undecided: their state is lost"
     _remove_files(directory)
     if journal is not None:
         write_journal(directory, "aborted", holders=[])  # (their numbers may be reused now)

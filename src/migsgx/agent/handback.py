@@ -11,6 +11,7 @@ implementation for both.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -31,8 +32,10 @@ __all__ = [
 ]  # fmt: skip
 
 #: Call ids far from the tool's (its link counts from 2**40), so that a late
-#: answer to a call of the dead tool is never taken for the guardian's.
-_CALL_ID: Final = (1 << 52) + 7
+#: answer to a call of the dead tool is never taken for the guardian's; one
+#: per call, so that the late answer of a call that timed out (a hung enclave
+#: continued) is never taken for a later one's.
+_CALL_IDS: Final = itertools.count((1 << 52) + 7)
 ABORT_TIMEOUT: Final = 30.0
 RESUME_WAIT: Final = 60.0
 
@@ -42,17 +45,21 @@ def _stderr(text: str) -> None:
     sys.stderr.flush()
 
 
-def call_enclave(sock: socket.socket, fn: str, args: list[object]) -> dict[str, object] | None:
-    """One runtime call on a connection the tool held; None if the enclave is gone."""
+def call_enclave(
+    sock: socket.socket, fn: str, args: list[object], timeout: float = ABORT_TIMEOUT
+) -> dict[str, object] | None:
+    """One runtime call on a connection the tool held; None if the enclave is gone, or
+    did not answer within ``timeout`` seconds (hung)."""
 
-    sock.settimeout(ABORT_TIMEOUT)
+    call_id = next(_CALL_IDS)
+    sock.settimeout(timeout)
     try:
         send_frame(
-            sock, {"t": "ecall", "id": _CALL_ID, "fn": fn, "args": args}, max_size=ECALL_FRAME_MAX
+            sock, {"t": "ecall", "id": call_id, "fn": fn, "args": args}, max_size=ECALL_FRAME_MAX
         )
         while True:
             msg = recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX)
-            if msg.get("id") == _CALL_ID:
+            if msg.get("id") == call_id:
                 return msg
     except (MigSGXError, OSError):
         return None
@@ -77,16 +84,17 @@ def abort_answer(sock: socket.socket) -> str | None:
     return abort_reply(sock)[0]
 
 
-def abort_reply(sock: socket.socket) -> tuple[str | None, bytes]:
+def abort_reply(sock: socket.socket, timeout: float = ABORT_TIMEOUT) -> tuple[str | None, bytes]:
     """:func:`abort_answer`, and the ABORT frame the enclave returned (b"" for none).
 
     The enclave returns its frame even when its store record failed (its
     platform service died with the tool): then the caller holds the only
     ABORT there is to carry to the destination (``docs/spec/commit.md`` 1 rule 4).
     Not secret (``handshake.md`` 9.1), and judged by the destination enclave itself.
+    None: gone, or no answer within ``timeout`` (the caller tells which).
     """
 
-    msg = call_enclave(sock, "__mig_abort", ["the tool died"])
+    msg = call_enclave(sock, "__mig_abort", ["the tool died"], timeout)
     if msg is None:
         return None, b""
     # Not in a migration (the tool died before the transfer began): nothing to undo.

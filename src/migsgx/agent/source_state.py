@@ -266,11 +266,18 @@ class _MigrationState:
                 os.kill(os.getpid(), signal.SIGKILL)
         elif action == "kill-source-enclave":
             kill_dead([t.handed.info.pid for t in self.transfers])
-        elif action is not None and action.startswith("kill-first-source-enclave-"):
-            # (``...-and-tool``, ``...-guardian-and-tool``)
+        elif action is not None and action.startswith(
+            ("kill-first-source-enclave-", "stop-first-source-enclave-")
+        ):
+            # (``...-and-tool``, ``...-guardian-and-tool``; ``stop-``: SIGSTOP, a hung enclave)
             if action.endswith("-guardian-and-tool") and self.guardian is not None:
                 kill_dead([self.guardian.proc.pid])
-            kill_dead([self.transfers[0].handed.info.pid] if self.transfers else [])
+            first = [self.transfers[0].handed.info.pid] if self.transfers else []
+            if action.startswith("stop-"):
+                for pid in first:  # (it lives, its connection open, and answers nothing)
+                    os.kill(pid, signal.SIGSTOP)
+            else:
+                kill_dead(first)
             os.kill(os.getpid(), signal.SIGKILL)
         elif action == "kill-criu" and self.lazy is not None:
             self.lazy.stop()  # post-copy: the only server of the pages still missing dies

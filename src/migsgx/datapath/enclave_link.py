@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .. import _proc
+from ..channel import HOLD_WATCHED
 from ..core.stream import TAG_SIZE
 from ..errors import (
     ConnectionClosedError,
@@ -23,6 +25,7 @@ from ..errors import (
     ProtocolError,
     error_from_wire,
 )
+from ..system.process import tree_pids
 from ..wire import recv_frame, send_frame
 from .ring import ShmRing
 from .ring_handover import send_ring_fds
@@ -90,9 +93,10 @@ class EnclaveLink:
         From then on our death (and that of every other holder) is no end of
         file for the enclave: it keeps its state until someone takes the
         duplicate back from it (root, ``pidfd_getfd``) or it aborts.  With
-        ``app_pid`` (the application's pid here), a pidfd of it goes along: an
-        enclave that aborted lets the duplicate go once that process exited
-        (``docs/spec/channels.md`` 7.1).  ``nonce`` names this hold (the
+        ``app_pid`` (the application's pid here), pidfds of it and of every
+        process of its tree that holds this connection too (:func:`holders_of`)
+        go along: an enclave that aborted lets the duplicate go once the last of
+        them exited (``docs/spec/channels.md`` 7.1).  ``nonce`` names this hold (the
         journal records it; ``__mig_held`` checks it).  Returns the duplicate's
         descriptor number in the enclave process.
         """
@@ -100,11 +104,11 @@ class EnclaveLink:
         from ..channel import ECALL, ECALL_FRAME_MAX
 
         fds = [self.sock.fileno()]
-        pidfd = None
-        if app_pid is not None:
+        pidfds = []
+        for pid in [] if app_pid is None else holders_of(self.sock, app_pid):
             with contextlib.suppress(OSError):  # (gone: the abort ends it with our end)
-                pidfd = os.pidfd_open(app_pid)
-                fds.append(pidfd)
+                pidfds.append(os.pidfd_open(pid))
+        fds += pidfds
         try:
             with self._lock:
                 self._ids += 1
@@ -115,11 +119,30 @@ class EnclaveLink:
                 socket.send_fds(self.sock, [b"H"], fds)
                 msg = recv_frame(self.sock, ECALL, max_size=ECALL_FRAME_MAX)
         finally:
-            if pidfd is not None:
+            for pidfd in pidfds:
                 os.close(pidfd)
         if msg["t"] == "err":
             raise error_from_wire(msg["code"], msg["message"])
         return int(msg["value"])
+
+
+def holders_of(sock: socket.socket, app_pid: int) -> list[int]:
+    """``app_pid``, then the processes of its tree that hold ``sock``'s socket as well.
+
+    ``sock`` is the application's end of an enclave connection, handed over by
+    ``prepare``: a process the application forked before keeps a descriptor of
+    the same socket, and may go on using the enclave after ``app_pid`` exited.
+    At most :data:`~migsgx.channel.HOLD_WATCHED` in all (the first found).
+    """
+
+    link = f"socket:[{os.fstat(sock.fileno()).st_ino}]"
+    found = [app_pid]
+    for pid in tree_pids(app_pid)[1:]:
+        if len(found) >= HOLD_WATCHED:
+            break
+        if _proc.holds(pid, link):
+            found.append(pid)
+    return found
 
 
 class _Worker:

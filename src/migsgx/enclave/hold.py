@@ -9,18 +9,24 @@ says so (``__mig_unhold``).  Two ways that word never comes are closed here:
 
 * **The application dies** after ``resume`` took its connections back and before
   its ``__mig_unhold`` arrived (or it runs a runtime older than that call).  The
-  driver names the application with the hold: a pidfd of its process, opened
+  driver names the application with the hold: pidfds of its processes, opened
   by the driver (root, in the host's pid namespace, so a container's
-  application is named too) and passed with the duplicate.  Once this enclave
-  answered an abort and still holds the duplicate, a thread watches that pidfd,
-  and when the application has exited, lets the duplicate go: the end of file
-  then ends the enclave as a crash of the application would.  Never while a
-  migration is under way (the application is frozen or being dumped, not
-  exited; the watch starts only with the abort), never after a commit (no
-  abort keeps a hold then), never for a live application.  A pidfd names one
-  process for good (no pid reuse), and the driver is untrusted either way: a
-  wrong one only makes the enclave let go of a duplicate the driver could as
-  well close itself, and while the application holds its end nothing ends.
+  application is named too) and passed with the duplicate: the process that
+  answers the driver, and every process of its tree that holds this very
+  connection (a child it forked, which may go on using the enclave after the
+  parent exited).  Once this enclave answered an abort and still holds the
+  duplicate, a thread watches those pidfds, and when the last of them has
+  exited, lets the duplicate go: the end of file then ends the enclave as a
+  crash of the application would.  Never while a migration is under way (the
+  application is frozen or being dumped, not exited; the watch starts only
+  with the abort), never after a commit (no abort keeps a hold then), never
+  while one process of the application named lives.  A pidfd names one process
+  for good (no pid reuse), and the driver is untrusted either way: a wrong one
+  only makes the enclave let go of a duplicate the driver could as well close
+  itself, and while any process holds its end nothing ends.  A process forked
+  after the hold (the application, given its connection back, forked before
+  its ``__mig_unhold``) is not named: its end keeps the enclave alive as any
+  holder's does, only the duplicate goes with the last process named.
 * **A stale holder** (a journal whose guardian died right after its hand-back)
   must not take a later migration's duplicate: each hold carries the driver's
   nonce, which its journal records; ``__mig_held`` answers whether the
@@ -37,6 +43,7 @@ import socket
 import threading
 from collections.abc import Callable
 
+from ..channel import HOLD_WATCHED
 from ..errors import MigSGXError, ProtocolError, register_error
 
 __all__ = ["HOLD_WAIT", "Hold", "NotThisHoldError"]
@@ -61,8 +68,8 @@ class Hold:
         self._log = log
         self._lock = threading.Lock()
         self._held: socket.socket | None = None
-        #: A pidfd of the application the driver named with the hold (or None).
-        self._app: int | None = None
+        #: Pidfds of the application's processes the driver named with the hold.
+        self._apps: list[int] = []
         self._nonce = b""
         #: Set by an abort that kept the duplicate: from then on the application's
         #: exit lets it go.  Cleared by every new hold.
@@ -76,8 +83,8 @@ class Hold:
         """Receive the descriptors that follow ``__mig_hold`` on ``sock``; their number here.
 
         ``args``: none, or the driver's nonce (bytes, up to 64).  The descriptors:
-        the driver's end of this connection, then optionally a pidfd of the
-        application (not a pidfd, or none: no watch).
+        the driver's end of this connection, then optionally pidfds of the
+        application's processes, up to :data:`~migsgx.channel.HOLD_WATCHED` (none: no watch).
         """
 
         nonce = args[0] if args else b""
@@ -86,7 +93,7 @@ class Hold:
         ready, _, _ = select.select([sock], [], [], HOLD_WAIT)
         if not ready:
             raise ProtocolError("no descriptor followed __mig_hold")
-        _, fds, _, _ = socket.recv_fds(sock, 1, 2)
+        _, fds, _, _ = socket.recv_fds(sock, 1, 1 + HOLD_WATCHED)
         if not fds:
             raise ProtocolError("__mig_hold carries one descriptor")
         try:
@@ -95,10 +102,9 @@ class Hold:
             for fd in fds:
                 os.close(fd)
             raise
-        app = fds[1] if len(fds) > 1 else None
         self.drop()
         with self._lock:
-            self._held, self._app, self._nonce = held, app, nonce
+            self._held, self._apps, self._nonce = held, list(fds[1:]), nonce
             self._after_abort = False
         return held.fileno()
 
@@ -123,41 +129,49 @@ class Hold:
             if self._held is None:
                 return
             self._after_abort = True
-            app = self._app
+            apps = [os.dup(app) for app in self._apps]
             held = self._held
-        if app is None:
+        if not apps:
             return
         watch = threading.Thread(
-            target=self._watch, args=(held, os.dup(app)), name="hold-watch", daemon=True
+            target=self._watch, args=(held, apps), name="hold-watch", daemon=True
         )
         watch.start()
 
-    def _watch(self, held: socket.socket, app: int) -> None:
-        """Until ``held`` is let go: once the application exited, let it go."""
+    def _watch(self, held: socket.socket, apps: list[int]) -> None:
+        """Until ``held`` is let go: once every process named exited, let it go."""
 
         try:
             while True:
+                exited: list[int] = []
                 with contextlib.suppress(InterruptedError):
-                    exited, _, _ = select.select([app], [], [], WATCH_PERIOD)
+                    exited, _, _ = select.select(apps, [], [], WATCH_PERIOD)
+                for app in exited:
+                    apps.remove(app)
+                    os.close(app)
                 with self._lock:
                     if self._held is not held or not self._after_abort:
                         return  # handed back (__mig_unhold), or a new hold
-                    if not exited:
+                    if exited and apps:
+                        self._log(f"a process of the application ended after the abort; "
+                                  f"{len(apps)} named still live: the duplicate stays")  # fmt: skip
+                    if apps:
                         continue
                     # Closed before it reads as let go: whoever sees ``held`` false
                     # finds the descriptor closed too.
                     with contextlib.suppress(OSError):
                         held.close()
                     self._held = None
-                    self._close_app()
+                    self._close_apps()
                 self._log("the application ended after the abort: its duplicate is let go")
                 return
         finally:
-            os.close(app)
+            for app in apps:
+                os.close(app)
 
-    def _close_app(self) -> None:
-        app, self._app = self._app, None
-        if app is not None:
+    def _close_apps(self) -> None:
+        apps, self._apps = self._apps, []
+        for app in apps:
             with contextlib.suppress(OSError):
                 os.close(app)
 
@@ -167,6 +181,6 @@ class Hold:
                 with contextlib.suppress(OSError):
                     self._held.close()
             self._held = None
-            self._close_app()
+            self._close_apps()
             self._nonce = b""
             self._after_abort = False
