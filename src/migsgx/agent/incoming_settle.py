@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
 import socket
 import threading
 import time
@@ -24,6 +23,7 @@ from .applink import AppLink
 from .faults import fault
 from .held import remove as remove_record
 from .incoming_data import _Enclave, _inject, _SessionState, _shutdown
+from .lost_enclaves import hung_up
 from .protocol import AgentError, SessionState
 from .reservations import release_reservations
 from .resumed import mark_resumed
@@ -282,7 +282,7 @@ class _SessionDecisions(_SessionState):
             for e, pid in zip(self.enclaves, self.enclave_pids(), strict=True)
             if not _pid_alive(pid)
             or e.index in self.hung_up
-            or (e.ecall_sock is not None and _hung_up(e.ecall_sock))
+            or (e.ecall_sock is not None and hung_up(e.ecall_sock))
         ]
         if not gone and self.enclaves and not _platform_alive(self.config.platform_socket):
             # Every enclave claimed its id, lives and holds its state: a platform
@@ -336,13 +336,7 @@ class _SessionDecisions(_SessionState):
             self.no_return = True  # (recorded: decided, whatever fails from here)
             _inject(fault("agent.resume-marked"), self)
         self.no_return = True
-        if self.restored is not None and self.restored.before_resume is not None:
-            self.restored.before_resume()
-        if self.window is not None:
-            self.window.run()  # its missing pages come from the source from now on
-        else:
-            continue_tree(self.root)
-        self.tree_continued = True
+        self._let_run()
         t0 = time.monotonic()
         link = AppLink.find(self.root)
         if link is None:
@@ -354,10 +348,24 @@ class _SessionDecisions(_SessionState):
         if self.enclaves:
             link.attach(socks, infos)
         # Whose enclave end is closed (the enclave died): read by _check_activated.
-        self.hung_up = [e.index for e in self.enclaves if _hung_up(e.ecall_sock)]
+        self.hung_up = [e.index for e in self.enclaves if hung_up(e.ecall_sock)]
         for sock in socks:
             sock.close()
         return time.monotonic() - t0
+
+    def _let_run(self) -> None:
+        """The held tree continues: the driver's step before it (a container's address,
+        its gate), then SIGCONT, or, post-copy, its page window opens (its missing
+        pages come from the source from then on)."""
+
+        assert self.root is not None
+        if self.restored is not None and self.restored.before_resume is not None:
+            self.restored.before_resume()
+        if self.window is not None:
+            self.window.run()
+        else:
+            continue_tree(self.root)
+        self.tree_continued = True
 
     def _continue_decided(self) -> None:
         """A tree without enclaves whose resume was recorded runs, if it can.
@@ -371,10 +379,7 @@ class _SessionDecisions(_SessionState):
         if self.tree_continued or self.window is not None or self.root is None:
             return
         try:
-            if self.restored is not None and self.restored.before_resume is not None:
-                self.restored.before_resume()
-            continue_tree(self.root)
-            self.tree_continued = True
+            self._let_run()
         except (MigSGXError, OSError) as exc:
             log.error("migration %s: the decided tree (pid %d) was not continued: %s",
                       self.tag, self.root, exc)  # fmt: skip
@@ -484,20 +489,6 @@ def _pid_alive(pid: int) -> bool:
     """
 
     return pid > 0 and _proc.alive(pid)
-
-
-def _hung_up(sock: socket.socket | None) -> bool:
-    """Whether the enclave at the other end of ``sock`` closed it (it died).
-
-    Polled, never read: the application shares the connection.  Independent of
-    pid namespaces (the enclave's pid may be another namespace's).
-    """
-
-    if sock is None or sock.fileno() < 0:
-        return False
-    poller = select.poll()
-    poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
-    return bool(poller.poll(0))
 
 
 def _answers(engine: IncomingEnclave) -> bool:
