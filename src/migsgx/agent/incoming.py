@@ -61,9 +61,10 @@ from .protocol import (
     SessionState,
     check_image_name,
 )
-from .refusal import refusable_note, serve_refusal
+from .refusal import ACCEPT_TIMEOUT as REFUSAL_WAIT
+from .refusal import Refusal, refusable_note, serve_refusal
 from .reservations import release_reservations
-from .resumed import was_resumed
+from .resumed import forget_resumed, was_resumed
 from .versions import (
     OVERLAPPED_ORDER,
     ProtocolVersionError,
@@ -98,6 +99,8 @@ class IncomingMigration(_SessionDecisions):
             "deliver": self._deliver_request,
             "refuse": self._refuse_request,
         }
+        #: The refusals this session asked for (``refuse``): their listeners end with it.
+        self._refusals: list[Refusal] = []
 
     @classmethod
     def adopt_held(cls, agent: AgentHost, directory: Path, record: HeldRecord) -> IncomingMigration:
@@ -140,6 +143,23 @@ class IncomingMigration(_SessionDecisions):
 
     # --- the request loop ------------------------------------------------------------------
     def run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self._refusals:
+                self._until_hung_up()
+            for refusal in self._refusals:
+                refusal.end()
+
+    def _until_hung_up(self) -> None:
+        """After ``refuse``: until the tool closes this connection (it makes its data
+        connection first), or the refusal's own wait ends; then its listener ends."""
+
+        with contextlib.suppress(OSError, MigSGXError):
+            self.tls.settimeout(REFUSAL_WAIT)
+            self.tls.recv(1)
+
+    def _serve(self) -> None:
         self.tls.settimeout(self.config.io_timeout)
         while not self.machine.finished:
             try:
@@ -159,23 +179,18 @@ class IncomingMigration(_SessionDecisions):
                 reply = self.handlers[kind](msg)
             except MigSGXError as exc:
                 log.warning("migration %s: %s failed: %s", self.tag, kind, exc)
-                decided = self.no_return and not self.enclaves and self.window is None
-                if kind == "resume" and decided:
-                    # Past the recorded resume (the commit point of a tree without
-                    # enclaves; not post-copy's, whose tree runs only with its window):
-                    # the tree runs, and the tool must not give its source back.
-                    self._continue_decided()
-                    exc = PastCommitError(
-                        f"the resume was recorded (the commit point), then: {exc.message}"
-                    )
+                if kind == "resume" and self.no_return and not self.enclaves:
+                    exc = self._resume_failed(exc)
+                reply = {"t": "err", "code": exc.code, "message": exc.message}
                 if self.no_return:
                     # Committed enclaves or a running tree: never kill what may be the only copy.
                     self.machine.state = SessionState.RESUMED
+                    if isinstance(exc, PastCommitError) and self.window is not None:
+                        reply = self._window_after(reply)
                     self._cleanup()
                 else:
                     self.machine.fail()
                     self.abort(f"{kind} failed")
-                reply = {"t": "err", "code": exc.code, "message": exc.message}
             if reply is None:
                 continue
             try:
@@ -186,6 +201,41 @@ class IncomingMigration(_SessionDecisions):
                 return
             finally:
                 self._discard_pending()
+
+    def _resume_failed(self, exc: MigSGXError) -> MigSGXError:
+        """A ``resume`` of a tree without enclaves that failed after it was recorded.
+
+        The record is the commit point (``docs/spec/commit.md`` 4.3): the tree
+        runs (continued here if it had not yet) and the tool, answered
+        ``agent-past-commit``, must not give its source back.  A post-copy tree
+        runs only with its page window, which no other agent can open: until
+        that opened, the tree never ran, so the record is taken back and the
+        answer stays a refusal (the tree is discarded, the source runs on).
+        """
+
+        if self.window is not None and not self.window.watching:
+            forget_resumed(self.config.work_dir, self.session_id)
+            self.no_return = False
+            return exc
+        self._continue_decided()
+        return PastCommitError(f"the resume was recorded (the commit point), then: {exc.message}")
+
+    def _window_after(self, first: dict[str, Any]) -> dict[str, Any]:
+        """Post-copy: the ``agent-past-commit`` answer goes at once, and, as after
+        ``resumed``, the window's report follows once every page came (the
+        source's CRIU serves them until then): the last answer, returned."""
+
+        assert self.window is not None
+        try:
+            send_frame(self.tls, for_version(first, self.version), max_size=CONTROL_FRAME_MAX)
+        except (MigSGXError, OSError) as exc:  # the tree runs and its window is watched
+            log.warning("migration %s: the tool did not hear the failure: %s", self.tag, exc)
+        try:
+            report = self.window.wait()
+        except MigSGXError as exc:
+            return {"t": "err", "code": exc.code, "message": exc.message}
+        self.agent.metrics.observe_phase("post_copy_window", report.window_seconds)
+        return {"t": "window", "seconds": report.window_seconds}
 
     def give_up(self, reason: str) -> None:
         """End the session without the tool: the same rule as a lost connection."""
@@ -651,10 +701,9 @@ class IncomingMigration(_SessionDecisions):
             raise AgentError("no post-copy session of this migration ended here")
         if note["peer"] != self.peer:
             raise AgentError("a refusal comes only from the host that began the session")
-        port, key = serve_refusal(
-            note, msg["index"], msg["session_id"], self.config.platform_socket
-        )
-        return {"t": "redelivery", "data_port": port, "data_key": key}
+        refusal = serve_refusal(note, msg["index"], msg["session_id"], self.config.platform_socket)
+        self._refusals.append(refusal)  # (its listener ends with this session at the latest)
+        return {"t": "redelivery", "data_port": refusal.port, "data_key": refusal.key}
 
     def _abort_request(self, msg: dict[str, Any]) -> Reply:
         log.info("migration %s: aborted by the tool (%s)", self.tag, msg["reason"][:200])

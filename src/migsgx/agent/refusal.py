@@ -20,9 +20,11 @@ import contextlib
 import json
 import logging
 import secrets
+import select
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,12 +38,13 @@ from ..host.client import EnclaveInfo
 from .datalink import accept_data, check_pinned
 from .held import HeldRecord, _own
 
-__all__ = ["REFUSABLE", "mark_refusable", "refusable_note", "serve_refusal"]
+__all__ = ["REFUSABLE", "Refusal", "mark_refusable", "refusable_note", "serve_refusal"]
 
 log = logging.getLogger("migsgx.agent")
 
 REFUSABLE: Final = "refusable.json"
-#: How long a refusal's listener waits for its data connection, and the whole of it.
+#: How long a refusal's listener waits for its data connection (unless its session
+#: ends first), and each read of the refusal.
 ACCEPT_TIMEOUT: Final = 30.0
 
 
@@ -76,10 +79,120 @@ def refusable_note(work_dir: Path, session_id: bytes) -> dict[str, Any] | None:
     return note
 
 
+class Refusal:
+    """One ``refuse`` request's listener, and the refusal run on the connection it takes.
+
+    It lives no longer than it must: the listener closes once it took its one
+    connection, or once the control session that asked for it ends (:meth:`end`):
+    a data connection already made by then (the tool connects before it closes
+    its control connection) is still taken, nothing after.  Without either, it
+    closes after :data:`ACCEPT_TIMEOUT`.
+    """
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        key: bytes,
+        session_id: bytes,
+        index: int,
+        announced: EnclaveInfo,
+        peer: str,
+        platform_socket: Path,
+    ) -> None:
+        self.port = int(listener.getsockname()[1])
+        self.key = key
+        listener.setblocking(False)
+        self._listener: socket.socket | None = listener
+        self._taken: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._wake, self._woken = socket.socketpair()
+        self.thread = threading.Thread(
+            target=self._run,
+            args=(session_id, index, announced, peer, platform_socket),
+            name="migsgx-agent-refuse", daemon=True,
+        )  # fmt: skip
+        self.thread.start()
+
+    @property
+    def listening(self) -> bool:
+        with self._lock:
+            return self._listener is not None
+
+    def end(self) -> None:
+        """The session that asked ended: a connection already queued is still taken,
+        and the listener is closed before this returns.  Idempotent."""
+
+        with self._lock:
+            self._take(final=True)
+        with contextlib.suppress(OSError):
+            self._wake.send(b"x")
+
+    def _take(self, *, final: bool) -> None:
+        """Accept the one connection if it is there (the lock held); close the
+        listener once one is taken, or when ``final``."""
+
+        listener = self._listener
+        if listener is None:
+            return
+        if self._taken is None:
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                conn, _ = listener.accept()
+                conn.setblocking(True)
+                self._taken = conn
+        if self._taken is not None or final:
+            listener.close()
+            self._listener = None
+
+    def _accepted(self) -> socket.socket | None:
+        """The data connection, once made; None when the listener closed without one."""
+
+        deadline = time.monotonic() + ACCEPT_TIMEOUT
+        while True:
+            with self._lock:
+                if self._listener is None:
+                    return self._taken
+                listener = self._listener
+            left = deadline - time.monotonic()
+            if left <= 0:
+                with self._lock:
+                    self._take(final=True)
+                    return self._taken
+            with contextlib.suppress(OSError, ValueError):  # (closed meanwhile by end)
+                select.select([listener, self._woken], [], [], left)
+            with self._lock:
+                self._take(final=False)
+
+    def _run(
+        self,
+        session_id: bytes,
+        index: int,
+        announced: EnclaveInfo,
+        peer: str,
+        platform_socket: Path,
+    ) -> None:
+        tag = session_id.hex()[:8]
+        conn: socket.socket | None = None
+        try:
+            conn = self._accepted()
+            if conn is None:
+                log.info("migration %s: enclave %d: no data connection came for the refusal",
+                         tag, index)  # fmt: skip
+                return
+            _refuse_one(conn, self.key, session_id, index, announced, peer, platform_socket)
+        except (MigSGXError, OSError) as exc:
+            log.warning("migration %s: enclave %d: no refusal: %s", tag, index, exc)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    conn.close()
+            self._wake.close()
+            self._woken.close()
+
+
 def serve_refusal(
     note: dict[str, Any], index: int, session_id: bytes, platform_socket: Path
-) -> tuple[int, bytes]:
-    """Listen for one data connection that refuses enclave ``index``'s id; (port, key)."""
+) -> Refusal:
+    """Listen for one data connection that refuses enclave ``index``'s id."""
 
     if not 0 <= index < len(note["enclaves"]):
         raise ProtocolError("no such enclave")
@@ -88,23 +201,22 @@ def serve_refusal(
         announced = EnclaveInfo(**info_from_wire(wire))
     except (ValueError, TypeError, KeyError, cbor2.CBORDecodeError) as exc:
         raise ProtocolError("the session's note names no usable enclave") from exc
-    key = secrets.token_bytes(32)
     local = str(note["local"])
     listener = socket.socket(socket.AF_INET6 if ":" in local else socket.AF_INET)
-    listener.bind((local, 0))
-    listener.listen(1)
-    listener.settimeout(ACCEPT_TIMEOUT)
-    port = int(listener.getsockname()[1])
-    threading.Thread(
-        target=_refuse_one,
-        args=(listener, key, session_id, index, announced, str(note["peer"]), platform_socket),
-        name="migsgx-agent-refuse", daemon=True,
-    ).start()  # fmt: skip
-    return port, key
+    try:
+        listener.bind((local, 0))
+        listener.listen(1)
+    except OSError:
+        listener.close()
+        raise
+    return Refusal(
+        listener, secrets.token_bytes(32), session_id, index, announced, str(note["peer"]),
+        platform_socket,
+    )  # fmt: skip
 
 
 def _refuse_one(
-    listener: socket.socket,
+    conn: socket.socket,
     key: bytes,
     session_id: bytes,
     index: int,
@@ -112,26 +224,19 @@ def _refuse_one(
     peer: str,
     platform_socket: Path,
 ) -> None:
-    tag = session_id.hex()[:8]
-    conn: socket.socket | None = None
-    try:
-        with listener:
-            conn, addr = listener.accept()
-        conn.settimeout(ACCEPT_TIMEOUT)
-        if addr[0] != peer:
-            raise ProtocolError(f"a refusal's data connection from {addr[0]}")
-        if accept_data(conn, key, session_id) != index:
-            raise ProtocolError("the data connection names another enclave")
-        engine, offer = IncomingEnclave.accept_offer(conn, platform_socket)
-        check_pinned(engine.image, announced)
-        if offer["mode"] != "refuse":
-            raise ProtocolError("only a refusal is taken for a session that ended")
-        engine.receive(conn, offer)
-        log.warning("migration %s: enclave %d: the migration id was refused here for good "
-                    "(the tree could never run); the source may run again", tag, index)  # fmt: skip
-    except (MigSGXError, OSError) as exc:
-        log.warning("migration %s: enclave %d: no refusal: %s", tag, index, exc)
-    finally:
-        if conn is not None:
-            with contextlib.suppress(OSError):
-                conn.close()
+    """Refuse enclave ``index``'s id on the accepted data connection ``conn``."""
+
+    conn.settimeout(ACCEPT_TIMEOUT)
+    addr = conn.getpeername()
+    if addr[0] != peer:
+        raise ProtocolError(f"a refusal's data connection from {addr[0]}")
+    if accept_data(conn, key, session_id) != index:
+        raise ProtocolError("the data connection names another enclave")
+    engine, offer = IncomingEnclave.accept_offer(conn, platform_socket)
+    check_pinned(engine.image, announced)
+    if offer["mode"] != "refuse":
+        raise ProtocolError("only a refusal is taken for a session that ended")
+    engine.receive(conn, offer)
+    log.warning("migration %s: enclave %d: the migration id was refused here for good "
+                "(the tree could never run); the source may run again",
+                session_id.hex()[:8], index)  # fmt: skip
