@@ -182,9 +182,8 @@ def revoke_commits(
                 (journal.to[0], int(reply["data_port"])), timeout=CONNECT_TIMEOUT
             )
         except (MigSGXError, OSError) as exc:
-            raise InDoubtError(f"enclave {index}: the destination does not refuse: {exc}") from exc
-        finally:
             control.close()
+            raise InDoubtError(f"enclave {index}: the destination does not refuse: {exc}") from exc
         source = OutgoingEnclave(enclave.sock, enclave.info, enclave.image_files,
                                  mode=enclave.mode)  # fmt: skip
         source.link._ids = _CALL_IDS + (secrets.randbits(24) << 28) + index * (1 << 22)
@@ -199,6 +198,7 @@ def revoke_commits(
         finally:
             with contextlib.suppress(OSError):
                 peer.close()
+            control.close()  # (only now: the destination's listener ends with it)
 
 
 @dataclass

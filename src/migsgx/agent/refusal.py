@@ -46,6 +46,9 @@ REFUSABLE: Final = "refusable.json"
 #: How long a refusal's listener waits for its data connection (unless its session
 #: ends first), and each read of the refusal.
 ACCEPT_TIMEOUT: Final = 30.0
+#: How long it still waits once the control connection that asked for it ended: for
+#: a data connection on its way (the tool connects before it closes that one).
+END_GRACE: Final = 1.0
 
 
 def mark_refusable(directory: Path, record: HeldRecord) -> None:
@@ -83,10 +86,10 @@ class Refusal:
     """One ``refuse`` request's listener, and the refusal run on the connection it takes.
 
     It lives no longer than it must: the listener closes once it took its one
-    connection, or once the control session that asked for it ends (:meth:`end`):
-    a data connection already made by then (the tool connects before it closes
-    its control connection) is still taken, nothing after.  Without either, it
-    closes after :data:`ACCEPT_TIMEOUT`.
+    connection, or once the control connection that asked for it ended
+    (:meth:`end`; the tool makes its data connection first), after at most
+    :data:`END_GRACE` for a connection still on its way; without either, after
+    :data:`ACCEPT_TIMEOUT`.
     """
 
     def __init__(
@@ -102,10 +105,11 @@ class Refusal:
         self.port = int(listener.getsockname()[1])
         self.key = key
         listener.setblocking(False)
-        self._listener: socket.socket | None = listener
-        self._taken: socket.socket | None = None
-        self._lock = threading.Lock()
+        self._listener = listener
+        self._ended: float | None = None
+        self._closed = threading.Event()
         self._wake, self._woken = socket.socketpair()
+        self._woken.setblocking(False)
         self.thread = threading.Thread(
             target=self._run,
             args=(session_id, index, announced, peer, platform_socket),
@@ -113,54 +117,37 @@ class Refusal:
         )  # fmt: skip
         self.thread.start()
 
-    @property
-    def listening(self) -> bool:
-        with self._lock:
-            return self._listener is not None
-
     def end(self) -> None:
-        """The session that asked ended: a connection already queued is still taken,
-        and the listener is closed before this returns.  Idempotent."""
+        """The control connection that asked ended: returns once the listener is
+        closed (a connection already made is still taken).  Idempotent."""
 
-        with self._lock:
-            self._take(final=True)
-        with contextlib.suppress(OSError):
-            self._wake.send(b"x")
-
-    def _take(self, *, final: bool) -> None:
-        """Accept the one connection if it is there (the lock held); close the
-        listener once one is taken, or when ``final``."""
-
-        listener = self._listener
-        if listener is None:
-            return
-        if self._taken is None:
-            with contextlib.suppress(BlockingIOError, InterruptedError):
-                conn, _ = listener.accept()
-                conn.setblocking(True)
-                self._taken = conn
-        if self._taken is not None or final:
-            listener.close()
-            self._listener = None
+        if self._ended is None:
+            self._ended = time.monotonic()
+            with contextlib.suppress(OSError):
+                self._wake.send(b"x")
+        self._closed.wait(END_GRACE + 1.0)
 
     def _accepted(self) -> socket.socket | None:
-        """The data connection, once made; None when the listener closed without one."""
+        """The data connection; None when none came in time.  The listener is closed."""
 
         deadline = time.monotonic() + ACCEPT_TIMEOUT
-        while True:
-            with self._lock:
-                if self._listener is None:
-                    return self._taken
-                listener = self._listener
-            left = deadline - time.monotonic()
-            if left <= 0:
-                with self._lock:
-                    self._take(final=True)
-                    return self._taken
-            with contextlib.suppress(OSError, ValueError):  # (closed meanwhile by end)
-                select.select([listener, self._woken], [], [], left)
-            with self._lock:
-                self._take(final=False)
+        try:
+            while True:
+                with contextlib.suppress(BlockingIOError, InterruptedError):
+                    conn, _ = self._listener.accept()
+                    conn.setblocking(True)
+                    return conn
+                if self._ended is not None:
+                    deadline = min(deadline, self._ended + END_GRACE)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                select.select([self._listener, self._woken], [], [], left)
+                with contextlib.suppress(OSError):  # (BlockingIOError: not woken)
+                    self._woken.recv(64)
+        finally:
+            self._listener.close()
+            self._closed.set()
 
     def _run(
         self,
