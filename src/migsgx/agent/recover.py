@@ -160,6 +160,7 @@ _REFUSABLE = (
     "committed, and the destination's tree can never run (a post-copy tree killed after "
     "the COMMIT): whoever holds the source enclaves revokes their commit on its refusal"
 )
+_REVOKING = "some commits were revoked: migsgx recover revokes the rest"
 _COPY_LOST = (
     "committed; the destination keeps the tree held, but its loaded copy died before "
     "it judged the decision: the committed source enclaves must deliver their state again"
@@ -353,8 +354,7 @@ def _revoked(
     mid = journal.data["mid"]
     kinds = [d.kind if d is not None else "none" for d in decisions]
     if revoke is None:
-        return Resolution(mid, journal.phase, "revoked", "in-doubt",
-                          "some commits were revoked: migsgx recover revokes the rest")  # fmt: skip
+        return Resolution(mid, journal.phase, "revoked", "in-doubt", _REVOKING)
     try:
         note = revoke(journal, identity, kinds)
     except MigSGXError as exc:
@@ -422,7 +422,10 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
             result = _resolve_orphaned(journal, Path(state), identity)
             if result is None:
                 result = resolve(journal, Path(state), identity)
-            if result.detail in (_COPY_LOST, _REFUSABLE) or result.detail.startswith(_MIXED):
+            # (_REVOKING: the guardian revoked some and goes on; wait for it too)
+            if result.detail in (_COPY_LOST, _REFUSABLE, _REVOKING) or result.detail.startswith(
+                _MIXED
+            ):
                 result = _through_guardian(journal, result)
             results.append(result)
         except (MigSGXError, OSError) as exc:
@@ -629,6 +632,8 @@ def _through_guardian(journal: Journal, result: Resolution) -> Resolution:
 
     pid = journal.guardian_pid
     if not pid or not is_guardian(pid):
+        if result.decision == "revoked":
+            return result  # (the next recover takes the enclaves back and goes on)
         if result.decision == "mixed":
             return Resolution(
                 result.mid, journal.phase, "mixed", "in-doubt",
