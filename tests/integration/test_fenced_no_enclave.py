@@ -33,6 +33,7 @@ import pytest
 from bed_helpers import ask, end_copies, kvstore, wait_until
 from fault_helpers import (  # (no_images_left: autouse, after every cell no images left)
     EXIT_IN_DOUBT,
+    EXIT_MOVED_NOT,
     EXIT_OK,
     fault_time,
     no_images_left,  # noqa: F401
@@ -624,4 +625,63 @@ def test_post_copy_destination_agent_killed_before_the_window_opened(
         for agent in (doomed, again):
             if agent is not None:
                 agent.stop()
+        app.end()
+
+
+#: (the fault point, where the one copy runs, the tool's exit status)
+POST_COPY_FAILED = {
+    "agent.resume-marked": ("src", EXIT_MOVED_NOT),  # recorded, the window not opened
+    "agent.after-resume": ("dst", EXIT_OK),  # the tree ran in its window
+}
+
+
+@pytest.mark.parametrize("point", sorted(POST_COPY_FAILED))
+def test_post_copy_resume_failing_before_or_after_its_window_opened(
+    bed: Testbed, figures: dict[str, dict[str, object]], point: str
+) -> None:
+    """Post-copy, no enclaves: the ``resume`` fails (``fail`` at ``point``) after the
+    destination recorded it.
+
+    A post-copy tree runs only with its page window.  Before the window opened
+    (``agent.resume-marked``) it never ran: the agent takes its record back,
+    discards the tree and refuses, and the source runs on (exit 6).  After the
+    window opened (``agent.after-resume``) the tree ran with pages already
+    served: the agent answers ``agent-past-commit`` and then, as after
+    ``resumed``, the window's report; the tool keeps serving pages until that
+    report and ends its source as after a success (exit 0).  Before, both
+    answers read as a refusal: after the window opened the tool ended the
+    pages' server and gave its source back while the destination's tree ran
+    (two running copies, or the destination's killed with writes it had
+    acknowledged); before it, the tree's resume record stayed on the
+    destination (a later ``deliver`` would have heard ``resumed`` and ended the
+    source that runs).
+    """
+
+    side, status = POST_COPY_FAILED[point]
+    app = _App(bed, None, post_copy=True)
+    agent = None
+    try:
+        assert app.ask("src", "NOTE n 1") == "OK"  # acknowledged
+        notes = _notes(app.ask("src", "STATE"))
+        agent = bed.start_agent(env={"MIGSGX_FAULT": f"{point}:fail"})
+        run = app.migrate(agent, {})
+        assert "Traceback" not in run.stderr, run.stderr
+        assert run.returncode == status, run.stderr
+        failed = fault_time(agent.log.read_text(errors="replace"))
+        if side == "dst":
+            assert "agent-past-commit" in run.stderr, run.stderr
+            assert run.stats is not None and run.stats["post_copy_window"] > 0
+        mid, _ = _journal(bed, run)
+        _one_copy_on(bed, app, side, notes, mid)
+        # What a later ``deliver`` for the session answers from: ``resumed`` only if
+        # the tree ran (a marker left for a discarded tree would end a source that runs).
+        marker = bed.state("dst") / "agent" / "work" / "resumed" / mid
+        assert marker.is_file() == (side == "dst"), marker
+        figures[f"post-copy, no enclave: resume recorded, then failed ({point}:fail)"] = {
+            "outcome": "moved" if side == "dst" else "stayed", "exit": run.returncode,
+            "recover": "not needed", "seconds_to_one_copy": round(time.monotonic() - failed, 3),
+        }  # fmt: skip
+    finally:
+        if agent is not None:
+            agent.stop()
         app.end()

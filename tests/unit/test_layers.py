@@ -175,6 +175,55 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
             "migsgx.agent.tls",
         }
     ),
+    # One incoming migration, each layer a subclass of the one below it: its state and
+    # data, the hand-over, the decisions, the tree, the requests without the tool.
+    "migsgx.agent.incoming_data": frozenset(
+        {
+            "migsgx.agent.config",
+            "migsgx.agent.datalink",
+            "migsgx.agent.faults",
+            "migsgx.agent.lazy",
+            "migsgx.agent.protocol",
+        }
+    ),
+    "migsgx.agent.incoming_handover": frozenset(
+        {
+            "migsgx.agent.applink",
+            "migsgx.agent.faults",
+            "migsgx.agent.held",
+            "migsgx.agent.incoming_data",
+            "migsgx.agent.lost_enclaves",
+            "migsgx.agent.protocol",
+            "migsgx.agent.reservations",
+            "migsgx.agent.resumed",
+        }
+    ),
+    "migsgx.agent.incoming_settle": frozenset(
+        {"migsgx.agent.incoming_data", "migsgx.agent.incoming_handover", "migsgx.agent.protocol"}
+    ),
+    "migsgx.agent.incoming_tree": frozenset(
+        {
+            "migsgx.agent.faults",
+            "migsgx.agent.held",
+            "migsgx.agent.imageroom",
+            "migsgx.agent.incoming_data",
+            "migsgx.agent.incoming_settle",
+            "migsgx.agent.lazy",
+            "migsgx.agent.protocol",
+        }
+    ),
+    "migsgx.agent.incoming_recovery": frozenset(
+        {
+            "migsgx.agent.config",
+            "migsgx.agent.held",
+            "migsgx.agent.incoming_data",
+            "migsgx.agent.incoming_tree",
+            "migsgx.agent.protocol",
+            "migsgx.agent.refusal",
+            "migsgx.agent.reservations",
+            "migsgx.agent.resumed",
+        }
+    ),
 }
 
 

@@ -1,32 +1,23 @@
-"""How an incoming migration is decided and ended: decisions delivered (again),
-a session held in doubt and settled, a lost copy replaced by a fresh enclave
-(window W2), the held tree resumed with its enclaves attached, or everything
-undone.
+"""How an incoming migration is decided: decisions delivered (again), a session
+held in doubt and settled, a lost copy replaced by a fresh enclave (window W2),
+or everything undone.  :mod:`.incoming_handover` below it hands the held tree
+over (let run, enclaves attached) or discards it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import select
-import socket
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Final
 
-from .. import _proc
 from ..datapath.incoming import IncomingEnclave
 from ..errors import LostAfterCommitError, MigSGXError, ProtocolError
-from ..system.process import continue_tree
-from .applink import AppLink
-from .faults import fault
-from .held import remove as remove_record
-from .incoming_data import _Enclave, _inject, _SessionState, _shutdown
+from .incoming_data import _Enclave, _shutdown
+from .incoming_handover import _Handover
 from .protocol import AgentError, SessionState
-from .reservations import release_reservations
-from .resumed import mark_resumed
 
 __all__: list[str] = []
 
@@ -39,8 +30,8 @@ DELIVER_WAIT: Final = 20.0
 REDELIVER_ACCEPT: Final = 30.0
 
 
-class _SessionDecisions(_SessionState):
-    """Decide, hold, settle, resume or undo one incoming migration."""
+class _SessionDecisions(_Handover):
+    """Decide, hold, settle or undo one incoming migration."""
 
     def redeliver(self, index: int) -> int:
         """Replace enclave ``index``'s lost copy by a fresh listener; its port (0: none)."""
@@ -246,139 +237,7 @@ class _SessionDecisions(_SessionState):
         self.settled.set()
         self.agent.unhold(self)
 
-    def _check_enclaves_alive(self) -> None:
-        """Each incoming enclave answers, and so does the platform that must claim its id.
-
-        The source commits only after ``restored``: a copy that died before is
-        found here, and the migration aborts with the source running on.
-        """
-
-        if not self.enclaves:
-            return
-        if not _platform_alive(self.config.platform_socket):
-            raise AgentError("the platform service of this host is gone")
-        for enclave in self.enclaves:
-            link = getattr(enclave.engine, "link", None)
-            try:
-                if link is None or enclave.decided.is_set():
-                    raise AgentError("no longer waiting for the decision")
-                link.call("__mig_status")
-            except MigSGXError as exc:
-                raise AgentError(f"enclave {enclave.index} is gone: {exc}") from exc
-
-    def _check_activated(self, cause: MigSGXError | None) -> None:
-        """Right before ``resumed``: the activated enclaves and their platform still run.
-
-        Window W3 (``docs/spec/commit.md``): an enclave that claimed the id and
-        died before (or while) the tree was attached leaves the application
-        running without it.  That is not success, and not in doubt either (the
-        id was claimed: the state must never be delivered again): the tool hears
-        ``lost-after-commit``.  The tree is left running, as after the crash of
-        a live enclave.
-        """
-
-        gone = [
-            f"enclave {e.index} (pid {pid})"
-            for e, pid in zip(self.enclaves, self.enclave_pids(), strict=True)
-            if not _pid_alive(pid)
-            or e.index in self.hung_up
-            or (e.ecall_sock is not None and _hung_up(e.ecall_sock))
-        ]
-        if not gone and self.enclaves and not _platform_alive(self.config.platform_socket):
-            # Every enclave claimed its id, lives and holds its state: a platform
-            # service that died after the claims strands nothing (its enclaves
-            # attach to the next one, as after any restart), so this is no loss.
-            log.warning("migration %s: the platform service ended after the claims; the "
-                        "enclaves run and attach to it again once it is back",
-                        self.tag)  # fmt: skip
-        if not gone:
-            return
-        log.error("migration %s: lost after the commit: %s", self.tag, ", ".join(gone))
-        raise LostAfterCommitError(
-            f"committed and claimed, but {', '.join(gone)} ended before the tree was attached: "
-            f"the application (pid {self.root}) runs without its enclave; the state is lost"
-        ) from cause
-
-    def arrivals(self) -> set[bytes]:
-        """The migration ids this session's enclaves loaded (or are loading)."""
-
-        return {e.engine.migration_id for e in self.enclaves if e.engine is not None} - {b""}
-
-    # --- the hand-over -----------------------------------------------------------------------
-    def _any_committed(self) -> bool:
-        deadline = time.monotonic() + self.config.commit_grace
-        for enclave in self.enclaves:
-            enclave.decided.wait(max(0.0, deadline - time.monotonic()))
-        return any(e.ecall_sock is not None for e in self.enclaves)
-
-    def _resume_tree(self, commit_timeout: float) -> float:
-        """Enclaves active, tree running, enclaves attached; returns the attach time."""
-
-        assert self.root is not None
-        deadline = time.monotonic() + commit_timeout
-        for enclave in self.enclaves:
-            enclave.decided.wait(max(0.0, deadline - time.monotonic()))
-        if any(e.ecall_sock is not None for e in self.enclaves):
-            self.no_return = True
-        for enclave in self.enclaves:
-            if enclave.ecall_sock is None:
-                cause = enclave.commit_error
-                raise AgentError(f"enclave {enclave.index}: no commit: {cause}") from cause
-        if not self.enclaves and self.session_id:
-            # The commit point of a tree without enclaves: written before it runs, so
-            # that a source host whose tool died learns it (``migsgx recover``); one
-            # that cannot be written refuses the resume (the tree is discarded, the
-            # source runs on).
-            try:
-                mark_resumed(self.config.work_dir, self.session_id)
-            except OSError as exc:
-                raise AgentError(f"the resume cannot be recorded: {exc}") from exc
-            self.no_return = True  # (recorded: decided, whatever fails from here)
-            _inject(fault("agent.resume-marked"), self)
-        self.no_return = True
-        if self.restored is not None and self.restored.before_resume is not None:
-            self.restored.before_resume()
-        if self.window is not None:
-            self.window.run()  # its missing pages come from the source from now on
-        else:
-            continue_tree(self.root)
-        self.tree_continued = True
-        t0 = time.monotonic()
-        link = AppLink.find(self.root)
-        if link is None:
-            if self.enclaves:
-                raise AgentError("the restored application has no migration control to attach to")
-            return 0.0
-        socks = [e.ecall_sock for e in self.enclaves if e.ecall_sock is not None]
-        infos = [getattr(e.engine, "info", None) or e.source_info for e in self.enclaves]
-        if self.enclaves:
-            link.attach(socks, infos)
-        # Whose enclave end is closed (the enclave died): read by _check_activated.
-        self.hung_up = [e.index for e in self.enclaves if _hung_up(e.ecall_sock)]
-        for sock in socks:
-            sock.close()
-        return time.monotonic() - t0
-
-    def _continue_decided(self) -> None:
-        """A tree without enclaves whose resume was recorded runs, if it can.
-
-        The record is the commit point (``docs/spec/commit.md`` 4.3): the
-        source is ended once anyone asks, so a step that failed before the tree
-        ran must not leave it stopped.  Best effort: what still fails is logged,
-        the tree stays held as it is (a restarted agent continues it by the record).
-        """
-
-        if self.tree_continued or self.window is not None or self.root is None:
-            return
-        try:
-            if self.restored is not None and self.restored.before_resume is not None:
-                self.restored.before_resume()
-            continue_tree(self.root)
-            self.tree_continued = True
-        except (MigSGXError, OSError) as exc:
-            log.error("migration %s: the decided tree (pid %d) was not continued: %s",
-                      self.tag, self.root, exc)  # fmt: skip
-
+    # --- undone ------------------------------------------------------------------------------
     def abort(self, reason: str, *, keep_lost: bool = False) -> None:
         """Undo everything this session made; idempotent.
 
@@ -403,101 +262,6 @@ class _SessionDecisions(_SessionState):
         self._teardown()
         self.decided_outcome = "aborted"
         self.settled.set()
-
-    def _discard_all(self) -> None:
-        if self.restored is not None and self.driver is not None:
-            try:
-                self.driver.discard(self.restored)
-            except MigSGXError as exc:
-                log.error("migration %s: %s not removed: %s", self.tag, self.restored.label, exc)
-        for enclave in self.enclaves:
-            _shutdown(enclave.conn)
-            if enclave.engine is not None:
-                with contextlib.suppress(Exception):
-                    enclave.engine.abort()
-        # An enclave that died after LOADED could not release the name it reserved.
-        mids = [e.engine.migration_id for e in self.enclaves if e.engine is not None]
-        with contextlib.suppress(MigSGXError, OSError):
-            release_reservations(self.config.state, mids)
-
-    def _cleanup(self, *, after_reply: bool = False) -> None:
-        """The session ends; ``after_reply``: its directories go once the answer is out
-        (a migration's last answer, ``resumed``, ends its downtime: removing a
-        gigabyte of images is no part of it)."""
-
-        with self._lock:
-            self._finished = True
-        self._teardown(after_reply=after_reply)
-        if self.machine.state is SessionState.RESUMED:
-            self.decided_outcome = "resumed"
-        self.settled.set()
-
-    def _teardown(self, *, after_reply: bool = False) -> None:
-        if self.window is not None:
-            self.window.close()  # (a running tree's window closes on its own)
-        for sock in self._listeners:
-            with contextlib.suppress(OSError):
-                sock.close()
-        self._stop_pages()
-        self._close_files()
-        remove_record(self.session_dir)
-        for path in dict.fromkeys(p for p in (self.images_dir, self.session_dir) if p):
-            if after_reply:
-                self._discard_after_reply.append(path)
-            else:
-                self.agent.discard(path)
-
-    def _discard_pending(self) -> None:
-        """Remove what :meth:`_cleanup` left for after the answer (see there)."""
-
-        while self._discard_after_reply:
-            self.agent.discard(self._discard_after_reply.pop())
-
-
-def _platform_alive(path: Path) -> bool:
-    """Whether the platform service that listens on ``path`` still runs.
-
-    A connection alone does not tell: a child the service forked may still
-    hold the listening socket for a moment after the service died, and the
-    kernel then queues connections for nobody.  The process that listened
-    (``SO_PEERCRED``) must be alive and not a zombie.
-    """
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(2.0)
-        sock.connect(str(path))
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    except OSError:
-        return False
-    finally:
-        sock.close()
-    return _proc.alive(int.from_bytes(creds[:4], "little"))
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie does not).
-
-    The enclave's pid as it reported it: the agent and its platform service share
-    a pid namespace (as the fault hooks assume).  Its connection alone does not
-    tell at once: the sandbox launcher may hold a copy for a moment after it died.
-    """
-
-    return pid > 0 and _proc.alive(pid)
-
-
-def _hung_up(sock: socket.socket | None) -> bool:
-    """Whether the enclave at the other end of ``sock`` closed it (it died).
-
-    Polled, never read: the application shares the connection.  Independent of
-    pid namespaces (the enclave's pid may be another namespace's).
-    """
-
-    if sock is None or sock.fileno() < 0:
-        return False
-    poller = select.poll()
-    poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
-    return bool(poller.poll(0))
 
 
 def _answers(engine: IncomingEnclave) -> bool:

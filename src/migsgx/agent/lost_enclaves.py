@@ -13,6 +13,7 @@ dead ones (``source_lost``), whose destination copies no decision can reach
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 from pathlib import Path
 
@@ -31,23 +32,21 @@ def note_lost(journals: list[str], gone: list[int]) -> None:
             Journal.load(Path(name)).update(source_lost=sorted(set(gone)))
 
 
-def hung_up(sock: socket.socket) -> bool:
+def hung_up(sock: socket.socket | None) -> bool:
     """Whether the enclave at the other end of ``sock`` is gone (its end is closed).
 
     An enclave closes its connection only as its process ends: with a commit
-    (recorded in its platform store before it answers) or dead.
+    (recorded in its platform store before it answers) or dead.  Polled, never
+    read (an application may share the connection) and without touching the
+    socket's blocking mode; independent of pid namespaces.  No socket, or one
+    closed here: False.
     """
 
-    try:
-        sock.setblocking(False)
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False  # alive, only slow to answer
-    except OSError:
-        return True  # (reset: gone)
-    finally:
-        with contextlib.suppress(OSError):
-            sock.setblocking(True)
+    if sock is None or sock.fileno() < 0:
+        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(0))
 
 
 def no_commit(journals: list[str]) -> bool:

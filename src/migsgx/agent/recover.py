@@ -37,7 +37,7 @@ from .dumpdirs import sweep_dump_dirs
 from .journal import Journal
 from .recover_orphans import resolve_orphaned
 from .recover_records import Resolution, all_decided, decisions_of, keep_aborts
-from .recover_resolve import COPY_LOST, MIXED, REFUSABLE, RollForward, resolve
+from .recover_resolve import COPY_LOST, MIXED, REFUSABLE, REVOKING, RollForward, resolve
 from .source_host import is_guardian, lost_detail
 from .tls import AgentIdentity
 
@@ -66,7 +66,8 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
             result = resolve_orphaned(journal, Path(state), identity)
             if result is None:
                 result = resolve(journal, Path(state), identity)
-            if result.detail in (COPY_LOST, REFUSABLE) or result.detail.startswith(MIXED):
+            # (REVOKING: the guardian revoked some and goes on; wait for it too)
+            if result.detail in (COPY_LOST, REFUSABLE, REVOKING) or result.detail.startswith(MIXED):
                 result = _through_guardian(journal, result)
             results.append(result)
         except (MigSGXError, OSError) as exc:
@@ -97,6 +98,8 @@ def _through_guardian(journal: Journal, result: Resolution) -> Resolution:
 
     pid = journal.guardian_pid
     if not pid or not is_guardian(pid):
+        if result.decision == "revoked":
+            return result  # (the next recover takes the enclaves back and goes on)
         if result.decision == "mixed":
             return Resolution(
                 result.mid, journal.phase, "mixed", "in-doubt",

@@ -67,7 +67,7 @@ from .source_host import alive, end_committed, end_fenced, give_back, lost_detai
 from .tls import AgentIdentity
 
 __all__ = [
-    "COPY_LOST", "MIXED", "REFUSABLE", "Redeliver", "Revoke", "RollForward", "resolve",
+    "COPY_LOST", "MIXED", "REFUSABLE", "REVOKING", "Redeliver", "Revoke", "RollForward", "resolve",
 ]  # fmt: skip
 
 DELIVER_TIMEOUT: Final = 30.0
@@ -88,6 +88,7 @@ REFUSABLE: Final = (
     "committed, and the destination's tree can never run (a post-copy tree killed after "
     "the COMMIT): whoever holds the source enclaves revokes their commit on its refusal"
 )
+REVOKING: Final = "some commits were revoked: migsgx recover revokes the rest"
 COPY_LOST: Final = (
     "committed; the destination keeps the tree held, but its loaded copy died before "
     "it judged the decision: the committed source enclaves must deliver their state again"
@@ -305,8 +306,7 @@ def _revoked(
     mid = journal.data["mid"]
     kinds = kinds_of(decisions)
     if revoke is None:
-        return Resolution(mid, journal.phase, "revoked", "in-doubt",
-                          "some commits were revoked: migsgx recover revokes the rest")  # fmt: skip
+        return Resolution(mid, journal.phase, "revoked", "in-doubt", REVOKING)
     try:
         note = revoke(journal, identity, kinds)
     except MigSGXError as exc:

@@ -34,7 +34,7 @@ from ..datapath.outgoing import OutgoingEnclave
 from ..errors import InDoubtError, MigSGXError, ProtocolError
 from ..host.appctl import info_from_wire, info_to_wire
 from ..host.client import EnclaveInfo
-from .control import CONNECT_TIMEOUT, ask_agent
+from .control import CONNECT_TIMEOUT, AgentConnection, ask_agent
 from .datalink import open_data
 from .faults import fault
 from .handback import call_enclave, commit_rest
@@ -177,11 +177,20 @@ def revoke_commits(
     for index, kind in enumerate(kinds):
         if kind == "revoked":
             continue
+        # The control connection stays open until the revocation ends: the
+        # destination's refusal listener ends with it.
+        control = AgentConnection(journal.to, identity, CONTROL_TIMEOUT)
         try:
-            # (an agent of version 1 has no refuse: refused at the greeting)
-            port, key = _ask(journal, identity, "refuse", index)
-            peer = socket.create_connection((journal.to[0], port), timeout=CONNECT_TIMEOUT)
+            control.greet("guardian")  # (an agent of version 1 has no refuse: refused here)
+            reply = control.call(
+                {"t": "refuse", "session_id": journal.mid, "index": index}, "redelivery"
+            )
+            key = bytes(reply.get("data_key") or b"")
+            peer = socket.create_connection(
+                (journal.to[0], int(reply["data_port"])), timeout=CONNECT_TIMEOUT
+            )
         except (MigSGXError, OSError) as exc:
+            control.close()
             raise InDoubtError(f"enclave {index}: the destination does not refuse: {exc}") from exc
         # (a committed enclave: its recorded token is not needed)
         source = held[index].source_end(index, b"committed")
@@ -194,6 +203,7 @@ def revoke_commits(
         finally:
             with contextlib.suppress(OSError):
                 peer.close()
+            control.close()  # (only now: the destination's listener ends with it)
 
 
 @dataclass

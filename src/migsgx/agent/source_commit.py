@@ -91,14 +91,21 @@ class _DecisionSteps(_EnclaveSteps):
             try:
                 reply = self.control_call({"t": "resume"}, "resumed")
             except RefusedError as exc:
-                if exc.context.get("remote_code") == PastCommitError.code:
+                past = exc.context.get("remote_code") == PastCommitError.code
+                if past and self.lazy is not None:
+                    # Post-copy: said only once the tree ran in its page window; the
+                    # window's report follows, as after ``resumed``, and decides.
+                    log.warning("%s: its tree runs, the window decides", exc)
+                    reply = {"attach_seconds": 0.0}
+                elif past:
                     raise InDoubtError(
                         "the destination recorded the resume (the commit point), then it "
                         f"failed ({exc}): the source stays stopped until the guardian (or "
                         "migsgx recover) hears the destination's answer"
                     ) from exc
-                self.resume_sent = False  # the destination refused, and killed what it held
-                raise
+                else:
+                    self.resume_sent = False  # the destination refused, and killed what it held
+                    raise
             except MigSGXError as exc:
                 raise InDoubtError(
                     "the resume went, but the destination did not confirm it; its resume "
