@@ -24,6 +24,8 @@ its guardian first); ``abort-rest`` at ``ckpt.between-commits``:
 the checkpoint tool aborts the enclaves not yet committed, as a racing guardian
 would, and dies).
 Unset, every point is a no-op.
+A fault's mark is on stderr (``migsgx fault: POINT:ACTION at T``); with
+``MIGSGX_TRACE`` set the steps around it are too (:mod:`migsgx._trace`).
 """
 
 from __future__ import annotations
