@@ -82,3 +82,43 @@ def test_a_step_is_marked_only_when_traced(
     _trace.step("roll-back")
     (found,) = marks(capsys.readouterr().err)
     assert found[:2] == ("step", "roll-back")
+
+
+def test_the_probe_asks_on_one_connection_and_waits_out_a_freeze() -> None:
+    """A source that stops answering for a while: the PING in flight is answered when
+    it runs again, on the same connection (no new one reaches its listener)."""
+
+    import socket
+    import threading
+    import time
+
+    from migsgx.lab.storm_timeline import Probe
+
+    made: list[socket.socket] = []
+    frozen = threading.Event()
+
+    def serve(end: socket.socket) -> None:
+        with end, end.makefile("rwb") as stream:
+            for line in stream:
+                if frozen.is_set():
+                    time.sleep(0.6)  # (the freeze: answered once it is over)
+                    frozen.clear()
+                stream.write(b"PONG\n" if line == b"PING\n" else b"ERR\n")
+                stream.flush()
+
+    def connect() -> socket.socket:
+        ours, theirs = socket.socketpair()
+        threading.Thread(target=serve, args=(theirs,), daemon=True).start()
+        made.append(ours)
+        return ours
+
+    probe = Probe(connect, interval=0.01)
+    probe.start()
+    assert probe.wait_answer(5.0)
+    at = time.monotonic()
+    frozen.set()
+    time.sleep(0.8)
+    probe.finish()
+    assert len(made) == 1
+    back = back_after(probe.answers, at, probe.ended)
+    assert back is not None and back - at >= 0.5

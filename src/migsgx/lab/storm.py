@@ -66,9 +66,9 @@ DOCUMENTED: Final = {0: "moved", 6: "stayed", 7: "in doubt", 8: "source gone", 1
 SETTLE_SECONDS: Final = 60.0
 #: A tool still running after this long hangs: it is killed, and the migration fails.
 TOOL_SECONDS: Final = 300.0
-#: The probe's ``PING``: seconds to connect (a gated listener drops the SYN: try again
-#: soon) and to be answered (a frozen source answers once it runs).
-PING_CONNECT: Final = 0.1
+#: The probe's connection: seconds to connect (then again, while none is made).
+PING_CONNECT: Final = 1.0
+#: Seconds a source that stayed may take to answer the probe once the hosts settled.
 PING_ANSWER: Final = 2.0
 
 
@@ -229,7 +229,8 @@ class Storm:
         argument, args = self.target.migrate_args(pid)
         args = [*args, *self.options]
         port = self.target.port
-        probe = Probe(lambda: self._ping(frm, port))
+        probe = Probe(lambda: self.bed.host(to).connect(self.bed.host(frm).address, port,
+                                                        timeout=PING_CONNECT))  # fmt: skip
         probe.start()
         client = Client(self, frm)
         client.start()
@@ -293,26 +294,6 @@ class Storm:
         out.write_back_seconds = None if write is None else write - at
         out.noticed = noticed(out.reason, out.exit) if out.exit != 0 else ""
         out.timeline = timeline(stderr, at, {"tool-end": t_end, "answer": answer, "write": write})
-
-    def _ping(self, at: str, port: int) -> bool | None:
-        """One ``PING`` to the app on ``at``: answered or not (``None``: no connection).
-        The connect is bounded short (a gated listener drops it), the answer not (a
-        frozen source answers it the moment it runs again)."""
-
-        try:
-            conn = self.bed.host(self._other(at)).connect(
-                self.bed.host(at).address, port, timeout=PING_CONNECT
-            )
-        except OSError:
-            time.sleep(0.01)  # (refused at once: the source is gone, or not back yet)
-            return None
-        with conn:
-            try:
-                conn.settimeout(PING_ANSWER)
-                conn.sendall(b"PING\n")
-                return conn.recv(16).startswith(b"PONG")
-            except OSError:
-                return False
 
     def _keep(self, out: Outcome | None, run: MigrateRun | None = None) -> None:
         """With ``keep_failed``: a failed migration's CRIU and runc logs (gathered since it

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -157,30 +158,59 @@ def by_kind(
 
 
 class Probe(threading.Thread):
-    """Asks the source ``PING`` every ``interval`` seconds and notes when it answered.
+    """Asks the source ``PING`` every ``interval`` seconds on one connection and notes
+    when it answered.
 
-    ``ask()``: one ``PING``; True when it was answered, False when it was not,
-    ``None`` when it could not be sent (no connection: asked again at once, so
-    that a listener's gate opening is seen within the connect's short bound).  A
-    source that is frozen or stopped still accepts (the kernel does): that
-    ``PING`` is answered the moment it runs again.
+    One connection (``connect()``), kept: a source that is frozen or stopped
+    answers a ``PING`` sent on it the moment it runs again, and no new
+    connection reaches its listener meanwhile (CRIU refuses to dump a listener
+    with connections waiting to be accepted).  Made again only once it broke
+    (the source moved or ended).
     """
 
-    def __init__(self, ask: Callable[[], bool | None], interval: float = 0.05) -> None:
+    def __init__(self, connect: Callable[[], socket.socket], interval: float = 0.05) -> None:
         super().__init__(name="migsgx-storm-probe", daemon=True)
-        self._ask, self.interval = ask, interval
+        self._connect, self.interval = connect, interval
         self.answers: list[float] = []
         self.stop = threading.Event()
         #: When it stopped asking (:meth:`finish`).
         self.ended: float | None = None
 
     def run(self) -> None:
+        conn: socket.socket | None = None
         while not self.stop.is_set():
-            answered = self._ask()
-            if answered:
-                self.answers.append(time.monotonic())
-            if answered is not None:
-                self.stop.wait(self.interval)
+            try:
+                if conn is None:
+                    conn = self._connect()
+                    conn.settimeout(0.2)  # (to look at ``stop`` while the source is frozen)
+                conn.sendall(b"PING\n")
+                if self._answer(conn):
+                    self.answers.append(time.monotonic())
+            except OSError:
+                if conn is not None:
+                    conn.close()
+                conn = None
+                self.stop.wait(0.02)
+                continue
+            self.stop.wait(self.interval)
+        if conn is not None:
+            conn.close()
+
+    def _answer(self, conn: socket.socket) -> bool:
+        """Wait for the answer (as long as it takes, until :meth:`finish`)."""
+
+        line = b""
+        while not line.endswith(b"\n"):
+            try:
+                data = conn.recv(64)
+            except TimeoutError:
+                if self.stop.is_set():
+                    raise
+                continue
+            if not data:
+                raise ConnectionResetError("the source closed the probe's connection")
+            line += data
+        return line.startswith(b"PONG")
 
     def wait_answer(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for an answer from now on; whether one came."""
