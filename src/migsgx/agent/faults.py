@@ -265,7 +265,7 @@ def flipping_relay(
             while True:
                 if held is not None:
                     # Read on while holding: a sender left without a window for longer
-                    # than its TCP user timeout (4 s) would fail for that instead.
+                    # than its TCP user timeout (3 s) would fail for that instead.
                     if hold is not None and not hold() and time.monotonic() < deadline:
                         if ended:
                             time.sleep(0.005)
