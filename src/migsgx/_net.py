@@ -19,7 +19,7 @@ __all__ = ["LIVENESS_SECONDS", "keep_alive"]
 #: the user timeout).  It is most of what a stalled network costs before the
 #: source runs again: 4 s left under a second for the roll-back itself, which a
 #: loaded machine took (stall faults back after 3.5-5.4 s at load 8-9, the rest of
-#: the roll-back 0.05-0.3 s of it: docs/migration.md, "The storm").
+#: the roll-back 0.05-0.3 s of it: docs/migration.md, "Where the seconds back go").
 LIVENESS_SECONDS: Final = 3
 
 
