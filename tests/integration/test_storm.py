@@ -40,6 +40,14 @@ def test_a_short_storm_keeps_one_copy_and_every_write(bed: Testbed) -> None:
     storm.target.remove()
     assert not result["failures"], json.dumps(result["failures"], indent=1)
     assert any(o.reached for o in outcomes)  # the faults were reached, not only drawn
+    # Where the tool rolled back, the steps from the fault to the source answering
+    # again are measured, not guessed: the tool's own marks and the probe's answer.
+    rolled_back = [o for o in outcomes if o.outcome == "stayed" and o.exit == 6]
+    assert rolled_back  # (seed 33's index 7: the destination agent killed after the restore)
+    for o in rolled_back:
+        assert o.back_seconds is not None and o.write_back_seconds is not None, as_json(o)
+        assert {"roll-back", "enclaves-aborted", "handed-back", "answer"} <= set(o.timeline)
+        assert o.noticed.startswith("tool: "), as_json(o)
 
 
 CKPT_SEED = 30  # (its three: a guardian killed after the commit, a restored tree killed

@@ -2,7 +2,7 @@
 
 Real loopback TCP: a listener stands in for the destination agent.  While the
 relay holds the damaged byte it reads on, so the sender is never left without a
-window (its 4 s TCP user timeout would fail the stream for that instead).
+window (its 3 s TCP user timeout would fail the stream for that instead).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ PACKAGE = SRC / "migsgx"
 #: Rooms from the bottom up.  A module may import its own room and the rooms below.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("migsgx", "migsgx.errors"),
-    ("migsgx.wire", "migsgx._fs", "migsgx._fds", "migsgx._net", "migsgx.limits"),
+    ("migsgx.wire", "migsgx._fs", "migsgx._fds", "migsgx._net", "migsgx._trace", "migsgx.limits"),
     ("migsgx.channel",),
     ("migsgx.sgx",),  # the trusted seam (sgx.trusted) and the emulator behind it
     ("migsgx.core",),  # sans-I/O: handshake, stream, manifest, commit, policy

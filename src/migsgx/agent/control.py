@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from .._net import keep_alive
+from .._trace import step
 from ..errors import MigSGXError, ProtocolError
 from ..wire import recv_frame, send_frame
 from .protocol import CONTROL, CONTROL_FRAME_MAX, AgentError, RefusedError
@@ -109,6 +110,7 @@ class AgentConnection:
         try:
             send_frame(self.sock, for_version(msg, self.version), max_size=CONTROL_FRAME_MAX)
         except OSError as exc:
+            step("control-failed")
             raise AgentError(f"the destination agent went away: {exc}") from exc
 
     def call(self, msg: Mapping[str, Any], expect: str) -> dict[str, Any]:
@@ -121,6 +123,7 @@ class AgentConnection:
         try:
             reply = recv_frame(self.sock, CONTROL, max_size=CONTROL_FRAME_MAX)
         except (MigSGXError, OSError) as exc:
+            step("control-failed")
             raise AgentError(f"no answer to {request} from the destination: {exc}") from exc
         if reply["t"] == "err":
             raise RefusedError(

@@ -27,6 +27,8 @@ guardian first); ``abort-rest`` at ``ckpt.between-commits``:
 the checkpoint tool aborts the enclaves not yet committed, as a racing guardian
 would, and dies).
 Unset, every point is a no-op.
+A fault's mark is on stderr (``migsgx fault: POINT:ACTION at T``); with
+``MIGSGX_TRACE`` set the steps around it are too (:mod:`migsgx._trace`).
 """
 
 from __future__ import annotations
@@ -266,7 +268,7 @@ def flipping_relay(
             while True:
                 if held is not None:
                     # Read on while holding: a sender left without a window for longer
-                    # than its TCP user timeout (4 s) would fail for that instead.
+                    # than its TCP user timeout (3 s) would fail for that instead.
                     if hold is not None and not hold() and time.monotonic() < deadline:
                         if ended:
                             time.sleep(0.005)

@@ -72,6 +72,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._trace import step
 from ..containers.gate import open_gate, parse_ungate
 from ..containers.imagefs import sweep_leftovers
 from ..containers.podnet import unlock
@@ -202,6 +203,8 @@ def _main(argv: list[str] | None, tool: int) -> int:
     with os.fdopen(args.pipe, "r") as pipe:
         for line in pipe:
             notes.append(line.strip())
+    if "done" not in notes:
+        step("guardian-pipe-closed")
     # A tool killed while a fault hook held its engine's CRIU (SIGSTOP) left the
     # container's tasks seized by a stopped CRIU: continued first, whatever comes next.
     continued = release_noted(notes)
@@ -257,6 +260,7 @@ def _main(argv: list[str] | None, tool: int) -> int:
         if args.checkpoint:
             resolve_checkpoint_of(Path(args.checkpoint), aborted=False, held=socks)
         return 0
+    step("guardian-aborted")
     log("the tool died before the commit point: resuming the source")
     # Post-copy: the tool's CRIU still holds the tree (it may wait for a page
     # connection that never comes); it must let go before SIGCONT can stick.
@@ -271,6 +275,7 @@ def _main(argv: list[str] | None, tool: int) -> int:
             except MigSGXError as exc:
                 log(f"could not unlock the source's network: {exc}")
         handed = resume_source(args.app_pid, args.app_name, socks, fenced, frozen, log)
+        step("guardian-handed-back")
         # Killed here, the journal still names the duplicates the enclaves let go
         # with the hand-back; a later migration's may take their numbers, and the
         # holds' nonces keep ``migsgx recover`` off those (``holders.take_held``).

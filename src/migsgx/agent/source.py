@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .._net import keep_alive
+from .._trace import step
 from ..containers import DumpPlan
 from ..containers.postcopy import check_pipe_max_size, uncork
 from ..containers.runc_lazy import free_port
@@ -197,6 +198,7 @@ class _Migration(_DecisionSteps):
                 self._inject(self._fault("tool.before-dump"))
                 self._dump(dump_dir, ready)
             except BaseException as exc:
+                step("failed")
                 self._join_enclaves()
                 undecided = not self.committed and not self.resume_sent
                 gone = undecided and not _alive(pid)

@@ -13,6 +13,7 @@ import socket
 from typing import Any
 
 from .. import _proc
+from .._trace import step
 from ..errors import InDoubtError, LostAfterCommitError, MigSGXError, SourceLostError
 from .control import CONNECT_TIMEOUT
 from .datalink import open_data
@@ -211,6 +212,7 @@ class _DecisionSteps(_EnclaveSteps):
 
     def _roll_back(self, cause: BaseException, *, source_gone: bool = False) -> None:
         reason = f"{type(cause).__name__}: {cause}"[:500]
+        step("roll-back")
         log.warning("migration aborted: %s", reason)
         # The source enclaves decide ABORT first; their frames go on the data
         # connections and again with the agent's ``abort``, since a destination
@@ -233,6 +235,7 @@ class _DecisionSteps(_EnclaveSteps):
                 abort_enclave(sock)  # (no migration began: it only lets its duplicate go)
             socks.append(sock)
             frames.append(getattr(transfer.outgoing, "abort_frame", b"") or b"")
+        step("enclaves-aborted")
         lost = self._lost_undecided(frames)
         # ``aborted`` until the source runs again: what the guardian and ``migsgx
         # recover`` finish by giving it back (``docs/spec/commit.md`` 4).
@@ -249,12 +252,14 @@ class _DecisionSteps(_EnclaveSteps):
                     abort["source_lost"] = lost
                 reply = self.control.call(abort, "aborted")
                 kept_nothing = not reply.get("held")
+        step("destination-aborted")
         self._inject(self._fault("tool.rolled-back"))
         if self.lazy is not None:
             self.lazy.stop()  # CRIU lets go of the tree before it is thawed
         for pid in self.fenced:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+        step("continued")
         self._settle(False)
         if source_gone:
             # Nobody to hand the enclaves back to: closing their connections ends them.
@@ -263,6 +268,7 @@ class _DecisionSteps(_EnclaveSteps):
         elif self.link is not None and socks:
             try:
                 self.link.resume(socks)
+                step("handed-back")
             except MigSGXError as exc:
                 log.error("the enclaves could not be handed back (the guardian retries): %s", exc)
                 self.hand_back_failed = True

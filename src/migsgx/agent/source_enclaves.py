@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .._trace import step
 from ..datapath.enclave_link import EnclaveLink
 from ..datapath.outgoing import OutgoingEnclave
 from ..errors import MigrationError, MigSGXError, ProtocolError
@@ -221,6 +222,7 @@ class _EnclaveSteps(_MigrationState):
         source frozen for seconds; cancelled, CRIU resumes the tree at once.
         """
 
+        step("enclave-failed")
         if not self.committed:
             self.cancel.cancel(f"enclave {transfer.handed.index}: {type(exc).__name__}: {exc}")
 

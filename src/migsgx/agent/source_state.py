@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from .._trace import step
 from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
 from ..containers.engine_notes import ENGINE_NOTES
 from ..core.rounds import StopRules
@@ -194,6 +195,7 @@ class _MigrationState:
 
     def note(self, phase: str) -> None:
         self.t[phase] = time.monotonic()
+        step(phase)
         if self.opts.progress is not None:
             self.opts.progress(phase)
 

@@ -12,6 +12,7 @@ import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .._trace import step
 from ..errors import MigSGXError
 from ..system.process import kill_tree, tree_pids
 from .base import ContainerError, DumpPlan, Source
@@ -122,6 +123,7 @@ def listeners_gated(
         if gate is not None:
             with contextlib.suppress(MigSGXError):
                 gate.open()
+            step("ungated")
 
 
 def give_back(
@@ -138,6 +140,7 @@ def give_back(
         return
     with contextlib.suppress(MigSGXError):
         resume_frozen(source.root, freezer)
+    step("thawed")
     if unlock is not None:
         with contextlib.suppress(MigSGXError):
             unlock()

@@ -38,12 +38,23 @@ from pathlib import Path
 from typing import Final
 
 from .. import _proc
+from .._trace import TRACE_ENV
 from ..criu import KEEP_LOGS_ENV
 from ..system.process import process_state
 from .containers import ContainerLab
 from .storm_apps import ContainerTarget, ProcessTarget, Target
-from .storm_checks import Client, Verdict, heal, leftovers, restart_dead
+from .storm_checks import Client, Verdict, heal, kernel_kills, leftovers, restart_dead
 from .storm_faults import Fault, draw
+from .storm_timeline import (
+    Probe,
+    back_after,
+    by_kind,
+    fault_time,
+    marks,
+    noticed,
+    spread,
+    timeline,
+)
 from .testbed import AgentProcess, MigrateRun, Testbed
 
 __all__ = ["Outcome", "Storm"]
@@ -55,6 +66,10 @@ DOCUMENTED: Final = {0: "moved", 6: "stayed", 7: "in doubt", 8: "source gone", 1
 SETTLE_SECONDS: Final = 60.0
 #: A tool still running after this long hangs: it is killed, and the migration fails.
 TOOL_SECONDS: Final = 300.0
+#: The probe's connection: seconds to connect (then again, while none is made).
+PING_CONNECT: Final = 1.0
+#: Seconds a source that stayed may take to answer the probe once the hosts settled.
+PING_ANSWER: Final = 2.0
 
 
 @dataclass
@@ -71,6 +86,17 @@ class Outcome:
     reached: bool = False
     seconds: float = 0.0
     back_seconds: float | None = None
+    #: The former measure, for comparison: a ``PING`` sent only once the tool ended
+    #: and what the fault killed was started again (exit 6 only).
+    back_polled_seconds: float | None = None
+    #: From the fault to the client's first acknowledged write after it (the
+    #: enclaves back too), while the tool still ran.
+    write_back_seconds: float | None = None
+    #: Who noticed the fault and how (:func:`.storm_timeline.noticed`).
+    noticed: str = ""
+    #: Seconds from the fault to each step marked, the tool's end, the source's
+    #: answer and the client's write (:func:`.storm_timeline.timeline`).
+    timeline: dict[str, float] = field(default_factory=dict)
     recover: dict[str, int] = field(default_factory=dict)
     acked: int = 0
     over_bound: bool = False
@@ -83,7 +109,10 @@ class Outcome:
             "index": self.index, "seed": self.seed, "fault": self.fault, "kind": self.kind,
             "from": self.frm, "exit": self.exit, "outcome": self.outcome,
             "reached": self.reached, "seconds": round(self.seconds, 3),
-            "back_seconds": None if self.back_seconds is None else round(self.back_seconds, 3),
+            "back_seconds": _rounded(self.back_seconds),
+            "back_polled_seconds": _rounded(self.back_polled_seconds),
+            "write_back_seconds": _rounded(self.write_back_seconds),
+            "noticed": self.noticed, "timeline": self.timeline,
             "recover": self.recover, "acked": self.acked, "over_bound": self.over_bound,
             "failures": self.failures, "reason": self.reason,
         }  # fmt: skip
@@ -199,23 +228,34 @@ class Storm:
         pid = self._source_pid = self.target.root_pid(frm)
         argument, args = self.target.migrate_args(pid)
         args = [*args, *self.options]
+        port = self.target.port
+        probe = Probe(lambda: self.bed.host(to).connect(self.bed.host(frm).address, port,
+                                                        timeout=PING_CONNECT))  # fmt: skip
+        probe.start()
         client = Client(self, frm)
         client.start()
         t0 = time.monotonic()
         hung = False
         try:
             run = self.bed.migrate(argument, agent, name=frm, args=args, timeout=TOOL_SECONDS,
-                                   env={"MIGSGX_FAULT": fault.tool})  # fmt: skip
+                                   env={"MIGSGX_FAULT": fault.tool, TRACE_ENV: "1"})  # fmt: skip
         except subprocess.TimeoutExpired as exc:  # (killed by ``migrate``: its guardian acts)
             hung = True
             text = [b.decode(errors="replace") if isinstance(b, bytes) else b or ""
                     for b in (exc.stdout, exc.stderr)]  # fmt: skip
             run = MigrateRun(-9, None, text[0], text[1], TOOL_SECONDS)
+        t_end = time.monotonic()
         client.finish()
         out = Outcome(index, seed, fault.spec, fault.kind, frm, run.returncode,
-                      seconds=time.monotonic() - t0)  # fmt: skip
+                      seconds=t_end - t0)  # fmt: skip
         if hung:
             out.failures.append(f"the tool did not end within {TOOL_SECONDS:.0f} s (killed)")
+        elif run.returncode == -9 and not fault.kills_tool:
+            # Nothing of the storm's sent it: what the tool did last, and the kernel's word.
+            steps = [m for m in marks(run.stderr) if m[0] == "step"]
+            last = f"{steps[-1][1]} at {steps[-1][2] - t0:.3f} s" if steps else "none"
+            out.failures.append(f"the tool died by a SIGKILL no fault sent, {t_end - t0:.3f} s "
+                                f"in; its last step {last}; kernel: {kernel_kills()}")  # fmt: skip
         logs = run.stderr + (agent.log.read_text(errors="replace") if fault.agent else "")
         out.reached = "migsgx fault:" in logs
         if run.returncode != 0:
@@ -224,12 +264,16 @@ class Storm:
         restarted = restart_dead(self.bed, [*self.agents.values(), agent], self.agents)
         for host in self.bed.names:
             heal(self.bed, host)
-        back = self._back_seconds(frm, run, logs) if run.returncode == 6 else None
-        out.back_seconds = back
+        at = fault_time(logs)
+        if run.returncode == 6 and at is not None:
+            out.back_polled_seconds = self._back_seconds(frm, at)
         if run.returncode not in (0, 6):
             out.recover = {h: self._recover(h, out) for h in self.bed.names}
         out.acked = len(self.writes)
-        self._settle(out, fault, frm, to, run, back)
+        self._settle(out, fault, frm, to, run, probe)
+        if at is not None:
+            self._timeline(out, at, run.stderr, probe, client.acked_at, t_end)
+        out.over_bound = out.outcome == "stayed" and (out.back_seconds or 0.0) > self.bound
         if out.failures:
             self._keep(out, run)
         main = [id(a) for a in self.agents.values()]
@@ -237,6 +281,19 @@ class Storm:
             if id(extra) not in main:
                 extra.stop()
         return out
+
+    def _timeline(self, out: Outcome, at: float, stderr: str, probe: Probe,
+                  acked: list[float], t_end: float) -> None:  # fmt: skip
+        """The steps from the fault (at ``at``) on, who noticed it, and when the source
+        answered again (where it stayed)."""
+
+        stayed = out.outcome == "stayed"
+        answer = back_after(probe.answers, at, probe.ended) if stayed else None
+        write = back_after(acked, at, t_end) if stayed else None
+        out.back_seconds = None if answer is None else answer - at
+        out.write_back_seconds = None if write is None else write - at
+        out.noticed = noticed(out.reason, out.exit) if out.exit != 0 else ""
+        out.timeline = timeline(stderr, at, {"tool-end": t_end, "answer": answer, "write": write})
 
     def _keep(self, out: Outcome | None, run: MigrateRun | None = None) -> None:
         """With ``keep_failed``: a failed migration's CRIU and runc logs (gathered since it
@@ -273,17 +330,14 @@ class Storm:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
 
-    def _back_seconds(self, frm: str, run: MigrateRun, logs: str) -> float | None:
-        """From the fault (its mark) to the source answering again with a request."""
+    def _back_seconds(self, frm: str, at: float) -> float | None:
+        """The former measure: from the fault (at ``at``) to a ``PING`` answered once
+        the tool ended and the storm restarted what the fault killed."""
 
-        marks = [float(m.rpartition(" at ")[2].split()[0]) for m in logs.splitlines()
-                 if m.startswith("migsgx fault:") and " at " in m]  # fmt: skip
-        if not marks:
-            return None
         deadline = time.monotonic() + SETTLE_SECONDS
         while time.monotonic() < deadline:
             if self.ask("PING", frm, timeout=2.0) == "PONG":
-                return time.monotonic() - max(marks)
+                return time.monotonic() - at
             time.sleep(0.02)
         return None
 
@@ -301,24 +355,27 @@ class Storm:
         return done.returncode
 
     def _settle(
-        self, out: Outcome, fault: Fault, frm: str, to: str, run: MigrateRun, back: float | None
+        self, out: Outcome, fault: Fault, frm: str, to: str, run: MigrateRun, probe: Probe
     ) -> None:
-        """Wait for one copy (or none, where allowed), judge it, and move on from there."""
+        """Wait for one copy (or none, where allowed), judge it, and move on from there.
+
+        ``probe`` (of the source) ends once the hosts settled: a source that stayed
+        answers it by then."""
 
         verdict = Verdict(self, fault, frm, to, run)
         deadline = time.monotonic() + SETTLE_SECONDS
         while not (settled := verdict.settled()) and time.monotonic() < deadline:
             time.sleep(0.1)
         out.outcome = verdict.outcome()
+        if out.outcome == "stayed":
+            probe.wait_answer(PING_ANSWER)  # (a source given back just now: its answer)
+        probe.finish()
         out.failures += verdict.failures(out.outcome)
         if not out.reached and out.outcome != "moved":
             # No fault happened (none drawn, or its point never came): it had to move.
             out.failures.append(f"{out.outcome} without a fault: {out.reason}")
         if not settled:
             out.failures.append(f"not settled after {SETTLE_SECONDS:.0f} s: {verdict.states()}")
-        # A figure, not a failure: the load of the machine is in it (the 4 s keep-alive of
-        # a stall, plus scheduling delay, passes 5 s on a loaded machine).
-        out.over_bound = out.outcome == "stayed" and back is not None and back > self.bound
         copies = 1 if out.outcome in ("moved", "stayed") else 0
         out.failures += leftovers(self, run, frm, self._source_pid, copies)
         if out.outcome in ("moved", "stayed") and not out.failures:
@@ -340,17 +397,16 @@ def summary(outcomes: list[Outcome]) -> dict[str, object]:
     for o in outcomes:
         per = kinds.setdefault(o.kind, {})
         per[o.outcome] = per.get(o.outcome, 0) + 1
-    backs = sorted(o.back_seconds for o in outcomes if o.back_seconds is not None)
+    backs = [o.back_seconds for o in outcomes if o.back_seconds is not None]
+    polled = [o.back_polled_seconds for o in outcomes if o.back_polled_seconds is not None]
     return {
         "migrations": len(outcomes),
         "failed": sum(1 for o in outcomes if o.failures),
         "by_kind": kinds,
-        "source_back_seconds": _spread(backs),
-        "over_bound": [
-            {"index": o.index, "fault": o.fault, "back_seconds": round(o.back_seconds or 0, 3)}
-            for o in outcomes
-            if o.over_bound
-        ],
+        "source_back_seconds": spread(backs),
+        "source_back_polled_seconds": spread(polled),
+        "back_by_kind": by_kind((o.kind, o.back_seconds, o.timeline) for o in outcomes),
+        "over_bound": [_over_bound(o) for o in outcomes if o.over_bound],
         "failures": [
             {"index": o.index, "seed": o.seed, "fault": o.fault, "failures": o.failures}
             for o in outcomes
@@ -359,11 +415,13 @@ def summary(outcomes: list[Outcome]) -> dict[str, object]:
     }
 
 
-def _spread(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    return {"min": round(values[0], 3), "median": round(values[len(values) // 2], 3),
-            "max": round(values[-1], 3), "runs": len(values)}  # fmt: skip
+def _over_bound(o: Outcome) -> dict[str, object]:
+    return {"index": o.index, "fault": o.fault, "back_seconds": _rounded(o.back_seconds),
+            "noticed": o.noticed, "timeline": o.timeline}  # fmt: skip
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def as_json(out: Outcome) -> str:

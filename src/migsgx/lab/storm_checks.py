@@ -46,7 +46,16 @@ class Storm(Protocol):
     def expected_digest(self) -> str: ...
 
 
-__all__ = ["Client", "Verdict", "enclave_pids", "guardians", "heal", "leftovers", "restart_dead"]
+__all__ = [
+    "Client",
+    "Verdict",
+    "enclave_pids",
+    "guardians",
+    "heal",
+    "kernel_kills",
+    "leftovers",
+    "restart_dead",
+]
 
 _GONE: Final = ("Z", "X", "")
 #: Seconds the leftovers may take to go (a guardian's last delivery, a release).
@@ -55,16 +64,19 @@ LEFTOVER_SECONDS: Final = 30.0
 
 class Client(threading.Thread):
     """Writes to the app on ``at`` while the tool runs (a client does not wait for a
-    migration); each write is acknowledged, refused, or in doubt (:meth:`Storm.put`)."""
+    migration); each write is acknowledged, refused, or in doubt (:meth:`Storm.put`).
+    :attr:`acked_at`: when each acknowledgement came (the storm's monotonic clock)."""
 
     def __init__(self, storm: Storm, at: str) -> None:
         super().__init__(name="migsgx-storm-client", daemon=True)
         self.storm, self.at = storm, at
         self.stop = threading.Event()
+        self.acked_at: list[float] = []
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.storm.put(self.at, timeout=2.0)
+            if self.storm.put(self.at, timeout=2.0) is True:
+                self.acked_at.append(time.monotonic())
             self.stop.wait(0.05)
 
     def finish(self) -> None:
@@ -293,3 +305,15 @@ def heal(bed: Testbed, host: str) -> None:
         if parts[:1] == ["-A"] and parts[-2:] == ["-j", "DROP"] and "--tcp-flags" not in parts:
             subprocess.run(bed.host(host).command(["iptables", "-D", *parts[1:]]),
                            capture_output=True, timeout=10)  # fmt: skip
+
+
+def kernel_kills(limit: int = 5) -> list[str]:
+    """The kernel's last lines about processes it killed (the OOM killer), for a tool
+    that died by a SIGKILL no fault of the storm sent."""
+
+    try:
+        text = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ["(dmesg unreadable)"]
+    lines = [ln for ln in text.splitlines() if "Killed process" in ln or "oom" in ln.lower()]
+    return lines[-limit:]

@@ -37,6 +37,7 @@ from .containers import ContainerLab
 from .storm import SETTLE_SECONDS, TOOL_SECONDS, Outcome, Storm
 from .storm_checks import Client, Verdict, enclave_pids, guardians, restart_dead
 from .storm_faults import Fault
+from .storm_timeline import fault_time
 from .testbed import MigrateRun, Testbed
 
 __all__ = ["CKPT_ACTIONS", "CKPT_POINTS", "RESTORE_ACTIONS", "RESTORE_POINTS", "CheckpointStorm",
@@ -157,8 +158,10 @@ class CheckpointStorm(Storm):
         if run.returncode == 70:
             out.recover["checkpoint"] = self._recover_ckpt(ck, out)
         self._settled_source(pid)
-        if drawn.ckpt and self.target.copies()["src"]:  # rolled back: seconds to answer again
-            out.back_seconds = self._back_seconds("src", _as_run([run]), run.stderr)
+        at = fault_time(run.stderr)
+        if drawn.ckpt and self.target.copies()["src"] and at is not None:
+            # Rolled back: seconds to answer again (polled once the tool ended).
+            out.back_seconds = self._back_seconds("src", at)
         if run.returncode not in (0, 70):
             out.recover["checkpoint"] = self._recover_ckpt(ck, out)
         if not self.target.copies()["src"]:  # the source ended: the checkpoint is the copy
