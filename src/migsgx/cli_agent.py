@@ -66,6 +66,9 @@ def _platform_host_id(state: Path) -> str:
 @click.option("--images-in-ram", is_flag=True,
               help="receive CRIU's images into RAM (/dev/shm) when it has room for them, "
               "not the work directory")  # fmt: skip
+@click.option("--spend-images/--no-spend-images", default=True, show_default=True,
+              help="free a process's pages from its images as CRIU restores them "
+              "(CRIU's auto-dedup): their page cache goes back during the restore")  # fmt: skip
 @click.option("--min-protocol", type=click.IntRange(1, PROTOCOL_VERSION), default=1,
               show_default=True,
               help="refuse tools older than this control protocol version (raise it once "
@@ -82,6 +85,7 @@ def agent_serve(
     work_dir: Path | None,
     keep_images: bool,
     images_in_ram: bool,
+    spend_images: bool,
     min_protocol: int,
     ready_file: Path | None,
     metrics: str | None,
@@ -118,6 +122,7 @@ def agent_serve(
             work_dir=work_dir or state / "agent" / "work",
             keep_images=keep_images,
             images_in_ram=images_in_ram,
+            spend_images=spend_images,
             min_protocol=min_protocol,
             containers=ContainerSettings.load(state),
         )

@@ -79,6 +79,11 @@ def _echo_medians(result: dict[str, Any], names: Iterable[str], width: int, repe
 @click.option("--ab-images-ram", is_flag=True,
               help="A/B: each run also migsgx (agent serve --images-in-ram) and CRIU "
               "alone with the destination's images in RAM (/dev/shm)")  # fmt: skip
+@click.option("--ab-spend-images", is_flag=True,
+              help="A/B: each run also migsgx with the destination's images left whole "
+              "through the restore (agent serve --no-spend-images)")  # fmt: skip
+@click.option("--ab-chunk-size", default=None,
+              help="A/B: each run also migsgx with --chunk-size SIZE")  # fmt: skip
 def bench_process(
     enclave_size: str,
     repeat: int,
@@ -92,6 +97,8 @@ def bench_process(
     ab_prefault: bool,
     ab_overlap: bool,
     ab_images_ram: bool,
+    ab_spend_images: bool,
+    ab_chunk_size: str | None,
 ) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
@@ -108,6 +115,8 @@ def bench_process(
         ab_prefault=ab_prefault,
         ab_overlap=ab_overlap,
         ab_images_ram=ab_images_ram,
+        ab_spend_images=ab_spend_images,
+        ab_chunk_size=parse_size(ab_chunk_size) if ab_chunk_size else 0,
     )
     if plot_path is not None:
         plot(result, plot_path)

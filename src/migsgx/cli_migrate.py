@@ -104,7 +104,8 @@ def recover_command(
 @click.option("--json", "as_json", is_flag=True, help="print per-phase figures as JSON")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--keep-images", is_flag=True)
-@click.option("--chunk-size", default=None, help="enclave stream chunk size (e.g. 1MiB)")
+@click.option("--chunk-size", default=None,
+              help="enclave stream chunk size (default 1MiB; --live's rounds 128KiB)")  # fmt: skip
 @click.option("--mode", type=click.Choice(["pipelined", "sequential"]), default="pipelined")
 @click.option("--keep-tcp", is_flag=True, help="fail on established TCP connections")
 @click.option("--tcp-established/--no-tcp-established", "tcp_established", default=None,

@@ -19,6 +19,7 @@ __all__ = [
     "MAX_OFFER_SLOTS",
     "MAX_SLOTS",
     "MAX_SLOT_SIZE",
+    "MIGRATE_CHUNK_SIZE",
     "MIN_CHUNK_SIZE",
     "STREAM_MAX_CHUNK_SIZE",
     "STREAM_MIN_CHUNK_SIZE",
@@ -41,6 +42,13 @@ MAX_CHUNK_SIZE: Final = STREAM_MAX_CHUNK_SIZE
 #: processes of a migration, shared pages counted once (docs/benchmarks.md, "Memory").
 DEFAULT_CHUNK_SIZE: Final = 128 << 10
 DEFAULT_SLOTS: Final = 2
+#: The enclave streams of a stop-and-copy ``migrate`` (a process or container moving
+#: beside CRIU's dump on the same cores): 1 MiB x 2 slots, a ring of 2 MiB and a
+#: private copy of 1 MiB per destination enclave, against a sealed page relay that
+#: holds 4 MiB frames on each host anyway.  An eighth of the chunks: each costs a
+#: wake-up of four processes, which a loaded machine makes slow; paired against
+#: 128 KiB (docs/benchmarks.md, "Larger chunks on the process path").
+MIGRATE_CHUNK_SIZE: Final = 1 << 20
 
 #: The most ring slots a source may ask a destination to allocate (a peer's offer).
 MAX_OFFER_SLOTS: Final = 64

@@ -81,3 +81,22 @@ def test_images_in_ram_against_the_work_directory(bed: Testbed) -> None:
             if "(RAM): room for" in line:
                 placed = Path(line.split("the images go to ")[1].split(" (RAM)")[0])
                 assert placed.parent == Path("/dev/shm") and not placed.exists()
+
+
+def test_spent_images_and_another_chunk_size_paired(bed: Testbed) -> None:
+    """``--ab-spend-images`` and ``--ab-chunk-size``: the agent's default restore (its
+    images spent as CRIU reads them) beside one that leaves them whole, and migrate
+    with another chunk size; every arm moved the app with its memory intact."""
+
+    run = one_run(bed, 4 * MIB, ab_spend_images=True, ab_chunk_size=256 << 10, flip=True)
+    assert run["whole_images_ran_first"] is True and run["chunk_ran_first"] is True
+    for name in ("migsgx", "migsgx_whole_images", "migsgx_chunk"):
+        assert run[name]["details"]["page_bytes"] >= 4 * MIB  # (digests checked by one_run)
+    whole, spent = run["migsgx_whole_images"], run["migsgx"]
+    assert run["spend_images_restore_speedup"] == (
+        whole["phases"]["restore"] / spent["phases"]["restore"]
+    )
+    assert run["chunk_size"] == 256 << 10
+    assert run["chunk_downtime_speedup"] == (
+        spent["downtime_seconds"] / run["migsgx_chunk"]["downtime_seconds"]
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from proc_helpers import (
 )
 
 from migsgx import _proc
+from migsgx.containers.base import HostConfig, RestoreRequest
+from migsgx.containers.pid import PidDriver
 from migsgx.criu import MIN_VERSION, Criu, DumpCancel, InNetns, InTaskNamespaces
 from migsgx.criu.images import credentials_of
 from migsgx.criu.pageserver import PageServer
@@ -103,6 +106,41 @@ def test_dump_and_restore_keeps_memory_and_listener(
     assert new_pid == proc.pid
     assert ("post-restore", proc.pid) in restored
     assert ask("inc", port) == "4"
+    assert ask("sum", port) == digest
+
+
+@pytest.mark.parametrize("spend", [True, False], ids=["spent", "whole"])
+def test_the_pid_drivers_restore_spends_the_images_pages(
+    criu: Criu,
+    spawn: SpawnFactory,
+    kill_later: KillLater,
+    subreaper: None,
+    tmp_path: Path,
+    spend: bool,
+) -> None:
+    """An incoming migration's images are read once: CRIU frees each block of pages
+    from them as it restores it; left whole when not asked (a checkpoint's)."""
+
+    proc, port = start_server(spawn, tmp_path, COUNTER_SERVER)
+    assert ask("inc", port) == "1"
+    digest = ask("sum", port)
+    dump_dir = images(tmp_path)
+    criu.dump(proc.pid, dump_dir)
+    wait_gone(proc)
+    pages = list(dump_dir.glob("pages-*.img"))
+    held = sum(p.stat().st_blocks * 512 for p in pages)
+    assert held >= 8 << 20  # the blob's pages, stored
+    driver = PidDriver(HostConfig(criu))
+    restored = driver.restore(RestoreRequest(dump_dir, {}, tcp_close=False, spend_images=spend))
+    kill_later(restored.pid)
+    left = sum(p.stat().st_blocks * 512 for p in pages)
+    assert all(p.stat().st_size for p in pages)  # (the files stay, their size too)
+    if spend:
+        assert left < 1 << 20, f"{left} bytes of pages left in the images"
+    else:
+        assert left == held
+    os.kill(restored.pid, signal.SIGCONT)  # (restored stopped: leave_stopped)
+    assert ask("inc", port) == "2"
     assert ask("sum", port) == digest
 
 

@@ -30,6 +30,9 @@ class AgentConfig:
     #: Incoming images in RAM (``/dev/shm``) when it has room (:mod:`.imageroom`);
     #: False (the default, measured faster here at 4 GiB): in the work directory.
     images_in_ram: bool = False
+    #: A process tree's restore frees its pages from the images as it goes
+    #: (``--no-spend-images``: they stay whole until the session's directory goes).
+    spend_images: bool = True
     #: The oldest control protocol version accepted from a tool (``--min-protocol``):
     #: 1 while any source host runs the previous release (:mod:`.versions`).
     min_protocol: int = 1

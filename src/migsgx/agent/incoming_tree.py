@@ -133,6 +133,7 @@ class _TreeSteps(_SessionDecisions):
                         if self.driver.name != "pid" or armed("agent.in-restore")
                         else None,
                         made_tree=self._record_made_tree,
+                        spend_images=self.config.spend_images and not self.config.keep_images,
                     )
                 )
         except BaseException:

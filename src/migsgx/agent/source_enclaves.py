@@ -18,6 +18,7 @@ from .._trace import step
 from ..datapath.enclave_link import EnclaveLink
 from ..datapath.outgoing import OutgoingEnclave
 from ..errors import MigrationError, MigSGXError, ProtocolError
+from ..limits import MIGRATE_CHUNK_SIZE
 from . import early, precopy
 from .applink import HandedEnclave
 from .ckpt_journal import start_time
@@ -85,7 +86,7 @@ class _EnclaveSteps(_MigrationState):
         try:
             early.handshake_all(
                 self.transfers, lambda index: self._connect(index, ready),
-                mode=self.opts.mode, chunk_size=self.opts.chunk_size,
+                mode=self.opts.mode, chunk_size=self.opts.chunk_size or MIGRATE_CHUNK_SIZE,
                 memory_hint=self.opts.prefault_ahead,
             )  # fmt: skip
         except BaseException as exc:
@@ -140,8 +141,7 @@ class _EnclaveSteps(_MigrationState):
         if not self.transfers:
             return
         kwargs: dict[str, Any] = {"mode": self.opts.mode, "memory_hint": self.opts.prefault_ahead}
-        if self.opts.chunk_size is not None:
-            kwargs["chunk_size"] = self.opts.chunk_size
+        kwargs["chunk_size"] = self.opts.chunk_size or MIGRATE_CHUNK_SIZE
         for position, transfer in enumerate(self.transfers):
             h = transfer.handed
             if transfer.outgoing is None:  # (live: made for the pre-copy)

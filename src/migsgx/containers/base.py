@@ -172,6 +172,11 @@ class RestoreRequest:
     #: only when this returns): from then on a dead agent's CRIU completes the
     #: restore, so the agent records the tree before it answers.
     made_tree: Callable[[int], None] | None = None
+    #: The images are read once (an incoming migration's, not a checkpoint's): a
+    #: driver that can has CRIU free each block of pages from them as it restores it
+    #: (CRIU's ``auto_dedup``), so their page cache goes back to the host during the
+    #: restore, where the restored memory takes it, not after it.
+    spend_images: bool = False
 
 
 @dataclass

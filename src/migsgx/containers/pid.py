@@ -98,6 +98,8 @@ class PidDriver:
         extra: dict[str, bool] = {"leave_stopped": True}
         if request.tcp_close:
             extra["tcp_close"] = True
+        if request.spend_images:
+            extra["auto_dedup"] = True  # each block of pages punched out once restored
         made, made_tree = request.made, request.made_tree
 
         def notify(script: str, pid: int) -> None:

@@ -183,6 +183,8 @@ def one_run(
     ab_prefault: bool = False,
     ab_images_ram: bool = False,
     ab_overlap: bool = False,
+    ab_spend_images: bool = False,
+    ab_chunk_size: int = 0,
 ) -> dict[str, Any]:
     """migsgx and CRIU alone back to back, with the ratios of the pair.
 
@@ -218,7 +220,14 @@ def one_run(
     paired ``overlap_total_speedup``, ``overlap_downtime_speedup`` and
     ``overlap_after_dump_speedup`` (``after_dump_seconds``: the end of CRIU's dump
     to the destination running; all without / with: above 1, the overlap helped)
-    and ``criu_over_migsgx_no_overlap_total``.
+    and ``criu_over_migsgx_no_overlap_total``.  With ``ab_spend_images``, also
+    migsgx with the destination's images left whole through the restore (``agent
+    serve --no-spend-images``), first with ``flip``: ``migsgx_whole_images`` and the
+    paired ``spend_images_total_speedup``, ``spend_images_downtime_speedup`` and
+    ``spend_images_restore_speedup`` (whole / spent: above 1, spending helped).
+    With ``ab_chunk_size`` N (not 0), also migsgx with ``--chunk-size N``, first
+    with ``flip``: ``migsgx_chunk``, ``chunk_total_speedup`` and
+    ``chunk_downtime_speedup`` (default / N: above 1, the chunk of N was faster).
     """
 
     niced_args = ("--criu-nice", str(ab_criu_nice))
@@ -230,6 +239,10 @@ def one_run(
     ram_first = _in_ram(bed, size) if ab_images_ram and flip else None
     serial_args = ("--no-overlap-restore",)
     serial_first = _migsgx(bed, size, serial_args) if ab_overlap and flip else None
+    whole_args = ("--no-spend-images",)
+    whole_first = _migsgx(bed, size, agent_args=whole_args) if ab_spend_images and flip else None
+    chunk_args = ("--chunk-size", str(ab_chunk_size))
+    chunk_first = _migsgx(bed, size, chunk_args) if ab_chunk_size and flip else None
     migsgx = _migsgx(bed, size)
     serial = (serial_first or _migsgx(bed, size, serial_args)) if ab_overlap else None
     extra: dict[str, Any] = {}
@@ -261,6 +274,21 @@ def one_run(
             prefault_cpu_ratio=(
                 sum(migsgx["cpu_by_process"].values()) / sum(faulted["cpu_by_process"].values())
             ),
+        )
+    if ab_spend_images:
+        whole = whole_first or _migsgx(bed, size, agent_args=whole_args)
+        extra.update(
+            migsgx_whole_images=whole,
+            whole_images_ran_first=whole_first is not None,
+            **_speedups("spend_images", whole, migsgx, restore=True),
+        )
+    if ab_chunk_size:
+        chunk = chunk_first or _migsgx(bed, size, chunk_args)
+        extra.update(
+            migsgx_chunk=chunk,
+            chunk_size=ab_chunk_size,
+            chunk_ran_first=chunk_first is not None,
+            **_speedups("chunk", migsgx, chunk),
         )
     plain = criu_only(bed, 2 * size)
     if serial is not None:
@@ -319,6 +347,22 @@ def one_run(
     }
 
 
+def _speedups(
+    name: str, before: dict[str, Any], after: dict[str, Any], *, restore: bool = False
+) -> dict[str, float]:
+    """``NAME_total_speedup`` and ``NAME_downtime_speedup`` (and the restore's): before / after."""
+
+    out = {
+        f"{name}_total_speedup": before["total_seconds"] / after["total_seconds"],
+        f"{name}_downtime_speedup": before["downtime_seconds"] / after["downtime_seconds"],
+    }
+    if restore:
+        out[f"{name}_restore_speedup"] = before["phases"]["restore"] / max(
+            after["phases"]["restore"], 1e-9
+        )
+    return out
+
+
 def _in_ram(bed: Testbed, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """migsgx with the destination's images in RAM (``/dev/shm``), then CRIU alone
     with its images there too."""
@@ -340,6 +384,8 @@ def run(
     ab_prefault: bool = False,
     ab_images_ram: bool = False,
     ab_overlap: bool = False,
+    ab_spend_images: bool = False,
+    ab_chunk_size: int = 0,
 ) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
@@ -354,7 +400,8 @@ def run(
                 one = one_run(
                     bed, size, ab_late_handshake, post_copy, ab_page_tls, ab_criu_nice,
                     flip=i % 2 == 1, ab_prefault=ab_prefault, ab_images_ram=ab_images_ram,
-                    ab_overlap=ab_overlap,
+                    ab_overlap=ab_overlap, ab_spend_images=ab_spend_images,
+                    ab_chunk_size=ab_chunk_size,
                 )  # fmt: skip
                 runs.append(one)
     finally:
@@ -376,4 +423,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         labels.append(("migsgx_criu_tls", "migsgx migrate, pages in CRIU's TLS"))
     if "migsgx_no_overlap" in result["runs"][0]:
         labels.append(("migsgx_no_overlap", "migsgx migrate --no-overlap-restore"))
+    if "migsgx_whole_images" in result["runs"][0]:
+        labels.append(("migsgx_whole_images", "migsgx migrate, agent --no-spend-images"))
+    if "migsgx_chunk" in result["runs"][0]:
+        labels.append(("migsgx_chunk", f"migsgx migrate --chunk-size {result['chunk_size']}"))
     plot_timelines(median_panels(result, labels), path)
