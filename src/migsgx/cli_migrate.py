@@ -283,7 +283,7 @@ def checkpoint_command(pid: int, directory: Path) -> None:
 def restore_command(directory: Path, netns: str | None, platform_socket: Path | None) -> None:
     """Restore the checkpoint in DIR (its enclave state can be restored once)."""
 
-    from .agent.checkpoint import restore
+    from .agent.ckpt_restore import restore
 
     _emit({"pid": restore(directory, netns=netns, platform_socket=platform_socket)})
 

@@ -104,6 +104,26 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
         {"migsgx.core.manifest", "migsgx.core.policy", "migsgx.core.stream"}
     ),
     "migsgx.lab.container_spec": frozenset({"migsgx.lab.hosts"}),
+    # The tool's split: the frozen part sits under the migration and over the
+    # decision; the restore over the checkpoint (never the reverse).
+    "migsgx.agent.source_dump": frozenset(
+        {
+            "migsgx.agent.ckpt_journal",
+            "migsgx.agent.control",
+            "migsgx.agent.lazy",
+            "migsgx.agent.protocol",
+            "migsgx.agent.source_commit",
+            "migsgx.agent.versions",
+        }
+    ),
+    "migsgx.agent.ckpt_restore": frozenset(
+        {
+            "migsgx.agent.applink",
+            "migsgx.agent.checkpoint",
+            "migsgx.agent.ckpt_journal",
+            "migsgx.agent.guardian",
+        }
+    ),
 }
 
 

@@ -57,9 +57,6 @@ log = logging.getLogger("migsgx.migrate")
 #: committed source's end removes: :mod:`migsgx.containers.engine_notes`)
 UNDO_NOTES: Final = frozenset({"criu", "netup", "thaw", "ungate"}) | ENGINE_NOTES
 
-#: Files of the dump directory that stay on the source.
-_LOCAL_ONLY: Final = frozenset({"dump.log"})
-
 Progress = Callable[[str], None]
 
 
