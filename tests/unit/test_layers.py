@@ -104,8 +104,10 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
         {"migsgx.core.manifest", "migsgx.core.policy", "migsgx.core.stream"}
     ),
     "migsgx.lab.container_spec": frozenset({"migsgx.lab.hosts"}),
-    # The tool's split: the frozen part sits under the migration and over the
-    # decision; the restore over the checkpoint (never the reverse).
+    # The tool's split: the loss of a source enclave is named below every layer that
+    # says it; the frozen part sits under the migration and over the decision; the
+    # restore over the checkpoint (never the reverse).
+    "migsgx.agent.enclave_loss": frozenset(),
     "migsgx.agent.source_dump": frozenset(
         {
             "migsgx.agent.ckpt_journal",

@@ -9,7 +9,8 @@ Order on the way out: the app hands its enclaves over; each enclave writes its
 state (the source enclaves still hold theirs); CRIU dumps the tree; in CRIU's
 ``post-dump`` step the enclaves give their state up.  A failure before that
 step resumes the enclaves and the app (CRIU's post-dump veto), so the tree runs
-on as before.
+on as before (exit 6), or without the state of an enclave that died before it
+was asked to commit (exit 11, :mod:`.enclave_loss`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from .ckpt_journal import (
     start_time,
     write_journal,
 )
+from .enclave_loss import LostEnclave, dead, lost_error
 from .faults import fault, kill_dead, socket_owner
 from .guardian import Guardian
 from .handback import let_go
@@ -92,6 +94,8 @@ def checkpoint(
     group = os.urandom(16) if len(handed) > 1 else b""
     outs = [CheckpointOut(h.sock, h.info, h.image_files, group=group) for h in handed]
     committed: list[int] = []
+    #: Enclaves sent their commit (alive then: one dead before cannot have committed).
+    asked: set[int] = set()
     fenced: list[int] = []
     meta = {"format": FORMAT, "pid": pid, "pidns": pidns, "tcp_close": tcp_close,
             "enclaves": len(handed), "start": start_time(pid)}  # fmt: skip
@@ -126,6 +130,8 @@ def checkpoint(
         for i, out in enumerate(outs):
             if committed and _fault("ckpt.between-commits", pid, handed, guardian=guardian):
                 _race_an_abort(outs[i:])
+            if _alive(handed[i].info.pid):
+                asked.add(i)
             try:
                 out.commit(meta_digest)  # the gate binds the metadata (and so every file)
             except MigSGXError:
@@ -182,6 +188,13 @@ def checkpoint(
                             path.unlink()
                 write_journal(directory, "aborted", holders=[])
                 said = _not_saved(exc, pid) if isinstance(exc, Exception) else exc
+                lost = [
+                    LostEnclave.of(i, h.info) for i, h in enumerate(handed)
+                    if i not in asked and dead(h.info.pid)
+                ]  # fmt: skip
+                if lost and isinstance(exc, Exception) and not isinstance(said, SourceGoneError):
+                    # Nothing saved, the source runs, but not as before: exit 11.
+                    raise lost_error(lost, "the checkpoint", exc) from exc
                 if said is not exc:
                     raise said from exc
             raise
@@ -231,7 +244,8 @@ def _not_saved(exc: Exception, pid: int) -> Exception:
 
     Exit 6 (``migration``) when the source runs on, 8 (``source-gone``) when it
     ended; a configuration error keeps its own status.  Before, every failure
-    but a few exited 1, whether or not the source ran.
+    but a few exited 1, whether or not the source ran.  (11, an enclave that
+    died before it was asked to commit, is the caller's: :mod:`.enclave_loss`.)
     """
 
     if isinstance(exc, (MigrationError, ConfigError)):
@@ -276,8 +290,7 @@ def _fault(
         while _alive(pid):  # SIGKILL cannot be ignored; its delivery is asynchronous
             time.sleep(0.01)
     elif action == "kill-enclave" and handed:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(handed[0].info.pid, signal.SIGKILL)
+        kill_dead([handed[0].info.pid])  # (dead before the next step: no race with it)
     return action == "abort-rest"
 
 

@@ -20,9 +20,9 @@ pages still missing; ``kill-guardian-and-tool`` at a point of the tool: SIGKILL 
 its guardian, then to the tool itself; ``kill-source-platform-and-tool``: SIGKILL
 to this host's platform service, then to the tool; ``kill-first-source-enclave-and-tool``:
 SIGKILL to the first source enclave, then to the tool (``...-guardian-and-tool``: to
-its guardian first); ``abort-rest`` at ``ckpt.between-commits``:
-the checkpoint tool aborts the enclaves not yet committed, as a racing guardian
-would, and dies).
+its guardian first); ``kill-first-source-enclave``: SIGKILL to it alone, the tool
+lives on; ``abort-rest`` at ``ckpt.between-commits``: the checkpoint tool aborts
+the enclaves not yet committed, as a racing guardian would, and dies).
 Unset, every point is a no-op.
 """
 

@@ -49,6 +49,7 @@ Idempotent: decisions are final and delivering one twice changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -56,9 +57,9 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ..containers.imagefs import sweep_leftovers
 from ..errors import LostAfterCommitError, MigSGXError
@@ -66,6 +67,7 @@ from ..sgx.counters import COUNTERS, CounterStore
 from ..sgx.store_types import Decision
 from .control import AgentConnection
 from .dumpdirs import sweep_dump_dirs
+from .enclave_loss import lost_in_journal
 from .faults import fault
 from .handback import abort_frame_of, abort_reply, let_go, resume_source
 from .holders import dead_holders, eof_socket
@@ -103,12 +105,14 @@ class Resolution:
     decision: str  # commit, abort, mixed, none
     outcome: str  # moved, stayed, in-doubt, lost, in-progress, done
     detail: str = ""
+    #: Source enclaves that died before the decision, their state gone (``enclave_loss``).
+    lost_enclaves: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def in_doubt(self) -> bool:
         return self.outcome in ("in-doubt",)
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -424,6 +428,10 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
                 result = resolve(journal, Path(state), identity)
             if result.detail in (_COPY_LOST, _REFUSABLE) or result.detail.startswith(_MIXED):
                 result = _through_guardian(journal, result)
+            # (as the tool, its guardian or this recover found them: the journal's)
+            with contextlib.suppress(MigSGXError, OSError, ValueError):
+                lost = lost_in_journal(Journal.load(journal.path).data)
+                result.lost_enclaves = [e.to_dict() for e in lost]
             results.append(result)
         except (MigSGXError, OSError) as exc:
             results.append(

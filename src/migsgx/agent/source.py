@@ -34,7 +34,9 @@ any of them through the same :class:`~migsgx.containers.Driver` seam, whose
 The layers: shared state (:mod:`.source_state`), the enclave streams
 (:mod:`.source_enclaves`), the decision (:mod:`.source_commit`), the frozen part
 (:mod:`.source_dump`: steps 3 and 4), and this module, which runs them in order
-and names the outcome of a failure.
+and names the outcome of a failure: 6 the source runs as before, 8 the
+application ended, 7 in doubt, 11 a source enclave died before the decision and
+its state is gone (:mod:`.enclave_loss`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from ..errors import (
     CriuError,
     EnclaveError,
     InDoubtError,
+    LostAfterCommitError,
     MigrationError,
     MigSGXError,
     PostCopyUnavailableError,
@@ -63,6 +66,7 @@ from . import early, precopy
 from .applink import AppLink
 from .control import AgentConnection
 from .dumpdirs import dump_dir_path, make_dump_dir, sweep_dump_dirs
+from .enclave_loss import LostEnclave, committed_in_store, dead, lost_error
 from .guardian import Guardian
 from .journal import Journal
 from .postcopy_choice import choose
@@ -139,7 +143,7 @@ class _Migration(_DumpSteps):
                     with contextlib.suppress(MigSGXError):
                         self.control.call({"t": "abort", "reason": "the freeze failed"},
                                           "aborted")  # fmt: skip
-                    self.transfers = []
+                    self.abandoned, self.transfers = self.transfers, []
                 if isinstance(exc, Exception) and not isinstance(exc, MigrationError):
                     # Nothing was frozen or moved: say so (exit 6, or 8 if the
                     # application itself ended), whatever the freeze tripped over
@@ -211,6 +215,12 @@ class _Migration(_DumpSteps):
             if self.lost_after_commit is not None:
                 raise self.lost_after_commit
             return MigrationOutcome(self._figures(), self.restored_pid, dump_dir)
+        except (MigSGXError, OSError) as exc:
+            lost = self._lost_enclaves(exc)
+            if lost:
+                # Nothing moved, but "the source runs as before" is not true of it.
+                raise lost_error(lost, "the migration", exc) from exc
+            raise
         finally:
             control.close()
             if self.guardian is not None:
@@ -227,6 +237,35 @@ class _Migration(_DumpSteps):
                 if transfer.peer is not None:
                     transfer.peer.close()
                 transfer.handed.sock.close()
+
+    def _lost_enclaves(self, exc: BaseException) -> list[LostEnclave]:
+        """The source enclaves that died before the decision, where nothing moved and
+        the source application runs (:mod:`.enclave_loss`); [] otherwise.
+
+        Not when the outcome is another: decided (committed, the resume sent, in
+        doubt), lost after the commit, or the application itself ended (8).
+        """
+
+        decided = (InDoubtError, SourceGoneError, LostAfterCommitError, SourceLostError)
+        if (
+            self.committed or self.resume_sent or self.in_doubt
+            or isinstance(exc, decided) or isinstance(exc.__cause__, InDoubtError)
+            or self.source is None or not _alive(self.source.root)
+        ):  # fmt: skip
+            return []
+        platform_state = self.opts.identity.directory.parent
+        lost = []
+        for transfer in [*self.abandoned, *self.transfers]:
+            info = transfer.handed.info
+            if not dead(info.pid):
+                continue
+            mid = transfer.outgoing.migration_id if transfer.outgoing is not None else None
+            if transfer.asked_to_commit and (
+                not mid or committed_in_store(platform_state, mid) is not False
+            ):
+                continue  # (it may have committed: that is no roll-back)
+            lost.append(LostEnclave.of(transfer.handed.index, info, mid))
+        return lost
 
 
 def migrate(opts: MigrateOptions) -> MigrationOutcome:
