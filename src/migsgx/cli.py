@@ -36,6 +36,9 @@ EXIT_SOURCE_LOST = 9
 #: Committed and claimed, but the destination's enclave (or its platform service)
 #: was gone when the tree was attached: the application runs without its enclave.
 EXIT_LOST_AFTER_COMMIT = 10
+#: Nothing moved and the source application runs, but a source enclave died before
+#: the decision: its state is gone, as after a crash (``migrate``, ``checkpoint``).
+EXIT_SOURCE_ENCLAVE_LOST = 11
 
 
 def _exit_code(exc: MigSGXError) -> int:
@@ -44,12 +47,15 @@ def _exit_code(exc: MigSGXError) -> int:
         InDoubtError,
         LostAfterCommitError,
         MigrationError,
+        SourceEnclaveLostError,
         SourceGoneError,
         SourceLostError,
     )
 
     if isinstance(exc, InDoubtError):
         return EXIT_IN_DOUBT
+    if isinstance(exc, SourceEnclaveLostError):
+        return EXIT_SOURCE_ENCLAVE_LOST
     if isinstance(exc, SourceLostError):
         return EXIT_SOURCE_LOST
     if isinstance(exc, LostAfterCommitError):

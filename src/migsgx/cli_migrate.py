@@ -51,7 +51,9 @@ def recover_command(
     enclaves' gates: committed, the checkpoint is the copy (a fenced source is
     removed; restore it); not, the source continues and the files go.  Exit
     status 7 while any stays in doubt, else 10 if a committed migration has no
-    copy left on the destination (``lost``: what remains is reported).
+    copy left on the destination (``lost``: what remains is reported).  Source
+    enclaves found dead before the decision (their state gone, the rest given
+    back) are named in ``lost_enclaves`` (the status stays as above).
     """
 
     # (imported here, and the checkpoint half only with --checkpoint: this command's
@@ -76,7 +78,10 @@ def recover_command(
         _emit([r.to_dict() for r in results])
     else:
         for r in results:
-            click.echo(f"{r.mid}  {r.phase:9}  {r.decision:6}  {r.outcome:11}  {r.detail}")
+            named = "".join(f"; enclave {e['index']} died before the decision, its state "
+                           f"is gone (MRENCLAVE {e['mr_enclave']}, pid {e['pid']})"
+                           for e in r.lost_enclaves)  # fmt: skip
+            click.echo(f"{r.mid}  {r.phase:9}  {r.decision:6}  {r.outcome:11}  {r.detail}{named}")
     doubtful = [r.mid for r in results if r.in_doubt]
     if doubtful:
         raise InDoubtError(f"{len(doubtful)} migration(s) remain in doubt: {', '.join(doubtful)}")
@@ -181,7 +186,8 @@ def migrate_command(
     doubt (run migsgx recover), 8 the source ended, 9 the source was lost inside
     the post-copy window (the application is lost: docs/migration.md), 10 the
     destination's enclave was lost after the commit (the application runs
-    without it).  Containers
+    without it), 11 a source enclave died before the decision (nothing moved,
+    the source runs without that enclave's state, which is gone).  Containers
     are found with the engine settings of STATE/containers.toml
     (docs/containers.md).  Run as root on the source host.
     """
@@ -267,7 +273,13 @@ def migrate_command(
 @click.argument("pid", type=int)
 @click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
 def checkpoint_command(pid: int, directory: Path) -> None:
-    """Checkpoint process PID (and its enclaves) into DIR; the process ends."""
+    """Checkpoint process PID (and its enclaves) into DIR; the process ends.
+
+    Exit status: 6 nothing was saved (the process runs on), 8 the process ended
+    before the checkpoint was complete, 11 an enclave of it died before its
+    commit (nothing saved; the process runs without that enclave's state,
+    which is gone: docs/migration.md, "Checkpoints").
+    """
 
     from .agent.checkpoint import checkpoint
 
@@ -284,7 +296,7 @@ def checkpoint_command(pid: int, directory: Path) -> None:
 def restore_command(directory: Path, netns: str | None, platform_socket: Path | None) -> None:
     """Restore the checkpoint in DIR (its enclave state can be restored once)."""
 
-    from .agent.checkpoint import restore
+    from .agent.ckpt_restore import restore
 
     _emit({"pid": restore(directory, netns=netns, platform_socket=platform_socket)})
 

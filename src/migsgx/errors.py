@@ -408,6 +408,24 @@ class LostAfterCommitError(MigSGXError):
     code = "lost-after-commit"
 
 
+class SourceEnclaveLostError(MigSGXError):
+    """Nothing moved and the source application runs, but a source enclave died
+    before the decision: its state is gone, as after a crash of that enclave.
+
+    From ``migrate`` and ``checkpoint``: no enclave of the migration (or
+    checkpoint) decided COMMIT, and the enclave's process ended first, so no
+    copy of its state exists anywhere and nothing can bring it back.  The
+    others (if any) went back to the application with every write.  The
+    context's ``lost`` names each one (index, MRENCLAVE, process, migration id).
+
+    Not a :class:`MigrationError`: a caller that treats those as "the source
+    runs as before" must not treat this one so; nor an :class:`InDoubtError`
+    (``migsgx recover`` has nothing to resolve).
+    """
+
+    code = "source-enclave-lost"
+
+
 class DirtyTrackingError(MigrationError):
     """The kernel's tracking of written enclave pages cannot be used."""
 

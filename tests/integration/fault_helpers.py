@@ -36,10 +36,12 @@ __all__ = [
     "EXIT_LOST_AFTER_COMMIT",
     "EXIT_MOVED_NOT",
     "EXIT_OK",
+    "EXIT_SOURCE_ENCLAVE_LOST",
     "EXIT_SOURCE_GONE",
     "DestinationFault",
     "ask",
     "destination_fault",
+    "enclave_lost",
     "fault_time",
     "guardians_of",
     "heal",
@@ -55,7 +57,7 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_MOVED_NOT, EXIT_IN_DOUBT, EXIT_CRASH = 0, 6, 7, 70
-EXIT_SOURCE_GONE, EXIT_LOST_AFTER_COMMIT = 8, 10
+EXIT_SOURCE_GONE, EXIT_LOST_AFTER_COMMIT, EXIT_SOURCE_ENCLAVE_LOST = 8, 10, 11
 _FAULT_AT = re.compile(r"migsgx fault: (\S+) at ([0-9.]+)")
 
 
@@ -178,6 +180,17 @@ def source_answers(bed: Testbed, app: AppProcess, digest: str, tool: str = "") -
                 f"{process_state(app.pid)!r}\n--- tool ---\n{tool[-4000:]}\n--- app ---\n{log}"
             )
         time.sleep(0.02)
+
+
+def enclave_lost(run: MigrateRun | subprocess.CompletedProcess[str], *indices: int) -> None:
+    """The tool said that the source enclaves ``indices`` died before the decision:
+    exit 11 (``source-enclave-lost``), each named with its measurement, no traceback."""
+
+    assert run.returncode == EXIT_SOURCE_ENCLAVE_LOST, run.stderr
+    assert "[source-enclave-lost]" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    for index in indices or (0,):
+        assert f"enclave {index} (MRENCLAVE " in run.stderr, run.stderr
+    assert "nothing can bring it back" in run.stderr, run.stderr
 
 
 def only_copy(bed: Testbed, app: AppProcess, at: str, digest: str) -> None:

@@ -36,6 +36,7 @@ from bed_helpers import enclave_processes, end_copies, wait_until
 from fault_helpers import (  # (no_images_left: autouse, after every cell no images left)
     EXIT_MOVED_NOT,
     ask,
+    enclave_lost,
     fault_time,
     guardians_of,
     loaded_app,
@@ -48,6 +49,8 @@ from fault_helpers import (  # (no_images_left: autouse, after every cell no ima
 
 from migsgx import _proc
 from migsgx.agent.ckpt_journal import JOURNAL
+from migsgx.agent.journal import journal_dir
+from migsgx.agent.tls import AgentIdentity
 from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
 from migsgx.system.process import kill_tree
 
@@ -295,6 +298,7 @@ def test_one_enclave_dead_the_other_aborted_goes_back_to_the_application(
     lost = set(keys) - set(kept)
     assert kept and lost
     try:
+        before = _mids(bed)
         run = migrate_with(bed, app, agent, "tool.before-commit:kill-first-source-enclave-and-tool")
         assert run.returncode == -9, run.stderr
         assert "Traceback" not in run.stderr
@@ -315,6 +319,8 @@ def test_one_enclave_dead_the_other_aborted_goes_back_to_the_application(
         assert ask(bed, app, "src", f"PUT {next(iter(kept))} {b'after'.hex()}").startswith("OK")
         again = recover(bed)
         assert "Traceback" not in again.stderr
+        # (as the guardian found them: it wrote them down)
+        assert _names_lost(json.loads(again.stdout), _mids(bed) - before), again.stdout
         results = [r for r in json.loads(again.stdout) if r["outcome"] != "done"]
         assert all(r["outcome"] == "stayed" for r in results), again.stdout
         wait_until(lambda: bed.copies(app)["dst"] == [], 30, "the held tree to be discarded")
@@ -344,6 +350,7 @@ def test_one_enclave_dead_tool_and_guardian_too_one_recover_gives_the_rest_back(
     lost = set(keys) - set(kept)
     try:
         fault = "tool.before-commit:kill-first-source-enclave-guardian-and-tool"
+        before = _mids(bed)
         run = migrate_with(bed, app, agent, fault)
         assert run.returncode == -9, run.stderr
         again = recover(bed)
@@ -352,6 +359,7 @@ def test_one_enclave_dead_tool_and_guardian_too_one_recover_gives_the_rest_back(
         results = [r for r in json.loads(again.stdout) if r["outcome"] != "done"]
         assert [r["outcome"] for r in results] == ["stayed"], again.stdout
         assert "enclaves handed back" in results[0]["detail"], again.stdout
+        assert _names_lost(results, _mids(bed) - before), again.stdout
         back = round(time.monotonic() - fault_time(run.stderr), 3)
         for key, value in kept.items():
             assert ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
@@ -366,3 +374,79 @@ def test_one_enclave_dead_tool_and_guardian_too_one_recover_gives_the_rest_back(
         }  # fmt: skip
     finally:
         end_copies(bed, app)
+
+
+def test_one_enclave_dead_the_tool_lives_exit_11_names_it(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """Two enclaves; before the commit the first source enclave dies, the tool lives.
+
+    The tool rolls back: the surviving enclave goes back to the application with
+    every write, the dead one's state is gone.  Before, it exited 6 ("did not
+    move: the source runs as before"), true of the process, not of its state; now
+    11 (``source-enclave-lost``), naming the dead enclave, and ``recover --json``
+    names it too (``lost_enclaves``, from the journal).
+    """
+
+    app = bed.start_app("kvstore", ["--image", str(bed.image("kvstore")), "--enclaves", "2"])
+    keys = {f"k{i}": f"v{i}".encode().hex() for i in range(8)}
+    for key, value in keys.items():
+        assert ask(bed, app, "src", f"PUT {key} {value}").startswith("OK")
+    kept = {k: v for k, v in keys.items() if zlib.crc32(k.encode()) % 2 == 1}
+    lost = set(keys) - set(kept)
+    assert kept and lost
+    try:
+        before = _mids(bed)
+        run = migrate_with(bed, app, agent, "tool.before-commit:kill-first-source-enclave")
+        enclave_lost(run, 0)
+        assert "enclave 1 (" not in run.stderr, run.stderr  # (the survivor is not named)
+        back = round(_surviving_answers(bed, app, kept) - fault_time(run.stderr), 3)
+        for key, value in kept.items():
+            assert ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
+        for key in lost:
+            assert ask(bed, app, "src", f"GET {key}").startswith("ERR"), key
+        assert ask(bed, app, "src", f"PUT {next(iter(kept))} {b'after'.hex()}").startswith("OK")
+        wait_until(lambda: bed.copies(app)["dst"] == [], 30, "the held tree to be discarded")
+        assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
+        again = recover(bed)
+        assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
+        assert _names_lost(json.loads(again.stdout), _mids(bed) - before), again.stdout
+        figures["before-commit x kill -9 one of two source enclaves"] = {
+            "outcome": "stayed without the dead enclave's state: the survivor back with every "
+            "write, the dead one named (exit 11), nothing runs twice",
+            "exit": run.returncode, "back_seconds": back,
+        }  # fmt: skip
+    finally:
+        end_copies(bed, app)
+
+
+def _surviving_answers(bed: Testbed, app: AppProcess, kept: dict[str, str]) -> float:
+    """When the surviving enclave first answered with one of its keys (polled)."""
+
+    key, value = next(iter(kept.items()))
+
+    def answers() -> bool:
+        with contextlib.suppress(OSError, AssertionError):
+            return ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
+        return False
+
+    wait_until(answers, 60, "the surviving enclave to answer")
+    return time.monotonic()
+
+
+def _mids(bed: Testbed) -> set[str]:
+    """The migration ids of the source host's journals (one per migration)."""
+
+    agent = AgentIdentity.of_state(bed.state("src")).directory
+    return {path.stem for path in journal_dir(agent).glob("*.json")}
+
+
+def _names_lost(results: list[dict[str, Any]], mids: set[str]) -> bool:
+    """Whether the resolution of the migration in ``mids`` (its one new journal) names
+    enclave 0, and only it, as lost, with its MRENCLAVE and process."""
+
+    [ours] = [r for r in results if r["mid"] in mids] or [{}]
+    named = ours.get("lost_enclaves") or []
+    return [e["index"] for e in named] == [0] and all(
+        len(e["mr_enclave"]) == 64 and e["pid"] > 0 for e in named
+    )

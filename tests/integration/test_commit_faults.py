@@ -27,6 +27,7 @@ from fault_helpers import (
     EXIT_OK,
     ask,
     destination_fault,
+    enclave_lost,
     fault_time,
     guardians_of,
     heal,
@@ -709,11 +710,13 @@ def test_source_side_party_killed(
             # The source enclave held the only copy that could run (the destination's
             # loaded copy needs a token only it could make): lost, as in a crash.  Nothing
             # else is lost and nothing runs twice: no destination copy, the source
-            # process itself runs on without its enclave.
-            assert run.returncode == EXIT_MOVED_NOT, run.stderr
+            # process itself runs on without its enclave, and the tool says so (11).
+            enclave_lost(run, 0)
             wait_until(lambda: bed.runnable_copies(app)["dst"] == 0, 20, "no destination copy")
             wait_until(lambda: process_state(app.pid) in ("S", "R"), 20, "the source to run")
             assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
+            assert ask(bed, app, "src", "DIGEST").startswith("ERR")  # its enclave is gone
+            assert ask(bed, app, "src", "PING") == "PONG"  # the application itself answers
             figures[cell] = {"outcome": "lost (the enclave with the only copy died)",
                              "exit": run.returncode}  # fmt: skip
             end_copies(bed, app)
@@ -742,11 +745,11 @@ def test_source_enclave_killed_undecided_leaves_nothing_held(
     enclaves = enclave_processes(bed, "dst")
     t0 = time.monotonic()
     run = migrate_with(bed, app, agent, f"{point}:kill-source-enclave")
-    assert run.returncode == EXIT_MOVED_NOT, run.stderr
-    assert "Traceback" not in run.stderr
+    enclave_lost(run, 0)
     wait_until(lambda: bed.copies(app)["dst"] == [], 30, "the held tree to go")
     wait_until(lambda: enclave_processes(bed, "dst") <= enclaves, 30, "the loaded copy to end")
     assert "its source enclave died undecided" in agent.log.read_text(errors="replace")
+    assert ask(bed, app, "src", "PING") == "PONG"  # the application runs, without the state
     figures[f"{point.removeprefix('tool.')} x kill -9 source enclave, destination"] = {
         "outcome": "lost (W1); the destination keeps nothing", "exit": run.returncode,
         "seconds": round(time.monotonic() - t0, 3),

@@ -34,6 +34,7 @@ from fault_helpers import (
     EXIT_OK,
     EXIT_SOURCE_GONE,
     ask,
+    enclave_lost,
     heal,
     loaded_app,
     migrate_with,
@@ -79,7 +80,8 @@ COLUMNS = {
 #: destination), ``moved`` (the destination runs, the source is gone), ``gone``
 #: (the application died: nothing runs, its enclaves ended with it), ``lost``
 #: (the source enclave, the only holder of the state, died: no copy with the
-#: state runs, the source process runs without it).
+#: state runs, the source process runs without it, and the tool exits 11,
+#: ``source-enclave-lost``, naming it).
 EXPECT: dict[tuple[str, str], str] = {
     **{(step, "kill -9 tool"): "stayed" for step in ("handshake", "dump", "transfer")},
     **{(step, "kill -9 guardian"): "moved" for step in ("prepare", "dump", "transfer")},
@@ -252,12 +254,13 @@ def judge(
     else:
         # The source enclave held the only copy that could run: lost, as in a crash.
         # Nothing else is lost, nothing runs twice: no destination copy, the source
-        # process runs on without its enclave.
-        assert run.returncode == EXIT_MOVED_NOT, run.stderr
+        # process runs on without its enclave; the tool says so (11, not 6).
+        enclave_lost(run, 0)
         wait_until(lambda: bed.runnable_copies(app)["dst"] == 0, 20, "no destination copy")
         wait_until(lambda: process_state(app.pid) in ("S", "R"), 20, "the source to run")
         assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
         assert ask(bed, app, "src", "DIGEST").startswith("ERR")  # its enclave is gone
+        assert ask(bed, app, "src", "PING") == "PONG"  # the application itself answers
         figures[cell] = {"outcome": "lost (the enclave with the only copy died)",
                          "exit": run.returncode}  # fmt: skip
         end_copies(bed, app)

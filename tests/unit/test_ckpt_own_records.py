@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from migsgx.agent import ckpt_journal
-from migsgx.agent.checkpoint import _write_held
 from migsgx.agent.ckpt_journal import HELD, JOURNAL, start_time
 from migsgx.agent.ckpt_recover import resolve_checkpoint
+from migsgx.agent.ckpt_restore import _write_held
 from migsgx.system.process import process_state, wait_stopped
 
 
@@ -141,8 +141,8 @@ def test_a_journal_planted_in_the_checkpoint_directory_continues_nothing(
 
 @pytest.mark.timeout(60)  # (a hang guard: the read of a FIFO without a writer never ended)
 def test_a_fifo_as_the_metadata_is_no_checkpoint_and_never_waited_on(tmp_path: Path) -> None:
-    from migsgx.agent.checkpoint import load_metadata
     from migsgx.agent.ckpt_journal import CHECKPOINT_META
+    from migsgx.agent.ckpt_restore import load_metadata
     from migsgx.errors import ConfigError
 
     os.mkfifo(tmp_path / CHECKPOINT_META, 0o600)

@@ -26,8 +26,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migsgx.agent import ckpt_journal
-from migsgx.agent.checkpoint import load_metadata
 from migsgx.agent.ckpt_recover import resolve_checkpoint
+from migsgx.agent.ckpt_restore import load_metadata
 from migsgx.agent.held import LOST, RECORD, HeldRecord, held_records, lost_detail
 from migsgx.agent.journal import Journal, journal_dir
 from migsgx.containers.oci import load_json

@@ -224,6 +224,28 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
             "migsgx.agent.resumed",
         }
     ),
+    # The tool's split: the loss of a source enclave is named below every layer that
+    # says it; the frozen part sits under the migration and over the decision; the
+    # restore over the checkpoint (never the reverse).
+    "migsgx.agent.enclave_loss": frozenset(),
+    "migsgx.agent.source_dump": frozenset(
+        {
+            "migsgx.agent.ckpt_journal",
+            "migsgx.agent.control",
+            "migsgx.agent.lazy",
+            "migsgx.agent.protocol",
+            "migsgx.agent.source_commit",
+            "migsgx.agent.versions",
+        }
+    ),
+    "migsgx.agent.ckpt_restore": frozenset(
+        {
+            "migsgx.agent.applink",
+            "migsgx.agent.checkpoint",
+            "migsgx.agent.ckpt_journal",
+            "migsgx.agent.guardian",
+        }
+    ),
 }
 
 

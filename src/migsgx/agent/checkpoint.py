@@ -1,4 +1,5 @@
-"""Checkpoint a tree into a directory, and restore it from there (one host, no agent).
+"""Checkpoint a tree into a directory (one host, no agent); the way back is
+:mod:`.ckpt_restore`'s.
 
 The directory holds CRIU's images, ``migsgx.json`` (what the restore needs
 to know) and, per enclave, its state sealed by the enclave itself
@@ -8,9 +9,8 @@ Order on the way out: the app hands its enclaves over; each enclave writes its
 state (the source enclaves still hold theirs); CRIU dumps the tree; in CRIU's
 ``post-dump`` step the enclaves give their state up.  A failure before that
 step resumes the enclaves and the app (CRIU's post-dump veto), so the tree runs
-on as before.  On the way back: CRIU restores the tree stopped; every enclave
-is loaded into a fresh enclave; then all are activated (each claims its
-checkpoint id), handed to the app, and the tree continues.
+on as before (exit 6), or without the state of an enclave that died before it
+was asked to commit (exit 11, :mod:`.enclave_loss`).
 """
 
 from __future__ import annotations
@@ -21,54 +21,41 @@ import json
 import os
 import secrets
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import cbor2
-
-from .._fs import write_durably, write_private
-from .._records import json_record, non_negative_int, regular_bytes
-from ..criu import Criu, InNetns, InTaskNamespaces
-from ..datapath.checkpoint import CheckpointIn, CheckpointOut
+from .._fs import write_durably
+from ..criu import Criu, InTaskNamespaces
+from ..datapath.checkpoint import CheckpointOut
 from ..errors import (
-    CheckpointDamagedError,
     ConfigError,
-    CriuError,
     MigrationError,
     MigSGXError,
-    RecordDamagedError,
     SourceGoneError,
 )
-from ..host.appctl import info_to_wire
 from ..host.client import platform_socket as default_platform_socket
 from ..system.process import (
-    continue_tree,
     is_pidns_init,
-    kill_tree,
     process_state,
     stop_tree,
     tree_pids,
-    wait_stopped,
 )
 from .applink import AppLink, HandedEnclave
 from .ckpt_journal import (
     CHECKPOINT_META,
     HELD,
     JOURNAL,
-    MAX_CHECKPOINT_ENCLAVES,
-    remove_fenced_source,
-    remove_held_leftover,
     start_time,
     write_journal,
 )
+from .enclave_loss import LostEnclave, dead, lost_error
 from .faults import fault, kill_dead, socket_owner
 from .guardian import Guardian
 from .handback import let_go
 
-__all__ = ["CHECKPOINT_META", "checkpoint", "restore"]
+__all__ = ["CHECKPOINT_META", "checkpoint"]
 
 FORMAT: Final = 1
 
@@ -107,6 +94,8 @@ def checkpoint(
     group = os.urandom(16) if len(handed) > 1 else b""
     outs = [CheckpointOut(h.sock, h.info, h.image_files, group=group) for h in handed]
     committed: list[int] = []
+    #: Enclaves sent their commit (alive then: one dead before cannot have committed).
+    asked: set[int] = set()
     fenced: list[int] = []
     meta = {"format": FORMAT, "pid": pid, "pidns": pidns, "tcp_close": tcp_close,
             "enclaves": len(handed), "start": start_time(pid)}  # fmt: skip
@@ -141,6 +130,8 @@ def checkpoint(
         for i, out in enumerate(outs):
             if committed and _fault("ckpt.between-commits", pid, handed, guardian=guardian):
                 _race_an_abort(outs[i:])
+            if _alive(handed[i].info.pid):
+                asked.add(i)
             try:
                 out.commit(meta_digest)  # the gate binds the metadata (and so every file)
             except MigSGXError:
@@ -197,6 +188,13 @@ def checkpoint(
                             path.unlink()
                 write_journal(directory, "aborted", holders=[])
                 said = _not_saved(exc, pid) if isinstance(exc, Exception) else exc
+                lost = [
+                    LostEnclave.of(i, h.info) for i, h in enumerate(handed)
+                    if i not in asked and dead(h.info.pid)
+                ]  # fmt: skip
+                if lost and isinstance(exc, Exception) and not isinstance(said, SourceGoneError):
+                    # Nothing saved, the source runs, but not as before: exit 11.
+                    raise lost_error(lost, "the checkpoint", exc) from exc
                 if said is not exc:
                     raise said from exc
             raise
@@ -246,7 +244,8 @@ def _not_saved(exc: Exception, pid: int) -> Exception:
 
     Exit 6 (``migration``) when the source runs on, 8 (``source-gone``) when it
     ended; a configuration error keeps its own status.  Before, every failure
-    but a few exited 1, whether or not the source ran.
+    but a few exited 1, whether or not the source ran.  (11, an enclave that
+    died before it was asked to commit, is the caller's: :mod:`.enclave_loss`.)
     """
 
     if isinstance(exc, (MigrationError, ConfigError)):
@@ -294,7 +293,7 @@ def _fault(
         while _alive(pid):  # SIGKILL cannot be ignored; its delivery is asynchronous
             time.sleep(0.01)
     elif action in ("kill-enclave", "kill-enclave-and-exit") and handed:
-        kill_dead([handed[0].info.pid])
+        kill_dead([handed[0].info.pid])  # (dead before the next step: no race with it)
         if action == "kill-enclave-and-exit":
             os._exit(70)  # (its guardian finds one enclave dead, the others alive)
     return action == "abort-rest"
@@ -315,187 +314,5 @@ def _digests(directory: Path) -> dict[str, list[int | str]]:
     return files
 
 
-def _verify(directory: Path, recorded: object) -> None:
-    """The checkpoint's files are exactly those written, byte for byte.
-
-    This detects damage (a truncated copy, a flipped bit) before CRIU reads
-    anything.  A rewrite of the metadata together with the files is refused by
-    the enclaves instead: each committed gate binds the metadata's SHA-256
-    (``docs/spec/checkpoint.md``), and nothing runs before every enclave opened
-    its gate.  The enclave state is authenticated by its own sealed streams.
-    """
-
-    if not isinstance(recorded, dict) or not all(
-        isinstance(v, list) and len(v) == 2 for v in recorded.values()
-    ):
-        raise CheckpointDamagedError(f"{directory}: the checkpoint records no file digests")
-    found = _digests(directory)
-    missing = sorted(set(recorded) - set(found))
-    extra = sorted(set(found) - set(recorded))
-    changed = sorted(n for n in set(recorded) & set(found) if list(recorded[n]) != found[n])
-    if missing or extra or changed:
-        detail = "; ".join(
-            f"{what}: {', '.join(names[:5])}"
-            for what, names in (("missing", missing), ("unexpected", extra), ("changed", changed))
-            if names
-        )
-        raise CheckpointDamagedError(
-            f"the checkpoint in {directory} is damaged ({detail}); nothing was restored"
-        )
-
-
-def load_metadata(directory: Path) -> tuple[bytes, dict[str, object], int]:
-    """The checkpoint's metadata (raw, parsed, enclave count), its files verified.
-
-    Everything a restore decides on comes from here, before anything is touched:
-    a damaged or forged ``migsgx.json`` is a :class:`RecordDamagedError`, a
-    damaged image file a :class:`CheckpointDamagedError`.
-    """
-
-    try:
-        raw_meta = regular_bytes(directory / CHECKPOINT_META)
-    except OSError as exc:
-        raise ConfigError(f"{directory} holds no migsgx checkpoint: {exc}") from exc
-    meta = json_record(raw_meta, f"checkpoint metadata {directory / CHECKPOINT_META}")
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"unknown checkpoint format {str(meta.get('format'))[:64]!r}")
-    count = meta.get("enclaves") or 0
-    if not non_negative_int(count, MAX_CHECKPOINT_ENCLAVES + 1):
-        raise RecordDamagedError(f"{directory}: the checkpoint metadata's enclave count is damaged")
-    # Before CRIU sees anything: a truncated page image makes CRIU's restorer spin
-    # for ever, and a changed byte would run unnoticed.
-    _verify(directory, meta.get("files"))
-    return raw_meta, meta, count
-
-
-def restore(
-    directory: Path,
-    *,
-    criu: Criu | None = None,
-    netns: str | None = None,
-    platform_socket: Path | None = None,
-) -> int:
-    """Restore the tree in ``directory`` (in the named network namespace); returns its pid."""
-
-    criu = criu or Criu()
-    directory = Path(directory)
-    raw_meta, meta, count = load_metadata(directory)
-    if count and platform_socket is None:
-        raise ConfigError("the checkpoint holds enclaves: name the host's --platform-socket")
-    meta_digest = hashlib.sha256(raw_meta).digest()
-    remove_held_leftover(directory)
-    remove_fenced_source(meta)
-    extra: dict[str, bool] = {"leave_stopped": True}
-    if meta.get("tcp_close"):
-        extra["tcp_close"] = True
-    # The enclaves load first, into fresh enclaves that do not run: a checkpoint
-    # that was never committed, was aborted or restored before is refused (its
-    # gate) before CRIU restores anything.
-    incoming: list[CheckpointIn] = []
-    pid = 0
-    guardian: Guardian | None = None
-    try:
-        for i in range(count):
-            assert platform_socket is not None
-            # The enclave opens its checkpoint only with the metadata its source
-            # committed: a rewrite of migsgx.json (with the files) is refused.
-            enclave = CheckpointIn(directory, i, platform_socket, meta_digest)
-            incoming.append(enclave)
-            enclave.load()
-        # From the activation on, the enclaves hold the only copy and need their
-        # application: a guardian holding their connections finishes the restore
-        # (activate, continue, attach) if this tool dies before the attach.  It
-        # starts now, so that its start overlaps CRIU's restore.
-        guardian = _restore_guardian(incoming) if incoming else None
-        _fault("restore.before-criu", 0, [], platform_socket)
-        pid = criu.restore(
-            directory,
-            restore_detached=True,
-            file_locks=True,
-            enter=InNetns(netns) if netns else None,
-            log_file="restore.log",
-            extra=extra,
-        )
-        try:
-            wait_stopped(pid)
-        except MigSGXError as exc:
-            raise CriuError(f"the restored tree did not hold: {exc}") from exc
-        # Should this tool die now, the next restore finds the held tree and removes it.
-        _write_held(directory, pid)
-        _fault("restore.held", pid, [], platform_socket)
-        _fault("restore.loaded", pid, [], platform_socket)
-        try:
-            wait_stopped(pid, timeout=0)  # still held: activating now cannot strand the state
-        except MigSGXError as exc:
-            raise CriuError(f"the restored tree ended before it ran: {exc}") from exc
-    except BaseException:
-        if guardian is not None:
-            guardian.release()  # nothing was activated: it lets go
-        for enclave in incoming:
-            enclave.discard()
-        if pid:
-            with contextlib.suppress(MigSGXError):
-                kill_tree(pid)
-        raise
-    infos = [e.info for e in incoming if e.info is not None]
-    # Every enclave verified its state: from here on they run (each claims its id once).
-    # First the journal says so: a recover then knows who consumed the gates.
-    write_journal(directory, "restoring")
-    try:
-        if guardian is not None:
-            guardian.note(f"restored {pid}")
-            guardian.note("activating")
-        socks: list[socket.socket] = []
-        try:
-            for enclave in incoming:
-                socks.append(enclave.activate())
-        except BaseException as exc:
-            if socks:
-                # Some enclaves claimed their checkpoints, this one did not: neither way
-                # is whole.  The tree stays held (stopped); an operator decides.
-                raise MigSGXError(
-                    f"only {len(socks)} of {len(incoming)} enclaves could be activated "
-                    f"({exc}); the restored tree {pid} is left stopped"
-                ) from exc
-            # Nothing was claimed (the platform service gone, say): every gate holds, so
-            # the held tree and the loaded enclaves go and the checkpoint restores later.
-            for enclave in incoming:
-                enclave.discard()
-            with contextlib.suppress(MigSGXError):
-                kill_tree(pid)
-            with contextlib.suppress(OSError):
-                (directory / HELD).unlink()
-            raise
-        _fault("restore.activated", pid, [])
-        # The app answers only once it runs; its ECALL callers wait for the attach.
-        continue_tree(pid)
-        if socks:
-            link = AppLink.find(pid)
-            if link is None:
-                raise MigSGXError(
-                    f"the restored process {pid} has no migration control to attach to"
-                )
-            link.attach(socks, infos)
-    finally:
-        if guardian is not None:
-            guardian.release()  # (this tool lives: it ends the restore itself, either way)
-    with contextlib.suppress(OSError):
-        (directory / HELD).unlink()
-    write_journal(directory, "restored", restored_pid=pid)
-    return pid
-
-
-def _restore_guardian(incoming: list[CheckpointIn]) -> Guardian:
-    socks = [e.link.sock for e in incoming if e.link is not None]
-    infos = [e.info for e in incoming if e.info is not None]
-    packed = bytes(cbor2.dumps([info_to_wire(i) for i in infos])).hex()
-    return Guardian(0, "-", socks, ["--restore", "--infos", packed])
-
-
 def _pid_start(pid: int) -> list[int | str]:
     return [pid, start_time(pid)]
-
-
-def _write_held(directory: Path, pid: int) -> None:
-    # (atomically, never through a link planted under its name: not a digested file)
-    write_private(directory / HELD, json.dumps({"pid": pid, "start": start_time(pid)}).encode())

@@ -21,11 +21,11 @@ its guardian, then to the tool itself; ``kill-source-platform-and-tool``: SIGKIL
 to this host's platform service, then to the tool; ``kill-first-source-enclave-and-tool``:
 SIGKILL to the first source enclave, then to the tool (``...-guardian-and-tool``: to
 its guardian first; ``stop-first-source-enclave-and-tool``: SIGSTOP to it instead, a
-hung enclave); ``kill-enclave-and-exit`` at a point of the checkpoint tool: SIGKILL
-to its first enclave, then the tool ends (``kill-enclave-guardian-and-exit``: to its
-guardian first); ``abort-rest`` at ``ckpt.between-commits``:
-the checkpoint tool aborts the enclaves not yet committed, as a racing guardian
-would, and dies).
+hung enclave); ``kill-first-source-enclave``: SIGKILL to it alone, the tool lives on;
+``kill-enclave-and-exit`` at a point of the checkpoint tool: SIGKILL to its first
+enclave, then the tool ends (``kill-enclave-guardian-and-exit``: to its guardian
+first); ``abort-rest`` at ``ckpt.between-commits``: the checkpoint tool aborts the
+enclaves not yet committed, as a racing guardian would, and dies).
 Unset, every point is a no-op.
 A fault's mark is on stderr (``migsgx fault: POINT:ACTION at T``); with
 ``MIGSGX_TRACE`` set the steps around it are too (:mod:`migsgx._trace`).

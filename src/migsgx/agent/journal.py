@@ -55,8 +55,8 @@ _KEYS: Final = {
 #: tool, ``docs/spec/commit.md`` 1 rule 4): then the store holds nothing to carry.
 #: ``fenced_starts``: each fenced pid's start time, so that a pid reused since
 #: (the tree ended, another process got the number) is never signalled.
-#: ``source_lost``: indices of source enclaves the guardian found dead undecided
-#: while the others aborted and no COMMIT was recorded (``docs/spec/commit.md``
+#: ``source_lost``: indices of source enclaves the tool, the guardian or ``recover``
+#: found dead undecided while the others aborted and no COMMIT was recorded (``docs/spec/commit.md``
 #: section 5): every ABORT delivery names them, so that their destination copies,
 #: which no decision can ever reach, end with the held tree.
 _OPTIONAL: Final = {

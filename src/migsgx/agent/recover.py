@@ -24,6 +24,7 @@ and :data:`RollForward` from here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ from typing import Final
 from ..containers.imagefs import sweep_leftovers
 from ..errors import MigSGXError
 from .dumpdirs import sweep_dump_dirs
+from .enclave_loss import lost_in_journal
 from .journal import Journal
 from .recover_orphans import resolve_orphaned
 from .recover_records import Resolution, all_decided, decisions_of, keep_aborts
@@ -69,6 +71,10 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
             # (REVOKING: the guardian revoked some and goes on; wait for it too)
             if result.detail in (COPY_LOST, REFUSABLE, REVOKING) or result.detail.startswith(MIXED):
                 result = _through_guardian(journal, result)
+            # (as the tool, its guardian or this recover found them: the journal's)
+            with contextlib.suppress(MigSGXError, OSError, ValueError):
+                lost = lost_in_journal(Journal.load(journal.path).data)
+                result.lost_enclaves = [e.to_dict() for e in lost]
             results.append(result)
         except (MigSGXError, OSError) as exc:
             results.append(

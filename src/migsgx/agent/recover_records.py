@@ -11,8 +11,9 @@ or an enclave; only :func:`keep_aborts` writes (into the journal).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..sgx.counters import COUNTERS, CounterStore
 from ..sgx.store_types import Decision
@@ -33,12 +34,14 @@ class Resolution:
     decision: str  # commit, abort, mixed, none
     outcome: str  # moved, stayed, in-doubt, lost, in-progress, done
     detail: str = ""
+    #: Source enclaves that died before the decision, their state gone (``enclave_loss``).
+    lost_enclaves: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def in_doubt(self) -> bool:
         return self.outcome in ("in-doubt",)
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

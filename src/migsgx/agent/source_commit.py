@@ -240,7 +240,9 @@ class _DecisionSteps(_EnclaveSteps):
         # ``aborted`` until the source runs again: what the guardian and ``migsgx
         # recover`` finish by giving it back (``docs/spec/commit.md`` 4).
         if self.journal is not None:
-            self.journal.update(phase="aborted")
+            # (``source_lost``: whoever finishes this roll-back says so too, and the
+            # destination ends those copies; ``migsgx recover --json`` names them)
+            self.journal.update(phase="aborted", **({"source_lost": lost} if lost else {}))
         fault("tool.after-abort")
         kept_nothing = False
         if self.control is not None:

@@ -58,9 +58,6 @@ log = logging.getLogger("migsgx.migrate")
 #: committed source's end removes: :mod:`migsgx.containers.engine_notes`)
 UNDO_NOTES: Final = frozenset({"criu", "netup", "thaw", "ungate"}) | ENGINE_NOTES
 
-#: Files of the dump directory that stay on the source.
-_LOCAL_ONLY: Final = frozenset({"dump.log"})
-
 Progress = Callable[[str], None]
 
 
@@ -146,6 +143,8 @@ class _MigrationState:
         self.t: dict[str, float] = {"start": time.monotonic()}
         self.stats: dict[str, Any] = {}
         self.transfers: list[_Transfer] = []
+        #: The early handshake's or pre-copy's transfers, given up when the freeze failed.
+        self.abandoned: list[_Transfer] = []
         self.link: AppLink | None = None
         self.guardian: Guardian | None = None
         self.control: AgentConnection | None = None
@@ -268,6 +267,9 @@ class _MigrationState:
                 os.kill(os.getpid(), signal.SIGKILL)
         elif action == "kill-source-enclave":
             kill_dead([t.handed.info.pid for t in self.transfers])
+        elif action == "kill-first-source-enclave":
+            # (the others live on: they go back to the application with their state)
+            kill_dead([self.transfers[0].handed.info.pid] if self.transfers else [])
         elif action is not None and action.startswith(
             ("kill-first-source-enclave-", "stop-first-source-enclave-")
         ):

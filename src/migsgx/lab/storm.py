@@ -15,8 +15,8 @@ each fault still around for the next.  Per migration (:meth:`Storm.one`):
 5. the checks (:class:`Verdict`): exactly one runnable copy (app processes and
    enclave processes counted on both hosts), every acknowledged write in it,
    the source answering again within the bound when it did not move, an exit
-   status that tells the truth (``migsgx --help``: 0, 6, 7, 8, 10; -9 only for a
-   killed tool), no traceback, nothing left (images directories, images mounts,
+   status that tells the truth (``migsgx --help``: 0, 6, 7, 8, 10, 11; -9 only for
+   a killed tool), no traceback, nothing left (images directories, images mounts,
    stopped copies, guardians, enclaves, unfinished journals).
 
 The driver is ``benchmarks/storm.py``; a short storm runs in ``make test``.
@@ -60,7 +60,8 @@ from .testbed import AgentProcess, MigrateRun, Testbed
 __all__ = ["Outcome", "Storm"]
 
 #: A migration's exit statuses the documentation names (``migsgx --help``).
-DOCUMENTED: Final = {0: "moved", 6: "stayed", 7: "in doubt", 8: "source gone", 10: "lost"}
+DOCUMENTED: Final = {0: "moved", 6: "stayed", 7: "in doubt", 8: "source gone", 10: "lost",
+                     11: "source enclave lost"}  # fmt: skip
 #: How long the hosts may take to settle after the tool and ``recover`` (guardians,
 #: releases, CRIU ending a source): a bound, then a failure that names what is left.
 SETTLE_SECONDS: Final = 60.0
@@ -265,9 +266,10 @@ class Storm:
         for host in self.bed.names:
             heal(self.bed, host)
         at = fault_time(logs)
-        if run.returncode == 6 and at is not None:
+        # (11: the source runs too, without the dead enclave's state: back as with 6)
+        if run.returncode in (6, 11) and at is not None:
             out.back_polled_seconds = self._back_seconds(frm, at)
-        if run.returncode not in (0, 6):
+        if run.returncode not in (0, 6, 11):
             out.recover = {h: self._recover(h, out) for h in self.bed.names}
         out.acked = len(self.writes)
         self._settle(out, fault, frm, to, run, probe)

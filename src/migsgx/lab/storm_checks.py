@@ -25,7 +25,7 @@ from ..containers.imagefs import leftover_mounts
 from ..system.process import process_state
 from .hosts import start_service
 from .storm_apps import Target
-from .storm_faults import Fault
+from .storm_faults import SOURCE_ENCLAVE, Fault
 from .testbed import AgentProcess, MigrateRun, Testbed
 
 
@@ -52,6 +52,7 @@ __all__ = [
     "enclave_pids",
     "guardians",
     "heal",
+    "honest_exit",
     "kernel_kills",
     "leftovers",
     "restart_dead",
@@ -82,6 +83,25 @@ class Client(threading.Thread):
     def finish(self) -> None:
         self.stop.set()
         self.join(10)
+
+
+def honest_exit(code: int, outcome: str, fault: Fault) -> bool:
+    """Whether ``migsgx migrate``'s exit ``code`` tells the truth of ``outcome``.
+
+    A source enclave killed before the decision took its state with it: that is
+    11 (``source-enclave-lost``), never 6, which says the source runs as before.
+    """
+
+    honest = {
+        0: outcome == "moved",
+        6: outcome == "stayed",
+        7: True,  # in doubt: one ``recover`` settled it (judged above)
+        8: outcome in ("gone", "lost") and fault.may_lose == "gone",
+        10: outcome == "lost",
+        11: outcome == "lost" and fault.may_lose == SOURCE_ENCLAVE,
+        -9: fault.kills_tool,
+    }
+    return honest.get(code, False)
 
 
 class Verdict:
@@ -135,15 +155,7 @@ class Verdict:
             found += self.launches_on(self.to if outcome == "moved" else self.frm)
         if "Traceback" in stderr:
             found.append("the tool printed a traceback: " + stderr[-800:])
-        honest = {
-            0: outcome == "moved",
-            6: outcome == "stayed" or (outcome == "lost" and bool(self.fault.may_lose)),
-            7: True,  # in doubt: one ``recover`` settled it (judged above)
-            8: outcome in ("gone", "lost") and self.fault.may_lose == "gone",
-            10: outcome == "lost",
-            -9: self.fault.kills_tool,
-        }
-        if not honest.get(code, False):
+        if not honest_exit(code, outcome, self.fault):
             found.append(f"exit {code} does not tell the truth: {outcome}; {stderr[-600:]}")
         return found
 

@@ -258,6 +258,9 @@ class CheckpointStorm(Storm):
                 out.failures += self._checks(out)
         if not out.reached and out.outcome not in ("restored",):
             out.failures.append(f"{out.outcome} without a fault: {out.reason}")
+        code = logs[0].returncode  # (the checkpoint's: 6 says the source runs as before)
+        if (code == 6 and out.outcome == "lost") or (code == 11 and out.outcome != "lost"):
+            out.failures.append(f"checkpoint exit {code} does not tell the truth: {out.outcome}")
         for r in logs:
             if "Traceback" in r.stderr:
                 out.failures.append("a tool printed a traceback: " + r.stderr[-800:])

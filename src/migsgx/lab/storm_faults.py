@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["AGENT_POINTS", "TOOL_POINTS", "Fault", "draw", "parse"]
+__all__ = ["AGENT_POINTS", "SOURCE_ENCLAVE", "TOOL_POINTS", "Fault", "draw", "parse"]
 
 #: The tool's points, in the order a migration reaches them.
 TOOL_POINTS: Final = (
@@ -70,6 +70,10 @@ AGENT_POINTS: Final = (
 _AGENT_CLAIMED: Final = AGENT_POINTS.index("agent.after-claim")
 
 AGENT_ACTIONS: Final = ("kill", "kill-platform", "kill-enclave", "stall")
+
+#: :attr:`Fault.may_lose` of a source enclave killed before the decision: the tool
+#: says so with its own status (11, ``source-enclave-lost``), not 6.
+SOURCE_ENCLAVE: Final = "the source enclave held the only copy"
 
 _PARTY: Final = {
     "kill": "{side}",
@@ -128,7 +132,7 @@ class Fault:
         if action == "kill-source" and TOOL_POINTS.index(point) < _TOOL_DECIDED:
             return "gone"
         if action == "kill-source-enclave" and TOOL_POINTS.index(point) < _TOOL_DECIDED:
-            return "the source enclave held the only copy"
+            return SOURCE_ENCLAVE
         point, _, action = self.agent.partition(":")
         if action in ("kill", "kill-enclave") and AGENT_POINTS.index(point) >= _AGENT_CLAIMED:
             return "the destination enclave held the only copy"

@@ -1,0 +1,230 @@
+"""``migsgx restore``: a checkpoint directory back into a running tree, exactly once.
+
+Every file is checked against ``migsgx.json``'s digests before CRIU reads
+anything; the enclaves load first, into fresh enclaves that do not run (a
+checkpoint never committed, aborted or restored before is refused there);
+CRIU restores the tree stopped; then every enclave is activated (each claims
+its checkpoint id), handed to the application, and the tree continues.  A
+guardian holds the enclaves from the activation on and finishes the restore
+if this tool dies.  The way out is :mod:`.checkpoint`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import socket
+from pathlib import Path
+
+import cbor2
+
+from .._fs import write_private
+from .._records import json_record, non_negative_int, regular_bytes
+from ..criu import Criu, InNetns
+from ..datapath.checkpoint import CheckpointIn
+from ..errors import (
+    CheckpointDamagedError,
+    ConfigError,
+    CriuError,
+    MigSGXError,
+    RecordDamagedError,
+)
+from ..host.appctl import info_to_wire
+from ..system.process import continue_tree, kill_tree, wait_stopped
+from .applink import AppLink
+from .checkpoint import FORMAT, _digests, _fault
+from .ckpt_journal import (
+    CHECKPOINT_META,
+    HELD,
+    MAX_CHECKPOINT_ENCLAVES,
+    remove_fenced_source,
+    remove_held_leftover,
+    start_time,
+    write_journal,
+)
+from .guardian import Guardian
+
+__all__ = ["load_metadata", "restore"]
+
+
+def _verify(directory: Path, recorded: object) -> None:
+    """The checkpoint's files are exactly those written, byte for byte.
+
+    This detects damage (a truncated copy, a flipped bit) before CRIU reads
+    anything.  A rewrite of the metadata together with the files is refused by
+    the enclaves instead: each committed gate binds the metadata's SHA-256
+    (``docs/spec/checkpoint.md``), and nothing runs before every enclave opened
+    its gate.  The enclave state is authenticated by its own sealed streams.
+    """
+
+    if not isinstance(recorded, dict) or not all(
+        isinstance(v, list) and len(v) == 2 for v in recorded.values()
+    ):
+        raise CheckpointDamagedError(f"{directory}: the checkpoint records no file digests")
+    found = _digests(directory)
+    missing = sorted(set(recorded) - set(found))
+    extra = sorted(set(found) - set(recorded))
+    changed = sorted(n for n in set(recorded) & set(found) if list(recorded[n]) != found[n])
+    if missing or extra or changed:
+        detail = "; ".join(
+            f"{what}: {', '.join(names[:5])}"
+            for what, names in (("missing", missing), ("unexpected", extra), ("changed", changed))
+            if names
+        )
+        raise CheckpointDamagedError(
+            f"the checkpoint in {directory} is damaged ({detail}); nothing was restored"
+        )
+
+
+def load_metadata(directory: Path) -> tuple[bytes, dict[str, object], int]:
+    """The checkpoint's metadata (raw, parsed, enclave count), its files verified.
+
+    Everything a restore decides on comes from here, before anything is touched:
+    a damaged or forged ``migsgx.json`` is a :class:`RecordDamagedError`, a
+    damaged image file a :class:`CheckpointDamagedError`.
+    """
+
+    try:
+        raw_meta = regular_bytes(directory / CHECKPOINT_META)
+    except OSError as exc:
+        raise ConfigError(f"{directory} holds no migsgx checkpoint: {exc}") from exc
+    meta = json_record(raw_meta, f"checkpoint metadata {directory / CHECKPOINT_META}")
+    if meta.get("format") != FORMAT:
+        raise ConfigError(f"unknown checkpoint format {str(meta.get('format'))[:64]!r}")
+    count = meta.get("enclaves") or 0
+    if not non_negative_int(count, MAX_CHECKPOINT_ENCLAVES + 1):
+        raise RecordDamagedError(f"{directory}: the checkpoint metadata's enclave count is damaged")
+    # Before CRIU sees anything: a truncated page image makes CRIU's restorer spin
+    # for ever, and a changed byte would run unnoticed.
+    _verify(directory, meta.get("files"))
+    return raw_meta, meta, count
+
+
+def restore(
+    directory: Path,
+    *,
+    criu: Criu | None = None,
+    netns: str | None = None,
+    platform_socket: Path | None = None,
+) -> int:
+    """Restore the tree in ``directory`` (in the named network namespace); returns its pid."""
+
+    criu = criu or Criu()
+    directory = Path(directory)
+    raw_meta, meta, count = load_metadata(directory)
+    if count and platform_socket is None:
+        raise ConfigError("the checkpoint holds enclaves: name the host's --platform-socket")
+    meta_digest = hashlib.sha256(raw_meta).digest()
+    remove_held_leftover(directory)
+    remove_fenced_source(meta)
+    extra: dict[str, bool] = {"leave_stopped": True}
+    if meta.get("tcp_close"):
+        extra["tcp_close"] = True
+    # The enclaves load first, into fresh enclaves that do not run: a checkpoint
+    # that was never committed, was aborted or restored before is refused (its
+    # gate) before CRIU restores anything.
+    incoming: list[CheckpointIn] = []
+    pid = 0
+    guardian: Guardian | None = None
+    try:
+        for i in range(count):
+            assert platform_socket is not None
+            # The enclave opens its checkpoint only with the metadata its source
+            # committed: a rewrite of migsgx.json (with the files) is refused.
+            enclave = CheckpointIn(directory, i, platform_socket, meta_digest)
+            incoming.append(enclave)
+            enclave.load()
+        # From the activation on, the enclaves hold the only copy and need their
+        # application: a guardian holding their connections finishes the restore
+        # (activate, continue, attach) if this tool dies before the attach.  It
+        # starts now, so that its start overlaps CRIU's restore.
+        guardian = _restore_guardian(incoming) if incoming else None
+        _fault("restore.before-criu", 0, [], platform_socket)
+        pid = criu.restore(
+            directory,
+            restore_detached=True,
+            file_locks=True,
+            enter=InNetns(netns) if netns else None,
+            log_file="restore.log",
+            extra=extra,
+        )
+        try:
+            wait_stopped(pid)
+        except MigSGXError as exc:
+            raise CriuError(f"the restored tree did not hold: {exc}") from exc
+        # Should this tool die now, the next restore finds the held tree and removes it.
+        _write_held(directory, pid)
+        _fault("restore.held", pid, [], platform_socket)
+        _fault("restore.loaded", pid, [], platform_socket)
+        try:
+            wait_stopped(pid, timeout=0)  # still held: activating now cannot strand the state
+        except MigSGXError as exc:
+            raise CriuError(f"the restored tree ended before it ran: {exc}") from exc
+    except BaseException:
+        if guardian is not None:
+            guardian.release()  # nothing was activated: it lets go
+        for enclave in incoming:
+            enclave.discard()
+        if pid:
+            with contextlib.suppress(MigSGXError):
+                kill_tree(pid)
+        raise
+    infos = [e.info for e in incoming if e.info is not None]
+    # Every enclave verified its state: from here on they run (each claims its id once).
+    # First the journal says so: a recover then knows who consumed the gates.
+    write_journal(directory, "restoring")
+    try:
+        if guardian is not None:
+            guardian.note(f"restored {pid}")
+            guardian.note("activating")
+        socks: list[socket.socket] = []
+        try:
+            for enclave in incoming:
+                socks.append(enclave.activate())
+        except BaseException as exc:
+            if socks:
+                # Some enclaves claimed their checkpoints, this one did not: neither way
+                # is whole.  The tree stays held (stopped); an operator decides.
+                raise MigSGXError(
+                    f"only {len(socks)} of {len(incoming)} enclaves could be activated "
+                    f"({exc}); the restored tree {pid} is left stopped"
+                ) from exc
+            # Nothing was claimed (the platform service gone, say): every gate holds, so
+            # the held tree and the loaded enclaves go and the checkpoint restores later.
+            for enclave in incoming:
+                enclave.discard()
+            with contextlib.suppress(MigSGXError):
+                kill_tree(pid)
+            with contextlib.suppress(OSError):
+                (directory / HELD).unlink()
+            raise
+        _fault("restore.activated", pid, [])
+        # The app answers only once it runs; its ECALL callers wait for the attach.
+        continue_tree(pid)
+        if socks:
+            link = AppLink.find(pid)
+            if link is None:
+                raise MigSGXError(
+                    f"the restored process {pid} has no migration control to attach to"
+                )
+            link.attach(socks, infos)
+    finally:
+        if guardian is not None:
+            guardian.release()  # (this tool lives: it ends the restore itself, either way)
+    with contextlib.suppress(OSError):
+        (directory / HELD).unlink()
+    write_journal(directory, "restored", restored_pid=pid)
+    return pid
+
+
+def _restore_guardian(incoming: list[CheckpointIn]) -> Guardian:
+    socks = [e.link.sock for e in incoming if e.link is not None]
+    infos = [e.info for e in incoming if e.info is not None]
+    packed = bytes(cbor2.dumps([info_to_wire(i) for i in infos])).hex()
+    return Guardian(0, "-", socks, ["--restore", "--infos", packed])
+
+
+def _write_held(directory: Path, pid: int) -> None:
+    # (atomically, never through a link planted under its name: not a digested file)
+    write_private(directory / HELD, json.dumps({"pid": pid, "start": start_time(pid)}).encode())
