@@ -104,6 +104,11 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
         {"migsgx.core.manifest", "migsgx.core.policy", "migsgx.core.stream"}
     ),
     "migsgx.lab.container_spec": frozenset({"migsgx.lab.hosts"}),
+    "migsgx.sgx.keeper": frozenset(),
+    "migsgx.sgx.listener": frozenset({"migsgx.sgx.keeper"}),
+    "migsgx.sgx.service_requests": frozenset(
+        {"migsgx.sgx.platform", "migsgx.sgx.store_types", "migsgx.sgx.structs"}
+    ),
 }
 
 
