@@ -224,11 +224,13 @@ def test_runc_source_platform_killed_before_the_images_says_it_stayed(
 def test_container_moves_after_its_platform_service_restarted(
     bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
 ) -> None:
-    """The source's platform service ended (SIGTERM) and a new one started after the
-    container, which mounts the socket file, started (found by a storm, seed 6, then
-    with ``kill -9``; a killed service's socket is now kept, see the next test): a
-    service started after SIGTERM binds a fresh socket, the container's bind mount
-    still holds the old one, which is gone, and CRIU records the mount as deleted.
+    """The source's platform service was replaced by one with a new socket after the
+    container, which mounts the socket file, started (found by a storm, seed 6: a
+    ``kill-source-platform`` fault, the service started again, then the next move;
+    a killed service's socket is now kept, see the next test, so here the service
+    runs without a keeper, ``--keep-socket 0``, as one that ended would leave it):
+    the container's bind mount still holds the old socket, which is gone, and CRIU
+    records the mount as deleted.
 
     Before, the restore on the destination failed (``runc restore ... Failed to
     remove cgroup (will retry) | criu failed: type NOTIFY errno 0``; CRIU's log:
@@ -238,12 +240,14 @@ def test_container_moves_after_its_platform_service_restarted(
     destination's live socket, which stays where it is.
     """
 
+    src = bed.host("src").command([])
+    bed.services["src"].stop()
+    bed.services["src"] = start_service(bed.state("src"), prefix=src,
+                                        extra_args=["--keep-socket", "0"])  # fmt: skip
     app = lab.start_app(engine, "kvstore", platform_file=True)
     assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
-    socket_src = bed.services["src"].socket
-    bed.services["src"].stop()  # SIGTERM: the socket is removed, and no keeper holds it
-    assert not socket_src.exists()
-    bed.services["src"] = start_service(bed.state("src"), prefix=bed.host("src").command([]))
+    # Killed (its enclaves live on), then started again: no socket was kept, a new one.
+    restart_platform(bed, "src")
     pid = lab.root_pid(app, "src")
     assert pid is not None
     assert "/enclave.sock//deleted " in Path(f"/proc/{pid}/mountinfo").read_text()
