@@ -5,7 +5,8 @@ as SGX deployments mount aesmd's) holds that inode; a service that binds a new
 socket after a restart is out of its reach.  So the socket must outlive the
 service, as a systemd socket unit's does (``LISTEN_FDS``; its file descriptor
 store for a service's own sockets; s6's fd holder): the service that binds the
-socket starts this small process, in a session of its own, holding a duplicate
+socket starts this small process, in a session of its own and no child of
+the service (a shell starts it in the background and exits), holding a duplicate
 of the listener and nothing else of the service.  Connections made while no
 service runs queue on the listener; a restarted service takes the same socket
 back and accepts them.

@@ -106,7 +106,6 @@ class Listener:
         self.origin = ""
         self._lock_fd: int | None = None
         self._control: socket.socket | None = None
-        self._keeper: subprocess.Popen[bytes] | None = None
 
     def open(self) -> socket.socket:
         if len(os.fsencode(self.path)) > SUN_PATH_MAX:
@@ -158,10 +157,6 @@ class Listener:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        if self._keeper is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._keeper.wait(timeout=5)
-            self._keeper = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -222,8 +217,10 @@ class Listener:
         try:
             # Output to nowhere: a keeper must not hold the service's stdout or stderr
             # (a pipe its reader waits on) after the service died.
-            self._keeper = subprocess.Popen(
-                argv,
+            # Started in the background by a shell that exits at once: the keeper is
+            # no child of the service, whose children stay its enclaves alone.
+            starter = subprocess.Popen(
+                ["/bin/sh", "-c", '"$@" &', "migsgx-keeper", *argv],
                 pass_fds=fds,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -231,6 +228,7 @@ class Listener:
                 start_new_session=True,
                 close_fds=True,
             )
+            starter.wait()
         except OSError:
             ours.close()  # no keeper: the socket lives as long as this service
         else:
