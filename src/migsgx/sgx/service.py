@@ -3,8 +3,9 @@
 It plays the parts that, on real SGX, the CPU, the driver (``/dev/sgx_enclave``)
 and the architectural enclaves (AESM: quoting, counters) play.  Applications
 connect to its Unix socket (bind-mountable into containers, like the AESM
-socket), send an enclave image, and after EINIT succeeds get their connection
-handed to a new enclave process that the service started.  Enclave processes
+socket, and kept across a restart: :mod:`.listener`), send an enclave image,
+and after EINIT succeeds get their connection handed to a new enclave process
+that the service started.  Enclave processes
 are children of the service, never of the application, so CRIU never dumps
 enclave memory with the application.  Each enclave gets a private channel
 back to the service, bound to the identity the service measured.
