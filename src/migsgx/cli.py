@@ -266,6 +266,11 @@ def platform_tcb(state: Path, ca_dir: Path, level: int) -> None:
     is_flag=True,
     help="keep one enclave runtime process started and self-tested for the next launch",
 )
+@click.option(
+    "--keep-socket", type=click.FloatRange(min=0), default=300.0, show_default=True,
+    help="seconds a keeper holds the socket after the service died, for a restarted one"
+    " to take back (0: none; a restart binds a new socket)",
+)  # fmt: skip
 def platform_serve(
     state: Path,
     socket_path: Path | None,
@@ -275,6 +280,7 @@ def platform_serve(
     no_sandbox: bool,
     socket_group: str | None,
     warm_spare: bool,
+    keep_socket: float,
 ) -> None:
     """Run the platform service: launches enclaves and answers their requests."""
 
@@ -296,10 +302,14 @@ def platform_serve(
         launch_control=not no_launch_control,
         socket_group=gid,
         sandbox=False if no_sandbox else None,
+        keep_socket=keep_socket,
     )
     svc.bind()
     signal.signal(signal.SIGTERM, lambda *_: svc.shutdown())
-    click.echo(f"platform {svc.platform.info.host_id} serving on {svc.socket_path}", err=True)
+    origin = {"kept": " (the socket kept from the service before)",
+              "systemd": " (the socket systemd holds)"}.get(svc.socket_origin, "")  # fmt: skip
+    click.echo(f"platform {svc.platform.info.host_id} serving on {svc.socket_path}{origin}",
+               err=True)  # fmt: skip
     try:
         svc.serve_forever()
     except KeyboardInterrupt:

@@ -224,27 +224,30 @@ def test_runc_source_platform_killed_before_the_images_says_it_stayed(
 def test_container_moves_after_its_platform_service_restarted(
     bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
 ) -> None:
-    """The source's platform service restarted after the container started (found by a
-    storm, seed 6: a ``kill-source-platform`` fault, the service started again, then
-    the next move): the container's bind mount still holds the old socket, which is
-    gone, and CRIU records the mount as deleted.
+    """The source's platform service was replaced by one with a new socket after the
+    container, which mounts the socket file, started (found by a storm, seed 6: a
+    ``kill-source-platform`` fault, the service started again, then the next move;
+    a killed service's socket is now kept, see the next test, so here the service
+    runs without a keeper, ``--keep-socket 0``, as one that ended would leave it):
+    the container's bind mount still holds the old socket, which is gone, and CRIU
+    records the mount as deleted.
 
     Before, the restore on the destination failed (``runc restore ... Failed to
     remove cgroup (will retry) | criu failed: type NOTIFY errno 0``; CRIU's log:
     ``Can't re-create deleted file .../enclave.sock: File exists``, as it makes a
     file in the place of a deleted mount's source, then removes it) and every later
     move failed the same way.  Now it moves, and the container reaches the
-    destination's live socket, which stays where it is.  (The lab bind-mounts the
-    socket's directory, which never goes stale; a container made with the file
-    mounted, as this one, still moves.)
+    destination's live socket, which stays where it is.
     """
 
+    src = bed.host("src").command([])
+    bed.services["src"].stop()
+    bed.services["src"] = start_service(bed.state("src"), prefix=src,
+                                        extra_args=["--keep-socket", "0"])  # fmt: skip
     app = lab.start_app(engine, "kvstore", platform_file=True)
     assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
-    # Killed, then started again as the host's supervisor would: a new socket file.
-    bed.services["src"].process.kill()
-    bed.services["src"].stop()
-    bed.services["src"] = start_service(bed.state("src"), prefix=bed.host("src").command([]))
+    # Killed (its enclaves live on), then started again: no socket was kept, a new one.
+    restart_platform(bed, "src")
     pid = lab.root_pid(app, "src")
     assert pid is not None
     assert "/enclave.sock//deleted " in Path(f"/proc/{pid}/mountinfo").read_text()
@@ -263,9 +266,41 @@ def test_container_moves_after_its_platform_service_restarted(
     finish(lab, app, expect="dst")
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_container_with_the_socket_file_mounted_outlives_a_killed_platform_service(
+    bed: Testbed, lab: ContainerLab, agent: AgentProcess, engine: str
+) -> None:
+    """Issue 9: a container that bind-mounts the socket FILE (``--volume SOCKET:...``,
+    as SGX deployments mount aesmd's) keeps launching enclaves after its platform
+    service is killed (``kill -9``) and started again.
+
+    Before, the restarted service bound a new socket inode; the container's mount
+    kept the removed one and every launch from inside was refused
+    (``ConnectionRefusedError``) until it moved.  Now a keeper holds the listening
+    socket while no service runs and the restarted service takes the same one back:
+    the same inode listens, the mount is never stale.
+    """
+
+    app = lab.start_app(engine, "kvstore", platform_file=True)
+    assert lab.ask(app, "PUT k " + b"v".hex(), at="src") == "OK 1"
+    launched(lab, app, "src", "before")
+    socket_src = bed.services["src"].socket
+    kept = socket_src.stat()
+    restart_platform(bed, "src")
+    assert (socket_src.stat().st_ino, socket_src.stat().st_mode) == (kept.st_ino, kept.st_mode)
+    launched(lab, app, "src", "after")
+    assert lab.ask(app, "GET k", at="src") == "VALUE " + b"v".hex()
+    assert lab.ask(app, f"PERSIST kept-{app.marker}", at="src").startswith("OK ")
+    pid = lab.root_pid(app, "src")
+    assert pid is not None
+    assert "//deleted" not in Path(f"/proc/{pid}/mountinfo").read_text()
+    assert Path(f"/proc/{pid}/root/run/migsgx/enclave.sock").stat().st_ino == kept.st_ino
+    finish(lab, app, expect="src")
+
+
 def restart_platform(bed: Testbed, host: str) -> None:
     """``kill -9`` of the host's platform service, then started again as its supervisor
-    would: it binds a new socket file (the storm's ``kill-source-platform``)."""
+    would (the storm's ``kill-source-platform``): it takes its kept socket back."""
 
     bed.services[host].process.kill()
     bed.services[host].stop()

@@ -246,6 +246,11 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
             "migsgx.agent.guardian",
         }
     ),
+    "migsgx.sgx.keeper": frozenset(),
+    "migsgx.sgx.listener": frozenset({"migsgx.sgx.keeper"}),
+    "migsgx.sgx.service_requests": frozenset(
+        {"migsgx.sgx.platform", "migsgx.sgx.store_types", "migsgx.sgx.structs"}
+    ),
 }
 
 

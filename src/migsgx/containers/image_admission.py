@@ -161,8 +161,9 @@ def admit_images(images: Path, spec: Mapping[str, Any]) -> None:
 def localize_images(images: Path, spec: Mapping[str, Any]) -> list[str]:
     """Point the platform socket's bind mount of CRIU's images at this host's live socket.
 
-    The source's platform service may have restarted after the container started:
-    it binds a new socket file, and the container's bind mount keeps the old one,
+    The source's platform service may have ended (SIGTERM) and a new one started
+    after the container started: it binds a new socket file (a killed service's is
+    kept, :mod:`migsgx.sgx.keeper`), and the container's bind mount keeps the old one,
     removed, so CRIU records the mount as deleted.  At the restore CRIU would then
     make a file where this host's socket is (and fail: it exists), and remove it
     afterwards.  The mount is external (runc maps it by its destination to the

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import _proc
 from ..channel import ECALL, ECALL_FRAME_MAX, IMAGE_FRAME_MAX
 from ..errors import (
     ConfigError,
@@ -349,6 +350,17 @@ class EnclaveClient:
         self.destroy()
 
 
+def _listener_pid(sock: socket.socket) -> int:
+    """The pid of the service that listens (``SO_PEERCRED``: the last to call
+    ``listen``); 0 when it is outside this pid namespace (a container)."""
+
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    except OSError:
+        return 0
+    return int.from_bytes(creds[:4], "little")
+
+
 def launch_enclave(
     image: EnclaveImage, *, socket_path: str | Path | None = None, timeout: float = 30.0
 ) -> tuple[socket.socket, EnclaveInfo]:
@@ -361,6 +373,13 @@ def launch_enclave(
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot reach the platform service at {path}: {exc}") from exc
+    owner = _listener_pid(sock)
+    if owner > 0 and not _proc.alive(owner):
+        sock.close()
+        raise ConfigError(
+            f"no platform service runs at {path}: the one that listened there (pid {owner})"
+            " is gone; its socket is kept for a restarted one"
+        )
     try:
         sock.settimeout(timeout)
         send_frame(sock, {"t": "launch", "files": dict(image.files)}, max_size=IMAGE_FRAME_MAX)

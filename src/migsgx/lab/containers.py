@@ -91,7 +91,7 @@ class ContainerLab(ContainerHosts):
         ``patch`` (runc only) changes its configuration before it starts: what a
         peer's operator may do to a container a destination then receives.
         ``platform_file``: the socket file itself is bind-mounted, not its directory
-        (as containers were before: a restarted service leaves it stale).
+        (live across a killed service, whose socket is kept; stale after one that ended).
         """
 
         if engine not in ENGINES:

@@ -3,8 +3,9 @@
 It plays the parts that, on real SGX, the CPU, the driver (``/dev/sgx_enclave``)
 and the architectural enclaves (AESM: quoting, counters) play.  Applications
 connect to its Unix socket (bind-mountable into containers, like the AESM
-socket), send an enclave image, and after EINIT succeeds get their connection
-handed to a new enclave process that the service started.  Enclave processes
+socket, and kept across a restart: :mod:`.listener`), send an enclave image,
+and after EINIT succeeds get their connection handed to a new enclave process
+that the service started.  Enclave processes
 are children of the service, never of the application, so CRIU never dumps
 enclave memory with the application.  Each enclave gets a private channel
 back to the service, bound to the identity the service measured.
@@ -25,60 +26,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-
 from .. import _proc
 from .._fds import take_descriptor
 from ..channel import IMAGE_FRAME_MAX, LAUNCH, PLATFORM
-from ..errors import ConfigError, ConnectionClosedError, LaunchError, MigSGXError, ProtocolError
+from ..errors import ConnectionClosedError, LaunchError, MigSGXError, ProtocolError
 from ..wire import recv_frame, send_frame
 from . import syscalls
 from .enclave_logs import open_instance_log, prune_logs
 from .image import EnclaveImage
+from .listener import (
+    KEEP_FOR,
+    SOCKET_DIR,
+    SOCKET_NAME,
+    Listener,
+    default_socket,
+    make_socket_dir,
+    notify_ready,
+)
 from .platform import EmulatedPlatform, LocalServices
 from .sandbox import SandboxSpec, launcher_command, runtime_binds
-from .store_types import Decision, RecordUpdate
-from .structs import KeyRequest, ReportBody, TargetInfo
+from .service_requests import answer
+from .structs import ReportBody
 
-SOCKET_NAME = "enclave.sock"
-#: The directory of the service's socket in its state directory, holding nothing else:
-#: containers bind-mount it, never the socket file (docs/containers.md).
-SOCKET_DIR = "run"
-#: The longest path a Unix socket address holds (``sun_path``, less its final NUL).
-_SUN_PATH_MAX = 107
+__all__ = ["SOCKET_DIR", "SOCKET_NAME", "EnclaveRecord", "PlatformService", "default_socket",
+           "make_socket_dir"]  # fmt: skip
+
 LAUNCH_TIMEOUT = 30.0
-
-
-def default_socket(state_dir: Path) -> Path:
-    """``STATE/run/enclave.sock``: in a directory of its own, so that a container
-    bind-mounts the directory and sees the new socket of a restarted service (a bind
-    mount of the file keeps the old one, removed: the container is cut off)."""
-
-    return Path(state_dir) / SOCKET_DIR / SOCKET_NAME
-
-
-def make_socket_dir(directory: Path, group: int | None) -> None:
-    """The socket's directory, made for it when missing: 0700, or 0750 and ``group``
-    (who may use the socket must reach it; nobody else even sees its name).  An
-    existing directory (an operator's ``--socket``) is left as it is.  Its parents are
-    not made: their modes decide who reaches the socket, which only the operator knows,
-    so a missing one is a :class:`ConfigError` that names it (not an ``OSError`` at bind)."""
-
-    try:
-        directory.mkdir(mode=0o700)
-    except FileExistsError:
-        return
-    except FileNotFoundError as exc:
-        missing = directory.parent
-        while not missing.parent.exists() and missing.parent != missing:
-            missing = missing.parent
-        raise ConfigError(
-            f"the socket's directory {directory} cannot be made: {missing} does not exist"
-            " (make it first, with the modes who uses the socket needs)"
-        ) from exc
-    if group is not None:
-        os.chown(directory, -1, group)
-    os.chmod(directory, 0o750 if group is not None else 0o700)  # (mkdir's mode met the umask)
 
 
 @dataclass
@@ -103,11 +76,14 @@ class PlatformService:
         launch_control: bool = True,
         socket_group: int | None = None,
         sandbox: bool | None = None,
+        keep_socket: float = KEEP_FOR,
     ) -> None:
         """``allowed_signers`` adds to the host's recorded allow list (``platform init``);
         ``launch_control=False`` lets any signer launch (development only);
         ``socket_group`` may use the socket besides the service's user; ``sandbox``
-        defaults to on when the service runs as root (:mod:`.sandbox`)."""
+        defaults to on when the service runs as root (:mod:`.sandbox`); ``keep_socket``:
+        seconds a keeper holds the socket after the service died (0: no keeper,
+        :mod:`.listener`)."""
 
         self.platform = platform
         self.socket_path = Path(socket_path or default_socket(platform.state_dir))
@@ -127,6 +103,9 @@ class PlatformService:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
+        self._socket = Listener(
+            platform.state_dir, self.socket_path, group=socket_group, keep_for=keep_socket
+        )
         self.warm_spare = warm_spare
         self._spare: tuple[subprocess.Popen[bytes], socket.socket] | None = None
         self._spare_lock = threading.Lock()
@@ -146,39 +125,23 @@ class PlatformService:
                 "platform: WARNING: not root, enclaves are not sandboxed (they run as "
                 "this service's user)\n"
             )
-        if len(os.fsencode(self.socket_path)) > _SUN_PATH_MAX:
-            raise ConfigError(
-                f"the platform socket path {self.socket_path} is longer than a Unix socket "
-                f"address can be ({_SUN_PATH_MAX} bytes): choose a shorter state directory"
-            )
-        make_socket_dir(self.socket_path.parent, self.socket_group)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Like /dev/sgx_enclave: the service's user and a configured group, nobody else.
-        # Bound under a temporary name and renamed once listening, so the socket is
-        # never reachable with looser permissions, nor visible before it accepts.  The
-        # temporary name is no longer than the socket's own: any path that fits binds.
-        staging = self.socket_path.with_name(f".s{os.getpid()}")
-        with contextlib.suppress(FileNotFoundError):
-            staging.unlink()
-        old = os.umask(0o177)
-        try:
-            sock.bind(str(staging))
-        finally:
-            os.umask(old)
-        if self.socket_group is not None:
-            os.chown(staging, -1, self.socket_group)
-            os.chmod(staging, 0o660)
-        sock.listen(64)
-        os.replace(staging, self.socket_path)
+        sock = self._socket.open()
         self._listener = sock
         self._take_back_enclaves()
         self._refill_spare()
+
+    @property
+    def socket_origin(self) -> str:
+        """``bound`` (fresh), ``kept`` (taken back from a keeper) or ``systemd``."""
+
+        return self._socket.origin
 
     def serve_forever(self) -> None:
         if self._listener is None:
             self.bind()
         assert self._listener is not None
         self._listener.settimeout(0.2)
+        notify_ready()
         while not self._stop.is_set():
             try:
                 conn, _ = self._listener.accept()
@@ -194,10 +157,7 @@ class PlatformService:
 
     def shutdown(self, *, kill_enclaves: bool = True) -> None:
         self._stop.set()
-        if self._listener is not None:
-            self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        self._socket.close()
         spare = self._take_spare()
         if spare is not None:
             spare[1].close()
@@ -393,7 +353,7 @@ class PlatformService:
                 except MigSGXError:
                     break
                 try:
-                    value = self._answer(svc, msg)
+                    value = answer(svc, msg)
                     reply: dict[str, Any] = {"t": "ok", "value": value}
                 except MigSGXError as exc:
                     reply = {"t": "err", "code": exc.code, "message": exc.message}
@@ -465,61 +425,6 @@ class PlatformService:
         with self._lock:
             self.enclaves.setdefault(pid, rec)
         self._serve_enclave(sock, self.platform.services_for(identity), rec)
-
-    def _answer(self, svc: LocalServices, msg: dict[str, Any]) -> Any:
-        kind = msg["t"]
-        if kind == "getkey":
-            return svc.get_key(KeyRequest.unpack(msg["request"]))
-        if kind == "report":
-            return svc.report(TargetInfo.unpack(msg["target"]), msg["data"]).pack()
-        if kind == "quote":
-            return svc.quote(msg["data"])
-        if kind == "roots":
-            return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svc.trusted_roots())
-        if kind == "collateral":
-            return svc.collateral()
-        if kind == "ctr_create":
-            return list(svc.counter_create(msg["initial"]))
-        if kind == "ctr_read":
-            return svc.counter_read(msg["id"])
-        if kind == "ctr_inc":
-            return svc.counter_increment(msg["id"], msg["by"])
-        if kind == "ctr_destroy":
-            svc.counter_destroy(msg["id"])
-            return None
-        if kind == "claim":
-            return svc.claim_migration(msg["mid"])
-        if kind == "claimed":
-            return svc.migration_claimed(msg["mid"])
-        if kind == "refuse":
-            return svc.refuse_migration(msg["mid"])
-        if kind == "ps_read":
-            return svc.persist_read(msg["name"])
-        if kind == "ps_update":
-            svc.persist_update(msg["name"], RecordUpdate.from_wire(msg))
-            return None
-        if kind == "decide":
-            retire = _record_changes(msg["changes"])
-            decision = Decision(msg["mid"], msg["kind"], msg["frame"], group=msg["group"])
-            held = svc.decide(decision, retire)
-            return {"kind": held.kind, "frame": held.frame}
-        if kind == "ps_txn":
-            svc.persist_transaction(_record_changes(msg["changes"]), claim=msg["claim"])
-            return None
-        if kind == "revoke":
-            held = svc.revoke_commit(msg["mid"], _record_changes(msg["changes"]))
-            return {"kind": held.kind, "frame": held.frame}
-        raise ProtocolError(f"unexpected request {kind!r} from an enclave")
-
-
-def _record_changes(changes: object) -> list[tuple[str, RecordUpdate]]:
-    """The record updates of a transaction (or a decision's retirement), checked."""
-
-    if not isinstance(changes, list) or not all(
-        isinstance(c, dict) and isinstance(c.get("name"), str) for c in changes
-    ):
-        raise ProtocolError("a record transaction is malformed")
-    return [(c["name"], RecordUpdate.from_wire(c)) for c in changes]
 
 
 def _enclaves_of(tag: str) -> list[tuple[int, int]]:

@@ -8,9 +8,13 @@ An operator runs ``migsgx platform serve`` under their own supervisor instead.
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,13 +50,21 @@ def start_service(
     extra_args: Sequence[str] = (),
     timeout: float = 20.0,
 ) -> ServiceProcess:
-    """Start ``migsgx platform serve`` (optionally under ``prefix``, e.g. ``ip netns exec``)."""
+    """Start ``migsgx platform serve`` (optionally under ``prefix``, e.g. ``ip netns exec``)
+    and return once it accepts on its socket.
+
+    The socket file may be there before (a keeper holds it for a restart, or a
+    crashed service left it), so its presence says nothing: the service says
+    ``READY=1`` on ``$NOTIFY_SOCKET``, as it would to systemd (``Type=notify``).
+    """
 
     sock = Path(socket_path or default_socket(state))
-    with contextlib.suppress(FileNotFoundError):
-        sock.unlink()
     log = open(Path(state) / "service.log", "ab")  # noqa: SIM115
+    ready_dir = tempfile.mkdtemp(prefix="migsgx-ready-")
+    ready = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
+        ready.bind(os.path.join(ready_dir, "n"))
+        env = {**os.environ, "NOTIFY_SOCKET": os.path.join(ready_dir, "n")}
         proc = subprocess.Popen(
             [
                 *prefix,
@@ -72,11 +84,27 @@ def start_service(
             stdout=log,
             stderr=log,
             start_new_session=True,
+            env=env,
         )
+        _wait_ready(ready, proc, state, timeout)
     finally:
         log.close()
+        ready.close()
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(ready_dir, "n"))
+        with contextlib.suppress(OSError):
+            os.rmdir(ready_dir)
+    return ServiceProcess(Path(state), sock, proc)
+
+
+def _wait_ready(
+    ready: socket.socket, proc: subprocess.Popen[bytes], state: Path, timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
-    while not sock.exists():
+    while True:
+        readable, _, _ = select.select([ready], [], [], 0.05)
+        if readable and b"READY=1" in ready.recv(4096).split(b"\n"):
+            return
         if proc.poll() is not None:
             raise PlatformError(
                 f"platform service for {state} exited with {proc.returncode}; "
@@ -84,6 +112,5 @@ def start_service(
             )
         if time.monotonic() > deadline:
             proc.kill()
+            proc.wait()
             raise PlatformError(f"platform service for {state} did not start in {timeout} s")
-        time.sleep(0.02)
-    return ServiceProcess(Path(state), sock, proc)
