@@ -152,8 +152,10 @@ def ask_agent(
     """One request on a control connection of its own: greeted as ``host_id``, then closed.
 
     How ``migsgx recover`` delivers a decision (``deliver``) and the holder of
-    committed source enclaves asks for a fresh enclave (``redeliver``) or a
-    refusal (``refuse``).  Raises what :class:`AgentConnection` raises.
+    committed source enclaves asks for a fresh enclave (``redeliver``; a
+    ``refuse`` keeps its connection open until the revocation ended, since the
+    destination's listener ends with it).  Raises what :class:`AgentConnection`
+    raises.
     """
 
     control = AgentConnection(to, identity, timeout)

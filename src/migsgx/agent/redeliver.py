@@ -97,7 +97,7 @@ class HeldEnclave:
 
 
 def _ask(journal: Journal, identity: AgentIdentity, request: str, index: int) -> tuple[int, bytes]:
-    """``redeliver`` or ``refuse`` for enclave ``index``: the data port and the data key."""
+    """``redeliver`` for enclave ``index``: the data port and the data key."""
 
     reply = ask_agent(journal.to, identity, "guardian",
                       {"t": request, "session_id": journal.mid, "index": index}, "redelivery",
