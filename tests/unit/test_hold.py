@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -171,3 +172,23 @@ def test_a_hold_naming_several_processes_is_let_go_with_the_last(
     finally:
         child.kill()
         child.wait()
+
+
+def test_an_abort_asked_again_arms_no_second_watch(
+    pair: tuple[socket.socket, socket.socket], app: subprocess.Popen[bytes]
+) -> None:
+    """A stopped enclave asked to abort many times answers them all once continued:
+    one watch per hold, not one thread and a set of duplicated pidfds per answer."""
+
+    enclave, driver = pair
+    hold = Hold(lambda _: None)
+    _hold(hold, enclave, driver, app.pid)
+    before = os.listdir("/proc/self/fd")
+    for _ in range(20):
+        hold.kept_after_abort()
+    watches = [t for t in threading.enumerate() if t.name == "hold-watch"]
+    assert len(watches) == 1
+    assert len(os.listdir("/proc/self/fd")) == len(before) + 1  # (one pidfd duplicated)
+    app.kill()
+    app.wait()
+    assert _let_go(hold)

@@ -126,8 +126,8 @@ class Hold:
         """An abort answered and the duplicate stays: watch the application from now on."""
 
         with self._lock:
-            if self._held is None:
-                return
+            if self._held is None or self._after_abort:
+                return  # (one watch per hold: an abort asked again arms nothing more)
             self._after_abort = True
             apps = [os.dup(app) for app in self._apps]
             held = self._held
