@@ -199,11 +199,14 @@ class Window:
         """Let the held tree run and watch the window in a thread."""
 
         self.watching = True
-        if self.post.serving:
-            self.post.run()
-            self.running = True
-        # (a daemon that already failed: the tree never runs, the watch kills it)
-        threading.Thread(target=self._watch, name="migsgx-agent-window", daemon=True).start()
+        try:
+            if self.post.serving:
+                self.post.run()
+                self.running = True
+        finally:
+            # (a daemon that already failed: the tree never runs, the watch kills it;
+            # a run that failed midway may have let it run: the window's report says)
+            threading.Thread(target=self._watch, name="migsgx-agent-window", daemon=True).start()
 
     def _watch(self) -> None:
         try:
