@@ -35,7 +35,11 @@ def take_descriptor(pid: int, fd: int) -> socket.socket:
             raise OSError(err, os.strerror(err))
     finally:
         os.close(pidfd)
-    return socket.socket(fileno=got)
+    try:
+        return socket.socket(fileno=got)
+    except OSError:  # (not a socket)
+        os.close(got)
+        raise
 
 
 def tcp_connections(pid: int) -> Iterator[socket.socket]:

@@ -117,6 +117,13 @@ class Listener:
         try:
             sock = self._open()
         except BaseException:
+            if self.origin == "kept":
+                # (a restart that failed after the take-back, its mode or group say: the
+                # keeper keeps the socket for the next service, as after a crash)
+                if self._control is not None:
+                    self._control.close()
+                    self._control = None
+                self.origin = ""
             self.close()
             raise
         # listen() again: connections name this service as the socket's owner
@@ -247,7 +254,7 @@ class Listener:
         """
 
         for pid, peer_fd in _keepers_of(self.tag):
-            if not _same_user(pid):
+            if not _same_user(pid) or not _same_pid_namespace(pid):
                 continue
             try:
                 channel = take_descriptor(pid, peer_fd)
@@ -258,6 +265,17 @@ class Listener:
                 return got, channel
             channel.close()
         return None
+
+
+def _same_pid_namespace(pid: int) -> bool:
+    """Whether ``pid`` runs in this service's pid namespace, as the keeper it started
+    does.  Root inside a container without a user namespace has this service's uid
+    but its own pid namespace: a "keeper" there is not adopted."""
+
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") == os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return False
 
 
 def _same_user(pid: int) -> bool:
@@ -277,9 +295,13 @@ def _ask(channel: socket.socket, path: Path) -> socket.socket | None:
     channel.settimeout(None)
     if not fds:
         return None
-    sock = socket.socket(fileno=fds[0])
     for extra in fds[1:]:
         os.close(extra)
+    try:
+        sock = socket.socket(fileno=fds[0])
+    except OSError:  # (not a socket: a pipe, a file)
+        os.close(fds[0])
+        return None
     try:
         if len(msg) == keeper.GIVE_LAYOUT.size and _is_ours(sock, path, msg):
             return sock

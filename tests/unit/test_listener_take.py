@@ -1,0 +1,71 @@
+"""What a restarted platform service adopts from a "keeper": only a listening Unix
+socket at its own path, from its own pid namespace; anything else is refused and
+closed, never an error that stops the service."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+from migsgx.sgx import keeper
+from migsgx.sgx.listener import _ask, _same_pid_namespace
+
+
+def _open_to(fd: int) -> int:
+    """How many of this process's descriptors name what ``fd`` names."""
+
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{name}") == target
+        except OSError:
+            pass
+    return count
+
+
+def _keeper_giving(fd: int, dev: int, ino: int) -> socket.socket:
+    """The service's end of a channel whose other end answers one TAKE with ``fd``."""
+
+    ours, theirs = socket.socketpair()
+
+    def answer() -> None:
+        assert theirs.recv(1) == keeper.TAKE
+        socket.send_fds(theirs, [keeper.GIVE_LAYOUT.pack(keeper.GIVE, dev, ino)], [fd])
+        theirs.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    return ours
+
+
+def test_a_pipe_given_for_the_listener_is_refused_and_closed(tmp_path: Path) -> None:
+    path = tmp_path / "enclave.sock"
+    path.touch()
+    st = os.stat(path)
+    r, w = os.pipe()
+    channel = _keeper_giving(r, st.st_dev, st.st_ino)
+    assert _ask(channel, path) is None  # (before: OSError ENOTSOCK out of the service's start)
+    assert _open_to(r) == 2  # our two ends only: the received duplicate is closed
+    channel.close()
+    os.close(r)
+    os.close(w)
+
+
+def test_a_listener_elsewhere_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "enclave.sock"
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(str(tmp_path / "other.sock"))
+    other.listen()
+    path.touch()  # (a file at the path, not this listener's)
+    st = os.stat(path)
+    channel = _keeper_giving(other.fileno(), st.st_dev, st.st_ino)
+    assert _ask(channel, path) is None
+    channel.close()
+    other.close()
+
+
+def test_the_pid_namespace_is_the_services() -> None:
+    assert _same_pid_namespace(os.getpid())
+    assert not _same_pid_namespace(2**22 + 1)  # (no such process)
