@@ -9,8 +9,10 @@ import socket
 import threading
 from pathlib import Path
 
+import pytest
+
 from migsgx.sgx import keeper
-from migsgx.sgx.listener import _ask, _same_pid_namespace
+from migsgx.sgx.listener import _ask, _from_systemd, _same_file, _same_pid_namespace
 
 
 def _open_to(fd: int) -> int:
@@ -69,3 +71,20 @@ def test_a_listener_elsewhere_is_refused(tmp_path: Path) -> None:
 def test_the_pid_namespace_is_the_services() -> None:
     assert _same_pid_namespace(os.getpid())
     assert not _same_pid_namespace(2**22 + 1)  # (no such process)
+
+
+def test_systemd_socket_named_through_a_symbolic_link_is_the_same_file(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(tmp_path / "link" / "enclave.sock"))  # (as ListenStream= wrote it)
+        assert _same_file(sock.getsockname(), real / "enclave.sock")
+        assert not _same_file(sock.getsockname(), tmp_path / "other.sock")
+
+
+def test_no_socket_from_systemd_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "0")
+    assert _from_systemd(Path("/nonexistent/enclave.sock")) is None
+    assert "LISTEN_FDS" not in os.environ

@@ -352,16 +352,19 @@ def _from_systemd(path: Path) -> socket.socket | None:
     pid = os.environ.pop("LISTEN_PID", None)
     count = os.environ.pop("LISTEN_FDS", None)
     os.environ.pop("LISTEN_FDNAMES", None)
-    if pid != str(os.getpid()) or count is None:
+    if pid != str(os.getpid()) or count is None or count == "0":
         return None
     if count != "1":
         raise ConfigError(f"systemd passed {count} sockets; the platform service takes one")
     os.set_inheritable(_SD_LISTEN_FDS_START, False)
-    sock = socket.socket(fileno=_SD_LISTEN_FDS_START)
+    try:
+        sock = socket.socket(fileno=_SD_LISTEN_FDS_START)
+    except OSError as exc:
+        raise ConfigError(f"systemd passed a descriptor that is no socket ({exc})") from exc
     if (
         sock.family != socket.AF_UNIX
         or sock.type != socket.SOCK_STREAM
-        or sock.getsockname() != str(_absolute(path))
+        or not _same_file(sock.getsockname(), path)
     ):
         name = sock.getsockname() if sock.family == socket.AF_UNIX else "another kind of socket"
         sock.close()
@@ -370,6 +373,17 @@ def _from_systemd(path: Path) -> socket.socket | None:
             " unit's ListenStream= the service's --socket"
         )
     return sock
+
+
+def _same_file(name: str, path: Path) -> bool:
+    """Whether the socket address ``name`` (as ListenStream= wrote it: its parent
+    directories may be symbolic links) names the file at ``path``."""
+
+    try:
+        a, b = os.stat(name), os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def notify_ready() -> None:
