@@ -259,7 +259,8 @@ class _Migration(_DumpSteps):
         lost = []
         for transfer in [*self.abandoned, *self.transfers]:
             info = transfer.handed.info
-            if not dead(info.pid):
+            gone = self.dead_at_hand_back  # (read before the hand-back, if one came)
+            if not (info.pid in gone if gone is not None else dead(info.pid)):
                 continue
             mid = transfer.outgoing.migration_id if transfer.outgoing is not None else None
             if transfer.asked_to_commit and (

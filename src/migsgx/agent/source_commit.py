@@ -263,6 +263,13 @@ class _DecisionSteps(_EnclaveSteps):
                 os.kill(pid, signal.SIGCONT)
         step("continued")
         self._settle(False)
+        # Which enclaves died is read now, before the application has its connections
+        # back (it may end an enclave itself from then on; a pid may be reused).
+        self.dead_at_hand_back = {
+            t.handed.info.pid
+            for t in [*self.abandoned, *self.transfers]
+            if not _proc.alive(t.handed.info.pid)
+        }
         if source_gone:
             # Nobody to hand the enclaves back to: closing their connections ends them.
             log.warning("the source application is gone; its enclaves end with it")

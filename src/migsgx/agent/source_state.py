@@ -153,6 +153,8 @@ class _MigrationState:
         self.lost_after_commit: LostAfterCommitError | None = None
         self.resume_sent = False
         self.hand_back_failed = False
+        #: The source enclaves (pids) dead when the roll-back handed the rest back.
+        self.dead_at_hand_back: set[int] | None = None
         self.restored_pid = 0
         self.image_bytes = 0
         self.page_bytes = 0
