@@ -97,9 +97,10 @@ def agent_serve(
     agent starts and stops with itself.
     """
 
-    from .agent.server import Agent, AgentConfig, platform_socket_alive
+    from .agent.server import Agent, AgentConfig
     from .agent.tls import AgentIdentity
     from .containers import ContainerSettings
+    from .sgx.listener import platform_socket_alive
     from .sgx.service import default_socket
     from .sgx.spawn import ServiceProcess, start_service
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import time
-from pathlib import Path
 
 from .. import _proc
 from ..errors import LostAfterCommitError, MigSGXError
+from ..sgx.listener import platform_socket_alive
 from ..system.process import continue_tree
 from .applink import AppLink
 from .faults import fault
@@ -44,7 +43,7 @@ class _Handover(_SessionState):
 
         if not self.enclaves:
             return
-        if not _platform_alive(self.config.platform_socket):
+        if not platform_socket_alive(self.config.platform_socket):
             raise AgentError("the platform service of this host is gone")
         for enclave in self.enclaves:
             link = getattr(enclave.engine, "link", None)
@@ -73,7 +72,7 @@ class _Handover(_SessionState):
             or e.index in self.hung_up
             or (e.ecall_sock is not None and hung_up(e.ecall_sock))
         ]
-        if not gone and self.enclaves and not _platform_alive(self.config.platform_socket):
+        if not gone and self.enclaves and not platform_socket_alive(self.config.platform_socket):
             # Every enclave claimed its id, lives and holds its state: a platform
             # service that died after the claims strands nothing (its enclaves
             # attach to the next one, as after any restart), so this is no loss.
@@ -220,27 +219,6 @@ class _Handover(_SessionState):
 
         while self._discard_after_reply:
             self.agent.discard(self._discard_after_reply.pop())
-
-
-def _platform_alive(path: Path) -> bool:
-    """Whether the platform service that listens on ``path`` still runs.
-
-    A connection alone does not tell: a child the service forked may still
-    hold the listening socket for a moment after the service died, and the
-    kernel then queues connections for nobody.  The process that listened
-    (``SO_PEERCRED``) must be alive and not a zombie.
-    """
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(2.0)
-        sock.connect(str(path))
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    except OSError:
-        return False
-    finally:
-        sock.close()
-    return _proc.alive(int.from_bytes(creds[:4], "little"))
 
 
 def _pid_alive(pid: int) -> bool:

@@ -23,7 +23,6 @@ import threading
 from pathlib import Path
 from typing import Any, Final
 
-from .. import _proc
 from .._net import keep_alive
 from ..errors import ConfigError
 from .adoption import Adoption
@@ -34,29 +33,12 @@ from .metrics import AgentMetrics
 from .protocol import SessionState
 from .tls import PeerCertificateError, server_context, wrap_server
 
-__all__ = ["Agent", "AgentConfig", "platform_socket_alive"]
+__all__ = ["Agent", "AgentConfig"]
 
 log = logging.getLogger("migsgx.agent")
 
 HANDSHAKE_TIMEOUT: Final = 10.0
 _PR_SET_CHILD_SUBREAPER: Final = 36
-
-
-def platform_socket_alive(path: Path) -> bool:
-    """Whether a platform service listens on ``path``: a connection alone does not
-    tell (a keeper holds the socket of a service that died, for its restart), so the
-    process that listened (``SO_PEERCRED``) must be alive too."""
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(2.0)
-        sock.connect(str(path))
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    except OSError:
-        return False
-    finally:
-        sock.close()
-    return _proc.alive(int.from_bytes(creds[:4], "little"))
 
 
 class Agent:

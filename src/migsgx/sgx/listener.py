@@ -397,3 +397,21 @@ def notify_ready() -> None:
     address = "\0" + where[1:] if where.startswith("@") else where
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
         sock.sendto(f"READY=1\nMAINPID={os.getpid()}".encode(), address)
+
+
+def platform_socket_alive(path: Path) -> bool:
+    """Whether a platform service listens on ``path``: a connection alone does not
+    tell (a keeper holds the socket of a service that died, for its restart; a child
+    the service forked may hold it a moment after the service died), so the process
+    that listened (``SO_PEERCRED``) must be alive too, and not a zombie."""
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(2.0)
+        sock.connect(str(path))
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return _proc.alive(int.from_bytes(creds[:4], "little"))
