@@ -84,7 +84,7 @@ def previous_host(bed: Testbed, name: str, env: Mapping[str, str]) -> Iterator[N
     state = bed.state(name)
     bed.services[name].stop()
     prefix = [*bed.host(name).command([]), "env", *(f"{k}={v}" for k, v in env.items())]
-    bed.services[name] = start_service(state, prefix=prefix)
+    bed.services[name] = start_service(state, prefix=prefix, notify=False)  # (no READY=1)
     try:
         yield
     finally:

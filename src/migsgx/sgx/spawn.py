@@ -49,6 +49,7 @@ def start_service(
     prefix: Sequence[str] = (),
     extra_args: Sequence[str] = (),
     timeout: float = 20.0,
+    notify: bool = True,
 ) -> ServiceProcess:
     """Start ``migsgx platform serve`` (optionally under ``prefix``, e.g. ``ip netns exec``)
     and return once it accepts on its socket.
@@ -56,6 +57,9 @@ def start_service(
     The socket file may be there before (a keeper holds it for a restart, or a
     crashed service left it), so its presence says nothing: the service says
     ``READY=1`` on ``$NOTIFY_SOCKET``, as it would to systemd (``Type=notify``).
+    ``notify`` False: a service of a release before that (a mixed-release test
+    runs one) is up once the socket's listener is the started process
+    (``SO_PEERCRED``), as a connection shows.
     """
 
     sock = Path(socket_path or default_socket(state))
@@ -86,7 +90,7 @@ def start_service(
             start_new_session=True,
             env=env,
         )
-        _wait_ready(ready, proc, state, timeout)
+        _wait_ready(ready, proc, state, timeout, None if notify else sock)
     finally:
         log.close()
         ready.close()
@@ -98,12 +102,18 @@ def start_service(
 
 
 def _wait_ready(
-    ready: socket.socket, proc: subprocess.Popen[bytes], state: Path, timeout: float
+    ready: socket.socket,
+    proc: subprocess.Popen[bytes],
+    state: Path,
+    timeout: float,
+    listened: Path | None = None,
 ) -> None:
     deadline = time.monotonic() + timeout
     while True:
         readable, _, _ = select.select([ready], [], [], 0.05)
         if readable and b"READY=1" in ready.recv(4096).split(b"\n"):
+            return
+        if listened is not None and _listener_pid(listened) == proc.pid:
             return
         if proc.poll() is not None:
             raise PlatformError(
@@ -114,3 +124,17 @@ def _wait_ready(
             proc.kill()
             proc.wait()
             raise PlatformError(f"platform service for {state} did not start in {timeout} s")
+
+
+def _listener_pid(path: Path) -> int | None:
+    """The pid that last listened on the socket at ``path`` (``SO_PEERCRED``); None if
+    nothing accepts there."""
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.settimeout(1.0)
+            sock.connect(str(path))
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        except OSError:
+            return None
+    return int.from_bytes(creds[:4], "little")
