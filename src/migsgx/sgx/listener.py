@@ -405,13 +405,19 @@ def platform_socket_alive(path: Path) -> bool:
     the service forked may hold it a moment after the service died), so the process
     that listened (``SO_PEERCRED``) must be alive too, and not a zombie."""
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(2.0)
-        sock.connect(str(path))
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    except OSError:
-        return False
-    finally:
-        sock.close()
-    return _proc.alive(int.from_bytes(creds[:4], "little"))
+    pid = listener_pid(path)
+    return pid is not None and _proc.alive(pid)
+
+
+def listener_pid(path: Path) -> int | None:
+    """The pid that last listened on the socket at ``path`` (``SO_PEERCRED``, as a
+    connection shows); None if nothing accepts there."""
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.settimeout(2.0)
+            sock.connect(str(path))
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        except OSError:
+            return None
+    return int.from_bytes(creds[:4], "little")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PlatformError
+from .listener import listener_pid
 from .service import default_socket
 
 __all__ = ["ServiceProcess", "start_service"]
@@ -113,7 +114,7 @@ def _wait_ready(
         readable, _, _ = select.select([ready], [], [], 0.05)
         if readable and b"READY=1" in ready.recv(4096).split(b"\n"):
             return
-        if listened is not None and _listener_pid(listened) == proc.pid:
+        if listened is not None and listener_pid(listened) == proc.pid:
             return
         if proc.poll() is not None:
             raise PlatformError(
@@ -124,17 +125,3 @@ def _wait_ready(
             proc.kill()
             proc.wait()
             raise PlatformError(f"platform service for {state} did not start in {timeout} s")
-
-
-def _listener_pid(path: Path) -> int | None:
-    """The pid that last listened on the socket at ``path`` (``SO_PEERCRED``); None if
-    nothing accepts there."""
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.settimeout(1.0)
-            sock.connect(str(path))
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        except OSError:
-            return None
-    return int.from_bytes(creds[:4], "little")
