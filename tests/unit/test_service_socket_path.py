@@ -32,7 +32,9 @@ def test_a_socket_path_that_fits_binds_even_with_the_temporary_name(
 ) -> None:
     path = _dir_for(total) / "enclave.sock"
     assert len(os.fsencode(path)) == total
-    service = PlatformService(world.host_a, path, log_dir=path.parent / "logs", sandbox=False)
+    service = PlatformService(
+        world.host_a, path, log_dir=path.parent / "logs", sandbox=False, keep_socket=0
+    )
     service.bind()
     try:
         assert path.is_socket()
@@ -43,7 +45,9 @@ def test_a_socket_path_that_fits_binds_even_with_the_temporary_name(
 
 def test_a_socket_path_too_long_for_an_address_is_a_config_error(world: World) -> None:
     path = _dir_for(108) / "enclave.sock"
-    service = PlatformService(world.host_a, path, log_dir=path.parent / "logs", sandbox=False)
+    service = PlatformService(
+        world.host_a, path, log_dir=path.parent / "logs", sandbox=False, keep_socket=0
+    )
     with pytest.raises(ConfigError, match="longer than a Unix socket address"):
         service.bind()
     assert not path.exists()
@@ -62,7 +66,7 @@ def test_the_socket_directory_is_made_for_it_alone(world: World, group: int | No
     old = os.umask(0)
     try:
         service = PlatformService(world.host_a, path, log_dir=path.parent.parent / "logs",
-                                  sandbox=False, socket_group=group)  # fmt: skip
+                                  sandbox=False, socket_group=group, keep_socket=0)  # fmt: skip
         service.bind()
     finally:
         os.umask(old)
@@ -100,7 +104,9 @@ def test_a_service_whose_socket_directory_has_no_parent_does_not_bind(
     world: World, tmp_path: Path
 ) -> None:
     path = tmp_path / "absent" / "run" / "enclave.sock"
-    service = PlatformService(world.host_a, path, log_dir=tmp_path / "logs", sandbox=False)
+    service = PlatformService(
+        world.host_a, path, log_dir=tmp_path / "logs", sandbox=False, keep_socket=0
+    )
     with pytest.raises(ConfigError, match="cannot be made"):
         service.bind()
     assert not (tmp_path / "absent").exists()
