@@ -48,6 +48,7 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
     log "creating virtual environment at .venv"
     "$PYTHON" -m venv "$VENV"
+    rm -f "$STAMP_DIR/venv"  # (a stamp kept from an earlier .venv says nothing of this one)
 fi
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$STAMP_DIR/venv" 2>/dev/null)" != "$want" ]; then
