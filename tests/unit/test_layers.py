@@ -247,7 +247,9 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
         }
     ),
     "migsgx.sgx.keeper": frozenset(),
-    "migsgx.sgx.listener": frozenset({"migsgx.sgx.keeper"}),
+    "migsgx.sgx.listener": frozenset({"migsgx.sgx.keepers"}),
+    "migsgx.sgx.keepers": frozenset({"migsgx.sgx.keeper", "migsgx.sgx.sockdiag"}),
+    "migsgx.sgx.sockdiag": frozenset(),
     "migsgx.sgx.service_requests": frozenset(
         {"migsgx.sgx.platform", "migsgx.sgx.store_types", "migsgx.sgx.structs"}
     ),
