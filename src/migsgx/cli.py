@@ -447,8 +447,10 @@ register_migration(cli)
 register_lab(cli)
 
 from .cli_inspect import inspect_command  # noqa: E402
+from .cli_platform import platform_status  # noqa: E402
 
 cli.add_command(inspect_command)
+platform.add_command(platform_status)
 
 
 def main(argv: list[str] | None = None) -> None:

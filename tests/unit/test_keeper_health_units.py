@@ -6,6 +6,7 @@ binds over it, and an agent waits for the unit's)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -127,3 +128,32 @@ def test_a_systemd_unit_s_socket_is_left_to_the_unit(tmp_path: Path) -> None:
         assert not marker.exists()
     finally:
         fresh.close()
+
+
+def test_platform_status_says_what_the_service_said_of_its_socket(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``migsgx platform status``: the socket's origin and keeper, and whether the
+    service runs; a service that ended for good leaves nothing to say (exit 3)."""
+
+    path = Path(tempfile.mkdtemp(prefix="sock-", dir="/tmp")) / "run" / "enclave.sock"
+    state = world.host_a.state_dir
+    argv = ["platform", "status", "--state", str(state), "--socket", str(path)]
+    service = PlatformService(world.host_a, path, log_dir=path.parent.parent / "logs",
+                              sandbox=False, keep_socket=0)  # fmt: skip
+    service.bind()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == cli.EXIT_OK
+        said = json.loads(capsys.readouterr().out)
+        assert said["origin"] == "bound" and said["keeper"] == "none"
+        assert said["service_pid"] == os.getpid() and said["socket"] == str(path)
+        # (this test process is no `platform serve`: not taken for the service)
+        assert said["running"] is False
+    finally:
+        service.shutdown()
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == cli.EXIT_CONFIG
+    assert "no platform service runs for" in capsys.readouterr().err
