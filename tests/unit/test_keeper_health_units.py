@@ -20,7 +20,7 @@ from platform_fixtures import World, wait_until
 from migsgx import cli
 from migsgx.errors import ConfigError
 from migsgx.sgx import listener as listener_module
-from migsgx.sgx.keepers import SERVICE_ONLY_ENV
+from migsgx.sgx.keepers import SERVICE_ONLY_ENV, KeeperLink
 from migsgx.sgx.listener import Listener, held_by_systemd
 from migsgx.sgx.service import PlatformService
 from migsgx.sgx.spawn import wait_for_unit
@@ -157,3 +157,24 @@ def test_platform_status_says_what_the_service_said_of_its_socket(
         cli.main(argv)
     assert exited.value.code == cli.EXIT_CONFIG
     assert "no platform service runs for" in capsys.readouterr().err
+
+
+def test_a_keeper_that_does_not_start_is_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A keeper that ends before its hello (here: its socket's path names no socket)
+    leaves the socket unkept: the service's log and status say so, not silence."""
+
+    changes: list[str] = []
+    link = KeeperLink("0" * 32, tmp_path / "enclave.sock", 1.0, lambda: changes.append("x"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(tmp_path / "elsewhere.sock"))
+        sock.listen()
+        link.start(sock)
+        try:
+            assert wait_until(lambda: changes and link.state == "missing", timeout=30)
+            assert link.status() == {"keeper": "missing", "keeper_pid": None,
+                                     "keeper_restarts": 0}  # fmt: skip
+        finally:
+            link.close()
+    assert "WARNING: the socket keeper did not start" in capsys.readouterr().err

@@ -37,8 +37,10 @@ __all__ = ["KeeperLink", "child_environment", "keepers_of", "take_back"]
 
 #: How long a started keeper has to say ``HELLO``.
 HELLO_TIMEOUT: Final = 10.0
-#: How soon a service without a keeper tries to start one again.
+#: How soon a service without a keeper tries to start one again: at first, then twice
+#: as long each time (a keeper that cannot start costs a process each time), at most.
 RETRY: Final = 5.0
+RETRY_MAX: Final = 60.0
 #: How long a restarted service waits for a keeper's answer.
 _TAKE_TIMEOUT: Final = 10.0
 #: systemd's variables for the service alone: no process it starts may take them for its own.
@@ -87,6 +89,7 @@ class KeeperLink:
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
         self._said_missing = False
+        self._retry = RETRY
 
     # --- starting and stopping ---------------------------------------------------------
     def start(self, listener: socket.socket) -> None:
@@ -137,8 +140,9 @@ class KeeperLink:
     def _run(self) -> None:
         while not self._stop.is_set():
             if self._control is None:
-                if self._wait(RETRY):
+                if self._wait(self._retry):
                     return
+                self._retry = min(self._retry * 2, RETRY_MAX)
                 self._spawn()
             elif self._pidfd is None:
                 self._await_hello(self._control)
@@ -183,7 +187,7 @@ class KeeperLink:
             self._said_missing = True
             _log(
                 f"WARNING: the socket keeper did not start: {self.path} is not kept across a"
-                f" restart of this service; trying again every {RETRY:g} s"
+                f" restart of this service; trying again in {RETRY:g} s, then less often"
             )
 
     def _running(self, pid: int) -> bool:
@@ -198,6 +202,7 @@ class KeeperLink:
         if self._said_missing or self.restarts:
             _log(f"a new socket keeper (pid {pid}) holds {self.path}")
         self._said_missing = False
+        self._retry = RETRY
         self.on_change()
         return True
 
@@ -249,7 +254,8 @@ class KeeperLink:
                 self._said_missing = True
                 _log(
                     f"WARNING: the socket keeper cannot be started ({exc}): {self.path} is not"
-                    f" kept across a restart of this service; trying again every {RETRY:g} s"
+                    " kept across a restart of this service; trying again in"
+                    f" {RETRY:g} s, then less often"
                 )
             self.on_change()
         else:

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Final
 
@@ -109,6 +110,7 @@ class Listener:
         self.origin = ""
         self._lock_fd: int | None = None
         self._keeper: KeeperLink | None = None
+        self._status_lock = threading.Lock()
 
     def open(self) -> socket.socket:
         if len(os.fsencode(self.path)) > SUN_PATH_MAX:
@@ -261,7 +263,7 @@ class Listener:
         """``STATE/serve-<tag>.json`` (:func:`read_status`), and systemd's ``STATUS=``."""
 
         status = self.status()
-        with contextlib.suppress(OSError):
+        with self._status_lock, contextlib.suppress(OSError):  # (the keeper's watch writes too)
             tmp = self.status_path.with_name(self.status_path.name + ".tmp")
             tmp.write_text(json.dumps(status) + "\n")
             tmp.replace(self.status_path)
