@@ -7,6 +7,7 @@ named exit code and a one-line message on stderr.
 from __future__ import annotations
 
 import grp
+import math
 import signal
 import sys
 from pathlib import Path
@@ -241,6 +242,12 @@ def platform_tcb(state: Path, ca_dir: Path, level: int) -> None:
     _emit({"state": str(state), "host_id": p.info.host_id, "tcb_level": level})
 
 
+def _finite(_ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not math.isfinite(value):  # (FloatRange lets inf and nan through)
+        raise click.BadParameter(f"{value} is not a number of seconds", param=param)
+    return value
+
+
 @platform.command("serve")
 @click.option("--state", type=click.Path(path_type=Path), required=True)
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None)
@@ -268,8 +275,10 @@ def platform_tcb(state: Path, ca_dir: Path, level: int) -> None:
 )
 @click.option(
     "--keep-socket", type=click.FloatRange(min=0), default=300.0, show_default=True,
+    callback=_finite,
     help="seconds a keeper holds the socket after the service died, for a restarted one"
-    " to take back (0: none; a restart binds a new socket)",
+    " to take back (0: none; a restart binds a new socket; finite: nothing keeps a dead"
+    " service's socket for ever)",
 )  # fmt: skip
 def platform_serve(
     state: Path,
@@ -438,8 +447,10 @@ register_migration(cli)
 register_lab(cli)
 
 from .cli_inspect import inspect_command  # noqa: E402
+from .cli_platform import platform_status  # noqa: E402
 
 cli.add_command(inspect_command)
+platform.add_command(platform_status)
 
 
 def main(argv: list[str] | None = None) -> None:

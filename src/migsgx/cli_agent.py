@@ -102,7 +102,7 @@ def agent_serve(
     from .containers import ContainerSettings
     from .sgx.listener import platform_socket_alive
     from .sgx.service import default_socket
-    from .sgx.spawn import ServiceProcess, start_service
+    from .sgx.spawn import ServiceProcess, start_service, wait_for_unit
 
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
@@ -110,7 +110,8 @@ def agent_serve(
     identity = AgentIdentity.of_state(state, ca=ca_dir).check()
     sock = platform_socket or default_socket(state)
     service: ServiceProcess | None = None
-    if not platform_socket_alive(sock):
+    # (a systemd unit's socket: its service is restarting; the agent waits for it)
+    if not platform_socket_alive(sock) and not wait_for_unit(state, sock):
         if platform_socket is not None:
             raise ConfigError(f"no platform service answers at {platform_socket}")
         service = start_service(state, socket_path=sock)

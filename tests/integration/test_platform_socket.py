@@ -25,7 +25,8 @@ from migsgx.errors import ConfigError, MigSGXError
 from migsgx.host.client import EnclaveClient
 from migsgx.lab.hosts import ServiceProcess, start_service
 from migsgx.sgx.image import EnclaveImage, mr_signer_of
-from migsgx.sgx.listener import _keepers_of, socket_tag
+from migsgx.sgx.keepers import keepers_of as _keepers_of
+from migsgx.sgx.listener import socket_tag
 from migsgx.sgx.platform import EmulatedPlatform
 from migsgx.wire import recv_frame, send_frame
 

@@ -36,6 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("migsgx.lab",),  # harness: testbed, container lab, netns, demo, bench
     ("migsgx.cli_output", "migsgx.cli_options"),
     ("migsgx.cli_agent", "migsgx.cli_migrate", "migsgx.cli_lab", "migsgx.cli_inspect"),
+    ("migsgx.cli_platform",),
     ("migsgx.cli",),
     ("migsgx.__main__",),
 )
@@ -247,7 +248,9 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
         }
     ),
     "migsgx.sgx.keeper": frozenset(),
-    "migsgx.sgx.listener": frozenset({"migsgx.sgx.keeper"}),
+    "migsgx.sgx.listener": frozenset({"migsgx.sgx.keepers"}),
+    "migsgx.sgx.keepers": frozenset({"migsgx.sgx.keeper", "migsgx.sgx.sockdiag"}),
+    "migsgx.sgx.sockdiag": frozenset(),
     "migsgx.sgx.service_requests": frozenset(
         {"migsgx.sgx.platform", "migsgx.sgx.store_types", "migsgx.sgx.structs"}
     ),

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from migsgx.sgx import keeper
-from migsgx.sgx.listener import _ask, _from_systemd, _same_file, _same_pid_namespace
+from migsgx.sgx.keepers import _ask, _same_pid_namespace
+from migsgx.sgx.listener import _from_systemd, _same_file
+from migsgx.sgx.sockdiag import bound_file, same_file
 
 
 def _open_to(fd: int) -> int:
@@ -88,3 +90,51 @@ def test_no_socket_from_systemd_is_none(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("LISTEN_FDS", "0")
     assert _from_systemd(Path("/nonexistent/enclave.sock")) is None
     assert "LISTEN_FDS" not in os.environ
+
+
+def test_a_lookalike_listener_is_refused_on_the_kernel_s_word(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A "keeper" of the service's uid and pid namespace offers a listener bound in the
+    socket's directory and names the file at the path (its device and inode), but the
+    listener is bound to another file: ``sock_diag`` says which, and it is refused."""
+
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "enclave.sock"
+    real = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    real.bind(str(path))
+    lookalike = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lookalike.bind(str(run / ".s4242"))  # (as a service's temporary name, never renamed)
+    lookalike.listen()
+    st = os.stat(path)
+    channel = _keeper_giving(lookalike.fileno(), st.st_dev, st.st_ino)
+    assert _ask(channel, path) is None
+    assert "the kernel says it is bound to" in capsys.readouterr().err
+    channel.close()
+    lookalike.close()
+    real.close()
+
+
+def test_the_listener_bound_to_the_path_is_adopted(tmp_path: Path) -> None:
+    """Bound under a temporary name and renamed (as the service binds): the kernel says
+    it is bound to the file at the path, and it is adopted."""
+
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "enclave.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(run / ".s1"))
+    sock.listen()
+    os.replace(run / ".s1", path)
+    st = os.stat(path)
+    bound = bound_file(sock)
+    assert bound is not None and same_file(bound, st) and bound.name == str(run / ".s1")
+    channel = _keeper_giving(sock.fileno(), st.st_dev, st.st_ino)
+    adopted = _ask(channel, path)
+    assert adopted is not None
+    adopted.close()
+    channel.close()
+    sock.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unbound:
+        assert bound_file(unbound) is None

@@ -14,10 +14,12 @@ back and accepts them.
 Descriptors (numbers on the command line, so a restarted service finds them):
 
 - ``--listener``: the listening socket; never accepted on here.
-- ``--control``: a channel to the service that runs.  ``END`` (the service
-  ends for good: SIGTERM, Ctrl-C) closes the listener and ends the keeper;
-  end of file (the service died: ``kill -9``, a crash) makes it wait for the
-  next one.
+- ``--control``: a channel to the service that runs.  The keeper says
+  ``HELLO`` and its pid on it once it holds the socket, so that the service
+  knows it started (and watches it: :mod:`.keepers` starts a new one when it
+  ends).  ``END`` (the service ends for good: SIGTERM, Ctrl-C) closes the
+  listener and ends the keeper; end of file (the service died: ``kill -9``, a
+  crash) makes it wait for the next one.
 - ``--reserve`` / ``--reserve-peer``: both ends of a socket pair, as each
   enclave holds one.  A restarted service (root, or the same user) takes a
   duplicate of the peer end out of this process (``pidfd_getfd``) and sends
@@ -47,6 +49,9 @@ MODULE: Final = "migsgx.sgx.keeper"
 TAKE: Final = b"T"
 GIVE: Final = b"L"
 END: Final = b"E"
+HELLO: Final = b"K"
+#: ``HELLO``, then the keeper's pid (little endian): it started and holds the socket.
+HELLO_LAYOUT: Final = struct.Struct("<cI")
 #: ``GIVE``, then the socket file's ``st_dev`` and ``st_ino`` (little endian).
 GIVE_LAYOUT: Final = struct.Struct("<cQQ")
 #: How often a keeper without a service looks at the socket's path.
@@ -68,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         return 1
     control: socket.socket | None = socket.socket(fileno=args.control)
+    _hello(socket.socket(fileno=os.dup(args.control)))
     while control is not None:
         if _follow(control):
             break  # END: the service ended for good
@@ -77,6 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         control.close()
     os.close(args.listener)
     return 0
+
+
+def _hello(control: socket.socket) -> None:
+    """Say the service that the socket is held, and by whom (it watches this pid)."""
+
+    with control:
+        try:
+            control.sendall(HELLO_LAYOUT.pack(HELLO, os.getpid()))
+        except OSError:
+            pass  # (the service is gone already: keep the socket for the next one)
 
 
 def _file_of(path: str) -> tuple[int, int]:

@@ -9,7 +9,9 @@ Three ways to the socket, in this order (:meth:`Listener.open`):
 2. **Taken back from the keeper** (:mod:`.keeper`) that a killed service of this
    socket left: the same socket, the same inode, with the connections that
    queued while no service ran.
-3. **Bound fresh**, then handed to a new keeper.
+3. **Bound fresh**, then handed to a new keeper, which the service watches and
+   replaces when it ends (:mod:`.keepers`).  Never over a socket a systemd unit
+   holds (:func:`held_by_systemd`): its service is restarting.
 
 One service per socket: an exclusive ``flock`` on ``STATE/serve-<tag>.lock``,
 held while the service runs (released by the kernel when it dies), refuses a
@@ -22,18 +24,16 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import socket
-import stat
-import subprocess
-import sys
+import threading
 from pathlib import Path
 from typing import Final
 
 from .. import _proc
-from .._fds import take_descriptor
 from ..errors import ConfigError
-from . import keeper
+from .keepers import KeeperLink, take_back
 
 SOCKET_NAME: Final = "enclave.sock"
 #: The directory of the service's socket in its state directory, holding nothing else.
@@ -101,11 +101,16 @@ class Listener:
         self.keep_for = keep_for
         self.tag = socket_tag(state_dir, self.path)
         self.lock_path = Path(state_dir) / f"serve-{self.tag[:16]}.lock"
+        #: What the service says of its socket (:meth:`status`).
+        self.status_path = Path(state_dir) / f"serve-{self.tag[:16]}.json"
+        #: Left by a service that systemd passed the socket (:func:`held_by_systemd`).
+        self.systemd_path = Path(state_dir) / f"serve-{self.tag[:16]}.systemd"
         self.sock: socket.socket | None = None
         #: ``systemd``, ``kept`` (taken back from a keeper) or ``bound`` (fresh).
         self.origin = ""
         self._lock_fd: int | None = None
-        self._control: socket.socket | None = None
+        self._keeper: KeeperLink | None = None
+        self._status_lock = threading.Lock()
 
     def open(self) -> socket.socket:
         if len(os.fsencode(self.path)) > SUN_PATH_MAX:
@@ -113,6 +118,7 @@ class Listener:
                 f"the platform socket path {self.path} is longer than a Unix socket "
                 f"address can be ({SUN_PATH_MAX} bytes): choose a shorter state directory"
             )
+        take_notify_socket()
         self._lock()
         try:
             sock = self._open()
@@ -120,9 +126,9 @@ class Listener:
             if self.origin == "kept":
                 # (a restart that failed after the take-back, its mode or group say: the
                 # keeper keeps the socket for the next service, as after a crash)
-                if self._control is not None:
-                    self._control.close()
-                    self._control = None
+                if self._keeper is not None:
+                    self._keeper.close(end=False)
+                    self._keeper = None
                 self.origin = ""
             self.close()
             raise
@@ -130,6 +136,7 @@ class Listener:
         # (SO_PEERCRED), not the one that bound it.
         sock.listen(BACKLOG)
         self.sock = sock
+        self.write_status()
         return sock
 
     def _open(self) -> socket.socket:
@@ -137,14 +144,22 @@ class Listener:
         sock = _from_systemd(self.path)
         if sock is not None:
             self.origin = "systemd"
+            self._mark_systemd()
         else:
             kept = self._take_back()
             if kept is not None:
-                sock, self._control = kept
+                sock = kept
                 self.origin = "kept"
                 self._set_mode(self.path)
             else:
+                if held_by_systemd(self.systemd_path, self.path):
+                    raise ConfigError(
+                        f"systemd's socket unit holds {self.path}: its service starts at the"
+                        " next connection or restart (systemctl start migsgx-platform.service)"
+                    )
                 sock = self._bind_fresh()
+                with contextlib.suppress(FileNotFoundError):
+                    self.systemd_path.unlink()
                 self.origin = "bound"
                 if self.keep_for > 0:
                     self._start_keeper(sock)
@@ -156,14 +171,15 @@ class Listener:
         if self.origin in ("kept", "bound"):
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-        if self._control is not None:
-            with contextlib.suppress(OSError):
-                self._control.send(keeper.END)
-            self._control.close()
-            self._control = None
+        if self._keeper is not None:
+            self._keeper.close()
+            self._keeper = None
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        if self.origin:
+            with contextlib.suppress(FileNotFoundError):
+                self.status_path.unlink()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -182,6 +198,10 @@ class Listener:
                 f" (it holds {self.lock_path})"
             ) from exc
         self._lock_fd = fd
+
+    def _mark_systemd(self) -> None:
+        with contextlib.suppress(OSError):
+            self.systemd_path.write_text(_mark_file(self.path))
 
     # --- a fresh socket --------------------------------------------------------------
     def _set_mode(self, path: Path) -> None:
@@ -212,135 +232,58 @@ class Listener:
         return sock
 
     # --- the keeper ------------------------------------------------------------------
+    def _take_back(self) -> socket.socket | None:
+        kept = take_back(self.tag, self.path)
+        if kept is None:
+            return None
+        sock, channel, pid = kept
+        self._keeper = KeeperLink(self.tag, self.path, self.keep_for, self.write_status)
+        self._keeper.adopt(sock, channel, pid)
+        return sock
+
     def _start_keeper(self, sock: socket.socket) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        reserve, reserve_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = (sock.fileno(), theirs.fileno(), reserve.fileno(), reserve_peer.fileno())
-        argv = [sys.executable, "-P", "-m", keeper.MODULE,
-                "--listener", str(fds[0]), "--control", str(fds[1]),
-                "--reserve", str(fds[2]), "--reserve-peer", str(fds[3]),
-                "--socket-tag", self.tag, "--path", str(self.path),
-                "--keep-for", str(self.keep_for)]  # fmt: skip
-        try:
-            # Output to nowhere: a keeper must not hold the service's stdout or stderr
-            # (a pipe its reader waits on) after the service died.
-            # Started in the background by a shell that exits at once: the keeper is
-            # no child of the service, whose children stay its enclaves alone.
-            starter = subprocess.Popen(
-                ["/bin/sh", "-c", '"$@" &', "migsgx-keeper", *argv],
-                pass_fds=fds,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-                close_fds=True,
-            )
-            starter.wait()
-        except OSError:
-            ours.close()  # no keeper: the socket lives as long as this service
+        self._keeper = KeeperLink(self.tag, self.path, self.keep_for, self.write_status)
+        self._keeper.start(sock)
+
+    # --- what the service says of its socket -----------------------------------------
+    def status(self) -> dict[str, object]:
+        """The socket's health: where it came from and who keeps it for a restart
+        (``keeper``: ``running``, ``starting``, ``missing``; ``none`` when nothing
+        keeps it by design: systemd holds it, or ``--keep-socket 0``)."""
+
+        out: dict[str, object] = {"service_pid": os.getpid(), "socket": str(self.path),
+                                  "origin": self.origin}  # fmt: skip
+        if self._keeper is not None:
+            out.update(self._keeper.status())
         else:
-            self._control = ours
-        finally:
-            theirs.close()
-            reserve.close()
-            reserve_peer.close()
+            out.update({"keeper": "none", "keeper_pid": None, "keeper_restarts": 0})
+        return out
 
-    def _take_back(self) -> tuple[socket.socket, socket.socket] | None:
-        """The socket a keeper of this path holds, and the keeper's channel; None if none.
+    def write_status(self) -> None:
+        """``STATE/serve-<tag>.json`` (:func:`read_status`), and systemd's ``STATUS=``."""
 
-        The keeper must run as this service's user, answer on its reserve channel,
-        and hand over a listening Unix socket bound to this path whose file is the
-        one at the path now.  Anything else is not adopted (a foreign socket).
-        """
-
-        for pid, peer_fd in _keepers_of(self.tag):
-            if not _same_user(pid) or not _same_pid_namespace(pid):
-                continue
-            try:
-                channel = take_descriptor(pid, peer_fd)
-            except OSError:
-                continue  # gone, or not ours to take
-            got = _ask(channel, self.path)
-            if got is not None:
-                return got, channel
-            channel.close()
-        return None
+        status = self.status()
+        with self._status_lock, contextlib.suppress(OSError):  # (the keeper's watch writes too)
+            tmp = self.status_path.with_name(self.status_path.name + ".tmp")
+            tmp.write_text(json.dumps(status) + "\n")
+            tmp.replace(self.status_path)
+        keeper_state = status["keeper"]
+        notify(f"STATUS=serving {self.path}; socket keeper: {keeper_state}")
 
 
-def _same_pid_namespace(pid: int) -> bool:
-    """Whether ``pid`` runs in this service's pid namespace, as the keeper it started
-    does.  Root inside a container without a user namespace has this service's uid
-    but its own pid namespace: a "keeper" there is not adopted."""
+def read_status(state_dir: Path, path: Path) -> dict[str, object] | None:
+    """What the service of ``path`` last said of its socket (:meth:`Listener.status`),
+    with ``running``: whether it still runs (it holds its lock); None if none ever ran."""
 
+    listener = Listener(state_dir, path, group=None)
     try:
-        return os.readlink(f"/proc/{pid}/ns/pid") == os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return False
-
-
-def _same_user(pid: int) -> bool:
-    uids = (_proc.status_field(pid, "Uid") or "").split()
-    return len(uids) == 4 and set(uids) == {str(os.geteuid())}
-
-
-def _ask(channel: socket.socket, path: Path) -> socket.socket | None:
-    """``TAKE`` on a keeper's reserve channel: the listener it gives, if it is ``path``'s."""
-
-    channel.settimeout(_TAKE_TIMEOUT)
-    try:
-        channel.sendall(keeper.TAKE)
-        msg, fds, _flags, _addr = socket.recv_fds(channel, keeper.GIVE_LAYOUT.size, 1)
-    except OSError:
+        status = json.loads(listener.status_path.read_text())
+        pid = int(status["service_pid"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    channel.settimeout(None)
-    if not fds:
-        return None
-    for extra in fds[1:]:
-        os.close(extra)
-    try:
-        sock = socket.socket(fileno=fds[0])
-    except OSError:  # (not a socket: a pipe, a file)
-        os.close(fds[0])
-        return None
-    try:
-        if len(msg) == keeper.GIVE_LAYOUT.size and _is_ours(sock, path, msg):
-            return sock
-    except OSError:
-        pass
-    sock.close()
-    return None
-
-
-def _is_ours(sock: socket.socket, path: Path, msg: bytes) -> bool:
-    kind, dev, ino = keeper.GIVE_LAYOUT.unpack(msg)
-    st = os.stat(path)
-    return (
-        kind == keeper.GIVE
-        and stat.S_ISSOCK(st.st_mode)
-        and (st.st_dev, st.st_ino) == (dev, ino)
-        and sock.family == socket.AF_UNIX
-        and sock.type == socket.SOCK_STREAM
-        and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
-        # (bound under its temporary name in the same directory, then renamed)
-        and os.path.dirname(sock.getsockname()) == str(_absolute(path).parent)
-    )
-
-
-def _keepers_of(tag: str) -> list[tuple[int, int]]:
-    """(pid, reserve peer descriptor) of every keeper naming ``tag``."""
-
-    found = []
-    for pid in _proc.pids():
-        argv = _proc.argv(pid)
-        if keeper.MODULE.encode() not in argv or b"--socket-tag" not in argv:
-            continue
-        try:
-            if argv[argv.index(b"--socket-tag") + 1].decode() != tag:
-                continue
-            found.append((pid, int(argv[argv.index(b"--reserve-peer") + 1])))
-        except (ValueError, IndexError):
-            continue
-    return found
+    argv = _proc.argv(pid)
+    status["running"] = _proc.alive(pid) and b"serve" in argv and b"platform" in argv
+    return dict(status)
 
 
 def _from_systemd(path: Path) -> socket.socket | None:
@@ -386,17 +329,59 @@ def _same_file(name: str, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def notify_ready() -> None:
-    """``READY=1`` to ``$NOTIFY_SOCKET`` (systemd's ``Type=notify``; :mod:`.spawn` waits
-    for it too): the service accepts now.  Removed from the environment, as systemd's
-    ``sd_notify`` does when asked, so that no enclave inherits it."""
+# --- systemd ----------------------------------------------------------------------------
+def _mark_file(path: Path) -> str:
+    st = os.stat(path)
+    return f"{st.st_dev} {st.st_ino}\n"
+
+
+def held_by_systemd(marker: Path, path: Path) -> bool:
+    """Whether a systemd socket unit holds the socket at ``path``: a service it passed
+    the socket to left ``marker`` naming this very file, and something listens on it
+    (systemd: its service starts at the next connection, or after ``RestartSec=``).  A
+    service or an agent starting its own would take the socket from the unit."""
+
+    try:
+        if marker.read_text() != _mark_file(path):
+            return False
+    except OSError:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.settimeout(2.0)
+            sock.connect(str(path))
+        except OSError:
+            return False  # (nothing listens: the unit is stopped, the file is stale)
+    return True
+
+
+_notify_address: list[str] = []
+
+
+def take_notify_socket() -> None:
+    """Take ``$NOTIFY_SOCKET`` out of the environment, for :func:`notify` alone, before
+    the service starts any process (a keeper, an enclave): none may say ``READY=1``."""
 
     where = os.environ.pop("NOTIFY_SOCKET", None)
-    if not where:
+    if where:
+        _notify_address[:] = ["\0" + where[1:] if where.startswith("@") else where]
+
+
+def notify(message: str) -> None:
+    """Say ``message`` (``READY=1``, ``STATUS=...``) to systemd, as ``sd_notify``."""
+
+    take_notify_socket()
+    if not _notify_address:
         return
-    address = "\0" + where[1:] if where.startswith("@") else where
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
-        sock.sendto(f"READY=1\nMAINPID={os.getpid()}".encode(), address)
+        sock.sendto(f"{message}\nMAINPID={os.getpid()}".encode(), _notify_address[0])
+
+
+def notify_ready() -> None:
+    """``READY=1`` (systemd's ``Type=notify``; :mod:`.spawn` waits for it too): the
+    service accepts now."""
+
+    notify("READY=1")
 
 
 def platform_socket_alive(path: Path) -> bool:

@@ -34,6 +34,7 @@ from ..wire import recv_frame, send_frame
 from . import syscalls
 from .enclave_logs import open_instance_log, prune_logs
 from .image import EnclaveImage
+from .keepers import child_environment
 from .listener import (
     KEEP_FOR,
     SOCKET_DIR,
@@ -285,6 +286,7 @@ class PlatformService:
                 stderr=log,
                 start_new_session=True,
                 close_fds=True,
+                env=child_environment(),  # (no NOTIFY_SOCKET, no LISTEN_*)
             )
         except OSError as exc:
             ours.close()

@@ -20,11 +20,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import PlatformError
-from .listener import listener_pid
+from ..errors import ConfigError, PlatformError
+from .listener import Listener, held_by_systemd, listener_pid, platform_socket_alive
 from .service import default_socket
 
-__all__ = ["ServiceProcess", "start_service"]
+__all__ = ["ServiceProcess", "start_service", "wait_for_unit"]
+
+#: How long an agent waits for the service of a systemd unit that holds the socket
+#: (``RestartSec=1``, then the service's start).
+UNIT_WAIT = 30.0
 
 
 @dataclass
@@ -125,3 +129,24 @@ def _wait_ready(
             proc.kill()
             proc.wait()
             raise PlatformError(f"platform service for {state} did not start in {timeout} s")
+
+
+def wait_for_unit(state: Path, sock: Path, timeout: float = UNIT_WAIT) -> bool:
+    """Whether a systemd socket unit holds ``sock`` (:func:`.listener.held_by_systemd`);
+    if it does, return once its service listens.  Between a crash of that service
+    and its restart (``RestartSec=``) nothing listens, yet a service started by
+    anyone else would take the socket from the unit: wait for the unit's instead.
+    ``ConfigError`` when it is not back within ``timeout`` seconds."""
+
+    marker = Listener(state, sock, group=None).systemd_path
+    if not held_by_systemd(marker, sock):
+        return False
+    deadline = time.monotonic() + timeout
+    while not platform_socket_alive(sock):
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"a systemd socket unit holds {sock}, but its service did not listen within"
+                f" {timeout:g} s (systemctl status migsgx-platform.service)"
+            )
+        time.sleep(0.1)
+    return True
