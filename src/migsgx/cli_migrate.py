@@ -53,12 +53,16 @@ def recover_command(
     status 7 while any stays in doubt, else 10 if a committed migration has no
     copy left on the destination (``lost``: what remains is reported).  Source
     enclaves found dead before the decision (their state gone, the rest given
-    back) are named in ``lost_enclaves`` (the status stays as above).
+    back) are named in ``lost_enclaves`` (the status stays as above).  A source
+    enclave that does not answer within 5 s (stopped, or busy) is named in
+    doubt with its pid, and nothing is done on its silence: run recover again
+    once it answers.
     """
 
     # (imported here, and the checkpoint half only with --checkpoint: this command's
     # start counts toward the seconds until a source runs again, docs/benchmarks.md)
-    from .agent.recover import Resolution, recover
+    from .agent.recover import recover
+    from .agent.recover_records import Resolution
     from .agent.tls import AgentIdentity
     from .errors import InDoubtError, LostAfterCommitError
 

@@ -140,6 +140,7 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     ),
     "migsgx.agent.recover_orphans": frozenset(
         {
+            "migsgx.agent.enclave_ask",
             "migsgx.agent.faults",
             "migsgx.agent.handback",
             "migsgx.agent.holders",
@@ -153,6 +154,8 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     ),
     # The guardian process, split: its log below its aborts and its after-the-decision.
     "migsgx.agent.guardian_log": frozenset(),
+    # One bounded question to a source enclave (answered, dead, hung): guardian and recover.
+    "migsgx.agent.enclave_ask": frozenset({"migsgx.agent.lost_enclaves"}),
     "migsgx.agent.guardian_aborts": frozenset(
         {
             "migsgx.agent.faults",
@@ -160,7 +163,7 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
             "migsgx.agent.handback",
             "migsgx.agent.journal",
             "migsgx.agent.lost_enclaves",
-            "migsgx.agent.recover",
+            "migsgx.agent.recover_records",
         }
     ),
     "migsgx.agent.guardian_decided": frozenset(
@@ -171,7 +174,7 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
             "migsgx.agent.guardian_log",
             "migsgx.agent.handback",
             "migsgx.agent.journal",
-            "migsgx.agent.recover",
+            "migsgx.agent.recover_resolve",
             "migsgx.agent.redeliver",
             "migsgx.agent.tls",
         }

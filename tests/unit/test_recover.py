@@ -22,7 +22,8 @@ from migsgx import cli
 from migsgx.agent import recover_records, recover_resolve
 from migsgx.agent.ckpt_journal import start_time
 from migsgx.agent.journal import Journal
-from migsgx.agent.recover import recover, resolve
+from migsgx.agent.recover import recover
+from migsgx.agent.recover_resolve import resolve
 from migsgx.agent.redeliver import HeldEnclave, HeldSource
 from migsgx.agent.tls import AgentIdentity
 from migsgx.errors import InDoubtError, LostAfterCommitError
@@ -689,7 +690,7 @@ def test_holders_under_a_done_journal_are_taken_only_after_a_commit(
 
     taken: list[str] = []
 
-    def take_back(cls: type[HeldSource], journal: Journal) -> None:
+    def take_back(cls: type[HeldSource], journal: Journal, hung: object = None) -> None:
         taken.append(journal.data["mid"])
 
     monkeypatch.setattr(HeldSource, "take_back", classmethod(take_back))

@@ -2,7 +2,8 @@
 
 The tool died before the commit point (as far as the store file shows), so the
 guardian asks every source enclave to abort (``__mig_abort``), one answer
-bounded by :data:`~.guardian_log.HUNG_WAIT`.  What each enclave is then:
+bounded by :data:`~.enclave_ask.HUNG_WAIT` (the rule ``migsgx recover`` follows
+too, :mod:`.enclave_ask`).  What each enclave is then:
 
 * **aborted**: it answered so (its ABORT frame, if any, goes into the journal);
 * **decided otherwise**: it answered ``committed`` or ``group-decided`` (it, or
@@ -37,9 +38,9 @@ from pathlib import Path
 
 from ..errors import MigSGXError
 from .faults import fault
-from .guardian_log import HUNG_WAIT, RECOVER_PATIENCE, log, log_to, pause
-from .handback import abort_frame_of, abort_reply
-from .lost_enclaves import hung_up, no_commit, note_lost
+from .guardian_log import RECOVER_PATIENCE, log, log_to, pause
+from .handback import abort_asked, abort_frame_of
+from .lost_enclaves import no_commit, note_lost
 
 __all__ = ["aborted_all", "committed_any"]
 
@@ -49,7 +50,7 @@ def committed_any(journals: list[str]) -> bool:
     the platform service need not run)."""
 
     from .journal import Journal  # lazy: the guardian starts fast and imports little
-    from .recover import decisions_of
+    from .recover_records import decisions_of
 
     for name in journals:
         path = Path(name)
@@ -75,10 +76,10 @@ def aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: str
     waiting = False
     while True:
         # (every one is asked, each bounded: a hung one holds up the others that long)
-        replies = {sock: abort_reply(sock, HUNG_WAIT) for sock in pending}
+        asked = {sock: abort_asked(sock) for sock in pending}
+        replies = {sock: (answer, frame) for sock, (answer, frame, _) in asked.items()}
         answers = [(sock, answer) for sock, (answer, _) in replies.items()]
-        gone += [socks.index(sock) for sock, answer in answers
-                 if answer is None and hung_up(sock)]  # fmt: skip
+        gone += [socks.index(sock) for sock, (_, _, state) in asked.items() if state == "dead"]
         hung = [s for s, answer in answers if answer is None and socks.index(s) not in gone]
         aborted |= {socks.index(sock) for sock, answer in answers if answer == "aborted"}
         frames = {i: replies[s][1] for i, s in enumerate(socks) if s in replies and replies[s][1]}
@@ -190,7 +191,7 @@ def _keep_aborts(journals: list[str], frames: dict[int, bytes]) -> None:
     if not frames:
         return
     from .journal import Journal  # lazy: the guardian starts fast and imports little
-    from .recover import keep_aborts
+    from .recover_records import keep_aborts
 
     for name in journals:
         try:

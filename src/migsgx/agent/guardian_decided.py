@@ -23,7 +23,7 @@ from .guardian_log import RECOVER_PATIENCE, log, log_to, pause
 from .handback import RESUME_WAIT, call_enclave, commit_rest
 
 if TYPE_CHECKING:
-    from .recover import RollForward
+    from .recover_resolve import RollForward
     from .redeliver import HeldSource
 
 __all__ = ["carry", "finish_restore", "held_source", "resolve_checkpoint_of", "roller"]
@@ -69,7 +69,7 @@ def carry(
     """
 
     from .journal import Journal  # lazy: the guardian starts fast and imports little
-    from .recover import resolve
+    from .recover_resolve import resolve
     from .tls import AgentIdentity
 
     pause_s = 0.5

@@ -16,15 +16,12 @@ import time
 from pathlib import Path
 from typing import Final
 
-__all__ = ["HUNG_WAIT", "RECOVER_PATIENCE", "listen", "log", "log_to", "pause"]
+__all__ = ["RECOVER_PATIENCE", "listen", "log", "log_to", "pause"]
 
 #: How long the guardian keeps delivering a decision that the destination has
 #: not confirmed (it holds the committed source enclaves meanwhile), and how long
 #: it keeps asking source enclaves that cannot abort yet.
 RECOVER_PATIENCE: Final = 600.0
-#: How long one source enclave has to answer one abort before the guardian takes
-#: it for hung (its connection open, no answer) and asks it again later.
-HUNG_WAIT: Final = 5.0
 
 _NUDGED: list[bool] = []
 _LOGGING_ELSEWHERE: list[bool] = []

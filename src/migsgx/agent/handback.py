@@ -11,7 +11,6 @@ implementation for both.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import signal
 import socket
@@ -20,22 +19,18 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Final
 
-from ..channel import ECALL, ECALL_FRAME_MAX
 from ..containers.cgroups import thaw_file
 from ..errors import MigSGXError
-from ..wire import recv_frame, send_frame
 from .applink import AppLink
+from .enclave_ask import Answer, ask, not_answering
 
 __all__ = [
-    "abort_answer", "abort_enclave", "abort_frame_of", "abort_reply", "call_enclave",
-    "commit_rest", "let_go", "resume_source",
+    "abort_answer", "abort_asked", "abort_enclave", "abort_frame_of", "abort_reply",
+    "call_enclave", "commit_rest", "let_go", "resume_source",
 ]  # fmt: skip
 
-#: Call ids far from the tool's (its link counts from 2**40), so that a late
-#: answer to a call of the dead tool is never taken for the guardian's; one
-#: per call, so that the late answer of a call that timed out (a hung enclave
-#: continued) is never taken for a later one's.
-_CALL_IDS: Final = itertools.count((1 << 52) + 7)
+#: The wait of a call whose caller does not bound it (a checkpoint's recovery);
+#: the guardian and ``migsgx recover`` bound theirs (:mod:`.enclave_ask`).
 ABORT_TIMEOUT: Final = 30.0
 RESUME_WAIT: Final = 60.0
 
@@ -51,21 +46,7 @@ def call_enclave(
     """One runtime call on a connection the tool held; None if the enclave is gone, or
     did not answer within ``timeout`` seconds (hung)."""
 
-    call_id = next(_CALL_IDS)
-    sock.settimeout(timeout)
-    try:
-        send_frame(
-            sock, {"t": "ecall", "id": call_id, "fn": fn, "args": args}, max_size=ECALL_FRAME_MAX
-        )
-        while True:
-            msg = recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX)
-            if msg.get("id") == call_id:
-                return msg
-    except (MigSGXError, OSError):
-        return None
-    finally:
-        with contextlib.suppress(OSError):
-            sock.settimeout(None)
+    return ask(sock, fn, args, timeout).msg
 
 
 #: An enclave's answers to ``__mig_abort`` that leave it not aborted (see below).
@@ -94,7 +75,21 @@ def abort_reply(sock: socket.socket, timeout: float = ABORT_TIMEOUT) -> tuple[st
     None: gone, or no answer within ``timeout`` (the caller tells which).
     """
 
-    msg = call_enclave(sock, "__mig_abort", ["the tool died"], timeout)
+    answer, frame, _ = abort_asked(sock, timeout)
+    return answer, frame
+
+
+def abort_asked(sock: socket.socket, wait: float | None = None) -> tuple[str | None, bytes, str]:
+    """:func:`abort_reply` bounded by ``wait`` (:data:`~.enclave_ask.HUNG_WAIT` unless
+    given), and what became of the call (``answered``, ``dead`` or ``hung``:
+    :func:`.enclave_ask.ask`)."""
+
+    asked = ask(sock, "__mig_abort", ["the tool died"], wait)
+    return (*_abort_of(asked), asked.state)
+
+
+def _abort_of(asked: Answer) -> tuple[str | None, bytes]:
+    msg = asked.msg
     if msg is None:
         return None, b""
     # Not in a migration (the tool died before the transfer began): nothing to undo.
@@ -135,7 +130,8 @@ def let_go(socks: list[socket.socket]) -> None:
     """
 
     for sock in socks:
-        call_enclave(sock, "__mig_unhold", [])
+        # (bounded: a hung enclave reads it once it answers again; it never fails)
+        ask(sock, "__mig_unhold", [])
 
 
 def commit_rest(
@@ -144,15 +140,20 @@ def commit_rest(
     """The first COMMIT of a migration was its commit point: the undecided enclaves commit.
 
     The guardian's and ``migsgx recover``'s (on connections it took back), one
-    implementation for both.
+    implementation for both.  Each bounded (:mod:`.enclave_ask`): a hung one is
+    said so, never taken for gone; its COMMIT stays asked on its connection and
+    it commits once it answers (the decision was the first COMMIT's, not its own).
     """
 
     for index in indexes:
         sock = socks.get(index)
         if sock is None:
             continue
-        msg = call_enclave(sock, "__mig_commit", [])
-        if msg is None:
+        asked = ask(sock, "__mig_commit", [])
+        msg = asked.msg
+        if asked.state == "hung":
+            log(f"{not_answering(index, 0, '__mig_commit')}: it commits once it answers")
+        elif msg is None:
             log(f"enclave {index} is gone before it committed: its state went with it")
         elif msg["t"] == "ret":
             log(f"enclave {index} committed (rolled forward)")

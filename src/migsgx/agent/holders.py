@@ -35,7 +35,7 @@ from typing import Final
 from .. import _proc
 from .._fds import take_descriptor
 from .ckpt_journal import start_time
-from .handback import call_enclave
+from .enclave_ask import ask, not_answering
 
 __all__ = ["dead_holders", "eof_socket", "is_enclave_runtime", "peer_inode", "take_held"]
 
@@ -135,7 +135,7 @@ def is_enclave_runtime(pid: int) -> bool:
     return b"migsgx.enclave.runtime" in _proc.argv(pid)
 
 
-def take_held(holders: object) -> dict[int, socket.socket]:
+def take_held(holders: object, hung: dict[int, int] | None = None) -> dict[int, socket.socket]:
     """The connections the recorded enclaves hold, by their position in ``holders``.
 
     ``holders`` is the journal's list of ``[pid, fd, start, nonce]`` (``nonce``:
@@ -146,7 +146,10 @@ def take_held(holders: object) -> dict[int, socket.socket]:
     is one whose enclave says the duplicate it holds now is not the one of that
     nonce (``__mig_held``): its number was let go (the application had its
     connection back) and names a later migration's duplicate, or nothing;
-    that is logged, and nothing else is written to it.
+    that is logged, and nothing else is written to it.  One that does not
+    answer that question within the bound (:mod:`.enclave_ask`: stopped, or
+    busy, its connection open) is left out too, and its position and pid go
+    into ``hung``: neither dead nor another hold's, the caller reports it.
     """
 
     taken: dict[int, socket.socket] = {}
@@ -168,7 +171,7 @@ def take_held(holders: object) -> dict[int, socket.socket]:
             if not _is_own_connection(sock, pid):
                 sock.close()
                 continue
-            if nonce and not _is_this_hold(sock, pid, fd, nonce):
+            if nonce and not _is_this_hold(sock, pid, fd, nonce, index, hung):
                 sock.close()
                 continue
             taken[index] = sock
@@ -183,12 +186,21 @@ def _nonce(value: object) -> bytes:
     return nonce if 0 < len(nonce) <= 64 else b""
 
 
-def _is_this_hold(sock: socket.socket, pid: int, fd: int, nonce: bytes) -> bool:
-    """Whether enclave ``pid`` says the duplicate it holds now came with ``nonce``."""
+def _is_this_hold(
+    sock: socket.socket, pid: int, fd: int, nonce: bytes, index: int, hung: dict[int, int] | None
+) -> bool:
+    """Whether enclave ``pid`` says the duplicate it holds now came with ``nonce``
+    (a hung one goes into ``hung``: :func:`take_held`)."""
 
-    msg = call_enclave(sock, "__mig_held", [nonce])
+    asked = ask(sock, "__mig_held", [nonce])
+    msg = asked.msg
     if msg is not None and msg["t"] == "ret":
         return True
+    if asked.state == "hung":
+        log.warning("%s: not taken back", not_answering(index, pid, "__mig_held"))
+        if hung is not None:
+            hung[index] = pid
+        return False
     why = f"{msg.get('code')}: {msg.get('message')}" if msg is not None else "it is gone"
     log.warning("enclave process %d holds no duplicate of the recorded migration at "
                 "descriptor %d (%s): left alone", pid, fd, why)  # fmt: skip

@@ -59,7 +59,7 @@ def no_commit(journals: list[str]) -> bool:
     """
 
     from .journal import Journal  # lazy: the guardian starts fast and imports little
-    from .recover import decisions_of
+    from .recover_records import decisions_of
 
     if not journals:
         return False

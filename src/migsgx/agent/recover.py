@@ -15,11 +15,10 @@ Then, for each journal (:mod:`.journal`) that is not finished:
   (SIGUSR1) and waited for (:func:`_through_guardian`).
 
 A damaged journal is reported in doubt, never skipped.  Idempotent: decisions
-are final and delivering one twice changes nothing.
-
-The guardian, the command line and :mod:`.lost_enclaves` import
-:func:`resolve`, :func:`decisions_of`, :func:`keep_aborts`, :class:`Resolution`
-and :data:`RollForward` from here.
+are final and delivering one twice changes nothing.  A source enclave that does
+not answer within the guardian's bound (stopped, or busy, its connection open)
+is reported in doubt, named with its pid, and nothing is decided from its
+silence (:mod:`.enclave_ask`): once it answers, the next ``recover`` resolves it.
 """
 
 from __future__ import annotations
@@ -38,12 +37,12 @@ from .dumpdirs import sweep_dump_dirs
 from .enclave_loss import lost_in_journal
 from .journal import Journal
 from .recover_orphans import resolve_orphaned
-from .recover_records import Resolution, all_decided, decisions_of, keep_aborts
-from .recover_resolve import COPY_LOST, MIXED, REFUSABLE, REVOKING, RollForward, resolve
+from .recover_records import Resolution, all_decided, decisions_of
+from .recover_resolve import COPY_LOST, MIXED, REFUSABLE, REVOKING, resolve
 from .source_host import is_guardian, lost_detail
 from .tls import AgentIdentity
 
-__all__ = ["Resolution", "RollForward", "decisions_of", "keep_aborts", "recover", "resolve"]
+__all__ = ["recover"]
 
 log = logging.getLogger("migsgx.recover")
 

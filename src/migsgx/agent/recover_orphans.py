@@ -17,21 +17,22 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .enclave_ask import EnclaveHungError, not_answering
 from .faults import fault
-from .handback import abort_frame_of, abort_reply, let_go
+from .handback import abort_asked, abort_frame_of, let_go
 from .holders import dead_holders, eof_socket
 from .journal import Journal
-from .recover_records import Resolution, all_decided, decisions_of, keep_aborts, stays
+from .recover_records import Resolution, all_decided, decisions_of, keep_aborts, kinds_of, stays
 from .recover_resolve import resolve
 from .source_host import alive, end_fenced, hand_back, is_guardian
 from .tls import AgentIdentity
 
 if TYPE_CHECKING:
-    from .redeliver import HeldSource
+    from ..sgx.store_types import Decision
+    from .redeliver import HeldEnclave, HeldSource
 
 __all__ = ["orphaned", "resolve_orphaned"]
 
@@ -93,22 +94,37 @@ def resolve_orphaned(
             # their duplicates go; a number recorded then may name a later
             # migration's duplicate now, which is never taken.
             return None
-        held = HeldSource.take_back(journal)
+        hung: dict[int, int] = {}
+        held = HeldSource.take_back(journal, hung)
+        if hung:
+            # Neither dead nor decided by its silence: nothing is done on it (nor on
+            # the others: the application takes its enclaves all or none).
+            if held is not None:
+                held.close()  # (they keep their duplicates: the next recover takes them)
+            return _hung(journal, decisions, hung, "__mig_held")
         if held is None:
             return None
         recorded = len(journal.holders)
         try:
             if journal.phase == "done":
                 # The destination runs: the committed enclaves only wipe and exit.
-                held.release()
+                unreleased = held.release()
                 end_fenced(journal)  # (the tool died before CRIU ended the source tree)
+                if unreleased:
+                    # (the holders stay recorded: the next recover releases them for certain)
+                    return Resolution(journal.data["mid"], "done", "commit", "in-doubt",
+                                      "the destination runs; " + "; ".join(unreleased))  # fmt: skip
                 journal.update(holders=[])
                 released = f"{len(held.enclaves)} committed source enclave(s) released"
                 return Resolution(journal.data["mid"], "done", "commit", "done", released)
             if all(d is None for d in decisions):
                 # Nothing decided: the source is the copy.  Each enclave aborts (its
                 # ABORT is recorded) and thaws; it goes back to the application below.
-                frames = {i: _abort_of(e.sock, journal, i) for i, e in held.enclaves.items()}
+                try:
+                    frames = {i: _abort_of(e, journal, i) for i, e in held.enclaves.items()}
+                except EnclaveHungError as exc:
+                    # (those that aborted keep their duplicates: the next recover goes on)
+                    return _hung(journal, decisions, {exc.index: exc.pid}, "__mig_abort")
                 # Killed here, this recover leaves the enclaves aborted and their frames
                 # nowhere else: each keeps its duplicate (an abort does not let it go),
                 # so the next recover takes it back and asks again.
@@ -163,15 +179,39 @@ def _hand_back(journal: Journal, held: HeldSource, recorded: int) -> str:
             sock.close()
 
 
-def _abort_of(sock: socket.socket, journal: Journal, index: int) -> bytes:
+def _abort_of(enclave: HeldEnclave, journal: Journal, index: int) -> bytes:
     """Abort enclave ``index``; its ABORT frame, asked again if it had aborted before.
 
     An enclave that aborted already answers ``__mig_abort`` with no frame; it
     keeps the one it sealed for its migration id and hands it out again
-    (``__mig_abort_frame``, ``docs/spec/commit.md`` 1 rule 6).
+    (``__mig_abort_frame``, ``docs/spec/commit.md`` 1 rule 6).  Bounded
+    (:mod:`.enclave_ask`): :class:`.enclave_ask.EnclaveHungError` if it does
+    not answer; its abort stays asked, and it aborts once it reads it (nothing
+    was committed: the abort is the decision already taken).
     """
 
-    answer, frame = abort_reply(sock)
+    answer, frame, state = abort_asked(enclave.sock)
+    if state == "hung":
+        raise EnclaveHungError(index, enclave.info.pid, "__mig_abort")
     if answer == "aborted" and not frame and index < len(journal.enclave_mids):
-        frame = abort_frame_of(sock, journal.enclave_mids[index])
+        frame = abort_frame_of(enclave.sock, journal.enclave_mids[index])
     return frame
+
+
+def _hung(
+    journal: Journal, decisions: list[Decision | None], hung: dict[int, int], call: str
+) -> Resolution:
+    """In doubt: source enclaves that do not answer, named with their pids.
+
+    Nothing is decided from a timeout: not a roll-forward, not a roll-back, not
+    a death.  Each keeps its state and its duplicate; ``migsgx recover`` again,
+    once they answer (SIGCONT, or done being busy), resolves the migration.
+    """
+
+    kinds = set(kinds_of(decisions))
+    decision = next(iter(kinds)) if len(kinds) == 1 else "mixed"
+    named = "; ".join(not_answering(i, pid, call) for i, pid in sorted(hung.items()))
+    return Resolution(
+        journal.data["mid"], journal.phase, decision, "in-doubt",
+        f"{named}; nothing was done on its silence: run migsgx recover again once it answers",
+    )  # fmt: skip

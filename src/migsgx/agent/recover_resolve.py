@@ -67,12 +67,17 @@ from .source_host import alive, end_committed, end_fenced, give_back, lost_detai
 from .tls import AgentIdentity
 
 __all__ = [
-    "COPY_LOST", "MIXED", "REFUSABLE", "REVOKING", "Redeliver", "Revoke", "RollForward", "resolve",
+    "COPY_LOST", "MIXED", "REFUSABLE", "REVOKING", "Redeliver", "Release", "Revoke",
+    "RollForward", "resolve",
 ]  # fmt: skip
 
 DELIVER_TIMEOUT: Final = 30.0
 #: What delivers the state again: (journal, identity, recorded tokens) -> tokens to deliver.
 Redeliver = Callable[[Journal, AgentIdentity, list[bytes]], list[bytes]]
+#: What lets the committed source enclaves go once the destination runs or never can
+#: (:meth:`.redeliver.HeldSource.release`): a note for each that did not answer
+#: (none, or None: every one answered).
+Release = Callable[[], list[str] | None]
 #: What commits the undecided source enclaves of a migration that committed (their
 #: indexes in the journal's ``enclave_mids``); the guardian's, which holds them.
 RollForward = Callable[[list[int]], None]
@@ -128,7 +133,7 @@ def resolve(
     tool_gone: bool = False,
     redeliver: Redeliver | None = None,
     roll_forward: RollForward | None = None,
-    release: Callable[[], None] | None = None,
+    release: Release | None = None,
     revoke: Revoke | None = None,
 ) -> Resolution:
     """Resolve one migration (see the module docstring).
@@ -138,7 +143,9 @@ def resolve(
     again when the destination lost a loaded copy; ``roll_forward`` (theirs too)
     commits the enclaves that had not decided when another of the same
     migration committed; ``release`` lets the committed ones go (wipe and exit)
-    once the destination runs or can never run; ``revoke`` (theirs too) undoes
+    once the destination runs or can never run, and names the ones that did not
+    answer (they keep their state: the outcome is then in doubt, and a later
+    attempt releases them); ``revoke`` (theirs too) undoes
     the commits on the destination's proven refusal where its copy can never
     run (a post-copy tree killed after the COMMIT, ``commit.md`` 2.2) and hands
     the source back.
@@ -147,9 +154,12 @@ def resolve(
     mid = journal.data["mid"]
     if journal.phase == "done":
         if release is not None:
-            release()  # (only a committed enclave obeys: the tool died before it let go)
+            unreleased = release() or []  # (only a committed one obeys: the tool died first)
             if all_decided(decisions_of(platform_state, journal.enclave_mids), "commit"):
                 end_fenced(journal)  # (and before CRIU ended the source tree)
+                if unreleased:
+                    return Resolution(mid, journal.phase, "commit", "in-doubt",
+                                      "the destination runs; " + "; ".join(unreleased))  # fmt: skip
         return Resolution(mid, journal.phase, "-", "done")
     if not tool_gone and alive(int(journal.data["tool_pid"])) and journal.phase != "aborted":
         return Resolution(mid, journal.phase, "-", "in-progress", "its tool still runs")
@@ -201,8 +211,10 @@ def resolve(
         if outcome == "resumed":
             end_committed(journal)
             journal.update(phase="done")
-            if release is not None:
-                release()
+            unreleased = (release() if release is not None else None) or []
+            if unreleased:
+                said = "; ".join(filter(None, ["the destination runs", detail, *unreleased]))
+                return Resolution(mid, journal.phase, "commit", "in-doubt", said)
             return Resolution(mid, journal.phase, "commit", "moved", detail)
         if outcome == "refusable":
             # A post-copy tree killed after the COMMIT: it can never run.  Its host's
@@ -211,19 +223,19 @@ def resolve(
                 return Resolution(mid, journal.phase, "commit", "in-doubt", REFUSABLE)
             return _revoked(journal, platform_state, identity, decisions, revoke)
         if outcome in ("unknown", "aborted"):
-            if release is not None:
-                release()  # no tree is held for the state any more: it can never run
-            return Resolution(mid, journal.phase, "commit", "lost", lost_detail(journal, outcome))
+            # (no tree is held for the state any more: it can never run)
+            unreleased = (release() if release is not None else None) or []
+            said = "; ".join(filter(None, [lost_detail(journal, outcome), *unreleased]))
+            return Resolution(mid, journal.phase, "commit", "lost", said)
         if outcome == LostAfterCommitError.code:
             # Claimed, then its enclave died (W3): never delivered again; the source goes.
             end_committed(journal)
             journal.update(phase="done")
-            if release is not None:
-                release()
+            unreleased = (release() if release is not None else None) or []
             return Resolution(
                 mid, journal.phase, "commit", "lost",
-                "the destination's enclave claimed the id and then died: its application "
-                f"runs without it {detail}".strip(),
+                "; ".join(["the destination's enclave claimed the id and then died: its "
+                           f"application runs without it {detail}".strip(), *unreleased]),
             )  # fmt: skip
         return Resolution(
             mid, journal.phase, "commit", "in-doubt",

@@ -36,8 +36,9 @@ from ..host.appctl import info_from_wire, info_to_wire
 from ..host.client import EnclaveInfo
 from .control import CONNECT_TIMEOUT, AgentConnection, ask_agent
 from .datalink import open_data
+from .enclave_ask import ask, not_answering
 from .faults import fault
-from .handback import call_enclave, commit_rest
+from .handback import commit_rest
 from .holders import take_held
 from .journal import Journal
 from .source_host import hand_back
@@ -220,17 +221,17 @@ class HeldSource:
     enclaves: dict[int, HeldEnclave]
 
     @classmethod
-    def take_back(cls, journal: Journal) -> HeldSource | None:
+    def take_back(cls, journal: Journal, hung: dict[int, int] | None = None) -> HeldSource | None:
         """The connections the journal's source enclaves hold, taken back from them.
 
         For ``migsgx recover`` once the tool and the guardian are both gone (the
         caller checked that, and that no other recover is at it).  Only from the
         recorded enclave processes (:func:`.holders.take_held`); an enclave
-        whose offer the journal does not name is left alone.  None if none
-        could be taken.
+        whose offer the journal does not name is left alone, one that does not
+        answer goes into ``hung`` (position: pid).  None if none could be taken.
         """
 
-        taken = take_held(journal.holders)
+        taken = take_held(journal.holders, hung)
         described = journal.enclaves
         enclaves: dict[int, HeldEnclave] = {}
         for index, sock in taken.items():
@@ -260,11 +261,28 @@ class HeldSource:
 
         commit_rest({i: e.sock for i, e in self.enclaves.items()}, indexes)
 
-    def release(self) -> None:
-        """Committed enclaves wipe themselves and exit (any other refuses: nothing happens)."""
+    def release(self) -> list[str]:
+        """Committed enclaves wipe themselves and exit (any other refuses: nothing happens).
 
-        for enclave in self.enclaves.values():
-            call_enclave(enclave.sock, "__mig_release", [])
+        Each asked within the bound (:mod:`.enclave_ask`).  One that does not
+        answer (stopped, or busy) is not released for certain: it keeps its
+        committed state, frozen, and the duplicate of its connection that lets
+        ``migsgx recover`` take it back; its release stays asked on the
+        connection, and it wipes and exits once it reads it.  Nothing here
+        closes, forgets or kills it on that timeout (a committed copy is
+        never dropped on one).  Returns one note per such enclave, for the log
+        and the resolution's detail; the caller keeps the journal's ``holders``.
+        """
+
+        unreleased = []
+        for index, enclave in sorted(self.enclaves.items()):
+            if ask(enclave.sock, "__mig_release", []).state == "hung":
+                unreleased.append(
+                    f"{not_answering(index, enclave.info.pid, '__mig_release')}: it keeps its "
+                    "committed state, frozen, until it answers and wipes itself (its release "
+                    "is asked already); run migsgx recover again then"
+                )  # fmt: skip
+        return unreleased
 
     def close(self) -> None:
         for enclave in self.enclaves.values():
