@@ -259,6 +259,16 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     "migsgx.errors": frozenset(
         {"migsgx._error_root", "migsgx.errors_migration", "migsgx.errors_platform"}
     ),
+    # The commit protocol: its messages (sealed frames, events) below its states and ends.
+    "migsgx.core.commit_messages": frozenset({"migsgx.core.transcript"}),
+    "migsgx.core.commit": frozenset(
+        {
+            "migsgx.core.commit_messages",
+            "migsgx.core.handshake",
+            "migsgx.core.seen",
+            "migsgx.core.stream_channel",
+        }
+    ),
 }
 
 
