@@ -269,6 +269,11 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
             "migsgx.core.stream_channel",
         }
     ),
+    # A peer's container configuration: the allow list below the checks against it.
+    "migsgx.containers.admission_list": frozenset(
+        {"migsgx.containers.base", "migsgx.containers.settings"}
+    ),
+    "migsgx.containers.admission": frozenset({"migsgx.containers.admission_list"}),
 }
 
 
