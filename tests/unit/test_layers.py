@@ -274,6 +274,9 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
         {"migsgx.containers.base", "migsgx.containers.settings"}
     ),
     "migsgx.containers.admission": frozenset({"migsgx.containers.admission_list"}),
+    # The lab's network: a machine's namespaces below one run's hosts and links.
+    "migsgx.lab.namespaces": frozenset(),
+    "migsgx.lab.netns": frozenset({"migsgx.lab.namespaces"}),
 }
 
 
