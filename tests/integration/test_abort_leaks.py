@@ -27,7 +27,6 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from fault_helpers import (  # (no_images_left: autouse, after every cell no ima
     recover,
     source_answers,
 )
+from pair_helpers import enclave_pair
 
 from migsgx import _proc
 from migsgx.agent.ckpt_journal import JOURNAL
@@ -290,33 +290,16 @@ def test_one_enclave_dead_the_other_aborted_goes_back_to_the_application(
     connection reaches end of file there, as a crash outside a migration.
     """
 
-    app = bed.start_app("kvstore", ["--image", str(bed.image("kvstore")), "--enclaves", "2"])
-    keys = {f"k{i}": f"v{i}".encode().hex() for i in range(8)}
-    for key, value in keys.items():
-        assert ask(bed, app, "src", f"PUT {key} {value}").startswith("OK")
-    kept = {k: v for k, v in keys.items() if zlib.crc32(k.encode()) % 2 == 1}
-    lost = set(keys) - set(kept)
-    assert kept and lost
+    pair = enclave_pair(bed)
+    app = pair.app
     try:
         before = _mids(bed)
         run = migrate_with(bed, app, agent, "tool.before-commit:kill-first-source-enclave-and-tool")
         assert run.returncode == -9, run.stderr
         assert "Traceback" not in run.stderr
         assert "died undecided: their state is lost" in run.stderr, run.stderr
-        key, value = next(iter(kept.items()))
-
-        def answers() -> bool:
-            with contextlib.suppress(OSError, AssertionError):
-                return ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
-            return False
-
-        wait_until(answers, 60, "the surviving enclave to answer")
-        back = round(time.monotonic() - fault_time(run.stderr), 3)
-        for key, value in kept.items():
-            assert ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
-        for key in lost:
-            assert ask(bed, app, "src", f"GET {key}").startswith("ERR"), key
-        assert ask(bed, app, "src", f"PUT {next(iter(kept))} {b'after'.hex()}").startswith("OK")
+        back = round(pair.survivor_answers(60) - fault_time(run.stderr), 3)
+        pair.survivor_kept_every_write()
         again = recover(bed)
         assert "Traceback" not in again.stderr
         # (as the guardian found them: it wrote them down)
@@ -342,12 +325,8 @@ def test_one_enclave_dead_tool_and_guardian_too_one_recover_gives_the_rest_back(
     dead one's (the application takes all or none).  Before, it let the live one go:
     its state ended with its connection."""
 
-    app = bed.start_app("kvstore", ["--image", str(bed.image("kvstore")), "--enclaves", "2"])
-    keys = {f"k{i}": f"v{i}".encode().hex() for i in range(8)}
-    for key, value in keys.items():
-        assert ask(bed, app, "src", f"PUT {key} {value}").startswith("OK")
-    kept = {k: v for k, v in keys.items() if zlib.crc32(k.encode()) % 2 == 1}
-    lost = set(keys) - set(kept)
+    pair = enclave_pair(bed)
+    app = pair.app
     try:
         fault = "tool.before-commit:kill-first-source-enclave-guardian-and-tool"
         before = _mids(bed)
@@ -361,10 +340,7 @@ def test_one_enclave_dead_tool_and_guardian_too_one_recover_gives_the_rest_back(
         assert "enclaves handed back" in results[0]["detail"], again.stdout
         assert _names_lost(results, _mids(bed) - before), again.stdout
         back = round(time.monotonic() - fault_time(run.stderr), 3)
-        for key, value in kept.items():
-            assert ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
-        for key in lost:
-            assert ask(bed, app, "src", f"GET {key}").startswith("ERR"), key
+        pair.survivor_kept_every_write(writes_after=False)
         wait_until(lambda: bed.copies(app)["dst"] == [], 30, "the held tree to be discarded")
         assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
         figures["before-commit x kill -9 guardian, one of two source enclaves, tool"] = {
@@ -388,24 +364,15 @@ def test_one_enclave_dead_the_tool_lives_exit_11_names_it(
     names it too (``lost_enclaves``, from the journal).
     """
 
-    app = bed.start_app("kvstore", ["--image", str(bed.image("kvstore")), "--enclaves", "2"])
-    keys = {f"k{i}": f"v{i}".encode().hex() for i in range(8)}
-    for key, value in keys.items():
-        assert ask(bed, app, "src", f"PUT {key} {value}").startswith("OK")
-    kept = {k: v for k, v in keys.items() if zlib.crc32(k.encode()) % 2 == 1}
-    lost = set(keys) - set(kept)
-    assert kept and lost
+    pair = enclave_pair(bed)
+    app = pair.app
     try:
         before = _mids(bed)
         run = migrate_with(bed, app, agent, "tool.before-commit:kill-first-source-enclave")
         enclave_lost(run, 0)
         assert "enclave 1 (" not in run.stderr, run.stderr  # (the survivor is not named)
-        back = round(_surviving_answers(bed, app, kept) - fault_time(run.stderr), 3)
-        for key, value in kept.items():
-            assert ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
-        for key in lost:
-            assert ask(bed, app, "src", f"GET {key}").startswith("ERR"), key
-        assert ask(bed, app, "src", f"PUT {next(iter(kept))} {b'after'.hex()}").startswith("OK")
+        back = round(pair.survivor_answers(60) - fault_time(run.stderr), 3)
+        pair.survivor_kept_every_write()
         wait_until(lambda: bed.copies(app)["dst"] == [], 30, "the held tree to be discarded")
         assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
         again = recover(bed)
@@ -418,20 +385,6 @@ def test_one_enclave_dead_the_tool_lives_exit_11_names_it(
         }  # fmt: skip
     finally:
         end_copies(bed, app)
-
-
-def _surviving_answers(bed: Testbed, app: AppProcess, kept: dict[str, str]) -> float:
-    """When the surviving enclave first answered with one of its keys (polled)."""
-
-    key, value = next(iter(kept.items()))
-
-    def answers() -> bool:
-        with contextlib.suppress(OSError, AssertionError):
-            return ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
-        return False
-
-    wait_until(answers, 60, "the surviving enclave to answer")
-    return time.monotonic()
 
 
 def _mids(bed: Testbed) -> set[str]:

@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import pytest
 pytest.register_assert_rewrite("bed_helpers")
 
 from bed_helpers import ask, kvstore, wait_until  # noqa: E402
+from pair_helpers import enclave_pair  # noqa: E402
 
 from migsgx.lab.hosts import start_service  # noqa: E402
 from migsgx.lab.testbed import AppProcess, Testbed  # noqa: E402
@@ -550,31 +550,15 @@ def test_one_enclave_dead_the_other_aborted_goes_back_to_the_application(
     (a crash of that enclave); the survivor answers with every acknowledged write.
     """
 
-    app = kvstore(bed, "--enclaves", "2")
-    keys = {f"k{i}": secrets.token_hex(8) for i in range(8)}
-    for key, value in keys.items():
-        assert ask(bed, app, "src", f"PUT {key} {value}").startswith("OK")
-    kept = {k: v for k, v in keys.items() if zlib.crc32(k.encode()) % 2 == 1}
-    lost = set(keys) - set(kept)
-    assert kept and lost
+    two = enclave_pair(bed)
+    app = two.app
     pair = Case(bed, app, tmp_path / "ck", "")
     try:
         done = checkpoint(pair, "ckpt.before-commit:kill-enclave-and-exit")
         assert done.returncode == 70 and "Traceback" not in done.stderr, done.stderr
         assert "died undecided: their state is lost" in done.stderr, done.stderr
-        key, value = next(iter(kept.items()))
-
-        def answers() -> bool:
-            with contextlib.suppress(OSError, AssertionError):
-                return ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
-            return False
-
-        wait_until(answers, 30, "the surviving enclave to answer")
-        for key, value in kept.items():
-            assert ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
-        for key in lost:
-            assert ask(bed, app, "src", f"GET {key}").startswith("ERR"), key
-        assert ask(bed, app, "src", f"PUT {next(iter(kept))} {b'after'.hex()}").startswith("OK")
+        two.survivor_answers(30)
+        two.survivor_kept_every_write()
         code, found = recover_checkpoint(pair)
         assert code == 0 and (found["decision"], found["outcome"]) == ("abort", "stayed"), found
         assert not list(pair.ck.glob("*.img")) and not list(pair.ck.glob("enclave-*"))
@@ -593,11 +577,8 @@ def test_one_enclave_dead_tool_and_guardian_too_one_recover_gives_the_rest_back(
     end-of-file connection in place of the dead one's (all or none).  Before, it
     offered the survivor alone, the application refused, and its state ended."""
 
-    app = kvstore(bed, "--enclaves", "2")
-    keys = {f"k{i}": secrets.token_hex(8) for i in range(8)}
-    for key, value in keys.items():
-        assert ask(bed, app, "src", f"PUT {key} {value}").startswith("OK")
-    kept = {k: v for k, v in keys.items() if zlib.crc32(k.encode()) % 2 == 1}
+    two = enclave_pair(bed)
+    app = two.app
     pair = Case(bed, app, tmp_path / "ck", "")
     try:
         done = checkpoint(pair, "ckpt.before-commit:kill-enclave-guardian-and-exit")
@@ -606,10 +587,7 @@ def test_one_enclave_dead_tool_and_guardian_too_one_recover_gives_the_rest_back(
         assert code == 0 and (found["decision"], found["outcome"]) == ("abort", "stayed"), found
         assert "2 enclave(s) handed back" in found["detail"], found
         assert "died undecided" in found["detail"], found
-        for key, value in kept.items():
-            assert ask(bed, app, "src", f"GET {key}") == f"VALUE {value}"
-        for key in set(keys) - set(kept):
-            assert ask(bed, app, "src", f"GET {key}").startswith("ERR"), key
+        two.survivor_kept_every_write(writes_after=False)
         assert not list(pair.ck.glob("*.img")) and not list(pair.ck.glob("enclave-*"))
         assert bed.runnable_copies(app)["src"] == 1
     finally:

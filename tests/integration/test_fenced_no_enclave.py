@@ -20,12 +20,14 @@ nothing in doubt.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -584,6 +586,36 @@ def test_resume_failing_after_the_marker_never_gives_the_source_back(
         app.end()
 
 
+@dataclass
+class _PostCopyCell:
+    app: _App
+    notes: dict[str, str]  # the acknowledged notes, before the migration
+    agent: AgentProcess  # the destination agent, with the cell's fault
+    run: MigrateRun
+    agents: list[AgentProcess]  # every agent of the cell, stopped at its end
+
+
+@contextlib.contextmanager
+def _post_copy_cell(bed: Testbed, fault: str) -> Iterator[_PostCopyCell]:
+    """Post-copy, no enclaves: a process with an acknowledged note migrated to a
+    destination agent with ``fault``; at the end its agents stop, its copies end."""
+
+    app = _App(bed, None, post_copy=True)
+    agents: list[AgentProcess] = []
+    try:
+        assert app.ask("src", "NOTE n 1") == "OK"  # acknowledged
+        notes = _notes(app.ask("src", "STATE"))
+        agent = bed.start_agent(env={"MIGSGX_FAULT": fault})
+        agents.append(agent)
+        run = app.migrate(agent, {})
+        assert "Traceback" not in run.stderr, run.stderr
+        yield _PostCopyCell(app, notes, agent, run, agents)
+    finally:
+        for agent in agents:
+            agent.stop()
+        app.end()
+
+
 @pytest.mark.parametrize("point", ["agent.resume-marked", "agent.before-resume"])
 def test_post_copy_destination_agent_killed_before_the_window_opened(
     bed: Testbed, figures: dict[str, dict[str, object]], point: str
@@ -599,33 +631,23 @@ def test_post_copy_destination_agent_killed_before_the_window_opened(
     (after the marker, ``resumed`` would have ended it: no copy at all).
     """
 
-    app = _App(bed, None, post_copy=True)
-    doomed = again = None
-    try:
-        assert app.ask("src", "NOTE n 1") == "OK"  # acknowledged
-        notes = _notes(app.ask("src", "STATE"))
-        doomed = bed.start_agent(env={"MIGSGX_FAULT": f"{point}:kill"})
-        run = app.migrate(doomed, {})
-        assert "Traceback" not in run.stderr, run.stderr
+    with _post_copy_cell(bed, f"{point}:kill") as cell:
+        run, doomed = cell.run, cell.agent
         assert run.returncode == EXIT_IN_DOUBT, run.stderr
         assert doomed.proc.wait(timeout=30) == -9
         killed = fault_time(doomed.log.read_text(errors="replace"))
         mid, _ = _journal(bed, run)
         again = bed.start_agent(listen_port=doomed.port)
+        cell.agents.append(again)
         log = again.log.read_text(errors="replace")
         assert "post-copy tree" in log and "continued" not in log, log
         said = _guardian_finishes(bed, mid)
-        _one_copy_on(bed, app, "src", notes, mid)
+        _one_copy_on(bed, cell.app, "src", cell.notes, mid)
         figures[f"post-copy, no enclave: tree held x kill -9 destination agent at {point}, "
                 "restarted (process)"] = {
             "outcome": "stayed", "exit": run.returncode, "recover": said,
             "seconds_to_one_copy": round(time.monotonic() - killed, 3),
         }  # fmt: skip
-    finally:
-        for agent in (doomed, again):
-            if agent is not None:
-                agent.stop()
-        app.end()
 
 
 #: (the fault point, where the one copy runs, the tool's exit status)
@@ -658,21 +680,15 @@ def test_post_copy_resume_failing_before_or_after_its_window_opened(
     """
 
     side, status = POST_COPY_FAILED[point]
-    app = _App(bed, None, post_copy=True)
-    agent = None
-    try:
-        assert app.ask("src", "NOTE n 1") == "OK"  # acknowledged
-        notes = _notes(app.ask("src", "STATE"))
-        agent = bed.start_agent(env={"MIGSGX_FAULT": f"{point}:fail"})
-        run = app.migrate(agent, {})
-        assert "Traceback" not in run.stderr, run.stderr
+    with _post_copy_cell(bed, f"{point}:fail") as cell:
+        run = cell.run
         assert run.returncode == status, run.stderr
-        failed = fault_time(agent.log.read_text(errors="replace"))
+        failed = fault_time(cell.agent.log.read_text(errors="replace"))
         if side == "dst":
             assert "agent-past-commit" in run.stderr, run.stderr
             assert run.stats is not None and run.stats["post_copy_window"] > 0
         mid, _ = _journal(bed, run)
-        _one_copy_on(bed, app, side, notes, mid)
+        _one_copy_on(bed, cell.app, side, cell.notes, mid)
         # What a later ``deliver`` for the session answers from: ``resumed`` only if
         # the tree ran (a marker left for a discarded tree would end a source that runs).
         marker = bed.state("dst") / "agent" / "work" / "resumed" / mid
@@ -681,7 +697,3 @@ def test_post_copy_resume_failing_before_or_after_its_window_opened(
             "outcome": "moved" if side == "dst" else "stayed", "exit": run.returncode,
             "recover": "not needed", "seconds_to_one_copy": round(time.monotonic() - failed, 3),
         }  # fmt: skip
-    finally:
-        if agent is not None:
-            agent.stop()
-        app.end()

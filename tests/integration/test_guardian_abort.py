@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Iterator
 
 import pytest
 from bed_helpers import enclave_processes, end_copies, wait_until
@@ -41,7 +42,7 @@ from fault_helpers import (  # (no_images_left: autouse, after every cell no ima
 
 from migsgx import _proc
 from migsgx.lab.hosts import start_service
-from migsgx.lab.testbed import AgentProcess, MigrateRun, Testbed
+from migsgx.lab.testbed import AgentProcess, AppProcess, MigrateRun, Testbed
 from migsgx.system.process import process_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
@@ -178,6 +179,22 @@ def _stopped_enclave(bed: Testbed) -> int:
     return pid
 
 
+@contextlib.contextmanager
+def _hung_cell(bed: Testbed, *args: str) -> Iterator[tuple[AppProcess, str]]:
+    """A loaded kvstore (``args`` after its image) and its digest for a cell that stops
+    an enclave; at the end every source enclave is continued (a stopped one would
+    outlive the cell) and every copy ended."""
+
+    app, digest = loaded_app(bed, *args)
+    try:
+        yield app, digest
+    finally:
+        for pid in enclave_processes(bed, "src"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        end_copies(bed, app)
+
+
 @pytest.mark.parametrize(
     "cell, enclaves, point",
     [
@@ -206,8 +223,7 @@ def test_a_hung_undecided_enclave_is_asked_until_it_answers(
     acknowledged write in every enclave.
     """
 
-    app, digest = loaded_app(bed, "--enclaves", str(enclaves))
-    try:
+    with _hung_cell(bed, "--enclaves", str(enclaves)) as (app, digest):
         run = migrate_with(bed, app, agent, f"{point}:stop-first-source-enclave-and-tool")
         assert run.returncode == -9 and "Traceback" not in run.stderr, run.stderr
         assert "do not answer, their connections open" in run.stderr, run.stderr
@@ -224,11 +240,6 @@ def test_a_hung_undecided_enclave_is_asked_until_it_answers(
             "exit": run.returncode, "recover": EXIT_OK, "source_back_seconds": round(back, 3),
         }  # fmt: skip
         only_copy(bed, app, "src", digest)
-    finally:
-        for pid in enclave_processes(bed, "src"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        end_copies(bed, app)
 
 
 def test_a_hung_committed_enclave_the_store_decides(
@@ -241,11 +252,10 @@ def test_a_hung_committed_enclave_the_store_decides(
     continued, is released and ends.  Nothing runs twice.
     """
 
-    app, digest = loaded_app(bed)
     runs: list[MigrateRun] = []
     fault = "tool.after-commit:stop-first-source-enclave-and-tool"
-    tool = threading.Thread(target=lambda: runs.append(migrate_with(bed, app, agent, fault)))
-    try:
+    with _hung_cell(bed) as (app, digest):
+        tool = threading.Thread(target=lambda: runs.append(migrate_with(bed, app, agent, fault)))
         tool.start()  # (it returns once its guardian ends: the release waits for the enclave)
         wait_until(lambda: _stopped(bed), 90, "the fault to stop the source enclave")
         stopped = _stopped_enclave(bed)
@@ -260,8 +270,3 @@ def test_a_hung_committed_enclave_the_store_decides(
             "outcome": "moved (the recorded COMMIT decides), every write", "exit": run.returncode,
         }  # fmt: skip
         only_copy(bed, app, "dst", digest)
-    finally:
-        for pid in enclave_processes(bed, "src"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        end_copies(bed, app)

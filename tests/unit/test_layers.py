@@ -257,6 +257,36 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     "migsgx.sgx.service_requests": frozenset(
         {"migsgx.sgx.platform", "migsgx.sgx.store_types", "migsgx.sgx.structs"}
     ),
+    # The errors: the root below its families, the families below the one module every
+    # caller imports them from (never each other).
+    "migsgx._error_root": frozenset(),
+    "migsgx.errors_platform": frozenset({"migsgx._error_root"}),
+    "migsgx.errors_migration": frozenset({"migsgx._error_root"}),
+    "migsgx.errors": frozenset(
+        {"migsgx._error_root", "migsgx.errors_migration", "migsgx.errors_platform"}
+    ),
+    # The commit protocol: its messages (sealed frames, events) below its states and ends.
+    "migsgx.core.commit_messages": frozenset({"migsgx.core.transcript"}),
+    "migsgx.core.commit": frozenset(
+        {
+            "migsgx.core.commit_messages",
+            "migsgx.core.handshake",
+            "migsgx.core.seen",
+            "migsgx.core.stream_channel",
+        }
+    ),
+    # A peer's container configuration: the allow list below the checks against it.
+    "migsgx.containers.admission_list": frozenset(
+        {"migsgx.containers.base", "migsgx.containers.settings"}
+    ),
+    "migsgx.containers.admission": frozenset({"migsgx.containers.admission_list"}),
+    # The lab's network: a machine's namespaces below one run's hosts and links.
+    "migsgx.lab.namespaces": frozenset(),
+    "migsgx.lab.netns": frozenset({"migsgx.lab.namespaces"}),
+    # migsgx migrate: what the caller gives and gets, and the figures' arithmetic,
+    # below the state its steps share (neither knows it).
+    "migsgx.agent.source_options": frozenset({"migsgx.agent.precopy", "migsgx.agent.tls"}),
+    "migsgx.agent.source_figures": frozenset(),
 }
 
 

@@ -1,11 +1,12 @@
-"""What one ``migsgx migrate`` knows and reports: its options, its enclave
-transfers, the state its steps share, the ``begin`` request, fault hooks and
-figures.
+"""What one ``migsgx migrate`` shares while it runs: its enclave transfers, the
+state its steps share, the ``begin`` request, fault hooks and figures.
 
 The steps live apart: the enclave streams in :mod:`.source_enclaves`, the
 decision (commit, delivery of tokens, roll back) in :mod:`.source_commit`, and
 the migration's driver (prepare, dump, post-dump, post-copy) in :mod:`.source`,
-each a layer over the one before.
+each a layer over the one before.  What the caller gives and gets back (options,
+outcome) is :mod:`.source_options`, the arithmetic of the figures
+:mod:`.source_figures`; both re-exported here.
 """
 
 from __future__ import annotations
@@ -13,25 +14,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
 import secrets
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from .._trace import step
-from ..containers import ContainerSettings, Driver, DumpPlan, HostConfig, Source, make_driver
+from ..containers import Driver, DumpPlan, HostConfig, Source, make_driver
 from ..containers.engine_notes import ENGINE_NOTES
-from ..core.rounds import StopRules
-from ..criu import Criu, DumpCancel
+from ..criu import DumpCancel
 from ..datapath.outgoing import OutgoingEnclave
 from ..datapath.pagerelay import PageRelay
-from ..errors import ConfigError, LostAfterCommitError, MigSGXError
+from ..errors import LostAfterCommitError, MigSGXError
 from ..host.appctl import info_to_wire
 from ..sgx.service import default_socket
 from ..system.process import process_state
@@ -44,9 +43,10 @@ from .imageroom import resident_bytes
 from .journal import Journal
 from .lazy import LazyDump
 from .postcopy_choice import MemoryPath
-from .precopy import RoundReport
 from .protocol import plain_stats
-from .tls import AgentIdentity
+from .source_figures import children_cpu, span, timeline
+from .source_options import MigrateOptions, MigrationOutcome, keeps_tcp
+from .source_options import _host_id as _host_id
 
 __all__ = ["MigrateOptions", "MigrationOutcome", "keeps_tcp"]
 
@@ -57,71 +57,6 @@ log = logging.getLogger("migsgx.migrate")
 #: (``runc``, ``podman``, ``containerd``: the engine's record of the source, which a
 #: committed source's end removes: :mod:`migsgx.containers.engine_notes`)
 UNDO_NOTES: Final = frozenset({"criu", "netup", "thaw", "ungate"}) | ENGINE_NOTES
-
-Progress = Callable[[str], None]
-
-
-@dataclass
-class MigrateOptions:
-    pid: int  # the root of the tree (driver "pid"); 0 with a container ``target``
-    to: tuple[str, int]
-    identity: AgentIdentity
-    criu: Criu = field(default_factory=Criu)
-    driver: str = "pid"  # what migrates: a name of migsgx.containers.DRIVERS
-    target: str | None = None  # the driver's name for it (a container id); default: pid
-    containers: ContainerSettings = field(default_factory=ContainerSettings)
-    work_dir: Path | None = None  # default: a fresh directory in /dev/shm
-    keep_images: bool = False
-    prepare_timeout: float = 30.0
-    io_timeout: float = 300.0
-    chunk_size: int | None = None
-    mode: str = "pipelined"
-    tcp_close: bool = True
-    #: Keep established TCP connections open across the move: None = wherever the
-    #: workload owns an address that moves with it; True = required (else an error).
-    tcp_established: bool | None = None
-    shell_job: bool = False
-    progress: Progress | None = None
-    # Live migration (agent/precopy.py): pre-copy rounds before the freeze.
-    live: bool = False
-    stop_rules: StopRules | None = None
-    round_report: RoundReport | None = None
-    # Post-copy (agent/lazy.py): the process's private memory follows after the commit.
-    post_copy: bool = False
-    lazy_port: int = 0  # where the source's CRIU serves it (0: a port the kernel picks)
-    #: Below this much private memory in the tree, its memory moves while frozen even
-    #: with ``post_copy`` (agent/postcopy_choice.py: ``--live``'s choice); 0: no such rule.
-    post_copy_min: int = 0
-    #: A line for the operator (the CLI prints it on stderr).
-    notice: Callable[[str], None] | None = None
-    # Stop-and-copy: the destination enclaves launch and attest before the freeze.
-    early_handshake: bool = True
-    #: The pid driver's pages through the sealed relay (``docs/spec/pagestream.md``);
-    #: False: in CRIU's own TLS (GnuTLS), the slower path kept for comparison.
-    page_relay: bool = True
-    #: CRIU's dump (with its page stream: the page relay's source end too) this much
-    #: nicer than the tool's other threads, the enclave streams beside it (negative:
-    #: less nice).
-    criu_nice: int = 0
-    #: The offers carry each source enclave's memory in use, which the destination
-    #: enclaves fault in from their launch on (False: they fault it in as it loads).
-    #: Off: paired beside CRIU's dump at 1 GiB it did not pay (total time without /
-    #: with 0.95 and 0.97 at the median of two invocations), since the freeze follows
-    #: the handshake at once and the faulting then competes with the dump
-    #: (docs/benchmarks.md, "Less CPU per GiB in the frozen window").
-    prefault_ahead: bool = False
-    #: With enclaves (not post-copy): CRIU's images go and the destination restores
-    #: the tree (held, stopped) while the enclave streams still load; the join, the
-    #: fence and the commit follow.  False: the enclaves first, as before
-    #: (docs/benchmarks.md, "Restoring while the enclaves still load").
-    overlap_restore: bool = True
-
-
-@dataclass
-class MigrationOutcome:
-    stats: dict[str, Any]
-    restored_pid: int
-    images_dir: Path | None
 
 
 @dataclass
@@ -325,36 +260,32 @@ class _MigrationState:
     # --- figures -----------------------------------------------------------------------------
     def _figures(self) -> dict[str, Any]:
         t = self.t
-
-        def span(a: str, b: str) -> float:
-            return max(0.0, t[b] - t[a]) if a in t and b in t else 0.0
-
         dest = self.stats.get("enclaves_destination", [])
         enclave_bytes = sum(int(s.get("bytes", 0)) for s in (x.stats for x in self.transfers))
         load = max((float(s.get("agent_seconds", 0.0)) for s in dest), default=0.0)
         figures: dict[str, Any] = {
-            "freeze": span("prepare", "prepared"),
-            "enclave_dump": span("enclaves", "enclaves_sent"),
-            "criu_dump": span("dump", "dumped"),
-            "transfer": span("dumped", "images_sent"),
-            "restore": self.stats.get("restore", span("images_sent", "restored")),
+            "freeze": span(t, "prepare", "prepared"),
+            "enclave_dump": span(t, "enclaves", "enclaves_sent"),
+            "criu_dump": span(t, "dump", "dumped"),
+            "transfer": span(t, "dumped", "images_sent"),
+            "restore": self.stats.get("restore", span(t, "images_sent", "restored")),
             "enclave_load": load,
-            "total": span("start", "end"),
-            "downtime": span("prepare" if self.transfers else "dump", "resumed"),
+            "total": span(t, "start", "end"),
+            "downtime": span(t, "prepare" if self.transfers else "dump", "resumed"),
             "bytes": enclave_bytes + self.page_bytes + self.image_bytes,
         }
         if self.opts.live:
-            figures["precopy"] = span("precopy", "precopied")
+            figures["precopy"] = span(t, "precopy", "precopied")
         if self.opts.post_copy:
             # From the destination tree's start to its last page: it needs the source.
             figures["post_copy_window"] = self.window_seconds
         figures["details"] = {
-            "commit": span("restored", "committed"),
-            "resume": span("committed", "resumed"),
+            "commit": span(t, "restored", "committed"),
+            "resume": span(t, "committed", "resumed"),
             "attach": self.stats.get("attach", 0.0),
-            "process_downtime": span("dump", "resumed"),
+            "process_downtime": span(t, "dump", "resumed"),
             # Before the freeze: begin, connections, launches, attested handshakes.
-            "early_handshake": span("handshake", "handshaken"),
+            "early_handshake": span(t, "handshake", "handshaken"),
             "enclaves": len(self.transfers),
             "enclave_bytes": enclave_bytes,
             "page_bytes": self.page_bytes,
@@ -377,88 +308,16 @@ class _MigrationState:
             # CPU of this process (its enclave streams' ends, the control channel)
             # and of its reaped children (CRIU's dump, with its page stream).
             "tool_cpu_seconds": time.process_time(),
-            "tool_children_cpu_seconds": _children_cpu(),
+            "tool_children_cpu_seconds": children_cpu(),
         }
         if self.memory is not None:
             # How the tree's memory moved (post-copy or frozen), its size, the size rule.
             figures["details"]["memory"] = self.memory.describe()
         if "resume_warning" in self.stats:
             figures["details"]["warning"] = self.stats["resume_warning"]
-        figures["timeline"] = self._timeline(dest)
+        figures["timeline"] = timeline(t, [x.stats for x in self.transfers], dest)
         return figures
-
-    def _overlapped_order(self) -> bool:
-        """Whether the restore came before the join of the enclave streams."""
-
-        t = self.t
-        return "restored" in t and "enclaves_sent" in t and t["restored"] <= t["enclaves_sent"]
-
-    def _timeline(self, dest: list[dict[str, Any]]) -> dict[str, Any]:
-        """Phases per process as absolute CLOCK_MONOTONIC spans, with their origin.
-
-        One clock serves every process of the machine, so the tool's phases, the
-        enclave streams' (both hosts of a testbed share the kernel) line up.
-        """
-
-        t = self.t
-        tool = {
-            name: [t[a], t[b]]
-            for name, a, b in (
-                ("early_handshake", "handshake", "handshaken"),
-                ("freeze", "prepare", "prepared"),
-                ("criu_dump", "dump", "dumped"),
-                *(
-                    (
-                        ("images", "dumped", "images_sent"),
-                        ("restore", "images_sent", "restored"),
-                        ("join_enclaves", "restored", "enclaves_sent"),
-                        ("commit", "enclaves_sent", "committed"),
-                    )
-                    if self._overlapped_order()
-                    else (
-                        ("join_enclaves", "dumped", "enclaves_sent"),
-                        ("images", "enclaves_sent", "images_sent"),
-                        ("restore", "images_sent", "restored"),
-                        ("commit", "restored", "committed"),
-                    )
-                ),
-                ("resume", "committed", "resumed"),
-            )
-            if a in t and b in t
-        }
-        spans: dict[str, Any] = {"tool": tool}
-        for i, x in enumerate(self.transfers):
-            for proc, phases in x.stats.get("timeline", {}).items():
-                spans[f"enclave{i}.{proc}"] = phases
-        for i, s in enumerate(dest):
-            for proc, phases in s.get("timeline", {}).items():
-                spans[f"enclave{i}.{proc}"] = phases
-        return {"origin": t["start"], "spans": spans}
-
-
-def keeps_tcp(wanted: bool | None, source: Source) -> bool:
-    """Whether established connections move open (``MigrateOptions.tcp_established``).
-
-    Only a workload whose address moves with it can keep them: elsewhere CRIU would
-    restore a connection from an address the destination does not answer for.
-    """
-
-    if wanted and source.no_tcp_keep:
-        raise ConfigError(f"--tcp-established cannot apply to {source.label}: {source.no_tcp_keep}")
-    return source.no_tcp_keep == "" and wanted is not False
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _alive(pid: int) -> bool:
     return process_state(pid) not in ("", "Z", "X")
-
-
-def _host_id(opts: MigrateOptions) -> str:
-    try:
-        return opts.identity.host_id()
-    except (OSError, ValueError):
-        return "unknown"

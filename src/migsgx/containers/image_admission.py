@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from ..criu.images import credentials_of, mounts_of, undelete_external
 from ..errors import InspectError
-from .admission import ENGINE_FILESYSTEMS, _list, _mapping, _refuse
+from .admission_list import ENGINE_FILESYSTEMS, _list, _mapping, _refuse
 from .oci import platform_mount
 
 __all__ = ["CAPABILITY_NUMBERS", "admit_images", "localize_images"]

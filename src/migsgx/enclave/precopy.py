@@ -41,7 +41,7 @@ from ..core.rounds import (
     round_label,
     segments_of,
 )
-from ..core.stream import TAG_SIZE
+from ..core.stream import TAG_SIZE, StreamSealer
 from ..core.stream_channel import StreamChannel
 from ..datapath.ring import ShmRing
 from ..errors import LiveMigrationError, ProtocolError
@@ -156,12 +156,7 @@ class SourceRounds:
         count = max(1, -(-total // chunk))
         for i in range(count):
             part = data[i * chunk : min(total, (i + 1) * chunk)]
-            ring = self._ring()
-            index, slot = ring.acquire(RING_TIMEOUT)
-            end = i == count - 1
-            size = sealer.seal_into(part, slot[: len(part) + TAG_SIZE], final=end)
-            ring.publish(index, size, final=end and last)
-            sent += size
+            sent += self._seal_put(sealer, part, end=i == count - 1, last=last)
         return sent
 
     def send_section(self, section: Section, chunk: int, *, last: bool) -> int:
@@ -189,12 +184,7 @@ class SourceRounds:
                         ]
                         pos += size
                     part = scratch[:pos]
-                ring = self._ring()
-                index, slot = ring.acquire(RING_TIMEOUT)
-                end = i == count - 1
-                size = sealer.seal_into(part, slot[: len(part) + TAG_SIZE], final=end)
-                ring.publish(index, size, final=end and last)
-                sent += size
+                sent += self._seal_put(sealer, part, end=i == count - 1, last=last)
         finally:
             scratch.release()
             mem.release()
@@ -204,6 +194,16 @@ class SourceRounds:
         if self.ring is None:
             raise ProtocolError("no ring was attached")
         return self.ring
+
+    def _seal_put(self, sealer: StreamSealer, part: memoryview, *, end: bool, last: bool) -> int:
+        """One chunk sealed straight into a ring slot (``end``: its stream's last chunk,
+        ``last``: the transfer's last stream); the bytes the slot holds."""
+
+        ring = self._ring()
+        index, slot = ring.acquire(RING_TIMEOUT)
+        size = sealer.seal_into(part, slot[: len(part) + TAG_SIZE], final=end)
+        ring.publish(index, size, final=end and last)
+        return size
 
     def _put(self, data: bytes, *, final: bool) -> int:
         ring = self._ring()

@@ -18,13 +18,13 @@ process's run tag (pid and start time, :func:`run_tag`) and a random token:
 parallel runs never collide, and :func:`cleanup_stale` can tell which ones were
 left behind by a process that is gone (a pid reused since does not keep them).
 :class:`HostNetwork` always removes what it created, also when creating it failed
-halfway.
+halfway.  What outlives one network (names, ownership, entering, ending and
+deleting a namespace) is :mod:`.namespaces`, re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import os
 import re
@@ -32,21 +32,30 @@ import secrets
 import signal
 import socket
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Final, TypeVar
+from typing import IO, Any, Final
 
-from migsgx.agent.ckpt_journal import start_time
-from migsgx.errors import MigSGXError, register_error
-from migsgx.system.process import pid_exists
-
-from .. import _proc
+from .namespaces import (
+    NETNS_DIR,
+    PREFIX,
+    NetnsError,
+    _in_netns,
+    _ip,
+    _kill_inside,
+    cleanup_stale,
+    delete_namespace,
+    list_namespaces,
+    owner_alive,
+    run_tag,
+    terminate,
+)
 
 __all__ = [
+    "NETNS_DIR",
     "PREFIX",
     "Host",
     "HostNetwork",
@@ -59,124 +68,11 @@ __all__ = [
     "terminate",
 ]
 
-PREFIX: Final = "migsgx-"
-NETNS_DIR: Final = Path("/run/netns")
-_CLONE_NEWNET: Final = 0x40000000
 #: The range the kernel takes ports from for connections and port-0 listeners in a host.
 EPHEMERAL_PORTS: Final = (40000, 60999)
 #: Ports handed to applications (``HostNetwork.app_port``): below the ephemeral range.
 APP_PORTS: Final = range(20000, 40000)
 _HOST_NAME = re.compile(r"[a-z][a-z0-9]{0,11}")
-_OWNED_NAME = re.compile(r"^(?P<pid>\d+)(?:\.(?P<start>\d+))?-(?P<token>[0-9a-f]+)-")
-
-T = TypeVar("T")
-
-
-class NetnsError(MigSGXError):
-    """A network namespace could not be created, used or removed."""
-
-    code = "netns"
-
-
-register_error(NetnsError)
-
-
-def _ip(*args: str) -> str:
-    try:
-        return subprocess.run(
-            ["ip", *args], capture_output=True, text=True, check=True, timeout=30
-        ).stdout
-    except subprocess.CalledProcessError as exc:
-        raise NetnsError(
-            f"ip {' '.join(args)} failed: {exc.stderr.strip() or exc.returncode}"
-        ) from exc
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise NetnsError(f"cannot run ip {' '.join(args)}: {exc}") from exc
-
-
-def run_tag(pid: int | None = None) -> tuple[int, str]:
-    """This process's (or ``pid``'s) run tag: its pid and start time ("" if it is gone)."""
-
-    pid = os.getpid() if pid is None else pid
-    return pid, start_time(pid)
-
-
-def owner_alive(pid: int, start: str | None) -> bool:
-    """Whether the owner ``pid``, started at ``start`` (when recorded), still runs.
-
-    Without a recorded start time only the pid can be asked (what older names carry).
-    """
-
-    if not pid_exists(pid):
-        return False
-    return start is None or start_time(pid) == start
-
-
-def list_namespaces(prefix: str = PREFIX) -> list[str]:
-    """Named network namespaces whose name starts with ``prefix``."""
-
-    try:
-        names = os.listdir(NETNS_DIR)
-    except FileNotFoundError:
-        return []
-    return sorted(name for name in names if name.startswith(prefix))
-
-
-def _zombie_or_gone(pid: int) -> bool:
-    return not _proc.alive(pid)
-
-
-def terminate(pid: int, *, sig: int = signal.SIGKILL, timeout: float = 5.0) -> None:
-    """Signal ``pid`` and wait until it is gone; reap it when it is our child.
-
-    A restored process is usually not our child; it is reaped here when this
-    process is its subreaper, and otherwise waited for until it is a zombie.
-    """
-
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            if _zombie_or_gone(pid):
-                return
-        else:
-            if done == pid:
-                return
-        if time.monotonic() > deadline:
-            raise NetnsError(f"process {pid} did not end within {timeout} s")
-        time.sleep(0.01)
-
-
-def _in_netns(netns: str, work: Callable[[], T]) -> T:
-    """Run ``work`` on a fresh thread that has joined ``netns``.
-
-    Only that thread changes namespace (``setns`` is per thread for network
-    namespaces); sockets it creates stay in ``netns`` after it ends.
-    """
-
-    outcome: list[T] = []
-    failure: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            with open(NETNS_DIR / netns, "rb") as ns:
-                if libc.setns(ns.fileno(), _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
-            outcome.append(work())
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=body, name=f"netns-{netns}", daemon=True)
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
 
 
 @dataclass
@@ -299,23 +195,6 @@ class Host:
                 proc.wait(timeout=5)
         self._children.clear()
         _kill_inside(self.netns)
-
-
-def _kill_inside(netns: str) -> None:
-    """Kill whatever still runs in ``netns`` (restored processes, grandchildren)."""
-
-    with contextlib.suppress(NetnsError):
-        for pid in (int(p) for p in _ip("netns", "pids", netns).split()):
-            with contextlib.suppress(NetnsError):
-                terminate(pid)
-
-
-def delete_namespace(netns: str) -> None:
-    """Kill whatever runs in ``netns``, then delete it (gone already: nothing to do)."""
-
-    _kill_inside(netns)
-    if (NETNS_DIR / netns).exists():
-        _ip("netns", "delete", netns)
 
 
 class HostNetwork:
@@ -460,23 +339,3 @@ class HostNetwork:
             raise NetnsError(
                 "cleanup left namespaces behind: " + "; ".join(map(str, errors))
             ) from errors[0]
-
-
-def cleanup_stale(prefix: str = PREFIX, *, everything: bool = False) -> list[str]:
-    """Delete namespaces left by processes that are gone; returns their names.
-
-    A name records the run tag of the process that made it (its pid and start
-    time; older names the pid only); with ``everything`` all namespaces with
-    ``prefix`` go, in use or not.
-    """
-
-    removed = []
-    for netns in list_namespaces(prefix):
-        owner = _OWNED_NAME.match(netns[len(prefix) :])
-        if not everything and (
-            owner is None or owner_alive(int(owner.group("pid")), owner.group("start"))
-        ):
-            continue
-        delete_namespace(netns)
-        removed.append(netns)
-    return removed
