@@ -75,6 +75,9 @@ MODES = ("pipelined", "sequential")
 # Chunk frames of a kvstore transfer: 0 manifest header, 1 manifest, 2 state header,
 # 3 state, 4 memory header, 5... memory (192 chunks of 256 KiB), the last one final.
 TARGET = 9
+#: Seconds a destination driver waits for a decision that cannot come (the driver's
+#: ``commit_timeout``; its default 20 s bounds the cells where one does come).
+COMMIT_WAIT = 6.0
 
 
 class Source:
@@ -589,7 +592,11 @@ def test_source_driver_cannot_commit_before_loaded(
             return b""
         return None
 
-    with migration_pair(world, proxy={"on_frame": withhold}) as (dest, mitm, addr):
+    # No decision can reach the destination (no LOADED, then no connection): it keeps its
+    # copy in doubt until its wait for one ends, which is shortened (the driver's bound).
+    with migration_pair(world, proxy={"on_frame": withhold}, commit_timeout=COMMIT_WAIT) as (
+        dest, mitm, addr,
+    ):  # fmt: skip
         assert mitm is not None
         out = OutgoingEnclave(
             source.client.detach(), source.client.info, source.client.image_files,
