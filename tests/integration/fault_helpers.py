@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -49,7 +48,6 @@ __all__ = [
     "loaded_app",
     "migrate_with",
     "no_images_left",
-    "nudge_guardians_of",
     "only_copy",
     "record_back",
     "recover",
@@ -307,17 +305,6 @@ def stop_guardian_of(app_pid: int) -> None:
 
     for pid in guardians_of(app_pid):
         kill_tree(pid)
-
-
-def nudge_guardians_of(app_pid: int) -> list[int]:
-    """Ask the guardians of migrations of ``app_pid`` for an attempt now (SIGUSR1, as
-    ``migsgx recover`` does) instead of waiting out their growing pause; their pids."""
-
-    found = guardians_of(app_pid)
-    for pid in found:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGUSR1)
-    return found
 
 
 def guardians_of(app_pid: int) -> list[int]:

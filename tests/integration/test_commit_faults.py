@@ -34,7 +34,6 @@ from fault_helpers import (
     loaded_app,
     migrate_with,
     no_images_left,  # noqa: F401  (autouse: after every cell, no images left in /dev/shm)
-    nudge_guardians_of,
     only_copy,
     recover,
     source_answers,
@@ -381,9 +380,7 @@ def test_answer_to_resume_lost_is_in_doubt_until_delivered_again(
             assert bed.runnable_copies(app)["src"] == 0
         finally:
             unstall(bed, c.doomed)
-        # The network is back: the guardian's next delivery hears that the destination runs
-        # (asked for now, as ``recover`` would, not after its growing pause).
-        nudge_guardians_of(app.pid)
+        # The network is back: the guardian's next delivery hears that the destination runs.
         wait_until(
             lambda: process_state(app.pid) in ("", "Z"), 90, "the guardian to end the source"
         )
