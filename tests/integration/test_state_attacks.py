@@ -35,6 +35,7 @@ from state_helpers import (  # noqa: E402
     fill_kvstore,
     hs_frame,
     hs_message,
+    kill_quietly,
     migration_pair,
     peer_frame,
     pid_running,
@@ -628,3 +629,6 @@ def test_source_driver_cannot_commit_before_loaded(
         source.assert_intact(run)
         dest.join()
         assert not dest.active
+        # In doubt it keeps its loaded copy for good (no decision can come, and nothing
+        # discards it): ended here, not after the teardown's grace for enclaves that end.
+        kill_quietly(dest.pid)
