@@ -35,6 +35,7 @@ from state_helpers import (  # noqa: E402
     fill_kvstore,
     hs_frame,
     hs_message,
+    kill_quietly,
     migration_pair,
     peer_frame,
     pid_running,
@@ -75,6 +76,9 @@ MODES = ("pipelined", "sequential")
 # Chunk frames of a kvstore transfer: 0 manifest header, 1 manifest, 2 state header,
 # 3 state, 4 memory header, 5... memory (192 chunks of 256 KiB), the last one final.
 TARGET = 9
+#: Seconds a destination driver waits for a decision that cannot come (the driver's
+#: ``commit_timeout``; its default 20 s bounds the cells where one does come).
+COMMIT_WAIT = 6.0
 
 
 class Source:
@@ -589,7 +593,11 @@ def test_source_driver_cannot_commit_before_loaded(
             return b""
         return None
 
-    with migration_pair(world, proxy={"on_frame": withhold}) as (dest, mitm, addr):
+    # No decision can reach the destination (no LOADED, then no connection): it keeps its
+    # copy in doubt until its wait for one ends, which is shortened (the driver's bound).
+    with migration_pair(world, proxy={"on_frame": withhold}, commit_timeout=COMMIT_WAIT) as (
+        dest, mitm, addr,
+    ):  # fmt: skip
         assert mitm is not None
         out = OutgoingEnclave(
             source.client.detach(), source.client.info, source.client.image_files,
@@ -621,3 +629,6 @@ def test_source_driver_cannot_commit_before_loaded(
         source.assert_intact(run)
         dest.join()
         assert not dest.active
+        # In doubt it keeps its loaded copy for good (no decision can come, and nothing
+        # discards it): ended here, not after the teardown's grace for enclaves that end.
+        kill_quietly(dest.pid)

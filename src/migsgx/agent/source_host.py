@@ -163,12 +163,16 @@ def give_back(journal: Journal) -> None:
     notes = journal.undo
     open_gates(journal)
     serving = [int(p) for n in notes if n.startswith("criu ") for p in n.split()[1:]]
+    killed = []
     for pid in serving:
         argv0 = _proc.argv(pid)[:1]
         if argv0 and Path(argv0[0].decode(errors="replace")).name.startswith(("criu", "runc")):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    for pid in serving:  # (CRIU must have let go before SIGCONT can stick)
+                killed.append(pid)
+    # (CRIU must have let go before SIGCONT can stick; a reused pid left alone is not
+    # waited for: it would hold the source frozen for the whole bound)
+    for pid in killed:
         deadline = time.monotonic() + 10
         while alive(pid) and _proc.state(pid) != "Z" and time.monotonic() < deadline:
             time.sleep(0.02)

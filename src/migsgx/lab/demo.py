@@ -121,18 +121,35 @@ class _KeptClient(threading.Thread):
                 stream.close()
 
 
-def _scan(roots: list[Path], needles: list[bytes]) -> int:
+def _scan(roots: list[Path], needles: list[bytes], since: float) -> int:
+    """How often the needles occur in the regular files under ``roots`` written or changed
+    since ``since`` (wall clock): the needles are made after it, so an older file cannot
+    hold one.  A shared ``/tmp`` holds other users' files by the hundred thousand; reading
+    them all made the scan most of the demo's time.  One ``scandir`` entry per file, no
+    symbolic link followed, a root inside another root scanned once."""
+
     found = 0
-    for root in roots:
-        for dirpath, _dirs, files in os.walk(root):
-            for name in files:
-                path = Path(dirpath) / name
+    tops = [str(r) for r in roots]
+    stack = [t for t in tops if not any(t != o and t.startswith(o + os.sep) for o in tops)]
+    while stack:
+        try:
+            entries = os.scandir(stack.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
                 try:
-                    if path.is_symlink() or not path.is_file():
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
                         continue
-                    data = path.read_bytes()
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    if max(st.st_mtime, st.st_ctime) < since:
+                        continue
+                    data = Path(entry.path).read_bytes()
                 except OSError:
-                    continue
+                    continue  # gone meanwhile, or unreadable
                 found += sum(data.count(n) for n in needles)
     return found
 
@@ -210,6 +227,8 @@ def run_demo(
     root = Path(workdir or tempfile.mkdtemp(prefix="migsgx-demo-"))
     if not own_dir and root.exists() and any(root.iterdir()):
         raise ConfigError(f"demo work directory {root} is not empty")
+    # (a second early for the file system's coarse timestamps: no file older holds it)
+    began = time.time() - 1.0
     secret = b"CANARY-" + secrets.token_hex(16).encode()
     needles = [secret, secret.hex().encode(), base64.b64encode(secret)]
     if process and container is not None:
@@ -281,7 +300,7 @@ def run_demo(
             kept = kept and ask_dst("GET client") == f"VALUE {client.last_acked}"
             copies = bed.runnable_copies(app) if lab is None else lab.runnable_copies(app)
             roots = [root, Path("/dev/shm"), Path(tempfile.gettempdir())]
-            found = _scan(roots + ([lab.base] if lab is not None else []), needles)
+            found = _scan(roots + ([lab.base] if lab is not None else []), needles, began)
         finally:
             if lab is not None:
                 lab.close()
