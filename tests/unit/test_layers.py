@@ -174,6 +174,7 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
             "migsgx.agent.guardian_log",
             "migsgx.agent.handback",
             "migsgx.agent.journal",
+            "migsgx.agent.recover_records",
             "migsgx.agent.recover_resolve",
             "migsgx.agent.redeliver",
             "migsgx.agent.tls",

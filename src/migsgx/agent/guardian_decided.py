@@ -12,9 +12,11 @@ activating finished (:func:`finish_restore`).
 from __future__ import annotations
 
 import socket
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..errors import MigSGXError
 from .applink import AppLink
@@ -23,10 +25,14 @@ from .guardian_log import RECOVER_PATIENCE, log, log_to, pause
 from .handback import RESUME_WAIT, call_enclave, commit_rest
 
 if TYPE_CHECKING:
+    from .recover_records import Resolution
     from .recover_resolve import RollForward
     from .redeliver import HeldSource
 
 __all__ = ["carry", "finish_restore", "held_source", "resolve_checkpoint_of", "roller"]
+
+#: How long the guardian's first attempt may report on the tool's stderr.
+FIRST_WORD: Final = 1.0
 
 
 def held_source(socks: list[socket.socket], notes: list[str]) -> HeldSource | None:
@@ -72,21 +78,26 @@ def carry(
     from .recover_resolve import resolve
     from .tls import AgentIdentity
 
+    def attempt() -> Resolution:
+        journal = Journal.load(path)
+        agent_dir = path.parent.parent
+        return resolve(
+            journal, agent_dir.parent, AgentIdentity(agent_dir), tool_gone=True,
+            redeliver=held.redeliver if held else None,
+            release=held.release if held else None, roll_forward=roll_forward,
+            revoke=held.revoke if held else None,
+        )  # fmt: skip
+
     pause_s = 0.5
     deadline = time.monotonic() + RECOVER_PATIENCE
+    first = True
     while True:
         try:
-            journal = Journal.load(path)
-            agent_dir = path.parent.parent
-            result = resolve(
-                journal, agent_dir.parent, AgentIdentity(agent_dir), tool_gone=True,
-                redeliver=held.redeliver if held else None,
-                release=held.release if held else None, roll_forward=roll_forward,
-                revoke=held.revoke if held else None,
-            )  # fmt: skip
+            result = _first_attempt(attempt, path) if first else attempt()
         except (MigSGXError, OSError, ValueError) as exc:
             log(f"recovery of {path.name} failed: {exc}; run migsgx recover")
             return
+        first = False
         log(f"migration {result.mid}: {result.decision} -> {result.outcome} {result.detail}")
         # An ABORT the destination has not heard yet (its agent unreachable: it may come
         # back and adopt a held tree) is carried again too: nothing is left for an operator.
@@ -101,6 +112,35 @@ def carry(
             return
         # recover asked: at once, then the pauses grow again
         pause_s = 0.5 if pause(pause_s) else min(pause_s * 2, 30.0)
+
+
+def _first_attempt(attempt: Callable[[], Resolution], path: Path) -> Resolution:
+    """The first attempt, on the tool's stderr only while it is quick.
+
+    An attempt can block on a destination agent that does not answer (its connect
+    bound, :data:`~.control.CONNECT_TIMEOUT`); the tool's caller reads that stderr
+    to its end, so after :data:`FIRST_WORD` seconds the guardian reports into the
+    journal's log instead, as it does while it waits (:func:`log_to`).
+    """
+
+    outcome: list[Resolution] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(attempt())
+        except BaseException as exc:  # handed to the caller as raised
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="first-attempt", daemon=True)
+    worker.start()
+    worker.join(FIRST_WORD)
+    if worker.is_alive():
+        log_to(path.with_suffix(".log"), "the destination has not answered yet")
+        worker.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 def resolve_checkpoint_of(

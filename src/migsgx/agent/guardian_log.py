@@ -1,7 +1,8 @@
 """What every part of the guardian shares: its log, its patience, its pause.
 
 The guardian reports on the tool's stderr until it has to wait for something
-(a decision, a platform service, an enclave that does not answer); from then on
+(a decision, a platform service, an enclave that does not answer, a first attempt
+that takes longer than a second); from then on
 it reports into a file (:func:`log_to`), so that the tool's caller, which reads
 that stderr to its end, is not held by it.  ``migsgx recover`` cuts a pause
 short with SIGUSR1 (:func:`pause`).
@@ -56,7 +57,7 @@ def log(text: str) -> None:
     sys.stderr.flush()
 
 
-def log_to(path: Path) -> None:
+def log_to(path: Path, why: str = "still in doubt") -> None:
     """From now on report into ``path``: the tool's caller must not wait on our stderr."""
 
     if _LOGGING_ELSEWHERE:
@@ -65,7 +66,7 @@ def log_to(path: Path) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     except OSError:
         fd = os.open(os.devnull, os.O_WRONLY)
-    log(f"still in doubt: the guardian goes on, reporting to {path}")
+    log(f"{why}: the guardian goes on, reporting to {path}")
     os.dup2(fd, 2)
     os.close(fd)
     _LOGGING_ELSEWHERE.append(True)
