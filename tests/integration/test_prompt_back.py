@@ -1,6 +1,6 @@
 """The source runs again promptly, whatever step the tool is in when a fault comes.
 
-Two cells of a plain process (the kvstore example, real CRIU, two namespaced
+Cells of a plain process (the kvstore example, real CRIU, two namespaced
 hosts), each reached through a named point (``MIGSGX_FAULT``, no sleeping):
 
 - ``tool.in-dump`` is CRIU's dump with the tree frozen, before it dumped any of
@@ -18,6 +18,9 @@ hosts), each reached through a named point (``MIGSGX_FAULT``, no sleeping):
   the tree's listeners from before the freeze until the dump ended, as the
   container drivers do (``containers/gate.py``): the client's SYN waits, and it
   finds the application at the destination, every acknowledged write there.
+- the tool killed there, the gate closed: the guardian opens it (the gate's
+  ``ungate`` note, noted before it closed), so new clients reach the source again
+  (without the note the gate stayed closed and the source answered nobody).
 """
 
 from __future__ import annotations
@@ -114,6 +117,20 @@ def test_client_connecting_during_the_freeze(
     for key, value in client.acked.items():
         assert ask(bed, app, "dst", f"GET {key}") == f"VALUE {value}", key
     end_copies(bed, app)
+
+
+def test_tool_killed_inside_the_dump_leaves_no_gate_closed(
+    bed: Testbed, agent: AgentProcess, figures: dict[str, dict[str, object]]
+) -> None:
+    """The tool dies while CRIU holds the tree frozen behind the gate: CRIU resumes the
+    tree, the guardian opens the gate (its ``ungate`` note) and hands the enclave back,
+    so new clients reach the source again (each ``ask`` is a new connection)."""
+
+    app, digest = loaded_app(bed)
+    run = bed.migrate(app.pid, agent, env={"MIGSGX_FAULT": "tool.in-dump:kill"})
+    assert run.returncode == -9, run.stderr
+    stayed(bed, figures, "inside the dump x kill -9 tool (gated)", run, app, digest,
+           expected=-9)  # fmt: skip
 
 
 class _Client:
