@@ -14,10 +14,11 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
-from .._net import keep_alive
+from .._net import LivenessWatch, keep_alive
 from .._trace import step
 from ..errors import MigSGXError, ProtocolError
 from ..wire import recv_frame, send_frame
@@ -42,7 +43,17 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 
 
 class AgentConnection:
-    """The mutual-TLS control connection to the destination agent."""
+    """The mutual-TLS control connection to the destination agent.
+
+    Its liveness does not depend on what the tool is doing: a
+    :class:`~migsgx._net.LivenessWatch` fails it within the liveness bound of the
+    peer's last sign of life, also while the tool is inside a long step that
+    does not use it (CRIU's dump), and tells :meth:`on_dead`'s callbacks.
+    """
+
+    #: Why the watch failed the connection (None while it lives).
+    dead: str | None = None
+    _watch: LivenessWatch | None = None
 
     def __init__(self, to: tuple[str, int], identity: AgentIdentity, timeout: float) -> None:
         self.to = to
@@ -50,7 +61,35 @@ class AgentConnection:
         self.timeout = timeout
         #: The session's protocol version (:meth:`greet`); 1 until it is known.
         self.version = 1
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[str], None]] = []
         self.sock = self._connect()
+        self._watch = LivenessWatch(self.sock, self._died).start()
+
+    def on_dead(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(reason)`` once the watch fails the connection (at once if it did)."""
+
+        with self._lock:
+            if self.dead is None:
+                self._callbacks.append(callback)
+                return
+            reason = self.dead
+        callback(reason)
+
+    def _died(self, reason: str) -> None:
+        step("control-failed")
+        log.warning("the control connection to %s:%d failed: %s", *self.to, reason)
+        with self._lock:
+            self.dead = reason
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(reason)
+
+    def _why(self, exc: BaseException) -> str:
+        """What to say of a failed send or receive: the watch's reason where it cut it."""
+
+        why = self.dead or (self._watch.reason if self._watch is not None else None)
+        return f"{exc} ({why})" if why is not None else str(exc)
 
     def _connect(self) -> ssl.SSLSocket:
         host, port = self.to
@@ -101,6 +140,7 @@ class AgentConnection:
                 )  # fmt: skip
                 self.close()
                 self.sock = self._connect()
+                self._watch = LivenessWatch(self.sock, self._died).start()
                 offered = again
         self.version = tool_accepts(offered, int(welcome["version"]))
         check_needs(self.version, needs, peer=f"the agent at {self.to[0]}:{self.to[1]}")
@@ -111,7 +151,7 @@ class AgentConnection:
             send_frame(self.sock, for_version(msg, self.version), max_size=CONTROL_FRAME_MAX)
         except OSError as exc:
             step("control-failed")
-            raise AgentError(f"the destination agent went away: {exc}") from exc
+            raise AgentError(f"the destination agent went away: {self._why(exc)}") from exc
 
     def call(self, msg: Mapping[str, Any], expect: str) -> dict[str, Any]:
         self.send(msg)
@@ -124,7 +164,9 @@ class AgentConnection:
             reply = recv_frame(self.sock, CONTROL, max_size=CONTROL_FRAME_MAX)
         except (MigSGXError, OSError) as exc:
             step("control-failed")
-            raise AgentError(f"no answer to {request} from the destination: {exc}") from exc
+            raise AgentError(
+                f"no answer to {request} from the destination: {self._why(exc)}"
+            ) from exc
         if reply["t"] == "err":
             raise RefusedError(
                 f"destination: {request} failed: [{reply['code']}] {reply['message']}",
@@ -137,6 +179,8 @@ class AgentConnection:
         return reply
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
         with contextlib.suppress(OSError):
             self.sock.close()
 

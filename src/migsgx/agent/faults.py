@@ -96,6 +96,10 @@ POINTS: Final = frozenset(
         "restore.loaded",  # restore: the same step, right before the activation
         "restore.activated",  # restore: the enclaves activated, the tree not running, not attached
         "tool.before-dump",  # the enclaves stream, CRIU has not started
+        # CRIU froze the tree, nothing of it dumped (the pid driver's ``query-ext-files``);
+        # a connection fault (``stall-control``) there holds the dump until the tool gives
+        # it up (at most 20 s): a stall that begins inside the engine's long step.
+        "tool.in-dump",
         "tool.ring-handover",  # an enclave's __mig_ring frame went, its descriptors not yet
         "tool.before-images",  # every enclave LOADED, CRIU dumped, the images not yet sent
         "tool.before-restore",  # post-copy: the lazy dump serves, no restore asked yet

@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any, Final
 
-from .._net import keep_alive
+from .._net import LivenessWatch, keep_alive
 from ..errors import ConfigError
 from .adoption import Adoption
 from .config import AgentConfig
@@ -156,12 +156,19 @@ class Agent:
         session = IncomingMigration(self, tls, peer)
         with self._lock:
             self._sessions.add(session)
+        # The tool's silence ends the session within the liveness bound also while
+        # the agent is inside a long step that does not use the connection (a
+        # restore): its next send or receive fails at once.
+        watch = LivenessWatch(
+            tls, lambda why: log.warning("the connection from %s failed: %s", peer, why)
+        ).start()
         try:
             session.run()
         except Exception:
             log.exception("session from %s failed unexpectedly", peer)
             session.abort("internal error")
         finally:
+            watch.stop()
             with contextlib.suppress(OSError):
                 tls.close()
             with self._lock:

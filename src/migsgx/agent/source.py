@@ -122,6 +122,7 @@ class _Migration(_DumpSteps):
         # (post-copy: CRIU's own TLS from the source's lazy server).
         self.page_server = self.driver.uses_page_server(True) and not opts.post_copy
         self.control = control = AgentConnection(opts.to, opts.identity, opts.io_timeout)
+        control.on_dead(self._control_dead)  # (a dump under way stops at once)
         try:
             # Before anything is frozen: an agent too old for this migration is refused here.
             control.greet(_host_id(opts), self._needs())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -49,6 +50,9 @@ log = logging.getLogger("migsgx.migrate")
 
 #: Files of the dump directory that stay on the source.
 _LOCAL_ONLY: Final = frozenset({"dump.log"})
+#: How long a connection fault at ``tool.in-dump`` holds CRIU's dump at most: longer
+#: than the liveness bound by far, so that only a stall noticed inside the dump ends it.
+IN_DUMP_HOLD: Final = 20.0
 
 
 class _DumpSteps(_DecisionSteps):
@@ -76,6 +80,7 @@ class _DumpSteps(_DecisionSteps):
             lazy=opts.post_copy,
             cancel=self.cancel,
             scratch_images=opts.work_dir is None and not opts.keep_images,
+            frozen=self._in_dump,
         )
         self.plan = plan
         self.note("dump")
@@ -97,6 +102,10 @@ class _DumpSteps(_DecisionSteps):
                         plan.page_fd = self._open_page_relay(ready)
                     self.driver.dump(self.source, plan, dumped)
         except MigSGXError as exc:
+            if self._control_cut is not None and self.cancel.reason == self._control_cut:
+                raise MigrationError(
+                    f"{self._control_cut}: CRIU's dump was stopped, the source runs on"
+                ) from exc
             relay = self.page_relay
             if relay is not None and relay.error is not None and not self.cancel.cancelled:
                 # CRIU saw only a closed socket: the relay knows why (CRIU resumed the tree).
@@ -131,6 +140,34 @@ class _DumpSteps(_DecisionSteps):
                 self.cancel.remove_stop(self._stop_page_relay)
                 self.page_relay.dispose()
         self.note("end")
+
+    #: The cancel's reason when the control connection's failure stopped the dump.
+    _control_cut: str | None = None
+
+    def _control_dead(self, reason: str) -> None:
+        """The control connection failed (its liveness watch): a dump under way stops at
+        once, so the source runs again within the liveness bound of the fault, not that
+        bound after the dump.  From ``dumped`` on the tool uses the connection itself
+        (its send or receive fails at once) and may be past the commit point."""
+
+        if "dumped" not in self.t:
+            self._control_cut = f"the control connection to the destination failed ({reason})"
+            self.cancel.cancel(self._control_cut)
+
+    def _in_dump(self) -> None:
+        """Fault injection at ``tool.in-dump``: CRIU froze the tree and waits for this
+        answer.  A connection fault there (``stall-control``) is held in the dump
+        until the tool gives the dump up (at most :data:`IN_DUMP_HOLD`): a long
+        step of the engine, in which the stall must be noticed."""
+
+        action = self._fault("tool.in-dump")
+        if action is None or not action.endswith(("-control", "-data")):
+            return
+        self._inject(action)
+        deadline = time.monotonic() + IN_DUMP_HOLD
+        while not self.cancel.cancelled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.cancel.check()
 
     def _open_page_relay(self, ready: Mapping[str, Any]) -> int:
         """Connect to the destination's page port; CRIU's end of the local pair (its to close)."""

@@ -149,6 +149,9 @@ class DumpPlan:
     #: Post-copy, set with ``settle``: the processes that serve the pages (for the
     #: guardian, and to end the serving on an abort); default: the engine's CRIU.
     lazy_pids: Callable[[], list[int]] | None = None
+    #: Called once CRIU froze the tree, before it dumps anything of it, where the
+    #: driver runs CRIU itself (``query-ext-files``): fault injection (``tool.in-dump``).
+    frozen: Callable[[], None] | None = None
 
 
 @dataclass

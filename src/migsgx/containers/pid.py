@@ -5,7 +5,10 @@ namespaces, its pages to the destination's page server: through the
 engine's sealed relay when the plan has a ``page_fd`` (the production path),
 else straight, in CRIU's mutual TLS when asked.  ``on_dumped`` runs in CRIU's ``post-dump``
 notification, with the tree frozen: if it raises, CRIU resumes the tree
-(the veto); if it returns, CRIU kills it.  The destination restores the tree
+(the veto); if it returns, CRIU kills it.  The tree's listeners are gated from
+before the freeze until the dump ended (:func:`~.frozen.listeners_gated`): a
+client connecting meanwhile waits, where its half-made connection would have
+failed CRIU's dump ("In-flight connection").  The destination restores the tree
 with ``leave_stopped``: CRIU queues a SIGSTOP to every task while it still
 traces them.  With ``DumpPlan.lazy`` (post-copy) the dump keeps private memory
 out of the images and serves it after ``on_dumped`` returned, then leaves the
@@ -21,6 +24,7 @@ from ..criu import Criu, InTaskNamespaces
 from ..errors import MigrationError, ProtocolError
 from ..system.process import kill_tree, tree_pids
 from .base import ContainerError, DumpPlan, HostConfig, Restored, RestoreRequest, Source
+from .frozen import listeners_gated
 from .postcopy import check_pipe_max_size
 
 __all__ = ["PidDriver"]
@@ -55,6 +59,8 @@ class PidDriver:
         def notify(script: str, _pid: int) -> None:
             if script == "post-dump":
                 on_dumped()
+            elif script == "query-ext-files" and plan.frozen is not None:
+                plan.frozen()  # (the tree frozen, nothing of it dumped yet)
 
         page_server = None if page_fd is not None else plan.page_server
         criu = self.host.criu
@@ -68,20 +74,23 @@ class PidDriver:
             # stopped once served.
             page_server = plan.page_server or ("", 0)
             extra["leave_stopped"] = True
-        criu.dump(
-            source.root,
-            plan.images,
-            leave_running=False,
-            shell_job=plan.shell_job,
-            file_locks=True,  # held POSIX and flock locks (sqlite in WAL mode) move with it
-            lazy_pages=plan.lazy,
-            page_server=page_server,
-            page_fd=page_fd,
-            notify=notify,
-            enter=InTaskNamespaces(source.root),
-            extra=extra,
-            cancel=plan.cancel,  # a failed enclave stream ends the dump at once
-        )
+        # (the gate's undo is noted first: opened by the guardian, or by ``migsgx
+        # recover`` from the journal, if this tool dies meanwhile)
+        with listeners_gated(source, plan, None):
+            criu.dump(
+                source.root,
+                plan.images,
+                leave_running=False,
+                shell_job=plan.shell_job,
+                file_locks=True,  # held POSIX and flock locks (sqlite in WAL mode) move with it
+                lazy_pages=plan.lazy,
+                page_server=page_server,
+                page_fd=page_fd,
+                notify=notify,
+                enter=InTaskNamespaces(source.root),
+                extra=extra,
+                cancel=plan.cancel,  # a failed enclave stream ends the dump at once
+            )
 
     # --- destination ----------------------------------------------------------------------
     def check_target(self, target: Mapping[str, Any]) -> dict[str, Any]:
