@@ -90,7 +90,7 @@ class ListenerGate:
             while self._pending():
                 if time.monotonic() > deadline:
                     raise ContainerError(
-                        f"the container did not accept its pending connections within {timeout} s"
+                        f"the application did not accept its pending connections within {timeout} s"
                     )
                 time.sleep(0.005)
         except BaseException:
