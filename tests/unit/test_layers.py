@@ -249,7 +249,12 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     "migsgx.sgx.keeper": frozenset(),
     "migsgx.sgx.listener": frozenset({"migsgx.sgx.keeper"}),
     "migsgx.sgx.service_requests": frozenset(
-        {"migsgx.sgx.platform", "migsgx.sgx.store_types", "migsgx.sgx.structs"}
+        {
+            "migsgx.sgx.platform",
+            "migsgx.sgx.store_types",
+            "migsgx.sgx.structs",
+            "migsgx.sgx.record_store",
+        }
     ),
 }
 
