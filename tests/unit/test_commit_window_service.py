@@ -192,3 +192,18 @@ def test_ended_waits_for_every_thread_not_only_the_first() -> None:
         os.kill(proc.pid, signal.SIGKILL)
         assert wait_ended(proc.pid)  # (a zombie of one thread: ended, not yet reaped)
         assert proc.poll() is not None
+
+
+def test_a_checkpoint_journal_names_its_lost_enclaves(tmp_path: Path) -> None:
+    """``recover --checkpoint --json``'s ``lost_enclaves``: the journal's ``source_lost``
+    (well-formed entries only), with the enclaves a resolution found dead added from
+    the recorded holders (pid) and the checkpoint's image (MRENCLAVE, "" if unreadable)."""
+
+    from migsgx.agent.ckpt_journal import lost_of, note_lost
+
+    kept = {"index": 1, "mr_enclave": "ab" * 32, "pid": 7, "migration_id": ""}
+    journal = {"source_lost": [kept, {"index": "x"}, 3], "holders": [[41, 5, "9", "00"]]}
+    assert lost_of(journal) == [kept]
+    assert lost_of({"source_lost": "x"}) == []
+    named = note_lost(tmp_path, journal, [0, 1])
+    assert named == [{"index": 0, "mr_enclave": "", "pid": 41, "migration_id": ""}, kept]
