@@ -9,8 +9,12 @@ Order on the way out: the app hands its enclaves over; each enclave writes its
 state (the source enclaves still hold theirs); CRIU dumps the tree; in CRIU's
 ``post-dump`` step the enclaves give their state up.  A failure before that
 step resumes the enclaves and the app (CRIU's post-dump veto), so the tree runs
-on as before (exit 6), or without the state of an enclave that died before it
-was asked to commit (exit 11, :mod:`.enclave_loss`).
+on as before (exit 6), or without the state of an enclave that died before its
+gate committed (exit 11, :mod:`.enclave_loss`).  An enclave that died after it
+was sent its commit may have committed its gate first: the gate, read once its
+process ended, says which (final: its platform service refuses the request of
+an enclave that hung up, ``docs/spec/commit.md`` section 5): committed, the
+checkpoint holds its state and goes on; not, its state is lost.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from typing import Final
 
 from .._fs import write_durably
 from ..criu import Criu, InTaskNamespaces
-from ..datapath.checkpoint import CheckpointOut
+from ..datapath.checkpoint import CheckpointIn, CheckpointOut
 from ..errors import (
+    CheckpointGateError,
     ConfigError,
+    InDoubtError,
     MigrationError,
     MigSGXError,
     SourceGoneError,
@@ -50,10 +56,11 @@ from .ckpt_journal import (
     start_time,
     write_journal,
 )
-from .enclave_loss import LostEnclave, dead, lost_error
+from .enclave_loss import LostEnclave, dead, lost_error, wait_ended
 from .faults import fault, kill_dead, socket_owner
 from .guardian import Guardian
 from .handback import let_go
+from .lost_enclaves import hung_up
 
 __all__ = ["CHECKPOINT_META", "checkpoint"]
 
@@ -96,6 +103,10 @@ def checkpoint(
     committed: list[int] = []
     #: Enclaves sent their commit (alive then: one dead before cannot have committed).
     asked: set[int] = set()
+    #: Of those, the ones that died and whose gate, read after, never committed.
+    refused: set[int] = set()
+    #: Of those, the ones that died and whose gate could not be read: in doubt.
+    unread: list[int] = []
     fenced: list[int] = []
     meta = {"format": FORMAT, "pid": pid, "pidns": pidns, "tcp_close": tcp_close,
             "enclaves": len(handed), "start": start_time(pid)}  # fmt: skip
@@ -134,7 +145,25 @@ def checkpoint(
                 asked.add(i)
             try:
                 out.commit(meta_digest)  # the gate binds the metadata (and so every file)
-            except MigSGXError:
+            except MigSGXError as exc:
+                # (an enclave closes its connection only as its process ends)
+                dead_now = i in asked and (
+                    not _alive(handed[i].info.pid) or hung_up(handed[i].sock)
+                )
+                gate = (
+                    _gate_after_death(directory, i, handed[i].info.pid, meta_digest)
+                    if dead_now else False
+                )  # fmt: skip
+                if gate is None and not committed:
+                    unread.append(i)
+                    raise InDoubtError(f"enclave {i} died inside its commit: {exc}") from exc
+                if gate:
+                    # Its gate committed, its answer died with it: the checkpoint holds
+                    # its state (the commit point passed), and the rest commit too.
+                    committed.append(i)
+                    continue
+                if gate is False and dead_now:
+                    refused.add(i)  # (dead, its gate read pending: it never committed)
                 if not committed:
                     raise  # nothing given up yet: CRIU resumes the tree (unfenced below)
                 # Some enclaves gave their state up already: going back is impossible.
@@ -169,6 +198,16 @@ def checkpoint(
                 notify=post_dump,
             )
         except BaseException as exc:
+            if unread and not committed:
+                # Its gate may have committed: the files and the fence stay, the
+                # others keep their state (each holds a duplicate of its connection).
+                raise InDoubtError(
+                    f"enclave(s) {', '.join(map(str, unread))} died after they were sent "
+                    "their commit, and their gates could not be read (name the platform "
+                    "service: $MIGSGX_PLATFORM_SOCKET): the source stays stopped and the "
+                    f"files stay; run: migsgx recover --checkpoint {directory} "
+                    "--platform-socket SOCK"
+                ) from exc
             if not committed:
                 for fenced_pid in fenced:
                     with contextlib.suppress(ProcessLookupError):
@@ -186,12 +225,14 @@ def checkpoint(
                     if path.name != JOURNAL:
                         with contextlib.suppress(OSError):
                             path.unlink()
-                write_journal(directory, "aborted", holders=[])
-                said = _not_saved(exc, pid) if isinstance(exc, Exception) else exc
                 lost = [
                     LostEnclave.of(i, h.info) for i, h in enumerate(handed)
-                    if i not in asked and dead(h.info.pid)
+                    if (i not in asked or i in refused) and dead(h.info.pid)
                 ]  # fmt: skip
+                # (``source_lost``: ``migsgx recover --checkpoint --json`` names them)
+                named = {"source_lost": [e.to_dict() for e in lost]} if lost else {}
+                write_journal(directory, "aborted", holders=[], **named)
+                said = _not_saved(exc, pid) if isinstance(exc, Exception) else exc
                 if lost and isinstance(exc, Exception) and not isinstance(said, SourceGoneError):
                     # Nothing saved, the source runs, but not as before: exit 11.
                     raise lost_error(lost, "the checkpoint", exc) from exc
@@ -233,6 +274,27 @@ def _race_an_abort(pending: list[CheckpointOut]) -> None:
         with contextlib.suppress(MigSGXError, OSError):
             out.link.call("__mig_abort", "the tool died")
     os._exit(70)
+
+
+def _gate_after_death(directory: Path, index: int, pid: int, meta: bytes) -> bool | None:
+    """Whether enclave ``index``'s gate committed; its process ``pid`` died after it
+    was sent its commit.  None: the gate cannot be read.
+
+    Read once every thread of it ended, through a fresh enclave of its image
+    (the gate's record, under the store's lock): final, since its platform
+    service refuses for good a request whose enclave hung up before the write.
+    """
+
+    if not wait_ended(pid):
+        return None
+    try:
+        sock = default_platform_socket(None)
+        CheckpointIn(directory, index, sock, meta).probe()
+    except CheckpointGateError:
+        return False  # (pending, or gone: never committed)
+    except (MigSGXError, OSError):
+        return None
+    return True
 
 
 def _alive(pid: int) -> bool:

@@ -12,6 +12,11 @@ Phases: ``writing`` (the enclaves write their state; CRIU has not finished),
 ``committed`` (every enclave gave its state up), ``done`` (the checkpoint tool
 ended well), ``aborted`` (rolled back: the source runs on, nothing restores),
 ``restoring`` (a restore started; it may consume the gates), ``restored``.
+
+``source_lost``: the source enclaves found dead before their gates committed
+(their state is gone), each as ``migsgx recover --json`` names a migration's
+(``lost_enclaves``: index, MRENCLAVE, pid, ``migration_id`` empty); written by
+the tool (exit 11) and by whoever resolves the checkpoint (:func:`note_lost`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ __all__ = [
     "HELD",
     "JOURNAL",
     "MAX_CHECKPOINT_ENCLAVES",
+    "lost_of",
+    "note_lost",
     "read_journal",
     "remove_fenced_source",
     "remove_held_leftover",
@@ -85,6 +92,52 @@ def write_journal(directory: Path, phase: str, **fields: Any) -> None:
     data = read_journal(directory) or {}
     data.update(fields, phase=phase, tool_pid=os.getpid(), tool_start=start_time(os.getpid()))
     write_durably(directory / JOURNAL, (json.dumps(data, sort_keys=True) + "\n").encode())
+
+
+def lost_of(journal: dict[str, Any]) -> list[dict[str, Any]]:
+    """The journal's ``source_lost`` entries that have the shape it writes."""
+
+    found = journal.get("source_lost")
+    return [
+        e for e in (found if isinstance(found, list) else [])
+        if isinstance(e, dict) and non_negative_int(e.get("index"), MAX_CHECKPOINT_ENCLAVES)
+        and isinstance(e.get("mr_enclave"), str) and non_negative_int(e.get("pid"), 1 << 31)
+        and isinstance(e.get("migration_id"), str)
+    ]  # fmt: skip
+
+
+def note_lost(directory: Path, journal: dict[str, Any], indices: list[int]) -> list[dict[str, Any]]:
+    """``source_lost`` with the enclaves ``indices`` added (their pid from the journal's
+    ``holders``, their MRENCLAVE from their image in the checkpoint, read before its
+    files go): what the resolution writes back."""
+
+    named = {e["index"]: e for e in lost_of(journal)}
+    holders = journal.get("holders")
+    holders = holders if isinstance(holders, list) else []
+    for index in indices:
+        if index in named or not non_negative_int(index, MAX_CHECKPOINT_ENCLAVES):
+            continue
+        item = holders[index] if index < len(holders) else None
+        pid = item[0] if isinstance(item, list) and item else 0
+        pid = pid if non_negative_int(pid, 1 << 31) else 0
+        named[index] = {"index": index, "mr_enclave": _measure(directory, index), "pid": pid,
+                        "migration_id": ""}  # fmt: skip
+    return [named[i] for i in sorted(named)]
+
+
+def _measure(directory: Path, index: int) -> str:
+    """MRENCLAVE (hex) of enclave ``index``'s image in the checkpoint; "" if unreadable."""
+
+    import cbor2
+
+    from ..errors import ImageError
+    from ..sgx.image import EnclaveImage
+
+    try:
+        files = cbor2.loads((Path(directory) / f"enclave-{index}.image").read_bytes())
+        return EnclaveImage.from_files(files).measure().hex()
+    except (OSError, ValueError, TypeError, AttributeError, ImageError, cbor2.CBORDecodeError):
+        return ""
 
 
 def remove_fenced_source(meta: dict[str, object]) -> None:

@@ -54,6 +54,8 @@ from .ckpt_journal import (
     CHECKPOINT_META,
     JOURNAL,
     MAX_CHECKPOINT_ENCLAVES,
+    lost_of,
+    note_lost,
     read_journal,
     remove_fenced_source,
     remove_held_leftover,
@@ -194,8 +196,23 @@ def resolve_checkpoint(
     hold no duplicate any more.  ``held``: the source enclaves' connections the
     caller holds (the guardian's), for a roll-forward.  A live guardian is
     waited for (up to ``GUARDIAN_WAIT``): it resolves the checkpoint by this
-    same function.
+    same function.  The resolution names the source enclaves that died before
+    their gates committed (``lost_enclaves``: the journal's ``source_lost``, as
+    the tool, a guardian or this function found them).
     """
+
+    result = _resolve(directory, platform_socket, aborted=aborted, held=held)
+    result.lost_enclaves = lost_of(read_journal(Path(directory)) or {})
+    return result
+
+
+def _resolve(
+    directory: Path,
+    platform_socket: Path | None,
+    *,
+    aborted: bool,
+    held: list[socket.socket] | None,
+) -> Resolution:
 
     directory = Path(directory)
     deadline = time.monotonic() + GUARDIAN_WAIT
@@ -292,12 +309,17 @@ def resolve_checkpoint(
     socks = _all_or_none(journal.get("holders") if journal else None, taken)
     runs = _continue_source(journal or meta)
     lost = len(socks) - len(taken)
+    # Nothing committed: an enclave of it that died took its state with it (named).
+    recorded = journal.get("holders") if journal else None
+    dead = dead_holders(recorded) if isinstance(recorded, list) and runs else []
+    named = note_lost(directory, journal, dead) if journal is not None and dead else []
     handed = _hand_back(journal or {}, socks, runs)
     if lost:
         handed += f"; {lost} enclave(s) died undecided: their state is lost"
     _remove_files(directory)
     if journal is not None:
-        write_journal(directory, "aborted", holders=[])  # (their numbers may be reused now)
+        # (their numbers may be reused now)
+        write_journal(directory, "aborted", holders=[], **({"source_lost": named} if named else {}))
     if runs:
         return Resolution(name, phase, "abort", "stayed", "the source runs on" + handed)
     gone = "the source is gone too: its enclave state went with it"

@@ -14,13 +14,20 @@ guardian, ``recover`` or the tool found dead in the same form
 
 A dead enclave counts as lost only where it cannot have committed: it was
 never sent ``__mig_commit`` (alive when asked, or dead before), or its host's
-platform store records no COMMIT of its migration id.  One that may have
-committed is the in-doubt path's business, never this.
+platform store, read once its process ended, records no COMMIT of its
+migration id.  That reading is final: the platform service refuses, under the
+store's lock, any request of an enclave whose channel hung up, and the reader
+takes the same lock after every thread of the enclave ended (so its channel
+had hung up); a COMMIT whose write began before is there, one that had not
+begun never will be (``docs/spec/commit.md``, section 5).  One that did
+commit is the in-doubt path's business, never this.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +38,14 @@ import cbor2
 from .. import _proc
 from ..errors import MigSGXError, SourceEnclaveLostError
 
-__all__ = ["LostEnclave", "committed_in_store", "dead", "lost_error", "lost_in_journal"]
+__all__ = [
+    "LostEnclave", "committed_in_store", "dead", "ended", "lost_error", "lost_in_journal",
+    "wait_ended",
+]  # fmt: skip
+
+#: How long a reader waits for a dying enclave's last thread to end (it takes
+#: milliseconds: its connection closed as its files did).
+END_WAIT = 5.0
 
 
 if TYPE_CHECKING:
@@ -82,12 +96,53 @@ def dead(pid: int) -> bool:
     return not _proc.alive(pid)
 
 
-def committed_in_store(platform_state: Path, migration_id: bytes) -> bool | None:
+def ended(pid: int) -> bool:
+    """Whether every thread of the process ``pid`` is past its exit (so every file it
+    held is closed): gone, or a zombie whose other threads ended too.
+
+    A zombie is not enough: its first thread may have exited while others still
+    run and hold its files (the platform channel among them).
+    """
+
+    fields = _proc.stat(pid)
+    if fields is None:
+        return True
+    if fields[_proc.STATE] not in ("Z", "X"):
+        return False
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) <= 1
+    except OSError:
+        return True
+
+
+def wait_ended(pid: int, timeout: float = END_WAIT) -> bool:
+    """Wait (polled) until :func:`ended`; whether it did within ``timeout``."""
+
+    deadline = time.monotonic() + timeout
+    while not ended(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def committed_in_store(
+    platform_state: Path, migration_id: bytes, pid: int | None = None
+) -> bool | None:
     """Whether this host's platform store records a COMMIT of ``migration_id``;
-    None when the store cannot be read (read from its file: the service need not run)."""
+    None when the store cannot be read (read from its file: the service need not run).
+
+    Read under the store's lock, as the platform service writes.  ``pid``: the
+    enclave process that may have sent it, which died: read only once every
+    thread of it ended (None if it does not within :data:`END_WAIT`), so that
+    its platform channel had hung up and the answer is final (a decision it
+    sent whose write had not begun is refused for good).
+    """
 
     from ..sgx.counters import COUNTERS, CounterStore  # (only once an enclave died)
 
+    if pid is not None and not wait_ended(pid):
+        return None
     try:
         decision = CounterStore(platform_state / COUNTERS).decision(migration_id)
     except (MigSGXError, OSError, ValueError):

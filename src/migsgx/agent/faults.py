@@ -86,6 +86,12 @@ POINTS: Final = frozenset(
         # A platform store's first user found none and writes it now (``wait-file`` only;
         # read by :mod:`migsgx.sgx.store_file` itself, below this module).
         "counters.before-create",
+        # The platform service received an enclave's COMMIT (a decision, or a lone
+        # checkpoint gate's commit) and has not written it; ``after``: written, not yet
+        # answered.  ``kill-enclave`` only: it SIGKILLs that enclave and goes on once its
+        # channel hung up (read by :mod:`migsgx.sgx.service_requests` itself).
+        "platform.before-commit",
+        "platform.after-commit",
         "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
         "ckpt.between-commits",  # checkpoint: one enclave's gate committed, the next not yet

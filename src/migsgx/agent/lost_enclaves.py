@@ -22,6 +22,22 @@ from ..errors import MigSGXError
 __all__ = ["hung_up", "no_commit", "note_lost"]
 
 
+def _settled(holders: list[object]) -> bool:
+    """Whether every recorded enclave process that is dying (in its exit, a zombie, or
+    a SIGKILL pending) has ended; waited for (bounded) first."""
+
+    from .enclave_loss import wait_ended
+    from .faults import dying
+
+    for item in holders:
+        pid = item[0] if isinstance(item, list) and item else None
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            continue
+        if dying(pid) and not wait_ended(pid):
+            return False
+    return True
+
+
 def note_lost(journals: list[str], gone: list[int]) -> None:
     """Record the dead enclaves (``source_lost``): every ABORT delivery names them."""
 
@@ -55,7 +71,10 @@ def no_commit(journals: list[str]) -> bool:
     Then an enclave that died without answering cannot have committed (its
     decision is written before its token exists), so the others, aborted, may
     go back to the application: the dead one's connection reaches end of file
-    there, as a crash of that enclave outside a migration would.
+    there, as a crash of that enclave outside a migration would.  Read once
+    every recorded enclave process that is dying ended (its platform channel
+    hung up): a COMMIT it sent whose write had not begun is refused for good
+    then, so the reading is final (``docs/spec/commit.md``, section 5).
     """
 
     from .journal import Journal  # lazy: the guardian starts fast and imports little
@@ -67,6 +86,8 @@ def no_commit(journals: list[str]) -> bool:
         path = Path(name)
         try:
             journal = Journal.load(path)
+            if not _settled(journal.holders):
+                return False
             decisions = decisions_of(path.parent.parent.parent, journal.enclave_mids)
         except (MigSGXError, OSError, ValueError):
             return False

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+from pathlib import Path
 from typing import Any
 
 from .. import _proc
@@ -17,8 +18,10 @@ from .._trace import step
 from ..errors import InDoubtError, LostAfterCommitError, MigSGXError, SourceLostError
 from .control import CONNECT_TIMEOUT
 from .datalink import open_data
+from .enclave_loss import committed_in_store
 from .faults import fault, firewall_drop
 from .handback import abort_enclave, let_go
+from .lost_enclaves import hung_up
 from .protocol import PastCommitError, RefusedError
 from .source_enclaves import _EnclaveSteps
 from .source_state import _Transfer
@@ -170,6 +173,17 @@ class _DecisionSteps(_EnclaveSteps):
                 transfer.asked_to_commit = _proc.alive(transfer.handed.info.pid)
                 transfer.outgoing.decide()
             except MigSGXError as exc:
+                if not self.committed and self._commit_outlived(transfer):
+                    # Its COMMIT was written and its answer died with it: that was
+                    # the commit point.  The store holds the token for the destination.
+                    self.committed = True
+                    if self.journal is not None:
+                        self.journal.update(phase="committed")
+                    raise InDoubtError(
+                        f"enclave {transfer.handed.index} died inside its commit, after its "
+                        f"COMMIT was recorded ({exc}): the decision stands and the source stays "
+                        "stopped; the guardian delivers it (or run migsgx recover)"
+                    ) from exc
                 if not self.committed:
                     raise  # nothing was decided: roll back
                 # Some enclaves committed, this one did not: neither way is whole.
@@ -180,6 +194,24 @@ class _DecisionSteps(_EnclaveSteps):
             self.committed = True
             if self.journal is not None:
                 self.journal.update(phase="committed")
+
+    def _commit_outlived(self, transfer: _Transfer) -> bool:
+        """Whether ``transfer``'s enclave, sent ``__mig_commit`` and then dead, may have
+        recorded its COMMIT: the store, read once its process ended, holds one, or
+        cannot be read.  An enclave that lives answered for itself (False)."""
+
+        mid = transfer.outgoing.migration_id if transfer.outgoing is not None else b""
+        pid = transfer.handed.info.pid
+        if not transfer.asked_to_commit or not mid:
+            return False
+        if _proc.alive(pid) and not hung_up(transfer.handed.sock):
+            return False  # (it answered: an enclave closes its connection only as it ends)
+        return committed_in_store(self._platform_state(), mid, pid) is not False
+
+    def _platform_state(self) -> Path:
+        """This host's platform state directory (its store: the decisions)."""
+
+        return self.opts.identity.directory.parent
 
     def _source_lost(self, exc: MigSGXError) -> None:
         self._end_source()
@@ -205,9 +237,10 @@ class _DecisionSteps(_EnclaveSteps):
         """Indices of the enclaves whose source enclave died undecided (the agent's
         ``abort`` says so: their copies end instead of staying held for good)."""
 
+        state = self._platform_state()
         return [
             i for i, (transfer, frame) in enumerate(zip(self.transfers, frames, strict=True))
-            if _undecided_and_gone(transfer, frame, self.committed)
+            if _undecided_and_gone(transfer, frame, self.committed, state)
         ]  # fmt: skip
 
     def _roll_back(self, cause: BaseException, *, source_gone: bool = False) -> None:
@@ -289,20 +322,28 @@ class _DecisionSteps(_EnclaveSteps):
             self.journal.update(holders=[], **({"phase": "done"} if kept_nothing else {}))
 
 
-def _undecided_and_gone(transfer: _Transfer, frame: bytes, committed: bool) -> bool:
+def _undecided_and_gone(
+    transfer: _Transfer, frame: bytes, committed: bool, platform_state: Path
+) -> bool:
     """Whether ``transfer``'s source enclave died without a decision it could ever make.
 
     No ABORT frame came back, its process is gone, no enclave of the migration
-    committed, and it was never sent ``__mig_commit`` (only that, or a group that
-    committed, makes an enclave decide COMMIT): no COMMIT token of it exists or
-    can exist, so the destination's loaded copy can never run (window W1).
+    committed, and either it was never sent ``__mig_commit`` (only that, or a
+    group that committed, makes an enclave decide COMMIT), or it was and died
+    inside it and the store, read once its process ended, holds no COMMIT of it
+    (its platform service refuses for good a request whose enclave hung up:
+    ``docs/spec/commit.md``, section 5).  No COMMIT token of it exists or can
+    exist, so the destination's loaded copy can never run (window W1).
     """
 
-    if frame or committed or transfer.asked_to_commit or transfer.outgoing is None:
+    if frame or committed or transfer.outgoing is None:
         return False
-    if not transfer.outgoing.migration_id:
+    mid, pid = transfer.outgoing.migration_id, transfer.handed.info.pid
+    if not mid:
         return False  # (no handshake: nothing waits on the destination)
-    return not _proc.alive(transfer.handed.info.pid)
+    if _proc.alive(pid):
+        return False
+    return not transfer.asked_to_commit or committed_in_store(platform_state, mid, pid) is False
 
 
 def _token_fault(transfer: _Transfer, action: str | None) -> bytes | None:

@@ -17,6 +17,13 @@ same file, so that a claim and the install it allows are one write.
 
 This is the layer below :class:`~migsgx.sgx.counters.CounterStore`, which adds
 the migration decisions.
+
+A store operation made for an enclave whose channel hung up is refused under
+the store's lock (:func:`for_requester`): a write that began before the
+hang-up is made, one that had not is refused for good, since that enclave can
+never ask again.  So whoever reads the store (under the same lock) once the
+enclave's process ended reads what will always be there (``docs/spec/commit.md``,
+section 5).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import hashlib
 import re
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +43,7 @@ from .._fs import read_private, write_private
 from ..errors import (
     ClaimedBeforeError,
     CounterError,
+    EnclaveLostError,
     MigrationRefusedError,
     RecordConflictError,
     StoreFullError,
@@ -94,6 +102,43 @@ def _entries_sound(
         )
         and all(isinstance(c, bytes) for c in claims)
     )
+
+
+#: The request this thread serves: its enclave's ``gone`` check (:func:`for_requester`).
+_requester = threading.local()
+
+
+@contextlib.contextmanager
+def for_requester(gone: Callable[[], bool]) -> Iterator[None]:
+    """Store operations of this thread, inside, serve an enclave that ``gone`` watches.
+
+    Each checks ``gone()`` right after it took the store's lock and, if it is
+    true, changes nothing and raises :class:`EnclaveLostError`.  The platform
+    service serves every request of an enclave so (``gone``: its channel hung
+    up), so that a decision the enclave sent and died before it was written is
+    never written afterwards: the death came first, and every reader that
+    takes the lock after it reads the store's last word on that enclave.
+    """
+
+    _requester.gone = gone
+    try:
+        yield
+    finally:
+        _requester.gone = None
+
+
+class _RequesterLock(_FileLock):
+    """The store's lock, refusing the operation of a requester that is gone."""
+
+    def __enter__(self) -> None:
+        super().__enter__()
+        gone = getattr(_requester, "gone", None)
+        if gone is not None and gone():
+            self.__exit__(None, None, None)
+            raise EnclaveLostError(
+                "the enclave hung up its platform channel before this request reached "
+                "the store: refused for good (it can never ask again)"
+            )
 
 
 def _record_key(owner: bytes, name: str) -> str:
@@ -161,7 +206,7 @@ class _RecordStore:
         write_private(self._path, cbor2.dumps(data))
 
     def _locked(self) -> _FileLock:
-        return _FileLock(self._lock, self._lock_path)
+        return _RequesterLock(self._lock, self._lock_path)
 
     def create(self, owner: bytes, initial: int = 0) -> tuple[str, int]:
         if not 0 <= initial <= COUNTER_MAX:

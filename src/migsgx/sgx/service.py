@@ -46,7 +46,7 @@ from .listener import (
 )
 from .platform import EmulatedPlatform, LocalServices
 from .sandbox import SandboxSpec, launcher_command, runtime_binds
-from .service_requests import answer
+from .service_requests import reply_to
 from .structs import ReportBody
 
 __all__ = ["SOCKET_DIR", "SOCKET_NAME", "EnclaveRecord", "PlatformService", "default_socket",
@@ -354,17 +354,9 @@ class PlatformService:
                     break
                 except MigSGXError:
                     break
-                try:
-                    value = answer(svc, msg)
-                    reply: dict[str, Any] = {"t": "ok", "value": value}
-                except MigSGXError as exc:
-                    reply = {"t": "err", "code": exc.code, "message": exc.message}
-                except Exception as exc:
-                    reply = {
-                        "t": "err",
-                        "code": "platform",
-                        "message": f"platform request failed: {type(exc).__name__}",
-                    }
+                # (its store operations are refused once the enclave hung up: a COMMIT
+                # it sent and died before it was written is never written afterwards)
+                reply = reply_to(svc, msg, sock, rec.pid)
                 try:
                     send_frame(sock, reply)
                 except OSError:
