@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from migsgx.agent.faults import flipping_relay
+from migsgx.agent.fault_relays import flipping_relay
 
 SIZE = 32 << 20  # more than the kernel's buffers both ways hold
 OFFSET = 1 << 20

@@ -182,10 +182,12 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     ),
     # One incoming migration, each layer a subclass of the one below it: its state and
     # data, the hand-over, the decisions, the tree, the requests without the tool.
+    "migsgx.agent.fault_relays": frozenset({"migsgx.agent.faults"}),
     "migsgx.agent.incoming_data": frozenset(
         {
             "migsgx.agent.config",
             "migsgx.agent.datalink",
+            "migsgx.agent.fault_relays",
             "migsgx.agent.faults",
             "migsgx.agent.lazy",
             "migsgx.agent.protocol",

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migsgx.agent.faults import tampering_relay
+from migsgx.agent.fault_relays import tampering_relay
 from migsgx.core.pagestream import (
     DOWN,
     HEADER_SIZE,

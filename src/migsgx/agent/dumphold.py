@@ -1,7 +1,7 @@
 """Fault injection: an enclave stream that fails while an engine's CRIU writes the pages.
 
 ``tool.enclave-stream:flip-byte-in-dump=N`` flips one bit of byte N of an
-enclave stream (:func:`~.faults.flipping_relay`) and lets the damaged byte go on
+enclave stream (:func:`~.fault_relays.flipping_relay`) and lets the damaged byte go on
 only once the dump's CRIU wrote :data:`PAGES_WRITTEN` of pages (into whatever
 pages image it has open).  Left at that, the failure races the rest of CRIU's
 dump: the destination enclave must refuse the chunk, the source hear it and

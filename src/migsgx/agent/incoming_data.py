@@ -31,7 +31,8 @@ from ..errors import MigSGXError, ProtocolError
 from ..host.client import EnclaveInfo
 from .config import AgentHost
 from .datalink import KEY_SIZE, accept_data, check_pinned
-from .faults import cutting_relay, fault, firewall_drop, kill_dead, socket_owner, tampering_relay
+from .fault_relays import cutting_relay, firewall_drop, tampering_relay
+from .faults import fault, kill_dead, socket_owner
 from .lazy import Window
 from .protocol import MAX_ENCLAVES, AgentError, SessionMachine, plain_stats
 

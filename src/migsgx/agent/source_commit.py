@@ -19,7 +19,8 @@ from ..errors import InDoubtError, LostAfterCommitError, MigSGXError, SourceLost
 from .control import CONNECT_TIMEOUT
 from .datalink import open_data
 from .enclave_loss import committed_in_store
-from .faults import fault, firewall_drop
+from .fault_relays import firewall_drop
+from .faults import fault
 from .handback import abort_enclave, let_go
 from .lost_enclaves import hung_up
 from .protocol import PastCommitError, RefusedError

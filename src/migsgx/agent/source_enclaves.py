@@ -25,7 +25,8 @@ from .ckpt_journal import start_time
 from .control import CONNECT_TIMEOUT
 from .datalink import open_data
 from .dumphold import MidDumpHold
-from .faults import fault, flipping_relay
+from .fault_relays import flipping_relay
+from .faults import fault
 from .protocol import plain_stats
 from .redeliver import HeldEnclave
 from .source_state import _MigrationState, _Transfer

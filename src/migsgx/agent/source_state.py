@@ -37,7 +37,8 @@ from ..system.process import process_state
 from . import preflight
 from .applink import AppLink, HandedEnclave
 from .control import AgentConnection
-from .faults import connection_fault, dying, fault, kill_dead, socket_owner
+from .fault_relays import connection_fault
+from .faults import dying, fault, kill_dead, socket_owner
 from .guardian import Guardian
 from .imageroom import resident_bytes
 from .journal import Journal
