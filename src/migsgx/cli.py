@@ -11,16 +11,12 @@ import math
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from .cli_output import emit as _emit
 from .errors import ConfigError, ImageError, MigSGXError
-from .sgx.tcb_status import TCB_STATUSES
-
-if TYPE_CHECKING:
-    from .sgx.collateral import Collateral
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -81,86 +77,6 @@ def cli() -> None:
 
 
 # --- ca ----------------------------------------------------------------------------
-@cli.group()
-def ca() -> None:
-    """The provisioning CA all hosts of a deployment trust."""
-
-
-@ca.command("init")
-@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
-def ca_init(directory: Path) -> None:
-    """Create a new provisioning CA in DIR."""
-
-    from cryptography.hazmat.primitives import hashes
-
-    from .sgx.ca import ProvisioningCA
-
-    authority = ProvisioningCA.init(directory)
-    fp = authority.certificate.fingerprint(hashes.SHA256())
-    _emit({"ca": str(directory), "fingerprint_sha256": fp.hex()})
-
-
-def _collateral_summary(collateral: Collateral) -> dict[str, object]:
-    from .sgx.collateral import iso  # (X.509: only the commands that need it import it)
-
-    start, end = collateral.validity()
-    doc = collateral.tcb_info_document
-    levels = doc.get("tcbLevels", [])
-    return {
-        "issued": iso(start),
-        "next_update": iso(end),
-        "tcb_levels": {
-            str(lv["tcb"]["sgxtcbcomponents"][0]["svn"]): lv["tcbStatus"]
-            for lv in levels
-            if isinstance(lv, dict)
-        }
-        if isinstance(levels, list)
-        else {},
-    }
-
-
-@ca.command("publish")
-@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
-@click.option("--valid-days", type=click.IntRange(min=1), default=30, show_default=True)
-def ca_publish(directory: Path, valid_days: int) -> None:
-    """Sign fresh collateral (TCB info, QE identity, CRLs) into DIR/collateral.json."""
-
-    import datetime as dt
-
-    from .sgx.ca import ProvisioningCA
-    from .sgx.pcs import publish
-
-    collateral = publish(ProvisioningCA.load(directory), valid_for=dt.timedelta(days=valid_days))
-    _emit({"ca": str(directory), **_collateral_summary(collateral)})
-
-
-@ca.command("revoke")
-@click.argument("host_id")
-@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
-def ca_revoke(host_id: str, directory: Path) -> None:
-    """Revoke HOST_ID's PCK certificate and republish the collateral."""
-
-    from .sgx.ca import ProvisioningCA
-    from .sgx.pcs import revoke_host
-
-    collateral = revoke_host(ProvisioningCA.load(directory), host_id)
-    _emit({"ca": str(directory), "revoked": host_id, **_collateral_summary(collateral)})
-
-
-@ca.command("tcb")
-@click.argument("level", type=click.IntRange(0, 255))
-@click.argument("status", type=click.Choice(TCB_STATUSES))
-@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
-def ca_tcb(level: int, status: str, directory: Path) -> None:
-    """Add TCB LEVEL or give it STATUS (a TCB recovery), and republish the collateral."""
-
-    from .sgx.ca import ProvisioningCA
-    from .sgx.pcs import set_level
-
-    collateral = set_level(ProvisioningCA.load(directory), level, status)
-    _emit({"ca": str(directory), **_collateral_summary(collateral)})
-
-
 # --- platform ------------------------------------------------------------------------
 @cli.group()
 def platform() -> None:
@@ -446,9 +362,11 @@ register_agent(cli)
 register_migration(cli)
 register_lab(cli)
 
+from .cli_ca import ca  # noqa: E402
 from .cli_inspect import inspect_command  # noqa: E402
 from .cli_platform import platform_status  # noqa: E402
 
+cli.add_command(ca)
 cli.add_command(inspect_command)
 platform.add_command(platform_status)
 

@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("migsgx.lab",),  # harness: testbed, container lab, netns, demo, bench
     ("migsgx.cli_output", "migsgx.cli_options"),
     ("migsgx.cli_agent", "migsgx.cli_migrate", "migsgx.cli_lab", "migsgx.cli_inspect"),
-    ("migsgx.cli_platform",),
+    ("migsgx.cli_platform", "migsgx.cli_ca"),
     ("migsgx.cli",),
     ("migsgx.__main__",),
 )
