@@ -48,7 +48,7 @@ from .precopy import RoundReport
 from .protocol import plain_stats
 from .tls import AgentIdentity
 
-__all__ = ["MigrateOptions", "MigrationOutcome", "keeps_tcp"]
+__all__ = ["PREFAULT_TREE_MAX", "MigrateOptions", "MigrationOutcome", "keeps_tcp"]
 
 log = logging.getLogger("migsgx.migrate")
 
@@ -57,6 +57,10 @@ log = logging.getLogger("migsgx.migrate")
 #: (``runc``, ``podman``, ``containerd``: the engine's record of the source, which a
 #: committed source's end removes: :mod:`migsgx.containers.engine_notes`)
 UNDO_NOTES: Final = frozenset({"criu", "netup", "thaw", "ungate"}) | ENGINE_NOTES
+
+#: ``MigrateOptions.prefault_ahead`` unset: the destination enclaves fault the source's
+#: memory in before the freeze for a container whose own resident memory is at most this.
+PREFAULT_TREE_MAX: Final = 256 << 20
 
 Progress = Callable[[str], None]
 
@@ -104,12 +108,10 @@ class MigrateOptions:
     #: less nice).
     criu_nice: int = 0
     #: The offers carry each source enclave's memory in use, which the destination
-    #: enclaves fault in from their launch on (False: they fault it in as it loads).
-    #: Off: paired beside CRIU's dump at 1 GiB it did not pay (total time without /
-    #: with 0.95 and 0.97 at the median of two invocations), since the freeze follows
-    #: the handshake at once and the faulting then competes with the dump
-    #: (docs/benchmarks.md, "Less CPU per GiB in the frozen window").
-    prefault_ahead: bool = False
+    #: enclaves fault in before the freeze (False: as it loads).  None: ahead for a
+    #: container whose memory is at most PREFAULT_TREE_MAX, no dump of size beside the
+    #: enclave streams (docs/benchmarks.md, "Containers with the new defaults").
+    prefault_ahead: bool | None = None
     #: With enclaves (not post-copy): CRIU's images go and the destination restores
     #: the tree (held, stopped) while the enclave streams still load; the join, the
     #: fence and the commit follow.  False: the enclaves first, as before
@@ -140,6 +142,8 @@ class _MigrationState:
 
     def __init__(self, opts: MigrateOptions) -> None:
         self.opts = opts
+        #: ``opts.prefault_ahead``, decided by the tree's memory at ``begin`` when None.
+        self.prefault_ahead = bool(opts.prefault_ahead)
         self.t: dict[str, float] = {"start": time.monotonic()}
         self.stats: dict[str, Any] = {}
         self.transfers: list[_Transfer] = []
@@ -224,7 +228,9 @@ class _MigrationState:
         if self.driver.name != "pid":
             begin.update(driver=self.driver.name, target=self.source.target)
         begin.update(preflight.announce(self.driver.name, self.source, pids))
-        begin["memory_bytes"] = resident_bytes(pids)
+        memory = begin["memory_bytes"] = resident_bytes(pids)
+        if self.opts.prefault_ahead is None:  # (measured for containers: their default)
+            self.prefault_ahead = self.driver.name != "pid" and memory <= PREFAULT_TREE_MAX
         if not self.page_server:
             begin["page_server"] = False
         if self.opts.post_copy:
@@ -366,6 +372,7 @@ class _MigrationState:
             "image_bytes": self.image_bytes,
             # Where the destination received CRIU's images ("tmpfs": RAM; "" if unsaid).
             "destination_images_fs": self.destination_images_fs,
+            "prefault_ahead": self.prefault_ahead,  # (decided at begin when not asked)
             "restored_pid": self.restored_pid,
             # The control protocol version the agent and this tool agreed on.
             "protocol_version": self.control.version if self.control is not None else 0,
