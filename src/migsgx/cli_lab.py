@@ -137,6 +137,13 @@ def bench_process(
 @click.option("--live", is_flag=True,
               help="runc: also migrate with --live, its memory frozen (--no-post-copy) "
               "and by post-copy, the app holding SIZE of ordinary memory too")  # fmt: skip
+@click.option("--ab-prefault", is_flag=True,
+              help="A/B: each run also migsgx with --prefault-ahead")  # fmt: skip
+@click.option("--ab-no-prefault", is_flag=True,
+              help="A/B: each run also migsgx with --no-prefault-ahead")  # fmt: skip
+@click.option("--ab-images-ram", is_flag=True,
+              help="A/B: each run also migsgx with the destination's images in RAM "
+              "(agent serve --images-in-ram)")  # fmt: skip
 def bench_container(
     engine: str,
     enclave_size: str,
@@ -145,12 +152,17 @@ def bench_container(
     as_json: bool,
     keep: Path | None,
     live: bool,
+    ab_prefault: bool,
+    ab_no_prefault: bool,
+    ab_images_ram: bool,
 ) -> None:
     """Container migration with enclaves against the engine's own checkpoint/restore."""
 
     from .lab.bench.container import LIVE_KINDS, plot, run
 
-    result = run(engine, parse_size(enclave_size), keep=keep, repeat=repeat, live=live)
+    arms = {"prefault": ab_prefault, "no_prefault": ab_no_prefault, "images_ram": ab_images_ram}
+    ab = tuple(name for name, on in arms.items() if on)
+    result = run(engine, parse_size(enclave_size), keep=keep, repeat=repeat, live=live, ab=ab)
     if plot_path is not None:
         plot(result, plot_path)
     if as_json:

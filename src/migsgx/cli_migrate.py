@@ -147,9 +147,10 @@ def recover_command(
 @click.option("--criu-nice", type=click.IntRange(-19, 19), default=0, show_default=True,
               help="run CRIU's dump this much nicer than the enclave streams beside it "
               "(negative: CRIU first)")  # fmt: skip
-@click.option("--prefault-ahead/--no-prefault-ahead", default=False, show_default=True,
+@click.option("--prefault-ahead/--no-prefault-ahead", default=None,
               help="destination enclaves fault in the source's memory size from their "
-              "launch on, and the freeze waits for it; or only as the state arrives")  # fmt: skip
+              "launch on, and the freeze waits for it; or only as the state arrives "
+              "(default: ahead for a container holding at most 256 MiB itself)")  # fmt: skip
 @click.option("--overlap-restore/--no-overlap-restore", default=True, show_default=True,
               help="the destination restores the tree (held, stopped) while the enclaves "
               "still load; or only once every enclave LOADED")  # fmt: skip
@@ -178,7 +179,7 @@ def migrate_command(
     early_handshake: bool,
     page_relay: bool,
     criu_nice: int,
-    prefault_ahead: bool,
+    prefault_ahead: bool | None,
     overlap_restore: bool,
 ) -> None:
     """Migrate process PID, or a container, with its enclaves to the agent at --to.

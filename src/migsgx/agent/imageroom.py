@@ -17,20 +17,36 @@ default.
 
 RAM only with room: a tmpfs holds its pages until the files go (there is no
 swap to push them to, and they cannot be written back as a disk's dirty pages
-can), and the restore that reads them allocates as much again for the tree.
+can), and the restore that reads them allocates the tree's memory meanwhile.
 So the file system's free space and the memory available must both exceed
-twice what the source announced in ``begin`` (``memory_bytes``: the resident
-anonymous and shared memory of its tree, about its pages; untrusted: a lie
-only moves the images between RAM and the work directory), plus the memory
-the destination enclaves allocate (the ``memory_size`` of each enclave that
-``begin`` announces: their runtimes take it on this host while the images
-sit in RAM), plus a margin; else the images go to the work directory, and
-the log says why.  A tool of control protocol version 1 announces no
-``memory_bytes``: with nothing to check the room against, its images go to
-the work directory.  With
-``--keep-images`` they always do (kept files belong on the disk).  The
-session's records (:mod:`.held`) stay in the work directory in every case: a
-restarted agent finds them there.
+what the restore holds at its peak (:func:`room_needed`): the images, as
+many times over as the driver copies them before its engine reads them
+(:data:`IMAGE_COPIES`: podman's archive is unpacked and packed again), and
+the tree restored from them, counted from what the source announced in
+``begin`` (``memory_bytes``: the resident anonymous and shared memory of its
+tree, and its locked memory once more; untrusted: a lie only moves the images
+between RAM and the work directory), plus the memory the destination
+enclaves allocate (the ``memory_size`` of each enclave that ``begin``
+announces: their runtimes take it on this host while the images sit in RAM),
+plus a margin; else the images go to the work directory, and the log says why.
+
+A restore that spends its images (:func:`restore_spends`: a process tree of one
+task, restored by CRIU with ``auto_dedup``) holds the tree's memory twice only
+for what CRIU's restorer has read and not yet punched out: it reads each
+mapping in steps of at most :data:`SPEND_STEP` and punches each step out of the
+pages image as soon as it is read, so at its peak the images and the tree
+together take the announced memory plus one step.  Two exceptions, both kept
+safe: a mapping CRIU maps locked is populated at its ``mmap``, before any of its
+pages are read (so the source announces its locked memory once more), and a
+private mapping that a task shares with its parent is read by CRIU itself, in
+one read per run of pages, before it is punched (so a tree of several tasks
+counts its memory twice, as does every restore that cannot spend: another
+driver, ``--no-spend-images``, post-copy).  A restore that cannot spend never
+starts short of room for both copies.  A tool of control protocol version 1
+announces no ``memory_bytes``: with nothing to check the room against, its
+images go to the work directory.  With ``--keep-images`` they always do (kept
+files belong on the disk).  The session's records (:mod:`.held`) stay in the
+work directory in every case: a restarted agent finds them there.
 """
 
 from __future__ import annotations
@@ -43,12 +59,15 @@ from typing import Final
 from .dumpdirs import make_dump_dir, scratch_base
 
 __all__ = [
+    "IMAGE_COPIES",
     "MARGIN",
+    "SPEND_STEP",
     "fs_type",
     "images_room",
     "memory_available",
     "place_images",
     "resident_bytes",
+    "restore_spends",
     "room_needed",
 ]
 
@@ -56,6 +75,15 @@ log = logging.getLogger("migsgx.agent")
 
 #: Room kept free beyond the announced memory: the other images, and everyone else.
 MARGIN: Final = 256 << 20
+#: What CRIU's restorer reads of a mapping before it punches that much out of the pages
+#: image (``AUTO_DEDUP_OVERHEAD_BYTES``, ``criu/pie/restorer.c``, CRIU 4.2): with the
+#: images spent, at most this much of the tree is held twice at a time.
+SPEND_STEP: Final = 128 << 20
+#: How many copies of the images each driver's restore holds at once in its directory:
+#: runc's and CRIU's restore read them where they are; containerd's packs them into a
+#: checkpoint image beside them; podman's unpacks the archive and packs it again.
+#: A driver not named here: the most of them.
+IMAGE_COPIES: Final = {"pid": 1, "runc": 1, "containerd": 2, "podman": 3}
 
 
 def memory_available(meminfo: Path = Path("/proc/meminfo")) -> int:
@@ -115,6 +143,8 @@ def place_images(
     enclave_bytes: int = 0,
     in_ram: bool,
     tag: str,
+    driver: str = "",
+    spends: bool = False,
 ) -> Path:
     """The directory for one incoming migration's images (see the module).
 
@@ -134,14 +164,17 @@ def place_images(
         )  # fmt: skip
         return session_dir
     base = scratch_base()
-    need = room_needed(memory_bytes, enclave_bytes)
+    copies = IMAGE_COPIES.get(driver, max(IMAGE_COPIES.values()))
+    need = room_needed(memory_bytes, enclave_bytes, copies=copies, spends=spends)
     room = images_room(base)
     if room < need:
         log.warning(
             "migration %s: the images go to the work directory %s (disk): %s has room for "
-            "%d MiB, the process announced %d MiB (twice that, + %d MiB of enclaves, "
-            "+%d MiB margin)",
-            tag, session_dir, base, room >> 20, max(0, memory_bytes) >> 20,
+            "%d MiB, the restore needs %d MiB (the process announced %d MiB: %d cop%s of "
+            "its images and %s, + %d MiB of enclaves, +%d MiB margin)",
+            tag, session_dir, base, room >> 20, need >> 20, max(0, memory_bytes) >> 20,
+            copies, "y" if copies == 1 else "ies",
+            f"{SPEND_STEP >> 20} MiB being spent" if spends else "the tree",
             max(0, enclave_bytes) >> 20, MARGIN >> 20,
         )  # fmt: skip
         return session_dir
@@ -154,24 +187,41 @@ def place_images(
         )  # fmt: skip
         return session_dir
     log.info(
-        "migration %s: the images go to %s (RAM): room for %d MiB, the process announced "
-        "%d MiB, its enclaves %d MiB",
-        tag, placed, room >> 20, max(0, memory_bytes) >> 20, max(0, enclave_bytes) >> 20,
+        "migration %s: the images go to %s (RAM): room for %d MiB, the restore needs %d MiB "
+        "(the process announced %d MiB, its enclaves %d MiB%s)",
+        tag, placed, room >> 20, need >> 20, max(0, memory_bytes) >> 20,
+        max(0, enclave_bytes) >> 20, ", the images spent" if spends else "",
     )  # fmt: skip
     return placed
 
 
-def room_needed(memory_bytes: int, enclave_bytes: int = 0) -> int:
-    """RAM the images may take only if this much is free: the images and the tree
-    restored from them (twice the announced memory), the destination enclaves'
-    memory, and :data:`MARGIN`.  Negative announcements count 0."""
+def room_needed(
+    memory_bytes: int, enclave_bytes: int = 0, *, copies: int = 1, spends: bool = False
+) -> int:
+    """RAM the images may take only if this much is free: ``copies`` of the images
+    (the announced memory each), the tree restored from them (the announced memory;
+    with ``spends``, what is held twice while it is spent: at most
+    :data:`SPEND_STEP`), the destination enclaves' memory, and :data:`MARGIN`.
+    Negative announcements count 0."""
 
-    return 2 * max(0, memory_bytes) + max(0, enclave_bytes) + MARGIN
+    memory = max(0, memory_bytes)
+    tree = min(memory, SPEND_STEP) if spends else memory
+    return max(1, copies) * memory + tree + max(0, enclave_bytes) + MARGIN
+
+
+def restore_spends(driver: str, tasks: int, *, spend_images: bool, post_copy: bool) -> bool:
+    """Whether the restore spends its images as it reads them (see the module): the pid
+    driver's CRIU with ``auto_dedup`` (``spend_images``: the agent's setting), not
+    post-copy, a tree of one task (``tasks``: the pids ``begin`` lists)."""
+
+    return spend_images and not post_copy and driver == "pid" and tasks == 1
 
 
 def resident_bytes(pids: list[int]) -> int:
     """Source side: the resident anonymous and shared memory of ``pids`` (bytes), about
-    what CRIU's pages of them will take; a process that is gone counts 0."""
+    what CRIU's pages of them will take, and their locked memory once more (CRIU maps a
+    locked mapping populated before it reads its pages: the destination holds it twice
+    even when the images are spent); a process that is gone counts 0."""
 
     total = 0
     for pid in pids:
@@ -180,7 +230,7 @@ def resident_bytes(pids: list[int]) -> int:
         except OSError:
             continue
         for line in lines:
-            if line.startswith(("RssAnon:", "RssShmem:")):
+            if line.startswith(("RssAnon:", "RssShmem:", "VmLck:")):
                 try:
                     total += int(line.split()[1]) * 1024
                 except (IndexError, ValueError):

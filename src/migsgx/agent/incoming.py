@@ -44,7 +44,7 @@ from ..wire import recv_frame, send_frame
 from . import preflight
 from .config import AgentHost
 from .faults import fault
-from .imageroom import place_images
+from .imageroom import place_images, restore_spends
 from .incoming_data import Reply, _Enclave, _inject
 from .incoming_recovery import _Recovery
 from .incoming_settle import DELIVER_WAIT
@@ -286,12 +286,17 @@ class IncomingMigration(_Recovery):
         self.session_id = session_id
         self.session_dir = self.agent.session_dir(session_id)
         memory = msg.get("memory_bytes")  # (None: a tool of version 1 announces nothing)
+        spends = restore_spends(
+            driver, len(msg["pids"]), spend_images=config.spend_images, post_copy=self.post_copy
+        )
         self.images_dir = place_images(
             self.session_dir,
             memory if isinstance(memory, int) and not isinstance(memory, bool) else None,
             enclave_bytes=sum(e.source_info.memory_size for e in self.enclaves),
             in_ram=self.config.images_in_ram and not self.config.keep_images,
             tag=self.tag,
+            driver=driver,
+            spends=spends,
         )
         local = self.local_address = str(self.tls.getsockname()[0])
         page = self._listen(local)

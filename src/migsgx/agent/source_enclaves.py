@@ -88,7 +88,7 @@ class _EnclaveSteps(_MigrationState):
             early.handshake_all(
                 self.transfers, lambda index: self._connect(index, ready),
                 mode=self.opts.mode, chunk_size=self.opts.chunk_size or MIGRATE_CHUNK_SIZE,
-                memory_hint=self.opts.prefault_ahead,
+                memory_hint=self.prefault_ahead,
             )  # fmt: skip
         except BaseException as exc:
             with contextlib.suppress(MigSGXError):
@@ -141,7 +141,7 @@ class _EnclaveSteps(_MigrationState):
         self._threads: list[threading.Thread] = []
         if not self.transfers:
             return
-        kwargs: dict[str, Any] = {"mode": self.opts.mode, "memory_hint": self.opts.prefault_ahead}
+        kwargs: dict[str, Any] = {"mode": self.opts.mode, "memory_hint": self.prefault_ahead}
         kwargs["chunk_size"] = self.opts.chunk_size or MIGRATE_CHUNK_SIZE
         for position, transfer in enumerate(self.transfers):
             h = transfer.handed

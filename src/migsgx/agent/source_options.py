@@ -67,12 +67,11 @@ class MigrateOptions:
     #: less nice).
     criu_nice: int = 0
     #: The offers carry each source enclave's memory in use, which the destination
-    #: enclaves fault in from their launch on (False: they fault it in as it loads).
-    #: Off: paired beside CRIU's dump at 1 GiB it did not pay (total time without /
-    #: with 0.95 and 0.97 at the median of two invocations), since the freeze follows
-    #: the handshake at once and the faulting then competes with the dump
-    #: (docs/benchmarks.md, "Less CPU per GiB in the frozen window").
-    prefault_ahead: bool = False
+    #: enclaves fault in before the freeze (False: as it loads).  None: ahead for a
+    #: container whose memory is at most ``source_state.PREFAULT_TREE_MAX``, no dump of
+    #: size beside the enclave streams (docs/benchmarks.md, "Containers with the new
+    #: defaults").
+    prefault_ahead: bool | None = None
     #: With enclaves (not post-copy): CRIU's images go and the destination restores
     #: the tree (held, stopped) while the enclave streams still load; the join, the
     #: fence and the commit follow.  False: the enclaves first, as before

@@ -49,7 +49,7 @@ from .source_figures import children_cpu, span, timeline
 from .source_options import MigrateOptions, MigrationOutcome, keeps_tcp
 from .source_options import _host_id as _host_id
 
-__all__ = ["MigrateOptions", "MigrationOutcome", "keeps_tcp"]
+__all__ = ["PREFAULT_TREE_MAX", "MigrateOptions", "MigrationOutcome", "keeps_tcp"]
 
 log = logging.getLogger("migsgx.migrate")
 
@@ -58,6 +58,10 @@ log = logging.getLogger("migsgx.migrate")
 #: (``runc``, ``podman``, ``containerd``: the engine's record of the source, which a
 #: committed source's end removes: :mod:`migsgx.containers.engine_notes`)
 UNDO_NOTES: Final = frozenset({"criu", "netup", "thaw", "ungate"}) | ENGINE_NOTES
+
+#: ``MigrateOptions.prefault_ahead`` unset: the destination enclaves fault the source's
+#: memory in before the freeze for a container whose own resident memory is at most this.
+PREFAULT_TREE_MAX: Final = 256 << 20
 
 
 @dataclass
@@ -76,6 +80,8 @@ class _MigrationState:
 
     def __init__(self, opts: MigrateOptions) -> None:
         self.opts = opts
+        #: ``opts.prefault_ahead``, decided by the tree's memory at ``begin`` when None.
+        self.prefault_ahead = bool(opts.prefault_ahead)
         self.t: dict[str, float] = {"start": time.monotonic()}
         self.stats: dict[str, Any] = {}
         self.transfers: list[_Transfer] = []
@@ -160,7 +166,9 @@ class _MigrationState:
         if self.driver.name != "pid":
             begin.update(driver=self.driver.name, target=self.source.target)
         begin.update(preflight.announce(self.driver.name, self.source, pids))
-        begin["memory_bytes"] = resident_bytes(pids)
+        memory = begin["memory_bytes"] = resident_bytes(pids)
+        if self.opts.prefault_ahead is None:  # (measured for containers: their default)
+            self.prefault_ahead = self.driver.name != "pid" and memory <= PREFAULT_TREE_MAX
         if not self.page_server:
             begin["page_server"] = False
         if self.opts.post_copy:
@@ -298,6 +306,7 @@ class _MigrationState:
             "image_bytes": self.image_bytes,
             # Where the destination received CRIU's images ("tmpfs": RAM; "" if unsaid).
             "destination_images_fs": self.destination_images_fs,
+            "prefault_ahead": self.prefault_ahead,  # (decided at begin when not asked)
             "restored_pid": self.restored_pid,
             # The control protocol version the agent and this tool agreed on.
             "protocol_version": self.control.version if self.control is not None else 0,

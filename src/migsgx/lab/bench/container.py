@@ -88,9 +88,10 @@ def _migsgx(
     size: int,
     args: tuple[str, ...] = (),
     ordinary: int = 0,
+    agent_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     rows = model_rows(size)
-    agent = bed.start_agent()
+    agent = bed.start_agent(args=agent_args)
     app = lab.start_app(engine, "model", ["--rows", str(rows), "--cols", str(MODEL_COLS),
                                           "--ordinary-mib", str(ordinary >> 20)])  # fmt: skip
     before = lab.ask(app, "DIGEST", at="src")
@@ -111,6 +112,13 @@ def _migsgx(
         figures["post_copy_window_seconds"] = float(run.stats["post_copy_window"])
     # Each with its children: CRIU and the container engine's commands.
     figures["cpu_by_process"] = {"tool": tool_cpu, "agent": agent_cpu, **enclave_cpu(run.stats)}
+    details = run.stats["details"]
+    figures["images_fs"] = str(details.get("destination_images_fs", ""))
+    # Whether the destination enclaves faulted their memory in before the freeze, and how much.
+    figures["prefault_ahead"] = bool(details.get("prefault_ahead"))
+    figures["prefaulted_bytes"] = sum(
+        int(e.get("prefaulted_bytes", 0)) for e in details.get("enclave_destination_stats", [])
+    )
     return figures
 
 
@@ -255,17 +263,40 @@ def _spans(
 #: ``--live`` runs: the same app with SIZE of ordinary memory too, moved live with its
 #: memory frozen (``--no-post-copy``) and by post-copy.
 LIVE_KINDS: Final = ("live_frozen_memory", "live_post_copy")
+#: ``--ab-NAME``: each run also migsgx with these tool and agent arguments (``migsgx_NAME``).
+AB_ARMS: Final = {
+    "prefault": (("--prefault-ahead",), ()),
+    "no_prefault": (("--no-prefault-ahead",), ()),
+    "images_ram": ((), ("--images-in-ram",)),
+}
 
 
 def one_run(
-    bed: Testbed, lab: ContainerLab, engine: str, size: int, criu: Criu, live: bool = False
+    bed: Testbed,
+    lab: ContainerLab,
+    engine: str,
+    size: int,
+    criu: Criu,
+    live: bool = False,
+    ab: tuple[str, ...] = (),
+    flip: bool = False,
 ) -> dict[str, Any]:
     """migsgx and the engine alone back to back, with the ratios of the pair.
 
     With ``live`` also ``migrate --live`` with and without post-copy, paired.
+    For each NAME of ``ab`` (:data:`AB_ARMS`), also migsgx with that arm's
+    arguments, after the default one, before it with ``flip``: ``migsgx_NAME``,
+    ``NAME_ran_first`` and the paired ``NAME_total_speedup`` and
+    ``NAME_downtime_speedup`` (default / arm: above 1, the arm was faster).
     """
 
+    def arm(name: str) -> dict[str, Any]:
+        tool_args, agent_args = AB_ARMS[name]
+        return _migsgx(bed, lab, engine, size, tool_args, agent_args=agent_args)
+
+    first = {name: arm(name) for name in ab} if flip else {}
     migsgx = _migsgx(bed, lab, engine, size)
+    arms = {name: first.get(name) or arm(name) for name in ab}
     plain = ENGINE_ONLY[engine](bed, lab, size, criu)
     pair: dict[str, Any] = {
         "migsgx": migsgx,
@@ -274,6 +305,13 @@ def one_run(
         "engine_over_migsgx_total": plain["total_seconds"] / migsgx["total_seconds"],
         "downtime_over_engine": migsgx["downtime_seconds"] / plain["total_seconds"],
     }
+    for name, other in arms.items():
+        pair.update({
+            f"migsgx_{name}": other,
+            f"{name}_ran_first": flip,
+            f"{name}_total_speedup": migsgx["total_seconds"] / other["total_seconds"],
+            f"{name}_downtime_speedup": migsgx["downtime_seconds"] / other["downtime_seconds"],
+        })  # fmt: skip
     if live:
         frozen = _migsgx(bed, lab, engine, size, ("--live", "--no-post-copy"), ordinary=size)
         lazy = _migsgx(bed, lab, engine, size, ("--live", "--post-copy"), ordinary=size)
@@ -362,9 +400,12 @@ def run(
     keep: Path | None = None,
     repeat: int = 3,
     live: bool = False,
+    ab: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     if engine not in ENGINE_ONLY:
         raise ConfigError("--engine is runc, podman or containerd")
+    if unknown := set(ab) - set(AB_ARMS):
+        raise ConfigError(f"no A/B arm {sorted(unknown)}")
     if live and engine != "runc":
         raise ConfigError("--live compares post-copy, which only runc containers have")
     if size < (1 << 20):
@@ -377,8 +418,8 @@ def run(
     runs = []
     try:
         with Testbed(root, subnet=subnet) as bed, ContainerLab(bed, criu=criu) as lab:
-            for _ in range(repeat):
-                runs.append(one_run(bed, lab, engine, size, criu, live))
+            for i in range(repeat):
+                runs.append(one_run(bed, lab, engine, size, criu, live, ab, flip=i % 2 == 1))
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -393,4 +434,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     from .plot import median_panels, plot_timelines
 
     labels = [("migsgx", "migsgx migrate"), ("engine_only", f"{result['engine']} alone")]
+    labels += [(f"migsgx_{name}", f"migsgx migrate, --ab-{name.replace('_', '-')}")
+               for name in AB_ARMS if f"migsgx_{name}" in result["runs"][0]]  # fmt: skip
     plot_timelines(median_panels(result, labels), path)

@@ -113,6 +113,7 @@ def _migsgx(
         **figures,
         "page_tls": page_path == "criu-tls",
         "page_path": page_path,  # "relay": sealed frames, the agents' relay
+        "prefault_ahead": bool(details.get("prefault_ahead")),
         "cpu_by_process": cpu,
         "cpu_split": split,
     }
