@@ -280,10 +280,12 @@ def migrate_command(
 def checkpoint_command(pid: int, directory: Path) -> None:
     """Checkpoint process PID (and its enclaves) into DIR; the process ends.
 
-    Exit status: 6 nothing was saved (the process runs on), 8 the process ended
-    before the checkpoint was complete, 11 an enclave of it died before its
-    commit (nothing saved; the process runs without that enclave's state,
-    which is gone: docs/migration.md, "Checkpoints").
+    Exit status: 6 nothing was saved (the process runs on), 7 in doubt (an
+    enclave died inside its commit and its gate could not be read: run
+    ``migsgx recover --checkpoint DIR``), 8 the process ended before the
+    checkpoint was complete, 11 an enclave of it died before its commit
+    (nothing saved; the process runs without that enclave's state, which is
+    gone: docs/migration.md, "Checkpoints").
     """
 
     from .agent.checkpoint import checkpoint
