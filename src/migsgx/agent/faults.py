@@ -89,6 +89,8 @@ POINTS: Final = frozenset(
         # channel hung up (read by :mod:`migsgx.sgx.service_requests` itself).
         "platform.before-commit",
         "platform.after-commit",
+        # (also ``exit`` at either: the service itself ends there, the enclave lives on,
+        # its COMMIT sent and the answer lost: it may or may not be recorded)
         "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
         "ckpt.between-commits",  # checkpoint: one enclave's gate committed, the next not yet

@@ -23,10 +23,12 @@ from ..datapath.transport import context_switches
 from ..errors import (
     AwaitingDecisionError,
     CommittedError,
+    DecisionUnknownError,
     GroupDecidedError,
     GroupUncheckedError,
     MigrationError,
     MigSGXError,
+    PlatformAnswerLostError,
     ProtocolError,
 )
 from ..limits import check_chunk_size
@@ -44,8 +46,17 @@ def _sealing(sealer: StreamSealer) -> ChunkWriter:
     return write
 
 
+class _HeldCommitError(Exception):
+    """The store answered an abort with this enclave's own COMMIT (first decision wins)."""
+
+
 class _SourceSide(_MigratorState):
     """A migration's source: its dump, its decision, its aborts."""
+
+    #: The migration id whose COMMIT went to the platform service and whose answer was
+    #: lost: it may be recorded.  Until a service answers, this enclave neither aborts
+    #: in memory nor takes its commit for undone (``docs/spec/commit.md``, 1 rule 4).
+    _unknown_mid: bytes = b""
 
     def out_start(self) -> bytes:
         """Source: begin a migration; returns the source hello for the destination."""
@@ -205,6 +216,15 @@ class _SourceSide(_MigratorState):
                     "this enclave's persistent state has moved to another host",
                     lambda retire: services.decide(decision, retire),
                 )
+            except PlatformAnswerLostError as exc:
+                # Sent, and the service went away before it answered: it may hold the
+                # COMMIT (and the retirement).  Neither decided nor undecided here.
+                self._unknown_mid = sc.migration_id
+                raise DecisionUnknownError(
+                    "this enclave's COMMIT reached its platform service, which went away "
+                    "before it answered: it may be recorded; the enclave stays frozen until "
+                    "its platform service is back (run migsgx recover then)"
+                ) from exc
             except GroupDecidedError as exc:
                 raise MigrationError(
                     "another enclave of this migration aborted: this one cannot commit"
@@ -214,9 +234,16 @@ class _SourceSide(_MigratorState):
 
         token = sc.commit(record)
         self.committed = True
+        self._unknown_mid = b""
         self._token = token
         self._committed_mid = sc.migration_id
         return token
+
+    def _decision_unknown(self) -> bool:
+        """Whether this migration's COMMIT went out and its answer was lost (see above)."""
+
+        sc = self.source_commit
+        return bool(self._unknown_mid) and sc is not None and sc.migration_id == self._unknown_mid
 
     def set_group(self, group: bytes) -> None:
         """Source, before its decision: the migration it moves in with other enclaves.
@@ -250,6 +277,10 @@ class _SourceSide(_MigratorState):
     def release(self) -> None:
         """Source, committed: the destination runs; wipe the state and exit."""
 
+        if not self.committed and self._decision_unknown():
+            # Released, so its COMMIT was read from the store (the answer was lost):
+            # the same decision again; the store returns the one it holds.
+            self.commit()
         if not self.committed or self._token is None:
             raise ProtocolError("only a committed source is released")
         self.instance.retire("this enclave's state has moved to another host")
@@ -291,6 +322,13 @@ class _SourceSide(_MigratorState):
                 frame = dc.abort("aborted", reason[:200])
         except GroupUncheckedError:
             raise  # (nothing changed: still frozen, the abort may be tried again)
+        except _HeldCommitError:
+            # Its own COMMIT was recorded, and the answer lost: it is committed.
+            self.commit()
+            raise CommittedError(
+                "this enclave's COMMIT was recorded before its platform service went away: "
+                "it is committed"
+            ) from None
         except GroupDecidedError:
             # Another enclave of this migration committed first: that is the commit
             # point of the whole migration.  This one rolls forward, never back.
@@ -379,6 +417,9 @@ class _SourceSide(_MigratorState):
 
         assert self.source_commit is not None
         decision = Decision(self.source_commit.migration_id, "abort", frame, group=self.group)
+        if self._decision_unknown():
+            self._record_unknown_abort(decision)
+            return
         try:
             self.instance.services.decide(decision)
         except GroupDecidedError:
@@ -390,6 +431,32 @@ class _SourceSide(_MigratorState):
                     f"store failed: {getattr(exc, 'code', type(exc).__name__)}); it stays "
                     "frozen: an abort after another enclave's commit would split the migration"
                 ) from exc
+
+    def _record_unknown_abort(self, decision: Decision) -> None:
+        """The abort of a migration whose COMMIT may be recorded: the store answers first.
+
+        Never best effort, ``none_committed`` or not: the COMMIT this enclave
+        sent may hold (and its persistent record be retired), so an abort in
+        memory would make a second copy beside a token anyone can deliver.  A
+        platform service answers ``decide(abort)`` with the decision it holds
+        (the first wins): ABORT, and the abort goes ahead; this enclave's own
+        COMMIT (:class:`_HeldCommitError`), and it is committed.  No answer: it
+        stays frozen (``group-unchecked``, asked again by the guardian).
+        """
+
+        try:
+            held = self.instance.services.decide(decision)
+        except GroupDecidedError:
+            raise
+        except (MigSGXError, OSError) as exc:
+            raise GroupUncheckedError(
+                "this enclave's decision may be recorded (its platform service went away "
+                "while it recorded the COMMIT); it stays frozen until its platform service "
+                f"is back ({getattr(exc, 'code', type(exc).__name__)})"
+            ) from exc
+        if held.kind != "abort":
+            raise _HeldCommitError
+        self._unknown_mid = b""
 
     def _record_checkpoint_abort(self, ckpt: checkpoints.Checkpoint, unchecked_ok: bool) -> None:
         """A grouped checkpoint's abort: decided in the store with its gate's end, or not at all.
