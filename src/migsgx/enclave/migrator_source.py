@@ -53,9 +53,8 @@ class _HeldCommitError(Exception):
 class _SourceSide(_MigratorState):
     """A migration's source: its dump, its decision, its aborts."""
 
-    #: The migration id whose COMMIT went to the platform service and whose answer was
-    #: lost: it may be recorded.  Until a service answers, this enclave neither aborts
-    #: in memory nor takes its commit for undone (``docs/spec/commit.md``, 1 rule 4).
+    #: The migration whose COMMIT went out and got no answer: it may be recorded
+    #: (``docs/spec/commit.md``, 1 rule 4).
     _unknown_mid: bytes = b""
 
     def out_start(self) -> bytes:
@@ -217,9 +216,7 @@ class _SourceSide(_MigratorState):
                     lambda retire: services.decide(decision, retire),
                 )
             except PlatformAnswerLostError as exc:
-                # Sent, and the service went away before it answered: it may hold the
-                # COMMIT (and the retirement).  Neither decided nor undecided here.
-                self._unknown_mid = sc.migration_id
+                self._unknown_mid = sc.migration_id  # (sent: it may hold, retirement and all)
                 raise DecisionUnknownError(
                     "this enclave's COMMIT reached its platform service, which went away "
                     "before it answered: it may be recorded; the enclave stays frozen until "
@@ -240,8 +237,6 @@ class _SourceSide(_MigratorState):
         return token
 
     def _decision_unknown(self) -> bool:
-        """Whether this migration's COMMIT went out and its answer was lost (see above)."""
-
         sc = self.source_commit
         return bool(self._unknown_mid) and sc is not None and sc.migration_id == self._unknown_mid
 
@@ -278,9 +273,7 @@ class _SourceSide(_MigratorState):
         """Source, committed: the destination runs; wipe the state and exit."""
 
         if not self.committed and self._decision_unknown():
-            # Released, so its COMMIT was read from the store (the answer was lost):
-            # the same decision again; the store returns the one it holds.
-            self.commit()
+            self.commit()  # (its COMMIT was read from the store: the store returns it)
         if not self.committed or self._token is None:
             raise ProtocolError("only a committed source is released")
         self.instance.retire("this enclave's state has moved to another host")
@@ -323,8 +316,7 @@ class _SourceSide(_MigratorState):
         except GroupUncheckedError:
             raise  # (nothing changed: still frozen, the abort may be tried again)
         except _HeldCommitError:
-            # Its own COMMIT was recorded, and the answer lost: it is committed.
-            self.commit()
+            self.commit()  # (its own COMMIT was recorded, the answer lost)
             raise CommittedError(
                 "this enclave's COMMIT was recorded before its platform service went away: "
                 "it is committed"
@@ -379,19 +371,12 @@ class _SourceSide(_MigratorState):
             del self._aborted[next(iter(self._aborted))]
 
     def abort_frame(self, migration_id: bytes) -> bytes:
-        """Source: the ABORT frame of ``migration_id`` again, which this enclave aborted.
+        """Source: the very ABORT frame of ``migration_id`` its abort sealed, again.
 
-        Whoever asked for the abort may have died holding the only frame (the
-        tool, between its enclaves' aborts and telling the destination), and
-        outside a migration group the store may hold no record of it (its
-        platform service died too).  The frame is not secret; this returns the
-        very one the abort sealed, so it is as authentic as it was then, and
-        the destination judges it as any other.  The enclave decides what it
-        answers, from its own trusted state: only a migration it aborted as its
-        source (never one it committed: a committed enclave answers only the
-        calls of section 2, and a migration's abort and commit exclude each
-        other), never the one under way (``__mig_abort`` decides that one),
-        never an id it does not know (it holds no keys to seal one with).
+        Whoever asked for the abort may have died holding the only frame, and
+        the store may hold none (``docs/spec/commit.md``, 1 rule 6).  Only for a
+        migration this enclave aborted as its source: never one it committed,
+        never the one under way, never an id it does not know.
         """
 
         if not isinstance(migration_id, bytes) or len(migration_id) != 16:
@@ -408,11 +393,9 @@ class _SourceSide(_MigratorState):
         """Best effort: the in-memory ABORT already forbids a commit; the record lets
         anyone carry the ABORT to the destination later (``migsgx recover``).
 
-        Except in a migration group whose first decision was a COMMIT: then
-        :class:`GroupDecidedError` goes up and nothing is aborted.  In a group
-        the record is not best effort: the store's group rule is the only check
-        that no other enclave of the migration committed, so an abort the store
-        did not record raises :class:`GroupUncheckedError` and nothing is aborted.
+        Not in a group (its first COMMIT: :class:`GroupDecidedError`; a record that
+        failed: :class:`GroupUncheckedError`; nothing is aborted), nor after a COMMIT
+        whose answer was lost (``docs/spec/commit.md``, 1 rule 4 and 1.1 rule 4).
         """
 
         assert self.source_commit is not None
@@ -433,16 +416,10 @@ class _SourceSide(_MigratorState):
                 ) from exc
 
     def _record_unknown_abort(self, decision: Decision) -> None:
-        """The abort of a migration whose COMMIT may be recorded: the store answers first.
-
-        Never best effort, ``none_committed`` or not: the COMMIT this enclave
-        sent may hold (and its persistent record be retired), so an abort in
-        memory would make a second copy beside a token anyone can deliver.  A
-        platform service answers ``decide(abort)`` with the decision it holds
-        (the first wins): ABORT, and the abort goes ahead; this enclave's own
-        COMMIT (:class:`_HeldCommitError`), and it is committed.  No answer: it
-        stays frozen (``group-unchecked``, asked again by the guardian).
-        """
+        """The abort of a migration whose COMMIT may be recorded: never best effort,
+        ``none_committed`` or not.  The store's answer decides (the first decision wins):
+        ABORT, it aborts; its own COMMIT (:class:`_HeldCommitError`), it is committed;
+        none, it stays frozen (``group-unchecked``, asked again by the guardian)."""
 
         try:
             held = self.instance.services.decide(decision)
