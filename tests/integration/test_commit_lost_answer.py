@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bed_helpers import ask, end_copies, kvstore, wait_until
+from bed_helpers import ask, enclave_processes, end_copies, kvstore, wait_until
 from fault_helpers import (  # (no_images_left: autouse, after every cell no images left)
     EXIT_IN_DOUBT,
     guardians_of,
@@ -39,6 +40,7 @@ from fault_helpers import (  # (no_images_left: autouse, after every cell no ima
     stop_guardian_of,
 )
 
+from migsgx import _proc
 from migsgx.agent.journal import Journal, journal_dir
 from migsgx.agent.tls import AgentIdentity
 from migsgx.lab.hosts import start_service
@@ -118,6 +120,8 @@ def test_platform_service_dies_before_it_answers_a_commit(
     source, with every write."""
 
     app, digest = _loaded(bed, point)
+    enclaves = enclave_processes(bed, "src")  # (this application's: the service is new)
+    assert len(enclaves) == 1, enclaves
     before = _journals(bed)
     try:
         run = migrate_with(bed, app, agent, "")
@@ -128,9 +132,10 @@ def test_platform_service_dies_before_it_answers_a_commit(
         assert _recorded(bed, journal) == (["commit"] if point == AFTER else ["none"])
         _restart_platform(bed, "")
         if point == BEFORE:
-            # The guardian asks the abort until the restarted service answers it.
+            # The guardian asks the abort until the restarted service answers it, then
+            # gives the source back and ends.
             wait_until(lambda: _recorded(bed, journal) == ["abort"], 60, "the abort recorded")
-        wait_until(lambda: not guardians_of(app.pid) or point == AFTER, 60, "the guardian")
+            wait_until(lambda: not guardians_of(app.pid), 60, "the guardian to end")
         again = recover(bed, timeout=150)
         assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
         [ours] = [r for r in json.loads(again.stdout) if r["mid"] == journal.stem]
@@ -138,6 +143,11 @@ def test_platform_service_dies_before_it_answers_a_commit(
             assert ours["outcome"] in ("moved", "done"), again.stdout
             assert _recorded(bed, journal) == ["commit"]
             only_copy(bed, app, "dst", digest)
+            # The frozen source enclave takes its recorded COMMIT from the restarted
+            # service once released (the guardian, woken as recover wakes it), and ends.
+            for pid in guardians_of(app.pid):
+                os.kill(pid, signal.SIGUSR1)
+            wait_until(lambda: not any(map(_proc.alive, enclaves)), 60, "the release")
             outcome = "moved after one recover (exit 7): one copy with every write"
         else:
             assert ours["outcome"] in ("stayed", "done"), again.stdout
