@@ -209,3 +209,26 @@ def register_error(cls: type[MigSGXError]) -> type[MigSGXError]:
 
     _ALL[cls.code] = cls
     return cls
+
+
+# --- a decision whose answer was lost (``docs/spec/commit.md``, 1 rule 4) -----------------
+class PlatformAnswerLostError(EnclaveLostError):
+    """A request reached the platform service, which went away before it answered.
+
+    It may or may not have been applied.  To a peer it is the ``enclave-lost``
+    it always was (same code); only the enclave itself tells it from a request
+    that was never sent.
+    """
+
+
+@register_error
+class DecisionUnknownError(InDoubtError):
+    """A source enclave's COMMIT reached its platform service, which went away before it
+    answered: it may be recorded.  The enclave stays frozen, and aborts only once a
+    platform service answered its abort (first decision wins), or commits if that
+    service holds its COMMIT."""
+
+    code = "decision-unknown"
+
+
+__all__ += ["DecisionUnknownError", "PlatformAnswerLostError"]

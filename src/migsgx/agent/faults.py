@@ -89,6 +89,8 @@ POINTS: Final = frozenset(
         # channel hung up (read by :mod:`migsgx.sgx.service_requests` itself).
         "platform.before-commit",
         "platform.after-commit",
+        # (also ``exit`` at either: the service itself ends there, the enclave lives on,
+        # its COMMIT sent and the answer lost: it may or may not be recorded)
         "ckpt.before-dump",  # checkpoint: enclave files written, CRIU not started
         "ckpt.before-commit",  # checkpoint: in post-dump, metadata written, tree fenced
         "ckpt.between-commits",  # checkpoint: one enclave's gate committed, the next not yet
@@ -198,13 +200,17 @@ def socket_owner(path: Path) -> int:
 
 
 def kill_dead(pids: list[int]) -> None:
-    """SIGKILL ``pids`` and return once each is dead (a zombie holds no socket)."""
+    """SIGKILL ``pids`` and return once each has ended, every thread of it: a zombie
+    whose other threads still exit holds its sockets (a platform service's channels:
+    a request sent then is taken for received, its answer lost)."""
+
+    from .enclave_loss import ended  # (lazy: only a fault that kills needs it)
 
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10.0
-    while any(_proc.alive(p) for p in pids):
+    while not all(ended(p) for p in pids):
         if time.monotonic() > deadline:
             raise InjectedFault("fault injection: a victim did not die")
         time.sleep(0.01)

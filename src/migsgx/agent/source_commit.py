@@ -15,7 +15,13 @@ from typing import Any
 
 from .. import _proc
 from .._trace import step
-from ..errors import InDoubtError, LostAfterCommitError, MigSGXError, SourceLostError
+from ..errors import (
+    DecisionUnknownError,
+    InDoubtError,
+    LostAfterCommitError,
+    MigSGXError,
+    SourceLostError,
+)
 from .control import CONNECT_TIMEOUT
 from .datalink import open_data
 from .enclave_loss import committed_in_store
@@ -34,6 +40,10 @@ log = logging.getLogger("migsgx.migrate")
 
 class _DecisionSteps(_EnclaveSteps):
     """Commit or roll back: the end of a migration, either way."""
+
+    #: The first COMMIT reached its platform service, which went away before it
+    #: answered: it may be recorded, so nothing rolls back (the guardian resolves it).
+    decision_unknown = False
 
     def _commit(self) -> None:
         if self.transfers:
@@ -185,6 +195,17 @@ class _DecisionSteps(_EnclaveSteps):
                         f"COMMIT was recorded ({exc}): the decision stands and the source stays "
                         "stopped; the guardian delivers it (or run migsgx recover)"
                     ) from exc
+                if not self.committed and isinstance(exc, DecisionUnknownError):
+                    # Sent and maybe written, the answer lost: neither way is known.  The
+                    # enclave stays frozen until a platform service answers its abort
+                    # (``docs/spec/commit.md`` 1 rule 4); the guardian asks until then.
+                    self.decision_unknown = True
+                    raise InDoubtError(
+                        f"enclave {transfer.handed.index}: its COMMIT may be recorded (its "
+                        f"platform service went away before it answered: {exc}); the source "
+                        "stays stopped until that service is back, then the guardian resolves "
+                        "it from the store (or run migsgx recover)"
+                    ) from exc
                 if not self.committed:
                     raise  # nothing was decided: roll back
                 # Some enclaves committed, this one did not: neither way is whole.
@@ -245,6 +266,14 @@ class _DecisionSteps(_EnclaveSteps):
         ]  # fmt: skip
 
     def _roll_back(self, cause: BaseException, *, source_gone: bool = False) -> None:
+        if self.decision_unknown:
+            # No roll-back: a COMMIT may be recorded.  The guardian (which outlives
+            # this tool: ``hand_back_failed`` keeps it) asks the enclaves to abort until
+            # their platform service answers: ABORT recorded, the source runs again;
+            # their COMMIT, it rolls forward.
+            log.warning("in doubt, the source stays stopped: %s", cause)
+            self.hand_back_failed = True
+            return
         reason = f"{type(cause).__name__}: {cause}"[:500]
         step("roll-back")
         log.warning("migration aborted: %s", reason)

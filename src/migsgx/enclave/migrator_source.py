@@ -23,10 +23,12 @@ from ..datapath.transport import context_switches
 from ..errors import (
     AwaitingDecisionError,
     CommittedError,
+    DecisionUnknownError,
     GroupDecidedError,
     GroupUncheckedError,
     MigrationError,
     MigSGXError,
+    PlatformAnswerLostError,
     ProtocolError,
 )
 from ..limits import check_chunk_size
@@ -44,8 +46,16 @@ def _sealing(sealer: StreamSealer) -> ChunkWriter:
     return write
 
 
+class _HeldCommitError(Exception):
+    """The store answered an abort with this enclave's own COMMIT (first decision wins)."""
+
+
 class _SourceSide(_MigratorState):
     """A migration's source: its dump, its decision, its aborts."""
+
+    #: The migration whose COMMIT went out and got no answer: it may be recorded
+    #: (``docs/spec/commit.md``, 1 rule 4).
+    _unknown_mid: bytes = b""
 
     def out_start(self) -> bytes:
         """Source: begin a migration; returns the source hello for the destination."""
@@ -205,6 +215,13 @@ class _SourceSide(_MigratorState):
                     "this enclave's persistent state has moved to another host",
                     lambda retire: services.decide(decision, retire),
                 )
+            except PlatformAnswerLostError as exc:
+                self._unknown_mid = sc.migration_id  # (sent: it may hold, retirement and all)
+                raise DecisionUnknownError(
+                    "this enclave's COMMIT reached its platform service, which went away "
+                    "before it answered: it may be recorded; the enclave stays frozen until "
+                    "its platform service is back (run migsgx recover then)"
+                ) from exc
             except GroupDecidedError as exc:
                 raise MigrationError(
                     "another enclave of this migration aborted: this one cannot commit"
@@ -214,9 +231,14 @@ class _SourceSide(_MigratorState):
 
         token = sc.commit(record)
         self.committed = True
+        self._unknown_mid = b""
         self._token = token
         self._committed_mid = sc.migration_id
         return token
+
+    def _decision_unknown(self) -> bool:
+        sc = self.source_commit
+        return bool(self._unknown_mid) and sc is not None and sc.migration_id == self._unknown_mid
 
     def set_group(self, group: bytes) -> None:
         """Source, before its decision: the migration it moves in with other enclaves.
@@ -250,6 +272,8 @@ class _SourceSide(_MigratorState):
     def release(self) -> None:
         """Source, committed: the destination runs; wipe the state and exit."""
 
+        if not self.committed and self._decision_unknown():
+            self.commit()  # (its COMMIT was read from the store: the store returns it)
         if not self.committed or self._token is None:
             raise ProtocolError("only a committed source is released")
         self.instance.retire("this enclave's state has moved to another host")
@@ -291,6 +315,12 @@ class _SourceSide(_MigratorState):
                 frame = dc.abort("aborted", reason[:200])
         except GroupUncheckedError:
             raise  # (nothing changed: still frozen, the abort may be tried again)
+        except _HeldCommitError:
+            self.commit()  # (its own COMMIT was recorded, the answer lost)
+            raise CommittedError(
+                "this enclave's COMMIT was recorded before its platform service went away: "
+                "it is committed"
+            ) from None
         except GroupDecidedError:
             # Another enclave of this migration committed first: that is the commit
             # point of the whole migration.  This one rolls forward, never back.
@@ -341,19 +371,12 @@ class _SourceSide(_MigratorState):
             del self._aborted[next(iter(self._aborted))]
 
     def abort_frame(self, migration_id: bytes) -> bytes:
-        """Source: the ABORT frame of ``migration_id`` again, which this enclave aborted.
+        """Source: the very ABORT frame of ``migration_id`` its abort sealed, again.
 
-        Whoever asked for the abort may have died holding the only frame (the
-        tool, between its enclaves' aborts and telling the destination), and
-        outside a migration group the store may hold no record of it (its
-        platform service died too).  The frame is not secret; this returns the
-        very one the abort sealed, so it is as authentic as it was then, and
-        the destination judges it as any other.  The enclave decides what it
-        answers, from its own trusted state: only a migration it aborted as its
-        source (never one it committed: a committed enclave answers only the
-        calls of section 2, and a migration's abort and commit exclude each
-        other), never the one under way (``__mig_abort`` decides that one),
-        never an id it does not know (it holds no keys to seal one with).
+        Whoever asked for the abort may have died holding the only frame, and
+        the store may hold none (``docs/spec/commit.md``, 1 rule 6).  Only for a
+        migration this enclave aborted as its source: never one it committed,
+        never the one under way, never an id it does not know.
         """
 
         if not isinstance(migration_id, bytes) or len(migration_id) != 16:
@@ -370,15 +393,16 @@ class _SourceSide(_MigratorState):
         """Best effort: the in-memory ABORT already forbids a commit; the record lets
         anyone carry the ABORT to the destination later (``migsgx recover``).
 
-        Except in a migration group whose first decision was a COMMIT: then
-        :class:`GroupDecidedError` goes up and nothing is aborted.  In a group
-        the record is not best effort: the store's group rule is the only check
-        that no other enclave of the migration committed, so an abort the store
-        did not record raises :class:`GroupUncheckedError` and nothing is aborted.
+        Not in a group (its first COMMIT: :class:`GroupDecidedError`; a record that
+        failed: :class:`GroupUncheckedError`; nothing is aborted), nor after a COMMIT
+        whose answer was lost (``docs/spec/commit.md``, 1 rule 4 and 1.1 rule 4).
         """
 
         assert self.source_commit is not None
         decision = Decision(self.source_commit.migration_id, "abort", frame, group=self.group)
+        if self._decision_unknown():
+            self._record_unknown_abort(decision)
+            return
         try:
             self.instance.services.decide(decision)
         except GroupDecidedError:
@@ -390,6 +414,26 @@ class _SourceSide(_MigratorState):
                     f"store failed: {getattr(exc, 'code', type(exc).__name__)}); it stays "
                     "frozen: an abort after another enclave's commit would split the migration"
                 ) from exc
+
+    def _record_unknown_abort(self, decision: Decision) -> None:
+        """The abort of a migration whose COMMIT may be recorded: never best effort,
+        ``none_committed`` or not.  The store's answer decides (the first decision wins):
+        ABORT, it aborts; its own COMMIT (:class:`_HeldCommitError`), it is committed;
+        none, it stays frozen (``group-unchecked``, asked again by the guardian)."""
+
+        try:
+            held = self.instance.services.decide(decision)
+        except GroupDecidedError:
+            raise
+        except (MigSGXError, OSError) as exc:
+            raise GroupUncheckedError(
+                "this enclave's decision may be recorded (its platform service went away "
+                "while it recorded the COMMIT); it stays frozen until its platform service "
+                f"is back ({getattr(exc, 'code', type(exc).__name__)})"
+            ) from exc
+        if held.kind != "abort":
+            raise _HeldCommitError
+        self._unknown_mid = b""
 
     def _record_checkpoint_abort(self, ckpt: checkpoints.Checkpoint, unchecked_ok: bool) -> None:
         """A grouped checkpoint's abort: decided in the store with its gate's end, or not at all.

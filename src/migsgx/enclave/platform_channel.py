@@ -5,7 +5,8 @@ persistent records, migration decisions and claims) as requests to the
 platform service, one at a time.  A restarted service takes the enclave back on
 its reserve channel (:class:`Reserve`), which the launch ticket binds to the
 identity the service measured; a request is never sent twice where the first
-may have been applied.
+may have been applied, and one whose answer was lost after it went out raises
+:class:`~migsgx.errors.PlatformAnswerLostError` (it may have been applied).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..errors import (
     ConnectionClosedError,
     EnclaveLostError,
     MigSGXError,
+    PlatformAnswerLostError,
     ProtocolError,
     error_from_wire,
 )
@@ -110,10 +112,13 @@ class ChannelServices:
             try:
                 reply = recv_frame(self._sock, PLATFORM)
             except (OSError, ConnectionClosedError) as exc:
-                # It may or may not have been applied: never sent again blindly.
+                # It may or may not have been applied: never sent again blindly, and
+                # said so (a decision's caller then does not know the decision).
                 self._sock.close()
                 self._sock = None
-                raise EnclaveLostError("the platform service went away during a request") from exc
+                raise PlatformAnswerLostError(
+                    "the platform service went away during a request"
+                ) from exc
         if reply["t"] == "err":
             raise error_from_wire(reply["code"], reply["message"])
         if reply["t"] != "ok":

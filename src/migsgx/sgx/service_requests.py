@@ -142,15 +142,18 @@ def _fault(point: str, pid: int, sock: socket.socket) -> None:
     answered) SIGKILLs that enclave and goes on once its channel hung up: the
     enclave dies inside ``__mig_commit``, at a step a test names (the agent's
     fault syntax, :mod:`migsgx.agent.faults`, read here: this layer imports
-    nothing above it).
+    nothing above it).  ``exit`` there ends the service itself at once (as a
+    crash would): the enclave lives, its request sent and its answer lost.
     """
 
     for item in os.environ.get("MIGSGX_FAULT", "").split(","):
         name, _, action = item.strip().partition(":")
-        if name != point or action != "kill-enclave":
+        if name != point or action not in ("kill-enclave", "exit"):
             continue
         sys.stderr.write(f"migsgx fault: {point}:{action} at {time.monotonic():.6f}\n")
         sys.stderr.flush()
+        if action == "exit":
+            os._exit(70)
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
