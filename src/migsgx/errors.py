@@ -22,6 +22,7 @@ from .errors_migration import (
     ConnectionClosedError,
     CriuError,
     DataLinkError,
+    DecisionUnknownError,
     DirtyTrackingError,
     DirtyTrackingLostError,
     DirtyTrackingUnavailableError,
@@ -68,6 +69,7 @@ from .errors_platform import (
     MigrationRefusedError,
     OutOfThreadSlotsError,
     PersistentStateError,
+    PlatformAnswerLostError,
     PlatformError,
     QuoteFormatError,
     QuoteSignatureError,
@@ -98,6 +100,7 @@ __all__ = [
     "CriuError",
     "DataLinkError",
     "DebugEnclaveError",
+    "DecisionUnknownError",
     "DirtyTrackingError",
     "DirtyTrackingLostError",
     "DirtyTrackingUnavailableError",
@@ -129,6 +132,7 @@ __all__ = [
     "PageStreamError",
     "PersistentStateError",
     "PlaintextFoundError",
+    "PlatformAnswerLostError",
     "PlatformError",
     "PolicyError",
     "PostCopyError",
@@ -188,7 +192,7 @@ _ALL: dict[str, type[MigSGXError]] = {}
 
 
 def _collect(cls: type[MigSGXError]) -> None:
-    _ALL[cls.code] = cls
+    _ALL.setdefault(cls.code, cls)  # (a subclass that keeps its parent's code is local)
     for sub in cls.__subclasses__():
         _collect(sub)
 
@@ -209,26 +213,3 @@ def register_error(cls: type[MigSGXError]) -> type[MigSGXError]:
 
     _ALL[cls.code] = cls
     return cls
-
-
-# --- a decision whose answer was lost (``docs/spec/commit.md``, 1 rule 4) -----------------
-class PlatformAnswerLostError(EnclaveLostError):
-    """A request reached the platform service, which went away before it answered.
-
-    It may or may not have been applied.  To a peer it is the ``enclave-lost``
-    it always was (same code); only the enclave itself tells it from a request
-    that was never sent.
-    """
-
-
-@register_error
-class DecisionUnknownError(InDoubtError):
-    """A source enclave's COMMIT reached its platform service, which went away before it
-    answered: it may be recorded.  The enclave stays frozen, and aborts only once a
-    platform service answered its abort (first decision wins), or commits if that
-    service holds its COMMIT."""
-
-    code = "decision-unknown"
-
-
-__all__ += ["DecisionUnknownError", "PlatformAnswerLostError"]

@@ -106,6 +106,15 @@ class InDoubtError(MigSGXError):
     code = "in-doubt"
 
 
+class DecisionUnknownError(InDoubtError):
+    """A source enclave's COMMIT reached its platform service, which went away before it
+    answered: it may be recorded.  The enclave stays frozen, and aborts only once a
+    platform service answered its abort (first decision wins), or commits if that
+    service holds its COMMIT (``docs/spec/commit.md``, 1 rule 4)."""
+
+    code = "decision-unknown"
+
+
 class LostAfterCommitError(MigSGXError):
     """The migration committed, and then the one copy of the enclave state was lost.
 

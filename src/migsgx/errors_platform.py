@@ -215,6 +215,15 @@ class EnclaveLostError(EnclaveError):
     code = "enclave-lost"
 
 
+class PlatformAnswerLostError(EnclaveLostError):
+    """A request reached the platform service, which went away before it answered.
+
+    It may or may not have been applied.  To a peer it is the ``enclave-lost``
+    it always was (same code); only the enclave itself tells it from a request
+    that was never sent (``docs/spec/commit.md``, 1 rule 4).
+    """
+
+
 class EnclaveBusyError(EnclaveError):
     """The enclave does not admit ECALLs now (quiesced or migrating)."""
 
