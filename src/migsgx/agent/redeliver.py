@@ -276,11 +276,26 @@ class HeldSource:
 
         unreleased = []
         for index, enclave in sorted(self.enclaves.items()):
-            if ask(enclave.sock, "__mig_release", []).state == "hung":
+            answer = ask(enclave.sock, "__mig_release", [])
+            if answer.state == "hung":
                 unreleased.append(
                     f"{not_answering(index, enclave.info.pid, '__mig_release')}: it keeps its "
                     "committed state, frozen, until it answers and wipes itself (its release "
                     "is asked already); run migsgx recover again then"
+                )  # fmt: skip
+            elif (
+                answer.msg is not None
+                and answer.msg.get("t") == "err"
+                and not _not_committed(answer.msg)
+            ):
+                # It could not release now (one whose COMMIT's answer was lost reads its
+                # decision from its platform service first, which may be down): not
+                # released, so asked again, never counted as done.
+                why = str(answer.msg.get("message", ""))[:200]
+                unreleased.append(
+                    f"enclave {index} (pid {enclave.info.pid}) could not release its state "
+                    f"({answer.msg.get('code', '')}: {why}): it keeps it, frozen; run migsgx "
+                    "recover again once its platform service answers"
                 )  # fmt: skip
         return unreleased
 
@@ -288,3 +303,9 @@ class HeldSource:
         for enclave in self.enclaves.values():
             with contextlib.suppress(OSError):
                 enclave.sock.close()
+
+
+def _not_committed(reply: dict[str, object]) -> bool:
+    """The enclave's answer that it never committed: nothing of ours to release there."""
+
+    return "only a committed source is released" in str(reply.get("message", ""))
