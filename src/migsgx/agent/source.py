@@ -265,7 +265,7 @@ class _Migration(_DumpSteps):
                 continue
             mid = transfer.outgoing.migration_id if transfer.outgoing is not None else None
             if transfer.asked_to_commit and (
-                not mid or committed_in_store(platform_state, mid) is not False
+                not mid or committed_in_store(platform_state, mid, info.pid) is not False
             ):
                 continue  # (it may have committed: that is no roll-back)
             lost.append(LostEnclave.of(transfer.handed.index, info, mid))

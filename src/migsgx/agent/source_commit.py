@@ -184,7 +184,17 @@ class _DecisionSteps(_EnclaveSteps):
                 transfer.asked_to_commit = _proc.alive(transfer.handed.info.pid)
                 transfer.outgoing.decide()
             except MigSGXError as exc:
-                if not self.committed and self._commit_outlived(transfer):
+                outlived = False if self.committed else self._commit_outlived(transfer)
+                if outlived is None:
+                    # Dead inside its commit, and the store could not be read (or its end
+                    # not seen): neither way is known, so nothing is written as decided.
+                    self.decision_unknown = True
+                    raise InDoubtError(
+                        f"enclave {transfer.handed.index} died inside its commit and its "
+                        f"platform store could not be read ({exc}): the source stays stopped; "
+                        "the guardian resolves it from the store (or run migsgx recover)"
+                    ) from exc
+                if outlived:
                     # Its COMMIT was written and its answer died with it: that was
                     # the commit point.  The store holds the token for the destination.
                     self.committed = True
@@ -217,10 +227,11 @@ class _DecisionSteps(_EnclaveSteps):
             if self.journal is not None:
                 self.journal.update(phase="committed")
 
-    def _commit_outlived(self, transfer: _Transfer) -> bool:
-        """Whether ``transfer``'s enclave, sent ``__mig_commit`` and then dead, may have
-        recorded its COMMIT: the store, read once its process ended, holds one, or
-        cannot be read.  An enclave that lives answered for itself (False)."""
+    def _commit_outlived(self, transfer: _Transfer) -> bool | None:
+        """Whether ``transfer``'s enclave, sent ``__mig_commit`` and then dead, recorded
+        its COMMIT: the store, read once its process ended, holds one (True), holds
+        none (False), or cannot be read (None).  An enclave that lives answered for
+        itself (False)."""
 
         mid = transfer.outgoing.migration_id if transfer.outgoing is not None else b""
         pid = transfer.handed.info.pid
@@ -228,7 +239,7 @@ class _DecisionSteps(_EnclaveSteps):
             return False
         if _proc.alive(pid) and not hung_up(transfer.handed.sock):
             return False  # (it answered: an enclave closes its connection only as it ends)
-        return committed_in_store(self._platform_state(), mid, pid) is not False
+        return committed_in_store(self._platform_state(), mid, pid)
 
     def _platform_state(self) -> Path:
         """This host's platform state directory (its store: the decisions)."""
