@@ -144,9 +144,29 @@ class Host:
         return proc
 
     def pids(self) -> list[int]:
-        """Every process whose network namespace is this host's."""
+        """Every process whose network namespace is this host's.
 
-        return [int(p) for p in _ip("netns", "pids", self.netns).split()]
+        What ``ip netns pids`` does (each ``/proc/PID/ns/net`` against the named
+        namespace's file), read here: no process to start on every poll, and no
+        ``ip`` to wait for.
+        """
+
+        try:
+            ns = os.stat(NETNS_DIR / self.netns)
+        except OSError as exc:
+            raise NetnsError(f"no network namespace {self.netns}: {exc}") from exc
+        found = []
+        with os.scandir("/proc") as entries:
+            for entry in entries:
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    st = os.stat(f"/proc/{entry.name}/ns/net")
+                except OSError:  # gone meanwhile, or not ours to read
+                    continue
+                if (st.st_dev, st.st_ino) == (ns.st_dev, ns.st_ino):
+                    found.append(int(entry.name))
+        return found
 
     def new_socket(
         self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
