@@ -30,13 +30,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
-from bed_helpers import ask, end_copies, kvstore, wait_until
+from bed_helpers import ask, enclave_processes, end_copies, kvstore, wait_until
 from fault_helpers import (  # (no_images_left: autouse, after every cell no images left)
     EXIT_IN_DOUBT,
     no_images_left,  # noqa: F401
     stop_guardian_of,
 )
 
+from migsgx import _proc
 from migsgx.lab.hosts import start_service
 from migsgx.lab.testbed import AppProcess, Testbed
 
@@ -99,6 +100,8 @@ def test_checkpoint_platform_service_dies_before_it_answers_the_gate_commit(
     ``recover --checkpoint`` finds it stayed: the source, with every write."""
 
     app, digest = _loaded(bed, point)
+    enclaves = enclave_processes(bed, "src")  # (this application's: the service is new)
+    assert len(enclaves) == 1, enclaves
     ck = tmp_path / "ck"
     sock = {"MIGSGX_PLATFORM_SOCKET": str(bed.services["src"].socket)}
     try:
@@ -113,6 +116,8 @@ def test_checkpoint_platform_service_dies_before_it_answers_the_gate_commit(
         if point == AFTER:
             assert ours["outcome"] == "restorable", again.stdout
             wait_until(lambda: bed.runnable_copies(app)["src"] == 0, 15, "the source to end")
+            # The frozen source enclave, asked once more, finds its gate committed and ends.
+            wait_until(lambda: not any(map(_proc.alive, enclaves)), 30, "the source enclave")
             restored = _cli(
                 "restore", "--dir", str(ck), "--netns", bed.host("src").netns,
                 "--platform-socket", str(bed.services["src"].socket), env={},
