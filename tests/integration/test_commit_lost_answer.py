@@ -25,11 +25,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bed_helpers import ask, enclave_processes, end_copies, kvstore, wait_until
+from bed_helpers import enclave_processes, end_copies, wait_until
 from fault_helpers import (  # (no_images_left: autouse, after every cell no images left)
     EXIT_IN_DOUBT,
     guardians_of,
@@ -39,58 +38,24 @@ from fault_helpers import (  # (no_images_left: autouse, after every cell no ima
     recover,
     stop_guardian_of,
 )
+from platform_faults import (  # (faulty_platform: a fixture)
+    AFTER,
+    BEFORE,
+    faulty_platform,  # noqa: F401
+    journals,
+    loaded,
+    restart_platform,
+)
 
 from migsgx import _proc
-from migsgx.agent.journal import Journal, journal_dir
-from migsgx.agent.tls import AgentIdentity
-from migsgx.lab.hosts import start_service
-from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed
+from migsgx.agent.journal import Journal
+from migsgx.lab.testbed import AgentProcess, Testbed
 from migsgx.sgx.counters import COUNTERS, CounterStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
 BED_SUBNET = 167
-
-BEFORE, AFTER = "platform.before-commit", "platform.after-commit"
-
-
-@pytest.fixture
-def faulty_platform(bed: Testbed) -> Iterator[None]:
-    """Between the cell's setup and its end: the source's platform service restarted with
-    ``MIGSGX_FAULT`` (set by the cell through :func:`_restart_platform`); afterwards a
-    plain one again."""
-
-    yield
-    _restart_platform(bed, "")
-
-
-def _restart_platform(bed: Testbed, fault: str) -> None:
-    bed.services["src"].stop()
-    saved = os.environ.pop("MIGSGX_FAULT", None)
-    if fault:
-        os.environ["MIGSGX_FAULT"] = fault  # (inherited by the service alone: see below)
-    try:
-        bed.services["src"] = start_service(bed.state("src"), prefix=bed.host("src").command([]))
-    finally:
-        os.environ.pop("MIGSGX_FAULT", None)
-        if saved is not None:
-            os.environ["MIGSGX_FAULT"] = saved
-
-
-def _loaded(bed: Testbed, fault: str) -> tuple[AppProcess, str]:
-    """A kvstore (its enclave launched by a platform service with ``fault``) with
-    acknowledged writes; their digest."""
-
-    _restart_platform(bed, f"{fault}:exit")
-    app = kvstore(bed)
-    for i in range(3):
-        assert ask(bed, app, "src", f"PUT k{i} {f'v{i}'.encode().hex()}") == f"OK {i + 1}"
-    return app, ask(bed, app, "src", "DIGEST")
-
-
-def _journals(bed: Testbed) -> set[Path]:
-    return set(journal_dir(AgentIdentity.of_state(bed.state("src")).directory).glob("*.json"))
 
 
 def _recorded(bed: Testbed, journal: Path) -> list[str]:
@@ -105,10 +70,10 @@ def _recorded(bed: Testbed, journal: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("point", [BEFORE, AFTER])
+@pytest.mark.usefixtures("faulty_platform")
 def test_platform_service_dies_before_it_answers_a_commit(
     bed: Testbed,
     agent: AgentProcess,
-    faulty_platform: None,
     figures: dict[str, dict[str, object]],
     point: str,
 ) -> None:
@@ -119,18 +84,18 @@ def test_platform_service_dies_before_it_answers_a_commit(
     abort is recorded by the restarted service, and one ``recover`` finds it stayed: the
     source, with every write."""
 
-    app, digest = _loaded(bed, point)
+    app, digest = loaded(bed, f"{point}:exit")
     enclaves = enclave_processes(bed, "src")  # (this application's: the service is new)
     assert len(enclaves) == 1, enclaves
-    before = _journals(bed)
+    before = journals(bed)
     try:
         run = migrate_with(bed, app, agent, "")
         assert "Traceback" not in run.stderr, run.stderr
         assert run.returncode == EXIT_IN_DOUBT, run.stderr
         assert "its COMMIT may be recorded" in run.stderr, run.stderr
-        [journal] = _journals(bed) - before
+        [journal] = journals(bed) - before
         assert _recorded(bed, journal) == (["commit"] if point == AFTER else ["none"])
-        _restart_platform(bed, "")
+        restart_platform(bed, "")
         if point == BEFORE:
             # The guardian asks the abort until the restarted service answers it, then
             # gives the source back and ends.

@@ -23,15 +23,11 @@ application (its enclave a child of that service).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
-from bed_helpers import ask, end_copies, kvstore, wait_until
+from bed_helpers import ask, end_copies, wait_until
 from fault_helpers import (  # (no_images_left: autouse, after every cell no images left)
     EXIT_IN_DOUBT,
     EXIT_OK,
@@ -43,11 +39,18 @@ from fault_helpers import (  # (no_images_left: autouse, after every cell no ima
     recover,
     stop_guardian_of,
 )
+from platform_faults import (  # (faulty_platform: a fixture)
+    AFTER,
+    BEFORE,
+    cli,
+    faulty_platform,  # noqa: F401
+    journals,
+    loaded,
+    service_log,
+)
 
-from migsgx.agent.journal import Journal, journal_dir
-from migsgx.agent.tls import AgentIdentity
-from migsgx.lab.hosts import start_service
-from migsgx.lab.testbed import AgentProcess, AppProcess, Testbed
+from migsgx.agent.journal import Journal
+from migsgx.lab.testbed import AgentProcess, Testbed
 from migsgx.sgx.counters import COUNTERS, CounterStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -55,60 +58,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
 BED_SUBNET = 163
 
-BEFORE, AFTER = "platform.before-commit", "platform.after-commit"
-
-
-@pytest.fixture
-def faulty_platform(bed: Testbed) -> Iterator[None]:
-    """Between the cell's setup and its end: the source's platform service restarted with
-    ``MIGSGX_FAULT`` (set by the cell through :func:`_restart_platform`); afterwards a
-    plain one again."""
-
-    yield
-    _restart_platform(bed, "")
-
-
-def _restart_platform(bed: Testbed, fault: str) -> None:
-    bed.services["src"].stop()
-    log = bed.state("src") / "service.log"
-    _LOG_START[str(bed.state("src"))] = len(log.read_text(errors="replace")) if log.exists() else 0
-    saved = os.environ.pop("MIGSGX_FAULT", None)
-    if fault:
-        os.environ["MIGSGX_FAULT"] = fault  # (inherited by the service alone: see below)
-    try:
-        bed.services["src"] = start_service(bed.state("src"), prefix=bed.host("src").command([]))
-    finally:
-        os.environ.pop("MIGSGX_FAULT", None)
-        if saved is not None:
-            os.environ["MIGSGX_FAULT"] = saved
-
-
-def _loaded(bed: Testbed, fault: str) -> tuple[AppProcess, str]:
-    """A kvstore (its enclave launched by a platform service with ``fault``) with
-    acknowledged writes; their digest."""
-
-    _restart_platform(bed, f"{fault}:kill-enclave")
-    app = kvstore(bed)
-    for i in range(3):
-        assert ask(bed, app, "src", f"PUT k{i} {f'v{i}'.encode().hex()}") == f"OK {i + 1}"
-    return app, ask(bed, app, "src", "DIGEST")
-
-
-def _service_log(bed: Testbed) -> str:
-    """What the source's platform service wrote since the cell restarted it."""
-
-    text = (bed.state("src") / "service.log").read_text(errors="replace")
-    return text[_LOG_START.get(str(bed.state("src")), 0) :]
-
 
 #: Where each source service log stood when the cell restarted the service.
-_LOG_START: dict[str, int] = {}
-
-
-def _journals(bed: Testbed) -> set[Path]:
-    return set(journal_dir(AgentIdentity.of_state(bed.state("src")).directory).glob("*.json"))
-
-
 def _commits_recorded(bed: Testbed, journal: Path) -> list[str]:
     """Each enclave's recorded decision kind of the migration of ``journal`` (``none``)."""
 
@@ -121,10 +72,10 @@ def _commits_recorded(bed: Testbed, journal: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("point", [BEFORE, AFTER])
+@pytest.mark.usefixtures("faulty_platform")
 def test_migrate_source_enclave_killed_inside_its_commit(
     bed: Testbed,
     agent: AgentProcess,
-    faulty_platform: None,
     figures: dict[str, dict[str, object]],
     point: str,
 ) -> None:
@@ -138,14 +89,14 @@ def test_migrate_source_enclave_killed_inside_its_commit(
     delivered: one copy, on the destination, with every write (before: 6, the
     source given back beside a recorded COMMIT)."""
 
-    app, digest = _loaded(bed, point)
-    before = _journals(bed)
+    app, digest = loaded(bed, f"{point}:kill-enclave")
+    before = journals(bed)
     try:
         run = migrate_with(bed, app, agent, "")
         ended = time.monotonic()
         assert "Traceback" not in run.stderr, run.stderr
-        assert f"migsgx fault: {point}:kill-enclave" in _service_log(bed)
-        [journal] = _journals(bed) - before
+        assert f"migsgx fault: {point}:kill-enclave" in service_log(bed)
+        [journal] = journals(bed) - before
         if point == BEFORE:
             enclave_lost(run, 0)
             assert _commits_recorded(bed, journal) == ["none"]
@@ -173,23 +124,17 @@ def test_migrate_source_enclave_killed_inside_its_commit(
         figures[f"{point.removeprefix('platform.')} x kill -9 source enclave (migrate)"] = {
             "outcome": outcome, "exit": run.returncode,
             # (from the service's fault mark to the tool's exit: the store read included)
-            "tool_exit_after_fault": round(ended - fault_time(_service_log(bed)), 3),
+            "tool_exit_after_fault": round(ended - fault_time(service_log(bed)), 3),
         }  # fmt: skip
     finally:
         stop_guardian_of(app.pid)
         end_copies(bed, app)
 
 
-def _cli(*args: str, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "migsgx", *args], capture_output=True, text=True, timeout=120,
-        env={**os.environ, **env}, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize("point", [BEFORE, AFTER])
+@pytest.mark.usefixtures("faulty_platform")
 def test_checkpoint_enclave_killed_inside_its_gate_commit(
-    bed: Testbed, faulty_platform: None, tmp_path: Path, point: str
+    bed: Testbed, tmp_path: Path, point: str
 ) -> None:
     """``before``: the gate's commit is refused for good: the tool names the enclave lost
     (11), removes the files, the source runs on (without that state), and ``recover
@@ -198,19 +143,19 @@ def test_checkpoint_enclave_killed_inside_its_gate_commit(
     restore gives one copy with every write.  Before, both exited 6 and removed the
     files (after: the only copy of the enclave's state)."""
 
-    app, digest = _loaded(bed, point)
+    app, digest = loaded(bed, f"{point}:kill-enclave")
     ck = tmp_path / "ck"
     sock = {"MIGSGX_PLATFORM_SOCKET": str(bed.services["src"].socket)}
     try:
-        run = _cli("checkpoint", str(app.pid), "--dir", str(ck), env=sock)
+        run = cli("checkpoint", str(app.pid), "--dir", str(ck), env=sock)
         assert "Traceback" not in run.stderr, run.stderr
-        assert f"migsgx fault: {point}:kill-enclave" in _service_log(bed)
+        assert f"migsgx fault: {point}:kill-enclave" in service_log(bed)
         if point == BEFORE:
             enclave_lost(run, 0)
             assert sorted(p.name for p in ck.iterdir()) == ["checkpoint-journal.json"]
             assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
             assert ask(bed, app, "src", "GET k0").startswith("ERR")
-            again = _cli("recover", "--checkpoint", str(ck), "--json", env=sock)
+            again = cli("recover", "--checkpoint", str(ck), "--json", env=sock)
             assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
             [ours] = json.loads(again.stdout)
             assert ours["outcome"] == "stayed", again.stdout
@@ -219,7 +164,7 @@ def test_checkpoint_enclave_killed_inside_its_gate_commit(
         else:
             assert run.returncode == EXIT_OK, run.stderr
             wait_until(lambda: bed.runnable_copies(app)["src"] == 0, 15, "the source to end")
-            restored = _cli(
+            restored = cli(
                 "restore", "--dir", str(ck), "--netns", bed.host("src").netns,
                 "--platform-socket", str(bed.services["src"].socket), env={},
             )  # fmt: skip

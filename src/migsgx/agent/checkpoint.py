@@ -36,6 +36,7 @@ from ..datapath.checkpoint import CheckpointIn, CheckpointOut
 from ..errors import (
     CheckpointGateError,
     ConfigError,
+    DecisionUnknownError,
     InDoubtError,
     MigrationError,
     MigSGXError,
@@ -107,6 +108,8 @@ def checkpoint(
     refused: set[int] = set()
     #: Of those, the ones that died and whose gate could not be read: in doubt.
     unread: list[int] = []
+    #: Alive, whose gate commit went out and got no answer (its service went away).
+    unknown: list[int] = []
     fenced: list[int] = []
     meta = {"format": FORMAT, "pid": pid, "pidns": pidns, "tcp_close": tcp_close,
             "enclaves": len(handed), "start": start_time(pid)}  # fmt: skip
@@ -157,6 +160,11 @@ def checkpoint(
                 if gate is None and not committed:
                     unread.append(i)
                     raise InDoubtError(f"enclave {i} died inside its commit: {exc}") from exc
+                if isinstance(exc, DecisionUnknownError) and not committed:
+                    # Alive, its platform service gone before it answered: the gate may
+                    # have committed.  The enclave stays frozen; so do the fence and files.
+                    unknown.append(i)
+                    raise InDoubtError(f"enclave {i}'s gate commit is unanswered: {exc}") from exc
                 if gate:
                     # Its gate committed, its answer died with it: the checkpoint holds
                     # its state (the commit point passed), and the rest commit too.
@@ -198,6 +206,14 @@ def checkpoint(
                 notify=post_dump,
             )
         except BaseException as exc:
+            if unknown and not committed:
+                raise InDoubtError(
+                    f"enclave(s) {', '.join(map(str, unknown))} sent their gate commit and "
+                    "their platform service went away before it answered: it may be "
+                    "recorded: the source stays stopped and the files stay; once the "
+                    f"platform service is back, run: migsgx recover --checkpoint {directory} "
+                    "--platform-socket SOCK"
+                ) from exc
             if unread and not committed:
                 # Its gate may have committed: the files and the fence stay, the
                 # others keep their state (each holds a duplicate of its connection).

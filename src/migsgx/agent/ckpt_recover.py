@@ -17,8 +17,10 @@ Resolution, idempotent, to exactly one runnable copy:
   nothing is done (``in-progress``);
 * every gate committed: the checkpoint is the copy.  A source tree a dead tool
   left fenced (stopped, same pid and start time) is killed: it must never run
-  beside it; a tree a dead restore left held is removed (it never ran).  The
-  outcome is ``restorable``: ``migsgx restore --dir`` makes it run;
+  beside it; a tree a dead restore left held is removed (it never ran); a
+  source enclave still holding its duplicate (its gate commit went unanswered,
+  ``decision-unknown``) is asked to abort, finds its gate committed and ends.
+  The outcome is ``restorable``: ``migsgx restore --dir`` makes it run;
 * no gate committed: the source is the copy.  A fenced source is continued;
   source enclaves whose tool and guardian both died still hold their state and
   a duplicate of their connection (``__mig_hold``): it is taken back, they
@@ -62,7 +64,7 @@ from .ckpt_journal import (
     start_time,
     write_journal,
 )
-from .handback import abort_enclave, call_enclave, let_go, resume_source
+from .handback import abort_answer, abort_enclave, call_enclave, let_go, resume_source
 from .holders import dead_holders, eof_socket, take_held
 from .recover_records import Resolution
 
@@ -147,6 +149,22 @@ def _roll_forward(socks: list[socket.socket], meta: bytes) -> int:
         msg = call_enclave(sock, "__ckpt_commit", [meta])
         done += msg is not None and msg["t"] == "ret"
     return done
+
+
+def _end_committed(holders: object) -> None:
+    """Every gate committed: a source enclave still holding its duplicate is one whose
+    gate commit went unanswered (``decision-unknown``, ``docs/spec/commit.md`` section 5).
+    Its abort, answered by the store now, finds the gate committed: it gives its state up,
+    lets its duplicate go and ends once its connections close."""
+
+    socks = list(take_held(holders).values())
+    try:
+        for sock in socks:
+            abort_answer(sock)  # (``committed``: it retires)
+        let_go(socks)
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def _committed(directory: Path, count: int, platform_socket: Path, meta: bytes) -> list[bool]:
@@ -257,6 +275,8 @@ def _resolve(
     if all(committed):
         remove_held_leftover(directory)  # a dead restore's tree: it never ran
         remove_fenced_source(meta)  # the source gave its state up: it never runs again
+        if journal is not None and phase in ("writing", "fenced") and held is None:
+            _end_committed(journal.get("holders"))
         if phase not in ("committed", "done", "restoring"):
             write_journal(directory, "committed")
         return Resolution(name, phase, "commit", "restorable",

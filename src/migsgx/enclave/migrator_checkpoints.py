@@ -13,7 +13,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..core.handshake import Role
-from ..errors import CheckpointGateError, GroupDecidedError, PersistentStateError, ProtocolError
+from ..errors import (
+    CheckpointGateError,
+    CommittedError,
+    DecisionUnknownError,
+    GroupDecidedError,
+    GroupUncheckedError,
+    MigSGXError,
+    PersistentStateError,
+    PlatformAnswerLostError,
+    ProtocolError,
+)
 from ..sgx.store_types import Decision, RecordUpdate
 from . import checkpoints
 from .migrator_destination import _DestinationSide
@@ -59,6 +69,23 @@ class _Checkpoints(_DestinationSide):
         # One platform update: the record retires and the checkpoint's gate opens.
         reason = "this enclave's persistent state was checkpointed"
         opening = checkpoints.commit_change(self.instance, ckpt, meta)
+        try:
+            self._gate_commit(ckpt, reason, opening)
+        except PlatformAnswerLostError as exc:
+            self._ckpt_unknown = ckpt.checkpoint_id  # (sent: it may hold, retirement and all)
+            raise DecisionUnknownError(
+                "this enclave's checkpoint gate commit reached its platform service, which "
+                "went away before it answered: it may be recorded; the enclave stays frozen "
+                "until its platform service is back (run migsgx recover --checkpoint then)"
+            ) from exc
+        self.committed = True
+        self._ckpt_unknown = b""
+        self.instance.retire("this enclave's state was checkpointed")
+        self._exit_thread = threading.get_ident()
+
+    def _gate_commit(
+        self, ckpt: checkpoints.Checkpoint, reason: str, opening: tuple[str, RecordUpdate]
+    ) -> None:
         if not ckpt.group:
             self.persistent.retire(reason, also=[opening])
         else:
@@ -76,9 +103,44 @@ class _Checkpoints(_DestinationSide):
                     "another enclave of this checkpoint aborted first: this one cannot "
                     "commit (it may abort)"
                 ) from exc
-        self.committed = True
-        self.instance.retire("this enclave's state was checkpointed")
-        self._exit_thread = threading.get_ident()
+
+    def _abort_unknown_gate(self, ckpt: checkpoints.Checkpoint) -> None:
+        """The abort of a checkpoint whose gate commit may be recorded: never best effort.
+
+        The platform store answers (``docs/spec/commit.md``, section 5): the gate
+        still pending goes (alone; in a group with the group's ABORT), and the
+        abort goes ahead; a committed gate (its own COMMIT held) means committed
+        (:class:`CommittedError`); no answer changes nothing, the enclave stays
+        frozen (:class:`GroupUncheckedError`, asked again by the guardian or
+        ``migsgx recover --checkpoint``).
+        """
+
+        services = self.instance.services
+        try:
+            if ckpt.group:
+                decision = Decision(ckpt.checkpoint_id, "abort", b"", group=ckpt.group)
+                held = services.decide(decision, [checkpoints.abort_change(ckpt)])
+                committed = held.kind == "commit"
+            else:
+                committed = services.counter_read(ckpt.gate_counter) == checkpoints.COMMITTED
+                if not committed:
+                    services.persist_update(*checkpoints.abort_change(ckpt))
+        except GroupDecidedError as exc:
+            raise GroupDecidedError(
+                "another enclave of this checkpoint committed its gate first: this one stays "
+                "frozen until it commits too"
+            ) from exc
+        except (MigSGXError, OSError) as exc:
+            raise GroupUncheckedError(
+                "this checkpoint's gate commit may be recorded (its platform service went away "
+                "while it recorded it); the enclave stays frozen until its platform service is "
+                f"back ({getattr(exc, 'code', type(exc).__name__)})"
+            ) from exc
+        self._ckpt_unknown = b""
+        if committed:
+            self.committed = True
+            self.instance.retire("this enclave's state was checkpointed")
+            raise CommittedError("this enclave's checkpoint gate committed before: it is committed")
 
     def ckpt_in(self, sealed_key: bytes, meta: bytes = b"") -> None:
         """Destination: open a checkpoint's key (this host, an enclave it allows).

@@ -56,6 +56,8 @@ class _SourceSide(_MigratorState):
     #: The migration whose COMMIT went out and got no answer: it may be recorded
     #: (``docs/spec/commit.md``, 1 rule 4).
     _unknown_mid: bytes = b""
+    #: The checkpoint whose gate commit went out and got no answer (the same rule).
+    _ckpt_unknown: bytes = b""
 
     def out_start(self) -> bytes:
         """Source: begin a migration; returns the source hello for the destination."""
@@ -343,7 +345,9 @@ class _SourceSide(_MigratorState):
         was_destination = self.role is Role.DESTINATION
         pending = self._pending_persistent
         ckpt = self.checkpoint if was_source else None
-        if ckpt is not None and ckpt.group:
+        if ckpt is not None and ckpt.checkpoint_id == self._ckpt_unknown:
+            self._abort_unknown_gate(ckpt)  # (answered by the store, or it raises)
+        elif ckpt is not None and ckpt.group:
             # Recorded first, with the gate's end: refused once a sibling committed.
             self._record_checkpoint_abort(ckpt, none_committed)
         elif ckpt is not None:
@@ -361,6 +365,9 @@ class _SourceSide(_MigratorState):
             self.discarded = True
             self.instance.retire("a migration into this enclave was aborted")
         return frame
+
+    def _abort_unknown_gate(self, ckpt: checkpoints.Checkpoint) -> None:
+        raise NotImplementedError  # (the checkpoints' side: ``_Checkpoints``)
 
     def _keep_abort(self, migration_id: bytes, frame: bytes) -> None:
         """Remember the ABORT of ``migration_id`` for :meth:`abort_frame` (bounded)."""
