@@ -492,7 +492,9 @@ def test_tool_and_guardian_killed_before_the_decision(
     app, digest = loaded_app(bed)
     run = migrate_with(bed, app, agent, "tool.before-commit:kill-guardian-and-tool")
     assert run.returncode == -9
-    assert bed.runnable_copies(app)["src"] == 0  # fenced, and nobody left to continue it
+    # Fenced, and nobody left to continue it: the tree stops (its SIGSTOP was queued) once
+    # CRIU, which saw its tool die, has let it go; a moment in between it may read running.
+    wait_until(lambda: bed.runnable_copies(app)["src"] == 0, 10, "the fenced source to stop")
     again = recover(bed)
     assert again.returncode == EXIT_OK, again.stdout + again.stderr
     assert "Traceback" not in again.stderr
