@@ -126,6 +126,9 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
             "migsgx.enclave.sidechannel",
         }
     ),
+    # The source's decision (its COMMIT, the token, the release, a decision whose answer
+    # was lost read again) below its dump and aborts (``migrator_source``).
+    "migsgx.enclave.migrator_decision": frozenset({"migsgx.enclave.migrator_state"}),
     # migsgx recover: the records it reads, one migration resolved, the enclaves taken
     # back (the data path only there), then the command's loop over the journals.
     "migsgx.agent.recover_records": frozenset({"migsgx.agent.journal"}),

@@ -22,7 +22,9 @@ keys or plaintext happens here:
   claimed the migration id; an abort thaws the source.
 
 The trusted half is a stack of layers, one job each: the shared state and the
-handshake (:mod:`.migrator_state`), the source (:mod:`.migrator_source`), the
+handshake (:mod:`.migrator_state`), the source's decision (its COMMIT, the
+token again, the release, the re-delivery, and the reading of a decision whose
+answer was lost: :mod:`.migrator_decision`), the source (:mod:`.migrator_source`), the
 pre-copy rounds (:mod:`.migrator_rounds`), the destination
 (:mod:`.migrator_destination`) and the checkpoints
 (:mod:`.migrator_checkpoints`), the refusal of a migration id and the

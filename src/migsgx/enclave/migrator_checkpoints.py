@@ -16,12 +16,10 @@ from ..core.handshake import Role
 from ..errors import (
     CheckpointGateError,
     CommittedError,
-    DecisionUnknownError,
     GroupDecidedError,
     GroupUncheckedError,
     MigSGXError,
     PersistentStateError,
-    PlatformAnswerLostError,
     ProtocolError,
 )
 from ..sgx.store_types import Decision, RecordUpdate
@@ -69,15 +67,12 @@ class _Checkpoints(_DestinationSide):
         # One platform update: the record retires and the checkpoint's gate opens.
         reason = "this enclave's persistent state was checkpointed"
         opening = checkpoints.commit_change(self.instance, ckpt, meta)
-        try:
+
+        def lost() -> None:
+            self._ckpt_unknown = ckpt.checkpoint_id
+
+        with self._answer_lost("checkpoint gate commit", "migsgx recover --checkpoint", lost):
             self._gate_commit(ckpt, reason, opening)
-        except PlatformAnswerLostError as exc:
-            self._ckpt_unknown = ckpt.checkpoint_id  # (sent: it may hold, retirement and all)
-            raise DecisionUnknownError(
-                "this enclave's checkpoint gate commit reached its platform service, which "
-                "went away before it answered: it may be recorded; the enclave stays frozen "
-                "until its platform service is back (run migsgx recover --checkpoint then)"
-            ) from exc
         self.committed = True
         self._ckpt_unknown = b""
         self.instance.retire("this enclave's state was checkpointed")

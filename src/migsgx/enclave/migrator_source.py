@@ -1,14 +1,14 @@
-"""The source's side of a migration: the dump into the ring, the decision.
+"""The source's side of a migration: the dump into the ring, LOADED, the aborts.
 
 The hello, the dump (sealed straight into the ring the untrusted side
-provides), the destination's LOADED, the durable COMMIT with its token, the
-migration group, the release, a re-delivery after the commit, and every
-abort with the records that make it final (``docs/spec/commit.md``).
+provides), the destination's LOADED, the migration group, and every abort
+with the records that make it final (``docs/spec/commit.md``).  The COMMIT,
+the token, the release, the re-delivery and the reading of a decision whose
+answer was lost are the layer below (:mod:`.migrator_decision`).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -23,18 +23,17 @@ from ..datapath.transport import context_switches
 from ..errors import (
     AwaitingDecisionError,
     CommittedError,
-    DecisionUnknownError,
     GroupDecidedError,
     GroupUncheckedError,
     MigrationError,
     MigSGXError,
-    PlatformAnswerLostError,
     ProtocolError,
 )
 from ..limits import check_chunk_size
 from ..sgx.store_types import Decision
 from . import checkpoints, precopy
-from .migrator_state import ABORTS_KEPT, MIN_CHUNK, RING_TIMEOUT, _MigratorState
+from .migrator_decision import _HeldCommitError, _SourceDecision
+from .migrator_state import ABORTS_KEPT, MIN_CHUNK, RING_TIMEOUT
 
 
 def _sealing(sealer: StreamSealer) -> ChunkWriter:
@@ -46,51 +45,13 @@ def _sealing(sealer: StreamSealer) -> ChunkWriter:
     return write
 
 
-class _HeldCommitError(Exception):
-    """The store answered an abort with this enclave's own COMMIT (first decision wins)."""
-
-
-class _SourceSide(_MigratorState):
-    """A migration's source: its dump, its decision, its aborts."""
-
-    #: The migration whose COMMIT went out and got no answer: it may be recorded
-    #: (``docs/spec/commit.md``, 1 rule 4).
-    _unknown_mid: bytes = b""
-    #: The checkpoint whose gate commit went out and got no answer (the same rule).
-    _ckpt_unknown: bytes = b""
+class _SourceSide(_SourceDecision):
+    """A migration's source: its dump, LOADED, its group, its aborts."""
 
     def out_start(self) -> bytes:
         """Source: begin a migration; returns the source hello for the destination."""
 
         self.handshake = self._new_handshake(Role.SOURCE)
-        self.handshake.start()
-        return self.handshake.data_to_send()
-
-    def redeliver_start(self) -> bytes:
-        """Source, committed: a new handshake, same migration id, for the state again.
-
-        The destination enclave that loaded the state died before it claimed the
-        migration id (window W2, ``docs/spec/commit.md``).  This enclave still
-        holds the state, frozen; it hands it again, attested and keyed like the
-        first time, to a fresh enclave on the *same* destination platform, whose
-        claim store lets the id activate at most once.
-        """
-
-        if not self.committed or self._token is None or self._dumped_parts is None:
-            raise ProtocolError("only a committed source re-delivers its state")
-        if self.checkpoint is not None or not self._destination_platform:
-            raise ProtocolError("nothing to re-deliver")
-        mid = self._committed_mid
-        if len(mid) != 16:
-            raise ProtocolError("no migration id to re-deliver")
-        if self.rounds_out is not None:
-            self.rounds_out.close()
-            self.rounds_out = None
-        self._close_ring()
-        self.role = None
-        self.keys = None
-        self.redelivering = True
-        self.handshake = self._new_handshake(Role.SOURCE, migration_id=mid)
         self.handshake.start()
         return self.handshake.data_to_send()
 
@@ -185,63 +146,6 @@ class _SourceSide(_MigratorState):
         assert isinstance(event, LoadConfirmed)
         return {"streams": event.streams, "digest": event.digest}
 
-    def commit(self) -> bytes:
-        """Source: decide COMMIT, durably; the state stays here, frozen, until released.
-
-        The decision (with the token) is written to this host's platform store in
-        the same atomic update that retires the persistent record
-        (``docs/spec/commit.md``).  From then on this enclave never runs again,
-        but it keeps its memory until :meth:`release`: while the destination has
-        not confirmed that it runs, this frozen copy is what a re-delivery reads.
-        """
-
-        sc = self._source_commit()
-        # Every precondition of the token before anything is retired: a refusal
-        # after the retirement would leave the state nowhere.
-        if sc.state is not CommitState.LOAD_CONFIRMED:
-            raise ProtocolError("the destination has not confirmed the load")
-        if self.keys is None or self.keys.streams.busy:
-            raise ProtocolError("a stream was started after the destination's LOADED")
-        services = self.instance.services
-        if self.redelivering:
-            # Decided before (the first decision is final): a token for this session.
-            token = sc.commit()
-            self._token = token
-            self.redelivering = False
-            return token
-
-        def record(token: bytes) -> None:
-            decision = Decision(sc.migration_id, "commit", token, group=self.group)
-            try:
-                held = self.persistent.retire_with(
-                    "this enclave's persistent state has moved to another host",
-                    lambda retire: services.decide(decision, retire),
-                )
-            except PlatformAnswerLostError as exc:
-                self._unknown_mid = sc.migration_id  # (sent: it may hold, retirement and all)
-                raise DecisionUnknownError(
-                    "this enclave's COMMIT reached its platform service, which went away "
-                    "before it answered: it may be recorded; the enclave stays frozen until "
-                    "its platform service is back (run migsgx recover then)"
-                ) from exc
-            except GroupDecidedError as exc:
-                raise MigrationError(
-                    "another enclave of this migration aborted: this one cannot commit"
-                ) from exc
-            if held.kind != "commit":
-                raise MigrationError("this migration was decided aborted before")
-
-        token = sc.commit(record)
-        self.committed = True
-        self._unknown_mid = b""
-        self._token = token
-        self._committed_mid = sc.migration_id
-        return token
-
-    def _decision_unknown(self) -> bool:
-        sc = self.source_commit
-        return bool(self._unknown_mid) and sc is not None and sc.migration_id == self._unknown_mid
-
     def set_group(self, group: bytes) -> None:
         """Source, before its decision: the migration it moves in with other enclaves.
 
@@ -263,23 +167,6 @@ class _SourceSide(_MigratorState):
         if self.group and self.group != group:
             raise ProtocolError("this enclave is in another migration group")
         self.group = bytes(group)
-
-    def token(self) -> bytes:
-        """Source, committed: the COMMIT token again, for a re-delivery."""
-
-        if self._token is None:
-            raise ProtocolError("no commit was decided")
-        return self._token
-
-    def release(self) -> None:
-        """Source, committed: the destination runs; wipe the state and exit."""
-
-        if not self.committed and self._decision_unknown():
-            self.commit()  # (its COMMIT was read from the store: the store returns it)
-        if not self.committed or self._token is None:
-            raise ProtocolError("only a committed source is released")
-        self.instance.retire("this enclave's state has moved to another host")
-        self._exit_thread = threading.get_ident()
 
     def abort(self, reason: str = "aborted", none_committed: bool = False) -> bytes:
         """Give up this migration; a source runs on with its state intact.
@@ -421,26 +308,6 @@ class _SourceSide(_MigratorState):
                     f"store failed: {getattr(exc, 'code', type(exc).__name__)}); it stays "
                     "frozen: an abort after another enclave's commit would split the migration"
                 ) from exc
-
-    def _record_unknown_abort(self, decision: Decision) -> None:
-        """The abort of a migration whose COMMIT may be recorded: never best effort,
-        ``none_committed`` or not.  The store's answer decides (the first decision wins):
-        ABORT, it aborts; its own COMMIT (:class:`_HeldCommitError`), it is committed;
-        none, it stays frozen (``group-unchecked``, asked again by the guardian)."""
-
-        try:
-            held = self.instance.services.decide(decision)
-        except GroupDecidedError:
-            raise
-        except (MigSGXError, OSError) as exc:
-            raise GroupUncheckedError(
-                "this enclave's decision may be recorded (its platform service went away "
-                "while it recorded the COMMIT); it stays frozen until its platform service "
-                f"is back ({getattr(exc, 'code', type(exc).__name__)})"
-            ) from exc
-        if held.kind != "abort":
-            raise _HeldCommitError
-        self._unknown_mid = b""
 
     def _record_checkpoint_abort(self, ckpt: checkpoints.Checkpoint, unchecked_ok: bool) -> None:
         """A grouped checkpoint's abort: decided in the store with its gate's end, or not at all.

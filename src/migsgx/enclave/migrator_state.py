@@ -2,10 +2,11 @@
 
 The base of :class:`~.migrator.Migrator`: its attributes (one migration at a
 time), the attestation of both ends, the handshake, the ring's hand-over, the
-status calls and the reset.  The source's side (:mod:`.migrator_source`), the
-pre-copy rounds (:mod:`.migrator_rounds`), the destination's side
-(:mod:`.migrator_destination`) and the checkpoints (:mod:`.migrator_checkpoints`)
-are layers over it, each a subclass of the one before, and
+status calls and the reset.  The source's decision (:mod:`.migrator_decision`),
+the source's side (:mod:`.migrator_source`), the pre-copy rounds
+(:mod:`.migrator_rounds`), the destination's side (:mod:`.migrator_destination`)
+and the checkpoints (:mod:`.migrator_checkpoints`) are layers over it, each a
+subclass of the one before, and
 :mod:`.migrator` adds the dispatch of the runtime calls.
 """
 
