@@ -262,3 +262,47 @@ def test_a_named_process_that_closed_the_connection_does_not_keep_the_enclave(
     app.app.wait()
     assert pid_alive(app.child)  # C1 lives on, without the connection
     assert wait_until(lambda: not pid_alive(app.enclave), 30), "the enclave outlived its holders"
+
+
+@pytest.mark.parametrize(
+    "forking", [("close", {"MIGSGX_FAULT": "app.resume-taken:no-unhold"})], indirect=True
+)
+def test_the_checkpoint_tool_rereads_the_holders_before_it_gives_the_tree_back(
+    forking: Forking, tmp_path: Path
+) -> None:
+    """The same, driven by the real ``migsgx checkpoint``: it holds each enclave
+    connection, waits at ``ckpt.before-dump`` while C1 closes its copy, then fails
+    there (``wait-file-then-fail``) and rolls back: its re-read before it continues
+    the tree names P alone, so the enclave ends once P is killed (before: C1, alive
+    without the connection, kept it for good)."""
+
+    app, work = forking, forking.work
+    go = work / "tool-go"
+    tool = subprocess.Popen(
+        [sys.executable, "-m", "migsgx", "checkpoint", str(app.parent), "--dir",
+         str(tmp_path / "ck")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        env={**os.environ, "MIGSGX_FAULT": f"ckpt.before-dump:wait-file-then-fail={go}"},
+    )  # fmt: skip
+    try:
+        assert tool.stderr is not None
+        for line in tool.stderr:  # its holds made, the tool waits there
+            if line.startswith("migsgx fault: ckpt.before-dump:"):
+                break
+        else:
+            pytest.fail("the checkpoint tool ended before its fault point")
+        (work / "go").touch()
+        assert wait_until((work / "closed").exists, 30)
+        go.touch()
+        _, rest = tool.communicate(timeout=120)
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+            tool.wait()
+    assert tool.returncode == 6, rest  # the source runs on
+    assert "Traceback" not in rest
+    assert pid_alive(app.enclave)  # back with its application, which keeps it
+    os.kill(app.parent, signal.SIGKILL)
+    app.app.wait()
+    assert pid_alive(app.child)  # C1 lives on, without the connection
+    assert wait_until(lambda: not pid_alive(app.enclave), 30), "the enclave outlived its holders"
