@@ -18,6 +18,8 @@ IMAGE_FRAME_MAX = 32 << 20  # a launch carries the whole image
 ECALL_FRAME_MAX = 16 << 20
 #: The most pidfds of the application that follow the duplicate of a ``__mig_hold``.
 HOLD_WATCHED = 16
+#: The one byte of the message that carries a ``__mig_watch``'s pidfds.
+WATCH_BYTE = b"W"
 
 LAUNCH = Schema(
     "launch",

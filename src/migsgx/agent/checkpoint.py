@@ -61,6 +61,7 @@ from .enclave_loss import LostEnclave, dead, lost_error, wait_ended
 from .faults import fault, kill_dead, socket_owner
 from .guardian import Guardian
 from .handback import let_go
+from .holders import watch_holders
 from .lost_enclaves import hung_up
 
 __all__ = ["CHECKPOINT_META", "checkpoint"]
@@ -111,6 +112,7 @@ def checkpoint(
     #: Alive, whose gate commit went out and got no answer (its service went away).
     unknown: list[int] = []
     fenced: list[int] = []
+    holders: list[list[object]] = []
     meta = {"format": FORMAT, "pid": pid, "pidns": pidns, "tcp_close": tcp_close,
             "enclaves": len(handed), "start": start_time(pid)}  # fmt: skip
     # As for a migration: a guardian holds the enclave connections, so that a tool
@@ -225,6 +227,8 @@ def checkpoint(
                     "--platform-socket SOCK"
                 ) from exc
             if not committed:
+                if link is not None and _alive(pid):  # (who holds each connection now)
+                    watch_holders([h.sock for h in handed], holders, link.pid)
                 for fenced_pid in fenced:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(fenced_pid, signal.SIGCONT)

@@ -5,7 +5,8 @@ or a migration tool makes it fail at ``POINT``: ``exit`` ends the process at
 once (as a crash would), ``kill`` sends it SIGKILL, ``kill-after=SECONDS``
 sends it SIGKILL that much later while the work goes on, ``fail`` raises
 :class:`InjectedFault`, ``wait-file=PATH`` holds the process there until PATH
-exists (a test looks at it in that state, then lets it go); any other action
+exists (a test looks at it in that state, then lets it go),
+``wait-file-then-fail=PATH`` holds it there, then fails as ``fail``; any other action
 is returned to the caller, which knows what it means there (``corrupt``
 before a restore, ``corrupt``/``drop``/``reorder``/``truncate``/``replay`` of the
 page stream (:func:`~.fault_relays.tampering_relay`), ``kill-after-bytes=N`` while an
@@ -183,6 +184,11 @@ def fault(point: str) -> str | None:
         if action.startswith("wait-file="):
             _wait_for(Path(action.partition("=")[2]), point)
             return None
+        if action.startswith("wait-file-then-fail="):
+            # Held there until PATH exists, then as ``fail``: a roll-back from a
+            # moment the test chose (what the application did meanwhile).
+            _wait_for(Path(action.partition("=")[2]), point)
+            raise InjectedFault(f"fault injected at {point}")
         return action
     return None
 

@@ -274,6 +274,9 @@ def _main(argv: list[str] | None, tool: int) -> int:
                 unlock(Path(path))  # a container's own address answers again
             except MigSGXError as exc:
                 log(f"could not unlock the source's network: {exc}")
+        from .holders import watch_recorded  # lazy: the guardian starts fast
+
+        watch_recorded(socks, journals, args.app_pid)  # (before the tree continues)
         handed = resume_source(args.app_pid, args.app_name, socks, fenced, frozen, log)
         step("guardian-handed-back")
         # Killed here, the journal still names the duplicates the enclaves let go

@@ -18,6 +18,11 @@ duplicate is the driver's end of the enclave's own connection).  So whatever is
 then written into it can reach no other process: not the application (the
 enclave's own end of its connection), not the platform service (its platform
 channel).  Nothing is written to anything else.
+
+The same checks guard :func:`watch_holders`: before a given-back source tree
+continues, each source enclave is told which processes hold its connection
+then (``__mig_watch``), a set only root can read (the enclave's own uid and
+``hidepid`` keep it from ``/proc``).
 """
 
 from __future__ import annotations
@@ -25,19 +30,29 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import itertools
 import logging
 import os
 import socket
 import struct
 import threading
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
 from .. import _proc
 from .._fds import take_descriptor
+from ..channel import ECALL, ECALL_FRAME_MAX, HOLD_WATCHED, WATCH_BYTE
+from ..errors import ConnectionClosedError, MigSGXError
+from ..wire import recv_frame, send_frame
 from .ckpt_journal import start_time
-from .enclave_ask import ask, not_answering
+from .enclave_ask import HUNG_WAIT, ask, not_answering
+from .lost_enclaves import hung_up
 
-__all__ = ["dead_holders", "eof_socket", "is_enclave_runtime", "peer_inode", "take_held"]
+__all__ = [
+    "connection_holders", "dead_holders", "eof_socket", "is_enclave_runtime", "peer_inode",
+    "take_held", "watch_holders", "watch_recorded",
+]  # fmt: skip
 
 log = logging.getLogger("migsgx.recover")
 
@@ -243,3 +258,147 @@ def eof_socket() -> socket.socket:
     ours, theirs = socket.socketpair()
     theirs.close()
     return ours
+
+
+def connection_holders(inodes: set[int]) -> dict[int, list[int]]:
+    """Every live process that holds a descriptor of one of the sockets ``inodes``, by inode.
+
+    One scan of every process of this pid namespace (root's view, where a child
+    whose parent exited is no longer in its application's tree but still holds
+    the connection it inherited).  Processes that end meanwhile are passed over.
+    """
+
+    links = {f"socket:[{inode}]": inode for inode in inodes}
+    found: dict[int, list[int]] = {}
+    for pid in _proc.pids():
+        for _, link in _proc.fd_links(pid):
+            inode = links.get(link)
+            if inode is not None and pid not in found.setdefault(inode, []):
+                found[inode].append(pid)
+    return {inode: [p for p in pids if _proc.alive(p)] for inode, pids in found.items()}
+
+
+def watch_holders(
+    socks: Sequence[socket.socket], holders: object, app_pid: int | None
+) -> list[int]:
+    """Before a given-back source tree continues: each source enclave is told who holds
+    its connection now (``__mig_watch``, ``docs/spec/channels.md`` 7.1); the
+    positions of those that took the set.
+
+    ``socks``: the application's ends of the enclaves' connections (the tool's
+    own, or taken back from the enclaves), in the order of ``holders`` (the
+    journal's ``[pid, fd, start, nonce]``).  Each set: ``app_pid`` first if it
+    lives (it takes the connection back with ``resume``), then every other
+    process that holds the connection (:func:`connection_holders`) but the
+    enclave itself (it holds the duplicate), this process and a guardian (they
+    hold it to hand it back), at most :data:`~migsgx.channel.HOLD_WATCHED`.  A
+    process forked after the hold that kept the connection is named from now
+    on, and one named with the hold that closed it since is not: the enclave
+    follows the processes that really hold it.
+
+    Passed over, its hold keeping the set it had: an entry without a nonce (an
+    older tool's), a connection whose other end the recorded enclave process
+    does not hold (asked of the kernel, ``sock_diag``: nothing is written to
+    another process), an empty set (nobody to watch: the caller lets it go),
+    and an enclave that refuses (another hold's, committed) or does not answer
+    within the bound (said on the log).  Never raises: the source is given back
+    whatever this finds.
+    """
+
+    wanted: dict[int, tuple[int, socket.socket, int, bytes]] = {}
+    entries = holders if isinstance(holders, list) else []
+    for index, (sock, item) in enumerate(zip(socks, entries, strict=False)):
+        if not (isinstance(item, list) and len(item) == 4):
+            continue
+        pid, nonce = item[0], _nonce(item[3])
+        if not nonce or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            continue
+        with contextlib.suppress(OSError):
+            if _is_own_connection(sock, pid):
+                wanted[os.fstat(sock.fileno()).st_ino] = (index, sock, pid, nonce)
+    if not wanted:
+        return []
+    found = connection_holders(set(wanted))
+    first = [app_pid] if app_pid is not None and app_pid > 0 and _proc.alive(app_pid) else []
+    told = []
+    for inode, (index, sock, enclave, nonce) in wanted.items():
+        named = first + [
+            pid for pid in found.get(inode, [])
+            if pid not in first and pid not in (enclave, os.getpid()) and not _is_guardian(pid)
+        ]  # fmt: skip
+        if named and _tell(sock, index, enclave, nonce, named[:HOLD_WATCHED]):
+            told.append(index)
+    return told
+
+
+def _is_guardian(pid: int) -> bool:
+    return b"migsgx.agent.guardian" in _proc.argv(pid)
+
+
+def watch_recorded(socks: Sequence[socket.socket], journals: list[str], app_pid: int) -> None:
+    """:func:`watch_holders` with the holds the tool's journal records (the guardian's,
+    which has the connections and the journal's path, not its fields)."""
+
+    from .journal import Journal  # lazy: the guardian starts fast
+
+    for path in journals[:1]:
+        try:
+            holders = Journal.load(Path(path)).holders
+        except (MigSGXError, OSError, ValueError) as exc:
+            log.warning("the holds in %s cannot be read: %s", Path(path).name, exc)
+            return
+        if socks and _proc.alive(app_pid):
+            watch_holders(socks, holders, app_pid)
+
+
+def _tell(sock: socket.socket, index: int, enclave: int, nonce: bytes, pids: list[int]) -> bool:
+    """``__mig_watch`` with pidfds of ``pids``; whether the enclave took them."""
+
+    pidfds: list[int] = []
+    for pid in pids:
+        with contextlib.suppress(OSError):  # (gone meanwhile: nothing to watch of it)
+            pidfds.append(os.pidfd_open(pid))
+    if not pidfds:
+        return False
+    try:
+        msg, why = _ask_with(sock, nonce, pidfds)
+    finally:
+        for pidfd in pidfds:
+            os.close(pidfd)
+    if msg is not None and msg["t"] == "ret":
+        return True
+    if msg is not None:
+        why = f"{msg.get('code')}: {msg.get('message')}"
+    elif why == "hung":
+        why = not_answering(index, enclave, "__mig_watch")
+    log.warning("enclave %d keeps the holders named with its hold (%s)", index, why)
+    return False
+
+
+_WATCH_IDS: Final = itertools.count((1 << 53) + 11)
+
+
+def _ask_with(
+    sock: socket.socket, nonce: bytes, pidfds: list[int]
+) -> tuple[dict[str, object] | None, str]:
+    """``__mig_watch`` and its pidfds (a message of their own after the frame); the
+    answer within :data:`~.enclave_ask.HUNG_WAIT`, or why none (``gone``, ``hung``),
+    as :func:`.enclave_ask.ask` tells them apart."""
+
+    call_id = next(_WATCH_IDS)
+    sock.settimeout(HUNG_WAIT)
+    try:
+        send_frame(sock, {"t": "ecall", "id": call_id, "fn": "__mig_watch", "args": [nonce]},
+                   max_size=ECALL_FRAME_MAX)  # fmt: skip
+        socket.send_fds(sock, [WATCH_BYTE], pidfds)
+        while True:
+            msg = recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX)
+            if msg.get("id") == call_id:
+                return msg, ""
+    except ConnectionClosedError:
+        return None, "it is gone"
+    except (MigSGXError, OSError):
+        return None, "it is gone" if hung_up(sock) else "hung"
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(None)

@@ -28,6 +28,7 @@ from .enclave_loss import committed_in_store
 from .fault_relays import firewall_drop
 from .faults import fault
 from .handback import abort_enclave, let_go
+from .holders import watch_holders
 from .lost_enclaves import hung_up
 from .protocol import PastCommitError, RefusedError
 from .source_enclaves import _EnclaveSteps
@@ -332,6 +333,10 @@ class _DecisionSteps(_EnclaveSteps):
         self._inject(self._fault("tool.rolled-back"))
         if self.lazy is not None:
             self.lazy.stop()  # CRIU lets go of the tree before it is thawed
+        if not source_gone and self.link is not None and self.journal is not None:
+            # Who holds each connection now, read while the tree is still stopped: the
+            # enclaves follow those processes, not the ones named with the hold.
+            watch_holders(socks, self.journal.holders, self.link.pid)
         for pid in self.fenced:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)

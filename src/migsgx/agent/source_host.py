@@ -26,6 +26,7 @@ from ..containers.podnet import give_up, unlock
 from ..errors import MigSGXError
 from ..system.process import pid_exists as alive
 from .handback import resume_source
+from .holders import watch_holders
 from .journal import Journal
 
 __all__ = [
@@ -204,8 +205,10 @@ def hand_back(
     the hand-back's trouble is said (:func:`.handback.resume_source`'s own if None).
     """
 
-    give_back(journal)
     app_pid, app_name = int(journal.data["app_pid"]), str(journal.data["app_name"])
+    if socks and alive(app_pid):
+        watch_holders(socks, journal.holders, app_pid)  # (read before the tree continues)
+    give_back(journal)
     told = {"log": log} if log is not None else {}
     failed = resume_source(app_pid, app_name, socks, journal.fenced_now(), [], **told)
     journal.update(holders=[])

@@ -12,11 +12,20 @@ destination) or on a rollback (the listeners take them).
 
 A container that owns its address has a stronger lock of its own
 (:mod:`.podnet`).
+
+The gate's note (for the guardian and ``migsgx recover``, which open it when
+the tool died) names the namespace by a path *and* its inode: a path alone
+(``/proc/self/ns/net`` for a tree that shares the tool's namespace, a tree
+process's pid) means another namespace to a reader that runs elsewhere or
+after the pid was reused.  The reader opens the gate only in a namespace it
+reaches whose inode is the noted one (:func:`reach_netns`), or says clearly
+that it cannot.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import time
@@ -29,7 +38,9 @@ from ..system.process import tree_pids
 from .base import ContainerError
 from .command import run_engine
 
-__all__ = ["ListenerGate", "listeners", "open_gate", "parse_ungate"]
+__all__ = ["ListenerGate", "listeners", "open_gate", "parse_ungate", "reach_netns"]
+
+log = logging.getLogger("migsgx.containers")
 
 DRAIN_TIMEOUT: Final = 10.0
 #: The netns a gate's note may name: what :func:`_lasting_netns` gives (nothing that
@@ -38,6 +49,7 @@ _NETNS: Final = re.compile(
     r"/proc/(?:self|[1-9][0-9]{0,9})/ns/net|/run/netns/(?!\.\.?$)[A-Za-z0-9_.-]{1,64}"
 )
 _PORT: Final = re.compile(r"[1-9][0-9]{0,4}")
+_INODE: Final = re.compile(r"[1-9][0-9]{0,19}")
 _LISTEN: Final = "0A"
 _SYN_RECV: Final = "03"
 
@@ -70,22 +82,27 @@ class ListenerGate:
     ports: list[int]
     #: A name of the tree's network namespace that outlives the tree where it can.
     netns: str
+    #: That namespace's inode: what a reader checks before it uses the name (0: unknown).
+    netns_inode: int = 0
 
     @classmethod
     def of_tree(cls, root: int) -> ListenerGate:
-        return cls(root, listeners(root), _lasting_netns(root))
+        return cls(root, listeners(root), *_lasting_netns(root))
 
     def note(self) -> str:
         """The guardian's line for opening the gate if the tool dies."""
 
-        return f"ungate {self.netns} " + ",".join(map(str, self.ports))  # (parse_ungate reads it)
+        ports = ",".join(map(str, self.ports))
+        inode = f" {self.netns_inode}" if self.netns_inode > 0 else ""
+        return f"ungate {self.netns} {ports}{inode}"  # (parse_ungate reads it)
 
     def close(self, *, timeout: float = DRAIN_TIMEOUT) -> None:
         """Drop new connections to the listeners, then wait until none is pending."""
 
         try:
+            netns = reach_netns(self.netns, self.netns_inode)
             for port in self.ports:
-                _iptables(self.netns, "-I", port)
+                _iptables(netns, "-I", port)
             deadline = time.monotonic() + timeout
             while self._pending():
                 if time.monotonic() > deadline:
@@ -115,32 +132,67 @@ class ListenerGate:
     def open(self) -> None:
         """Remove the rules (each once; a missing one is fine)."""
 
-        open_gate(self.netns, self.ports)
+        open_gate(self.netns, self.ports, self.netns_inode)
 
 
-def _lasting_netns(root: int) -> str:
-    """This process's namespace file if the tree shares it, else a named one, else the tree's."""
+def _lasting_netns(root: int) -> tuple[str, int]:
+    """A named namespace file of the tree's network namespace if there is one, else the
+    tree's own (``/proc/ROOT/ns/net``); with that namespace's inode.
+
+    A tree that shares the tool's namespace is named by its root's pid too, never
+    by ``/proc/self/ns/net``: the guardian shares it, but ``migsgx recover`` may run
+    in another namespace, where that path names its own.  Whatever the name, the
+    inode decides where the gate opens (:func:`reach_netns`: here, in the host's
+    first process's namespace, or a named one, once the tree is gone).
+    """
 
     mine = f"/proc/{root}/ns/net"
     try:
         st = os.stat(mine)
     except OSError as exc:
         raise ContainerError(f"no process {root}") from exc
-    own = os.stat("/proc/self/ns/net")
-    if (st.st_ino, st.st_dev) == (own.st_ino, own.st_dev):
-        return "/proc/self/ns/net"  # the guardian shares it too
+    for entry in _named():
+        with contextlib.suppress(OSError):
+            other = entry.stat()
+            if (other.st_ino, other.st_dev) == (st.st_ino, st.st_dev):
+                return str(entry), st.st_ino
+    return mine, st.st_ino  # (a namespace of the tree's own: its rules end with it)
+
+
+def _named() -> list[Path]:
     with contextlib.suppress(OSError):
-        for entry in sorted(Path("/run/netns").iterdir()):
-            with contextlib.suppress(OSError):
-                other = entry.stat()
-                if (other.st_ino, other.st_dev) == (st.st_ino, st.st_dev):
-                    return str(entry)
-    return mine  # a namespace of the tree's own: its rules end with it
+        return sorted(p for p in Path("/run/netns").iterdir() if _NETNS.fullmatch(str(p)))
+    return []
 
 
-def parse_ungate(note: str) -> tuple[str, list[int]] | None:
-    """The netns and ports of an ``ungate NETNS PORT,...`` note (:meth:`ListenerGate.note`),
-    or None for any other note or a garbled one.
+def reach_netns(netns: str, inode: int) -> str:
+    """A namespace file, reachable from here, of the network namespace ``inode``.
+
+    The noted name first, then this process's namespace, the first process's (the
+    host's, when the tool shared it), then every named one.  ``inode`` 0 (a note of
+    an older tool): the name as it is.  :class:`ContainerError` if none is that
+    namespace: the reader runs where it cannot reach it (or it is gone, and its
+    rules with it).
+    """
+
+    if inode <= 0:
+        return netns
+    for candidate in [netns, "/proc/self/ns/net", "/proc/1/ns/net", *map(str, _named())]:
+        with contextlib.suppress(OSError):
+            if os.stat(candidate).st_ino == inode:
+                return candidate
+    raise ContainerError(
+        f"the network namespace the gate was closed in (inode {inode}, noted as {netns}) is "
+        "not reachable from here, or gone: its rule stays; open it where that namespace is "
+        "reachable (run migsgx recover there), or remove it by hand: iptables -D INPUT -p tcp "
+        "--syn --dport PORT -j DROP in that namespace"
+    )
+
+
+def parse_ungate(note: str) -> tuple[str, list[int], int] | None:
+    """The netns, ports and netns inode of an ``ungate NETNS PORT,... [INODE]`` note
+    (:meth:`ListenerGate.note`; an older tool's has no inode: 0), or None for any
+    other note or a garbled one.
 
     The guardian reads it from the tool's pipe and ``migsgx recover`` from the journal,
     both to run ``nsenter``/``iptables`` as root with what it names: one reader, and
@@ -149,18 +201,31 @@ def parse_ungate(note: str) -> tuple[str, list[int]] | None:
     """
 
     parts = note.split()
-    if len(parts) != 3 or parts[0] != "ungate" or not _NETNS.fullmatch(parts[1]):
+    if len(parts) not in (3, 4) or parts[0] != "ungate" or not _NETNS.fullmatch(parts[1]):
         return None
     fields = parts[2].split(",")
     if not all(_PORT.fullmatch(f) and int(f) <= 65535 for f in fields):
         return None
-    return parts[1], [int(f) for f in fields]
+    inode = parts[3] if len(parts) == 4 else "0"
+    if inode != "0" and not (_INODE.fullmatch(inode) and int(inode) < 1 << 64):
+        return None
+    return parts[1], [int(f) for f in fields], int(inode)
 
 
-def open_gate(netns: str, ports: list[int]) -> None:
+def open_gate(netns: str, ports: list[int], inode: int = 0) -> bool:
+    """Remove the gate's rules in the namespace it was closed in; False (said on the
+    log) if that namespace is not reachable from here (:func:`reach_netns`)."""
+
+    try:
+        where = reach_netns(netns, inode)
+    except ContainerError as exc:
+        log.warning("the gate on ports %s stays closed: %s",
+                    ",".join(map(str, ports)), exc)  # fmt: skip
+        return False
     for port in ports:
         with contextlib.suppress(ContainerError):
-            _iptables(netns, "-D", port)
+            _iptables(where, "-D", port)
+    return True
 
 
 def _iptables(netns: str, op: str, port: int) -> None:

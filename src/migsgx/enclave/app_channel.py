@@ -18,6 +18,7 @@ from typing import Any
 
 from ..channel import ECALL, ECALL_FRAME_MAX
 from ..errors import (
+    CommittedError,
     ConnectionClosedError,
     EnclaveLostError,
     FrameError,
@@ -51,7 +52,7 @@ class AppChannel:
         #: checkpoint tool and guardian both died keeps its state for recovery.  An
         #: abort keeps it until ``__mig_unhold`` (the application has it back) or
         #: the application's exit.
-        self.hold = Hold(log)
+        self.hold = Hold(log, self._uncommitted)
 
     def send(self, msg: dict[str, Any]) -> None:
         with self._send_lock:
@@ -167,7 +168,7 @@ class AppChannel:
                             {"t": "err", "id": call_id, "code": exc.code, "message": exc.message}
                         )
                     continue
-                if name in ("__mig_hold", "__mig_held"):
+                if name in ("__mig_hold", "__mig_held", "__mig_watch"):
                     self._hold(call_id, name, msg["args"])
                     continue
                 if name == "__mig_unhold":
@@ -215,7 +216,8 @@ class AppChannel:
 
     def _hold(self, call_id: int, name: str, args: list[Any]) -> None:
         """``__mig_hold``: keep the descriptors that follow the frame (:mod:`.hold`);
-        ``__mig_held``: whether the duplicate held now is the caller's.
+        ``__mig_held``: whether the duplicate held now is the caller's;
+        ``__mig_watch``: the processes that hold the connection now, from its driver.
 
         The answer to a hold is the duplicate's number in this process, which a
         recovering root process (``migsgx recover``) takes a duplicate of
@@ -228,12 +230,28 @@ class AppChannel:
             if name == "__mig_held":
                 self.hold.check(args)
                 value: int | None = None
+            elif name == "__mig_watch":
+                value = self._rewatch(args)
             else:
                 value = self.hold.take(self.sock, args)
             self.send({"t": "ret", "id": call_id, "value": value})
         except (MigSGXError, OSError) as exc:
             err = exc if isinstance(exc, MigSGXError) else ProtocolError(f"{name}: {exc}")
             self.send({"t": "err", "id": call_id, "code": err.code, "message": err.message})
+
+    def _rewatch(self, args: list[Any]) -> int:
+        """``__mig_watch`` (:meth:`.hold.Hold.rewatch`), refused once committed: a
+        committed source's duplicate never follows anyone's set."""
+
+        if not self._uncommitted():
+            with contextlib.suppress(MigSGXError, OSError):
+                self.hold.rewatch(self.sock, [])  # (its descriptors read and closed)
+            raise CommittedError("this enclave committed: its duplicate follows no watch")
+        return self.hold.rewatch(self.sock, args)
+
+    def _uncommitted(self) -> bool:
+        migrator = self.migrator
+        return migrator is None or not migrator.committed
 
     def _runs_on(self) -> bool:
         """After an abort: whether this enclave still holds its live state (a source).

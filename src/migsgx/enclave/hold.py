@@ -5,7 +5,8 @@ end of the enclave's connection, so that the driver's death (and its
 guardian's) is no end of file: the enclave keeps the only copy of its state
 for ``migsgx recover`` to take back (``docs/spec/commit.md`` section 4).  An
 aborted source keeps it until the application has its connection back and
-says so (``__mig_unhold``).  Two ways that word never comes are closed here:
+says so (``__mig_unhold``).  Two ways that word never comes, and a set of
+holders that aged, are closed here:
 
 * **The application dies** after ``resume`` took its connections back and before
   its ``__mig_unhold`` arrived (or it runs a runtime older than that call).  The
@@ -23,9 +24,25 @@ says so (``__mig_unhold``).  Two ways that word never comes are closed here:
   while one process of the application named lives.  A pidfd names one process
   for good (no pid reuse), and the driver is untrusted either way: a wrong one
   only makes the enclave let go of a duplicate the driver could as well close
-  itself, and while any process holds its end nothing ends.  A process forked
-  after the hold (the application, given its connection back, forked before
-  its ``__mig_unhold``) is not named: its end keeps the enclave alive as any
+  itself, and while any process holds its end nothing ends.
+* **Who holds the connection changes after the hold**: the tree may fork and
+  close descriptors until it is frozen, and a process named then may live on
+  without the connection (the duplicate, and the enclave, would outlive every
+  real holder).  So the driver names them again right before it continues the
+  given-back tree (``__mig_watch``): it re-reads who holds the connection
+  then (root, from ``/proc`` and ``sock_diag``: the sandboxed enclave cannot,
+  its own uid under ``hidepid``), and the set it sends replaces the one named
+  with the hold.  A
+  child forked after the hold that keeps the connection is watched from then
+  on, and a process named before that has closed the connection since no
+  longer keeps the duplicate (the enclave would outlive every real holder).
+  Only the hold's driver sends it: it carries the hold's nonce, which only the
+  driver and its journal know.  A set that lies can only make the enclave keep
+  its duplicate longer, or let it go after an abort, where the state is the
+  source's to run on and each real holder's own end still keeps it; the watch
+  never lets go of a committed enclave's duplicate.  A process forked after
+  that re-read (the application, given its connection back, forks before its
+  ``__mig_unhold``) is not named: its end keeps the enclave alive as any
   holder's does, only the duplicate goes with the last process named.
 * **A stale holder** (a journal whose guardian died right after its hand-back)
   must not take a later migration's duplicate: each hold carries the driver's
@@ -43,7 +60,7 @@ import socket
 import threading
 from collections.abc import Callable
 
-from ..channel import HOLD_WATCHED
+from ..channel import HOLD_WATCHED, WATCH_BYTE
 from ..errors import MigSGXError, ProtocolError, register_error
 
 __all__ = ["HOLD_WAIT", "Hold", "NotThisHoldError"]
@@ -64,8 +81,13 @@ class NotThisHoldError(MigSGXError):
 class Hold:
     """The duplicate an enclave holds, whom it is for, and the watch on its application."""
 
-    def __init__(self, log: Callable[[str], None]) -> None:
+    def __init__(
+        self, log: Callable[[str], None], may_let_go: Callable[[], bool] = lambda: True
+    ) -> None:
         self._log = log
+        #: Whether the enclave still runs on its own state (never after a commit): the
+        #: watch lets the duplicate go only then.
+        self._may_let_go = may_let_go
         self._lock = threading.Lock()
         self._held: socket.socket | None = None
         #: Pidfds of the application's processes the driver named with the hold.
@@ -74,6 +96,9 @@ class Hold:
         #: Set by an abort that kept the duplicate: from then on the application's
         #: exit lets it go.  Cleared by every new hold.
         self._after_abort = False
+        #: Bumped by every new hold, every new set (``__mig_watch``) and every drop: a
+        #: watch of an older one ends at its next look.
+        self._generation = 0
 
     @property
     def held(self) -> bool:
@@ -106,7 +131,46 @@ class Hold:
         with self._lock:
             self._held, self._apps, self._nonce = held, list(fds[1:]), nonce
             self._after_abort = False
+            self._generation += 1
         return held.fileno()
+
+    def rewatch(self, sock: socket.socket, args: list[object]) -> int:
+        """``__mig_watch``: the processes that hold the connection now replace those
+        named with the hold; how many are watched.
+
+        ``args``: the hold's nonce (bytes, 1 to 64).  One message of one byte
+        follows the frame with 1 to :data:`~migsgx.channel.HOLD_WATCHED` pidfds;
+        it is read before anything is checked, so that a refused call leaves
+        the connection in step, and its descriptors are closed on any refusal.
+        After an abort that kept the duplicate, the watch follows the new set
+        at once.
+        """
+
+        fds = _receive_pidfds(sock)
+        try:
+            nonce = args[0] if len(args) == 1 else None
+            if not isinstance(nonce, bytes) or not 1 <= len(nonce) <= 64:
+                raise ProtocolError("__mig_watch takes the hold's nonce (bytes, 1 to 64)")
+            with self._lock:
+                if self._held is None:
+                    raise NotThisHoldError("this enclave holds no duplicate of its connection")
+                if not self._nonce or not hmac.compare_digest(self._nonce, nonce):
+                    raise NotThisHoldError("__mig_watch names another hold than the one held")
+                old, self._apps = self._apps, fds
+                self._generation += 1
+                armed = self._after_abort
+                held, generation = self._held, self._generation
+                apps = [os.dup(app) for app in fds] if armed else []
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        for app in old:
+            with contextlib.suppress(OSError):
+                os.close(app)
+        if armed:
+            self._start_watch(held, apps, generation)
+        return len(fds)
 
     def check(self, args: list[object]) -> None:
         """``__mig_held``: refuse unless the duplicate held now came with this nonce."""
@@ -130,15 +194,18 @@ class Hold:
                 return  # (one watch per hold: an abort asked again arms nothing more)
             self._after_abort = True
             apps = [os.dup(app) for app in self._apps]
-            held = self._held
+            held, generation = self._held, self._generation
+        self._start_watch(held, apps, generation)
+
+    def _start_watch(self, held: socket.socket, apps: list[int], generation: int) -> None:
         if not apps:
             return
         watch = threading.Thread(
-            target=self._watch, args=(held, apps), name="hold-watch", daemon=True
+            target=self._watch, args=(held, apps, generation), name="hold-watch", daemon=True
         )
         watch.start()
 
-    def _watch(self, held: socket.socket, apps: list[int]) -> None:
+    def _watch(self, held: socket.socket, apps: list[int], generation: int) -> None:
         """Until ``held`` is let go: once every process named exited, let it go."""
 
         try:
@@ -150,13 +217,18 @@ class Hold:
                     apps.remove(app)
                     os.close(app)
                 with self._lock:
-                    if self._held is not held or not self._after_abort:
-                        return  # handed back (__mig_unhold), or a new hold
+                    if (self._held is not held or not self._after_abort
+                            or self._generation != generation):  # fmt: skip
+                        return  # handed back (__mig_unhold), a new hold, or a new set
                     if exited and apps:
                         self._log(f"a process of the application ended after the abort; "
                                   f"{len(apps)} named still live: the duplicate stays")  # fmt: skip
                     if apps:
                         continue
+                    if not self._may_let_go():
+                        self._log("the application ended, but this enclave committed: "
+                                  "its duplicate stays")  # fmt: skip
+                        return
                     # Closed before it reads as let go: whoever sees ``held`` false
                     # finds the descriptor closed too.
                     with contextlib.suppress(OSError):
@@ -184,3 +256,25 @@ class Hold:
             self._close_apps()
             self._nonce = b""
             self._after_abort = False
+            self._generation += 1
+
+
+def _receive_pidfds(sock: socket.socket) -> list[int]:
+    """The 1 to :data:`~migsgx.channel.HOLD_WATCHED` descriptors that follow a
+    ``__mig_watch`` frame, in a message of the one byte :data:`WATCH_BYTE`."""
+
+    ready, _, _ = select.select([sock], [], [], HOLD_WAIT)
+    if not ready:
+        raise ProtocolError("no descriptor followed __mig_watch")
+    data, fds, flags, _ = socket.recv_fds(sock, 1, HOLD_WATCHED)
+    problem = (
+        f"__mig_watch carries at most {HOLD_WATCHED} pidfds" if flags & socket.MSG_CTRUNC
+        else "__mig_watch carries 1 or more pidfds" if not fds
+        else "__mig_watch's descriptors come with one byte W" if data != WATCH_BYTE
+        else ""
+    )  # fmt: skip
+    if problem:
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError(problem)
+    return list(fds)

@@ -116,6 +116,7 @@ RUNTIME_CALLS = frozenset(_CALLS) | {
     "__mig_hold",
     "__mig_held",
     "__mig_unhold",
+    "__mig_watch",
 }
 #: What a committed source still answers: its token again, its release, and the
 #: start of a re-delivery of its state (``docs/spec/commit.md``, section 2.1).
