@@ -10,7 +10,9 @@ closed, the set unchanged); the refusal of a committed enclave through its
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migsgx.agent.holders import connection_holders
+from migsgx.agent.holders import _running, connection_holders, watch_holders
 from migsgx.channel import ECALL, ECALL_FRAME_MAX, HOLD_WATCHED, WATCH_BYTE
 from migsgx.enclave.app_channel import AppChannel
 from migsgx.enclave.hold import Hold, NotThisHoldError
@@ -276,3 +278,93 @@ def test_the_driver_finds_every_process_that_holds_the_connection() -> None:
                 assert proc.stdout is not None
                 proc.stdout.close()
         assert connection_holders({inode}) == {inode: [os.getpid()]}
+
+
+def _sleeper(fd: int) -> subprocess.Popen[bytes]:
+    script = "import sys, time; print('up', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", script], pass_fds=[fd], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+    return proc
+
+
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait()
+    assert proc.stdout is not None
+    proc.stdout.close()
+
+
+def test_no_watch_while_a_holder_outside_the_fence_can_write() -> None:
+    """A process that holds the application's end and is not stopped (a child forked
+    after the hold whose parent exited is outside the fenced tree) could write an
+    ECALL between the watch's frame and its descriptor message: nothing is sent, the
+    enclave keeps the set named with its hold.  Stopped, it is no longer a reason."""
+
+    app_end, enclave_end = socket.socketpair()
+    with app_end, enclave_end:
+        enclave = _sleeper(enclave_end.fileno())
+        holder = _sleeper(app_end.fileno())
+        try:
+            record = [[enclave.pid, enclave_end.fileno(), 0, NONCE.hex()]]
+            assert watch_holders([app_end], record, None) == []
+            with pytest.raises(BlockingIOError):
+                enclave_end.recv(1, socket.MSG_DONTWAIT)  # nothing was written
+            assert _running([holder.pid]) == [holder.pid]
+            os.kill(holder.pid, signal.SIGSTOP)
+            assert _running([holder.pid]) == []  # (the stop shows within the settle time)
+        finally:
+            _end(enclave)
+            _end(holder)
+        assert _running([holder.pid]) == []  # gone: nothing can write
+
+
+def test_a_watch_with_a_descriptor_that_is_no_pidfd_is_refused(
+    pair: tuple[socket.socket, socket.socket], spawn: Callable[[], subprocess.Popen[bytes]]
+) -> None:
+    enclave, driver = pair
+    proc = spawn()
+    hold = _held(enclave, driver, [proc.pid])
+    named = list(hold._apps)
+    reader, writer = os.pipe()
+    try:
+        _send(driver, [proc.pid], [reader], data=WATCH_BYTE)
+        before = _open_fds()
+        with pytest.raises(ProtocolError, match="must be pidfds"):
+            hold.rewatch(enclave, [NONCE])
+        assert hold._apps == named and _open_fds() == before
+    finally:
+        os.close(reader)
+        os.close(writer)
+        hold.drop()
+
+
+def test_a_failed_duplicate_leaves_the_set_as_it_was(
+    pair: tuple[socket.socket, socket.socket],
+    spawn: Callable[[], subprocess.Popen[bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After an abort the watch duplicates the new set; a dup that fails (no descriptor
+    left) refuses the call with nothing changed and nothing leaked."""
+
+    enclave, driver = pair
+    first, second = spawn(), spawn()
+    hold = _held(enclave, driver, [first.pid])
+    hold.kept_after_abort()
+    named = list(hold._apps)
+    _send(driver, [second.pid, first.pid], data=WATCH_BYTE)
+    before = _open_fds()
+    real_dup, calls = os.dup, []
+
+    def dup(fd: int) -> int:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_dup(fd)
+
+    monkeypatch.setattr(os, "dup", dup)
+    with pytest.raises(OSError, match="Too many"):
+        hold.rewatch(enclave, [NONCE])
+    monkeypatch.setattr(os, "dup", real_dup)
+    assert hold._apps == named
+    assert _open_fds() == before  # the two received and the one duplicated closed
+    hold.drop()

@@ -36,6 +36,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -65,6 +66,9 @@ _UNIX_DIAG_PEER: Final = 2
 _NO_COOKIE: Final = 0xFFFFFFFF
 _SIOCGSKNS: Final = 0x894C  # a socket's network namespace, as a descriptor
 _CLONE_NEWNET: Final = 0x40000000
+_CGROUPS: Final = Path("/sys/fs/cgroup")
+#: How long a named holder may take to show the stop the fence sent it.
+FENCE_SETTLE: Final = 1.0
 
 
 def peer_inode(inode: int) -> int:
@@ -326,9 +330,56 @@ def watch_holders(
             pid for pid in found.get(inode, [])
             if pid not in first and pid not in (enclave, os.getpid()) and not _is_guardian(pid)
         ]  # fmt: skip
+        running = _running([pid for pid in named if pid != app_pid])
+        if running:
+            # Its calls share the stream with ours: a call written between our frame and
+            # its descriptor message would put the connection out of step.  (The
+            # application's own process is not asked: its runtime handed the connection
+            # over with ``prepare`` and calls nothing on it until ``resume``.)
+            log.warning("enclave %d keeps the holders named with its hold (process %d holds "
+                        "its connection and is not stopped)", index, running[0])  # fmt: skip
+            continue
         if named and _tell(sock, index, enclave, nonce, named[:HOLD_WATCHED]):
             told.append(index)
     return told
+
+
+def _running(pids: list[int]) -> list[int]:
+    """Those of ``pids`` that can run, given :data:`FENCE_SETTLE` to stop: a stop sent
+    a moment ago (the fence's SIGSTOP queued while CRIU still held the tree) shows
+    only once the process takes it."""
+
+    deadline = time.monotonic() + FENCE_SETTLE
+    while True:
+        running = [pid for pid in pids if not _fenced(pid)]
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.01)
+
+
+def _fenced(pid: int) -> bool:
+    """Whether ``pid`` cannot run now: gone, stopped (a signal, a tracer) or in a frozen
+    cgroup (v2 ``cgroup.events``, v1 ``freezer.state``)."""
+
+    if _proc.state(pid) in ("", "T", "t", "Z", "X"):
+        return True
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return not _proc.alive(pid)
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        where = _CGROUPS / path.lstrip("/")
+        with contextlib.suppress(OSError):
+            if controllers == "":
+                events = (where / "cgroup.events").read_text().split()
+                if dict(zip(events[::2], events[1::2], strict=False)).get("frozen") == "1":
+                    return True
+            elif "freezer" in controllers.split(","):
+                state = (_CGROUPS / "freezer" / path.lstrip("/") / "freezer.state").read_text()
+                if state.strip() == "FROZEN":
+                    return True
+    return False
 
 
 def _is_guardian(pid: int) -> bool:

@@ -53,9 +53,11 @@ holders that aged, are closed here:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
 import os
 import select
+import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -156,11 +158,17 @@ class Hold:
                     raise NotThisHoldError("this enclave holds no duplicate of its connection")
                 if not self._nonce or not hmac.compare_digest(self._nonce, nonce):
                     raise NotThisHoldError("__mig_watch names another hold than the one held")
+                armed = self._after_abort
+                apps: list[int] = []
+                try:  # (duplicated before anything changes: a failed dup changes nothing)
+                    apps.extend(os.dup(app) for app in (fds if armed else ()))
+                except OSError:
+                    for app in apps:
+                        os.close(app)
+                    raise
                 old, self._apps = self._apps, fds
                 self._generation += 1
-                armed = self._after_abort
                 held, generation = self._held, self._generation
-                apps = [os.dup(app) for app in fds] if armed else []
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -273,8 +281,22 @@ def _receive_pidfds(sock: socket.socket) -> list[int]:
         else "__mig_watch's descriptors come with one byte W" if data != WATCH_BYTE
         else ""
     )  # fmt: skip
+    if not problem and not all(_is_pidfd(fd) for fd in fds):
+        problem = "__mig_watch's descriptors must be pidfds"
     if problem:
         for fd in fds:
             os.close(fd)
         raise ProtocolError(problem)
     return list(fds)
+
+
+def _is_pidfd(fd: int) -> bool:
+    """Whether ``fd`` refers to a process: signal 0 through it is refused with EBADF
+    (or EINVAL) when it does not, and sent, or refused for another reason (its
+    process gone, another user's), when it does."""
+
+    try:
+        signal.pidfd_send_signal(fd, 0)
+    except OSError as exc:
+        return exc.errno not in (errno.EBADF, errno.EINVAL)
+    return True
