@@ -68,7 +68,8 @@ def _platform_host_id(state: Path) -> str:
               "not the work directory")  # fmt: skip
 @click.option("--spend-images/--no-spend-images", default=True, show_default=True,
               help="free a process's pages from its images as CRIU restores them "
-              "(CRIU's auto-dedup): their page cache goes back during the restore")  # fmt: skip
+              "(CRIU's auto-dedup), and remove a container engine's copies of them "
+              "once the next is made: their memory goes back during the restore")  # fmt: skip
 @click.option("--min-protocol", type=click.IntRange(1, PROTOCOL_VERSION), default=1,
               show_default=True,
               help="refuse tools older than this control protocol version (raise it once "

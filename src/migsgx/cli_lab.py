@@ -84,6 +84,9 @@ def _echo_medians(result: dict[str, Any], names: Iterable[str], width: int, repe
               "through the restore (agent serve --no-spend-images)")  # fmt: skip
 @click.option("--ab-chunk-size", default=None,
               help="A/B: each run also migsgx with --chunk-size SIZE")  # fmt: skip
+@click.option("--ab-criu-weight", type=click.IntRange(0, 10000), default=0,
+              help="A/B: each run also migsgx with --criu-weight W (CRIU's dump in a "
+              "cgroup of that CPU weight)")  # fmt: skip
 def bench_process(
     enclave_size: str,
     repeat: int,
@@ -99,6 +102,7 @@ def bench_process(
     ab_images_ram: bool,
     ab_spend_images: bool,
     ab_chunk_size: str | None,
+    ab_criu_weight: int,
 ) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
@@ -117,6 +121,7 @@ def bench_process(
         ab_images_ram=ab_images_ram,
         ab_spend_images=ab_spend_images,
         ab_chunk_size=parse_size(ab_chunk_size) if ab_chunk_size else 0,
+        ab_criu_weight=ab_criu_weight,
     )
     if plot_path is not None:
         plot(result, plot_path)
@@ -144,6 +149,12 @@ def bench_process(
 @click.option("--ab-images-ram", is_flag=True,
               help="A/B: each run also migsgx with the destination's images in RAM "
               "(agent serve --images-in-ram)")  # fmt: skip
+@click.option("--ab-whole-images", is_flag=True,
+              help="A/B: each run also migsgx with the destination keeping every copy "
+              "of the images through the restore (agent serve --no-spend-images)")  # fmt: skip
+@click.option("--ab-whole-images-ram", is_flag=True,
+              help="A/B: each run also migsgx with the destination's images in RAM, every "
+              "copy kept (with --ab-images-ram: the pair in RAM)")  # fmt: skip
 def bench_container(
     engine: str,
     enclave_size: str,
@@ -155,12 +166,15 @@ def bench_container(
     ab_prefault: bool,
     ab_no_prefault: bool,
     ab_images_ram: bool,
+    ab_whole_images: bool,
+    ab_whole_images_ram: bool,
 ) -> None:
     """Container migration with enclaves against the engine's own checkpoint/restore."""
 
     from .lab.bench.container import LIVE_KINDS, plot, run
 
-    arms = {"prefault": ab_prefault, "no_prefault": ab_no_prefault, "images_ram": ab_images_ram}
+    arms = {"prefault": ab_prefault, "no_prefault": ab_no_prefault, "images_ram": ab_images_ram,
+            "whole_images": ab_whole_images, "whole_images_ram": ab_whole_images_ram}  # fmt: skip
     ab = tuple(name for name, on in arms.items() if on)
     result = run(engine, parse_size(enclave_size), keep=keep, repeat=repeat, live=live, ab=ab)
     if plot_path is not None:

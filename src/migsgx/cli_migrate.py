@@ -147,6 +147,9 @@ def recover_command(
 @click.option("--criu-nice", type=click.IntRange(-19, 19), default=0, show_default=True,
               help="run CRIU's dump this much nicer than the enclave streams beside it "
               "(negative: CRIU first)")  # fmt: skip
+@click.option("--criu-weight", type=click.IntRange(1, 10000), default=None,
+              help="run CRIU's dump in a cgroup of this CPU weight (cgroup v2's scale: "
+              "100 is a process's own) beside the enclave streams (default: unmoved)")  # fmt: skip
 @click.option("--prefault-ahead/--no-prefault-ahead", default=None,
               help="destination enclaves fault in the source's memory size from their "
               "launch on, and the freeze waits for it; or only as the state arrives "
@@ -179,6 +182,7 @@ def migrate_command(
     early_handshake: bool,
     page_relay: bool,
     criu_nice: int,
+    criu_weight: int | None,
     prefault_ahead: bool | None,
     overlap_restore: bool,
 ) -> None:
@@ -243,6 +247,7 @@ def migrate_command(
         early_handshake=early_handshake,
         page_relay=page_relay,
         criu_nice=criu_nice,
+        criu_weight=criu_weight,
         prefault_ahead=prefault_ahead,
         overlap_restore=overlap_restore,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from migsgx.lab.bench.process import _after_dump
+from migsgx.lab.bench.migrate_figures import _after_dump
 
 
 def test_from_the_dump_s_end_to_the_resume_s_end() -> None:

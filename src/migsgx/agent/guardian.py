@@ -171,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         # tool is dying or past its dump (it lets go only after its mount is gone).
         for point in sweep_leftovers(gone=(tool,)):
             log(f"unmounted a dead tool's images tmpfs at {point}")
+        # Its CRIU's CPU cgroup (``migrate --criu-weight``), CRIU moved out of it first.
+        from ..system.cpugroups import sweep  # lazy: the guardian starts fast
+
+        for group in sweep(gone=(tool,)):
+            log(f"removed a dead tool's CPU cgroup {group}")
 
 
 def _leftovers(notes: list[str], tool: int) -> None:

@@ -21,7 +21,9 @@ can), and the restore that reads them allocates the tree's memory meanwhile.
 So the file system's free space and the memory available must both exceed
 what the restore holds at its peak (:func:`room_needed`): the images, as
 many times over as the driver copies them before its engine reads them
-(:data:`IMAGE_COPIES`: podman's archive is unpacked and packed again), and
+(:data:`IMAGE_COPIES`: podman's archive is unpacked and packed again; with the
+images spent, :data:`SPENT_COPIES`: each copy goes once the next is made, so
+podman holds two at most, one through its restore), and
 the tree restored from them, counted from what the source announced in
 ``begin`` (``memory_bytes``: the resident anonymous and shared memory of its
 tree, and its locked memory once more; untrusted: a lie only moves the images
@@ -62,6 +64,7 @@ __all__ = [
     "IMAGE_COPIES",
     "MARGIN",
     "SPEND_STEP",
+    "SPENT_COPIES",
     "fs_type",
     "images_room",
     "memory_available",
@@ -79,11 +82,18 @@ MARGIN: Final = 256 << 20
 #: image (``AUTO_DEDUP_OVERHEAD_BYTES``, ``criu/pie/restorer.c``, CRIU 4.2): with the
 #: images spent, at most this much of the tree is held twice at a time.
 SPEND_STEP: Final = 128 << 20
-#: How many copies of the images each driver's restore holds at once in its directory:
-#: runc's and CRIU's restore read them where they are; containerd's packs them into a
-#: checkpoint image beside them; podman's unpacks the archive and packs it again.
-#: A driver not named here: the most of them.
-IMAGE_COPIES: Final = {"pid": 1, "runc": 1, "containerd": 2, "podman": 3}
+#: How many copies of the images each driver's restore holds at once in its directory
+#: when it keeps them all: runc's and CRIU's restore read them where they are;
+#: containerd's packs them into a tar and that into a checkpoint image beside them;
+#: podman's unpacks the archive and packs it again.  A driver not named here: the most.
+IMAGE_COPIES: Final = {"pid": 1, "runc": 1, "containerd": 3, "podman": 3}
+#: The same for a restore that spends its copies (:mod:`migsgx.containers.spent`: each
+#: goes once the next is made): (the most held at once before the engine restores,
+#: held through its restore).  podman: the archive and its unpacked tree, then the tree
+#: and the archive packed again; the latter through ``podman container restore``.
+#: containerd: the pages and their tar, then the tar and the checkpoint image, which
+#: goes once imported (containerd's content store holds it then, outside the directory).
+SPENT_COPIES: Final = {"containerd": (2, 0), "podman": (2, 1)}
 
 
 def memory_available(meminfo: Path = Path("/proc/meminfo")) -> int:
@@ -165,7 +175,12 @@ def place_images(
         return session_dir
     base = scratch_base()
     copies = IMAGE_COPIES.get(driver, max(IMAGE_COPIES.values()))
-    need = room_needed(memory_bytes, enclave_bytes, copies=copies, spends=spends)
+    held = None
+    if spends and driver in SPENT_COPIES:
+        copies, held = SPENT_COPIES[driver]
+    need = room_needed(
+        memory_bytes, enclave_bytes, copies=copies, held=held, spends=spends and held is None
+    )
     room = images_room(base)
     if room < need:
         log.warning(
@@ -174,7 +189,8 @@ def place_images(
             "its images and %s, + %d MiB of enclaves, +%d MiB margin)",
             tag, session_dir, base, room >> 20, need >> 20, max(0, memory_bytes) >> 20,
             copies, "y" if copies == 1 else "ies",
-            f"{SPEND_STEP >> 20} MiB being spent" if spends else "the tree",
+            f"{SPEND_STEP >> 20} MiB being spent" if spends and held is None
+            else f"the tree beside {held} of them" if held is not None else "the tree",
             max(0, enclave_bytes) >> 20, MARGIN >> 20,
         )  # fmt: skip
         return session_dir
@@ -196,25 +212,36 @@ def place_images(
 
 
 def room_needed(
-    memory_bytes: int, enclave_bytes: int = 0, *, copies: int = 1, spends: bool = False
+    memory_bytes: int,
+    enclave_bytes: int = 0,
+    *,
+    copies: int = 1,
+    spends: bool = False,
+    held: int | None = None,
 ) -> int:
-    """RAM the images may take only if this much is free: ``copies`` of the images
-    (the announced memory each), the tree restored from them (the announced memory;
-    with ``spends``, what is held twice while it is spent: at most
-    :data:`SPEND_STEP`), the destination enclaves' memory, and :data:`MARGIN`.
-    Negative announcements count 0."""
+    """RAM the images may take only if this much is free: the larger of ``copies`` of
+    the images (the announced memory each: the most held at once) and ``held`` of them
+    (default ``copies``: those held through the restore) with the tree restored from
+    them (the announced memory; with ``spends``, what is held twice while it is
+    spent: at most :data:`SPEND_STEP`); plus the destination enclaves' memory and
+    :data:`MARGIN`.  Negative announcements count 0."""
 
     memory = max(0, memory_bytes)
     tree = min(memory, SPEND_STEP) if spends else memory
-    return max(1, copies) * memory + tree + max(0, enclave_bytes) + MARGIN
+    most = max(1, copies)
+    through = most if held is None else max(0, min(held, most))
+    return max(most * memory, through * memory + tree) + max(0, enclave_bytes) + MARGIN
 
 
 def restore_spends(driver: str, tasks: int, *, spend_images: bool, post_copy: bool) -> bool:
     """Whether the restore spends its images as it reads them (see the module): the pid
     driver's CRIU with ``auto_dedup`` (``spend_images``: the agent's setting), not
-    post-copy, a tree of one task (``tasks``: the pids ``begin`` lists)."""
+    post-copy, a tree of one task (``tasks``: the pids ``begin`` lists); or a driver
+    of :data:`SPENT_COPIES`, which removes each copy once the next is made."""
 
-    return spend_images and not post_copy and driver == "pid" and tasks == 1
+    if not spend_images or post_copy:
+        return False
+    return driver in SPENT_COPIES or (driver == "pid" and tasks == 1)
 
 
 def resident_bytes(pids: list[int]) -> int:

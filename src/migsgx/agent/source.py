@@ -62,6 +62,7 @@ from ..errors import (
     SourceGoneError,
     SourceLostError,
 )
+from ..system import cpugroups
 from ..system.process import is_pidns_init, tree_pids
 from . import early, precopy
 from .applink import AppLink
@@ -285,6 +286,8 @@ def migrate(opts: MigrateOptions) -> MigrationOutcome:
     # Tools killed before us left their images in RAM: theirs go first (never a live one's).
     for path in sweep_dump_dirs():
         log.info("removed a dead tool's images directory %s", path)
+    for group in cpugroups.sweep():  # (and their CPU cgroups: --criu-weight)
+        log.info("removed a dead tool's CPU cgroup %s", group)
     migration = _Migration(opts)
     if own_dir and not opts.keep_images:
         # Made once the guardian knows its name (which it removes if this tool dies).

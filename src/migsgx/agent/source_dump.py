@@ -35,6 +35,7 @@ from ..errors import (
     PageStreamError,
     SourceLostError,
 )
+from ..system import cpugroups
 from ..system import niceness as nice
 from ..system.process import stop_tree, tree_pids
 from .ckpt_journal import start_time
@@ -96,7 +97,7 @@ class _DumpSteps(_DecisionSteps):
                     with nice.nice_at(own):
                         self._on_dumped(dump_dir)
 
-                with nice.niceness(opts.criu_nice):
+                with nice.niceness(opts.criu_nice), cpugroups.weighted(opts.criu_weight):
                     if self._relays_pages():
                         # Its threads start here, at CRIU's niceness: they carry its pages.
                         plan.page_fd = self._open_page_relay(ready)

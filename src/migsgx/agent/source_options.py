@@ -66,6 +66,10 @@ class MigrateOptions:
     #: nicer than the tool's other threads, the enclave streams beside it (negative:
     #: less nice).
     criu_nice: int = 0
+    #: CRIU's dump (and its page relay) in a cgroup of this CPU weight (cgroup v2's
+    #: scale, 100 a process's own) beside the enclave streams; None: not moved
+    #: (:mod:`migsgx.system.cpugroups`).
+    criu_weight: int | None = None
     #: The offers carry each source enclave's memory in use, which the destination
     #: enclaves fault in before the freeze (False: as it loads).  None: ahead for a
     #: container whose memory is at most ``source_state.PREFAULT_TREE_MAX``, no dump of

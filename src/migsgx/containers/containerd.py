@@ -21,7 +21,9 @@ configuration with ``leave-stopped``; then this host's allow list,
 checkpoint image containerd itself would have written
 (:func:`~.layout.write_checkpoint_image`), imported, and restored with ``ctr
 containers restore --live``: the container and its task exist in containerd,
-every task stopped (held).  The checkpoint image is removed again.
+every task stopped (held).  The checkpoint image is removed again.  An incoming
+migration's CRIU pages go once packed, their tar once in the checkpoint image,
+and that once imported (:mod:`.spent`).
 
 Each host has its own containerd (socket, namespace, root and state), named
 in ``STATE/containers.toml``; ``criu`` on containerd's ``PATH`` must be a
@@ -65,6 +67,7 @@ from .imagefs import ImageFs, cuttable_images
 from .layout import CheckpointParts, write_checkpoint_image
 from .oci import Localization, joined_host_netns, load_json, localize
 from .settings import ContainerSettings
+from .spent import spend
 
 __all__ = [
     "CONTAINERD_RECORD",
@@ -361,8 +364,12 @@ class ContainerdDriver:
             )
             if request.before is not None:
                 request.before(request.images)
-            archive = write_checkpoint_image(parts, ref, work / "checkpoint.tar", work)
+            # Read once (an incoming migration's): each copy goes once the next is made.
+            archive = write_checkpoint_image(
+                parts, ref, work / "checkpoint.tar", work, spent=lambda p: spend(request, p)
+            )
             self.ctr.import_image(archive, unpack=False)
+            spend(request, archive)  # (in containerd's content store now)
             made = True
             args = ["containers", "restore", "--live"] + (["--rw"] if rw.exists() else [])
             try:

@@ -21,7 +21,7 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -117,21 +117,44 @@ def _any(type_url: str, value: bytes) -> bytes:
     return bytes(message.SerializeToString())
 
 
-def _tar_dir(directory: Path, skip: Iterable[str], out: Path) -> None:
+def _tar_dir(directory: Path, skip: Iterable[str], out: Path) -> list[Path]:
+    """Every regular file of ``directory`` but ``skip`` into the tar ``out``; the pages
+    images among them (CRIU's ``pages-N.img``: the bulk)."""
+
     skipped = set(skip)
+    pages = []
     with tarfile.open(out, "w") as tar:
         for path in sorted(directory.iterdir()):
             if path.name in skipped or not path.is_file() or path.is_symlink():
                 continue
             tar.add(path, arcname=path.name, recursive=False)
+            if path.name.startswith("pages-") and path.name.endswith(".img"):
+                pages.append(path)
+    return pages
 
 
-def write_checkpoint_image(parts: CheckpointParts, ref: str, out: Path, scratch: Path) -> Path:
-    """Write the checkpoint image ``ref`` as an OCI layout archive ``out``."""
+def _keep(_path: Path) -> None:
+    return None
+
+
+def write_checkpoint_image(
+    parts: CheckpointParts,
+    ref: str,
+    out: Path,
+    scratch: Path,
+    *,
+    spent: Callable[[Path], None] = _keep,
+) -> Path:
+    """Write the checkpoint image ``ref`` as an OCI layout archive ``out``.
+
+    ``spent`` is called with each copy of the pages once the next copy holds
+    them: CRIU's pages images once in their tar, that tar once in ``out``.
+    """
 
     blobs = _Blobs()
     criu_tar = scratch / "criu.tar"
-    _tar_dir(parts.criu_images, parts.skip, criu_tar)
+    for pages in _tar_dir(parts.criu_images, parts.skip, criu_tar):
+        spent(pages)
     manifests = [
         blobs.add(_any(RUNC_OPTIONS_TYPE_URL, b""), CHECKPOINT_RUNTIME_OPTIONS, platform=PLATFORM),
         blobs.add_file(criu_tar, CHECKPOINT_CRIU, platform=PLATFORM),
@@ -152,6 +175,7 @@ def write_checkpoint_image(parts: CheckpointParts, ref: str, out: Path, scratch:
     }
     top = blobs.add(json.dumps(index).encode(), INDEX, annotations={IMAGE_NAME_ANNOTATION: ref})
     blobs.write(out, {"schemaVersion": 2, "manifests": [top]})
+    spent(criu_tar)
     return out
 
 

@@ -21,7 +21,10 @@ host's platform socket, network namespace, cgroup parent, and CRIU's
 configuration file with ``leave-stopped`` and ``tcp-close`` for a held
 restore; podman's own mounts dropped, as podman makes them anew; then this
 host's allow list, :mod:`.admission`, for both), packed again and imported:
-the container exists with every task stopped.  The container's image must be
+the container exists with every task stopped.  An incoming migration's
+received archive goes once unpacked, the unpacked tree once packed again, and
+that archive once podman imported it (:mod:`.spent`): two copies of the images
+at most, one through podman's restore.  The container's image must be
 on this host already (as it would be pulled from a registry; here ``podman
 save | podman load``).
 
@@ -67,6 +70,7 @@ from .oci import (
     tar_tree,
 )
 from .settings import ContainerSettings
+from .spent import spend
 
 __all__ = ["PODMAN_ARCHIVE", "Podman", "PodmanDriver", "engine_note"]
 
@@ -243,20 +247,24 @@ class PodmanDriver:
             raise ContainerError(f"a podman container {name} exists on this host")
         work = request.images / "podman-import"
         work.mkdir(mode=0o700)
-        extract_tree(request.images / PODMAN_ARCHIVE, work, limit=MAX_IMAGE_BYTES)
+        received = request.images / PODMAN_ARCHIVE
+        extract_tree(received, work, limit=MAX_IMAGE_BYTES)
         # First: while it is there no other session restores this name (nor writes its
         # CRIU configuration, nor removes what this restore makes when its own fails).
         mark = _owner.mark_path(self._conf_dir(), name)
         _owner.write(mark, request.owner, f"podman container {name}")
         criu_config = self._conf_dir() / f"{name}.criu.conf"
+        archive = request.images / "podman-import.tar"
         made = False
         try:
+            # Read once (an incoming migration's): each copy goes once the next is made.
+            spend(request, received)
             write_criu_config(criu_config, tcp_close=request.tcp_close)
             self.localize_archive(work, criu_config, engine_in_netns=True)
             if request.before is not None:
                 request.before(work / "checkpoint")
-            archive = request.images / "podman-import.tar"
             tar_tree(work, archive, limit=MAX_IMAGE_BYTES)
+            spend(request, work)
             made = True
             podman = self.podman
             netns = self.host.settings.netns
@@ -279,6 +287,7 @@ class PodmanDriver:
             _owner.clear(mark)
             raise
         finally:
+            spend(request, archive)  # (podman unpacked it into its own storage)
             with contextlib.suppress(OSError):
                 criu_config.unlink()  # a later checkpoint of this container must not see it
         conmon = int(state.get("ConmonPid") or 0)
@@ -428,22 +437,3 @@ def drop_export_leftovers(static: Path) -> None:
     for leftover in PODMAN_EXPORT_FILES:
         with contextlib.suppress(OSError):
             (static / leftover).unlink()
-
-
-def remove_all(podman: Podman) -> None:
-    """Every container and image of this podman's store (test and benchmark hosts)."""
-
-    podman("rm", "--all", "--force", "--time", "0", what="podman rm --all", check=False)
-    podman("rmi", "--all", "--force", what="podman rmi --all", check=False)
-
-
-def share_image(source: Podman, destination: Podman, image: str, scratch: Path) -> None:
-    """Copy ``image`` from one host's store to another's, keeping its id (as a registry does)."""
-
-    archive = scratch / "image.tar"
-    try:
-        source("save", "--output", str(archive), image, what=f"podman save {image}")
-        destination("load", "--input", str(archive), what=f"podman load {image}")
-    finally:
-        with contextlib.suppress(OSError):
-            archive.unlink()

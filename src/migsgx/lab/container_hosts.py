@@ -39,7 +39,8 @@ from ..containers.base import ContainerError
 from ..containers.cgroups import remove_cgroup
 from ..containers.command import run_engine
 from ..containers.containerd import Ctr
-from ..containers.podman import Podman, remove_all, share_image
+from ..containers.podman import Podman
+from ..containers.podman_store import remove_all, share_image
 from ..containers.runc import Runc
 from ..containers.settings import ContainerSettings
 from ..criu import Criu

@@ -333,6 +333,8 @@ _EVENTS = (
     "pgfault", "pgmajfault", "allocstall_normal", "allocstall_movable", "pgscan_direct",
     "pgsteal_direct", "compact_stall", "compact_fail", "thp_fault_alloc",
     "thp_fault_fallback", "numa_hint_faults",
+    # Pages dirtied, and written back, over a span: writeback of what ran before shows here.
+    "nr_dirtied", "nr_written",
 )  # fmt: skip
 _REPORTED = Path("/sys/module/page_reporting/parameters/reported_kib")
 

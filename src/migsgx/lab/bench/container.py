@@ -49,8 +49,10 @@ from ...errors import ConfigError, MigSGXError
 from ..containers import ContainerApp, ContainerLab
 from ..testbed import Testbed
 from .figures import children_cpu, cpu_seconds, loadavg, machine_state, summarize
+from .memwatch import MemoryWatch
 from .pages import PageServerOn, copy_images, image_bytes
 from .process import MODEL_COLS, enclave_cpu, migration_figures, model_rows
+from .settle import settle
 
 __all__ = ["run"]
 
@@ -97,7 +99,9 @@ def _migsgx(
     before = lab.ask(app, "DIGEST", at="src")
     agent_cpu = cpu_seconds(agent.proc.pid, children=True)
     tool_cpu = children_cpu()
-    run = bed.migrate(None, agent, args=[f"--{engine}", app.name, *args])
+    settled = settle(bed.root)  # (outside the timed part)
+    with MemoryWatch() as watch:
+        run = bed.migrate(None, agent, args=[f"--{engine}", app.name, *args])
     tool_cpu = children_cpu() - tool_cpu
     agent_cpu = cpu_seconds(agent.proc.pid, children=True) - agent_cpu
     if run.returncode != 0 or run.stats is None:
@@ -114,6 +118,10 @@ def _migsgx(
     figures["cpu_by_process"] = {"tool": tool_cpu, "agent": agent_cpu, **enclave_cpu(run.stats)}
     details = run.stats["details"]
     figures["images_fs"] = str(details.get("destination_images_fs", ""))
+    figures["settle"] = settled
+    figures["memory_watch"] = watch.figures(
+        (run.stats.get("timeline") or {}).get("spans", {}).get("tool")
+    )
     # Whether the destination enclaves faulted their memory in before the freeze, and how much.
     figures["prefault_ahead"] = bool(details.get("prefault_ahead"))
     figures["prefaulted_bytes"] = sum(
@@ -268,6 +276,9 @@ AB_ARMS: Final = {
     "prefault": (("--prefault-ahead",), ()),
     "no_prefault": (("--no-prefault-ahead",), ()),
     "images_ram": ((), ("--images-in-ram",)),
+    # Every copy of the images kept through the restore (podman's, containerd's).
+    "whole_images": ((), ("--no-spend-images",)),
+    "whole_images_ram": ((), ("--no-spend-images", "--images-in-ram")),
 }
 
 

@@ -29,6 +29,7 @@ from ..testbed import Testbed
 from .figures import children_cpu, cpu_seconds
 from .memwatch import MemoryWatch
 from .pages import PageServerOn, copy_images, image_bytes
+from .settle import settle
 
 __all__ = ["PLAIN", "criu_only"]
 
@@ -98,6 +99,7 @@ def criu_only(
         images = here / "images"
         images.mkdir()
     watch = MemoryWatch()
+    settled = settle(here)  # (outside the timed part)
     try:
         with PageServerOn(dst, criu.binary, images, tls=tls_in) as pages:
             # The plain process and its launcher are reaped inside the window below:
@@ -145,5 +147,6 @@ def criu_only(
         "cpu_by_process": {"criu": cpu},  # dump, page server and restore
         "timeline": {"criu": spans},
         "images_fs": images_fs,
+        "settle": settled,
         "memory_watch": watch.figures(spans, origin=t0),
     }

@@ -106,12 +106,18 @@ class MemoryWatch:
         if not self.samples:
             return {}
         peak = {k: max(v.get(k, 0.0) for _, v in self.samples) for k in FIELDS if k != "MemFree"}
+        free = [v["MemFree"] for _, v in self.samples if "MemFree" in v]
         out: dict[str, Any] = {
             "before_mib": self.samples[0][1],
             "after_mib": self.samples[-1][1],
             "peak_mib": peak,
+            # The least memory free over the arm: its peak use, beside everyone else's.
+            "min_mib": {"MemFree": min(free)} if free else {},
             "samples": len(self.samples),
             "kernel_events": self._events,
+            # The machine's count at the arm's start: its rise from one arm's start to the
+            # next is what the VM gave back to its host between them (first touch again).
+            "reported_kib_at_start": self._events0.get("reported_kib", 0),
         }
         if spans:
             out["phases_mib"] = {

@@ -30,17 +30,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ...agent.protocol import PHASES
 from ...errors import ConfigError, MigSGXError
 from ...system.process import kill_tree
 from ..testbed import START_TIMEOUT, AppProcess, Testbed
 from .criu_alone import criu_only
-from .figures import children_cpu, cpu_seconds, loadavg, machine_state, shift_timeline, summarize
+from .figures import children_cpu, cpu_seconds, loadavg, machine_state, summarize
 from .memwatch import MemoryWatch
+from .migrate_figures import MODEL_COLS, enclave_cpu, migration_figures
+from .settle import settle
 
-__all__ = ["criu_only", "run"]  # (criu_only: from .criu_alone)
-
-MODEL_COLS = 1024
+__all__ = [
+    "MODEL_COLS",
+    "criu_only",
+    "enclave_cpu",
+    "migration_figures",
+    "run",
+]  # (from the modules below)
 
 
 def model_rows(size: int) -> int:
@@ -74,6 +79,7 @@ def _migsgx(
         agent_cpu = cpu_seconds(agent.proc.pid, children=True)
         agent_own = cpu_seconds(agent.proc.pid)
         tool_cpu = children_cpu()
+        settled = settle(bed.root)  # (outside the timed part)
         with MemoryWatch() as watch:
             run = bed.migrate(app.pid, agent, args=args)  # pages protected (CRIU alone: plain)
         tool_cpu = children_cpu() - tool_cpu
@@ -97,6 +103,7 @@ def _migsgx(
         (stats.get("timeline") or {}).get("spans", {}).get("tool")
     )
     figures["images_fs"] = str(stats["details"].get("destination_images_fs", ""))
+    figures["settle"] = settled
     cpu = {"tool": tool_cpu, "agent": agent_cpu, **enclave_cpu(stats)}  # tool, agent: with CRIU
     details = stats["details"]
     # The same split into each process's own threads and CRIU (its children):
@@ -129,50 +136,6 @@ def app_start_timeout(size: int) -> float:
     return 60.0 + 60.0 * size / (1 << 30)
 
 
-def enclave_cpu(stats: dict[str, Any]) -> dict[str, float]:
-    """Each enclave process's own CPU seconds over its dump or load (migrate's figures)."""
-
-    cpu = {}
-    for side, key in (("source", "enclave_stats"), ("destination", "enclave_destination_stats")):
-        for i, enclave in enumerate(stats["details"].get(key, [])):
-            cpu[f"enclave{i}.{side}_enclave"] = float(enclave.get("enclave_cpu_seconds", 0.0))
-    return cpu
-
-
-def migration_figures(stats: dict[str, Any], rows: int, wall_seconds: float) -> dict[str, Any]:
-    """The benchmark's view of ``migsgx migrate --json`` output."""
-
-    return {
-        "total_seconds": stats["total"],
-        "downtime_seconds": stats["downtime"],
-        "bytes": stats["bytes"],
-        "phases": {k: stats[k] for k in PHASES if k not in ("total", "downtime")},
-        "details": {
-            k: stats["details"][k]
-            for k in ("process_downtime", "enclave_bytes", "page_bytes", "image_bytes", "commit")
-        },
-        "enclave_bytes_declared": rows * MODEL_COLS * 4,
-        "tool_wall_seconds": wall_seconds,
-        # From the end of CRIU's dump to the destination running: what the overlapped
-        # restore shortens (the rest of the enclave streams, the images, the restore).
-        "after_dump_seconds": _after_dump(stats.get("timeline")),
-        "timeline": _relative(stats.get("timeline")),
-    }
-
-
-def _after_dump(timeline: dict[str, Any] | None) -> float:
-    tool = ((timeline or {}).get("spans") or {}).get("tool") or {}
-    if "criu_dump" not in tool or "resume" not in tool:
-        return 0.0
-    return max(0.0, float(tool["resume"][1]) - float(tool["criu_dump"][1]))
-
-
-def _relative(timeline: dict[str, Any] | None) -> dict[str, Any]:
-    if not timeline:
-        return {}
-    return shift_timeline(timeline["spans"], origin=float(timeline["origin"]))
-
-
 def one_run(
     bed: Testbed,
     size: int,
@@ -186,6 +149,7 @@ def one_run(
     ab_overlap: bool = False,
     ab_spend_images: bool = False,
     ab_chunk_size: int = 0,
+    ab_criu_weight: int = 0,
 ) -> dict[str, Any]:
     """migsgx and CRIU alone back to back, with the ratios of the pair.
 
@@ -229,6 +193,11 @@ def one_run(
     With ``ab_chunk_size`` N (not 0), also migsgx with ``--chunk-size N``, first
     with ``flip``: ``migsgx_chunk``, ``chunk_total_speedup`` and
     ``chunk_downtime_speedup`` (default / N: above 1, the chunk of N was faster).
+    With ``ab_criu_weight`` W (not 0), also migsgx with CRIU's dump in a cgroup of
+    CPU weight W (``--criu-weight W``), first with ``flip``: ``migsgx_criu_weight``,
+    ``criu_weight_total_speedup``, ``criu_weight_downtime_speedup``,
+    ``criu_weight_stream_speedup`` and ``criu_weight_dump_speedup`` (CRIU's dump;
+    all default / weighted: above 1, the weighted arm was faster).
     """
 
     niced_args = ("--criu-nice", str(ab_criu_nice))
@@ -244,6 +213,8 @@ def one_run(
     whole_first = _migsgx(bed, size, agent_args=whole_args) if ab_spend_images and flip else None
     chunk_args = ("--chunk-size", str(ab_chunk_size))
     chunk_first = _migsgx(bed, size, chunk_args) if ab_chunk_size and flip else None
+    weight_args = ("--criu-weight", str(ab_criu_weight))
+    weight_first = _migsgx(bed, size, weight_args) if ab_criu_weight and flip else None
     migsgx = _migsgx(bed, size)
     serial = (serial_first or _migsgx(bed, size, serial_args)) if ab_overlap else None
     extra: dict[str, Any] = {}
@@ -290,6 +261,18 @@ def one_run(
             chunk_size=ab_chunk_size,
             chunk_ran_first=chunk_first is not None,
             **_speedups("chunk", migsgx, chunk),
+        )
+    if ab_criu_weight:
+        weighted = weight_first or _migsgx(bed, size, weight_args)
+        extra.update(
+            migsgx_criu_weight=weighted,
+            criu_weight=ab_criu_weight,
+            criu_weight_ran_first=weight_first is not None,
+            **_speedups("criu_weight", migsgx, weighted),
+            criu_weight_stream_speedup=migsgx["enclave_stream_seconds"]
+            / max(weighted["enclave_stream_seconds"], 1e-9),
+            criu_weight_dump_speedup=migsgx["phases"]["criu_dump"]
+            / max(weighted["phases"]["criu_dump"], 1e-9),
         )
     plain = criu_only(bed, 2 * size)
     if serial is not None:
@@ -387,6 +370,7 @@ def run(
     ab_overlap: bool = False,
     ab_spend_images: bool = False,
     ab_chunk_size: int = 0,
+    ab_criu_weight: int = 0,
 ) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
@@ -402,7 +386,7 @@ def run(
                     bed, size, ab_late_handshake, post_copy, ab_page_tls, ab_criu_nice,
                     flip=i % 2 == 1, ab_prefault=ab_prefault, ab_images_ram=ab_images_ram,
                     ab_overlap=ab_overlap, ab_spend_images=ab_spend_images,
-                    ab_chunk_size=ab_chunk_size,
+                    ab_chunk_size=ab_chunk_size, ab_criu_weight=ab_criu_weight,
                 )  # fmt: skip
                 runs.append(one)
     finally:
@@ -426,6 +410,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
         labels.append(("migsgx_no_overlap", "migsgx migrate --no-overlap-restore"))
     if "migsgx_whole_images" in result["runs"][0]:
         labels.append(("migsgx_whole_images", "migsgx migrate, agent --no-spend-images"))
+    if "migsgx_criu_weight" in result["runs"][0]:
+        labels.append(
+            ("migsgx_criu_weight", f"migsgx migrate --criu-weight {result['criu_weight']}")
+        )
     if "migsgx_chunk" in result["runs"][0]:
         labels.append(("migsgx_chunk", f"migsgx migrate --chunk-size {result['chunk_size']}"))
     plot_timelines(median_panels(result, labels), path)
