@@ -98,16 +98,16 @@ def not_aborted(journal: Journal, decisions: Sequence[Decision | None]) -> list[
 
 def _lives(holder: object) -> bool:
     """Whether a journal's ``holders`` entry names a process that still runs (the
-    recorded pid with the recorded start time; a zombie has ended).  As
-    :func:`.holders.dead_holders` reads it: a malformed entry is not dead."""
+    recorded pid with the recorded start time; a zombie has ended).  An entry that
+    names none it can check (``[]``: no hold was given; damaged) counts as none."""
 
     if not (isinstance(holder, list) and len(holder) >= 3):
-        return True
+        return False
     pid, start = holder[0], holder[2]
     if not (isinstance(pid, int) and not isinstance(pid, bool) and pid > 0):
-        return True
+        return False
     if not (isinstance(start, str) and start):
-        return True
+        return False
     return str(_proc.start_time(pid) or "") == start and _proc.alive(pid)
 
 
