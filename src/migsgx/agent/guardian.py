@@ -79,7 +79,7 @@ from ..containers.podnet import unlock
 from ..errors import MigSGXError
 from .dumphold import release_noted, wait_released
 from .faults import fault
-from .guardian_aborts import aborted_all, committed_any
+from .guardian_aborts import aborted_all, committed_any, mark_aborted
 from .guardian_decided import carry, finish_restore, held_source, resolve_checkpoint_of, roller
 from .guardian_log import RECOVER_PATIENCE, listen, log
 from .handback import resume_source
@@ -266,6 +266,7 @@ def _main(argv: list[str] | None, tool: int) -> int:
             resolve_checkpoint_of(Path(args.checkpoint), aborted=False, held=socks)
         return 0
     step("guardian-aborted")
+    mark_aborted(journals)  # (before the source runs: what recover reads)
     log("the tool died before the commit point: resuming the source")
     # Post-copy: the tool's CRIU still holds the tree (it may wait for a page
     # connection that never comes); it must let go before SIGCONT can stick.

@@ -26,7 +26,11 @@ store file records no COMMIT of the migration (a recorded decision decides:
 a COMMIT is the roll-forward path, an ABORT stands and the enclave is asked
 until it answers, which thaws it).  :data:`~.guardian_log.RECOVER_PATIENCE`
 ends it: the roll-forward path, in doubt, for ``migsgx recover``
-(``docs/spec/commit.md``, 1.1 rule 4 and section 5).
+(``docs/spec/commit.md``, 1.1 rule 4 and section 5), which never gives the
+source back beside an enclave that has not aborted.  Once every live one
+aborted, the journal says so (``aborted``, :func:`mark_aborted`) before the
+source is given back: a ``recover`` run meanwhile waits for this guardian
+until then, and gives nothing back on its own.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from .guardian_log import RECOVER_PATIENCE, log, log_to, pause
 from .handback import abort_asked, abort_frame_of
 from .lost_enclaves import no_commit, note_lost
 
-__all__ = ["aborted_all", "committed_any"]
+__all__ = ["aborted_all", "committed_any", "mark_aborted"]
 
 
 def committed_any(journals: list[str]) -> bool:
@@ -63,6 +67,28 @@ def committed_any(journals: list[str]) -> bool:
         if any(d is not None and d.kind == "commit" for d in decisions):
             return True
     return False
+
+
+def mark_aborted(journals: list[str]) -> None:
+    """Every live source enclave answered its abort: the journals say ``aborted``.
+
+    Written before the source is given back (``docs/spec/commit.md`` 4: a
+    phase says what is true on the source host).  From then on ``migsgx
+    recover`` takes none of the enclaves for frozen in the migration
+    (:func:`.recover_records.not_aborted`): while the journal says less, a
+    ``recover`` that finds the guardian alive and an enclave with no decision
+    waits for it (:mod:`.recover`), and never gives the source back first.
+    """
+
+    from .journal import Journal  # lazy: the guardian starts fast and imports little
+
+    for name in journals:
+        try:
+            journal = Journal.load(Path(name))
+            if journal.enclave_mids and journal.phase in ("begun", "loaded", "fenced"):
+                journal.update(phase="aborted")
+        except (MigSGXError, OSError, ValueError) as exc:
+            log(f"cannot mark {name} aborted: {exc}")
 
 
 def aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: str = "") -> bool:

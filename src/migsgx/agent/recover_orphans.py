@@ -8,8 +8,13 @@ and does what the guardian would have done with them: abort the undecided ones,
 hand a source that stays back with its enclaves, deliver a committed state
 again (:func:`.redeliver.redeliver_state`), roll the rest forward, revoke, or
 release the committed enclaves once the destination runs; the decision itself
-is :func:`.recover_resolve.resolve`'s.  The data path is imported only when
-there is something to take (a ``recover`` with nothing in doubt stays light).
+is :func:`.recover_resolve.resolve`'s.  Where nothing committed, every enclave
+taken back is asked to abort (:func:`abort_round`), each bounded, whatever an
+earlier ``recover`` found: one that hangs, or whose abort its platform store
+could not check (``group-unchecked``), has not aborted, and the source is then
+not given back (in doubt, named) until a later ``recover`` sees it abort.  The
+data path is imported only when there is something to take (a ``recover`` with
+nothing in doubt stays light).
 """
 
 from __future__ import annotations
@@ -17,16 +22,26 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .enclave_ask import EnclaveHungError, not_answering
+from .enclave_ask import not_answering
 from .faults import fault
 from .handback import abort_asked, abort_frame_of, let_go
 from .holders import dead_holders, eof_socket
 from .journal import Journal
-from .recover_records import Resolution, all_decided, decisions_of, keep_aborts, kinds_of, stays
-from .recover_resolve import resolve
+from .recover_records import (
+    Resolution,
+    all_decided,
+    committed_any,
+    decisions_of,
+    keep_aborts,
+    kinds_of,
+    stays,
+)
+from .recover_resolve import not_given_back, resolve
 from .source_host import alive, end_fenced, hand_back, is_guardian
 from .tls import AgentIdentity
 
@@ -34,7 +49,7 @@ if TYPE_CHECKING:
     from ..sgx.store_types import Decision
     from .redeliver import HeldEnclave, HeldSource
 
-__all__ = ["orphaned", "resolve_orphaned"]
+__all__ = ["AbortRound", "abort_round", "orphaned", "resolve_orphaned"]
 
 log = logging.getLogger("migsgx.recover")
 
@@ -117,19 +132,30 @@ def resolve_orphaned(
                 journal.update(holders=[])
                 released = f"{len(held.enclaves)} committed source enclave(s) released"
                 return Resolution(journal.data["mid"], "done", "commit", "done", released)
-            if all(d is None for d in decisions):
-                # Nothing decided: the source is the copy.  Each enclave aborts (its
-                # ABORT is recorded) and thaws; it goes back to the application below.
-                try:
-                    frames = {i: _abort_of(e, journal, i) for i, e in held.enclaves.items()}
-                except EnclaveHungError as exc:
-                    # (those that aborted keep their duplicates: the next recover goes on)
-                    return _hung(journal, decisions, {exc.index: exc.pid}, "__mig_abort")
+            # As they are now: an enclave that hung for an earlier recover may have
+            # decided since (it reads the abort that recover asked once it runs).
+            decisions = decisions_of(platform_state, journal.enclave_mids)
+            if not committed_any(decisions):
+                # Nothing committed: the source is the copy.  Every enclave is asked to
+                # abort (its ABORT is recorded) and thaws; they go back to the
+                # application below.  Every one, not only the undecided: one whose
+                # ABORT is recorded may still be frozen (the answer of its record was
+                # lost, ``group-unchecked``), and asked again it thaws.
+                asked = abort_round(held.enclaves, journal, decisions)
                 # Killed here, this recover leaves the enclaves aborted and their frames
                 # nowhere else: each keeps its duplicate (an abort does not let it go),
                 # so the next recover takes it back and asks again.
                 fault("recover.abort-answered")
-                keep_aborts(journal, frames)
+                keep_aborts(journal, asked.frames)
+                if asked.hung or asked.unchecked:
+                    # (those that aborted keep their duplicates: the next recover goes on)
+                    return _still_frozen(journal, decisions, asked)
+                gone = set(dead_holders(journal.holders))
+                every = set(range(recorded)) <= set(held.enclaves) | gone
+                if every and not asked.refused and journal.phase in ("begun", "loaded", "fenced"):
+                    # Every live one aborted (a dead one is found below): what the
+                    # journal says from now on, so that nothing takes it for frozen.
+                    journal.update(phase="aborted")
             handed = ""
             # Enclaves that died (undecided: ``stays`` finds no COMMIT) are handed
             # back as connections at end of file, as in a crash of each.
@@ -179,23 +205,79 @@ def _hand_back(journal: Journal, held: HeldSource, recorded: int) -> str:
             sock.close()
 
 
-def _abort_of(enclave: HeldEnclave, journal: Journal, index: int) -> bytes:
-    """Abort enclave ``index``; its ABORT frame, asked again if it had aborted before.
+@dataclass
+class AbortRound:
+    """What the source enclaves answered ``__mig_abort`` (each bounded, :mod:`.enclave_ask`)."""
 
-    An enclave that aborted already answers ``__mig_abort`` with no frame; it
-    keeps the one it sealed for its migration id and hands it out again
-    (``__mig_abort_frame``, ``docs/spec/commit.md`` 1 rule 6).  Bounded
-    (:mod:`.enclave_ask`): :class:`.enclave_ask.EnclaveHungError` if it does
-    not answer; its abort stays asked, and it aborts once it reads it (nothing
-    was committed: the abort is the decision already taken).
+    #: The ABORT frames returned (asked again where an enclave had aborted before).
+    frames: dict[int, bytes] = field(default_factory=dict)
+    #: Enclaves that did not answer, their connections open: index -> pid.
+    hung: dict[int, int] = field(default_factory=dict)
+    #: Enclaves whose abort the platform store could not check (``group-unchecked``):
+    #: alive and still frozen.  Index -> pid.
+    unchecked: dict[int, int] = field(default_factory=dict)
+    #: Enclaves that answered ``committed`` or ``group-decided``: the group committed.
+    refused: list[int] = field(default_factory=list)
+
+
+def abort_round(
+    enclaves: Mapping[int, HeldEnclave], journal: Journal, decisions: Sequence[Decision | None]
+) -> AbortRound:
+    """Ask every enclave of ``enclaves`` to abort; what each answered.
+
+    Every one is asked, each bounded, so that one hung enclave does not leave
+    the others unasked.  An enclave that aborted before answers with no frame;
+    where the store holds no decision of it, it is asked for the frame it
+    sealed (``__mig_abort_frame``, ``docs/spec/commit.md`` 1 rule 6).  Neither
+    a hung nor an unchecked enclave has aborted: nothing is decided from that
+    (its abort stays asked on its connection; a late one aborts, or commits
+    instead where its group committed, once it reads it).
     """
 
-    answer, frame, state = abort_asked(enclave.sock)
-    if state == "hung":
-        raise EnclaveHungError(index, enclave.info.pid, "__mig_abort")
-    if answer == "aborted" and not frame and index < len(journal.enclave_mids):
-        frame = abort_frame_of(enclave.sock, journal.enclave_mids[index])
-    return frame
+    found = AbortRound()
+    for index, enclave in sorted(enclaves.items()):
+        answer, frame, state = abort_asked(enclave.sock)
+        if state == "hung":
+            found.hung[index] = enclave.info.pid
+        elif answer == "group-unchecked":
+            found.unchecked[index] = enclave.info.pid
+        elif answer in ("committed", "group-decided"):
+            found.refused.append(index)
+        elif answer == "aborted":
+            recorded = index < len(decisions) and decisions[index] is not None
+            if not frame and not recorded and index < len(journal.enclave_mids):
+                frame = abort_frame_of(enclave.sock, journal.enclave_mids[index])
+            if frame:
+                found.frames[index] = frame
+    return found
+
+
+def _still_frozen(
+    journal: Journal, decisions: list[Decision | None], asked: AbortRound
+) -> Resolution:
+    """In doubt: enclaves that have not aborted, named; the source is not given back.
+
+    A hung one is neither dead nor decided by its silence; an unchecked one
+    is alive and frozen: its platform service could not check its abort
+    against its migration group (``docs/spec/commit.md`` 1.1 rule 4), so it
+    may not abort yet, and it is never taken for aborted.  Each keeps its
+    state and its duplicate; ``migsgx recover`` again, once they answer and
+    their platform service is back, resolves the migration.
+    """
+
+    said = [not_answering(i, pid, "__mig_abort") for i, pid in sorted(asked.hung.items())]
+    said += [
+        f"enclave {i} (pid {pid}) is still frozen: its abort could not be checked by its "
+        "platform store (group-unchecked: its platform service is gone, or its store "
+        "cannot be read or written), so it is not handed back"
+        for i, pid in sorted(asked.unchecked.items())
+    ]  # fmt: skip
+    frozen = sorted({*asked.hung, *asked.unchecked})
+    why = "; ".join(said) + (
+        "; nothing was decided from that and the source is not given back without them: "
+        "run migsgx recover again once they answer (and their platform service is back)"
+    )
+    return not_given_back(journal, decisions, frozen, why)
 
 
 def _hung(

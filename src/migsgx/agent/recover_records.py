@@ -15,13 +15,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import _proc
 from ..sgx.counters import COUNTERS, CounterStore
 from ..sgx.store_types import Decision
 from .journal import Journal
 
 __all__ = [
-    "Resolution", "all_decided", "decisions_of", "keep_aborts", "kinds_of", "stays",
-    "with_returned_aborts",
+    "Resolution", "all_decided", "committed_any", "decisions_of", "keep_aborts", "kinds_of",
+    "not_aborted", "stays", "with_returned_aborts",
 ]  # fmt: skip
 
 
@@ -63,6 +64,53 @@ def all_decided(decisions: Sequence[Decision | None], kind: str) -> bool:
     return set(kinds_of(decisions)) == {kind}
 
 
+def committed_any(decisions: Sequence[Decision | None]) -> bool:
+    """Whether an enclave of the migration committed (a revoked COMMIT counts: 1.1)."""
+
+    return bool({"commit", "revoked"} & set(kinds_of(decisions)))
+
+
+def not_aborted(journal: Journal, decisions: Sequence[Decision | None]) -> list[int]:
+    """The source enclaves that may still be frozen in this migration: by index.
+
+    Those with no decision recorded, no ABORT frame returned (the journal's
+    ``aborts``) and not found dead undecided (``source_lost``), whose recorded
+    process (``holders``) still lives: such an enclave has not aborted, or
+    nobody saw it abort.  One whose abort the platform store could not check
+    (``group-unchecked``, ``docs/spec/commit.md`` 1.1 rule 4) stays frozen so,
+    and so does one that does not answer.  The source is never given back
+    without them (the application takes its enclaves all or none, and a frozen
+    one answers no call).  None once the journal says ``aborted`` (whoever
+    wrote it saw every live enclave abort) or ``done``.
+    """
+
+    if journal.phase in ("aborted", "done"):
+        return []
+    returned = journal.aborts or [b""] * len(decisions)
+    lost = {i for i in journal.data.get("source_lost") or [] if isinstance(i, int)}
+    holders = journal.holders
+    return [
+        i for i, (d, frame) in enumerate(zip(decisions, returned, strict=True))
+        if d is None and not frame and i not in lost and i < len(holders)
+        and _lives(holders[i])
+    ]  # fmt: skip
+
+
+def _lives(holder: object) -> bool:
+    """Whether a journal's ``holders`` entry names a process that still runs (the
+    recorded pid with the recorded start time; a zombie has ended).  An entry that
+    names none it can check (``[]``: no hold was given; damaged) counts as none."""
+
+    if not (isinstance(holder, list) and len(holder) >= 3):
+        return False
+    pid, start = holder[0], holder[2]
+    if not (isinstance(pid, int) and not isinstance(pid, bool) and pid > 0):
+        return False
+    if not (isinstance(start, str) and start):
+        return False
+    return str(_proc.start_time(pid) or "") == start and _proc.alive(pid)
+
+
 def with_returned_aborts(
     journal: Journal, decisions: list[Decision | None]
 ) -> list[Decision | None]:
@@ -88,12 +136,15 @@ def keep_aborts(journal: Journal, frames: dict[int, bytes]) -> None:
     """Write the ABORT frames the source enclaves returned (by index) into the journal.
 
     Only where one returned a frame: :func:`.recover_resolve.resolve` carries
-    them when the store recorded none (:func:`with_returned_aborts`).
+    them when the store recorded none (:func:`with_returned_aborts`).  A frame
+    kept before stays where this round returned none (an enclave asked again
+    after it aborted answers without one).
     """
 
     if any(frames.values()):
         count = len(journal.enclave_mids)
-        journal.update(aborts=[frames.get(i, b"").hex() for i in range(count)])
+        kept = journal.aborts or [b""] * count
+        journal.update(aborts=[(frames.get(i) or kept[i]).hex() for i in range(count)])
 
 
 def stays(journal: Journal, platform_state: Path) -> bool:
@@ -101,10 +152,13 @@ def stays(journal: Journal, platform_state: Path) -> bool:
     (``stayed``).
 
     No COMMIT, and an ABORT recorded or returned (the journal's ``aborts``), or
-    nothing decided while the migration had not passed its fence.
+    nothing decided while the migration had not passed its fence; never while
+    a live enclave has not aborted (:func:`not_aborted`).
     """
 
     decisions = decisions_of(platform_state, journal.enclave_mids)
+    if not_aborted(journal, decisions):
+        return False
     returned = journal.aborts or [b""] * len(decisions)
     kinds = {
         d.kind if d is not None else ("abort" if f else "none")

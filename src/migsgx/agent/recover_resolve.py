@@ -61,6 +61,7 @@ from .recover_records import (
     all_decided,
     decisions_of,
     kinds_of,
+    not_aborted,
     with_returned_aborts,
 )
 from .source_host import alive, end_committed, end_fenced, give_back, lost_detail
@@ -68,7 +69,7 @@ from .tls import AgentIdentity
 
 __all__ = [
     "COPY_LOST", "MIXED", "REFUSABLE", "REVOKING", "Redeliver", "Release", "Revoke",
-    "RollForward", "resolve",
+    "RollForward", "not_given_back", "resolve",
 ]  # fmt: skip
 
 DELIVER_TIMEOUT: Final = 30.0
@@ -176,9 +177,11 @@ def resolve(
     ):
         decisions = with_returned_aborts(journal, decisions)
         kinds = set(kinds_of(decisions))
+    # (live enclaves that have not aborted: never given back without them)
+    frozen = [] if {"commit", "revoked"} & kinds else not_aborted(journal, decisions)
     if not decisions or kinds == {"none"}:
         # No source enclave decided: none committed, so no destination copy can run.
-        if journal.phase in ("begun", "aborted"):
+        if journal.phase in ("begun", "aborted") and not frozen:
             # The source is the copy: it runs again before the journal says done
             # (a tool killed in its roll-back left it stopped, or frozen).
             give_back(journal)
@@ -186,6 +189,8 @@ def resolve(
             return Resolution(mid, journal.phase, "none", "stayed", "nothing was decided")
         if not decisions:
             return _without_enclaves(journal, identity)
+        if frozen:
+            return not_given_back(journal, decisions, frozen)
         return Resolution(
             mid, journal.phase, "none", "in-doubt",
             "the source enclaves never decided; if they are gone, so is their state",
@@ -253,6 +258,8 @@ def resolve(
             "some enclaves committed, others aborted: an operator decides",
         )  # fmt: skip
     # At least one ABORT and no COMMIT: the source is the copy; end the destination's.
+    if frozen:
+        return not_given_back(journal, decisions, frozen)
     frames = [d.frame if d is not None else b"" for d in decisions]
     if journal.holders:
         # An enclave that aborted lets its duplicate go once the application has its
@@ -270,6 +277,28 @@ def resolve(
     return Resolution(
         mid, journal.phase, "abort", "stayed",
         f"the destination was not told yet ({outcome} {detail})".strip(),
+    )  # fmt: skip
+
+
+def not_given_back(
+    journal: Journal, decisions: list[Decision | None], frozen: list[int], why: str = ""
+) -> Resolution:
+    """In doubt: source enclaves that have not aborted (:func:`.recover_records.not_aborted`).
+
+    The source is not given back without them: a frozen enclave answers no
+    call of the application's, and the application takes its enclaves all or
+    none.  Nothing else is done either (the ABORTs recorded stay recorded and
+    are delivered once the rest aborted).  ``why``: what is known of them.
+    """
+
+    kinds = set(kinds_of(decisions))
+    decision = "abort" if "abort" in kinds else "none"
+    named = ", ".join(map(str, frozen))
+    return Resolution(
+        journal.data["mid"], journal.phase, decision, "in-doubt",
+        why or f"enclave(s) {named} have not aborted (no decision recorded, no ABORT "
+        "returned, their processes live): still frozen, so the source is not given back "
+        "without them; run migsgx recover again once they answer",
     )  # fmt: skip
 
 

@@ -35,6 +35,14 @@ from .sidechannel import receive_side_channel
 
 __all__ = ["AppChannel"]
 
+#: Answers to ``__mig_abort`` that leave the migration under way: its platform store
+#: could not check the abort (``group-unchecked``: still frozen, asked again later),
+#: another enclave of its group committed (``group-decided``: frozen until it commits
+#: too), or it committed (its state waits for its release).  The duplicate of the
+#: connection stays: the death of whoever asked must not end the enclave with the
+#: only copy of its state (``docs/spec/commit.md`` section 5).
+_NOT_ENDED = ("group-unchecked", "group-decided", "committed")
+
 
 class AppChannel:
     """Serves ECALLs arriving on the application's connection."""
@@ -129,6 +137,8 @@ class AppChannel:
         if name == "__mig_abort":
             if reply["t"] == "ret" and self._runs_on():
                 self.hold.kept_after_abort()
+            elif reply["t"] == "err" and reply["code"] in _NOT_ENDED:
+                pass  # not aborted: frozen (or committed), the duplicate stays
             else:
                 self.hold.drop()  # the migration ended: the driver's death ends us again
         if self.migrator.exit_after_reply:
