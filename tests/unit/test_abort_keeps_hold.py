@@ -20,6 +20,7 @@ from migsgx.channel import ECALL, ECALL_FRAME_MAX
 from migsgx.enclave.app_channel import AppChannel
 from migsgx.enclave.migrator import Migrator
 from migsgx.errors import DecisionUnknownError
+from migsgx.sgx.store_types import Decision
 from migsgx.wire import recv_frame
 
 
@@ -119,3 +120,39 @@ def test_an_abort_with_nothing_under_way_after_a_failure_lets_go(
     channel = _channel(move.out, *pair)
     assert _abort(channel, pair[1], "rolled back", "not a boolean") == "protocol"
     assert not channel.hold.held
+
+
+def test_the_read_back_after_an_unknown_abort_sends_the_abort(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The COMMIT's answer lost, none recorded, and an abort asked (``group-unchecked``):
+    once the service is back, ``__mig_token`` or ``__mig_release`` from any holder of the
+    connection records no COMMIT.  The read-back asks the store with the ABORT: it is
+    recorded, the call refused, the state frozen and intact, and the abort asked next goes
+    ahead."""
+
+    move, mid = _move(world)
+    services = move.out.instance.services
+    real = services.decide
+    monkeypatch.setattr(services, "decide", _lost(real, False))
+    with pytest.raises(DecisionUnknownError):
+        move.out.call("__mig_commit", [])
+    monkeypatch.setattr(services, "decide", _gone)
+    with pytest.raises(Exception, match="stays frozen"):
+        move.out.call("__mig_abort", ["the tool died"])
+    asked: list[Decision] = []
+
+    def decide(decision: Decision, *rest: object) -> Decision:
+        asked.append(decision)
+        return real(decision, *rest)
+
+    monkeypatch.setattr(services, "decide", decide)
+    for call in ("__mig_token", "__mig_release", "__mig_redeliver_start"):
+        with pytest.raises(Exception, match="aborted"):
+            move.out.call(call, [])
+        assert not move.out.committed and not move.out.instance.retired
+    assert {d.kind for d in asked} == {"abort"}
+    held = world.host_a.counters.decision(mid)
+    assert held is not None and held.kind == "abort"
+    move.out.call("__mig_abort", ["the guardian asks again"])
+    assert move.out.source_commit is None  # aborted: the source runs again
