@@ -33,15 +33,11 @@ from .instance import EnclaveInstance
 from .migrator import RUNTIME_CALLS, Migrator
 from .sidechannel import receive_side_channel
 
-__all__ = ["AppChannel"]
+__all__ = ["ENDED", "AppChannel"]
 
-#: Answers to ``__mig_abort`` that leave the migration under way: its platform store
-#: could not check the abort (``group-unchecked``: still frozen, asked again later),
-#: another enclave of its group committed (``group-decided``: frozen until it commits
-#: too), or it committed (its state waits for its release).  The duplicate of the
-#: connection stays: the death of whoever asked must not end the enclave with the
-#: only copy of its state (``docs/spec/commit.md`` section 5).
-_NOT_ENDED = ("group-unchecked", "group-decided", "committed")
+#: Why :meth:`AppChannel.serve` stopped when nothing more can be read: the
+#: connection closed (or shut down by a holder), or broken.
+ENDED = ("application closed the connection", "application connection broke")
 
 
 class AppChannel:
@@ -59,7 +55,8 @@ class AppChannel:
         #: it is held, the driver's death is no end of file, so a source whose
         #: checkpoint tool and guardian both died keeps its state for recovery.  An
         #: abort keeps it until ``__mig_unhold`` (the application has it back) or
-        #: the application's exit.
+        #: the application's exit.  An abort that leaves the state frozen, committed
+        #: or undecided keeps it too (:meth:`keeps_state`), with no watch.
         self.hold = Hold(log, self._uncommitted)
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -137,10 +134,10 @@ class AppChannel:
         if name == "__mig_abort":
             if reply["t"] == "ret" and self._runs_on():
                 self.hold.kept_after_abort()
-            elif reply["t"] == "err" and reply["code"] in _NOT_ENDED:
-                pass  # not aborted: frozen (or committed), the duplicate stays
-            else:
+            elif self._migration_ended():
                 self.hold.drop()  # the migration ended: the driver's death ends us again
+            elif self.hold.held:
+                log("the abort did not end the migration: the duplicate stays")
         if self.migrator.exit_after_reply:
             # The state has moved: hang up, the serve loop ends and the process exits.
             with contextlib.suppress(OSError):
@@ -154,7 +151,7 @@ class AppChannel:
             try:
                 msg = recv_frame(self.sock, ECALL, max_size=ECALL_FRAME_MAX)
             except ConnectionClosedError:
-                return "application closed the connection"
+                return ENDED[0]
             except MigSGXError as exc:
                 # A garbled frame cannot be resynchronised: report and hang up.
                 log(f"bad frame from the application: {exc.code}")
@@ -164,7 +161,7 @@ class AppChannel:
                     pass
                 return "protocol error"
             except OSError:
-                return "application connection broke"
+                return ENDED[1]
             kind = msg["t"]
             if kind == "ecall" and msg["fn"] in RUNTIME_CALLS:
                 assert self.migrator is not None
@@ -275,6 +272,29 @@ class AppChannel:
 
         migrator = self.migrator
         return migrator is not None and not (migrator.discarded or migrator.committed)
+
+    def _migration_ended(self) -> bool:
+        """After an abort: whether nothing of a migration is left here to keep.
+
+        A discarded destination, a wiped state, or no migration under way and nothing
+        committed.  Not an abort that failed and left the state frozen, committed
+        or undecided (``committed``, ``group-decided``, ``group-unchecked``,
+        ``decision-unknown``, a destination awaiting its decision): the duplicate
+        stays, so that neither the death of whoever asked nor an end of file
+        takes the only copy with it (``docs/spec/commit.md``, section 4).
+        """
+
+        migrator = self.migrator
+        if migrator is None or migrator.discarded or migrator.instance.retired:
+            return True  # (nothing to keep: a released or checkpointed state is wiped)
+        return migrator.role is None and not migrator.committed
+
+    def keeps_state(self) -> bool:
+        """Whether this enclave holds a migration's state that must outlive its
+        serve loop: frozen, committed or undecided, its duplicate still held
+        (``migsgx recover`` takes it back with ``pidfd_getfd``)."""
+
+        return self.hold.held and not self._migration_ended()
 
     def fail_waiters(self) -> None:
         with self._waiters_lock:

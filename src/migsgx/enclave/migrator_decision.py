@@ -44,6 +44,10 @@ class _SourceDecision(_MigratorState):
     _unknown_mid: bytes = b""
     #: The checkpoint whose gate commit went out and got no answer (the same rule).
     _ckpt_unknown: bytes = b""
+    #: The ABORT asked of that migration while its decision was unknown and the store
+    #: did not answer: from then on the decision is read back with it, never with the
+    #: COMMIT (whoever asked for the abort may already take the source for undecided).
+    _abort_asked: Decision | None = None
 
     @staticmethod
     @contextlib.contextmanager
@@ -92,6 +96,7 @@ class _SourceDecision(_MigratorState):
             self._token = token
             self.redelivering = False
             return token
+        self._read_with_abort()
         recorded: list[bytes] = []
 
         def record(token: bytes) -> None:
@@ -124,6 +129,7 @@ class _SourceDecision(_MigratorState):
             token = recorded[0]
         self.committed = True
         self._unknown_mid = b""
+        self._abort_asked = None
         self._token = token
         self._committed_mid = sc.migration_id
         return token
@@ -131,6 +137,30 @@ class _SourceDecision(_MigratorState):
     def _decision_unknown(self) -> bool:
         sc = self.source_commit
         return bool(self._unknown_mid) and sc is not None and sc.migration_id == self._unknown_mid
+
+    def _read_with_abort(self) -> None:
+        """A COMMIT of a migration whose abort was asked: the store is asked with that ABORT.
+
+        Once an abort was asked while the decision was unknown (``group-unchecked``),
+        whoever asked may take the source for undecided, and a COMMIT recorded now
+        (by any holder of the connection, asking the token or the release) would
+        be one nobody asked for.  First decision wins: a COMMIT held, the commit
+        goes on (with the recorded token); nothing held, the ABORT is recorded
+        and the commit refused (:class:`MigrationError`), the state frozen and
+        intact until the abort asked next, which the store answers ABORT.
+        """
+
+        asked = self._abort_asked
+        if asked is None or not self._decision_unknown() or asked.migration_id != self._unknown_mid:
+            return
+        try:
+            held = self.instance.services.decide(asked)
+        except GroupDecidedError:
+            return  # (another enclave of its group committed: the commit rolls forward)
+        if held.kind != "commit":
+            raise MigrationError(
+                "this migration's abort was asked, and it is decided aborted: it cannot commit"
+            )
 
     def _read_decision(self, then: str) -> None:
         """Before anything only a committed source does: a lost answer read from the store.
@@ -141,8 +171,9 @@ class _SourceDecision(_MigratorState):
         and was asked to commit): committed, with the recorded token.  ABORT
         (or its group's other decision): not committed, refused here
         (:class:`MigrationError`).  No answer: still unknown, still frozen
-        (:class:`DecisionUnknownError`, asked again).  ``then`` names what was
-        asked, for the message.
+        (:class:`DecisionUnknownError`, asked again).  Once an abort was asked
+        (and not answered), the store is asked with that ABORT instead
+        (:meth:`_read_with_abort`).  ``then`` names what was asked, for the message.
         """
 
         with self._ckpt_decide:  # (one decision at a time: an abort reads the store too)
@@ -217,6 +248,7 @@ class _SourceDecision(_MigratorState):
         except GroupDecidedError:
             raise
         except (MigSGXError, OSError) as exc:
+            self._abort_asked = decision  # (the read-back sends it from now on)
             raise GroupUncheckedError(
                 "this enclave's decision may be recorded (its platform service went away "
                 "while it recorded the COMMIT); it stays frozen until its platform service "
@@ -225,3 +257,4 @@ class _SourceDecision(_MigratorState):
         if held.kind != "abort":
             raise _HeldCommitError
         self._unknown_mid = b""
+        self._abort_asked = None

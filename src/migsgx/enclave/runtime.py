@@ -24,7 +24,7 @@ from ..sgx.image import EnclaveImage
 from ..sgx.structs import ReportBody
 from ..wire import recv_frame, send_frame
 from . import selftest
-from .app_channel import AppChannel
+from .app_channel import ENDED, AppChannel
 from .confine import narrow_limits, not_dumpable, seal_sandbox
 from .eventlog import log
 from .instance import EnclaveInstance
@@ -92,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     log(f"started {m.name} mrenclave={identity.mr_enclave.hex()[:16]}")
     reason = channel.serve()
+    while channel.keeps_state() and reason not in ENDED:
+        # A destroy, or a frame it could not read, while the duplicate is held: a
+        # frozen, committed or undecided state outlives it, for ``migsgx recover``
+        # (it takes the duplicate back), never wiped here where nothing else is.
+        log(f"{reason}, but this enclave keeps a migration's state: it serves on")
+        reason = channel.serve()
     channel.fail_waiters()
     try:
         instance.quiesce(timeout=5.0)
