@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -364,6 +365,9 @@ class _Migrator:
 
     def __init__(self, code: str) -> None:
         self.code = code
+        # (a refusal of nothing under way: no role; otherwise a source in its migration)
+        self.role = None if code == "protocol" else "source"
+        self.instance = SimpleNamespace(retired=False)
 
     def call(self, name: str, args: list[object]) -> object:
         if self.code:
