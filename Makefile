@@ -1,6 +1,6 @@
 # The two commands the README opens with: `make demo` and `make test`.
 # Each one prepares what it needs (system packages, CRIU, the virtual
-# environment) through scripts/setup.sh, which is idempotent and quick when
+# environment, the modules' bytecode) through scripts/setup.sh, which is idempotent and quick when
 # nothing changed.
 
 SHELL := /bin/bash

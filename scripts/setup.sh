@@ -86,3 +86,17 @@ PIPE_MAX=4194304
 if [ "$(id -u)" -eq 0 ] && [ "$(cat /proc/sys/fs/pipe-max-size)" -lt "$PIPE_MAX" ]; then
     echo "$PIPE_MAX" > /proc/sys/fs/pipe-max-size
 fi
+
+# --- bytecode of the project's own modules ---------------------------------
+# Every process the project starts imports migsgx from src/: the tool, its
+# guardian, agents, platform services, the enclave runtimes (which see src/
+# through the sandbox's read-only binds) and the lab's applications in
+# containers (the same binds). Where PYTHONDONTWRITEBYTECODE is set, no import
+# writes a cache, and each of those starts compiled every module it imported.
+# compileall writes the caches whatever that variable says; an import reads a
+# cache only while the source's modification time and size still match the
+# ones it records, and compiles an edited module afresh: nothing stale runs.
+# Only missing or outdated caches are written, so a second run takes a moment.
+# (Bytecode holds the modules' code and constants: nothing of any host's state.)
+"$VENV/bin/python" -m compileall -q -j 0 --invalidation-mode timestamp "$ROOT/src" >&2 \
+    || { log "ERROR: compiling src/ to bytecode failed (a module above does not compile)"; exit 1; }

@@ -101,8 +101,7 @@ def agent_serve(
     from .agent.server import Agent, AgentConfig
     from .agent.tls import AgentIdentity
     from .containers import ContainerSettings
-    from .sgx.listener import platform_socket_alive
-    from .sgx.service import default_socket
+    from .sgx.listener import default_socket, platform_socket_alive
     from .sgx.spawn import ServiceProcess, start_service, wait_for_unit
 
     logging.basicConfig(

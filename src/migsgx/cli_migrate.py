@@ -73,7 +73,7 @@ def recover_command(
         results += recover(state, AgentIdentity.of_state(state, ca=ca_dir))
     if checkpoints:
         from .agent.ckpt_recover import resolve_checkpoint
-        from .sgx.service import default_socket
+        from .sgx.listener import default_socket
 
         if platform_socket is None and state is not None:
             platform_socket = default_socket(state)

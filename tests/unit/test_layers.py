@@ -77,7 +77,10 @@ DRIVERS = (
 #: the part built on it, so each can be read, tested and reused without the rest.
 WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     "migsgx.datapath.ring_spec": frozenset(),
-    "migsgx.datapath.ring": frozenset({"migsgx.datapath.ring_spec"}),
+    "migsgx.datapath.ring": frozenset(
+        {"migsgx.datapath.ring_doorbell", "migsgx.datapath.ring_spec"}
+    ),
+    "migsgx.datapath.ring_doorbell": frozenset({"migsgx.datapath.ring_spec"}),
     "migsgx.datapath.ring_handover": frozenset(
         {"migsgx.datapath.ring", "migsgx.datapath.ring_spec"}
     ),
@@ -100,6 +103,7 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
         }
     ),
     "migsgx.core.transcript": frozenset(),
+    "migsgx.core.handshake_terms": frozenset({"migsgx.core.policy", "migsgx.core.stream_channel"}),
     "migsgx.core.stream": frozenset({"migsgx.core.manifest", "migsgx.core.policy"}),
     "migsgx.core.stream_channel": frozenset(
         {"migsgx.core.manifest", "migsgx.core.policy", "migsgx.core.stream"}

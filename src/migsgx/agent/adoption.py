@@ -14,8 +14,7 @@ from pathlib import Path
 
 from ..containers import HostConfig, make_driver
 from ..errors import MigSGXError
-from ..sgx.counters import CounterStore
-from ..sgx.platform import COUNTERS
+from ..sgx.counters import COUNTERS, CounterStore
 from ..system.process import continue_tree, process_state
 from .config import AgentHost
 from .held import HeldRecord, held_records, mark_lost, start_time

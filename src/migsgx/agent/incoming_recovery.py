@@ -19,8 +19,7 @@ from ..containers import HostConfig, make_driver
 from ..errors import LostAfterCommitError, MigSGXError
 from ..host.appctl import info_from_wire
 from ..host.client import EnclaveInfo
-from ..sgx.counters import CounterStore
-from ..sgx.platform import COUNTERS
+from ..sgx.counters import COUNTERS, CounterStore
 from .config import AgentHost
 from .held import HeldRecord, lost_detail
 from .incoming_data import Reply, _Enclave

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from ..enclave.persistent_format import reservation_release
 from ..errors import CounterError
-from ..sgx.counters import CounterStore
-from ..sgx.platform import COUNTERS
+from ..sgx.counters import COUNTERS, CounterStore
 
 __all__ = ["release_reservations"]
 

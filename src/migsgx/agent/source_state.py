@@ -32,7 +32,7 @@ from ..datapath.outgoing import OutgoingEnclave
 from ..datapath.pagerelay import PageRelay
 from ..errors import LostAfterCommitError, MigSGXError
 from ..host.appctl import info_to_wire
-from ..sgx.service import default_socket
+from ..sgx.listener import default_socket
 from ..system.process import process_state
 from . import preflight
 from .applink import AppLink, HandedEnclave

@@ -22,10 +22,10 @@ from .commit import (
     SeenMigrationIds,
     SourceCommit,
 )
-from .handshake import (
+from .handshake import Handshake
+from .handshake_terms import (
     NEED_DATA,
     Attester,
-    Handshake,
     HandshakeComplete,
     HandshakeState,
     KeyConfirmationError,

@@ -5,30 +5,39 @@ take events from :meth:`Handshake.next_event`, send what :meth:`Handshake.data_t
 returns.  Attestation is delegated to an :class:`Attester` and a :class:`Verifier`;
 the core checks that each verified quote binds this transcript, checks the
 :class:`~migsgx.core.policy.MigrationPolicy`, and derives :class:`SessionKeys`.
-The state machine is here; the transcript encoding, its hash and MACs and the
-key schedule it runs are :mod:`.transcript`.
+The state machine is here; its errors, events, states, table, schema and
+keys are :mod:`.handshake_terms`, and the transcript encoding, its hash and MACs
+and the key schedule it runs are :mod:`.transcript`.
 """
 
 from __future__ import annotations
 
-import enum
 import secrets
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from collections.abc import Callable
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from ..errors import (
-    AttestationError,
-    MigSGXError,
-    PlatformError,
-    ProtocolError,
-    ReplayError,
-    register_error,
+from ..errors import PlatformError, ProtocolError, ReplayError
+from ..wire import HEADER, decode_body, encode
+from .handshake_terms import (
+    MAX_HANDSHAKE_FRAME,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    SCHEMA,
+    TRANSITIONS,
+    Attester,
+    HandshakeComplete,
+    HandshakeState,
+    KeyConfirmationError,
+    LocalProtocolError,
+    NeedData,
+    PeerAborted,
+    ReportDataError,
+    Role,
+    SessionKeys,
+    Verifier,
 )
-from ..sgx.structs import ReportBody
-from ..wire import HEADER, Schema, decode_body, encode
 from .policy import EnclaveIdentity, MigrationPolicy
 from .seen import SeenMigrationIds
 from .stream_channel import StreamChannel
@@ -50,140 +59,7 @@ __all__ = [
     "Verifier",
 ]
 
-PROTOCOL_VERSION: Final = 1
-MAX_HANDSHAKE_FRAME: Final = 64 * 1024
-
-
-# --- errors ------------------------------------------------------------------------
-@register_error
-class LocalProtocolError(MigSGXError):
-    """This end was used in a way the protocol does not allow now."""
-
-    code = "local-protocol"
-
-
-@register_error
-class ReportDataError(AttestationError):
-    """The quote's report data does not bind this handshake's transcript."""
-
-    code = "report-data"
-
-
-@register_error
-class KeyConfirmationError(ProtocolError):
-    """The peer's key confirmation does not verify: it does not hold the same keys."""
-
-    code = "key-confirmation"
-
-
-# --- seams ----------------------------------------------------------------------------
-class Attester(Protocol):
-    def quote(self, report_data: bytes) -> bytes:
-        """This enclave's quote over 64 bytes of report data."""
-        ...
-
-
-class Verifier(Protocol):
-    def verify(self, quote: bytes) -> ReportBody:
-        """The verified REPORT body of a quote, or an AttestationError."""
-        ...
-
-
-# --- events and states ---------------------------------------------------------------
-class NeedData:
-    """More bytes are needed before the next event."""
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = NeedData()
-
-
-@dataclass(frozen=True)
-class HandshakeComplete:
-    keys: SessionKeys
-
-
-@dataclass(frozen=True)
-class PeerAborted:
-    """The peer said it gives up; ``code``/``message`` are its words, not verified."""
-
-    code: str
-    message: str
-
-
-class Role(enum.Enum):
-    SOURCE = "source"
-    DESTINATION = "destination"
-
-
-class HandshakeState(enum.Enum):
-    IDLE = "idle"
-    WAIT_DESTINATION_HELLO = "wait-destination-hello"
-    WAIT_SOURCE_HELLO = "wait-source-hello"
-    WAIT_SOURCE_FINISHED = "wait-source-finished"
-    COMPLETE = "complete"
-    ABORTED = "aborted"
-    FAILED = "failed"
-
-
 _S = HandshakeState
-# {role: {state: {event: next state}}}; events are received message types and the
-# local calls "start" and "abort".  Anything else raises.
-TRANSITIONS: Final[Mapping[Role, Mapping[HandshakeState, Mapping[str, HandshakeState]]]] = {
-    Role.SOURCE: {
-        _S.IDLE: {"start": _S.WAIT_DESTINATION_HELLO, "abort": _S.ABORTED},
-        _S.WAIT_DESTINATION_HELLO: {
-            "destination-hello": _S.COMPLETE,
-            "recv-abort": _S.ABORTED,
-            "abort": _S.ABORTED,
-        },
-        _S.FAILED: {"abort": _S.FAILED},
-    },
-    Role.DESTINATION: {
-        _S.WAIT_SOURCE_HELLO: {
-            "source-hello": _S.WAIT_SOURCE_FINISHED,
-            "recv-abort": _S.ABORTED,
-            "abort": _S.ABORTED,
-        },
-        _S.WAIT_SOURCE_FINISHED: {
-            "source-finished": _S.COMPLETE,
-            "recv-abort": _S.ABORTED,
-            "abort": _S.ABORTED,
-        },
-        _S.FAILED: {"abort": _S.FAILED},
-    },
-}
-
-SCHEMA: Final = Schema(
-    "migsgx.handshake",
-    {
-        "source-hello": {"v": int, "mid": bytes, "share": bytes, "quote": bytes},
-        "destination-hello": {"share": bytes, "quote": bytes, "confirm": bytes},
-        "source-finished": {"confirm": bytes},
-        "abort": {"code": str, "message": str},
-    },
-)
-
-
-@dataclass(frozen=True)
-class SessionKeys:
-    """What a completed handshake yields to the stream and commit layers."""
-
-    role: Role
-    migration_id: bytes
-    transcript_hash: bytes
-    source: EnclaveIdentity
-    destination: EnclaveIdentity
-    stream_secret: bytes = field(repr=False)
-    control_source_key: bytes = field(repr=False)
-    control_destination_key: bytes = field(repr=False)
-    streams: StreamChannel = field(repr=False, compare=False)
-
-    @property
-    def peer(self) -> EnclaveIdentity:
-        return self.destination if self.role is Role.SOURCE else self.source
 
 
 # --- the handshake ------------------------------------------------------------------------

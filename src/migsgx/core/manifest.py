@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import cbor2
-import numpy as np
 
 from ..errors import StreamError
 from ..wire import Schema
@@ -96,6 +95,8 @@ class Section:
             # loop over a million pages that would hold the interpreter lock.
             one = ((pages.start, len(pages)),) if len(pages) else ()
             return cls(label, len(pages) * page_size, page_size, one)
+        import numpy as np  # here: the tool and the agent read manifests without it
+
         try:
             # Vectorised: a pre-copy round may name a hundred thousand scattered
             # pages, and a loop over them holds the interpreter lock (0.3 s).

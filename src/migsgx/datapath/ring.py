@@ -53,29 +53,27 @@ A ring end is not thread-safe: one thread drives it (worker threads may fill or
 read the views it hands out).
 
 This module is the ring end and its doorbell protocol; the terms both ends share
-(geometry, roles, errors, the descriptor checks) are :mod:`.ring_spec`, and
-handing an end to another process is :mod:`.ring_handover`.
+(geometry, roles, errors, the descriptor checks) are :mod:`.ring_spec`, the
+doorbell's messages on their socket :mod:`.ring_doorbell`, and handing an end to
+another process :mod:`.ring_handover`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
-import errno
 import fcntl
-import math
 import mmap
 import os
 import socket
-import struct
 from collections import deque
 from types import TracebackType
-from typing import Final, NoReturn
+from typing import NoReturn
 
 from ..errors import MigSGXError, ProtocolError
+from .ring_doorbell import FLAG_FINAL, KIND_FILLED, KIND_FREE, Doorbell
 from .ring_spec import (
     REQUIRED_SEALS,
-    RingPeerGoneError,
     RingRole,
     RingSpec,
     RingTimeoutError,
@@ -84,15 +82,6 @@ from .ring_spec import (
 )
 
 __all__ = ["ShmRing"]
-
-# MAX_SLOTS (migsgx.limits) also keeps every doorbell queue far below its socket buffer.
-
-_MSG = struct.Struct(">BBHII")
-_KIND_FILLED: Final = 1
-_KIND_FREE: Final = 2
-_FLAG_FINAL: Final = 0x01
-
-_TIMEVAL = struct.Struct("@ll")
 
 
 class _Slot(enum.Enum):
@@ -128,7 +117,7 @@ class ShmRing:
         self._slots = spec.slots
         self._slot_size = spec.slot_size
         self._mm = mapping
-        self._doorbell = doorbell
+        self._doorbell = Doorbell(doorbell, role.peer.name.lower())
         self._memfd = memfd
         self._peer_doorbell = peer_doorbell
         self._rw = memoryview(mapping)
@@ -138,9 +127,6 @@ class ShmRing:
         self._final = False
         self._failure: MigSGXError | None = None
         self._closed = False
-        self._msg_out = bytearray(_MSG.size)
-        self._msg_in = bytearray(_MSG.size + 4)  # room to notice an oversize message
-        self._recv_timeout: float | None = None  # the doorbell's SO_RCVTIMEO
         initial = _Slot.FREE if role is RingRole.PRODUCER else _Slot.AWAY
         self._state = [initial] * spec.slots
         self._free: deque[int] = deque(range(spec.slots)) if role is RingRole.PRODUCER else deque()
@@ -250,7 +236,7 @@ class ShmRing:
             raise ValueError(f"{nbytes} bytes do not fit a slot of {self._slot_size}")
         self._unlend(index)
         self._state[index] = _Slot.PUBLISHED
-        self._send(_KIND_FILLED, _FLAG_FINAL if final else 0, index, nbytes)
+        self._send(KIND_FILLED, FLAG_FINAL if final else 0, index, nbytes)
         self._final = final
 
     def wait_drained(self, timeout: float | None = None) -> None:
@@ -270,9 +256,9 @@ class ShmRing:
         if self._final:
             raise RuntimeError("the final slot was already delivered")
         kind, flags, index, nbytes = self._receive(timeout)
-        if kind != _KIND_FILLED:
+        if kind != KIND_FILLED:
             self._fail(ProtocolError("the ring's producer sent a message only a consumer sends"))
-        if flags & ~_FLAG_FINAL:
+        if flags & ~FLAG_FINAL:
             self._fail(ProtocolError("unknown doorbell flags", flags=flags))
         if index >= self._slots:
             self._fail(ProtocolError("doorbell names a slot out of range", index=index))
@@ -284,7 +270,7 @@ class ShmRing:
         start = index * self._slot_size
         view = self._ro[start : start + nbytes]
         self._lent[index] = view
-        self._final = bool(flags & _FLAG_FINAL)
+        self._final = bool(flags & FLAG_FINAL)
         return index, view, self._final
 
     def release(self, index: int) -> None:
@@ -299,7 +285,7 @@ class ShmRing:
         # A producer may go once it has published its final slot, without taking
         # slots back.  If it went earlier, the next call to next() finds end of file
         # after the messages it sent: that is where a consumer learns it.
-        self._send(_KIND_FREE, 0, index, 0, peer_may_be_gone=True)
+        self._send(KIND_FREE, 0, index, 0, peer_may_be_gone=True)
 
     # --- both ends ----------------------------------------------------------------
     @property
@@ -356,6 +342,8 @@ class ShmRing:
         raise type(failure)(f"ring unusable after an earlier error: {failure}") from failure
 
     def _fail(self, error: MigSGXError) -> NoReturn:
+        """This end is dead from now on: record why and raise it."""
+
         self._failure = error
         self._usable = None
         raise error
@@ -367,7 +355,7 @@ class ShmRing:
 
     def _take_free(self, msg: tuple[int, int, int, int]) -> None:
         kind, flags, index, nbytes = msg
-        if kind != _KIND_FREE or flags or nbytes:
+        if kind != KIND_FREE or flags or nbytes:
             self._fail(ProtocolError("the ring's consumer sent a message it may not send"))
         if index >= self._slots:
             self._fail(ProtocolError("doorbell names a slot out of range", index=index))
@@ -379,72 +367,18 @@ class ShmRing:
     def _send(
         self, kind: int, flags: int, index: int, nbytes: int, *, peer_may_be_gone: bool = False
     ) -> None:
-        _MSG.pack_into(self._msg_out, 0, kind, flags, 0, index, nbytes)
         try:
-            self._doorbell.send(self._msg_out)
-        except OSError as exc:
-            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-                if peer_may_be_gone:
-                    return
-                self._fail_from(RingPeerGoneError("the ring's peer is gone"), exc)
-            raise
+            self._doorbell.send(kind, flags, index, nbytes, peer_may_be_gone=peer_may_be_gone)
+        except MigSGXError as error:
+            self._fail(error)  # (its cause kept)
 
     def _receive(self, timeout: float | None) -> tuple[int, int, int, int]:
-        if timeout is not None and timeout <= 0:
-            got = self._recv(socket.MSG_DONTWAIT)
-        else:
-            if timeout != self._recv_timeout:
-                # A kernel-side timeout keeps a wait at one system call.
-                self._doorbell.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
-                self._recv_timeout = timeout
-            got = self._recv(0)
-        if got < 0:
-            raise RingTimeoutError(
-                f"no doorbell message from the ring's {self.role.peer.name.lower()} "
-                f"within {timeout} s"
-            )
-        if got == 0:
-            self._fail(RingPeerGoneError("the ring's peer is gone"))
-        if got != _MSG.size:
-            self._fail(ProtocolError("doorbell message of the wrong size", size=got))
-        kind, flags, zero, index, nbytes = _MSG.unpack_from(self._msg_in)
-        if zero:
-            self._fail(ProtocolError("doorbell message with nonzero padding"))
-        return kind, flags, index, nbytes
-
-    def _recv(self, flags: int) -> int:
-        """One doorbell read: its size, 0 at end of file, -1 if nothing came in time."""
-
         try:
-            return self._doorbell.recv_into(self._msg_in, 0, flags)
-        except BlockingIOError:
-            return -1
-        except ConnectionResetError:
-            # A peer that closes with messages of ours unread makes the kernel report
-            # ECONNRESET once, possibly ahead of messages it sent before closing.
-            # Those are still queued: read them (or end of file) now.
-            try:
-                return self._doorbell.recv_into(self._msg_in, 0, flags)
-            except BlockingIOError:
-                return -1
-            except OSError as exc:
-                self._fail_from(RingPeerGoneError("the ring's peer is gone"), exc)
-        except OSError as exc:
-            if exc.errno == errno.ENOTCONN:
-                self._fail_from(RingPeerGoneError("the ring's peer is gone"), exc)
-            raise
-
-    def _fail_from(self, error: MigSGXError, cause: BaseException) -> NoReturn:
-        self._failure = error
-        self._usable = None
-        raise error from cause
-
-
-def _timeval(timeout: float | None) -> bytes:
-    if timeout is None:
-        return _TIMEVAL.pack(0, 0)  # wait for ever
-    micros = max(1, math.ceil(timeout * 1_000_000))
-    return _TIMEVAL.pack(micros // 1_000_000, micros % 1_000_000)
+            return self._doorbell.receive(timeout)
+        except RingTimeoutError:
+            raise  # (a wait that ran out leaves the ring usable)
+        except MigSGXError as error:
+            self._fail(error)  # (its cause kept)
 
 
 def _try_release(view: memoryview) -> bool:

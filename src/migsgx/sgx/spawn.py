@@ -21,8 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, PlatformError
-from .listener import Listener, held_by_systemd, listener_pid, platform_socket_alive
-from .service import default_socket
+from .listener import (
+    Listener,
+    default_socket,
+    held_by_systemd,
+    listener_pid,
+    platform_socket_alive,
+)
 
 __all__ = ["ServiceProcess", "start_service", "wait_for_unit"]
 

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from cryptography import x509
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.cmac import CMAC
 
 from ..errors import ReportMacError
 from .store_types import Decision, RecordUpdate
 from .structs import KEYNAME_REPORT, KeyRequest, Report, ReportBody, TargetInfo
+
+if TYPE_CHECKING:
+    from cryptography import x509  # (a type only: the agent imports this seam, not X.509)
 
 __all__ = ["TrustedServices", "counter_owner", "target_info_of", "verify_report_locally"]
 
