@@ -43,8 +43,10 @@ import cbor2
 from ..errors import (
     ClaimedBeforeError,
     CounterError,
+    EnclaveLostError,
     GroupDecidedError,
     PersistentStateError,
+    PlatformAnswerLostError,
 )
 from ..sgx.store_types import RecordUpdate
 from .persistent_format import (
@@ -332,6 +334,13 @@ class PersistentState(_PersistentOps):
                 )
             except (PersistentStateError, ClaimedBeforeError):
                 self._forget()
+                raise
+            except EnclaveLostError as exc:
+                # Not sent (its platform service away): nothing was applied, so nothing
+                # is installed here either, and a later claim may install it (W2 (c)).
+                # A lost answer may have been applied: what was installed is kept.
+                if not isinstance(exc, PlatformAnswerLostError):
+                    self._forget()
                 raise
             pending.reservation = None
             self._record = record
