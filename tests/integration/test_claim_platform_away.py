@@ -20,9 +20,10 @@ started afresh by the cell.
 from __future__ import annotations
 
 import threading
+import uuid
 
 import pytest
-from bed_helpers import wait_until
+from bed_helpers import ask, wait_until
 from fault_helpers import (
     EXIT_IN_DOUBT,
     EXIT_OK,
@@ -49,19 +50,23 @@ REPLACED = "lost its copy before the claim"
 
 
 @pytest.mark.parametrize(
-    "action, mark",
+    "action, mark, persist",
     [
         # (a) the loaded copy lives: it must wait for its service, never be replaced.
-        pytest.param("kill-platform", BLOCKED, id="service-away"),
+        pytest.param("kill-platform", BLOCKED, False, id="service-away"),
+        # The same with a persistent state, which the claim installs in one update.
+        pytest.param("kill-platform", BLOCKED, True, id="service-away-persistent"),
         # (b) its enclave killed too while the service is away: the state comes again.
-        pytest.param("kill-platform-and-enclave", WAITS, id="service-away-enclave-killed"),
+        pytest.param("kill-platform-and-enclave", WAITS, False, id="service-away-enclave-killed"),
     ],
 )
 def test_the_claim_waits_for_a_platform_service_away_past_the_reattach_wait(
-    bed: Testbed, figures: dict[str, dict[str, object]], action: str, mark: str
+    bed: Testbed, figures: dict[str, dict[str, object]], action: str, mark: str, persist: bool
 ) -> None:
     with destination_fault(bed, f"agent.before-claim:{action}", restart_platform=True) as c:
         app, doomed = c.app, c.doomed
+        if persist:
+            assert ask(bed, app, "src", f"PERSIST p-{uuid.uuid4().hex[:12]}") == "OK 1"
         result: list[MigrateRun] = []
         mover = threading.Thread(
             target=lambda: result.append(bed.migrate(app.pid, doomed)), daemon=True
@@ -91,7 +96,8 @@ def test_the_claim_waits_for_a_platform_service_away_past_the_reattach_wait(
                 assert REPLACED not in log, log[-4000:]  # the live copy was never replaced
             else:
                 assert REPLACED in log and "the platform service is back" in log, log[-4000:]
-            figures[f"decision written x destination platform service away ({action})"] = {
+            label = f"{action}{', persistent state' if persist else ''}"
+            figures[f"decision written x destination platform service away ({label})"] = {
                 "outcome": "moved", "exit": run.returncode, "seconds": c.seconds(),
             }  # fmt: skip
             only_copy(bed, app, "dst", c.digest)

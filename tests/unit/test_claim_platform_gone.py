@@ -42,9 +42,13 @@ def _loaded(world: World) -> tuple[Move, bytes]:
     return move, move.out.commit()
 
 
+@pytest.mark.parametrize("request_name", ["get_key", "persist_transaction"])
 def test_a_claim_not_sent_for_want_of_the_platform_is_made_again(
-    world: World, monkeypatch: pytest.MonkeyPatch
+    world: World, monkeypatch: pytest.MonkeyPatch, request_name: str
 ) -> None:
+    """The service gone at the install's seal key or at its update: either way nothing
+    was applied, and the next delivery claims."""
+
     move, token = _loaded(world)
     services: Any = move.destination.services
 
@@ -52,7 +56,7 @@ def test_a_claim_not_sent_for_want_of_the_platform_is_made_again(
         raise EnclaveLostError("the platform service is gone")
 
     with monkeypatch.context() as away:
-        away.setattr(services, "persist_transaction", gone)
+        away.setattr(services, request_name, gone)
         with pytest.raises(EnclaveLostError):
             move.into.commit_in(token)
     assert move.into.commit_in(token) == {"active": True}  # the service is back
