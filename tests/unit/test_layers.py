@@ -198,6 +198,8 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
             "migsgx.agent.faults",
             "migsgx.agent.lazy",
             "migsgx.agent.protocol",
+            "migsgx.agent.guardian_log",
+            "migsgx.agent.lost_enclaves",
         }
     ),
     "migsgx.agent.incoming_handover": frozenset(

@@ -11,7 +11,9 @@ is returned to the caller, which knows what it means there (``corrupt``
 before a restore, ``corrupt``/``drop``/``reorder``/``truncate``/``replay`` of the
 page stream (:func:`~.fault_relays.tampering_relay`), ``kill-after-bytes=N`` while an
 enclave stream comes in, ``kill-source`` at a point of the tool: SIGKILL to
-the source application, for example; ``hold-to-restored=N`` and
+the source application, for example; ``kill-platform-and-enclave`` at
+``agent.before-claim``: SIGKILL to this host's platform service, then to the
+loaded enclaves, each dead before the step goes on; ``hold-to-restored=N`` and
 ``flip-byte-in-restore=N`` at ``tool.enclave-stream``: the enclave stream from
 byte N on is held until the destination answered ``restored`` (resp. held,
 byte N flipped, until the tool asked for the restore), so that the restore

@@ -340,6 +340,8 @@ class IncomingMigration(_Recovery):
     def _resume(self, msg: dict[str, Any]) -> Reply:
         t0 = time.monotonic()
         _inject(fault("agent.before-resume"), self)
+        if any(msg.get("tokens") or ()):
+            self.source_committed = True  # (tokens exist only once the source committed)
         self._pass_on(msg.get("tokens"))
         self._wait_judged(self.config.io_timeout)
         try:

@@ -29,11 +29,14 @@ from ..datapath.incoming import IncomingEnclave
 from ..datapath.pagerelay import PageRelay, local_pair, relay_keys
 from ..errors import MigSGXError, ProtocolError
 from ..host.client import EnclaveInfo
+from ..sgx.listener import platform_socket_alive
 from .config import AgentHost
 from .datalink import KEY_SIZE, accept_data, check_pinned
 from .fault_relays import cutting_relay, firewall_drop, tampering_relay
 from .faults import fault, kill_dead, socket_owner
+from .guardian_log import RECOVER_PATIENCE
 from .lazy import Window
+from .lost_enclaves import hung_up
 from .protocol import MAX_ENCLAVES, AgentError, SessionMachine, plain_stats
 
 __all__: list[str] = []
@@ -42,6 +45,12 @@ log = logging.getLogger("migsgx.agent")
 
 DATA_HELLO_TIMEOUT: Final = 10.0
 MAX_DATA_OPENINGS: Final = 2 * MAX_ENCLAVES
+#: How long the state delivered again (window W2) waits for this host's platform
+#: service to be back before its fresh enclave is launched: the guardian's patience
+#: (it keeps delivering a committed migration that long).
+PLATFORM_WAIT: Final = RECOVER_PATIENCE
+#: The longest pause between two looks for the platform service meanwhile.
+PLATFORM_LOOK_MAX: Final = 1.0
 Reply = dict[str, Any] | None
 
 
@@ -60,6 +69,8 @@ class _Enclave:
     decided: threading.Event = field(default_factory=threading.Event)
     ecall_sock: socket.socket | None = None
     commit_error: BaseException | None = None
+    #: A fresh copy for the state delivered again (window W2): the source committed.
+    again: bool = False
 
 
 def _shutdown(sock: socket.socket | None) -> None:
@@ -132,6 +143,9 @@ class _SessionState:
         #: TLS from the address that began the session): no state comes again, so a
         #: copy lost undecided no longer keeps the tree.
         self.source_aborted = False
+        #: The source said it committed (its tokens in ``resume``, a re-delivery asked):
+        #: a failed step no longer ends the session while the state can come again.
+        self.source_committed = False
         #: This end's address of the control connection (data listeners bind to it).
         self.local_address = ""
 
@@ -307,6 +321,8 @@ class _SessionState:
                 # Nothing of the peer's runs unless it is the image begin announced.
                 check_pinned(enclave.engine.image, enclave.source_info)
                 offered = True
+                if enclave.again:
+                    self._platform_back(enclave, conn)
                 stats = enclave.engine.receive(conn, offer)
                 enclave.stats = {**plain_stats(stats), "timeline": stats.get("timeline", {})}
                 enclave.stats["agent_seconds"] = time.monotonic() - t0
@@ -328,12 +344,54 @@ class _SessionState:
                 enclave.loaded.set()
             try:
                 enclave.ecall_sock = enclave.engine.wait_commit(
-                    timeout=None, before_claim=self._before_claim, after_claim=self._after_claim
-                )
+                    timeout=None, before_claim=self._before_claim, after_claim=self._after_claim,
+                    blocked=lambda: log.warning(
+                        "migration %s: enclave %d lives but cannot claim: its platform service "
+                        "is away; the copy waits for it (a failed claim is no decision)",
+                        self.tag, enclave.index,
+                    ),
+                )  # fmt: skip
             except BaseException as exc:
                 enclave.commit_error = exc
         finally:
             enclave.decided.set()
+
+    def _platform_back(self, enclave: _Enclave, conn: socket.socket) -> None:
+        """The state comes again (the source committed): wait for this host's platform
+        service before the fresh enclave is launched, instead of failing at once.
+
+        A committed migration whose copy died (window W2) can still move while
+        its state can come again; a launch that fails because the service is
+        away (being restarted) would end this attempt for nothing.  Bounded by
+        :data:`PLATFORM_WAIT` (the guardian's patience), and by the source side,
+        which may give the attempt up (its connection ends): then the fresh copy
+        counts as lost, the session stays held, and a later attempt tries again.
+        """
+
+        path = self.config.platform_socket
+        if platform_socket_alive(path):
+            return
+        log.warning(
+            "migration %s: enclave %d: the platform service of this host is away: the state "
+            "delivered again waits for it (up to %.0f s) before its fresh enclave launches",
+            self.tag, enclave.index, PLATFORM_WAIT,
+        )  # fmt: skip
+        t0 = time.monotonic()
+        pause = 0.05
+        while not platform_socket_alive(path):
+            why = ""
+            if time.monotonic() - t0 > PLATFORM_WAIT:
+                why = f"the platform service of this host was not back within {PLATFORM_WAIT:.0f} s"
+            elif hung_up(conn):
+                why = "the source gave this attempt up while the platform service was away"
+            if why:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)  # (the source hears it now)
+                raise AgentError(why)
+            time.sleep(pause)
+            pause = min(PLATFORM_LOOK_MAX, pause * 2)
+        log.info("migration %s: enclave %d: the platform service is back after %.1f s",
+                 self.tag, enclave.index, time.monotonic() - t0)  # fmt: skip
 
     def _before_claim(self) -> None:
         """Fault injection at W2: a decision frame is about to be judged (once a session)."""
@@ -363,9 +421,9 @@ def _inject(action: str | None, session: _SessionState) -> None:
         # host's firewall drops its packets both ways from now on.
         firewall_drop(int(session.tls.getsockname()[1]))
         return
-    if action == "kill-platform":
+    if action in ("kill-platform", "kill-platform-and-enclave"):
         kill_dead([socket_owner(session.config.platform_socket)])
-    elif action == "kill-enclave":
+    if action in ("kill-enclave", "kill-platform-and-enclave"):
         kill_dead([pid for pid in session.enclave_pids() if pid > 0])
 
 

@@ -13,7 +13,6 @@ import time
 from collections.abc import Sequence
 from typing import Any, Final
 
-from ..datapath.incoming import IncomingEnclave
 from ..errors import LostAfterCommitError, MigSGXError, ProtocolError
 from .incoming_data import _Enclave, _shutdown
 from .incoming_handover import _Handover
@@ -34,24 +33,35 @@ class _SessionDecisions(_Handover):
     """Decide, hold, settle or undo one incoming migration."""
 
     def redeliver(self, index: int) -> int:
-        """Replace enclave ``index``'s lost copy by a fresh listener; its port (0: none)."""
+        """Replace enclave ``index``'s lost copy by a fresh listener; its port (0: none).
+
+        Only a copy that is gone is replaced: its enclave process ended (asked
+        of the process: ``IncomingEnclave.lives``), never one that only did
+        not answer in time (a claim in flight waits for a restarted platform
+        service, and a call behind it would wait as long).  A live copy waits
+        for its service (W2 (c)); its token goes again with ``resume`` or a
+        delivery.
+        """
 
         if not 0 <= index < len(self.enclaves):
             raise ProtocolError("no such enclave")
+        # Only a committed source is asked to deliver its state again: from now on a
+        # failed step never ends this session while the state can come again.
+        self.source_committed = True
         old = self.enclaves[index]
         engine = old.engine
         if old.ecall_sock is not None or (engine is not None and engine.decided):
             return 0  # it runs, or a decision ended it
-        if engine is not None and _answers(engine):
+        if not old.decided.is_set() and (engine is None or not engine.awaiting):
+            return 0  # still arriving (or waiting for this host's platform service)
+        if engine is not None and engine.lives():
             return 0  # a live copy is never replaced
-        if engine is None and not old.decided.is_set():
-            return 0  # still arriving
         log.warning(
             "migration %s: enclave %d lost its copy before the claim: a fresh one receives "
             "the state again", self.tag, index,
         )  # fmt: skip
         _shutdown(old.conn)
-        self.enclaves[index] = _Enclave(index, old.source_info)
+        self.enclaves[index] = _Enclave(index, old.source_info, again=True)
         self._refilled.set()
         listener = self._listen(self.local_address)
         listener.settimeout(REDELIVER_ACCEPT)
@@ -188,6 +198,12 @@ class _SessionDecisions(_Handover):
             return False
         return any(e.ecall_sock is None for e in enclaves) and self.root is not None
 
+    def _arriving_again(self) -> bool:
+        """Whether the state comes again to a fresh copy that has not decided yet
+        (it loads, or waits for this host's platform service): kept, not undone."""
+
+        return self.keep_lost and any(e.again and not e.decided.is_set() for e in self.enclaves)
+
     def _settle(self) -> None:
         while True:
             enclaves = list(self.enclaves)
@@ -242,7 +258,11 @@ class _SessionDecisions(_Handover):
         """Undo everything this session made; idempotent.
 
         Held instead while an enclave past LOADED waits for its decision, and,
-        with ``keep_lost``, while the tree waits for a lost copy's state again.
+        with ``keep_lost`` (or once the source said it committed: its tokens
+        in ``resume``, a re-delivery asked), while the tree waits for a lost
+        copy's state again: a step that failed (a re-delivery that could not
+        launch its enclave, the ``resume`` that found no copy claimed) is no
+        decision, and the source's committed enclaves still hold the state.
         """
 
         with self._lock:
@@ -253,8 +273,8 @@ class _SessionDecisions(_Handover):
             log.error("migration %s: not aborting (%s): past the commit point", self.tag, reason)
             self._teardown()
             return
-        self.keep_lost = keep_lost
-        if self._awaiting() or self._copies_lost():
+        self.keep_lost = keep_lost or self.source_committed
+        if self._awaiting() or self._copies_lost() or self._arriving_again():
             self._hold(reason)
             return
         log.info("migration %s: aborting: %s", self.tag, reason)
@@ -262,16 +282,3 @@ class _SessionDecisions(_Handover):
         self._teardown()
         self.decided_outcome = "aborted"
         self.settled.set()
-
-
-def _answers(engine: IncomingEnclave) -> bool:
-    """Whether an incoming enclave's process still answers on its link."""
-
-    link = engine.link
-    if link is None:
-        return False
-    try:
-        link.call("__mig_status")
-    except MigSGXError:
-        return False
-    return True

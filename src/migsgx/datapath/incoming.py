@@ -9,10 +9,13 @@ authentic changes nothing.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
+import select
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from ..core.commit import CommitError
@@ -33,11 +36,17 @@ from .peerwire import PEER, _check_received, _send
 class IncomingEnclave(_IncomingLoad):
     """Destination side: launch a fresh enclave, load the state, run on COMMIT."""
 
+    #: A pidfd of the enclave process, opened once it loaded (:meth:`lives`).
+    _pidfd: int | None = None
+    #: Its process had ended already when it was to be pinned.
+    _ended = False
+
     def wait_commit(
         self,
         timeout: float | None = None,
         before_claim: Callable[[], None] | None = None,
         after_claim: Callable[[], None] | None = None,
+        blocked: Callable[[], None] | None = None,
     ) -> socket.socket:
         """Wait for the source's decision; on COMMIT the enclave runs: return its connection.
 
@@ -48,11 +57,14 @@ class IncomingEnclave(_IncomingLoad):
         Rejected frames are kept in :attr:`rejected`.  Decisions come on the
         data connection or through :meth:`deliver` (the agents' TLS channel,
         ``docs/spec/commit.md``); a lost data connection ends nothing.  On a
-        timeout the copy is kept, in doubt.
+        timeout the copy is kept, in doubt.  ``blocked`` is called each time a
+        decision could not be judged because the enclave's platform service is
+        away (the enclave lives and waits for it).
         """
 
         if self.peer is None or self.link is None:
             raise MigrationError("nothing was received")
+        self._pin_process()
         threading.Thread(
             target=self._read_peer, args=(self.peer,), name="migsgx-decision", daemon=True
         ).start()
@@ -80,12 +92,16 @@ class IncomingEnclave(_IncomingLoad):
             try:
                 self.link.call("__mig_commit_in", frame)
             except EnclaveLostError as exc:
-                if self._answers():
+                if self.lives():
                     # The enclave lives, its platform service does not (the claim
-                    # needs it): the copy waits on; a later delivery may find the
-                    # service back, and the enclave re-attaches to it.
+                    # needs it; the enclave's own wait for a restarted one ended):
+                    # a failed claim is no decision.  The copy waits on; a later
+                    # delivery may find the service back, and the enclave
+                    # re-attaches to it.
                     self.platform_blocked = True
                     self.rejected.append(exc)
+                    if blocked is not None:
+                        blocked()
                     continue
                 # This copy is gone: tell the source side at once (no "active" will come).
                 with contextlib.suppress(OSError):
@@ -114,14 +130,44 @@ class IncomingEnclave(_IncomingLoad):
                 _send(self.peer, {"t": "active"})
             return self.link.sock
 
-    def _answers(self) -> bool:
-        if self.link is None:
+    def lives(self) -> bool:
+        """Whether this copy's enclave process still runs: asked of the process itself.
+
+        Its pidfd (opened once it loaded) has not reported its exit, and its
+        end of the connection is open (an enclave closes it only as its
+        process ends).  Never a runtime call, and never a timeout: a call
+        waits behind one in flight (a claim that waits for a restarted
+        platform service, ``REATTACH_WAIT``), and a failed one says nothing of
+        the process.  A live copy is never replaced (``docs/spec/commit.md``,
+        section 5, W2 (c)).
+        """
+
+        link = self.link
+        if self._ended or link is None or link.sock.fileno() < 0 or _hung_up(link.sock):
             return False
+        pidfd = self._pidfd
+        if pidfd is None:
+            return True  # (not pinned: the connection alone tells)
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return not poller.poll(0)
+
+    def _pin_process(self) -> None:
+        """A pidfd of the loaded enclave's process (the agent and its platform service
+        share a pid namespace): from now on a reused pid cannot pass for it."""
+
+        pid = self.info.pid if self.info is not None else 0
+        if self._pidfd is not None or pid <= 0:
+            return
         try:
-            self.link.call("__mig_status")
-        except MigSGXError:
-            return False
-        return True
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._ended = True
+            return
+        except OSError:
+            return  # (the connection alone tells)
+        self._pidfd = pidfd
+        weakref.finalize(self, os.close, pidfd)
 
     def source_gone(self) -> None:
         """The source host says the source enclave died before it was asked to decide.
@@ -161,3 +207,11 @@ class IncomingEnclave(_IncomingLoad):
 
     def abort(self) -> None:
         self._abort_quietly("aborted by the destination")
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the far end of ``sock`` closed: polled, never read."""
+
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(0))

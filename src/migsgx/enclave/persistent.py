@@ -43,8 +43,10 @@ import cbor2
 from ..errors import (
     ClaimedBeforeError,
     CounterError,
+    EnclaveLostError,
     GroupDecidedError,
     PersistentStateError,
+    PlatformAnswerLostError,
 )
 from ..sgx.store_types import RecordUpdate
 from .persistent_format import (
@@ -301,30 +303,34 @@ class PersistentState(_PersistentOps):
         with self._lock:
             if self._name is not None:
                 raise PersistentStateError("this enclave has a persistent state of its own")
-            self._name = pending.name
-            self._rid = pending.record_id
-            # A new generation: blobs sealed here from now on never open on a
-            # source that outlived its commit (a rolled-back host, say).
-            self._keys = list(pending.keys)
-            if len(self._keys) < MAX_KEY_GENERATIONS:
-                self._keys.append(self._random(32))
-            self._epoch_id = self._new_id()
-            self._epoch = 1
-            self._counters = {n: _MCounter(self._new_id(), v) for n, v in pending.values.items()}
-            create = {self._epoch_id: 1, **{c.cid: 0 for c in self._counters.values()}}
-            record = self._seal_record(1, self._counters)
-            if pending.reservation is not None:
-                # The reservation made before LOADED is replaced (and proven unused).
-                installing = RecordUpdate(
-                    record,
-                    create=create,
-                    destroy=(pending.reservation,),
-                    check={pending.reservation: 0},
-                    expect=_digest(_reservation_blob(pending.arrival, pending.reservation)),
-                )
-            else:
-                installing = RecordUpdate(record, create=create, expect_absent=True)
+            sent = False  # (the install's platform update went out: it may be applied)
             try:
+                self._name = pending.name
+                self._rid = pending.record_id
+                # A new generation: blobs sealed here from now on never open on a
+                # source that outlived its commit (a rolled-back host, say).
+                self._keys = list(pending.keys)
+                if len(self._keys) < MAX_KEY_GENERATIONS:
+                    self._keys.append(self._random(32))
+                self._epoch_id = self._new_id()
+                self._epoch = 1
+                self._counters = {
+                    n: _MCounter(self._new_id(), v) for n, v in pending.values.items()
+                }
+                create = {self._epoch_id: 1, **{c.cid: 0 for c in self._counters.values()}}
+                record = self._seal_record(1, self._counters)
+                if pending.reservation is not None:
+                    # The reservation made before LOADED is replaced (and proven unused).
+                    installing = RecordUpdate(
+                        record,
+                        create=create,
+                        destroy=(pending.reservation,),
+                        check={pending.reservation: 0},
+                        expect=_digest(_reservation_blob(pending.arrival, pending.reservation)),
+                    )
+                else:
+                    installing = RecordUpdate(record, create=create, expect_absent=True)
+                sent = True
                 self._transaction(
                     [(pending.name, installing), *also],
                     f"cannot install the migrated persistent state {pending.name!r} here",
@@ -332,6 +338,14 @@ class PersistentState(_PersistentOps):
                 )
             except (PersistentStateError, ClaimedBeforeError):
                 self._forget()
+                raise
+            except EnclaveLostError as exc:
+                # Its platform service away: nothing was applied (a key or the update
+                # never got an answer), so nothing is installed here either, and a later
+                # claim may install it (W2 (c)).  The update's answer lost: it may have
+                # been applied, so what was installed is kept.
+                if not (sent and isinstance(exc, PlatformAnswerLostError)):
+                    self._forget()
                 raise
             pending.reservation = None
             self._record = record
