@@ -18,6 +18,10 @@ the forks and closes are the test's (files the application waits for); the
 application is a runtime without ``__mig_unhold`` (``app.resume-taken:no-unhold``),
 so the duplicate stays after the hand-back and its watch decides; no sleep
 decides anything.
+
+The duplicate's going with C2 is asserted by its outcome (the enclave ends), not by
+the enclave's "let go" log line: under load that line is sometimes missing while
+the enclave still ends (seen in ``test_holders_after_fork.py``'s cell as well).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import pytest
 from platform_fixtures import World, make_image, pid_alive, shared_world, wait_until, write_image
 from test_holders_after_fork import _APP, SECRET, Forking, _enclave_logs  # the same application
 
+from migsgx.agent.ckpt_journal import read_journal
+from migsgx.agent.holders import take_held
 from migsgx.lab.hosts import ServiceProcess
 from migsgx.sgx.image import EnclaveImage
 
@@ -139,6 +145,8 @@ def test_recover_hands_back_to_a_child_forked_after_the_hold(
     (work / "go").touch()  # after the hold: C1 forks C2 and exits
     assert wait_until(lambda: (work / "c2").exists() and not pid_alive(app.child), 30)
     c2 = int((work / "c2").read_text())
+    journal = read_journal(ck)
+    assert journal is not None and len(journal["holders"]) == 1, journal
     _recover(ck)
     assert pid_alive(app.enclave)  # back with its application
     logs = _enclave_logs(world)
@@ -151,11 +159,14 @@ def test_recover_hands_back_to_a_child_forked_after_the_hold(
     app.app.wait()
     assert wait_until(lambda: seen(ENDED) or seen(LET_GO), 30)
     assert not seen(LET_GO), "the duplicate went with the processes named at the hold"
+    taken = take_held(journal["holders"])
+    assert list(taken) == [0]  # the enclave still holds its duplicate
+    taken[0].close()
     (work / "use").touch()
     assert wait_until((work / "answer").exists, 30), "C2 never called its enclave"
     assert (work / "answer").read_text() == SECRET  # the state is intact
     os.kill(c2, signal.SIGKILL)  # the last real holder ends: the duplicate goes, then the enclave
-    assert wait_until(lambda: seen(LET_GO), 30), "the duplicate stayed"
+    # (the duplicate goes with C2; its "let go" line is not asserted: see the module's note)
     assert wait_until(lambda: not pid_alive(app.enclave), 30), "the enclave outlived C2"
 
 
