@@ -20,8 +20,9 @@ so the duplicate stays after the hand-back and its watch decides; no sleep
 decides anything.
 
 The duplicate's going with C2 is asserted by its outcome (the enclave ends), not by
-the enclave's "let go" log line: under load that line is sometimes missing while
-the enclave still ends (seen in ``test_holders_after_fork.py``'s cell as well).
+the enclave's "let go" log line: the watch writes that line after it closed the
+duplicate, and the enclave, at end of file then, may exit before the line is
+written (``enclave/hold.py``; seen in ``test_holders_after_fork.py``'s cell too).
 """
 
 from __future__ import annotations
