@@ -23,8 +23,9 @@ Resolution, idempotent, to exactly one runnable copy:
   The outcome is ``restorable``: ``migsgx restore --dir`` makes it run;
 * no gate committed: the source is the copy.  A fenced source is continued;
   source enclaves whose tool and guardian both died still hold their state and
-  a duplicate of their connection (``__mig_hold``): it is taken back, they
-  abort (the gate goes) and are handed back to the application; the
+  a duplicate of their connection (``__mig_hold``): it is taken back, each is
+  told who holds its connection now (``__mig_watch``, read before the tree
+  continues), they abort (the gate goes) and are handed back to the application; the
   checkpoint's files, which can never open, are removed (``stayed``, or
   ``gone`` if the source died too: then its enclave state went with it, as in
   a crash);
@@ -65,7 +66,7 @@ from .ckpt_journal import (
     write_journal,
 )
 from .handback import abort_answer, abort_enclave, call_enclave, let_go, resume_source
-from .holders import dead_holders, eof_socket, take_held
+from .holders import dead_holders, eof_socket, take_held, watch_holders
 from .recover_records import Resolution
 
 __all__ = ["resolve_checkpoint"]
@@ -179,6 +180,25 @@ def _committed(directory: Path, count: int, platform_socket: Path, meta: bytes) 
         else:
             found.append(True)
     return found
+
+
+def _watch(journal: dict[str, object], taken: dict[int, socket.socket]) -> None:
+    """Before the source tree continues: each enclave taken back is told who holds its
+    connection now (``__mig_watch``, :func:`.holders.watch_holders`), read while the
+    tree is still stopped, as the tool's roll-back and its guardian do.  So the
+    enclave follows the processes that really hold it (a child forked after the
+    hold), not those named with the hold.  Only while the recorded source lives."""
+
+    app, recorded = journal.get("app"), journal.get("holders")
+    pid, start = journal.get("pid"), journal.get("start")
+    if not (isinstance(app, list) and len(app) == 2 and isinstance(app[0], int)):
+        return
+    if not isinstance(recorded, list) or not isinstance(pid, int) or not start:
+        return
+    if start_time(pid) != start or process_state(pid) in ("", "Z", "X"):
+        return
+    positions = sorted(i for i in taken if i < len(recorded))
+    watch_holders([taken[i] for i in positions], [recorded[i] for i in positions], app[0])
 
 
 def _continue_source(journal: dict[str, object]) -> bool:
@@ -327,6 +347,8 @@ def _resolve(
     takes = journal is not None and phase in ("writing", "fenced") and not aborted
     taken = take_held(journal.get("holders")) if journal is not None and takes else {}
     socks = _all_or_none(journal.get("holders") if journal else None, taken)
+    if journal is not None and taken:
+        _watch(journal, taken)  # (read before the tree continues)
     runs = _continue_source(journal or meta)
     lost = len(socks) - len(taken)
     # Nothing committed: an enclave of it that died took its state with it (named).
