@@ -237,13 +237,15 @@ class Hold:
                         self._log("the application ended, but this enclave committed: "
                                   "its duplicate stays")  # fmt: skip
                         return
+                    # Said first: once the duplicate is closed the enclave may read end
+                    # of file and exit before this thread writes another line.
+                    self._log("the application ended after the abort: its duplicate is let go")
                     # Closed before it reads as let go: whoever sees ``held`` false
                     # finds the descriptor closed too.
                     with contextlib.suppress(OSError):
                         held.close()
                     self._held = None
                     self._close_apps()
-                self._log("the application ended after the abort: its duplicate is let go")
                 return
         finally:
             for app in apps:
