@@ -10,7 +10,7 @@ service's answer is lost, or the service gone (its ``decide`` raises as the chan
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 from platform_fixtures import World, shared_world
@@ -20,7 +20,7 @@ from migsgx.channel import ECALL, ECALL_FRAME_MAX
 from migsgx.enclave.app_channel import AppChannel
 from migsgx.enclave.migrator import Migrator
 from migsgx.errors import DecisionUnknownError
-from migsgx.sgx.store_types import Decision
+from migsgx.sgx.store_types import Decision, RecordUpdate
 from migsgx.wire import recv_frame
 
 
@@ -156,3 +156,34 @@ def test_the_read_back_after_an_unknown_abort_sends_the_abort(
     assert held is not None and held.kind == "abort"
     move.out.call("__mig_abort", ["the guardian asks again"])
     assert move.out.source_commit is None  # aborted: the source runs again
+
+
+def test_an_abort_that_finds_its_commit_but_cannot_commit_yet_stays_decided(
+    world: World, monkeypatch: pytest.MonkeyPatch, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """The COMMIT written, its answer lost; the guardian's abort finds that COMMIT in the
+    store, and the service goes away before the enclave commits on it.  The answer is
+    ``group-decided`` (roll forward, still frozen), never an error a driver could take for
+    an abort; the duplicate stays; the service back, the next abort says ``committed``."""
+
+    move, _ = _move(world)
+    channel = _channel(move.out, *pair)
+    services = move.out.instance.services
+    real = services.decide
+    monkeypatch.setattr(services, "decide", _lost(real, True))
+    with pytest.raises(DecisionUnknownError):
+        move.out.call("__mig_commit", [])
+    calls: list[Decision] = []
+
+    def once(decision: Decision, retire: Sequence[tuple[str, RecordUpdate]] = ()) -> Decision:
+        calls.append(decision)
+        return real(decision, retire) if len(calls) == 1 else _gone(decision, retire)
+
+    monkeypatch.setattr(services, "decide", once)
+    assert _abort(channel, pair[1], "the tool died") == "group-decided"
+    assert len(calls) >= 2  # (the store answered with its COMMIT, then went away)
+    assert not move.out.committed
+    assert channel.hold.held and channel.keeps_state()
+    monkeypatch.setattr(services, "decide", real)
+    assert _abort(channel, pair[1], "the guardian asks again") == "committed"
+    assert move.out.committed and channel.hold.held

@@ -205,7 +205,15 @@ class _SourceSide(_SourceDecision):
         except GroupUncheckedError:
             raise  # (nothing changed: still frozen, the abort may be tried again)
         except _HeldCommitError:
-            self.commit()  # (its own COMMIT was recorded, the answer lost)
+            try:
+                self.commit()  # (its own COMMIT was recorded, the answer lost)
+            except MigSGXError as exc:
+                # Its COMMIT is the store's decision: it rolls forward, never back,
+                # and stays frozen until it can commit here too (never "aborted").
+                raise GroupDecidedError(
+                    f"this enclave's COMMIT is recorded; it stays frozen until it can "
+                    f"commit here too ({exc.code})"
+                ) from exc
             raise CommittedError(
                 "this enclave's COMMIT was recorded before its platform service went away: "
                 "it is committed"
