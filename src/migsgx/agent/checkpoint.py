@@ -25,7 +25,6 @@ import json
 import os
 import secrets
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -58,7 +57,7 @@ from .ckpt_journal import (
     write_journal,
 )
 from .enclave_loss import LostEnclave, dead, lost_error, wait_ended
-from .faults import fault, kill_dead, socket_owner
+from .faults import fault, kill_dead, kill_until_dying, socket_owner
 from .guardian import Guardian
 from .handback import let_go
 from .holders import watch_holders
@@ -370,10 +369,7 @@ def _fault(
         sock = platform if platform is not None else default_platform_socket(None)
         kill_dead([socket_owner(sock)])
     if action == "kill-source" and pid > 0:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        while _alive(pid):  # SIGKILL cannot be ignored; its delivery is asynchronous
-            time.sleep(0.01)
+        kill_until_dying(pid)  # (not until a zombie: CRIU holds a killed pidns init's end)
     elif action in ("kill-enclave", "kill-enclave-and-exit") and handed:
         kill_dead([handed[0].info.pid])  # (dead before the next step: no race with it)
         if action == "kill-enclave-and-exit":

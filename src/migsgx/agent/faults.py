@@ -251,3 +251,21 @@ def dying(pid: int) -> bool:
         int(_proc.status_field(pid, name) or "0", 16) & _SIGKILL_BIT
         for name in ("ShdPnd", "SigPnd")
     )
+
+
+def kill_until_dying(pid: int, within: float = 10.0) -> None:
+    """SIGKILL ``pid`` (``kill-source``'s application) and return once it is :func:`dying`.
+
+    Not once it is a zombie: a pid-namespace init ends only after every task of
+    its namespace was reaped, and CRIU, which traces them, lets them go only when
+    this process goes on (the checkpoint hung at ``ckpt.after-commit:kill-source``,
+    found by a storm).  Bounded: an :class:`InjectedFault` after ``within`` seconds.
+    """
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + within
+    while not dying(pid):  # (SIGKILL's delivery is asynchronous; it cannot be ignored)
+        if time.monotonic() > deadline:
+            raise InjectedFault(f"fault injection: pid {pid} did not take its SIGKILL")
+        time.sleep(0.01)

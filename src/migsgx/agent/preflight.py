@@ -90,6 +90,8 @@ def admit(
     if ports is not None:
         if driver.name != "pid" and not shares_host_network(spec, target):
             raise ProtocolError("only a workload in its host's network namespace announces ports")
+        if not isinstance(ports, list):
+            raise ProtocolError("the listening ports are not a list")
         if len(ports) > MAX_LISTENERS:
             raise ProtocolError(f"at most {MAX_LISTENERS} listening ports")
         wanted = [Listener.from_peer(p) for p in ports]

@@ -85,8 +85,91 @@ __all__ = [
     "SpecPolicy",
     "SpecRefused",
     "admit",
+    "check_shape",
     "host_rlimits",
 ]
+
+
+class _Each:
+    """An object of any names (strings), each value of ``shape``."""
+
+    def __init__(self, shape: Any) -> None:
+        self.shape = shape
+
+
+_DEVICE: dict[str, Any] = {"type": str, "major": int, "minor": int, "path": str, "access": str}
+#: The type of every field the localization and the admission read, by path: an object
+#: (a dict: these fields), a list (of one shape), an :class:`_Each` (an object of any
+#: names, each value of one shape), a type, or ``object`` (anything).  ``None`` stands
+#: for an absent field anywhere but in a list.
+SHAPE: dict[str, Any] = {
+    "hooks": object,
+    "process": {
+        "terminal": object,
+        "env": [str],
+        "capabilities": {name: [str] for name in CAPABILITY_SETS},
+        "user": {"uid": int, "gid": int, "umask": int, "additionalGids": [int]},
+        "rlimits": [{"type": str, "soft": int, "hard": int}],
+        "apparmorProfile": str,
+        "selinuxLabel": str,
+    },
+    "mounts": [{"destination": str, "source": str, "type": str, "options": [str]}],
+    "linux": {
+        "namespaces": [{"type": str, "path": str}],
+        "cgroupsPath": str,
+        "sysctl": _Each(str),
+        "devices": [_DEVICE],
+        "resources": {"devices": [{**_DEVICE, "allow": object}]},
+        "maskedPaths": [str],
+        "readonlyPaths": [str],
+        "seccomp": {"flags": [str], "listenerPath": object, "listenerMetadata": object},
+        "rootfsPropagation": str,
+        "mountLabel": str,
+    },
+    "root": {"path": str, "readonly": bool},
+    "annotations": _Each(str),
+}
+
+
+def check_shape(spec: Any) -> Mapping[str, Any]:
+    """``spec`` if every field the localization and :func:`admit` read has its type.
+
+    A peer's configuration is any JSON: a list where an object belongs, a
+    number for a name, is a :class:`SpecRefused` naming the field (before any
+    code reads it), never another exception.
+    """
+
+    if not isinstance(spec, Mapping):
+        raise _refuse("(the configuration)", "not an object")
+    _shape(spec, SHAPE, "")
+    return spec
+
+
+def _shape(value: Any, shape: Any, where: str) -> None:
+    if value is None or shape is object:
+        return
+    if isinstance(shape, dict | _Each):
+        if not isinstance(value, Mapping):
+            raise _refuse(where, "not an object")
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _refuse(f"{where}[{key!r}]", "not a name")
+            if isinstance(shape, _Each):
+                _shape(item, shape.shape, f"{where}[{key!r}]")
+            elif key in shape:
+                _shape(item, shape[key], f"{where}.{key}" if where else key)
+    elif isinstance(shape, list):
+        if not isinstance(value, list):
+            raise _refuse(where, "not a list")
+        for i, item in enumerate(value):
+            if item is None:
+                raise _refuse(f"{where}[{i}]", "null in a list")
+            _shape(item, shape[0], f"{where}[{i}]")
+    elif not isinstance(value, shape):
+        raise _refuse(where, f"not a {_TYPE_NAMES[shape]}")
+
+
+_TYPE_NAMES: dict[type, str] = {str: "string", int: "integer", bool: "boolean"}
 
 
 def admit(
@@ -103,6 +186,7 @@ def admit(
     host assigned to a container that joined its host's (``None``: none).
     """
 
+    check_shape(spec)
     _known_keys(spec, TOP_KEYS, "")
     if spec.get("hooks"):
         raise _refuse("hooks", "OCI hooks are commands on the host")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..errors import ProtocolError
-from .admission import SpecPolicy, admit
+from .admission import SpecPolicy, admit, check_shape
 from .base import ContainerError
 
 __all__ = [
@@ -92,9 +92,10 @@ class Localization:
 
 
 def _env(spec: Mapping[str, Any]) -> dict[str, str]:
-    process = spec.get("process") or {}
+    process = spec.get("process")
+    env = process.get("env") if isinstance(process, Mapping) else None
     out: dict[str, str] = {}
-    for item in process.get("env") or []:
+    for item in env if isinstance(env, list) else []:
         if isinstance(item, str) and "=" in item:
             key, _, value = item.partition("=")
             out[key] = value
@@ -105,6 +106,7 @@ def platform_mount(spec: Mapping[str, Any]) -> tuple[dict[str, Any], str] | None
     """The bind mount that brings the platform socket in, and the socket's name in it.
 
     ``None`` when the container names no platform socket (it holds no enclaves).
+    ``spec`` has the shape :func:`~.admission.check_shape` checks.
     """
 
     inside = _env(spec).get(PLATFORM_ENV)
@@ -135,10 +137,12 @@ def localize(spec: Mapping[str, Any], here: Localization) -> dict[str, Any]:
     """A copy of the OCI runtime ``spec`` fit to run on this host (see the module doc).
 
     A :class:`~.admission.SpecRefused` when the peer's configuration asks for
-    more than this host grants; the input is never changed.
+    more than this host grants, or is not of the shape a configuration has (a
+    list where an object belongs ...: checked before anything here reads it);
+    the input is never changed.
     """
 
-    out = copy.deepcopy(dict(spec))
+    out = copy.deepcopy(dict(check_shape(spec)))
     process = out.get("process") or {}
     if isinstance(process, dict) and process.get("terminal"):
         raise ContainerError("a container with a terminal cannot be migrated")
@@ -160,7 +164,9 @@ def localize(spec: Mapping[str, Any], here: Localization) -> dict[str, Any]:
             mount["source"] = str(here.platform_socket.parent)
         else:
             mount["source"] = str(here.platform_socket)
-    linux = out.setdefault("linux", {})
+    if out.get("linux") is None:
+        out["linux"] = {}
+    linux = out["linux"]
     if not isinstance(linux, dict):
         raise ContainerError("the container's configuration has no linux section")
     joined = False
@@ -182,7 +188,9 @@ def localize(spec: Mapping[str, Any], here: Localization) -> dict[str, Any]:
         root = out.get("root")
         readonly = bool(root.get("readonly", False)) if isinstance(root, dict) else False
         out["root"] = {"path": here.root_path, "readonly": readonly}
-    annotations = out.setdefault("annotations", {})
+    if out.get("annotations") is None:
+        out["annotations"] = {}
+    annotations = out["annotations"]
     if here.criu_config is not None:
         annotations[CRIU_CONFIG_ANNOTATION] = str(here.criu_config)
     else:
@@ -208,10 +216,16 @@ def same_netns(path: Path) -> bool:
 
 
 def joined_host_netns(spec: Mapping[str, Any]) -> bool:
-    """Whether the container runs in a network namespace named by path (its host's)."""
+    """Whether the container runs in a network namespace named by path (its host's).
 
-    for ns in (spec.get("linux") or {}).get("namespaces") or []:
-        if ns.get("type") == "network":
+    Any JSON is read without an exception (a driver asks before :func:`localize`
+    checked the configuration's shape, which refuses what is misshapen).
+    """
+
+    linux = spec.get("linux") if isinstance(spec, Mapping) else None
+    namespaces = linux.get("namespaces") if isinstance(linux, Mapping) else None
+    for ns in namespaces if isinstance(namespaces, list) else []:
+        if isinstance(ns, Mapping) and ns.get("type") == "network":
             return bool(ns.get("path"))
     return True  # no network namespace of its own: the host's
 
