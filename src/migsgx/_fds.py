@@ -11,6 +11,7 @@ own driver end for that, ``docs/spec/checkpoint.md``).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -24,8 +25,16 @@ _SYS_PIDFD_GETFD: Final = 438  # the same number on every architecture since Lin
 
 
 def take_descriptor(pid: int, fd: int) -> socket.socket:
-    """A duplicate of descriptor ``fd`` of process ``pid`` (``pidfd_getfd``: root only)."""
+    """A duplicate of descriptor ``fd`` of process ``pid`` (``pidfd_getfd``: root only).
 
+    An :class:`OSError` for numbers out of the kernel's ``int`` range (read from
+    a record: no process, no descriptor), never ``OverflowError`` or ctypes'.
+    """
+
+    if not 0 < pid < 1 << 31:
+        raise OSError(errno.ESRCH, f"no process {pid}")
+    if not 0 <= fd < 1 << 31:
+        raise OSError(errno.EBADF, f"no descriptor {fd}")
     pidfd = os.pidfd_open(pid)
     try:
         libc = ctypes.CDLL(None, use_errno=True)

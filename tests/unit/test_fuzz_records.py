@@ -136,7 +136,12 @@ def test_a_damaged_journal_is_refused_or_usable(scratch: Path, raw: bytes) -> No
 
 def test_the_journal_the_tool_writes_loads(tmp_path: Path) -> None:
     journal = Journal.start(tmp_path, bytes(16), ("10.0.0.2", 7070), NO_PID, "app")
-    journal.update(enclave_mids=[bytes(16).hex()], fenced=[NO_PID], phase="fenced", undo=["x"])
+    journal.update(
+        enclave_mids=[bytes(16).hex()],
+        fenced=[NO_PID],
+        phase="fenced",
+        undo=["thaw /sys/fs/cgroup/x"],
+    )
     assert Journal.load(journal.path).data == journal.data
 
 

@@ -22,8 +22,10 @@ the tool (exit 11) and by whoever resolves the checkpoint (:func:`note_lost`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any, Final
 
@@ -41,6 +43,7 @@ __all__ = [
     "lost_of",
     "note_lost",
     "read_journal",
+    "read_metadata",
     "remove_fenced_source",
     "remove_held_leftover",
     "start_time",
@@ -140,8 +143,30 @@ def _measure(directory: Path, index: int) -> str:
         return ""
 
 
+def read_metadata(directory: Path) -> bytes:
+    """The bytes of the checkpoint's ``migsgx.json``, under the journal's owner rule.
+
+    An :class:`OSError` when there is none (nor a regular file there: a FIFO is
+    never waited on); :class:`RecordDamagedError` when it is a symbolic link or
+    not a file of this user's that neither group nor others may write
+    (:func:`~migsgx._records.own_record`).  The metadata names a tree that
+    ``recover`` and ``restore`` kill (:func:`remove_fenced_source`) or continue,
+    and a checkpoint directory may be writable by others: a file another user
+    planted there is no checkpoint of this user's and orders nothing.
+    """
+
+    path = Path(directory) / CHECKPOINT_META
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISREG(mode) and not stat.S_ISLNK(mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return own_record(path, "checkpoint metadata")
+
+
 def remove_fenced_source(meta: dict[str, object]) -> None:
     """The checkpoint's source, if a dead checkpoint tool left it fenced (stopped).
+
+    ``meta`` must come from :func:`read_metadata` (this user's own file): it
+    names the process that is killed.
 
     The metadata exists only once CRIU's images were complete, and the fence
     came after it: a stopped source with the recorded pid and start time is the

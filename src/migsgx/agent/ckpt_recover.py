@@ -49,17 +49,17 @@ import time
 from pathlib import Path
 from typing import Final
 
-from .._records import json_record, non_negative_int, regular_bytes
+from .._records import json_record, non_negative_int
 from ..datapath.checkpoint import CheckpointIn
 from ..errors import CheckpointGateError, MigSGXError, RecordDamagedError
 from ..system.process import continue_tree, process_state
 from .ckpt_journal import (
-    CHECKPOINT_META,
     JOURNAL,
     MAX_CHECKPOINT_ENCLAVES,
     lost_of,
     note_lost,
     read_journal,
+    read_metadata,
     remove_fenced_source,
     remove_held_leftover,
     start_time,
@@ -261,8 +261,14 @@ def _resolve(
     name = str(directory)
     journal = read_journal(directory)
     raw_meta: bytes | None = None
-    with contextlib.suppress(OSError):
-        raw_meta = regular_bytes(directory / CHECKPOINT_META)  # (a FIFO: never waited on)
+    try:
+        raw_meta = read_metadata(directory)  # (a FIFO: never waited on)
+    except OSError:
+        pass
+    except RecordDamagedError as exc:
+        # Another user's file (or a link) names a tree to kill or continue: it
+        # orders nothing, and the checkpoint it claims to be cannot be judged.
+        raise RecordDamagedError(f"{exc}; nothing was done in {name}") from exc
     if journal is None and raw_meta is None:
         return Resolution(name, "-", "none", "done", "no checkpoint here")
     phase = str(journal["phase"]) if journal else "done"

@@ -20,7 +20,7 @@ from pathlib import Path
 import cbor2
 
 from .._fs import write_private
-from .._records import json_record, non_negative_int, regular_bytes
+from .._records import json_record, non_negative_int
 from ..criu import Criu, InNetns
 from ..datapath.checkpoint import CheckpointIn
 from ..errors import (
@@ -38,6 +38,7 @@ from .ckpt_journal import (
     CHECKPOINT_META,
     HELD,
     MAX_CHECKPOINT_ENCLAVES,
+    read_metadata,
     remove_fenced_source,
     remove_held_leftover,
     start_time,
@@ -81,12 +82,14 @@ def load_metadata(directory: Path) -> tuple[bytes, dict[str, object], int]:
     """The checkpoint's metadata (raw, parsed, enclave count), its files verified.
 
     Everything a restore decides on comes from here, before anything is touched:
-    a damaged or forged ``migsgx.json`` is a :class:`RecordDamagedError`, a
-    damaged image file a :class:`CheckpointDamagedError`.
+    a damaged or forged ``migsgx.json``, or one that is not this user's own
+    (:func:`~.ckpt_journal.read_metadata`: it names the tree a restore kills),
+    is a :class:`RecordDamagedError`, a damaged image file a
+    :class:`CheckpointDamagedError`.
     """
 
     try:
-        raw_meta = regular_bytes(directory / CHECKPOINT_META)
+        raw_meta = read_metadata(directory)
     except OSError as exc:
         raise ConfigError(f"{directory} holds no migsgx checkpoint: {exc}") from exc
     meta = json_record(raw_meta, f"checkpoint metadata {directory / CHECKPOINT_META}")

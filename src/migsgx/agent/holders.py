@@ -179,8 +179,8 @@ def take_held(holders: object, hung: dict[int, int] | None = None) -> dict[int, 
         nonce = _nonce(item[3]) if len(item) == 4 else b""
         if not (isinstance(pid, int) and isinstance(fd, int) and isinstance(start, str)):
             continue
-        if isinstance(pid, bool) or isinstance(fd, bool) or pid <= 0 or fd < 0:
-            continue
+        if isinstance(pid, bool) or isinstance(fd, bool) or not 0 < pid < 1 << 31 > fd >= 0:
+            continue  # (pidfd_getfd's ints: a bigger number names no process, no descriptor)
         if len(item) == 4 and not nonce:
             continue
         if not start or start_time(pid) != start or not is_enclave_runtime(pid):

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from .._fs import write_private
 from .._records import hex_text, json_record, non_negative_int, own_record
+from ..containers.engine_notes import ENGINE_NOTES
 from ..errors import RecordDamagedError
 from .ckpt_journal import start_time
 
@@ -70,6 +72,59 @@ _OPTIONAL: Final = {
     "fenced_starts": list,
     "source_lost": list,
 }
+
+
+#: A pid, a descriptor number: what the kernel's ``int`` arguments take.
+_INT_LIMIT: Final = 1 << 31
+_DECIMAL: Final = re.compile(r"[0-9]{1,10}")
+
+
+def _holder_ok(item: object) -> bool:
+    """``[]`` (no duplicate held) or ``[pid, fd, start]`` and a hex nonce, each in range:
+    :func:`.holders.take_held` hands ``pid`` and ``fd`` to ``pidfd_getfd``."""
+
+    if not isinstance(item, list) or len(item) not in (0, 3, 4):
+        return False
+    if not item:
+        return True
+    pid, fd, start = item[:3]
+    nonce = item[3] if len(item) == 4 else "00"
+    return (non_negative_int(pid, _INT_LIMIT) and pid > 0 and non_negative_int(fd, _INT_LIMIT)
+            and isinstance(start, str) and isinstance(nonce, str) and bool(nonce)
+            and hex_text(nonce))  # fmt: skip
+
+
+def _note_ok(note: object) -> bool:
+    """An ``undo`` note of a known kind and shape: ``criu PID...`` (pids to kill),
+    ``netup PATH``, ``thaw PATH``; an ``ungate`` or engine note (``runc``,
+    ``podman``, ``containerd``) whose own reader (:func:`~migsgx.containers.gate.parse_ungate`,
+    :func:`~migsgx.containers.engine_notes.engine_records`) skips it when garbled:
+    that leaves a gate or a record for an operator, never the wrong one touched."""
+
+    if not isinstance(note, str) or "\0" in note:
+        return False
+    kind, _, arg = note.partition(" ")
+    if kind == "criu":
+        return all(_DECIMAL.fullmatch(p) and 0 < int(p) < _INT_LIMIT for p in arg.split())
+    if kind in ("netup", "thaw"):
+        return bool(arg.strip())
+    return kind == "ungate" or kind in ENGINE_NOTES
+
+
+def _damaged_field(data: dict[str, Any]) -> str | None:
+    """The first field of ``data`` that is not what the tool writes, or None."""
+
+    for key, kind in _KEYS.items():
+        if not isinstance(data.get(key), kind):
+            return key
+    for key, kind in _OPTIONAL.items():
+        if key in data and not isinstance(data[key], kind):
+            return key
+    if not all(_holder_ok(h) for h in data.get("holders") or []):
+        return "holders"
+    if not all(_note_ok(n) for n in data.get("undo") or []):
+        return "undo"
+    return None
 
 
 def journal_dir(agent_dir: Path) -> Path:
@@ -128,10 +183,8 @@ class Journal:
         """
 
         data = json_record(own_record(path, "a journal"), f"migration journal {path}")
-        if any(not isinstance(data.get(k), t) for k, t in _KEYS.items()) or any(
-            k in data and not isinstance(data[k], t) for k, t in _OPTIONAL.items()
-        ):
-            raise RecordDamagedError(f"{path} is not a migration journal")
+        if (field := _damaged_field(data)) is not None:
+            raise RecordDamagedError(f"{path} is not a migration journal: its {field} field")
         to = data["to"]
         if (
             not hex_text(data["mid"])
@@ -140,7 +193,6 @@ class Journal:
             or not all(hex_text(m) for m in data["enclave_mids"])
             or not all(non_negative_int(p, 1 << 31) for p in data["fenced"])
             or not all(non_negative_int(data[k], 1 << 31) for k in ("tool_pid", "app_pid"))
-            or not all(isinstance(n, str) for n in data.get("undo") or [])
             or not all(hex_text(f) for f in data.get("aborts") or [])
             or not all(isinstance(t, str) for t in data.get("fenced_starts") or [])
         ):

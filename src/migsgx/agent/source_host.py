@@ -163,7 +163,8 @@ def give_back(journal: Journal) -> None:
 
     notes = journal.undo
     open_gates(journal)
-    serving = [int(p) for n in notes if n.startswith("criu ") for p in n.split()[1:]]
+    serving = [int(p) for n in notes if n.startswith("criu ") for p in n.split()[1:]
+               if p.isascii() and p.isdigit() and 0 < int(p) < 1 << 31]  # fmt: skip
     killed = []
     for pid in serving:
         argv0 = _proc.argv(pid)[:1]
@@ -184,7 +185,7 @@ def give_back(journal: Journal) -> None:
                 unlock(Path(arg))
             elif kind == "thaw":
                 thaw_file(arg)
-        except MigSGXError as exc:
+        except (MigSGXError, OSError, ValueError) as exc:  # (a path with a NUL: ValueError)
             log.warning("giving the source back: %s: %s", note, exc)
     signal_all(journal.fenced_now(), signal.SIGCONT)
 
