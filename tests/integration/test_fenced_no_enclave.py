@@ -171,7 +171,10 @@ def test_process_without_enclaves(
         _killed(run)
         mid, journal = _journal(bed, run)
         assert journal["phase"] == "fenced", journal
-        assert bed.runnable_copies(app)["src"] == 0  # fenced, and nobody left to continue it
+        # Fenced, and nobody left to continue it: the tree stops (its SIGSTOP was queued)
+        # once CRIU, which saw its tool die, has let it go; a moment in between it may
+        # read running.
+        wait_until(lambda: bed.runnable_copies(app)["src"] == 0, 10, "the fenced source to stop")
         said = _recover_once(bed, mid, expect)
         other = "src" if expect == "dst" else "dst"
         wait_until(lambda: bed.copies(app)[other] == [], 30, f"no copy left on {other}")
@@ -358,7 +361,7 @@ def test_container_without_enclaves(
         _killed(run)
         mid, journal = _journal(bed, run)
         assert journal["phase"] == "fenced", journal
-        assert lab.runnable_copies(app)["src"] == 0
+        wait_until(lambda: lab.runnable_copies(app)["src"] == 0, 10, "the fenced source to stop")
         said = _recover_once(bed, mid, expect)
         other = "src" if expect == "dst" else "dst"
         wait_until(lambda: lab.copies(app)[other] == [], 30, f"no copy left on {other}")
