@@ -92,7 +92,8 @@ def _abort_of(asked: Answer) -> tuple[str | None, bytes]:
     msg = asked.msg
     if msg is None:
         return None, b""
-    # Not in a migration (the tool died before the transfer began): nothing to undo.
+    # Not in a migration (the tool died before the transfer began): nothing to undo, a
+    # return.
     # ``committed``: it committed, or another enclave of its migration did and it
     # rolled forward; ``group-decided``: it must roll forward and could not yet;
     # ``group-unchecked``: the platform store could not check its group (still frozen).
@@ -100,7 +101,12 @@ def _abort_of(asked: Answer) -> tuple[str | None, bytes]:
         value = msg.get("value")
         return "aborted", bytes(value) if isinstance(value, bytes | bytearray) else b""
     code = msg.get("code")
-    return (str(code), b"") if code in _NOT_ABORTED else ("aborted", b"")
+    if code in _NOT_ABORTED:
+        return str(code), b""
+    # Any other refusal is no abort either: the enclave gave no ABORT, and it keeps its
+    # migration's state and duplicate (``enclave/app_channel.py``).  Read as still
+    # frozen (asked again, never handed back), as the trusted half's own refusals are.
+    return "group-unchecked", b""
 
 
 def abort_frame_of(sock: socket.socket, migration_id: bytes) -> bytes:
