@@ -15,7 +15,9 @@ pytestmark = pytest.mark.integration
 
 
 def _children(pid: int) -> set[int]:
-    return set(_proc.scanned_children(pid))
+    """The service's enclave processes (not its socket keeper, also its child)."""
+
+    return {c for c in _proc.scanned_children(pid) if b"migsgx.sgx.keeper" not in _proc.argv(c)}
 
 
 def _wait(predicate: object, timeout: float = 20.0) -> bool:
