@@ -26,7 +26,6 @@ decides; its own end of the connection keeps the enclave.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -36,8 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from platform_fixtures import World, make_image, pid_alive, shared_world, wait_until, write_image
-from test_holders_after_fork import _APP, SECRET, Forking, _enclave_logs  # the same application
+from platform_fixtures import World, make_image, pid_alive, shared_world, wait_until
+from test_holders_after_fork import SECRET, Forking, _enclave_logs, run_forking
 
 from migsgx.agent.ckpt_journal import read_journal
 from migsgx.lab.hosts import ServiceProcess
@@ -66,34 +65,8 @@ def forking(
 ) -> Iterator[Forking]:
     """``test_holders_after_fork.py``'s application (P, C1 forked before the hold)."""
 
-    if os.geteuid() != 0:
-        pytest.skip("pidfd_getfd and the scan of every process need root")
     mode, env = request.param
-    image_dir = write_image(tmp_path / "img", probe)
-    work = tmp_path / "work"
-    work.mkdir()
-    app = subprocess.Popen(
-        [sys.executable, "-c", _APP, str(image_dir), str(service.socket), str(work), SECRET, mode],
-        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, **env},
-    )  # fmt: skip
-    running = None
-    try:
-        assert app.stdout is not None
-        parent, child, enclave, name = app.stdout.readline().decode().split()
-        running = Forking(app, int(parent), int(child), int(enclave), name, work)
-        yield running
-    finally:
-        for pid in running.pids() if running else []:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if app.poll() is None:
-            app.kill()
-        app.wait()
-        if app.stdout is not None:
-            app.stdout.close()
-        if running is not None:
-            assert wait_until(lambda: not pid_alive(running.enclave), 30), "enclave left behind"
+    yield from run_forking(mode, env, service, probe, tmp_path)
 
 
 def _checkpoint_dies_with_its_guardian(app: Forking, ck: Path) -> None:

@@ -126,9 +126,18 @@ class Forking:
 def forking(
     request: pytest.FixtureRequest, service: ServiceProcess, probe: EnclaveImage, tmp_path: Path
 ) -> Iterator[Forking]:
+    mode, env = request.param
+    yield from run_forking(mode, env, service, probe, tmp_path)
+
+
+def run_forking(
+    mode: str, env: dict[str, str], service: ServiceProcess, probe: EnclaveImage, tmp_path: Path
+) -> Iterator[Forking]:
+    """The application (P, C1 forked before the hold) in ``mode``, until the test ends;
+    then every process of it killed and its enclave gone."""
+
     if os.geteuid() != 0:
         pytest.skip("pidfd_getfd and the scan of every process need root")
-    mode, env = request.param
     image_dir = write_image(tmp_path / "img", probe)
     work = tmp_path / "work"
     work.mkdir()
