@@ -44,6 +44,8 @@ from typing import Final
 from .. import _proc
 from .._fds import take_descriptor
 from ..channel import ECALL, ECALL_FRAME_MAX, HOLD_WATCHED, WATCH_BYTE
+from ..containers.base import ContainerError
+from ..containers.cgroups import Freezer
 from ..errors import ConnectionClosedError, MigSGXError
 from ..wire import recv_frame, send_frame
 from .ckpt_journal import start_time
@@ -66,7 +68,6 @@ _UNIX_DIAG_PEER: Final = 2
 _NO_COOKIE: Final = 0xFFFFFFFF
 _SIOCGSKNS: Final = 0x894C  # a socket's network namespace, as a descriptor
 _CLONE_NEWNET: Final = 0x40000000
-_CGROUPS: Final = Path("/sys/fs/cgroup")
 #: How long a named holder may take to show the stop the fence sent it.
 FENCE_SETTLE: Final = 1.0
 
@@ -359,27 +360,14 @@ def _running(pids: list[int]) -> list[int]:
 
 def _fenced(pid: int) -> bool:
     """Whether ``pid`` cannot run now: gone, stopped (a signal, a tracer) or in a frozen
-    cgroup (v2 ``cgroup.events``, v1 ``freezer.state``)."""
+    cgroup (the containers' freezer, either cgroup version)."""
 
     if _proc.state(pid) in ("", "T", "t", "Z", "X"):
         return True
     try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:
+        return Freezer.of_pid(pid).state() == "FROZEN"
+    except ContainerError:  # (no freezer, or gone meanwhile)
         return not _proc.alive(pid)
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        where = _CGROUPS / path.lstrip("/")
-        with contextlib.suppress(OSError):
-            if controllers == "":
-                events = (where / "cgroup.events").read_text().split()
-                if dict(zip(events[::2], events[1::2], strict=False)).get("frozen") == "1":
-                    return True
-            elif "freezer" in controllers.split(","):
-                state = (_CGROUPS / "freezer" / path.lstrip("/") / "freezer.state").read_text()
-                if state.strip() == "FROZEN":
-                    return True
-    return False
 
 
 def _is_guardian(pid: int) -> bool:
