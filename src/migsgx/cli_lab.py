@@ -242,7 +242,7 @@ def bench_live(
 ) -> None:
     """Downtime of live (pre-copy) against stop-and-copy migration, same workload."""
 
-    from .core.rounds import StopRules
+    from .core.stoprules import StopRules
     from .lab.bench.live import run, run_sizes
     from .lab.bench.live_figures import size_ratio
 

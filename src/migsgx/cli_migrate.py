@@ -337,7 +337,7 @@ def _post_copy_here(console: Any, driver: str) -> bool:
 def _live_options(opts: Any, console: Any, downtime_target: float, max_rounds: int) -> None:
     """``migrate --live``: stop rules, and a line on stderr per pre-copy round."""
 
-    from .core.rounds import StopRules
+    from .core.stoprules import StopRules
     from .datapath.live import FALLBACK
 
     try:

@@ -284,6 +284,8 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     ),
     # The commit protocol: its messages (sealed frames, events) below its states and ends.
     "migsgx.core.commit_messages": frozenset({"migsgx.core.transcript"}),
+    "migsgx.core.stoprules": frozenset(),
+    "migsgx.core.rounds": frozenset({"migsgx.core.stoprules"}),
     "migsgx.core.commit": frozenset(
         {
             "migsgx.core.commit_messages",

@@ -23,7 +23,8 @@ STARTS = {
     "tool": (
         ["migsgx.cli", "migsgx.agent.postcopy_choice", "migsgx.agent.source", "migsgx.agent.tls",
          "migsgx.containers"],
-        ["migsgx.sgx.platform", "migsgx.sgx.service", "migsgx.sgx.ca", "cryptography.x509"],
+        ["migsgx.sgx.platform", "migsgx.sgx.service", "migsgx.sgx.ca", "cryptography.x509",
+         "numpy"],
     ),
     "agent": (
         ["migsgx.cli", "migsgx.agent.server", "migsgx.agent.tls", "migsgx.containers",

@@ -20,7 +20,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from ..core.rounds import StopRules
+from ..core.stoprules import StopRules
 from ..datapath.live import LiveOutgoingEnclave
 from ..errors import MigrationError, ProtocolError
 from ..limits import DEFAULT_CHUNK_SIZE

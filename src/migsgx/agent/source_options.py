@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..containers import ContainerSettings, Source
-from ..core.rounds import StopRules
+from ..core.stoprules import StopRules
 from ..criu import Criu
 from ..errors import ConfigError
 from .precopy import RoundReport

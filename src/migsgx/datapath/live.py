@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any, Final
 
-from ..core.rounds import PAGE, StopRules
+from ..core.stoprules import PAGE, StopRules
 from ..errors import DirtyTrackingUnavailableError, EnclaveLostError, MigrationError
 from ..host.client import EnclaveInfo
 from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...core.rounds import PAGE, StopRules
+from ...core.stoprules import PAGE, StopRules
 from ...datapath.incoming import IncomingEnclave
 from ...datapath.live import LiveOutgoingEnclave
 from ...datapath.outgoing import OutgoingEnclave
