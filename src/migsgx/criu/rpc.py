@@ -26,6 +26,7 @@ them, so the refusals that depend on them are reached on any kernel.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -86,6 +87,12 @@ class Criu:
         self.timeout = timeout
         self.log_level = log_level
         self._mem_track: bool | None = None
+        # The RPC module now, not at the first request: a migration's first request
+        # (the tool's dump, the agent's restore) runs with the application frozen,
+        # and loading protobuf there (about 20 ms, more on a loaded machine) would
+        # be downtime.  Missing, it is said at that request, as before.
+        with contextlib.suppress(CriuError):
+            _pb()
 
     def __repr__(self) -> str:
         return f"Criu({str(self.binary)!r})"
