@@ -140,8 +140,8 @@ class Case:
         [resolution] = json.loads(done.stdout)
         return done.returncode, resolution
 
-    def one_copy_with_every_write(self) -> None:
-        wait_until(lambda: self.bed.runnable_copies(self.app)["src"] == 1, 15, "one copy")
+    def one_copy_with_every_write(self, within: float = 15) -> None:
+        wait_until(lambda: self.bed.runnable_copies(self.app)["src"] == 1, within, "one copy")
         assert ask(self.bed, self.app, "src", "DIGEST") == self.digest
         assert ask(self.bed, self.app, "src", "PUT after 01").startswith("OK")  # ECALLs work
         assert self.bed.runnable_copies(self.app) == {"src": 1, "dst": 0}
@@ -275,7 +275,7 @@ def test_restore_tool_and_guardian_killed_after_the_activation(case: Case) -> No
     first.proc.wait(30)
     wait_until(lambda: not _proc.alive(guardian), 10, "the guardian to die")
     case.recover()  # (one recover, whatever it says)
-    case.one_copy_with_every_write()
+    case.one_copy_with_every_write(within=3)  # (after the recover: no start to wait for)
 
 
 # --- the canary, planted in a checkpoint with persistent state ---------------------------------
