@@ -25,6 +25,8 @@ from ..datapath.live import LiveOutgoingEnclave
 from ..errors import MigrationError, ProtocolError
 from ..limits import DEFAULT_CHUNK_SIZE
 from .applink import HandedEnclave
+from .fault_relays import flipping_relay
+from .faults import fault
 from .legs import each_in_thread
 
 __all__ = ["RoundReport", "adopt", "finish", "run_precopy"]
@@ -64,9 +66,17 @@ def run_precopy(
     def one(t: _Leg) -> None:
         index = t.handed.index
         t.peer = peer = connect(index)
-        stats = t.outgoing.precopy(
-            peer, progress=None if report is None else (lambda r: report(index, r))
-        )
+        action = fault("tool.enclave-stream")  # (live: the data connection opens here)
+        if action is not None and action.startswith("flip-byte="):
+            # One bit of byte N of the stream flipped on its way, inside a round.
+            t.peer = peer = flipping_relay(peer, int(action.partition("=")[2]))
+
+        def progress(figures: dict[str, Any]) -> None:
+            if report is not None:
+                report(index, figures)
+            fault("tool.precopy-round")  # (a round ended; the enclave runs, not quiesced)
+
+        stats = t.outgoing.precopy(peer, progress=progress)
         if "fallback" in stats and report is not None:
             report(index, stats)  # said at once, before any memory moved
 
