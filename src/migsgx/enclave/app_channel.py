@@ -11,12 +11,14 @@ message, or with only its type where a message could carry state.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import socket
 import threading
+from collections.abc import Sequence
 from typing import Any
 
-from ..channel import ECALL, ECALL_FRAME_MAX
+from ..channel import ECALL, ECALL_FRAME_MAX, HOLD_WATCHED
 from ..errors import (
     CommittedError,
     ConnectionClosedError,
@@ -26,9 +28,9 @@ from ..errors import (
     ProtocolError,
     error_from_wire,
 )
-from ..wire import recv_frame, send_frame
+from ..wire import HEADER, decode_body, recv_exactly, send_frame
 from .eventlog import log
-from .hold import Hold
+from .hold import Hold, HoldKeptError, State
 from .instance import EnclaveInstance
 from .migrator import RUNTIME_CALLS, Migrator
 from .sidechannel import receive_side_channel
@@ -38,6 +40,8 @@ __all__ = ["ENDED", "AppChannel"]
 #: Why :meth:`AppChannel.serve` stopped when nothing more can be read: the
 #: connection closed (or shut down by a holder), or broken.
 ENDED = ("application closed the connection", "application connection broke")
+#: The calls whose descriptors may ride on their own frame (one ``sendmsg``).
+_WITH_FDS = ("__mig_hold", "__mig_watch")
 
 
 class AppChannel:
@@ -57,7 +61,7 @@ class AppChannel:
         #: abort keeps it until ``__mig_unhold`` (the application has it back) or
         #: the application's exit.  An abort that leaves the state frozen, committed
         #: or undecided keeps it too (:meth:`keeps_state`), with no watch.
-        self.hold = Hold(log, self._uncommitted)
+        self.hold = Hold(log, self._uncommitted, self._hold_state)
 
     def send(self, msg: dict[str, Any]) -> None:
         with self._send_lock:
@@ -130,18 +134,50 @@ class AppChannel:
                 "code": "migration",
                 "message": f"{name} failed inside the enclave: {type(exc).__name__}",
             }
-        self._reply(reply, name)
         if name == "__mig_abort":
+            # Before the answer: whoever heard it may hand the connection back at
+            # once, and the application's ``__mig_unhold`` must find the abort kept.
             if reply["t"] == "ret" and self._runs_on():
                 self.hold.kept_after_abort()
             elif self._migration_ended():
                 self.hold.drop()  # the migration ended: the driver's death ends us again
             elif self.hold.held:
                 log("the abort did not end the migration: the duplicate stays")
+        self._reply(reply, name)
         if self.migrator.exit_after_reply:
             # The state has moved: hang up, the serve loop ends and the process exits.
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _read(self) -> tuple[dict[str, Any], list[int], bool]:
+        """One frame, the descriptors that came on its first bytes (a driver's
+        ``__mig_watch`` or ``__mig_hold`` sends them on the frame's own message), and
+        whether more were cut off.  Descriptors on any other frame are closed."""
+
+        header, fds, truncated = b"", [], False
+        try:
+            while len(header) < HEADER.size:
+                data, got, flags, _ = socket.recv_fds(
+                    self.sock, HEADER.size - len(header), 1 + HOLD_WATCHED
+                )
+                fds.extend(got)
+                truncated = truncated or bool(flags & socket.MSG_CTRUNC)
+                if not data:
+                    if not header:
+                        raise ConnectionClosedError("peer closed the connection")
+                    raise FrameError("connection closed inside a frame header")
+                header += data
+            (length,) = HEADER.unpack(header)
+            if length > ECALL_FRAME_MAX:
+                raise FrameError(f"frame of {length} bytes exceeds the cap of {ECALL_FRAME_MAX}")
+            msg = decode_body(recv_exactly(self.sock, length), ECALL)
+        except BaseException:
+            _close(fds)
+            raise
+        if fds and not (msg["t"] == "ecall" and msg["fn"] in _WITH_FDS):
+            _close(fds)
+            fds = []
+        return msg, fds, truncated
 
     def serve(self) -> str:
         """Read frames until the application leaves; return why we stopped."""
@@ -149,7 +185,7 @@ class AppChannel:
         assert self.instance is not None
         while True:
             try:
-                msg = recv_frame(self.sock, ECALL, max_size=ECALL_FRAME_MAX)
+                msg, fds, truncated = self._read()
             except ConnectionClosedError:
                 return ENDED[0]
             except MigSGXError as exc:
@@ -176,14 +212,10 @@ class AppChannel:
                         )
                     continue
                 if name in ("__mig_hold", "__mig_held", "__mig_watch"):
-                    self._hold(call_id, name, msg["args"])
+                    self._hold(call_id, name, msg["args"], fds, truncated)
                     continue
                 if name == "__mig_unhold":
-                    # The application has its connection back (it asks), or nobody
-                    # can take it any more (the party that holds it asks): the end
-                    # of file ends this enclave again.
-                    self.hold.drop()
-                    self.send({"t": "ret", "id": call_id, "value": None})
+                    self._unhold(call_id)
                     continue
                 if name == "__mig_ring":
                     # The descriptors follow the frame on the socket: take them now.
@@ -221,7 +253,30 @@ class AppChannel:
                 log(f"unexpected frame {kind!r}")
                 return "protocol error"
 
-    def _hold(self, call_id: int, name: str, args: list[Any]) -> None:
+    def _unhold(self, call_id: int) -> None:
+        """``__mig_unhold``: the application has its connection back (it asks), or
+        nobody can take it any more (the party that holds it asks): the end of file
+        ends this enclave again.  Any holder may ask, the application's child too:
+        refused (``hold-kept``) while the state may be the only copy
+        (:meth:`.hold.Hold.why_kept`)."""
+
+        why = self.hold.why_kept()
+        if why:
+            log("__mig_unhold refused: the duplicate stays")
+            err = HoldKeptError(f"__mig_unhold refused: {why}")
+            self.send({"t": "err", "id": call_id, "code": err.code, "message": err.message})
+            return
+        self.hold.drop()
+        self.send({"t": "ret", "id": call_id, "value": None})
+
+    def _hold(
+        self,
+        call_id: int,
+        name: str,
+        args: list[Any],
+        fds: Sequence[int] = (),
+        truncated: bool = False,
+    ) -> None:
         """``__mig_hold``: keep the descriptors that follow the frame (:mod:`.hold`);
         ``__mig_held``: whether the duplicate held now is the caller's;
         ``__mig_watch``: the processes that hold the connection now, from its driver.
@@ -238,27 +293,38 @@ class AppChannel:
                 self.hold.check(args)
                 value: int | None = None
             elif name == "__mig_watch":
-                value = self._rewatch(args)
+                value = self._rewatch(args, fds, truncated)
             else:
-                value = self.hold.take(self.sock, args)
+                value = self.hold.take(self.sock, args, fds)
             self.send({"t": "ret", "id": call_id, "value": value})
         except (MigSGXError, OSError) as exc:
             err = exc if isinstance(exc, MigSGXError) else ProtocolError(f"{name}: {exc}")
             self.send({"t": "err", "id": call_id, "code": err.code, "message": err.message})
 
-    def _rewatch(self, args: list[Any]) -> int:
+    def _rewatch(self, args: list[Any], fds: Sequence[int], truncated: bool) -> int:
         """``__mig_watch`` (:meth:`.hold.Hold.rewatch`), refused once committed: a
         committed source's duplicate never follows anyone's set."""
 
         if not self._uncommitted():
             with contextlib.suppress(MigSGXError, OSError):
-                self.hold.rewatch(self.sock, [])  # (its descriptors read and closed)
+                self.hold.rewatch(self.sock, [], fds, truncated)  # (descriptors closed)
             raise CommittedError("this enclave committed: its duplicate follows no watch")
-        return self.hold.rewatch(self.sock, args)
+        return self.hold.rewatch(self.sock, args, fds, truncated)
 
     def _uncommitted(self) -> bool:
         migrator = self.migrator
         return migrator is None or not migrator.committed
+
+    def _hold_state(self) -> State:
+        """What the state is to the duplicate held (:data:`.hold.State`)."""
+
+        migrator = self.migrator
+        if migrator is None:
+            return "idle"
+        if migrator.discarded or migrator.instance.retired:
+            return "ended"
+        idle = not (migrator.committed or migrator.dumping or migrator.dumped)
+        return "idle" if idle and migrator.role is None else "busy"
 
     def _runs_on(self) -> bool:
         """After an abort: whether this enclave still holds its live state (a source).
@@ -300,3 +366,9 @@ class AppChannel:
         with self._waiters_lock:
             for waiter in self._ocall_waiters.values():
                 waiter.put({"lost": True})
+
+
+def _close(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
