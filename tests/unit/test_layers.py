@@ -200,6 +200,17 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
             "migsgx.agent.protocol",
             "migsgx.agent.guardian_log",
             "migsgx.agent.lost_enclaves",
+            "migsgx.agent.incoming_pages",
+        }
+    ),
+    # The page connection, a layer under the session's state.
+    "migsgx.agent.incoming_pages": frozenset(
+        {
+            "migsgx.agent.config",
+            "migsgx.agent.fault_relays",
+            "migsgx.agent.faults",
+            "migsgx.agent.lost_enclaves",
+            "migsgx.agent.protocol",
         }
     ),
     "migsgx.agent.incoming_handover": frozenset(
