@@ -7,7 +7,9 @@ the guardian inherits the tool's environment, so ``guardian.abort-answered:kill`
 kills the guardian once its first abort was answered) and the destination
 agent's.  The hosts, the supervisor's restarts, the one ``migsgx recover`` per
 host and the checks are the storm's (:mod:`migsgx.lab.storm`).  One JSON object
-per migration, then ``pairs-summary {...}``; exit status 1 when any failed.
+per migration, the seconds to the source's return per fault kind, then
+``pairs-summary {...}``; exit status 1 when any failed (a point of a pair that did not
+fire, or a source back past the storm's bound, included).
 Run as root from the checkout:
 
     .venv/bin/python benchmarks/storm_pairs.py            # every pair
@@ -29,6 +31,7 @@ from pathlib import Path
 from migsgx.lab.netns import cleanup_stale, list_namespaces
 from migsgx.lab.storm import Storm, as_json, summary
 from migsgx.lab.storm_faults import Fault
+from migsgx.lab.storm_outcome import back_lines
 from migsgx.lab.testbed import Testbed
 
 
@@ -122,6 +125,8 @@ def main() -> int:
         left = [n for n in list_namespaces() if n.startswith(prefix)]
     result = summary(outcomes)
     result["namespaces_left"] = left
+    for line in back_lines(result):
+        print(line, flush=True)
     print("pairs-summary " + json.dumps(result, sort_keys=True), flush=True)
     return 1 if result["failed"] or left else 0
 

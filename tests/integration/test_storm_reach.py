@@ -1,5 +1,10 @@
-"""A peer that goes away must not hold a session.
+"""Faults the storm counts must happen, and a peer that goes away must not hold a session.
 
+* ``migsgx migrate --live``: the ``tool.after-handshake`` fault fires at its place
+  (every enclave's pre-copy handshake done, no round yet, nothing frozen).  Before,
+  only the early handshake of a stop-and-copy migration reached it: under
+  ``--live`` the fault did nothing, the migration moved, and the storm counted the
+  fault as tested.  Now the storm fails a migration whose fault did not fire.
 * A peer of the destination agent that ends the images (``images_done``), asks
   ``restore`` and hangs up without ever opening its page connection: the agent
   noticed only when its page listener's accept gave up (the I/O time limit,
@@ -23,11 +28,30 @@ from migsgx.agent.protocol import VERSION, AgentError
 from migsgx.agent.server import Agent, AgentConfig
 from migsgx.agent.source import AgentConnection
 from migsgx.agent.tls import issue_agent_identity
+from migsgx.lab.storm import Storm, as_json
+from migsgx.lab.storm_faults import parse
+from migsgx.lab.testbed import Testbed
 from migsgx.sgx.ca import ProvisioningCA
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
+#: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
+BED_SUBNET = 191
 LOOPBACK = "127.0.0.1"
+
+
+# --- --live: the handshake's fault point is reached -------------------------------------------
+def test_a_live_migration_reaches_its_handshake_fault(bed: Testbed) -> None:
+    storm = Storm(bed, 0, engine="pid", options=["--live"])
+    try:
+        out = storm.one(0, parse("tool.after-handshake:drop-data"))
+    finally:
+        storm.target.remove()
+    assert out.points == {"tool.after-handshake": True}, as_json(out)
+    assert out.failures == [], as_json(out)
+    # The data connections dropped after the handshake: the rounds fail, nothing was
+    # frozen, the source runs on with every write.
+    assert (out.outcome, out.exit) == ("stayed", 6), as_json(out)
 
 
 # --- a peer that hangs up before its page connection ---------------------------------------------
