@@ -77,27 +77,33 @@ PAIRS = (
         "agent.before-claim:kill-enclave",
         tool_killed=True,
     ),
-    Pair("tool.before-commit:kill-source-platform", "agent.after-restore:kill"),
+    # (Where the destination's fault comes first, the tool's is one of its roll-back:
+    # a point after the commit's, or the tool's ``resume``, is never reached then.)
+    Pair("tool.abort-answered:kill-source-platform", "agent.after-restore:kill"),
     Pair(
         "tool.after-commit:kill-source-platform-and-tool",
-        "agent.before-resume:kill-platform",
+        "agent.after-claim:kill-platform",
         tool_killed=True,
     ),
     Pair("tool.after-commit:kill,guardian.retry:kill", "agent.before-claim:kill", tool_killed=True),
     Pair("tool.after-abort:kill", "agent.after-restore:kill-enclave", tool_killed=True),
     Pair(
-        "tool.before-commit:kill,guardian.handed-back:kill",
+        "tool.after-abort:kill,guardian.handed-back:kill",
         "agent.after-restore:stall",
         tool_killed=True,
     ),
     Pair(
-        "tool.after-group:kill-source-platform-and-tool",
+        "tool.rolled-back:kill-source-platform-and-tool",
         "agent.after-restore:kill",
         tool_killed=True,
     ),
     Pair("tool.after-commit:drop-data", "agent.before-claim:kill-platform"),
     Pair("tool.before-token:kill-source-platform", "agent.before-resume:kill", lose=_W3),
-    Pair("tool.before-commit:drop-data,guardian.abort-answered:kill", "agent.after-restore:kill"),
+    Pair(
+        "tool.after-abort:kill,guardian.abort-answered:kill",
+        "agent.after-restore:kill",
+        tool_killed=True,
+    ),
 )
 
 

@@ -204,10 +204,6 @@ class Storm:
             out.failures.append(f"the tool died by a SIGKILL no fault sent, {t_end - t0:.3f} s "
                                 f"in; its last step {last}; kernel: {kernel_kills()}")  # fmt: skip
         logs = run.stderr + (agent.log.read_text(errors="replace") if fault.agent else "")
-        out.points = fired(fault.points, [logs, *self._guardian_logs(frm)], t0)
-        out.reached = bool(out.points) and all(out.points.values())
-        out.failures += [f"the fault at {point} did not fire: nothing was tested"
-                         for point, done in out.points.items() if not done]  # fmt: skip
         if run.returncode != 0:
             lines = [ln for ln in run.stderr.splitlines() if ln.startswith("migsgx: ")]
             out.reason = (lines[-1] if lines else run.stderr.strip()[-300:])[:300]
@@ -221,6 +217,13 @@ class Storm:
         if run.returncode not in (0, 6, 11):
             out.recover_at = time.monotonic()
             out.recover = {h: self._recover(h, out) for h in self.bed.names}
+        # (read once ``recover`` ran: the destination's point of a decision it delivers
+        # fires then)
+        after = agent.log.read_text(errors="replace") if fault.agent else ""
+        out.points = fired(fault.points, [run.stderr, after, *self._guardian_logs(frm)], t0)
+        out.reached = bool(out.points) and all(out.points.values())
+        out.failures += [f"the fault at {point} did not fire: nothing was tested"
+                         for point, done in out.points.items() if not done]  # fmt: skip
         out.acked = len(self.writes)
         self._settle(out, fault, frm, to, run, probe)
         if at is not None:
