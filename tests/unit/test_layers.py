@@ -163,6 +163,8 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     "migsgx.agent.guardian_log": frozenset(),
     # One bounded question to a source enclave (answered, dead, hung): guardian and recover.
     "migsgx.agent.enclave_ask": frozenset({"migsgx.agent.lost_enclaves"}),
+    # The roll-back's aborts confirmed: below the tool's decision, over the bounded ask.
+    "migsgx.agent.abort_confirm": frozenset({"migsgx.agent.enclave_ask", "migsgx.agent.handback"}),
     "migsgx.agent.guardian_aborts": frozenset(
         {
             "migsgx.agent.faults",
