@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from .. import _proc
 from ..containers.imagefs import sweep_leftovers
 from ..errors import MigSGXError
 from .dumpdirs import sweep_dump_dirs
@@ -49,7 +50,7 @@ from .journal import Journal
 from .recover_orphans import resolve_orphaned
 from .recover_records import Resolution, all_decided, committed_any, decisions_of, not_aborted
 from .recover_resolve import COPY_LOST, MIXED, REFUSABLE, REVOKING, not_given_back, resolve
-from .source_host import alive, gate_report, is_guardian, lost_detail, retry_gates
+from .source_host import gate_report, is_guardian, lost_detail, retry_gates
 from .tls import AgentIdentity
 
 if TYPE_CHECKING:
@@ -140,8 +141,8 @@ def _guardian_may_give_back(journal: Journal, platform_state: Path) -> bool:
     pid = journal.guardian_pid
     if journal.phase == "done" or not journal.enclave_mids or not pid or not is_guardian(pid):
         return False
-    if alive(int(journal.data["tool_pid"])):
-        return False  # (in progress: its tool decides)
+    if _proc.alive(int(journal.data["tool_pid"])):
+        return False  # (in progress: its tool decides; a zombie, not yet reaped, is dead)
     return not committed_any(decisions_of(platform_state, journal.enclave_mids))
 
 
