@@ -37,10 +37,15 @@ class Resolution:
     detail: str = ""
     #: Source enclaves that died before the decision, their state gone (``enclave_loss``).
     lost_enclaves: list[dict[str, Any]] = field(default_factory=list)
+    #: Gates on the source's listeners that stay closed (``source_host.gate_report``).
+    closed_gates: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def in_doubt(self) -> bool:
-        return self.outcome in ("in-doubt",)
+        """In doubt, or unfinished on this host: a gate that stays closed drops every
+        new client of the source's listeners until someone opens it (exit 7)."""
+
+        return self.outcome in ("in-doubt",) or bool(self.closed_gates)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,14 +86,23 @@ def not_aborted(journal: Journal, decisions: Sequence[Decision | None]) -> list[
     and so does one that does not answer.  The source is never given back
     without them (the application takes its enclaves all or none, and a frozen
     one answers no call).  None once the journal says ``aborted`` (whoever
-    wrote it saw every live enclave abort) or ``done``.
+    wrote it saw every live enclave abort) or ``done``, but for the enclaves an
+    ``aborted`` journal names ``unconfirmed``: the tool's roll-back could not
+    confirm their aborts (no answer, or a refusal), so they count as frozen
+    whatever is recorded (a recorded ABORT whose answer was lost may still be
+    frozen) until one answers an abort asked again (``docs/spec/commit.md`` 4).
     """
 
-    if journal.phase in ("aborted", "done"):
+    if journal.phase == "done":
         return []
-    returned = journal.aborts or [b""] * len(decisions)
-    lost = {i for i in journal.data.get("source_lost") or [] if isinstance(i, int)}
+    lost = {i for i in journal.data.get("source_lost") or [] if type(i) is int}
     holders = journal.holders
+    if journal.phase == "aborted":
+        return [
+            i for i in journal.unconfirmed
+            if i < len(decisions) and i not in lost and i < len(holders) and _lives(holders[i])
+        ]  # fmt: skip
+    returned = journal.aborts or [b""] * len(decisions)
     return [
         i for i, (d, frame) in enumerate(zip(decisions, returned, strict=True))
         if d is None and not frame and i not in lost and i < len(holders)
