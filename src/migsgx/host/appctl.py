@@ -421,6 +421,11 @@ class MigrationControl:
         self._take_back(socks)
         for client, info in zip(handed, infos, strict=True):
             client.info = info
+            # A restore's enclave kept its driver's duplicate of this connection
+            # from its activation on (``__mig_hold``): the connection is ours now,
+            # and our end of file ends it again.  (One that holds none: no change.)
+            with contextlib.suppress(MigSGXError):
+                client.call("__mig_unhold", timeout=UNHOLD_TIMEOUT)
         return {"t": "ok", "enclaves": len(socks)}, []
 
     def _status(
