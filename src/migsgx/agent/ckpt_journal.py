@@ -267,5 +267,5 @@ def restore_infos(journal: dict[str, Any]) -> list[Any]:
     try:
         items = cbor2.loads(bytes.fromhex(packed)) if isinstance(packed, str) else []
         return [EnclaveInfo(**info_from_wire(item)) for item in items]
-    except (ValueError, TypeError, KeyError, AttributeError, cbor2.CBORDecodeError):
+    except (ValueError, TypeError, KeyError, MigSGXError, cbor2.CBORDecodeError):
         return []

@@ -35,8 +35,11 @@ Resolution, idempotent, to exactly one runnable copy:
   connections, ``__ckpt_commit`` with the metadata's digest), and the
   checkpoint is ``restorable`` as above; a pending enclave that cannot commit
   (it died, its state with it) leaves it ``in-doubt``, an operator decides;
-* the journal says a restore ended, or was activating the enclaves when it
-  died (the gates are consumed then): ``done``.
+* the journal says a restore was activating the enclaves when its tool and
+  guardian died (a gate consumed) and its tree is still held: the enclaves'
+  duplicates (``__mig_hold`` from before their activation) are taken back and
+  the restore finished (``restored``, :func:`_finish_restore`); it ended, or
+  its tree is no longer held: ``done``.
 """
 
 from __future__ import annotations
@@ -384,17 +387,12 @@ def _resolve(
 
 
 def _finish_restore(directory: Path, journal: dict[str, object], name: str) -> Resolution:
-    """A restore's tool and guardian died after it activated an enclave (a gate is
-    consumed): finish what the guardian would have.
-
-    Each enclave held a duplicate of its connection from before its activation
-    (the journal's ``holders``): taken back (:func:`.holders.take_held`, the hold's
-    nonce checked), each is activated (one active already refuses and runs on),
-    the held tree continues and the application gets its enclaves (``attach``,
-    after which it lets the duplicates go): ``restored``.  A tree that is no
-    longer held was continued (the restore or its guardian ended it) or is gone
-    (its enclaves end with it, the watch of their hold): ``done``.
-    """
+    """A restore's tool and guardian died after a gate was consumed: finish what the
+    guardian would have.  The enclaves' duplicates (``holders``) are taken back
+    (:func:`.holders.take_held`, nonce checked), each activated (an active one
+    refuses), the held tree continued and the enclaves attached (the application
+    lets the duplicates go): ``restored``.  A tree no longer held was continued
+    or is gone (its enclaves end with it, their hold's watch): ``done``."""
 
     pid = held_tree(directory)
     holders = journal.get("holders")

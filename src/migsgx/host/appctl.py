@@ -69,7 +69,8 @@ CONTROL_PREFIX: Final = "migsgx-app-"
 APPCTL_FRAME_MAX: Final = 64 << 20  # a prepare answer carries the enclave images
 MAX_ENCLAVES: Final = 64
 REQUEST_TIMEOUT: Final = 60.0
-#: How long ``resume`` waits for each enclave to let its duplicate go (``__mig_unhold``).
+#: How long ``resume`` (and ``attach``) waits for each enclave to let its duplicate go
+#: (``__mig_unhold``).
 UNHOLD_TIMEOUT: Final = 5.0
 
 NUMBER = (int, float)
