@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..channel import ECALL, ECALL_FRAME_MAX, HOLD_WATCHED
+from ..core.handshake import Role
 from ..errors import (
     CommittedError,
     ConnectionClosedError,
@@ -296,6 +297,17 @@ class AppChannel:
                 value = self._rewatch(args, fds, truncated)
             else:
                 value = self.hold.take(self.sock, args, fds)
+                migrator = self.migrator
+                if (
+                    migrator is not None
+                    and migrator.checkpoint is not None
+                    and (migrator.role is Role.DESTINATION)
+                ):
+                    # A restore's enclave (loaded, about to be activated): no abort
+                    # comes, and its tree may die before it has the connection; from
+                    # now on the tree's exit lets the duplicate go, as an
+                    # application's does after an abort.
+                    self.hold.kept_after_abort()
             self.send({"t": "ret", "id": call_id, "value": value})
         except (MigSGXError, OSError) as exc:
             err = exc if isinstance(exc, MigSGXError) else ProtocolError(f"{name}: {exc}")
