@@ -8,10 +8,15 @@ frame is written first, then every answer is read until one deadline
 (:data:`WATCH_WAIT`): a hung enclave costs one bound, whatever their number,
 and the source is back within the 5 s of ``docs/spec/commit.md`` section 5.
 
-The pidfds ride on the frame's own message (one ``sendmsg`` with
-``SCM_RIGHTS``): nothing can come between the frame and its descriptors, and
-an enclave that reads the frame after the deadline still takes the set (its
-late answer is read by nobody, or passed over by id).
+The pidfds go as they always did: the frame, then one message of the one byte
+:data:`~migsgx.channel.WATCH_BYTE` with them (``SCM_RIGHTS``), the form
+``EnclaveLink.hold`` sends its ``H`` in.  Every enclave runtime reads it: one
+launched before an upgrade too, whose reader drops descriptors that ride on a
+frame and then waits for the ``W`` (sent on the frame alone, its wait outlived
+the deadline, the application's ``__mig_unhold`` was taken for the ``W`` and
+the stream went out of step).  Both are written before the deadline starts, so
+an enclave that reads the frame after it still finds its ``W`` and takes the set
+(its late answer is read by nobody, or passed over by id).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Final
 
-from ..channel import ECALL, ECALL_FRAME_MAX
+from ..channel import ECALL, ECALL_FRAME_MAX, WATCH_BYTE
 from ..errors import ConnectionClosedError, MigSGXError
 from ..wire import encode, recv_frame
 from .enclave_ask import not_answering
@@ -81,9 +86,10 @@ def tell_all(asks: Sequence[Ask], wait: float = WATCH_WAIT) -> list[int]:
 def ask_all(
     asks: Sequence[tuple[socket.socket, bytes, list[int]]], wait: float = WATCH_WAIT
 ) -> list[tuple[dict[str, Any] | None, str]]:
-    """Write each ``__mig_watch`` (nonce, pidfds on the frame), then read the answers
-    until one deadline ``wait`` seconds on: per ask its answer, or why none (``it is
-    gone``, ``hung``: :func:`.enclave_ask.ask` tells them apart the same way)."""
+    """Write each ``__mig_watch`` (the frame with the nonce, then ``W`` with the
+    pidfds), then read the answers until one deadline ``wait`` seconds on: per ask its
+    answer, or why none (``it is gone``, ``hung``: :func:`.enclave_ask.ask` tells them
+    apart the same way)."""
 
     results: list[tuple[dict[str, Any] | None, str]] = [(None, "hung")] * len(asks)
     pending: dict[int, tuple[int, socket.socket, int]] = {}
@@ -96,9 +102,8 @@ def ask_all(
             )
             try:
                 sock.settimeout(wait)
-                sent = socket.send_fds(sock, [frame], pidfds)
-                if sent < len(frame):
-                    sock.sendall(frame[sent:])
+                sock.sendall(frame)
+                socket.send_fds(sock, [WATCH_BYTE], pidfds)
             except OSError:
                 results[position] = (None, _silent(sock))
                 continue

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from ..channel import ECALL, ECALL_FRAME_MAX, HOLD_WATCHED
+from ..channel import ECALL, ECALL_FRAME_MAX, HOLD_BYTE, HOLD_WATCHED, WATCH_BYTE
 from ..core.handshake import Role
 from ..errors import (
     CommittedError,
@@ -151,9 +151,14 @@ class AppChannel:
                 self.sock.shutdown(socket.SHUT_RDWR)
 
     def _read(self) -> tuple[dict[str, Any], list[int], bool]:
-        """One frame, the descriptors that came on its first bytes (a driver's
-        ``__mig_watch`` or ``__mig_hold`` sends them on the frame's own message), and
-        whether more were cut off.  Descriptors on any other frame are closed."""
+        """One frame, the descriptors that came on its first bytes (a ``__mig_watch``
+        or ``__mig_hold`` may send them on the frame's own message), and whether more
+        were cut off.  Descriptors on any other frame are closed.
+
+        A late follow-up at a frame boundary is passed over (:func:`_late_follow_up`):
+        the one byte ``W`` or ``H`` of a driver's descriptor message that came after
+        its call's wait ended (the call was refused then).  Taken for a header, it
+        and three bytes of the next frame put the stream out of step for good."""
 
         header, fds, truncated = b"", [], False
         try:
@@ -161,8 +166,15 @@ class AppChannel:
                 data, got, flags, _ = socket.recv_fds(
                     self.sock, HEADER.size - len(header), 1 + HOLD_WATCHED
                 )
+                cut = bool(flags & socket.MSG_CTRUNC)
+                if not header and _late_follow_up(data, got, cut):
+                    _close(got)
+                    log(f"a late {data[:1].decode()} message after its call was refused: "
+                        f"its {len(got)} descriptors closed")  # fmt: skip
+                    header = data[1:]
+                    continue
                 fds.extend(got)
-                truncated = truncated or bool(flags & socket.MSG_CTRUNC)
+                truncated = truncated or cut
                 if not data:
                     if not header:
                         raise ConnectionClosedError("peer closed the connection")
@@ -378,6 +390,18 @@ class AppChannel:
         with self._waiters_lock:
             for waiter in self._ocall_waiters.values():
                 waiter.put({"lost": True})
+
+
+def _late_follow_up(data: bytes, fds: Sequence[int], truncated: bool) -> bool:
+    """Whether what was read at a frame boundary is a descriptor message of the one
+    byte :data:`~migsgx.channel.WATCH_BYTE` or :data:`~migsgx.channel.HOLD_BYTE`
+    (descriptors came with it, or were cut off) rather than a frame's header.
+
+    No frame header begins so: its first byte is the top byte of a big-endian length
+    of at most :data:`~migsgx.channel.ECALL_FRAME_MAX` (2**24), so 0 or 1, never
+    ``W`` (0x57) or ``H`` (0x48)."""
+
+    return data[:1] in (WATCH_BYTE, HOLD_BYTE) and bool(fds or truncated)
 
 
 def _close(fds: Sequence[int]) -> None:

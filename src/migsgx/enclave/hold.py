@@ -54,13 +54,21 @@ child of it included: none of them lets go of, or replaces, a duplicate while
 the state may be the only copy (:meth:`Hold.why_kept`).  ``__mig_unhold`` and
 a new ``__mig_hold`` are refused (``hold-kept``) unless the enclave answered an
 abort itself since the hold and runs on its own state again (or holds nothing
-worth keeping: discarded, wiped); the watch follows the same rule.  A
-``__mig_watch`` or ``__mig_hold`` carries its descriptors on its own frame
-(one ``sendmsg``); an older sender's one-byte message right after the frame is
-taken only if it is already there or comes within a bound, and is peeked at
-first: whatever else follows (the driver's next frame) is left unread, so a
-frame sent without its descriptors can neither stall the reader for long nor
-put the stream out of step.
+worth keeping: discarded, wiped); the watch follows the same rule.
+
+The drivers send the descriptors of a ``__mig_hold`` and of a ``__mig_watch`` in
+a message of the one byte ``H`` or ``W`` right after the frame
+(``EnclaveLink.hold``, ``agent/watch_ask.py``): every enclave runtime reads that
+form, one launched before an upgrade too.  This reader also takes them on the
+frame's own message (one ``sendmsg``).  The one-byte message is taken only if it
+is already there or comes within a bound (:data:`HOLD_WAIT`,
+:data:`FOLLOW_WAIT`), and is peeked at first: whatever else follows (the
+driver's next frame) is left unread, so a frame sent without its descriptors can
+neither stall the reader for long nor put the stream out of step.  One that
+comes after its bound (a preempted driver on a loaded host) finds its call
+refused already; the reader passes it over at the next frame boundary and closes
+its descriptors (``AppChannel._read``): no frame header begins with ``H`` or
+``W``.
 """
 
 from __future__ import annotations
@@ -81,7 +89,7 @@ from ..errors import MigSGXError, ProtocolError, register_error
 
 __all__ = ["FOLLOW_WAIT", "HOLD_WAIT", "Hold", "HoldKeptError", "NotThisHoldError", "State"]
 
-#: How long an older driver's descriptor message may take to follow a ``__mig_hold``
+#: How long the driver's descriptor message may take to follow a ``__mig_hold``
 #: frame (the wait ends at the first byte that comes: one that is not that message is
 #: left unread and the hold refused).
 HOLD_WAIT = 10.0
@@ -173,8 +181,8 @@ class Hold:
         """``__mig_hold``: keep the descriptors that came with it; their number here.
 
         ``args``: none, or the driver's nonce (bytes, up to 64).  The descriptors
-        (``came``: on the frame's own message; none there: an older driver's
-        message of the one byte ``H`` right after it, within :data:`HOLD_WAIT`):
+        (``came``: on the frame's own message; none there: the driver's message
+        of the one byte ``H`` right after it, within :data:`HOLD_WAIT`):
         the driver's end of this connection, then optionally pidfds of the
         application's processes, up to :data:`~migsgx.channel.HOLD_WATCHED` (none: no watch).
         Read before anything is checked (a refused call leaves the connection in
@@ -223,13 +231,13 @@ class Hold:
 
         ``args``: the hold's nonce (bytes, 1 to 64).  The 1 to
         :data:`~migsgx.channel.HOLD_WATCHED` pidfds come on the frame's own
-        message (``came``; ``truncated``: more were cut off); none there, an
-        older driver's message of the one byte ``W`` right after the frame is
-        taken if it comes within :data:`FOLLOW_WAIT` (peeked first: anything
-        else is left unread).  They are read before anything is checked, so
-        that a refused call leaves the connection in step, and closed on any
-        refusal.  After an abort that kept the duplicate, the watch follows the
-        new set at once.
+        message (``came``; ``truncated``: more were cut off); none there, the
+        driver's message of the one byte ``W`` right after the frame (the form
+        every runtime reads, which the driver sends) is taken if it comes within
+        :data:`FOLLOW_WAIT` (peeked first: anything else is left unread).  They
+        are read before anything is checked, so that a refused call leaves the
+        connection in step, and closed on any refusal.  After an abort that kept
+        the duplicate, the watch follows the new set at once.
         """
 
         fds = _checked_pidfds(list(came), truncated) if came or truncated else _receive_pidfds(sock)
@@ -360,7 +368,7 @@ class Hold:
 def _following(
     sock: socket.socket, byte: bytes, most: int, wait: float
 ) -> tuple[list[int], bool] | None:
-    """An older sender's message of the one byte ``byte`` right after its frame: the
+    """A sender's message of the one byte ``byte`` right after its frame: the
     descriptors that came with it and whether more were cut off; None, with nothing
     read, if nothing comes within ``wait`` seconds or what comes is anything else.
 
@@ -379,7 +387,7 @@ def _following(
 
 
 def _receive_pidfds(sock: socket.socket) -> list[int]:
-    """The 1 to :data:`~migsgx.channel.HOLD_WATCHED` descriptors that an older driver
+    """The 1 to :data:`~migsgx.channel.HOLD_WATCHED` descriptors that the driver
     sends after a ``__mig_watch`` frame, in a message of the one byte :data:`WATCH_BYTE`."""
 
     followed = _following(sock, WATCH_BYTE, HOLD_WATCHED, FOLLOW_WAIT)
