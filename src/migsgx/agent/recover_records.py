@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cbor2
+
 from .. import _proc
 from ..sgx.counters import COUNTERS, CounterStore
 from ..sgx.store_types import Decision
@@ -98,9 +100,12 @@ def not_aborted(journal: Journal, decisions: Sequence[Decision | None]) -> list[
     lost = {i for i in journal.data.get("source_lost") or [] if type(i) is int}
     holders = journal.holders
     if journal.phase == "aborted":
+        described = journal.enclaves
         return [
             i for i in journal.unconfirmed
-            if i < len(decisions) and i not in lost and i < len(holders) and _lives(holders[i])
+            if i < len(decisions) and i not in lost
+            and (_lives(holders[i]) if i < len(holders) and holders[i] else
+                 i < len(described) and _described_lives(described[i]))
         ]  # fmt: skip
     returned = journal.aborts or [b""] * len(decisions)
     return [
@@ -108,6 +113,19 @@ def not_aborted(journal: Journal, decisions: Sequence[Decision | None]) -> list[
         if d is None and not frame and i not in lost and i < len(holders)
         and _lives(holders[i])
     ]  # fmt: skip
+
+
+def _described_lives(described: str) -> bool:
+    """Whether the enclave a journal's ``enclaves`` entry names still runs, by its pid
+    (no hold was given, ``[]``: its hold refused, so no start time was recorded; a pid
+    reused since counts as alive: in doubt, never a frozen enclave taken for gone).
+    An entry that cannot be read names none."""
+
+    try:
+        pid = cbor2.loads(bytes.fromhex(described))["info"]["pid"]
+    except (ValueError, KeyError, TypeError, cbor2.CBORDecodeError):
+        return False
+    return isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and _proc.alive(pid)
 
 
 def _lives(holder: object) -> bool:

@@ -323,7 +323,9 @@ class _DecisionSteps(_EnclaveSteps):
                                     "answer, or a refusal)", transfer.handed.index)  # fmt: skip
                         unconfirmed.append(index)
             else:
-                abort_enclave(sock)  # (no migration began: it only lets its duplicate go)
+                # (no migration began: it aborts nothing, and keeps its duplicate until
+                # the application's ``__mig_unhold``, watching the application)
+                abort_enclave(sock)
             socks.append(sock)
             frames.append(frame)
         step("enclaves-aborted")
@@ -357,6 +359,10 @@ class _DecisionSteps(_EnclaveSteps):
             self.lazy.stop()  # CRIU lets go of the tree before it is thawed
         if unconfirmed and not source_gone:
             self._not_thawed(unconfirmed, cause)
+        elif unconfirmed:
+            # Nothing to thaw, but an enclave still frozen in its migration refuses to
+            # be let go: the guardian stays and asks it again (it then ends).
+            self.hand_back_failed = True
         if not source_gone and self.link is not None and self.journal is not None:
             # Who holds each connection now, read while the tree is still stopped: the
             # enclaves follow those processes, not the ones named with the hold.

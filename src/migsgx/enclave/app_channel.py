@@ -63,6 +63,8 @@ class AppChannel:
         #: the application's exit.  An abort that leaves the state frozen, committed
         #: or undecided keeps it too (:meth:`keeps_state`), with no watch.
         self.hold = Hold(log, self._uncommitted, self._hold_state)
+        #: One abort's outcome for the duplicate at a time (:meth:`after_abort`).
+        self._abort_rule = threading.Lock()
 
     def send(self, msg: dict[str, Any]) -> None:
         with self._send_lock:
@@ -138,12 +140,7 @@ class AppChannel:
         if name == "__mig_abort":
             # Before the answer: whoever heard it may hand the connection back at
             # once, and the application's ``__mig_unhold`` must find the abort kept.
-            if reply["t"] == "ret" and self._runs_on():
-                self.hold.kept_after_abort()
-            elif self._migration_ended():
-                self.hold.drop()  # the migration ended: the driver's death ends us again
-            elif self.hold.held:
-                log("the abort did not end the migration: the duplicate stays")
+            self.after_abort(answered=reply["t"] == "ret")
         self._reply(reply, name)
         if self.migrator.exit_after_reply:
             # The state has moved: hang up, the serve loop ends and the process exits.
@@ -217,7 +214,8 @@ class AppChannel:
                 call_id, name = msg["id"], msg["fn"]
                 if name == "__mig_side":
                     try:
-                        receive_side_channel(self.sock, self.migrator, log)
+                        receive_side_channel(self.sock, self.migrator, log,
+                                             self.after_abort)  # fmt: skip
                         self.send({"t": "ret", "id": call_id, "value": None})
                     except MigSGXError as exc:
                         self.send(
@@ -349,6 +347,24 @@ class AppChannel:
             return "ended"
         idle = not (migrator.committed or migrator.dumping or migrator.dumped)
         return "idle" if idle and migrator.role is None else "busy"
+
+    def after_abort(self, *, answered: bool) -> None:
+        """What an abort leaves of the duplicate, whichever channel carried it (this
+        connection, or a live migration's side channel, whose driver's going away
+        aborts too): kept and watched when the enclave answered and runs on, let go
+        when nothing of a migration is left, else kept as it is.  Under the hold's
+        own lock: a failed abort that finishes after one that succeeded finds the
+        abort kept and lets nothing go."""
+
+        with self._abort_rule:
+            if answered and self._runs_on():
+                self.hold.kept_after_abort()
+            elif self.hold.kept_since_abort():
+                pass  # (another abort was answered and kept it: that one stands)
+            elif self._migration_ended():
+                self.hold.drop()  # the migration ended: the driver's death ends us again
+            elif self.hold.held:
+                log("the abort did not end the migration: the duplicate stays")
 
     def _runs_on(self) -> bool:
         """After an abort: whether this enclave still holds its live state (a source).

@@ -286,6 +286,12 @@ class Hold:
                     "the duplicate this enclave holds belongs to another migration"
                 )
 
+    def kept_since_abort(self) -> bool:
+        """Whether an abort answered since the hold kept the duplicate (and watches)."""
+
+        with self._lock:
+            return self._held is not None and self._after_abort
+
     def kept_after_abort(self) -> None:
         """An abort answered and the duplicate stays: watch the application from now on."""
 
