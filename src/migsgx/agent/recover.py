@@ -143,7 +143,14 @@ def _guardian_may_give_back(journal: Journal, platform_state: Path) -> bool:
         return False
     if _proc.alive(int(journal.data["tool_pid"])):
         return False  # (in progress: its tool decides; a zombie, not yet reaped, is dead)
-    return not committed_any(decisions_of(platform_state, journal.enclave_mids))
+    decisions = decisions_of(platform_state, journal.enclave_mids)
+    if committed_any(decisions):
+        return False
+    # Only while it has a give-back to do: the aborts seen (``aborted``), or an enclave
+    # still to abort.  A guardian that carries a decision instead (the tool ended in
+    # doubt, nothing of it here to give back) is not waited for: ``resolve`` below
+    # asks the destination as before, and the guardian's own delivery is idempotent.
+    return journal.phase == "aborted" or bool(not_aborted(journal, decisions))
 
 
 def _wait_for_guardian(journal: Journal, platform_state: Path) -> Resolution | None:
