@@ -163,10 +163,6 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     "migsgx.agent.guardian_log": frozenset(),
     # One bounded question to a source enclave (answered, dead, hung): guardian and recover.
     "migsgx.agent.enclave_ask": frozenset({"migsgx.agent.lost_enclaves"}),
-    # ``__mig_watch`` to every enclave of a given-back tree at once, one deadline for all.
-    "migsgx.agent.watch_ask": frozenset({"migsgx.agent.enclave_ask", "migsgx.agent.lost_enclaves"}),
-    # The roll-back's aborts confirmed: below the tool's decision, over the bounded ask.
-    "migsgx.agent.abort_confirm": frozenset({"migsgx.agent.enclave_ask", "migsgx.agent.handback"}),
     "migsgx.agent.guardian_aborts": frozenset(
         {
             "migsgx.agent.faults",
@@ -204,17 +200,6 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
             "migsgx.agent.protocol",
             "migsgx.agent.guardian_log",
             "migsgx.agent.lost_enclaves",
-            "migsgx.agent.incoming_pages",
-        }
-    ),
-    # The page connection, a layer under the session's state.
-    "migsgx.agent.incoming_pages": frozenset(
-        {
-            "migsgx.agent.config",
-            "migsgx.agent.fault_relays",
-            "migsgx.agent.faults",
-            "migsgx.agent.lost_enclaves",
-            "migsgx.agent.protocol",
         }
     ),
     "migsgx.agent.incoming_handover": frozenset(
@@ -317,8 +302,6 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     # The lab's network: a machine's namespaces below one run's hosts and links.
     "migsgx.lab.namespaces": frozenset(),
     "migsgx.lab.netns": frozenset({"migsgx.lab.namespaces"}),
-    # A storm migration's outcome and the storm's summary, under the storm itself.
-    "migsgx.lab.storm_outcome": frozenset({"migsgx.lab.storm_timeline"}),
     # migsgx migrate: what the caller gives and gets, and the figures' arithmetic,
     # below the state its steps share (neither knows it).
     "migsgx.agent.source_options": frozenset({"migsgx.agent.precopy", "migsgx.agent.tls"}),

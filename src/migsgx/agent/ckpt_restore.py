@@ -6,22 +6,15 @@ checkpoint never committed, aborted or restored before is refused there);
 CRIU restores the tree stopped; then every enclave is activated (each claims
 its checkpoint id), handed to the application, and the tree continues.  A
 guardian holds the enclaves from the activation on and finishes the restore
-if this tool dies; each enclave holds a duplicate of its connection from
-before the activation until the application has it, so that ``migsgx recover
---checkpoint`` finishes the restore if the guardian died too.  The way out is
-:mod:`.checkpoint`'s.
+if this tool dies.  The way out is :mod:`.checkpoint`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
-import secrets
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import cbor2
@@ -31,7 +24,6 @@ from .._records import json_record, non_negative_int
 from ..criu import Criu, InNetns
 from ..datapath.checkpoint import CheckpointIn
 from ..errors import (
-    CheckpointBusyError,
     CheckpointDamagedError,
     ConfigError,
     CriuError,
@@ -46,12 +38,10 @@ from .ckpt_journal import (
     CHECKPOINT_META,
     HELD,
     MAX_CHECKPOINT_ENCLAVES,
-    read_journal,
     read_metadata,
     remove_fenced_source,
     remove_held_leftover,
     start_time,
-    working,
     write_journal,
 )
 from .guardian import Guardian
@@ -128,57 +118,6 @@ def restore(
     raw_meta, meta, count = load_metadata(directory)
     if count and platform_socket is None:
         raise ConfigError("the checkpoint holds enclaves: name the host's --platform-socket")
-    with _alone(directory) as phase:
-        return _restore(directory, criu, netns, platform_socket, raw_meta, meta, count, phase)
-
-
-@contextlib.contextmanager
-def _alone(directory: Path) -> Iterator[str | None]:
-    """This restore alone works on ``directory`` until it returns; the journal's phase
-    (None: no journal of this user's).
-
-    A restore kills what it takes for a dead attempt's leftovers (a held tree, a
-    fenced source): beside a live tool those are that tool's (a restore's activated
-    tree, a checkpoint's source before its commit), and killing them loses the only
-    copy.  So a restore refuses (:class:`CheckpointBusyError`, nothing touched) while
-    another restore holds the directory's lock, or the journal's tool or guardian
-    runs; then it names itself in the journal, so that ``migsgx recover
-    --checkpoint`` leaves it alone too (``in-progress``).
-    """
-
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CheckpointBusyError(
-                f"another restore of {directory} runs now: nothing was done"
-            ) from None
-        journal = read_journal(directory)
-        who = working(journal)
-        if who is not None:
-            raise CheckpointBusyError(
-                f"{who} still works on the checkpoint in {directory}: nothing was done; "
-                f"once it ended, run: migsgx recover --checkpoint {directory}"
-            )
-        phase = str(journal["phase"]) if journal is not None else None
-        if phase is not None:
-            write_journal(directory, phase)  # (this tool, from now on)
-        yield phase
-    finally:
-        os.close(fd)
-
-
-def _restore(
-    directory: Path,
-    criu: Criu,
-    netns: str | None,
-    platform_socket: Path | None,
-    raw_meta: bytes,
-    meta: dict[str, object],
-    count: int,
-    phase: str | None,
-) -> int:
     meta_digest = hashlib.sha256(raw_meta).digest()
     remove_held_leftover(directory)
     remove_fenced_source(meta)
@@ -204,10 +143,6 @@ def _restore(
         # (activate, continue, attach) if this tool dies before the attach.  It
         # starts now, so that its start overlaps CRIU's restore.
         guardian = _restore_guardian(incoming) if incoming else None
-        if guardian is not None and phase is not None:
-            # (it may finish this restore: nobody else may take its tree meanwhile)
-            pid_start = [guardian.proc.pid, start_time(guardian.proc.pid)]
-            write_journal(directory, phase, guardian=pid_start)
         _fault("restore.before-criu", 0, [], platform_socket)
         pid = criu.restore(
             directory,
@@ -229,7 +164,6 @@ def _restore(
             wait_stopped(pid, timeout=0)  # still held: activating now cannot strand the state
         except MigSGXError as exc:
             raise CriuError(f"the restored tree ended before it ran: {exc}") from exc
-        holders = _hold(incoming, pid)
     except BaseException:
         if guardian is not None:
             guardian.release()  # nothing was activated: it lets go
@@ -241,13 +175,8 @@ def _restore(
         raise
     infos = [e.info for e in incoming if e.info is not None]
     # Every enclave verified its state: from here on they run (each claims its id once).
-    # First the journal says so: a recover then knows who consumed the gates, and
-    # where the duplicates are that let it finish the restore should this tool and
-    # its guardian both die.
-    if holders:
-        write_journal(directory, "restoring", holders=holders, infos=_packed(incoming))
-    else:
-        write_journal(directory, "restoring")
+    # First the journal says so: a recover then knows who consumed the gates.
+    write_journal(directory, "restoring")
     try:
         if guardian is not None:
             guardian.note(f"restored {pid}")
@@ -288,41 +217,15 @@ def _restore(
             guardian.release()  # (this tool lives: it ends the restore itself, either way)
     with contextlib.suppress(OSError):
         (directory / HELD).unlink()
-    # (the application has the connections and let the duplicates go: their numbers
-    # may be reused now)
-    write_journal(directory, "restored", restored_pid=pid, holders=[])
+    write_journal(directory, "restored", restored_pid=pid)
     return pid
-
-
-def _hold(incoming: list[CheckpointIn], pid: int) -> list[list[object]]:
-    """Each loaded enclave keeps a duplicate of our end of its connection; the
-    journal's ``holders`` entries (``[pid, fd, start, nonce]``, as a checkpoint's).
-
-    From its activation until the application has the connection (its ``attach``
-    lets the duplicate go, ``__mig_unhold``), the enclave holds the only copy of
-    its state, and the death of this tool and its guardian is then no end of file
-    for it: ``migsgx recover --checkpoint`` takes the duplicate back and finishes
-    the restore.  The hold names the held tree's root (a pidfd): once it is gone
-    the enclave lets the duplicate go, and ends with the last real holder.
-    """
-
-    holders: list[list[object]] = []
-    for enclave in incoming:
-        assert enclave.link is not None and enclave.info is not None
-        nonce = secrets.token_bytes(16)
-        fd = enclave.link.hold(pid, nonce)
-        holders.append([enclave.info.pid, fd, start_time(enclave.info.pid), nonce.hex()])
-    return holders
-
-
-def _packed(incoming: list[CheckpointIn]) -> str:
-    infos = [e.info for e in incoming if e.info is not None]
-    return bytes(cbor2.dumps([info_to_wire(i) for i in infos])).hex()
 
 
 def _restore_guardian(incoming: list[CheckpointIn]) -> Guardian:
     socks = [e.link.sock for e in incoming if e.link is not None]
-    return Guardian(0, "-", socks, ["--restore", "--infos", _packed(incoming)])
+    infos = [e.info for e in incoming if e.info is not None]
+    packed = bytes(cbor2.dumps([info_to_wire(i) for i in infos])).hex()
+    return Guardian(0, "-", socks, ["--restore", "--infos", packed])
 
 
 def _write_held(directory: Path, pid: int) -> None:

@@ -224,7 +224,8 @@ def _main(argv: list[str] | None, tool: int) -> int:
     _leftovers(notes, tool)
     # New connections to the source's listeners were dropped: whoever ends up with
     # the container, clients are served (or refused and go elsewhere) again.
-    _open_gates(notes)
+    for gate in filter(None, map(parse_ungate, notes)):
+        open_gate(*gate)
     if args.restore:
         restored = _numbers(notes, "restored")
         if "activating" not in notes or not restored:
@@ -266,7 +267,6 @@ def _main(argv: list[str] | None, tool: int) -> int:
         return 0
     step("guardian-aborted")
     mark_aborted(journals)  # (before the source runs: what recover reads)
-    fault("guardian.aborted")
     log("the tool died before the commit point: resuming the source")
     # Post-copy: the tool's CRIU still holds the tree (it may wait for a page
     # connection that never comes); it must let go before SIGCONT can stick.
@@ -296,26 +296,6 @@ def _main(argv: list[str] | None, tool: int) -> int:
             carry(Path(path))
         if args.checkpoint:
             resolve_checkpoint_of(Path(args.checkpoint), aborted=True)
-
-
-def _open_gates(notes: list[str]) -> None:
-    """Open every gate the tool noted; one that stays closed (its namespace not
-    reachable from here, its rule not removable) keeps its note in the journal
-    (``closed_gates``), so that ``migsgx recover`` tries it again and says so."""
-
-    closed = [n for n in notes if (gate := parse_ungate(n)) is not None and not open_gate(*gate)]
-    if not closed:
-        return
-    log(f"{len(closed)} gate(s) on the source's listeners stay closed: migsgx recover "
-        "tries them again")  # fmt: skip
-    from .journal import Journal  # lazy: the guardian starts fast and imports little
-
-    for path in [n.partition(" ")[2] for n in notes if n.startswith("journal ")]:
-        try:
-            journal = Journal.load(Path(path))
-            journal.update(closed_gates=[*dict.fromkeys([*journal.closed_gates, *closed])])
-        except (MigSGXError, OSError, ValueError) as exc:
-            log(f"cannot keep the closed gate(s) in {path}: {exc}")
 
 
 def _no_resume_went(path: Path) -> None:

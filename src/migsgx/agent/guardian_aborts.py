@@ -75,9 +75,7 @@ def mark_aborted(journals: list[str]) -> None:
     Written before the source is given back (``docs/spec/commit.md`` 4: a
     phase says what is true on the source host).  From then on ``migsgx
     recover`` takes none of the enclaves for frozen in the migration
-    (:func:`.recover_records.not_aborted`), and the enclaves whose abort the
-    tool's roll-back could not confirm (``unconfirmed``) are no longer named:
-    each answered this guardian's abort.  While the journal says less, a
+    (:func:`.recover_records.not_aborted`): while the journal says less, a
     ``recover`` that finds the guardian alive and an enclave with no decision
     waits for it (:mod:`.recover`), and never gives the source back first.
     """
@@ -89,9 +87,6 @@ def mark_aborted(journals: list[str]) -> None:
             journal = Journal.load(Path(name))
             if journal.enclave_mids and journal.phase in ("begun", "loaded", "fenced"):
                 journal.update(phase="aborted")
-            if journal.unconfirmed and journal.phase == "aborted":
-                # The tool's roll-back could not confirm these aborts; each answered ours.
-                journal.update(unconfirmed=[])
         except (MigSGXError, OSError, ValueError) as exc:
             log(f"cannot mark {name} aborted: {exc}")
 

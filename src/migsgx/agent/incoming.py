@@ -55,7 +55,6 @@ from .protocol import (
     AgentError,
     PastCommitError,
     SessionState,
-    enclave_indices,
 )
 from .refusal import Refusal
 from .resumed import forget_resumed
@@ -300,7 +299,7 @@ class IncomingMigration(_Recovery):
             spends=spends,
         )
         local = self.local_address = str(self.tls.getsockname()[0])
-        page = self._page_listener = self._listen(local)
+        page = self._listen(local)
         if self.page_server:
             self._page_thread = self._start(self._accept_page_server, page, "migsgx-agent-pages")
         data = self._listen(local)
@@ -419,7 +418,11 @@ class IncomingMigration(_Recovery):
         judged = [e for e, f in zip(self.enclaves, frames or [], strict=False) if f]
         # One whose source enclave died before it was asked to decide can never
         # get a frame (``source_lost``, its index): it ends, and the tree with it.
-        lost = enclave_indices(msg.get("source_lost") or [], len(self.enclaves))
+        lost = msg.get("source_lost") or []
+        if not isinstance(lost, list) or not all(
+            isinstance(i, int) and 0 <= i < len(self.enclaves) for i in lost
+        ):
+            raise ProtocolError("source_lost: indices of this session's enclaves")
         for enclave in (self.enclaves[i] for i in set(lost)):
             if enclave.engine is not None and not enclave.decided.is_set():
                 log.warning("migration %s: enclave %d: its source enclave died undecided, "

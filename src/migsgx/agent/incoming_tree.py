@@ -89,7 +89,8 @@ class _TreeSteps(_SessionDecisions):
                 f"{msg['files']} / {msg['bytes']} announced"
             )
         if self.page_server:
-            self._await_page_connection()  # (bounded: incoming_pages)
+            assert self._page_thread is not None
+            self._page_thread.join(self.config.io_timeout)
             if self._page_error is not None:
                 raise AgentError(f"page server: {self._page_error}") from self._page_error
             if self._page_server is None:
