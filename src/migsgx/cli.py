@@ -311,6 +311,9 @@ def bench() -> None:
 @click.option("--ab-policy", type=click.Choice(["batch", "other"]), default=None,
               help="A/B: each pipelined run also with every process under this "
               "scheduling policy")  # fmt: skip
+@click.option("--ab-huge-pages", is_flag=True,
+              help="A/B: each pipelined run also with the destination enclave's memory "
+              "in 2 MiB pages")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON object")
 def bench_state(
     size: str,
@@ -320,6 +323,7 @@ def bench_state(
     plot_path: Path | None,
     ab_prefault: bool,
     ab_policy: str | None,
+    ab_huge_pages: bool,
     as_json: bool,
 ) -> None:
     """Pipelined vs sequential enclave-state migration between two emulated hosts."""
@@ -340,6 +344,7 @@ def bench_state(
         repeat=repeat,
         ab_prefault=ab_prefault,
         ab_policy=ab_policy or "",
+        ab_huge_pages=ab_huge_pages,
     )
     if plot_path is not None:
         plot(result, plot_path)

@@ -70,6 +70,9 @@ def _platform_host_id(state: Path) -> str:
               help="free a process's pages from its images as CRIU restores them "
               "(CRIU's auto-dedup), and remove a container engine's copies of them "
               "once the next is made: their memory goes back during the restore")  # fmt: skip
+@click.option("--enclave-huge-pages/--no-enclave-huge-pages", default=False, show_default=True,
+              help="back the memory a destination enclave loads with 2 MiB pages where "
+              "the kernel gives them (transparent huge pages: always or madvise)")  # fmt: skip
 @click.option("--min-protocol", type=click.IntRange(1, PROTOCOL_VERSION), default=1,
               show_default=True,
               help="refuse tools older than this control protocol version (raise it once "
@@ -87,6 +90,7 @@ def agent_serve(
     keep_images: bool,
     images_in_ram: bool,
     spend_images: bool,
+    enclave_huge_pages: bool,
     min_protocol: int,
     ready_file: Path | None,
     metrics: str | None,
@@ -125,6 +129,7 @@ def agent_serve(
             keep_images=keep_images,
             images_in_ram=images_in_ram,
             spend_images=spend_images,
+            enclave_huge_pages=enclave_huge_pages,
             min_protocol=min_protocol,
             containers=ContainerSettings.load(state),
         )

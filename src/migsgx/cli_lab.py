@@ -87,6 +87,9 @@ def _echo_medians(result: dict[str, Any], names: Iterable[str], width: int, repe
 @click.option("--ab-criu-weight", type=click.IntRange(0, 10000), default=0,
               help="A/B: each run also migsgx with --criu-weight W (CRIU's dump in a "
               "cgroup of that CPU weight)")  # fmt: skip
+@click.option("--ab-huge-pages", is_flag=True,
+              help="A/B: each run also migsgx with the destination enclave's memory in "
+              "2 MiB pages (agent serve --enclave-huge-pages)")  # fmt: skip
 def bench_process(
     enclave_size: str,
     repeat: int,
@@ -103,6 +106,7 @@ def bench_process(
     ab_spend_images: bool,
     ab_chunk_size: str | None,
     ab_criu_weight: int,
+    ab_huge_pages: bool,
 ) -> None:
     """Process migration with enclaves against CRIU alone (needs root)."""
 
@@ -122,6 +126,7 @@ def bench_process(
         ab_spend_images=ab_spend_images,
         ab_chunk_size=parse_size(ab_chunk_size) if ab_chunk_size else 0,
         ab_criu_weight=ab_criu_weight,
+        ab_huge_pages=ab_huge_pages,
     )
     if plot_path is not None:
         plot(result, plot_path)

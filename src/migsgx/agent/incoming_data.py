@@ -320,6 +320,7 @@ class _SessionState:
                 )
                 # Nothing of the peer's runs unless it is the image begin announced.
                 check_pinned(enclave.engine.image, enclave.source_info)
+                enclave.engine.huge_pages = self.config.enclave_huge_pages
                 offered = True
                 if enclave.again:
                     self._platform_back(enclave, conn)

@@ -86,6 +86,10 @@ class _IncomingLoad:
         #: all): the source freezes only after it, so the first touch stays out of
         #: the frozen window (it ran on into it beside the load or CRIU's dump).
         self.prefault_wait = PREFAULT_WAIT
+        #: Whether the destination enclave backs the memory it loads with 2 MiB pages
+        #: where the kernel gives them (the agent's ``--enclave-huge-pages``).  Off:
+        #: paired at 1 and 4 GiB, slower on these VMs (docs/benchmarks.md).
+        self.huge_pages = False
         #: Called right after the destination enclave's launch (a benchmark's
         #: measurement of the enclave at rest).
         self.launched: Callable[[], None] | None = None
@@ -136,7 +140,7 @@ class _IncomingLoad:
             self.link = EnclaveLink(sock)
             if self.launched is not None:
                 self.launched()
-            self.link.call("__mig_in_start")
+            self.link.call("__mig_in_start", *((True,) if self.huge_pages else ()))
             ahead = waited = False
             if self.prefault_ahead and hint and offer["mode"] != "live":
                 with contextlib.suppress(ProtocolError):  # a hint: an enclave may decline

@@ -8,10 +8,13 @@ on it; a :class:`PageRelay` on each side moves those bytes to and from the TCP
 connection between the hosts in AES-GCM frames (:mod:`migsgx.core.pagestream`).
 One pump thread per direction: the outgoing one gathers whatever CRIU wrote (up
 to 4 MiB) into one frame, the incoming one opens frames and writes their
-payload to CRIU.  An incoming frame that fails, or a stream that ends without
-its last frame, shuts the local socket down, so CRIU's next read or write fails
-and the step ends in an error; :meth:`PageRelay.wait` then raises
-:class:`~migsgx.errors.PageStreamError`.
+payload to CRIU; it sleeps on the wire's low-water mark (``SO_RCVLOWAT``, what
+is still missing of the frame, at most 1 MiB) rather than waking for every TCP
+segment.  Each pump counts its frames, receive calls and thread CPU
+(``frames_out``, ``wire_receives``, ``cpu_in`` ...).  An incoming frame that
+fails, or a stream that ends without its last frame, shuts the local socket
+down, so CRIU's next read or write fails and the step ends in an error;
+:meth:`PageRelay.wait` then raises :class:`~migsgx.errors.PageStreamError`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from typing import Final
+import time
+from typing import Final, TypedDict
 
 from ..core.pagestream import (
     DOWN,
@@ -59,29 +63,50 @@ def local_pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-def relay_keys(data_key: bytes, session_id: bytes, *, source: bool) -> dict[str, bytes]:
+class RelayKeys(TypedDict):
+    seal_key: bytes
+    open_key: bytes
+
+
+def relay_keys(data_key: bytes, session_id: bytes, *, source: bool) -> RelayKeys:
     """``seal_key`` and ``open_key`` for one side: the source seals UP, the destination DOWN."""
 
     up, down = (page_stream_key(data_key, session_id, d) for d in (UP, DOWN))
-    return {"seal_key": up, "open_key": down} if source else {"seal_key": down, "open_key": up}
+    if source:
+        return RelayKeys(seal_key=up, open_key=down)
+    return RelayKeys(seal_key=down, open_key=up)
 
 
-def _recv_exactly(sock: socket.socket, view: memoryview) -> int:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            break
-        got += n
-    return got
+#: The most CRIU bytes an outgoing frame carries (the format allows up to
+#: ``MAX_PAYLOAD``).
+FRAME_BYTES: Final = MAX_PAYLOAD
+
+#: Most a receive waits for before it wakes (``SO_RCVLOWAT``): a frame's body
+#: arrives in a few wake-ups of this size rather than one per TCP segment.
+WAKE_BYTES: Final = 1 << 20
 
 
 class PageRelay:
     """Both directions of one page connection, between ``local`` (CRIU) and ``wire``."""
 
     def __init__(
-        self, local: socket.socket, wire: socket.socket, *, seal_key: bytes, open_key: bytes
+        self,
+        local: socket.socket,
+        wire: socket.socket,
+        *,
+        seal_key: bytes,
+        open_key: bytes,
+        frame_bytes: int = FRAME_BYTES,
     ) -> None:
+        """``frame_bytes``: the most CRIU bytes one outgoing frame carries."""
+
+        if not 0 < frame_bytes <= MAX_PAYLOAD:
+            raise ValueError(f"a frame carries 1 to {MAX_PAYLOAD} bytes")
+        self.frame_bytes = frame_bytes
+        # Each frame goes out in one ``sendall``: Nagle could only hold back its
+        # tail, and CRIU's few small requests and answers, for an acknowledgement.
+        with contextlib.suppress(OSError):  # (not a TCP socket)
+            wire.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.local = local
         self.wire = wire
         self._sealer = PageFrameSealer(seal_key)
@@ -90,6 +115,11 @@ class PageRelay:
         self._lock = threading.Lock()
         self.sent = 0  # plaintext bytes sealed and sent
         self.received = 0  # plaintext bytes opened and handed to CRIU
+        # What each pump did: frames, receive calls, its thread's CPU seconds.
+        self.frames_out = self.frames_in = 0
+        self.local_receives = self.wire_receives = 0
+        self.cpu_out = self.cpu_in = 0.0
+        self._lowat = 1  # the wire's SO_RCVLOWAT, as last set
         self._threads = [
             threading.Thread(target=self._outgoing, name="migsgx-pages-out", daemon=True),
             threading.Thread(target=self._incoming, name="migsgx-pages-in", daemon=True),
@@ -119,42 +149,76 @@ class PageRelay:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def _outgoing(self) -> None:
-        buf = bytearray(MAX_PAYLOAD)
-        out = bytearray(HEADER_SIZE + MAX_PAYLOAD + TAG_SIZE)
+        # One frame buffer, reused: CRIU's bytes are read into ``buf`` and sealed
+        # into ``out`` (header, ciphertext, tag: one ``sendall``).  AES-GCM here
+        # refuses to work in place, so two buffers.
+        buf = bytearray(self.frame_bytes)
+        out = bytearray(HEADER_SIZE + self.frame_bytes + TAG_SIZE)
         view, outv = memoryview(buf), memoryview(out)
+        cap = self.frame_bytes
         try:
             while True:
                 n = self.local.recv_into(view)
+                self.local_receives += 1
                 if n == 0:
                     break
-                while n < MAX_PAYLOAD:  # gather what is there already: fewer, larger frames
+                while n < cap:  # gather what is there already: fewer, larger frames
                     try:
                         more = self.local.recv_into(view[n:], 0, socket.MSG_DONTWAIT)
                     except BlockingIOError:
                         break
+                    self.local_receives += 1
                     if more == 0:
                         break
                     n += more
                 size = self._sealer.seal_into(view[:n], outv)
                 self.wire.sendall(outv[:size])
                 self.sent += n
+                self.frames_out += 1
             if self.error is not None:
                 return  # the relay failed: the stream must not look complete
             size = self._sealer.seal_into(view[:0], outv, last=True)
             self.wire.sendall(outv[:size])
+            self.frames_out += 1
             with contextlib.suppress(OSError):
                 self.wire.shutdown(socket.SHUT_WR)
         except OSError as exc:
             self._fail(exc)
+        finally:
+            self.cpu_out = time.thread_time()
+
+    def _fill(self, view: memoryview) -> int:
+        """Fill ``view`` from the wire (fewer bytes only where the stream ended).
+
+        The wire's low-water mark (``SO_RCVLOWAT``) is what is still missing of
+        the frame, at most :data:`WAKE_BYTES`, never more: a sender sends every
+        byte of a frame without waiting for an answer, so each receive returns,
+        and the pump sleeps until much of a body is there instead of waking for
+        every TCP segment.
+        """
+
+        got, want = 0, len(view)
+        while got < want:
+            mark = min(want - got, WAKE_BYTES)
+            if mark != self._lowat:
+                self.wire.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
+                self._lowat = mark
+            n = self.wire.recv_into(view[got:])
+            self.wire_receives += 1
+            if n == 0:
+                break
+            got += n
+        return got
 
     def _incoming(self) -> None:
-        header = bytearray(HEADER_SIZE)
-        body = bytearray(MAX_PAYLOAD + TAG_SIZE)
+        # Header and body in one buffer, opened into ``out``; both reused.
+        frame = bytearray(HEADER_SIZE + MAX_PAYLOAD + TAG_SIZE)
         out = bytearray(MAX_PAYLOAD)
-        hv, bv, ov = memoryview(header), memoryview(body), memoryview(out)
+        fv, ov = memoryview(frame), memoryview(out)
+        hv = fv[:HEADER_SIZE]
         try:
             while True:
-                got = _recv_exactly(self.wire, hv)
+                got = self._fill(hv)
                 if got == 0:
                     self._opener.end()  # raises unless the last frame came
                     break
@@ -163,9 +227,11 @@ class PageRelay:
                 if self._opener.done:
                     raise PageStreamError("the page stream did not authenticate")
                 size = self._opener.body_size(hv)
-                if _recv_exactly(self.wire, bv[:size]) < size:
+                body = fv[HEADER_SIZE : HEADER_SIZE + size]
+                if self._fill(body) < size:
                     raise PageStreamError("the page stream ended before its last frame")
-                n, _last = self._opener.open_into(bytes(header), bv[:size], ov)
+                n, _last = self._opener.open_into(bytes(hv), body, ov)
+                self.frames_in += 1
                 if n:
                     self.local.sendall(ov[:n])
                     self.received += n
@@ -173,6 +239,8 @@ class PageRelay:
                 self.local.shutdown(socket.SHUT_WR)
         except (OSError, PageStreamError) as exc:
             self._fail(exc)
+        finally:
+            self.cpu_in = time.thread_time()
 
     def wait(self, timeout: float) -> None:
         """Both directions ended cleanly, else :class:`PageStreamError` (the first cause)."""

@@ -46,11 +46,24 @@ _PREFAULT_WAIT_MAX = 60.0
 class _DestinationSide(_Rounds):
     """A migration's destination: nothing runs before the source's COMMIT."""
 
-    def in_start(self) -> None:
-        """Destination: expect a migration; no ECALL runs until it completes."""
+    #: Whether the memory a stop-and-copy load writes is advised for huge pages
+    #: (``__mig_in_start``'s argument; a checkpoint's restore keeps this default:
+    #: off, measured slower on these VMs, ``docs/benchmarks.md``).
+    huge_pages: bool = False
 
+    def in_start(self, huge_pages: bool = False) -> None:
+        """Destination: expect a migration; no ECALL runs until it completes.
+
+        ``huge_pages``: the host's choice (its agent's ``--enclave-huge-pages``
+        says True) whether the memory that arrives is backed by 2 MiB pages
+        where the kernel gives them (``docs/architecture.md``, enclave memory).
+        """
+
+        if not isinstance(huge_pages, bool):
+            raise ProtocolError("__mig_in_start: huge_pages is true or false")
         if self.instance.calls_served:
             raise ProtocolError("only a freshly launched enclave can receive a migration")
+        self.huge_pages = huge_pages
         self._without_persistent()
         self.handshake = self._new_handshake(Role.DESTINATION)
         self.instance.quiesce(timeout=0)
@@ -73,6 +86,8 @@ class _DestinationSide(_Rounds):
             raise ProtocolError("only a migration's destination faults its memory in ahead")
         if self.ring is not None or self.instance.memory.prefaulting_ahead:
             raise ProtocolError("too late, or asked twice, to fault memory in ahead")
+        if self.huge_pages:
+            self.instance.memory.advise_huge(nbytes)  # (before the first fault)
         return self.instance.memory.prefault_ahead(nbytes)
 
     def prefault_wait(self, seconds: float) -> dict[str, Any]:
@@ -128,6 +143,9 @@ class _DestinationSide(_Rounds):
             or persistent_section.length > MAX_TRANSFER_BYTES
         ):
             raise StreamError("the migrated state does not fit this enclave")
+        if self.huge_pages:
+            # 2 MiB pages for the memory about to arrive: a fault per 2 MiB, not per 4 KiB.
+            memory.advise_huge(memory_section.length)
         ahead = memory.prefaulting_ahead
         with memory.prefaulting(memory_section.length, prefault and not ahead):
             state_buf = bytearray(state_section.length)
@@ -159,6 +177,8 @@ class _DestinationSide(_Rounds):
             "memory_bytes": memory_section.length,
             # Faulted in before the load by __mig_prefault (0 without a hint).
             "prefaulted_bytes": faulted_ahead,
+            # Advised for 2 MiB pages (0: not asked, or a kernel without them).
+            "huge_advised_bytes": memory.huge_advised,
             "load_seconds": t_end - t0,
             "cpu_seconds": time.process_time() - cpu0,
             "switches": context_switches() - switches0,

@@ -150,6 +150,7 @@ def one_run(
     ab_spend_images: bool = False,
     ab_chunk_size: int = 0,
     ab_criu_weight: int = 0,
+    ab_huge_pages: bool = False,
 ) -> dict[str, Any]:
     """migsgx and CRIU alone back to back, with the ratios of the pair.
 
@@ -197,7 +198,13 @@ def one_run(
     CPU weight W (``--criu-weight W``), first with ``flip``: ``migsgx_criu_weight``,
     ``criu_weight_total_speedup``, ``criu_weight_downtime_speedup``,
     ``criu_weight_stream_speedup`` and ``criu_weight_dump_speedup`` (CRIU's dump;
-    all default / weighted: above 1, the weighted arm was faster).
+    all default / weighted: above 1, the weighted arm was faster).  With
+    ``ab_huge_pages``, also migsgx with the destination enclave's memory in 2 MiB
+    pages (``agent serve --enclave-huge-pages``), first with ``flip``:
+    ``migsgx_huge_pages``, ``huge_pages_total_speedup``,
+    ``huge_pages_downtime_speedup`` and ``huge_pages_enclave_cpu_ratio`` (the
+    destination enclaves' CPU over their load; all 4 KiB / 2 MiB: above 1, huge
+    pages helped).
     """
 
     niced_args = ("--criu-nice", str(ab_criu_nice))
@@ -215,6 +222,8 @@ def one_run(
     chunk_first = _migsgx(bed, size, chunk_args) if ab_chunk_size and flip else None
     weight_args = ("--criu-weight", str(ab_criu_weight))
     weight_first = _migsgx(bed, size, weight_args) if ab_criu_weight and flip else None
+    huge_args = ("--enclave-huge-pages",)  # (--ab-huge-pages: 2 MiB pages)
+    huge_first = _migsgx(bed, size, agent_args=huge_args) if ab_huge_pages and flip else None
     migsgx = _migsgx(bed, size)
     serial = (serial_first or _migsgx(bed, size, serial_args)) if ab_overlap else None
     extra: dict[str, Any] = {}
@@ -273,6 +282,15 @@ def one_run(
             / max(weighted["enclave_stream_seconds"], 1e-9),
             criu_weight_dump_speedup=migsgx["phases"]["criu_dump"]
             / max(weighted["phases"]["criu_dump"], 1e-9),
+        )
+    if ab_huge_pages:
+        huge = huge_first or _migsgx(bed, size, agent_args=huge_args)
+        extra.update(
+            migsgx_huge_pages=huge,
+            huge_pages_ran_first=huge_first is not None,
+            **_speedups("huge_pages", migsgx, huge),
+            huge_pages_enclave_cpu_ratio=_destination_cpu(migsgx)
+            / max(_destination_cpu(huge), 1e-9),
         )
     plain = criu_only(bed, 2 * size)
     if serial is not None:
@@ -347,6 +365,13 @@ def _speedups(
     return out
 
 
+def _destination_cpu(arm: dict[str, Any]) -> float:
+    """CPU seconds of an arm's destination enclaves over their load."""
+
+    cpu = arm["cpu_by_process"]
+    return float(sum(v for k, v in cpu.items() if k.endswith("destination_enclave")))
+
+
 def _in_ram(bed: Testbed, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """migsgx with the destination's images in RAM (``/dev/shm``), then CRIU alone
     with its images there too."""
@@ -371,6 +396,7 @@ def run(
     ab_spend_images: bool = False,
     ab_chunk_size: int = 0,
     ab_criu_weight: int = 0,
+    ab_huge_pages: bool = False,
 ) -> dict[str, Any]:
     if size < (1 << 20):
         raise ConfigError("--enclave-size must be at least 1 MiB")
@@ -387,6 +413,7 @@ def run(
                     flip=i % 2 == 1, ab_prefault=ab_prefault, ab_images_ram=ab_images_ram,
                     ab_overlap=ab_overlap, ab_spend_images=ab_spend_images,
                     ab_chunk_size=ab_chunk_size, ab_criu_weight=ab_criu_weight,
+                    ab_huge_pages=ab_huge_pages,
                 )  # fmt: skip
                 runs.append(one)
     finally:
@@ -414,6 +441,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         labels.append(
             ("migsgx_criu_weight", f"migsgx migrate --criu-weight {result['criu_weight']}")
         )
+    if "migsgx_huge_pages" in result["runs"][0]:
+        labels.append(("migsgx_huge_pages", "migsgx migrate, agent --enclave-huge-pages"))
     if "migsgx_chunk" in result["runs"][0]:
         labels.append(("migsgx_chunk", f"migsgx migrate --chunk-size {result['chunk_size']}"))
     plot_timelines(median_panels(result, labels), path)

@@ -112,13 +112,14 @@ def migrate_once(
     prefault: bool = False,
     ahead: bool = True,
     policy: str = "",
+    huge: bool = False,
 ) -> dict[str, Any]:
     with workers() as live:
         src = Worker("source", {"image": str(image), "socket": str(sock_a), "size": size})
         live.append(src)
         pidfile = Path(tempfile.mkdtemp(prefix="migsgx-bench-pid-")) / "destination-enclave"
         dst = Worker("dest", {"socket": str(sock_b), "prefault": prefault, "ahead": ahead,
-                              "pidfile": str(pidfile), "policy": policy})  # fmt: skip
+                              "pidfile": str(pidfile), "policy": policy, "huge": huge})  # fmt: skip
         live.append(dst)
         ready = src.answer()
         port = dst.answer()["port"]
@@ -299,6 +300,7 @@ def one_run(
     ab_prefault: bool,
     ab_policy: str = "",
     flip: bool = False,
+    ab_huge_pages: bool = False,
 ) -> dict[str, Any]:
     """Pipelined, sequential and raw transport side by side, with their ratios.
 
@@ -312,6 +314,11 @@ def one_run(
     ``POLICY_cpu_ratio`` (frozen-window CPU with / without).  The variants run
     after the plain pipelined run, or before it with ``flip`` (every other run:
     a load that drifts through the invocation then favours neither side).
+    With ``ab_huge_pages``, also a pipelined run whose destination enclave loads
+    into 2 MiB pages: ``pipelined_huge_pages``, ``huge_pages_speedup`` (seconds,
+    4 KiB / 2 MiB: above 1, huge pages helped), ``huge_pages_total_speedup``
+    (with the launch, the handshake and the prefault ahead) and
+    ``huge_pages_cpu_ratio`` (frozen-window CPU, the same way).
     """
 
     extra: dict[str, Any] = {}
@@ -321,6 +328,8 @@ def one_run(
         variants.append(("pipelined_without_prefault", {"ahead": False}))
     if ab_policy:
         variants.append((f"pipelined_{ab_policy}", {"policy": ab_policy}))
+    if ab_huge_pages:
+        variants.append(("pipelined_huge_pages", {"huge": True}))
     if flip:
         extra.update((name, once(**kw)) for name, kw in variants)
     pipelined = once()
@@ -335,6 +344,11 @@ def one_run(
         with_it = extra[f"pipelined_{ab_policy}"]
         extra[f"{ab_policy}_speedup"] = pipelined["seconds"] / with_it["seconds"]
         extra[f"{ab_policy}_cpu_ratio"] = sum(with_it["window_cpu_by_process"].values()) / plain_cpu
+    if ab_huge_pages:
+        huge = extra["pipelined_huge_pages"]
+        extra["huge_pages_speedup"] = pipelined["seconds"] / huge["seconds"]
+        extra["huge_pages_total_speedup"] = pipelined["total_seconds"] / huge["total_seconds"]
+        extra["huge_pages_cpu_ratio"] = plain_cpu / sum(huge["window_cpu_by_process"].values())
     if variants:
         extra["variants_first"] = flip
     sequential = migrate_once(image, sock_a, sock_b, size, chunk, slots, "sequential")
@@ -371,6 +385,7 @@ def run(
     repeat: int = 3,
     ab_prefault: bool = False,
     ab_policy: str = "",
+    ab_huge_pages: bool = False,
 ) -> dict[str, Any]:
     """``repeat`` paired runs in one invocation: medians on top, ``runs``, ``spread``."""
 
@@ -391,7 +406,8 @@ def run(
         with running_services(dep.hosts) as (host_a, host_b):
             for i in range(repeat):
                 one = one_run(image, host_a.socket, host_b.socket, size, chunk, slots,
-                              ab_prefault, ab_policy, flip=i % 2 == 1)  # fmt: skip
+                              ab_prefault, ab_policy, flip=i % 2 == 1,
+                              ab_huge_pages=ab_huge_pages)  # fmt: skip
                 runs.append(one)
     result = summarize(runs)
     result.update(

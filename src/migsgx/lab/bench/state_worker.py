@@ -159,6 +159,7 @@ def dest(args: dict[str, Any]) -> None:
     incoming, offer = IncomingEnclave.accept_offer(conn, args["socket"])
     incoming.prefault = bool(args.get("prefault", False))
     incoming.prefault_ahead = bool(args.get("ahead", True))
+    incoming.huge_pages = bool(args.get("huge", False))
     watcher = _RestAtLaunch(incoming, args.get("pidfile", ""), args.get("policy", ""))
     incoming.launched = watcher.launched
     watcher.start()
