@@ -8,9 +8,7 @@ on it; a :class:`PageRelay` on each side moves those bytes to and from the TCP
 connection between the hosts in AES-GCM frames (:mod:`migsgx.core.pagestream`).
 One pump thread per direction: the outgoing one gathers whatever CRIU wrote (up
 to 4 MiB) into one frame, the incoming one opens frames and writes their
-payload to CRIU; it sleeps on the wire's low-water mark (``SO_RCVLOWAT``, what
-is still missing of the frame, at most 1 MiB) rather than waking for every TCP
-segment.  Each pump counts its frames, receive calls and thread CPU
+payload to CRIU.  Each pump counts its frames, receive calls and thread CPU
 (``frames_out``, ``wire_receives``, ``cpu_in`` ...).  An incoming frame that
 fails, or a stream that ends without its last frame, shuts the local socket
 down, so CRIU's next read or write fails and the step ends in an error;
@@ -81,10 +79,6 @@ def relay_keys(data_key: bytes, session_id: bytes, *, source: bool) -> RelayKeys
 #: ``MAX_PAYLOAD``).
 FRAME_BYTES: Final = MAX_PAYLOAD
 
-#: Most a receive waits for before it wakes (``SO_RCVLOWAT``): a frame's body
-#: arrives in a few wake-ups of this size rather than one per TCP segment.
-WAKE_BYTES: Final = 1 << 20
-
 
 class PageRelay:
     """Both directions of one page connection, between ``local`` (CRIU) and ``wire``."""
@@ -119,7 +113,6 @@ class PageRelay:
         self.frames_out = self.frames_in = 0
         self.local_receives = self.wire_receives = 0
         self.cpu_out = self.cpu_in = 0.0
-        self._lowat = 1  # the wire's SO_RCVLOWAT, as last set
         self._threads = [
             threading.Thread(target=self._outgoing, name="migsgx-pages-out", daemon=True),
             threading.Thread(target=self._incoming, name="migsgx-pages-in", daemon=True),
@@ -190,19 +183,14 @@ class PageRelay:
     def _fill(self, view: memoryview) -> int:
         """Fill ``view`` from the wire (fewer bytes only where the stream ended).
 
-        The wire's low-water mark (``SO_RCVLOWAT``) is what is still missing of
-        the frame, at most :data:`WAKE_BYTES`, never more: a sender sends every
-        byte of a frame without waiting for an answer, so each receive returns,
-        and the pump sleeps until much of a body is there instead of waking for
-        every TCP segment.
+        Each receive takes what is there.  The wire keeps its low-water mark of
+        one byte: a mark raised to what is missing of a frame (``SO_RCVLOWAT``)
+        left the receive asleep with its buffer full and the window shut, the
+        sender probing a zero window, and CRIU's dump waiting for good.
         """
 
         got, want = 0, len(view)
         while got < want:
-            mark = min(want - got, WAKE_BYTES)
-            if mark != self._lowat:
-                self.wire.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
-                self._lowat = mark
             n = self.wire.recv_into(view[got:])
             self.wire_receives += 1
             if n == 0:
