@@ -7,8 +7,10 @@ kvstore example moves back and forth between them, ``--count`` times or for
 seed (:mod:`migsgx.lab.storm_faults`: ``kill -9`` of a party or a network fault
 of a connection at a named point, or none) and is judged by
 :mod:`migsgx.lab.storm_checks`.  One JSON object per migration on stdout (seed,
-fault, outcome, seconds, failures), then ``storm-summary {...}``.  Exit status 1
-when any migration failed.  Run as root from the checkout:
+fault, outcome, seconds, failures), per fault kind the seconds to the source's
+return where it stayed (min / median / max), then ``storm-summary {...}``.  Exit
+status 1 when any migration failed: a fault that did not fire, or a source back
+later than ``--bound`` seconds, counts as a failure too.  Run as root from the checkout:
 
     .venv/bin/python benchmarks/storm.py --count 100 --seed 1
     .venv/bin/python benchmarks/storm.py --fault tool.after-commit:kill-source-enclave
@@ -41,6 +43,7 @@ from migsgx.lab.storm import Outcome, Storm, as_json, summary
 from migsgx.lab.storm_ckpt import CheckpointStorm
 from migsgx.lab.storm_ckpt import parse as parse_ckpt
 from migsgx.lab.storm_faults import parse
+from migsgx.lab.storm_outcome import back_lines
 from migsgx.lab.testbed import Testbed
 
 
@@ -117,6 +120,8 @@ def main() -> int:
     result["seed"], result["engine"] = args.seed, args.engine
     result["checkpoints"], result["options"] = args.checkpoints, args.options
     result["namespaces_left"] = left
+    for line in back_lines(result):
+        print(line, flush=True)
     print("storm-summary " + json.dumps(result, sort_keys=True), flush=True)
     return 1 if result["failed"] or left else 0
 

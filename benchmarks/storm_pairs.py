@@ -7,7 +7,9 @@ the guardian inherits the tool's environment, so ``guardian.abort-answered:kill`
 kills the guardian once its first abort was answered) and the destination
 agent's.  The hosts, the supervisor's restarts, the one ``migsgx recover`` per
 host and the checks are the storm's (:mod:`migsgx.lab.storm`).  One JSON object
-per migration, then ``pairs-summary {...}``; exit status 1 when any failed.
+per migration, the seconds to the source's return per fault kind, then
+``pairs-summary {...}``; exit status 1 when any failed (a point of a pair that did not
+fire, or a source back past the storm's bound, included).
 Run as root from the checkout:
 
     .venv/bin/python benchmarks/storm_pairs.py            # every pair
@@ -29,6 +31,7 @@ from pathlib import Path
 from migsgx.lab.netns import cleanup_stale, list_namespaces
 from migsgx.lab.storm import Storm, as_json, summary
 from migsgx.lab.storm_faults import Fault
+from migsgx.lab.storm_outcome import back_lines
 from migsgx.lab.testbed import Testbed
 
 
@@ -74,27 +77,33 @@ PAIRS = (
         "agent.before-claim:kill-enclave",
         tool_killed=True,
     ),
-    Pair("tool.before-commit:kill-source-platform", "agent.after-restore:kill"),
+    # (Where the destination's fault comes first, the tool's is one of its roll-back:
+    # a point after the commit's, or the tool's ``resume``, is never reached then.)
+    Pair("tool.abort-answered:kill-source-platform", "agent.after-restore:kill"),
     Pair(
         "tool.after-commit:kill-source-platform-and-tool",
-        "agent.before-resume:kill-platform",
+        "agent.after-claim:kill-platform",
         tool_killed=True,
     ),
     Pair("tool.after-commit:kill,guardian.retry:kill", "agent.before-claim:kill", tool_killed=True),
     Pair("tool.after-abort:kill", "agent.after-restore:kill-enclave", tool_killed=True),
     Pair(
-        "tool.before-commit:kill,guardian.handed-back:kill",
+        "tool.after-abort:kill,guardian.handed-back:kill",
         "agent.after-restore:stall",
         tool_killed=True,
     ),
     Pair(
-        "tool.after-group:kill-source-platform-and-tool",
+        "tool.rolled-back:kill-source-platform-and-tool",
         "agent.after-restore:kill",
         tool_killed=True,
     ),
     Pair("tool.after-commit:drop-data", "agent.before-claim:kill-platform"),
     Pair("tool.before-token:kill-source-platform", "agent.before-resume:kill", lose=_W3),
-    Pair("tool.before-commit:drop-data,guardian.abort-answered:kill", "agent.after-restore:kill"),
+    Pair(
+        "tool.after-abort:kill,guardian.abort-answered:kill",
+        "agent.after-restore:kill",
+        tool_killed=True,
+    ),
 )
 
 
@@ -122,6 +131,8 @@ def main() -> int:
         left = [n for n in list_namespaces() if n.startswith(prefix)]
     result = summary(outcomes)
     result["namespaces_left"] = left
+    for line in back_lines(result):
+        print(line, flush=True)
     print("pairs-summary " + json.dumps(result, sort_keys=True), flush=True)
     return 1 if result["failed"] or left else 0
 

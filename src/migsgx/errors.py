@@ -213,3 +213,15 @@ def register_error(cls: type[MigSGXError]) -> type[MigSGXError]:
 
     _ALL[cls.code] = cls
     return cls
+
+
+# --- a checkpoint directory another tool works on ----------------------------
+@register_error
+class CheckpointBusyError(MigSGXError):
+    """Another tool works on this checkpoint directory now (its checkpoint, a restore,
+    or the guardian of either): nothing was done, nothing was touched."""
+
+    code = "checkpoint-busy"
+
+
+__all__ += ["CheckpointBusyError"]

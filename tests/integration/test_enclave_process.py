@@ -496,9 +496,11 @@ _FORKING_APP = textwrap.dedent(
     client.ecall.store(secret.encode())
     fd = client._sock.fileno()  # (the child uses the connection as it inherited it)
     control = MigrationControl([client]).start()
+    # Read before the fork: a child first scheduled after its parent died (a loaded
+    # machine) would read its new parent's pid from getppid() and wait for good.
+    parent = os.getpid()
     child = os.fork()
     if child == 0:
-        parent = os.getppid()
         while os.getppid() == parent or not Path(go).exists():
             time.sleep(0.05)  # the parent exited, and the test says go
         sock = socket.socket(fileno=fd)

@@ -15,9 +15,15 @@ pytestmark = pytest.mark.integration
 
 
 def _children(pid: int) -> set[int]:
-    """The service's enclave processes (not its socket keeper, also its child)."""
+    """The service's enclave processes.
 
-    return {c for c in _proc.scanned_children(pid) if b"migsgx.sgx.keeper" not in _proc.argv(c)}
+    Chosen by the runtime's module on the command line, not by leaving out the
+    socket keeper (also its child): between its fork and its exec a child still
+    carries the service's own command line, so a keeper caught in that window was
+    counted as the spare.
+    """
+
+    return {c for c in _proc.scanned_children(pid) if b"migsgx.enclave.runtime" in _proc.argv(c)}
 
 
 def _wait(predicate: object, timeout: float = 20.0) -> bool:

@@ -200,6 +200,17 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
             "migsgx.agent.protocol",
             "migsgx.agent.guardian_log",
             "migsgx.agent.lost_enclaves",
+            "migsgx.agent.incoming_pages",
+        }
+    ),
+    # The page connection, a layer under the session's state.
+    "migsgx.agent.incoming_pages": frozenset(
+        {
+            "migsgx.agent.config",
+            "migsgx.agent.fault_relays",
+            "migsgx.agent.faults",
+            "migsgx.agent.lost_enclaves",
+            "migsgx.agent.protocol",
         }
     ),
     "migsgx.agent.incoming_handover": frozenset(
@@ -302,6 +313,8 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     # The lab's network: a machine's namespaces below one run's hosts and links.
     "migsgx.lab.namespaces": frozenset(),
     "migsgx.lab.netns": frozenset({"migsgx.lab.namespaces"}),
+    # A storm migration's outcome and the storm's summary, under the storm itself.
+    "migsgx.lab.storm_outcome": frozenset({"migsgx.lab.storm_timeline"}),
     # migsgx migrate: what the caller gives and gets, and the figures' arithmetic,
     # below the state its steps share (neither knows it).
     "migsgx.agent.source_options": frozenset({"migsgx.agent.precopy", "migsgx.agent.tls"}),

@@ -47,6 +47,7 @@ __all__ = [
     "remove_fenced_source",
     "remove_held_leftover",
     "start_time",
+    "working",
     "write_journal",
 ]
 
@@ -66,6 +67,36 @@ def start_time(pid: int) -> str:
 
     started = _proc.start_time(pid)
     return str(started) if started else ""
+
+
+def _runs(pid: object, start: object) -> bool:
+    """``pid`` runs (not a zombie) with ``start`` time, and is not this process."""
+
+    if not isinstance(pid, int) or not non_negative_int(pid, 1 << 31) or pid == os.getpid():
+        return False
+    return (
+        isinstance(start, str)
+        and start != ""
+        and start_time(pid) == start
+        and process_state(pid) not in ("", "Z", "X")
+    )
+
+
+def working(journal: dict[str, Any] | None) -> str | None:
+    """Who still works on the checkpoint the journal is of, or None: the tool that wrote
+    it last (a checkpoint or a restore) or the guardian it records (either one's), if
+    it runs with its recorded start time.  Such a party may hold the tree the journal
+    and the metadata name (fenced, or restored and held) and will continue or kill it
+    itself: nobody else may."""
+
+    if journal is None:
+        return None
+    if _runs(journal.get("tool_pid"), journal.get("tool_start")):
+        return f"its tool (pid {journal['tool_pid']})"
+    found = journal.get("guardian")
+    if isinstance(found, list) and len(found) == 2 and _runs(found[0], found[1]):
+        return f"its guardian (pid {found[0]})"
+    return None
 
 
 def read_journal(directory: Path) -> dict[str, Any] | None:

@@ -65,6 +65,7 @@ from .ckpt_journal import (
     start_time,
     write_journal,
 )
+from .faults import fault
 from .handback import abort_answer, abort_enclave, call_enclave, let_go, resume_source
 from .holders import dead_holders, eof_socket, take_held, watch_holders
 from .recover_records import Resolution
@@ -110,6 +111,10 @@ def _hand_back(journal: dict[str, object], socks: list[socket.socket], runs: boo
         return ""
     try:
         aborted = sum(abort_enclave(sock) for sock in socks)
+        # Killed here, this recover leaves the enclaves aborted (the gates gone) and not
+        # handed back: each keeps its duplicate until its application has the
+        # connection (``resume``), so the next recover takes it back and hands it over.
+        fault("recover.abort-answered")
         app = journal.get("app")
         if not runs:
             let_go(socks)

@@ -12,9 +12,12 @@ if this tool dies.  The way out is :mod:`.checkpoint`'s.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import cbor2
@@ -24,6 +27,7 @@ from .._records import json_record, non_negative_int
 from ..criu import Criu, InNetns
 from ..datapath.checkpoint import CheckpointIn
 from ..errors import (
+    CheckpointBusyError,
     CheckpointDamagedError,
     ConfigError,
     CriuError,
@@ -38,10 +42,12 @@ from .ckpt_journal import (
     CHECKPOINT_META,
     HELD,
     MAX_CHECKPOINT_ENCLAVES,
+    read_journal,
     read_metadata,
     remove_fenced_source,
     remove_held_leftover,
     start_time,
+    working,
     write_journal,
 )
 from .guardian import Guardian
@@ -118,6 +124,57 @@ def restore(
     raw_meta, meta, count = load_metadata(directory)
     if count and platform_socket is None:
         raise ConfigError("the checkpoint holds enclaves: name the host's --platform-socket")
+    with _alone(directory) as phase:
+        return _restore(directory, criu, netns, platform_socket, raw_meta, meta, count, phase)
+
+
+@contextlib.contextmanager
+def _alone(directory: Path) -> Iterator[str | None]:
+    """This restore alone works on ``directory`` until it returns; the journal's phase
+    (None: no journal of this user's).
+
+    A restore kills what it takes for a dead attempt's leftovers (a held tree, a
+    fenced source): beside a live tool those are that tool's (a restore's activated
+    tree, a checkpoint's source before its commit), and killing them loses the only
+    copy.  So a restore refuses (:class:`CheckpointBusyError`, nothing touched) while
+    another restore holds the directory's lock, or the journal's tool or guardian
+    runs; then it names itself in the journal, so that ``migsgx recover
+    --checkpoint`` leaves it alone too (``in-progress``).
+    """
+
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointBusyError(
+                f"another restore of {directory} runs now: nothing was done"
+            ) from None
+        journal = read_journal(directory)
+        who = working(journal)
+        if who is not None:
+            raise CheckpointBusyError(
+                f"{who} still works on the checkpoint in {directory}: nothing was done; "
+                f"once it ended, run: migsgx recover --checkpoint {directory}"
+            )
+        phase = str(journal["phase"]) if journal is not None else None
+        if phase is not None:
+            write_journal(directory, phase)  # (this tool, from now on)
+        yield phase
+    finally:
+        os.close(fd)
+
+
+def _restore(
+    directory: Path,
+    criu: Criu,
+    netns: str | None,
+    platform_socket: Path | None,
+    raw_meta: bytes,
+    meta: dict[str, object],
+    count: int,
+    phase: str | None,
+) -> int:
     meta_digest = hashlib.sha256(raw_meta).digest()
     remove_held_leftover(directory)
     remove_fenced_source(meta)
@@ -143,6 +200,10 @@ def restore(
         # (activate, continue, attach) if this tool dies before the attach.  It
         # starts now, so that its start overlaps CRIU's restore.
         guardian = _restore_guardian(incoming) if incoming else None
+        if guardian is not None and phase is not None:
+            # (it may finish this restore: nobody else may take its tree meanwhile)
+            pid_start = [guardian.proc.pid, start_time(guardian.proc.pid)]
+            write_journal(directory, phase, guardian=pid_start)
         _fault("restore.before-criu", 0, [], platform_socket)
         pid = criu.restore(
             directory,

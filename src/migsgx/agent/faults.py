@@ -70,7 +70,12 @@ POINTS: Final = frozenset(
         "agent.after-resume",  # the tree runs (and its enclaves are attached), no answer yet
         "agent.before-claim",  # the first decision frame reached an enclave (window W2)
         "agent.after-claim",  # an enclave claimed the id and runs, the tree not resumed (W3)
-        "tool.after-handshake",  # early handshake done, the application not yet frozen
+        # early handshake done (``--live``: every enclave's pre-copy handshake, no round
+        # yet), the application not yet frozen
+        "tool.after-handshake",
+        # ``--live``: one enclave's pre-copy round ended (its figures reported), the next
+        # not begun; the enclave runs and serves ECALLs, nothing is quiesced.  Each round.
+        "tool.precopy-round",
         # In the application (``resume``): its connections taken back, no ``__mig_unhold``
         # sent yet; ``no-unhold``: answer without it, as a runtime older than that call.
         "app.resume-taken",

@@ -299,7 +299,7 @@ class IncomingMigration(_Recovery):
             spends=spends,
         )
         local = self.local_address = str(self.tls.getsockname()[0])
-        page = self._listen(local)
+        page = self._page_listener = self._listen(local)
         if self.page_server:
             self._page_thread = self._start(self._accept_page_server, page, "migsgx-agent-pages")
         data = self._listen(local)

@@ -1,6 +1,7 @@
-"""An incoming migration's state, and its data: the page server (or the sealed
-page relay) and each enclave's authenticated data connection, received and then
-waiting for the source's decision; with the destination's fault hooks.
+"""An incoming migration's state, and its data: the page connection (page server
+or sealed page relay, :mod:`.incoming_pages`) and each enclave's authenticated
+data connection, received and then waiting for the source's decision; with the
+destination's fault hooks.
 
 :mod:`.incoming_settle` decides and ends a session on top of this, and
 :mod:`.incoming` answers the tool's requests.
@@ -22,19 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
-from .._net import keep_alive
 from ..containers import Driver, Restored
 from ..criu.pageserver import PageServer
 from ..datapath.incoming import IncomingEnclave
-from ..datapath.pagerelay import PageRelay, local_pair, relay_keys
+from ..datapath.pagerelay import PageRelay
 from ..errors import MigSGXError, ProtocolError
 from ..host.client import EnclaveInfo
 from ..sgx.listener import platform_socket_alive
 from .config import AgentHost
 from .datalink import KEY_SIZE, accept_data, check_pinned
-from .fault_relays import cutting_relay, firewall_drop, tampering_relay
+from .fault_relays import firewall_drop
 from .faults import fault, kill_dead, socket_owner
 from .guardian_log import RECOVER_PATIENCE
+from .incoming_pages import _PageIntake
 from .lazy import Window
 from .lost_enclaves import hung_up
 from .protocol import MAX_ENCLAVES, AgentError, SessionMachine, plain_stats
@@ -80,8 +81,9 @@ def _shutdown(sock: socket.socket | None) -> None:
         sock.close()
 
 
-class _SessionState:
-    """What one incoming migration holds, and how its data arrives."""
+class _SessionState(_PageIntake):
+    """What one incoming migration holds, and how its data arrives (its pages:
+    :class:`~.incoming_pages._PageIntake`)."""
 
     def __init__(self, agent: AgentHost, tls: ssl.SSLSocket | socket.socket, peer: str) -> None:
         self.agent = agent
@@ -116,6 +118,8 @@ class _SessionState:
         self._page_server: PageServer | None = None
         self._page_error: BaseException | None = None
         self._page_thread: threading.Thread | None = None
+        self._page_listener: socket.socket | None = None
+        self._page_accepted = threading.Event()
         self._listeners: list[socket.socket] = []
         self._files: dict[str, IO[bytes]] = {}
         self._image_bytes = 0
@@ -195,39 +199,6 @@ class _SessionState:
         thread = threading.Thread(target=target, args=(sock,), name=name, daemon=True)
         thread.start()
         return thread
-
-    def _accept_page_server(self, listener: socket.socket) -> None:
-        assert self.images_dir is not None
-        try:
-            while True:
-                conn, addr = listener.accept()
-                if addr[0] == self.peer:
-                    break
-                log.warning("migration %s: page connection from %s refused", self.tag, addr[0])
-                conn.close()
-            keep_alive(conn)  # a stalled network fails the page stream in seconds
-            ident = self.config.identity
-            tls = (ident.ca, ident.cert, ident.key) if self.page_tls else None
-            action = fault("agent.page-stream")
-            if action is not None and "-after-bytes=" in action:
-                # ``drop-after-bytes=N``, ``stall-after-bytes=N``: mid-dump.
-                kind, _, after = action.partition("-after-bytes=")
-                conn = cutting_relay(conn, int(after), kind)
-            elif action is not None:
-                conn = tampering_relay(conn, action)
-            if self.page_relay:
-                ours, theirs = local_pair()
-                with theirs:
-                    self._page_server = PageServer(self.config.criu.binary, self.images_dir, theirs)
-                keys = relay_keys(self.data_key, self.session_id, source=False)
-                self._relay = PageRelay(ours, conn, **keys).start()
-                return
-            with conn:
-                self._page_server = PageServer(
-                    self.config.criu.binary, self.images_dir, conn, tls=tls
-                )
-        except (OSError, MigSGXError) as exc:
-            self._page_error = exc
 
     def _accept_data(self, listener: socket.socket, only: set[int] | None = None) -> None:
         """Accept data connections; each opening runs in a thread of its own, so a

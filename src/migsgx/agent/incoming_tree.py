@@ -89,8 +89,7 @@ class _TreeSteps(_SessionDecisions):
                 f"{msg['files']} / {msg['bytes']} announced"
             )
         if self.page_server:
-            assert self._page_thread is not None
-            self._page_thread.join(self.config.io_timeout)
+            self._await_page_connection()  # (bounded: incoming_pages)
             if self._page_error is not None:
                 raise AgentError(f"page server: {self._page_error}") from self._page_error
             if self._page_server is None:

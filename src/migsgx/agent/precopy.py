@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -25,6 +26,8 @@ from ..datapath.live import LiveOutgoingEnclave
 from ..errors import MigrationError, ProtocolError
 from ..limits import DEFAULT_CHUNK_SIZE
 from .applink import HandedEnclave
+from .fault_relays import flipping_relay
+from .faults import fault
 from .legs import each_in_thread
 
 __all__ = ["RoundReport", "adopt", "finish", "run_precopy"]
@@ -48,11 +51,15 @@ def run_precopy(
     rules: StopRules | None = None,
     chunk_size: int | None = None,
     report: RoundReport | None = None,
+    handshaken: Callable[[], None] | None = None,
 ) -> None:
     """Every enclave's rounds, in parallel, until each one's stop rule holds.
 
     ``connect(index)`` opens enclave ``index``'s data connection to the
-    destination agent, as a stop-and-copy migration does.
+    destination agent, as a stop-and-copy migration does.  ``handshaken`` runs
+    once every enclave's handshake is done and before any round (as the early
+    handshake's step does before the freeze): the others wait for it there; a
+    failure of it, or of another enclave before it, fails the pre-copy.
     """
 
     for t in transfers:
@@ -61,17 +68,38 @@ def run_precopy(
             chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, rules=rules,
         )  # fmt: skip
 
+    # (Barrier: the last enclave to arrive runs ``handshaken``; one that fails first
+    # breaks it, and the others fail their pre-copy instead of waiting for good.)
+    gate = threading.Barrier(len(transfers), action=handshaken) if handshaken else None
+
     def one(t: _Leg) -> None:
         index = t.handed.index
-        t.peer = peer = connect(index)
-        stats = t.outgoing.precopy(
-            peer, progress=None if report is None else (lambda r: report(index, r))
-        )
+        try:
+            t.peer = peer = connect(index)
+            action = fault("tool.enclave-stream")  # (live: the data connection opens here)
+            if action is not None and action.startswith("flip-byte="):
+                # One bit of byte N of the stream flipped on its way, inside a round.
+                t.peer = peer = flipping_relay(peer, int(action.partition("=")[2]))
+
+            def progress(figures: dict[str, Any]) -> None:
+                if report is not None:
+                    report(index, figures)
+                fault("tool.precopy-round")  # (a round ended; the enclave runs, not quiesced)
+
+            stats = t.outgoing.precopy(
+                peer, progress=progress, handshaken=None if gate is None else gate.wait
+            )
+        except BaseException:
+            if gate is not None:
+                gate.abort()
+            raise
         if "fallback" in stats and report is not None:
             report(index, stats)  # said at once, before any memory moved
 
     failed = each_in_thread(transfers, one, "precopy")
     if failed is not None:
+        # The failure that broke the gate, not the others' broken gate.
+        failed = next((t for t in transfers if _own_failure(t.error)), failed)
         for t in transfers:
             with contextlib.suppress(Exception):
                 t.outgoing.abort("pre-copy failed")
@@ -80,6 +108,17 @@ def run_precopy(
             f"enclave {failed.handed.index}: pre-copy failed, the source runs on: "
             f"{type(err).__name__}: {err}"
         ) from err
+
+
+def _own_failure(error: BaseException | None) -> bool:
+    """Whether ``error`` is a failure of its own, not another's broken gate."""
+
+    found = error is not None
+    while error is not None:
+        if isinstance(error, threading.BrokenBarrierError):
+            return False
+        error = error.__cause__
+    return found
 
 
 def adopt(transfers: Sequence[_Leg], handed: Sequence[HandedEnclave]) -> None:

@@ -56,9 +56,12 @@ class _EnclaveSteps(_MigrationState):
             return peer
 
         try:
+            # ``tool.after-handshake`` at its place here too: every enclave's handshake
+            # done, no round yet, nothing frozen (as after the early handshake).
             precopy.run_precopy(
                 self.transfers, connect, rules=self.opts.stop_rules,
                 chunk_size=self.opts.chunk_size, report=self.opts.round_report,
+                handshaken=lambda: self._inject(self._fault("tool.after-handshake")),
             )  # fmt: skip
         except BaseException as exc:
             with contextlib.suppress(MigSGXError):

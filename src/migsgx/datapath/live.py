@@ -72,13 +72,24 @@ class LiveOutgoingEnclave(OutgoingEnclave):
         self.precopy_stats: dict[str, Any] = {}
         self.app_sock: socket.socket | None = None  # set once the application handed it over
 
-    def precopy(self, peer: socket.socket, progress: RoundProgress | None = None) -> dict[str, Any]:
-        """Handshake and rounds over the side channel while the enclave serves ECALLs."""
+    def precopy(
+        self,
+        peer: socket.socket,
+        progress: RoundProgress | None = None,
+        handshaken: Callable[[], object] | None = None,
+    ) -> dict[str, Any]:
+        """Handshake and rounds over the side channel while the enclave serves ECALLs.
+
+        ``handshaken``: called once the handshake is done, before the first round
+        (the tool's step after every enclave's handshake; its failure aborts as
+        a round's does)."""
 
         try:
             # The same offer and attested handshake as stop-and-copy's (the peer table
             # bound, keepalive on), in live mode; the migration id is known after it.
             self._handshake(peer, "__mig_out_start", "live")
+            if handshaken is not None:
+                handshaken()
             assert self._times is not None
             t0, _, t_hs = self._times
             try:

@@ -14,7 +14,9 @@ each fault still around for the next.  Per migration (:meth:`Storm.one`):
 4. at most one ``migsgx recover`` on each host;
 5. the checks (:class:`Verdict`): exactly one runnable copy (app processes and
    enclave processes counted on both hosts), every acknowledged write in it,
-   the source answering again within the bound when it did not move, an exit
+   the source answering again within the bound when it did not move
+   (:func:`judge_back`), every point of the fault fired (one that did not
+   tested nothing: a failure, never a pass), an exit
    status that tells the truth (``migsgx --help``: 0, 6, 7, 8, 10, 11; -9 only for
    a killed tool), no traceback, nothing left (images directories, images mounts,
    stopped copies, guardians, enclaves, unfinished journals).
@@ -26,14 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import random
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -44,20 +44,12 @@ from ..system.process import process_state
 from .containers import ContainerLab
 from .storm_apps import ContainerTarget, ProcessTarget, Target
 from .storm_checks import Client, Verdict, heal, kernel_kills, leftovers, restart_dead
-from .storm_faults import Fault, draw
-from .storm_timeline import (
-    Probe,
-    back_after,
-    by_kind,
-    fault_time,
-    marks,
-    noticed,
-    spread,
-    timeline,
-)
+from .storm_faults import Fault, draw, fired
+from .storm_outcome import Outcome, as_json, judge_back, summary
+from .storm_timeline import Probe, back_after, fault_time, marks, noticed, timeline
 from .testbed import AgentProcess, MigrateRun, Testbed
 
-__all__ = ["Outcome", "Storm"]
+__all__ = ["Outcome", "Storm", "as_json", "judge_back", "summary"]
 
 #: A migration's exit statuses the documentation names (``migsgx --help``).
 DOCUMENTED: Final = {0: "moved", 6: "stayed", 7: "in doubt", 8: "source gone", 10: "lost",
@@ -71,52 +63,6 @@ TOOL_SECONDS: Final = 300.0
 PING_CONNECT: Final = 1.0
 #: Seconds a source that stayed may take to answer the probe once the hosts settled.
 PING_ANSWER: Final = 2.0
-
-
-@dataclass
-class Outcome:
-    """One migration of a storm, as printed (one JSON object)."""
-
-    index: int
-    seed: int
-    fault: str
-    kind: str
-    frm: str
-    exit: int
-    outcome: str = ""
-    reached: bool = False
-    seconds: float = 0.0
-    back_seconds: float | None = None
-    #: The former measure, for comparison: a ``PING`` sent only once the tool ended
-    #: and what the fault killed was started again (exit 6 only).
-    back_polled_seconds: float | None = None
-    #: From the fault to the client's first acknowledged write after it (the
-    #: enclaves back too), while the tool still ran.
-    write_back_seconds: float | None = None
-    #: Who noticed the fault and how (:func:`.storm_timeline.noticed`).
-    noticed: str = ""
-    #: Seconds from the fault to each step marked, the tool's end, the source's
-    #: answer and the client's write (:func:`.storm_timeline.timeline`).
-    timeline: dict[str, float] = field(default_factory=dict)
-    recover: dict[str, int] = field(default_factory=dict)
-    acked: int = 0
-    over_bound: bool = False
-    failures: list[str] = field(default_factory=list)
-    #: The tool's last line where it did not exit 0 (why it did not move).
-    reason: str = ""
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "index": self.index, "seed": self.seed, "fault": self.fault, "kind": self.kind,
-            "from": self.frm, "exit": self.exit, "outcome": self.outcome,
-            "reached": self.reached, "seconds": round(self.seconds, 3),
-            "back_seconds": _rounded(self.back_seconds),
-            "back_polled_seconds": _rounded(self.back_polled_seconds),
-            "write_back_seconds": _rounded(self.write_back_seconds),
-            "noticed": self.noticed, "timeline": self.timeline,
-            "recover": self.recover, "acked": self.acked, "over_bound": self.over_bound,
-            "failures": self.failures, "reason": self.reason,
-        }  # fmt: skip
 
 
 class Storm:
@@ -216,7 +162,7 @@ class Storm:
     # --- one migration --------------------------------------------------------------------------
     def one(self, index: int, fault: Fault | None = None) -> Outcome:
         seed = self.rng.randrange(1 << 32)
-        fault = fault if fault is not None else draw(random.Random(seed))
+        fault = fault if fault is not None else draw(random.Random(seed), options=self.options)
         frm, to = self.at, self._other(self.at)
         for _ in range(3):
             if self.put(frm) is not True:
@@ -258,7 +204,6 @@ class Storm:
             out.failures.append(f"the tool died by a SIGKILL no fault sent, {t_end - t0:.3f} s "
                                 f"in; its last step {last}; kernel: {kernel_kills()}")  # fmt: skip
         logs = run.stderr + (agent.log.read_text(errors="replace") if fault.agent else "")
-        out.reached = "migsgx fault:" in logs
         if run.returncode != 0:
             lines = [ln for ln in run.stderr.splitlines() if ln.startswith("migsgx: ")]
             out.reason = (lines[-1] if lines else run.stderr.strip()[-300:])[:300]
@@ -270,12 +215,20 @@ class Storm:
         if run.returncode in (6, 11) and at is not None:
             out.back_polled_seconds = self._back_seconds(frm, at)
         if run.returncode not in (0, 6, 11):
+            out.recover_at = time.monotonic()
             out.recover = {h: self._recover(h, out) for h in self.bed.names}
+        # (read once ``recover`` ran: the destination's point of a decision it delivers
+        # fires then)
+        after = agent.log.read_text(errors="replace") if fault.agent else ""
+        out.points = fired(fault.points, [run.stderr, after, *self._guardian_logs(frm)], t0)
+        out.reached = bool(out.points) and all(out.points.values())
+        out.failures += [f"the fault at {point} did not fire: nothing was tested"
+                         for point, done in out.points.items() if not done]  # fmt: skip
         out.acked = len(self.writes)
         self._settle(out, fault, frm, to, run, probe)
         if at is not None:
             self._timeline(out, at, run.stderr, probe, client.acked_at, t_end)
-        out.over_bound = out.outcome == "stayed" and (out.back_seconds or 0.0) > self.bound
+        judge_back(out, self.bound, at)
         if out.failures:
             self._keep(out, run)
         main = [id(a) for a in self.agents.values()]
@@ -296,6 +249,16 @@ class Storm:
         out.write_back_seconds = None if write is None else write - at
         out.noticed = noticed(out.reason, out.exit) if out.exit != 0 else ""
         out.timeline = timeline(stderr, at, {"tool-end": t_end, "answer": answer, "write": write})
+
+    def _guardian_logs(self, host: str) -> list[str]:
+        """What the guardians on ``host`` reported into their files (:mod:`.guardian_log`):
+        a fault point of the guardian marks there once it waits."""
+
+        texts = []
+        for path in (self.bed.state(host) / "agent" / "migrations").glob("*.log"):
+            with contextlib.suppress(OSError):
+                texts.append(path.read_text(errors="replace"))
+        return texts
 
     def _keep(self, out: Outcome | None, run: MigrateRun | None = None) -> None:
         """With ``keep_failed``: a failed migration's CRIU and runc logs (gathered since it
@@ -390,41 +353,3 @@ class Storm:
         self.target.remove()
         self.target = self._fresh_target()
         self.at = "src"
-
-
-def summary(outcomes: list[Outcome]) -> dict[str, object]:
-    """Totals by fault kind and outcome, the failures, and the source's seconds back."""
-
-    kinds: dict[str, dict[str, int]] = {}
-    for o in outcomes:
-        per = kinds.setdefault(o.kind, {})
-        per[o.outcome] = per.get(o.outcome, 0) + 1
-    backs = [o.back_seconds for o in outcomes if o.back_seconds is not None]
-    polled = [o.back_polled_seconds for o in outcomes if o.back_polled_seconds is not None]
-    return {
-        "migrations": len(outcomes),
-        "failed": sum(1 for o in outcomes if o.failures),
-        "by_kind": kinds,
-        "source_back_seconds": spread(backs),
-        "source_back_polled_seconds": spread(polled),
-        "back_by_kind": by_kind((o.kind, o.back_seconds, o.timeline) for o in outcomes),
-        "over_bound": [_over_bound(o) for o in outcomes if o.over_bound],
-        "failures": [
-            {"index": o.index, "seed": o.seed, "fault": o.fault, "failures": o.failures}
-            for o in outcomes
-            if o.failures
-        ],
-    }
-
-
-def _over_bound(o: Outcome) -> dict[str, object]:
-    return {"index": o.index, "fault": o.fault, "back_seconds": _rounded(o.back_seconds),
-            "noticed": o.noticed, "timeline": o.timeline}  # fmt: skip
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
-
-
-def as_json(out: Outcome) -> str:
-    return json.dumps(out.to_dict(), sort_keys=True)

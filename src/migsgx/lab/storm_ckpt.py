@@ -36,7 +36,7 @@ from typing import Final
 from .containers import ContainerLab
 from .storm import SETTLE_SECONDS, TOOL_SECONDS, Outcome, Storm
 from .storm_checks import Client, Verdict, enclave_pids, guardians, restart_dead
-from .storm_faults import Fault
+from .storm_faults import Fault, fired
 from .storm_timeline import fault_time
 from .testbed import MigrateRun, Testbed
 
@@ -67,6 +67,13 @@ class CkptFault:
     @property
     def spec(self) -> str:
         return self.ckpt or self.restore or "none"
+
+    @property
+    def points(self) -> list[str]:
+        """The point this fault names (none for a round without one)."""
+
+        spec = self.ckpt or self.restore
+        return [spec.partition(":")[0]] if spec else []
 
     @property
     def kind(self) -> str:
@@ -178,7 +185,10 @@ class CheckpointStorm(Storm):
             out.outcome = "restored"
         out.seconds = time.monotonic() - t0
         out.acked = len(self.writes)
-        out.reached = any("migsgx fault:" in r.stderr for r in logs)
+        out.points = fired(drawn.points, [r.stderr for r in logs], t0)
+        out.reached = bool(out.points) and all(out.points.values())
+        out.failures += [f"the fault at {point} did not fire: nothing was tested"
+                         for point, done in out.points.items() if not done]  # fmt: skip
         bad = [r for r in logs if r.returncode not in (0, 70)]
         if bad:
             out.reason = bad[-1].stderr.strip()[-300:]

@@ -9,6 +9,14 @@ connection (drop, stall, corrupted record), at one named point
 reached through ``MIGSGX_FAULT``, never by sleeping, so a seed replays the same
 sequence of faults.
 
+A fault is drawn only where it acts in the mode the storm runs
+(:func:`unreachable`): a point the migration never passes in that mode (no
+early handshake with ``--late-handshake``; ``tool.abort-answered`` comes only
+where another fault rolled the migration back), or an action with nothing to act
+on there (no guardian before the freeze), would let the migration pass
+untested.  The storm reads whether each point named fired (:func:`fired`); one
+that did not is a failure of the run, never a pass.
+
 What a fault may cost is part of its description: where the party killed held
 the only copy of the state (the source enclave before the decision, the
 destination enclave or agent after the claim), losing it is the documented
@@ -19,10 +27,14 @@ must run with every acknowledged write.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["AGENT_POINTS", "SOURCE_ENCLAVE", "TOOL_POINTS", "Fault", "draw", "parse"]
+from .storm_timeline import marks
+
+__all__ = ["AGENT_POINTS", "SOURCE_ENCLAVE", "TOOL_POINTS", "Fault", "draw", "fired", "parse",
+           "unreachable"]  # fmt: skip
 
 #: The tool's points, in the order a migration reaches them.
 TOOL_POINTS: Final = (
@@ -115,6 +127,13 @@ class Fault:
         return "kill -9 " + _PARTY[action].format(side=side)
 
     @property
+    def points(self) -> list[str]:
+        """Every fault point this fault names (the tool's may be several, comma-joined)."""
+
+        specs = [*self.tool.split(","), *self.agent.split(",")]
+        return [s.strip().partition(":")[0] for s in specs if s.strip()]
+
+    @property
     def kills_tool(self) -> bool:
         """Whether the tool itself dies by SIGKILL (its exit status is then -9)."""
 
@@ -156,13 +175,60 @@ def parse(spec: str) -> Fault:
     return Fault(tool, agent)
 
 
-def draw(rng: random.Random, *, none_share: float = 0.15) -> Fault:
-    """One fault, from ``rng``: none (``none_share``), or one at a point of the tool
-    or of the destination agent (about half each)."""
+#: Reached only where the migration rolls back: a second fault's doing (a pair's,
+#: ``benchmarks/storm_pairs.py``), never a single fault's.
+_ROLL_BACK_ONLY: Final = ("tool.abort-answered",)
+#: The guardian starts after the freeze: before it, these kill nothing.
+_GUARDIAN_ACTIONS: Final = ("kill-guardian", "kill-guardian-and-tool")
+#: With ``--late-handshake`` the enclaves' data connections open after ``prepare``,
+#: in each enclave's own thread: a ``-data`` fault before the dump finds none (or
+#: races with their opening).
+_NO_DATA_YET: Final = ("tool.after-prepare", "tool.before-dump")
 
-    roll = rng.random()
-    if roll < none_share:
-        return Fault()
-    if roll < none_share + (1 - none_share) / 2:
-        return Fault(tool=f"{rng.choice(TOOL_POINTS)}:{rng.choice(TOOL_ACTIONS)}")
-    return Fault(agent=f"{rng.choice(AGENT_POINTS)}:{rng.choice(AGENT_ACTIONS)}")
+
+def unreachable(spec: str, options: Sequence[str] = ()) -> str:
+    """Why the fault ``POINT:ACTION`` never acts in a migration run with ``options``
+    (more options of ``migsgx migrate``), or ``""`` where it does."""
+
+    point, _, action = spec.partition(":")
+    late = "--late-handshake" in options
+    if point in _ROLL_BACK_ONLY:
+        return f"{point} is reached only where another fault rolled the migration back"
+    if point == "tool.after-handshake" and late:
+        return "--late-handshake: no handshake before the freeze"
+    if point == "tool.after-handshake" and action in _GUARDIAN_ACTIONS:
+        return f"{action} at {point}: the guardian starts after the freeze"
+    if late and point in _NO_DATA_YET and action.endswith("-data"):
+        return f"--late-handshake: no data connection is open at {point}"
+    return ""
+
+
+def draw(rng: random.Random, *, none_share: float = 0.15, options: Sequence[str] = ()) -> Fault:
+    """One fault, from ``rng``: none (``none_share``), or one at a point of the tool
+    or of the destination agent (about half each); one that never acts with
+    ``options`` (:func:`unreachable`) is drawn again from the same ``rng``."""
+
+    while True:
+        roll = rng.random()
+        if roll < none_share:
+            return Fault()
+        if roll < none_share + (1 - none_share) / 2:
+            fault = Fault(tool=f"{rng.choice(TOOL_POINTS)}:{rng.choice(TOOL_ACTIONS)}")
+        else:
+            fault = Fault(agent=f"{rng.choice(AGENT_POINTS)}:{rng.choice(AGENT_ACTIONS)}")
+        if not unreachable(fault.tool or fault.agent, options):
+            return fault
+
+
+def fired(points: Iterable[str], texts: Iterable[str], since: float = 0.0) -> dict[str, bool]:
+    """Whether each of a fault's ``points`` (:attr:`Fault.points`) fired: its mark
+    (``migsgx fault: POINT:...``, :func:`~.storm_timeline.marks`) at or after ``since``
+    in one of ``texts`` (the tool's stderr, the agent's log, the guardian's)."""
+
+    seen = {
+        name.partition(":")[0]
+        for text in texts
+        for kind, name, t in marks(text)
+        if kind == "fault" and t >= since
+    }
+    return {point: point in seen for point in points}
