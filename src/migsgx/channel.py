@@ -18,8 +18,12 @@ IMAGE_FRAME_MAX = 32 << 20  # a launch carries the whole image
 ECALL_FRAME_MAX = 16 << 20
 #: The most pidfds of the application that follow the duplicate of a ``__mig_hold``.
 HOLD_WATCHED = 16
-#: The one byte of the message that carries a ``__mig_watch``'s pidfds.
+#: The one byte of the message that carries a ``__mig_watch``'s pidfds after its frame
+#: (the form every enclave runtime reads; a newer one also takes them on the frame).
+#: No frame header begins with it or :data:`HOLD_BYTE` (a length of at most 2**24).
 WATCH_BYTE = b"W"
+#: The same for the descriptors of a ``__mig_hold``.
+HOLD_BYTE = b"H"
 
 LAUNCH = Schema(
     "launch",

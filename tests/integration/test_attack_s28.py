@@ -258,13 +258,6 @@ def _restore_guardian(tool: int) -> int:
     return found[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the restore's activated enclaves hold no duplicate of their connection: with "
-    "the tool and its guardian both killed after the activation (gates consumed) nothing "
-    "can reach them or continue the restored tree, which stays stopped for good; "
-    "recover --checkpoint says done (exit 0)",
-)
 def test_restore_tool_and_guardian_killed_after_the_activation(case: Case) -> None:
     case.checkpoint()
     first = case.held("restore-a", "restore.activated", *case.restore_args())

@@ -163,6 +163,8 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     "migsgx.agent.guardian_log": frozenset(),
     # One bounded question to a source enclave (answered, dead, hung): guardian and recover.
     "migsgx.agent.enclave_ask": frozenset({"migsgx.agent.lost_enclaves"}),
+    # ``__mig_watch`` to every enclave of a given-back tree at once, one deadline for all.
+    "migsgx.agent.watch_ask": frozenset({"migsgx.agent.enclave_ask", "migsgx.agent.lost_enclaves"}),
     "migsgx.agent.guardian_aborts": frozenset(
         {
             "migsgx.agent.faults",

@@ -13,6 +13,13 @@ Phases: ``writing`` (the enclaves write their state; CRIU has not finished),
 ended well), ``aborted`` (rolled back: the source runs on, nothing restores),
 ``restoring`` (a restore started; it may consume the gates), ``restored``.
 
+A restore writes, with ``restoring``, ``holders`` (as a checkpoint does: per
+enclave ``[pid, fd, start, nonce]``, the duplicate of its connection each of its
+enclaves holds from before the activation until the tree has its connections)
+and ``infos`` (hex, the enclaves' descriptions the application is attached
+with), so that ``migsgx recover --checkpoint`` can finish a restore whose tool
+and guardian both died after the activation.
+
 ``source_lost``: the source enclaves found dead before their gates committed
 (their state is gone), each as ``migsgx recover --json`` names a migration's
 (``lost_enclaves``: index, MRENCLAVE, pid, ``migration_id`` empty); written by
@@ -40,12 +47,14 @@ __all__ = [
     "HELD",
     "JOURNAL",
     "MAX_CHECKPOINT_ENCLAVES",
+    "held_tree",
     "lost_of",
     "note_lost",
     "read_journal",
     "read_metadata",
     "remove_fenced_source",
     "remove_held_leftover",
+    "restore_infos",
     "start_time",
     "working",
     "write_journal",
@@ -220,16 +229,43 @@ def remove_held_leftover(directory: Path) -> None:
     stopped process with the recorded start time is touched (not a reused pid).
     """
 
-    try:
-        raw = own_record(directory / HELD, "a restore record")
-        held = json_record(raw, f"restore record {directory / HELD}")
-    except (OSError, RecordDamagedError):
-        return
-    pid, start = held.get("pid"), held.get("start")
-    if not non_negative_int(pid, 1 << 31) or not isinstance(start, str):
-        return
-    if start and start_time(pid) == start and process_state(pid) in ("T", "t"):
+    pid = held_tree(directory)
+    if pid is not None:
         with contextlib.suppress(MigSGXError):
             kill_tree(pid)
     with contextlib.suppress(OSError):
         (directory / HELD).unlink()
+
+
+def held_tree(directory: Path) -> int | None:
+    """The pid of the tree a restore of ``directory`` holds (stopped, never continued
+    since), or None: from ``restore-held.json`` (this user's own file), only a stopped
+    process with the recorded start time (not a reused pid)."""
+
+    try:
+        raw = own_record(directory / HELD, "a restore record")
+        held = json_record(raw, f"restore record {directory / HELD}")
+    except (OSError, RecordDamagedError):
+        return None
+    pid, start = held.get("pid"), held.get("start")
+    if not non_negative_int(pid, 1 << 31) or not isinstance(start, str) or not start:
+        return None
+    if start_time(pid) == start and process_state(pid) in ("T", "t"):
+        return int(pid)
+    return None
+
+
+def restore_infos(journal: dict[str, Any]) -> list[Any]:
+    """The enclaves' descriptions a restore recorded (``infos``), or [] if damaged."""
+
+    import cbor2
+
+    from ..host.appctl import info_from_wire
+    from ..host.client import EnclaveInfo
+
+    packed = journal.get("infos")
+    try:
+        items = cbor2.loads(bytes.fromhex(packed)) if isinstance(packed, str) else []
+        return [EnclaveInfo(**info_from_wire(item)) for item in items]
+    except (ValueError, TypeError, KeyError, MigSGXError, cbor2.CBORDecodeError):
+        return []

@@ -35,8 +35,11 @@ Resolution, idempotent, to exactly one runnable copy:
   connections, ``__ckpt_commit`` with the metadata's digest), and the
   checkpoint is ``restorable`` as above; a pending enclave that cannot commit
   (it died, its state with it) leaves it ``in-doubt``, an operator decides;
-* the journal says a restore ended, or was activating the enclaves when it
-  died (the gates are consumed then): ``done``.
+* the journal says a restore was activating the enclaves when its tool and
+  guardian died (a gate consumed) and its tree is still held: the enclaves'
+  duplicates (``__mig_hold`` from before their activation) are taken back and
+  the restore finished (``restored``, :func:`_finish_restore`); it ended, or
+  its tree is no longer held: ``done``.
 """
 
 from __future__ import annotations
@@ -52,21 +55,26 @@ from typing import Final
 from .._records import json_record, non_negative_int
 from ..datapath.checkpoint import CheckpointIn
 from ..errors import CheckpointGateError, MigSGXError, RecordDamagedError
+from ..host.client import EnclaveInfo
 from ..system.process import continue_tree, process_state
+from .applink import AppLink
 from .ckpt_journal import (
+    HELD,
     JOURNAL,
     MAX_CHECKPOINT_ENCLAVES,
+    held_tree,
     lost_of,
     note_lost,
     read_journal,
     read_metadata,
     remove_fenced_source,
     remove_held_leftover,
+    restore_infos,
     start_time,
     write_journal,
 )
 from .faults import fault
-from .handback import abort_answer, abort_enclave, call_enclave, let_go, resume_source
+from .handback import RESUME_WAIT, abort_answer, abort_enclave, call_enclave, let_go, resume_source
 from .holders import dead_holders, eof_socket, take_held, watch_holders
 from .recover_records import Resolution
 
@@ -303,12 +311,17 @@ def _resolve(
             )
         except (MigSGXError, OSError) as exc:
             return Resolution(name, phase, "?", "in-doubt", f"the gates cannot be read: {exc}")
+    if journal is not None and phase == "restoring" and not all(committed):
+        return _finish_restore(directory, journal, name)  # (a gate is consumed)
     if all(committed):
         remove_held_leftover(directory)  # a dead restore's tree: it never ran
         remove_fenced_source(meta)  # the source gave its state up: it never runs again
-        if journal is not None and phase in ("writing", "fenced") and held is None:
+        if journal is not None and phase in ("writing", "fenced", "restoring") and held is None:
+            # (a dead restore's loaded enclaves, never activated, are discarded alike)
             _end_committed(journal.get("holders"))
-        if phase not in ("committed", "done", "restoring"):
+        if phase == "restoring":
+            write_journal(directory, "committed", holders=[])
+        elif phase not in ("committed", "done"):
             write_journal(directory, "committed")
         return Resolution(name, phase, "commit", "restorable",
                           f"run: migsgx restore --dir {directory}")  # fmt: skip
@@ -346,12 +359,6 @@ def _resolve(
             f"some enclaves committed, enclave(s) {', '.join(pending)} could not commit "
             "after them (gone, or their platform service is): an operator decides",
         )  # fmt: skip
-    if phase == "restoring":
-        # The restore had loaded every enclave (so every gate was committed) and
-        # was activating them: it consumed the gates.  Its tree runs, or it died
-        # with its tool in that window (``spec/checkpoint.md``, section 4).
-        return Resolution(name, phase, "commit", "done",
-                          "a restore consumed the checkpoint (it restores only once)")  # fmt: skip
     # Nothing committed (the gates are pending or gone): the source is the copy.
     # Its enclaves, if the tool and its guardian both died, still hold their state
     # and a duplicate of their connection: they abort and go back to it.
@@ -377,3 +384,65 @@ def _resolve(
         return Resolution(name, phase, "abort", "stayed", "the source runs on" + handed)
     gone = "the source is gone too: its enclave state went with it"
     return Resolution(name, phase, "abort", "gone", gone + handed)
+
+
+def _finish_restore(directory: Path, journal: dict[str, object], name: str) -> Resolution:
+    """A restore's tool and guardian died after a gate was consumed: finish what the
+    guardian would have.  The enclaves' duplicates (``holders``) are taken back
+    (:func:`.holders.take_held`, nonce checked), each activated (an active one
+    refuses), the held tree continued and the enclaves attached (the application
+    lets the duplicates go): ``restored``.  A tree no longer held was continued
+    or is gone (its enclaves end with it, their hold's watch): ``done``."""
+
+    pid = held_tree(directory)
+    holders = journal.get("holders")
+    items = holders if isinstance(holders, list) else []
+    if pid is None or not items:
+        return Resolution(name, "restoring", "commit", "done",
+                          "a restore consumed the checkpoint (it restores only once)")  # fmt: skip
+    taken = take_held(items)
+    try:
+        if len(taken) != len(items):
+            missing = ", ".join(str(i) for i in range(len(items)) if i not in taken)
+            return Resolution(
+                name, "restoring", "commit", "in-doubt",
+                f"the restored tree {pid} is held and enclave(s) {missing} cannot be "
+                "taken back (gone, or not answering): an operator decides",
+            )  # fmt: skip
+        infos = restore_infos(journal)
+        if len(infos) != len(items):
+            return Resolution(name, "restoring", "commit", "in-doubt",
+                              "the journal does not describe the enclaves")  # fmt: skip
+        socks = [taken[i] for i in range(len(items))]
+        for sock in socks:
+            call_enclave(sock, "__ckpt_activate", [])  # (claimed once: an active one refuses)
+        continue_tree(pid)
+        _attach(pid, socks, infos)
+    except MigSGXError as exc:
+        return Resolution(name, "restoring", "commit", "in-doubt",
+                          f"the restore of {pid} could not be finished: {exc}")  # fmt: skip
+    finally:
+        for sock in taken.values():
+            sock.close()
+    with contextlib.suppress(OSError):
+        (directory / HELD).unlink()
+    write_journal(directory, "restored", restored_pid=pid, holders=[])
+    done = f"the restore finished: {len(items)} enclave(s) attached to {pid}"
+    return Resolution(name, "restoring", "commit", "restored", done)
+
+
+def _attach(pid: int, socks: list[socket.socket], infos: list[EnclaveInfo]) -> None:
+    """Hand the continued tree its enclaves (it answers once it runs)."""
+
+    deadline = time.monotonic() + RESUME_WAIT
+    while True:
+        try:
+            link = AppLink.find(pid)
+            if link is None:
+                raise MigSGXError(f"the restored process {pid} has no migration control")
+            link.attach(socks, infos)
+            return
+        except MigSGXError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

@@ -6,7 +6,10 @@ checkpoint never committed, aborted or restored before is refused there);
 CRIU restores the tree stopped; then every enclave is activated (each claims
 its checkpoint id), handed to the application, and the tree continues.  A
 guardian holds the enclaves from the activation on and finishes the restore
-if this tool dies.  The way out is :mod:`.checkpoint`'s.
+if this tool dies; each enclave holds a duplicate of its connection from
+before the activation until the application has it, so that ``migsgx recover
+--checkpoint`` finishes the restore if the guardian died too.  The way out is
+:mod:`.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -225,6 +229,7 @@ def _restore(
             wait_stopped(pid, timeout=0)  # still held: activating now cannot strand the state
         except MigSGXError as exc:
             raise CriuError(f"the restored tree ended before it ran: {exc}") from exc
+        holders = _hold(incoming, pid)
     except BaseException:
         if guardian is not None:
             guardian.release()  # nothing was activated: it lets go
@@ -236,8 +241,13 @@ def _restore(
         raise
     infos = [e.info for e in incoming if e.info is not None]
     # Every enclave verified its state: from here on they run (each claims its id once).
-    # First the journal says so: a recover then knows who consumed the gates.
-    write_journal(directory, "restoring")
+    # First the journal says so: a recover then knows who consumed the gates, and
+    # where the duplicates are that let it finish the restore should this tool and
+    # its guardian both die.
+    if holders:
+        write_journal(directory, "restoring", holders=holders, infos=_packed(incoming))
+    else:
+        write_journal(directory, "restoring")
     try:
         if guardian is not None:
             guardian.note(f"restored {pid}")
@@ -278,15 +288,41 @@ def _restore(
             guardian.release()  # (this tool lives: it ends the restore itself, either way)
     with contextlib.suppress(OSError):
         (directory / HELD).unlink()
-    write_journal(directory, "restored", restored_pid=pid)
+    # (the application has the connections and let the duplicates go: their numbers
+    # may be reused now)
+    write_journal(directory, "restored", restored_pid=pid, holders=[])
     return pid
+
+
+def _hold(incoming: list[CheckpointIn], pid: int) -> list[list[object]]:
+    """Each loaded enclave keeps a duplicate of our end of its connection; the
+    journal's ``holders`` entries (``[pid, fd, start, nonce]``, as a checkpoint's).
+
+    From its activation until the application has the connection (its ``attach``
+    lets the duplicate go, ``__mig_unhold``), the enclave holds the only copy of
+    its state, and the death of this tool and its guardian is then no end of file
+    for it: ``migsgx recover --checkpoint`` takes the duplicate back and finishes
+    the restore.  The hold names the held tree's root (a pidfd): once it is gone
+    the enclave lets the duplicate go, and ends with the last real holder.
+    """
+
+    holders: list[list[object]] = []
+    for enclave in incoming:
+        assert enclave.link is not None and enclave.info is not None
+        nonce = secrets.token_bytes(16)
+        fd = enclave.link.hold(pid, nonce)
+        holders.append([enclave.info.pid, fd, start_time(enclave.info.pid), nonce.hex()])
+    return holders
+
+
+def _packed(incoming: list[CheckpointIn]) -> str:
+    infos = [e.info for e in incoming if e.info is not None]
+    return bytes(cbor2.dumps([info_to_wire(i) for i in infos])).hex()
 
 
 def _restore_guardian(incoming: list[CheckpointIn]) -> Guardian:
     socks = [e.link.sock for e in incoming if e.link is not None]
-    infos = [e.info for e in incoming if e.info is not None]
-    packed = bytes(cbor2.dumps([info_to_wire(i) for i in infos])).hex()
-    return Guardian(0, "-", socks, ["--restore", "--infos", packed])
+    return Guardian(0, "-", socks, ["--restore", "--infos", _packed(incoming)])
 
 
 def _write_held(directory: Path, pid: int) -> None:

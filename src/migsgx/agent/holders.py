@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
-import itertools
 import logging
 import os
 import socket
@@ -43,14 +42,13 @@ from typing import Final
 
 from .. import _proc
 from .._fds import take_descriptor
-from ..channel import ECALL, ECALL_FRAME_MAX, HOLD_WATCHED, WATCH_BYTE
+from ..channel import HOLD_WATCHED
 from ..containers.base import ContainerError
 from ..containers.cgroups import Freezer
-from ..errors import ConnectionClosedError, MigSGXError
-from ..wire import recv_frame, send_frame
+from ..errors import MigSGXError
 from .ckpt_journal import start_time
-from .enclave_ask import HUNG_WAIT, ask, not_answering
-from .lost_enclaves import hung_up
+from .enclave_ask import ask, not_answering
+from .watch_ask import Ask, tell_all
 
 __all__ = [
     "connection_holders", "dead_holders", "eof_socket", "is_enclave_runtime", "peer_inode",
@@ -306,8 +304,10 @@ def watch_holders(
     does not hold (asked of the kernel, ``sock_diag``: nothing is written to
     another process), an empty set (nobody to watch: the caller lets it go),
     and an enclave that refuses (another hold's, committed) or does not answer
-    within the bound (said on the log).  Never raises: the source is given back
-    whatever this finds.
+    within the bound (said on the log).  Every enclave is asked at once, with
+    one deadline for all (:mod:`.watch_ask`), and the fence is looked at once
+    for all: a hung enclave costs one bound, not one per enclave.  Never
+    raises: the source is given back whatever this finds.
     """
 
     wanted: dict[int, tuple[int, socket.socket, int, bytes]] = {}
@@ -325,24 +325,28 @@ def watch_holders(
         return []
     found = connection_holders(set(wanted))
     first = [app_pid] if app_pid is not None and app_pid > 0 and _proc.alive(app_pid) else []
-    told = []
-    for inode, (index, sock, enclave, nonce) in wanted.items():
-        named = first + [
+    sets = {
+        inode: first + [
             pid for pid in found.get(inode, [])
             if pid not in first and pid not in (enclave, os.getpid()) and not _is_guardian(pid)
-        ]  # fmt: skip
-        running = _running([pid for pid in named if pid != app_pid])
-        if running:
-            # Its calls share the stream with ours: a call written between our frame and
-            # its descriptor message would put the connection out of step.  (The
+        ]
+        for inode, (_, _, enclave, _) in wanted.items()
+    }  # fmt: skip
+    running = set(_running(sorted({p for named in sets.values() for p in named} - set(first))))
+    asks: list[Ask] = []
+    for inode, (index, sock, enclave, nonce) in wanted.items():
+        stuck = [pid for pid in sets[inode] if pid in running]
+        if stuck:
+            # Its calls share the stream with ours: our frame written into one of its
+            # own, half written, would put the connection out of step.  (The
             # application's own process is not asked: its runtime handed the connection
             # over with ``prepare`` and calls nothing on it until ``resume``.)
             log.warning("enclave %d keeps the holders named with its hold (process %d holds "
-                        "its connection and is not stopped)", index, running[0])  # fmt: skip
+                        "its connection and is not stopped)", index, stuck[0])  # fmt: skip
             continue
-        if named and _tell(sock, index, enclave, nonce, named[:HOLD_WATCHED]):
-            told.append(index)
-    return told
+        if sets[inode]:
+            asks.append((index, sock, enclave, nonce, sets[inode][:HOLD_WATCHED]))
+    return tell_all(asks)
 
 
 def _running(pids: list[int]) -> list[int]:
@@ -388,56 +392,3 @@ def watch_recorded(socks: Sequence[socket.socket], journals: list[str], app_pid:
             return
         if socks and _proc.alive(app_pid):
             watch_holders(socks, holders, app_pid)
-
-
-def _tell(sock: socket.socket, index: int, enclave: int, nonce: bytes, pids: list[int]) -> bool:
-    """``__mig_watch`` with pidfds of ``pids``; whether the enclave took them."""
-
-    pidfds: list[int] = []
-    for pid in pids:
-        with contextlib.suppress(OSError):  # (gone meanwhile: nothing to watch of it)
-            pidfds.append(os.pidfd_open(pid))
-    if not pidfds:
-        return False
-    try:
-        msg, why = _ask_with(sock, nonce, pidfds)
-    finally:
-        for pidfd in pidfds:
-            os.close(pidfd)
-    if msg is not None and msg["t"] == "ret":
-        return True
-    if msg is not None:
-        why = f"{msg.get('code')}: {msg.get('message')}"
-    elif why == "hung":
-        why = not_answering(index, enclave, "__mig_watch")
-    log.warning("enclave %d keeps the holders named with its hold (%s)", index, why)
-    return False
-
-
-_WATCH_IDS: Final = itertools.count((1 << 53) + 11)
-
-
-def _ask_with(
-    sock: socket.socket, nonce: bytes, pidfds: list[int]
-) -> tuple[dict[str, object] | None, str]:
-    """``__mig_watch`` and its pidfds (a message of their own after the frame); the
-    answer within :data:`~.enclave_ask.HUNG_WAIT`, or why none (``gone``, ``hung``),
-    as :func:`.enclave_ask.ask` tells them apart."""
-
-    call_id = next(_WATCH_IDS)
-    sock.settimeout(HUNG_WAIT)
-    try:
-        send_frame(sock, {"t": "ecall", "id": call_id, "fn": "__mig_watch", "args": [nonce]},
-                   max_size=ECALL_FRAME_MAX)  # fmt: skip
-        socket.send_fds(sock, [WATCH_BYTE], pidfds)
-        while True:
-            msg = recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX)
-            if msg.get("id") == call_id:
-                return msg, ""
-    except ConnectionClosedError:
-        return None, "it is gone"
-    except (MigSGXError, OSError):
-        return None, "it is gone" if hung_up(sock) else "hung"
-    finally:
-        with contextlib.suppress(OSError):
-            sock.settimeout(None)

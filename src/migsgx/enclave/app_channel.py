@@ -11,12 +11,15 @@ message, or with only its type where a message could carry state.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import socket
 import threading
+from collections.abc import Sequence
 from typing import Any
 
-from ..channel import ECALL, ECALL_FRAME_MAX
+from ..channel import ECALL, ECALL_FRAME_MAX, HOLD_BYTE, HOLD_WATCHED, WATCH_BYTE
+from ..core.handshake import Role
 from ..errors import (
     CommittedError,
     ConnectionClosedError,
@@ -26,9 +29,9 @@ from ..errors import (
     ProtocolError,
     error_from_wire,
 )
-from ..wire import recv_frame, send_frame
+from ..wire import HEADER, decode_body, recv_exactly, send_frame
 from .eventlog import log
-from .hold import Hold
+from .hold import Hold, HoldKeptError, State
 from .instance import EnclaveInstance
 from .migrator import RUNTIME_CALLS, Migrator
 from .sidechannel import receive_side_channel
@@ -38,6 +41,8 @@ __all__ = ["ENDED", "AppChannel"]
 #: Why :meth:`AppChannel.serve` stopped when nothing more can be read: the
 #: connection closed (or shut down by a holder), or broken.
 ENDED = ("application closed the connection", "application connection broke")
+#: The calls whose descriptors may ride on their own frame (one ``sendmsg``).
+_WITH_FDS = ("__mig_hold", "__mig_watch")
 
 
 class AppChannel:
@@ -57,7 +62,9 @@ class AppChannel:
         #: abort keeps it until ``__mig_unhold`` (the application has it back) or
         #: the application's exit.  An abort that leaves the state frozen, committed
         #: or undecided keeps it too (:meth:`keeps_state`), with no watch.
-        self.hold = Hold(log, self._uncommitted)
+        self.hold = Hold(log, self._uncommitted, self._hold_state)
+        #: One abort's outcome for the duplicate at a time (:meth:`after_abort`).
+        self._abort_rule = threading.Lock()
 
     def send(self, msg: dict[str, Any]) -> None:
         with self._send_lock:
@@ -130,18 +137,57 @@ class AppChannel:
                 "code": "migration",
                 "message": f"{name} failed inside the enclave: {type(exc).__name__}",
             }
-        self._reply(reply, name)
         if name == "__mig_abort":
-            if reply["t"] == "ret" and self._runs_on():
-                self.hold.kept_after_abort()
-            elif self._migration_ended():
-                self.hold.drop()  # the migration ended: the driver's death ends us again
-            elif self.hold.held:
-                log("the abort did not end the migration: the duplicate stays")
+            # Before the answer: whoever heard it may hand the connection back at
+            # once, and the application's ``__mig_unhold`` must find the abort kept.
+            self.after_abort(answered=reply["t"] == "ret")
+        self._reply(reply, name)
         if self.migrator.exit_after_reply:
             # The state has moved: hang up, the serve loop ends and the process exits.
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _read(self) -> tuple[dict[str, Any], list[int], bool]:
+        """One frame, the descriptors that came on its first bytes (a ``__mig_watch``
+        or ``__mig_hold`` may send them on the frame's own message), and whether more
+        were cut off.  Descriptors on any other frame are closed.
+
+        A late follow-up at a frame boundary is passed over (:func:`_late_follow_up`):
+        the one byte ``W`` or ``H`` of a driver's descriptor message that came after
+        its call's wait ended (the call was refused then).  Taken for a header, it
+        and three bytes of the next frame put the stream out of step for good."""
+
+        header, fds, truncated = b"", [], False
+        try:
+            while len(header) < HEADER.size:
+                data, got, flags, _ = socket.recv_fds(
+                    self.sock, HEADER.size - len(header), 1 + HOLD_WATCHED
+                )
+                cut = bool(flags & socket.MSG_CTRUNC)
+                if not header and _late_follow_up(data, got, cut):
+                    _close(got)
+                    log(f"a late {data[:1].decode()} message after its call was refused: "
+                        f"its {len(got)} descriptors closed")  # fmt: skip
+                    header = data[1:]
+                    continue
+                fds.extend(got)
+                truncated = truncated or cut
+                if not data:
+                    if not header:
+                        raise ConnectionClosedError("peer closed the connection")
+                    raise FrameError("connection closed inside a frame header")
+                header += data
+            (length,) = HEADER.unpack(header)
+            if length > ECALL_FRAME_MAX:
+                raise FrameError(f"frame of {length} bytes exceeds the cap of {ECALL_FRAME_MAX}")
+            msg = decode_body(recv_exactly(self.sock, length), ECALL)
+        except BaseException:
+            _close(fds)
+            raise
+        if fds and not (msg["t"] == "ecall" and msg["fn"] in _WITH_FDS):
+            _close(fds)
+            fds = []
+        return msg, fds, truncated
 
     def serve(self) -> str:
         """Read frames until the application leaves; return why we stopped."""
@@ -149,7 +195,7 @@ class AppChannel:
         assert self.instance is not None
         while True:
             try:
-                msg = recv_frame(self.sock, ECALL, max_size=ECALL_FRAME_MAX)
+                msg, fds, truncated = self._read()
             except ConnectionClosedError:
                 return ENDED[0]
             except MigSGXError as exc:
@@ -168,7 +214,8 @@ class AppChannel:
                 call_id, name = msg["id"], msg["fn"]
                 if name == "__mig_side":
                     try:
-                        receive_side_channel(self.sock, self.migrator, log)
+                        receive_side_channel(self.sock, self.migrator, log,
+                                             self.after_abort)  # fmt: skip
                         self.send({"t": "ret", "id": call_id, "value": None})
                     except MigSGXError as exc:
                         self.send(
@@ -176,14 +223,10 @@ class AppChannel:
                         )
                     continue
                 if name in ("__mig_hold", "__mig_held", "__mig_watch"):
-                    self._hold(call_id, name, msg["args"])
+                    self._hold(call_id, name, msg["args"], fds, truncated)
                     continue
                 if name == "__mig_unhold":
-                    # The application has its connection back (it asks), or nobody
-                    # can take it any more (the party that holds it asks): the end
-                    # of file ends this enclave again.
-                    self.hold.drop()
-                    self.send({"t": "ret", "id": call_id, "value": None})
+                    self._unhold(call_id)
                     continue
                 if name == "__mig_ring":
                     # The descriptors follow the frame on the socket: take them now.
@@ -221,7 +264,30 @@ class AppChannel:
                 log(f"unexpected frame {kind!r}")
                 return "protocol error"
 
-    def _hold(self, call_id: int, name: str, args: list[Any]) -> None:
+    def _unhold(self, call_id: int) -> None:
+        """``__mig_unhold``: the application has its connection back (it asks), or
+        nobody can take it any more (the party that holds it asks): the end of file
+        ends this enclave again.  Any holder may ask, the application's child too:
+        refused (``hold-kept``) while the state may be the only copy
+        (:meth:`.hold.Hold.why_kept`)."""
+
+        why = self.hold.why_kept()
+        if why:
+            log("__mig_unhold refused: the duplicate stays")
+            err = HoldKeptError(f"__mig_unhold refused: {why}")
+            self.send({"t": "err", "id": call_id, "code": err.code, "message": err.message})
+            return
+        self.hold.drop()
+        self.send({"t": "ret", "id": call_id, "value": None})
+
+    def _hold(
+        self,
+        call_id: int,
+        name: str,
+        args: list[Any],
+        fds: Sequence[int] = (),
+        truncated: bool = False,
+    ) -> None:
         """``__mig_hold``: keep the descriptors that follow the frame (:mod:`.hold`);
         ``__mig_held``: whether the duplicate held now is the caller's;
         ``__mig_watch``: the processes that hold the connection now, from its driver.
@@ -238,27 +304,67 @@ class AppChannel:
                 self.hold.check(args)
                 value: int | None = None
             elif name == "__mig_watch":
-                value = self._rewatch(args)
+                value = self._rewatch(args, fds, truncated)
             else:
-                value = self.hold.take(self.sock, args)
+                value = self.hold.take(self.sock, args, fds)
+                migrator = self.migrator
+                if (
+                    migrator is not None
+                    and migrator.checkpoint is not None
+                    and (migrator.role is Role.DESTINATION)
+                ):
+                    # A restore's enclave (loaded, about to be activated): no abort
+                    # comes, and its tree may die before it has the connection; from
+                    # now on the tree's exit lets the duplicate go, as an
+                    # application's does after an abort.
+                    self.hold.kept_after_abort()
             self.send({"t": "ret", "id": call_id, "value": value})
         except (MigSGXError, OSError) as exc:
             err = exc if isinstance(exc, MigSGXError) else ProtocolError(f"{name}: {exc}")
             self.send({"t": "err", "id": call_id, "code": err.code, "message": err.message})
 
-    def _rewatch(self, args: list[Any]) -> int:
+    def _rewatch(self, args: list[Any], fds: Sequence[int], truncated: bool) -> int:
         """``__mig_watch`` (:meth:`.hold.Hold.rewatch`), refused once committed: a
         committed source's duplicate never follows anyone's set."""
 
         if not self._uncommitted():
             with contextlib.suppress(MigSGXError, OSError):
-                self.hold.rewatch(self.sock, [])  # (its descriptors read and closed)
+                self.hold.rewatch(self.sock, [], fds, truncated)  # (descriptors closed)
             raise CommittedError("this enclave committed: its duplicate follows no watch")
-        return self.hold.rewatch(self.sock, args)
+        return self.hold.rewatch(self.sock, args, fds, truncated)
 
     def _uncommitted(self) -> bool:
         migrator = self.migrator
         return migrator is None or not migrator.committed
+
+    def _hold_state(self) -> State:
+        """What the state is to the duplicate held (:data:`.hold.State`)."""
+
+        migrator = self.migrator
+        if migrator is None:
+            return "idle"
+        if migrator.discarded or migrator.instance.retired:
+            return "ended"
+        idle = not (migrator.committed or migrator.dumping or migrator.dumped)
+        return "idle" if idle and migrator.role is None else "busy"
+
+    def after_abort(self, *, answered: bool) -> None:
+        """What an abort leaves of the duplicate, whichever channel carried it (this
+        connection, or a live migration's side channel, whose driver's going away
+        aborts too): kept and watched when the enclave answered and runs on, let go
+        when nothing of a migration is left, else kept as it is.  Under the hold's
+        own lock: a failed abort that finishes after one that succeeded finds the
+        abort kept and lets nothing go."""
+
+        with self._abort_rule:
+            if answered and self._runs_on():
+                self.hold.kept_after_abort()
+            elif self.hold.kept_since_abort():
+                pass  # (another abort was answered and kept it: that one stands)
+            elif self._migration_ended():
+                self.hold.drop()  # the migration ended: the driver's death ends us again
+            elif self.hold.held:
+                log("the abort did not end the migration: the duplicate stays")
 
     def _runs_on(self) -> bool:
         """After an abort: whether this enclave still holds its live state (a source).
@@ -300,3 +406,21 @@ class AppChannel:
         with self._waiters_lock:
             for waiter in self._ocall_waiters.values():
                 waiter.put({"lost": True})
+
+
+def _late_follow_up(data: bytes, fds: Sequence[int], truncated: bool) -> bool:
+    """Whether what was read at a frame boundary is a descriptor message of the one
+    byte :data:`~migsgx.channel.WATCH_BYTE` or :data:`~migsgx.channel.HOLD_BYTE`
+    (descriptors came with it, or were cut off) rather than a frame's header.
+
+    No frame header begins so: its first byte is the top byte of a big-endian length
+    of at most :data:`~migsgx.channel.ECALL_FRAME_MAX` (2**24), so 0 or 1, never
+    ``W`` (0x57) or ``H`` (0x48)."""
+
+    return data[:1] in (WATCH_BYTE, HOLD_BYTE) and bool(fds or truncated)
+
+
+def _close(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -48,6 +48,27 @@ holders that aged, are closed here:
   must not take a later migration's duplicate: each hold carries the driver's
   nonce, which its journal records; ``__mig_held`` answers whether the
   duplicate this enclave holds now is that one.
+
+Whoever holds the connection may send these calls, the application and any
+child of it included: none of them lets go of, or replaces, a duplicate while
+the state may be the only copy (:meth:`Hold.why_kept`).  ``__mig_unhold`` and
+a new ``__mig_hold`` are refused (``hold-kept``) unless the enclave answered an
+abort itself since the hold and runs on its own state again (or holds nothing
+worth keeping: discarded, wiped); the watch follows the same rule.
+
+The drivers send the descriptors of a ``__mig_hold`` and of a ``__mig_watch`` in
+a message of the one byte ``H`` or ``W`` right after the frame
+(``EnclaveLink.hold``, ``agent/watch_ask.py``): every enclave runtime reads that
+form, one launched before an upgrade too.  This reader also takes them on the
+frame's own message (one ``sendmsg``).  The one-byte message is taken only if it
+is already there or comes within a bound (:data:`HOLD_WAIT`,
+:data:`FOLLOW_WAIT`), and is peeked at first: whatever else follows (the
+driver's next frame) is left unread, so a frame sent without its descriptors can
+neither stall the reader for long nor put the stream out of step.  One that
+comes after its bound (a preempted driver on a loaded host) finds its call
+refused already; the reader passes it over at the next frame boundary and closes
+its descriptors (``AppChannel._read``): no frame header begins with ``H`` or
+``W``.
 """
 
 from __future__ import annotations
@@ -60,15 +81,20 @@ import select
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Literal
 
-from ..channel import HOLD_WATCHED, WATCH_BYTE
+from ..channel import HOLD_BYTE, HOLD_WATCHED, WATCH_BYTE
 from ..errors import MigSGXError, ProtocolError, register_error
 
-__all__ = ["HOLD_WAIT", "Hold", "NotThisHoldError"]
+__all__ = ["FOLLOW_WAIT", "HOLD_WAIT", "Hold", "HoldKeptError", "NotThisHoldError", "State"]
 
-#: How long the descriptors may take to follow a ``__mig_hold`` frame.
+#: How long the driver's descriptor message may take to follow a ``__mig_hold``
+#: frame (the wait ends at the first byte that comes: one that is not that message is
+#: left unread and the hold refused).
 HOLD_WAIT = 10.0
+#: The same for a ``__mig_watch`` frame that came without its pidfds.
+FOLLOW_WAIT = 0.25
 #: How often the watch looks whether its hold is still the one it watches.
 WATCH_PERIOD = 1.0
 
@@ -80,16 +106,35 @@ class NotThisHoldError(MigSGXError):
     code = "not-this-hold"
 
 
+@register_error
+class HoldKeptError(MigSGXError):
+    """The duplicate held may be what keeps the only copy of the state: not let go."""
+
+    code = "hold-kept"
+
+
+#: What the enclave's state is to its duplicate: ``idle``, the source runs on its own
+#: state, nothing under way; ``busy``, a migration or checkpoint holds it (frozen,
+#: dumped, decided or undecided: it may be the only copy); ``ended``, nothing left to
+#: keep (a discarded destination, a wiped state).
+State = Literal["idle", "busy", "ended"]
+
+
 class Hold:
     """The duplicate an enclave holds, whom it is for, and the watch on its application."""
 
     def __init__(
-        self, log: Callable[[str], None], may_let_go: Callable[[], bool] = lambda: True
+        self,
+        log: Callable[[str], None],
+        may_let_go: Callable[[], bool] = lambda: True,
+        state: Callable[[], State] = lambda: "ended",
     ) -> None:
         self._log = log
         #: Whether the enclave still runs on its own state (never after a commit): the
         #: watch lets the duplicate go only then.
         self._may_let_go = may_let_go
+        #: The enclave's state now (:data:`State`): what may let the duplicate go.
+        self._state = state
         self._lock = threading.Lock()
         self._held: socket.socket | None = None
         #: Pidfds of the application's processes the driver named with the hold.
@@ -106,28 +151,66 @@ class Hold:
     def held(self) -> bool:
         return self._held is not None
 
-    def take(self, sock: socket.socket, args: list[object]) -> int:
-        """Receive the descriptors that follow ``__mig_hold`` on ``sock``; their number here.
+    def why_kept(self) -> str:
+        """Why the duplicate held now may be neither let go nor replaced ("": it may).
 
-        ``args``: none, or the driver's nonce (bytes, up to 64).  The descriptors:
-        the driver's end of this connection, then optionally pidfds of the
-        application's processes, up to :data:`~migsgx.channel.HOLD_WATCHED` (none: no watch).
+        It may once the enclave answered an abort itself since the hold and its
+        state is the source's own to run on again (nothing under way since), or
+        when nothing is left to keep.  Never while a migration or checkpoint holds
+        the state (frozen, dumped, decided, undecided, a checkpoint not committed):
+        then it may be the only copy, and only this duplicate keeps it when every
+        driver is gone.  Nor between the hold and the abort: its driver is about to
+        freeze the state.  Whoever asks is untrusted (the application, a child of
+        it): a nonce proves nothing here, the hold's own driver asks no differently.
         """
 
-        nonce = args[0] if args else b""
-        if not isinstance(nonce, bytes) or len(nonce) > 64:
-            raise ProtocolError("__mig_hold takes a nonce of at most 64 bytes")
-        ready, _, _ = select.select([sock], [], [], HOLD_WAIT)
-        if not ready:
-            raise ProtocolError("no descriptor followed __mig_hold")
-        _, fds, _, _ = socket.recv_fds(sock, 1, 1 + HOLD_WATCHED)
+        with self._lock:
+            held, after_abort = self._held is not None, self._after_abort
+        if not held:
+            return ""
+        state = self._state()
+        if state == "ended" or (state == "idle" and after_abort):
+            return ""
+        if state == "idle":
+            return ("no abort was answered since the hold: its driver may still "
+                    "freeze the state")  # fmt: skip
+        return ("a migration or checkpoint holds this enclave's state (frozen, dumped, "
+                "decided or undecided): it may be the only copy")  # fmt: skip
+
+    def take(self, sock: socket.socket, args: list[object], came: Sequence[int] = ()) -> int:
+        """``__mig_hold``: keep the descriptors that came with it; their number here.
+
+        ``args``: none, or the driver's nonce (bytes, up to 64).  The descriptors
+        (``came``: on the frame's own message; none there: the driver's message
+        of the one byte ``H`` right after it, within :data:`HOLD_WAIT`):
+        the driver's end of this connection, then optionally pidfds of the
+        application's processes, up to :data:`~migsgx.channel.HOLD_WATCHED` (none: no watch).
+        Read before anything is checked (a refused call leaves the connection in
+        step) and closed on any refusal: ``hold-kept`` while the duplicate held
+        may not be let go (:meth:`why_kept`).
+        """
+
+        fds = list(came)
         if not fds:
-            raise ProtocolError("__mig_hold carries one descriptor")
+            followed = _following(sock, HOLD_BYTE, 1 + HOLD_WATCHED, HOLD_WAIT)
+            if followed is None:
+                raise ProtocolError("__mig_hold comes with its descriptors")
+            fds = followed[0]
         try:
+            nonce = args[0] if args else b""
+            if not isinstance(nonce, bytes) or len(nonce) > 64:
+                raise ProtocolError("__mig_hold takes a nonce of at most 64 bytes")
+            if not fds:
+                raise ProtocolError("__mig_hold carries one descriptor")
+            why = self.why_kept()
+            if why:
+                raise HoldKeptError(f"__mig_hold refused: this enclave keeps the duplicate "
+                                    f"it holds ({why})")  # fmt: skip
             held = socket.socket(fileno=fds[0])
-        except OSError:
+        except BaseException:
             for fd in fds:
-                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             raise
         self.drop()
         with self._lock:
@@ -136,19 +219,28 @@ class Hold:
             self._generation += 1
         return held.fileno()
 
-    def rewatch(self, sock: socket.socket, args: list[object]) -> int:
+    def rewatch(
+        self,
+        sock: socket.socket,
+        args: list[object],
+        came: Sequence[int] = (),
+        truncated: bool = False,
+    ) -> int:
         """``__mig_watch``: the processes that hold the connection now replace those
         named with the hold; how many are watched.
 
-        ``args``: the hold's nonce (bytes, 1 to 64).  One message of one byte
-        follows the frame with 1 to :data:`~migsgx.channel.HOLD_WATCHED` pidfds;
-        it is read before anything is checked, so that a refused call leaves
-        the connection in step, and its descriptors are closed on any refusal.
-        After an abort that kept the duplicate, the watch follows the new set
-        at once.
+        ``args``: the hold's nonce (bytes, 1 to 64).  The 1 to
+        :data:`~migsgx.channel.HOLD_WATCHED` pidfds come on the frame's own
+        message (``came``; ``truncated``: more were cut off); none there, the
+        driver's message of the one byte ``W`` right after the frame (the form
+        every runtime reads, which the driver sends) is taken if it comes within
+        :data:`FOLLOW_WAIT` (peeked first: anything else is left unread).  They
+        are read before anything is checked, so that a refused call leaves the
+        connection in step, and closed on any refusal.  After an abort that kept
+        the duplicate, the watch follows the new set at once.
         """
 
-        fds = _receive_pidfds(sock)
+        fds = _checked_pidfds(list(came), truncated) if came or truncated else _receive_pidfds(sock)
         try:
             nonce = args[0] if len(args) == 1 else None
             if not isinstance(nonce, bytes) or not 1 <= len(nonce) <= 64:
@@ -194,6 +286,12 @@ class Hold:
                     "the duplicate this enclave holds belongs to another migration"
                 )
 
+    def kept_since_abort(self) -> bool:
+        """Whether an abort answered since the hold kept the duplicate (and watches)."""
+
+        with self._lock:
+            return self._held is not None and self._after_abort
+
     def kept_after_abort(self) -> None:
         """An abort answered and the duplicate stays: watch the application from now on."""
 
@@ -237,6 +335,10 @@ class Hold:
                         self._log("the application ended, but this enclave committed: "
                                   "its duplicate stays")  # fmt: skip
                         return
+                    if self._state() == "busy":
+                        self._log("the application ended, but a migration or checkpoint "
+                                  "holds this enclave's state: its duplicate stays")  # fmt: skip
+                        return
                     # Said first: once the duplicate is closed the enclave may read end
                     # of file and exit before this thread writes another line.
                     self._log("the application ended after the abort: its duplicate is let go")
@@ -269,18 +371,45 @@ class Hold:
             self._generation += 1
 
 
-def _receive_pidfds(sock: socket.socket) -> list[int]:
-    """The 1 to :data:`~migsgx.channel.HOLD_WATCHED` descriptors that follow a
-    ``__mig_watch`` frame, in a message of the one byte :data:`WATCH_BYTE`."""
+def _following(
+    sock: socket.socket, byte: bytes, most: int, wait: float
+) -> tuple[list[int], bool] | None:
+    """A sender's message of the one byte ``byte`` right after its frame: the
+    descriptors that came with it and whether more were cut off; None, with nothing
+    read, if nothing comes within ``wait`` seconds or what comes is anything else.
 
-    ready, _, _ = select.select([sock], [], [], HOLD_WAIT)
-    if not ready:
-        raise ProtocolError("no descriptor followed __mig_watch")
-    data, fds, flags, _ = socket.recv_fds(sock, 1, HOLD_WATCHED)
+    Its first byte is peeked at first (without its descriptors: a peek that takes
+    them leaves the message unreadable on this kernel), and a frame never starts
+    with ``byte`` (its length is at most 2**24): the next frame of the driver, which a
+    frame sent without its descriptors may be followed by, is never taken for them,
+    and a wait ends at the first byte that comes.
+    """
+
+    ready, _, _ = select.select([sock], [], [], wait)
+    if not ready or sock.recv(1, socket.MSG_PEEK) != byte:
+        return None
+    _, fds, flags, _ = socket.recv_fds(sock, 1, most)
+    return list(fds), bool(flags & socket.MSG_CTRUNC)
+
+
+def _receive_pidfds(sock: socket.socket) -> list[int]:
+    """The 1 to :data:`~migsgx.channel.HOLD_WATCHED` descriptors that the driver
+    sends after a ``__mig_watch`` frame, in a message of the one byte :data:`WATCH_BYTE`."""
+
+    followed = _following(sock, WATCH_BYTE, HOLD_WATCHED, FOLLOW_WAIT)
+    if followed is None:
+        raise ProtocolError("__mig_watch comes with its pidfds (on its own frame)")
+    return _checked_pidfds(*followed)
+
+
+def _checked_pidfds(fds: list[int], truncated: bool) -> list[int]:
+    """``fds`` if they are 1 to :data:`~migsgx.channel.HOLD_WATCHED` pidfds; else all
+    closed and refused."""
+
     problem = (
-        f"__mig_watch carries at most {HOLD_WATCHED} pidfds" if flags & socket.MSG_CTRUNC
+        f"__mig_watch carries at most {HOLD_WATCHED} pidfds"
+        if truncated or len(fds) > HOLD_WATCHED
         else "__mig_watch carries 1 or more pidfds" if not fds
-        else "__mig_watch's descriptors come with one byte W" if data != WATCH_BYTE
         else ""
     )  # fmt: skip
     if not problem and not all(_is_pidfd(fd) for fd in fds):

@@ -34,9 +34,17 @@ SIDE_CALLS: Final = frozenset(
 
 
 def receive_side_channel(
-    sock: socket.socket, migrator: Migrator, log: Callable[[str], None]
+    sock: socket.socket,
+    migrator: Migrator,
+    log: Callable[[str], None],
+    after_abort: Callable[..., None] | None = None,
 ) -> None:
-    """Take the descriptor that follows a ``__mig_side`` frame and serve it in a thread."""
+    """Take the descriptor that follows a ``__mig_side`` frame and serve it in a thread.
+
+    ``after_abort(answered=...)``: what an abort on the side channel (asked, or its
+    driver gone) leaves of the duplicate the application's connection holds, as the
+    application channel's own ``__mig_abort`` does.
+    """
 
     try:
         _data, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
@@ -49,11 +57,16 @@ def receive_side_channel(
         raise ProtocolError("a side channel is one descriptor")
     side = socket.socket(fileno=fds[0])
     threading.Thread(
-        target=_serve, args=(side, migrator, log), name="migsgx-side", daemon=True
+        target=_serve, args=(side, migrator, log, after_abort), name="migsgx-side", daemon=True
     ).start()
 
 
-def _serve(side: socket.socket, migrator: Migrator, log: Callable[[str], None]) -> None:
+def _serve(
+    side: socket.socket,
+    migrator: Migrator,
+    log: Callable[[str], None],
+    after_abort: Callable[..., None] | None = None,
+) -> None:
     try:
         while True:
             try:
@@ -68,6 +81,15 @@ def _serve(side: socket.socket, migrator: Migrator, log: Callable[[str], None]) 
                 if name == "__mig_ring":
                     migrator.attach_ring(side)
                     value: Any = None
+                elif name == "__mig_abort":
+                    try:
+                        value = migrator.call(name, msg["args"])
+                    except BaseException:
+                        if after_abort is not None:
+                            after_abort(answered=False)
+                        raise
+                    if after_abort is not None:
+                        after_abort(answered=True)  # (before the answer, as on the app's)
                 elif name in SIDE_CALLS:
                     value = migrator.call(name, msg["args"])
                 else:
@@ -86,7 +108,11 @@ def _serve(side: socket.socket, migrator: Migrator, log: Callable[[str], None]) 
     finally:
         if migrator.precopy_active():
             log("pre-copy driver went away: migration aborted, the enclave runs on")
+            answered = False
             with contextlib.suppress(MigSGXError):
                 migrator.abort("the pre-copy driver went away")
+                answered = True
+            if after_abort is not None:
+                after_abort(answered=answered)
         with contextlib.suppress(OSError):
             side.close()

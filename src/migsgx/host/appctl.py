@@ -69,7 +69,8 @@ CONTROL_PREFIX: Final = "migsgx-app-"
 APPCTL_FRAME_MAX: Final = 64 << 20  # a prepare answer carries the enclave images
 MAX_ENCLAVES: Final = 64
 REQUEST_TIMEOUT: Final = 60.0
-#: How long ``resume`` waits for each enclave to let its duplicate go (``__mig_unhold``).
+#: How long ``resume`` (and ``attach``) waits for each enclave to let its duplicate go
+#: (``__mig_unhold``).
 UNHOLD_TIMEOUT: Final = 5.0
 
 NUMBER = (int, float)
@@ -421,6 +422,11 @@ class MigrationControl:
         self._take_back(socks)
         for client, info in zip(handed, infos, strict=True):
             client.info = info
+            # A restore's enclave kept its driver's duplicate of this connection
+            # from its activation on (``__mig_hold``): the connection is ours now,
+            # and our end of file ends it again.  (One that holds none: no change.)
+            with contextlib.suppress(MigSGXError):
+                client.call("__mig_unhold", timeout=UNHOLD_TIMEOUT)
         return {"t": "ok", "enclaves": len(socks)}, []
 
     def _status(

@@ -10,9 +10,11 @@ the same typed :mod:`migsgx.errors` exceptions.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
+import select
 import socket
 import threading
 from collections.abc import Callable, Mapping
@@ -109,14 +111,26 @@ class EnclaveClient:
         self._closed: MigSGXError | None = None
         self._admitting = True
         self.ecall = _Ecalls(self)
+        #: Wakes the reader to stop it (:meth:`destroy`) without touching the socket.
+        self._wake: int | None = None
         self._reader = self._start_reader(sock)
 
     def _start_reader(self, sock: socket.socket) -> threading.Thread:
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC)
         reader = threading.Thread(
-            target=self._read_loop, args=(sock,), name="migsgx-ecall-reader", daemon=True
+            target=self._read_loop,
+            args=(sock, self._wake),
+            name="migsgx-ecall-reader",
+            daemon=True,
         )
         reader.start()
         return reader
+
+    def _drop_wake(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            with contextlib.suppress(OSError):
+                os.close(wake)
 
     # --- creation ----------------------------------------------------------------
     @classmethod
@@ -202,9 +216,17 @@ class EnclaveClient:
         except OSError as exc:
             raise EnclaveLostError("the enclave is gone") from exc
 
-    def _read_loop(self, sock: socket.socket) -> None:
+    def _read_loop(self, sock: socket.socket, wake: int) -> None:
         reason: MigSGXError
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        poller.register(wake, select.POLLIN)
         while True:
+            if any(fd == wake for fd, _ in poller.poll()):
+                # Destroyed: this reader stops between frames, and reads nothing more
+                # that another holder of the connection may be waiting for.
+                reason = EnclaveLostError("the enclave was destroyed")
+                break
             try:
                 msg = recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX)
             except ConnectionClosedError:
@@ -299,6 +321,7 @@ class EnclaveClient:
             raise EnclaveLostError("the enclave did not acknowledge the detach")
         with self._cond:
             sock, self._sock = self._sock, None
+            self._drop_wake()
         assert sock is not None
         return sock
 
@@ -321,12 +344,21 @@ class EnclaveClient:
 
     # --- teardown ------------------------------------------------------------------
     def destroy(self) -> None:
-        """Destroy the enclave (its memory is wiped) and close the channel."""
+        """Destroy the enclave (its memory is wiped) and close this handle's descriptor.
+
+        Only this descriptor: no ``shutdown``, which acts on the socket itself and
+        so on every duplicate of it, the one the enclave holds while a migration
+        keeps its state (``__mig_hold``) too, and would end a frozen or committed
+        enclave at end of file.  Such an enclave reads the ``destroy``, keeps its
+        state and serves on (``docs/spec/channels.md`` 4.5); any other wipes
+        itself and exits.
+        """
 
         with self._cond:
             sock = self._sock
             already = self._closed is not None
             self._closed = self._closed or EnclaveLostError("the enclave was destroyed")
+            wake = self._wake
             self._cond.notify_all()
         if sock is None:
             return
@@ -336,12 +368,13 @@ class EnclaveClient:
                     send_frame(sock, {"t": "destroy"})
             except OSError:
                 pass
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        sock.close()
+        if wake is not None:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(wake, 1)
         self._reader.join(timeout=5)
+        sock.close()
+        with self._cond:
+            self._drop_wake()
 
     def __enter__(self) -> EnclaveClient:
         return self
