@@ -12,12 +12,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import cbor2
+
 from ..containers import HostConfig, make_driver
 from ..errors import MigSGXError
+from ..host.appctl import info_from_wire
+from ..host.client import EnclaveInfo
 from ..sgx.counters import COUNTERS, CounterStore
 from ..system.process import continue_tree, process_state
+from .applink import AppLink
 from .config import AgentHost
 from .held import HeldRecord, held_records, mark_lost, start_time
+from .holders import take_held
 from .incoming import IncomingMigration
 from .refusal import mark_refusable
 from .resumed import forget_resumed, was_resumed
@@ -110,6 +116,8 @@ class Adoption:
                     "claim store lets one copy per migration id activate", tag, running,
                 )  # fmt: skip
             claimed = self._claimed(record.arrivals)
+            if claimed and self._resume_claimed(directory, record):
+                continue
             if claimed:
                 self._remove_held(record)
                 detail = (
@@ -144,6 +152,73 @@ class Adoption:
                 ", paused: thawed only by a COMMIT" if record.frozen() else "",
                 len(session.enclaves),
             )  # fmt: skip
+
+    def _resume_claimed(self, directory: Path, record: HeldRecord) -> bool:
+        """A held tree whose enclaves claimed their ids, the former agent died before
+        it resumed the tree (window W3): resumed with its enclaves; whether it was.
+
+        Each enclave kept a duplicate of that agent's end of its connection from
+        right before its claim (``holders``, :meth:`.incoming_tree._TreeSteps.
+        _hold_before_claim`): it lives on with the only copy of the state.  The
+        duplicates are taken back (``pidfd_getfd``, nonce checked: :func:`.holders.
+        take_held`), the tree continues (a container through its engine) and the
+        application is attached to them, as the former agent would have; the
+        application lets the duplicates go.  The session's directory goes: a
+        delivery for it is answered from the claim store (``resumed``), and the
+        source's ``recover`` ends the source (``moved``).  False, with nothing
+        changed, unless every enclave's duplicate is taken back: the caller
+        removes the tree as lost (the taken-back enclaves end with it).
+        """
+
+        tag = record.session_id[:8]
+        count = len(record.enclaves)
+        if not count or len(record.holders) != count or len(record.holder_infos) != count:
+            return False
+        taken = take_held(record.holders)
+        try:
+            if len(taken) != count:
+                log.error("migration %s: only %d of %d claimed enclaves kept their duplicate "
+                          "(the others died): the state cannot be resumed", tag, len(taken),
+                          count)  # fmt: skip
+                return False
+            try:
+                infos = [EnclaveInfo(**info_from_wire(cbor2.loads(bytes.fromhex(i))))
+                         for i in record.holder_infos]  # fmt: skip
+                pid = record.root
+                if record.driver != "pid":
+                    restored = make_driver(record.driver, self._host()).reclaim(
+                        record.handle, record.root
+                    )
+                    pid = restored.pid
+                    if restored.before_resume is not None:
+                        restored.before_resume()
+            except (MigSGXError, ValueError, TypeError, KeyError, OSError) as exc:
+                log.error("migration %s: the claimed tree (pid %d) cannot be resumed: %s",
+                          tag, record.root, exc)  # fmt: skip
+                return False
+            continue_tree(pid)
+            try:
+                link = AppLink.find(pid)
+                if link is None:
+                    raise MigSGXError(f"the restored process {pid} has no migration control")
+                link.attach([taken[i] for i in range(count)], infos)
+            except MigSGXError as exc:
+                detail = (f"the claimed tree (pid {pid}) was resumed but its enclaves "
+                          f"could not be attached ({exc}): it runs without them; the "
+                          "state is lost")  # fmt: skip
+                log.error("migration %s: %s", tag, detail)
+                mark_lost(directory, detail)
+                return True
+        finally:
+            for sock in taken.values():
+                sock.close()
+        log.warning(
+            "migration %s: a former agent died after the claim (W3): the %d enclave(s) kept "
+            "their state, their duplicates were taken back and the tree (pid %d, %s) resumed "
+            "with them", tag, count, pid, record.driver,
+        )  # fmt: skip
+        self.agent.discard(directory)
+        return True
 
     def _finish_by_marker(self, directory: Path, record: HeldRecord) -> None:
         """A held tree without enclaves: the resume marker (:mod:`.resumed`) decides.

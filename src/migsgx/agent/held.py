@@ -113,6 +113,15 @@ class HeldRecord:
     #: pages, as [pid, start time] ([] otherwise).  Its page window cannot be
     #: opened again by another agent: such a tree is never adopted, only killed.
     lazy_pages: list[int] = field(default_factory=list)
+    #: Each enclave's duplicate of the agent's end of its connection, given right
+    #: before its claim (``__mig_hold``), as ``[pid, fd, start, nonce]`` (the
+    #: enclave process, the duplicate's number there, the process's start time as
+    #: text, the hold's nonce in hex; :func:`~.holders.take_held`): a tree whose
+    #: ids were claimed is resumed with them by a restarted agent (W3).
+    holders: list[list[object]] = field(default_factory=list)
+    #: Each claimed enclave's own info (hex CBOR), in the order of ``holders``:
+    #: what the application is attached with.
+    holder_infos: list[str] = field(default_factory=list)
 
     def write(self, directory: Path) -> None:
         """Atomically; fsync'd only once ``answered`` (before, it guards against the
@@ -150,6 +159,9 @@ class HeldRecord:
             or not isinstance(data.get("answered", True), bool)
             or not isinstance(data.get("restoring", False), bool)
             or not _procs([data["lazy_pages"]] if data.get("lazy_pages") else [])
+            or not _holders(data.get("holders", []))
+            or not isinstance(data.get("holder_infos", []), list)
+            or not all(hex_text(i) for i in data.get("holder_infos", []))
         ):
             raise RecordDamagedError(f"{path} is not a held-tree record")
         return cls(**data)
@@ -238,6 +250,7 @@ _FIELDS: Final = tuple(f.name for f in dataclass_fields(HeldRecord))
 #: (a record an older agent wrote has none of these)
 _OPTIONAL: Final = (
     "arrivals", "handle", "enclave_procs", "answered", "restoring", "lazy_pages",
+    "holders", "holder_infos",
 )  # fmt: skip
 _REQUIRED: Final = tuple(f.name for f in dataclass_fields(HeldRecord) if f.name not in _OPTIONAL)
 MAX_HANDLE_ITEMS: Final = 8
@@ -262,6 +275,21 @@ def _procs(value: object) -> bool:
         and non_negative_int(p[0], 1 << 31)
         and non_negative_int(p[1])
         for p in value
+    )
+
+
+def _holders(value: object) -> bool:
+    """``[pid, fd, start, nonce]`` entries (checked again, and against the live
+    processes, by :func:`~.holders.take_held` before anything is taken)."""
+
+    return isinstance(value, list) and all(
+        isinstance(h, list)
+        and len(h) == 4
+        and non_negative_int(h[0], 1 << 31)
+        and non_negative_int(h[1], 1 << 31)
+        and isinstance(h[2], str)
+        and hex_text(h[3])
+        for h in value
     )
 
 

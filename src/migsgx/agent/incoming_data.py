@@ -72,6 +72,8 @@ class _Enclave:
     commit_error: BaseException | None = None
     #: A fresh copy for the state delivered again (window W2): the source committed.
     again: bool = False
+    #: Its enclave was given a duplicate of our end before its claim (``__mig_hold``).
+    held: bool = False
 
 
 def _shutdown(sock: socket.socket | None) -> None:
@@ -316,7 +318,8 @@ class _SessionState(_PageIntake):
                 enclave.loaded.set()
             try:
                 enclave.ecall_sock = enclave.engine.wait_commit(
-                    timeout=None, before_claim=self._before_claim, after_claim=self._after_claim,
+                    timeout=None, before_claim=lambda: self._before_claim(enclave),
+                    after_claim=self._after_claim,
                     blocked=lambda: log.warning(
                         "migration %s: enclave %d lives but cannot claim: its platform service "
                         "is away; the copy waits for it (a failed claim is no decision)",
@@ -365,12 +368,17 @@ class _SessionState(_PageIntake):
         log.info("migration %s: enclave %d: the platform service is back after %.1f s",
                  self.tag, enclave.index, time.monotonic() - t0)  # fmt: skip
 
-    def _before_claim(self) -> None:
-        """Fault injection at W2: a decision frame is about to be judged (once a session)."""
+    def _before_claim(self, enclave: _Enclave) -> None:
+        """A decision frame is about to be judged: fault injection at W2 (once a
+        session), then the enclave's duplicate of our end (:meth:`_hold_before_claim`)."""
 
         if not self._claim_fault_done:
             self._claim_fault_done = True
             _inject(fault("agent.before-claim"), self)
+        self._hold_before_claim(enclave)
+
+    def _hold_before_claim(self, enclave: _Enclave) -> None:
+        """Window W3: given by the session's tree steps (:mod:`.incoming_tree`)."""
 
     def _after_claim(self) -> None:
         """Fault injection at W3: an enclave claimed the id and runs, not yet attached."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
+import threading
 import time
 from typing import Any
 
@@ -27,7 +29,7 @@ from .faults import armed, fault
 from .held import HeldRecord, start_time
 from .held import remove as remove_record
 from .imageroom import fs_type
-from .incoming_data import Reply, _corrupt_images, _inject
+from .incoming_data import Reply, _corrupt_images, _Enclave, _inject
 from .incoming_settle import _SessionDecisions
 from .lazy import Window
 from .protocol import MAX_IMAGE_BYTES, MAX_IMAGE_FILES, AgentError, SessionState, check_image_name
@@ -39,6 +41,15 @@ log = logging.getLogger("migsgx.agent")
 
 class _TreeSteps(_SessionDecisions):
     """Images in, the tree restored and held, its records written."""
+
+    #: The enclaves' duplicates of our end, given before their claims, by index.
+    _holds: dict[int, tuple[list[object], str]]
+    _holds_lock: threading.Lock
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._holds = {}
+        self._holds_lock = threading.Lock()
 
     def _held_after_loading(self, waited: float) -> None:
         """Overlapped: the tree was restored while the enclaves loaded; now they all
@@ -165,6 +176,50 @@ class _TreeSteps(_SessionDecisions):
             seconds,
         )  # fmt: skip
         return {"t": "restored", "pid": pid, "seconds": seconds}
+
+    def _hold_before_claim(self, enclave: _Enclave) -> None:
+        """Each enclave keeps a duplicate of our end of its connection from right
+        before its claim (``__mig_hold``, once), and the held record names it.
+
+        Window W3 (``docs/spec/commit.md``): from its claim until the tree has the
+        connection, the enclave holds the only copy of the state, and its only
+        connection is ours: our death would be its end of file.  With the
+        duplicate it lives on, and a restarted agent takes the duplicate back
+        (nonce checked) and resumes the tree with it (:mod:`.adoption`).  The
+        hold names the held tree's root: once the tree is gone and the state
+        claimed (or discarded) the enclave lets the duplicate go, and the
+        application's ``attach`` lets it go too (``__mig_unhold``).  Not for a
+        post-copy tree: no other agent can open its page window.  A hold refused
+        (an older runtime) leaves the window as it was; the migration goes on.
+        """
+
+        engine = enclave.engine
+        if (
+            enclave.held or engine is None or engine.link is None or engine.info is None
+            or self.restored is None or self.root is None or self.window is not None
+        ):  # fmt: skip
+            return
+        enclave.held = True
+        nonce = secrets.token_bytes(16)
+        try:
+            fd = engine.link.hold(self.root, nonce)
+        except (MigSGXError, OSError) as exc:
+            log.warning("migration %s: enclave %d keeps no duplicate of its connection (%s): "
+                        "the agent's death after its claim would end it", self.tag,
+                        enclave.index, exc)  # fmt: skip
+            return
+        pid = engine.info.pid
+        started = start_time(pid)  # (as text, as :func:`.holders.take_held` reads it)
+        entry = [pid, fd, str(started) if started else "", nonce.hex()]
+        info = cbor2.dumps(info_to_wire(engine.info)).hex()
+        with self._holds_lock:
+            self._holds[enclave.index] = (entry, info)
+            record = self._held_record(self.restored)
+            record.answered = True
+            held = [self._holds[i] for i in sorted(self._holds)]
+            record.holders = [h[0] for h in held]
+            record.holder_infos = [h[1] for h in held]
+            record.write(self._records())
 
     def _intent_record(self) -> HeldRecord:
         """The record of a restore not yet returned (:mod:`.held`): a container's

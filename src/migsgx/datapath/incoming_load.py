@@ -322,6 +322,10 @@ class _IncomingLoad:
             return
         with contextlib.suppress(MigSGXError, OSError):
             self.link.call("__mig_abort", reason[:200])
+        with contextlib.suppress(MigSGXError, OSError):
+            # A duplicate of this connection given before the claim (``__mig_hold``)
+            # keeps nothing now: let it go, so that the close below ends the enclave.
+            self.link.call("__mig_unhold")
         with contextlib.suppress(OSError):
             self.link.sock.close()
         self.link = None

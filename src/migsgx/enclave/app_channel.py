@@ -308,16 +308,13 @@ class AppChannel:
             else:
                 value = self.hold.take(self.sock, args, fds)
                 migrator = self.migrator
-                if (
-                    migrator is not None
-                    and migrator.checkpoint is not None
-                    and (migrator.role is Role.DESTINATION)
-                ):
-                    # A restore's enclave (loaded, about to be activated): no abort
-                    # comes, and its tree may die before it has the connection; from
-                    # now on the tree's exit lets the duplicate go, as an
-                    # application's does after an abort.
-                    self.hold.kept_after_abort()
+                if migrator is not None and migrator.role is Role.DESTINATION:
+                    # A restore's or a migration's destination enclave (loaded, about
+                    # to claim its id): no abort comes, and its tree may die before it
+                    # has the connection; from now on the tree's exit lets the
+                    # duplicate go, as an application's does after an abort (once
+                    # the state is claimed or discarded: not while it is undecided).
+                    self.hold.kept_after_abort(until_decided=True)
             self.send({"t": "ret", "id": call_id, "value": value})
         except (MigSGXError, OSError) as exc:
             err = exc if isinstance(exc, MigSGXError) else ProtocolError(f"{name}: {exc}")
