@@ -2,9 +2,11 @@
 
 Before the agent listens, it reads every record in its work directory: a held
 tree that is still the recorded one is adopted into a session held in doubt;
-anything else recorded (a restore that never returned, a tree never reported
-held, a post-copy tree, a tree whose enclave ids were claimed) is removed, a
-container by its engine, and the log says exactly what remained.
+a tree whose enclave ids were claimed is resumed with the enclaves, whose
+duplicates of the former agent's end are taken back (W3); anything else
+recorded (a restore that never returned, a tree never reported held, a
+post-copy tree, a claimed tree whose enclaves cannot all be taken back) is
+removed, a container by its engine, and the log says exactly what remained.
 """
 
 from __future__ import annotations

@@ -31,10 +31,13 @@ restored (``answered`` false) and again right before the agent answers
 ``restored``: a tree restored by an agent that died before that answer was
 never decided on (the source commits only after it) and is removed, so that
 nothing is left to block a later migration of the same container.  A tree whose
-enclaves had already claimed their migration ids (window W3: the state ran
-and died with the agent) is not waiting for anything: it is killed and a
-``lost.json`` is left in its place, so that a delivery for that session is
-answered ``lost-after-commit``, not ``resumed``.  A tree without enclaves is
+enclaves had already claimed their migration ids (window W3) is not waiting
+for anything: each enclave kept a duplicate of the agent's end of its
+connection from right before its claim (``holders``), so a restarted agent
+takes them back and resumes the tree with them (:mod:`.adoption`); only where
+one cannot be taken back (its enclave died, the state with it) is the tree
+killed and a ``lost.json`` left in its place, so that a delivery for that
+session is answered ``lost-after-commit``, not ``resumed``.  A tree without enclaves is
 recorded too, but waits for nothing: its commit point is the resume, and the
 restarted agent finishes it by the resume marker (:mod:`.resumed`).
 
