@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from migsgx.enclave.hold import Hold, NotThisHoldError
+from migsgx.enclave.hold import Hold, NotThisHoldError, State
 from migsgx.errors import ProtocolError
 
 
@@ -191,4 +191,23 @@ def test_an_abort_asked_again_arms_no_second_watch(
     assert len(os.listdir("/proc/self/fd")) == len(before) + 1  # (one pidfd duplicated)
     app.kill()
     app.wait()
+    assert _let_go(hold)
+
+
+def test_a_destination_hold_waits_out_an_undecided_state_once_its_tree_is_gone(
+    pair: tuple[socket.socket, socket.socket], app: subprocess.Popen[bytes]
+) -> None:
+    """A destination's hold (W3), armed from the hold on: its tree gone while the
+    state is undecided keeps the duplicate; the claim (idle) lets it go at once."""
+
+    enclave, driver = pair
+    state: list[State] = ["busy"]
+    hold = Hold(lambda _: None, state=lambda: state[0])
+    _hold(hold, enclave, driver, app.pid, b"n" * 16)
+    hold.kept_after_abort(until_decided=True)
+    app.kill()
+    app.wait()
+    time.sleep(1.5)  # (the watch's look after the exit found it undecided: nothing let go)
+    assert hold.held
+    state[0] = "idle"  # claimed
     assert _let_go(hold)
