@@ -194,20 +194,34 @@ def test_an_abort_asked_again_arms_no_second_watch(
     assert _let_go(hold)
 
 
-def test_a_destination_hold_waits_out_an_undecided_state_once_its_tree_is_gone(
+def test_a_destination_hold_is_let_go_once_its_tree_is_gone_even_undecided(
     pair: tuple[socket.socket, socket.socket], app: subprocess.Popen[bytes]
 ) -> None:
-    """A destination's hold (W3), armed from the hold on: its tree gone while the
-    state is undecided keeps the duplicate; the claim (idle) lets it go at once."""
+    """A destination's hold (W3), armed from the hold on: its tree gone, the duplicate
+    goes though the state is undecided (a source's stays then: the next cell)."""
 
     enclave, driver = pair
     state: list[State] = ["busy"]
     hold = Hold(lambda _: None, state=lambda: state[0])
     _hold(hold, enclave, driver, app.pid, b"n" * 16)
-    hold.kept_after_abort(until_decided=True)
+    hold.kept_after_abort(destination=True)
     app.kill()
     app.wait()
-    time.sleep(1.5)  # (the watch's look after the exit found it undecided: nothing let go)
-    assert hold.held
-    state[0] = "idle"  # claimed
     assert _let_go(hold)
+
+
+def test_a_source_hold_is_kept_while_busy_though_its_application_is_gone(
+    pair: tuple[socket.socket, socket.socket], app: subprocess.Popen[bytes]
+) -> None:
+    enclave, driver = pair
+    logs: list[str] = []
+    hold = Hold(logs.append, state=lambda: "busy")
+    _hold(hold, enclave, driver, app.pid, b"n" * 16)
+    hold.kept_after_abort()
+    app.kill()
+    app.wait()
+    for _ in range(200):  # (the watch says so once it looked)
+        if any("its duplicate stays" in line for line in logs):
+            break
+        time.sleep(0.05)
+    assert hold.held and any("its duplicate stays" in line for line in logs)

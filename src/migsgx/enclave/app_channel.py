@@ -312,9 +312,9 @@ class AppChannel:
                     # A restore's or a migration's destination enclave (loaded, about
                     # to claim its id): no abort comes, and its tree may die before it
                     # has the connection; from now on the tree's exit lets the
-                    # duplicate go, as an application's does after an abort (once
-                    # the state is claimed or discarded: not while it is undecided).
-                    self.hold.kept_after_abort(until_decided=True)
+                    # duplicate go, as an application's does after an abort (the
+                    # state undecided or not: without its tree it is worth nothing).
+                    self.hold.kept_after_abort(destination=True)
             self.send({"t": "ret", "id": call_id, "value": value})
         except (MigSGXError, OSError) as exc:
             err = exc if isinstance(exc, MigSGXError) else ProtocolError(f"{name}: {exc}")

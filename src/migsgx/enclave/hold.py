@@ -143,8 +143,8 @@ class Hold:
         #: Set by an abort that kept the duplicate: from then on the application's
         #: exit lets it go.  Cleared by every new hold.
         self._after_abort = False
-        #: A destination's watch waits out an undecided state (:meth:`kept_after_abort`).
-        self._until_decided = False
+        #: A destination's watch: its tree gone, undecided or not (:meth:`kept_after_abort`).
+        self._destination = False
         #: Bumped by every new hold, every new set (``__mig_watch``) and every drop: a
         #: watch of an older one ends at its next look.
         self._generation = 0
@@ -294,19 +294,21 @@ class Hold:
         with self._lock:
             return self._held is not None and self._after_abort
 
-    def kept_after_abort(self, *, until_decided: bool = False) -> None:
+    def kept_after_abort(self, *, destination: bool = False) -> None:
         """An abort answered and the duplicate stays: watch the application from now on.
 
-        ``until_decided``: a destination's hold, armed from the hold on (its tree
-        is named, no abort comes): once the tree is gone, the watch waits while the
-        state is undecided (``busy``) and lets the duplicate go as soon as it is
-        claimed or discarded, instead of keeping it for good."""
+        ``destination``: a destination's hold, armed from the hold on (its held
+        tree is named, no abort comes): once the tree is gone the duplicate goes,
+        the state undecided (``busy``) or not.  A destination's copy is worth
+        nothing without its tree (before its claim the committed source still
+        holds the state, and a restore's checkpoint does; after it, only that tree
+        could run it), and kept for good it would outlive everything."""
 
         with self._lock:
             if self._held is None or self._after_abort:
                 return  # (one watch per hold: an abort asked again arms nothing more)
             self._after_abort = True
-            self._until_decided = until_decided
+            self._destination = destination
             apps = [os.dup(app) for app in self._apps]
             held, generation = self._held, self._generation
         self._start_watch(held, apps, generation)
@@ -343,9 +345,7 @@ class Hold:
                         self._log("the application ended, but this enclave committed: "
                                   "its duplicate stays")  # fmt: skip
                         return
-                    if self._state() == "busy" and self._until_decided:
-                        continue  # (a destination's tree is gone: claimed or discarded next)
-                    if self._state() == "busy":
+                    if self._state() == "busy" and not self._destination:
                         self._log("the application ended, but a migration or checkpoint "
                                   "holds this enclave's state: its duplicate stays")  # fmt: skip
                         return
@@ -378,7 +378,7 @@ class Hold:
             self._close_apps()
             self._nonce = b""
             self._after_abort = False
-            self._until_decided = False
+            self._destination = False
             self._generation += 1
 
 
