@@ -214,12 +214,19 @@ class _TreeSteps(_SessionDecisions):
         info = cbor2.dumps(info_to_wire(engine.info)).hex()
         with self._holds_lock:
             self._holds[enclave.index] = (entry, info)
+            if self._finished:
+                return  # (the session ended meanwhile: its record is gone, and stays so)
             record = self._held_record(self.restored)
             record.answered = True
             held = [self._holds[i] for i in sorted(self._holds)]
             record.holders = [h[0] for h in held]
             record.holder_infos = [h[1] for h in held]
-            record.write(self._records())
+            try:
+                record.write(self._records())
+            except OSError as exc:  # (the claim goes on: the enclave lives either way)
+                log.warning("migration %s: enclave %d's hold is not recorded (%s): a "
+                            "restarted agent could not take it back", self.tag,
+                            enclave.index, exc)  # fmt: skip
 
     def _intent_record(self) -> HeldRecord:
         """The record of a restore not yet returned (:mod:`.held`): a container's
