@@ -186,14 +186,7 @@ class Adoption:
             try:
                 infos = [EnclaveInfo(**info_from_wire(cbor2.loads(bytes.fromhex(i))))
                          for i in record.holder_infos]  # fmt: skip
-                pid = record.root
-                if record.driver != "pid":
-                    restored = make_driver(record.driver, self._host()).reclaim(
-                        record.handle, record.root
-                    )
-                    pid = restored.pid
-                    if restored.before_resume is not None:
-                        restored.before_resume()
+                pid = self._reclaim(record)
             except (MigSGXError, ValueError, TypeError, KeyError, OSError) as exc:
                 log.error("migration %s: the claimed tree (pid %d) cannot be resumed: %s",
                           tag, record.root, exc)  # fmt: skip
@@ -222,6 +215,17 @@ class Adoption:
         self.agent.discard(directory)
         return True
 
+    def _reclaim(self, record: HeldRecord) -> int:
+        """The held tree's root, ready to continue: a container is taken over from its
+        engine (and readied, as before a resume); a process tree is its root."""
+
+        if record.driver == "pid":
+            return record.root
+        restored = make_driver(record.driver, self._host()).reclaim(record.handle, record.root)
+        if restored.before_resume is not None:
+            restored.before_resume()
+        return restored.pid
+
     def _finish_by_marker(self, directory: Path, record: HeldRecord) -> None:
         """A held tree without enclaves: the resume marker (:mod:`.resumed`) decides.
 
@@ -245,15 +249,7 @@ class Adoption:
             self.agent.discard(directory)
             return
         try:
-            pid = record.root
-            if record.driver != "pid":
-                restored = make_driver(record.driver, self._host()).reclaim(
-                    record.handle, record.root
-                )
-                pid = restored.pid
-                if restored.before_resume is not None:
-                    restored.before_resume()
-            continue_tree(pid)
+            continue_tree(self._reclaim(record))
         except (MigSGXError, ValueError, TypeError, KeyError, OSError) as exc:
             log.error(
                 "migration %s: a former agent resumed a tree without enclaves (pid %d, %s) "
