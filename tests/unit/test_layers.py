@@ -165,6 +165,8 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     "migsgx.agent.enclave_ask": frozenset({"migsgx.agent.lost_enclaves"}),
     # ``__mig_watch`` to every enclave of a given-back tree at once, one deadline for all.
     "migsgx.agent.watch_ask": frozenset({"migsgx.agent.enclave_ask", "migsgx.agent.lost_enclaves"}),
+    # The roll-back's aborts confirmed: below the tool's decision, over the bounded ask.
+    "migsgx.agent.abort_confirm": frozenset({"migsgx.agent.enclave_ask", "migsgx.agent.handback"}),
     "migsgx.agent.guardian_aborts": frozenset(
         {
             "migsgx.agent.faults",

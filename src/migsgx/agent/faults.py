@@ -28,7 +28,9 @@ hung enclave); ``kill-first-source-enclave``: SIGKILL to it alone, the tool live
 ``kill-enclave-and-exit`` at a point of the checkpoint tool: SIGKILL to its first
 enclave, then the tool ends (``kill-enclave-guardian-and-exit``: to its guardian
 first); ``abort-rest`` at ``ckpt.between-commits``: the checkpoint tool aborts the
-enclaves not yet committed, as a racing guardian would, and dies).
+enclaves not yet committed, as a racing guardian would, and dies; ``drop`` and
+``drop-and-stop`` at ``tool.abort-enclave``: the roll-back's ``__mig_abort`` is lost
+on the enclave's connection, and the enclave is stopped too (:mod:`.abort_confirm`)).
 Unset, every point is a no-op.
 A fault's mark is on stderr (``migsgx fault: POINT:ACTION at T``); with
 ``MIGSGX_TRACE`` set the steps around it are too (:mod:`migsgx._trace`).
@@ -85,6 +87,9 @@ POINTS: Final = frozenset(
         "guardian.abort-answered",
         # the tool died; the guardian handed the aborted enclaves back, its journal not done
         "guardian.handed-back",
+        # the tool died; every live source enclave aborted and the journal says ``aborted``,
+        # the source not given back yet (a ``recover`` run now must not give it back too)
+        "guardian.aborted",
         # recover took the connections back; the enclaves answered its abort, frames not journaled
         "recover.abort-answered",
         "recover.redeliver",  # a re-delivery without the tool: fresh copy's data connection open
@@ -129,6 +134,10 @@ POINTS: Final = frozenset(
         "tool.rolled-back",
         # roll-back: an enclave answered its ABORT, the frame not yet on its data connection
         "tool.abort-answered",
+        # roll-back: each source enclave's __mig_abort, before it goes on its connection;
+        # ``drop``: the request is lost there (the enclave is not told), ``drop-and-stop``:
+        # lost, and the enclave stopped (SIGSTOP: alive, its connection open, silent)
+        "tool.abort-enclave",
         "tool.before-token",  # each COMMIT token, before it goes on the data connection
         "tool.enclave-stream",  # each enclave's data connection, once it is open
     }

@@ -79,7 +79,7 @@ from ..containers.podnet import unlock
 from ..errors import MigSGXError
 from .dumphold import release_noted, wait_released
 from .faults import fault
-from .guardian_aborts import aborted_all, committed_any, mark_aborted
+from .guardian_aborts import aborted_all, committed_any, mark_aborted, mark_handed_back
 from .guardian_decided import carry, finish_restore, held_source, resolve_checkpoint_of, roller
 from .guardian_log import RECOVER_PATIENCE, listen, log
 from .handback import resume_source
@@ -224,8 +224,7 @@ def _main(argv: list[str] | None, tool: int) -> int:
     _leftovers(notes, tool)
     # New connections to the source's listeners were dropped: whoever ends up with
     # the container, clients are served (or refused and go elsewhere) again.
-    for gate in filter(None, map(parse_ungate, notes)):
-        open_gate(*gate)
+    _open_gates(notes)
     if args.restore:
         restored = _numbers(notes, "restored")
         if "activating" not in notes or not restored:
@@ -267,6 +266,7 @@ def _main(argv: list[str] | None, tool: int) -> int:
         return 0
     step("guardian-aborted")
     mark_aborted(journals)  # (before the source runs: what recover reads)
+    fault("guardian.aborted")
     log("the tool died before the commit point: resuming the source")
     # Post-copy: the tool's CRIU still holds the tree (it may wait for a page
     # connection that never comes); it must let go before SIGCONT can stick.
@@ -284,6 +284,7 @@ def _main(argv: list[str] | None, tool: int) -> int:
 
         watch_recorded(socks, journals, args.app_pid)  # (before the tree continues)
         handed = resume_source(args.app_pid, args.app_name, socks, fenced, frozen, log)
+        mark_handed_back(journals)  # (recover no longer waits for this guardian)
         step("guardian-handed-back")
         # Killed here, the journal still names the duplicates the enclaves let go
         # with the hand-back; a later migration's may take their numbers, and the
@@ -296,6 +297,26 @@ def _main(argv: list[str] | None, tool: int) -> int:
             carry(Path(path))
         if args.checkpoint:
             resolve_checkpoint_of(Path(args.checkpoint), aborted=True)
+
+
+def _open_gates(notes: list[str]) -> None:
+    """Open every gate the tool noted; one that stays closed (its namespace not
+    reachable from here, its rule not removable) keeps its note in the journal
+    (``closed_gates``), so that ``migsgx recover`` tries it again and says so."""
+
+    closed = [n for n in notes if (gate := parse_ungate(n)) is not None and not open_gate(*gate)]
+    if not closed:
+        return
+    log(f"{len(closed)} gate(s) on the source's listeners stay closed: migsgx recover "
+        "tries them again")  # fmt: skip
+    from .journal import Journal  # lazy: the guardian starts fast and imports little
+
+    for path in [n.partition(" ")[2] for n in notes if n.startswith("journal ")]:
+        try:
+            journal = Journal.load(Path(path))
+            journal.update(closed_gates=[*dict.fromkeys([*journal.closed_gates, *closed])])
+        except (MigSGXError, OSError, ValueError) as exc:
+            log(f"cannot keep the closed gate(s) in {path}: {exc}")
 
 
 def _no_resume_went(path: Path) -> None:

@@ -46,7 +46,7 @@ from .guardian_log import RECOVER_PATIENCE, log, log_to, pause
 from .handback import abort_asked, abort_frame_of
 from .lost_enclaves import no_commit, note_lost
 
-__all__ = ["aborted_all", "committed_any", "mark_aborted"]
+__all__ = ["aborted_all", "committed_any", "mark_aborted", "mark_handed_back"]
 
 
 def committed_any(journals: list[str]) -> bool:
@@ -75,7 +75,9 @@ def mark_aborted(journals: list[str]) -> None:
     Written before the source is given back (``docs/spec/commit.md`` 4: a
     phase says what is true on the source host).  From then on ``migsgx
     recover`` takes none of the enclaves for frozen in the migration
-    (:func:`.recover_records.not_aborted`): while the journal says less, a
+    (:func:`.recover_records.not_aborted`), and the enclaves whose abort the
+    tool's roll-back could not confirm (``unconfirmed``) are no longer named:
+    each answered this guardian's abort.  While the journal says less, a
     ``recover`` that finds the guardian alive and an enclave with no decision
     waits for it (:mod:`.recover`), and never gives the source back first.
     """
@@ -87,8 +89,27 @@ def mark_aborted(journals: list[str]) -> None:
             journal = Journal.load(Path(name))
             if journal.enclave_mids and journal.phase in ("begun", "loaded", "fenced"):
                 journal.update(phase="aborted")
+            if journal.unconfirmed and journal.phase == "aborted":
+                # The tool's roll-back could not confirm these aborts; each answered ours.
+                journal.update(unconfirmed=[])
         except (MigSGXError, OSError, ValueError) as exc:
             log(f"cannot mark {name} aborted: {exc}")
+
+
+def mark_handed_back(journals: list[str]) -> None:
+    """The guardian gave the source back (``aborted`` journals only): from then on it
+    only tells the destination, for as long as that takes (its agent may be gone for
+    hours), and ``migsgx recover`` no longer waits for it (:mod:`.recover`)."""
+
+    from .journal import Journal  # lazy: the guardian starts fast and imports little
+
+    for name in journals:
+        try:
+            journal = Journal.load(Path(name))
+            if journal.phase == "aborted":
+                journal.update(handed_back=True)
+        except (MigSGXError, OSError, ValueError) as exc:
+            log(f"cannot mark {name} handed back: {exc}")
 
 
 def aborted_all(socks: list[socket.socket], journals: list[str], checkpoint: str = "") -> bool:

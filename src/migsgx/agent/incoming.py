@@ -55,6 +55,7 @@ from .protocol import (
     AgentError,
     PastCommitError,
     SessionState,
+    enclave_indices,
 )
 from .refusal import Refusal
 from .resumed import forget_resumed
@@ -418,11 +419,7 @@ class IncomingMigration(_Recovery):
         judged = [e for e, f in zip(self.enclaves, frames or [], strict=False) if f]
         # One whose source enclave died before it was asked to decide can never
         # get a frame (``source_lost``, its index): it ends, and the tree with it.
-        lost = msg.get("source_lost") or []
-        if not isinstance(lost, list) or not all(
-            isinstance(i, int) and 0 <= i < len(self.enclaves) for i in lost
-        ):
-            raise ProtocolError("source_lost: indices of this session's enclaves")
+        lost = enclave_indices(msg.get("source_lost") or [], len(self.enclaves))
         for enclave in (self.enclaves[i] for i in set(lost)):
             if enclave.engine is not None and not enclave.decided.is_set():
                 log.warning("migration %s: enclave %d: its source enclave died undecided, "

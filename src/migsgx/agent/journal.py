@@ -61,6 +61,13 @@ _KEYS: Final = {
 #: found dead undecided while the others aborted and no COMMIT was recorded (``docs/spec/commit.md``
 #: section 5): every ABORT delivery names them, so that their destination copies,
 #: which no decision can ever reach, end with the held tree.
+#: ``unconfirmed``: indices of source enclaves whose abort the tool's roll-back could
+#: not confirm (no answer, or a refusal): still frozen until one answers an abort
+#: asked again (``docs/spec/commit.md`` section 4).  ``closed_gates``: the ``ungate``
+#: notes whose gate could not be opened yet; ``migsgx recover`` tries them again.
+#: ``handed_back``: under ``aborted``, the guardian gave the source back (it runs, its
+#: enclaves handed back); what it still does is tell the destination, which
+#: ``recover`` may do beside it (delivering an ABORT twice changes nothing).
 _OPTIONAL: Final = {
     "guardian_pid": int,
     "undo": list,
@@ -71,6 +78,9 @@ _OPTIONAL: Final = {
     "aborts": list,
     "fenced_starts": list,
     "source_lost": list,
+    "unconfirmed": list,
+    "closed_gates": list,
+    "handed_back": bool,
 }
 
 
@@ -124,6 +134,12 @@ def _damaged_field(data: dict[str, Any]) -> str | None:
         return "holders"
     if not all(_note_ok(n) for n in data.get("undo") or []):
         return "undo"
+    if not all(
+        isinstance(n, str) and n.startswith("ungate ") for n in data.get("closed_gates") or []
+    ):
+        return "closed_gates"
+    if not all(non_negative_int(i, _INT_LIMIT) for i in data.get("unconfirmed") or []):
+        return "unconfirmed"
     return None
 
 
@@ -290,6 +306,18 @@ class Journal:
 
         text = self.data.get("dump_dir")
         return Path(text) if isinstance(text, str) and text else None
+
+    @property
+    def unconfirmed(self) -> list[int]:
+        """The source enclaves whose abort was not confirmed (:data:`_OPTIONAL`)."""
+
+        return [int(i) for i in self.data.get("unconfirmed") or []]
+
+    @property
+    def closed_gates(self) -> list[str]:
+        """The ``ungate`` notes whose gate stays closed until opened (:data:`_OPTIONAL`)."""
+
+        return [str(n) for n in self.data.get("closed_gates") or []]
 
     @property
     def undo(self) -> list[str]:

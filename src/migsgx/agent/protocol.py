@@ -83,6 +83,7 @@ __all__ = [
     "SessionMachine",
     "SessionState",
     "check_image_name",
+    "enclave_indices",
     "plain_stats",
 ]
 
@@ -318,3 +319,18 @@ def check_image_name(name: str) -> str:
     if not _IMAGE_NAME.fullmatch(name) or name in (".", ".."):
         raise ProtocolError(f"bad image file name {name!r}")
     return name
+
+
+def enclave_indices(value: object, count: int, what: str = "source_lost") -> list[int]:
+    """A peer's list of indices of a session's ``count`` enclaves; else a protocol error.
+
+    ``True`` is an ``int`` to Python (``isinstance(True, int)``), and as an index
+    it names enclave 1: a boolean is refused here, as :class:`~migsgx.wire.Schema`
+    refuses one for an ``int`` field.
+    """
+
+    if not isinstance(value, list | tuple) or not all(
+        type(i) is int and 0 <= i < count for i in value
+    ):
+        raise ProtocolError(f"{what}: indices of this session's enclaves")
+    return list(value)

@@ -13,10 +13,14 @@ Then, for each journal (:mod:`.journal`) that is not finished:
 * where the state must come again, the rest must commit, or a refusal must be
   proven, and only the guardian holds the source enclaves: it is woken
   (SIGUSR1) and waited for (:func:`_through_guardian`);
-* where nothing committed and the guardian still asks source enclaves to
-  abort (one hangs, or its platform service cannot check the abort yet): it is
-  woken and waited for, bounded; the source is never given back before every
-  live enclave aborted (:func:`_wait_for_guardian`).
+* where nothing committed and the guardian lives (it asks source enclaves to
+  abort, or gives the source back): it is woken and waited for, on its pidfd,
+  bounded; ``recover`` never acts beside it (no second SIGCONT, no second
+  ABORT) and takes over only once it is gone; after the bound it says so, in
+  doubt, having done nothing (:func:`_wait_for_guardian`);
+* a gate on the source's listeners that could not be opened before (its
+  journal's ``closed_gates``, kept even under ``done``) is tried again, and
+  reported while it stays closed (in doubt: exit 7, with the manual command).
 
 A damaged journal is reported in doubt, never skipped.  Idempotent: decisions
 are final and delivering one twice changes nothing.  A source enclave that does
@@ -30,11 +34,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import time
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
+from .. import _proc
 from ..containers.imagefs import sweep_leftovers
 from ..errors import MigSGXError
 from .dumpdirs import sweep_dump_dirs
@@ -44,8 +50,11 @@ from .journal import Journal
 from .recover_orphans import resolve_orphaned
 from .recover_records import Resolution, all_decided, committed_any, decisions_of, not_aborted
 from .recover_resolve import COPY_LOST, MIXED, REFUSABLE, REVOKING, not_given_back, resolve
-from .source_host import alive, is_guardian, lost_detail
+from .source_host import gate_report, is_guardian, lost_detail, retry_gates
 from .tls import AgentIdentity
+
+if TYPE_CHECKING:
+    from ..sgx.store_types import Decision
 
 __all__ = ["recover"]
 
@@ -53,9 +62,12 @@ log = logging.getLogger("migsgx.recover")
 
 #: How long ``migsgx recover`` waits for the guardian it woke to deliver the state again.
 GUARDIAN_WAIT: Final = 90.0
-#: How long it waits for a guardian that saw every source enclave abort to give the
-#: source back (it continues the source, hands it its enclaves, tells the destination).
-HANDBACK_WAIT: Final = 30.0
+#: How long it waits for a live guardian that may still give the source back (it
+#: continues the source, hands it its enclaves, tells the destination) before it says
+#: so, in doubt, having done nothing: it never acts beside a live guardian.
+GUARDIAN_BOUND: Final = 45.0
+#: How often it says that it still waits.
+PROGRESS_EVERY: Final = 5.0
 
 
 def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resolution]:
@@ -72,8 +84,9 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
     results = []
     for journal in journals:
         try:
+            gates = retry_gates(journal)  # (also under a journal that is done)
             result = resolve_orphaned(journal, Path(state), identity)
-            if result is None and _guardian_aborting(journal, Path(state)):
+            if result is None and _guardian_may_give_back(journal, Path(state)):
                 result = _wait_for_guardian(journal, Path(state))
                 if result is None:
                     # (it may have ended while we waited: what it held, we take back)
@@ -86,8 +99,14 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
                 result = _through_guardian(journal, result)
             # (as the tool, its guardian or this recover found them: the journal's)
             with contextlib.suppress(MigSGXError, OSError, ValueError):
-                lost = lost_in_journal(Journal.load(journal.path).data)
+                now = Journal.load(journal.path)
+                lost = lost_in_journal(now.data)
                 result.lost_enclaves = [e.to_dict() for e in lost]
+                gates = [gate_report(note) for note in now.closed_gates]
+            if gates:
+                result.closed_gates = gates
+                said = [result.detail, *(str(g["message"]) for g in gates)]
+                result.detail = "; ".join(filter(None, said))
             results.append(result)
         except (MigSGXError, OSError) as exc:
             results.append(
@@ -103,73 +122,123 @@ def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resoluti
     return results
 
 
-def _guardian_aborting(journal: Journal, platform_state: Path) -> bool:
-    """Whether the guardian still asks source enclaves to abort, and the source must wait.
+def _guardian_may_give_back(journal: Journal, platform_state: Path) -> bool:
+    """Whether a live guardian of this migration may still give its source back.
 
-    Its tool dead, nothing committed, and an enclave with no decision that has
-    not aborted (:func:`.recover_records.not_aborted`: one that hangs, or
-    whose platform service cannot check its abort yet, say after it went away
-    inside the first COMMIT): the guardian holds its connection and asks it
-    again, with a growing pause, and gives the source back once every one
-    aborted (journal ``aborted``).  Given back now, the source would run
-    beside a frozen enclave it cannot call (the application takes its
-    enclaves all or none): :func:`_wait_for_guardian`.
+    Its tool dead, nothing committed, the journal not ``done``: the guardian
+    asks the source enclaves to abort (one hangs, or its platform service
+    cannot check the abort yet, say after it went away inside the first
+    COMMIT), or it saw them abort and gives the source back (journal
+    ``aborted``: SIGCONT, the enclaves handed back, the ABORT delivered).
+    Given back by this ``recover`` too, the source would get a second SIGCONT
+    and the destination a second ABORT while the guardian still acts; given
+    back before every enclave aborted, it would run beside a frozen enclave it
+    cannot call (the application takes its enclaves all or none).  So the two
+    never both give it back: this waits for the guardian
+    (:func:`_wait_for_guardian`) and takes over once it is gone, or once it
+    says the source runs again (``handed_back``: what it still does then,
+    carry the ABORT to a destination that may be down for hours, is
+    idempotent and done here too).
     """
 
     pid = journal.guardian_pid
-    if journal.phase in ("aborted", "done") or not pid or not is_guardian(pid):
+    if journal.phase == "done" or not journal.enclave_mids or not pid or not is_guardian(pid):
         return False
-    if alive(int(journal.data["tool_pid"])):
-        return False  # (in progress: its tool decides)
+    if _proc.alive(int(journal.data["tool_pid"])):
+        return False  # (in progress: its tool decides; a zombie, not yet reaped, is dead)
     decisions = decisions_of(platform_state, journal.enclave_mids)
-    return not committed_any(decisions) and bool(not_aborted(journal, decisions))
+    if committed_any(decisions):
+        return False
+    # Only while it has a give-back to do: the aborts seen (``aborted``), or an enclave
+    # still to abort.  A guardian that carries a decision instead (the tool ended in
+    # doubt, nothing of it here to give back) is not waited for: ``resolve`` below
+    # asks the destination as before, and the guardian's own delivery is idempotent.
+    # A guardian that gave the source back already (``handed_back``) only tells the
+    # destination, for as long as that takes: not waited for either.
+    return _handing_back(journal) or bool(not_aborted(journal, decisions))
+
+
+def _handing_back(journal: Journal) -> bool:
+    """``aborted``, and the guardian has not said yet that the source runs again."""
+
+    return journal.phase == "aborted" and journal.data.get("handed_back") is not True
 
 
 def _wait_for_guardian(journal: Journal, platform_state: Path) -> Resolution | None:
-    """Wake the guardian (SIGUSR1: it asks at once) and wait, as long as one bounded
-    answer of each enclave it waits for takes.
+    """Wake the guardian (SIGUSR1: it asks at once) and wait for it, bounded.
 
-    Once every enclave aborted (the guardian wrote ``aborted``), it gives the
-    source back and hands it its enclaves: that is waited for too (up to
-    :data:`HANDBACK_WAIT`), so that two parties do not give one source back at
-    once.  None when there is nothing more to wait for (one committed, the
-    guardian ended, or it took longer): the migration is resolved as usual.
-    Still waiting for an enclave: in doubt, the enclaves and the guardian
-    named; the source stays stopped.
+    Waited on its pidfd (a pid reused meanwhile is never taken for it), with a
+    line on the log every few seconds.  Once the journal says ``done`` the
+    guardian gave the source back (``stayed``).  None once it is gone (what it
+    held, this ``recover`` then takes back), or a source enclave committed
+    (the roll-forward path).  In doubt, nothing done here, the guardian named:
+    while an enclave still has not aborted after one bounded answer of each
+    (:data:`~.enclave_ask.HUNG_WAIT`), or after :data:`GUARDIAN_BOUND` (it
+    still gives the source back, or cannot tell the destination yet).
     """
 
     pid = journal.guardian_pid
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGUSR1)
-    decisions = decisions_of(platform_state, journal.enclave_mids)
-    deadline = time.monotonic() + HUNG_WAIT * (len(not_aborted(journal, decisions)) + 1)
-    handing_back = False
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None  # (gone already)
+    try:
         if not is_guardian(pid):
-            return None
-        journal = Journal.load(journal.path)
-        if journal.phase == "done":
-            return Resolution(journal.data["mid"], "done", "abort", "stayed",
-                              f"the guardian (pid {pid}) gave the source back once every "
-                              "source enclave aborted")  # fmt: skip
+            return None  # (ended just now, the pid given to another process)
         decisions = decisions_of(platform_state, journal.enclave_mids)
-        if committed_any(decisions):
-            return None
-        if not handing_back and not not_aborted(journal, decisions):
-            handing_back = True
-            deadline = time.monotonic() + HANDBACK_WAIT
-    if handing_back:
-        return None
-    frozen = not_aborted(journal, decisions)
+        now = time.monotonic()
+        asking = now + HUNG_WAIT * (len(not_aborted(journal, decisions)) + 1)
+        deadline, said = now + GUARDIAN_BOUND, now - PROGRESS_EVERY
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        while True:
+            gone = bool(poller.poll(100))  # (readable: the guardian ended)
+            journal = Journal.load(journal.path)
+            if journal.phase == "done":
+                return Resolution(journal.data["mid"], "done", "abort", "stayed",
+                                  f"the guardian (pid {pid}) gave the source back once every "
+                                  "source enclave aborted")  # fmt: skip
+            decisions = decisions_of(platform_state, journal.enclave_mids)
+            if gone or committed_any(decisions):
+                return None
+            frozen = not_aborted(journal, decisions)
+            if not frozen and journal.phase == "aborted" and not _handing_back(journal):
+                return None  # (given back: what is left, telling the destination, is idempotent)
+            now = time.monotonic()
+            if frozen and now > asking:
+                return _still_asking(journal, decisions, frozen, pid)
+            if now > deadline:
+                return Resolution(
+                    journal.data["mid"], journal.phase, "abort", "in-doubt",
+                    f"the guardian (pid {pid}) still gives the source back (or tells the "
+                    f"destination), {GUARDIAN_BOUND:.0f} s after it was asked: nothing was done "
+                    "here, so that the source is not given back twice; run migsgx recover "
+                    "again later (it takes over once the guardian is gone)",
+                )  # fmt: skip
+            if now - said >= PROGRESS_EVERY:
+                said = now
+                log.warning("migration %s: waiting for its guardian (pid %d), which gives the "
+                            "source back (at most %.0f s more)",
+                            journal.data["mid"], pid, deadline - now)  # fmt: skip
+    finally:
+        os.close(pidfd)
+
+
+def _still_asking(
+    journal: Journal, decisions: list[Decision | None], frozen: list[int], pid: int
+) -> Resolution:
+    """In doubt: the guardian still asks enclaves that have not aborted."""
+
     named = ", ".join(map(str, frozen))
     return not_given_back(
         journal, decisions, frozen,
         f"enclave(s) {named} have not aborted yet (no decision recorded, no ABORT "
-        f"returned): the guardian (pid {pid}) holds them and asks again until they answer "
-        "and their platform service checks the abort (a hung enclave, or its platform "
-        "service gone), then gives the source back; until then the source stays stopped. "
-        "Run migsgx recover again later",
+        f"returned, or the abort not confirmed): the guardian (pid {pid}) holds them and "
+        "asks again until they answer and their platform service checks the abort (a hung "
+        "enclave, or its platform service gone), then gives the source back; until then "
+        "the source stays stopped. Run migsgx recover again later",
     )  # fmt: skip
 
 

@@ -156,6 +156,9 @@ def resolve_orphaned(
                     # Every live one aborted (a dead one is found below): what the
                     # journal says from now on, so that nothing takes it for frozen.
                     journal.update(phase="aborted")
+                if every and not asked.refused and journal.unconfirmed:
+                    # (those whose abort the tool could not confirm answered this one)
+                    journal.update(unconfirmed=[])
             handed = ""
             # Enclaves that died (undecided: ``stays`` finds no COMMIT) are handed
             # back as connections at end of file, as in a crash of each.

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cbor2
+
 from .. import _proc
 from ..sgx.counters import COUNTERS, CounterStore
 from ..sgx.store_types import Decision
@@ -37,10 +39,15 @@ class Resolution:
     detail: str = ""
     #: Source enclaves that died before the decision, their state gone (``enclave_loss``).
     lost_enclaves: list[dict[str, Any]] = field(default_factory=list)
+    #: Gates on the source's listeners that stay closed (``source_host.gate_report``).
+    closed_gates: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def in_doubt(self) -> bool:
-        return self.outcome in ("in-doubt",)
+        """In doubt, or unfinished on this host: a gate that stays closed drops every
+        new client of the source's listeners until someone opens it (exit 7)."""
+
+        return self.outcome in ("in-doubt",) or bool(self.closed_gates)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,19 +88,44 @@ def not_aborted(journal: Journal, decisions: Sequence[Decision | None]) -> list[
     and so does one that does not answer.  The source is never given back
     without them (the application takes its enclaves all or none, and a frozen
     one answers no call).  None once the journal says ``aborted`` (whoever
-    wrote it saw every live enclave abort) or ``done``.
+    wrote it saw every live enclave abort) or ``done``, but for the enclaves an
+    ``aborted`` journal names ``unconfirmed``: the tool's roll-back could not
+    confirm their aborts (no answer, or a refusal), so they count as frozen
+    whatever is recorded (a recorded ABORT whose answer was lost may still be
+    frozen) until one answers an abort asked again (``docs/spec/commit.md`` 4).
     """
 
-    if journal.phase in ("aborted", "done"):
+    if journal.phase == "done":
         return []
-    returned = journal.aborts or [b""] * len(decisions)
-    lost = {i for i in journal.data.get("source_lost") or [] if isinstance(i, int)}
+    lost = {i for i in journal.data.get("source_lost") or [] if type(i) is int}
     holders = journal.holders
+    if journal.phase == "aborted":
+        described = journal.enclaves
+        return [
+            i for i in journal.unconfirmed
+            if i < len(decisions) and i not in lost
+            and (_lives(holders[i]) if i < len(holders) and holders[i] else
+                 i < len(described) and _described_lives(described[i]))
+        ]  # fmt: skip
+    returned = journal.aborts or [b""] * len(decisions)
     return [
         i for i, (d, frame) in enumerate(zip(decisions, returned, strict=True))
         if d is None and not frame and i not in lost and i < len(holders)
         and _lives(holders[i])
     ]  # fmt: skip
+
+
+def _described_lives(described: str) -> bool:
+    """Whether the enclave a journal's ``enclaves`` entry names still runs, by its pid
+    (no hold was given, ``[]``: its hold refused, so no start time was recorded; a pid
+    reused since counts as alive: in doubt, never a frozen enclave taken for gone).
+    An entry that cannot be read names none."""
+
+    try:
+        pid = cbor2.loads(bytes.fromhex(described))["info"]["pid"]
+    except (ValueError, KeyError, TypeError, cbor2.CBORDecodeError):
+        return False
+    return isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and _proc.alive(pid)
 
 
 def _lives(holder: object) -> bool:

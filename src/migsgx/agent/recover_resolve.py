@@ -110,7 +110,7 @@ def _deliver(
     discards a tree held for a copy that died undecided (no state comes again).
     """
 
-    lost = [i for i in journal.data.get("source_lost") or [] if isinstance(i, int)]
+    lost = [i for i in journal.data.get("source_lost") or [] if type(i) is int]
     request = {
         "t": "deliver",
         "session_id": journal.mid,

@@ -22,6 +22,7 @@ from ..errors import (
     MigSGXError,
     SourceLostError,
 )
+from .abort_confirm import abort_fault, confirm_abort
 from .control import CONNECT_TIMEOUT
 from .datalink import open_data
 from .enclave_loss import committed_in_store
@@ -294,30 +295,53 @@ class _DecisionSteps(_EnclaveSteps):
         # enclave that sent LOADED ends only on one of them.
         socks: list[socket.socket] = []
         frames: list[bytes] = []
-        for transfer in self.transfers:
-            sock = transfer.handed.sock
+        unconfirmed: list[int] = []
+        for index, transfer in enumerate(self.transfers):
+            sock, frame = transfer.handed.sock, b""
             if transfer.outgoing is not None:
                 try:
                     # Nothing committed here (else this is no roll-back): the
                     # enclaves abort even with their platform service gone.
-                    sock = transfer.outgoing.abort(
-                        reason, none_committed=not self.committed,
-                        answered=lambda: self._inject(self._fault("tool.abort-answered")),
-                    )  # fmt: skip
+                    action = self._fault("tool.abort-enclave")
+                    with abort_fault(transfer.outgoing, transfer.handed.info.pid, action):
+                        sock = transfer.outgoing.abort(
+                            reason, none_committed=not self.committed,
+                            answered=lambda: self._inject(self._fault("tool.abort-answered")),
+                        )  # fmt: skip
                 except Exception as exc:
                     log.warning("enclave %d: abort failed: %s", transfer.handed.index, exc)
+                frame = getattr(transfer.outgoing, "abort_frame", b"") or b""
+                # No frame: the abort failed, or the enclave had aborted before.  Asked
+                # again, and never taken for aborted unless it says so.  (A live
+                # transfer's closed side channel is itself an abort request to it.)
+                if not frame and sock.fileno() != -1:
+                    state, frame = confirm_abort(
+                        sock, transfer.outgoing.migration_id, not self.committed, reason
+                    )
+                    if state == "unconfirmed":
+                        log.warning("enclave %d: its abort is not confirmed (asked again: no "
+                                    "answer, or a refusal)", transfer.handed.index)  # fmt: skip
+                        unconfirmed.append(index)
             else:
-                abort_enclave(sock)  # (no migration began: it only lets its duplicate go)
+                # (no migration began: it aborts nothing, and keeps its duplicate until
+                # the application's ``__mig_unhold``, watching the application)
+                abort_enclave(sock)
             socks.append(sock)
-            frames.append(getattr(transfer.outgoing, "abort_frame", b"") or b"")
+            frames.append(frame)
         step("enclaves-aborted")
         lost = self._lost_undecided(frames)
         # ``aborted`` until the source runs again: what the guardian and ``migsgx
-        # recover`` finish by giving it back (``docs/spec/commit.md`` 4).
+        # recover`` finish by giving it back (``docs/spec/commit.md`` 4), but for the
+        # enclaves it names ``unconfirmed``: still frozen, asked again by whoever
+        # finishes, never taken for aborted.
         if self.journal is not None:
             # (``source_lost``: whoever finishes this roll-back says so too, and the
             # destination ends those copies; ``migsgx recover --json`` names them)
-            self.journal.update(phase="aborted", **({"source_lost": lost} if lost else {}))
+            self.journal.update(
+                phase="aborted",
+                **({"source_lost": lost} if lost else {}),
+                **({"unconfirmed": unconfirmed} if unconfirmed else {}),
+            )
         fault("tool.after-abort")
         kept_nothing = False
         if self.control is not None:
@@ -333,6 +357,12 @@ class _DecisionSteps(_EnclaveSteps):
         self._inject(self._fault("tool.rolled-back"))
         if self.lazy is not None:
             self.lazy.stop()  # CRIU lets go of the tree before it is thawed
+        if unconfirmed and not source_gone:
+            self._not_thawed(unconfirmed, cause)
+        elif unconfirmed:
+            # Nothing to thaw, but an enclave still frozen in its migration refuses to
+            # be let go: the guardian stays and asks it again (it then ends).
+            self.hand_back_failed = True
         if not source_gone and self.link is not None and self.journal is not None:
             # Who holds each connection now, read while the tree is still stopped: the
             # enclaves follow those processes, not the ones named with the hold.
@@ -366,6 +396,24 @@ class _DecisionSteps(_EnclaveSteps):
             # written before left a tool killed in between with a source stopped for
             # good and a journal that ``recover`` took for finished.
             self.journal.update(holders=[], **({"phase": "done"} if kept_nothing else {}))
+
+    def _not_thawed(self, unconfirmed: list[int], cause: BaseException) -> None:
+        """Enclaves whose abort is not confirmed: the source stays stopped (in doubt).
+
+        Still frozen in their migration, they would answer none of the
+        application's calls, and it takes its enclaves all or none.  The guardian
+        (``hand_back_failed`` keeps it) asks them again, with a growing pause, and
+        gives the source back once each aborted; ``migsgx recover`` does the same
+        once the guardian is gone (``docs/spec/commit.md`` section 4).
+        """
+
+        self.hand_back_failed = True
+        named = ", ".join(str(self.transfers[i].handed.index) for i in unconfirmed)
+        raise InDoubtError(
+            f"enclave(s) {named} did not confirm the abort (asked again: no answer, or a "
+            "refusal): still frozen, so the source stays stopped; the guardian asks them "
+            "again and gives the source back once each aborted (or run migsgx recover)"
+        ) from cause
 
 
 def _undecided_and_gone(

@@ -21,7 +21,7 @@ from pathlib import Path
 from .. import _proc
 from ..containers.cgroups import thaw_file
 from ..containers.committed import CommittedRecord, committed_records
-from ..containers.gate import open_gate, parse_ungate
+from ..containers.gate import manual_command, open_gate, parse_ungate
 from ..containers.podnet import give_up, unlock
 from ..errors import MigSGXError
 from ..system.process import pid_exists as alive
@@ -30,8 +30,8 @@ from .holders import watch_holders
 from .journal import Journal
 
 __all__ = [
-    "alive", "end_committed", "end_fenced", "give_back", "hand_back", "is_guardian",
-    "lost_detail", "open_gates", "signal_all",
+    "alive", "end_committed", "end_fenced", "gate_report", "give_back", "hand_back",
+    "is_guardian", "lost_detail", "open_gates", "retry_gates", "signal_all",
 ]  # fmt: skip
 
 log = logging.getLogger("migsgx.recover")
@@ -140,14 +140,59 @@ def end_committed(journal: Journal) -> None:
                 give_up(Path(arg))  # the address lives on the destination only
 
 
-def open_gates(journal: Journal) -> None:
+def open_gates(journal: Journal) -> list[str]:
     """The gate on a container's listeners opens (its ``ungate`` note), as the guardian
     opens it when the tool died: whoever holds the copy now, clients are served, or
     refused and go elsewhere, never dropped (:mod:`migsgx.containers.gate`).
-    Idempotent: a rule already gone is fine."""
+    Idempotent: a rule already gone is fine.
 
-    for gate in filter(None, map(parse_ungate, journal.undo)):
-        open_gate(*gate)
+    A gate that stays closed (its namespace not reachable from here, its rule not
+    removable) keeps its note in the journal (``closed_gates``) whatever the phase,
+    so that the next ``migsgx recover`` tries it again (:func:`retry_gates`) and
+    says so; before, it was said on the log alone and the journal still ended
+    ``done``, so nothing tried again and the source's listeners stayed closed to
+    new clients.  Returns those notes.
+    """
+
+    closed = [
+        note for note in journal.undo
+        if (gate := parse_ungate(note)) is not None and not open_gate(*gate)
+    ]  # fmt: skip
+    if closed or journal.closed_gates:
+        journal.update(closed_gates=closed)
+    return closed
+
+
+def retry_gates(journal: Journal) -> list[dict[str, object]]:
+    """The gates this journal keeps closed (``closed_gates``), tried again; what still
+    stays closed, each with the manual command (``migsgx recover --json``'s
+    ``closed_gates``).  Idempotent; a journal with none costs nothing."""
+
+    if not journal.closed_gates:
+        return []
+    still = []
+    for note in journal.closed_gates:
+        gate = parse_ungate(note)
+        if gate is not None and not open_gate(*gate):
+            still.append(note)
+    journal.update(closed_gates=still)
+    return [gate_report(note) for note in still]
+
+
+def gate_report(note: str) -> dict[str, object]:
+    """A gate that stays closed, as ``recover`` reports it."""
+
+    netns, ports, inode = parse_ungate(note) or ("?", [], 0)
+    return {
+        "note": note, "netns": netns, "netns_inode": inode, "ports": ports,
+        "message": (
+            f"the gate on port(s) {','.join(map(str, ports))} stays closed: new clients of the "
+            f"source's listeners are dropped; its network namespace (inode {inode}, noted as "
+            f"{netns}) is not reachable from here, or its rule could not be removed. Run "
+            "migsgx recover where that namespace is reachable, or by hand: "
+            + manual_command(netns, ports)
+        ),
+    }  # fmt: skip
 
 
 def give_back(journal: Journal) -> None:

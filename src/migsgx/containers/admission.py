@@ -165,7 +165,8 @@ def _shape(value: Any, shape: Any, where: str) -> None:
             if item is None:
                 raise _refuse(f"{where}[{i}]", "null in a list")
             _shape(item, shape[0], f"{where}[{i}]")
-    elif not isinstance(value, shape):
+    elif not isinstance(value, shape) or (shape is int and isinstance(value, bool)):
+        # (``True`` is an ``int`` to Python: a peer's ``"uid": true`` is no integer)
         raise _refuse(where, f"not a {_TYPE_NAMES[shape]}")
 
 

@@ -18,8 +18,9 @@ the tool died) names the namespace by a path *and* its inode: a path alone
 (``/proc/self/ns/net`` for a tree that shares the tool's namespace, a tree
 process's pid) means another namespace to a reader that runs elsewhere or
 after the pid was reused.  The reader opens the gate only in a namespace it
-reaches whose inode is the noted one (:func:`reach_netns`), or says clearly
-that it cannot.
+reaches whose inode is the noted one, or says clearly that it cannot; and it
+changes the rules in the namespace of the very descriptor whose inode it
+checked (:func:`open_netns`), never through the path again.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import contextlib
 import logging
 import os
 import re
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +38,11 @@ from typing import Final
 from .. import _proc
 from ..system.process import tree_pids
 from .base import ContainerError
-from .command import run_engine
 
-__all__ = ["ListenerGate", "listeners", "open_gate", "parse_ungate", "reach_netns"]
+__all__ = [
+    "ListenerGate", "listeners", "manual_command", "open_gate", "open_netns", "parse_ungate",
+    "reach_netns",
+]  # fmt: skip
 
 log = logging.getLogger("migsgx.containers")
 
@@ -100,9 +104,12 @@ class ListenerGate:
         """Drop new connections to the listeners, then wait until none is pending."""
 
         try:
-            netns = reach_netns(self.netns, self.netns_inode)
-            for port in self.ports:
-                _iptables(netns, "-I", port)
+            netns = open_netns(self.netns, self.netns_inode)
+            try:
+                for port in self.ports:
+                    _iptables(netns, "-I", port)
+            finally:
+                os.close(netns)
             deadline = time.monotonic() + timeout
             while self._pending():
                 if time.monotonic() > deadline:
@@ -165,6 +172,23 @@ def _named() -> list[Path]:
     return []
 
 
+def _candidates(netns: str, inode: int) -> list[str]:
+    """Where the namespace ``inode`` may be reached from here, in the order tried."""
+
+    if inode <= 0:
+        return [netns]
+    return [netns, "/proc/self/ns/net", "/proc/1/ns/net", *map(str, _named())]
+
+
+def _unreachable(netns: str, inode: int) -> ContainerError:
+    return ContainerError(
+        f"the network namespace the gate was closed in (inode {inode}, noted as {netns}) is "
+        "not reachable from here, or gone: its rule stays; open it where that namespace is "
+        "reachable (run migsgx recover there), or remove it by hand: "
+        f"{manual_command(netns, [])}"
+    )
+
+
 def reach_netns(netns: str, inode: int) -> str:
     """A namespace file, reachable from here, of the network namespace ``inode``.
 
@@ -172,21 +196,48 @@ def reach_netns(netns: str, inode: int) -> str:
     host's, when the tool shared it), then every named one.  ``inode`` 0 (a note of
     an older tool): the name as it is.  :class:`ContainerError` if none is that
     namespace: the reader runs where it cannot reach it (or it is gone, and its
-    rules with it).
+    rules with it).  A name only: what enters the namespace uses
+    :func:`open_netns`, whose descriptor is the namespace checked.
     """
 
-    if inode <= 0:
-        return netns
-    for candidate in [netns, "/proc/self/ns/net", "/proc/1/ns/net", *map(str, _named())]:
+    for candidate in _candidates(netns, inode):
         with contextlib.suppress(OSError):
-            if os.stat(candidate).st_ino == inode:
+            if inode <= 0 or os.stat(candidate).st_ino == inode:
                 return candidate
-    raise ContainerError(
-        f"the network namespace the gate was closed in (inode {inode}, noted as {netns}) is "
-        "not reachable from here, or gone: its rule stays; open it where that namespace is "
-        "reachable (run migsgx recover there), or remove it by hand: iptables -D INPUT -p tcp "
-        "--syn --dport PORT -j DROP in that namespace"
-    )
+    raise _unreachable(netns, inode)
+
+
+def open_netns(netns: str, inode: int) -> int:
+    """An open descriptor of the network namespace ``inode`` (tried as :func:`reach_netns`).
+
+    The file is opened once and its *descriptor's* inode is checked, and the
+    rules are then changed in the namespace of that descriptor
+    (``nsenter --net=/proc/self/fd/N``): a path checked and then resolved again
+    by ``nsenter`` could name another namespace by then (a ``/proc/PID`` whose
+    pid was reused in between, a ``/run/netns`` name mounted over), whose gate
+    would open instead.  The caller closes it.
+    """
+
+    for candidate in _candidates(netns, inode):
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if inode <= 0 or os.fstat(fd).st_ino == inode:
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+    raise _unreachable(netns, inode)
+
+
+def manual_command(netns: str, ports: list[int]) -> str:
+    """What an operator runs to open the gate by hand, in the namespace it was closed in."""
+
+    port = ",".join(map(str, ports)) if ports else "PORT"
+    rule = f"iptables -D INPUT -p tcp --syn --dport {port} -j DROP"
+    return f"nsenter --net=NETNS {rule} (NETNS: that namespace's file; {netns} when noted)"
 
 
 def parse_ungate(note: str) -> tuple[str, list[int], int] | None:
@@ -214,20 +265,56 @@ def parse_ungate(note: str) -> tuple[str, list[int], int] | None:
 
 def open_gate(netns: str, ports: list[int], inode: int = 0) -> bool:
     """Remove the gate's rules in the namespace it was closed in; False (said on the
-    log) if that namespace is not reachable from here (:func:`reach_netns`)."""
+    log) if that namespace is not reachable from here (:func:`open_netns`), or a rule
+    is still there afterwards (its removal failed)."""
 
     try:
-        where = reach_netns(netns, inode)
+        fd = open_netns(netns, inode)
     except ContainerError as exc:
         log.warning("the gate on ports %s stays closed: %s",
                     ",".join(map(str, ports)), exc)  # fmt: skip
         return False
-    for port in ports:
-        with contextlib.suppress(ContainerError):
-            _iptables(where, "-D", port)
+    try:
+        left = []
+        for port in ports:
+            try:
+                _iptables(fd, "-D", port)
+            except ContainerError:
+                # (a rule already gone is fine; one that stays is not)
+                if _iptables_has(fd, port):
+                    left.append(port)
+    finally:
+        os.close(fd)
+    if left:
+        log.warning("the gate on ports %s stays closed: its rule could not be removed; by "
+                    "hand: %s", ",".join(map(str, left)), manual_command(netns, left))  # fmt: skip
+    return not left
+
+
+def _rule(op: str, port: int) -> list[str]:
+    return ["iptables", "-w", op, "INPUT", "-p", "tcp", "--syn", "--dport", str(port), "-j", "DROP"]
+
+
+def _iptables(netns: int, op: str, port: int) -> None:
+    """``iptables OP`` of the gate's rule for ``port``, in the namespace of the open
+    descriptor ``netns`` (the one checked: :func:`open_netns`)."""
+
+    argv = ["nsenter", f"--net=/proc/self/fd/{netns}", *_rule(op, port)]
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=120, pass_fds=(netns,), check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ContainerError(f"iptables: {exc}") from exc
+    if proc.returncode != 0:
+        raise ContainerError(f"iptables {op} failed: {proc.stderr.strip()[-500:]}")
+
+
+def _iptables_has(netns: int, port: int) -> bool:
+    """Whether the gate's rule for ``port`` is in the namespace of ``netns`` (``-C``);
+    True where that cannot be told (the rule may stay)."""
+
+    try:
+        _iptables(netns, "-C", port)
+    except ContainerError as exc:
+        return "does a matching rule exist" not in str(exc) and "Bad rule" not in str(exc)
     return True
-
-
-def _iptables(netns: str, op: str, port: int) -> None:
-    rule = ["INPUT", "-p", "tcp", "--syn", "--dport", str(port), "-j", "DROP"]
-    run_engine(["nsenter", f"--net={netns}", "iptables", "-w", op, *rule], what="iptables")
