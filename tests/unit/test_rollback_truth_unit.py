@@ -289,6 +289,7 @@ def test_recover_does_not_wait_for_a_guardian_that_gave_the_source_back(
     migration, and said in doubt."""
 
     monkeypatch.setattr(recover_module, "GUARDIAN_BOUND", 3.0)
+    monkeypatch.setattr(recover_module, "TELLING_WAIT", 0.5)
     if when == "before":
         journal = _journal(state, source.pid, handed_back=True)
     else:

@@ -68,6 +68,9 @@ GUARDIAN_WAIT: Final = 90.0
 GUARDIAN_BOUND: Final = 45.0
 #: How often it says that it still waits.
 PROGRESS_EVERY: Final = 5.0
+#: How long it still waits, once the guardian gave the source back, for it to tell the
+#: destination (then the guardian says ``done``); after that ``recover`` tells it too.
+TELLING_WAIT: Final = 5.0
 
 
 def recover(state: Path, identity: AgentIdentity | None = None) -> list[Resolution]:
@@ -191,6 +194,7 @@ def _wait_for_guardian(journal: Journal, platform_state: Path) -> Resolution | N
         now = time.monotonic()
         asking = now + HUNG_WAIT * (len(not_aborted(journal, decisions)) + 1)
         deadline, said = now + GUARDIAN_BOUND, now - PROGRESS_EVERY
+        handed: float | None = None
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
         while True:
@@ -204,9 +208,13 @@ def _wait_for_guardian(journal: Journal, platform_state: Path) -> Resolution | N
             if gone or committed_any(decisions):
                 return None
             frozen = not_aborted(journal, decisions)
-            if not frozen and journal.phase == "aborted" and not _handing_back(journal):
-                return None  # (given back: what is left, telling the destination, is idempotent)
             now = time.monotonic()
+            if not frozen and journal.phase == "aborted" and not _handing_back(journal):
+                # Given back: what is left, telling the destination, is idempotent; its
+                # agent may be away for hours, so only a short while more for the guardian.
+                handed = now if handed is None else handed
+                if now - handed > TELLING_WAIT:
+                    return None
             if frozen and now > asking:
                 return _still_asking(journal, decisions, frozen, pid)
             if now > deadline:
