@@ -25,7 +25,6 @@ their sets.  Each cell ends with the state where it belongs, every write there.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import signal
 import socket
@@ -38,6 +37,9 @@ import pytest
 
 pytest.register_assert_rewrite("state_helpers")
 
+from ecall_frames import answer as _answer  # noqa: E402
+from ecall_frames import send_ecall as _send  # noqa: E402
+from ecall_frames import send_hold  # noqa: E402
 from state_helpers import (  # noqa: E402
     Launcher,
     World,
@@ -51,7 +53,7 @@ from migsgx.channel import ECALL, ECALL_FRAME_MAX  # noqa: E402
 from migsgx.datapath.checkpoint import CheckpointOut  # noqa: E402
 from migsgx.datapath.enclave_link import EnclaveLink  # noqa: E402
 from migsgx.host.client import EnclaveClient  # noqa: E402
-from migsgx.wire import encode, recv_frame  # noqa: E402
+from migsgx.wire import recv_frame  # noqa: E402
 
 pytest_plugins = ["state_helpers"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -59,7 +61,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 NONCE = b"the-drivers-nonce-0123456789"
 #: States where the duplicate may be what keeps the only copy.
 KEPT = ["held, no abort yet", "checkpoint dumped", "LOADED, undecided", "COMMIT decided"]
-_IDS = itertools.count(1 << 45)
 
 
 @dataclass
@@ -124,19 +125,6 @@ def holder_of(link: EnclaveLink) -> Iterator[socket.socket]:
         yield sock
 
 
-def _send(sock: socket.socket, fn: str, args: list[Any]) -> int:
-    call_id = next(_IDS)
-    sock.sendall(encode({"t": "ecall", "id": call_id, "fn": fn, "args": args},
-                        max_size=ECALL_FRAME_MAX))  # fmt: skip
-    return call_id
-
-
-def _answer(sock: socket.socket, call_id: int) -> dict[str, Any]:
-    while (msg := recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX))["id"] not in (call_id, 0):
-        pass
-    return msg
-
-
 def _refused(msg: dict[str, Any], code: str) -> bool:
     return msg["t"] == "err" and msg["code"] == code
 
@@ -154,9 +142,7 @@ def test_a_holder_neither_lets_go_of_nor_takes_over_the_drivers_hold(
         assert _refused(answer, "hold-kept"), answer
         mine, other = socket.socketpair()
         with mine, other:
-            call_id = _send(app, "__mig_hold", [b"invented"])
-            socket.send_fds(app, [b"H"], [mine.fileno()])
-            answer = _answer(app, call_id)
+            answer = _answer(app, send_hold(app, b"invented", [mine.fileno()]))
         assert _refused(answer, "hold-kept"), answer
         answer = _answer(app, _send(app, "__mig_held", [b"invented"]))
         assert _refused(answer, "not-this-hold"), answer

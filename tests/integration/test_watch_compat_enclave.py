@@ -12,42 +12,25 @@ a bad frame ended the enclave's serve loop.
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
-from typing import Any
 
 import pytest
 
 pytest.register_assert_rewrite("state_helpers")
 
+from ecall_frames import answer as _answer  # noqa: E402
+from ecall_frames import send_ecall as _send  # noqa: E402
 from state_helpers import Launcher, fill_kvstore  # noqa: E402
 
 from migsgx.agent.watch_ask import ask_all  # noqa: E402
-from migsgx.channel import ECALL, ECALL_FRAME_MAX, HOLD_BYTE, WATCH_BYTE  # noqa: E402
+from migsgx.channel import HOLD_BYTE, WATCH_BYTE  # noqa: E402
 from migsgx.datapath.checkpoint import CheckpointOut  # noqa: E402
-from migsgx.wire import encode, recv_frame  # noqa: E402
 
 pytest_plugins = ["state_helpers"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 NONCE = b"the-drivers-nonce-watch-compat"
-_IDS = itertools.count(3 << 45)
-
-
-def _send(sock: socket.socket, fn: str, args: list[Any]) -> int:
-    call_id = next(_IDS)
-    sock.sendall(encode({"t": "ecall", "id": call_id, "fn": fn, "args": args},
-                        max_size=ECALL_FRAME_MAX))  # fmt: skip
-    return call_id
-
-
-def _answer(sock: socket.socket, call_id: int) -> dict[str, Any]:
-    """The answer to ``call_id``, or the enclave's ``err`` of id 0 (a bad frame)."""
-
-    while (msg := recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX))["id"] not in (call_id, 0):
-        pass
-    return msg
 
 
 def test_the_drivers_watch_and_late_follow_ups_keep_the_stream_in_step(

@@ -12,7 +12,6 @@ other holder must keep it.
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 import subprocess
@@ -23,6 +22,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from ecall_frames import answer as _answer
+from ecall_frames import call as _call
+from ecall_frames import send_ecall as _send
+from ecall_frames import send_hold, send_with_fds
 
 from migsgx.agent.holders import watch_holders
 from migsgx.channel import ECALL, ECALL_FRAME_MAX
@@ -31,7 +34,6 @@ from migsgx.host.client import EnclaveClient, EnclaveInfo
 from migsgx.wire import HEADER, decode_body, encode, recv_exactly, recv_frame
 
 NONCE = b"the-drivers-nonce-0123456789"
-_IDS = itertools.count(100)
 
 #: The migration's flags per state: what the reader reads of the migrator.
 STATES: dict[str, dict[str, Any]] = {
@@ -78,29 +80,10 @@ def bed() -> Iterator[Bed]:
     bed.close()
 
 
-def _send(sock: socket.socket, fn: str, args: list[Any]) -> int:
-    call_id = next(_IDS)
-    sock.sendall(encode({"t": "ecall", "id": call_id, "fn": fn, "args": args},
-                        max_size=ECALL_FRAME_MAX))  # fmt: skip
-    return call_id
-
-
-def _answer(sock: socket.socket, call_id: int) -> dict[str, Any]:
-    while (msg := recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX))["id"] not in (call_id, 0):
-        pass
-    return msg
-
-
-def _call(sock: socket.socket, fn: str, args: list[Any]) -> dict[str, Any]:
-    return _answer(sock, _send(sock, fn, args))
-
-
 def _hold(sock: socket.socket, nonce: bytes, fd: int) -> dict[str, Any]:
     """``__mig_hold`` as the driver sends it: the frame, then ``H`` with the descriptor."""
 
-    call_id = _send(sock, "__mig_hold", [nonce])
-    socket.send_fds(sock, [b"H"], [fd])
-    return _answer(sock, call_id)
+    return _answer(sock, send_hold(sock, nonce, [fd]))
 
 
 def _held_by_driver(bed: Bed, state: str) -> None:
@@ -187,10 +170,7 @@ def test_a_watch_carries_its_pidfds_on_its_own_frame(bed: Bed) -> None:
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         pidfd = os.pidfd_open(sleeper.pid)
-        call_id = next(_IDS)
-        frame = encode({"t": "ecall", "id": call_id, "fn": "__mig_watch", "args": [NONCE]},
-                       max_size=ECALL_FRAME_MAX)  # fmt: skip
-        socket.send_fds(bed.driver, [frame], [pidfd])
+        call_id = send_with_fds(bed.driver, "__mig_watch", [NONCE], [pidfd])
         os.close(pidfd)
         answer = _answer(bed.driver, call_id)
         assert answer["t"] == "ret" and answer["value"] == 1, answer

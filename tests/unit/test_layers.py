@@ -323,6 +323,24 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     # below the state its steps share (neither knows it).
     "migsgx.agent.source_options": frozenset({"migsgx.agent.precopy", "migsgx.agent.tls"}),
     "migsgx.agent.source_figures": frozenset(),
+    # migsgx migrate's roll-back, below its decision (the commit is built on it).
+    "migsgx.agent.source_rollback": frozenset(
+        {
+            "migsgx.agent.abort_confirm",
+            "migsgx.agent.enclave_loss",
+            "migsgx.agent.faults",
+            "migsgx.agent.handback",
+            "migsgx.agent.holders",
+            "migsgx.agent.source_enclaves",
+            "migsgx.agent.source_state",
+        }
+    ),
+    # The application control's messages, below the listener in the application.
+    "migsgx.host.appctl_wire": frozenset({"migsgx.host.client"}),
+    # The runc driver's bundles on a destination, below the driver.
+    "migsgx.containers.runc_bundles": frozenset(
+        {"migsgx.containers.base", "migsgx.containers.podnet", "migsgx.containers.runc_cli"}
+    ),
 }
 
 

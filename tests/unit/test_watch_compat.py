@@ -14,7 +14,6 @@ is still refused without the old 10 s stall.
 
 from __future__ import annotations
 
-import itertools
 import os
 import select
 import socket
@@ -26,15 +25,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from ecall_frames import answer as _answer
+from ecall_frames import send_ecall as _send
+from ecall_frames import send_hold, send_with_fds
 
 from migsgx.agent.watch_ask import ask_all
 from migsgx.channel import ECALL, ECALL_FRAME_MAX, HOLD_BYTE, WATCH_BYTE
 from migsgx.enclave import app_channel
 from migsgx.enclave.app_channel import AppChannel
-from migsgx.wire import HEADER, encode, recv_frame, send_frame
+from migsgx.wire import HEADER, recv_frame, send_frame
 
 NONCE = b"the-drivers-nonce-0123456789"
-_IDS = itertools.count(500)
 
 
 def _migrator() -> SimpleNamespace:
@@ -55,7 +56,7 @@ class Bed:
         self.channel.migrator = _migrator()  # type: ignore[assignment]
         self.reader = threading.Thread(target=self.channel.serve, daemon=True)
         self.reader.start()
-        answer = _answer(self.driver, _hold(self.driver, [self.driver.fileno()]))
+        answer = _answer(self.driver, send_hold(self.driver, NONCE, [self.driver.fileno()]))
         assert answer["t"] == "ret", answer
 
     def close(self) -> None:
@@ -89,29 +90,6 @@ def logged(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return lines
 
 
-def _send(sock: socket.socket, fn: str, args: list[Any]) -> int:
-    call_id = next(_IDS)
-    send_frame(sock, {"t": "ecall", "id": call_id, "fn": fn, "args": args},
-               max_size=ECALL_FRAME_MAX)  # fmt: skip
-    return call_id
-
-
-def _hold(sock: socket.socket, fds: list[int]) -> int:
-    """``__mig_hold`` as ``EnclaveLink.hold`` sends it: the frame, then ``H``."""
-
-    call_id = _send(sock, "__mig_hold", [NONCE])
-    socket.send_fds(sock, [HOLD_BYTE], fds)
-    return call_id
-
-
-def _answer(sock: socket.socket, call_id: int) -> dict[str, Any]:
-    """The answer to ``call_id``, or the reader's ``err`` of id 0 (a bad frame)."""
-
-    while (msg := recv_frame(sock, ECALL, max_size=ECALL_FRAME_MAX))["id"] not in (call_id, 0):
-        pass
-    return msg
-
-
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -133,10 +111,7 @@ def test_the_drivers_watch_is_what_the_new_reader_takes(bed: Bed, pidfd: int) ->
 
 
 def test_pidfds_on_the_frame_are_still_taken(bed: Bed, pidfd: int) -> None:
-    call_id = next(_IDS)
-    frame = encode({"t": "ecall", "id": call_id, "fn": "__mig_watch", "args": [NONCE]},
-                   max_size=ECALL_FRAME_MAX)  # fmt: skip
-    socket.send_fds(bed.driver, [frame], [pidfd])
+    call_id = send_with_fds(bed.driver, "__mig_watch", [NONCE], [pidfd])
     answer = _answer(bed.driver, call_id)
     assert answer["t"] == "ret" and answer["value"] == 1, answer
 

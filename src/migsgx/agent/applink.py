@@ -12,12 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..host.appctl import (
+from ..host.appctl import CONTROL_PREFIX, REQUEST_TIMEOUT, AppControlError
+from ..host.appctl_wire import (
     APPCTL,
     APPCTL_FRAME_MAX,
-    CONTROL_PREFIX,
-    REQUEST_TIMEOUT,
-    AppControlError,
     check_image_files,
     close_fds,
     info_from_wire,

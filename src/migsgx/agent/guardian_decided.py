@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from ..errors import MigSGXError
-from .applink import AppLink
 from .faults import fault
 from .guardian_log import RECOVER_PATIENCE, log, log_to, pause
-from .handback import RESUME_WAIT, call_enclave, commit_rest
+from .handback import call_enclave, commit_rest
 
 if TYPE_CHECKING:
     from .recover_records import Resolution
@@ -174,6 +173,7 @@ def finish_restore(pid: int, socks: list[socket.socket], infos: bytes) -> int:
     from ..host.appctl import info_from_wire
     from ..host.client import EnclaveInfo
     from ..system.process import continue_tree
+    from .ckpt_recover import _attach as attach_when_running
 
     log(f"the restore tool died while activating: finishing the restore of {pid}")
     for sock in socks:
@@ -186,18 +186,10 @@ def finish_restore(pid: int, socks: list[socket.socket], infos: bytes) -> int:
         log(f"the restored tree is gone: {exc}")
         return 1
     enclaves = [EnclaveInfo(**info_from_wire(i)) for i in cbor2.loads(infos)]
-    deadline = time.monotonic() + RESUME_WAIT
-    while True:
-        try:
-            link = AppLink.find(pid)
-            if link is None:
-                raise MigSGXError(f"the restored process {pid} has no migration control")
-            link.attach(socks, enclaves)
-            log(f"restore of {pid} finished: {len(socks)} enclave(s) attached")
-            return 0
-        except MigSGXError as exc:
-            # The application answers once it runs.
-            if time.monotonic() > deadline:
-                log(f"could not attach the enclaves to {pid}: {exc}")
-                return 1
-            time.sleep(0.1)
+    try:
+        attach_when_running(pid, socks, enclaves)  # (the application answers once it runs)
+    except MigSGXError as exc:
+        log(f"could not attach the enclaves to {pid}: {exc}")
+        return 1
+    log(f"restore of {pid} finished: {len(socks)} enclave(s) attached")
+    return 0

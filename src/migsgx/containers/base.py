@@ -97,6 +97,16 @@ class HostConfig:
     #: Where drivers keep what restored workloads need while they run (runc bundles).
     state_dir: Path | None = None
 
+    def engine_dir(self, engine: str) -> Path:
+        """``STATE/agent/<engine>`` (made, private): where an engine's driver keeps
+        its CRIU configurations and the marks of what its restores made."""
+
+        if self.state_dir is None:
+            raise ContainerError("this agent has no state directory")
+        path = self.state_dir / "agent" / engine
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
+
 
 @dataclass
 class Source:

@@ -290,11 +290,7 @@ class ContainerdDriver:
         return checked
 
     def _conf_dir(self) -> Path:
-        if self.host.state_dir is None:
-            raise ContainerError("this agent has no state directory")
-        path = self.host.state_dir / "agent" / "containerd"
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return path
+        return self.host.engine_dir("containerd")
 
     def _record(self, images: Path) -> tuple[str, str, dict[str, Any]]:
         record = load_json(images / CONTAINERD_RECORD, "containerd container record")

@@ -235,11 +235,7 @@ class PodmanDriver:
         return checked
 
     def _conf_dir(self) -> Path:
-        if self.host.state_dir is None:
-            raise ContainerError("this agent has no state directory")
-        path = self.host.state_dir / "agent" / "podman"
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return path
+        return self.host.engine_dir("podman")
 
     def restore(self, request: RestoreRequest) -> Restored:
         name = self.check_target(request.target)["name"]

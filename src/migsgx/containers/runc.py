@@ -16,7 +16,9 @@ unpacked, the configuration localized (:func:`~.oci.localize`: this host's
 platform socket, network namespace and cgroup parent; CRIU's configuration
 file with ``leave-stopped`` and ``tcp-close``; then this host's allow list,
 :mod:`.admission`, before the bundle is written), then ``runc restore
---detach``: the container exists with every task stopped (held).
+--detach``: the container exists with every task stopped (held).  What becomes
+of that bundle later (reclaimed, removed by a restarted agent, discarded) is
+:mod:`.runc_bundles`.
 
 Network: a container that joined its host's network namespace (a ``path``
 in its configuration) restores into the destination host's namespace, which
@@ -55,7 +57,6 @@ from .base import (
     RestoreRequest,
     Source,
     check_name,
-    thaw_first,
 )
 from .command import bring_lo_up
 from .frozen import dump_frozen, own_netns_path, stop_if_cancelled, write_criu_config
@@ -70,6 +71,7 @@ from .oci import (
     same_netns,
     tar_tree,
 )
+from .runc_bundles import OWNER_MARK, _HeldBundles, _restored, _same_file
 from .runc_cli import Runc
 from .runc_lazy import LazyCheckpoint, dump_lazy
 
@@ -79,11 +81,9 @@ log = logging.getLogger("migsgx.containers")
 
 RUNC_CONFIG: Final = "migsgx-runc-config.json"
 RUNC_ROOTFS: Final = "migsgx-runc-rootfs.tar"
-#: In a bundle restore made: the session it was made for, until the container is resumed.
-OWNER_MARK: Final = "migsgx-owner"
 
 
-class RuncDriver:
+class RuncDriver(_HeldBundles):
     name: ClassVar[str] = "runc"
 
     def __init__(self, host: HostConfig) -> None:
@@ -230,23 +230,6 @@ class RuncDriver:
             raise ContainerError("runc is not installed on this host")
         return checked
 
-    def _bundle_made_here(self, cid: str) -> Path | None:
-        """The bundle container ``cid`` runs from, if an agent of this host made it
-        (``bundles()/cid``: it arrived by a migration); else ``None``."""
-
-        if self.host.state_dir is None:
-            return None
-        state = self.runc.state(cid)
-        made = self.bundles() / cid
-        if state is None or not _same_file(Path(str(state.get("bundle"))), made):
-            return None
-        return made
-
-    def bundles(self) -> Path:
-        if self.host.state_dir is None:
-            raise ContainerError("this agent has no state directory for runc bundles")
-        return self.host.state_dir / "agent" / "runc"
-
     def _localization(self, cid: str, netns: Path | None, criu_config: Path) -> Localization:
         """What this host puts into container ``cid``'s configuration (``netns``: the one
         it joins here, ``None`` for one of its own)."""
@@ -342,108 +325,6 @@ class RuncDriver:
                 criu_config.unlink()  # a later checkpoint of this container must not see it
         return _restored(cid, pid, bundle, pod)
 
-    def reclaim(self, handle: Mapping[str, Any], pid: int) -> Restored:
-        if not set(handle) <= {"id", "bundle", "netns"}:
-            raise ContainerError(f"not a runc container's record: {sorted(handle)}")
-        cid = check_name(handle.get("id"), "container id")
-        bundle = self.bundles() / cid
-        pod: Path | None = None
-        if handle.get("netns"):
-            # (the pod namespace restore took: its name comes from the id, never the record)
-            pod = podnet.NETNS_DIR / podnet.pod_netns_name(self.host.settings.pod_netns_prefix, cid)
-            if handle["netns"] != str(pod) or not pod.exists():
-                raise ContainerError(f"runc container {cid}: its pod namespace {pod} is gone")
-        state = self.runc.state(cid)
-        if state is None:
-            raise ContainerError(f"runc no longer knows container {cid}")
-        if int(state.get("pid") or 0) != pid or state.get("status") not in ("running", "paused"):
-            raise ContainerError(
-                f"runc container {cid} is {state.get('status')} with pid {state.get('pid')}, "
-                f"not the held tree (pid {pid})"
-            )
-        if Path(str(state.get("bundle"))) != bundle or handle.get("bundle") != str(bundle):
-            raise ContainerError(f"runc container {cid} is not the one restored from {bundle}")
-        held = _restored(cid, pid, bundle, pod)
-        if state.get("status") == "paused":
-            # Paused while no agent held it: thawed only when a COMMIT resumes it.
-            held.before_resume = thaw_first(lambda: self.runc.resume(cid), held.before_resume)
-        return held
-
-    def remove_made(self, handle: Mapping[str, Any], owner: str, *, keep_running: bool) -> str:
-        cid = self._made_for(check_name(handle.get("id"), "container id"), owner)
-        bundle = self.bundles() / cid
-        state = self.runc.state(cid)
-        if state is not None and keep_running and state.get("status") in ("running", "paused"):
-            pid = int(state.get("pid") or 0)
-            if pid > 0 and Path(f"/proc/{pid}").exists():
-                return f"nothing (runc container {cid} is {state.get('status')}, pid {pid})"
-        if not owner or _mark(bundle) != owner:
-            raise ContainerError(
-                f"runc container {cid}: no bundle {bundle} made for this session and never "
-                "resumed: not this agent's to remove"
-            )
-        if state is not None and Path(str(state.get("bundle"))) != bundle:
-            raise ContainerError(f"runc container {cid} runs from another bundle than {bundle}")
-        pod = podnet.NETNS_DIR / podnet.pod_netns_name(self.host.settings.pod_netns_prefix, cid)
-        removed = [f"the runc container {cid}"] if state is not None else []
-        try:
-            if state is not None:
-                self.runc.delete(cid)
-        finally:
-            shutil.rmtree(bundle, ignore_errors=True)
-            if pod.exists():
-                podnet.give_up(pod)  # (its name comes from the id; only restore makes it)
-                removed.append(f"its pod namespace {pod.name}")
-        return ", ".join([*removed, f"its bundle {bundle}"])
-
-    def _made_for(self, cid: str, owner: str) -> str:
-        """``cid``, or else the container whose bundle the mark says a restore made for
-        ``owner`` (a record whose name is damaged still finds what its session made)."""
-
-        if not owner or _mark(self.bundles() / cid) == owner:
-            return cid
-        with contextlib.suppress(OSError):
-            for bundle in self.bundles().iterdir():
-                if _mark(bundle) == owner:
-                    return bundle.name
-        return cid
-
-    def discard(self, restored: Restored) -> None:
-        cid = str(restored.handle["id"])
-        try:
-            self.runc.delete(cid)
-        finally:
-            shutil.rmtree(restored.handle["bundle"], ignore_errors=True)
-            if restored.handle.get("netns"):
-                podnet.give_up(Path(restored.handle["netns"]))
-
-
-def _mark(bundle: Path) -> str:
-    """The session a bundle was made for while its container is held ("" if none)."""
-
-    try:
-        return (bundle / OWNER_MARK).read_text(errors="replace")[:64]
-    except OSError:
-        return ""
-
-
-def _restored(cid: str, pid: int, bundle: Path, pod: Path | None) -> Restored:
-    """A held runc container; once it is resumed its bundle no longer says who made
-    it (a record that names it later, forged or stale, does not remove it)."""
-
-    def before_resume() -> None:
-        with contextlib.suppress(OSError):
-            (bundle / OWNER_MARK).unlink()
-        if pod is not None:
-            podnet.open_taken(pod)
-
-    return Restored(
-        pid=pid,
-        label=f"runc container {cid}",
-        handle={"id": cid, "bundle": str(bundle), "netns": str(pod) if pod else ""},
-        before_resume=before_resume,
-    )
-
 
 def engine_note(runc: Runc, cid: str, bundle: Path, made: Path | None) -> str:
     """The guardian's ``runc`` note: which runc record a committed source leaves.
@@ -464,11 +345,3 @@ def netns_path(config: Mapping[str, Any]) -> Path | None:
         if ns.get("type") == "network":
             return Path(ns["path"]) if ns.get("path") else None
     return None
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        sa, sb = a.stat(), b.stat()
-    except OSError:
-        return False
-    return (sa.st_ino, sa.st_dev) == (sb.st_ino, sb.st_dev)

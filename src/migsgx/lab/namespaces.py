@@ -3,24 +3,22 @@
 A name is ``migsgx-<pid>.<start>-<token>-<host>``: the owning process's run tag
 (pid and start time, :func:`run_tag`) and a random token, so parallel runs never
 collide and :func:`cleanup_stale` can tell the ones a gone process left behind (a
-pid reused since does not keep them).  Here: entering a namespace from one thread,
-ending what runs inside one, deleting one, and listing them.  The hosts and the
-links between them (what one run builds and removes) are :mod:`.netns`.
+pid reused since does not keep them).  Here: ending what runs inside one, deleting
+one, and listing them (a thread enters one with
+:func:`migsgx.system.process.in_netns`).  The hosts and the links between them
+(what one run builds and removes) are :mod:`.netns`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import signal
 import subprocess
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final
 
 from migsgx.agent.ckpt_journal import start_time
 from migsgx.errors import MigSGXError, register_error
@@ -42,10 +40,7 @@ __all__ = [
 
 PREFIX: Final = "migsgx-"
 NETNS_DIR: Final = Path("/run/netns")
-_CLONE_NEWNET: Final = 0x40000000
 _OWNED_NAME = re.compile(r"^(?P<pid>\d+)(?:\.(?P<start>\d+))?-(?P<token>[0-9a-f]+)-")
-
-T = TypeVar("T")
 
 
 class NetnsError(MigSGXError):
@@ -124,35 +119,6 @@ def terminate(pid: int, *, sig: int = signal.SIGKILL, timeout: float = 5.0) -> N
         if time.monotonic() > deadline:
             raise NetnsError(f"process {pid} did not end within {timeout} s")
         time.sleep(0.01)
-
-
-def _in_netns(netns: str, work: Callable[[], T]) -> T:
-    """Run ``work`` on a fresh thread that has joined ``netns``.
-
-    Only that thread changes namespace (``setns`` is per thread for network
-    namespaces); sockets it creates stay in ``netns`` after it ends.
-    """
-
-    outcome: list[T] = []
-    failure: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            with open(NETNS_DIR / netns, "rb") as ns:
-                if libc.setns(ns.fileno(), _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
-            outcome.append(work())
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=body, name=f"netns-{netns}", daemon=True)
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
 
 
 def _kill_inside(netns: str) -> None:

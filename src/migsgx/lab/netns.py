@@ -39,11 +39,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final
 
+from ..system.process import in_netns
 from .namespaces import (
     NETNS_DIR,
     PREFIX,
     NetnsError,
-    _in_netns,
     _ip,
     _kill_inside,
     cleanup_stale,
@@ -173,7 +173,7 @@ class Host:
     ) -> socket.socket:
         """A socket that lives in this host's network namespace."""
 
-        return _in_netns(self.netns, lambda: socket.socket(family, kind))
+        return in_netns(NETNS_DIR / self.netns, lambda: socket.socket(family, kind))
 
     def connect(
         self, address: str, port: int, *, timeout: float = 5.0, wait: float = 0.0
