@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterator
 
 import pytest
 
@@ -53,55 +52,72 @@ BED_SUBNET = 57
 __all__ = ["faulty_platform", "no_images_left"]  # (fixtures, used by name)
 
 
-def _enclave_connections(app: AppProcess) -> Iterator[socket.socket]:
+def _enclave_connections(app: AppProcess) -> list[tuple[socket.socket, int]]:
     """A duplicate of each of the application's ends of an enclave connection
-    (``pidfd_getfd``): a Unix socket whose other end an enclave runtime holds."""
+    (``pidfd_getfd``), with the pid of the enclave runtime at its other end, in the
+    order the enclaves were launched (their pids)."""
 
     runtimes = [pid for pid in _proc.pids() if is_enclave_runtime(pid)]
+    found = []
     for fd, link in list(_proc.fd_links(app.pid)):
         if not link.startswith("socket:["):
             continue
-        sock = take_descriptor(app.pid, fd)
+        try:
+            sock = take_descriptor(app.pid, fd)
+        except OSError:
+            continue  # (closed meanwhile: a request's connection)
         peer = _peer_of(sock) if sock.family == socket.AF_UNIX else 0
-        if peer and any(_proc.holds(pid, f"socket:[{peer}]") for pid in runtimes):
-            yield sock
+        enclave = next((p for p in runtimes if peer and _proc.holds(p, f"socket:[{peer}]")), 0)
+        if enclave:
+            found.append((sock, enclave))
         else:
             sock.close()
+    return sorted(found, key=lambda found: found[1])
 
 
-def _own_hold(app: AppProcess) -> int:
-    """The application's connection sends a ``__mig_hold`` of its own (a nonce the
-    tool's journal never names), its descriptor on the frame's own message; how many
-    enclave connections did.  The enclave serves that connection's frames in order:
+def _own_hold(app: AppProcess, which: int = 0) -> int:
+    """The application's connection to its enclave ``which`` sends a ``__mig_hold`` of
+    its own (a nonce the tool's journal never names), its descriptor on the frame's own
+    message; that enclave's pid.  The enclave serves that connection's frames in order:
     the hold is taken before the tool's ``prepare`` reaches it.  The answer (an id the
     application never asked) is passed over by the application's reader."""
 
-    sent = 0
-    for sock in _enclave_connections(app):
-        with sock:
-            frame = {"t": "ecall", "id": 1 << 50, "fn": "__mig_hold", "args": [b"not-the-tools"]}
-            socket.send_fds(sock, [encode(frame, max_size=ECALL_FRAME_MAX)], [sock.fileno()])
-        sent += 1
-    return sent
+    connections = _enclave_connections(app)
+    try:
+        sock, enclave = connections[which]
+        frame = {"t": "ecall", "id": 1 << 50, "fn": "__mig_hold", "args": [b"not-the-tools"]}
+        socket.send_fds(sock, [encode(frame, max_size=ECALL_FRAME_MAX)], [sock.fileno()])
+        return enclave
+    finally:
+        for sock, _ in connections:
+            sock.close()
 
 
+@pytest.mark.parametrize(
+    ("options", "enclaves", "which"),
+    [((), 1, 0), (("--late-handshake",), 1, 0), (("--live",), 1, 0), ((), 2, 1)],
+    ids=["early-handshake", "late-handshake", "live", "second-of-two"],
+)
 def test_an_enclave_keeping_the_applications_own_hold_refuses_the_migration(
-    bed: Testbed, agent: AgentProcess
+    bed: Testbed, agent: AgentProcess, options: tuple[str, ...], enclaves: int, which: int
 ) -> None:
     """The application sent its own ``__mig_hold`` first: exit 6 (``hold-refused``),
-    the enclave named; the source answers with every write; no copy on the destination;
-    and the next migration moves (the roll-back's abort and the application's
-    ``__mig_unhold`` let that duplicate go)."""
+    the enclave named; the source answers with every write; no copy on the
+    destination.  The next migration moves (the roll-back's abort and the
+    application's ``__mig_unhold`` let that duplicate go; asked once per number of
+    enclaves).  Of two enclaves, the first took the tool's hold and goes back with
+    its state too."""
 
     if os.geteuid() != 0:
         pytest.skip("pidfd_getfd needs root")
-    app, digest = loaded_app(bed)
+    app, digest = loaded_app(bed, "--enclaves", str(enclaves))
     try:
-        assert _own_hold(app) == 1
-        refused = bed.migrate(app.pid, agent)
+        enclave = _own_hold(app, which)
+        refused = bed.migrate(app.pid, agent, args=options)
         assert refused.returncode == EXIT_MOVED_NOT, refused.stderr
         assert "[hold-refused]" in refused.stderr, refused.stderr
-        assert "enclave 0 (pid " in refused.stderr and "hold-kept" in refused.stderr
+        assert f"enclave {which} (pid {enclave}) keeps another process's" in refused.stderr
+        assert "(hold-kept: " in refused.stderr, refused.stderr
         assert "keeps no duplicate" not in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr, refused.stderr
         source_answers(bed, app, digest, refused.stderr)
@@ -109,7 +125,11 @@ def test_an_enclave_keeping_the_applications_own_hold_refuses_the_migration(
         assert bed.runnable_copies(app) == {"src": 1, "dst": 0}
         assert ask(bed, app, "src", "DIGEST") == digest
         # (a figure, not an assert: the refused run, from the tool's start to its exit)
-        print("hold-refused " + json.dumps({"tool_seconds": round(refused.seconds, 3)}))
+        figure = {"options": options, "enclaves": enclaves, "tool_seconds": refused.seconds}
+        print("hold-refused " + json.dumps(figure))
+        if options:
+            only_copy(bed, app, "src", digest)
+            return  # (the next move: once per number of enclaves is enough)
         moved = bed.migrate(app.pid, agent)
         assert moved.returncode == EXIT_OK, moved.stderr
         assert "keeps no duplicate" not in moved.stderr, moved.stderr
