@@ -11,7 +11,10 @@ decided (exit 6, ``hold-refused``); the source runs on with every write, the
 destination keeps nothing.  The kind of the refusal decides: an enclave runtime
 older than the call (``MIGSGX_FAULT=enclave.hold:unknown-call`` in its platform
 service's environment: it answers ``unknown-ecall``) keeps nobody's duplicate,
-and the migration moves as before.
+and the migration moves as before.  A stale duplicate (an aborted migration's, that
+an application whose runtime never says ``__mig_unhold`` keeps while it lives)
+refuses the same way a migration that holds after its handshake; one with
+``--late-handshake`` replaces it and moves.
 
 One bed, a kvstore per cell, real enclaves, agents, CRIU and namespaces.
 """
@@ -151,6 +154,39 @@ def test_an_enclave_runtime_older_than_the_hold_still_migrates(
         assert moved.returncode == EXIT_OK, moved.stderr
         assert "enclave 0 keeps no duplicate of its connection" in moved.stderr, moved.stderr
         assert "declares no ECALL '__mig_hold'" in moved.stderr, moved.stderr
+        only_copy(bed, app, "dst", digest)
+    finally:
+        end_copies(bed, app)
+
+
+def test_a_stale_duplicate_refuses_a_migration_that_holds_after_its_handshake(
+    bed: Testbed, agent: AgentProcess
+) -> None:
+    """An aborted migration's duplicate that the application never lets go (its runtime
+    predates ``__mig_unhold``: ``app.resume-taken:no-unhold``) while it lives: a
+    migration whose handshake comes before its hold (the default) finds it kept
+    (``hold-kept``) and is refused (6, where it went on with no holder recorded);
+    ``--late-handshake`` holds before the handshake, replaces it, and moves."""
+
+    app = bed.start_app(
+        "kvstore", ["--image", str(bed.image("kvstore"))],
+        env={"MIGSGX_FAULT": "app.resume-taken:no-unhold"},
+    )  # fmt: skip
+    try:
+        for i in range(3):
+            assert ask(bed, app, "src", f"PUT k{i} {f'v{i}'.encode().hex()}") == f"OK {i + 1}"
+        digest = ask(bed, app, "src", "DIGEST")
+        failed = bed.migrate(app.pid, agent, env={"MIGSGX_FAULT": "tool.before-commit:fail"})
+        assert failed.returncode == EXIT_MOVED_NOT, failed.stderr
+        source_answers(bed, app, digest, failed.stderr)
+        refused = bed.migrate(app.pid, agent)
+        assert refused.returncode == EXIT_MOVED_NOT, refused.stderr
+        assert "[hold-refused]" in refused.stderr, refused.stderr
+        source_answers(bed, app, digest, refused.stderr)
+        wait_until(lambda: bed.copies(app)["dst"] == [], 20, "the destination to keep nothing")
+        moved = bed.migrate(app.pid, agent, args=["--late-handshake"])
+        assert moved.returncode == EXIT_OK, moved.stderr
+        assert "keeps no duplicate" not in moved.stderr, moved.stderr
         only_copy(bed, app, "dst", digest)
     finally:
         end_copies(bed, app)
