@@ -408,12 +408,10 @@ class AppChannel:
                 waiter.put({"lost": True})
 
 
-#: A test reaches an enclave runtime older than the hold calls here:
-#: ``MIGSGX_FAULT=enclave.hold:unknown-call`` in its environment (its platform
-#: service's) makes it take ``__mig_hold`` for an application's ECALL, which it
-#: answers ``unknown-ecall`` (``enclave-busy`` while quiesced) as such a runtime
-#: does.  The agent's fault syntax (:mod:`migsgx.agent.faults`), read here: this
-#: layer imports nothing above it.
+#: ``MIGSGX_FAULT=enclave.hold:unknown-call`` (its platform service's environment): a
+#: runtime older than ``__mig_hold``, which takes it for an application's ECALL and
+#: answers ``unknown-ecall`` (``enclave-busy`` while quiesced).  The agent's fault
+#: syntax (:mod:`migsgx.agent.faults`), read here: this layer imports nothing above it.
 _HOLD_POINT = "enclave.hold"
 
 
