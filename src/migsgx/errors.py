@@ -225,3 +225,16 @@ class CheckpointBusyError(MigSGXError):
 
 
 __all__ += ["CheckpointBusyError"]
+
+
+# --- a source enclave that keeps another party's duplicate of its connection ------
+@register_error
+class HoldRefusedError(MigrationError):
+    """A source enclave refused the migration's ``__mig_hold`` because it keeps a
+    duplicate of another party's (``hold-kept``): the migration is rolled back before
+    anything is decided, and the source runs on (exit 6)."""
+
+    code = "hold-refused"
+
+
+__all__ += ["HoldRefusedError"]

@@ -81,6 +81,10 @@ POINTS: Final = frozenset(
         # In the application (``resume``): its connections taken back, no ``__mig_unhold``
         # sent yet; ``no-unhold``: answer without it, as a runtime older than that call.
         "app.resume-taken",
+        # In an enclave's runtime (its platform service's environment): ``__mig_hold``
+        # answered as by a runtime older than that call; ``unknown-call`` only (read by
+        # :mod:`migsgx.enclave.app_channel` itself).
+        "enclave.hold",
         "tool.after-prepare",
         "guardian.retry",  # ``give-up``: the guardian in doubt stops as if its 10 minutes ran out
         # the tool died; the source enclaves answered the guardian's abort, frames not journaled

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._trace import step
-from ..datapath.enclave_link import EnclaveLink
+from ..datapath.enclave_link import EnclaveLink, kept_by_another, refusal_kind
 from ..datapath.outgoing import OutgoingEnclave
-from ..errors import MigrationError, MigSGXError, ProtocolError
+from ..errors import HoldRefusedError, MigrationError, MigSGXError, ProtocolError
 from ..limits import MIGRATE_CHUNK_SIZE
 from . import early, precopy
 from .applink import HandedEnclave
@@ -244,16 +244,36 @@ class _EnclaveSteps(_MigrationState):
         # tool and its guardian both die, it keeps its state (committed: the state to
         # deliver again; undecided: the application's writes) instead of ending, and
         # ``migsgx recover`` takes the duplicate back (``recover.HeldSource``).
-        holders = [self._hold(h) for h in handed]
+        # An enclave that keeps another party's duplicate refuses its hold: the
+        # migration stops there (the holds given so far are in the journal first, for
+        # whoever finishes the roll-back), before anything is frozen or decided.
+        holders: list[list[object]] = []
+        refused: HoldRefusedError | None = None
+        for h in handed:
+            entry, refused = self._hold(h)
+            holders.append(entry)
+            if refused is not None:
+                break
+        holders.extend([] for _ in range(len(handed) - len(holders)))
         self.journal.update(guardian_pid=self.guardian.proc.pid, enclaves=described,
                             holders=holders)  # fmt: skip
+        if refused is not None:
+            raise refused
 
-    def _hold(self, h: HandedEnclave) -> list[object]:
-        """``[pid, fd, start, nonce]`` of the duplicate enclave ``h`` now holds; [] if none.
+    def _hold(self, h: HandedEnclave) -> tuple[list[object], HoldRefusedError | None]:
+        """``[pid, fd, start, nonce]`` of the duplicate enclave ``h`` now holds ([] if
+        none), and the refusal to migrate when it keeps another party's instead.
 
         The nonce names this hold: a ``recover`` reading a stale journal (the
         duplicate let go since, its number reused by a later migration's) finds
-        another nonce there and leaves it alone (:func:`.holders.take_held`).
+        another nonce there and leaves it alone (:func:`.holders.take_held`).  A
+        refusal's kind decides (:func:`~migsgx.datapath.enclave_link.kept_by_another`):
+        ``hold-kept`` means that the enclave keeps a duplicate another process gave
+        it (the application's own ``__mig_hold``, say), which names no nonce of this
+        journal: should this tool and its guardian die once the enclave is frozen
+        or committed, ``migsgx recover`` could not take its state back.  So that
+        refuses the migration.  An enclave runtime older than the call (it answers
+        ``unknown-ecall``) keeps nothing, and migrates without a duplicate as before.
         """
 
         links = [t.outgoing.link for t in self.transfers if t.handed is h and t.outgoing]
@@ -261,7 +281,15 @@ class _EnclaveSteps(_MigrationState):
         try:
             app = self.link.pid if self.link is not None else None
             nonce = secrets.token_bytes(16)  # this hold's, and so this migration's
-            return [h.info.pid, link.hold(app, nonce), start_time(h.info.pid), nonce.hex()]
+            fd = link.hold(app, nonce)
+            return [h.info.pid, fd, start_time(h.info.pid), nonce.hex()], None
         except (MigSGXError, OSError) as exc:
+            if kept_by_another(exc):
+                return [], HoldRefusedError(
+                    f"enclave {h.index} (pid {h.info.pid}) keeps another process's duplicate "
+                    f"of its connection and refused this migration's ({refusal_kind(exc)}: {exc}): "
+                    "were this tool and its guardian to die, migsgx recover could not take "
+                    "its state back; nothing moved, the source runs on"
+                )
             log.warning("enclave %d keeps no duplicate of its connection: %s", h.index, exc)
-            return []
+            return [], None

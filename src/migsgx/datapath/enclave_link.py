@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from .. import _proc
 from ..channel import HOLD_WATCHED
@@ -122,8 +122,40 @@ class EnclaveLink:
             for pidfd in pidfds:
                 os.close(pidfd)
         if msg["t"] == "err":
-            raise error_from_wire(msg["code"], msg["message"])
+            err = error_from_wire(msg["code"], msg["message"])
+            # The kind decides what a refusal means (:func:`kept_by_another`): kept
+            # where this process knows no class of it (``hold-kept`` is the runtime's).
+            err.context["wire_code"] = str(msg["code"])
+            raise err
         return int(msg["value"])
+
+
+#: The kinds of a refused ``__mig_hold`` that mean another party's duplicate of this
+#: connection is kept there (the application, or any process holding the connection,
+#: sent a hold of its own first): a driver's own hold then cannot be given, and the
+#: duplicate the enclave keeps names no nonce of the driver's journal, so ``migsgx
+#: recover`` could not take it back.  Any other refusal (an enclave runtime older than
+#: the call answers ``unknown-ecall``, or ``enclave-busy`` while quiesced: it took the
+#: call for an application's ECALL) keeps nobody's duplicate.
+HOLD_KEPT_BY_ANOTHER: Final = frozenset({"hold-kept"})
+
+
+def refusal_kind(refusal: BaseException) -> str:
+    """The kind of a refused call: its code as the enclave sent it (kept by
+    :meth:`EnclaveLink.hold` where this process knows no class of that code, which
+    then rebuilds the root type), else the error's own code or type."""
+
+    if isinstance(refusal, MigSGXError):
+        return str(refusal.context.get("wire_code", refusal.code))
+    return type(refusal).__name__
+
+
+def kept_by_another(refusal: BaseException) -> bool:
+    """Whether a refused :meth:`EnclaveLink.hold` means that the enclave keeps a
+    duplicate of another party's (:data:`HOLD_KEPT_BY_ANOTHER`): decided by the kind
+    (:func:`refusal_kind`), never by the message."""
+
+    return refusal_kind(refusal) in HOLD_KEPT_BY_ANOTHER
 
 
 def holders_of(sock: socket.socket, app_pid: int) -> list[int]:
