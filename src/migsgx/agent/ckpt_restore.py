@@ -195,8 +195,10 @@ def _restore(
         for i in range(count):
             assert platform_socket is not None
             # The enclave opens its checkpoint only with the metadata its source
-            # committed: a rewrite of migsgx.json (with the files) is refused.
-            enclave = CheckpointIn(directory, i, platform_socket, meta_digest)
+            # committed: a rewrite of migsgx.json (with the files) is refused.  It
+            # launches only from the image the metadata records (checked first).
+            files = meta.get("files")
+            enclave = CheckpointIn(directory, i, platform_socket, meta_digest, files=files)
             incoming.append(enclave)
             enclave.load()
         # From the activation on, the enclaves hold the only copy and need their
