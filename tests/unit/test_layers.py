@@ -87,6 +87,8 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     "migsgx.datapath.slots": frozenset({"migsgx.datapath.ring"}),
     "migsgx.datapath.transport": frozenset({"migsgx.datapath.ring", "migsgx.datapath.ring_spec"}),
     "migsgx.datapath.staging": frozenset({"migsgx.datapath.ring", "migsgx.datapath.transport"}),
+    # A checkpoint's enclave image, checked as recorded before it launches: below its users.
+    "migsgx.datapath.ckpt_image": frozenset(),
     "migsgx.criu.enter": frozenset(),
     "migsgx.criu.keeplog": frozenset(),
     "migsgx.criu.swrk": frozenset(

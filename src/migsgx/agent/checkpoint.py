@@ -112,6 +112,8 @@ def checkpoint(
     unknown: list[int] = []
     fenced: list[int] = []
     holders: list[list[object]] = []
+    #: The files' digests as ``migsgx.json`` records them (an image launches only as recorded).
+    digests: dict[str, list[int | str]] = {}
     meta = {"format": FORMAT, "pid": pid, "pidns": pidns, "tcp_close": tcp_close,
             "enclaves": len(handed), "start": start_time(pid)}  # fmt: skip
     # As for a migration: a guardian holds the enclave connections, so that a tool
@@ -133,7 +135,8 @@ def checkpoint(
         # CRIU's images are complete: the metadata (with every file's digest) is
         # durable before any enclave gives its state up, so a tool that dies after
         # the commit leaves a restorable checkpoint.
-        meta_digest = _write_meta(directory, {**meta, "files": _digests(directory)})
+        digests.update(_digests(directory))
+        meta_digest = _write_meta(directory, {**meta, "files": digests})
         # The fence: if this tool dies from here on and CRIU resumes the tree, it
         # stops instead of running beside the checkpoint.
         fenced.extend(tree_pids(pid))
@@ -155,7 +158,7 @@ def checkpoint(
                     not _alive(handed[i].info.pid) or hung_up(handed[i].sock)
                 )
                 gate = (
-                    _gate_after_death(directory, i, handed[i].info.pid, meta_digest)
+                    _gate_after_death(directory, i, handed[i].info.pid, meta_digest, digests)
                     if dead_now else False
                 )  # fmt: skip
                 if gate is None and not committed:
@@ -295,7 +298,9 @@ def _race_an_abort(pending: list[CheckpointOut]) -> None:
     os._exit(70)
 
 
-def _gate_after_death(directory: Path, index: int, pid: int, meta: bytes) -> bool | None:
+def _gate_after_death(
+    directory: Path, index: int, pid: int, meta: bytes, files: dict[str, list[int | str]]
+) -> bool | None:
     """Whether enclave ``index``'s gate committed; its process ``pid`` died after it
     was sent its commit.  None: the gate cannot be read.
 
@@ -308,7 +313,7 @@ def _gate_after_death(directory: Path, index: int, pid: int, meta: bytes) -> boo
         return None
     try:
         sock = default_platform_socket(None)
-        CheckpointIn(directory, index, sock, meta).probe()
+        CheckpointIn(directory, index, sock, meta, files=files).probe()
     except CheckpointGateError:
         return False  # (pending, or gone: never committed)
     except (MigSGXError, OSError):

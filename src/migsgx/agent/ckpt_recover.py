@@ -3,10 +3,11 @@
 The decision is durable and not the tool's: each enclave's *gate* in the host's
 platform store says whether its source committed (``docs/spec/checkpoint.md``).
 Only an enclave can read a gate, so the probe launches a fresh enclave of each
-image and asks it to open its checkpoint (``__ckpt_in``, with the digest of the
-metadata); it refuses unless the gate is committed, and is then discarded (a
-read changes nothing).  The directory's journal (:mod:`.ckpt_journal`) names the
-tool and the source tree, and tells a restore under way from one that ended.
+image (only the one ``migsgx.json`` records, checked first) and asks it to open
+its checkpoint (``__ckpt_in``, with the digest of the metadata); it refuses
+unless the gate is committed, and is then discarded (a read changes nothing).
+The directory's journal (:mod:`.ckpt_journal`) names the tool and the source
+tree, and tells a restore under way from one that ended.
 
 The checkpoint's guardian runs this same function once the tool died
 (``aborted`` when every enclave answered its abort).
@@ -54,7 +55,7 @@ from typing import Final
 
 from .._records import json_record, non_negative_int
 from ..datapath.checkpoint import CheckpointIn
-from ..errors import CheckpointGateError, MigSGXError, RecordDamagedError
+from ..errors import CheckpointDamagedError, CheckpointGateError, MigSGXError, RecordDamagedError
 from ..host.client import EnclaveInfo
 from ..system.process import continue_tree, process_state
 from .applink import AppLink
@@ -181,13 +182,16 @@ def _end_committed(holders: object) -> None:
             sock.close()
 
 
-def _committed(directory: Path, count: int, platform_socket: Path, meta: bytes) -> list[bool]:
-    """Per enclave, whether its gate is committed (raises if that cannot be learnt)."""
+def _committed(
+    directory: Path, count: int, platform_socket: Path, meta: bytes, files: object
+) -> list[bool]:
+    """Per enclave, whether its gate is committed (raises if that cannot be learnt: an
+    image that is not the one ``files`` records is refused before it launches)."""
 
     found = []
     for index in range(count):
         try:
-            CheckpointIn(directory, index, platform_socket, meta).probe()
+            CheckpointIn(directory, index, platform_socket, meta, files=files).probe()
         except CheckpointGateError:
             found.append(False)
         else:
@@ -307,8 +311,11 @@ def _resolve(
                               "name the host's --platform-socket to read the gates")  # fmt: skip
         try:
             committed = _committed(
-                directory, count, platform_socket, hashlib.sha256(raw_meta).digest()
-            )
+                directory, count, platform_socket, hashlib.sha256(raw_meta).digest(),
+                meta.get("files"),
+            )  # fmt: skip
+        except CheckpointDamagedError as exc:  # (an image not as recorded: never launched)
+            return Resolution(name, phase, "?", "in-doubt", f"[{exc.code}] {exc}; nothing changed")
         except (MigSGXError, OSError) as exc:
             return Resolution(name, phase, "?", "in-doubt", f"the gates cannot be read: {exc}")
     if journal is not None and phase == "restoring" and not all(committed):
@@ -339,7 +346,7 @@ def _resolve(
                     sock.close()
         if rolled:
             try:
-                committed = _committed(directory, count, platform_socket, digest)
+                committed = _committed(directory, count, platform_socket, digest, meta.get("files"))
             except (MigSGXError, OSError) as exc:
                 return Resolution(name, phase, "mixed", "in-doubt",
                                   f"the gates cannot be read again: {exc}")  # fmt: skip

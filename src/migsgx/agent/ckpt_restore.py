@@ -30,6 +30,7 @@ from .._fs import write_private
 from .._records import json_record, non_negative_int
 from ..criu import Criu, InNetns
 from ..datapath.checkpoint import CheckpointIn
+from ..datapath.ckpt_image import checked_image
 from ..errors import (
     CheckpointBusyError,
     CheckpointDamagedError,
@@ -109,7 +110,10 @@ def load_metadata(directory: Path) -> tuple[bytes, dict[str, object], int]:
     if not non_negative_int(count, MAX_CHECKPOINT_ENCLAVES + 1):
         raise RecordDamagedError(f"{directory}: the checkpoint metadata's enclave count is damaged")
     # Before CRIU sees anything: a truncated page image makes CRIU's restorer spin
-    # for ever, and a changed byte would run unnoticed.
+    # for ever, and a changed byte would run unnoticed.  The enclave images first,
+    # by the check every launch from a checkpoint makes (it says what differs).
+    for index in range(count):
+        checked_image(directory, index, meta.get("files"))
     _verify(directory, meta.get("files"))
     return raw_meta, meta, count
 
@@ -195,8 +199,10 @@ def _restore(
         for i in range(count):
             assert platform_socket is not None
             # The enclave opens its checkpoint only with the metadata its source
-            # committed: a rewrite of migsgx.json (with the files) is refused.
-            enclave = CheckpointIn(directory, i, platform_socket, meta_digest)
+            # committed: a rewrite of migsgx.json (with the files) is refused.  It
+            # launches only from the image the metadata records (checked first).
+            files = meta.get("files")
+            enclave = CheckpointIn(directory, i, platform_socket, meta_digest, files=files)
             incoming.append(enclave)
             enclave.load()
         # From the activation on, the enclaves hold the only copy and need their

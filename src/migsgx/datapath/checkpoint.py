@@ -10,11 +10,13 @@ migration.  The files in the directory, per enclave ``N``::
     enclave-N.image   the enclave image (CBOR map of file name to bytes; public)
     enclave-N.key     the sealed stream secret and checkpoint id
     enclave-N.state   the sealed streams, as chunk frames (u32 length | u8 flags | payload)
-    enclave-N.json    public facts: checkpoint id, chunk size, bytes
+    enclave-N.json    public facts: checkpoint id, chunk size, bytes, the image's digest
 
 The source enclave gives its state up (wipes itself and exits) only after the
 files are on disk.  A restore launches a fresh enclave of the same image on
-the *same host* (the seal key is bound to it), loads the streams, and runs only
+the *same host* (the seal key is bound to it), only from the image the
+checkpoint recorded (:func:`.ckpt_image.checked_image`, before it launches),
+loads the streams, and runs only
 after consuming the checkpoint's gate in the host's platform store: a checkpoint
 restores exactly once, only after its source committed, never after an abort.
 See ``docs/spec/checkpoint.md``.
@@ -40,11 +42,12 @@ from ..errors import ConfigError, FrameError, MigSGXError
 from ..host.client import EnclaveInfo, launch_enclave
 from ..limits import DEFAULT_CHUNK_SIZE, DEFAULT_SLOTS
 from ..sgx.image import EnclaveImage
+from .ckpt_image import MAX_IMAGE_FILE, checked_image, image_digest, image_name
 from .enclave_link import RING_TIMEOUT, EnclaveLink, _call_beside, _Worker
 from .ring import ShmRing
 from .ring_spec import RingRole
 
-MAX_IMAGE_FILE = 64 << 20
+__all__ = ["MAX_IMAGE_FILE", "CheckpointIn", "CheckpointOut", "restore_enclave"]
 
 
 def _paths(directory: Path, index: int) -> tuple[Path, Path, Path, Path]:
@@ -128,7 +131,8 @@ class CheckpointOut:
         t0 = time.perf_counter()
         try:
             started = self.link.call("__ckpt_out", *([self.group] if self.group else []))
-            _write_durably(image_path, cbor2.dumps(self.image_files))
+            image = cbor2.dumps(self.image_files)
+            _write_durably(image_path, image)
             _write_durably(key_path, started["key"])
             ring = ShmRing.create(self.slots, self.chunk_size + TAG_SIZE, RingRole.CONSUMER)
             fd = os.open(state_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -147,6 +151,9 @@ class CheckpointOut:
                 "chunk_bytes": self.chunk_size,
                 "bytes": dump["bytes"],
                 "memory_bytes": dump["memory_bytes"],
+                # (what a bare checkpoint's restore checks the image against; a
+                # process checkpoint's is migsgx.json's, which covers this file too)
+                "image": image_digest(image),
             }
             _write_durably(meta_path, json.dumps(facts).encode())
             dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -192,40 +199,67 @@ class CheckpointOut:
 
 
 class CheckpointIn:
-    """One enclave of a checkpoint, loaded into a fresh enclave that does not run yet."""
+    """One enclave of a checkpoint, loaded into a fresh enclave that does not run yet.
+
+    ``files``: the digests the checkpoint recorded (``migsgx.json``'s ``files``,
+    as parsed, whatever it holds); the image is launched only if it is the one
+    recorded there (:func:`.ckpt_image.checked_image`).  None: a bare enclave
+    checkpoint, whose ``enclave-N.json`` records its image's digest.
+    """
 
     def __init__(
-        self, directory: Path, index: int, platform_socket: Path | str, meta: bytes = b""
+        self,
+        directory: Path,
+        index: int,
+        platform_socket: Path | str,
+        meta: bytes = b"",
+        *,
+        files: object = None,
     ) -> None:
         self.directory = Path(directory)
         self.index = index
         self.platform_socket = platform_socket
         #: The SHA-256 of the metadata the restore read (what the source committed).
         self.meta = meta
+        self.files = files
         self.link: EnclaveLink | None = None
         self.info: EnclaveInfo | None = None
         self.image_files: dict[str, bytes] = {}
 
-    def load(self, *, slots: int = DEFAULT_SLOTS) -> None:
-        image_path, key_path, state_path, meta_path = _paths(self.directory, self.index)
+    def _facts(self) -> dict[str, Any]:
+        _, _, _, meta_path = _paths(self.directory, self.index)
         try:
-            raw = image_path.read_bytes()
-            key_blob = key_path.read_bytes()
             facts = json.loads(meta_path.read_text())
-            chunk = int(facts["chunk_bytes"])
-        except (OSError, ValueError, KeyError, TypeError, RecursionError, OverflowError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise ConfigError(
                 f"checkpoint {self.directory} lacks enclave {self.index}: {exc}"
             ) from exc
-        if len(raw) > MAX_IMAGE_FILE or not 4096 <= chunk <= 16 << 20:
+        if not isinstance(facts, dict):
             raise ConfigError(f"checkpoint {self.directory}: enclave {self.index} is malformed")
+        return facts
+
+    def _image(self, facts: dict[str, Any] | None = None) -> EnclaveImage:
+        """The image to launch, checked against the recorded digest before anything
+        launches (the one check, :func:`.ckpt_image.checked_image`)."""
+
+        files = self.files
+        if files is None:  # (a bare checkpoint: its enclave-N.json records the image)
+            files = {image_name(self.index): (facts or self._facts()).get("image")}
+        return checked_image(self.directory, self.index, files)
+
+    def load(self, *, slots: int = DEFAULT_SLOTS) -> None:
+        _, key_path, state_path, _ = _paths(self.directory, self.index)
+        facts = self._facts()
         try:
-            files = cbor2.loads(raw)
-        except Exception as exc:
-            raise ConfigError(f"{image_path} is not an enclave image") from exc
-        if not isinstance(files, dict):
-            raise ConfigError(f"{image_path} is not an enclave image")
-        image = EnclaveImage.from_files(files)
+            key_blob = key_path.read_bytes()
+            chunk = int(facts["chunk_bytes"])
+        except (OSError, ValueError, KeyError, TypeError, OverflowError) as exc:
+            raise ConfigError(
+                f"checkpoint {self.directory} lacks enclave {self.index}: {exc}"
+            ) from exc
+        if not 4096 <= chunk <= 16 << 20:
+            raise ConfigError(f"checkpoint {self.directory}: enclave {self.index} is malformed")
+        image = self._image(facts)
         sock, self.info = launch_enclave(image, socket_path=self.platform_socket)
         self.link = link = EnclaveLink(sock)
         self.image_files = dict(image.files)
@@ -253,17 +287,13 @@ class CheckpointIn:
         one); then it is discarded.  Reading a gate changes nothing.
         """
 
-        image_path, key_path, _, _ = _paths(self.directory, self.index)
+        _, key_path, _, _ = _paths(self.directory, self.index)
         try:
-            files = cbor2.loads(image_path.read_bytes())
             key_blob = key_path.read_bytes()
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             raise ConfigError(f"checkpoint {self.directory} lacks enclave {self.index}") from exc
-        if not isinstance(files, dict):
-            raise ConfigError(f"{image_path} is not an enclave image")
-        sock, self.info = launch_enclave(
-            EnclaveImage.from_files(files), socket_path=self.platform_socket
-        )
+        image = self._image()
+        sock, self.info = launch_enclave(image, socket_path=self.platform_socket)
         self.link = EnclaveLink(sock)
         try:
             self.link.call("__ckpt_in", key_blob, self.meta)
@@ -291,7 +321,7 @@ class CheckpointIn:
 def restore_enclave(
     directory: Path, index: int, platform_socket: Path | str, meta: bytes = b""
 ) -> tuple[socket.socket, EnclaveInfo, dict[str, bytes]]:
-    """Launch a fresh enclave, load the checkpoint into it, and let it run (once)."""
+    """Launch a fresh enclave, load a bare checkpoint into it, and let it run (once)."""
 
     incoming = CheckpointIn(directory, index, platform_socket, meta)
     incoming.load()
