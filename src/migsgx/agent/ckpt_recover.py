@@ -56,9 +56,7 @@ from typing import Final
 from .._records import json_record, non_negative_int
 from ..datapath.checkpoint import CheckpointIn
 from ..errors import CheckpointDamagedError, CheckpointGateError, MigSGXError, RecordDamagedError
-from ..host.client import EnclaveInfo
 from ..system.process import continue_tree, process_state
-from .applink import AppLink
 from .ckpt_journal import (
     HELD,
     JOURNAL,
@@ -75,7 +73,14 @@ from .ckpt_journal import (
     write_journal,
 )
 from .faults import fault
-from .handback import RESUME_WAIT, abort_answer, abort_enclave, call_enclave, let_go, resume_source
+from .handback import (
+    abort_answer,
+    abort_enclave,
+    attach_when_running,
+    call_enclave,
+    let_go,
+    resume_source,
+)  # fmt: skip
 from .holders import dead_holders, eof_socket, take_held, watch_holders
 from .recover_records import Resolution
 
@@ -424,7 +429,7 @@ def _finish_restore(directory: Path, journal: dict[str, object], name: str) -> R
         for sock in socks:
             call_enclave(sock, "__ckpt_activate", [])  # (claimed once: an active one refuses)
         continue_tree(pid)
-        _attach(pid, socks, infos)
+        attach_when_running(pid, socks, infos)
     except MigSGXError as exc:
         return Resolution(name, "restoring", "commit", "in-doubt",
                           f"the restore of {pid} could not be finished: {exc}")  # fmt: skip
@@ -436,20 +441,3 @@ def _finish_restore(directory: Path, journal: dict[str, object], name: str) -> R
     write_journal(directory, "restored", restored_pid=pid, holders=[])
     done = f"the restore finished: {len(items)} enclave(s) attached to {pid}"
     return Resolution(name, "restoring", "commit", "restored", done)
-
-
-def _attach(pid: int, socks: list[socket.socket], infos: list[EnclaveInfo]) -> None:
-    """Hand the continued tree its enclaves (it answers once it runs)."""
-
-    deadline = time.monotonic() + RESUME_WAIT
-    while True:
-        try:
-            link = AppLink.find(pid)
-            if link is None:
-                raise MigSGXError(f"the restored process {pid} has no migration control")
-            link.attach(socks, infos)
-            return
-        except MigSGXError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)

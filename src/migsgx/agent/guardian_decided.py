@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Final
 from ..errors import MigSGXError
 from .faults import fault
 from .guardian_log import RECOVER_PATIENCE, log, log_to, pause
-from .handback import call_enclave, commit_rest
+from .handback import attach_when_running, call_enclave, commit_rest
 
 if TYPE_CHECKING:
     from .recover_records import Resolution
@@ -173,7 +173,6 @@ def finish_restore(pid: int, socks: list[socket.socket], infos: bytes) -> int:
     from ..host.appctl import info_from_wire
     from ..host.client import EnclaveInfo
     from ..system.process import continue_tree
-    from .ckpt_recover import _attach as attach_when_running
 
     log(f"the restore tool died while activating: finishing the restore of {pid}")
     for sock in socks:

@@ -17,16 +17,19 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from ..containers.cgroups import thaw_file
 from ..errors import MigSGXError
 from .applink import AppLink
 from .enclave_ask import Answer, ask, not_answering
 
+if TYPE_CHECKING:
+    from ..host.client import EnclaveInfo
+
 __all__ = [
     "abort_answer", "abort_asked", "abort_enclave", "abort_frame_of", "abort_reply",
-    "call_enclave", "commit_rest", "let_go", "resume_source",
+    "attach_when_running", "call_enclave", "commit_rest", "let_go", "resume_source",
 ]  # fmt: skip
 
 #: The wait of a call whose caller does not bound it (a checkpoint's recovery);
@@ -215,3 +218,21 @@ def resume_source(
                 # (again: a CRIU letting go of the tree puts back the freezer state it found)
                 with contextlib.suppress(MigSGXError, OSError):
                     thaw_file(control)
+
+
+def attach_when_running(pid: int, socks: list[socket.socket], infos: list[EnclaveInfo]) -> None:
+    """Hand a restored tree, continued, its enclaves: it answers once it runs (up to
+    :data:`RESUME_WAIT`; then the last refusal is raised)."""
+
+    deadline = time.monotonic() + RESUME_WAIT
+    while True:
+        try:
+            link = AppLink.find(pid)
+            if link is None:
+                raise MigSGXError(f"the restored process {pid} has no migration control")
+            link.attach(socks, infos)
+            return
+        except MigSGXError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
