@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from migsgx.agent.held import RECORD, HeldRecord, start_time
-from migsgx.agent.recover_dest import recover_destination, serving_lock, work_dir_of
+from migsgx.agent.recover_dest import _no_agent, recover_destination, serving_lock, work_dir_of
 
 
 def _session(state: Path, raw: bytes | None = None, record: HeldRecord | None = None) -> Path:
@@ -130,3 +131,30 @@ def _wait_stopped(pid: int) -> None:
     while _state(pid) != "T":
         assert time.monotonic() < deadline, "the process never stopped"
         time.sleep(0.005)
+
+
+def test_an_agent_starting_while_recover_takes_over_waits_for_it(tmp_path: Path) -> None:
+    """The lock recover holds while it takes trees over keeps a starting agent's own
+    start-up pass out until it is done (never both on one tree)."""
+
+    work = work_dir_of(tmp_path)
+    work.mkdir(parents=True)
+    got: list[int] = []
+    started = threading.Event()
+    done = threading.Event()
+
+    def agent_start() -> None:
+        started.set()
+        got.append(serving_lock(work))
+        done.set()
+
+    with _no_agent(work) as free:
+        assert free
+        thread = threading.Thread(target=agent_start, daemon=True)
+        thread.start()
+        assert started.wait(30)
+        assert not done.wait(0.3)  # (cannot be set while the lock is held here)
+        with _no_agent(work) as again:
+            assert not again  # (a second recover, or an agent, holds it: left alone)
+    assert done.wait(30)
+    os.close(got[0])

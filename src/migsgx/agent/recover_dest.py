@@ -55,12 +55,10 @@ if TYPE_CHECKING:
     from .adoption import Adoption
     from .config import AgentConfig
 
-__all__ = ["LOCK", "DestinationResolution", "recover_destination", "serving_lock", "work_dir_of"]
+__all__ = ["DestinationResolution", "recover_destination", "serving_lock", "work_dir_of"]
 
 log = logging.getLogger("migsgx.recover")
 
-#: The agent's work directory lock (a file in the work directory).
-LOCK: Final = "agent.lock"
 #: How often a starting agent says that it waits for the lock.
 WAIT_SAID: Final = 5.0
 
@@ -82,7 +80,8 @@ def work_dir_of(state: Path) -> Path:
 
 
 def serving_lock(work_dir: Path) -> int:
-    """Take the work directory's lock shared, for as long as the agent runs; its fd.
+    """Take the work directory's lock (``flock`` on the directory) shared, for as long
+    as the agent runs; its fd.
 
     Waits while a ``migsgx recover`` holds it (it takes a dead agent's trees
     over), saying so every few seconds; agents on one work directory share it.
@@ -90,7 +89,7 @@ def serving_lock(work_dir: Path) -> int:
 
     import time
 
-    fd = os.open(work_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _open(work_dir)
     said = 0.0
     while True:
         try:
@@ -100,10 +99,17 @@ def serving_lock(work_dir: Path) -> int:
             now = time.monotonic()
             if now - said >= WAIT_SAID:
                 said = now
-                log.warning("%s is held by migsgx recover (it takes a former agent's "
-                            "trees over): waiting for it before the start-up pass",
-                            work_dir / LOCK)  # fmt: skip
+                log.warning("the lock of %s is held by migsgx recover (it takes a former "
+                            "agent's trees over): waiting for it before the start-up pass",
+                            work_dir)  # fmt: skip
             time.sleep(0.1)
+
+
+def _open(work_dir: Path) -> int:
+    """The work directory itself, opened for its lock (``flock`` on a directory: no
+    file to create, so none whose owner could keep an agent of another user out)."""
+
+    return os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 @contextlib.contextmanager
@@ -111,9 +117,9 @@ def _no_agent(work_dir: Path) -> Iterator[bool]:
     """Whether no agent serves ``work_dir`` (its lock held here meanwhile)."""
 
     try:
-        fd = os.open(work_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = _open(work_dir)
     except OSError as exc:
-        raise MigSGXError(f"the agent's lock {work_dir / LOCK}: {exc}") from exc
+        raise MigSGXError(f"the agent's work directory {work_dir}: {exc}") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
