@@ -36,13 +36,15 @@ from fault_helpers import (
     stop_guardian_of,
 )
 
-from migsgx.lab.testbed import Testbed
+from migsgx.lab.containers import ContainerLab
+from migsgx.lab.testbed import AgentProcess, Testbed
 from migsgx.system.process import process_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 #: The subnet of this module's testbed (the ``bed`` fixture of conftest.py).
 BED_SUBNET = 253
+BED_CONTAINERS = True  # (the runc cell's agents start after the lab: they read containers.toml)
 
 
 def recover_dst(bed: Testbed) -> subprocess.CompletedProcess[str]:
@@ -117,3 +119,39 @@ def test_an_undecided_held_tree_is_in_doubt_until_the_agent_takes_it(bed: Testbe
         assert "moved" in {r["outcome"] for r in json.loads(moved.stdout)}, moved.stdout
         wait_until(lambda: process_state(app.pid) in ("", "Z"), 30, "the source to be ended")
         only_copy(bed, app, "dst", c.digest)
+
+
+def test_a_claimed_runc_container_is_resumed_by_recover_on_the_destination(
+    bed: Testbed, lab: ContainerLab
+) -> None:
+    """The same with a runc container: recover reads the agent's configuration from the
+    state (its containers.toml) and takes the container over from its engine."""
+
+    agents: list[AgentProcess] = [bed.start_agent(env={"MIGSGX_FAULT": "agent.after-claim:kill"})]
+    app = lab.start_app("runc", "kvstore")
+    try:
+        for i in range(3):
+            assert lab.ask(app, f"PUT k{i} {f'v{i}'.encode().hex()}", at="src") == f"OK {i + 1}"
+        digest = lab.ask(app, "DIGEST", at="src")
+        work = str(bed.root / f"dump-{app.marker}")
+        run = bed.migrate(None, agents[0], args=["--runc", app.name, "--work-dir", work])
+        assert run.returncode == EXIT_IN_DOUBT, run.stderr
+        assert agents[0].proc.wait(timeout=10) == -signal.SIGKILL
+        took = recover_dst(bed)
+        assert took.returncode == EXIT_OK, took.stdout + took.stderr
+        [resumed] = json.loads(took.stdout)
+        assert (resumed["phase"], resumed["outcome"]) == ("resumed", "moved"), resumed
+        assert resumed["held"]["driver"] == "runc", resumed
+        wait_until(lambda: lab.runnable_copies(app)["dst"] == 1, 60, "the destination to run")
+        assert lab.ask(app, "DIGEST", at="dst") == digest
+        agents.append(bed.start_agent(listen_port=agents[0].port))
+        first = recover(bed)
+        assert first.returncode == EXIT_OK, first.stdout + first.stderr
+        assert not {r["outcome"] for r in json.loads(first.stdout)} & {"in-doubt", "lost"}
+        wait_until(lambda: lab.runnable_copies(app)["src"] == 0, 30, "the source to be ended")
+        assert lab.ask(app, "PUT after " + b"x".hex(), at="dst").startswith("OK")
+        lab.remove_on("runc", app.name, "src")
+    finally:
+        for agent in agents:
+            agent.stop()
+        lab.remove(app)
