@@ -40,12 +40,13 @@ import functools
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from ..errors import MigSGXError
+from ..errors import ConfigError, MigSGXError
 from ..sgx.counters import COUNTERS, CounterStore
 from .held import LOST, HeldRecord, held_records
 from .recover_records import Resolution
@@ -87,9 +88,10 @@ def serving_lock(work_dir: Path) -> int:
     over), saying so every few seconds; agents on one work directory share it.
     """
 
-    import time
-
-    fd = _open(work_dir)
+    try:
+        fd = _open(work_dir)
+    except OSError as exc:
+        raise ConfigError(f"the agent's work directory {work_dir}: {exc}") from exc
     said = 0.0
     while True:
         try:
@@ -137,15 +139,14 @@ def recover_destination(
     """Resolve, or report, every destination record under ``state`` (none: [])."""
 
     work_dir = work_dir_of(state)
-    records = held_records(work_dir)
-    if not records:
-        return []
+    if not held_records(work_dir):
+        return []  # (and no lock taken)
     with _no_agent(work_dir) as free:
         if not free:
-            log.warning("%d held-tree record(s) under %s are left to the agent that serves "
-                        "this state (its lock is held): nothing done here", len(records),
-                        work_dir)  # fmt: skip
+            log.warning("the held-tree records under %s are left to the agent that serves "
+                        "this state (its lock is held): nothing done here", work_dir)  # fmt: skip
             return []
+        records = held_records(work_dir)  # (again: as they are now that no agent may act)
         # (read only for a claimed tree: its configuration is all the take-over needs)
         adoption = functools.cache(lambda: _adoption(Path(state), work_dir, identity))
         return [_one(Path(state), d, r, adoption) for d, r in records]
