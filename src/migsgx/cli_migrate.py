@@ -56,7 +56,9 @@ def recover_command(
     back) are named in ``lost_enclaves`` (the status stays as above).  A source
     enclave that does not answer within 5 s (stopped, or busy) is named in
     doubt with its pid, and nothing is done on its silence: run recover again
-    once it answers.
+    once it answers.  On a host whose agent is down, the held trees it left are
+    listed too: a claimed one (W3) is resumed here, the rest stay in doubt until
+    the agent starts on the state (``step``); with the agent up, they are its own.
     """
 
     # (imported here, and the checkpoint half only with --checkpoint: this command's
@@ -70,7 +72,11 @@ def recover_command(
         raise click.UsageError("name --state STATE, or --checkpoint DIR")
     results: list[Resolution] = []
     if state is not None:
-        results += recover(state, AgentIdentity.of_state(state, ca=ca_dir))
+        from .agent.recover_dest import recover_destination
+
+        identity = AgentIdentity.of_state(state, ca=ca_dir)
+        results += recover(state, identity)
+        results += recover_destination(state, identity)  # (a dead agent's held trees)
     if checkpoints:
         from .agent.ckpt_recover import resolve_checkpoint
         from .sgx.listener import default_socket
@@ -85,7 +91,11 @@ def recover_command(
             named = "".join(f"; enclave {e['index']} died before the decision, its state "
                            f"is gone (MRENCLAVE {e['mr_enclave']}, pid {e['pid']})"
                            for e in r.lost_enclaves)  # fmt: skip
-            click.echo(f"{r.mid}  {r.phase:9}  {r.decision:6}  {r.outcome:11}  {r.detail}{named}")
+            step = getattr(r, "step", "")  # (a destination record's: DestinationResolution)
+            step = f"; next: {step}" if step else ""
+            click.echo(
+                f"{r.mid}  {r.phase:9}  {r.decision:6}  {r.outcome:11}  {r.detail}{named}{step}"
+            )
     doubtful = [r.mid for r in results if r.in_doubt]
     if doubtful:
         raise InDoubtError(f"{len(doubtful)} migration(s) remain in doubt: {', '.join(doubtful)}")

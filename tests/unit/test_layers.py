@@ -161,6 +161,17 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
             "migsgx.agent.tls",
         }
     ),
+    # migsgx recover on a destination: a dead agent's held trees, through its start-up pass.
+    "migsgx.agent.recover_dest": frozenset(
+        {
+            "migsgx.agent.adoption",
+            "migsgx.agent.config",
+            "migsgx.agent.held",
+            "migsgx.agent.metrics",
+            "migsgx.agent.recover_records",
+            "migsgx.agent.tls",
+        }
+    ),
     # The guardian process, split: its log below its aborts and its after-the-decision.
     "migsgx.agent.guardian_log": frozenset(),
     # One bounded question to a source enclave (answered, dead, hung): guardian and recover.

@@ -155,6 +155,19 @@ class Adoption:
                 len(session.enclaves),
             )  # fmt: skip
 
+    def take_over_claimed(self, directory: Path, record: HeldRecord) -> bool:
+        """The W3 step of this pass alone, for ``migsgx recover`` on a host whose agent
+        is down (:mod:`.recover_dest`, which holds the agent's lock meanwhile): a
+        record that :meth:`adopt_held` would resume as claimed is resumed so; whether
+        it was.  Anything else, and a claimed tree whose duplicates cannot all be
+        taken back, is left unchanged for the agent's own pass."""
+
+        if record.lazy_pages or record.restoring or not record.still_held():
+            return False
+        if not record.answered or not record.enclaves or not self._claimed(record.arrivals):
+            return False
+        return self._resume_claimed(directory, record)
+
     def _resume_claimed(self, directory: Path, record: HeldRecord) -> bool:
         """A held tree whose enclaves claimed their ids, the former agent died before
         it resumed the tree (window W3): resumed with its enclaves; whether it was.

@@ -31,6 +31,7 @@ from .dumpdirs import sweep_dump_dirs
 from .incoming import IncomingMigration
 from .metrics import AgentMetrics
 from .protocol import SessionState
+from .recover_dest import serving_lock
 from .tls import PeerCertificateError, server_context, wrap_server
 
 __all__ = ["Agent", "AgentConfig"]
@@ -52,6 +53,7 @@ class Agent:
         self._sessions: set[IncomingMigration] = set()
         self._in_doubt: dict[bytes, IncomingMigration] = {}
         self._adopted: set[int] = set()
+        self._serving: int | None = None  # (the work directory's lock, :mod:`.recover_dest`)
         self.metrics = AgentMetrics(self.host_id)
         self.metrics.track(self._held_sessions, self._incoming_enclaves)
         self.metrics.in_progress.set_function(lambda: float(len(self._sessions)))
@@ -75,6 +77,8 @@ class Agent:
     # --- lifetime -----------------------------------------------------------------------
     def bind(self) -> tuple[str, int]:
         self._own_work_dir()
+        # Held for as long as this agent runs: migsgx recover leaves its records alone.
+        self._serving = serving_lock(self.config.work_dir)
         host, port = self.config.listen
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
