@@ -46,6 +46,7 @@ from .config import AgentHost
 from .faults import fault
 from .imageroom import place_images, restore_spends
 from .incoming_data import Reply, _Enclave, _inject
+from .incoming_pages import HungUp
 from .incoming_recovery import _Recovery
 from .incoming_settle import DELIVER_WAIT
 from .protocol import (
@@ -123,6 +124,9 @@ class IncomingMigration(_Recovery):
                         f"{self.version}"
                     )
                 reply = self.handlers[kind](msg)
+            except HungUp as exc:  # a step's wait ended by the tool's hang-up
+                self._lost(exc)
+                return
             except MigSGXError as exc:
                 log.warning("migration %s: %s failed: %s", self.tag, kind, exc)
                 if kind == "resume" and self.no_return and not self.enclaves:
@@ -319,10 +323,15 @@ class IncomingMigration(_Recovery):
 
     def _enclaves_done(self, msg: dict[str, Any]) -> Reply:
         t0 = time.monotonic()
-        deadline = t0 + self.config.io_timeout
+
+        def loaded(step: float) -> bool:
+            waiting = [e for e in self.enclaves if not e.loaded.is_set()]
+            return not waiting or (waiting[0].loaded.wait(step) and len(waiting) == 1)
+
+        # Bounded, and ended at once by the control connection's hang-up (a load
+        # past LOADED is held then: ``_lost``).
+        self._until(loaded, self.config.io_timeout, "enclave load")
         for enclave in self.enclaves:
-            if not enclave.loaded.wait(max(0.0, deadline - time.monotonic())):
-                raise AgentError(f"enclave {enclave.index}: no load within the time limit")
             if enclave.error is not None:
                 err = enclave.error
                 raise AgentError(

@@ -9,6 +9,11 @@ wait has its own short bound (:data:`PAGE_CONNECT_WAIT`), and the control
 connection's end (the peer hung up) ends it at once, so that a peer that asks
 for the images' end and goes away holds neither this session's thread nor its
 work directory for the I/O time limit.
+
+Every wait of a request the tool waits on goes through one loop,
+:meth:`_PageIntake._until`: its step's bound, and the control connection
+looked at meanwhile (the enclaves' loads for ``enclaves_done``, the page
+server's end and the page relay's finish for ``images_done``).
 """
 
 from __future__ import annotations
@@ -19,20 +24,21 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 from .._net import keep_alive
 from ..criu.pageserver import PageServer
 from ..datapath.pagerelay import PageRelay, local_pair, relay_keys
-from ..errors import MigSGXError
+from ..errors import ConnectionClosedError, MigSGXError
 from .config import AgentConfig
 from .fault_relays import cutting_relay, tampering_relay
 from .faults import fault
 from .lost_enclaves import hung_up
 from .protocol import AgentError
 
-__all__ = ["PAGE_CONNECT_WAIT", "_PageIntake"]
+__all__ = ["PAGE_CONNECT_WAIT", "HungUp", "_PageIntake"]
 
 log = logging.getLogger("migsgx.agent")
 
@@ -42,6 +48,11 @@ log = logging.getLogger("migsgx.agent")
 PAGE_CONNECT_WAIT: Final = 10.0
 #: How often that wait looks at the control connection.
 _LOOK: Final = 0.1
+
+
+class HungUp(ConnectionClosedError):
+    """The control connection's peer hung up while a request's step waited: the
+    session ends as when its tool goes away between requests (never on the wire)."""
 
 
 class _PageIntake:
@@ -103,6 +114,27 @@ class _PageIntake:
         except (OSError, MigSGXError) as exc:
             self._page_error = exc
 
+    def _until(
+        self, done: Callable[[float], bool], seconds: float, what: str, after: str = ""
+    ) -> None:
+        """Wait until ``done(step)`` (it waits up to ``step`` seconds itself) says so,
+        for at most ``seconds``; or until the control connection's peer hung up.
+
+        A hang-up raises :class:`HungUp`, and the
+        request loop ends the session as it ends one whose tool went away
+        between requests (:meth:`IncomingMigration._lost`): whatever went past
+        LOADED is held there, never discarded on the hang-up alone.  The bound
+        raises :class:`~migsgx.agent.protocol.AgentError`: no ``what`` within
+        ``seconds`` (``after``: of what).
+        """
+
+        deadline = time.monotonic() + seconds
+        while not done(max(0.0, min(_LOOK, deadline - time.monotonic()))):
+            if hung_up(self.tls):
+                raise HungUp(f"the source hung up before its {what}")
+            if time.monotonic() >= deadline:
+                raise AgentError(f"no {what} within {seconds:g} s{after}")
+
     def _await_page_connection(self) -> None:
         """``images_done``: the page connection came (its page server started), or fail.
 
@@ -110,23 +142,26 @@ class _PageIntake:
         accepted, less if the control connection's peer hung up meanwhile; the
         page listener is shut down then, so that its accept ends too (the
         session's end removes its directories).  Once accepted, the page
-        server's start is waited for as before (the I/O time limit).
+        server's start is waited for as before (the I/O time limit), and the
+        peer's hang-up ends that wait too.
         """
 
         thread = self._page_thread
         assert thread is not None
-        deadline = time.monotonic() + PAGE_CONNECT_WAIT
-        while thread.is_alive() and not self._page_accepted.is_set():
-            why = ""
-            if hung_up(self.tls):
-                why = "the source hung up before its page connection came"
-            elif time.monotonic() > deadline:
-                why = f"no page connection within {PAGE_CONNECT_WAIT:g} s of the images' end"
-            if why:
-                self._stop_page_accept()
-                raise AgentError(why)
-            thread.join(_LOOK)
-        thread.join(self.config.io_timeout)
+
+        def accepted(step: float) -> bool:
+            return self._page_accepted.wait(step) or not thread.is_alive()
+
+        try:
+            self._until(accepted, PAGE_CONNECT_WAIT, "page connection", " of the images' end")
+        except MigSGXError:
+            self._stop_page_accept()
+            raise
+        self._until(
+            lambda step: _ended(thread, step),
+            self.config.io_timeout,
+            "page server start",
+        )
 
     def _stop_page_accept(self) -> None:
         """End the page listener's accept now (a close alone does not wake it)."""
@@ -135,3 +170,10 @@ class _PageIntake:
         if listener is not None:
             with contextlib.suppress(OSError):
                 listener.shutdown(socket.SHUT_RDWR)
+
+
+def _ended(thread: threading.Thread, step: float) -> bool:
+    """Whether ``thread`` ended, waited for up to ``step`` seconds."""
+
+    thread.join(step)
+    return not thread.is_alive()

@@ -105,10 +105,13 @@ class _TreeSteps(_SessionDecisions):
                 raise AgentError(f"page server: {self._page_error}") from self._page_error
             if self._page_server is None:
                 raise AgentError("the source never connected to the page server")
-            self._page_server.wait(self.config.io_timeout)
+            # Each end bounded, and ended at once by the control connection's hang-up.
+            self._until(self._page_server.ended, self.config.io_timeout, "page server end")
+            self._page_server.wait(0.0)
             if self._relay is not None:
                 # Every page frame opened, the last one came: else nothing of it counts.
-                self._relay.finish(self.config.io_timeout)
+                self._until(self._relay.ended, self.config.io_timeout, "page stream end")
+                self._relay.finish(0.0)
         pages = page_bytes(self.images_dir)
         seconds = time.monotonic() - (self._images_t0 or time.monotonic())
         self.agent.metrics.observe_phase("images", seconds)

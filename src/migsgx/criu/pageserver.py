@@ -80,6 +80,14 @@ class PageServer:
                 log_path=str(self.log),
             )
 
+    def ended(self, timeout: float) -> bool:
+        """Whether the page server ended, waited for up to ``timeout`` seconds (a
+        step of a longer wait; :meth:`wait` then reads how it ended)."""
+
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=timeout)
+        return self.proc.poll() is not None
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()

@@ -244,6 +244,15 @@ class PageRelay:
         if err is not None:
             raise PageStreamError(f"the page connection failed: {err}") from err
 
+    def ended(self, timeout: float) -> bool:
+        """Whether both directions ended, waited for up to ``timeout`` seconds (a step
+        of a longer wait; :meth:`finish` then reads how they ended)."""
+
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
     def finish(self, timeout: float) -> None:
         """:meth:`wait`, then :meth:`dispose`."""
 
