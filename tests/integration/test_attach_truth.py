@@ -1,14 +1,15 @@
 """A restored application whose enclaves could not be attached: every recover says so.
 
-A restore's tool dies after the activation (held there by a fault hook,
-``wait-file``, then ``kill -9``); whoever finishes it (``migsgx recover
---checkpoint`` once the guardian died too, or the guardian itself) continues the
-tree, and the attach fails (``restore.attach:fail``: an application that does
-not take its enclaves).  The journal records it (``unattached``), so that every
-later recover tells the truth: ``in-doubt`` (exit 7) while the enclaves live,
-the attach tried again (``restored`` once it succeeds, every write kept), and
-``lost`` (exit 10) once the tree and its enclaves are gone; never ``done``.
-Real CRIU, the example kvstore with one enclave, one bed.
+The restore is held by a fault hook right after the activation (``wait-file``);
+whoever continues the tree then (``migsgx recover --checkpoint`` once the tool
+and its guardian were ``kill -9``, the guardian once the tool alone was, or the
+restore tool itself) has its attach fail (``restore.attach:fail``: an
+application that does not take its enclaves).  The journal records it
+(``unattached``), so that every later recover tells the truth: ``in-doubt``
+(exit 7) while the enclaves live, the attach tried again (``restored`` once it
+succeeds, every write kept), and ``lost`` (exit 10) once the tree and its
+enclaves are gone; never ``done``.  Real CRIU, the example kvstore with one
+enclave, one bed.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _enclaves(c: Case) -> list[int]:
     return [int(item[0]) for item in journal["holders"]]
 
 
-@pytest.mark.parametrize("party", ["recover", "guardian"])
+@pytest.mark.parametrize("party", ["recover", "tool", "guardian"])
 def test_a_failed_attach_is_told_by_every_later_recover(case: Case, party: str) -> None:  # noqa: F811
     c = case
     c.checkpoint()
@@ -89,6 +90,11 @@ def test_a_failed_attach_is_told_by_every_later_recover(case: Case, party: str) 
         wait_until(lambda: not _proc.alive(guardian), 10, "the guardian to die")
         code, found = _recover(c, "restore.attach:fail")
         assert (code, found["outcome"]) == (7, "in-doubt"), found
+    elif party == "tool":
+        # The tool's own attach fails: it says so and ends; its guardian lets go.
+        done = cli(*c.restore_args(), env={"MIGSGX_FAULT": "restore.attach:fail"})
+        assert done.returncode == 7 and "Traceback" not in done.stderr, done.stderr
+        assert "runs without its enclaves" in done.stderr, done.stderr
     else:
         # The tool dies: its guardian finishes, its attach fails.
         tool = _held_restore(c, "restore.attach:fail")
@@ -104,7 +110,7 @@ def test_a_failed_attach_is_told_by_every_later_recover(case: Case, party: str) 
     code, found = _recover(c, "restore.attach:fail")
     assert (code, found["outcome"]) == (7, "in-doubt"), found
     assert "without its 1 enclave(s)" in found["detail"], found
-    if party == "recover":
+    if party != "guardian":
         code, found = _recover(c)  # the application takes them now: restored
         assert (code, found["outcome"]) == (0, "restored"), found
         c.one_copy_with_every_write(within=3)

@@ -36,6 +36,7 @@ from ..errors import (
     CheckpointDamagedError,
     ConfigError,
     CriuError,
+    InDoubtError,
     MigSGXError,
     RecordDamagedError,
 )
@@ -293,9 +294,14 @@ def _restore(
                 _fault("restore.attach", pid, [])  # (``fail``: an application refusing)
                 link.attach(socks, infos)
             except MigSGXError as exc:
-                if holders:  # (the enclaves hold their duplicates: a recover attaches them)
-                    note_unattached(directory, pid, len(socks), str(exc))
-                raise
+                if not holders:
+                    raise
+                # The enclaves hold their duplicates: a recover attaches them (exit 7).
+                note_unattached(directory, pid, len(socks), str(exc))
+                raise InDoubtError(
+                    f"the restored application {pid} runs without its enclaves: the attach "
+                    f"failed ({exc}); run migsgx recover --checkpoint {directory}"
+                ) from exc
     finally:
         if guardian is not None:
             guardian.release()  # (this tool lives: it ends the restore itself, either way)
