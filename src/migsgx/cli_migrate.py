@@ -102,8 +102,9 @@ def recover_command(
     lost = [r.mid for r in results if r.outcome == "lost"]
     if lost:
         raise LostAfterCommitError(
-            f"{len(lost)} committed migration(s) have no copy left on the destination: "
-            + ", ".join(lost)
+            f"{len(lost)} committed migration(s) or restore(s) have lost their enclave state "
+            "(no copy left on the destination, or a restored application that runs or ran "
+            "without its enclaves): " + ", ".join(lost)
         )
 
 

@@ -193,6 +193,7 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
     "migsgx.agent.guardian_decided": frozenset(
         {
             "migsgx.agent.applink",
+            "migsgx.agent.ckpt_attach",
             "migsgx.agent.ckpt_recover",
             "migsgx.agent.faults",
             "migsgx.agent.guardian_log",
@@ -286,8 +287,19 @@ WITHIN_PACKAGE: dict[str, frozenset[str]] = {
         {
             "migsgx.agent.applink",
             "migsgx.agent.checkpoint",
+            "migsgx.agent.ckpt_attach",
             "migsgx.agent.ckpt_journal",
             "migsgx.agent.guardian",
+        }
+    ),
+    # A restore finished by recover, and an attach that failed, on the journal's record.
+    "migsgx.agent.ckpt_attach": frozenset(
+        {
+            "migsgx.agent.ckpt_journal",
+            "migsgx.agent.faults",
+            "migsgx.agent.handback",
+            "migsgx.agent.holders",
+            "migsgx.agent.recover_records",
         }
     ),
     "migsgx.sgx.keeper": frozenset(),

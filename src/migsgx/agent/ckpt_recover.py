@@ -39,8 +39,11 @@ Resolution, idempotent, to exactly one runnable copy:
 * the journal says a restore was activating the enclaves when its tool and
   guardian died (a gate consumed) and its tree is still held: the enclaves'
   duplicates (``__mig_hold`` from before their activation) are taken back and
-  the restore finished (``restored``, :func:`_finish_restore`); it ended, or
-  its tree is no longer held: ``done``.
+  the restore finished (``restored``, :func:`.ckpt_attach.finish_restore`); it
+  ended, or its tree is no longer held: ``done``.  An attach that failed once
+  the tree was continued is on record in the journal: every later recover tries
+  it again (``in-doubt`` until it succeeds), and says ``lost`` once the tree or
+  an enclave not attached is gone, never ``done``.
 """
 
 from __future__ import annotations
@@ -57,18 +60,16 @@ from .._records import json_record, non_negative_int
 from ..datapath.checkpoint import CheckpointIn
 from ..errors import CheckpointDamagedError, CheckpointGateError, MigSGXError, RecordDamagedError
 from ..system.process import continue_tree, process_state
+from .ckpt_attach import finish_restore
 from .ckpt_journal import (
-    HELD,
     JOURNAL,
     MAX_CHECKPOINT_ENCLAVES,
-    held_tree,
     lost_of,
     note_lost,
     read_journal,
     read_metadata,
     remove_fenced_source,
     remove_held_leftover,
-    restore_infos,
     start_time,
     write_journal,
 )
@@ -76,7 +77,6 @@ from .faults import fault
 from .handback import (
     abort_answer,
     abort_enclave,
-    attach_when_running,
     call_enclave,
     let_go,
     resume_source,
@@ -324,7 +324,7 @@ def _resolve(
         except (MigSGXError, OSError) as exc:
             return Resolution(name, phase, "?", "in-doubt", f"the gates cannot be read: {exc}")
     if journal is not None and phase == "restoring" and not all(committed):
-        return _finish_restore(directory, journal, name)  # (a gate is consumed)
+        return finish_restore(directory, journal, name)  # (a gate is consumed)
     if all(committed):
         remove_held_leftover(directory)  # a dead restore's tree: it never ran
         remove_fenced_source(meta)  # the source gave its state up: it never runs again
@@ -396,48 +396,3 @@ def _resolve(
         return Resolution(name, phase, "abort", "stayed", "the source runs on" + handed)
     gone = "the source is gone too: its enclave state went with it"
     return Resolution(name, phase, "abort", "gone", gone + handed)
-
-
-def _finish_restore(directory: Path, journal: dict[str, object], name: str) -> Resolution:
-    """A restore's tool and guardian died after a gate was consumed: finish what the
-    guardian would have.  The enclaves' duplicates (``holders``) are taken back
-    (:func:`.holders.take_held`, nonce checked), each activated (an active one
-    refuses), the held tree continued and the enclaves attached (the application
-    lets the duplicates go): ``restored``.  A tree no longer held was continued
-    or is gone (its enclaves end with it, their hold's watch): ``done``."""
-
-    pid = held_tree(directory)
-    holders = journal.get("holders")
-    items = holders if isinstance(holders, list) else []
-    if pid is None or not items:
-        return Resolution(name, "restoring", "commit", "done",
-                          "a restore consumed the checkpoint (it restores only once)")  # fmt: skip
-    taken = take_held(items)
-    try:
-        if len(taken) != len(items):
-            missing = ", ".join(str(i) for i in range(len(items)) if i not in taken)
-            return Resolution(
-                name, "restoring", "commit", "in-doubt",
-                f"the restored tree {pid} is held and enclave(s) {missing} cannot be "
-                "taken back (gone, or not answering): an operator decides",
-            )  # fmt: skip
-        infos = restore_infos(journal)
-        if len(infos) != len(items):
-            return Resolution(name, "restoring", "commit", "in-doubt",
-                              "the journal does not describe the enclaves")  # fmt: skip
-        socks = [taken[i] for i in range(len(items))]
-        for sock in socks:
-            call_enclave(sock, "__ckpt_activate", [])  # (claimed once: an active one refuses)
-        continue_tree(pid)
-        attach_when_running(pid, socks, infos)
-    except MigSGXError as exc:
-        return Resolution(name, "restoring", "commit", "in-doubt",
-                          f"the restore of {pid} could not be finished: {exc}")  # fmt: skip
-    finally:
-        for sock in taken.values():
-            sock.close()
-    with contextlib.suppress(OSError):
-        (directory / HELD).unlink()
-    write_journal(directory, "restored", restored_pid=pid, holders=[])
-    done = f"the restore finished: {len(items)} enclave(s) attached to {pid}"
-    return Resolution(name, "restoring", "commit", "restored", done)

@@ -36,6 +36,7 @@ from ..errors import (
     CheckpointDamagedError,
     ConfigError,
     CriuError,
+    InDoubtError,
     MigSGXError,
     RecordDamagedError,
 )
@@ -43,6 +44,7 @@ from ..host.appctl import info_to_wire
 from ..system.process import continue_tree, kill_tree, wait_stopped
 from .applink import AppLink
 from .checkpoint import FORMAT, _digests, _fault
+from .ckpt_attach import note_unattached
 from .ckpt_journal import (
     CHECKPOINT_META,
     HELD,
@@ -209,7 +211,7 @@ def _restore(
         # application: a guardian holding their connections finishes the restore
         # (activate, continue, attach) if this tool dies before the attach.  It
         # starts now, so that its start overlaps CRIU's restore.
-        guardian = _restore_guardian(incoming) if incoming else None
+        guardian = _restore_guardian(incoming, directory) if incoming else None
         if guardian is not None and phase is not None:
             # (it may finish this restore: nobody else may take its tree meanwhile)
             pid_start = [guardian.proc.pid, start_time(guardian.proc.pid)]
@@ -288,7 +290,18 @@ def _restore(
                 raise MigSGXError(
                     f"the restored process {pid} has no migration control to attach to"
                 )
-            link.attach(socks, infos)
+            try:
+                _fault("restore.attach", pid, [])  # (``fail``: an application refusing)
+                link.attach(socks, infos)
+            except MigSGXError as exc:
+                if not holders:
+                    raise
+                # The enclaves hold their duplicates: a recover attaches them (exit 7).
+                note_unattached(directory, pid, len(socks), str(exc))
+                raise InDoubtError(
+                    f"the restored application {pid} runs without its enclaves: the attach "
+                    f"failed ({exc}); run migsgx recover --checkpoint {directory}"
+                ) from exc
     finally:
         if guardian is not None:
             guardian.release()  # (this tool lives: it ends the restore itself, either way)
@@ -326,9 +339,10 @@ def _packed(incoming: list[CheckpointIn]) -> str:
     return bytes(cbor2.dumps([info_to_wire(i) for i in infos])).hex()
 
 
-def _restore_guardian(incoming: list[CheckpointIn]) -> Guardian:
+def _restore_guardian(incoming: list[CheckpointIn], directory: Path) -> Guardian:
     socks = [e.link.sock for e in incoming if e.link is not None]
-    return Guardian(0, "-", socks, ["--restore", "--infos", _packed(incoming)])
+    extra = ["--restore", "--infos", _packed(incoming), "--checkpoint", str(directory)]
+    return Guardian(0, "-", socks, extra)
 
 
 def _write_held(directory: Path, pid: int) -> None:

@@ -117,6 +117,9 @@ POINTS: Final = frozenset(
         "restore.held",  # restore: enclaves loaded (not running), CRIU restored the tree held
         "restore.loaded",  # restore: the same step, right before the activation
         "restore.activated",  # restore: the enclaves activated, the tree not running, not attached
+        # restore: the tree continued, the enclaves not attached yet (the tool's, its
+        # guardian's or recover's attach); ``fail``: an application that does not take them
+        "restore.attach",
         "tool.before-dump",  # the enclaves stream, CRIU has not started
         # CRIU froze the tree, nothing of it dumped (the pid driver's ``query-ext-files``);
         # a connection fault (``stall-control``) there holds the dump until the tool gives

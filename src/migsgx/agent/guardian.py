@@ -229,7 +229,8 @@ def _main(argv: list[str] | None, tool: int) -> int:
         restored = _numbers(notes, "restored")
         if "activating" not in notes or not restored:
             return 0  # nothing ran: the loaded enclaves end, the next restore starts over
-        return finish_restore(restored[0], socks, bytes.fromhex(args.infos))
+        checkpoint = Path(args.checkpoint) if args.checkpoint else None
+        return finish_restore(restored[0], socks, bytes.fromhex(args.infos), checkpoint)
     if "in-doubt" in notes:
         # The tool ended in doubt: keep the source enclaves and carry the decision.
         held = held_source(socks, notes)

@@ -6,11 +6,13 @@ decision carried to the destination with a growing pause while in doubt
 undecided ones committed once another of the migration committed
 (:func:`roller`); a checkpoint resolved by ``migsgx recover --checkpoint``'s
 function (:func:`resolve_checkpoint_of`); a restore whose tool died while
-activating finished (:func:`finish_restore`).
+activating finished (:func:`finish_restore`; an attach that fails there is
+recorded in the checkpoint's journal, :mod:`.ckpt_attach`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -165,8 +167,15 @@ def resolve_checkpoint_of(
     log(f"checkpoint {directory}: {result.decision} -> {result.outcome} {result.detail}")
 
 
-def finish_restore(pid: int, socks: list[socket.socket], infos: bytes) -> int:
-    """The restore tool died while activating: finish it (activate, continue, attach)."""
+def finish_restore(
+    pid: int, socks: list[socket.socket], infos: bytes, directory: Path | None = None
+) -> int:
+    """The restore tool died while activating: finish it (activate, continue, attach).
+
+    An attach that fails once the tree runs leaves the application without its
+    enclaves: that is written into the checkpoint's journal in ``directory``
+    (:func:`.ckpt_attach.note_unattached`), so that every ``migsgx recover
+    --checkpoint`` tries it again, and says ``lost`` once the enclaves are gone."""
 
     import cbor2  # lazy: only a restore needs it
 
@@ -186,9 +195,24 @@ def finish_restore(pid: int, socks: list[socket.socket], infos: bytes) -> int:
         return 1
     enclaves = [EnclaveInfo(**info_from_wire(i)) for i in cbor2.loads(infos)]
     try:
+        fault("restore.attach")  # (``fail``: an application that does not take them)
         attach_when_running(pid, socks, enclaves)  # (the application answers once it runs)
     except MigSGXError as exc:
         log(f"could not attach the enclaves to {pid}: {exc}")
+        if directory is not None:
+            from .ckpt_attach import note_unattached
+
+            try:
+                note_unattached(directory, pid, len(socks), str(exc))
+            except (MigSGXError, OSError) as failed:
+                log(f"could not record the failed attach in {directory}: {failed}")
+            else:
+                log(f"recorded in {directory}: run migsgx recover --checkpoint to attach them")
         return 1
+    if directory is not None:
+        from .ckpt_attach import note_restored
+
+        with contextlib.suppress(MigSGXError, OSError):
+            note_restored(directory, pid)
     log(f"restore of {pid} finished: {len(socks)} enclave(s) attached")
     return 0
