@@ -137,9 +137,10 @@ class AppChannel:
                 "code": "migration",
                 "message": f"{name} failed inside the enclave: {type(exc).__name__}",
             }
-        if name == "__mig_abort":
+        if name in ("__mig_abort", "__mig_refused"):
             # Before the answer: whoever heard it may hand the connection back at
-            # once, and the application's ``__mig_unhold`` must find the abort kept.
+            # once, and the application's ``__mig_unhold`` must find the abort kept
+            # (a revoked commit, ``__mig_refused``, runs on its state as an abort does).
             self.after_abort(answered=reply["t"] == "ret")
         self._reply(reply, name)
         if self.migrator.exit_after_reply:

@@ -53,8 +53,9 @@ Whoever holds the connection may send these calls, the application and any
 child of it included: none of them lets go of, or replaces, a duplicate while
 the state may be the only copy (:meth:`Hold.why_kept`).  ``__mig_unhold`` and
 a new ``__mig_hold`` are refused (``hold-kept``) unless the enclave answered an
-abort itself since the hold and runs on its own state again (or holds nothing
-worth keeping: discarded, wiped); the watch follows the same rule.
+abort itself since the hold (or a REFUSED that revoked its commit) and runs on
+its own state again (or holds nothing worth keeping: discarded, wiped); the
+watch follows the same rule.
 
 The drivers send the descriptors of a ``__mig_hold`` and of a ``__mig_watch`` in
 a message of the one byte ``H`` or ``W`` right after the frame
