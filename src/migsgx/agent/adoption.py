@@ -20,11 +20,10 @@ from ..containers import HostConfig, make_driver
 from ..errors import MigSGXError
 from ..host.appctl import info_from_wire
 from ..host.client import EnclaveInfo
-from ..sgx.counters import COUNTERS, CounterStore
 from ..system.process import continue_tree, process_state
 from .applink import AppLink
 from .config import AgentHost
-from .held import HeldRecord, held_records, mark_lost, start_time
+from .held import HeldRecord, claimed_count, held_records, mark_lost, start_time
 from .holders import take_held
 from .incoming import IncomingMigration
 from .refusal import mark_refusable
@@ -48,11 +47,7 @@ class Adoption:
     def _claimed(self, arrivals: list[str]) -> int:
         """How many of ``arrivals`` (hex migration ids) this host's claim store holds."""
 
-        store = self.agent.config.state / COUNTERS
-        if not store.exists():  # (opening it would create it)
-            return 0
-        claims = CounterStore(store)
-        return sum(1 for a in arrivals if a and claims.claimed_by_any(bytes.fromhex(a)))
+        return claimed_count(self.agent.config.state, arrivals)
 
     def adopt_held(self) -> None:
         """Trees a former agent held when it died (window W2, :mod:`.held`).

@@ -70,11 +70,13 @@ from .._fs import write_private
 from .._proc import start_time
 from .._records import hex_text, json_record, non_negative_int, own_record
 from ..errors import RecordDamagedError
+from ..sgx.counters import COUNTERS, CounterStore
 
 __all__ = [
     "LOST",
     "RECORD",
     "HeldRecord",
+    "claimed_count",
     "frozen_stopped",
     "held_records",
     "lost_detail",
@@ -351,3 +353,14 @@ def lost_detail(work_dir: Path, session_id: bytes) -> str | None:
     except RecordDamagedError:
         return ""  # the note is there (the state was lost), its text is not
     return str(data.get("detail", ""))
+
+
+def claimed_count(state: Path, arrivals: list[str]) -> int:
+    """How many of a record's ``arrivals`` (hex migration ids) this host's claim store
+    holds; the store is never created here (opening it would)."""
+
+    store = state / COUNTERS
+    if not store.exists():
+        return 0
+    claims = CounterStore(store)
+    return sum(1 for a in arrivals if a and claims.claimed_by_any(bytes.fromhex(a)))

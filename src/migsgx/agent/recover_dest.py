@@ -47,8 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from ..errors import ConfigError, MigSGXError
-from ..sgx.counters import COUNTERS, CounterStore
-from .held import LOST, HeldRecord, held_records
+from .held import LOST, HeldRecord, claimed_count, held_records
 from .recover_records import Resolution
 from .tls import AgentIdentity
 
@@ -143,8 +142,9 @@ def recover_destination(
         return []  # (and no lock taken)
     with _no_agent(work_dir) as free:
         if not free:
-            log.warning("the held-tree records under %s are left to the agent that serves "
-                        "this state (its lock is held): nothing done here", work_dir)  # fmt: skip
+            log.warning("the held-tree records under %s are left to whoever holds their "
+                        "lock (the agent that serves this state, or another migsgx recover "
+                        "running now): nothing done here", work_dir)  # fmt: skip
             return []
         records = held_records(work_dir)  # (again: as they are now that no agent may act)
         # (read only for a claimed tree: its configuration is all the take-over needs)
@@ -212,16 +212,6 @@ class _Host:
 
     def live_arrivals(self) -> set[bytes]:
         return set()
-
-
-def claimed_count(state: Path, arrivals: list[str]) -> int:
-    """How many of ``arrivals`` (hex) this host's claim store holds (never creates it)."""
-
-    store = state / COUNTERS
-    if not store.exists():
-        return 0
-    claims = CounterStore(store)
-    return sum(1 for a in arrivals if a and claims.claimed_by_any(bytes.fromhex(a)))
 
 
 def kind_of(record: HeldRecord, claimed: int) -> str:
