@@ -18,6 +18,7 @@ from migsgx.agent.guardian import _numbers
 from migsgx.agent.held import (
     LOST,
     RECORD,
+    WINDOWS,
     HeldRecord,
     frozen_stopped,
     held_records,
@@ -28,6 +29,7 @@ from migsgx.agent.held import (
 from migsgx.agent.redeliver import HeldEnclave
 from migsgx.errors import ProtocolError, RecordDamagedError
 from migsgx.host.client import EnclaveInfo
+from migsgx.sgx.counters import COUNTERS, CounterStore
 
 INFO = EnclaveInfo(
     pid=7, mr_enclave=bytes(range(32)), mr_signer=bytes(32), isv_prod_id=1, isv_svn=2,
@@ -59,6 +61,39 @@ def test_a_stopped_recorded_tree_is_still_held_and_nothing_else_is(tmp_path: Pat
         proc.kill()
         proc.wait()
     assert not loaded.still_held()  # gone
+
+
+def test_one_classification_of_a_record_in_the_start_up_pass_order(tmp_path: Path) -> None:
+    """Each window of :data:`WINDOWS`, and where two hold, the earlier one decides (as
+    the agent's start-up pass acts and ``migsgx recover`` reports)."""
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mid = os.urandom(16)
+        base = HeldRecord(**{**_record(proc.pid).__dict__, "arrivals": [mid.hex()]})
+
+        def window(**change: object) -> str:
+            return HeldRecord(**{**base.__dict__, **change}).window(tmp_path)
+
+        assert window() == "gone-or-running"  # it runs
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert _stopped(proc.pid)
+        assert window() == "held" and not (tmp_path / COUNTERS).exists()  # never created
+        assert window(enclaves=[]) == "no-enclaves"
+        assert window(answered=False, enclaves=[]) == "unanswered"
+        assert window(start=base.start + 1) == "gone-or-running"  # the pid, reused
+        assert window(restoring=True, answered=False) == "restoring"
+        assert window(lazy_pages=[proc.pid, base.start], restoring=True) == "post-copy"
+        assert CounterStore(tmp_path / COUNTERS).claim(bytes(16), mid)
+        assert window() == "claimed"
+        assert window(arrivals=["", os.urandom(16).hex()]) == "held"
+        assert window(answered=False) == "unanswered"  # claimed ids decide nothing before
+    finally:
+        proc.kill()
+        proc.wait()
+    seen = {"gone-or-running", "held", "no-enclaves", "unanswered", "restoring", "post-copy",
+            "claimed"}  # fmt: skip
+    assert seen == set(WINDOWS)
 
 
 def _stopped(pid: int) -> bool:

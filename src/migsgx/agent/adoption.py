@@ -67,10 +67,11 @@ class Adoption:
                 )  # fmt: skip
                 continue
             tag = record.session_id[:8]
-            if record.lazy_pages:
+            window = record.window(self.agent.config.state)
+            if window == "post-copy":
                 self._end_post_copy(directory, record)
                 continue
-            if record.restoring:
+            if window == "restoring":
                 # Died inside the restore: nothing ran, the source cannot have decided.
                 if record.driver == "pid":
                     what, removed = "a process tree", self.remove_restored(record)
@@ -83,7 +84,7 @@ class Adoption:
                 )  # fmt: skip
                 self.agent.discard(directory)
                 continue
-            if not record.still_held():
+            if window == "gone-or-running":
                 left = ""
                 if record.driver != "pid":
                     left = self._remove_made(record, keep_running=True)
@@ -93,7 +94,7 @@ class Adoption:
                 )  # fmt: skip
                 self.agent.discard(directory)
                 continue
-            if not record.answered:
+            if window == "unanswered":
                 # Restored, never reported held: the source cannot have decided.
                 self._remove_held(record)
                 log.warning(
@@ -103,7 +104,7 @@ class Adoption:
                 )  # fmt: skip
                 self.agent.discard(directory)
                 continue
-            if not record.enclaves:
+            if window == "no-enclaves":
                 self._finish_by_marker(directory, record)
                 continue
             running = record.enclaves_running()
@@ -112,10 +113,10 @@ class Adoption:
                     "migration %s: enclave process(es) %s of the held tree still run; the "
                     "claim store lets one copy per migration id activate", tag, running,
                 )  # fmt: skip
-            claimed = self._claimed(record.arrivals)
-            if claimed and self._resume_claimed(directory, record):
+            if window == "claimed" and self._resume_claimed(directory, record):
                 continue
-            if claimed:
+            if window == "claimed":
+                claimed = self._claimed(record.arrivals)
                 self._remove_held(record)
                 detail = (
                     f"the tree (pid {record.root}) was held with {claimed} enclave id(s) "
@@ -157,9 +158,7 @@ class Adoption:
         it was.  Anything else, and a claimed tree whose duplicates cannot all be
         taken back, is left unchanged for the agent's own pass."""
 
-        if record.lazy_pages or record.restoring or not record.still_held():
-            return False
-        if not record.answered or not record.enclaves or not self._claimed(record.arrivals):
+        if record.window(self.agent.config.state) != "claimed":
             return False
         return self._resume_claimed(directory, record)
 

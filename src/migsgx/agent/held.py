@@ -75,6 +75,7 @@ from ..sgx.counters import COUNTERS, CounterStore
 __all__ = [
     "LOST",
     "RECORD",
+    "WINDOWS",
     "HeldRecord",
     "claimed_count",
     "frozen_stopped",
@@ -85,6 +86,10 @@ __all__ = [
 ]
 
 RECORD: Final = "held.json"
+#: What :meth:`HeldRecord.window` tells apart.
+WINDOWS: Final = (
+    "post-copy", "restoring", "gone-or-running", "unanswered", "no-enclaves", "claimed", "held",
+)  # fmt: skip
 LOST: Final = "lost.json"
 
 
@@ -170,6 +175,26 @@ class HeldRecord:
         ):
             raise RecordDamagedError(f"{path} is not a held-tree record")
         return cls(**data)
+
+    def window(self, state: Path) -> str:
+        """Which window the record's tree is in, one of :data:`WINDOWS`, in the order a
+        restarted agent's start-up pass tells them apart (:mod:`.adoption`, which acts
+        on it, and ``migsgx recover`` on this host, which reports it): a post-copy
+        tree; a restore that never returned; a tree gone or running; a tree never
+        reported held; a held tree without enclaves; held with some enclave id
+        claimed in this host's claim store under ``state`` (W3); held, undecided (W2)."""
+
+        if self.lazy_pages:
+            return "post-copy"
+        if self.restoring:
+            return "restoring"
+        if not self.still_held():
+            return "gone-or-running"
+        if not self.answered:
+            return "unanswered"
+        if not self.enclaves:
+            return "no-enclaves"
+        return "claimed" if claimed_count(state, self.arrivals) else "held"
 
     def still_held(self) -> bool:
         """Whether the recorded tree is still there, the same process, stopped

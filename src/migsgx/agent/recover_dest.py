@@ -214,22 +214,7 @@ class _Host:
         return set()
 
 
-def kind_of(record: HeldRecord, claimed: int) -> str:
-    """Which window the record's tree is in, as the start-up pass tells them apart."""
-
-    if record.lazy_pages:
-        return "post-copy"
-    if record.restoring:
-        return "restoring"
-    if not record.still_held():
-        return "gone-or-running"
-    if not record.answered:
-        return "unanswered"
-    if not record.enclaves:
-        return "no-enclaves"
-    return "claimed" if claimed else "held"
-
-
+#: What each of :data:`.held.WINDOWS` means to an operator.
 _WHAT: Final = {
     "post-copy": "a post-copy tree (its page window cannot be opened again): the agent's "
     "start-up pass kills it; the source's decision says what remains",
@@ -262,8 +247,8 @@ def _one(
             f"an unreadable held-tree record in {directory}: the tree it names (if any) "
             "stays as it is", step=f"check {directory / 'held.json'} by hand",
         )  # fmt: skip
+    kind = record.window(state)
     claimed = claimed_count(state, record.arrivals)
-    kind = kind_of(record, claimed)
     held = {
         "kind": kind, "driver": record.driver, "root": record.root,
         "enclaves": len(record.enclaves), "claimed": claimed, "source": record.peer,
