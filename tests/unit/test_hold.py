@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from migsgx.enclave import hold as hold_module
 from migsgx.enclave.hold import Hold, NotThisHoldError, State
 from migsgx.errors import ProtocolError
 
@@ -134,8 +135,25 @@ def test_the_nonce_names_the_hold(pair: tuple[socket.socket, socket.socket]) -> 
     hold.check([b"second"])
     with pytest.raises(ProtocolError):
         hold.check([])
-    with pytest.raises(ProtocolError):
+    socket.send_fds(driver, [b"H"], [driver.fileno()])  # (its descriptor comes: no wait)
+    with pytest.raises(ProtocolError, match="a nonce of at most 64 bytes"):
         hold.take(enclave, [b"x" * 65])
+    hold.check([b"second"])  # the refused call changed nothing
+
+
+def test_a_hold_whose_descriptors_never_come_is_refused_after_its_wait(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enclave, driver = pair
+    monkeypatch.setattr(hold_module, "HOLD_WAIT", 0.2)
+    hold = Hold(lambda _: None)
+    with pytest.raises(ProtocolError, match="comes with its descriptors"):
+        hold.take(enclave, [b"first"])
+    assert not hold.held
+    driver.sendall(b"x")  # anything but its descriptors: left unread, refused the same
+    with pytest.raises(ProtocolError, match="comes with its descriptors"):
+        hold.take(enclave, [b"first"])
+    assert enclave.recv(1) == b"x" and not hold.held
 
 
 def test_a_hold_naming_several_processes_is_let_go_with_the_last(
