@@ -15,10 +15,9 @@ runc, podman or containerd:
   other images, ``runc restore``; or podman ``container checkpoint
   --export``, a copy of the archive, ``container restore --import``; or
   containerd's ``ctr tasks checkpoint`` into a directory (the source is
-  removed after it), a copy, and
-  ``ctr containers restore --live`` from the checkpoint image made of it
-  (containerd 1.6 cannot export a checkpoint image: ``ctr images export``
-  fails on it), the image's writing and import counted in the restore.
+  removed after it), a copy, and ``ctr containers restore --live`` from the
+  checkpoint image made of it (containerd 1.6's ``ctr images export`` fails on
+  a checkpoint image), its writing and import counted in the restore.
 
 Both move about SIZE bytes.  ``localize`` (podman) is the rewrite of the
 archive that two hosts sharing one machine need (its network namespace and
@@ -119,9 +118,8 @@ def _migsgx(
     details = run.stats["details"]
     figures["images_fs"] = str(details.get("destination_images_fs", ""))
     figures["settle"] = settled
-    figures["memory_watch"] = watch.figures(
-        (run.stats.get("timeline") or {}).get("spans", {}).get("tool")
-    )
+    spans = (run.stats.get("timeline") or {}).get("spans", {})
+    figures["memory_watch"] = watch.figures(spans.get("tool"))
     # Whether the destination enclaves faulted their memory in before the freeze, and how much.
     figures["prefault_ahead"] = bool(details.get("prefault_ahead"))
     figures["prefaulted_bytes"] = sum(
@@ -292,7 +290,7 @@ def one_run(
     ab: tuple[str, ...] = (),
     flip: bool = False,
 ) -> dict[str, Any]:
-    """migsgx and the engine alone back to back, with the ratios of the pair.
+    """migsgx and the engine alone back to back (the engine first with ``flip``), paired.
 
     With ``live`` also ``migrate --live`` with and without post-copy, paired.
     For each NAME of ``ab`` (:data:`AB_ARMS`), also migsgx with that arm's
@@ -305,13 +303,15 @@ def one_run(
         tool_args, agent_args = AB_ARMS[name]
         return _migsgx(bed, lab, engine, size, tool_args, agent_args=agent_args)
 
+    plain_first = ENGINE_ONLY[engine](bed, lab, size, criu) if flip else None
     first = {name: arm(name) for name in ab} if flip else {}
     migsgx = _migsgx(bed, lab, engine, size)
     arms = {name: first.get(name) or arm(name) for name in ab}
-    plain = ENGINE_ONLY[engine](bed, lab, size, criu)
+    plain = plain_first or ENGINE_ONLY[engine](bed, lab, size, criu)
     pair: dict[str, Any] = {
         "migsgx": migsgx,
         "engine_only": plain,
+        "engine_only_ran_first": flip,
         # >= 1: migsgx is at least as fast as the engine alone moving as many bytes.
         "engine_over_migsgx_total": plain["total_seconds"] / migsgx["total_seconds"],
         "downtime_over_engine": migsgx["downtime_seconds"] / plain["total_seconds"],

@@ -152,7 +152,7 @@ def one_run(
     ab_criu_weight: int = 0,
     ab_huge_pages: bool = False,
 ) -> dict[str, Any]:
-    """migsgx and CRIU alone back to back, with the ratios of the pair.
+    """migsgx and CRIU alone back to back (CRIU alone first with ``flip``), paired.
 
     With ``ab_late_handshake``, also migsgx with its destination enclaves
     launched and attested inside the freeze (``--late-handshake``, as before the
@@ -207,9 +207,10 @@ def one_run(
     pages helped).
     """
 
+    # Every other run, CRIU alone and the arms below go before the default: a drifting
+    # load, or memory the run before just gave back, then favours no arm always.
+    plain_first = criu_only(bed, 2 * size) if flip else None
     niced_args = ("--criu-nice", str(ab_criu_nice))
-    # Every other run, the niced migration goes first: a load that rises or falls
-    # through the invocation then does not always favour the same arm.
     niced_first = _migsgx(bed, size, niced_args) if ab_criu_nice and flip else None
     faulted_args = ("--prefault-ahead",)
     faulted_first = _migsgx(bed, size, faulted_args) if ab_prefault and flip else None
@@ -292,7 +293,7 @@ def one_run(
             huge_pages_enclave_cpu_ratio=_destination_cpu(migsgx)
             / max(_destination_cpu(huge), 1e-9),
         )
-    plain = criu_only(bed, 2 * size)
+    plain = plain_first or criu_only(bed, 2 * size)
     if serial is not None:
         extra.update(
             migsgx_no_overlap=serial,
@@ -342,6 +343,7 @@ def one_run(
         **extra,
         "migsgx": migsgx,
         "criu_only": plain,
+        "criu_only_ran_first": flip,
         # >= 1: migsgx is at least as fast as CRIU alone moving as many bytes.
         "criu_over_migsgx_total": plain["total_seconds"] / migsgx["total_seconds"],
         "downtime_over_criu": migsgx["downtime_seconds"] / plain["total_seconds"],

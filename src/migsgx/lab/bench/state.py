@@ -302,7 +302,7 @@ def one_run(
     flip: bool = False,
     ab_huge_pages: bool = False,
 ) -> dict[str, Any]:
-    """Pipelined, sequential and raw transport side by side, with their ratios.
+    """Pipelined, sequential and raw transport side by side (those two first with ``flip``).
 
     With ``ab_prefault``, also a pipelined run whose destination does not
     fault its memory in ahead (from its launch, on the offer's hint; on by
@@ -330,11 +330,14 @@ def one_run(
         variants.append((f"pipelined_{ab_policy}", {"policy": ab_policy}))
     if ab_huge_pages:
         variants.append(("pipelined_huge_pages", {"huge": True}))
-    if flip:
+    seq = partial(migrate_once, image, sock_a, sock_b, size, chunk, slots, "sequential")
+    if flip:  # the baselines, then the variants, before the pipelined run
+        sequential, raw = seq(), raw_transport(size, chunk, slots)
         extra.update((name, once(**kw)) for name, kw in variants)
     pipelined = once()
     if not flip:
         extra.update((name, once(**kw)) for name, kw in variants)
+        sequential, raw = seq(), raw_transport(size, chunk, slots)
     plain_cpu = sum(pipelined["window_cpu_by_process"].values())
     if ab_prefault:
         without = extra["pipelined_without_prefault"]
@@ -351,14 +354,13 @@ def one_run(
         extra["huge_pages_cpu_ratio"] = plain_cpu / sum(huge["window_cpu_by_process"].values())
     if variants:
         extra["variants_first"] = flip
-    sequential = migrate_once(image, sock_a, sock_b, size, chunk, slots, "sequential")
-    raw = raw_transport(size, chunk, slots)
     bound = pipeline_bound(pipelined, sequential, len(os.sched_getaffinity(0)))
     by_process = pipelined["peak_extra_by_process"]
     return {
         "pipelined": pipelined,
         "sequential": sequential,
         "raw_transport_bytes_per_s": raw,
+        "baselines_first": flip,
         "sequential_over_pipelined": sequential["seconds"] / pipelined["seconds"],
         # The same up to the source's release (its wipe of the enclave's memory).
         "sequential_over_pipelined_to_release": (
